@@ -1,0 +1,5 @@
+import sys
+
+from cytopipe.cli import main
+
+sys.exit(main())

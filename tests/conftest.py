@@ -1,0 +1,38 @@
+"""Shared test fixtures.
+
+Real public data lives *outside* the project at ``../shared/data`` (relative to the
+repository root); tests use it in place and skip with a clear reason when it is absent.
+Never copy those files into the project and never unpickle anything from there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+SAMPLE_DATA = REPO / "sample_data"
+
+
+def shared_path(*parts: str) -> Path:
+    """Path under ../shared/data, or skip the calling test when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(
+            f"shared test data not available: {path} (expected ../shared/data next to the repository)"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared test data folder not available: {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    return SAMPLE_DATA
