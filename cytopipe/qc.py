@@ -1,0 +1,482 @@
+"""Event- and sample-level quality control.
+
+Run per sample before gating, in this order (see docs/qc.md):
+
+1. **Margin events** (:func:`margin_qc`, on raw values, before compensation): events at a
+   detector's maximum (``value >= $PnR - 1``, saturated) on any measured channel, and
+   events at or below ``lower_limit`` (default 0) on scatter channels. Counted per channel.
+2. **Time-resolved anomalies** (:func:`time_qc`, after compensation), as PeacoQC and flowAI
+   do: events are binned in acquisition order; a bin is flagged when
+
+   * its **event rate** departs from the sample's typical rate (clog, bubble, burst), judged on
+     fixed-width time bins, or
+   * the **median of any channel** jumps away from the sample's typical median (signal shift),
+     judged on bins of equal event count,
+
+   by more than ``mad`` robust standard deviations (median ± ``mad`` × 1.4826 × MAD, PeacoQC's
+   default ``MAD=6``). Stretches of fewer than ``consecutive_bins`` good bins between flagged bins
+   are flagged too (PeacoQC's ``consecutive_bins=5``). Events in flagged bins are removed.
+3. **Counts**: a sample with fewer than ``min_events`` events left, or that lost more than
+   ``max_removed_fraction`` of its events, is *flagged* (kept, never dropped); every reported
+   ``pct_parent`` gets a Wilson binomial confidence interval and populations whose parent has
+   fewer than ``min_parent_events`` events are marked (:func:`add_count_qc`).
+
+Everything is vectorised numpy over the float32 event matrix; no per-event Python loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cytopipe.errors import QCError
+from cytopipe.workflow import Field
+
+# Keys of the ``qc:`` section of a workflow (validated by cytopipe.workflow).
+QC_SCHEMA: dict[str, Any] = {
+    "margins": {
+        "enabled": Field(bool, True, "remove margin (saturated) events before compensation", nullable=False),
+        "lower_channels": Field(
+            str,
+            "scatter",
+            "channels whose lower margin is checked: 'scatter' (FSC/SSC), 'all' or 'none'",
+            choices=("scatter", "all", "none"),
+            nullable=False,
+        ),
+        "lower_limit": Field(float, 0.0, "events at or below this value are lower-margin events"),
+    },
+    "time": {
+        "enabled": Field(bool, True, "remove time-resolved anomalies (rate and signal)", nullable=False),
+        "mad": Field(float, 6.0, "robust z threshold (PeacoQC MAD=6)", minimum=1.0, nullable=False),
+        "consecutive_bins": Field(
+            int, 5, "good stretches shorter than this between bad bins are removed", minimum=0
+        ),
+        "min_cells": Field(int, 150, "minimum events per bin (PeacoQC min_cells=150)", minimum=10),
+        "max_bins": Field(int, 500, "maximum number of bins (PeacoQC max_bins=500)", minimum=10),
+        "flow_rate": Field(bool, True, "check the event rate per time bin", nullable=False),
+        "signal": Field(bool, True, "check the median of every channel per bin", nullable=False),
+    },
+    "min_events": Field(int, 1000, "flag a sample with fewer events left after QC", minimum=0),
+    "min_parent_events": Field(
+        int, 100, "mark populations whose parent has fewer events (Poisson CV ~10% at 100)", minimum=0
+    ),
+    "max_removed_fraction": Field(
+        float, 0.2, "flag a sample that loses more than this share of events to QC", minimum=0, maximum=1
+    ),
+    "loss_outlier_mad": Field(
+        float, 5.0, "flag samples whose QC loss is a robust outlier among the study's samples", minimum=1
+    ),
+    "confidence": Field(
+        float, 0.95, "level of the Wilson interval of pct_parent", minimum=0.5, maximum=0.9999
+    ),
+}
+
+MAD_TO_SD = 1.4826  # MAD of a normal distribution x 1.4826 = its standard deviation
+
+
+@dataclass(frozen=True)
+class QCSettings:
+    """Flat view of the validated ``qc:`` section (defaults = documented defaults)."""
+
+    margins: bool = True
+    lower_channels: str = "scatter"
+    lower_limit: float = 0.0
+    time: bool = True
+    mad: float = 6.0
+    consecutive_bins: int = 5
+    min_cells: int = 150
+    max_bins: int = 500
+    flow_rate: bool = True
+    signal: bool = True
+    min_events: int = 1000
+    min_parent_events: int = 100
+    max_removed_fraction: float = 0.2
+    loss_outlier_mad: float = 5.0
+    confidence: float = 0.95
+
+    @classmethod
+    def from_mapping(cls, section: Mapping[str, Any] | None) -> QCSettings:
+        """From a validated ``qc:`` section (nested ``margins``/``time``) or a flat dict."""
+        if not section:
+            return cls()
+        flat: dict[str, Any] = {}
+        for key, value in section.items():
+            if key in ("margins", "time") and isinstance(value, Mapping):
+                for sub, v in value.items():
+                    flat[key if sub == "enabled" else sub] = v
+            else:
+                flat[key] = value
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in flat.items() if k in known and v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- channel roles ------------------------------------------------------------------------------
+def channel_roles(channels: pd.DataFrame) -> np.ndarray:
+    """'time', 'scatter' or 'fluor' per channel, from ``$PnN``."""
+    names = channels["pnn"].astype(str).str.strip().str.lower()
+    roles = np.full(len(names), "fluor", dtype=object)
+    roles[names.str.startswith(("fsc", "ssc")).to_numpy()] = "scatter"
+    roles[names.str.startswith("time").to_numpy()] = "time"
+    return roles
+
+
+def measured_channels(events: np.ndarray, channels: pd.DataFrame) -> np.ndarray:
+    """Columns holding measurements: not time, and not an event counter/ID (a column that
+    never decreases in acquisition order, e.g. ``Original_ID`` of a subsampled file)."""
+    roles = channel_roles(channels)
+    head = events[:5000]  # a measured channel is never monotone over thousands of events
+    cols = [j for j in np.flatnonzero(roles != "time") if not _never_decreases(head[:, j])]
+    return np.asarray(cols, dtype=np.int64)
+
+
+def _never_decreases(col: np.ndarray) -> bool:
+    return col.shape[0] > 2 and col[-1] > col[0] and bool(np.all(col[1:] >= col[:-1]))
+
+
+def time_index(channels: pd.DataFrame) -> int | None:
+    """Column of the time channel, or None."""
+    idx = np.flatnonzero(channel_roles(channels) == "time")
+    return int(idx[0]) if len(idx) else None
+
+
+# --- 1. margins ---------------------------------------------------------------------------------
+@dataclass
+class MarginResult:
+    bad: np.ndarray  # bool per event
+    counts: dict[str, int]  # $PnN -> events at a margin of that channel (an event may count twice)
+
+
+def margin_qc(events: np.ndarray, channels: pd.DataFrame, settings: QCSettings) -> MarginResult:
+    """Events at a detector's maximum (any measured channel) or at/below the lower limit."""
+    n, p = events.shape
+    if len(channels) != p:
+        raise QCError(f"{len(channels)} channels described but the event matrix has {p} columns")
+    bad = np.zeros(n, dtype=bool)
+    counts: dict[str, int] = {}
+    if not settings.margins or n == 0:
+        return MarginResult(bad, counts)
+    roles = channel_roles(channels)
+    pnr = channels["pnr"].to_numpy(dtype=np.float64)
+    lower = {"scatter": roles == "scatter", "all": roles != "time", "none": np.zeros(p, bool)}[
+        settings.lower_channels
+    ]
+    col_max = events.max(axis=0)
+    for j in measured_channels(events, channels):
+        hit = None
+        # $PnR is the detector range only if the data respect it (some exports write a
+        # nominal range and values beyond it): then the top of the range is saturation.
+        if pnr[j] > 1 and col_max[j] <= pnr[j]:
+            hit = events[:, j] >= np.float32(pnr[j] - 1)
+        if lower[j]:
+            low = events[:, j] <= np.float32(settings.lower_limit)
+            hit = low if hit is None else hit | low
+        if hit is not None:
+            c = int(np.count_nonzero(hit))
+            if c:
+                counts[str(channels["pnn"].iloc[j])] = c
+                bad |= hit
+    return MarginResult(bad, counts)
+
+
+# --- 2. time-resolved anomalies ------------------------------------------------------------------
+@dataclass
+class TimeResult:
+    bad: np.ndarray  # bool per event (of the events given)
+    n_bins: int = 0
+    events_per_bin: int = 0
+    rate_bins_flagged: int = 0
+    signal_bins_flagged: int = 0
+    n_time_bins: int = 0
+    worst_channel: str | None = None  # channel with the most flagged bins
+    note: str = ""
+
+
+def time_qc(
+    events: np.ndarray, channels: pd.DataFrame, settings: QCSettings, rows: np.ndarray | None = None
+) -> TimeResult:
+    """Flag events in time bins whose event rate or channel medians jump (robust z > ``mad``).
+
+    ``rows`` (indices) restricts the check to those events (e.g. those left after the margin
+    check) without copying the matrix; the returned mask is then over ``rows``.
+    """
+    n = events.shape[0] if rows is None else len(rows)
+    bad = np.zeros(n, dtype=bool)
+    if not settings.time:
+        return TimeResult(bad, note="time QC disabled")
+    per_bin = max(settings.min_cells, math.ceil(n / settings.max_bins))
+    n_bins = n // per_bin
+    if n_bins < max(10, 2 * settings.consecutive_bins):
+        return TimeResult(bad, note=f"too few events ({n}) for time QC (bins of {per_bin})")
+    t_col = time_index(channels)
+    # acquisition order: file order unless the time channel says otherwise
+    t = None
+    order = None  # positions (within the n events) in acquisition order
+    if t_col is not None:
+        t = events[:, t_col] if rows is None else events[rows, t_col]
+        if np.any(np.diff(t) < 0):
+            order = np.argsort(t, kind="stable")
+    sel = rows if order is None else (order if rows is None else rows[order])
+    result = TimeResult(bad, n_bins=n_bins, events_per_bin=per_bin)
+
+    # signal: share of events above the channel's quartiles per equal-count bin
+    if settings.signal:
+        sig_cols = measured_channels(events if rows is None else events[rows[:5000]], channels)
+        bin_bad, worst = _signal_bins(events, sig_cols, sel, per_bin, n_bins, settings.mad)
+        bin_bad = _close_short_gaps(bin_bad, settings.consecutive_bins)
+        result.signal_bins_flagged = int(bin_bad.sum())
+        if worst is not None:
+            result.worst_channel = str(channels["pnn"].iloc[worst])
+        if bin_bad.any():
+            ev_bad = bin_bad[np.minimum(np.arange(n) // per_bin, n_bins - 1)]
+            if order is None:
+                bad |= ev_bad
+            else:
+                bad[order] |= ev_bad
+
+    # flow rate: counts per fixed-width time bin
+    if settings.flow_rate and t is not None:
+        t_bad, n_tbins, n_flagged = _rate_bins(t, per_bin, settings)
+        result.n_time_bins = n_tbins
+        result.rate_bins_flagged = n_flagged
+        bad |= t_bad
+    elif settings.flow_rate:
+        result.note = "no time channel: event rate not checked"
+    result.bad = bad
+    return result
+
+
+def _robust_z(values: np.ndarray, floor: np.ndarray | float, axis: int = 0) -> np.ndarray:
+    """(x - median) / max(1.4826 MAD, floor) along ``axis``."""
+    center = np.median(values, axis=axis, keepdims=True)
+    mad = MAD_TO_SD * np.median(np.abs(values - center), axis=axis, keepdims=True)
+    scale = np.maximum(mad, floor)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (values - center) / scale
+    return np.where(scale > 0, z, 0.0)
+
+
+def _signal_bins(
+    events: np.ndarray, cols: np.ndarray, sel: np.ndarray | None, per_bin: int, n_bins: int, mad: float
+) -> tuple[np.ndarray, int | None]:
+    """Bins (equal event counts, acquisition order) where the signal of any channel jumps.
+
+    A bin's median (or quartile) has moved when the share of its events above the sample's
+    median (quartile) departs from 50% (25%, 75%): Mood's median test per bin. Unlike raw bin
+    medians, these shares have a known binomial noise and stay well behaved on bimodal
+    channels, where a bin median can hop between the negative and positive peaks.
+    """
+    n = events.shape[0] if sel is None else len(sel)
+    bin_bad = np.zeros(n_bins, dtype=bool)
+    flagged_per_col = np.zeros(len(cols), dtype=np.int64)
+    head = (n_bins - 1) * per_bin
+    last = n - head
+    levels = np.array([25.0, 50.0, 75.0])
+    for k, j in enumerate(cols):
+        col = events[:, j] if sel is None else events[sel, j]
+        cuts = np.percentile(col, levels)
+        if cuts[0] == cuts[-1]:
+            continue  # (mostly) constant channel: nothing to judge
+        for cut in cuts:
+            above = col > cut
+            share = np.empty(n_bins, dtype=np.float64)
+            share[:-1] = above[:head].reshape(n_bins - 1, per_bin).mean(axis=1)
+            share[-1] = above[head:].mean()
+            expected = float(above.mean())
+            if expected <= 0 or expected >= 1:
+                continue  # ties at the cut (e.g. a pile of zeros): this level says nothing
+            # floor: binomial noise of a share over per_bin events
+            floor = math.sqrt(expected * (1 - expected) / min(per_bin, last))
+            hit = np.abs(_robust_z(share, floor)) > mad
+            flagged_per_col[k] += int(hit.sum())
+            bin_bad |= hit
+    worst = int(cols[int(np.argmax(flagged_per_col))]) if flagged_per_col.any() else None
+    return bin_bad, worst
+
+
+def _rate_bins(t: np.ndarray, per_bin: int, settings: QCSettings) -> tuple[np.ndarray, int, int]:
+    """Events in fixed-width time bins whose event count departs from the typical count."""
+    n = t.shape[0]
+    t = t.astype(np.float64)
+    t0, t1 = float(t.min()), float(t.max())
+    span = t1 - t0
+    bad = np.zeros(n, dtype=bool)
+    if not np.isfinite(span) or span <= 0:
+        return bad, 0, 0
+    # width holding ~per_bin events at the median rate, never finer than the clock tick
+    width = span * per_bin / n
+    st = np.sort(t) if np.any(np.diff(t) < 0) else t
+    d = np.diff(st)
+    d = d[d > 0]
+    tick = float(d.min()) if d.size else span
+    if tick > 0:
+        width = max(tick, math.ceil(width / tick) * tick)
+    n_tbins = max(1, int(math.floor(span / width)) + 1)
+    idx = np.minimum(((t - t0) / width).astype(np.int64), n_tbins - 1)
+    counts = np.bincount(idx, minlength=n_tbins).astype(np.float64)
+    # the last bin covers only part of its width: compare rates, not counts
+    cover = np.ones(n_tbins)
+    cover[-1] = min(1.0, (span - (n_tbins - 1) * width + tick) / width)
+    rate = counts / np.maximum(cover, 1e-9)
+    if n_tbins < max(10, 2 * settings.consecutive_bins):
+        return bad, n_tbins, 0
+    typical = float(np.median(rate))
+    z = _robust_z(rate, math.sqrt(max(typical, 1.0)))  # Poisson floor
+    bin_bad = np.abs(z) > settings.mad
+    if cover[-1] < 0.25:  # too short to judge
+        bin_bad[-1] = False
+    bin_bad = _close_short_gaps(bin_bad, settings.consecutive_bins)
+    n_flagged = int(bin_bad.sum())
+    if n_flagged:
+        bad = bin_bad[idx]
+    return bad, n_tbins, n_flagged
+
+
+def _close_short_gaps(bin_bad: np.ndarray, consecutive: int) -> np.ndarray:
+    """Flag runs of fewer than ``consecutive`` good bins lying between two flagged bins."""
+    if consecutive <= 0 or bin_bad.sum() < 2:
+        return bin_bad
+    bad_idx = np.flatnonzero(bin_bad)
+    gaps = np.diff(bad_idx) - 1  # good bins between consecutive bad bins
+    out = bin_bad.copy()
+    for start, gap in zip(bad_idx[:-1], gaps):
+        if 0 < gap < consecutive:
+            out[start + 1 : start + 1 + gap] = True
+    return out
+
+
+# --- the whole event QC of one sample ----------------------------------------------------------
+@dataclass
+class QCReport:
+    """Per-sample QC outcome. Masks are over the sample's original events."""
+
+    n_events: int
+    margin: np.ndarray
+    time: np.ndarray
+    margin_counts: dict[str, int] = field(default_factory=dict)
+    time_result: TimeResult | None = None
+
+    @property
+    def removed(self) -> np.ndarray:
+        return self.margin | self.time
+
+    @property
+    def keep(self) -> np.ndarray:
+        return ~self.removed
+
+    def metrics(self, settings: QCSettings) -> dict[str, Any]:
+        return qc_metrics(
+            self.n_events,
+            int(self.margin.sum()),
+            int(self.time.sum()),
+            self.margin_counts,
+            self.time_result,
+            settings,
+        )
+
+
+def event_qc(events: np.ndarray, channels: pd.DataFrame, settings: QCSettings | None = None) -> QCReport:
+    """Margins then time anomalies on one event matrix (no compensation in between).
+
+    The pipeline runs the same two steps with compensation between them; this helper is for
+    interactive use and tests.
+    """
+    settings = settings or QCSettings()
+    m = margin_qc(events, channels, settings)
+    kept = np.flatnonzero(~m.bad)
+    tr = time_qc(events, channels, settings, rows=kept if m.bad.any() else None)
+    time_bad = np.zeros(events.shape[0], dtype=bool)
+    time_bad[kept] = tr.bad
+    return QCReport(events.shape[0], m.bad, time_bad, m.counts, tr)
+
+
+def qc_metrics(
+    n_events: int,
+    n_margin: int,
+    n_time: int,
+    margin_counts: Mapping[str, int],
+    time_result: TimeResult | None,
+    settings: QCSettings,
+) -> dict[str, Any]:
+    """Flat per-sample QC metrics and flags (the QC columns of samples.parquet)."""
+    removed = n_margin + n_time
+    after = n_events - removed
+    frac = removed / n_events if n_events else 0.0
+    flags = []
+    if after < settings.min_events:
+        flags.append(f"too_few_events: {after} left after QC (< {settings.min_events})")
+    if frac > settings.max_removed_fraction:
+        flags.append(
+            f"high_qc_loss: QC removed {100 * frac:.1f}% of events "
+            f"(> {100 * settings.max_removed_fraction:.0f}%)"
+        )
+    tr = time_result or TimeResult(np.zeros(0, bool))
+    return {
+        "events_before_qc": int(n_events),
+        "events_after_qc": int(after),
+        "qc_removed_fraction": float(frac),
+        "qc_margin_events": int(n_margin),
+        "qc_margin_by_channel": ";".join(f"{k}={v}" for k, v in sorted(margin_counts.items())),
+        "qc_time_events": int(n_time),
+        "qc_time_bins": int(tr.n_bins),
+        "qc_signal_bins_flagged": int(tr.signal_bins_flagged),
+        "qc_rate_bins_flagged": int(tr.rate_bins_flagged),
+        "qc_worst_channel": tr.worst_channel or "",
+        "qc_note": tr.note,
+        "qc_flags": flags,
+    }
+
+
+def flag_loss_outliers(removed_fraction: pd.Series, settings: QCSettings) -> pd.Series:
+    """True for samples whose QC loss is a robust outlier among the study's samples.
+
+    An outlier removes more than ``median + loss_outlier_mad x 1.4826 MAD`` of the study and at
+    least 5% of its events (small absolute losses are never unusual).
+    """
+    x = removed_fraction.astype(float)
+    ok = x.notna()
+    out = pd.Series(False, index=x.index)
+    if ok.sum() < 5:
+        return out
+    center = float(x[ok].median())
+    mad = MAD_TO_SD * float((x[ok] - center).abs().median())
+    limit = center + settings.loss_outlier_mad * max(mad, 0.01)
+    return ok & (x > limit) & (x >= 0.05)
+
+
+# --- 3. counts ----------------------------------------------------------------------------------
+def wilson_interval(
+    k: np.ndarray | float, n: np.ndarray | float, confidence: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of a binomial proportion k/n (fractions; NaN where n == 0)."""
+    from scipy.stats import norm
+
+    k = np.asarray(k, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    z = float(norm.ppf(0.5 + confidence / 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = k / n
+        denom = 1 + z * z / n
+        center = (p + z * z / (2 * n)) / denom
+        half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+        lo = np.where(n > 0, np.clip(center - half, 0, 1), np.nan)
+        hi = np.where(n > 0, np.clip(center + half, 0, 1), np.nan)
+    return lo, hi
+
+
+def add_count_qc(stats: pd.DataFrame, settings: QCSettings | None = None) -> pd.DataFrame:
+    """Add ``pct_parent_ci_low``/``pct_parent_ci_high`` (0-100, Wilson) and ``low_parent_count``."""
+    settings = settings or QCSettings()
+    out = stats.copy()
+    lo, hi = wilson_interval(out["count"].to_numpy(), out["parent_count"].to_numpy(), settings.confidence)
+    out["pct_parent_ci_low"] = 100 * lo
+    out["pct_parent_ci_high"] = 100 * hi
+    out["low_parent_count"] = out["parent_count"].to_numpy() < settings.min_parent_events
+    return out

@@ -1,0 +1,276 @@
+"""The run folder: final tables, the DuckDB catalog, run.json and the resumable cache.
+
+Layout (ARCHITECTURE.md)::
+
+    RUN_DIR/
+      population_stats.parquet   one row per sample and population
+      samples.parquet            one row per input file: sha256, status, error, QC metrics, flags
+      run.json                   versions, hashes, seeds, settings, steps and timings
+      catalog.duckdb             the same tables (and run info), queryable with SQL
+      study/                     study-level results (spillover, locked transforms, pooled gates)
+      .cache/                    per-sample results keyed by content + settings hash (resume)
+
+Every file is written atomically (temporary file in the same folder, then ``os.replace``), so a
+run killed at any moment leaves either the old or the new version of a file, never half of one.
+Final tables are assembled from the per-sample cache in a fixed order, so a resumed run writes
+exactly the tables an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cytopipe.errors import StoreError
+
+TABLES = ("population_stats", "samples")
+
+
+def _file_mode() -> int:
+    """0o666 minus the umask: what a plain open() would give (mkstemp gives 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_MODE = _file_mode()
+CATALOG = "catalog.duckdb"
+RUN_JSON = "run.json"
+
+
+# --- atomic writes ------------------------------------------------------------------------------
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default, allow_nan=True)
+    return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def atomic_write_parquet(path: str | Path, df: pd.DataFrame) -> Path:
+    buf = io.BytesIO()
+    df.reset_index(drop=True).to_parquet(buf, engine="pyarrow", index=False)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_write_npy(path: str | Path, array: np.ndarray) -> Path:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _unlink_quietly(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's content, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- the run folder -----------------------------------------------------------------------------
+class RunFolder:
+    """Paths and cached results of one run folder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
+
+    # layout
+    @property
+    def cache(self) -> Path:
+        return self.path / ".cache"
+
+    @property
+    def study(self) -> Path:
+        return self.path / "study"
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / RUN_JSON
+
+    @property
+    def catalog(self) -> Path:
+        return self.path / CATALOG
+
+    def table_path(self, name: str) -> Path:
+        return self.path / f"{name}.parquet"
+
+    def create(self) -> RunFolder:
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"{self.path} exists and is not a folder; choose another --out", file=self.path)
+        try:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            self.study.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the run folder: {exc.strerror}", file=self.path) from None
+        return self
+
+    # cache of per-sample / per-phase results: .cache/<phase>/<key>.<ext>
+    def cached(self, phase: str, key: str, ext: str) -> Path:
+        return self.cache / phase / f"{key}.{ext}"
+
+    def load_cached(self, phase: str, key: str, ext: str) -> Any | None:
+        """The cached result, or None when absent or unreadable (then it is recomputed)."""
+        path = self.cached(phase, key, ext)
+        if not path.is_file():
+            return None
+        try:
+            if ext == "json":
+                return json.loads(path.read_text(encoding="utf-8"))
+            if ext == "parquet":
+                return pd.read_parquet(path)
+            if ext == "npy":
+                return np.load(path, allow_pickle=False)
+        except Exception:  # a damaged cache entry is recomputed, never trusted
+            return None
+        raise StoreError(f"unknown cache format {ext!r}", key=phase)
+
+    def save_cached(self, phase: str, key: str, ext: str, value: Any) -> Path:
+        path = self.cached(phase, key, ext)
+        if ext == "json":
+            return atomic_write_json(path, value)
+        if ext == "parquet":
+            return atomic_write_parquet(path, value)
+        if ext == "npy":
+            return atomic_write_npy(path, value)
+        raise StoreError(f"unknown cache format {ext!r}", key=phase)
+
+    def prune_cache(self, phase: str, keep: Iterable[str]) -> int:
+        """Remove cache entries of ``phase`` whose key is not in ``keep``; returns how many."""
+        folder = self.cache / phase
+        if not folder.is_dir():
+            return 0
+        keep = set(keep)
+        removed = 0
+        for entry in folder.iterdir():
+            if entry.name.startswith(".") or entry.stem not in keep:
+                _unlink_quietly(entry)
+                removed += 1
+        return removed
+
+    # final outputs
+    def write_outputs(self, tables: Mapping[str, pd.DataFrame], run_info: Mapping[str, Any]) -> None:
+        """Write every table as Parquet, the DuckDB catalog, then run.json (last: it marks completion)."""
+        for name, df in tables.items():
+            atomic_write_parquet(self.table_path(name), df)
+        write_catalog(self.catalog, tables, run_info)
+        atomic_write_json(self.run_json, dict(run_info))
+
+
+def write_catalog(path: str | Path, tables: Mapping[str, pd.DataFrame], run_info: Mapping[str, Any]) -> Path:
+    """A DuckDB database holding ``tables`` and a one-row ``run`` table (run.json as JSON text)."""
+    import duckdb
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.unlink(tmp)  # duckdb creates the file itself
+    try:
+        con = duckdb.connect(tmp)
+        try:
+            for name, df in tables.items():
+                frame = df.reset_index(drop=True)  # noqa: F841 - scanned by name below
+                con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM frame')
+            info = json.dumps(dict(run_info), sort_keys=True, default=_json_default)
+            con.execute("CREATE TABLE run (key VARCHAR, value JSON)")
+            con.executemany(
+                "INSERT INTO run VALUES (?, ?)",
+                [(k, json.dumps(v, default=_json_default)) for k, v in sorted(json.loads(info).items())],
+            )
+        finally:
+            con.close()
+        os.chmod(tmp, _MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        _unlink_quietly(tmp + ".wal")
+        raise
+    return path
+
+
+# --- reading a run ------------------------------------------------------------------------------
+def read_run_info(run_dir: str | Path) -> dict[str, Any]:
+    """run.json of a finished run; a clear StoreError when the folder is not a finished run."""
+    folder = RunFolder(run_dir)
+    if not folder.path.is_dir():
+        raise StoreError("run folder not found; give the --out folder of `cytopipe run`", file=folder.path)
+    if not folder.run_json.is_file():
+        raise StoreError(
+            "no run.json: this folder is not a finished cytopipe run (run `cytopipe run` to completion)",
+            file=folder.path,
+        )
+    try:
+        return json.loads(folder.run_json.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreError(f"run.json is damaged ({exc}); rerun `cytopipe run`", file=folder.run_json) from None
+
+
+def read_table(run_dir: str | Path, name: str) -> pd.DataFrame:
+    """One table (``population_stats``, ``samples``, ...) of a finished run."""
+    folder = RunFolder(run_dir)
+    path = folder.table_path(name)
+    if not path.is_file():
+        raise StoreError(
+            f"table {name!r} not found in the run folder (expected {path.name})", file=folder.path
+        )
+    return pd.read_parquet(path)
+
+
+def query(run_dir: str | Path, sql: str) -> pd.DataFrame:
+    """Run SQL on a run's catalog.duckdb (read-only), e.g.
+    ``query(run, "select * from population_stats where population = 'Treg'")``."""
+    import duckdb
+
+    folder = RunFolder(run_dir)
+    if not folder.catalog.is_file():
+        raise StoreError("no catalog.duckdb in the run folder", file=folder.path)
+    con = duckdb.connect(str(folder.catalog), read_only=True)
+    try:
+        return con.execute(sql).df()
+    finally:
+        con.close()

@@ -1,0 +1,417 @@
+"""Workflow specs: one YAML file describing a study run.
+
+A workflow names the study's inputs (manifest, clinical table, gating template), how to
+compensate and transform, the QC settings, the clustering and statistics settings used by
+later steps, where to write the run folder, how many workers and the random seed::
+
+    study: SLE IL-2 (simulated sample data)
+    manifest: ../sample_data/manifest.csv
+    template: ../gating/sle_il2_tcell_nk.yaml
+    output: ../runs/sle_il2
+
+Paths are relative to the spec file. :func:`load_workflow` validates everything up front:
+an unknown key (with a did-you-mean), a wrong type or a missing file is a
+:class:`~cytopipe.errors.WorkflowError` naming the key or path, before any work starts.
+The same :class:`Workflow` is built from command-line options by :func:`workflow_from_options`.
+
+The schema is a table (:data:`SCHEMA`): later steps add their keys there.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cytopipe.errors import WorkflowError
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key of a workflow section.
+
+    ``kind`` is one of ``str``, ``int``, ``float``, ``bool``, ``"path"`` (a file that must
+    exist, resolved relative to the spec), ``"outpath"`` (a folder that may not exist yet),
+    ``"list[str]"``, ``"int|auto"``, ``"mapping"`` (free-form dict, checked by its step).
+    """
+
+    kind: Any
+    default: Any = None
+    help: str = ""
+    choices: tuple | None = None
+    required: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    nullable: bool = True
+
+
+Schema = dict[str, "Field | dict"]
+
+# --- sections -------------------------------------------------------------------------------
+COMPENSATION: Schema = {
+    "source": Field(
+        str,
+        "file",
+        "where the spillover matrix comes from: 'file' ($SPILLOVER/SPILL of each FCS file), "
+        "'csv' (one matrix for the study, `path`), 'controls' (computed from the manifest's "
+        "single-stain + unstained controls) or 'none'",
+        choices=("file", "csv", "controls", "none"),
+        nullable=False,
+    ),
+    "path": Field("path", None, "spillover matrix CSV (FlowJo/FlowKit layout) when source is 'csv'"),
+}
+
+TRANSFORMS: Schema = {
+    "method": Field(
+        str,
+        "logicle",
+        "transform of fluorescence channels unless the template sets one per marker",
+        choices=("logicle", "arcsinh", "biex", "hyperlog", "linear", "log"),
+        nullable=False,
+    ),
+    "scatter": Field(
+        str, "linear", "transform of scatter channels", choices=("linear", "log"), nullable=False
+    ),
+    "estimate": Field(
+        str,
+        "study",
+        "'study': parameters estimated once from events pooled over every sample, then locked "
+        "(every visit uses the same transform); 'fixed': parameters as given in `params` / the template",
+        choices=("study", "fixed"),
+        nullable=False,
+    ),
+    "events_per_sample": Field(
+        int, 2000, "events drawn from each sample for the pooled estimate", minimum=100, nullable=False
+    ),
+    "max_pooled_events": Field(
+        int, 1_000_000, "cap on the pooled events (fewer per sample in big studies)", minimum=1000
+    ),
+    "params": Field("mapping", None, "per-marker overrides, e.g. {CD25: {method: arcsinh, cofactor: 150}}"),
+}
+
+CLUSTERING: Schema = {
+    "enabled": Field(bool, False, "run FlowSOM clustering after gating", nullable=False),
+    "method": Field(str, "flowsom", "clustering method", choices=("flowsom",), nullable=False),
+    "population": Field(str, "Live", "population whose events are clustered"),
+    "markers": Field("list[str]", None, "markers used for clustering (default: every template marker)"),
+    "grid": Field("list[int]", [10, 10], "SOM grid (x, y)"),
+    "metaclusters": Field(int, 10, "number of metaclusters", minimum=2),
+    "events_per_sample": Field(int, 10_000, "events drawn per sample to train the SOM", minimum=100),
+    "rlen": Field(int, 10, "SOM training passes", minimum=1),
+}
+
+STATISTICS: Schema = {
+    "enabled": Field(bool, False, "run the dynamics/response statistics after gating", nullable=False),
+    "populations": Field("list[str]", None, "populations analysed (default: all of the template)"),
+    "endpoints": Field("list[str]", None, "clinical endpoints, e.g. [sri4, sledai_change]"),
+    "baseline_visit": Field(int, 0, "visit (study week) used as baseline"),
+    "reference_arm": Field(str, "placebo", "arm the active arms are compared with"),
+    "model": Field(str, "mixed", "dynamics model", choices=("mixed", "gee", "ancova")),
+    "covariates": Field("list[str]", None, "extra covariates from the clinical table"),
+    "alpha": Field(float, 0.05, "significance level", minimum=0.0, maximum=1.0),
+    "fdr": Field(str, "bh", "multiplicity correction", choices=("bh", "by", "holm", "none")),
+}
+
+
+def _qc_schema() -> Schema:
+    from cytopipe.qc import QC_SCHEMA
+
+    return QC_SCHEMA
+
+
+SCHEMA: Schema = {
+    "study": Field(str, None, "study name (used in reports and run.json)", required=True, nullable=False),
+    "manifest": Field("path", None, "manifest CSV (one row per FCS file)", required=True, nullable=False),
+    "clinical": Field("path", None, "clinical table CSV (one row per patient and visit)"),
+    "template": Field("path", None, "gating template YAML", required=True, nullable=False),
+    "output": Field("outpath", None, "run folder (default: runs/<study> next to the spec)"),
+    "workers": Field("int|auto", "auto", "Dask worker processes ('auto': one per core)"),
+    "seed": Field(int, 0, "seed of every random step", nullable=False),
+    "compensation": COMPENSATION,
+    "transforms": TRANSFORMS,
+    "qc": "qc",  # filled lazily from cytopipe.qc.QC_SCHEMA (avoids an import cycle)
+    "clustering": CLUSTERING,
+    "statistics": STATISTICS,
+}
+
+
+@dataclass
+class Workflow:
+    """A validated study workflow. Paths are absolute."""
+
+    study: str
+    manifest: Path
+    template: Path
+    output: Path
+    clinical: Path | None = None
+    workers: int | None = None  # None = one per core
+    seed: int = 0
+    compensation: dict[str, Any] = field(default_factory=dict)
+    transforms: dict[str, Any] = field(default_factory=dict)
+    qc: dict[str, Any] = field(default_factory=dict)
+    clustering: dict[str, Any] = field(default_factory=dict)
+    statistics: dict[str, Any] = field(default_factory=dict)
+    spec_path: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (paths as strings), as recorded in run.json."""
+        out: dict[str, Any] = {}
+        for name in (
+            "study",
+            "manifest",
+            "clinical",
+            "template",
+            "output",
+            "workers",
+            "seed",
+            "compensation",
+            "transforms",
+            "qc",
+            "clustering",
+            "statistics",
+            "spec_path",
+        ):
+            out[name] = _jsonable(getattr(self, name))
+        return out
+
+    def settings_hash(self, *sections: str) -> str:
+        """Stable hash of the named settings sections (e.g. ``"qc"``), for cache keys."""
+        payload = {name: _jsonable(getattr(self, name)) for name in sections}
+        return stable_hash(payload)
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj`` (sorted keys), hex."""
+    text = json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# --- loading ----------------------------------------------------------------------------------
+def load_workflow(path: str | Path, output: str | Path | None = None) -> Workflow:
+    """Read and validate a workflow YAML. ``output`` (e.g. from ``--out``) overrides the spec's."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise WorkflowError(
+            "workflow file not found; give the path of a workflow YAML (see workflows/)", file=path
+        )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise WorkflowError(f"not valid YAML{where}: {problem}", file=path) from None
+    except UnicodeDecodeError:
+        raise WorkflowError("not a text file (expected UTF-8 YAML)", file=path) from None
+    if raw is None:
+        raise WorkflowError("workflow file is empty; it needs at least study, manifest, template", file=path)
+    if not isinstance(raw, Mapping):
+        raise WorkflowError(
+            f"a workflow is a mapping of keys (study:, manifest:, ...), not a {type(raw).__name__}",
+            file=path,
+        )
+    base = path.resolve().parent
+    values = _validate(raw, SCHEMA, base, prefix="", file=path)
+    if output is not None:
+        values["output"] = Path(output).resolve()
+    return _build(values, spec_path=path.resolve(), base=base, file=path)
+
+
+def workflow_from_options(
+    manifest: str | Path,
+    template: str | Path,
+    output: str | Path,
+    clinical: str | Path | None = None,
+    study: str | None = None,
+    workers: int | None = None,
+    seed: int = 0,
+    **sections: Mapping[str, Any],
+) -> Workflow:
+    """Build a workflow from command-line style options (paths relative to the working directory)."""
+    raw: dict[str, Any] = {
+        "study": study or Path(manifest).resolve().parent.name or "study",
+        "manifest": str(manifest),
+        "template": str(template),
+        "output": str(output),
+        "seed": seed,
+        "workers": "auto" if workers is None else workers,
+    }
+    if clinical is not None:
+        raw["clinical"] = str(clinical)
+    raw.update({k: dict(v) for k, v in sections.items() if v is not None})
+    base = Path.cwd()
+    values = _validate(raw, SCHEMA, base, prefix="", file=None)
+    return _build(values, spec_path=None, base=base, file=None)
+
+
+def _build(values: dict[str, Any], spec_path: Path | None, base: Path, file: Path | None) -> Workflow:
+    comp = values["compensation"]
+    if comp["source"] == "csv" and comp.get("path") is None:
+        raise WorkflowError(
+            "compensation source is 'csv' but no `path` to the matrix CSV is given",
+            file=file,
+            key="compensation.path",
+        )
+    if comp["source"] != "csv" and comp.get("path") is not None:
+        raise WorkflowError(
+            f"compensation `path` is only used with source 'csv' (source is {comp['source']!r}); "
+            "set source: csv or remove path",
+            file=file,
+            key="compensation.path",
+        )
+    output = values.get("output")
+    if output is None:
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", values["study"]).strip("_") or "study"
+        output = base / "runs" / slug
+    workers = values.get("workers")
+    return Workflow(
+        study=values["study"],
+        manifest=values["manifest"],
+        template=values["template"],
+        output=Path(output),
+        clinical=values.get("clinical"),
+        workers=None if workers in (None, "auto") else int(workers),
+        seed=int(values["seed"]),
+        compensation=comp,
+        transforms=values["transforms"],
+        qc=values["qc"],
+        clustering=values["clustering"],
+        statistics=values["statistics"],
+        spec_path=spec_path,
+    )
+
+
+def _validate(raw: Mapping, schema: Schema, base: Path, prefix: str, file: Path | None) -> dict[str, Any]:
+    schema = {k: (_qc_schema() if v == "qc" else v) for k, v in schema.items()}
+    out: dict[str, Any] = {}
+    for key in raw:
+        if not isinstance(key, str) or key not in schema:
+            near = difflib.get_close_matches(str(key), list(schema), n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(schema)}"
+            raise WorkflowError(f"unknown key{hint}", file=file, key=prefix + str(key))
+    for key, spec in schema.items():
+        name = prefix + key
+        value = raw.get(key, _MISSING)
+        if isinstance(spec, dict):
+            if value is _MISSING or value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise WorkflowError(
+                    f"must be a mapping of settings, not {_describe(value)}", file=file, key=name
+                )
+            out[key] = _validate(value, spec, base, name + ".", file)
+            continue
+        if value is _MISSING:
+            if spec.required:
+                raise WorkflowError(f"required key is missing ({spec.help})", file=file, key=name)
+            value = spec.default
+        out[key] = _check(value, spec, base, name, file)
+    return out
+
+
+def _check(value: Any, spec: Field, base: Path, name: str, file: Path | None) -> Any:
+    if value is None:
+        if not spec.nullable or spec.required:
+            raise WorkflowError(f"needs a value ({spec.help})", file=file, key=name)
+        return None
+    kind = spec.kind
+    if kind in ("path", "outpath"):
+        if not isinstance(value, str | Path) or str(value).strip() == "":
+            raise WorkflowError(f"must be a path, not {_describe(value)}", file=file, key=name)
+        path = Path(value).expanduser()
+        path = (path if path.is_absolute() else base / path).resolve()
+        if kind == "path" and not path.exists():
+            raise WorkflowError(
+                f"file not found: {path} (paths are relative to the workflow file's folder {base})",
+                file=file,
+                key=name,
+            )
+        if kind == "path" and path.is_dir():
+            raise WorkflowError(f"{path} is a folder; give the file", file=file, key=name)
+        return path
+    if kind == "int|auto":
+        if value == "auto":
+            return "auto"
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise WorkflowError(
+                f"must be a positive integer or 'auto', not {_describe(value)}", file=file, key=name
+            )
+        return value
+    if kind == "mapping":
+        if not isinstance(value, Mapping):
+            raise WorkflowError(f"must be a mapping, not {_describe(value)}", file=file, key=name)
+        return _jsonable(value)
+    if isinstance(kind, str) and kind.startswith("list["):
+        item_type = {"list[str]": str, "list[int]": int, "list[float]": (int, float)}[kind]
+        if not isinstance(value, list) or not all(
+            isinstance(v, item_type) and not isinstance(v, bool) for v in value
+        ):
+            raise WorkflowError(
+                f"must be a list of {kind[5:-1]} values, not {_describe(value)}", file=file, key=name
+            )
+        return list(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise WorkflowError(f"must be true or false, not {_describe(value)}", file=file, key=name)
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise WorkflowError(f"must be an integer, not {_describe(value)}", file=file, key=name)
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise WorkflowError(f"must be a number, not {_describe(value)}", file=file, key=name)
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise WorkflowError(f"must be text, not {_describe(value)}", file=file, key=name)
+    if spec.choices is not None and value not in spec.choices:
+        near = difflib.get_close_matches(str(value), [str(c) for c in spec.choices], n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise WorkflowError(
+            f"is {value!r}; choose one of {', '.join(map(str, spec.choices))}{hint}", file=file, key=name
+        )
+    if spec.minimum is not None and value < spec.minimum:
+        raise WorkflowError(f"is {value}; must be at least {spec.minimum}", file=file, key=name)
+    if spec.maximum is not None and value > spec.maximum:
+        raise WorkflowError(f"is {value}; must be at most {spec.maximum}", file=file, key=name)
+    return value
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{value!r} ({type(value).__name__})"
+
+
+def describe_schema(schema: Schema | None = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, help) rows of every setting, for documentation."""
+    schema = SCHEMA if schema is None else schema
+    rows: list[tuple[str, Any, str]] = []
+    for key, spec in schema.items():
+        spec = _qc_schema() if spec == "qc" else spec
+        if isinstance(spec, dict):
+            rows.extend(describe_schema(spec, prefix + key + "."))
+        else:
+            rows.append((prefix + key, spec.default, spec.help))
+    return rows
