@@ -1,0 +1,162 @@
+"""Workflow specs: validation up front, with errors that name the key or path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cytopipe.errors import WorkflowError
+from cytopipe.workflow import describe_schema, load_workflow, workflow_from_options
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def study(tmp_path: Path) -> Path:
+    """A folder with the files a spec points at (content is not read by load_workflow)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.csv").write_text("file,sample_id\n")
+    (tmp_path / "data" / "clinical.csv").write_text("patient_id,visit\n")
+    (tmp_path / "data" / "comp.csv").write_text("a,b\n1,0\n0,1\n")
+    (tmp_path / "gating").mkdir()
+    (tmp_path / "gating" / "t.yaml").write_text("populations: []\n")
+    (tmp_path / "workflows").mkdir()
+    return tmp_path
+
+
+def write_spec(study: Path, text: str) -> Path:
+    path = study / "workflows" / "w.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """\
+study: Test study
+manifest: ../data/manifest.csv
+template: ../gating/t.yaml
+"""
+
+
+def test_minimal_spec_paths_are_relative_to_the_spec_and_defaults_are_filled(study):
+    wf = load_workflow(write_spec(study, BASE + "clinical: ../data/clinical.csv\n"))
+    assert wf.study == "Test study"
+    assert wf.manifest == (study / "data" / "manifest.csv").resolve()
+    assert wf.template == (study / "gating" / "t.yaml").resolve()
+    assert wf.clinical == (study / "data" / "clinical.csv").resolve()
+    # default output: runs/<study slug> next to the spec
+    assert wf.output == (study / "workflows" / "runs" / "Test_study").resolve()
+    assert wf.workers is None and wf.seed == 0
+    assert wf.compensation == {"source": "file", "path": None}
+    assert wf.qc["time"]["mad"] == 6.0 and wf.qc["time"]["consecutive_bins"] == 5
+    assert wf.qc["min_parent_events"] == 100
+    assert wf.transforms["method"] == "logicle" and wf.transforms["estimate"] == "study"
+    assert wf.clustering["enabled"] is False and wf.statistics["enabled"] is False
+
+
+def test_every_setting_is_documented_with_a_default_row():
+    rows = describe_schema()
+    keys = [r[0] for r in rows]
+    assert "qc.time.mad" in keys and "compensation.source" in keys and "clustering.metaclusters" in keys
+    assert all(help_text for _, _, help_text in rows)
+
+
+def test_full_spec_with_every_section(study):
+    text = (
+        BASE
+        + """\
+output: ../out/run1
+workers: 2
+seed: 7
+compensation: {source: csv, path: ../data/comp.csv}
+transforms: {method: arcsinh, estimate: fixed, params: {CD25: {method: arcsinh, cofactor: 150}}}
+qc:
+  margins: {lower_channels: all}
+  time: {mad: 5, consecutive_bins: 3}
+  min_events: 500
+clustering: {enabled: true, markers: [CD4, CD8], grid: [8, 8], metaclusters: 12}
+statistics: {enabled: true, endpoints: [sri4], fdr: by}
+"""
+    )
+    wf = load_workflow(write_spec(study, text))
+    assert wf.output == (study / "out" / "run1").resolve()
+    assert wf.workers == 2 and wf.seed == 7
+    assert wf.compensation["path"] == (study / "data" / "comp.csv").resolve()
+    assert wf.transforms["params"] == {"CD25": {"method": "arcsinh", "cofactor": 150}}
+    assert wf.qc["time"]["mad"] == 5.0 and wf.qc["margins"]["lower_channels"] == "all"
+    assert wf.clustering["grid"] == [8, 8] and wf.statistics["fdr"] == "by"
+    d = wf.to_dict()
+    assert d["manifest"] == str(wf.manifest) and d["qc"]["min_events"] == 500
+
+
+def test_out_overrides_the_spec_output(study, tmp_path):
+    wf = load_workflow(write_spec(study, BASE + "output: somewhere\n"), output=tmp_path / "x")
+    assert wf.output == (tmp_path / "x").resolve()
+
+
+@pytest.mark.parametrize(
+    "extra, key, fragment",
+    [
+        ("manifets: x.csv\n", "manifets", "did you mean 'manifest'"),
+        ("qc: {time: {mads: 5}}\n", "qc.time.mads", "did you mean 'mad'"),
+        ("clustering: {metacluster: 5}\n", "clustering.metacluster", "did you mean 'metaclusters'"),
+        ("compensation: {source: flie}\n", "compensation.source", "did you mean 'file'"),
+        ("workers: two\n", "workers", "positive integer or 'auto'"),
+        ("seed: 1.5\n", "seed", "must be an integer"),
+        ("qc: {time: {mad: 0.5}}\n", "qc.time.mad", "at least 1.0"),
+        ("qc: {max_removed_fraction: 2}\n", "qc.max_removed_fraction", "at most 1"),
+        ("qc: [1, 2]\n", "qc", "must be a mapping"),
+        ("clustering: {markers: CD4}\n", "clustering.markers", "list of str"),
+        ("clinical: ../data/nope.csv\n", "clinical", "file not found"),
+        ("compensation: {source: csv}\n", "compensation.path", "no `path`"),
+        ("compensation: {path: ../data/comp.csv}\n", "compensation.path", "only used with source 'csv'"),
+    ],
+)
+def test_bad_specs_name_the_key(study, extra, key, fragment):
+    with pytest.raises(WorkflowError) as info:
+        load_workflow(write_spec(study, BASE + extra))
+    assert info.value.context["key"] == key
+    assert fragment in str(info.value)
+    assert str(info.value).startswith(f"file '{study / 'workflows' / 'w.yaml'}'")
+
+
+def test_missing_manifest_names_key_and_resolved_path(study):
+    spec = write_spec(study, BASE.replace("../data/manifest.csv", "../data/missing.csv"))
+    with pytest.raises(WorkflowError) as info:
+        load_workflow(spec)
+    assert info.value.context["key"] == "manifest"
+    assert str((study / "data" / "missing.csv").resolve()) in str(info.value)
+
+
+def test_required_keys_and_file_level_problems(study, tmp_path):
+    with pytest.raises(WorkflowError, match="required key is missing") as info:
+        load_workflow(write_spec(study, "study: x\nmanifest: ../data/manifest.csv\n"))
+    assert info.value.context["key"] == "template"
+    with pytest.raises(WorkflowError, match="workflow file not found"):
+        load_workflow(tmp_path / "nope.yaml")
+    with pytest.raises(WorkflowError, match="empty"):
+        load_workflow(write_spec(study, ""))
+    with pytest.raises(WorkflowError, match="mapping of keys"):
+        load_workflow(write_spec(study, "- a\n- b\n"))
+    with pytest.raises(WorkflowError, match="not valid YAML at line 2"):
+        load_workflow(write_spec(study, "study: x\n  manifest: : [\n"))
+
+
+def test_settings_hash_is_stable_and_tracks_changes(study):
+    a = load_workflow(write_spec(study, BASE))
+    b = load_workflow(write_spec(study, BASE))
+    assert a.settings_hash("qc", "compensation") == b.settings_hash("qc", "compensation")
+    c = load_workflow(write_spec(study, BASE + "qc: {time: {mad: 5}}\n"))
+    assert c.settings_hash("qc") != a.settings_hash("qc")
+    assert c.settings_hash("compensation") == a.settings_hash("compensation")
+
+
+def test_workflow_from_command_line_options(study, monkeypatch):
+    monkeypatch.chdir(study)
+    wf = workflow_from_options("data/manifest.csv", "gating/t.yaml", "out", clinical="data/clinical.csv")
+    assert wf.manifest == (study / "data" / "manifest.csv").resolve()
+    assert wf.output == (study / "out").resolve()
+    assert wf.study == "data" and wf.spec_path is None
+    with pytest.raises(WorkflowError) as info:
+        workflow_from_options("data/none.csv", "gating/t.yaml", "out")
+    assert info.value.context["key"] == "manifest"
