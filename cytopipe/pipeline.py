@@ -366,85 +366,113 @@ def make_executor(
 @dataclass
 class StudyState:
     qc: QCSettings
-    template_path: str
-    template: Any
-    compensation: dict[str, Any]  # {"source": ..., "matrix": Spillover | None}
-    seed: int
-    transforms: Any = None  # locked TransformSet (None until estimated)
-    transforms_spec: dict[str, Any] = field(default_factory=dict)
-    pooled: Any = None  # pooled gate estimates (None until pooled)
+    template: Any  # cytopipe.gating.Template, compensation set as the workflow asks
+    compensation: str  # template | file | csv | controls | none
+    spillover: Any = None  # cytopipe.fcs.Spillover of the study (csv / controls), else None
+    seed: int = 0
+    transforms: dict[str, dict] = field(default_factory=dict)  # marker -> locked spec (overrides)
+    pooled: Any = None  # cytopipe.gating.PooledEstimates (None until pooled)
+    pool_markers: list[str] = field(default_factory=list)  # markers whose transform is estimated
     pool_events: int = 2000
 
 
 @dataclass
 class Prepared:
-    """A sample after QC, compensation (and transforms when available): lives on the worker."""
+    """A sample after event QC (raw values, margins and anomalies removed): lives on the worker."""
 
-    events: np.ndarray
-    channels: pd.DataFrame
-    markers: dict[str, str]
+    sample: Any  # cytopipe.fcs.Sample; .events holds only the events kept by QC
     metrics: dict[str, Any]
-    sample: Any  # cytopipe.fcs.Sample without its event matrix (keywords, spillover, path)
+    meta: dict[str, Any]
 
 
 # ================================================================================================
 # per-sample task functions (run on the workers; return small, picklable results)
 # ================================================================================================
 def register_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
-    """Hash the file and check it can be read and carries every template marker."""
+    """Hash the file, read it and check it carries every template marker."""
 
     def body() -> dict[str, Any]:
         from cytopipe.fcs import read_fcs
 
-        path = Path(job["path"])
-        sha = file_sha256(path)
-        sample = read_fcs(path)
-        _resolve_markers(sample, state, job)
+        sha = file_sha256(job["path"])
+        sample = read_fcs(job["path"])
+        sample.path = Path(job["file"])  # errors name the manifest's file
+        if not job.get("control"):
+            _check_markers(sample, state)
         return {"sha256": sha, "n_events": sample.n_events, "n_channels": int(sample.events.shape[1])}
 
-    return _guard(job, body)
+    return _guard(body)
 
 
 def pool_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
-    """QC + compensation, then a seeded subsample of template-marker events for the study transforms."""
+    """Event QC + compensation of a seeded subsample: pooled events for the study transforms."""
 
     def body() -> dict[str, Any]:
-        prep = prepare_sample(job, state, transform=False)
-        k = min(state.pool_events, prep.events.shape[0])
+        from cytopipe.panel import resolve_markers
+
+        prep = prepare_sample(job, state)
+        sample = prep.sample
+        n = sample.n_events
+        k = min(state.pool_events, n)
         rng = np.random.default_rng([state.seed, int(job["sha256"][:15], 16)])
-        rows = np.sort(rng.choice(prep.events.shape[0], size=k, replace=False))
-        cols = [prep.channels.index[prep.channels["pnn"] == ch][0] for ch in prep.markers.values()]
+        rows = np.sort(rng.choice(n, size=k, replace=False))
+        sub = _compensate_events(sample.events[rows], sample, state)
+        mapping = resolve_markers(sample.channels, state.pool_markers, mapping=state.template.panel or None)
+        pnn = list(sample.channels["pnn"])
+        cols = [pnn.index(mapping[m]) for m in state.pool_markers]
         return {
-            "pool": np.ascontiguousarray(prep.events[np.ix_(rows, cols)], dtype=np.float32),
-            "markers": list(prep.markers),
+            "pool": np.ascontiguousarray(sub[:, cols], dtype=np.float32),
+            "pnr": [float(sample.channels["pnr"].iloc[c]) for c in cols],
             "metrics": prep.metrics,
         }
 
-    return _guard(job, body)
+    return _guard(body)
 
 
 def fit_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
-    """Gating pass 1: per-sample fits of the data-driven gates (for pooled estimates)."""
+    """Gating pass 1: this sample's fits of the data-driven gates (for pooled estimates)."""
 
     def body() -> dict[str, Any]:
-        prep = prepare_sample(job, state)
-        return {"fits": _gate_fit(prep, state, job), "metrics": prep.metrics}
+        from cytopipe import gating
 
-    return _guard(job, body)
+        prep = prepare_sample(job, state)
+        result = gating.gate(
+            prep.sample, state.template, sample_meta=prep.meta, transforms=state.transforms, medians=False
+        )
+        return {"fits": result.fit_records(job["sample_id"]), "metrics": prep.metrics}
+
+    return _guard(body)
 
 
 def gate_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
-    """Gating pass 2: the population statistics of one sample."""
+    """Gating pass 2: the population statistics of one sample (small table)."""
 
     def body() -> dict[str, Any]:
+        from cytopipe import gating
+
         prep = prepare_sample(job, state)
-        stats, flags = _gate_stats(prep, state, job)
-        return {"stats": stats, "gate_flags": flags, "metrics": prep.metrics}
+        result = gating.gate(
+            prep.sample,
+            state.template,
+            pooled=state.pooled,
+            sample_meta=prep.meta,
+            transforms=state.transforms,
+        )
+        stats = result.to_population_stats(prep.meta)
+        flags: dict[str, list[str]] = {}
+        for population, flag in result.flags:
+            flags.setdefault(population, []).append(flag)
+        stats["gate_flags"] = ["; ".join(flags.get(p, [])) for p in stats["population"]]
+        return {
+            "stats": stats,
+            "gate_flags": [f"gate {p}: {f}" for p, f in result.flags],
+            "metrics": prep.metrics,
+        }
 
-    return _guard(job, body)
+    return _guard(body)
 
 
-def _guard(job: dict[str, Any], body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def _guard(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run ``body``; any error becomes a failure record (one bad sample never stops the batch)."""
     t0 = time.perf_counter()
     try:
@@ -471,78 +499,76 @@ def _guard(job: dict[str, Any], body: Callable[[], dict[str, Any]]) -> dict[str,
     return out
 
 
-def prepare_sample(job: Mapping[str, Any], state: StudyState, transform: bool = True) -> Prepared:
-    """read -> margin QC -> compensate -> time QC -> (transform), on the worker."""
+def sample_meta(job: Mapping[str, Any]) -> dict[str, Any]:
+    meta = {"sample_id": job["sample_id"]}
+    for key in ("patient_id", "visit", "arm", "batch"):
+        meta[key] = job.get(key)
+    return meta
+
+
+def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
+    """read -> event QC on raw values (margins, then time anomalies) -> the kept events.
+
+    Compensation and transforms are applied by the gating engine, once per gated dimension.
+    Peak memory: the raw matrix plus one filtered copy.
+    """
     from cytopipe import qc
     from cytopipe.fcs import read_fcs
 
     sample = read_fcs(job["path"])
-    markers = _resolve_markers(sample, state, job)
+    sample.path = Path(job["file"])  # errors and results name the manifest's file
+    if state.spillover is not None:
+        sample.spillover = state.spillover
     events = sample.events
-    sample.events = np.empty((0, events.shape[1]), dtype=np.float32)  # drop the reference
-    channels = sample.channels
     n_raw = events.shape[0]
-    margin = qc.margin_qc(events, channels, state.qc)
-    events = _compensate(events, sample, state, job)
+    margin = qc.margin_qc(events, sample.channels, state.qc)
     rows = np.flatnonzero(~margin.bad) if margin.bad.any() else None
-    tres = qc.time_qc(events, channels, state.qc, rows=rows)
+    tres = qc.time_qc(events, sample.channels, state.qc, rows=rows)
     keep = ~margin.bad
     if rows is None:
         keep = ~tres.bad
     else:
         keep[rows[tres.bad]] = False
     if not keep.all():
-        events = events[keep]  # the one copy of the matrix
+        sample.events = events[keep]  # the one copy of the matrix; the raw one is freed
+    del events
     metrics = qc.qc_metrics(n_raw, int(margin.bad.sum()), int(tres.bad.sum()), margin.counts, tres, state.qc)
-    if transform and state.transforms is not None:
-        events = _transform(events, channels, markers, state)
-    return Prepared(events=events, channels=channels, markers=markers, metrics=metrics, sample=sample)
+    return Prepared(sample=sample, metrics=metrics, meta=sample_meta(job))
 
 
-# ================================================================================================
-# adapters to compensation / transforms / gating (the only places the pipeline calls them)
-# ================================================================================================
-def _template_markers(state: StudyState) -> list[str]:
-    return list(state.template.markers) if state.template is not None else []
+def _check_markers(sample: Any, state: StudyState) -> None:
+    """PanelError (naming file, population, marker) when a template marker is not in the file."""
+    from cytopipe.gating import Engine
+
+    Engine(
+        events=np.empty((0, len(sample.channels)), dtype=np.float32),
+        channels=sample.channels,
+        template=state.template,
+        spillover=sample.spillover,
+        file=sample.path,
+        transforms=state.transforms,
+    )
 
 
-def _resolve_markers(sample: Any, state: StudyState, job: Mapping[str, Any]) -> dict[str, str]:
-    """{template marker: $PnN} for this file; PanelError when a marker is missing."""
-    from cytopipe.panel import resolve_markers
-
-    markers = _template_markers(state)
-    if not markers:
-        return {}
-    return resolve_markers(sample.channels, markers, file=job.get("file"))
-
-
-def _compensate(events: np.ndarray, sample: Any, state: StudyState, job: Mapping[str, Any]) -> np.ndarray:
+def _compensate_events(events: np.ndarray, sample: Any, state: StudyState) -> np.ndarray:
+    """The compensation the gating engine applies, for a block of events (pooled transforms)."""
     from cytopipe.compensation import compensate
 
-    source = state.compensation.get("source", "file")
-    if source == "none":
+    comp = state.template.compensation
+    names = list(sample.channels["pnn"])
+    if comp == "none":
         return events
-    matrix = state.compensation.get("matrix") if source != "file" else sample.spillover
-    return compensate(events, sample.channels, matrix, file=job.get("file"))
+    if comp == "file":
+        if sample.spillover is None:
+            from cytopipe.errors import CompensationError
 
-
-def _transform(events: np.ndarray, channels: pd.DataFrame, markers: dict[str, str], state: StudyState):
-    return state.transforms.apply(events, list(channels["pnn"]), list(channels["pns"]))
-
-
-def _gate_fit(prep: Prepared, state: StudyState, job: Mapping[str, Any]) -> Any:
-    from cytopipe import gating
-
-    return gating.fit_sample(prep.events, prep.channels, state.template, sample_id=job["sample_id"])
-
-
-def _gate_stats(prep: Prepared, state: StudyState, job: Mapping[str, Any]) -> tuple[pd.DataFrame, list[str]]:
-    from cytopipe import gating
-
-    result = gating.gate_events(
-        prep.events, prep.channels, state.template, pooled=state.pooled, sample_id=job["sample_id"]
-    )
-    return result.stats, list(result.flags)
+            raise CompensationError(
+                "compensation is 'file' but the file has no spillover keyword; give a CSV matrix, "
+                "compute one from controls, or set compensation source 'none'",
+                file=sample.path,
+            )
+        return compensate(events, sample.spillover, names)
+    return compensate(events, comp, names)  # a CSV matrix named by the template
 
 
 # ================================================================================================
@@ -554,15 +580,16 @@ class RunContext:
     folder: RunFolder
     executor: Any
     progress: bool
-    jobs: list[dict[str, Any]] = field(default_factory=list)  # gated samples (not controls)
+    manifest: pd.DataFrame | None = None
+    jobs: list[dict[str, Any]] = field(default_factory=list)  # samples to gate (not controls)
     controls: list[dict[str, Any]] = field(default_factory=list)
     failures: dict[str, dict[str, Any]] = field(default_factory=dict)  # sample_id -> failure
-    registered: dict[str, dict[str, Any]] = field(default_factory=dict)
     state: StudyState | None = None
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # sample_id -> gate result
     hashes: dict[str, str] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)
     cached: int = 0
+    keep_cache: dict[str, set[str]] = field(default_factory=dict)  # phase -> keys in use
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     def alive(self) -> list[dict[str, Any]]:
@@ -604,6 +631,8 @@ def run_workflow(
     finally:
         executor.close()
     folder.write_outputs(ctx.tables, info)
+    for phase, keys in ctx.keep_cache.items():
+        folder.prune_cache(phase, keys)  # results of older settings/files are no longer needed
     return RunResult(
         out=folder.path,
         samples=ctx.tables["samples"],
@@ -622,43 +651,70 @@ class Step:
 # --- validation ---------------------------------------------------------------------------------
 def validate_inputs(ctx: RunContext) -> None:
     """Spec, template, matrix and manifest: fatal errors now; per-file problems recorded later."""
-    wf = ctx.wf
+    import dataclasses
+
     from cytopipe.gating import load_template
 
+    wf = ctx.wf
     template = load_template(wf.template)
     manifest = _load_manifest(wf.manifest)
-    comp = {"source": wf.compensation["source"], "matrix": None}
-    if comp["source"] == "csv":
-        from cytopipe.compensation import read_matrix_csv
+    source = wf.compensation["source"]
+    spillover = None
+    if source == "csv":
+        from cytopipe.compensation import Compensation
 
-        comp["matrix"] = read_matrix_csv(wf.compensation["path"])
-    if comp["source"] == "controls" and not any(manifest["control"].astype(str).str.strip() != ""):
+        spillover = Compensation.from_csv(wf.compensation["path"]).to_spillover()
+    if source == "controls" and not (manifest["control"] != "").any():
         raise WorkflowError(
             "compensation source is 'controls' but the manifest has no control rows "
             "(`control` column: unstained, single:CD4, ...)",
             key="compensation.source",
             file=wf.manifest,
         )
+    if source in ("file", "csv", "controls"):
+        template = dataclasses.replace(template, compensation="file")  # the engine reads sample.spillover
+    elif source == "none":
+        template = dataclasses.replace(template, compensation="none")
     for record in manifest.to_dict("records"):
         job = {k: _plain(v) for k, v in record.items()}
-        if str(job.get("control") or "").strip():
-            ctx.controls.append(job)
-        else:
-            ctx.jobs.append(job)
+        (ctx.controls if job.get("control") else ctx.jobs).append(job)
     if not ctx.jobs:
         raise ManifestError("the manifest lists no samples to analyse (only controls)", file=wf.manifest)
+    overrides = _transform_params(wf.transforms.get("params") or {})
+    ctx.manifest = manifest
     ctx.state = StudyState(
         qc=QCSettings.from_mapping(wf.qc),
-        template_path=str(wf.template),
         template=template,
-        compensation=comp,
+        compensation=source,
+        spillover=spillover,
         seed=wf.seed,
-        transforms_spec=dict(wf.transforms),
+        transforms=overrides,
+        pool_markers=_pool_markers(template, wf.transforms),
         pool_events=_pool_size(wf.transforms, len(ctx.jobs)),
     )
-    ctx.hashes["template"] = _file_hash(wf.template)
+    ctx.hashes["template"] = file_sha256(wf.template)
     ctx.hashes["qc"] = stable_hash(ctx.state.qc.to_dict())
-    ctx.hashes["compensation"] = _matrix_hash(comp)
+    ctx.hashes["compensation"] = _spillover_hash(source, spillover, template.compensation)
+
+
+def _transform_params(params: Mapping[str, Any]) -> dict[str, dict]:
+    from cytopipe.gating import _compat
+
+    return {
+        str(m): _compat.check_transform(spec, {"marker": str(m), "key": "transforms.params"})
+        for m, spec in params.items()
+    }
+
+
+def _pool_markers(template: Any, transforms: Mapping[str, Any]) -> list[str]:
+    if transforms.get("estimate") != "study":
+        return []
+    if transforms.get("markers"):
+        return list(transforms["markers"])
+    from cytopipe.gating import _compat
+
+    fixed = set(transforms.get("params") or {})
+    return [m for m in template.markers if not _compat.is_scatter_or_time(m) and m not in fixed]
 
 
 def _pool_size(transforms: Mapping[str, Any], n_samples: int) -> int:
@@ -675,13 +731,13 @@ def _load_manifest(path: Path) -> pd.DataFrame:
     df = load_manifest(path)
     if "control" not in df:
         df["control"] = ""
-    df["control"] = df["control"].fillna("").astype(str)
+    df["control"] = df["control"].fillna("").astype(str).str.strip()
     return df
 
 
 def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, Path):
@@ -689,104 +745,190 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _file_hash(path: Path) -> str:
-    return file_sha256(path)
-
-
-def _matrix_hash(comp: Mapping[str, Any]) -> str:
-    matrix = comp.get("matrix")
-    if matrix is None:
-        return stable_hash({"source": comp.get("source")})
+def _spillover_hash(source: str, spillover: Any, template_comp: str) -> str:
+    if spillover is None:
+        return stable_hash({"source": source, "template": template_comp})
     return stable_hash(
         {
-            "source": comp.get("source"),
-            "channels": list(matrix.channels),
-            "matrix": np.asarray(matrix.matrix).tolist(),
+            "source": source,
+            "channels": list(spillover.channels),
+            "matrix": np.asarray(spillover.matrix).tolist(),
         }
     )
 
 
 # --- step: register -----------------------------------------------------------------------------
 def step_register(ctx: RunContext) -> dict[str, Any]:
-    """sha256 of every file, header check and template markers (per-file problems recorded)."""
+    """sha256 of every file, read check and template markers (per-file problems recorded)."""
     jobs = ctx.jobs + ctx.controls
     for i, res in ctx.executor.map(register_task, jobs, ctx.state, "register", ctx.progress):
         job = jobs[i]
         res = _as_result(res)
         if res.get("ok"):
             job["sha256"] = res["sha256"]
-            ctx.registered[job["sample_id"]] = res
         else:
-            job["sha256"] = res.get("sha256")
             ctx.fail(job, res, "register")
     return {"files": len(jobs), "failed": len(ctx.failures)}
 
 
 # --- step: study spillover from controls --------------------------------------------------------
 def step_compensation(ctx: RunContext) -> dict[str, Any]:
-    if ctx.state.compensation["source"] != "controls":
-        return {"source": ctx.state.compensation["source"]}
-    raise WorkflowError("compensation from controls is not wired yet", key="compensation.source")
+    """The study matrix computed from single-stain controls (AutoSpill-like), when asked."""
+    if ctx.state.compensation != "controls":
+        return {"source": ctx.state.compensation}
+    controls = [c for c in ctx.controls if c["sample_id"] not in ctx.failures]
+    if not controls:
+        raise WorkflowError(
+            "compensation from controls: no readable control file (see samples.parquet)",
+            key="compensation.source",
+        )
+    key = stable_hash([sorted((c["sample_id"], c["control"], c["sha256"]) for c in controls), ctx.wf.seed])[
+        :32
+    ]
+    ctx.keep_cache["spillover"] = {key}
+    res = _load_result(ctx.folder, "spillover", key)
+    if res is None:
+        [(_, res)] = list(ctx.executor.map(spillover_task, [controls], ctx.state, "spillover", ctx.progress))
+        res = _as_result(res)
+        if not res.get("ok"):
+            from cytopipe.errors import CompensationError
+
+            raise CompensationError(f"cannot compute the spillover matrix from the controls: {res['error']}")
+        _save_result(ctx.folder, "spillover", key, res)
+    from cytopipe.fcs import Spillover
+
+    spill = Spillover(np.asarray(res["matrix"], dtype=np.float64), list(res["channels"]))
+    ctx.state.spillover = spill
+    ctx.hashes["compensation"] = _spillover_hash("controls", spill, "file")
+    from cytopipe.store import atomic_write_bytes, atomic_write_parquet
+
+    atomic_write_bytes(ctx.folder.study / "spillover.csv", _matrix_csv(spill).encode())
+    atomic_write_parquet(ctx.folder.study / "spillover_quality.parquet", res["quality"])
+    flagged = res["quality"][res["quality"]["flag"] != "ok"] if "flag" in res["quality"] else []
+    return {"source": "controls", "controls": len(controls), "pairs_flagged": int(len(flagged))}
+
+
+def spillover_task(controls: list[dict[str, Any]], state: StudyState) -> dict[str, Any]:
+    def body() -> dict[str, Any]:
+        from cytopipe.compensation import compute_spillover
+
+        manifest = pd.DataFrame([{"file": c["path"], "control": c["control"]} for c in controls])
+        comp, quality = compute_spillover(manifest, seed=state.seed)
+        return {
+            "matrix": np.asarray(comp.matrix).tolist(),
+            "channels": list(comp.channels),
+            "quality": quality,
+        }
+
+    return _guard(body)
+
+
+def _matrix_csv(spill: Any) -> str:
+    df = pd.DataFrame(np.asarray(spill.matrix), index=list(spill.channels), columns=list(spill.channels))
+    return df.to_csv()
 
 
 # --- step: study transforms from pooled events --------------------------------------------------
 def step_transforms(ctx: RunContext) -> dict[str, Any]:
-    spec = ctx.state.transforms_spec
-    if spec.get("estimate") != "study":
-        ctx.state.transforms = _fixed_transforms(ctx)
-        ctx.hashes["transforms"] = _transforms_hash(ctx.state.transforms)
-        return {"estimate": "fixed"}
+    """Transform parameters estimated once from events pooled over every sample, then locked."""
+    spec = ctx.wf.transforms
+    if spec.get("estimate") != "study" or not ctx.state.pool_markers:
+        ctx.hashes["transforms"] = stable_hash(ctx.state.transforms)
+        return {"estimate": "template", "overrides": sorted(ctx.state.transforms)}
     settings_key = stable_hash(
         [
             ctx.hashes["qc"],
             ctx.hashes["compensation"],
             ctx.hashes["template"],
+            ctx.state.pool_markers,
             ctx.state.pool_events,
             ctx.wf.seed,
         ]
     )
-    results = _run_cached_phase(ctx, "pool", pool_task, settings_key, ext="npz")
-    pools = [results[j["sample_id"]] for j in ctx.alive() if j["sample_id"] in results]
-    ctx.state.transforms = _estimate_transforms(ctx, pools)
-    ctx.hashes["transforms"] = _transforms_hash(ctx.state.transforms)
-    return {"estimate": "study", "samples_pooled": len(pools)}
+    results = _run_cached_phase(ctx, "pool", pool_task, settings_key)
+    pools = [results[j["sample_id"]] for j in ctx.alive()]
+    if not pools:
+        return {"estimate": "study", "samples_pooled": 0}
+    from cytopipe.transforms import estimate_transforms
+
+    top = max(max(p["pnr"]) for p in pools)
+    tset = estimate_transforms(
+        [p["pool"] for p in pools],
+        ctx.state.pool_markers,
+        method=spec["method"],
+        channel_names=ctx.state.pool_markers,
+        T=top if top > 1 else 262144.0,
+        cofactor=spec.get("cofactor") or 150.0,
+        max_events_per_sample=ctx.state.pool_events,
+        seed=ctx.wf.seed,
+    )
+    locked = {m: _to_engine_spec(tset[m].to_dict()) for m in ctx.state.pool_markers}
+    ctx.state.transforms = {**locked, **ctx.state.transforms}  # explicit params win
+    ctx.hashes["transforms"] = stable_hash(ctx.state.transforms)
+    from cytopipe.store import atomic_write_json
+
+    atomic_write_json(
+        ctx.folder.study / "transforms.json",
+        {"transforms": ctx.state.transforms, "estimated": tset.to_dict(), "hash": ctx.hashes["transforms"]},
+    )
+    return {"estimate": "study", "samples_pooled": len(pools), "markers": ctx.state.pool_markers}
 
 
-def _fixed_transforms(ctx: RunContext) -> Any:
-    return None  # TODO: template transforms
+def _to_engine_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A cytopipe.transforms dict as the gating engine's transform spec."""
+    from cytopipe.gating import _compat
 
-
-def _estimate_transforms(ctx: RunContext, pools: list[dict[str, Any]]) -> Any:
-    raise NotImplementedError
-
-
-def _transforms_hash(transforms: Any) -> str:
-    if transforms is None:
-        return stable_hash(None)
-    return transforms.hash() if callable(getattr(transforms, "hash", None)) else stable_hash(repr(transforms))
+    out = {k: v for k, v in spec.items() if k in ("type", "T", "W", "M", "A", "cofactor")}
+    return _compat.check_transform(out, {"key": "transforms"})
 
 
 # --- step: gating pass 1 + pooled estimates -----------------------------------------------------
 def step_gate_fit(ctx: RunContext) -> dict[str, Any]:
-    ctx.state.pooled = None
-    ctx.hashes["pooled"] = stable_hash(None)
-    return {"pooled": False}
+    """Per-sample fits of the data-driven gates, pooled per patient / batch / cohort."""
+    template = ctx.state.template
+    if not template.data_driven():
+        ctx.hashes["pooled"] = stable_hash(None)
+        return {"data_driven_gates": 0}
+    settings_key = _settings_key(ctx, "qc", "compensation", "template", "transforms")
+    results = _run_cached_phase(ctx, "fit", fit_task, settings_key)
+    records = [results[j["sample_id"]]["fits"] for j in ctx.alive()]
+    from cytopipe.gating import pool_estimates
+    from cytopipe.store import atomic_write_parquet
+
+    fits = pd.concat(records, ignore_index=True) if records else pd.DataFrame()
+    if len(fits):
+        fits = fits.sort_values(["sample_id", "key"], kind="stable").reset_index(drop=True)
+        ctx.state.pooled = pool_estimates(fits, ctx.manifest)
+        atomic_write_parquet(ctx.folder.study / "gate_fits.parquet", fits)
+        atomic_write_parquet(ctx.folder.study / "pooled_gates.parquet", ctx.state.pooled.table)
+    ctx.hashes["pooled"] = stable_hash(ctx.state.pooled.table.to_json() if ctx.state.pooled else None)
+    n_bad = int((fits["status"] != "ok").sum()) if len(fits) else 0
+    return {"data_driven_gates": len(template.data_driven()), "fits": len(fits), "fits_not_ok": n_bad}
+
+
+def _settings_key(ctx: RunContext, *names: str) -> str:
+    return stable_hash([ctx.hashes.get(n) for n in names] + [ctx.wf.seed])
 
 
 # --- step: gating pass 2 ------------------------------------------------------------------------
 def step_gate(ctx: RunContext) -> dict[str, Any]:
-    settings_key = stable_hash(
-        [
-            ctx.hashes["qc"],
-            ctx.hashes["compensation"],
-            ctx.hashes["template"],
-            ctx.hashes.get("transforms"),
-            ctx.hashes.get("pooled"),
-            ctx.wf.seed,
-        ]
-    )
-    ctx.results = _run_cached_phase(ctx, "gate", gate_task, settings_key, ext="json")
-    return {"samples": len(ctx.results)}
+    settings_key = _settings_key(ctx, "qc", "compensation", "template", "transforms")
+    pooled = ctx.state.pooled
+
+    def extra(job: Mapping[str, Any]) -> str:
+        # only the pooled estimates this sample can use (its patient, batch, cohort)
+        if pooled is None:
+            return ""
+        t = pooled.table
+        sel = (
+            (t["level"] == "cohort")
+            | ((t["level"] == "patient") & (t["group"] == str(job.get("patient_id"))))
+            | ((t["level"] == "batch") & (t["group"] == str(job.get("batch"))))
+        )
+        return stable_hash(t[sel].to_json())[:8]
+
+    ctx.results = _run_cached_phase(ctx, "gate", gate_task, settings_key, extra_key=extra)
+    return {"samples": len(ctx.results), "reused": ctx.cached}
 
 
 # --- step: assemble the tables ------------------------------------------------------------------
@@ -800,7 +942,11 @@ def step_assemble(ctx: RunContext) -> dict[str, Any]:
 # cached phases
 # ================================================================================================
 def _run_cached_phase(
-    ctx: RunContext, phase: str, fn: Callable, settings_key: str, ext: str
+    ctx: RunContext,
+    phase: str,
+    fn: Callable,
+    settings_key: str,
+    extra_key: Callable[[Mapping[str, Any]], str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run ``fn`` on every live sample whose (sha256, settings) result is not cached yet."""
     results: dict[str, dict[str, Any]] = {}
@@ -808,19 +954,22 @@ def _run_cached_phase(
     keys: dict[str, str] = {}
     for job in ctx.alive():
         key = f"{job['sha256'][:32]}-{settings_key[:16]}"
+        if extra_key is not None:
+            key += extra_key(job)
         keys[job["sample_id"]] = key
-        cached = _load_result(ctx.folder, phase, key, ext)
+        cached = _load_result(ctx.folder, phase, key)
         if cached is not None:
             results[job["sample_id"]] = cached
             if phase == "gate":
                 ctx.cached += 1
         else:
             todo.append(job)
+    ctx.keep_cache.setdefault(phase, set()).update(keys.values())
     for i, res in ctx.executor.map(fn, todo, ctx.state, phase, ctx.progress):
         job = todo[i]
         res = _as_result(res)
         if res.get("ok"):
-            _save_result(ctx.folder, phase, keys[job["sample_id"]], ext, res)
+            _save_result(ctx.folder, phase, keys[job["sample_id"]], res)
             results[job["sample_id"]] = res
         else:
             ctx.fail(job, res, phase)
@@ -833,34 +982,32 @@ def _as_result(res: Any) -> dict[str, Any]:
     return res
 
 
-def _save_result(folder: RunFolder, phase: str, key: str, ext: str, res: Mapping[str, Any]) -> None:
-    """Stats as Parquet, everything else as JSON, all under one key (atomic writes)."""
-    if phase == "gate":
-        folder.save_cached(phase, key, "parquet", res["stats"])
-        meta = {k: v for k, v in res.items() if k not in ("stats", "pid", "seconds")}
-        folder.save_cached(phase, key, "json", meta)  # written last: marks the entry complete
-    elif phase == "pool":
-        folder.save_cached(phase, key, "npy", res["pool"])
-        meta = {k: v for k, v in res.items() if k not in ("pool", "pid", "seconds")}
-        folder.save_cached(phase, key, "json", meta)
-    else:
-        folder.save_cached(phase, key, "json", {k: v for k, v in res.items() if k not in ("pid", "seconds")})
+def _save_result(folder: RunFolder, phase: str, key: str, res: Mapping[str, Any]) -> None:
+    """Tables as Parquet, arrays as .npy, the rest as JSON written last (it marks the entry complete)."""
+    meta: dict[str, Any] = {"_parts": {}}
+    for name, value in res.items():
+        if name in ("pid", "seconds"):
+            continue
+        if isinstance(value, pd.DataFrame):
+            folder.save_cached(phase, f"{key}.{name}", "parquet", value)
+            meta["_parts"][name] = "parquet"
+        elif isinstance(value, np.ndarray):
+            folder.save_cached(phase, f"{key}.{name}", "npy", value)
+            meta["_parts"][name] = "npy"
+        else:
+            meta[name] = value
+    folder.save_cached(phase, key, "json", meta)
 
 
-def _load_result(folder: RunFolder, phase: str, key: str, ext: str) -> dict[str, Any] | None:
+def _load_result(folder: RunFolder, phase: str, key: str) -> dict[str, Any] | None:
     meta = folder.load_cached(phase, key, "json")
     if meta is None:
         return None
-    if phase == "gate":
-        stats = folder.load_cached(phase, key, "parquet")
-        if stats is None:
+    for name, ext in meta.pop("_parts", {}).items():
+        value = folder.load_cached(phase, f"{key}.{name}", ext)
+        if value is None:
             return None
-        meta["stats"] = stats
-    elif phase == "pool":
-        pool = folder.load_cached(phase, key, "npy")
-        if pool is None:
-            return None
-        meta["pool"] = pool
+        meta[name] = value
     return meta
 
 

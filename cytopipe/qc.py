@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numba
 import numpy as np
 import pandas as pd
 
@@ -77,6 +78,7 @@ QC_SCHEMA: dict[str, Any] = {
 }
 
 MAD_TO_SD = 1.4826  # MAD of a normal distribution x 1.4826 = its standard deviation
+SCORE_LEVELS = 64  # rank grid of the signal check (quantiles per channel)
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,6 @@ class TimeResult:
     events_per_bin: int = 0
     rate_bins_flagged: int = 0
     signal_bins_flagged: int = 0
-    n_time_bins: int = 0
     worst_channel: str | None = None  # channel with the most flagged bins
     note: str = ""
 
@@ -202,7 +203,12 @@ class TimeResult:
 def time_qc(
     events: np.ndarray, channels: pd.DataFrame, settings: QCSettings, rows: np.ndarray | None = None
 ) -> TimeResult:
-    """Flag events in time bins whose event rate or channel medians jump (robust z > ``mad``).
+    """Flag events in time bins whose event rate or channel signal jumps (robust z > ``mad``).
+
+    Events are cut, in acquisition order, into bins of equal event count (PeacoQC's
+    ``max(min_cells, n / max_bins)``). A bin's event rate is its events over its duration on the
+    time channel; its signal is the share of its events above each channel's quartiles. Bins that
+    are flagged, and short good stretches between flagged bins, are removed.
 
     ``rows`` (indices) restricts the check to those events (e.g. those left after the margin
     check) without copying the matrix; the returned mask is then over ``rows``.
@@ -223,44 +229,51 @@ def time_qc(
         t = events[:, t_col] if rows is None else events[rows, t_col]
         if np.any(np.diff(t) < 0):
             order = np.argsort(t, kind="stable")
+            t = t[order]
     sel = rows if order is None else (order if rows is None else rows[order])
     result = TimeResult(bad, n_bins=n_bins, events_per_bin=per_bin)
+    bin_bad = np.zeros(n_bins, dtype=bool)
 
-    # signal: share of events above the channel's quartiles per equal-count bin
     if settings.signal:
         sig_cols = measured_channels(events if rows is None else events[rows[:5000]], channels)
-        bin_bad, worst = _signal_bins(events, sig_cols, sel, per_bin, n_bins, settings.mad)
-        bin_bad = _close_short_gaps(bin_bad, settings.consecutive_bins)
-        result.signal_bins_flagged = int(bin_bad.sum())
+        sig_bad, worst = _signal_bins(events, sig_cols, sel, per_bin, n_bins, settings.mad)
+        result.signal_bins_flagged = int(sig_bad.sum())
         if worst is not None:
             result.worst_channel = str(channels["pnn"].iloc[worst])
-        if bin_bad.any():
-            ev_bad = bin_bad[np.minimum(np.arange(n) // per_bin, n_bins - 1)]
-            if order is None:
-                bad |= ev_bad
-            else:
-                bad[order] |= ev_bad
-
-    # flow rate: counts per fixed-width time bin
+        bin_bad |= sig_bad
     if settings.flow_rate and t is not None:
-        t_bad, n_tbins, n_flagged = _rate_bins(t, per_bin, settings)
-        result.n_time_bins = n_tbins
-        result.rate_bins_flagged = n_flagged
-        bad |= t_bad
+        rate_bad = _rate_bins(t, per_bin, n_bins, settings.mad)
+        result.rate_bins_flagged = int(rate_bad.sum())
+        bin_bad |= rate_bad
     elif settings.flow_rate:
         result.note = "no time channel: event rate not checked"
+    bin_bad = _close_short_gaps(bin_bad, settings.consecutive_bins)
+    if bin_bad.any():
+        ev_bad = bin_bad[np.minimum(np.arange(n) // per_bin, n_bins - 1)]
+        if order is None:
+            bad = ev_bad
+        else:
+            bad[order] = ev_bad
     result.bad = bad
     return result
 
 
-def _robust_z(values: np.ndarray, floor: np.ndarray | float, axis: int = 0) -> np.ndarray:
-    """(x - median) / max(1.4826 MAD, floor) along ``axis``."""
-    center = np.median(values, axis=axis, keepdims=True)
-    mad = MAD_TO_SD * np.median(np.abs(values - center), axis=axis, keepdims=True)
-    scale = np.maximum(mad, floor)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = (values - center) / scale
-    return np.where(scale > 0, z, 0.0)
+def _robust_z(values: np.ndarray, floor: float) -> np.ndarray:
+    """(x - median) / scale, scale = max(one-sided 1.4826 MAD, floor).
+
+    The spread is taken from the quieter side of the median (the smaller of the MADs of the
+    values above and below it): an anomaly lasting a third of the run sits on one side and
+    would otherwise inflate the very yardstick it is judged by.
+    """
+    center = float(np.median(values))
+    dev = values - center
+    up, down = dev[dev > 0], -dev[dev < 0]
+    sides = [float(np.median(x)) for x in (up, down) if x.size >= max(5, values.size // 10)]
+    mad = MAD_TO_SD * min(sides) if sides else 0.0
+    scale = max(mad, floor)
+    if scale <= 0:
+        return np.zeros_like(values, dtype=np.float64)
+    return dev / scale
 
 
 def _signal_bins(
@@ -268,75 +281,88 @@ def _signal_bins(
 ) -> tuple[np.ndarray, int | None]:
     """Bins (equal event counts, acquisition order) where the signal of any channel jumps.
 
-    A bin's median (or quartile) has moved when the share of its events above the sample's
-    median (quartile) departs from 50% (25%, 75%): Mood's median test per bin. Unlike raw bin
-    medians, these shares have a known binomial noise and stay well behaved on bimodal
-    channels, where a bin median can hop between the negative and positive peaks.
+    Per channel, every event gets its rank among the sample's events (on a grid of
+    ``SCORE_LEVELS`` quantiles); a bin's signal is its events' mean rank: a Wilcoxon rank-sum
+    statistic, which moves when the bin's distribution moves (up or down, any part of it).
+    Unlike raw bin medians it has a known sampling noise (``sd(rank) / sqrt(per_bin)``, the
+    floor of the robust z) and stays well behaved on bimodal channels, where a bin median can
+    hop between the negative and positive peaks.
     """
     n = events.shape[0] if sel is None else len(sel)
     bin_bad = np.zeros(n_bins, dtype=bool)
+    if len(cols) == 0:
+        return bin_bad, None
+    # the rank grid of each channel, from ~20k events spread over the run
+    sub = events[:: max(1, events.shape[0] // 20_000)][:, cols].astype(np.float64)
+    q = np.linspace(0, 100, SCORE_LEVELS + 1)[1:-1]
+    cuts = np.full((len(cols), SCORE_LEVELS), np.inf, dtype=np.float32)
+    cuts[:, :-1] = np.percentile(sub, q, axis=0).T
+    rows = np.arange(0) if sel is None else np.asarray(sel, dtype=np.int64)
+    sums, tot, tot2 = _rank_sums(events, rows, np.asarray(cols, dtype=np.int64), cuts, per_bin, n_bins)
+    counts = np.full(n_bins, per_bin, dtype=np.float64)
+    counts[-1] = n - (n_bins - 1) * per_bin
     flagged_per_col = np.zeros(len(cols), dtype=np.int64)
-    head = (n_bins - 1) * per_bin
-    last = n - head
-    levels = np.array([25.0, 50.0, 75.0])
-    for k, j in enumerate(cols):
-        col = events[:, j] if sel is None else events[sel, j]
-        cuts = np.percentile(col, levels)
-        if cuts[0] == cuts[-1]:
+    for k in range(len(cols)):
+        if cuts[k, 0] == cuts[k, -2]:
             continue  # (mostly) constant channel: nothing to judge
-        for cut in cuts:
-            above = col > cut
-            share = np.empty(n_bins, dtype=np.float64)
-            share[:-1] = above[:head].reshape(n_bins - 1, per_bin).mean(axis=1)
-            share[-1] = above[head:].mean()
-            expected = float(above.mean())
-            if expected <= 0 or expected >= 1:
-                continue  # ties at the cut (e.g. a pile of zeros): this level says nothing
-            # floor: binomial noise of a share over per_bin events
-            floor = math.sqrt(expected * (1 - expected) / min(per_bin, last))
-            hit = np.abs(_robust_z(share, floor)) > mad
-            flagged_per_col[k] += int(hit.sum())
-            bin_bad |= hit
+        var = tot2[k] / n - (tot[k] / n) ** 2
+        if var <= 0:
+            continue
+        hit = np.abs(_robust_z(sums[:, k] / counts, math.sqrt(var / per_bin))) > mad
+        flagged_per_col[k] = int(hit.sum())
+        bin_bad |= hit
     worst = int(cols[int(np.argmax(flagged_per_col))]) if flagged_per_col.any() else None
     return bin_bad, worst
 
 
-def _rate_bins(t: np.ndarray, per_bin: int, settings: QCSettings) -> tuple[np.ndarray, int, int]:
-    """Events in fixed-width time bins whose event count departs from the typical count."""
-    n = t.shape[0]
+@numba.njit(cache=True, nogil=True)
+def _rank_sums(events, rows, cols, cuts, per_bin, n_bins):  # pragma: no cover - compiled
+    """Per bin and channel, the sum of the events' ranks on the quantile grid (one pass,
+    row-major, branch-free binary search over ``SCORE_LEVELS`` = 64 cuts)."""
+    n = events.shape[0] if rows.shape[0] == 0 else rows.shape[0]
+    k = cols.shape[0]
+    sums = np.zeros((n_bins, k))
+    tot = np.zeros(k)
+    tot2 = np.zeros(k)
+    for i in range(n):
+        r = i if rows.shape[0] == 0 else rows[i]
+        b = min(i // per_bin, n_bins - 1)
+        for c in range(k):
+            v = events[r, cols[c]]
+            pos = 0
+            step = 32
+            while step > 0:
+                pos += step * (cuts[c, pos + step - 1] <= v)
+                step >>= 1
+            sums[b, c] += pos
+            tot[c] += pos
+            tot2[c] += pos * pos
+    return sums, tot, tot2
+
+
+def _rate_bins(t: np.ndarray, per_bin: int, n_bins: int, mad: float) -> np.ndarray:
+    """Bins whose event rate (events / duration, on a log scale) departs from the typical rate.
+
+    ``t`` is the time channel in acquisition order. A clog stretches a bin's duration, a burst
+    shrinks it. Noise floor: the log-duration of k Poisson arrivals has sd ~ 1/sqrt(k), plus
+    the clock tick relative to the typical duration.
+    """
     t = t.astype(np.float64)
-    t0, t1 = float(t.min()), float(t.max())
-    span = t1 - t0
-    bad = np.zeros(n, dtype=bool)
-    if not np.isfinite(span) or span <= 0:
-        return bad, 0, 0
-    # width holding ~per_bin events at the median rate, never finer than the clock tick
-    width = span * per_bin / n
-    st = np.sort(t) if np.any(np.diff(t) < 0) else t
-    d = np.diff(st)
+    starts = np.arange(n_bins) * per_bin
+    ends = np.append(starts[1:], t.shape[0] - 1)  # next bin's first event (last bin: last event)
+    intervals = (ends - starts).astype(np.float64)
+    duration = t[ends] - t[starts]
+    d = np.diff(t)
     d = d[d > 0]
-    tick = float(d.min()) if d.size else span
-    if tick > 0:
-        width = max(tick, math.ceil(width / tick) * tick)
-    n_tbins = max(1, int(math.floor(span / width)) + 1)
-    idx = np.minimum(((t - t0) / width).astype(np.int64), n_tbins - 1)
-    counts = np.bincount(idx, minlength=n_tbins).astype(np.float64)
-    # the last bin covers only part of its width: compare rates, not counts
-    cover = np.ones(n_tbins)
-    cover[-1] = min(1.0, (span - (n_tbins - 1) * width + tick) / width)
-    rate = counts / np.maximum(cover, 1e-9)
-    if n_tbins < max(10, 2 * settings.consecutive_bins):
-        return bad, n_tbins, 0
-    typical = float(np.median(rate))
-    z = _robust_z(rate, math.sqrt(max(typical, 1.0)))  # Poisson floor
-    bin_bad = np.abs(z) > settings.mad
-    if cover[-1] < 0.25:  # too short to judge
-        bin_bad[-1] = False
-    bin_bad = _close_short_gaps(bin_bad, settings.consecutive_bins)
-    n_flagged = int(bin_bad.sum())
-    if n_flagged:
-        bad = bin_bad[idx]
-    return bad, n_tbins, n_flagged
+    if d.size == 0:
+        return np.zeros(n_bins, dtype=bool)
+    tick = float(d.min())
+    typical = float(np.median(duration))
+    if typical <= 0:
+        return np.zeros(n_bins, dtype=bool)
+    log_rate = np.log(intervals / np.maximum(duration, tick))
+    floor = math.sqrt(1.0 / per_bin + (tick / typical) ** 2)
+    return np.abs(_robust_z(log_rate, floor)) > mad
 
 
 def _close_short_gaps(bin_bad: np.ndarray, consecutive: int) -> np.ndarray:

@@ -188,7 +188,8 @@ class RunFolder:
         keep = set(keep)
         removed = 0
         for entry in folder.iterdir():
-            if entry.name.startswith(".") or entry.stem not in keep:
+            # entries are <key>.json plus parts <key>.<name>.parquet|npy
+            if entry.name.startswith(".") or entry.name.split(".")[0] not in keep:
                 _unlink_quietly(entry)
                 removed += 1
         return removed

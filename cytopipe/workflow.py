@@ -58,42 +58,48 @@ Schema = dict[str, "Field | dict"]
 COMPENSATION: Schema = {
     "source": Field(
         str,
-        "file",
-        "where the spillover matrix comes from: 'file' ($SPILLOVER/SPILL of each FCS file), "
-        "'csv' (one matrix for the study, `path`), 'controls' (computed from the manifest's "
-        "single-stain + unstained controls) or 'none'",
-        choices=("file", "csv", "controls", "none"),
+        "template",
+        "where the spillover matrix comes from: 'template' (as the gating template says), 'file' "
+        "($SPILLOVER/SPILL of each FCS file), 'csv' (one matrix for the study, `path`), 'controls' "
+        "(computed from the manifest's single-stain + unstained controls) or 'none'",
+        choices=("template", "file", "csv", "controls", "none"),
         nullable=False,
     ),
     "path": Field("path", None, "spillover matrix CSV (FlowJo/FlowKit layout) when source is 'csv'"),
 }
 
 TRANSFORMS: Schema = {
+    "estimate": Field(
+        str,
+        "template",
+        "'template': the transforms written in the gating template; 'study': parameters estimated "
+        "once from events pooled over every sample, then locked (every visit uses the same "
+        "transform) for `markers`",
+        choices=("template", "study"),
+        nullable=False,
+    ),
     "method": Field(
         str,
         "logicle",
-        "transform of fluorescence channels unless the template sets one per marker",
-        choices=("logicle", "arcsinh", "biex", "hyperlog", "linear", "log"),
+        "estimated transform: 'logicle' (width W per marker from the negative events) or 'arcsinh'",
+        choices=("logicle", "arcsinh"),
         nullable=False,
     ),
-    "scatter": Field(
-        str, "linear", "transform of scatter channels", choices=("linear", "log"), nullable=False
+    "markers": Field(
+        "list[str]", None, "markers whose transform is estimated (default: every gated fluorescence marker)"
     ),
-    "estimate": Field(
-        str,
-        "study",
-        "'study': parameters estimated once from events pooled over every sample, then locked "
-        "(every visit uses the same transform); 'fixed': parameters as given in `params` / the template",
-        choices=("study", "fixed"),
-        nullable=False,
-    ),
+    "cofactor": Field(float, 150.0, "arcsinh cofactor when method is 'arcsinh'", minimum=0.0),
     "events_per_sample": Field(
         int, 2000, "events drawn from each sample for the pooled estimate", minimum=100, nullable=False
     ),
     "max_pooled_events": Field(
         int, 1_000_000, "cap on the pooled events (fewer per sample in big studies)", minimum=1000
     ),
-    "params": Field("mapping", None, "per-marker overrides, e.g. {CD25: {method: arcsinh, cofactor: 150}}"),
+    "params": Field(
+        "mapping",
+        None,
+        "per-marker transforms that win over both, e.g. {CD25: {type: arcsinh, cofactor: 150}}",
+    ),
 }
 
 CLUSTERING: Schema = {

@@ -47,10 +47,10 @@ def test_minimal_spec_paths_are_relative_to_the_spec_and_defaults_are_filled(stu
     # default output: runs/<study slug> next to the spec
     assert wf.output == (study / "workflows" / "runs" / "Test_study").resolve()
     assert wf.workers is None and wf.seed == 0
-    assert wf.compensation == {"source": "file", "path": None}
+    assert wf.compensation == {"source": "template", "path": None}
     assert wf.qc["time"]["mad"] == 6.0 and wf.qc["time"]["consecutive_bins"] == 5
     assert wf.qc["min_parent_events"] == 100
-    assert wf.transforms["method"] == "logicle" and wf.transforms["estimate"] == "study"
+    assert wf.transforms["method"] == "logicle" and wf.transforms["estimate"] == "template"
     assert wf.clustering["enabled"] is False and wf.statistics["enabled"] is False
 
 
@@ -69,7 +69,7 @@ output: ../out/run1
 workers: 2
 seed: 7
 compensation: {source: csv, path: ../data/comp.csv}
-transforms: {method: arcsinh, estimate: fixed, params: {CD25: {method: arcsinh, cofactor: 150}}}
+transforms: {method: arcsinh, estimate: study, params: {CD25: {type: arcsinh, cofactor: 150}}}
 qc:
   margins: {lower_channels: all}
   time: {mad: 5, consecutive_bins: 3}
@@ -82,7 +82,7 @@ statistics: {enabled: true, endpoints: [sri4], fdr: by}
     assert wf.output == (study / "out" / "run1").resolve()
     assert wf.workers == 2 and wf.seed == 7
     assert wf.compensation["path"] == (study / "data" / "comp.csv").resolve()
-    assert wf.transforms["params"] == {"CD25": {"method": "arcsinh", "cofactor": 150}}
+    assert wf.transforms["params"] == {"CD25": {"type": "arcsinh", "cofactor": 150}}
     assert wf.qc["time"]["mad"] == 5.0 and wf.qc["margins"]["lower_channels"] == "all"
     assert wf.clustering["grid"] == [8, 8] and wf.statistics["fdr"] == "by"
     d = wf.to_dict()
