@@ -392,8 +392,13 @@ def register_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
     """Hash the file, read it and check it carries every template marker."""
 
     def body() -> dict[str, Any]:
+        from cytopipe.errors import FCSError
         from cytopipe.fcs import read_fcs
 
+        if not Path(job["path"]).is_file():
+            raise FCSError(
+                f"file not found: {job['path']}; check the manifest's `file` column", file=job["file"]
+            )
         sha = file_sha256(job["path"])
         sample = read_fcs(job["path"])
         sample.path = Path(job["file"])  # errors name the manifest's file
@@ -589,6 +594,7 @@ class RunContext:
     hashes: dict[str, str] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)
     cached: int = 0
+    reused: dict[str, int] = field(default_factory=dict)  # phase -> results taken from the cache
     keep_cache: dict[str, set[str]] = field(default_factory=dict)  # phase -> keys in use
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
@@ -766,6 +772,7 @@ def step_register(ctx: RunContext) -> dict[str, Any]:
         res = _as_result(res)
         if res.get("ok"):
             job["sha256"] = res["sha256"]
+            job["n_events"] = res["n_events"]
         else:
             ctx.fail(job, res, "register")
     return {"files": len(jobs), "failed": len(ctx.failures)}
@@ -871,7 +878,12 @@ def step_transforms(ctx: RunContext) -> dict[str, Any]:
         ctx.folder.study / "transforms.json",
         {"transforms": ctx.state.transforms, "estimated": tset.to_dict(), "hash": ctx.hashes["transforms"]},
     )
-    return {"estimate": "study", "samples_pooled": len(pools), "markers": ctx.state.pool_markers}
+    return {
+        "estimate": "study",
+        "samples_pooled": len(pools),
+        "markers": ctx.state.pool_markers,
+        "reused": ctx.reused.get("pool", 0),
+    }
 
 
 def _to_engine_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -886,7 +898,7 @@ def _to_engine_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
 def step_gate_fit(ctx: RunContext) -> dict[str, Any]:
     """Per-sample fits of the data-driven gates, pooled per patient / batch / cohort."""
     template = ctx.state.template
-    if not template.data_driven():
+    if not template.data_driven:
         ctx.hashes["pooled"] = stable_hash(None)
         return {"data_driven_gates": 0}
     settings_key = _settings_key(ctx, "qc", "compensation", "template", "transforms")
@@ -903,7 +915,12 @@ def step_gate_fit(ctx: RunContext) -> dict[str, Any]:
         atomic_write_parquet(ctx.folder.study / "pooled_gates.parquet", ctx.state.pooled.table)
     ctx.hashes["pooled"] = stable_hash(ctx.state.pooled.table.to_json() if ctx.state.pooled else None)
     n_bad = int((fits["status"] != "ok").sum()) if len(fits) else 0
-    return {"data_driven_gates": len(template.data_driven()), "fits": len(fits), "fits_not_ok": n_bad}
+    return {
+        "data_driven_gates": len(template.data_driven),
+        "fits": len(fits),
+        "fits_not_ok": n_bad,
+        "reused": ctx.reused.get("fit", 0),
+    }
 
 
 def _settings_key(ctx: RunContext, *names: str) -> str:
@@ -960,10 +977,11 @@ def _run_cached_phase(
         cached = _load_result(ctx.folder, phase, key)
         if cached is not None:
             results[job["sample_id"]] = cached
-            if phase == "gate":
-                ctx.cached += 1
         else:
             todo.append(job)
+    ctx.reused[phase] = len(results)
+    if phase == "gate":
+        ctx.cached = len(results)
     ctx.keep_cache.setdefault(phase, set()).update(keys.values())
     for i, res in ctx.executor.map(fn, todo, ctx.state, phase, ctx.progress):
         job = todo[i]
@@ -1039,7 +1057,39 @@ def assemble_population_stats(ctx: RunContext) -> pd.DataFrame:
     return df[STATS_COLUMNS + medians + rest].reset_index(drop=True)
 
 
+# samples.parquet: fixed columns and types, whatever happened to the samples
+SAMPLE_COLUMNS: dict[str, str] = {
+    "sample_id": "string",
+    "file": "string",
+    "sha256": "string",
+    "status": "string",
+    "error": "string",
+    "failed_step": "string",
+    "patient_id": "string",
+    "visit": "Int64",
+    "arm": "string",
+    "batch": "string",
+    "panel": "string",
+    "site": "string",
+    "acquired_at": "string",
+    "control": "string",
+    "events_before_qc": "Int64",
+    "events_after_qc": "Int64",
+    "qc_removed_fraction": "float64",
+    "qc_margin_events": "Int64",
+    "qc_margin_by_channel": "string",
+    "qc_time_events": "Int64",
+    "qc_time_bins": "Int64",
+    "qc_signal_bins_flagged": "Int64",
+    "qc_rate_bins_flagged": "Int64",
+    "qc_worst_channel": "string",
+    "qc_note": "string",
+    "flags": "string",
+}
+
+
 def assemble_samples(ctx: RunContext) -> pd.DataFrame:
+    """One row per manifest file (samples, then controls), sorted by sample_id."""
     from cytopipe.qc import flag_loss_outliers
 
     rows = []
@@ -1056,26 +1106,37 @@ def assemble_samples(ctx: RunContext) -> pd.DataFrame:
             "status": "failed" if failure else "ok",
             "error": failure["error"] if failure else "",
             "failed_step": failure["step"] if failure else "",
+            "events_before_qc": job.get("n_events"),
         }
         for col in META_COLUMNS:
-            if col in job:
-                row[col] = job[col]
+            row[col] = job.get(col)
         row.update(metrics)
         row["flags"] = qc_flags + list(res.get("gate_flags") or [])
         rows.append(row)
     df = pd.DataFrame(rows)
-    if "qc_removed_fraction" in df:
-        outlier = flag_loss_outliers(df["qc_removed_fraction"].where(df["status"] == "ok"), ctx.state.qc)
-        for i in np.flatnonzero(outlier.to_numpy()):
-            df.at[df.index[i], "flags"] = df.at[df.index[i], "flags"] + [
-                "qc_loss_outlier: lost an unusual share of events compared with the study's samples"
-            ]
+    for col in SAMPLE_COLUMNS:
+        if col not in df:
+            df[col] = None
+    alive = (df["status"] == "ok") & (df["control"].fillna("") == "")
+    outlier = flag_loss_outliers(df["qc_removed_fraction"].where(alive), ctx.state.qc)
+    for i in np.flatnonzero(outlier.to_numpy()):
+        df.at[df.index[i], "flags"] = df.at[df.index[i], "flags"] + [
+            "qc_loss_outlier: lost an unusual share of events compared with the study's samples"
+        ]
     df["status"] = [
         "failed" if s == "failed" else ("flagged" if f else "ok") for s, f in zip(df["status"], df["flags"])
     ]
     df["flags"] = ["; ".join(f) for f in df["flags"]]
-    control = df["control"].fillna("").astype(str) if "control" in df else pd.Series("", index=df.index)
-    df = df.assign(_is_control=control != "").sort_values(["_is_control", "sample_id"], kind="stable")
+    extra = [c for c in df.columns if c not in SAMPLE_COLUMNS]
+    df = df[list(SAMPLE_COLUMNS) + extra]
+    for col, dtype in SAMPLE_COLUMNS.items():
+        if dtype == "string":
+            df[col] = df[col].map(
+                lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+            )
+        df[col] = df[col].astype(dtype)
+    is_control = df["control"].fillna("") != ""
+    df = df.assign(_is_control=is_control).sort_values(["_is_control", "sample_id"], kind="stable")
     return df.drop(columns="_is_control").reset_index(drop=True)
 
 

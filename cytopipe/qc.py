@@ -259,21 +259,23 @@ def time_qc(
 
 
 def _robust_z(values: np.ndarray, floor: float) -> np.ndarray:
-    """(x - median) / scale, scale = max(one-sided 1.4826 MAD, floor).
+    """(x - center) / scale with a robust center and scale = max(1.4826 MAD, floor).
 
-    The spread is taken from the quieter side of the median (the smaller of the MADs of the
-    values above and below it): an anomaly lasting a third of the run sits on one side and
-    would otherwise inflate the very yardstick it is judged by.
+    Two passes: the bins that look anomalous at first sight (|z| > 3 around the median) are set
+    aside and the center and MAD are taken from the rest, so that an anomaly lasting a fifth of
+    the run neither drags the center towards itself nor inflates the yardstick it is judged by.
     """
     center = float(np.median(values))
-    dev = values - center
-    up, down = dev[dev > 0], -dev[dev < 0]
-    sides = [float(np.median(x)) for x in (up, down) if x.size >= max(5, values.size // 10)]
-    mad = MAD_TO_SD * min(sides) if sides else 0.0
+    mad = MAD_TO_SD * float(np.median(np.abs(values - center)))
     scale = max(mad, floor)
     if scale <= 0:
         return np.zeros_like(values, dtype=np.float64)
-    return dev / scale
+    calm = np.abs(values - center) <= 3 * scale
+    if calm.sum() >= max(5, values.size // 2):
+        center = float(np.median(values[calm]))
+        mad = MAD_TO_SD * float(np.median(np.abs(values[calm] - center)))
+        scale = max(mad, floor)
+    return (values - center) / scale
 
 
 def _signal_bins(

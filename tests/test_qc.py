@@ -222,3 +222,40 @@ def test_real_files(parts):
     assert m["qc_removed_fraction"] < 0.15
     if "Original_ID" in set(ch["pnn"]):  # a subsampled file's event index is not a measurement
         assert "Original_ID" not in report.margin_counts and m["qc_worst_channel"] != "Original_ID"
+
+
+@pytest.fixture(scope="module")
+def faulty_trial(tmp_path_factory):
+    """Simulated files of 30k events: four with a clog, four with a signal shift, four with a
+    margin pile-up (the simulator's fault injection, with per-event truth)."""
+    simulate = pytest.importorskip("cytopipe.simulate")
+    out = tmp_path_factory.mktemp("faults") / "trial"
+    kinds = ["clog", "shift", "margin"]
+    ids = [f"P{p:03d}_W{v:02d}" for p in range(1, 5) for v in (0, 4, 12)]
+    simulate.simulate_trial(
+        out, n_patients=4, visits=(0, 4, 12), events=30_000, seed=77, control_events=500,
+        faults={sid: [kinds[i % 3]] for i, sid in enumerate(ids)},
+    )  # fmt: skip
+    return out
+
+
+def test_qc_finds_the_simulators_injected_faults(faulty_trial):
+    rows = []
+    manifest = pd.read_csv(faulty_trial / "manifest.csv")
+    for _, r in manifest[manifest["control"].isna()].iterrows():
+        s = read_fcs(faulty_trial / r["file"])
+        with np.load(faulty_trial / "truth" / "labels" / f"{r['sample_id']}.npz") as z:
+            truth = z["fault"] > 0
+            kind = str(z["faults"][int(z["fault"].max())])
+        removed = qc.event_qc(s.events, s.channels).removed
+        rows.append({"kind": kind, "tp": int((removed & truth).sum()), "removed": int(removed.sum()),
+                     "injected": int(truth.sum())})  # fmt: skip
+    df = pd.DataFrame(rows).groupby("kind").sum()
+    df.loc["all"] = df.sum()
+    df["precision"] = df["tp"] / df["removed"]
+    df["recall"] = df["tp"] / df["injected"]
+    print("\nQC vs the simulator's injected faults (events):\n" + df.round(3).to_string())
+    assert set(df.index) == {"clog", "shift", "margin", "all"}
+    assert df.loc["all", "precision"] >= 0.95 and df.loc["all", "recall"] >= 0.95
+    assert (df["recall"] >= 0.9).all() and (df["precision"] >= 0.85).all()
+    assert df.loc["margin", "precision"] == 1.0 and df.loc["margin", "recall"] == 1.0
