@@ -383,6 +383,7 @@ class Prepared:
     sample: Any  # cytopipe.fcs.Sample; .events holds only the events kept by QC
     metrics: dict[str, Any]
     meta: dict[str, Any]
+    kept: np.ndarray | None = None  # original index of every kept event (None: all kept)
 
 
 # ================================================================================================
@@ -534,11 +535,13 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
         keep = ~tres.bad
     else:
         keep[rows[tres.bad]] = False
+    kept = None
     if not keep.all():
-        sample.events = events[keep]  # the one copy of the matrix; the raw one is freed
+        kept = np.flatnonzero(keep)
+        sample.events = events[kept]  # the one copy of the matrix; the raw one is freed
     del events
     metrics = qc.qc_metrics(n_raw, int(margin.bad.sum()), int(tres.bad.sum()), margin.counts, tres, state.qc)
-    return Prepared(sample=sample, metrics=metrics, meta=sample_meta(job))
+    return Prepared(sample=sample, metrics=metrics, meta=sample_meta(job), kept=kept)
 
 
 def _check_markers(sample: Any, state: StudyState) -> None:
@@ -657,50 +660,63 @@ class Step:
 # --- validation ---------------------------------------------------------------------------------
 def validate_inputs(ctx: RunContext) -> None:
     """Spec, template, matrix and manifest: fatal errors now; per-file problems recorded later."""
-    import dataclasses
-
-    from cytopipe.gating import load_template
-
     wf = ctx.wf
-    template = load_template(wf.template)
-    manifest = _load_manifest(wf.manifest)
-    source = wf.compensation["source"]
-    spillover = None
-    if source == "csv":
-        from cytopipe.compensation import Compensation
-
-        spillover = Compensation.from_csv(wf.compensation["path"]).to_spillover()
-    if source == "controls" and not (manifest["control"] != "").any():
+    ctx.manifest = _load_manifest(wf.manifest)
+    ctx.jobs, ctx.controls = split_jobs(ctx.manifest)
+    if not ctx.jobs:
+        raise ManifestError("the manifest lists no samples to analyse (only controls)", file=wf.manifest)
+    if wf.compensation["source"] == "controls" and not ctx.controls:
         raise WorkflowError(
             "compensation source is 'controls' but the manifest has no control rows "
             "(`control` column: unstained, single:CD4, ...)",
             key="compensation.source",
             file=wf.manifest,
         )
+    ctx.state = build_state(wf, n_samples=len(ctx.jobs))
+    ctx.hashes["template"] = file_sha256(wf.template)
+    ctx.hashes["qc"] = stable_hash(ctx.state.qc.to_dict())
+    ctx.hashes["compensation"] = _spillover_hash(
+        ctx.state.compensation, ctx.state.spillover, ctx.state.template.compensation
+    )
+
+
+def split_jobs(manifest: pd.DataFrame) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Manifest rows as plain dicts: (samples to gate, compensation controls)."""
+    jobs: list[dict[str, Any]] = []
+    controls: list[dict[str, Any]] = []
+    for record in manifest.to_dict("records"):
+        job = {k: _plain(v) for k, v in record.items()}
+        (controls if job.get("control") else jobs).append(job)
+    return jobs, controls
+
+
+def build_state(wf: Workflow, n_samples: int) -> StudyState:
+    """The study state before the study-level steps (template, QC, matrix, fixed transforms)."""
+    import dataclasses
+
+    from cytopipe.gating import load_template
+
+    template = load_template(wf.template)
+    source = wf.compensation["source"]
+    spillover = None
+    if source == "csv":
+        from cytopipe.compensation import Compensation
+
+        spillover = Compensation.from_csv(wf.compensation["path"]).to_spillover()
     if source in ("file", "csv", "controls"):
         template = dataclasses.replace(template, compensation="file")  # the engine reads sample.spillover
     elif source == "none":
         template = dataclasses.replace(template, compensation="none")
-    for record in manifest.to_dict("records"):
-        job = {k: _plain(v) for k, v in record.items()}
-        (ctx.controls if job.get("control") else ctx.jobs).append(job)
-    if not ctx.jobs:
-        raise ManifestError("the manifest lists no samples to analyse (only controls)", file=wf.manifest)
-    overrides = _transform_params(wf.transforms.get("params") or {})
-    ctx.manifest = manifest
-    ctx.state = StudyState(
+    return StudyState(
         qc=QCSettings.from_mapping(wf.qc),
         template=template,
         compensation=source,
         spillover=spillover,
         seed=wf.seed,
-        transforms=overrides,
+        transforms=_transform_params(wf.transforms.get("params") or {}),
         pool_markers=_pool_markers(template, wf.transforms),
-        pool_events=_pool_size(wf.transforms, len(ctx.jobs)),
+        pool_events=_pool_size(wf.transforms, n_samples),
     )
-    ctx.hashes["template"] = file_sha256(wf.template)
-    ctx.hashes["qc"] = stable_hash(ctx.state.qc.to_dict())
-    ctx.hashes["compensation"] = _spillover_hash(source, spillover, template.compensation)
 
 
 def _transform_params(params: Mapping[str, Any]) -> dict[str, dict]:
@@ -720,7 +736,7 @@ def _pool_markers(template: Any, transforms: Mapping[str, Any]) -> list[str]:
     from cytopipe.gating import _compat
 
     fixed = set(transforms.get("params") or {})
-    return [m for m in template.markers if not _compat.is_scatter_or_time(m) and m not in fixed]
+    return [m for m in template.markers() if not _compat.is_scatter_or_time(m) and m not in fixed]
 
 
 def _pool_size(transforms: Mapping[str, Any], n_samples: int) -> int:
@@ -1162,6 +1178,7 @@ def _run_info(ctx: RunContext, executor: Any, seconds: float) -> dict[str, Any]:
         "study": ctx.wf.study,
         "workflow": ctx.wf.to_dict(),
         "hashes": dict(ctx.hashes),
+        "study_state": _study_record(ctx),
         "seed": ctx.wf.seed,
         "executor": executor.info(),
         "steps": ctx.steps,
@@ -1172,6 +1189,73 @@ def _run_info(ctx: RunContext, executor: Any, seconds: float) -> dict[str, Any]:
         "seconds": round(seconds, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _study_record(ctx: RunContext) -> dict[str, Any]:
+    """What the study-level steps decided, so a run can be re-applied (exports) exactly."""
+    st = ctx.state
+    spill = st.spillover
+    fits = ctx.folder.study / "gate_fits.parquet"
+    return {
+        "compensation": st.compensation,
+        "spillover": None
+        if spill is None
+        else {"channels": list(spill.channels), "matrix": np.asarray(spill.matrix).tolist()},
+        "transforms": st.transforms,
+        "gate_fits": "study/gate_fits.parquet" if st.pooled is not None and fits.is_file() else None,
+    }
+
+
+@dataclass
+class LoadedRun:
+    """A finished run, ready to re-process its samples exactly as it did (for exports)."""
+
+    folder: RunFolder
+    info: dict[str, Any]
+    wf: Workflow
+    state: StudyState
+    jobs: list[dict[str, Any]]  # samples processed ok/flagged, with their manifest fields
+    samples: pd.DataFrame
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Rebuild a finished run's study state from run.json and its study/ folder."""
+    from cytopipe.errors import StoreError
+    from cytopipe.store import read_run_info, read_table
+
+    folder = RunFolder(run_dir)
+    info = read_run_info(folder.path)
+    wf = Workflow.from_dict(info["workflow"])
+    for key, path in (("template", wf.template), ("manifest", wf.manifest)):
+        if not Path(path).is_file():
+            raise StoreError(
+                f"the run's {key} {path} is gone; it is needed to re-process the samples", file=folder.path
+            )
+    if file_sha256(wf.template) != info["hashes"]["template"]:
+        raise StoreError(
+            f"the gating template {wf.template} changed since this run; rerun `cytopipe run` first "
+            "so that exported populations match population_stats",
+            file=folder.path,
+        )
+    manifest = _load_manifest(wf.manifest)
+    jobs, _ = split_jobs(manifest)
+    state = build_state(wf, n_samples=len(jobs))
+    record = info.get("study_state") or {}
+    if record.get("spillover"):
+        from cytopipe.fcs import Spillover
+
+        sp = record["spillover"]
+        state.spillover = Spillover(np.asarray(sp["matrix"], dtype=np.float64), list(sp["channels"]))
+    state.transforms = dict(record.get("transforms") or {})
+    if record.get("gate_fits"):
+        from cytopipe.gating import pool_estimates
+
+        state.pooled = pool_estimates(pd.read_parquet(folder.path / record["gate_fits"]), manifest)
+    samples = read_table(folder.path, "samples")
+    usable = samples[samples["status"].isin(["ok", "flagged"]) & samples["control"].fillna("").eq("")]
+    sha = dict(zip(usable["sample_id"], usable["sha256"]))
+    jobs = [dict(j, sha256=sha[j["sample_id"]]) for j in jobs if j["sample_id"] in sha]
+    return LoadedRun(folder=folder, info=info, wf=wf, state=state, jobs=jobs, samples=samples)
 
 
 def _version(module: str) -> str | None:

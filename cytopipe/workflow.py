@@ -187,6 +187,17 @@ class Workflow:
             out[name] = _jsonable(getattr(self, name))
         return out
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Workflow:
+        """Inverse of :meth:`to_dict` (as recorded in run.json)."""
+        paths = {"manifest", "template", "output", "clinical", "spec_path"}
+        kwargs = {k: (Path(v) if k in paths and v is not None else v) for k, v in data.items()}
+        comp = dict(kwargs.get("compensation") or {})
+        if comp.get("path"):
+            comp["path"] = Path(comp["path"])
+        kwargs["compensation"] = comp
+        return cls(**kwargs)
+
     def settings_hash(self, *sections: str) -> str:
         """Stable hash of the named settings sections (e.g. ``"qc"``), for cache keys."""
         payload = {name: _jsonable(getattr(self, name)) for name in sections}

@@ -36,3 +36,18 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def sample_data() -> Path:
     return SAMPLE_DATA
+
+
+# --- a small simulated trial and its reference run, shared by the pipeline and export tests ---
+@pytest.fixture(scope="session")
+def sim_trial(tmp_path_factory) -> Path:
+    from tests.pipeline_support import make_trial
+
+    return make_trial(tmp_path_factory.mktemp("trial") / "trial")
+
+
+@pytest.fixture(scope="session")
+def sim_run(sim_trial, tmp_path_factory) -> Path:
+    from tests.pipeline_support import reference_run
+
+    return reference_run(sim_trial, tmp_path_factory.mktemp("ref") / "run")

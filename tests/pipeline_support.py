@@ -108,3 +108,19 @@ def pct_errors(stats: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
 def fault_truth(trial: Path, sample_id: str) -> np.ndarray:
     with np.load(trial / "truth" / "labels" / f"{sample_id}.npz") as z:
         return z["fault"] > 0
+
+
+# --- shared fixtures (imported by the pipeline and export tests; one simulation, one reference run)
+def workflow(trial: Path, out: Path, **kw):
+    from cytopipe.workflow import workflow_from_options
+
+    return workflow_from_options(trial / "manifest.csv", TEMPLATE, out, clinical=trial / "clinical.csv", **kw)
+
+
+def reference_run(trial: Path, out: Path) -> Path:
+    """The trial run in this process, no Dask (the synchronous scheduler)."""
+    from cytopipe.pipeline import EXIT_OK, run_workflow
+
+    result = run_workflow(workflow(trial, out), scheduler="synchronous", progress=False)
+    assert result.exit_code == EXIT_OK, result.summary()
+    return out

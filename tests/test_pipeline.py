@@ -14,14 +14,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from cytopipe.errors import WorkflowError
 from cytopipe.pipeline import EXIT_FAILURES, EXIT_OK, run_workflow
-from cytopipe.workflow import workflow_from_options
 from tests.pipeline_support import (
     TEMPLATE,
     TRIAL,
@@ -30,37 +28,19 @@ from tests.pipeline_support import (
     cli_env,
     copy_trial,
     drop_marker,
-    make_trial,
     pct_errors,
     read_outputs,
     truncate_fcs,
     truth_table,
+    workflow,
 )
-
-
-@pytest.fixture(scope="module")
-def trial(tmp_path_factory) -> Path:
-    return make_trial(tmp_path_factory.mktemp("trial") / "trial")
-
-
-def workflow(trial: Path, out: Path, **kw):
-    return workflow_from_options(trial / "manifest.csv", TEMPLATE, out, clinical=trial / "clinical.csv", **kw)
-
-
-@pytest.fixture(scope="module")
-def reference(trial, tmp_path_factory) -> Path:
-    """The trial run in this process, no Dask (the synchronous scheduler)."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    result = run_workflow(workflow(trial, out), scheduler="synchronous", progress=False)
-    assert result.exit_code == EXIT_OK, result.summary()
-    return out
 
 
 # --------------------------------------------------------------------------------------------
 # the run folder
 # --------------------------------------------------------------------------------------------
-def test_run_folder_contents(reference, trial):
-    out = read_outputs(reference)
+def test_run_folder_contents(sim_run, sim_trial):
+    out = read_outputs(sim_run)
     stats, samples = out["population_stats"], out["samples"]
     n_samples = TRIAL["n_patients"] * len(TRIAL["visits"])
     assert (samples["control"].fillna("") == "").sum() == n_samples
@@ -79,20 +59,20 @@ def test_run_folder_contents(reference, trial):
     lo, hi, p = stats["pct_parent_ci_low"], stats["pct_parent_ci_high"], stats["pct_parent"]
     assert ((lo <= p) & (p <= hi)).all()
     assert (stats["low_parent_count"] == (stats["parent_count"] < 100)).all()
-    info = json.loads((reference / "run.json").read_text())
+    info = json.loads((sim_run / "run.json").read_text())
     assert info["study"] and info["seed"] == 0 and info["versions"]["dask"]
     assert {"template", "qc", "compensation", "transforms", "pooled"} <= set(info["hashes"])
     assert [s["step"] for s in info["steps"]][:6] == [
         "register", "compensation", "transforms", "gating-fit", "gating", "assemble",
     ]  # fmt: skip
     assert info["workflow"]["qc"]["time"]["mad"] == 6.0
-    assert (reference / "study" / "gate_fits.parquet").is_file()
+    assert (sim_run / "study" / "gate_fits.parquet").is_file()
 
 
-def test_pct_parent_matches_the_simulator_truth(reference, trial):
+def test_pct_parent_matches_the_simulator_truth(sim_run, sim_trial):
     """Held-back trial: pct_parent vs the simulator's truth (issue 3 accuracy: Treg < 0.3 pp)."""
-    stats = read_outputs(reference)["population_stats"]
-    m = pct_errors(stats, truth_table(trial))
+    stats = read_outputs(sim_run)["population_stats"]
+    m = pct_errors(stats, truth_table(sim_trial))
     table = m.groupby("population")["abs_error_pp"].agg(["median", "max"]).round(3)
     print("\npct_parent absolute error vs truth (percentage points):\n" + table.to_string())
     assert len(m) == len(stats)
@@ -101,9 +81,9 @@ def test_pct_parent_matches_the_simulator_truth(reference, trial):
     assert m.groupby("population")["abs_error_pp"].median().max() < 1.0
 
 
-def test_qc_removes_the_injected_faults(reference, trial):
-    samples = read_outputs(reference)["samples"].set_index("sample_id")
-    faults = pd.read_csv(trial / "truth" / "faults.csv")
+def test_qc_removes_the_injected_faults(sim_run, sim_trial):
+    samples = read_outputs(sim_run)["samples"].set_index("sample_id")
+    faults = pd.read_csv(sim_trial / "truth" / "faults.csv")
     for _, f in faults.iterrows():
         row = samples.loc[f["sample_id"]]
         removed = row["events_before_qc"] - row["events_after_qc"]
@@ -119,15 +99,15 @@ def test_qc_removes_the_injected_faults(reference, trial):
 # --------------------------------------------------------------------------------------------
 # schedulers: the same tables whatever runs them
 # --------------------------------------------------------------------------------------------
-def test_local_cluster_one_worker_and_cli_two_workers_give_identical_outputs(reference, trial, tmp_path):
+def test_local_cluster_one_worker_and_cli_two_workers_give_identical_outputs(sim_run, sim_trial, tmp_path):
     one = tmp_path / "one"
-    result = run_workflow(workflow(trial, one, workers=1), scheduler="local", progress=False)
+    result = run_workflow(workflow(sim_trial, one, workers=1), scheduler="local", progress=False)
     assert result.info["executor"]["workers"] == 1
-    assert_same_outputs(reference, one)
+    assert_same_outputs(sim_run, one)
     two = tmp_path / "two"
     proc = cli(
-        "run", "--manifest", str(trial / "manifest.csv"), "--template", str(TEMPLATE),
-        "--clinical", str(trial / "clinical.csv"), "--out", str(two), "--workers", "2",
+        "run", "--manifest", str(sim_trial / "manifest.csv"), "--template", str(TEMPLATE),
+        "--clinical", str(sim_trial / "clinical.csv"), "--out", str(two), "--workers", "2",
     )  # fmt: skip
     assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
     assert "8 ok" in proc.stdout or "flagged" in proc.stdout
@@ -138,18 +118,18 @@ def test_local_cluster_one_worker_and_cli_two_workers_give_identical_outputs(ref
         "address": info["executor"]["address"],
         "threads_per_worker": 1,
     }
-    assert_same_outputs(reference, two)
+    assert_same_outputs(sim_run, two)
     # a rerun reuses every sample and rewrites identical tables
-    again = run_workflow(workflow(trial, two), scheduler="synchronous", progress=False)
+    again = run_workflow(workflow(sim_trial, two), scheduler="synchronous", progress=False)
     assert again.info["cached_samples"] == 8
-    assert_same_outputs(reference, two)
+    assert_same_outputs(sim_run, two)
 
 
 # --------------------------------------------------------------------------------------------
 # failure isolation
 # --------------------------------------------------------------------------------------------
-def test_corrupt_and_markerless_files_are_recorded_as_failed(reference, trial, tmp_path):
-    bad = copy_trial(trial, tmp_path / "bad")
+def test_corrupt_and_markerless_files_are_recorded_as_failed(sim_run, sim_trial, tmp_path):
+    bad = copy_trial(sim_trial, tmp_path / "bad")
     truncate_fcs(bad / "fcs" / "P004_W04.fcs")
     drop_marker(bad / "fcs" / "P002_W04.fcs", "CD25")
     out = tmp_path / "run"
@@ -166,7 +146,7 @@ def test_corrupt_and_markerless_files_are_recorded_as_failed(reference, trial, t
     assert "P004_W04.fcs" in failed.loc["P004_W04", "error"] and "DATA" in failed.loc["P004_W04", "error"]
     assert "CD25" in failed.loc["P002_W04", "error"] and "P002_W04.fcs" in failed.loc["P002_W04", "error"]
     # the other samples are unaffected... up to pooled gate estimates, which now pool 6 samples
-    ref = read_outputs(reference)["population_stats"]
+    ref = read_outputs(sim_run)["population_stats"]
     got = read_outputs(out)["population_stats"]
     assert set(got["sample_id"]) == set(ref["sample_id"]) - {"P002_W04", "P004_W04"}
     m = got.merge(ref, on=["sample_id", "population"], suffixes=("", "_ref"))
@@ -176,11 +156,11 @@ def test_corrupt_and_markerless_files_are_recorded_as_failed(reference, trial, t
 # --------------------------------------------------------------------------------------------
 # resumability: kill -9 of the whole run, then rerun
 # --------------------------------------------------------------------------------------------
-def test_kill_9_mid_run_then_rerun_gives_identical_outputs(reference, trial, tmp_path):
+def test_kill_9_mid_run_then_rerun_gives_identical_outputs(sim_run, sim_trial, tmp_path):
     out = tmp_path / "run"
     args = [
-        sys.executable, "-m", "cytopipe", "run", "--manifest", str(trial / "manifest.csv"),
-        "--template", str(TEMPLATE), "--clinical", str(trial / "clinical.csv"), "--out", str(out),
+        sys.executable, "-m", "cytopipe", "run", "--manifest", str(sim_trial / "manifest.csv"),
+        "--template", str(TEMPLATE), "--clinical", str(sim_trial / "clinical.csv"), "--out", str(out),
         "--workers", "2", "--no-progress",
     ]  # fmt: skip
     proc = subprocess.Popen(
@@ -208,11 +188,11 @@ def test_kill_9_mid_run_then_rerun_gives_identical_outputs(reference, trial, tmp
     print(f"\nkilled after {len(done)} cached results")
     assert not _live_processes_in_group(proc.pid), "orphaned worker processes survived the kill"
     rerun = cli(
-        "run", "--manifest", str(trial / "manifest.csv"), "--template", str(TEMPLATE),
-        "--clinical", str(trial / "clinical.csv"), "--out", str(out), "--workers", "2", "--no-progress",
+        "run", "--manifest", str(sim_trial / "manifest.csv"), "--template", str(TEMPLATE),
+        "--clinical", str(sim_trial / "clinical.csv"), "--out", str(out), "--workers", "2", "--no-progress",
     )  # fmt: skip
     assert rerun.returncode == EXIT_OK, rerun.stderr[-3000:]
-    assert_same_outputs(reference, out)
+    assert_same_outputs(sim_run, out)
     assert not list(out.rglob("*.tmp"))  # no leftover temporary files either
     info = json.loads((out / "run.json").read_text())
     fit = next(s for s in info["steps"] if s["step"] == "gating-fit")
@@ -235,7 +215,7 @@ def _live_processes_in_group(pgid: int, wait: float = 10.0) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # a worker process killed while it processes a sample
 # --------------------------------------------------------------------------------------------
-def test_a_killed_worker_is_survived(reference, trial, tmp_path):
+def test_a_killed_worker_is_survived(sim_run, sim_trial, tmp_path):
     from dask.distributed import Client, LocalCluster
 
     out = tmp_path / "run"
@@ -247,7 +227,7 @@ def test_a_killed_worker_is_survived(reference, trial, tmp_path):
             def target():
                 try:
                     box["result"] = run_workflow(
-                        workflow(trial, out),
+                        workflow(sim_trial, out),
                         scheduler="distributed",
                         address=cluster.scheduler_address,
                         progress=False,
@@ -273,18 +253,18 @@ def test_a_killed_worker_is_survived(reference, trial, tmp_path):
     print(f"\nkilled worker {victim[0]} while it ran {victim[1]}")
     result = box["result"]
     assert result.exit_code == EXIT_OK, result.summary()
-    assert_same_outputs(reference, out)
+    assert_same_outputs(sim_run, out)
 
 
 # --------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------
-def test_cli_input_errors_exit_2_before_any_work(tmp_path, trial):
+def test_cli_input_errors_exit_2_before_any_work(tmp_path, sim_trial):
     proc = cli("run")
     assert proc.returncode == 2 and "give a workflow file, or --manifest, --template and --out" in proc.stderr
     spec = tmp_path / "w.yaml"
     spec.write_text(
-        f"study: x\nmanifest: {trial / 'manifest.csv'}\ntemplate: {TEMPLATE}\nqc: {{tim: {{}}}}\n"
+        f"study: x\nmanifest: {sim_trial / 'manifest.csv'}\ntemplate: {TEMPLATE}\nqc: {{tim: {{}}}}\n"
     )
     proc = cli("run", str(spec), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2
@@ -294,7 +274,7 @@ def test_cli_input_errors_exit_2_before_any_work(tmp_path, trial):
     assert proc.returncode == 2 and "not both" in proc.stderr
 
 
-def test_unreachable_scheduler_is_a_clear_error(tmp_path, trial):
-    wf = workflow(trial, tmp_path / "o")
+def test_unreachable_scheduler_is_a_clear_error(tmp_path, sim_trial):
+    wf = workflow(sim_trial, tmp_path / "o")
     with pytest.raises(WorkflowError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
         run_workflow(wf, scheduler="distributed", address="tcp://127.0.0.1:9", progress=False)

@@ -1,0 +1,371 @@
+"""``cytopipe export``: the events of one population from every sample of a finished run.
+
+A run folder stores tables, not events. An export re-reads each sample's FCS file on the
+workers and re-applies exactly what the run did (the same QC, compensation, locked
+transforms and pooled gate estimates, all recorded in run.json and ``study/``), then keeps
+the events of the requested population::
+
+    cytopipe export anndata RUN_DIR --population "CD4 T" --out cd4.h5ad
+    cytopipe export fcs RUN_DIR --population Treg --out treg_fcs/
+
+AnnData layout (readfcs / pytometry conventions): ``X`` = compensated intensities (linear,
+float32) of the template's markers, ``layers["transformed"]`` = the same on the display scale
+the gates used; ``var`` indexed by marker name with ``channel`` and ``signal_type``
+(``area``/``height``/``width``); ``obs`` = one row per event with the sample metadata
+(``sample_id``, ``patient_id``, ``visit``, ``arm``, ``batch``) and ``event`` (the event's index
+in its FCS file); ``uns["cytopipe"]`` = run, population, transforms and compensation.
+
+FCS export writes, per sample, the raw (uncompensated) events of the population with every
+keyword and the spillover matrix of the source file, so it can be re-analysed anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cytopipe.errors import StoreError, TemplateError
+from cytopipe.pipeline import (
+    EXIT_FAILURES,
+    EXIT_OK,
+    LoadedRun,
+    StudyState,
+    TaskFailure,
+    _compensate_events,
+    _guard,
+    load_run,
+    make_executor,
+    prepare_sample,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    for name, help_text in (
+        ("anndata", "one .h5ad with the population's events from every sample"),
+        ("fcs", "one FCS file per sample with the population's raw events"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("run_dir", metavar="RUN_DIR", help="a finished `cytopipe run` folder")
+        p.add_argument("--population", required=True, help='population name as in the template, e.g. "CD4 T"')
+        p.add_argument(
+            "--out", required=True, help="output .h5ad file" if name == "anndata" else "output folder"
+        )
+        p.add_argument("--samples", help="comma-separated sample_ids (default: every ok/flagged sample)")
+        p.add_argument(
+            "--max-events-per-sample",
+            type=int,
+            help="keep at most this many events per sample (seeded random subsample)",
+        )
+        p.add_argument("--workers", type=int, help="worker processes (default: one per core)")
+        p.add_argument("--scheduler", choices=("local", "synchronous"), default="local")
+        p.add_argument("--scheduler-address", metavar="tcp://HOST:PORT")
+        p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    samples = [s.strip() for s in args.samples.split(",") if s.strip()] if args.samples else None
+    kwargs = dict(
+        samples=samples,
+        max_events_per_sample=args.max_events_per_sample,
+        workers=args.workers,
+        scheduler="distributed" if args.scheduler_address else args.scheduler,
+        address=args.scheduler_address,
+        progress=not args.no_progress,
+    )
+    if args.format == "anndata":
+        report = export_anndata(args.run_dir, args.population, args.out, **kwargs)
+    else:
+        report = export_fcs(args.run_dir, args.population, args.out, **kwargs)
+    print(report.summary())
+    return EXIT_FAILURES if report.failed else EXIT_OK
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    population: str
+    counts: dict[str, int]  # sample_id -> events exported
+    failed: dict[str, str]  # sample_id -> error
+
+    def summary(self) -> str:
+        lines = [
+            f"cytopipe export: {sum(self.counts.values())} events of {self.population!r} from "
+            f"{len(self.counts)} samples -> {self.out}"
+        ]
+        for sid, err in sorted(self.failed.items()):
+            lines.append(f"  failed  {sid}: {err}")
+        if self.failed:
+            lines.append(f"completed with failures: {len(self.failed)} samples not exported (exit code 3)")
+        return "\n".join(lines)
+
+
+@dataclass
+class ExportSpec:
+    """Shipped to the workers with the study state."""
+
+    state: StudyState
+    population: str
+    markers: list[str]
+    mode: str  # "anndata" | "fcs"
+    out: str
+    max_events: int | None
+    seed: int
+
+
+def _prepare_export(run_dir, population: str, samples: list[str] | None) -> tuple[LoadedRun, list[dict]]:
+    run = load_run(run_dir)
+    names = list(run.state.template.names)
+    if population not in names:
+        near = difflib.get_close_matches(population, names, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else f"; populations are {names}"
+        raise TemplateError(
+            f"the run's template has no population {population!r}{hint}", population=population
+        )
+    jobs = run.jobs
+    if samples is not None:
+        known = {j["sample_id"] for j in jobs}
+        unknown = [s for s in samples if s not in known]
+        if unknown:
+            raise StoreError(
+                f"samples {unknown} are not among the run's ok/flagged samples", file=run.folder.path
+            )
+        jobs = [j for j in jobs if j["sample_id"] in set(samples)]
+    if not jobs:
+        raise StoreError("the run has no ok/flagged samples to export", file=run.folder.path)
+    return run, jobs
+
+
+def _markers(state: StudyState) -> list[str]:
+    t = state.template
+    out = list(t.markers())
+    for m in t.median_markers():
+        if m not in out:
+            out.append(m)
+    return out
+
+
+def _export_many(run: LoadedRun, jobs, spec: ExportSpec, workers, scheduler, address, progress):
+    executor = make_executor(scheduler, workers or run.wf.workers, address, None)
+    results: dict[str, Any] = {}
+    try:
+        for i, res in executor.map(export_task, jobs, spec, f"export-{spec.mode}", progress):
+            if isinstance(res, TaskFailure):
+                res = {"ok": False, "error": res.error}
+            results[jobs[i]["sample_id"]] = res
+    finally:
+        executor.close()
+    return results
+
+
+def export_task(job: dict[str, Any], spec: ExportSpec) -> dict[str, Any]:
+    """On a worker: re-process one sample as the run did and keep the population's events."""
+
+    def body() -> dict[str, Any]:
+        from cytopipe import gating
+
+        prep = prepare_sample(job, spec.state)
+        result = gating.gate(
+            prep.sample,
+            spec.state.template,
+            pooled=spec.state.pooled,
+            sample_meta=prep.meta,
+            transforms=spec.state.transforms,
+            medians=False,
+        )
+        idx = result.indices(spec.population)
+        if spec.max_events is not None and len(idx) > spec.max_events:
+            rng = np.random.default_rng([spec.seed, int(job["sha256"][:15], 16)])
+            idx = np.sort(rng.choice(idx, size=spec.max_events, replace=False))
+        if spec.mode == "fcs":
+            return _write_fcs(prep, result, idx, job, spec)
+        return _population_matrix(prep, idx, job, spec)
+
+    return _guard(body)
+
+
+def _write_fcs(prep, result, idx, job, spec: ExportSpec) -> dict[str, Any]:
+    from cytopipe.fcs import write_fcs
+
+    sample = prep.sample
+    keywords = dict(sample.keywords)
+    keywords["CYTOPIPE_POPULATION"] = spec.population
+    keywords["CYTOPIPE_SOURCE"] = str(job["file"])
+    path = Path(spec.out) / f"{job['sample_id']}.fcs"
+    write_fcs(path, sample.events[idx], sample.channels, keywords=keywords, spillover=sample.spillover)
+    return {"count": int(len(idx)), "path": str(path)}
+
+
+def _population_matrix(prep, idx, job, spec: ExportSpec) -> dict[str, Any]:
+    """Compensated (linear) and transformed values of the template markers for ``idx``."""
+    from cytopipe.panel import resolve_markers
+
+    sample = prep.sample
+    template = spec.state.template
+    mapping = resolve_markers(sample.channels, spec.markers, mapping=template.panel or None, file=job["file"])
+    pnn = list(sample.channels["pnn"])
+    cols = [pnn.index(mapping[m]) for m in spec.markers]
+    # the compensation the gating engine applies, on the population's events only
+    comp = _compensate_events(np.ascontiguousarray(sample.events[idx]), sample, spec.state)
+    linear = np.ascontiguousarray(comp[:, cols], dtype=np.float32)
+    shown = linear.copy()
+    transforms = {}
+    for k, marker in enumerate(spec.markers):
+        tspec = _transform_spec(spec.state, marker)
+        transforms[marker] = tspec
+        if tspec is not None:
+            shown[:, k] = _apply(tspec, linear[:, k])
+    event = idx if prep.kept is None else prep.kept[idx]
+    return {"linear": linear, "transformed": shown, "event": event.astype(np.int64),
+            "channels": [pnn[c] for c in cols], "transforms": transforms, "count": int(len(idx))}  # fmt: skip
+
+
+def _transform_spec(state: StudyState, marker: str) -> dict | None:
+    from cytopipe.gating import _compat
+
+    if marker in state.transforms:
+        return state.transforms[marker]
+    t = state.template.transforms
+    if marker in t:
+        return t[marker]
+    if not _compat.is_scatter_or_time(marker) and "default" in t:
+        return t["default"]
+    return None
+
+
+def _apply(tspec: dict, values: np.ndarray) -> np.ndarray:
+    from cytopipe.gating import _compat
+
+    return np.asarray(_compat.apply_transform(tspec, values), dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+def export_anndata(
+    run_dir: str | Path,
+    population: str,
+    out: str | Path,
+    samples: list[str] | None = None,
+    max_events_per_sample: int | None = None,
+    workers: int | None = None,
+    scheduler: str = "local",
+    address: str | None = None,
+    progress: bool = True,
+) -> ExportReport:
+    """Write the population's events from every sample as one AnnData ``.h5ad``."""
+    import anndata as ad
+
+    run, jobs = _prepare_export(run_dir, population, samples)
+    out = Path(out).resolve()
+    markers = _markers(run.state)
+    spec = ExportSpec(run.state, population, markers, "anndata", str(out), max_events_per_sample, run.wf.seed)
+    results = _export_many(run, jobs, spec, workers, scheduler, address, progress)
+    failed = {sid: r["error"] for sid, r in results.items() if not r.get("ok")}
+    parts = [(j, results[j["sample_id"]]) for j in sorted(jobs, key=lambda j: j["sample_id"])]
+    parts = [(j, r) for j, r in parts if r.get("ok")]
+    if not parts:
+        raise StoreError(f"no sample could be exported: {failed}", file=run.folder.path)
+    X = np.concatenate([r["linear"] for _, r in parts]) if parts else np.empty((0, len(markers)), np.float32)
+    layer = np.concatenate([r["transformed"] for _, r in parts])
+    obs = _obs(parts)
+    channels = _channels_per_marker(parts, markers)
+    var = pd.DataFrame(
+        {
+            "channel": [channels[m] for m in markers],
+            "marker": markers,
+            "signal_type": [_signal_type(channels[m]) for m in markers],
+            "transform": [json.dumps(parts[0][1]["transforms"][m]) for m in markers],
+        },
+        index=pd.Index(markers, name="marker_name"),
+    )
+    adata = ad.AnnData(X=X, obs=obs, var=var, layers={"transformed": layer})
+    adata.uns["cytopipe"] = {
+        "run": str(run.folder.path),
+        "study": run.info.get("study"),
+        "population": population,
+        "template": str(run.wf.template),
+        "compensation": run.state.compensation,
+        "transforms": json.dumps({m: parts[0][1]["transforms"][m] for m in markers}),
+        "X": "compensated intensities (linear)",
+        "layers_transformed": "display scale of the gates",
+        "max_events_per_sample": -1 if max_events_per_sample is None else int(max_events_per_sample),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    adata.write_h5ad(tmp)
+    tmp.replace(out)
+    counts = {j["sample_id"]: int(r["count"]) for j, r in parts}
+    return ExportReport(out=out, population=population, counts=counts, failed=failed)
+
+
+def _obs(parts) -> pd.DataFrame:
+    frames = []
+    for job, r in parts:
+        n = r["count"]
+        frames.append(
+            pd.DataFrame(
+                {
+                    "sample_id": job["sample_id"],
+                    "patient_id": job.get("patient_id"),
+                    "visit": job.get("visit"),
+                    "arm": job.get("arm"),
+                    "batch": job.get("batch"),
+                    "event": r["event"],
+                },
+                index=[f"{job['sample_id']}:{e}" for e in r["event"]] if n else [],
+            )
+        )
+    obs = pd.concat(frames)
+    for col in ("sample_id", "patient_id", "arm", "batch"):
+        obs[col] = obs[col].astype(str).astype("category")
+    obs["visit"] = pd.to_numeric(obs["visit"], errors="coerce").astype("Int64")
+    obs.index = obs.index.astype(str)
+    return obs
+
+
+def _channels_per_marker(parts, markers) -> dict[str, str]:
+    """The $PnN of each marker; several channel names across files are joined with '|'."""
+    out = {}
+    for k, m in enumerate(markers):
+        names = sorted({r["channels"][k] for _, r in parts})
+        out[m] = "|".join(names)
+    return out
+
+
+def _signal_type(channel: str) -> str:
+    c = channel.upper()
+    return {"-A": "area", "-H": "height", "-W": "width"}.get(c[-2:], "other")
+
+
+def export_fcs(
+    run_dir: str | Path,
+    population: str,
+    out: str | Path,
+    samples: list[str] | None = None,
+    max_events_per_sample: int | None = None,
+    workers: int | None = None,
+    scheduler: str = "local",
+    address: str | None = None,
+    progress: bool = True,
+) -> ExportReport:
+    """Write one FCS file per sample (``OUT/<sample_id>.fcs``) with the population's raw events."""
+    run, jobs = _prepare_export(run_dir, population, samples)
+    out = Path(out).resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create the output folder: {exc.strerror}", file=out) from None
+    spec = ExportSpec(run.state, population, [], "fcs", str(out), max_events_per_sample, run.wf.seed)
+    results = _export_many(run, jobs, spec, workers, scheduler, address, progress)
+    failed = {sid: r["error"] for sid, r in results.items() if not r.get("ok")}
+    counts = {sid: int(r["count"]) for sid, r in sorted(results.items()) if r.get("ok")}
+    return ExportReport(out=out, population=population, counts=counts, failed=failed)
+
+
+__all__ = ["ExportReport", "export_anndata", "export_fcs"]
