@@ -222,7 +222,11 @@ class DaskExecutor:
     name = "distributed"
 
     def __init__(
-        self, workers: int | None = None, address: str | None = None, memory_limit: str | None = None
+        self,
+        workers: int | None = None,
+        address: str | None = None,
+        memory_limit: str | None = None,
+        connect_timeout: float = 20.0,
     ):
         import dask
         from dask.distributed import Client, LocalCluster
@@ -230,7 +234,7 @@ class DaskExecutor:
         self.cluster = None
         if address:
             try:
-                self.client = Client(address, timeout="20s")
+                self.client = Client(address, timeout=connect_timeout)
             except (OSError, TimeoutError) as exc:
                 raise WorkflowError(
                     f"cannot reach the Dask scheduler at {address}: {exc}; check the address "
