@@ -1279,7 +1279,8 @@ def write_fcs(
         with open(tmp, "wb") as fh:
             fh.write(header)
             fh.write(text_bytes)
-            fh.write(memoryview(data).cast("B"))
+            if data.size:
+                fh.write(memoryview(data).cast("B"))
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -1430,7 +1431,7 @@ def _layout_text(text: dict[str, str], n_data: int, path: Path) -> tuple[bytes, 
         if (new_begin, new_end) == (begin, end):
             break
         begin, end = new_begin, new_end
-    h_data = (begin, end) if end <= _HEADER_LIMIT and n_data else (0, 0)
+    h_data = (begin, end) if end <= _HEADER_LIMIT else (0, 0)
     if text_end > _HEADER_LIMIT:
         raise FCSKeywordError("TEXT segment longer than 99,999,999 bytes cannot be written", file=path)
     header = "FCS3.1    " + "".join(f"{v:>8d}" for v in (text_start, text_end, *h_data, 0, 0))

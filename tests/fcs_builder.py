@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def pack_ints(values: np.ndarray, bits: list[int], big: bool = False, widths: list[int] | None = None) -> bytes:
+def pack_ints(
+    values: np.ndarray, bits: list[int], big: bool = False, widths: list[int] | None = None
+) -> bytes:
     """Pack an (events x channels) integer array with per-channel widths (bytes)."""
     values = np.asarray(values, dtype=np.uint64)
     widths = widths or [-(-b // 8) for b in bits]
@@ -97,7 +99,9 @@ def float_keywords(n_events: int, names: list[str], datatype: str = "F", big: bo
     return kw
 
 
-def int_keywords(n_events: int, names: list[str], bits: list[int], ranges: list[int], big: bool = False, **extra):
+def int_keywords(
+    n_events: int, names: list[str], bits: list[int], ranges: list[int], big: bool = False, **extra
+):
     kw = {
         "$BYTEORD": "4,3,2,1" if big else "1,2,3,4",
         "$DATATYPE": "I",
@@ -115,7 +119,9 @@ def int_keywords(n_events: int, names: list[str], bits: list[int], ranges: list[
     return kw
 
 
-def simple_float_file(n_events: int = 5, names=("FSC-A", "SSC-A", "CD4"), big: bool = False, seed: int = 0, **kw):
+def simple_float_file(
+    n_events: int = 5, names=("FSC-A", "SSC-A", "CD4"), big: bool = False, seed: int = 0, **kw
+):
     """A small valid float32 file and its events."""
     rng = np.random.default_rng(seed)
     events = rng.normal(1000, 300, size=(n_events, len(names))).astype(np.float32)

@@ -393,14 +393,18 @@ def test_spillover_keyword_variants():
     strat = quiet_read(shared_path(*CYTOFLOW, "Stratedigm - S1400.fcs"))
     assert "DET_SPILL" in strat.keywords and strat.spillover.keyword == "SPILL"
     with pytest.warns(FCSWarning, match="no matrix values"):
-        macs = read_fcs(shared_path(*FCSPARSER, "MiltenyiBiotec", "FCS3.1", "EY_2013-07-19_PBS_FCS_3.1_Well_A1.001.fcs"))
+        macs = read_fcs(
+            shared_path(*FCSPARSER, "MiltenyiBiotec", "FCS3.1", "EY_2013-07-19_PBS_FCS_3.1_Well_A1.001.fcs")
+        )
     assert macs.spillover is None
 
 
 def test_already_transformed_and_tiny_and_extensionless_files():
     trans = quiet_read(shared_path("PeacoQC", "inst", "extdata", "111_Comp_Trans.fcs"))
     assert trans.n_events == 9617
-    one = read_fcs(shared_path("fcexpr", "inst", "extdata", "_extracted", "Part_1", "Specimen_001_Tube_001_001.fcs"))
+    one = read_fcs(
+        shared_path("fcexpr", "inst", "extdata", "_extracted", "Part_1", "Specimen_001_Tube_001_001.fcs")
+    )
     assert one.events.shape == (1, 22)
     diamond = read_fcs(shared_path("FlowKit", "data", "simple_diamond_example", "test_data_diamond_01.fcs"))
     assert diamond.events.shape == (200000, 2)
