@@ -30,6 +30,7 @@ import math
 import os
 import re
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1064,9 +1065,20 @@ def _channel_table(keywords: Mapping[str, str], f: _FCSFile) -> pd.DataFrame:
         rows.append((n, pnn, keywords.get(f"$P{n}S", "").strip(), pnr, bits, pne, png))
     if empty_names:
         f.warn(f"parameter(s) {empty_names} have an empty or missing $PnN (kept as '')")
-    table = pd.DataFrame(rows, columns=CHANNEL_COLUMNS)
-    names = table["pnn"]
-    dup = sorted(set(names[names.duplicated() & (names != "")]))
+    columns = list(zip(*rows))
+    table = pd.DataFrame(
+        {
+            "n": np.array(columns[0], dtype=np.int64),
+            "pnn": np.array(columns[1], dtype=object),
+            "pns": np.array(columns[2], dtype=object),
+            "pnr": np.array(columns[3], dtype=np.float64),
+            "pnb": np.array(columns[4], dtype=np.int64),
+            "pne": np.array(columns[5], dtype=object),
+            "png": np.array(columns[6], dtype=np.float64),
+        }
+    )
+    counts = Counter(columns[1])
+    dup = sorted(name for name, count in counts.items() if count > 1 and name)
     if dup:
         f.warn(f"duplicate channel names ($PnN) {dup}: kept as they are; select such channels by index")
     if f"$P{n_par + 1}N" in keywords or f"$P{n_par + 1}B" in keywords:
