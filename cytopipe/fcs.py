@@ -241,10 +241,10 @@ def read_fcs_header(path: str | Path, dataset: int = 0) -> FCSInfo:
         ds = f.dataset(dataset)
         channels = _channel_table(ds.keywords, f)
         spill = _spillover_for(ds.keywords, channels, f)
-        n_events = _int_keyword(ds.keywords, "$TOT", f, default=-1)
-        data_segment, data_error, datatype, byte_order = None, None, "", ""
         datatype = ds.keywords.get("$DATATYPE", "").strip().upper()
+        data_segment, data_error, byte_order, n_events = None, None, "", -1
         try:
+            n_events = _int_keyword(ds.keywords, "$TOT", f, default=-1)
             layout = f.layout(ds, channels)
             byte_order = "big" if layout.big else "little"
             data_segment = (layout.begin, layout.begin + layout.nbytes - 1)
@@ -302,6 +302,7 @@ class _DataSet:
     version: str
     offsets: tuple[int, int, int, int, int, int]  # HEADER fields, relative to start
     keywords: dict[str, str]
+    notes: list[str]  # TEXT quirks of this data set (warned only when it is the one read)
 
 
 @dataclass
@@ -444,25 +445,25 @@ class _FCSFile:
                 )
         raw = self.read_at(start + t0, t1 - t0 + 1)
         keywords, notes = _parse_text(raw, self.path, f"TEXT segment{where} (bytes {t0}-{t1})")
-        for note in notes:
-            self.warn(note)
-        self._merge_supplemental_text(keywords, start, available, where)
-        return _DataSet(index, start, version, (t0, t1, *offsets[2:]), keywords)  # type: ignore[arg-type]
+        self._merge_supplemental_text(keywords, start, available, where, notes)
+        return _DataSet(index, start, version, (t0, t1, *offsets[2:]), keywords, notes)  # type: ignore[arg-type]
 
-    def _merge_supplemental_text(self, keywords: dict[str, str], start: int, available: int, where: str):
+    def _merge_supplemental_text(
+        self, keywords: dict[str, str], start: int, available: int, where: str, notes: list[str]
+    ) -> None:
         b = _int_or_none(keywords.get("$BEGINSTEXT"))
         e = _int_or_none(keywords.get("$ENDSTEXT"))
         if not b or not e:
             return
         if not (_HEADER_LEN <= b <= e < available):
-            self.warn(
+            notes.append(
                 f"$BEGINSTEXT/$ENDSTEXT{where} ({b}-{e}) lie outside the file; supplemental TEXT ignored"
             )
             return
         try:
-            extra, notes = _parse_text(self.read_at(start + b, e - b + 1), self.path, "supplemental TEXT")
+            extra, _ = _parse_text(self.read_at(start + b, e - b + 1), self.path, "supplemental TEXT")
         except FCSError as exc:
-            self.warn(f"supplemental TEXT{where} ignored: {exc.message}")
+            notes.append(f"supplemental TEXT{where} ignored: {exc.message}")
             return
         for key, value in extra.items():
             keywords.setdefault(key, value)
@@ -507,6 +508,8 @@ class _FCSFile:
         count = 0
         for ds in self.datasets():
             if ds.index == index:
+                for note in ds.notes:
+                    self.warn(note)
                 return ds
             count += 1
         raise FCSError(
