@@ -70,8 +70,9 @@ SPILLOVER_KEYWORDS = ("$SPILLOVER", "SPILL", "$SPILL", "$COMP")
 _HEADER_LEN = 58
 _HEADER_LIMIT = 99_999_999  # largest offset the 8-character HEADER fields can hold
 _CHUNK_BYTES = 1 << 20  # conversion chunk: fits in L2 cache, large enough to amortise calls
-# Below this DATA size numpy's byte swap is fast enough and importing numba (~0.3 s) is not.
-_KERNEL_MIN_BYTES = 16 << 20
+# Below this DATA size numpy's byte swap is fast enough and importing numba (~0.3 s, once
+# per process) is not worth it.
+_KERNEL_MIN_BYTES = 4 << 20
 _KNOWN_VERSIONS = {"FCS1.0", "FCS2.0", "FCS3.0", "FCS3.1", "FCS3.2"}
 _LITTLE = {"1,2,3,4", "1,2", "1", "1,2,3,4,5,6,7,8"}
 _BIG = {"4,3,2,1", "2,1", "8,7,6,5,4,3,2,1"}
@@ -750,7 +751,7 @@ class _FCSFile:
         return out
 
     def _chunk_rows(self, layout: _Layout) -> int:
-        return max(1, _CHUNK_BYTES // max(layout.row_bytes, 1))
+        return max(1, min(layout.n_events, _CHUNK_BYTES // max(layout.row_bytes, 1)))
 
     def _read_float32(self, out: np.ndarray, layout: _Layout, plan: _Plan | None) -> None:
         if not layout.big and plan is None:
