@@ -1274,8 +1274,9 @@ def write_fcs(
 
     ``keywords`` are extra TEXT keywords (e.g. ``sample.keywords``): the layout keywords
     (``$PAR``, ``$TOT``, offsets, ``$DATATYPE``...) are always computed; per-parameter
-    keywords such as ``$PnV`` are renumbered through the ``n`` column, or dropped when
-    ``channels`` has none. ``spillover`` is written as ``$SPILLOVER`` (and replaces any
+    keywords such as ``$PnV`` follow their channel through the ``n`` column (without one,
+    ``$PnV`` belongs to the n-th channel given; numbers beyond ``$PAR`` are dropped).
+    ``spillover`` is written as ``$SPILLOVER`` (and replaces any
     spillover keyword in ``keywords``). The file appears under ``path`` only when complete.
     """
     path = Path(path)
@@ -1375,8 +1376,9 @@ def _text_keywords(
             text[f"$P{n}G"] = _format_number(row["png"])
         if row["pns"]:
             text[f"$P{n}S"] = row["pns"]
-    # map the source file's parameter numbers to the new ones (for $PnV, $PnD, ...)
-    renumber = {}
+    # map the source file's parameter numbers to the new ones (for $PnV, $PnD, ...); without
+    # an ``n`` column the keywords are taken to describe the channels as given
+    renumber = {i: i for i in range(1, len(table) + 1)}
     if "n" in table:
         renumber = {int(old): new + 1 for new, old in enumerate(table["n"]) if pd.notna(old)}
     spill_keys = set(SPILLOVER_KEYWORDS) if spillover is not None else set()

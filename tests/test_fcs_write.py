@@ -137,6 +137,13 @@ def test_parameter_keywords_follow_their_channel(tmp_path):
     assert "$P3N" not in copy.keywords and "$P6V" not in copy.keywords
 
 
+def test_parameter_keywords_without_n_column_belong_to_the_given_channels(tmp_path):
+    keywords = {"$P2V": "450", "$P3V": "999", "$P1N": "ignored", "$TIMESTEP": "0.01"}
+    sample = read_fcs(write_fcs(tmp_path / "v.fcs", events(5, 2), ["FSC-A", "CD4"], keywords))
+    assert sample.keywords["$P2V"] == "450" and "$P3V" not in sample.keywords
+    assert sample.pnn == ["FSC-A", "CD4"] and sample.keywords["$TIMESTEP"] == "0.01"
+
+
 def test_gain_is_kept_for_raw_events(tmp_path):
     table = pd.DataFrame({"pnn": ["FSC-A", "SSC-A"], "png": [2.0, 1.0]})
     data = np.array([[10.0, 20.0]], np.float32)
