@@ -304,3 +304,23 @@ def test_read_fcs_header_reports_layout(tmp_path):
     info = read_fcs_header(path)
     assert (info.datatype, info.byte_order, info.n_events, info.n_channels) == ("I", "big", 5, 2)
     assert info.data_segment[1] - info.data_segment[0] + 1 == 20 and info.data_error is None
+
+
+def test_broken_nextdata_after_the_read_data_set_is_a_warning(tmp_path):
+    content, events = simple_float_file(3)
+    content = content.replace(b"$NEXTDATA|0|", b"$NEXTDATA|9|")  # same length: points to garbage
+    path = write(tmp_path, content)
+    with pytest.warns(FCSWarning, match="data set 1 cannot be read"):
+        sample = read_fcs(path)
+    assert sample.n_datasets == 1 and np.array_equal(sample.events, events)
+    with pytest.raises(errors.FCSKeywordError, match="no FCS HEADER starts at byte 9"):
+        read_fcs(path, dataset=1)
+    with pytest.raises(errors.FCSError, match="non-negative integer"):
+        read_fcs(path, dataset=-1)
+
+
+def test_is_fcs_file(tmp_path):
+    content, _ = simple_float_file(2)
+    assert fcs.is_fcs_file(write(tmp_path, content, "noext"))
+    assert not fcs.is_fcs_file(write(tmp_path, b"FCSX.1 nope", "x.fcs"))
+    assert not fcs.is_fcs_file(tmp_path / "missing")
