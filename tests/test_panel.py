@@ -52,7 +52,15 @@ def test_normalize_and_canonical_names():
     assert canonical_marker("CD197") == "CCR7"
     assert canonical_marker("NCAM") == "CD56"
     assert canonical_marker("FcγRIII") == "CD16"
-    for dye in ("Zombie NIR", "LIVE/DEAD Aqua", "L/D", "FVS780", "Fixable Viability Dye eFluor 780", "7-AAD", "DAPI"):
+    for dye in (
+        "Zombie NIR",
+        "LIVE/DEAD Aqua",
+        "L/D",
+        "FVS780",
+        "Fixable Viability Dye eFluor 780",
+        "7-AAD",
+        "DAPI",
+    ):
         assert canonical_marker(dye) == "Viability", dye
     assert canonical_marker("MyNewMarker") == "MyNewMarker"
 
@@ -96,7 +104,9 @@ def test_spellings(pns, marker):
 
 def test_real_file_flowkit_100715_memory_panel():
     sample = cytopipe.read_fcs(shared_path("FlowKit", "data", "100715.fcs"))
-    got = resolve_markers(sample, ["CD3", "CD4", "CD8", "CD127", "CCR7", "Ki-67", "Viability", "CD14", "FSC-A", "SSC-A"])
+    got = resolve_markers(
+        sample, ["CD3", "CD4", "CD8", "CD127", "CCR7", "Ki-67", "Viability", "CD14", "FSC-A", "SSC-A"]
+    )
     assert got == {
         "CD3": "R780-A", "CD4": "V655-A", "CD8": "V800-A", "CD127": "G560-A", "CCR7": "G610-A",
         "Ki-67": "B515-A", "Viability": "V450-A", "CD14": "V450-A", "FSC-A": "FSC-A", "SSC-A": "SSC-A",
@@ -125,7 +135,9 @@ def test_real_file_flowsom_blank_pns_and_lowercase_dye():
 
 def test_cytof_names_from_inventory():
     channels = inventory_channels("HuImmProfiling_S1_PBMC_1_07")
-    got = resolve_markers(channels, ["CD127", "CD25", "CXCR5", "CXCR3", "CCR6", "CD56", "CD8", "CCR7", "Viability"])
+    got = resolve_markers(
+        channels, ["CD127", "CD25", "CXCR5", "CXCR3", "CCR6", "CD56", "CD8", "CCR7", "Viability"]
+    )
     assert got == {
         "CD127": "Yb176Di",  # 176Yb_CD127_IL-7Ra
         "CD25": "Eu153Di",  # 153Eu_CD25_IL-2Ra
@@ -144,7 +156,13 @@ def test_cytof_names_from_inventory():
 def test_spectral_names_from_inventory():
     channels = inventory_channels("INF071_Ctrl_Tetramer")
     got = resolve_markers(channels, ["Viability", "PD-1", "CD16", "CD25", "CCR6"])
-    assert got == {"Viability": "Zombie NIR-A", "PD-1": "PE-Vio770-A", "CD16": "APC-A", "CD25": "PE-Cy5-A", "CCR6": "BV786-A"}
+    assert got == {
+        "Viability": "Zombie NIR-A",
+        "PD-1": "PE-Vio770-A",
+        "CD16": "APC-A",
+        "CD25": "PE-Cy5-A",
+        "CCR6": "BV786-A",
+    }
 
 
 def test_duplicate_marker_is_ambiguous_and_mapping_fixes_it():
@@ -170,7 +188,9 @@ def test_file_without_pns_needs_a_mapping():
     with pytest.raises(PanelError) as info:
         resolve_markers(sample, ["CD4"])
     text = str(info.value)
-    assert "Activation_1.fcs" in text and "'CD4'" in text and "Alexa Fluor 700-A" in text and "mapping" in text
+    assert (
+        "Activation_1.fcs" in text and "'CD4'" in text and "Alexa Fluor 700-A" in text and "mapping" in text
+    )
     markers = pd.read_csv(base / "Activation-Experiment-Markers.csv").dropna()
     mapping = dict(zip(markers["Marker"], markers["Channel"]))
     assert resolve_markers(sample, ["CD4", "CD8", "CD69"], mapping=mapping) == {
@@ -211,7 +231,11 @@ def test_area_channel_wins_over_height_twin():
 def test_better_match_wins_and_blank_pns_falls_back_to_pnn():
     # "CD8 APC" (marker + fluorochrome) beats "CD8 B PE" (marker mentioned among other words)
     channels = [("FL2-H", "CD8 B PE"), ("FL4-H", "CD8 APC"), ("CD4", ""), ("FL1-H", "")]
-    assert resolve_markers(channels, ["CD8", "CD4", "FL1-H"]) == {"CD8": "FL4-H", "CD4": "CD4", "FL1-H": "FL1-H"}
+    assert resolve_markers(channels, ["CD8", "CD4", "FL1-H"]) == {
+        "CD8": "FL4-H",
+        "CD4": "CD4",
+        "FL1-H": "FL1-H",
+    }
 
 
 def test_panel_class_resolves_once_and_lists_unresolved(tmp_path):
@@ -229,4 +253,9 @@ def test_panel_class_resolves_once_and_lists_unresolved(tmp_path):
 
 def test_channel_markers_names_each_channel():
     channels = [("FSC-A", ""), ("BV711-A", "CD279 (PD-1)"), ("BV510-A", "Zombie Aqua"), ("X", "mystery")]
-    assert channel_markers(channels) == {"FSC-A": None, "BV711-A": "PD-1", "BV510-A": "Viability", "X": "mystery"}
+    assert channel_markers(channels) == {
+        "FSC-A": None,
+        "BV711-A": "PD-1",
+        "BV510-A": "Viability",
+        "X": "mystery",
+    }

@@ -21,7 +21,6 @@ Generative model (see docs/simulator.md):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -112,160 +111,187 @@ def simulate_cohort(
     """Simulate patients, clinical outcomes and true immune frequencies of an IL-2 trial.
 
     ``effect`` scales every IL-2 effect (0.0 = null trial: identical arms; 1.0 = the biology of
-    docs/simulator.md). Arms are allocated 1:1:1:1 in permuted blocks of four.
+    docs/simulator.md). Arms are allocated 1:1:1:1 in permuted blocks of four. Random numbers
+    come from one stream per patient and per patient-visit, so a patient's data do not depend on
+    how many patients are simulated; the arithmetic is vectorised over all patient-visits.
     """
     if int(n_patients) < 1:
         raise SimulationError(f"n_patients must be at least 1, got {n_patients}")
     visits = check_visits(visits)
     effect = float(effect)
-    ids = patient_ids(int(n_patients))
-    patients, clinical, samples = [], [], []
-    start = np.datetime64(P.STUDY_START, "D")
+    n, nv = int(n_patients), len(visits)
+    ids = patient_ids(n)
     traits = P.IMMUNE_TRAITS
+    nt = len(traits)
+    c = P.CLIN
+
+    # --- draw every random number from its own stream (cheap loop, no arithmetic) ---------------
+    arm_idx = np.empty(n, np.int64)
+    pu = np.empty((n, 8))  # patient uniforms
+    pz = np.empty((n, nt + 8))  # patient normals
+    pk = np.empty(n, np.int64)  # SLEDAI extra (Poisson)
+    vz = np.empty((n, nv, nt + 6))  # visit normals
+    vu = np.empty((n, nv, 12))  # visit uniforms
+    blocks: dict[int, np.ndarray] = {}
+    for i in range(n):
+        if i // 4 not in blocks:
+            blocks[i // 4] = stream(seed, "block", i // 4).permutation(4)
+        arm_idx[i] = blocks[i // 4][i % 4]
+        rng = stream(seed, "patient", i)
+        pu[i] = rng.random(8)
+        pz[i] = rng.standard_normal(nt + 8)
+        pk[i] = rng.poisson(c["sledai_extra_poisson"])
+        for j, week in enumerate(visits):
+            v = stream(seed, "visit", i, week)
+            vz[i, j] = v.standard_normal(nt + 6)
+            vu[i, j] = v.random(12)
+
+    # --- patients ------------------------------------------------------------------------------
+    arms = np.array(P.ARMS)[arm_idx]
+    dose = np.array([P.DOSES_MIU[a] for a in arms])
+    site = np.array(P.SITES)[
+        np.searchsorted(np.cumsum(P.SITE_WEIGHTS), pu[:, 0] * sum(P.SITE_WEIGHTS), side="right")
+    ]
+    sex = np.where(pu[:, 1] < 0.9, "F", "M")
+    enrol = np.floor(pu[:, 2] * P.ENROLMENT_DAYS).astype(np.int64)
+    ln = pu[:, 3] < c["ln_fraction"]
+    pred_choice = np.searchsorted(
+        np.cumsum(c["prednisone_probs"]), pu[:, 4] * sum(c["prednisone_probs"]), side="right"
+    )
+    pred0 = np.array(c["prednisone_choices"])[np.minimum(pred_choice, len(c["prednisone_choices"]) - 1)]
+    z = pz[:, :nt]
+    extra = pz[:, nt:]
+    age = np.clip(np.round(36 + 11 * extra[:, 0]), 18, 75).astype(int)
+    r = np.exp(P.RESPONSIVENESS_TREG_LINK * z[:, traits.index("treg")] + P.RESPONSIVENESS_SD * extra[:, 1])
+    sledai0 = np.minimum(c["sledai_base"] + 2 * pk, c["sledai_cap"])
+    pga0 = np.clip(np.round(c["pga_base"][0] + c["pga_base"][1] * extra[:, 2], 1), 1.0, 3.0)
+    dsdna0 = np.clip(c["dsdna_base"][0] * np.exp(c["dsdna_base"][1] * extra[:, 3]), 5, 1500)
+    c3_0 = np.clip(c["c3_base"][0] + c["c3_base"][1] * extra[:, 4], 30, 170)
+    c4_0 = np.clip(c["c4_base"][0] + c["c4_base"][1] * extra[:, 5], 2, 45)
+    prot_m = np.where(ln, c["prot_ln"][0], c["prot_non_ln"][0])
+    prot_s = np.where(ln, c["prot_ln"][1], c["prot_non_ln"][1])
+    prot0 = prot_m * np.exp(prot_s * extra[:, 6])
+    prot0 = np.where(ln, np.clip(prot0, 0.5, 8.0), np.clip(prot0, 0.02, 0.45))
+    u_i = c["improve_patient_sd"] * extra[:, 7]
+    dose_rel = np.array([dose_response(d) for d in dose])
+    treg_response = effect * dose_rel * r  # R_i: latent Treg response (normalised)
+    improvement = c["improve_placebo"] + c["improve_per_treg"] * treg_response + u_i  # D_i
+
     base = np.array([P.IMMUNE[k][0] for k in traits])
     psd = np.array([P.IMMUNE[k][1] for k in traits])
     vsd = np.array([P.IMMUNE[k][2] for k in traits])
     eff = np.array([P.IMMUNE[k][3] for k in traits])
-    itreg = traits.index("treg")
-    c = P.CLIN
+    logit0 = _logit(base) + psd * z  # (n, nt)
+    start = np.datetime64(P.STUDY_START, "D")
+    patients = pd.DataFrame(
+        {
+            "patient_id": ids, "arm": arms, "dose_miu": dose, "site": site, "sex": sex, "age": age,
+            "enrolled": (start + enrol).astype(str), "lupus_nephritis": ln,
+            "il2_responsiveness": np.round(r, 6), "treg_response": np.round(treg_response, 6),
+            "clinical_improvement": np.round(improvement, 6), "baseline_sledai": sledai0,
+            **{f"baseline_{k}": np.round(_expit(logit0[:, j]) * 100, 6) for j, k in enumerate(traits)},
+        }
+    )  # fmt: skip
+
+    # --- patient-visits (flattened: row = i * nv + j) ----------------------------------------------
     weeks = np.array(visits, dtype=float)
+    pi = np.repeat(np.arange(n), nv)
+    week = np.tile(weeks, n)
+    vzf = vz.reshape(n * nv, -1)
+    vuf = vu.reshape(n * nv, -1)
+    shift = effect * eff[None, :] * (dose_rel * r)[pi, None] * kinetics(week)[:, None]
+    p = _expit(logit0[pi] + shift + vsd[None, :] * vzf[:, :nt])
+    col = {k: p[:, j] for j, k in enumerate(traits)}
+    col["cd4"] = np.minimum(col["cd4"], 0.85)
+    day_jitter = np.where(week > 0, np.floor(vuf[:, 7] * 7).astype(int) - 3, 0)
+    acquired = start + enrol[pi] + 7 * week.astype(int) + day_jitter
+    minute = 8 * 60 + np.floor(vuf[:, 8] * 9 * 60).astype(int)
+    iso = pd.DatetimeIndex(acquired.astype("datetime64[ns]")).isocalendar()
+    cols = {
+        "sample_id": [sample_id(ids[i], int(w)) for i, w in zip(pi, week)],
+        "patient_id": np.asarray(ids)[pi],
+        "visit": week.astype(int),
+        "arm": arms[pi],
+        "site": site[pi],
+        "acquired_at": [f"{a}T{m // 60:02d}:{m % 60:02d}:00" for a, m in zip(acquired.astype(str), minute)],
+        "batch": [f"{s}-{y}W{w:02d}" for s, y, w in zip(site[pi], iso["year"], iso["week"])],
+    }
+    tech_keys = (
+        "debris",
+        "monocytes",
+        "doublets",
+        "doublets_in_region",
+        "dead",
+        "dead_in_region",
+        "dead_monocytes",
+    )
+    for k, key in enumerate(tech_keys):
+        lo, hi = P.TECH[key]
+        cols[f"p_{key}"] = lo + vuf[:, k] * (hi - lo)
+    cols["p_t"] = (1.0 - col["nk"]) * col["t_of_non_nk"]
+    cols["p_nk"] = col["nk"]
+    cols["p_cd4"] = col["cd4"]
+    cols["p_cd8"] = 1.0 - col["cd4"] - P.P_DN - P.P_DP
+    for key in ("treg", "mem", "th17", "th1", "th1_17", "tfh", "atfh", "bright"):
+        cols[f"p_{key}"] = col[key]
+    samples = pd.DataFrame(cols)
 
-    for i, pid in enumerate(ids):
-        block = stream(seed, "block", i // 4).permutation(4)
-        arm = P.ARMS[int(block[i % 4])]
-        dose = P.DOSES_MIU[arm]
-        rng = stream(seed, "patient", i)
-        site = P.SITES[int(rng.choice(len(P.SITES), p=P.SITE_WEIGHTS))]
-        sex = "F" if rng.random() < 0.9 else "M"
-        age = int(np.clip(np.round(rng.normal(36, 11)), 18, 75))
-        enrol = int(rng.integers(0, P.ENROLMENT_DAYS))
-        z = rng.standard_normal(len(traits))
-        r_i = float(
-            np.exp(P.RESPONSIVENESS_TREG_LINK * z[itreg] + P.RESPONSIVENESS_SD * rng.standard_normal())
-        )
-        # clinical baseline
-        sledai0 = int(min(c["sledai_base"] + 2 * rng.poisson(c["sledai_extra_poisson"]), c["sledai_cap"]))
-        pga0 = float(np.clip(np.round(rng.normal(*c["pga_base"]), 1), 1.0, 3.0))
-        dsdna0 = float(
-            np.clip(c["dsdna_base"][0] * np.exp(c["dsdna_base"][1] * rng.standard_normal()), 5, 1500)
-        )
-        c3_0 = float(np.clip(rng.normal(*c["c3_base"]), 30, 170))
-        c4_0 = float(np.clip(rng.normal(*c["c4_base"]), 2, 45))
-        ln = bool(rng.random() < c["ln_fraction"])
-        prot_m, prot_s = c["prot_ln"] if ln else c["prot_non_ln"]
-        prot0 = float(prot_m * np.exp(prot_s * rng.standard_normal()))
-        prot0 = float(np.clip(prot0, 0.5, 8.0) if ln else np.clip(prot0, 0.02, 0.45))
-        pred0 = float(rng.choice(c["prednisone_choices"], p=c["prednisone_probs"]))
-        u_i = c["improve_patient_sd"] * rng.standard_normal()
-
-        treg_response = effect * dose_response(dose) * r_i  # R_i: latent Treg response (normalised)
-        improvement = c["improve_placebo"] + c["improve_per_treg"] * treg_response + u_i  # D_i
-
-        logit0 = _logit(base) + psd * z
-        patients.append(
-            {
-                "patient_id": pid, "arm": arm, "dose_miu": dose, "site": site, "sex": sex, "age": age,
-                "enrolled": str(start + enrol), "lupus_nephritis": ln,
-                "il2_responsiveness": round(r_i, 6), "treg_response": round(treg_response, 6),
-                "clinical_improvement": round(float(improvement), 6),
-                "baseline_sledai": sledai0,
-                **{f"baseline_{k}": round(float(_expit(logit0[j])) * 100, 6) for j, k in enumerate(traits)},
-            }
-        )  # fmt: skip
-
-        kin = kinetics(weeks)
-        course = improvement_course(weeks)
-        for j, week in enumerate(visits):
-            v = stream(seed, "visit", i, week)
-            vnoise = v.standard_normal(len(traits))
-            tech = v.random(7)
-            e_it = v.standard_normal()
-            pga_e = v.standard_normal()
-            lab_e = v.standard_normal(4)
-            day_jitter = int(v.integers(-3, 4)) if week > 0 else 0
-            minute = int(v.integers(8 * 60, 17 * 60))
-
-            # --- immune composition -----------------------------------------------------------
-            shift = effect * eff * dose_response(dose) * r_i * kin[j]
-            p = dict(zip(traits, _expit(logit0 + shift + vsd * vnoise)))
-            p["cd4"] = min(p["cd4"], 0.85)
-            p_nk = p["nk"]
-            p_t = (1.0 - p_nk) * p["t_of_non_nk"]
-            t = P.TECH
-            comp = {
-                "p_debris": _uniform(tech[0], t["debris"]),
-                "p_monocytes": _uniform(tech[1], t["monocytes"]),
-                "p_doublets": _uniform(tech[2], t["doublets"]),
-                "p_doublets_in_region": _uniform(tech[3], t["doublets_in_region"]),
-                "p_dead": _uniform(tech[4], t["dead"]),
-                "p_dead_in_region": _uniform(tech[5], t["dead_in_region"]),
-                "p_dead_monocytes": _uniform(tech[6], t["dead_monocytes"]),
-                "p_t": p_t,
-                "p_nk": p_nk,
-                "p_cd4": p["cd4"],
-                "p_cd8": 1.0 - p["cd4"] - P.P_DN - P.P_DP,
-                "p_treg": p["treg"],
-                "p_mem": p["mem"],
-                "p_th17": p["th17"],
-                "p_th1": p["th1"],
-                "p_th1_17": p["th1_17"],
-                "p_tfh": p["tfh"],
-                "p_atfh": p["atfh"],
-                "p_bright": p["bright"],
-            }
-            acquired = start + enrol + 7 * week + day_jitter
-            iso = pd.Timestamp(str(acquired)).isocalendar()
-            samples.append(
-                {
-                    "sample_id": sample_id(pid, week), "patient_id": pid, "visit": week, "arm": arm,
-                    "site": site,
-                    "acquired_at": f"{acquired}T{minute // 60:02d}:{minute % 60:02d}:00",
-                    "batch": f"{site}-{iso.year}W{iso.week:02d}",
-                    **comp,
-                }
-            )  # fmt: skip
-
-            # --- clinical ---------------------------------------------------------------------
-            if week == 0:
-                delta = 0.0
-            else:
-                delta = course[j] * improvement + c["improve_visit_sd"] * e_it
-            drop = 2 * int(np.round(delta / 2.0))
-            sledai = int(np.clip(sledai0 - drop, 0, c["sledai_cap"] + 12))
-            if week == 0:
-                pga, new_a, new_b = pga0, 0, 0
-                dsdna, c3v, c4v, prot, pred = dsdna0, c3_0, c4_0, prot0, pred0
-            else:
-                pga = float(
-                    np.clip(np.round(pga0 - c["pga_per_point"] * delta + c["pga_visit_sd"] * pga_e, 1), 0, 3)
-                )
-                new_a = int(v.poisson(c["bilag_a_rate"] * math.exp(-0.25 * delta)))
-                new_b = int(v.poisson(c["bilag_b_rate"] * math.exp(-0.20 * delta)))
-                dsdna = float(np.clip(dsdna0 * math.exp(-0.06 * delta + 0.15 * lab_e[0]), 1, 3000))
-                c3v = float(np.clip(c3_0 + 2.5 * delta + 6.0 * lab_e[1], 20, 200))
-                c4v = float(np.clip(c4_0 + 0.7 * delta + 1.8 * lab_e[2], 1, 60))
-                prot = float(prot0 * math.exp(-(0.10 if ln else 0.02) * delta + 0.15 * lab_e[3]))
-                taper = 1.0 - 0.4 * float(np.clip(delta / 8.0, 0.0, 1.0))
-                pred = max(2.5, math.floor(pred0 * taper / 2.5) * 2.5) if pred0 > 2.5 else pred0
-            clinical.append(
-                {
-                    "patient_id": pid, "visit": week, "arm": arm, "sledai": sledai, "pga": pga,
-                    "bilag_new_a": new_a, "bilag_new_b": new_b, "anti_dsdna": round(dsdna, 1),
-                    "c3": round(c3v, 1), "c4": round(c4v, 1), "proteinuria": round(prot, 2),
-                    "prednisone_mg": pred,
-                }
-            )  # fmt: skip
-
-    samples_df = pd.DataFrame(samples)
+    # --- clinical ------------------------------------------------------------------------------
+    e = vzf[:, nt:]
+    delta = np.where(
+        week > 0, improvement_course(week) * improvement[pi] + c["improve_visit_sd"] * e[:, 0], 0.0
+    )
+    post = week > 0
+    drop = 2 * np.round(delta / 2.0)
+    sledai = np.clip(sledai0[pi] - drop, 0, c["sledai_cap"] + 12).astype(int)
+    pga = np.clip(np.round(pga0[pi] - c["pga_per_point"] * delta + c["pga_visit_sd"] * e[:, 1], 1), 0, 3)
+    new_a = _poisson_ppf(vuf[:, 9], c["bilag_a_rate"] * np.exp(-0.25 * delta))
+    new_b = _poisson_ppf(vuf[:, 10], c["bilag_b_rate"] * np.exp(-0.20 * delta))
+    dsdna = np.clip(dsdna0[pi] * np.exp(-0.06 * delta + 0.15 * e[:, 2]), 1, 3000)
+    c3v = np.clip(c3_0[pi] + 2.5 * delta + 6.0 * e[:, 3], 20, 200)
+    c4v = np.clip(c4_0[pi] + 0.7 * delta + 1.8 * e[:, 4], 1, 60)
+    prot = prot0[pi] * np.exp(-np.where(ln[pi], 0.10, 0.02) * delta + 0.15 * e[:, 5])
+    taper = 1.0 - 0.4 * np.clip(delta / 8.0, 0.0, 1.0)
+    pred = np.where(pred0[pi] > 2.5, np.maximum(2.5, np.floor(pred0[pi] * taper / 2.5) * 2.5), pred0[pi])
+    clinical = pd.DataFrame(
+        {
+            "patient_id": samples["patient_id"], "visit": samples["visit"], "arm": samples["arm"],
+            "sledai": sledai,
+            "pga": np.where(post, pga, pga0[pi]),
+            "bilag_new_a": np.where(post, new_a, 0),
+            "bilag_new_b": np.where(post, new_b, 0),
+            "anti_dsdna": np.round(np.where(post, dsdna, dsdna0[pi]), 1),
+            "c3": np.round(np.where(post, c3v, c3_0[pi]), 1),
+            "c4": np.round(np.where(post, c4v, c4_0[pi]), 1),
+            "proteinuria": np.round(np.where(post, prot, prot0[pi]), 2),
+            "prednisone_mg": np.where(post, pred, pred0[pi]),
+        },
+        columns=list(CLINICAL_COLUMNS),
+    )  # fmt: skip
     return Cohort(
-        patients=pd.DataFrame(patients),
-        clinical=pd.DataFrame(clinical, columns=list(CLINICAL_COLUMNS)),
-        frequencies=expected_frequencies(samples_df),
-        samples=samples_df,
+        patients=patients,
+        clinical=clinical,
+        frequencies=expected_frequencies(samples),
+        samples=samples,
         seed=int(seed),
         effect=effect,
         visits=visits,
     )
+
+
+def _poisson_ppf(u: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """Poisson draws by inversion of uniforms (vectorised; rates here are small)."""
+    k = np.zeros(u.shape, dtype=np.int64)
+    pmf = np.exp(-lam)
+    cdf = pmf.copy()
+    for j in range(1, 30):
+        more = u > cdf
+        if not more.any():
+            break
+        k += more
+        pmf = pmf * lam / j
+        cdf = cdf + pmf
+    return k
 
 
 def _uniform(u: float, bounds: tuple[float, float]) -> float:
@@ -303,24 +329,22 @@ def expected_fractions(comp) -> dict[str, float]:
 
 
 def expected_frequencies(samples: pd.DataFrame) -> pd.DataFrame:
-    """Long table patient_id, visit, arm, population, parent, pct_parent (true expected %)."""
+    """Long table patient_id, visit, arm, population, parent, pct_parent (true expected %).
+
+    One row per sample and canonical population, in the order of ``samples`` then of the
+    population hierarchy.
+    """
     fr = expected_fractions(samples)
-    parts = []
-    for name, parent, _ in POPULATIONS:
-        parts.append(
-            pd.DataFrame(
-                {
-                    "patient_id": samples["patient_id"].to_numpy(),
-                    "visit": samples["visit"].to_numpy(),
-                    "arm": samples["arm"].to_numpy(),
-                    "population": name,
-                    "parent": parent,
-                    "pct_parent": np.asarray(fr[name], dtype=float) * 100.0,
-                }
-            )
-        )
-    out = pd.concat(parts, ignore_index=True)
-    order = {name: k for k, (name, _, _) in enumerate(POPULATIONS)}
-    out["_o"] = out["population"].map(order)
-    out = out.sort_values(["patient_id", "visit", "_o"], kind="stable").drop(columns="_o")
-    return out.reset_index(drop=True)
+    names = [name for name, _, _ in POPULATIONS]
+    k = len(names)
+    pct = np.stack([np.asarray(fr[name], dtype=float) for name in names], axis=1).ravel() * 100.0
+    return pd.DataFrame(
+        {
+            "patient_id": np.repeat(samples["patient_id"].to_numpy(), k),
+            "visit": np.repeat(samples["visit"].to_numpy(), k),
+            "arm": np.repeat(samples["arm"].to_numpy(), k),
+            "population": np.tile(np.array(names, dtype=object), len(samples)),
+            "parent": np.tile(np.array([parent for _, parent, _ in POPULATIONS], dtype=object), len(samples)),
+            "pct_parent": pct,
+        }
+    )

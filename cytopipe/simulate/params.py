@@ -141,7 +141,7 @@ AF_FACTOR = {"lymphocyte": 1.0, "monocyte": 3.5, "debris": 0.5, "dead": 1.6, "be
 AF_EVENT_SD = 0.25  # per-event log-normal spread of autofluorescence (shared by all detectors)
 #: photon statistics: variance of a detector = PHOTON_Q * signal (+ electronic noise below)
 PHOTON_Q = np.array([3.0, 2.5, 2.0, 2.5, 2.2, 2.4, 2.6, 3.0, 1.8, 2.8, 1.6, 3.2, 2.0, 2.8])
-ELECTRONIC_SD = np.array([25, 22, 18, 20, 16, 15, 15, 18, 20, 15, 18, 15, 14, 14], dtype=float)
+ELECTRONIC_SD = np.array([45, 40, 35, 38, 32, 30, 30, 34, 38, 30, 34, 30, 28, 28], dtype=float)
 SCATTER_NOISE = 0.007  # relative measurement noise of FSC/SSC
 SCATTER_NOISE_ABS = 150.0
 
@@ -307,8 +307,8 @@ CLIN = {
     "sledai_base": 8,  # entry criterion SLEDAI >= 8
     "sledai_extra_poisson": 2.3,  # SLEDAI0 = 8 + 2 * Poisson(2.3), capped
     "sledai_cap": 30,
-    "improve_placebo": 1.3,  # mean SLEDAI improvement (points) under standard of care at plateau
-    "improve_per_treg": 2.8,  # extra improvement per unit of (normalised) Treg rise
+    "improve_placebo": 1.8,  # mean SLEDAI improvement (points) under standard of care at plateau
+    "improve_per_treg": 2.5,  # extra improvement per unit of (normalised) Treg rise
     "improve_patient_sd": 3.2,
     "improve_visit_sd": 1.3,
     "improve_tau_weeks": 5.0,
