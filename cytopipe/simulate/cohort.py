@@ -252,7 +252,7 @@ def simulate_cohort(
     c4v = np.clip(c4_0[pi] + 0.7 * delta + 1.8 * e[:, 4], 1, 60)
     prot = prot0[pi] * np.exp(-np.where(ln[pi], 0.10, 0.02) * delta + 0.15 * e[:, 5])
     taper = 1.0 - 0.4 * np.clip(delta / 8.0, 0.0, 1.0)
-    pred = np.where(pred0[pi] > 2.5, np.maximum(2.5, np.floor(pred0[pi] * taper / 2.5) * 2.5), pred0[pi])
+    pred = np.where(pred0[pi] > 2.5, np.maximum(2.5, np.round(pred0[pi] * taper / 2.5) * 2.5), pred0[pi])
     clinical = pd.DataFrame(
         {
             "patient_id": samples["patient_id"], "visit": samples["visit"], "arm": samples["arm"],
