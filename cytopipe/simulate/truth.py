@@ -40,7 +40,10 @@ def population_stats(
 ) -> list[dict]:
     """``population_stats`` rows (truth) of one file: counts, % of parent and median compensated
     (linear) intensity of every marker, over the events where ``keep`` is True (default: all)."""
-    comp_t = np.ascontiguousarray(compensate(events).T)  # markers x events: fast column subsets
+    # markers x events in float32: contiguous subsets and fast partitions (the compensated values
+    # differ from a float64 computation by < 1e-6 relative, far below any gating tolerance)
+    inv_t = np.linalg.inv(P.spillover_matrix()).T.astype(np.float32)
+    comp_t = inv_t @ events[:, 3 : 3 + P.N_FLUOR].T
     keep = np.ones(len(events), bool) if keep is None else keep
     masks = {"root": keep}
     rows = []
@@ -57,7 +60,10 @@ def population_stats(
             parent_count=parent_count,
             pct_parent=100.0 * count / parent_count if parent_count else np.nan,
         )
-        med = np.median(comp_t[:, mask], axis=1) if count else np.full(P.N_FLUOR, np.nan)
+        if count:
+            med = np.median(comp_t[:, mask], axis=1, overwrite_input=True).astype(np.float64)
+        else:
+            med = np.full(P.N_FLUOR, np.nan)
         row.update({f"median_{m}": float(v) for m, v in zip(P.MARKERS, med)})
         rows.append(row)
     return rows
