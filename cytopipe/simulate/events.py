@@ -500,8 +500,8 @@ def acquisition_times(n: int, rate: float, rng) -> np.ndarray:
 def inject_faults(data: EventData, kinds: Sequence[str], rng, rate: float) -> None:
     """Inject acquisition faults in place and mark the affected events in ``data.fault``.
 
-    * ``clog``: for a stretch of 6-12% of the events the flow slows to ~1/6 of the event rate
-      and signals (scatter and fluorescence) dim by 20-40%;
+    * ``clog``: for a stretch of 5-10% of the events the flow slows to 1/3-1/5 of the event rate
+      and signals (scatter and fluorescence) dim by 15-30%;
     * ``shift``: for a stretch of 15-25% of the events 3 fluorescence detectors read 1.6-2.2x
       higher (or 0.45-0.6x lower);
     * ``margin``: 1.5-3% of the events, spread over the run, pile up at the detector maximum
@@ -511,13 +511,13 @@ def inject_faults(data: EventData, kinds: Sequence[str], rng, rate: float) -> No
     n = ev.shape[0]
     for kind in kinds:
         if kind == "clog":
-            length = max(1, int(n * rng.uniform(0.06, 0.12)))
+            length = max(1, int(n * rng.uniform(0.05, 0.10)))
             start = int(rng.integers(int(0.15 * n), max(int(0.15 * n) + 1, int(0.8 * n) - length)))
             idx = np.arange(start, min(n, start + length))
             gaps = np.diff(ev[:, I_TIME].astype(np.float64), prepend=0.0)
-            gaps[idx] *= rng.uniform(5.0, 7.0)
+            gaps[idx] *= rng.uniform(3.0, 5.0)
             ev[:, I_TIME] = np.cumsum(gaps).astype(np.float32)
-            dim = rng.uniform(0.6, 0.8)
+            dim = rng.uniform(0.7, 0.85)
             ev[idx, :I_TIME] *= np.float32(dim)
             data.fault[idx] = FAULT["clog"]
             data.faults.append({"fault": "clog", "first_event": int(idx[0]), "last_event": int(idx[-1]),
