@@ -10,7 +10,7 @@ See docs/simulator.md for the generative model.
 
 from cytopipe.simulate.cohort import Cohort, SimulationError, expected_frequencies, simulate_cohort
 from cytopipe.simulate.command import add_arguments, run
-from cytopipe.simulate.populations import POPULATION_NAMES, POPULATIONS
+from cytopipe.simulate.populations import POPULATION_NAMES, POPULATIONS, unpack_membership
 from cytopipe.simulate.trial import Trial, simulate_trial
 from cytopipe.simulate.truth import load_labels
 
@@ -26,4 +26,5 @@ __all__ = [
     "run",
     "simulate_cohort",
     "simulate_trial",
+    "unpack_membership",
 ]

@@ -253,6 +253,8 @@ def simulate_sample(
     probs = np.clip(probs, 0, None)
     counts = rng.multinomial(n, probs / probs.sum())
     n_deb, n_mono, n_mono_dead, n_dbl_in, n_dbl_out, n_live, n_dead_in, n_dead_out = (int(k) for k in counts)
+    if n_live == 0:  # (tiny files only) doublets need live lymphocytes to pair
+        n_live, n_dbl_in, n_dbl_out = n_dbl_in + n_dbl_out, 0, 0
 
     # --- single lymphocytes (live, dead in region, dead outside) -----------------------------
     n_lymph = n_live + n_dead_in + n_dead_out
@@ -357,6 +359,7 @@ def simulate_sample(
         F *= marker_level
     if batch_gain is not None:
         F *= batch_gain
+    assert len(F) == n, (len(F), n)
     order = rng.permutation(n)
     events = _acquire(
         F[order], af_factor[order], fsc[order], fsch[order], ssc[order], scatter_gain, rate, rng
