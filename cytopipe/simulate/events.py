@@ -162,6 +162,9 @@ def _lymphocytes(m: int, comp: Mapping[str, float], rng) -> tuple[np.ndarray, np
     pr.set(treg & ~treg_mem, "CD45RA", ra["Treg_naive"])
     pr.set(nk, "CD45RA", ra["NK"])
     pr.set(b, "CD45RA", ra["B"])
+    everyone = np.ones(m, bool)
+    for marker in ("CXCR3", "CCR6", "CXCR5", "PD-1"):
+        pr.set(everyone, marker, L[marker]["bg"])  # non-specific staining, overridden below
     cxcr3 = th1 | th1_17 | cd8_cxcr3 | nk_cxcr3 | b_cxcr3
     pr.set(cxcr3, "CXCR3", L["CXCR3"]["pos"])
     ccr6 = th17 | th1_17 | cd8_ccr6
@@ -176,7 +179,7 @@ def _lymphocytes(m: int, comp: Mapping[str, float], rng) -> tuple[np.ndarray, np
     pr.set(t_cd56, "CD56", L["CD56"]["T"])
     pr.set(dim, "CD16", L["CD16"]["NKdim"])
     pr.set(bright, "CD16", L["CD16"]["NKbright"])
-    pr.set(np.ones(m, bool), "Viability", L["Viability"]["live"])
+    pr.set(everyone, "Viability", L["Viability"]["live"])
     abundance = pr.draw(rng)
 
     flags = np.full(m, FLAG["lymphocyte"], dtype=np.uint32)
@@ -346,9 +349,11 @@ def simulate_sample(
     # dead cells: amine dye bright, staining partly lost, more autofluorescence
     is_dead = (flags & FLAG["dead"]) != 0
     F[is_dead] *= P.DEAD_STAINING
-    vlev = P.LEVELS["Viability"]["dead"]
     k_dead = int(is_dead.sum())
-    F[is_dead, P.MI["Viability"]] = vlev[0] * np.exp(vlev[1] * rng.standard_normal(k_dead))
+    dying = rng.random(k_dead) < P.P_DYING  # early apoptotic: intermediate dye uptake
+    vm = np.where(dying, P.LEVELS["Viability"]["dying"][0], P.LEVELS["Viability"]["dead"][0])
+    vs = np.where(dying, P.LEVELS["Viability"]["dying"][1], P.LEVELS["Viability"]["dead"][1])
+    F[is_dead, P.MI["Viability"]] = vm * np.exp(vs * rng.standard_normal(k_dead))
     af_factor = np.ones(n)
     af_factor[n_lymph : n_lymph + n_m] = P.AF_FACTOR["monocyte"]
     af_factor[n_lymph + n_m : n_single] = P.AF_FACTOR["debris"]

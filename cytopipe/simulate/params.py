@@ -142,7 +142,7 @@ AF_EVENT_SD = 0.25  # per-event log-normal spread of autofluorescence (shared by
 #: photon statistics: variance of a detector = PHOTON_Q * signal (+ electronic noise below)
 PHOTON_Q = np.array([3.0, 2.5, 2.0, 2.5, 2.2, 2.4, 2.6, 3.0, 1.8, 2.8, 1.6, 3.2, 2.0, 2.8])
 ELECTRONIC_SD = np.array([45, 40, 35, 38, 32, 30, 30, 34, 38, 30, 34, 30, 28, 28], dtype=float)
-SCATTER_NOISE = 0.007  # relative measurement noise of FSC/SSC
+SCATTER_NOISE = 0.010  # relative measurement noise of FSC/SSC
 SCATTER_NOISE_ABS = 150.0
 
 #: day-to-day (per acquisition batch) multiplicative intensity shift: log-normal sd per marker
@@ -159,17 +159,17 @@ LYMPH_SD = np.array([6500.0, 3200.0])
 LYMPH_RHO = 0.35
 #: the lymphocyte region: normalised (Mahalanobis) distance from the lymphocyte centre
 LYMPH_REGION = 3.3  # truth boundary (used by the oracle); documented in docs/simulator.md
-LYMPH_CORE = 2.8  # live single lymphocytes are drawn inside this radius
-INSIDE_MAX = 3.0  # dead cells / doublets labelled "in the region" lie inside this radius
-OUTSIDE_MIN = 3.6  # everything labelled "outside" lies beyond this radius
+LYMPH_CORE = 2.9  # live single lymphocytes are drawn inside this radius
+INSIDE_MAX = 3.15  # dead cells / doublets labelled "in the region" lie inside this radius
+OUTSIDE_MIN = 3.45  # everything labelled "outside" lies beyond this radius
 FSC_H_RATIO = 0.86  # FSC-H / FSC-A of a single cell
 FSC_H_RATIO_SD = 0.010
-SINGLET_MIN_RATIO = 0.795  # FSC-H/FSC-A above this = single cell (oracle); doublets are <= ~0.75
+SINGLET_MIN_RATIO = 0.80  # FSC-H/FSC-A above this = single cell (oracle); doublets are <= ~0.78
 MONO_MEAN = np.array([100000.0, 48000.0])
 MONO_SD = np.array([11000.0, 9000.0])
 DEBRIS_FSC = (14000.0, 0.45)  # log-normal median, sd
 DEBRIS_SSC = (5000.0, 0.7)
-DOUBLET_IN_C = (0.20, 0.30)  # coincidence fraction of the 2nd cell for doublets inside the region
+DOUBLET_IN_C = (0.12, 0.30)  # extra area (fraction of the 1st cell) of doublets inside the region
 DOUBLET_OUT_C = (0.45, 1.0)
 DEAD_IN_SCATTER = ((0.85, 0.97), (1.0, 1.2))  # FSC and SSC factors of dead cells in the region
 DEAD_OUT_SCATTER = ((0.3, 0.6), (0.8, 1.6))
@@ -205,7 +205,7 @@ LEVELS = {
         "B": (40, 0.7),
         "mono": (30, 0.7),
     },
-    "FOXP3": {"Treg": (3500, 0.35), "activated": (250, 0.6), "T": (60, 0.6)},
+    "FOXP3": {"Treg": (2500, 0.35), "activated": (300, 0.6), "T": (80, 0.6)},
     "CD45RA": {
         "pos": (9000, 0.30),
         "neg": (110, 0.6),
@@ -214,18 +214,21 @@ LEVELS = {
         "B": (7000, 0.30),
         "mono": (200, 0.6),
     },
-    "CXCR3": {"pos": (2200, 0.45)},
-    "CCR6": {"pos": (3000, 0.40), "B": (4000, 0.35)},
-    "CXCR5": {"pos": (2600, 0.40), "B": (9000, 0.30)},
-    "PD-1": {"pos": (2400, 0.45)},
+    # chemokine receptors and PD-1: dim, smeared positives over non-specific staining ("bg")
+    "CXCR3": {"pos": (1800, 0.50), "bg": (60, 0.6)},
+    "CCR6": {"pos": (2000, 0.50), "B": (3000, 0.45), "bg": (70, 0.6)},
+    "CXCR5": {"pos": (2000, 0.50), "B": (6000, 0.35), "bg": (70, 0.6)},
+    "PD-1": {"pos": (2000, 0.50), "bg": (80, 0.55)},
     "CD56": {"NKdim": (2200, 0.40), "NKbright": (16000, 0.30), "T": (1500, 0.50)},
-    "CD16": {"NKdim": (8000, 0.45), "NKbright": (250, 0.60), "mono": (4000, 0.40), "mono_neg": (100, 0.6)},
-    "Viability": {"live": (150, 0.40), "dead": (25000, 0.40), "debris": (800, 1.0)},
+    "CD16": {"NKdim": (8000, 0.45), "NKbright": (280, 0.70), "mono": (4000, 0.40), "mono_neg": (100, 0.6)},
+    "Viability": {"live": (150, 0.40), "dead": (25000, 0.40), "dying": (3000, 0.50), "debris": (800, 1.0)},
 }
 DEAD_STAINING = 0.7  # dead cells keep 70% of their surface staining
+P_DYING = 0.20  # dead cells that are early apoptotic: intermediate viability dye
 
 #: thresholds (linear, compensated) that separate the latent states; used by the oracle and the
-#: docs. Each lies between the two state distributions it separates (see LEVELS).
+#: docs. Each lies between the two state distributions it separates (see LEVELS), near the value
+#: that minimises misclassified events once autofluorescence, spillover spread and noise are added.
 THRESHOLDS = {
     "CD3": 1500,
     "CD4": 2000,
@@ -233,15 +236,15 @@ THRESHOLDS = {
     "CD25": 2000,
     "CD127": 700,
     "FOXP3": 1000,
-    "CD45RA": 1000,
+    "CD45RA": 1300,
     "CXCR3": 450,
-    "CCR6": 600,
-    "CXCR5": 500,
-    "PD-1": 500,
-    "CD56": 450,
-    "CD56bright": 5900,
-    "CD16": 1400,
-    "Viability": 3000,
+    "CCR6": 530,
+    "CXCR5": 530,
+    "PD-1": 470,
+    "CD56": 300,
+    "CD56bright": 6500,
+    "CD16": 2500,
+    "Viability": 1000,
 }
 
 # fixed within-lineage state probabilities

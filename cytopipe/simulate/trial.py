@@ -194,7 +194,10 @@ def _write_fcs(path: Path, data: EventData, row: Mapping, spill_kw) -> None:
     site = row.get("site") or "S1"
     spelled = P.SITE_PNS[site]
     pns = [""] * len(P.SCATTER) + [spelled[m] for m in P.MARKERS] + [""]
-    channels = pd.DataFrame({"pnn": list(P.CHANNELS), "pns": pns, "pnr": P.PNR})
+    # `n` numbers the parameters so the writer keeps the per-parameter $PnV keywords below
+    channels = pd.DataFrame(
+        {"n": range(1, len(P.CHANNELS) + 1), "pnn": list(P.CHANNELS), "pns": pns, "pnr": P.PNR}
+    )
     when = row.get("acquired_at") or f"{P.STUDY_START}T08:00:00"
     day, clock = when.split("T")
     y, mth, d = day.split("-")
@@ -220,8 +223,6 @@ def _write_fcs(path: Path, data: EventData, row: Mapping, spill_kw) -> None:
         )  # fmt: skip
     if row.get("control"):
         keywords["CONTROL"] = row["control"]
-    for j in range(len(P.CHANNELS)):
-        keywords[f"$P{j + 1}G"] = "1"
     for j, volts in enumerate(_VOLTAGES):
         keywords[f"$P{len(P.SCATTER) + j + 1}V"] = str(volts)
     write_fcs(path, data.events, channels, keywords, spillover=spill_kw)
