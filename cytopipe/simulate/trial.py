@@ -66,15 +66,17 @@ def simulate_trial(
     The same arguments always give byte-identical files.
     """
     out = Path(out_dir)
-    _prepare(out, overwrite)
     if int(events) < 100:
         raise SimulationError(f"events must be at least 100 per file, got {events}")
+    if int(control_events) < 100:
+        raise SimulationError(f"control_events must be at least 100 per control, got {control_events}")
     cohort = simulate_cohort(n_patients=n_patients, visits=visits, seed=seed, effect=effect)
+    fault_plan = _fault_plan(faults, list(cohort.samples["sample_id"]), seed)
+    _prepare(out, overwrite)  # only once every argument is known to be good
     spill = P.spillover_matrix()
     from cytopipe.fcs import Spillover
 
     spill_kw = Spillover(matrix=spill, channels=list(P.DETECTORS))
-    fault_plan = _fault_plan(faults, list(cohort.samples["sample_id"]), seed)
     (out / "fcs" / "controls").mkdir(parents=True, exist_ok=True)
     (out / "truth" / "labels").mkdir(parents=True, exist_ok=True)
 
