@@ -347,7 +347,7 @@ def _progress(total: int, desc: str, enabled: bool):
         total=total,
         desc=f"{desc:<10}",
         unit="sample",
-        disable=not enabled,
+        disable=True if not enabled else None,  # None: no bar when stderr is not a terminal
         file=sys.stderr,
         dynamic_ncols=True,
         leave=True,
@@ -667,6 +667,16 @@ def validate_inputs(ctx: RunContext) -> None:
     wf = ctx.wf
     ctx.manifest = _load_manifest(wf.manifest)
     ctx.jobs, ctx.controls = split_jobs(ctx.manifest)
+    for job in ctx.jobs + ctx.controls:
+        if not job.get("ok", True):
+            ctx.fail(
+                job,
+                {
+                    "error": f"manifest row {job.get('row')}: {job.get('problem')}",
+                    "error_type": "ManifestError",
+                },
+                "manifest",
+            )
     if not ctx.jobs:
         raise ManifestError("the manifest lists no samples to analyse (only controls)", file=wf.manifest)
     if wf.compensation["source"] == "controls" and not ctx.controls:
@@ -685,7 +695,10 @@ def validate_inputs(ctx: RunContext) -> None:
 
 
 def split_jobs(manifest: pd.DataFrame) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Manifest rows as plain dicts: (samples to gate, compensation controls)."""
+    """Manifest rows as plain dicts: (samples to gate, compensation controls).
+
+    Rows with a problem (missing file, blank column, bad visit...) are kept, with their
+    ``problem``; the run records them as failed without processing them."""
     jobs: list[dict[str, Any]] = []
     controls: list[dict[str, Any]] = []
     for record in manifest.to_dict("records"):
@@ -752,12 +765,18 @@ def _pool_size(transforms: Mapping[str, Any], n_samples: int) -> int:
 
 
 def _load_manifest(path: Path) -> pd.DataFrame:
+    """Every manifest row, with ``ok``/``problem`` per row (a bad row is recorded, not fatal)."""
     from cytopipe.manifest import load_manifest
 
-    df = load_manifest(path)
-    if "control" not in df:
-        df["control"] = ""
+    df = load_manifest(path, strict=False)
     df["control"] = df["control"].fillna("").astype(str).str.strip()
+    # a row without a usable sample_id still gets a unique name, so its problem can be reported
+    sid = df["sample_id"].fillna("").astype(str).str.strip()
+    blank = sid == ""
+    sid[blank] = [f"(manifest row {r})" for r in df.loc[blank, "row"]]
+    dup = sid.duplicated(keep="first")
+    sid[dup] = [f"{s} (manifest row {r})" for s, r in zip(sid[dup], df.loc[dup, "row"])]
+    df["sample_id"] = sid
     return df
 
 
@@ -786,7 +805,7 @@ def _spillover_hash(source: str, spillover: Any, template_comp: str) -> str:
 # --- step: register -----------------------------------------------------------------------------
 def step_register(ctx: RunContext) -> dict[str, Any]:
     """sha256 of every file, read check and template markers (per-file problems recorded)."""
-    jobs = ctx.jobs + ctx.controls
+    jobs = [j for j in ctx.jobs + ctx.controls if j["sample_id"] not in ctx.failures]
     for i, res in ctx.executor.map(register_task, jobs, ctx.state, "register", ctx.progress):
         job = jobs[i]
         res = _as_result(res)
