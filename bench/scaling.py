@@ -1,0 +1,291 @@
+"""Benchmark: the pipeline's per-sample tasks on N simulated files of 200k events.
+
+Measured side by side in one process, on the same files (written once by the simulator):
+
+* **plain loop**: the pipeline's per-sample function (read -> event QC -> compensate ->
+  transform -> gate -> per-sample table) called in a loop in this process;
+* **Dask, 1 worker** and **Dask, 2 workers**: the same function as whole-sample tasks on a
+  LocalCluster of processes (1 thread each, BLAS limited to 1 thread), warm (started and
+  warmed up before timing), so the numbers are the per-sample throughput of a long run;
+* **FlowKit** ``Session.analyze_samples`` (its own multiprocessing, ``use_mp=True``) on the same
+  files and the same fixed gates (exported as Gating-ML), for comparison;
+* the full canonical template (data-driven gates, two passes: fits, pooled estimates, gating)
+  on 2 workers, which gives the extrapolated time of a full trial (500 patients x 7 visits).
+
+Reported: events/s, speed-up of 2 workers over 1, Dask overhead over the plain loop (1 worker),
+peak RSS per worker above its warm idle RSS relative to one file's event matrix, and FlowKit's
+time. Goals: speed-up >= 1.8, Dask overhead < 10%, peak RSS per worker <= 3x one file's
+matrix. Every variant is warmed up first; min and median of ``--repeat`` runs are printed.
+Timings on a shared machine are noisy; compare the ratios.
+
+    python bench/scaling.py [--files 16] [--events 200000] [--repeat 3] [--data DIR] [--no-flowkit]
+"""
+
+from __future__ import annotations
+
+import os
+
+# whole-sample tasks are compute-dense; the loop runs with BLAS on one thread like the workers
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+TEMPLATE = REPO / "gating" / "sle_il2_tcell_nk.yaml"
+FULL_TRIAL_FILES = 500 * 7
+
+
+def simulate(data: Path, files: int, events: int) -> tuple[list[dict], dict]:
+    """N sample files of ~``events`` events (+-30%) and one small warm-up file; written once."""
+    from cytopipe.pipeline import _load_manifest, split_jobs
+    from cytopipe.simulate import simulate_trial
+
+    big, small = data / f"trial_{files}x{events}", data / "warmup"
+    if not (big / "manifest.csv").exists():
+        simulate_trial(big, n_patients=math.ceil(files / 2), visits=(0, 4), events=events, seed=31,
+                       control_events=500, overwrite=True)  # fmt: skip
+    if not (small / "manifest.csv").exists():
+        simulate_trial(
+            small, n_patients=1, visits=(0,), events=5000, seed=32, control_events=500, overwrite=True
+        )
+    jobs = split_jobs(_load_manifest(big / "manifest.csv"))[0][:files]
+    warm = split_jobs(_load_manifest(small / "manifest.csv"))[0][0]
+    return jobs, warm
+
+
+def with_sha(jobs):
+    from cytopipe.store import file_sha256
+
+    for j in jobs:
+        j["sha256"] = file_sha256(j["path"])
+    return jobs
+
+
+def timed(fn, repeat: int) -> tuple[float, float, object]:
+    out = fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times), out
+
+
+def gate_task_rss(job, state):
+    """gate_task, with the worker's RSS sampled every 2 ms while it runs (peak vs start)."""
+    import threading
+
+    import psutil
+
+    from cytopipe.pipeline import gate_task
+
+    proc = psutil.Process()
+    start = proc.memory_info().rss
+    peak = [start]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            stop.wait(0.002)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        out = gate_task(job, state)
+    finally:
+        stop.set()
+        th.join()
+    from dask.distributed import get_worker
+
+    return {"ok": out["ok"], "rss_start": start, "rss_peak": peak[0], "worker": get_worker().address}
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=16)
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "cytopipe-bench-scaling")
+    ap.add_argument("--no-flowkit", action="store_true")
+    args = ap.parse_args()
+
+    from cytopipe import gating
+    from cytopipe.fcs import read_fcs
+    from cytopipe.pipeline import DaskExecutor, StudyState, gate_task
+    from cytopipe.qc import QCSettings
+
+    t0 = time.perf_counter()
+    jobs, warm = simulate(args.data, args.files, args.events)
+    jobs, warm = with_sha(jobs), with_sha([warm])[0]
+    shapes = [read_fcs(j["path"]).events.shape for j in jobs]
+    n_events = sum(s[0] for s in shapes)
+    matrix_mb = max(s[0] * s[1] * 4 for s in shapes) / 2**20
+    print(f"{len(jobs)} files, {n_events:,} events ({n_events / len(jobs):,.0f} per file, "
+          f"{shapes[0][1]} channels; largest event matrix {matrix_mb:.1f} MB); data ready in "
+          f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+
+    # fixed gates: the canonical template fitted on the first file
+    canonical = gating.load_template(TEMPLATE)
+    fitted = gating.gate(read_fcs(jobs[0]["path"]), canonical)
+    fixed = fitted.fitted_template()
+    state = StudyState(qc=QCSettings(), template=fixed, compensation="template", seed=0)
+
+    def loop():
+        return [gate_task(j, state) for j in jobs]
+
+    # both clusters start first and every round runs loop, 1 worker, 2 workers back to back, so
+    # a burst of load from other jobs on a shared machine hits all variants alike
+    executors = {n: DaskExecutor(workers=n) for n in (1, 2)}
+    try:
+        for n, ex in executors.items():
+            list(ex.map(gate_task, [warm] * n, state, "warmup", False))  # imports, numba caches
+        out = loop()  # warm-up of this process
+        assert all(r["ok"] for r in out), [r.get("error") for r in out if not r["ok"]]
+        times: dict[str, list[float]] = {"loop": [], 1: [], 2: []}
+        in_task: dict[int, list[float]] = {1: [], 2: []}
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            loop()
+            times["loop"].append(time.perf_counter() - t0)
+            for n, ex in executors.items():
+                t0 = time.perf_counter()
+                res = dict(ex.map(gate_task, jobs, state, "bench", False))
+                times[n].append(time.perf_counter() - t0)
+                in_task[n].append(sum(r["seconds"] for r in res.values()))
+                assert all(r["ok"] for r in res.values())
+                for i, a in enumerate(out):  # identical tables whatever runs them
+                    assert a["stats"].equals(res[i]["stats"])
+    finally:
+        for ex in executors.values():
+            ex.close()
+    # memory, on fresh workers: RSS when warm and idle, then the peak while processing the files
+    ex = DaskExecutor(workers=2)
+    try:
+        list(ex.map(gate_task, [warm] * 2, state, "warmup", False))
+        idle = ex.client.run(rss_mb)
+        mem = dict(ex.map(gate_task_rss, jobs, state, "memory", False))
+    finally:
+        ex.close()
+    lmin, lmed = min(times["loop"]), statistics.median(times["loop"])
+    rows = [("plain loop (this process)", 1, lmin, lmed)]
+    for n in (1, 2):
+        rows.append(
+            (
+                f"Dask LocalCluster, {n} worker{'s' if n > 1 else ''}",
+                n,
+                min(times[n]),
+                statistics.median(times[n]),
+            )
+        )
+    growth = max(m["rss_peak"] / 2**20 - idle[m["worker"]] for m in mem.values())
+    peak_abs = max(m["rss_peak"] for m in mem.values()) / 2**20
+    # Dask's own cost, from the same runs: wall time of a 1-worker run vs the time its tasks took
+    layer = min(w / t for w, t in zip(times[1], in_task[1])) - 1
+
+    fk = None
+    if not args.no_flowkit:
+        fk = flowkit_time(jobs, fitted, args.repeat)
+        if fk is not None:
+            rows.append(("FlowKit Session.analyze_samples(use_mp=True)", "mp", fk[0], fk[1]))
+
+    # the canonical, data-driven template: pass 1 (fits), pooled estimates, pass 2 (gating)
+    two_pass = canonical_two_pass(jobs, warm, canonical, args.repeat)
+
+    print()
+    print(f"{'variant (fixed gates, with event QC)':<48}{'workers':>8}{'min s':>9}{'median s':>10}"
+          f"{'events/s':>13}{'x loop':>8}")  # fmt: skip
+    for name, w, tmin, tmed in rows:
+        print(f"{name:<48}{w!s:>8}{tmin:>9.2f}{tmed:>10.2f}{n_events / tmin:>13,.0f}{tmin / lmin:>8.2f}")
+    speedup = min(times[1]) / min(times[2])
+    overhead = min(times[1]) / lmin - 1
+    print()
+    print(f"speed-up, 2 workers vs 1:                 {speedup:.2f}x   (goal >= 1.8)")
+    print(f"Dask overhead, 1 worker vs plain loop:    {100 * overhead:+.1f}%   (goal < 10%); scheduling and "
+          f"transfer alone (run wall time vs time inside its tasks): {100 * layer:+.1f}%")  # fmt: skip
+    print(f"peak RSS per worker above its RSS when warm and idle: {growth:.0f} MB = "
+          f"{growth / matrix_mb:.2f}x one file's event matrix ({matrix_mb:.1f} MB)   (goal <= 3x); "
+          f"absolute peak {peak_abs:.0f} MB (Python, numpy, pandas, numba, dask)")  # fmt: skip
+    if fk is not None:
+        print(f"FlowKit vs cytopipe 2 workers:            {fk[0] / min(times[2]):.1f}x the time "
+              "(FlowKit: gates only; cytopipe: + event QC + 14 medians per population)")  # fmt: skip
+    fit_s, gate_s = two_pass
+    per_file = (fit_s + gate_s) / len(jobs)
+    print()
+    print(f"canonical template on 2 workers: pass 1 (fits) {fit_s:.2f} s + pass 2 (gating) {gate_s:.2f} s "
+          f"for {len(jobs)} files = {per_file:.2f} s per file")  # fmt: skip
+    total = FULL_TRIAL_FILES * per_file
+    print(f"full trial, 500 patients x 7 visits x {args.events:,} events = {FULL_TRIAL_FILES} files: "
+          f"~{total / 60:.0f} min on this machine (2 workers), ~{total * speedup / 60:.0f} min on 1")  # fmt: skip
+
+
+def canonical_two_pass(jobs, warm, template, repeat: int) -> tuple[float, float]:
+    import pandas as pd
+    from cytopipe.gating import pool_estimates
+
+    from cytopipe.pipeline import DaskExecutor, StudyState, fit_task, gate_task
+    from cytopipe.qc import QCSettings
+
+    state = StudyState(qc=QCSettings(), template=template, compensation="template", seed=0)
+    ex = DaskExecutor(workers=2)
+    try:
+        list(ex.map(fit_task, [warm, warm], state, "warmup", False))
+        fits_t, gate_t = [], []
+        for _ in range(max(1, repeat - 1)):
+            state.pooled = None
+            t0 = time.perf_counter()
+            fits = dict(ex.map(fit_task, jobs, state, "fit", False))
+            fits_t.append(time.perf_counter() - t0)
+            records = pd.concat([fits[i]["fits"] for i in range(len(jobs))], ignore_index=True)
+            manifest = pd.DataFrame(jobs)
+            state.pooled = pool_estimates(records, manifest)
+            t0 = time.perf_counter()
+            res = dict(ex.map(gate_task, jobs, state, "gate", False))
+            gate_t.append(time.perf_counter() - t0)
+            assert all(r["ok"] for r in res.values())
+    finally:
+        ex.close()
+    return min(fits_t), min(gate_t)
+
+
+def flowkit_time(jobs, fitted, repeat: int):
+    try:
+        import flowkit as fk
+    except ImportError:
+        print("FlowKit not installed: skipped")
+        return None
+    from cytopipe.gating import write_gatingml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gml = write_gatingml(fitted, Path(tmp) / "fixed.xml")
+
+        def run():
+            session = fk.Session(gating_strategy=str(gml), fcs_samples=[str(j["path"]) for j in jobs])
+            session.analyze_samples(use_mp=True)
+            return session
+
+        t = []
+        run()  # warm-up
+        for _ in range(max(1, repeat - 1)):
+            t0 = time.perf_counter()
+            run()
+            t.append(time.perf_counter() - t0)
+    return min(t), statistics.median(t)
+
+
+if __name__ == "__main__":
+    main()
