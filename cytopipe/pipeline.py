@@ -323,8 +323,9 @@ def _task_failure_message(exc: BaseException) -> str:
     name = type(exc).__name__
     if name == "KilledWorker":
         return (
-            "the worker processing this sample died repeatedly (out of memory? a crash in a "
-            "native library?); the sample was retried and then given up"
+            "a worker died while processing this sample, more often than the scheduler allows "
+            "(distributed.scheduler.allowed-failures); out of memory (see --memory-limit)? "
+            "a crash in a native library? The other samples were not affected"
         )
     return f"the task did not complete ({name}: {exc})"
 
