@@ -1,27 +1,30 @@
 """Event- and sample-level quality control.
 
-Run per sample before gating, in this order (see docs/qc.md):
+Run per sample before compensation and gating, on the raw values, in this order (docs/qc.md):
 
-1. **Margin events** (:func:`margin_qc`, on raw values, before compensation): events at a
-   detector's maximum (``value >= $PnR - 1``, saturated) on any measured channel, and
-   events at or below ``lower_limit`` (default 0) on scatter channels. Counted per channel.
-2. **Time-resolved anomalies** (:func:`time_qc`, after compensation), as PeacoQC and flowAI
-   do: events are binned in acquisition order; a bin is flagged when
+1. **Margin events** (:func:`margin_qc`): events at a detector's maximum (``value >= $PnR - 1``,
+   saturated) on any measured channel, and events at or below ``lower_limit`` (default 0) on
+   scatter channels. Counted per channel.
+2. **Time-resolved anomalies** (:func:`time_qc`), as PeacoQC and flowAI do: the remaining events
+   are cut, in acquisition order, into bins of equal event count; a bin is flagged when
 
-   * its **event rate** departs from the sample's typical rate (clog, bubble, burst), judged on
-     fixed-width time bins, or
-   * the **median of any channel** jumps away from the sample's typical median (signal shift),
-     judged on bins of equal event count,
+   * its **event rate** (events / duration on the Time channel) departs from the sample's
+     typical rate (clog, bubble, burst), or
+   * the **signal of any channel** (the bin's mean rank of that channel: a Wilcoxon rank-sum /
+     median-shift test) departs from the sample's typical signal,
 
-   by more than ``mad`` robust standard deviations (median ± ``mad`` × 1.4826 × MAD, PeacoQC's
-   default ``MAD=6``). Stretches of fewer than ``consecutive_bins`` good bins between flagged bins
-   are flagged too (PeacoQC's ``consecutive_bins=5``). Events in flagged bins are removed.
+   by more than ``mad`` robust standard deviations (median +- ``mad`` x 1.4826 x MAD, PeacoQC's
+   default ``MAD=6``; never below the statistic's own sampling noise). Stretches of fewer than
+   ``consecutive_bins`` good bins between flagged bins are flagged too (PeacoQC's
+   ``consecutive_bins=5``). Events in flagged bins are removed.
 3. **Counts**: a sample with fewer than ``min_events`` events left, or that lost more than
    ``max_removed_fraction`` of its events, is *flagged* (kept, never dropped); every reported
    ``pct_parent`` gets a Wilson binomial confidence interval and populations whose parent has
    fewer than ``min_parent_events`` events are marked (:func:`add_count_qc`).
 
-Everything is vectorised numpy over the float32 event matrix; no per-event Python loop.
+Compensation mixes channels linearly and transforms are monotone, so neither changes which
+bins stand out; running QC on raw values lets the gating engine compensate only once.
+Everything is vectorised numpy (one numba pass for the ranks); no per-event Python loop.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from cytopipe.workflow import Field
 # Keys of the ``qc:`` section of a workflow (validated by cytopipe.workflow).
 QC_SCHEMA: dict[str, Any] = {
     "margins": {
-        "enabled": Field(bool, True, "remove margin (saturated) events before compensation", nullable=False),
+        "enabled": Field(bool, True, "remove margin (saturated) events", nullable=False),
         "lower_channels": Field(
             str,
             "scatter",
@@ -60,7 +63,7 @@ QC_SCHEMA: dict[str, Any] = {
         "min_cells": Field(int, 150, "minimum events per bin (PeacoQC min_cells=150)", minimum=10),
         "max_bins": Field(int, 500, "maximum number of bins (PeacoQC max_bins=500)", minimum=10),
         "flow_rate": Field(bool, True, "check the event rate per time bin", nullable=False),
-        "signal": Field(bool, True, "check the median of every channel per bin", nullable=False),
+        "signal": Field(bool, True, "check every channel's signal (its mean rank) per bin", nullable=False),
     },
     "min_events": Field(int, 1000, "flag a sample with fewer events left after QC", minimum=0),
     "min_parent_events": Field(

@@ -346,3 +346,26 @@ def test_a_changed_file_is_redone_and_the_others_reused(sim_trial, tmp_path):
     # the cache holds only what the current files and settings need
     fits = list((out / ".cache" / "fit").glob("*.json"))
     assert len(fits) == 8
+
+
+# --------------------------------------------------------------------------------------------
+# the README's main command
+# --------------------------------------------------------------------------------------------
+def test_the_committed_sample_data_workflow(tmp_path):
+    """`cytopipe run workflows/sle_il2.yaml` (to a temporary --out): the whole run folder."""
+    from tests.pipeline_support import REPO
+
+    out = tmp_path / "sle_il2"
+    proc = cli("run", str(REPO / "workflows" / "sle_il2.yaml"), "--out", str(out), "--no-progress")
+    print(proc.stdout)
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} >= {
+        "population_stats.parquet", "samples.parquet", "run.json", "catalog.duckdb", "study",
+    }  # fmt: skip
+    tables = read_outputs(out)
+    assert len(tables["samples"]) == 47 and (tables["samples"]["status"] != "failed").all()
+    assert len(tables["population_stats"]) == 32 * 15
+    m = pct_errors(tables["population_stats"], truth_table(REPO / "sample_data"))
+    per_pop = m.groupby("population")["abs_error_pp"].median()
+    print("median |pct_parent - truth| (pp):\n" + per_pop.round(3).to_string())
+    assert per_pop["Treg"] < 0.3 and per_pop.max() < 1.0

@@ -160,3 +160,16 @@ def test_workflow_from_command_line_options(study, monkeypatch):
     with pytest.raises(WorkflowError) as info:
         workflow_from_options("data/none.csv", "gating/t.yaml", "out")
     assert info.value.context["key"] == "manifest"
+
+
+def test_every_setting_is_in_the_user_documentation():
+    text = (REPO / "docs" / "pipeline.md").read_text()
+    missing = [key for key, _, _ in describe_schema() if f"`{key}`" not in text]
+    assert not missing, f"docs/pipeline.md does not document {missing}"
+
+
+def test_the_example_workflow_is_valid():
+    wf = load_workflow(REPO / "workflows" / "sle_il2.yaml")
+    assert wf.manifest == (REPO / "sample_data" / "manifest.csv").resolve()
+    assert wf.template == (REPO / "gating" / "sle_il2_tcell_nk.yaml").resolve()
+    assert wf.output == (REPO / "runs" / "sle_il2").resolve()
