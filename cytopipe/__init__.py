@@ -30,6 +30,10 @@ _LAZY: dict[str, str] = {
     "compensate": "cytopipe.compensation",
     "load_template": "cytopipe.gating",
     "gate": "cytopipe.gating",
+    "load_workflow": "cytopipe.workflow",
+    "run_workflow": "cytopipe.pipeline",
+    "export_anndata": "cytopipe.export",
+    "export_fcs": "cytopipe.export",
 }
 
 __all__ = sorted(_LAZY) + ["__version__", "errors"]

@@ -398,22 +398,23 @@ class Prepared:
 # per-sample task functions (run on the workers; return small, picklable results)
 # ================================================================================================
 def register_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
-    """Hash the file, read it and check it carries every template marker."""
+    """Hash the file, read its HEADER and TEXT (not the events) and check the template's markers."""
 
     def body() -> dict[str, Any]:
-        from cytopipe.errors import FCSError
-        from cytopipe.fcs import read_fcs
+        from cytopipe.errors import FCSDataError, FCSError
+        from cytopipe.fcs import read_fcs_header
 
         if not Path(job["path"]).is_file():
             raise FCSError(
                 f"file not found: {job['path']}; check the manifest's `file` column", file=job["file"]
             )
         sha = file_sha256(job["path"])
-        sample = read_fcs(job["path"])
-        sample.path = Path(job["file"])  # errors name the manifest's file
+        info = read_fcs_header(job["path"])
+        if info.data_error:
+            raise FCSDataError(info.data_error, file=job["file"])
         if not job.get("control"):
-            _check_markers(sample, state)
-        return {"sha256": sha, "n_events": sample.n_events, "n_channels": int(sample.events.shape[1])}
+            _check_markers(info, state, job["file"])
+        return {"sha256": sha, "n_events": int(info.n_events), "n_channels": int(info.n_channels)}
 
     return _guard(body)
 
@@ -552,16 +553,16 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
     return Prepared(sample=sample, metrics=metrics, meta=sample_meta(job), kept=kept)
 
 
-def _check_markers(sample: Any, state: StudyState) -> None:
+def _check_markers(info: Any, state: StudyState, file: str) -> None:
     """PanelError (naming file, population, marker) when a template marker is not in the file."""
     from cytopipe.gating import Engine
 
     Engine(
-        events=np.empty((0, len(sample.channels)), dtype=np.float32),
-        channels=sample.channels,
+        events=np.empty((0, len(info.channels)), dtype=np.float32),
+        channels=info.channels,
         template=state.template,
-        spillover=sample.spillover,
-        file=sample.path,
+        spillover=info.spillover,
+        file=file,
         transforms=state.transforms,
     )
 
