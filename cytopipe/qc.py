@@ -34,7 +34,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numba
 import numpy as np
 import pandas as pd
 
@@ -303,7 +302,8 @@ def _signal_bins(
     cuts = np.full((len(cols), SCORE_LEVELS), np.inf, dtype=np.float32)
     cuts[:, :-1] = np.percentile(sub, q, axis=0).T
     rows = np.arange(0) if sel is None else np.asarray(sel, dtype=np.int64)
-    sums, tot, tot2 = _rank_sums(events, rows, np.asarray(cols, dtype=np.int64), cuts, per_bin, n_bins)
+    kernel = _kernel()
+    sums, tot, tot2 = kernel(events, rows, np.asarray(cols, dtype=np.int64), cuts, per_bin, n_bins)
     counts = np.full(n_bins, per_bin, dtype=np.float64)
     counts[-1] = n - (n_bins - 1) * per_bin
     flagged_per_col = np.zeros(len(cols), dtype=np.int64)
@@ -320,7 +320,19 @@ def _signal_bins(
     return bin_bad, worst
 
 
-@numba.njit(cache=True, nogil=True)
+_KERNEL = None
+
+
+def _kernel():
+    """The compiled rank kernel (numba is imported on first use: `cytopipe --help` stays fast)."""
+    global _KERNEL
+    if _KERNEL is None:
+        import numba
+
+        _KERNEL = numba.njit(cache=True, nogil=True)(_rank_sums)
+    return _KERNEL
+
+
 def _rank_sums(events, rows, cols, cuts, per_bin, n_bins):  # pragma: no cover - compiled
     """Per bin and channel, the sum of the events' ranks on the quantile grid (one pass,
     row-major, branch-free binary search over ``SCORE_LEVELS`` = 64 cuts)."""
