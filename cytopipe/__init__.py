@@ -27,6 +27,10 @@ _LAZY: dict[str, str] = {
     "load_manifest": "cytopipe.manifest",
     "simulate_trial": "cytopipe.simulate",
     "compensate": "cytopipe.compensation",
+    "Compensation": "cytopipe.compensation",
+    "compute_spillover": "cytopipe.compensation",
+    "TransformSet": "cytopipe.transforms",
+    "estimate_transforms": "cytopipe.transforms",
     "load_template": "cytopipe.gating",
     "gate": "cytopipe.gating",
 }
