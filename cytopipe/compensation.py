@@ -31,7 +31,8 @@ import pandas as pd
 from cytopipe.errors import CompensationError, CytopipeError
 
 MAX_CONDITION = 1e6
-SCATTER_Z = 3.0  # beyond this float32 compensation loses most significant digits
+SCATTER_Z = 3.0
+DIM_SEPARATION = 15.0  # positive median this many negative robust SDs above the negatives  # beyond this float32 compensation loses most significant digits
 _ROW_BLOCK = 16384
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _NON_FLUORESCENCE = re.compile(r"^(FSC|SSC|TIME|EVENT|WIDTH|HDR|SAMPLEID|ORIGINAL_ID)", re.IGNORECASE)
@@ -493,6 +494,7 @@ class _Control:
     events: np.ndarray  # cleaned, detectors only (n x k), float64
     primary: int  # index into detectors
     file: Any
+    negatives: np.ndarray | None = None  # mask of the control's own dim events (no unstained)
 
 
 def compute_spillover(
@@ -525,16 +527,19 @@ def compute_spillover(
     aggregates; and on log FSC-A/FSC-H: doublets). A control must have a positive population: at
     least ``min_events`` events brighter than the negative median + ``z_positive`` robust SDs in
     its primary detector (negatives: the unstained control, else the control's own dim events).
-    The slope of each detector on the primary is the least-squares slope over the gated control
+    The slope of each detector on the primary is the least-squares slope over the positive events
     with the negatives' covariance subtracted (this removes the autofluorescence that detectors
     share; see :func:`_residual_slopes`). Then, as AutoSpill, the controls are compensated with the
-    estimate, the residual slopes are measured the same way and folded in, until every residual is
-    below ``tolerance`` (usually one or two rounds).
+    estimate, the positives re-selected, the residual slopes measured the same way and folded in,
+    until every residual is below ``tolerance`` (usually two to four rounds).
 
     Returns the :class:`Compensation` and a quality table with one row per (control, detector):
     ``source``, ``source_channel``, ``detector``, ``coefficient``, ``residual_slope``, ``se``,
-    ``n_positive``, ``n_negative``, ``flag`` (``ok``, ``imprecise`` se > 0.005, ``negative``
-    coefficient < -0.01, ``large`` > 1, ``not_converged``).
+    ``n_positive``, ``n_negative``, ``separation`` (positive median above the negatives, in
+    negative robust SDs), ``flag``: ``ok``; ``not_converged``; ``dim`` (separation < 15: the
+    control is too dim for an accurate estimate, use a brighter reagent or beads); ``large``
+    (coefficient > 1: check the primary detector); ``negative`` (< -0.01); ``imprecise``
+    (standard error > 0.005).
     """
     if isinstance(controls, pd.DataFrame):
         controls, manifest_unstained, manifest_primary = _controls_from_manifest(controls, base_dir)
@@ -578,18 +583,24 @@ def compute_spillover(
     stats: dict[str, dict[str, Any]] = {}
     for iteration in range(max_iter + 1):
         # compensate the controls with the current estimate and measure what spillover is left
+        last = iteration == max_iter
         inv = np.linalg.inv(S)
         negatives = _Negatives.of(neg @ inv) if neg is not None else None
         R = np.zeros((k, k))
         for c in ctrls:
-            st = _residual_slopes(c, negatives, inv, min_events, z_positive, detectors)
+            st = _residual_slopes(c, negatives, inv, min_events, z_positive, detectors, with_se=last)
             stats[c.name] = st
             R[c.primary] = st["slope"]
             R[c.primary, c.primary] = 0.0
         if np.max(np.abs(R)) < tolerance:
             converged = True
+            if not last:  # one more pass for the standard errors at the final matrix
+                for c in ctrls:
+                    stats[c.name] = _residual_slopes(
+                        c, negatives, inv, min_events, z_positive, detectors, True
+                    )
             break
-        if iteration == max_iter:
+        if last:
             break
         # the true row is (e_p + r) S up to scale: fold the residual in and renormalise
         S = (np.eye(k) + R) @ S
@@ -721,24 +732,31 @@ def _residual_slopes(
     min_events: int,
     z: float,
     detectors: Sequence[str],
+    with_se: bool = False,
 ) -> dict[str, Any]:
-    """Slopes of every compensated detector against the compensated primary, corrected for
-    autofluorescence: ``(cov_control(j, p) - cov_negative(j, p)) / (var_control(p) - var_negative(p))``.
+    """Slopes of every compensated detector against the compensated primary over the positive
+    events, corrected for autofluorescence:
+    ``(cov_pos(j, p) - cov_neg(j, p)) / (var_pos(p) - var_neg(p))``.
 
-    The regression slope over all gated control events (least squares with intercept, as
-    AutoSpill) is biased by the autofluorescence shared between detectors (bigger cells are
-    brighter everywhere). With the stain independent of autofluorescence, the control's
-    covariance is the negatives' covariance plus ``var(stain) * s s^T``: subtracting the negatives'
-    covariance leaves exactly the spillover direction ``s``, with no positive gate (whose
-    threshold would select high-autofluorescence events) and no attenuation by detector noise
-    (independent between detectors, so it only enters the variance of the primary).
+    A plain least-squares slope over the positives (AutoSpill's regression) is biased upwards by
+    the autofluorescence that detectors share (bigger cells are brighter everywhere): positive
+    events carry ``stain * s + autofluorescence``, so their covariance is ``var(stain) s s^T`` plus
+    the autofluorescence covariance, which the negatives measure. Subtracting it leaves the
+    spillover direction ``s``. Detector noise is independent between detectors, so it only enters
+    ``var(p)``, where it is small next to the spread of a positive population. Using positives only
+    (not the whole control) keeps a positive subset with its own autofluorescence level (say T
+    cells among PBMC) from biasing the slope; the price is that a dim control, whose positives
+    are cut by the threshold, is less accurate (flagged ``dim``).
     """
     X = c.events @ inv
     p = c.primary
     if neg is None:
-        neg = _Negatives.of(X[_internal_negatives(X[:, p])])
+        if c.negatives is None:  # chosen once, on the raw primary: compensation barely moves it
+            c.negatives = _internal_negatives(c.events[:, p])
+        neg = _Negatives.of(X[c.negatives])
     threshold = neg.median[p] + z * max(float(neg.robust_sd[p]), 1e-9)
-    n_pos = int(np.count_nonzero(X[:, p] > threshold))
+    positive = X[:, p] > threshold
+    n_pos = int(np.count_nonzero(positive))
     no_signal = (
         f"control {c.name!r} has no clear positive population in its primary detector "
         f"{detectors[p]!r}: {n_pos} events above {threshold:.4g} (negative median {neg.median[p]:.4g} + "
@@ -746,28 +764,38 @@ def _residual_slopes(
     )
     if n_pos < min_events:
         raise CompensationError(no_signal, file=c.file, channel=detectors[p])
-    cx = X - X.mean(axis=0)
-    gx = cx * cx[:, [p]]
-    gn = neg.centred * neg.centred[:, [p]]
-    delta = gx.sum(axis=0) / max(len(X) - 1, 1) - gn.sum(axis=0) / max(len(gn) - 1, 1)
+    P = X[positive]
+    cx = P - P.mean(axis=0)
+    cn = neg.centred
+    delta = (cx.T @ cx[:, p]) / max(len(cx) - 1, 1) - (cn.T @ cn[:, p]) / max(len(cn) - 1, 1)
     if not delta[p] > 0:
         raise CompensationError(no_signal, file=c.file, channel=detectors[p])
     slope = delta / delta[p]
-    # delta-method standard error of the ratio of covariance differences
-    var = (gx - slope * gx[:, [p]]).var(axis=0) / len(gx) + (gn - slope * gn[:, [p]]).var(axis=0) / len(gn)
-    se = np.sqrt(var) / delta[p]
-    return {"slope": slope, "se": se, "n_pos": n_pos, "n_neg": int(len(gn))}
+    se = np.full(len(slope), np.nan)
+    if with_se:
+        # delta-method standard error of the ratio of covariance differences
+        gx, gn = cx * cx[:, [p]], cn * cn[:, [p]]
+        var = (gx - slope * gx[:, [p]]).var(axis=0) / len(gx) + (gn - slope * gn[:, [p]]).var(axis=0) / len(
+            gn
+        )
+        se = np.sqrt(var) / delta[p]
+    separation = (float(np.median(P[:, p])) - neg.median[p]) / max(float(neg.robust_sd[p]), 1e-9)
+    return {"slope": slope, "se": se, "n_pos": n_pos, "n_neg": int(len(cn)), "separation": separation}
 
 
 def _internal_negatives(x: np.ndarray) -> np.ndarray:
-    """Dim events of a control without an unstained one: the lower component of a 2-Gaussian
-    mixture on arcsinh-scaled intensity (deterministic)."""
-    from sklearn.mixture import GaussianMixture
-
-    t = np.arcsinh(x / 150.0).reshape(-1, 1)
-    gm = GaussianMixture(2, random_state=0).fit(t)
-    low = int(np.argmin(gm.means_.ravel()))
-    mask = gm.predict(t) == low
+    """Dim events of a control without an unstained one: below Otsu's threshold on
+    arcsinh-scaled intensity (the split that best separates two populations; deterministic)."""
+    t = np.arcsinh(x / 150.0)
+    counts, edges = np.histogram(t, bins=512)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(counts)
+    w1 = w0[-1] - w0
+    s0 = np.cumsum(counts * centres)
+    m0 = s0 / np.maximum(w0, 1)
+    m1 = (s0[-1] - s0) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    mask = t <= centres[int(np.argmax(between))]
     return mask if mask.sum() >= 10 else x <= np.quantile(x, 0.2)
 
 
@@ -790,6 +818,8 @@ def _quality_table(
             se = float(st["se"][j])
             if not converged and abs(resid) >= tolerance:
                 flag = "not_converged"
+            elif st["separation"] < DIM_SEPARATION:
+                flag = "dim"
             elif coef > 1.0:
                 flag = "large"
             elif coef < -0.01:
@@ -808,6 +838,7 @@ def _quality_table(
                     "se": se,
                     "n_positive": st["n_pos"],
                     "n_negative": st["n_neg"],
+                    "separation": round(float(st["separation"]), 2),
                     "flag": flag,
                 }
             )
