@@ -64,18 +64,18 @@ def _solve_large(v, kind, p):
 
 
 @numba.njit(cache=True, nogil=True)
-def table_transform(src, dst, cols, ytab, stab, xb, x1, slope0, kinds, params, scales):
+def table_transform(src, dst, cols, tab, xb, x1, slope0, kinds, params, scales):
     """dst[:, cols[j]] = f_j(src[:, cols[j]]) for 2-D float32 arrays (dst may be src).
 
     Row-major traversal: one pass over a C-contiguous event matrix whatever the number of
-    transformed columns. ``ytab``/``stab`` (n_cols x N_BINS) hold value and slope at each left
-    edge ``xb``; ``x1`` the symmetry centre, ``slope0`` the slope from zero to the first edge
+    transformed columns. ``tab`` (n_cols x N_BINS x 2) holds value and slope at each left edge
+    ``xb`` side by side (one cache line per lookup); ``x1`` the symmetry centre, ``slope0`` the slope from zero to the first edge
     (all already multiplied by the output scale ``scales[j]``, which only the Newton branch uses).
     """
     bits = src.view(np.int32)
     n_rows = src.shape[0]
     n_cols = cols.shape[0]
-    n_bins = ytab.shape[1]
+    n_bins = tab.shape[1]
     for i in range(n_rows):
         for j in range(n_cols):
             c = cols[j]
@@ -86,7 +86,7 @@ def table_transform(src, dst, cols, ytab, stab, xb, x1, slope0, kinds, params, s
             if k < 0:
                 y = x1[j] + av * slope0[j]
             elif k < n_bins:
-                y = ytab[j, k] + stab[j, k] * (av - xb[k])
+                y = tab[j, k, 0] + tab[j, k, 1] * (av - xb[k])
             elif math.isfinite(av):
                 y = _solve_large(av, kinds[j], params[j]) * scales[j]
             else:

@@ -33,7 +33,7 @@ from cytopipe.errors import CompensationError, CytopipeError
 MAX_CONDITION = 1e6
 SCATTER_Z = 3.0
 DIM_SEPARATION = 15.0  # positive median this many negative robust SDs above the negatives  # beyond this float32 compensation loses most significant digits
-_ROW_BLOCK = 16384
+_ROW_BLOCK = 32768
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _NON_FLUORESCENCE = re.compile(r"^(FSC|SSC|TIME|EVENT|WIDTH|HDR|SAMPLEID|ORIGINAL_ID)", re.IGNORECASE)
 
@@ -305,16 +305,28 @@ class Compensation:
 
 
 def _apply_inverse(events: np.ndarray, idx: np.ndarray, inv32: np.ndarray) -> None:
-    """events[:, idx] = events[:, idx] @ inv32, in row blocks (cache-sized temporaries)."""
+    """events[:, idx] = events[:, idx] @ inv32, in row blocks, on one BLAS thread.
+
+    When the matrix channels fill a contiguous run of columns (in any order), the inverse is
+    permuted to file order and applied to the slice, which avoids gathering and scattering the
+    columns (3x slower). BLAS runs single-threaded: for a 16 x 16 product its threads only
+    contend (5x slower on a busy 2-core machine), and samples run in parallel processes anyway.
+    """
+    from threadpoolctl import threadpool_limits
+
     k = len(idx)
-    contiguous = k > 0 and bool(np.all(np.diff(idx) == 1))
-    lo = int(idx[0])
-    for r0 in range(0, events.shape[0], _ROW_BLOCK):
-        block = events[r0 : r0 + _ROW_BLOCK]
-        if contiguous:
-            block[:, lo : lo + k] = block[:, lo : lo + k] @ inv32
-        else:
-            block[:, idx] = block[:, idx] @ inv32
+    lo = int(idx.min())
+    where: slice | np.ndarray = idx
+    matrix = inv32
+    if int(idx.max()) - lo + 1 == k:  # a permutation of lo..lo+k-1
+        pos = idx - lo
+        matrix = np.empty_like(inv32)
+        matrix[np.ix_(pos, pos)] = inv32
+        where = slice(lo, lo + k)
+    with threadpool_limits(1, user_api="blas"):
+        for r0 in range(0, events.shape[0], _ROW_BLOCK):
+            block = events[r0 : r0 + _ROW_BLOCK]
+            block[:, where] = block[:, where] @ matrix
 
 
 def compensate(
