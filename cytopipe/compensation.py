@@ -235,7 +235,7 @@ class Compensation:
         flowCore and CytoExploreR)."""
         path = Path(path)
         df = self.to_dataframe()
-        df.to_csv(path, float_format="%.10g")
+        df.to_csv(path)  # shortest exact repr of every value: reading back gives the same matrix
         return path
 
     def to_spillover(self):

@@ -755,6 +755,11 @@ class TransformSet(Mapping[str, Transform]):
         self.info = dict(info or {})
         self._plans: dict[tuple, tuple[list[int], _TablePlan | None]] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_plans"] = {}  # cached tables are rebuilt on demand, not shipped to workers
+        return state
+
     # --- Mapping --------------------------------------------------------------------------
     def __getitem__(self, key: str) -> Transform:
         return self._transforms[key]

@@ -455,3 +455,20 @@ def test_cytoexplorer_controls_report():
     }.items():
         for ref in (ref1, ref2):
             assert abs(ours.loc[src, det] - ref.to_dataframe().loc[src, det]) < 0.01
+
+
+def test_docs_examples_run(monkeypatch):
+    """Every python block of docs/compensation.md runs as written (from the repository root)."""
+    import re
+    from pathlib import Path
+
+    shared_path("CytoExploreRData", "inst", "extdata", "Compensation")
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "compensation.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 3
+    monkeypatch.chdir(root)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/compensation.md", "exec"), namespace)
+    assert abs(namespace["comp"].to_dataframe().loc["PE-A", "PE-Texas Red-A"] - 0.527) < 0.005
