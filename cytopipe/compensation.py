@@ -510,7 +510,7 @@ class _Control:
 
 
 def compute_spillover(
-    controls: Mapping[str, Any] | pd.DataFrame,
+    controls: Mapping[str, Any] | pd.DataFrame | str | Path,
     unstained: Any | None = None,
     primary: Mapping[str, str] | None = None,
     *,
@@ -526,11 +526,12 @@ def compute_spillover(
 ) -> tuple[Compensation, pd.DataFrame]:
     """Estimate a spillover matrix from single-stain controls (+ an unstained control).
 
-    ``controls``: ``{name: Sample}`` (name = marker or file), or a manifest DataFrame with
-    ``file`` and ``control`` columns (``unstained``, ``single:<marker>``; files relative to
-    ``base_dir``). ``primary``: ``{name: $PnN}`` of each control's own detector; otherwise the
-    marker's ``$PnS`` channel, else the detector where the control is brightest above the
-    unstained. ``channels``: detectors of the matrix (default: the controls' spillover keyword
+    ``controls``: ``{name: Sample}`` (name = marker or file), a manifest CSV path, or a manifest
+    DataFrame with ``file`` and ``control`` columns (``unstained``, ``single:<marker>``; files
+    relative to ``base_dir``, by default the manifest's folder). ``primary``: ``{name: $PnN}`` of
+    each control's own detector; otherwise the channel whose ``$PnS`` names the marker (resolved
+    by :mod:`cytopipe.panel`, aliases included), else the detector where the control is brightest
+    above the unstained. ``channels``: detectors of the matrix (default: the controls' spillover keyword
     channels, else every non-scatter, non-time channel); detectors without a control get an
     identity row.
 
@@ -553,6 +554,12 @@ def compute_spillover(
     (coefficient > 1: check the primary detector); ``negative`` (< -0.01); ``imprecise``
     (standard error > 0.005).
     """
+    if isinstance(controls, (str, Path)):
+        from cytopipe.manifest import load_manifest
+
+        path = Path(controls)
+        base_dir = base_dir if base_dir is not None else path.parent
+        controls = load_manifest(path)
     if isinstance(controls, pd.DataFrame):
         controls, manifest_unstained, manifest_primary = _controls_from_manifest(controls, base_dir)
         unstained = unstained if unstained is not None else manifest_unstained
@@ -710,12 +717,16 @@ def _find_primary(
                 channel=given,
             )
         return list(detectors).index(given)
-    # the marker's $PnS, when the control names a marker on one detector
-    pns = [str(s).strip().lower() for s in sample.channels["pns"]]
-    pnn = list(sample.channels["pnn"])
-    hits = [pnn[i] for i, s in enumerate(pns) if s and s == name.strip().lower() and pnn[i] in detectors]
-    if len(hits) == 1:
-        return list(detectors).index(hits[0])
+    # the channel whose $PnS names the control's marker (panel aliases: "CD279 (PD-1)" is PD-1)
+    from cytopipe.errors import PanelError
+    from cytopipe.panel import resolve_markers
+
+    try:
+        channel = resolve_markers(sample, [name], file=file)[name]
+        if channel in detectors:
+            return list(detectors).index(channel)
+    except PanelError:
+        pass  # the name is a file name or an unknown marker: find the primary from the data
     # otherwise: brightest above the negatives
     base = np.median(neg, axis=0) if neg is not None else np.quantile(ev, 0.05, axis=0)
     signal = np.quantile(ev, 0.99, axis=0) - base

@@ -136,14 +136,13 @@ def test_records_roundtrip(tmp_path):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def comp_example():
-    """FlowKit's test_comp_example.fcs: raw events (FlowUtils' identical plain .npy), $PnN, SPILL."""
-    import flowio
-
+    """FlowKit's test_comp_example.fcs read by cytopipe: raw events (equal to FlowUtils' plain
+    .npy copy of them), $PnN names and the SPILL text."""
     fcs = shared_path("FlowKit", "data", "test_comp_example.fcs")
+    sample = read_fcs(fcs)
     raw = np.load(shared_path("FlowUtils", "tests", "test_data", "test_comp_event_data.npy"))
-    text = flowio.FlowData(str(fcs), ignore_offset_error=True, only_text=True)
-    names = [text.channels[k]["pnn"] for k in sorted(text.channels, key=int)]
-    return fcs, raw, names, text.text["spill"]
+    assert np.array_equal(sample.events, raw.astype(np.float32))
+    return fcs, raw, sample.pnn, sample.keywords["SPILL"]
 
 
 def _bound(raw: np.ndarray, comp: Compensation) -> np.ndarray:
@@ -392,6 +391,41 @@ def test_control_errors():
         compute_spillover(few, unstained, primary={"CD8": "APC-A"})
     with pytest.raises(CompensationError, match="at least one"):
         compute_spillover({}, unstained)
+
+
+# --------------------------------------------------------------------------------------------
+# the simulator's controls (beads + a cell-based viability control) with its true matrix
+# --------------------------------------------------------------------------------------------
+def _check_against_truth(folder, label: str) -> None:
+    truth = Compensation.from_csv(folder / "truth" / "spillover.csv")
+    comp, quality = compute_spillover(folder / "manifest.csv")  # unstained + single:<marker> rows
+    ours = comp.to_dataframe().loc[list(truth.channels), list(truth.channels)].to_numpy()
+    err = np.abs(ours - truth.matrix)
+    per_row = pd.Series(err.max(axis=1), index=truth.channels)
+    print(f"\n{label}: max |estimated - true| = {err.max():.4f}; worst per source row:")
+    print(per_row.sort_values(ascending=False).head(4).round(4).to_string())
+    assert err.max() <= 0.01
+    assert set(quality["flag"]) == {"ok"} and quality.attrs["converged"]
+    # each control's primary was found from its marker ($PnS through the panel aliases)
+    from cytopipe.panel import resolve_markers
+
+    unstained = read_fcs(folder / "fcs" / "controls" / "CTRL_unstained.fcs")
+    expected = resolve_markers(unstained, sorted(set(quality["source"])))
+    assert dict(zip(quality["source"], quality["source_channel"])) == expected
+
+
+def test_recovers_true_spillover_of_a_freshly_simulated_trial(tmp_path):
+    from cytopipe.simulate import simulate_trial
+
+    folder = tmp_path / "trial"
+    simulate_trial(folder, n_patients=1, visits=(0,), events=500, control_events=5000, seed=4242)
+    _check_against_truth(folder, "fresh simulation, seed 4242")
+
+
+def test_recovers_true_spillover_of_sample_data(sample_data):
+    if not (sample_data / "manifest.csv").exists():
+        pytest.skip("sample_data/ not present")
+    _check_against_truth(sample_data, "sample_data")
 
 
 # --------------------------------------------------------------------------------------------
