@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 
+from cytopipe.errors import StatisticsError
 from cytopipe.stats.dynamics import add_wilson_ci, baseline_change, check_population_table, time_averaged_auc
 from cytopipe.stats.models import fit_logistic, fit_mixed_model, roc_auc
 from cytopipe.stats.multiplicity import BH_FAMILY_KEYS, add_qvalues, bh_qvalues
@@ -106,6 +107,13 @@ def run_statistics(
         endpoints = derive_endpoints(clin, s.clinical)
         arms_clinical, _ = arm_order(list(dict.fromkeys(clin["arm"])), s)
 
+    unknown = sorted(set(s.families or ()) - set(FAMILIES))
+    if unknown:
+        raise StatisticsError(f"unknown families {unknown}; known: {sorted(FAMILIES)}", key="families")
+
+    def wanted(*families: str) -> bool:
+        return s.families is None or any(f in s.families for f in families)
+
     rows: list[dict] = []
     for measure in s.measures:
         dyn = baseline_change(
@@ -115,22 +123,32 @@ def run_statistics(
             pseudocount=s.pseudocount,
             duplicates=s.duplicates,
         )
-        rows += an.arm_visit_tests(dyn, measure, order, reason, s)
-        rows += an.dose_trend_tests(dyn, measure, order, reason, s)
-        auc = time_averaged_auc(
-            dyn, s.auc_windows, all_visits=s.auc_all_visits, baseline_visit=s.baseline_visit
-        )
-        rows += an.auc_tests(auc, measure, order, reason, s)
-        if s.mixed_model:
+        if wanted("arm_visit"):
+            rows += an.arm_visit_tests(dyn, measure, order, reason, s)
+        if wanted("dose_trend"):
+            rows += an.dose_trend_tests(dyn, measure, order, reason, s)
+        if wanted("auc_arm", "auc_dose_trend"):
+            auc = time_averaged_auc(
+                dyn, s.auc_windows, all_visits=s.auc_all_visits, baseline_visit=s.baseline_visit
+            )
+            rows += an.auc_tests(auc, measure, order, reason, s)
+        if s.mixed_model and wanted("mixed_arm_visit", "mixed_arm", "mixed_interaction", "mixed_dose_trend"):
             rows += an.mixed_model_tests(dyn, measure, order, reason, s)
         if endpoints is not None:
             arms = order or sorted(arms_present)
-            rows += an.responder_tests(dyn, endpoints, measure, arms, s)
-            rows += an.correlation_tests(dyn, endpoints, measure, s)
-    if endpoints is not None:
+            if wanted(
+                "responder_change", "roc", "logistic_prognostic", "logistic_terms", "logistic_interaction"
+            ):
+                rows += an.responder_tests(dyn, endpoints, measure, arms, s)
+            if wanted("correlation"):
+                rows += an.correlation_tests(dyn, endpoints, measure, s)
+    if endpoints is not None and wanted("response_rate", "serology_rate"):
         arms = arms_clinical or sorted(set(endpoints["arm"]))
         rows += an.response_rate_tests(endpoints, arms, s)
 
     from cytopipe.stats.table import to_frame
 
-    return add_qvalues(to_frame(rows), BH_FAMILY_KEYS)
+    out = to_frame(rows)
+    if s.families is not None:
+        out = out[out["family"].isin(s.families)].reset_index(drop=True)
+    return add_qvalues(out, BH_FAMILY_KEYS)

@@ -24,6 +24,27 @@ def _n_detail(groups: dict[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in groups.items())
 
 
+def _by_arm(table: pd.DataFrame, keys: Sequence[str], value: str):
+    """Yield (key values, {arm: finite values}) per group of ``keys``, in order of first appearance.
+
+    numpy grouping (one factorisation, one sort) instead of nested pandas groupbys: the per-visit tests
+    run thousands of times in the null-simulation tests.
+    """
+    if table.empty:
+        return
+    codes = table.groupby(list(keys), sort=False, dropna=False).ngroup().to_numpy()
+    order = np.argsort(codes, kind="stable")
+    bounds = np.flatnonzero(np.diff(codes[order])) + 1
+    values = table[value].to_numpy(dtype=float)
+    arms = table["arm"].to_numpy(dtype=object)
+    key_cols = [table[k].to_numpy(dtype=object) for k in keys]
+    for idx in np.split(order, bounds):
+        v, a = values[idx], arms[idx]
+        ok = np.isfinite(v)
+        groups = {arm: v[ok & (a == arm)] for arm in dict.fromkeys(a)}
+        yield tuple(col[idx[0]] for col in key_cols), groups
+
+
 def _population_meta(dyn: pd.DataFrame) -> dict[str, object]:
     parents = dyn.groupby("population", sort=False)["parent"].first()
     return {p: (None if pd.isna(v) else v) for p, v in parents.items()}
@@ -57,13 +78,10 @@ def arm_visit_tests(
         return rows
     active = [a for a in (arms or sorted(set(dyn["arm"]))) if a != s.reference_arm]
     label = f"Hodges-Lehmann shift in {_SCALE_LABEL[outcome]} (arm - {s.reference_arm})"
-    for (pop, visit), group in post.groupby(["population", "visit"], sort=False):
-        values = {a: g[outcome].to_numpy(dtype=float) for a, g in group.groupby("arm", sort=False)}
+    for (pop, visit), values in _by_arm(post, ["population", "visit"], outcome):
         ref = values.get(s.reference_arm, np.empty(0))
-        ref = ref[np.isfinite(ref)]
         for a in active:
             x = values.get(a, np.empty(0))
-            x = x[np.isfinite(x)]
             common = dict(
                 **base,
                 population=pop,
@@ -130,9 +148,7 @@ def dose_trend_tests(
                 row(**base, population=pop, parent=parents[pop], method="Jonckheere-Terpstra", note=reason)
             )
         return rows
-    for (pop, key), group in data.groupby(["population", by], sort=False):
-        values = {a: g[outcome].to_numpy(dtype=float) for a, g in group.groupby("arm", sort=False)}
-        values = {a: v[np.isfinite(v)] for a, v in values.items()}
+    for (pop, key), values in _by_arm(data, ["population", by], outcome):
         sizes = {a: len(values.get(a, ())) for a in arms}
         where = {"visit": int(key)} if by == "visit" else {"window": key}
         common = dict(
@@ -182,13 +198,10 @@ def auc_tests(
     else:
         active = [a for a in (arms or sorted(set(auc["arm"]))) if a != s.reference_arm]
         label = f"Hodges-Lehmann shift in time-averaged AUC of the {_SCALE_LABEL[s.change_scale]} (arm - reference)"
-        for (pop, window), group in auc.groupby(["population", "window"], sort=False):
-            values = {a: g[outcome].to_numpy(dtype=float) for a, g in group.groupby("arm", sort=False)}
+        for (pop, window), values in _by_arm(auc, ["population", "window"], outcome):
             ref = values.get(s.reference_arm, np.empty(0))
-            ref = ref[np.isfinite(ref)]
             for a in active:
                 x = values.get(a, np.empty(0))
-                x = x[np.isfinite(x)]
                 common = dict(
                     **base,
                     population=pop,

@@ -52,6 +52,8 @@ class StatsSettings:
     min_correlation_n: int = 5
     #: patient subgroups of the responder analyses: "all", "active" (all non-reference arms) or arm names
     responder_subgroups: tuple[str, ...] = ("all", "active")
+    #: families to compute (None = all; see cytopipe.stats.FAMILIES), e.g. ("arm_visit", "dose_trend")
+    families: tuple[str, ...] | None = None
     #: seed of every random step (permutation tests only)
     seed: int = 0
     clinical: ClinicalSettings = field(default_factory=ClinicalSettings)
@@ -92,7 +94,7 @@ class StatsSettings:
                 f"unknown statistics setting(s) {unknown}; known settings are {sorted(known)}", key=unknown[0]
             )
         kwargs = dict(value)
-        for key in ("measures", "populations", "correlation_items", "responder_subgroups"):
+        for key in ("measures", "populations", "correlation_items", "responder_subgroups", "families"):
             if kwargs.get(key) is not None:
                 kwargs[key] = (kwargs[key],) if isinstance(kwargs[key], str) else tuple(kwargs[key])
         if "auc_windows" in kwargs:
