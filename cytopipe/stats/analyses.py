@@ -257,6 +257,9 @@ def mixed_model_tests(
         f"linear mixed model (statsmodels MixedLM, REML, random intercept per patient): "
         f"{outcome} ~ arm * visit + baseline"
     )
+    robust = s.mixed_model_covariance == "robust"
+    if robust:
+        method += "; patient-clustered CR3 sandwich covariance"
     rows: list[dict] = []
     common_all = {"measure": measure, "scale": outcome, "subgroup": "all"}
     if arms is None:
@@ -279,7 +282,14 @@ def mixed_model_tests(
         arms = [s.reference_arm] + [a for a in arm_list if a != s.reference_arm]
     for pop, group in post.groupby("population", sort=False):
         fit = fit_mixed_model(
-            group, outcome, arms, s.reference_arm, min_group_size=s.min_group_size, alpha=s.alpha, doses=doses
+            group,
+            outcome,
+            arms,
+            s.reference_arm,
+            min_group_size=s.min_group_size,
+            alpha=s.alpha,
+            doses=doses,
+            covariance=s.mixed_model_covariance,
         )
         detail = _n_detail(fit.group_sizes) + f"; observations={fit.n_obs}"
         label = f"difference in mean {_SCALE_LABEL[outcome]} vs {s.reference_arm}, adjusted for baseline"
@@ -299,7 +309,7 @@ def mixed_model_tests(
                     effect_label=label,
                     statistic=e.z,
                     p=e.p,
-                    method=method + "; Wald z",
+                    method=method + ("; Wald t" if robust else "; Wald z"),
                     n=fit.n_patients,
                     n_detail=detail,
                     note=note,
@@ -323,7 +333,7 @@ def mixed_model_tests(
                     statistic=stat,
                     df=df if df else np.nan,
                     p=p,
-                    method=method + "; Wald chi-square",
+                    method=method + ("; Wald, Hotelling F" if robust else "; Wald chi-square"),
                     n=fit.n_patients,
                     n_detail=detail,
                     note=fit.note
@@ -348,7 +358,7 @@ def mixed_model_tests(
                 effect_label=f"slope of the visit-averaged arm effect on dose ({_SCALE_LABEL[outcome]} per dose unit)",
                 statistic=z,
                 p=p,
-                method=method + "; linear contrast of arm x visit effects, Wald z",
+                method=method + "; linear contrast of arm x visit effects, Wald " + ("t" if robust else "z"),
                 n=fit.n_patients,
                 n_detail=detail,
                 note=note,

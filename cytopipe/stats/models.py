@@ -51,6 +51,7 @@ def fit_mixed_model(
     min_group_size: int = 3,
     alpha: float = 0.05,
     doses: dict[str, float] | None = None,
+    covariance: str = "model",
 ) -> MixedModelFit:
     """Fit the longitudinal model on post-baseline rows of one population.
 
@@ -65,8 +66,12 @@ def fit_mixed_model(
     ``dose_slope`` is the linear dose term: the least-squares slope, over all arms (reference effect
     0), of each arm's effect averaged over its visits against its dose (outcome units per dose unit).
     Cells (arm, visit) with fewer than ``min_group_size`` patients are left out of the design and
-    reported with p = NaN.
+    reported with p = NaN. ``covariance``: "model" (REML model-based covariance, normal reference:
+    assumes the same variances in every arm) or "robust" (patient-clustered CR3 sandwich, t(G-1)
+    and Hotelling-F reference: allows arm-specific variances).
     """
+    if covariance not in ("model", "robust"):
+        raise ValueError(f"covariance must be 'model' or 'robust', not {covariance!r}")
     from statsmodels.regression.mixed_linear_model import MixedLM
 
     d = data[np.isfinite(data[outcome]) & np.isfinite(data["baseline"])]
@@ -133,10 +138,18 @@ def fit_mixed_model(
     if isinstance(best, str):
         empty.note = best
         return _finish(empty, estimable, effect_rows)
-    beta, cov, notes = best
+    beta, cov, notes, scale, re_var = best
     k = exog.shape[1]
+    n_groups = len(np.unique(groups))
+    if covariance == "robust":
+        cov = _cluster_robust_cov(exog, endog, groups, beta, scale, re_var)
+        df_resid = n_groups - 1  # t and F reference distributions with G - 1 degrees of freedom
+    else:
+        df_resid = None
     se = np.sqrt(np.diag(cov))
-    zcrit = float(special.ndtri(1 - alpha / 2))
+    crit = (
+        float(special.ndtri(1 - alpha / 2)) if df_resid is None else float(sps.t.ppf(1 - alpha / 2, df_resid))
+    )
     index = {nm: i for i, nm in enumerate(names)}
     for a, v in estimable:
         i = index[(a, v)]
@@ -149,13 +162,13 @@ def fit_mixed_model(
                 beta[i],
                 se[i],
                 z,
-                float(2 * special.ndtr(-abs(z))),
-                beta[i] - zcrit * se[i],
-                beta[i] + zcrit * se[i],
+                _two_sided(z, df_resid),
+                beta[i] - crit * se[i],
+                beta[i] + crit * se[i],
             )
         )
     pos = [index[nm] for nm in estimable]
-    overall = _wald(beta, cov, _select(pos, k))
+    overall = _wald(beta, cov, _select(pos, k), n_groups if df_resid else None)
     contrasts = []
     for a in active:
         cols = [index[(a, v)] for v in visits if (a, v) in index]
@@ -163,7 +176,11 @@ def fit_mixed_model(
             r = np.zeros(k)
             r[c], r[cols[0]] = 1.0, -1.0
             contrasts.append(r)
-    interaction = _wald(beta, cov, np.array(contrasts)) if contrasts else (np.nan, 0, np.nan)
+    interaction = (
+        _wald(beta, cov, np.array(contrasts), n_groups if df_resid else None)
+        if contrasts
+        else (np.nan, 0, np.nan)
+    )
     dose_slope = nan6
     if doses is not None and all(a in doses for a in arms):
         d_all = np.array([doses[a] for a in arms], dtype=float)
@@ -180,14 +197,7 @@ def fit_mixed_model(
             est, var = float(r @ beta), float(r @ cov @ r)
             se_s = np.sqrt(var)
             z = est / se_s
-            dose_slope = (
-                est,
-                se_s,
-                z,
-                float(2 * special.ndtr(-abs(z))),
-                est - zcrit * se_s,
-                est + zcrit * se_s,
-            )
+            dose_slope = (est, se_s, z, _two_sided(z, df_resid), est - crit * se_s, est + crit * se_s)
     fit = MixedModelFit(
         pd.DataFrame(effect_rows),
         overall,
@@ -202,7 +212,9 @@ def fit_mixed_model(
     return _finish(fit, [])
 
 
-def _fit_mixedlm(mixedlm, endog, exog, groups) -> tuple[np.ndarray, np.ndarray, list[str]] | str:
+def _fit_mixedlm(
+    mixedlm, endog, exog, groups
+) -> tuple[np.ndarray, np.ndarray, list[str], float, float] | str:
     """Fit by REML, trying optimizers in turn until one gives a clean fit; else keep the best REML fit.
 
     L-BFGS sometimes stops at a zero random-intercept variance that BFGS/CG show is not the optimum,
@@ -233,7 +245,7 @@ def _fit_mixedlm(mixedlm, endog, exog, groups) -> tuple[np.ndarray, np.ndarray, 
         )
         candidates.append((result, messages, beta, cov, re_var))
         if clean:
-            return beta, cov, []
+            return beta, cov, [], float(result.scale), re_var
     fitted = [c for c in candidates if c[0] is not None and c[0].converged and np.isfinite(c[0].llf)]
     if not fitted:
         reasons = sorted({m for c in candidates for m in (c[1] if c[0] is not None else [c[1]])})
@@ -249,7 +261,7 @@ def _fit_mixedlm(mixedlm, endog, exog, groups) -> tuple[np.ndarray, np.ndarray, 
         notes.append("; ".join(messages))
     if not (np.all(np.isfinite(beta)) and np.all(np.isfinite(cov)) and np.all(np.diag(cov) > 0)):
         return f"mixed model fit has no usable covariance ({'; '.join(messages)}); no inference"
-    return beta, cov, notes
+    return beta, cov, notes, float(result.scale), max(re_var, 0.0)
 
 
 def _effect(arm, visit, n, estimate=np.nan, se=np.nan, z=np.nan, p=np.nan, lo=np.nan, hi=np.nan, note=""):
@@ -284,15 +296,63 @@ def _select(positions: list[int], k: int) -> np.ndarray:
     return r
 
 
-def _wald(beta: np.ndarray, cov: np.ndarray, contrast: np.ndarray) -> tuple[float, int, float]:
-    """Wald chi-square of H0: contrast @ beta = 0 (pseudo-inverse, df = rank)."""
+def _wald(
+    beta: np.ndarray, cov: np.ndarray, contrast: np.ndarray, n_groups: int | None = None
+) -> tuple[float, int, float]:
+    """Wald chi-square of H0: contrast @ beta = 0 (pseudo-inverse, df = rank).
+
+    With ``n_groups`` (robust covariance) the p-value uses the Hotelling-type small-sample
+    approximation F = W / q * (G - q) / (G - 1) ~ F(q, G - q) instead of chi-square(q).
+    """
     lb = contrast @ beta
     lvl = contrast @ cov @ contrast.T
     df = int(np.linalg.matrix_rank(lvl))
     if df == 0:
         return np.nan, 0, np.nan
     stat = float(lb @ np.linalg.pinv(lvl) @ lb)
-    return stat, df, float(sps.chi2.sf(stat, df))
+    if n_groups is None:
+        return stat, df, float(sps.chi2.sf(stat, df))
+    if n_groups <= df:
+        return stat, df, np.nan
+    f = stat / df * (n_groups - df) / (n_groups - 1)
+    return stat, df, float(sps.f.sf(f, df, n_groups - df))
+
+
+def _two_sided(z: float, df: float | None) -> float:
+    return float(2 * special.ndtr(-abs(z))) if df is None else float(2 * sps.t.sf(abs(z), df))
+
+
+def _cluster_robust_cov(
+    exog: np.ndarray, endog: np.ndarray, groups: np.ndarray, beta: np.ndarray, scale: float, re_var: float
+) -> np.ndarray:
+    """Sandwich covariance of the GLS fixed effects, clustered by patient, with the jackknife-type
+    (CR3) small-sample correction: residuals of patient i are inflated by (I - H_ii)^-1, scaled (G-1)/G.
+
+    Valid when the arms' variances differ (e.g. IL-2 responders spread the active arms) where the
+    model-based covariance assumes one residual and one random-intercept variance for all arms.
+    """
+    k = exog.shape[1]
+    resid = endog - exog @ beta
+    blocks = []
+    bread = np.zeros((k, k))
+    for g in np.unique(groups):
+        m = groups == g
+        xi, n = exog[m], int(m.sum())
+        wi = (np.eye(n) - re_var / (scale + n * re_var) * np.ones((n, n))) / scale  # V_i^-1
+        blocks.append((xi, resid[m], wi))
+        bread += xi.T @ wi @ xi
+    b_inv = np.linalg.pinv(bread)
+    meat = np.zeros((k, k))
+    for xi, ei, wi in blocks:
+        hat = xi @ b_inv @ xi.T @ wi
+        try:
+            adj = np.linalg.solve(np.eye(len(ei)) - hat, ei)
+        except np.linalg.LinAlgError:
+            adj = ei
+        u = xi.T @ wi @ adj
+        meat += np.outer(u, u)
+    n_groups = len(blocks)
+    return b_inv @ meat @ b_inv * (n_groups - 1) / n_groups
 
 
 # ------------------------------------------------------------------------------------------------

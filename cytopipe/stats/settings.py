@@ -41,6 +41,9 @@ class StatsSettings:
     mann_whitney_method: str = "auto"
     jonckheere_method: str = "auto"
     mixed_model: bool = True
+    #: covariance of the mixed-model fixed effects: "model" (REML, normal reference) or "robust"
+    #: (patient-clustered CR3 sandwich with t(G-1) / Hotelling-F reference; arm-specific variances)
+    mixed_model_covariance: str = "model"
     #: response-rate test: "chi2" (Pearson, no continuity correction) or "fisher"
     rate_test: str = "chi2"
     #: binary endpoint for responder analyses, logistic regression and ROC
@@ -70,6 +73,11 @@ class StatsSettings:
         if self.duplicates not in ("error", "mean"):
             raise StatisticsError(
                 f"duplicates must be 'error' or 'mean', not {self.duplicates!r}", key="duplicates"
+            )
+        if self.mixed_model_covariance not in ("model", "robust"):
+            raise StatisticsError(
+                f"mixed_model_covariance must be 'model' or 'robust', not {self.mixed_model_covariance!r}",
+                key="mixed_model_covariance",
             )
         if not 0 < self.alpha < 1:
             raise StatisticsError(f"alpha must be between 0 and 1, not {self.alpha!r}", key="alpha")

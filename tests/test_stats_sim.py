@@ -1,0 +1,150 @@
+"""Statistics on simulated trials with a known truth (cytopipe.simulate, tables only, no FCS).
+
+* effect=1.0: IL-2 raises Treg and lowers Th17 and cTfh with dose; the mixed model must find it with
+  the right sign, and its estimate must agree with the truth of a very large simulated trial.
+* effect=0.0: every arm is identical; over 200 replicate trials the per-subset arm tests must reject
+  at their nominal 5% rate (criteria stated in each test).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from cytopipe.stats import FAMILIES, baseline_change, run_statistics
+
+simulate = pytest.importorskip(
+    "cytopipe.simulate", reason="the trial simulator (cytopipe.simulate) is not on this branch yet"
+)
+if not hasattr(simulate, "simulate_cohort"):  # pragma: no cover
+    pytest.skip("cytopipe.simulate has no simulate_cohort", allow_module_level=True)
+
+ACTIVE = ["IL-2 0.2 MIU", "IL-2 0.5 MIU", "IL-2 1.0 MIU"]
+EXPECTED_SIGN = {"Treg": +1, "Th17": -1, "cTfh": -1}
+
+
+@pytest.fixture(scope="module")
+def il2_trial():
+    cohort = simulate.simulate_cohort(n_patients=100, visits=(0, 4, 12, 24), seed=7, effect=1.0)
+    return cohort, run_statistics(cohort.frequencies, cohort.clinical)
+
+
+def test_mixed_model_finds_il2_effect_with_the_right_sign(il2_trial):
+    _, res = il2_trial
+    for population, sign in EXPECTED_SIGN.items():
+        mine = res[res.population == population]
+        # the arm x visit effects of the highest dose: significant at every visit, in the right direction
+        top = mine[(mine.family == "mixed_arm_visit") & (mine.comparison == "IL-2 1.0 MIU vs placebo")]
+        assert len(top) == 3 and (top["q"] < 0.01).all(), population
+        assert (np.sign(top["estimate"]) == sign).all(), population
+        # the whole trajectory differs between arms (joint Wald test) ...
+        assert mine[mine.family == "mixed_arm"]["p"].iloc[0] < 1e-6
+        # ... and the linear dose term has the expected sign: Treg rises with dose, Th17 / cTfh fall
+        slope = mine[mine.family == "mixed_dose_trend"].iloc[0]
+        assert slope["p"] < 1e-4 and np.sign(slope["estimate"]) == sign, population
+        # dose trend at each visit (Jonckheere-Terpstra) agrees
+        jt = mine[mine.family == "dose_trend"]
+        assert (jt["q"] < 0.01).all() and (np.sign(jt["estimate"]) == sign).all(), population
+    # Treg: the effect grows with dose at the end of every-other-day dosing (week 12)
+    treg12 = res[(res.family == "mixed_arm_visit") & (res.population == "Treg") & (res.visit == 12)]
+    by_arm = treg12.set_index("comparison")["estimate"]
+    assert by_arm[[f"{a} vs placebo" for a in ACTIVE]].is_monotonic_increasing
+
+
+def test_mixed_model_estimate_matches_the_truth_of_a_large_trial(il2_trial):
+    """The 95% CI of each week-12 Treg arm effect (n = 100) covers the arm difference in mean change
+    of a 4000-patient trial from the same simulator (the truth up to a small sampling error)."""
+    _, res = il2_trial
+    big = simulate.simulate_cohort(n_patients=4000, visits=(0, 4, 12, 24), seed=99, effect=1.0)
+    dyn = baseline_change(big.frequencies[big.frequencies.population == "Treg"])
+    mean12 = dyn[dyn.visit == 12].groupby("arm")["change"].mean()
+    effects = res[(res.family == "mixed_arm_visit") & (res.population == "Treg") & (res.visit == 12)]
+    for arm in ACTIVE:
+        row = effects[effects.comparison == f"{arm} vs placebo"].iloc[0]
+        truth = mean12[arm] - mean12["placebo"]
+        assert row["ci_low"] < truth < row["ci_high"], (arm, truth, row["estimate"])
+
+
+def test_clinical_families_on_a_simulated_trial(il2_trial, tmp_path):
+    cohort, res = il2_trial
+    assert set(res["family"]) == set(FAMILIES)
+    # SRI-4 is more frequent on IL-2 (the drug acts on the clinic through the Treg response)
+    sri = res[(res.family == "response_rate") & (res.measure == "sri4") & (res.visit == 24)]
+    pooled = sri[sri.comparison == "all active arms vs placebo"].iloc[0]
+    assert pooled["estimate"] > 0 and pooled["p"] < 0.05
+    # larger Treg rises go with larger SLEDAI falls (negative rho)
+    cor = res[(res.family == "correlation") & (res.population == "Treg") & (res.endpoint == "sledai_change")]
+    assert (cor[cor.visit >= 12]["estimate"] < 0).all()
+    # every row that could not be computed says why
+    assert res.loc[res.p.isna(), "note"].str.len().gt(0).all()
+    path = tmp_path / "statistics.parquet"
+    res.to_parquet(path)
+    pd.testing.assert_frame_equal(pd.read_parquet(path), res)
+
+
+def _binomial_upper(n: int, p: float = 0.05, level: float = 0.999) -> int:
+    """Largest count of rejections out of n independent tests compatible with rate p (one-sided)."""
+    return int(sps.binom.ppf(level, n, p))
+
+
+def test_null_false_positive_rate_of_per_visit_arm_tests():
+    """200 null trials (effect = 0, 80 patients, 15 populations x 3 visits x 3 arm comparisons).
+
+    Criteria (all deterministic: trial r uses seed 1000 + r):
+    1. per-test false-positive rate (p < 0.05 over all 200 x 135 tests) within 0.05 +- 3 SE, where
+       SE comes from the 200 per-trial rates (trials are independent; tests within a trial are not:
+       they share the placebo group and nested populations);
+    2. one prespecified test (Treg, 1.0 MIU vs placebo, week 12): rejections in 200 independent
+       trials <= the 99.9% binomial upper bound for rate 0.05 (22 of 200);
+    3. family-wise: trials with any BH q < 0.05 in the family <= the same bound (under the global
+       null, BH's FDR is its family-wise error rate, <= 5% under positive dependence).
+    """
+    rates, any_q, treg = [], [], []
+    for r in range(200):
+        cohort = simulate.simulate_cohort(n_patients=80, visits=(0, 4, 12, 24), seed=1000 + r, effect=0.0)
+        res = run_statistics(cohort.frequencies, None, {"families": ["arm_visit"]})
+        assert len(res) == 135 and res["p"].notna().all()
+        rates.append(float(np.mean(res["p"] < 0.05)))
+        any_q.append(bool((res["q"] < 0.05).any()))
+        pick = res[
+            (res.population == "Treg") & (res.visit == 12) & (res.comparison == "IL-2 1.0 MIU vs placebo")
+        ]
+        treg.append(bool(pick["p"].iloc[0] < 0.05))
+    rates = np.asarray(rates)
+    rate, se = rates.mean(), rates.std(ddof=1) / np.sqrt(len(rates))
+    assert abs(rate - 0.05) <= 3 * se, f"per-test false-positive rate {rate:.4f} (SE {se:.4f})"
+    bound = _binomial_upper(200)
+    assert sum(treg) <= bound, f"Treg week-12 test rejected in {sum(treg)}/200 null trials"
+    assert sum(any_q) <= bound, f"{sum(any_q)}/200 null trials had a BH discovery"
+
+
+@pytest.mark.slow
+def test_null_false_positive_rate_of_the_mixed_model():
+    """200 null trials, Treg, Th17 and cTfh: the mixed model's arm x visit effects (p < 0.05) reject at
+    0.05 +- 3 SE (SE from the per-trial rates) and its joint Wald test (mixed_arm) and linear dose
+    term each reject in at most the 99.9% binomial upper bound of 200 x 3 trials-populations."""
+    rates, overall, slope = [], [], []
+    for r in range(200):
+        cohort = simulate.simulate_cohort(n_patients=80, visits=(0, 4, 12, 24), seed=5000 + r, effect=0.0)
+        res = run_statistics(
+            cohort.frequencies,
+            None,
+            {
+                "families": ["mixed_arm_visit", "mixed_arm", "mixed_dose_trend"],
+                "populations": list(EXPECTED_SIGN),
+            },
+        )
+        effects = res[res.family == "mixed_arm_visit"]
+        assert effects["p"].notna().all()
+        rates.append(float(np.mean(effects["p"] < 0.05)))
+        overall += list(res[res.family == "mixed_arm"]["p"] < 0.05)
+        slope += list(res[res.family == "mixed_dose_trend"]["p"] < 0.05)
+    rates = np.asarray(rates)
+    rate, se = rates.mean(), rates.std(ddof=1) / np.sqrt(len(rates))
+    assert abs(rate - 0.05) <= 3 * se, f"mixed-model false-positive rate {rate:.4f} (SE {se:.4f})"
+    # populations of one trial share patients, so this binomial bound is approximate (conservative
+    # only for the independent part); it still catches an anti-conservative Wald test
+    bound = _binomial_upper(len(overall))
+    assert sum(overall) <= bound and sum(slope) <= bound
