@@ -30,6 +30,7 @@ from cytopipe.stats import (
     roc_auc,
     run_statistics,
     spearman,
+    summarise_by_arm,
     time_averaged_auc,
     wilson_interval,
 )
@@ -471,3 +472,38 @@ def test_settings_validation():
     )
     assert s.measures == ("pct_parent",) and s.clinical.sri_thresholds == (4, 6)
     assert s.clinical.baseline_visit == 2  # one baseline for flow and clinic
+
+
+def test_robust_mixed_model_covariance_is_clustered_hc3():
+    """With one post-baseline visit per patient the patient-clustered CR3 sandwich is the HC3
+    heteroscedasticity-consistent covariance of the same (OLS) fit, times (G - 1) / G."""
+    import statsmodels.api as sm
+
+    rng = np.random.default_rng(8)
+    arm = np.array(["placebo", "IL-2 1.0 MIU"] * 30)
+    base = rng.normal(size=60)
+    y = 1.0 * (arm != "placebo") + 0.5 * base + rng.normal(size=60) * np.where(arm == "placebo", 0.5, 2.0)
+    data = pd.DataFrame(
+        {"patient_id": [f"P{i}" for i in range(60)], "arm": arm, "visit": 12, "baseline": base, "y": y}
+    )
+    model = fit_mixed_model(data, "y", ["placebo", "IL-2 1.0 MIU"], "placebo")
+    robust = fit_mixed_model(data, "y", ["placebo", "IL-2 1.0 MIU"], "placebo", covariance="robust")
+    x = np.column_stack([np.ones(60), arm != "placebo", base - base.mean()]).astype(float)
+    hc3 = sm.OLS(y, x).fit(cov_type="HC3")
+    assert robust.effects["estimate"].iloc[0] == pytest.approx(hc3.params[1], rel=1e-4)
+    assert robust.effects["se"].iloc[0] == pytest.approx(hc3.bse[1] * np.sqrt(59 / 60), rel=1e-3)
+    assert robust.effects["estimate"].iloc[0] == pytest.approx(model.effects["estimate"].iloc[0])
+    # t(G - 1) reference for the robust p-value
+    t = robust.effects["estimate"].iloc[0] / robust.effects["se"].iloc[0]
+    assert robust.effects["p"].iloc[0] == pytest.approx(2 * sps.t.sf(abs(t), 59))
+
+
+def test_summarise_by_arm_by_hand():
+    rows = _pop_rows([1.0, 3.0], visits=(0, 4), patient="A") + _pop_rows(
+        [3.0, 7.0], visits=(0, 4), patient="B"
+    )
+    summary = summarise_by_arm(baseline_change(pd.DataFrame(rows))).set_index("visit")
+    week4 = summary.loc[4]
+    assert (week4["n"], week4["mean"], week4["mean_change"], week4["median"]) == (2, 5.0, 3.0, 5.0)
+    # t interval with 1 df: mean +- t(0.975, 1) * sd / sqrt(2); sd of (3, 7) = 2 sqrt(2)
+    assert week4["ci_high"] - 5.0 == pytest.approx(sps.t.ppf(0.975, 1) * 2.0)

@@ -53,18 +53,52 @@ def test_mixed_model_finds_il2_effect_with_the_right_sign(il2_trial):
     assert by_arm[[f"{a} vs placebo" for a in ACTIVE]].is_monotonic_increasing
 
 
-def test_mixed_model_estimate_matches_the_truth_of_a_large_trial(il2_trial):
-    """The 95% CI of each week-12 Treg arm effect (n = 100) covers the arm difference in mean change
-    of a 4000-patient trial from the same simulator (the truth up to a small sampling error)."""
+def test_mixed_model_estimate_agrees_with_a_large_trial(il2_trial):
+    """Each Treg arm effect (n = 100) agrees with the arm difference in mean change of a 2000-patient
+    trial from the same simulator: |estimate - reference| <= 2.58 * sqrt(SE^2 + SE_reference^2)."""
     _, res = il2_trial
-    big = simulate.simulate_cohort(n_patients=4000, visits=(0, 4, 12, 24), seed=99, effect=1.0)
+    big = simulate.simulate_cohort(n_patients=2000, visits=(0, 4, 12, 24), seed=99, effect=1.0)
     dyn = baseline_change(big.frequencies[big.frequencies.population == "Treg"])
-    mean12 = dyn[dyn.visit == 12].groupby("arm")["change"].mean()
-    effects = res[(res.family == "mixed_arm_visit") & (res.population == "Treg") & (res.visit == 12)]
-    for arm in ACTIVE:
-        row = effects[effects.comparison == f"{arm} vs placebo"].iloc[0]
-        truth = mean12[arm] - mean12["placebo"]
-        assert row["ci_low"] < truth < row["ci_high"], (arm, truth, row["estimate"])
+    stats = dyn[dyn.visit > 0].groupby(["arm", "visit"])["change"].agg(["mean", "var", "count"])
+    effects = res[(res.family == "mixed_arm_visit") & (res.population == "Treg")]
+    for row in effects.itertuples():
+        arm = row.comparison.removesuffix(" vs placebo")
+        a, p = stats.loc[(arm, row.visit)], stats.loc[("placebo", row.visit)]
+        reference = a["mean"] - p["mean"]
+        se_reference = np.sqrt(a["var"] / a["count"] + p["var"] / p["count"])
+        se = (row.ci_high - row.ci_low) / (2 * 1.959964)
+        assert abs(row.estimate - reference) <= 2.58 * np.hypot(se, se_reference), (arm, row.visit)
+
+
+@pytest.mark.slow
+def test_mixed_model_coverage_against_the_truth():
+    """Coverage of the 95% CIs of the 9 Treg arm x visit effects over 100 simulated trials (n = 100)
+    against the truth of a 20000-patient trial. The model-based covariance assumes equal variances
+    in all arms; IL-2 responders make the active arms more variable, so coverage is expected to be
+    a little below 95% for 1.0 MIU and above it for 0.2 MIU (measured: ~0.92 and ~1.0); the robust
+    (CR3) covariance is near 0.93 for every arm. Criterion: every arm's coverage >= 0.85."""
+    big = simulate.simulate_cohort(n_patients=20000, visits=(0, 4, 12, 24), seed=12345, effect=1.0)
+    dyn = baseline_change(big.frequencies[big.frequencies.population == "Treg"])
+    mean = dyn[dyn.visit > 0].groupby(["arm", "visit"])["change"].mean()
+    hits: dict[tuple[str, str], list[bool]] = {}
+    for r in range(100):
+        cohort = simulate.simulate_cohort(n_patients=100, visits=(0, 4, 12, 24), seed=8000 + r, effect=1.0)
+        for covariance in ("model", "robust"):
+            res = run_statistics(
+                cohort.frequencies,
+                None,
+                {
+                    "families": ["mixed_arm_visit"],
+                    "populations": ["Treg"],
+                    "mixed_model_covariance": covariance,
+                },
+            )
+            for row in res.itertuples():
+                arm = row.comparison.removesuffix(" vs placebo")
+                truth = mean[(arm, row.visit)] - mean[("placebo", row.visit)]
+                hits.setdefault((covariance, arm), []).append(row.ci_low < truth < row.ci_high)
+    coverage = {key: float(np.mean(v)) for key, v in hits.items()}
+    assert all(c >= 0.85 for c in coverage.values()), coverage
 
 
 def test_clinical_families_on_a_simulated_trial(il2_trial, tmp_path):

@@ -10,7 +10,7 @@ One entry point for the pipeline and the report::
 FlowSOM metacluster abundances) and any measure column (``pct_parent`` or ``median_<marker>``).
 It returns one long table, one row per test (columns in :data:`cytopipe.stats.table.COLUMNS`), with
 Benjamini-Hochberg q-values within each family x measure. The building blocks are public too:
-:func:`baseline_change`, :func:`time_averaged_auc`, :func:`add_wilson_ci`, :func:`mann_whitney`,
+:func:`baseline_change`, :func:`time_averaged_auc`, :func:`add_wilson_ci`, :func:`summarise_by_arm`, :func:`mann_whitney`,
 :func:`jonckheere_terpstra`, :func:`spearman`, :func:`compare_rates`, :func:`wilson_interval`,
 :func:`fit_mixed_model`, :func:`fit_logistic`, :func:`roc_auc`, :func:`bh_qvalues`.
 Definitions, defaults and families: docs/statistics.md.
@@ -24,7 +24,13 @@ from typing import Any
 import pandas as pd
 
 from cytopipe.errors import StatisticsError
-from cytopipe.stats.dynamics import add_wilson_ci, baseline_change, check_population_table, time_averaged_auc
+from cytopipe.stats.dynamics import (
+    add_wilson_ci,
+    baseline_change,
+    check_population_table,
+    summarise_by_arm,
+    time_averaged_auc,
+)
 from cytopipe.stats.models import fit_logistic, fit_mixed_model, roc_auc
 from cytopipe.stats.multiplicity import BH_FAMILY_KEYS, add_qvalues, bh_qvalues
 from cytopipe.stats.nonparametric import hodges_lehmann, jonckheere_terpstra, mann_whitney, spearman
@@ -54,6 +60,7 @@ __all__ = [
     "roc_auc",
     "run_statistics",
     "spearman",
+    "summarise_by_arm",
     "time_averaged_auc",
     "wilson_interval",
 ]

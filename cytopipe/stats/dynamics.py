@@ -274,3 +274,37 @@ def _window_auc(wide: pd.DataFrame, start: int, end: int | None) -> tuple[np.nda
     valid = observed[:, 0] & observed[:, -1]
     auc = np.where(valid, seg.sum(axis=1) / (t[-1] - t[0]), np.nan)
     return auc, n_visits, np.full(rows, float(end))
+
+
+def summarise_by_arm(dynamics: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """Arm-level summary of :func:`baseline_change` output, one row per population, arm and visit.
+
+    Columns: ``population, parent, arm, visit, n, mean, sd, median, ci_low, ci_high`` (t interval of
+    the mean value), ``mean_change, change_ci_low, change_ci_high`` and ``median_log2fc``: what the
+    report draws as "arm mean with CI" over the patients' lines.
+    """
+    from scipy import stats as sps
+
+    rows = []
+    for (pop, arm, visit), g in dynamics.groupby(["population", "arm", "visit"], sort=True):
+        v = g["value"].to_numpy(dtype=float)
+        c = g["change"].to_numpy(dtype=float)
+        v, c = v[np.isfinite(v)], c[np.isfinite(c)]
+        out = {"population": pop, "parent": g["parent"].iloc[0], "arm": arm, "visit": int(visit), "n": len(v)}
+        for prefix, x in (("", v), ("change_", c)):
+            mean = float(np.mean(x)) if len(x) else np.nan
+            half = (
+                float(sps.t.ppf(1 - alpha / 2, len(x) - 1) * np.std(x, ddof=1) / np.sqrt(len(x)))
+                if len(x) > 1
+                else np.nan
+            )
+            out["mean" if not prefix else "mean_change"] = mean
+            out[f"{prefix}ci_low"] = mean - half
+            out[f"{prefix}ci_high"] = mean + half
+        out["sd"] = float(np.std(v, ddof=1)) if len(v) > 1 else np.nan
+        out["median"] = float(np.median(v)) if len(v) else np.nan
+        out["median_log2fc"] = float(np.nanmedian(g["log2fc"])) if g["log2fc"].notna().any() else np.nan
+        rows.append(out)
+    cols = ["population", "parent", "arm", "visit", "n", "mean", "sd", "median", "ci_low", "ci_high",
+            "mean_change", "change_ci_low", "change_ci_high", "median_log2fc"]  # fmt: skip
+    return pd.DataFrame(rows, columns=cols)
