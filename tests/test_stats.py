@@ -507,3 +507,15 @@ def test_summarise_by_arm_by_hand():
     assert (week4["n"], week4["mean"], week4["mean_change"], week4["median"]) == (2, 5.0, 3.0, 5.0)
     # t interval with 1 df: mean +- t(0.975, 1) * sd / sqrt(2); sd of (3, 7) = 2 sqrt(2)
     assert week4["ci_high"] - 5.0 == pytest.approx(sps.t.ppf(0.975, 1) * 2.0)
+
+
+def test_blind_arms_leaves_no_arm_name(result):
+    from cytopipe.stats import blind_arms
+
+    codes = {arm: f"Arm {letter}" for arm, letter in zip(ARMS, "ABCD")}
+    blinded = blind_arms(result, codes)
+    text = " ".join(blinded.select_dtypes(include=["string", "object"]).astype(str).to_numpy().ravel())
+    for arm in ARMS:
+        assert arm not in text
+    assert "Arm D vs Arm A" in set(blinded["comparison"])
+    pd.testing.assert_frame_equal(blinded[["p", "q", "estimate"]], result[["p", "q", "estimate"]])

@@ -36,7 +36,7 @@ from cytopipe.stats.multiplicity import BH_FAMILY_KEYS, add_qvalues, bh_qvalues
 from cytopipe.stats.nonparametric import hodges_lehmann, jonckheere_terpstra, mann_whitney, spearman
 from cytopipe.stats.rates import RateComparison, compare_rates, newcombe_interval, wilson_interval
 from cytopipe.stats.settings import StatsSettings, arm_doses, arm_order
-from cytopipe.stats.table import COLUMNS
+from cytopipe.stats.table import COLUMNS, blind_arms
 
 __all__ = [
     "BH_FAMILY_KEYS",
@@ -50,6 +50,7 @@ __all__ = [
     "arm_order",
     "baseline_change",
     "bh_qvalues",
+    "blind_arms",
     "compare_rates",
     "fit_logistic",
     "fit_mixed_model",

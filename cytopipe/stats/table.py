@@ -70,3 +70,22 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     ):
         table[key] = table[key].astype("string")
     return table
+
+
+def blind_arms(table: pd.DataFrame, codes: dict[str, str]) -> pd.DataFrame:
+    """Copy of a result table with every arm name replaced by its code in every text column.
+
+    For blinded reports: ``codes`` maps each arm name to a code (e.g. ``{"placebo": "Arm A", ...}``).
+    Longer names are replaced first so that one name inside another cannot leak a fragment.
+    """
+    out = table.copy()
+    names = sorted(codes, key=len, reverse=True)
+    for column in out.columns:
+        if out[column].dtype == object or pd.api.types.is_string_dtype(out[column]):
+            values = out[column]
+            mask = values.notna()
+            text = values[mask].astype(str)
+            for name in names:
+                text = text.str.replace(name, codes[name], regex=False)
+            out.loc[mask, column] = text
+    return out
