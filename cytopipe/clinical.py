@@ -402,9 +402,12 @@ def derive_endpoints(
 
     nri = s.imputation == "nri"
     # components: True / False / <NA> when an input is missing
-    bilag_ok = _cond(
-        (out["bilag_new_a"] <= s.max_new_bilag_a) & (out["bilag_new_b"] <= s.max_new_bilag_b),
-        out[["bilag_new_a", "bilag_new_b"]].notna().all(axis=1),
+    bilag_ok, _ = _all_of(
+        [
+            _cond(out["bilag_new_a"] <= s.max_new_bilag_a, out["bilag_new_a"].notna()),
+            _cond(out["bilag_new_b"] <= s.max_new_bilag_b, out["bilag_new_b"].notna()),
+        ],
+        impute_false=False,
     )
     pga_ok = _cond(out["pga_change"] < s.pga_worsening - _EPS, out["pga_change"].notna())
     out["sri_bilag"] = bilag_ok

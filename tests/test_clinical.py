@@ -272,3 +272,17 @@ def test_pga_rise_of_exactly_03_fails_despite_rounding_down():
     assert ep.loc["P1", "sri_pga"] == False and ep.loc["P1", "sri4"] == False  # noqa: E712
     table.loc[1, "pga"] = 2.29
     assert week(derive_endpoints(table)).loc["P1", "sri4"] == True  # noqa: E712
+
+
+def test_bilag_component_is_decided_by_either_count():
+    table = pd.DataFrame(
+        [
+            _visit("P1", 0),
+            _visit("P1", 12, sledai=2, bilag_new_a=1, bilag_new_b=np.nan),  # a new A decides: fails
+            _visit("P2", 0),
+            _visit("P2", 12, sledai=2, bilag_new_a=0, bilag_new_b=np.nan),  # unknown B: undecided
+        ]
+    )
+    ep = week(derive_endpoints(table))
+    assert ep.loc["P1", "sri_bilag"] == False and not ep.loc["P1", "sri4_imputed"]  # noqa: E712
+    assert pd.isna(ep.loc["P2", "sri_bilag"]) and ep.loc["P2", "sri4_imputed"]
