@@ -182,3 +182,17 @@ def test_null_false_positive_rate_of_the_mixed_model():
     # only for the independent part); it still catches an anti-conservative Wald test
     bound = _binomial_upper(len(overall))
     assert sum(overall) <= bound and sum(slope) <= bound
+
+
+def test_docs_quick_start_runs(tmp_path, monkeypatch, capsys):
+    """The Quick start of docs/statistics.md runs as written and prints the He 2020 p-values."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "statistics.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/statistics.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "0.0504" in out and "0.0672" in out
+    assert (tmp_path / "statistics.parquet").is_file()
