@@ -34,6 +34,9 @@ _LAZY: dict[str, str] = {
     "estimate_transforms": "cytopipe.transforms",
     "load_template": "cytopipe.gating",
     "gate": "cytopipe.gating",
+    "load_clinical": "cytopipe.clinical",
+    "derive_endpoints": "cytopipe.clinical",
+    "run_statistics": "cytopipe.stats",
 }
 
 __all__ = sorted(_LAZY) + ["__version__", "errors"]
