@@ -323,10 +323,13 @@ def _apply_inverse(events: np.ndarray, idx: np.ndarray, inv32: np.ndarray) -> No
         matrix = np.empty_like(inv32)
         matrix[np.ix_(pos, pos)] = inv32
         where = slice(lo, lo + k)
+    out = np.empty((min(_ROW_BLOCK, events.shape[0]), k), dtype=np.float32)  # reused: no page faults
     with threadpool_limits(1, user_api="blas"):
         for r0 in range(0, events.shape[0], _ROW_BLOCK):
             block = events[r0 : r0 + _ROW_BLOCK]
-            block[:, where] = block[:, where] @ matrix
+            res = out[: block.shape[0]]
+            np.matmul(block[:, where], matrix, out=res)
+            block[:, where] = res
 
 
 def compensate(
