@@ -105,9 +105,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.workflow:
-        if args.manifest or args.template:
+        given = [f"--{o}" for o in ("manifest", "template", "clinical", "study") if getattr(args, o)]
+        if given:
             raise WorkflowError(
-                "give either a workflow file or --manifest/--template, not both (the workflow names them)"
+                f"give either a workflow file or {', '.join(given)}, not both (the workflow names them)"
             )
         wf = load_workflow(args.workflow, output=args.out)
         if args.seed is not None:
@@ -606,6 +607,7 @@ class RunContext:
     hashes: dict[str, str] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)
     cached: int = 0
+    clinical_problem: str | None = None
     reused: dict[str, int] = field(default_factory=dict)  # phase -> results taken from the cache
     keep_cache: dict[str, set[str]] = field(default_factory=dict)  # phase -> keys in use
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
@@ -692,11 +694,34 @@ def validate_inputs(ctx: RunContext) -> None:
             file=wf.manifest,
         )
     ctx.state = build_state(wf, n_samples=len(ctx.jobs))
+    if wf.clinical is not None:
+        ctx.clinical_problem = _check_clinical(wf, ctx.manifest)
     ctx.hashes["template"] = file_sha256(wf.template)
     ctx.hashes["qc"] = stable_hash(ctx.state.qc.to_dict())
     ctx.hashes["compensation"] = _spillover_hash(
         ctx.state.compensation, ctx.state.spillover, ctx.state.template.compensation
     )
+
+
+def _check_clinical(wf: Workflow, manifest: pd.DataFrame) -> str | None:
+    """Validate the clinical table now. Gating does not need it: a problem is fatal only when
+    the statistics step is enabled, otherwise it is reported and recorded in run.json."""
+    from cytopipe.clinical import load_clinical
+    from cytopipe.errors import ClinicalDataError
+
+    samples = manifest[(manifest["control"] == "") & manifest["ok"]]
+    try:
+        load_clinical(
+            wf.clinical,
+            patients=samples[["patient_id", "arm"]].drop_duplicates(),
+            baseline_visit=int(wf.statistics.get("baseline_visit") or 0),
+        )
+    except ClinicalDataError as exc:
+        if wf.statistics.get("enabled"):
+            raise
+        print(f"cytopipe run: warning: clinical table: {exc}", file=sys.stderr)
+        return str(exc)
+    return None
 
 
 def split_jobs(manifest: pd.DataFrame) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -1207,6 +1232,7 @@ def _run_info(ctx: RunContext, executor: Any, seconds: float) -> dict[str, Any]:
         "workflow": ctx.wf.to_dict(),
         "hashes": dict(ctx.hashes),
         "study_state": _study_record(ctx),
+        "clinical_problem": ctx.clinical_problem,
         "seed": ctx.wf.seed,
         "executor": executor.info(),
         "steps": ctx.steps,

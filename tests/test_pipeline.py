@@ -369,3 +369,24 @@ def test_the_committed_sample_data_workflow(tmp_path):
     per_pop = m.groupby("population")["abs_error_pp"].median()
     print("median |pct_parent - truth| (pp):\n" + per_pop.round(3).to_string())
     assert per_pop["Treg"] < 0.3 and per_pop.max() < 1.0
+
+
+def test_the_clinical_table_is_checked_before_any_work(sim_trial, tmp_path, capsys):
+    from cytopipe.errors import ClinicalDataError
+    from cytopipe.pipeline import RunContext, validate_inputs
+    from cytopipe.store import RunFolder
+
+    bad = tmp_path / "clinical.csv"
+    table = pd.read_csv(sim_trial / "clinical.csv")
+    table[table["patient_id"] != "P003"].to_csv(bad, index=False)  # a patient without clinical data
+    wf = workflow(sim_trial, tmp_path / "o")
+    wf.clinical = bad
+    ctx = RunContext(wf=wf, folder=RunFolder(tmp_path / "o"), executor=None, progress=False)
+    validate_inputs(ctx)  # gating does not need it: reported, recorded, not fatal
+    assert "P003" in ctx.clinical_problem and "warning: clinical table" in capsys.readouterr().err
+    wf_stats = wf
+    wf_stats.statistics = dict(wf.statistics, enabled=True)
+    with pytest.raises(ClinicalDataError, match="P003"):
+        validate_inputs(
+            RunContext(wf=wf_stats, folder=RunFolder(tmp_path / "o"), executor=None, progress=False)
+        )
