@@ -129,6 +129,7 @@ def main() -> None:
     from cytopipe.pipeline import DaskExecutor, StudyState, gate_task
     from cytopipe.qc import QCSettings
 
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     jobs, warm = simulate(args.data, args.files, args.events)
     jobs, warm = with_sha(jobs), with_sha([warm])[0]
@@ -223,6 +224,11 @@ def main() -> None:
     if fk is not None:
         print(f"FlowKit vs cytopipe 2 workers:            {fk[0] / min(times[2]):.1f}x the time "
               "(FlowKit: gates only; cytopipe: + event QC + 14 medians per population)")  # fmt: skip
+    cores = os.cpu_count() or 1
+    load = max(load0, os.getloadavg()[0])
+    if load > 0.5 * cores:
+        print(f"note: load average {load:.1f} on {cores} cores before/after this benchmark: other processes "
+              "competed for the cores, so the 2-worker speed-up is understated; rerun on a quiet machine")  # fmt: skip
     fit_s, gate_s = two_pass
     per_file = (fit_s + gate_s) / len(jobs)
     print()
