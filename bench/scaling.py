@@ -225,9 +225,9 @@ def main() -> None:
         print(f"FlowKit vs cytopipe 2 workers:            {fk[0] / min(times[2]):.1f}x the time "
               "(FlowKit: gates only; cytopipe: + event QC + 14 medians per population)")  # fmt: skip
     cores = os.cpu_count() or 1
-    load = max(load0, os.getloadavg()[0])
+    load = load0  # measured before this benchmark started its own processes
     if load > 0.5 * cores:
-        print(f"note: load average {load:.1f} on {cores} cores before/after this benchmark: other processes "
+        print(f"note: load average {load:.1f} on {cores} cores before this benchmark: other processes "
               "competed for the cores, so the 2-worker speed-up is understated; rerun on a quiet machine")  # fmt: skip
     fit_s, gate_s = two_pass
     per_file = (fit_s + gate_s) / len(jobs)
