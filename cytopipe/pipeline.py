@@ -169,8 +169,11 @@ class RunResult:
             f"{counts.get('failed', 0)} failed ({self.info.get('cached_samples', 0)} reused from a "
             f"previous run) in {self.info.get('seconds', 0):.1f} s",
         ]
-        for _, row in s[s["status"] == "failed"].iterrows():
+        failed = s[s["status"] == "failed"]
+        for _, row in failed.head(50).iterrows():
             lines.append(f"  failed  {row['sample_id']}: {row['error']}")
+        if len(failed) > 50:
+            lines.append(f"  ... {len(failed) - 50} more failed files (all errors in samples.parquet)")
         for _, row in s[s["status"] == "flagged"].head(20).iterrows():
             lines.append(f"  flagged {row['sample_id']}: {row['flags']}")
         if (s["status"] == "flagged").sum() > 20:
