@@ -168,26 +168,49 @@ def margin_qc(events: np.ndarray, channels: pd.DataFrame, settings: QCSettings) 
     if not settings.margins or n == 0:
         return MarginResult(bad, counts)
     roles = channel_roles(channels)
-    pnr = channels["pnr"].to_numpy(dtype=np.float64)
+    cols = measured_channels(events, channels)
+    if len(cols) == 0:
+        return MarginResult(bad, counts)
+    pnr = channels["pnr"].to_numpy(dtype=np.float64)[cols]
     lower = {"scatter": roles == "scatter", "all": roles != "time", "none": np.zeros(p, bool)}[
         settings.lower_channels
-    ]
-    col_max = events.max(axis=0)
-    for j in measured_channels(events, channels):
-        hit = None
-        # $PnR is the detector range only if the data respect it (some exports write a
-        # nominal range and values beyond it): then the top of the range is saturation.
-        if pnr[j] > 1 and col_max[j] <= pnr[j]:
-            hit = events[:, j] >= np.float32(pnr[j] - 1)
-        if lower[j]:
-            low = events[:, j] <= np.float32(settings.lower_limit)
-            hit = low if hit is None else hit | low
-        if hit is not None:
-            c = int(np.count_nonzero(hit))
-            if c:
-                counts[str(channels["pnn"].iloc[j])] = c
-                bad |= hit
+    ][cols]
+    hi = np.where(pnr > 1, pnr - 1, np.inf).astype(np.float32)
+    lo = np.where(lower, settings.lower_limit, -np.inf).astype(np.float32)
+    kernel = _kernels()["margins"]
+    n_hi, n_lo, n_above = kernel(events, cols, hi, lo, bad)
+    # $PnR is the detector range only if the data respect it (some exports write a nominal
+    # range and values beyond it): then the top of the range is not a saturation limit
+    if (n_above > 0).any():
+        hi[n_above > 0] = np.inf
+        bad[:] = False
+        n_hi, n_lo, _ = kernel(events, cols, hi, lo, bad)
+    for k, j in enumerate(cols):
+        if n_hi[k] + n_lo[k]:
+            counts[str(channels["pnn"].iloc[j])] = int(n_hi[k] + n_lo[k])
     return MarginResult(bad, counts)
+
+
+def _margins(events, cols, hi, lo, bad):  # pragma: no cover - compiled
+    """One row-major pass: flag events at/above ``hi`` or at/below ``lo`` on any of ``cols``;
+    count them per channel (an event counts once per channel), and values above ``hi + 1``
+    (beyond the declared range)."""
+    k = cols.shape[0]
+    n_hi = np.zeros(k, dtype=np.int64)
+    n_lo = np.zeros(k, dtype=np.int64)
+    n_above = np.zeros(k, dtype=np.int64)
+    for i in range(events.shape[0]):
+        for c in range(k):
+            v = events[i, cols[c]]
+            if v >= hi[c]:
+                n_hi[c] += 1
+                bad[i] = True
+                if v > hi[c] + 1:
+                    n_above[c] += 1
+            elif v <= lo[c]:
+                n_lo[c] += 1
+                bad[i] = True
+    return n_hi, n_lo, n_above
 
 
 # --- 2. time-resolved anomalies ------------------------------------------------------------------
@@ -296,13 +319,15 @@ def _signal_bins(
     bin_bad = np.zeros(n_bins, dtype=bool)
     if len(cols) == 0:
         return bin_bad, None
-    # the rank grid of each channel, from ~20k events spread over the run
-    sub = events[:: max(1, events.shape[0] // 20_000)][:, cols].astype(np.float64)
-    q = np.linspace(0, 100, SCORE_LEVELS + 1)[1:-1]
+    # The rank grid of each channel, from ~4k events spread over the run. Any fixed monotone
+    # grid gives a valid test (the null mean and variance are those of all the events), so the
+    # grid only needs to be roughly even, not exact quantiles.
+    sub = np.sort(events[:: max(1, events.shape[0] // 4096)][:, cols], axis=0)
+    at = (np.arange(1, SCORE_LEVELS) * sub.shape[0]) // SCORE_LEVELS
     cuts = np.full((len(cols), SCORE_LEVELS), np.inf, dtype=np.float32)
-    cuts[:, :-1] = np.percentile(sub, q, axis=0).T
+    cuts[:, :-1] = sub[at].T
     rows = np.arange(0) if sel is None else np.asarray(sel, dtype=np.int64)
-    kernel = _kernel()
+    kernel = _kernels()["ranks"]
     sums, tot, tot2 = kernel(events, rows, np.asarray(cols, dtype=np.int64), cuts, per_bin, n_bins)
     counts = np.full(n_bins, per_bin, dtype=np.float64)
     counts[-1] = n - (n_bins - 1) * per_bin
@@ -320,17 +345,17 @@ def _signal_bins(
     return bin_bad, worst
 
 
-_KERNEL = None
+_KERNELS: dict = {}
 
 
-def _kernel():
-    """The compiled rank kernel (numba is imported on first use: `cytopipe --help` stays fast)."""
-    global _KERNEL
-    if _KERNEL is None:
+def _kernels() -> dict:
+    """The compiled kernels (numba is imported on first use: `cytopipe --help` stays fast)."""
+    if not _KERNELS:
         import numba
 
-        _KERNEL = numba.njit(cache=True, nogil=True)(_rank_sums)
-    return _KERNEL
+        jit = numba.njit(cache=True, nogil=True)
+        _KERNELS.update(ranks=jit(_rank_sums), margins=jit(_margins))
+    return _KERNELS
 
 
 def _rank_sums(events, rows, cols, cuts, per_bin, n_bins):  # pragma: no cover - compiled
