@@ -247,6 +247,15 @@ class DaskExecutor:
             self.kind = "existing"
         else:
             n = workers or os.cpu_count() or 1
+            if memory_limit is not None:
+                from dask.utils import parse_bytes
+
+                try:
+                    memory_limit = str(parse_bytes(memory_limit))
+                except ValueError:
+                    raise WorkflowError(
+                        f"--memory-limit {memory_limit!r} is not a size; write e.g. 4GB or 3500MB"
+                    ) from None
             # Whole-sample tasks are compute-dense: 1 thread per process, and BLAS/numba limited
             # to 1 thread so processes do not fight over the cores. These must be in the
             # environment before the worker process starts (before numpy is imported).
