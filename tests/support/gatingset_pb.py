@@ -234,3 +234,93 @@ def read_gatingset_pb(path: str | Path) -> PbHierarchy:
         else:
             node.path = f"{nodes[node.parent].path}/{node.name}"
     return PbHierarchy(nodes=nodes, comp_markers=comp_markers, spillover=spill, transforms=transforms)
+
+
+# --------------------------------------------------------------------------------------------
+# .pb hierarchy -> cytopipe template
+# --------------------------------------------------------------------------------------------
+def population_name(path: str) -> str:
+    """Population name for a node path (``root/a/b`` -> ``a/b``): paths keep names unique."""
+    return path[len("root/") :]
+
+
+def _resolve_ref(ref: str, node: PbNode, nodes: list[PbNode]) -> PbNode:
+    """A boolean operand path (e.g. ``CD19``) -> the node it names, nearest to ``node``."""
+    parts = ref.strip("/").split("/")
+    candidates = [n for n in nodes if n.path.split("/")[-len(parts) :] == parts and n is not node]
+    if not candidates:
+        raise KeyError(f"boolean gate {node.path!r} refers to unknown node {ref!r}")
+
+    def shared(n: PbNode) -> int:
+        a, b = n.path.split("/"), node.path.split("/")
+        k = 0
+        while k < min(len(a), len(b)) and a[k] == b[k]:
+            k += 1
+        return k
+
+    return max(candidates, key=shared)
+
+
+def to_template(h: PbHierarchy, dim_factory=None, name: str = "gatingset"):
+    """Convert the stored gates to a cytopipe Template.
+
+    ``dim_factory(param) -> Dim`` chooses compensation/transform per parameter; the default
+    uses the stored (already compensated and transformed) values as they are.
+    """
+    from cytopipe.gating.gates import BooleanGate, Dim, EllipsoidGate, Operand, PolygonGate, RectangleGate
+    from cytopipe.gating.template import Population, Template
+
+    dim_factory = dim_factory or (lambda p: Dim(p, compensation=None, transform=None))
+
+    def bound(v: float):
+        return None if np.isinf(v) else float(v)
+
+    pops = {}
+    for node in h.nodes[1:]:
+        g = node.gate
+        if g is None:
+            raise ValueError(f"node {node.path} has no gate")
+        if g.negated:
+            raise NotImplementedError(f"negated gate at {node.path}")
+        dims = [dim_factory(p) for p in g.params]
+        if g.type == "range":
+            gate = RectangleGate(dims, [bound(g.range[0])], [bound(g.range[1])], style="range")
+        elif g.type == "rectangle":
+            lo, hi = g.vertices[0], g.vertices[1]
+            gate = RectangleGate(dims, [bound(v) for v in lo], [bound(v) for v in hi])
+        elif g.type == "polygon":
+            gate = PolygonGate(dims, g.vertices)
+        elif g.type == "ellipse":
+            gate = EllipsoidGate(dims, g.mu, g.cov, (g.dist if g.dist is not None else 1.0) ** 2)
+        elif g.type == "boolean":
+            ops = {op for _, op, _ in g.bool_ops[1:]} or {"&"}
+            if len(ops) != 1 or ops - {"&", "|"}:
+                raise NotImplementedError(f"mixed boolean operators at {node.path}")
+            operands = tuple(
+                Operand(population_name(_resolve_ref(ref, node, h.nodes).path), is_not)
+                for ref, _, is_not in g.bool_ops
+            )
+            gate = BooleanGate(op="and" if ops == {"&"} else "or", operands=operands)
+        else:
+            raise NotImplementedError(f"gate type {g.type} at {node.path}")
+        parent = "root" if node.parent == 0 else population_name(h.nodes[node.parent].path)
+        pname = population_name(node.path)
+        pops[pname] = Population(pname, parent, gate)
+    return Template(name=name, populations=pops, compensation="none")
+
+
+def read_h5_events(path: str | Path):
+    """A cytolib ``.h5`` event matrix as (float32 events x channels, channel table)."""
+    import h5py
+    import pandas as pd
+
+    with h5py.File(path, "r") as f:
+        events = np.ascontiguousarray(np.asarray(f["data"], dtype=np.float32).T)
+        params = f["params"][:]
+    channels = pd.DataFrame(
+        {
+            "pnn": [p.decode() for p in params["channel"]],
+            "pns": [p.decode() for p in params["marker"]],
+        }
+    )
+    return events, channels
