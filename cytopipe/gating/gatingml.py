@@ -25,6 +25,7 @@ NS = {
 }
 G = "{" + NS["gating"] + "}"
 T = "{" + NS["transforms"] + "}"
+NAME_PREFIX = "cytopipe population: "
 D = "{" + NS["data-type"] + "}"
 
 _TRANSFORM_PARAMS = {
@@ -129,6 +130,18 @@ def _read(root, path: Path) -> Template:
             raise GatingMLError(f"new-dimension refers to unknown fratio {rid!r}")
         return Dim(rid, comp, xform, ratio=ratios[rid])
 
+    # cytopipe writes population names that are not valid XML ids into custom_info
+    names: dict[str, str] = {}
+    for el in root.iter():
+        if isinstance(el.tag, str) and el.tag.startswith(G) and el.get(G + "id") is not None:
+            info = el.find(D + "custom_info")
+            text = (info.text or "").strip() if info is not None else ""
+            if text.startswith(NAME_PREFIX):
+                names[el.get(G + "id")] = text[len(NAME_PREFIX) :]
+
+    def name_of(gid: str | None) -> str | None:
+        return None if gid is None else names.get(gid, gid)
+
     pops: dict[str, Population] = {}
 
     def add(name: str, parent: str | None, gate) -> None:
@@ -142,8 +155,8 @@ def _read(root, path: Path) -> Template:
         kind = el.tag.replace(G, "")
         if kind not in ("RectangleGate", "PolygonGate", "EllipsoidGate", "QuadrantGate", "BooleanGate"):
             continue
-        gid = _attr(el, G, "id", True, kind)
-        parent = _attr(el, G, "parent_id")
+        gid = name_of(_attr(el, G, "id", True, kind))
+        parent = name_of(_attr(el, G, "parent_id"))
         if kind == "RectangleGate":
             dels = el.findall(G + "dimension")
             add(
@@ -200,7 +213,10 @@ def _read(root, path: Path) -> Template:
                 raise GatingMLError(f"BooleanGate {gid!r} needs exactly one of and/or/not")
             op = ops[0].tag.replace(G, "")
             operands = tuple(
-                Operand(_attr(r, G, "ref", True, "gateReference"), _attr(r, G, "use-as-complement") == "true")
+                Operand(
+                    name_of(_attr(r, G, "ref", True, "gateReference")),
+                    _attr(r, G, "use-as-complement") == "true",
+                )
                 for r in ops[0].findall(G + "gateReference")
             )
             if not operands or (op == "not" and len(operands) != 1):
