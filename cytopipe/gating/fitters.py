@@ -173,6 +173,12 @@ class ThresholdFitter(Fitter):
 
 
 class ValleyFitter(ThresholdFitter):
+    """The lowest density between two peaks, looked for inside ``search``.
+
+    When the density is flat around its minimum (an empty gap between two well separated
+    populations), the threshold is the middle of that flat stretch rather than its edge.
+    """
+
     def fit(self, values, rng):
         x = self._prepare(values, rng)
         xs = _subsample(x, self.options.get("max_events", DEFAULT_MAX_EVENTS), rng)
@@ -187,12 +193,20 @@ class ValleyFitter(ThresholdFitter):
         right = peaks[peaks > i]
         if not len(left) or not len(right):
             raise FitFailure(f"no valley between two peaks inside the search range [{lo}, {hi}]")
-        if i in (window[0], window[-1]):
-            raise FitFailure(f"the density minimum sits on the edge of the search range [{lo}, {hi}]")
-        flank = min(dens[left].max(), dens[right].max())
+        flank = min(dens[left[-1]], dens[right[0]])
         if dens[i] > self.options.get("max_depth", 0.8) * flank:
             raise FitFailure(f"the valley at {centers[i]:.3g} is too shallow to separate two populations")
-        return np.array([centers[i]])
+        # the flat bottom around the minimum, between the two neighbouring peaks
+        level = dens[i] + 0.02 * (flank - dens[i])
+        a, b = i, i
+        while a - 1 > left[-1] and dens[a - 1] <= level:
+            a -= 1
+        while b + 1 < right[0] and dens[b + 1] <= level:
+            b += 1
+        t = 0.5 * (centers[a] + centers[b])
+        if not lo <= t <= hi:
+            raise FitFailure(f"the valley at {t:.3g} lies outside the search range [{lo}, {hi}]")
+        return np.array([t])
 
 
 def _half_sd(d: np.ndarray) -> float:
@@ -287,13 +301,22 @@ class MixtureFitter(Fitter):
             raise FitFailure("the Gaussian mixture did not converge")
         candidates = list(range(k))
         names = [d.name for d in self.dims]
+        if self.bounds.center is not None:  # only components centred where the population can be
+            candidates = [
+                c
+                for c in candidates
+                if all(_within(v, lo, hi) for v, (lo, hi) in zip(gm.means_[c], self.bounds.center))
+            ]
+            if not candidates:
+                raise FitFailure("no mixture component is centred inside the allowed `center` bounds")
         for rule_key in ("exclude", "select"):
             rule = self.options.get(rule_key)
             if rule is None:
                 continue
             chosen = _apply_rule(rule, gm, candidates, names)
             if rule_key == "exclude":
-                candidates = [c for c in candidates if c != chosen]
+                if len(candidates) > 1:
+                    candidates = [c for c in candidates if c != chosen]
             else:
                 candidates = [chosen]
         if len(candidates) != 1:  # no select rule: the largest remaining component
@@ -301,7 +324,11 @@ class MixtureFitter(Fitter):
         c = candidates[0]
         if gm.weights_[c] < self.options.get("min_weight", 0.01):
             raise FitFailure(f"the selected mixture component holds only {gm.weights_[c]:.1%} of events")
-        return np.concatenate([gm.means_[c], gm.covariances_[c].ravel()])
+        mean, cov = gm.means_[c], gm.covariances_[c]
+        trim = self.options.get("trim")
+        if trim:
+            mean, cov = refine_core(xs, mean, cov, trim)
+        return np.concatenate([mean, cov.ravel()])
 
     def split(self, params):
         k = len(self.dims)
@@ -328,6 +355,31 @@ class MixtureFitter(Fitter):
     def default_spec(self):
         center, cov = self.split(self.default)
         return {"center": center.tolist(), "covariance": cov.tolist()}
+
+
+def refine_core(x: np.ndarray, mean: np.ndarray, cov: np.ndarray, trim: float, iterations: int = 10):
+    """Re-estimate a Gaussian cluster from its core: the events within Mahalanobis distance
+    ``trim`` of the current estimate, with the chi-square consistency factor that undoes the
+    trimming (as in MCD estimators). Neighbouring clusters and a mixture component that split
+    the cluster in two then no longer bias its centre and shape."""
+    from scipy.stats import chi2
+
+    k = x.shape[1]
+    c2 = trim * trim
+    factor = chi2.cdf(c2, k) / chi2.cdf(c2, k + 2)
+    for _ in range(iterations):
+        d = x - mean
+        inv = np.linalg.inv(cov)
+        core = x[np.einsum("ij,jk,ik->i", d, inv, d) <= c2]
+        if len(core) < 10 * k:
+            raise FitFailure(f"only {len(core)} events in the core of the selected cluster")
+        new_mean = core.mean(axis=0)
+        new_cov = np.cov(core, rowvar=False) * factor
+        moved = np.abs(new_mean - mean).max() / np.sqrt(np.diag(cov)).max()
+        mean, cov = new_mean, new_cov
+        if moved < 1e-4:
+            break
+    return mean, cov
 
 
 def _apply_rule(rule, gm, candidates: list[int], names: list[str]) -> int:
@@ -638,11 +690,24 @@ def parse_data_driven(kind: str, spec, dims: list[Dim], ctx) -> Gate:
         opts["select"] = {names[1]: "lowest"}  # lymphocytes: the low-side-scatter cluster
         if "exclude" not in opts and opts["components"] >= 3:
             opts["exclude"] = {names[0]: "lowest"}  # debris: the lowest forward scatter
-    p = spec.number("probability", required=False, default=0.95, lo=0.5, hi=0.9999)
-    opts["probability"] = p
+    if spec.has("distance") and spec.has("probability"):
+        raise spec.error("distance", "give either `probability` or `distance`, not both")
+    dist = spec.number("distance", required=False, positive=True)
+    p = spec.number("probability", required=False, lo=0.5, hi=0.999999)
+    if dist is not None:
+        opts["distance"] = dist
+    else:
+        opts["probability"] = p = 0.95 if p is None else p
     v = spec.raw("max_events", required=False)
     if v is not None:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 100:
+            raise spec.error("max_events", "must be an integer >= 100")
         opts["max_events"] = v
+    trim = spec.number("trim", required=False, lo=1.0, hi=5.0)
+    if trim is None and kind == "scatter_region":
+        trim = 2.5
+    if trim is not None:
+        opts["trim"] = trim
     bounds = parse_bounds(spec, kind="region", n_dims=len(dims))
     default = spec.raw("default", required=False)
     if default is not None:
@@ -655,8 +720,11 @@ def parse_data_driven(kind: str, spec, dims: list[Dim], ctx) -> Gate:
                 "default", f"centre needs {len(dims)} values and covariance {len(dims)}x{len(dims)}"
             )
         default = np.concatenate([c, cov.ravel()])
-    from scipy.stats import chi2
+    if dist is not None:
+        d2 = dist * dist
+    else:
+        from scipy.stats import chi2
 
-    d2 = float(chi2.ppf(p, df=len(dims)))
+        d2 = float(chi2.ppf(p, df=len(dims)))
     fitter = MixtureFitter(kind, tuple(dims), opts, bounds, _pool(spec), default)
     return EllipseFitGate(dims, fitter, d2, fraction=bounds.fraction)
