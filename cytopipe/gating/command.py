@@ -25,7 +25,9 @@ from cytopipe.errors import CytopipeError, ManifestError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="*", type=Path, help="FCS files (or use --manifest)")
-    parser.add_argument("--template", required=True, type=Path, help="gating template (.yaml, or Gating-ML .xml)")
+    parser.add_argument(
+        "--template", required=True, type=Path, help="gating template (.yaml, or Gating-ML .xml)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument(
         "--manifest",
@@ -33,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="manifest CSV (file, sample_id, patient_id, visit, arm[, batch]); without FILES, gates every file in it",
     )
     parser.add_argument("--no-pool", action="store_true", help="do not pool data-driven gates across files")
-    parser.add_argument("--gatingml", action="store_true", help="also write each sample's fitted gates as Gating-ML")
+    parser.add_argument(
+        "--gatingml", action="store_true", help="also write each sample's fitted gates as Gating-ML"
+    )
     parser.add_argument("--quiet", action="store_true", help="print only errors")
 
 
@@ -124,7 +128,10 @@ def run(args) -> int:
             (args.out / "gatingml").mkdir(exist_ok=True)
             write_gatingml(result, args.out / "gatingml" / f"{sid}.xml")
         n_flags = len(result.flags)
-        say(f"[{i}/{len(samples)}] {sid}: {result.n_events} events" + (f", {n_flags} flag(s)" if n_flags else ""))
+        say(
+            f"[{i}/{len(samples)}] {sid}: {result.n_events} events"
+            + (f", {n_flags} flag(s)" if n_flags else "")
+        )
 
     if stats:
         pd.concat(stats, ignore_index=True).to_parquet(args.out / "population_stats.parquet", index=False)
@@ -136,6 +143,9 @@ def run(args) -> int:
     for sid, err in failures.items():
         print(f"cytopipe gate: {sid}: {err}", file=sys.stderr)
     if failures:
-        print(f"cytopipe gate: completed with failures ({len(failures)} of {len(samples)} files)", file=sys.stderr)
+        print(
+            f"cytopipe gate: completed with failures ({len(failures)} of {len(samples)} files)",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -24,7 +24,8 @@ import pandas as pd
 
 from cytopipe.errors import CompensationError, GatingError, PanelError
 from cytopipe.gating import _compat
-from cytopipe.gating.fitters import DataDrivenGate, FitFailure, Fitter
+from cytopipe.gating._median import median
+from cytopipe.gating.fitters import DataDrivenGate, FitFailure, Fitter, subsample_index
 from cytopipe.gating.gates import BooleanGate, Dim, Gate
 from cytopipe.gating.template import ROOT, Population, Template
 
@@ -418,8 +419,7 @@ class Engine:
             self._comp[key] = None
             return None
         cols = [self.pnn.index(d) for d in detectors]
-        raw = self.events[:, cols]
-        block = _compat.compensate_block(raw, matrix)
+        block = _compat.compensate_block(self.events, cols, matrix)  # channel-major (k x n)
         self._comp[key] = ({c: j for j, c in enumerate(cols)}, block)
         self.applied_compensation = {"channels": list(detectors), "matrix": np.asarray(matrix).tolist()}
         return self._comp[key]
@@ -456,11 +456,12 @@ class Engine:
         return detectors, matrix
 
     def linear(self, col: int, comp_key: str | None) -> np.ndarray:
-        """Column ``col`` compensated with ``comp_key`` (a view or a strided column)."""
+        """Channel ``col`` compensated with ``comp_key`` (a contiguous row of the compensated
+        block, or the raw column when the channel is not compensated)."""
         if comp_key is not None:
             blk = self._comp_block(comp_key)
             if blk is not None and col in blk[0]:
-                return blk[1][:, blk[0][col]]
+                return blk[1][blk[0][col]]
         return self.events[:, col]
 
     # ---- dimension values ------------------------------------------------------------------
@@ -577,12 +578,23 @@ class Engine:
         chosen: dict[str, np.ndarray] = {}
         used_own: dict[str, bool] = {}
         reasons: dict[str, str] = {}
-        for suffix, fitter in g.fit_items():
+        # one seeded subsample of the parent per gate: fits never gather more than they use
+        items = g.fit_items()
+        needed = [f.events_needed for _, f in items]
+        n_max = None if any(v is None for v in needed) else max(needed, default=None)
+        sub_rng = np.random.default_rng([self.template.seed, zlib.crc32(pop.name.encode()), 1])
+        pos = subsample_index(n_parent, n_max, sub_rng)
+        fit_idx = pidx if pos is None else (pos if pidx is None else pidx[pos])
+        for suffix, fitter in items:
             key = pop.name + suffix
             rng = np.random.default_rng([self.template.seed, zlib.crc32(key.encode())])
-            values = self.gather(fitter.dims, pidx)
+            values = self.gather(fitter.dims, fit_idx)
             params, reason = None, ""
             try:
+                if n_parent < fitter.bounds.min_events:
+                    raise FitFailure(
+                        f"only {n_parent} events in the parent (need >= {fitter.bounds.min_events})"
+                    )
                 params = np.asarray(fitter.fit(values, rng), dtype=np.float64)
                 reason = fitter.out_of_bounds(params) or ""
             except FitFailure as exc:
@@ -675,10 +687,12 @@ class Engine:
         for m in markers:
             col = self._column(m, Dim(m), None, key="medians")
             cols.append(self.linear(col, "template" if self.template.compensation != "none" else None))
+        cols = [np.ascontiguousarray(v) for v in cols]
+        nans = [bool(np.isnan(v).any()) for v in cols]
         for name, p in result.populations.items():
             ix = result._idx[name]
-            for m, v in zip(markers, cols):
-                p.medians[m] = float(np.median(v[ix])) if len(ix) else float("nan")
+            for m, v, has_nan in zip(markers, cols, nans):
+                p.medians[m] = median(v, ix, has_nan)
 
 
 def _all_dims(g: Gate) -> list[Dim]:
