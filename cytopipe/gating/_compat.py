@@ -185,12 +185,24 @@ def compensate_block(events: np.ndarray, cols: Sequence[int], spill: np.ndarray)
         return padded.T @ events.T
 
 
+_CONTROLLER: tuple[int, object] | None = None
+
+
 def single_thread():
-    """Limit BLAS/OpenMP pools to one thread for the enclosed block (no-op without threadpoolctl)."""
+    """Limit BLAS/OpenMP pools to one thread for the enclosed block (no-op without threadpoolctl).
+
+    The controller is cached (building one scans the loaded libraries, ~10 ms) and rebuilt
+    when new modules were imported since, e.g. scipy/sklearn bringing their own BLAS/OpenMP.
+    """
+    global _CONTROLLER
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
         import contextlib
 
         return contextlib.nullcontext()
-    return threadpool_limits(1)
+    import sys
+
+    if _CONTROLLER is None or _CONTROLLER[0] != len(sys.modules):
+        _CONTROLLER = (len(sys.modules), ThreadpoolController())
+    return _CONTROLLER[1].limit(limits=1)

@@ -13,6 +13,7 @@ Design (why it is fast and exact):
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -350,18 +351,33 @@ class Engine:
             )
         self.pnn = [str(v) for v in channels["pnn"]]
         self._col: dict[str, int] = {}  # name -> column
+        self._resolved: dict[str, str] = {}  # marker -> $PnN from the panel
         self._comp: dict[str, tuple[dict[int, int], np.ndarray] | None] = {}  # comp key -> (col -> j, block)
-        self._values: dict[tuple, np.ndarray] = {}
+        self._values: dict[tuple, np.ndarray] = {}  # dimension over all events
+        self._subset_values: dict[tuple, np.ndarray] = {}  # dimension inside one population
+        self._fits: dict[tuple, tuple] = {}  # memoised fits
         self._resolve_all()
 
     # ---- resolution ------------------------------------------------------------------------
     def _resolve_all(self) -> None:
+        uses: list[tuple[str, Dim, str | None, str]] = []
         for pop in self.template:
             for d in _all_dims(pop.gate):
                 for name in (d.ratio.numerator, d.ratio.denominator) if d.ratio else (d.name,):
-                    self._column(name, d, pop.name)
-        for m in self.template.median_markers() if self.template.medians else []:
-            self._column(m, Dim(m), None, key="medians")
+                    uses.append((name, d, pop.name, "markers"))
+        for m in self.template.median_markers():
+            uses.append((m, Dim(m), None, "medians"))
+        # one panel lookup for every marker that is not a plain channel name (cached per panel)
+        plain = set(self.pnn) - set(self.panel)
+        fluoro = {f for m in self.template.matrices.values() for f in m.fluorochromes}
+        wanted = sorted({n for n, *_ in uses if n not in plain and n not in fluoro})
+        if wanted:
+            try:
+                self._resolved = _resolve_cached(self.channels, wanted, self.panel, self.file)
+            except PanelError:
+                self._resolved = {}  # resolve one by one below, to name the population
+        for name, d, population, key in uses:
+            self._column(name, d, population, key=key)
 
     def _column(self, name: str, dim: Dim, population: str | None, key: str = "markers") -> int:
         if name in self._col:
@@ -381,6 +397,8 @@ class Engine:
                         marker=name,
                     )
                 col = self.pnn.index(detector)
+            elif name in self._resolved:
+                col = self.pnn.index(self._resolved[name])
             else:
                 try:
                     pnn = _compat.resolve_markers(self.channels, [name], mapping=self.panel, file=self.file)[
@@ -465,28 +483,49 @@ class Engine:
         return self.events[:, col]
 
     # ---- dimension values ------------------------------------------------------------------
-    def values(self, dim: Dim) -> np.ndarray:
-        """Compensated, transformed values of a dimension over all events (cached)."""
+    def _dim_key(self, dim: Dim) -> tuple:
         comp = self._comp_key(dim)
         if dim.ratio is not None:
-            key = ("ratio", dim.ratio, comp, dim.transform)
-        else:
-            key = (self._col[dim.name], comp, dim.transform)
-        if key in self._values:
-            return self._values[key]
+            return ("ratio", dim.ratio, comp, dim.transform)
+        return (self._col[dim.name], comp, dim.transform)
+
+    def _compute(self, dim: Dim, idx: np.ndarray | None) -> np.ndarray:
+        """Compensated, transformed values of ``dim`` at events ``idx`` (None = all)."""
+        comp = self._comp_key(dim)
         if dim.ratio is not None:
             r = dim.ratio
             # Gating-ML/FlowKit compute ratio dimensions from the uncompensated channels
             x = self.events[:, self._col[r.numerator]]
             y = self.events[:, self._col[r.denominator]]
+            if idx is not None:
+                x, y = x[idx], y[idx]
             with np.errstate(divide="ignore", invalid="ignore"):
                 v = r.A * ((x - r.B) / (y - r.C))
         else:
             v = self.linear(self._col[dim.name], comp)
-        spec = self._transform_spec(dim)
-        v = _compat.apply_transform(spec, v)
-        v = np.ascontiguousarray(v)
-        self._values[key] = v
+            if idx is not None:
+                v = v[idx]
+        return _compat.apply_transform(self._transform_spec(dim), v)
+
+    def values(self, dim: Dim, idx: np.ndarray | None = None, scope: str | None = None) -> np.ndarray:
+        """Values of a dimension at events ``idx`` (None = all events).
+
+        A dimension needed over most events is transformed once over all of them and cached;
+        one needed only inside a small population (``scope``, whose events ``idx`` are) is
+        transformed just there, so e.g. FOXP3 is only ever transformed on CD4 T cells.
+        """
+        key = self._dim_key(dim)
+        full = self._values.get(key)
+        if full is None and (idx is None or 2 * len(idx) > self.events.shape[0]):
+            full = self._values[key] = self._compute(dim, None)
+        if full is not None:
+            return full if idx is None else full[idx]
+        skey = (key, scope)
+        if scope is not None and skey in self._subset_values:
+            return self._subset_values[skey]
+        v = self._compute(dim, idx)
+        if scope is not None:
+            self._subset_values[skey] = v
         return v
 
     def _transform_spec(self, dim: Dim):
@@ -499,9 +538,17 @@ class Engine:
             return self.transform_specs[dim.name]
         return self.transform_specs.get(dim.transform)
 
-    def gather(self, dims: Sequence[Dim], idx: np.ndarray | None) -> list[np.ndarray]:
-        vals = [self.values(d) for d in dims]
-        return vals if idx is None else [v[idx] for v in vals]
+    def gather(
+        self,
+        dims: Sequence[Dim],
+        idx: np.ndarray | None,
+        scope: str | None = None,
+        pos: np.ndarray | None = None,
+    ) -> list[np.ndarray]:
+        """Values of ``dims`` at the events ``idx`` of population ``scope`` (optionally only at
+        positions ``pos`` within them)."""
+        vals = [self.values(d, idx, scope) for d in dims]
+        return vals if pos is None else [v[pos] for v in vals]
 
     # ---- run -------------------------------------------------------------------------------
     def run(
@@ -537,7 +584,7 @@ class Engine:
             elif isinstance(g, DataDrivenGate):
                 applied, inside, source = self._fit_gate(pop, pidx, pooled, meta, flags, result)
             else:
-                inside = g.contains(self.gather(g.dims, pidx))
+                inside = g.contains(self.gather(g.dims, pidx, pop.parent))
                 applied = g
             mine = np.flatnonzero(inside) if pidx is None else pidx[inside]
             idx[pop.name] = mine
@@ -555,9 +602,10 @@ class Engine:
         result._masks = {k: v for k, v in full_masks.items()}
         result.channel_of = {name: self.pnn[c] for name, c in self._col.items()}
         result.compensation = getattr(self, "applied_compensation", None)
+        keys = set(self._values) | {k for k, _ in self._subset_values}
         result.transforms = {
             self.pnn[key[0]]: self._transform_spec_for_key(key)
-            for key in self._values
+            for key in keys
             if key[0] != "ratio" and key[2] is not None
         }
         if medians:
@@ -578,29 +626,11 @@ class Engine:
         chosen: dict[str, np.ndarray] = {}
         used_own: dict[str, bool] = {}
         reasons: dict[str, str] = {}
-        # one seeded subsample of the parent per gate: fits never gather more than they use
-        items = g.fit_items()
-        needed = [f.events_needed for _, f in items]
-        n_max = None if any(v is None for v in needed) else max(needed, default=None)
-        sub_rng = np.random.default_rng([self.template.seed, zlib.crc32(pop.name.encode()), 1])
-        pos = subsample_index(n_parent, n_max, sub_rng)
-        fit_idx = pidx if pos is None else (pos if pidx is None else pidx[pos])
-        for suffix, fitter in items:
+        for suffix, fitter in g.fit_items():
             key = pop.name + suffix
-            rng = np.random.default_rng([self.template.seed, zlib.crc32(key.encode())])
-            values = self.gather(fitter.dims, fit_idx)
-            params, reason = None, ""
-            try:
-                if n_parent < fitter.bounds.min_events:
-                    raise FitFailure(
-                        f"only {n_parent} events in the parent (need >= {fitter.bounds.min_events})"
-                    )
-                params = np.asarray(fitter.fit(values, rng), dtype=np.float64)
+            params, reason = self._fit(fitter, pop.parent, pidx, n_parent)
+            if params is not None and not reason:
                 reason = fitter.out_of_bounds(params) or ""
-            except FitFailure as exc:
-                reason = str(exc)
-            except (ValueError, np.linalg.LinAlgError, FloatingPointError) as exc:  # numeric trouble
-                reason = f"fit failed: {exc}"
             status = "ok" if params is not None and not reason else "failed"
             result.fits.append(
                 FitRecord(
@@ -641,7 +671,7 @@ class Engine:
                 flags.append(f"{key}: {reason}; used the {ref[1]} {fitter.describe(ref[0])}")
 
         applied = g.realize(chosen)
-        inside = applied.contains(self.gather(applied.dims, pidx))
+        inside = applied.contains(self.gather(applied.dims, pidx, pop.parent))
         if g.fraction is not None and any(used_own.values()) and n_parent:
             frac = float(inside.mean())
             lo, hi = g.fraction
@@ -658,7 +688,7 @@ class Engine:
                                 f"[{lo:.0%}, {hi:.0%}]; used the {refs[s][1]} {fitters[s].describe(refs[s][0])}"
                             )
                     applied = g.realize(chosen)
-                    inside = applied.contains(self.gather(applied.dims, pidx))
+                    inside = applied.contains(self.gather(applied.dims, pidx, pop.parent))
                 else:
                     flags.append(
                         f"{pop.name}: the gate keeps {frac:.1%} of the parent, outside [{lo:.0%}, {hi:.0%}]"
@@ -670,6 +700,38 @@ class Engine:
         else:
             source = "mixed"
         return applied, inside, source
+
+    def _fit(self, fitter: Fitter, parent: str, pidx, n_parent: int) -> tuple[np.ndarray | None, str]:
+        """Fit one fitter on the parent's events: ``(params, "")`` or ``(None, reason)``.
+
+        Fits are memoised on (parent, dimensions, method, options), and their random subsample
+        is seeded from that key: a threshold shared by two gates (e.g. CD4 in the CD4 T and
+        CD8 T quadrants) is fitted once and is the same in both.
+        """
+        memo_key = (
+            parent,
+            tuple(self._dim_key(d) for d in fitter.dims),
+            fitter.method,
+            json.dumps(fitter.options, sort_keys=True, default=str),
+            fitter.bounds.min_events,
+        )
+        if memo_key in self._fits:
+            return self._fits[memo_key]
+        seed = zlib.crc32(repr(memo_key).encode())
+        rng = np.random.default_rng([self.template.seed, seed])
+        out: tuple[np.ndarray | None, str]
+        try:
+            if n_parent < fitter.bounds.min_events:
+                raise FitFailure(f"only {n_parent} events in the parent (need >= {fitter.bounds.min_events})")
+            pos = subsample_index(n_parent, fitter.events_needed, rng)
+            values = self.gather(fitter.dims, pidx, parent, pos)
+            out = (np.asarray(fitter.fit(values, rng), dtype=np.float64), "")
+        except FitFailure as exc:
+            out = (None, str(exc))
+        except (ValueError, np.linalg.LinAlgError, FloatingPointError) as exc:  # numeric trouble
+            out = (None, f"fit failed: {exc}")
+        self._fits[memo_key] = out
+        return out
 
     def _reference(self, key: str, fitter: Fitter, pooled: PooledEstimates | None, meta) -> tuple | None:
         if pooled is not None:
@@ -693,6 +755,29 @@ class Engine:
             ix = result._idx[name]
             for m, v, has_nan in zip(markers, cols, nans):
                 p.medians[m] = median(v, ix, has_nan)
+
+
+_RESOLVE_CACHE: dict[tuple, dict[str, str]] = {}
+
+
+def _resolve_cached(
+    channels: pd.DataFrame, markers: list[str], panel: Mapping[str, str], file
+) -> dict[str, str]:
+    """Marker resolution memoised on the channel table: a batch of files from one panel
+    resolves once per worker, not once per file."""
+    key = (
+        tuple(map(str, channels["pnn"])),
+        tuple(map(str, channels["pns"])),
+        tuple(markers),
+        tuple(sorted(panel.items())),
+    )
+    hit = _RESOLVE_CACHE.get(key)
+    if hit is None:
+        hit = _compat.resolve_markers(channels, markers, mapping=panel, file=file)
+        if len(_RESOLVE_CACHE) > 256:
+            _RESOLVE_CACHE.clear()
+        _RESOLVE_CACHE[key] = dict(hit)
+    return dict(hit)
 
 
 def _all_dims(g: Gate) -> list[Dim]:

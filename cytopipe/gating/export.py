@@ -22,7 +22,7 @@ import numpy as np
 
 from cytopipe.errors import GatingError, GatingMLError
 from cytopipe.gating.engine import GatingResult
-from cytopipe.gating.gates import BooleanGate, Dim, EllipsoidGate, Gate, PolygonGate, RectangleGate
+from cytopipe.gating.gates import BooleanGate, Dim, EllipsoidGate, Gate, Operand, PolygonGate, RectangleGate
 from cytopipe.gating.gatingml import NAME_PREFIX, NS
 from cytopipe.gating.template import ROOT
 
@@ -168,7 +168,7 @@ def write_gatingml(result: GatingResult, path: str | Path) -> Path:
 
     ids = gatingml_ids(template.names)
     for pop in template:
-        applied = result.populations[pop.name].gate
+        applied = _without_parent_operand(result.populations[pop.name].gate, pop.parent)
         attrs = {E["gating"] + "id": ids[pop.name]}
         if pop.parent != ROOT:
             attrs[E["gating"] + "parent_id"] = ids[pop.parent]
@@ -177,6 +177,21 @@ def write_gatingml(result: GatingResult, path: str | Path) -> Path:
     tree = etree.ElementTree(root)
     tree.write(str(path), xml_declaration=True, encoding="UTF-8", pretty_print=True)
     return path
+
+
+def _without_parent_operand(gate: Gate, parent: str) -> Gate:
+    """``and`` of the gate's own parent and X is just X below that parent (Gating-ML ANDs every
+    gate with its parent); FlowKit cannot parse the redundant form, so drop the operand."""
+    if not isinstance(gate, BooleanGate) or gate.op != "and":
+        return gate
+    rest = tuple(o for o in gate.operands if not (o.population == parent and not o.negate))
+    if len(rest) == len(gate.operands) or not rest:
+        return gate
+    if len(rest) == 1:
+        if not rest[0].negate:
+            return gate  # a plain copy of one population: keep the original form
+        return BooleanGate(op="not", operands=(Operand(rest[0].population),))
+    return BooleanGate(op="and", operands=rest)
 
 
 def _n_matrices(root) -> int:

@@ -312,6 +312,7 @@ class MixtureFitter(Fitter):
             covariance_type="full",
             random_state=int(rng.integers(2**31 - 1)),
             n_init=self.options.get("n_init", 1),
+            init_params="k-means++",  # seeding only: a full k-means start costs more than the fit
             reg_covar=1e-6 * float(np.var(xs)) + 1e-12,
         )
         with single_thread():
@@ -382,6 +383,44 @@ class MixtureFitter(Fitter):
         return {"center": center.tolist(), "covariance": cov.tolist()}
 
 
+class DensestClusterFitter(MixtureFitter):
+    """``scatter_region``: the densest cluster inside the allowed centre box.
+
+    A smoothed 2-D histogram of the parent's events inside ``bounds.center`` gives the densest
+    point; the cluster's centre and shape are then estimated from its trimmed core
+    (:func:`refine_core`), which also grows a too-small starting ellipse to the cluster's size.
+    """
+
+    def fit(self, values, rng):
+        from scipy.ndimage import gaussian_filter
+
+        x = np.column_stack([np.asarray(v, dtype=np.float64) for v in values])
+        x = x[np.isfinite(x).all(axis=1)]
+        if len(x) < self.bounds.min_events:
+            raise FitFailure(f"only {len(x)} events in the parent (need >= {self.bounds.min_events})")
+        xs = _subsample(x, self.options.get("max_events", DEFAULT_MAX_EVENTS), rng)
+        box = []
+        for j in range(x.shape[1]):
+            lo, hi = self.bounds.center[j] if self.bounds.center is not None else (None, None)
+            qlo, qhi = np.quantile(xs[:, j], [0.005, 0.995])
+            box.append((qlo if lo is None else lo, qhi if hi is None else hi))
+        inside = np.all([(xs[:, j] >= a) & (xs[:, j] <= b) for j, (a, b) in enumerate(box)], axis=0)
+        if inside.sum() < max(50, self.bounds.min_events // 10):
+            raise FitFailure("too few events inside the allowed `center` region")
+        hist, ex, ey = np.histogram2d(xs[inside, 0], xs[inside, 1], bins=64, range=box)
+        hist = gaussian_filter(hist, 1.5)
+        i, j = np.unravel_index(np.argmax(hist), hist.shape)
+        mean = np.array([(ex[i] + ex[i + 1]) / 2, (ey[j] + ey[j + 1]) / 2])
+        # a small starting ellipse (a few bins wide); the trimmed refinement grows it to the cluster
+        cov = np.diag([(ex[1] - ex[0]) * 3, (ey[1] - ey[0]) * 3]) ** 2
+        mean, cov = refine_core(xs, mean, cov, self.options.get("trim", 2.5), iterations=50)
+        return np.concatenate([mean, cov.ravel()])
+
+    @property
+    def events_needed(self) -> int | None:
+        return self.options.get("max_events", DEFAULT_MAX_EVENTS)
+
+
 def refine_core(x: np.ndarray, mean: np.ndarray, cov: np.ndarray, trim: float, iterations: int = 10):
     """Re-estimate a Gaussian cluster from its core: the events within Mahalanobis distance
     ``trim`` of the current estimate, with the chi-square consistency factor that undoes the
@@ -400,7 +439,11 @@ def refine_core(x: np.ndarray, mean: np.ndarray, cov: np.ndarray, trim: float, i
             raise FitFailure(f"only {len(core)} events in the core of the selected cluster")
         new_mean = core.mean(axis=0)
         new_cov = np.cov(core, rowvar=False) * factor
-        moved = np.abs(new_mean - mean).max() / np.sqrt(np.diag(cov)).max()
+        scale = np.sqrt(np.diag(new_cov))
+        moved = max(
+            np.abs(new_mean - mean).max() / scale.max(),
+            np.abs(np.sqrt(np.diag(cov)) / scale - 1).max(),
+        )
         mean, cov = new_mean, new_cov
         if moved < 1e-4:
             break
@@ -691,30 +734,24 @@ def parse_data_driven(kind: str, spec, dims: list[Dim], ctx) -> Gate:
         return SingletGate(dims, fitter, fraction=bounds.fraction)
     # gmm / scatter_region
     names = [d.name for d in dims]
-    opts = {
-        "components": int(
-            spec.number(
-                "components", required=False, default=3 if kind == "scatter_region" else 2, lo=1, hi=10
-            )
-        )
-    }
-    for rule_key in ("select", "exclude"):
-        rule = spec.raw(rule_key, required=False)
-        if rule is None:
-            continue
-        if rule in ("largest", "smallest"):
-            opts[rule_key] = rule
-            continue
-        if not isinstance(rule, Mapping) or len(rule) != 1:
-            raise spec.error(rule_key, "use `largest`, `smallest` or one `{marker: highest|lowest}`")
-        ((marker, how),) = rule.items()
-        if marker not in names or how not in ("highest", "lowest"):
-            raise spec.error(rule_key, f"use {{marker: highest|lowest}} with a marker of this gate ({names})")
-        opts[rule_key] = {marker: how}
-    if kind == "scatter_region" and "select" not in opts:
-        opts["select"] = {names[1]: "lowest"}  # lymphocytes: the low-side-scatter cluster
-        if "exclude" not in opts and opts["components"] >= 3:
-            opts["exclude"] = {names[0]: "lowest"}  # debris: the lowest forward scatter
+    opts: dict = {}
+    if kind == "gmm":
+        opts["components"] = int(spec.number("components", required=False, default=2, lo=1, hi=10))
+        for rule_key in ("select", "exclude"):
+            rule = spec.raw(rule_key, required=False)
+            if rule is None:
+                continue
+            if rule in ("largest", "smallest"):
+                opts[rule_key] = rule
+                continue
+            if not isinstance(rule, Mapping) or len(rule) != 1:
+                raise spec.error(rule_key, "use `largest`, `smallest` or one `{marker: highest|lowest}`")
+            ((marker, how),) = rule.items()
+            if marker not in names or how not in ("highest", "lowest"):
+                raise spec.error(
+                    rule_key, f"use {{marker: highest|lowest}} with a marker of this gate ({names})"
+                )
+            opts[rule_key] = {marker: how}
     if spec.has("distance") and spec.has("probability"):
         raise spec.error("distance", "give either `probability` or `distance`, not both")
     dist = spec.number("distance", required=False, positive=True)
@@ -751,5 +788,6 @@ def parse_data_driven(kind: str, spec, dims: list[Dim], ctx) -> Gate:
         from scipy.stats import chi2
 
         d2 = float(chi2.ppf(p, df=len(dims)))
-    fitter = MixtureFitter(kind, tuple(dims), opts, bounds, _pool(spec), default)
+    cls = DensestClusterFitter if kind == "scatter_region" else MixtureFitter
+    fitter = cls(kind, tuple(dims), opts, bounds, _pool(spec), default)
     return EllipseFitGate(dims, fitter, d2, fraction=bounds.fraction)

@@ -182,6 +182,15 @@ class PolygonGate(Gate):
         return {"vertices": self.vertices.tolist()}
 
 
+@numba.njit(cache=True, nogil=True)
+def _in_ellipse_2d(x, y, center, inv, d2, out):
+    # same operation order as flowutils (dot(d, inv) * d, summed) so boundary events agree
+    for i in range(x.shape[0]):
+        u = np.float64(x[i]) - center[0]
+        v = np.float64(y[i]) - center[1]
+        out[i] = (u * inv[0, 0] + v * inv[1, 0]) * u + (u * inv[0, 1] + v * inv[1, 1]) * v <= d2
+
+
 class EllipsoidGate(Gate):
     """``(x - center)^T inv(covariance) (x - center) <= distance_square`` (n-D)."""
 
@@ -195,9 +204,12 @@ class EllipsoidGate(Gate):
         self.inverse = np.linalg.inv(self.covariance)
 
     def contains(self, values: Sequence[np.ndarray]) -> np.ndarray:
-        # Quadratic form sum_ij d_i inv_ij d_j accumulated per pair, in float64, without
-        # building an (n x k) matrix of the events.
         k = len(self.center)
+        if k == 2:  # the common case, one pass without temporaries
+            out = np.empty(len(values[0]), dtype=np.bool_)
+            _in_ellipse_2d(values[0], values[1], self.center, self.inverse, self.distance_square, out)
+            return out
+        # quadratic form sum_ij d_i inv_ij d_j in float64, one pair of dimensions at a time
         d = [np.asarray(values[i], dtype=np.float64) - self.center[i] for i in range(k)]
         q = np.zeros(len(d[0]), dtype=np.float64)
         for i in range(k):
