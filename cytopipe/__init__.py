@@ -26,6 +26,7 @@ _LAZY: dict[str, str] = {
     "Panel": "cytopipe.panel",
     "load_manifest": "cytopipe.manifest",
     "simulate_trial": "cytopipe.simulate",
+    "simulate_cohort": "cytopipe.simulate",
     "compensate": "cytopipe.compensation",
     "load_template": "cytopipe.gating",
     "gate": "cytopipe.gating",
