@@ -230,12 +230,16 @@ class PooledEstimates:
                 sel = rows[(rows["level"] == level) & (rows["group"] == str(group))]
                 if len(sel):
                     r = sel.iloc[0]
-                    return np.asarray(r["params"]), f"{level} {group} estimate (median of {r['n']} samples)"
+                    return np.asarray(r["params"]), f"{level} {group} estimate (median of {_n(r['n'])})"
         sel = rows[rows["level"] == "cohort"]
         if len(sel):
             r = sel.iloc[0]
-            return np.asarray(r["params"]), f"cohort estimate (median of {r['n']} samples)"
+            return np.asarray(r["params"]), f"cohort estimate (median of {_n(r['n'])})"
         return None
+
+
+def _n(k: int) -> str:
+    return f"{k} sample" if k == 1 else f"{k} samples"
 
 
 def pool_estimates(

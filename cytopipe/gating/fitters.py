@@ -215,10 +215,11 @@ class ValleyFitter(ThresholdFitter):
             a -= 1
         while b + 1 < right[0] and dens[b + 1] <= level:
             b += 1
-        t = 0.5 * (centers[a] + centers[b])
-        if not lo <= t <= hi:
-            raise FitFailure(f"the valley at {t:.3g} lies outside the search range [{lo}, {hi}]")
-        return np.array([t])
+        # the middle of the flat bottom, or of its part inside the search range
+        a, b = max(a, window[0]), min(b, window[-1])
+        if a > b:
+            raise FitFailure(f"the valley lies outside the search range [{lo}, {hi}]")
+        return np.array([0.5 * (centers[a] + centers[b])])
 
 
 def _half_sd(d: np.ndarray) -> float:
