@@ -254,7 +254,7 @@ def test_population_stats_columns_and_linear_compensated_medians():
 
 def test_missing_marker_is_a_panel_error_naming_population():
     sample, _ = _sample()
-    sample.channels.loc[4, "pns"] = "CD8a-typo"
+    sample.channels.loc[4, "pns"] = "Ki-67"
     with pytest.raises(PanelError) as info:
         gate(sample, parse_template(BASE))
     assert info.value.context["population"] == "CD4 T"
