@@ -2,8 +2,8 @@
 
 Marker resolution belongs to :mod:`cytopipe.panel`, transforms to :mod:`cytopipe.transforms`
 and compensation to :mod:`cytopipe.compensation`. This module is the single place where
-gating calls them, so that gating keeps working while those modules land, with the same
-semantics (Gating-ML 2.0 / flowutils formulas).
+gating calls them. Until the transforms and compensation modules land, the transforms here
+follow the Gating-ML 2.0 / flowutils formulas exactly and compensation is the matrix inverse.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from cytopipe.errors import PanelError, TransformError
+from cytopipe.errors import TransformError
 
 SCATTER_TIME = re.compile(r"^\s*(FSC|SSC|TIME)([-_ ]?[AHW])?\s*$", re.IGNORECASE)
 
@@ -33,46 +33,11 @@ def resolve_markers(
     mapping: Mapping[str, str] | None = None,
     file=None,
 ) -> dict[str, str]:
-    """``{marker: $PnN}`` via :func:`cytopipe.panel.resolve_markers` when available.
+    """``{marker: $PnN}`` through :func:`cytopipe.panel.resolve_markers` (aliases such as
+    CD279 = PD-1, explicit per-panel mapping first); a PanelError names what is missing."""
+    from cytopipe.panel import resolve_markers as panel_resolve
 
-    The fallback (until the panel module is on main) matches an explicit mapping, then
-    ``$PnN`` exactly, then ``$PnS`` case-insensitively; anything else is a PanelError.
-    """
-    try:
-        from cytopipe.panel import resolve_markers as panel_resolve
-    except ImportError:
-        panel_resolve = None
-    if panel_resolve is not None:
-        return panel_resolve(channels, list(markers), mapping=dict(mapping or {}) or None, file=file)
-
-    pnn = [str(v) for v in channels["pnn"]]
-    pns = [str(v) for v in channels["pns"]]
-    out: dict[str, str] = {}
-    for marker in markers:
-        if mapping and marker in mapping:
-            if mapping[marker] not in pnn:
-                raise PanelError(
-                    f"the panel maps it to channel {mapping[marker]!r}, which the file does not have; "
-                    f"channels are {pnn}",
-                    file=file,
-                    marker=marker,
-                )
-            out[marker] = mapping[marker]
-            continue
-        if marker in pnn:
-            out[marker] = marker
-            continue
-        hits = [n for n, s in zip(pnn, pns) if s.strip().lower() == marker.strip().lower()]
-        if len(hits) != 1:
-            seen = ", ".join(f"{n} [{s}]" if s else n for n, s in zip(pnn, pns))
-            what = "no channel carries it" if not hits else f"several channels carry it ({hits})"
-            raise PanelError(
-                f"{what}; channels are {seen}. Add it to the template's `panel:` mapping",
-                file=file,
-                marker=marker,
-            )
-        out[marker] = hits[0]
-    return out
+    return panel_resolve(channels, list(markers), mapping=dict(mapping or {}) or None, file=file)
 
 
 # --------------------------------------------------------------------------------------------
