@@ -680,6 +680,13 @@ class Engine:
             frac = float(inside.mean())
             lo, hi = g.fraction
             if not lo <= frac <= hi:
+                # the sample's own fit is implausible: keep it out of pooled estimates too
+                for rec in result.fits:
+                    if rec.population == pop.name and rec.status == "ok":
+                        rec.status = "failed"
+                        rec.reason = (
+                            f"the fitted gate keeps {frac:.1%} of the parent, outside [{lo:.0%}, {hi:.0%}]"
+                        )
                 refs = {s: fallback[s] for s in chosen}
                 if all(refs[s] is not None for s in chosen if used_own[s]):
                     fitters = dict(g.fit_items())
