@@ -68,8 +68,11 @@ def evaluate(trial_dir, manifest: pd.DataFrame, template, pooled_gating: bool):
 
 
 def _report(f1: pd.DataFrame, treg_err: np.ndarray, title: str) -> str:
-    table = f1.copy()
-    table["min"] = f1.min(axis=1)
+    if f1.shape[1] <= 8:
+        table = f1.copy()
+        table["min"] = f1.min(axis=1)
+    else:  # many files: summarise per population
+        table = pd.DataFrame({"min": f1.min(axis=1), "median": f1.median(axis=1), "max": f1.max(axis=1)})
     lines = [
         f"{title}: per-population F1 vs the simulator's labels",
         table.round(4).to_string(),

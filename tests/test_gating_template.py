@@ -293,3 +293,45 @@ def test_engine_does_not_modify_the_events():
     data["compensation"] = "file"
     Engine(sample.events, sample.channels, parse_template(data), spillover=sample.spillover).run()
     np.testing.assert_array_equal(sample.events, before)
+
+
+def test_pool_estimates_levels():
+    from cytopipe.gating import pool_estimates
+    from cytopipe.gating.engine import FIT_COLUMNS
+
+    rows = []
+    for sid, t, status in [
+        ("A1", 1.0, "ok"),
+        ("A2", 1.2, "ok"),
+        ("A3", 9.0, "failed"),  # a failed fit never enters a pool
+        ("B1", 2.0, "ok"),
+        ("B2", 2.4, "ok"),
+        ("C1", 5.0, "failed"),
+    ]:
+        for key, pool in (("T cells", "patient"), ("Live", "batch"), ("NK", "cohort"), ("Treg", "sample")):
+            rows.append(dict(zip(FIT_COLUMNS, [sid, key, key, "valley", pool, status, "", 1000, [t]])))
+    records = pd.DataFrame(rows)
+    manifest = pd.DataFrame(
+        {
+            "sample_id": ["A1", "A2", "A3", "B1", "B2", "C1"],
+            "patient_id": list("AAABBC"),
+            "batch": ["b1", "b2", "b2", "b1", "b2", "b3"],
+        }
+    )
+    pooled = pool_estimates(records, manifest)
+    cohort = np.median([1.0, 1.2, 2.0, 2.4])
+    p, why = pooled.lookup("T cells", "patient", {"sample_id": "A3"})
+    assert p.tolist() == [1.1] and why.startswith("patient A estimate (median of 2 samples)")
+    p, why = pooled.lookup("Live", "batch", {"sample_id": "B1", "batch": "b1"})
+    assert p.tolist() == [1.5] and "batch b1" in why
+    # no ok fit in patient C's group: the cohort estimate
+    p, why = pooled.lookup("T cells", "patient", {"sample_id": "C1", "patient_id": "C"})
+    assert p.tolist() == [cohort] and why.startswith("cohort estimate (median of 4 samples)")
+    for key, level in (("NK", "cohort"), ("Treg", "sample")):
+        p, _ = pooled.lookup(key, level, {"sample_id": "A1"})
+        assert p.tolist() == [cohort]
+    # a run-wide override of every gate's level
+    p, why = pool_estimates(records, manifest, level="cohort").lookup(
+        "T cells", "cohort", {"sample_id": "A3"}
+    )
+    assert p.tolist() == [cohort]
