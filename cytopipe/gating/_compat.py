@@ -52,6 +52,9 @@ TRANSFORM_PARAMS: dict[str, tuple[tuple[str, ...], dict[str, float]]] = {
     "arcsinh": (("cofactor",), {}),
     "logicle": (("T", "W", "M", "A"), {}),
     "hyperlog": (("T", "W", "M", "A"), {}),
+    # FlowJo 10's own transforms (workspace import), evaluated by FlowKit's implementations
+    "flowjo_biex": ((), {"negative": 0.0, "width": -10.0, "positive": 4.41854, "max_value": 262144.000029}),
+    "flowjo_log": (("offset", "decades"), {}),
 }
 COMMON_OPTIONAL = {"scale": 1.0}
 
@@ -113,6 +116,10 @@ def apply_transform(spec: Mapping | None, x: np.ndarray) -> np.ndarray:
         t, m, a = spec["T"], spec["M"], spec["A"]
         pre = np.sinh(m * np.log(10)) / t
         y = (np.arcsinh(x * pre) + a * np.log(10)) / ((m + a) * np.log(10))
+    elif ttype in ("flowjo_biex", "flowjo_log"):
+        y = _flowjo(spec).apply(np.asarray(x, dtype=np.float64))
+        if x.dtype == np.float32:
+            y = y.astype(np.float32)
     elif ttype in ("logicle", "hyperlog"):
         from flowutils import transforms as fut
 
@@ -125,6 +132,27 @@ def apply_transform(spec: Mapping | None, x: np.ndarray) -> np.ndarray:
     if scale != 1.0:
         y = y * (y.dtype.type(scale) if hasattr(y, "dtype") else scale)
     return y
+
+
+_FLOWJO_CACHE: dict[tuple, object] = {}
+
+
+def _flowjo(spec: Mapping):
+    """FlowKit's FlowJo transform object for a spec (cached: the biex builds a lookup table)."""
+    key = tuple(sorted(spec.items()))
+    if key not in _FLOWJO_CACHE:
+        from flowkit import transforms as fkt
+
+        if spec["type"] == "flowjo_biex":
+            _FLOWJO_CACHE[key] = fkt.WSPBiexTransform(
+                negative=spec.get("negative", 0.0),
+                width=spec.get("width", -10.0),
+                positive=spec.get("positive", 4.41854),
+                max_value=spec.get("max_value", 262144.000029),
+            )
+        else:
+            _FLOWJO_CACHE[key] = fkt.WSPLogTransform(offset=spec["offset"], decades=spec["decades"])
+    return _FLOWJO_CACHE[key]
 
 
 # --------------------------------------------------------------------------------------------
