@@ -57,7 +57,7 @@ def test_flowjo_workspace_hierarchy_and_duplicate_names():
     assert t["CD4+/IFNg+"].parent == "CD4+" and t["CD8+/IFNg+"].parent == "CD8+"
     assert "IFNg+" not in t.names
     assert t.matrices, "the workspace's compensation matrix is imported"
-    assert {spec["type"] for spec in t.transforms.values()} & {"flowjo_biex", "flin", "fasinh", "logicle"}
+    assert {spec["type"] for spec in t.transforms.values()} & {"biex", "linear", "fasinh", "logicle"}
 
 
 def test_unknown_sample_is_a_clear_error():

@@ -145,8 +145,13 @@ def test_boolean_cycle_is_rejected():
 def test_unknown_top_level_key_and_bad_transform():
     err = _error(lambda d: d.update(transform={}))
     assert err.context["key"] == "transform" and "unknown top-level key" in str(err)
-    err = _error(lambda d: d["transforms"].update(CD4={"type": "logicle", "T": 262144}), TransformError)
-    assert err.context["marker"] == "CD4" and "needs parameter 'W'" in str(err)
+    err = _error(
+        lambda d: d["transforms"].update(CD4={"type": "logicle", "T": 262144, "width": 1}), TransformError
+    )
+    assert err.context["marker"] == "CD4" and "no parameter 'width'" in str(err)
+    assert err.context["key"] == "transforms.width"
+    err = _error(lambda d: d["transforms"].update(CD4={"type": "logicool"}), TransformError)
+    assert "unknown transform type 'logicool'" in str(err)
 
 
 def test_yaml_errors_name_file_and_line(tmp_path):

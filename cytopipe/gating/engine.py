@@ -436,46 +436,41 @@ class Engine:
         """``(column -> block index, compensated block)`` for a compensation key, or None."""
         if key in self._comp:
             return self._comp[key]
-        detectors, matrix = self._matrix(key)
-        if detectors is None:
+        comp = self._compensation(key)
+        if comp is None:
             self._comp[key] = None
             return None
-        cols = [self.pnn.index(d) for d in detectors]
-        block = _compat.compensate_block(self.events, cols, matrix)  # channel-major (k x n)
+        cols = [int(c) for c in comp.columns_in(self.pnn, self.file)]
+        block = _compat.compensate_block(self.events, cols, comp)  # channel-major (k x n)
         self._comp[key] = ({c: j for j, c in enumerate(cols)}, block)
-        self.applied_compensation = {"channels": list(detectors), "matrix": np.asarray(matrix).tolist()}
+        self.applied_compensation = comp.to_dict()
         return self._comp[key]
 
-    def _matrix(self, key: str):
+    def _compensation(self, key: str):
+        """The :class:`cytopipe.compensation.Compensation` behind a compensation key (None =
+        uncompensated); it validates the matrix (square, finite, invertible)."""
+        from cytopipe.compensation import Compensation
+
         if key in ("template", "FCS"):
             source = self.template.compensation if key == "template" else "file"
-            if source == "file":
-                sp = self.spillover
-                if sp is None:
-                    if key == "FCS":  # Gating-ML: 'FCS' without a spillover means uncompensated
-                        return None, None
-                    raise CompensationError(
-                        "the template asks for the file's spillover matrix (compensation: file) but the "
-                        "file has none; set `compensation: none` or give a CSV matrix",
-                        file=self.file,
-                    )
-                detectors, matrix = list(sp.channels), np.asarray(sp.matrix, dtype=np.float64)
-            else:
-                detectors, matrix = _load_matrix_csv(source)
-        else:
-            m = self.template.matrices.get(key)
-            if m is None:
-                raise CompensationError(f"unknown compensation matrix {key!r}", file=self.file)
-            detectors, matrix = list(m.detectors), m.matrix
-        missing = [d for d in detectors if d not in self.pnn]
-        if missing:
-            raise CompensationError(
-                f"compensation matrix channels {missing} are not in the file; channels are {self.pnn}",
-                file=self.file,
-            )
-        if abs(np.linalg.det(matrix)) < 1e-12:
-            raise CompensationError("the spillover matrix is singular and cannot be inverted", file=self.file)
-        return detectors, matrix
+            if source != "file":
+                return Compensation.from_csv(source)
+            if self.spillover is None:
+                if key == "FCS":  # Gating-ML: 'FCS' without a spillover means uncompensated
+                    return None
+                raise CompensationError(
+                    "the template asks for the file's spillover matrix (compensation: file) but the "
+                    "file has none; set `compensation: none` or give a CSV matrix",
+                    file=self.file,
+                )
+            try:
+                return Compensation.from_spillover(self.spillover)
+            except CompensationError as exc:
+                raise CompensationError(exc.message, **{**exc.context, "file": self.file}) from None
+        m = self.template.matrices.get(key)
+        if m is None:
+            raise CompensationError(f"unknown compensation matrix {key!r}", file=self.file)
+        return Compensation(m.matrix, tuple(m.detectors), source=f"template:{key}")
 
     def linear(self, col: int, comp_key: str | None) -> np.ndarray:
         """Channel ``col`` compensated with ``comp_key`` (a contiguous row of the compensated
@@ -797,30 +792,3 @@ def _all_dims(g: Gate) -> list[Dim]:
         for _, f in g.fit_items():
             dims += [d for d in f.dims if d not in dims]
     return dims
-
-
-def _load_matrix_csv(path: str) -> tuple[list[str], np.ndarray]:
-    """A spillover matrix CSV as FlowJo/FlowKit write it (header row of channel names,
-    optionally a first column of names)."""
-    try:
-        from cytopipe.compensation import read_matrix_csv  # type: ignore[attr-defined]
-    except ImportError:
-        read_matrix_csv = None
-    if read_matrix_csv is not None:
-        m = read_matrix_csv(path)
-        return list(m.channels), np.asarray(m.matrix, dtype=np.float64)
-    try:
-        df = pd.read_csv(path)
-    except (OSError, ValueError) as exc:
-        raise CompensationError(f"cannot read the compensation CSV: {exc}", file=path) from None
-    if df.shape[1] == df.shape[0] + 1:  # first column holds row names
-        df = df.iloc[:, 1:]
-    if df.shape[0] != df.shape[1]:
-        raise CompensationError(
-            f"the compensation CSV is {df.shape[0]} x {df.shape[1]}, not square", file=path
-        )
-    try:
-        matrix = df.to_numpy(dtype=np.float64)
-    except ValueError:
-        raise CompensationError("the compensation CSV has non-numeric entries", file=path) from None
-    return [str(c).strip() for c in df.columns], matrix

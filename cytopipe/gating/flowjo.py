@@ -104,26 +104,13 @@ def read_flowjo_workspace(path: str | Path, sample: str | None = None) -> Templa
 
 
 def _transform_spec(t, tid: str, path: Path) -> dict:
-    kind = type(t).__name__
-    if kind == "LinearTransform":
-        return {"type": "flin", "T": float(t.param_t), "A": float(t.param_a)}
-    if kind == "LogTransform":
-        return {"type": "flog", "T": float(t.param_t), "M": float(t.param_m)}
-    if kind == "AsinhTransform":
-        return {"type": "fasinh", "T": float(t.param_t), "M": float(t.param_m), "A": float(t.param_a)}
-    if kind in ("LogicleTransform", "HyperlogTransform"):
-        return {
-            "type": kind.replace("Transform", "").lower(),
-            **{p: float(getattr(t, f"param_{p.lower()}")) for p in ("T", "W", "M", "A")},
-        }
-    if kind == "WSPBiexTransform":
-        return {
-            "type": "flowjo_biex",
-            "negative": float(t.negative),
-            "width": float(t.width),
-            "positive": float(t.positive),
-            "max_value": float(t.max_value),
-        }
-    if kind == "WSPLogTransform":
+    """A FlowKit transform from the workspace as a template transform dict."""
+    from cytopipe.errors import TransformError
+    from cytopipe.transforms import from_flowkit
+
+    if type(t).__name__ == "WSPLogTransform":
         return {"type": "flowjo_log", "offset": float(t.offset), "decades": float(t.decades)}
-    raise TemplateError(f"transform {tid!r}: unsupported FlowJo transform {kind}", file=path)
+    try:
+        return from_flowkit(t).to_dict()
+    except TransformError as exc:
+        raise TemplateError(f"transform {tid!r}: {exc.message}", file=path) from None
