@@ -340,3 +340,21 @@ def test_pool_estimates_levels():
         "T cells", "cohort", {"sample_id": "A3"}
     )
     assert p.tolist() == [cohort]
+
+
+def test_locked_transforms_override_the_template():
+    """Study-locked transforms (by marker or $PnN, dicts or cytopipe.transforms objects) replace
+    the template's for those markers only."""
+    from cytopipe.transforms import Arcsinh
+
+    sample, true = _sample()
+    data = copy.deepcopy(BASE)
+    data["compensation"] = "file"
+    base = gate(sample, parse_template(data), medians=False)
+    # cofactor 5 -> 50 moves the CD3 >= 1.0 threshold from asinh(x/5) to asinh(x/50)
+    for locked in ({"CD3": {"type": "arcsinh", "cofactor": 50}}, {"B1-A": Arcsinh(cofactor=50)}):
+        result = gate(sample, parse_template(data), transforms=locked, medians=False)
+        want = result.mask("Cells") & (np.arcsinh(true[:, 2] / 50) >= 1.0)
+        assert np.sum(result.mask("CD3+") != want) <= 2
+        assert result.populations["CD3+"].count != base.populations["CD3+"].count
+        assert result.populations["Cells"].count == base.populations["Cells"].count

@@ -349,10 +349,14 @@ class Engine:
         self.file = str(file) if file is not None else None
         self.panel = {**template.panel, **(mapping or {})}
         self.transform_specs = dict(template.transforms)
-        for marker, spec in (transforms or {}).items():
-            self.transform_specs[marker] = _compat.check_transform(
-                spec, {"marker": marker, "key": "transforms"}
+        # run-level (e.g. study-locked) transforms by marker or $PnN; a TransformSet works too
+        self.overrides = {
+            str(name): _compat.check_transform(
+                spec.to_dict() if hasattr(spec, "to_dict") else spec,
+                {"marker": str(name), "key": "transforms"},
             )
+            for name, spec in (transforms or {}).items()
+        }
         self.pnn = [str(v) for v in channels["pnn"]]
         self._col: dict[str, int] = {}  # name -> column
         self._resolved: dict[str, str] = {}  # marker -> $PnN from the panel
@@ -530,11 +534,11 @@ class Engine:
     def _transform_spec(self, dim: Dim):
         if dim.transform is None:
             return None
-        if dim.transform in self.transform_specs and dim.transform != "default":
-            return self.transform_specs[dim.transform]
-        # a marker without its own transform: a run-level override for this marker wins
-        if dim.name in self.transform_specs:
-            return self.transform_specs[dim.name]
+        if self.overrides and dim.compensation == "template" and dim.ratio is None:
+            # template markers whose transform is set per study: the locked one wins
+            for key in (dim.name, self.pnn[self._col[dim.name]]):
+                if key in self.overrides:
+                    return self.overrides[key]
         return self.transform_specs.get(dim.transform)
 
     def gather(
