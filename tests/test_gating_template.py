@@ -358,3 +358,6 @@ def test_locked_transforms_override_the_template():
         assert np.sum(result.mask("CD3+") != want) <= 2
         assert result.populations["CD3+"].count != base.populations["CD3+"].count
         assert result.populations["Cells"].count == base.populations["Cells"].count
+        assert result.transforms["B1-A"] == {"type": "arcsinh", "cofactor": 50.0}
+        assert result.transforms["B2-A"] == {"type": "arcsinh", "cofactor": 5.0}
+        assert result.compensation["channels"] == ["B1-A", "B2-A", "B3-A"] and "hash" in result.compensation

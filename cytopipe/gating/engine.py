@@ -364,6 +364,7 @@ class Engine:
         self._values: dict[tuple, np.ndarray] = {}  # dimension over all events
         self._subset_values: dict[tuple, np.ndarray] = {}  # dimension inside one population
         self._fits: dict[tuple, tuple] = {}  # memoised fits
+        self.applied_transforms: dict[str, dict] = {}  # $PnN -> transform actually applied
         self._resolve_all()
 
     # ---- resolution ------------------------------------------------------------------------
@@ -508,7 +509,10 @@ class Engine:
             v = self.linear(self._col[dim.name], comp)
             if idx is not None:
                 v = v[idx]
-        return _compat.apply_transform(self._transform_spec(dim), v)
+        spec = self._transform_spec(dim)
+        if spec is not None and dim.ratio is None:
+            self.applied_transforms[self.pnn[self._col[dim.name]]] = dict(spec)
+        return _compat.apply_transform(spec, v)
 
     def values(self, dim: Dim, idx: np.ndarray | None = None, scope: str | None = None) -> np.ndarray:
         """Values of a dimension at events ``idx`` (None = all events).
@@ -605,20 +609,10 @@ class Engine:
         result._masks = {k: v for k, v in full_masks.items()}
         result.channel_of = {name: self.pnn[c] for name, c in self._col.items()}
         result.compensation = getattr(self, "applied_compensation", None)
-        keys = set(self._values) | {k for k, _ in self._subset_values}
-        result.transforms = {
-            self.pnn[key[0]]: self._transform_spec_for_key(key)
-            for key in keys
-            if key[0] != "ratio" and key[2] is not None
-        }
+        result.transforms = dict(self.applied_transforms)
         if medians:
             self._medians(result)
         return result
-
-    def _transform_spec_for_key(self, key) -> dict | None:
-        col, _, tkey = key
-        name = next((n for n, c in self._col.items() if c == col), None)
-        return self._transform_spec(Dim(name or "", transform=tkey))
 
     # ---- data-driven gates -----------------------------------------------------------------
     def _fit_gate(self, pop: Population, pidx, pooled, meta, flags, result):
