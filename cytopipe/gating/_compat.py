@@ -1,9 +1,11 @@
-"""Bridges to the parts of cytopipe that gating uses but does not own.
+"""The single place where gating calls the modules it builds on but does not own.
 
-Marker resolution belongs to :mod:`cytopipe.panel`, transforms to :mod:`cytopipe.transforms`
-and compensation to :mod:`cytopipe.compensation`. This module is the single place where
-gating calls them. Until the transforms and compensation modules land, the transforms here
-follow the Gating-ML 2.0 / flowutils formulas exactly and compensation is the matrix inverse.
+* markers -> channels: :func:`cytopipe.panel.resolve_markers`;
+* transforms: :mod:`cytopipe.transforms` for float32 data (the normal case); float64 data (e.g.
+  Gating-ML reference arrays) is transformed with the flowutils/FlowKit formulas in float64 so
+  results agree exactly with those references;
+* compensation: :class:`cytopipe.compensation.Compensation` validates and inverts the matrix;
+  the product is done here in the channel-major layout the engine reads.
 """
 
 from __future__ import annotations
