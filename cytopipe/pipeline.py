@@ -971,8 +971,7 @@ def _to_engine_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     """A cytopipe.transforms dict as the gating engine's transform spec."""
     from cytopipe.gating import _compat
 
-    out = {k: v for k, v in spec.items() if k in ("type", "T", "W", "M", "A", "cofactor")}
-    return _compat.check_transform(out, {"key": "transforms"})
+    return _compat.check_transform(dict(spec), {"key": "transforms"})
 
 
 # --- step: gating pass 1 + pooled estimates -----------------------------------------------------
