@@ -409,6 +409,11 @@ def save_model(model: ClusterModel, path: str | os.PathLike) -> Path:
     return path
 
 
+def _curve_frame(curve: Mapping[str, list]) -> pd.DataFrame:
+    frame = pd.DataFrame(curve)[["k", "cdf_area", "delta_area", "pac"]]
+    return frame.astype({"k": np.int64})
+
+
 def load_model(path: str | os.PathLike) -> ClusterModel:
     """Read a model file, checking its kind, format version and content hash."""
     path = Path(path)
@@ -456,7 +461,7 @@ def load_model(path: str | os.PathLike) -> ClusterModel:
             training=header.get("training") or {},
             node_counts=arrays.get("node_counts"),
             metacluster_medians=arrays.get("metacluster_medians"),
-            consensus_curve=None if curve is None else pd.DataFrame(curve),
+            consensus_curve=None if curve is None else _curve_frame(curve),
             cytopipe_version=header.get("cytopipe_version", ""),
             content_hash=stored,
         )
