@@ -68,7 +68,9 @@ def test_metaclusters_match_the_manual_gating(data68983):
 
 def test_agreement_holds_across_seeds(data68983):
     _, _, labels = data68983
-    f1 = [cluster.mean_best_f1(_run(data68983, seed)[1], labels, exclude=["Unlabeled"]) for seed in range(1, 11)]
+    f1 = [
+        cluster.mean_best_f1(_run(data68983, seed)[1], labels, exclude=["Unlabeled"]) for seed in range(1, 11)
+    ]
     assert np.mean(f1) >= 0.90, f1
     assert min(f1) >= 0.85, f1
 

@@ -51,7 +51,12 @@ def settings():
 def model(cohort, settings):
     data = {sid: ev for sid, (ev, _) in cohort.items()}
     return cluster.train_model(
-        data, MARKERS, settings, columns=CHANNELS, parent="Live", transforms={"kind": "arcsinh", "cofactor": 150}
+        data,
+        MARKERS,
+        settings,
+        columns=CHANNELS,
+        parent="Live",
+        transforms={"kind": "arcsinh", "cofactor": 150},
     )
 
 
@@ -61,9 +66,7 @@ def test_training_is_balanced_seeded_and_order_independent(cohort, settings, mod
     assert model.codes.shape == (36, 6) and model.node_metacluster.shape == (36,)
     assert model.n_metaclusters == 5 and model.parent == "Live" and model.markers == MARKERS
     # same seed, samples given in another order (and as DataFrames) -> identical model
-    frames = {
-        sid: pd.DataFrame(ev, columns=CHANNELS) for sid, (ev, _) in reversed(list(cohort.items()))
-    }
+    frames = {sid: pd.DataFrame(ev, columns=CHANNELS) for sid, (ev, _) in reversed(list(cohort.items()))}
     again = cluster.train_model(frames, MARKERS, settings, parent="Live", transforms=model.transforms)
     assert np.array_equal(again.codes, model.codes)
     assert np.array_equal(again.node_metacluster, model.node_metacluster)
@@ -293,3 +296,24 @@ def test_model_medians_and_settings_round_trip(model):
         cluster.ClusterSettings.from_dict({"xdimm": 3})
     with pytest.raises(ClusteringError, match="unknown linkage"):
         cluster.ClusterSettings(linkage="single")
+
+
+def test_map_sample_is_one_pipeline_task(cohort, model, tmp_path):
+    ev, truth = cohort["P01_W00"]
+    mask = truth != "B"  # e.g. the parent gate
+    extra = [*MARKERS, "SSC-A"]
+    res = cluster.map_sample(model, "P01_W00", ev, CHANNELS, parent_mask=mask, markers=extra, parent="non-B")
+    nodes, mc = cluster.map_events(model, ev[mask], CHANNELS)
+    assert np.array_equal(res.nodes, nodes) and np.array_equal(res.metaclusters, mc)
+    expected = cluster.sample_abundance(
+        model, "P01_W00", mc, ev[mask], CHANNELS, markers=extra, parent="non-B"
+    )
+    pd.testing.assert_frame_equal(res.abundance, expected)
+    assert res.abundance["parent_count"].iloc[0] == mask.sum()
+    with pytest.raises(ClusteringError, match="parent mask has 3 entries"):
+        cluster.map_sample(model, "P01_W00", ev, CHANNELS, parent_mask=np.ones(3, bool))
+    # workers load the model once per file version
+    path = cluster.save_model(model, tmp_path / "m.npz")
+    assert cluster.load_model_cached(path) is cluster.load_model_cached(str(path))
+    with pytest.raises(ClusteringError, match="not found"):
+        cluster.load_model_cached(tmp_path / "nope.npz")

@@ -11,12 +11,24 @@ clustered, so the table can be stacked with ``population_stats`` and fed to the 
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from cytopipe.cluster.model import ClusterModel, EventTable, _as_matrix, metacluster_name
+from cytopipe.cluster.model import (
+    ClusterModel,
+    EventTable,
+    _as_matrix,
+    load_model,
+    map_events,
+    marker_columns,
+    metacluster_name,
+)
 from cytopipe.errors import ClusteringError
 
 ABUNDANCE_COLUMNS = [
@@ -146,3 +158,65 @@ def model_medians(model: ClusterModel) -> pd.DataFrame:
         np.add.at(counts, model.node_metacluster.astype(np.int64) - 1, model.node_counts)
     out.insert(0, "count", counts)
     return out
+
+
+@dataclass
+class SampleClusters:
+    """One sample mapped onto a model: per parent-population event node and metacluster (in
+    event order), and the sample's abundance rows."""
+
+    sample_id: str
+    nodes: np.ndarray
+    metaclusters: np.ndarray
+    abundance: pd.DataFrame
+
+
+def map_sample(
+    model: ClusterModel,
+    sample_id: str,
+    events: np.ndarray,
+    columns: Sequence[str],
+    *,
+    parent_mask: np.ndarray | None = None,
+    markers: Sequence[str] | None = None,
+    parent: str | None = None,
+) -> SampleClusters:
+    """Map one whole sample (one Dask task): pick the parent population's events
+    (``parent_mask``, default all), assign nodes and metaclusters, and compute its abundance
+    rows with medians of ``markers`` (default the model's markers).
+
+    ``events`` is the sample's compensated, transformed event matrix with ``columns`` naming
+    its columns by marker. Only the needed columns of the parent events are gathered, never a
+    full copy of the sample.
+    """
+    markers = list(model.markers if markers is None else markers)
+    wanted = list(dict.fromkeys([*model.markers, *markers]))
+    cols = marker_columns(columns, wanted, sample_id)
+    if parent_mask is None:
+        sub = events[:, cols]
+    else:
+        mask = np.asarray(parent_mask, dtype=bool)
+        if mask.shape != (events.shape[0],):
+            raise ClusteringError(
+                f"parent mask has {mask.shape[0]} entries for {events.shape[0]} events", sample=sample_id
+            )
+        sub = events[np.ix_(np.flatnonzero(mask), cols)]
+    nodes, mc = map_events(model, sub, wanted, sample_id=sample_id)
+    rows = sample_abundance(model, sample_id, mc, sub, wanted, markers=markers, parent=parent)
+    return SampleClusters(str(sample_id), nodes, mc, rows)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(path: str, mtime_ns: int, size: int) -> ClusterModel:
+    return load_model(path)
+
+
+def load_model_cached(path: str | os.PathLike) -> ClusterModel:
+    """``load_model`` once per process and file version (for Dask workers that map many
+    samples with the same model: send the path, not the model)."""
+    p = Path(path).resolve()
+    try:
+        st = p.stat()
+    except OSError:
+        return load_model(p)  # raises the usual "not found" error
+    return _load_cached(str(p), st.st_mtime_ns, st.st_size)
