@@ -310,6 +310,7 @@ def test_map_sample_is_one_pipeline_task(cohort, model, tmp_path):
     )
     pd.testing.assert_frame_equal(res.abundance, expected)
     assert res.abundance["parent_count"].iloc[0] == mask.sum()
+    assert np.array_equal(res.node_counts, np.bincount(nodes, minlength=model.n_nodes))
     with pytest.raises(ClusteringError, match="parent mask has 3 entries"):
         cluster.map_sample(model, "P01_W00", ev, CHANNELS, parent_mask=np.ones(3, bool))
     # workers load the model once per file version
@@ -317,3 +318,36 @@ def test_map_sample_is_one_pipeline_task(cohort, model, tmp_path):
     assert cluster.load_model_cached(path) is cluster.load_model_cached(str(path))
     with pytest.raises(ClusteringError, match="not found"):
         cluster.load_model_cached(tmp_path / "nope.npz")
+
+
+def _map_path(args):
+    path, events = args
+    return cluster.map_events(cluster.load_model_cached(path), events, CHANNELS)[0]
+
+
+def test_parallel_workers_give_the_same_assignments(cohort, model, tmp_path):
+    """1 or 2 workers, threads or processes, any completion order: identical per-event nodes."""
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    path = str(cluster.save_model(model, tmp_path / "m.npz"))
+    samples = [ev for ev, _ in cohort.values()]
+    serial = [cluster.map_events(model, ev, CHANNELS)[0] for ev in samples]
+    with ThreadPoolExecutor(2) as pool:
+        threaded = list(pool.map(lambda ev: cluster.map_events(model, ev, CHANNELS)[0], samples))
+    with ProcessPoolExecutor(2) as pool:
+        processes = list(pool.map(_map_path, [(path, ev) for ev in samples]))
+    for a, b, c in zip(serial, threaded, processes):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+
+
+def test_importing_the_package_stays_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cytopipe.cluster as c; c.train_model; c.map_events; c.concordance_summary; "
+        "heavy = [m for m in ('umap', 'matplotlib', 'networkx', 'flowsom') if m in sys.modules]; "
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -163,12 +163,14 @@ def model_medians(model: ClusterModel) -> pd.DataFrame:
 @dataclass
 class SampleClusters:
     """One sample mapped onto a model: per parent-population event node and metacluster (in
-    event order), and the sample's abundance rows."""
+    event order), the sample's abundance rows and its cells per SOM node (small: a Dask task
+    can return ``abundance`` and ``node_counts`` and keep the per-event arrays local)."""
 
     sample_id: str
     nodes: np.ndarray
     metaclusters: np.ndarray
     abundance: pd.DataFrame
+    node_counts: np.ndarray
 
 
 def map_sample(
@@ -203,7 +205,8 @@ def map_sample(
         sub = events[np.ix_(np.flatnonzero(mask), cols)]
     nodes, mc = map_events(model, sub, wanted, sample_id=sample_id)
     rows = sample_abundance(model, sample_id, mc, sub, wanted, markers=markers, parent=parent)
-    return SampleClusters(str(sample_id), nodes, mc, rows)
+    counts = np.bincount(nodes, minlength=model.n_nodes).astype(np.int64)
+    return SampleClusters(str(sample_id), nodes, mc, rows, counts)
 
 
 @functools.lru_cache(maxsize=8)
