@@ -245,6 +245,10 @@ def test_empty_metaclusters_keep_a_zero_row(model):
     assert t["pct_parent"].tolist() == [100.0, 0, 0, 0, 0]
     assert np.isnan(t.loc[1, "median_CD3"]) and t.loc[0, "median_CD3"] == 0
     assert cluster.sample_abundance(model, "S", mc)["count"].sum() == 10
+    # a sample with no parent events still gets its k rows (count 0, % undefined)
+    none = cluster.sample_abundance(model, "E", np.zeros(0, np.int16), np.zeros((0, 6), np.float32))
+    assert none["count"].tolist() == [0] * 5 and none["parent_count"].eq(0).all()
+    assert none["pct_parent"].isna().all()
 
 
 def test_concordance_measures():
