@@ -335,7 +335,7 @@ def map_events(
     try:
         nodes = map_to_codes(arr, model.codes, cols, model.center, model.scale, chunk_size=chunk_size)
     except ClusteringError as exc:
-        raise ClusteringError(exc.message, sample=sample_id, **exc.context) from None
+        raise ClusteringError(exc.message, **{**exc.context, "sample": sample_id}) from None
     return nodes, model.node_metacluster[nodes]
 
 
