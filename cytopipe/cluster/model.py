@@ -241,19 +241,24 @@ def train_model(
     if not data:
         raise ClusteringError("no samples to train on")
     n_per = training_cells_per_sample(settings, len(data))
-    parts, used = [], {}
-    for sid in sorted(data, key=str):
+    order = sorted(data, key=str)
+    picks = {str(sid): subsample_indices(len(data[sid]), n_per, settings.seed, str(sid)) for sid in order}
+    used = {sid: int(idx.size) for sid, idx in picks.items()}
+    # gather the training cells column by column into one array (no full-size temporaries)
+    train = np.empty((sum(used.values()), len(markers)), dtype=np.float32)
+    start = 0
+    for sid in order:
         arr, cols = _as_matrix(data[sid], columns, markers, str(sid))
-        idx = subsample_indices(arr.shape[0], n_per, settings.seed, str(sid))
-        sub = np.asarray(arr[idx][:, cols], dtype=np.float32)
-        if sub.size and not np.isfinite(sub).all():
+        idx = picks[str(sid)]
+        block = train[start : start + idx.size]
+        for j, c in enumerate(cols):
+            block[:, j] = arr[idx, c]
+        if block.size and not np.isfinite(block).all():
             raise ClusteringError(
                 "events contain NaN or infinite values on the clustering markers: check transforms",
                 sample=str(sid),
             )
-        parts.append(sub)
-        used[str(sid)] = int(sub.shape[0])
-    train = np.concatenate(parts, axis=0)
+        start += idx.size
     if settings.scale:
         center = train.mean(axis=0, dtype=np.float64).astype(np.float32)
         sd = train.std(axis=0, ddof=1, dtype=np.float64).astype(np.float32)
