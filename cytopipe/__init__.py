@@ -26,9 +26,17 @@ _LAZY: dict[str, str] = {
     "Panel": "cytopipe.panel",
     "load_manifest": "cytopipe.manifest",
     "simulate_trial": "cytopipe.simulate",
+    "simulate_cohort": "cytopipe.simulate",
     "compensate": "cytopipe.compensation",
+    "Compensation": "cytopipe.compensation",
+    "compute_spillover": "cytopipe.compensation",
+    "TransformSet": "cytopipe.transforms",
+    "estimate_transforms": "cytopipe.transforms",
     "load_template": "cytopipe.gating",
     "gate": "cytopipe.gating",
+    "load_clinical": "cytopipe.clinical",
+    "derive_endpoints": "cytopipe.clinical",
+    "run_statistics": "cytopipe.stats",
 }
 
 __all__ = sorted(_LAZY) + ["__version__", "errors"]

@@ -1,0 +1,222 @@
+"""Benchmark: FCS reading speed of cytopipe against its peers and the hardware floor.
+
+    python bench/read_fcs.py                  # 1M events, 7 repeats
+    python bench/read_fcs.py --events 200000 --repeats 3 --readers cytopipe,flowio
+
+Files (written to a temporary folder, page-cached by a warm-up read):
+
+* ``float32 LE``: 20 channels, little-endian float32 -- what cytopipe.write_fcs writes;
+* ``float32 BE``: the same events big-endian -- what BD instruments write;
+* ``int16 BE``: 20 channels of 16-bit integers with $PnR 1024 (FACSCalibur style: byte swap
+  and range mask needed).
+
+For each reader the table gives min and median wall time of ``--repeats`` reads after one
+warm-up, MB/s of DATA segment and events/s, and the speed as a fraction of the floor
+(``np.fromfile`` of the DATA segment; 1.0 = as fast as reading the bytes) and as a fraction of
+the float32 floor (reading the same number of events stored as little-endian float32: the cost
+of just producing the float32 output, the fair bar for integer files). Then the peak
+memory of ``cytopipe.read_fcs`` (tracemalloc, which sees numpy's allocations) relative to
+the float32 event matrix it returns. Timings are noisy on shared machines: compare the
+ratios, measured side by side in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cytopipe.fcs import read_fcs, read_fcs_header, write_fcs  # noqa: E402
+
+READERS = ("cytopipe", "flowio", "fcsparser", "flowkit", "readfcs")
+
+
+# --------------------------------------------------------------------------------------------
+# test files
+# --------------------------------------------------------------------------------------------
+def _write_raw(path: Path, keywords: dict[str, str], data: bytes) -> None:
+    """A minimal FCS 3.1 writer for layouts cytopipe.write_fcs does not produce."""
+    kw = dict(keywords, **{"$BEGINDATA": "0" * 12, "$ENDDATA": "0" * 12})
+    text = ("|" + "".join(f"{k}|{v}|" for k, v in kw.items())).encode()
+    begin = 58 + len(text)
+    end = begin + len(data) - 1
+    kw["$BEGINDATA"], kw["$ENDDATA"] = str(begin).zfill(12), str(end).zfill(12)
+    text = ("|" + "".join(f"{k}|{v}|" for k, v in kw.items())).encode()
+    fits = end <= 99_999_999
+    header = f"FCS3.1    {58:>8d}{57 + len(text):>8d}{begin if fits else 0:>8d}{end if fits else 0:>8d}{0:>8d}{0:>8d}"
+    with open(path, "wb") as fh:
+        fh.write(header.encode() + text)
+        fh.write(data)
+
+
+def make_files(folder: Path, n_events: int, n_channels: int = 20, seed: int = 0) -> dict[str, Path]:
+    rng = np.random.default_rng(seed)
+    events = rng.lognormal(7, 1.5, size=(n_events, n_channels)).astype(np.float32)
+    names = [f"FL{i}-A" for i in range(1, n_channels + 1)]
+    markers = [f"CD{i}" for i in range(1, n_channels + 1)]  # readfcs needs $PnS on every channel
+    files = {"float32 LE": folder / "float32_le.fcs", "float32 BE": folder / "float32_be.fcs"}
+    write_fcs(files["float32 LE"], events, list(zip(names, markers)))
+    base = {"$MODE": "L", "$NEXTDATA": "0", "$PAR": str(n_channels), "$TOT": str(n_events)}
+    kw = dict(base, **{"$BYTEORD": "4,3,2,1", "$DATATYPE": "F"})
+    for i, name in enumerate(names, 1):
+        kw.update({f"$P{i}N": name, f"$P{i}S": markers[i - 1], f"$P{i}B": "32", f"$P{i}E": "0,0"})
+        kw[f"$P{i}R"] = "262144"
+    _write_raw(files["float32 BE"], kw, events.astype(">f4").tobytes())
+    ints = rng.integers(0, 1024, size=(n_events, n_channels), dtype=np.uint16)
+    kw = dict(base, **{"$BYTEORD": "4,3,2,1", "$DATATYPE": "I"})
+    for i, name in enumerate(names, 1):
+        kw.update({f"$P{i}N": name, f"$P{i}S": markers[i - 1], f"$P{i}B": "16", f"$P{i}E": "0,0"})
+        kw[f"$P{i}R"] = "1024"
+    files["int16 BE"] = folder / "int16_be.fcs"
+    _write_raw(files["int16 BE"], kw, ints.astype(">u2").tobytes())
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# readers
+# --------------------------------------------------------------------------------------------
+def reader_functions(path: Path) -> dict[str, Callable[[], object]]:
+    info = read_fcs_header(path)
+    begin, end = info.data_segment
+    count = (end - begin + 1) // np.dtype(_floor_dtype(info)).itemsize
+
+    def floor():
+        return np.fromfile(path, dtype=_floor_dtype(info), count=count, offset=begin)
+
+    def cytopipe():
+        return read_fcs(path).events
+
+    def flowio_reader():
+        import flowio
+
+        return flowio.FlowData(str(path)).as_array(preprocess=False)
+
+    def fcsparser_reader():
+        import fcsparser
+
+        return fcsparser.parse(str(path), reformat_meta=False, channel_naming="$PnN")[1]
+
+    def flowkit_reader():
+        import flowkit
+
+        return flowkit.Sample(str(path)).get_events(source="raw")
+
+    def readfcs_reader():
+        import readfcs
+
+        return readfcs.read(str(path)).X
+
+    return {
+        "floor": floor,
+        "cytopipe": cytopipe,
+        "flowio": flowio_reader,
+        "fcsparser": fcsparser_reader,
+        "flowkit": flowkit_reader,
+        "readfcs": readfcs_reader,
+    }
+
+
+def _floor_dtype(info) -> str:
+    order = ">" if info.byte_order == "big" else "<"
+    return order + ("f4" if info.datatype == "F" else "u2")
+
+
+def time_reader(fn: Callable[[], object], repeats: int) -> tuple[float, float] | str:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn()  # warm-up: imports, page cache, first-touch of memory
+            times = []
+            for _ in range(repeats):
+                gc.collect()
+                t0 = time.perf_counter()
+                result = fn()
+                times.append(time.perf_counter() - t0)
+                del result
+    except Exception as exc:  # a peer that cannot read the file is reported, not fatal
+        return f"error: {type(exc).__name__}: {str(exc)[:60]}"
+    return min(times), statistics.median(times)
+
+
+def peak_memory(path: Path) -> tuple[int, int]:
+    """(peak bytes allocated during read_fcs, bytes of the returned event matrix)."""
+    gc.collect()
+    tracemalloc.start()
+    events = read_fcs(path).events
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak, events.nbytes
+
+
+# --------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=1_000_000, help="events per file (default 1,000,000)")
+    parser.add_argument("--channels", type=int, default=20, help="channels per file (default 20)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed reads per reader (default 7)")
+    parser.add_argument(
+        "--readers", default=",".join(READERS), help=f"comma-separated subset of {','.join(READERS)}"
+    )
+    args = parser.parse_args(argv)
+    readers = [r.strip() for r in args.readers.split(",") if r.strip()]
+    unknown = set(readers) - set(READERS)
+    if unknown:
+        parser.error(f"unknown reader(s) {sorted(unknown)}; choose from {READERS}")
+
+    with tempfile.TemporaryDirectory(prefix="cytopipe-bench-") as tmp:
+        files = make_files(Path(tmp), args.events, args.channels)
+        print(
+            f"FCS read benchmark: {args.events:,} events x {args.channels} channels, "
+            f"min / median of {args.repeats} reads after a warm-up\n"
+        )
+        header = (
+            f"{'file':<11} {'reader':<10} {'min ms':>9} {'median ms':>10} {'MB/s':>8} {'Mevents/s':>10} "
+            f"{'x floor':>8} {'x f32 floor':>12}"
+        )
+        print(header)
+        print("-" * len(header))
+        memory = {}
+        f32_floor = None  # reading the same events as little-endian float32: the cost of the output alone
+        for label, path in files.items():
+            info = read_fcs_header(path)
+            nbytes = info.data_segment[1] - info.data_segment[0] + 1
+            functions = reader_functions(path)
+            floor = time_reader(functions["floor"], args.repeats)
+            f32_floor = f32_floor or floor[0]
+            for name in ["floor", *readers]:
+                result = floor if name == "floor" else time_reader(functions[name], args.repeats)
+                if isinstance(result, str):
+                    print(f"{label:<11} {name:<10} {result}")
+                    continue
+                best, median = result
+                ratio = floor[0] / best
+                print(
+                    f"{label:<11} {name:<10} {best * 1e3:9.1f} {median * 1e3:10.1f} "
+                    f"{nbytes / best / 1e6:8.0f} {args.events / best / 1e6:10.2f} {ratio:8.2f} "
+                    f"{f32_floor / best:12.2f}"
+                )
+            if "cytopipe" in readers:
+                memory[label] = peak_memory(path)
+            print()
+        if memory:
+            print("peak memory of cytopipe.read_fcs (tracemalloc) / size of the float32 event matrix:")
+            for label, (peak, matrix) in memory.items():
+                print(f"  {label:<11} {peak / 1e6:8.1f} MB / {matrix / 1e6:8.1f} MB = {peak / matrix:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

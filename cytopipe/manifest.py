@@ -1,0 +1,274 @@
+"""The study manifest: one CSV row per FCS file.
+
+Columns (``../shared/design/ARCHITECTURE.md``):
+
+* required: ``file`` (path relative to the manifest's folder, or absolute), ``sample_id``,
+  ``patient_id``, ``visit`` (study week, an integer; negative for screening), ``arm``;
+* optional: ``panel``, ``batch``, ``site``, ``acquired_at`` (ISO 8601), ``control``
+  (``unstained``, ``single:<marker>``, ``fmo:<marker>``). Control rows may leave
+  ``patient_id``, ``visit`` and ``arm`` blank. Other columns are kept as they are.
+
+:func:`load_manifest` returns a DataFrame with those columns (blank optional values are
+``""``, ``visit`` is a nullable integer), plus ``path`` (the absolute file path) and ``row``
+(the line of the CSV the row came from, header = line 1). Problems in a row are collected,
+not stopped at: ``load_manifest(path, strict=False)`` / :func:`check_manifest` keep every
+row with ``ok``/``problem`` columns so callers can report bad rows and go on with the good
+ones. Header names are matched case-insensitively (``Sample ID`` = ``sample_id``); UTF-8
+(with or without BOM), UTF-16 and Windows-1252 files, comma/semicolon/tab separators and
+old-Mac CR line endings are all read.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from cytopipe.errors import ManifestError
+
+__all__ = ["REQUIRED", "OPTIONAL", "check_manifest", "load_manifest", "parse_control"]
+
+REQUIRED = ("file", "sample_id", "patient_id", "visit", "arm")
+OPTIONAL = ("panel", "batch", "site", "acquired_at", "control")
+_SAMPLE_ONLY = ("patient_id", "visit", "arm")  # may be blank on control rows
+_ISO = re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?")
+_CONTROL_KINDS = ("single", "fmo")
+
+
+def load_manifest(path: str | Path, strict: bool = True, check_files: bool = True) -> pd.DataFrame:
+    """Read and check a manifest CSV.
+
+    ``strict=True`` raises a :class:`ManifestError` listing every problem (its ``problems``
+    attribute holds one ManifestError per problem, with ``row`` and ``column``).
+    ``strict=False`` returns every row with an ``ok`` column and a ``problem`` message;
+    ``df[df.ok]`` are the usable rows. Problems with the file as a whole (unreadable, no
+    rows, missing or duplicate columns) always raise. ``check_files=False`` skips the
+    check that each ``file`` exists.
+    """
+    table, problems = check_manifest(path, check_files=check_files)
+    if not strict:
+        return table
+    if problems:
+        if len(problems) == 1:
+            error = problems[0]
+        else:
+            lines = "\n".join(f"  {_short(p)}" for p in problems)
+            error = ManifestError(f"{len(problems)} problems:\n{lines}", file=Path(path))
+        error.problems = problems
+        raise error
+    return table.drop(columns=["ok", "problem"])
+
+
+def check_manifest(path: str | Path, check_files: bool = True) -> tuple[pd.DataFrame, list[ManifestError]]:
+    """Every row of the manifest (with ``ok`` and ``problem`` columns) and the list of
+    per-row problems, each a :class:`ManifestError` naming the row and column."""
+    path = Path(path)
+    header, rows = _read_rows(path)
+    columns = [_normalise(h) for h in header]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(columns):
+        if not name:
+            if any(r[1][i] if i < len(r[1]) else "" for r in rows):
+                raise ManifestError(f"column {i + 1} has no name in the header line", file=path, row=1)
+            continue
+        if name in seen:
+            raise ManifestError(
+                f"column {name!r} appears twice in the header (columns {seen[name] + 1} and {i + 1})",
+                file=path,
+                column=name,
+            )
+        seen[name] = i
+    missing = [c for c in REQUIRED if c not in seen]
+    if missing:
+        raise ManifestError(
+            f"missing required column(s) {missing}; the header has {[c for c in columns if c]}. "
+            f"A manifest needs {list(REQUIRED)} (optional: {list(OPTIONAL)})",
+            file=path,
+            column=missing[0],
+        )
+    if not rows:
+        raise ManifestError("the manifest has a header but no rows", file=path)
+
+    base = path.resolve().parent
+    problems: list[ManifestError] = []
+    records = []
+    first_row_of_sample: dict[str, int] = {}
+    first_row_of_file: dict[str, int] = {}
+    for line, cells in rows:
+        rec = {name: (cells[i].strip() if i < len(cells) else "") for name, i in seen.items()}
+        for name in OPTIONAL:
+            rec.setdefault(name, "")
+        row_problems: list[ManifestError] = []
+
+        def problem(column: str | None, message: str, line=line, out=row_problems) -> None:
+            out.append(ManifestError(message, file=path, row=line, column=column))
+
+        if len(cells) > len(header) and any(c.strip() for c in cells[len(header) :]):
+            problem(
+                None, f"has {len(cells)} values but the header has {len(header)} columns (a stray separator?)"
+            )
+        is_control = bool(rec["control"])
+        if is_control:
+            try:
+                parse_control(rec["control"])
+            except ValueError as exc:
+                problem("control", str(exc))
+        for name in REQUIRED:
+            if not rec[name] and not (is_control and name in _SAMPLE_ONLY):
+                who = (
+                    "sample row needs one (control rows may leave it blank)"
+                    if name in _SAMPLE_ONLY
+                    else "row needs one"
+                )
+                problem(name, f"{name} is blank; every {who}")
+        visit = None
+        if rec["visit"]:
+            visit = _parse_visit(rec["visit"])
+            if visit is None:
+                problem(
+                    "visit",
+                    f"visit is {rec['visit']!r}, not an integer study week; write the week as a number, e.g. 4",
+                )
+        if rec["acquired_at"] and not _is_iso(rec["acquired_at"]):
+            problem(
+                "acquired_at",
+                f"acquired_at is {rec['acquired_at']!r}; write an ISO 8601 date/time, e.g. 2021-03-04T09:30",
+            )
+        sid = rec["sample_id"]
+        if sid:
+            if sid in first_row_of_sample:
+                problem("sample_id", f"sample_id {sid!r} is already used on row {first_row_of_sample[sid]}")
+            else:
+                first_row_of_sample[sid] = line
+        file_path = ""
+        if rec["file"]:
+            resolved = _resolve(base, rec["file"])
+            file_path = str(resolved)
+            if file_path in first_row_of_file:
+                problem("file", f"file {rec['file']!r} is also listed on row {first_row_of_file[file_path]}")
+            else:
+                first_row_of_file[file_path] = line
+            if check_files:
+                if resolved.is_dir():
+                    problem("file", f"file {rec['file']!r} is a folder, not an FCS file")
+                elif not resolved.exists():
+                    problem("file", f"file {rec['file']!r} not found (looked for {resolved})")
+        rec["visit"] = visit
+        rec["path"] = file_path
+        rec["row"] = line
+        rec["ok"] = not row_problems
+        rec["problem"] = "; ".join(_short(p, with_row=False) for p in row_problems)
+        problems += row_problems
+        records.append(rec)
+
+    extras = [c for c in columns if c and c not in REQUIRED and c not in OPTIONAL]
+    order = [*REQUIRED, *OPTIONAL, *extras, "path", "row", "ok", "problem"]
+    table = pd.DataFrame.from_records(records, columns=order)
+    table["visit"] = table["visit"].astype("Int64")
+    return table, problems
+
+
+def parse_control(value: str) -> tuple[str, str | None]:
+    """``'unstained'`` -> ``('unstained', None)``, ``'single:CD4'`` -> ``('single', 'CD4')``,
+    ``'fmo:CD25'`` -> ``('fmo', 'CD25')``; anything else raises ValueError with a hint."""
+    text = value.strip()
+    if text.lower() == "unstained":
+        return "unstained", None
+    kind, sep, marker = text.partition(":")
+    if sep and kind.strip().lower() in _CONTROL_KINDS and marker.strip():
+        return kind.strip().lower(), marker.strip()
+    raise ValueError(
+        f"control is {value!r}; write 'unstained', 'single:<marker>' or 'fmo:<marker>' (e.g. single:CD4)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise ManifestError("is a folder, not a manifest CSV", file=path) from None
+    except OSError as exc:
+        raise ManifestError(f"cannot read the manifest: {exc.strerror or exc}", file=path) from None
+    text = _decode(raw)
+    if not text.strip():
+        raise ManifestError("the manifest is empty", file=path)
+    first = text.lstrip("\ufeff").splitlines()[0] if text.splitlines() else ""
+    delimiter = max((",", ";", "\t"), key=first.count) if first else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows: list[tuple[int, list[str]]] = []
+    header: list[str] | None = None
+    start = 1
+    try:
+        for cells in reader:
+            line = start
+            start = reader.line_num + 1
+            if not any(c.strip() for c in cells):
+                continue  # blank line or a row of empty cells (spreadsheet exports)
+            if header is None:
+                header = cells
+            else:
+                rows.append((line, cells))
+    except csv.Error as exc:
+        raise ManifestError(f"cannot parse the CSV near line {reader.line_num}: {exc}", file=path) from None
+    if header is None:
+        raise ManifestError("the manifest is empty", file=path)
+    return header, rows
+
+
+def _decode(raw: bytes) -> str:
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16")
+    for encoding in ("utf-8-sig", "cp1252"):
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    return raw.decode("latin-1")
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[\s\-]+", "_", name.strip().lstrip("\ufeff").strip().lower())
+
+
+def _parse_visit(text: str) -> int | None:
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    if re.fullmatch(r"[+-]?\d+\.0*", text):  # spreadsheets write 4 as 4.0
+        return int(float(text))
+    return None
+
+
+def _is_iso(text: str) -> bool:
+    if not _ISO.fullmatch(text):
+        return False
+    try:
+        pd.Timestamp(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _resolve(base: Path, file: str) -> Path:
+    candidate = Path(file)
+    if not candidate.is_absolute():
+        candidate = base / candidate
+    if not candidate.exists() and "\\" in file:  # a path typed on Windows
+        alt = Path(file.replace("\\", "/"))
+        alt = alt if alt.is_absolute() else base / alt
+        if alt.exists():
+            return alt
+    return candidate
+
+
+def _short(error: ManifestError, with_row: bool = True) -> str:
+    """A problem without the file prefix: 'row 4, column 'visit': ...'."""
+    parts = []
+    if with_row and "row" in error.context:
+        parts.append(f"row {error.context['row']}")
+    if error.context.get("column"):
+        parts.append(f"column {error.context['column']!r}")
+    return f"{', '.join(parts)}: {error.message}" if parts else error.message

@@ -1,0 +1,317 @@
+"""``cytopipe validate PATH...``: check FCS files, folders and manifests; one row per file.
+
+A file is *valid* when every data set in it reads completely: HEADER and TEXT parse, the
+required keywords are present and consistent (``$PAR`` parameters described, ``$DATATYPE``,
+``$BYTEORD``), the DATA segment has exactly ``$TOT`` x bytes-per-event bytes and lies inside
+the file, and the spillover keyword (if any) is a well-formed square matrix. Quirks the
+reader handles (offsets that disagree, bits above ``$PnR``, non-finite values, duplicate
+names, identical files) are listed as notes; they do not make a file invalid.
+
+Folders are searched recursively and FCS files are recognised by their first bytes
+("FCS3.1", ...), so files without an ``.fcs`` extension are found. A CSV argument is read
+as a manifest: its rows are checked and every file it names is validated.
+
+Exit code 0 only when every file is valid (and every manifest row is well formed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FileReport", "add_arguments", "run", "validate_file", "validate_paths"]
+
+_MANIFEST_SUFFIXES = {".csv", ".tsv"}
+
+
+@dataclass
+class FileReport:
+    """The validation result of one file."""
+
+    file: str
+    status: str = "failed"
+    version: str = ""
+    datasets: int = 0
+    events: int | None = None
+    channels: int | None = None
+    markers: list[str] = field(default_factory=list)
+    spillover: str = ""
+    sha256: str = ""
+    error: str = ""
+    error_type: str = ""
+    notes: list[str] = field(default_factory=list)
+    sample_id: str = ""
+    manifest_row: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="FCS files, folders (searched recursively; FCS files are recognised by their first bytes) "
+        "or manifest CSVs (every file they name is checked)",
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    reports, problems, inputs = validate_paths(args.paths)
+    ok = bool(reports) and all(r.ok for r in reports) and not problems
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")  # markers such as '™' on a non-UTF-8 terminal
+    if args.json:
+        document = {
+            "ok": ok,
+            "summary": _summary(reports, problems),
+            "inputs": inputs,
+            "files": [asdict(r) for r in reports],
+            "problems": problems,
+        }
+        print(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        print(_table(reports, problems, inputs))
+    return 0 if ok else 1
+
+
+# --------------------------------------------------------------------------------------------
+def validate_paths(paths: list[Path]) -> tuple[list[FileReport], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Validate every file the paths name: (file reports, problems with manifests and
+    folders -- each a dict with source, row, column, message -- and the inputs seen)."""
+    from cytopipe.fcs import is_fcs_file
+
+    reports: list[FileReport] = []
+    problems: list[dict[str, Any]] = []
+    inputs: list[dict[str, Any]] = []
+    seen: set[Path] = set()
+
+    def add(report: FileReport, path: Path) -> None:
+        key = path.resolve() if path.exists() else path
+        if key not in seen:
+            seen.add(key)
+            reports.append(report)
+
+    for path in paths:
+        if path.is_dir():
+            found = [p for p in sorted(path.rglob("*")) if p.is_file() and is_fcs_file(p)]
+            inputs.append({"path": str(path), "kind": "folder", "fcs_files": len(found)})
+            if not found:
+                problems.append(
+                    {"source": str(path), "row": None, "column": None, "message": "no FCS files found"}
+                )
+            for p in found:
+                add(validate_file(p, display=_display(p, path)), p)
+        elif path.is_file() and not is_fcs_file(path) and _looks_like_manifest(path):
+            inputs.append({"path": str(path), "kind": "manifest"})
+            for report, file_path in _validate_manifest(path, problems):
+                add(report, file_path)
+        else:
+            inputs.append({"path": str(path), "kind": "file"})
+            add(validate_file(path, display=str(path)), path)
+    _note_duplicates(reports)
+    return reports, problems, inputs
+
+
+def validate_file(path: str | Path, display: str | None = None) -> FileReport:
+    """Read every data set of one file; never raises. ``display`` is the name shown."""
+    from cytopipe.errors import CytopipeError
+    from cytopipe.fcs import read_fcs
+
+    path = Path(path)
+    report = FileReport(file=display or str(path))
+    try:
+        report.sha256 = _sha256(path)
+    except OSError as exc:
+        report.error = f"cannot read the file: {exc.strerror or exc}"
+        report.error_type = "OSError"
+        return report
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # collected from sample.warnings instead
+            first = read_fcs(path)
+            samples = [first] + [read_fcs(path, dataset=i) for i in range(1, first.n_datasets)]
+    except CytopipeError as exc:
+        report.error, report.error_type = _message(exc), type(exc).__name__
+        return report
+    except Exception as exc:  # a bug in cytopipe must not stop the other files
+        report.error = f"unexpected error (please report it): {type(exc).__name__}: {exc}"
+        report.error_type = type(exc).__name__
+        return report
+    report.status = "ok"
+    report.version = first.version
+    report.datasets = first.n_datasets
+    report.events, report.channels = first.events.shape
+    report.markers = [m for m in first.markers if m]
+    report.spillover = first.spillover.keyword if first.spillover is not None else ""
+    for i, sample in enumerate(samples):
+        prefix = f"data set {i}: " if len(samples) > 1 else ""
+        report.notes += [prefix + w for w in sample.warnings]
+        if sample.n_events == 0:
+            report.notes.append(prefix + "the file holds no events ($TOT 0)")
+        bad = int(sample.events.size - np.count_nonzero(np.isfinite(sample.events)))
+        if bad:
+            report.notes.append(prefix + f"{bad} event values are NaN or infinite")
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+def _validate_manifest(path: Path, problems: list[dict[str, Any]]):
+    from cytopipe.errors import ManifestError
+    from cytopipe.manifest import check_manifest
+
+    try:
+        table, row_problems = check_manifest(path)
+    except ManifestError as exc:
+        problems.append({"source": str(path), "row": None, "column": None, "message": exc.message})
+        return
+    for p in row_problems:
+        if p.context.get("column") == "file" and "not found" in p.message:
+            continue  # reported as a failed file row below
+        problems.append(
+            {
+                "source": str(path),
+                "row": p.context.get("row"),
+                "column": p.context.get("column"),
+                "message": p.message,
+            }
+        )
+    for rec in table.to_dict("records"):
+        if not rec["path"]:
+            continue
+        file_path = Path(rec["path"])
+        if file_path.exists():
+            report = validate_file(file_path, display=rec["file"])
+        else:
+            report = FileReport(
+                file=rec["file"],
+                error=f"not found: {file_path}",
+                error_type="ManifestError",
+            )
+        report.sample_id = rec["sample_id"]
+        report.manifest_row = rec["row"]
+        yield report, file_path
+
+
+def _looks_like_manifest(path: Path) -> bool:
+    if path.suffix.lower() in _MANIFEST_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096).lower()
+    except OSError:
+        return False
+    return b"sample_id" in head and b"file" in head
+
+
+def _note_duplicates(reports: list[FileReport]) -> None:
+    by_hash: dict[str, list[FileReport]] = {}
+    for r in reports:
+        if r.sha256:
+            by_hash.setdefault(r.sha256, []).append(r)
+    for group in by_hash.values():
+        if len(group) > 1:
+            for r in group:
+                others = ", ".join(o.file for o in group if o is not r)
+                r.notes.append(f"identical content to {others}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _message(exc) -> str:
+    """The error without the file prefix (the file is in its own column)."""
+    context = {k: v for k, v in exc.context.items() if k != "file"}
+    if not context:
+        return exc.message
+    return type(exc)(exc.message, **context).args[0]
+
+
+def _display(path: Path, folder: Path) -> str:
+    """A file found in a folder: relative to the working directory when it is below it,
+    else the folder's name and the path inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(Path(folder.resolve().name) / path.relative_to(folder))
+
+
+def _summary(reports: list[FileReport], problems: list[dict[str, Any]]) -> dict[str, int]:
+    return {
+        "files": len(reports),
+        "ok": sum(r.ok for r in reports),
+        "failed": sum(not r.ok for r in reports),
+        "problems": len(problems),
+    }
+
+
+def _table(reports: list[FileReport], problems: list[dict[str, Any]], inputs: list[dict[str, Any]]) -> str:
+    headers = ["STATUS", "FILE", "VERSION", "EVENTS", "CH", "MARKERS", "SPILLOVER", "SHA256", "ERROR"]
+    rows = []
+    for r in reports:
+        markers = ",".join(r.markers)
+        if len(markers) > 40:
+            markers = markers[:37] + "..."
+        rows.append(
+            [
+                r.status,
+                r.file + (f" [{r.datasets} data sets]" if r.datasets > 1 else ""),
+                r.version or "-",
+                "-" if r.events is None else str(r.events),
+                "-" if r.channels is None else str(r.channels),
+                markers or "-",
+                r.spillover or "-",
+                r.sha256[:12] or "-",
+                r.error,
+            ]
+        )
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+    right = {3, 4}  # numbers
+
+    def line(cells: list[str]) -> str:
+        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(out).rstrip()
+
+    lines = [line(headers)] + [line(row) for row in rows]
+    notes = [(r.file, n) for r in reports for n in r.notes]
+    if notes:
+        lines += ["", "Notes (handled, the files are still valid):"]
+        lines += [f"  {file}: {note}" for file, note in notes]
+    if problems:
+        lines += ["", "Problems:"]
+        for p in problems:
+            where = ", ".join(
+                part
+                for part in (
+                    p["source"],
+                    f"row {p['row']}" if p["row"] else "",
+                    f"column {p['column']!r}" if p["column"] else "",
+                )
+                if part
+            )
+            lines.append(f"  {where}: {p['message']}" if where else f"  {p['message']}")
+    s = _summary(reports, problems)
+    summary = f"{s['files']} file(s): {s['ok']} ok, {s['failed']} failed"
+    if problems:
+        summary += f"; {len(problems)} other problem(s) listed above"
+    if not reports and not problems:
+        summary = "no files to validate"
+    lines += ["", summary]
+    return "\n".join(lines)

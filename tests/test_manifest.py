@@ -1,0 +1,153 @@
+"""Manifest loading: schema, per-row problems collected, encodings and line endings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cytopipe.errors import ManifestError
+from cytopipe.fcs import write_fcs
+from cytopipe.manifest import check_manifest, load_manifest, parse_control
+from tests.conftest import shared_path
+
+HEADER = "file,sample_id,patient_id,visit,arm,panel,batch,site,acquired_at,control"
+
+
+@pytest.fixture
+def study(tmp_path):
+    """A folder with four FCS files (two samples, two controls)."""
+    (tmp_path / "fcs").mkdir()
+    for name in ("P01_W00", "P01_W04", "CTRL_unstained", "CTRL_CD4"):
+        write_fcs(tmp_path / "fcs" / f"{name}.fcs", np.ones((3, 2), np.float32), ["FSC-A", "CD4"])
+    return tmp_path
+
+
+def write_csv(folder, text: str, name="manifest.csv", encoding="utf-8", newline="\n"):
+    path = folder / name
+    path.write_bytes(text.replace("\n", newline).encode(encoding))
+    return path
+
+
+GOOD = f"""{HEADER}
+fcs/P01_W00.fcs,S001,001,0,placebo,SLE-IL2,B1,Paris,2021-03-04T09:30,
+fcs/P01_W04.fcs,S002,001,4,placebo,SLE-IL2,B2,Paris,2021-04-01,
+fcs/CTRL_unstained.fcs,C1,,,,SLE-IL2,B1,Paris,,unstained
+fcs/CTRL_CD4.fcs,C2,,,,SLE-IL2,B1,Paris,,single:CD4
+"""
+
+
+def test_good_manifest(study):
+    path = write_csv(study, GOOD)
+    table = load_manifest(path)
+    assert list(table.columns[:10]) == HEADER.split(",")
+    assert list(table.columns[10:]) == ["path", "row"]
+    assert table["sample_id"].tolist() == ["S001", "S002", "C1", "C2"]
+    assert table["patient_id"].tolist() == ["001", "001", "", ""]  # ids stay strings
+    assert str(table["visit"].dtype) == "Int64" and table["visit"].tolist()[:2] == [0, 4]
+    assert table["visit"].isna().tolist() == [False, False, True, True]
+    assert table["path"].tolist()[0] == str((study / "fcs" / "P01_W00.fcs").resolve())
+    assert table["row"].tolist() == [2, 3, 4, 5]
+    assert table["control"].tolist() == ["", "", "unstained", "single:CD4"]
+
+
+def test_problems_are_collected_per_row_and_column(study):
+    text = f"""{HEADER}
+fcs/P01_W00.fcs,S001,001,0,placebo,,,,,
+fcs/P01_W04.fcs,S001,001,W4,placebo,,,,04/03/2021,
+fcs/missing.fcs,S003,,12,IL-2 0.5,,,,,
+fcs/CTRL_CD4.fcs,C2,,,,,,,,single:
+fcs/P01_W00.fcs,S005,002,24,placebo,,,,,
+"""
+    path = write_csv(study, text)
+    table, problems = check_manifest(path)
+    found = {(p.context["row"], p.context.get("column")) for p in problems}
+    assert found == {
+        (3, "sample_id"),
+        (3, "visit"),
+        (3, "acquired_at"),
+        (4, "patient_id"),
+        (4, "file"),
+        (5, "control"),
+        (6, "file"),
+    }
+    assert table["ok"].tolist() == [True, False, False, False, False]
+    by_key = {(p.context["row"], p.context.get("column")): str(p) for p in problems}
+    assert "sample_id 'S001' is already used on row 2" in by_key[(3, "sample_id")]
+    assert "visit is 'W4', not an integer study week" in by_key[(3, "visit")]
+    assert "not found" in by_key[(4, "file")] and str(study) in by_key[(4, "file")]
+    assert "also listed on row 2" in by_key[(6, "file")]
+    assert str(path) in by_key[(3, "visit")] and "row 3, column 'visit'" in by_key[(3, "visit")]
+    good = load_manifest(path, strict=False)
+    assert good[good.ok]["sample_id"].tolist() == ["S001"]
+    assert "visit is 'W4'" in good.loc[1, "problem"]
+    with pytest.raises(ManifestError, match="7 problems") as exc:
+        load_manifest(path)
+    assert len(exc.value.problems) == 7 and "row 5, column 'control'" in str(exc.value)
+
+
+def test_a_single_problem_raises_with_its_row_and_column(study):
+    text = GOOD.replace("S002,001,4,", "S002,001,4.5,")
+    with pytest.raises(ManifestError) as exc:
+        load_manifest(write_csv(study, text))
+    assert exc.value.context["row"] == 3 and exc.value.context["column"] == "visit"
+    assert "visit is '4.5'" in str(exc.value)
+
+
+def test_whole_file_problems_always_raise(study, tmp_path):
+    with pytest.raises(ManifestError, match=r"missing required column\(s\) \['visit', 'arm'\]"):
+        load_manifest(write_csv(study, "file,sample_id,patient_id\nfcs/P01_W00.fcs,S1,P1\n"), strict=False)
+    with pytest.raises(ManifestError, match="appears twice in the header"):
+        load_manifest(write_csv(study, HEADER + ",visit\n"), strict=False)
+    with pytest.raises(ManifestError, match="header but no rows"):
+        load_manifest(write_csv(study, HEADER + "\n,,,\n"))
+    with pytest.raises(ManifestError, match="the manifest is empty"):
+        load_manifest(write_csv(study, "\n\n"))
+    with pytest.raises(ManifestError, match="cannot read the manifest"):
+        load_manifest(tmp_path / "nope.csv")
+
+
+@pytest.mark.parametrize(
+    ("encoding", "newline", "bom"),
+    [("utf-8", "\r", ""), ("utf-8", "\r\n", "\ufeff"), ("utf-16", "\r\n", ""), ("cp1252", "\n", "")],
+)
+def test_encodings_line_endings_and_bom(study, encoding, newline, bom):
+    text = bom + GOOD.replace("Paris", "Créteil")
+    table = load_manifest(write_csv(study, text, encoding=encoding, newline=newline))
+    assert len(table) == 4 and table["site"].tolist()[0] == "Créteil"
+    assert table["row"].tolist() == [2, 3, 4, 5]
+
+
+def test_header_spelling_separators_extra_columns_and_windows_paths(study):
+    text = (
+        "File;Sample ID;Patient-ID;VISIT;Arm;Operator\n"
+        "fcs\\P01_W00.fcs;S001;P01;+0;placebo;Ann\n"
+        "fcs/P01_W04.fcs;S002;P01;4.0;placebo;Bob\n"
+    )
+    table = load_manifest(write_csv(study, text))
+    assert table["visit"].tolist() == [0, 4] and table["operator"].tolist() == ["Ann", "Bob"]
+    assert table["path"][0].endswith("P01_W00.fcs") and table["control"].tolist() == ["", ""]
+
+
+def test_check_files_can_be_skipped(study):
+    text = f"{HEADER}\nelsewhere/x.fcs,S1,P1,0,placebo,,,,,\n"
+    assert load_manifest(write_csv(study, text), check_files=False)["path"][0].endswith("x.fcs")
+
+
+def test_parse_control():
+    assert parse_control("unstained") == ("unstained", None)
+    assert parse_control(" Single:CD4 ") == ("single", "CD4")
+    assert parse_control("fmo:CD25") == ("fmo", "CD25")
+    for bad in ("stained", "single:", "iso:CD4"):
+        with pytest.raises(ValueError, match="write 'unstained'"):
+            parse_control(bad)
+
+
+def test_old_mac_cr_file_from_metacyto():
+    """MetaCyto's CSVs use bare CR line endings: the header is found (and is not a manifest)."""
+    path = shared_path("MetaCyto", "inst", "extdata", "fcs_info.csv")
+    assert b"\r" in path.read_bytes() and b"\n" not in path.read_bytes()
+    with pytest.raises(ManifestError, match=r"the header has \['fcs_files', 'study_id'\]"):
+        load_manifest(path)
+    frame = pd.read_csv(path)  # the same file, read by pandas for comparison
+    assert list(frame.columns) == ["fcs_files", "study_id"]

@@ -1,0 +1,158 @@
+"""`cytopipe validate` end to end, through a subprocess, on real and corrupt files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cytopipe.fcs import Spillover, write_fcs
+from tests.conftest import REPO, shared_path
+
+
+def cytopipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "cytopipe", "validate", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Good files (one without extension, one real BD file), and corrupt ones."""
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    spill = Spillover(np.array([[1, 0.1], [0.02, 1]]), ["BV421-A", "PE-A"])
+    write_fcs(
+        root / "good.fcs",
+        rng.normal(size=(100, 3)).astype(np.float32),
+        [("FSC-A", ""), ("BV421-A", "CD4"), ("PE-A", "FOXP3")],
+        spillover=spill,
+    )
+    write_fcs(root / "sub" / "NOEXTENSION", rng.normal(size=(10, 2)).astype(np.float32), ["A", "B"])
+    shutil.copy(shared_path("FlowKit", "data", "100715.fcs"), root / "sub" / "bd.fcs")
+    good = (root / "good.fcs").read_bytes()
+    (root / "truncated.fcs").write_bytes(good[: len(good) - 100])
+    (root / "sub" / "garbage.fcs").write_bytes(b"FCS3.1  nonsense " * 6)
+    (root / "notes.txt").write_text("not an FCS file, ignored in folders")
+    return root
+
+
+def test_folder_with_good_and_corrupt_files(folder):
+    out = cytopipe(str(folder), cwd=folder.parent)
+    assert out.returncode == 1, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == [
+        "STATUS",
+        "FILE",
+        "VERSION",
+        "EVENTS",
+        "CH",
+        "MARKERS",
+        "SPILLOVER",
+        "SHA256",
+        "ERROR",
+    ]
+    rows = {line.split()[1]: line for line in lines[1:6]}
+    assert set(rows) == {
+        "data/good.fcs",
+        "data/truncated.fcs",
+        "data/sub/NOEXTENSION",
+        "data/sub/bd.fcs",
+        "data/sub/garbage.fcs",
+    }
+    good = rows["data/good.fcs"].split()
+    sha = hashlib.sha256((folder / "good.fcs").read_bytes()).hexdigest()
+    assert good[:7] == ["ok", "data/good.fcs", "FCS3.1", "100", "3", "CD4,FOXP3", "$SPILLOVER"]
+    assert good[7] == sha[:12]
+    assert rows["data/sub/bd.fcs"].split()[2:4] == ["FCS2.0", "65016"]
+    assert "truncated (only" in rows["data/truncated.fcs"] and rows["data/truncated.fcs"].startswith("failed")
+    assert "HEADER field" in rows["data/sub/garbage.fcs"]
+    assert "5 file(s): 3 ok, 2 failed" in out.stdout
+
+
+def test_json_output(folder):
+    out = cytopipe("--json", str(folder), cwd=folder)
+    doc = json.loads(out.stdout)
+    assert doc["ok"] is False and doc["summary"] == {"files": 5, "ok": 3, "failed": 2, "problems": 0}
+    files = {Path(f["file"]).name: f for f in doc["files"]}
+    good = files["good.fcs"]
+    assert good["sha256"] == hashlib.sha256((folder / "good.fcs").read_bytes()).hexdigest()
+    assert good["markers"] == ["CD4", "FOXP3"] and good["spillover"] == "$SPILLOVER"
+    assert (good["events"], good["channels"], good["version"], good["datasets"]) == (100, 3, "FCS3.1", 1)
+    bad = files["truncated.fcs"]
+    assert bad["status"] == "failed" and bad["error_type"] == "FCSDataError" and "truncated" in bad["error"]
+
+
+def test_all_valid_exits_zero_and_multiple_paths(folder, tmp_path):
+    out = cytopipe(str(folder / "good.fcs"), str(folder / "sub" / "NOEXTENSION"), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 file(s): 2 ok, 0 failed" in out.stdout
+
+
+def test_multi_dataset_file_and_notes():
+    path = shared_path(
+        "cytoflow", "cytoflow", "tests", "data", "instruments", "Beckman Coulter - Gallios.LMD"
+    )
+    out = cytopipe("--json", str(path), cwd=path.parent)
+    assert out.returncode == 0
+    report = json.loads(out.stdout)["files"][0]
+    assert report["datasets"] == 2 and report["status"] == "ok"
+    assert any("data set 1:" in note and "parameter number" in note for note in report["notes"])
+
+
+def test_manifest_rows_and_files(folder):
+    (folder / "manifest.csv").write_text(
+        "file,sample_id,patient_id,visit,arm,control\n"
+        "good.fcs,S1,P1,0,placebo,\n"
+        "truncated.fcs,S2,P1,4,placebo,\n"
+        "missing.fcs,S3,P2,W8,placebo,\n"
+        "sub/NOEXTENSION,C1,,,,unstained\n"
+    )
+    out = cytopipe(str(folder / "manifest.csv"), cwd=folder)
+    assert out.returncode == 1
+    assert "Problems:" in out.stdout and "row 4, column 'visit'" in out.stdout
+    doc = json.loads(cytopipe("--json", "manifest.csv", cwd=folder).stdout)
+    by_sample = {f["sample_id"]: f for f in doc["files"]}
+    assert by_sample["S1"]["status"] == "ok" and by_sample["C1"]["status"] == "ok"
+    assert by_sample["S2"]["status"] == "failed" and by_sample["S3"]["error"].startswith("not found")
+    assert by_sample["S3"]["manifest_row"] == 4
+    assert [(p["row"], p["column"]) for p in doc["problems"]] == [(4, "visit")]
+
+
+def test_a_good_manifest_passes(folder):
+    (folder / "ok.csv").write_text("file,sample_id,patient_id,visit,arm\ngood.fcs,S1,P1,0,placebo\n")
+    out = cytopipe("ok.csv", cwd=folder)
+    assert out.returncode == 0, out.stdout
+    assert "1 file(s): 1 ok, 0 failed" in out.stdout
+
+
+def test_nothing_to_validate_fails(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = cytopipe(str(tmp_path / "empty"), cwd=tmp_path)
+    assert out.returncode == 1 and "no FCS files found" in out.stdout
+    out = cytopipe(str(tmp_path / "missing.fcs"), cwd=tmp_path)
+    assert out.returncode == 1 and "cannot read the file" in out.stdout
+
+
+def test_every_shared_fcs_file_is_validated_without_crashing(shared_data, tmp_path):
+    """The whole shared corpus in one command: only the two broken files fail."""
+    out = cytopipe("--json", str(shared_data), cwd=tmp_path)
+    doc = json.loads(out.stdout)
+    failed = sorted(Path(f["file"]).name for f in doc["files"] if f["status"] == "failed")
+    assert failed == ["AriaFile1.fcs", "sample_header.fcs"]
+    assert doc["summary"]["files"] >= 200 and out.returncode == 1
+    assert not [f for f in doc["files"] if "unexpected error" in f["error"]]
