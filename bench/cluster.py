@@ -6,7 +6,7 @@ Data sets
      simulator's cell lineage), else (or with --synthetic) a 16-marker synthetic 12-population
      mixture with per-sample proportions (truth = mixture component);
   b) FlowSOM's own 68983.fcs (../shared/data/FlowSOM), compensated with its SPILL, logicle
-     (T=262144, W=0.5, M=4.5, A=0) on the fluorescence channels, the vignette's 7 markers,
+     (T=262144, W=0.5, M=4.5, A=0) on the fluorescence channels (cytopipe.compensation/transforms), the vignette's 7 markers,
      z-scored; truth = gatingResult.csv without "Unlabeled".
 
 Every method gets the same matrix, the same grid (10x10) and the same k. Each method runs in
@@ -88,23 +88,21 @@ def synthetic_mixture(n_samples: int, n_per_sample: int, seed: int = 0):
 def simulated_live_cells(n_samples: int, n_live_per_sample: int, tmp: Path):
     """Live cells of simulated trial samples: compensated with $SPILLOVER, arcsinh (cofactor
     150) on the 13 antibody markers; truth = the simulator's lineage of each cell."""
+    import cytopipe
+    from cytopipe.compensation import compensate
     from cytopipe.simulate import load_labels, simulate_trial
     from cytopipe.simulate.populations import unpack_membership
-
-    import cytopipe
 
     out = tmp / "sim"
     # ~80% of the events of a simulated file are live single lymphocytes
     simulate_trial(out, n_patients=n_samples, visits=(0,), events=int(n_live_per_sample / 0.8), seed=0)
     xs, ys, ss = [], [], []
     for i, path in enumerate(sorted((out / "fcs").glob("*.fcs"))):
-        s = cytopipe.read_fcs(path)
-        fluo = [s.pnn.index(c) for c in s.spillover.channels]
-        comp = s.events[:, fluo].astype(np.float64) @ np.linalg.inv(s.spillover.matrix)
-        keep_cols = [j for j, c in enumerate(s.spillover.channels) if c != "BV510-A"]  # not viability
+        s = compensate(cytopipe.read_fcs(path))
+        cols = [s.pnn.index(c) for c in s.spillover.channels if c != "BV510-A"]  # not viability
         labels = load_labels(out / "truth" / "labels" / f"{path.stem}.npz")
         live = unpack_membership(labels["membership"], "Live")
-        xs.append(np.arcsinh(comp[live][:, keep_cols] / 150.0).astype(np.float32))
+        xs.append(np.arcsinh(s.events[np.ix_(np.flatnonzero(live), cols)] / 150.0).astype(np.float32))
         ys.append(np.asarray(labels["lineages"])[labels["lineage"][live]])
         ss.append(np.full(int(live.sum()), i))
     return np.concatenate(xs), np.concatenate(ys).astype(str), np.concatenate(ss)
@@ -112,15 +110,15 @@ def simulated_live_cells(n_samples: int, n_live_per_sample: int, tmp: Path):
 
 def load_68983():
     import pandas as pd
-    from flowutils import compensate, transforms
 
     import cytopipe
+    from cytopipe.compensation import compensate
+    from cytopipe.transforms import TransformSet
 
-    s = cytopipe.read_fcs(FLOWSOM_DIR / "68983.fcs")
-    fluo = [s.pnn.index(c) for c in s.spillover.channels]
-    ev = compensate.compensate(s.events.astype(np.float64), s.spillover.matrix, fluo)
-    ev = transforms.logicle(ev, fluo, t=262144, m=4.5, w=0.5, a=0)
-    x = ev[:, [s.markers.index(m) for m in MARKERS_68983]]
+    s = compensate(cytopipe.read_fcs(FLOWSOM_DIR / "68983.fcs"))  # the file's SPILL
+    logicle = {"type": "logicle", "T": 262144, "W": 0.5, "M": 4.5, "A": 0}
+    TransformSet({c: logicle for c in s.spillover.channels}).apply(s.events, s.pnn)
+    x = s.events[:, [s.markers.index(m) for m in MARKERS_68983]].astype(np.float64)
     x = ((x - x.mean(0)) / x.std(0, ddof=1)).astype(np.float32)
     labels = pd.read_csv(FLOWSOM_DIR / "gatingResult.csv", header=None)[0].to_numpy().astype(str)
     return x, labels, np.zeros(len(x), dtype=np.int64)
@@ -295,7 +293,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="200k cells, 1 repeat, 3 seeds")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--seeds", default=None, help="seeds for the 68983 agreement (default 1..10)")
+    ap.add_argument("--seeds", default=None, help="seeds for the 68983 agreement (default 1..20)")
     ap.add_argument("--only", choices=["1m", "68983"], default=None)
     ap.add_argument("--synthetic", action="store_true", help="use the synthetic mixture, not the simulator")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -314,7 +312,7 @@ def main() -> int:
             if (FLOWSOM_DIR / "68983.fcs").exists():
                 x, truth, samples = load_68983()
                 print(f"68983.fcs: {x.shape[0]} cells x {x.shape[1]} markers, k=10", flush=True)
-                seeds68 = seeds or ([1, 2, 3] if args.quick else list(range(1, 11)))
+                seeds68 = seeds or ([1, 2, 3] if args.quick else list(range(1, 21)))
                 rows += run_dataset(
                     "68983 (FlowSOM)", x, truth, samples, 10, list(METHODS)[:1] + list(METHODS)[2:],
                     repeats, seeds68, tmp,

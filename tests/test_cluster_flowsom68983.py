@@ -5,12 +5,16 @@ fluorescence channels, cluster CD8, TCRyd, TCRb, NK1.1, CD4, CD19, CD3 (scaled),
 10 metaclusters. Agreement is the mean over the 6 labelled populations of the best single
 metacluster's F1, events labelled "Unlabeled" excluded (Weber & Robinson 2016 style).
 
-Floors (see bench/cluster.py for the side-by-side numbers): with the same preprocessing,
-grid and k, FlowSOM_Python 0.2.2 reached a mean F1 of 0.915 over seeds 1-20 (median 0.935,
-min 0.81) and ARI 0.962; cytopipe reached 0.930 (median 0.946, min 0.86) and ARI 0.982.
-Both vary with the seed mainly through how the small NK (312 cells) and NKT (535) populations
-split. We assert cytopipe's default seed at or above FlowSOM_Python's mean, and cytopipe's
-mean over seeds 1-10 (0.916) above 0.90 with no seed below 0.85.
+Floors (side-by-side numbers from bench/cluster.py, identical z-scored input, seeds 1-20):
+FlowSOM_Python 0.2.2 reached a mean best-F1 of 0.915 (min 0.808) and a mean ARI of 0.963;
+cytopipe 0.934 (min 0.860) and 0.982. Both swing with the seed (0.83-0.97), mainly through
+whether the small NK (312 cells) and NKT (535) populations get their own metacluster and
+whether a large population is split in two (the union then still matches it). This test
+scales inside cytopipe (scale=True), where seeds 1-10 give a mean of 0.936 (min 0.855) and a
+mean ARI of 0.986 (min 0.95). So we assert: over seeds 1-10, mean F1 at least FlowSOM_Python's
+mean (0.915), no seed below FlowSOM_Python's worst (0.80), mean ARI at least FlowSOM_Python's
+(0.963); for the single default seed, the four large populations matched by a metacluster or a
+union with F1 >= 0.97, ARI >= 0.93 and mean F1 >= 0.80.
 """
 
 import numpy as np
@@ -26,17 +30,17 @@ MARKERS = ["CD8", "TCRyd", "TCRb", "NK1/1", "CD4", "CD19", "CD3"]
 
 @pytest.fixture(scope="module")
 def data68983():
-    from flowutils import compensate, transforms
+    from cytopipe.compensation import compensate
+    from cytopipe.transforms import TransformSet
 
     fcs = shared_path("FlowSOM", "inst", "extdata", "68983.fcs")
     labels_csv = shared_path("FlowSOM", "inst", "extdata", "gatingResult.csv")
-    s = cytopipe.read_fcs(fcs)
-    fluo = [s.pnn.index(c) for c in s.spillover.channels]
-    ev = compensate.compensate(s.events.astype(np.float64), s.spillover.matrix, fluo)
-    ev = transforms.logicle(ev, fluo, t=262144, m=4.5, w=0.5, a=0).astype(np.float32)
+    s = compensate(cytopipe.read_fcs(fcs))  # with the file's SPILL
+    logicle = {"type": "logicle", "T": 262144, "W": 0.5, "M": 4.5, "A": 0}
+    TransformSet({c: logicle for c in s.spillover.channels}).apply(s.events, s.pnn)
     labels = pd.read_csv(labels_csv, header=None)[0].to_numpy().astype(str)
-    assert len(labels) == len(ev) == 19225
-    return ev, s.markers, labels
+    assert len(labels) == len(s.events) == 19225
+    return s.events, s.markers, labels
 
 
 def _run(data, seed):
@@ -55,24 +59,30 @@ def test_metaclusters_match_the_manual_gating(data68983):
     f1 = cluster.mean_best_f1(mc, labels, exclude=["Unlabeled"])
     keep = labels != "Unlabeled"
     ari = adjusted_rand_score(labels[keep], mc[keep])
-    assert f1 >= 0.915, f1
-    assert ari >= 0.96, ari
+    assert f1 >= 0.80, f1
+    assert ari >= 0.93, ari
     summary = cluster.concordance_summary(mc, labels, exclude=["Unlabeled"]).set_index("population")
-    # the large, well-separated populations are each one metacluster
+    # the large, well-separated populations are each a metacluster or a union of metaclusters
     for pop in ("B cells", "CD4 T cells", "CD8 T cells", "gd T cells"):
-        assert summary.loc[pop, "best_f1"] > 0.97, summary
+        assert summary.loc[pop, "union_f1"] > 0.97, summary
     assert (summary["union_f1"] >= summary["best_f1"]).all()
     # the training used every cell once (one sample, fewer cells than the cap)
     assert model.training["n_cells"] == 19225
 
 
 def test_agreement_holds_across_seeds(data68983):
+    from sklearn.metrics import adjusted_rand_score
+
     _, _, labels = data68983
-    f1 = [
-        cluster.mean_best_f1(_run(data68983, seed)[1], labels, exclude=["Unlabeled"]) for seed in range(1, 11)
-    ]
-    assert np.mean(f1) >= 0.90, f1
-    assert min(f1) >= 0.85, f1
+    keep = labels != "Unlabeled"
+    f1, ari = [], []
+    for seed in range(1, 11):
+        mc = _run(data68983, seed)[1]
+        f1.append(cluster.mean_best_f1(mc, labels, exclude=["Unlabeled"]))
+        ari.append(adjusted_rand_score(labels[keep], mc[keep]))
+    assert np.mean(f1) >= 0.915, f1
+    assert min(f1) >= 0.80, f1
+    assert np.mean(ari) >= 0.963, ari
 
 
 def test_same_seed_same_clusters(data68983):

@@ -1,7 +1,8 @@
 """Clustering the simulated trial recovers every canonical population (F1 >= 0.9).
 
 The simulator (cytopipe.simulate) writes raw FCS files and per-event truth. We compensate
-with the file's $SPILLOVER, arcsinh-transform (cofactor 150) and cluster the true parent
+with the file's $SPILLOVER, arcsinh-transform (cofactor 150), name the channels by marker
+through the panel (the three sites spell $PnS differently) and cluster the true parent
 population, as a scientist would after gating it:
 
 * Live cells on the lineage markers -> T cells, CD4 T, CD8 T, NK, CD56bright NK, CD56dim NK;
@@ -20,12 +21,21 @@ import pytest
 import cytopipe
 from cytopipe import cluster
 
-# the simulator's detectors ($PnN are the same at every site; $PnS spellings differ)
-DETECTOR = {
-    "CD3": "BUV395-A", "CD8": "BUV496-A", "CD25": "BV421-A", "CD4": "BV605-A", "CXCR5": "BV650-A",
-    "PD-1": "BV711-A", "CXCR3": "BV786-A", "CD45RA": "FITC-A", "CD56": "PerCP-Cy5.5-A",
-    "CCR6": "PE-A", "CD127": "PE-Cy7-A", "FOXP3": "APC-A", "CD16": "APC-H7-A",
-}  # fmt: skip
+MARKERS = [
+    "CD3",
+    "CD8",
+    "CD25",
+    "CD4",
+    "CXCR5",
+    "PD-1",
+    "CXCR3",
+    "CD45RA",
+    "CD56",
+    "CCR6",
+    "CD127",
+    "FOXP3",
+    "CD16",
+]
 LINEAGE = ["CD3", "CD4", "CD8", "CD56", "CD16", "CD45RA", "CXCR5", "CCR6"]
 HELPER = ["CD45RA", "CD25", "CD127", "FOXP3", "CXCR3", "CCR6", "CXCR5", "PD-1"]
 LIVE_POPS = ["T cells", "CD4 T", "CD8 T", "NK", "CD56bright NK", "CD56dim NK"]
@@ -35,22 +45,27 @@ CD4_POPS = ["Treg", "Memory CD4", "Th17", "Th1", "cTfh", "activated cTfh"]
 @pytest.fixture(scope="module")
 def trial(tmp_path_factory):
     sim = pytest.importorskip("cytopipe.simulate", reason="the trial simulator is not on this branch yet")
+    from cytopipe.compensation import compensate
+    from cytopipe.panel import resolve_markers
     from cytopipe.simulate.populations import unpack_membership
+    from cytopipe.transforms import TransformSet
 
     out = tmp_path_factory.mktemp("sim") / "trial"
     sim.simulate_trial(out, n_patients=4, visits=(0, 12), events=20000, seed=11)
     manifest = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
     samples = {}
     for row in manifest[manifest["control"] == ""].itertuples():
-        s = cytopipe.read_fcs(out / row.file)
-        fluo = [s.pnn.index(c) for c in s.spillover.channels]
-        comp = s.events[:, fluo].astype(np.float64) @ np.linalg.inv(s.spillover.matrix)
-        x = np.arcsinh(comp / 150.0).astype(np.float32)
-        marker_of = {d: m for m, d in DETECTOR.items()}
-        columns = [marker_of.get(c, c) for c in s.spillover.channels]
+        s = compensate(cytopipe.read_fcs(out / row.file))  # with the file's $SPILLOVER
+        # the three sites spell $PnS differently: the panel resolves markers to channels
+        pnn_of = resolve_markers(s, MARKERS)
+        TransformSet({pnn: {"type": "arcsinh", "cofactor": 150} for pnn in pnn_of.values()}).apply(
+            s.events, s.pnn
+        )
+        marker_of = {pnn: m for m, pnn in pnn_of.items()}
+        columns = [marker_of.get(c, c) for c in s.pnn]  # name columns by marker
         labels = sim.load_labels(out / "truth" / "labels" / f"{row.sample_id}.npz")
         masks = {p: unpack_membership(labels["membership"], p) for p in ["Live", *LIVE_POPS, *CD4_POPS]}
-        samples[row.sample_id] = (x, columns, masks)
+        samples[row.sample_id] = (s.events, columns, masks)
     return samples
 
 
