@@ -43,7 +43,10 @@ _LAZY: dict[str, str] = {
     "export_fcs": "cytopipe.export",
 }
 
-__all__ = sorted(_LAZY) + ["__version__", "errors"]
+# subpackages reachable as attributes (imported on first use)
+_SUBMODULES = ("errors", "cluster")
+
+__all__ = sorted(_LAZY) + ["__version__", *_SUBMODULES]
 
 
 def __getattr__(name: str) -> Any:
@@ -52,8 +55,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(module, name)
         globals()[name] = value
         return value
-    if name == "errors":
-        return importlib.import_module("cytopipe.errors")
+    if name in _SUBMODULES:
+        return importlib.import_module(f"cytopipe.{name}")
     raise AttributeError(f"module 'cytopipe' has no attribute {name!r}")
 
 

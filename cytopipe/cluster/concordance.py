@@ -1,0 +1,149 @@
+"""Cluster <-> gate concordance: how well metaclusters reproduce gated (or known) populations.
+
+For a metacluster C and a population P (sets of events):
+``precision = |C & P| / |C|``, ``recall = |C & P| / |P|``, ``F1 = 2 |C & P| / (|C| + |P|)``.
+
+* best match: the single metacluster with the highest F1 for P;
+* best union: the union of metaclusters with the highest F1 for P. It is found exactly: the
+  best union is always the top-j metaclusters ranked by precision for some j (F1 of a union is
+  a ratio of sums, maximised by a precision threshold), so we scan those prefixes.
+
+Populations are given either as one label per event (mutually exclusive, e.g. a manual
+gating result; labels in ``exclude`` such as ``"Unlabeled"`` drop those events from the
+evaluation, as in Weber & Robinson 2016) or as a mapping name -> boolean mask per event
+(gated populations, which may be nested or overlap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from cytopipe.errors import ClusteringError
+
+Populations = Mapping[str, np.ndarray] | np.ndarray | pd.Series | list
+
+
+def _prepare(
+    clusters: np.ndarray, populations: Populations, exclude: Iterable[str]
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """(cluster ids, cluster sizes, population names, population sizes, both[pop, cluster])."""
+    clusters = np.asarray(clusters)
+    exclude = set(exclude)
+    if isinstance(populations, Mapping):
+        masks = {str(k): np.asarray(v, dtype=bool) for k, v in populations.items() if k not in exclude}
+        for name, m in masks.items():
+            if m.shape != clusters.shape:
+                raise ClusteringError(
+                    f"membership of {m.shape[0]} events for {clusters.shape[0]} clustered events",
+                    population=name,
+                )
+        ids, inv = np.unique(clusters, return_inverse=True)
+        sizes = np.bincount(inv, minlength=ids.size)
+        names = list(masks)
+        both = np.array([np.bincount(inv[m], minlength=ids.size) for m in masks.values()]).reshape(
+            len(names), ids.size
+        )
+        pop_sizes = np.array([int(m.sum()) for m in masks.values()], dtype=np.int64)
+        return ids, sizes, names, pop_sizes, both
+    labels = np.asarray(populations).astype(str)
+    if labels.shape != clusters.shape:
+        raise ClusteringError(f"{labels.shape[0]} population labels for {clusters.shape[0]} clustered events")
+    keep = ~np.isin(labels, list(exclude)) if exclude else np.ones(labels.shape, bool)
+    clusters, labels = clusters[keep], labels[keep]
+    ids, inv = np.unique(clusters, return_inverse=True)
+    names_arr, pinv = np.unique(labels, return_inverse=True)
+    both = np.bincount(pinv * ids.size + inv, minlength=names_arr.size * ids.size).reshape(
+        names_arr.size, ids.size
+    )
+    return ids, both.sum(axis=0), [str(n) for n in names_arr], both.sum(axis=1), both
+
+
+def f_measure_table(
+    clusters: np.ndarray, populations: Populations, exclude: Iterable[str] = ()
+) -> pd.DataFrame:
+    """Long table: one row per population x cluster with counts, precision, recall and F1."""
+    ids, sizes, names, pop_sizes, both = _prepare(clusters, populations, exclude)
+    p_idx, c_idx = np.meshgrid(np.arange(len(names)), np.arange(ids.size), indexing="ij")
+    n_both = both.ravel().astype(np.float64)
+    n_c = sizes[c_idx.ravel()].astype(np.float64)
+    n_p = pop_sizes[p_idx.ravel()].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(n_c > 0, n_both / n_c, 0.0)
+        recall = np.where(n_p > 0, n_both / n_p, 0.0)
+        f1 = np.where(n_c + n_p > 0, 2 * n_both / (n_c + n_p), 0.0)
+    return pd.DataFrame(
+        {
+            "population": np.array(names, dtype=object)[p_idx.ravel()],
+            "cluster": ids[c_idx.ravel()],
+            "n_population": n_p.astype(np.int64),
+            "n_cluster": n_c.astype(np.int64),
+            "n_both": n_both.astype(np.int64),
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+        }
+    )
+
+
+def best_matches(table: pd.DataFrame) -> pd.DataFrame:
+    """Per population, the single cluster with the highest F1 (lowest cluster id on ties)."""
+    t = table.sort_values(["population", "f1", "cluster"], ascending=[True, False, True], kind="stable")
+    best = t.groupby("population", sort=False).head(1)
+    return best[["population", "cluster", "f1", "precision", "recall"]].reset_index(drop=True)
+
+
+def best_unions(clusters: np.ndarray, populations: Populations, exclude: Iterable[str] = ()) -> pd.DataFrame:
+    """Per population, the union of clusters with the highest F1 (exact, see module doc)."""
+    ids, sizes, names, pop_sizes, both = _prepare(clusters, populations, exclude)
+    rows = []
+    for p, name in enumerate(names):
+        b = both[p].astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            prec = np.where(sizes > 0, b / sizes, 0.0)
+        # rank by precision, then by overlap; never add clusters with no overlap
+        order = np.lexsort((ids, -b, -prec))
+        order = order[b[order] > 0]
+        if order.size == 0 or pop_sizes[p] == 0:
+            rows.append((name, (), 0.0, 0.0, 0.0))
+            continue
+        tp = np.cumsum(b[order])
+        size = np.cumsum(sizes[order].astype(np.float64))
+        f1 = 2 * tp / (size + pop_sizes[p])
+        j = int(np.argmax(f1))
+        chosen = tuple(sorted(ids[order[: j + 1]].tolist()))
+        rows.append((name, chosen, float(f1[j]), float(tp[j] / size[j]), float(tp[j] / pop_sizes[p])))
+    return pd.DataFrame(rows, columns=["population", "clusters", "f1", "precision", "recall"])
+
+
+def concordance_summary(
+    clusters: np.ndarray, populations: Populations, exclude: Iterable[str] = ()
+) -> pd.DataFrame:
+    """Summary per population: size, best single cluster and its F1, best union and its F1."""
+    table = f_measure_table(clusters, populations, exclude)
+    best = best_matches(table).set_index("population")
+    unions = best_unions(clusters, populations, exclude).set_index("population")
+    sizes = table.groupby("population", sort=False)["n_population"].first()
+    out = pd.DataFrame(
+        {
+            "n_population": sizes,
+            "best_cluster": best["cluster"],
+            "best_f1": best["f1"],
+            "best_precision": best["precision"],
+            "best_recall": best["recall"],
+            "union_clusters": unions["clusters"].map(lambda c: "+".join(str(x) for x in c)),
+            "union_f1": unions["f1"],
+            "union_precision": unions["precision"],
+            "union_recall": unions["recall"],
+        }
+    )
+    out.index.name = "population"
+    return out.reset_index()
+
+
+def mean_best_f1(clusters: np.ndarray, labels: Populations, exclude: Iterable[str] = ()) -> float:
+    """Mean over populations of the best single-cluster F1 (the FlowCAP / Weber & Robinson
+    style summary; each population may pick its own best cluster)."""
+    return float(best_matches(f_measure_table(clusters, labels, exclude))["f1"].mean())
