@@ -241,8 +241,8 @@ def main() -> None:
 
 def canonical_two_pass(jobs, warm, template, repeat: int) -> tuple[float, float]:
     import pandas as pd
-    from cytopipe.gating import pool_estimates
 
+    from cytopipe.gating import pool_estimates
     from cytopipe.pipeline import DaskExecutor, StudyState, fit_task, gate_task
     from cytopipe.qc import QCSettings
 
