@@ -1,0 +1,815 @@
+"""The gating engine: applies a template's hierarchy to one sample's events.
+
+Design (why it is fast and exact):
+
+* Each gated dimension (channel x compensation x transform) is computed once over all
+  events and cached; nothing copies the event matrix per gate.
+* A population is stored as the sorted indices of its events. A gate is evaluated only on
+  its parent's events (gathered per dimension), so deep populations cost what they hold.
+* Data-driven gates are fitted on the parent's events, checked against their bounds, and
+  replaced by the pooled estimate (flagged with the reason) when they fail.
+* Medians for ``population_stats`` are of compensated, untransformed (linear) values.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cytopipe.errors import CompensationError, GatingError, PanelError
+from cytopipe.gating import _compat
+from cytopipe.gating._median import median
+from cytopipe.gating.fitters import DataDrivenGate, FitFailure, Fitter, subsample_index
+from cytopipe.gating.gates import BooleanGate, Dim, Gate
+from cytopipe.gating.template import ROOT, Population, Template
+
+STATS_COLUMNS = [
+    "sample_id",
+    "patient_id",
+    "visit",
+    "arm",
+    "population",
+    "parent",
+    "count",
+    "parent_count",
+    "pct_parent",
+]
+FIT_COLUMNS = ["sample_id", "key", "population", "method", "pool", "status", "reason", "n_parent", "params"]
+
+
+# --------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PopulationResult:
+    name: str
+    parent: str
+    count: int
+    parent_count: int
+    gate: Gate | None  # the gate actually applied (fitted gates realized as fixed geometry)
+    medians: dict[str, float] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
+    source: str = "fixed"  # fixed | fitted | pooled | mixed | boolean
+
+    @property
+    def pct_parent(self) -> float:
+        return 100.0 * self.count / self.parent_count if self.parent_count else float("nan")
+
+
+@dataclass
+class FitRecord:
+    """One fitter's own result on one sample (pass 1 of pooled gating)."""
+
+    key: str
+    population: str
+    method: str
+    pool: str
+    status: str  # ok | failed
+    reason: str
+    n_parent: int
+    params: list[float] | None
+
+
+class GatingResult:
+    """What the engine returns for one sample."""
+
+    def __init__(self, template: Template, n_events: int, file: str | None = None):
+        self.template = template
+        self.n_events = n_events
+        self.file = file
+        self.populations: dict[str, PopulationResult] = {}
+        self.fits: list[FitRecord] = []
+        self.compensation: dict | None = None  # {"channels": [...], "matrix": [[...]]} actually applied
+        self.transforms: dict[str, dict] = {}  # channel -> transform spec actually applied
+        self.channel_of: dict[str, str] = {}  # marker -> $PnN used for this file
+        self._idx: dict[str, np.ndarray] = {}
+        self._masks: dict[str, np.ndarray] = {}
+
+    # ---- membership ------------------------------------------------------------------------
+    def indices(self, name: str) -> np.ndarray:
+        """Sorted event indices of a population (``root`` = all events)."""
+        if name == ROOT:
+            return np.arange(self.n_events)
+        self._check(name)
+        return self._idx[name]
+
+    def mask(self, name: str) -> np.ndarray:
+        """Boolean membership of every event in a population."""
+        if name == ROOT:
+            return np.ones(self.n_events, dtype=bool)
+        if name not in self._masks:
+            m = np.zeros(self.n_events, dtype=bool)
+            m[self.indices(name)] = True
+            self._masks[name] = m
+        return self._masks[name]
+
+    def membership(self) -> dict[str, np.ndarray]:
+        """``{population: boolean mask}`` for every population."""
+        return {name: self.mask(name) for name in self.populations}
+
+    def _check(self, name: str) -> None:
+        if name not in self._idx:
+            raise GatingError(
+                f"no such population; populations are {list(self.populations)}", population=name
+            )
+
+    # ---- tables ----------------------------------------------------------------------------
+    @property
+    def flags(self) -> list[tuple[str, str]]:
+        return [(p.name, f) for p in self.populations.values() for f in p.flags]
+
+    def to_population_stats(self, sample_meta: Mapping[str, Any] | None = None) -> pd.DataFrame:
+        """One row per population with exactly the ``population_stats`` columns."""
+        meta = _meta(sample_meta, self.file)
+        markers = self.template.median_markers()
+        rows = []
+        for p in self.populations.values():
+            row = {
+                "sample_id": meta["sample_id"],
+                "patient_id": meta["patient_id"],
+                "visit": meta["visit"],
+                "arm": meta["arm"],
+                "population": p.name,
+                "parent": p.parent,
+                "count": p.count,
+                "parent_count": p.parent_count,
+                "pct_parent": p.pct_parent,
+            }
+            for m in markers:
+                row[f"median_{m}"] = p.medians.get(m, float("nan"))
+            rows.append(row)
+        df = pd.DataFrame(rows, columns=STATS_COLUMNS + [f"median_{m}" for m in markers])
+        df["count"] = df["count"].astype("int64")
+        df["parent_count"] = df["parent_count"].astype("int64")
+        df["pct_parent"] = df["pct_parent"].astype("float64")
+        return df
+
+    def flags_table(self, sample_meta: Mapping[str, Any] | None = None) -> pd.DataFrame:
+        meta = _meta(sample_meta, self.file)
+        return pd.DataFrame(
+            [{"sample_id": meta["sample_id"], "population": p, "flag": f} for p, f in self.flags],
+            columns=["sample_id", "population", "flag"],
+        )
+
+    def fit_records(self, sample_id: str | None = None) -> pd.DataFrame:
+        """The sample's own fits (pass 1 of pooled gating): a small table."""
+        sid = sample_id if sample_id is not None else _meta(None, self.file)["sample_id"]
+        return pd.DataFrame([{"sample_id": sid, **r.__dict__} for r in self.fits], columns=FIT_COLUMNS)
+
+    def fitted_template(self) -> Template:
+        """The template with every gate as applied to this sample (fitted gates made fixed)."""
+        pops = {
+            p.name: Population(p.name, p.parent, self.populations[p.name].gate, p.description)
+            for p in self.template
+        }
+        t = Template(
+            name=f"{self.template.name} (fitted)",
+            populations=pops,
+            transforms=dict(self.template.transforms),
+            compensation=self.template.compensation,
+            matrices=dict(self.template.matrices),
+            panel=dict(self.template.panel),
+            medians=list(self.template.medians),
+            seed=self.template.seed,
+            description=self.template.description,
+        )
+        return t
+
+    def summary(self) -> str:
+        lines = [f"{'population':<24}{'parent':<20}{'count':>10}{'% parent':>10}  flags"]
+        for p in self.populations.values():
+            lines.append(
+                f"{p.name:<24}{p.parent:<20}{p.count:>10}{p.pct_parent:>10.2f}  {'; '.join(p.flags)}"
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"GatingResult({len(self.populations)} populations, {self.n_events} events)"
+
+
+def _meta(sample_meta: Mapping[str, Any] | None, file: str | None) -> dict[str, Any]:
+    meta = dict(sample_meta or {})
+    if meta.get("sample_id") is None:
+        meta["sample_id"] = Path(file).stem if file else "sample"
+    for key in ("patient_id", "visit", "arm"):
+        meta.setdefault(key, None)
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# pooled estimates
+# --------------------------------------------------------------------------------------------
+class PooledEstimates:
+    """Pooled fit parameters per gate: cohort-wide and per group (patient or batch).
+
+    Built by :func:`pool_estimates` from every sample's fit records; only a small table.
+    """
+
+    def __init__(self, table: pd.DataFrame, sample_groups: pd.DataFrame):
+        self.table = table  # key, level, group, n, params
+        self.sample_groups = sample_groups  # sample_id, patient_id, batch
+
+    def lookup(self, key: str, level: str, sample_meta: Mapping[str, Any]) -> tuple[np.ndarray, str] | None:
+        """The estimate for ``key`` at ``level`` for this sample, falling back to cohort."""
+        rows = self.table[self.table["key"] == key]
+        if level in ("patient", "batch"):
+            col = "patient_id" if level == "patient" else "batch"
+            group = sample_meta.get(col)
+            if group is None:
+                sid = sample_meta.get("sample_id")
+                hit = self.sample_groups[self.sample_groups["sample_id"] == sid]
+                group = hit[col].iloc[0] if len(hit) and col in hit else None
+            if group is not None and not pd.isna(group):
+                sel = rows[(rows["level"] == level) & (rows["group"] == str(group))]
+                if len(sel):
+                    r = sel.iloc[0]
+                    return np.asarray(r["params"]), f"{level} {group} estimate (median of {r['n']} samples)"
+        sel = rows[rows["level"] == "cohort"]
+        if len(sel):
+            r = sel.iloc[0]
+            return np.asarray(r["params"]), f"cohort estimate (median of {r['n']} samples)"
+        return None
+
+
+def pool_estimates(
+    records: pd.DataFrame,
+    manifest: pd.DataFrame | None = None,
+    level: str | None = None,
+) -> PooledEstimates:
+    """Combine per-sample fit records (pass 1) into pooled estimates.
+
+    ``manifest`` supplies ``patient_id`` and ``batch`` per ``sample_id``. Each gate is pooled
+    at the level its template asks for (``pool:``) unless ``level`` overrides it; a cohort
+    estimate is always made too, as the fallback of the fallback. Pooling is the
+    component-wise median of the fits that passed their bounds.
+    """
+    records = pd.DataFrame(records, columns=FIT_COLUMNS) if not isinstance(records, pd.DataFrame) else records
+    groups = pd.DataFrame({"sample_id": records["sample_id"].astype(str).unique()})
+    if manifest is not None and len(manifest):
+        cols = [c for c in ("sample_id", "patient_id", "batch") if c in manifest.columns]
+        m = manifest[cols].copy()
+        m["sample_id"] = m["sample_id"].astype(str)
+        groups = groups.merge(m.drop_duplicates("sample_id"), on="sample_id", how="left")
+    for col in ("patient_id", "batch"):
+        if col not in groups:
+            groups[col] = None
+    ok = records[records["status"] == "ok"].copy()
+    ok["sample_id"] = ok["sample_id"].astype(str)
+    ok = ok.merge(groups, on="sample_id", how="left")
+    rows = []
+    for key, sub in ok.groupby("key", sort=True):
+        rows.append(_pooled_row(key, "cohort", "", sub))
+        lvl = level or sub["pool"].iloc[0]
+        if lvl in ("patient", "batch"):
+            col = "patient_id" if lvl == "patient" else "batch"
+            for g, gsub in sub.groupby(sub[col].astype(str), sort=True):
+                if g in ("None", "nan"):
+                    continue
+                rows.append(_pooled_row(key, lvl, g, gsub))
+    table = pd.DataFrame(rows, columns=["key", "level", "group", "n", "params"])
+    return PooledEstimates(table, groups)
+
+
+def _pooled_row(key, level, group, sub) -> dict:
+    params = np.array([np.asarray(p, dtype=np.float64) for p in sub["params"]])
+    med = np.median(params, axis=0)
+    return {"key": key, "level": level, "group": group, "n": len(sub), "params": med.tolist()}
+
+
+# --------------------------------------------------------------------------------------------
+# the engine
+# --------------------------------------------------------------------------------------------
+def gate(
+    sample,
+    template: Template | str | Path,
+    *,
+    pooled: PooledEstimates | None = None,
+    sample_meta: Mapping[str, Any] | None = None,
+    mapping: Mapping[str, str] | None = None,
+    transforms: Mapping[str, Mapping] | None = None,
+    medians: bool = True,
+) -> GatingResult:
+    """Gate one sample with a template.
+
+    ``sample`` is a :class:`cytopipe.Sample` (raw, uncompensated events). ``pooled`` holds
+    pooled estimates for data-driven gates (from :func:`pool_estimates`); without it the
+    template's ``default`` values are the fallback. ``mapping`` adds marker -> channel
+    entries to the template's ``panel``; ``transforms`` overrides per-marker transforms
+    (e.g. the ones locked for a study). ``medians=False`` skips the per-population medians.
+    """
+    if not isinstance(template, Template):
+        from cytopipe.gating.template import load_template
+
+        template = load_template(template)
+    engine = Engine(
+        events=sample.events,
+        channels=sample.channels,
+        spillover=getattr(sample, "spillover", None),
+        template=template,
+        file=getattr(sample, "path", None),
+        mapping=mapping,
+        transforms=transforms,
+    )
+    return engine.run(pooled=pooled, sample_meta=sample_meta, medians=medians)
+
+
+class Engine:
+    """Applies one template to one event matrix."""
+
+    def __init__(
+        self,
+        events: np.ndarray,
+        channels: pd.DataFrame,
+        template: Template,
+        spillover=None,
+        file=None,
+        mapping: Mapping[str, str] | None = None,
+        transforms: Mapping[str, Mapping] | None = None,
+    ):
+        if events.ndim != 2 or events.shape[1] != len(channels):
+            raise GatingError(
+                f"event matrix has shape {events.shape} but the channel table has {len(channels)} rows",
+                file=file,
+            )
+        self.events = events
+        self.channels = channels
+        self.template = template
+        self.spillover = spillover
+        self.file = str(file) if file is not None else None
+        self.panel = {**template.panel, **(mapping or {})}
+        self.transform_specs = dict(template.transforms)
+        for marker, spec in (transforms or {}).items():
+            self.transform_specs[marker] = _compat.check_transform(
+                spec, {"marker": marker, "key": "transforms"}
+            )
+        self.pnn = [str(v) for v in channels["pnn"]]
+        self._col: dict[str, int] = {}  # name -> column
+        self._resolved: dict[str, str] = {}  # marker -> $PnN from the panel
+        self._comp: dict[str, tuple[dict[int, int], np.ndarray] | None] = {}  # comp key -> (col -> j, block)
+        self._values: dict[tuple, np.ndarray] = {}  # dimension over all events
+        self._subset_values: dict[tuple, np.ndarray] = {}  # dimension inside one population
+        self._fits: dict[tuple, tuple] = {}  # memoised fits
+        self._resolve_all()
+
+    # ---- resolution ------------------------------------------------------------------------
+    def _resolve_all(self) -> None:
+        uses: list[tuple[str, Dim, str | None, str]] = []
+        for pop in self.template:
+            for d in _all_dims(pop.gate):
+                for name in (d.ratio.numerator, d.ratio.denominator) if d.ratio else (d.name,):
+                    uses.append((name, d, pop.name, "markers"))
+        for m in self.template.median_markers():
+            uses.append((m, Dim(m), None, "medians"))
+        # one panel lookup for every marker that is not a plain channel name (cached per panel)
+        plain = set(self.pnn) - set(self.panel)
+        fluoro = {f for m in self.template.matrices.values() for f in m.fluorochromes}
+        wanted = sorted({n for n, *_ in uses if n not in plain and n not in fluoro})
+        if wanted:
+            try:
+                self._resolved = _resolve_cached(self.channels, wanted, self.panel, self.file)
+            except PanelError:
+                self._resolved = {}  # resolve one by one below, to name the population
+        for name, d, population, key in uses:
+            self._column(name, d, population, key=key)
+
+    def _column(self, name: str, dim: Dim, population: str | None, key: str = "markers") -> int:
+        if name in self._col:
+            return self._col[name]
+        if name in self.pnn and name not in self.panel:
+            col = self.pnn.index(name)
+        else:
+            matrix = self.template.matrices.get(dim.compensation or "")
+            if matrix is not None and name in matrix.fluorochromes:
+                detector = matrix.detectors[matrix.fluorochromes.index(name)]
+                if detector not in self.pnn:
+                    raise PanelError(
+                        f"compensation matrix {dim.compensation!r} maps {name!r} to detector {detector!r}, "
+                        f"which the file lacks; channels are {self.pnn}",
+                        file=self.file,
+                        population=population,
+                        marker=name,
+                    )
+                col = self.pnn.index(detector)
+            elif name in self._resolved:
+                col = self.pnn.index(self._resolved[name])
+            else:
+                try:
+                    pnn = _compat.resolve_markers(self.channels, [name], mapping=self.panel, file=self.file)[
+                        name
+                    ]
+                except PanelError as exc:
+                    raise PanelError(
+                        exc.message,
+                        **{
+                            **exc.context,
+                            "file": self.file,
+                            "population": population,
+                            "marker": name,
+                            "key": key,
+                        },
+                    ) from None
+                col = self.pnn.index(pnn)
+        self._col[name] = col
+        return col
+
+    # ---- compensation ----------------------------------------------------------------------
+    def _comp_key(self, dim: Dim) -> str | None:
+        c = dim.compensation
+        if c in (None, "uncompensated", "none"):
+            return None
+        if c == "template":
+            return None if self.template.compensation == "none" else "template"
+        return c
+
+    def _comp_block(self, key: str):
+        """``(column -> block index, compensated block)`` for a compensation key, or None."""
+        if key in self._comp:
+            return self._comp[key]
+        detectors, matrix = self._matrix(key)
+        if detectors is None:
+            self._comp[key] = None
+            return None
+        cols = [self.pnn.index(d) for d in detectors]
+        block = _compat.compensate_block(self.events, cols, matrix)  # channel-major (k x n)
+        self._comp[key] = ({c: j for j, c in enumerate(cols)}, block)
+        self.applied_compensation = {"channels": list(detectors), "matrix": np.asarray(matrix).tolist()}
+        return self._comp[key]
+
+    def _matrix(self, key: str):
+        if key in ("template", "FCS"):
+            source = self.template.compensation if key == "template" else "file"
+            if source == "file":
+                sp = self.spillover
+                if sp is None:
+                    if key == "FCS":  # Gating-ML: 'FCS' without a spillover means uncompensated
+                        return None, None
+                    raise CompensationError(
+                        "the template asks for the file's spillover matrix (compensation: file) but the "
+                        "file has none; set `compensation: none` or give a CSV matrix",
+                        file=self.file,
+                    )
+                detectors, matrix = list(sp.channels), np.asarray(sp.matrix, dtype=np.float64)
+            else:
+                detectors, matrix = _load_matrix_csv(source)
+        else:
+            m = self.template.matrices.get(key)
+            if m is None:
+                raise CompensationError(f"unknown compensation matrix {key!r}", file=self.file)
+            detectors, matrix = list(m.detectors), m.matrix
+        missing = [d for d in detectors if d not in self.pnn]
+        if missing:
+            raise CompensationError(
+                f"compensation matrix channels {missing} are not in the file; channels are {self.pnn}",
+                file=self.file,
+            )
+        if abs(np.linalg.det(matrix)) < 1e-12:
+            raise CompensationError("the spillover matrix is singular and cannot be inverted", file=self.file)
+        return detectors, matrix
+
+    def linear(self, col: int, comp_key: str | None) -> np.ndarray:
+        """Channel ``col`` compensated with ``comp_key`` (a contiguous row of the compensated
+        block, or the raw column when the channel is not compensated)."""
+        if comp_key is not None:
+            blk = self._comp_block(comp_key)
+            if blk is not None and col in blk[0]:
+                return blk[1][blk[0][col]]
+        return self.events[:, col]
+
+    # ---- dimension values ------------------------------------------------------------------
+    def _dim_key(self, dim: Dim) -> tuple:
+        comp = self._comp_key(dim)
+        if dim.ratio is not None:
+            return ("ratio", dim.ratio, comp, dim.transform)
+        return (self._col[dim.name], comp, dim.transform)
+
+    def _compute(self, dim: Dim, idx: np.ndarray | None) -> np.ndarray:
+        """Compensated, transformed values of ``dim`` at events ``idx`` (None = all)."""
+        comp = self._comp_key(dim)
+        if dim.ratio is not None:
+            r = dim.ratio
+            # Gating-ML/FlowKit compute ratio dimensions from the uncompensated channels
+            x = self.events[:, self._col[r.numerator]]
+            y = self.events[:, self._col[r.denominator]]
+            if idx is not None:
+                x, y = x[idx], y[idx]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                v = r.A * ((x - r.B) / (y - r.C))
+        else:
+            v = self.linear(self._col[dim.name], comp)
+            if idx is not None:
+                v = v[idx]
+        return _compat.apply_transform(self._transform_spec(dim), v)
+
+    def values(self, dim: Dim, idx: np.ndarray | None = None, scope: str | None = None) -> np.ndarray:
+        """Values of a dimension at events ``idx`` (None = all events).
+
+        A dimension needed over most events is transformed once over all of them and cached;
+        one needed only inside a small population (``scope``, whose events ``idx`` are) is
+        transformed just there, so e.g. FOXP3 is only ever transformed on CD4 T cells.
+        """
+        key = self._dim_key(dim)
+        full = self._values.get(key)
+        if full is None and (idx is None or 2 * len(idx) > self.events.shape[0]):
+            full = self._values[key] = self._compute(dim, None)
+        if full is not None:
+            return full if idx is None else full[idx]
+        skey = (key, scope)
+        if scope is not None and skey in self._subset_values:
+            return self._subset_values[skey]
+        v = self._compute(dim, idx)
+        if scope is not None:
+            self._subset_values[skey] = v
+        return v
+
+    def _transform_spec(self, dim: Dim):
+        if dim.transform is None:
+            return None
+        if dim.transform in self.transform_specs and dim.transform != "default":
+            return self.transform_specs[dim.transform]
+        # a marker without its own transform: a run-level override for this marker wins
+        if dim.name in self.transform_specs:
+            return self.transform_specs[dim.name]
+        return self.transform_specs.get(dim.transform)
+
+    def gather(
+        self,
+        dims: Sequence[Dim],
+        idx: np.ndarray | None,
+        scope: str | None = None,
+        pos: np.ndarray | None = None,
+    ) -> list[np.ndarray]:
+        """Values of ``dims`` at the events ``idx`` of population ``scope`` (optionally only at
+        positions ``pos`` within them)."""
+        vals = [self.values(d, idx, scope) for d in dims]
+        return vals if pos is None else [v[pos] for v in vals]
+
+    # ---- run -------------------------------------------------------------------------------
+    def run(
+        self,
+        pooled: PooledEstimates | None = None,
+        sample_meta: Mapping[str, Any] | None = None,
+        medians: bool = True,
+    ) -> GatingResult:
+        n = self.events.shape[0]
+        meta = _meta(sample_meta, self.file)
+        result = GatingResult(self.template, n, file=self.file)
+        idx: dict[str, np.ndarray | None] = {ROOT: None}
+        counts: dict[str, int] = {ROOT: n}
+        full_masks: dict[str, np.ndarray] = {}
+
+        def full_mask(name: str) -> np.ndarray:
+            if name not in full_masks:
+                m = np.zeros(n, dtype=bool)
+                m[idx[name]] = True
+                full_masks[name] = m
+            return full_masks[name]
+
+        for pop in self.template:
+            pidx = idx[pop.parent]
+            flags: list[str] = []
+            source = "fixed"
+            g = pop.gate
+            if isinstance(g, BooleanGate):
+                combined = g.combine([full_mask(o.population) for o in g.operands])
+                inside = combined if pidx is None else combined[pidx]
+                applied: Gate = g
+                source = "boolean"
+            elif isinstance(g, DataDrivenGate):
+                applied, inside, source = self._fit_gate(pop, pidx, pooled, meta, flags, result)
+            else:
+                inside = g.contains(self.gather(g.dims, pidx, pop.parent))
+                applied = g
+            mine = np.flatnonzero(inside) if pidx is None else pidx[inside]
+            idx[pop.name] = mine
+            counts[pop.name] = len(mine)
+            result.populations[pop.name] = PopulationResult(
+                name=pop.name,
+                parent=pop.parent,
+                count=len(mine),
+                parent_count=counts[pop.parent],
+                gate=applied,
+                flags=flags,
+                source=source,
+            )
+        result._idx = {k: (np.arange(n) if v is None else v) for k, v in idx.items() if k != ROOT}
+        result._masks = {k: v for k, v in full_masks.items()}
+        result.channel_of = {name: self.pnn[c] for name, c in self._col.items()}
+        result.compensation = getattr(self, "applied_compensation", None)
+        keys = set(self._values) | {k for k, _ in self._subset_values}
+        result.transforms = {
+            self.pnn[key[0]]: self._transform_spec_for_key(key)
+            for key in keys
+            if key[0] != "ratio" and key[2] is not None
+        }
+        if medians:
+            self._medians(result)
+        return result
+
+    def _transform_spec_for_key(self, key) -> dict | None:
+        col, _, tkey = key
+        name = next((n for n, c in self._col.items() if c == col), None)
+        return self._transform_spec(Dim(name or "", transform=tkey))
+
+    # ---- data-driven gates -----------------------------------------------------------------
+    def _fit_gate(self, pop: Population, pidx, pooled, meta, flags, result):
+        g: DataDrivenGate = pop.gate
+        n_parent = self.events.shape[0] if pidx is None else len(pidx)
+        own: dict[str, np.ndarray | None] = {}
+        fallback: dict[str, tuple[np.ndarray, str] | None] = {}
+        chosen: dict[str, np.ndarray] = {}
+        used_own: dict[str, bool] = {}
+        reasons: dict[str, str] = {}
+        for suffix, fitter in g.fit_items():
+            key = pop.name + suffix
+            params, reason = self._fit(fitter, pop.parent, pidx, n_parent)
+            if params is not None and not reason:
+                reason = fitter.out_of_bounds(params) or ""
+            status = "ok" if params is not None and not reason else "failed"
+            result.fits.append(
+                FitRecord(
+                    key=key,
+                    population=pop.name,
+                    method=fitter.method,
+                    pool=fitter.pool,
+                    status=status,
+                    reason=reason,
+                    n_parent=n_parent,
+                    params=None if params is None else params.tolist(),
+                )
+            )
+            ref = self._reference(key, fitter, pooled, meta)
+            fallback[suffix] = ref
+            if status == "ok" and ref is not None and fitter.bounds.max_shift is not None:
+                shift = fitter.shift(params, ref[0])
+                if shift > fitter.bounds.max_shift:
+                    status = "shifted"
+                    reason = (
+                        f"fit {fitter.describe(params)} is {shift:.3g} away from the {ref[1]} "
+                        f"{fitter.describe(ref[0])} (max_shift {fitter.bounds.max_shift})"
+                    )
+            own[suffix] = params
+            reasons[suffix] = reason
+            used_own[suffix] = status == "ok"
+            if status == "ok":
+                chosen[suffix] = params
+            else:
+                if ref is None:
+                    raise GatingError(
+                        f"gate {key!r} could not be fitted ({reason}) and there is no pooled estimate or "
+                        "template `default` to fall back on; add `default:` to the gate",
+                        file=self.file,
+                        population=pop.name,
+                    )
+                chosen[suffix] = ref[0]
+                flags.append(f"{key}: {reason}; used the {ref[1]} {fitter.describe(ref[0])}")
+
+        applied = g.realize(chosen)
+        inside = applied.contains(self.gather(applied.dims, pidx, pop.parent))
+        if g.fraction is not None and any(used_own.values()) and n_parent:
+            frac = float(inside.mean())
+            lo, hi = g.fraction
+            if not lo <= frac <= hi:
+                refs = {s: fallback[s] for s in chosen}
+                if all(refs[s] is not None for s in chosen if used_own[s]):
+                    fitters = dict(g.fit_items())
+                    for s in chosen:
+                        if used_own[s]:
+                            chosen[s] = refs[s][0]
+                            used_own[s] = False
+                            flags.append(
+                                f"{pop.name + s}: the fitted gate kept {frac:.1%} of the parent, outside "
+                                f"[{lo:.0%}, {hi:.0%}]; used the {refs[s][1]} {fitters[s].describe(refs[s][0])}"
+                            )
+                    applied = g.realize(chosen)
+                    inside = applied.contains(self.gather(applied.dims, pidx, pop.parent))
+                else:
+                    flags.append(
+                        f"{pop.name}: the gate keeps {frac:.1%} of the parent, outside [{lo:.0%}, {hi:.0%}]"
+                    )
+        if all(used_own.values()):
+            source = "fitted"
+        elif not any(used_own.values()):
+            source = "pooled"
+        else:
+            source = "mixed"
+        return applied, inside, source
+
+    def _fit(self, fitter: Fitter, parent: str, pidx, n_parent: int) -> tuple[np.ndarray | None, str]:
+        """Fit one fitter on the parent's events: ``(params, "")`` or ``(None, reason)``.
+
+        Fits are memoised on (parent, dimensions, method, options), and their random subsample
+        is seeded from that key: a threshold shared by two gates (e.g. CD4 in the CD4 T and
+        CD8 T quadrants) is fitted once and is the same in both.
+        """
+        memo_key = (
+            parent,
+            tuple(self._dim_key(d) for d in fitter.dims),
+            fitter.method,
+            json.dumps(fitter.options, sort_keys=True, default=str),
+            fitter.bounds.min_events,
+        )
+        if memo_key in self._fits:
+            return self._fits[memo_key]
+        seed = zlib.crc32(repr(memo_key).encode())
+        rng = np.random.default_rng([self.template.seed, seed])
+        out: tuple[np.ndarray | None, str]
+        try:
+            if n_parent < fitter.bounds.min_events:
+                raise FitFailure(f"only {n_parent} events in the parent (need >= {fitter.bounds.min_events})")
+            pos = subsample_index(n_parent, fitter.events_needed, rng)
+            values = self.gather(fitter.dims, pidx, parent, pos)
+            out = (np.asarray(fitter.fit(values, rng), dtype=np.float64), "")
+        except FitFailure as exc:
+            out = (None, str(exc))
+        except (ValueError, np.linalg.LinAlgError, FloatingPointError) as exc:  # numeric trouble
+            out = (None, f"fit failed: {exc}")
+        self._fits[memo_key] = out
+        return out
+
+    def _reference(self, key: str, fitter: Fitter, pooled: PooledEstimates | None, meta) -> tuple | None:
+        if pooled is not None:
+            hit = pooled.lookup(key, fitter.pool, meta)
+            if hit is not None:
+                return hit
+        if fitter.default is not None:
+            return fitter.default, "template default"
+        return None
+
+    # ---- medians ---------------------------------------------------------------------------
+    def _medians(self, result: GatingResult) -> None:
+        markers = self.template.median_markers()
+        cols = []
+        for m in markers:
+            col = self._column(m, Dim(m), None, key="medians")
+            cols.append(self.linear(col, "template" if self.template.compensation != "none" else None))
+        cols = [np.ascontiguousarray(v) for v in cols]
+        nans = [bool(np.isnan(v).any()) for v in cols]
+        for name, p in result.populations.items():
+            ix = result._idx[name]
+            for m, v, has_nan in zip(markers, cols, nans):
+                p.medians[m] = median(v, ix, has_nan)
+
+
+_RESOLVE_CACHE: dict[tuple, dict[str, str]] = {}
+
+
+def _resolve_cached(
+    channels: pd.DataFrame, markers: list[str], panel: Mapping[str, str], file
+) -> dict[str, str]:
+    """Marker resolution memoised on the channel table: a batch of files from one panel
+    resolves once per worker, not once per file."""
+    key = (
+        tuple(map(str, channels["pnn"])),
+        tuple(map(str, channels["pns"])),
+        tuple(markers),
+        tuple(sorted(panel.items())),
+    )
+    hit = _RESOLVE_CACHE.get(key)
+    if hit is None:
+        hit = _compat.resolve_markers(channels, markers, mapping=panel, file=file)
+        if len(_RESOLVE_CACHE) > 256:
+            _RESOLVE_CACHE.clear()
+        _RESOLVE_CACHE[key] = dict(hit)
+    return dict(hit)
+
+
+def _all_dims(g: Gate) -> list[Dim]:
+    dims = list(g.dims)
+    if isinstance(g, DataDrivenGate):
+        for _, f in g.fit_items():
+            dims += [d for d in f.dims if d not in dims]
+    return dims
+
+
+def _load_matrix_csv(path: str) -> tuple[list[str], np.ndarray]:
+    """A spillover matrix CSV as FlowJo/FlowKit write it (header row of channel names,
+    optionally a first column of names)."""
+    try:
+        from cytopipe.compensation import read_matrix_csv  # type: ignore[attr-defined]
+    except ImportError:
+        read_matrix_csv = None
+    if read_matrix_csv is not None:
+        m = read_matrix_csv(path)
+        return list(m.channels), np.asarray(m.matrix, dtype=np.float64)
+    try:
+        df = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise CompensationError(f"cannot read the compensation CSV: {exc}", file=path) from None
+    if df.shape[1] == df.shape[0] + 1:  # first column holds row names
+        df = df.iloc[:, 1:]
+    if df.shape[0] != df.shape[1]:
+        raise CompensationError(
+            f"the compensation CSV is {df.shape[0]} x {df.shape[1]}, not square", file=path
+        )
+    try:
+        matrix = df.to_numpy(dtype=np.float64)
+    except ValueError:
+        raise CompensationError("the compensation CSV has non-numeric entries", file=path) from None
+    return [str(c).strip() for c in df.columns], matrix

@@ -1,0 +1,793 @@
+"""Data-driven gates: thresholds and regions fitted to each sample.
+
+A data-driven gate is made of one or more *fitters*. Each fitter looks at the events of
+the parent population (on the gate's transformed scale) and returns a small parameter
+vector: a threshold, a singlet ratio band, or an ellipse (centre and covariance). The
+gate turns the fitted parameters into a fixed gate (``realize``), so a fitted gate can be
+shown, exported to Gating-ML and re-applied exactly.
+
+Every fitter has sanity bounds (allowed values, minimum events, maximum shift from the
+pooled estimate) and a pooling level; the engine decides between the sample's own fit and
+the pooled estimate and flags every fallback with its reason.
+
+Methods
+-------
+``valley``    lowest density between two peaks, looked for inside ``search: [lo, hi]``
+``tail``      upper edge of the *negative* (lowest) peak: mode + z * sd of its left half
+``hi``        upper edge of the *main* (tallest) peak: events above mode + z * sd(left half)
+``lo``        lower edge of the main peak: events below mode - z * sd(right half)
+``quantile``  the q-quantile of the parent's events
+``gmm``       one component of a Gaussian mixture (sklearn, seeded) as an ellipse
+``singlets``  FSC-A / FSC-H ratio band around the singlet diagonal
+``scatter_region`` lymphocyte region on FSC-A / SSC-A (a Gaussian-mixture component)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cytopipe.gating.gates import Dim, EllipsoidGate, Gate, PolygonGate, RectangleGate
+
+DEFAULT_MIN_EVENTS = 100
+DEFAULT_MAX_EVENTS = 20_000  # threshold fits use at most this many events (a seeded subsample)
+MIXTURE_MAX_EVENTS = 4_000  # mixtures locate clusters on fewer; the core refinement uses 5x more
+
+
+class FitFailure(Exception):
+    """A fit could not produce parameters (the message is the reason, for the flag)."""
+
+
+# --------------------------------------------------------------------------------------------
+# bounds
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Bounds:
+    range: tuple[float | None, float | None] | None = None  # allowed fitted values
+    center: list[tuple[float | None, float | None]] | None = None  # region gates: centre per marker
+    min_events: int = DEFAULT_MIN_EVENTS
+    max_shift: float | None = None  # vs. the pooled estimate, on the gate's scale
+    fraction: tuple[float, float] | None = None  # share of parent events inside the gate
+
+    def to_spec(self) -> dict:
+        out: dict = {}
+        if self.range is not None:
+            out["range"] = list(self.range)
+        if self.center is not None:
+            out["center"] = [list(c) for c in self.center]
+        out["min_events"] = self.min_events
+        if self.max_shift is not None:
+            out["max_shift"] = self.max_shift
+        if self.fraction is not None:
+            out["fraction"] = list(self.fraction)
+        return out
+
+
+def _within(value: float, lo, hi) -> bool:
+    return (lo is None or value >= lo) and (hi is None or value <= hi)
+
+
+# --------------------------------------------------------------------------------------------
+# fitters
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Fitter:
+    """Fits one parameter vector from the parent's events on ``dims``."""
+
+    method: str
+    dims: tuple[Dim, ...]
+    options: dict = field(default_factory=dict)
+    bounds: Bounds = field(default_factory=Bounds)
+    pool: str = "cohort"
+    default: np.ndarray | None = None
+
+    def fit(self, values: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError  # pragma: no cover
+
+    @property
+    def events_needed(self) -> int | None:
+        """How many parent events the fit looks at (None = all); the engine subsamples first."""
+        return self.options.get("max_events", DEFAULT_MAX_EVENTS)
+
+    def out_of_bounds(self, params: np.ndarray) -> str | None:
+        return None
+
+    def shift(self, params: np.ndarray, reference: np.ndarray) -> float:
+        return float(np.max(np.abs(np.asarray(params) - np.asarray(reference))))
+
+    def describe(self, params: np.ndarray) -> str:
+        return ", ".join(f"{v:.4g}" for v in np.ravel(params))
+
+    def options_spec(self) -> dict:
+        return dict(self.options)
+
+    def default_spec(self):
+        return None if self.default is None else float(self.default[0])
+
+    def to_spec(self) -> dict:
+        out = {"type": self.method, **self.options_spec(), "bounds": self.bounds.to_spec(), "pool": self.pool}
+        if self.default is not None:
+            out["default"] = self.default_spec()
+        return out
+
+
+def subsample_index(n: int, n_max: int | None, rng: np.random.Generator) -> np.ndarray | None:
+    """Sorted positions of a seeded random subsample (with replacement) of ``n_max`` out of
+    ``n``; None when no subsampling is needed. Drawing with replacement is O(n_max)."""
+    if n_max is None or n <= n_max:
+        return None
+    return np.sort(rng.integers(0, n, size=n_max))
+
+
+def _subsample(x: np.ndarray, n_max: int, rng: np.random.Generator) -> np.ndarray:
+    pos = subsample_index(len(x), n_max, rng)
+    return x if pos is None else x[pos]
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
+    ok = np.isfinite(x)
+    return x if ok.all() else x[ok]
+
+
+def density(x: np.ndarray, bandwidth: float | None = None, bins: int = 512):
+    """Gaussian-smoothed histogram density of ``x`` over its 0.1-99.9 % range.
+
+    Returns bin centres and density (arbitrary units). The bandwidth defaults to
+    Silverman's rule on a robust spread, with n capped at 20 000 so large samples are not
+    under-smoothed into noise.
+    """
+    lo, hi = np.quantile(x, [0.001, 0.999])
+    pad = 0.1 * (hi - lo) if hi > lo else 1.0
+    lo, hi = lo - pad, hi + pad
+    counts = np.histogram(x, bins=bins, range=(lo, hi))[0].astype(np.float64)
+    width = (hi - lo) / bins
+    if bandwidth is None:
+        q25, q75 = np.quantile(x, [0.25, 0.75])
+        s = min(np.std(x), (q75 - q25) / 1.349) or np.std(x) or width
+        bandwidth = 0.9 * s * min(len(x), 20_000) ** (-0.2)
+    sigma = max(bandwidth / width, 1.0)
+    half = int(math.ceil(4 * sigma))
+    k = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+    dens = np.convolve(counts, k / k.sum(), mode="same")
+    centers = lo + (np.arange(bins) + 0.5) * width
+    return centers, dens
+
+
+def find_peaks(dens: np.ndarray, min_peak: float) -> np.ndarray:
+    """Indices of density peaks whose prominence is >= ``min_peak`` x the tallest peak."""
+    from scipy.signal import find_peaks as _fp
+
+    padded = np.concatenate([[0.0], dens, [0.0]])  # a peak at the edge still counts
+    idx, _ = _fp(padded, prominence=min_peak * dens.max())
+    return idx - 1
+
+
+class ThresholdFitter(Fitter):
+    """A 1-D threshold on one marker."""
+
+    def out_of_bounds(self, params):
+        if self.bounds.range is not None and not _within(params[0], *self.bounds.range):
+            lo, hi = self.bounds.range
+            return f"threshold {params[0]:.4g} outside the allowed range [{lo}, {hi}]"
+        return None
+
+    def describe(self, params):
+        return f"{params[0]:.4g}"
+
+    def _prepare(self, values, rng) -> np.ndarray:
+        x = _finite(np.asarray(values[0]))
+        if len(x) < self.bounds.min_events:
+            raise FitFailure(f"only {len(x)} events in the parent (need >= {self.bounds.min_events})")
+        return x
+
+
+class ValleyFitter(ThresholdFitter):
+    """The lowest density between two peaks, looked for inside ``search``.
+
+    When the density is flat around its minimum (an empty gap between two well separated
+    populations), the threshold is the middle of that flat stretch rather than its edge.
+    """
+
+    def fit(self, values, rng):
+        x = self._prepare(values, rng)
+        xs = _subsample(x, self.options.get("max_events", DEFAULT_MAX_EVENTS), rng)
+        centers, dens = density(xs, self.options.get("bandwidth"))
+        lo, hi = self.options["search"]
+        window = np.flatnonzero((centers >= lo) & (centers <= hi))
+        if len(window) < 3:
+            raise FitFailure(f"the search range [{lo}, {hi}] lies outside the data")
+        i = window[np.argmin(dens[window])]
+        peaks = find_peaks(dens, self.options.get("min_peak", 0.02))
+        left = peaks[peaks < i]
+        right = peaks[peaks > i]
+        if not len(left) or not len(right):
+            raise FitFailure(f"no valley between two peaks inside the search range [{lo}, {hi}]")
+        flank = min(dens[left[-1]], dens[right[0]])
+        if dens[i] > self.options.get("max_depth", 0.8) * flank:
+            raise FitFailure(f"the valley at {centers[i]:.3g} is too shallow to separate two populations")
+        # the flat bottom around the minimum, between the two neighbouring peaks
+        level = dens[i] + 0.02 * (flank - dens[i])
+        a, b = i, i
+        while a - 1 > left[-1] and dens[a - 1] <= level:
+            a -= 1
+        while b + 1 < right[0] and dens[b + 1] <= level:
+            b += 1
+        t = 0.5 * (centers[a] + centers[b])
+        if not lo <= t <= hi:
+            raise FitFailure(f"the valley at {t:.3g} lies outside the search range [{lo}, {hi}]")
+        return np.array([t])
+
+
+def _half_sd(d: np.ndarray) -> float:
+    """Normal sd from one half of a peak (median absolute distance / 0.6745)."""
+    return float(np.median(d)) / 0.6745 if len(d) else float("nan")
+
+
+class PeakEdgeFitter(ThresholdFitter):
+    """``tail`` (negative peak, upper edge), ``hi`` (main peak, upper edge) and ``lo``
+    (main peak, lower edge)."""
+
+    def fit(self, values, rng):
+        x = self._prepare(values, rng)
+        xs = _subsample(x, self.options.get("max_events", DEFAULT_MAX_EVENTS), rng)
+        centers, dens = density(xs, self.options.get("bandwidth"))
+        peaks = find_peaks(dens, self.options.get("min_peak", 0.05))
+        if not len(peaks):
+            raise FitFailure("no density peak found")
+        peak = peaks[0] if self.method == "tail" else peaks[np.argmax(dens[peaks])]
+        mode = centers[peak]
+        z = self.options.get("z", 3.0)
+        if self.method == "lo":
+            sd = _half_sd(xs[xs > mode] - mode)
+            t = mode - z * sd
+        else:
+            sd = _half_sd(mode - xs[xs < mode])
+            t = mode + z * sd
+        if not math.isfinite(t) or sd <= 0:
+            raise FitFailure(f"cannot estimate the spread of the peak at {mode:.3g}")
+        return np.array([t])
+
+
+class QuantileFitter(ThresholdFitter):
+    events_needed = None  # an exact quantile of every parent event
+
+    def fit(self, values, rng):
+        x = self._prepare(values, rng)
+        return np.array([float(np.quantile(x, self.options["q"]))])
+
+
+class SingletFitter(Fitter):
+    """Ratio band ``low <= area / height <= high`` around the singlet diagonal."""
+
+    def fit(self, values, rng):
+        a, h = (np.asarray(v, dtype=np.float64) for v in values)
+        ok = np.isfinite(a) & np.isfinite(h) & (h > 0)
+        if ok.sum() < self.bounds.min_events:
+            raise FitFailure(
+                f"only {int(ok.sum())} events with a positive height (need >= {self.bounds.min_events})"
+            )
+        r = a[ok] / h[ok]
+        r = _subsample(r, self.options.get("max_events", DEFAULT_MAX_EVENTS), rng)
+        med = float(np.median(r))
+        mad = float(np.median(np.abs(r - med))) * 1.4826
+        if not mad > 0:
+            raise FitFailure("area/height ratio has no spread")
+        return np.array([med - self.options.get("low", 4.0) * mad, med + self.options.get("high", 4.0) * mad])
+
+    def out_of_bounds(self, params):
+        if self.bounds.range is not None:
+            for v in params:
+                if not _within(v, *self.bounds.range):
+                    return f"ratio band [{params[0]:.4g}, {params[1]:.4g}] outside the allowed range {list(self.bounds.range)}"
+        return None
+
+    def describe(self, params):
+        return f"area/height in [{params[0]:.4g}, {params[1]:.4g}]"
+
+    def default_spec(self):
+        return [float(v) for v in self.default]
+
+
+class MixtureFitter(Fitter):
+    """One Gaussian-mixture component as an ellipse: params = centre (k) + covariance (k*k)."""
+
+    def fit(self, values, rng):
+        from sklearn.mixture import GaussianMixture
+
+        x = np.column_stack([np.asarray(v, dtype=np.float64) for v in values])
+        x = x[np.isfinite(x).all(axis=1)]
+        if len(x) < self.bounds.min_events:
+            raise FitFailure(f"only {len(x)} events in the parent (need >= {self.bounds.min_events})")
+        from cytopipe.gating._compat import single_thread
+
+        # the mixture only has to find the clusters: a few thousand events do; the trimmed
+        # refinement below then uses up to 10x more for a precise centre and shape
+        xs = _subsample(x, self.options.get("max_events", MIXTURE_MAX_EVENTS), rng)
+        k = self.options.get("components", 2)
+        gm = GaussianMixture(
+            n_components=k,
+            covariance_type="full",
+            random_state=int(rng.integers(2**31 - 1)),
+            n_init=self.options.get("n_init", 1),
+            init_params="k-means++",  # seeding only: a full k-means start costs more than the fit
+            reg_covar=1e-6 * float(np.var(xs)) + 1e-12,
+        )
+        with single_thread():
+            gm.fit(xs)
+        if not gm.converged_:
+            raise FitFailure("the Gaussian mixture did not converge")
+        candidates = list(range(k))
+        names = [d.name for d in self.dims]
+        if self.bounds.center is not None:  # only components centred where the population can be
+            candidates = [
+                c
+                for c in candidates
+                if all(_within(v, lo, hi) for v, (lo, hi) in zip(gm.means_[c], self.bounds.center))
+            ]
+            if not candidates:
+                raise FitFailure("no mixture component is centred inside the allowed `center` bounds")
+        for rule_key in ("exclude", "select"):
+            rule = self.options.get(rule_key)
+            if rule is None:
+                continue
+            chosen = _apply_rule(rule, gm, candidates, names)
+            if rule_key == "exclude":
+                if len(candidates) > 1:
+                    candidates = [c for c in candidates if c != chosen]
+            else:
+                candidates = [chosen]
+        if len(candidates) != 1:  # no select rule: the largest remaining component
+            candidates = [max(candidates, key=lambda c: gm.weights_[c])]
+        c = candidates[0]
+        if gm.weights_[c] < self.options.get("min_weight", 0.01):
+            raise FitFailure(f"the selected mixture component holds only {gm.weights_[c]:.1%} of events")
+        mean, cov = gm.means_[c], gm.covariances_[c]
+        trim = self.options.get("trim")
+        if trim:
+            xr = _subsample(x, 5 * self.options.get("max_events", MIXTURE_MAX_EVENTS), rng)
+            mean, cov = refine_core(xr, mean, cov, trim)
+        return np.concatenate([mean, cov.ravel()])
+
+    @property
+    def events_needed(self) -> int | None:
+        n = self.options.get("max_events", MIXTURE_MAX_EVENTS)
+        return 5 * n if self.options.get("trim") else n
+
+    def split(self, params):
+        k = len(self.dims)
+        return params[:k], params[k:].reshape(k, k)
+
+    def out_of_bounds(self, params):
+        center, cov = self.split(params)
+        if self.bounds.center is not None:
+            for d, v, (lo, hi) in zip(self.dims, center, self.bounds.center):
+                if not _within(v, lo, hi):
+                    return f"centre on {d.name} ({v:.4g}) outside the allowed range [{lo}, {hi}]"
+        if not np.all(np.linalg.eigvalsh((cov + cov.T) / 2) > 0):
+            return "fitted covariance is not positive definite"
+        return None
+
+    def shift(self, params, reference):
+        k = len(self.dims)
+        return float(np.max(np.abs(params[:k] - reference[:k])))
+
+    def describe(self, params):
+        center, _ = self.split(params)
+        return "centre (" + ", ".join(f"{v:.4g}" for v in center) + ")"
+
+    def default_spec(self):
+        center, cov = self.split(self.default)
+        return {"center": center.tolist(), "covariance": cov.tolist()}
+
+
+class DensestClusterFitter(MixtureFitter):
+    """``scatter_region``: the densest cluster inside the allowed centre box.
+
+    A smoothed 2-D histogram of the parent's events inside ``bounds.center`` gives the densest
+    point; the cluster's centre and shape are then estimated from its trimmed core
+    (:func:`refine_core`), which also grows a too-small starting ellipse to the cluster's size.
+    """
+
+    def fit(self, values, rng):
+        from scipy.ndimage import gaussian_filter
+
+        x = np.column_stack([np.asarray(v, dtype=np.float64) for v in values])
+        x = x[np.isfinite(x).all(axis=1)]
+        if len(x) < self.bounds.min_events:
+            raise FitFailure(f"only {len(x)} events in the parent (need >= {self.bounds.min_events})")
+        xs = _subsample(x, self.options.get("max_events", DEFAULT_MAX_EVENTS), rng)
+        box = []
+        for j in range(x.shape[1]):
+            lo, hi = self.bounds.center[j] if self.bounds.center is not None else (None, None)
+            qlo, qhi = np.quantile(xs[:, j], [0.005, 0.995])
+            box.append((qlo if lo is None else lo, qhi if hi is None else hi))
+        inside = np.all([(xs[:, j] >= a) & (xs[:, j] <= b) for j, (a, b) in enumerate(box)], axis=0)
+        if inside.sum() < max(50, self.bounds.min_events // 10):
+            raise FitFailure("too few events inside the allowed `center` region")
+        hist, ex, ey = np.histogram2d(xs[inside, 0], xs[inside, 1], bins=64, range=box)
+        hist = gaussian_filter(hist, 1.5)
+        i, j = np.unravel_index(np.argmax(hist), hist.shape)
+        mean = np.array([(ex[i] + ex[i + 1]) / 2, (ey[j] + ey[j + 1]) / 2])
+        # a small starting ellipse (a few bins wide); the trimmed refinement grows it to the cluster
+        cov = np.diag([(ex[1] - ex[0]) * 3, (ey[1] - ey[0]) * 3]) ** 2
+        mean, cov = refine_core(xs, mean, cov, self.options.get("trim", 2.5), iterations=50)
+        return np.concatenate([mean, cov.ravel()])
+
+    @property
+    def events_needed(self) -> int | None:
+        return self.options.get("max_events", DEFAULT_MAX_EVENTS)
+
+
+def refine_core(x: np.ndarray, mean: np.ndarray, cov: np.ndarray, trim: float, iterations: int = 10):
+    """Re-estimate a Gaussian cluster from its core: the events within Mahalanobis distance
+    ``trim`` of the current estimate, with the chi-square consistency factor that undoes the
+    trimming (as in MCD estimators). Neighbouring clusters and a mixture component that split
+    the cluster in two then no longer bias its centre and shape."""
+    from scipy.stats import chi2
+
+    k = x.shape[1]
+    c2 = trim * trim
+    factor = chi2.cdf(c2, k) / chi2.cdf(c2, k + 2)
+    for _ in range(iterations):
+        d = x - mean
+        inv = np.linalg.inv(cov)
+        core = x[np.einsum("ij,jk,ik->i", d, inv, d) <= c2]
+        if len(core) < 10 * k:
+            raise FitFailure(f"only {len(core)} events in the core of the selected cluster")
+        new_mean = core.mean(axis=0)
+        new_cov = np.cov(core, rowvar=False) * factor
+        scale = np.sqrt(np.diag(new_cov))
+        moved = max(
+            np.abs(new_mean - mean).max() / scale.max(),
+            np.abs(np.sqrt(np.diag(cov)) / scale - 1).max(),
+        )
+        mean, cov = new_mean, new_cov
+        if moved < 1e-4:
+            break
+    return mean, cov
+
+
+def _apply_rule(rule, gm, candidates: list[int], names: list[str]) -> int:
+    """``largest`` / ``smallest`` by weight, or ``{marker: highest|lowest}`` by mean."""
+    if rule in ("largest", "smallest"):
+        pick = max if rule == "largest" else min
+        return pick(candidates, key=lambda c: gm.weights_[c])
+    ((marker, how),) = rule.items()
+    j = names.index(marker)
+    pick = max if how == "highest" else min
+    return pick(candidates, key=lambda c: gm.means_[c, j])
+
+
+# --------------------------------------------------------------------------------------------
+# data-driven gates
+# --------------------------------------------------------------------------------------------
+class DataDrivenGate(Gate):
+    data_driven = True
+    fraction: tuple[float, float] | None = None
+
+    def fit_items(self) -> list[tuple[str, Fitter]]:
+        """``(key suffix, fitter)`` pairs; the engine keys fits as ``population + suffix``."""
+        raise NotImplementedError  # pragma: no cover
+
+    def realize(self, params: Mapping[str, np.ndarray]) -> Gate:
+        raise NotImplementedError  # pragma: no cover
+
+    def contains(self, values):  # pragma: no cover - the engine realizes first
+        raise TypeError("a data-driven gate must be fitted (realized) before use")
+
+
+class ThresholdGate(DataDrivenGate):
+    """Events above (``side: above``) or below a fitted threshold on one marker."""
+
+    def __init__(self, dims, fitter: ThresholdFitter, side: str, fraction=None):
+        super().__init__(dims)
+        self.fitter = fitter
+        self.side = side
+        self.type = fitter.method
+        self.fraction = fraction
+
+    def fit_items(self):
+        return [("", self.fitter)]
+
+    def realize(self, params):
+        t = float(params[""][0])
+        if self.side == "above":
+            return RectangleGate(self.dims, [t], [None], style="range")
+        return RectangleGate(self.dims, [None], [t], style="range")
+
+    def to_spec(self):
+        spec = self.fitter.to_spec()
+        default_side = "below" if self.fitter.method == "lo" else "above"
+        if self.side != default_side:
+            spec["side"] = self.side
+        if self.fraction is not None:
+            spec["bounds"]["fraction"] = list(self.fraction)
+        return spec
+
+
+class QuadrantGate(DataDrivenGate):
+    """A quadrant whose thresholds are numbers or fitted thresholds (one per marker)."""
+
+    type = "quadrant"
+
+    def __init__(self, dims, thresholds: list, signs: list[str], fraction=None):
+        super().__init__(dims)
+        self.thresholds = thresholds
+        self.signs = signs
+        self.fraction = fraction
+
+    def fit_items(self):
+        return [(f"[{d.name}]", t) for d, t in zip(self.dims, self.thresholds) if isinstance(t, Fitter)]
+
+    def realize(self, params):
+        values = [
+            float(params[f"[{d.name}]"][0]) if isinstance(t, Fitter) else t
+            for d, t in zip(self.dims, self.thresholds)
+        ]
+        lower = [v if s == "+" else None for v, s in zip(values, self.signs)]
+        upper = [v if s == "-" else None for v, s in zip(values, self.signs)]
+        return RectangleGate(self.dims, lower, upper, style="quadrant")
+
+    def to_spec(self):
+        spec = {
+            "type": "quadrant",
+            "quadrant": "".join(self.signs),
+            "thresholds": [t.to_spec() if isinstance(t, Fitter) else t for t in self.thresholds],
+        }
+        if self.fraction is not None:
+            spec["bounds"] = {"fraction": list(self.fraction)}
+        return spec
+
+
+class EllipseFitGate(DataDrivenGate):
+    """``gmm`` and ``scatter_region``: the selected mixture component's ellipse."""
+
+    def __init__(self, dims, fitter: MixtureFitter, distance_square: float, fraction=None):
+        super().__init__(dims)
+        self.fitter = fitter
+        self.type = fitter.method
+        self.distance_square = distance_square
+        self.fraction = fraction
+
+    def fit_items(self):
+        return [("", self.fitter)]
+
+    def realize(self, params):
+        center, cov = self.fitter.split(np.asarray(params[""]))
+        return EllipsoidGate(self.dims, center, cov, self.distance_square)
+
+    def to_spec(self):
+        spec = self.fitter.to_spec()
+        if self.fraction is not None:
+            spec["bounds"]["fraction"] = list(self.fraction)
+        return spec
+
+
+class SingletGate(DataDrivenGate):
+    """Events whose area/height ratio lies in the fitted band (a wedge polygon)."""
+
+    type = "singlets"
+
+    def __init__(self, dims, fitter: SingletFitter, fraction=None):
+        super().__init__(dims)
+        self.fitter = fitter
+        self.fraction = fraction
+
+    def fit_items(self):
+        return [("", self.fitter)]
+
+    def realize(self, params):
+        lo, hi = (float(v) for v in params[""])
+        big = 1e12  # beyond any detector range: the wedge is open-ended in practice
+        # x = area, y = height; the band lo <= x / y <= hi is the wedge between two rays
+        vertices = [[0.0, 0.0], [hi * big, big], [lo * big, big]]
+        return PolygonGate(self.dims, vertices)
+
+    def to_spec(self):
+        spec = self.fitter.to_spec()
+        if self.fraction is not None:
+            spec["bounds"]["fraction"] = list(self.fraction)
+        return spec
+
+
+# --------------------------------------------------------------------------------------------
+# parsing (called from template.py with a GateSpec)
+# --------------------------------------------------------------------------------------------
+THRESHOLD_METHODS = ("valley", "tail", "quantile", "hi", "lo")
+
+
+def parse_bounds(spec, key: str = "bounds", kind: str = "threshold", n_dims: int = 1) -> Bounds:
+    raw = spec.raw(key, required=False, default={}) or {}
+    if not isinstance(raw, Mapping):
+        raise spec.error(key, "`bounds` must be a mapping (range, min_events, max_shift, fraction)")
+    allowed = {"min_events", "max_shift", "fraction"}
+    allowed |= {"center"} if kind == "region" else {"range"} if kind in ("threshold", "ratio") else set()
+    extra = sorted(set(raw) - allowed)
+    if extra:
+        raise spec.error(f"{key}.{extra[0]}", f"unknown bound(s) {extra}; allowed: {sorted(allowed)}")
+    b = Bounds()
+    if "range" in raw:
+        b.range = tuple(_pair(spec, f"{key}.range", raw["range"]))
+    if "center" in raw:
+        c = raw["center"]
+        if not isinstance(c, Sequence) or len(c) != n_dims:
+            raise spec.error(f"{key}.center", f"needs one [lo, hi] pair per marker ({n_dims})")
+        b.center = [tuple(_pair(spec, f"{key}.center", p)) for p in c]
+    if "min_events" in raw:
+        v = raw["min_events"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise spec.error(f"{key}.min_events", f"must be a positive integer, got {v!r}")
+        b.min_events = v
+    if "max_shift" in raw and raw["max_shift"] is not None:
+        b.max_shift = spec.check_number(f"{key}.max_shift", raw["max_shift"], positive=True)
+    if "fraction" in raw:
+        lo, hi = _pair(spec, f"{key}.fraction", raw["fraction"])
+        lo = 0.0 if lo is None else lo
+        hi = 1.0 if hi is None else hi
+        if not 0 <= lo < hi <= 1:
+            raise spec.error(f"{key}.fraction", "must be [lo, hi] with 0 <= lo < hi <= 1")
+        b.fraction = (lo, hi)
+    return b
+
+
+def parse_fraction(spec):
+    return parse_bounds(spec, kind="quadrant").fraction
+
+
+def _pair(spec, key, value):
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
+        raise spec.error(key, f"must be [lo, hi] (null for open), got {value!r}")
+    out = [None if v is None else spec.check_number(key, v) for v in value]
+    if out[0] is not None and out[1] is not None and out[0] >= out[1]:
+        raise spec.error(key, f"lo must be smaller than hi, got {value!r}")
+    return out
+
+
+def _pool(spec) -> str:
+    from cytopipe.gating.template import POOL_LEVELS
+
+    return spec.choice("pool", POOL_LEVELS, default="cohort")
+
+
+def _threshold_fitter(method: str, spec, dim: Dim, with_side: bool):
+    opts: dict = {}
+    if method == "valley":
+        opts["search"] = _pair(spec, "search", spec.raw("search"))
+        if None in opts["search"]:
+            raise spec.error("search", "give both ends of the search range, e.g. [1.0, 3.5]")
+        for key, lo, hi in (("min_peak", 0, 1), ("max_depth", 0, 1)):
+            v = spec.number(key, required=False, lo=lo, hi=hi)
+            if v is not None:
+                opts[key] = v
+    elif method in ("tail", "hi", "lo"):
+        v = spec.number("z", required=False, positive=True)
+        if v is not None:
+            opts["z"] = v
+        v = spec.number("min_peak", required=False, lo=0, hi=1)
+        if v is not None:
+            opts["min_peak"] = v
+    elif method == "quantile":
+        opts["q"] = spec.number("q", lo=0.0, hi=1.0)
+    v = spec.number("bandwidth", required=False, positive=True) if method != "quantile" else None
+    if v is not None:
+        opts["bandwidth"] = v
+    v = spec.raw("max_events", required=False)
+    if v is not None:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 100:
+            raise spec.error("max_events", "must be an integer >= 100")
+        opts["max_events"] = v
+    side = None
+    if with_side:
+        default_side = "below" if method == "lo" else "above"
+        side = spec.choice("side", ("above", "below"), default=default_side)
+    bounds = parse_bounds(spec, kind="threshold")
+    default = spec.number("default", required=False)
+    cls = {"valley": ValleyFitter, "quantile": QuantileFitter}.get(method, PeakEdgeFitter)
+    fitter = cls(
+        method=method,
+        dims=(dim,),
+        options=opts,
+        bounds=bounds,
+        pool=_pool(spec),
+        default=None if default is None else np.array([default]),
+    )
+    return fitter, side
+
+
+def parse_threshold(parent_spec, key: str, value, dim: Dim, ctx):
+    """A quadrant threshold: a number, or a mapping describing a fitted threshold."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return parent_spec.check_number(key, value)
+    if not isinstance(value, Mapping) or value.get("type") not in THRESHOLD_METHODS:
+        raise parent_spec.error(
+            key,
+            f"must be a number or a fitted threshold with `type` in {list(THRESHOLD_METHODS)}, got {value!r}",
+        )
+    from cytopipe.gating.template import GateSpec
+
+    sub = GateSpec(value, parent_spec.population, value["type"], prefix=f"{parent_spec.prefix}.{key}")
+    fitter, _ = _threshold_fitter(value["type"], sub, dim, with_side=False)
+    sub.finish()
+    return fitter
+
+
+def parse_data_driven(kind: str, spec, dims: list[Dim], ctx) -> Gate:
+    if kind in THRESHOLD_METHODS:
+        fitter, side = _threshold_fitter(kind, spec, dims[0], with_side=True)
+        return ThresholdGate(dims, fitter, side, fraction=fitter.bounds.fraction)
+    if kind == "singlets":
+        opts = {}
+        for key in ("low", "high"):
+            v = spec.number(key, required=False, positive=True)
+            if v is not None:
+                opts[key] = v
+        bounds = parse_bounds(spec, kind="ratio")
+        default = spec.raw("default", required=False)
+        if default is not None:
+            default = np.array(_pair(spec, "default", default), dtype=np.float64)
+            if np.isnan(default).any():
+                raise spec.error("default", "give both ends of the default ratio band")
+        fitter = SingletFitter("singlets", tuple(dims), opts, bounds, _pool(spec), default)
+        return SingletGate(dims, fitter, fraction=bounds.fraction)
+    # gmm / scatter_region
+    names = [d.name for d in dims]
+    opts: dict = {}
+    if kind == "gmm":
+        opts["components"] = int(spec.number("components", required=False, default=2, lo=1, hi=10))
+        for rule_key in ("select", "exclude"):
+            rule = spec.raw(rule_key, required=False)
+            if rule is None:
+                continue
+            if rule in ("largest", "smallest"):
+                opts[rule_key] = rule
+                continue
+            if not isinstance(rule, Mapping) or len(rule) != 1:
+                raise spec.error(rule_key, "use `largest`, `smallest` or one `{marker: highest|lowest}`")
+            ((marker, how),) = rule.items()
+            if marker not in names or how not in ("highest", "lowest"):
+                raise spec.error(
+                    rule_key, f"use {{marker: highest|lowest}} with a marker of this gate ({names})"
+                )
+            opts[rule_key] = {marker: how}
+    if spec.has("distance") and spec.has("probability"):
+        raise spec.error("distance", "give either `probability` or `distance`, not both")
+    dist = spec.number("distance", required=False, positive=True)
+    p = spec.number("probability", required=False, lo=0.5, hi=0.999999)
+    if dist is not None:
+        opts["distance"] = dist
+    else:
+        opts["probability"] = p = 0.95 if p is None else p
+    v = spec.raw("max_events", required=False)
+    if v is not None:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 100:
+            raise spec.error("max_events", "must be an integer >= 100")
+        opts["max_events"] = v
+    trim = spec.number("trim", required=False, lo=1.0, hi=5.0)
+    if trim is None and kind == "scatter_region":
+        trim = 2.5
+    if trim is not None:
+        opts["trim"] = trim
+    bounds = parse_bounds(spec, kind="region", n_dims=len(dims))
+    default = spec.raw("default", required=False)
+    if default is not None:
+        if not isinstance(default, Mapping) or set(default) != {"center", "covariance"}:
+            raise spec.error("default", "give the default region as {center: [...], covariance: [[...]]}")
+        c = np.asarray(default["center"], dtype=np.float64)
+        cov = np.asarray(default["covariance"], dtype=np.float64)
+        if c.shape != (len(dims),) or cov.shape != (len(dims), len(dims)):
+            raise spec.error(
+                "default", f"centre needs {len(dims)} values and covariance {len(dims)}x{len(dims)}"
+            )
+        default = np.concatenate([c, cov.ravel()])
+    if dist is not None:
+        d2 = dist * dist
+    else:
+        from scipy.stats import chi2
+
+        d2 = float(chi2.ppf(p, df=len(dims)))
+    cls = DensestClusterFitter if kind == "scatter_region" else MixtureFitter
+    fitter = cls(kind, tuple(dims), opts, bounds, _pool(spec), default)
+    return EllipseFitGate(dims, fitter, d2, fraction=bounds.fraction)

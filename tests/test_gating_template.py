@@ -1,0 +1,295 @@
+"""Gating templates: YAML reading, validation errors, and the engine on small known data."""
+
+from __future__ import annotations
+
+import copy
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cytopipe
+from cytopipe.errors import PanelError, TemplateError, TransformError
+from cytopipe.gating import Engine, gate, load_template, parse_template, template_to_dict
+from cytopipe.gating.gates import points_in_polygon
+
+BASE = {
+    "name": "mini",
+    "compensation": "none",
+    "transforms": {"default": {"type": "arcsinh", "cofactor": 5}},
+    "populations": [
+        {
+            "name": "Cells",
+            "parent": "root",
+            "markers": ["FSC-A", "SSC-A"],
+            "gate": {"type": "rectangle", "min": [10, None], "max": [None, 80]},
+        },
+        {"name": "CD3+", "parent": "Cells", "markers": ["CD3"], "gate": {"type": "range", "min": 1.0}},
+        {"name": "CD3-", "parent": "Cells", "gate": {"type": "boolean", "not": "CD3+"}},
+        {
+            "name": "CD4 T",
+            "parent": "CD3+",
+            "markers": ["CD4", "CD8"],
+            "gate": {"type": "quadrant", "quadrant": "+-", "thresholds": [1.0, 1.0]},
+        },
+    ],
+}
+
+
+def _error(mutate, exc=TemplateError):
+    data = copy.deepcopy(BASE)
+    mutate(data)
+    with pytest.raises(exc) as info:
+        parse_template(data)
+    return info.value
+
+
+def _pop(data, name):
+    return next(p for p in data["populations"] if p["name"] == name)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "population", "key", "words"),
+    [
+        (lambda d: _pop(d, "CD3+").update(parent="Cels"), "CD3+", "parent", "unknown parent 'Cels'"),
+        (lambda d: _pop(d, "CD3+").pop("parent"), "CD3+", "parent", "missing `parent`"),
+        (lambda d: d["populations"].append(copy.deepcopy(_pop(d, "CD3+"))), "CD3+", "name", "unique"),
+        (
+            lambda d: _pop(d, "CD3+")["gate"].update(type="circle"),
+            "CD3+",
+            "gate.type",
+            "unknown gate type 'circle'",
+        ),
+        (lambda d: _pop(d, "CD3+")["gate"].update(minimum=1), "CD3+", "gate.minimum", "unknown parameter"),
+        (lambda d: _pop(d, "CD3+")["gate"].update(min="high"), "CD3+", "gate.min", "must be a number"),
+        (lambda d: _pop(d, "CD3+")["gate"].pop("min"), "CD3+", "gate.min", "needs `min`, `max` or both"),
+        (lambda d: _pop(d, "CD3+").update(markers=["CD3", "CD4"]), "CD3+", "markers", "takes 1 marker"),
+        (lambda d: _pop(d, "CD3+").pop("markers"), "CD3+", "markers", "`markers` must list"),
+        (
+            lambda d: _pop(d, "CD4 T")["gate"].update(quadrant="+x"),
+            "CD4 T",
+            "gate.quadrant",
+            "one sign per marker",
+        ),
+        (
+            lambda d: _pop(d, "CD4 T")["gate"].update(thresholds=[1.0]),
+            "CD4 T",
+            "gate.thresholds",
+            "needs 2 thresholds",
+        ),
+        (
+            lambda d: _pop(d, "CD3-")["gate"].update(**{"not": "CD8+"}),
+            "CD3-",
+            "gate",
+            "unknown population 'CD8+'",
+        ),
+        (
+            lambda d: _pop(d, "Cells")["gate"].update(min=[100, None], max=[50, 80]),
+            "Cells",
+            "gate.max",
+            "must exceed",
+        ),
+        (
+            lambda d: (
+                _pop(d, "CD3+")["gate"].update(type="valley", search=[2, 1], default=1.5)
+                or _pop(d, "CD3+")["gate"].pop("min")
+            ),
+            "CD3+",
+            "gate.search",
+            "lo must be smaller",
+        ),
+        (
+            lambda d: (
+                _pop(d, "CD3+")["gate"].update(type="valley", search=[1, 2], pool="family")
+                or _pop(d, "CD3+")["gate"].pop("min")
+            ),
+            "CD3+",
+            "gate.pool",
+            "must be one of",
+        ),
+        (
+            lambda d: (
+                _pop(d, "CD3+")["gate"].update(type="hi", bounds={"range": [0, 3], "max_shfit": 1})
+                or _pop(d, "CD3+")["gate"].pop("min")
+            ),
+            "CD3+",
+            "gate.bounds.max_shfit",
+            "unknown bound",
+        ),
+    ],
+)
+def test_template_errors_name_population_and_field(mutate, population, key, words):
+    err = _error(mutate)
+    assert err.context.get("population") == population
+    assert err.context.get("key") == key
+    assert words in str(err)
+    assert f"population '{population}'" in str(err)
+
+
+def test_cycle_is_rejected():
+    def mutate(d):
+        _pop(d, "Cells")["parent"] = "CD4 T"
+
+    err = _error(mutate)
+    assert "cycle" in str(err) and "Cells" in str(err)
+
+
+def test_boolean_cycle_is_rejected():
+    def mutate(d):
+        _pop(d, "CD3+")["parent"] = "CD3-"
+
+    assert "cycle" in str(_error(mutate))
+
+
+def test_unknown_top_level_key_and_bad_transform():
+    err = _error(lambda d: d.update(transform={}))
+    assert err.context["key"] == "transform" and "unknown top-level key" in str(err)
+    err = _error(lambda d: d["transforms"].update(CD4={"type": "logicle", "T": 262144}), TransformError)
+    assert err.context["marker"] == "CD4" and "needs parameter 'W'" in str(err)
+
+
+def test_yaml_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("populations:\n  - name: A\n    parent: root\n  name: [\n")
+    with pytest.raises(TemplateError, match="not valid YAML at line"):
+        load_template(bad)
+    dup = tmp_path / "dup.yaml"
+    dup.write_text(
+        textwrap.dedent(
+            """\
+            populations:
+              - name: A
+                parent: root
+                markers: [CD3]
+                gate: {type: range, min: 1, min: 2}
+            """
+        )
+    )
+    with pytest.raises(TemplateError, match="key 'min' appears twice") as info:
+        load_template(dup)
+    assert str(dup) in str(info.value)
+    with pytest.raises(TemplateError, match="not found"):
+        load_template(tmp_path / "missing.yaml")
+
+
+def test_template_round_trips_through_yaml(tmp_path):
+    import yaml
+
+    t = parse_template(BASE)
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(template_to_dict(t), sort_keys=False))
+    again = load_template(path)
+    assert again.names == t.names
+    assert template_to_dict(again)["populations"] == template_to_dict(t)["populations"]
+
+
+# --------------------------------------------------------------------------------------------
+# engine on a small synthetic sample with known answers
+# --------------------------------------------------------------------------------------------
+def _sample(n=20_000, seed=1, spill=True):
+    rng = np.random.default_rng(seed)
+    fsc = rng.uniform(0, 100, n)
+    ssc = rng.uniform(0, 100, n)
+    cd3 = np.where(rng.random(n) < 0.6, rng.normal(50, 10, n), rng.normal(0, 2, n))
+    cd4 = np.where(rng.random(n) < 0.5, rng.normal(40, 8, n), rng.normal(0, 2, n))
+    cd8 = np.where(rng.random(n) < 0.3, rng.normal(40, 8, n), rng.normal(0, 2, n))
+    true = np.column_stack([fsc, ssc, cd3, cd4, cd8])
+    s = np.eye(3)
+    if spill:
+        s[0, 1], s[1, 2] = 0.1, 0.05  # CD3 spills into CD4, CD4 into CD8
+    raw = true.copy()
+    raw[:, 2:] = true[:, 2:] @ s
+    channels = pd.DataFrame(
+        {"pnn": ["FSC-A", "SSC-A", "B1-A", "B2-A", "B3-A"], "pns": ["", "", "CD3", "CD4", "CD8"]}
+    )
+    sample = cytopipe.Sample(
+        events=raw.astype(np.float32),
+        channels=channels,
+        keywords={},
+        version="FCS3.1",
+        spillover=cytopipe.Spillover(s, ["B1-A", "B2-A", "B3-A"]),
+    )
+    return sample, true
+
+
+def test_engine_counts_match_direct_numpy():
+    sample, true = _sample()
+    data = copy.deepcopy(BASE)
+    data["compensation"] = "file"
+    result = gate(sample, parse_template(data))
+    t = np.arcsinh(true / 5)
+    cells = (true[:, 0] >= 10) & (true[:, 1] < 80)
+    cd3p = cells & (t[:, 2] >= 1.0)
+    cd4t = cd3p & (t[:, 3] >= 1.0) & (t[:, 4] < 1.0)
+    # float32 compensation can move an event sitting on a boundary: allow a handful
+    for name, want in (("Cells", cells), ("CD3+", cd3p), ("CD3-", cells & ~cd3p), ("CD4 T", cd4t)):
+        got = result.mask(name)
+        assert np.sum(got != want) <= 2, name
+    p = result.populations["CD4 T"]
+    assert p.parent_count == result.populations["CD3+"].count
+    assert p.pct_parent == pytest.approx(100 * p.count / p.parent_count)
+
+
+def test_population_stats_columns_and_linear_compensated_medians():
+    sample, true = _sample()
+    data = copy.deepcopy(BASE)
+    data["compensation"] = "file"
+    result = gate(sample, parse_template(data))
+    meta = {"sample_id": "S1", "patient_id": "P1", "visit": 4, "arm": "placebo"}
+    df = result.to_population_stats(meta)
+    assert list(df.columns) == [
+        "sample_id", "patient_id", "visit", "arm", "population", "parent", "count", "parent_count", "pct_parent",
+        "median_CD3", "median_CD4", "median_CD8",
+    ]  # fmt: skip
+    assert list(df["population"]) == ["Cells", "CD3+", "CD3-", "CD4 T"]
+    assert list(df["parent"]) == ["root", "Cells", "Cells", "CD3+"]
+    assert (df["sample_id"] == "S1").all() and (df["visit"] == 4).all()
+    # medians are of compensated, untransformed values: they recover the true intensities
+    idx = result.indices("CD4 T")
+    for j, m in enumerate(["CD3", "CD4", "CD8"]):
+        got = df.loc[df.population == "CD4 T", f"median_{m}"].item()
+        assert got == pytest.approx(np.median(true[idx, 2 + j]), rel=1e-4, abs=1e-3)
+
+
+def test_missing_marker_is_a_panel_error_naming_population():
+    sample, _ = _sample()
+    sample.channels.loc[4, "pns"] = "CD8a-typo"
+    with pytest.raises(PanelError) as info:
+        gate(sample, parse_template(BASE))
+    assert info.value.context["population"] == "CD4 T"
+    assert info.value.context["marker"] == "CD8"
+    # an explicit panel mapping fixes it
+    result = gate(sample, parse_template(BASE), mapping={"CD8": "B3-A"})
+    assert result.populations["CD4 T"].count > 0
+
+
+def test_compensation_file_without_spillover_is_an_error():
+    sample, _ = _sample()
+    sample.spillover = None
+    data = copy.deepcopy(BASE)
+    data["compensation"] = "file"
+    with pytest.raises(cytopipe.errors.CompensationError, match="has none"):
+        gate(sample, parse_template(data))
+
+
+def test_polygon_even_odd_and_infinite_vertices():
+    # a self-intersecting "bow tie": its two lobes are inside, the crossing region is not doubled
+    bow = np.array([[0, 0], [2, 2], [2, 0], [0, 2]], dtype=float)
+    x = np.array([0.2, 1.8, 1.0, 1.0, 3.0])
+    y = np.array([1.0, 1.0, 0.2, 1.8, 1.0])
+    assert points_in_polygon(x, y, bow).tolist() == [True, True, False, False, False]
+    # open-ended quadrant written with infinite vertices (as cytolib stores them)
+    quad = np.array([[1, 1], [np.inf, 1], [np.inf, np.inf], [1, np.inf]])
+    x = np.array([0.5, 2.0, 1e30, 2.0])
+    y = np.array([2.0, 2.0, 5.0, 0.5])
+    assert points_in_polygon(x, y, quad).tolist() == [False, True, True, False]
+
+
+def test_engine_does_not_modify_the_events():
+    sample, _ = _sample()
+    before = sample.events.copy()
+    data = copy.deepcopy(BASE)
+    data["compensation"] = "file"
+    Engine(sample.events, sample.channels, parse_template(data), spillover=sample.spillover).run()
+    np.testing.assert_array_equal(sample.events, before)
