@@ -346,3 +346,38 @@ def test_cluster_section_appears_with_clusters(small_run):
     figures = embedded_pngs(html)
     assert {"cluster-heatmap", "cluster-dynamics"} <= set(figures)
     assert (run / "report_tables" / "cluster_concordance.csv").is_file()
+
+
+def test_docs_quick_start_runs(tmp_path, monkeypatch, capsys):
+    """The Quick start of docs/reports.md runs as written (from a folder laid out like the repository)."""
+    text = (REPO / "docs" / "reports.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    for name in ("sample_data", "gating"):
+        (tmp_path / name).symlink_to(REPO / name)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/reports.md", "exec"), {})
+    assert capsys.readouterr().out.strip().endswith("my_run/report.html")
+    html = (tmp_path / "my_run" / "report.html").read_text(encoding="utf-8")
+    assert "gate-treg-0" in html and "SRI-4" in html
+
+
+def test_blinding_helpers():
+    from cytopipe.report.blinding import arm_codes, blind_frame, blind_text, find_leaks
+
+    codes = arm_codes(ARMS, secret=b"run files")
+    assert sorted(codes.values()) == ["Arm A", "Arm B", "Arm C", "Arm D"]
+    assert arm_codes(ARMS, secret=b"run files") == codes  # seeded: the same run, the same codes
+    others = [arm_codes(ARMS, secret=str(i).encode()) for i in range(20)]
+    assert len({tuple(sorted(c.items())) for c in others}) > 1  # the secret decides the order
+    # longest names first, case-insensitive, inside any text
+    table = pd.DataFrame(
+        {"arm": ["IL-2 1.0 MIU", "placebo"], "comparison": ["IL-2 1.0 MIU vs Placebo", "x"], "n": [1, 2]}
+    )
+    out = blind_frame(table, {"IL-2 1.0 MIU": "Arm B", "IL-2 1.0": "Arm X", "placebo": "Arm A"})
+    assert out["arm"].tolist() == ["Arm B", "Arm A"]
+    assert out["comparison"].iloc[0] == "Arm B vs Arm A"
+    assert blind_text("PLACEBO arm", {"placebo": "Arm A"}) == "Arm A arm"
+    # short arm names match as whole words only
+    assert find_leaks({"a": "Arm A and B+C"}, ["B"]) == ["a: 'B'"]
+    assert find_leaks({"a": "BCG vaccine"}, ["B"]) == []
+    assert find_leaks({"x": "IL-2 0.5 miu"}, ARMS) == ["x: 'IL-2 0.5 MIU'"]

@@ -46,6 +46,7 @@ class RunData:
     notes: list[str] = field(default_factory=list)  # what the report did on its own (shown)
     clinical_error: str = ""
     baseline_visit: int = 0
+    folder_name: str = ""  # the run folder's name, as shown
 
     @property
     def blinded(self) -> bool:
@@ -97,6 +98,7 @@ def load_run(
         info=info,
         study=str(info.get("study") or workflow.get("study") or run_dir.name),
         population_stats=ps,
+        folder_name=run_dir.resolve().name,
         samples=_read_parquet(run_dir / "samples.parquet"),
         clusters=_read_parquet(run_dir / "clusters.parquet"),
     )
@@ -190,7 +192,15 @@ def _secret(data: RunData) -> bytes | None:
 
 def _blind(data: RunData, codes: dict[str, str]) -> None:
     data.codes = codes
-    for name in ("population_stats", "samples", "statistics", "clinical", "endpoints", "clusters"):
+    for name in (
+        "population_stats",
+        "samples",
+        "statistics",
+        "clinical",
+        "endpoints",
+        "clusters",
+        "gate_review",
+    ):
         setattr(data, name, blind_frame(getattr(data, name), codes))
     data.arms = sorted(codes.values())
     data.reference_arm = None  # the display does not single out the reference arm when blinded
@@ -198,6 +208,7 @@ def _blind(data: RunData, codes: dict[str, str]) -> None:
     data.clinical_error = _blind_str(data.clinical_error, codes)
     data.notes = [_blind_str(n, codes) for n in data.notes]
     data.study = _blind_str(data.study, codes)
+    data.folder_name = _blind_str(data.folder_name, codes)
 
 
 def _blind_str(text: str, codes: Mapping[str, str]) -> str:

@@ -158,7 +158,7 @@ def overview(b: Builder) -> H.Section:
         facts.append(f"run finished {info['finished_at']}")
     if info.get("cytopipe_version"):
         facts.append(f"cytopipe {info['cytopipe_version']}")
-    facts.append(f"run folder {d.run_dir.name}")
+    facts.append(f"run folder {d.folder_name}")
     s.add(H.paragraph("; ".join(facts) + "."))
     s.add(H.paragraph(
         "How to read this report: start with the run summary (did every file make it through QC?), then "
