@@ -165,3 +165,21 @@ def test_population_fcs_export_rejects_a_foreign_result(tmp_path):
     b = dataclasses.replace(a, events=a.events[:1000])
     with pytest.raises(cytopipe.errors.GatingError, match="events"):
         write_population_fcs(tmp_path / "x.fcs", b, result, "Live")
+
+
+def test_canonical_template_export_reapplied_by_flowkit(tmp_path):
+    """The canonical template's fitted gates on sample data, re-applied by FlowKit."""
+    from tests.conftest import REPO
+
+    template = cytopipe.load_template(REPO / "gating" / "sle_il2_tcell_nk.yaml")
+    for fcs_path in sorted((REPO / "sample_data" / "fcs").glob("P00[12]_W*.fcs"))[:3]:
+        sample = cytopipe.read_fcs(fcs_path)
+        result = gate(sample, template)
+        gml = write_gatingml(result, tmp_path / f"{fcs_path.stem}.xml")
+        _schema_valid(gml)
+        theirs = _flowkit_memberships(gml, fcs_path, template.names)
+        for name in template.names:
+            mine = result.mask(name)
+            assert np.array_equal(theirs[name], mine), (
+                f"{fcs_path.name} {name}: {np.sum(theirs[name] != mine)} differ"
+            )

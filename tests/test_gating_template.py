@@ -145,8 +145,13 @@ def test_boolean_cycle_is_rejected():
 def test_unknown_top_level_key_and_bad_transform():
     err = _error(lambda d: d.update(transform={}))
     assert err.context["key"] == "transform" and "unknown top-level key" in str(err)
-    err = _error(lambda d: d["transforms"].update(CD4={"type": "logicle", "T": 262144}), TransformError)
-    assert err.context["marker"] == "CD4" and "needs parameter 'W'" in str(err)
+    err = _error(
+        lambda d: d["transforms"].update(CD4={"type": "logicle", "T": 262144, "width": 1}), TransformError
+    )
+    assert err.context["marker"] == "CD4" and "no parameter 'width'" in str(err)
+    assert err.context["key"] == "transforms.width"
+    err = _error(lambda d: d["transforms"].update(CD4={"type": "logicool"}), TransformError)
+    assert "unknown transform type 'logicool'" in str(err)
 
 
 def test_yaml_errors_name_file_and_line(tmp_path):
@@ -254,7 +259,7 @@ def test_population_stats_columns_and_linear_compensated_medians():
 
 def test_missing_marker_is_a_panel_error_naming_population():
     sample, _ = _sample()
-    sample.channels.loc[4, "pns"] = "CD8a-typo"
+    sample.channels.loc[4, "pns"] = "Ki-67"
     with pytest.raises(PanelError) as info:
         gate(sample, parse_template(BASE))
     assert info.value.context["population"] == "CD4 T"
@@ -293,3 +298,66 @@ def test_engine_does_not_modify_the_events():
     data["compensation"] = "file"
     Engine(sample.events, sample.channels, parse_template(data), spillover=sample.spillover).run()
     np.testing.assert_array_equal(sample.events, before)
+
+
+def test_pool_estimates_levels():
+    from cytopipe.gating import pool_estimates
+    from cytopipe.gating.engine import FIT_COLUMNS
+
+    rows = []
+    for sid, t, status in [
+        ("A1", 1.0, "ok"),
+        ("A2", 1.2, "ok"),
+        ("A3", 9.0, "failed"),  # a failed fit never enters a pool
+        ("B1", 2.0, "ok"),
+        ("B2", 2.4, "ok"),
+        ("C1", 5.0, "failed"),
+    ]:
+        for key, pool in (("T cells", "patient"), ("Live", "batch"), ("NK", "cohort"), ("Treg", "sample")):
+            rows.append(dict(zip(FIT_COLUMNS, [sid, key, key, "valley", pool, status, "", 1000, [t]])))
+    records = pd.DataFrame(rows)
+    manifest = pd.DataFrame(
+        {
+            "sample_id": ["A1", "A2", "A3", "B1", "B2", "C1"],
+            "patient_id": list("AAABBC"),
+            "batch": ["b1", "b2", "b2", "b1", "b2", "b3"],
+        }
+    )
+    pooled = pool_estimates(records, manifest)
+    cohort = np.median([1.0, 1.2, 2.0, 2.4])
+    p, why = pooled.lookup("T cells", "patient", {"sample_id": "A3"})
+    assert p.tolist() == [1.1] and why.startswith("patient A estimate (median of 2 samples)")
+    p, why = pooled.lookup("Live", "batch", {"sample_id": "B1", "batch": "b1"})
+    assert p.tolist() == [1.5] and "batch b1" in why
+    # no ok fit in patient C's group: the cohort estimate
+    p, why = pooled.lookup("T cells", "patient", {"sample_id": "C1", "patient_id": "C"})
+    assert p.tolist() == [cohort] and why.startswith("cohort estimate (median of 4 samples)")
+    for key, level in (("NK", "cohort"), ("Treg", "sample")):
+        p, _ = pooled.lookup(key, level, {"sample_id": "A1"})
+        assert p.tolist() == [cohort]
+    # a run-wide override of every gate's level
+    p, why = pool_estimates(records, manifest, level="cohort").lookup(
+        "T cells", "cohort", {"sample_id": "A3"}
+    )
+    assert p.tolist() == [cohort]
+
+
+def test_locked_transforms_override_the_template():
+    """Study-locked transforms (by marker or $PnN, dicts or cytopipe.transforms objects) replace
+    the template's for those markers only."""
+    from cytopipe.transforms import Arcsinh
+
+    sample, true = _sample()
+    data = copy.deepcopy(BASE)
+    data["compensation"] = "file"
+    base = gate(sample, parse_template(data), medians=False)
+    # cofactor 5 -> 50 moves the CD3 >= 1.0 threshold from asinh(x/5) to asinh(x/50)
+    for locked in ({"CD3": {"type": "arcsinh", "cofactor": 50}}, {"B1-A": Arcsinh(cofactor=50)}):
+        result = gate(sample, parse_template(data), transforms=locked, medians=False)
+        want = result.mask("Cells") & (np.arcsinh(true[:, 2] / 50) >= 1.0)
+        assert np.sum(result.mask("CD3+") != want) <= 2
+        assert result.populations["CD3+"].count != base.populations["CD3+"].count
+        assert result.populations["Cells"].count == base.populations["Cells"].count
+        assert result.transforms["B1-A"] == {"type": "arcsinh", "cofactor": 50.0}
+        assert result.transforms["B2-A"] == {"type": "arcsinh", "cofactor": 5.0}
+        assert result.compensation["channels"] == ["B1-A", "B2-A", "B3-A"] and "hash" in result.compensation

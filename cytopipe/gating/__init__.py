@@ -40,6 +40,7 @@ __all__ = [
     "load_template",
     "parse_template",
     "pool_estimates",
+    "read_flowjo_workspace",
     "read_gatingml",
     "template_to_dict",
     "write_gatingml",
@@ -58,6 +59,10 @@ def __getattr__(name: str):
         from cytopipe.gating.gatingml import read_gatingml
 
         return read_gatingml
+    if name == "read_flowjo_workspace":
+        from cytopipe.gating.flowjo import read_flowjo_workspace
+
+        return read_flowjo_workspace
     if name == "write_gatingml":
         from cytopipe.gating.export import write_gatingml
 

@@ -1,9 +1,11 @@
-"""Bridges to the parts of cytopipe that gating uses but does not own.
+"""The single place where gating calls the modules it builds on but does not own.
 
-Marker resolution belongs to :mod:`cytopipe.panel`, transforms to :mod:`cytopipe.transforms`
-and compensation to :mod:`cytopipe.compensation`. This module is the single place where
-gating calls them, so that gating keeps working while those modules land, with the same
-semantics (Gating-ML 2.0 / flowutils formulas).
+* markers -> channels: :func:`cytopipe.panel.resolve_markers`;
+* transforms: :mod:`cytopipe.transforms` for float32 data (the normal case); float64 data (e.g.
+  Gating-ML reference arrays) is transformed with the flowutils/FlowKit formulas in float64 so
+  results agree exactly with those references;
+* compensation: :class:`cytopipe.compensation.Compensation` validates and inverts the matrix;
+  the product is done here in the channel-major layout the engine reads.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from cytopipe.errors import PanelError, TransformError
+from cytopipe.errors import TransformError
 
 SCATTER_TIME = re.compile(r"^\s*(FSC|SSC|TIME)([-_ ]?[AHW])?\s*$", re.IGNORECASE)
 
@@ -33,155 +35,119 @@ def resolve_markers(
     mapping: Mapping[str, str] | None = None,
     file=None,
 ) -> dict[str, str]:
-    """``{marker: $PnN}`` via :func:`cytopipe.panel.resolve_markers` when available.
+    """``{marker: $PnN}`` through :func:`cytopipe.panel.resolve_markers` (aliases such as
+    CD279 = PD-1, explicit per-panel mapping first); a PanelError names what is missing."""
+    from cytopipe.panel import resolve_markers as panel_resolve
 
-    The fallback (until the panel module is on main) matches an explicit mapping, then
-    ``$PnN`` exactly, then ``$PnS`` case-insensitively; anything else is a PanelError.
-    """
-    try:
-        from cytopipe.panel import resolve_markers as panel_resolve
-    except ImportError:
-        panel_resolve = None
-    if panel_resolve is not None:
-        return panel_resolve(channels, list(markers), mapping=dict(mapping or {}) or None, file=file)
-
-    pnn = [str(v) for v in channels["pnn"]]
-    pns = [str(v) for v in channels["pns"]]
-    out: dict[str, str] = {}
-    for marker in markers:
-        if mapping and marker in mapping:
-            if mapping[marker] not in pnn:
-                raise PanelError(
-                    f"the panel maps it to channel {mapping[marker]!r}, which the file does not have; "
-                    f"channels are {pnn}",
-                    file=file,
-                    marker=marker,
-                )
-            out[marker] = mapping[marker]
-            continue
-        if marker in pnn:
-            out[marker] = marker
-            continue
-        hits = [n for n, s in zip(pnn, pns) if s.strip().lower() == marker.strip().lower()]
-        if len(hits) != 1:
-            seen = ", ".join(f"{n} [{s}]" if s else n for n, s in zip(pnn, pns))
-            what = "no channel carries it" if not hits else f"several channels carry it ({hits})"
-            raise PanelError(
-                f"{what}; channels are {seen}. Add it to the template's `panel:` mapping",
-                file=file,
-                marker=marker,
-            )
-        out[marker] = hits[0]
-    return out
+    return panel_resolve(channels, list(markers), mapping=dict(mapping or {}) or None, file=file)
 
 
 # --------------------------------------------------------------------------------------------
 # transforms: spec dict -> values
 # --------------------------------------------------------------------------------------------
-# type -> (required parameters, optional parameters with defaults)
-TRANSFORM_PARAMS: dict[str, tuple[tuple[str, ...], dict[str, float]]] = {
-    "linear": ((), {}),
-    "flin": (("T", "A"), {}),
-    "flog": (("T", "M"), {}),
-    "fasinh": (("T", "M", "A"), {}),
-    "arcsinh": (("cofactor",), {}),
-    "logicle": (("T", "W", "M", "A"), {}),
-    "hyperlog": (("T", "W", "M", "A"), {}),
-}
-COMMON_OPTIONAL = {"scale": 1.0}
+# Template transforms use cytopipe.transforms' vocabulary (logicle, hyperlog, fasinh, arcsinh,
+# biex, linear = Gating-ML flin, log = flog, identity), plus FlowJo's log for workspace import.
+FLOWJO_LOG = "flowjo_log"
 
 
 def check_transform(spec: Mapping, where: dict) -> dict:
-    """Validate a transform spec; returns a normalised copy. Raises TransformError."""
+    """Validate a transform spec; returns its normalised dict. Raises TransformError."""
     if not isinstance(spec, Mapping) or "type" not in spec:
         raise TransformError("a transform needs a `type` (e.g. {type: arcsinh, cofactor: 150})", **where)
-    ttype = str(spec["type"]).lower()
-    if ttype not in TRANSFORM_PARAMS:
-        raise TransformError(
-            f"unknown transform type {spec['type']!r}; use one of {sorted(TRANSFORM_PARAMS)}", **where
-        )
-    required, optional = TRANSFORM_PARAMS[ttype]
-    allowed = set(required) | set(optional) | set(COMMON_OPTIONAL) | {"type"}
-    extra = sorted(set(spec) - allowed)
-    if extra:
-        raise TransformError(
-            f"unknown parameter(s) {extra} for a {ttype} transform; allowed: {sorted(allowed - {'type'})}",
-            **where,
-        )
-    out: dict = {"type": ttype}
-    for name in required:
-        if name not in spec:
-            raise TransformError(f"a {ttype} transform needs parameter {name!r}", **where)
-    for name in [*required, *optional, *COMMON_OPTIONAL]:
-        if name in spec:
-            value = spec[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise TransformError(f"parameter {name!r} must be a finite number, got {value!r}", **where)
-            out[name] = float(value)
-    if ttype == "arcsinh" and out["cofactor"] <= 0:
-        raise TransformError("arcsinh cofactor must be > 0", **where)
-    if ttype in ("flog", "fasinh", "logicle", "hyperlog") and out["T"] <= 0:
-        raise TransformError(f"{ttype} T must be > 0", **where)
-    if ttype == "flog" and out["M"] <= 0:
-        raise TransformError("flog M must be > 0", **where)
-    return out
+    if str(spec["type"]).strip().lower() == FLOWJO_LOG:
+        extra = sorted(set(spec) - {"type", "offset", "decades"})
+        if extra or not all(_positive(spec.get(k)) for k in ("offset", "decades")):
+            raise TransformError("flowjo_log takes positive `offset` and `decades` only", **where)
+        return {"type": FLOWJO_LOG, "offset": float(spec["offset"]), "decades": float(spec["decades"])}
+    from cytopipe.transforms import transform_from_dict
+
+    try:
+        return transform_from_dict(dict(spec), channel=where.get("marker")).to_dict()
+    except TransformError as exc:
+        context = {**exc.context, **where}
+        if "key" in exc.context:
+            context["key"] = f"{where.get('key', 'transforms')}.{exc.context['key']}"
+        raise TransformError(exc.message, **context) from None
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+_TRANSFORMS: dict[tuple, object] = {}
+
+
+def _transform_object(spec: Mapping):
+    """The cytopipe.transforms object for a spec (cached: tables are built once)."""
+    key = tuple(sorted(spec.items()))
+    if key not in _TRANSFORMS:
+        from cytopipe.transforms import transform_from_dict
+
+        _TRANSFORMS[key] = transform_from_dict(dict(spec))
+    return _TRANSFORMS[key]
 
 
 def apply_transform(spec: Mapping | None, x: np.ndarray) -> np.ndarray:
-    """Transform a 1-D array. Float32 input stays float32 for the cheap transforms; the
-    root-finding ones (logicle, hyperlog) run in float64 as flowutils does."""
-    if spec is None:
+    """Transform a 1-D array.
+
+    Float32 values (the normal case) go through :mod:`cytopipe.transforms` (float32 out, within
+    one float32 ulp of flowutils/FlowKit). Float64 values are transformed in float64 with the
+    flowutils/FlowKit formulas themselves, for exact agreement with Gating-ML reference results.
+    """
+    if spec is None or spec["type"] == "identity":
         return x
-    ttype = spec["type"]
-    scale = spec.get("scale", 1.0)
-    if ttype == "linear":
-        y = x
-    elif ttype == "arcsinh":
-        dt = x.dtype
-        y = np.arcsinh(x * dt.type(1.0 / spec["cofactor"]))
-    elif ttype == "flin":
-        y = (x + spec["A"]) / (spec["T"] + spec["A"])
-    elif ttype == "flog":
+    kind = spec["type"]
+    if kind == FLOWJO_LOG:
+        from flowkit import transforms as fkt
+
+        y = fkt.WSPLogTransform(offset=spec["offset"], decades=spec["decades"]).apply(
+            np.asarray(x, np.float64)
+        )
+        return y.astype(np.float32) if x.dtype == np.float32 else y
+    if x.dtype == np.float32:
+        return _transform_object(spec).apply(x)
+    x = np.asarray(x, dtype=np.float64)
+    if kind == "arcsinh":
+        return np.arcsinh(x / spec["cofactor"])
+    if kind == "linear":
+        return (x + spec["A"]) / (spec["T"] + spec["A"])
+    if kind == "log":
         with np.errstate(divide="ignore", invalid="ignore"):
-            y = (1.0 / spec["M"]) * np.log10(x / spec["T"]) + 1.0
-    elif ttype == "fasinh":
+            return (1.0 / spec["M"]) * np.log10(x / spec["T"]) + 1.0
+    if kind == "fasinh":
         t, m, a = spec["T"], spec["M"], spec["A"]
-        pre = np.sinh(m * np.log(10)) / t
-        y = (np.arcsinh(x * pre) + a * np.log(10)) / ((m + a) * np.log(10))
-    elif ttype in ("logicle", "hyperlog"):
+        return (np.arcsinh(x * (np.sinh(m * np.log(10)) / t)) + a * np.log(10)) / ((m + a) * np.log(10))
+    if kind in ("logicle", "hyperlog"):
         from flowutils import transforms as fut
 
-        fn = fut.logicle if ttype == "logicle" else fut.hyperlog
-        y = fn(np.asarray(x, dtype=np.float64), None, t=spec["T"], m=spec["M"], w=spec["W"], a=spec["A"])
-        if x.dtype == np.float32:
-            y = y.astype(np.float32)
-    else:  # pragma: no cover - specs are validated on load
-        raise TransformError(f"unknown transform type {ttype!r}")
-    if scale != 1.0:
-        y = y * (y.dtype.type(scale) if hasattr(y, "dtype") else scale)
-    return y
+        fn = fut.logicle if kind == "logicle" else fut.hyperlog
+        y = fn(x, None, t=spec["T"], m=spec["M"], w=spec["W"], a=spec["A"])
+        scale = spec.get("scale", 1.0)
+        return y * scale if scale != 1.0 else y
+    # biex and anything else: the cytopipe.transforms object, in float64 via FlowKit where exact
+    return _transform_object(spec).to_flowkit().apply(x)
 
 
 # --------------------------------------------------------------------------------------------
 # compensation
 # --------------------------------------------------------------------------------------------
-def compensate_block(events: np.ndarray, cols: Sequence[int], spill: np.ndarray) -> np.ndarray:
+def compensate_block(events: np.ndarray, cols: Sequence[int], comp) -> np.ndarray:
     """Compensated detector channels, channel-major: row ``j`` is detector ``cols[j]``.
 
-    ``spill`` is the k x k spillover matrix (rows = sources, columns = detectors ``cols``).
-    Float64 events are solved as flowutils does (``solve(S.T, X.T)``). Float32 events are
-    multiplied by the inverse in one BLAS call over the whole event matrix (a zero-padded
-    p x k matrix avoids copying the detector columns out first); the result rows are
-    contiguous, which the transforms, gates and medians downstream read fastest.
+    ``comp`` is a :class:`cytopipe.compensation.Compensation` over those detectors. Float64
+    events are solved as flowutils does (``solve(S.T, X.T)``), for exact Gating-ML agreement.
+    Float32 events are multiplied by the float32 inverse (as ``Compensation.apply``) in one BLAS
+    call over the whole event matrix: a zero-padded p x k matrix avoids copying the detector
+    columns out first, and the rows of the result are contiguous, which the transforms, gates and
+    medians downstream read fastest.
     """
-    spill = np.asarray(spill, dtype=np.float64)
     # One BLAS thread: for this thin product threads only contend (measured 3-10x slower
     # with 2 threads on a busy 2-core machine).
     with single_thread():
         if events.dtype == np.float64:
-            return np.linalg.solve(spill.T, events[:, list(cols)].T)
+            return np.linalg.solve(np.asarray(comp.matrix).T, events[:, list(cols)].T)
         padded = np.zeros((events.shape[1], len(cols)), dtype=events.dtype)
-        padded[list(cols)] = np.linalg.inv(spill)
+        padded[list(cols)] = np.asarray(comp.inverse, dtype=events.dtype)
         return padded.T @ events.T
 
 

@@ -65,6 +65,10 @@ def _samples(args) -> list[tuple[Path, dict]]:
     rows: dict[Path, dict] = {}
     if manifest is not None:
         base = args.manifest.parent
+        if "control" in manifest.columns:  # compensation controls are not samples to gate
+            manifest = manifest[
+                manifest["control"].isna() | (manifest["control"].astype(str).str.strip() == "")
+            ]
         for r in manifest.to_dict("records"):
             path = Path(str(r["file"]))
             path = (base / path) if not path.is_absolute() else path

@@ -230,12 +230,16 @@ class PooledEstimates:
                 sel = rows[(rows["level"] == level) & (rows["group"] == str(group))]
                 if len(sel):
                     r = sel.iloc[0]
-                    return np.asarray(r["params"]), f"{level} {group} estimate (median of {r['n']} samples)"
+                    return np.asarray(r["params"]), f"{level} {group} estimate (median of {_n(r['n'])})"
         sel = rows[rows["level"] == "cohort"]
         if len(sel):
             r = sel.iloc[0]
-            return np.asarray(r["params"]), f"cohort estimate (median of {r['n']} samples)"
+            return np.asarray(r["params"]), f"cohort estimate (median of {_n(r['n'])})"
         return None
+
+
+def _n(k: int) -> str:
+    return f"{k} sample" if k == 1 else f"{k} samples"
 
 
 def pool_estimates(
@@ -345,10 +349,14 @@ class Engine:
         self.file = str(file) if file is not None else None
         self.panel = {**template.panel, **(mapping or {})}
         self.transform_specs = dict(template.transforms)
-        for marker, spec in (transforms or {}).items():
-            self.transform_specs[marker] = _compat.check_transform(
-                spec, {"marker": marker, "key": "transforms"}
+        # run-level (e.g. study-locked) transforms by marker or $PnN; a TransformSet works too
+        self.overrides = {
+            str(name): _compat.check_transform(
+                spec.to_dict() if hasattr(spec, "to_dict") else spec,
+                {"marker": str(name), "key": "transforms"},
             )
+            for name, spec in (transforms or {}).items()
+        }
         self.pnn = [str(v) for v in channels["pnn"]]
         self._col: dict[str, int] = {}  # name -> column
         self._resolved: dict[str, str] = {}  # marker -> $PnN from the panel
@@ -356,6 +364,7 @@ class Engine:
         self._values: dict[tuple, np.ndarray] = {}  # dimension over all events
         self._subset_values: dict[tuple, np.ndarray] = {}  # dimension inside one population
         self._fits: dict[tuple, tuple] = {}  # memoised fits
+        self.applied_transforms: dict[str, dict] = {}  # $PnN -> transform actually applied
         self._resolve_all()
 
     # ---- resolution ------------------------------------------------------------------------
@@ -432,46 +441,41 @@ class Engine:
         """``(column -> block index, compensated block)`` for a compensation key, or None."""
         if key in self._comp:
             return self._comp[key]
-        detectors, matrix = self._matrix(key)
-        if detectors is None:
+        comp = self._compensation(key)
+        if comp is None:
             self._comp[key] = None
             return None
-        cols = [self.pnn.index(d) for d in detectors]
-        block = _compat.compensate_block(self.events, cols, matrix)  # channel-major (k x n)
+        cols = [int(c) for c in comp.columns_in(self.pnn, self.file)]
+        block = _compat.compensate_block(self.events, cols, comp)  # channel-major (k x n)
         self._comp[key] = ({c: j for j, c in enumerate(cols)}, block)
-        self.applied_compensation = {"channels": list(detectors), "matrix": np.asarray(matrix).tolist()}
+        self.applied_compensation = comp.to_dict()
         return self._comp[key]
 
-    def _matrix(self, key: str):
+    def _compensation(self, key: str):
+        """The :class:`cytopipe.compensation.Compensation` behind a compensation key (None =
+        uncompensated); it validates the matrix (square, finite, invertible)."""
+        from cytopipe.compensation import Compensation
+
         if key in ("template", "FCS"):
             source = self.template.compensation if key == "template" else "file"
-            if source == "file":
-                sp = self.spillover
-                if sp is None:
-                    if key == "FCS":  # Gating-ML: 'FCS' without a spillover means uncompensated
-                        return None, None
-                    raise CompensationError(
-                        "the template asks for the file's spillover matrix (compensation: file) but the "
-                        "file has none; set `compensation: none` or give a CSV matrix",
-                        file=self.file,
-                    )
-                detectors, matrix = list(sp.channels), np.asarray(sp.matrix, dtype=np.float64)
-            else:
-                detectors, matrix = _load_matrix_csv(source)
-        else:
-            m = self.template.matrices.get(key)
-            if m is None:
-                raise CompensationError(f"unknown compensation matrix {key!r}", file=self.file)
-            detectors, matrix = list(m.detectors), m.matrix
-        missing = [d for d in detectors if d not in self.pnn]
-        if missing:
-            raise CompensationError(
-                f"compensation matrix channels {missing} are not in the file; channels are {self.pnn}",
-                file=self.file,
-            )
-        if abs(np.linalg.det(matrix)) < 1e-12:
-            raise CompensationError("the spillover matrix is singular and cannot be inverted", file=self.file)
-        return detectors, matrix
+            if source != "file":
+                return Compensation.from_csv(source)
+            if self.spillover is None:
+                if key == "FCS":  # Gating-ML: 'FCS' without a spillover means uncompensated
+                    return None
+                raise CompensationError(
+                    "the template asks for the file's spillover matrix (compensation: file) but the "
+                    "file has none; set `compensation: none` or give a CSV matrix",
+                    file=self.file,
+                )
+            try:
+                return Compensation.from_spillover(self.spillover)
+            except CompensationError as exc:
+                raise CompensationError(exc.message, **{**exc.context, "file": self.file}) from None
+        m = self.template.matrices.get(key)
+        if m is None:
+            raise CompensationError(f"unknown compensation matrix {key!r}", file=self.file)
+        return Compensation(m.matrix, tuple(m.detectors), source=f"template:{key}")
 
     def linear(self, col: int, comp_key: str | None) -> np.ndarray:
         """Channel ``col`` compensated with ``comp_key`` (a contiguous row of the compensated
@@ -505,7 +509,10 @@ class Engine:
             v = self.linear(self._col[dim.name], comp)
             if idx is not None:
                 v = v[idx]
-        return _compat.apply_transform(self._transform_spec(dim), v)
+        spec = self._transform_spec(dim)
+        if spec is not None and dim.ratio is None:
+            self.applied_transforms[self.pnn[self._col[dim.name]]] = dict(spec)
+        return _compat.apply_transform(spec, v)
 
     def values(self, dim: Dim, idx: np.ndarray | None = None, scope: str | None = None) -> np.ndarray:
         """Values of a dimension at events ``idx`` (None = all events).
@@ -531,11 +538,11 @@ class Engine:
     def _transform_spec(self, dim: Dim):
         if dim.transform is None:
             return None
-        if dim.transform in self.transform_specs and dim.transform != "default":
-            return self.transform_specs[dim.transform]
-        # a marker without its own transform: a run-level override for this marker wins
-        if dim.name in self.transform_specs:
-            return self.transform_specs[dim.name]
+        if self.overrides and dim.compensation == "template" and dim.ratio is None:
+            # template markers whose transform is set per study: the locked one wins
+            for key in (dim.name, self.pnn[self._col[dim.name]]):
+                if key in self.overrides:
+                    return self.overrides[key]
         return self.transform_specs.get(dim.transform)
 
     def gather(
@@ -602,20 +609,10 @@ class Engine:
         result._masks = {k: v for k, v in full_masks.items()}
         result.channel_of = {name: self.pnn[c] for name, c in self._col.items()}
         result.compensation = getattr(self, "applied_compensation", None)
-        keys = set(self._values) | {k for k, _ in self._subset_values}
-        result.transforms = {
-            self.pnn[key[0]]: self._transform_spec_for_key(key)
-            for key in keys
-            if key[0] != "ratio" and key[2] is not None
-        }
+        result.transforms = dict(self.applied_transforms)
         if medians:
             self._medians(result)
         return result
-
-    def _transform_spec_for_key(self, key) -> dict | None:
-        col, _, tkey = key
-        name = next((n for n, c in self._col.items() if c == col), None)
-        return self._transform_spec(Dim(name or "", transform=tkey))
 
     # ---- data-driven gates -----------------------------------------------------------------
     def _fit_gate(self, pop: Population, pidx, pooled, meta, flags, result):
@@ -676,6 +673,13 @@ class Engine:
             frac = float(inside.mean())
             lo, hi = g.fraction
             if not lo <= frac <= hi:
+                # the sample's own fit is implausible: keep it out of pooled estimates too
+                for rec in result.fits:
+                    if rec.population == pop.name and rec.status == "ok":
+                        rec.status = "failed"
+                        rec.reason = (
+                            f"the fitted gate keeps {frac:.1%} of the parent, outside [{lo:.0%}, {hi:.0%}]"
+                        )
                 refs = {s: fallback[s] for s in chosen}
                 if all(refs[s] is not None for s in chosen if used_own[s]):
                     fitters = dict(g.fit_items())
@@ -786,30 +790,3 @@ def _all_dims(g: Gate) -> list[Dim]:
         for _, f in g.fit_items():
             dims += [d for d in f.dims if d not in dims]
     return dims
-
-
-def _load_matrix_csv(path: str) -> tuple[list[str], np.ndarray]:
-    """A spillover matrix CSV as FlowJo/FlowKit write it (header row of channel names,
-    optionally a first column of names)."""
-    try:
-        from cytopipe.compensation import read_matrix_csv  # type: ignore[attr-defined]
-    except ImportError:
-        read_matrix_csv = None
-    if read_matrix_csv is not None:
-        m = read_matrix_csv(path)
-        return list(m.channels), np.asarray(m.matrix, dtype=np.float64)
-    try:
-        df = pd.read_csv(path)
-    except (OSError, ValueError) as exc:
-        raise CompensationError(f"cannot read the compensation CSV: {exc}", file=path) from None
-    if df.shape[1] == df.shape[0] + 1:  # first column holds row names
-        df = df.iloc[:, 1:]
-    if df.shape[0] != df.shape[1]:
-        raise CompensationError(
-            f"the compensation CSV is {df.shape[0]} x {df.shape[1]}, not square", file=path
-        )
-    try:
-        matrix = df.to_numpy(dtype=np.float64)
-    except ValueError:
-        raise CompensationError("the compensation CSV has non-numeric entries", file=path) from None
-    return [str(c).strip() for c in df.columns], matrix

@@ -57,16 +57,24 @@ def gatingml_ids(names) -> dict[str, str]:
 
 def gatingml_transform(spec: dict | None) -> tuple[str | None, dict, float]:
     """(Gating-ML element name, its parameters, factor to divide coordinates by)."""
-    if spec is None or spec["type"] == "linear":
-        scale = 1.0 if spec is None else spec.get("scale", 1.0)
-        return None, {}, scale
-    scale = spec.get("scale", 1.0)
+    if spec is None or spec["type"] == "identity":
+        return None, {}, 1.0
     t = spec["type"]
+    scale = spec.get("scale", 1.0)
     if t == "arcsinh":
         c = spec["cofactor"]
-        return "fasinh", {"T": c * math.sinh(1.0), "M": 1.0 / math.log(10.0), "A": 0.0}, scale
-    params = {"flin": ("T", "A"), "flog": ("T", "M"), "fasinh": ("T", "M", "A")}.get(t, ("T", "W", "M", "A"))
-    return t, {p: spec[p] for p in params}, scale
+        return "fasinh", {"T": c * math.sinh(1.0), "M": 1.0 / math.log(10.0), "A": 0.0}, 1.0
+    if t == "linear":
+        return "flin", {"T": spec["T"], "A": spec["A"]}, 1.0
+    if t == "log":
+        return "flog", {"T": spec["T"], "M": spec["M"]}, 1.0
+    if t == "fasinh":
+        return "fasinh", {p: spec[p] for p in ("T", "M", "A")}, 1.0
+    if t in ("logicle", "hyperlog"):
+        return t, {p: spec[p] for p in ("T", "W", "M", "A")}, scale
+    raise GatingMLError(
+        f"the {t} transform has no Gating-ML 2.0 equivalent; use logicle or arcsinh to export"
+    )
 
 
 def write_gatingml(result: GatingResult, path: str | Path) -> Path:

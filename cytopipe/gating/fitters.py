@@ -28,6 +28,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 
 from cytopipe.gating.gates import Dim, EllipsoidGate, Gate, PolygonGate, RectangleGate
@@ -115,11 +116,12 @@ class Fitter:
 
 
 def subsample_index(n: int, n_max: int | None, rng: np.random.Generator) -> np.ndarray | None:
-    """Sorted positions of a seeded random subsample (with replacement) of ``n_max`` out of
-    ``n``; None when no subsampling is needed. Drawing with replacement is O(n_max)."""
+    """Positions of a seeded random subsample (with replacement) of ``n_max`` out of ``n``;
+    None when no subsampling is needed. Drawing with replacement is O(n_max); the positions
+    are not sorted (the fits do not care about order)."""
     if n_max is None or n <= n_max:
         return None
-    return np.sort(rng.integers(0, n, size=n_max))
+    return rng.integers(0, n, size=n_max)
 
 
 def _subsample(x: np.ndarray, n_max: int, rng: np.random.Generator) -> np.ndarray:
@@ -139,13 +141,12 @@ def density(x: np.ndarray, bandwidth: float | None = None, bins: int = 512):
     Silverman's rule on a robust spread, with n capped at 20 000 so large samples are not
     under-smoothed into noise.
     """
-    lo, hi = np.quantile(x, [0.001, 0.999])
+    lo, q25, q75, hi = np.quantile(x, [0.001, 0.25, 0.75, 0.999])  # one partition pass
     pad = 0.1 * (hi - lo) if hi > lo else 1.0
     lo, hi = lo - pad, hi + pad
     counts = np.histogram(x, bins=bins, range=(lo, hi))[0].astype(np.float64)
     width = (hi - lo) / bins
     if bandwidth is None:
-        q25, q75 = np.quantile(x, [0.25, 0.75])
         s = min(np.std(x), (q75 - q25) / 1.349) or np.std(x) or width
         bandwidth = 0.9 * s * min(len(x), 20_000) ** (-0.2)
     sigma = max(bandwidth / width, 1.0)
@@ -215,10 +216,11 @@ class ValleyFitter(ThresholdFitter):
             a -= 1
         while b + 1 < right[0] and dens[b + 1] <= level:
             b += 1
-        t = 0.5 * (centers[a] + centers[b])
-        if not lo <= t <= hi:
-            raise FitFailure(f"the valley at {t:.3g} lies outside the search range [{lo}, {hi}]")
-        return np.array([t])
+        # the middle of the flat bottom, or of its part inside the search range
+        a, b = max(a, window[0]), min(b, window[-1])
+        if a > b:
+            raise FitFailure(f"the valley lies outside the search range [{lo}, {hi}]")
+        return np.array([0.5 * (centers[a] + centers[b])])
 
 
 def _half_sd(d: np.ndarray) -> float:
@@ -398,7 +400,7 @@ class DensestClusterFitter(MixtureFitter):
         x = x[np.isfinite(x).all(axis=1)]
         if len(x) < self.bounds.min_events:
             raise FitFailure(f"only {len(x)} events in the parent (need >= {self.bounds.min_events})")
-        xs = _subsample(x, self.options.get("max_events", DEFAULT_MAX_EVENTS), rng)
+        xs = _subsample(x, self.options.get("max_events", 10_000), rng)
         box = []
         for j in range(x.shape[1]):
             lo, hi = self.bounds.center[j] if self.bounds.center is not None else (None, None)
@@ -418,10 +420,33 @@ class DensestClusterFitter(MixtureFitter):
 
     @property
     def events_needed(self) -> int | None:
-        return self.options.get("max_events", DEFAULT_MAX_EVENTS)
+        return self.options.get("max_events", 10_000)
 
 
-def refine_core(x: np.ndarray, mean: np.ndarray, cov: np.ndarray, trim: float, iterations: int = 10):
+@numba.njit(cache=True, nogil=True)
+def _core_moments_2d(x, mean, inv, c2):
+    """Count, sum and cross-product sum of the events within Mahalanobis^2 ``c2``."""
+    n = 0
+    s1 = np.zeros(2)
+    s2 = np.zeros((2, 2))
+    for i in range(x.shape[0]):
+        u = x[i, 0] - mean[0]
+        v = x[i, 1] - mean[1]
+        if (u * inv[0, 0] + v * inv[1, 0]) * u + (u * inv[0, 1] + v * inv[1, 1]) * v <= c2:
+            n += 1
+            a, b = x[i, 0], x[i, 1]
+            s1[0] += a
+            s1[1] += b
+            s2[0, 0] += a * a
+            s2[0, 1] += a * b
+            s2[1, 1] += b * b
+    s2[1, 0] = s2[0, 1]
+    return n, s1, s2
+
+
+def refine_core(
+    x: np.ndarray, mean: np.ndarray, cov: np.ndarray, trim: float, iterations: int = 10, tol: float = 1e-3
+):
     """Re-estimate a Gaussian cluster from its core: the events within Mahalanobis distance
     ``trim`` of the current estimate, with the chi-square consistency factor that undoes the
     trimming (as in MCD estimators). Neighbouring clusters and a mixture component that split
@@ -431,21 +456,26 @@ def refine_core(x: np.ndarray, mean: np.ndarray, cov: np.ndarray, trim: float, i
     k = x.shape[1]
     c2 = trim * trim
     factor = chi2.cdf(c2, k) / chi2.cdf(c2, k + 2)
+    xc = np.ascontiguousarray(x, dtype=np.float64)
     for _ in range(iterations):
-        d = x - mean
         inv = np.linalg.inv(cov)
-        core = x[np.einsum("ij,jk,ik->i", d, inv, d) <= c2]
-        if len(core) < 10 * k:
-            raise FitFailure(f"only {len(core)} events in the core of the selected cluster")
-        new_mean = core.mean(axis=0)
-        new_cov = np.cov(core, rowvar=False) * factor
+        if k == 2:
+            n, s1, s2 = _core_moments_2d(xc, mean, inv, c2)
+        else:
+            d = xc - mean
+            core = xc[((d @ inv) * d).sum(axis=1) <= c2]
+            n, s1, s2 = len(core), core.sum(axis=0), core.T @ core
+        if n < 10 * k:
+            raise FitFailure(f"only {n} events in the core of the selected cluster")
+        new_mean = s1 / n
+        new_cov = (s2 - n * np.outer(new_mean, new_mean)) / (n - 1) * factor
         scale = np.sqrt(np.diag(new_cov))
         moved = max(
             np.abs(new_mean - mean).max() / scale.max(),
             np.abs(np.sqrt(np.diag(cov)) / scale - 1).max(),
         )
         mean, cov = new_mean, new_cov
-        if moved < 1e-4:
+        if moved < tol:
             break
     return mean, cov
 

@@ -100,8 +100,12 @@ class RectangleGate(Gate):
         self.style = style
 
     def contains(self, values: Sequence[np.ndarray]) -> np.ndarray:
+        # bounds as float64 scalars: a Python float next to a float32 array would be rounded to
+        # float32 first (NEP 50), moving the bound; float32 values widen to float64 exactly
         inside = None
         for x, lo, hi in zip(values, self.lower, self.upper):
+            lo = None if lo is None else np.float64(lo)
+            hi = None if hi is None else np.float64(hi)
             for cond in (None if lo is None else x >= lo, None if hi is None else x < hi):
                 if cond is None:
                     continue

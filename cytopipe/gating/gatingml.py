@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cytopipe.errors import GatingMLError, TemplateError
+from cytopipe.gating._compat import check_transform
 from cytopipe.gating.gates import BooleanGate, Dim, EllipsoidGate, Operand, PolygonGate, Ratio, RectangleGate
 from cytopipe.gating.template import ROOT, Matrix, Population, Template
 
@@ -103,10 +104,8 @@ def _read(root, path: Path) -> Template:
                 raise GatingMLError(f"fratio {tid!r} needs two fcs-dimensions")
             ratios[tid] = Ratio(dims[0], dims[1], *(_float(child, T, p, True) for p in ("A", "B", "C")))
         elif kind in _TRANSFORM_PARAMS:
-            transforms[tid] = {
-                "type": kind,
-                **{p: _float(child, T, p, True) for p in _TRANSFORM_PARAMS[kind]},
-            }
+            spec = {"type": kind, **{p: _float(child, T, p, True) for p in _TRANSFORM_PARAMS[kind]}}
+            transforms[tid] = check_transform(spec, {"key": f"transformation {tid}"})
         else:
             raise GatingMLError(f"transformation {tid!r}: unsupported type {kind!r}")
 

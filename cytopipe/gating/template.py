@@ -185,7 +185,8 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 def load_template(path_or_mapping: str | Path | Mapping) -> Template:
     """Read and validate a gating template (a YAML file, or an already-parsed mapping).
 
-    Gating-ML 2.0 files (``.xml``) are imported as fixed-gate templates.
+    Gating-ML 2.0 files (``.xml``) and FlowJo 10 workspaces (``.wsp``, the first sample's
+    gates) are imported as fixed-gate templates.
     """
     if isinstance(path_or_mapping, Mapping):
         return parse_template(path_or_mapping)
@@ -196,6 +197,10 @@ def load_template(path_or_mapping: str | Path | Mapping) -> Template:
         from cytopipe.gating.gatingml import read_gatingml
 
         return read_gatingml(path)
+    if path.suffix.lower() == ".wsp":
+        from cytopipe.gating.flowjo import read_flowjo_workspace
+
+        return read_flowjo_workspace(path)
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except TemplateError as exc:

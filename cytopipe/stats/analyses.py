@@ -50,6 +50,23 @@ def _population_meta(dyn: pd.DataFrame) -> dict[str, object]:
     return {p: (None if pd.isna(v) else v) for p, v in parents.items()}
 
 
+def _mwu_vs_reference(common: dict, x: np.ndarray, ref: np.ndarray, s: StatsSettings, too_few: str) -> dict:
+    """One Mann-Whitney row of an active arm vs the reference arm (or a NaN row saying why not)."""
+    if len(x) < s.min_group_size or len(ref) < s.min_group_size:
+        return row(**common, method="Mann-Whitney U", note=f"{too_few} (need {s.min_group_size} per arm)")
+    r = mann_whitney(x, ref, alpha=s.alpha, method=s.mann_whitney_method)
+    return row(
+        **common,
+        estimate=r.estimate,
+        ci_low=r.ci_low,
+        ci_high=r.ci_high,
+        statistic=r.statistic,
+        p=r.p,
+        method=r.method,
+        note=r.note,
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # arm comparisons at each visit
 # ------------------------------------------------------------------------------------------------
@@ -92,28 +109,7 @@ def arm_visit_tests(
                 n=len(x) + len(ref),
                 n_detail=_n_detail({a: len(x), s.reference_arm: len(ref)}),
             )
-            if len(x) < s.min_group_size or len(ref) < s.min_group_size:
-                rows.append(
-                    row(
-                        **common,
-                        method="Mann-Whitney U",
-                        note=f"too few patients (need {s.min_group_size} per arm)",
-                    )
-                )
-                continue
-            r = mann_whitney(x, ref, alpha=s.alpha, method=s.mann_whitney_method)
-            rows.append(
-                row(
-                    **common,
-                    estimate=r.estimate,
-                    ci_low=r.ci_low,
-                    ci_high=r.ci_high,
-                    statistic=r.statistic,
-                    p=r.p,
-                    method=r.method,
-                    note=r.note,
-                )
-            )
+            rows.append(_mwu_vs_reference(common, x, ref, s, "too few patients"))
     return rows
 
 
@@ -212,28 +208,7 @@ def auc_tests(
                     n=len(x) + len(ref),
                     n_detail=_n_detail({a: len(x), s.reference_arm: len(ref)}),
                 )
-                if len(x) < s.min_group_size or len(ref) < s.min_group_size:
-                    rows.append(
-                        row(
-                            **common,
-                            method="Mann-Whitney U",
-                            note=f"too few patients with this window (need {s.min_group_size} per arm)",
-                        )
-                    )
-                    continue
-                r = mann_whitney(x, ref, alpha=s.alpha, method=s.mann_whitney_method)
-                rows.append(
-                    row(
-                        **common,
-                        estimate=r.estimate,
-                        ci_low=r.ci_low,
-                        ci_high=r.ci_high,
-                        statistic=r.statistic,
-                        p=r.p,
-                        method=r.method,
-                        note=r.note,
-                    )
-                )
+                rows.append(_mwu_vs_reference(common, x, ref, s, "too few patients with this window"))
     rows += dose_trend_tests(
         auc, measure, arms, reason, s, family="auc_dose_trend", outcome=outcome, by="window"
     )
