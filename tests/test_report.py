@@ -115,26 +115,37 @@ def test_run_summary_shows_failures_flags_and_events(report):
     assert len(flags) == sum(f.count("; gate ") + 1 for f in flagged["flags"])
 
 
-def test_gallery_orders_flagged_then_outlying_gates_first(report):
+def test_gallery_orders_flagged_then_outlying_gates_first(report, tmp_path):
     run, _, html = report
     review = pd.read_csv(run / "report_tables" / "gate_review.csv")
     ps = pd.read_parquet(run / "population_stats.parquet")
     assert len(review) == len(ps)  # one row per sample x gate
-    # the Live gate (viability valley) falls back to the pooled default in some samples: flagged
-    live = review[review["population"] == "Live"]
-    assert live["flagged"].any()
-    section = html[html.index('<h3 id="gate-live">') :]
-    caption = re.search(r"<figcaption>([^<]+)</figcaption>", section).group(1)
-    n_flag = int(re.search(r"(\d+) flagged", caption).group(1))
-    assert n_flag == int(live["flagged"].sum())
-    png = embedded_pngs(html)["gate-live-0"]
+    flagged = pd.read_parquet(run / "samples.parquet").query("status == 'flagged'")
+    assert set(review.loc[review["flagged"], "sample_id"]) == set(flagged["sample_id"])
+    # make one CD4 T gate flagged and another one's CD4 threshold an outlier, then look at the gallery
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    gr = pd.read_parquet(copy / "gate_review.parquet")
+    cd4 = gr["population"] == "CD4 T"
+    gr.loc[cd4 & (gr["sample_id"] == "P002_W04"), "flags"] = "CD4 T: test flag"
+    moved = gr.index[cd4 & (gr["sample_id"] == "P007_W12")][0]
+    gr.at[moved, "params"] = np.asarray(gr.at[moved, "params"]) + [1.5, 0.0]
+    gr.to_parquet(copy / "gate_review.parquet")
+    html = write_report(copy, max_gallery=12).read_text(encoding="utf-8")
+    out = pd.read_csv(copy / "report_tables" / "gate_review.csv").query("population == 'CD4 T'")
+    out = out.set_index("sample_id")
+    assert out.loc["P002_W04", "flagged"] and out["flagged"].sum() == 1
+    assert out.loc["P007_W12", "outlier"] and "CD4 >=" in out.loc["P007_W12", "reasons"]
+    assert "vs the patient's other visits" in out.loc["P007_W12", "reasons"]
+    png = embedded_pngs(html)["gate-cd4-t-0"]
     description = next(t for t in png_texts(png) if t.startswith("Description "))
     titles = [line for line in description.splitlines() if re.match(r"P\d{3}_W\d{2} ", line)]
-    marked = [t for t in titles if t.endswith("(flag)") or "(z " in t]
-    # flagged panels come first, then outliers, then the rest
-    assert titles[: len(marked)] == marked
-    assert sum(t.endswith("(flag)") for t in titles) == n_flag
-    assert all(t.endswith("(flag)") for t in titles[:n_flag])
+    assert len(titles) == 12  # max_gallery
+    assert titles[0].startswith("P002_W04") and titles[0].endswith("(flag)")
+    assert titles[1].startswith("P007_W12") and "(z " in titles[1]
+    assert not any("(flag)" in t or "(z " in t for t in titles[2:])
+    caption = re.search(r'<h3 id="gate-cd4-t">.*?<figcaption>([^<]+)</figcaption>', html, re.S).group(1)
+    assert "1 flagged, 1 outlying" in caption and "Showing 12 of 31 samples" in caption
 
 
 def test_dynamics_tables_carry_wilson_intervals(report):

@@ -133,10 +133,12 @@ class _DimValues:
         c = self.col[pnn]
         if compensated and self.comp and pnn in self.comp["channels"]:
             if self._block is None:
+                from cytopipe.compensation import Compensation
                 from cytopipe.gating._compat import compensate_block
 
-                cols = [self.col[ch] for ch in self.comp["channels"]]
-                block = compensate_block(self.events, cols, np.asarray(self.comp["matrix"], dtype=np.float64))
+                comp = Compensation.from_dict(self.comp)
+                cols = [self.col[ch] for ch in comp.channels]
+                block = compensate_block(self.events, cols, comp)
                 self._block = ({col: j for j, col in enumerate(cols)}, block)
             where, block = self._block
             return block[where[c]]
@@ -174,12 +176,15 @@ class _DimValues:
 
 
 def _scale_label(spec: Mapping | None) -> str:
-    if spec is None or spec.get("type") == "linear":
+    """How an axis is scaled, for people: ``linear``, ``arcsinh(x/150)``, ``logicle(T=262144, ...)``."""
+    if spec is None or spec.get("type") in ("identity", None):
         return "linear"
     kind = spec["type"]
     if kind == "arcsinh":
-        return f"arcsinh(x/{spec['cofactor']:g})"
-    params = ", ".join(f"{k}={v:g}" for k, v in spec.items() if k != "type")
+        return f"arcsinh(x/{float(spec['cofactor']):g})"
+    params = ", ".join(
+        f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in spec.items() if k != "type"
+    )
     return f"{kind}({params})"
 
 
