@@ -23,9 +23,8 @@ def build_report(
     max_gallery: int = 36,
 ) -> Path:
     """See :func:`cytopipe.report.write_report`."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)  # figures are drawn on Agg canvases; never open a window
+    # Figures are matplotlib Figure objects drawn on their own Agg canvas (no pyplot): nothing opens a
+    # window, nothing stays registered, and the caller's matplotlib backend is left alone.
     from cytopipe.report import html as H
     from cytopipe.report.blinding import find_leaks
     from cytopipe.report.data import load_run

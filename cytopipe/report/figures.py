@@ -453,6 +453,16 @@ def _dodge(arms: Sequence[str], visits: Sequence[int]) -> dict[str, float]:
     return {a: (i - mid) * step for i, a in enumerate(arms)}
 
 
+def _visit_axis(ax: Axes, visits: Sequence[int], bottom: bool) -> None:
+    """Visits as x ticks; their labels and the axis name only on the lowest panel of a column
+    (every panel of a grid shares the visits)."""
+    ax.set_xticks(visits)
+    if bottom:
+        ax.set_xlabel("week")
+    else:
+        ax.tick_params(labelbottom=False)
+
+
 def _span(visits: Sequence[int]) -> float:
     return float(max(visits) - min(visits)) if len(visits) > 1 else 1.0
 
@@ -537,11 +547,8 @@ def dynamics_figure(
                 lows.append(np.nanmin(sa["mean"] - lo))
                 highs.append(np.nanmax(sa["mean"] + hi))
         parent = d["parent"].iloc[0] if "parent" in d.columns else ""
-        ax.set_title(pop)
-        ax.set_ylabel(f"% of {parent}" if parent and parent != "root" else "% of events")
-        ax.set_xticks(visits)
-        if i >= len(populations) - ncols:
-            ax.set_xlabel("week")
+        ax.set_title(f"{pop} · % of {parent if parent and parent != 'root' else 'events'}")
+        _visit_axis(ax, visits, bottom=i >= len(populations) - ncols)
         _set_ylim(ax, lows, highs, floor=0.0)
         ax.set_xlim(visits[0] - 0.06 * _span(visits), visits[-1] + 0.06 * _span(visits))
         ax.grid(alpha=0.2)
@@ -581,10 +588,9 @@ def change_figure(
             lows.append(np.nanmin(m - lo))
             highs.append(np.nanmax(m + hi))
         ax.set_title(populations[i])
-        ax.set_ylabel(f"change from wk {baseline_visit} (pp)")
-        ax.set_xticks(visits)
-        if i >= len(populations) - ncols:
-            ax.set_xlabel("week")
+        if i % ncols == 0:
+            ax.set_ylabel(f"change from wk {baseline_visit} (pp)")
+        _visit_axis(ax, visits, bottom=i >= len(populations) - ncols)
         _set_ylim(ax, lows, highs)
         ax.set_xlim(visits[0] - 0.06 * _span(visits), visits[-1] + 0.06 * _span(visits))
         ax.grid(alpha=0.2)
