@@ -189,7 +189,9 @@ def qc_events_figure(samples: pd.DataFrame) -> Figure:
         y = kept[sel].to_numpy()
         y = np.where(np.isfinite(y), y, 0.0)  # failed files have no events after QC: drawn at 0
         x = before[sel].to_numpy()
-        ax.scatter(x, y, s=18, color=color, label=f"{status} ({int(sel.sum())})", edgecolor="white", lw=0.4)
+        unread = int((~np.isfinite(x)).sum())  # e.g. a damaged file: its size in events is unknown
+        label = f"{status} ({int(sel.sum())}" + (f", {unread} unreadable, not drawn)" if unread else ")")
+        ax.scatter(x, y, s=18, color=color, label=label, edgecolor="white", lw=0.4)
     ax.set_xlabel("events in the file (before QC)")
     ax.set_ylabel("% of events kept by QC")
     top = np.nanmax(kept.to_numpy()) if np.isfinite(kept.to_numpy()).any() else 100
