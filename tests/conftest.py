@@ -51,3 +51,24 @@ def sim_run(sim_trial, tmp_path_factory) -> Path:
     from tests.pipeline_support import reference_run
 
     return reference_run(sim_trial, tmp_path_factory.mktemp("ref") / "run")
+
+
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory) -> Path:
+    """A run folder of the committed sample trial, gated with the real engine and template (one
+    sample recorded as failed), laid out as `cytopipe run` writes it (see tests/report_support.py)."""
+    from tests.report_support import build_gated_run
+
+    return build_gated_run(SAMPLE_DATA, tmp_path_factory.mktemp("sample_run") / "run", fail=["P005_W12"])
+
+
+@pytest.fixture(scope="session")
+def sample_report(sample_run, tmp_path_factory) -> tuple[Path, Path]:
+    """(run folder, report.html) of the sample trial: the report written into a copy of the run."""
+    import shutil
+
+    from cytopipe.report import write_report
+
+    run = tmp_path_factory.mktemp("sample_report") / "run"
+    shutil.copytree(sample_run, run)
+    return run, write_report(run)

@@ -1,0 +1,104 @@
+"""Reports of a run folder: one offline ``report.html`` with embedded figures, and its tables as CSV.
+
+::
+
+    cytopipe report RUN_DIR                 # RUN_DIR/report.html + RUN_DIR/report_tables/*.csv
+    cytopipe report RUN_DIR --blinded       # arm names replaced by codes everywhere
+
+    from cytopipe.report import write_report
+    write_report("runs/sle_il2")            # what `cytopipe run` calls at its end
+
+Sections: overview, run summary and QC, gate review gallery, dynamics, clinical endpoints,
+correlations with clinical change, model tables, clusters (when the run has them), tables and
+methods. What each shows and how to read it: docs/reports.md. The gate-review data the gallery
+draws is computed per sample by :func:`cytopipe.report.gate_review.gate_review_data`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cytopipe.report.gate_review import (
+    GATE_REVIEW_FILE,
+    gate_outliers,
+    gate_review_data,
+    read_gate_review,
+    write_gate_review,
+)
+
+__all__ = [
+    "GATE_REVIEW_FILE",
+    "add_arguments",
+    "gate_outliers",
+    "gate_review_data",
+    "read_gate_review",
+    "run",
+    "write_gate_review",
+    "write_report",
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder written by `cytopipe run`")
+    parser.add_argument(
+        "--blinded",
+        action="store_true",
+        help="replace arm names by codes (Arm A, Arm B, ...) in every figure, table and file of the report",
+    )
+    parser.add_argument(
+        "--blind-key",
+        metavar="FILE",
+        help="with --blinded: CSV (columns arm,code) or JSON {arm: code} giving the codes, so they stay the "
+        "same from one report to the next; keep it outside the run folder",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="FILE",
+        help="where to write the report (default RUN_DIR/report.html); its CSV tables go to a folder "
+        "beside it named <name>_tables",
+    )
+    parser.add_argument(
+        "--clinical",
+        metavar="CSV",
+        help="clinical table to use (default: the one named in the run's workflow)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    path = write_report(
+        args.run_dir,
+        blinded=args.blinded,
+        out=args.out,
+        blind_key=getattr(args, "blind_key", None),
+        clinical=getattr(args, "clinical", None),
+    )
+    print(f"report written: {path}")
+    return 0
+
+
+def write_report(
+    run_dir: str | Path,
+    blinded: bool = False,
+    out: str | Path | None = None,
+    *,
+    blind_key: Mapping[str, str] | str | Path | None = None,
+    clinical: Any = None,
+    max_gallery: int = 36,
+) -> Path:
+    """Write the report of a run folder; returns the path of the HTML file.
+
+    ``out`` defaults to ``RUN_DIR/report.html``; the CSV tables go to ``<out stem>_tables/`` beside
+    it (``RUN_DIR/report_tables/``), replacing the CSV files a previous report left there.
+    ``blinded`` replaces every arm name by a code (``blind_key`` fixes the codes); the report is
+    checked for any arm name before anything is written (:class:`~cytopipe.errors.ReportError`
+    if one would leak). ``clinical``: a clinical CSV path or table instead of the run's.
+    ``max_gallery``: samples shown per gate in the gallery (flagged and outlying first).
+    """
+    from cytopipe.report.build import build_report
+
+    return build_report(
+        run_dir, blinded=blinded, out=out, blind_key=blind_key, clinical=clinical, max_gallery=max_gallery
+    )

@@ -1,0 +1,217 @@
+"""Everything a report reads from a run folder, loaded once (and blinded once, when asked).
+
+A run folder (ARCHITECTURE.md) holds ``population_stats.parquet`` (required), and optionally
+``samples.parquet``, ``run.json``, ``statistics.parquet``, ``gate_review.parquet`` and
+``clusters.parquet``. The clinical table is the one named in ``run.json`` (the workflow's
+``clinical``) unless another is given. When ``statistics.parquet`` is absent the report computes
+the statistics with :func:`cytopipe.stats.run_statistics` and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cytopipe.errors import CytopipeError, ReportError
+from cytopipe.report.blinding import arm_codes, blind_frame
+
+# settings of the workflow's `statistics:` section that StatsSettings understands
+_STATS_KEYS = ("populations", "baseline_visit", "reference_arm", "alpha")
+
+
+@dataclass
+class RunData:
+    """The tables of one run, ready for the report (blinded if ``codes`` is set)."""
+
+    run_dir: Path
+    info: dict[str, Any]
+    study: str
+    population_stats: pd.DataFrame
+    samples: pd.DataFrame | None = None
+    statistics: pd.DataFrame | None = None
+    clinical: pd.DataFrame | None = None
+    endpoints: pd.DataFrame | None = None
+    gate_review: pd.DataFrame | None = None
+    clusters: pd.DataFrame | None = None
+    arms: list[str] = field(default_factory=list)  # display order (dose order when known)
+    reference_arm: str | None = None
+    dose_ordered: bool = False
+    codes: dict[str, str] | None = None  # arm -> code when blinded
+    notes: list[str] = field(default_factory=list)  # what the report did on its own (shown)
+    clinical_error: str = ""
+    baseline_visit: int = 0
+    folder_name: str = ""  # the run folder's name, as shown
+
+    @property
+    def blinded(self) -> bool:
+        return self.codes is not None
+
+    @property
+    def populations(self) -> list[str]:
+        """Populations in template order (their order in the first sample)."""
+        return list(dict.fromkeys(self.population_stats["population"]))
+
+
+def _read_parquet(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # a damaged table: name it and say what to do
+        raise ReportError(f"cannot read {path.name} ({exc}); rerun `cytopipe run`", file=path) from None
+
+
+def load_run(
+    run_dir: str | Path,
+    *,
+    blinded: bool = False,
+    blind_key: Mapping[str, str] | str | Path | None = None,
+    clinical: str | Path | pd.DataFrame | None = None,
+    statistics: pd.DataFrame | None = None,
+) -> RunData:
+    """Read a run folder for the report. See the module docstring for what is read."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError("run folder not found; give the --out folder of `cytopipe run`", file=run_dir)
+    ps = _read_parquet(run_dir / "population_stats.parquet")
+    if ps is None:
+        raise ReportError(
+            "no population_stats.parquet: this is not a finished cytopipe run folder "
+            "(run `cytopipe run` to completion first)",
+            file=run_dir,
+        )
+    info: dict[str, Any] = {}
+    if (run_dir / "run.json").is_file():
+        try:
+            info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ReportError(f"run.json is damaged ({exc}); rerun `cytopipe run`", file=run_dir) from None
+    workflow = info.get("workflow") or {}
+    data = RunData(
+        run_dir=run_dir,
+        info=info,
+        study=str(info.get("study") or workflow.get("study") or run_dir.name),
+        population_stats=ps,
+        folder_name=run_dir.resolve().name,
+        samples=_read_parquet(run_dir / "samples.parquet"),
+        clusters=_read_parquet(run_dir / "clusters.parquet"),
+    )
+    from cytopipe.report.gate_review import read_gate_review
+
+    data.gate_review = read_gate_review(run_dir)
+    stats_settings = {k: workflow["statistics"][k] for k in _STATS_KEYS if (workflow.get("statistics") or {}).get(k) is not None}  # fmt: skip
+    data.baseline_visit = int(stats_settings.get("baseline_visit", 0))
+    _load_clinical(data, clinical, workflow)
+    _arm_order(data, stats_settings)
+    codes = (
+        arm_codes(data.arms, blind_key, secret=_secret(data)) if blinded else None
+    )  # fail fast on a bad key
+    if statistics is not None:
+        data.statistics = statistics
+    else:
+        data.statistics = _read_parquet(run_dir / "statistics.parquet")
+        if data.statistics is None:
+            _compute_statistics(data, stats_settings)
+    if codes is not None:
+        _blind(data, codes)
+    return data
+
+
+def _load_clinical(data: RunData, clinical: Any, workflow: Mapping[str, Any]) -> None:
+    from cytopipe.clinical import derive_endpoints, load_clinical, validate_clinical
+
+    source = clinical if clinical is not None else workflow.get("clinical")
+    if source is None:
+        return
+    try:
+        if isinstance(source, pd.DataFrame):
+            table = validate_clinical(source, baseline_visit=data.baseline_visit)
+        else:
+            path = Path(source)
+            if not path.is_file():
+                data.clinical_error = f"the clinical table {path} named by the run is not there"
+                return
+            table = load_clinical(path, baseline_visit=data.baseline_visit)
+        data.clinical = table
+        data.endpoints = derive_endpoints(table, {"baseline_visit": data.baseline_visit})
+    except CytopipeError as exc:
+        data.clinical_error = str(exc)
+        data.clinical = None
+        data.endpoints = None
+
+
+def _compute_statistics(data: RunData, settings: Mapping[str, Any]) -> None:
+    from cytopipe.stats import run_statistics
+
+    ps = data.population_stats
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fit warnings are recorded in the table's notes
+            data.statistics = run_statistics(ps, data.clinical, dict(settings))
+        what = "with" if data.clinical is not None else "without"
+        data.notes.append(
+            f"statistics.parquet was not in the run folder: the report computed the statistics itself "
+            f"(cytopipe.stats.run_statistics, default settings, {what} the clinical table)."
+        )
+    except CytopipeError as exc:
+        if data.clinical is not None:  # e.g. the clinical table disagrees with the flow data
+            data.clinical_error = data.clinical_error or str(exc)
+            data.clinical, data.endpoints = None, None
+            _compute_statistics(data, settings)
+            return
+        data.notes.append(f"statistics could not be computed: {exc}")
+
+
+def _arm_order(data: RunData, settings: Mapping[str, Any]) -> None:
+    from cytopipe.stats import StatsSettings, arm_order
+
+    arms = [a for a in dict.fromkeys(data.population_stats["arm"].dropna().astype(str)) if a]
+    if data.clinical is not None:
+        arms += [a for a in dict.fromkeys(data.clinical["arm"].astype(str)) if a and a not in arms]
+    s = StatsSettings.from_any({k: v for k, v in settings.items() if k == "reference_arm"})
+    order, _ = arm_order(arms, s)
+    data.reference_arm = s.reference_arm if s.reference_arm in arms else None
+    data.dose_ordered = order is not None
+    data.arms = order if order is not None else sorted(arms)
+
+
+def _secret(data: RunData) -> bytes | None:
+    """The seed of the blinding permutation: the run's file hashes (never shown in reports)."""
+    s = data.samples
+    if s is None or "sha256" not in s.columns:
+        return None
+    hashes = sorted(str(h) for h in s["sha256"].dropna() if str(h))
+    return "\n".join(hashes).encode() if hashes else None
+
+
+def _blind(data: RunData, codes: dict[str, str]) -> None:
+    data.codes = codes
+    for name in (
+        "population_stats",
+        "samples",
+        "statistics",
+        "clinical",
+        "endpoints",
+        "clusters",
+        "gate_review",
+    ):
+        setattr(data, name, blind_frame(getattr(data, name), codes))
+    data.arms = sorted(codes.values())
+    data.reference_arm = None  # the display does not single out the reference arm when blinded
+    data.dose_ordered = False
+    data.clinical_error = _blind_str(data.clinical_error, codes)
+    data.notes = [_blind_str(n, codes) for n in data.notes]
+    data.study = _blind_str(data.study, codes)
+    data.folder_name = _blind_str(data.folder_name, codes)
+
+
+def _blind_str(text: str, codes: Mapping[str, str]) -> str:
+    from cytopipe.report.blinding import blind_text
+
+    return blind_text(text, codes) if text else text

@@ -1,0 +1,778 @@
+"""The report's figures: matplotlib ``Figure`` objects (no pyplot, Agg canvas), rendered to PNG.
+
+Every function returns a Figure; :func:`render` draws it once, collects every piece of text it
+shows (titles, labels, tick labels, legends, annotations) and writes the PNG with that text in its
+``Description`` metadata, so that what a figure says can be searched (the blinded-report check
+reads it) even though the pixels cannot.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import struct
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+DPI = 100
+STYLE = {
+    "font.size": 8,
+    "axes.titlesize": 8.5,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7.5,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titlepad": 3,
+    "figure.facecolor": "white",
+    "savefig.facecolor": "white",
+    "font.family": "DejaVu Sans",
+    "svg.fonttype": "none",
+}
+STATUS_COLORS = {"ok": "#2f9e44", "flagged": "#f08c00", "failed": "#e03131"}
+FLAG_COLOR = "#e03131"
+OUTLIER_COLOR = "#f08c00"
+CLINICAL_LABELS = {
+    "sledai_change": "ΔSLEDAI",
+    "anti_dsdna_change": "Δanti-dsDNA",
+    "c3_change": "ΔC3",
+    "c4_change": "ΔC4",
+    "proteinuria_change": "Δproteinuria",
+    "pga_change": "ΔPGA",
+    "prednisone_mg_change": "Δprednisone",
+}
+
+
+@dataclass
+class Rendered:
+    """A rendered figure: PNG bytes as a data URI, its pixel size, and the text it shows."""
+
+    name: str
+    uri: str
+    width: int
+    height: int
+    alt: str
+    texts: list[str] = field(default_factory=list)
+
+
+def new_figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def render(fig: Figure, name: str, alt: str) -> Rendered:
+    """Draw ``fig`` to a PNG (Agg), with its text in the PNG metadata."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Title": name, "Software": "cytopipe report (matplotlib)"},
+                pil_kwargs={"compress_level": 3})  # fmt: skip
+    # after the draw every text the figure shows exists (tick labels are made while drawing)
+    texts = [t.get_text() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    texts = list(dict.fromkeys(texts))
+    png = _add_png_text(buf.getvalue(), "Description", "\n".join([alt, *texts]))
+    width, height = (int(round(v)) for v in fig.get_size_inches() * DPI)
+    fig.clear()
+    uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return Rendered(name=name, uri=uri, width=width, height=height, alt=alt, texts=texts)
+
+
+def _add_png_text(png: bytes, key: str, text: str) -> bytes:
+    """Insert an iTXt chunk (UTF-8 text) before the PNG's IEND chunk."""
+    data = key.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")
+    chunk = (
+        struct.pack(">I", len(data))
+        + b"iTXt"
+        + data
+        + struct.pack(">I", zlib.crc32(b"iTXt" + data) & 0xFFFFFFFF)
+    )
+    end = png.rindex(b"IEND") - 4  # the IEND chunk starts with its 4-byte length
+    return png[:end] + chunk + png[end:]
+
+
+def style_context():
+    import matplotlib
+
+    return matplotlib.rc_context(STYLE)
+
+
+# ------------------------------------------------------------------------------------------------
+# arm colours
+# ------------------------------------------------------------------------------------------------
+def arm_colors(arms: Sequence[str], reference: str | None, dose_ordered: bool) -> dict[str, str]:
+    """Consistent arm colours: the reference arm grey and active arms darker blue with dose when
+    the dose order is known; otherwise (and for blinded codes) a qualitative palette."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    arms = list(arms)
+    if dose_ordered and reference in arms:
+        active = [a for a in arms if a != reference]
+        shades = colormaps["Blues"](np.linspace(0.45, 0.95, max(len(active), 1)))
+        colors = {reference: "#868e96"}
+        colors.update({a: to_hex(c) for a, c in zip(active, shades)})
+        return colors
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    return {a: palette[i % len(palette)] for i, a in enumerate(arms)}
+
+
+def _arm_legend(fig: Figure, colors: Mapping[str, str], arms: Sequence[str], ncol: int | None = None) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors[a], lw=2.2, marker="o", ms=4) for a in arms]
+    if fig.get_layout_engine() is None:  # hand-placed axes: the legend sits in the top margin
+        fig.legend(handles, list(arms), loc="upper center", ncol=ncol or len(arms), frameon=False,
+                   bbox_to_anchor=(0.5, 1.0))  # fmt: skip
+    else:
+        fig.legend(handles, list(arms), loc="outside upper center", ncol=ncol or len(arms), frameon=False)
+
+
+def _grid(n: int, ncols: int) -> tuple[int, int]:
+    ncols = max(1, min(ncols, n))
+    return int(math.ceil(n / ncols)), ncols
+
+
+def _panel_grid(
+    n: int,
+    ncols: int,
+    panel: tuple[float, float] = (1.85, 1.35),
+    gaps: tuple[float, float] = (0.62, 0.62),
+    margins: tuple[float, float, float, float] = (0.62, 0.12, 0.5, 0.42),
+) -> tuple[Figure, list[Axes], int, int]:
+    """A figure with ``n`` axes on a grid placed by hand (inches): small multiples without the
+    cost of a layout engine. ``margins`` = (left, right, top, bottom); the top holds the legend."""
+    nrows, ncols = _grid(n, ncols)
+    (pw, ph), (gw, gh), (ml, mr, mt, mb) = panel, gaps, margins
+    width = ml + ncols * pw + (ncols - 1) * gw + mr
+    height = mt + nrows * ph + (nrows - 1) * gh + mb
+    fig = new_figure(width, height)
+    fig.set_layout_engine(None)
+    axes = []
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        x = (ml + c * (pw + gw)) / width
+        y = (height - mt - (r + 1) * ph - r * gh) / height
+        axes.append(fig.add_axes((x, y, pw / width, ph / height)))
+    return fig, axes, nrows, ncols
+
+
+# ------------------------------------------------------------------------------------------------
+# run summary / QC
+# ------------------------------------------------------------------------------------------------
+def qc_events_figure(samples: pd.DataFrame) -> Figure:
+    """Events before QC (x) against the share kept after QC (y), one point per file."""
+    fig = new_figure(6.4, 2.8)
+    ax = fig.add_subplot()
+    before = pd.to_numeric(samples["events_before_qc"], errors="coerce").astype(float)
+    after = pd.to_numeric(samples["events_after_qc"], errors="coerce").astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kept = 100 * after / before
+    for status, color in STATUS_COLORS.items():
+        sel = (samples["status"].astype(str) == status).to_numpy()
+        if not sel.any():
+            continue
+        y = kept[sel].to_numpy()
+        y = np.where(np.isfinite(y), y, 0.0)  # failed files have no events after QC: drawn at 0
+        x = before[sel].to_numpy()
+        unread = int((~np.isfinite(x)).sum())  # e.g. a damaged file: its size in events is unknown
+        label = f"{status} ({int(sel.sum())}" + (f", {unread} unreadable, not drawn)" if unread else ")")
+        ax.scatter(x, y, s=18, color=color, label=label, edgecolor="white", lw=0.4)
+    ax.set_xlabel("events in the file (before QC)")
+    ax.set_ylabel("% of events kept by QC")
+    top = np.nanmax(kept.to_numpy()) if np.isfinite(kept.to_numpy()).any() else 100
+    ax.set_ylim(min(-3, 0), max(top, 100) + 3)
+    ax.legend(frameon=False, loc="lower left")
+    ax.grid(alpha=0.25)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# gate review gallery
+# ------------------------------------------------------------------------------------------------
+def _clip_vertices(v: np.ndarray, xlim: tuple[float, float], ylim: tuple[float, float]) -> np.ndarray:
+    """Open-ended polygon vertices (infinite or huge, e.g. the singlet wedge's rays from the
+    origin) pulled in to just beyond the axes, keeping their direction from the origin."""
+    v = np.array(v, dtype=float)
+    reach = 4 * max(abs(xlim[0]), abs(xlim[1]), abs(ylim[0]), abs(ylim[1]), 1.0)
+    for i in range(len(v)):
+        x, y = v[i]
+        if not (np.isfinite(x) and np.isfinite(y)):
+            v[i] = [np.clip(np.nan_to_num(x, posinf=reach, neginf=-reach), -reach, reach),
+                    np.clip(np.nan_to_num(y, posinf=reach, neginf=-reach), -reach, reach)]  # fmt: skip
+        elif max(abs(x), abs(y)) > reach:
+            v[i] = v[i] * (reach / max(abs(x), abs(y)))
+    return v
+
+
+def gallery_figure(
+    rows: Sequence[Mapping[str, Any]],
+    marks: Sequence[str],
+    labels: Sequence[str],
+    ncols: int = 6,
+) -> Figure:
+    """A grid of one gate's panel across samples: the parent's density on the gate's axes, the
+    fitted gate, the % inside. ``marks``: "flag", "outlier" or "" per sample (frames the panel);
+    ``labels``: the panel titles.
+
+    Drawn as small multiples inside ONE axes (each panel a unit square placed on a grid, its
+    density image and gate shapes mapped there by an affine transform and clipped to the square):
+    a figure of 36 panels renders in a fraction of a second, where 36 matplotlib axes take
+    seconds. All panels share the axis ranges; the bottom-left panel carries the tick values.
+    """
+    from matplotlib import colormaps
+    from matplotlib.collections import LineCollection, PolyCollection
+    from matplotlib.colors import LogNorm
+    from matplotlib.ticker import MaxNLocator
+
+    from cytopipe.report.gate_review import panel_arrays
+
+    n = len(rows)
+    nrows, ncols = _grid(n, ncols)
+    one_d = not rows[0]["y"]
+    px, gap_x, gap_y = 48, 5, 14  # mosaic pixels per panel side and between panels
+    gx, gy = gap_x / px, gap_y / px  # the same gaps in panel units (panel = 1 unit)
+    left, bottom, top = 0.42, 0.42, 0.12  # margins for tick values and labels
+    width = ncols * (1 + gx) - gx
+    y_min = -(nrows - 1) * (1 + gy) - bottom  # below the last row: tick values and axis name
+    y_max = 1 + gy * 0.7 + top  # above the first row: its titles
+    inch = 1.35  # inches per panel
+    fig = new_figure(inch * (width + left + 0.08), inch * (y_max - y_min))
+    fig.set_layout_engine(None)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    ax.set_xlim(-left, width + 0.08)
+    ax.set_ylim(y_min, y_max)
+    xlo = min(r["x_range"][0] for r in rows)
+    xhi = max(r["x_range"][1] for r in rows)
+    ylo, yhi = (0.0, 1.0)
+    if not one_d:
+        ylo = min(r["y_range"][0] for r in rows)
+        yhi = max(r["y_range"][1] for r in rows)
+    sx, sy = 1.0 / (xhi - xlo), 1.0 / (yhi - ylo)
+    cmap = colormaps["viridis"]
+    fills: list[np.ndarray] = []
+    shades: list[np.ndarray] = []
+    solid: list[np.ndarray] = []
+    dashed: list[np.ndarray] = []
+    frames: list[tuple[np.ndarray, str, float]] = []
+    mosaic = np.ones((nrows * (px + gap_y), ncols * (px + gap_x) - gap_x, 4))
+    centres = (np.arange(px) + 0.5) / px  # pixel centres in panel units
+    for i, row in enumerate(rows):
+        r, c = divmod(i, ncols)
+        x0, y0 = c * (1 + gx), -r * (1 + gy)
+        xe, ye, counts = panel_arrays(row)
+        if one_d:
+            peak = max(int(counts.max()), 1)
+            bx = x0 + (xe - xlo) * sx
+            h = 0.92 * np.clip(counts / peak, 0, 1)
+            xs = np.repeat(np.clip(bx, x0, x0 + 1), 2)[1:-1]
+            ys = y0 + np.repeat(h, 2)
+            fills.append(np.column_stack([np.r_[xs[0], xs, xs[-1]], np.r_[y0, ys, y0]]))
+        else:
+            # resample this sample's histogram (its own grid) onto the shared panel grid
+            ix = np.floor((xlo + centres * (xhi - xlo) - xe[0]) / (xe[1] - xe[0])).astype(int)
+            iy = np.floor((ylo + centres * (yhi - ylo) - ye[0]) / (ye[1] - ye[0])).astype(int)
+            okx = (ix >= 0) & (ix < counts.shape[1])
+            oky = (iy >= 0) & (iy < counts.shape[0])
+            img = np.zeros((px, px))
+            img[np.ix_(oky, okx)] = counts[np.ix_(iy[oky], ix[okx])]
+            rgba = cmap(LogNorm(vmin=1, vmax=max(int(counts.max()), 2), clip=True)(np.where(img > 0, img, 1)))
+            rgba[img == 0] = (1, 1, 1, 1)
+            top_row = (nrows - 1 - r) * (px + gap_y)  # origin="lower": row 0 of the array is the bottom
+            left_col = c * (px + gap_x)
+            mosaic[top_row : top_row + px, left_col : left_col + px] = rgba
+        for shape in json.loads(row["shapes"]):
+            lines, polys = shape_lines(shape, (xlo, xhi), (ylo, yhi), one_d)
+            offset = np.array([x0, y0])
+            (dashed if shape.get("negate") else solid).extend(ln + offset for ln in lines)
+            shades.extend(pg + offset for pg in polys)
+        mark = marks[i]
+        color = FLAG_COLOR if mark == "flag" else OUTLIER_COLOR if mark == "outlier" else "#adb5bd"
+        frame = np.array([[x0, y0], [x0 + 1, y0], [x0 + 1, y0 + 1], [x0, y0 + 1], [x0, y0]])
+        frames.append((frame, color, 2.2 if mark else 0.6))
+        ax.text(x0 + 0.5, y0 + 1.03, labels[i], ha="center", va="bottom", fontsize=6.5,
+                color=color if mark else "#343a40")  # fmt: skip
+    if not one_d:
+        bottom_y = -(nrows - 1) * (1 + gy)
+        ax.imshow(mosaic, origin="lower", interpolation="nearest", aspect="auto",
+                  extent=(0, width, bottom_y, bottom_y + nrows * (1 + gy)))  # fmt: skip
+    gate_color = "#d6336c"
+    if fills:
+        ax.add_collection(
+            PolyCollection(fills, facecolors="#5c7cfa", edgecolors="none", alpha=0.75, zorder=2),
+            autolim=False,
+        )
+    if shades:
+        ax.add_collection(
+            PolyCollection(shades, facecolors=gate_color, edgecolors="none", alpha=0.10, zorder=3),
+            autolim=False,
+        )
+    if solid:
+        ax.add_collection(LineCollection(solid, colors=gate_color, linewidths=1.1, zorder=4), autolim=False)
+    if dashed:
+        ax.add_collection(
+            LineCollection(dashed, colors=gate_color, linewidths=1.1, linestyles="--", zorder=4),
+            autolim=False,
+        )
+    ax.add_collection(LineCollection([f[0] for f in frames], colors=[f[1] for f in frames],
+                                     linewidths=[f[2] for f in frames], zorder=5), autolim=False)  # fmt: skip
+    # tick values on the bottom-left panel, axis names once
+    r_last = (n - 1) // ncols
+    bx, by = 0.0, -r_last * (1 + gy)
+    for t in MaxNLocator(4).tick_values(xlo, xhi):
+        if xlo <= t <= xhi:
+            u = bx + (t - xlo) * sx
+            ax.plot([u, u], [by, by - 0.04], color="#495057", lw=0.6)
+            ax.text(u, by - 0.06, f"{t:g}", ha="center", va="top", fontsize=6)
+    ax.text(bx + 0.5, by - 0.2, rows[0]["x"], ha="center", va="top", fontsize=7.5)
+    if not one_d:
+        for t in MaxNLocator(4).tick_values(ylo, yhi):
+            if ylo <= t <= yhi:
+                v = by + (t - ylo) * sy
+                ax.plot([bx, bx - 0.04], [v, v], color="#495057", lw=0.6)
+                ax.text(bx - 0.06, v, f"{t:g}", ha="right", va="center", fontsize=6)
+        ax.text(bx - 0.34, by + 0.5, rows[0]["y"], ha="center", va="center", rotation=90, fontsize=7.5)
+    return fig
+
+
+def _clip_polyline(points: np.ndarray) -> list[np.ndarray]:
+    """Pieces of a polyline (panel units) inside the unit square (Liang-Barsky per segment;
+    consecutive kept segments stay one piece, so dashes run on)."""
+    pieces: list[list[np.ndarray]] = []
+    current: list[np.ndarray] = []
+    for a, b in zip(points[:-1], points[1:]):
+        d = b - a
+        t0, t1, ok = 0.0, 1.0, True
+        for axis in (0, 1):
+            for bound, sign in ((0.0, -1.0), (1.0, 1.0)):
+                p, q = sign * d[axis], sign * (bound - a[axis])
+                if p == 0:
+                    ok &= q >= 0
+                elif p < 0:
+                    t0 = max(t0, q / p)
+                else:
+                    t1 = min(t1, q / p)
+        if not ok or t0 > t1:
+            if current:
+                pieces.append(current)
+                current = []
+            continue
+        start, end = a + t0 * d, a + t1 * d
+        if not current:
+            current = [start]
+        elif t0 > 0:  # re-entered the square: a new piece
+            pieces.append(current)
+            current = [start]
+        current.append(end)
+        if t1 < 1:
+            pieces.append(current)
+            current = []
+    if current:
+        pieces.append(current)
+    return [np.asarray(p) for p in pieces if len(p) >= 2]
+
+
+def shape_lines(
+    shape: Mapping[str, Any], xlim, ylim, one_d: bool
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A gate shape (gate-review JSON) as polylines and filled polygons in the unit square of a
+    panel whose axes span ``xlim`` x ``ylim`` (for 1-D panels y is 0-1)."""
+    sx, sy = 1.0 / (xlim[1] - xlim[0]), 1.0 / (ylim[1] - ylim[0])
+    big = 1e3
+
+    def unit_x(v):
+        return (np.clip(v, xlim[0] - big / sx, xlim[1] + big / sx) - xlim[0]) * sx
+
+    def unit_y(v):
+        return (np.clip(v, ylim[0] - big / sy, ylim[1] + big / sy) - ylim[0]) * sy
+
+    lines: list[np.ndarray] = []
+    fills: list[np.ndarray] = []
+    kind = shape["kind"]
+    if kind == "range" or (one_d and kind == "rect"):
+        lo, hi = shape["x"]
+        a = 0.0 if lo is None else float(np.clip(unit_x(lo), 0, 1))
+        b = 1.0 if hi is None else float(np.clip(unit_x(hi), 0, 1))
+        if b > a:
+            fills.append(np.array([[a, 0], [b, 0], [b, 1], [a, 1]]))
+        for t in (lo, hi):
+            if t is not None:
+                lines += _clip_polyline(np.array([[unit_x(t), 0.0], [unit_x(t), 1.0]]))
+    elif kind == "rect":
+        (x0, x1), (y0, y1) = shape["x"], shape["y"]
+        ux0 = -big if x0 is None else unit_x(x0)
+        ux1 = big if x1 is None else unit_x(x1)
+        uy0 = -big if y0 is None else unit_y(y0)
+        uy1 = big if y1 is None else unit_y(y1)
+        edges = []  # only the finite edges: a quadrant is drawn as its two threshold lines
+        if x0 is not None:
+            edges.append([[ux0, uy0], [ux0, uy1]])
+        if x1 is not None:
+            edges.append([[ux1, uy0], [ux1, uy1]])
+        if y0 is not None:
+            edges.append([[ux0, uy0], [ux1, uy0]])
+        if y1 is not None:
+            edges.append([[ux0, uy1], [ux1, uy1]])
+        for e in edges:
+            lines += _clip_polyline(np.asarray(e, dtype=float))
+    elif kind == "polygon":
+        v = _clip_vertices(np.asarray(shape["vertices"], dtype=float), xlim, ylim)
+        u = np.column_stack([unit_x(v[:, 0]), unit_y(v[:, 1])])
+        lines += _clip_polyline(np.vstack([u, u[:1]]))
+    elif kind == "ellipse":
+        cov = np.asarray(shape["covariance"], dtype=float)
+        vals, vecs = np.linalg.eigh(cov)
+        radii = np.sqrt(np.clip(vals, 0, None) * shape["distance_square"])
+        t = np.linspace(0, 2 * np.pi, 73)
+        circle = np.column_stack([np.cos(t), np.sin(t)]) * radii
+        pts = circle @ vecs.T + np.asarray(shape["center"], dtype=float)
+        lines += _clip_polyline(np.column_stack([unit_x(pts[:, 0]), unit_y(pts[:, 1])]))
+    return lines, fills
+
+
+# ------------------------------------------------------------------------------------------------
+# dynamics
+# ------------------------------------------------------------------------------------------------
+def _dodge(arms: Sequence[str], visits: Sequence[int]) -> dict[str, float]:
+    span = (max(visits) - min(visits)) if len(visits) > 1 else 1.0
+    step = 0.012 * span
+    mid = (len(arms) - 1) / 2
+    return {a: (i - mid) * step for i, a in enumerate(arms)}
+
+
+def _visit_axis(ax: Axes, visits: Sequence[int], bottom: bool) -> None:
+    """Visits as x ticks; their labels and the axis name only on the lowest panel of a column
+    (every panel of a grid shares the visits)."""
+    ax.set_xticks(visits)
+    if bottom:
+        ax.set_xlabel("week")
+    else:
+        ax.tick_params(labelbottom=False)
+
+
+def _span(visits: Sequence[int]) -> float:
+    return float(max(visits) - min(visits)) if len(visits) > 1 else 1.0
+
+
+def _ci_bars(mean, low, high, n, min_n: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Error-bar lengths below/above the mean; no bar for arms with fewer than ``min_n``
+    patients (a t interval on 2 patients spans the whole plot and says nothing)."""
+    m = np.asarray(mean, dtype=float)
+    lo = np.asarray(m - np.asarray(low, dtype=float))
+    hi = np.asarray(np.asarray(high, dtype=float) - m)
+    few = np.asarray(n, dtype=float) < min_n
+    lo[few | ~np.isfinite(lo)] = 0.0
+    hi[few | ~np.isfinite(hi)] = 0.0
+    return lo, hi
+
+
+def _set_ylim(ax: Axes, lows: Sequence[float], highs: Sequence[float], floor: float | None = None) -> None:
+    lo = float(np.nanmin(np.asarray(lows, dtype=float)))
+    hi = float(np.nanmax(np.asarray(highs, dtype=float)))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return
+    pad = 0.06 * (hi - lo) if hi > lo else max(abs(hi), 1.0) * 0.1
+    lo, hi = lo - pad, hi + pad
+    if floor is not None:
+        lo = max(lo, floor - pad / 2)
+    ax.set_ylim(lo, hi)
+
+
+def dynamics_figure(
+    per_sample: pd.DataFrame,
+    summary: pd.DataFrame,
+    populations: Sequence[str],
+    arms: Sequence[str],
+    colors: Mapping[str, str],
+    *,
+    show_sample_ci: bool,
+    ncols: int = 4,
+) -> Figure:
+    """Each population over visits: patients' thin lines by arm, the arm means with 95% CI; with
+    ``show_sample_ci`` each sample's Wilson interval (from its event counts) as a thin bar."""
+    from matplotlib.collections import LineCollection
+
+    fig, axes, nrows, ncols = _panel_grid(len(populations), ncols)
+    visits = sorted(int(v) for v in per_sample["visit"].dropna().unique())
+    dodge = _dodge(arms, visits)
+    n_patients = per_sample["patient_id"].nunique()
+    alpha = float(np.clip(6 / max(n_patients, 1) ** 0.5, 0.12, 0.5))
+    by_pop = dict(tuple(per_sample.groupby("population", sort=False)))
+    sum_pop = dict(tuple(summary.groupby("population", sort=False)))
+    for i, ax in enumerate(axes):
+        pop = populations[i]
+        d = by_pop.get(pop)
+        if d is None:
+            ax.set_visible(False)
+            continue
+        lows, highs = [d["pct_parent"].min()], [d["pct_parent"].max()]
+        d = d.sort_values(["patient_id", "visit"])
+        for arm in arms:
+            da = d[d["arm"] == arm]
+            if da.empty:
+                continue
+            segs = [
+                g[["visit", "pct_parent"]].to_numpy(float) for _, g in da.groupby("patient_id", sort=False)
+            ]
+            ax.add_collection(LineCollection(segs, colors=colors[arm], linewidths=0.7, alpha=alpha))
+            if show_sample_ci and {"pct_ci_low", "pct_ci_high"} <= set(da.columns):
+                x = da["visit"].to_numpy(float) + dodge[arm] * 0.5
+                bars = [[(xx, lo), (xx, hi)] for xx, lo, hi in zip(x, da["pct_ci_low"], da["pct_ci_high"])]
+                ax.add_collection(
+                    LineCollection(bars, colors=colors[arm], linewidths=0.6, alpha=min(1, 2 * alpha))
+                )
+        s = sum_pop.get(pop)
+        if s is not None:
+            for arm in arms:
+                sa = s[s["arm"] == arm].sort_values("visit")
+                if sa.empty:
+                    continue
+                x = sa["visit"].to_numpy(float) + dodge[arm]
+                lo, hi = _ci_bars(sa["mean"], sa["ci_low"], sa["ci_high"], sa["n"])
+                ax.errorbar(x, sa["mean"], yerr=np.vstack([lo, hi]),
+                            color=colors[arm], lw=2, marker="o", ms=3.5, capsize=2, elinewidth=1.1, zorder=3)  # fmt: skip
+                lows.append(np.nanmin(sa["mean"] - lo))
+                highs.append(np.nanmax(sa["mean"] + hi))
+        parent = d["parent"].iloc[0] if "parent" in d.columns else ""
+        ax.set_title(f"{pop} · % of {parent if parent and parent != 'root' else 'events'}")
+        _visit_axis(ax, visits, bottom=i >= len(populations) - ncols)
+        _set_ylim(ax, lows, highs, floor=0.0)
+        ax.set_xlim(visits[0] - 0.06 * _span(visits), visits[-1] + 0.06 * _span(visits))
+        ax.grid(alpha=0.2)
+    _arm_legend(fig, colors, arms)
+    return fig
+
+
+def change_figure(
+    summary: pd.DataFrame,
+    populations: Sequence[str],
+    arms: Sequence[str],
+    colors: Mapping[str, str],
+    baseline_visit: int,
+    ncols: int = 4,
+) -> Figure:
+    """Mean change from baseline (percentage points) per arm and visit, with 95% CI."""
+    fig, axes, nrows, ncols = _panel_grid(len(populations), ncols)
+    visits = sorted(int(v) for v in summary["visit"].dropna().unique())
+    dodge = _dodge(arms, visits)
+    by_pop = dict(tuple(summary.groupby("population", sort=False)))
+    for i, ax in enumerate(axes):
+        if populations[i] not in by_pop:
+            ax.set_visible(False)
+            continue
+        s = by_pop[populations[i]]
+        ax.axhline(0, color="#adb5bd", lw=0.8)
+        lows, highs = [0.0], [0.0]
+        for arm in arms:
+            sa = s[s["arm"] == arm].sort_values("visit")
+            if sa.empty:
+                continue
+            x = sa["visit"].to_numpy(float) + dodge[arm]
+            m = sa["mean_change"].to_numpy(float)
+            lo, hi = _ci_bars(sa["mean_change"], sa["change_ci_low"], sa["change_ci_high"], sa["n"])
+            ax.errorbar(x, m, yerr=np.vstack([lo, hi]), color=colors[arm], lw=1.8, marker="o", ms=3.5,
+                        capsize=2, elinewidth=1.0)  # fmt: skip
+            lows.append(np.nanmin(m - lo))
+            highs.append(np.nanmax(m + hi))
+        ax.set_title(populations[i])
+        if i % ncols == 0:
+            ax.set_ylabel(f"change from wk {baseline_visit} (pp)")
+        _visit_axis(ax, visits, bottom=i >= len(populations) - ncols)
+        _set_ylim(ax, lows, highs)
+        ax.set_xlim(visits[0] - 0.06 * _span(visits), visits[-1] + 0.06 * _span(visits))
+        ax.grid(alpha=0.2)
+    _arm_legend(fig, colors, arms)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# clinical endpoints
+# ------------------------------------------------------------------------------------------------
+def rates_figure(
+    rates: Mapping[str, pd.DataFrame],
+    titles: Mapping[str, str],
+    arms: Sequence[str],
+    colors: Mapping[str, str],
+) -> Figure:
+    """Response rate (%) per arm over visits with Wilson 95% CI, one panel per endpoint."""
+    names = list(rates)
+    fig = new_figure(0.8 + 3.4 * len(names), 2.9)
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        r = rates[name]
+        visits = sorted(int(v) for v in r["visit"].unique())
+        dodge = _dodge(arms, visits)
+        for arm in arms:
+            ra = r[r["arm"] == arm].sort_values("visit")
+            if ra.empty:
+                continue
+            x = ra["visit"].to_numpy(float) + dodge[arm] * 2
+            y = 100 * ra["rate"].to_numpy(float)
+            lo = np.nan_to_num(y - 100 * ra["ci_low"].to_numpy(float))
+            hi = np.nan_to_num(100 * ra["ci_high"].to_numpy(float) - y)
+            ax.errorbar(x, y, yerr=np.vstack([lo, hi]), color=colors[arm], lw=1.8, marker="o", ms=4,
+                        capsize=2, elinewidth=1.0)  # fmt: skip
+        ax.set_title(titles.get(name, name))
+        ax.set_ylim(-3, 103)
+        ax.set_ylabel("responders (%)")
+        ax.set_xlabel("week")
+        ax.set_xticks(visits)
+        ax.grid(alpha=0.2)
+    _arm_legend(fig, colors, arms)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# correlations
+# ------------------------------------------------------------------------------------------------
+def format_q(q: float) -> str:
+    if not np.isfinite(q):
+        return "–"
+    if q < 0.001:
+        return "<.001"
+    return f"{q:.2f}".lstrip("0") if q < 1 else "1"
+
+
+def correlation_heatmap(corr: pd.DataFrame, populations: Sequence[str]) -> Figure:
+    """Spearman rho of each subset's change (rows) with each clinical change at each visit
+    (columns), annotated with BH q-values; q < 0.05 is outlined."""
+    from matplotlib import colormaps
+    from matplotlib.patches import Rectangle
+
+    items = list(dict.fromkeys(corr["endpoint"]))
+    visits = sorted(int(v) for v in corr["visit"].dropna().unique())
+    cols = [(it, v) for it in items for v in visits]
+    rows = [p for p in populations if p in set(corr["population"])]
+    rho = np.full((len(rows), len(cols)), np.nan)
+    qv = np.full_like(rho, np.nan)
+    index = {(r.population, r.endpoint, int(r.visit)): (r.estimate, r.q) for r in corr.itertuples()}
+    for i, p in enumerate(rows):
+        for j, (it, v) in enumerate(cols):
+            est, q = index.get((p, it, v), (np.nan, np.nan))
+            rho[i, j], qv[i, j] = est, q
+    fig = new_figure(2.2 + 0.5 * len(cols), 1.3 + 0.28 * len(rows))
+    ax = fig.add_subplot()
+    cmap = colormaps["RdBu_r"].with_extremes(bad="#f1f3f5")
+    im = ax.imshow(np.ma.masked_invalid(rho), cmap=cmap, vmin=-1, vmax=1, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            if np.isfinite(rho[i, j]):
+                ax.text(j, i, format_q(qv[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if abs(rho[i, j]) > 0.6 else "#212529")  # fmt: skip
+                if np.isfinite(qv[i, j]) and qv[i, j] < 0.05:
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="black", lw=1.3))
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xticks(range(len(cols)), [f"{CLINICAL_LABELS.get(it, it)} wk {v}" for it, v in cols], rotation=60,
+                  ha="right")  # fmt: skip
+    for j in range(1, len(items)):
+        ax.axvline(j * len(visits) - 0.5, color="white", lw=2)
+    ax.spines[:].set_visible(False)
+    cb = fig.colorbar(im, ax=ax, shrink=0.6, pad=0.01)
+    cb.set_label("Spearman ρ (change vs change)")
+    return fig
+
+
+def correlation_scatter(
+    pairs: Sequence[Mapping[str, Any]], arms: Sequence[str], colors: Mapping[str, str]
+) -> Figure:
+    """Scatter plots of the strongest pairs: each patient's subset change (x) and clinical change (y)."""
+    fig = new_figure(0.6 + 2.7 * len(pairs), 2.8)
+    axes = fig.subplots(1, len(pairs), squeeze=False)[0]
+    for ax, pair in zip(axes, pairs):
+        d = pair["data"]
+        for arm in arms:
+            da = d[d["arm"] == arm]
+            if len(da):
+                ax.scatter(da["x"], da["y"], s=14, color=colors[arm], edgecolor="white", lw=0.3)
+        ax.axhline(0, color="#ced4da", lw=0.7)
+        ax.axvline(0, color="#ced4da", lw=0.7)
+        ax.set_title(
+            f"{pair['population']} · wk {pair['visit']}\nρ = {pair['rho']:.2f}, q = {format_q(pair['q'])}"
+        )
+        ax.set_xlabel(f"Δ {pair['population']} (pp)")
+        ax.set_ylabel(CLINICAL_LABELS.get(pair["endpoint"], pair["endpoint"]))
+        ax.grid(alpha=0.2)
+    _arm_legend(fig, colors, arms)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# model tables
+# ------------------------------------------------------------------------------------------------
+def effect_map(mixed: pd.DataFrame, populations: Sequence[str], arms: Sequence[str]) -> Figure:
+    """Mixed-model arm x visit effects: colour = Wald z (estimate / SE), text = estimate (pp);
+    * marks q < 0.05."""
+    from matplotlib import colormaps
+
+    m = mixed.copy()
+    m["arm"] = m["comparison"].astype(str).str.split(" vs ").str[0]
+    visits = sorted(int(v) for v in m["visit"].dropna().unique())
+    arm_list = [a for a in arms if a in set(m["arm"])] + sorted(set(m["arm"]) - set(arms))
+    cols = [(a, v) for a in arm_list for v in visits]
+    rows = [p for p in populations if p in set(m["population"])]
+    z = np.full((len(rows), len(cols)), np.nan)
+    est = np.full_like(z, np.nan)
+    q = np.full_like(z, np.nan)
+    index = {(r.population, r.arm, int(r.visit)): r for r in m.itertuples()}
+    for i, p in enumerate(rows):
+        for j, (a, v) in enumerate(cols):
+            r = index.get((p, a, v))
+            if r is not None:
+                z[i, j], est[i, j], q[i, j] = r.statistic, r.estimate, r.q
+    fig = new_figure(2.4 + 0.55 * len(cols), 1.3 + 0.28 * len(rows))
+    ax = fig.add_subplot()
+    cmap = colormaps["RdBu_r"].with_extremes(bad="#f1f3f5")
+    im = ax.imshow(np.ma.masked_invalid(np.clip(z, -6, 6)), cmap=cmap, vmin=-6, vmax=6, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            if np.isfinite(est[i, j]):
+                star = "*" if np.isfinite(q[i, j]) and q[i, j] < 0.05 else ""
+                ax.text(j, i, f"{est[i, j]:+.2g}{star}", ha="center", va="center", fontsize=6,
+                        color="white" if np.isfinite(z[i, j]) and abs(z[i, j]) > 4 else "#212529")  # fmt: skip
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xticks(range(len(cols)), [f"{a} · wk {v}" for a, v in cols], rotation=60, ha="right")
+    for j in range(1, len(arm_list)):
+        ax.axvline(j * len(visits) - 0.5, color="white", lw=2)
+    ax.spines[:].set_visible(False)
+    cb = fig.colorbar(im, ax=ax, shrink=0.6, pad=0.01)
+    cb.set_label("Wald z of the arm × visit effect")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# clusters (optional section)
+# ------------------------------------------------------------------------------------------------
+def marker_heatmap(medians: pd.DataFrame, title: str) -> Figure:
+    """Metacluster x marker heatmap (colour scaled 0-1 per marker, text = median)."""
+    v = medians.to_numpy(dtype=float)
+    lo, hi = np.nanmin(v, axis=0), np.nanmax(v, axis=0)
+    scaled = (v - lo) / np.where(hi > lo, hi - lo, 1.0)
+    fig = new_figure(1.6 + 0.55 * v.shape[1], 1.2 + 0.3 * v.shape[0])
+    ax = fig.add_subplot()
+    ax.imshow(scaled, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    if v.size <= 600:
+        for i in range(v.shape[0]):
+            for j in range(v.shape[1]):
+                if np.isfinite(v[i, j]):
+                    ax.text(j, i, f"{v[i, j]:.3g}", ha="center", va="center", fontsize=5.5,
+                            color="white" if scaled[i, j] < 0.5 else "black")  # fmt: skip
+    ax.set_xticks(range(v.shape[1]), list(medians.columns), rotation=60, ha="right")
+    ax.set_yticks(range(v.shape[0]), [str(i) for i in medians.index])
+    ax.set_title(title)
+    ax.spines[:].set_visible(False)
+    return fig

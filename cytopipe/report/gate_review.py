@@ -1,0 +1,707 @@
+"""Gate-review data: a small, event-free picture of every gate of every sample.
+
+Event matrices never leave the workers, so the report cannot draw gates from events. Instead the
+per-sample pipeline task calls :func:`gate_review_data` right after gating; it returns a small
+table (a few kB per sample) that the report draws the gate-review gallery from::
+
+    result = gating.gate(sample, template, ...)
+    review = gate_review_data(sample, result, sample_id="P001_W04")   # small DataFrame
+    ...                                                               # one frame per sample
+    write_gate_review(run_dir, pd.concat(frames))                     # RUN_DIR/gate_review.parquet
+
+One row per sample x population x *panel*. A panel is one 2-D (or 1-D) view of the parent's
+events on the gate's dimensions, in the transformed units the gate was drawn in:
+
+==============  ===================================================================================
+column          meaning
+==============  ===================================================================================
+sample_id       the sample
+population      the gated population; ``parent`` its parent
+panel           0, 1, ... (a 3-D gate such as Treg CD25 x CD127 x FOXP3 has two panels)
+gate_type       ``rectangle``, ``quadrant``, ``range``, ``polygon``, ``ellipse``, ``boolean``
+source          ``fixed``, ``fitted``, ``pooled`` (fit replaced by the pooled estimate), ``mixed``,
+                ``boolean``
+x, y            marker (or channel) on each axis; ``y`` is "" for a 1-D panel
+x_scale,        the transform of each axis, e.g. ``arcsinh(x/150)`` or ``linear``
+y_scale
+x_range,        ``[lo, hi]`` of the histogram grid on each axis (transformed units) and its number
+y_range,        of equal bins: 48 x 48 in 2-D, 96 in 1-D (``y_bins`` = 0). Each sample's grid
+x_bins, y_bins  spans its own robust range (0.5-99.5% quantiles of the parent's events, widened
+                to include the gate), so a shifted sample is still visible
+counts          event counts of the parent's events per bin, row-major ``[y, x]`` (int32)
+condition       events shown, when a gate has more than two dimensions: e.g. Treg's CD25 x CD127
+                panel shows the CD4 T events that are FOXP3+ (``FOXP3 >= 2.79``)
+shapes          the applied gate in panel coordinates, as JSON: a list of ``{"kind": "rect", "x":
+                [lo, hi], "y": [lo, hi]}`` (``null`` = open), ``{"kind": "range", "x": [lo, hi]}``,
+                ``{"kind": "polygon", "vertices": [[x, y], ...]}``, ``{"kind": "ellipse",
+                "center": [x, y], "covariance": [[...]], "distance_square": d2}``; boolean gates
+                draw their sibling operands' shapes with ``"negate": true`` where inverted
+n_shown         parent events in this panel (after ``condition``)
+count,          the population's events, its parent's events and % of parent (the gate's result)
+parent_count,
+pct_parent
+flags           the gating flags of this population ("; "-joined), e.g. a fit that fell back
+params,         the gate's fitted numbers for the outlier rule (thresholds, ellipse centres,
+param_names,    singlet area/height ratios), their names (``CD25 >=``) and the axis span of each
+param_spans     parameter's dimension (the scale floor of the outlier rule)
+==============  ===================================================================================
+
+No events are stored. :func:`gate_outliers` applies the outlier rule (docs/reports.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cytopipe.errors import ReportError
+
+GATE_REVIEW_FILE = "gate_review.parquet"
+BINS_2D = 48
+BINS_1D = 96
+QUANTILES = (0.005, 0.995)
+OUTLIER_Z = 3.5  # Iglewicz & Hoaglin's cut-off for robust (modified) z-scores
+MAD_TO_SD = 1.4826  # MAD of a normal distribution x 1.4826 = its SD
+PARAM_FLOOR = 0.02  # scale floor of a gate parameter: 2% of its axis span
+FREQ_FLOOR = 0.1  # scale floor of a frequency, on the logit scale (about 10% relative)
+_OPEN = 1e9  # polygon vertices beyond this are open-ended (rays), e.g. the singlet wedge
+_QUANTILE_SAMPLE = 20_000  # events used for the robust range (a strided, deterministic subset)
+
+GATE_REVIEW_COLUMNS = [
+    "sample_id",
+    "population",
+    "parent",
+    "panel",
+    "gate_type",
+    "source",
+    "x",
+    "y",
+    "x_scale",
+    "y_scale",
+    "x_range",
+    "y_range",
+    "x_bins",
+    "y_bins",
+    "counts",
+    "condition",
+    "shapes",
+    "n_shown",
+    "count",
+    "parent_count",
+    "pct_parent",
+    "flags",
+    "params",
+    "param_names",
+    "param_spans",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# computing the data (inside the per-sample task)
+# ------------------------------------------------------------------------------------------------
+class _DimValues:
+    """Compensated, transformed values of a gate dimension at a population's events.
+
+    Reproduces what the gating engine applied, from what its result records: the compensation
+    matrix (``result.compensation``, applied with the engine's own routine, in one BLAS call for
+    every compensated channel), the marker -> channel map (``result.channel_of``) and the
+    transform per channel (``result.transforms``). Values are cached per dimension and population.
+    """
+
+    def __init__(self, sample: Any, result: Any):
+        self.events = sample.events
+        self.pnn = [str(v) for v in sample.channels["pnn"]]
+        self.col = {name: i for i, name in enumerate(self.pnn)}
+        self.result = result
+        self.template = result.template
+        self.comp = result.compensation or None
+        self._block: tuple[dict[int, int], np.ndarray] | None = None
+        self._cache: dict[tuple, tuple[np.ndarray, str] | None] = {}
+
+    def channel(self, name: str) -> str | None:
+        pnn = self.result.channel_of.get(name)
+        if pnn is None and name in self.col:
+            pnn = name
+        return pnn
+
+    def _linear(self, pnn: str, compensated: bool) -> np.ndarray:
+        c = self.col[pnn]
+        if compensated and self.comp and pnn in self.comp["channels"]:
+            if self._block is None:
+                from cytopipe.compensation import Compensation
+                from cytopipe.gating._compat import compensate_block
+
+                comp = Compensation.from_dict(self.comp)
+                cols = [self.col[ch] for ch in comp.channels]
+                block = compensate_block(self.events, cols, comp)
+                self._block = ({col: j for j, col in enumerate(cols)}, block)
+            where, block = self._block
+            return block[where[c]]
+        return self.events[:, c]
+
+    def transform_spec(self, dim: Any, pnn: str) -> Mapping | None:
+        if dim.transform is None:
+            return None
+        spec = self.result.transforms.get(pnn)
+        if spec is None:
+            t = self.template.transforms
+            spec = t.get(dim.transform) if dim.transform != "default" else None
+            spec = spec or t.get(dim.name) or t.get("default")
+        return spec
+
+    def values(self, dim: Any, idx: np.ndarray | None, scope: str) -> tuple[np.ndarray, str] | None:
+        """``(values at idx, scale label)``, or None when the dimension cannot be reproduced.
+        ``scope`` names the event set ``idx`` (the cache key)."""
+        from cytopipe.gating._compat import apply_transform
+
+        key = (dim.name, dim.compensation, dim.transform, scope)
+        if key in self._cache:
+            return self._cache[key]
+        out = None
+        pnn = self.channel(dim.name)
+        # Gating-ML ratio dimensions are not drawn (rare; their counts still show)
+        if getattr(dim, "ratio", None) is None and pnn is not None and pnn in self.col:
+            v = self._linear(pnn, dim.compensation not in (None, "uncompensated", "none"))
+            if idx is not None:
+                v = v[idx]
+            spec = self.transform_spec(dim, pnn)
+            out = (apply_transform(spec, v), _scale_label(spec))
+        self._cache[key] = out
+        return out
+
+
+def _scale_label(spec: Mapping | None) -> str:
+    """How an axis is scaled, for people: ``linear``, ``arcsinh(x/150)``, ``logicle(T=262144, ...)``."""
+    if spec is None or spec.get("type") in ("identity", None):
+        return "linear"
+    kind = spec["type"]
+    if kind == "arcsinh":
+        return f"arcsinh(x/{float(spec['cofactor']):g})"
+    params = ", ".join(
+        f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in spec.items() if k != "type"
+    )
+    return f"{kind}({params})"
+
+
+def gate_review_data(
+    sample: Any,
+    result: Any,
+    sample_id: str | None = None,
+    *,
+    bins_2d: int = BINS_2D,
+    bins_1d: int = BINS_1D,
+) -> pd.DataFrame:
+    """Gate-review rows (see the module docstring) for one gated sample.
+
+    ``sample`` is the :class:`cytopipe.Sample` the gating engine saw (after event QC) and ``result``
+    its :class:`~cytopipe.gating.GatingResult`. Cost: one histogram per panel over the parent's
+    events (a few ms per 100k events); the output holds no events.
+    """
+    if sample_id is None:
+        sample_id = Path(str(getattr(sample, "path", "") or "sample")).stem
+    vals = _DimValues(sample, result)
+    rows: list[dict[str, Any]] = []
+    pops = result.populations
+    for name, pop in pops.items():
+        base = {
+            "sample_id": str(sample_id),
+            "population": name,
+            "parent": pop.parent,
+            "source": pop.source,
+            "count": int(pop.count),
+            "parent_count": int(pop.parent_count),
+            "pct_parent": float(pop.pct_parent),
+            "flags": "; ".join(pop.flags),
+        }
+        idx = None if pop.parent == "root" else result.indices(pop.parent)
+        gate = pop.gate
+        panels = _panels_for(name, gate, pops, result)
+        params, names, param_dims = _gate_params(gate)
+        spans: dict[str, float] = {}
+        made = []
+        for panel in panels:
+            row = _panel_row(panel, vals, idx, pop.parent, bins_2d, bins_1d)
+            if row is None:
+                continue
+            for axis in ("x", "y"):
+                lim = row[f"{axis}_range"]
+                if row[axis] and len(lim):
+                    spans.setdefault(row[axis], float(lim[1] - lim[0]))
+            made.append(row)
+        if not made:
+            made.append(_empty_panel(gate))
+        for i, row in enumerate(made):
+            row.update(base)
+            row["panel"] = i
+            row["params"] = [float(p) for p in params]
+            row["param_names"] = list(names)
+            row["param_spans"] = [float(spans.get(d, np.nan)) for d in param_dims]
+            rows.append(row)
+    return _frame(rows)
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=GATE_REVIEW_COLUMNS)
+    df["panel"] = df["panel"].astype("int16")
+    for col in ("x_bins", "y_bins"):
+        df[col] = df[col].astype("int16")
+    for col in ("n_shown", "count", "parent_count"):
+        df[col] = df[col].astype("int64")
+    df["pct_parent"] = df["pct_parent"].astype("float64")
+    return df
+
+
+def _gate_type(gate: Any) -> str:
+    if gate is None:
+        return "none"
+    kind = getattr(gate, "type", "") or type(gate).__name__
+    if kind == "rectangle":
+        style = getattr(gate, "style", "rectangle")
+        return "range" if style == "range" else style
+    return str(kind)
+
+
+def _empty_panel(gate: Any) -> dict[str, Any]:
+    return {
+        "gate_type": _gate_type(gate),
+        "x": "",
+        "y": "",
+        "x_scale": "",
+        "y_scale": "",
+        "x_range": [],
+        "y_range": [],
+        "x_bins": 0,
+        "y_bins": 0,
+        "counts": [],
+        "condition": "",
+        "shapes": "[]",
+        "n_shown": 0,
+    }
+
+
+def _bound_text(dim: str, lo: float | None, hi: float | None) -> str:
+    if lo is not None and hi is not None:
+        return f"{lo:.3g} <= {dim} < {hi:.3g}"
+    if lo is not None:
+        return f"{dim} >= {lo:.3g}"
+    return f"{dim} < {hi:.3g}"
+
+
+def _panels_for(name: str, gate: Any, pops: Mapping[str, Any], result: Any) -> list[dict[str, Any]]:
+    """The views of one gate: which dimensions, which events, which shapes."""
+    if gate is None:
+        return []
+    kind = _gate_type(gate)
+    dims = list(getattr(gate, "dims", ()))
+    if kind == "boolean":
+        return _boolean_panels(name, gate, pops, result)
+    if kind in ("rectangle", "range", "quadrant"):
+        lower, upper = list(gate.lower), list(gate.upper)
+        groups = [list(range(i, min(i + 2, len(dims)))) for i in range(0, len(dims), 2)]
+        panels = []
+        for group in groups:
+            others = [j for j in range(len(dims)) if j not in group]
+            shape: dict[str, Any] = {"kind": "rect" if len(group) == 2 else "range"}
+            shape["x"] = [lower[group[0]], upper[group[0]]]
+            if len(group) == 2:
+                shape["y"] = [lower[group[1]], upper[group[1]]]
+            panels.append(
+                {
+                    "gate_type": kind,
+                    "dims": [dims[j] for j in group],
+                    "shapes": [shape],
+                    "condition": [(dims[j], lower[j], upper[j]) for j in others],
+                }
+            )
+        return panels
+    if kind == "polygon":
+        return [{"gate_type": kind, "dims": dims[:2], "shapes": [{"kind": "polygon", "vertices": gate.vertices.tolist()}], "condition": []}]  # fmt: skip
+    if kind == "ellipse":
+        shapes = []
+        if len(dims) == 2:
+            shapes = [
+                {
+                    "kind": "ellipse",
+                    "center": gate.center.tolist(),
+                    "covariance": gate.covariance.tolist(),
+                    "distance_square": float(gate.distance_square),
+                }
+            ]
+        return [{"gate_type": kind, "dims": dims[:2], "shapes": shapes, "condition": []}]
+    return [{"gate_type": kind, "dims": dims[:2], "shapes": [], "condition": []}] if dims else []
+
+
+def _boolean_panels(name: str, gate: Any, pops: Mapping[str, Any], result: Any) -> list[dict[str, Any]]:
+    """A boolean gate is drawn with its sibling operands' gates (same parent), inverted where
+    negated: e.g. ``CD56dim NK = not CD56bright NK`` shows the CD56bright ellipse, dashed."""
+    parent = pops[name].parent
+    negate_all = getattr(gate, "op", "") == "not"
+    panels = []
+    for operand in getattr(gate, "operands", ()):
+        other = pops.get(operand.population)
+        if other is None or other.parent != parent or other.gate is None:
+            continue
+        for panel in _panels_for(operand.population, other.gate, pops, result):
+            for shape in panel["shapes"]:
+                shape["negate"] = bool(operand.negate) != negate_all
+                shape["of"] = operand.population
+            panel["gate_type"] = "boolean"
+            panel["inside_population"] = name
+            panels.append(panel)
+    return panels
+
+
+def _panel_row(
+    panel: Mapping[str, Any],
+    vals: _DimValues,
+    idx: np.ndarray | None,
+    scope: str,
+    bins_2d: int,
+    bins_1d: int,
+) -> dict[str, Any] | None:
+    dims = panel["dims"]
+    if not dims:
+        return None
+    sel = idx
+    cond_text = []
+    if panel["condition"]:
+        keep = None
+        for dim, lo, hi in panel["condition"]:
+            got = vals.values(dim, idx, scope)
+            if got is None:
+                return None
+            v = got[0]
+            ok = np.ones(len(v), dtype=bool)
+            if lo is not None:
+                ok &= v >= lo
+            if hi is not None:
+                ok &= v < hi
+            keep = ok if keep is None else keep & ok
+            cond_text.append(_bound_text(dim.name, lo, hi))
+        base = np.arange(vals.events.shape[0]) if idx is None else idx
+        sel = base[keep]
+        scope = f"{scope} | {' and '.join(cond_text)}"
+    axes = []
+    for dim in dims:
+        got = vals.values(dim, sel, scope)
+        if got is None:
+            return None
+        axes.append(got)
+    shapes = panel["shapes"]
+    if len(axes) == 2:
+        (x, xs), (y, ys) = axes
+        xe = _edges(x, _shape_extent(shapes, 0), bins_2d)
+        ye = _edges(y, _shape_extent(shapes, 1), bins_2d)
+        counts = _hist2d(x, y, xe, ye)
+    else:
+        (x, xs) = axes[0]
+        xe = _edges(x, _shape_extent(shapes, 0), bins_1d)
+        ye, ys = np.empty(0), ""
+        counts = _hist1d(x, xe)
+    xr = [float(xe[0]), float(xe[-1])]
+    yr = [float(ye[0]), float(ye[-1])] if len(ye) else []
+    return {
+        "gate_type": panel["gate_type"],
+        "x": dims[0].name,
+        "y": dims[1].name if len(dims) > 1 else "",
+        "x_scale": xs,
+        "y_scale": ys,
+        "x_range": xr,
+        "y_range": yr,
+        "x_bins": len(xe) - 1,
+        "y_bins": max(len(ye) - 1, 0),
+        "counts": counts.ravel().astype(np.int32).tolist(),
+        "condition": " and ".join(cond_text),
+        "shapes": json.dumps(shapes, allow_nan=False, default=_none_for_inf),
+        "n_shown": int(len(x)),
+    }
+
+
+def _none_for_inf(value: Any) -> Any:  # pragma: no cover - json calls it for unknown types only
+    return None
+
+
+def _shape_extent(shapes: Sequence[Mapping[str, Any]], axis: int) -> list[float]:
+    """Finite coordinates of the gate along one axis (the grid is widened to show them)."""
+    out: list[float] = []
+    key = "xy"[axis]
+    for s in shapes:
+        kind = s["kind"]
+        if kind in ("rect", "range") and key in s:
+            out += [v for v in s[key] if v is not None and np.isfinite(v)]
+        elif kind == "polygon":
+            v = np.asarray(s["vertices"], dtype=float)[:, axis]
+            out += [float(a) for a in v if np.isfinite(a) and abs(a) < _OPEN]
+        elif kind == "ellipse":
+            c = s["center"][axis]
+            half = float(np.sqrt(s["distance_square"] * s["covariance"][axis][axis]))
+            out += [c - half, c + half]
+    return out
+
+
+def _edges(v: np.ndarray, extra: Sequence[float], bins: int) -> np.ndarray:
+    """Bin edges over the robust range of ``v`` (0.5-99.5% quantiles), widened to ``extra``
+    (the gate's coordinates) and padded by 5%."""
+    finite = v[np.isfinite(v)] if v.dtype.kind == "f" else v
+    if len(finite) > _QUANTILE_SAMPLE:  # a strided subset: deterministic and fast
+        finite = finite[:: len(finite) // _QUANTILE_SAMPLE]
+    if len(finite):
+        lo, hi = (float(q) for q in np.quantile(finite, QUANTILES))
+    else:
+        lo, hi = 0.0, 1.0
+    if extra:
+        lo, hi = min(lo, *extra), max(hi, *extra)
+    span = hi - lo
+    if not np.isfinite(span) or span <= 0:
+        lo, hi, span = lo - 0.5, lo + 0.5, 1.0
+    return np.linspace(lo - 0.05 * span, hi + 0.05 * span, bins + 1)
+
+
+def _bin_index(v: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    n = len(edges) - 1
+    with np.errstate(invalid="ignore", over="ignore"):
+        f = (v - edges[0]) * (n / (edges[-1] - edges[0]))
+        f = np.where(np.isfinite(f), f, -1.0)
+        i = np.floor(f).astype(np.int64)
+    i[i > n] = -1  # beyond the grid (not counted)
+    i[i == n] = n - 1  # the upper edge belongs to the last bin
+    return i
+
+
+def _hist2d(x: np.ndarray, y: np.ndarray, xe: np.ndarray, ye: np.ndarray) -> np.ndarray:
+    nx, ny = len(xe) - 1, len(ye) - 1
+    ix, iy = _bin_index(x, xe), _bin_index(y, ye)
+    ok = (ix >= 0) & (iy >= 0)
+    return np.bincount(iy[ok] * nx + ix[ok], minlength=nx * ny).reshape(ny, nx)
+
+
+def _hist1d(x: np.ndarray, xe: np.ndarray) -> np.ndarray:
+    ix = _bin_index(x, xe)
+    return np.bincount(ix[ix >= 0], minlength=len(xe) - 1)
+
+
+def _gate_params(gate: Any) -> tuple[list[float], list[str], list[str]]:
+    """The gate's numbers the outlier rule compares: ``(values, names, dimension of each)``."""
+    kind = _gate_type(gate)
+    if gate is None or kind in ("boolean", "none"):
+        return [], [], []
+    dims = [d.name for d in getattr(gate, "dims", ())]
+    values: list[float] = []
+    names: list[str] = []
+    owner: list[str] = []
+    if kind in ("rectangle", "range", "quadrant"):
+        for d, lo, hi in zip(dims, gate.lower, gate.upper):
+            for v, op in ((lo, ">="), (hi, "<")):
+                if v is not None and np.isfinite(v):
+                    values.append(float(v))
+                    names.append(f"{d} {op}")
+                    owner.append(d)
+    elif kind == "ellipse":
+        for d, c in zip(dims, gate.center):
+            values.append(float(c))
+            names.append(f"{d} centre")
+            owner.append(d)
+    elif kind == "polygon" and len(dims) == 2:
+        v = np.asarray(gate.vertices, dtype=float)
+        open_end = ~np.isfinite(v).all(axis=1) | (np.abs(np.nan_to_num(v, nan=0.0)) >= _OPEN).any(axis=1)
+        if open_end.any():  # rays from the origin, e.g. the singlet wedge: their area/height ratios
+            for k, (a, b) in enumerate(v[open_end]):
+                if np.isfinite(a) and np.isfinite(b) and b != 0:
+                    values.append(float(a / b))
+                    names.append(f"{dims[0]}/{dims[1]} ratio {k + 1}")
+                    owner.append("")
+        else:
+            for j, d in enumerate(dims):
+                values.append(float(v[:, j].mean()))
+                names.append(f"{d} centre")
+                owner.append(d)
+    return values, names, owner
+
+
+# ------------------------------------------------------------------------------------------------
+# storing and reading
+# ------------------------------------------------------------------------------------------------
+def write_gate_review(run_dir: str | Path, table: pd.DataFrame) -> Path:
+    """Write the gate-review table (rows of every sample) as ``RUN_DIR/gate_review.parquet``
+    (atomically: temporary file, then rename)."""
+    import io
+    import os
+    import tempfile
+
+    missing = [c for c in GATE_REVIEW_COLUMNS if c not in table.columns]
+    if missing:
+        raise ReportError(f"gate-review table lacks columns {missing}", key="gate_review")
+    path = Path(run_dir) / GATE_REVIEW_FILE
+    buf = io.BytesIO()
+    table[GATE_REVIEW_COLUMNS].reset_index(drop=True).to_parquet(buf, index=False, compression="zstd")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_gate_review(run_dir: str | Path) -> pd.DataFrame | None:
+    """The run's gate-review table, or None when the run folder has none."""
+    path = Path(run_dir) / GATE_REVIEW_FILE
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_parquet(path)
+    except Exception as exc:  # a damaged file: say which and what to do
+        raise ReportError(
+            f"cannot read the gate-review table ({exc}); rerun `cytopipe run` to rewrite it", file=path
+        ) from None
+    missing = [c for c in GATE_REVIEW_COLUMNS if c not in table.columns]
+    if missing:
+        raise ReportError(f"the gate-review table lacks columns {missing}", file=path)
+    return table
+
+
+def panel_arrays(row: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(x_edges, y_edges, counts)`` of one gate-review row; counts shaped (ny, nx) or (nx,)."""
+    nx, ny = int(row["x_bins"]), int(row["y_bins"])
+    xe = np.linspace(*row["x_range"], nx + 1) if nx else np.empty(0)
+    ye = np.linspace(*row["y_range"], ny + 1) if ny else np.empty(0)
+    counts = np.asarray(row["counts"], dtype=np.int64)
+    if ny:
+        counts = counts.reshape(ny, nx)
+    return xe, ye, counts
+
+
+# ------------------------------------------------------------------------------------------------
+# the outlier rule
+# ------------------------------------------------------------------------------------------------
+def gate_outliers(
+    review: pd.DataFrame, samples: pd.DataFrame | None = None, z: float = OUTLIER_Z
+) -> pd.DataFrame:
+    """Flagged and outlying gates, one row per sample x population.
+
+    ``samples`` maps ``sample_id`` to ``patient_id`` and ``visit`` (e.g. population_stats); without
+    it only the cohort comparison is made. For each gate, each of its numbers (every fitted
+    threshold, ellipse centre or singlet ratio, and the frequency as logit of
+    ``(count + 0.5) / (parent_count + 1)``) gets two robust z-scores:
+
+    * vs the cohort: ``(v - median) / s``, ``s = max(1.4826 MAD, floor)`` over all samples;
+    * vs the patient's other visits: ``(v - median of the patient's other visits) / s_w``, where
+      ``s_w = max(1.4826 median |v - median of other visits|, floor)`` over all samples (needs >= 2
+      other visits of the patient).
+
+    Floors: 2% of the axis span for gate numbers, 0.1 on the logit scale for frequencies. A gate
+    is an outlier when any |z| > ``z`` (3.5). Columns: ``sample_id, population, patient_id,
+    visit, pct_parent, flagged, flags, outlier, score`` (largest |z|), ``reasons``.
+    """
+    first = review[review["panel"] == 0].copy()
+    first = first.drop_duplicates(["sample_id", "population"])
+    if samples is not None and len(samples):
+        meta = samples[["sample_id", "patient_id", "visit"]].drop_duplicates("sample_id")
+        first = first.merge(meta, on="sample_id", how="left")
+    else:
+        first["patient_id"] = None
+        first["visit"] = np.nan
+    out = []
+    for population, g in first.groupby("population", sort=False):
+        g = g.reset_index(drop=True)
+        quantities = _quantities(g)
+        score = np.zeros(len(g))
+        reasons: list[list[str]] = [[] for _ in range(len(g))]
+        for label, values, floor, fmt in quantities:
+            zc = _cohort_z(values, floor)
+            zp = _patient_z(values, g["patient_id"], g["visit"], floor)
+            for kind, zz in (("cohort", zc), ("patient's other visits", zp)):
+                hit = np.abs(zz) > z
+                score = np.fmax(score, np.nan_to_num(np.abs(zz)))
+                for i in np.flatnonzero(hit):
+                    reasons[i].append(
+                        f"{label} {fmt(values[i])} is an outlier vs the {kind} (z={zz[i]:+.1f})"
+                    )
+        flagged = g["flags"].fillna("").astype(str) != ""
+        out.append(
+            pd.DataFrame(
+                {
+                    "sample_id": g["sample_id"],
+                    "population": population,
+                    "patient_id": g["patient_id"],
+                    "visit": g["visit"],
+                    "pct_parent": g["pct_parent"],
+                    "flagged": flagged.to_numpy(),
+                    "flags": g["flags"].fillna(""),
+                    "outlier": [bool(r) for r in reasons],
+                    "score": score,
+                    "reasons": ["; ".join(r) for r in reasons],
+                }
+            )
+        )
+    if not out:
+        cols = ["sample_id", "population", "patient_id", "visit", "pct_parent", "flagged", "flags",
+                "outlier", "score", "reasons"]  # fmt: skip
+        return pd.DataFrame(columns=cols)
+    return pd.concat(out, ignore_index=True)
+
+
+def _quantities(g: pd.DataFrame) -> list[tuple[str, np.ndarray, float, Any]]:
+    """(label, values, scale floor, formatter) of every number compared for one gate."""
+    out = []
+    count = g["count"].to_numpy(float)
+    parent = g["parent_count"].to_numpy(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = (count + 0.5) / (parent + 1.0)
+        logit = np.log(frac / (1 - frac))
+    out.append(("frequency", logit, FREQ_FLOOR, lambda v: f"{100 / (1 + np.exp(-v)):.2f}%"))
+    lengths = g["params"].map(len)
+    k = int(lengths.max()) if len(g) else 0
+    if k == 0:
+        return out
+    names = g["param_names"].iloc[int(np.argmax(lengths.to_numpy()))]
+    for j in range(k):
+        vals = np.array([p[j] if len(p) > j else np.nan for p in g["params"]], dtype=float)
+        spans = np.array([s[j] if len(s) > j else np.nan for s in g["param_spans"]], dtype=float)
+        span = float(np.nanmedian(spans)) if np.isfinite(spans).any() else np.nan
+        if not np.isfinite(span):  # e.g. singlet ratios: 2% of the median value
+            span = float(np.nanmedian(np.abs(vals))) if np.isfinite(vals).any() else 1.0
+        out.append((f"threshold {names[j]}", vals, PARAM_FLOOR * span, lambda v: f"{v:.3g}"))
+    return out
+
+
+def _cohort_z(values: np.ndarray, floor: float) -> np.ndarray:
+    finite = values[np.isfinite(values)]
+    if len(finite) < 3:
+        return np.full(len(values), np.nan)
+    med = np.median(finite)
+    scale = max(MAD_TO_SD * float(np.median(np.abs(finite - med))), floor)
+    return (values - med) / scale
+
+
+def _patient_z(values: np.ndarray, patients: pd.Series, visits: pd.Series, floor: float) -> np.ndarray:
+    """Robust z of each value vs the median of the same patient's other visits."""
+    z = np.full(len(values), np.nan)
+    if patients.isna().all():
+        return z
+    frame = pd.DataFrame({"p": patients.astype(str), "v": visits, "x": values, "i": np.arange(len(values))})
+    frame = frame[patients.notna().to_numpy()]
+    frame["slot"] = frame.groupby("p").cumcount()
+    wide = frame.pivot(index="p", columns="slot", values="x").to_numpy(float)
+    pos = frame.pivot(index="p", columns="slot", values="i").to_numpy(float)
+    loo = np.full(wide.shape, np.nan)
+    for j in range(wide.shape[1]):
+        others = np.delete(wide, j, axis=1)
+        enough = np.isfinite(others).sum(axis=1) >= 2
+        if enough.any():
+            loo[enough, j] = np.nanmedian(others[enough], axis=1)
+    dev = wide - loo
+    finite = np.abs(dev[np.isfinite(dev)])
+    if not len(finite):
+        return z
+    scale = max(MAD_TO_SD * float(np.median(finite)), floor)
+    ok = np.isfinite(pos)
+    z[pos[ok].astype(int)] = (dev / scale)[ok]
+    return z

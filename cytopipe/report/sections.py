@@ -1,0 +1,695 @@
+"""The report's sections, each built from a :class:`~cytopipe.report.data.RunData`.
+
+Every section is a function ``(builder) -> Section | None``; :data:`SECTIONS` lists them in page
+order. A later step adds its section by appending a function here (the optional cluster section
+is one: it appears only when the run folder holds ``clusters.parquet``).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cytopipe.errors import CytopipeError
+from cytopipe.report import figures as F
+from cytopipe.report import html as H
+from cytopipe.report.data import RunData
+
+ENDPOINT_TITLES = {
+    "sri4": "SRI-4 response",
+    "sri5": "SRI-5 response",
+    "sri6": "SRI-6 response",
+    "sri7": "SRI-7 response",
+    "sri8": "SRI-8 response",
+    "renal_any": "Renal response (complete or partial)",
+    "renal_complete": "Complete renal response",
+}
+CLUSTER_DIR = "clusters"  # optional inputs of the cluster section: clusters/umap.parquet, ...
+
+
+class Builder:
+    """Collects figures and CSV tables while the sections are built."""
+
+    def __init__(self, data: RunData, tables_href: str, max_gallery: int = 36):
+        self.data = data
+        self.colors = F.arm_colors(data.arms, data.reference_arm, data.dose_ordered)
+        self.tables: dict[str, pd.DataFrame] = {}
+        self.figures: list[F.Rendered] = []
+        self.tables_href = tables_href
+        self.max_gallery = max_gallery
+        self.dynamics: pd.DataFrame | None = None  # per-patient changes, set by the dynamics section
+
+    @property
+    def reference(self) -> str:
+        """How captions name the reference arm (never by name in a blinded report)."""
+        d = self.data
+        return (
+            f"the reference arm ({d.reference_arm})"
+            if d.reference_arm and not d.blinded
+            else "the reference arm"
+        )
+
+    def figure(self, fig: Any, name: str, alt: str, caption: str) -> str:
+        rendered = F.render(fig, name, alt)
+        self.figures.append(rendered)
+        return H.figure(rendered, caption)
+
+    def csv(self, df: pd.DataFrame, name: str) -> str:
+        self.tables[name] = df
+        return f"{self.tables_href}/{name}.csv"
+
+    def table(self, df: pd.DataFrame, name: str | None, caption: str = "", shown: pd.DataFrame | None = None,
+              **kw: Any) -> str:  # fmt: skip
+        """Register ``df`` as CSV ``name`` and return the HTML of ``shown`` (default ``df``)."""
+        href = self.csv(df, name) if name else None
+        return H.table(df if shown is None else shown, csv=href, caption=caption, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+
+
+def _family(data: RunData, family: str, measure: str = "pct_parent") -> pd.DataFrame:
+    st = data.statistics
+    if st is None or st.empty:
+        return pd.DataFrame()
+    sel = st[(st["family"] == family) & ((st["measure"] == measure) if measure else True)]
+    return sel.reset_index(drop=True)
+
+
+def _ci_text(est: float, lo: float, hi: float, scale: float = 1.0, digits: int = 3) -> str:
+    if not np.isfinite(est):
+        return ""
+    text = f"{est * scale:.{digits}g}"
+    if np.isfinite(lo) and np.isfinite(hi):
+        text += f" [{lo * scale:.{digits}g}, {hi * scale:.{digits}g}]"
+    return text
+
+
+def _arm_of(comparison: str) -> str:
+    return str(comparison).split(" vs ")[0]
+
+
+def _in_order(
+    table: pd.DataFrame, populations: Sequence[str], arms: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Rows in template order of populations (then arm display order and visit), stable."""
+    pop_rank = {p: i for i, p in enumerate(populations)}
+    keys = pd.DataFrame({"p": table["population"].astype(str).map(lambda v: pop_rank.get(v, len(pop_rank)))})
+    if arms is not None and "arm" in table.columns:
+        arm_rank = {a: i for i, a in enumerate(arms)}
+        keys["a"] = table["arm"].astype(str).map(lambda v: arm_rank.get(v, len(arm_rank)))
+    if "visit" in table.columns:
+        keys["v"] = pd.to_numeric(table["visit"], errors="coerce").fillna(-1)
+    order = keys.sort_values(list(keys.columns), kind="stable").index
+    return table.loc[order].reset_index(drop=True)
+
+
+def _sig_rows(q: pd.Series) -> list[str]:
+    return [
+        "sig" if np.isfinite(v) and v < 0.05 else "" for v in pd.to_numeric(q, errors="coerce").astype(float)
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# overview
+# ------------------------------------------------------------------------------------------------
+def overview(b: Builder) -> H.Section:
+    d = b.data
+    s = H.Section("overview", "Overview")
+    ps = d.population_stats
+    samples = d.samples
+    n_files = len(samples) if samples is not None else ps["sample_id"].nunique()
+    status = samples["status"].astype(str).value_counts() if samples is not None else pd.Series(dtype=int)
+    items = [
+        ("files in the run", str(n_files)),
+        ("samples gated", str(ps["sample_id"].nunique())),
+        ("patients", str(ps["patient_id"].nunique())),
+        ("arms", str(len(d.arms))),
+        ("visits (weeks)", ", ".join(str(int(v)) for v in sorted(ps["visit"].dropna().unique()))),
+        ("populations", str(ps["population"].nunique())),
+    ]
+    if samples is not None:
+        items += [
+            ("flagged", str(int(status.get("flagged", 0)))),
+            ("failed", str(int(status.get("failed", 0)))),
+        ]
+    s.add(H.kpis(items))
+    s.add(f'<p class="lead">Arm colours used in every figure: {H.swatches(b.colors, d.arms)}</p>')
+    if d.blinded:
+        s.add(H.paragraph(
+            "Blinded report: every arm is shown by its code (Arm A, Arm B, ...) in every figure, table and "
+            "CSV file of this report. Codes are not in dose order.", "note"))  # fmt: skip
+    for note in d.notes:
+        s.add(H.paragraph(note, "note"))
+    if d.clinical_error:
+        s.add(H.paragraph(f"Clinical table not used: {d.clinical_error}", "error"))
+    info = d.info
+    facts = []
+    if info.get("finished_at"):
+        facts.append(f"run finished {info['finished_at']}")
+    if info.get("cytopipe_version"):
+        facts.append(f"cytopipe {info['cytopipe_version']}")
+    facts.append(f"run folder {d.folder_name}")
+    s.add(H.paragraph("; ".join(facts) + "."))
+    s.add(H.paragraph(
+        "How to read this report: start with the run summary (did every file make it through QC?), then "
+        "review the gates (flagged and outlying gates come first), then the dynamics of each population by "
+        "arm, the clinical endpoints, the correlations between immune and clinical changes, and the "
+        "mixed-model estimates. Every table is also a CSV file next to this report."))  # fmt: skip
+    return s
+
+
+# ------------------------------------------------------------------------------------------------
+# run summary and QC
+# ------------------------------------------------------------------------------------------------
+_FLAG_SPLIT = re.compile(r"; (?=(?:gate |qc_|QC |sample ))")
+
+
+def run_summary(b: Builder) -> H.Section:
+    d = b.data
+    s = H.Section("qc", "Run summary and QC")
+    samples = d.samples
+    if samples is None:
+        s.add(H.paragraph(
+            "The run folder has no samples.parquet, so per-file QC is unknown; the table lists the "
+            "samples found in population_stats.", "note"))  # fmt: skip
+        root = d.population_stats.drop_duplicates("sample_id")
+        s.add(b.table(root[["sample_id", "patient_id", "visit", "arm"]], "samples", "Samples."))
+        return s
+    samples = samples.copy()
+    control = (
+        samples["control"].fillna("").astype(str)
+        if "control" in samples
+        else pd.Series("", index=samples.index)
+    )
+    before = pd.to_numeric(samples.get("events_before_qc"), errors="coerce")
+    after = pd.to_numeric(samples.get("events_after_qc"), errors="coerce")
+    samples["kept_pct"] = 100 * after / before
+    n = len(samples)
+    counts = samples["status"].astype(str).value_counts()
+    s.add(H.paragraph(
+        f"{n} files ({int((control != '').sum())} compensation controls): {int(counts.get('ok', 0))} ok, "
+        f"{int(counts.get('flagged', 0))} flagged, {int(counts.get('failed', 0))} failed. Event QC kept "
+        f"{int(np.nansum(after)):,} of {int(np.nansum(before)):,} events "
+        f"(median per file {np.nanmedian(samples['kept_pct']) if samples['kept_pct'].notna().any() else float('nan'):.1f}%)."))  # fmt: skip
+    if {"events_before_qc", "events_after_qc"} <= set(samples.columns):
+        s.add(b.figure(
+            F.qc_events_figure(samples), "qc-events", "Events kept by QC per file",
+            "Each point is one FCS file: its size (x) and the share of its events kept after event QC "
+            "(margin events and unstable acquisition time removed; y). Files that lost an unusual share "
+            "are flagged; failed files have no events after QC and sit at 0."))  # fmt: skip
+    failed = samples[samples["status"].astype(str) == "failed"]
+    s.sub("qc-failures", "Failures")
+    if failed.empty:
+        s.add(H.paragraph("No file failed."))
+    else:
+        cols = [c for c in ("sample_id", "file", "failed_step", "error") if c in failed.columns]
+        s.add(b.table(failed[cols], "failures", "Files that could not be processed, with the reason. "
+                      "They are not in any other table or figure.", collapse_over=60))  # fmt: skip
+    s.sub("qc-flags", "Flags")
+    flag_rows = []
+    for rec in samples.itertuples(index=False):
+        text = getattr(rec, "flags", None)
+        if isinstance(text, str) and text.strip():
+            for flag in _FLAG_SPLIT.split(text):
+                flag_rows.append({"sample_id": rec.sample_id, "status": rec.status, "flag": flag})
+    if flag_rows:
+        s.add(b.table(pd.DataFrame(flag_rows), "flags",
+                      "One row per flag: gates that fell back to a pooled estimate, populations with few parent "
+                      "events, files that lost an unusual share of events. Flagged samples stay in the analysis; "
+                      "review them in the gate gallery.", collapse_over=30))  # fmt: skip
+    else:
+        s.add(H.paragraph("No flags."))
+    s.sub("qc-samples", "Per-sample table")
+    cols = [c for c in ("sample_id", "patient_id", "visit", "arm", "control", "status", "events_before_qc",
+                        "events_after_qc", "kept_pct", "qc_margin_events", "qc_time_events", "qc_note", "error")
+            if c in samples.columns]  # fmt: skip
+    classes = [
+        "bad" if st == "failed" else "warn" if st == "flagged" else "" for st in samples["status"].astype(str)
+    ]
+    s.add(b.table(samples[cols], "samples", "Every file of the run: status, events before and after QC, and "
+                  "events removed by the margin and time checks.", row_class=classes, collapse_over=40))  # fmt: skip
+    return s
+
+
+# ------------------------------------------------------------------------------------------------
+# gate review gallery
+# ------------------------------------------------------------------------------------------------
+def gate_gallery(b: Builder) -> H.Section:
+    from cytopipe.report.gate_review import OUTLIER_Z, gate_outliers
+
+    d = b.data
+    s = H.Section("gates", "Gate review gallery")
+    review = d.gate_review
+    if review is None or review.empty:
+        s.add(H.paragraph(
+            "This run folder has no gate-review data (gate_review.parquet), so gates cannot be drawn. "
+            "Runs of `cytopipe run` that store it show here every gate of every sample.", "note"))  # fmt: skip
+        return s
+    meta = d.population_stats[["sample_id", "patient_id", "visit"]].drop_duplicates("sample_id")
+    flags = gate_outliers(review, meta)
+    s.add(H.paragraph(
+        "For every gate, each small panel is one sample: the density of the parent population's events on "
+        "the gate's axes (transformed units; darker = fewer events, yellow = most), the gate as applied "
+        "(pink; dashed = the gate is the complement of the drawn shape), and the % of the parent inside. "
+        "Flagged gates (red frame: the data-driven fit failed or left its bounds and a pooled estimate was "
+        "used) come first, then outlying gates (orange frame), then the rest. A gate is an outlier when "
+        f"one of its fitted numbers (threshold, centre) or its frequency lies more than {OUTLIER_Z} robust "
+        "SDs from the median of the same patient's other visits or of the whole cohort "
+        "(robust z = (value - median) / (1.4826 MAD); see docs/reports.md)."))  # fmt: skip
+    summary = (
+        flags.groupby("population", sort=False)
+        .agg(
+            samples=("sample_id", "size"),
+            flagged=("flagged", "sum"),
+            outliers=("outlier", "sum"),
+            median_pct_parent=("pct_parent", "median"),
+        )  # fmt: skip
+        .reset_index()
+        .rename(columns={"median_pct_parent": "median % of parent"})
+    )
+    s.add(
+        b.table(summary, None, "Gates at a glance: samples, flagged and outlying gates, median % of parent.")
+    )
+    csv_cols = ["sample_id", "population", "patient_id", "visit", "pct_parent", "flagged", "outlier", "score",
+                "flags", "reasons"]  # fmt: skip
+    b.csv(flags[csv_cols], "gate_review")
+    by_pop = dict(tuple(review.groupby("population", sort=False)))
+    flag_pop = dict(tuple(flags.groupby("population", sort=False)))
+    order = list(dict.fromkeys(review["population"]))
+    for pop in order:
+        rows = by_pop[pop]
+        f = flag_pop[pop].copy()
+        f["rank"] = np.where(f["flagged"], 0, np.where(f["outlier"], 1, 2))
+        f = f.sort_values(["rank", "score", "sample_id"], ascending=[True, False, True], kind="stable")
+        chosen = list(f["sample_id"].head(b.max_gallery))
+        first = rows.iloc[0]
+        s.sub(f"gate-{_slug(pop)}", f"{pop}  (of {first['parent']})")
+        n_flag, n_out = int(f["flagged"].sum()), int((f["outlier"] & ~f["flagged"]).sum())
+        mark = {
+            r.sample_id: ("flag" if r.flagged else "outlier" if r.outlier else "") for r in f.itertuples()
+        }
+        score = dict(zip(f["sample_id"], f["score"]))
+        panels = sorted(int(p) for p in rows["panel"].unique())
+        for panel in panels:
+            pr = rows[rows["panel"] == panel].set_index("sample_id")
+            ids = [i for i in chosen if i in pr.index and pr.loc[i, "x"]]
+            if not ids:
+                continue
+            recs = [pr.loc[i].to_dict() for i in ids]
+            labels = [f"{i}  {pr.loc[i, 'pct_parent']:.1f}%"
+                      + (" (flag)" if mark[i] == "flag" else f" (z {score[i]:.1f})" if mark[i] == "outlier" else "")
+                      for i in ids]  # fmt: skip
+            head = recs[0]
+            axes = f"{head['x']} × {head['y']}" if head["y"] else head["x"]
+            scale = (
+                head["x_scale"]
+                if head["x_scale"] == head.get("y_scale", head["x_scale"]) or not head["y"]
+                else f"{head['x_scale']} / {head['y_scale']}"
+            )
+            cond = (
+                f" Events shown: {first['parent']} events with {head['condition']}."
+                if head["condition"]
+                else ""
+            )
+            more = (
+                f" Showing {len(ids)} of {len(pr)} samples (flagged and outlying first)."
+                if len(pr) > len(ids)
+                else ""
+            )
+            caption = (f"{pop}: {axes} ({scale}) of the {first['parent']} events.{cond} "
+                       f"{n_flag} flagged, {n_out} outlying.{more}")  # fmt: skip
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fig = F.gallery_figure(recs, [mark[i] for i in ids], labels)
+            s.add(b.figure(fig, f"gate-{_slug(pop)}-{panel}", f"Gate review: {pop} ({axes})", caption))
+        bad = f[f["flagged"] | f["outlier"]]
+        if len(bad):
+            shown = bad[["sample_id", "pct_parent", "flags", "reasons"]].rename(
+                columns={"pct_parent": "% of parent", "reasons": "outlier reasons"})  # fmt: skip
+            s.add(H.table(shown, caption=f"Flagged and outlying {pop} gates.", collapse_over=8))
+    return s
+
+
+# ------------------------------------------------------------------------------------------------
+# dynamics
+# ------------------------------------------------------------------------------------------------
+def _dynamics_tables(d: RunData) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, str]:
+    from cytopipe.errors import StatisticsError
+    from cytopipe.stats import add_wilson_ci, baseline_change, summarise_by_arm
+
+    ps = d.population_stats
+    ps = ps[ps["arm"].astype(str).isin(d.arms)]
+    if {"count", "parent_count"} <= set(ps.columns):
+        ps = add_wilson_ci(ps)
+    note = ""
+    try:
+        dyn = baseline_change(ps, "pct_parent", baseline_visit=d.baseline_visit)
+    except StatisticsError:
+        dyn = baseline_change(ps, "pct_parent", baseline_visit=d.baseline_visit, duplicates="mean")
+        note = "Some patients have several samples at one visit: the figures average them."
+    summary = summarise_by_arm(dyn)
+    return ps, dyn, summary, note
+
+
+def dynamics(b: Builder) -> H.Section:
+    d = b.data
+    s = H.Section("dynamics", "Dynamics")
+    ps, dyn, summary, note = _dynamics_tables(d)
+    b.dynamics = dyn  # reused by the correlation section
+    if note:
+        s.add(H.paragraph(note, "note"))
+    pops = [p for p in d.populations if p in set(ps["population"])]
+    n_patients = ps["patient_id"].nunique()
+    show_ci = "pct_ci_low" in ps.columns and n_patients <= 60
+    ci_text = (" Thin vertical bars are each sample's 95% Wilson interval of its frequency, from its event "
+               "counts (how precisely that sample's frequency is measured).") if show_ci else ""  # fmt: skip
+    s.add(H.paragraph(
+        "How each population changes over the trial, by arm. Frequencies are % of the parent population "
+        "named on the axis. Thin lines: individual patients; thick lines: arm means with 95% confidence "
+        "intervals (t interval over patients)."))  # fmt: skip
+    s.add(b.figure(
+        F.dynamics_figure(ps, summary, pops, d.arms, b.colors, show_sample_ci=show_ci),
+        "dynamics", "Population frequencies over visits by arm",
+        "Frequencies over visits: patients' trajectories and the arm means (95% CI)." + ci_text))  # fmt: skip
+    s.add(b.figure(
+        F.change_figure(summary, pops, d.arms, b.colors, d.baseline_visit),
+        "dynamics-change", "Mean change from baseline by arm",
+        f"Mean change from week {d.baseline_visit} in percentage points (pp) with 95% CI, per arm and visit: "
+        f"what the mixed model compares between each arm and {b.reference}."))  # fmt: skip
+    cols = ["population", "parent", "arm", "visit", "n", "mean", "ci_low", "ci_high", "mean_change",
+            "change_ci_low", "change_ci_high", "median", "median_log2fc"]  # fmt: skip
+    table = summary[cols]
+    s.add(b.table(table, "dynamics_by_arm",
+                  "Arm summaries per population and visit: mean % of parent with 95% CI, mean change from "
+                  "baseline with 95% CI, median and median log2 fold change.", collapse_over=20))  # fmt: skip
+    per_sample = [c for c in ("sample_id", "patient_id", "arm", "visit", "population", "parent", "count",
+                              "parent_count", "pct_parent", "pct_ci_low", "pct_ci_high") if c in ps.columns]  # fmt: skip
+    href = b.csv(ps[per_sample], "dynamics_per_sample")
+    s.add(f'<div class="caption">Per-sample frequencies with their Wilson 95% intervals: '
+          f'<a class="csv" href="{H.esc(href)}">CSV</a></div>')  # fmt: skip
+    return s
+
+
+# ------------------------------------------------------------------------------------------------
+# clinical endpoints
+# ------------------------------------------------------------------------------------------------
+def clinical(b: Builder) -> H.Section:
+    from cytopipe.clinical import response_rates
+
+    d = b.data
+    s = H.Section("clinical", "Clinical endpoints")
+    if d.endpoints is None:
+        why = d.clinical_error or "this run has no clinical table (set `clinical:` in the workflow)"
+        s.add(H.paragraph(f"No clinical endpoints: {why}.", "note"))
+        return s
+    ep = d.endpoints
+    names = [c for c in ep.columns if re.fullmatch(r"sri\d+", c)]
+    if "renal_eligible" in ep.columns and ep["renal_eligible"].fillna(False).astype(bool).any():
+        names.append("renal_any")
+    rates = {}
+    for name in names:
+        r = response_rates(ep, name)
+        rates[name] = r[r["arm"].astype(str).isin(d.arms)]
+    s.add(H.paragraph(
+        "Responder rates by arm and visit with Wilson 95% intervals. SRI-4: SLEDAI fell by at least 4 points, "
+        "no new BILAG A and at most one new BILAG B domain, and PGA did not worsen by 0.3 or more, all vs "
+        "baseline. Renal response (patients with baseline proteinuria > 0.5 g/24 h): complete (< 0.5 g/24 h) "
+        "or partial (at least halved and < 3 g/24 h). Missing visits count as non-response (NRI)."))  # fmt: skip
+    s.add(b.figure(F.rates_figure(rates, ENDPOINT_TITLES, d.arms, b.colors), "clinical-rates",
+                   "Response rates by arm and visit", "Responder rates (%) with Wilson 95% CI."))  # fmt: skip
+    table = pd.concat(rates.values(), ignore_index=True)
+    table["rate_pct"] = 100 * table["rate"]
+    table["ci_low_pct"] = 100 * table["ci_low"]
+    table["ci_high_pct"] = 100 * table["ci_high"]
+    table["arm"] = pd.Categorical(table["arm"], d.arms, ordered=True)
+    table = table.sort_values(["endpoint", "visit", "arm"])
+    table["arm"] = table["arm"].astype(str)
+    cols = ["endpoint", "visit", "arm", "responders", "n", "rate_pct", "ci_low_pct", "ci_high_pct", "imputed"]
+    s.add(b.table(table[cols], "response_rates",
+                  "Responders / evaluable patients, rate (%) with Wilson 95% CI, and how many non-responders "
+                  "were imputed (missed visits).", collapse_over=30))  # fmt: skip
+    tests = _family(d, "response_rate", measure="")
+    if len(tests):
+        shown = pd.DataFrame({
+            "endpoint": tests["endpoint"], "comparison": tests["comparison"],
+            "risk difference, pp [95% CI]": [_ci_text(e, lo, hi, 100) for e, lo, hi in
+                                              zip(tests["estimate"], tests["ci_low"], tests["ci_high"])],
+            "p": tests["p"], "q": tests["q"], "responders": tests["n_detail"], "test": tests["method"],
+            "note": tests["note"]})  # fmt: skip
+        s.add(b.table(tests, "response_tests",
+                      "Each active arm (and all active arms pooled) vs the reference arm at each visit: risk "
+                      "difference with Newcombe's CI, the test named in 'test', and BH q-values across these "
+                      "comparisons. For the protocol's primary endpoint read the raw p in its prespecified "
+                      "hierarchy.", shown=shown, row_class=_sig_rows(tests["q"]), collapse_over=30))  # fmt: skip
+    return s
+
+
+# ------------------------------------------------------------------------------------------------
+# correlations
+# ------------------------------------------------------------------------------------------------
+def correlations(b: Builder) -> H.Section:
+    d = b.data
+    s = H.Section("correlations", "Correlations with clinical change (secondary endpoints)")
+    corr = _family(d, "correlation")
+    if corr.empty or d.endpoints is None:
+        s.add(H.paragraph("No correlations: they need the clinical table.", "note"))
+        return s
+    s.add(H.paragraph(
+        "Does a population's change from baseline go with the change of a clinical measure at the same "
+        "visit? Spearman's rho over all patients (arms pooled), one cell per population, clinical item and "
+        "visit; red = both rise together, blue = one rises as the other falls. The numbers are "
+        "Benjamini-Hochberg q-values across the whole grid; outlined cells have q < 0.05. Pooling arms mixes "
+        "the treatment effect with within-arm association (see docs/statistics.md)."))  # fmt: skip
+    s.add(b.figure(F.correlation_heatmap(corr, d.populations), "correlation-heatmap",
+                   "Spearman correlation heatmap of subset change vs clinical change",
+                   "Spearman rho (colour) and BH q-value (number) of each subset's change vs each clinical change."))  # fmt: skip
+    ok = corr[np.isfinite(corr["p"].astype(float))].sort_values(["p", "population"], kind="stable")
+    pairs = []
+    dyn = b.dynamics
+    if dyn is not None and len(ok):
+        for r in ok.head(4).itertuples():
+            sub = dyn[(dyn["population"] == r.population) & (dyn["visit"] == r.visit)][
+                ["patient_id", "arm", "change"]
+            ]
+            clin = d.endpoints[d.endpoints["visit"] == r.visit][["patient_id", r.endpoint]]
+            m = (
+                sub.merge(clin, on="patient_id")
+                .rename(columns={"change": "x", r.endpoint: "y"})
+                .dropna(subset=["x", "y"])
+            )
+            pairs.append({"population": r.population, "endpoint": r.endpoint, "visit": int(r.visit),
+                          "rho": r.estimate, "q": r.q, "data": m})  # fmt: skip
+    if pairs:
+        s.add(b.figure(F.correlation_scatter(pairs, d.arms, b.colors), "correlation-scatter",
+                       "Scatter plots of the strongest correlations",
+                       "The four strongest pairs (smallest p): each point is one patient at that visit, "
+                       "coloured by arm."))  # fmt: skip
+    shown = pd.DataFrame({
+        "population": ok["population"], "clinical change": ok["endpoint"].map(lambda e: F.CLINICAL_LABELS.get(e, e)),
+        "visit": ok["visit"], "rho [95% CI]": [_ci_text(e, lo, hi, digits=2) for e, lo, hi in
+                                               zip(ok["estimate"], ok["ci_low"], ok["ci_high"])],
+        "p": ok["p"], "q": ok["q"], "n": ok["n"]})  # fmt: skip
+    s.add(b.table(corr, "correlations", "All correlations, strongest first (rho with a Fisher-z 95% CI).",
+                  shown=shown, row_class=_sig_rows(ok["q"]), collapse_over=15))  # fmt: skip
+    return s
+
+
+# ------------------------------------------------------------------------------------------------
+# model tables
+# ------------------------------------------------------------------------------------------------
+def models(b: Builder) -> H.Section:
+    d = b.data
+    s = H.Section("models", "Model tables")
+    mixed = _family(d, "mixed_arm_visit")
+    if mixed.empty:
+        s.add(H.paragraph("No mixed-model results in the statistics table.", "note"))
+        return s
+    s.add(H.paragraph(
+        "Linear mixed model per population: change from baseline ~ arm × visit + baseline value, with a "
+        "random intercept per patient (statsmodels MixedLM, REML). Each estimate is the difference in mean "
+        f"change (percentage points) between an arm and {b.reference} at that visit, adjusted for the baseline "
+        "value, with its 95% CI, p-value and Benjamini-Hochberg q-value across all populations, arms and "
+        "visits. Positive: the population rose more in that arm."))  # fmt: skip
+    pops = d.populations
+    mixed = mixed.copy()
+    mixed["arm"] = mixed["comparison"].map(_arm_of)
+    arms = [a for a in d.arms if a in set(mixed["arm"])]
+    fitted = np.isfinite(mixed["estimate"].astype(float)).any()
+    if not fitted:
+        s.add(H.paragraph(
+            "No arm × visit effect could be estimated in this run (the notes in the table say why; usually too "
+            "few patients per arm and visit: at least 3 are needed).", "note"))  # fmt: skip
+    if fitted:
+        s.add(b.figure(F.effect_map(mixed, pops, arms), "model-effects", "Mixed-model arm by visit effects",
+                       "Arm × visit effects of the mixed model: colour is the Wald z (estimate / SE), the number "
+                       "the estimate in pp; * marks q < 0.05. Grey: not estimable (see the table's notes)."))  # fmt: skip
+    mixed = _in_order(mixed, pops, d.arms)
+    shown = pd.DataFrame({
+        "population": mixed["population"], "% of": mixed["parent"].replace({"root": "events"}), "arm": mixed["arm"],
+        "week": mixed["visit"],
+        "estimate, pp [95% CI]": [_ci_text(e, lo, hi) for e, lo, hi in zip(mixed["estimate"], mixed["ci_low"], mixed["ci_high"])],
+        "z": mixed["statistic"], "p": mixed["p"], "q": mixed["q"], "n": mixed["n"], "note": mixed["note"]})  # fmt: skip
+    s.add(b.table(mixed.drop(columns=["arm"]), "model_arm_visit",
+                  "Mixed-model arm × visit estimates (rows with q < 0.05 highlighted).", shown=shown,
+                  row_class=_sig_rows(mixed["q"]), collapse_over=400 if fitted else 0))  # fmt: skip
+    joint = pd.concat(
+        [_family(d, f) for f in ("mixed_arm", "mixed_interaction", "mixed_dose_trend")], ignore_index=True
+    )
+    if len(joint):
+        joint = _in_order(joint, pops)
+        label = {"mixed_arm": "any arm effect (joint Wald)", "mixed_interaction": "arm effects differ between visits",
+                 "mixed_dose_trend": "linear dose trend (per dose unit)"}  # fmt: skip
+        shown = pd.DataFrame({
+            "population": joint["population"], "test": joint["family"].map(label),
+            "estimate [95% CI]": [_ci_text(e, lo, hi) for e, lo, hi in zip(joint["estimate"], joint["ci_low"], joint["ci_high"])],
+            "statistic": joint["statistic"], "df": joint["df"], "p": joint["p"], "q": joint["q"], "note": joint["note"]})  # fmt: skip
+        s.add(b.table(joint, "model_joint_tests", "Joint tests per population: is there any arm effect, do arm "
+                      "effects change over visits, and the linear dose trend.", shown=shown,
+                      row_class=_sig_rows(joint["q"]), collapse_over=60))  # fmt: skip
+    return s
+
+
+# ------------------------------------------------------------------------------------------------
+# clusters (optional: only when the run folder has clusters.parquet)
+# ------------------------------------------------------------------------------------------------
+def clusters(b: Builder) -> H.Section | None:
+    """FlowSOM metaclusters: abundance table, marker heatmap and abundance dynamics; optional extra
+    inputs in ``RUN_DIR/clusters/``: ``concordance.parquet`` (population, best_cluster, best_f1,
+    ...) shown as a table, ``umap.parquet`` (columns x, y, metacluster) drawn as a scatter."""
+    d = b.data
+    cl = d.clusters
+    if cl is None or cl.empty:
+        return None
+    s = H.Section("clusters", "Clusters (FlowSOM)")
+    s.add(H.paragraph(
+        "Unsupervised metaclusters of the clustered parent population, mapped onto every sample with one "
+        "frozen model. Abundances are % of the parent, like gated populations, so they follow the same "
+        "dynamics and statistics (docs/clustering.md)."))  # fmt: skip
+    name_col = "population" if "population" in cl.columns else "metacluster"
+    markers = [c for c in cl.columns if c.startswith("median_")]
+    if markers and "count" in cl.columns:
+        w = cl["count"].astype(float)
+        med = (cl[markers].mul(w, axis=0).groupby(cl[name_col]).sum()
+               .div(w.groupby(cl[name_col]).sum().replace(0, np.nan), axis=0))  # fmt: skip
+        med.columns = [c.removeprefix("median_") for c in med.columns]
+        s.add(b.figure(F.marker_heatmap(med, "Metacluster median expression (event-weighted across samples)"),
+                       "cluster-heatmap", "Metacluster by marker median heatmap",
+                       "Rows are metaclusters, columns markers; colour is the median scaled 0-1 per marker, the "
+                       "number the median. Name metaclusters from this (e.g. CD25+ CD127- = Treg-like)."))  # fmt: skip
+    abundance = cl.groupby(name_col).agg(samples=("sample_id", "nunique"), mean_pct_parent=("pct_parent", "mean"),
+                                         median_pct_parent=("pct_parent", "median")).reset_index()  # fmt: skip
+    s.add(
+        b.table(
+            abundance,
+            "cluster_abundance",
+            "Metacluster abundance across samples (% of the clustered parent).",
+        )
+    )
+    if {"patient_id", "visit", "arm"} <= set(cl.columns):
+        from cytopipe.stats import baseline_change, summarise_by_arm
+
+        table = cl.rename(columns={name_col: "population"}) if name_col != "population" else cl
+        table = table[table["arm"].astype(str).isin(d.arms)]
+        try:
+            summary = summarise_by_arm(baseline_change(table, "pct_parent", baseline_visit=d.baseline_visit,
+                                                       duplicates="mean"))  # fmt: skip
+            pops = list(dict.fromkeys(table["population"]))
+            s.add(b.figure(F.dynamics_figure(table, summary, pops, d.arms, b.colors, show_sample_ci=False),
+                           "cluster-dynamics", "Metacluster abundance over visits by arm",
+                           "Metacluster abundance over visits: patients' lines and arm means (95% CI)."))  # fmt: skip
+        except CytopipeError as exc:
+            s.add(H.paragraph(f"Cluster dynamics not shown: {exc}", "note"))
+    extra = d.run_dir / CLUSTER_DIR
+    conc = extra / "concordance.parquet"
+    if conc.is_file():
+        s.add(b.table(pd.read_parquet(conc), "cluster_concordance",
+                      "Cluster-gate concordance: for each gated population the best-matching metacluster "
+                      "(F1 = 1 means the same cells)."))  # fmt: skip
+    umap = extra / "umap.parquet"
+    if umap.is_file():
+        emb = pd.read_parquet(umap)
+        if {"x", "y", "metacluster"} <= set(emb.columns):
+            fig = F.new_figure(5.2, 4.4)
+            ax = fig.add_subplot()
+            from matplotlib import colormaps
+
+            labels = sorted(emb["metacluster"].astype(str).unique())
+            cmap = colormaps["tab20"]
+            for i, lab in enumerate(labels):
+                e = emb[emb["metacluster"].astype(str) == lab]
+                ax.scatter(e["x"], e["y"], s=2, color=cmap(i % 20), label=lab, rasterized=True)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.legend(markerscale=4, fontsize=6, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
+            s.add(b.figure(fig, "cluster-umap", "UMAP of a subsample coloured by metacluster",
+                           "UMAP of a subsample of cells, coloured by metacluster."))  # fmt: skip
+    mc_stats = d.statistics
+    if mc_stats is not None and len(mc_stats):
+        names = set(cl[name_col].astype(str))
+        rows = mc_stats[
+            (mc_stats["family"] == "mixed_arm_visit") & mc_stats["population"].astype(str).isin(names)
+        ]
+        if len(rows):
+            s.add(b.table(rows, "cluster_models", "Differential abundance (mixed model, arm × visit) of metaclusters.",
+                          collapse_over=20))  # fmt: skip
+    return s
+
+
+# ------------------------------------------------------------------------------------------------
+# files and methods
+# ------------------------------------------------------------------------------------------------
+def files(b: Builder) -> H.Section:
+    d = b.data
+    s = H.Section("files", "Tables and methods")
+    s.add(H.paragraph(
+        "Every table of this report is a CSV file in the folder next to it (UTF-8, one header row). "
+        "Figures are embedded in this page; the page needs no network connection."))  # fmt: skip
+    rows = [
+        {"table": name, "rows": len(df), "file": f"{b.tables_href}/{name}.csv"}
+        for name, df in b.tables.items()
+    ]
+    s.add(H.table(pd.DataFrame(rows), caption="CSV files written with this report."))
+    versions = (d.info.get("versions") or {}) if isinstance(d.info, dict) else {}
+    if versions:
+        s.add(H.paragraph("Software: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + "."))
+    s.add(H.paragraph(
+        "Methods in brief: frequencies are % of the parent population; Wilson intervals carry each sample's "
+        "event counts; arm means use t intervals; changes are visit minus baseline; statistics as in "
+        "docs/statistics.md (Mann-Whitney, Jonckheere-Terpstra, mixed model, chi-square for response rates, "
+        "Spearman correlations, Benjamini-Hochberg within each family); the gate outlier rule as in "
+        "docs/reports.md."))  # fmt: skip
+    return s
+
+
+SECTIONS: list[Callable[[Builder], H.Section | None]] = [
+    overview,
+    run_summary,
+    gate_gallery,
+    dynamics,
+    clinical,
+    correlations,
+    models,
+    clusters,
+    files,
+]
+
+
+def build_sections(
+    b: Builder, sections: Sequence[Callable[[Builder], H.Section | None]] = SECTIONS
+) -> list[H.Section]:
+    out = []
+    for make in sections:
+        section = make(b)
+        if section is not None:
+            out.append(section)
+    return out

@@ -1,0 +1,394 @@
+"""`cytopipe report`: the offline HTML report, its CSV tables, blinded mode, and what it shows."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cytopipe.errors import ReportError
+from cytopipe.report import write_report
+from tests.report_support import REPO, build_cohort_run
+
+ARMS = ["placebo", "IL-2 0.2 MIU", "IL-2 0.5 MIU", "IL-2 1.0 MIU"]
+SECTIONS = ["overview", "qc", "gates", "dynamics", "clinical", "correlations", "models", "files"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_texts(png: bytes) -> list[str]:
+    """Every text chunk (tEXt, zTXt, iTXt) of a PNG, decoded."""
+    assert png.startswith(PNG_SIGNATURE)
+    out, pos = [], len(PNG_SIGNATURE)
+    while pos < len(png):
+        (length,) = struct.unpack(">I", png[pos : pos + 4])
+        kind = png[pos + 4 : pos + 8]
+        data = png[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", png[pos + 8 + length : pos + 12 + length])
+        assert zlib.crc32(kind + data) & 0xFFFFFFFF == crc, kind
+        if kind == b"tEXt":
+            out.append(data.decode("latin-1"))
+        elif kind == b"zTXt":
+            key, rest = data.split(b"\0", 1)
+            out.append(key.decode("latin-1") + " " + zlib.decompress(rest[1:]).decode("latin-1"))
+        elif kind == b"iTXt":
+            key, rest = data.split(b"\0", 1)
+            compressed, rest = rest[0], rest[2:]
+            _lang, rest = rest.split(b"\0", 1)
+            _translated, text = rest.split(b"\0", 1)
+            text = zlib.decompress(text) if compressed else text
+            out.append(key.decode("latin-1") + " " + text.decode("utf-8"))
+        pos += 12 + length
+    return out
+
+
+def embedded_pngs(html: str) -> dict[str, bytes]:
+    found = re.findall(r'<figure id="fig-([^"]+)"><img src="data:image/png;base64,([^"]+)"', html)
+    return {name: base64.b64decode(data) for name, data in found}
+
+
+@pytest.fixture(scope="module")
+def report(sample_report):
+    """The unblinded report of the sample trial (written into a copy of the run folder)."""
+    run, path = sample_report
+    return run, path, path.read_text(encoding="utf-8")
+
+
+@pytest.fixture()
+def small_run(tmp_path):
+    """A tables-only run folder of 8 simulated patients (fast to report on)."""
+    return build_cohort_run(tmp_path / "small", n_patients=8)
+
+
+def test_report_has_every_section_figure_and_table(report):
+    run, path, html = report
+    assert path == run / "report.html"
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in html
+        assert f'href="#{section}"' in html  # in the table of contents
+    figures = embedded_pngs(html)
+    populations = pd.read_parquet(run / "population_stats.parquet")["population"].unique()
+    for pop in populations:  # one gallery figure per gate (Treg has two panels)
+        slug = re.sub(r"[^a-z0-9]+", "-", pop.lower()).strip("-")
+        assert f"gate-{slug}-0" in figures
+    assert "gate-treg-1" in figures
+    for name in ("qc-events", "dynamics", "dynamics-change", "clinical-rates", "correlation-heatmap"):
+        assert name in figures
+    for png in figures.values():
+        texts = png_texts(png)
+        assert any(t.startswith("Description ") for t in texts)  # the figure's text, searchable
+    # the statistics were computed by the report (no statistics.parquet in the run) and it says so
+    assert "the report computed the statistics itself" in html
+    tables = run / "report_tables"
+    listed = re.findall(r'href="(report_tables/[^"]+\.csv)"', html)
+    assert listed and all((run / f).is_file() for f in listed)
+    for name in ("samples", "failures", "flags", "gate_review", "dynamics_by_arm", "dynamics_per_sample",
+                 "response_rates", "response_tests", "correlations", "model_arm_visit", "model_joint_tests"):  # fmt: skip
+        assert (tables / f"{name}.csv").is_file(), name
+
+
+def test_run_summary_shows_failures_flags_and_events(report):
+    run, _, html = report
+    tables = run / "report_tables"
+    failures = pd.read_csv(tables / "failures.csv")
+    assert failures["sample_id"].tolist() == ["P005_W12"]
+    assert "FCS header is damaged" in failures["error"].iloc[0]
+    assert "FCS header is damaged" in html
+    samples = pd.read_csv(tables / "samples.csv")
+    assert len(samples) == 47  # 32 samples + 15 controls
+    ok = samples[samples["status"] != "failed"]
+    assert (ok["kept_pct"] == 100).all()  # these test runs apply no event QC
+    flagged = pd.read_parquet(run / "samples.parquet").query("status == 'flagged'")
+    flags = pd.read_csv(tables / "flags.csv")
+    assert set(flags["sample_id"]) == set(flagged["sample_id"])
+    # a gating flag containing "; " stays one flag
+    assert flags["flag"].str.startswith("gate ").all()
+    assert len(flags) == sum(f.count("; gate ") + 1 for f in flagged["flags"])
+
+
+def test_gallery_orders_flagged_then_outlying_gates_first(report, tmp_path):
+    run, _, html = report
+    review = pd.read_csv(run / "report_tables" / "gate_review.csv")
+    ps = pd.read_parquet(run / "population_stats.parquet")
+    assert len(review) == len(ps)  # one row per sample x gate
+    flagged = pd.read_parquet(run / "samples.parquet").query("status == 'flagged'")
+    assert set(review.loc[review["flagged"], "sample_id"]) == set(flagged["sample_id"])
+    # make one CD4 T gate flagged and another one's CD4 threshold an outlier, then look at the gallery
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    gr = pd.read_parquet(copy / "gate_review.parquet")
+    cd4 = gr["population"] == "CD4 T"
+    gr.loc[cd4 & (gr["sample_id"] == "P002_W04"), "flags"] = "CD4 T: test flag"
+    moved = gr.index[cd4 & (gr["sample_id"] == "P007_W12")][0]
+    gr.at[moved, "params"] = np.asarray(gr.at[moved, "params"]) + [1.5, 0.0]
+    gr.to_parquet(copy / "gate_review.parquet")
+    html = write_report(copy, max_gallery=12).read_text(encoding="utf-8")
+    out = pd.read_csv(copy / "report_tables" / "gate_review.csv").query("population == 'CD4 T'")
+    out = out.set_index("sample_id")
+    assert out.loc["P002_W04", "flagged"] and out["flagged"].sum() == 1
+    assert out.loc["P007_W12", "outlier"] and "CD4 >=" in out.loc["P007_W12", "reasons"]
+    assert "vs the patient's other visits" in out.loc["P007_W12", "reasons"]
+    png = embedded_pngs(html)["gate-cd4-t-0"]
+    description = next(t for t in png_texts(png) if t.startswith("Description "))
+    titles = [line for line in description.splitlines() if re.match(r"P\d{3}_W\d{2} ", line)]
+    assert len(titles) == 12  # max_gallery
+    assert titles[0].startswith("P002_W04") and titles[0].endswith("(flag)")
+    assert titles[1].startswith("P007_W12") and "(z " in titles[1]
+    assert not any("(flag)" in t or "(z " in t for t in titles[2:])
+    caption = re.search(r'<h3 id="gate-cd4-t">.*?<figcaption>([^<]+)</figcaption>', html, re.S).group(1)
+    assert "1 flagged, 1 outlying" in caption and "Showing 12 of 31 samples" in caption
+
+
+def test_dynamics_tables_carry_wilson_intervals(report):
+    run, *_ = report
+    per_sample = pd.read_csv(run / "report_tables" / "dynamics_per_sample.csv")
+    row = per_sample.iloc[0]
+    from cytopipe.stats import wilson_interval
+
+    lo, hi = wilson_interval(row["count"], row["parent_count"])
+    assert row["pct_ci_low"] == pytest.approx(100 * float(lo))
+    assert row["pct_ci_high"] == pytest.approx(100 * float(hi))
+    assert (per_sample["pct_ci_low"] <= per_sample["pct_parent"]).all()
+    summary = pd.read_csv(run / "report_tables" / "dynamics_by_arm.csv")
+    assert set(summary["arm"]) == set(ARMS)
+    assert summary.groupby("population").size().eq(4 * 4).all()  # 4 arms x 4 visits
+
+
+def test_html_is_self_contained(report):
+    _, _, html = report
+    assert "<script" not in html.lower()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    assert not re.search(r"url\(", html)  # no fonts or images pulled in by the style sheet
+    for src in re.findall(r'<img[^>]+src="([^"]+)"', html):
+        assert src.startswith("data:image/png;base64,")
+
+
+def test_the_report_uses_the_run_statistics_when_present(report, tmp_path):
+    run, *_ = report
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    table = pd.read_csv(run / "report_tables" / "model_arm_visit.csv")
+    from cytopipe.clinical import load_clinical
+    from cytopipe.stats import run_statistics
+
+    stats = run_statistics(pd.read_parquet(copy / "population_stats.parquet"), load_clinical(
+        REPO / "sample_data" / "clinical.csv"), {"families": ["mixed_arm_visit", "response_rate"]})  # fmt: skip
+    stats.to_parquet(copy / "statistics.parquet")
+    html = write_report(copy).read_text(encoding="utf-8")
+    assert "computed the statistics itself" not in html
+    assert not (copy / "report_tables" / "correlations.csv").exists()  # no such family in this table
+    again = pd.read_csv(copy / "report_tables" / "model_arm_visit.csv")
+    assert len(again) == len(table)
+
+
+# ------------------------------------------------------------------------------------------------
+# blinded mode
+# ------------------------------------------------------------------------------------------------
+def report_outputs(run: Path, html_path: Path) -> dict[str, str]:
+    """Every file the report wrote, as text, with the text chunks of every embedded PNG."""
+    html = html_path.read_text(encoding="utf-8")
+    # the page's own text, and (decoded) the text chunks of every embedded PNG: base64 data itself
+    # is not text (any three letters occur in it by chance)
+    out = {html_path.name: re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "data:", html)}
+    assert len(embedded_pngs(html)) == html.count("data:image/png;base64,")
+    for name, png in embedded_pngs(html).items():
+        out[f"png {name}"] = "\n".join(png_texts(png))
+    tables = html_path.parent / f"{html_path.stem}_tables"
+    for f in sorted(tables.iterdir()):
+        out[f.name] = f.read_text(encoding="utf-8")
+    return out
+
+
+def test_blinded_report_leaks_no_arm_name(report, tmp_path):
+    run, *_ = report
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)  # holds the unblinded report and its tables: they must be replaced
+    path = write_report(copy, blinded=True)
+    outputs = report_outputs(copy, path)
+    assert len(outputs) > 20
+    for where, text in outputs.items():
+        for arm in ARMS + ["placebo", "MIU"]:
+            assert arm.lower() not in text.lower(), f"{arm!r} in {where}"
+    html = outputs["report.html"]
+    assert "(blinded)" in html
+    for code in ("Arm A", "Arm B", "Arm C", "Arm D"):
+        assert code in html
+    summary = pd.read_csv(copy / "report_tables" / "dynamics_by_arm.csv")
+    assert set(summary["arm"]) == {"Arm A", "Arm B", "Arm C", "Arm D"}
+    # the same run always gets the same codes (seeded by its file hashes, which the report never shows)
+    from cytopipe.report.data import load_run
+
+    shown = pd.read_csv(copy / "report_tables" / "samples.csv").set_index("sample_id")["arm"].dropna()
+    again = load_run(copy, blinded=True, statistics=pd.DataFrame()).samples.set_index("sample_id")["arm"]
+    assert shown.to_dict() == again[shown.index].to_dict()
+    sha = pd.read_parquet(copy / "samples.parquet")["sha256"].dropna()
+    assert not any(h in text for h in sha for text in outputs.values())
+
+
+def test_blinding_key_gives_the_codes(small_run, tmp_path):
+    run, clinical = small_run
+    key = tmp_path / "key.csv"
+    pd.DataFrame({"arm": ARMS, "code": ["K", "L", "M", "N"]}).to_csv(key, index=False)
+    out = tmp_path / "elsewhere" / "blind.html"
+    path = write_report(run, blinded=True, out=out, blind_key=key)
+    assert path == out and not (run / "report.html").exists()
+    per_sample = pd.read_csv(tmp_path / "elsewhere" / "blind_tables" / "dynamics_per_sample.csv")
+    shown = dict(zip(per_sample["patient_id"], per_sample["arm"]))
+    truth = dict(zip(clinical["patient_id"], clinical["arm"]))
+    code = dict(zip(ARMS, ["K", "L", "M", "N"]))
+    assert shown == {p: code[truth[p]] for p in shown}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"placebo": "Arm A", "IL-2 0.2 MIU": "Arm B"}))
+    with pytest.raises(ReportError, match="no code for arm"):
+        write_report(run, blinded=True, blind_key=bad)
+    bad.write_text(json.dumps({a: f"{a} group" for a in ARMS}))
+    with pytest.raises(ReportError, match="contains an arm name"):
+        write_report(run, blinded=True, blind_key=bad)
+
+
+def test_leak_check_fails_closed(small_run, monkeypatch):
+    """If any arm name would reach a blinded report (here: a study name that contains one and a
+    blinding step that misses it), nothing is written."""
+    run, _ = small_run
+    import cytopipe.report.data as data_module
+
+    monkeypatch.setattr(data_module, "_blind_str", lambda text, codes: text)
+    info = json.loads((run / "run.json").read_text())
+    info["study"] = "placebo-controlled IL-2 trial"
+    (run / "run.json").write_text(json.dumps(info))
+    with pytest.raises(ReportError, match="would show arm names"):
+        write_report(run, blinded=True)
+    assert not (run / "report.html").exists() and not (run / "report_tables").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# a simulated trial with a known IL-2 effect
+# ------------------------------------------------------------------------------------------------
+def test_report_shows_treg_rising_with_dose(tmp_path):
+    run, _ = build_cohort_run(tmp_path / "run", n_patients=60, seed=5, effect=1.0)
+    html = write_report(run).read_text(encoding="utf-8")
+    assert "no gate-review data" in html  # a tables-only run: the gallery says why it is empty
+    assert '<section id="clusters">' not in html  # no clusters.parquet, no cluster section
+    assert "model-effects" in html
+    model = pd.read_csv(run / "report_tables" / "model_arm_visit.csv")
+    treg = model[(model["population"] == "Treg") & (model["comparison"] == "IL-2 1.0 MIU vs placebo")]
+    assert len(treg) == 3  # weeks 4, 12, 24
+    assert (treg["estimate"] > 0).all() and (treg["ci_low"] > 0).all() and (treg["q"] < 0.05).all()
+    at12 = model[(model["population"] == "Treg") & (model["visit"] == 12)].set_index("comparison")["estimate"]
+    assert 0 < at12["IL-2 0.2 MIU vs placebo"] < at12["IL-2 1.0 MIU vs placebo"]
+    joint = pd.read_csv(run / "report_tables" / "model_joint_tests.csv")
+    trend = joint[(joint["population"] == "Treg") & (joint["family"] == "mixed_dose_trend")].iloc[0]
+    assert trend["estimate"] > 0 and trend["q"] < 0.05
+    dyn = pd.read_csv(run / "report_tables" / "dynamics_by_arm.csv")
+    change = dyn[(dyn["population"] == "Treg") & (dyn["visit"] == 12)].set_index("arm")["mean_change"]
+    assert change["placebo"] < change["IL-2 0.2 MIU"] and change["placebo"] < change["IL-2 1.0 MIU"]
+    assert change["IL-2 1.0 MIU"] == max(change)
+
+
+# ------------------------------------------------------------------------------------------------
+# command line and errors
+# ------------------------------------------------------------------------------------------------
+def test_cli_writes_the_report(small_run, tmp_path):
+    run, _ = small_run
+    out = tmp_path / "cli.html"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cytopipe", "report", str(run), "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"report written: {out}" in proc.stdout
+    assert out.is_file() and (tmp_path / "cli_tables" / "dynamics_by_arm.csv").is_file()
+    missing = subprocess.run(
+        [sys.executable, "-m", "cytopipe", "report", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert missing.returncode == 2
+    assert "run folder not found" in missing.stderr
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(ReportError, match="no population_stats.parquet"):
+        write_report(tmp_path)
+    run, _ = build_cohort_run(tmp_path / "run", n_patients=8)
+    with pytest.raises(ReportError, match="must end in .html"):
+        write_report(run, out=tmp_path / "report.pdf")
+    (run / "samples.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ReportError, match="cannot read samples.parquet"):
+        write_report(run)
+
+
+def test_clinical_problems_do_not_stop_the_report(small_run, tmp_path):
+    run, clinical = small_run
+    broken = tmp_path / "broken.csv"
+    clinical.assign(pga=np.where(np.arange(len(clinical)) == 3, 7.0, clinical["pga"])).to_csv(
+        broken, index=False
+    )
+    html = write_report(run, clinical=broken).read_text(encoding="utf-8")
+    assert "Clinical table not used" in html and "pga" in html
+    assert "No clinical endpoints" in html
+
+
+def test_cluster_section_appears_with_clusters(small_run):
+    run, _ = small_run
+    ps = pd.read_parquet(run / "population_stats.parquet")
+    clusters = ps[ps["population"].isin(["Treg", "Th17", "cTfh"])].copy()
+    clusters["population"] = clusters["population"].map({"Treg": "MC01", "Th17": "MC02", "cTfh": "MC03"})
+    clusters["parent"] = "CD4 T"
+    clusters["median_CD25"] = np.where(clusters["population"] == "MC01", 2500.0, 300.0)
+    clusters["median_CD127"] = np.where(clusters["population"] == "MC01", 200.0, 1800.0)
+    clusters.to_parquet(run / "clusters.parquet")
+    (run / "clusters").mkdir()
+    pd.DataFrame({"population": ["Treg"], "best_cluster": ["MC01"], "best_f1": [0.93]}).to_parquet(
+        run / "clusters" / "concordance.parquet"
+    )
+    html = write_report(run).read_text(encoding="utf-8")
+    assert '<section id="clusters">' in html
+    figures = embedded_pngs(html)
+    assert {"cluster-heatmap", "cluster-dynamics"} <= set(figures)
+    assert (run / "report_tables" / "cluster_concordance.csv").is_file()
+
+
+def test_docs_quick_start_runs(tmp_path, monkeypatch, capsys):
+    """The Quick start of docs/reports.md runs as written (from a folder laid out like the repository)."""
+    text = (REPO / "docs" / "reports.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    for name in ("sample_data", "gating"):
+        (tmp_path / name).symlink_to(REPO / name)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/reports.md", "exec"), {})
+    assert capsys.readouterr().out.strip().endswith("my_run/report.html")
+    html = (tmp_path / "my_run" / "report.html").read_text(encoding="utf-8")
+    assert "gate-treg-0" in html and "SRI-4" in html
+
+
+def test_blinding_helpers():
+    from cytopipe.report.blinding import arm_codes, blind_frame, blind_text, find_leaks
+
+    codes = arm_codes(ARMS, secret=b"run files")
+    assert sorted(codes.values()) == ["Arm A", "Arm B", "Arm C", "Arm D"]
+    assert arm_codes(ARMS, secret=b"run files") == codes  # seeded: the same run, the same codes
+    others = [arm_codes(ARMS, secret=str(i).encode()) for i in range(20)]
+    assert len({tuple(sorted(c.items())) for c in others}) > 1  # the secret decides the order
+    # longest names first, case-insensitive, inside any text
+    table = pd.DataFrame(
+        {"arm": ["IL-2 1.0 MIU", "placebo"], "comparison": ["IL-2 1.0 MIU vs Placebo", "x"], "n": [1, 2]}
+    )
+    out = blind_frame(table, {"IL-2 1.0 MIU": "Arm B", "IL-2 1.0": "Arm X", "placebo": "Arm A"})
+    assert out["arm"].tolist() == ["Arm B", "Arm A"]
+    assert out["comparison"].iloc[0] == "Arm B vs Arm A"
+    assert blind_text("PLACEBO arm", {"placebo": "Arm A"}) == "Arm A arm"
+    # short arm names match as whole words only
+    assert find_leaks({"a": "Arm A and B+C"}, ["B"]) == ["a: 'B'"]
+    assert find_leaks({"a": "BCG vaccine"}, ["B"]) == []
+    assert find_leaks({"x": "IL-2 0.5 miu"}, ARMS) == ["x: 'IL-2 0.5 MIU'"]

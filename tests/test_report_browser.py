@@ -1,0 +1,91 @@
+"""The sample trial's report.html in a real headless browser (Chromium driven by Playwright).
+
+Skips only when no Chromium is installed (CI installs Debian's `chromium` in .ci/run). Playwright's
+own browser download is never used: it drives the system Chromium.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SECTIONS = ["overview", "qc", "gates", "dynamics", "clinical", "correlations", "models", "files"]
+
+
+def _chromium() -> str:
+    for candidate in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    pytest.skip("no Chromium on this machine (install Debian's `chromium` package; .ci/run does)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def test_report_opens_offline_and_renders(browser, sample_report):
+    run, path = sample_report
+    context = browser.new_context(offline=True, viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    console, errors, requests = [], [], []
+    page.on("console", lambda msg: console.append((msg.type, msg.text)))
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("requestfailed", lambda req: errors.append(f"request failed: {req.url}"))
+    page.on("request", lambda req: requests.append(req.url))
+    response = page.goto(path.as_uri(), wait_until="load")
+    assert response is not None and response.ok
+    page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+
+    # no scripts errors, no console errors, nothing fetched but the file itself (and data: URIs)
+    assert errors == []
+    assert [m for m in console if m[0] == "error"] == []
+    remote = [u for u in requests if urlparse(u).scheme not in ("file", "data")]
+    assert remote == []
+    assert [u for u in requests if urlparse(u).scheme == "file"] == [path.as_uri()]
+
+    # every section is there, visible, and reachable from the table of contents
+    for section in SECTIONS:
+        assert page.locator(f"section#{section}").is_visible()
+        assert page.locator(f'nav.toc a[href="#{section}"]').count() == 1
+    anchors = page.eval_on_selector_all("nav.toc a", "els => els.map(a => a.getAttribute('href').slice(1))")
+    assert len(anchors) > len(SECTIONS)  # sub-sections: QC parts and one entry per gate
+    missing = page.evaluate("ids => ids.filter(id => !document.getElementById(id))", anchors)
+    assert missing == []
+
+    # every figure decoded and laid out with a real size
+    images = page.eval_on_selector_all(
+        "img",
+        "els => els.map(i => ({alt: i.alt, w: i.naturalWidth, h: i.naturalHeight, shown: i.getBoundingClientRect().width}))",
+    )
+    html = path.read_text(encoding="utf-8")
+    assert len(images) == html.count("<img ") >= 20
+    for img in images:
+        assert img["w"] > 0 and img["h"] > 0 and img["shown"] > 0, img
+    gallery = page.locator("section#gates figure img").count()
+    assert gallery >= 16  # one figure per gate (Treg two)
+
+    # tables render as tables; the failed sample and its reason are on the page
+    assert page.locator("section#qc table").count() >= 2
+    assert "FCS header is damaged" in page.locator("section#qc").inner_text()
+    page.locator('nav.toc a[href="#models"]').click()
+    assert page.locator("section#models").is_visible()
+    context.close()

@@ -1,0 +1,201 @@
+"""Gate-review data (per sample, event-free) and the gate outlier rule."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.path import Path as MPath
+
+from cytopipe.errors import ReportError
+from cytopipe.report.gate_review import (
+    GATE_REVIEW_COLUMNS,
+    gate_outliers,
+    gate_review_data,
+    panel_arrays,
+    read_gate_review,
+    write_gate_review,
+)
+from tests.report_support import TEMPLATE
+
+
+@pytest.fixture(scope="module")
+def gated(sample_data):
+    from cytopipe.fcs import read_fcs
+    from cytopipe.gating import gate, load_template
+
+    template = load_template(TEMPLATE)
+    sample = read_fcs(sample_data / "fcs" / "P003_W12.fcs")
+    result = gate(sample, template)
+    return sample, template, result, gate_review_data(sample, result, "P003_W12")
+
+
+def _inside_count(row) -> float:
+    """Events of the panel's histogram whose bin centre lies inside the drawn gate."""
+    xe, ye, counts = panel_arrays(row)
+    xc = (xe[:-1] + xe[1:]) / 2
+    if row["y"]:
+        x, y = np.meshgrid(xc, (ye[:-1] + ye[1:]) / 2)
+    else:
+        x, y = xc, None
+    inside = np.ones(x.shape, dtype=bool)
+    for s in json.loads(row["shapes"]):
+        if s["kind"] in ("rect", "range"):
+            m = np.ones(x.shape, dtype=bool)
+            bounds = [(x, s["x"])] + ([(y, s["y"])] if "y" in s else [])
+            for v, (lo, hi) in bounds:
+                if lo is not None:
+                    m &= v >= lo
+                if hi is not None:
+                    m &= v < hi
+        elif s["kind"] == "ellipse":
+            d = np.stack([x - s["center"][0], y - s["center"][1]], -1)
+            m = np.einsum("...i,ij,...j->...", d, np.linalg.inv(s["covariance"]), d) <= s["distance_square"]
+        else:
+            pts = np.column_stack([x.ravel(), y.ravel()])
+            m = MPath(np.asarray(s["vertices"])).contains_points(pts).reshape(x.shape)
+        inside &= ~m if s.get("negate") else m
+    return float(counts[inside].sum())
+
+
+def test_one_row_per_population_and_panel_with_the_gating_numbers(gated):
+    sample, _, result, review = gated
+    assert list(review.columns) == GATE_REVIEW_COLUMNS
+    stats = result.to_population_stats({"sample_id": "P003_W12"}).set_index("population")
+    first = review[review["panel"] == 0].set_index("population")
+    assert list(first.index) == list(result.populations)
+    assert (first["count"] == stats["count"]).all()
+    assert (first["parent_count"] == stats["parent_count"]).all()
+    # Treg (CD25 x CD127 x FOXP3) has two panels, each showing the events that pass the other gate
+    treg = review[review["population"] == "Treg"].set_index("panel")
+    assert list(treg.index) == [0, 1]
+    assert (treg.loc[0, "x"], treg.loc[0, "y"]) == ("CD25", "CD127")
+    assert treg.loc[0, "condition"].startswith("FOXP3 >= ")
+    assert treg.loc[1, "x"] == "FOXP3" and treg.loc[1, "y"] == "" and treg.loc[1, "y_bins"] == 0
+    assert "CD25 >= " in treg.loc[1, "condition"] and "CD127 < " in treg.loc[1, "condition"]
+    # a boolean gate is drawn as its sibling's gate, inverted: CD56dim NK = not CD56bright NK
+    dim = json.loads(first.loc["CD56dim NK", "shapes"])
+    assert dim[0]["kind"] == "ellipse" and dim[0]["negate"] and dim[0]["of"] == "CD56bright NK"
+    assert first.loc["Lymphocytes", "x_scale"] == "linear"
+    assert first.loc["T cells", "x_scale"] == "arcsinh(x/150)"
+    # the numbers the outlier rule compares: thresholds, centres, singlet ratios
+    assert list(first.loc["Treg", "param_names"]) == ["CD25 >=", "CD127 <", "FOXP3 >="]
+    assert list(first.loc["Lymphocytes", "param_names"]) == ["FSC-A centre", "SSC-A centre"]
+    lo, hi = sorted(first.loc["Singlets", "params"])
+    assert 0.9 <= lo < hi <= 1.6  # area/height band of the singlet wedge (template bounds)
+
+
+def test_histograms_are_the_parent_events_in_the_gate_units(gated):
+    """The drawn gate holds the population's events: the engine's counts are recovered from the
+    histogram (up to the bins cut by the gate), which fails if compensation, transform or
+    channel mapping were reproduced wrongly."""
+    *_, review = gated
+    for row in review.to_dict("records"):
+        assert row["x"], row["population"]
+        xe, ye, counts = panel_arrays(row)
+        assert counts.sum() >= 0.98 * row["n_shown"]  # the grid covers the parent's events
+        if not row["condition"]:
+            assert row["n_shown"] == row["parent_count"]
+        assert abs(_inside_count(row) - row["count"]) <= max(0.015 * row["n_shown"], 3), row["population"]
+
+
+def test_values_match_the_gating_engine_exactly(gated):
+    from cytopipe.gating import Engine
+    from cytopipe.report.gate_review import _DimValues
+
+    sample, template, result, _ = gated
+    engine = Engine(sample.events, sample.channels, template, spillover=sample.spillover)
+    mine = _DimValues(sample, result)
+    for name in ("T cells", "CD4 T", "Treg", "NK", "Lymphocytes"):
+        pop = result.populations[name]
+        idx = None if pop.parent == "root" else result.indices(pop.parent)
+        for dim in pop.gate.dims:
+            expected = engine.values(dim, idx)
+            got, _ = mine.values(dim, idx, pop.parent)
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_review_data_is_small_and_holds_no_events(gated):
+    sample, _, _, review = gated
+    buf = io.BytesIO()
+    review.to_parquet(buf, compression="zstd")
+    assert len(buf.getvalue()) < 40_000  # 16 panels of 48x48 (or 96) counts
+    n = sample.events.shape[0]
+    assert max(len(c) for c in review["counts"]) <= 48 * 48 < n
+
+
+def test_write_and_read_round_trip(tmp_path, gated):
+    *_, review = gated
+    write_gate_review(tmp_path, review)
+    back = read_gate_review(tmp_path)
+    assert back["sample_id"].tolist() == review["sample_id"].tolist()
+    assert [list(c) for c in back["counts"]] == [list(c) for c in review["counts"]]
+    assert read_gate_review(tmp_path / "nowhere") is None
+    with pytest.raises(ReportError, match="lacks columns"):
+        write_gate_review(tmp_path, review.drop(columns=["shapes"]))
+    review.drop(columns=["counts"]).to_parquet(tmp_path / "gate_review.parquet")
+    with pytest.raises(ReportError, match="lacks columns"):
+        read_gate_review(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# the outlier rule
+# ------------------------------------------------------------------------------------------------
+def _table(thresholds, counts, patients, visits, flags=None):
+    n = len(thresholds)
+    return pd.DataFrame(
+        {
+            "sample_id": [f"{p}_W{v:02d}" for p, v in zip(patients, visits)],
+            "population": "CD4 T",
+            "panel": 0,
+            "count": counts,
+            "parent_count": 1000,
+            "pct_parent": [c / 10 for c in counts],
+            "flags": flags or [""] * n,
+            "params": [[t] for t in thresholds],
+            "param_names": [["CD4 >="]] * n,
+            "param_spans": [[6.0]] * n,
+        }
+    )
+
+
+def test_outlier_rule_hand_computed():
+    patients = ["A"] * 4 + ["B"] * 4 + ["C"] * 4
+    visits = [0, 4, 12, 24] * 3
+    thresholds = [2.50, 2.52, 2.48, 2.50, 2.60, 2.62, 2.58, 3.60, 2.40, 2.42, 2.38, 2.41]
+    counts = [300] * 12
+    table = _table(thresholds, counts, patients, visits, flags=[""] * 11 + ["CD4 T: fit failed; used pooled"])
+    meta = pd.DataFrame({"sample_id": table["sample_id"], "patient_id": patients, "visit": visits})
+    out = gate_outliers(table, meta).set_index("sample_id")
+    # B_W24: 3.60 vs B's other visits (median 2.60): deviation 1.00. The within-patient scale is
+    # 1.4826 x the median absolute leave-one-out deviation over all 12 samples = 1.4826 x 0.02
+    # (floored at 2% of the 6-unit axis = 0.12) -> z = 1.00 / 0.12 = 8.33.
+    assert out.loc["B_W24", "outlier"]
+    assert "vs the patient's other visits (z=+8.3)" in out.loc["B_W24", "reasons"]
+    # vs the cohort: median 2.50, MAD 0.085 -> scale max(1.4826 x 0.085, 0.12) = 0.126; z = 1.10 / 0.126 = 8.7
+    assert "vs the cohort (z=+8.7)" in out.loc["B_W24", "reasons"]
+    assert out.loc["B_W24", "score"] == pytest.approx(1.10 / (1.4826 * 0.085), rel=1e-9)  # the largest |z|
+    # patient C sits lower than the others but consistently: not an outlier
+    assert not out.loc[["C_W00", "C_W04", "C_W12"], "outlier"].any()
+    assert out.loc["C_W24", "flagged"] and not out.loc["C_W24", "outlier"]
+    assert out["outlier"].sum() == 1
+
+
+def test_outlier_rule_frequency_and_few_visits():
+    patients = ["A"] * 4 + ["B"] * 4 + ["C"] * 2
+    visits = [0, 4, 12, 24] * 2 + [0, 4]
+    counts = [300, 310, 295, 305, 290, 300, 80, 302, 298, 301]  # B_W12: 8% instead of ~30%
+    table = _table([2.5] * 10, counts, patients, visits)
+    meta = pd.DataFrame({"sample_id": table["sample_id"], "patient_id": patients, "visit": visits})
+    out = gate_outliers(table, meta).set_index("sample_id")
+    assert out.loc["B_W12", "outlier"]
+    assert "frequency 8.04% is an outlier" in out.loc["B_W12", "reasons"]
+    assert out["outlier"].sum() == 1
+    # a patient with only one other visit gets no patient comparison (cohort only)
+    assert "patient" not in out.loc["C_W04", "reasons"]
+    # without patient information only the cohort comparison is made
+    alone = gate_outliers(table).set_index("sample_id")
+    assert alone.loc["B_W12", "outlier"] and "patient" not in alone.loc["B_W12", "reasons"]
