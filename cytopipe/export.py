@@ -228,22 +228,22 @@ def _population_matrix(prep, idx, job, spec: ExportSpec) -> dict[str, Any]:
 
 
 def _transform_spec(state: StudyState, marker: str) -> dict | None:
-    from cytopipe.gating import _compat
+    from cytopipe.gating import is_scatter_or_time
 
     if marker in state.transforms:
         return state.transforms[marker]
     t = state.template.transforms
     if marker in t:
         return t[marker]
-    if not _compat.is_scatter_or_time(marker) and "default" in t:
+    if not is_scatter_or_time(marker) and "default" in t:
         return t["default"]
     return None
 
 
 def _apply(tspec: dict, values: np.ndarray) -> np.ndarray:
-    from cytopipe.gating import _compat
+    from cytopipe.gating import apply_transform
 
-    return np.asarray(_compat.apply_transform(tspec, values), dtype=np.float32)
+    return np.asarray(apply_transform(tspec, values), dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,10 +12,24 @@ Pooled data-driven gating for a batch (e.g. on Dask, whole samples per task)::
     records = [gate(read_fcs(f), template).fit_records(sid) for sid, f in samples]   # pass 1
     pooled = pool_estimates(pd.concat(records), manifest)                           # small table
     results = [gate(read_fcs(f), template, pooled=pooled, sample_meta=m) for ...]   # pass 2
+
+Values on the gates' axes for any population's events, after gating (the engine does not keep its
+compensated, transformed copies)::
+
+    values = result.event_values(sample)              # cytopipe.gating.EventValues
+    values.values("CD25", "CD4 T")                    # display scale (e.g. arcsinh), per CD4 T event
+    values.matrix(["CD3", "CD4", "CD8"], "Live")      # events x markers, float32
+
+Helpers for code that builds on gating: ``check_transform(spec, where)`` validates a transform
+spec (``{type: arcsinh, cofactor: 150}``) into its normalised dict, ``apply_transform(spec, x)``
+applies one to a 1-D array exactly as the engine does, ``is_scatter_or_time(name)`` tells scatter
+and time channels (never transformed by ``default``) from fluorescence markers, and
+``scale_label(spec)`` names a scale for axis labels.
 """
 
 from __future__ import annotations
 
+from cytopipe.gating._compat import apply_transform, check_transform, is_scatter_or_time
 from cytopipe.gating.engine import (
     STATS_COLUMNS,
     Engine,
@@ -25,23 +39,31 @@ from cytopipe.gating.engine import (
     gate,
     pool_estimates,
 )
+from cytopipe.gating.gates import Dim
 from cytopipe.gating.template import Population, Template, load_template, parse_template, template_to_dict
+from cytopipe.gating.values import EventValues, scale_label
 
 __all__ = [
     "STATS_COLUMNS",
+    "Dim",
     "Engine",
+    "EventValues",
     "GatingResult",
     "PooledEstimates",
     "Population",
     "PopulationResult",
     "Template",
+    "apply_transform",
+    "check_transform",
     "fit_records",
     "gate",
+    "is_scatter_or_time",
     "load_template",
     "parse_template",
     "pool_estimates",
     "read_flowjo_workspace",
     "read_gatingml",
+    "scale_label",
     "template_to_dict",
     "write_gatingml",
     "write_population_fcs",

@@ -23,6 +23,8 @@ SCATTER_TIME = re.compile(r"^\s*(FSC|SSC|TIME)([-_ ]?[AHW])?\s*$", re.IGNORECASE
 
 
 def is_scatter_or_time(name: str) -> bool:
+    """True for scatter and time channel names (``FSC-A``, ``SSC-H``, ``Time``): channels the
+    template's ``default`` transform leaves linear. Public as ``cytopipe.gating.is_scatter_or_time``."""
     return bool(SCATTER_TIME.match(name))
 
 
@@ -50,8 +52,12 @@ def resolve_markers(
 FLOWJO_LOG = "flowjo_log"
 
 
-def check_transform(spec: Mapping, where: dict) -> dict:
-    """Validate a transform spec; returns its normalised dict. Raises TransformError."""
+def check_transform(spec: Mapping, where: dict | None = None) -> dict:
+    """Validate a transform spec (``{type: arcsinh, cofactor: 150}``, a ``cytopipe.transforms``
+    dict, or FlowJo's ``flowjo_log``); returns its normalised dict. ``where`` is error context
+    (e.g. ``{"marker": "CD25", "key": "transforms"}``). Raises TransformError. Public as
+    ``cytopipe.gating.check_transform``."""
+    where = dict(where or {})
     if not isinstance(spec, Mapping) or "type" not in spec:
         raise TransformError("a transform needs a `type` (e.g. {type: arcsinh, cofactor: 150})", **where)
     if str(spec["type"]).strip().lower() == FLOWJO_LOG:
@@ -88,7 +94,8 @@ def _transform_object(spec: Mapping):
 
 
 def apply_transform(spec: Mapping | None, x: np.ndarray) -> np.ndarray:
-    """Transform a 1-D array.
+    """Transform a 1-D array with a spec from :func:`check_transform` (None = linear), exactly as
+    the gating engine does. Public as ``cytopipe.gating.apply_transform``.
 
     Float32 values (the normal case) go through :mod:`cytopipe.transforms` (float32 out, within
     one float32 ulp of flowutils/FlowKit). Float64 values are transformed in float64 with the

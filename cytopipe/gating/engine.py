@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,9 @@ from cytopipe.gating._median import median
 from cytopipe.gating.fitters import DataDrivenGate, FitFailure, Fitter, subsample_index
 from cytopipe.gating.gates import BooleanGate, Dim, Gate
 from cytopipe.gating.template import ROOT, Population, Template
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cytopipe.gating.values import EventValues
 
 STATS_COLUMNS = [
     "sample_id",
@@ -89,6 +92,7 @@ class GatingResult:
         self.compensation: dict | None = None  # {"channels": [...], "matrix": [[...]]} actually applied
         self.transforms: dict[str, dict] = {}  # channel -> transform spec actually applied
         self.channel_of: dict[str, str] = {}  # marker -> $PnN used for this file
+        self.overrides: dict[str, dict] = {}  # run-level transforms by marker or $PnN (e.g. study-locked)
         self._idx: dict[str, np.ndarray] = {}
         self._masks: dict[str, np.ndarray] = {}
 
@@ -113,6 +117,20 @@ class GatingResult:
     def membership(self) -> dict[str, np.ndarray]:
         """``{population: boolean mask}`` for every population."""
         return {name: self.mask(name) for name in self.populations}
+
+    # ---- values ------------------------------------------------------------------------------
+    def event_values(self, sample) -> EventValues:
+        """Values on the gates' axes (compensated, transformed) for any population's events,
+        rebuilt from ``sample`` (the :class:`cytopipe.Sample` this result gated) exactly as the
+        engine computed them: ``result.event_values(sample).values("CD25", "CD4 T")``."""
+        from cytopipe.gating.values import EventValues
+
+        return EventValues(sample, self)
+
+    def values(self, sample, dim, population: str = ROOT) -> np.ndarray:
+        """Values of a gate dimension (a :class:`Dim` or a marker name) at the events of
+        ``population``: shortcut for ``event_values(sample).values(dim, population)``."""
+        return self.event_values(sample).values(dim, population)
 
     def _check(self, name: str) -> None:
         if name not in self._idx:
@@ -608,6 +626,7 @@ class Engine:
         result._idx = {k: (np.arange(n) if v is None else v) for k, v in idx.items() if k != ROOT}
         result._masks = {k: v for k, v in full_masks.items()}
         result.channel_of = {name: self.pnn[c] for name, c in self._col.items()}
+        result.overrides = dict(self.overrides)
         result.compensation = getattr(self, "applied_compensation", None)
         result.transforms = dict(self.applied_transforms)
         if medians:

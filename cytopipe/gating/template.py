@@ -126,6 +126,23 @@ class Template:
     def children(self, name: str) -> list[str]:
         return [p.name for p in self if p.parent == name]
 
+    def descendants(self, name: str) -> list[str]:
+        """Every population below ``name`` (children, grandchildren, ...), in template order."""
+        below = {name}
+        out = []
+        for p in self:  # dependencies come first, so a parent is seen before its children
+            if p.parent in below:
+                below.add(p.name)
+                out.append(p.name)
+        return out
+
+    def dimension(self, marker: str) -> Dim:
+        """The axis a template gate on ``marker`` uses: compensated with the template's matrix and
+        transformed with the marker's transform (its own entry under ``transforms``, else
+        ``default`` for a fluorescence marker; scatter and time channels stay linear). Use it to
+        read values on the display scale of the gates for any marker, gated or not."""
+        return _Context(self.transforms, self.seed).dim(str(marker))
+
     @property
     def data_driven(self) -> list[str]:
         return [p.name for p in self if p.gate.data_driven]

@@ -1,0 +1,77 @@
+"""cytopipe.gating.EventValues: values on the gates' axes for any population's events, after gating."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cytopipe.errors import GatingError
+from tests.report_support import TEMPLATE
+
+
+@pytest.fixture(scope="module")
+def gated(sample_data):
+    from cytopipe.fcs import read_fcs
+    from cytopipe.gating import gate, load_template
+
+    template = load_template(TEMPLATE)
+    sample = read_fcs(sample_data / "fcs" / "P002_W04.fcs")
+    return sample, template, gate(sample, template)
+
+
+def test_values_are_the_engines_bit_for_bit(gated):
+    from cytopipe.gating import Engine
+
+    sample, template, result = gated
+    engine = Engine(sample.events, sample.channels, template, spillover=sample.spillover)
+    values = result.event_values(sample)
+    for marker in ("CD3", "CD4", "CD25", "FOXP3", "FSC-A"):
+        dim = template.dimension(marker)
+        for population in ("root", "Live", "CD4 T"):
+            idx = None if population == "root" else result.indices(population)
+            got = values.values(marker, population)
+            np.testing.assert_array_equal(got, engine.values(dim, idx))
+            assert len(got) == result.populations[population].count if population != "root" else True
+    # the template's display scale: arcsinh(x/150) for fluorescence, linear for scatter
+    assert values.scale("CD25") == "arcsinh(x/150)" and values.scale("FSC-A") == "linear"
+    # a shortcut on the result, and a matrix of several markers (float32, events x markers)
+    np.testing.assert_array_equal(result.values(sample, "CD25", "Treg"), values.values("CD25", "Treg"))
+    m = values.matrix(["CD3", "CD25"], "Treg")
+    assert m.dtype == np.float32 and m.shape == (result.populations["Treg"].count, 2)
+    np.testing.assert_array_equal(m[:, 1], values.values("CD25", "Treg"))
+
+
+def test_linear_values_give_the_population_stats_medians(gated):
+    sample, _, result = gated
+    values = result.event_values(sample)
+    for population in ("Treg", "NK", "cTfh"):
+        expected = result.populations[population].medians["CD25"]
+        assert np.median(values.linear("CD25", population)) == pytest.approx(expected, rel=1e-6)
+    lin = values.matrix(["CD25"], "Treg", transformed=False)[:, 0]
+    np.testing.assert_array_equal(lin, values.linear("CD25", "Treg"))
+    # and the transformed values are the linear ones through the axis' transform
+    np.testing.assert_allclose(values.values("CD25", "Treg"), np.arcsinh(lin / 150), rtol=1e-5, atol=1e-5)
+
+
+def test_run_level_transform_overrides_are_followed(sample_data):
+    """Locked (study) transforms given to gate() win for every marker, gated or not."""
+    from cytopipe.fcs import read_fcs
+    from cytopipe.gating import gate, load_template
+
+    template = load_template(TEMPLATE)
+    sample = read_fcs(sample_data / "fcs" / "P002_W04.fcs")
+    locked = {"CD25": {"type": "arcsinh", "cofactor": 500.0}, "CD16": {"type": "arcsinh", "cofactor": 300.0}}
+    result = gate(sample, template, transforms=locked, medians=False)
+    values = result.event_values(sample)
+    assert values.scale("CD25") == "arcsinh(x/500)" and values.scale("CD16") == "arcsinh(x/300)"
+    lin = values.linear("CD16", "NK")
+    np.testing.assert_allclose(values.values("CD16", "NK"), np.arcsinh(lin / 300), rtol=1e-5, atol=1e-5)
+
+
+def test_the_sample_must_be_the_gated_one(gated):
+    sample, _, result = gated
+    from dataclasses import replace
+
+    shorter = replace(sample, events=sample.events[:-10])
+    with pytest.raises(GatingError, match="was gated with"):
+        result.event_values(shorter)
