@@ -101,6 +101,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory limit per local worker, e.g. '4GB' (default: 90%% of the machine's memory / workers)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--blinded",
+        action="store_true",
+        help="write the report blinded: arm names replaced by codes (or `report: {blinded: true}`)",
+    )
+    parser.add_argument(
+        "--blind-key", metavar="FILE", help="with --blinded: CSV (arm,code) or JSON {arm: code}"
+    )
+    parser.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         if args.workers < 1:
             raise WorkflowError(f"--workers is {args.workers}; it must be at least 1")
         wf.workers = args.workers
+    apply_report_options(wf, args)
     result = run_workflow(
         wf,
         scheduler="distributed" if args.scheduler_address else args.scheduler,
@@ -141,6 +151,23 @@ def run(args: argparse.Namespace) -> int:
     )
     print(result.summary())
     return result.exit_code
+
+
+def apply_report_options(wf: Workflow, args: argparse.Namespace) -> None:
+    """--blinded / --blind-key / --no-report over the workflow's `report:` section."""
+    report = dict(wf.report or {})
+    if getattr(args, "no_report", False):
+        report["enabled"] = False
+    if getattr(args, "blinded", False):
+        report["blinded"] = True
+    if getattr(args, "blind_key", None):
+        key = Path(args.blind_key).resolve()
+        if not key.is_file():
+            raise WorkflowError(f"--blind-key: file not found: {key}")
+        report["blind_key"] = key
+        if not report.get("blinded"):
+            raise WorkflowError("--blind-key is used with --blinded (or `report: {blinded: true}`)")
+    wf.report = report
 
 
 # ================================================================================================
@@ -158,8 +185,13 @@ class RunResult:
         return int((self.samples["status"] == "failed").sum()) if len(self.samples) else 0
 
     @property
+    def problems(self) -> list[str]:
+        """Study-level steps that could not complete (statistics, clustering, report)."""
+        return list(self.info.get("problems") or [])
+
+    @property
     def exit_code(self) -> int:
-        return EXIT_FAILURES if self.n_failed else EXIT_OK
+        return EXIT_FAILURES if self.n_failed or self.problems else EXIT_OK
 
     def summary(self) -> str:
         s = self.samples
@@ -178,9 +210,23 @@ class RunResult:
             lines.append(f"  flagged {row['sample_id']}: {row['flags']}")
         if (s["status"] == "flagged").sum() > 20:
             lines.append("  ... (all flags in samples.parquet)")
-        lines.append(f"results: {self.out}")
+        for problem in self.problems:
+            lines.append(f"  problem {problem}")
+        outputs = [name for name in ("statistics", "clusters") if (self.out / f"{name}.parquet").is_file()]
+        report = next((st for st in self.info.get("steps", []) if st.get("step") == "report"), {})
+        if report.get("written"):
+            outputs.append(report.get("path", "report.html"))
+        lines.append(f"results: {self.out}" + (f" ({', '.join(outputs)})" if outputs else ""))
+        why = []
         if self.n_failed:
-            lines.append(f"completed with failures: {self.n_failed} of {len(s)} files failed (exit code 3)")
+            why.append(f"{self.n_failed} of {len(s)} files failed")
+        if self.problems:
+            n = len(self.problems)
+            why.append(
+                f"{n} problem{'s' if n > 1 else ''} in the study-level steps (listed above, and in run.json)"
+            )
+        if why:
+            lines.append(f"completed with failures: {'; '.join(why)} (exit code 3)")
         return "\n".join(lines)
 
 
@@ -395,6 +441,7 @@ class StudyState:
     pooled: Any = None  # cytopipe.gating.PooledEstimates (None until pooled)
     pool_markers: list[str] = field(default_factory=list)  # markers whose transform is estimated
     pool_events: int = 2000
+    cluster: Any = None  # cytopipe.cluster_steps.ClusterPlan when clustering is on
 
 
 @dataclass
@@ -491,8 +538,11 @@ def gate_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
         for population, flag in result.flags:
             flags.setdefault(population, []).append(flag)
         stats["gate_flags"] = ["; ".join(flags.get(p, [])) for p in stats["population"]]
+        from cytopipe.report.gate_review import gate_review_data
+
         return {
             "stats": stats,
+            "review": gate_review_data(prep.sample, result, job["sample_id"]),  # a few kB, no events
             "gate_flags": [f"gate {p}: {f}" for p, f in result.flags],
             "metrics": prep.metrics,
         }
@@ -622,10 +672,31 @@ class RunContext:
     clinical_problem: str | None = None
     reused: dict[str, int] = field(default_factory=dict)  # phase -> results taken from the cache
     keep_cache: dict[str, set[str]] = field(default_factory=dict)  # phase -> keys in use
-    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    result_keys: dict[str, dict[str, str]] = field(default_factory=dict)  # phase -> sample_id -> key
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # Parquet + catalog.duckdb
+    # failures of study-level steps (statistics, clustering, report): the data outputs stand
+    problems: list[str] = field(default_factory=list)
+    soft_failures: dict[str, dict[str, str]] = field(default_factory=dict)  # phase -> sample_id -> error
+    cluster_model: Any = None  # the frozen FlowSOM model of this run
+    stats_settings: Any = None  # cytopipe.stats.StatsSettings when the statistics step runs
 
     def alive(self) -> list[dict[str, Any]]:
         return [j for j in self.jobs if j["sample_id"] not in self.failures]
+
+    def gate_key(self) -> str:
+        """Settings key of the gating pass; later passes that re-gate a sample extend it."""
+        return _settings_key(self, "qc", "compensation", "template", "transforms") + GATE_TASK_VERSION
+
+    def run_phase(
+        self, phase: str, fn: Callable, settings_key: str, soft: bool = False
+    ) -> dict[str, dict[str, Any]]:
+        """A cached per-sample phase that gates its samples as the gating pass does (so its key
+        includes the pooled gate estimates each sample can use). ``soft``: a failure is recorded
+        in ``soft_failures`` instead of failing the sample."""
+        return _run_cached_phase(self, phase, fn, settings_key, extra_key=_pooled_key(self), soft=soft)
+
+    def result_key(self, phase: str, sample_id: str) -> str:
+        return self.result_keys[phase][sample_id]
 
     def fail(self, job: Mapping[str, Any], result: Mapping[str, Any], step: str) -> None:
         self.failures.setdefault(
@@ -655,22 +726,70 @@ def run_workflow(
     try:
         if executor.dashboard and progress:
             print(f"Dask dashboard: {executor.dashboard}", file=sys.stderr)
-        for step in STEPS:
-            s0 = time.perf_counter()
-            info = step.run(ctx) or {}
-            ctx.steps.append({"step": step.name, "seconds": round(time.perf_counter() - s0, 3), **info})
+        run_steps(ctx, STEPS)
         info = _run_info(ctx, executor, time.perf_counter() - t0)
     finally:
         executor.close()
-    folder.write_outputs(ctx.tables, info)
-    for phase, keys in ctx.keep_cache.items():
-        folder.prune_cache(phase, keys)  # results of older settings/files are no longer needed
+    finish_run(ctx, info, t0)
     return RunResult(
         out=folder.path,
         samples=ctx.tables["samples"],
         population_stats=ctx.tables["population_stats"],
         info=info,
     )
+
+
+def run_steps(ctx: RunContext, steps: Sequence[Step]) -> None:
+    for step in steps:
+        s0 = time.perf_counter()
+        info = step.run(ctx) or {}
+        ctx.steps.append({"step": step.name, "seconds": round(time.perf_counter() - s0, 3), **info})
+
+
+def finish_run(
+    ctx: RunContext, info: dict[str, Any], t0: float, parquet: Sequence[str] | None = None
+) -> None:
+    """Write the tables (``parquet``: only those), the catalog and run.json, then the report (which
+    reads them), then run.json and the catalog's run record again with the report's outcome; prune
+    the cache."""
+    folder = ctx.folder
+    stale = [n for n in OPTIONAL_TABLES if n not in ctx.tables]
+    for name in stale:  # e.g. clustering switched off since the last run of this folder
+        folder.table_path(name).unlink(missing_ok=True)
+    if "clusters" not in ctx.tables:  # the clustering tables of an earlier run (a model file stays)
+        for path in (folder.path / "clustering").glob("*.parquet"):
+            path.unlink()
+    folder.write_outputs(ctx.tables, info, parquet=parquet)
+    if not ctx.wf.report.get("enabled", True):
+        _remove_stale_report(folder.path)
+    else:
+        s0 = time.perf_counter()
+        if ctx.progress:
+            print("writing the report ...", file=sys.stderr)
+        step = write_run_report(folder.path, ctx.wf, ctx.problems)
+        ctx.steps.append({"step": "report", "seconds": round(time.perf_counter() - s0, 3), **step})
+        info.update(steps=ctx.steps, problems=list(ctx.problems), seconds=round(time.perf_counter() - t0, 3))
+        from cytopipe.store import atomic_write_json, write_catalog
+
+        write_catalog(folder.catalog, ctx.tables, info)
+        atomic_write_json(folder.run_json, info)
+    for phase, keys in ctx.keep_cache.items():
+        folder.prune_cache(phase, keys)  # results of older settings/files are no longer needed
+
+
+def _remove_stale_report(run_dir: Path) -> None:
+    """A report of an earlier state of this run folder would contradict the new tables: remove it
+    (``cytopipe report RUN_DIR`` writes it again)."""
+    import shutil
+
+    if (run_dir / "report.html").is_file():
+        (run_dir / "report.html").unlink()
+        shutil.rmtree(run_dir / "report_tables", ignore_errors=True)
+        print(
+            "cytopipe run: removed the run folder's earlier report.html (it described the previous run); "
+            "`cytopipe report RUN_DIR` writes a new one",
+            file=sys.stderr,
+        )
 
 
 @dataclass(frozen=True)
@@ -706,6 +825,12 @@ def validate_inputs(ctx: RunContext) -> None:
             file=wf.manifest,
         )
     ctx.state = build_state(wf, n_samples=len(ctx.jobs))
+    from cytopipe.cluster_steps import plan_clustering
+    from cytopipe.workflow import statistics_enabled, statistics_settings
+
+    ctx.state.cluster = plan_clustering(wf, ctx.state.template, ctx.state.transforms)
+    if statistics_enabled(wf):
+        ctx.stats_settings = statistics_settings(wf)
     if wf.clinical is not None:
         ctx.clinical_problem = _check_clinical(wf, ctx.manifest)
     ctx.hashes["template"] = file_sha256(wf.template)
@@ -716,8 +841,8 @@ def validate_inputs(ctx: RunContext) -> None:
 
 
 def _check_clinical(wf: Workflow, manifest: pd.DataFrame) -> str | None:
-    """Validate the clinical table now. Gating does not need it: a problem is fatal only when
-    the statistics step is enabled, otherwise it is reported and recorded in run.json."""
+    """Check the clinical table now and say so at once. Gating does not need it: a problem is never
+    fatal; it is recorded in run.json and the statistics step leaves out the clinical tests."""
     from cytopipe.clinical import load_clinical
     from cytopipe.errors import ClinicalDataError
 
@@ -729,8 +854,6 @@ def _check_clinical(wf: Workflow, manifest: pd.DataFrame) -> str | None:
             baseline_visit=int(wf.statistics.get("baseline_visit") or 0),
         )
     except ClinicalDataError as exc:
-        if wf.statistics.get("enabled"):
-            raise
         print(f"cytopipe run: warning: clinical table: {exc}", file=sys.stderr)
         return str(exc)
     return None
@@ -779,10 +902,10 @@ def build_state(wf: Workflow, n_samples: int) -> StudyState:
 
 
 def _transform_params(params: Mapping[str, Any]) -> dict[str, dict]:
-    from cytopipe.gating import _compat
+    from cytopipe.gating import check_transform
 
     return {
-        str(m): _compat.check_transform(spec, {"marker": str(m), "key": "transforms.params"})
+        str(m): check_transform(spec, {"marker": str(m), "key": "transforms.params"})
         for m, spec in params.items()
     }
 
@@ -792,10 +915,10 @@ def _pool_markers(template: Any, transforms: Mapping[str, Any]) -> list[str]:
         return []
     if transforms.get("markers"):
         return list(transforms["markers"])
-    from cytopipe.gating import _compat
+    from cytopipe.gating import is_scatter_or_time
 
     fixed = set(transforms.get("params") or {})
-    return [m for m in template.markers() if not _compat.is_scatter_or_time(m) and m not in fixed]
+    return [m for m in template.markers() if not is_scatter_or_time(m) and m not in fixed]
 
 
 def _pool_size(transforms: Mapping[str, Any], n_samples: int) -> int:
@@ -969,9 +1092,9 @@ def step_transforms(ctx: RunContext) -> dict[str, Any]:
 
 def _to_engine_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     """A cytopipe.transforms dict as the gating engine's transform spec."""
-    from cytopipe.gating import _compat
+    from cytopipe.gating import check_transform
 
-    return _compat.check_transform(dict(spec), {"key": "transforms"})
+    return check_transform(dict(spec), {"key": "transforms"})
 
 
 # --- step: gating pass 1 + pooled estimates -----------------------------------------------------
@@ -1008,12 +1131,16 @@ def _settings_key(ctx: RunContext, *names: str) -> str:
 
 
 # --- step: gating pass 2 ------------------------------------------------------------------------
-def step_gate(ctx: RunContext) -> dict[str, Any]:
-    settings_key = _settings_key(ctx, "qc", "compensation", "template", "transforms")
+# the gating pass's per-sample result changed shape (gate-review data): older cache entries are redone
+GATE_TASK_VERSION = "g2"
+
+
+def _pooled_key(ctx: RunContext) -> Callable[[Mapping[str, Any]], str]:
+    """Per-sample cache-key part: only the pooled estimates this sample can use (its patient,
+    batch, cohort), so adding another patient's samples does not redo this one."""
     pooled = ctx.state.pooled
 
     def extra(job: Mapping[str, Any]) -> str:
-        # only the pooled estimates this sample can use (its patient, batch, cohort)
         if pooled is None:
             return ""
         t = pooled.table
@@ -1024,15 +1151,155 @@ def step_gate(ctx: RunContext) -> dict[str, Any]:
         )
         return stable_hash(t[sel].to_json())[:8]
 
-    ctx.results = _run_cached_phase(ctx, "gate", gate_task, settings_key, extra_key=extra)
+    return extra
+
+
+def step_gate(ctx: RunContext) -> dict[str, Any]:
+    ctx.results = ctx.run_phase("gate", gate_task, stable_hash(ctx.gate_key()))
     return {"samples": len(ctx.results), "reused": ctx.cached}
 
 
 # --- step: assemble the tables ------------------------------------------------------------------
 def step_assemble(ctx: RunContext) -> dict[str, Any]:
+    from cytopipe.report.gate_review import write_gate_review
+
     ctx.tables["population_stats"] = assemble_population_stats(ctx)
     ctx.tables["samples"] = assemble_samples(ctx)
-    return {"rows": len(ctx.tables["population_stats"])}
+    review = assemble_gate_review(ctx)
+    # not in catalog.duckdb: it is a store of small pictures (histograms), read by the report
+    write_gate_review(ctx.folder.path, review)
+    return {"rows": len(ctx.tables["population_stats"]), "gate_review_rows": len(review)}
+
+
+def assemble_gate_review(ctx: RunContext) -> pd.DataFrame:
+    """Every processed sample's gate-review rows, by sample_id (then template order and panel)."""
+    from cytopipe.report.gate_review import GATE_REVIEW_COLUMNS
+
+    frames = [
+        ctx.results[sid]["review"]
+        for sid in sorted(ctx.results)
+        if sid not in ctx.failures and "review" in ctx.results[sid]
+    ]
+    if not frames:
+        return pd.DataFrame(columns=GATE_REVIEW_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[GATE_REVIEW_COLUMNS]
+
+
+# --- step: statistics ---------------------------------------------------------------------------
+def step_statistics(ctx: RunContext) -> dict[str, Any]:
+    """run_statistics on population_stats (and, in families cluster_*, on clusters.parquet)."""
+    from cytopipe.workflow import statistics_enabled
+
+    if not statistics_enabled(ctx.wf):
+        return {"enabled": False}
+    table, info = compute_statistics(ctx)
+    if table is not None:
+        ctx.tables["statistics"] = table
+    return info
+
+
+def compute_statistics(ctx: RunContext) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+    """The statistics table of the run; problems (a clinical table that does not fit the flow data,
+    too few samples) are recorded in ``ctx.problems`` and never lose the population results."""
+    import dataclasses
+
+    from cytopipe.clinical import load_clinical
+    from cytopipe.errors import ClinicalDataError
+    from cytopipe.stats import FAMILIES
+
+    settings = ctx.stats_settings
+    parts = []
+    ps = ctx.tables.get("population_stats")
+    if ps is None or ps.empty:
+        ctx.problems.append("statistics: no population statistics to analyse (every sample failed?)")
+        return None, {"enabled": True, "rows": 0}
+    clinical = None
+    if ctx.wf.clinical is not None:
+        try:  # the file, and its patients and arms against the flow data
+            clinical = load_clinical(
+                ctx.wf.clinical, patients=ps[["patient_id", "arm"]], baseline_visit=settings.baseline_visit
+            )
+        except ClinicalDataError as exc:
+            ctx.problems.append(f"statistics: the clinical table was not used (no clinical tests): {exc}")
+    gated = _statistics_of(ctx, ps, clinical, settings, "gated populations")
+    if gated is not None:
+        parts.append(gated)
+    clusters = ctx.tables.get("clusters")
+    n_cluster_rows = 0
+    if clusters is not None and len(clusters) and ctx.wf.statistics.get("clusters", True):
+        flow = [f for f in FAMILIES if f not in ("response_rate", "serology_rate")]  # clinical-only: once
+        wanted = [f for f in flow if settings.families is None or f in settings.families]
+        if wanted:
+            cs = dataclasses.replace(settings, populations=None, families=tuple(wanted))
+            table = _statistics_of(ctx, clusters, clinical, cs, "metaclusters")
+            if table is not None:
+                table["family"] = "cluster_" + table["family"].astype(str)
+                n_cluster_rows = len(table)
+                parts.append(table)
+    if not parts:
+        return None, {"enabled": True, "rows": 0}
+    out = pd.concat(parts, ignore_index=True)
+    return out, {
+        "enabled": True,
+        "rows": len(out),
+        "cluster_rows": n_cluster_rows,
+        "clinical": clinical is not None,
+    }
+
+
+def _statistics_of(
+    ctx: RunContext, table: pd.DataFrame, clinical: pd.DataFrame | None, settings: Any, what: str
+) -> pd.DataFrame | None:
+    import warnings
+
+    from cytopipe.errors import ClinicalDataError
+    from cytopipe.stats import run_statistics
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # model-fit warnings are in the table's `note` column
+        try:
+            try:
+                return run_statistics(table, clinical, settings)
+            except ClinicalDataError as exc:
+                if clinical is None:
+                    raise
+                ctx.problems.append(
+                    f"statistics of the {what}: the clinical table does not fit the flow data ({exc}); "
+                    "the clinical tests were left out"
+                )
+                return run_statistics(table, None, settings)
+        except CytopipeError as exc:
+            ctx.problems.append(f"statistics of the {what} could not be computed: {exc}")
+            return None
+
+
+# --- the report (after the data outputs are written) ----------------------------------------------
+def write_run_report(run_dir: Path, wf: Workflow, problems: list[str]) -> dict[str, Any]:
+    """``report.html`` of the finished run folder. A failure is recorded in ``problems`` (and the
+    step's record), never raised: the run's data outputs stand without a report."""
+    settings = wf.report
+    if not settings.get("enabled", True):
+        return {"enabled": False}
+    from cytopipe.report import write_report
+
+    try:
+        path = write_report(
+            run_dir,
+            blinded=bool(settings.get("blinded")),
+            blind_key=settings.get("blind_key"),
+            max_gallery=int(settings.get("max_gallery") or 36),
+        )
+    except CytopipeError as exc:
+        problems.append(f"report: not written: {exc}")
+        return {"enabled": True, "written": False, "error": str(exc)}
+    except Exception as exc:  # a bug in the report must not cost the run's tables
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+        problems.append(
+            f"report: not written: internal error {type(exc).__name__}: {exc}{where} (please report this)"
+        )
+        return {"enabled": True, "written": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"enabled": True, "written": True, "path": path.name, "blinded": bool(settings.get("blinded"))}
 
 
 # ================================================================================================
@@ -1044,8 +1311,12 @@ def _run_cached_phase(
     fn: Callable,
     settings_key: str,
     extra_key: Callable[[Mapping[str, Any]], str] | None = None,
+    soft: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Run ``fn`` on every live sample whose (sha256, settings) result is not cached yet."""
+    """Run ``fn`` on every live sample whose (sha256, settings) result is not cached yet.
+
+    A failed sample is failed for the whole run (``ctx.fail``), or with ``soft`` only left out of
+    this phase's results (``ctx.soft_failures[phase]``)."""
     results: dict[str, dict[str, Any]] = {}
     todo: list[dict[str, Any]] = []
     keys: dict[str, str] = {}
@@ -1063,12 +1334,15 @@ def _run_cached_phase(
     if phase == "gate":
         ctx.cached = len(results)
     ctx.keep_cache.setdefault(phase, set()).update(keys.values())
+    ctx.result_keys[phase] = keys
     for i, res in ctx.executor.map(fn, todo, ctx.state, phase, ctx.progress):
         job = todo[i]
         res = _as_result(res)
         if res.get("ok"):
             _save_result(ctx.folder, phase, keys[job["sample_id"]], res)
             results[job["sample_id"]] = res
+        elif soft:
+            ctx.soft_failures.setdefault(phase, {})[job["sample_id"]] = res.get("error", "unknown error")
         else:
             ctx.fail(job, res, phase)
     return results
@@ -1244,6 +1518,7 @@ def _run_info(ctx: RunContext, executor: Any, seconds: float) -> dict[str, Any]:
         "hashes": dict(ctx.hashes),
         "study_state": _study_record(ctx),
         "clinical_problem": ctx.clinical_problem,
+        "problems": list(ctx.problems),
         "seed": ctx.wf.seed,
         "executor": executor.info(),
         "steps": ctx.steps,
@@ -1332,12 +1607,34 @@ def _version(module: str) -> str | None:
         return None
 
 
+def _cluster_train(ctx: RunContext) -> dict[str, Any]:
+    from cytopipe.cluster_steps import step_cluster_train
+
+    return step_cluster_train(ctx)
+
+
+def _cluster_map(ctx: RunContext) -> dict[str, Any]:
+    from cytopipe.cluster_steps import step_cluster_map
+
+    return step_cluster_map(ctx)
+
+
+# tables a run writes only when their step ran (a rerun without the step removes the old file)
+OPTIONAL_TABLES = ("clusters", "statistics")
+
 STEPS: list[Step] = [
     Step("register", step_register, "hash files, read headers, check template markers"),
     Step("compensation", step_compensation, "study spillover matrix (from controls, when asked)"),
     Step("transforms", step_transforms, "transform parameters estimated from pooled events, then locked"),
     Step("gating-fit", step_gate_fit, "pass 1: data-driven gate fits, pooled estimates"),
     Step("gating", step_gate, "pass 2: per-sample population statistics"),
-    Step("assemble", step_assemble, "population_stats and samples tables"),
-    # later issues add: clustering, statistics, report
+    Step("assemble", step_assemble, "population_stats, samples and gate_review tables"),
+    Step(
+        "clustering-train",
+        _cluster_train,
+        "FlowSOM model from balanced subsamples (or the frozen model given)",
+    ),
+    Step("clustering-map", _cluster_map, "every parent event mapped: clusters.parquet, clustering/"),
+    Step("statistics", step_statistics, "statistics.parquet (gated populations and metaclusters)"),
+    # then, once the tables are written: the report (finish_run)
 ]

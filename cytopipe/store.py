@@ -5,9 +5,14 @@ Layout (ARCHITECTURE.md)::
     RUN_DIR/
       population_stats.parquet   one row per sample and population
       samples.parquet            one row per input file: sha256, status, error, QC metrics, flags
-      run.json                   versions, hashes, seeds, settings, steps and timings
-      catalog.duckdb             the same tables (and run info), queryable with SQL
+      gate_review.parquet        per sample x gate: a small histogram and the gate, for the report
+      clusters.parquet           (clustering) one row per sample and metacluster
+      statistics.parquet         (statistics) one row per test
+      report.html, report_tables/  the report and its tables as CSV
+      run.json                   versions, hashes, seeds, settings, steps, timings and problems
+      catalog.duckdb             the tables (not gate_review) and run info, queryable with SQL
       study/                     study-level results (spillover, locked transforms, pooled gates)
+      clustering/                the frozen FlowSOM model and the clustering tables of the report
       .cache/                    per-sample results keyed by content + settings hash (resume)
 
 Every file is written atomically (temporary file in the same folder, then ``os.replace``), so a
@@ -32,7 +37,7 @@ import pandas as pd
 
 from cytopipe.errors import StoreError
 
-TABLES = ("population_stats", "samples")
+TABLES = ("population_stats", "samples", "clusters", "statistics")  # in catalog.duckdb when present
 
 
 def _file_mode() -> int:
@@ -195,10 +200,18 @@ class RunFolder:
         return removed
 
     # final outputs
-    def write_outputs(self, tables: Mapping[str, pd.DataFrame], run_info: Mapping[str, Any]) -> None:
-        """Write every table as Parquet, the DuckDB catalog, then run.json (last: it marks completion)."""
+    def write_outputs(
+        self,
+        tables: Mapping[str, pd.DataFrame],
+        run_info: Mapping[str, Any],
+        parquet: Iterable[str] | None = None,
+    ) -> None:
+        """Write every table as Parquet (only those named in ``parquet``, when given: the others are
+        on disk already), the DuckDB catalog, then run.json (last: it marks completion)."""
+        names = set(tables) if parquet is None else set(parquet)
         for name, df in tables.items():
-            atomic_write_parquet(self.table_path(name), df)
+            if name in names:
+                atomic_write_parquet(self.table_path(name), df)
         write_catalog(self.catalog, tables, run_info)
         atomic_write_json(self.run_json, dict(run_info))
 

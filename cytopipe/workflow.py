@@ -39,7 +39,8 @@ class Field:
 
     ``kind`` is one of ``str``, ``int``, ``float``, ``bool``, ``"path"`` (a file that must
     exist, resolved relative to the spec), ``"outpath"`` (a folder that may not exist yet),
-    ``"list[str]"``, ``"int|auto"``, ``"mapping"`` (free-form dict, checked by its step).
+    ``"list[str]"``, ``"int|auto"``, ``"bool|auto"``, ``"list[pair]"`` (``[[0, 12], ...]``),
+    ``"mapping"`` (free-form dict, checked by its step).
     """
 
     kind: Any
@@ -105,24 +106,115 @@ TRANSFORMS: Schema = {
 CLUSTERING: Schema = {
     "enabled": Field(bool, False, "run FlowSOM clustering after gating", nullable=False),
     "method": Field(str, "flowsom", "clustering method", choices=("flowsom",), nullable=False),
-    "population": Field(str, "Live", "population whose events are clustered"),
-    "markers": Field("list[str]", None, "markers used for clustering (default: every template marker)"),
-    "grid": Field("list[int]", [10, 10], "SOM grid (x, y)"),
-    "metaclusters": Field(int, 10, "number of metaclusters", minimum=2),
-    "events_per_sample": Field(int, 10_000, "events drawn per sample to train the SOM", minimum=100),
-    "rlen": Field(int, 10, "SOM training passes", minimum=1),
+    "population": Field(
+        str,
+        "Live",
+        "the gated population whose events are clustered (the parent of the metaclusters)",
+        nullable=False,
+    ),
+    "markers": Field(
+        "list[str]",
+        None,
+        "markers clustered on (default: every fluorescence marker of the template; with `model`, the model's)",
+    ),
+    "grid": Field("list[int]", [10, 10], "SOM grid (x, y): nodes = x * y"),
+    "metaclusters": Field(
+        "int|auto", 10, "number of metaclusters k, or 'auto' (chosen from the consensus curve)", minimum=2
+    ),
+    "k_max": Field(int, 20, "largest k considered with metaclusters: auto", minimum=3),
+    "linkage": Field(
+        str, "average", "linkage of the consensus metaclustering", choices=("average", "ward", "complete")
+    ),
+    "cells_per_sample": Field(
+        int,
+        None,
+        "cells drawn from every sample to train the SOM (default: max_training_cells / samples)",
+        minimum=1,
+    ),
+    "max_training_cells": Field(
+        int, 200_000, "training cells in all, when cells_per_sample is not given", minimum=100
+    ),
+    "rlen": Field(int, 10, "SOM training passes over the training cells", minimum=1),
+    "scale": Field(bool, False, "centre and scale each marker before the SOM (FlowSOM's scale=TRUE)"),
+    "seed": Field(int, None, "seed of the training subsample, SOM and metaclustering (default: `seed`)"),
+    "model": Field(
+        "path",
+        None,
+        "an existing frozen model (.npz from a previous run's clustering/model.npz): map onto it "
+        "instead of training (new visits of a trial)",
+    ),
+    "embedding": {
+        "enabled": Field(bool, True, "a UMAP of a subsample of cells for the report", nullable=False),
+        "cells": Field(int, 5000, "cells in the UMAP in all (equal per sample)", minimum=100),
+        "neighbors": Field(int, 15, "UMAP n_neighbors", minimum=2),
+        "min_dist": Field(float, 0.1, "UMAP min_dist", minimum=0.0, maximum=1.0),
+    },
 }
 
 STATISTICS: Schema = {
-    "enabled": Field(bool, False, "run the dynamics/response statistics after gating", nullable=False),
-    "populations": Field("list[str]", None, "populations analysed (default: all of the template)"),
-    "endpoints": Field("list[str]", None, "clinical endpoints, e.g. [sri4, sledai_change]"),
-    "baseline_visit": Field(int, 0, "visit (study week) used as baseline"),
-    "reference_arm": Field(str, "placebo", "arm the active arms are compared with"),
-    "model": Field(str, "mixed", "dynamics model", choices=("mixed", "gee", "ancova")),
-    "covariates": Field("list[str]", None, "extra covariates from the clinical table"),
-    "alpha": Field(float, 0.05, "significance level", minimum=0.0, maximum=1.0),
-    "fdr": Field(str, "bh", "multiplicity correction", choices=("bh", "by", "holm", "none")),
+    "enabled": Field(
+        "bool|auto",
+        "auto",
+        "run the statistics (statistics.parquet) after gating; 'auto': when a clinical table is given",
+    ),
+    "clusters": Field(
+        bool,
+        True,
+        "also test the metacluster abundances (families cluster_*) when clustering ran",
+        nullable=False,
+    ),
+    "measures": Field("list[str]", ["pct_parent"], "measure columns analysed: pct_parent, median_<marker>"),
+    "populations": Field("list[str]", None, "gated populations analysed (default: all)"),
+    "baseline_visit": Field(int, 0, "visit (study week) used as baseline", nullable=False),
+    "reference_arm": Field(str, "placebo", "arm the active arms are compared with", nullable=False),
+    "arm_doses": Field(
+        "mapping", None, "dose per arm for trend tests, e.g. {placebo: 0, 'IL-2 1.0 MIU': 1.0}"
+    ),
+    "change_scale": Field(str, "change", "per-patient outcome", choices=("change", "log2fc")),
+    "pseudocount": Field(float, None, "pseudo-count of log2 fold changes without event counts", minimum=0.0),
+    "duplicates": Field(
+        str, "error", "several samples of one patient and visit: 'error' or 'mean'", choices=("error", "mean")
+    ),
+    "min_group_size": Field(int, 3, "fewest patients per compared group", minimum=2),
+    "alpha": Field(float, 0.05, "1 - confidence level of every interval", minimum=0.0, maximum=1.0),
+    "auc_windows": Field("list[pair]", [[0, 12], [0, 24]], "time-averaged AUC windows [start, end] in weeks"),
+    "auc_all_visits": Field(bool, True, "also the AUC from baseline to each patient's last visit"),
+    "mann_whitney_method": Field(
+        str, "auto", "Mann-Whitney p-values", choices=("auto", "exact", "asymptotic")
+    ),
+    "jonckheere_method": Field(
+        str, "auto", "Jonckheere-Terpstra p-values", choices=("auto", "exact", "asymptotic", "permutation")
+    ),
+    "mixed_model": Field(bool, True, "fit the mixed model change ~ arm x visit + baseline"),
+    "mixed_model_covariance": Field(
+        str, "model", "covariance of the mixed-model estimates", choices=("model", "robust")
+    ),
+    "rate_test": Field(str, "chi2", "response-rate test", choices=("chi2", "fisher")),
+    "response_endpoint": Field(str, "sri4", "binary endpoint of the responder analyses"),
+    "response_visit": Field(int, None, "visit defining responders (default: week 12, else the last)"),
+    "correlation_items": Field(
+        "list[str]",
+        ["sledai", "anti_dsdna", "c3", "c4", "proteinuria"],
+        "clinical items whose change is correlated with each population's change",
+    ),
+    "min_correlation_n": Field(int, 5, "fewest patients for a correlation", minimum=3),
+    "responder_subgroups": Field(
+        "list[str]", ["all", "active"], "patient subgroups of the responder analyses"
+    ),
+    "families": Field("list[str]", None, "test families computed (default: all; see docs/statistics.md)"),
+    "seed": Field(int, None, "seed of permutation tests (default: `seed`)"),
+    "clinical": Field(
+        "mapping",
+        None,
+        "endpoint definitions, e.g. {sri_thresholds: [4, 6], imputation: nri, renal_entry: 0.5}",
+    ),
+}
+
+REPORT: Schema = {
+    "enabled": Field(bool, True, "write report.html at the end of the run", nullable=False),
+    "blinded": Field(bool, False, "replace arm names by codes everywhere in the report", nullable=False),
+    "blind_key": Field("path", None, "CSV (arm,code) or JSON {arm: code} fixing the blinded codes"),
+    "max_gallery": Field(int, 36, "samples drawn per gate in the gate review gallery", minimum=1),
 }
 
 
@@ -145,6 +237,7 @@ SCHEMA: Schema = {
     "qc": "qc",  # filled lazily from cytopipe.qc.QC_SCHEMA (avoids an import cycle)
     "clustering": CLUSTERING,
     "statistics": STATISTICS,
+    "report": REPORT,
 }
 
 
@@ -164,6 +257,7 @@ class Workflow:
     qc: dict[str, Any] = field(default_factory=dict)
     clustering: dict[str, Any] = field(default_factory=dict)
     statistics: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
     spec_path: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,6 +276,7 @@ class Workflow:
             "qc",
             "clustering",
             "statistics",
+            "report",
             "spec_path",
         ):
             out[name] = _jsonable(getattr(self, name))
@@ -196,6 +291,11 @@ class Workflow:
         if comp.get("path"):
             comp["path"] = Path(comp["path"])
         kwargs["compensation"] = comp
+        for section, key in (("clustering", "model"), ("report", "blind_key")):
+            sub = dict(kwargs.get(section) or {})
+            if sub.get(key):
+                sub[key] = Path(sub[key])
+            kwargs[section] = sub
         return cls(**kwargs)
 
     def settings_hash(self, *sections: str) -> str:
@@ -313,6 +413,7 @@ def _build(values: dict[str, Any], spec_path: Path | None, base: Path, file: Pat
         qc=values["qc"],
         clustering=values["clustering"],
         statistics=values["statistics"],
+        report=values["report"],
         spec_path=spec_path,
     )
 
@@ -368,11 +469,29 @@ def _check(value: Any, spec: Field, base: Path, name: str, file: Path | None) ->
     if kind == "int|auto":
         if value == "auto":
             return "auto"
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise WorkflowError(
-                f"must be a positive integer or 'auto', not {_describe(value)}", file=file, key=name
-            )
+        least = int(spec.minimum) if spec.minimum is not None else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            what = "a positive integer" if least == 1 else f"an integer of at least {least}"
+            raise WorkflowError(f"must be {what} or 'auto', not {_describe(value)}", file=file, key=name)
         return value
+    if kind == "bool|auto":
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise WorkflowError(f"must be true, false or 'auto', not {_describe(value)}", file=file, key=name)
+    if kind == "list[pair]":
+        if not isinstance(value, list) or not all(
+            isinstance(v, list)
+            and len(v) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            and v[0] < v[1]
+            for v in value
+        ):
+            raise WorkflowError(
+                f"must be a list of [start, end] week pairs (start < end), not {_describe(value)}",
+                file=file,
+                key=name,
+            )
+        return [list(v) for v in value]
     if kind == "mapping":
         if not isinstance(value, Mapping):
             raise WorkflowError(f"must be a mapping, not {_describe(value)}", file=file, key=name)
@@ -432,3 +551,58 @@ def describe_schema(schema: Schema | None = None, prefix: str = "") -> list[tupl
         else:
             rows.append((prefix + key, spec.default, spec.help))
     return rows
+
+
+# --- the statistics section as cytopipe.stats settings -----------------------------------------
+_STATS_WORKFLOW_ONLY = ("enabled", "clusters")
+
+
+def statistics_enabled(wf: Workflow) -> bool:
+    """``statistics.enabled``, with 'auto' meaning: when the workflow has a clinical table."""
+    enabled = wf.statistics.get("enabled", "auto")
+    return wf.clinical is not None if enabled in ("auto", None) else bool(enabled)
+
+
+def statistics_settings(wf: Workflow) -> Any:
+    """The workflow's ``statistics:`` section as a :class:`cytopipe.stats.StatsSettings`.
+
+    Keys are :class:`~cytopipe.stats.StatsSettings` fields (``enabled`` and ``clusters`` are the
+    run's own); ``seed`` defaults to the workflow's seed. A bad value (an unknown family or clinical
+    setting, an inconsistent combination) is a WorkflowError naming ``statistics.<key>``."""
+    from dataclasses import fields
+
+    from cytopipe.clinical import ClinicalSettings
+    from cytopipe.errors import CytopipeError
+    from cytopipe.stats import FAMILIES, StatsSettings
+
+    file = wf.spec_path
+    # (keys outside the schema can only come from an older run.json: they are ignored)
+    section = {
+        k: v
+        for k, v in wf.statistics.items()
+        if k in STATISTICS and k not in _STATS_WORKFLOW_ONLY and v is not None
+    }
+    if section.get("seed") is None:
+        section["seed"] = wf.seed
+    for family in section.get("families") or ():
+        if family not in FAMILIES:
+            near = difflib.get_close_matches(family, list(FAMILIES), n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; families are {', '.join(FAMILIES)}"
+            raise WorkflowError(f"unknown family {family!r}{hint}", file=file, key="statistics.families")
+    known = [f.name for f in fields(ClinicalSettings)]
+    for key in section.get("clinical") or {}:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known settings: {', '.join(known)}"
+            raise WorkflowError(f"unknown key{hint}", file=file, key=f"statistics.clinical.{key}")
+    if section.get("clinical") is not None:
+        section["clinical"] = {"baseline_visit": section.get("baseline_visit", 0), **section["clinical"]}
+    try:
+        return StatsSettings.from_any(section)
+    except CytopipeError as exc:
+        key = exc.context.get("key")
+        raise WorkflowError(
+            exc.message, file=file, key=f"statistics.{key}" if key else "statistics"
+        ) from None
+    except (TypeError, ValueError) as exc:
+        raise WorkflowError(f"invalid setting: {exc}", file=file, key="statistics") from None

@@ -72,3 +72,16 @@ def sample_report(sample_run, tmp_path_factory) -> tuple[Path, Path]:
     run = tmp_path_factory.mktemp("sample_report") / "run"
     shutil.copytree(sample_run, run)
     return run, write_report(run)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory):
+    """`cytopipe run workflows/sle_il2.yaml --out <tmp>` in a fresh process, once per session:
+    (run folder, completed process). The run folder holds gate review, clusters, statistics and
+    report.html as the README's main command writes them."""
+    from tests.pipeline_support import cli
+
+    out = tmp_path_factory.mktemp("pipeline_run") / "sle_il2"
+    proc = cli("run", str(REPO / "workflows" / "sle_il2.yaml"), "--out", str(out), "--no-progress")
+    print(proc.stdout)
+    return out, proc

@@ -26,10 +26,30 @@ TRIAL = dict(
 )
 
 
+# clustering of the simulated trial: CD4 T cells on the helper markers, a small SOM (fast); the
+# report is written only where a test asks for it
+CLUSTERING = {
+    "enabled": True,
+    "population": "CD4 T",
+    "markers": ["CD25", "CD127", "FOXP3", "CD45RA", "CXCR5", "PD-1", "CXCR3", "CCR6"],
+    "grid": [6, 6],
+    "metaclusters": 8,
+    "embedding": {"enabled": False},
+}
+SECTIONS = {"clustering": CLUSTERING, "report": {"enabled": False}}
+
+
 def make_trial(folder: Path) -> Path:
+    """The simulated trial, with ``workflow.yaml`` (its manifest, clinical table, the template and
+    SECTIONS) for command-line runs."""
+    import yaml
+
     from cytopipe.simulate import simulate_trial
 
     simulate_trial(folder, **TRIAL)
+    spec = {"study": "simulated trial", "manifest": "manifest.csv", "clinical": "clinical.csv",
+            "template": str(TEMPLATE), **SECTIONS}  # fmt: skip
+    (folder / "workflow.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return folder
 
 
@@ -57,18 +77,37 @@ def read_outputs(run_dir: Path) -> dict[str, pd.DataFrame]:
     return {name: pd.read_parquet(run_dir / f"{name}.parquet") for name in ("population_stats", "samples")}
 
 
+CATALOG_TABLES = ("population_stats", "samples", "clusters", "statistics")
+# every data output of a run (not run.json, which records timings, nor the report)
+OUTPUT_FILES = (
+    "population_stats.parquet", "samples.parquet", "gate_review.parquet", "clusters.parquet",
+    "statistics.parquet", "clustering/model.npz", "clustering/nodes.parquet", "clustering/metaclusters.parquet",
+    "clustering/concordance.parquet", "clustering/concordance_summary.parquet", "clustering/umap.parquet",
+)  # fmt: skip
+
+
 def assert_same_outputs(a: Path, b: Path) -> None:
-    """Identical tables: Parquet files byte for byte, and the DuckDB catalogs row for row."""
-    for name in ("population_stats", "samples"):
-        fa, fb = a / f"{name}.parquet", b / f"{name}.parquet"
-        if fa.read_bytes() != fb.read_bytes():
-            pd.testing.assert_frame_equal(pd.read_parquet(fa), pd.read_parquet(fb))
-            raise AssertionError(f"{name}.parquet: same values but different bytes")
-        with duckdb.connect(str(a / "catalog.duckdb"), read_only=True) as ca:
-            ta = ca.execute(f"select * from {name}").df()
-        with duckdb.connect(str(b / "catalog.duckdb"), read_only=True) as cb:
-            tb = cb.execute(f"select * from {name}").df()
-        pd.testing.assert_frame_equal(ta, tb)
+    """Identical outputs: every data file byte for byte (present in both or in neither), and the
+    DuckDB catalogs' tables row for row."""
+    for name in OUTPUT_FILES:
+        fa, fb = a / name, b / name
+        assert fa.is_file() == fb.is_file(), f"{name}: in one run folder only"
+        if fa.is_file() and fa.read_bytes() != fb.read_bytes():
+            if name.endswith(".parquet"):
+                pd.testing.assert_frame_equal(pd.read_parquet(fa), pd.read_parquet(fb))
+            raise AssertionError(f"{name}: different bytes")
+    with (
+        duckdb.connect(str(a / "catalog.duckdb"), read_only=True) as ca,
+        duckdb.connect(str(b / "catalog.duckdb"), read_only=True) as cb,
+    ):
+        names_a = {r[0] for r in ca.execute("select table_name from information_schema.tables").fetchall()}
+        names_b = {r[0] for r in cb.execute("select table_name from information_schema.tables").fetchall()}
+        assert names_a == names_b
+        for name in CATALOG_TABLES:
+            if name in names_a:
+                pd.testing.assert_frame_equal(
+                    ca.execute(f"select * from {name}").df(), cb.execute(f"select * from {name}").df()
+                )
 
 
 def copy_trial(src: Path, dst: Path) -> Path:
@@ -112,9 +151,14 @@ def fault_truth(trial: Path, sample_id: str) -> np.ndarray:
 
 # --- shared fixtures (imported by the pipeline and export tests; one simulation, one reference run)
 def workflow(trial: Path, out: Path, **kw):
+    """The trial's workflow (clinical table, clustering, statistics; no report); ``kw`` replaces
+    settings (``workers=1``) or whole sections (``clustering={...}``)."""
     from cytopipe.workflow import workflow_from_options
 
-    return workflow_from_options(trial / "manifest.csv", TEMPLATE, out, clinical=trial / "clinical.csv", **kw)
+    sections = {**SECTIONS, **kw}
+    return workflow_from_options(
+        trial / "manifest.csv", TEMPLATE, out, clinical=trial / "clinical.csv", **sections
+    )
 
 
 def reference_run(trial: Path, out: Path) -> Path:

@@ -273,6 +273,31 @@ def test_concordance_measures():
     assert s.loc["A or B", "union_f1"] == pytest.approx(2 * 9 / (10 + 9))
 
 
+def test_concordance_from_per_sample_counts_equals_the_pooled_events():
+    """What the pipeline does: each sample's contingency counts (no events) summed at the client give
+    exactly the F-measures and best matches/unions of all events pooled."""
+    rng = np.random.default_rng(7)
+    samples = []
+    for n in (300, 50, 0, 420):
+        clusters = rng.integers(1, 6, size=n)  # clusters 1..5; some samples lack some clusters
+        clusters[clusters == 5] = 4 if n == 50 else 5
+        in_a = rng.random(n) < np.array([0.0, 0.9, 0.6, 0.2, 0.05, 0.0])[clusters]
+        in_b = in_a & (rng.random(n) < 0.5)  # nested, like Treg in CD4 T
+        samples.append((clusters, {"A": in_a, "B": in_b}))
+    counts = [cluster.contingency_counts(c, m, cluster_ids=range(1, 6)) for c, m in samples]
+    assert all(len(t) == 2 * 5 for t in counts)  # every population x cluster, zeros included
+    total = cluster.sum_counts(counts)
+    pooled_c = np.concatenate([c for c, _ in samples])
+    pooled_m = {p: np.concatenate([m[p] for _, m in samples]) for p in ("A", "B")}
+    expected = cluster.f_measure_table(pooled_c, pooled_m)
+    pd.testing.assert_frame_equal(cluster.f_measure_from_counts(total), expected)
+    pd.testing.assert_frame_equal(
+        cluster.concordance_from_counts(total), cluster.concordance_summary(pooled_c, pooled_m)
+    )
+    with pytest.raises(ClusteringError, match="not among cluster_ids"):
+        cluster.contingency_counts(np.array([1, 7]), {"A": np.array([True, False])}, cluster_ids=range(1, 6))
+
+
 def test_best_union_is_the_best_of_all_subsets():
     from itertools import combinations
 

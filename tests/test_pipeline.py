@@ -67,6 +67,59 @@ def test_run_folder_contents(sim_run, sim_trial):
     ]  # fmt: skip
     assert info["workflow"]["qc"]["time"]["mad"] == 6.0
     assert (sim_run / "study" / "gate_fits.parquet").is_file()
+    assert [s["step"] for s in info["steps"]][6:] == ["clustering-train", "clustering-map", "statistics"]
+    assert info["problems"] == []
+
+
+def test_gate_review_statistics_and_clusters_are_in_the_run_folder(sim_run):
+    from cytopipe.report import read_gate_review
+    from cytopipe.stats import COLUMNS
+    from cytopipe.store import query
+
+    stats = read_outputs(sim_run)["population_stats"]
+    # gate review: every sample x population (x panel), sorted by sample, counts equal to population_stats
+    review = read_gate_review(sim_run)
+    assert review["sample_id"].is_monotonic_increasing
+    first = review.drop_duplicates(["sample_id", "population"])
+    assert len(first) == len(stats)
+    m = first.merge(stats, on=["sample_id", "population"], suffixes=("", "_ps"))
+    assert (m["count"] == m["count_ps"]).all() and (m["parent_count"] == m["parent_count_ps"]).all()
+    # statistics of the gated populations and (families cluster_*) of the metaclusters, with the clinical tests
+    st = pd.read_parquet(sim_run / "statistics.parquet")
+    assert list(st.columns) == list(COLUMNS)
+    families = set(st["family"])
+    assert {"arm_visit", "mixed_arm_visit", "response_rate", "correlation"} <= families
+    assert {"cluster_arm_visit", "cluster_mixed_arm_visit", "cluster_correlation"} <= families
+    assert "cluster_response_rate" not in families  # clinical-only tests are not repeated
+    assert set(st.loc[st["family"] == "arm_visit", "population"]) == set(stats["population"])
+    clusters = pd.read_parquet(sim_run / "clusters.parquet")
+    mcs = sorted(clusters["population"].unique())
+    assert mcs == [f"MC{i:02d}" for i in range(1, 9)]
+    assert set(st.loc[st["family"] == "cluster_arm_visit", "population"]) == set(mcs)
+    # clusters.parquet: every metacluster of every sample; counts add up to the gated parent (CD4 T)
+    assert list(clusters.columns[:10]) == [
+        "sample_id", "patient_id", "visit", "arm", "population", "parent", "count", "parent_count", "pct_parent",
+        "metacluster",
+    ]  # fmt: skip
+    assert len(clusters) == 8 * stats["sample_id"].nunique() and (clusters["parent"] == "CD4 T").all()
+    per_sample = clusters.groupby("sample_id")["count"].sum()
+    cd4 = stats[stats["population"] == "CD4 T"].set_index("sample_id")["count"]
+    assert (per_sample == cd4[per_sample.index]).all()
+    assert {"median_CD25", "pct_parent_ci_low", "low_parent_count"} <= set(clusters.columns)
+    # the clustering folder, and the catalog holds the new tables
+    model_file = sim_run / "clustering" / "model.npz"
+    from cytopipe.cluster import load_model
+
+    model = load_model(model_file)
+    info = json.loads((sim_run / "run.json").read_text())
+    assert info["hashes"]["cluster_model"] == model.content_hash and model.parent == "CD4 T"
+    nodes = pd.read_parquet(sim_run / "clustering" / "nodes.parquet")
+    assert nodes["cells"].sum() == clusters["count"].sum()
+    summary = pd.read_parquet(sim_run / "clustering" / "concordance_summary.parquet")
+    assert set(summary["population"]) == {"Treg", "Memory CD4", "Th17", "Th1", "cTfh", "activated cTfh"}
+    assert summary.set_index("population").loc["Treg", "union_f1"] > 0.9
+    n = query(sim_run, "select count(*) as n from statistics")["n"].iloc[0]
+    assert n == len(st) and query(sim_run, "select count(*) as n from clusters")["n"].iloc[0] == len(clusters)
 
 
 def test_pct_parent_matches_the_simulator_truth(sim_run, sim_trial):
@@ -144,10 +197,11 @@ def test_corrupt_and_markerless_files_are_recorded_as_failed(sim_run, sim_trial,
 # resumability: kill -9 of the whole run, then rerun
 # --------------------------------------------------------------------------------------------
 def test_kill_9_mid_run_then_rerun_gives_identical_outputs(sim_run, sim_trial, tmp_path):
+    """Also: two workers give the outputs of the synchronous reference, new files included (gate
+    review, clusters and their model, statistics)."""
     out = tmp_path / "run"
     args = [
-        sys.executable, "-m", "cytopipe", "run", "--manifest", str(sim_trial / "manifest.csv"),
-        "--template", str(TEMPLATE), "--clinical", str(sim_trial / "clinical.csv"), "--out", str(out),
+        sys.executable, "-m", "cytopipe", "run", str(sim_trial / "workflow.yaml"), "--out", str(out),
         "--workers", "2", "--no-progress",
     ]  # fmt: skip
     proc = subprocess.Popen(
@@ -174,10 +228,7 @@ def test_kill_9_mid_run_then_rerun_gives_identical_outputs(sim_run, sim_trial, t
     assert not (out / "run.json").exists()
     print(f"\nkilled after {len(done)} cached results")
     assert not _live_processes_in_group(proc.pid), "orphaned worker processes survived the kill"
-    rerun = cli(
-        "run", "--manifest", str(sim_trial / "manifest.csv"), "--template", str(TEMPLATE),
-        "--clinical", str(sim_trial / "clinical.csv"), "--out", str(out), "--workers", "2", "--no-progress",
-    )  # fmt: skip
+    rerun = cli("run", str(sim_trial / "workflow.yaml"), "--out", str(out), "--workers", "2", "--no-progress")
     assert rerun.returncode == EXIT_OK, rerun.stderr[-3000:]
     assert_same_outputs(sim_run, out)
     assert not list(out.rglob("*.tmp"))  # no leftover temporary files either
@@ -351,16 +402,17 @@ def test_a_changed_file_is_redone_and_the_others_reused(sim_trial, tmp_path):
 # --------------------------------------------------------------------------------------------
 # the README's main command
 # --------------------------------------------------------------------------------------------
-def test_the_committed_sample_data_workflow(tmp_path):
-    """`cytopipe run workflows/sle_il2.yaml` (to a temporary --out): the whole run folder."""
+def test_the_committed_sample_data_workflow(pipeline_run):
+    """`cytopipe run workflows/sle_il2.yaml` (to a temporary --out): the whole run folder, with the
+    gate-review data, FlowSOM clusters, statistics and the report."""
     from tests.pipeline_support import REPO
 
-    out = tmp_path / "sle_il2"
-    proc = cli("run", str(REPO / "workflows" / "sle_il2.yaml"), "--out", str(out), "--no-progress")
-    print(proc.stdout)
+    out, proc = pipeline_run
     assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    assert "statistics, clusters, report.html" in proc.stdout
     assert {p.name for p in out.iterdir()} >= {
-        "population_stats.parquet", "samples.parquet", "run.json", "catalog.duckdb", "study",
+        "population_stats.parquet", "samples.parquet", "run.json", "catalog.duckdb", "study", "gate_review.parquet",
+        "statistics.parquet", "clusters.parquet", "clustering", "report.html", "report_tables",
     }  # fmt: skip
     tables = read_outputs(out)
     assert len(tables["samples"]) == 47 and (tables["samples"]["status"] != "failed").all()
@@ -369,24 +421,162 @@ def test_the_committed_sample_data_workflow(tmp_path):
     per_pop = m.groupby("population")["abs_error_pp"].median()
     print("median |pct_parent - truth| (pp):\n" + per_pop.round(3).to_string())
     assert per_pop["Treg"] < 0.3 and per_pop.max() < 1.0
+    review = pd.read_parquet(out / "gate_review.parquet")
+    assert review["sample_id"].nunique() == 32 and set(review["population"]) == set(m["population"])
+    st = pd.read_parquet(out / "statistics.parquet")
+    assert {"mixed_arm_visit", "response_rate", "cluster_mixed_arm_visit", "cluster_arm_visit"} <= set(
+        st["family"]
+    )
+    clusters = pd.read_parquet(out / "clusters.parquet")
+    assert clusters["population"].nunique() == 15 and clusters["sample_id"].nunique() == 32
+    # FlowSOM on Live cells finds the canonical populations (a metacluster or a union, F1 >= 0.9)
+    summary = pd.read_parquet(out / "clustering" / "concordance_summary.parquet").set_index("population")
+    print(summary[["best_metacluster", "best_f1", "union_metaclusters", "union_f1"]].round(3).to_string())
+    for population in ("Treg", "CD8 T", "NK", "CD56bright NK", "CD56dim NK", "Memory CD4"):
+        assert summary.loc[population, "union_f1"] >= 0.9, population
+    umap = pd.read_parquet(out / "clustering" / "umap.parquet")
+    assert len(umap) == 32 * (4000 // 32) and set(umap["metacluster"]) <= set(clusters["population"])
+    info = json.loads((out / "run.json").read_text())
+    report = next(s for s in info["steps"] if s["step"] == "report")
+    assert report["written"] and info["problems"] == []
 
 
-def test_the_clinical_table_is_checked_before_any_work(sim_trial, tmp_path, capsys):
-    from cytopipe.errors import ClinicalDataError
-    from cytopipe.pipeline import RunContext, validate_inputs
-    from cytopipe.store import RunFolder
+def test_a_clinical_table_that_does_not_fit_is_a_run_problem_not_a_lost_run(
+    sim_run, sim_trial, tmp_path, capsys
+):
+    """Reported at once, recorded in run.json, printed; the statistics leave out the clinical tests and
+    every data output of the run is there (exit code 3: completed with failures)."""
+    import shutil
 
     bad = tmp_path / "clinical.csv"
     table = pd.read_csv(sim_trial / "clinical.csv")
     table[table["patient_id"] != "P003"].to_csv(bad, index=False)  # a patient without clinical data
-    wf = workflow(sim_trial, tmp_path / "o")
+    out = tmp_path / "run"
+    shutil.copytree(sim_run, out)  # reuse the per-sample results
+    wf = workflow(sim_trial, out, statistics={"enabled": True})
     wf.clinical = bad
-    ctx = RunContext(wf=wf, folder=RunFolder(tmp_path / "o"), executor=None, progress=False)
-    validate_inputs(ctx)  # gating does not need it: reported, recorded, not fatal
-    assert "P003" in ctx.clinical_problem and "warning: clinical table" in capsys.readouterr().err
-    wf_stats = wf
-    wf_stats.statistics = dict(wf.statistics, enabled=True)
-    with pytest.raises(ClinicalDataError, match="P003"):
-        validate_inputs(
-            RunContext(wf=wf_stats, folder=RunFolder(tmp_path / "o"), executor=None, progress=False)
-        )
+    result = run_workflow(wf, scheduler="synchronous", progress=False)
+    assert "warning: clinical table" in capsys.readouterr().err
+    assert result.exit_code == EXIT_FAILURES and result.n_failed == 0
+    assert any("P003" in p and p.startswith("statistics") for p in result.problems), result.problems
+    summary = result.summary()
+    assert "problem statistics: the clinical table was not used" in summary
+    assert "completed with failures: 1 problem in the study-level steps" in summary
+    info = json.loads((out / "run.json").read_text())
+    assert info["problems"] == result.problems and "P003" in info["clinical_problem"]
+    st = pd.read_parquet(out / "statistics.parquet")
+    assert "mixed_arm_visit" in set(st["family"]) and "response_rate" not in set(st["family"])
+    assert_same_outputs_except(sim_run, out, "statistics.parquet")
+
+
+def assert_same_outputs_except(a, b, *names):
+    from tests.pipeline_support import OUTPUT_FILES
+
+    for name in OUTPUT_FILES:
+        if name not in names and (a / name).is_file():
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_a_report_that_fails_does_not_fail_the_data(sim_run, sim_trial, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(sim_run, out)
+    key = tmp_path / "key.csv"
+    key.write_text("arm,code\nplacebo,Arm A\n")  # arms missing: the report refuses to be written
+    wf = workflow(sim_trial, out, report={"enabled": True, "blinded": True, "blind_key": str(key)})
+    result = run_workflow(wf, scheduler="synchronous", progress=False)
+    assert result.exit_code == EXIT_FAILURES and result.n_failed == 0
+    assert len(result.problems) == 1 and result.problems[0].startswith("report: not written:")
+    assert not (out / "report.html").exists()
+    step = next(s for s in result.info["steps"] if s["step"] == "report")
+    assert step["written"] is False and "arm" in step["error"]
+    assert_same_outputs(sim_run, out)  # every table is there, as in the reference run
+    # the same run with the report switched off: nothing to complain about
+    again = run_workflow(workflow(sim_trial, out), scheduler="synchronous", progress=False)
+    assert again.exit_code == EXIT_OK and again.problems == []
+
+
+# --------------------------------------------------------------------------------------------
+# clustering: a frozen model for new visits, and `cytopipe cluster`
+# --------------------------------------------------------------------------------------------
+def test_a_later_visit_is_mapped_onto_the_frozen_model(sim_run, sim_trial, tmp_path):
+    """Train on the week-0 visits; a second run over the manifest with week 4 added maps onto that
+    model (no training): the week-0 samples get exactly their first-run assignments and the new
+    visit is mapped."""
+    from tests.pipeline_support import CLUSTERING
+
+    manifest = pd.read_csv(sim_trial / "manifest.csv", dtype=str, keep_default_na=False)
+    week0 = sim_trial / "manifest_week0.csv"
+    manifest[(manifest["visit"] == "0") | (manifest["control"] != "")].to_csv(week0, index=False)
+    first = workflow(sim_trial, tmp_path / "w0")
+    first.manifest = week0
+    r1 = run_workflow(first, scheduler="synchronous", progress=False)
+    assert r1.exit_code == EXIT_OK, r1.summary()
+    model = tmp_path / "w0" / "clustering" / "model.npz"
+    frozen = dict(CLUSTERING, model=str(model))
+    r2 = run_workflow(
+        workflow(sim_trial, tmp_path / "all", clustering=frozen), scheduler="synchronous", progress=False
+    )
+    assert r2.exit_code == EXIT_OK, r2.summary()
+    train = next(s for s in r2.info["steps"] if s["step"] == "clustering-train")
+    assert train["model"] == "given" and "training_cells" not in train
+    assert (tmp_path / "all" / "clustering" / "model.npz").read_bytes() == model.read_bytes()
+    c1 = pd.read_parquet(tmp_path / "w0" / "clusters.parquet")
+    c2 = pd.read_parquet(tmp_path / "all" / "clusters.parquet")
+    assert set(c2["sample_id"]) == set(manifest.loc[manifest["control"] == "", "sample_id"])
+    old = c2[c2["sample_id"].isin(c1["sample_id"])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(old, c1)  # counts, % and medians of every metacluster
+    new = c2[c2["sample_id"].str.endswith("W04")]
+    assert len(new) == 4 * 8 and new["count"].sum() > 0
+
+
+def test_cluster_command_remaps_and_retrains_a_run_folder(sim_run, sim_trial, tmp_path):
+    import shutil
+
+    import yaml
+
+    out = tmp_path / "run"
+    shutil.copytree(sim_run, out)
+    # re-mapping onto the run's own model reproduces its clusters and statistics exactly
+    proc = cli("cluster", str(out), "--scheduler", "synchronous", "--no-progress", "--no-report")
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    assert_same_outputs(sim_run, out)
+    # retrain with other settings (a workflow file): a new model, k = 5, statistics and report rewritten
+    spec = yaml.safe_load((sim_trial / "workflow.yaml").read_text())
+    spec["clustering"].update(metaclusters=5, grid=[5, 5])
+    spec.update(manifest=str(sim_trial / "manifest.csv"), clinical=str(sim_trial / "clinical.csv"))
+    spec["report"] = {"enabled": True}
+    other = tmp_path / "w.yaml"
+    other.write_text(yaml.safe_dump(spec))
+    proc = cli(
+        "cluster",
+        str(out),
+        "--retrain",
+        "--workflow",
+        str(other),
+        "--scheduler",
+        "synchronous",
+        "--no-progress",
+    )
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    clusters = pd.read_parquet(out / "clusters.parquet")
+    assert sorted(clusters["population"].unique()) == [f"MC0{i}" for i in range(1, 6)]
+    info = json.loads((out / "run.json").read_text())
+    assert info["cluster_command"]["retrain"] is True and info["workflow"]["clustering"]["metaclusters"] == 5
+    assert [s["step"] for s in info["steps"]][-4:] == [
+        "clustering-train",
+        "clustering-map",
+        "statistics",
+        "report",
+    ]
+    st = pd.read_parquet(out / "statistics.parquet")
+    assert set(st.loc[st["family"] == "cluster_arm_visit", "population"]) == set(clusters["population"])
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert '<section id="clusters">' in html and "fig-cluster-concordance" in html
+    # the population results were not touched
+    for name in ("population_stats.parquet", "samples.parquet", "gate_review.parquet"):
+        assert (out / name).read_bytes() == (sim_run / name).read_bytes()
+    # a run folder that is not one: a clear error
+    proc = cli("cluster", str(tmp_path / "nowhere"))
+    assert proc.returncode == 2 and "run folder not found" in proc.stderr

@@ -208,11 +208,9 @@ def report_outputs(run: Path, html_path: Path) -> dict[str, str]:
     return out
 
 
-def test_blinded_report_leaks_no_arm_name(report, tmp_path):
-    run, *_ = report
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)  # holds the unblinded report and its tables: they must be replaced
-    path = write_report(copy, blinded=True)
+def assert_blinded(copy: Path, path: Path) -> dict[str, str]:
+    """No arm name in any file of the blinded report (page, CSV tables, text in every figure), the
+    codes everywhere instead, the same codes every time, and no file hash shown."""
     outputs = report_outputs(copy, path)
     assert len(outputs) > 20
     for where, text in outputs.items():
@@ -232,6 +230,26 @@ def test_blinded_report_leaks_no_arm_name(report, tmp_path):
     assert shown.to_dict() == again[shown.index].to_dict()
     sha = pd.read_parquet(copy / "samples.parquet")["sha256"].dropna()
     assert not any(h in text for h in sha for text in outputs.values())
+    return outputs
+
+
+def test_blinded_run_leaks_no_arm_name(pipeline_run, tmp_path):
+    """`cytopipe run ... --blinded` on the sample trial (every section, clusters included): its report
+    replaces the unblinded one and shows no arm name anywhere."""
+    from cytopipe.pipeline import run_workflow
+    from cytopipe.workflow import load_workflow
+
+    run, _ = pipeline_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)  # the per-sample results are reused; the unblinded report must be replaced
+    wf = load_workflow(REPO / "workflows" / "sle_il2.yaml", output=copy)
+    wf.report = dict(wf.report, blinded=True)
+    result = run_workflow(wf, scheduler="synchronous", progress=False)
+    assert result.exit_code == 0, result.summary()
+    outputs = assert_blinded(copy, copy / "report.html")
+    assert "cluster_statistics.csv" in outputs and "png cluster-umap" in outputs
+    step = next(s for s in result.info["steps"] if s["step"] == "report")
+    assert step["written"] and step["blinded"]
 
 
 def test_blinding_key_gives_the_codes(small_run, tmp_path):
@@ -348,14 +366,15 @@ def test_cluster_section_appears_with_clusters(small_run):
     clusters["median_CD25"] = np.where(clusters["population"] == "MC01", 2500.0, 300.0)
     clusters["median_CD127"] = np.where(clusters["population"] == "MC01", 200.0, 1800.0)
     clusters.to_parquet(run / "clusters.parquet")
-    (run / "clusters").mkdir()
-    pd.DataFrame({"population": ["Treg"], "best_cluster": ["MC01"], "best_f1": [0.93]}).to_parquet(
-        run / "clusters" / "concordance.parquet"
+    # the pipeline's clustering folder (docs/pipeline.md); here only the concordance summary
+    (run / "clustering").mkdir()
+    pd.DataFrame({"population": ["Treg"], "best_metacluster": ["MC01"], "best_f1": [0.93]}).to_parquet(
+        run / "clustering" / "concordance_summary.parquet"
     )
     html = write_report(run).read_text(encoding="utf-8")
     assert '<section id="clusters">' in html
     figures = embedded_pngs(html)
-    assert {"cluster-heatmap", "cluster-dynamics"} <= set(figures)
+    assert {"cluster-heatmap", "cluster-dynamics"} <= set(figures)  # heatmap from clusters.parquet's medians
     assert (run / "report_tables" / "cluster_concordance.csv").is_file()
 
 

@@ -42,8 +42,10 @@ def browser():
         b.close()
 
 
-def test_report_opens_offline_and_renders(browser, sample_report):
-    run, path = sample_report
+def _open(browser, path: Path, sections: list[str]):
+    """Load ``path`` offline; check no script/console errors, nothing fetched, every section visible
+    and reachable from the table of contents, every figure decoded with a real size. Returns
+    (context, page, images)."""
     context = browser.new_context(offline=True, viewport={"width": 1400, "height": 900})
     page = context.new_page()
     console, errors, requests = [], [], []
@@ -63,18 +65,19 @@ def test_report_opens_offline_and_renders(browser, sample_report):
     assert [u for u in requests if urlparse(u).scheme == "file"] == [path.as_uri()]
 
     # every section is there, visible, and reachable from the table of contents
-    for section in SECTIONS:
+    for section in sections:
         assert page.locator(f"section#{section}").is_visible()
         assert page.locator(f'nav.toc a[href="#{section}"]').count() == 1
     anchors = page.eval_on_selector_all("nav.toc a", "els => els.map(a => a.getAttribute('href').slice(1))")
-    assert len(anchors) > len(SECTIONS)  # sub-sections: QC parts and one entry per gate
+    assert len(anchors) > len(sections)  # sub-sections: QC parts and one entry per gate
     missing = page.evaluate("ids => ids.filter(id => !document.getElementById(id))", anchors)
     assert missing == []
 
     # every figure decoded and laid out with a real size
     images = page.eval_on_selector_all(
         "img",
-        "els => els.map(i => ({alt: i.alt, w: i.naturalWidth, h: i.naturalHeight, shown: i.getBoundingClientRect().width}))",
+        "els => els.map(i => ({alt: i.alt, w: i.naturalWidth, h: i.naturalHeight, shown: i.getBoundingClientRect().width, "
+        "section: i.closest('section') && i.closest('section').id}))",
     )
     html = path.read_text(encoding="utf-8")
     assert len(images) == html.count("<img ") >= 20
@@ -82,10 +85,35 @@ def test_report_opens_offline_and_renders(browser, sample_report):
         assert img["w"] > 0 and img["h"] > 0 and img["shown"] > 0, img
     gallery = page.locator("section#gates figure img").count()
     assert gallery >= 16  # one figure per gate (Treg two)
+    return context, page, images
 
+
+def test_report_opens_offline_and_renders(browser, sample_report):
+    run, path = sample_report
+    context, page, _ = _open(browser, path, SECTIONS)
     # tables render as tables; the failed sample and its reason are on the page
     assert page.locator("section#qc table").count() >= 2
     assert "FCS header is damaged" in page.locator("section#qc").inner_text()
     page.locator('nav.toc a[href="#models"]').click()
     assert page.locator("section#models").is_visible()
+    context.close()
+
+
+def test_the_report_of_cytopipe_run_renders_with_its_clusters(browser, pipeline_run):
+    """report.html as `cytopipe run workflows/sle_il2.yaml` wrote it (same browser launch)."""
+    run, proc = pipeline_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    context, page, images = _open(browser, run / "report.html", [*SECTIONS[:-1], "clusters", "files"])
+    clusters = {img["alt"] for img in images if img["section"] == "clusters"}
+    assert {
+        "Metacluster by marker median heatmap",
+        "FlowSOM minimum spanning tree sized by abundance",
+        "UMAP of a subsample coloured by metacluster and by gated population",
+        "Cluster-gate concordance heatmap (F-measure)",
+        "Metacluster abundance over visits by arm",
+    } <= clusters
+    text = page.locator("section#clusters").inner_text()
+    assert "Differential abundance" in text and "Treg" in text  # concordance table: best match per gate
+    page.locator('nav.toc a[href="#clusters-concordance"]').click()
+    assert page.locator("section#clusters table").count() >= 2
     context.close()

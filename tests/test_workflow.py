@@ -51,7 +51,12 @@ def test_minimal_spec_paths_are_relative_to_the_spec_and_defaults_are_filled(stu
     assert wf.qc["time"]["mad"] == 6.0 and wf.qc["time"]["consecutive_bins"] == 5
     assert wf.qc["min_parent_events"] == 100
     assert wf.transforms["method"] == "logicle" and wf.transforms["estimate"] == "template"
-    assert wf.clustering["enabled"] is False and wf.statistics["enabled"] is False
+    assert wf.clustering["enabled"] is False and wf.statistics["enabled"] == "auto"
+    assert wf.report == {"enabled": True, "blinded": False, "blind_key": None, "max_gallery": 36}
+    # statistics 'auto': on because a clinical table is given; off without one
+    from cytopipe.workflow import statistics_enabled
+
+    assert statistics_enabled(wf) and not statistics_enabled(load_workflow(write_spec(study, BASE)))
 
 
 def test_every_setting_is_documented_with_a_default_row():
@@ -74,8 +79,9 @@ qc:
   margins: {lower_channels: all}
   time: {mad: 5, consecutive_bins: 3}
   min_events: 500
-clustering: {enabled: true, markers: [CD4, CD8], grid: [8, 8], metaclusters: 12}
-statistics: {enabled: true, endpoints: [sri4], fdr: by}
+clustering: {enabled: true, markers: [CD4, CD8], grid: [8, 8], metaclusters: auto, embedding: {cells: 900}}
+statistics: {enabled: true, families: [arm_visit, mixed_arm_visit], auc_windows: [[0, 4]], arm_doses: {a: 1}}
+report: {blinded: true, blind_key: ../data/comp.csv}
 """
     )
     wf = load_workflow(write_spec(study, text))
@@ -84,7 +90,15 @@ statistics: {enabled: true, endpoints: [sri4], fdr: by}
     assert wf.compensation["path"] == (study / "data" / "comp.csv").resolve()
     assert wf.transforms["params"] == {"CD25": {"type": "arcsinh", "cofactor": 150}}
     assert wf.qc["time"]["mad"] == 5.0 and wf.qc["margins"]["lower_channels"] == "all"
-    assert wf.clustering["grid"] == [8, 8] and wf.statistics["fdr"] == "by"
+    assert wf.clustering["grid"] == [8, 8] and wf.clustering["metaclusters"] == "auto"
+    assert wf.clustering["embedding"] == {"enabled": True, "cells": 900, "neighbors": 15, "min_dist": 0.1}
+    assert wf.statistics["families"] == ["arm_visit", "mixed_arm_visit"]
+    assert wf.report["blinded"] is True and wf.report["blind_key"] == (study / "data" / "comp.csv").resolve()
+    from cytopipe.workflow import statistics_settings
+
+    settings = statistics_settings(wf)
+    assert settings.families == ("arm_visit", "mixed_arm_visit") and settings.auc_windows == ((0, 4),)
+    assert settings.seed == 7 and settings.arm_doses == {"a": 1}
     d = wf.to_dict()
     assert d["manifest"] == str(wf.manifest) and d["qc"]["min_events"] == 500
 
@@ -107,6 +121,15 @@ def test_out_overrides_the_spec_output(study, tmp_path):
         ("qc: {max_removed_fraction: 2}\n", "qc.max_removed_fraction", "at most 1"),
         ("qc: [1, 2]\n", "qc", "must be a mapping"),
         ("clustering: {markers: CD4}\n", "clustering.markers", "list of str"),
+        ("clustering: {metaclusters: 1}\n", "clustering.metaclusters", "at least 2 or 'auto'"),
+        ("clustering: {embedding: {cels: 10}}\n", "clustering.embedding.cels", "did you mean 'cells'"),
+        ("clustering: {model: ../data/none.npz}\n", "clustering.model", "file not found"),
+        ("statistics: {enabled: maybe}\n", "statistics.enabled", "true, false or 'auto'"),
+        ("statistics: {fdr: bh}\n", "statistics.fdr", "unknown key"),
+        ("statistics: {refrence_arm: x}\n", "statistics.refrence_arm", "did you mean 'reference_arm'"),
+        ("statistics: {auc_windows: [[12, 0]]}\n", "statistics.auc_windows", "start < end"),
+        ("statistics: {change_scale: log}\n", "statistics.change_scale", "did you mean 'log2fc'"),
+        ("report: {blinded: yes please}\n", "report.blinded", "true or false"),
         ("clinical: ../data/nope.csv\n", "clinical", "file not found"),
         ("compensation: {source: csv}\n", "compensation.path", "no `path`"),
         ("compensation: {path: ../data/comp.csv}\n", "compensation.path", "only used with source 'csv'"),
@@ -118,6 +141,29 @@ def test_bad_specs_name_the_key(study, extra, key, fragment):
     assert info.value.context["key"] == key
     assert fragment in str(info.value)
     assert str(info.value).startswith(f"file '{study / 'workflows' / 'w.yaml'}'")
+
+
+@pytest.mark.parametrize(
+    "section, key, fragment",
+    [
+        ("{families: [arm_vist]}", "statistics.families", "did you mean 'arm_visit'"),
+        (
+            "{clinical: {sri_treshold: [4]}}",
+            "statistics.clinical.sri_treshold",
+            "did you mean 'sri_thresholds'",
+        ),
+        ("{clinical: {imputation: lots}}", "statistics.imputation", "imputation must be"),
+        ("{alpha: 0}", "statistics.alpha", "alpha must be between 0 and 1"),
+    ],
+)
+def test_statistics_section_becomes_stats_settings_with_clear_errors(study, section, key, fragment):
+    """Checked when the run starts (cytopipe.stats is imported then, not when a spec is read)."""
+    from cytopipe.workflow import statistics_settings
+
+    wf = load_workflow(write_spec(study, BASE + f"statistics: {section}\n"))
+    with pytest.raises(WorkflowError) as info:
+        statistics_settings(wf)
+    assert info.value.context["key"] == key and fragment in str(info.value)
 
 
 def test_missing_manifest_names_key_and_resolved_path(study):

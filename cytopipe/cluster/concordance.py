@@ -12,6 +12,12 @@ Populations are given either as one label per event (mutually exclusive, e.g. a 
 gating result; labels in ``exclude`` such as ``"Unlabeled"`` drop those events from the
 evaluation, as in Weber & Robinson 2016) or as a mapping name -> boolean mask per event
 (gated populations, which may be nested or overlap).
+
+Everything derives from the counts ``n_both`` (events in the cluster and the population), the
+cluster sizes and the population sizes, which add up over samples. A pipeline task therefore
+returns :func:`contingency_counts` of its sample (a small table, no events), the client sums the
+tables of every sample, and :func:`f_measure_from_counts` / :func:`concordance_from_counts` give
+the cohort's F-measures exactly as if every event had been pooled.
 """
 
 from __future__ import annotations
@@ -61,11 +67,91 @@ def _prepare(
     return ids, both.sum(axis=0), [str(n) for n in names_arr], both.sum(axis=1), both
 
 
+COUNT_COLUMNS = ["population", "cluster", "n_population", "n_cluster", "n_both"]
+
+
+def contingency_counts(
+    clusters: np.ndarray,
+    populations: Populations,
+    exclude: Iterable[str] = (),
+    cluster_ids: Iterable[int] | None = None,
+) -> pd.DataFrame:
+    """The counts behind every F-measure, one row per population x cluster: ``population,
+    cluster, n_population, n_cluster, n_both``. ``cluster_ids`` lists every cluster (e.g.
+    ``range(1, k + 1)``) so that clusters absent from this sample get rows too. Tables of several
+    samples add up: ``pd.concat(tables).groupby(["population", "cluster"]).sum()``."""
+    ids, sizes, names, pop_sizes, both = _prepare(clusters, populations, exclude)
+    if cluster_ids is not None:
+        every = np.asarray(sorted(set(int(c) for c in cluster_ids)), dtype=np.int64)
+        extra = np.setdiff1d(ids.astype(np.int64), every)
+        if extra.size:
+            raise ClusteringError(f"clusters {extra.tolist()} are not among cluster_ids")
+        pos = np.searchsorted(every, ids.astype(np.int64))
+        full_sizes = np.zeros(every.size, dtype=np.int64)
+        full_sizes[pos] = sizes
+        full_both = np.zeros((len(names), every.size), dtype=np.int64)
+        full_both[:, pos] = both
+        ids, sizes, both = every, full_sizes, full_both
+    p_idx, c_idx = np.meshgrid(np.arange(len(names)), np.arange(ids.size), indexing="ij")
+    return pd.DataFrame(
+        {
+            "population": np.array(names, dtype=object)[p_idx.ravel()],
+            "cluster": ids[c_idx.ravel()],
+            "n_population": pop_sizes[p_idx.ravel()].astype(np.int64),
+            "n_cluster": np.asarray(sizes)[c_idx.ravel()].astype(np.int64),
+            "n_both": both.ravel().astype(np.int64),
+        },
+        columns=COUNT_COLUMNS,
+    )
+
+
+def sum_counts(tables: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    """Add up :func:`contingency_counts` tables (of several samples); rows sorted by
+    population (first-appearance order) then cluster."""
+    tables = [t for t in tables if len(t)]
+    if not tables:
+        return pd.DataFrame(columns=COUNT_COLUMNS)
+    all_rows = pd.concat(tables, ignore_index=True)
+    order = {p: i for i, p in enumerate(dict.fromkeys(all_rows["population"]))}
+    out = all_rows.groupby(["population", "cluster"], sort=False)[COUNT_COLUMNS[2:]].sum().reset_index()
+    out = out.assign(_o=out["population"].map(order)).sort_values(["_o", "cluster"], kind="stable")
+    return out.drop(columns="_o").reset_index(drop=True)
+
+
+def _arrays(counts: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """(cluster ids, cluster sizes, population names, population sizes, both) from a counts table."""
+    names = list(dict.fromkeys(counts["population"]))
+    ids = np.asarray(sorted(counts["cluster"].unique()))
+    both = np.zeros((len(names), ids.size), dtype=np.int64)
+    p = counts["population"].map({n: i for i, n in enumerate(names)}).to_numpy()
+    c = np.searchsorted(ids, counts["cluster"].to_numpy())
+    both[p, c] = counts["n_both"].to_numpy()
+    sizes = np.zeros(ids.size, dtype=np.int64)
+    sizes[c] = counts["n_cluster"].to_numpy()
+    pop_sizes = np.zeros(len(names), dtype=np.int64)
+    pop_sizes[p] = counts["n_population"].to_numpy()
+    return ids, sizes, names, pop_sizes, both
+
+
+def f_measure_from_counts(counts: pd.DataFrame) -> pd.DataFrame:
+    """:func:`f_measure_table` from (summed) :func:`contingency_counts`."""
+    return _f_table(*_arrays(counts))
+
+
+def concordance_from_counts(counts: pd.DataFrame) -> pd.DataFrame:
+    """:func:`concordance_summary` from (summed) :func:`contingency_counts`."""
+    arrays = _arrays(counts)
+    return _summary(_f_table(*arrays), _unions(*arrays))
+
+
 def f_measure_table(
     clusters: np.ndarray, populations: Populations, exclude: Iterable[str] = ()
 ) -> pd.DataFrame:
     """Long table: one row per population x cluster with counts, precision, recall and F1."""
-    ids, sizes, names, pop_sizes, both = _prepare(clusters, populations, exclude)
+    return _f_table(*_prepare(clusters, populations, exclude))
+
+
+def _f_table(ids, sizes, names, pop_sizes, both) -> pd.DataFrame:
     p_idx, c_idx = np.meshgrid(np.arange(len(names)), np.arange(ids.size), indexing="ij")
     n_both = both.ravel().astype(np.float64)
     n_c = sizes[c_idx.ravel()].astype(np.float64)
@@ -97,7 +183,10 @@ def best_matches(table: pd.DataFrame) -> pd.DataFrame:
 
 def best_unions(clusters: np.ndarray, populations: Populations, exclude: Iterable[str] = ()) -> pd.DataFrame:
     """Per population, the union of clusters with the highest F1 (exact, see module doc)."""
-    ids, sizes, names, pop_sizes, both = _prepare(clusters, populations, exclude)
+    return _unions(*_prepare(clusters, populations, exclude))
+
+
+def _unions(ids, sizes, names, pop_sizes, both) -> pd.DataFrame:
     rows = []
     for p, name in enumerate(names):
         b = both[p].astype(np.float64)
@@ -122,9 +211,13 @@ def concordance_summary(
     clusters: np.ndarray, populations: Populations, exclude: Iterable[str] = ()
 ) -> pd.DataFrame:
     """Summary per population: size, best single cluster and its F1, best union and its F1."""
-    table = f_measure_table(clusters, populations, exclude)
+    arrays = _prepare(clusters, populations, exclude)
+    return _summary(_f_table(*arrays), _unions(*arrays))
+
+
+def _summary(table: pd.DataFrame, unions: pd.DataFrame) -> pd.DataFrame:
     best = best_matches(table).set_index("population")
-    unions = best_unions(clusters, populations, exclude).set_index("population")
+    unions = unions.set_index("population")
     sizes = table.groupby("population", sort=False)["n_population"].first()
     out = pd.DataFrame(
         {

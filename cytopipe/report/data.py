@@ -44,6 +44,7 @@ class RunData:
     dose_ordered: bool = False
     codes: dict[str, str] | None = None  # arm -> code when blinded
     notes: list[str] = field(default_factory=list)  # what the report did on its own (shown)
+    problems: list[str] = field(default_factory=list)  # run.json `problems`: study-level steps that failed
     clinical_error: str = ""
     baseline_visit: int = 0
     folder_name: str = ""  # the run folder's name, as shown
@@ -105,6 +106,7 @@ def load_run(
     from cytopipe.report.gate_review import read_gate_review
 
     data.gate_review = read_gate_review(run_dir)
+    data.problems = [str(p) for p in info.get("problems") or []]
     stats_settings = {k: workflow["statistics"][k] for k in _STATS_KEYS if (workflow.get("statistics") or {}).get(k) is not None}  # fmt: skip
     data.baseline_visit = int(stats_settings.get("baseline_visit", 0))
     _load_clinical(data, clinical, workflow)
@@ -139,7 +141,9 @@ def _load_clinical(data: RunData, clinical: Any, workflow: Mapping[str, Any]) ->
                 return
             table = load_clinical(path, baseline_visit=data.baseline_visit)
         data.clinical = table
-        data.endpoints = derive_endpoints(table, {"baseline_visit": data.baseline_visit})
+        # the endpoint definitions of the run's statistics (workflow `statistics.clinical`), if any
+        defs = dict((workflow.get("statistics") or {}).get("clinical") or {})
+        data.endpoints = derive_endpoints(table, {**defs, "baseline_visit": data.baseline_visit})
     except CytopipeError as exc:
         data.clinical_error = str(exc)
         data.clinical = None
@@ -207,6 +211,7 @@ def _blind(data: RunData, codes: dict[str, str]) -> None:
     data.dose_ordered = False
     data.clinical_error = _blind_str(data.clinical_error, codes)
     data.notes = [_blind_str(n, codes) for n in data.notes]
+    data.problems = [_blind_str(p, codes) for p in data.problems]
     data.study = _blind_str(data.study, codes)
     data.folder_name = _blind_str(data.folder_name, codes)
 

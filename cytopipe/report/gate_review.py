@@ -104,90 +104,6 @@ GATE_REVIEW_COLUMNS = [
 # ------------------------------------------------------------------------------------------------
 # computing the data (inside the per-sample task)
 # ------------------------------------------------------------------------------------------------
-class _DimValues:
-    """Compensated, transformed values of a gate dimension at a population's events.
-
-    Reproduces what the gating engine applied, from what its result records: the compensation
-    matrix (``result.compensation``, applied with the engine's own routine, in one BLAS call for
-    every compensated channel), the marker -> channel map (``result.channel_of``) and the
-    transform per channel (``result.transforms``). Values are cached per dimension and population.
-    """
-
-    def __init__(self, sample: Any, result: Any):
-        self.events = sample.events
-        self.pnn = [str(v) for v in sample.channels["pnn"]]
-        self.col = {name: i for i, name in enumerate(self.pnn)}
-        self.result = result
-        self.template = result.template
-        self.comp = result.compensation or None
-        self._block: tuple[dict[int, int], np.ndarray] | None = None
-        self._cache: dict[tuple, tuple[np.ndarray, str] | None] = {}
-
-    def channel(self, name: str) -> str | None:
-        pnn = self.result.channel_of.get(name)
-        if pnn is None and name in self.col:
-            pnn = name
-        return pnn
-
-    def _linear(self, pnn: str, compensated: bool) -> np.ndarray:
-        c = self.col[pnn]
-        if compensated and self.comp and pnn in self.comp["channels"]:
-            if self._block is None:
-                from cytopipe.compensation import Compensation
-                from cytopipe.gating._compat import compensate_block
-
-                comp = Compensation.from_dict(self.comp)
-                cols = [self.col[ch] for ch in comp.channels]
-                block = compensate_block(self.events, cols, comp)
-                self._block = ({col: j for j, col in enumerate(cols)}, block)
-            where, block = self._block
-            return block[where[c]]
-        return self.events[:, c]
-
-    def transform_spec(self, dim: Any, pnn: str) -> Mapping | None:
-        if dim.transform is None:
-            return None
-        spec = self.result.transforms.get(pnn)
-        if spec is None:
-            t = self.template.transforms
-            spec = t.get(dim.transform) if dim.transform != "default" else None
-            spec = spec or t.get(dim.name) or t.get("default")
-        return spec
-
-    def values(self, dim: Any, idx: np.ndarray | None, scope: str) -> tuple[np.ndarray, str] | None:
-        """``(values at idx, scale label)``, or None when the dimension cannot be reproduced.
-        ``scope`` names the event set ``idx`` (the cache key)."""
-        from cytopipe.gating._compat import apply_transform
-
-        key = (dim.name, dim.compensation, dim.transform, scope)
-        if key in self._cache:
-            return self._cache[key]
-        out = None
-        pnn = self.channel(dim.name)
-        # Gating-ML ratio dimensions are not drawn (rare; their counts still show)
-        if getattr(dim, "ratio", None) is None and pnn is not None and pnn in self.col:
-            v = self._linear(pnn, dim.compensation not in (None, "uncompensated", "none"))
-            if idx is not None:
-                v = v[idx]
-            spec = self.transform_spec(dim, pnn)
-            out = (apply_transform(spec, v), _scale_label(spec))
-        self._cache[key] = out
-        return out
-
-
-def _scale_label(spec: Mapping | None) -> str:
-    """How an axis is scaled, for people: ``linear``, ``arcsinh(x/150)``, ``logicle(T=262144, ...)``."""
-    if spec is None or spec.get("type") in ("identity", None):
-        return "linear"
-    kind = spec["type"]
-    if kind == "arcsinh":
-        return f"arcsinh(x/{float(spec['cofactor']):g})"
-    params = ", ".join(
-        f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in spec.items() if k != "type"
-    )
-    return f"{kind}({params})"
-
-
 def gate_review_data(
     sample: Any,
     result: Any,
@@ -204,7 +120,7 @@ def gate_review_data(
     """
     if sample_id is None:
         sample_id = Path(str(getattr(sample, "path", "") or "sample")).stem
-    vals = _DimValues(sample, result)
+    vals = result.event_values(sample)  # cytopipe.gating.EventValues: what the engine saw
     rows: list[dict[str, Any]] = []
     pops = result.populations
     for name, pop in pops.items():
@@ -358,7 +274,7 @@ def _boolean_panels(name: str, gate: Any, pops: Mapping[str, Any], result: Any) 
 
 def _panel_row(
     panel: Mapping[str, Any],
-    vals: _DimValues,
+    vals: Any,
     idx: np.ndarray | None,
     scope: str,
     bins_2d: int,
@@ -372,7 +288,7 @@ def _panel_row(
     if panel["condition"]:
         keep = None
         for dim, lo, hi in panel["condition"]:
-            got = vals.values(dim, idx, scope)
+            got = _dim_values(vals, dim, idx, scope)
             if got is None:
                 return None
             v = got[0]
@@ -383,12 +299,12 @@ def _panel_row(
                 ok &= v < hi
             keep = ok if keep is None else keep & ok
             cond_text.append(_bound_text(dim.name, lo, hi))
-        base = np.arange(vals.events.shape[0]) if idx is None else idx
+        base = np.arange(vals.n_events) if idx is None else idx
         sel = base[keep]
         scope = f"{scope} | {' and '.join(cond_text)}"
     axes = []
     for dim in dims:
-        got = vals.values(dim, sel, scope)
+        got = _dim_values(vals, dim, sel, scope)
         if got is None:
             return None
         axes.append(got)
@@ -420,6 +336,17 @@ def _panel_row(
         "shapes": json.dumps(shapes, allow_nan=False, default=_none_for_inf),
         "n_shown": int(len(x)),
     }
+
+
+def _dim_values(vals: Any, dim: Any, idx: np.ndarray | None, scope: str) -> tuple[np.ndarray, str] | None:
+    """``(values at idx, scale label)``, or None when the dimension cannot be drawn (a Gating-ML
+    ratio dimension, a channel the file lacks): the panel is then left out, its counts still show."""
+    from cytopipe.errors import CytopipeError
+
+    try:
+        return vals.at(dim, idx, scope), vals.scale(dim)
+    except CytopipeError:
+        return None
 
 
 def _none_for_inf(value: Any) -> Any:  # pragma: no cover - json calls it for unknown types only
@@ -526,28 +453,44 @@ def _gate_params(gate: Any) -> tuple[list[float], list[str], list[str]]:
 # ------------------------------------------------------------------------------------------------
 # storing and reading
 # ------------------------------------------------------------------------------------------------
-def write_gate_review(run_dir: str | Path, table: pd.DataFrame) -> Path:
-    """Write the gate-review table (rows of every sample) as ``RUN_DIR/gate_review.parquet``
-    (atomically: temporary file, then rename)."""
+def _arrow_schema():
+    """The gate-review table's fixed Parquet schema: the same bytes whether rows come straight from
+    :func:`gate_review_data` (Python lists) or back from a Parquet cache (numpy arrays)."""
+    import pyarrow as pa
+
+    floats, ints, text = pa.list_(pa.float64()), pa.list_(pa.int32()), pa.list_(pa.string())
+    types = {
+        "panel": pa.int16(), "x_bins": pa.int16(), "y_bins": pa.int16(), "n_shown": pa.int64(),
+        "count": pa.int64(), "parent_count": pa.int64(), "pct_parent": pa.float64(),
+        "x_range": floats, "y_range": floats, "counts": ints, "params": floats, "param_names": text,
+        "param_spans": floats,
+    }  # fmt: skip
+    return pa.schema([(c, types.get(c, pa.string())) for c in GATE_REVIEW_COLUMNS])
+
+
+def gate_review_bytes(table: pd.DataFrame) -> bytes:
+    """The gate-review table as zstd Parquet bytes with a fixed schema (see :func:`write_gate_review`)."""
     import io
-    import os
-    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     missing = [c for c in GATE_REVIEW_COLUMNS if c not in table.columns]
     if missing:
         raise ReportError(f"gate-review table lacks columns {missing}", key="gate_review")
-    path = Path(run_dir) / GATE_REVIEW_FILE
+    frame = table[GATE_REVIEW_COLUMNS].reset_index(drop=True)
+    arrow = pa.Table.from_pandas(frame, schema=_arrow_schema(), preserve_index=False)
     buf = io.BytesIO()
-    table[GATE_REVIEW_COLUMNS].reset_index(drop=True).to_parquet(buf, index=False, compression="zstd")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    pq.write_table(arrow, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def write_gate_review(run_dir: str | Path, table: pd.DataFrame) -> Path:
+    """Write the gate-review table (rows of every sample) as ``RUN_DIR/gate_review.parquet``
+    (atomically: temporary file, then rename)."""
+    from cytopipe.store import atomic_write_bytes
+
+    return atomic_write_bytes(Path(run_dir) / GATE_REVIEW_FILE, gate_review_bytes(table))
 
 
 def read_gate_review(run_dir: str | Path) -> pd.DataFrame | None:

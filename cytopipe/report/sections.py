@@ -29,7 +29,6 @@ ENDPOINT_TITLES = {
     "renal_any": "Renal response (complete or partial)",
     "renal_complete": "Complete renal response",
 }
-CLUSTER_DIR = "clusters"  # optional inputs of the cluster section: clusters/umap.parquet, ...
 
 
 class Builder:
@@ -150,6 +149,8 @@ def overview(b: Builder) -> H.Section:
             "CSV file of this report. Codes are not in dose order.", "note"))  # fmt: skip
     for note in d.notes:
         s.add(H.paragraph(note, "note"))
+    for problem in d.problems:
+        s.add(H.paragraph(f"Problem in this run: {problem}", "error"))
     if d.clinical_error:
         s.add(H.paragraph(f"Clinical table not used: {d.clinical_error}", "error"))
     info = d.info
@@ -562,87 +563,202 @@ def models(b: Builder) -> H.Section:
 # ------------------------------------------------------------------------------------------------
 # clusters (optional: only when the run folder has clusters.parquet)
 # ------------------------------------------------------------------------------------------------
+def _read_optional(path) -> pd.DataFrame | None:
+    try:
+        return pd.read_parquet(path) if path.is_file() else None
+    except Exception:  # a damaged optional table: the figure is left out, the rest of the report stands
+        return None
+
+
+def _mc_number(labels: pd.Series) -> np.ndarray:
+    """``MC03`` -> 3 (metacluster labels of the clustering tables as numbers for the plots)."""
+    return labels.astype(str).str.extract(r"(\d+)$")[0].astype(int).to_numpy()
+
+
 def clusters(b: Builder) -> H.Section | None:
-    """FlowSOM metaclusters: abundance table, marker heatmap and abundance dynamics; optional extra
-    inputs in ``RUN_DIR/clusters/``: ``concordance.parquet`` (population, best_cluster, best_f1,
-    ...) shown as a table, ``umap.parquet`` (columns x, y, metacluster) drawn as a scatter."""
+    """FlowSOM metaclusters (``clusters.parquet`` and ``RUN_DIR/clustering/``, see docs/pipeline.md):
+    the metacluster x marker heatmap, the MST of the SOM nodes sized by abundance, the UMAP coloured
+    by metacluster and by gated population, the cluster-gate concordance, abundances and their
+    dynamics, and the differential-abundance statistics (families ``cluster_*``)."""
+    from cytopipe.cluster_steps import CLUSTER_DIR, FILES, MODEL_FILE
+
     d = b.data
     cl = d.clusters
     if cl is None or cl.empty:
         return None
+    folder = d.run_dir / CLUSTER_DIR
     s = H.Section("clusters", "Clusters (FlowSOM)")
-    s.add(H.paragraph(
-        "Unsupervised metaclusters of the clustered parent population, mapped onto every sample with one "
-        "frozen model. Abundances are % of the parent, like gated populations, so they follow the same "
-        "dynamics and statistics (docs/clustering.md)."))  # fmt: skip
+    model = None
+    if (folder / MODEL_FILE).is_file():
+        from cytopipe.cluster import load_model
+
+        try:
+            model = load_model(folder / MODEL_FILE)
+        except CytopipeError as exc:
+            s.add(
+                H.paragraph(
+                    f"The clustering model could not be read ({exc}); its figures are left out.", "error"
+                )
+            )
+    parent = str(cl["parent"].iloc[0]) if "parent" in cl.columns and len(cl) else "the parent population"
     name_col = "population" if "population" in cl.columns else "metacluster"
-    markers = [c for c in cl.columns if c.startswith("median_")]
-    if markers and "count" in cl.columns:
-        w = cl["count"].astype(float)
-        med = (cl[markers].mul(w, axis=0).groupby(cl[name_col]).sum()
-               .div(w.groupby(cl[name_col]).sum().replace(0, np.nan), axis=0))  # fmt: skip
-        med.columns = [c.removeprefix("median_") for c in med.columns]
-        s.add(b.figure(F.marker_heatmap(med, "Metacluster median expression (event-weighted across samples)"),
-                       "cluster-heatmap", "Metacluster by marker median heatmap",
-                       "Rows are metaclusters, columns markers; colour is the median scaled 0-1 per marker, the "
-                       "number the median. Name metaclusters from this (e.g. CD25+ CD127- = Treg-like)."))  # fmt: skip
+    k = cl[name_col].nunique()
+    what = (
+        f"{k} metaclusters of the {parent} events of every sample, on {len(model.markers)} markers "
+        f"({', '.join(model.markers)}), from a {model.xdim} x {model.ydim} self-organising map (model "
+        f"{model.content_hash[:12]})"
+        if model is not None
+        else f"{k} metaclusters of the {parent} events"
+    )
+    s.add(H.paragraph(
+        f"Unsupervised clustering (FlowSOM): {what}. Every event of the parent population of every sample "
+        "is assigned to the nearest node of one frozen model, so abundances are comparable across visits. "
+        "Abundances are % of the parent, like gated populations, and follow the same dynamics and statistics "
+        "(docs/clustering.md)."))  # fmt: skip
+    mcs = _read_optional(folder / FILES["metaclusters"])
+    med_cols = [c for c in (mcs.columns if mcs is not None else []) if c.startswith("median_")]
+    if mcs is not None and med_cols:
+        from cytopipe.cluster import plot_heatmap
+
+        med = mcs.set_index("metacluster")[med_cols].rename(columns=lambda c: c.removeprefix("median_"))
+        med.insert(0, "count", mcs["cells"].to_numpy())
+        s.sub("clusters-heatmap", "Metacluster markers")
+        s.add(b.figure(plot_heatmap(med, "Metacluster median expression (display scale)"), "cluster-heatmap",
+                       "Metacluster by marker median heatmap",
+                       "Rows are metaclusters (with their share of all clustered cells), columns the clustering "
+                       "markers; colour is the median of the training cells scaled 0-1 per marker, the number the "
+                       "median on the gates' display scale. Name metaclusters from this (e.g. CD25+ CD127- = "
+                       "Treg-like)."))  # fmt: skip
+        b.csv(mcs, "cluster_metaclusters")
+    else:
+        markers = [c for c in cl.columns if c.startswith("median_")]
+        if markers and "count" in cl.columns:
+            w = cl["count"].astype(float)
+            med = (cl[markers].mul(w, axis=0).groupby(cl[name_col]).sum()
+                   .div(w.groupby(cl[name_col]).sum().replace(0, np.nan), axis=0))  # fmt: skip
+            med.columns = [c.removeprefix("median_") for c in med.columns]
+            s.add(b.figure(F.marker_heatmap(med, "Metacluster median expression (event-weighted across samples)"),
+                           "cluster-heatmap", "Metacluster by marker median heatmap",
+                           "Rows are metaclusters, columns markers; colour is the median scaled 0-1 per marker, "
+                           "the number the median."))  # fmt: skip
+    nodes = _read_optional(folder / FILES["nodes"])
+    if model is not None and nodes is not None and len(nodes) == model.n_nodes:
+        from cytopipe.cluster import plot_mst
+
+        s.sub("clusters-mst", "Self-organising map")
+        s.add(b.figure(plot_mst(model, nodes["cells"].to_numpy(), title="SOM nodes (minimum spanning tree)"),
+                       "cluster-mst", "FlowSOM minimum spanning tree sized by abundance",
+                       "Each circle is a SOM node, its area proportional to its cells in all samples, its colour its "
+                       "metacluster; lines join the most similar nodes. Branches are lineages; a metacluster split "
+                       "over distant branches deserves a second look."))  # fmt: skip
+        b.csv(nodes, "cluster_nodes")
+    umap = _read_optional(folder / FILES["umap"])
+    if umap is not None and len(umap) and {"x", "y", "metacluster"} <= set(umap.columns):
+        from cytopipe.cluster import plot_umap
+
+        pops = umap["population"].astype(str).to_numpy() if "population" in umap.columns else None
+        fig = plot_umap(umap[["x", "y"]].to_numpy(), _mc_number(umap["metacluster"]), pops, title="UMAP")
+        s.sub("clusters-umap", "UMAP")
+        s.add(b.figure(fig, "cluster-umap", "UMAP of a subsample coloured by metacluster and by gated population",
+                       f"UMAP of {len(umap):,} cells (an equal seeded subsample of every sample's {parent} events), "
+                       "coloured by metacluster (left) and by the deepest gated population each cell falls in "
+                       "(right). Where colours agree, clusters and gates describe the same cells; distances "
+                       "between far-apart islands mean little."))  # fmt: skip
+    conc = _read_optional(folder / FILES["concordance"])
+    summary = _read_optional(folder / FILES["concordance_summary"])
+    if conc is not None and len(conc):
+        from cytopipe.cluster import plot_concordance
+
+        s.sub("clusters-concordance", "Clusters vs gates")
+        table = conc.rename(columns={"metacluster": "cluster"})
+        pops = [p for p in d.populations if p in set(table["population"])]
+        table = table.assign(_o=table["population"].map({p: i for i, p in enumerate(pops)})).sort_values(
+            ["_o", "cluster"], kind="stable").drop(columns="_o")  # fmt: skip
+        s.add(b.figure(plot_concordance(table, "F1 of each metacluster against each gated population"),
+                       "cluster-concordance", "Cluster-gate concordance heatmap (F-measure)",
+                       "F1 = 2 |cluster and gate| / (|cluster| + |gate|) over every clustered event of every sample; "
+                       "1 means the metacluster and the gate hold the same cells. Precision is the share of the "
+                       "metacluster inside the gate, recall the share of the gate captured."))  # fmt: skip
+        b.csv(conc, "cluster_concordance_f1")
+    if summary is not None and len(summary):
+        cols = [c for c in ("population", "n_population", "best_metacluster", "best_f1", "best_precision",
+                            "best_recall", "union_metaclusters", "union_f1") if c in summary.columns]  # fmt: skip
+        s.add(b.table(summary, "cluster_concordance",
+                      "For each gated population below the clustered parent: the best-matching metacluster and the "
+                      "best union of metaclusters (F1 >= 0.9: the same cells).", shown=summary[cols]))  # fmt: skip
     abundance = cl.groupby(name_col).agg(samples=("sample_id", "nunique"), mean_pct_parent=("pct_parent", "mean"),
                                          median_pct_parent=("pct_parent", "median")).reset_index()  # fmt: skip
-    s.add(
-        b.table(
-            abundance,
-            "cluster_abundance",
-            "Metacluster abundance across samples (% of the clustered parent).",
-        )
-    )
+    s.sub("clusters-abundance", "Abundance and dynamics")
+    s.add(b.table(abundance, "cluster_abundance", f"Metacluster abundance across samples (% of {parent})."))
     if {"patient_id", "visit", "arm"} <= set(cl.columns):
         from cytopipe.stats import baseline_change, summarise_by_arm
 
         table = cl.rename(columns={name_col: "population"}) if name_col != "population" else cl
         table = table[table["arm"].astype(str).isin(d.arms)]
         try:
-            summary = summarise_by_arm(baseline_change(table, "pct_parent", baseline_visit=d.baseline_visit,
-                                                       duplicates="mean"))  # fmt: skip
+            summary_arm = summarise_by_arm(baseline_change(table, "pct_parent", baseline_visit=d.baseline_visit,
+                                                           duplicates="mean"))  # fmt: skip
             pops = list(dict.fromkeys(table["population"]))
-            s.add(b.figure(F.dynamics_figure(table, summary, pops, d.arms, b.colors, show_sample_ci=False),
+            s.add(b.figure(F.dynamics_figure(table, summary_arm, pops, d.arms, b.colors, show_sample_ci=False),
                            "cluster-dynamics", "Metacluster abundance over visits by arm",
                            "Metacluster abundance over visits: patients' lines and arm means (95% CI)."))  # fmt: skip
         except CytopipeError as exc:
             s.add(H.paragraph(f"Cluster dynamics not shown: {exc}", "note"))
-    extra = d.run_dir / CLUSTER_DIR
-    conc = extra / "concordance.parquet"
-    if conc.is_file():
-        s.add(b.table(pd.read_parquet(conc), "cluster_concordance",
-                      "Cluster-gate concordance: for each gated population the best-matching metacluster "
-                      "(F1 = 1 means the same cells)."))  # fmt: skip
-    umap = extra / "umap.parquet"
-    if umap.is_file():
-        emb = pd.read_parquet(umap)
-        if {"x", "y", "metacluster"} <= set(emb.columns):
-            fig = F.new_figure(5.2, 4.4)
-            ax = fig.add_subplot()
-            from matplotlib import colormaps
-
-            labels = sorted(emb["metacluster"].astype(str).unique())
-            cmap = colormaps["tab20"]
-            for i, lab in enumerate(labels):
-                e = emb[emb["metacluster"].astype(str) == lab]
-                ax.scatter(e["x"], e["y"], s=2, color=cmap(i % 20), label=lab, rasterized=True)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.legend(markerscale=4, fontsize=6, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
-            s.add(b.figure(fig, "cluster-umap", "UMAP of a subsample coloured by metacluster",
-                           "UMAP of a subsample of cells, coloured by metacluster."))  # fmt: skip
-    mc_stats = d.statistics
-    if mc_stats is not None and len(mc_stats):
-        names = set(cl[name_col].astype(str))
-        rows = mc_stats[
-            (mc_stats["family"] == "mixed_arm_visit") & mc_stats["population"].astype(str).isin(names)
-        ]
-        if len(rows):
-            s.add(b.table(rows, "cluster_models", "Differential abundance (mixed model, arm × visit) of metaclusters.",
-                          collapse_over=20))  # fmt: skip
+    _cluster_statistics(b, s, cl, name_col)
     return s
+
+
+def _cluster_statistics(b: Builder, s: H.Section, cl: pd.DataFrame, name_col: str) -> None:
+    """Differential abundance of the metaclusters: the statistics table's ``cluster_*`` families
+    (older run folders: metacluster rows of the plain families)."""
+    d = b.data
+    st = d.statistics
+    s.sub("clusters-statistics", "Differential abundance")
+    if st is None or st.empty:
+        s.add(H.paragraph("No statistics for the metaclusters in this run.", "note"))
+        return
+    names = set(cl[name_col].astype(str))
+    fam = st["family"].astype(str)
+    rows = st[fam.str.startswith("cluster_")]
+    prefix = "cluster_"
+    if rows.empty:  # metacluster rows computed alongside the gated populations
+        rows = st[st["population"].astype(str).isin(names)]
+        prefix = ""
+    if rows.empty:
+        s.add(H.paragraph("No statistics for the metaclusters in this run.", "note"))
+        return
+    b.csv(rows, "cluster_statistics")
+    pops = sorted(names)
+    mixed = rows[(rows["family"] == f"{prefix}mixed_arm_visit") & (rows["measure"] == "pct_parent")].copy()
+    s.add(H.paragraph(
+        "The metaclusters' abundances (% of the parent) tested like the gated populations, in their own "
+        "Benjamini-Hochberg families (family names start with cluster_): per-visit Mann-Whitney of each arm vs "
+        f"{b.reference}, the dose trend, and the mixed model change ~ arm × visit + baseline. Every test is in "
+        "the CSV file cluster_statistics.csv and in statistics.parquet."))  # fmt: skip
+    if len(mixed) and np.isfinite(mixed["estimate"].astype(float)).any():
+        arms = [a for a in d.arms if a in set(mixed["comparison"].map(_arm_of))]
+        s.add(b.figure(F.effect_map(mixed, pops, arms), "cluster-effects",
+                       "Mixed-model arm by visit effects on metacluster abundance",
+                       "Differential abundance: arm × visit effects of the mixed model on each metacluster's change "
+                       "from baseline (colour = Wald z, number = estimate in pp, * = q < 0.05)."))  # fmt: skip
+    if len(mixed):
+        mixed = _in_order(mixed, pops, d.arms)
+        shown = pd.DataFrame({
+            "metacluster": mixed["population"], "comparison": mixed["comparison"], "week": mixed["visit"],
+            "estimate, pp [95% CI]": [_ci_text(e, lo, hi) for e, lo, hi in zip(mixed["estimate"], mixed["ci_low"], mixed["ci_high"])],
+            "p": mixed["p"], "q": mixed["q"], "n": mixed["n"], "note": mixed["note"]})  # fmt: skip
+        s.add(b.table(mixed, "cluster_models", "Differential abundance (mixed model, arm × visit) of the metaclusters.",
+                      shown=shown, row_class=_sig_rows(mixed["q"]), collapse_over=30))  # fmt: skip
+    mw = rows[(rows["family"] == f"{prefix}arm_visit") & (rows["measure"] == "pct_parent")]
+    if len(mw):
+        mw = _in_order(mw, pops)
+        shown = pd.DataFrame({
+            "metacluster": mw["population"], "comparison": mw["comparison"], "week": mw["visit"],
+            "shift [95% CI]": [_ci_text(e, lo, hi) for e, lo, hi in zip(mw["estimate"], mw["ci_low"], mw["ci_high"])],
+            "p": mw["p"], "q": mw["q"], "n": mw["n_detail"], "note": mw["note"]})  # fmt: skip
+        s.add(b.table(mw, "cluster_arm_visit", "Per-visit Mann-Whitney tests of each arm vs the reference arm on the "
+                      "change in metacluster abundance (Hodges-Lehmann shift, pp).", shown=shown,
+                      row_class=_sig_rows(mw["q"]), collapse_over=20))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
