@@ -75,3 +75,27 @@ def test_the_sample_must_be_the_gated_one(gated):
     shorter = replace(sample, events=sample.events[:-10])
     with pytest.raises(GatingError, match="was gated with"):
         result.event_values(shorter)
+
+
+def test_the_docs_example_runs(capsys, monkeypatch):
+    """docs/gating.md, 'Values on the gates' axes': the example runs from the repository root."""
+    import re
+
+    from tests.conftest import REPO
+
+    text = (REPO / "docs" / "gating.md").read_text(encoding="utf-8")
+    code = next(c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "event_values" in c)
+    monkeypatch.chdir(REPO)
+    exec(compile(code, "docs/gating.md", "exec"), {})
+    assert capsys.readouterr().out.startswith("arcsinh(x/150) (")
+
+
+def test_nothing_outside_gating_uses_its_private_helpers():
+    from tests.conftest import REPO
+
+    users = [
+        str(p.relative_to(REPO))
+        for p in (REPO / "cytopipe").rglob("*.py")
+        if "gating" not in p.parts and "_compat" in p.read_text(encoding="utf-8")
+    ]
+    assert users == []
