@@ -13,8 +13,14 @@ or changed, so a run killed at any moment (even ``kill -9``) and started again e
 same tables as an uninterrupted run. A sample that cannot be processed (corrupt file, marker
 missing, a worker that keeps dying) is recorded as ``failed`` with its error; the others go on.
 
-Exit codes: 0 all samples processed (some may be ``flagged``), 3 completed with failures,
-2 invalid input (nothing run), 130 interrupted, 1 internal error.
+After gating, study-level steps use the per-sample results: FlowSOM clustering (two more cached
+per-sample passes, :mod:`cytopipe.cluster_steps`), the statistics, and, once the tables are
+written, the report. A study-level step that cannot complete is a *problem* of the run (recorded
+in run.json, printed); it never loses the tables written before it.
+
+Exit codes: 0 all samples processed (some may be ``flagged``), 3 completed with failures (failed
+files, or problems in the study-level steps), 2 invalid input (nothing run), 130 interrupted,
+1 internal error.
 """
 
 from __future__ import annotations
@@ -69,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "       cytopipe run --manifest M.csv --template gating/X.yaml [--clinical C.csv] --out DIR"
     )
     parser.epilog = (
-        "exit codes: 0 done (samples ok or flagged), 3 completed with failures (see samples.parquet), "
+        "exit codes: 0 done (samples ok or flagged), 3 completed with failures (failed files: see "
+        "samples.parquet; or problems in clustering, statistics or the report: see run.json), "
         "2 invalid input, 130 interrupted. Rerun the same command to resume an interrupted run."
     )
     parser.add_argument("workflow", nargs="?", help="workflow YAML (see workflows/)")
@@ -308,22 +315,29 @@ class DaskExecutor:
             # MALLOC_TRIM_THRESHOLD_ is unset on purpose: dask's default (65536) makes every
             # large array a fresh mmap, which on this kind of machine costs ~40x the page faults
             # and +40% CPU per sample; glibc's adaptive threshold reuses the freed matrices.
+            # (No NUMBA_NUM_THREADS: tasks run no parallel numba code, and dask's nannies write
+            # these variables into this process's own environment, where a changed
+            # NUMBA_NUM_THREADS makes numba refuse to compile once its thread pool has started,
+            # e.g. after a UMAP. The client's environment is restored below.)
             environ = {
                 "OMP_NUM_THREADS": 1,
                 "MKL_NUM_THREADS": 1,
                 "OPENBLAS_NUM_THREADS": 1,
-                "NUMBA_NUM_THREADS": 1,
                 "MALLOC_TRIM_THRESHOLD_": None,
             }
-            with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-                self.cluster = LocalCluster(
-                    n_workers=n,
-                    threads_per_worker=1,
-                    processes=True,
-                    memory_limit=memory_limit or _default_memory_limit(n),
-                    dashboard_address=":0" if _has_bokeh() else None,
-                    silence_logs=50,  # logging.CRITICAL: a killed worker is reported by us
-                )
+            self._environ = {k: os.environ.get(k) for k in environ}
+            try:
+                with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+                    self.cluster = LocalCluster(
+                        n_workers=n,
+                        threads_per_worker=1,
+                        processes=True,
+                        memory_limit=memory_limit or _default_memory_limit(n),
+                        dashboard_address=":0" if _has_bokeh() else None,
+                        silence_logs=50,  # logging.CRITICAL: a killed worker is reported by us
+                    )
+            finally:
+                self._restore_environ()
             self.client = Client(self.cluster)
             self.kind = "local"
         self.dashboard = self.client.dashboard_link if _has_bokeh() else None
@@ -370,12 +384,22 @@ class DaskExecutor:
             "threads_per_worker": 1 if self.kind == "local" else None,
         }
 
+    def _restore_environ(self) -> None:
+        """Undo what the nannies wrote into this process's environment (they set the workers'
+        variables in the parent before spawning, also when they restart a dead worker)."""
+        for key, value in getattr(self, "_environ", {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
     def close(self) -> None:
         try:
             self.client.close()
         finally:
             if self.cluster is not None:
                 self.cluster.close()
+            self._restore_environ()
 
 
 def _task_failure_message(exc: BaseException) -> str:
