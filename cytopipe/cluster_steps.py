@@ -159,21 +159,43 @@ def plan_clustering(wf: Any, template: Any, transforms: Mapping[str, Any]) -> Cl
         )
     except ClusteringError as exc:
         raise WorkflowError(exc.message, file=file, key="clustering") from None
-    tspecs = {}
-    for m in markers:
-        dim = template.dimension(m)
-        spec = transforms.get(m) or (template.transforms.get(dim.transform) if dim.transform else None)
-        tspecs[m] = spec
     embedding = dict(c.get("embedding") or {})
     return ClusterPlan(
         population=population,
         markers=markers,
         medians=list(template.median_markers()),
         settings=settings,
-        transforms=tspecs,
+        transforms=marker_transforms(template, transforms, markers),
         concordance=template.descendants(population),
         given_model=None if given is None else str(given),
         embedding=embedding,
+    )
+
+
+def marker_transforms(template: Any, transforms: Mapping[str, Any], markers: list[str]) -> dict[str, Any]:
+    """The transform of each clustering marker (recorded in the model): a run-level (e.g.
+    study-locked) transform, else the template's axis transform; None = linear."""
+    import json
+
+    out = {}
+    for m in markers:
+        dim = template.dimension(m)
+        spec = transforms.get(m) or (template.transforms.get(dim.transform) if dim.transform else None)
+        out[m] = json.loads(json.dumps(spec)) if spec is not None else None  # as a model file stores it
+    return out
+
+
+def _transform_mismatch(model: Any, plan: ClusterPlan) -> str:
+    """Why the frozen model's values are not this run's (markers whose transform differs), or ''."""
+    recorded = model.transforms or {}
+    diff = [m for m in model.markers if m in recorded and recorded[m] != plan.transforms.get(m)]
+    if not diff:
+        return ""
+    m = diff[0]
+    return (
+        f"the frozen model was trained on {m} transformed with {recorded[m]}, this run transforms it with "
+        f"{plan.transforms.get(m)} (markers that differ: {', '.join(diff)}); its clusters would not mean the "
+        "same cells. Use the model's transforms (transforms.params) or retrain"
     )
 
 
@@ -272,11 +294,20 @@ def step_cluster_train(ctx: RunContext) -> dict[str, Any]:
         return {"enabled": False}
     folder = ctx.folder.path / CLUSTER_DIR
     target = folder / MODEL_FILE
+    # the transforms are final now (a study estimate is locked by the transforms step)
+    plan.transforms = marker_transforms(ctx.state.template, ctx.state.transforms, plan.markers)
     if plan.given_model is not None:
         from cytopipe.store import atomic_write_bytes
 
+        given = load_model(plan.given_model)
+        why = _transform_mismatch(given, plan)
+        if why:
+            ctx.problems.append(f"clustering: {why}")
+            ctx.state.cluster = None
+            return {"model": None}
         data = Path(plan.given_model).read_bytes()
         if not target.is_file() or target.read_bytes() != data:
+            folder.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(target, data)
         model = load_model(target)
         plan.model_path = str(target)

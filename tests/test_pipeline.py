@@ -179,7 +179,7 @@ def test_corrupt_and_markerless_files_are_recorded_as_failed(sim_run, sim_trial,
     out = tmp_path / "run"
     proc = cli(
         "run", "--manifest", str(bad / "manifest.csv"), "--template", str(TEMPLATE), "--out", str(out),
-        "--workers", "2", "--no-progress",
+        "--workers", "2", "--no-progress", "--no-report",
     )  # fmt: skip
     print(proc.stdout)
     assert proc.returncode == EXIT_FAILURES, proc.stderr[-3000:]
@@ -533,6 +533,23 @@ def test_a_later_visit_is_mapped_onto_the_frozen_model(sim_run, sim_trial, tmp_p
     pd.testing.assert_frame_equal(old, c1)  # counts, % and medians of every metacluster
     new = c2[c2["sample_id"].str.endswith("W04")]
     assert len(new) == 4 * 8 and new["count"].sum() > 0
+    # the model records the transforms it was trained with; a run that transforms differently is told
+    from dataclasses import replace
+
+    from cytopipe.cluster import load_model
+    from cytopipe.cluster_steps import _transform_mismatch, plan_clustering
+    from cytopipe.gating import load_template
+
+    frozen_model = load_model(model)
+    assert frozen_model.transforms["CD25"] == {"type": "arcsinh", "cofactor": 150.0}
+    plan = plan_clustering(
+        workflow(sim_trial, tmp_path / "x", clustering=frozen), load_template(TEMPLATE), {}
+    )
+    assert _transform_mismatch(frozen_model, plan) == ""
+    locked = {**plan.transforms, "CD25": {"type": "arcsinh", "cofactor": 500.0}}
+    assert "trained on CD25 transformed with" in _transform_mismatch(
+        frozen_model, replace(plan, transforms=locked)
+    )
 
 
 def test_cluster_command_remaps_and_retrains_a_run_folder(sim_run, sim_trial, tmp_path):
