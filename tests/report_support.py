@@ -1,9 +1,11 @@
 """Run folders for the report tests, built the way `cytopipe run` lays them out.
 
-Until the pipeline calls the report, the tests make run folders themselves: every sample of a
-(simulated) trial is read and gated with the real gating engine and template, its gate-review data
-computed with :func:`cytopipe.report.gate_review_data`, and the run-folder tables written under the
-pipeline's names (population_stats.parquet, samples.parquet, gate_review.parquet, run.json).
+Most report tests use run folders made here, in-process and quickly (one failed sample included):
+every sample of a (simulated) trial is read and gated with the real gating engine and template,
+its gate-review data computed with :func:`cytopipe.report.gate_review_data`, and the run-folder
+tables written under the pipeline's names (population_stats.parquet, samples.parquet,
+gate_review.parquet, run.json). The report of a folder made by `cytopipe run` itself is tested
+through the ``pipeline_run`` fixture (tests/conftest.py).
 """
 
 from __future__ import annotations
