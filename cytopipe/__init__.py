@@ -4,7 +4,7 @@ The public API is small and flat; names are imported lazily so that
 ``import cytopipe`` stays fast::
 
     import cytopipe
-    sample = cytopipe.read_fcs("sample_data/fcs/P01_W00.fcs")
+    sample = cytopipe.read_fcs("sample_data/fcs/P001_W00.fcs")
     cytopipe.write_fcs("copy.fcs", sample.events, sample.channels, sample.keywords)
 """
 

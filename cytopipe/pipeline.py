@@ -42,6 +42,7 @@ import pandas as pd
 
 from cytopipe.errors import CytopipeError, ManifestError, WorkflowError
 from cytopipe.qc import QCSettings
+from cytopipe.schema import STATS_COLUMNS
 from cytopipe.store import RunFolder, file_sha256
 from cytopipe.workflow import Workflow, load_workflow, stable_hash, workflow_from_options
 
@@ -51,18 +52,6 @@ EXIT_INPUT = 2
 EXIT_FAILURES = 3
 EXIT_INTERRUPTED = 130
 
-# population_stats leading columns (ARCHITECTURE.md), then median_<marker> and QC extras
-STATS_COLUMNS = [
-    "sample_id",
-    "patient_id",
-    "visit",
-    "arm",
-    "population",
-    "parent",
-    "count",
-    "parent_count",
-    "pct_parent",
-]
 META_COLUMNS = ["patient_id", "visit", "arm", "batch", "panel", "site", "acquired_at", "control"]
 
 

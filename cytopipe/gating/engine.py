@@ -29,21 +29,11 @@ from cytopipe.gating._median import median
 from cytopipe.gating.fitters import DataDrivenGate, FitFailure, Fitter, subsample_index
 from cytopipe.gating.gates import BooleanGate, Dim, Gate
 from cytopipe.gating.template import ROOT, Population, Template
+from cytopipe.schema import STATS_COLUMNS
 
 if TYPE_CHECKING:  # pragma: no cover
     from cytopipe.gating.values import EventValues
 
-STATS_COLUMNS = [
-    "sample_id",
-    "patient_id",
-    "visit",
-    "arm",
-    "population",
-    "parent",
-    "count",
-    "parent_count",
-    "pct_parent",
-]
 FIT_COLUMNS = ["sample_id", "key", "population", "method", "pool", "status", "reason", "n_parent", "params"]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cytopipe.schema import STATS_COLUMNS as BASE_COLUMNS
 from cytopipe.simulate import params as P
 from cytopipe.simulate.populations import (
     CATEGORIES,
@@ -21,9 +22,7 @@ from cytopipe.simulate.populations import (
     unpack_membership,
 )
 
-STATS_COLUMNS = [
-    "sample_id", "patient_id", "visit", "arm", "population", "parent", "count", "parent_count", "pct_parent",
-] + [f"median_{m}" for m in P.MARKERS]  # fmt: skip
+STATS_COLUMNS = BASE_COLUMNS + [f"median_{m}" for m in P.MARKERS]
 
 
 def compensate(events: np.ndarray, spillover: np.ndarray | None = None) -> np.ndarray:
