@@ -18,6 +18,7 @@ import pytest
 
 from cytopipe.errors import ReportError
 from cytopipe.report import write_report
+from tests.conftest import SAMPLE_DATA
 from tests.report_support import REPO, build_cohort_run
 
 ARMS = ["placebo", "IL-2 0.2 MIU", "IL-2 0.5 MIU", "IL-2 1.0 MIU"]
@@ -104,7 +105,8 @@ def test_run_summary_shows_failures_flags_and_events(report):
     assert "FCS header is damaged" in failures["error"].iloc[0]
     assert "FCS header is damaged" in html
     samples = pd.read_csv(tables / "samples.csv")
-    assert len(samples) == 47  # 32 samples + 15 controls
+    manifest = pd.read_csv(SAMPLE_DATA / "manifest.csv")
+    assert len(samples) == len(manifest)  # every sample and control of the manifest
     ok = samples[samples["status"] != "failed"]
     assert (ok["kept_pct"] == 100).all()  # these test runs apply no event QC
     flagged = pd.read_parquet(run / "samples.parquet").query("status == 'flagged'")
@@ -145,7 +147,8 @@ def test_gallery_orders_flagged_then_outlying_gates_first(report, tmp_path):
     assert titles[1].startswith("P007_W12") and "(z " in titles[1]
     assert not any("(flag)" in t or "(z " in t for t in titles[2:])
     caption = re.search(r'<h3 id="gate-cd4-t">.*?<figcaption>([^<]+)</figcaption>', html, re.S).group(1)
-    assert "1 flagged, 1 outlying" in caption and "Showing 12 of 31 samples" in caption
+    n_gated = int(pd.read_csv(SAMPLE_DATA / "manifest.csv")["control"].isna().sum()) - 1  # one failed
+    assert "1 flagged, 1 outlying" in caption and f"Showing 12 of {n_gated} samples" in caption
 
 
 def test_dynamics_tables_carry_wilson_intervals(report):
