@@ -21,15 +21,45 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numba as nb
 import numpy as np
 import pandas as pd
-from scipy.cluster.hierarchy import cophenet
 from scipy.cluster.hierarchy import linkage as _linkage
 from scipy.spatial.distance import squareform
 
 from cytopipe.errors import ClusteringError
 
 LINKAGES = ("average", "ward", "complete")
+
+
+@nb.njit(cache=True)
+def _merge_steps(children: np.ndarray, m: int) -> np.ndarray:  # pragma: no cover - compiled
+    """Condensed (i < j) array of the merge step that first joins items i and j of a linkage.
+
+    Equals ``cophenet`` of the linkage with heights replaced by merge order, without scipy's
+    per-call validation (this runs once per consensus resample).
+    """
+    out = np.empty(m * (m - 1) // 2, dtype=np.int64)
+    head = np.empty(2 * m - 1, dtype=np.int64)  # first item of each cluster (linked lists)
+    tail = np.empty(2 * m - 1, dtype=np.int64)
+    nxt = np.full(m, -1, dtype=np.int64)
+    for i in range(m):
+        head[i] = i
+        tail[i] = i
+    for step in range(m - 1):
+        c1, c2 = children[step, 0], children[step, 1]
+        i = head[c1]
+        while i != -1:
+            j = head[c2]
+            while j != -1:
+                a, b = (i, j) if i < j else (j, i)
+                out[m * a - a * (a + 1) // 2 + (b - a - 1)] = step
+                j = nxt[j]
+            i = nxt[i]
+        nxt[tail[c1]] = head[c2]  # concatenate the two member lists
+        head[m + step] = head[c1]
+        tail[m + step] = tail[c2]
+    return out
 
 
 def cut_tree_exact(z: np.ndarray, n_items: int, ks: Sequence[int]) -> dict[int, np.ndarray]:
@@ -98,9 +128,7 @@ def consensus_matrices(
     for _ in range(reps):
         idx = np.sort(rng.choice(n, size=m, replace=False))
         z = _linkage(codes[idx], method=linkage, metric="euclidean")
-        # cophenetic "height" with heights replaced by merge order = the step joining each pair
-        z[:, 2] = np.arange(m - 1)
-        step = cophenet(z).astype(np.int64)
+        step = _merge_steps(z[:, :2].astype(np.int64), m)  # the merge step joining each pair
         last_k = np.minimum(m - 1 - step, top)  # the pair is together for every k <= last_k
         i, j = idx[a], idx[b]
         pair = n * i - i * (i + 1) // 2 + (j - i - 1)  # condensed index of (i, j), i < j
