@@ -107,3 +107,18 @@ def test_bad_arguments():
         consensus_metacluster(codes, k=11)
     with pytest.raises(ClusteringError, match="unknown linkage"):
         consensus_metacluster(codes, k=3, linkage="single")
+
+
+@pytest.mark.parametrize("method", ["average", "ward", "complete"])
+def test_merge_steps_equal_scipy_cophenet_of_merge_order(method):
+    from scipy.cluster.hierarchy import cophenet, linkage
+
+    from cytopipe.cluster.metacluster import _merge_steps
+
+    rng = np.random.default_rng(3)
+    for m in (2, 3, 17, 90):
+        z = linkage(rng.normal(size=(m, 4)), method=method)
+        ordered = z.copy()
+        ordered[:, 2] = np.arange(m - 1)
+        expected = cophenet(ordered).astype(np.int64)
+        assert np.array_equal(_merge_steps(z[:, :2].astype(np.int64), m), expected)
