@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cytopipe.schema import STATS_COLUMNS
+
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "gating" / "sle_il2_tcell_nk.yaml"
 
@@ -112,19 +114,8 @@ def build_cohort_run(out_dir: Path, *, n_patients: int = 60, seed: int = 5, effe
     f["parent_count"] = parent_events
     f["count"] = rng.binomial(parent_events, np.clip(f["pct_parent"].to_numpy() / 100, 0, 1))
     f["pct_parent"] = 100 * f["count"] / f["parent_count"]
-    cols = [
-        "sample_id",
-        "patient_id",
-        "visit",
-        "arm",
-        "population",
-        "parent",
-        "count",
-        "parent_count",
-        "pct_parent",
-    ]
     out_dir.mkdir(parents=True, exist_ok=True)
-    f[cols].to_parquet(out_dir / "population_stats.parquet", index=False)
+    f[STATS_COLUMNS].to_parquet(out_dir / "population_stats.parquet", index=False)
     clinical = out_dir.parent / f"{out_dir.name}_clinical.csv"
     cohort.clinical.to_csv(clinical, index=False)
     info = {

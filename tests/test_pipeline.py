@@ -441,7 +441,9 @@ def test_the_committed_sample_data_workflow(pipeline_run):
     for population in ("Treg", "CD8 T", "NK", "CD56bright NK", "CD56dim NK", "Memory CD4"):
         assert summary.loc[population, "union_f1"] >= 0.9, population
     umap = pd.read_parquet(out / "clustering" / "umap.parquet")
-    assert len(umap) == n_samples * (4000 // n_samples) and set(umap["metacluster"]) <= set(clusters["population"])
+    assert len(umap) == n_samples * (4000 // n_samples) and set(umap["metacluster"]) <= set(
+        clusters["population"]
+    )
     info = json.loads((out / "run.json").read_text())
     report = next(s for s in info["steps"] if s["step"] == "report")
     assert report["written"] and info["problems"] == []

@@ -51,6 +51,27 @@ def default_radius(xdim: int, ydim: int) -> tuple[float, float]:
     return float(np.quantile(grid_distances(xdim, ydim), 0.67)), 0.0
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _nearest(x, codes_t, dist):  # pragma: no cover - compiled
+    """Best-matching node of one cell ``x`` (markers): (index, squared distance), lowest index on
+    ties. Nodes are the innermost loop so the compiler vectorises it without reordering sums."""
+    n_markers, n_nodes = codes_t.shape
+    for j in range(n_nodes):
+        dist[j] = 0.0
+    for m in range(n_markers):
+        xm = x[m]
+        for j in range(n_nodes):
+            d = xm - codes_t[m, j]
+            dist[j] += d * d
+    best = 0
+    best_d = dist[0]
+    for j in range(1, n_nodes):
+        if dist[j] < best_d:
+            best_d = dist[j]
+            best = j
+    return best, best_d
+
+
 @njit(cache=True, nogil=True)
 def _som_steps(data, codes_t, order, nhbr, alpha0, alpha1, radius0, radius1, step0, n_steps):
     """Run ``len(order)`` online SOM updates in place on ``codes_t`` (markers x nodes)."""
@@ -62,20 +83,7 @@ def _som_steps(data, codes_t, order, nhbr, alpha0, alpha1, radius0, radius1, ste
         frac = (step0 + t) / n_steps
         alpha = np.float32(alpha0 - (alpha0 - alpha1) * frac)
         radius = radius0 - (radius0 - radius1) * frac
-        # BMU: loop over nodes innermost so the compiler vectorises it without reordering sums
-        for j in range(n_nodes):
-            dist[j] = 0.0
-        for m in range(n_markers):
-            x = data[i, m]
-            for j in range(n_nodes):
-                d = x - codes_t[m, j]
-                dist[j] += d * d
-        best = 0
-        best_d = dist[0]
-        for j in range(1, n_nodes):
-            if dist[j] < best_d:
-                best_d = dist[j]
-                best = j
+        best, _ = _nearest(data[i], codes_t, dist)
         for j in range(n_nodes):
             weight[j] = alpha if nhbr[best, j] <= radius else np.float32(0.0)
         for m in range(n_markers):
@@ -97,19 +105,7 @@ def _map_rows(events, start, stop, cols, center, scale, codes_t, out_nodes, out_
     for r in range(start, stop):
         for m in range(n_markers):
             x[m] = (np.float32(events[r, cols[m]]) - center[m]) / scale[m]
-        for j in range(n_nodes):
-            dist[j] = 0.0
-        for m in range(n_markers):
-            xm = x[m]
-            for j in range(n_nodes):
-                d = xm - codes_t[m, j]
-                dist[j] += d * d
-        best = 0
-        best_d = dist[0]
-        for j in range(1, n_nodes):
-            if dist[j] < best_d:
-                best_d = dist[j]
-                best = j
+        best, best_d = _nearest(x, codes_t, dist)
         if not best_d < np.inf:  # NaN or inf somewhere in the event
             best = -1
             n_bad += 1

@@ -164,6 +164,12 @@ def baseline_change(
     return out[front + [c for c in out.columns if c not in front]]
 
 
+AUC_COLUMNS = [
+    "patient_id", "arm", "population", "parent", "window", "start", "end", "n_visits",
+    "auc_value", "auc_change", "auc_log2fc", "baseline",
+]  # fmt: skip
+
+
 def time_averaged_auc(
     dynamics: pd.DataFrame,
     windows: Sequence[tuple[int, int]] = ((0, 12), (0, 24)),
@@ -182,22 +188,7 @@ def time_averaged_auc(
     auc_change, auc_log2fc, baseline``.
     """
     if dynamics.empty:
-        return pd.DataFrame(
-            columns=[
-                "patient_id",
-                "arm",
-                "population",
-                "parent",
-                "window",
-                "start",
-                "end",
-                "n_visits",
-                "auc_value",
-                "auc_change",
-                "auc_log2fc",
-                "baseline",
-            ]
-        )
+        return pd.DataFrame(columns=AUC_COLUMNS)
     meta = dynamics.groupby(["patient_id", "population"], sort=True)[["arm", "parent", "baseline"]].first()
     frames = []
     specs = [(f"{a}-{b}", a, b) for a, b in windows] + ([("all", baseline_visit, None)] if all_visits else [])
@@ -219,21 +210,7 @@ def time_averaged_auc(
                 result["end"] = stop
         frames.append(result.reset_index())
     out = pd.concat(frames, ignore_index=True)
-    cols = [
-        "patient_id",
-        "arm",
-        "population",
-        "parent",
-        "window",
-        "start",
-        "end",
-        "n_visits",
-        "auc_value",
-        "auc_change",
-        "auc_log2fc",
-        "baseline",
-    ]
-    return out[cols]
+    return out[AUC_COLUMNS]
 
 
 def _window_auc(wide: pd.DataFrame, start: int, end: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
