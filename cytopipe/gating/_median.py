@@ -1,10 +1,13 @@
 """Exact median of a column over an index subset, much faster than gather + ``np.median``.
 
 Each float32 value maps to a 16-bit key that preserves order (the top bits of its IEEE-754
-pattern, sign handled). One pass over the subset builds a 65 536-bin histogram of keys, a
-cumulative count finds the bin(s) holding the middle order statistic(s), and only the values
-in those bins are collected and sorted. The result equals ``np.median`` in float64 (mean of
-the two middle values for an even count); ~6x faster on 1M-event populations.
+pattern, sign handled). One pass gathers the subset into a scratch buffer and builds a
+65 536-bin histogram of keys plus a 256-bin coarse one; the coarse counts locate the bin(s)
+holding the middle order statistic(s) in ~500 steps instead of scanning 65 536 bins; only
+the values in those bins are kept and sorted. The result equals ``np.median`` in float64 (mean
+of the two middle values for an even count). The scratch is allocated once per sample
+(:class:`MedianScratch`): a fresh 256 KB histogram per call costs more than the median itself
+for the small populations.
 """
 
 from __future__ import annotations
@@ -12,63 +15,81 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-_SHIFT = 16
-_BINS = 1 << (32 - _SHIFT)
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _key(bits):
-    if bits & np.uint32(0x80000000):
-        bits = ~bits
-    else:
-        bits = bits | np.uint32(0x80000000)
-    return np.int64(bits >> np.uint32(_SHIFT))
+_FINE = 1 << 16
+_COARSE = 1 << 8
 
 
 @numba.njit(cache=True, nogil=True)
-def _median_f32(bits, values, idx):
+def _median_f32(values, idx, hist, coarse, buf, bits, keys):
     m = idx.shape[0]
-    hist = np.zeros(_BINS, dtype=np.int32)
+    hist[:] = 0
+    coarse[:] = 0
     for r in range(m):
-        hist[_key(bits[idx[r]])] += 1
+        buf[r] = values[idx[r]]
+    for r in range(m):
+        # order-preserving key: flip all bits of negatives, set the sign bit of positives
+        b = np.int64(bits[r])
+        k = (b ^ (0x80000000 | ((b >> 31) * 0x7FFFFFFF))) >> 16
+        keys[r] = k
+        hist[k] += 1
+        coarse[k >> 8] += 1
     k1 = (m - 1) // 2
     k2 = m // 2
     cum = 0
-    b1 = -1
-    b2 = -1
-    before = 0
-    for b in range(_BINS):
-        h = hist[b]
-        if b1 < 0 and cum + h > k1:
-            b1 = b
-            before = cum
-        if cum + h > k2:
-            b2 = b
-            break
-        cum += h
-    count = 0
-    for b in range(b1, b2 + 1):
-        count += hist[b]
-    buf = np.empty(count, dtype=np.float64)
+    cb = 0
+    while cum + coarse[cb] <= k1:
+        cum += coarse[cb]
+        cb += 1
+    b = cb << 8
+    while cum + hist[b] <= k1:
+        cum += hist[b]
+        b += 1
+    b1 = b
+    before = cum
+    while cum + hist[b] <= k2:
+        cum += hist[b]
+        b += 1
+    b2 = b
     c = 0
     for r in range(m):
-        i = idx[r]
-        kb = _key(bits[i])
+        kb = keys[r]
         if kb >= b1 and kb <= b2:
-            buf[c] = values[i]
+            buf[c] = buf[r]
             c += 1
-    buf.sort()
-    return 0.5 * (buf[k1 - before] + buf[k2 - before])
+    sub = buf[:c]
+    sub.sort()
+    return 0.5 * (np.float64(sub[k1 - before]) + np.float64(sub[k2 - before]))
 
 
-def median(values: np.ndarray, idx: np.ndarray, has_nan: bool | None = None) -> float:
-    """Median of ``values[idx]`` (NaN for an empty subset or when a value is NaN, as
-    ``np.median``). Pass ``has_nan`` when known for the whole column to skip the check."""
+class MedianScratch:
+    """Buffers for :func:`median` on subsets of up to ``n`` events (6 bytes per event)."""
+
+    def __init__(self, n: int):
+        self.hist = np.zeros(_FINE, dtype=np.int32)
+        self.coarse = np.zeros(_COARSE, dtype=np.int32)
+        self.buf = np.empty(max(n, 1), dtype=np.float32)
+        self.bits = self.buf.view(np.uint32)
+        self.keys = np.empty(max(n, 1), dtype=np.uint16)
+
+
+def median(
+    values: np.ndarray,
+    idx: np.ndarray,
+    has_nan: bool | None = None,
+    scratch: MedianScratch | None = None,
+) -> float:
+    """Median of ``values[idx]`` in float64 (NaN for an empty subset or when a value is NaN,
+    as ``np.median``). Pass ``has_nan`` when known for the whole column to skip the check, and a
+    :class:`MedianScratch` when computing many medians of one sample."""
     if len(idx) == 0:
         return float("nan")
     if has_nan is None:
         has_nan = bool(np.isnan(values).any())
     if values.dtype != np.float32 or has_nan:
-        return float(np.median(values[idx]))
+        return float(np.median(values[idx].astype(np.float64)))
+    if scratch is None or len(scratch.buf) < len(idx):
+        scratch = MedianScratch(len(idx))
     values = np.ascontiguousarray(values)
-    return float(_median_f32(values.view(np.uint32), values, np.asarray(idx, dtype=np.int64)))
+    idx = np.asarray(idx, dtype=np.int64)
+    s = scratch
+    return float(_median_f32(values, idx, s.hist, s.coarse, s.buf, s.bits, s.keys))

@@ -25,7 +25,7 @@ import pandas as pd
 
 from cytopipe.errors import CompensationError, GatingError, PanelError
 from cytopipe.gating import _compat
-from cytopipe.gating._median import median
+from cytopipe.gating._median import MedianScratch, median
 from cytopipe.gating.fitters import DataDrivenGate, FitFailure, Fitter, subsample_index
 from cytopipe.gating.gates import BooleanGate, Dim, Gate
 from cytopipe.gating.template import ROOT, Population, Template
@@ -764,10 +764,11 @@ class Engine:
             cols.append(self.linear(col, "template" if self.template.compensation != "none" else None))
         cols = [np.ascontiguousarray(v) for v in cols]
         nans = [bool(np.isnan(v).any()) for v in cols]
+        scratch = MedianScratch(len(self.events))
         for name, p in result.populations.items():
-            ix = result._idx[name]
+            ix = np.asarray(result._idx[name], dtype=np.int64)
             for m, v, has_nan in zip(markers, cols, nans):
-                p.medians[m] = median(v, ix, has_nan)
+                p.medians[m] = median(v, ix, has_nan, scratch)
 
 
 _RESOLVE_CACHE: dict[tuple, dict[str, str]] = {}
