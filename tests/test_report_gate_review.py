@@ -197,3 +197,34 @@ def test_outlier_rule_frequency_and_few_visits():
     # without patient information only the cohort comparison is made
     alone = gate_outliers(table).set_index("sample_id")
     assert alone.loc["B_W12", "outlier"] and "patient" not in alone.loc["B_W12", "reasons"]
+
+
+def test_histograms_count_like_numpy_binning():
+    """The one-pass histogram kernels bin exactly as numpy arithmetic does: float64 bin
+    positions, the upper edge in the last bin, NaN, infinities and out-of-grid values left out."""
+    from cytopipe.report.gate_review import _hist1d, _hist2d
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 2, 20_000).astype(np.float32)
+    y = rng.normal(1, 3, 20_000).astype(np.float32)
+    xe, ye = np.linspace(-3, 3, 49), np.linspace(-2.5, 4.5, 49)
+    x[:5] = [np.nan, np.inf, -np.inf, 3.0, -3.0]  # 3.0 is the upper edge: the last bin
+    y[5:8] = [np.nan, 4.5, 1e30]
+
+    def ref_index(v, e):
+        n = len(e) - 1
+        f = (v.astype(np.float64) - e[0]) * (n / (e[-1] - e[0]))
+        with np.errstate(invalid="ignore"):
+            f = np.where(np.isfinite(f), f, -1.0)
+            i = np.floor(np.clip(f, -1, n + 1)).astype(np.int64)
+        i[i > n] = -1
+        i[i == n] = n - 1
+        return i
+
+    ix, iy = ref_index(x, xe), ref_index(y, ye)
+    ok = (ix >= 0) & (iy >= 0)
+    want2 = np.bincount(iy[ok] * 48 + ix[ok], minlength=48 * 48).reshape(48, 48)
+    assert np.array_equal(_hist2d(x, y, xe, ye), want2)
+    assert want2[:, 47].sum() > 0 and want2.sum() < len(x)
+    want1 = np.bincount(ix[ix >= 0], minlength=48)
+    assert np.array_equal(_hist1d(x, xe), want1)

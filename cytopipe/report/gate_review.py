@@ -56,6 +56,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 import pandas as pd
 
@@ -374,11 +375,12 @@ def _shape_extent(shapes: Sequence[Mapping[str, Any]], axis: int) -> list[float]
 def _edges(v: np.ndarray, extra: Sequence[float], bins: int) -> np.ndarray:
     """Bin edges over the robust range of ``v`` (0.5-99.5% quantiles), widened to ``extra``
     (the gate's coordinates) and padded by 5%."""
-    finite = v[np.isfinite(v)] if v.dtype.kind == "f" else v
-    if len(finite) > _QUANTILE_SAMPLE:  # a strided subset: deterministic and fast
-        finite = finite[:: len(finite) // _QUANTILE_SAMPLE]
-    if len(finite):
-        lo, hi = (float(q) for q in np.quantile(finite, QUANTILES))
+    if v.dtype.kind == "f" and not np.isfinite(v).all():
+        v = v[np.isfinite(v)]
+    if len(v) > _QUANTILE_SAMPLE:  # a strided subset: deterministic and fast
+        v = v[:: len(v) // _QUANTILE_SAMPLE]
+    if len(v):
+        lo, hi = (float(q) for q in np.quantile(v, QUANTILES))
     else:
         lo, hi = 0.0, 1.0
     if extra:
@@ -389,27 +391,54 @@ def _edges(v: np.ndarray, extra: Sequence[float], bins: int) -> np.ndarray:
     return np.linspace(lo - 0.05 * span, hi + 0.05 * span, bins + 1)
 
 
-def _bin_index(v: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    n = len(edges) - 1
-    with np.errstate(invalid="ignore", over="ignore"):
-        f = (v - edges[0]) * (n / (edges[-1] - edges[0]))
-        f = np.where(np.isfinite(f), f, -1.0)
-        i = np.floor(f).astype(np.int64)
-    i[i > n] = -1  # beyond the grid (not counted)
-    i[i == n] = n - 1  # the upper edge belongs to the last bin
+@numba.njit(cache=True, nogil=True, inline="always")
+def _bin(v, lo, scale, n):
+    """Bin of ``v`` on ``n`` equal bins from ``lo`` (``scale`` = n / span): -1 when outside
+    or not finite; the upper edge belongs to the last bin. float64 arithmetic throughout."""
+    f = (np.float64(v) - lo) * scale
+    if not np.isfinite(f) or f < 0.0 or f >= n + 1.0:
+        return -1
+    i = np.int64(np.floor(f))
+    if i == n:
+        return n - 1
     return i
 
 
+@numba.njit(cache=True, nogil=True)
+def _hist2d_kernel(x, y, xlo, xscale, nx, ylo, yscale, ny, counts):
+    for r in range(x.shape[0]):
+        ix = _bin(x[r], xlo, xscale, nx)
+        iy = _bin(y[r], ylo, yscale, ny)
+        if ix >= 0 and iy >= 0:
+            counts[iy * nx + ix] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _hist1d_kernel(x, xlo, xscale, nx, counts):
+    for r in range(x.shape[0]):
+        ix = _bin(x[r], xlo, xscale, nx)
+        if ix >= 0:
+            counts[ix] += 1
+
+
+def _grid(edges: np.ndarray) -> tuple[float, float, int]:
+    n = len(edges) - 1
+    return float(edges[0]), float(n / (edges[-1] - edges[0])), n
+
+
 def _hist2d(x: np.ndarray, y: np.ndarray, xe: np.ndarray, ye: np.ndarray) -> np.ndarray:
-    nx, ny = len(xe) - 1, len(ye) - 1
-    ix, iy = _bin_index(x, xe), _bin_index(y, ye)
-    ok = (ix >= 0) & (iy >= 0)
-    return np.bincount(iy[ok] * nx + ix[ok], minlength=nx * ny).reshape(ny, nx)
+    """Counts on the grid ``xe`` x ``ye``, shaped (ny, nx); one pass, no temporaries."""
+    (xlo, xs, nx), (ylo, ys, ny) = _grid(xe), _grid(ye)
+    counts = np.zeros(nx * ny, dtype=np.int64)
+    _hist2d_kernel(x, y, xlo, xs, nx, ylo, ys, ny, counts)
+    return counts.reshape(ny, nx)
 
 
 def _hist1d(x: np.ndarray, xe: np.ndarray) -> np.ndarray:
-    ix = _bin_index(x, xe)
-    return np.bincount(ix[ix >= 0], minlength=len(xe) - 1)
+    xlo, xs, nx = _grid(xe)
+    counts = np.zeros(nx, dtype=np.int64)
+    _hist1d_kernel(x, xlo, xs, nx, counts)
+    return counts
 
 
 def _gate_params(gate: Any) -> tuple[list[float], list[str], list[str]]:
