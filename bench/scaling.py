@@ -18,7 +18,7 @@ time. Goals: speed-up >= 1.8, Dask overhead < 10%, peak RSS per worker <= 3x one
 matrix. Every variant is warmed up first; min and median of ``--repeat`` runs are printed.
 Timings on a shared machine are noisy; compare the ratios.
 
-    python bench/scaling.py [--files 16] [--events 200000] [--repeat 3] [--data DIR] [--no-flowkit]
+    python bench/scaling.py [--files 16] [--events 200000] [--repeat 5] [--data DIR] [--no-flowkit]
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=16)
     ap.add_argument("--events", type=int, default=200_000)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "cytopipe-bench-scaling")
     ap.add_argument("--no-flowkit", action="store_true")
     args = ap.parse_args()
