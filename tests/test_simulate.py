@@ -230,6 +230,52 @@ def test_same_seed_gives_byte_identical_folder(trial, tmp_path):
     assert mismatch == [] and errors == []
 
 
+def test_exact_linear_algebra_matches_lapack_and_blas():
+    """The simulator's BLAS-free matmul and inverse agree with numpy's to rounding."""
+    from cytopipe.simulate._exact import cholesky2, inv, matmul
+
+    s = P.spillover_matrix()
+    assert np.allclose(inv(s), np.linalg.inv(s), rtol=0, atol=1e-12)
+    rng = np.random.default_rng(0)
+    f = rng.lognormal(5, 2, (1000, s.shape[0])).astype(np.float32)
+    got = matmul(f, s.astype(np.float32))
+    assert got.dtype == np.float32
+    assert np.allclose(got, f @ s.astype(np.float32), rtol=1e-5)
+    cov = np.array([[4.0, 1.2], [1.2, 2.0]])
+    assert np.allclose(cholesky2(cov), np.linalg.cholesky(cov), rtol=0, atol=1e-15)
+    with pytest.raises(np.linalg.LinAlgError):
+        inv(np.ones((3, 3)))
+
+
+@pytest.mark.skipif(
+    not __import__("platform").machine().lower().startswith(("x86", "amd64")),
+    reason="OpenBLAS core types are x86 names",
+)
+def test_output_does_not_depend_on_the_blas_kernels(tmp_path):
+    """sample_data must regenerate byte-identically on any CI machine: OpenBLAS picks its kernels
+    by CPU (and they round differently), so the simulator keeps BLAS out of everything it writes.
+    Emulated here with OpenBLAS's Nehalem and Sandybridge kernels vs this machine's own."""
+    import hashlib
+    import os
+
+    digests = set()
+    for coretype in (None, "Nehalem", "Sandybridge"):
+        env = dict(os.environ)
+        env.pop("OPENBLAS_CORETYPE", None)
+        if coretype:
+            env["OPENBLAS_CORETYPE"] = coretype
+        out = tmp_path / (coretype or "native")
+        cmd = [sys.executable, "-m", "cytopipe", "simulate", "--out", str(out), "--patients", "2"]
+        cmd += ["--visits", "0,4", "--events", "3000", "--seed", "5", "--control-events", "300"]
+        run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+        assert run.returncode == 0, run.stderr
+        h = hashlib.sha256()
+        for p in sorted(q for q in out.rglob("*") if q.is_file()):
+            h.update(p.relative_to(out).as_posix().encode() + p.read_bytes())
+        digests.add(h.hexdigest())
+    assert len(digests) == 1
+
+
 def test_fcs_files_are_valid_and_carry_the_truth_keywords(trial):
     import flowio
 

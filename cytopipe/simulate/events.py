@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cytopipe.simulate import params as P
+from cytopipe.simulate._exact import cholesky2, inv, matmul
 from cytopipe.simulate.populations import CATEGORY, FAULT, FLAG, LINEAGE, membership_masks, pack_membership
 
 # column indices in the full 18-channel event matrix
@@ -31,8 +32,8 @@ _LYMPH_COV = np.array(
         [P.LYMPH_RHO * P.LYMPH_SD[0] * P.LYMPH_SD[1], P.LYMPH_SD[1] ** 2],
     ]
 )
-_LYMPH_CHOL = np.linalg.cholesky(_LYMPH_COV)
-_LYMPH_WHITEN = np.linalg.inv(_LYMPH_CHOL)
+_LYMPH_CHOL = cholesky2(_LYMPH_COV)
+_LYMPH_WHITEN = inv(_LYMPH_CHOL)
 
 
 @dataclass
@@ -55,7 +56,7 @@ class EventData:
 def lymph_distance(fsc: np.ndarray, ssc: np.ndarray) -> np.ndarray:
     """Normalised (Mahalanobis) distance of noise-free scatter from the lymphocyte centre."""
     xy = np.stack([np.asarray(fsc, float) - P.LYMPH_MEAN[0], np.asarray(ssc, float) - P.LYMPH_MEAN[1]])
-    w = _LYMPH_WHITEN @ xy
+    w = matmul(_LYMPH_WHITEN, xy)
     return np.sqrt((w * w).sum(axis=0))
 
 
@@ -65,7 +66,7 @@ def _truncated_gaussian_2d(m, mean, chol, rmax, rng):
     r = np.sqrt(-2.0 * np.log1p(-u * (1.0 - np.exp(-0.5 * rmax**2))))
     theta = rng.random(m) * 2.0 * np.pi
     w = np.stack([r * np.cos(theta), r * np.sin(theta)])
-    xy = chol @ w
+    xy = matmul(chol, w)
     return mean[0] + xy[0], mean[1] + xy[1]
 
 
@@ -279,7 +280,7 @@ def simulate_sample(
     # --- monocytes ------------------------------------------------------------------------
     n_m = n_mono + n_mono_dead
     F_m = _monocytes(n_m, rng)
-    mono_chol = np.linalg.cholesky(
+    mono_chol = cholesky2(
         np.array(
             [
                 [P.MONO_SD[0] ** 2, 0.3 * P.MONO_SD[0] * P.MONO_SD[1]],
@@ -477,7 +478,7 @@ def _acquire(F, af_factor, fsc, fsch, ssc, scatter_gain, rate, rng) -> np.ndarra
     n = F.shape[0]
     out = np.empty((n, N_CHANNELS), dtype=np.float32)
     af_level = (af_factor * np.exp(P.AF_EVENT_SD * rng.standard_normal(n))).astype(np.float32)
-    signal = np.asarray(F, dtype=np.float32) @ _SPILL.astype(np.float32)
+    signal = matmul(np.asarray(F, dtype=np.float32), _SPILL.astype(np.float32))
     signal += af_level[:, None] * P.AUTOFLUORESCENCE.astype(np.float32)
     sd = np.maximum(signal, np.float32(0.0))
     sd *= P.PHOTON_Q.astype(np.float32)
