@@ -31,7 +31,8 @@ def test_median_equals_numpy_on_subsets(name, values):
     for size in (1, 2, 3, 10, 101, 1000, 25_000, len(values)):
         for _ in range(3):
             idx = np.sort(rng.choice(len(values), size, replace=False))
-            assert median(values, idx, False, scratch) == float(np.median(values[idx].astype(np.float64))), (name, size)
+            want = float(np.median(values[idx].astype(np.float64)))
+            assert median(values, idx, False, scratch) == want, (name, size)
 
 
 def test_median_without_scratch_nan_and_empty():
