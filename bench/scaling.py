@@ -123,6 +123,10 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "cytopipe-bench-scaling")
     ap.add_argument("--no-flowkit", action="store_true")
     args = ap.parse_args()
+    import logging
+
+    # several clusters start and stop here; each restores the log levels it found on closing
+    logging.getLogger("distributed").setLevel(logging.ERROR)
 
     from cytopipe import gating
     from cytopipe.fcs import read_fcs
