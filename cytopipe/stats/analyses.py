@@ -67,6 +67,58 @@ def _mwu_vs_reference(common: dict, x: np.ndarray, ref: np.ndarray, s: StatsSett
     )
 
 
+def _where(by: str, key: object) -> dict:
+    """The column that locates a test: a post-baseline visit, or an AUC window."""
+    return {"visit": int(key)} if by == "visit" else {"window": key}
+
+
+def _no_reference_rows(parents: dict, base: dict, note: str) -> list[dict]:
+    """One not-estimable row per population when the reference arm is absent."""
+    return [
+        row(
+            **base,
+            population=pop,
+            parent=parents[pop],
+            comparison="active arms vs reference",
+            method="Mann-Whitney U",
+            note=note,
+        )
+        for pop in parents
+    ]
+
+
+def _arms_vs_reference(
+    data: pd.DataFrame,
+    by: str,
+    outcome: str,
+    base: dict,
+    label: str,
+    active: Sequence[str],
+    s: StatsSettings,
+    too_few: str,
+) -> list[dict]:
+    """Mann-Whitney U of each ``active`` arm vs the reference arm, per population and ``by`` key
+    (an arm without values in a group still gets its row, saying so)."""
+    parents = _population_meta(data)
+    rows = []
+    for (pop, key), values in _by_arm(data, ["population", by], outcome):
+        ref = values.get(s.reference_arm, np.empty(0))
+        for a in active:
+            x = values.get(a, np.empty(0))
+            common = dict(
+                **base,
+                **_where(by, key),
+                population=pop,
+                parent=parents[pop],
+                comparison=f"{a} vs {s.reference_arm}",
+                effect_label=label,
+                n=len(x) + len(ref),
+                n_detail=_n_detail({a: len(x), s.reference_arm: len(ref)}),
+            )
+            rows.append(_mwu_vs_reference(common, x, ref, s, too_few))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------
 # arm comparisons at each visit
 # ------------------------------------------------------------------------------------------------
@@ -76,41 +128,13 @@ def arm_visit_tests(
     """Family ``arm_visit``: Mann-Whitney U of each active arm vs the reference arm, per population
     and post-baseline visit, on the patients' change (or log2 fold change) from baseline."""
     outcome = s.change_scale
-    post = dyn[dyn["visit"] > s.baseline_visit]
-    parents = _population_meta(dyn)
-    rows: list[dict] = []
     base = {"family": "arm_visit", "measure": measure, "scale": outcome, "subgroup": "all"}
     if arms is None and s.reference_arm not in set(dyn["arm"]):
-        for pop in parents:
-            rows.append(
-                row(
-                    **base,
-                    population=pop,
-                    parent=parents[pop],
-                    comparison="active arms vs reference",
-                    method="Mann-Whitney U",
-                    note=reason,
-                )
-            )
-        return rows
+        return _no_reference_rows(_population_meta(dyn), base, reason)
     active = [a for a in (arms or sorted(set(dyn["arm"]))) if a != s.reference_arm]
     label = f"Hodges-Lehmann shift in {_SCALE_LABEL[outcome]} (arm - {s.reference_arm})"
-    for (pop, visit), values in _by_arm(post, ["population", "visit"], outcome):
-        ref = values.get(s.reference_arm, np.empty(0))
-        for a in active:
-            x = values.get(a, np.empty(0))
-            common = dict(
-                **base,
-                population=pop,
-                parent=parents[pop],
-                visit=int(visit),
-                comparison=f"{a} vs {s.reference_arm}",
-                effect_label=label,
-                n=len(x) + len(ref),
-                n_detail=_n_detail({a: len(x), s.reference_arm: len(ref)}),
-            )
-            rows.append(_mwu_vs_reference(common, x, ref, s, "too few patients"))
-    return rows
+    post = dyn[dyn["visit"] > s.baseline_visit]
+    return _arms_vs_reference(post, "visit", outcome, base, label, active, s, "too few patients")
 
 
 def dose_trend_tests(
@@ -146,10 +170,9 @@ def dose_trend_tests(
         return rows
     for (pop, key), values in _by_arm(data, ["population", by], outcome):
         sizes = {a: len(values.get(a, ())) for a in arms}
-        where = {"visit": int(key)} if by == "visit" else {"window": key}
         common = dict(
             **base,
-            **where,
+            **_where(by, key),
             population=pop,
             parent=parents[pop],
             n=sum(sizes.values()),
@@ -176,39 +199,15 @@ def auc_tests(
     """Families ``auc_arm`` (Mann-Whitney, each active arm vs reference) and ``auc_dose_trend``
     (Jonckheere-Terpstra) on the time-averaged AUC of the change (or log2 fold change)."""
     outcome = "auc_change" if s.change_scale == "change" else "auc_log2fc"
-    parents = _population_meta(auc)
-    rows: list[dict] = []
     base = {"family": "auc_arm", "measure": measure, "scale": outcome, "subgroup": "all"}
     if s.reference_arm not in set(auc["arm"]):
-        for pop in parents:
-            rows.append(
-                row(
-                    **base,
-                    population=pop,
-                    parent=parents[pop],
-                    comparison="active arms vs reference",
-                    method="Mann-Whitney U",
-                    note=reason or f"reference arm {s.reference_arm!r} absent",
-                )
-            )
+        note = reason or f"reference arm {s.reference_arm!r} absent"
+        rows = _no_reference_rows(_population_meta(auc), base, note)
     else:
-        active = [a for a in (arms or sorted(set(auc["arm"]))) if a != s.reference_arm]
         label = f"Hodges-Lehmann shift in time-averaged AUC of the {_SCALE_LABEL[s.change_scale]} (arm - reference)"
-        for (pop, window), values in _by_arm(auc, ["population", "window"], outcome):
-            ref = values.get(s.reference_arm, np.empty(0))
-            for a in active:
-                x = values.get(a, np.empty(0))
-                common = dict(
-                    **base,
-                    population=pop,
-                    parent=parents[pop],
-                    window=window,
-                    comparison=f"{a} vs {s.reference_arm}",
-                    effect_label=label,
-                    n=len(x) + len(ref),
-                    n_detail=_n_detail({a: len(x), s.reference_arm: len(ref)}),
-                )
-                rows.append(_mwu_vs_reference(common, x, ref, s, "too few patients with this window"))
+        active = [a for a in (arms or sorted(set(auc["arm"]))) if a != s.reference_arm]
+        too_few = "too few patients with this window"
+        rows = _arms_vs_reference(auc, "window", outcome, base, label, active, s, too_few)
     rows += dose_trend_tests(
         auc, measure, arms, reason, s, family="auc_dose_trend", outcome=outcome, by="window"
     )
