@@ -204,19 +204,10 @@ def _transform_mismatch(model: Any, plan: ClusterPlan) -> str:
 # ================================================================================================
 def _gated(job: Mapping[str, Any], state: Any) -> tuple[Any, Any]:
     """The sample after event QC and its gating, exactly as in the gating pass."""
-    from cytopipe import gating
-    from cytopipe.pipeline import prepare_sample
+    from cytopipe.pipeline import gate_prepared, prepare_sample
 
     prep = prepare_sample(job, state)
-    result = gating.gate(
-        prep.sample,
-        state.template,
-        pooled=state.pooled,
-        sample_meta=prep.meta,
-        transforms=state.transforms,
-        medians=False,
-    )
-    return prep, result
+    return prep, gate_prepared(prep, state, medians=False)
 
 
 def train_task(job: dict[str, Any], state: Any) -> dict[str, Any]:

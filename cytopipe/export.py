@@ -40,6 +40,7 @@ from cytopipe.pipeline import (
     TaskFailure,
     _compensate_events,
     _guard,
+    gate_prepared,
     load_run,
     make_executor,
     prepare_sample,
@@ -169,17 +170,8 @@ def export_task(job: dict[str, Any], spec: ExportSpec) -> dict[str, Any]:
     """On a worker: re-process one sample as the run did and keep the population's events."""
 
     def body() -> dict[str, Any]:
-        from cytopipe import gating
-
         prep = prepare_sample(job, spec.state)
-        result = gating.gate(
-            prep.sample,
-            spec.state.template,
-            pooled=spec.state.pooled,
-            sample_meta=prep.meta,
-            transforms=spec.state.transforms,
-            medians=False,
-        )
+        result = gate_prepared(prep, spec.state, medians=False)
         idx = result.indices(spec.population)
         if spec.max_events is not None and len(idx) > spec.max_events:
             rng = np.random.default_rng([spec.seed, int(job["sha256"][:15], 16)])

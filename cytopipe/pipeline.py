@@ -314,7 +314,9 @@ class DaskExecutor:
                 "OPENBLAS_NUM_THREADS": 1,
                 "MALLOC_TRIM_THRESHOLD_": None,
             }
-            self._environ = {k: os.environ.get(k) for k in environ}
+            # the nannies also leave PYTHONHASHSEED and __DASK_PARENT_PID behind
+            touched = [*environ, "PYTHONHASHSEED", "__DASK_PARENT_PID"]
+            self._environ = {k: os.environ.get(k) for k in touched}
             try:
                 with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
                     self.cluster = LocalCluster(
@@ -536,16 +538,8 @@ def gate_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
     """Gating pass 2: the population statistics of one sample (small table)."""
 
     def body() -> dict[str, Any]:
-        from cytopipe import gating
-
         prep = prepare_sample(job, state)
-        result = gating.gate(
-            prep.sample,
-            state.template,
-            pooled=state.pooled,
-            sample_meta=prep.meta,
-            transforms=state.transforms,
-        )
+        result = gate_prepared(prep, state)
         stats = result.to_population_stats(prep.meta)
         flags: dict[str, list[str]] = {}
         for population, flag in result.flags:
@@ -595,6 +589,22 @@ def sample_meta(job: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("patient_id", "visit", "arm", "batch"):
         meta[key] = job.get(key)
     return meta
+
+
+def gate_prepared(prep: Prepared, state: StudyState, medians: bool = True) -> Any:
+    """Gating pass 2 of a prepared sample: the study's template with its pooled estimates and
+    transforms. Statistics, clustering and export all gate through here, so they see the same
+    populations."""
+    from cytopipe import gating
+
+    return gating.gate(
+        prep.sample,
+        state.template,
+        pooled=state.pooled,
+        sample_meta=prep.meta,
+        transforms=state.transforms,
+        medians=medians,
+    )
 
 
 def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
