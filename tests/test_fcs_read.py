@@ -384,7 +384,14 @@ def test_spillover_keyword_variants():
     diva = read_fcs(shared_path("FlowKit", "data", "test_comp_example.fcs"))
     assert diva.spillover.keyword == "SPILL"
     accuri = read_fcs(shared_path("FlowIO", "data", "fcs_files", "B01 KC-A-W---91-US.fcs"))
-    assert accuri.spillover is None or accuri.spillover.keyword == "$SPILLOVER"
+    # Accuri C6: $SPILLOVER over the 8 area and height channels (two identical 4x4 blocks)
+    assert accuri.spillover.keyword == "$SPILLOVER" and accuri.spillover.channels[:4] == [
+        "FL1-A",
+        "FL2-A",
+        "FL3-A",
+        "FL4-A",
+    ]
+    assert accuri.spillover.matrix[0, 1] == pytest.approx(0.1203)
     aurora = read_fcs(shared_path("CytometryInR", "course", "00_Floreada", "data").glob("*.fcs").__next__())
     assert aurora.spillover.keyword == "$SPILLOVER"
     with pytest.warns(FCSWarning, match="by parameter number"):
