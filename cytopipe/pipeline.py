@@ -1092,7 +1092,7 @@ def step_transforms(ctx: RunContext) -> dict[str, Any]:
         method=spec["method"],
         channel_names=ctx.state.pool_markers,
         T=top if top > 1 else 262144.0,
-        cofactor=spec.get("cofactor") or 150.0,
+        cofactor=spec["cofactor"] if spec.get("cofactor") is not None else 150.0,
         max_events_per_sample=ctx.state.pool_events,
         seed=ctx.wf.seed,
     )

@@ -51,6 +51,7 @@ class Field:
     minimum: float | None = None
     maximum: float | None = None
     nullable: bool = True
+    positive: bool = False  # strictly greater than 0 (a divisor such as an arcsinh cofactor)
 
 
 Schema = dict[str, "Field | dict"]
@@ -89,7 +90,7 @@ TRANSFORMS: Schema = {
     "markers": Field(
         "list[str]", None, "markers whose transform is estimated (default: every gated fluorescence marker)"
     ),
-    "cofactor": Field(float, 150.0, "arcsinh cofactor when method is 'arcsinh'", minimum=0.0),
+    "cofactor": Field(float, 150.0, "arcsinh cofactor when method is 'arcsinh'", positive=True),
     "events_per_sample": Field(
         int, 2000, "events drawn from each sample for the pooled estimate", minimum=100, nullable=False
     ),
@@ -419,30 +420,47 @@ def _build(values: dict[str, Any], spec_path: Path | None, base: Path, file: Pat
 
 
 def _validate(raw: Mapping, schema: Schema, base: Path, prefix: str, file: Path | None) -> dict[str, Any]:
+    """Check every key of ``raw`` against ``schema``; all mistakes are reported in one error."""
+    problems: list[WorkflowError] = []
+    out = _validate_into(raw, schema, base, prefix, file, problems)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        listed = "\n".join(f"  - {p.context.get('key', '?')}: {p.message}" for p in problems)
+        raise WorkflowError(f"{len(problems)} problems in the workflow:\n{listed}", file=file)
+    return out
+
+
+def _validate_into(
+    raw: Mapping, schema: Schema, base: Path, prefix: str, file: Path | None, problems: list[WorkflowError]
+) -> dict[str, Any]:
     schema = {k: (_qc_schema() if v == "qc" else v) for k, v in schema.items()}
     out: dict[str, Any] = {}
     for key in raw:
         if not isinstance(key, str) or key not in schema:
             near = difflib.get_close_matches(str(key), list(schema), n=1, cutoff=0.6)
             hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(schema)}"
-            raise WorkflowError(f"unknown key{hint}", file=file, key=prefix + str(key))
+            problems.append(WorkflowError(f"unknown key{hint}", file=file, key=prefix + str(key)))
     for key, spec in schema.items():
         name = prefix + key
         value = raw.get(key, _MISSING)
-        if isinstance(spec, dict):
-            if value is _MISSING or value is None:
-                value = {}
-            if not isinstance(value, Mapping):
-                raise WorkflowError(
-                    f"must be a mapping of settings, not {_describe(value)}", file=file, key=name
-                )
-            out[key] = _validate(value, spec, base, name + ".", file)
-            continue
-        if value is _MISSING:
-            if spec.required:
-                raise WorkflowError(f"required key is missing ({spec.help})", file=file, key=name)
-            value = spec.default
-        out[key] = _check(value, spec, base, name, file)
+        try:
+            if isinstance(spec, dict):
+                if value is _MISSING or value is None:
+                    value = {}
+                if not isinstance(value, Mapping):
+                    raise WorkflowError(
+                        f"must be a mapping of settings, not {_describe(value)}", file=file, key=name
+                    )
+                out[key] = _validate_into(value, spec, base, name + ".", file, problems)
+                continue
+            if value is _MISSING:
+                if spec.required:
+                    raise WorkflowError(f"required key is missing ({spec.help})", file=file, key=name)
+                value = spec.default
+            out[key] = _check(value, spec, base, name, file)
+        except WorkflowError as exc:
+            problems.append(exc)
     return out
 
 
@@ -527,6 +545,8 @@ def _check(value: Any, spec: Field, base: Path, name: str, file: Path | None) ->
         )
     if spec.minimum is not None and value < spec.minimum:
         raise WorkflowError(f"is {value}; must be at least {spec.minimum}", file=file, key=name)
+    if spec.positive and not value > 0:
+        raise WorkflowError(f"is {value}; must be greater than 0", file=file, key=name)
     if spec.maximum is not None and value > spec.maximum:
         raise WorkflowError(f"is {value}; must be at most {spec.maximum}", file=file, key=name)
     return value

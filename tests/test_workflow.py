@@ -219,3 +219,35 @@ def test_the_example_workflow_is_valid():
     assert wf.manifest == (REPO / "sample_data" / "manifest.csv").resolve()
     assert wf.template == (REPO / "gating" / "sle_il2_tcell_nk.yaml").resolve()
     assert wf.output == (REPO / "runs" / "sle_il2").resolve()
+
+
+def test_every_mistake_of_a_workflow_is_reported_at_once(study):
+    text = BASE + (
+        "seeed: 3\n"  # unknown key
+        "workers: -1\n"  # not a positive integer
+        "transforms: {cofactor: 0}\n"  # a divisor of 0 used to be replaced by 150 silently
+        "clustering: {grid: five}\n"
+        "report: {max_galery: 10}\n"
+    )
+    with pytest.raises(WorkflowError) as info:
+        load_workflow(write_spec(study, text))
+    message = str(info.value)
+    assert "5 problems" in message
+    for key, words in [
+        ("seeed", "did you mean 'seed'"),
+        ("workers", "positive integer"),
+        ("transforms.cofactor", "greater than 0"),
+        ("clustering.grid", "list"),
+        ("report.max_galery", "did you mean 'max_gallery'"),
+    ]:
+        line = next(ln for ln in message.splitlines() if ln.strip().startswith(f"- {key}:"))
+        assert words in line, line
+
+
+def test_a_zero_arcsinh_cofactor_is_refused_not_replaced(study):
+    with pytest.raises(WorkflowError, match="greater than 0") as info:
+        load_workflow(write_spec(study, BASE + "transforms: {cofactor: 0}\n"))
+    assert info.value.context["key"] == "transforms.cofactor"
+    assert (
+        load_workflow(write_spec(study, BASE + "transforms: {cofactor: 5}\n")).transforms["cofactor"] == 5.0
+    )
