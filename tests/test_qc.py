@@ -228,7 +228,8 @@ def test_real_files(parts):
 def faulty_trial(tmp_path_factory):
     """Simulated files of 30k events: four with a clog, four with a signal shift, four with a
     margin pile-up (the simulator's fault injection, with per-event truth)."""
-    simulate = pytest.importorskip("cytopipe.simulate")
+    import cytopipe.simulate as simulate
+
     out = tmp_path_factory.mktemp("faults") / "trial"
     kinds = ["clog", "shift", "margin"]
     ids = [f"P{p:03d}_W{v:02d}" for p in range(1, 5) for v in (0, 4, 12)]
