@@ -510,7 +510,7 @@ def response_rates(
     ``n`` counts patients with a value (under NRI every patient of the arm; for renal and serology
     endpoints only eligible patients); ``imputed`` counts the NRI-imputed non-responders.
     """
-    from cytopipe.stats.rates import wilson_interval
+    from cytopipe.intervals import wilson_interval
 
     if endpoint not in endpoints.columns:
         raise ClinicalDataError(

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from cytopipe.errors import QCError
+from cytopipe.intervals import wilson_interval
 from cytopipe.workflow import Field
 
 # Keys of the ``qc:`` section of a workflow (validated by cytopipe.workflow).
@@ -520,30 +521,11 @@ def flag_loss_outliers(removed_fraction: pd.Series, settings: QCSettings) -> pd.
 
 
 # --- 3. counts ----------------------------------------------------------------------------------
-def wilson_interval(
-    k: np.ndarray | float, n: np.ndarray | float, confidence: float = 0.95
-) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval of a binomial proportion k/n (fractions; NaN where n == 0)."""
-    from scipy.stats import norm
-
-    k = np.asarray(k, dtype=np.float64)
-    n = np.asarray(n, dtype=np.float64)
-    z = float(norm.ppf(0.5 + confidence / 2))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = k / n
-        denom = 1 + z * z / n
-        center = (p + z * z / (2 * n)) / denom
-        half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-        lo = np.where(n > 0, np.clip(center - half, 0, 1), np.nan)
-        hi = np.where(n > 0, np.clip(center + half, 0, 1), np.nan)
-    return lo, hi
-
-
 def add_count_qc(stats: pd.DataFrame, settings: QCSettings | None = None) -> pd.DataFrame:
     """Add ``pct_parent_ci_low``/``pct_parent_ci_high`` (0-100, Wilson) and ``low_parent_count``."""
     settings = settings or QCSettings()
     out = stats.copy()
-    lo, hi = wilson_interval(out["count"].to_numpy(), out["parent_count"].to_numpy(), settings.confidence)
+    lo, hi = wilson_interval(out["count"].to_numpy(), out["parent_count"].to_numpy(), 1 - settings.confidence)
     out["pct_parent_ci_low"] = 100 * lo
     out["pct_parent_ci_high"] = 100 * hi
     out["low_parent_count"] = out["parent_count"].to_numpy() < settings.min_parent_events

@@ -169,13 +169,16 @@ def test_loss_outliers_among_the_study():
 def test_wilson_interval_matches_statsmodels():
     from statsmodels.stats.proportion import proportion_confint
 
+    from cytopipe.intervals import wilson_interval
+
     k = np.array([0, 1, 5, 50, 99, 100, 3])
     n = np.array([10, 10, 100, 100, 100, 100, 2000])
-    lo, hi = qc.wilson_interval(k, n, 0.95)
+    lo, hi = wilson_interval(k, n, 0.05)
     ref_lo, ref_hi = proportion_confint(k, n, alpha=0.05, method="wilson")
     np.testing.assert_allclose(lo, ref_lo, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(hi, ref_hi, rtol=1e-12, atol=1e-15)
-    lo, hi = qc.wilson_interval(np.array([0]), np.array([0]))
+    lo, hi = wilson_interval(np.array([0, 5, -1]), np.array([0, 4, 10]))
+    assert np.isnan(lo).all() and np.isnan(hi).all()
     assert np.isnan(lo[0]) and np.isnan(hi[0])
 
 

@@ -138,6 +138,17 @@ def test_wilson_and_newcombe_match_published_examples():
     assert np.isnan(low[0]) and high[1] > 0
 
 
+def test_newcombe_matches_statsmodels():
+    from statsmodels.stats.proportion import confint_proportions_2indep
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        n1, n0 = (int(v) for v in rng.integers(1, 60, 2))
+        x1, x0 = int(rng.integers(0, n1 + 1)), int(rng.integers(0, n0 + 1))
+        ref = confint_proportions_2indep(x1, n1, x0, n0, method="newcomb", compare="diff")
+        np.testing.assert_allclose(newcombe_interval(x1, n1, x0, n0), ref, rtol=1e-9, atol=1e-12)
+
+
 def test_degenerate_rates_do_not_crash():
     assert np.isnan(compare_rates(0, 10, 0, 12).p)  # chi-square undefined
     assert compare_rates(0, 10, 0, 12, method="fisher").p == 1.0

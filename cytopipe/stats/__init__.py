@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from cytopipe.errors import StatisticsError
+from cytopipe.intervals import newcombe_interval, wilson_interval
 from cytopipe.stats.dynamics import (
     add_wilson_ci,
     baseline_change,
@@ -34,7 +35,7 @@ from cytopipe.stats.dynamics import (
 from cytopipe.stats.models import fit_logistic, fit_mixed_model, roc_auc
 from cytopipe.stats.multiplicity import BH_FAMILY_KEYS, add_qvalues, bh_qvalues
 from cytopipe.stats.nonparametric import hodges_lehmann, jonckheere_terpstra, mann_whitney, spearman
-from cytopipe.stats.rates import RateComparison, compare_rates, newcombe_interval, wilson_interval
+from cytopipe.stats.rates import RateComparison, compare_rates
 from cytopipe.stats.settings import StatsSettings, arm_doses, arm_order
 from cytopipe.stats.table import COLUMNS, blind_arms
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cytopipe.errors import StatisticsError
-from cytopipe.stats.rates import wilson_interval
+from cytopipe.intervals import wilson_interval
 
 KEY_COLUMNS = ("patient_id", "visit", "arm", "population")
 #: default pseudo-count added before log2 for measures without event counts (same units as the measure)

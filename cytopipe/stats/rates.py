@@ -1,4 +1,4 @@
-"""Proportions: Wilson intervals, and response-rate comparisons between two arms."""
+"""Response-rate comparisons between two arms (the Wilson and Newcombe intervals: cytopipe.intervals)."""
 
 from __future__ import annotations
 
@@ -7,39 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sps
 
-
-def wilson_interval(count, n, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval for ``count`` successes out of ``n`` (vectorised; proportions 0-1).
-
-    ``n == 0`` gives NaN. Unlike the Wald interval it stays inside [0, 1] and keeps its coverage
-    for rare populations (a few events in a gate).
-    """
-    x = np.asarray(count, dtype=float)
-    n = np.asarray(n, dtype=float)
-    z = sps.norm.ppf(1 - alpha / 2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = x / n
-        denom = 1 + z * z / n
-        center = (p + z * z / (2 * n)) / denom
-        half = z / denom * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-        low = np.clip(center - half, 0.0, 1.0)
-        high = np.clip(center + half, 0.0, 1.0)
-    bad = ~(n > 0) | ~np.isfinite(x) | (x < 0) | (x > n)
-    low = np.where(bad, np.nan, low)
-    high = np.where(bad, np.nan, high)
-    return low, high
-
-
-def newcombe_interval(x1: int, n1: int, x0: int, n0: int, alpha: float = 0.05) -> tuple[float, float]:
-    """CI of the risk difference p1 - p0 by Newcombe's hybrid score method (Newcombe 1998, method 10),
-    built from the two Wilson intervals."""
-    if n1 <= 0 or n0 <= 0:
-        return np.nan, np.nan
-    p1, p0 = x1 / n1, x0 / n0
-    l1, u1 = (float(v) for v in wilson_interval(x1, n1, alpha))
-    l0, u0 = (float(v) for v in wilson_interval(x0, n0, alpha))
-    d = p1 - p0
-    return d - np.sqrt((p1 - l1) ** 2 + (u0 - p0) ** 2), d + np.sqrt((u1 - p1) ** 2 + (p0 - l0) ** 2)
+from cytopipe.intervals import newcombe_interval
 
 
 @dataclass(frozen=True)
