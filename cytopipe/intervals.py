@@ -27,8 +27,10 @@ def wilson_interval(count, n, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarr
         denom = 1 + z * z / n
         center = (p + z * z / (2 * n)) / denom
         half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-        low = np.clip(center - half, 0.0, 1.0)
-        high = np.clip(center + half, 0.0, 1.0)
+        # the interval contains p (it does exactly; rounding can put an end 1 ulp past p = 0 or 1,
+        # which a figure's error bar would then refuse as negative)
+        low = np.clip(np.minimum(center - half, p), 0.0, 1.0)
+        high = np.clip(np.maximum(center + half, p), 0.0, 1.0)
     bad = ~(n > 0) | ~np.isfinite(x) | (x < 0) | (x > n)
     return np.where(bad, np.nan, low), np.where(bad, np.nan, high)
 
