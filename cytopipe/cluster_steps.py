@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from cytopipe.config import stable_hash
 from cytopipe.errors import ClusteringError, CytopipeError, WorkflowError
-from cytopipe.workflow import stable_hash
 
 if TYPE_CHECKING:  # pragma: no cover
     from cytopipe.pipeline import RunContext

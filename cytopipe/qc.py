@@ -29,6 +29,7 @@ Everything is vectorised numpy (one numba pass for the ranks); no per-event Pyth
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -37,9 +38,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cytopipe.config import Field, defaults
 from cytopipe.errors import QCError
 from cytopipe.intervals import wilson_interval
-from cytopipe.workflow import Field
 
 # Keys of the ``qc:`` section of a workflow (validated by cytopipe.workflow).
 QC_SCHEMA: dict[str, Any] = {
@@ -84,29 +85,44 @@ MAD_TO_SD = 1.4826  # MAD of a normal distribution x 1.4826 = its standard devia
 SCORE_LEVELS = 64  # rank grid of the signal check (quantiles per channel)
 
 
+def _flat_defaults() -> dict[str, Any]:
+    """QC_SCHEMA's defaults flattened to QCSettings' field names (``margins.enabled`` -> ``margins``)."""
+    flat: dict[str, Any] = {}
+    for key, value in defaults(QC_SCHEMA).items():
+        if isinstance(value, dict):
+            flat.update({key if sub == "enabled" else sub: v for sub, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+_D = _flat_defaults()  # the defaults live in QC_SCHEMA only
+
+
 @dataclass(frozen=True)
 class QCSettings:
-    """Flat view of the validated ``qc:`` section (defaults = documented defaults)."""
+    """Flat view of the validated ``qc:`` section (defaults from :data:`QC_SCHEMA`)."""
 
-    margins: bool = True
-    lower_channels: str = "scatter"
-    lower_limit: float = 0.0
-    time: bool = True
-    mad: float = 6.0
-    consecutive_bins: int = 5
-    min_cells: int = 150
-    max_bins: int = 500
-    flow_rate: bool = True
-    signal: bool = True
-    min_events: int = 1000
-    min_parent_events: int = 100
-    max_removed_fraction: float = 0.2
-    loss_outlier_mad: float = 5.0
-    confidence: float = 0.95
+    margins: bool = _D["margins"]
+    lower_channels: str = _D["lower_channels"]
+    lower_limit: float = _D["lower_limit"]
+    time: bool = _D["time"]
+    mad: float = _D["mad"]
+    consecutive_bins: int = _D["consecutive_bins"]
+    min_cells: int = _D["min_cells"]
+    max_bins: int = _D["max_bins"]
+    flow_rate: bool = _D["flow_rate"]
+    signal: bool = _D["signal"]
+    min_events: int = _D["min_events"]
+    min_parent_events: int = _D["min_parent_events"]
+    max_removed_fraction: float = _D["max_removed_fraction"]
+    loss_outlier_mad: float = _D["loss_outlier_mad"]
+    confidence: float = _D["confidence"]
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any] | None) -> QCSettings:
-        """From a validated ``qc:`` section (nested ``margins``/``time``) or a flat dict."""
+        """From a validated ``qc:`` section (nested ``margins``/``time``) or a flat dict; an unknown
+        key is an error (a typo must not silently fall back to a default)."""
         if not section:
             return cls()
         flat: dict[str, Any] = {}
@@ -117,7 +133,14 @@ class QCSettings:
             else:
                 flat[key] = value
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in flat.items() if k in known and v is not None})
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            near = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+            hints = ", ".join(
+                f"{k!r}" + (f" (did you mean {near[k][0]!r}?)" if near[k] else "") for k in unknown
+            )
+            raise QCError(f"unknown QC setting {hints}; known: {', '.join(sorted(known))}")
+        return cls(**{k: v for k, v in flat.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

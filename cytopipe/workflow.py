@@ -20,41 +20,15 @@ The schema is a table (:data:`SCHEMA`): later steps add their keys there.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cytopipe.config import Field, Schema, jsonable, stable_hash, validate_section
 from cytopipe.errors import WorkflowError
-
-_MISSING = object()
-
-
-@dataclass(frozen=True)
-class Field:
-    """One key of a workflow section.
-
-    ``kind`` is one of ``str``, ``int``, ``float``, ``bool``, ``"path"`` (a file that must
-    exist, resolved relative to the spec), ``"outpath"`` (a folder that may not exist yet),
-    ``"list[str]"``, ``"int|auto"``, ``"bool|auto"``, ``"list[pair]"`` (``[[0, 12], ...]``),
-    ``"mapping"`` (free-form dict, checked by its step).
-    """
-
-    kind: Any
-    default: Any = None
-    help: str = ""
-    choices: tuple | None = None
-    required: bool = False
-    minimum: float | None = None
-    maximum: float | None = None
-    nullable: bool = True
-    positive: bool = False  # strictly greater than 0 (a divisor such as an arcsinh cofactor)
-
-
-Schema = dict[str, "Field | dict"]
+from cytopipe.qc import QC_SCHEMA
 
 # --- sections -------------------------------------------------------------------------------
 COMPENSATION: Schema = {
@@ -219,12 +193,6 @@ REPORT: Schema = {
 }
 
 
-def _qc_schema() -> Schema:
-    from cytopipe.qc import QC_SCHEMA
-
-    return QC_SCHEMA
-
-
 SCHEMA: Schema = {
     "study": Field(str, None, "study name (used in reports and run.json)", required=True, nullable=False),
     "manifest": Field("path", None, "manifest CSV (one row per FCS file)", required=True, nullable=False),
@@ -235,7 +203,7 @@ SCHEMA: Schema = {
     "seed": Field(int, 0, "seed of every random step", nullable=False),
     "compensation": COMPENSATION,
     "transforms": TRANSFORMS,
-    "qc": "qc",  # filled lazily from cytopipe.qc.QC_SCHEMA (avoids an import cycle)
+    "qc": QC_SCHEMA,  # owned by cytopipe.qc, next to the code that uses it
     "clustering": CLUSTERING,
     "statistics": STATISTICS,
     "report": REPORT,
@@ -280,7 +248,7 @@ class Workflow:
             "report",
             "spec_path",
         ):
-            out[name] = _jsonable(getattr(self, name))
+            out[name] = jsonable(getattr(self, name))
         return out
 
     @classmethod
@@ -301,24 +269,8 @@ class Workflow:
 
     def settings_hash(self, *sections: str) -> str:
         """Stable hash of the named settings sections (e.g. ``"qc"``), for cache keys."""
-        payload = {name: _jsonable(getattr(self, name)) for name in sections}
+        payload = {name: jsonable(getattr(self, name)) for name in sections}
         return stable_hash(payload)
-
-
-def stable_hash(obj: Any) -> str:
-    """sha256 of the canonical JSON of ``obj`` (sorted keys), hex."""
-    text = json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -348,7 +300,7 @@ def load_workflow(path: str | Path, output: str | Path | None = None) -> Workflo
             file=path,
         )
     base = path.resolve().parent
-    values = _validate(raw, SCHEMA, base, prefix="", file=path)
+    values = validate_section(raw, SCHEMA, base, prefix="", file=path)
     if output is not None:
         values["output"] = Path(output).resolve()
     return _build(values, spec_path=path.resolve(), base=base, file=path)
@@ -377,7 +329,7 @@ def workflow_from_options(
         raw["clinical"] = str(clinical)
     raw.update({k: dict(v) for k, v in sections.items() if v is not None})
     base = Path.cwd()
-    values = _validate(raw, SCHEMA, base, prefix="", file=None)
+    values = validate_section(raw, SCHEMA, base, prefix="", file=None)
     return _build(values, spec_path=None, base=base, file=None)
 
 
@@ -419,153 +371,11 @@ def _build(values: dict[str, Any], spec_path: Path | None, base: Path, file: Pat
     )
 
 
-def _validate(raw: Mapping, schema: Schema, base: Path, prefix: str, file: Path | None) -> dict[str, Any]:
-    """Check every key of ``raw`` against ``schema``; all mistakes are reported in one error."""
-    problems: list[WorkflowError] = []
-    out = _validate_into(raw, schema, base, prefix, file, problems)
-    if len(problems) == 1:
-        raise problems[0]
-    if problems:
-        listed = "\n".join(f"  - {p.context.get('key', '?')}: {p.message}" for p in problems)
-        raise WorkflowError(f"{len(problems)} problems in the workflow:\n{listed}", file=file)
-    return out
-
-
-def _validate_into(
-    raw: Mapping, schema: Schema, base: Path, prefix: str, file: Path | None, problems: list[WorkflowError]
-) -> dict[str, Any]:
-    schema = {k: (_qc_schema() if v == "qc" else v) for k, v in schema.items()}
-    out: dict[str, Any] = {}
-    for key in raw:
-        if not isinstance(key, str) or key not in schema:
-            near = difflib.get_close_matches(str(key), list(schema), n=1, cutoff=0.6)
-            hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(schema)}"
-            problems.append(WorkflowError(f"unknown key{hint}", file=file, key=prefix + str(key)))
-    for key, spec in schema.items():
-        name = prefix + key
-        value = raw.get(key, _MISSING)
-        try:
-            if isinstance(spec, dict):
-                if value is _MISSING or value is None:
-                    value = {}
-                if not isinstance(value, Mapping):
-                    raise WorkflowError(
-                        f"must be a mapping of settings, not {_describe(value)}", file=file, key=name
-                    )
-                out[key] = _validate_into(value, spec, base, name + ".", file, problems)
-                continue
-            if value is _MISSING:
-                if spec.required:
-                    raise WorkflowError(f"required key is missing ({spec.help})", file=file, key=name)
-                value = spec.default
-            out[key] = _check(value, spec, base, name, file)
-        except WorkflowError as exc:
-            problems.append(exc)
-    return out
-
-
-def _check(value: Any, spec: Field, base: Path, name: str, file: Path | None) -> Any:
-    if value is None:
-        if not spec.nullable or spec.required:
-            raise WorkflowError(f"needs a value ({spec.help})", file=file, key=name)
-        return None
-    kind = spec.kind
-    if kind in ("path", "outpath"):
-        if not isinstance(value, str | Path) or str(value).strip() == "":
-            raise WorkflowError(f"must be a path, not {_describe(value)}", file=file, key=name)
-        path = Path(value).expanduser()
-        path = (path if path.is_absolute() else base / path).resolve()
-        if kind == "path" and not path.exists():
-            raise WorkflowError(
-                f"file not found: {path} (paths are relative to the workflow file's folder {base})",
-                file=file,
-                key=name,
-            )
-        if kind == "path" and path.is_dir():
-            raise WorkflowError(f"{path} is a folder; give the file", file=file, key=name)
-        return path
-    if kind == "int|auto":
-        if value == "auto":
-            return "auto"
-        least = int(spec.minimum) if spec.minimum is not None else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            what = "a positive integer" if least == 1 else f"an integer of at least {least}"
-            raise WorkflowError(f"must be {what} or 'auto', not {_describe(value)}", file=file, key=name)
-        return value
-    if kind == "bool|auto":
-        if value == "auto" or isinstance(value, bool):
-            return value
-        raise WorkflowError(f"must be true, false or 'auto', not {_describe(value)}", file=file, key=name)
-    if kind == "list[pair]":
-        if not isinstance(value, list) or not all(
-            isinstance(v, list)
-            and len(v) == 2
-            and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
-            and v[0] < v[1]
-            for v in value
-        ):
-            raise WorkflowError(
-                f"must be a list of [start, end] week pairs (start < end), not {_describe(value)}",
-                file=file,
-                key=name,
-            )
-        return [list(v) for v in value]
-    if kind == "mapping":
-        if not isinstance(value, Mapping):
-            raise WorkflowError(f"must be a mapping, not {_describe(value)}", file=file, key=name)
-        return _jsonable(value)
-    if isinstance(kind, str) and kind.startswith("list["):
-        item_type = {"list[str]": str, "list[int]": int, "list[float]": (int, float)}[kind]
-        if not isinstance(value, list) or not all(
-            isinstance(v, item_type) and not isinstance(v, bool) for v in value
-        ):
-            raise WorkflowError(
-                f"must be a list of {kind[5:-1]} values, not {_describe(value)}", file=file, key=name
-            )
-        return list(value)
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise WorkflowError(f"must be true or false, not {_describe(value)}", file=file, key=name)
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise WorkflowError(f"must be an integer, not {_describe(value)}", file=file, key=name)
-    elif kind is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise WorkflowError(f"must be a number, not {_describe(value)}", file=file, key=name)
-        value = float(value)
-    elif kind is str:
-        if not isinstance(value, str):
-            raise WorkflowError(f"must be text, not {_describe(value)}", file=file, key=name)
-    if spec.choices is not None and value not in spec.choices:
-        near = difflib.get_close_matches(str(value), [str(c) for c in spec.choices], n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise WorkflowError(
-            f"is {value!r}; choose one of {', '.join(map(str, spec.choices))}{hint}", file=file, key=name
-        )
-    if spec.minimum is not None and value < spec.minimum:
-        raise WorkflowError(f"is {value}; must be at least {spec.minimum}", file=file, key=name)
-    if spec.positive and not value > 0:
-        raise WorkflowError(f"is {value}; must be greater than 0", file=file, key=name)
-    if spec.maximum is not None and value > spec.maximum:
-        raise WorkflowError(f"is {value}; must be at most {spec.maximum}", file=file, key=name)
-    return value
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return f"{value!r} ({type(value).__name__})"
-
-
 def describe_schema(schema: Schema | None = None, prefix: str = "") -> list[tuple[str, Any, str]]:
     """(key, default, help) rows of every setting, for documentation."""
     schema = SCHEMA if schema is None else schema
     rows: list[tuple[str, Any, str]] = []
     for key, spec in schema.items():
-        spec = _qc_schema() if spec == "qc" else spec
         if isinstance(spec, dict):
             rows.extend(describe_schema(spec, prefix + key + "."))
         else:

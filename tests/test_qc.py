@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from cytopipe import qc
+from cytopipe.errors import QCError
 from cytopipe.fcs import read_fcs
 from cytopipe.qc import QCSettings
 from tests.conftest import shared_path
@@ -177,6 +178,13 @@ def test_wilson_interval_matches_statsmodels():
     ref_lo, ref_hi = proportion_confint(k, n, alpha=0.05, method="wilson")
     np.testing.assert_allclose(lo, ref_lo, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(hi, ref_hi, rtol=1e-12, atol=1e-15)
+    # the interval always contains the observed proportion, also at 0 and n
+    k = np.arange(0, 2001)
+    lo, hi = wilson_interval(k, 2000)
+    assert (lo <= k / 2000).all() and (hi >= k / 2000).all()
+    for n in range(1, 300):
+        lo, hi = wilson_interval(np.array([0, n]), n)
+        assert lo[0] == 0.0 and hi[1] == 1.0
     lo, hi = wilson_interval(np.array([0, 5, -1]), np.array([0, 4, 10]))
     assert np.isnan(lo).all() and np.isnan(hi).all()
     assert np.isnan(lo[0]) and np.isnan(hi[0])
@@ -263,3 +271,19 @@ def test_qc_finds_the_simulators_injected_faults(faulty_trial):
     assert df.loc["all", "precision"] >= 0.95 and df.loc["all", "recall"] >= 0.95
     assert (df["recall"] >= 0.9).all() and (df["precision"] >= 0.85).all()
     assert df.loc["margin", "precision"] == 1.0 and df.loc["margin", "recall"] == 1.0
+
+
+def test_qc_settings_take_their_defaults_from_the_schema_and_refuse_unknown_keys():
+    from cytopipe.config import defaults
+
+    d = defaults(qc.QC_SCHEMA)
+    s = QCSettings()
+    assert (s.mad, s.min_cells, s.margins, s.confidence) == (
+        d["time"]["mad"],
+        d["time"]["min_cells"],
+        d["margins"]["enabled"],
+        d["confidence"],
+    )
+    assert QCSettings.from_mapping({"time": {"mad": 4.0}}).mad == 4.0
+    with pytest.raises(QCError, match="'madd' \\(did you mean 'mad'\\?\\)"):
+        QCSettings.from_mapping({"time": {"madd": 4.0}})

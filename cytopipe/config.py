@@ -1,0 +1,210 @@
+"""Typed settings tables: one mechanism for every section of a workflow (and the forms built on it).
+
+A section is a :data:`Schema`: a mapping of keys to :class:`Field` (kind, default, help, limits)
+or to nested sections. :func:`validate_section` checks a raw mapping (from YAML, CLI flags or a
+web form) against it, fills the defaults and reports every mistake at once as one
+:class:`~cytopipe.errors.WorkflowError` (unknown keys with a did-you-mean). Each module owns the
+schema of its own settings (``cytopipe.qc.QC_SCHEMA``, ...); ``cytopipe.workflow`` assembles them.
+This module sits at the bottom of the layers: it imports nothing of cytopipe but the errors.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cytopipe.errors import WorkflowError
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key of a workflow section.
+
+    ``kind`` is one of ``str``, ``int``, ``float``, ``bool``, ``"path"`` (a file that must
+    exist, resolved relative to the spec), ``"outpath"`` (a folder that may not exist yet),
+    ``"list[str]"``, ``"int|auto"``, ``"bool|auto"``, ``"list[pair]"`` (``[[0, 12], ...]``),
+    ``"mapping"`` (free-form dict, checked by its step).
+    """
+
+    kind: Any
+    default: Any = None
+    help: str = ""
+    choices: tuple | None = None
+    required: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    nullable: bool = True
+    positive: bool = False  # strictly greater than 0 (a divisor such as an arcsinh cofactor)
+
+
+Schema = dict[str, "Field | dict"]
+
+
+def defaults(schema: Schema) -> dict[str, Any]:
+    """The nested defaults of a schema (what an empty section validates to, paths unresolved)."""
+    return {k: defaults(v) if isinstance(v, dict) else v.default for k, v in schema.items()}
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj`` (sorted keys), hex."""
+    text = json.dumps(jsonable(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def validate_section(
+    raw: Mapping, schema: Schema, base: Path, prefix: str, file: Path | None
+) -> dict[str, Any]:
+    """Check every key of ``raw`` against ``schema``; all mistakes are reported in one error."""
+    problems: list[WorkflowError] = []
+    out = _validate_into(raw, schema, base, prefix, file, problems)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        listed = "\n".join(f"  - {p.context.get('key', '?')}: {p.message}" for p in problems)
+        raise WorkflowError(f"{len(problems)} problems in the workflow:\n{listed}", file=file)
+    return out
+
+
+def _validate_into(
+    raw: Mapping, schema: Schema, base: Path, prefix: str, file: Path | None, problems: list[WorkflowError]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in raw:
+        if not isinstance(key, str) or key not in schema:
+            near = difflib.get_close_matches(str(key), list(schema), n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(schema)}"
+            problems.append(WorkflowError(f"unknown key{hint}", file=file, key=prefix + str(key)))
+    for key, spec in schema.items():
+        name = prefix + key
+        value = raw.get(key, _MISSING)
+        try:
+            if isinstance(spec, dict):
+                if value is _MISSING or value is None:
+                    value = {}
+                if not isinstance(value, Mapping):
+                    raise WorkflowError(
+                        f"must be a mapping of settings, not {_describe(value)}", file=file, key=name
+                    )
+                out[key] = _validate_into(value, spec, base, name + ".", file, problems)
+                continue
+            if value is _MISSING:
+                if spec.required:
+                    raise WorkflowError(f"required key is missing ({spec.help})", file=file, key=name)
+                value = spec.default
+            out[key] = _check(value, spec, base, name, file)
+        except WorkflowError as exc:
+            problems.append(exc)
+    return out
+
+
+def _check(value: Any, spec: Field, base: Path, name: str, file: Path | None) -> Any:
+    if value is None:
+        if not spec.nullable or spec.required:
+            raise WorkflowError(f"needs a value ({spec.help})", file=file, key=name)
+        return None
+    kind = spec.kind
+    if kind in ("path", "outpath"):
+        if not isinstance(value, str | Path) or str(value).strip() == "":
+            raise WorkflowError(f"must be a path, not {_describe(value)}", file=file, key=name)
+        path = Path(value).expanduser()
+        path = (path if path.is_absolute() else base / path).resolve()
+        if kind == "path" and not path.exists():
+            raise WorkflowError(
+                f"file not found: {path} (paths are relative to the workflow file's folder {base})",
+                file=file,
+                key=name,
+            )
+        if kind == "path" and path.is_dir():
+            raise WorkflowError(f"{path} is a folder; give the file", file=file, key=name)
+        return path
+    if kind == "int|auto":
+        if value == "auto":
+            return "auto"
+        least = int(spec.minimum) if spec.minimum is not None else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            what = "a positive integer" if least == 1 else f"an integer of at least {least}"
+            raise WorkflowError(f"must be {what} or 'auto', not {_describe(value)}", file=file, key=name)
+        return value
+    if kind == "bool|auto":
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise WorkflowError(f"must be true, false or 'auto', not {_describe(value)}", file=file, key=name)
+    if kind == "list[pair]":
+        if not isinstance(value, list) or not all(
+            isinstance(v, list)
+            and len(v) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            and v[0] < v[1]
+            for v in value
+        ):
+            raise WorkflowError(
+                f"must be a list of [start, end] week pairs (start < end), not {_describe(value)}",
+                file=file,
+                key=name,
+            )
+        return [list(v) for v in value]
+    if kind == "mapping":
+        if not isinstance(value, Mapping):
+            raise WorkflowError(f"must be a mapping, not {_describe(value)}", file=file, key=name)
+        return jsonable(value)
+    if isinstance(kind, str) and kind.startswith("list["):
+        item_type = {"list[str]": str, "list[int]": int, "list[float]": (int, float)}[kind]
+        if not isinstance(value, list) or not all(
+            isinstance(v, item_type) and not isinstance(v, bool) for v in value
+        ):
+            raise WorkflowError(
+                f"must be a list of {kind[5:-1]} values, not {_describe(value)}", file=file, key=name
+            )
+        return list(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise WorkflowError(f"must be true or false, not {_describe(value)}", file=file, key=name)
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise WorkflowError(f"must be an integer, not {_describe(value)}", file=file, key=name)
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise WorkflowError(f"must be a number, not {_describe(value)}", file=file, key=name)
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise WorkflowError(f"must be text, not {_describe(value)}", file=file, key=name)
+    if spec.choices is not None and value not in spec.choices:
+        near = difflib.get_close_matches(str(value), [str(c) for c in spec.choices], n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise WorkflowError(
+            f"is {value!r}; choose one of {', '.join(map(str, spec.choices))}{hint}", file=file, key=name
+        )
+    if spec.minimum is not None and value < spec.minimum:
+        raise WorkflowError(f"is {value}; must be at least {spec.minimum}", file=file, key=name)
+    if spec.positive and not value > 0:
+        raise WorkflowError(f"is {value}; must be greater than 0", file=file, key=name)
+    if spec.maximum is not None and value > spec.maximum:
+        raise WorkflowError(f"is {value}; must be at most {spec.maximum}", file=file, key=name)
+    return value
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{value!r} ({type(value).__name__})"
