@@ -8,9 +8,8 @@ import shlex
 
 import pytest
 
-from cytopipe.cli import build_parser
-from cytopipe.simulate.trial import simulate_trial
 from tests.conftest import SAMPLE_DATA
+from tests.pipeline_support import cli
 
 
 def documented_command() -> list[str]:
@@ -23,18 +22,11 @@ def documented_command() -> list[str]:
 def test_sample_data_regenerates_byte_identically(tmp_path):
     if not (SAMPLE_DATA / "manifest.csv").is_file():
         pytest.fail("sample_data/manifest.csv is missing: run the command in sample_data/README.md")
-    args = build_parser(only="simulate").parse_args(documented_command())
     out = tmp_path / "sample_data"
-    simulate_trial(
-        out,
-        n_patients=args.patients,
-        visits=args.visits,
-        events=args.events,
-        seed=args.seed,
-        effect=args.effect,
-        faults=args.faults,
-        control_events=args.control_events,
-    )
+    args = documented_command()
+    args[args.index("--out") + 1] = str(out)  # the documented command itself, into a fresh folder
+    proc = cli(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     committed = sorted(p.relative_to(SAMPLE_DATA) for p in SAMPLE_DATA.rglob("*") if p.is_file())
     written = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     assert sorted(set(committed) - {p for p in committed if p.name == "README.md"}) == written
