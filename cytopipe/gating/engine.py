@@ -155,7 +155,9 @@ class GatingResult:
             row["population_path"] = self.template.path_of(p.name)
             rows.append(row)
         # population_path (identity across branches) is an extra column after the medians
-        df = pd.DataFrame(rows, columns=STATS_COLUMNS + [f"median_{m}" for m in markers] + ["population_path"])
+        df = pd.DataFrame(
+            rows, columns=STATS_COLUMNS + [f"median_{m}" for m in markers] + ["population_path"]
+        )
         df["count"] = df["count"].astype("int64")
         df["parent_count"] = df["parent_count"].astype("int64")
         df["pct_parent"] = df["pct_parent"].astype("float64")
