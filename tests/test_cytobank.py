@@ -26,8 +26,8 @@ FILES = (
 GFP = "b-LP502 530/30-E-A"
 # experiment-wide scatter gate, and the copies Cytobank tailored to the first two files
 WIDE = (60000.0, 250000.0)
-TAILORED = {FILES[0]: (110000.0, 140000.0), FILES[1]: (100000.0, 125000.0)}
-SSC = (100000.0, 200000.0)
+TAILORED = {FILES[0]: (100000.0, 140000.0), FILES[1]: (80000.0, 115000.0)}
+SSC = (20000.0, 120000.0)
 COFACTOR = 150.0
 GFP_MIN = 4.0  # on the arcsinh(x / 150) scale
 
