@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gatingml", action="store_true", help="also write each sample's fitted gates as Gating-ML"
     )
+    parser.add_argument(
+        "--flowjo",
+        action="store_true",
+        help="also write every sample's fitted gates as OUT/gates.wsp (FlowJo 10)",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only errors")
 
 
@@ -112,6 +117,7 @@ def run(args) -> int:
             pooled = pool_estimates(pd.concat(fits, ignore_index=True), manifest)
 
     stats, flags, own_fits = [], [], []
+    for_flowjo: dict[str, tuple] = {}
     for i, (path, meta) in enumerate(samples, 1):
         sid = str(meta["sample_id"])
         if sid in failures:
@@ -131,6 +137,9 @@ def run(args) -> int:
 
             (args.out / "gatingml").mkdir(exist_ok=True)
             write_gatingml(result, args.out / "gatingml" / f"{sid}.xml")
+        if args.flowjo:  # only the gates, counts and scales are kept for the export, not the events
+            result._idx, result._masks = {}, {}
+            for_flowjo[path.name] = (path, result)
         n_flags = len(result.flags)
         say(
             f"[{i}/{len(samples)}] {sid}: {result.n_events} events"
@@ -143,6 +152,11 @@ def run(args) -> int:
         fit_table = pd.concat(own_fits, ignore_index=True)
         fit_table["params"] = fit_table["params"].map(lambda p: None if p is None else list(p))
         fit_table.to_parquet(args.out / "gate_fits.parquet", index=False)
+    if for_flowjo:
+        from cytopipe.gating.wsp_export import write_flowjo_workspace
+
+        write_flowjo_workspace(args.out / "gates.wsp", for_flowjo, group=template.name)
+        say(f"wrote {args.out / 'gates.wsp'} (FlowJo 10 workspace, {len(for_flowjo)} sample(s))")
     say(f"wrote {args.out / 'population_stats.parquet'} ({len(stats)} sample(s))")
     for sid, err in failures.items():
         print(f"cytopipe gate: {sid}: {err}", file=sys.stderr)
