@@ -173,3 +173,10 @@ def test_flowjo9_workspace_is_refused_with_what_was_not_imported():
     path = shared_path("flowWorkspaceData", "inst", "extdata", "A2004Analysis.xml")
     with pytest.raises(TemplateError, match=r"FlowJo 9.2 workspace.*Not imported: gates, transforms"):
         read_flowjo_workspace(path)
+
+
+def test_flowjo9_workspace_through_load_template_is_named():
+    """A FlowJo 9 workspace has the .xml suffix of Gating-ML: load_template still says what it is."""
+    path = shared_path("flowWorkspaceData", "inst", "extdata", "A2004Analysis.xml")
+    with pytest.raises(TemplateError, match="FlowJo 9.2 workspace"):
+        cytopipe.load_template(path)

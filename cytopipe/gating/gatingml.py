@@ -53,6 +53,10 @@ def read_gatingml(path: str | Path, fcs_file: str | None = None) -> Template:
         raise GatingMLError(f"cannot parse the XML: {exc}", file=path) from None
     from cytopipe.gating.cytobank import is_cytobank, read_cytobank
 
+    if root.tag == "Workspace":  # a FlowJo workspace saved as .xml (FlowJo 9): say what it is
+        from cytopipe.gating.flowjo import read_flowjo_workspace
+
+        return read_flowjo_workspace(path)
     try:
         if is_cytobank(root):
             return read_cytobank(root, path, fcs_file)
