@@ -364,7 +364,13 @@ def _reason(
     excess = diff - inherited
     if inherited:
         parts.append(f"the parent {parent_path!r} already differs by {parent_diff:+d} events")
-    if excess and kind not in ("polygon", "ellipse", "rectangle"):
+    stale = bool(excess) and stored == 0 and diff > 0
+    if stale:
+        parts.append(
+            f"FlowJo stored 0 but the gate holds {diff} events: the workspace was probably saved before "
+            "FlowJo recomputed this gate (a stale count); recompute it in FlowJo"
+        )
+    elif excess and kind not in ("polygon", "ellipse", "rectangle"):
         pass
     elif excess and boundary >= abs(excess):
         parts.append(
@@ -375,13 +381,9 @@ def _reason(
         parts.append(
             f"only {boundary} parent events lie within one display step of the edge, for {excess:+d}"
         )
-    if excess and stored == 0:
-        parts.append(
-            f"FlowJo stored 0 but the gate holds {diff} events: the workspace was probably "
-            "saved before FlowJo recomputed this gate (a stale count); recompute it in FlowJo"
-        )
     explained = (
-        bool(file_note)
+        stale
+        or bool(file_note)
         or excess == 0
         or (kind in ("polygon", "ellipse", "rectangle") and boundary >= abs(excess))
     )
