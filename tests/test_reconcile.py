@@ -143,3 +143,30 @@ def test_tolerance_rule():
     assert t.ok(2, 10) and t.ok(-5, 1000) and not t.ok(6, 1000) and not t.ok(3, 0)
     assert Tolerance.parse("0").ok(0, 5) and not Tolerance.parse("0").ok(1, 10**6)
     assert Tolerance.parse("1%").ok(10, 1000) and not Tolerance.parse("1%").ok(11, 1000)
+
+
+def test_report_page_in_a_real_browser(tmp_path):
+    """reconcile.html of the FlowSOM workspace in headless Chromium: offline, no errors, every drawn
+    gate decoded with a real size, the summary and the differing rows shown."""
+    from tests.test_report_browser import CHROMIUM_ARGS, _chromium
+
+    executable = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+    d = shared_path("FlowSOM", "inst", "extdata")
+    paths = write_report(reconcile(d / "gating.wsp", d, worst=3), tmp_path)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        page = browser.new_context(offline=True).new_page()
+        errors, requests = [], []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("request", lambda req: requests.append(req.url))
+        page.goto(paths["html"].as_uri(), wait_until="load")
+        page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+        sizes = page.eval_on_selector_all("img", "els => els.map(i => [i.naturalWidth, i.naturalHeight])")
+        text = page.inner_text("body")
+        rows = page.eval_on_selector_all("tr", "els => els.length")
+        browser.close()
+    assert not errors and all(u.startswith(("file:", "data:")) for u in requests)
+    assert len(sizes) == 3 and all(w > 200 and h > 200 for w, h in sizes)
+    assert "Every gate is within the tolerance" in text and "/Lymphocytes/Singlets" in text
+    assert rows == 1 + 9  # header + the 9 populations that differ
