@@ -56,8 +56,8 @@ def _cytobank_doc() -> str:
     gates += [scatter(f"Gate_1_t{i}", f, *b) for i, (f, b) in enumerate(TAILORED.items())]
     gates.append(
         f'<gating:RectangleGate gating:id="Gate_2_R0ZQKw..">{info("GFP+", 2)}'
-        '<gating:dimension gating:compensation-ref="uncompensated" gating:transformation-ref="asinh150" '
-        f'gating:min="{GFP_MIN}"><data-type:fcs-dimension data-type:name="{GFP}"/></gating:dimension>'
+        '<gating:dimension gating:compensation-ref="comp1" gating:transformation-ref="asinh150" '
+        f'gating:min="{GFP_MIN}"><data-type:fcs-dimension data-type:name="Comp_{GFP}"/></gating:dimension>'
         "</gating:RectangleGate>"
     )
 
@@ -78,6 +78,17 @@ def _cytobank_doc() -> str:
         'xmlns:transforms="http://www.isac-net.org/std/Gating-ML/v2.0/transformations" '
         'xmlns:data-type="http://www.isac-net.org/std/Gating-ML/v2.0/datatypes">'
         "<data-type:custom_info><cytobank><experiment_number>1</experiment_number></cytobank></data-type:custom_info>"
+        # a custom compensation (identity here, so the expected values need none): Cytobank then
+        # names the gated channel Comp_<channel>
+        '<transforms:spectrumMatrix transforms:id="comp1"><transforms:fluorochromes>'
+        f'<data-type:fcs-dimension data-type:name="{GFP}"/><data-type:fcs-dimension data-type:name="FSC-A"/>'
+        "</transforms:fluorochromes><transforms:detectors>"
+        f'<data-type:fcs-dimension data-type:name="{GFP}"/><data-type:fcs-dimension data-type:name="FSC-A"/>'
+        "</transforms:detectors>"
+        '<transforms:spectrum><transforms:coefficient transforms:value="1"/><transforms:coefficient transforms:value="0"/>'
+        "</transforms:spectrum>"
+        '<transforms:spectrum><transforms:coefficient transforms:value="0"/><transforms:coefficient transforms:value="1"/>'
+        "</transforms:spectrum></transforms:spectrumMatrix>"
         f'<transforms:transformation transforms:id="asinh150"><transforms:fasinh transforms:T="{t!r}" '
         f'transforms:M="{m!r}" transforms:A="0"/></transforms:transformation>'
         + "".join(gates + sets)

@@ -113,7 +113,7 @@ def read_cytobank(root, path: Path, fcs_file: str | None = None) -> Template:
                 missing.append(
                     f"{g.name!r} (tailored to {len(copies)} other file(s): {', '.join(sorted(copies)[:3])})"
                 )
-        own = doc.gates(src.el, src.kind, src.xml_id)
+        own = [(i, _bare_channels(gate)) for i, gate in doc.gates(src.el, src.kind, src.xml_id)]
         mine = doc.gates(g.el, g.kind, g.xml_id)  # ids of the experiment-wide element name the gates
         for (bid, _), (_, gate) in zip(mine, own):
             geometry[bid] = gate
@@ -181,3 +181,18 @@ def read_cytobank(root, path: Path, fcs_file: str | None = None) -> Template:
 def _parent_of(path: str) -> str | None:
     head = path.rsplit("/", 1)[0]
     return head or None
+
+
+def _bare_channels(gate):
+    """Cytobank names channels on a custom compensation ``Comp_<channel>``: gate the channel itself
+    (the compensation is in the dimension's compensation-ref)."""
+    from dataclasses import replace
+
+    dims = tuple(
+        replace(d, name=d.name[len("Comp_") :])
+        if d.name.startswith("Comp_") and d.compensation not in (None, "uncompensated") and d.ratio is None
+        else d
+        for d in gate.dims
+    )
+    gate.dims = dims
+    return gate
