@@ -139,7 +139,9 @@ def run(args) -> int:
             write_gatingml(result, args.out / "gatingml" / f"{sid}.xml")
         if args.flowjo:  # only the gates, counts and scales are kept for the export, not the events
             result._idx, result._masks = {}, {}
-            for_flowjo[path.name] = (path, result)
+            # FlowJo names a sample by its file; two files with one name (other folders) keep both
+            key = path.name if path.name not in for_flowjo else f"{sid} ({path.name})"
+            for_flowjo[key] = (path, result)
         n_flags = len(result.flags)
         say(
             f"[{i}/{len(samples)}] {sid}: {result.n_events} events"
