@@ -170,3 +170,19 @@ def test_report_page_in_a_real_browser(tmp_path):
     assert len(sizes) == 3 and all(w > 200 and h > 200 for w, h in sizes)
     assert "Every gate is within the tolerance" in text and "/Lymphocytes/Singlets" in text
     assert rows == 1 + 9  # header + the 9 populations that differ
+
+
+def test_samples_without_their_file_are_listed_not_dropped(tmp_path):
+    """Two of fcexpr's 48 files in the folder: the other 46 samples are rows that say which file is
+    missing, and the run is not 'within tolerance'."""
+    part3 = shared_path("fcexpr", "inst", "extdata", "_extracted", "Part_3")
+    folder = tmp_path / "fcs"
+    folder.mkdir()
+    for f in sorted((part3 / "FCS_files" / "Exp_part_3").glob("*.fcs"))[:2]:
+        (folder / f.name).symlink_to(f)  # the shared files stay where they are
+    rec = reconcile(part3 / "FJ_workspace" / "07-Oct-2021.wsp", folder)
+    t = rec.table
+    missing = t[t["cytopipe_count"].isna()]
+    assert t["sample"].nunique() == 48 and missing["sample"].nunique() == 46
+    assert missing["reason"].str.startswith("no FCS file named").all() and not rec.ok
+    assert t[t["cytopipe_count"].notna()]["sample"].nunique() == 2
