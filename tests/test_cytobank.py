@@ -151,3 +151,26 @@ def test_without_a_file_the_experiment_wide_gates_are_used_and_named(tmp_path, c
     from cytopipe.gating.cytobank import tailored_files
 
     assert tailored_files(etree.parse(str(doc)).getroot()) == sorted(TAILORED)
+
+
+def test_cytopipe_gate_uses_each_files_own_copy(tmp_path, files):
+    """`cytopipe gate FILES --template cytobank.xml`: population_stats hold each file's own counts."""
+    import pandas as pd
+
+    from cytopipe.cli import main
+
+    doc = tmp_path / "CytExp_1_Gates_v1.xml"
+    doc.write_text(_cytobank_doc(), encoding="utf-8")
+    out = tmp_path / "out"
+    assert (
+        main(["gate", *map(str, files.values()), "--template", str(doc), "--out", str(out), "--quiet"]) == 0
+    )
+    stats = pd.read_parquet(out / "population_stats.parquet").set_index(["sample_id", "population_path"])
+    for name, path in files.items():
+        expected = _expected(cytopipe.read_fcs(path, preprocess=True), TAILORED.get(name, WIDE))
+        sid = path.stem
+        got = (
+            stats.loc[(sid, "/Single cells ☑"), "count"],
+            stats.loc[(sid, "/Single cells ☑/GFP+ cells"), "count"],
+        )
+        assert got == expected, name

@@ -92,11 +92,27 @@ def _samples(args) -> list[tuple[Path, dict]]:
     return out
 
 
+def _tailored(template: Path) -> bool:
+    """Whether the template is a Cytobank export with gates tailored to single files."""
+    if template.suffix.lower() != ".xml":
+        return False
+    from lxml import etree
+
+    from cytopipe.gating.cytobank import is_cytobank, tailored_files
+
+    try:
+        root = etree.parse(str(template)).getroot()
+    except (OSError, etree.XMLSyntaxError):
+        return False
+    return is_cytobank(root) and bool(tailored_files(root))
+
+
 def run(args) -> int:
     import cytopipe
     from cytopipe.gating import gate, load_template, pool_estimates
 
     template = load_template(args.template)
+    own_copy = _tailored(args.template)  # Cytobank: each file is gated with the gates tailored to it
     samples = _samples(args)
     args.out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
@@ -124,7 +140,12 @@ def run(args) -> int:
             continue
         try:
             sample = cytopipe.read_fcs(path)
-            result = gate(sample, template, pooled=pooled, sample_meta=meta)
+            tpl = template
+            if own_copy:
+                from cytopipe.gating.gatingml import read_gatingml
+
+                tpl = read_gatingml(args.template, fcs_file=path)
+            result = gate(sample, tpl, pooled=pooled, sample_meta=meta)
         except CytopipeError as exc:
             failures[sid] = str(exc)
             say(f"[{i}/{len(samples)}] {sid}: FAILED: {exc}")
