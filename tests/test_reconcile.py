@@ -186,3 +186,20 @@ def test_samples_without_their_file_are_listed_not_dropped(tmp_path):
     assert t["sample"].nunique() == 48 and missing["sample"].nunique() == 46
     assert missing["reason"].str.startswith("no FCS file named").all() and not rec.ok
     assert t[t["cytopipe_count"].notna()]["sample"].nunique() == 2
+
+
+def test_compensation_note_measures_the_matrix_against_the_file():
+    """68983.fcs: the workspace's matrix equals the file's SPILL (no note); changed by 0.1, it is named."""
+    import cytopipe
+    from cytopipe.gating.flowjo import FlowJoWorkspace
+    from cytopipe.gating.reconcile import _compensation_note
+
+    d = shared_path("FlowSOM", "inst", "extdata")
+    template = FlowJoWorkspace(d / "gating.wsp").template("68983.fcs")
+    sample = cytopipe.read_fcs(d / "68983.fcs")
+    assert _compensation_note(template, sample) == ""
+    (m,) = template.matrices.values()
+    m.matrix[0, 1] += 0.1
+    assert "differs from the file's" in _compensation_note(template, sample) and "0.1" in _compensation_note(
+        template, sample
+    )

@@ -159,6 +159,7 @@ def reconcile(
         if template is None:
             continue
         result = gate(sample, template, medians=False)
+        comp_note = _compensation_note(template, sample)
         diffs: dict[str, int] = {"root": n - s.counts.get("root", n)}
         for pop in template:
             p = template.path_of(pop.name)
@@ -174,6 +175,8 @@ def reconcile(
             reason, explained = _reason(
                 diff, stored, kind, boundary, diffs.get(parent_path, 0), parent_path, file_note, pop, template
             )
+            if not explained and comp_note and any(d.compensation for d in pop.gate.dims):
+                reason += "; " + comp_note
             row = _row(
                 s.name, fcs.name, p, pop.name, parent_path, stored, got, tolerance, boundary, reason, kind
             )
@@ -281,6 +284,31 @@ def _row(
         "explained": not diff,
         "reason": reason if (diff or not compared or reason) else "",
     }
+
+
+def _compensation_note(template, sample) -> str:
+    """How the workspace's compensation matrix differs from the file's spillover keyword, if it does
+    (FlowJo used the workspace's; a difference there moves events between compensated gates)."""
+    spill = getattr(sample, "spillover", None)
+    if not template.matrices:
+        return ""
+    if spill is None:
+        return "the workspace compensates with its own matrix; the FCS file has no spillover keyword"
+    notes = []
+    for mid, m in template.matrices.items():
+        common = [c for c in m.detectors if c in spill.channels]
+        if not common:
+            continue
+        a = m.matrix[np.ix_([m.detectors.index(c) for c in common], [m.detectors.index(c) for c in common])]
+        b = np.asarray(spill.matrix)[
+            np.ix_([spill.channels.index(c) for c in common], [spill.channels.index(c) for c in common])
+        ]
+        worst = float(np.max(np.abs(a - b)))
+        if worst > 1e-6:
+            notes.append(
+                f"the workspace's matrix {mid!r} differs from the file's {spill.keyword} by up to {worst:.3g}"
+            )
+    return "; ".join(notes)
 
 
 def _kind(g) -> str:
