@@ -245,9 +245,10 @@ def test_population_stats_columns_and_linear_compensated_medians():
     df = result.to_population_stats(meta)
     assert list(df.columns) == [
         "sample_id", "patient_id", "visit", "arm", "population", "parent", "count", "parent_count", "pct_parent",
-        "median_CD3", "median_CD4", "median_CD8",
+        "median_CD3", "median_CD4", "median_CD8", "population_path",
     ]  # fmt: skip
     assert list(df["population"]) == ["Cells", "CD3+", "CD3-", "CD4 T"]
+    assert list(df["population_path"]) == ["/Cells", "/Cells/CD3+", "/Cells/CD3-", "/Cells/CD3+/CD4 T"]
     assert list(df["parent"]) == ["root", "Cells", "Cells", "CD3+"]
     assert (df["sample_id"] == "S1").all() and (df["visit"] == 4).all()
     # medians are of compensated, untransformed values: they recover the true intensities

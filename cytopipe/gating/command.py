@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gatingml", action="store_true", help="also write each sample's fitted gates as Gating-ML"
     )
+    parser.add_argument(
+        "--flowjo",
+        action="store_true",
+        help="also write every sample's fitted gates as OUT/gates.wsp (FlowJo 10)",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only errors")
 
 
@@ -87,11 +92,27 @@ def _samples(args) -> list[tuple[Path, dict]]:
     return out
 
 
+def _tailored(template: Path) -> bool:
+    """Whether the template is a Cytobank export with gates tailored to single files."""
+    if template.suffix.lower() != ".xml":
+        return False
+    from lxml import etree
+
+    from cytopipe.gating.cytobank import is_cytobank, tailored_files
+
+    try:
+        root = etree.parse(str(template)).getroot()
+    except (OSError, etree.XMLSyntaxError):
+        return False
+    return is_cytobank(root) and bool(tailored_files(root))
+
+
 def run(args) -> int:
     import cytopipe
     from cytopipe.gating import gate, load_template, pool_estimates
 
     template = load_template(args.template)
+    own_copy = _tailored(args.template)  # Cytobank: each file is gated with the gates tailored to it
     samples = _samples(args)
     args.out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
@@ -112,13 +133,19 @@ def run(args) -> int:
             pooled = pool_estimates(pd.concat(fits, ignore_index=True), manifest)
 
     stats, flags, own_fits = [], [], []
+    for_flowjo: dict[str, tuple] = {}
     for i, (path, meta) in enumerate(samples, 1):
         sid = str(meta["sample_id"])
         if sid in failures:
             continue
         try:
             sample = cytopipe.read_fcs(path)
-            result = gate(sample, template, pooled=pooled, sample_meta=meta)
+            tpl = template
+            if own_copy:
+                from cytopipe.gating.gatingml import read_gatingml
+
+                tpl = read_gatingml(args.template, fcs_file=path)
+            result = gate(sample, tpl, pooled=pooled, sample_meta=meta)
         except CytopipeError as exc:
             failures[sid] = str(exc)
             say(f"[{i}/{len(samples)}] {sid}: FAILED: {exc}")
@@ -131,6 +158,11 @@ def run(args) -> int:
 
             (args.out / "gatingml").mkdir(exist_ok=True)
             write_gatingml(result, args.out / "gatingml" / f"{sid}.xml")
+        if args.flowjo:  # only the gates, counts and scales are kept for the export, not the events
+            result._idx, result._masks = {}, {}
+            # FlowJo names a sample by its file; two files with one name (other folders) keep both
+            key = path.name if path.name not in for_flowjo else f"{sid} ({path.name})"
+            for_flowjo[key] = (path, result)
         n_flags = len(result.flags)
         say(
             f"[{i}/{len(samples)}] {sid}: {result.n_events} events"
@@ -143,6 +175,11 @@ def run(args) -> int:
         fit_table = pd.concat(own_fits, ignore_index=True)
         fit_table["params"] = fit_table["params"].map(lambda p: None if p is None else list(p))
         fit_table.to_parquet(args.out / "gate_fits.parquet", index=False)
+    if for_flowjo:
+        from cytopipe.gating.wsp_export import write_flowjo_workspace
+
+        write_flowjo_workspace(args.out / "gates.wsp", for_flowjo, group=template.name)
+        say(f"wrote {args.out / 'gates.wsp'} (FlowJo 10 workspace, {len(for_flowjo)} sample(s))")
     say(f"wrote {args.out / 'population_stats.parquet'} ({len(stats)} sample(s))")
     for sid, err in failures.items():
         print(f"cytopipe gate: {sid}: {err}", file=sys.stderr)

@@ -152,8 +152,12 @@ class GatingResult:
             }
             for m in markers:
                 row[f"median_{m}"] = p.medians.get(m, float("nan"))
+            row["population_path"] = self.template.path_of(p.name)
             rows.append(row)
-        df = pd.DataFrame(rows, columns=STATS_COLUMNS + [f"median_{m}" for m in markers])
+        # population_path (identity across branches) is an extra column after the medians
+        df = pd.DataFrame(
+            rows, columns=STATS_COLUMNS + [f"median_{m}" for m in markers] + ["population_path"]
+        )
         df["count"] = df["count"].astype("int64")
         df["parent_count"] = df["parent_count"].astype("int64")
         df["pct_parent"] = df["pct_parent"].astype("float64")
@@ -174,7 +178,7 @@ class GatingResult:
     def fitted_template(self) -> Template:
         """The template with every gate as applied to this sample (fitted gates made fixed)."""
         pops = {
-            p.name: Population(p.name, p.parent, self.populations[p.name].gate, p.description)
+            p.name: Population(p.name, p.parent, self.populations[p.name].gate, p.description, p.path)
             for p in self.template
         }
         t = Template(

@@ -38,8 +38,12 @@ _TRANSFORM_PARAMS = {
 }
 
 
-def read_gatingml(path: str | Path) -> Template:
-    """Read a Gating-ML 2.0 file as a fixed-gate template."""
+def read_gatingml(path: str | Path, fcs_file: str | None = None) -> Template:
+    """Read a Gating-ML 2.0 file as a fixed-gate template.
+
+    A Cytobank export is read with Cytobank's population names and hierarchy; ``fcs_file`` (a file
+    name or path) picks the gates Cytobank tailored to that file (see :mod:`cytopipe.gating.cytobank`).
+    """
     from lxml import etree
 
     path = Path(path)
@@ -47,7 +51,15 @@ def read_gatingml(path: str | Path) -> Template:
         root = etree.parse(str(path)).getroot()
     except (OSError, etree.XMLSyntaxError) as exc:
         raise GatingMLError(f"cannot parse the XML: {exc}", file=path) from None
+    from cytopipe.gating.cytobank import is_cytobank, read_cytobank
+
+    if root.tag == "Workspace":  # a FlowJo workspace saved as .xml (FlowJo 9): say what it is
+        from cytopipe.gating.flowjo import read_flowjo_workspace
+
+        return read_flowjo_workspace(path)
     try:
+        if is_cytobank(root):
+            return read_cytobank(root, path, fcs_file)
         return _read(root, path)
     except TemplateError as exc:
         raise GatingMLError(exc.message, **{**exc.context, "file": path}) from None
@@ -74,49 +86,58 @@ def _float(el, ns, name, required=False):
         ) from None
 
 
-def _read(root, path: Path) -> Template:
-    matrices = {}
-    for m in root.iter(T + "spectrumMatrix"):
-        mid = _attr(m, T, "id", True, "spectrumMatrix")
-        fluoro = [_attr(d, D, "name", True) for d in m.find(T + "fluorochromes").iter(D + "fcs-dimension")]
-        dets = [_attr(d, D, "name", True) for d in m.find(T + "detectors").iter(D + "fcs-dimension")]
-        rows = [
-            [_float(c, T, "value", True) for c in s.iter(T + "coefficient")] for s in m.iter(T + "spectrum")
-        ]
-        arr = np.array(rows, dtype=np.float64)
-        if arr.shape != (len(fluoro), len(dets)):
-            raise GatingMLError(
-                f"spectrumMatrix {mid!r} is {arr.shape}, expected {len(fluoro)} x {len(dets)}"
-            )
-        matrices[mid] = Matrix(fluoro, dets, arr)
+class _Doc:
+    """The compensation matrices and transformations of a Gating-ML document, and its gate
+    elements as cytopipe gates (shared by the plain and the Cytobank reader)."""
 
-    transforms: dict[str, dict] = {}
-    ratios: dict[str, Ratio] = {}
-    for t in root.iter(T + "transformation"):
-        tid = _attr(t, T, "id", True, "transformation")
-        child = next((c for c in t if isinstance(c.tag, str)), None)
-        if child is None:
-            raise GatingMLError(f"transformation {tid!r} is empty")
-        kind = child.tag.replace(T, "")
-        if kind == "fratio":
-            dims = [_attr(d, D, "name", True) for d in child.iter(D + "fcs-dimension")]
-            if len(dims) != 2:
-                raise GatingMLError(f"fratio {tid!r} needs two fcs-dimensions")
-            ratios[tid] = Ratio(dims[0], dims[1], *(_float(child, T, p, True) for p in ("A", "B", "C")))
-        elif kind in _TRANSFORM_PARAMS:
-            spec = {"type": kind, **{p: _float(child, T, p, True) for p in _TRANSFORM_PARAMS[kind]}}
-            transforms[tid] = check_transform(spec, {"key": f"transformation {tid}"})
-        else:
-            raise GatingMLError(f"transformation {tid!r}: unsupported type {kind!r}")
+    def __init__(self, root):
+        self.matrices: dict[str, Matrix] = {}
+        for m in root.iter(T + "spectrumMatrix"):
+            mid = _attr(m, T, "id", True, "spectrumMatrix")
+            fluoro = [
+                _attr(d, D, "name", True) for d in m.find(T + "fluorochromes").iter(D + "fcs-dimension")
+            ]
+            dets = [_attr(d, D, "name", True) for d in m.find(T + "detectors").iter(D + "fcs-dimension")]
+            rows = [
+                [_float(c, T, "value", True) for c in s.iter(T + "coefficient")]
+                for s in m.iter(T + "spectrum")
+            ]
+            arr = np.array(rows, dtype=np.float64)
+            if arr.shape != (len(fluoro), len(dets)):
+                raise GatingMLError(
+                    f"spectrumMatrix {mid!r} is {arr.shape}, expected {len(fluoro)} x {len(dets)}"
+                )
+            self.matrices[mid] = Matrix(fluoro, dets, arr)
 
-    def dim(el) -> Dim:
+        self.transforms: dict[str, dict] = {}
+        self.ratios: dict[str, Ratio] = {}
+        for t in root.iter(T + "transformation"):
+            tid = _attr(t, T, "id", True, "transformation")
+            child = next((c for c in t if isinstance(c.tag, str)), None)
+            if child is None:
+                raise GatingMLError(f"transformation {tid!r} is empty")
+            kind = child.tag.replace(T, "")
+            if kind == "fratio":
+                dims = [_attr(d, D, "name", True) for d in child.iter(D + "fcs-dimension")]
+                if len(dims) != 2:
+                    raise GatingMLError(f"fratio {tid!r} needs two fcs-dimensions")
+                self.ratios[tid] = Ratio(
+                    dims[0], dims[1], *(_float(child, T, p, True) for p in ("A", "B", "C"))
+                )
+            elif kind in _TRANSFORM_PARAMS:
+                spec = {"type": kind, **{p: _float(child, T, p, True) for p in _TRANSFORM_PARAMS[kind]}}
+                self.transforms[tid] = check_transform(spec, {"key": f"transformation {tid}"})
+            else:
+                raise GatingMLError(f"transformation {tid!r}: unsupported type {kind!r}")
+
+    def dim(self, el) -> Dim:
         comp = _attr(el, G, "compensation-ref")
         if comp in (None, "uncompensated"):
             comp = None
-        elif comp != "FCS" and comp not in matrices:
+        elif comp != "FCS" and comp not in self.matrices:
             raise GatingMLError(f"compensation-ref {comp!r} is not defined (line {el.sourceline})")
         xform = _attr(el, G, "transformation-ref")
-        if xform is not None and xform not in transforms:
+        if xform is not None and xform not in self.transforms:
             raise GatingMLError(f"transformation-ref {xform!r} is not defined (line {el.sourceline})")
         fcs = el.find(D + "fcs-dimension")
         if fcs is not None:
@@ -125,9 +146,88 @@ def _read(root, path: Path) -> Template:
         if new is None:
             raise GatingMLError(f"dimension without fcs-dimension or new-dimension (line {el.sourceline})")
         rid = _attr(new, D, "transformation-ref", True)
-        if rid not in ratios:
+        if rid not in self.ratios:
             raise GatingMLError(f"new-dimension refers to unknown fratio {rid!r}")
-        return Dim(rid, comp, xform, ratio=ratios[rid])
+        return Dim(rid, comp, xform, ratio=self.ratios[rid])
+
+    def gates(self, el, kind: str, gid: str, name_of=lambda g: g) -> list[tuple[str, object]]:
+        """``[(id, gate)]`` of one gate element (a QuadrantGate gives one rectangle per Quadrant)."""
+        dim = self.dim
+        if kind == "RectangleGate":
+            dels = el.findall(G + "dimension")
+            return [
+                (
+                    gid,
+                    RectangleGate(
+                        [dim(d) for d in dels],
+                        [_float(d, G, "min") for d in dels],
+                        [_float(d, G, "max") for d in dels],
+                    ),
+                )
+            ]
+        if kind == "PolygonGate":
+            dims = [dim(d) for d in el.findall(G + "dimension")]
+            verts = [
+                [_float(c, D, "value", True) for c in v.findall(G + "coordinate")]
+                for v in el.findall(G + "vertex")
+            ]
+            return [(gid, PolygonGate(dims, verts))]
+        if kind == "EllipsoidGate":
+            dims = [dim(d) for d in el.findall(G + "dimension")]
+            mean = [_float(c, D, "value", True) for c in el.find(G + "mean").findall(G + "coordinate")]
+            cov = [
+                [_float(e, D, "value", True) for e in r.findall(G + "entry")]
+                for r in el.find(G + "covarianceMatrix").findall(G + "row")
+            ]
+            d2 = _float(el.find(G + "distanceSquare"), D, "value", True)
+            return [(gid, EllipsoidGate(dims, mean, cov, d2))]
+        if kind == "QuadrantGate":
+            dividers = {}
+            for dv in el.findall(G + "divider"):
+                values = sorted(float(v.text) for v in dv.findall(G + "value"))
+                dividers[_attr(dv, G, "id", True, "divider")] = (dim(dv), values)
+            out = []
+            for q in el.findall(G + "Quadrant"):
+                qdims, lo, hi = [], [], []
+                for pos in q.findall(G + "position"):
+                    ref = _attr(pos, G, "divider_ref", True, "position")
+                    if ref not in dividers:
+                        raise GatingMLError(f"quadrant position refers to unknown divider {ref!r}")
+                    d, values = dividers[ref]
+                    loc = _float(pos, G, "location", True)
+                    below = [v for v in values if v <= loc]
+                    above = [v for v in values if v > loc]
+                    qdims.append(d)
+                    lo.append(below[-1] if below else None)
+                    hi.append(above[0] if above else None)
+                out.append(
+                    (_attr(q, G, "id", True, "Quadrant"), RectangleGate(qdims, lo, hi, style="rectangle"))
+                )
+            return out
+        # BooleanGate
+        ops = [c for c in el if isinstance(c.tag, str) and c.tag in (G + "and", G + "or", G + "not")]
+        if len(ops) != 1:
+            raise GatingMLError(f"BooleanGate {gid!r} needs exactly one of and/or/not")
+        op = ops[0].tag.replace(G, "")
+        operands = tuple(
+            Operand(
+                name_of(_attr(r, G, "ref", True, "gateReference")),
+                _attr(r, G, "use-as-complement") == "true",
+            )
+            for r in ops[0].findall(G + "gateReference")
+        )
+        if not operands or (op == "not" and len(operands) != 1):
+            raise GatingMLError(
+                f"BooleanGate {gid!r}: {op} needs {'one' if op == 'not' else 'some'} gateReference"
+            )
+        return [(gid, BooleanGate(op=op, operands=operands))]
+
+
+GATE_KINDS = ("RectangleGate", "PolygonGate", "EllipsoidGate", "QuadrantGate", "BooleanGate")
+
+
+def _read(root, path: Path) -> Template:
+    doc = _Doc(root)
 
     # cytopipe writes population names that are not valid XML ids into custom_info
     names: dict[str, str] = {}
@@ -152,77 +252,12 @@ def _read(root, path: Path) -> Template:
         if not isinstance(el.tag, str) or not el.tag.startswith(G):
             continue
         kind = el.tag.replace(G, "")
-        if kind not in ("RectangleGate", "PolygonGate", "EllipsoidGate", "QuadrantGate", "BooleanGate"):
+        if kind not in GATE_KINDS:
             continue
         gid = name_of(_attr(el, G, "id", True, kind))
         parent = name_of(_attr(el, G, "parent_id"))
-        if kind == "RectangleGate":
-            dels = el.findall(G + "dimension")
-            add(
-                gid,
-                parent,
-                RectangleGate(
-                    [dim(d) for d in dels],
-                    [_float(d, G, "min") for d in dels],
-                    [_float(d, G, "max") for d in dels],
-                ),
-            )
-        elif kind == "PolygonGate":
-            dims = [dim(d) for d in el.findall(G + "dimension")]
-            verts = [
-                [_float(c, D, "value", True) for c in v.findall(G + "coordinate")]
-                for v in el.findall(G + "vertex")
-            ]
-            add(gid, parent, PolygonGate(dims, verts))
-        elif kind == "EllipsoidGate":
-            dims = [dim(d) for d in el.findall(G + "dimension")]
-            mean = [_float(c, D, "value", True) for c in el.find(G + "mean").findall(G + "coordinate")]
-            cov = [
-                [_float(e, D, "value", True) for e in r.findall(G + "entry")]
-                for r in el.find(G + "covarianceMatrix").findall(G + "row")
-            ]
-            d2 = _float(el.find(G + "distanceSquare"), D, "value", True)
-            add(gid, parent, EllipsoidGate(dims, mean, cov, d2))
-        elif kind == "QuadrantGate":
-            dividers = {}
-            for dv in el.findall(G + "divider"):
-                values = sorted(float(v.text) for v in dv.findall(G + "value"))
-                dividers[_attr(dv, G, "id", True, "divider")] = (dim(dv), values)
-            for q in el.findall(G + "Quadrant"):
-                qdims, lo, hi = [], [], []
-                for pos in q.findall(G + "position"):
-                    ref = _attr(pos, G, "divider_ref", True, "position")
-                    if ref not in dividers:
-                        raise GatingMLError(f"quadrant position refers to unknown divider {ref!r}")
-                    d, values = dividers[ref]
-                    loc = _float(pos, G, "location", True)
-                    below = [v for v in values if v <= loc]
-                    above = [v for v in values if v > loc]
-                    qdims.append(d)
-                    lo.append(below[-1] if below else None)
-                    hi.append(above[0] if above else None)
-                add(
-                    _attr(q, G, "id", True, "Quadrant"),
-                    parent,
-                    RectangleGate(qdims, lo, hi, style="rectangle"),
-                )
-        else:  # BooleanGate
-            ops = [c for c in el if isinstance(c.tag, str) and c.tag in (G + "and", G + "or", G + "not")]
-            if len(ops) != 1:
-                raise GatingMLError(f"BooleanGate {gid!r} needs exactly one of and/or/not")
-            op = ops[0].tag.replace(G, "")
-            operands = tuple(
-                Operand(
-                    name_of(_attr(r, G, "ref", True, "gateReference")),
-                    _attr(r, G, "use-as-complement") == "true",
-                )
-                for r in ops[0].findall(G + "gateReference")
-            )
-            if not operands or (op == "not" and len(operands) != 1):
-                raise GatingMLError(
-                    f"BooleanGate {gid!r}: {op} needs {'one' if op == 'not' else 'some'} gateReference"
-                )
-            add(gid, parent, BooleanGate(op=op, operands=operands))
+        for qid, gate in doc.gates(el, kind, gid, name_of):
+            add(qid if kind == "QuadrantGate" else gid, parent, gate)
 
     if not pops:
         raise GatingMLError("the document contains no gates")
@@ -237,8 +272,8 @@ def _read(root, path: Path) -> Template:
     return Template(
         name=path.stem,
         populations=pops,
-        transforms=transforms,
+        transforms=doc.transforms,
         compensation="none",
-        matrices=matrices,
+        matrices=doc.matrices,
         source=path,
     )

@@ -59,6 +59,8 @@ class Population:
     parent: str
     gate: Gate
     description: str = ""
+    # full path from the root ("/Live/CD3/CD4 T"); imports set it when display names are shortened
+    path: str = ""
 
     @property
     def markers(self) -> list[str]:
@@ -122,6 +124,16 @@ class Template:
         if self.medians:
             return list(self.medians)
         return [m for m in self.markers() if not _compat.is_scatter_or_time(m)]
+
+    def path_of(self, name: str) -> str:
+        """The population's full path from the root (``/Lymphocytes/Singlets/Live``): its identity
+        in imported workspaces, where display names may repeat gate names of other branches."""
+        if name == ROOT:
+            return "root"
+        pop = self.populations[name]
+        if pop.path:
+            return pop.path
+        return ("" if pop.parent == ROOT else self.path_of(pop.parent)) + "/" + name
 
     def children(self, name: str) -> list[str]:
         return [p.name for p in self if p.parent == name]
