@@ -159,3 +159,148 @@ def test_accuracy_harness_runs_the_real_engine(random_trial):
     assert (acc["n"] + acc["undefined"] + acc["failed"] == 8).all()
     assert acc["fallback_rate"].between(0, 1).all()
     assert gated["pct_parent_true"].notna().all()
+
+
+def test_brightness_gives_the_drawn_separation(tmp_path):
+    """Lineage markers: the measured positive-negative distance (arcsinh at the instrument's
+    cofactor, compensated) follows the profile's drawn separation."""
+    out = tmp_path / "sep"
+    trial = instrument_trial(out, instrument="random", seed=44, patients=2, visits=(0,), events=20000,
+                             control_events=200)  # fmt: skip
+    man = read_manifest(out)
+    gaps = []
+    for row in man[man["control"].isna()].itertuples():
+        prof = trial.instruments[row.site]
+        s = cytopipe.read_fcs(out / row.file)
+        lab = load_labels(out / "truth" / "labels" / f"{row.sample_id}.npz")
+        x = np.arcsinh(compensated(s.events, prof) / prof.cofactor)
+        live, t = (unpack_membership(lab["membership"], p) for p in ("Live", "T cells"))
+        cd4 = unpack_membership(lab["membership"], "CD4 T")
+        for marker, pos, parent in (("CD3", t, live), ("CD4", cd4, t)):
+            j = P.MI[marker]
+            measured = np.median(x[j][pos]) - np.median(x[j][parent & ~pos])
+            gaps.append((marker, prof.separation[j], measured))
+    print("\n(marker, drawn, measured):", [(m, round(a, 2), round(b, 2)) for m, a, b in gaps])
+    for _, drawn, measured in gaps:
+        assert abs(measured - drawn) < 0.8
+
+
+def test_fmo_controls_recover_the_true_thresholds(tmp_path):
+    """Each batch's FMO control, read at the 99.5th percentile on the marker's parent (truth
+    labels), lands within 0.1 arcsinh units of the threshold in truth/thresholds.csv."""
+    from cytopipe.simulate.instruments import FMO_PARENT, FMO_PERCENTILE
+
+    out = tmp_path / "fmo"
+    trial = instrument_trial(out, instrument="random", seed=12, patients=2, visits=(0,), events=3000,
+                             control_events=200, fmo=True, fmo_events=60000)  # fmt: skip
+    man = read_manifest(out)
+    fmo = man[man["control"].fillna("").str.startswith("fmo:")]
+    batches = set(man.loc[man["control"].isna(), "batch"])
+    assert set(fmo["batch"]) == batches and len(fmo) == len(batches) * len(DIM_MARKERS)
+    thr = pd.read_csv(out / "truth" / "thresholds.csv")
+    assert len(thr) == len(fmo) and (thr["percentile"] == FMO_PERCENTILE).all()
+    errors = []
+    for row in fmo.itertuples():
+        marker = row.control.removeprefix("fmo:")
+        prof = trial.instruments[row.site]
+        s = cytopipe.read_fcs(out / row.file)
+        lab = load_labels(out / "truth" / "labels" / f"{row.sample_id}.npz")
+        mb = lab["membership"]
+        parent = FMO_PARENT[marker]
+        if parent == "CD3- live lymphocytes":
+            mask = unpack_membership(mb, "Live") & ~unpack_membership(mb, "T cells")
+        else:
+            mask = unpack_membership(mb, parent)
+        assert mask.sum() > 1000
+        x = compensated(s.events, prof)[P.MI[marker]][mask]
+        est = np.arcsinh(np.percentile(x, FMO_PERCENTILE) / prof.cofactor)
+        want = thr[(thr["batch"] == row.batch) & (thr["marker"] == marker)]
+        errors.append((row.batch, marker, est - want["threshold_asinh"].item()))
+    print("\nFMO p99.5 - true threshold (arcsinh):", [(b, m, round(e, 3)) for b, m, e in errors])
+    assert max(abs(e) for _, _, e in errors) < 0.1
+
+
+def test_faults_are_marked_and_found_by_qc(tmp_path):
+    from cytopipe import qc
+
+    plan = {
+        "P001_W00": ["clog"],
+        "P002_W00": ["spike"],
+        "P003_W00": ["margin"],
+        "P004_W00": ["shift", "margin"],
+    }
+    out = tmp_path / "faults"
+    trial = instrument_trial(out, instrument="aurora", seed=3, patients=4, visits=(0,), events=20000,
+                             control_events=200, faults=plan)  # fmt: skip
+    assert trial.faulted == plan
+    table = pd.read_csv(out / "truth" / "faults.csv")
+    assert sorted(table["fault"]) == sorted(k for v in plan.values() for k in v)
+    prof = trial.instruments[next(iter(trial.instruments))]
+    lines = []
+    for sid, kinds in plan.items():
+        s = cytopipe.read_fcs(out / "fcs" / f"{sid}.fcs")
+        lab = load_labels(out / "truth" / "labels" / f"{sid}.npz")
+        assert "spike" in list(lab["faults"])
+        codes = {list(lab["faults"]).index(k) for k in kinds}
+        assert set(np.unique(lab["fault"])) == codes | {0}
+        faulty = lab["fault"] > 0
+        t = s.events[:, list(s.channels["pnn"]).index("Time")].astype(np.float64)
+        assert np.all(np.diff(t) >= 0)
+        if "clog" in kinds:  # the flow stops: one gap of >= 2 s inside the clog
+            idx = np.flatnonzero(faulty)
+            assert np.diff(t[idx]).max() * P.TIMESTEP >= 2.0
+        if "margin" in kinds:
+            code = list(lab["faults"]).index("margin")
+            assert np.all(s.events[lab["fault"] == code].max(axis=1) == np.float32(prof.pnr - 1))
+        report = qc.event_qc(s.events, s.channels)
+        tp = int((report.removed & faulty).sum())
+        lines.append(f"{sid} {'+'.join(kinds)}: {faulty.sum()} faulty events, QC removed {report.removed.sum()}, "
+                     f"precision {tp / max(report.removed.sum(), 1):.2f}, recall {tp / faulty.sum():.2f}")  # fmt: skip
+        assert tp / faulty.sum() > 0.5  # QC sees every kind (its own accuracy is tested in test_qc.py)
+    print("\n" + "\n".join(lines))
+
+
+ACCURACY_SEEDS = tuple(range(9101, 9121))  # never used while building or tuning anything
+
+
+def test_canonical_template_accuracy_across_random_instruments(tmp_path):
+    """The canonical template through the real engine on 20 random instrument profiles (small
+    trials: 2 patients x 2 visits, 6,000 events per file). Prints the figures; asserts only that
+    the harness measured every population (gating accuracy is the gating work's to improve)."""
+    from tests.accuracy_support import accuracy_table, gate_trial
+
+    frames = []
+    for seed in ACCURACY_SEEDS:
+        out = tmp_path / f"s{seed}"
+        trial = instrument_trial(out, instrument="random", seed=seed, patients=2, visits=(0, 12), events=6000,
+                                 control_events=100)  # fmt: skip
+        g = gate_trial(out)
+        g["seed"] = seed
+        g["instruments"] = ";".join(sorted({i.cytometer for i in trial.instruments.values()}))
+        frames.append(g)
+    gated = pd.concat(frames, ignore_index=True)
+    acc = accuracy_table(gated)
+    n_inst = gated.groupby("seed")["instruments"].first()
+    print(f"\ncanonical template on {len(ACCURACY_SEEDS)} random-instrument trials ({gated['sample_id'].nunique()} "
+          f"sample ids, {len(gated) // len(POPULATION_NAMES)} files; instruments {n_inst.value_counts().to_dict()}):")  # fmt: skip
+    print(acc.round(3).to_string(index=False))
+    failed = gated[gated["source"] == "error"].drop_duplicates(["seed", "sample_id"])
+    if len(failed):
+        print("files not gated:", failed["error"].value_counts().to_dict())
+    assert list(acc["population"]) == list(POPULATION_NAMES)
+    assert (acc["n"] + acc["undefined"] + acc["failed"] == len(ACCURACY_SEEDS) * 4).all()
+    assert acc["fallback_rate"].between(0, 1).all() and acc["mae_pp"].notna().any()
+
+
+def test_harness_finds_the_canonical_template_exact_on_its_own_simulator(tmp_path):
+    """On the default simulator (the instrument the template was written for) the harness reports
+    near-zero errors: a check of the harness itself (merging, % of parent, concordance)."""
+    from cytopipe.simulate import simulate_trial
+    from tests.accuracy_support import trial_accuracy
+
+    simulate_trial(tmp_path / "d", n_patients=2, visits=(0, 12), events=20000, seed=4243, control_events=100)
+    acc = trial_accuracy(tmp_path / "d").set_index("population")
+    print("\n" + acc.round(3).to_string())
+    assert (acc["n"] == 4).all() and (acc["failed"] == 0).all()
+    assert acc["mae_pp"].max() < 0.5 and acc["fallback_rate"].max() == 0
+    assert acc.loc[["T cells", "CD4 T", "Treg", "NK"], "ccc"].min() > 0.95

@@ -16,7 +16,15 @@ import numpy as np
 
 from cytopipe.simulate import params as P
 from cytopipe.simulate._exact import cholesky2, inv, matmul
-from cytopipe.simulate.populations import CATEGORY, FAULT, FLAG, LINEAGE, membership_masks, pack_membership
+from cytopipe.simulate.populations import (
+    CATEGORY,
+    FAULT,
+    FAULTS,
+    FLAG,
+    LINEAGE,
+    membership_masks,
+    pack_membership,
+)
 
 # column indices in the full 18-channel event matrix
 I_FSC_A, I_FSC_H, I_SSC_A = 0, 1, 2
@@ -46,6 +54,7 @@ class EventData:
     lineage: np.ndarray  # uint8 (populations.LINEAGES)
     fault: np.ndarray  # uint8 (populations.FAULTS)
     faults: list[dict] = field(default_factory=list)  # description of injected faults
+    fault_names: tuple[str, ...] = FAULTS  # names of the ``fault`` codes
 
     @property
     def membership(self) -> np.ndarray:

@@ -94,21 +94,36 @@ def _afc(inst: Instrument) -> np.ndarray:
     return matmul(af[None, :], inv(inst.spillover))[0]
 
 
+def mix(GT: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """``(G @ S).T`` for markers-major ``GT`` (14 x n): rows summed over k in order, skipping zero
+    coefficients (elementwise numpy, the same bits on every CPU; see _exact.py)."""
+    out = np.zeros((S.shape[1], GT.shape[1]), np.float32)
+    for j in range(S.shape[1]):
+        for k in range(S.shape[0]):
+            if S[k, j] != 0.0:
+                out[j] += GT[k] * np.float32(S[k, j])
+    return out
+
+
 def measure(G: np.ndarray, af_level: np.ndarray, inst: Instrument, rng) -> np.ndarray:
     """Detector values (n x 14, float32) of abundances ``G``: spillover, autofluorescence,
     photon and electronic noise (fluorescence) or Poisson ion counts (mass cytometry)."""
-    S = inst.spillover.astype(np.float32)
-    signal = matmul(G, S)
+    return np.ascontiguousarray(measure_t(np.ascontiguousarray(G.T), af_level, inst, rng).T)
+
+
+def measure_t(GT: np.ndarray, af_level: np.ndarray, inst: Instrument, rng) -> np.ndarray:
+    """:func:`measure` in markers-major layout (14 x n in, 14 x n out)."""
+    signal = mix(GT, inst.spillover)
     af = (P.AUTOFLUORESCENCE * inst.af_mult * inst.scale).astype(np.float32)
-    signal += af_level[:, None].astype(np.float32) * af
+    signal += af[:, None] * af_level[None, :].astype(np.float32)
     if inst.kind == "mass":
         counts = rng.poisson(np.maximum(signal, 0.0).astype(np.float64)).astype(np.float32)
         # CyTOF software spreads integer counts by -U(0, 1) (zeros stay zero)
         counts -= np.where(counts > 0, rng.random(counts.shape, dtype=np.float32), np.float32(0.0))
         return counts
     var = np.maximum(signal, np.float32(0.0))
-    var *= (P.PHOTON_Q * inst.photon_mult * inst.scale).astype(np.float32)
-    var += ((P.ELECTRONIC_SD * inst.electronic_mult * inst.scale) ** 2).astype(np.float32)
+    var *= (P.PHOTON_Q * inst.photon_mult * inst.scale).astype(np.float32)[:, None]
+    var += ((P.ELECTRONIC_SD * inst.electronic_mult * inst.scale) ** 2).astype(np.float32)[:, None]
     np.sqrt(var, out=var)
     noise = rng.standard_normal(signal.shape, dtype=np.float32)
     noise *= var
@@ -154,7 +169,8 @@ class Thresholds:
 
 def true_thresholds(inst: Instrument, seed: int, key: str, n: int = THRESHOLD_EVENTS) -> Thresholds:
     """Each dim marker's FMO_PERCENTILE on its parent (FMO_PARENT) from a large simulated FMO
-    of a typical donor's live lymphocytes measured by ``inst`` (nominal gain, no drift)."""
+    of a typical donor's live lymphocytes measured by ``inst`` (nominal gain, no drift). Only the
+    parent's cells are measured: a cell's FMO value depends on its own stains alone."""
     rng = stream(seed, "thresholds", key)
     F, flags, lineage = _lymphocytes(n, reference_composition(), rng)
     G = express(F, flags, lineage, inst, rng)
@@ -164,24 +180,24 @@ def true_thresholds(inst: Instrument, seed: int, key: str, n: int = THRESHOLD_EV
     out: dict[str, float] = {}
     for marker in DIM_MARKERS:  # CXCR5 before PD-1: PD-1's parent (cTfh) needs CXCR5's threshold
         j = P.MI[marker]
-        fmo = G.copy()
-        fmo[:, j] = 0.0
-        raw = measure(fmo, af_level, inst, stream(seed, "thresholds", key, marker))
-        comp_j = _comp_column(raw, inv_s, j)
-        parent = _parent_mask(FMO_PARENT[marker], flags)
-        out[marker] = float(np.percentile(comp_j[parent], FMO_PERCENTILE))
+        rows = np.flatnonzero(_parent_mask(FMO_PARENT[marker], flags))
+        fmo_t = np.ascontiguousarray(G[rows].T)
+        fmo_t[j] = 0.0
+        raw_t = measure_t(fmo_t, af_level[rows], inst, stream(seed, "thresholds", key, marker))
+        comp_j = _comp_column(raw_t, inv_s, j)
+        out[marker] = float(np.percentile(comp_j, FMO_PERCENTILE))
         if marker in THRESHOLD_MARKERS:
             nf = G[:, j] + af_level * np.float32(afc[j])
             flags = _set_flag(flags, FLAG_OF[marker], nf >= out[marker])
     return Thresholds(out)
 
 
-def _comp_column(raw: np.ndarray, inv_s: np.ndarray, j: int) -> np.ndarray:
-    """Column j of ``raw @ inv_s`` summed in a fixed order (no BLAS)."""
-    out = np.zeros(len(raw), np.float64)
-    for i in range(raw.shape[1]):
+def _comp_column(raw_t: np.ndarray, inv_s: np.ndarray, j: int) -> np.ndarray:
+    """Column j of ``raw @ inv_s`` (``raw_t`` markers-major) summed in a fixed order (no BLAS)."""
+    out = np.zeros(raw_t.shape[1], np.float64)
+    for i in range(raw_t.shape[0]):
         if inv_s[i, j] != 0.0:
-            out += raw[:, i].astype(np.float64) * inv_s[i, j]
+            out += raw_t[i].astype(np.float64) * inv_s[i, j]
     return out
 
 

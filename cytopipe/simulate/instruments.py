@@ -77,15 +77,7 @@ PNS_VARIANTS = {
     "CD3": ("CD3", "CD3e", "CD3 {fl}", "{fl}-CD3", "CD3_{fl}"),
     "CD8": ("CD8", "CD8a", "CD8 {fl}", "{fl}-CD8a"),
     "CD25": ("CD25", "CD25 {fl}", "IL-2Ra", "CD25_IL2RA"),
-    "Viability": (
-        "Viability",
-        "Live/Dead Yellow-A [Live]",
-        "LIVE/DEAD Aqua",
-        "Zombie NIR",
-        "FVS780",
-        "Live Dead Blue",
-        "L/D {fl}",
-    ),  # fmt: skip
+    "Viability": ("Viability", "Live/Dead", "L/D {fl}", "LIVE/DEAD {fl}", "Viability {fl}", "FVS {fl}"),
     "CD4": ("CD4", "CD4 {fl}", "{fl}-CD4"),
     "CXCR5": ("CXCR5", "CD185", "CD185 (CXCR5)", "CXCR5 {fl}"),
     "PD-1": ("PD-1", "CD279", "PD1", "CD279 (PD-1)", "PD-1 {fl}"),
@@ -211,7 +203,10 @@ def _mass_spillover(k: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _pns(marker: str, fluor: str, rng: np.random.Generator | None) -> str:
-    variants = PNS_VARIANTS[marker]
+    """A $PnS spelling of ``marker`` (``fluor`` = its fluorochrome, "" on a mass cytometer)."""
+    if marker == "Viability" and fluor == "LIVE DEAD Yellow":
+        return "Live/Dead Yellow-A [Live]"  # as spectral-cytometer exports label it
+    variants = [v for v in PNS_VARIANTS[marker] if fluor or "{fl}" not in v]
     text = variants[0] if rng is None else variants[int(rng.integers(len(variants)))]
     return text.format(fl=fluor.removesuffix("-A"))
 
@@ -262,10 +257,15 @@ def _detectors_for(family: str, order: np.ndarray) -> tuple[tuple[str, ...], tup
     return tuple(f"{n}-A" for n in names), tuple(names)
 
 
-def _assign(rng: np.random.Generator, n_family: int) -> np.ndarray:
-    """14 distinct detectors of the family (spectral order kept) assigned to markers at random."""
-    chosen = np.sort(rng.choice(n_family, P.N_FLUOR, replace=False))
-    return chosen[rng.permutation(P.N_FLUOR)]
+def _assign(rng: np.random.Generator, n_family: int, viability: int | None = None) -> np.ndarray:
+    """14 distinct detectors of the family assigned to markers at random (``viability``: the
+    detector the viability dye must use, e.g. LIVE DEAD Yellow on a spectral cytometer)."""
+    if viability is None:
+        chosen = np.sort(rng.choice(n_family, P.N_FLUOR, replace=False))
+        return chosen[rng.permutation(P.N_FLUOR)]
+    others = np.array([i for i in range(n_family) if i != viability])
+    chosen = np.sort(rng.choice(others, P.N_FLUOR - 1, replace=False))[rng.permutation(P.N_FLUOR - 1)]
+    return np.insert(chosen, P.MI["Viability"], viability)
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,7 +289,8 @@ def _fluorescence(name: str, rng: np.random.Generator, spec: dict) -> Instrument
         detectors, fluors = spec["detectors"], spec["fluors"]
     else:
         n_family = {"bd": len(_FL_BD), "aurora": len(_FL_AURORA), "attune": len(_ATTUNE)}[family]
-        detectors, fluors = _detectors_for(family, _assign(rng, n_family))
+        viability = _FL_AURORA.index("LIVE DEAD Yellow") if family == "aurora" else None
+        detectors, fluors = _detectors_for(family, _assign(rng, n_family, viability))
     af_mult = spec.get("af_mult", float(np.exp(rng.uniform(np.log(0.5), np.log(2.0)))))
     sep = np.array([rng.uniform(*SEPARATION[marker_class(m)]) for m in P.MARKERS])
     sep = np.array([spec.get("separation", {}).get(m, s) for m, s in zip(P.MARKERS, sep)])
@@ -350,7 +351,7 @@ def _mass(name: str, rng: np.random.Generator, spec: dict) -> Instrument:
     detectors = tuple(f"{metal[m][0]}{metal[m][1]}Di" for m in P.MARKERS)
     fluors = tuple(f"{metal[m][1]}{metal[m][0]}" for m in P.MARKERS)
     pns = tuple(
-        f"{metal[m][1]}{metal[m][0]}_{'Cisplatin' if m == 'Viability' else _pns(m, '', rng).strip()}"
+        f"{metal[m][1]}{metal[m][0]}_{'Cisplatin' if m == 'Viability' else _pns(m, '', rng)}"
         for m in P.MARKERS
     )
     sep = np.array([rng.uniform(*SEPARATION[marker_class(m)]) for m in P.MARKERS])
@@ -384,6 +385,7 @@ def _named_spec(name: str) -> dict:
             fluors=tuple(d.removesuffix("-A") for d in P.DETECTORS), spillover=P.spillover_matrix(),
             separation={"CXCR5": 1.6, "PD-1": 1.4, "CXCR3": 1.7, "CCR6": 1.8, "CD25": 1.9, "CD127": 1.7},
             cytometer="BD LSRFortessa X-20", fsc_gain=0.85, ssc_gain=1.3, drift_sd=0.15,
+            pns=[P.SITE_PNS["S2"][m] for m in P.MARKERS],
         )  # fmt: skip
     if name == "symphony":
         return dict(family="bd", range="18-bit", cytometer="BD FACSymphony A5", fsc_gain=1.4, ssc_gain=0.7)

@@ -87,7 +87,7 @@ def simulate_instrument_trial(
             data.membership,
             ids,
             keep=data.fault == 0,
-            comp_t=_nominal(data, inst, det_gain, drift),
+            comp_t=compensated(data.events, inst),
         )
         manifest_rows.append(
             {"file": rel, "sample_id": sid, "patient_id": row["patient_id"], "visit": row["visit"],
@@ -118,7 +118,9 @@ def simulate_instrument_trial(
                  "threshold_asinh_150": float(np.arcsinh(value / 150.0))}
             )  # fmt: skip
         if fmo:
-            manifest_rows += _fmo_controls(out, b, inst, cohort, seed, fmo_events or 4 * events, thresholds)
+            manifest_rows += _fmo_controls(
+                out, b, inst, cohort, seed, fmo_events or max(4 * events, 50_000), thresholds
+            )
 
     for s in sites:
         inst = insts[s]
@@ -155,11 +157,6 @@ def simulate_instrument_trial(
     write_csv(pd.DataFrame(thr_rows), truth / "thresholds.csv")
     (truth / "README.txt").write_text(_TRUTH_README + _README_EXTRA, encoding="utf-8")
     return Trial(out, manifest, cohort, first.spillover, {k: list(v) for k, v in fault_plan.items()}, insts)
-
-
-def _nominal(data, inst: Instrument, det_gain: float, drift: np.ndarray) -> np.ndarray:
-    """Compensated values for the truth medians (the measured file, drift included)."""
-    return compensated(data.events, inst)
 
 
 def _fmo_controls(
@@ -254,6 +251,7 @@ def instrument_trial(
     faults=None,
     control_events: int = 2000,
     overwrite: bool = True,
+    fmo_events: int | None = None,
 ):
     """A trial measured on instrument profile(s): the harness entry point for accuracy tests.
 
@@ -267,5 +265,5 @@ def instrument_trial(
     return simulate_trial(
         folder, n_patients=patients, visits=visits, events=events, seed=seed, effect=effect,
         faults=faults, control_events=control_events, overwrite=overwrite, instrument=instrument,
-        fmo=fmo,
+        fmo=fmo, fmo_events=fmo_events,
     )  # fmt: skip

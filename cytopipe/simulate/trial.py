@@ -73,7 +73,7 @@ def simulate_trial(
     a named profile (``fortessa``, ``symphony``, ``aurora``, ``attune``, ``cytof``) for every site,
     or ``random`` / ``random-mass`` (a profile drawn per site from ``seed``); see
     :mod:`cytopipe.simulate.instruments`. ``fmo=True`` (instrument profiles only) adds one FMO
-    control per dim marker and batch (``fmo_events`` events each, default 4 x ``events``).
+    control per dim marker and batch (``fmo_events`` events each, default 4 x ``events`` and at least 50,000).
     """
     out = Path(out_dir)
     if int(events) < 100:
@@ -81,7 +81,12 @@ def simulate_trial(
     if int(control_events) < 100:
         raise SimulationError(f"control_events must be at least 100 per control, got {control_events}")
     cohort = simulate_cohort(n_patients=n_patients, visits=visits, seed=seed, effect=effect)
-    fault_plan = _fault_plan(faults, list(cohort.samples["sample_id"]), seed)
+    if instrument is not None:
+        from cytopipe.simulate.faults import INSTRUMENT_FAULT_KINDS
+
+        fault_plan = _fault_plan(faults, list(cohort.samples["sample_id"]), seed, INSTRUMENT_FAULT_KINDS)
+    else:
+        fault_plan = _fault_plan(faults, list(cohort.samples["sample_id"]), seed)
     if instrument is not None:
         from cytopipe.simulate.instruments import make_instrument
         from cytopipe.simulate.multi import simulate_instrument_trial
@@ -198,7 +203,9 @@ def _prepare_dirs(out: Path) -> None:
     (out / "truth" / "labels").mkdir(parents=True, exist_ok=True)
 
 
-def _fault_plan(faults, sample_ids: list[str], seed: int) -> dict[str, tuple[str, ...]]:
+def _fault_plan(
+    faults, sample_ids: list[str], seed: int, allowed: tuple[str, ...] = FAULT_KINDS
+) -> dict[str, tuple[str, ...]]:
     if faults is None or faults is False:
         return {}
     if isinstance(faults, Mapping):
@@ -208,14 +215,10 @@ def _fault_plan(faults, sample_ids: list[str], seed: int) -> dict[str, tuple[str
                 raise SimulationError(
                     f"fault plan names unknown sample {sid!r}; samples are e.g. {sample_ids[:3]}"
                 )
-            kinds = (
-                FAULT_KINDS if kinds in ("all", None) else tuple([kinds] if isinstance(kinds, str) else kinds)
-            )
-            bad = [k for k in kinds if k not in FAULT_KINDS]
+            kinds = allowed if kinds in ("all", None) else tuple([kinds] if isinstance(kinds, str) else kinds)
+            bad = [k for k in kinds if k not in allowed]
             if bad:
-                raise SimulationError(
-                    f"unknown fault kind(s) {bad} for {sid}; choose from {list(FAULT_KINDS)}"
-                )
+                raise SimulationError(f"unknown fault kind(s) {bad} for {sid}; choose from {list(allowed)}")
             plan[sid] = tuple(kinds)
         return plan
     fraction = DEFAULT_FAULT_FRACTION if faults is True else float(faults)
@@ -225,7 +228,7 @@ def _fault_plan(faults, sample_ids: list[str], seed: int) -> dict[str, tuple[str
     k = max(1, int(round(fraction * len(sample_ids))))
     chosen = sorted(rng.choice(len(sample_ids), size=k, replace=False))
     # rotate through the fault kinds so every kind occurs
-    return {sample_ids[j]: (FAULT_KINDS[r % len(FAULT_KINDS)],) for r, j in enumerate(chosen)}
+    return {sample_ids[j]: (allowed[r % len(allowed)],) for r, j in enumerate(chosen)}
 
 
 def _write_fcs(path: Path, data: EventData, row: Mapping, spill_kw) -> None:

@@ -104,7 +104,7 @@ def label_arrays(data) -> dict[str, np.ndarray]:
         "lineage": data.lineage,
         "lineages": np.array(LINEAGES),
         "fault": data.fault,
-        "faults": np.array(FAULTS),
+        "faults": np.array(getattr(data, "fault_names", FAULTS)),
     }
 
 
