@@ -304,3 +304,22 @@ def test_harness_finds_the_canonical_template_exact_on_its_own_simulator(tmp_pat
     assert (acc["n"] == 4).all() and (acc["failed"] == 0).all()
     assert acc["mae_pp"].max() < 0.5 and acc["fallback_rate"].max() == 0
     assert acc.loc[["T cells", "CD4 T", "Treg", "NK"], "ccc"].min() > 0.95
+
+
+def test_cli_instrument_options(tmp_path):
+    """`cytopipe simulate --instrument random --instrument-per batch`: one profile per batch."""
+    from tests.pipeline_support import cli
+
+    out = tmp_path / "cli"
+    run = cli("simulate", "--out", str(out), "--instrument", "random", "--instrument-per", "batch", "--patients", "2",
+              "--visits", "0,4", "--events", "1000", "--seed", "4", "--control-events", "100")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    man = read_manifest(out)
+    batches = set(man.loc[man["control"].isna(), "batch"])
+    inst = pd.read_csv(out / "truth" / "instruments.csv")
+    assert set(inst["batch"]) == batches and inst["instrument"].nunique() == len(batches)
+    assert all(f"batch {b}" in run.stdout for b in batches)
+    bad = cli("simulate", "--out", str(tmp_path / "x"), "--instrument", "facscalibur")
+    assert bad.returncode == 2 and "unknown instrument" in bad.stderr and not (tmp_path / "x").exists()
+    fmo = cli("simulate", "--out", str(tmp_path / "y"), "--fmo", "--patients", "1", "--events", "500")
+    assert fmo.returncode == 2 and "instrument" in fmo.stderr

@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "simulator instrument",
     )
     parser.add_argument(
+        "--instrument-per",
+        choices=("site", "batch"),
+        default="site",
+        help="with --instrument random: draw one profile per site (default) or per acquisition batch",
+    )
+    parser.add_argument(
         "--fmo",
         action="store_true",
         help="with --instrument: add one FMO control per dim marker and batch (manifest control fmo:<marker>)",
@@ -82,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         instrument=args.instrument,
         fmo=args.fmo,
+        instrument_per=args.instrument_per,
     )
     m = trial.manifest
     n_samples = int((m["control"] == "").sum())
@@ -96,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"faults injected into {len(trial.faulted)} files: see {trial.out_dir / 'truth' / 'faults.csv'}"
         )
-    for site, inst in trial.instruments.items():
-        print(f"site {site}: instrument {inst.name} ({inst.cytometer}, {inst.kind}, $PnR {inst.pnr:.0f})")
+    for unit, inst in trial.instruments.items():
+        print(
+            f"{args.instrument_per} {unit}: {inst.name} ({inst.cytometer}, {inst.kind}, $PnR {inst.pnr:.0f})"
+        )
     print(f"manifest: {trial.out_dir / 'manifest.csv'}   truth: {trial.out_dir / 'truth'}")
     return 0

@@ -48,20 +48,24 @@ def simulate_instrument_trial(
     control_events: int,
     fmo: bool = False,
     fmo_events: int | None = None,
+    per: str = "site",
 ):
     from cytopipe.simulate.trial import _TRUTH_README, MANIFEST_COLUMNS, Trial, _prepare_dirs
 
     cohort = simulate_cohort(n_patients=n_patients, visits=visits, seed=seed, effect=effect)
-    sites = sorted(set(cohort.samples["site"]))
-    insts = site_instruments(instrument, sites, seed)
-    thresholds = {s: true_thresholds(insts[s], seed, f"site:{s}") for s in sites}
+    if per not in ("site", "batch"):
+        raise SimulationError(f"instrument profiles are drawn per 'site' or per 'batch', not {per!r}")
+    units = sorted(set(cohort.samples[per]))  # one instrument per site (or batch)
+    site_of = dict(zip(cohort.samples[per], cohort.samples["site"]))
+    insts = site_instruments(instrument, units, seed)
+    thresholds = {u: true_thresholds(insts[u], seed, f"{per}:{u}") for u in units}
     _prepare_dirs(out)
 
     manifest_rows, truth_rows, sample_rows, fault_rows, thr_rows = [], [], [], [], []
     patient_index = {pid: i for i, pid in enumerate(cohort.patients["patient_id"])}
     for row in cohort.samples.to_dict("records"):
-        sid, site = row["sample_id"], row["site"]
-        inst = insts[site]
+        sid, site, unit = row["sample_id"], row["site"], row[per]
+        inst = insts[unit]
         i = patient_index[row["patient_id"]]
         level = np.exp(P.PATIENT_LEVEL_SD * stream(seed, "patient_markers", i).standard_normal(P.N_FLUOR))
         g = stream(seed, "batch", row["batch"])
@@ -72,7 +76,7 @@ def simulate_instrument_trial(
         rate = float(rng.uniform(1500, 3000))
         cells = draw_cells(n_ev, row, rng, level, stain_gain)
         drift = file_drift(inst, seed, sid)
-        data = measure_cells(cells, inst, thresholds[site], rng, det_gain, scatter_gain, drift, rate)
+        data = measure_cells(cells, inst, thresholds[unit], rng, det_gain, scatter_gain, drift, rate)
         kinds = fault_plan.get(sid, ())
         if kinds:
             from cytopipe.simulate.faults import inject_instrument_faults
@@ -106,9 +110,10 @@ def simulate_instrument_trial(
 
     batches = cohort.samples.drop_duplicates("batch")[["batch", "site", "acquired_at"]]
     for b in batches.to_dict("records"):
-        inst = insts[b["site"]]
+        unit = b[per]
+        inst = insts[unit]
         det_gain, _ = batch_gains(seed, b["batch"], inst)
-        for marker, value in thresholds[b["site"]].at(det_gain).items():
+        for marker, value in thresholds[unit].at(det_gain).items():
             j = P.MI[marker]
             thr_rows.append(
                 {"batch": b["batch"], "site": b["site"], "instrument": inst.name, "marker": marker,
@@ -119,21 +124,21 @@ def simulate_instrument_trial(
             )  # fmt: skip
         if fmo:
             manifest_rows += _fmo_controls(
-                out, b, inst, cohort, seed, fmo_events or max(4 * events, 50_000), thresholds
+                out, b, inst, cohort, seed, fmo_events or max(4 * events, 50_000), thresholds[unit]
             )
 
-    for s in sites:
-        inst = insts[s]
+    for u in units:
+        inst, s = insts[u], site_of[u]
         for marker in (None, *P.MARKERS):
             name = "unstained" if marker is None else f"single:{marker}"
-            sid = f"CTRL_{s}_unstained" if marker is None else f"CTRL_{s}_{marker}"
-            data = bead_control(marker, inst, control_events, stream(seed, "control", s, name))
+            sid = f"CTRL_{u}_unstained" if marker is None else f"CTRL_{u}_{marker}"
+            data = bead_control(marker, inst, control_events, stream(seed, "control", u, name))
             rel = f"fcs/controls/{sid}.fcs"
             _write(out / rel, data, inst, {"site": s, "control": name}, sid)
             save_npz(out / "truth" / "labels" / f"{sid}.npz", label_arrays(data))
             manifest_rows.append(
                 {"file": rel, "sample_id": sid, "patient_id": "", "visit": pd.NA, "arm": "",
-                 "panel": PANEL_NAME, "batch": f"controls-{s}", "site": s,
+                 "panel": PANEL_NAME, "batch": f"controls-{u}", "site": s,
                  "acquired_at": f"{P.STUDY_START}T08:00:00", "control": name}
             )  # fmt: skip
 
@@ -143,17 +148,20 @@ def simulate_instrument_trial(
     write_csv(cohort.clinical, out / "clinical.csv")
     truth = out / "truth"
     write_csv(pd.DataFrame(truth_rows, columns=STATS_COLUMNS), truth / "population_truth.csv")
-    first = insts[sites[0]]
+    first = insts[units[0]]
     write_csv(pd.DataFrame(first.spillover, columns=list(first.detectors)), truth / "spillover.csv")
     write_csv(cohort.frequencies, truth / "expected_frequencies.csv")
     write_csv(cohort.patients, truth / "patients.csv")
     write_csv(pd.DataFrame(sample_rows), truth / "samples.csv")
     fault_cols = ["sample_id", "file", "fault", "first_event", "last_event", "n_events", "channels", "factor"]
     write_csv(pd.DataFrame(fault_rows, columns=fault_cols), truth / "faults.csv")
-    write_csv(pd.DataFrame([{"site": s, **insts[s].describe()} for s in sites]), truth / "instruments.csv")
-    for s in sites:
-        spill = pd.DataFrame(insts[s].spillover, columns=list(insts[s].detectors))
-        write_csv(spill, truth / f"spillover_{s}.csv")
+    described = [
+        {"site": site_of[u], "batch": u if per == "batch" else "", **insts[u].describe()} for u in units
+    ]
+    write_csv(pd.DataFrame(described), truth / "instruments.csv")
+    for u in units:
+        spill = pd.DataFrame(insts[u].spillover, columns=list(insts[u].detectors))
+        write_csv(spill, truth / f"spillover_{u}.csv")
     write_csv(pd.DataFrame(thr_rows), truth / "thresholds.csv")
     (truth / "README.txt").write_text(_TRUTH_README + _README_EXTRA, encoding="utf-8")
     return Trial(out, manifest, cohort, first.spillover, {k: list(v) for k, v in fault_plan.items()}, insts)
@@ -178,7 +186,7 @@ def _fmo_controls(
         rng = stream(seed, "fmo", batch["batch"], marker)
         cells = draw_cells(n, comp, rng, None, stain_gain)
         cells.F[:, P.MI[marker]] = 0.0
-        data = measure_cells(cells, inst, thresholds[batch["site"]], rng, det_gain, scatter_gain, None)
+        data = measure_cells(cells, inst, thresholds, rng, det_gain, scatter_gain, None)
         rel = f"fcs/controls/{sid}.fcs"
         _write(
             out / rel,
@@ -229,9 +237,10 @@ def _write(path: Path, data, inst: Instrument, row: dict, sid: str) -> None:
 
 _README_EXTRA = """
 Instrument profiles (simulate --instrument):
-instruments.csv          one row per site: the instrument profile measuring it (range, cofactor, gains,
-                         channel names, $PnS and the positive-negative separation of every marker)
-spillover_<site>.csv     the true spillover matrix of each site's instrument (spillover.csv = first site)
+instruments.csv          one row per site (or batch): the instrument profile measuring it (range, cofactor,
+                         gains, channel names, $PnS and the positive-negative separation of every marker)
+spillover_<site>.csv     the true spillover matrix of each site's (or batch's) instrument (spillover.csv =
+                         the first one)
 thresholds.csv           per batch and dim marker: the TRUE threshold (compensated linear units, and
                          arcsinh at the instrument's cofactor and at 150) = the 99.5th percentile of the
                          marker's FMO control on its parent; CXCR5, PD-1, CXCR3 and CCR6 positivity in the
@@ -252,11 +261,14 @@ def instrument_trial(
     control_events: int = 2000,
     overwrite: bool = True,
     fmo_events: int | None = None,
+    per: str = "site",
 ):
     """A trial measured on instrument profile(s): the harness entry point for accuracy tests.
 
     ``instrument``: a named profile (``fortessa``, ``symphony``, ``aurora``, ``attune``, ``cytof``),
-    ``random`` (a fluorescence profile drawn per site from ``seed``) or ``random-mass``.
+    ``random`` (a fluorescence profile drawn per site from ``seed``) or ``random-mass``;
+    ``per="batch"`` draws one per acquisition batch instead (every batch its own instrument).
+    Returns the :class:`~cytopipe.simulate.trial.Trial` (``.instruments``: site/batch -> profile).
     """
     from cytopipe.simulate.trial import simulate_trial
 
@@ -265,5 +277,5 @@ def instrument_trial(
     return simulate_trial(
         folder, n_patients=patients, visits=visits, events=events, seed=seed, effect=effect,
         faults=faults, control_events=control_events, overwrite=overwrite, instrument=instrument,
-        fmo=fmo, fmo_events=fmo_events,
+        fmo=fmo, fmo_events=fmo_events, instrument_per=per,
     )  # fmt: skip

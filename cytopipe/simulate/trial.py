@@ -61,6 +61,7 @@ def simulate_trial(
     instrument: str | None = None,
     fmo: bool = False,
     fmo_events: int | None = None,
+    instrument_per: str = "site",
 ) -> Trial:
     """Write a simulated IL-2 trial with per-event ground truth into ``out_dir``.
 
@@ -71,7 +72,8 @@ def simulate_trial(
 
     ``instrument`` measures the trial on instrument profiles instead of the default instrument:
     a named profile (``fortessa``, ``symphony``, ``aurora``, ``attune``, ``cytof``) for every site,
-    or ``random`` / ``random-mass`` (a profile drawn per site from ``seed``); see
+    or ``random`` / ``random-mass`` (a profile drawn per site from ``seed``, or per batch with
+    ``instrument_per="batch"``); see
     :mod:`cytopipe.simulate.instruments`. ``fmo=True`` (instrument profiles only) adds one FMO
     control per dim marker and batch (``fmo_events`` events each, default 4 x ``events`` and at least 50,000).
     """
@@ -94,18 +96,9 @@ def simulate_trial(
         make_instrument(instrument, seed)  # an unknown name fails before anything is written
         _prepare(out, overwrite)
         return simulate_instrument_trial(
-            out,
-            instrument,
-            n_patients,
-            visits,
-            events,
-            seed,
-            effect,
-            fault_plan,
-            control_events,
-            fmo,
-            fmo_events,
-        )
+            out, instrument, n_patients, visits, events, seed, effect, fault_plan, control_events,
+            fmo=fmo, fmo_events=fmo_events, per=instrument_per,
+        )  # fmt: skip
     if fmo:
         raise SimulationError(
             "FMO controls are simulated for instrument profiles: add instrument='fortessa' etc."
