@@ -120,3 +120,59 @@ def trial_accuracy(
 ) -> pd.DataFrame:
     """``accuracy_table(gate_trial(...))`` in one call."""
     return accuracy_table(gate_trial(trial_dir, template, pooled, mapping))
+
+
+THRESHOLD_POPULATIONS = ("Th17", "Th1", "cTfh", "activated cTfh")
+
+
+def threshold_floor(trial_dir, with_drift: bool = True) -> pd.DataFrame:
+    """What a perfect gate AT the true thresholds would score on an instrument-profile trial:
+    Th17, Th1, cTfh and activated cTfh gated on the measured (compensated) values with each
+    batch's true threshold from ``truth/thresholds.csv``, every other population taken from the
+    truth. The error left is the measurement's own (noise, spillover spread, per-file drift):
+    no template can be expected to do better. ``with_drift``: the threshold follows the file's own
+    detector drift (``truth/samples.csv``), as a landmark-relative gate can; without it, one
+    threshold per batch (what a fixed or FMO-based gate uses). Same columns as :func:`gate_trial`."""
+    import cytopipe
+    from cytopipe.simulate import load_labels
+    from cytopipe.simulate import params as P
+    from cytopipe.simulate.instrument_events import compensated
+    from cytopipe.simulate.multi import load_instruments
+    from cytopipe.simulate.populations import unpack_membership
+
+    trial_dir = Path(trial_dir)
+    insts = load_instruments(trial_dir)
+    manifest = pd.read_csv(trial_dir / "manifest.csv", dtype={"sample_id": str, "patient_id": str})
+    manifest = manifest[manifest["control"].isna()]
+    thr = pd.read_csv(trial_dir / "truth" / "thresholds.csv")
+    truth = pd.read_csv(trial_dir / "truth" / "population_truth.csv", dtype={"sample_id": str})
+    samples = pd.read_csv(trial_dir / "truth" / "samples.csv", dtype={"sample_id": str}).set_index(
+        "sample_id"
+    )
+    rows = []
+    for r in manifest.itertuples():
+        inst = insts.get(r.batch) or insts[r.site]
+        s = cytopipe.read_fcs(trial_dir / r.file)
+        lab = load_labels(trial_dir / "truth" / "labels" / f"{r.sample_id}.npz")
+        keep = lab["fault"] == 0
+        comp = compensated(s.events, inst)
+        t = thr[thr["batch"] == r.batch].set_index("marker")["threshold"]
+        drift = samples.loc[r.sample_id] if with_drift else None
+        pos = {
+            m: comp[P.MI[m]] >= t[m] * (drift[f"drift_{m}"] if with_drift else 1.0)
+            for m in ("CXCR3", "CCR6", "CXCR5", "PD-1")
+        }
+        mem = unpack_membership(lab["membership"], "Memory CD4") & keep
+        tfh = mem & pos["CXCR5"]
+        gated = {
+            "Th17": (mem & ~pos["CXCR3"] & pos["CCR6"], mem),
+            "Th1": (mem & pos["CXCR3"] & ~pos["CCR6"], mem),
+            "cTfh": (tfh, mem),
+            "activated cTfh": (tfh & pos["PD-1"], tfh),
+        }
+        tt = truth[truth["sample_id"] == r.sample_id].set_index("population")["pct_parent"]
+        for pop, (m, parent) in gated.items():
+            pct = 100.0 * m.sum() / parent.sum() if parent.sum() else np.nan
+            rows.append({"sample_id": r.sample_id, "population": pop, "pct_parent_true": float(tt[pop]),
+                         "pct_parent": pct, "source": "threshold", "fallback": False, "error": ""})  # fmt: skip
+    return pd.DataFrame(rows)

@@ -93,25 +93,29 @@ def test_truth_fractions_in_realistic_ranges(random_trial):
 
 
 def test_dim_markers_are_continua_with_threshold_truth(random_trial):
-    """CXCR5 positivity is 'above the true threshold'; the compensated values form a shoulder
-    (the true positives are not separated from the negatives by an empty valley)."""
+    """CXCR5 positivity is 'measured above the true threshold at the nominal set-up': the
+    compensated values form a shoulder (no empty valley at the threshold), and the call at the
+    batch's threshold on the file (with its own drift) agrees with the truth for most but not all
+    events."""
     man = read_manifest(random_trial)
     thr = pd.read_csv(random_trial / "truth" / "thresholds.csv")
     assert set(thr["marker"]) == set(DIM_MARKERS)
-    row = man[man["control"].isna()].iloc[0]
-    prof = make_instrument("random", 31, row["site"])
-    s = cytopipe.read_fcs(random_trial / row["file"])
-    lab = load_labels(random_trial / "truth" / "labels" / f"{row['sample_id']}.npz")
-    comp = compensated(s.events, prof)
-    mem = unpack_membership(lab["membership"], "Memory CD4")
-    tfh = unpack_membership(lab["membership"], "cTfh")
-    x = np.arcsinh(comp[P.MI["CXCR5"]] / prof.cofactor)
-    t = thr[(thr["batch"] == row["batch"]) & (thr["marker"] == "CXCR5")]["threshold_asinh"].item()
-    # measured values agree with the truth for most events, but not all (a continuum)
-    agree = ((x[mem] >= t) == tfh[mem]).mean()
-    assert 0.8 < agree < 0.995, agree
-    hist, _ = np.histogram(x[mem], bins=np.linspace(t - 1.0, t + 1.0, 11))
-    assert hist.min() > 0  # no empty valley around the threshold
+    agreements = []
+    for row in man[man["control"].isna()].to_dict("records"):
+        prof = make_instrument("random", 31, row["site"])
+        s = cytopipe.read_fcs(random_trial / row["file"])
+        lab = load_labels(random_trial / "truth" / "labels" / f"{row['sample_id']}.npz")
+        comp = compensated(s.events, prof)
+        mem = unpack_membership(lab["membership"], "Memory CD4") & (lab["fault"] == 0)
+        tfh = unpack_membership(lab["membership"], "cTfh")
+        x = np.arcsinh(comp[P.MI["CXCR5"]] / prof.cofactor)
+        t = thr[(thr["batch"] == row["batch"]) & (thr["marker"] == "CXCR5")]["threshold_asinh"].item()
+        agreements.append(((x[mem] >= t) == tfh[mem]).mean())
+        hist, _ = np.histogram(x[mem], bins=np.linspace(t - 1.0, t + 1.0, 11))
+        assert hist.min() > 0  # no empty valley around the threshold
+        assert 0.02 < tfh[mem].mean() < 0.6
+    print("\nCXCR5 call at the batch threshold vs truth, per file:", np.round(agreements, 3))
+    assert min(agreements) > 0.85 and max(agreements) < 1.0
 
 
 def test_mass_cytometry_files_have_no_scatter(tmp_path):
@@ -234,7 +238,8 @@ def test_faults_are_marked_and_found_by_qc(tmp_path):
                              control_events=200, faults=plan)  # fmt: skip
     assert trial.faulted == plan
     table = pd.read_csv(out / "truth" / "faults.csv")
-    assert sorted(table["fault"]) == sorted(k for v in plan.values() for k in v)
+    # one row per fault (a spike fault is 1-3 surges)
+    assert set(zip(table["sample_id"], table["fault"])) == {(sid, k) for sid, v in plan.items() for k in v}
     prof = trial.instruments[next(iter(trial.instruments))]
     lines = []
     for sid, kinds in plan.items():
@@ -267,15 +272,16 @@ def test_canonical_template_accuracy_across_random_instruments(tmp_path):
     """The canonical template through the real engine on 20 random instrument profiles (small
     trials: 2 patients x 2 visits, 6,000 events per file). Prints the figures; asserts only that
     the harness measured every population (gating accuracy is the gating work's to improve)."""
-    from tests.accuracy_support import accuracy_table, gate_trial
+    from tests.accuracy_support import accuracy_table, gate_trial, threshold_floor
 
-    frames = []
+    frames, floors = [], []
     for seed in ACCURACY_SEEDS:
         out = tmp_path / f"s{seed}"
         trial = instrument_trial(out, instrument="random", seed=seed, patients=2, visits=(0, 12), events=6000,
                                  control_events=100)  # fmt: skip
         g = gate_trial(out)
         g["seed"] = seed
+        floors.append(threshold_floor(out).assign(seed=seed))
         g["instruments"] = ";".join(sorted({i.cytometer for i in trial.instruments.values()}))
         frames.append(g)
     gated = pd.concat(frames, ignore_index=True)
@@ -284,6 +290,9 @@ def test_canonical_template_accuracy_across_random_instruments(tmp_path):
     print(f"\ncanonical template on {len(ACCURACY_SEEDS)} random-instrument trials ({gated['sample_id'].nunique()} "
           f"sample ids, {len(gated) // len(POPULATION_NAMES)} files; instruments {n_inst.value_counts().to_dict()}):")  # fmt: skip
     print(acc.round(3).to_string(index=False))
+    floor = accuracy_table(pd.concat(floors, ignore_index=True))
+    print("a perfect gate at each file's true thresholds (the measurement's own error):")
+    print(floor[["population", "n", "mae_pp", "ccc"]].round(3).to_string(index=False))
     failed = gated[gated["source"] == "error"].drop_duplicates(["seed", "sample_id"])
     if len(failed):
         print("files not gated:", failed["error"].value_counts().to_dict())

@@ -75,23 +75,18 @@ def express(F: np.ndarray, flags: np.ndarray, lineage: np.ndarray, inst: Instrum
         if sd <= 0:
             continue
         G[:, j] *= np.exp(np.float32(sd) * rng.standard_normal(n, dtype=np.float32))
-        # intermediate cells on the way between negative and positive (activation continuum);
-        # Tregs keep their CD25hi CD127lo phenotype
-        pick = (rng.random(n) < inst.intermediate[j]) & (G[:, j] > 0)
+        # a share of the expressing cells sits anywhere between negative and positive (the
+        # shoulder of a continuum, e.g. cells up- or down-regulating a receptor); Tregs keep
+        # their CD25hi CD127lo phenotype
+        neg, pos = max(_NEG_REF[marker], 30.0), _POS_REF[marker]
+        pick = (rng.random(n) < inst.intermediate[j]) & (G[:, j] > np.float32(np.sqrt(neg * pos)))
         if marker in ("CD25", "CD127"):
             pick &= ~treg
         k = int(pick.sum())
-        neg, pos = max(_NEG_REF[marker], 30.0), _POS_REF[marker]
         u = rng.uniform(0.15, 0.85, k)
         G[pick, j] = (neg * (pos / neg) ** u).astype(np.float32)
     G *= (inst.brightness * inst.scale).astype(np.float32)
     return G
-
-
-def _afc(inst: Instrument) -> np.ndarray:
-    """Compensated autofluorescence per unit AF level (14,), instrument units."""
-    af = P.AUTOFLUORESCENCE * inst.af_mult * inst.scale
-    return matmul(af[None, :], inv(inst.spillover))[0]
 
 
 def mix(GT: np.ndarray, S: np.ndarray) -> np.ndarray:
@@ -170,25 +165,26 @@ class Thresholds:
 def true_thresholds(inst: Instrument, seed: int, key: str, n: int = THRESHOLD_EVENTS) -> Thresholds:
     """Each dim marker's FMO_PERCENTILE on its parent (FMO_PARENT) from a large simulated FMO
     of a typical donor's live lymphocytes measured by ``inst`` (nominal gain, no drift). Only the
-    parent's cells are measured: a cell's FMO value depends on its own stains alone."""
+    parent's cells are measured: a cell's FMO value depends on its own stains alone. PD-1's parent
+    (cTfh) is read as in a real PD-1 FMO: memory CD4 cells whose measured CXCR5 is above its
+    threshold."""
     rng = stream(seed, "thresholds", key)
     F, flags, lineage = _lymphocytes(n, reference_composition(), rng)
     G = express(F, flags, lineage, inst, rng)
     af_level = np.exp(P.AF_EVENT_SD * rng.standard_normal(n)).astype(np.float32)
     inv_s = inv(inst.spillover)
-    afc = _afc(inst)
     out: dict[str, float] = {}
     for marker in DIM_MARKERS:  # CXCR5 before PD-1: PD-1's parent (cTfh) needs CXCR5's threshold
         j = P.MI[marker]
-        rows = np.flatnonzero(_parent_mask(FMO_PARENT[marker], flags))
+        parent = FMO_PARENT[marker]
+        rows = np.flatnonzero(_parent_mask("Memory CD4" if parent == "cTfh" else parent, flags))
         fmo_t = np.ascontiguousarray(G[rows].T)
         fmo_t[j] = 0.0
         raw_t = measure_t(fmo_t, af_level[rows], inst, stream(seed, "thresholds", key, marker))
         comp_j = _comp_column(raw_t, inv_s, j)
+        if parent == "cTfh":
+            comp_j = comp_j[_comp_column(raw_t, inv_s, P.MI["CXCR5"]) >= out["CXCR5"]]
         out[marker] = float(np.percentile(comp_j, FMO_PERCENTILE))
-        if marker in THRESHOLD_MARKERS:
-            nf = G[:, j] + af_level * np.float32(afc[j])
-            flags = _set_flag(flags, FLAG_OF[marker], nf >= out[marker])
     return Thresholds(out)
 
 
@@ -223,19 +219,23 @@ def measure_cells(
     """The events of ``cells`` measured by ``inst``: raw (uncompensated) channels of
     :func:`channel_names`, with threshold-based truth for the continuum markers.
 
-    ``batch_gain`` scales every detector (the batch's set-up: its true thresholds scale with it),
-    ``drift`` (14,) multiplies each fluorescence detector of this file only (not the truth).
+    A continuum marker's truth is the call a perfect gate at the true threshold makes on the
+    compensated measurement at the instrument's nominal set-up: positivity of a dim continuum is
+    defined by the measurement (the FMO convention), so noise near the threshold is part of the
+    truth, while ``batch_gain`` (the batch's set-up: its true thresholds scale with it) and
+    ``drift`` (14,: this file's detector gains) are not - a gate has to follow them.
     """
     n = len(cells.F)
     flags = cells.flags.copy()
     G = express(cells.F, flags, cells.lineage, inst, rng)
     af_level = (cells.af_factor * np.exp(P.AF_EVENT_SD * rng.standard_normal(n))).astype(np.float32)
-    afc = _afc(inst)
-    for marker in THRESHOLD_MARKERS:
-        j = P.MI[marker]
-        nf = G[:, j] + af_level * np.float32(afc[j])
-        flags = _set_flag(flags, FLAG_OF[marker], nf >= thresholds.linear[marker])
-    fl = measure(G, af_level, inst, rng)
+    fl_t = measure_t(np.ascontiguousarray(G.T), af_level, inst, rng)
+    inv_s = inv(inst.spillover)
+    for marker in THRESHOLD_MARKERS:  # positive = measured at nominal set-up above the threshold
+        comp = _comp_column(fl_t, inv_s, P.MI[marker])
+        flags = _set_flag(flags, FLAG_OF[marker], comp >= thresholds.linear[marker])
+    fl = np.ascontiguousarray(fl_t.T)
+    del fl_t
     gain = np.full(P.N_FLUOR, batch_gain, np.float32)
     if drift is not None:
         gain *= drift.astype(np.float32)
@@ -293,10 +293,17 @@ def compensated(events: np.ndarray, inst: Instrument) -> np.ndarray:
     return matmul(inv_t, fl.T)
 
 
+#: share of a file's drift common to every detector (laser power, fluidics, PMT supply); the rest
+#: is each detector's own (correlation between two detectors' drifts = COMMON_DRIFT**2)
+COMMON_DRIFT = 0.8
+
+
 def file_drift(inst: Instrument, seed: int, sample_id: str) -> np.ndarray:
-    """Per-file gain of each fluorescence detector (log-normal, sd ``inst.drift_sd``)."""
-    z = stream(seed, "drift", sample_id).standard_normal(P.N_FLUOR)
-    return np.exp(inst.drift_sd * z)
+    """Per-file gain of each fluorescence detector: log-normal with sd ``inst.drift_sd`` per
+    detector, mostly shared by all detectors."""
+    z = stream(seed, "drift", sample_id).standard_normal(P.N_FLUOR + 1)
+    own = np.sqrt(1.0 - COMMON_DRIFT**2)
+    return np.exp(inst.drift_sd * (COMMON_DRIFT * z[0] + own * z[1:]))
 
 
 def batch_gains(seed: int, batch: str, inst: Instrument) -> tuple[float, float]:

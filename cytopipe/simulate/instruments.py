@@ -323,7 +323,7 @@ def _fluorescence(name: str, rng: np.random.Generator, spec: dict) -> Instrument
         photon_mult=spec.get("photon_mult", float(np.exp(rng.uniform(np.log(0.5), np.log(2.5))))),
         electronic_mult=spec.get("electronic_mult", float(np.exp(rng.uniform(np.log(0.5), np.log(3.0))))),
         continuum_sd=np.where(dim, rng.uniform(0.15, 0.40, k), 0.0),
-        intermediate=np.where(dim, rng.uniform(0.05, 0.25, k), 0.0),
+        intermediate=np.where(dim, rng.uniform(0.1, 0.4, k), 0.0),
         cd56_gamma=float(rng.uniform(0.6, 1.0)),
         fsc_gain=spec.get("fsc_gain", float(rng.uniform(0.5, 1.7))),
         ssc_gain=spec.get("ssc_gain", float(rng.uniform(0.5, 2.5))),
@@ -372,7 +372,7 @@ def _mass(name: str, rng: np.random.Generator, spec: dict) -> Instrument:
         cofactor=5.0, detectors=detectors, fluors=fluors, pns=pns, separation=sep, brightness=bright,
         spillover=spill, af_mult=af_mult, photon_mult=1.0, electronic_mult=0.0,
         continuum_sd=np.where(dim, rng.uniform(0.15, 0.40, k), 0.0),
-        intermediate=np.where(dim, rng.uniform(0.05, 0.25, k), 0.0),
+        intermediate=np.where(dim, rng.uniform(0.1, 0.4, k), 0.0),
         cd56_gamma=float(rng.uniform(0.6, 1.0)), drift_sd=float(rng.uniform(0.05, 0.15)),
         scatter=(), float_data=True,
     )  # fmt: skip

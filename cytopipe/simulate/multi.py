@@ -279,3 +279,20 @@ def instrument_trial(
         faults=faults, control_events=control_events, overwrite=overwrite, instrument=instrument,
         fmo=fmo, fmo_events=fmo_events, instrument_per=per,
     )  # fmt: skip
+
+
+def load_instruments(trial_dir: str | Path) -> dict[str, Instrument]:
+    """The instrument profiles of a trial folder (``truth/instruments.csv``), by site or batch."""
+    from cytopipe.simulate.instruments import make_instrument
+
+    table = pd.read_csv(Path(trial_dir) / "truth" / "instruments.csv", keep_default_na=False, dtype=str)
+    out = {}
+    for row in table.to_dict("records"):
+        name = row["instrument"]
+        if name.startswith(("random:", "random-mass:")):
+            kind, seed, *key = name.split(":", 2)
+            inst = make_instrument(kind, int(seed), key[0] if key else "")
+        else:
+            inst = make_instrument(name)
+        out[row["batch"] or row["site"]] = inst
+    return out
