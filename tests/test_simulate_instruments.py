@@ -332,3 +332,35 @@ def test_cli_instrument_options(tmp_path):
     assert bad.returncode == 2 and "unknown instrument" in bad.stderr and not (tmp_path / "x").exists()
     fmo = cli("simulate", "--out", str(tmp_path / "y"), "--fmo", "--patients", "1", "--events", "500")
     assert fmo.returncode == 2 and "instrument" in fmo.stderr
+
+
+@pytest.mark.skipif(
+    not __import__("platform").machine().lower().startswith(("x86", "amd64")),
+    reason="OpenBLAS core types are x86 names",
+)
+def test_instrument_output_does_not_depend_on_the_blas_kernels(tmp_path):
+    """As for the default simulator (test_simulate.py): the same bytes with OpenBLAS's Nehalem
+    kernels as with this machine's own (no BLAS in anything written)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from tests.pipeline_support import REPO, cli_env
+
+    digests = set()
+    for coretype in (None, "Nehalem"):
+        env = cli_env()
+        env.pop("OPENBLAS_CORETYPE", None)
+        if coretype:
+            env["OPENBLAS_CORETYPE"] = coretype
+        out = tmp_path / (coretype or "native")
+        cmd = [sys.executable, "-m", "cytopipe", "simulate", "--out", str(out), "--patients", "1"]
+        cmd += ["--visits", "0", "--events", "2000", "--seed", "5", "--control-events", "200"]
+        cmd += ["--instrument", "random", "--fmo"]
+        run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+        assert run.returncode == 0, run.stderr
+        h = hashlib.sha256()
+        for p in sorted(q for q in out.rglob("*") if q.is_file()):
+            h.update(p.relative_to(out).as_posix().encode() + p.read_bytes())
+        digests.add(h.hexdigest())
+    assert len(digests) == 1
