@@ -176,3 +176,49 @@ def threshold_floor(trial_dir, with_drift: bool = True) -> pd.DataFrame:
             rows.append({"sample_id": r.sample_id, "population": pop, "pct_parent_true": float(tt[pop]),
                          "pct_parent": pct, "source": "threshold", "fallback": False, "error": ""})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def accuracy_across_instruments(
+    folder,
+    seeds,
+    template=TEMPLATE,
+    instrument: str = "random",
+    patients: int = 2,
+    visits=(0, 12),
+    events: int = 6000,
+    pooled: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """One trial per seed on ``instrument`` profiles (drawn per site), each gated with
+    ``template``: returns (accuracy table over all files, threshold floor table, gated rows with
+    ``seed`` and ``instruments`` columns)."""
+    from cytopipe.simulate import instrument_trial
+
+    frames, floors = [], []
+    for seed in seeds:
+        out = Path(folder) / f"seed{seed}"
+        trial = instrument_trial(out, instrument=instrument, seed=seed, patients=patients, visits=visits,
+                                 events=events, control_events=100)  # fmt: skip
+        g = gate_trial(out, template, pooled)
+        g["seed"] = seed
+        g["instruments"] = ";".join(sorted({i.cytometer for i in trial.instruments.values()}))
+        frames.append(g)
+        if trial.instruments and next(iter(trial.instruments.values())).kind != "mass":
+            floors.append(threshold_floor(out).assign(seed=seed))
+    gated = pd.concat(frames, ignore_index=True)
+    floor = accuracy_table(pd.concat(floors, ignore_index=True)) if floors else pd.DataFrame()
+    return accuracy_table(gated), floor, gated
+
+
+def format_accuracy(acc: pd.DataFrame, floor: pd.DataFrame, gated: pd.DataFrame, title: str) -> str:
+    """The printed report of :func:`accuracy_across_instruments`."""
+    n_files = len(gated) // max(gated["population"].nunique(), 1)
+    kinds = gated.groupby("seed")["instruments"].first().value_counts().to_dict()
+    lines = [f"{title}: {gated['seed'].nunique()} trials, {n_files} files; instruments per trial {kinds}",
+             acc.round(3).to_string(index=False)]  # fmt: skip
+    if len(floor):
+        lines += ["a perfect gate at each file's true thresholds (the measurement's own error):",
+                  floor[["population", "n", "mae_pp", "ccc"]].round(3).to_string(index=False)]  # fmt: skip
+    failed = gated[gated["source"] == "error"].drop_duplicates(["seed", "sample_id"])
+    if len(failed):
+        lines.append(f"files not gated: {failed['error'].value_counts().to_dict()}")
+    return "\n".join(lines)

@@ -272,33 +272,28 @@ def test_canonical_template_accuracy_across_random_instruments(tmp_path):
     """The canonical template through the real engine on 20 random instrument profiles (small
     trials: 2 patients x 2 visits, 6,000 events per file). Prints the figures; asserts only that
     the harness measured every population (gating accuracy is the gating work's to improve)."""
-    from tests.accuracy_support import accuracy_table, gate_trial, threshold_floor
+    from tests.accuracy_support import accuracy_across_instruments, format_accuracy
 
-    frames, floors = [], []
-    for seed in ACCURACY_SEEDS:
-        out = tmp_path / f"s{seed}"
-        trial = instrument_trial(out, instrument="random", seed=seed, patients=2, visits=(0, 12), events=6000,
-                                 control_events=100)  # fmt: skip
-        g = gate_trial(out)
-        g["seed"] = seed
-        floors.append(threshold_floor(out).assign(seed=seed))
-        g["instruments"] = ";".join(sorted({i.cytometer for i in trial.instruments.values()}))
-        frames.append(g)
-    gated = pd.concat(frames, ignore_index=True)
-    acc = accuracy_table(gated)
-    n_inst = gated.groupby("seed")["instruments"].first()
-    print(f"\ncanonical template on {len(ACCURACY_SEEDS)} random-instrument trials ({gated['sample_id'].nunique()} "
-          f"sample ids, {len(gated) // len(POPULATION_NAMES)} files; instruments {n_inst.value_counts().to_dict()}):")  # fmt: skip
-    print(acc.round(3).to_string(index=False))
-    floor = accuracy_table(pd.concat(floors, ignore_index=True))
-    print("a perfect gate at each file's true thresholds (the measurement's own error):")
-    print(floor[["population", "n", "mae_pp", "ccc"]].round(3).to_string(index=False))
-    failed = gated[gated["source"] == "error"].drop_duplicates(["seed", "sample_id"])
-    if len(failed):
-        print("files not gated:", failed["error"].value_counts().to_dict())
+    acc, floor, gated = accuracy_across_instruments(tmp_path, ACCURACY_SEEDS)
+    print("\n" + format_accuracy(acc, floor, gated, "canonical template on random instruments"))
     assert list(acc["population"]) == list(POPULATION_NAMES)
     assert (acc["n"] + acc["undefined"] + acc["failed"] == len(ACCURACY_SEEDS) * 4).all()
     assert acc["fallback_rate"].between(0, 1).all() and acc["mae_pp"].notna().any()
+    assert list(floor["population"]) == ["Th17", "Th1", "cTfh", "activated cTfh"] and (floor["n"] == 80).all()
+
+
+@pytest.mark.slow
+def test_canonical_template_accuracy_at_the_issue_scale(tmp_path):
+    """The issue's measurement: >= 20 random profiles, 24 files each (6 patients x 4 visits),
+    20,000 events per file. Prints only (~20-40 min on 2 cores)."""
+    from tests.accuracy_support import accuracy_across_instruments, format_accuracy
+
+    seeds = tuple(range(9201, 9221))
+    acc, floor, gated = accuracy_across_instruments(
+        tmp_path, seeds, patients=6, visits=(0, 4, 12, 24), events=20000
+    )
+    print("\n" + format_accuracy(acc, floor, gated, "canonical template, issue scale"))
+    assert (acc["n"] + acc["undefined"] + acc["failed"] == len(seeds) * 24).all()
 
 
 def test_harness_finds_the_canonical_template_exact_on_its_own_simulator(tmp_path):

@@ -293,17 +293,22 @@ def compensated(events: np.ndarray, inst: Instrument) -> np.ndarray:
     return matmul(inv_t, fl.T)
 
 
-#: share of a file's drift common to every detector (laser power, fluidics, PMT supply); the rest
-#: is each detector's own (correlation between two detectors' drifts = COMMON_DRIFT**2)
-COMMON_DRIFT = 0.8
+#: variance shares of a file's drift: fluidics / core stream (every detector), laser power (the
+#: detectors of one laser) and the detector's own (PMT/APD): 36% / 49% / 15%
+DRIFT_SHARES = (0.36, 0.49, 0.15)
 
 
 def file_drift(inst: Instrument, seed: int, sample_id: str) -> np.ndarray:
     """Per-file gain of each fluorescence detector: log-normal with sd ``inst.drift_sd`` per
-    detector, mostly shared by all detectors."""
-    z = stream(seed, "drift", sample_id).standard_normal(P.N_FLUOR + 1)
-    own = np.sqrt(1.0 - COMMON_DRIFT**2)
-    return np.exp(inst.drift_sd * (COMMON_DRIFT * z[0] + own * z[1:]))
+    detector, shared by all detectors, by those of a laser, and the detector's own."""
+    rng = stream(seed, "drift", sample_id)
+    z_all = rng.standard_normal()
+    lasers = sorted(set(inst.lasers))
+    z_laser = dict(zip(lasers, rng.standard_normal(len(lasers))))
+    z_own = rng.standard_normal(P.N_FLUOR)
+    a, b, c = (np.sqrt(v) for v in DRIFT_SHARES)
+    z = a * z_all + b * np.array([z_laser[x] for x in inst.lasers]) + c * z_own
+    return np.exp(inst.drift_sd * z)
 
 
 def batch_gains(seed: int, batch: str, inst: Instrument) -> tuple[float, float]:

@@ -128,6 +128,11 @@ class Instrument:
     float_data: bool = False  # values not rounded to whole detector units
 
     @property
+    def lasers(self) -> tuple[str, ...]:
+        """The laser of each marker's detector (``params.MARKERS`` order)."""
+        return tuple(laser_of(f, self.kind) for f in self.fluors)
+
+    @property
     def has_scatter(self) -> bool:
         return self.kind != "mass"
 
@@ -200,6 +205,25 @@ def _mass_spillover(k: int, rng: np.random.Generator) -> np.ndarray:
         if rng.random() < 0.5:
             s[i, i + 3] = rng.uniform(0.005, 0.02)  # the channel ~16 Da heavier in this panel
     return np.round(s, 4)
+
+
+def laser_of(fluor: str, kind: str = "fluorescence") -> str:
+    """The laser exciting a fluorochrome (mass cytometry: one ion source); drift is shared by
+    the detectors of a laser."""
+    if kind == "mass":
+        return "ion source"
+    f = fluor.upper()
+    prefixes = (
+        ("UV", "UV"), ("BUV", "UV"), ("LIVE DEAD BLUE", "UV"), ("VL", "violet"), ("BV", "violet"),
+        ("SUPER BRIGHT", "violet"), ("LIVE DEAD YELLOW", "violet"), ("BL", "blue"), ("FITC", "blue"),
+        ("BB", "blue"), ("PERCP", "blue"), ("SPARK BLUE", "blue"), ("YL", "yellow-green"),
+        ("PE", "yellow-green"), ("RL", "red"), ("APC", "red"), ("ALEXA FLUOR 700", "red"),
+        ("SPARK NIR", "red"),
+    )  # fmt: skip
+    for prefix, laser in sorted(prefixes, key=lambda p: -len(p[0])):
+        if f.startswith(prefix):
+            return laser
+    return "other"
 
 
 def _pns(marker: str, fluor: str, rng: np.random.Generator | None) -> str:
