@@ -58,7 +58,14 @@ def simulate_instrument_trial(
     units = sorted(set(cohort.samples[per]))  # one instrument per site (or batch)
     site_of = dict(zip(cohort.samples[per], cohort.samples["site"]))
     insts = site_instruments(instrument, units, seed)
-    thresholds = {u: true_thresholds(insts[u], seed, f"{per}:{u}") for u in units}
+    thresholds, named = {}, {}
+    for u in units:  # a named profile is the same instrument everywhere: its thresholds once
+        if insts[u].name.startswith("random"):
+            thresholds[u] = true_thresholds(insts[u], seed, f"{per}:{u}")
+        else:
+            if insts[u].name not in named:
+                named[insts[u].name] = true_thresholds(insts[u], seed, f"named:{insts[u].name}")
+            thresholds[u] = named[insts[u].name]
     _prepare_dirs(out)
 
     manifest_rows, truth_rows, sample_rows, fault_rows, thr_rows = [], [], [], [], []
