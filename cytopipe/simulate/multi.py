@@ -251,7 +251,12 @@ spillover_<site>.csv     the true spillover matrix of each site's (or batch's) i
 thresholds.csv           per batch and dim marker: the TRUE threshold (compensated linear units, and
                          arcsinh at the instrument's cofactor and at 150) = the 99.5th percentile of the
                          marker's FMO control on its parent; CXCR5, PD-1, CXCR3 and CCR6 positivity in the
-                         labels and population_truth.csv is "noise-free value above this threshold"
+                         labels and population_truth.csv is "compensated measurement at the
+                         instrument's nominal set-up (before the batch gain and the file's drift) above
+                         this threshold"
+labels/*.npz faults      instrument-profile files add the fault code "spike" (flow-rate surge); "clog" is
+                         slow flow, a stop and a burst
+labels/FMO_*.npz         with --fmo: labels of the FMO controls (fcs/controls/FMO_<batch>_<marker>.fcs)
 """
 
 
