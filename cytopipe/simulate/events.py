@@ -5,6 +5,10 @@ composition of :class:`~cytopipe.simulate.cohort.Cohort.samples`. Each cell gets
 (lineage, CD25hi, CXCR5+, ...), fluorochrome abundances (log-normal per state), autofluorescence,
 spillover into neighbouring detectors, photon (Poisson-like) and electronic noise, a batch
 (day) gain and a per-patient staining level. Everything is vectorised numpy.
+
+(Over 600 lines for a reason: the cell model - lineages, doublets, dead cells, debris, scatter
+geometry - is one piece whose random draws must stay in this exact order for byte-identical
+output; instrument profiles reuse :func:`draw_cells` from here.)
 """
 
 from __future__ import annotations
@@ -16,7 +20,15 @@ import numpy as np
 
 from cytopipe.simulate import params as P
 from cytopipe.simulate._exact import cholesky2, inv, matmul
-from cytopipe.simulate.populations import CATEGORY, FAULT, FLAG, LINEAGE, membership_masks, pack_membership
+from cytopipe.simulate.populations import (
+    CATEGORY,
+    FAULT,
+    FAULTS,
+    FLAG,
+    LINEAGE,
+    membership_masks,
+    pack_membership,
+)
 
 # column indices in the full 18-channel event matrix
 I_FSC_A, I_FSC_H, I_SSC_A = 0, 1, 2
@@ -46,6 +58,7 @@ class EventData:
     lineage: np.ndarray  # uint8 (populations.LINEAGES)
     fault: np.ndarray  # uint8 (populations.FAULTS)
     faults: list[dict] = field(default_factory=list)  # description of injected faults
+    fault_names: tuple[str, ...] = FAULTS  # names of the ``fault`` codes
 
     @property
     def membership(self) -> np.ndarray:
@@ -239,6 +252,39 @@ def simulate_sample(
     faults: Sequence[str] = (),
 ) -> EventData:
     """Simulate one stained blood sample (``n_events`` events) from a composition row."""
+    cells = draw_cells(n_events, comp, rng, marker_level, batch_gain)
+    events = _acquire(cells.F, cells.af_factor, cells.fsc, cells.fsch, cells.ssc, scatter_gain, rate, rng)
+    n = len(events)
+    data = EventData(events, cells.flags, cells.category, cells.lineage, np.zeros(n, np.uint8))
+    if faults:
+        inject_faults(data, faults, rng, rate)
+    return data
+
+
+@dataclass
+class Cells:
+    """Cells of one sample in acquisition order, before optics: abundances (n x 14, reference
+    units), autofluorescence factor, noise-free scatter and the per-event truth."""
+
+    F: np.ndarray
+    af_factor: np.ndarray
+    fsc: np.ndarray
+    fsch: np.ndarray
+    ssc: np.ndarray
+    flags: np.ndarray
+    category: np.ndarray
+    lineage: np.ndarray
+
+
+def draw_cells(
+    n_events: int,
+    comp: Mapping[str, float],
+    rng: np.random.Generator,
+    marker_level: np.ndarray | None = None,
+    batch_gain: np.ndarray | None = None,
+) -> Cells:
+    """The cells of one sample (``n_events`` events) from a composition row, shuffled into
+    acquisition order (the random draws of :func:`simulate_sample` before its optics)."""
     n = int(n_events)
     c = comp
     p_ls = 1.0 - c["p_debris"] - c["p_monocytes"] - c["p_doublets"]
@@ -367,13 +413,10 @@ def simulate_sample(
         F *= batch_gain
     assert len(F) == n, (len(F), n)
     order = rng.permutation(n)
-    events = _acquire(
-        F[order], af_factor[order], fsc[order], fsch[order], ssc[order], scatter_gain, rate, rng
-    )
-    data = EventData(events, flags[order], category[order], lineage[order], np.zeros(n, np.uint8))
-    if faults:
-        inject_faults(data, faults, rng, rate)
-    return data
+    return Cells(
+        F[order], af_factor[order], fsc[order], fsch[order], ssc[order], flags[order], category[order],
+        lineage[order],
+    )  # fmt: skip
 
 
 def _dead_scatter(fsc, ssc, factors, inside: bool, rng, rounds: int = 40):

@@ -45,6 +45,7 @@ class Trial:
     cohort: Cohort
     spillover: np.ndarray
     faulted: dict[str, list[str]] = field(default_factory=dict)
+    instruments: dict = field(default_factory=dict)  # site -> Instrument (instrument profiles only)
 
 
 def simulate_trial(
@@ -57,6 +58,10 @@ def simulate_trial(
     faults: bool | float | Mapping[str, Sequence[str]] | None = None,
     control_events: int = 5000,
     overwrite: bool = False,
+    instrument: str | None = None,
+    fmo: bool = False,
+    fmo_events: int | None = None,
+    instrument_per: str = "site",
 ) -> Trial:
     """Write a simulated IL-2 trial with per-event ground truth into ``out_dir``.
 
@@ -64,6 +69,13 @@ def simulate_trial(
     ``faults``: None/False (no faults), True (inject into a default 25% of the sample files),
     a fraction of files, or a mapping sample_id -> fault kinds (``clog``, ``shift``, ``margin``).
     The same arguments always give byte-identical files.
+
+    ``instrument`` measures the trial on instrument profiles instead of the default instrument:
+    a named profile (``fortessa``, ``symphony``, ``aurora``, ``attune``, ``cytof``) for every site,
+    or ``random`` / ``random-mass`` (a profile drawn per site from ``seed``, or per batch with
+    ``instrument_per="batch"``); see
+    :mod:`cytopipe.simulate.instruments`. ``fmo=True`` (instrument profiles only) adds one FMO
+    control per dim marker and batch (``fmo_events`` events each, default 4 x ``events`` and at least 50,000).
     """
     out = Path(out_dir)
     if int(events) < 100:
@@ -71,7 +83,26 @@ def simulate_trial(
     if int(control_events) < 100:
         raise SimulationError(f"control_events must be at least 100 per control, got {control_events}")
     cohort = simulate_cohort(n_patients=n_patients, visits=visits, seed=seed, effect=effect)
-    fault_plan = _fault_plan(faults, list(cohort.samples["sample_id"]), seed)
+    if instrument is not None:
+        from cytopipe.simulate.faults import INSTRUMENT_FAULT_KINDS
+
+        fault_plan = _fault_plan(faults, list(cohort.samples["sample_id"]), seed, INSTRUMENT_FAULT_KINDS)
+    else:
+        fault_plan = _fault_plan(faults, list(cohort.samples["sample_id"]), seed)
+    if instrument is not None:
+        from cytopipe.simulate.instruments import make_instrument
+        from cytopipe.simulate.multi import simulate_instrument_trial
+
+        make_instrument(instrument, seed)  # an unknown name fails before anything is written
+        _prepare(out, overwrite)
+        return simulate_instrument_trial(
+            out, instrument, n_patients, visits, events, seed, effect, fault_plan, control_events,
+            fmo=fmo, fmo_events=fmo_events, per=instrument_per,
+        )  # fmt: skip
+    if fmo:
+        raise SimulationError(
+            "FMO controls are simulated for instrument profiles: add instrument='fortessa' etc."
+        )
     _prepare(out, overwrite)  # only once every argument is known to be good
     spill = P.spillover_matrix()
     from cytopipe.fcs import Spillover
@@ -160,7 +191,14 @@ def _prepare(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _fault_plan(faults, sample_ids: list[str], seed: int) -> dict[str, tuple[str, ...]]:
+def _prepare_dirs(out: Path) -> None:
+    (out / "fcs" / "controls").mkdir(parents=True, exist_ok=True)
+    (out / "truth" / "labels").mkdir(parents=True, exist_ok=True)
+
+
+def _fault_plan(
+    faults, sample_ids: list[str], seed: int, allowed: tuple[str, ...] = FAULT_KINDS
+) -> dict[str, tuple[str, ...]]:
     if faults is None or faults is False:
         return {}
     if isinstance(faults, Mapping):
@@ -170,14 +208,10 @@ def _fault_plan(faults, sample_ids: list[str], seed: int) -> dict[str, tuple[str
                 raise SimulationError(
                     f"fault plan names unknown sample {sid!r}; samples are e.g. {sample_ids[:3]}"
                 )
-            kinds = (
-                FAULT_KINDS if kinds in ("all", None) else tuple([kinds] if isinstance(kinds, str) else kinds)
-            )
-            bad = [k for k in kinds if k not in FAULT_KINDS]
+            kinds = allowed if kinds in ("all", None) else tuple([kinds] if isinstance(kinds, str) else kinds)
+            bad = [k for k in kinds if k not in allowed]
             if bad:
-                raise SimulationError(
-                    f"unknown fault kind(s) {bad} for {sid}; choose from {list(FAULT_KINDS)}"
-                )
+                raise SimulationError(f"unknown fault kind(s) {bad} for {sid}; choose from {list(allowed)}")
             plan[sid] = tuple(kinds)
         return plan
     fraction = DEFAULT_FAULT_FRACTION if faults is True else float(faults)
@@ -187,7 +221,7 @@ def _fault_plan(faults, sample_ids: list[str], seed: int) -> dict[str, tuple[str
     k = max(1, int(round(fraction * len(sample_ids))))
     chosen = sorted(rng.choice(len(sample_ids), size=k, replace=False))
     # rotate through the fault kinds so every kind occurs
-    return {sample_ids[j]: (FAULT_KINDS[r % len(FAULT_KINDS)],) for r, j in enumerate(chosen)}
+    return {sample_ids[j]: (allowed[r % len(allowed)],) for r, j in enumerate(chosen)}
 
 
 def _write_fcs(path: Path, data: EventData, row: Mapping, spill_kw) -> None:
