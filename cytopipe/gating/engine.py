@@ -28,12 +28,15 @@ from cytopipe.gating import _compat
 from cytopipe.gating._median import MedianScratch, median
 from cytopipe.gating.fitters import DataDrivenGate, FitFailure, Fitter, subsample_index
 from cytopipe.gating.gates import BooleanGate, Dim, Gate
+from cytopipe.gating.landmarks import LandmarkFailure
 from cytopipe.gating.template import ROOT, Population, Template
 from cytopipe.schema import STATS_COLUMNS
 
 if TYPE_CHECKING:  # pragma: no cover
     from cytopipe.gating.values import EventValues
 
+NOT_MEASURED = "not measured"  # PopulationResult.source of a population a file cannot measure
+DEFAULT_FIT_EVENTS = 20_000
 FIT_COLUMNS = ["sample_id", "key", "population", "method", "pool", "status", "reason", "n_parent", "params"]
 
 
@@ -49,10 +52,12 @@ class PopulationResult:
     gate: Gate | None  # the gate actually applied (fitted gates realized as fixed geometry)
     medians: dict[str, float] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
-    source: str = "fixed"  # fixed | fitted | pooled | mixed | boolean
+    source: str = "fixed"  # fixed | fitted | control | reference | pooled | mixed | boolean | not measured
 
     @property
     def pct_parent(self) -> float:
+        if self.source == NOT_MEASURED:
+            return float("nan")
         return 100.0 * self.count / self.parent_count if self.parent_count else float("nan")
 
 
@@ -79,6 +84,7 @@ class GatingResult:
         self.file = file
         self.populations: dict[str, PopulationResult] = {}
         self.fits: list[FitRecord] = []
+        self.sources: list[tuple[str, str]] = []  # (population, which control/reference set a threshold)
         self.compensation: dict | None = None  # {"channels": [...], "matrix": [[...]]} actually applied
         self.transforms: dict[str, dict] = {}  # channel -> transform spec actually applied
         self.channel_of: dict[str, str] = {}  # marker -> $PnN used for this file
@@ -307,6 +313,7 @@ def gate(
     mapping: Mapping[str, str] | None = None,
     transforms: Mapping[str, Mapping] | None = None,
     medians: bool = True,
+    controls: Mapping[str, Any] | None = None,
 ) -> GatingResult:
     """Gate one sample with a template.
 
@@ -315,6 +322,7 @@ def gate(
     template's ``default`` values are the fallback. ``mapping`` adds marker -> channel
     entries to the template's ``panel``; ``transforms`` overrides per-marker transforms
     (e.g. the ones locked for a study). ``medians=False`` skips the per-population medians.
+    ``controls`` maps a marker to its FMO control sample (``reference`` gates with ``control: fmo``).
     """
     if not isinstance(template, Template):
         from cytopipe.gating.template import load_template
@@ -328,6 +336,7 @@ def gate(
         file=getattr(sample, "path", None),
         mapping=mapping,
         transforms=transforms,
+        controls=controls,
     )
     return engine.run(pooled=pooled, sample_meta=sample_meta, medians=medians)
 
@@ -344,6 +353,7 @@ class Engine:
         file=None,
         mapping: Mapping[str, str] | None = None,
         transforms: Mapping[str, Mapping] | None = None,
+        controls: Mapping[str, Any] | None = None,
     ):
         if events.ndim != 2 or events.shape[1] != len(channels):
             raise GatingError(
@@ -373,6 +383,10 @@ class Engine:
         self._subset_values: dict[tuple, np.ndarray] = {}  # dimension inside one population
         self._fits: dict[tuple, tuple] = {}  # memoised fits
         self.applied_transforms: dict[str, dict] = {}  # $PnN -> transform actually applied
+        # FMO controls by marker (a Sample each): `reference` gates with `control: fmo` take that
+        # marker's threshold from the control's events of the same parent
+        self.controls = dict(controls or {})
+        self.missing: dict[str, str] = {}  # marker -> why it is not measured in this file
         self._resolve_all()
 
     # ---- resolution ------------------------------------------------------------------------
@@ -394,7 +408,16 @@ class Engine:
             except PanelError:
                 self._resolved = {}  # resolve one by one below, to name the population
         for name, d, population, key in uses:
-            self._column(name, d, population, key=key)
+            if name in self.missing:
+                continue
+            try:
+                self._column(name, d, population, key=key)
+            except PanelError as exc:
+                # a marker the file does not carry drops only the populations that need it
+                # (reported "not measured"); an ambiguous or mis-mapped marker is still an error
+                if "no channel carries marker" not in exc.message:
+                    raise
+                self.missing[name] = exc.message
 
     def _column(self, name: str, dim: Dim, population: str | None, key: str = "markers") -> int:
         if name in self._col:
@@ -586,7 +609,24 @@ class Engine:
                 full_masks[name] = m
             return full_masks[name]
 
+        self._idx_now = idx
+        not_measured: dict[str, str] = {}
         for pop in self.template:
+            reason = self._unmeasured(pop, not_measured)
+            if reason:
+                not_measured[pop.name] = reason
+                idx[pop.name] = np.zeros(0, dtype=np.int64)
+                counts[pop.name] = 0
+                result.populations[pop.name] = PopulationResult(
+                    name=pop.name,
+                    parent=pop.parent,
+                    count=0,
+                    parent_count=counts[pop.parent],
+                    gate=None,
+                    flags=[f"not measured: {reason}"],
+                    source=NOT_MEASURED,
+                )
+                continue
             pidx = idx[pop.parent]
             flags: list[str] = []
             source = "fixed"
@@ -623,18 +663,33 @@ class Engine:
             self._medians(result)
         return result
 
+    def _unmeasured(self, pop: Population, not_measured: Mapping[str, str]) -> str:
+        """Why ``pop`` cannot be gated in this file ('' when it can)."""
+        for dep in pop.depends_on:
+            if dep in not_measured:
+                return f"{dep} is not measured"
+        optional = set(getattr(pop.gate, "optional", ()))
+        for d in _all_dims(pop.gate):
+            for name in (d.ratio.numerator, d.ratio.denominator) if d.ratio else (d.name,):
+                if name in self.missing and name not in optional:
+                    return f"marker {name} is not in the file"
+        return ""
+
     # ---- data-driven gates -----------------------------------------------------------------
     def _fit_gate(self, pop: Population, pidx, pooled, meta, flags, result):
         g: DataDrivenGate = pop.gate
         n_parent = self.events.shape[0] if pidx is None else len(pidx)
-        own: dict[str, np.ndarray | None] = {}
         fallback: dict[str, tuple[np.ndarray, str] | None] = {}
         chosen: dict[str, np.ndarray] = {}
         used_own: dict[str, bool] = {}
-        reasons: dict[str, str] = {}
+        sources: set[str] = set()
+        fitters = dict(g.fit_items())
         for suffix, fitter in g.fit_items():
             key = pop.name + suffix
-            params, reason = self._fit(fitter, pop.parent, pidx, n_parent)
+            if any(d.name in self.missing for d in fitter.dims):  # an optional marker the file lacks
+                flags.append(f"{key}: marker {fitter.dims[0].name} is not in the file; gated without it")
+                continue
+            params, reason, relative, how = self._fit(fitter, pop.parent, pidx, n_parent)
             if params is not None and not reason:
                 reason = fitter.out_of_bounds(params) or ""
             status = "ok" if params is not None and not reason else "failed"
@@ -650,9 +705,11 @@ class Engine:
                     params=None if params is None else params.tolist(),
                 )
             )
-            ref = self._reference(key, fitter, pooled, meta)
+            ref = self._reference(key, fitter, pooled, meta, relative, how)
             fallback[suffix] = ref
-            if status == "ok" and ref is not None and fitter.bounds.max_shift is not None:
+            if status == "ok" and ref is not None and fitter.bounds.max_shift is not None and ref[2]:
+                # only a pooled estimate of the same study can overrule a sample's own fit; a
+                # typed default or a landmark-relative fallback never does
                 shift = fitter.shift(params, ref[0])
                 if shift > fitter.bounds.max_shift:
                     status = "shifted"
@@ -660,11 +717,15 @@ class Engine:
                         f"fit {fitter.describe(params)} is {shift:.3g} away from the {ref[1]} "
                         f"{fitter.describe(ref[0])} (max_shift {fitter.bounds.max_shift})"
                     )
-            own[suffix] = params
-            reasons[suffix] = reason
             used_own[suffix] = status == "ok"
             if status == "ok":
                 chosen[suffix] = params
+                if fitter.method == "reference":
+                    sources.add("control" if how.startswith("FMO") else "reference")
+                    flags_note = f"{key}: threshold {fitter.describe(params)} set by the {how}"
+                    result.sources.append((pop.name, flags_note))
+                else:
+                    sources.add("fitted")
             else:
                 if ref is None:
                     raise GatingError(
@@ -678,10 +739,10 @@ class Engine:
 
         applied = g.realize(chosen)
         inside = applied.contains(self.gather(applied.dims, pidx, pop.parent))
-        if g.fraction is not None and any(used_own.values()) and n_parent:
+        if g.fraction is not None and n_parent:
             frac = float(inside.mean())
             lo, hi = g.fraction
-            if not lo <= frac <= hi:
+            if not lo <= frac <= hi and any(used_own.values()):
                 # the sample's own fit is implausible: keep it out of pooled estimates too
                 for rec in result.fits:
                     if rec.population == pop.name and rec.status == "ok":
@@ -691,7 +752,6 @@ class Engine:
                         )
                 refs = {s: fallback[s] for s in chosen}
                 if all(refs[s] is not None for s in chosen if used_own[s]):
-                    fitters = dict(g.fit_items())
                     for s in chosen:
                         if used_own[s]:
                             chosen[s] = refs[s][0]
@@ -702,20 +762,27 @@ class Engine:
                             )
                     applied = g.realize(chosen)
                     inside = applied.contains(self.gather(applied.dims, pidx, pop.parent))
-                else:
-                    flags.append(
-                        f"{pop.name}: the gate keeps {frac:.1%} of the parent, outside [{lo:.0%}, {hi:.0%}]"
-                    )
-        if all(used_own.values()):
-            source = "fitted"
+                    new_frac = float(inside.mean())
+                    if not lo <= new_frac <= hi:
+                        flags[-1] += f" (which keeps {new_frac:.1%}, also outside)"
+                    frac = lo  # flagged above
+            if not lo <= frac <= hi:
+                # whatever the gate now is (own fit, pooled, fallback), say it is implausible
+                flags.append(
+                    f"{pop.name}: the gate keeps {frac:.1%} of the parent, outside [{lo:.0%}, {hi:.0%}]"
+                )
+        if used_own and all(used_own.values()):
+            source = sources.pop() if len(sources) == 1 else "fitted"
         elif not any(used_own.values()):
             source = "pooled"
         else:
             source = "mixed"
         return applied, inside, source
 
-    def _fit(self, fitter: Fitter, parent: str, pidx, n_parent: int) -> tuple[np.ndarray | None, str]:
-        """Fit one fitter on the parent's events: ``(params, "")`` or ``(None, reason)``.
+    def _fit(self, fitter: Fitter, parent: str, pidx, n_parent: int):
+        """Fit one fitter on the parent's events: ``(params, reason, fallback, how)``; ``params`` is
+        None when the fit failed (``reason`` says why); ``fallback`` is a landmark-relative value
+        (``how`` describes it) or None.
 
         Fits are memoised on (parent, dimensions, method, options), and their random subsample
         is seeded from that key: a threshold shared by two gates (e.g. CD4 in the CD4 T and
@@ -732,34 +799,98 @@ class Engine:
             return self._fits[memo_key]
         seed = zlib.crc32(repr(memo_key).encode())
         rng = np.random.default_rng([self.template.seed, seed])
-        out: tuple[np.ndarray | None, str]
+        out: tuple
         try:
-            if n_parent < fitter.bounds.min_events:
-                raise FitFailure(f"only {n_parent} events in the parent (need >= {fitter.bounds.min_events})")
-            pos = subsample_index(n_parent, fitter.events_needed, rng)
-            values = self.gather(fitter.dims, pidx, parent, pos)
-            out = (np.asarray(fitter.fit(values, rng), dtype=np.float64), "")
+            if fitter.method == "reference":
+                out = self._fit_reference(fitter, parent, pidx, rng)
+            else:
+                if n_parent < fitter.bounds.min_events:
+                    raise FitFailure(
+                        f"only {n_parent} events in the parent (need >= {fitter.bounds.min_events})"
+                    )
+                pos = subsample_index(n_parent, fitter.events_needed, rng)
+                values = self.gather(fitter.dims, pidx, parent, pos)
+                if hasattr(fitter, "fit_full"):
+                    params, fb, how = fitter.fit_full(values, rng)
+                    out = (np.asarray(params, dtype=np.float64), "", fb, how)
+                else:
+                    out = (np.asarray(fitter.fit(values, rng), dtype=np.float64), "", None, "")
         except FitFailure as exc:
-            out = (None, str(exc))
+            out = (None, str(exc), getattr(exc, "fallback", None), getattr(exc, "how", ""))
         except (ValueError, np.linalg.LinAlgError, FloatingPointError) as exc:  # numeric trouble
-            out = (None, f"fit failed: {exc}")
+            out = (None, f"fit failed: {exc}", None, "")
         self._fits[memo_key] = out
         return out
 
-    def _reference(self, key: str, fitter: Fitter, pooled: PooledEstimates | None, meta) -> tuple | None:
+    def _fit_reference(self, fitter: Fitter, parent: str, pidx, rng):
+        """``reference`` thresholds: an FMO control's events of the same parent, else another
+        population of this sample; without either, the parent's own landmarks (flagged)."""
+        marker = fitter.dims[0].name
+        opts = fitter.options
+        values = None
+        if opts.get("control") == "fmo" and marker in self.controls:
+            ctl = self.controls[marker]
+            sub = Engine(
+                ctl.events,
+                ctl.channels,
+                self.template,
+                spillover=getattr(ctl, "spillover", None),
+                file=getattr(ctl, "path", None),
+                mapping=self.panel,
+                transforms=self.overrides,
+            )
+            # the control lacks (or has blank) the marker's stain but has its channel
+            res = sub.run(medians=False)
+            if parent != ROOT and res.populations[parent].source == NOT_MEASURED:
+                raise FitFailure(f"the FMO control of {marker} has no {parent} population")
+            cidx = None if parent == ROOT else res.indices(parent)
+            values = sub.gather(fitter.dims, cidx, None)
+            source = f"FMO control {Path(str(getattr(ctl, 'path', 'control'))).name}"
+        elif opts.get("population"):
+            ref = opts["population"]
+            ridx = self._idx_now.get(ref)
+            values = self.gather(fitter.dims, ridx, ref)
+            source = f"population {ref}"
+        if values is None:
+            from cytopipe.gating.landmarks import RelativeThresholdFitter
+
+            auto = RelativeThresholdFitter("auto", fitter.dims, {}, fitter.bounds, fitter.pool)
+            n = self.events.shape[0] if pidx is None else len(pidx)
+            pos = subsample_index(n, DEFAULT_FIT_EVENTS, rng)
+            try:
+                params = auto.fit_full(self.gather(fitter.dims, pidx, parent, pos), rng)[0]
+            except FitFailure as exc:
+                params = getattr(exc, "fallback", None)
+                if params is None:
+                    raise
+            raise LandmarkFailure(
+                f"no FMO control of {marker} was given", params, "auto threshold of the parent (no control)"
+            )
+        t = fitter.fit(values, rng)
+        return (np.asarray(t, dtype=np.float64), "", None, source)
+
+    def _reference(
+        self, key: str, fitter: Fitter, pooled: PooledEstimates | None, meta, relative=None, how: str = ""
+    ) -> tuple | None:
+        """What a failed fit falls back on, best first: ``(params, description, is_pooled)``:
+        the study's pooled estimate, the landmark-relative fallback of this sample, the
+        template's typed ``default``."""
         if pooled is not None:
             hit = pooled.lookup(key, fitter.pool, meta)
             if hit is not None:
-                return hit
+                return (*hit, True)
+        if relative is not None:
+            return np.asarray(relative, dtype=np.float64), f"landmark fallback ({how})", False
         if fitter.default is not None:
-            return fitter.default, "template default"
+            return fitter.default, "template default", False
         return None
 
     # ---- medians ---------------------------------------------------------------------------
     def _medians(self, result: GatingResult) -> None:
         markers = self.template.median_markers()
         cols = []
-        for m in markers:
+        present = [m for m in markers if m not in self.missing]
+        for m in present:
             col = self._column(m, Dim(m), None, key="medians")
             cols.append(self.linear(col, "template" if self.template.compensation != "none" else None))
         cols = [np.ascontiguousarray(v) for v in cols]
@@ -767,7 +898,7 @@ class Engine:
         scratch = MedianScratch(len(self.events))
         for name, p in result.populations.items():
             ix = np.asarray(result._idx[name], dtype=np.int64)
-            for m, v, has_nan in zip(markers, cols, nans):
+            for m, v, has_nan in zip(present, cols, nans):
                 p.medians[m] = median(v, ix, has_nan, scratch)
 
 

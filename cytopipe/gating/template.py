@@ -70,6 +70,10 @@ class Population:
         deps = [self.parent] if self.parent != ROOT else []
         if isinstance(self.gate, BooleanGate):
             deps += [o.population for o in self.gate.operands]
+        for _, f in getattr(self.gate, "fit_items", list)():
+            ref = f.options.get("population")  # `reference` thresholds read another population
+            if ref and ref not in deps:
+                deps.append(ref)
         return deps
 
 
@@ -350,6 +354,13 @@ def _check_references(pops: Mapping[str, Population]) -> None:
                         population=pop.name,
                         key="gate",
                     )
+        for dep in pop.depends_on:
+            if dep not in pops:
+                raise TemplateError(
+                    f"the gate refers to unknown population {dep!r}; populations are {names}",
+                    population=pop.name,
+                    key="gate",
+                )
     _ordered(pops)  # raises on cycles
 
 
@@ -678,6 +689,11 @@ GATE_TYPES: dict[str, tuple[Any, tuple[int, int]]] = {
     "gmm": (_data_driven("gmm"), (1, 3)),
     "singlets": (_data_driven("singlets"), (2, 2)),
     "scatter_region": (_data_driven("scatter_region"), (2, 2)),
+    "lymphocytes": (_data_driven("lymphocytes"), (2, 2)),
+    "auto": (_data_driven("auto"), (1, 1)),
+    "shoulder": (_data_driven("shoulder"), (1, 1)),
+    "reference": (_data_driven("reference"), (1, 1)),
+    "diagonal": (_data_driven("diagonal"), (2, 6)),
 }
 
 
