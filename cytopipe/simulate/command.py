@@ -48,6 +48,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--control-events", type=int, default=5000, help="events per compensation control file"
     )
+    parser.add_argument(
+        "--instrument",
+        default=None,
+        metavar="NAME",
+        help="measure on an instrument profile: fortessa, symphony, aurora, attune, cytof (mass cytometry), "
+        "random (a fluorescence profile drawn per site from --seed) or random-mass; default: the original "
+        "simulator instrument",
+    )
+    parser.add_argument(
+        "--fmo",
+        action="store_true",
+        help="with --instrument: add one FMO control per dim marker and batch (manifest control fmo:<marker>)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a trial already in --out")
 
 
@@ -67,11 +80,15 @@ def run(args: argparse.Namespace) -> int:
         faults=args.faults,
         control_events=args.control_events,
         overwrite=args.overwrite,
+        instrument=args.instrument,
+        fmo=args.fmo,
     )
     m = trial.manifest
     n_samples = int((m["control"] == "").sum())
+    n_fmo = int(m["control"].str.startswith("fmo:").sum())
+    fmo_text = f" (of which {n_fmo} FMO controls)" if n_fmo else ""
     print(
-        f"wrote {n_samples} sample files and {len(m) - n_samples} compensation controls to {trial.out_dir} "
+        f"wrote {n_samples} sample files and {len(m) - n_samples} controls{fmo_text} to {trial.out_dir} "
         f"({args.patients} patients, visits {','.join(map(str, trial.cohort.visits))}, seed {args.seed}, "
         f"{time.perf_counter() - t0:.1f} s)"
     )
@@ -79,5 +96,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"faults injected into {len(trial.faulted)} files: see {trial.out_dir / 'truth' / 'faults.csv'}"
         )
+    for site, inst in trial.instruments.items():
+        print(f"site {site}: instrument {inst.name} ({inst.cytometer}, {inst.kind}, $PnR {inst.pnr:.0f})")
     print(f"manifest: {trial.out_dir / 'manifest.csv'}   truth: {trial.out_dir / 'truth'}")
     return 0

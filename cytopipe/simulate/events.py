@@ -239,6 +239,39 @@ def simulate_sample(
     faults: Sequence[str] = (),
 ) -> EventData:
     """Simulate one stained blood sample (``n_events`` events) from a composition row."""
+    cells = draw_cells(n_events, comp, rng, marker_level, batch_gain)
+    events = _acquire(cells.F, cells.af_factor, cells.fsc, cells.fsch, cells.ssc, scatter_gain, rate, rng)
+    n = len(events)
+    data = EventData(events, cells.flags, cells.category, cells.lineage, np.zeros(n, np.uint8))
+    if faults:
+        inject_faults(data, faults, rng, rate)
+    return data
+
+
+@dataclass
+class Cells:
+    """Cells of one sample in acquisition order, before optics: abundances (n x 14, reference
+    units), autofluorescence factor, noise-free scatter and the per-event truth."""
+
+    F: np.ndarray
+    af_factor: np.ndarray
+    fsc: np.ndarray
+    fsch: np.ndarray
+    ssc: np.ndarray
+    flags: np.ndarray
+    category: np.ndarray
+    lineage: np.ndarray
+
+
+def draw_cells(
+    n_events: int,
+    comp: Mapping[str, float],
+    rng: np.random.Generator,
+    marker_level: np.ndarray | None = None,
+    batch_gain: np.ndarray | None = None,
+) -> Cells:
+    """The cells of one sample (``n_events`` events) from a composition row, shuffled into
+    acquisition order (the random draws of :func:`simulate_sample` before its optics)."""
     n = int(n_events)
     c = comp
     p_ls = 1.0 - c["p_debris"] - c["p_monocytes"] - c["p_doublets"]
@@ -367,13 +400,10 @@ def simulate_sample(
         F *= batch_gain
     assert len(F) == n, (len(F), n)
     order = rng.permutation(n)
-    events = _acquire(
-        F[order], af_factor[order], fsc[order], fsch[order], ssc[order], scatter_gain, rate, rng
-    )
-    data = EventData(events, flags[order], category[order], lineage[order], np.zeros(n, np.uint8))
-    if faults:
-        inject_faults(data, faults, rng, rate)
-    return data
+    return Cells(
+        F[order], af_factor[order], fsc[order], fsch[order], ssc[order], flags[order], category[order],
+        lineage[order],
+    )  # fmt: skip
 
 
 def _dead_scatter(fsc, ssc, factors, inside: bool, rng, rounds: int = 40):

@@ -45,6 +45,7 @@ class Trial:
     cohort: Cohort
     spillover: np.ndarray
     faulted: dict[str, list[str]] = field(default_factory=dict)
+    instruments: dict = field(default_factory=dict)  # site -> Instrument (instrument profiles only)
 
 
 def simulate_trial(
@@ -57,6 +58,9 @@ def simulate_trial(
     faults: bool | float | Mapping[str, Sequence[str]] | None = None,
     control_events: int = 5000,
     overwrite: bool = False,
+    instrument: str | None = None,
+    fmo: bool = False,
+    fmo_events: int | None = None,
 ) -> Trial:
     """Write a simulated IL-2 trial with per-event ground truth into ``out_dir``.
 
@@ -64,6 +68,12 @@ def simulate_trial(
     ``faults``: None/False (no faults), True (inject into a default 25% of the sample files),
     a fraction of files, or a mapping sample_id -> fault kinds (``clog``, ``shift``, ``margin``).
     The same arguments always give byte-identical files.
+
+    ``instrument`` measures the trial on instrument profiles instead of the default instrument:
+    a named profile (``fortessa``, ``symphony``, ``aurora``, ``attune``, ``cytof``) for every site,
+    or ``random`` / ``random-mass`` (a profile drawn per site from ``seed``); see
+    :mod:`cytopipe.simulate.instruments`. ``fmo=True`` (instrument profiles only) adds one FMO
+    control per dim marker and batch (``fmo_events`` events each, default 4 x ``events``).
     """
     out = Path(out_dir)
     if int(events) < 100:
@@ -72,6 +82,29 @@ def simulate_trial(
         raise SimulationError(f"control_events must be at least 100 per control, got {control_events}")
     cohort = simulate_cohort(n_patients=n_patients, visits=visits, seed=seed, effect=effect)
     fault_plan = _fault_plan(faults, list(cohort.samples["sample_id"]), seed)
+    if instrument is not None:
+        from cytopipe.simulate.instruments import make_instrument
+        from cytopipe.simulate.multi import simulate_instrument_trial
+
+        make_instrument(instrument, seed)  # an unknown name fails before anything is written
+        _prepare(out, overwrite)
+        return simulate_instrument_trial(
+            out,
+            instrument,
+            n_patients,
+            visits,
+            events,
+            seed,
+            effect,
+            fault_plan,
+            control_events,
+            fmo,
+            fmo_events,
+        )
+    if fmo:
+        raise SimulationError(
+            "FMO controls are simulated for instrument profiles: add instrument='fortessa' etc."
+        )
     _prepare(out, overwrite)  # only once every argument is known to be good
     spill = P.spillover_matrix()
     from cytopipe.fcs import Spillover
@@ -158,6 +191,11 @@ def _prepare(out: Path, overwrite: bool) -> None:
             elif p.exists():
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _prepare_dirs(out: Path) -> None:
+    (out / "fcs" / "controls").mkdir(parents=True, exist_ok=True)
+    (out / "truth" / "labels").mkdir(parents=True, exist_ok=True)
 
 
 def _fault_plan(faults, sample_ids: list[str], seed: int) -> dict[str, tuple[str, ...]]:

@@ -37,13 +37,18 @@ def population_stats(
     membership: np.ndarray,
     ids: Mapping[str, object],
     keep: np.ndarray | None = None,
+    comp_t: np.ndarray | None = None,
 ) -> list[dict]:
     """``population_stats`` rows (truth) of one file: counts, % of parent and median compensated
-    (linear) intensity of every marker, over the events where ``keep`` is True (default: all)."""
+    (linear) intensity of every marker, over the events where ``keep`` is True (default: all).
+
+    ``comp_t`` (markers x events, float32, ``params.MARKERS`` order) gives the compensated values
+    of another instrument's file; by default they are computed from a default-simulator file."""
     # markers x events in float32: contiguous subsets and fast partitions (the compensated values
     # differ from a float64 computation by < 1e-6 relative, far below any gating tolerance)
-    inv_t = inv(P.spillover_matrix()).T.astype(np.float32)
-    comp_t = matmul(inv_t, events[:, 3 : 3 + P.N_FLUOR].T)
+    if comp_t is None:
+        inv_t = inv(P.spillover_matrix()).T.astype(np.float32)
+        comp_t = matmul(inv_t, events[:, 3 : 3 + P.N_FLUOR].T)
     keep = np.ones(len(events), bool) if keep is None else keep
     masks = {"root": keep}
     rows = []
