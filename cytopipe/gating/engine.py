@@ -727,6 +727,10 @@ class Engine:
                 else:
                     sources.add("fitted")
             else:
+                if ref is None and n_parent < fitter.bounds.min_events:
+                    # too few parent events to fit anything: an empty gate, flagged
+                    flags.append(f"{key}: {reason}; no fallback, the population is left empty")
+                    return None, np.zeros(n_parent, dtype=bool), "not fitted"
                 if ref is None:
                     raise GatingError(
                         f"gate {key!r} could not be fitted ({reason}) and there is no pooled estimate or "

@@ -692,14 +692,20 @@ def _pool(spec) -> str:
 
 def _threshold_fitter(method: str, spec, dim: Dim, with_side: bool):
     opts: dict = {}
-    relative = method in ("auto", "shoulder") or (method == "valley" and not spec.has("search"))
+    relative = (
+        method in ("auto", "shoulder")
+        or (method == "valley" and not spec.has("search"))
+        or (method == "tail" and spec.has("percentile"))
+    )
     if relative:
         for key, (lo, hi) in RELATIVE_OPTIONS.items():
             v = spec.number(key, required=False, lo=lo, hi=hi)
             if v is not None:
                 opts[key] = v
-        if method != "valley":
+        if method in ("auto", "shoulder"):
             opts["of"] = spec.choice("of", ("negative", "main"), default="negative")
+        if method == "tail":
+            opts["percentile"] = spec.number("percentile", lo=50, hi=100)
     elif method == "reference":
         opts["q"] = spec.number("q", lo=0.0, hi=1.0)
         pop = spec.raw("population", required=False)

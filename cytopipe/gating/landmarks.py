@@ -107,7 +107,7 @@ class Landmarks:
 
 def _half_sd(d: np.ndarray) -> float:
     d = d[d >= 0]
-    return float(np.median(d)) / 0.6745 if len(d) >= 10 else float("nan")
+    return float(np.median(d)) / 0.6745 if len(d) >= 3 else float("nan")
 
 
 def find_landmarks(x: np.ndarray, min_peak: float = 0.05, bandwidth: float | None = None) -> Landmarks:
@@ -132,7 +132,7 @@ def find_landmarks(x: np.ndarray, min_peak: float = 0.05, bandwidth: float | Non
         left = mode - x[(x < mode) & (x >= lo_b)]
         right = x[(x > mode) & (x <= hi_b)] - mode
         peaks.append(Peak(int(i), mode, float(dens[i]), float(prom), _half_sd(left), _half_sd(right)))
-    # a "peak" with fewer than 10 events on either side is noise, not a population
+    # a "peak" with fewer than 3 events on both sides is noise, not a population
     real = [p for p in peaks if math.isfinite(p.sd_left) or math.isfinite(p.sd_right)]
     return Landmarks(centers, dens, real or [max(peaks, key=lambda p: p.height)])
 
@@ -186,6 +186,17 @@ def shoulder(lm: Landmarks, of: str = "negative", ratio: float = 2.0, min_offset
     below = np.flatnonzero(side < 1e-3 * p.height)
     k_end = int(below[0]) if len(below) else len(side) - 1
     return float(c[p.index] + step * k_end * width)
+
+
+def mirrored_percentile(x: np.ndarray, mode: float, percentile: float) -> float:
+    """The ``percentile`` of the negative population, taken as the mirror image of the events
+    below its mode (the lowest peak): what an FMO control's percentile on the same parent gives
+    when the negative population is symmetric on the display scale."""
+    below = x[x < mode]
+    if len(below) < 20:
+        raise FitFailure(f"only {len(below)} events below the negative peak at {mode:.3g}")
+    q = (1.0 - percentile / 100.0) * 2.0 * len(below) / len(x)  # share of all events
+    return float(2.0 * mode - np.quantile(x, q))
 
 
 def deepest_valley(lm: Landmarks, max_depth: float = 0.8) -> float:
@@ -246,13 +257,15 @@ class RelativeThresholdFitter(ThresholdFitter):
             how = f"main peak - {z:g} robust SD"
         fallback = np.array([fb])
         try:
-            t = self._threshold(lm)
+            t = self._threshold(lm, xs)
         except FitFailure as exc:
             raise LandmarkFailure(str(exc), fallback, how) from None
         return t, fallback, how
 
-    def _threshold(self, lm: Landmarks) -> np.ndarray:
+    def _threshold(self, lm: Landmarks, xs: np.ndarray | None = None) -> np.ndarray:
         method = self.method
+        if method == "tail":
+            return np.array([mirrored_percentile(xs, lm.negative.position, self.options["percentile"])])
         if method in ("auto", "valley"):
             try:
                 t = deepest_valley(lm, self.options.get("max_depth", 0.8 if method == "valley" else 0.5))
@@ -337,9 +350,17 @@ class DiagonalFitter(Fitter):
         fallback = np.array([*params, lm.main.position + z * _robust_sd(lm.main, "left")])
         try:
             t = _valley_beyond_main(lm)
+            floor = lm.main.position + self.options.get("min_offset", 2.0) * _robust_sd(lm.main, "left")
+            if t is not None and t < floor:  # a noise dip inside the main cloud
+                t = None
             if t is None:
                 lm.peaks = [lm.main]
-                t = shoulder(lm, of="negative", ratio=self.options.get("ratio", 2.0), min_offset=1.0)
+                t = shoulder(
+                    lm,
+                    of="negative",
+                    ratio=self.options.get("ratio", 2.0),
+                    min_offset=self.options.get("min_offset", 2.0),
+                )
         except FitFailure as exc:
             raise LandmarkFailure(str(exc), fallback, how) from None
         return np.array([*params, t]), fallback, how
