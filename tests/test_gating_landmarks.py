@@ -29,14 +29,14 @@ def canonical():
 
 def _numbers(node) -> list[float]:
     if isinstance(node, dict):
-        return [v for k, v in node.items() if k not in ("min_events",) for v in _numbers(v)]
+        return [v for k, v in node.items() if k not in ("min_events", "percentile") for v in _numbers(v)]
     if isinstance(node, list):
         return [v for item in node for v in _numbers(item)]
     return [node] if isinstance(node, float | int) and not isinstance(node, bool) else []
 
 
 def test_canonical_template_has_no_instrument_scale_numbers(canonical):
-    """Only fractions, SD multiples and counts: nothing on an intensity or scatter scale."""
+    """Only fractions, SD multiples, percentiles and counts: nothing on an intensity or scatter scale."""
     for pop in canonical["populations"]:
         gate_spec = pop["gate"]
         assert "default" not in gate_spec and "search" not in gate_spec, pop["name"]

@@ -814,7 +814,12 @@ class Engine:
                     )
                 pos = subsample_index(n_parent, fitter.events_needed, rng)
                 values = self.gather(fitter.dims, pidx, parent, pos)
-                if hasattr(fitter, "fit_full"):
+                if getattr(fitter, "wants_linear", False) and fitter.dims[0].ratio is None:
+                    params, fb, how = fitter.fit_full(
+                        values, rng, *self._linear_values(fitter.dims[0], pidx, pos)
+                    )
+                    out = (np.asarray(params, dtype=np.float64), "", fb, how)
+                elif hasattr(fitter, "fit_full"):
                     params, fb, how = fitter.fit_full(values, rng)
                     out = (np.asarray(params, dtype=np.float64), "", fb, how)
                 else:
@@ -825,6 +830,21 @@ class Engine:
             out = (None, f"fit failed: {exc}", None, "")
         self._fits[memo_key] = out
         return out
+
+    def _linear_values(self, dim: Dim, pidx, pos):
+        """Compensated linear values of ``dim`` at the fit's events, and the map to its display
+        scale (for fits that work in linear units)."""
+        v = self.linear(self._col[dim.name], self._comp_key(dim))
+        if pidx is not None:
+            v = v[pidx]
+        if pos is not None:
+            v = v[pos]
+        spec = self._transform_spec(dim)
+
+        def to_display(t: float) -> float:
+            return float(_compat.apply_transform(spec, np.array([t], dtype=np.float64))[0])
+
+        return v, to_display
 
     def _fit_reference(self, fitter: Fitter, parent: str, pidx, rng):
         """``reference`` thresholds: an FMO control's events of the same parent, else another

@@ -150,7 +150,7 @@ def density(x: np.ndarray, bandwidth: float | None = None, bins: int = 512):
         s = min(np.std(x), (q75 - q25) / 1.349) or np.std(x) or width
         bandwidth = 0.9 * s * min(len(x), 20_000) ** (-0.2)
     sigma = max(bandwidth / width, 1.0)
-    half = int(math.ceil(4 * sigma))
+    half = min(int(math.ceil(4 * sigma)), (bins - 1) // 2)  # a kernel longer than the grid breaks "same"
     k = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
     dens = np.convolve(counts, k / k.sum(), mode="same")
     centers = lo + (np.arange(bins) + 0.5) * width
@@ -704,7 +704,7 @@ def _threshold_fitter(method: str, spec, dim: Dim, with_side: bool):
                 opts[key] = v
         if method in ("auto", "shoulder"):
             opts["of"] = spec.choice("of", ("negative", "main"), default="negative")
-        if method == "tail":
+        if method == "tail" or (method == "auto" and spec.has("percentile")):
             opts["percentile"] = spec.number("percentile", lo=50, hi=100)
     elif method == "reference":
         opts["q"] = spec.number("q", lo=0.0, hi=1.0)

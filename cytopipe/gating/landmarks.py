@@ -242,11 +242,48 @@ class RelativeThresholdFitter(ThresholdFitter):
     def fit(self, values, rng):
         return self.fit_full(values, rng)[0]
 
-    def fit_full(self, values, rng):
+    @property
+    def wants_linear(self) -> bool:
+        """A ``tail`` percentile mirrors the negative population in linear (compensated) units,
+        where it is symmetric whatever the display scale; the engine then passes those too."""
+        return self.method == "tail" or (self.method == "auto" and "percentile" in self.options)
+
+    def fit_full(self, values, rng, linear=None, to_display=None):
         """``(params, fallback, how)``; raises LandmarkFailure (with the fallback) on failure."""
+        self._linear = None
+        if linear is not None and to_display is not None:
+            ok = np.isfinite(np.asarray(values[0])) & np.isfinite(np.asarray(linear))
+            values = [np.asarray(values[0])[ok]]
+            linear = np.asarray(linear, dtype=np.float64)[ok]
         x = self._prepare(values, rng)
-        xs = _subsample(x, self.options.get("max_events", DEFAULT_MAX_EVENTS), rng)
+        if (
+            linear is not None
+            and to_display is not None
+            and len(x) > self.options.get("max_events", DEFAULT_MAX_EVENTS)
+        ):
+            pos = rng.integers(0, len(x), size=self.options.get("max_events", DEFAULT_MAX_EVENTS))
+            xs, lin = x[pos], linear[pos]
+        else:
+            xs = _subsample(x, self.options.get("max_events", DEFAULT_MAX_EVENTS), rng)
+            lin = linear if linear is not None and len(xs) == len(x) else None
         lm = find_landmarks(xs, self.options.get("min_peak", 0.01), self.options.get("bandwidth"))
+        if self.method == "auto" and "percentile" in self.options:
+            # a valley between two populations when there is one; else (a continuum) the FMO-like
+            # percentile of the negative population
+            try:
+                return self._threshold(lm, xs), *self._fallback(lm)
+            except FitFailure:
+                pass
+        if self.method in ("tail", "auto") and "percentile" in self.options and lin is not None:
+            # the negative's mode on the display scale, its mirror image in linear units
+            mode = lm.negative.position
+            near = np.argpartition(np.abs(xs - mode), min(50, len(xs) - 1))[:50]
+            mode_lin = float(np.median(lin[near]))
+            try:
+                t_lin = mirrored_percentile(lin, mode_lin, self.options["percentile"])
+            except FitFailure as exc:
+                raise LandmarkFailure(str(exc), *self._fallback(lm)) from None
+            return np.array([float(to_display(t_lin))]), *self._fallback(lm)
         of = self.options.get("of", "negative")
         z = self.options.get("fallback_z", 3.0)
         if of == "negative":
@@ -262,12 +299,19 @@ class RelativeThresholdFitter(ThresholdFitter):
             raise LandmarkFailure(str(exc), fallback, how) from None
         return t, fallback, how
 
+    def _fallback(self, lm: Landmarks) -> tuple[np.ndarray, str]:
+        z = self.options.get("fallback_z", 3.0)
+        fb = lm.negative.position + z * _robust_sd(lm.negative, "left")
+        return np.array([fb]), f"negative peak + {z:g} robust SD"
+
     def _threshold(self, lm: Landmarks, xs: np.ndarray | None = None) -> np.ndarray:
         method = self.method
         if method == "tail":
             return np.array([mirrored_percentile(xs, lm.negative.position, self.options["percentile"])])
         if method in ("auto", "valley"):
             try:
+                if method == "auto" and "percentile" in self.options and len(lm.peaks) < 2:
+                    raise FitFailure("one peak")
                 t = deepest_valley(lm, self.options.get("max_depth", 0.8 if method == "valley" else 0.5))
                 pair = lm.two_most_prominent()
                 sep = self.options.get("min_separation")
@@ -281,7 +325,7 @@ class RelativeThresholdFitter(ThresholdFitter):
                         )
                 return np.array([t])
             except FitFailure:
-                if method == "valley":
+                if method == "valley" or "percentile" in self.options:
                     raise
         t = shoulder(
             lm,
