@@ -386,6 +386,7 @@ class Engine:
         # FMO controls by marker (a Sample each): `reference` gates with `control: fmo` take that
         # marker's threshold from the control's events of the same parent
         self.controls = dict(controls or {})
+        self._scales: dict[tuple, dict] = {}  # (column, compensation) -> estimated transform
         self.missing: dict[str, str] = {}  # marker -> why it is not measured in this file
         self._resolve_all()
 
@@ -574,7 +575,25 @@ class Engine:
             for key in (dim.name, self.pnn[self._col[dim.name]]):
                 if key in self.overrides:
                     return self.overrides[key]
-        return self.transform_specs.get(dim.transform)
+        spec = self.transform_specs.get(dim.transform)
+        if getattr(spec, "auto", False) and dim.ratio is None:
+            return self._auto_scale(dim, spec)
+        return spec
+
+    def _auto_scale(self, dim: Dim, spec: dict) -> dict:
+        """``cofactor: auto``: this channel's arcsinh cofactor from its negative population
+        (estimated once per file here; lock it per study with ``scale.estimate_cofactors``)."""
+        from cytopipe.gating.scale import estimate_cofactor
+
+        col = self._col[dim.name]
+        key = (col, self._comp_key(dim))
+        if key not in self._scales:
+            x = self.linear(col, self._comp_key(dim))
+            rng = np.random.default_rng([self.template.seed, col])
+            pos = subsample_index(len(x), DEFAULT_FIT_EVENTS, rng)
+            c = estimate_cofactor(x if pos is None else x[pos], default=float(spec["cofactor"]))
+            self._scales[key] = {"type": "arcsinh", "cofactor": c}
+        return self._scales[key]
 
     def gather(
         self,

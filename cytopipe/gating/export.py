@@ -225,6 +225,9 @@ def _specs(result: GatingResult) -> dict:
                 specs[d] = t.transforms[d.transform]
             else:
                 specs[d] = t.transforms.get(d.name, t.transforms.get(d.transform))
+            applied = result.transforms.get(result.channel_of.get(d.name, ""))
+            if d.transform is not None and applied is not None and d.ratio is None:
+                specs[d] = applied  # e.g. a cofactor estimated from the data (`cofactor: auto`)
     return specs
 
 

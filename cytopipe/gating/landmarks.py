@@ -110,8 +110,26 @@ def _half_sd(d: np.ndarray) -> float:
     return float(np.median(d)) / 0.6745 if len(d) >= 3 else float("nan")
 
 
-def find_landmarks(x: np.ndarray, min_peak: float = 0.05, bandwidth: float | None = None) -> Landmarks:
-    """Peaks whose prominence is >= ``min_peak`` x the tallest, with robust half-widths."""
+def _merge_shallow(idx: np.ndarray, dens: np.ndarray, depth: float) -> np.ndarray:
+    """Merge neighbouring peaks whose dip is shallower than ``depth`` x the lower of the two: one
+    population with a bumpy top (e.g. a negative split by the display transform), not two."""
+    out = [int(idx[0])]
+    for i in idx[1:]:
+        j = out[-1]
+        dip = dens[j : i + 1].min()
+        if dip > depth * min(dens[j], dens[i]):
+            if dens[i] > dens[j]:
+                out[-1] = int(i)
+        else:
+            out.append(int(i))
+    return np.asarray(out)
+
+
+def find_landmarks(
+    x: np.ndarray, min_peak: float = 0.05, bandwidth: float | None = None, merge_depth: float = 0.8
+) -> Landmarks:
+    """Peaks whose prominence is >= ``min_peak`` x the tallest (neighbours without a real dip
+    between them merged), with robust half-widths."""
     from scipy.signal import find_peaks as _fp
 
     centers, dens = density(x, bandwidth)
@@ -120,8 +138,12 @@ def find_landmarks(x: np.ndarray, min_peak: float = 0.05, bandwidth: float | Non
     idx = idx - 1
     if not len(idx):
         raise FitFailure("no density peak found")
+    idx = _merge_shallow(idx, dens, merge_depth)
     peaks = []
-    for i, prom in zip(idx, props["prominences"]):
+    from scipy.signal import peak_prominences
+
+    proms = peak_prominences(padded, idx + 1)[0]
+    for i, prom in zip(idx, proms):
         mode = float(centers[i])
         # the half-width of a peak from its outer halves, limited to the events near it (one
         # neighbouring peak must not widen it): events within the nearest minima on each side

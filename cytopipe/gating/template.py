@@ -333,8 +333,27 @@ def _parse_transforms(raw: Any) -> dict[str, dict]:
         )
     out = {}
     for marker, spec in raw.items():
+        if isinstance(spec, Mapping) and spec.get("cofactor") == "auto":
+            # per-channel arcsinh cofactor from the data (engine: scale.estimate_cofactor); 150
+            # is only what a channel without a usable negative population keeps
+            spec = {**spec, "cofactor": 150.0, "auto": True}
+        auto = bool(isinstance(spec, Mapping) and spec.get("auto"))
+        if auto:
+            spec = {k: v for k, v in spec.items() if k != "auto"}
         out[str(marker)] = _compat.check_transform(spec, {"marker": str(marker), "key": "transforms"})
+        if auto:
+            if out[str(marker)]["type"] != "arcsinh":
+                raise TemplateError(
+                    "`cofactor: auto` needs `type: arcsinh`", marker=str(marker), key="transforms"
+                )
+            out[str(marker)] = _AutoSpec(out[str(marker)])
     return out
+
+
+class _AutoSpec(dict):
+    """A transform spec whose cofactor the engine estimates per channel (``cofactor: auto``)."""
+
+    auto = True
 
 
 def _check_references(pops: Mapping[str, Population]) -> None:
@@ -716,7 +735,10 @@ def template_to_dict(template: Template) -> dict:
         out["description"] = template.description
     out["compensation"] = template.compensation
     if template.transforms:
-        out["transforms"] = {k: dict(v) for k, v in template.transforms.items()}
+        out["transforms"] = {
+            k: ({**v, "cofactor": "auto"} if getattr(v, "auto", False) else dict(v))
+            for k, v in template.transforms.items()
+        }
     if template.panel:
         out["panel"] = dict(template.panel)
     if template.medians:
