@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +58,6 @@ class MarkerTable:
 
 
 def _template_markers(template) -> list[str]:
-    from cytopipe.gating import _compat
 
     return [m for m in dict.fromkeys(template.markers() + template.median_markers())]
 
