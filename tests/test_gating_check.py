@@ -102,3 +102,24 @@ def test_optional_marker_missing_keeps_the_population():
     assert treg.source != "not measured" and np.isfinite(treg.pct_parent)
     assert any("FOXP3 is not in the file" in f for f in treg.flags)
     assert abs(treg.pct_parent - full.populations["Treg"].pct_parent) < 1.5
+
+
+def test_cytopipe_run_stops_once_or_skips(no_cd25_files, tmp_path, capsys):
+    """`cytopipe run`: the same single early message (exit 2); `--missing-markers skip` gates the rest."""
+    rows = [
+        {"file": str(f), "sample_id": f"S{i}", "patient_id": "P1", "visit": 4 * i, "arm": "placebo"}
+        for i, f in enumerate(no_cd25_files)
+    ]
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    base = ["run", "--manifest", str(manifest), "--template", str(TEMPLATE), "--scheduler", "synchronous"]
+    rc = main([*base, "--out", str(tmp_path / "stop")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("marker 'CD25' is in none of the 2 file(s)") == 1 and "panel:\n  CD25:" in err
+    assert not (tmp_path / "stop" / "population_stats.parquet").exists()
+    rc = main([*base, "--out", str(tmp_path / "skip"), "--missing-markers", "skip", "--no-report"])
+    assert rc == 0, capsys.readouterr().err
+    stats = pd.read_parquet(next((tmp_path / "skip").rglob("population_stats.parquet")))
+    assert stats[stats["population"] == "Treg"]["pct_parent"].isna().all()
+    assert stats[stats["population"] == "CD4 T"]["pct_parent"].notna().all()
