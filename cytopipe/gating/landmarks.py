@@ -74,6 +74,7 @@ class Peak:
     prominence: float
     sd_left: float
     sd_right: float
+    mass: int = 0  # events in the peak's basin
 
 
 @dataclass
@@ -153,9 +154,15 @@ def find_landmarks(
         hi_b = centers[-1] if i == idx[-1] else centers[i + np.argmin(dens[i : idx[idx > i][0]])]
         left = mode - x[(x < mode) & (x >= lo_b)]
         right = x[(x > mode) & (x <= hi_b)] - mode
-        peaks.append(Peak(int(i), mode, float(dens[i]), float(prom), _half_sd(left), _half_sd(right)))
-    # a "peak" with fewer than 3 events on both sides is noise, not a population
-    real = [p for p in peaks if math.isfinite(p.sd_left) or math.isfinite(p.sd_right)]
+        peak = Peak(int(i), mode, float(dens[i]), float(prom), _half_sd(left), _half_sd(right))
+        peak.mass = len(left) + len(right)
+        peaks.append(peak)
+    # a "peak" of a handful of events (< 0.5 % of them, or < 3 on both sides) is noise, not a population
+    real = [
+        p
+        for p in peaks
+        if (math.isfinite(p.sd_left) or math.isfinite(p.sd_right)) and p.mass >= max(6, 0.005 * len(x))
+    ]
     return Landmarks(centers, dens, real or [max(peaks, key=lambda p: p.height)])
 
 
