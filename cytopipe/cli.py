@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("cytopipe.validate", "check FCS files (or a manifest) and print one row per file"),
     "simulate": ("cytopipe.simulate", "write a simulated IL-2 trial with ground truth"),
     "gate": ("cytopipe.gating.command", "gate FCS files with a template (single process)"),
+    "template": (
+        "cytopipe.gating.check",
+        "check a gating template against FCS files (markers, gates, fallbacks)",
+    ),
     "run": ("cytopipe.pipeline", "run a whole study workflow in parallel with Dask"),
     "cluster": ("cytopipe.cluster_command", "train or re-map FlowSOM clusters on a run folder"),
     "report": ("cytopipe.report", "write report.html for a run folder"),

@@ -76,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", help="study name, when no workflow file is given")
     parser.add_argument("--seed", type=int, help="seed of every random step (default: the workflow's)")
     parser.add_argument(
+        "--missing-markers",
+        choices=("stop", "skip"),
+        help="a template marker absent from every file: stop before any work (default) or gate the "
+        "rest and report its populations 'not measured' (default: the workflow's `missing_markers`)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         help="number of worker processes (default: the workflow's `workers`, else one per core)",
@@ -133,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
             study=args.study,
             seed=args.seed or 0,
         )
+    if getattr(args, "missing_markers", None):
+        wf.missing_markers = args.missing_markers
     if args.workers is not None:
         if args.workers < 1:
             raise WorkflowError(f"--workers is {args.workers}; it must be at least 1")
@@ -487,9 +495,16 @@ def register_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
         info = read_fcs_header(job["path"])
         if info.data_error:
             raise FCSDataError(info.data_error, file=job["file"])
+        missing: list[str] = []
         if not job.get("control"):
-            _check_markers(info, state, job["file"])
-        return {"sha256": sha, "n_events": int(info.n_events), "n_channels": int(info.n_channels)}
+            missing = _check_markers(info, state, job["file"])
+        return {
+            "sha256": sha,
+            "n_events": int(info.n_events),
+            "n_channels": int(info.n_channels),
+            "missing": missing,
+            "channels": info.channels[["pnn", "pns"]].astype(str).to_dict("list") if missing else None,
+        }
 
     return _guard(body)
 
@@ -639,17 +654,20 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
     return Prepared(sample=sample, metrics=metrics, meta=sample_meta(job), kept=kept)
 
 
-def _check_markers(info: Any, state: StudyState, file: str) -> None:
-    """PanelError (naming file, population, marker) when a template marker is not in the file."""
+def _check_markers(info: Any, state: StudyState, file: str) -> list[str]:
+    """PanelError (naming file, population, marker) when a template marker is ambiguous; the
+    markers the file lacks (their populations are 'not measured' in it)."""
     from cytopipe.gating import Engine
 
-    Engine(
-        events=np.empty((0, len(info.channels)), dtype=np.float32),
-        channels=info.channels,
-        template=state.template,
-        spillover=info.spillover,
-        file=file,
-        transforms=state.transforms,
+    return sorted(
+        Engine(
+            events=np.empty((0, len(info.channels)), dtype=np.float32),
+            channels=info.channels,
+            template=state.template,
+            spillover=info.spillover,
+            file=file,
+            transforms=state.transforms,
+        ).missing
     )
 
 
@@ -1000,9 +1018,25 @@ def step_register(ctx: RunContext) -> dict[str, Any]:
         if res.get("ok"):
             job["sha256"] = res["sha256"]
             job["n_events"] = res["n_events"]
+            job["_missing"] = (res.get("missing") or [], res.get("channels"))
         else:
             ctx.fail(job, res, "register")
-    return {"files": len(jobs), "failed": len(ctx.failures)}
+    skipped = _missing_everywhere(ctx, [j for j in jobs if "_missing" in j and not j.get("control")])
+    for j in jobs:
+        j.pop("_missing", None)
+    return {"files": len(jobs), "failed": len(ctx.failures), "not_measured_markers": skipped}
+
+
+def _missing_everywhere(ctx: RunContext, jobs: list[dict[str, Any]]) -> list[str]:
+    """A template marker absent from EVERY file: one error before any work (``missing_markers:
+    stop``), or its populations 'not measured' everywhere (``skip``)."""
+    if not jobs or not all(j["_missing"][0] for j in jobs):
+        return []
+    from cytopipe.gating.check import check_study_markers
+
+    tables = {j["file"]: pd.DataFrame(j["_missing"][1]) for j in jobs}
+    skipped = check_study_markers(ctx.state.template, tables, policy=ctx.wf.missing_markers)
+    return [m.marker for m in skipped]
 
 
 # --- step: study spillover from controls --------------------------------------------------------

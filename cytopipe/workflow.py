@@ -201,6 +201,14 @@ SCHEMA: Schema = {
     "output": Field("outpath", None, "run folder (default: runs/<study> next to the spec)"),
     "workers": Field("int|auto", "auto", "Dask worker processes ('auto': one per core)"),
     "seed": Field(int, 0, "seed of every random step", nullable=False),
+    "missing_markers": Field(
+        str,
+        "stop",
+        "a template marker absent from every file: 'stop' before any work, or 'skip' (its "
+        "populations are reported 'not measured')",
+        choices=("stop", "skip"),
+        nullable=False,
+    ),
     "compensation": COMPENSATION,
     "transforms": TRANSFORMS,
     "qc": QC_SCHEMA,  # owned by cytopipe.qc, next to the code that uses it
@@ -221,6 +229,7 @@ class Workflow:
     clinical: Path | None = None
     workers: int | None = None  # None = one per core
     seed: int = 0
+    missing_markers: str = "stop"
     compensation: dict[str, Any] = field(default_factory=dict)
     transforms: dict[str, Any] = field(default_factory=dict)
     qc: dict[str, Any] = field(default_factory=dict)
@@ -240,6 +249,7 @@ class Workflow:
             "output",
             "workers",
             "seed",
+            "missing_markers",
             "compensation",
             "transforms",
             "qc",
@@ -361,6 +371,7 @@ def _build(values: dict[str, Any], spec_path: Path | None, base: Path, file: Pat
         clinical=values.get("clinical"),
         workers=None if workers in (None, "auto") else int(workers),
         seed=int(values["seed"]),
+        missing_markers=str(values.get("missing_markers") or "stop"),
         compensation=comp,
         transforms=values["transforms"],
         qc=values["qc"],

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 import cytopipe
-from cytopipe.errors import GatingError, PanelError, TemplateError
+from cytopipe.errors import GatingError, TemplateError
 from cytopipe.gating import fit_records, gate, load_template, parse_template, pool_estimates
 from tests.conftest import REPO
 
@@ -171,10 +171,10 @@ def test_corrupted_canonical_template_is_rejected(tmp_path):
             "parent",
         ),
         "type: singlets": ("type: singletz", "Singlets", "gate.type"),
-        "      search: [2.0, 4.0]\n      bounds: {range: [2.0, 4.0], min_events: 500": (
-            "      search: [2.0]\n      bounds: {range: [2.0, 4.0], min_events: 500",
+        "      bounds: {min_events: 500, fraction: [0.05, 0.95]}": (
+            "      bounds: {min_events: 500, fraction: [0.95, 0.05]}",
             "T cells",
-            "gate.search",
+            "gate.bounds.fraction",
         ),
     }
     for original, (broken, population, key) in cases.items():
@@ -194,13 +194,22 @@ def _without_marker(sample, marker_channel: str):
     return dataclasses.replace(sample, channels=channels)
 
 
-def test_missing_marker_names_the_population(small_trial, template):
+def test_missing_marker_drops_only_the_populations_needing_it(small_trial, template):
+    """A file without CD25 still yields every population that does not need CD25, with "not
+    measured" for Treg (issue 10; before, the whole sample failed with a PanelError)."""
     path, manifest = small_trial
-    sample = _without_marker(cytopipe.read_fcs(path / manifest.iloc[0]["file"]), "PE-Cy7-A")  # CD127
-    with pytest.raises(PanelError) as info:
-        gate(sample, template)
-    assert info.value.context["marker"] == "CD127"
-    assert info.value.context["population"] == "Treg"
+    full = cytopipe.read_fcs(path / manifest.iloc[0]["file"])
+    sample = _without_marker(full, "BV421-A")  # CD25
+    result, reference = gate(sample, template), gate(full, template)
+    treg = result.populations["Treg"]
+    assert treg.source == "not measured" and np.isnan(treg.pct_parent)
+    assert treg.flags == ["not measured: marker CD25 is not in the file"]
+    stats = result.to_population_stats().set_index("population")
+    assert np.isnan(stats.loc["Treg", "pct_parent"])
+    for name, p in reference.populations.items():
+        if name != "Treg":
+            assert result.populations[name].count == p.count, name
+    assert np.isnan(stats.loc["Treg", "median_CD25"]) and np.isnan(stats.loc["CD4 T", "median_CD25"])
 
 
 def _unfittable(sample):
@@ -255,7 +264,7 @@ def test_unfittable_gate_without_pooled_estimate_uses_the_default_flagged(small_
     sample = _unfittable(cytopipe.read_fcs(path / manifest.iloc[0]["file"]))
     result = gate(sample, template)
     ((population, reason),) = result.flags
-    assert population == "activated cTfh" and "template default 2" in reason
+    assert population == "activated cTfh" and "landmark fallback (negative peak + 3 robust SD)" in reason
 
 
 def test_unfittable_gate_without_any_fallback_is_a_clear_error(small_trial):
@@ -280,14 +289,15 @@ def test_unfittable_gate_without_any_fallback_is_a_clear_error(small_trial):
 
 
 def test_cli_batch_with_a_broken_file(small_trial, tmp_path):
-    """One file lacks a marker: it is reported, the others are written as if gated alone."""
+    """One file is truncated: it is reported, the others are written as if gated alone. (A file
+    lacking a marker is no longer broken: its other populations are gated, see
+    test_missing_marker_drops_only_the_populations_needing_it.)"""
     from cytopipe.cli import main
 
     path, manifest = small_trial
     files = [path / f for f in manifest["file"]]
-    broken = _without_marker(cytopipe.read_fcs(files[0]), "PE-Cy7-A")
-    bad_file = tmp_path / "no_cd127.fcs"
-    cytopipe.write_fcs(bad_file, broken.events, broken.channels, broken.keywords, broken.spillover)
+    bad_file = tmp_path / "truncated.fcs"
+    bad_file.write_bytes(files[0].read_bytes()[:20000])
     out = tmp_path / "out"
     rc = main(
         [

@@ -258,13 +258,25 @@ def test_population_stats_columns_and_linear_compensated_medians():
         assert got == pytest.approx(np.median(true[idx, 2 + j]), rel=1e-4, abs=1e-3)
 
 
-def test_missing_marker_is_a_panel_error_naming_population():
+def test_missing_marker_drops_only_the_populations_that_need_it():
+    """(Issue 10: before, a missing marker aborted the whole sample with a PanelError.)"""
     sample, _ = _sample()
+    full = gate(sample, parse_template(BASE))
     sample.channels.loc[4, "pns"] = "Ki-67"
+    result = gate(sample, parse_template(BASE))
+    cd4 = result.populations["CD4 T"]
+    assert cd4.source == "not measured" and cd4.count == 0 and np.isnan(cd4.pct_parent)
+    assert cd4.flags == ["not measured: marker CD8 is not in the file"]
+    for name in ("Cells", "CD3+", "CD3-"):
+        assert result.populations[name].count == full.populations[name].count > 0
+    stats = result.to_population_stats().set_index("population")
+    assert np.isnan(stats.loc["CD4 T", "pct_parent"]) and stats.loc["CD3+", "pct_parent"] > 0
+    # an ambiguous marker is still an error naming the population
+    sample.channels.loc[4, "pns"] = "CD4"
     with pytest.raises(PanelError) as info:
         gate(sample, parse_template(BASE))
-    assert info.value.context["population"] == "CD4 T"
-    assert info.value.context["marker"] == "CD8"
+    assert info.value.context["marker"] == "CD4" and "ambiguous" in info.value.message
+    sample.channels.loc[4, "pns"] = "Ki-67"
     # an explicit panel mapping fixes it
     result = gate(sample, parse_template(BASE), mapping={"CD8": "B3-A"})
     assert result.populations["CD4 T"].count > 0

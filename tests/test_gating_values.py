@@ -35,8 +35,10 @@ def test_values_are_the_engines_bit_for_bit(gated):
                 sample.events.shape[0] if population == "root" else result.populations[population].count
             )
             assert len(got) == expected
-    # the template's display scale: arcsinh(x/150) for fluorescence, linear for scatter
-    assert values.scale("CD25") == "arcsinh(x/150)" and values.scale("FSC-A") == "linear"
+    # the template's display scale: arcsinh with the channel's cofactor (estimated from the data:
+    # `cofactor: auto`) for fluorescence, linear for scatter
+    cofactor = result.transforms[result.channel_of["CD25"]]["cofactor"]
+    assert values.scale("CD25") == f"arcsinh(x/{cofactor:g})" and values.scale("FSC-A") == "linear"
     # a shortcut on the result, and a matrix of several markers (float32, events x markers)
     np.testing.assert_array_equal(result.values(sample, "CD25", "Treg"), values.values("CD25", "Treg"))
     m = values.matrix(["CD3", "CD25"], "Treg")
@@ -53,7 +55,10 @@ def test_linear_values_give_the_population_stats_medians(gated):
     lin = values.matrix(["CD25"], "Treg", transformed=False)[:, 0]
     np.testing.assert_array_equal(lin, values.linear("CD25", "Treg"))
     # and the transformed values are the linear ones through the axis' transform
-    np.testing.assert_allclose(values.values("CD25", "Treg"), np.arcsinh(lin / 150), rtol=1e-5, atol=1e-5)
+    cofactor = result.transforms[result.channel_of["CD25"]]["cofactor"]
+    np.testing.assert_allclose(
+        values.values("CD25", "Treg"), np.arcsinh(lin / cofactor), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_run_level_transform_overrides_are_followed(sample_data):
@@ -90,7 +95,7 @@ def test_the_docs_example_runs(capsys, monkeypatch):
     code = next(c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "event_values" in c)
     monkeypatch.chdir(REPO)
     exec(compile(code, "docs/gating.md", "exec"), {})
-    assert capsys.readouterr().out.startswith("arcsinh(x/150) (")
+    assert re.match(r"arcsinh\(x/\d+\) \(", capsys.readouterr().out)
 
 
 def test_nothing_outside_gating_uses_its_private_helpers():

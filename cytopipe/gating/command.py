@@ -43,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also write every sample's fitted gates as OUT/gates.wsp (FlowJo 10)",
     )
+    parser.add_argument(
+        "--missing-markers",
+        choices=["stop", "skip"],
+        default="stop",
+        help="a template marker absent from EVERY file: stop before gating (default, exit 2) or gate "
+        "everything else and report its populations as 'not measured'",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only errors")
 
 
@@ -117,6 +124,20 @@ def run(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     failures: dict[str, str] = {}
+
+    # a marker absent from every file: one message before any work (not one failure per file)
+    from cytopipe.gating.check import channel_tables, check_study_markers
+
+    readable = []
+    for p, _ in samples:
+        try:
+            readable.append(p)
+            channel_tables([p])
+        except CytopipeError:
+            readable.pop()  # a broken file is reported with the others below
+    skipped = check_study_markers(template, channel_tables(readable), policy=args.missing_markers)
+    for m in skipped:
+        say(f"not measured in any file: {m.marker} ({', '.join(m.populations)})")
 
     pooled = None
     fits = []

@@ -28,12 +28,15 @@ from cytopipe.gating import _compat
 from cytopipe.gating._median import MedianScratch, median
 from cytopipe.gating.fitters import DataDrivenGate, FitFailure, Fitter, subsample_index
 from cytopipe.gating.gates import BooleanGate, Dim, Gate
+from cytopipe.gating.landmarks import LandmarkFailure
 from cytopipe.gating.template import ROOT, Population, Template
 from cytopipe.schema import STATS_COLUMNS
 
 if TYPE_CHECKING:  # pragma: no cover
     from cytopipe.gating.values import EventValues
 
+NOT_MEASURED = "not measured"  # PopulationResult.source of a population a file cannot measure
+DEFAULT_FIT_EVENTS = 20_000
 FIT_COLUMNS = ["sample_id", "key", "population", "method", "pool", "status", "reason", "n_parent", "params"]
 
 
@@ -49,10 +52,12 @@ class PopulationResult:
     gate: Gate | None  # the gate actually applied (fitted gates realized as fixed geometry)
     medians: dict[str, float] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
-    source: str = "fixed"  # fixed | fitted | pooled | mixed | boolean
+    source: str = "fixed"  # fixed | fitted | control | reference | pooled | mixed | boolean | not measured
 
     @property
     def pct_parent(self) -> float:
+        if self.source == NOT_MEASURED:
+            return float("nan")
         return 100.0 * self.count / self.parent_count if self.parent_count else float("nan")
 
 
@@ -79,6 +84,7 @@ class GatingResult:
         self.file = file
         self.populations: dict[str, PopulationResult] = {}
         self.fits: list[FitRecord] = []
+        self.sources: list[tuple[str, str]] = []  # (population, which control/reference set a threshold)
         self.compensation: dict | None = None  # {"channels": [...], "matrix": [[...]]} actually applied
         self.transforms: dict[str, dict] = {}  # channel -> transform spec actually applied
         self.channel_of: dict[str, str] = {}  # marker -> $PnN used for this file
@@ -311,6 +317,7 @@ def gate(
     mapping: Mapping[str, str] | None = None,
     transforms: Mapping[str, Mapping] | None = None,
     medians: bool = True,
+    controls: Mapping[str, Any] | None = None,
 ) -> GatingResult:
     """Gate one sample with a template.
 
@@ -319,6 +326,7 @@ def gate(
     template's ``default`` values are the fallback. ``mapping`` adds marker -> channel
     entries to the template's ``panel``; ``transforms`` overrides per-marker transforms
     (e.g. the ones locked for a study). ``medians=False`` skips the per-population medians.
+    ``controls`` maps a marker to its FMO control sample (``reference`` gates with ``control: fmo``).
     """
     if not isinstance(template, Template):
         from cytopipe.gating.template import load_template
@@ -332,6 +340,7 @@ def gate(
         file=getattr(sample, "path", None),
         mapping=mapping,
         transforms=transforms,
+        controls=controls,
     )
     return engine.run(pooled=pooled, sample_meta=sample_meta, medians=medians)
 
@@ -348,6 +357,7 @@ class Engine:
         file=None,
         mapping: Mapping[str, str] | None = None,
         transforms: Mapping[str, Mapping] | None = None,
+        controls: Mapping[str, Any] | None = None,
     ):
         if events.ndim != 2 or events.shape[1] != len(channels):
             raise GatingError(
@@ -377,6 +387,11 @@ class Engine:
         self._subset_values: dict[tuple, np.ndarray] = {}  # dimension inside one population
         self._fits: dict[tuple, tuple] = {}  # memoised fits
         self.applied_transforms: dict[str, dict] = {}  # $PnN -> transform actually applied
+        # FMO controls by marker (a Sample each): `reference` gates with `control: fmo` take that
+        # marker's threshold from the control's events of the same parent
+        self.controls = dict(controls or {})
+        self._scales: dict[tuple, dict] = {}  # (column, compensation) -> estimated transform
+        self.missing: dict[str, str] = {}  # marker -> why it is not measured in this file
         self._resolve_all()
 
     # ---- resolution ------------------------------------------------------------------------
@@ -398,7 +413,16 @@ class Engine:
             except PanelError:
                 self._resolved = {}  # resolve one by one below, to name the population
         for name, d, population, key in uses:
-            self._column(name, d, population, key=key)
+            if name in self.missing:
+                continue
+            try:
+                self._column(name, d, population, key=key)
+            except PanelError as exc:
+                # a marker the file does not carry drops only the populations that need it
+                # (reported "not measured"); an ambiguous or mis-mapped marker is still an error
+                if "no channel carries marker" not in exc.message:
+                    raise
+                self.missing[name] = exc.message
 
     def _column(self, name: str, dim: Dim, population: str | None, key: str = "markers") -> int:
         if name in self._col:
@@ -555,7 +579,25 @@ class Engine:
             for key in (dim.name, self.pnn[self._col[dim.name]]):
                 if key in self.overrides:
                     return self.overrides[key]
-        return self.transform_specs.get(dim.transform)
+        spec = self.transform_specs.get(dim.transform)
+        if getattr(spec, "auto", False) and dim.ratio is None:
+            return self._auto_scale(dim, spec)
+        return spec
+
+    def _auto_scale(self, dim: Dim, spec: dict) -> dict:
+        """``cofactor: auto``: this channel's arcsinh cofactor from its negative population
+        (estimated once per file here; lock it per study with ``scale.estimate_cofactors``)."""
+        from cytopipe.gating.scale import estimate_cofactor
+
+        col = self._col[dim.name]
+        key = (col, self._comp_key(dim))
+        if key not in self._scales:
+            x = self.linear(col, self._comp_key(dim))
+            rng = np.random.default_rng([self.template.seed, col])
+            pos = subsample_index(len(x), DEFAULT_FIT_EVENTS, rng)
+            c = estimate_cofactor(x if pos is None else x[pos], default=float(spec["cofactor"]))
+            self._scales[key] = {"type": "arcsinh", "cofactor": c}
+        return self._scales[key]
 
     def gather(
         self,
@@ -590,7 +632,24 @@ class Engine:
                 full_masks[name] = m
             return full_masks[name]
 
+        self._idx_now = idx
+        not_measured: dict[str, str] = {}
         for pop in self.template:
+            reason = self._unmeasured(pop, not_measured)
+            if reason:
+                not_measured[pop.name] = reason
+                idx[pop.name] = np.zeros(0, dtype=np.int64)
+                counts[pop.name] = 0
+                result.populations[pop.name] = PopulationResult(
+                    name=pop.name,
+                    parent=pop.parent,
+                    count=0,
+                    parent_count=counts[pop.parent],
+                    gate=None,
+                    flags=[f"not measured: {reason}"],
+                    source=NOT_MEASURED,
+                )
+                continue
             pidx = idx[pop.parent]
             flags: list[str] = []
             source = "fixed"
@@ -627,18 +686,33 @@ class Engine:
             self._medians(result)
         return result
 
+    def _unmeasured(self, pop: Population, not_measured: Mapping[str, str]) -> str:
+        """Why ``pop`` cannot be gated in this file ('' when it can)."""
+        for dep in pop.depends_on:
+            if dep in not_measured:
+                return f"{dep} is not measured"
+        optional = set(getattr(pop.gate, "optional", ()))
+        for d in _all_dims(pop.gate):
+            for name in (d.ratio.numerator, d.ratio.denominator) if d.ratio else (d.name,):
+                if name in self.missing and name not in optional:
+                    return f"marker {name} is not in the file"
+        return ""
+
     # ---- data-driven gates -----------------------------------------------------------------
     def _fit_gate(self, pop: Population, pidx, pooled, meta, flags, result):
         g: DataDrivenGate = pop.gate
         n_parent = self.events.shape[0] if pidx is None else len(pidx)
-        own: dict[str, np.ndarray | None] = {}
         fallback: dict[str, tuple[np.ndarray, str] | None] = {}
         chosen: dict[str, np.ndarray] = {}
         used_own: dict[str, bool] = {}
-        reasons: dict[str, str] = {}
+        sources: set[str] = set()
+        fitters = dict(g.fit_items())
         for suffix, fitter in g.fit_items():
             key = pop.name + suffix
-            params, reason = self._fit(fitter, pop.parent, pidx, n_parent)
+            if any(d.name in self.missing for d in fitter.dims):  # an optional marker the file lacks
+                flags.append(f"{key}: marker {fitter.dims[0].name} is not in the file; gated without it")
+                continue
+            params, reason, relative, how = self._fit(fitter, pop.parent, pidx, n_parent)
             if params is not None and not reason:
                 reason = fitter.out_of_bounds(params) or ""
             status = "ok" if params is not None and not reason else "failed"
@@ -654,9 +728,11 @@ class Engine:
                     params=None if params is None else params.tolist(),
                 )
             )
-            ref = self._reference(key, fitter, pooled, meta)
+            ref = self._reference(key, fitter, pooled, meta, relative, how)
             fallback[suffix] = ref
-            if status == "ok" and ref is not None and fitter.bounds.max_shift is not None:
+            if status == "ok" and ref is not None and fitter.bounds.max_shift is not None and ref[2]:
+                # only a pooled estimate of the same study can overrule a sample's own fit; a
+                # typed default or a landmark-relative fallback never does
                 shift = fitter.shift(params, ref[0])
                 if shift > fitter.bounds.max_shift:
                     status = "shifted"
@@ -664,12 +740,20 @@ class Engine:
                         f"fit {fitter.describe(params)} is {shift:.3g} away from the {ref[1]} "
                         f"{fitter.describe(ref[0])} (max_shift {fitter.bounds.max_shift})"
                     )
-            own[suffix] = params
-            reasons[suffix] = reason
             used_own[suffix] = status == "ok"
             if status == "ok":
                 chosen[suffix] = params
+                if fitter.method == "reference":
+                    sources.add("control" if how.startswith("FMO") else "reference")
+                    flags_note = f"{key}: threshold {fitter.describe(params)} set by the {how}"
+                    result.sources.append((pop.name, flags_note))
+                else:
+                    sources.add("fitted")
             else:
+                if ref is None and n_parent < fitter.bounds.min_events:
+                    # too few parent events to fit anything: an empty gate, flagged
+                    flags.append(f"{key}: {reason}; no fallback, the population is left empty")
+                    return None, np.zeros(n_parent, dtype=bool), "not fitted"
                 if ref is None:
                     raise GatingError(
                         f"gate {key!r} could not be fitted ({reason}) and there is no pooled estimate or "
@@ -682,10 +766,10 @@ class Engine:
 
         applied = g.realize(chosen)
         inside = applied.contains(self.gather(applied.dims, pidx, pop.parent))
-        if g.fraction is not None and any(used_own.values()) and n_parent:
+        if g.fraction is not None and n_parent:
             frac = float(inside.mean())
             lo, hi = g.fraction
-            if not lo <= frac <= hi:
+            if not lo <= frac <= hi and any(used_own.values()):
                 # the sample's own fit is implausible: keep it out of pooled estimates too
                 for rec in result.fits:
                     if rec.population == pop.name and rec.status == "ok":
@@ -695,7 +779,6 @@ class Engine:
                         )
                 refs = {s: fallback[s] for s in chosen}
                 if all(refs[s] is not None for s in chosen if used_own[s]):
-                    fitters = dict(g.fit_items())
                     for s in chosen:
                         if used_own[s]:
                             chosen[s] = refs[s][0]
@@ -706,20 +789,27 @@ class Engine:
                             )
                     applied = g.realize(chosen)
                     inside = applied.contains(self.gather(applied.dims, pidx, pop.parent))
-                else:
-                    flags.append(
-                        f"{pop.name}: the gate keeps {frac:.1%} of the parent, outside [{lo:.0%}, {hi:.0%}]"
-                    )
-        if all(used_own.values()):
-            source = "fitted"
+                    new_frac = float(inside.mean())
+                    if not lo <= new_frac <= hi:
+                        flags[-1] += f" (which keeps {new_frac:.1%}, also outside)"
+                    frac = lo  # flagged above
+            if not lo <= frac <= hi:
+                # whatever the gate now is (own fit, pooled, fallback), say it is implausible
+                flags.append(
+                    f"{pop.name}: the gate keeps {frac:.1%} of the parent, outside [{lo:.0%}, {hi:.0%}]"
+                )
+        if used_own and all(used_own.values()):
+            source = sources.pop() if len(sources) == 1 else "fitted"
         elif not any(used_own.values()):
             source = "pooled"
         else:
             source = "mixed"
         return applied, inside, source
 
-    def _fit(self, fitter: Fitter, parent: str, pidx, n_parent: int) -> tuple[np.ndarray | None, str]:
-        """Fit one fitter on the parent's events: ``(params, "")`` or ``(None, reason)``.
+    def _fit(self, fitter: Fitter, parent: str, pidx, n_parent: int):
+        """Fit one fitter on the parent's events: ``(params, reason, fallback, how)``; ``params`` is
+        None when the fit failed (``reason`` says why); ``fallback`` is a landmark-relative value
+        (``how`` describes it) or None.
 
         Fits are memoised on (parent, dimensions, method, options), and their random subsample
         is seeded from that key: a threshold shared by two gates (e.g. CD4 in the CD4 T and
@@ -736,34 +826,118 @@ class Engine:
             return self._fits[memo_key]
         seed = zlib.crc32(repr(memo_key).encode())
         rng = np.random.default_rng([self.template.seed, seed])
-        out: tuple[np.ndarray | None, str]
+        out: tuple
         try:
-            if n_parent < fitter.bounds.min_events:
-                raise FitFailure(f"only {n_parent} events in the parent (need >= {fitter.bounds.min_events})")
-            pos = subsample_index(n_parent, fitter.events_needed, rng)
-            values = self.gather(fitter.dims, pidx, parent, pos)
-            out = (np.asarray(fitter.fit(values, rng), dtype=np.float64), "")
+            if fitter.method == "reference":
+                out = self._fit_reference(fitter, parent, pidx, rng)
+            else:
+                if n_parent < fitter.bounds.min_events:
+                    raise FitFailure(
+                        f"only {n_parent} events in the parent (need >= {fitter.bounds.min_events})"
+                    )
+                pos = subsample_index(n_parent, fitter.events_needed, rng)
+                values = self.gather(fitter.dims, pidx, parent, pos)
+                if getattr(fitter, "wants_linear", False) and fitter.dims[0].ratio is None:
+                    params, fb, how = fitter.fit_full(
+                        values, rng, *self._linear_values(fitter.dims[0], pidx, pos)
+                    )
+                    out = (np.asarray(params, dtype=np.float64), "", fb, how)
+                elif hasattr(fitter, "fit_full"):
+                    params, fb, how = fitter.fit_full(values, rng)
+                    out = (np.asarray(params, dtype=np.float64), "", fb, how)
+                else:
+                    out = (np.asarray(fitter.fit(values, rng), dtype=np.float64), "", None, "")
         except FitFailure as exc:
-            out = (None, str(exc))
+            out = (None, str(exc), getattr(exc, "fallback", None), getattr(exc, "how", ""))
         except (ValueError, np.linalg.LinAlgError, FloatingPointError) as exc:  # numeric trouble
-            out = (None, f"fit failed: {exc}")
+            out = (None, f"fit failed: {exc}", None, "")
         self._fits[memo_key] = out
         return out
 
-    def _reference(self, key: str, fitter: Fitter, pooled: PooledEstimates | None, meta) -> tuple | None:
+    def _linear_values(self, dim: Dim, pidx, pos):
+        """Compensated linear values of ``dim`` at the fit's events, and the map to its display
+        scale (for fits that work in linear units)."""
+        v = self.linear(self._col[dim.name], self._comp_key(dim))
+        if pidx is not None:
+            v = v[pidx]
+        if pos is not None:
+            v = v[pos]
+        spec = self._transform_spec(dim)
+
+        def to_display(t: float) -> float:
+            return float(_compat.apply_transform(spec, np.array([t], dtype=np.float64))[0])
+
+        return v, to_display
+
+    def _fit_reference(self, fitter: Fitter, parent: str, pidx, rng):
+        """``reference`` thresholds: an FMO control's events of the same parent, else another
+        population of this sample; without either, the parent's own landmarks (flagged)."""
+        marker = fitter.dims[0].name
+        opts = fitter.options
+        values = None
+        if opts.get("control") == "fmo" and marker in self.controls:
+            ctl = self.controls[marker]
+            sub = Engine(
+                ctl.events,
+                ctl.channels,
+                self.template,
+                spillover=getattr(ctl, "spillover", None),
+                file=getattr(ctl, "path", None),
+                mapping=self.panel,
+                transforms=self.overrides,
+            )
+            # the control lacks (or has blank) the marker's stain but has its channel
+            res = sub.run(medians=False)
+            if parent != ROOT and res.populations[parent].source == NOT_MEASURED:
+                raise FitFailure(f"the FMO control of {marker} has no {parent} population")
+            cidx = None if parent == ROOT else res.indices(parent)
+            values = sub.gather(fitter.dims, cidx, None)
+            source = f"FMO control {Path(str(getattr(ctl, 'path', 'control'))).name}"
+        elif opts.get("population"):
+            ref = opts["population"]
+            ridx = self._idx_now.get(ref)
+            values = self.gather(fitter.dims, ridx, ref)
+            source = f"population {ref}"
+        if values is None:
+            from cytopipe.gating.landmarks import RelativeThresholdFitter
+
+            auto = RelativeThresholdFitter("auto", fitter.dims, {}, fitter.bounds, fitter.pool)
+            n = self.events.shape[0] if pidx is None else len(pidx)
+            pos = subsample_index(n, DEFAULT_FIT_EVENTS, rng)
+            try:
+                params = auto.fit_full(self.gather(fitter.dims, pidx, parent, pos), rng)[0]
+            except FitFailure as exc:
+                params = getattr(exc, "fallback", None)
+                if params is None:
+                    raise
+            raise LandmarkFailure(
+                f"no FMO control of {marker} was given", params, "auto threshold of the parent (no control)"
+            )
+        t = fitter.fit(values, rng)
+        return (np.asarray(t, dtype=np.float64), "", None, source)
+
+    def _reference(
+        self, key: str, fitter: Fitter, pooled: PooledEstimates | None, meta, relative=None, how: str = ""
+    ) -> tuple | None:
+        """What a failed fit falls back on, best first: ``(params, description, is_pooled)``:
+        the study's pooled estimate, the landmark-relative fallback of this sample, the
+        template's typed ``default``."""
         if pooled is not None:
             hit = pooled.lookup(key, fitter.pool, meta)
             if hit is not None:
-                return hit
+                return (*hit, True)
+        if relative is not None:
+            return np.asarray(relative, dtype=np.float64), f"landmark fallback ({how})", False
         if fitter.default is not None:
-            return fitter.default, "template default"
+            return fitter.default, "template default", False
         return None
 
     # ---- medians ---------------------------------------------------------------------------
     def _medians(self, result: GatingResult) -> None:
         markers = self.template.median_markers()
         cols = []
-        for m in markers:
+        present = [m for m in markers if m not in self.missing]
+        for m in present:
             col = self._column(m, Dim(m), None, key="medians")
             cols.append(self.linear(col, "template" if self.template.compensation != "none" else None))
         cols = [np.ascontiguousarray(v) for v in cols]
@@ -771,7 +945,7 @@ class Engine:
         scratch = MedianScratch(len(self.events))
         for name, p in result.populations.items():
             ix = np.asarray(result._idx[name], dtype=np.int64)
-            for m, v, has_nan in zip(markers, cols, nans):
+            for m, v, has_nan in zip(present, cols, nans):
                 p.medians[m] = median(v, ix, has_nan, scratch)
 
 

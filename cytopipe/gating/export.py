@@ -225,6 +225,9 @@ def _specs(result: GatingResult) -> dict:
                 specs[d] = t.transforms[d.transform]
             else:
                 specs[d] = t.transforms.get(d.name, t.transforms.get(d.transform))
+            applied = result.transforms.get(result.channel_of.get(d.name, ""))
+            if d.transform is not None and applied is not None and d.ratio is None:
+                specs[d] = applied  # e.g. a cofactor estimated from the data (`cofactor: auto`)
     return specs
 
 
@@ -273,6 +276,19 @@ def _write_gate(root, E, gate: Gate, attrs: dict, dimension, name: str, ids: dic
             if o.negate:
                 a[g + "use-as-complement"] = "true"
             etree.SubElement(op, g + "gateReference", a)
+    elif getattr(gate, "type", "") == "all_of":
+        # a fitted diagonal gate with extra thresholds (e.g. Treg: CD25/CD127 diagonal AND FOXP3+):
+        # each part as a gate of the same parent, the population as their Boolean AND
+        refs = []
+        for k, part in enumerate(gate.parts, 1):
+            pid = f"{attrs[g + 'id']}_part{k}"
+            part_attrs = {**attrs, g + "id": pid}
+            _write_gate(root, E, part, part_attrs, dimension, f"{name} (part {k})", ids)
+            refs.append(pid)
+        el = _gate_element(root, E, "BooleanGate", attrs, name)
+        op = etree.SubElement(el, g + "and")
+        for ref in refs:
+            etree.SubElement(op, g + "gateReference", {g + "ref": ref})
     else:
         raise GatingMLError(f"cannot export gate type {type(gate).__name__} to Gating-ML", population=name)
 

@@ -150,7 +150,7 @@ def density(x: np.ndarray, bandwidth: float | None = None, bins: int = 512):
         s = min(np.std(x), (q75 - q25) / 1.349) or np.std(x) or width
         bandwidth = 0.9 * s * min(len(x), 20_000) ** (-0.2)
     sigma = max(bandwidth / width, 1.0)
-    half = int(math.ceil(4 * sigma))
+    half = min(int(math.ceil(4 * sigma)), (bins - 1) // 2)  # a kernel longer than the grid breaks "same"
     k = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
     dens = np.convolve(counts, k / k.sum(), mode="same")
     centers = lo + (np.arange(bins) + 0.5) * width
@@ -626,7 +626,15 @@ class SingletGate(DataDrivenGate):
 # --------------------------------------------------------------------------------------------
 # parsing (called from template.py with a GateSpec)
 # --------------------------------------------------------------------------------------------
-THRESHOLD_METHODS = ("valley", "tail", "quantile", "hi", "lo")
+THRESHOLD_METHODS = ("valley", "tail", "quantile", "hi", "lo", "auto", "shoulder", "reference")
+RELATIVE_OPTIONS = {  # landmark-relative thresholds (cytopipe.gating.landmarks): key -> (lo, hi)
+    "min_peak": (0, 1),
+    "max_depth": (0, 1),
+    "ratio": (1, 100),
+    "min_offset": (0, 10),
+    "fallback_z": (0, 20),
+    "min_separation": (0, 100),
+}
 
 
 def parse_bounds(spec, key: str = "bounds", kind: str = "threshold", n_dims: int = 1) -> Bounds:
@@ -684,7 +692,35 @@ def _pool(spec) -> str:
 
 def _threshold_fitter(method: str, spec, dim: Dim, with_side: bool):
     opts: dict = {}
-    if method == "valley":
+    relative = (
+        method in ("auto", "shoulder")
+        or (method == "valley" and not spec.has("search"))
+        or (method == "tail" and spec.has("percentile"))
+    )
+    if relative:
+        for key, (lo, hi) in RELATIVE_OPTIONS.items():
+            v = spec.number(key, required=False, lo=lo, hi=hi)
+            if v is not None:
+                opts[key] = v
+        if method in ("auto", "shoulder"):
+            opts["of"] = spec.choice("of", ("negative", "main"), default="negative")
+        if method == "tail" or (method == "auto" and spec.has("percentile")):
+            opts["percentile"] = spec.number("percentile", lo=50, hi=100)
+    elif method == "reference":
+        opts["q"] = spec.number("q", lo=0.0, hi=1.0)
+        pop = spec.raw("population", required=False)
+        if pop is not None and (not isinstance(pop, str) or not pop.strip()):
+            raise spec.error("population", "name the reference population, e.g. `population: CD8 T`")
+        if pop is not None:
+            opts["population"] = pop.strip()
+        ctl = spec.raw("control", required=False)
+        if ctl is not None:
+            if ctl != "fmo":
+                raise spec.error("control", "only `control: fmo` is supported")
+            opts["control"] = "fmo"
+        if pop is None and ctl is None:
+            raise spec.error("population", "a reference threshold needs `population:` and/or `control: fmo`")
+    elif method == "valley":
         opts["search"] = _pair(spec, "search", spec.raw("search"))
         if None in opts["search"]:
             raise spec.error("search", "give both ends of the search range, e.g. [1.0, 3.5]")
@@ -701,7 +737,11 @@ def _threshold_fitter(method: str, spec, dim: Dim, with_side: bool):
             opts["min_peak"] = v
     elif method == "quantile":
         opts["q"] = spec.number("q", lo=0.0, hi=1.0)
-    v = spec.number("bandwidth", required=False, positive=True) if method != "quantile" else None
+    v = (
+        spec.number("bandwidth", required=False, positive=True)
+        if method not in ("quantile", "reference")
+        else None
+    )
     if v is not None:
         opts["bandwidth"] = v
     v = spec.raw("max_events", required=False)
@@ -715,7 +755,14 @@ def _threshold_fitter(method: str, spec, dim: Dim, with_side: bool):
         side = spec.choice("side", ("above", "below"), default=default_side)
     bounds = parse_bounds(spec, kind="threshold")
     default = spec.number("default", required=False)
-    cls = {"valley": ValleyFitter, "quantile": QuantileFitter}.get(method, PeakEdgeFitter)
+    from cytopipe.gating import landmarks as _lm
+
+    if relative:
+        cls = _lm.RelativeThresholdFitter
+    elif method == "reference":
+        cls = _lm.ReferenceFitter
+    else:
+        cls = {"valley": ValleyFitter, "quantile": QuantileFitter}.get(method, PeakEdgeFitter)
     fitter = cls(
         method=method,
         dims=(dim,),
@@ -748,6 +795,10 @@ def parse_data_driven(kind: str, spec, dims: list[Dim], ctx) -> Gate:
     if kind in THRESHOLD_METHODS:
         fitter, side = _threshold_fitter(kind, spec, dims[0], with_side=True)
         return ThresholdGate(dims, fitter, side, fraction=fitter.bounds.fraction)
+    if kind == "diagonal":
+        from cytopipe.gating.landmarks import parse_diagonal
+
+        return parse_diagonal(spec, dims, ctx)
     if kind == "singlets":
         opts = {}
         for key in ("low", "high"):
@@ -796,7 +847,7 @@ def parse_data_driven(kind: str, spec, dims: list[Dim], ctx) -> Gate:
             raise spec.error("max_events", "must be an integer >= 100")
         opts["max_events"] = v
     trim = spec.number("trim", required=False, lo=1.0, hi=5.0)
-    if trim is None and kind == "scatter_region":
+    if trim is None and kind in ("scatter_region", "lymphocytes"):
         trim = 2.5
     if trim is not None:
         opts["trim"] = trim
@@ -818,6 +869,15 @@ def parse_data_driven(kind: str, spec, dims: list[Dim], ctx) -> Gate:
         from scipy.stats import chi2
 
         d2 = float(chi2.ppf(p, df=len(dims)))
-    cls = DensestClusterFitter if kind == "scatter_region" else MixtureFitter
+    if kind == "lymphocytes":
+        from cytopipe.gating.landmarks import LymphocyteFitter
+
+        for key in ("min_peak", "debris"):
+            v = spec.number(key, required=False, lo=0, hi=1)
+            if v is not None:
+                opts[key] = v
+        cls = LymphocyteFitter
+    else:
+        cls = DensestClusterFitter if kind == "scatter_region" else MixtureFitter
     fitter = cls(kind, tuple(dims), opts, bounds, _pool(spec), default)
     return EllipseFitGate(dims, fitter, d2, fraction=bounds.fraction)

@@ -72,6 +72,10 @@ class Population:
         deps = [self.parent] if self.parent != ROOT else []
         if isinstance(self.gate, BooleanGate):
             deps += [o.population for o in self.gate.operands]
+        for _, f in getattr(self.gate, "fit_items", list)():
+            ref = f.options.get("population")  # `reference` thresholds read another population
+            if ref and ref not in deps:
+                deps.append(ref)
         return deps
 
 
@@ -341,8 +345,27 @@ def _parse_transforms(raw: Any) -> dict[str, dict]:
         )
     out = {}
     for marker, spec in raw.items():
+        if isinstance(spec, Mapping) and spec.get("cofactor") == "auto":
+            # per-channel arcsinh cofactor from the data (engine: scale.estimate_cofactor); 150
+            # is only what a channel without a usable negative population keeps
+            spec = {**spec, "cofactor": 150.0, "auto": True}
+        auto = bool(isinstance(spec, Mapping) and spec.get("auto"))
+        if auto:
+            spec = {k: v for k, v in spec.items() if k != "auto"}
         out[str(marker)] = _compat.check_transform(spec, {"marker": str(marker), "key": "transforms"})
+        if auto:
+            if out[str(marker)]["type"] != "arcsinh":
+                raise TemplateError(
+                    "`cofactor: auto` needs `type: arcsinh`", marker=str(marker), key="transforms"
+                )
+            out[str(marker)] = _AutoSpec(out[str(marker)])
     return out
+
+
+class _AutoSpec(dict):
+    """A transform spec whose cofactor the engine estimates per channel (``cofactor: auto``)."""
+
+    auto = True
 
 
 def _check_references(pops: Mapping[str, Population]) -> None:
@@ -362,6 +385,13 @@ def _check_references(pops: Mapping[str, Population]) -> None:
                         population=pop.name,
                         key="gate",
                     )
+        for dep in pop.depends_on:
+            if dep not in pops:
+                raise TemplateError(
+                    f"the gate refers to unknown population {dep!r}; populations are {names}",
+                    population=pop.name,
+                    key="gate",
+                )
     _ordered(pops)  # raises on cycles
 
 
@@ -690,6 +720,11 @@ GATE_TYPES: dict[str, tuple[Any, tuple[int, int]]] = {
     "gmm": (_data_driven("gmm"), (1, 3)),
     "singlets": (_data_driven("singlets"), (2, 2)),
     "scatter_region": (_data_driven("scatter_region"), (2, 2)),
+    "lymphocytes": (_data_driven("lymphocytes"), (2, 2)),
+    "auto": (_data_driven("auto"), (1, 1)),
+    "shoulder": (_data_driven("shoulder"), (1, 1)),
+    "reference": (_data_driven("reference"), (1, 1)),
+    "diagonal": (_data_driven("diagonal"), (2, 6)),
 }
 
 
@@ -712,7 +747,10 @@ def template_to_dict(template: Template) -> dict:
         out["description"] = template.description
     out["compensation"] = template.compensation
     if template.transforms:
-        out["transforms"] = {k: dict(v) for k, v in template.transforms.items()}
+        out["transforms"] = {
+            k: ({**v, "cofactor": "auto"} if getattr(v, "auto", False) else dict(v))
+            for k, v in template.transforms.items()
+        }
     if template.panel:
         out["panel"] = dict(template.panel)
     if template.medians:

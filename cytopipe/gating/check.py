@@ -1,0 +1,241 @@
+"""Before any work: which template markers each file carries, and ``cytopipe template check``.
+
+* :func:`marker_table` resolves every marker of a template in every file's channel table (headers
+  only, no events): marker -> ``$PnN`` per file, or missing.
+* :func:`missing_everywhere` lists the markers absent from EVERY file of a study, each with the
+  populations that need it, the closest channel labels and the YAML to add under ``panel:``;
+  :func:`check_study_markers` turns that into ONE error (``cytopipe gate`` / ``cytopipe run`` stop
+  with exit 2 before gating anything) unless ``missing_markers: skip``, when those populations are
+  reported "not measured" and everything else is gated.
+* ``cytopipe template check FILES --template T`` prints, per population, its markers resolved to
+  channels, its gate source (fitted / control / reference / fixed / boolean) and what it falls back
+  to, so a scientist can adapt a template to a new panel in minutes (docs/gating.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from cytopipe.errors import PanelError
+
+MISSING_POLICIES = ("stop", "skip")
+
+
+@dataclass
+class MissingMarker:
+    marker: str
+    populations: list[str]
+    closest: list[str]
+    files: int
+
+    def yaml(self) -> str:
+        channel = self.closest[0].split(" [")[0] if self.closest else "<$PnN of the channel>"
+        return f"panel:\n  {self.marker}: {channel}"
+
+    def message(self) -> str:
+        near = ", ".join(self.closest) if self.closest else "none"
+        return (
+            f"marker {self.marker!r} is in none of the {self.files} file(s); populations needing it: "
+            f"{', '.join(self.populations)}; closest channel labels: {near}. If one of these carries "
+            f"{self.marker}, add to the template (or workflow) YAML:\n{self.yaml()}"
+        )
+
+
+@dataclass
+class MarkerTable:
+    """``resolved[file][marker]`` = ``$PnN`` or None (missing); ``errors[file][marker]`` = why."""
+
+    files: list[str]
+    markers: list[str]
+    resolved: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    labels: dict[str, list[str]] = field(default_factory=dict)  # file -> "PnN [PnS]" labels
+
+
+def _template_markers(template) -> list[str]:
+
+    return [m for m in dict.fromkeys(template.markers() + template.median_markers())]
+
+
+def populations_needing(template, marker: str) -> list[str]:
+    """Populations whose gate uses ``marker`` (not as an optional marker) and their descendants."""
+    from cytopipe.gating.engine import _all_dims
+
+    direct = []
+    for pop in template:
+        optional = set(getattr(pop.gate, "optional", ()))
+        names = {
+            n
+            for d in _all_dims(pop.gate)
+            for n in ((d.ratio.numerator, d.ratio.denominator) if d.ratio else (d.name,))
+        }
+        if marker in names and marker not in optional:
+            direct.append(pop.name)
+    out = list(direct)
+    for name in direct:
+        out += [d for d in template.descendants(name) if d not in out]
+    # boolean populations of a missing one
+    for pop in template:
+        if pop.name not in out and any(d in out for d in pop.depends_on):
+            out.append(pop.name)
+    return [p.name for p in template if p.name in out]
+
+
+def marker_table(template, channel_tables: Mapping[str, pd.DataFrame], mapping=None) -> MarkerTable:
+    from cytopipe.gating._compat import is_scatter_or_time, resolve_markers
+
+    markers = _template_markers(template)
+    panel = {**template.panel, **(mapping or {})}
+    table = MarkerTable(files=list(channel_tables), markers=markers)
+    for f, ch in channel_tables.items():
+        row: dict[str, str | None] = {}
+        pnn = [str(v) for v in ch["pnn"]]
+        for m in markers:
+            if m in pnn and m not in panel:
+                row[m] = m
+                continue
+            try:
+                row[m] = resolve_markers(ch, [m], mapping=panel, file=f)[m]
+            except PanelError as exc:
+                if "no channel carries marker" not in exc.message and not is_scatter_or_time(m):
+                    raise
+                row[m] = None
+        table.resolved[f] = row
+        table.labels[f] = [f"{n} [{s}]" if str(s).strip() else str(n) for n, s in zip(ch["pnn"], ch["pns"])]
+    return table
+
+
+def _closest(marker: str, table: MarkerTable, n: int = 3) -> list[str]:
+    """Fluorescence channels not used by another marker, ranked by how much a word of their label
+    looks like the marker (``CD127`` ~ ``IL7R``-less ``CD127-BV421``, ``CD25`` ~ ``CD25-PE``)."""
+    import re
+
+    from cytopipe.gating._compat import is_scatter_or_time
+
+    used = {v for f in table.files for v in table.resolved[f].values() if v}
+    scored: dict[str, float] = {}
+    key = re.sub(r"[^a-z0-9]", "", marker.lower())
+    for f in table.files:
+        for lab in table.labels[f]:
+            pnn = lab.split(" [")[0]
+            if pnn in used or is_scatter_or_time(pnn) or pnn.lower() in ("time", "original_id"):
+                continue
+            words = [re.sub(r"[^a-z0-9]", "", w) for w in re.split(r"[\s\-_/\[\]()]+", lab.lower())]
+            score = max((difflib.SequenceMatcher(None, key, w).ratio() for w in words if w), default=0.0)
+            scored[lab] = max(score, scored.get(lab, 0.0))
+    return [lab for lab, _ in sorted(scored.items(), key=lambda kv: -kv[1])[:n]]
+
+
+def missing_everywhere(template, table: MarkerTable) -> list[MissingMarker]:
+    out = []
+    for m in table.markers:
+        if table.files and all(table.resolved[f][m] is None for f in table.files):
+            pops = populations_needing(template, m)
+            if not pops:  # only a median marker: its medians are simply NaN
+                continue
+            out.append(MissingMarker(m, pops, _closest(m, table), len(table.files)))
+    return out
+
+
+def check_study_markers(
+    template, channel_tables: Mapping[str, pd.DataFrame], policy: str = "stop", mapping=None
+):
+    """Raise ONE PanelError naming every marker absent from every file (``policy='stop'``); with
+    ``'skip'`` return the list (their populations will be "not measured")."""
+    if policy not in MISSING_POLICIES:
+        raise PanelError(f"missing_markers must be one of {list(MISSING_POLICIES)}, got {policy!r}")
+    missing = missing_everywhere(template, marker_table(template, channel_tables, mapping))
+    if missing and policy == "stop":
+        text = "\n".join(m.message() for m in missing)
+        raise PanelError(
+            f"{text}\nNothing was gated. To gate everything else and report these populations as "
+            "'not measured', use --missing-markers skip (or `missing_markers: skip` in the workflow).",
+            marker=", ".join(m.marker for m in missing),
+        )
+    return missing
+
+
+def channel_tables(files: Sequence[Path]) -> dict[str, pd.DataFrame]:
+    from cytopipe.fcs import read_fcs_header
+
+    return {str(f): read_fcs_header(f).channels for f in files}
+
+
+# --------------------------------------------------------------------------------------------
+# cytopipe template check
+# --------------------------------------------------------------------------------------------
+def describe_gate(pop, template) -> tuple[str, str]:
+    """(gate source, fallback) of a population, in words."""
+    g = pop.gate
+    if getattr(g, "type", "") == "boolean":
+        return "boolean", "-"
+    if not g.data_driven:
+        return "fixed", "-"
+    items = g.fit_items()
+    sources, falls = [], []
+    for _, f in items:
+        if f.method == "reference":
+            src = (
+                "control (FMO)" if f.options.get("control") else f"reference ({f.options.get('population')})"
+            )
+        else:
+            src = f"fitted ({f.method})"
+        sources.append(src)
+        fb = [f"pooled {f.pool} estimate"]
+        if (
+            f.method in ("auto", "shoulder", "tail", "valley", "diagonal", "reference")
+            and "search" not in f.options
+        ):
+            fb.append("landmark fallback")
+        if f.default is not None:
+            fb.append(f"default {f.describe(f.default)}")
+        falls.append(" > ".join(fb))
+    return "; ".join(dict.fromkeys(sources)), "; ".join(dict.fromkeys(falls))
+
+
+def template_check_text(template, table: MarkerTable) -> str:
+    lines = []
+    for f in table.files:
+        lines.append(f"file {f}")
+        w = max(len(p.name) for p in template)
+        for pop in template:
+            names = pop.markers
+            res = []
+            for m in names:
+                ch = table.resolved[f].get(m)
+                res.append(f"{m} -> {ch}" if ch else f"{m} -> MISSING")
+            source, fallback = describe_gate(pop, template)
+            status = ""
+            need = populations_needing
+            if any(table.resolved[f].get(m) is None for m in names) or any(
+                pop.name in need(template, m) for m in table.markers if table.resolved[f][m] is None
+            ):
+                status = "  NOT MEASURED"
+            lines.append(
+                f"  {pop.name:<{w}}  {', '.join(res) or '(boolean)'}  | {source} | fallback: {fallback}{status}"
+            )
+    missing = missing_everywhere(template, table)
+    for m in missing:
+        lines.append("")
+        lines.append(m.message())
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["check"], help="`check`: resolve a template against files")
+    parser.add_argument("files", nargs="+", type=Path, help="FCS files (headers are read, not events)")
+    parser.add_argument("--template", required=True, type=Path, help="gating template (.yaml)")
+
+
+def run(args) -> int:
+    from cytopipe.gating import load_template
+
+    template = load_template(args.template)
+    table = marker_table(template, channel_tables(args.files))
+    print(template_check_text(template, table))
+    return 1 if missing_everywhere(template, table) else 0

@@ -1,0 +1,648 @@
+"""Landmark-relative data-driven gates: every threshold stated relative to the parent's own peaks.
+
+A gate written on one instrument's absolute scale (``search: [2.0, 4.0]``) fails on another
+instrument, voltage or fluorochrome. The fitters here first find *landmarks* in the parent's
+events on the gate's axis -- the negative (lowest) and positive (highest) density peaks, the main
+(tallest) peak, each with a robust width taken from its outer half -- and state their threshold
+relative to them, so the canonical template holds no instrument-scale numbers:
+
+``auto``      the deepest valley between the two most prominent peaks when there is one (deeper
+              than ``max_depth`` x the lower peak), else the ``shoulder`` of the negative peak
+``shoulder``  where the parent's density first reaches ``ratio`` x the mirror image of the
+              negative peak's outer half (``of: negative``, going up) or of the main peak's upper
+              half (``of: main``, going down). With ``ratio: 2`` that is where the excess over the
+              peak equals the peak itself: the equal-density (Bayes) boundary between the peak and
+              what lies beyond it, for a continuum as well as for a separate population.
+``diagonal``  2-D: the main cloud's landmarks on both axes (mode and robust SD) standardise the
+              axes, events are projected on the diagonal ``s1*z1 + s2*z2`` (signs from
+              ``signs:``), and the projection is gated at its shoulder (e.g. CD25+ CD127lo Treg,
+              CD56hi CD16lo NK); extra markers of the gate are ANDed with ``auto`` thresholds
+              (e.g. FOXP3+), and a marker listed under ``optional:`` that a file lacks is left out
+              (flagged) instead of dropping the population.
+``lymphocytes`` scatter: the lowest-SSC dense cluster of FSC-A/SSC-A that is not debris, found on the
+              events' own range (no absolute box), refined on its trimmed core.
+``reference`` the ``q``-quantile of the marker on another population (``population: CD8 T``) or, when
+              an FMO control of the marker is given to the engine, on the control's events of the
+              same parent.
+
+Each fit also computes a landmark-relative *fallback* (e.g. "negative peak + 3 robust SD") that the
+engine uses, flagged, when the fit fails or is implausible and no pooled estimate exists. Sanity
+bounds are plausibility checks (``fraction`` of parent inside the gate, ``min_separation`` of the two
+peaks in robust SDs), never a distance from a typed number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from cytopipe.gating.fitters import (
+    DEFAULT_MAX_EVENTS,
+    DataDrivenGate,
+    DensestClusterFitter,
+    EllipseFitGate,
+    FitFailure,
+    Fitter,
+    ThresholdFitter,
+    _finite,
+    _subsample,
+    density,
+    refine_core,
+)
+from cytopipe.gating.gates import Dim, Gate, PolygonGate, RectangleGate
+
+
+class LandmarkFailure(FitFailure):
+    """A fit failed but the landmarks still give a relative fallback value."""
+
+    def __init__(self, message: str, fallback: np.ndarray | None = None, how: str = ""):
+        super().__init__(message)
+        self.fallback = fallback
+        self.how = how
+
+
+# --------------------------------------------------------------------------------------------
+# landmarks
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Peak:
+    index: int
+    position: float
+    height: float
+    prominence: float
+    sd_left: float
+    sd_right: float
+    mass: int = 0  # events in the peak's basin
+
+
+@dataclass
+class Landmarks:
+    """Density peaks of one marker in the parent (positions ascending) and the density itself."""
+
+    centers: np.ndarray
+    dens: np.ndarray
+    peaks: list[Peak]
+
+    @property
+    def negative(self) -> Peak:
+        """The lowest peak at least a tenth as tall as the main one (not a speck of noise)."""
+        top = self.main.height
+        return next(p for p in self.peaks if p.height >= 0.1 * top)
+
+    @property
+    def positive(self) -> Peak:
+        return self.peaks[-1]
+
+    @property
+    def main(self) -> Peak:
+        return max(self.peaks, key=lambda p: p.height)
+
+    def two_most_prominent(self) -> tuple[Peak, Peak] | None:
+        if len(self.peaks) < 2:
+            return None
+        a, b = sorted(sorted(self.peaks, key=lambda p: -p.prominence)[:2], key=lambda p: p.position)
+        return a, b
+
+
+def _half_sd(d: np.ndarray) -> float:
+    d = d[d >= 0]
+    return float(np.median(d)) / 0.6745 if len(d) >= 3 else float("nan")
+
+
+def _merge_shallow(idx: np.ndarray, dens: np.ndarray, depth: float) -> np.ndarray:
+    """Merge neighbouring peaks whose dip is shallower than ``depth`` x the lower of the two: one
+    population with a bumpy top (e.g. a negative split by the display transform), not two."""
+    out = [int(idx[0])]
+    for i in idx[1:]:
+        j = out[-1]
+        dip = dens[j : i + 1].min()
+        if dip > depth * min(dens[j], dens[i]):
+            if dens[i] > dens[j]:
+                out[-1] = int(i)
+        else:
+            out.append(int(i))
+    return np.asarray(out)
+
+
+def find_landmarks(
+    x: np.ndarray, min_peak: float = 0.05, bandwidth: float | None = None, merge_depth: float = 0.8
+) -> Landmarks:
+    """Peaks whose prominence is >= ``min_peak`` x the tallest (neighbours without a real dip
+    between them merged), with robust half-widths."""
+    from scipy.signal import find_peaks as _fp
+
+    centers, dens = density(x, bandwidth)
+    padded = np.concatenate([[0.0], dens, [0.0]])
+    idx, props = _fp(padded, prominence=min_peak * dens.max())
+    idx = idx - 1
+    if not len(idx):
+        raise FitFailure("no density peak found")
+    idx = _merge_shallow(idx, dens, merge_depth)
+    peaks = []
+    from scipy.signal import peak_prominences
+
+    proms = peak_prominences(padded, idx + 1)[0]
+    for i, prom in zip(idx, proms):
+        mode = float(centers[i])
+        # the half-width of a peak from its outer halves, limited to the events near it (one
+        # neighbouring peak must not widen it): events within the nearest minima on each side
+        lo_b = (
+            centers[0] if i == idx[0] else centers[idx[idx < i][-1] + np.argmin(dens[idx[idx < i][-1] : i])]
+        )
+        hi_b = centers[-1] if i == idx[-1] else centers[i + np.argmin(dens[i : idx[idx > i][0]])]
+        left = mode - x[(x < mode) & (x >= lo_b)]
+        right = x[(x > mode) & (x <= hi_b)] - mode
+        peak = Peak(int(i), mode, float(dens[i]), float(prom), _half_sd(left), _half_sd(right))
+        peak.mass = len(left) + len(right)
+        peaks.append(peak)
+    # a "peak" of a handful of events (< 0.5 % of them, or < 3 on both sides) is noise, not a population
+    real = [
+        p
+        for p in peaks
+        if (math.isfinite(p.sd_left) or math.isfinite(p.sd_right)) and p.mass >= max(6, 0.005 * len(x))
+    ]
+    return Landmarks(centers, dens, real or [max(peaks, key=lambda p: p.height)])
+
+
+def _robust_sd(p: Peak, side: str) -> float:
+    """The peak's robust SD from one half, falling back to the other half."""
+    a, b = (p.sd_left, p.sd_right) if side == "left" else (p.sd_right, p.sd_left)
+    v = a if math.isfinite(a) and a > 0 else b
+    if not (math.isfinite(v) and v > 0):
+        raise FitFailure(f"cannot estimate the width of the peak at {p.position:.3g}")
+    return v
+
+
+def shoulder(lm: Landmarks, of: str = "negative", ratio: float = 2.0, min_offset: float = 1.0) -> float:
+    """Where the density first reaches ``ratio`` x the mirrored outer half of a peak.
+
+    ``of: negative``: mirror the left half of the negative peak to the right and walk up;
+    ``of: main``: mirror the right half of the main peak to the left and walk down.
+    The walk starts ``min_offset`` robust SDs from the mode (noise at the top of the peak).
+    """
+    c, f = lm.centers, lm.dens
+    if of == "negative":
+        p = lm.negative
+        sd = _robust_sd(p, "left")
+        step = 1
+    else:
+        p = lm.main
+        sd = _robust_sd(p, "right")
+        step = -1
+    width = c[1] - c[0]
+    k0 = max(1, int(math.ceil(min_offset * sd / width)))
+    n = len(c)
+    for k in range(k0, n):
+        j = p.index + step * k
+        m = p.index - step * k  # mirror point
+        if j < 0 or j >= n:
+            break
+        g = f[m] if 0 <= m < n else 0.0
+        if f[j] >= ratio * g and f[j] > 0:
+            # interpolate the crossing between this grid point and the previous one
+            jp = j - step
+            mp = m + step
+            gp = f[mp] if 0 <= mp < n else 0.0
+            d1 = f[j] - ratio * g
+            d0 = f[jp] - ratio * gp
+            t = 1.0 if d1 == d0 else float(np.clip(-d0 / (d1 - d0), 0.0, 1.0))
+            return float(c[jp] + step * t * width)
+    # nothing but the peak on this axis (e.g. no dead cells): the threshold is where the peak's
+    # mirrored outer half ends (its density falls below 0.1 % of the peak)
+    side = f[: p.index + 1][::-1] if step == 1 else f[p.index :]
+    below = np.flatnonzero(side < 1e-3 * p.height)
+    k_end = int(below[0]) if len(below) else len(side) - 1
+    return float(c[p.index] + step * k_end * width)
+
+
+def mirrored_percentile(x: np.ndarray, mode: float, percentile: float) -> float:
+    """The ``percentile`` of the negative population, taken as the mirror image of the events
+    below its mode (the lowest peak): what an FMO control's percentile on the same parent gives
+    when the negative population is symmetric on the display scale."""
+    below = x[x < mode]
+    if len(below) < 20:
+        raise FitFailure(f"only {len(below)} events below the negative peak at {mode:.3g}")
+    q = (1.0 - percentile / 100.0) * 2.0 * len(below) / len(x)  # share of all events
+    return float(2.0 * mode - np.quantile(x, q))
+
+
+def deepest_valley(lm: Landmarks, max_depth: float = 0.8) -> float:
+    """The lowest density between the two most prominent peaks (failing when it is shallow)."""
+    pair = lm.two_most_prominent()
+    if pair is None:
+        raise FitFailure("only one density peak: no valley")
+    a, b = pair
+    seg = lm.dens[a.index : b.index + 1]
+    i = a.index + int(np.argmin(seg))
+    if lm.dens[i] > max_depth * min(a.height, b.height):
+        raise FitFailure(f"the valley at {lm.centers[i]:.3g} is too shallow to separate two populations")
+    # the middle of a flat bottom (an empty gap between well separated populations)
+    level = lm.dens[i] + 0.02 * (min(a.height, b.height) - lm.dens[i])
+    lo, hi = i, i
+    while lo - 1 > a.index and lm.dens[lo - 1] <= level:
+        lo -= 1
+    while hi + 1 < b.index and lm.dens[hi + 1] <= level:
+        hi += 1
+    return float(0.5 * (lm.centers[lo] + lm.centers[hi]))
+
+
+def _valley_beyond_main(lm: Landmarks, max_depth: float = 0.5) -> float | None:
+    """The deepest valley between the main peak and the most prominent peak above it, or None."""
+    main = lm.main
+    above = [p for p in lm.peaks if p.position > main.position]
+    if not above:
+        return None
+    other = max(above, key=lambda p: p.prominence)
+    sub = Landmarks(lm.centers, lm.dens, [main, other])
+    try:
+        return deepest_valley(sub, max_depth)
+    except FitFailure:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# 1-D relative thresholds
+# --------------------------------------------------------------------------------------------
+class RelativeThresholdFitter(ThresholdFitter):
+    """``auto`` and ``shoulder`` (and ``valley`` without a ``search`` range)."""
+
+    def fit(self, values, rng):
+        return self.fit_full(values, rng)[0]
+
+    @property
+    def wants_linear(self) -> bool:
+        """A ``tail`` percentile mirrors the negative population in linear (compensated) units,
+        where it is symmetric whatever the display scale; the engine then passes those too."""
+        return self.method == "tail" or (self.method == "auto" and "percentile" in self.options)
+
+    def fit_full(self, values, rng, linear=None, to_display=None):
+        """``(params, fallback, how)``; raises LandmarkFailure (with the fallback) on failure."""
+        self._linear = None
+        if linear is not None and to_display is not None:
+            ok = np.isfinite(np.asarray(values[0])) & np.isfinite(np.asarray(linear))
+            values = [np.asarray(values[0])[ok]]
+            linear = np.asarray(linear, dtype=np.float64)[ok]
+        x = self._prepare(values, rng)
+        if (
+            linear is not None
+            and to_display is not None
+            and len(x) > self.options.get("max_events", DEFAULT_MAX_EVENTS)
+        ):
+            pos = rng.integers(0, len(x), size=self.options.get("max_events", DEFAULT_MAX_EVENTS))
+            xs, lin = x[pos], linear[pos]
+        else:
+            xs = _subsample(x, self.options.get("max_events", DEFAULT_MAX_EVENTS), rng)
+            lin = linear if linear is not None and len(xs) == len(x) else None
+        lm = find_landmarks(xs, self.options.get("min_peak", 0.01), self.options.get("bandwidth"))
+        if self.method == "auto" and "percentile" in self.options:
+            # a valley between two populations when there is one; else (a continuum) the FMO-like
+            # percentile of the negative population
+            try:
+                return self._threshold(lm, xs), *self._fallback(lm)
+            except FitFailure:
+                pass
+        if self.method in ("tail", "auto") and "percentile" in self.options and lin is not None:
+            # the negative's mode on the display scale, its mirror image in linear units
+            mode = lm.negative.position
+            near = np.argpartition(np.abs(xs - mode), min(50, len(xs) - 1))[:50]
+            mode_lin = float(np.median(lin[near]))
+            try:
+                t_lin = mirrored_percentile(lin, mode_lin, self.options["percentile"])
+            except FitFailure as exc:
+                raise LandmarkFailure(str(exc), *self._fallback(lm)) from None
+            return np.array([float(to_display(t_lin))]), *self._fallback(lm)
+        of = self.options.get("of", "negative")
+        z = self.options.get("fallback_z", 3.0)
+        if of == "negative":
+            fb = lm.negative.position + z * _robust_sd(lm.negative, "left")
+            how = f"negative peak + {z:g} robust SD"
+        else:
+            fb = lm.main.position - z * _robust_sd(lm.main, "right")
+            how = f"main peak - {z:g} robust SD"
+        fallback = np.array([fb])
+        try:
+            t = self._threshold(lm, xs)
+        except FitFailure as exc:
+            raise LandmarkFailure(str(exc), fallback, how) from None
+        return t, fallback, how
+
+    def _fallback(self, lm: Landmarks) -> tuple[np.ndarray, str]:
+        z = self.options.get("fallback_z", 3.0)
+        fb = lm.negative.position + z * _robust_sd(lm.negative, "left")
+        return np.array([fb]), f"negative peak + {z:g} robust SD"
+
+    def _threshold(self, lm: Landmarks, xs: np.ndarray | None = None) -> np.ndarray:
+        method = self.method
+        if method == "tail":
+            return np.array([mirrored_percentile(xs, lm.negative.position, self.options["percentile"])])
+        if method in ("auto", "valley"):
+            try:
+                if method == "auto" and "percentile" in self.options and len(lm.peaks) < 2:
+                    raise FitFailure("one peak")
+                t = deepest_valley(lm, self.options.get("max_depth", 0.8 if method == "valley" else 0.5))
+                pair = lm.two_most_prominent()
+                sep = self.options.get("min_separation")
+                if sep is not None:
+                    a, b = pair
+                    spread = 0.5 * (_robust_sd(a, "left") + _robust_sd(b, "right"))
+                    if (b.position - a.position) / spread < sep:
+                        raise FitFailure(
+                            f"the peaks at {a.position:.3g} and {b.position:.3g} are only "
+                            f"{(b.position - a.position) / spread:.2g} robust SDs apart (need >= {sep:g})"
+                        )
+                return np.array([t])
+            except FitFailure:
+                if method == "valley" or "percentile" in self.options:
+                    raise
+        t = shoulder(
+            lm,
+            of=self.options.get("of", "negative"),
+            ratio=self.options.get("ratio", 2.0),
+            min_offset=self.options.get("min_offset", 1.0),
+        )
+        return np.array([t])
+
+
+# --------------------------------------------------------------------------------------------
+# thresholds from another population or from an FMO control
+# --------------------------------------------------------------------------------------------
+class ReferenceFitter(ThresholdFitter):
+    """``reference``: the ``q``-quantile of the marker on ``population`` (an internal negative
+    reference, e.g. CD8 T for CXCR5) or on an FMO control's events of the same parent. The
+    engine supplies those values; without them the fit fails (and falls back, flagged)."""
+
+    events_needed = None
+
+    def fit(self, values, rng):
+        x = _finite(np.asarray(values[0]))
+        if len(x) < self.bounds.min_events:
+            raise FitFailure(
+                f"only {len(x)} events in the reference {self.source_name} (need >= {self.bounds.min_events})"
+            )
+        return np.array([float(np.quantile(x, self.options["q"]))])
+
+    @property
+    def source_name(self) -> str:
+        pop = self.options.get("population")
+        return f"population {pop!r}" if pop else "FMO control"
+
+
+# --------------------------------------------------------------------------------------------
+# 2-D diagonal gates
+# --------------------------------------------------------------------------------------------
+BIG = 1e6  # beyond any transformed value: the half-plane polygon is open-ended in practice
+
+
+class DiagonalFitter(Fitter):
+    """params = [m1, s1, m2, s2, t]: the main cloud's modes and robust SDs on the two axes
+    and the shoulder threshold of the projection ``sign1*(x1-m1)/s1 + sign2*(x2-m2)/s2``."""
+
+    def fit(self, values, rng):
+        return self.fit_full(values, rng)[0]
+
+    def fit_full(self, values, rng):
+        x1, x2 = (np.asarray(v, dtype=np.float64) for v in values[:2])
+        ok = np.isfinite(x1) & np.isfinite(x2)
+        x1, x2 = x1[ok], x2[ok]
+        if len(x1) < self.bounds.min_events:
+            raise FitFailure(f"only {len(x1)} events in the parent (need >= {self.bounds.min_events})")
+        signs = self.options["signs"]
+        params = []
+        for x, s in zip((x1, x2), signs):
+            lm = find_landmarks(x, self.options.get("min_peak", 0.05))
+            p = lm.main
+            # the width on the side the gate looks at (where the population of interest is not)
+            sd = _robust_sd(p, "left" if s == "+" else "right")
+            params += [p.position, sd]
+        u = self.project(params, x1, x2)
+        lm = find_landmarks(u, self.options.get("min_peak", 0.01))
+        z = self.options.get("fallback_z", 4.0)
+        how = f"main cloud + {z:g} SD along the diagonal"
+        fallback = np.array([*params, lm.main.position + z * _robust_sd(lm.main, "left")])
+        try:
+            t = _valley_beyond_main(lm)
+            floor = lm.main.position + self.options.get("min_offset", 2.0) * _robust_sd(lm.main, "left")
+            if t is not None and t < floor:  # a noise dip inside the main cloud
+                t = None
+            if t is None:
+                lm.peaks = [lm.main]
+                t = shoulder(
+                    lm,
+                    of="negative",
+                    ratio=self.options.get("ratio", 2.0),
+                    min_offset=self.options.get("min_offset", 2.0),
+                )
+        except FitFailure as exc:
+            raise LandmarkFailure(str(exc), fallback, how) from None
+        return np.array([*params, t]), fallback, how
+
+    def project(self, params, x1, x2):
+        m1, s1, m2, s2 = params[:4]
+        k1, k2 = (1.0 if s == "+" else -1.0 for s in self.options["signs"])
+        return k1 * (x1 - m1) / s1 + k2 * (x2 - m2) / s2
+
+    def polygon(self, params) -> list[list[float]]:
+        """The half-plane ``projection >= t`` as a (large) polygon in data coordinates."""
+        m1, s1, m2, s2, t = (float(v) for v in params)
+        k1, k2 = (1.0 if s == "+" else -1.0 for s in self.options["signs"])
+        # boundary line: k1 (x - m1)/s1 + k2 (y - m2)/s2 = t  ->  y = m2 + s2 k2 (t - k1 (x - m1)/s1)
+        xa, xb = m1 - BIG, m1 + BIG
+
+        def y_at(x):
+            return m2 + s2 * k2 * (t - k1 * (x - m1) / s1)
+
+        ya, yb = y_at(xa), y_at(xb)
+        # the side to keep: direction (k1/s1, k2/s2) from the line
+        dx, dy = k1 / s1, k2 / s2
+        norm = math.hypot(dx, dy)
+        off = 4 * BIG * max(s1, s2)
+        ox, oy = dx / norm * off, dy / norm * off
+        return [[xa, ya], [xb, yb], [xb + ox, yb + oy], [xa + ox, ya + oy]]
+
+    def describe(self, params):
+        m1, s1, m2, s2, t = params
+        a, b = (d.name for d in self.dims[:2])
+        return f"{a} mode {m1:.3g} (SD {s1:.2g}), {b} mode {m2:.3g} (SD {s2:.2g}), diagonal >= {t:.3g} SD"
+
+    def shift(self, params, reference):
+        return float(abs(params[4] - reference[4]))
+
+    def default_spec(self):
+        return None
+
+
+class AllOfGate(Gate):
+    """Events inside every part (a realized diagonal gate with extra thresholds)."""
+
+    type = "all_of"
+
+    def __init__(self, parts: list[Gate]):
+        dims: list[Dim] = []
+        for p in parts:
+            dims += [d for d in p.dims if d not in dims]
+        super().__init__(dims)
+        self.parts = parts
+
+    def contains(self, values):
+        by_dim = dict(zip(self.dims, values))
+        inside = None
+        for p in self.parts:
+            m = p.contains([by_dim[d] for d in p.dims])
+            inside = m if inside is None else inside & m
+        return inside
+
+    def geometry(self) -> dict:
+        from cytopipe.gating.template import gate_to_dict
+
+        return {"parts": [{"markers": p.markers, **gate_to_dict(p)} for p in self.parts]}
+
+    def to_spec(self) -> dict:
+        return {"type": "all_of", **self.geometry()}
+
+
+class DiagonalGate(DataDrivenGate):
+    """``diagonal``: a fitted half-plane on the first two markers AND ``auto`` thresholds on the
+    others (``signs`` gives the side per marker)."""
+
+    type = "diagonal"
+
+    def __init__(self, dims, fitter: DiagonalFitter, extra: list, signs, optional=(), fraction=None):
+        super().__init__(dims)
+        self.fitter = fitter
+        self.extra = extra  # one fitter per marker after the first two
+        self.signs = list(signs)
+        self.optional = tuple(optional)
+        self.fraction = fraction
+
+    def fit_items(self):
+        return [("", self.fitter)] + [(f"[{f.dims[0].name}]", f) for f in self.extra]
+
+    def realize(self, params):
+        parts: list[Gate] = [PolygonGate(self.dims[:2], self.fitter.polygon(params[""]))]
+        for f, s in zip(self.extra, self.signs[2:]):
+            key = f"[{f.dims[0].name}]"
+            if key not in params:  # an optional marker the file lacks
+                continue
+            t = float(params[key][0])
+            parts.append(
+                RectangleGate(f.dims, [t] if s == "+" else [None], [None] if s == "+" else [t], "range")
+            )
+        return parts[0] if len(parts) == 1 else AllOfGate(parts)
+
+    def to_spec(self):
+        spec = {"type": "diagonal", "signs": "".join(self.signs), **self.fitter.options_spec()}
+        spec.pop("signs", None)
+        spec["signs"] = "".join(self.signs)
+        spec["bounds"] = self.fitter.bounds.to_spec()
+        if self.fraction is not None:
+            spec["bounds"]["fraction"] = list(self.fraction)
+        if self.optional:
+            spec["optional"] = list(self.optional)
+        spec["pool"] = self.fitter.pool
+        if self.extra:
+            spec["thresholds"] = [f.to_spec() for f in self.extra]
+        return spec
+
+
+# --------------------------------------------------------------------------------------------
+# scatter: the lymphocyte cluster relative to the events' own range
+# --------------------------------------------------------------------------------------------
+class LymphocyteFitter(DensestClusterFitter):
+    """``lymphocytes``: among the dense clusters of FSC-A/SSC-A (2-D density peaks >= ``min_peak`` x
+    the densest, on the events' 0.5-99.5 % range), not debris (FSC below ``debris`` of the FSC range),
+    the one with the lowest SSC; refined on its trimmed core."""
+
+    def fit(self, values, rng):
+        from scipy.ndimage import gaussian_filter, maximum_filter
+
+        x = np.column_stack([np.asarray(v, dtype=np.float64) for v in values])
+        x = x[np.isfinite(x).all(axis=1)]
+        if len(x) < self.bounds.min_events:
+            raise FitFailure(f"only {len(x)} events in the parent (need >= {self.bounds.min_events})")
+        xs = _subsample(x, self.options.get("max_events", 10_000), rng)
+        box = [tuple(np.quantile(xs[:, j], [0.005, 0.995])) for j in range(2)]
+        if any(b <= a for a, b in box):
+            raise FitFailure("scatter values have no spread")
+        hist, ex, ey = np.histogram2d(xs[:, 0], xs[:, 1], bins=64, range=box)
+        hist = gaussian_filter(hist, 2.0)
+        local = (hist == maximum_filter(hist, size=7)) & (
+            hist >= self.options.get("min_peak", 0.15) * hist.max()
+        )
+        cand = np.argwhere(local)
+        debris = box[0][0] + self.options.get("debris", 0.1) * (box[0][1] - box[0][0])
+        fx = (ex[cand[:, 0]] + ex[cand[:, 0] + 1]) / 2
+        fy = (ey[cand[:, 1]] + ey[cand[:, 1] + 1]) / 2
+        keep = fx > debris
+        if not keep.any():
+            raise FitFailure("every dense scatter cluster lies in the debris range (lowest FSC)")
+        k = np.flatnonzero(keep)[np.argmin(fy[keep])]
+        mean = np.array([fx[k], fy[k]])
+        cov = np.diag([(ex[1] - ex[0]) * 3, (ey[1] - ey[0]) * 3]) ** 2
+        mean, cov = refine_core(xs, mean, cov, self.options.get("trim", 2.5), iterations=50)
+        return np.concatenate([mean, cov.ravel()])
+
+    def shift(self, params, reference):
+        # relative to the cluster's own width, not in instrument units
+        k = len(self.dims)
+        sd = np.sqrt(np.diag(np.asarray(reference[k:]).reshape(k, k)))
+        return float(np.max(np.abs(params[:k] - reference[:k]) / sd))
+
+
+def realize_threshold_gate(dims, t: float, side: str) -> RectangleGate:
+    if side == "above":
+        return RectangleGate(dims, [t], [None], style="range")
+    return RectangleGate(dims, [None], [t], style="range")
+
+
+__all__ = [
+    "AllOfGate",
+    "DiagonalFitter",
+    "DiagonalGate",
+    "Landmarks",
+    "LandmarkFailure",
+    "LymphocyteFitter",
+    "ReferenceFitter",
+    "RelativeThresholdFitter",
+    "EllipseFitGate",
+    "find_landmarks",
+]
+
+
+def parse_diagonal(spec, dims: list[Dim], ctx) -> DiagonalGate:
+    """``type: diagonal``: ``signs`` (one per marker), optional ``ratio``/``min_peak``/``fallback_z``,
+    ``thresholds`` for the markers after the first two (default ``auto``), ``optional`` markers."""
+    from cytopipe.gating.fitters import _pool, parse_bounds, parse_threshold
+    from cytopipe.gating.template import parse_signs
+
+    n = len(dims)
+    signs = parse_signs(spec, "signs", n)
+    opts: dict = {"signs": signs[:2]}
+    for key, lo, hi in (("ratio", 1, 100), ("min_peak", 0, 1), ("fallback_z", 0, 20)):
+        v = spec.number(key, required=False, lo=lo, hi=hi)
+        if v is not None:
+            opts[key] = v
+    bounds = parse_bounds(spec, kind="quadrant")
+    if bounds.min_events == 100:
+        bounds.min_events = 200
+    pool = _pool(spec)
+    fitter = DiagonalFitter("diagonal", tuple(dims[:2]), opts, bounds, pool, None)
+    raw = spec.raw("thresholds", required=False)
+    if raw is None:
+        raw = [{"type": "auto", "pool": pool}] * (n - 2)
+    if not isinstance(raw, list) or len(raw) != n - 2:
+        raise spec.error("thresholds", f"give {n - 2} threshold(s), one per marker after the first two")
+    extra = []
+    for i, (d, v) in enumerate(zip(dims[2:], raw)):
+        f = parse_threshold(spec, f"thresholds[{i}]", v, d, ctx)
+        if not isinstance(f, Fitter):
+            raise spec.error(
+                f"thresholds[{i}]", "the extra markers of a diagonal gate need fitted thresholds"
+            )
+        extra.append(f)
+    optional = spec.raw("optional", required=False) or []
+    names = [d.name for d in dims]
+    if not isinstance(optional, list) or any(o not in names[2:] for o in optional):
+        raise spec.error("optional", f"list markers after the first two that a file may lack ({names[2:]})")
+    return DiagonalGate(dims, fitter, extra, signs, optional=optional, fraction=bounds.fraction)

@@ -1,0 +1,76 @@
+"""Per-channel display scale from the data: the arcsinh cofactor from the negative population.
+
+A fixed cofactor (150) suits an 18-bit instrument; on a 22-bit or float instrument the negative
+population spreads over hundreds or thousands of units and arcsinh(x / 150) splits it into two
+humps, so "the negative peak" and every threshold stated relative to it move. Here the cofactor is
+``k`` x the negative population's robust SD in compensated linear units: its mode found on a
+provisional arcsinh/150 scale, its spread from the events below that mode (mirror of its lower
+half, where no positive cells are). ``estimate_cofactors`` pools samples so a study locks one
+cofactor per channel (give the result to ``gate(..., transforms=...)``; it is recorded with the
+run's transforms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from cytopipe.gating.fitters import FitFailure
+
+COFACTOR_K = 3.0  # cofactor = 3 robust SDs of the negative: the negative stays on the linear part
+MIN_COFACTOR = 5.0  # mass cytometry's usual cofactor: nothing smaller makes sense
+
+
+def estimate_cofactor(x: np.ndarray, default: float = 150.0, k: float = COFACTOR_K) -> float:
+    """Arcsinh cofactor of one channel (compensated linear values); ``default`` when the channel has
+    no usable negative population (e.g. mass-cytometry counts piled up at zero)."""
+    from cytopipe.gating.landmarks import find_landmarks
+
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if len(x) < 200:
+        return float(default)
+    try:
+        lm = find_landmarks(np.arcsinh(x / 150.0), 0.05)
+    except FitFailure:
+        return float(default)
+    mode = 150.0 * np.sinh(lm.negative.position)
+    below = mode - x[x < mode]
+    if len(below) < 50:
+        return float(default)
+    sd = float(np.median(below)) / 0.6745
+    if not np.isfinite(sd) or sd <= 0:
+        return float(default)
+    # two significant digits: a cofactor is a scale choice, not a measurement (and a round number
+    # keeps exported Gating-ML transforms exact)
+    return float(f"{max(MIN_COFACTOR, k * sd):.2g}")
+
+
+def estimate_cofactors(
+    samples: Iterable, template, markers: Iterable[str] | None = None, k: float = COFACTOR_K
+) -> dict[str, dict]:
+    """One locked arcsinh spec per marker for a study: the median of the per-sample estimates.
+
+    ``samples``: :class:`cytopipe.Sample` objects; ``template``: the gating template (its panel and
+    compensation are used). Returns ``{marker: {"type": "arcsinh", "cofactor": c}}``.
+    """
+    from cytopipe.gating.engine import Engine
+
+    per: dict[str, list[float]] = {}
+    for s in samples:
+        e = Engine(s.events, s.channels, template, spillover=getattr(s, "spillover", None))
+        for m in markers or template.median_markers():
+            if m in e.missing:
+                continue
+            dim = template.dimension(m)
+            spec = e.transform_specs.get(dim.transform or "")
+            if dim.transform is None or spec is None or spec.get("type") != "arcsinh":
+                continue
+            x = e.linear(e._column(m, dim, None), e._comp_key(dim))
+            per.setdefault(m, []).append(estimate_cofactor(x, float(spec["cofactor"]), k))
+    return {m: {"type": "arcsinh", "cofactor": float(np.median(v))} for m, v in per.items()}
+
+
+def describe(scales: Mapping[str, dict]) -> str:
+    return ", ".join(f"{m} {s['cofactor']:.0f}" for m, s in scales.items())

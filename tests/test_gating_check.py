@@ -1,0 +1,125 @@
+"""Missing markers fail once, early; `cytopipe template check` (issue 10 item 5, issue 15 item 6)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cytopipe
+from cytopipe.cli import main
+from tests.conftest import REPO, shared_path
+
+TEMPLATE = REPO / "gating" / "sle_il2_tcell_nk.yaml"
+
+
+@pytest.fixture(scope="module")
+def no_cd25_files(tmp_path_factory):
+    """Two simulated files whose CD25 channel has no label (the panel 'lacks' CD25)."""
+    from cytopipe.simulate import simulate_trial
+
+    path = tmp_path_factory.mktemp("nocd25")
+    simulate_trial(path, n_patients=1, visits=(0, 12), events=20_000, seed=99)
+    manifest = pd.read_csv(path / "manifest.csv")
+    out = []
+    for f in manifest[manifest["control"].isna()]["file"]:
+        s = cytopipe.read_fcs(path / f)
+        ch = s.channels.copy()
+        ch.loc[ch["pns"].astype(str).str.contains("CD25"), "pns"] = ""
+        s = dataclasses.replace(s, channels=ch)
+        target = path / f"nocd25_{(path / f).name}"
+        cytopipe.write_fcs(target, s.events, s.channels, s.keywords, s.spillover)
+        out.append(target)
+    return out
+
+
+def test_marker_absent_from_every_file_stops_once_before_any_work(no_cd25_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["gate", *map(str, no_cd25_files), "--template", str(TEMPLATE), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("marker 'CD25' is in none of the 2 file(s)") == 1
+    assert "populations needing it: Treg" in err and "panel:\n  CD25: " in err
+    assert "--missing-markers skip" in err
+    assert not (out / "population_stats.parquet").exists()
+
+
+def test_missing_markers_skip_gates_everything_else(no_cd25_files, tmp_path):
+    out = tmp_path / "out"
+    rc = main(
+        ["gate", *map(str, no_cd25_files), "--template", str(TEMPLATE), "--out", str(out), "--quiet",
+         "--missing-markers", "skip"]
+    )  # fmt: skip
+    assert rc == 0
+    stats = pd.read_parquet(out / "population_stats.parquet")
+    assert len(stats) == 15 * len(no_cd25_files)
+    treg = stats[stats["population"] == "Treg"]
+    assert treg["pct_parent"].isna().all()
+    others = stats[stats["population"] != "Treg"]
+    assert others["pct_parent"].notna().all() and (others["count"] > 0).all()
+    flags = pd.read_parquet(out / "gate_flags.parquet")
+    assert (
+        flags[flags["population"] == "Treg"]["flag"] == "not measured: marker CD25 is not in the file"
+    ).all()
+
+
+def test_template_check_on_a_new_panel(capsys):
+    donor = shared_path("CytoPipeline", "inst", "extdata", "Donor1.fcs")
+    rc = main(["template", "check", str(donor), "--template", str(TEMPLATE)])
+    text = capsys.readouterr().out
+    print(text)
+    assert rc == 1  # some markers are in no file
+    lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
+    assert "CD3 -> 670/30Violet-A" in lines["T"] and "fitted (auto)" in lines["T"]
+    assert "landmark fallback" in lines["T"]
+    assert "CD8 -> 585/15Violet-A" in text and "Viability -> 525/50Violet-A" in text
+    assert "NOT MEASURED" in lines["Treg"] and "NOT MEASURED" not in lines["Memory"]
+    assert (
+        "marker 'CD56' is in none of the 1 file(s); populations needing it: NK, CD56bright NK, CD56dim NK"
+        in text
+    )
+
+
+def test_optional_marker_missing_keeps_the_population():
+    """FOXP3 is optional in the Treg gate: without it, Treg is the CD25/CD127 diagonal (flagged)."""
+    import tempfile
+    from pathlib import Path
+
+    from cytopipe.gating import gate, load_template
+    from cytopipe.simulate import simulate_trial
+
+    with tempfile.TemporaryDirectory() as d:
+        simulate_trial(Path(d), n_patients=1, visits=(0,), events=20_000, seed=98)
+        m = pd.read_csv(Path(d) / "manifest.csv")
+        s = cytopipe.read_fcs(Path(d) / m[m["control"].isna()]["file"].iloc[0])
+    full = gate(s, load_template(TEMPLATE))
+    ch = s.channels.copy()
+    ch.loc[ch["pns"].astype(str).str.contains("FOXP3|FoxP3|Foxp3"), "pns"] = ""
+    result = gate(dataclasses.replace(s, channels=ch), load_template(TEMPLATE))
+    treg = result.populations["Treg"]
+    assert treg.source != "not measured" and np.isfinite(treg.pct_parent)
+    assert any("FOXP3 is not in the file" in f for f in treg.flags)
+    assert abs(treg.pct_parent - full.populations["Treg"].pct_parent) < 1.5
+
+
+def test_cytopipe_run_stops_once_or_skips(no_cd25_files, tmp_path, capsys):
+    """`cytopipe run`: the same single early message (exit 2); `--missing-markers skip` gates the rest."""
+    rows = [
+        {"file": str(f), "sample_id": f"S{i}", "patient_id": "P1", "visit": 4 * i, "arm": "placebo"}
+        for i, f in enumerate(no_cd25_files)
+    ]
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    base = ["run", "--manifest", str(manifest), "--template", str(TEMPLATE), "--scheduler", "synchronous"]
+    rc = main([*base, "--out", str(tmp_path / "stop")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("marker 'CD25' is in none of the 2 file(s)") == 1 and "panel:\n  CD25:" in err
+    assert not (tmp_path / "stop" / "population_stats.parquet").exists()
+    rc = main([*base, "--out", str(tmp_path / "skip"), "--missing-markers", "skip", "--no-report"])
+    assert rc == 0, capsys.readouterr().err
+    stats = pd.read_parquet(next((tmp_path / "skip").rglob("population_stats.parquet")))
+    assert stats[stats["population"] == "Treg"]["pct_parent"].isna().all()
+    assert stats[stats["population"] == "CD4 T"]["pct_parent"].notna().all()

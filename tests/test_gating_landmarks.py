@@ -1,0 +1,183 @@
+"""Landmark-relative gates on real files the template was never tuned to (issue 10).
+
+* OMIP-021 Donor1/2 (CytoPipeline, LSRFortessa): the canonical template mapped only through
+  ``panel:`` (no edited numbers) gives T cells, CD4 T and CD8 T within 5 pp of an independent
+  Gaussian-mixture reference computed here; the populations whose markers the panel lacks are
+  "not measured" instead of failing the sample.
+* FlowKit 100715.fcs (FACSAria, float data): Singlets and Live are fitted, not fallen back.
+* Lone-sample fits are not thrown away for lying far from a typed default; a gmm gate outside its
+  own fraction bound is flagged; a `reference` threshold records which population set it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.mixture import GaussianMixture
+
+import cytopipe
+from cytopipe.gating import gate, load_template, parse_template, template_to_dict
+from tests.conftest import REPO, shared_path
+
+TEMPLATE = REPO / "gating" / "sle_il2_tcell_nk.yaml"
+
+
+@pytest.fixture(scope="module")
+def canonical():
+    return template_to_dict(load_template(TEMPLATE))
+
+
+def _numbers(node) -> list[float]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k not in ("min_events", "percentile") for v in _numbers(v)]
+    if isinstance(node, list):
+        return [v for item in node for v in _numbers(item)]
+    return [node] if isinstance(node, float | int) and not isinstance(node, bool) else []
+
+
+def test_canonical_template_has_no_instrument_scale_numbers(canonical):
+    """Only fractions, SD multiples, percentiles and counts: nothing on an intensity or scatter scale."""
+    for pop in canonical["populations"]:
+        gate_spec = pop["gate"]
+        assert "default" not in gate_spec and "search" not in gate_spec, pop["name"]
+        assert "range" not in gate_spec.get("bounds", {}) and "center" not in gate_spec.get("bounds", {})
+        for v in _numbers(gate_spec):
+            assert abs(v) <= 10, (pop["name"], v)  # fractions, SDs (trim 2.5, distance 3.4), z
+
+
+def _gmm_reference(values: np.ndarray, k: int, seed: int = 0):
+    gm = GaussianMixture(k, random_state=seed, n_init=3).fit(values)
+    return gm, gm.predict(values)
+
+
+@pytest.mark.parametrize("donor", ["Donor1", "Donor2"])
+def test_omip021_t_cells_against_a_mixture_reference(donor, canonical):
+    spec = dict(canonical, panel={"CD8": "585/15Violet-A"})  # CD8a of the two CD8 channels
+    template = parse_template(spec)
+    sample = cytopipe.read_fcs(shared_path("CytoPipeline", "inst", "extdata", f"{donor}.fcs"))
+    result = gate(sample, template)
+    print("\n" + result.summary())
+    # the panel has no CD25/CD127/FOXP3/CXCR3/CCR6/CXCR5/PD-1/CD56/CD16: those are not measured
+    for name in ("Treg", "Th17", "Th1", "cTfh", "activated cTfh", "NK", "CD56bright NK", "CD56dim NK"):
+        assert result.populations[name].source == "not measured", name
+    for name in ("Lymphocytes", "Singlets", "Live", "T cells", "CD4 T", "CD8 T"):
+        p = result.populations[name]
+        assert p.source == "fitted" and not p.flags, (name, p.flags)
+
+    values = result.event_values(sample)
+    # reference 1: T cells = the high component of a 2-component mixture on CD3 of live cells
+    cd3 = values.values("CD3", "Live").reshape(-1, 1)
+    gm, lab = _gmm_reference(cd3, 2)
+    ref_t = 100 * np.mean(lab == np.argmax(gm.means_[:, 0]))
+    # reference 2: a 4-component mixture on CD4/CD8 of T cells; a component is CD4 T (CD8 T) when
+    # its mean is above the midpoint of the components' means on CD4 (CD8) and below it on the other
+    x = values.matrix(["CD4", "CD8"], "T cells")
+    gm, lab = _gmm_reference(x, 4)
+    mid = (gm.means_.min(axis=0) + gm.means_.max(axis=0)) / 2
+    hi = gm.means_ > mid
+    ref_cd4 = 100 * np.isin(lab, np.flatnonzero(hi[:, 0] & ~hi[:, 1])).mean()
+    ref_cd8 = 100 * np.isin(lab, np.flatnonzero(~hi[:, 0] & hi[:, 1])).mean()
+    got = {n: result.populations[n].pct_parent for n in ("T cells", "CD4 T", "CD8 T")}
+    print(f"reference T {ref_t:.1f} CD4 {ref_cd4:.1f} CD8 {ref_cd8:.1f}; gated {got}")
+    assert abs(got["T cells"] - ref_t) <= 5
+    assert abs(got["CD4 T"] - ref_cd4) <= 5
+    assert abs(got["CD8 T"] - ref_cd8) <= 5
+
+
+def test_flowkit_100715_singlets_and_live_are_fitted(canonical):
+    sample = cytopipe.read_fcs(shared_path("FlowKit", "data", "100715.fcs"))
+    result = gate(sample, parse_template(canonical))  # "VIVID / CD14" resolves as Viability
+    print("\n" + result.summary())
+    assert result.channel_of["Viability"] == "V450-A"
+    for name in ("Lymphocytes", "Singlets", "Live"):
+        p = result.populations[name]
+        assert p.source == "fitted" and not p.flags, (name, p.flags)
+        assert p.pct_parent > 50, name
+    fits = {f.key: f for f in result.fits}
+    assert fits["Singlets"].status == "ok" and fits["Live"].status == "ok"
+
+
+def test_viability_label_with_live_dead_dye_resolves():
+    import pandas as pd
+
+    from cytopipe.gating._compat import resolve_markers
+
+    channels = pd.DataFrame(
+        {"pnn": ["FSC-A", "V510-A", "B515-A"], "pns": ["", "Live/Dead Yellow-A [Live]", "CD3"]}
+    )
+    assert resolve_markers(channels, ["Viability"])["Viability"] == "V510-A"
+
+
+# --------------------------------------------------------------------------------------------
+# bounds are plausibility checks, fallbacks are flagged
+# --------------------------------------------------------------------------------------------
+def _engine_gate(template, n=20_000, neg=0.0, pos=3.0, seed=0):
+    import pandas as pd
+
+    from cytopipe.gating import Engine
+
+    rng = np.random.default_rng(seed)
+    x = np.where(rng.random(n) < 0.3, rng.normal(pos, 0.3, n), rng.normal(neg, 0.3, n))
+    events = np.column_stack([np.sinh(x) * 150, rng.normal(0, 150, n)]).astype(np.float32)
+    channels = pd.DataFrame({"pnn": ["B1-A", "B2-A"], "pns": ["CD3", "CD8"]})
+    return Engine(events, channels, template).run(medians=False)
+
+
+def _mini(gate_spec):
+    return parse_template(
+        {
+            "compensation": "none",
+            "transforms": {"default": {"type": "arcsinh", "cofactor": 150}},
+            "populations": [{"name": "CD3+", "parent": "root", "markers": ["CD3"], "gate": gate_spec}],
+        }
+    )
+
+
+def test_a_good_lone_fit_is_kept_however_far_from_the_typed_default():
+    """Before: a fit further than `max_shift` from the `default` was replaced by the default."""
+    t = _mini({"type": "valley", "search": [0.5, 6.0], "default": 5.5, "bounds": {"max_shift": 0.5}})
+    result = _engine_gate(t, pos=4.0)
+    assert not result.flags and result.populations["CD3+"].source == "fitted"
+    assert 1.0 < result.populations["CD3+"].gate.lower[0] < 3.0
+    assert result.populations["CD3+"].pct_parent == pytest.approx(30, abs=1)
+
+
+def test_auto_threshold_moves_with_the_data():
+    """The same relative gate on two 'instruments' whose scales differ by 2 arcsinh units."""
+    t = _mini({"type": "auto"})
+    a, b = _engine_gate(t, neg=0.0, pos=3.0), _engine_gate(t, neg=2.0, pos=5.0)
+    ta, tb = (r.populations["CD3+"].gate.lower[0] for r in (a, b))
+    assert tb - ta == pytest.approx(2.0, abs=0.1)
+    for r in (a, b):
+        assert r.populations["CD3+"].pct_parent == pytest.approx(30, abs=1.0) and not r.flags
+
+
+def test_gate_outside_its_fraction_bound_is_flagged_even_after_fallback():
+    t = _mini({"type": "auto", "bounds": {"fraction": [0.5, 0.9]}})  # 30 % positive: implausible
+    result = _engine_gate(t)
+    (flag,) = result.populations["CD3+"].flags
+    assert "outside [50%, 90%]" in flag and "also outside" in flag
+    assert result.fits[0].status == "failed"
+
+
+def test_reference_threshold_records_its_source():
+    spec = {
+        "compensation": "none",
+        "transforms": {"default": {"type": "arcsinh", "cofactor": 150}},
+        "populations": [
+            {"name": "CD3-", "parent": "root", "markers": ["CD3"], "gate": {"type": "range", "max": 1.5}},
+            {
+                "name": "CD3+",
+                "parent": "root",
+                "markers": ["CD3"],
+                "gate": {"type": "reference", "population": "CD3-", "q": 0.995},
+            },
+        ],
+    }
+    result = _engine_gate(parse_template(spec))
+    p = result.populations["CD3+"]
+    assert p.source == "reference"
+    (note,) = result.sources
+    assert note[0] == "CD3+" and "population CD3-" in note[1]
+    # the 99.5th percentile of N(0, 0.3): 0.77
+    assert p.gate.lower[0] == pytest.approx(0.3 * 2.576, abs=0.05)
