@@ -476,15 +476,13 @@ def register_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
     """Hash the file, read its HEADER and TEXT (not the events) and check the template's markers."""
 
     def body() -> dict[str, Any]:
-        from cytopipe.errors import FCSDataError, FCSError
+        from cytopipe.errors import FCSDataError
         from cytopipe.fcs import read_fcs_header
 
-        if not Path(job["path"]).is_file():
-            raise FCSError(
-                f"file not found: {job['path']}; check the manifest's `file` column", file=job["file"]
-            )
-        sha = file_sha256(job["path"])
-        info = read_fcs_header(job["path"])
+        _check_regular(job)
+        with _manifest_path(job):
+            sha = file_sha256(job["path"])
+            info = read_fcs_header(job["path"])
         if info.data_error:
             raise FCSDataError(info.data_error, file=job["file"])
         if not job.get("control"):
@@ -492,6 +490,51 @@ def register_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
         return {"sha256": sha, "n_events": int(info.n_events), "n_channels": int(info.n_channels)}
 
     return _guard(body)
+
+
+def _check_regular(job: Mapping[str, Any]) -> None:
+    """A missing file, a FIFO, a device or a folder: a clear error naming the manifest's path and
+    the resolved one (nothing is opened: a FIFO would block, /dev/zero never ends)."""
+    import stat
+
+    from cytopipe.errors import FCSError, NotRegularFileError
+    from cytopipe.files import describe_kind
+
+    path = Path(job["path"])
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FCSError(
+            f"file not found (resolved path {path}); check the manifest's `file` column", file=job["file"]
+        ) from None
+    except OSError as exc:
+        raise FCSError(
+            f"cannot open the file: {exc.strerror} (resolved path {path})", file=job["file"]
+        ) from None
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(
+            f"not a regular file: {describe_kind(mode)} (resolved path {path}); the manifest's `file` "
+            "must name an FCS file",
+            file=job["file"],
+        )
+
+
+class _manifest_path:
+    """Errors about the file name it as the manifest does, with the resolved path added."""
+
+    def __init__(self, job: Mapping[str, Any]):
+        self.job = job
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if isinstance(exc, CytopipeError) and str(exc.context.get("file")) == str(self.job["path"]):
+            exc.context["file"] = self.job["file"]
+            if str(self.job["file"]) != str(self.job["path"]) and "resolved path" not in exc.message:
+                exc.message += f" (resolved path {self.job['path']})"
+            exc.args = (exc._render(),)
+        return False
 
 
 def pool_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
@@ -616,7 +659,8 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
     from cytopipe import qc
     from cytopipe.fcs import read_fcs
 
-    sample = read_fcs(job["path"])
+    with _manifest_path(job):
+        sample = read_fcs(job["path"])
     sample.path = Path(job["file"])  # errors and results name the manifest's file
     if state.spillover is not None:
         sample.spillover = state.spillover

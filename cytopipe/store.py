@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,40 +34,41 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cytopipe.errors import StoreError
+from cytopipe.errors import OutputWriteError, StoreError
+from cytopipe.files import (  # noqa: F401 - re-exported: the run folder's writers
+    _MODE,
+    TMP_SUFFIX,
+    _unlink_quietly,
+    atomic_write,
+    is_temp_name,
+    open_regular,
+)
 
 TABLES = ("population_stats", "samples", "clusters", "statistics")  # in catalog.duckdb when present
 
 
-def _file_mode() -> int:
-    """0o666 minus the umask: what a plain open() would give (mkstemp gives 0o600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_MODE = _file_mode()
 CATALOG = "catalog.duckdb"
 RUN_JSON = "run.json"
 
 
 # --- atomic writes ------------------------------------------------------------------------------
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, _MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    return path
+
+    def verify(tmp: Path) -> None:
+        size = tmp.stat().st_size
+        if size != len(data):
+            raise OutputWriteError(
+                f"the written file has {size} of {len(data)} bytes (disk full?)", file=Path(path)
+            )
+
+    return atomic_write(path, write, verify)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
@@ -77,15 +77,53 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 
 def atomic_write_parquet(path: str | Path, df: pd.DataFrame) -> Path:
+    """Parquet, verified by reading the written file's row count back."""
+    import pyarrow.parquet as pq
+
     buf = io.BytesIO()
     df.reset_index(drop=True).to_parquet(buf, engine="pyarrow", index=False)
-    return atomic_write_bytes(path, buf.getvalue())
+    data = buf.getvalue()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    def verify(tmp: Path) -> None:
+        try:
+            rows = pq.ParquetFile(tmp).metadata.num_rows
+        except OSError:
+            raise
+        except Exception as exc:  # pyarrow: a truncated or damaged file
+            raise OutputWriteError(
+                f"the written table cannot be read back ({exc})", file=Path(path)
+            ) from None
+        if rows != len(df):
+            raise OutputWriteError(
+                f"the written table has {rows} of {len(df)} rows (disk full?)", file=Path(path)
+            )
+
+    return atomic_write(path, write, verify)
 
 
 def atomic_write_npy(path: str | Path, array: np.ndarray) -> Path:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def remove_orphan_temps(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Delete temporary files an interrupted write (kill, full disk) left under ``folder``; returns
+    them. Call it only while holding the run lock: another writer's temporary files would go."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = folder.rglob(".*") if recursive else folder.glob(".*")
+    removed = []
+    for entry in found:
+        if is_temp_name(entry.name) and entry.is_file() and not entry.is_symlink():
+            _unlink_quietly(entry)
+            removed.append(entry)
+    return sorted(removed)
 
 
 def _json_default(value: Any) -> Any:
@@ -102,17 +140,10 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _unlink_quietly(path: str | Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     """sha256 of a file's content, hex."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -217,34 +248,69 @@ class RunFolder:
 
 
 def write_catalog(path: str | Path, tables: Mapping[str, pd.DataFrame], run_info: Mapping[str, Any]) -> Path:
-    """A DuckDB database holding ``tables`` and a one-row ``run`` table (run.json as JSON text)."""
+    """A DuckDB database holding ``tables`` and a one-row-per-key ``run`` table (run.json as JSON).
+
+    DuckDB can fail to save without raising (a full disk during its final checkpoint leaves an
+    empty database and the data in a ``.wal``), so the new database is re-opened read-only and
+    every table's row count checked before it replaces the old catalog."""
     import duckdb
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp)  # duckdb creates the file itself
-    try:
-        con = duckdb.connect(tmp)
+    info = json.loads(json.dumps(dict(run_info), sort_keys=True, default=_json_default))
+    run_rows = [(k, json.dumps(v, default=_json_default)) for k, v in sorted(info.items())]
+    expected = {name: len(df) for name, df in tables.items()}
+    expected["run"] = len(run_rows)
+
+    def write(tmp: Path) -> None:
+        tmp.unlink()  # duckdb creates the file itself
         try:
-            for name, df in tables.items():
-                frame = df.reset_index(drop=True)  # noqa: F841 - scanned by name below
-                con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM frame')
-            info = json.dumps(dict(run_info), sort_keys=True, default=_json_default)
-            con.execute("CREATE TABLE run (key VARCHAR, value JSON)")
-            con.executemany(
-                "INSERT INTO run VALUES (?, ?)",
-                [(k, json.dumps(v, default=_json_default)) for k, v in sorted(json.loads(info).items())],
+            con = duckdb.connect(str(tmp))
+            try:
+                for name, df in tables.items():
+                    frame = df.reset_index(drop=True)  # noqa: F841 - scanned by name below
+                    con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM frame')
+                con.execute("CREATE TABLE run (key VARCHAR, value JSON)")
+                con.executemany("INSERT INTO run VALUES (?, ?)", run_rows)
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+        except duckdb.Error as exc:
+            raise _duckdb_failure(path, exc) from None
+
+    def verify(tmp: Path) -> None:
+        wal = Path(str(tmp) + ".wal")
+        if wal.exists():
+            raise OutputWriteError(
+                "DuckDB could not save the catalog (its changes stayed in the write-ahead log; disk full?)",
+                file=path,
             )
-        finally:
-            con.close()
-        os.chmod(tmp, _MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        _unlink_quietly(tmp + ".wal")
-        raise
-    return path
+        try:
+            con = duckdb.connect(str(tmp), read_only=True)
+            try:
+                got = {n: con.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0] for n in expected}
+            finally:
+                con.close()
+        except duckdb.Error as exc:
+            raise _duckdb_failure(path, exc) from None
+        short = {n: (got[n], want) for n, want in expected.items() if got[n] != want}
+        if short:
+            detail = ", ".join(f"{n}: {g} of {w} rows" for n, (g, w) in sorted(short.items()))
+            raise OutputWriteError(f"the written catalog is incomplete ({detail})", file=path)
+
+    return atomic_write(path, write, verify)
+
+
+def _duckdb_failure(path: Path, exc: Exception) -> OutputWriteError:
+    text = str(exc)
+    for reason in (
+        "No space left on device",
+        "Read-only file system",
+        "Permission denied",
+        "Disk quota exceeded",
+    ):
+        if reason.lower() in text.lower():
+            return OutputWriteError.for_reason(path, reason)
+    return OutputWriteError(f"DuckDB could not write the catalog: {text.splitlines()[0]}", file=path)
 
 
 # --- reading a run ------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             "files": [asdict(r) for r in reports],
             "problems": problems,
         }
-        print(json.dumps(document, indent=2, ensure_ascii=False))
+        print(json.dumps(_printable(document), indent=2, ensure_ascii=False))
     else:
         print(_table(reports, problems, inputs))
     return 0 if ok else 1
@@ -134,6 +134,9 @@ def validate_file(path: str | Path, display: str | None = None) -> FileReport:
     report = FileReport(file=display or str(path))
     try:
         report.sha256 = _sha256(path)
+    except CytopipeError as exc:  # a FIFO, a device, a folder: never read (it would block or never end)
+        report.error, report.error_type = _message(exc), type(exc).__name__
+        return report
     except OSError as exc:
         report.error = f"cannot read the file: {exc.strerror or exc}"
         report.error_type = "OSError"
@@ -205,13 +208,32 @@ def _validate_manifest(path: Path, problems: list[dict[str, Any]]):
         yield report, file_path
 
 
+def _printable(value: Any) -> Any:
+    """File names that are not valid UTF-8 (kept by Python as surrogate escapes) shown with their
+    bytes as ``\\xff`` instead of being printed as ``?``."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return value
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    return value
+
+
 def _looks_like_manifest(path: Path) -> bool:
     if path.suffix.lower() in _MANIFEST_SUFFIXES:
         return True
+    from cytopipe.errors import CytopipeError
+    from cytopipe.files import open_regular
+
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             head = fh.read(4096).lower()
-    except OSError:
+    except (OSError, CytopipeError):
         return False
     return b"sample_id" in head and b"file" in head
 
@@ -229,8 +251,10 @@ def _note_duplicates(reports: list[FileReport]) -> None:
 
 
 def _sha256(path: Path) -> str:
+    from cytopipe.files import open_regular
+
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
