@@ -1102,8 +1102,10 @@ def spillover_task(controls: list[dict[str, Any]], state: StudyState) -> dict[st
 
 
 def _matrix_csv(spill: Any) -> str:
+    from cytopipe.tabular import csv_text
+
     df = pd.DataFrame(np.asarray(spill.matrix), index=list(spill.channels), columns=list(spill.channels))
-    return df.to_csv()
+    return csv_text(df, index=True)
 
 
 # --- step: study transforms from pooled events --------------------------------------------------
