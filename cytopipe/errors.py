@@ -12,6 +12,21 @@ import errno
 from pathlib import Path
 from typing import Any
 
+# Exit codes of every ``cytopipe`` command: one meaning per code.
+EXIT_OK = 0  # done (samples may be flagged)
+EXIT_INTERNAL = 1  # an internal error: a bug in cytopipe (please report it with the traceback)
+EXIT_INPUT = 2  # a usage or input error (bad option, manifest, template, file...): nothing was done
+EXIT_FAILURES = 3  # completed with failures (failed files, or problems in study-level steps)
+EXIT_OUTPUT = 4  # an output could not be written (disk full, read-only folder, no permission) or the
+#                  run folder is in use by another run: fix that and rerun the same command (resumes)
+EXIT_INTERRUPTED = 130  # interrupted (Ctrl-C); rerun to resume
+EXIT_CODES_HELP = (
+    "exit codes: 0 done; 1 internal error (a bug: please report it); 2 usage or input error (nothing "
+    "done); 3 completed with failures (see the listed samples/problems); 4 could not write the "
+    "output (disk full, read-only, no permission) or the run folder is in use: fix it and rerun, "
+    "the run resumes; 130 interrupted."
+)
+
 
 class CytopipeError(Exception):
     """Base class of every error cytopipe raises on purpose.
@@ -182,3 +197,16 @@ class OutputWriteError(StoreError):
 
 class RunLockedError(StoreError):
     """Another cytopipe process is using the run folder."""
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code of a command that stopped with ``exc``."""
+    if isinstance(exc, OutputWriteError | RunLockedError):
+        return EXIT_OUTPUT
+    if isinstance(exc, CytopipeError):
+        return EXIT_INPUT
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, OSError) and exc.errno in OutputWriteError._ADVICE:
+        return EXIT_OUTPUT
+    return EXIT_INTERNAL

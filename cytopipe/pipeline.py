@@ -26,6 +26,7 @@ files, or problems in the study-level steps), 2 invalid input (nothing run), 130
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import platform
@@ -40,17 +41,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cytopipe import errors
 from cytopipe.errors import CytopipeError, ManifestError, WorkflowError
 from cytopipe.qc import QCSettings
 from cytopipe.schema import STATS_COLUMNS
 from cytopipe.store import RunFolder, file_sha256
 from cytopipe.workflow import Workflow, load_workflow, stable_hash, workflow_from_options
 
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_INPUT = 2
-EXIT_FAILURES = 3
-EXIT_INTERRUPTED = 130
+# exit codes: one meaning per code across every command (defined in cytopipe.errors)
+EXIT_OK = errors.EXIT_OK
+EXIT_INTERNAL = errors.EXIT_INTERNAL
+EXIT_INPUT = errors.EXIT_INPUT
+EXIT_FAILURES = errors.EXIT_FAILURES
+EXIT_OUTPUT = errors.EXIT_OUTPUT
+EXIT_INTERRUPTED = errors.EXIT_INTERRUPTED
+
+logger = logging.getLogger(__name__)
+_DEBUG = False  # --debug with --scheduler synchronous: task exceptions propagate
 
 META_COLUMNS = ["patient_id", "visit", "arm", "batch", "panel", "site", "acquired_at", "control"]
 
@@ -64,9 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "       cytopipe run --manifest M.csv --template gating/X.yaml [--clinical C.csv] --out DIR"
     )
     parser.epilog = (
-        "exit codes: 0 done (samples ok or flagged), 3 completed with failures (failed files: see "
-        "samples.parquet; or problems in clustering, statistics or the report: see run.json), "
-        "2 invalid input, 130 interrupted. Rerun the same command to resume an interrupted run."
+        "exit codes: 0 done (samples ok or flagged); 3 completed with failures (failed files: see "
+        "samples.parquet; or problems in clustering, statistics or the report: see run.json); "
+        "2 invalid input (nothing run); 4 an output could not be written (disk full, read-only "
+        "folder) or the run folder is in use by another run; 1 internal error (a bug; full "
+        "traceback in RUN_DIR/run.log); 130 interrupted. Rerun the same command to resume an "
+        "interrupted or failed run: finished work is reused."
     )
     parser.add_argument("workflow", nargs="?", help="workflow YAML (see workflows/)")
     parser.add_argument("--out", help="run folder (default: the workflow's `output`)")
@@ -97,6 +107,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory limit per local worker, e.g. '4GB' (default: 90%% of the machine's memory / workers)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="with --scheduler synchronous: stop at the first error with its full traceback instead "
+        "of recording the sample as failed",
+    )
     parser.add_argument(
         "--blinded",
         action="store_true",
@@ -138,6 +154,11 @@ def run(args: argparse.Namespace) -> int:
             raise WorkflowError(f"--workers is {args.workers}; it must be at least 1")
         wf.workers = args.workers
     apply_report_options(wf, args)
+    if getattr(args, "debug", False):
+        if args.scheduler != "synchronous" or args.scheduler_address:
+            raise WorkflowError("--debug needs --scheduler synchronous (exceptions propagate in one process)")
+        global _DEBUG
+        _DEBUG = True
     result = run_workflow(
         wf,
         scheduler="distributed" if args.scheduler_address else args.scheduler,
@@ -607,20 +628,30 @@ def _guard(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         out = body()
         out["ok"] = True
     except CytopipeError as exc:
+        if _DEBUG:
+            raise
         out = {"ok": False, "error": str(exc), "error_type": type(exc).__name__}
+        out["traceback"] = traceback.format_exc()  # for run.log; the one-line error goes to the tables
     except MemoryError:
+        if _DEBUG:
+            raise
         out = {
             "ok": False,
-            "error": "out of memory while processing this sample",
+            "error": "out of memory while processing this sample (see --memory-limit and --workers)",
             "error_type": "MemoryError",
+            "traceback": traceback.format_exc(),
         }
     except Exception as exc:  # a bug or an unforeseen file: record it, keep the batch going
+        if _DEBUG:
+            raise
         tb = traceback.extract_tb(exc.__traceback__)
         where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
         out = {
             "ok": False,
-            "error": f"internal error {type(exc).__name__}: {exc}{where} (please report this)",
+            "error": f"internal error {type(exc).__name__}: {exc}{where} (please report this; the "
+            "full traceback is in run.log)",
             "error_type": type(exc).__name__,
+            "traceback": traceback.format_exc(),
         }
     out["seconds"] = time.perf_counter() - t0
     out["pid"] = os.getpid()
@@ -766,6 +797,15 @@ class RunContext:
         return self.result_keys[phase][sample_id]
 
     def fail(self, job: Mapping[str, Any], result: Mapping[str, Any], step: str) -> None:
+        if job["sample_id"] not in self.failures:  # run.log: the one-line error and the full traceback
+            logger.error(
+                "sample %s (file %s) failed at step %s: %s%s",
+                job["sample_id"],
+                job.get("file"),
+                step,
+                result.get("error", "unknown error"),
+                "\n" + result["traceback"].rstrip() if result.get("traceback") else "",
+            )
         self.failures.setdefault(
             job["sample_id"],
             {
@@ -785,25 +825,79 @@ def run_workflow(
 ) -> RunResult:
     """Run every step of the study; returns the assembled tables (also written to ``wf.output``)."""
     t0 = time.perf_counter()
-    folder = RunFolder(wf.output).create()
+    folder = RunFolder(wf.output)
     ctx = RunContext(wf=wf, folder=folder, executor=None, progress=progress)
-    validate_inputs(ctx)  # fail fast, before any worker starts
-    executor = make_executor(scheduler, wf.workers, address, memory_limit)
-    ctx.executor = executor
-    try:
-        if executor.dashboard and progress:
-            print(f"Dask dashboard: {executor.dashboard}", file=sys.stderr)
-        run_steps(ctx, STEPS)
-        info = _run_info(ctx, executor, time.perf_counter() - t0)
-    finally:
-        executor.close()
-    finish_run(ctx, info, t0)
+    validate_inputs(ctx)  # fail fast, before any worker starts or any folder is made
+    with _run_folder_session(folder):
+        executor = make_executor(scheduler, wf.workers, address, memory_limit)
+        ctx.executor = executor
+        try:
+            if executor.dashboard and progress:
+                print(f"Dask dashboard: {executor.dashboard}", file=sys.stderr)
+            run_steps(ctx, STEPS)
+            info = _run_info(ctx, executor, time.perf_counter() - t0)
+        finally:
+            executor.close()
+        finish_run(ctx, info, t0)
     return RunResult(
         out=folder.path,
         samples=ctx.tables["samples"],
         population_stats=ctx.tables["population_stats"],
         info=info,
     )
+
+
+class _run_folder_session:
+    """Create the run folder, hold its lock for the whole run, remove the temporary files a killed
+    or failed earlier run left, and log to ``RUN_DIR/run.log`` (full tracebacks of failed samples
+    and of an internal error)."""
+
+    def __init__(self, folder: RunFolder):
+        self.folder = folder
+        self.lock = None
+        self.handler = None
+
+    def __enter__(self) -> None:
+        from cytopipe.store import RunLock, remove_orphan_temps
+
+        self.folder.create()
+        self.lock = RunLock(self.folder.path, "run").acquire()
+        try:
+            self.handler = logging.FileHandler(self.folder.path / "run.log", encoding="utf-8")
+        except OSError as exc:
+            self.lock.release()
+            from cytopipe.errors import OutputWriteError
+
+            raise OutputWriteError.from_oserror(self.folder.path / "run.log", exc) from None
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger("cytopipe")
+        root.addHandler(self.handler)
+        if root.level == logging.NOTSET or root.level > logging.INFO:
+            root.setLevel(logging.INFO)
+        logger.info("run started in %s (pid %d)", self.folder.path, os.getpid())
+        if self.lock.stale:
+            logger.warning(
+                "took over a stale lock of an earlier run that no longer runs: %s", self.lock.stale
+            )
+        removed = remove_orphan_temps(self.folder.path)
+        if removed:
+            logger.info("removed %d temporary files left by an interrupted run: %s", len(removed),
+                        ", ".join(str(p.relative_to(self.folder.path)) for p in removed))  # fmt: skip
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        try:
+            if exc is not None and not isinstance(exc, CytopipeError | KeyboardInterrupt):
+                logger.error("the run stopped with an internal error", exc_info=(kind, exc, tb))
+            elif exc is not None:
+                logger.error("the run stopped: %s", exc)
+            else:
+                logger.info("run finished")
+        finally:
+            if self.handler is not None:
+                logging.getLogger("cytopipe").removeHandler(self.handler)
+                self.handler.close()
+            self.lock.release()
+        return False
 
 
 def run_steps(ctx: RunContext, steps: Sequence[Step]) -> None:

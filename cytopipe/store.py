@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cytopipe.errors import OutputWriteError, StoreError
+from cytopipe.errors import OutputWriteError, RunLockedError, StoreError
 from cytopipe.files import (  # noqa: F401 - re-exported: the run folder's writers
     _MODE,
     TMP_SUFFIX,
@@ -267,8 +267,9 @@ def write_catalog(path: str | Path, tables: Mapping[str, pd.DataFrame], run_info
             con = duckdb.connect(str(tmp))
             try:
                 for name, df in tables.items():
-                    frame = df.reset_index(drop=True)  # noqa: F841 - scanned by name below
-                    con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM frame')
+                    con.register("_frame", df.reset_index(drop=True))
+                    con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM _frame')
+                    con.unregister("_frame")
                 con.execute("CREATE TABLE run (key VARCHAR, value JSON)")
                 con.executemany("INSERT INTO run VALUES (?, ?)", run_rows)
                 con.execute("CHECKPOINT")
@@ -311,6 +312,126 @@ def _duckdb_failure(path: Path, exc: Exception) -> OutputWriteError:
         if reason.lower() in text.lower():
             return OutputWriteError.for_reason(path, reason)
     return OutputWriteError(f"DuckDB could not write the catalog: {text.splitlines()[0]}", file=path)
+
+
+# --- the run-folder lock -------------------------------------------------------------------------
+LOCK = ".cytopipe.lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder, so two runs never write one folder at once.
+
+    ``flock`` on ``RUN_DIR/.cytopipe.lock`` (released by the kernel when the holder exits, even on
+    ``kill -9``); the file records the holder's pid, host, command and start time, so a refused
+    run can say who holds the folder. A lock file left by a process that no longer runs on this
+    host is stale: it is taken over (and said so in run.log). The file is emptied, not deleted,
+    on release (deleting a locked file lets two processes lock two different files)."""
+
+    def __init__(self, folder: str | Path, command: str = "run"):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        self.command = command
+        self.fd: int | None = None
+        self.stale: dict[str, Any] | None = None  # the previous holder, when its lock was stale
+
+    def acquire(self) -> RunLock:
+        import fcntl
+        import socket
+        import time
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), _MODE)
+        except OSError as exc:
+            raise OutputWriteError.from_oserror(self.path, exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunLockedError(
+                f"this run folder is in use by another cytopipe command ({_describe(holder)}); wait "
+                "for it to finish (or stop it), then run again: finished work is reused",
+                file=self.folder,
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise OutputWriteError.from_oserror(self.path, exc) from None
+        holder = _read_holder(fd)
+        host = socket.gethostname()
+        if holder.get("pid") and holder.get("host") == host and holder["pid"] != os.getpid():
+            if _pid_alive(int(holder["pid"])):  # a lock file flock did not protect (e.g. an old NFS)
+                os.close(fd)
+                raise RunLockedError(
+                    f"this run folder is in use by another cytopipe command ({_describe(holder)}); "
+                    "wait for it to finish (or stop it), then run again",
+                    file=self.folder,
+                )
+            self.stale = holder
+        elif holder.get("pid") and holder.get("host") != host:
+            self.stale = holder  # flock (NFSv4 locks across hosts) says its holder is gone
+        info = {
+            "pid": os.getpid(),
+            "host": host,
+            "command": self.command,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise OutputWriteError.from_oserror(self.path, exc) from None
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.ftruncate(self.fd, 0)  # no holder: a later reader sees a free folder
+        except OSError:
+            pass
+        finally:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        data = os.pread(fd, 4096, 0)
+        holder = json.loads(data.decode("utf-8")) if data.strip() else {}
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe(holder: Mapping[str, Any]) -> str:
+    if not holder:
+        return "holder unknown"
+    return (
+        f"`cytopipe {holder.get('command', '?')}`, pid {holder.get('pid', '?')} on host "
+        f"{holder.get('host', '?')}, since {holder.get('since', '?')}"
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:  # a killed process its parent has not reaped yet (a zombie) holds nothing
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 # --- reading a run ------------------------------------------------------------------------------
