@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except CytopipeError as exc:
-        if getattr(args, "debug", False):
+        if _debugging(args):
             raise
         print(f"cytopipe {args.command}: error: {exc}", file=sys.stderr)
         return exit_code_for(exc)
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cytopipe {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as exc:
-        if getattr(args, "debug", False) or exit_code_for(exc) != EXIT_OUTPUT:
+        if _debugging(args) or exit_code_for(exc) != EXIT_OUTPUT:
             return _internal(args, exc)
         # a disk that filled up or a folder turned read-only outside cytopipe's own writers
         error = OutputWriteError.from_oserror(Path(exc.filename or "?"), exc)
@@ -86,9 +86,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _internal(args, exc)
 
 
+def _debugging(args: argparse.Namespace) -> bool:
+    """``--debug`` accepted by the command (``cytopipe run`` checks it needs the synchronous
+    scheduler): exceptions propagate with their traceback."""
+    pipeline = sys.modules.get("cytopipe.pipeline")
+    return bool(getattr(args, "debug", False) and pipeline is not None and getattr(pipeline, "_DEBUG", False))
+
+
 def _internal(args: argparse.Namespace, exc: BaseException) -> int:
     """A bug: the full traceback on stderr (and in run.log for `cytopipe run`), exit 1."""
-    if getattr(args, "debug", False):
+    if _debugging(args):
         raise exc
     traceback.print_exception(exc, file=sys.stderr)
     print(

@@ -847,6 +847,11 @@ def run_workflow(
     )
 
 
+class _RunLogHandler(logging.FileHandler):
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        """A full disk loses log lines, not the run's error message (no 'Logging error' traceback)."""
+
+
 class _run_folder_session:
     """Create the run folder, hold its lock for the whole run, remove the temporary files a killed
     or failed earlier run left, and log to ``RUN_DIR/run.log`` (full tracebacks of failed samples
@@ -863,7 +868,7 @@ class _run_folder_session:
         self.folder.create()
         self.lock = RunLock(self.folder.path, "run").acquire()
         try:
-            self.handler = logging.FileHandler(self.folder.path / "run.log", encoding="utf-8")
+            self.handler = _RunLogHandler(self.folder.path / "run.log", encoding="utf-8")
         except OSError as exc:
             self.lock.release()
             from cytopipe.errors import OutputWriteError
