@@ -21,7 +21,14 @@ from typing import BinaryIO
 
 from cytopipe.errors import FCSError, NotRegularFileError, OutputWriteError
 
-__all__ = ["TMP_SUFFIX", "atomic_write", "describe_kind", "is_temp_name", "open_regular"]
+__all__ = [
+    "TMP_SUFFIX",
+    "atomic_write",
+    "atomic_write_bytes",
+    "describe_kind",
+    "is_temp_name",
+    "open_regular",
+]
 
 TMP_SUFFIX = ".tmp"
 
@@ -106,6 +113,25 @@ def atomic_write(
         _remove_temp(tmp)
         raise
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def verify(tmp: Path) -> None:
+        size = tmp.stat().st_size
+        if size != len(data):
+            raise OutputWriteError(
+                f"the written file has {size} of {len(data)} bytes (disk full?)", file=Path(path)
+            )
+
+    return atomic_write(path, write, verify)
 
 
 def _fsync_file(path: Path) -> None:

@@ -908,6 +908,7 @@ class _run_folder_session:
 def run_steps(ctx: RunContext, steps: Sequence[Step]) -> None:
     for step in steps:
         s0 = time.perf_counter()
+        logger.info("step %s", step.name)
         info = step.run(ctx) or {}
         ctx.steps.append({"step": step.name, "seconds": round(time.perf_counter() - s0, 3), **info})
 
@@ -925,6 +926,7 @@ def finish_run(
     if "clusters" not in ctx.tables:  # the clustering tables of an earlier run (a model file stays)
         for path in (folder.path / "clustering").glob("*.parquet"):
             path.unlink()
+    logger.info("writing the tables, catalog.duckdb and run.json")
     folder.write_outputs(ctx.tables, info, parquet=parquet)
     if not ctx.wf.report.get("enabled", True):
         _remove_stale_report(folder.path)
@@ -932,6 +934,7 @@ def finish_run(
         s0 = time.perf_counter()
         if ctx.progress:
             print("writing the report ...", file=sys.stderr)
+        logger.info("writing the report")
         step = write_run_report(folder.path, ctx.wf, ctx.problems)
         ctx.steps.append({"step": "report", "seconds": round(time.perf_counter() - s0, 3), **step})
         info.update(steps=ctx.steps, problems=list(ctx.problems), seconds=round(time.perf_counter() - t0, 3))

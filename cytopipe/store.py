@@ -40,6 +40,7 @@ from cytopipe.files import (  # noqa: F401 - re-exported: the run folder's write
     TMP_SUFFIX,
     _unlink_quietly,
     atomic_write,
+    atomic_write_bytes,
     is_temp_name,
     open_regular,
 )
@@ -52,25 +53,6 @@ RUN_JSON = "run.json"
 
 
 # --- atomic writes ------------------------------------------------------------------------------
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def verify(tmp: Path) -> None:
-        size = tmp.stat().st_size
-        if size != len(data):
-            raise OutputWriteError(
-                f"the written file has {size} of {len(data)} bytes (disk full?)", file=Path(path)
-            )
-
-    return atomic_write(path, write, verify)
-
-
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default, allow_nan=True)
     return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
