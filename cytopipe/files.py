@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from cytopipe.errors import FCSError, NotRegularFileError, OutputWriteError
+from cytopipe.errors import CytopipeError, NotRegularFileError, OutputWriteError
 
 __all__ = [
     "TMP_SUFFIX",
@@ -59,7 +59,9 @@ def describe_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def open_regular(path: str | Path, error: type[FCSError] = NotRegularFileError) -> BinaryIO:
+def open_regular(
+    path: str | Path, error: type[CytopipeError] = NotRegularFileError, what: str = "an FCS file"
+) -> BinaryIO:
     """Open ``path`` for binary reading (unbuffered) when it is a regular file (symlinks followed).
 
     Opened non-blocking, then checked with ``fstat`` on the open descriptor (no race with a file
@@ -71,9 +73,7 @@ def open_regular(path: str | Path, error: type[FCSError] = NotRegularFileError) 
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise error(
-                f"not a regular file ({describe_kind(mode)}); give the path of an FCS file", file=path
-            )
+            raise error(f"not a regular file ({describe_kind(mode)}); give the path of {what}", file=path)
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb", buffering=0)

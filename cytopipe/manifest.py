@@ -213,8 +213,11 @@ def parse_control(value: str) -> tuple[str, str | None]:
 
 # --------------------------------------------------------------------------------------------
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    from cytopipe.files import open_regular
+
     try:
-        raw = path.read_bytes()
+        with open_regular(path, ManifestError, "a manifest CSV") as fh:  # a FIFO would block
+            raw = fh.read()
     except IsADirectoryError:
         raise ManifestError("is a folder, not a manifest CSV", file=path) from None
     except OSError as exc:

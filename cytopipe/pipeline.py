@@ -1460,10 +1460,14 @@ def write_run_report(run_dir: Path, wf: Workflow, problems: list[str]) -> dict[s
             blind_key=settings.get("blind_key"),
             max_gallery=int(settings.get("max_gallery") or 36),
         )
+    except errors.OutputWriteError:
+        raise  # a full disk or read-only folder stops the run (exit 4): the rerun resumes
     except CytopipeError as exc:
         problems.append(f"report: not written: {exc}")
         return {"enabled": True, "written": False, "error": str(exc)}
     except Exception as exc:  # a bug in the report must not cost the run's tables
+        if isinstance(exc, OSError) and errors.exit_code_for(exc) == EXIT_OUTPUT:
+            raise  # disk full / read-only while writing the report: exit 4, the rerun resumes
         tb = traceback.extract_tb(exc.__traceback__)
         where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
         problems.append(

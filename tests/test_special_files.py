@@ -113,3 +113,15 @@ def test_validate_notes_odd_keywords_the_reader_accepts(tmp_path, extra, note):
     clean = tmp_path / "clean.fcs"
     clean.write_bytes(build_fcs(float_keywords(5, ["A", "B", "C"]), np.ones((5, 3), np.float32).tobytes()))
     assert validate_file(clean).notes == []
+
+
+def test_a_manifest_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    from cytopipe.errors import ManifestError
+    from cytopipe.manifest import load_manifest
+
+    fifo = tmp_path / "manifest.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(
+        ManifestError, match=r"not a regular file \(a FIFO \(named pipe\)\); give the path of a manifest"
+    ):
+        load_manifest(fifo)

@@ -150,8 +150,8 @@ def run(args) -> int:
         print(f"cytopipe gate: {sid}: {err}", file=sys.stderr)
     if failures:
         print(
-            f"cytopipe gate: completed with failures ({len(failures)} of {len(samples)} files)",
+            f"cytopipe gate: completed with failures ({len(failures)} of {len(samples)} files; exit code 3)",
             file=sys.stderr,
         )
-        return 1
+        return 3  # completed with failures, as every command (1 is an internal error)
     return 0
