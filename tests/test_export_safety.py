@@ -116,3 +116,17 @@ def test_the_manifest_refuses_ids_that_cannot_be_file_names_naming_the_row(tmp_p
     assert "cannot be used as a file name" in p.message and "path separator" in p.message
     with pytest.raises(ManifestError, match="row 2.*cannot be used as a file name"):
         load_manifest(tmp_path / "m.csv")
+
+
+@pytest.mark.parametrize("sample_id", ["../../x", "../escape", "sub/dir", "..", "a\x00b"])
+def test_an_old_run_with_unsafe_sample_ids_cannot_export_outside_out(tmp_path, sample_id):
+    """Runs made before the manifest refused such ids: the export still never leaves --out."""
+    from types import SimpleNamespace
+
+    from cytopipe.export import _fcs_target
+
+    run = SimpleNamespace(folder=SimpleNamespace(path=tmp_path / "run"))
+    out = tmp_path / "out"
+    with pytest.raises(StoreError, match="cannot be used as a file name|outside the output folder"):
+        _fcs_target(out, sample_id, run, overwrite=True, inputs=set())
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created
