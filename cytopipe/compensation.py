@@ -233,10 +233,10 @@ class Compensation:
     def to_csv(self, path: str | Path) -> Path:
         """Write with a header row and a leading label column (readable by :meth:`from_csv`,
         flowCore and CytoExploreR)."""
-        path = Path(path)
-        df = self.to_dataframe()
-        df.to_csv(path)  # shortest exact repr of every value: reading back gives the same matrix
-        return path
+        from cytopipe.tabular import write_csv
+
+        # shortest exact repr of every value: reading back gives the same matrix
+        return write_csv(self.to_dataframe(), path, index=True)
 
     def to_spillover(self):
         """As a :class:`cytopipe.fcs.Spillover` (to write ``$SPILLOVER`` into an FCS file)."""

@@ -8,8 +8,24 @@ the pipeline can record it per sample without parsing messages.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
+
+# Exit codes of every ``cytopipe`` command: one meaning per code.
+EXIT_OK = 0  # done (samples may be flagged)
+EXIT_INTERNAL = 1  # an internal error: a bug in cytopipe (please report it with the traceback)
+EXIT_INPUT = 2  # a usage or input error (bad option, manifest, template, file...): nothing was done
+EXIT_FAILURES = 3  # completed with failures (failed files, or problems in study-level steps)
+EXIT_OUTPUT = 4  # an output could not be written (disk full, read-only folder, no permission) or the
+#                  run folder is in use by another run: fix that and rerun the same command (resumes)
+EXIT_INTERRUPTED = 130  # interrupted (Ctrl-C); rerun to resume
+EXIT_CODES_HELP = (
+    "exit codes: 0 done; 1 internal error (a bug: please report it); 2 usage or input error (nothing "
+    "done); 3 completed with failures (see the listed samples/problems); 4 could not write the "
+    "output (disk full, read-only, no permission) or the run folder is in use: fix it and rerun, "
+    "the run resumes; 130 interrupted."
+)
 
 
 class CytopipeError(Exception):
@@ -77,6 +93,11 @@ class FCSUnsupportedError(FCSError):
     """A valid but unsupported FCS feature (e.g. ``$DATATYPE A``)."""
 
 
+class NotRegularFileError(FCSError):
+    """The path is a FIFO, a device, a socket or a folder, not a regular file (never read: a FIFO
+    would block and a device never ends)."""
+
+
 class SpilloverError(FCSError):
     """A spillover keyword (``$SPILLOVER``/``SPILL``/``$COMP``) is malformed."""
 
@@ -137,3 +158,55 @@ class StoreError(CytopipeError):
 
 class ReportError(CytopipeError):
     """A report cannot be produced."""
+
+
+class OutputWriteError(StoreError):
+    """An output file could not be written (disk full, read-only folder, no permission).
+
+    The old version of the file is kept; rerunning the same command after freeing space resumes
+    (finished per-sample work is cached)."""
+
+    _ADVICE = {
+        errno.ENOSPC: "the disk is full; free space and rerun the same command: the run resumes",
+        errno.EDQUOT: "the disk quota is exceeded; free space and rerun the same command: the run resumes",
+        errno.EROFS: "the folder is read-only; make it writable (or choose another --out) and rerun: "
+        "the run resumes",
+        errno.EACCES: "permission denied; make the folder writable (or choose another --out) and rerun: "
+        "the run resumes",
+        errno.EPERM: "permission denied; make the folder writable (or choose another --out) and rerun: "
+        "the run resumes",
+    }
+    _REASONS = {
+        "No space left on device": errno.ENOSPC,
+        "Disk quota exceeded": errno.EDQUOT,
+        "Read-only file system": errno.EROFS,
+        "Permission denied": errno.EACCES,
+    }
+
+    @classmethod
+    def from_oserror(cls, path: Path, exc: OSError) -> OutputWriteError:
+        reason = exc.strerror or type(exc).__name__
+        advice = cls._ADVICE.get(exc.errno or 0, "fix the cause and rerun the same command: the run resumes")
+        return cls(f"could not write this file ({reason}): {advice}", file=Path(path))
+
+    @classmethod
+    def for_reason(cls, path: Path, reason: str) -> OutputWriteError:
+        code = cls._REASONS.get(reason, 0)
+        return cls.from_oserror(path, OSError(code, reason))
+
+
+class RunLockedError(StoreError):
+    """Another cytopipe process is using the run folder."""
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code of a command that stopped with ``exc``."""
+    if isinstance(exc, OutputWriteError | RunLockedError):
+        return EXIT_OUTPUT
+    if isinstance(exc, CytopipeError):
+        return EXIT_INPUT
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, OSError) and exc.errno in OutputWriteError._ADVICE:
+        return EXIT_OUTPUT
+    return EXIT_INTERNAL

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from cytopipe.errors import StoreError, TemplateError
+from cytopipe.files import atomic_write
 from cytopipe.pipeline import (
     EXIT_FAILURES,
     EXIT_OK,
@@ -69,6 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--scheduler", choices=("local", "synchronous"), default="local")
         p.add_argument("--scheduler-address", metavar="tcp://HOST:PORT")
         p.add_argument("--no-progress", action="store_true")
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace existing output files (never an input file or a file of the run folder)",
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         scheduler="distributed" if args.scheduler_address else args.scheduler,
         address=args.scheduler_address,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     if args.format == "anndata":
         report = export_anndata(args.run_dir, args.population, args.out, **kwargs)
@@ -119,6 +126,7 @@ class ExportSpec:
     out: str
     max_events: int | None
     seed: int
+    targets: dict[str, str] = field(default_factory=dict)  # fcs: sample_id -> checked output path
 
 
 def _prepare_export(run_dir, population: str, samples: list[str] | None) -> tuple[LoadedRun, list[dict]]:
@@ -190,7 +198,7 @@ def _write_fcs(prep, result, idx, job, spec: ExportSpec) -> dict[str, Any]:
     keywords = dict(sample.keywords)
     keywords["CYTOPIPE_POPULATION"] = spec.population
     keywords["CYTOPIPE_SOURCE"] = str(job["file"])
-    path = Path(spec.out) / f"{job['sample_id']}.fcs"
+    path = Path(spec.targets[job["sample_id"]])  # checked on the client: inside --out, not an input
     write_fcs(path, sample.events[idx], sample.channels, keywords=keywords, spillover=sample.spillover)
     return {"count": int(len(idx)), "path": str(path)}
 
@@ -249,12 +257,16 @@ def export_anndata(
     scheduler: str = "local",
     address: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> ExportReport:
     """Write the population's events from every sample as one AnnData ``.h5ad``."""
     import anndata as ad
 
     run, jobs = _prepare_export(run_dir, population, samples)
     out = Path(out).resolve()
+    if out.is_dir():
+        raise StoreError("is a folder; give the path of the .h5ad file to write", file=out)
+    _check_target(out, run, overwrite)
     markers = _markers(run.state)
     spec = ExportSpec(run.state, population, markers, "anndata", str(out), max_events_per_sample, run.wf.seed)
     results = _export_many(run, jobs, spec, workers, scheduler, address, progress)
@@ -288,10 +300,20 @@ def export_anndata(
         "layers_transformed": "display scale of the gates",
         "max_events_per_sample": -1 if max_events_per_sample is None else int(max_events_per_sample),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    adata.write_h5ad(tmp)
-    tmp.replace(out)
+    _check_target(out, run, overwrite)  # again: a file may have appeared while the workers ran
+    n_obs = adata.n_obs
+
+    def verify(tmp: Path) -> None:
+        back = ad.read_h5ad(tmp, backed="r")
+        try:
+            if back.n_obs != n_obs:
+                raise StoreError(
+                    f"the written file has {back.n_obs} of {n_obs} events (disk full?)", file=out
+                )
+        finally:
+            back.file.close()
+
+    atomic_write(out, lambda tmp: adata.write_h5ad(tmp), verify)
     counts = {j["sample_id"]: int(r["count"]) for j, r in parts}
     return ExportReport(out=out, population=population, counts=counts, failed=failed)
 
@@ -345,19 +367,76 @@ def export_fcs(
     scheduler: str = "local",
     address: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> ExportReport:
     """Write one FCS file per sample (``OUT/<sample_id>.fcs``) with the population's raw events."""
     run, jobs = _prepare_export(run_dir, population, samples)
     out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise StoreError("is a file; give the folder to write the FCS files into", file=out)
+    inputs = _inputs(run)
+    targets = {j["sample_id"]: str(_fcs_target(out, j["sample_id"], run, overwrite, inputs)) for j in jobs}
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"cannot create the output folder: {exc.strerror}", file=out) from None
-    spec = ExportSpec(run.state, population, [], "fcs", str(out), max_events_per_sample, run.wf.seed)
+    spec = ExportSpec(
+        run.state, population, [], "fcs", str(out), max_events_per_sample, run.wf.seed, targets=targets
+    )
     results = _export_many(run, jobs, spec, workers, scheduler, address, progress)
     failed = {sid: r["error"] for sid, r in results.items() if not r.get("ok")}
     counts = {sid: int(r["count"]) for sid, r in sorted(results.items()) if r.get("ok")}
     return ExportReport(out=out, population=population, counts=counts, failed=failed)
+
+
+# --- where an export may write -------------------------------------------------------------------
+def _inputs(run: LoadedRun) -> set[Path]:
+    """Every file the run read: the manifest's FCS files (controls too), manifest, template, clinical."""
+    from cytopipe.pipeline import _load_manifest
+
+    paths = {Path(p) for p in _load_manifest(run.wf.manifest)["path"] if p}
+    paths |= {Path(p) for p in (run.wf.manifest, run.wf.template, run.wf.clinical) if p}
+    return {p.resolve() for p in paths}
+
+
+def _check_target(target: Path, run: LoadedRun, overwrite: bool, inputs: set[Path] | None = None) -> None:
+    """Refuse to write over an input, a file of the run folder, or (without ``overwrite``) any file."""
+    real = target.resolve()  # a symlink planted at the target is judged by where it points
+    inputs = _inputs(run) if inputs is None else inputs
+    if real in inputs:
+        raise StoreError(
+            "is an input of the run (an FCS file, the manifest, template or clinical table); "
+            "an export never replaces an input: choose another --out",
+            file=target,
+        )
+    if real.is_relative_to(run.folder.path) and real.exists():
+        raise StoreError("is a file of the run folder; choose another --out", file=target)
+    if real.exists() and not overwrite:
+        raise StoreError(
+            "exists already; give --overwrite to replace it, or choose another --out", file=target
+        )
+
+
+def _fcs_target(out: Path, sample_id: str, run: LoadedRun, overwrite: bool, inputs: set[Path]) -> Path:
+    """``OUT/<sample_id>.fcs``, checked: a plain file name, inside ``out``, not an input."""
+    from cytopipe.manifest import unsafe_name
+
+    why = unsafe_name(sample_id)
+    if why:
+        raise StoreError(
+            f"sample_id {sample_id!r} cannot be used as a file name ({why}); nothing was exported",
+            file=out,
+            sample=sample_id,
+        )
+    target = out / f"{sample_id}.fcs"
+    if target.resolve().parent != out.resolve():
+        raise StoreError(
+            f"sample_id {sample_id!r} would write outside the output folder; nothing was exported",
+            file=out,
+            sample=sample_id,
+        )
+    _check_target(target, run, overwrite, inputs)
+    return target
 
 
 __all__ = ["ExportReport", "export_anndata", "export_fcs"]

@@ -44,8 +44,11 @@ from cytopipe.errors import (
     FCSHeaderError,
     FCSKeywordError,
     FCSUnsupportedError,
+    NotRegularFileError,
+    OutputWriteError,
     SpilloverError,
 )
+from cytopipe.files import atomic_write, open_regular
 
 __all__ = [
     "CHANNEL_COLUMNS",
@@ -286,9 +289,9 @@ def count_datasets(path: str | Path) -> int:
 def is_fcs_file(path: str | Path) -> bool:
     """True when the file starts with the FCS magic bytes (``FCS`` + version)."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             head = fh.read(6)
-    except OSError:
+    except (OSError, FCSError):
         return False
     return re.fullmatch(rb"FCS\d\.\d", head) is not None
 
@@ -335,10 +338,14 @@ class _FCSFile:
         self.path = Path(path)
         self._warnings: list[str] = []
         try:
-            self.fh = open(self.path, "rb", buffering=0)  # raw file: readinto goes straight to the OS
+            # raw file: readinto goes straight to the OS; FIFOs, devices and folders are refused
+            # before any read (a FIFO would block, /dev/zero never ends)
+            self.fh = open_regular(self.path)
             self.size = os.fstat(self.fh.fileno()).st_size
         except IsADirectoryError:
-            raise FCSError("is a folder, not an FCS file", file=self.path) from None
+            raise NotRegularFileError(
+                "not a regular file (a folder), not an FCS file", file=self.path
+            ) from None
         except OSError as exc:
             raise FCSError(f"cannot open the file: {exc.strerror or exc}", file=self.path) from None
 
@@ -389,10 +396,13 @@ class _FCSFile:
         if len(raw) < 6 or re.fullmatch(rb"FCS\d\.\d", raw[:6]) is None:
             if index == 0 and self.size == 0:
                 raise FCSHeaderError("the file is empty (0 bytes), not an FCS file", file=self.path)
-            raise FCSHeaderError(
-                f"not an FCS file: the HEADER{where} starts with {raw[:6]!r}, expected 'FCS3.1' or similar",
-                file=self.path,
+            # never quote the bytes: a text file pointed at by mistake may hold anything
+            what = (
+                "not an FCS file (no FCS header)"
+                if index == 0
+                else f"data set {index} (byte {start}) has no FCS header"
             )
+            raise FCSHeaderError(f"{what}; expected a file starting with 'FCS3.1' or similar", file=self.path)
         if len(raw) < _HEADER_LEN:
             raise FCSHeaderError(
                 f"the HEADER{where} is truncated: {len(raw)} of {_HEADER_LEN} bytes before the end of the "
@@ -1291,21 +1301,20 @@ def write_fcs(
     table = _as_channel_table(channels, data, path)
     text = _text_keywords(data, table, keywords, spillover, path)
     header, text_bytes = _layout_text(text, data.nbytes, path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    size = len(header) + len(text_bytes) + data.nbytes
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             fh.write(header)
             fh.write(text_bytes)
             if data.size:
                 fh.write(memoryview(data).cast("B"))
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise FCSError(f"cannot write the file: {exc.strerror or exc}", file=path) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    def verify(tmp: Path) -> None:
+        if tmp.stat().st_size != size:
+            raise OutputWriteError(f"the written file has {tmp.stat().st_size} of {size} bytes", file=path)
+
+    return atomic_write(path, write, verify)  # temporary file, fsync, size check, rename
 
 
 def _as_channel_table(channels, data: np.ndarray, path: Path) -> pd.DataFrame:

@@ -29,7 +29,7 @@ import pandas as pd
 
 from cytopipe.errors import ManifestError
 
-__all__ = ["REQUIRED", "OPTIONAL", "check_manifest", "load_manifest", "parse_control"]
+__all__ = ["REQUIRED", "OPTIONAL", "check_manifest", "load_manifest", "parse_control", "unsafe_name"]
 
 REQUIRED = ("file", "sample_id", "patient_id", "visit", "arm")
 OPTIONAL = ("panel", "batch", "site", "acquired_at", "control")
@@ -138,6 +138,8 @@ def check_manifest(path: str | Path, check_files: bool = True) -> tuple[pd.DataF
                 f"acquired_at is {rec['acquired_at']!r}; write an ISO 8601 date/time, e.g. 2021-03-04T09:30",
             )
         sid = rec["sample_id"]
+        if sid and (why := unsafe_name(sid)):
+            problem("sample_id", f"sample_id {sid!r} cannot be used as a file name ({why}); {_SAFE_HINT}")
         if sid:
             if sid in first_row_of_sample:
                 problem("sample_id", f"sample_id {sid!r} is already used on row {first_row_of_sample[sid]}")
@@ -171,6 +173,30 @@ def check_manifest(path: str | Path, check_files: bool = True) -> tuple[pd.DataF
     return table, problems
 
 
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
+_SAFE_HINT = "use letters, digits, '_', '-' and '.' (e.g. P001_W04)"
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why ``name`` cannot be a file name on every system (exports write ``<sample_id>.fcs``),
+    or None. Refused: path separators, '.'/'..', control characters (NUL included), Windows
+    reserved names (CON, NUL, COM1, ...), a trailing dot or space, more than 200 bytes."""
+    if "/" in name or "\\" in name:
+        return "it contains a path separator '/' or '\\'"
+    if name in (".", ".."):
+        return f"{name!r} names a folder"
+    bad = sorted({c for c in name if ord(c) < 32 or ord(c) == 127})
+    if bad:
+        return "it contains control characters " + ", ".join(f"U+{ord(c):04X}" for c in bad)
+    if name.split(".")[0].strip().upper() in _RESERVED:
+        return f"{name.split('.')[0]!r} is a reserved device name on Windows"
+    if name.endswith((".", " ")):
+        return "it ends with a dot or a space"
+    if len(name.encode("utf-8", "surrogateescape")) > 200:
+        return "it is longer than 200 bytes"
+    return None
+
+
 def parse_control(value: str) -> tuple[str, str | None]:
     """``'unstained'`` -> ``('unstained', None)``, ``'single:CD4'`` -> ``('single', 'CD4')``,
     ``'fmo:CD25'`` -> ``('fmo', 'CD25')``; anything else raises ValueError with a hint."""
@@ -187,8 +213,11 @@ def parse_control(value: str) -> tuple[str, str | None]:
 
 # --------------------------------------------------------------------------------------------
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    from cytopipe.files import open_regular
+
     try:
-        raw = path.read_bytes()
+        with open_regular(path, ManifestError, "a manifest CSV") as fh:  # a FIFO would block
+            raw = fh.read()
     except IsADirectoryError:
         raise ManifestError("is a folder, not a manifest CSV", file=path) from None
     except OSError as exc:

@@ -26,6 +26,7 @@ files, or problems in the study-level steps), 2 invalid input (nothing run), 130
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import platform
@@ -40,17 +41,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cytopipe import errors
 from cytopipe.errors import CytopipeError, ManifestError, WorkflowError
 from cytopipe.qc import QCSettings
 from cytopipe.schema import STATS_COLUMNS
 from cytopipe.store import RunFolder, file_sha256
 from cytopipe.workflow import Workflow, load_workflow, stable_hash, workflow_from_options
 
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_INPUT = 2
-EXIT_FAILURES = 3
-EXIT_INTERRUPTED = 130
+# exit codes: one meaning per code across every command (defined in cytopipe.errors)
+EXIT_OK = errors.EXIT_OK
+EXIT_INTERNAL = errors.EXIT_INTERNAL
+EXIT_INPUT = errors.EXIT_INPUT
+EXIT_FAILURES = errors.EXIT_FAILURES
+EXIT_OUTPUT = errors.EXIT_OUTPUT
+EXIT_INTERRUPTED = errors.EXIT_INTERRUPTED
+
+logger = logging.getLogger(__name__)
+_DEBUG = False  # --debug with --scheduler synchronous: task exceptions propagate
 
 META_COLUMNS = ["patient_id", "visit", "arm", "batch", "panel", "site", "acquired_at", "control"]
 
@@ -64,9 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "       cytopipe run --manifest M.csv --template gating/X.yaml [--clinical C.csv] --out DIR"
     )
     parser.epilog = (
-        "exit codes: 0 done (samples ok or flagged), 3 completed with failures (failed files: see "
-        "samples.parquet; or problems in clustering, statistics or the report: see run.json), "
-        "2 invalid input, 130 interrupted. Rerun the same command to resume an interrupted run."
+        "exit codes: 0 done (samples ok or flagged); 3 completed with failures (failed files: see "
+        "samples.parquet; or problems in clustering, statistics or the report: see run.json); "
+        "2 invalid input (nothing run); 4 an output could not be written (disk full, read-only "
+        "folder) or the run folder is in use by another run; 1 internal error (a bug; full "
+        "traceback in RUN_DIR/run.log); 130 interrupted. Rerun the same command to resume an "
+        "interrupted or failed run: finished work is reused."
     )
     parser.add_argument("workflow", nargs="?", help="workflow YAML (see workflows/)")
     parser.add_argument("--out", help="run folder (default: the workflow's `output`)")
@@ -103,6 +113,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory limit per local worker, e.g. '4GB' (default: 90%% of the machine's memory / workers)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="with --scheduler synchronous: stop at the first error with its full traceback instead "
+        "of recording the sample as failed",
+    )
     parser.add_argument(
         "--blinded",
         action="store_true",
@@ -146,6 +162,11 @@ def run(args: argparse.Namespace) -> int:
             raise WorkflowError(f"--workers is {args.workers}; it must be at least 1")
         wf.workers = args.workers
     apply_report_options(wf, args)
+    if getattr(args, "debug", False):
+        if args.scheduler != "synchronous" or args.scheduler_address:
+            raise WorkflowError("--debug needs --scheduler synchronous (exceptions propagate in one process)")
+        global _DEBUG
+        _DEBUG = True
     result = run_workflow(
         wf,
         scheduler="distributed" if args.scheduler_address else args.scheduler,
@@ -484,15 +505,13 @@ def register_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
     """Hash the file, read its HEADER and TEXT (not the events) and check the template's markers."""
 
     def body() -> dict[str, Any]:
-        from cytopipe.errors import FCSDataError, FCSError
+        from cytopipe.errors import FCSDataError
         from cytopipe.fcs import read_fcs_header
 
-        if not Path(job["path"]).is_file():
-            raise FCSError(
-                f"file not found: {job['path']}; check the manifest's `file` column", file=job["file"]
-            )
-        sha = file_sha256(job["path"])
-        info = read_fcs_header(job["path"])
+        _check_regular(job)
+        with _manifest_path(job):
+            sha = file_sha256(job["path"])
+            info = read_fcs_header(job["path"])
         if info.data_error:
             raise FCSDataError(info.data_error, file=job["file"])
         missing: list[str] = []
@@ -507,6 +526,51 @@ def register_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
         }
 
     return _guard(body)
+
+
+def _check_regular(job: Mapping[str, Any]) -> None:
+    """A missing file, a FIFO, a device or a folder: a clear error naming the manifest's path and
+    the resolved one (nothing is opened: a FIFO would block, /dev/zero never ends)."""
+    import stat
+
+    from cytopipe.errors import FCSError, NotRegularFileError
+    from cytopipe.files import describe_kind
+
+    path = Path(job["path"])
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FCSError(
+            f"file not found (resolved path {path}); check the manifest's `file` column", file=job["file"]
+        ) from None
+    except OSError as exc:
+        raise FCSError(
+            f"cannot open the file: {exc.strerror} (resolved path {path})", file=job["file"]
+        ) from None
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(
+            f"not a regular file: {describe_kind(mode)} (resolved path {path}); the manifest's `file` "
+            "must name an FCS file",
+            file=job["file"],
+        )
+
+
+class _manifest_path:
+    """Errors about the file name it as the manifest does, with the resolved path added."""
+
+    def __init__(self, job: Mapping[str, Any]):
+        self.job = job
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if isinstance(exc, CytopipeError) and str(exc.context.get("file")) == str(self.job["path"]):
+            exc.context["file"] = self.job["file"]
+            if str(self.job["file"]) != str(self.job["path"]) and "resolved path" not in exc.message:
+                exc.message += f" (resolved path {self.job['path']})"
+            exc.args = (exc._render(),)
+        return False
 
 
 def pool_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
@@ -579,20 +643,30 @@ def _guard(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         out = body()
         out["ok"] = True
     except CytopipeError as exc:
+        if _DEBUG:
+            raise
         out = {"ok": False, "error": str(exc), "error_type": type(exc).__name__}
+        out["traceback"] = traceback.format_exc()  # for run.log; the one-line error goes to the tables
     except MemoryError:
+        if _DEBUG:
+            raise
         out = {
             "ok": False,
-            "error": "out of memory while processing this sample",
+            "error": "out of memory while processing this sample (see --memory-limit and --workers)",
             "error_type": "MemoryError",
+            "traceback": traceback.format_exc(),
         }
     except Exception as exc:  # a bug or an unforeseen file: record it, keep the batch going
+        if _DEBUG:
+            raise
         tb = traceback.extract_tb(exc.__traceback__)
         where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
         out = {
             "ok": False,
-            "error": f"internal error {type(exc).__name__}: {exc}{where} (please report this)",
+            "error": f"internal error {type(exc).__name__}: {exc}{where} (please report this; the "
+            "full traceback is in run.log)",
             "error_type": type(exc).__name__,
+            "traceback": traceback.format_exc(),
         }
     out["seconds"] = time.perf_counter() - t0
     out["pid"] = os.getpid()
@@ -631,7 +705,8 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
     from cytopipe import qc
     from cytopipe.fcs import read_fcs
 
-    sample = read_fcs(job["path"])
+    with _manifest_path(job):
+        sample = read_fcs(job["path"])
     sample.path = Path(job["file"])  # errors and results name the manifest's file
     if state.spillover is not None:
         sample.spillover = state.spillover
@@ -740,6 +815,15 @@ class RunContext:
         return self.result_keys[phase][sample_id]
 
     def fail(self, job: Mapping[str, Any], result: Mapping[str, Any], step: str) -> None:
+        if job["sample_id"] not in self.failures:  # run.log: the one-line error and the full traceback
+            logger.error(
+                "sample %s (file %s) failed at step %s: %s%s",
+                job["sample_id"],
+                job.get("file"),
+                step,
+                result.get("error", "unknown error"),
+                "\n" + result["traceback"].rstrip() if result.get("traceback") else "",
+            )
         self.failures.setdefault(
             job["sample_id"],
             {
@@ -759,19 +843,20 @@ def run_workflow(
 ) -> RunResult:
     """Run every step of the study; returns the assembled tables (also written to ``wf.output``)."""
     t0 = time.perf_counter()
-    folder = RunFolder(wf.output).create()
+    folder = RunFolder(wf.output)
     ctx = RunContext(wf=wf, folder=folder, executor=None, progress=progress)
-    validate_inputs(ctx)  # fail fast, before any worker starts
-    executor = make_executor(scheduler, wf.workers, address, memory_limit)
-    ctx.executor = executor
-    try:
-        if executor.dashboard and progress:
-            print(f"Dask dashboard: {executor.dashboard}", file=sys.stderr)
-        run_steps(ctx, STEPS)
-        info = _run_info(ctx, executor, time.perf_counter() - t0)
-    finally:
-        executor.close()
-    finish_run(ctx, info, t0)
+    validate_inputs(ctx)  # fail fast, before any worker starts or any folder is made
+    with _run_folder_session(folder):
+        executor = make_executor(scheduler, wf.workers, address, memory_limit)
+        ctx.executor = executor
+        try:
+            if executor.dashboard and progress:
+                print(f"Dask dashboard: {executor.dashboard}", file=sys.stderr)
+            run_steps(ctx, STEPS)
+            info = _run_info(ctx, executor, time.perf_counter() - t0)
+        finally:
+            executor.close()
+        finish_run(ctx, info, t0)
     return RunResult(
         out=folder.path,
         samples=ctx.tables["samples"],
@@ -780,9 +865,68 @@ def run_workflow(
     )
 
 
+class _RunLogHandler(logging.FileHandler):
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        """A full disk loses log lines, not the run's error message (no 'Logging error' traceback)."""
+
+
+class _run_folder_session:
+    """Create the run folder, hold its lock for the whole run, remove the temporary files a killed
+    or failed earlier run left, and log to ``RUN_DIR/run.log`` (full tracebacks of failed samples
+    and of an internal error)."""
+
+    def __init__(self, folder: RunFolder):
+        self.folder = folder
+        self.lock = None
+        self.handler = None
+
+    def __enter__(self) -> None:
+        from cytopipe.store import RunLock, remove_orphan_temps
+
+        self.folder.create()
+        self.lock = RunLock(self.folder.path, "run").acquire()
+        try:
+            self.handler = _RunLogHandler(self.folder.path / "run.log", encoding="utf-8")
+        except OSError as exc:
+            self.lock.release()
+            from cytopipe.errors import OutputWriteError
+
+            raise OutputWriteError.from_oserror(self.folder.path / "run.log", exc) from None
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger("cytopipe")
+        root.addHandler(self.handler)
+        if root.level == logging.NOTSET or root.level > logging.INFO:
+            root.setLevel(logging.INFO)
+        logger.info("run started in %s (pid %d)", self.folder.path, os.getpid())
+        if self.lock.stale:
+            logger.warning(
+                "took over a stale lock of an earlier run that no longer runs: %s", self.lock.stale
+            )
+        removed = remove_orphan_temps(self.folder.path)
+        if removed:
+            logger.info("removed %d temporary files left by an interrupted run: %s", len(removed),
+                        ", ".join(str(p.relative_to(self.folder.path)) for p in removed))  # fmt: skip
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        try:
+            if exc is not None and not isinstance(exc, CytopipeError | KeyboardInterrupt):
+                logger.error("the run stopped with an internal error", exc_info=(kind, exc, tb))
+            elif exc is not None:
+                logger.error("the run stopped: %s", exc)
+            else:
+                logger.info("run finished")
+        finally:
+            if self.handler is not None:
+                logging.getLogger("cytopipe").removeHandler(self.handler)
+                self.handler.close()
+            self.lock.release()
+        return False
+
+
 def run_steps(ctx: RunContext, steps: Sequence[Step]) -> None:
     for step in steps:
         s0 = time.perf_counter()
+        logger.info("step %s", step.name)
         info = step.run(ctx) or {}
         ctx.steps.append({"step": step.name, "seconds": round(time.perf_counter() - s0, 3), **info})
 
@@ -800,6 +944,7 @@ def finish_run(
     if "clusters" not in ctx.tables:  # the clustering tables of an earlier run (a model file stays)
         for path in (folder.path / "clustering").glob("*.parquet"):
             path.unlink()
+    logger.info("writing the tables, catalog.duckdb and run.json")
     folder.write_outputs(ctx.tables, info, parquet=parquet)
     if not ctx.wf.report.get("enabled", True):
         _remove_stale_report(folder.path)
@@ -807,6 +952,7 @@ def finish_run(
         s0 = time.perf_counter()
         if ctx.progress:
             print("writing the report ...", file=sys.stderr)
+        logger.info("writing the report")
         step = write_run_report(folder.path, ctx.wf, ctx.problems)
         ctx.steps.append({"step": "report", "seconds": round(time.perf_counter() - s0, 3), **step})
         info.update(steps=ctx.steps, problems=list(ctx.problems), seconds=round(time.perf_counter() - t0, 3))
@@ -1092,8 +1238,10 @@ def spillover_task(controls: list[dict[str, Any]], state: StudyState) -> dict[st
 
 
 def _matrix_csv(spill: Any) -> str:
+    from cytopipe.tabular import csv_text
+
     df = pd.DataFrame(np.asarray(spill.matrix), index=list(spill.channels), columns=list(spill.channels))
-    return df.to_csv()
+    return csv_text(df, index=True)
 
 
 # --- step: study transforms from pooled events --------------------------------------------------
@@ -1346,10 +1494,14 @@ def write_run_report(run_dir: Path, wf: Workflow, problems: list[str]) -> dict[s
             blind_key=settings.get("blind_key"),
             max_gallery=int(settings.get("max_gallery") or 36),
         )
+    except errors.OutputWriteError:
+        raise  # a full disk or read-only folder stops the run (exit 4): the rerun resumes
     except CytopipeError as exc:
         problems.append(f"report: not written: {exc}")
         return {"enabled": True, "written": False, "error": str(exc)}
     except Exception as exc:  # a bug in the report must not cost the run's tables
+        if isinstance(exc, OSError) and errors.exit_code_for(exc) == EXIT_OUTPUT:
+            raise  # disk full / read-only while writing the report: exit 4, the rerun resumes
         tb = traceback.extract_tb(exc.__traceback__)
         where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
         problems.append(

@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,57 +34,78 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cytopipe.errors import StoreError
+from cytopipe.errors import OutputWriteError, RunLockedError, StoreError
+from cytopipe.files import (  # noqa: F401 - re-exported: the run folder's writers
+    _MODE,
+    TMP_SUFFIX,
+    _unlink_quietly,
+    atomic_write,
+    atomic_write_bytes,
+    is_temp_name,
+    open_regular,
+)
 
 TABLES = ("population_stats", "samples", "clusters", "statistics")  # in catalog.duckdb when present
 
 
-def _file_mode() -> int:
-    """0o666 minus the umask: what a plain open() would give (mkstemp gives 0o600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_MODE = _file_mode()
 CATALOG = "catalog.duckdb"
 RUN_JSON = "run.json"
 
 
 # --- atomic writes ------------------------------------------------------------------------------
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    return path
-
-
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default, allow_nan=True)
     return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
 
 
 def atomic_write_parquet(path: str | Path, df: pd.DataFrame) -> Path:
+    """Parquet, verified by reading the written file's row count back."""
+    import pyarrow.parquet as pq
+
     buf = io.BytesIO()
     df.reset_index(drop=True).to_parquet(buf, engine="pyarrow", index=False)
-    return atomic_write_bytes(path, buf.getvalue())
+    data = buf.getvalue()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    def verify(tmp: Path) -> None:
+        try:
+            rows = pq.ParquetFile(tmp).metadata.num_rows
+        except OSError:
+            raise
+        except Exception as exc:  # pyarrow: a truncated or damaged file
+            raise OutputWriteError(
+                f"the written table cannot be read back ({exc})", file=Path(path)
+            ) from None
+        if rows != len(df):
+            raise OutputWriteError(
+                f"the written table has {rows} of {len(df)} rows (disk full?)", file=Path(path)
+            )
+
+    return atomic_write(path, write, verify)
 
 
 def atomic_write_npy(path: str | Path, array: np.ndarray) -> Path:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def remove_orphan_temps(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Delete temporary files an interrupted write (kill, full disk) left under ``folder``; returns
+    them. Call it only while holding the run lock: another writer's temporary files would go."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = folder.rglob(".*") if recursive else folder.glob(".*")
+    removed = []
+    for entry in found:
+        if is_temp_name(entry.name) and entry.is_file() and not entry.is_symlink():
+            _unlink_quietly(entry)
+            removed.append(entry)
+    return sorted(removed)
 
 
 def _json_default(value: Any) -> Any:
@@ -102,17 +122,10 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _unlink_quietly(path: str | Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     """sha256 of a file's content, hex."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -217,34 +230,190 @@ class RunFolder:
 
 
 def write_catalog(path: str | Path, tables: Mapping[str, pd.DataFrame], run_info: Mapping[str, Any]) -> Path:
-    """A DuckDB database holding ``tables`` and a one-row ``run`` table (run.json as JSON text)."""
+    """A DuckDB database holding ``tables`` and a one-row-per-key ``run`` table (run.json as JSON).
+
+    DuckDB can fail to save without raising (a full disk during its final checkpoint leaves an
+    empty database and the data in a ``.wal``), so the new database is re-opened read-only and
+    every table's row count checked before it replaces the old catalog."""
     import duckdb
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp)  # duckdb creates the file itself
-    try:
-        con = duckdb.connect(tmp)
+    info = json.loads(json.dumps(dict(run_info), sort_keys=True, default=_json_default))
+    run_rows = [(k, json.dumps(v, default=_json_default)) for k, v in sorted(info.items())]
+    expected = {name: len(df) for name, df in tables.items()}
+    expected["run"] = len(run_rows)
+
+    def write(tmp: Path) -> None:
+        tmp.unlink()  # duckdb creates the file itself
         try:
-            for name, df in tables.items():
-                frame = df.reset_index(drop=True)  # noqa: F841 - scanned by name below
-                con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM frame')
-            info = json.dumps(dict(run_info), sort_keys=True, default=_json_default)
-            con.execute("CREATE TABLE run (key VARCHAR, value JSON)")
-            con.executemany(
-                "INSERT INTO run VALUES (?, ?)",
-                [(k, json.dumps(v, default=_json_default)) for k, v in sorted(json.loads(info).items())],
+            con = duckdb.connect(str(tmp))
+            try:
+                for name, df in tables.items():
+                    con.register("_frame", df.reset_index(drop=True))
+                    con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM _frame')
+                    con.unregister("_frame")
+                con.execute("CREATE TABLE run (key VARCHAR, value JSON)")
+                con.executemany("INSERT INTO run VALUES (?, ?)", run_rows)
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+        except duckdb.Error as exc:
+            raise _duckdb_failure(path, exc) from None
+
+    def verify(tmp: Path) -> None:
+        wal = Path(str(tmp) + ".wal")
+        if wal.exists():
+            raise OutputWriteError(
+                "DuckDB could not save the catalog (its changes stayed in the write-ahead log; disk full?)",
+                file=path,
             )
+        try:
+            con = duckdb.connect(str(tmp), read_only=True)
+            try:
+                got = {n: con.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0] for n in expected}
+            finally:
+                con.close()
+        except duckdb.Error as exc:
+            raise _duckdb_failure(path, exc) from None
+        short = {n: (got[n], want) for n, want in expected.items() if got[n] != want}
+        if short:
+            detail = ", ".join(f"{n}: {g} of {w} rows" for n, (g, w) in sorted(short.items()))
+            raise OutputWriteError(f"the written catalog is incomplete ({detail})", file=path)
+
+    return atomic_write(path, write, verify)
+
+
+def _duckdb_failure(path: Path, exc: Exception) -> OutputWriteError:
+    text = str(exc)
+    for reason in (
+        "No space left on device",
+        "Read-only file system",
+        "Permission denied",
+        "Disk quota exceeded",
+    ):
+        if reason.lower() in text.lower():
+            return OutputWriteError.for_reason(path, reason)
+    return OutputWriteError(f"DuckDB could not write the catalog: {text.splitlines()[0]}", file=path)
+
+
+# --- the run-folder lock -------------------------------------------------------------------------
+LOCK = ".cytopipe.lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder, so two runs never write one folder at once.
+
+    ``flock`` on ``RUN_DIR/.cytopipe.lock`` (released by the kernel when the holder exits, even on
+    ``kill -9``); the file records the holder's pid, host, command and start time, so a refused
+    run can say who holds the folder. A lock file left by a process that no longer runs on this
+    host is stale: it is taken over (and said so in run.log). The file is emptied, not deleted,
+    on release (deleting a locked file lets two processes lock two different files)."""
+
+    def __init__(self, folder: str | Path, command: str = "run"):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        self.command = command
+        self.fd: int | None = None
+        self.stale: dict[str, Any] | None = None  # the previous holder, when its lock was stale
+
+    def acquire(self) -> RunLock:
+        import fcntl
+        import socket
+        import time
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), _MODE)
+        except OSError as exc:
+            raise OutputWriteError.from_oserror(self.path, exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunLockedError(
+                f"this run folder is in use by another cytopipe command ({_describe(holder)}); wait "
+                "for it to finish (or stop it), then run again: finished work is reused",
+                file=self.folder,
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise OutputWriteError.from_oserror(self.path, exc) from None
+        holder = _read_holder(fd)
+        host = socket.gethostname()
+        if holder.get("pid") and holder.get("host") == host and holder["pid"] != os.getpid():
+            if _pid_alive(int(holder["pid"])):  # a lock file flock did not protect (e.g. an old NFS)
+                os.close(fd)
+                raise RunLockedError(
+                    f"this run folder is in use by another cytopipe command ({_describe(holder)}); "
+                    "wait for it to finish (or stop it), then run again",
+                    file=self.folder,
+                )
+            self.stale = holder
+        elif holder.get("pid") and holder.get("host") != host:
+            self.stale = holder  # flock (NFSv4 locks across hosts) says its holder is gone
+        info = {
+            "pid": os.getpid(),
+            "host": host,
+            "command": self.command,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise OutputWriteError.from_oserror(self.path, exc) from None
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.ftruncate(self.fd, 0)  # no holder: a later reader sees a free folder
+        except OSError:
+            pass
         finally:
-            con.close()
-        os.chmod(tmp, _MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        _unlink_quietly(tmp + ".wal")
-        raise
-    return path
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        data = os.pread(fd, 4096, 0)
+        holder = json.loads(data.decode("utf-8")) if data.strip() else {}
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe(holder: Mapping[str, Any]) -> str:
+    if not holder:
+        return "holder unknown"
+    return (
+        f"`cytopipe {holder.get('command', '?')}`, pid {holder.get('pid', '?')} on host "
+        f"{holder.get('host', '?')}, since {holder.get('since', '?')}"
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:  # a killed process its parent has not reaped yet (a zombie) holds nothing
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 # --- reading a run ------------------------------------------------------------------------------

@@ -896,15 +896,17 @@ class TransformSet(Mapping[str, Transform]):
 
     def save(self, path: str | Path) -> Path:
         """Write the dict form as JSON (``.json``) or YAML (``.yaml``/``.yml``)."""
+        from cytopipe.files import atomic_write_bytes
+
         path = Path(path)
         data = self.to_dict()
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            path.write_text(yaml.safe_dump(data, sort_keys=False))
+            text = yaml.safe_dump(data, sort_keys=False)
         else:
-            path.write_text(json.dumps(data, indent=2))
-        return path
+            text = json.dumps(data, indent=2)
+        return atomic_write_bytes(path, text.encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | Path) -> TransformSet:

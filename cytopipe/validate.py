@@ -11,7 +11,9 @@ Folders are searched recursively and FCS files are recognised by their first byt
 ("FCS3.1", ...), so files without an ``.fcs`` extension are found. A CSV argument is read
 as a manifest: its rows are checked and every file it names is validated.
 
-Exit code 0 only when every file is valid (and every manifest row is well formed).
+Exit code 0 only when every file is valid (and every manifest row is well formed); 3 when the
+check completed and some file or row is not valid (the same codes as every command: 2 usage
+error, 1 internal error).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -26,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cytopipe.errors import EXIT_FAILURES, EXIT_OK
 
 __all__ = ["FileReport", "add_arguments", "run", "validate_file", "validate_paths"]
 
@@ -81,10 +86,10 @@ def run(args: argparse.Namespace) -> int:
             "files": [asdict(r) for r in reports],
             "problems": problems,
         }
-        print(json.dumps(document, indent=2, ensure_ascii=False))
+        print(json.dumps(_printable(document), indent=2, ensure_ascii=False))
     else:
         print(_table(reports, problems, inputs))
-    return 0 if ok else 1
+    return EXIT_OK if ok else EXIT_FAILURES  # 3: checked, some files are not valid
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,6 +139,9 @@ def validate_file(path: str | Path, display: str | None = None) -> FileReport:
     report = FileReport(file=display or str(path))
     try:
         report.sha256 = _sha256(path)
+    except CytopipeError as exc:  # a FIFO, a device, a folder: never read (it would block or never end)
+        report.error, report.error_type = _message(exc), type(exc).__name__
+        return report
     except OSError as exc:
         report.error = f"cannot read the file: {exc.strerror or exc}"
         report.error_type = "OSError"
@@ -159,12 +167,66 @@ def validate_file(path: str | Path, display: str | None = None) -> FileReport:
     for i, sample in enumerate(samples):
         prefix = f"data set {i}: " if len(samples) > 1 else ""
         report.notes += [prefix + w for w in sample.warnings]
+        report.notes += [prefix + w for w in keyword_notes(sample.keywords) if w not in sample.warnings]
         if sample.n_events == 0:
             report.notes.append(prefix + "the file holds no events ($TOT 0)")
         bad = int(sample.events.size - np.count_nonzero(np.isfinite(sample.events)))
         if bad:
             report.notes.append(prefix + f"{bad} event values are NaN or infinite")
     return report
+
+
+def keyword_notes(keywords: dict[str, str]) -> list[str]:
+    """Keyword values the reader accepts but an FCS writer should not produce: ``$PnB`` 0, 7 or
+    999999999, ``$PnR`` nan/-1, ``$PnE`` nan,nan, ``$PAR`` in non-ASCII digits, a ``$BYTEORD`` that
+    does not match the width of the values. Listed by ``validate`` as notes (the file stays valid)."""
+    notes: list[str] = []
+    par = keywords.get("$PAR", "").strip()
+    if par and not (par.isascii() and par.isdigit()):
+        notes.append(f"$PAR is {par!r}: not written in ASCII digits")
+    try:
+        n = int(par)
+    except ValueError:
+        return notes
+    datatype = keywords.get("$DATATYPE", "").strip().upper()
+    widths = set()
+    for i in range(1, min(n, 10_000) + 1):
+        bits = keywords.get(f"$P{i}B", "").strip()
+        if bits and bits != "*":
+            if not (bits.isascii() and bits.isdigit()) or int(bits) not in (8, 16, 24, 32, 48, 64):
+                notes.append(
+                    f"$P{i}B is {bits!r}: expected a whole number of bytes in bits (8, 16, 32 or 64)"
+                )
+            else:
+                widths.add(int(bits))
+        rng = keywords.get(f"$P{i}R", "").strip()
+        if rng:
+            try:
+                value = float(rng)
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value) or value <= 0:
+                notes.append(f"$P{i}R is {rng!r}: expected a positive range")
+        amp = keywords.get(f"$P{i}E", "").strip()
+        if amp:
+            parts = amp.split(",")
+            try:
+                f1, f2 = (float(x) for x in parts)
+                odd = not (math.isfinite(f1) and math.isfinite(f2)) or f1 < 0 or f2 < 0
+            except ValueError:
+                odd = True
+            if odd:
+                notes.append(
+                    f"$P{i}E is {amp!r}: expected two non-negative numbers (decades,offset), e.g. 0,0"
+                )
+    order = keywords.get("$BYTEORD", "").strip()
+    if order and datatype in ("I", "F", "D") and len(widths) == 1:
+        nbytes = len(order.split(","))
+        width = widths.pop() // 8
+        expected = {"F": 4, "D": 8}.get(datatype, width)
+        if nbytes != expected and not (datatype == "I" and nbytes in (2, 4) and width <= nbytes):
+            notes.append(f"$BYTEORD is {order!r} ({nbytes} bytes) but the values are {expected}-byte numbers")
+    return notes
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,13 +267,32 @@ def _validate_manifest(path: Path, problems: list[dict[str, Any]]):
         yield report, file_path
 
 
+def _printable(value: Any) -> Any:
+    """File names that are not valid UTF-8 (kept by Python as surrogate escapes) shown with their
+    bytes as ``\\xff`` instead of being printed as ``?``."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return value
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    return value
+
+
 def _looks_like_manifest(path: Path) -> bool:
     if path.suffix.lower() in _MANIFEST_SUFFIXES:
         return True
+    from cytopipe.errors import CytopipeError
+    from cytopipe.files import open_regular
+
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             head = fh.read(4096).lower()
-    except OSError:
+    except (OSError, CytopipeError):
         return False
     return b"sample_id" in head and b"file" in head
 
@@ -229,8 +310,10 @@ def _note_duplicates(reports: list[FileReport]) -> None:
 
 
 def _sha256(path: Path) -> str:
+    from cytopipe.files import open_regular
+
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()

@@ -1,12 +1,15 @@
 """Shared test fixtures.
 
 Real public data lives *outside* the project at ``../shared/data`` (relative to the
-repository root); tests use it in place and skip with a clear reason when it is absent.
+repository root); tests use it in place and skip with a clear reason when it is absent -- except
+in CI (``CI=true``), where a missing data set FAILS the test: a suite that silently skips 41% of
+itself is not a passing suite.
 Never copy those files into the project and never unpickle anything from there.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,11 +19,23 @@ SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
 SAMPLE_DATA = REPO / "sample_data"
 
 
+def in_ci() -> bool:
+    """True on a CI runner (``CI=true``, as GitHub Actions, GitLab CI and most others set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def missing_data(reason: str) -> None:
+    """Skip the calling test, or fail it in CI, where the shared data must be present."""
+    if in_ci():
+        pytest.fail(f"{reason}; in CI (CI=true) the shared test data must be present", pytrace=False)
+    pytest.skip(reason)
+
+
 def shared_path(*parts: str) -> Path:
-    """Path under ../shared/data, or skip the calling test when it is absent."""
+    """Path under ../shared/data, or skip the calling test when it is absent (fail in CI)."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(
+        missing_data(
             f"shared test data not available: {path} (expected ../shared/data next to the repository)"
         )
     return path
@@ -29,7 +44,7 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared test data folder not available: {SHARED_DATA}")
+        missing_data(f"shared test data folder not available: {SHARED_DATA}")
     return SHARED_DATA
 
 

@@ -53,7 +53,7 @@ def folder(tmp_path):
 
 def test_folder_with_good_and_corrupt_files(folder):
     out = cytopipe(str(folder), cwd=folder.parent)
-    assert out.returncode == 1, out.stderr
+    assert out.returncode == 3, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split() == [
         "STATUS",
@@ -123,7 +123,7 @@ def test_manifest_rows_and_files(folder):
         "sub/NOEXTENSION,C1,,,,unstained\n"
     )
     out = cytopipe(str(folder / "manifest.csv"), cwd=folder)
-    assert out.returncode == 1
+    assert out.returncode == 3
     assert "Problems:" in out.stdout and "row 4, column 'visit'" in out.stdout
     doc = json.loads(cytopipe("--json", "manifest.csv", cwd=folder).stdout)
     by_sample = {f["sample_id"]: f for f in doc["files"]}
@@ -143,9 +143,9 @@ def test_a_good_manifest_passes(folder):
 def test_nothing_to_validate_fails(tmp_path):
     (tmp_path / "empty").mkdir()
     out = cytopipe(str(tmp_path / "empty"), cwd=tmp_path)
-    assert out.returncode == 1 and "no FCS files found" in out.stdout
+    assert out.returncode == 3 and "no FCS files found" in out.stdout
     out = cytopipe(str(tmp_path / "missing.fcs"), cwd=tmp_path)
-    assert out.returncode == 1 and "cannot read the file" in out.stdout
+    assert out.returncode == 3 and "cannot read the file" in out.stdout
 
 
 def test_every_shared_fcs_file_is_validated_without_crashing(shared_data, tmp_path):
@@ -154,5 +154,5 @@ def test_every_shared_fcs_file_is_validated_without_crashing(shared_data, tmp_pa
     doc = json.loads(out.stdout)
     failed = sorted(Path(f["file"]).name for f in doc["files"] if f["status"] == "failed")
     assert failed == ["AriaFile1.fcs", "sample_header.fcs"]
-    assert doc["summary"]["files"] >= 200 and out.returncode == 1
+    assert doc["summary"]["files"] >= 200 and out.returncode == 3
     assert not [f for f in doc["files"] if "unexpected error" in f["error"]]

@@ -10,6 +10,7 @@ and maps a week-24 sample exactly as it would have mapped it in the first run.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import zipfile
@@ -407,11 +408,11 @@ def save_model(model: ClusterModel, path: str | os.PathLike) -> Path:
     arrays = _arrays(model)
     header["content_hash"] = _hash(header, arrays)
     text = json.dumps(header, sort_keys=True, indent=1)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:  # a file object keeps numpy from appending ".npz"
-        np.savez(fh, header=np.array(text), **arrays)
-    os.replace(tmp, path)
-    return path
+    from cytopipe.files import atomic_write_bytes
+
+    buf = io.BytesIO()  # a file object keeps numpy from appending ".npz"
+    np.savez(buf, header=np.array(text), **arrays)
+    return atomic_write_bytes(path, buf.getvalue())  # temporary file, fsync, size check, rename
 
 
 def _curve_frame(curve: Mapping[str, list]) -> pd.DataFrame:

@@ -191,11 +191,13 @@ def run(args) -> int:
         )
 
     if stats:
-        pd.concat(stats, ignore_index=True).to_parquet(args.out / "population_stats.parquet", index=False)
-        pd.concat(flags, ignore_index=True).to_parquet(args.out / "gate_flags.parquet", index=False)
+        from cytopipe.store import atomic_write_parquet  # temporary file, fsync, rows read back, rename
+
+        atomic_write_parquet(args.out / "population_stats.parquet", pd.concat(stats, ignore_index=True))
+        atomic_write_parquet(args.out / "gate_flags.parquet", pd.concat(flags, ignore_index=True))
         fit_table = pd.concat(own_fits, ignore_index=True)
         fit_table["params"] = fit_table["params"].map(lambda p: None if p is None else list(p))
-        fit_table.to_parquet(args.out / "gate_fits.parquet", index=False)
+        atomic_write_parquet(args.out / "gate_fits.parquet", fit_table)
     if for_flowjo:
         from cytopipe.gating.wsp_export import write_flowjo_workspace
 
@@ -206,8 +208,8 @@ def run(args) -> int:
         print(f"cytopipe gate: {sid}: {err}", file=sys.stderr)
     if failures:
         print(
-            f"cytopipe gate: completed with failures ({len(failures)} of {len(samples)} files)",
+            f"cytopipe gate: completed with failures ({len(failures)} of {len(samples)} files; exit code 3)",
             file=sys.stderr,
         )
-        return 1
+        return 3  # completed with failures, as every command (1 is an internal error)
     return 0

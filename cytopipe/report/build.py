@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from cytopipe.errors import ReportError
+from cytopipe.tabular import csv_text
 
 
 def build_report(
@@ -48,7 +47,8 @@ def build_report(
         f"{n} samples, {data.population_stats['patient_id'].nunique()} patients, arms: {', '.join(data.arms)}"
     )
     page = H.page(title, subtitle, sections)
-    csvs = {name: df.to_csv(index=False) for name, df in builder.tables.items()}
+    # formula-like cells (=, +, -, @ ...) escaped: lab members open these in spreadsheets
+    csvs = {name: csv_text(df) for name, df in builder.tables.items()}
 
     if data.blinded:
         # the page's text without the base64 figure data (any short string occurs in it by chance);
@@ -76,12 +76,7 @@ def build_report(
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Temporary file, fsync, size check, rename (the old file stays on any failure)."""
+    from cytopipe.store import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -116,7 +116,6 @@ def load_labels(path: str | Path) -> dict[str, np.ndarray]:
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> None:
     """CSV with a fixed float format and line ending (byte-reproducible)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False, float_format="%.10g", lineterminator="\n")
-    tmp.replace(path)
+    from cytopipe.tabular import write_csv as write_safe_csv
+
+    write_safe_csv(df, path, float_format="%.10g")  # formula-like cells escaped, atomic
