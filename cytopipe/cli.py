@@ -11,8 +11,9 @@ import argparse
 import importlib
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cytopipe.errors import (
     EXIT_CODES_HELP,
@@ -42,7 +43,46 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def _add_arguments_source(module_name: str, depth: int = 0) -> Callable[[argparse.ArgumentParser], None]:
+    """A command module's ``add_arguments``, compiled from its source without importing the module
+    (nor its package): ``cytopipe run --help`` then costs milliseconds instead of importing
+    pandas, Dask or the gating engine. The function may use only ``argparse`` and ``Path``; a
+    module that re-exports it (``from cytopipe.x import add_arguments``) is followed. Anything
+    else raises, and the caller imports the module instead."""
+    import __future__
+
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    parts = module_name.split(".")[1:]
+    path = root.joinpath(*parts).with_suffix(".py")
+    if not path.is_file():
+        path = root.joinpath(*parts, "__init__.py")
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "add_arguments":
+            code = compile(
+                ast.Module(body=[node], type_ignores=[]),
+                str(path),
+                "exec",
+                flags=__future__.annotations.compiler_flag,
+                dont_inherit=True,
+            )
+            namespace: dict[str, Any] = {"argparse": argparse, "Path": Path, "__name__": module_name}
+            exec(code, namespace)
+            return namespace["add_arguments"]
+        if (
+            isinstance(node, ast.ImportFrom)
+            and depth < 2
+            and node.module
+            and any(a.name == "add_arguments" and a.asname is None for a in node.names)
+        ):
+            return _add_arguments_source(node.module, depth + 1)
+    raise LookupError(f"no add_arguments in {module_name}")
+
+
+def build_parser(only: str | None = None, light: bool = False) -> argparse.ArgumentParser:
     from cytopipe import __version__
 
     parser = argparse.ArgumentParser(
@@ -55,8 +95,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES_HELP)
         if name == only:
-            module = importlib.import_module(module_name)
-            module.add_arguments(p)
+            if light:  # help only: the arguments without importing the command's module
+                _add_arguments_source(module_name)(p)
+            else:
+                importlib.import_module(module_name).add_arguments(p)
     return parser
 
 
@@ -64,7 +106,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Find the sub-command first so only its module is imported.
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(only=command if command in COMMANDS else None)
+    only = command if command in COMMANDS else None
+    if only and ("-h" in argv or "--help" in argv):
+        try:
+            build_parser(only=only, light=True).parse_args(argv)  # prints the help and exits
+        except SystemExit:
+            raise
+        except Exception:
+            pass  # an add_arguments that needs its module: import it (slower help, same text)
+    parser = build_parser(only=only)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

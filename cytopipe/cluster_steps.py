@@ -66,6 +66,8 @@ class ClusterPlan:
     n_train: int = 0  # training cells per sample
     n_embed: int = 0  # embedding cells per sample (0: no embedding)
     embedding: dict[str, Any] = field(default_factory=dict)
+    inputs_dir: str | None = None  # where the gating passes write each sample's mapping inputs
+    inputs_key: str = ""  # names them: gating settings, pooled estimates and this plan
 
     def train_key(self) -> str:
         return stable_hash(["train", self.population, self.markers, self.n_train, self.settings.seed])
@@ -210,6 +212,64 @@ def _gated(job: Mapping[str, Any], state: Any) -> tuple[Any, Any]:
     return prep, gate_prepared(prep, state, medians=False)
 
 
+def sample_cluster_inputs(job: Mapping[str, Any], state: Any, prep: Any, result: Any) -> dict[str, Any]:
+    """From a sample's gating pass (on its worker): its training cells (as :func:`train_task`
+    draws them) and its mapping inputs, written to ``plan.inputs_dir`` (parent events x
+    clustering markers, transformed; x median markers, linear; membership of the concordance
+    populations), so that neither clustering pass reads and gates the file again. A problem
+    here is not the sample's failure: the clustering passes then do the work themselves."""
+    plan: ClusterPlan = state.cluster
+    out: dict[str, Any] = {}
+    try:
+        idx = result.indices(plan.population)
+        values = result.event_values(prep.sample)
+        if plan.n_train:
+            from cytopipe.cluster import subsample_indices
+
+            pick = subsample_indices(len(idx), plan.n_train, plan.settings.seed, str(job["sample_id"]))
+            out["train"] = values.matrix(plan.markers, events=idx[pick])
+            out["train_key"] = plan.train_key()
+            out["train_n_parent"] = int(len(idx))
+        if plan.inputs_dir:
+            import os
+
+            name = f"{job['sha256'][:32]}-{plan.inputs_key}.npy"
+            path = Path(plan.inputs_dir) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")  # renamed when complete
+            # three arrays one after the other in one file, each freed once written (peak memory:
+            # the largest one, not all three)
+            with open(tmp, "wb") as fh:
+                np.save(fh, values.matrix(plan.markers, events=idx))  # transformed
+                np.save(fh, values.matrix(plan.medians, events=idx, transformed=False))  # linear
+                masks = np.zeros((len(plan.concordance), len(idx)), dtype=bool)
+                for i, p in enumerate(plan.concordance):
+                    masks[i] = result.mask(p)[idx]
+                np.save(fh, masks)
+            os.replace(tmp, path)
+            out["map_inputs"] = name
+    except (CytopipeError, OSError, MemoryError):
+        return {}
+    return out
+
+
+def _load_map_inputs(job: Mapping[str, Any], plan: ClusterPlan, model: Any):
+    """(x, linear, masks) written by the sample's gating pass, or None (then: read and gate)."""
+    name = job.get("map_inputs")
+    if not name or not plan.inputs_dir or list(model.markers) != list(plan.markers):
+        return None
+    try:
+        with open(Path(plan.inputs_dir) / name, "rb") as fh:
+            x = np.load(fh, allow_pickle=False)
+            linear = np.load(fh, allow_pickle=False)
+            masks = np.load(fh, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if masks.shape != (len(plan.concordance), len(x)) or linear.shape != (len(x), len(plan.medians)):
+        return None
+    return x, linear, {p: masks[i] for i, p in enumerate(plan.concordance)}
+
+
 def train_task(job: dict[str, Any], state: Any) -> dict[str, Any]:
     """The sample's training cells: a seeded subsample of its parent population (transformed
     values of the clustering markers; at most ``n_train`` rows)."""
@@ -240,27 +300,34 @@ def map_task(job: dict[str, Any], state: Any) -> dict[str, Any]:
         plan: ClusterPlan = state.cluster
         sid = str(job["sample_id"])
         model = load_model_cached(plan.model_path)
-        prep, result = _gated(job, state)
-        idx = result.indices(plan.population)
-        values = result.event_values(prep.sample)
-        x = values.matrix(model.markers, events=idx)  # parent events x clustering markers
+        inputs = _load_map_inputs(job, plan, model)
+        if inputs is not None:  # written by the gating pass: no read, no gating
+            x, linear, masks = inputs
+        else:
+            prep, result = _gated(job, state)
+            idx = result.indices(plan.population)
+            values = result.event_values(prep.sample)
+            x = values.matrix(model.markers, events=idx)  # parent events x clustering markers
+            linear = values.matrix(plan.medians, events=idx, transformed=False)
+            masks = {p: result.mask(p)[idx] for p in plan.concordance}
+            del prep, result, values
         nodes, mc = map_events(model, x, model.markers, sample_id=sid)
-        linear = values.matrix(plan.medians, events=idx, transformed=False)
         abundance = sample_abundance(
             model, sid, mc, linear, plan.medians, markers=plan.medians, parent=plan.population
         )
-        masks = {p: result.mask(p)[idx] for p in plan.concordance}
         k = model.n_metaclusters
         counts = contingency_counts(mc, masks, cluster_ids=range(1, k + 1)) if masks else None
+        n_parent = len(x)
         out: dict[str, Any] = {
             "abundance": abundance,
             "nodes": np.bincount(nodes, minlength=model.n_nodes).astype(np.int64),
-            "n_parent": int(len(idx)),
+            "n_parent": int(n_parent),
+            "inputs": "read" if inputs is None else "gating",
         }
         if counts is not None:
             out["concordance"] = counts
         if plan.n_embed:
-            pick = subsample_indices(len(idx), plan.n_embed, plan.settings.seed, f"embed:{sid}")
+            pick = subsample_indices(n_parent, plan.n_embed, plan.settings.seed, f"embed:{sid}")
             label = np.full(len(pick), plan.population, dtype=object)
             for p in plan.concordance:  # template order: the deepest (last) gate containing the cell wins
                 label[masks[p][pick]] = p
@@ -315,7 +382,14 @@ def step_cluster_train(ctx: RunContext) -> dict[str, Any]:
     plan.n_train = training_cells_per_sample(plan.settings, len(alive))
     plan.settings = replace(plan.settings, cells_per_sample=plan.n_train)
     key = ctx.gate_key() + plan.train_key()[:16]
-    results = _soft_phase(ctx, "cluster-train", train_task, stable_hash(key), "clustering (training)")
+    ready = {  # drawn by the gating pass, when it drew as many cells as are needed now
+        sid: {"train": res["train"], "n_parent": res["train_n_parent"], "metrics": res["metrics"]}
+        for sid, res in ctx.results.items()
+        if res.get("train_key") == plan.train_key() and "train" in res
+    }
+    results = _soft_phase(
+        ctx, "cluster-train", train_task, stable_hash(key), "clustering (training)", ready=ready
+    )
     data = {sid: results[sid]["train"] for sid in sorted(results)}
     if not data or sum(len(v) for v in data.values()) < plan.settings.xdim * plan.settings.ydim:
         n = sum(len(v) for v in data.values())
@@ -363,6 +437,7 @@ def step_cluster_train(ctx: RunContext) -> dict[str, Any]:
         "cells_per_sample": plan.n_train,
         "metaclusters": model.n_metaclusters,
         "reused": ctx.reused.get("cluster-train", 0),
+        "from_gating": ctx.reused.get("cluster-train-ready", 0),  # drawn by the gating pass
     }
 
 
@@ -378,6 +453,8 @@ def step_cluster_map(ctx: RunContext) -> dict[str, Any]:
         max(1, int(emb.get("cells", 5000)) // max(len(alive), 1)) if emb.get("enabled", True) else 0
     )
     key = stable_hash(ctx.gate_key() + plan.map_key(model.content_hash)[:16])
+    for job in alive:  # the inputs the sample's gating pass wrote (if any)
+        job["map_inputs"] = ctx.results.get(job["sample_id"], {}).get("map_inputs")
     results = _soft_phase(ctx, "cluster-map", map_task, key, "clustering (mapping)")
     order = sorted(results)
     folder = ctx.folder.path / CLUSTER_DIR
@@ -389,13 +466,16 @@ def step_cluster_map(ctx: RunContext) -> dict[str, Any]:
         "events": int(sum(results[s]["n_parent"] for s in order)),
         "metaclusters": model.n_metaclusters,
         "reused": ctx.reused.get("cluster-map", 0),
+        "from_gating": sum(1 for s in order if results[s].get("inputs") == "gating"),
     }
 
 
-def _soft_phase(ctx: RunContext, phase: str, fn: Any, key: str, what: str) -> dict[str, dict[str, Any]]:
+def _soft_phase(
+    ctx: RunContext, phase: str, fn: Any, key: str, what: str, ready: Mapping[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
     """A cached per-sample phase whose failures do not fail the sample (its gating stands): they
     are recorded as run problems and the sample is left out of the clusters."""
-    results = ctx.run_phase(phase, fn, key, soft=True)
+    results = ctx.run_phase(phase, fn, key, soft=True, ready=ready)
     for sid, failure in sorted(ctx.soft_failures.get(phase, {}).items()):
         ctx.problems.append(f"{what}: sample {sid} left out: {failure}")
     return results

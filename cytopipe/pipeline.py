@@ -291,6 +291,10 @@ class SyncExecutor:
         pass
 
 
+# environment of local worker processes (given to the nannies; this process's is not changed)
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
 class DaskExecutor:
     """Whole-sample tasks on dask.distributed: a LocalCluster of processes or a given scheduler."""
 
@@ -327,27 +331,23 @@ class DaskExecutor:
                     raise WorkflowError(
                         f"--memory-limit {memory_limit!r} is not a size; write e.g. 4GB or 3500MB"
                     ) from None
-            # Whole-sample tasks are compute-dense: 1 thread per process, and BLAS/numba limited
-            # to 1 thread so processes do not fight over the cores. These must be in the
-            # environment before the worker process starts (before numpy is imported).
-            # MALLOC_TRIM_THRESHOLD_ is unset on purpose: dask's default (65536) makes every
-            # large array a fresh mmap, which on this kind of machine costs ~40x the page faults
-            # and +40% CPU per sample; glibc's adaptive threshold reuses the freed matrices.
-            # (No NUMBA_NUM_THREADS: tasks run no parallel numba code, and dask's nannies write
-            # these variables into this process's own environment, where a changed
-            # NUMBA_NUM_THREADS makes numba refuse to compile once its thread pool has started,
-            # e.g. after a UMAP. The client's environment is restored below.)
-            environ = {
-                "OMP_NUM_THREADS": 1,
-                "MKL_NUM_THREADS": 1,
-                "OPENBLAS_NUM_THREADS": 1,
-                "MALLOC_TRIM_THRESHOLD_": None,
-            }
-            # the nannies also leave PYTHONHASHSEED and __DASK_PARENT_PID behind
-            touched = [*environ, "PYTHONHASHSEED", "__DASK_PARENT_PID"]
+            # Whole-sample tasks are compute-dense: 1 thread per process, and BLAS limited to 1
+            # thread so that processes do not fight over the cores. The limits go to the workers
+            # only: through the nanny's `env` (set in the worker process) and a worker plugin
+            # (threadpoolctl: the worker has imported numpy before its `env` applies). Nothing is
+            # written into this process's environment: dask's `pre-spawn-environ` (which the
+            # nannies apply by rewriting the parent's os.environ, also when they restart a worker
+            # mid-run) is emptied. That also leaves MALLOC_TRIM_THRESHOLD_ unset on purpose:
+            # dask's default (65536) makes every large array a fresh mmap, which on this kind of
+            # machine costs ~40x the page faults and +40% CPU per sample; glibc's adaptive
+            # threshold reuses the freed matrices. (No NUMBA_NUM_THREADS: tasks run no parallel
+            # numba code, and a changed NUMBA_NUM_THREADS in the client would make numba refuse to
+            # compile once its thread pool has started, e.g. after a UMAP.)
+            # the nannies still set PYTHONHASHSEED (and dask __DASK_PARENT_PID) here: restored
+            touched = ["PYTHONHASHSEED", "__DASK_PARENT_PID"]
             self._environ = {k: os.environ.get(k) for k in touched}
             try:
-                with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+                with dask.config.set({"distributed.nanny.pre-spawn-environ": {}}):
                     self.cluster = LocalCluster(
                         n_workers=n,
                         threads_per_worker=1,
@@ -355,10 +355,14 @@ class DaskExecutor:
                         memory_limit=memory_limit or _default_memory_limit(n),
                         dashboard_address=":0" if _has_bokeh() else None,
                         silence_logs=50,  # logging.CRITICAL: a killed worker is reported by us
+                        env=dict(WORKER_ENV),
                     )
             finally:
                 self._restore_environ()
             self.client = Client(self.cluster)
+            from cytopipe._dask_plugins import OneThreadBLAS
+
+            self.client.register_plugin(OneThreadBLAS(), name=OneThreadBLAS.name)
             self.kind = "local"
         self.dashboard = self.client.dashboard_link if _has_bokeh() else None
 
@@ -377,7 +381,15 @@ class DaskExecutor:
         token = stable_hash([desc, time.time_ns()])[:10]
         futures = {}
         for i, item in enumerate(items):
-            fut = self.client.submit(fn, item, shared_f, key=f"{desc}-{i}-{token}", pure=False, retries=0)
+            fut = self.client.submit(
+                fn,
+                item,
+                shared_f,
+                key=f"{desc}-{i}-{token}",
+                pure=False,
+                retries=0,
+                priority=_task_priority(item),
+            )
             futures[fut] = i
         bar = _progress(len(items), desc, progress)
         try:
@@ -420,6 +432,16 @@ class DaskExecutor:
             if self.cluster is not None:
                 self.cluster.close()
             self._restore_environ()
+
+
+def _task_priority(item: Any) -> int:
+    """Largest files first (longest-processing-time order): the last tasks of a phase are short,
+    so workers do not idle at the barrier while one worker finishes a big file."""
+    if isinstance(item, Mapping):
+        n = item.get("n_events")
+        if isinstance(n, int | float) and n == n:
+            return int(n) // 1000
+    return 0
 
 
 def _task_failure_message(exc: BaseException) -> str:
@@ -599,16 +621,20 @@ def pool_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
 
 
 def fit_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
-    """Gating pass 1: this sample's fits of the data-driven gates (for pooled estimates)."""
+    """Gating pass 1, fused with everything else a sample's one read is needed for: its fits of
+    the data-driven gates (for pooled estimates) and, from the same gating, its population
+    statistics, gate-review data, clustering training cells and mapping inputs. A sample whose
+    gating cannot depend on the pooled estimates (:func:`needs_regating`) keeps these as its
+    pass-2 result; only the others are gated again by :func:`gate_task`."""
 
     def body() -> dict[str, Any]:
         from cytopipe import gating
 
         prep = prepare_sample(job, state)
         result = gating.gate(
-            prep.sample, state.template, sample_meta=prep.meta, transforms=state.transforms, medians=False
+            prep.sample, state.template, sample_meta=prep.meta, transforms=state.transforms, medians=True
         )
-        return {"fits": result.fit_records(job["sample_id"]), "metrics": prep.metrics}
+        return {"fits": result.fit_records(job["sample_id"]), **_gated_outputs(job, state, prep, result)}
 
     return _guard(body)
 
@@ -619,21 +645,64 @@ def gate_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
     def body() -> dict[str, Any]:
         prep = prepare_sample(job, state)
         result = gate_prepared(prep, state)
-        stats = result.to_population_stats(prep.meta)
-        flags: dict[str, list[str]] = {}
-        for population, flag in result.flags:
-            flags.setdefault(population, []).append(flag)
-        stats["gate_flags"] = ["; ".join(flags.get(p, [])) for p in stats["population"]]
-        from cytopipe.report.gate_review import gate_review_data
-
-        return {
-            "stats": stats,
-            "review": gate_review_data(prep.sample, result, job["sample_id"]),  # a few kB, no events
-            "gate_flags": [f"gate {p}: {f}" for p, f in result.flags],
-            "metrics": prep.metrics,
-        }
+        return _gated_outputs(job, state, prep, result)
 
     return _guard(body)
+
+
+def _gated_outputs(job: Mapping[str, Any], state: StudyState, prep: Prepared, result: Any) -> dict[str, Any]:
+    """Everything later steps need from one gated sample (small tables; the clustering inputs
+    when clustering is on), so that no later pass reads the file again."""
+    stats = result.to_population_stats(prep.meta)
+    flags: dict[str, list[str]] = {}
+    for population, flag in result.flags:
+        flags.setdefault(population, []).append(flag)
+    stats["gate_flags"] = ["; ".join(flags.get(p, [])) for p in stats["population"]]
+    from cytopipe.report.gate_review import gate_review_data
+
+    out = {
+        "stats": stats,
+        "review": gate_review_data(prep.sample, result, job["sample_id"]),  # a few kB, no events
+        "gate_flags": [f"gate {p}: {f}" for p, f in result.flags],
+        "metrics": prep.metrics,
+    }
+    if state.cluster is not None:
+        from cytopipe.cluster_steps import sample_cluster_inputs
+
+        out.update(sample_cluster_inputs(job, state, prep, result))
+    return out
+
+
+def needs_regating(fits: pd.DataFrame, job: Mapping[str, Any], template: Any, pooled: Any) -> bool:
+    """Whether gating with the pooled estimates can differ from the gating without them (pass 1).
+
+    The engine consults a reference (pooled estimate, else the template default) only for a fit
+    that failed (its bounds, its fraction check) or that moved more than ``max_shift`` from the
+    reference. When every fit is ok and within ``max_shift`` of both the default (pass 1's
+    reference) and the pooled estimate, both passes apply the sample's own fits: same gates,
+    same populations, same flags, same statistics."""
+    from cytopipe.gating.fitters import DataDrivenGate
+
+    fitters = {}
+    for pop in template:
+        if isinstance(pop.gate, DataDrivenGate):
+            for suffix, fitter in pop.gate.fit_items():
+                fitters[pop.name + suffix] = fitter
+    meta = sample_meta(job)
+    for rec in fits.itertuples(index=False):
+        if rec.status != "ok" or rec.params is None or rec.key not in fitters:
+            return True
+        fitter = fitters[rec.key]
+        if fitter.bounds.max_shift is None:
+            continue
+        params = np.asarray(rec.params, dtype=np.float64)
+        refs = [] if fitter.default is None else [fitter.default]
+        hit = pooled.lookup(rec.key, fitter.pool, meta) if pooled is not None else None
+        if hit is not None:
+            refs.append(hit[0])
+        if any(fitter.shift(params, np.asarray(r)) > fitter.bounds.max_shift for r in refs):
+            return True
+    return False
 
 
 def _guard(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -794,6 +863,7 @@ class RunContext:
     problems: list[str] = field(default_factory=list)
     soft_failures: dict[str, dict[str, str]] = field(default_factory=dict)  # phase -> sample_id -> error
     cluster_model: Any = None  # the frozen FlowSOM model of this run
+    fused: dict[str, dict[str, Any]] = field(default_factory=dict)  # sample_id -> fused pass-1 result
     stats_settings: Any = None  # cytopipe.stats.StatsSettings when the statistics step runs
 
     def alive(self) -> list[dict[str, Any]]:
@@ -804,12 +874,19 @@ class RunContext:
         return _settings_key(self, "qc", "compensation", "template", "transforms") + GATE_TASK_VERSION
 
     def run_phase(
-        self, phase: str, fn: Callable, settings_key: str, soft: bool = False
+        self,
+        phase: str,
+        fn: Callable,
+        settings_key: str,
+        soft: bool = False,
+        ready: Mapping[str, dict[str, Any]] | None = None,
     ) -> dict[str, dict[str, Any]]:
         """A cached per-sample phase that gates its samples as the gating pass does (so its key
         includes the pooled gate estimates each sample can use). ``soft``: a failure is recorded
         in ``soft_failures`` instead of failing the sample."""
-        return _run_cached_phase(self, phase, fn, settings_key, extra_key=_pooled_key(self), soft=soft)
+        return _run_cached_phase(
+            self, phase, fn, settings_key, extra_key=_pooled_key(self), soft=soft, ready=ready
+        )
 
     def result_key(self, phase: str, sample_id: str) -> str:
         return self.result_keys[phase][sample_id]
@@ -1310,7 +1387,9 @@ def step_gate_fit(ctx: RunContext) -> dict[str, Any]:
         ctx.hashes["pooled"] = stable_hash(None)
         return {"data_driven_gates": 0}
     settings_key = _settings_key(ctx, "qc", "compensation", "template", "transforms")
+    _plan_cluster_inputs(ctx, "fit")
     results = _run_cached_phase(ctx, "fit", fit_task, settings_key)
+    ctx.fused = results
     records = [results[j["sample_id"]]["fits"] for j in ctx.alive()]
     from cytopipe.gating import pool_estimates
     from cytopipe.store import atomic_write_parquet
@@ -1360,8 +1439,45 @@ def _pooled_key(ctx: RunContext) -> Callable[[Mapping[str, Any]], str]:
 
 
 def step_gate(ctx: RunContext) -> dict[str, Any]:
-    ctx.results = ctx.run_phase("gate", gate_task, stable_hash(ctx.gate_key()))
-    return {"samples": len(ctx.results), "reused": ctx.cached}
+    """Pass 2: the fused pass's results stand for every sample whose gating cannot depend on the
+    pooled estimates; only the others (fits that fell back or moved) are read and gated again."""
+    _plan_cluster_inputs(ctx, "gate")
+    ready = {}
+    for job in ctx.alive():
+        res = ctx.fused.get(job["sample_id"])
+        if res is not None and "stats" in res and "fits" in res:
+            if not needs_regating(res["fits"], job, ctx.state.template, ctx.state.pooled):
+                ready[job["sample_id"]] = {k: v for k, v in res.items() if k != "fits"}
+    ctx.results = _run_cached_phase(
+        ctx, "gate", gate_task, stable_hash(ctx.gate_key()), extra_key=_pooled_key(ctx), ready=ready
+    )
+    return {
+        "samples": len(ctx.results),
+        "reused": ctx.cached,
+        "from_pass_1": ctx.reused.get("gate-ready", 0),  # gated once: the fused pass's result stands
+    }
+
+
+def _plan_cluster_inputs(ctx: RunContext, phase: str) -> None:
+    """Let the gating passes also draw the clustering training cells and write the mapping inputs
+    (so neither clustering pass reads the files again). Mapping inputs go to a temporary cache
+    folder, named by everything that determines them, and are removed after mapping."""
+    plan = ctx.state.cluster
+    if plan is None:
+        return
+    if plan.given_model is None:
+        from cytopipe.cluster import training_cells_per_sample
+
+        plan.n_train = training_cells_per_sample(plan.settings, len(ctx.alive()))
+    parts = [ctx.gate_key(), plan.population, plan.markers, plan.medians, plan.concordance]
+    if phase == "gate":
+        parts.append(ctx.hashes.get("pooled"))
+    plan.inputs_dir = str(ctx.folder.cache / MAP_INPUTS)
+    plan.inputs_key = stable_hash(parts)[:16] + phase[0]
+
+
+# temporary per-sample mapping inputs (parent events x clustering and median markers)
+MAP_INPUTS = "map-inputs"
 
 
 # --- step: assemble the tables ------------------------------------------------------------------
@@ -1521,11 +1637,14 @@ def _run_cached_phase(
     settings_key: str,
     extra_key: Callable[[Mapping[str, Any]], str] | None = None,
     soft: bool = False,
+    ready: Mapping[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run ``fn`` on every live sample whose (sha256, settings) result is not cached yet.
 
-    A failed sample is failed for the whole run (``ctx.fail``), or with ``soft`` only left out of
-    this phase's results (``ctx.soft_failures[phase]``)."""
+    ``ready``: results already computed (by a fused earlier pass) for some samples; they are
+    cached and used instead of running ``fn``. A failed sample is failed for the whole run
+    (``ctx.fail``), or with ``soft`` only left out of this phase's results
+    (``ctx.soft_failures[phase]``)."""
     results: dict[str, dict[str, Any]] = {}
     todo: list[dict[str, Any]] = []
     keys: dict[str, str] = {}
@@ -1542,6 +1661,13 @@ def _run_cached_phase(
     ctx.reused[phase] = len(results)
     if phase == "gate":
         ctx.cached = len(results)
+    if ready:
+        given = [j for j in todo if j["sample_id"] in ready]
+        for job in given:
+            _save_result(ctx.folder, phase, keys[job["sample_id"]], ready[job["sample_id"]])
+            results[job["sample_id"]] = ready[job["sample_id"]]
+        todo = [j for j in todo if j["sample_id"] not in ready]
+        ctx.reused[f"{phase}-ready"] = len(given)
     ctx.keep_cache.setdefault(phase, set()).update(keys.values())
     ctx.result_keys[phase] = keys
     for i, res in ctx.executor.map(fn, todo, ctx.state, phase, ctx.progress):
@@ -1823,9 +1949,14 @@ def _cluster_train(ctx: RunContext) -> dict[str, Any]:
 
 
 def _cluster_map(ctx: RunContext) -> dict[str, Any]:
+    import shutil
+
     from cytopipe.cluster_steps import step_cluster_map
 
-    return step_cluster_map(ctx)
+    try:
+        return step_cluster_map(ctx)
+    finally:  # the mapping inputs are only needed by this step
+        shutil.rmtree(ctx.folder.cache / MAP_INPUTS, ignore_errors=True)
 
 
 # tables a run writes only when their step ran (a rerun without the step removes the old file)

@@ -50,7 +50,7 @@ def test_integer_widths(tmp_path, kernels, bits, big):
     assert sample.warnings == []
 
 
-def test_integers_above_2_24_round_like_flowio(tmp_path):
+def test_integers_above_2_24_round_like_flowio(tmp_path, kernels):
     """int32/int64 values above 2**24 are rounded to the nearest float32 (documented)."""
     values = np.array([[2**24 + 1, 2**32 - 1], [123456789, 2**31 + 3]], dtype=np.uint64)
     kw = int_keywords(2, ["A", "B"], [32, 32], [2**32, 2**32])

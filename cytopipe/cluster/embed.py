@@ -59,6 +59,8 @@ def umap_embedding(
     import umap  # lazy: heavy import
     from sklearn.neighbors import NearestNeighbors
 
+    _cache_umap_kernels()
+
     # exact neighbours (each cell is its own first neighbour, as UMAP expects)
     dist, idx = NearestNeighbors(n_neighbors=n_neighbors).fit(x).kneighbors(x)
     reducer = umap.UMAP(
@@ -74,3 +76,35 @@ def umap_embedding(
         # n_jobs with a seed, and "no search index: transform() unavailable" (never used here)
         warnings.simplefilter("ignore", category=UserWarning)
         return reducer.fit_transform(x).astype(np.float32)
+
+
+_UMAP_CACHED = False
+
+
+def _cache_umap_kernels() -> None:
+    """Compile umap-learn's numba functions once per machine, not once per run: most are
+    declared without ``cache=True``, so every process recompiled them (~10 s of a run's UMAP).
+    Caching stores the same machine code numba would compile, so embeddings are unchanged; a
+    function numba cannot cache is compiled as before (numba only warns)."""
+    global _UMAP_CACHED
+    if _UMAP_CACHED:
+        return
+    _UMAP_CACHED = True
+    import importlib
+    import warnings
+
+    from numba.core.dispatcher import Dispatcher
+
+    for name in ("umap.umap_", "umap.layouts", "umap.utils", "umap.spectral", "umap.distances"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for obj in vars(module).values():
+            if isinstance(obj, Dispatcher) and obj._cache.__class__.__name__ == "NullCache":
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        obj.enable_caching()
+                except Exception:  # e.g. no writable cache location: compile as before
+                    pass

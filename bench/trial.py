@@ -1,0 +1,271 @@
+"""Benchmark: a trial-scale `cytopipe run`, end to end, and its extrapolation to 700M events.
+
+    python bench/trial.py                       # 50 patients x 3 visits x 200k events = 150 files
+    python bench/trial.py --patients 8 --events 50000 --workers 1    # a quick look
+
+The trial is simulated once into a cache folder outside the repository (``--cache``, default
+``$XDG_CACHE_HOME/cytopipe-bench`` or ``~/.cache/cytopipe-bench``) and reused. The job is the one
+of ``workflows/sle_il2.yaml``: the canonical template (data-driven gates, pooled estimates), event
+QC, gate-review data, FlowSOM (10x10, 15 metaclusters, trained on 200k Live cells, every Live
+event of every file mapped), UMAP, statistics with the clinical table, and report.html, on a
+local Dask cluster of ``--workers`` processes.
+
+Printed: per-phase wall time (run.json), events/s, the peak RSS of each worker during each phase
+above its warm idle RSS, against the largest event matrix of the trial (goal <= 3x), the load
+average, and the extrapolation to 700M events (500 patients x 7 visits x 200k), with the fixed
+costs (cluster start, model training, UMAP, statistics, report) separated from the per-file
+ones. Statistics and the report do grow with the number of patients; the extrapolation also
+prints the bound with them scaled linearly. Timings on a shared machine are noisy: note the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+TEMPLATE = REPO / "gating" / "sle_il2_tcell_nk.yaml"
+WORKFLOW = REPO / "workflows" / "sle_il2.yaml"
+TARGET_EVENTS = 700_000_000
+# phases whose work does not grow with the number of files (besides the per-run start-up)
+FIXED = ("clustering-model", "umap", "statistics", "report", "executor-start")
+
+
+def default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cytopipe-bench"
+
+
+def simulate(cache: Path, patients: int, visits: tuple[int, ...], events: int, seed: int) -> Path:
+    from cytopipe.simulate import simulate_trial
+
+    folder = cache / f"trial_{patients}x{len(visits)}x{events}_s{seed}"
+    if not (folder / "manifest.csv").is_file():
+        t0 = time.perf_counter()
+        print(f"simulating {patients} patients x {len(visits)} visits x {events:,} events into {folder} ...")
+        simulate_trial(folder, n_patients=patients, visits=visits, events=events, seed=seed,
+                       faults=0.1, control_events=500, overwrite=True)  # fmt: skip
+        print(f"  simulated in {time.perf_counter() - t0:.0f} s")
+    return folder
+
+
+class Sampler:
+    """RSS of every worker process (children of this process), every 20 ms, per current phase."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.me = psutil.Process()
+        self.phase = "start"
+        self.peak: dict[tuple[str, int], int] = {}  # (phase, pid) -> peak RSS
+        self.idle: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def workers(self):
+        return [p for p in self.me.children(recursive=True) if "python" in p.name().lower()]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for p in self.workers():
+                try:
+                    rss = p.memory_info().rss
+                except Exception:
+                    continue
+                key = (self.phase, p.pid)
+                if rss > self.peak.get(key, 0):
+                    self.peak[key] = rss
+            time.sleep(0.02)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--patients", type=int, default=50)
+    ap.add_argument("--visits", default="0,4,12", help="visit weeks (default 0,4,12: 3 files per patient)")
+    ap.add_argument("--events", type=int, default=200_000, help="mean events per file (+-30%%)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=2020)
+    ap.add_argument("--cache", type=Path, default=default_cache(), help="where the simulated trial is kept")
+    ap.add_argument("--out", type=Path, help="run folder (default: a fresh one in the cache folder)")
+    ap.add_argument("--rerun", action="store_true", help="also time an unchanged rerun (everything reused)")
+    args = ap.parse_args(argv)
+    import logging
+
+    import yaml
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    import cytopipe.cluster as cluster_pkg
+    import cytopipe.pipeline as pipeline
+    from cytopipe.fcs import read_fcs_header
+    from cytopipe.workflow import workflow_from_options
+
+    visits = tuple(int(v) for v in args.visits.split(","))
+    trial = simulate(args.cache, args.patients, visits, args.events, args.seed)
+    out = args.out or args.cache / f"run_{trial.name}"
+    shutil.rmtree(out, ignore_errors=True)
+    spec = yaml.safe_load(WORKFLOW.read_text())
+    sections = {
+        k: spec[k] for k in ("compensation", "transforms", "qc", "clustering", "statistics", "report")
+    }
+    wf = workflow_from_options(trial / "manifest.csv", TEMPLATE, out, clinical=trial / "clinical.csv",
+                               workers=args.workers, seed=args.seed, **sections)  # fmt: skip
+
+    import pandas as pd
+
+    manifest = pd.read_csv(trial / "manifest.csv")
+    samples = manifest[manifest["control"].fillna("").astype(str) == ""]
+    headers = [read_fcs_header(trial / f) for f in samples["file"]]
+    n_events = sum(h.n_events for h in headers)
+    largest = max(h.n_events * h.n_channels for h in headers) * 4  # bytes of the largest float32 matrix
+
+    # the executor: started (and its start timed) here, warmed with one small task, so that each
+    # worker's idle RSS (Python, numpy, numba, dask loaded) is known before the run
+    sampler = Sampler()
+    t0 = time.perf_counter()
+    executor = pipeline.DaskExecutor(workers=args.workers)
+    start_s = time.perf_counter() - t0
+    warm = {"path": str(trial / samples["file"].iloc[0]), "file": samples["file"].iloc[0], "sample_id": "w",
+            "control": ""}  # fmt: skip
+    list(executor.map(pipeline.fit_task, [warm] * args.workers, _state(wf), "warm", False))
+    time.sleep(0.5)
+    sampler.idle = {p.pid: p.memory_info().rss for p in sampler.workers()}
+    close = executor.close
+    executor.close = lambda: None  # closed after the (optional) rerun
+    pipeline.make_executor = lambda *a, **k: executor
+
+    # phases: the steps of the run (and the report), UMAP and the model training timed apart
+    timings: dict[str, float] = {}
+    steps = []
+    for step in pipeline.STEPS:
+        steps.append(pipeline.Step(step.name, _phase(sampler, step.name, step.run), step.doc))
+    pipeline.STEPS[:] = steps
+    pipeline.write_run_report = _phase(sampler, "report", pipeline.write_run_report)
+    cluster_pkg.umap_embedding = _timed(timings, "umap", cluster_pkg.umap_embedding)
+    cluster_pkg.train_model = _timed(timings, "clustering-model", cluster_pkg.train_model)
+
+    load0 = os.getloadavg()
+    sampler.start()
+    t0 = time.perf_counter()
+    try:
+        result = pipeline.run_workflow(wf, progress=False)
+        total = time.perf_counter() - t0
+        rerun_s = None
+        if args.rerun:
+            t1 = time.perf_counter()
+            pipeline.run_workflow(wf, progress=False)
+            rerun_s = time.perf_counter() - t1
+    finally:
+        sampler.stop()
+        close()
+    load1 = os.getloadavg()
+    print(result.summary())
+    info = json.loads((out / "run.json").read_text())
+    phases = {s["step"]: float(s["seconds"]) for s in info["steps"]}
+    report(args, info, phases, timings, start_s, total, n_events, len(samples), largest, sampler, load0, load1,
+           rerun_s)  # fmt: skip
+    return 0
+
+
+def _state(wf):
+    from cytopipe.pipeline import build_state
+
+    return build_state(wf, n_samples=1)
+
+
+def _phase(sampler: Sampler, name: str, fn):
+    def run(*args, **kwargs):
+        sampler.phase = name
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sampler.phase = "between"
+
+    return run
+
+
+def _timed(timings: dict[str, float], name: str, fn):
+    def run(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+
+    return run
+
+
+def report(
+    args, info, phases, timings, start_s, total, n_events, n_files, largest, sampler, load0, load1, rerun_s
+):
+    cores = os.cpu_count() or 1
+    print()
+    print(f"trial: {n_files} files, {n_events:,} events ({n_events / n_files:,.0f} per file); "
+          f"{args.workers} workers on {cores} cores; load average before {load0[0]:.1f}, after {load1[0]:.1f} "
+          f"(1-min), {load1[1]:.1f} (5-min)")  # fmt: skip
+    # the per-phase table: wall time, share, per-file or fixed; UMAP and training split out
+    rows = [("executor-start", start_s)]
+    for name, sec in phases.items():
+        if name == "clustering-map" and "umap" in timings:
+            rows += [("clustering-map", sec - timings["umap"]), ("umap", timings["umap"])]
+        elif name == "clustering-train" and "clustering-model" in timings:
+            rows += [("clustering-train", sec - timings["clustering-model"]),
+                     ("clustering-model", timings["clustering-model"])]  # fmt: skip
+        else:
+            rows.append((name, sec))
+    wall = start_s + total
+    print()
+    print(f"{'phase':<20}{'seconds':>9}{'share':>8}{'kind':>10}{'worker peak / matrix':>24}")
+    for name, sec in rows:
+        kind = "fixed" if name in FIXED else "per file"
+        peak = _peak_ratio(sampler, name, largest)
+        print(f"{name:<20}{sec:>9.1f}{100 * sec / wall:>7.0f}%{kind:>10}{peak:>24}")
+    print(f"{'total':<20}{wall:>9.1f}")
+    fixed = sum(sec for name, sec in rows if name in FIXED)
+    per_file = sum(sec for name, sec in rows if name not in FIXED)
+    print()
+    print(f"end to end: {n_events / wall:,.0f} events/s; per-file phases {per_file:.1f} s = "
+          f"{1e6 * per_file / n_events:.2f} us per event, fixed {fixed:.1f} s")  # fmt: skip
+    scale = TARGET_EVENTS / n_events
+    est = fixed + per_file * scale
+    stats_report = sum(sec for name, sec in rows if name in ("statistics", "report"))
+    bound = est + stats_report * (scale - 1)
+    print(f"extrapolated to {TARGET_EVENTS / 1e6:.0f}M events (x{scale:.1f} files) on this machine with "
+          f"{args.workers} workers: {est / 60:.1f} min (fixed {fixed:.0f} s + per-file {per_file * scale / 60:.1f} "
+          f"min); {bound / 60:.1f} min if statistics and the report grew linearly with the files too")  # fmt: skip
+    worst = max((_ratio(sampler, ph, largest) for ph in {p for p, _ in sampler.peak}), default=0.0)
+    print(f"peak worker RSS above its idle RSS, worst phase: {worst:.2f}x the largest event matrix "
+          f"({largest / 2**20:.0f} MB)   (goal <= 3x)")  # fmt: skip
+    if rerun_s is not None:
+        print(f"unchanged rerun (every per-sample result reused): {rerun_s:.1f} s")
+    if load0[0] > 0.5 * cores:
+        print(f"note: load average {load0[0]:.1f} on {cores} cores at the start: other processes competed "
+              "for the cores; times are pessimistic")  # fmt: skip
+
+
+def _ratio(sampler: Sampler, phase: str, largest: int) -> float:
+    growth = [rss - sampler.idle.get(pid, rss) for (ph, pid), rss in sampler.peak.items() if ph == phase]
+    return max(growth, default=0) / largest
+
+
+def _peak_ratio(sampler: Sampler, phase: str, largest: int) -> str:
+    if not any(ph == phase for ph, _ in sampler.peak):
+        return "-"
+    return f"{_ratio(sampler, phase, largest):.2f}x"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

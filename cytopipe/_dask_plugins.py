@@ -1,0 +1,22 @@
+"""Dask worker plugins of :class:`cytopipe.pipeline.DaskExecutor` (imported only with Dask)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+
+class OneThreadBLAS(WorkerPlugin):
+    """BLAS/OpenMP thread pools of a local worker limited to one thread. The nanny's ``env``
+    sets OMP/MKL/OPENBLAS_NUM_THREADS in the worker process, but only after it has imported
+    numpy (whose OpenBLAS has sized its pool by then): threadpoolctl resizes the pools."""
+
+    name = "cytopipe-one-thread-blas"
+
+    def setup(self, worker: Any) -> None:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+            return
+        self._limits = threadpool_limits(limits=1)

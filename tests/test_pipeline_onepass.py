@@ -1,0 +1,111 @@
+"""One read per file: the fused gating pass gives exactly the tables of separate passes.
+
+The fused pass (fits, statistics, gate review, clustering training cells and mapping inputs from
+one gating of each sample) is checked against the same run with every pass doing its own read and
+gating (every sample gated again with the pooled estimates, training and mapping re-reading the
+files): byte-identical outputs, and far fewer data-driven fits computed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+import cytopipe.cluster_steps as cluster_steps
+import cytopipe.pipeline as pipeline
+from cytopipe.gating import load_template, pool_estimates
+from cytopipe.gating.engine import Engine
+from cytopipe.pipeline import run_workflow
+from tests.pipeline_support import TEMPLATE, assert_same_outputs, workflow
+
+
+def _count_fits(monkeypatch) -> list[int]:
+    calls = [0]
+    real = Engine._fit
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "_fit", counted)
+    return calls
+
+
+def test_one_pass_gives_the_tables_of_separate_passes(sim_run, sim_trial, tmp_path, monkeypatch):
+    info = json.loads((sim_run / "run.json").read_text())
+    steps = {s["step"]: s for s in info["steps"]}
+    n = info["samples"] - len(info["failed"])
+    # the reference run took its statistics, training cells and mapping inputs from one gating
+    assert 0 < steps["gating"]["from_pass_1"] <= n
+    assert steps["clustering-train"]["from_gating"] == n
+    assert steps["clustering-map"]["from_gating"] == n
+    assert not (sim_run / ".cache" / pipeline.MAP_INPUTS).exists()  # removed after mapping
+
+    counted = fused_fits = _count_fits(monkeypatch)
+    fused = run_workflow(workflow(sim_trial, tmp_path / "fused"), scheduler="synchronous", progress=False)
+    assert_same_outputs(sim_run, tmp_path / "fused")
+
+    monkeypatch.setattr(pipeline, "needs_regating", lambda *a, **k: True)
+    monkeypatch.setattr(cluster_steps, "sample_cluster_inputs", lambda *a, **k: {})
+    fused_fits, before = fused_fits[0], fused_fits[0]
+    separate = run_workflow(
+        workflow(sim_trial, tmp_path / "separate"), scheduler="synchronous", progress=False
+    )
+    steps = {s["step"]: s for s in separate.info["steps"]}
+    assert steps["gating"]["from_pass_1"] == 0 and steps["clustering-map"]["from_gating"] == 0
+    assert_same_outputs(sim_run, tmp_path / "separate")
+    assert fused.exit_code == separate.exit_code
+    # four gatings per sample (fit, gate, train, map) against one (plus the samples gated again)
+    regated = n - {s["step"]: s for s in fused.info["steps"]}["gating"]["from_pass_1"]
+    separate_fits = counted[0] - before
+    assert fused_fits * 4 * n == separate_fits * (n + regated)
+
+
+def test_needs_regating_follows_the_engines_use_of_references(sim_run, sim_trial):
+    template = load_template(TEMPLATE)
+    fits = pd.read_parquet(sim_run / "study" / "gate_fits.parquet")
+    manifest = pd.read_csv(sim_trial / "manifest.csv", dtype=str)
+    pooled = pool_estimates(fits, manifest)
+    sid = sorted(fits["sample_id"].unique())[0]
+    own = fits[fits["sample_id"] == sid].reset_index(drop=True)
+    job = manifest[manifest["sample_id"] == sid].iloc[0].to_dict()
+    ok = own.assign(status="ok")
+    # a fit that failed is replaced by a reference: the pooled one differs from the default
+    failed = ok.copy()
+    failed.loc[0, "status"] = "failed"
+    assert pipeline.needs_regating(failed, job, template, pooled)
+    # a fit moved beyond max_shift from the pooled estimate is replaced by it
+    key = next(k for k in ok["key"] if template_fitter(template, k).bounds.max_shift is not None)
+    fitter = template_fitter(template, key)
+    row = ok.index[ok["key"] == key][0]
+    ref = np.asarray(pooled.lookup(key, fitter.pool, job)[0], dtype=float)
+    far = ok.copy()
+    far.at[row, "params"] = (ref + 10 * fitter.bounds.max_shift).tolist()
+    assert pipeline.needs_regating(far, job, template, pooled)
+    # the sample's own fits, all ok and close to both references: nothing to redo
+    near = ok.copy()
+    for i, k in enumerate(near["key"]):
+        near.at[i, "params"] = np.asarray(
+            pooled.lookup(k, template_fitter(template, k).pool, job)[0]
+        ).tolist()
+    default_ok = all(
+        template_fitter(template, k).default is None
+        or template_fitter(template, k).bounds.max_shift is None
+        or template_fitter(template, k).shift(np.asarray(p), np.asarray(template_fitter(template, k).default))
+        <= template_fitter(template, k).bounds.max_shift
+        for k, p in zip(near["key"], near["params"])
+    )
+    assert pipeline.needs_regating(near, job, template, pooled) == (not default_ok)
+
+
+def template_fitter(template, key):
+    from cytopipe.gating.fitters import DataDrivenGate
+
+    for pop in template:
+        if isinstance(pop.gate, DataDrivenGate):
+            for suffix, fitter in pop.gate.fit_items():
+                if pop.name + suffix == key:
+                    return fitter
+    raise KeyError(key)
