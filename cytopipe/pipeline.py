@@ -702,6 +702,7 @@ class RunContext:
     soft_failures: dict[str, dict[str, str]] = field(default_factory=dict)  # phase -> sample_id -> error
     cluster_model: Any = None  # the frozen FlowSOM model of this run
     stats_settings: Any = None  # cytopipe.stats.StatsSettings when the statistics step runs
+    blinding: Any = None  # (codes, record) when the run folder's outputs are blinded
 
     def alive(self) -> list[dict[str, Any]]:
         return [j for j in self.jobs if j["sample_id"] not in self.failures]
@@ -782,7 +783,12 @@ def finish_run(
     if "clusters" not in ctx.tables:  # the clustering tables of an earlier run (a model file stays)
         for path in (folder.path / "clustering").glob("*.parquet"):
             path.unlink()
-    folder.write_outputs(ctx.tables, info, parquet=parquet)
+    tables, blind = _blinded_outputs(ctx, info)
+    folder.write_outputs(tables, blind(info), parquet=parquet)
+    if ctx.blinding is not None:  # the folder's other files (earlier tables, study/) coded too
+        from cytopipe.report.blinding import recode_folder
+
+        recode_folder(folder.path, ctx.blinding[0], blind(info))
     if not ctx.wf.report.get("enabled", True):
         _remove_stale_report(folder.path)
     else:
@@ -794,10 +800,41 @@ def finish_run(
         info.update(steps=ctx.steps, problems=list(ctx.problems), seconds=round(time.perf_counter() - t0, 3))
         from cytopipe.store import atomic_write_json, write_catalog
 
-        write_catalog(folder.catalog, ctx.tables, info)
-        atomic_write_json(folder.run_json, info)
+        write_catalog(folder.catalog, tables, blind(info))
+        atomic_write_json(folder.run_json, blind(info))
     for phase, keys in ctx.keep_cache.items():
         folder.prune_cache(phase, keys)  # results of older settings/files are no longer needed
+
+
+def _blinded_outputs(
+    ctx: RunContext, info: dict[str, Any]
+) -> tuple[Mapping[str, pd.DataFrame], Callable[[dict[str, Any]], dict[str, Any]]]:
+    """The tables and a run.json maker as they are written: arm names coded when the run folder is
+    blinded (or the workflow blinds it now; docs/reports.md). ``ctx.blinding`` = (codes, record)."""
+    from cytopipe.report.blinding import blind_frame, blinded_info, resolve_blinding
+
+    arms: list[str] = []
+    for name in ("population_stats", "samples"):
+        if name in ctx.tables and "arm" in ctx.tables[name].columns:
+            arms += [a for a in ctx.tables[name]["arm"].dropna().astype(str).unique() if a]
+    samples = ctx.tables.get("samples")
+    hashes = sorted(str(h) for h in samples["sha256"].dropna()) if samples is not None and "sha256" in samples else []  # fmt: skip
+    ctx.blinding = resolve_blinding(
+        ctx.folder.path,
+        want=bool(ctx.wf.report.get("blinded")),
+        arms=arms,
+        key=ctx.wf.report.get("blind_key"),
+        workflow={"manifest": str(ctx.wf.manifest or ""), "clinical": str(ctx.wf.clinical or "")},
+        secret="\n".join(hashes).encode() or None,
+        by="cytopipe "
+        + (" ".join(sys.argv[1:2]) or "run")
+        + " (workflow `report: {blinded: true}` or --blinded)",
+    )
+    if ctx.blinding is None:
+        return ctx.tables, lambda i: i
+    codes, record = ctx.blinding
+    tables = {name: blind_frame(df, codes) for name, df in ctx.tables.items()}
+    return tables, lambda i: blinded_info(i, codes, record)
 
 
 def _remove_stale_report(run_dir: Path) -> None:
@@ -1579,6 +1616,7 @@ class LoadedRun:
     state: StudyState
     jobs: list[dict[str, Any]]  # samples processed ok/flagged, with their manifest fields
     samples: pd.DataFrame
+    codes: dict[str, str] | None = None  # arm -> code when the run folder is blinded
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
@@ -1588,6 +1626,11 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
     folder = RunFolder(run_dir)
     info = read_run_info(folder.path)
+    codes = _folder_codes(folder.path, info)
+    if codes is not None:  # a blinded folder: its arms as the manifest names them, in memory only
+        from cytopipe.report.blinding import recode_obj
+
+        info = recode_obj(info, codes, unblind=True)
     wf = Workflow.from_dict(info["workflow"])
     for key, path in (("template", wf.template), ("manifest", wf.manifest)):
         if not Path(path).is_file():
@@ -1615,10 +1658,24 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
         state.pooled = pool_estimates(pd.read_parquet(folder.path / record["gate_fits"]), manifest)
     samples = read_table(folder.path, "samples")
+    if codes is not None:
+        from cytopipe.report.blinding import unblind_frame
+
+        samples = unblind_frame(samples, codes)
     usable = samples[samples["status"].isin(["ok", "flagged"]) & samples["control"].fillna("").eq("")]
     sha = dict(zip(usable["sample_id"], usable["sha256"]))
     jobs = [dict(j, sha256=sha[j["sample_id"]]) for j in jobs if j["sample_id"] in sha]
-    return LoadedRun(folder=folder, info=info, wf=wf, state=state, jobs=jobs, samples=samples)
+    return LoadedRun(folder=folder, info=info, wf=wf, state=state, jobs=jobs, samples=samples, codes=codes)
+
+
+def _folder_codes(path: Path, info: Mapping[str, Any]) -> dict[str, str] | None:
+    """``{arm: code}`` of a blinded run folder (from its manifest's arms), else ``None``."""
+    from cytopipe.report.blinding import codes_of_record, run_record, source_arms
+
+    record = run_record(info)
+    if record is None:
+        return None
+    return codes_of_record(record, source_arms(info.get("workflow")), path)
 
 
 def _version(module: str) -> str | None:

@@ -65,6 +65,12 @@ def build_report(
                 file=out_path,
             )
 
+    if data.blinded and data.folder_codes is None:
+        # blinding is a property of the run folder: from now on every command writes it blinded
+        from cytopipe.report.blinding import blinded_info, new_record, recode_folder
+
+        record = new_record(data.codes, "cytopipe report --blinded", previous=data.info.get("blinding"))
+        recode_folder(run_dir, data.codes, blinded_info(data.info, data.codes, record))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tables_dir.mkdir(exist_ok=True)
     for old in tables_dir.glob("*.csv"):  # a previous report's tables (perhaps unblinded) go
