@@ -29,7 +29,11 @@ def _texts_of(path: Path) -> list[str]:
         df = pd.read_parquet(path)
         out = [" ".join(map(str, df.columns))]
         for col in df.columns:
-            if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]) or str(df[col].dtype) == "category":
+            if (
+                df[col].dtype == object
+                or pd.api.types.is_string_dtype(df[col])
+                or str(df[col].dtype) == "category"
+            ):
                 out += [v for v in df[col].astype(str).unique()]
         return out
     if suffix == ".duckdb":
@@ -45,7 +49,11 @@ def _texts_of(path: Path) -> list[str]:
         import anndata as ad
 
         a = ad.read_h5ad(path)
-        return [a.obs.to_csv(), json.dumps(a.uns["cytopipe"], default=str), path.read_bytes().decode("latin-1")]
+        return [
+            a.obs.to_csv(),
+            json.dumps(a.uns["cytopipe"], default=str),
+            path.read_bytes().decode("latin-1"),
+        ]
     raw = path.read_bytes()
     out = [raw.decode("utf-8", errors="replace")]
     if suffix == ".html":
