@@ -420,7 +420,13 @@ def clinical(b: Builder) -> H.Section:
     rates = {}
     for name in names:
         r = response_rates(ep, name)
-        rates[name] = r[r["arm"].astype(str).isin(d.arms)]
+        if len(r) and "arm" in r.columns:  # none when no patient has a visit after baseline
+            rates[name] = r[r["arm"].astype(str).isin(d.arms)]
+    if not rates:
+        s.add(H.paragraph(
+            "No response rates: responses are judged against baseline, and no patient has a visit after "
+            "baseline yet.", "note"))  # fmt: skip
+        return s
     s.add(H.paragraph(
         "Responder rates by arm and visit with Wilson 95% intervals. SRI-4: SLEDAI fell by at least 4 points, "
         "no new BILAG A and at most one new BILAG B domain, and PGA did not worsen by 0.3 or more, all vs "
