@@ -32,3 +32,116 @@ def test_a_one_patient_study_gets_a_report(tmp_path, visits):
     assert '<section id="dynamics">' in html and '<section id="clinical">' in html
     if visits == (0,):
         assert "no patient has a visit after baseline" in html
+
+
+# ------------------------------------------------------------------------------------------------
+# intervals within their scale; dodge; one colour-blind-safe palette
+# ------------------------------------------------------------------------------------------------
+ARMS = ["placebo", "IL-2 0.2 MIU", "IL-2 0.5 MIU", "IL-2 1.0 MIU"]
+# colour-vision-deficiency simulation (Machado, Oliveira & Fernandes 2009, severity 1) on linear RGB
+CVD = {
+    "protan": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216], [-0.003882, -0.048116, 1.051998]],
+    "deutan": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413], [-0.011820, 0.042940, 0.968881]],
+    "tritan": [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602], [0.004733, 0.691367, 0.303900]],
+}  # fmt: skip
+
+
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB (0-1, linear-light input) -> CIELAB (D65)."""
+    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = (rgb @ m.T) / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.column_stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])])
+
+
+def _linear(hexes) -> np.ndarray:
+    from matplotlib.colors import to_rgb
+
+    c = np.array([to_rgb(h) for h in hexes])
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def test_palette_is_colour_blind_safe_with_placebo_grey_and_doses_ordered():
+    from cytopipe.report.figures import arm_colors
+
+    colors = arm_colors(ARMS, "placebo", dose_ordered=True)
+    rgb = _linear(colors[a] for a in ARMS)
+    chroma = np.hypot(*_lab(rgb)[:, 1:].T)
+    assert chroma[0] < 0.5 and (chroma[1:] > 20).all()  # placebo grey; every dose a colour
+    lightness = _lab(rgb[1:])[:, 0]
+    assert np.all(np.diff(lightness) < -5)  # ordered: higher dose, darker
+    for name, m in {"normal": np.eye(3), **CVD}.items():
+        lab = _lab(np.clip(rgb @ np.asarray(m).T, 0, 1))
+        dist = np.linalg.norm(lab[:, None] - lab[None], axis=-1)[np.triu_indices(len(ARMS), 1)]
+        assert dist.min() > 12, (name, dist.round(1))
+    # blinded / no dose order: a qualitative palette without grey, also distinct
+    coded = arm_colors(["Arm A", "Arm B", "Arm C", "Arm D"], None, dose_ordered=False)
+    assert len(set(coded.values())) == 4 and (np.hypot(*_lab(_linear(coded.values()))[:, 1:].T) > 20).all()
+
+
+@pytest.fixture(scope="module")
+def cohort_report(tmp_path_factory):
+    """The report of a small simulated cohort (8 patients: 2 per arm, so t intervals are wide)."""
+    run, _ = build_cohort_run(tmp_path_factory.mktemp("cohort") / "run", n_patients=8, seed=3)
+    return run, write_report(run)
+
+
+def test_no_interval_leaves_0_100_in_the_csv(cohort_report):
+    from cytopipe.stats import baseline_change, summarise_by_arm
+
+    run, path = cohort_report
+    table = pd.read_csv(run / "report_tables" / "dynamics_by_arm.csv")
+    assert len(table) > 50
+    for col in ("mean", "ci_low", "ci_high", "median"):
+        assert table[col].between(0, 100).all(), col
+    assert (table["ci_low"] <= table["mean"] + 1e-9).all() and (
+        table["mean"] <= table["ci_high"] + 1e-9
+    ).all()
+    for col in ("change_ci_low", "change_ci_high"):
+        assert table[col].dropna().between(-100, 100).all(), col
+    # the plain t interval of the same data would leave the range: the test can fail
+    plain = summarise_by_arm(
+        baseline_change(pd.read_parquet(run / "population_stats.parquet")), percent=False
+    )
+    assert (plain["ci_low"] < 0).sum() > 5
+
+
+def test_dynamics_figure_dodges_the_arms_and_stays_within_0_100(cohort_report):
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import to_hex
+    from matplotlib.lines import Line2D
+
+    from cytopipe.report import figures as F
+    from cytopipe.stats import baseline_change, summarise_by_arm
+
+    run, _ = cohort_report
+    ps = pd.read_parquet(run / "population_stats.parquet")
+    summary = summarise_by_arm(baseline_change(ps))
+    colors = F.arm_colors(ARMS, "placebo", True)
+    pops = list(dict.fromkeys(ps["population"]))
+    with F.style_context():
+        fig = F.dynamics_figure(ps, summary, pops, ARMS, colors, show_sample_ci=False)
+        fig.canvas.draw() if fig.canvas is not None else None
+    visits = sorted(ps["visit"].unique())
+    n_checked = 0
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        lo, hi = ax.get_ylim()
+        assert 0 <= lo < hi <= 100
+        means = [ln for ln in ax.get_lines() if ln.get_marker() == "o"]
+        assert {to_hex(ln.get_color()) for ln in means} <= set(colors.values())
+        xs = {to_hex(ln.get_color()): np.asarray(ln.get_xdata(), float) for ln in means}
+        assert len(xs) == len(ARMS)
+        for i, v in enumerate(visits):  # at every visit the four arms sit apart, each near the visit
+            at = sorted(x[i] for x in xs.values())
+            assert min(np.diff(at)) >= 0.5 and all(abs(x - v) < 2.5 for x in at), (v, at)
+            n_checked += 1
+        for coll in ax.collections:
+            if isinstance(coll, LineCollection):
+                for seg in coll.get_segments():
+                    assert np.all((seg[:, 1] >= 0) & (seg[:, 1] <= 100))
+        assert not any(
+            isinstance(a, Line2D) and a.get_marker() == "o" and a.get_color() == "" for a in ax.lines
+        )
+    assert n_checked >= 4 * len(visits)

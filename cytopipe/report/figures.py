@@ -114,21 +114,33 @@ def style_context():
 # ------------------------------------------------------------------------------------------------
 # arm colours
 # ------------------------------------------------------------------------------------------------
+#: the reference (placebo) arm: neutral grey, in every figure
+REFERENCE_COLOR = "#a6a6a6"
+#: qualitative colour-blind-safe palette (Okabe & Ito 2008, without its grey and yellow) for arms
+#: without a dose order, and for every blinded report (no arm singled out)
+QUALITATIVE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#000000"]
+
+
 def arm_colors(arms: Sequence[str], reference: str | None, dose_ordered: bool) -> dict[str, str]:
-    """Consistent arm colours: the reference arm grey and active arms darker blue with dose when
-    the dose order is known; otherwise (and for blinded codes) a qualitative palette."""
+    """One colour per arm, used by every figure of a report: the reference arm grey; with a dose
+    order, the active arms on a colour-blind-safe sequential scale (matplotlib's ``magma``, salmon
+    for the lowest dose to dark indigo for the highest: distinct hue and lightness, still distinct
+    from each other and from the grey under protan-, deutan- and tritanopia; tests check it);
+    otherwise (and for blinded codes) the Okabe-Ito qualitative palette."""
     from matplotlib import colormaps
     from matplotlib.colors import to_hex
 
     arms = list(arms)
+    colors: dict[str, str] = {}
+    if reference in arms:
+        colors[reference] = REFERENCE_COLOR
+    active = [a for a in arms if a not in colors]
     if dose_ordered and reference in arms:
-        active = [a for a in arms if a != reference]
-        shades = colormaps["Blues"](np.linspace(0.45, 0.95, max(len(active), 1)))
-        colors = {reference: "#868e96"}
-        colors.update({a: to_hex(c) for a, c in zip(active, shades)})
-        return colors
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-    return {a: palette[i % len(palette)] for i, a in enumerate(arms)}
+        stops = np.linspace(0.75, 0.12, len(active)) if len(active) > 1 else [0.45]
+        colors.update({a: to_hex(colormaps["magma"](float(t))) for a, t in zip(active, stops)})
+    else:
+        colors.update({a: QUALITATIVE[i % len(QUALITATIVE)] for i, a in enumerate(active)})
+    return {a: colors[a] for a in arms}
 
 
 def _arm_legend(fig: Figure, colors: Mapping[str, str], arms: Sequence[str], ncol: int | None = None) -> None:
@@ -449,8 +461,11 @@ def shape_lines(
 # dynamics
 # ------------------------------------------------------------------------------------------------
 def _dodge(arms: Sequence[str], visits: Sequence[int]) -> dict[str, float]:
-    span = (max(visits) - min(visits)) if len(visits) > 1 else 1.0
-    step = 0.012 * span
+    """x offset of each arm at a visit: the arms side by side over 60% of the narrowest gap
+    between visits, so their means and intervals never sit on top of each other."""
+    v = sorted(set(visits))
+    gap = float(min(np.diff(v))) if len(v) > 1 else 1.0
+    step = 0.6 * gap / max(len(arms), 1)
     mid = (len(arms) - 1) / 2
     return {a: (i - mid) * step for i, a in enumerate(arms)}
 
@@ -463,6 +478,12 @@ def _visit_axis(ax: Axes, visits: Sequence[int], bottom: bool) -> None:
         ax.set_xlabel("week")
     else:
         ax.tick_params(labelbottom=False)
+
+
+def _set_xlim(ax: Axes, visits: Sequence[int], dodge: Mapping[str, float]) -> None:
+    reach = max((abs(v) for v in dodge.values()), default=0.0)
+    room = max(0.04 * _span(visits), 1.5 * reach)
+    ax.set_xlim(visits[0] - room, visits[-1] + room)
 
 
 def _span(visits: Sequence[int]) -> float:
@@ -481,7 +502,15 @@ def _ci_bars(mean, low, high, n, min_n: int = 3) -> tuple[np.ndarray, np.ndarray
     return lo, hi
 
 
-def _set_ylim(ax: Axes, lows: Sequence[float], highs: Sequence[float], floor: float | None = None) -> None:
+def _set_ylim(
+    ax: Axes,
+    lows: Sequence[float],
+    highs: Sequence[float],
+    floor: float | None = None,
+    ceiling: float | None = None,
+) -> None:
+    """Data-driven y range with a little room; never below ``floor`` or above ``ceiling`` (a
+    percentage axis stays within 0-100)."""
     lo = float(np.nanmin(np.asarray(lows, dtype=float)))
     hi = float(np.nanmax(np.asarray(highs, dtype=float)))
     if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -489,7 +518,9 @@ def _set_ylim(ax: Axes, lows: Sequence[float], highs: Sequence[float], floor: fl
     pad = 0.06 * (hi - lo) if hi > lo else max(abs(hi), 1.0) * 0.1
     lo, hi = lo - pad, hi + pad
     if floor is not None:
-        lo = max(lo, floor - pad / 2)
+        lo = max(lo, floor)
+    if ceiling is not None:
+        hi = min(hi, ceiling)
     ax.set_ylim(lo, hi)
 
 
@@ -527,11 +558,12 @@ def dynamics_figure(
             if da.empty:
                 continue
             segs = [
-                g[["visit", "pct_parent"]].to_numpy(float) for _, g in da.groupby("patient_id", sort=False)
+                g[["visit", "pct_parent"]].to_numpy(float) + (dodge[arm], 0.0)
+                for _, g in da.groupby("patient_id", sort=False)
             ]
-            ax.add_collection(LineCollection(segs, colors=colors[arm], linewidths=0.7, alpha=alpha))
+            ax.add_collection(LineCollection(segs, colors=colors[arm], linewidths=0.6, alpha=alpha))
             if show_sample_ci and {"pct_ci_low", "pct_ci_high"} <= set(da.columns):
-                x = da["visit"].to_numpy(float) + dodge[arm] * 0.5
+                x = da["visit"].to_numpy(float) + dodge[arm]
                 bars = [[(xx, lo), (xx, hi)] for xx, lo, hi in zip(x, da["pct_ci_low"], da["pct_ci_high"])]
                 ax.add_collection(
                     LineCollection(bars, colors=colors[arm], linewidths=0.6, alpha=min(1, 2 * alpha))
@@ -551,8 +583,8 @@ def dynamics_figure(
         parent = d["parent"].iloc[0] if "parent" in d.columns else ""
         ax.set_title(f"{pop} · % of {parent if parent and parent != 'root' else 'events'}")
         _visit_axis(ax, visits, bottom=i >= len(populations) - ncols)
-        _set_ylim(ax, lows, highs, floor=0.0)
-        ax.set_xlim(visits[0] - 0.06 * _span(visits), visits[-1] + 0.06 * _span(visits))
+        _set_ylim(ax, lows, highs, floor=0.0, ceiling=100.0)
+        _set_xlim(ax, visits, dodge)
         ax.grid(alpha=0.2)
     _arm_legend(fig, colors, arms)
     return fig
@@ -594,7 +626,7 @@ def change_figure(
             ax.set_ylabel(f"change from wk {baseline_visit} (pp)")
         _visit_axis(ax, visits, bottom=i >= len(populations) - ncols)
         _set_ylim(ax, lows, highs)
-        ax.set_xlim(visits[0] - 0.06 * _span(visits), visits[-1] + 0.06 * _span(visits))
+        _set_xlim(ax, visits, dodge)
         ax.grid(alpha=0.2)
     _arm_legend(fig, colors, arms)
     return fig
@@ -621,7 +653,7 @@ def rates_figure(
             ra = r[r["arm"] == arm].sort_values("visit")
             if ra.empty:
                 continue
-            x = ra["visit"].to_numpy(float) + dodge[arm] * 2
+            x = ra["visit"].to_numpy(float) + dodge[arm]
             y = 100 * ra["rate"].to_numpy(float)
             lo = np.nan_to_num(y - 100 * ra["ci_low"].to_numpy(float))
             hi = np.nan_to_num(100 * ra["ci_high"].to_numpy(float) - y)

@@ -370,18 +370,17 @@ def dynamics(b: Builder) -> H.Section:
     if note:
         s.add(H.paragraph(note, "note"))
     pops = [p for p in d.populations if p in set(ps["population"])]
-    n_patients = ps["patient_id"].nunique()
-    show_ci = "pct_ci_low" in ps.columns and n_patients <= 60
-    ci_text = (" Thin vertical bars are each sample's 95% Wilson interval of its frequency, from its event "
-               "counts (how precisely that sample's frequency is measured).") if show_ci else ""  # fmt: skip
     s.add(H.paragraph(
         "How each population changes over the trial, by arm. Frequencies are % of the parent population "
-        "named on the axis. Thin lines: individual patients; thick lines: arm means with 95% confidence "
-        "intervals (t interval over patients)."))  # fmt: skip
+        "named on the axis. Faint lines: individual patients; points with bars: arm means with 95% "
+        "confidence intervals, the arms side by side at each visit. The intervals of the means are t "
+        "intervals on the logit scale, so they stay within 0-100% (docs/reports.md); arms with fewer than 3 "
+        "patients at a visit have no bar. Each sample's own Wilson interval (from its event counts) is in "
+        "dynamics_per_sample.csv."))  # fmt: skip
     s.add(b.figure(
-        F.dynamics_figure(ps, summary, pops, d.arms, b.colors, show_sample_ci=show_ci),
+        F.dynamics_figure(ps, summary, pops, d.arms, b.colors, show_sample_ci=False),
         "dynamics", "Population frequencies over visits by arm",
-        "Frequencies over visits: patients' trajectories and the arm means (95% CI)." + ci_text))  # fmt: skip
+        "Frequencies over visits: patients' trajectories and the arm means (95% CI), arms dodged."))  # fmt: skip
     s.add(b.figure(
         F.change_figure(summary, pops, d.arms, b.colors, d.baseline_visit),
         "dynamics-change", "Mean change from baseline by arm",
