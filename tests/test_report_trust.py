@@ -145,3 +145,98 @@ def test_dynamics_figure_dodges_the_arms_and_stays_within_0_100(cohort_report):
             isinstance(a, Line2D) and a.get_marker() == "o" and a.get_color() == "" for a in ax.lines
         )
     assert n_checked >= 4 * len(visits)
+
+
+# ------------------------------------------------------------------------------------------------
+# QC per rule, controls apart; batch and site tracking
+# ------------------------------------------------------------------------------------------------
+def _batched_run(tmp_path, shift: float | None):
+    """A simulated cohort (24 patients x 4 visits) acquired in 12 batches of 8 samples at 3 sites;
+    ``shift`` multiplies Treg (% of CD4 T) in batch B05 (a staining or instrument fault)."""
+    run, _ = build_cohort_run(tmp_path / "run", n_patients=24, seed=11)
+    ps = pd.read_parquet(run / "population_stats.parquet")
+    ids = sorted(ps["sample_id"].unique(), key=lambda s: (s[-3:], s))  # visit by visit, like a trial
+    rng = np.random.default_rng(0)
+    ids = list(rng.permutation(ids))
+    batch = {s: f"B{i // 8:02d}" for i, s in enumerate(ids)}
+    samples = pd.DataFrame({
+        "sample_id": ids, "status": "ok", "batch": [batch[s] for s in ids],
+        "site": [f"S{int(batch[s][1:]) % 3 + 1}" for s in ids],
+        "acquired_at": [(pd.Timestamp("2021-01-04") + pd.Timedelta(days=3 * i)).isoformat() for i in range(len(ids))],
+        "control": "", "events_before_qc": 20000, "events_after_qc": 20000, "flags": ""})  # fmt: skip
+    samples = samples.merge(ps.drop_duplicates("sample_id")[["sample_id", "patient_id", "visit", "arm"]])
+    if shift is not None:
+        sel = (ps["population"] == "Treg") & ps["sample_id"].map(batch).eq("B05")
+        ps.loc[sel, "pct_parent"] *= shift
+        ps.loc[sel, "count"] = (ps.loc[sel, "count"] * shift).round().astype(ps["count"].dtype)
+        ps.to_parquet(run / "population_stats.parquet", index=False)
+    samples.to_parquet(run / "samples.parquet", index=False)
+    return run
+
+
+@pytest.mark.parametrize("shift", [None, 1.6])
+def test_a_batch_shift_of_one_population_is_flagged(tmp_path, shift):
+    from cytopipe.report.batches import group_medians, tracking_table
+
+    run = _batched_run(tmp_path, shift)
+    ps = pd.read_parquet(run / "population_stats.parquet")
+    samples = pd.read_parquet(run / "samples.parquet")
+    if shift is None:  # the same cohort without the fault: that batch is not flagged
+        medians = group_medians(tracking_table(ps, samples), "batch").set_index(["population", "batch"])
+        assert not medians.loc[("Treg", "B05"), "shifted"] and abs(medians.loc[("Treg", "B05"), "z"]) < 2
+        return
+    html = write_report(run).read_text(encoding="utf-8")
+    assert '<section id="batches">' in html and 'id="fig-levey-jennings"' in html
+    track = pd.read_csv(run / "report_tables" / "levey_jennings.csv")
+    assert track["batch"].nunique() == 12 and track["site"].nunique() == 3
+    medians = pd.read_csv(run / "report_tables" / "batch_medians.csv")
+    treg_b05 = medians[(medians["population"] == "Treg") & (medians["batch"] == "B05")].iloc[0]
+    assert treg_b05["shifted"] and treg_b05["z"] > 3.5
+    assert medians["z"].abs().idxmax() == treg_b05.name  # the most extreme batch of all populations
+    shifts = pd.read_csv(run / "report_tables" / "batch_shifts.csv")
+    assert ((shifts["population"] == "Treg") & (shifts["group"] == "B05")).any()
+    # the same numbers from the functions, and every batch median is the median of its samples
+    again = group_medians(tracking_table(ps, samples), "batch")
+    treg = ps[ps["population"] == "Treg"].merge(samples[["sample_id", "batch"]])
+    assert again.set_index(["population", "batch"]).loc[("Treg", "B05"), "median"] == pytest.approx(
+        treg[treg["batch"] == "B05"]["pct_parent"].median())  # fmt: skip
+
+
+def test_westgard_rules_by_hand():
+    from cytopipe.report.batches import westgard
+
+    z = [0.5, 3.5, 0.2, 2.5, 2.2, -1.0, -2.5, 2.0, 1.5, 1.2, 1.1, 1.3]
+    rules = westgard(z)
+    assert rules[1] == "1-3s" and "2-2s" in rules[4] and "R-4s" not in rules[4]
+    assert "R-4s" in rules[7]  # -2.5 then 2.0: 4.5 SD apart, opposite sides
+    assert "4-1s" in rules[10] and "4-1s" in rules[11] and "4-1s" not in rules[9]
+    assert westgard([0.1] * 9 + [0.2])[-1] == "10-x" and westgard([0.1] * 9)[-1] == ""
+
+
+def test_qc_section_counts_removed_events_per_rule_and_controls_apart(sim_run, tmp_path):
+    """The simulated trial has a clogged file (P001_W04), a flow spike (shift, P002_W00) and margin
+    events (P003_W04): each appears with what each QC rule removed; controls are listed apart."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(sim_run, run)
+    html = write_report(run).read_text(encoding="utf-8")
+    samples = pd.read_parquet(run / "samples.parquet")
+    removed = pd.read_csv(run / "report_tables" / "qc_removed.csv").set_index("sample_id")
+    assert {"P001_W04", "P002_W00", "P003_W04"} <= set(removed.index)
+    assert removed.loc["P003_W04", "qc_margin_events"] > 0 and removed.loc["P001_W04", "qc_time_events"] > 0
+    truth = samples.set_index("sample_id")
+    for sid, row in removed.iterrows():
+        assert row["removed"] == truth.loc[sid, "events_before_qc"] - truth.loc[sid, "events_after_qc"]
+        assert row["removed"] == row["qc_margin_events"] + row["qc_time_events"]
+    controls = pd.read_csv(run / "report_tables" / "controls.csv")
+    assert len(controls) == int(samples["control"].fillna("").ne("").sum()) > 0
+    assert not set(controls["sample_id"]) & set(
+        pd.read_csv(run / "report_tables" / "samples.csv")["sample_id"]
+    )
+    n_removed = int(removed["removed"].sum())
+    assert f"Event QC removed {n_removed:,} of" in html
+    assert "compensation controls, which only estimate" in html
+    flags = pd.read_csv(run / "report_tables" / "flags.csv")
+    for rec in flags.itertuples():  # no "gate X: X: ..." (the population named twice)
+        assert not str(rec.flag).startswith(f"{rec.concerns}:")

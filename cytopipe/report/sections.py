@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cytopipe.errors import CytopipeError
+from cytopipe.report import batches as B
 from cytopipe.report import figures as F
 from cytopipe.report import html as H
 from cytopipe.report.data import RunData
@@ -175,6 +176,39 @@ def overview(b: Builder) -> H.Section:
 _FLAG_SPLIT = re.compile(r"; (?=(?:gate |qc_|QC |sample ))")
 
 
+def _flag_rows(samples: pd.DataFrame) -> pd.DataFrame:
+    """One row per flag: sample, status, what it concerns (a gate's population, or QC) and the
+    message without the repeated population name ("gate Treg: Treg: only ..." -> "only ...")."""
+    rows = []
+    for rec in samples.itertuples(index=False):
+        text = getattr(rec, "flags", None)
+        if not (isinstance(text, str) and text.strip()):
+            continue
+        for flag in _FLAG_SPLIT.split(text):
+            what, message = "sample", flag.strip()
+            m = re.match(r"gate (.+?): (.*)$", message)
+            if m:
+                what, message = m.group(1), m.group(2)
+                if message.startswith(f"{what}: "):
+                    message = message[len(what) + 2 :]
+            else:
+                m = re.match(r"(qc_[a-z_]+|high_qc_loss|[a-z_]+): (.*)$", message)
+                if m:
+                    what, message = "QC", m.group(2)
+            rows.append({"sample_id": rec.sample_id, "status": rec.status, "concerns": what, "flag": message})
+    return pd.DataFrame(rows, columns=["sample_id", "status", "concerns", "flag"])
+
+
+#: human headers of the per-file QC table (CSV keeps the column names)
+QC_HEADERS = {
+    "sample_id": "Sample", "patient_id": "Patient", "visit": "Week", "arm": "Arm", "batch": "Batch",
+    "site": "Site", "status": "Status", "events_before_qc": "Events in file",
+    "qc_margin_events": "Removed: margin events", "qc_time_events": "Removed: unstable acquisition",
+    "removed": "Removed in all", "removed_pct": "% removed", "events_after_qc": "Events kept",
+    "qc_worst_channel": "Worst channel", "qc_note": "QC note", "error": "Error",
+}  # fmt: skip
+
+
 def run_summary(b: Builder) -> H.Section:
     d = b.data
     s = H.Section("qc", "Run summary and QC")
@@ -184,7 +218,8 @@ def run_summary(b: Builder) -> H.Section:
             "The run folder has no samples.parquet, so per-file QC is unknown; the table lists the "
             "samples found in population_stats.", "note"))  # fmt: skip
         root = d.population_stats.drop_duplicates("sample_id")
-        s.add(b.table(root[["sample_id", "patient_id", "visit", "arm"]], "samples", "Samples."))
+        shown = root[["sample_id", "patient_id", "visit", "arm"]]
+        s.add(b.table(shown, "samples", "Samples.", shown=shown.rename(columns=QC_HEADERS)))
         return s
     samples = samples.copy()
     control = (
@@ -192,53 +227,86 @@ def run_summary(b: Builder) -> H.Section:
         if "control" in samples
         else pd.Series("", index=samples.index)
     )
-    before = pd.to_numeric(samples.get("events_before_qc"), errors="coerce")
-    after = pd.to_numeric(samples.get("events_after_qc"), errors="coerce")
-    samples["kept_pct"] = 100 * after / before
-    n = len(samples)
+    is_control = control != ""
+    controls, samples = samples[is_control], samples[~is_control]
+    for col in ("events_before_qc", "events_after_qc", "qc_margin_events", "qc_time_events"):
+        samples[col] = pd.to_numeric(samples[col], errors="coerce") if col in samples else np.nan
+    before, after = samples["events_before_qc"], samples["events_after_qc"]
+    samples["removed"] = before - after
+    with np.errstate(invalid="ignore", divide="ignore"):
+        samples["removed_pct"] = 100 * samples["removed"] / before
     counts = samples["status"].astype(str).value_counts()
+    removed = int(np.nansum(samples["removed"]))
+    touched = int((samples["removed"] > 0).sum())
+    total = int(np.nansum(before[after.notna()]))
     s.add(H.paragraph(
-        f"{n} files ({int((control != '').sum())} compensation controls): {int(counts.get('ok', 0))} ok, "
-        f"{int(counts.get('flagged', 0))} flagged, {int(counts.get('failed', 0))} failed. Event QC kept "
-        f"{int(np.nansum(after)):,} of {int(np.nansum(before)):,} events "
-        f"(median per file {np.nanmedian(samples['kept_pct']) if samples['kept_pct'].notna().any() else float('nan'):.1f}%)."))  # fmt: skip
-    if {"events_before_qc", "events_after_qc"} <= set(samples.columns):
+        f"{len(samples)} samples: {int(counts.get('ok', 0))} ok, {int(counts.get('flagged', 0))} flagged, "
+        f"{int(counts.get('failed', 0))} failed; and {len(controls)} compensation controls, which only estimate "
+        "the spillover matrix (no event QC, not in the analysis). "
+        + (f"Event QC removed {removed:,} of {total:,} events ({100 * removed / total:.1f}%) from {touched} of "
+           f"{int(after.notna().sum())} samples: {int(np.nansum(samples['qc_margin_events'])):,} margin events "
+           f"(saturated or off-scale), {int(np.nansum(samples['qc_time_events'])):,} from unstable acquisition "
+           "(clogs, flow spikes)." if total and removed
+           else "Event QC removed no event from any sample." if total else "")))  # fmt: skip
+    if {"events_before_qc", "events_after_qc"} <= set(samples.columns) and before.notna().any():
         s.add(b.figure(
-            F.qc_events_figure(samples), "qc-events", "Events kept by QC per file",
-            "Each point is one FCS file: its size (x) and the share of its events kept after event QC "
-            "(margin events and unstable acquisition time removed; y). Files that lost an unusual share "
-            "are flagged; failed files have no events after QC and sit at 0."))  # fmt: skip
+            F.qc_events_figure(samples), "qc-events", "Events kept by QC per sample",
+            "Each point is one sample (controls are not QC'd and not shown): its size (x) and the share of its "
+            "events kept after event QC (margin events and unstable acquisition time removed; y). Samples that "
+            "lost an unusual share are flagged; failed files have no events after QC and sit at 0."))  # fmt: skip
+    s.sub("qc-removed", "Events removed by each QC rule")
+    hit = samples[samples["removed"] > 0].sort_values("removed_pct", ascending=False)
+    cols = ["sample_id", "status", "events_before_qc", "qc_margin_events", "qc_time_events", "removed",
+            "removed_pct", "events_after_qc", "qc_worst_channel", "qc_note"]  # fmt: skip
+    cols = [c for c in cols if c in samples.columns]
+    if hit.empty:
+        s.add(H.paragraph("No QC rule removed any event."))
+    else:
+        s.add(b.table(hit[cols], "qc_removed", "Samples from which event QC removed events, per rule: margin "
+                      "events (at the detector's limits) and events from unstable acquisition (time bins whose "
+                      "rate or signal departs from the file's own).", shown=hit[cols].rename(columns=QC_HEADERS),
+                      collapse_over=25))  # fmt: skip
     failed = samples[samples["status"].astype(str) == "failed"]
     s.sub("qc-failures", "Failures")
     if failed.empty:
         s.add(H.paragraph("No file failed."))
     else:
-        cols = [c for c in ("sample_id", "file", "failed_step", "error") if c in failed.columns]
-        s.add(b.table(failed[cols], "failures", "Files that could not be processed, with the reason. "
-                      "They are not in any other table or figure.", collapse_over=60))  # fmt: skip
+        cols_f = [c for c in ("sample_id", "file", "failed_step", "error") if c in failed.columns]
+        s.add(b.table(failed[cols_f], "failures", "Files that could not be processed, with the reason. "
+                      "They are not in any other table or figure.", collapse_over=60,
+                      shown=failed[cols_f].rename(columns={**QC_HEADERS, "file": "File", "failed_step": "Step"})))  # fmt: skip
     s.sub("qc-flags", "Flags")
-    flag_rows = []
-    for rec in samples.itertuples(index=False):
-        text = getattr(rec, "flags", None)
-        if isinstance(text, str) and text.strip():
-            for flag in _FLAG_SPLIT.split(text):
-                flag_rows.append({"sample_id": rec.sample_id, "status": rec.status, "flag": flag})
-    if flag_rows:
-        s.add(b.table(pd.DataFrame(flag_rows), "flags",
+    flags = _flag_rows(samples)
+    if len(flags):
+        s.add(b.table(flags, "flags",
                       "One row per flag: gates that fell back to a pooled estimate, populations with few parent "
-                      "events, files that lost an unusual share of events. Flagged samples stay in the analysis; "
-                      "review them in the gate gallery.", collapse_over=30))  # fmt: skip
+                      "events, samples that lost an unusual share of events. Flagged samples stay in the analysis; "
+                      "review them in the gate gallery.", collapse_over=30,
+                      shown=flags.rename(columns={"sample_id": "Sample", "status": "Status", "concerns": "Concerns",
+                                                  "flag": "Flag"})))  # fmt: skip
     else:
         s.add(H.paragraph("No flags."))
     s.sub("qc-samples", "Per-sample table")
-    cols = [c for c in ("sample_id", "patient_id", "visit", "arm", "control", "status", "events_before_qc",
-                        "events_after_qc", "kept_pct", "qc_margin_events", "qc_time_events", "qc_note", "error")
+    cols = [c for c in ("sample_id", "patient_id", "visit", "arm", "batch", "site", "status", "events_before_qc",
+                        "qc_margin_events", "qc_time_events", "removed_pct", "events_after_qc", "qc_note", "error")
             if c in samples.columns]  # fmt: skip
     classes = [
         "bad" if st == "failed" else "warn" if st == "flagged" else "" for st in samples["status"].astype(str)
     ]
-    s.add(b.table(samples[cols], "samples", "Every file of the run: status, events before and after QC, and "
-                  "events removed by the margin and time checks.", row_class=classes, collapse_over=40))  # fmt: skip
+    s.add(b.table(samples[cols], "samples", "Every sample of the run: status, events before and after QC, and "
+                  "events removed by the margin and time checks.", row_class=classes, collapse_over=40,
+                  shown=samples[cols].rename(columns=QC_HEADERS)))  # fmt: skip
+    if len(controls):
+        s.sub("qc-controls", "Compensation controls")
+        cols = [
+            c
+            for c in ("sample_id", "control", "status", "events_before_qc", "error")
+            if c in controls.columns
+        ]
+        s.add(b.table(controls[cols], "controls", "Single-stain controls used to estimate the spillover matrix. "
+                      "They are not event-QC'd and not analysed.", collapse_over=20,
+                      shown=controls[cols].rename(columns={**QC_HEADERS, "control": "Control",
+                                                          "events_before_qc": "Events"})))  # fmt: skip
     return s
 
 
@@ -795,6 +863,7 @@ def files(b: Builder) -> H.Section:
 SECTIONS: list[Callable[[Builder], H.Section | None]] = [
     overview,
     run_summary,
+    B.section,
     gate_gallery,
     dynamics,
     clinical,
