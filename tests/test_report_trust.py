@@ -240,3 +240,33 @@ def test_qc_section_counts_removed_events_per_rule_and_controls_apart(sim_run, t
     flags = pd.read_csv(run / "report_tables" / "flags.csv")
     for rec in flags.itertuples():  # no "gate X: X: ..." (the population named twice)
         assert not str(rec.flag).startswith(f"{rec.concerns}:")
+
+
+# ------------------------------------------------------------------------------------------------
+# formatting
+# ------------------------------------------------------------------------------------------------
+def test_numbers_and_headers_are_printed_for_people(cohort_report):
+    import re
+
+    from cytopipe.report.html import format_number, format_p, header
+
+    assert [format_p(v) for v in (0.0004, 0.0123, 0.15, 0.5, 1.0)] == ["< 0.001", "0.012", "0.15", "0.5", "1"]
+    assert [format_number(v) for v in (100.0, 50.0, 33.3333, 0.001351, 12345.0, 123.456)] == [
+        "100", "50", "33.3", "0.00135", "12,345", "123.5"]  # fmt: skip
+    assert header("rate_pct") == "Rate (%)" and header("best_f1") == "Best F1"
+    assert header("events_after_qc") == "Events after QC"
+    _, path = cohort_report
+    html = path.read_text(encoding="utf-8")
+    heads = re.findall(r"<th>([^<]*)</th>", html)
+    assert heads and not [h for h in heads if re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)+", h)]
+    # the model table's p and q columns: "< 0.001" or at most 2 significant digits
+    tables = re.findall(r'<table class="data"><thead><tr>(.*?)</table>', html)
+    table = next(t for t in tables if "<th>estimate, pp [95% CI]</th>" in t and "<th>z</th>" in t)
+    cols = re.findall(r"<th>([^<]*)</th>", table)
+    for row in re.findall(r"<tr[^>]*>(<td.*?)</tr>", table):
+        cells = dict(zip(cols, re.findall(r"<td[^>]*>([^<]*)</td>", row)))
+        for key in ("p", "q"):
+            assert re.fullmatch(r"&lt; 0\.001|0\.0*[1-9]\d?|1|", cells[key]), cells[key]
+    assert "q = .00" not in html and "= .0" not in html
+    assert "statsmodels" in html and "scikit-learn" in html and "numba" in html
+    assert "@media print" in html and "position: fixed" in html

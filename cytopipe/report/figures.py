@@ -673,11 +673,28 @@ def rates_figure(
 # correlations
 # ------------------------------------------------------------------------------------------------
 def format_q(q: float) -> str:
+    """A q- (or p-) value as the report prints it: ``< 0.001``, else 2 significant digits."""
     if not np.isfinite(q):
         return "–"
     if q < 0.001:
-        return "<.001"
-    return f"{q:.2f}".lstrip("0") if q < 1 else "1"
+        return "< 0.001"
+    return f"{q:.2g}"
+
+
+def _eq(text: str) -> str:
+    return text if text.startswith("<") else f"= {text}"
+
+
+def format_estimate(v: float) -> str:
+    """A signed effect for a heatmap cell: 2 significant digits, never an exponent (a numerically
+    zero estimate prints as 0)."""
+    if not np.isfinite(v):
+        return ""
+    if abs(v) < 0.005:
+        return "0"
+    if abs(v) >= 100:
+        return f"{v:+.0f}"
+    return f"{v:+.2g}" if abs(v) < 1 else f"{v:+.1f}"
 
 
 def correlation_heatmap(corr: pd.DataFrame, populations: Sequence[str]) -> Figure:
@@ -704,7 +721,7 @@ def correlation_heatmap(corr: pd.DataFrame, populations: Sequence[str]) -> Figur
     for i in range(len(rows)):
         for j in range(len(cols)):
             if np.isfinite(rho[i, j]):
-                ax.text(j, i, format_q(qv[i, j]), ha="center", va="center", fontsize=6,
+                ax.text(j, i, format_q(qv[i, j]).replace("< ", "<"), ha="center", va="center", fontsize=5.5,
                         color="white" if abs(rho[i, j]) > 0.6 else "#212529")  # fmt: skip
                 if np.isfinite(qv[i, j]) and qv[i, j] < 0.05:
                     ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="black", lw=1.3))
@@ -734,7 +751,7 @@ def correlation_scatter(
         ax.axhline(0, color="#ced4da", lw=0.7)
         ax.axvline(0, color="#ced4da", lw=0.7)
         ax.set_title(
-            f"{pair['population']} · wk {pair['visit']}\nρ = {pair['rho']:.2f}, q = {format_q(pair['q'])}"
+            f"{pair['population']} · wk {pair['visit']}\nρ = {pair['rho']:.2f}, q {_eq(format_q(pair['q']))}"
         )
         ax.set_xlabel(f"Δ {pair['population']} (pp)")
         ax.set_ylabel(CLINICAL_LABELS.get(pair["endpoint"], pair["endpoint"]))
@@ -774,7 +791,7 @@ def effect_map(mixed: pd.DataFrame, populations: Sequence[str], arms: Sequence[s
         for j in range(len(cols)):
             if np.isfinite(est[i, j]):
                 star = "*" if np.isfinite(q[i, j]) and q[i, j] < 0.05 else ""
-                ax.text(j, i, f"{est[i, j]:+.2g}{star}", ha="center", va="center", fontsize=6,
+                ax.text(j, i, f"{format_estimate(est[i, j])}{star}", ha="center", va="center", fontsize=6,
                         color="white" if np.isfinite(z[i, j]) and abs(z[i, j]) > 4 else "#212529")  # fmt: skip
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xticks(range(len(cols)), [f"{a} · wk {v}" for a, v in cols], rotation=60, ha="right")

@@ -848,16 +848,30 @@ def files(b: Builder) -> H.Section:
         for name, df in b.tables.items()
     ]
     s.add(H.table(pd.DataFrame(rows), caption="CSV files written with this report."))
-    versions = (d.info.get("versions") or {}) if isinstance(d.info, dict) else {}
-    if versions:
-        s.add(H.paragraph("Software: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + "."))
+    versions = dict((d.info.get("versions") or {}) if isinstance(d.info, dict) else {})
+    if d.info.get("cytopipe_version"):
+        versions = {"cytopipe": d.info["cytopipe_version"], **versions}
+    # the libraries the statistics, clustering and figures use (their versions where the report runs)
+    for module in ("scipy", "statsmodels", "scikit-learn", "numba", "matplotlib"):
+        if module not in versions:
+            versions[module] = _version(module)
+    s.add(H.paragraph("Software: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + "."))
     s.add(H.paragraph(
         "Methods in brief: frequencies are % of the parent population; Wilson intervals carry each sample's "
-        "event counts; arm means use t intervals; changes are visit minus baseline; statistics as in "
+        "event counts; arm means use t intervals on the logit scale (inside 0-100%); changes are visit minus baseline; statistics as in "
         "docs/statistics.md (Mann-Whitney, Jonckheere-Terpstra, mixed model, chi-square for response rates, "
         "Spearman correlations, Benjamini-Hochberg within each family); the gate outlier rule as in "
         "docs/reports.md."))  # fmt: skip
     return s
+
+
+def _version(module: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(module)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 SECTIONS: list[Callable[[Builder], H.Section | None]] = [
