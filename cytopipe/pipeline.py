@@ -1286,6 +1286,12 @@ def compute_statistics(ctx: RunContext) -> tuple[pd.DataFrame | None, dict[str, 
         parts.append(gated)
     clusters = ctx.tables.get("clusters")
     n_cluster_rows = 0
+    tiny: dict[str, str] = {}
+    if clusters is not None and len(clusters):  # empty or nearly empty metaclusters: not tested
+        from cytopipe.report.data import tiny_metaclusters
+
+        tiny = tiny_metaclusters(clusters)
+        clusters = clusters[~clusters["population"].astype(str).isin(tiny)]
     if clusters is not None and len(clusters) and ctx.wf.statistics.get("clusters", True):
         flow = [f for f in FAMILIES if f not in ("response_rate", "serology_rate")]  # clinical-only: once
         wanted = [f for f in flow if settings.families is None or f in settings.families]
@@ -1303,6 +1309,7 @@ def compute_statistics(ctx: RunContext) -> tuple[pd.DataFrame | None, dict[str, 
         "enabled": True,
         "rows": len(out),
         "cluster_rows": n_cluster_rows,
+        "metaclusters_not_tested": tiny,
         "clinical": clinical is not None,
     }
 

@@ -270,3 +270,35 @@ def test_numbers_and_headers_are_printed_for_people(cohort_report):
     assert "q = .00" not in html and "= .0" not in html
     assert "statsmodels" in html and "scikit-learn" in html and "numba" in html
     assert "@media print" in html and "position: fixed" in html
+
+
+# ------------------------------------------------------------------------------------------------
+# clusters: empty and tiny metaclusters
+# ------------------------------------------------------------------------------------------------
+def test_empty_and_tiny_metaclusters_are_named_and_left_out(tmp_path):
+    from cytopipe.report.data import tiny_metaclusters
+    from tests.test_report import embedded_pngs, png_texts
+
+    run, _ = build_cohort_run(tmp_path / "run", n_patients=8)
+    ps = pd.read_parquet(run / "population_stats.parquet")
+    parts = []
+    for pop, mc in (("Treg", "MC01"), ("Th17", "MC02"), ("cTfh", "MC03"), ("Treg", "MC04"), ("Treg", "MC05")):
+        c = ps[ps["population"] == pop].copy()
+        c["population"], c["parent"] = mc, "CD4 T"
+        if mc == "MC04":  # empty: no event in any sample
+            c["count"], c["pct_parent"] = 0, 0.0
+        if mc == "MC05":  # 3 events in one sample of the study
+            c["count"], c["pct_parent"] = 0, 0.0
+            c.iloc[0, c.columns.get_loc("count")] = 3
+        c["median_CD25"] = np.where(mc == "MC01", 2500.0, 300.0)
+        parts.append(c)
+    clusters = pd.concat(parts, ignore_index=True)
+    clusters.to_parquet(run / "clusters.parquet")
+    tiny = tiny_metaclusters(clusters)
+    assert set(tiny) == {"MC04", "MC05"} and "empty" in tiny["MC04"] and tiny["MC05"].startswith("3 events")
+    html = write_report(run).read_text(encoding="utf-8")
+    assert "2 of 5 metaclusters are empty or nearly so" in html and "MC05: 3 events in all samples" in html
+    texts = "\n".join(png_texts(embedded_pngs(html)["cluster-heatmap"]))
+    assert "MC01" in texts and "MC04" not in texts and "MC05" not in texts
+    dyn = "\n".join(png_texts(embedded_pngs(html)["cluster-dynamics"]))
+    assert "MC03" in dyn and "MC04" not in dyn

@@ -248,3 +248,31 @@ def _blind_str(text: str, codes: Mapping[str, str]) -> str:
     from cytopipe.report.blinding import blind_text
 
     return blind_text(text, codes) if text else text
+
+
+#: a metacluster is left out of heatmaps and tests below this share of all clustered events ...
+TINY_SHARE = 0.001
+#: ... or below this many events in the whole study
+TINY_EVENTS = 50
+
+
+def tiny_metaclusters(clusters: pd.DataFrame | None) -> dict[str, str]:
+    """``{metacluster: reason}`` for the empty or nearly empty metaclusters of ``clusters.parquet``
+    (fewer than :data:`TINY_EVENTS` events in the study or less than :data:`TINY_SHARE` of the
+    clustered events): their abundances are zeros and noise, so the report leaves them out of the
+    heatmaps and the statistics leave them out of the tests, saying so."""
+    if clusters is None or clusters.empty or "count" not in clusters.columns:
+        return {}
+    name = "population" if "population" in clusters.columns else "metacluster"
+    events = (
+        pd.to_numeric(clusters["count"], errors="coerce").fillna(0).groupby(clusters[name].astype(str)).sum()
+    )
+    total = float(events.sum())
+    out = {}
+    for mc, n in events.items():
+        share = n / total if total else 0.0
+        if n == 0:
+            out[mc] = "empty (no event in any sample)"
+        elif n < TINY_EVENTS or share < TINY_SHARE:
+            out[mc] = f"{int(n):,} events in all samples ({100 * share:.2g}% of the clustered events)"
+    return out

@@ -688,7 +688,19 @@ def clusters(b: Builder) -> H.Section | None:
         "is assigned to the nearest node of one frozen model, so abundances are comparable across visits. "
         "Abundances are % of the parent, like gated populations, and follow the same dynamics and statistics "
         "(docs/clustering.md)."))  # fmt: skip
+    from cytopipe.report.data import tiny_metaclusters
+
+    tiny = tiny_metaclusters(cl)
+    if tiny:
+        s.add(H.paragraph(
+            f"{len(tiny)} of {k} metaclusters are empty or nearly so and are left out of the heatmaps, the "
+            "dynamics and the differential-abundance tests (their abundances are zeros and noise): "
+            + "; ".join(f"{mc}: {why}" for mc, why in sorted(tiny.items()))
+            + ". A model with fewer metaclusters (clustering: metaclusters) would not make them.", "note"))  # fmt: skip
+        cl = cl[~cl[name_col].astype(str).isin(tiny)]
     mcs = _read_optional(folder / FILES["metaclusters"])
+    if mcs is not None and tiny:
+        mcs = mcs[~mcs["metacluster"].astype(str).isin(tiny)]
     med_cols = [c for c in (mcs.columns if mcs is not None else []) if c.startswith("median_")]
     if mcs is not None and med_cols:
         from cytopipe.cluster import plot_heatmap
@@ -738,6 +750,8 @@ def clusters(b: Builder) -> H.Section | None:
                        "(right). Where colours agree, clusters and gates describe the same cells; distances "
                        "between far-apart islands mean little."))  # fmt: skip
     conc = _read_optional(folder / FILES["concordance"])
+    if conc is not None and tiny and "metacluster" in conc.columns:
+        conc = conc[~conc["metacluster"].astype(str).isin(tiny)]
     summary = _read_optional(folder / FILES["concordance_summary"])
     if conc is not None and len(conc):
         from cytopipe.cluster import plot_concordance
@@ -792,7 +806,7 @@ def _cluster_statistics(b: Builder, s: H.Section, cl: pd.DataFrame, name_col: st
         return
     names = set(cl[name_col].astype(str))
     fam = st["family"].astype(str)
-    rows = st[fam.str.startswith("cluster_")]
+    rows = st[fam.str.startswith("cluster_") & st["population"].astype(str).isin(names)]
     prefix = "cluster_"
     if rows.empty:  # metacluster rows computed alongside the gated populations
         rows = st[st["population"].astype(str).isin(names)]
