@@ -793,10 +793,11 @@ def finish_run(
         _remove_stale_report(folder.path)
     else:
         s0 = time.perf_counter()
-        if ctx.progress:
-            print("writing the report ...", file=sys.stderr)
-        step = write_run_report(folder.path, ctx.wf, ctx.problems)
+        step = write_run_report(folder.path, ctx.wf, ctx.problems, progress=ctx.progress)
         ctx.steps.append({"step": "report", "seconds": round(time.perf_counter() - s0, 3), **step})
+        if step.get("reused") and _all_reused(ctx):
+            print("nothing changed since the last run: every result was reused (samples, statistics, report)",
+                  file=sys.stderr)  # fmt: skip
         info.update(steps=ctx.steps, problems=list(ctx.problems), seconds=round(time.perf_counter() - t0, 3))
         from cytopipe.store import atomic_write_json, write_catalog
 
@@ -804,6 +805,13 @@ def finish_run(
         atomic_write_json(folder.run_json, blind(info))
     for phase, keys in ctx.keep_cache.items():
         folder.prune_cache(phase, keys)  # results of older settings/files are no longer needed
+
+
+def _all_reused(ctx: RunContext) -> bool:
+    """Every per-sample result came from the cache and the statistics were reused."""
+    stats = next((st for st in ctx.steps if st.get("step") == "statistics"), {})
+    samples_reused = ctx.cached >= len(ctx.alive()) if ctx.jobs else True
+    return samples_reused and (stats.get("reused") or stats.get("enabled") is False)
 
 
 def _blinded_outputs(
@@ -1252,10 +1260,56 @@ def step_statistics(ctx: RunContext) -> dict[str, Any]:
 
     if not statistics_enabled(ctx.wf):
         return {"enabled": False}
+    # cached by the hash of its inputs: a rerun with nothing changed reuses the table in seconds
+    key = _statistics_key(ctx)
+    ctx.keep_cache.setdefault("statistics", set()).add(key)
+    cached = ctx.folder.load_cached("statistics", key, "json")
+    table = ctx.folder.load_cached("statistics", key + ".table", "parquet") if cached else None
+    if cached is not None and (table is not None or not cached.get("rows")):
+        if ctx.progress:
+            print("statistics: reused (population and cluster tables, clinical table and settings unchanged)",
+                  file=sys.stderr)  # fmt: skip
+        ctx.problems.extend(cached.get("problems") or [])
+        if table is not None:
+            ctx.tables["statistics"] = table
+        return {**cached["info"], "reused": True}
+    if ctx.progress:
+        n = ctx.tables["population_stats"]["population"].nunique() if "population_stats" in ctx.tables else 0
+        print(f"statistics: computing the tests of {n} populations ...", file=sys.stderr)
+    before = len(ctx.problems)
     table, info = compute_statistics(ctx)
     if table is not None:
         ctx.tables["statistics"] = table
+        ctx.folder.save_cached("statistics", key + ".table", "parquet", table)
+    ctx.folder.save_cached("statistics", key, "json", {"info": info, "problems": ctx.problems[before:],
+                                                        "rows": 0 if table is None else len(table)})  # fmt: skip
     return info
+
+
+#: bump when the statistics change for the same inputs (cached statistics are then recomputed)
+STATISTICS_VERSION = "1"
+
+
+def _statistics_key(ctx: RunContext) -> str:
+    """Hash of everything the statistics read: the population and cluster tables, the clinical
+    file, the settings and the code's version."""
+    import hashlib
+
+    h = hashlib.sha256(f"statistics {STATISTICS_VERSION} {_version('cytopipe')}\n".encode())
+    for name in ("population_stats", "clusters"):
+        df = ctx.tables.get(name)
+        if df is not None:
+            h.update(f"{name} {list(df.columns)} {list(map(str, df.dtypes))}".encode())
+            try:
+                h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+            except TypeError:  # a column of unhashable values: its text
+                h.update(df.to_csv(index=False).encode())
+    clinical = ctx.wf.clinical
+    if clinical is not None and Path(clinical).is_file():
+        h.update(file_sha256(clinical).encode())
+    h.update(repr(ctx.stats_settings).encode())
+    h.update(stable_hash({"statistics": ctx.wf.statistics, "clinical": str(clinical)}).encode())
+    return h.hexdigest()[:32]
 
 
 def compute_statistics(ctx: RunContext) -> tuple[pd.DataFrame | None, dict[str, Any]]:
@@ -1341,21 +1395,30 @@ def _statistics_of(
 
 
 # --- the report (after the data outputs are written) ----------------------------------------------
-def write_run_report(run_dir: Path, wf: Workflow, problems: list[str]) -> dict[str, Any]:
+def write_run_report(
+    run_dir: Path, wf: Workflow, problems: list[str], progress: bool = True
+) -> dict[str, Any]:
     """``report.html`` of the finished run folder. A failure is recorded in ``problems`` (and the
     step's record), never raised: the run's data outputs stand without a report."""
     settings = wf.report
     if not settings.get("enabled", True):
         return {"enabled": False}
     from cytopipe.report import write_report
+    from cytopipe.report.build import report_is_current
 
+    options = dict(
+        blinded=bool(settings.get("blinded")),
+        blind_key=settings.get("blind_key"),
+        max_gallery=int(settings.get("max_gallery") or 36),
+    )
     try:
-        path = write_report(
-            run_dir,
-            blinded=bool(settings.get("blinded")),
-            blind_key=settings.get("blind_key"),
-            max_gallery=int(settings.get("max_gallery") or 36),
-        )
+        if report_is_current(run_dir, **options):
+            print("report: reused (its inputs are unchanged)", file=sys.stderr)
+            return {"enabled": True, "written": True, "reused": True, "path": "report.html",
+                    "blinded": bool(settings.get("blinded"))}  # fmt: skip
+        if progress:
+            print("report: writing report.html ...", file=sys.stderr)
+        path = write_report(run_dir, **options)
     except CytopipeError as exc:
         problems.append(f"report: not written: {exc}")
         return {"enabled": True, "written": False, "error": str(exc)}

@@ -302,3 +302,61 @@ def test_empty_and_tiny_metaclusters_are_named_and_left_out(tmp_path):
     assert "MC01" in texts and "MC04" not in texts and "MC05" not in texts
     dyn = "\n".join(png_texts(embedded_pngs(html)["cluster-dynamics"]))
     assert "MC03" in dyn and "MC04" not in dyn
+
+
+# ------------------------------------------------------------------------------------------------
+# cheap reruns: statistics and report cached by the hash of their inputs
+# ------------------------------------------------------------------------------------------------
+def test_report_is_reused_when_nothing_changed_and_rebuilt_when_something_did(tmp_path, capsys):
+    import argparse
+    import os
+
+    from cytopipe.report import run as report_command
+    from cytopipe.report.build import report_is_current
+
+    run, _ = build_cohort_run(tmp_path / "run", n_patients=8)
+    path = write_report(run)
+    stamp = path.stat().st_mtime_ns
+    os.utime(path, ns=(stamp - 10**9, stamp - 10**9))  # an older file: a rewrite would change it
+    assert report_is_current(run)
+    args = argparse.Namespace(
+        run_dir=str(run), blinded=False, out=None, blind_key=None, clinical=None, rebuild=False
+    )
+    assert report_command(args) == 0
+    assert "report reused (its inputs are unchanged)" in capsys.readouterr().out
+    assert path.stat().st_mtime_ns == stamp - 10**9
+    # a changed input (one frequency) makes it stale: written again
+    ps = pd.read_parquet(run / "population_stats.parquet")
+    ps.loc[0, "pct_parent"] += 1.0
+    ps.to_parquet(run / "population_stats.parquet", index=False)
+    assert not report_is_current(run)
+    report_command(args)
+    assert "report written" in capsys.readouterr().out and path.stat().st_mtime_ns != stamp - 10**9
+    assert report_is_current(run) and not report_is_current(run, blinded=True)
+
+
+def test_statistics_are_reused_when_nothing_changed(sim_run, sim_trial, tmp_path, capsys):
+    import shutil
+
+    from cytopipe.pipeline import run_workflow
+    from tests.pipeline_support import workflow
+
+    run = tmp_path / "run"
+    shutil.copytree(sim_run, run)
+    first = run_workflow(workflow(sim_trial, run), scheduler="synchronous", progress=True)
+    capsys.readouterr()
+    before = pd.read_parquet(run / "statistics.parquet")
+    again = run_workflow(workflow(sim_trial, run), scheduler="synchronous", progress=True)
+    err = capsys.readouterr().err
+    assert "statistics: reused" in err
+    step = next(s for s in again.info["steps"] if s["step"] == "statistics")
+    assert (
+        step["reused"]
+        and step["rows"] == next(s for s in first.info["steps"] if s["step"] == "statistics")["rows"]
+    )
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "statistics.parquet"), before)
+    # other settings: computed again
+    changed = run_workflow(workflow(sim_trial, run, statistics={"enabled": True, "baseline_visit": 0, "alpha": 0.1}),
+                           scheduler="synchronous", progress=True)  # fmt: skip
+    assert "statistics: computing" in capsys.readouterr().err
+    assert not next(s for s in changed.info["steps"] if s["step"] == "statistics").get("reused")

@@ -342,10 +342,10 @@ def recode_folder(
         from cytopipe.store import write_catalog
 
         write_catalog(run_dir / CATALOG, tables, info)
-        changed.append(CATALOG)
     atomic_write_json(run_dir / "run.json", dict(info))
+    if changed:  # a report of the earlier state would contradict the tables
+        remove_report(run_dir)
     changed.append("run.json")
-    remove_report(run_dir)
     return changed
 
 
