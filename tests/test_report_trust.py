@@ -240,6 +240,33 @@ def test_qc_section_counts_removed_events_per_rule_and_controls_apart(sim_run, t
     flags = pd.read_csv(run / "report_tables" / "flags.csv")
     for rec in flags.itertuples():  # no "gate X: X: ..." (the population named twice)
         assert not str(rec.flag).startswith(f"{rec.concerns}:")
+    # the layout check made on every figure object while it was drawn: no text over another
+    from tests.test_report import embedded_pngs, png_texts
+
+    figures = embedded_pngs(html)
+    assert len(figures) >= 20 and {"levey-jennings", "qc-events", "dynamics", "cluster-heatmap"} <= set(
+        figures
+    )
+    for name, png in figures.items():
+        layout = [t for t in png_texts(png) if t.startswith("Layout ")]
+        assert layout == ["Layout overlapping texts: none"], (name, layout)
+
+
+def test_the_layout_check_finds_overlapping_labels():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from cytopipe.report import figures as F
+
+    with F.style_context():
+        fig = F.new_figure(2.0, 1.5)
+        ax = fig.add_subplot()
+        ax.set_xticks(range(12), [f"a long label {i}" for i in range(12)])  # crowded: they overlap
+        FigureCanvasAgg(fig).draw()
+        assert any("over" in o for o in F.text_overlaps(fig))
+        fig2 = F.new_figure(4.0, 2.0)
+        fig2.add_subplot().set_xticks(range(3), ["a", "b", "c"])
+        FigureCanvasAgg(fig2).draw()
+        assert F.text_overlaps(fig2) == []
 
 
 # ------------------------------------------------------------------------------------------------

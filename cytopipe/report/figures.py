@@ -65,6 +65,7 @@ class Rendered:
     height: int
     alt: str
     texts: list[str] = field(default_factory=list)
+    overlaps: list[str] = field(default_factory=list)  # pairs of texts drawn over each other
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -83,13 +84,80 @@ def render(fig: Figure, name: str, alt: str) -> Rendered:
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Title": name, "Software": "cytopipe report (matplotlib)"},
                 pil_kwargs={"compress_level": 3})  # fmt: skip
     # after the draw every text the figure shows exists (tick labels are made while drawing)
-    texts = [t.get_text() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
-    texts = list(dict.fromkeys(texts))
+    shown = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    texts = list(dict.fromkeys(t.get_text() for t in shown))
+    overlaps = text_overlaps(fig)
     png = _add_png_text(buf.getvalue(), "Description", "\n".join([alt, *texts]))
+    png = _add_png_text(png, "Layout", "overlapping texts: " + ("; ".join(overlaps) if overlaps else "none"))
     width, height = (int(round(v)) for v in fig.get_size_inches() * DPI)
     fig.clear()
     uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-    return Rendered(name=name, uri=uri, width=width, height=height, alt=alt, texts=texts)
+    return Rendered(name=name, uri=uri, width=width, height=height, alt=alt, texts=texts, overlaps=overlaps)
+
+
+def drawn_texts(fig: Figure) -> list[Any]:
+    """The texts a drawn figure shows: its own and its axes' texts, titles, axis labels, legend
+    texts, and the tick labels of the ticks inside each axis's view (matplotlib keeps labels of
+    ticks outside the view, undrawn)."""
+    from matplotlib.text import Text
+
+    out: list[Any] = list(fig.texts)
+    for legend in fig.legends:
+        out += legend.get_texts()
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        out += list(ax.texts) + [ax.title, ax._left_title, ax._right_title]
+        if ax.get_legend() is not None:
+            out += ax.get_legend().get_texts()
+        if not ax.axison:
+            continue
+        for axis in (ax.xaxis, ax.yaxis):
+            if not axis.get_visible():
+                continue
+            out.append(axis.label)
+            for tick in axis._update_ticks():
+                for label in (tick.label1, tick.label2):
+                    if label.get_visible():
+                        out.append(label)
+    return [t for t in out if isinstance(t, Text) and t.get_visible() and t.get_text().strip()]
+
+
+def text_overlaps(fig: Figure, texts: Sequence[Any] | None = None, tolerance: float = 1.0) -> list[str]:
+    """``["'a' over 'b'", ...]`` for every two texts of a drawn figure whose boxes overlap by more
+    than ``tolerance`` pixels each way (tick labels, axis labels, titles, legends, annotations),
+    and for texts that reach outside the figure."""
+
+    renderer = fig.canvas.get_renderer()
+    if texts is None:
+        texts = drawn_texts(fig)
+    boxes = []
+    for t in texts:
+        if t.get_text().strip() and t.get_visible():
+            try:
+                bb = t.get_window_extent(renderer)
+            except Exception:  # a text without a position (never drawn)
+                continue
+            if np.isfinite([bb.x0, bb.y0, bb.x1, bb.y1]).all() and bb.width > 0:
+                boxes.append((t.get_text(), bb))
+    width, height = fig.bbox.width, fig.bbox.height
+    out = []
+    for text, bb in boxes:
+        if (
+            bb.x0 < -tolerance
+            or bb.y0 < -tolerance
+            or bb.x1 > width + tolerance
+            or bb.y1 > height + tolerance
+        ):
+            out.append(f"{text!r} outside the figure")
+    for i in range(len(boxes)):
+        a_text, a = boxes[i]
+        for b_text, b in boxes[i + 1 :]:
+            dx = min(a.x1, b.x1) - max(a.x0, b.x0)
+            dy = min(a.y1, b.y1) - max(a.y0, b.y0)
+            if dx > tolerance and dy > tolerance:
+                out.append(f"{a_text!r} over {b_text!r}")
+    return out
 
 
 def _add_png_text(png: bytes, key: str, text: str) -> bytes:
