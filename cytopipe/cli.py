@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("cytopipe.pipeline", "run a whole study workflow in parallel with Dask"),
     "cluster": ("cytopipe.cluster_command", "train or re-map FlowSOM clusters on a run folder"),
     "report": ("cytopipe.report", "write report.html for a run folder"),
+    "unblind": ("cytopipe.report.unblind", "unblind a blinded run folder with its key (logged in run.json)"),
     "export": ("cytopipe.export", "export events of a run as AnnData or FCS"),
     "reconcile": ("cytopipe.gating.reconcile", "compare cytopipe's counts with a FlowJo workspace's"),
 }

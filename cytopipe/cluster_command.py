@@ -130,6 +130,10 @@ def cluster_run(
     if statistics_enabled(wf):
         ctx.stats_settings = statistics_settings(wf)
     ctx.tables = {name: read_table(loaded.folder.path, name) for name in ("population_stats", "samples")}
+    if loaded.codes is not None:  # a blinded folder: computed with the arms, written with the codes
+        from cytopipe.report.blinding import unblind_frame
+
+        ctx.tables = {name: unblind_frame(df, loaded.codes) for name, df in ctx.tables.items()}
     ctx.steps = [s for s in loaded.info.get("steps") or [] if s.get("step") not in _REDONE]
     ctx.cached = int(loaded.info.get("cached_samples") or 0)
     earlier = [p for p in loaded.info.get("problems") or [] if not str(p).startswith(("clustering", "statistics", "report"))]  # fmt: skip

@@ -127,6 +127,7 @@ class ExportSpec:
     max_events: int | None
     seed: int
     targets: dict[str, str] = field(default_factory=dict)  # fcs: sample_id -> checked output path
+    codes: dict[str, str] | None = None  # arm -> code: the run folder is blinded
 
 
 def _prepare_export(run_dir, population: str, samples: list[str] | None) -> tuple[LoadedRun, list[dict]]:
@@ -198,6 +199,10 @@ def _write_fcs(prep, result, idx, job, spec: ExportSpec) -> dict[str, Any]:
     keywords = dict(sample.keywords)
     keywords["CYTOPIPE_POPULATION"] = spec.population
     keywords["CYTOPIPE_SOURCE"] = str(job["file"])
+    if spec.codes:  # a blinded run: no arm name in any keyword of the exported file
+        from cytopipe.report.blinding import blind_text
+
+        keywords = {k: blind_text(v, spec.codes) if isinstance(v, str) else v for k, v in keywords.items()}
     path = Path(spec.targets[job["sample_id"]])  # checked on the client: inside --out, not an input
     write_fcs(path, sample.events[idx], sample.channels, keywords=keywords, spillover=sample.spillover)
     return {"count": int(len(idx)), "path": str(path)}
@@ -278,6 +283,10 @@ def export_anndata(
     X = np.concatenate([r["linear"] for _, r in parts]) if parts else np.empty((0, len(markers)), np.float32)
     layer = np.concatenate([r["transformed"] for _, r in parts])
     obs = _obs(parts)
+    if run.codes is not None:  # a blinded run folder: its exports carry the codes
+        from cytopipe.report.blinding import blind_frame
+
+        obs = blind_frame(obs, run.codes)
     channels = _channels_per_marker(parts, markers)
     var = pd.DataFrame(
         {
@@ -300,6 +309,10 @@ def export_anndata(
         "layers_transformed": "display scale of the gates",
         "max_events_per_sample": -1 if max_events_per_sample is None else int(max_events_per_sample),
     }
+    if run.codes is not None:
+        from cytopipe.report.blinding import recode_obj
+
+        adata.uns["cytopipe"] = recode_obj(adata.uns["cytopipe"], run.codes)
     _check_target(out, run, overwrite)  # again: a file may have appeared while the workers ran
     n_obs = adata.n_obs
 
@@ -381,7 +394,15 @@ def export_fcs(
     except OSError as exc:
         raise StoreError(f"cannot create the output folder: {exc.strerror}", file=out) from None
     spec = ExportSpec(
-        run.state, population, [], "fcs", str(out), max_events_per_sample, run.wf.seed, targets=targets
+        run.state,
+        population,
+        [],
+        "fcs",
+        str(out),
+        max_events_per_sample,
+        run.wf.seed,
+        targets=targets,
+        codes=run.codes,
     )
     results = _export_many(run, jobs, spec, workers, scheduler, address, progress)
     failed = {sid: r["error"] for sid, r in results.items() if not r.get("ok")}

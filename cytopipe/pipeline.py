@@ -865,6 +865,7 @@ class RunContext:
     cluster_model: Any = None  # the frozen FlowSOM model of this run
     fused: dict[str, dict[str, Any]] = field(default_factory=dict)  # sample_id -> fused pass-1 result
     stats_settings: Any = None  # cytopipe.stats.StatsSettings when the statistics step runs
+    blinding: Any = None  # (codes, record) when the run folder's outputs are blinded
 
     def alive(self) -> list[dict[str, Any]]:
         return [j for j in self.jobs if j["sample_id"] not in self.failures]
@@ -1021,24 +1022,68 @@ def finish_run(
     if "clusters" not in ctx.tables:  # the clustering tables of an earlier run (a model file stays)
         for path in (folder.path / "clustering").glob("*.parquet"):
             path.unlink()
+    tables, blind = _blinded_outputs(ctx, info)
     logger.info("writing the tables, catalog.duckdb and run.json")
-    folder.write_outputs(ctx.tables, info, parquet=parquet)
+    folder.write_outputs(tables, blind(info), parquet=parquet)
+    if ctx.blinding is not None:  # the folder's other files (earlier tables, study/) coded too
+        from cytopipe.report.blinding import recode_folder
+
+        recode_folder(folder.path, ctx.blinding[0], blind(info))
     if not ctx.wf.report.get("enabled", True):
         _remove_stale_report(folder.path)
     else:
         s0 = time.perf_counter()
-        if ctx.progress:
-            print("writing the report ...", file=sys.stderr)
         logger.info("writing the report")
-        step = write_run_report(folder.path, ctx.wf, ctx.problems)
+        step = write_run_report(folder.path, ctx.wf, ctx.problems, progress=ctx.progress)
         ctx.steps.append({"step": "report", "seconds": round(time.perf_counter() - s0, 3), **step})
+        if step.get("reused") and _all_reused(ctx):
+            print("nothing changed since the last run: every result was reused (samples, statistics, report)",
+                  file=sys.stderr)  # fmt: skip
         info.update(steps=ctx.steps, problems=list(ctx.problems), seconds=round(time.perf_counter() - t0, 3))
         from cytopipe.store import atomic_write_json, write_catalog
 
-        write_catalog(folder.catalog, ctx.tables, info)
-        atomic_write_json(folder.run_json, info)
+        write_catalog(folder.catalog, tables, blind(info))
+        atomic_write_json(folder.run_json, blind(info))
     for phase, keys in ctx.keep_cache.items():
         folder.prune_cache(phase, keys)  # results of older settings/files are no longer needed
+
+
+def _all_reused(ctx: RunContext) -> bool:
+    """Every per-sample result came from the cache and the statistics were reused."""
+    stats = next((st for st in ctx.steps if st.get("step") == "statistics"), {})
+    samples_reused = ctx.cached >= len(ctx.alive()) if ctx.jobs else True
+    return samples_reused and (stats.get("reused") or stats.get("enabled") is False)
+
+
+def _blinded_outputs(
+    ctx: RunContext, info: dict[str, Any]
+) -> tuple[Mapping[str, pd.DataFrame], Callable[[dict[str, Any]], dict[str, Any]]]:
+    """The tables and a run.json maker as they are written: arm names coded when the run folder is
+    blinded (or the workflow blinds it now; docs/reports.md). ``ctx.blinding`` = (codes, record)."""
+    from cytopipe.report.blinding import blind_frame, blinded_info, resolve_blinding
+
+    arms: list[str] = []
+    for name in ("population_stats", "samples"):
+        if name in ctx.tables and "arm" in ctx.tables[name].columns:
+            arms += [a for a in ctx.tables[name]["arm"].dropna().astype(str).unique() if a]
+    samples = ctx.tables.get("samples")
+    hashes = sorted(str(h) for h in samples["sha256"].dropna()) if samples is not None and "sha256" in samples else []  # fmt: skip
+    ctx.blinding = resolve_blinding(
+        ctx.folder.path,
+        want=bool(ctx.wf.report.get("blinded")),
+        arms=arms,
+        key=ctx.wf.report.get("blind_key"),
+        workflow={"manifest": str(ctx.wf.manifest or ""), "clinical": str(ctx.wf.clinical or "")},
+        secret="\n".join(hashes).encode() or None,
+        by="cytopipe "
+        + (" ".join(sys.argv[1:2]) or "run")
+        + " (workflow `report: {blinded: true}` or --blinded)",
+    )
+    if ctx.blinding is None:
+        return ctx.tables, lambda i: i
+    codes, record = ctx.blinding
+    tables = {name: blind_frame(df, codes) for name, df in ctx.tables.items()}
+    return tables, lambda i: blinded_info(i, codes, record)
 
 
 def _remove_stale_report(run_dir: Path) -> None:
@@ -1513,10 +1558,56 @@ def step_statistics(ctx: RunContext) -> dict[str, Any]:
 
     if not statistics_enabled(ctx.wf):
         return {"enabled": False}
+    # cached by the hash of its inputs: a rerun with nothing changed reuses the table in seconds
+    key = _statistics_key(ctx)
+    ctx.keep_cache.setdefault("statistics", set()).add(key)
+    cached = ctx.folder.load_cached("statistics", key, "json")
+    table = ctx.folder.load_cached("statistics", key + ".table", "parquet") if cached else None
+    if cached is not None and (table is not None or not cached.get("rows")):
+        if ctx.progress:
+            print("statistics: reused (population and cluster tables, clinical table and settings unchanged)",
+                  file=sys.stderr)  # fmt: skip
+        ctx.problems.extend(cached.get("problems") or [])
+        if table is not None:
+            ctx.tables["statistics"] = table
+        return {**cached["info"], "reused": True}
+    if ctx.progress:
+        n = ctx.tables["population_stats"]["population"].nunique() if "population_stats" in ctx.tables else 0
+        print(f"statistics: computing the tests of {n} populations ...", file=sys.stderr)
+    before = len(ctx.problems)
     table, info = compute_statistics(ctx)
     if table is not None:
         ctx.tables["statistics"] = table
+        ctx.folder.save_cached("statistics", key + ".table", "parquet", table)
+    ctx.folder.save_cached("statistics", key, "json", {"info": info, "problems": ctx.problems[before:],
+                                                        "rows": 0 if table is None else len(table)})  # fmt: skip
     return info
+
+
+#: bump when the statistics change for the same inputs (cached statistics are then recomputed)
+STATISTICS_VERSION = "1"
+
+
+def _statistics_key(ctx: RunContext) -> str:
+    """Hash of everything the statistics read: the population and cluster tables, the clinical
+    file, the settings and the code's version."""
+    import hashlib
+
+    h = hashlib.sha256(f"statistics {STATISTICS_VERSION} {_version('cytopipe')}\n".encode())
+    for name in ("population_stats", "clusters"):
+        df = ctx.tables.get(name)
+        if df is not None:
+            h.update(f"{name} {list(df.columns)} {list(map(str, df.dtypes))}".encode())
+            try:
+                h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+            except TypeError:  # a column of unhashable values: its text
+                h.update(df.to_csv(index=False).encode())
+    clinical = ctx.wf.clinical
+    if clinical is not None and Path(clinical).is_file():
+        h.update(file_sha256(clinical).encode())
+    h.update(repr(ctx.stats_settings).encode())
+    h.update(stable_hash({"statistics": ctx.wf.statistics, "clinical": str(clinical)}).encode())
+    return h.hexdigest()[:32]
 
 
 def compute_statistics(ctx: RunContext) -> tuple[pd.DataFrame | None, dict[str, Any]]:
@@ -1547,6 +1638,12 @@ def compute_statistics(ctx: RunContext) -> tuple[pd.DataFrame | None, dict[str, 
         parts.append(gated)
     clusters = ctx.tables.get("clusters")
     n_cluster_rows = 0
+    tiny: dict[str, str] = {}
+    if clusters is not None and len(clusters):  # empty or nearly empty metaclusters: not tested
+        from cytopipe.report.data import tiny_metaclusters
+
+        tiny = tiny_metaclusters(clusters)
+        clusters = clusters[~clusters["population"].astype(str).isin(tiny)]
     if clusters is not None and len(clusters) and ctx.wf.statistics.get("clusters", True):
         flow = [f for f in FAMILIES if f not in ("response_rate", "serology_rate")]  # clinical-only: once
         wanted = [f for f in flow if settings.families is None or f in settings.families]
@@ -1564,6 +1661,7 @@ def compute_statistics(ctx: RunContext) -> tuple[pd.DataFrame | None, dict[str, 
         "enabled": True,
         "rows": len(out),
         "cluster_rows": n_cluster_rows,
+        "metaclusters_not_tested": tiny,
         "clinical": clinical is not None,
     }
 
@@ -1595,21 +1693,31 @@ def _statistics_of(
 
 
 # --- the report (after the data outputs are written) ----------------------------------------------
-def write_run_report(run_dir: Path, wf: Workflow, problems: list[str]) -> dict[str, Any]:
+def write_run_report(
+    run_dir: Path, wf: Workflow, problems: list[str], progress: bool = True
+) -> dict[str, Any]:
     """``report.html`` of the finished run folder. A failure is recorded in ``problems`` (and the
     step's record), never raised: the run's data outputs stand without a report."""
     settings = wf.report
     if not settings.get("enabled", True):
         return {"enabled": False}
     from cytopipe.report import write_report
+    from cytopipe.report.build import report_is_current
 
+    options = dict(
+        blinded=bool(settings.get("blinded")),
+        blind_key=settings.get("blind_key"),
+        max_gallery=int(settings.get("max_gallery") or 36),
+    )
     try:
-        path = write_report(
-            run_dir,
-            blinded=bool(settings.get("blinded")),
-            blind_key=settings.get("blind_key"),
-            max_gallery=int(settings.get("max_gallery") or 36),
-        )
+        if report_is_current(run_dir, **options):
+            logger.info("report: reused (its inputs are unchanged)")
+            print("report: reused (its inputs are unchanged)", file=sys.stderr)
+            return {"enabled": True, "written": True, "reused": True, "path": "report.html",
+                    "blinded": bool(settings.get("blinded"))}  # fmt: skip
+        if progress:
+            print("report: writing report.html ...", file=sys.stderr)
+        path = write_report(run_dir, **options)
     except errors.OutputWriteError:
         raise  # a full disk or read-only folder stops the run (exit 4): the rerun resumes
     except CytopipeError as exc:
@@ -1891,6 +1999,7 @@ class LoadedRun:
     state: StudyState
     jobs: list[dict[str, Any]]  # samples processed ok/flagged, with their manifest fields
     samples: pd.DataFrame
+    codes: dict[str, str] | None = None  # arm -> code when the run folder is blinded
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
@@ -1900,6 +2009,11 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
     folder = RunFolder(run_dir)
     info = read_run_info(folder.path)
+    codes = _folder_codes(folder.path, info)
+    if codes is not None:  # a blinded folder: its arms as the manifest names them, in memory only
+        from cytopipe.report.blinding import recode_obj
+
+        info = recode_obj(info, codes, unblind=True)
     wf = Workflow.from_dict(info["workflow"])
     for key, path in (("template", wf.template), ("manifest", wf.manifest)):
         if not Path(path).is_file():
@@ -1927,10 +2041,24 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
         state.pooled = pool_estimates(pd.read_parquet(folder.path / record["gate_fits"]), manifest)
     samples = read_table(folder.path, "samples")
+    if codes is not None:
+        from cytopipe.report.blinding import unblind_frame
+
+        samples = unblind_frame(samples, codes)
     usable = samples[samples["status"].isin(["ok", "flagged"]) & samples["control"].fillna("").eq("")]
     sha = dict(zip(usable["sample_id"], usable["sha256"]))
     jobs = [dict(j, sha256=sha[j["sample_id"]]) for j in jobs if j["sample_id"] in sha]
-    return LoadedRun(folder=folder, info=info, wf=wf, state=state, jobs=jobs, samples=samples)
+    return LoadedRun(folder=folder, info=info, wf=wf, state=state, jobs=jobs, samples=samples, codes=codes)
+
+
+def _folder_codes(path: Path, info: Mapping[str, Any]) -> dict[str, str] | None:
+    """``{arm: code}`` of a blinded run folder (from its manifest's arms), else ``None``."""
+    from cytopipe.report.blinding import codes_of_record, run_record, source_arms
+
+    record = run_record(info)
+    if record is None:
+        return None
+    return codes_of_record(record, source_arms(info.get("workflow")), path)
 
 
 def _version(module: str) -> str | None:

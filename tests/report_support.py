@@ -54,6 +54,9 @@ def build_gated_run(
             "visit": int(row["visit"]) if str(row["visit"]) != "" else None,
             "arm": row["arm"] or None,
             "control": row["control"] or None,
+            **{
+                k: row.get(k) or None for k in ("batch", "site", "acquired_at")
+            },  # as the pipeline records them
             "error": "",
             "failed_step": "",
             "flags": "",

@@ -105,16 +105,21 @@ def test_run_summary_shows_failures_flags_and_events(report):
     assert "FCS header is damaged" in failures["error"].iloc[0]
     assert "FCS header is damaged" in html
     samples = pd.read_csv(tables / "samples.csv")
+    controls = pd.read_csv(tables / "controls.csv")
     manifest = pd.read_csv(SAMPLE_DATA / "manifest.csv")
-    assert len(samples) == len(manifest)  # every sample and control of the manifest
+    # every sample and control of the manifest: the controls in their own table
+    assert len(samples) + len(controls) == len(manifest)
+    assert set(controls["sample_id"]) == set(manifest.loc[manifest["control"].notna(), "sample_id"])
     ok = samples[samples["status"] != "failed"]
-    assert (ok["kept_pct"] == 100).all()  # these test runs apply no event QC
+    assert (ok["removed_pct"] == 0).all()  # these test runs apply no event QC ...
+    assert "Event QC removed no event from any sample." in html  # ... and the report says so
     flagged = pd.read_parquet(run / "samples.parquet").query("status == 'flagged'")
     flags = pd.read_csv(tables / "flags.csv")
     assert set(flags["sample_id"]) == set(flagged["sample_id"])
-    # a gating flag containing "; " stays one flag
-    assert flags["flag"].str.startswith("gate ").all()
+    # a gating flag containing "; " stays one flag, named by its population (not twice)
     assert len(flags) == sum(f.count("; gate ") + 1 for f in flagged["flags"])
+    pops = set(pd.read_parquet(run / "population_stats.parquet")["population"])
+    assert set(flags["concerns"]) <= pops
 
 
 def test_gallery_orders_flagged_then_outlying_gates_first(report, tmp_path):

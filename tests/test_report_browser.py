@@ -117,3 +117,46 @@ def test_the_report_of_cytopipe_run_renders_with_its_clusters(browser, pipeline_
     page.locator('nav.toc a[href="#clusters-concordance"]').click()
     assert page.locator("section#clusters table").count() >= 2
     context.close()
+
+
+def test_sections_at_1400_px_screenshots_headers_and_layout(browser, sample_report, tmp_path_factory):
+    """Each section of the sample trial's report at 1400 px: a screenshot (test artefact, in
+    $CYTOPIPE_ARTIFACTS or the test's temporary folder), no raw column name in any table header,
+    the contents stay in view while scrolling, and every figure passed the layout check made on its
+    matplotlib objects (no text over another: the PNG's Layout text)."""
+    import base64
+    import os
+    import re
+
+    from tests.test_report import png_texts
+
+    run, path = sample_report
+    out = (
+        Path(os.environ.get("CYTOPIPE_ARTIFACTS") or tmp_path_factory.mktemp("artefacts")) / "report-sections"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(offline=True, viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    page.goto(path.as_uri(), wait_until="load")
+    page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+    ids = page.eval_on_selector_all("main > section", "els => els.map(e => e.id)")
+    assert set(SECTIONS) <= set(ids) and "batches" in ids
+    for sid in ids:
+        box = page.locator(f"section#{sid}").bounding_box()
+        assert box is not None and box["width"] > 900  # the section uses the width beside the contents
+        shot = out / f"{sid}.png"
+        page.screenshot(path=str(shot), full_page=True,
+                        clip={"x": box["x"], "y": box["y"], "width": box["width"], "height": min(box["height"], 6000)})  # fmt: skip
+        assert shot.stat().st_size > 5000
+    # table headers are words, not column names
+    heads = page.eval_on_selector_all("th", "els => els.map(e => e.textContent.trim())")
+    assert heads and [h for h in heads if re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)+", h)] == []
+    # the contents stay in view at the end of the page
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    nav = page.locator("nav.toc").bounding_box()
+    assert nav is not None and nav["y"] == 0 and nav["height"] > 500
+    context.close()
+    html = path.read_text(encoding="utf-8")
+    for name, data in re.findall(r'<figure id="fig-([^"]+)"><img src="data:image/png;base64,([^"]+)"', html):
+        layout = [t for t in png_texts(base64.b64decode(data)) if t.startswith("Layout ")]
+        assert layout == ["Layout overlapping texts: none"], (name, layout)

@@ -519,11 +519,19 @@ def test_summarise_by_arm_by_hand():
     rows = _pop_rows([1.0, 3.0], visits=(0, 4), patient="A") + _pop_rows(
         [3.0, 7.0], visits=(0, 4), patient="B"
     )
-    summary = summarise_by_arm(baseline_change(pd.DataFrame(rows))).set_index("visit")
+    summary = summarise_by_arm(baseline_change(pd.DataFrame(rows)), percent=False).set_index("visit")
     week4 = summary.loc[4]
     assert (week4["n"], week4["mean"], week4["mean_change"], week4["median"]) == (2, 5.0, 3.0, 5.0)
     # t interval with 1 df: mean +- t(0.975, 1) * sd / sqrt(2); sd of (3, 7) = 2 sqrt(2)
     assert week4["ci_high"] - 5.0 == pytest.approx(sps.t.ppf(0.975, 1) * 2.0)
+    # percentages (the default for pct_parent): the same half-width moved to the logit scale by the
+    # delta method, so the interval stays inside 0-100 (the t interval above reaches below 0)
+    pct = summarise_by_arm(baseline_change(pd.DataFrame(rows))).set_index("visit").loc[4]
+    half = sps.t.ppf(0.975, 1) * 2.0 / 100 / (0.05 * 0.95)
+    logit = np.log(0.05 / 0.95)
+    assert pct["ci_low"] == pytest.approx(100 / (1 + np.exp(-(logit - half))))
+    assert pct["ci_high"] == pytest.approx(100 / (1 + np.exp(-(logit + half))))
+    assert week4["ci_low"] < 0 < pct["ci_low"] < 5.0 < pct["ci_high"] < 100
 
 
 def test_blind_arms_leaves_no_arm_name(result):

@@ -61,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "beside it named <name>_tables",
     )
     parser.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="write the report even when its inputs have not changed since the last one (default: reuse it)",
+    )
+    parser.add_argument(
         "--clinical",
         metavar="CSV",
         help="clinical table to use (default: the one named in the run's workflow)",
@@ -68,14 +73,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    path = write_report(
-        args.run_dir,
+    from cytopipe.report.build import report_is_current
+
+    options = dict(
         blinded=args.blinded,
         out=args.out,
         blind_key=getattr(args, "blind_key", None),
         clinical=getattr(args, "clinical", None),
     )
-    print(f"report written: {path}")
+    reused = not args.rebuild and report_is_current(args.run_dir, **options)
+    path = write_report(args.run_dir, reuse=not args.rebuild, **options)
+    print(f"report reused (its inputs are unchanged): {path}" if reused else f"report written: {path}")
     return 0
 
 
@@ -87,6 +95,7 @@ def write_report(
     blind_key: Mapping[str, str] | str | Path | None = None,
     clinical: Any = None,
     max_gallery: int = 36,
+    reuse: bool = True,
 ) -> Path:
     """Write the report of a run folder; returns the path of the HTML file.
 
@@ -96,9 +105,18 @@ def write_report(
     checked for any arm name before anything is written (:class:`~cytopipe.errors.ReportError`
     if one would leak). ``clinical``: a clinical CSV path or table instead of the run's.
     ``max_gallery``: samples shown per gate in the gallery (flagged and outlying first).
+    ``reuse``: when the report there was made from the same inputs (tables, run.json without its
+    timings, clinical table, options, the report's code), it is kept as it is (seconds instead of a
+    rebuild).
     """
     from cytopipe.report.build import build_report
 
     return build_report(
-        run_dir, blinded=blinded, out=out, blind_key=blind_key, clinical=clinical, max_gallery=max_gallery
+        run_dir,
+        blinded=blinded,
+        out=out,
+        blind_key=blind_key,
+        clinical=clinical,
+        max_gallery=max_gallery,
+        reuse=reuse,
     )

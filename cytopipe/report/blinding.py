@@ -136,3 +136,271 @@ def find_leaks(texts: Mapping[str, str], arms: Iterable[str]) -> list[str]:
             if rx.search(text):
                 leaks.append(f"{where}: {arm!r}")
     return leaks
+
+
+# ------------------------------------------------------------------------------------------------
+# blinding as a property of the run folder
+# ------------------------------------------------------------------------------------------------
+#: key of the blinding record in run.json
+RECORD = "blinding"
+
+
+def run_record(info: Mapping | None) -> dict | None:
+    """The blinding record of a run.json (``None`` unless the run folder is blinded now)."""
+    rec = (info or {}).get(RECORD)
+    return rec if isinstance(rec, dict) and rec.get("blinded") else None
+
+
+def folder_record(run_dir: str | Path) -> dict | None:
+    """The blinding record of a run folder's run.json, or ``None`` (not blinded, or no run.json)."""
+    path = Path(run_dir) / "run.json"
+    try:
+        return run_record(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return None
+
+
+def _arm_hash(salt: str, arm: str) -> str:
+    return hashlib.sha256(f"cytopipe-arm\0{salt}\0{str(arm).strip().lower()}".encode()).hexdigest()
+
+
+def _now() -> str:
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name (containers): the log still has the time and the command
+        return ""
+
+
+def new_record(codes: Mapping[str, str], by: str, previous: Mapping | None = None) -> dict:
+    """A blinding record for run.json: the codes, each with a salted hash of its arm (so the
+    pipeline can match the manifest's arms to their codes without the folder holding any arm
+    name), and the log of blinding and unblinding acts (``previous``'s log is kept)."""
+    import secrets
+
+    salt = secrets.token_hex(16)
+    log = list((previous or {}).get("log") or [])
+    log.append({"action": "blinded", "at": _now(), "by": by, "user": _user()})
+    return {
+        "blinded": True,
+        "salt": salt,
+        "codes": {code: _arm_hash(salt, arm) for arm, code in sorted(codes.items())},
+        "log": log,
+    }
+
+
+def record_codes(record: Mapping, arms: Iterable[str]) -> dict[str, str]:
+    """``{arm: code}`` for those of ``arms`` the record knows (matched by their salted hash)."""
+    salt = str(record.get("salt", ""))
+    by_hash = {h: c for c, h in (record.get("codes") or {}).items()}
+    out = {}
+    for arm in arms:
+        if arm is None or (isinstance(arm, float) and pd.isna(arm)) or not str(arm).strip():
+            continue
+        code = by_hash.get(_arm_hash(salt, str(arm)))
+        if code is not None:
+            out[str(arm)] = code
+    return out
+
+
+def source_arms(workflow: Mapping | None, clinical: object = None) -> list[str]:
+    """The arm names of the run's inputs (its manifest and clinical table, outside the folder)."""
+    arms: list[str] = []
+    sources = [(workflow or {}).get("manifest"), (workflow or {}).get("clinical"), clinical]
+    for src in sources:
+        try:
+            if isinstance(src, pd.DataFrame):
+                table = src
+            elif src is not None and Path(str(src)).is_file():
+                table = pd.read_csv(src, dtype=str, keep_default_na=False, usecols=lambda c: c == "arm")
+            else:
+                continue
+        except (OSError, ValueError):
+            continue
+        if "arm" in table.columns:
+            arms += [str(a) for a in table["arm"].dropna() if str(a).strip()]
+    return list(dict.fromkeys(arms))
+
+
+def codes_of_record(record: Mapping, arms: Iterable[str], where: str | Path = "") -> dict[str, str]:
+    """``{arm: code}`` of a blinded run from its input arms; :class:`ReportError` when some code's
+    arm is not among them (the manifest that names the arms is needed, as it was for the run)."""
+    codes = record_codes(record, arms)
+    missing = sorted(set(record.get("codes") or {}) - set(codes.values()))
+    if missing:
+        raise ReportError(
+            f"this run folder is blinded, and the arms of code(s) {missing} are not in the run's manifest "
+            "or clinical table; the manifest the run was made from is needed to keep writing blinded outputs",
+            file=where or None,
+        )
+    return codes
+
+
+def _word_pattern(names: Iterable[str]) -> re.Pattern:
+    names = sorted(names, key=len, reverse=True)
+    body = "|".join(re.escape(n) for n in names) or "(?!)"
+    return re.compile(rf"(?<![A-Za-z0-9])(?:{body})(?![A-Za-z0-9])")
+
+
+def unblind_frame(table: pd.DataFrame | None, codes: Mapping[str, str]) -> pd.DataFrame | None:
+    """The inverse of :func:`blind_frame`: codes back to arm names (exact in ``arm``, whole words
+    elsewhere, case-sensitive so ordinary words are never touched)."""
+    if table is None:
+        return None
+    inverse = {c: a for a, c in codes.items()}
+    pattern = _word_pattern(inverse)
+    out = table.copy()
+    for column in out.columns:
+        col = out[column]
+        if column == "arm":
+            out[column] = col.map(lambda v: inverse.get(str(v), v) if isinstance(v, str) else v)
+        elif col.dtype == object or pd.api.types.is_string_dtype(col):
+            out[column] = col.map(
+                lambda v: pattern.sub(lambda m: inverse[m.group(0)], v) if isinstance(v, str) else v
+            )
+    return out
+
+
+def recode_obj(obj: object, codes: Mapping[str, str], unblind: bool = False) -> object:
+    """A JSON-like value with arm names replaced by codes (or, ``unblind``, back) in every string
+    and key; the blinding record itself is kept as it is."""
+    if unblind:
+        inverse = {c: a for a, c in codes.items()}
+        pattern = _word_pattern(inverse)
+
+        def text(s: str) -> str:
+            return pattern.sub(lambda m: inverse[m.group(0)], s)
+    else:
+        pattern = _pattern(codes)
+
+        def text(s: str) -> str:
+            return blind_text(s, codes, pattern)
+
+    def walk(v: object) -> object:
+        if isinstance(v, str):
+            return text(v)
+        if isinstance(v, Mapping):
+            return {
+                (text(k) if isinstance(k, str) else k): (x if k == RECORD else walk(x)) for k, x in v.items()
+            }
+        if isinstance(v, (list, tuple)):
+            return [walk(x) for x in v]
+        return v
+
+    return walk(obj)
+
+
+def _frame_changed(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    for column in a.columns:
+        if a[column].dtype == object or pd.api.types.is_string_dtype(a[column]) or column == "arm":
+            if not a[column].astype(object).equals(b[column].astype(object)):
+                return True
+    return False
+
+
+def recode_folder(
+    run_dir: str | Path, codes: Mapping[str, str], info: Mapping, *, unblind: bool = False
+) -> list[str]:
+    """Rewrite every table of a run folder with arm names replaced by codes (or back): its Parquet
+    tables (``.cache/``, the private per-sample cache, aside), text files, the DuckDB catalog and
+    run.json (``info``, already holding the new blinding record). A report of the earlier state is
+    removed (the command writes a new one). Returns the files rewritten (relative paths)."""
+    from cytopipe.store import CATALOG, TABLES, atomic_write_bytes, atomic_write_json, atomic_write_parquet
+
+    run_dir = Path(run_dir)
+    swap = unblind_frame if unblind else blind_frame
+    tables: dict[str, pd.DataFrame] = {}
+    changed: list[str] = []
+    for path in sorted(run_dir.rglob("*")):
+        rel = path.relative_to(run_dir)
+        if not path.is_file() or rel.parts[0].startswith(".") or rel.name in ("run.json", CATALOG):
+            continue
+        if rel.parts[0].endswith("_tables") or path.suffix.lower() in (".html", ".htm"):
+            continue  # the report's own files: replaced below
+        if path.suffix == ".parquet":
+            df = pd.read_parquet(path)
+            new = swap(df, codes)
+            if len(rel.parts) == 1 and path.stem in TABLES:
+                tables[path.stem] = new
+            if _frame_changed(df, new):
+                atomic_write_parquet(path, new)
+                changed.append(str(rel))
+        elif path.suffix.lower() in (".csv", ".json", ".txt", ".tsv", ".yaml", ".yml"):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            new_text = recode_obj(text, codes, unblind)
+            if new_text != text:
+                atomic_write_bytes(path, str(new_text).encode("utf-8"))
+                changed.append(str(rel))
+    if (run_dir / CATALOG).is_file():
+        from cytopipe.store import write_catalog
+
+        write_catalog(run_dir / CATALOG, tables, info)
+    atomic_write_json(run_dir / "run.json", dict(info))
+    if changed:  # a report of the earlier state would contradict the tables
+        remove_report(run_dir)
+    changed.append("run.json")
+    return changed
+
+
+def remove_report(run_dir: Path) -> None:
+    """Remove the run folder's report.html and report_tables/ (they describe an earlier state)."""
+    import shutil
+
+    (Path(run_dir) / "report.html").unlink(missing_ok=True)
+    shutil.rmtree(Path(run_dir) / "report_tables", ignore_errors=True)
+
+
+def blinded_info(info: Mapping, codes: Mapping[str, str], record: Mapping) -> dict:
+    """run.json content of a blinded run: arm names coded everywhere, with the blinding record."""
+    out = dict(recode_obj({k: v for k, v in info.items() if k != RECORD}, codes))
+    out[RECORD] = dict(record)
+    return out
+
+
+def resolve_blinding(
+    run_dir: str | Path,
+    *,
+    want: bool,
+    arms: Iterable[str],
+    key: Mapping[str, str] | str | Path | None = None,
+    workflow: Mapping | None = None,
+    clinical: object = None,
+    secret: bytes | None = None,
+    by: str = "",
+) -> tuple[dict[str, str], dict] | None:
+    """``(codes, record)`` when what a command writes into ``run_dir`` must be blinded: the folder
+    is blinded already (its record's codes, matched to the arms of the data and the run's inputs;
+    a ``key`` must agree with them), or ``want`` blinds it now (codes from ``key``, else from a
+    permutation seeded by ``secret``). ``None``: write unblinded."""
+    info: dict = {}
+    try:
+        info = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    record = run_record(info)
+    if workflow is None and isinstance(info.get("workflow"), Mapping):
+        workflow = info["workflow"]
+    all_arms = list(dict.fromkeys([str(a) for a in arms if isinstance(a, str) and a.strip()]
+                                  + source_arms(workflow, clinical)))  # fmt: skip
+    if record is not None:
+        codes = codes_of_record(record, all_arms, run_dir)
+        if key is not None:
+            given = arm_codes(list(codes), key)
+            if given != codes:
+                raise ReportError(
+                    "this run folder is blinded with other codes than the blinding key gives; use the key "
+                    "it was blinded with (or `cytopipe unblind` it first)",
+                    file=run_dir,
+                )
+        return codes, record
+    if not want:
+        return None
+    codes = arm_codes(all_arms, key, secret=secret)
+    return codes, new_record(codes, by or "blinded", previous=info.get(RECORD))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ def build_report(
     blind_key: Mapping[str, str] | str | Path | None = None,
     clinical: Any = None,
     max_gallery: int = 36,
+    reuse: bool = True,
 ) -> Path:
     """See :func:`cytopipe.report.write_report`."""
     # Figures are matplotlib Figure objects drawn on their own Agg canvas (no pyplot): nothing opens a
@@ -35,6 +37,10 @@ def build_report(
     if out_path.suffix.lower() not in (".html", ".htm"):
         raise ReportError("the report file must end in .html", file=out_path)
     tables_dir = out_path.parent / f"{out_path.stem}_tables"
+    key = report_key(run_dir, blinded=blinded, out=out_path, blind_key=blind_key, clinical=clinical,
+                     max_gallery=max_gallery)  # fmt: skip
+    if reuse and key is not None and _is_current(run_dir, key, out_path):
+        return out_path
     data = load_run(run_dir, blinded=blinded, blind_key=blind_key, clinical=clinical)
 
     with style_context(), warnings.catch_warnings():
@@ -65,14 +71,103 @@ def build_report(
                 file=out_path,
             )
 
+    if data.blinded and data.folder_codes is None:
+        # blinding is a property of the run folder: from now on every command writes it blinded
+        from cytopipe.report.blinding import blinded_info, new_record, recode_folder
+
+        record = new_record(data.codes, "cytopipe report --blinded", previous=data.info.get("blinding"))
+        recode_folder(run_dir, data.codes, blinded_info(data.info, data.codes, record))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tables_dir.mkdir(exist_ok=True)
     for old in tables_dir.glob("*.csv"):  # a previous report's tables (perhaps unblinded) go
         old.unlink()
     for name, text in csvs.items():
-        _atomic_write(tables_dir / f"{name}.csv", text)
+        write_csv_text(tables_dir / f"{name}.csv", text)
     _atomic_write(out_path, page)
+    if key is not None:
+        # the key of what this report was made from (computed again: blinding may have rewritten the folder)
+        key = report_key(run_dir, blinded=blinded, out=out_path, blind_key=blind_key, clinical=clinical,
+                         max_gallery=max_gallery)  # fmt: skip
+        marker = run_dir / ".cache" / "report"
+        marker.mkdir(parents=True, exist_ok=True)
+        for old in marker.glob("*.json"):
+            old.unlink()
+        _atomic_write(marker / f"{key}.json", json.dumps({"out": str(out_path.resolve())}))
     return out_path
+
+
+def write_csv_text(path: Path, text: str) -> None:
+    """Every CSV of the report is written here (one place to escape spreadsheet formulas when the
+    shared CSV helper lands)."""
+    _atomic_write(path, text)
+
+
+#: bump when the report changes for the same inputs (reports are then rewritten)
+REPORT_VERSION = "15"
+_VOLATILE = ("finished_at", "seconds", "steps", "executor", "cached_samples", "clustered_at", "problems")
+_INPUTS = ("population_stats", "samples", "statistics", "clusters", "gate_review")
+
+
+def report_key(
+    run_dir: str | Path,
+    *,
+    blinded: bool,
+    out: Path,
+    blind_key: Any,
+    clinical: Any,
+    max_gallery: int,
+) -> str | None:
+    """Hash of everything a report is made from: the run folder's tables, run.json (without its
+    timings), the clinical table, the options and the report's own code. ``None``: not cacheable
+    (a clinical table given as a DataFrame)."""
+    import hashlib
+
+    import pandas as pd
+
+    from cytopipe.config import stable_hash
+    from cytopipe.store import file_sha256
+
+    if isinstance(clinical, pd.DataFrame) or isinstance(blind_key, pd.DataFrame):
+        return None
+    run_dir = Path(run_dir)
+    h = hashlib.sha256(f"report {REPORT_VERSION}\n".encode())
+    for src in sorted(Path(__file__).parent.glob("*.py")):  # the report's code
+        h.update(src.read_bytes())
+    files = [run_dir / f"{name}.parquet" for name in _INPUTS] + sorted((run_dir / "clustering").glob("*"))
+    for path in files:
+        if path.is_file():
+            h.update(f"{path.name} {file_sha256(path)}\n".encode())
+    info: dict[str, Any] = {}
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    h.update(stable_hash({k: v for k, v in info.items() if k not in _VOLATILE}).encode())
+    h.update(stable_hash(info.get("problems") or []).encode())
+    source = clinical if clinical is not None else (info.get("workflow") or {}).get("clinical")
+    for path in (source, blind_key if not isinstance(blind_key, Mapping) else None):
+        if path is not None and Path(str(path)).is_file():
+            h.update(file_sha256(path).encode())
+    options = {"blinded": bool(blinded), "out": str(Path(out).resolve()), "max_gallery": int(max_gallery),
+               "key": dict(blind_key) if isinstance(blind_key, Mapping) else str(blind_key)}  # fmt: skip
+    h.update(stable_hash(options).encode())
+    return h.hexdigest()[:32]
+
+
+def _is_current(run_dir: Path, key: str, out: Path) -> bool:
+    tables = out.parent / f"{out.stem}_tables"
+    return (
+        (Path(run_dir) / ".cache" / "report" / f"{key}.json").is_file() and out.is_file() and tables.is_dir()
+    )
+
+
+def report_is_current(run_dir: str | Path, **options: Any) -> bool:
+    """True when the report of ``run_dir`` written with ``options`` (those of
+    :func:`cytopipe.report.write_report`) is there and its inputs have not changed since."""
+    out = Path(options.get("out") or Path(run_dir) / "report.html")
+    key = report_key(run_dir, blinded=bool(options.get("blinded")), out=out, blind_key=options.get("blind_key"),
+                     clinical=options.get("clinical"), max_gallery=int(options.get("max_gallery") or 36))  # fmt: skip
+    return key is not None and _is_current(Path(run_dir), key, out)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -19,7 +19,15 @@ from typing import Any
 import pandas as pd
 
 from cytopipe.errors import CytopipeError, ReportError
-from cytopipe.report.blinding import arm_codes, blind_frame
+from cytopipe.report.blinding import (
+    arm_codes,
+    blind_frame,
+    codes_of_record,
+    recode_obj,
+    run_record,
+    source_arms,
+    unblind_frame,
+)
 
 # settings of the workflow's `statistics:` section that StatsSettings understands
 _STATS_KEYS = ("populations", "baseline_visit", "reference_arm", "alpha")
@@ -43,6 +51,7 @@ class RunData:
     reference_arm: str | None = None
     dose_ordered: bool = False
     codes: dict[str, str] | None = None  # arm -> code when blinded
+    folder_codes: dict[str, str] | None = None  # arm -> code when the run folder itself is blinded
     notes: list[str] = field(default_factory=list)  # what the report did on its own (shown)
     problems: list[str] = field(default_factory=list)  # run.json `problems`: study-level steps that failed
     clinical_error: str = ""
@@ -93,6 +102,19 @@ def load_run(
             info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ReportError(f"run.json is damaged ({exc}); rerun `cytopipe run`", file=run_dir) from None
+    folder_codes = None
+    record = run_record(info)
+    if record is not None:  # a blinded run folder: its tables hold codes; the arms come from its inputs
+        folder_codes = codes_of_record(record, source_arms(info.get("workflow"), clinical), run_dir)
+        if blind_key is not None and arm_codes(list(folder_codes), blind_key) != folder_codes:
+            raise ReportError(
+                "this run folder is blinded with other codes than the blinding key gives; use the key it "
+                "was blinded with (or `cytopipe unblind` it first)",
+                file=run_dir,
+            )
+        info = recode_obj(info, folder_codes, unblind=True)
+        ps = unblind_frame(ps, folder_codes)
+        blinded, blind_key = True, folder_codes
     workflow = info.get("workflow") or {}
     data = RunData(
         run_dir=run_dir,
@@ -106,6 +128,10 @@ def load_run(
     from cytopipe.report.gate_review import read_gate_review
 
     data.gate_review = read_gate_review(run_dir)
+    data.folder_codes = folder_codes
+    if folder_codes is not None:
+        data.samples = unblind_frame(data.samples, folder_codes)
+        data.clusters = unblind_frame(data.clusters, folder_codes)
     data.problems = [str(p) for p in info.get("problems") or []]
     stats_settings = {k: workflow["statistics"][k] for k in _STATS_KEYS if (workflow.get("statistics") or {}).get(k) is not None}  # fmt: skip
     data.baseline_visit = int(stats_settings.get("baseline_visit", 0))
@@ -118,6 +144,8 @@ def load_run(
         data.statistics = statistics
     else:
         data.statistics = _read_parquet(run_dir / "statistics.parquet")
+        if folder_codes is not None:
+            data.statistics = unblind_frame(data.statistics, folder_codes)
         if data.statistics is None:
             _compute_statistics(data, stats_settings)
     if codes is not None:
@@ -220,3 +248,31 @@ def _blind_str(text: str, codes: Mapping[str, str]) -> str:
     from cytopipe.report.blinding import blind_text
 
     return blind_text(text, codes) if text else text
+
+
+#: a metacluster is left out of heatmaps and tests below this share of all clustered events ...
+TINY_SHARE = 0.001
+#: ... or below this many events in the whole study
+TINY_EVENTS = 50
+
+
+def tiny_metaclusters(clusters: pd.DataFrame | None) -> dict[str, str]:
+    """``{metacluster: reason}`` for the empty or nearly empty metaclusters of ``clusters.parquet``
+    (fewer than :data:`TINY_EVENTS` events in the study or less than :data:`TINY_SHARE` of the
+    clustered events): their abundances are zeros and noise, so the report leaves them out of the
+    heatmaps and the statistics leave them out of the tests, saying so."""
+    if clusters is None or clusters.empty or "count" not in clusters.columns:
+        return {}
+    name = "population" if "population" in clusters.columns else "metacluster"
+    events = (
+        pd.to_numeric(clusters["count"], errors="coerce").fillna(0).groupby(clusters[name].astype(str)).sum()
+    )
+    total = float(events.sum())
+    out = {}
+    for mc, n in events.items():
+        share = n / total if total else 0.0
+        if n == 0:
+            out[mc] = "empty (no event in any sample)"
+        elif n < TINY_EVENTS or share < TINY_SHARE:
+            out[mc] = f"{int(n):,} events in all samples ({100 * share:.2g}% of the clustered events)"
+    return out

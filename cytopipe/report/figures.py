@@ -65,6 +65,7 @@ class Rendered:
     height: int
     alt: str
     texts: list[str] = field(default_factory=list)
+    overlaps: list[str] = field(default_factory=list)  # pairs of texts drawn over each other
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -83,13 +84,80 @@ def render(fig: Figure, name: str, alt: str) -> Rendered:
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Title": name, "Software": "cytopipe report (matplotlib)"},
                 pil_kwargs={"compress_level": 3})  # fmt: skip
     # after the draw every text the figure shows exists (tick labels are made while drawing)
-    texts = [t.get_text() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
-    texts = list(dict.fromkeys(texts))
+    shown = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    texts = list(dict.fromkeys(t.get_text() for t in shown))
+    overlaps = text_overlaps(fig)
     png = _add_png_text(buf.getvalue(), "Description", "\n".join([alt, *texts]))
+    png = _add_png_text(png, "Layout", "overlapping texts: " + ("; ".join(overlaps) if overlaps else "none"))
     width, height = (int(round(v)) for v in fig.get_size_inches() * DPI)
     fig.clear()
     uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-    return Rendered(name=name, uri=uri, width=width, height=height, alt=alt, texts=texts)
+    return Rendered(name=name, uri=uri, width=width, height=height, alt=alt, texts=texts, overlaps=overlaps)
+
+
+def drawn_texts(fig: Figure) -> list[Any]:
+    """The texts a drawn figure shows: its own and its axes' texts, titles, axis labels, legend
+    texts, and the tick labels of the ticks inside each axis's view (matplotlib keeps labels of
+    ticks outside the view, undrawn)."""
+    from matplotlib.text import Text
+
+    out: list[Any] = list(fig.texts)
+    for legend in fig.legends:
+        out += legend.get_texts()
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        out += list(ax.texts) + [ax.title, ax._left_title, ax._right_title]
+        if ax.get_legend() is not None:
+            out += ax.get_legend().get_texts()
+        if not ax.axison:
+            continue
+        for axis in (ax.xaxis, ax.yaxis):
+            if not axis.get_visible():
+                continue
+            out.append(axis.label)
+            for tick in axis._update_ticks():
+                for label in (tick.label1, tick.label2):
+                    if label.get_visible():
+                        out.append(label)
+    return [t for t in out if isinstance(t, Text) and t.get_visible() and t.get_text().strip()]
+
+
+def text_overlaps(fig: Figure, texts: Sequence[Any] | None = None, tolerance: float = 1.0) -> list[str]:
+    """``["'a' over 'b'", ...]`` for every two texts of a drawn figure whose boxes overlap by more
+    than ``tolerance`` pixels each way (tick labels, axis labels, titles, legends, annotations),
+    and for texts that reach outside the figure."""
+
+    renderer = fig.canvas.get_renderer()
+    if texts is None:
+        texts = drawn_texts(fig)
+    boxes = []
+    for t in texts:
+        if t.get_text().strip() and t.get_visible():
+            try:
+                bb = t.get_window_extent(renderer)
+            except Exception:  # a text without a position (never drawn)
+                continue
+            if np.isfinite([bb.x0, bb.y0, bb.x1, bb.y1]).all() and bb.width > 0:
+                boxes.append((t.get_text(), bb))
+    width, height = fig.bbox.width, fig.bbox.height
+    out = []
+    for text, bb in boxes:
+        if (
+            bb.x0 < -tolerance
+            or bb.y0 < -tolerance
+            or bb.x1 > width + tolerance
+            or bb.y1 > height + tolerance
+        ):
+            out.append(f"{text!r} outside the figure")
+    for i in range(len(boxes)):
+        a_text, a = boxes[i]
+        for b_text, b in boxes[i + 1 :]:
+            dx = min(a.x1, b.x1) - max(a.x0, b.x0)
+            dy = min(a.y1, b.y1) - max(a.y0, b.y0)
+            if dx > tolerance and dy > tolerance:
+                out.append(f"{a_text!r} over {b_text!r}")
+    return out
 
 
 def _add_png_text(png: bytes, key: str, text: str) -> bytes:
@@ -114,21 +182,33 @@ def style_context():
 # ------------------------------------------------------------------------------------------------
 # arm colours
 # ------------------------------------------------------------------------------------------------
+#: the reference (placebo) arm: neutral grey, in every figure
+REFERENCE_COLOR = "#a6a6a6"
+#: qualitative colour-blind-safe palette (Okabe & Ito 2008, without its grey and yellow) for arms
+#: without a dose order, and for every blinded report (no arm singled out)
+QUALITATIVE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#000000"]
+
+
 def arm_colors(arms: Sequence[str], reference: str | None, dose_ordered: bool) -> dict[str, str]:
-    """Consistent arm colours: the reference arm grey and active arms darker blue with dose when
-    the dose order is known; otherwise (and for blinded codes) a qualitative palette."""
+    """One colour per arm, used by every figure of a report: the reference arm grey; with a dose
+    order, the active arms on a colour-blind-safe sequential scale (matplotlib's ``magma``, salmon
+    for the lowest dose to dark indigo for the highest: distinct hue and lightness, still distinct
+    from each other and from the grey under protan-, deutan- and tritanopia; tests check it);
+    otherwise (and for blinded codes) the Okabe-Ito qualitative palette."""
     from matplotlib import colormaps
     from matplotlib.colors import to_hex
 
     arms = list(arms)
+    colors: dict[str, str] = {}
+    if reference in arms:
+        colors[reference] = REFERENCE_COLOR
+    active = [a for a in arms if a not in colors]
     if dose_ordered and reference in arms:
-        active = [a for a in arms if a != reference]
-        shades = colormaps["Blues"](np.linspace(0.45, 0.95, max(len(active), 1)))
-        colors = {reference: "#868e96"}
-        colors.update({a: to_hex(c) for a, c in zip(active, shades)})
-        return colors
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-    return {a: palette[i % len(palette)] for i, a in enumerate(arms)}
+        stops = np.linspace(0.75, 0.12, len(active)) if len(active) > 1 else [0.45]
+        colors.update({a: to_hex(colormaps["magma"](float(t))) for a, t in zip(active, stops)})
+    else:
+        colors.update({a: QUALITATIVE[i % len(QUALITATIVE)] for i, a in enumerate(active)})
+    return {a: colors[a] for a in arms}
 
 
 def _arm_legend(fig: Figure, colors: Mapping[str, str], arms: Sequence[str], ncol: int | None = None) -> None:
@@ -449,8 +529,11 @@ def shape_lines(
 # dynamics
 # ------------------------------------------------------------------------------------------------
 def _dodge(arms: Sequence[str], visits: Sequence[int]) -> dict[str, float]:
-    span = (max(visits) - min(visits)) if len(visits) > 1 else 1.0
-    step = 0.012 * span
+    """x offset of each arm at a visit: the arms side by side over 60% of the narrowest gap
+    between visits, so their means and intervals never sit on top of each other."""
+    v = sorted(set(visits))
+    gap = float(min(np.diff(v))) if len(v) > 1 else 1.0
+    step = 0.6 * gap / max(len(arms), 1)
     mid = (len(arms) - 1) / 2
     return {a: (i - mid) * step for i, a in enumerate(arms)}
 
@@ -463,6 +546,12 @@ def _visit_axis(ax: Axes, visits: Sequence[int], bottom: bool) -> None:
         ax.set_xlabel("week")
     else:
         ax.tick_params(labelbottom=False)
+
+
+def _set_xlim(ax: Axes, visits: Sequence[int], dodge: Mapping[str, float]) -> None:
+    reach = max((abs(v) for v in dodge.values()), default=0.0)
+    room = max(0.04 * _span(visits), 1.5 * reach)
+    ax.set_xlim(visits[0] - room, visits[-1] + room)
 
 
 def _span(visits: Sequence[int]) -> float:
@@ -481,7 +570,15 @@ def _ci_bars(mean, low, high, n, min_n: int = 3) -> tuple[np.ndarray, np.ndarray
     return lo, hi
 
 
-def _set_ylim(ax: Axes, lows: Sequence[float], highs: Sequence[float], floor: float | None = None) -> None:
+def _set_ylim(
+    ax: Axes,
+    lows: Sequence[float],
+    highs: Sequence[float],
+    floor: float | None = None,
+    ceiling: float | None = None,
+) -> None:
+    """Data-driven y range with a little room; never below ``floor`` or above ``ceiling`` (a
+    percentage axis stays within 0-100)."""
     lo = float(np.nanmin(np.asarray(lows, dtype=float)))
     hi = float(np.nanmax(np.asarray(highs, dtype=float)))
     if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -489,7 +586,9 @@ def _set_ylim(ax: Axes, lows: Sequence[float], highs: Sequence[float], floor: fl
     pad = 0.06 * (hi - lo) if hi > lo else max(abs(hi), 1.0) * 0.1
     lo, hi = lo - pad, hi + pad
     if floor is not None:
-        lo = max(lo, floor - pad / 2)
+        lo = max(lo, floor)
+    if ceiling is not None:
+        hi = min(hi, ceiling)
     ax.set_ylim(lo, hi)
 
 
@@ -527,11 +626,12 @@ def dynamics_figure(
             if da.empty:
                 continue
             segs = [
-                g[["visit", "pct_parent"]].to_numpy(float) for _, g in da.groupby("patient_id", sort=False)
+                g[["visit", "pct_parent"]].to_numpy(float) + (dodge[arm], 0.0)
+                for _, g in da.groupby("patient_id", sort=False)
             ]
-            ax.add_collection(LineCollection(segs, colors=colors[arm], linewidths=0.7, alpha=alpha))
+            ax.add_collection(LineCollection(segs, colors=colors[arm], linewidths=0.6, alpha=alpha))
             if show_sample_ci and {"pct_ci_low", "pct_ci_high"} <= set(da.columns):
-                x = da["visit"].to_numpy(float) + dodge[arm] * 0.5
+                x = da["visit"].to_numpy(float) + dodge[arm]
                 bars = [[(xx, lo), (xx, hi)] for xx, lo, hi in zip(x, da["pct_ci_low"], da["pct_ci_high"])]
                 ax.add_collection(
                     LineCollection(bars, colors=colors[arm], linewidths=0.6, alpha=min(1, 2 * alpha))
@@ -551,8 +651,8 @@ def dynamics_figure(
         parent = d["parent"].iloc[0] if "parent" in d.columns else ""
         ax.set_title(f"{pop} · % of {parent if parent and parent != 'root' else 'events'}")
         _visit_axis(ax, visits, bottom=i >= len(populations) - ncols)
-        _set_ylim(ax, lows, highs, floor=0.0)
-        ax.set_xlim(visits[0] - 0.06 * _span(visits), visits[-1] + 0.06 * _span(visits))
+        _set_ylim(ax, lows, highs, floor=0.0, ceiling=100.0)
+        _set_xlim(ax, visits, dodge)
         ax.grid(alpha=0.2)
     _arm_legend(fig, colors, arms)
     return fig
@@ -594,7 +694,7 @@ def change_figure(
             ax.set_ylabel(f"change from wk {baseline_visit} (pp)")
         _visit_axis(ax, visits, bottom=i >= len(populations) - ncols)
         _set_ylim(ax, lows, highs)
-        ax.set_xlim(visits[0] - 0.06 * _span(visits), visits[-1] + 0.06 * _span(visits))
+        _set_xlim(ax, visits, dodge)
         ax.grid(alpha=0.2)
     _arm_legend(fig, colors, arms)
     return fig
@@ -621,7 +721,7 @@ def rates_figure(
             ra = r[r["arm"] == arm].sort_values("visit")
             if ra.empty:
                 continue
-            x = ra["visit"].to_numpy(float) + dodge[arm] * 2
+            x = ra["visit"].to_numpy(float) + dodge[arm]
             y = 100 * ra["rate"].to_numpy(float)
             lo = np.nan_to_num(y - 100 * ra["ci_low"].to_numpy(float))
             hi = np.nan_to_num(100 * ra["ci_high"].to_numpy(float) - y)
@@ -641,11 +741,28 @@ def rates_figure(
 # correlations
 # ------------------------------------------------------------------------------------------------
 def format_q(q: float) -> str:
+    """A q- (or p-) value as the report prints it: ``< 0.001``, else 2 significant digits."""
     if not np.isfinite(q):
         return "–"
     if q < 0.001:
-        return "<.001"
-    return f"{q:.2f}".lstrip("0") if q < 1 else "1"
+        return "< 0.001"
+    return f"{q:.2g}"
+
+
+def _eq(text: str) -> str:
+    return text if text.startswith("<") else f"= {text}"
+
+
+def format_estimate(v: float) -> str:
+    """A signed effect for a heatmap cell: 2 significant digits, never an exponent (a numerically
+    zero estimate prints as 0)."""
+    if not np.isfinite(v):
+        return ""
+    if abs(v) < 0.005:
+        return "0"
+    if abs(v) >= 100:
+        return f"{v:+.0f}"
+    return f"{v:+.2g}" if abs(v) < 1 else f"{v:+.1f}"
 
 
 def correlation_heatmap(corr: pd.DataFrame, populations: Sequence[str]) -> Figure:
@@ -672,7 +789,7 @@ def correlation_heatmap(corr: pd.DataFrame, populations: Sequence[str]) -> Figur
     for i in range(len(rows)):
         for j in range(len(cols)):
             if np.isfinite(rho[i, j]):
-                ax.text(j, i, format_q(qv[i, j]), ha="center", va="center", fontsize=6,
+                ax.text(j, i, format_q(qv[i, j]).replace("< ", "<"), ha="center", va="center", fontsize=5.5,
                         color="white" if abs(rho[i, j]) > 0.6 else "#212529")  # fmt: skip
                 if np.isfinite(qv[i, j]) and qv[i, j] < 0.05:
                     ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="black", lw=1.3))
@@ -702,7 +819,7 @@ def correlation_scatter(
         ax.axhline(0, color="#ced4da", lw=0.7)
         ax.axvline(0, color="#ced4da", lw=0.7)
         ax.set_title(
-            f"{pair['population']} · wk {pair['visit']}\nρ = {pair['rho']:.2f}, q = {format_q(pair['q'])}"
+            f"{pair['population']} · wk {pair['visit']}\nρ = {pair['rho']:.2f}, q {_eq(format_q(pair['q']))}"
         )
         ax.set_xlabel(f"Δ {pair['population']} (pp)")
         ax.set_ylabel(CLINICAL_LABELS.get(pair["endpoint"], pair["endpoint"]))
@@ -742,7 +859,7 @@ def effect_map(mixed: pd.DataFrame, populations: Sequence[str], arms: Sequence[s
         for j in range(len(cols)):
             if np.isfinite(est[i, j]):
                 star = "*" if np.isfinite(q[i, j]) and q[i, j] < 0.05 else ""
-                ax.text(j, i, f"{est[i, j]:+.2g}{star}", ha="center", va="center", fontsize=6,
+                ax.text(j, i, f"{format_estimate(est[i, j])}{star}", ha="center", va="center", fontsize=6,
                         color="white" if np.isfinite(z[i, j]) and abs(z[i, j]) > 4 else "#212529")  # fmt: skip
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xticks(range(len(cols)), [f"{a} · wk {v}" for a, v in cols], rotation=60, ha="right")

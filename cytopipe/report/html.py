@@ -7,6 +7,7 @@ inline; the table of contents is a plain list of anchors.
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -59,6 +60,24 @@ details summary { cursor: pointer; color: var(--accent); }
 .kpi span { color: var(--muted); font-size: 12px; }
 .swatch { display: inline-block; width: 12px; height: 12px; border-radius: 2px; margin: 0 5px -1px 12px; }
 a.csv { font-size: 12px; }
+nav.toc li.current > a { font-weight: 600; }
+@media (max-width: 900px) { nav.toc { position: static; width: auto; } main { margin-left: 0; } }
+@media print {
+  @page { size: A4 landscape; margin: 12mm; }
+  body { font-size: 10.5pt; }
+  nav.toc { display: none; }
+  main { margin: 0; padding: 0; max-width: none; }
+  section { page-break-before: always; border-top: none; }
+  section:first-of-type { page-break-before: auto; }
+  figure, table.data tr, .kpis { page-break-inside: avoid; }
+  figure img { max-width: 100%; }
+  div.scroll { max-height: none; overflow: visible; border: none; }
+  table.data th { position: static; }
+  details > summary { display: none; }
+  details > :not(summary) { display: block !important; }
+  details::details-content { content-visibility: visible; display: contents; }
+  a.csv { display: none; }
+}
 """
 
 
@@ -103,6 +122,60 @@ def swatches(colors: Mapping[str, str], arms: Sequence[str]) -> str:
     return "".join(f'<span class="swatch" style="background:{esc(colors[a])}"></span>{esc(a)}' for a in arms)
 
 
+#: headers of raw column names (tables whose shown frame keeps the CSV's column names)
+HEADERS = {
+    "sample_id": "Sample", "patient_id": "Patient", "visit": "Week", "arm": "Arm", "population": "Population",
+    "parent": "% of", "pct_parent": "% of parent", "median_pct_parent": "Median % of parent",
+    "mean_pct_parent": "Mean % of parent", "count": "Events", "parent_count": "Parent events", "n": "n",
+    "p": "p", "q": "q", "rate_pct": "Rate (%)", "ci_low_pct": "95% CI low (%)", "ci_high_pct": "95% CI high (%)",
+    "ci_low": "95% CI low", "ci_high": "95% CI high", "mean": "Mean", "median": "Median",
+    "mean_change": "Mean change", "change_ci_low": "Change 95% CI low", "change_ci_high": "Change 95% CI high",
+    "median_log2fc": "Median log2 fold change", "best_f1": "Best F1", "best_precision": "Best precision",
+    "best_recall": "Best recall", "best_metacluster": "Best metacluster", "union_f1": "Union F1",
+    "union_metaclusters": "Union of metaclusters", "n_population": "Events in population",
+    "responders": "Responders", "imputed": "Imputed non-responders", "endpoint": "Endpoint",
+    "samples": "Samples", "flagged": "Flagged", "outliers": "Outliers", "metacluster": "Metacluster",
+    "table": "Table", "rows": "Rows", "file": "File", "status": "Status", "note": "Note",
+}  # fmt: skip
+
+
+def header(column: object) -> str:
+    """A human header for a column name: known names from :data:`HEADERS`; other snake_case names
+    spelled out (``events_after_qc`` -> "Events after QC"); anything else unchanged."""
+    text = str(column)
+    if text in HEADERS:
+        return HEADERS[text]
+    if re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)+", text):
+        words = [{"pct": "%", "ci": "CI", "qc": "QC", "sd": "SD", "f1": "F1", "log2fc": "log2 fold change"}.get(w, w)
+                 for w in text.split("_")]  # fmt: skip
+        out = " ".join(words)
+        return out[0].upper() + out[1:]
+    return text
+
+
+def format_p(v: float) -> str:
+    """p- and q-values: ``< 0.001`` below 0.001, else 2 significant digits (0.012, 0.15, 1)."""
+    if not np.isfinite(v):
+        return ""
+    if v < 0.001:
+        return "< 0.001"
+    return f"{v:.2g}"
+
+
+def format_number(v: float) -> str:
+    """One rule for every number: integers as integers (thousands separated from 10,000), others
+    3 significant digits (1 decimal from 100), no exponent between 0.001 and 100,000."""
+    if not np.isfinite(v):
+        return ""
+    if float(v).is_integer() and abs(v) < 1e15:
+        return f"{int(v):,}" if abs(v) >= 10000 else str(int(v))
+    if abs(v) >= 1e5 or abs(v) < 1e-3:
+        return f"{v:.2e}"
+    if abs(v) >= 100:
+        return f"{v:.1f}"
+    return f"{v:.3g}"
+
+
 def format_value(value: object, column: str) -> tuple[str, bool]:
     """(text, numeric?) of a table cell."""
     if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
@@ -114,10 +187,8 @@ def format_value(value: object, column: str) -> tuple[str, bool]:
     if isinstance(value, (float, np.floating)):
         v = float(value)
         if column in ("p", "q") or column.startswith(("p ", "q ")):
-            return (f"{v:.1e}" if v < 0.001 else f"{v:.3f}"), True
-        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
-            return f"{v:.3g}", True
-        return f"{v:.4g}" if abs(v) < 100 else f"{v:.1f}", True
+            return format_p(v), True
+        return format_number(v), True
     return str(value), False
 
 
@@ -134,7 +205,7 @@ def table(
     """A DataFrame as an HTML table (escaped); long tables fold into <details> and scroll; at most
     ``max_rows`` rows are shown (the CSV beside the report has them all)."""
     shown = df.head(max_rows)
-    head = "".join(f"<th>{esc(c)}</th>" for c in shown.columns)
+    head = "".join(f"<th>{esc(header(c))}</th>" for c in shown.columns)
     body = []
     classes = list(row_class) if row_class is not None else [""] * len(df)
     for i, rec in enumerate(shown.itertuples(index=False, name=None)):

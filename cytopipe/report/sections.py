@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cytopipe.errors import CytopipeError
+from cytopipe.report import batches as B
 from cytopipe.report import figures as F
 from cytopipe.report import html as H
 from cytopipe.report.data import RunData
@@ -175,6 +176,39 @@ def overview(b: Builder) -> H.Section:
 _FLAG_SPLIT = re.compile(r"; (?=(?:gate |qc_|QC |sample ))")
 
 
+def _flag_rows(samples: pd.DataFrame) -> pd.DataFrame:
+    """One row per flag: sample, status, what it concerns (a gate's population, or QC) and the
+    message without the repeated population name ("gate Treg: Treg: only ..." -> "only ...")."""
+    rows = []
+    for rec in samples.itertuples(index=False):
+        text = getattr(rec, "flags", None)
+        if not (isinstance(text, str) and text.strip()):
+            continue
+        for flag in _FLAG_SPLIT.split(text):
+            what, message = "sample", flag.strip()
+            m = re.match(r"gate (.+?): (.*)$", message)
+            if m:
+                what, message = m.group(1), m.group(2)
+                if message.startswith(f"{what}: "):
+                    message = message[len(what) + 2 :]
+            else:
+                m = re.match(r"(qc_[a-z_]+|high_qc_loss|[a-z_]+): (.*)$", message)
+                if m:
+                    what, message = "QC", m.group(2)
+            rows.append({"sample_id": rec.sample_id, "status": rec.status, "concerns": what, "flag": message})
+    return pd.DataFrame(rows, columns=["sample_id", "status", "concerns", "flag"])
+
+
+#: human headers of the per-file QC table (CSV keeps the column names)
+QC_HEADERS = {
+    "sample_id": "Sample", "patient_id": "Patient", "visit": "Week", "arm": "Arm", "batch": "Batch",
+    "site": "Site", "status": "Status", "events_before_qc": "Events in file",
+    "qc_margin_events": "Removed: margin events", "qc_time_events": "Removed: unstable acquisition",
+    "removed": "Removed in all", "removed_pct": "% removed", "events_after_qc": "Events kept",
+    "qc_worst_channel": "Worst channel", "qc_note": "QC note", "error": "Error",
+}  # fmt: skip
+
+
 def run_summary(b: Builder) -> H.Section:
     d = b.data
     s = H.Section("qc", "Run summary and QC")
@@ -184,7 +218,8 @@ def run_summary(b: Builder) -> H.Section:
             "The run folder has no samples.parquet, so per-file QC is unknown; the table lists the "
             "samples found in population_stats.", "note"))  # fmt: skip
         root = d.population_stats.drop_duplicates("sample_id")
-        s.add(b.table(root[["sample_id", "patient_id", "visit", "arm"]], "samples", "Samples."))
+        shown = root[["sample_id", "patient_id", "visit", "arm"]]
+        s.add(b.table(shown, "samples", "Samples.", shown=shown.rename(columns=QC_HEADERS)))
         return s
     samples = samples.copy()
     control = (
@@ -192,53 +227,86 @@ def run_summary(b: Builder) -> H.Section:
         if "control" in samples
         else pd.Series("", index=samples.index)
     )
-    before = pd.to_numeric(samples.get("events_before_qc"), errors="coerce")
-    after = pd.to_numeric(samples.get("events_after_qc"), errors="coerce")
-    samples["kept_pct"] = 100 * after / before
-    n = len(samples)
+    is_control = control != ""
+    controls, samples = samples[is_control], samples[~is_control]
+    for col in ("events_before_qc", "events_after_qc", "qc_margin_events", "qc_time_events"):
+        samples[col] = pd.to_numeric(samples[col], errors="coerce") if col in samples else np.nan
+    before, after = samples["events_before_qc"], samples["events_after_qc"]
+    samples["removed"] = before - after
+    with np.errstate(invalid="ignore", divide="ignore"):
+        samples["removed_pct"] = 100 * samples["removed"] / before
     counts = samples["status"].astype(str).value_counts()
+    removed = int(np.nansum(samples["removed"]))
+    touched = int((samples["removed"] > 0).sum())
+    total = int(np.nansum(before[after.notna()]))
     s.add(H.paragraph(
-        f"{n} files ({int((control != '').sum())} compensation controls): {int(counts.get('ok', 0))} ok, "
-        f"{int(counts.get('flagged', 0))} flagged, {int(counts.get('failed', 0))} failed. Event QC kept "
-        f"{int(np.nansum(after)):,} of {int(np.nansum(before)):,} events "
-        f"(median per file {np.nanmedian(samples['kept_pct']) if samples['kept_pct'].notna().any() else float('nan'):.1f}%)."))  # fmt: skip
-    if {"events_before_qc", "events_after_qc"} <= set(samples.columns):
+        f"{len(samples)} samples: {int(counts.get('ok', 0))} ok, {int(counts.get('flagged', 0))} flagged, "
+        f"{int(counts.get('failed', 0))} failed; and {len(controls)} compensation controls, which only estimate "
+        "the spillover matrix (no event QC, not in the analysis). "
+        + (f"Event QC removed {removed:,} of {total:,} events ({100 * removed / total:.1f}%) from {touched} of "
+           f"{int(after.notna().sum())} samples: {int(np.nansum(samples['qc_margin_events'])):,} margin events "
+           f"(saturated or off-scale), {int(np.nansum(samples['qc_time_events'])):,} from unstable acquisition "
+           "(clogs, flow spikes)." if total and removed
+           else "Event QC removed no event from any sample." if total else "")))  # fmt: skip
+    if {"events_before_qc", "events_after_qc"} <= set(samples.columns) and before.notna().any():
         s.add(b.figure(
-            F.qc_events_figure(samples), "qc-events", "Events kept by QC per file",
-            "Each point is one FCS file: its size (x) and the share of its events kept after event QC "
-            "(margin events and unstable acquisition time removed; y). Files that lost an unusual share "
-            "are flagged; failed files have no events after QC and sit at 0."))  # fmt: skip
+            F.qc_events_figure(samples), "qc-events", "Events kept by QC per sample",
+            "Each point is one sample (controls are not QC'd and not shown): its size (x) and the share of its "
+            "events kept after event QC (margin events and unstable acquisition time removed; y). Samples that "
+            "lost an unusual share are flagged; failed files have no events after QC and sit at 0."))  # fmt: skip
+    s.sub("qc-removed", "Events removed by each QC rule")
+    hit = samples[samples["removed"] > 0].sort_values("removed_pct", ascending=False)
+    cols = ["sample_id", "status", "events_before_qc", "qc_margin_events", "qc_time_events", "removed",
+            "removed_pct", "events_after_qc", "qc_worst_channel", "qc_note"]  # fmt: skip
+    cols = [c for c in cols if c in samples.columns]
+    if hit.empty:
+        s.add(H.paragraph("No QC rule removed any event."))
+    else:
+        s.add(b.table(hit[cols], "qc_removed", "Samples from which event QC removed events, per rule: margin "
+                      "events (at the detector's limits) and events from unstable acquisition (time bins whose "
+                      "rate or signal departs from the file's own).", shown=hit[cols].rename(columns=QC_HEADERS),
+                      collapse_over=25))  # fmt: skip
     failed = samples[samples["status"].astype(str) == "failed"]
     s.sub("qc-failures", "Failures")
     if failed.empty:
         s.add(H.paragraph("No file failed."))
     else:
-        cols = [c for c in ("sample_id", "file", "failed_step", "error") if c in failed.columns]
-        s.add(b.table(failed[cols], "failures", "Files that could not be processed, with the reason. "
-                      "They are not in any other table or figure.", collapse_over=60))  # fmt: skip
+        cols_f = [c for c in ("sample_id", "file", "failed_step", "error") if c in failed.columns]
+        s.add(b.table(failed[cols_f], "failures", "Files that could not be processed, with the reason. "
+                      "They are not in any other table or figure.", collapse_over=60,
+                      shown=failed[cols_f].rename(columns={**QC_HEADERS, "file": "File", "failed_step": "Step"})))  # fmt: skip
     s.sub("qc-flags", "Flags")
-    flag_rows = []
-    for rec in samples.itertuples(index=False):
-        text = getattr(rec, "flags", None)
-        if isinstance(text, str) and text.strip():
-            for flag in _FLAG_SPLIT.split(text):
-                flag_rows.append({"sample_id": rec.sample_id, "status": rec.status, "flag": flag})
-    if flag_rows:
-        s.add(b.table(pd.DataFrame(flag_rows), "flags",
+    flags = _flag_rows(samples)
+    if len(flags):
+        s.add(b.table(flags, "flags",
                       "One row per flag: gates that fell back to a pooled estimate, populations with few parent "
-                      "events, files that lost an unusual share of events. Flagged samples stay in the analysis; "
-                      "review them in the gate gallery.", collapse_over=30))  # fmt: skip
+                      "events, samples that lost an unusual share of events. Flagged samples stay in the analysis; "
+                      "review them in the gate gallery.", collapse_over=30,
+                      shown=flags.rename(columns={"sample_id": "Sample", "status": "Status", "concerns": "Concerns",
+                                                  "flag": "Flag"})))  # fmt: skip
     else:
         s.add(H.paragraph("No flags."))
     s.sub("qc-samples", "Per-sample table")
-    cols = [c for c in ("sample_id", "patient_id", "visit", "arm", "control", "status", "events_before_qc",
-                        "events_after_qc", "kept_pct", "qc_margin_events", "qc_time_events", "qc_note", "error")
+    cols = [c for c in ("sample_id", "patient_id", "visit", "arm", "batch", "site", "status", "events_before_qc",
+                        "qc_margin_events", "qc_time_events", "removed_pct", "events_after_qc", "qc_note", "error")
             if c in samples.columns]  # fmt: skip
     classes = [
         "bad" if st == "failed" else "warn" if st == "flagged" else "" for st in samples["status"].astype(str)
     ]
-    s.add(b.table(samples[cols], "samples", "Every file of the run: status, events before and after QC, and "
-                  "events removed by the margin and time checks.", row_class=classes, collapse_over=40))  # fmt: skip
+    s.add(b.table(samples[cols], "samples", "Every sample of the run: status, events before and after QC, and "
+                  "events removed by the margin and time checks.", row_class=classes, collapse_over=40,
+                  shown=samples[cols].rename(columns=QC_HEADERS)))  # fmt: skip
+    if len(controls):
+        s.sub("qc-controls", "Compensation controls")
+        cols = [
+            c
+            for c in ("sample_id", "control", "status", "events_before_qc", "error")
+            if c in controls.columns
+        ]
+        s.add(b.table(controls[cols], "controls", "Single-stain controls used to estimate the spillover matrix. "
+                      "They are not event-QC'd and not analysed.", collapse_over=20,
+                      shown=controls[cols].rename(columns={**QC_HEADERS, "control": "Control",
+                                                          "events_before_qc": "Events"})))  # fmt: skip
     return s
 
 
@@ -370,18 +438,17 @@ def dynamics(b: Builder) -> H.Section:
     if note:
         s.add(H.paragraph(note, "note"))
     pops = [p for p in d.populations if p in set(ps["population"])]
-    n_patients = ps["patient_id"].nunique()
-    show_ci = "pct_ci_low" in ps.columns and n_patients <= 60
-    ci_text = (" Thin vertical bars are each sample's 95% Wilson interval of its frequency, from its event "
-               "counts (how precisely that sample's frequency is measured).") if show_ci else ""  # fmt: skip
     s.add(H.paragraph(
         "How each population changes over the trial, by arm. Frequencies are % of the parent population "
-        "named on the axis. Thin lines: individual patients; thick lines: arm means with 95% confidence "
-        "intervals (t interval over patients)."))  # fmt: skip
+        "named on the axis. Faint lines: individual patients; points with bars: arm means with 95% "
+        "confidence intervals, the arms side by side at each visit. The intervals of the means are t "
+        "intervals on the logit scale, so they stay within 0-100% (docs/reports.md); arms with fewer than 3 "
+        "patients at a visit have no bar. Each sample's own Wilson interval (from its event counts) is in "
+        "dynamics_per_sample.csv."))  # fmt: skip
     s.add(b.figure(
-        F.dynamics_figure(ps, summary, pops, d.arms, b.colors, show_sample_ci=show_ci),
+        F.dynamics_figure(ps, summary, pops, d.arms, b.colors, show_sample_ci=False),
         "dynamics", "Population frequencies over visits by arm",
-        "Frequencies over visits: patients' trajectories and the arm means (95% CI)." + ci_text))  # fmt: skip
+        "Frequencies over visits: patients' trajectories and the arm means (95% CI), arms dodged."))  # fmt: skip
     s.add(b.figure(
         F.change_figure(summary, pops, d.arms, b.colors, d.baseline_visit),
         "dynamics-change", "Mean change from baseline by arm",
@@ -420,7 +487,13 @@ def clinical(b: Builder) -> H.Section:
     rates = {}
     for name in names:
         r = response_rates(ep, name)
-        rates[name] = r[r["arm"].astype(str).isin(d.arms)]
+        if len(r) and "arm" in r.columns:  # none when no patient has a visit after baseline
+            rates[name] = r[r["arm"].astype(str).isin(d.arms)]
+    if not rates:
+        s.add(H.paragraph(
+            "No response rates: responses are judged against baseline, and no patient has a visit after "
+            "baseline yet.", "note"))  # fmt: skip
+        return s
     s.add(H.paragraph(
         "Responder rates by arm and visit with Wilson 95% intervals. SRI-4: SLEDAI fell by at least 4 points, "
         "no new BILAG A and at most one new BILAG B domain, and PGA did not worsen by 0.3 or more, all vs "
@@ -615,7 +688,19 @@ def clusters(b: Builder) -> H.Section | None:
         "is assigned to the nearest node of one frozen model, so abundances are comparable across visits. "
         "Abundances are % of the parent, like gated populations, and follow the same dynamics and statistics "
         "(docs/clustering.md)."))  # fmt: skip
+    from cytopipe.report.data import tiny_metaclusters
+
+    tiny = tiny_metaclusters(cl)
+    if tiny:
+        s.add(H.paragraph(
+            f"{len(tiny)} of {k} metaclusters are empty or nearly so and are left out of the heatmaps, the "
+            "dynamics and the differential-abundance tests (their abundances are zeros and noise): "
+            + "; ".join(f"{mc}: {why}" for mc, why in sorted(tiny.items()))
+            + ". A model with fewer metaclusters (clustering: metaclusters) would not make them.", "note"))  # fmt: skip
+        cl = cl[~cl[name_col].astype(str).isin(tiny)]
     mcs = _read_optional(folder / FILES["metaclusters"])
+    if mcs is not None and tiny:
+        mcs = mcs[~mcs["metacluster"].astype(str).isin(tiny)]
     med_cols = [c for c in (mcs.columns if mcs is not None else []) if c.startswith("median_")]
     if mcs is not None and med_cols:
         from cytopipe.cluster import plot_heatmap
@@ -665,6 +750,8 @@ def clusters(b: Builder) -> H.Section | None:
                        "(right). Where colours agree, clusters and gates describe the same cells; distances "
                        "between far-apart islands mean little."))  # fmt: skip
     conc = _read_optional(folder / FILES["concordance"])
+    if conc is not None and tiny and "metacluster" in conc.columns:
+        conc = conc[~conc["metacluster"].astype(str).isin(tiny)]
     summary = _read_optional(folder / FILES["concordance_summary"])
     if conc is not None and len(conc):
         from cytopipe.cluster import plot_concordance
@@ -719,7 +806,7 @@ def _cluster_statistics(b: Builder, s: H.Section, cl: pd.DataFrame, name_col: st
         return
     names = set(cl[name_col].astype(str))
     fam = st["family"].astype(str)
-    rows = st[fam.str.startswith("cluster_")]
+    rows = st[fam.str.startswith("cluster_") & st["population"].astype(str).isin(names)]
     prefix = "cluster_"
     if rows.empty:  # metacluster rows computed alongside the gated populations
         rows = st[st["population"].astype(str).isin(names)]
@@ -775,21 +862,36 @@ def files(b: Builder) -> H.Section:
         for name, df in b.tables.items()
     ]
     s.add(H.table(pd.DataFrame(rows), caption="CSV files written with this report."))
-    versions = (d.info.get("versions") or {}) if isinstance(d.info, dict) else {}
-    if versions:
-        s.add(H.paragraph("Software: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + "."))
+    versions = dict((d.info.get("versions") or {}) if isinstance(d.info, dict) else {})
+    if d.info.get("cytopipe_version"):
+        versions = {"cytopipe": d.info["cytopipe_version"], **versions}
+    # the libraries the statistics, clustering and figures use (their versions where the report runs)
+    for module in ("scipy", "statsmodels", "scikit-learn", "numba", "matplotlib"):
+        if module not in versions:
+            versions[module] = _version(module)
+    s.add(H.paragraph("Software: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + "."))
     s.add(H.paragraph(
         "Methods in brief: frequencies are % of the parent population; Wilson intervals carry each sample's "
-        "event counts; arm means use t intervals; changes are visit minus baseline; statistics as in "
+        "event counts; arm means use t intervals on the logit scale (inside 0-100%); changes are visit minus baseline; statistics as in "
         "docs/statistics.md (Mann-Whitney, Jonckheere-Terpstra, mixed model, chi-square for response rates, "
         "Spearman correlations, Benjamini-Hochberg within each family); the gate outlier rule as in "
         "docs/reports.md."))  # fmt: skip
     return s
 
 
+def _version(module: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(module)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 SECTIONS: list[Callable[[Builder], H.Section | None]] = [
     overview,
     run_summary,
+    B.section,
     gate_gallery,
     dynamics,
     clinical,

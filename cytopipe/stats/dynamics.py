@@ -161,7 +161,9 @@ def baseline_change(
     out["log2fc"] = out["_log2"] - base["_log2"].reindex(idx).to_numpy()
     out = out.drop(columns=["_log2"])
     front = ["patient_id", "arm", "population", "parent", "visit", "value", "baseline", "change", "log2fc"]
-    return out[front + [c for c in out.columns if c not in front]]
+    out = out[front + [c for c in out.columns if c not in front]]
+    out.attrs["measure"] = measure  # summarise_by_arm: percentages get intervals within 0-100
+    return out
 
 
 AUC_COLUMNS = [
@@ -253,15 +255,25 @@ def _window_auc(wide: pd.DataFrame, start: int, end: int | None) -> tuple[np.nda
     return auc, n_visits, np.full(rows, float(end))
 
 
-def summarise_by_arm(dynamics: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+def summarise_by_arm(
+    dynamics: pd.DataFrame, alpha: float = 0.05, percent: bool | None = None
+) -> pd.DataFrame:
     """Arm-level summary of :func:`baseline_change` output, one row per population, arm and visit.
 
-    Columns: ``population, parent, arm, visit, n, mean, sd, median, ci_low, ci_high`` (t interval of
+    Columns: ``population, parent, arm, visit, n, mean, sd, median, ci_low, ci_high`` (interval of
     the mean value), ``mean_change, change_ci_low, change_ci_high`` and ``median_log2fc``: what the
     report draws as "arm mean with CI" over the patients' lines.
+
+    ``percent`` (default: the measure of :func:`baseline_change` starts with ``pct``): the values
+    are percentages, so the interval of the mean is a t interval on the logit scale (delta method:
+    ``expit(logit(m) +- t SE / (m (1 - m)))``), which always lies inside 0-100 and contains the
+    mean; the change interval (a t interval in percentage points) is clipped to -100..100.
+    Otherwise both are plain t intervals.
     """
     from scipy import stats as sps
 
+    if percent is None:
+        percent = str(dynamics.attrs.get("measure", "")).startswith("pct")
     rows = []
     for (pop, arm, visit), g in dynamics.groupby(["population", "arm", "visit"], sort=True):
         v = g["value"].to_numpy(dtype=float)
@@ -276,8 +288,13 @@ def summarise_by_arm(dynamics: pd.DataFrame, alpha: float = 0.05) -> pd.DataFram
                 else np.nan
             )
             out["mean" if not prefix else "mean_change"] = mean
-            out[f"{prefix}ci_low"] = mean - half
-            out[f"{prefix}ci_high"] = mean + half
+            low, high = mean - half, mean + half
+            if percent and not prefix:
+                low, high = _logit_interval(mean, half)
+            elif percent:
+                low, high = max(low, -100.0), min(high, 100.0)
+            out[f"{prefix}ci_low"] = low
+            out[f"{prefix}ci_high"] = high
         out["sd"] = float(np.std(v, ddof=1)) if len(v) > 1 else np.nan
         out["median"] = float(np.median(v)) if len(v) else np.nan
         out["median_log2fc"] = float(np.nanmedian(g["log2fc"])) if g["log2fc"].notna().any() else np.nan
@@ -285,3 +302,16 @@ def summarise_by_arm(dynamics: pd.DataFrame, alpha: float = 0.05) -> pd.DataFram
     cols = ["population", "parent", "arm", "visit", "n", "mean", "sd", "median", "ci_low", "ci_high",
             "mean_change", "change_ci_low", "change_ci_high", "median_log2fc"]  # fmt: skip
     return pd.DataFrame(rows, columns=cols)
+
+
+def _logit_interval(mean_pct: float, half_pct: float) -> tuple[float, float]:
+    """The t interval ``mean +- half`` (percent) moved to the logit scale by the delta method and
+    back: inside 0-100, around the mean. A mean of exactly 0 or 100 (every patient at the bound)
+    gives the one-sided interval of the plain t interval clipped to the range."""
+    if not (np.isfinite(mean_pct) and np.isfinite(half_pct)):
+        return np.nan, np.nan
+    m = mean_pct / 100
+    if m <= 0 or m >= 1 or half_pct == 0:
+        return max(mean_pct - half_pct, 0.0), min(mean_pct + half_pct, 100.0)
+    centre, half = np.log(m / (1 - m)), (half_pct / 100) / (m * (1 - m))
+    return float(100 / (1 + np.exp(-(centre - half)))), float(100 / (1 + np.exp(-(centre + half))))

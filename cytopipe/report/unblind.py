@@ -1,0 +1,103 @@
+"""``cytopipe unblind RUN_DIR --key FILE``: the deliberate end of a run folder's blinding.
+
+A blinded run folder (``cytopipe report --blinded``, ``blinded: true`` in the workflow) holds arm
+codes instead of arm names in every table, catalog, run.json and report, and every command that
+writes into it keeps it so. Unblinding needs material from outside the folder: the blinding key
+(CSV ``arm,code`` or JSON ``{arm: code}``) or the study manifest (its ``arm`` column; each arm is
+matched to its code by the salted hash kept in run.json). It rewrites the folder's tables with the
+arm names, writes an unblinded report when the folder had one, and logs the act (time, user, the
+key file's SHA-256) in run.json's ``blinding.log``, which later blinding keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cytopipe.errors import ReportError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a blinded run folder")
+    parser.add_argument(
+        "--key",
+        metavar="FILE",
+        required=True,
+        help="the blinding key (CSV arm,code or JSON {arm: code}) or the study manifest (its arm column)",
+    )
+    parser.add_argument("--no-report", action="store_true", help="do not write the unblinded report")
+
+
+def run(args: argparse.Namespace) -> int:
+    done = unblind_run(args.run_dir, args.key, report=not args.no_report)
+    print(f"unblinded {done['run_dir']}: {len(done['codes'])} arms, {len(done['files'])} files rewritten; "
+          "logged in run.json (blinding.log)")  # fmt: skip
+    return 0
+
+
+def _key_codes(record: dict[str, Any], key: Path) -> dict[str, str]:
+    from cytopipe.report.blinding import _read_key, codes_of_record, record_codes
+
+    if not key.is_file():
+        raise ReportError("key file not found", file=key)
+    if key.suffix.lower() == ".json":
+        mapping = _read_key(key)
+    else:
+        try:
+            head = pd.read_csv(key, dtype=str, keep_default_na=False, nrows=0)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise ReportError(f"cannot read the key ({exc})", file=key) from None
+        if "code" in head.columns:
+            mapping = _read_key(key)
+        elif "arm" in head.columns:  # the manifest: arms matched to codes by the record's hashes
+            arms = pd.read_csv(key, dtype=str, keep_default_na=False)["arm"]
+            return codes_of_record(record, [a for a in arms if a.strip()], key)
+        else:
+            raise ReportError(
+                "the key needs columns arm,code (a blinding key) or arm (the manifest)", file=key
+            )
+    matched = record_codes(record, mapping)
+    wrong = sorted(a for a in mapping if a in matched and matched[a] != mapping[a])
+    wrong += sorted(a for a in mapping if a not in matched)
+    missing = sorted(set(record.get("codes") or {}) - set(matched.values()))
+    if wrong or missing:
+        raise ReportError(
+            "this key does not match the codes the run folder was blinded with "
+            f"({len(wrong)} arm(s) with another code, {len(missing)} code(s) without an arm); nothing was changed",
+            file=key,
+        )
+    return matched
+
+
+def unblind_run(run_dir: str | Path, key: str | Path, report: bool = True) -> dict[str, Any]:
+    """Unblind a run folder with its key (see the module docstring); returns what was done."""
+    from cytopipe.report.blinding import RECORD, _now, _user, recode_folder, recode_obj, run_record
+    from cytopipe.store import read_run_info
+
+    run_dir, key = Path(run_dir), Path(key)
+    info = read_run_info(run_dir)
+    record = run_record(info)
+    if record is None:
+        raise ReportError("this run folder is not blinded; there is nothing to unblind", file=run_dir)
+    codes = _key_codes(record, key)
+    had_report = (run_dir / "report.html").is_file()
+    entry = {
+        "action": "unblinded",
+        "at": _now(),
+        "by": "cytopipe unblind --key",
+        "user": _user(),
+        "key": key.name,
+        "key_sha256": hashlib.sha256(key.read_bytes()).hexdigest(),
+    }
+    new_info = recode_obj({k: v for k, v in info.items() if k != RECORD}, codes, unblind=True)
+    new_info[RECORD] = {"blinded": False, "log": [*record.get("log", []), entry]}
+    files = recode_folder(run_dir, codes, new_info, unblind=True)
+    if report and had_report:
+        from cytopipe.report import write_report
+
+        write_report(run_dir)
+    return {"run_dir": str(run_dir), "codes": codes, "files": files, "log": entry}
