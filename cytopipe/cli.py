@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cluster": ("cytopipe.cluster_command", "train or re-map FlowSOM clusters on a run folder"),
     "report": ("cytopipe.report", "write report.html for a run folder"),
     "export": ("cytopipe.export", "export events of a run as AnnData or FCS"),
+    "serve": ("cytopipe.serve", "a study workspace in the browser: uploads, runs, results"),
 }
 
 

@@ -137,3 +137,7 @@ class StoreError(CytopipeError):
 
 class ReportError(CytopipeError):
     """A report cannot be produced."""
+
+
+class ServeError(CytopipeError):
+    """``cytopipe serve`` cannot start (unsafe host without accounts, bad limits, database)."""
