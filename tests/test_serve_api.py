@@ -15,18 +15,12 @@ import subprocess
 
 import pytest
 
+from tests import serve_support
 from tests.pipeline_support import REPO, cli_env, truncate_fcs
-from tests.serve_support import (  # noqa: F401  (fixtures)
-    PASSWORD,
-    STUDY,
-    Client,
-    Server,
-    backend,
-    fresh_database,
-    serve_trial,
-    trial_files,
-    trial_manifest,
-)
+from tests.serve_support import PASSWORD, STUDY, Client, Server, fresh_database, trial_files, trial_manifest
+
+backend = serve_support.backend  # fixtures shared with the other serve modules
+serve_trial = serve_support.serve_trial
 
 LIMIT = 1_000_000  # --max-file-size of this module's server
 
