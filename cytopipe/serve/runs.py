@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -226,14 +227,25 @@ class RunManager:
                 os.killpg(run.pid, signal.SIGTERM)  # the worker and its Dask processes
             except OSError:
                 pass
-            threading.Timer(10.0, _kill_group, args=(run.pid,)).start()
+            threading.Thread(target=self._reap, args=(run.pid,), daemon=True).start()
 
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
+    def _reap(self, pid: int, grace: float = 10.0) -> None:
+        """After a cancel: SIGKILL the group if it outlives ``grace``; collect our child's exit."""
+        with self._lock:
+            proc = self._children.pop(pid, None)
+        if proc is not None:
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            time.sleep(grace)
+        try:
+            os.killpg(pid, signal.SIGKILL)  # Dask processes left behind, or a worker ignoring SIGTERM
+        except OSError:
+            pass
+        if proc is not None:
+            proc.wait()
 
 
 def tail(path: Path, lines: int) -> str:
