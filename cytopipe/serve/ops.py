@@ -175,7 +175,7 @@ async def upload_file(
         )
     else:
         path = ws.store.adopt(got.tmp, got.sha256)
-        checked = await run_in_threadpool(validate_blob, path, name)
+        checked = await run_in_threadpool(validate_blob, path, name, got.sha256)
         status, reason, notes, info = checked["status"], checked["reason"], checked["notes"], checked["info"]
     with ws.sessions() as db:
         if batch_id:
