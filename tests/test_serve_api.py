@@ -257,6 +257,9 @@ def test_pages_render_for_a_signed_in_user(server, study):
         assert r.status_code == 200 and "security study" in ana.get("/studies").text
         assert "default-src 'self'" in r.headers["content-security-policy"]
     assert ana.get("/users").status_code == 403
+    docs = ana.get("/api/docs")  # our own page (FastAPI's Swagger UI would load from a CDN)
+    assert docs.status_code == 200 and "/api/studies/{study_id}/uploads" in docs.text
+    assert "cdn" not in docs.text.lower()
     # html in names is escaped, never markup
     r = ana.post("/api/studies", json={"name": "<script>alert(1)</script>", **STUDY}, headers=ana.h)
     assert r.status_code == 201
