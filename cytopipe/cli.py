@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "unblind": ("cytopipe.report.unblind", "unblind a blinded run folder with its key (logged in run.json)"),
     "export": ("cytopipe.export", "export events of a run as AnnData or FCS"),
     "reconcile": ("cytopipe.gating.reconcile", "compare cytopipe's counts with a FlowJo workspace's"),
+    "serve": ("cytopipe.serve", "a study workspace in the browser: uploads, runs, results"),
 }
 
 

@@ -210,3 +210,7 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno in OutputWriteError._ADVICE:
         return EXIT_OUTPUT
     return EXIT_INTERNAL
+
+
+class ServeError(CytopipeError):
+    """``cytopipe serve`` cannot start (unsafe host without accounts, bad limits, database)."""

@@ -130,15 +130,16 @@ def validate_paths(paths: list[Path]) -> tuple[list[FileReport], list[dict[str, 
     return reports, problems, inputs
 
 
-def validate_file(path: str | Path, display: str | None = None) -> FileReport:
-    """Read every data set of one file; never raises. ``display`` is the name shown."""
+def validate_file(path: str | Path, display: str | None = None, sha256: str | None = None) -> FileReport:
+    """Read every data set of one file; never raises. ``display`` is the name shown; ``sha256``
+    the content's hash when the caller has it already (``cytopipe serve`` hashes while uploading)."""
     from cytopipe.errors import CytopipeError
     from cytopipe.fcs import read_fcs
 
     path = Path(path)
     report = FileReport(file=display or str(path))
     try:
-        report.sha256 = _sha256(path)
+        report.sha256 = sha256 or _sha256(path)
     except CytopipeError as exc:  # a FIFO, a device, a folder: never read (it would block or never end)
         report.error, report.error_type = _message(exc), type(exc).__name__
         return report

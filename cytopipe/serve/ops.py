@@ -1,0 +1,320 @@
+"""Workspace operations shared by the HTML pages and the JSON API (each one audited)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session as DBSession
+
+from cytopipe.serve import audit
+from cytopipe.serve.auth import AuthError
+from cytopipe.serve.db import Batch, Run, Sample, Study, Template, Upload
+from cytopipe.serve.storage import (
+    BlobStore,
+    UploadRefused,
+    check_disk,
+    describe_magic,
+    pattern_regex,
+    propose_mapping,
+    read_table_rows,
+    receive,
+    sanitise_name,
+    validate_blob,
+)
+
+MAX_TABLE_BYTES = 20 << 20
+
+
+def template_choices() -> dict[str, Path]:
+    """Gating templates shipped with the project (``gating/*.yaml`` next to the package)."""
+    folder = Path(__file__).resolve().parents[2] / "gating"
+    return {p.name: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def study_dict(study: Study) -> dict[str, Any]:
+    return {"id": study.id, "name": study.name, "arms": study.arms, "visits": study.visits,
+            "settings": study.settings, "pattern": study.pattern, "template_id": study.template_id,
+            "clinical": study.clinical_name, "manifest": study.manifest_name,
+            "created_by": study.created_by, "created_at": study.created_at.isoformat()}  # fmt: skip
+
+
+def upload_dict(up: Upload) -> dict[str, Any]:
+    return {"id": up.id, "name": up.name, "sha256": up.sha256, "size": up.size, "status": up.status,
+            "reason": up.reason, "notes": up.notes, "events": (up.info or {}).get("events"),
+            "uploaded_by": up.uploaded_by, "uploaded_at": up.uploaded_at.isoformat()}  # fmt: skip
+
+
+def run_dict(run: Run) -> dict[str, Any]:
+    return {"id": run.id, "study_id": run.study_id, "status": run.status, "attempts": run.attempts,
+            "exit_code": run.exit_code, "error": run.error, "n_samples": run.n_samples, "pid": run.pid,
+            "started_by": run.started_by, "created_at": run.created_at.isoformat(),
+            "finished_at": run.finished_at.isoformat() if run.finished_at else None}  # fmt: skip
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip() for w in text.replace(";", ",").split(",") if w.strip()]
+
+
+def create_study(db: DBSession, user: str, values: dict[str, Any]) -> Study:
+    name = " ".join(str(values.get("name", "")).split())
+    if not name or len(name) > 200:
+        raise AuthError(400, "a study needs a name (at most 200 characters)")
+    if db.scalar(select(Study).where(Study.name == name)):
+        raise AuthError(409, f"a study named {name!r} exists already")
+    arms = values.get("arms") or []
+    arms = _words(arms) if isinstance(arms, str) else [str(a) for a in arms]
+    visits = values.get("visits") or []
+    try:
+        visits = [int(v) for v in (_words(visits) if isinstance(visits, str) else visits)]
+    except ValueError:
+        raise AuthError(
+            400, "visits are study weeks, whole numbers separated by commas (e.g. 0, 4, 12)"
+        ) from None
+    pattern = str(values.get("pattern") or "{patient}_W{visit}.fcs")
+    try:
+        pattern_regex(pattern)
+    except ValueError as exc:
+        raise AuthError(400, str(exc)) from None
+    settings = {"seed": int(values.get("seed") or 0), "workers": str(values.get("workers") or "auto"),
+                "clustering": bool(values.get("clustering")), "blinded": bool(values.get("blinded")),
+                "report": bool(values.get("report", True))}  # fmt: skip
+    study = Study(name=name, arms=arms, visits=visits, settings=settings, pattern=pattern, created_by=user)
+    db.add(study)
+    db.flush()
+    yaml_text = values.get("template_yaml")
+    template_name = str(values.get("template") or "")
+    if not yaml_text:
+        choices = template_choices()
+        if template_name not in choices:
+            raise AuthError(400, f"template {template_name!r} is unknown; choose one of {sorted(choices)}")
+        yaml_text = choices[template_name].read_text(encoding="utf-8")
+    _check_template(yaml_text)
+    tpl = Template(study_id=study.id, version=1, name=template_name or "template.yaml", yaml=yaml_text,
+                   sha256=hashlib.sha256(yaml_text.encode()).hexdigest(), created_by=user)  # fmt: skip
+    db.add(tpl)
+    db.flush()
+    study.template_id = tpl.id
+    audit.record(
+        db, user, "study.create", "study", study.id, None, {**study_dict(study), "template": tpl.name}
+    )
+    return study
+
+
+def _check_template(text: str) -> None:
+    import tempfile
+
+    from cytopipe.errors import CytopipeError
+    from cytopipe.gating.template import load_template
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        try:
+            load_template(fh.name)
+        except CytopipeError as exc:
+            raise AuthError(400, f"the gating template is not valid: {exc}") from None
+
+
+def get_study(db: DBSession, study_id: int) -> Study:
+    study = db.get(Study, study_id)
+    if study is None:
+        raise AuthError(404, f"study {study_id} not found")
+    return study
+
+
+def new_batch(
+    db: DBSession, cfg: Any, store: BlobStore, study: Study, user: str, files: int, size: int
+) -> Batch:
+    if size > cfg.max_batch_bytes:
+        raise UploadRefused(413, f"the batch ({size / 1e6:.1f} MB) is larger than the limit of "
+                                 f"{cfg.max_batch_bytes / 1e6:.1f} MB; upload it in parts")  # fmt: skip
+    check_disk(store, size)
+    batch = Batch(study_id=study.id, declared_files=files, declared_bytes=size, created_by=user)
+    db.add(batch)
+    db.flush()
+    audit.record(db, user, "upload.batch", "batch", batch.id, None, {"study_id": study.id, "files": files,
+                                                                      "bytes": size})  # fmt: skip
+    return batch
+
+
+async def upload_file(
+    ws: Any, study_id: int, user: str, raw_name: str, chunks: AsyncIterator[bytes],
+    length: int | None, batch_id: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Receive one file; returns its row (status ok / warning / rejected, reason, duplicate)."""
+    from starlette.concurrency import run_in_threadpool
+
+    cfg = ws.config
+    name = sanitise_name(raw_name)
+    limit = cfg.max_file_bytes
+    with ws.sessions() as db:
+        get_study(db, study_id)
+        batch = db.get(Batch, batch_id) if batch_id else None
+        if batch_id and (batch is None or batch.study_id != study_id):
+            raise AuthError(404, f"batch {batch_id} not found in this study")
+        if batch is not None:
+            limit = min(limit, batch.declared_bytes - batch.received_bytes)
+    if length is not None and length > cfg.max_file_bytes:
+        raise UploadRefused(413, f"{name}: larger than the file limit of {cfg.max_file_bytes / 1e6:.1f} MB")
+    if length is not None and length > limit:
+        raise UploadRefused(413, f"{name}: more bytes than the batch declared")
+    check_disk(ws.store, length or 0)
+    got = await receive(chunks, ws.store, limit)
+    result: dict[str, Any]
+    if got.tmp is None:
+        status, reason, notes, info = (
+            "rejected",
+            f"not an FCS file: the content is {describe_magic(got.head)} "
+            "(FCS files start with 'FCS3.1', 'FCS3.0' or 'FCS2.0'; the extension does not count)",
+            [],
+            {},
+        )
+    else:
+        path = ws.store.adopt(got.tmp, got.sha256)
+        checked = await run_in_threadpool(validate_blob, path, name, got.sha256)
+        status, reason, notes, info = checked["status"], checked["reason"], checked["notes"], checked["info"]
+    with ws.sessions() as db:
+        if batch_id:
+            b = db.get(Batch, batch_id)
+            b.received_bytes += got.size
+        existing = db.scalar(select(Upload).where(Upload.study_id == study_id, Upload.sha256 == got.sha256))
+        if existing is not None:
+            result = {**upload_dict(existing), "duplicate": True,
+                      "message": f"same content as {existing.name!r}, uploaded {existing.uploaded_at:%Y-%m-%d %H:%M} "
+                                 f"UTC by {existing.uploaded_by}; kept once"}  # fmt: skip
+            audit.record(
+                db,
+                user,
+                "upload.duplicate",
+                "upload",
+                existing.id,
+                None,
+                {"name": name, "sha256": got.sha256},
+            )
+            db.commit()
+            return result
+        up = Upload(study_id=study_id, batch_id=batch_id, sha256=got.sha256, name=name, size=got.size,
+                    stored=got.tmp is not None, status=status, reason=reason or "", notes=notes, info=info,
+                    uploaded_by=user)  # fmt: skip
+        db.add(up)
+        db.flush()
+        audit.record(db, user, "upload.file", "upload", up.id, None,
+                     {"study_id": study_id, "name": name, "original_name": str(raw_name)[:300],
+                      "sha256": got.sha256, "size": got.size, "status": status, "reason": reason})  # fmt: skip
+        db.commit()
+        return {**upload_dict(up), "duplicate": False}
+
+
+async def upload_table(ws: Any, study_id: int, user: str, kind: str, raw_name: str, chunks) -> dict[str, Any]:
+    """The study's clinical table or manifest CSV (content-addressed like the FCS files)."""
+    if kind not in ("clinical", "manifest"):
+        raise AuthError(400, "kind is 'clinical' or 'manifest'")
+    got = await receive(chunks, ws.store, MAX_TABLE_BYTES, require_fcs=False)
+    data = got.tmp.read_bytes()
+    rows = read_table_rows(data)
+    need = {
+        "clinical": {"patient_id", "visit", "arm"},
+        "manifest": {"file", "sample_id", "patient_id", "visit", "arm"},
+    }
+    missing = sorted(need[kind] - set(rows[0] if rows else {}))
+    if missing:
+        got.tmp.unlink(missing_ok=True)
+        raise AuthError(400, f"{kind} table: missing column(s) {missing} (or no rows)")
+    ws.store.adopt(got.tmp, got.sha256)
+    name = sanitise_name(raw_name, f"{kind}.csv")
+    with ws.sessions() as db:
+        study = get_study(db, study_id)
+        before = {"name": getattr(study, f"{kind}_name"), "sha256": getattr(study, f"{kind}_sha256")}
+        setattr(study, f"{kind}_sha256", got.sha256)
+        setattr(study, f"{kind}_name", name)
+        audit.record(db, user, f"study.{kind}", "study", study_id, before, {"name": name, "sha256": got.sha256,
+                                                                            "rows": len(rows)})  # fmt: skip
+        db.commit()
+    return {"kind": kind, "name": name, "sha256": got.sha256, "rows": len(rows)}
+
+
+def usable_uploads(db: DBSession, study_id: int) -> list[Upload]:
+    return list(db.scalars(select(Upload).where(Upload.study_id == study_id, Upload.status.in_(("ok", "warning")))
+                           .order_by(Upload.name)))  # fmt: skip
+
+
+def mapping(
+    db: DBSession, store: BlobStore, study: Study, pattern: str | None = None
+) -> list[dict[str, Any]]:
+    """Confirmed samples as they are, proposals for the other usable uploads."""
+    confirmed = {s.upload_id: s for s in db.scalars(select(Sample).where(Sample.study_id == study.id))}
+    todo = [u for u in usable_uploads(db, study.id) if u.id not in confirmed]
+    tables = {k: read_table_rows(store.path(sha).read_bytes()) if sha else None
+              for k, sha in (("clinical", study.clinical_sha256), ("manifest", study.manifest_sha256))}  # fmt: skip
+    try:
+        proposals = propose_mapping(todo, pattern or study.pattern, tables["clinical"], tables["manifest"])
+    except ValueError as exc:
+        raise AuthError(400, str(exc)) from None
+    uploads = {u.id: u for u in usable_uploads(db, study.id)}
+    rows = [{"upload_id": s.upload_id, "name": uploads[s.upload_id].name if s.upload_id in uploads else "?",
+             "sample_id": s.sample_id, "patient_id": s.patient_id, "visit": s.visit, "arm": s.arm,
+             "source": "confirmed", "confirmed": True} for s in confirmed.values()]  # fmt: skip
+    rows += [{**p, "confirmed": False} for p in proposals]
+    return sorted(rows, key=lambda r: r["name"])
+
+
+def confirm_mapping(
+    db: DBSession, user: str, study: Study, rows: list[dict[str, Any]], pattern: str | None
+) -> int:
+    """Store the user's (edited) mapping; every row must be complete and sample ids unique."""
+    uploads = {u.id: u for u in usable_uploads(db, study.id)}
+    existing = {s.upload_id: s for s in db.scalars(select(Sample).where(Sample.study_id == study.id))}
+    problems, seen, clean = [], set(), []
+    for i, row in enumerate(rows, 1):
+        uid = int(row.get("upload_id", 0))
+        if uid not in uploads:
+            problems.append(f"row {i}: upload {uid} is not a usable file of this study")
+            continue
+        vals = {k: " ".join(str(row.get(k) or "").split()) for k in ("sample_id", "patient_id", "arm")}
+        try:
+            visit = int(str(row.get("visit")).strip())
+        except ValueError:
+            problems.append(
+                f"{uploads[uid].name}: visit {row.get('visit')!r} is not a whole number (study week)"
+            )
+            continue
+        for k, v in vals.items():
+            if not v:
+                problems.append(f"{uploads[uid].name}: {k} is empty")
+        if vals["sample_id"] in seen:
+            problems.append(f"{uploads[uid].name}: sample_id {vals['sample_id']!r} is used twice")
+        if study.arms and vals["arm"] and vals["arm"] not in study.arms:
+            problems.append(
+                f"{uploads[uid].name}: arm {vals['arm']!r} is not one of the study's arms {study.arms}"
+            )
+        seen.add(vals["sample_id"])
+        clean.append((uid, vals, visit))
+    if problems:
+        raise AuthError(400, "the mapping was not saved: " + "; ".join(problems))
+    for uid, vals, visit in clean:
+        old = existing.get(uid)
+        if old is None:
+            db.add(Sample(study_id=study.id, upload_id=uid, visit=visit, confirmed_by=user, **vals))
+        else:
+            old.sample_id, old.patient_id, old.arm, old.visit, old.confirmed_by = (
+                vals["sample_id"], vals["patient_id"], vals["arm"], visit, user)  # fmt: skip
+    before = {"pattern": study.pattern}
+    if pattern and pattern != study.pattern:
+        pattern_regex(pattern)
+        study.pattern = pattern
+    db.flush()
+    audit.record(db, user, "mapping.confirm", "study", study.id, before,
+                 {"pattern": study.pattern, "rows": [{"upload_id": u, **v, "visit": vis} for u, v, vis in clean]})  # fmt: skip
+    return len(clean)
+
+
+def study_counts(db: DBSession, study_id: int) -> dict[str, int]:
+    def n(model, *where):
+        return int(db.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+
+    return {"uploads": n(Upload, Upload.study_id == study_id), "samples": n(Sample, Sample.study_id == study_id),
+            "runs": n(Run, Run.study_id == study_id)}  # fmt: skip

@@ -1,0 +1,199 @@
+"""Helpers of the `cytopipe serve` tests: a real server in a subprocess on a free loopback port,
+a fresh database (SQLite in its data folder, or a new database on the PostgreSQL server that
+.ci/run starts), a small simulated trial and an API client."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+from tests.pipeline_support import REPO, TEMPLATE, cli, cli_env
+
+PASSWORD = "correct horse battery"
+POSTGRES_ENV = "CYTOPIPE_TEST_POSTGRES_URL"
+BACKENDS = ["sqlite", "postgresql"]
+# 6 patients x 2 visits = 12 small files (the trial the template was not tuned on has its own seed)
+TRIAL = dict(n_patients=6, visits=(0, 4), events=3000, seed=1313, control_events=500)
+STUDY = {"template": TEMPLATE.name, "seed": 0, "workers": "1"}
+
+
+def postgres_admin_url() -> str:
+    """The PostgreSQL server of the tests; outside CI its absence skips, in CI it fails."""
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        message = f"no PostgreSQL server for the serve tests: {POSTGRES_ENV} is not set (.ci/run starts one)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
+
+
+def fresh_database(backend: str) -> tuple[str | None, callable]:
+    """(--database URL or None for SQLite, cleanup)."""
+    if backend == "sqlite":
+        return None, lambda: None
+    import psycopg
+
+    admin = postgres_admin_url()
+    name = "cytopipe_test_" + secrets.token_hex(6)
+    with psycopg.connect(admin, autocommit=True) as con:
+        con.execute(f"CREATE DATABASE {name}")
+    url = admin.rsplit("/", 1)[0] + "/" + name
+
+    def drop() -> None:
+        with psycopg.connect(admin, autocommit=True) as con:
+            con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    return url, drop
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``cytopipe serve`` in a subprocess; ``start()`` again after ``kill()`` reuses data and database."""
+
+    def __init__(self, data: Path, database: str | None, *extra: str):
+        self.data, self.database, self.extra = data, database, list(extra)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def args(self, *more: str) -> list[str]:
+        args = [sys.executable, "-m", "cytopipe", "serve", "--data", str(self.data), "--port", str(self.port),
+                "--log-level", "warning", *self.extra, *more]  # fmt: skip
+        if self.database:
+            args += ["--database", self.database]
+        return args
+
+    def start(self, create_admin: str | None = None, timeout: float = 120) -> Server:
+        more = ["--create-admin", create_admin] if create_admin else []
+        self.log = open(self.data.parent / f"server-{self.port}.log", "ab")
+        self.proc = subprocess.Popen(self.args(*more), stdin=subprocess.PIPE, stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=cli_env(), cwd=str(REPO))  # fmt: skip
+        self.proc.stdin.write((PASSWORD + "\n").encode())
+        self.proc.stdin.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited ({self.proc.returncode}):\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/login", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"the server did not answer within {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        return (self.data.parent / f"server-{self.port}.log").read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies without any shutdown (as in a power cut or OOM kill)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+    def client(self, user: str = "admin", password: str = PASSWORD) -> Client:
+        return Client(self.url, user, password)
+
+
+class Client(httpx.Client):
+    """An API client signed in as ``user``; ``h`` is the CSRF header."""
+
+    def __init__(self, url: str, user: str | None, password: str = PASSWORD):
+        super().__init__(base_url=url, timeout=120)
+        self.h: dict[str, str] = {}
+        if user:
+            r = self.post("/api/login", json={"name": user, "password": password})
+            assert r.status_code == 200, r.text
+            self.h = {"X-CSRF-Token": r.json()["csrf"]}
+
+    def upload(
+        self, study: int, path: Path, name: str | None = None, batch: int | None = None
+    ) -> httpx.Response:
+        params = {"name": name or path.name} | ({"batch": batch} if batch else {})
+        with open(path, "rb") as fh:
+            return self.put(f"/api/studies/{study}/uploads", params=params, content=fh, headers=self.h)
+
+    def wait_run(self, run_id: int, timeout: float = 600, until=None) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.get(f"/api/runs/{run_id}").json()
+            if until is not None and until(status):
+                return status
+            if until is None and status["status"] not in ("queued", "running"):
+                return status
+            time.sleep(0.5)
+        raise AssertionError(f"run {run_id} did not finish in {timeout} s: {status}")
+
+
+def make_trial(folder: Path) -> Path:
+    from cytopipe.simulate import simulate_trial
+
+    simulate_trial(folder, **TRIAL)
+    return folder
+
+
+def trial_files(trial: Path) -> list[Path]:
+    return sorted((trial / "fcs").glob("*.fcs"))
+
+
+def trial_manifest(trial: Path) -> pd.DataFrame:
+    m = pd.read_csv(trial / "manifest.csv", dtype=str)
+    return m[m["control"].isna()][["file", "sample_id", "patient_id", "visit", "arm"]].reset_index(drop=True)
+
+
+def reference_run(trial: Path, out: Path) -> Path:
+    """`cytopipe run` on the same files, with the manifest columns the workspace writes."""
+    manifest = trial / "serve_manifest.csv"
+    trial_manifest(trial).to_csv(manifest, index=False)
+    proc = cli("run", "--manifest", str(manifest), "--template", str(TEMPLATE), "--out", str(out),
+               "--seed", "0", "--workers", "1", "--no-progress", "--no-report")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def assert_same_population_stats(a: Path, b: Path) -> None:
+    pa, pb = pd.read_parquet(a / "population_stats.parquet"), pd.read_parquet(b / "population_stats.parquet")
+    assert len(pa) > 0
+    pd.testing.assert_frame_equal(pa, pb)
+
+
+# --- fixtures shared by the serve test modules (import them into the module) ---------------------
+@pytest.fixture(scope="session")
+def serve_trial(tmp_path_factory) -> Path:
+    return make_trial(tmp_path_factory.mktemp("serve_trial") / "trial")
+
+
+@pytest.fixture(scope="session")
+def serve_reference(serve_trial, tmp_path_factory) -> Path:
+    return reference_run(serve_trial, tmp_path_factory.mktemp("serve_ref") / "run")
+
+
+@pytest.fixture(params=BACKENDS, scope="module")
+def backend(request) -> str:
+    return request.param

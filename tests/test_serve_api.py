@@ -1,0 +1,324 @@
+"""`cytopipe serve` through its JSON API and its pages, against a real server subprocess (uvicorn
+on a free loopback port) with a fresh database: SQLite, and PostgreSQL where .ci/run started one.
+
+Security: anonymous requests, roles, CSRF tokens, upload names, size limits, the login rate limit,
+non-loopback hosts without accounts; uploads: content-addressed, read-only, duplicates, header
+checks, validation rows; the mapping proposal; the audit trail's hash chain."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import subprocess
+
+import pytest
+
+from tests import serve_support
+from tests.pipeline_support import REPO, cli_env, truncate_fcs
+from tests.serve_support import PASSWORD, STUDY, Client, Server, fresh_database, trial_files, trial_manifest
+
+backend = serve_support.backend  # fixtures shared with the other serve modules
+serve_trial = serve_support.serve_trial
+
+LIMIT = 1_000_000  # --max-file-size of this module's server
+
+
+@pytest.fixture(scope="module")
+def server(backend, tmp_path_factory):
+    database, drop = fresh_database(backend)
+    data = tmp_path_factory.mktemp(f"serve_api_{backend}") / "data"
+    srv = Server(data, database, "--max-file-size", "1MB", "--max-batch-size", "20MB").start(
+        create_admin="admin"
+    )
+    admin = srv.client()
+    for name, role in (("ana", "analyst"), ("vic", "viewer"), ("rev", "reviewer")):
+        r = admin.post("/api/users", json={"name": name, "password": PASSWORD, "role": role}, headers=admin.h)
+        assert r.status_code == 201, r.text
+    yield srv
+    srv.stop()
+    drop()
+
+
+@pytest.fixture(scope="module")
+def study(server):
+    ana = server.client("ana")
+    r = ana.post("/api/studies", json={"name": "security study", **STUDY}, headers=ana.h)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def test_anonymous_requests_are_refused(server, study):
+    anon = Client(server.url, None)
+    assert anon.get("/api/studies").status_code == 401
+    assert anon.get(f"/api/studies/{study}").status_code == 401
+    assert (
+        anon.put(f"/api/studies/{study}/uploads", params={"name": "a.fcs"}, content=b"FCS3.1").status_code
+        == 401
+    )
+    assert anon.post(f"/api/studies/{study}/runs").status_code == 401
+    page = anon.get("/studies", follow_redirects=False)
+    assert page.status_code == 303 and page.headers["location"].startswith("/login")
+    # the OpenAPI schema is public (it holds no data) and lists the operations
+    paths = anon.get("/api/openapi.json").json()["paths"]
+    assert {"/api/studies", "/api/studies/{study_id}/uploads", "/api/studies/{study_id}/runs",
+            "/api/runs/{run_id}", "/api/runs/{run_id}/cancel", "/api/runs/{run_id}/files/{name}"} <= set(paths)  # fmt: skip
+
+
+def test_a_viewer_can_look_but_not_upload_or_start_runs(server, study, serve_trial):
+    vic = server.client("vic")
+    assert vic.get(f"/api/studies/{study}").status_code == 200
+    r = vic.upload(study, trial_files(serve_trial)[0])
+    assert r.status_code == 403 and "viewer" in r.json()["detail"]
+    assert vic.post(f"/api/studies/{study}/runs", headers=vic.h).status_code == 403
+    assert vic.post("/api/studies", json={"name": "x", **STUDY}, headers=vic.h).status_code == 403
+    assert vic.post(f"/api/studies/{study}/mapping", json={"rows": []}, headers=vic.h).status_code == 403
+    assert vic.post("/api/users", json={"name": "m", "password": PASSWORD, "role": "admin"},
+                    headers=vic.h).status_code == 403  # fmt: skip
+    # an analyst cannot manage accounts either
+    ana = server.client("ana")
+    assert ana.post("/api/users", json={"name": "m", "password": PASSWORD, "role": "admin"},
+                    headers=ana.h).status_code == 403  # fmt: skip
+
+
+def test_csrf_token_is_required_for_every_state_change(server, study, serve_trial):
+    ana = server.client("ana")
+    body = {"name": "csrf study", **STUDY}
+    assert ana.post("/api/studies", json=body).status_code == 403
+    assert ana.post("/api/studies", json=body, headers={"X-CSRF-Token": "forged"}).status_code == 403
+    with open(trial_files(serve_trial)[1], "rb") as fh:
+        assert (
+            ana.put(f"/api/studies/{study}/uploads", params={"name": "a.fcs"}, content=fh).status_code == 403
+        )
+    # the HTML forms: a form post without the hidden csrf field is refused
+    form = {"name": "form study", "template": STUDY["template"]}
+    assert ana.post("/studies", data=form).status_code == 403
+    assert ana.post("/studies", data={**form, "csrf": "forged"}).status_code == 403
+    # and the sign-in form needs the token its page set
+    fresh = Client(server.url, None)
+    r = fresh.post("/login", data={"name": "ana", "password": PASSWORD, "csrf": "x"}, follow_redirects=False)
+    assert r.status_code == 403
+    # with the token everything works, and cookies are HttpOnly + SameSite=Strict
+    login = fresh.get("/login")
+    token = login.text.split('name="csrf" value="')[1].split('"')[0]
+    r = fresh.post(
+        "/login", data={"name": "ana", "password": PASSWORD, "csrf": token}, follow_redirects=False
+    )
+    assert r.status_code == 303
+    cookie = r.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
+    r = ana.post("/api/studies", json=body, headers=ana.h)
+    assert r.status_code == 201
+    assert all(s["name"] != "form study" for s in ana.get("/api/studies").json())
+
+
+def test_the_session_cookie_is_secure_behind_a_tls_proxy(server):
+    """A reverse proxy on the same machine that terminated HTTPS says so; the cookie is Secure."""
+    anon = Client(server.url, None)
+    r = anon.post(
+        "/api/login", json={"name": "ana", "password": PASSWORD}, headers={"X-Forwarded-Proto": "https"}
+    )
+    assert r.status_code == 200 and "secure" in r.headers["set-cookie"].lower()
+    plain = Client(server.url, None).post("/api/login", json={"name": "ana", "password": PASSWORD})
+    assert "secure" not in plain.headers["set-cookie"].lower()
+
+
+def test_upload_names_are_neutralised(server, study, serve_trial):
+    ana = server.client("ana")
+    files = trial_files(serve_trial)
+    names = {"../../x.fcs": "x.fcs", "/etc/passwd.fcs": "passwd.fcs", "a\x00b\x07c.fcs": "abc.fcs",
+             "..\\..\\win.fcs": "win.fcs"}  # fmt: skip
+    for (raw, expected), path in zip(names.items(), files[2:]):
+        r = ana.upload(study, path, name=raw)
+        assert r.status_code == 201, r.text
+        assert r.json()["name"] == expected and r.json()["status"] == "ok"
+    # nothing was written outside the data folder, and inside it only content-addressed blobs
+    data = server.data
+    assert not (data.parent / "x.fcs").exists() and not (data.parent.parent / "x.fcs").exists()
+    assert not any(p.name.endswith(".fcs") for p in data.rglob("*"))
+    for blob in (data / "blobs").rglob("*"):
+        if blob.is_file():
+            assert len(blob.name) == 64 and blob.parent.name == blob.name[:2]
+            assert stat.S_IMODE(blob.stat().st_mode) == 0o444  # read-only
+
+
+def test_content_is_checked_by_its_header_and_duplicates_are_kept_once(server, study, serve_trial, tmp_path):
+    ana = server.client("ana")
+    png = tmp_path / "picture.fcs"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(2000))
+    r = ana.upload(study, png)
+    assert r.status_code == 201 and r.json()["status"] == "rejected"
+    assert "not an FCS file" in r.json()["reason"] and "PNG" in r.json()["reason"]
+    assert not any(b.name == r.json()["sha256"] for b in (server.data / "blobs").rglob("*"))  # bytes not kept
+    # an FCS file named .txt is an FCS file
+    src = trial_files(serve_trial)[6]
+    renamed = tmp_path / "exported.txt"
+    renamed.write_bytes(src.read_bytes())
+    r = ana.upload(study, renamed)
+    assert r.status_code == 201 and r.json()["status"] == "ok" and r.json()["events"] > 1000
+    # the same bytes again (under another name): recognised, kept once
+    r2 = ana.upload(study, src, name="again.fcs")
+    assert r2.status_code == 200 and r2.json()["duplicate"] and r2.json()["id"] == r.json()["id"]
+    assert "exported.txt" in r2.json()["message"]
+    uploads = ana.get(f"/api/studies/{study}").json()["uploads"]
+    assert sum(u["sha256"] == r.json()["sha256"] for u in uploads) == 1
+    # a truncated FCS file is stored (nothing is lost) and rejected with validate's reason
+    cut = tmp_path / "cut.fcs"
+    cut.write_bytes(trial_files(serve_trial)[7].read_bytes())
+    truncate_fcs(cut)
+    r = ana.upload(study, cut)
+    assert r.json()["status"] == "rejected" and r.json()["reason"]
+    assert "DATA" in r.json()["reason"] or "truncated" in r.json()["reason"] or "end" in r.json()["reason"]
+
+
+def test_uploads_over_the_size_limit_are_refused_without_filling_the_disk(server, study):
+    ana = server.client("ana")
+    big = b"FCS3.1" + b"0" * (3 * LIMIT)
+    r = ana.put(f"/api/studies/{study}/uploads", params={"name": "big.fcs"}, content=big, headers=ana.h)
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: the server counts while streaming and stops
+        yield b"FCS3.1"
+        for _ in range(200):
+            yield b"\0" * 65536
+
+    r = ana.put(
+        f"/api/studies/{study}/uploads", params={"name": "stream.fcs"}, content=chunks(), headers=ana.h
+    )
+    assert r.status_code == 413
+    assert list((server.data / "tmp").iterdir()) == []  # nothing left behind
+    # a batch larger than the batch limit is refused before any byte is sent
+    r = ana.post(f"/api/studies/{study}/batches", json={"files": 30, "bytes": 30 * LIMIT}, headers=ana.h)
+    assert r.status_code == 413
+    # a file beyond what its batch declared is refused too
+    b = ana.post(f"/api/studies/{study}/batches", json={"files": 1, "bytes": 10}, headers=ana.h).json()
+    r = ana.put(f"/api/studies/{study}/uploads", params={"name": "b.fcs", "batch": b["batch_id"]},
+                content=b"FCS3.1" + b"0" * 100, headers=ana.h)  # fmt: skip
+    assert r.status_code == 413
+
+
+def test_mapping_is_proposed_from_file_names_and_confirmed(server, serve_trial):
+    ana = server.client("ana")
+    sid = ana.post("/api/studies", json={"name": "mapping study", **STUDY}, headers=ana.h).json()["id"]
+    files = trial_files(serve_trial)[:4]
+    for f in files:
+        assert ana.upload(sid, f).status_code == 201
+    clinical = (serve_trial / "clinical.csv").read_bytes()
+    r = ana.put(
+        f"/api/studies/{sid}/tables/clinical",
+        params={"name": "clinical.csv"},
+        content=clinical,
+        headers=ana.h,
+    )
+    assert r.status_code == 200
+    rows = ana.get(f"/api/studies/{sid}/mapping").json()
+    truth = trial_manifest(serve_trial).set_index("sample_id")
+    assert len(rows) == 4
+    for row in rows:
+        t = truth.loc[row["sample_id"]]
+        assert (row["patient_id"], row["visit"], row["arm"]) == (t.patient_id, int(t.visit), t.arm)
+        assert row["source"] == "file name"
+    # another pattern: the visit cannot be read from the name, then $FIL is tried with the pattern
+    other = ana.get(f"/api/studies/{sid}/mapping", params={"pattern": "{patient}-V{visit}.fcs"}).json()
+    assert all(r["patient_id"] == "" or r["source"] in ("keywords",) for r in other)
+    assert ana.get(f"/api/studies/{sid}/mapping", params={"pattern": "{patient}.fcs"}).status_code == 400
+    # a bad row is refused with its reason; then the proposal is confirmed
+    bad = [dict(rows[0], visit="week four")]
+    assert ana.post(f"/api/studies/{sid}/mapping", json={"rows": bad}, headers=ana.h).status_code == 422
+    dup = [rows[0], dict(rows[1], sample_id=rows[0]["sample_id"])]
+    r = ana.post(f"/api/studies/{sid}/mapping", json={"rows": dup}, headers=ana.h)
+    assert r.status_code == 400 and "used twice" in r.json()["detail"]
+    r = ana.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=ana.h)
+    assert r.status_code == 200 and r.json()["confirmed"] == 4
+    assert all(r["confirmed"] for r in ana.get(f"/api/studies/{sid}/mapping").json())
+
+
+def test_every_state_change_is_in_the_audit_trail_and_the_chain_holds(server, study):
+    admin = server.client()
+    entries = admin.get("/api/audit", params={"limit": 5000}).json()
+    actions = {(e["user"], e["action"]) for e in entries}
+    assert {("admin", "account.create"), ("ana", "study.create"), ("ana", "upload.file"),
+            ("ana", "upload.duplicate"), ("ana", "mapping.confirm")} <= actions  # fmt: skip
+    ids = sorted(e["id"] for e in entries)
+    assert ids == list(range(1, len(ids) + 1))
+    by_id = {e["id"]: e for e in entries}
+    for i in ids[1:]:
+        assert by_id[i]["prev_hash"] == by_id[i - 1]["hash"]
+    assert all(e["at"].endswith("+00:00") for e in entries)  # UTC
+    assert "chain intact" in admin.get("/audit").text
+    if server.database is None:  # the database refuses to rewrite the trail
+        with sqlite3.connect(server.data / "cytopipe.sqlite") as con:
+            assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+                con.execute("UPDATE audit SET reason = 'edited' WHERE id = 1")
+            with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+                con.execute("DELETE FROM audit WHERE id = 2")
+    else:
+        import psycopg
+
+        with psycopg.connect(server.database.replace("+psycopg", "")) as con:
+            with pytest.raises(psycopg.Error, match="append-only"):
+                con.execute("UPDATE audit SET reason = 'edited' WHERE id = 1")
+
+
+def test_pages_render_for_a_signed_in_user(server, study):
+    ana = server.client("ana")
+    for path in ("/studies", f"/studies/{study}", "/audit"):
+        r = ana.get(path)
+        assert r.status_code == 200 and "security study" in ana.get("/studies").text
+        assert "default-src 'self'" in r.headers["content-security-policy"]
+    assert ana.get("/users").status_code == 403
+    docs = ana.get("/api/docs")  # our own page (FastAPI's Swagger UI would load from a CDN)
+    assert docs.status_code == 200 and "/api/studies/{study_id}/uploads" in docs.text
+    assert "cdn" not in docs.text.lower()
+    # html in names is escaped, never markup
+    r = ana.post("/api/studies", json={"name": "<script>alert(1)</script>", **STUDY}, headers=ana.h)
+    assert r.status_code == 201
+    page = ana.get("/studies").text
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_refuses_a_non_loopback_host_without_accounts(tmp_path):
+    proc = subprocess.run(
+        [os.sys.executable, "-m", "cytopipe", "serve", "--data", str(tmp_path / "d"), "--host", "0.0.0.0",
+         "--port", "1"], capture_output=True, text=True, env=cli_env(), cwd=str(REPO), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "refusing to listen on 0.0.0.0" in proc.stderr and "--create-admin" in proc.stderr
+
+
+def test_audit_rows_hash_what_they_say(server):
+    """The stored before/after JSON is what the hash covers (a change would be detected)."""
+    from cytopipe.serve.audit import row_hash
+
+    admin = server.client()
+    entry = admin.get("/api/audit", params={"limit": 1}).json()[0]
+    row = {k: entry[k] for k in ("id", "at", "action", "object_type", "object_id", "reason", "prev_hash")}
+    row.update(user_name=entry["user"], before=json.dumps(entry["before"], sort_keys=True, separators=(",", ":"),
+               ensure_ascii=False), after=json.dumps(entry["after"], sort_keys=True, separators=(",", ":"),
+               ensure_ascii=False))  # fmt: skip
+    assert row_hash(row) == entry["hash"]
+    row["reason"] = "edited"
+    assert row_hash(row) != entry["hash"]
+
+
+def test_login_is_rate_limited_after_repeated_failures(server):
+    anon = Client(server.url, None)
+    for _ in range(5):
+        assert anon.post("/api/login", json={"name": "rev", "password": "wrong password"}).status_code == 401
+    r = anon.post("/api/login", json={"name": "rev", "password": PASSWORD})
+    assert r.status_code == 429 and "try again" in r.json()["detail"]
+    assert (
+        anon.post("/api/login", json={"name": "ana", "password": PASSWORD}).status_code == 200
+    )  # others can
+
+
+def test_login_is_rate_limited_per_client_address(server):
+    """Last test of the module: after 20 failures from one address, it is locked out (all names)."""
+    anon = Client(server.url, None)
+    codes = [
+        anon.post("/api/login", json={"name": f"guess{i}", "password": "x"}).status_code for i in range(16)
+    ]
+    assert codes == [401] * 15 + [429]  # 5 failures for 'rev' earlier + 15 now
+    assert anon.post("/api/login", json={"name": "ana", "password": PASSWORD}).status_code == 429

@@ -1,0 +1,149 @@
+"""Runs of `cytopipe serve` in worker processes: a server killed mid-run (and its worker with it,
+as in a power cut) resumes the run when it starts again and the run ends with the same
+population_stats as `cytopipe run` on the same files; nothing uploaded is lost; one run per
+study at a time; cancel stops the worker. SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import serve_support
+from tests.serve_support import (
+    STUDY,
+    Server,
+    assert_same_population_stats,
+    fresh_database,
+    trial_files,
+    trial_manifest,
+)
+
+backend = serve_support.backend
+serve_trial = serve_support.serve_trial
+serve_reference = serve_support.serve_reference
+
+
+def _gone(pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _study_with_samples(client, trial: Path, name: str, n: int | None = None) -> int:
+    study = {"name": name, **STUDY, "report": False}  # no report.html: the browser test makes one
+    sid = client.post("/api/studies", json=study, headers=client.h).json()["id"]
+    files = trial_files(trial)[:n]
+    batch = client.post(f"/api/studies/{sid}/batches", json={"files": len(files), "bytes": sum(f.stat().st_size for f in files)},
+                        headers=client.h).json()["batch_id"]  # fmt: skip
+    for f in files:
+        r = client.upload(sid, f, batch=batch)
+        assert r.status_code == 201 and r.json()["status"] == "ok", r.text
+    arms = trial_manifest(trial).set_index("sample_id")["arm"]
+    rows = client.get(f"/api/studies/{sid}/mapping").json()
+    for row in rows:  # no clinical table here: the arms are typed in (the API takes them as given)
+        row["arm"] = arms[row["sample_id"]]
+    assert (
+        client.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=client.h).status_code == 200
+    )
+    return sid
+
+
+@pytest.fixture(scope="module")
+def server(backend, tmp_path_factory):
+    database, drop = fresh_database(backend)
+    srv = Server(tmp_path_factory.mktemp(f"serve_runs_{backend}") / "data", database).start(
+        create_admin="admin"
+    )
+    yield srv
+    srv.stop()
+    drop()
+
+
+def test_a_run_resumes_after_the_server_is_killed_mid_run(server, serve_trial, serve_reference):
+    c = server.client()
+    sid = _study_with_samples(c, serve_trial, "restart study")
+    run = c.post(f"/api/studies/{sid}/runs", headers=c.h)
+    assert run.status_code == 201, run.text
+    run_id = run.json()["id"]
+    # one run per study at a time
+    second = c.post(f"/api/studies/{sid}/runs", headers=c.h)
+    assert second.status_code == 409 and "still" in second.json()["detail"]
+    # wait until some samples are gated, then kill the server and the worker (a power cut)
+    status = c.wait_run(
+        run_id, until=lambda s: s["progress"]["phases"][2]["done"] >= 2 or s["status"] != "running"
+    )
+    assert status["status"] == "running", status
+    before = c.get(f"/api/studies/{sid}").json()["uploads"]
+    blobs = {p.name: p.read_bytes() for p in (server.data / "blobs").rglob("*") if p.is_file()}
+    server.kill()
+    os.killpg(status["pid"], signal.SIGKILL)
+    assert _gone(status["pid"])
+    done_before = status["progress"]["phases"][2]["done"]
+
+    server.start()
+    c = server.client()
+    final = c.wait_run(run_id)
+    assert final["status"] == "finished", final
+    assert final["attempts"] == 2 and final["exit_code"] == 0
+    out = Path(server.data) / "runs" / str(run_id) / "out"
+    info = json.loads((out / "run.json").read_text())
+    assert info["cached_samples"] >= done_before >= 2  # the gated samples were not redone
+    assert_same_population_stats(out, serve_reference)
+    # nothing uploaded was lost: the same rows, the same bytes
+    assert c.get(f"/api/studies/{sid}").json()["uploads"] == before
+    assert {p.name: p.read_bytes() for p in (server.data / "blobs").rglob("*") if p.is_file()} == blobs
+    actions = [(e["user"], e["action"]) for e in c.get("/api/audit").json() if e["object_id"] == str(run_id)]
+    assert ("system", "run.resume") in actions and ("system", "run.finish") in actions
+    assert ("admin", "run.start") in actions
+    assert not (out / "report.html").exists()  # the study's setting
+
+
+def test_events_of_a_population_download_as_anndata(server):
+    import anndata
+    import pandas as pd
+
+    c = server.client()
+    sid = next(s["id"] for s in c.get("/api/studies").json() if s["name"] == "restart study")
+    run_id = c.get(f"/api/studies/{sid}").json()["runs"][0]["id"]
+    r = c.post(
+        f"/api/runs/{run_id}/anndata", json={"population": "Treg", "max_events_per_sample": 50}, headers=c.h
+    )
+    assert r.status_code == 202 and r.json()["file"] == "Treg.h5ad"
+    deadline = time.monotonic() + 300
+    while "Treg.h5ad" not in c.get(f"/api/runs/{run_id}/results").json()["downloads"]:
+        assert time.monotonic() < deadline, "the AnnData export did not appear"
+        time.sleep(1)
+    data = c.get(f"/api/runs/{run_id}/files/Treg.h5ad")
+    assert data.status_code == 200
+    path = server.data.parent / "treg.h5ad"
+    path.write_bytes(data.content)
+    adata = anndata.read_h5ad(path)
+    stats = pd.read_parquet(server.data / "runs" / str(run_id) / "out" / "population_stats.parquet")
+    treg = stats[stats["population"] == "Treg"].set_index("sample_id")["count"].clip(upper=50)
+    assert adata.n_obs == int(treg.sum()) > 0 and adata.obs["sample_id"].nunique() == int((treg > 0).sum())
+
+
+def test_cancel_stops_the_worker(server, serve_trial):
+    c = server.client()
+    sid = _study_with_samples(c, serve_trial, "cancel study", n=2)
+    run = c.post(f"/api/studies/{sid}/runs", headers=c.h).json()
+    status = c.wait_run(run["id"], until=lambda s: s["pid"] is not None)
+    assert c.post(f"/api/runs/{run['id']}/cancel").status_code == 403  # CSRF token needed here too
+    r = c.post(f"/api/runs/{run['id']}/cancel", headers=c.h)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert _gone(status["pid"])
+    assert c.get(f"/api/runs/{run['id']}").json()["status"] == "cancelled"
+    assert c.post(f"/api/runs/{run['id']}/cancel", headers=c.h).status_code == 409
+    # the study is free for a new run again
+    entries = c.get("/api/audit").json()
+    assert any(e["action"] == "run.cancel" and e["user"] == "admin" for e in entries)
