@@ -141,3 +141,7 @@ class ReportError(CytopipeError):
 
 class ServeError(CytopipeError):
     """``cytopipe serve`` cannot start (unsafe host without accounts, bad limits, database)."""
+
+
+class ReviewError(CytopipeError):
+    """A gate review action cannot be applied (unknown sample/population, locked run, bad gate)."""
