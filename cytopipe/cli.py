@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("cytopipe.report", "write report.html for a run folder"),
     "export": ("cytopipe.export", "export events of a run as AnnData or FCS"),
     "serve": ("cytopipe.serve", "a study workspace in the browser: uploads, runs, results"),
+    "review": ("cytopipe.serve.review_command", "approve or override a workspace run's gates, sign off"),
+    "audit": ("cytopipe.serve.audit_command", "verify or export the workspace's audit trail"),
 }
 
 

@@ -19,6 +19,7 @@ from cytopipe.errors import CytopipeError
 from cytopipe.report import figures as F
 from cytopipe.report import html as H
 from cytopipe.report.data import RunData
+from cytopipe.report.review_section import review
 
 ENDPOINT_TITLES = {
     "sri4": "SRI-4 response",
@@ -791,6 +792,7 @@ SECTIONS: list[Callable[[Builder], H.Section | None]] = [
     overview,
     run_summary,
     gate_gallery,
+    review,
     dynamics,
     clinical,
     correlations,
