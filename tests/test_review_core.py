@@ -71,7 +71,7 @@ def test_an_override_changes_only_that_sample_and_the_populations_below(run_dir)
     below = set(template.descendants("Memory CD4"))
     assert below >= {"Th17", "Th1", "cTfh", "activated cTfh"}
     changed = _changed(before, after)
-    assert ("%s" % sid, "Memory CD4") in changed
+    assert (sid, "Memory CD4") in changed
     assert changed <= {(sid, p) for p in {"Memory CD4", *below}}
     assert len(changed) >= 3  # the gate moved by 1.5 on the arcsinh scale: the counts below follow
     row = after.set_index(KEY).loc[(sid, "Memory CD4")]
