@@ -87,7 +87,9 @@ def test_an_override_changes_only_that_sample_and_the_populations_below(run_dir)
     assert (rv[(rv["sample_id"] == sid) & (rv["population"] == "Memory CD4")]["source"] == "overridden").all()
 
     # revert: a new decision, and the run's own rows come back exactly
-    state.add(Decision("revert", sid, "Memory CD4", "rita", reason="second look: the fit was right", audit_entry=42))
+    state.add(
+        Decision("revert", sid, "Memory CD4", "rita", reason="second look: the fit was right", audit_entry=42)
+    )
     apply_review(run_dir, state, statistics=False, report=False)
     back = pd.read_parquet(run_dir / "population_stats.parquet")
     pd.testing.assert_frame_equal(before, back.drop(columns=["gate_source", "audit_entry"]))
@@ -115,10 +117,14 @@ def test_decisions_need_reasons_and_known_gates(run_dir):
     with pytest.raises(ReviewError, match="reason is required"):
         Decision("override", "P001_W00", "Treg", "rita", params={"CD25 >=": 3})
     sid = pd.read_parquet(run_dir / "population_stats.parquet")["sample_id"].iloc[0]
-    state = ReviewState(decisions=[Decision("override", sid, "Treg", "rita", params={"CD8 >=": 3}, reason="x")])
+    state = ReviewState(
+        decisions=[Decision("override", sid, "Treg", "rita", params={"CD8 >=": 3}, reason="x")]
+    )
     with pytest.raises(ReviewError, match="unknown gate numbers"):
         apply_review(run_dir, state, statistics=False, report=False)
-    locked = ReviewState(signoff={"user": "rita", "at": "2026-01-01T00:00:00", "meaning": "reviewed and approved"})
+    locked = ReviewState(
+        signoff={"user": "rita", "at": "2026-01-01T00:00:00", "meaning": "reviewed and approved"}
+    )
     with pytest.raises(ReviewError, match="locked"):
         locked.add(Decision("approve", sid, "Treg", "rita"))
 
@@ -139,7 +145,9 @@ def test_report_lists_signoff_and_overrides_and_examples_export(run_dir):
                      "audit_entry": 7}  # fmt: skip
     write_review(run_dir, state)
     assert read_review(run_dir).to_dict() == state.to_dict()
-    apply_review(run_dir, state, samples=[], statistics=True, report=True)  # this run was made with --no-report
+    apply_review(
+        run_dir, state, samples=[], statistics=True, report=True
+    )  # this run was made with --no-report
     from cytopipe.report import write_report
 
     write_report(run_dir)
