@@ -19,8 +19,29 @@ MARGIN = (12, 14, 40, 52)  # top, right, bottom, left
 _RAMP = ("#f8f9fa", "#d0ebff", "#74c0fc", "#339af0", "#1971c2", "#5f3dc4", "#e64980", "#f59f00")
 
 
-def _color(level: float) -> str:
-    return _RAMP[min(int(level * (len(_RAMP) - 1) + 0.5), len(_RAMP) - 1)]
+_RGB = np.array([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in _RAMP], dtype=np.uint8)
+
+
+def _png(rgb: np.ndarray) -> str:
+    """A tiny RGB PNG (no filter, zlib level 1), base64: ~1 ms for a 48 x 48 grid."""
+    import base64
+    import struct
+    import zlib
+
+    h, w, _ = rgb.shape
+    raw = np.concatenate([np.zeros((h, 1), dtype=np.uint8), rgb.reshape(h, w * 3)], axis=1).tobytes()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(raw, 1)) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode("ascii")
 
 
 def _fmt(v: float) -> str:
@@ -50,16 +71,15 @@ def panel_svg(row: Mapping[str, Any], width: int = WIDTH, height: int = HEIGHT) 
         f'{" x " + escape(str(row["y"])) if row["y"] else ""}">',
         f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#adb5bd"/>',
     ]
-    if nx and ny and counts.size == nx * ny:
-        grid = counts.reshape(ny, nx)
-        peak = np.log1p(grid.max()) or 1.0
-        cw, ch = pw / nx, ph / ny
-        for j, i in zip(*np.nonzero(grid)):
-            level = float(np.log1p(grid[j, i]) / peak)
-            out.append(
-                f'<rect x="{_fmt(left + i * cw)}" y="{_fmt(top + ph - (j + 1) * ch)}" width="{_fmt(cw + 0.3)}" '
-                f'height="{_fmt(ch + 0.3)}" fill="{_color(level)}"/>'
-            )
+    if nx and ny and counts.size == nx * ny:  # the density as one small PNG image, scaled up crisp
+        grid = counts.reshape(ny, nx)[::-1]  # row 0 at the top
+        levels = np.log1p(grid) / (np.log1p(grid.max()) or 1.0)
+        rgb = _RGB[np.minimum((levels * (len(_RAMP) - 1) + 0.5).astype(int), len(_RAMP) - 1)]
+        rgb[grid == 0] = 255
+        out.append(
+            f'<image x="{left}" y="{top}" width="{pw}" height="{ph}" preserveAspectRatio="none" '
+            f'class="density" href="data:image/png;base64,{_png(rgb)}"/>'
+        )
     elif nx and counts.size == nx:
         peak = counts.max() or 1.0
         cw = pw / nx

@@ -197,7 +197,7 @@
     render();
   }
   async function approve(scope) {
-    const body = { scope, population: q.population, sample_id: scope === "one" ? view.sample_id : null };
+    const body = { scope, population: q.population, sample_id: scope === "one" ? shown[cur].sample_id : null };
     const r = await call("POST", `/api/runs/${runId}/review/approve`, body);
     if (!r.ok) { say(r.data.detail, true); return false; }
     say(`Approved ${r.data.approved} gate(s) (audit entry ${r.data.audit_entry}).`);
@@ -212,7 +212,7 @@
     $("approve-run").addEventListener("click", async () => { if (await approve("run")) window.location.reload(); });
   }
   async function approveAndNext() {
-    if (!canReview || !view) return;
+    if (!canReview || !shown.length) return;
     const it = shown[cur];
     if (await approve("one")) {
       if (it.status === "unreviewed") it.status = "approved";
