@@ -125,15 +125,16 @@ def validate_paths(paths: list[Path]) -> tuple[list[FileReport], list[dict[str, 
     return reports, problems, inputs
 
 
-def validate_file(path: str | Path, display: str | None = None) -> FileReport:
-    """Read every data set of one file; never raises. ``display`` is the name shown."""
+def validate_file(path: str | Path, display: str | None = None, sha256: str | None = None) -> FileReport:
+    """Read every data set of one file; never raises. ``display`` is the name shown; ``sha256``
+    the content's hash when the caller has it already (``cytopipe serve`` hashes while uploading)."""
     from cytopipe.errors import CytopipeError
     from cytopipe.fcs import read_fcs
 
     path = Path(path)
     report = FileReport(file=display or str(path))
     try:
-        report.sha256 = _sha256(path)
+        report.sha256 = sha256 or _sha256(path)
     except OSError as exc:
         report.error = f"cannot read the file: {exc.strerror or exc}"
         report.error_type = "OSError"

@@ -40,7 +40,8 @@ def _gone(pid: int, timeout: float = 30) -> bool:
 
 
 def _study_with_samples(client, trial: Path, name: str, n: int | None = None) -> int:
-    sid = client.post("/api/studies", json={"name": name, **STUDY}, headers=client.h).json()["id"]
+    study = {"name": name, **STUDY, "report": False}  # no report.html: the browser test makes one
+    sid = client.post("/api/studies", json=study, headers=client.h).json()["id"]
     files = trial_files(trial)[:n]
     batch = client.post(f"/api/studies/{sid}/batches", json={"files": len(files), "bytes": sum(f.stat().st_size for f in files)},
                         headers=client.h).json()["batch_id"]  # fmt: skip
@@ -104,6 +105,32 @@ def test_a_run_resumes_after_the_server_is_killed_mid_run(server, serve_trial, s
     actions = [(e["user"], e["action"]) for e in c.get("/api/audit").json() if e["object_id"] == str(run_id)]
     assert ("system", "run.resume") in actions and ("system", "run.finish") in actions
     assert ("admin", "run.start") in actions
+    assert not (out / "report.html").exists()  # the study's setting
+
+
+def test_events_of_a_population_download_as_anndata(server):
+    import anndata
+    import pandas as pd
+
+    c = server.client()
+    sid = next(s["id"] for s in c.get("/api/studies").json() if s["name"] == "restart study")
+    run_id = c.get(f"/api/studies/{sid}").json()["runs"][0]["id"]
+    r = c.post(
+        f"/api/runs/{run_id}/anndata", json={"population": "Treg", "max_events_per_sample": 50}, headers=c.h
+    )
+    assert r.status_code == 202 and r.json()["file"] == "Treg.h5ad"
+    deadline = time.monotonic() + 300
+    while "Treg.h5ad" not in c.get(f"/api/runs/{run_id}/results").json()["downloads"]:
+        assert time.monotonic() < deadline, "the AnnData export did not appear"
+        time.sleep(1)
+    data = c.get(f"/api/runs/{run_id}/files/Treg.h5ad")
+    assert data.status_code == 200
+    path = server.data.parent / "treg.h5ad"
+    path.write_bytes(data.content)
+    adata = anndata.read_h5ad(path)
+    stats = pd.read_parquet(server.data / "runs" / str(run_id) / "out" / "population_stats.parquet")
+    treg = stats[stats["population"] == "Treg"].set_index("sample_id")["count"].clip(upper=50)
+    assert adata.n_obs == int(treg.sum()) > 0 and adata.obs["sample_id"].nunique() == int((treg > 0).sum())
 
 
 def test_cancel_stops_the_worker(server, serve_trial):

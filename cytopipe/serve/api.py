@@ -44,6 +44,7 @@ class NewStudy(BaseModel):
     workers: str = "auto"
     clustering: bool = False
     blinded: bool = False
+    report: bool = Field(True, description="write report.html at the end of each run")
 
 
 class NewBatch(BaseModel):
@@ -286,6 +287,25 @@ def download(run_id: int, name: str, request: Request, inline: bool = False) -> 
         return Response(data, media_type="text/csv; charset=utf-8",
                         headers={"Content-Disposition": f'attachment; filename="{name}"'})  # fmt: skip
     raise AuthError(404, f"{name!r} is not a download of this run (yet)")
+
+
+class Export(BaseModel):
+    population: str = Field(description='a population of the template, e.g. "CD4 T"')
+    max_events_per_sample: int | None = Field(None, ge=1)
+
+
+@router.post("/runs/{run_id}/anndata", status_code=202)
+def export_anndata(run_id: int, body: Export, request: Request) -> dict[str, Any]:
+    """Start writing the population's events of every sample as one AnnData ``.h5ad`` (a worker
+    process); it appears in the run's downloads as ``<population>.h5ad`` when done."""
+    ctx = state_change(request, "run")
+    ws = workspace(request)
+    run, _, out = finished_run(ws, run_id)
+    if run.status != "finished":
+        raise AuthError(409, f"run {run_id} is {run.status}; export the events of a finished run")
+    with ws.sessions() as db:
+        name = ws.runs.export_anndata(db, run, body.population, body.max_events_per_sample, ctx.name)
+    return {"file": name, "status": "started"}
 
 
 @router.get("/runs/{run_id}/files/{name}")

@@ -4,6 +4,7 @@ error pages and security headers. Routes live in :mod:`.web` (HTML) and :mod:`.a
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,9 @@ def create_app(config: Config) -> FastAPI:
 
     @app.middleware("http")
     async def headers(request: Request, call_next):
+        t0 = time.perf_counter()
         response = await call_next(request)
+        response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - t0) * 1000:.1f}"
         if request.url.path.endswith("/files/report.html"):
             response.headers["Content-Security-Policy"] = REPORT_CSP
         elif not request.url.path.startswith("/api/docs"):

@@ -80,7 +80,8 @@ def create_study(db: DBSession, user: str, values: dict[str, Any]) -> Study:
     except ValueError as exc:
         raise AuthError(400, str(exc)) from None
     settings = {"seed": int(values.get("seed") or 0), "workers": str(values.get("workers") or "auto"),
-                "clustering": bool(values.get("clustering")), "blinded": bool(values.get("blinded"))}  # fmt: skip
+                "clustering": bool(values.get("clustering")), "blinded": bool(values.get("blinded")),
+                "report": bool(values.get("report", True))}  # fmt: skip
     study = Study(name=name, arms=arms, visits=visits, settings=settings, pattern=pattern, created_by=user)
     db.add(study)
     db.flush()
@@ -174,7 +175,7 @@ async def upload_file(
         )
     else:
         path = ws.store.adopt(got.tmp, got.sha256)
-        checked = await run_in_threadpool(validate_blob, path, name)
+        checked = await run_in_threadpool(validate_blob, path, name, got.sha256)
         status, reason, notes, info = checked["status"], checked["reason"], checked["notes"], checked["info"]
     with ws.sessions() as db:
         if batch_id:

@@ -19,8 +19,8 @@ FILES = {  # download name -> (file in the run folder, media type)
     "gate_review.parquet": ("gate_review.parquet", "application/vnd.apache.parquet"),
     "catalog.duckdb": ("catalog.duckdb", "application/octet-stream"),
     "run.json": ("run.json", "application/json"),
-    "results.h5ad": ("results.h5ad", "application/octet-stream"),
 }
+H5AD = "application/x-hdf5"
 CSV_TABLES = ("population_stats", "samples", "statistics", "clusters")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n", "|", "%")
 SAMPLE_COLUMNS = ["sample_id", "patient_id", "visit", "arm", "status", "events_before_qc", "events_after_qc",
@@ -50,6 +50,9 @@ def download_path(out_dir: Path, name: str) -> tuple[Path, str] | None:
         rel, media = FILES[name]
         path = out_dir / rel
         return (path, media) if path.is_file() else None
+    if name.endswith(".h5ad") and "/" not in name and not name.startswith("."):
+        path = out_dir / "exports" / name
+        return (path, H5AD) if path.is_file() else None
     return None
 
 
@@ -63,6 +66,7 @@ def csv_download(out_dir: Path, name: str) -> bytes | None:
 def available(out_dir: Path) -> list[str]:
     names = [n for n in FILES if (out_dir / FILES[n][0]).is_file()]
     names += [f"{t}.csv" for t in CSV_TABLES if (out_dir / f"{t}.parquet").is_file()]
+    names += sorted(p.name for p in (out_dir / "exports").glob("*.h5ad"))  # written completely (renamed)
     return names
 
 

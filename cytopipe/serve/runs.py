@@ -114,6 +114,8 @@ class RunManager:
             spec["clustering"] = {"enabled": True}
         if settings.get("blinded"):
             spec["report"] = {"blinded": True}
+        if not settings.get("report", True):
+            spec["report"] = {"enabled": False}
         (inp / "workflow.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
         (inp / "options.json").write_text(json.dumps({"scheduler_address": self.scheduler_address}))
 
@@ -123,13 +125,10 @@ class RunManager:
             folder = Path(run.folder)
             (folder / "status.json").unlink(missing_ok=True)
             log = open(folder / "run.log", "ab")
-            env = dict(os.environ)
-            pkg_root = str(Path(__file__).resolve().parents[2])
-            env["PYTHONPATH"] = os.pathsep.join([pkg_root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "cytopipe.serve.worker", str(folder)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=env, cwd=str(folder),
+                start_new_session=True, env=_worker_env(), cwd=str(folder),
             )  # fmt: skip
             log.close()
             with self._lock:
@@ -213,6 +212,34 @@ class RunManager:
             db.commit()
             self._spawn(run.id)
 
+    # --- AnnData export of a finished run -----------------------------------------------------
+    def export_anndata(
+        self, db: DBSession, run: Run, population: str, max_events: int | None, user: str
+    ) -> str:
+        """``cytopipe export anndata`` in a worker process, into ``out/exports/<population>.h5ad``."""
+        from cytopipe.serve.storage import sanitise_name
+
+        name = sanitise_name(population.replace(" ", "_"), "population") + ".h5ad"
+        exports = Path(run.folder) / "out" / "exports"
+        exports.mkdir(exist_ok=True)
+        args = [sys.executable, "-m", "cytopipe", "export", "anndata", str(Path(run.folder) / "out"),
+                "--population", population, "--out", str(exports / name), "--no-progress"]  # fmt: skip
+        if max_events:
+            args += ["--max-events-per-sample", str(max_events)]
+        # one process (the export is a small share of a run's work) unless the lab has a cluster
+        args += (
+            ["--scheduler-address", self.scheduler_address]
+            if self.scheduler_address
+            else ["--scheduler", "synchronous"]
+        )
+        audit.record(db, user, "run.export", "run", run.id, None, {"anndata": name, "population": population})
+        db.commit()
+        with open(exports / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, env=_worker_env())  # fmt: skip
+        threading.Thread(target=proc.wait, daemon=True).start()  # collected when it ends
+        return name
+
     # --- cancel -------------------------------------------------------------------------------
     def cancel(self, db: DBSession, run: Run, user: str) -> None:
         if run.status not in RUN_ACTIVE:
@@ -246,6 +273,14 @@ class RunManager:
             pass
         if proc is not None:
             proc.wait()
+
+
+def _worker_env() -> dict[str, str]:
+    """The server's environment, with this cytopipe first on the path (workers run the same code)."""
+    env = dict(os.environ)
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
 
 
 def tail(path: Path, lines: int) -> str:

@@ -173,11 +173,11 @@ def check_disk(store: BlobStore, incoming: int, reserve: int = 256 << 20) -> Non
         raise UploadRefused(507, f"not enough free disk space for {_mb(incoming)} (free: {_mb(free)})")
 
 
-def validate_blob(path: Path, name: str) -> dict[str, Any]:
+def validate_blob(path: Path, name: str, sha256: str | None = None) -> dict[str, Any]:
     """``cytopipe validate``'s rules on a stored file: status ok / warning / rejected."""
     from cytopipe.validate import validate_file
 
-    report = validate_file(path, display=name)
+    report = validate_file(path, display=name, sha256=sha256)
     info: dict[str, Any] = {"events": report.events, "channels": report.channels, "markers": report.markers,
                             "version": report.version, "datasets": report.datasets}  # fmt: skip
     if report.ok:
@@ -187,10 +187,10 @@ def validate_blob(path: Path, name: str) -> dict[str, Any]:
 
 
 def _keywords(path: Path) -> dict[str, str]:
-    from cytopipe.fcs import read_fcs
+    from cytopipe.fcs import read_fcs_header
 
     try:
-        kw = read_fcs(path).keywords
+        kw = read_fcs_header(path).keywords
     except Exception:  # validated already; keywords are only a convenience for the mapping
         return {}
     return {k: str(kw[k])[:200] for k in _KEYWORDS if k in kw}

@@ -101,7 +101,8 @@ async def create_study(request: Request) -> Response:
     form = await request.form()
     ctx = state_change(request, "study.create", form.get("csrf"))
     values = {k: form.get(k) for k in ("name", "arms", "visits", "template", "pattern", "seed", "workers")}
-    values.update(clustering=form.get("clustering") == "on", blinded=form.get("blinded") == "on")
+    values.update(clustering=form.get("clustering") == "on", blinded=form.get("blinded") == "on",
+                  report=form.get("report") == "on")  # fmt: skip
     upload = form.get("template_file")
     if upload is not None and getattr(upload, "filename", ""):
         values["template_yaml"] = (await upload.read(2 << 20)).decode("utf-8", "replace")
@@ -178,6 +179,20 @@ def cancel_run(run_id: int, request: Request, csrf: str = Form("")) -> Response:
             raise AuthError(404, f"run {run_id} not found")
         ws.runs.cancel(db, run, ctx.name)
     return RedirectResponse(f"/runs/{run_id}", status_code=303)
+
+
+@router.post("/runs/{run_id}/anndata")
+def export_anndata(
+    run_id: int, request: Request, population: str = Form(...), csrf: str = Form("")
+) -> Response:
+    ctx = state_change(request, "run", csrf)
+    ws = workspace(request)
+    run, _, _ = api.finished_run(ws, run_id)
+    if run.status != "finished":
+        raise AuthError(409, f"run {run_id} is {run.status}; export the events of a finished run")
+    with ws.sessions() as db:
+        ws.runs.export_anndata(db, run, population, None, ctx.name)
+    return RedirectResponse(f"/runs/{run_id}#downloads", status_code=303)
 
 
 @router.get("/runs/{run_id}/files/{name}")
