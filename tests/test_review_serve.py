@@ -26,9 +26,8 @@ import pytest
 
 from tests import serve_support
 from tests.pipeline_support import REPO, cli
-from tests.serve_support import PASSWORD, Server, fresh_database
+from tests.serve_support import PASSWORD, STUDY, Server, fresh_database, trial_files, trial_manifest
 from tests.test_report_browser import CHROMIUM_ARGS, _chromium
-from tests.test_serve_runs import _study_with_samples
 
 backend = serve_support.backend
 serve_trial = serve_support.serve_trial
@@ -47,6 +46,26 @@ def server(backend, tmp_path_factory):
     yield srv
     srv.stop()
     drop()
+
+
+def _study_with_samples(client, trial: Path, name: str) -> int:
+    """A study (report.html on: the reviewed run's report is checked) with the trial's 12 samples mapped."""
+    sid = client.post("/api/studies", json={"name": name, **STUDY}, headers=client.h).json()["id"]
+    files = trial_files(trial)
+    size = sum(f.stat().st_size for f in files)
+    batch = client.post(
+        f"/api/studies/{sid}/batches", json={"files": len(files), "bytes": size}, headers=client.h
+    )
+    for f in files:
+        r = client.upload(sid, f, batch=batch.json()["batch_id"])
+        assert r.status_code == 201 and r.json()["status"] == "ok", r.text
+    arms = trial_manifest(trial).set_index("sample_id")["arm"]
+    rows = client.get(f"/api/studies/{sid}/mapping").json()
+    for row in rows:
+        row["arm"] = arms[row["sample_id"]]
+    r = client.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=client.h)
+    assert r.status_code == 200, r.text
+    return sid
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +192,12 @@ def test_review_in_the_browser(browser, server, finished, backend):
     page.click("#save-override")
     expect(page.locator("#action-message")).to_have_text(re.compile("^Saved"))
     message = page.inner_text("#action-message")
-    page.screenshot(path=str(shots / "04-saved.png"), full_page=True)
     after = pd.read_parquet(out / "population_stats.parquet")
     new = after.set_index(KEY).loc[(target["sample_id"], "Treg")]
+    # the gate is drawn again from the re-gated sample, with its new frequency
+    expect(page.locator("#current-freq")).to_contain_text(f"Treg: {new['pct_parent']:.2f}% of CD4 T")
+    expect(page.locator("#current-freq")).to_contain_text("gate overridden")
+    page.screenshot(path=str(shots / "04-saved.png"), full_page=True)
     assert new["pct_parent"] == pytest.approx(shown_new, abs=0.006)  # the previewed value was saved
     assert f"{new['pct_parent']:.2f}%" in message and f"{old:.2f}%" in message
     assert new["gate_source"] == "overridden" and pd.notna(new["audit_entry"])
@@ -232,7 +254,8 @@ def test_review_in_the_browser(browser, server, finished, backend):
         "review.override" in text and "CD25 smeared into the negatives" in text and "review.signoff" in text
     )
     assert "rita" in text and "chain intact" in page.inner_text("#chain")
-    assert not errors, errors
+    # the one error in the console is the refused sign-off (wrong password: 403)
+    assert [e for e in errors if "status of 403" not in e] == [] and len(errors) == 1, errors
     context.close()
 
     # 7. the report of the reviewed run (refreshed after the sign-off) shows it and the override
@@ -250,7 +273,7 @@ def test_review_in_the_browser(browser, server, finished, backend):
     )
 
 
-def test_signoff_locks_the_gates_until_a_new_version(server, finished):
+def test_signoff_locks_the_gates_until_a_new_version(server, finished, monkeypatch):
     run_id, out = finished
     c = server.client("rita")
     if not c.get(f"/api/runs/{run_id}/review?population=Treg").json()[
@@ -279,6 +302,35 @@ def test_signoff_locks_the_gates_until_a_new_version(server, finished):
     assert ps.set_index(KEY).loc[(item["sample_id"], "Treg"), "gate_source"] == "overridden"
     trail = c.get("/api/audit?limit=50").json()
     assert any(e["action"] == "run.version" and e["after"]["run"] == new_id for e in trail)
+    # the same from the command line, as the reviewer (password from the environment)
+    db = ["--data", str(server.data)] + (["--database", server.database] if server.database else [])
+    monkeypatch.setenv("CYTOPIPE_PASSWORD", PASSWORD)  # cli() passes the environment on
+    other = next(i for i in q["items"] if i["sample_id"] != item["sample_id"])
+    proc = cli("review", str(new_id), *db, "--list", "Treg")
+    assert proc.returncode == 0 and len(proc.stdout.strip().splitlines()) == 12, proc.stderr
+    t = c.get(
+        f"/api/runs/{new_id}/review/gate", params={"sample_id": other["sample_id"], "population": "Treg"}
+    )
+    cd25 = t.json()["params"]["CD25 >="]
+    proc = cli("review", str(new_id), *db, "--user", "rita", "--override", f"{other['sample_id']}/Treg",
+               "--set", f"CD25 >= {cd25 + 1.5}", "--category", "debris", "--reason", "from the CLI")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"{other['sample_id']}/Treg:" in proc.stdout and "audit entry" in proc.stdout
+    ps = pd.read_parquet(server.data / "runs" / str(new_id) / "out" / "population_stats.parquet").set_index(
+        KEY
+    )
+    assert ps.loc[(other["sample_id"], "Treg"), "gate_source"] == "overridden"
+    proc = cli("review", str(new_id), *db, "--user", "vera", "--approve-run")  # a viewer
+    assert proc.returncode == 2 and "403" in proc.stderr
+    proc = cli("review", str(new_id), *db, "--user", "rita", "--approve", f"{item['sample_id']}/Treg", "--examples",
+               str(server.data.parent / "examples.yaml"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    import yaml
+
+    ex = yaml.safe_load((server.data.parent / "examples.yaml").read_text())
+    by = {(e["sample_id"], e["population"]): e for e in ex["examples"]}
+    assert by[(other["sample_id"], "Treg")]["params"]["CD25 >="] == pytest.approx(cd25 + 1.5)
+    assert by[(other["sample_id"], "Treg")]["status"] == "overridden"
     # the examples file of the signed-off run: every approved/overridden Treg gate
     ex = c.get(f"/api/runs/{run_id}/review/examples?format=json").json()
     assert ex["signoff"]["user"] == "rita" and len(ex["examples"]) >= 1
