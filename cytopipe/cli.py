@@ -42,6 +42,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("cytopipe.export", "export events of a run as AnnData or FCS"),
     "reconcile": ("cytopipe.gating.reconcile", "compare cytopipe's counts with a FlowJo workspace's"),
     "serve": ("cytopipe.serve", "a study workspace in the browser: uploads, runs, results"),
+    "review": ("cytopipe.serve.review_command", "approve or override a workspace run's gates, sign off"),
+    "audit": ("cytopipe.serve.audit_command", "verify or export the workspace's audit trail"),
 }
 
 

@@ -214,3 +214,7 @@ def exit_code_for(exc: BaseException) -> int:
 
 class ServeError(CytopipeError):
     """``cytopipe serve`` cannot start (unsafe host without accounts, bad limits, database)."""
+
+
+class ReviewError(CytopipeError):
+    """A gate review action cannot be applied (unknown sample/population, locked run, bad gate)."""

@@ -20,6 +20,7 @@ from cytopipe.report import batches as B
 from cytopipe.report import figures as F
 from cytopipe.report import html as H
 from cytopipe.report.data import RunData
+from cytopipe.report.review_section import review
 
 ENDPOINT_TITLES = {
     "sri4": "SRI-4 response",
@@ -893,6 +894,7 @@ SECTIONS: list[Callable[[Builder], H.Section | None]] = [
     run_summary,
     B.section,
     gate_gallery,
+    review,
     dynamics,
     clinical,
     correlations,

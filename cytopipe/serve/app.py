@@ -103,10 +103,12 @@ def create_app(config: Config) -> FastAPI:
     async def _upload_error(request: Request, exc: UploadRefused):
         return _error(request, exc.status, exc.message)
 
-    from cytopipe.serve import api, web
+    from cytopipe.serve import api, review, web
 
     app.include_router(api.router)
+    app.include_router(review.api)
     app.include_router(web.router)
+    app.include_router(review.web)
     return app
 
 

@@ -1,0 +1,377 @@
+"""Incremental re-gating after review overrides.
+
+Only the samples whose overrides changed are gated again, with the run's own study state
+(:func:`cytopipe.pipeline.load_run`: compensation, locked transforms, pooled estimates), from
+prepared events kept in memory when this process has prepared the sample before (e.g. for the
+live preview), else prepared again from the file (read + event QC of one sample). The gate of an
+overridden population becomes a fixed gate; the populations above it are computed exactly as in
+the run (same seeds, same fits), those below it follow from its new events. Then only that
+sample's rows of ``population_stats.parquet`` and ``gate_review.parquet`` are replaced, and the
+statistics, the catalog and the report are written again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cytopipe.errors import CytopipeError, ReviewError
+from cytopipe.review.decisions import Decision, ReviewState, effective_overrides
+
+logger = logging.getLogger(__name__)
+PREPARED_KEEP = 4  # prepared samples kept in memory per process (one sample: its event matrix)
+_lock = threading.Lock()
+_runs: OrderedDict[tuple[str, int], Any] = OrderedDict()
+_prepared: OrderedDict[tuple[str, str], Any] = OrderedDict()
+
+
+# ------------------------------------------------------------------------------------------------
+# the run's state and prepared samples (memoised in this process)
+# ------------------------------------------------------------------------------------------------
+def loaded_run(run_dir: str | Path) -> Any:
+    """:func:`cytopipe.pipeline.load_run`, memoised while run.json is unchanged."""
+    from cytopipe.pipeline import load_run
+
+    run_dir = Path(run_dir).resolve()
+    key = (str(run_dir), (run_dir / "run.json").stat().st_mtime_ns)
+    with _lock:
+        hit = _runs.get(key)
+    if hit is None:
+        hit = load_run(run_dir)
+        with _lock:
+            _runs[key] = hit
+            while len(_runs) > 4:
+                _runs.popitem(last=False)
+    return hit
+
+
+def _job(lr: Any, sample_id: str) -> dict[str, Any]:
+    for job in lr.jobs:
+        if job["sample_id"] == sample_id:
+            return job
+    raise ReviewError(
+        "no such processed sample in this run (failed samples have no gates to review)",
+        sample=sample_id,
+        file=lr.folder.path,
+    )
+
+
+def prepared(lr: Any, sample_id: str) -> Any:
+    """The sample after event QC (kept in memory for the next call), or prepared again."""
+    from cytopipe.pipeline import prepare_sample
+
+    key = (str(lr.folder.path), sample_id)
+    with _lock:
+        hit = _prepared.get(key)
+        if hit is not None:
+            _prepared.move_to_end(key)
+            return hit
+    prep = prepare_sample(_job(lr, sample_id), lr.state)
+    with _lock:
+        _prepared[key] = prep
+        while len(_prepared) > PREPARED_KEEP:
+            _prepared.popitem(last=False)
+    return prep
+
+
+def forget(run_dir: str | Path | None = None) -> None:
+    """Drop memoised runs and prepared samples (all, or one run folder's)."""
+    with _lock:
+        for cache in (_runs, _prepared):
+            for k in list(cache):
+                if run_dir is None or k[0] == str(Path(run_dir).resolve()):
+                    del cache[k]
+
+
+# ------------------------------------------------------------------------------------------------
+# overridden gates
+# ------------------------------------------------------------------------------------------------
+def current_params(review: pd.DataFrame, sample_id: str, population: str) -> dict[str, float]:
+    """The gate numbers applied to a sample (``{"CD25 >=": 3.05, ...}``) from gate_review."""
+    rows = review[(review["sample_id"] == sample_id) & (review["population"] == population)]
+    if rows.empty:
+        raise ReviewError("no gate-review data for this gate", sample=sample_id, population=population)
+    row = rows.iloc[0]
+    return {str(n): float(v) for n, v in zip(row["param_names"], row["params"])}
+
+
+def override_gate(lr: Any, decision: Decision, review: pd.DataFrame, meta: Mapping[str, Any]) -> Any:
+    """The fixed gate a decision asks for on one sample."""
+    from cytopipe.gating.fitters import DataDrivenGate
+    from cytopipe.gating.gates import EllipsoidGate, PolygonGate, RectangleGate
+
+    template = lr.state.template
+    where = {"sample": decision.sample_id, "population": decision.population}
+    if decision.population not in template.populations:
+        raise ReviewError(f"no such population; populations are {template.names}", **where)
+    g = template[decision.population].gate
+    dims = list(g.dims)
+    if decision.kind == "pooled":
+        if not isinstance(g, DataDrivenGate):
+            raise ReviewError("this gate is fixed in the template: it has no pooled estimate", **where)
+        chosen = {}
+        for suffix, fitter in g.fit_items():
+            hit = (
+                lr.state.pooled.lookup(decision.population + suffix, "patient", meta)
+                if lr.state.pooled
+                else None
+            )
+            if hit is None and fitter.default is None:
+                raise ReviewError(
+                    f"no pooled estimate or default for {decision.population + suffix}", **where
+                )
+            chosen[suffix] = hit[0] if hit is not None else fitter.default
+        return g.realize(chosen)
+    params = dict(decision.params)
+    if "vertices" in params:
+        vertices = np.asarray(params["vertices"], dtype=np.float64)
+        if vertices.ndim != 2 or vertices.shape[1] != 2 or len(vertices) < 3 or len(dims) != 2:
+            raise ReviewError("a polygon override needs >= 3 vertices [x, y] on a 2-D gate", **where)
+        return PolygonGate(dims, vertices)
+    if "center" in params:
+        center = np.asarray(params["center"], dtype=np.float64)
+        cov = np.asarray(params["covariance"], dtype=np.float64)
+        if center.shape != (len(dims),) or cov.shape != (len(dims), len(dims)):
+            raise ReviewError(
+                f"an ellipse override needs a centre of {len(dims)} numbers and a covariance", **where
+            )
+        return EllipsoidGate(dims, center, cov, float(params.get("distance_square", 1.0)))
+    numbers = current_params(review, decision.sample_id, decision.population)
+    allowed = {f"{d.name} {op}" for d in dims for op in (">=", "<")}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ReviewError(f"unknown gate numbers {unknown}; this gate has {sorted(allowed)}", **where)
+    for name, value in params.items():
+        value = float(value)
+        if not np.isfinite(value):
+            raise ReviewError(f"gate number {name!r} must be finite, not {value}", **where)
+        numbers[name] = value
+    lower = [numbers.get(f"{d.name} >=") for d in dims]
+    upper = [numbers.get(f"{d.name} <") for d in dims]
+    rows = review[(review["sample_id"] == decision.sample_id) & (review["population"] == decision.population)]
+    style = str(rows["gate_type"].iloc[0])
+    if style not in ("quadrant", "range", "rectangle"):
+        raise ReviewError(
+            f"a {style} gate takes vertices or an ellipse, not thresholds {sorted(params)}", **where
+        )
+    return RectangleGate(dims, lower, upper, style=style)
+
+
+def overridden_template(
+    lr: Any, overrides: Mapping[str, Decision], review: pd.DataFrame, meta: Mapping
+) -> Any:
+    """The run's template with the overridden populations' gates replaced by fixed gates."""
+    template = lr.state.template
+    if not overrides:
+        return template
+    pops = dict(template.populations)
+    for name, decision in overrides.items():
+        pops[name] = dataclasses.replace(pops[name], gate=override_gate(lr, decision, review, meta))
+    return dataclasses.replace(template, populations=pops)
+
+
+# ------------------------------------------------------------------------------------------------
+# gating one sample
+# ------------------------------------------------------------------------------------------------
+def regate_sample(
+    lr: Any, sample_id: str, overrides: Mapping[str, Decision], review: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(population_stats rows, gate_review rows) of one sample with ``overrides`` (population ->
+    decision) applied, as the run's gating pass would have written them."""
+    from cytopipe import gating
+    from cytopipe.qc import add_count_qc
+    from cytopipe.report.gate_review import gate_review_data
+
+    job = _job(lr, sample_id)
+    prep = prepared(lr, sample_id)
+    template = overridden_template(lr, overrides, review, prep.meta)
+    result = gating.gate(
+        prep.sample, template, pooled=lr.state.pooled, sample_meta=prep.meta, transforms=lr.state.transforms
+    )
+    stats = result.to_population_stats(prep.meta)
+    flags: dict[str, list[str]] = {}
+    for population, flag in result.flags:
+        flags.setdefault(population, []).append(flag)
+    stats["gate_flags"] = ["; ".join(flags.get(p, [])) for p in stats["population"]]
+    stats["sample_id"] = sample_id
+    for col in ("patient_id", "visit", "arm"):
+        stats[col] = job.get(col)
+    stats = add_count_qc(stats, lr.state.qc)
+    rows = gate_review_data(prep.sample, result, sample_id)
+    over = rows["population"].isin(list(overrides))
+    rows.loc[over, "source"] = "overridden"
+    return stats, rows
+
+
+def preview(run_dir: str | Path, decision: Decision, state: ReviewState | None = None) -> dict[str, Any]:
+    """The population's count and % of parent on one sample if ``decision`` were saved."""
+    from cytopipe.report.gate_review import read_gate_review
+
+    lr = loaded_run(run_dir)
+    review = read_gate_review(lr.folder.path)
+    overrides = {p: d for (s, p), d in effective_overrides(state.decisions if state else []).items()
+                 if s == decision.sample_id}  # fmt: skip
+    if decision.kind == "revert":
+        overrides.pop(decision.population, None)
+    else:
+        overrides[decision.population] = decision
+    stats, _ = regate_sample(lr, decision.sample_id, overrides, review)
+    row = stats[stats["population"] == decision.population].iloc[0]
+    return {"count": int(row["count"]), "parent_count": int(row["parent_count"]),
+            "pct_parent": float(row["pct_parent"])}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# applying a run's review
+# ------------------------------------------------------------------------------------------------
+def apply_review(
+    run_dir: str | Path,
+    state: ReviewState,
+    samples: Iterable[str] | None = None,
+    statistics: bool = True,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Re-gate ``samples`` (default: every sample with an override now or before) with the overrides
+    in force, replace their rows of population_stats and gate_review, and refresh the statistics,
+    catalog and report. Returns timings and, per overridden gate, its % of parent before/after."""
+    from cytopipe.report.gate_review import read_gate_review, write_gate_review
+    from cytopipe.store import atomic_write_parquet
+
+    t0 = time.perf_counter()
+    lr = loaded_run(run_dir)
+    folder = lr.folder
+    ps = pd.read_parquet(folder.table_path("population_stats"))
+    review = read_gate_review(folder.path)
+    if review is None:
+        raise ReviewError("the run has no gate_review.parquet; rerun `cytopipe run` first", file=folder.path)
+    active = effective_overrides(state.decisions)
+    if samples is None:
+        before = (
+            ps["gate_source"].eq("overridden") if "gate_source" in ps else pd.Series(False, index=ps.index)
+        )
+        samples = {s for s, _ in active} | set(ps.loc[before, "sample_id"])
+    samples = sorted(set(samples))
+    changes: dict[tuple[str, str], tuple[float, float]] = {}
+    new_stats, new_review = [], []
+    for sid in samples:
+        mine = {p: d for (s, p), d in active.items() if s == sid}
+        stats, rows = regate_sample(lr, sid, mine, review)
+        old = ps[ps["sample_id"] == sid].set_index("population")["pct_parent"]
+        for p in mine:
+            changes[(sid, p)] = (
+                float(old.get(p, np.nan)),
+                float(stats.set_index("population").at[p, "pct_parent"]),
+            )
+        new_stats.append(stats)
+        new_review.append(rows)
+    t_gate = time.perf_counter() - t0
+    if samples:
+        ps = _replace_rows(ps, pd.concat(new_stats, ignore_index=True), samples)
+        review = _replace_rows(
+            review, pd.concat(new_review, ignore_index=True), samples, sort_population=False
+        )
+    ps = _sources(ps, review, active, lr.state.template)
+    atomic_write_parquet(folder.table_path("population_stats"), ps)
+    write_gate_review(folder.path, review)
+    t_tables = time.perf_counter() - t0
+    problems: list[str] = []
+    tables = {"population_stats": ps}
+    for name in ("samples", "clusters"):
+        if folder.table_path(name).is_file():
+            tables[name] = pd.read_parquet(folder.table_path(name))
+    if statistics:
+        table = _statistics(lr, tables, problems)
+        if table is not None:
+            tables["statistics"] = table
+            atomic_write_parquet(folder.table_path("statistics"), table)
+    elif folder.table_path("statistics").is_file():
+        tables["statistics"] = pd.read_parquet(folder.table_path("statistics"))
+    from cytopipe.store import write_catalog
+
+    write_catalog(folder.catalog, tables, lr.info)
+    t_stats = time.perf_counter() - t0
+    if report:
+        from cytopipe.pipeline import write_run_report
+
+        write_run_report(folder.path, lr.wf, problems)
+    return {
+        "samples": samples,
+        "changes": {f"{s}/{p}": v for (s, p), v in changes.items()},
+        "problems": problems,
+        "seconds": {
+            "regate": round(t_gate, 3),
+            "tables": round(t_tables, 3),
+            "statistics": round(t_stats, 3),
+            "total": round(time.perf_counter() - t0, 3),
+        },  # fmt: skip
+    }
+
+
+def _replace_rows(
+    table: pd.DataFrame, new: pd.DataFrame, samples: list[str], sort_population: bool = True
+) -> pd.DataFrame:
+    """``table`` with the rows of ``samples`` replaced by ``new`` at the same place (same order)."""
+    for col in table.columns:
+        if col not in new.columns:
+            new[col] = None
+    new = new[[c for c in table.columns] + [c for c in new.columns if c not in table.columns]]
+    keep = ~table["sample_id"].isin(samples)
+    order = {s: i for i, s in enumerate(dict.fromkeys(table["sample_id"]))}
+    out = pd.concat([table[keep], new], ignore_index=True)
+    out["_o"] = out["sample_id"].map(order)
+    out["_r"] = out.groupby("sample_id").cumcount()
+    out = out.sort_values(["_o", "_r"], kind="stable").drop(columns=["_o", "_r"]).reset_index(drop=True)
+    for col in table.columns:
+        if out[col].dtype != table[col].dtype:
+            try:
+                out[col] = out[col].astype(table[col].dtype)
+            except (TypeError, ValueError):
+                pass
+    return out
+
+
+def _sources(ps: pd.DataFrame, review: pd.DataFrame, active: Mapping, template: Any) -> pd.DataFrame:
+    """``gate_source`` and ``audit_entry`` of every row: the engine's source, or ``overridden`` (and
+    the override's audit entry, also on the populations below it, whose events it decided)."""
+    first = review[review["panel"] == 0].drop_duplicates(["sample_id", "population"])
+    source = dict(zip(zip(first["sample_id"], first["population"]), first["source"]))
+    ps = ps.copy()
+    keys = list(zip(ps["sample_id"], ps["population"]))
+    ps["gate_source"] = [source.get(k, "") for k in keys]
+    entry: dict[tuple[str, str], Any] = {}
+    for (sid, pop), d in active.items():
+        for p in [pop, *template.descendants(pop)]:
+            entry.setdefault((sid, p), d.audit_entry)
+        entry[(sid, pop)] = d.audit_entry
+    ps["audit_entry"] = pd.array([entry.get(k) for k in keys], dtype="Int64")
+    over = pd.Series([k in active for k in keys], index=ps.index)
+    ps.loc[over, "gate_source"] = "overridden"
+    return ps
+
+
+def _statistics(lr: Any, tables: dict[str, pd.DataFrame], problems: list[str]) -> pd.DataFrame | None:
+    from types import SimpleNamespace
+
+    from cytopipe.pipeline import compute_statistics
+    from cytopipe.workflow import statistics_enabled, statistics_settings
+
+    if not statistics_enabled(lr.wf):
+        return None
+    ctx = SimpleNamespace(
+        wf=lr.wf, stats_settings=statistics_settings(lr.wf), tables=tables, problems=problems
+    )
+    try:
+        table, _ = compute_statistics(ctx)
+    except CytopipeError as exc:
+        problems.append(f"statistics: {exc}")
+        return None
+    return table

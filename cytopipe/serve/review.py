@@ -1,0 +1,163 @@
+"""Gate review routes: the review page of a run (``/runs/{id}/review``), the audit verification and
+exports, and the same actions as JSON (``/api/runs/{id}/review/...``). Operations live in
+:mod:`.reviewops`; the page's script is ``static/review.js``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from cytopipe.errors import ReviewError
+from cytopipe.review.decisions import Decision
+from cytopipe.serve import audit, reviewops
+from cytopipe.serve.app import page, signed_in, state_change, workspace
+from cytopipe.serve.auth import AuthError
+from cytopipe.serve.db import Audit, User
+
+api = APIRouter(prefix="/api", tags=["review"])
+web = APIRouter(include_in_schema=False)
+
+
+class GateChange(BaseModel):
+    sample_id: str
+    population: str
+    kind: str = Field("override", description="override | pooled | revert")
+    params: dict[str, Any] = Field(default_factory=dict, description='e.g. {"CD25 >=": 3.1}')
+    reason: str = ""
+    category: str = ""
+
+
+class Approval(BaseModel):
+    scope: str = Field("one", description="one | unflagged | run")
+    population: str | None = None
+    sample_id: str | None = None
+
+
+class SignOff(BaseModel):
+    password: str
+    meaning: str = reviewops.SIGNOFF_MEANING
+
+
+def _decision(body: GateChange, user: str) -> Decision:
+    try:
+        return Decision(kind=body.kind, sample_id=body.sample_id, population=body.population, user=user,
+                        params=body.params, reason=body.reason.strip(), category=body.category.strip())  # fmt: skip
+    except ReviewError as exc:
+        raise AuthError(400, str(exc)) from None
+
+
+def _arms_visible(study: Any) -> bool:
+    return not bool((study.settings or {}).get("blinded"))
+
+
+@api.get("/runs/{run_id}/review")
+def review_queue(run_id: int, request: Request, population: str | None = None) -> dict[str, Any]:
+    """The review queue of one population: every sample's gate, flagged and outlying first."""
+    signed_in(request)
+    with workspace(request).sessions() as db:
+        run, study = reviewops.finished(db, run_id)
+        return reviewops.queue(db, run, study, population, _arms_visible(study))
+
+
+@api.get("/runs/{run_id}/review/gate")
+def review_gate(run_id: int, request: Request, sample_id: str, population: str) -> dict[str, Any]:
+    """One sample's gate drawn over its parent's density (SVG) with the histograms behind it."""
+    signed_in(request)
+    with workspace(request).sessions() as db:
+        run, _ = reviewops.finished(db, run_id)
+    return reviewops.gate_view(run, sample_id, population)
+
+
+@api.post("/runs/{run_id}/review/preview")
+def review_preview(run_id: int, body: GateChange, request: Request) -> dict[str, Any]:
+    """The exact count and % of parent of a gate change, without saving it."""
+    ctx = state_change(request, "review")
+    body.reason = body.reason or "preview"
+    with workspace(request).sessions() as db:
+        return reviewops.preview(db, run_id, _decision(body, ctx.name))
+
+
+@api.post("/runs/{run_id}/review/change")
+def review_change(run_id: int, body: GateChange, request: Request) -> dict[str, Any]:
+    """Override a gate (new numbers), use the patient's pooled gate, or revert; a reason is required."""
+    ctx = state_change(request, "review")
+    with workspace(request).sessions() as db:
+        return reviewops.change_gate(db, run_id, ctx.name, _decision(body, ctx.name))
+
+
+@api.post("/runs/{run_id}/review/approve")
+def review_approve(run_id: int, body: Approval, request: Request) -> dict[str, Any]:
+    ctx = state_change(request, "review")
+    with workspace(request).sessions() as db:
+        return reviewops.approve(db, run_id, ctx.name, body.scope, body.population, body.sample_id)
+
+
+@api.post("/runs/{run_id}/signoff")
+def review_signoff(run_id: int, body: SignOff, request: Request) -> dict[str, Any]:
+    """Electronic signature of the run's gating (the signer's password again); locks the gates."""
+    ctx = state_change(request, "signoff")
+    with workspace(request).sessions() as db:
+        user = db.get(User, ctx.user.id)
+        return reviewops.signoff(db, run_id, user, body.password, body.meaning or reviewops.SIGNOFF_MEANING)
+
+
+@api.post("/runs/{run_id}/versions", status_code=201)
+def review_new_version(run_id: int, request: Request) -> dict[str, Any]:
+    """A new, unlocked version of a run (its outputs and overrides carried over)."""
+    ctx = state_change(request, "review")
+    with workspace(request).sessions() as db:
+        new = reviewops.new_version(db, run_id, ctx.name)
+        return {"id": new.id, "parent": run_id}
+
+
+@api.get("/runs/{run_id}/review/examples")
+def review_examples(
+    run_id: int, request: Request, format: str = Query("yaml", pattern="^(yaml|json)$")
+) -> Response:
+    """The approved and overridden gates of the run as an ``--examples`` file."""
+    from cytopipe.review.examples import examples, examples_text
+
+    signed_in(request)
+    with workspace(request).sessions() as db:
+        run, _ = reviewops.finished(db, run_id)
+        st = reviewops.state(db, run_id)
+    data = examples(reviewops.out_dir(run), st)
+    media = "application/json" if format == "json" else "application/yaml"
+    return Response(examples_text(data, format), media_type=media,
+                    headers={"Content-Disposition": f'attachment; filename="run{run_id}_examples.{format}"'})  # fmt: skip
+
+
+@api.get("/audit/verify")
+def audit_verify(request: Request) -> dict[str, Any]:
+    signed_in(request)
+    with workspace(request).sessions() as db:
+        ok, n, message = audit.verify_chain(db)
+    return {"ok": ok, "entries": n, "message": message}
+
+
+@api.get("/audit/export")
+def audit_export(request: Request, format: str = Query("csv", pattern="^(csv|json)$")) -> Response:
+    """The whole audit trail as CSV (cells escaped against formula injection) or JSON."""
+    from cytopipe.serve.auditexport import export_text
+
+    signed_in(request)
+    with workspace(request).sessions() as db:
+        rows = [audit.as_dict(r) for r in db.scalars(select(Audit).order_by(Audit.id))]
+    media = "text/csv; charset=utf-8" if format == "csv" else "application/json"
+    return Response(export_text(rows, format), media_type=media,
+                    headers={"Content-Disposition": f'attachment; filename="audit.{format}"'})  # fmt: skip
+
+
+@web.get("/runs/{run_id}/review", response_class=HTMLResponse)
+def review_page(run_id: int, request: Request, population: str | None = None) -> HTMLResponse:
+    ctx = signed_in(request)
+    with workspace(request).sessions() as db:
+        run, study = reviewops.finished(db, run_id)
+        q = reviewops.queue(db, run, study, population, _arms_visible(study))
+    return page(request, "review.html", ctx, run=run, study=study, q=q, q_json=json.dumps(q),
+                can_review=ctx.can("review"), can_signoff=ctx.can("signoff"))  # fmt: skip

@@ -1,0 +1,217 @@
+"""``cytopipe review`` and ``cytopipe audit``: gate review and the audit trail from the command line,
+on the same workspace database as ``cytopipe serve`` (``--data DIR`` or ``--database URL``).
+
+    cytopipe review 3 --data ws --user rita --list Treg
+    cytopipe review 3 --data ws --user rita --override P001_W00/Treg --set "CD25 >= 3.1" \\
+        --category "poor staining" --reason "CD25 dim in this tube"
+    cytopipe review 3 --data ws --user rita --approve-unflagged Treg
+    cytopipe review 3 --data ws --user rita --signoff
+    cytopipe review 3 --data ws --examples approved_gates.yaml
+    cytopipe audit verify --data ws          # exit 1 and the first broken entry if edited
+    cytopipe audit export --data ws --format csv --out audit.csv
+
+The password of ``--user`` is read from CYTOPIPE_PASSWORD or standard input: every action is
+recorded in the audit trail under that account, with its role checked as in the browser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+from cytopipe.errors import ReviewError, ServeError
+
+
+def _db_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", default="cytopipe-workspace", help="the workspace folder of `cytopipe serve`"
+    )
+    parser.add_argument(
+        "--database", metavar="URL", help="postgresql://... when the workspace uses PostgreSQL"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=int, help="the workspace's run number")
+    _db_arguments(parser)
+    parser.add_argument("--user", help="your account (password from CYTOPIPE_PASSWORD or standard input)")
+    parser.add_argument("--list", metavar="POPULATION", help="print the review queue of a population")
+    parser.add_argument("--approve", metavar="SAMPLE/POPULATION", action="append", default=[])
+    parser.add_argument(
+        "--approve-unflagged", metavar="POPULATION", help="approve every unflagged gate of it"
+    )
+    parser.add_argument("--approve-run", action="store_true", help="approve every gate of the run")
+    parser.add_argument("--override", metavar="SAMPLE/POPULATION", help="override this gate (with --set)")
+    parser.add_argument(
+        "--set", metavar='"CD25 >= 3.1"', action="append", default=[], help="a new gate number"
+    )
+    parser.add_argument("--pooled", metavar="SAMPLE/POPULATION", help="use the patient's pooled gate")
+    parser.add_argument("--revert", metavar="SAMPLE/POPULATION", help="back to the run's own gate")
+    parser.add_argument("--reason", default="", help="why (required for --override/--pooled/--revert)")
+    parser.add_argument("--category", default="", help="debris, clog, poor staining, fit failure, ...")
+    parser.add_argument("--signoff", action="store_true", help="sign the run's gating (locks its gates)")
+    parser.add_argument("--new-version", action="store_true", help="a new, unlocked version of the run")
+    parser.add_argument("--examples", metavar="FILE", help="write approved/overridden gates (.yaml or .json)")
+
+
+def _open(args: argparse.Namespace):
+    from cytopipe.serve.db import database_url, open_database
+
+    data = Path(args.data).resolve()
+    if not args.database and not (data / "cytopipe.sqlite").is_file():
+        raise ServeError(f"no workspace database in {data}; give the --data folder of `cytopipe serve`")
+    return open_database(database_url(args.database, data))
+
+
+def _password() -> str:
+    if os.environ.get("CYTOPIPE_PASSWORD"):
+        return os.environ["CYTOPIPE_PASSWORD"]
+    if sys.stdin is not None and sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass("password: ")
+    return (sys.stdin.readline() if sys.stdin is not None else "").rstrip("\r\n")
+
+
+def _target(text: str) -> tuple[str, str]:
+    sample, sep, population = text.partition("/")
+    if not sep or not sample or not population:
+        raise ReviewError(f"{text!r}: write SAMPLE/POPULATION, e.g. P001_W00/Treg")
+    return sample, population
+
+
+def _numbers(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        m = re.fullmatch(r"\s*(.+?)\s*(>=|<)\s*([-+0-9.eE]+)\s*", item)
+        if not m:
+            raise ReviewError(f'--set {item!r}: write e.g. "CD25 >= 3.1" or "CD127 < 2.4"')
+        out[f"{m.group(1)} {m.group(2)}"] = float(m.group(3))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from cytopipe.review.decisions import Decision
+    from cytopipe.serve import reviewops
+    from cytopipe.serve.auth import AuthError
+
+    engine, sessions = _open(args)
+    try:
+        with sessions() as db:
+            return _review(args, db, reviewops, Decision)
+    except AuthError as exc:
+        print(f"cytopipe review: refused ({exc.status}): {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+
+
+def _review(args, db, reviewops, Decision) -> int:
+    from cytopipe.serve import auth
+    from cytopipe.serve.auth import AuthError
+
+    if args.list or args.examples:
+        run, study = reviewops.finished(db, args.run)
+        if args.list:
+            q = reviewops.queue(db, run, study, args.list, not (study.settings or {}).get("blinded"))
+            for it in q["items"]:
+                mark = "flagged" if it["flagged"] else ("outlier" if it["outlier"] else "")
+                print(f"{it['sample_id']}\t{it['pct_parent']:.2f}%\t{it['status']}\t{mark}\t{it['reasons']}")
+        if args.examples:
+            from cytopipe.review.examples import examples, examples_text
+
+            out = Path(args.examples)
+            fmt = "json" if out.suffix.lower() == ".json" else "yaml"
+            from cytopipe.store import atomic_write_bytes
+
+            atomic_write_bytes(
+                out,
+                examples_text(examples(reviewops.out_dir(run), reviewops.state(db, args.run)), fmt).encode(),
+            )
+            print(f"cytopipe review: wrote {out}", file=sys.stderr)
+    actions = bool(args.approve or args.approve_unflagged or args.approve_run or args.override or args.pooled
+                   or args.revert or args.signoff or args.new_version)  # fmt: skip
+    if not actions:
+        return 0
+    if not args.user:
+        raise ReviewError("--user is required for review actions (they are recorded under your account)")
+    user = auth.authenticate(db, args.user, _password())
+    db.commit()
+    if user is None:
+        raise AuthError(401, f"user {args.user!r}: unknown or wrong password")
+    perm = "signoff" if args.signoff else "review"
+    if not auth.allowed(user.role, perm):
+        raise AuthError(403, f"your role ({user.role}) does not allow this ({perm})")
+    for target in args.approve:
+        sample, population = _target(target)
+        print(reviewops.approve(db, args.run, user.name, "one", population, sample))
+    if args.approve_unflagged:
+        print(reviewops.approve(db, args.run, user.name, "unflagged", args.approve_unflagged))
+    if args.approve_run:
+        print(reviewops.approve(db, args.run, user.name, "run"))
+    for kind, target in (("override", args.override), ("pooled", args.pooled), ("revert", args.revert)):
+        if target:
+            sample, population = _target(target)
+            decision = Decision(kind=kind, sample_id=sample, population=population, user=user.name,
+                                params=_numbers(args.set) if kind == "override" else {},
+                                reason=args.reason or args.category, category=args.category)  # fmt: skip
+            got = reviewops.change_gate(db, args.run, user.name, decision, background=False)
+            print(f"{sample}/{population}: {got['before_pct']:.2f}% -> {got['after_pct']:.2f}% "
+                  f"(audit entry {got['audit_entry']})")  # fmt: skip
+    if args.signoff:
+        if not auth.allowed(user.role, "signoff"):
+            raise AuthError(403, f"your role ({user.role}) does not allow signing off")
+        got = reviewops.signoff(db, args.run, user, _password_again(), background=False)
+        print(
+            f"run {args.run}: signed off by {got['signed_by']} at {got['at']} (audit entry {got['audit_entry']})"
+        )
+    if args.new_version:
+        new = reviewops.new_version(db, args.run, user.name)
+        print(f"run {args.run}: new version is run {new.id}")
+    return 0
+
+
+def _password_again() -> str:
+    # the electronic signature re-checks the password (from the same source as the sign-in)
+    return os.environ.get("CYTOPIPE_PASSWORD") or _password()
+
+
+# --- cytopipe audit ---------------------------------------------------------------------------------
+def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("verify", "export"))
+    _db_arguments(parser)
+    parser.add_argument(
+        "--format", choices=("csv", "json"), default="csv", help="export format (default csv)"
+    )
+    parser.add_argument("--out", help="export file (default: standard output)")
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from cytopipe.serve import audit
+    from cytopipe.serve.db import Audit
+
+    engine, sessions = _open(args)
+    try:
+        with sessions() as db:
+            if args.action == "verify":
+                ok, n, message = audit.verify_chain(db)
+                print(("ok: " if ok else "BROKEN: ") + message, file=sys.stdout if ok else sys.stderr)
+                return 0 if ok else 1
+            from cytopipe.serve.auditexport import export_text
+
+            rows = [audit.as_dict(r) for r in db.scalars(select(Audit).order_by(Audit.id))]
+            text = export_text(rows, args.format)
+            if args.out:
+                from cytopipe.store import atomic_write_bytes
+
+                atomic_write_bytes(Path(args.out), text.encode("utf-8"))
+            else:
+                sys.stdout.write(text)
+            return 0
+    finally:
+        engine.dispose()

@@ -1,0 +1,380 @@
+"""Gate review in the workspace: the decisions, sign-offs and run versions tables, and the operations
+that the pages, the JSON API and ``cytopipe review`` share.
+
+Every action is one database transaction holding the decision rows and their audit entry
+(``review.approve``, ``review.override``, ``review.pooled``, ``review.revert``, ``review.signoff``,
+``run.version``); then the run folder's ``review.json`` is written from the database and the
+changed sample is re-gated (:func:`cytopipe.review.regate.apply_review`). population_stats and
+gate_review are updated before the answer; the statistics and the report follow in a background
+thread (one per run at a time).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, select
+from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Session as DBSession
+
+from cytopipe.errors import ReviewError
+from cytopipe.review.decisions import REASONS, Decision, ReviewState, read_review, write_review
+from cytopipe.serve import audit, auth
+from cytopipe.serve.auth import AuthError
+from cytopipe.serve.db import Base, Run, Study, User
+
+logger = logging.getLogger(__name__)
+SIGNOFF_MEANING = "reviewed and approved"
+
+
+class ReviewDecision(Base):
+    __tablename__ = "review_decisions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    sample_id: Mapped[str] = mapped_column(String(200))
+    population: Mapped[str] = mapped_column(String(200))
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    category: Mapped[str] = mapped_column(String(64), default="")
+    user_name: Mapped[str] = mapped_column(String(64))
+    at: Mapped[str] = mapped_column(String(32))
+    audit_id: Mapped[int] = mapped_column(Integer)
+    before_pct: Mapped[float | None] = mapped_column(Float, nullable=True)
+    after_pct: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Signoff(Base):
+    __tablename__ = "signoffs"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    user_name: Mapped[str] = mapped_column(String(64))
+    meaning: Mapped[str] = mapped_column(Text)
+    at: Mapped[str] = mapped_column(String(32))
+    audit_id: Mapped[int] = mapped_column(Integer)
+
+
+class RunVersion(Base):
+    __tablename__ = "run_versions"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    parent_run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    version: Mapped[int] = mapped_column(Integer)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def out_dir(run: Run) -> Path:
+    return Path(run.folder) / "out"
+
+
+def finished(db: DBSession, run_id: int) -> tuple[Run, Study]:
+    run = db.get(Run, run_id)
+    if run is None:
+        raise AuthError(404, f"run {run_id} not found")
+    if run.status != "finished" or not (out_dir(run) / "gate_review.parquet").is_file():
+        raise AuthError(409, f"run {run_id} is {run.status}: only a finished run's gates can be reviewed")
+    return run, db.get(Study, run.study_id)
+
+
+def state(db: DBSession, run_id: int) -> ReviewState:
+    """The run's review as :class:`ReviewState` (decisions in order, sign-off, version)."""
+    rows = db.scalars(
+        select(ReviewDecision).where(ReviewDecision.run_id == run_id).order_by(ReviewDecision.id)
+    )
+    decisions = [
+        Decision(
+            kind=r.kind,
+            sample_id=r.sample_id,
+            population=r.population,
+            user=r.user_name,
+            params=r.params or {},
+            reason=r.reason,
+            category=r.category,
+            at=r.at,
+            audit_entry=r.audit_id,
+            before_pct=r.before_pct,
+            after_pct=r.after_pct,
+        )  # fmt: skip
+        for r in rows
+    ]
+    sign = db.get(Signoff, run_id)
+    version = db.get(RunVersion, run_id)
+    return ReviewState(
+        decisions=decisions,
+        signoff=None
+        if sign is None
+        else {
+            "user": sign.user_name,
+            "meaning": sign.meaning,
+            "at": sign.at,
+            "audit_entry": sign.audit_id,
+        },  # fmt: skip
+        version=version.version if version else 1,
+        parent_run=str(version.parent_run_id) if version else None,
+    )
+
+
+def _locked(db: DBSession, run_id: int) -> None:
+    sign = db.get(Signoff, run_id)
+    if sign is not None:
+        raise AuthError(
+            409,
+            f"run {run_id}'s gating was signed off by {sign.user_name} at {sign.at[:19]} UTC: its gates are "
+            "locked. Make a new version of the run to change them",
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# the queue
+# ------------------------------------------------------------------------------------------------
+def queue(
+    db: DBSession, run: Run, study: Study, population: str | None, can_see_arms: bool
+) -> dict[str, Any]:
+    """Every sample's gate of ``population`` (default: the first), flagged and outlying first."""
+    from cytopipe.report.gate_review import gate_outliers, read_gate_review
+    from cytopipe.review.decisions import status_of
+
+    out = out_dir(run)
+    review = read_gate_review(out)
+    ps = pd.read_parquet(out / "population_stats.parquet")
+    populations = list(dict.fromkeys(review["population"]))
+    population = population or populations[0]
+    if population not in populations:
+        raise AuthError(404, f"no population {population!r} in run {run.id}; populations are {populations}")
+    meta = ps[["sample_id", "patient_id", "visit", "arm"]].drop_duplicates("sample_id")
+    outl = gate_outliers(review[review["population"] == population], meta)
+    outl = outl.merge(meta[["sample_id", "arm"]], on="sample_id", how="left")
+    st = state(db, run.id)
+    status = status_of(st.decisions)
+    sources = review[(review["population"] == population) & (review["panel"] == 0)].set_index("sample_id")[
+        "source"
+    ]
+    items = []
+    for r in outl.itertuples():
+        items.append({
+            "sample_id": r.sample_id, "patient_id": str(r.patient_id), "visit": int(r.visit),
+            "arm": str(r.arm) if can_see_arms else None, "pct_parent": float(r.pct_parent),
+            "flagged": bool(r.flagged), "flags": r.flags, "outlier": bool(r.outlier), "score": float(r.score),
+            "reasons": r.reasons, "source": str(sources.get(r.sample_id, "")),
+            "status": status.get((r.sample_id, population), "unreviewed"),
+        })  # fmt: skip
+    items.sort(key=lambda i: (not i["flagged"], not i["outlier"], -i["score"] if i["outlier"] else 0.0,
+                              i["patient_id"], i["visit"]))  # fmt: skip
+    return {"run": run.id, "population": population, "populations": populations, "items": items,
+            "locked": st.locked, "signoff": st.signoff, "version": st.version, "reasons": list(REASONS),
+            "arms_visible": can_see_arms}  # fmt: skip
+
+
+def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
+    """The gate of one sample as SVG panels (and their histograms, for the live frequency)."""
+    from cytopipe.report.gate_review import read_gate_review
+    from cytopipe.review.plot import panel_svg
+
+    review = read_gate_review(out_dir(run))
+    rows = review[(review["sample_id"] == sample_id) & (review["population"] == population)].sort_values(
+        "panel"
+    )
+    if rows.empty:
+        raise AuthError(404, f"no gate of {population!r} for sample {sample_id!r} in run {run.id}")
+    first = rows.iloc[0]
+    panels = []
+    for _, r in rows.iterrows():
+        panels.append({
+            "svg": panel_svg(r), "x": r["x"], "y": r["y"], "x_range": list(map(float, r["x_range"])),
+            "y_range": list(map(float, r["y_range"])), "x_bins": int(r["x_bins"]), "y_bins": int(r["y_bins"]),
+            "counts": [int(c) for c in r["counts"]], "shapes": r["shapes"], "condition": r["condition"],
+            "n_shown": int(r["n_shown"]), "gate_type": r["gate_type"],
+        })  # fmt: skip
+    return {"sample_id": sample_id, "population": population, "parent": first["parent"],
+            "count": int(first["count"]), "parent_count": int(first["parent_count"]),
+            "pct_parent": float(first["pct_parent"]), "source": first["source"], "flags": first["flags"],
+            "params": dict(zip(map(str, first["param_names"]), map(float, first["params"]))),
+            "panels": panels}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# actions
+# ------------------------------------------------------------------------------------------------
+_apply_locks: dict[int, threading.RLock] = {}
+_guard = threading.Lock()
+
+
+def _run_lock(run_id: int) -> threading.RLock:
+    with _guard:
+        return _apply_locks.setdefault(run_id, threading.RLock())
+
+
+def _current_pct(run: Run, sample_id: str, population: str) -> float | None:
+    ps = pd.read_parquet(
+        out_dir(run) / "population_stats.parquet", columns=["sample_id", "population", "pct_parent"]
+    )
+    hit = ps[(ps["sample_id"] == sample_id) & (ps["population"] == population)]
+    if hit.empty:
+        raise AuthError(404, f"no population {population!r} for sample {sample_id!r} in run {run.id}")
+    return float(hit["pct_parent"].iloc[0])
+
+
+def preview(db: DBSession, run_id: int, decision: Decision) -> dict[str, Any]:
+    from cytopipe.review.regate import preview as _preview
+
+    run, _ = finished(db, run_id)
+    before = _current_pct(run, decision.sample_id, decision.population)
+    try:
+        got = _preview(out_dir(run), decision, state(db, run_id))
+    except ReviewError as exc:
+        raise AuthError(400, str(exc)) from None
+    return {"before_pct": before, "after_pct": got["pct_parent"], **got}
+
+
+def change_gate(
+    db: DBSession, run_id: int, user: str, decision: Decision, background: bool = True
+) -> dict[str, Any]:
+    """Override / pooled / revert one sample's gate: audit entry + decision row, then re-gate it."""
+    run, _ = finished(db, run_id)
+    _locked(db, run_id)
+    with _run_lock(run_id):
+        pv = preview(db, run_id, decision)
+        entry = audit.record(
+            db, user, f"review.{decision.kind}", "run", run_id,
+            {"sample_id": decision.sample_id, "population": decision.population, "pct_parent": pv["before_pct"]},
+            {"sample_id": decision.sample_id, "population": decision.population, "gate": decision.params or None,
+             "category": decision.category, "pct_parent": pv["after_pct"]},
+            " · ".join(x for x in (decision.category, decision.reason) if x),
+        )  # fmt: skip
+        row = ReviewDecision(run_id=run_id, kind=decision.kind, sample_id=decision.sample_id,
+                             population=decision.population, params=decision.params or {}, reason=decision.reason,
+                             category=decision.category, user_name=user, at=entry.at, audit_id=entry.id,
+                             before_pct=pv["before_pct"], after_pct=pv["after_pct"])  # fmt: skip
+        db.add(row)
+        db.commit()
+        result = _apply(db, run, [decision.sample_id], background)
+    return {"audit_entry": entry.id, "before_pct": pv["before_pct"], "after_pct": pv["after_pct"], **result}
+
+
+def approve(
+    db: DBSession,
+    run_id: int,
+    user: str,
+    scope: str,
+    population: str | None = None,
+    sample_id: str | None = None,
+) -> dict[str, Any]:
+    """Approve one gate (``scope="one"``), every unflagged, non-outlying gate of a population
+    (``"unflagged"``) or every gate of the run (``"run"``)."""
+    from cytopipe.report.gate_review import gate_outliers, read_gate_review
+
+    run, _ = finished(db, run_id)
+    _locked(db, run_id)
+    review = read_gate_review(out_dir(run))
+    first = review[review["panel"] == 0]
+    if scope == "one":
+        pairs = [(sample_id, population)]
+        if first[(first["sample_id"] == sample_id) & (first["population"] == population)].empty:
+            raise AuthError(404, f"no gate of {population!r} for sample {sample_id!r} in run {run_id}")
+    elif scope == "unflagged":
+        ps = pd.read_parquet(
+            out_dir(run) / "population_stats.parquet", columns=["sample_id", "patient_id", "visit"]
+        )
+        o = gate_outliers(review[review["population"] == population], ps.drop_duplicates("sample_id"))
+        if o.empty:
+            raise AuthError(404, f"no population {population!r} in run {run_id}")
+        o = o[~o["flagged"] & ~o["outlier"]]
+        pairs = list(zip(o["sample_id"], o["population"]))
+    elif scope == "run":
+        pairs = list(zip(first["sample_id"], first["population"]))
+    else:
+        raise AuthError(400, f"scope {scope!r}: use one, unflagged or run")
+    entry = audit.record(db, user, "review.approve", "run", run_id, None,
+                         {"scope": scope, "population": population, "sample_id": sample_id, "gates": len(pairs)})  # fmt: skip
+    for sid, pop in pairs:
+        db.add(ReviewDecision(run_id=run_id, kind="approve", sample_id=sid, population=pop, params={}, reason="",
+                              category="", user_name=user, at=entry.at, audit_id=entry.id))  # fmt: skip
+    db.commit()
+    write_review(out_dir(run), state(db, run_id))
+    return {"audit_entry": entry.id, "approved": len(pairs)}
+
+
+def signoff(
+    db: DBSession,
+    run_id: int,
+    user: User,
+    password: str,
+    meaning: str = SIGNOFF_MEANING,
+    background: bool = True,
+) -> dict[str, Any]:
+    """The electronic signature: the signer's password again; meaning, identity and time stored."""
+    finished(db, run_id)
+    _locked(db, run_id)
+    if auth.authenticate(db, user.name, password) is None:
+        audit.record(db, user.name, "review.signoff_refused", "run", run_id, None, None, "wrong password")
+        db.commit()
+        raise AuthError(403, "the password is not right: the run was not signed off")
+    entry = audit.record(db, user.name, "review.signoff", "run", run_id, None,
+                         {"meaning": meaning, "signer": user.name, "role": user.role}, meaning)  # fmt: skip
+    db.add(Signoff(run_id=run_id, user_name=user.name, meaning=meaning, at=entry.at, audit_id=entry.id))
+    db.commit()
+    run, _ = finished(db, run_id)
+    _apply(db, run, [], background=background, tables=False)
+    return {"audit_entry": entry.id, "signed_by": user.name, "at": entry.at, "meaning": meaning}
+
+
+def new_version(db: DBSession, run_id: int, user: str) -> Run:
+    """A new version of a (signed-off) run: its outputs copied, its overrides carried over, unlocked."""
+    run, _ = finished(db, run_id)
+    parent = db.get(RunVersion, run_id)
+    version = (parent.version if parent else 1) + 1
+    new = Run(study_id=run.study_id, status="finished", folder="", template_id=run.template_id,
+              n_samples=run.n_samples, started_by=user, exit_code=run.exit_code, finished_at=run.finished_at)  # fmt: skip
+    db.add(new)
+    db.flush()
+    folder = Path(run.folder).parent / str(new.id)
+    shutil.copytree(out_dir(run), folder / "out", ignore=shutil.ignore_patterns(".cache", "review.json"))
+    new.folder = str(folder)
+    entry = audit.record(
+        db, user, "run.version", "run", new.id, {"run": run_id}, {"run": new.id, "version": version}
+    )
+    db.add(RunVersion(run_id=new.id, parent_run_id=run_id, version=version))
+    from cytopipe.review.decisions import effective_overrides
+
+    for d in effective_overrides(state(db, run_id).decisions).values():
+        db.add(ReviewDecision(run_id=new.id, kind=d.kind, sample_id=d.sample_id, population=d.population,
+                              params=d.params, reason=f"carried over from run {run_id}: {d.reason}",
+                              category=d.category, user_name=user, at=entry.at, audit_id=entry.id,
+                              before_pct=d.before_pct, after_pct=d.after_pct))  # fmt: skip
+    db.commit()
+    write_review(folder / "out", state(db, new.id))
+    return new
+
+
+def _apply(
+    db: DBSession, run: Run, samples: list[str], background: bool, tables: bool = True
+) -> dict[str, Any]:
+    """review.json from the database; re-gate ``samples`` (tables now); statistics and report after."""
+    from cytopipe.review.regate import apply_review
+
+    st = state(db, run.id)
+    out = out_dir(run)
+    write_review(out, st)
+    result: dict[str, Any] = {}
+    if tables:
+        result = apply_review(out, st, samples=samples, statistics=False, report=False)
+
+    def finish() -> None:
+        with _run_lock(run.id):
+            try:
+                apply_review(out, read_review(out), samples=[], statistics=True, report=True)
+            except Exception:
+                logger.exception("run %s: refreshing statistics and report after a review failed", run.id)
+
+    if background:
+        threading.Thread(target=finish, name=f"review-{run.id}", daemon=True).start()
+    else:
+        finish()
+    return {"samples": result.get("samples", []), "seconds": result.get("seconds", {})}

@@ -1,0 +1,170 @@
+"""Gate review as data, without the web: incremental re-gating of one sample after an override
+changes exactly that sample's overridden population and the populations below it (and nothing
+when there is no override: the run's own rows come back bit for bit); the patient's pooled gate;
+revert; the report of a reviewed run lists the sign-off and every override with reason and
+before/after frequency; approved gates export as an --examples file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from cytopipe.errors import ReviewError
+from cytopipe.review.decisions import Decision, ReviewState, read_review, write_review
+from cytopipe.review.examples import examples, examples_text
+from cytopipe.review.regate import apply_review, current_params, forget
+from tests import serve_support
+from tests.pipeline_support import TEMPLATE
+
+serve_trial = serve_support.serve_trial
+serve_reference = serve_support.serve_reference
+KEY = ["sample_id", "population"]
+
+
+@pytest.fixture
+def run_dir(serve_reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(serve_reference, out)
+    forget()
+    yield out
+    forget()
+
+
+def _changed(a: pd.DataFrame, b: pd.DataFrame) -> set[tuple[str, str]]:
+    cols = [c for c in a.columns if c in b.columns and c not in ("gate_source", "audit_entry")]
+    x, y = a[cols].reset_index(drop=True), b[cols].reset_index(drop=True)
+    assert list(x["sample_id"]) == list(y["sample_id"]) and list(x["population"]) == list(y["population"])
+    same = ((x == y) | (x.isna() & y.isna())).all(axis=1)
+    return set(map(tuple, x.loc[~same, KEY].to_numpy()))
+
+
+def test_regating_without_overrides_gives_the_runs_own_rows(run_dir):
+    before = pd.read_parquet(run_dir / "population_stats.parquet")
+    samples = sorted(before["sample_id"].unique())[:2]
+    apply_review(run_dir, ReviewState(), samples=samples, statistics=False, report=False)
+    after = pd.read_parquet(run_dir / "population_stats.parquet")
+    pd.testing.assert_frame_equal(before, after.drop(columns=["gate_source", "audit_entry"]))
+    assert set(after["gate_source"]) <= {"fitted", "pooled", "mixed", "boolean", "fixed"}
+    assert after["audit_entry"].isna().all()
+
+
+def test_an_override_changes_only_that_sample_and_the_populations_below(run_dir):
+    from cytopipe.gating import load_template
+
+    template = load_template(TEMPLATE)
+    before = pd.read_parquet(run_dir / "population_stats.parquet")
+    review = pd.read_parquet(run_dir / "gate_review.parquet")
+    sid = sorted(before["sample_id"].unique())[3]
+    gate = current_params(review, sid, "Memory CD4")  # CD45RA < t; below it: Th17, Th1, cTfh, activated cTfh
+    (name, value), = gate.items()  # fmt: skip
+    state = ReviewState()
+    state.add(Decision("override", sid, "Memory CD4", "rita", params={name: value + 1.5}, reason="gate too low",
+                       category="poor staining", audit_entry=41))  # fmt: skip
+    got = apply_review(run_dir, state, statistics=False, report=False)
+    assert got["samples"] == [sid]
+    after = pd.read_parquet(run_dir / "population_stats.parquet")
+    below = set(template.descendants("Memory CD4"))
+    assert below >= {"Th17", "Th1", "cTfh", "activated cTfh"}
+    changed = _changed(before, after)
+    assert (sid, "Memory CD4") in changed
+    assert changed <= {(sid, p) for p in {"Memory CD4", *below}}
+    assert len(changed) >= 3  # the gate moved by 1.5 on the arcsinh scale: the counts below follow
+    row = after.set_index(KEY).loc[(sid, "Memory CD4")]
+    assert row["gate_source"] == "overridden" and row["audit_entry"] == 41
+    old = before.set_index(KEY).loc[(sid, "Memory CD4")]
+    assert row["pct_parent"] > old["pct_parent"]  # CD45RA < a higher threshold keeps more cells
+    assert got["changes"][f"{sid}/Memory CD4"] == pytest.approx((old["pct_parent"], row["pct_parent"]))
+    # descendants record the override that decided their events
+    assert (after.set_index(KEY).loc[[(sid, p) for p in below], "audit_entry"] == 41).all()
+    # the gate-review picture of that sample moved with it
+    rv = pd.read_parquet(run_dir / "gate_review.parquet")
+    assert current_params(rv, sid, "Memory CD4")[name] == pytest.approx(value + 1.5)
+    assert (rv[(rv["sample_id"] == sid) & (rv["population"] == "Memory CD4")]["source"] == "overridden").all()
+
+    # revert: a new decision, and the run's own rows come back exactly
+    state.add(
+        Decision("revert", sid, "Memory CD4", "rita", reason="second look: the fit was right", audit_entry=42)
+    )
+    apply_review(run_dir, state, statistics=False, report=False)
+    back = pd.read_parquet(run_dir / "population_stats.parquet")
+    pd.testing.assert_frame_equal(before, back.drop(columns=["gate_source", "audit_entry"]))
+
+
+def test_the_patients_pooled_gate(run_dir):
+    before = pd.read_parquet(run_dir / "population_stats.parquet")
+    sid = sorted(before["sample_id"].unique())[0]
+    state = ReviewState()
+    state.add(Decision("pooled", sid, "Treg", "rita", reason="fit failure", category="fit failure"))
+    apply_review(run_dir, state, statistics=False, report=False)
+    rv = pd.read_parquet(run_dir / "gate_review.parquet")
+    from cytopipe.pipeline import load_run
+
+    lr = load_run(run_dir)
+    meta = before[before["sample_id"] == sid].iloc[0]
+    expected = [lr.state.pooled.lookup(f"Treg[{d}]", "patient", {"sample_id": sid, "patient_id": meta["patient_id"]})[0]
+                for d in ("CD25", "CD127", "FOXP3")]  # fmt: skip
+    got = current_params(rv, sid, "Treg")
+    np.testing.assert_allclose([got["CD25 >="], got["CD127 <"], got["FOXP3 >="]], np.ravel(expected))
+    assert _changed(before, pd.read_parquet(run_dir / "population_stats.parquet")) <= {(sid, "Treg")}
+
+
+def test_decisions_need_reasons_and_known_gates(run_dir):
+    with pytest.raises(ReviewError, match="reason is required"):
+        Decision("override", "P001_W00", "Treg", "rita", params={"CD25 >=": 3})
+    sid = pd.read_parquet(run_dir / "population_stats.parquet")["sample_id"].iloc[0]
+    state = ReviewState(
+        decisions=[Decision("override", sid, "Treg", "rita", params={"CD8 >=": 3}, reason="x")]
+    )
+    with pytest.raises(ReviewError, match="unknown gate numbers"):
+        apply_review(run_dir, state, statistics=False, report=False)
+    locked = ReviewState(
+        signoff={"user": "rita", "at": "2026-01-01T00:00:00", "meaning": "reviewed and approved"}
+    )
+    with pytest.raises(ReviewError, match="locked"):
+        locked.add(Decision("approve", sid, "Treg", "rita"))
+
+
+def test_report_lists_signoff_and_overrides_and_examples_export(run_dir):
+    ps = pd.read_parquet(run_dir / "population_stats.parquet")
+    sid = sorted(ps["sample_id"].unique())[1]
+    rv = pd.read_parquet(run_dir / "gate_review.parquet")
+    t = current_params(rv, sid, "Treg")["CD25 >="]
+    state = ReviewState()
+    state.add(Decision("approve", sorted(ps["sample_id"].unique())[0], "Treg", "rita", audit_entry=5))
+    d = Decision("override", sid, "Treg", "rita", params={"CD25 >=": t + 1.5}, reason="=HYPERLINK(\"x\") dim CD25",
+                 category="poor staining", audit_entry=6)  # fmt: skip
+    state.add(d)
+    got = apply_review(run_dir, state, statistics=False, report=False)
+    d.before_pct, d.after_pct = got["changes"][f"{sid}/Treg"]
+    state.signoff = {"user": "rita", "meaning": "reviewed and approved", "at": "2026-12-03T14:00:00+00:00",
+                     "audit_entry": 7}  # fmt: skip
+    write_review(run_dir, state)
+    assert read_review(run_dir).to_dict() == state.to_dict()
+    apply_review(
+        run_dir, state, samples=[], statistics=True, report=True
+    )  # this run was made with --no-report
+    from cytopipe.report import write_report
+
+    write_report(run_dir)
+    html = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert "Gate review" in html and "reviewed and approved" in html and "rita" in html
+    assert "poor staining" in html and f"{d.before_pct:.3f}" in html and f"{d.after_pct:.3f}" in html
+    csv = (run_dir / "report_tables" / "gate_overrides.csv").read_text(encoding="utf-8")
+    assert sid in csv and "poor staining" in csv
+    table = pd.read_csv(run_dir / "report_tables" / "gate_overrides.csv")
+    row = table.iloc[0]
+    assert row["pct_parent_before"] == pytest.approx(d.before_pct, rel=1e-3)
+    assert row["pct_parent_after"] == pytest.approx(d.after_pct, rel=1e-3)
+    assert row["pct_parent_after"] < row["pct_parent_before"]  # a higher CD25 threshold keeps fewer Treg
+
+    data = examples(run_dir, state)
+    by = {(e["sample_id"], e["population"]): e for e in data["examples"]}
+    assert set(by) == {(sorted(ps["sample_id"].unique())[0], "Treg"), (sid, "Treg")}
+    assert by[(sid, "Treg")]["status"] == "overridden"
+    assert by[(sid, "Treg")]["params"]["CD25 >="] == pytest.approx(t + 1.5)
+    assert yaml.safe_load(examples_text(data, "yaml")) == json.loads(examples_text(data, "json"))

@@ -1,0 +1,383 @@
+"""Gate review in the workspace, with a real `cytopipe serve` subprocess, a fresh database (SQLite, and
+PostgreSQL where .ci/run starts one) and a finished run of 12 small simulated samples:
+
+* in Chromium (Playwright): a reviewer opens the Treg queue (flagged and outlying gates first), drags
+  the CD25 threshold of one sample, enters a reason and saves; the page and population_stats show that
+  sample's new Treg % and no other row changed; the rest are approved with the keyboard; the run is
+  signed off with the password; the audit page lists every action with its user and reason. Screenshots
+  of each step go to $CYTOPIPE_TEST_ARTIFACTS/review (default test-artifacts/review, not committed).
+* roles: a viewer cannot approve or override (403), an analyst cannot sign off (403); after sign-off an
+  override is refused (409) until a new version of the run is made;
+* tampering: editing or deleting one audit row directly in the database makes `cytopipe audit verify`
+  fail naming the first broken entry; the audit export escapes formula cells.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests import serve_support
+from tests.pipeline_support import REPO, cli
+from tests.serve_support import PASSWORD, STUDY, Server, fresh_database, trial_files, trial_manifest
+from tests.test_report_browser import CHROMIUM_ARGS, _chromium
+
+backend = serve_support.backend
+serve_trial = serve_support.serve_trial
+KEY = ["sample_id", "population"]
+USERS = {"rita": "reviewer", "alan": "analyst", "vera": "viewer"}
+
+
+@pytest.fixture(scope="module")
+def server(backend, tmp_path_factory):
+    database, drop = fresh_database(backend)
+    srv = Server(tmp_path_factory.mktemp(f"review_{backend}") / "data", database).start(create_admin="admin")
+    admin = srv.client()
+    for name, role in USERS.items():
+        r = admin.post("/api/users", json={"name": name, "password": PASSWORD, "role": role}, headers=admin.h)
+        assert r.status_code == 201, r.text
+    yield srv
+    srv.stop()
+    drop()
+
+
+def _study_with_samples(client, trial: Path, name: str) -> int:
+    """A study (report.html on: the reviewed run's report is checked) with the trial's 12 samples mapped."""
+    sid = client.post("/api/studies", json={"name": name, **STUDY}, headers=client.h).json()["id"]
+    files = trial_files(trial)
+    size = sum(f.stat().st_size for f in files)
+    batch = client.post(
+        f"/api/studies/{sid}/batches", json={"files": len(files), "bytes": size}, headers=client.h
+    )
+    for f in files:
+        r = client.upload(sid, f, batch=batch.json()["batch_id"])
+        assert r.status_code == 201 and r.json()["status"] == "ok", r.text
+    arms = trial_manifest(trial).set_index("sample_id")["arm"]
+    rows = client.get(f"/api/studies/{sid}/mapping").json()
+    for row in rows:
+        row["arm"] = arms[row["sample_id"]]
+    r = client.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=client.h)
+    assert r.status_code == 200, r.text
+    return sid
+
+
+@pytest.fixture(scope="module")
+def finished(server, serve_trial) -> tuple[int, Path]:
+    c = server.client()
+    sid = _study_with_samples(c, serve_trial, "review study")
+    run = c.post(f"/api/studies/{sid}/runs", headers=c.h)
+    assert run.status_code == 201, run.text
+    status = c.wait_run(run.json()["id"])
+    assert status["status"] == "finished", status
+    return status["id"], server.data / "runs" / str(status["id"]) / "out"
+
+
+def _verify(server: Server) -> tuple[int, str]:
+    args = ["audit", "verify", "--data", str(server.data)] + (
+        ["--database", server.database] if server.database else []
+    )
+    proc = cli(*args)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _changed(a: pd.DataFrame, b: pd.DataFrame) -> set[tuple[str, str]]:
+    cols = [c for c in a.columns if c in b.columns and c not in ("gate_source", "audit_entry")]
+    x, y = a[cols].reset_index(drop=True), b[cols].reset_index(drop=True)
+    same = ((x == y) | (x.isna() & y.isna())).all(axis=1)
+    return set(map(tuple, x.loc[~same, KEY].to_numpy()))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def test_roles_viewer_and_analyst(server, finished):
+    run_id, out = finished
+    c = server.client("rita")
+    q = c.get(f"/api/runs/{run_id}/review?population=Treg").json()
+    item = q["items"][0]
+    change = {"sample_id": item["sample_id"], "population": "Treg", "kind": "override",
+              "params": {"CD25 >=": 3.0}, "reason": "role test"}  # fmt: skip
+    for name in ("vera", "alan"):  # viewer and analyst: no review permission
+        u = server.client(name)
+        assert u.get(f"/api/runs/{run_id}/review?population=Treg").status_code == 200  # may look
+        for url, body in ((f"/api/runs/{run_id}/review/change", change),
+                          (f"/api/runs/{run_id}/review/approve", {"scope": "run"})):  # fmt: skip
+            r = u.post(url, json=body, headers=u.h)
+            assert r.status_code == 403, (name, url, r.text)
+        r = u.post(f"/api/runs/{run_id}/signoff", json={"password": PASSWORD}, headers=u.h)
+        assert r.status_code == 403 and "signoff" in r.json()["detail"]
+    # CSRF required for the reviewer too
+    assert c.post(f"/api/runs/{run_id}/review/approve", json={"scope": "run"}).status_code == 403
+    # a reason is required
+    r = c.post(f"/api/runs/{run_id}/review/change", json={**change, "reason": ""}, headers=c.h)
+    assert r.status_code == 400 and "reason" in r.json()["detail"]
+    assert not (out / "review.json").exists()  # nothing was decided
+
+
+def test_review_in_the_browser(browser, server, finished, backend):
+    expect = pytest.importorskip("playwright.sync_api").expect
+    expect.set_options(timeout=60_000)
+    if backend != "sqlite":
+        pytest.skip("the browser steps run once (on SQLite); roles, sign-off lock and tampering run on both")
+    run_id, out = finished
+    shots = Path(os.environ.get("CYTOPIPE_TEST_ARTIFACTS", REPO / "test-artifacts")) / "review"
+    shots.mkdir(parents=True, exist_ok=True)
+    before = pd.read_parquet(out / "population_stats.parquet")
+    api = server.client("rita")
+    queue = api.get(f"/api/runs/{run_id}/review?population=Treg").json()["items"]
+    assert len(queue) == 12
+    rank = [0 if i["flagged"] else 1 if i["outlier"] else 2 for i in queue]
+    assert rank == sorted(rank)  # flagged, then outlying, then the rest
+
+    context = browser.new_context(viewport={"width": 1500, "height": 1100})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.set_default_timeout(60_000)
+    page.goto(server.url + "/login")
+    page.fill("input[name=name]", "rita")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("#sign-in")
+    page.wait_for_url(re.compile(r".*/studies$"))
+    page.goto(server.url + f"/runs/{run_id}/review?population=Treg")
+
+    # 1. the queue, flagged and outlying first, the first sample's gate over its parent's density
+    page.wait_for_selector(
+        "#panels svg line.thr", state="attached"
+    )  # a vertical line has no width: never "visible"
+    rows = page.locator("#queue tbody tr")
+    assert rows.count() == 12
+    assert [rows.nth(i).get_attribute("data-sample") for i in range(12)] == [i["sample_id"] for i in queue]
+    page.wait_for_selector("#other-visits figure")  # the patient's other visit beside
+    page.screenshot(path=str(shots / "01-queue.png"), full_page=True)
+
+    # 2. the third sample: drag its CD25 threshold to the right, watch the new frequency
+    target = queue[2]
+    rows.nth(2).click()
+    expect(page.locator("#current-title")).to_have_text(re.compile("^" + re.escape(target["sample_id"])))
+    line = page.locator('#panels div[data-panel="0"] line.thr[data-param="CD25 >="]')
+    box = line.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for step in range(1, 11):
+        page.mouse.move(x + 13 * step, y)
+    expect(page.locator("#new-freq")).to_have_text(re.compile("^≈"))
+    page.screenshot(path=str(shots / "02-dragging.png"), full_page=True)
+    page.mouse.up()
+    expect(page.locator("#new-exact")).to_have_text(re.compile(r"^\(exact"))
+    shown_new = float(page.inner_text("#new-freq").rstrip("%"))
+    old = before.set_index(KEY).loc[(target["sample_id"], "Treg"), "pct_parent"]
+    assert shown_new < old  # a higher CD25 threshold keeps fewer Treg
+
+    # 3. a reason (pick-list and text), save
+    page.select_option("#reason-category", "poor staining")
+    page.fill("#reason-text", "CD25 smeared into the negatives in this tube")
+    page.screenshot(path=str(shots / "03-reason.png"), full_page=True)
+    page.click("#save-override")
+    expect(page.locator("#action-message")).to_have_text(re.compile("^Saved"))
+    message = page.inner_text("#action-message")
+    after = pd.read_parquet(out / "population_stats.parquet")
+    new = after.set_index(KEY).loc[(target["sample_id"], "Treg")]
+    # the gate is drawn again from the re-gated sample, with its new frequency
+    expect(page.locator("#current-freq")).to_contain_text(f"Treg: {new['pct_parent']:.2f}% of CD4 T")
+    expect(page.locator("#current-freq")).to_contain_text("gate overridden")
+    page.screenshot(path=str(shots / "04-saved.png"), full_page=True)
+    assert new["pct_parent"] == pytest.approx(shown_new, abs=0.006)  # the previewed value was saved
+    assert f"{new['pct_parent']:.2f}%" in message and f"{old:.2f}%" in message
+    assert new["gate_source"] == "overridden" and pd.notna(new["audit_entry"])
+    # only that sample's Treg row (and the populations below Treg: none in this template) changed
+    assert _changed(before, after) == {(target["sample_id"], "Treg")}
+    row = page.locator(f'#queue tbody tr[data-sample="{target["sample_id"]}"]')
+    assert f"{new['pct_parent']:.2f}%" in row.inner_text() and "overridden" in row.inner_text()
+
+    # 4. approve the rest with the keyboard: back to the top, then `a` (approve and next) per sample
+    page.locator("#queue tbody tr").nth(0).click()
+    for i in range(12):
+        expect(page.locator("#queue tbody tr").nth(i)).to_have_class(re.compile(r"\bcurrent\b"))
+        if i == 2:  # the overridden one: step over it with `j`
+            page.keyboard.press("j")
+            continue
+        page.keyboard.press("a")
+        expect(page.locator("#queue tbody tr").nth(i)).to_have_class(re.compile(r"\bst-approved\b"))
+    page.screenshot(path=str(shots / "05-approved.png"), full_page=True)
+    status = {
+        i["sample_id"]: i["status"]
+        for i in api.get(f"/api/runs/{run_id}/review?population=Treg").json()["items"]
+    }
+    assert status.pop(target["sample_id"]) == "overridden"
+    assert set(status.values()) == {"approved"}
+
+    # 5. sign off with the password (wrong first)
+    page.fill("#signoff-password", "not my password")
+    page.click("#signoff")
+    expect(page.locator("#signoff-state")).to_have_text(re.compile("^Not signed off"))
+    page.fill("#signoff-password", PASSWORD)
+    page.click("#signoff")
+    expect(page.locator("#signoff-state")).to_have_text(re.compile("^Signed off"))
+    assert "rita" in page.inner_text("#signoff-state") and "reviewed and approved" in page.inner_text(
+        "#signoff-state"
+    )
+    page.screenshot(path=str(shots / "06-signed-off.png"), full_page=True)
+
+    # 6. the audit page lists every action with user and reason
+    page.goto(server.url + "/audit")
+    text = page.inner_text("#audit-list")
+    page.screenshot(path=str(shots / "07-audit.png"), full_page=True)
+    trail = api.get("/api/audit?limit=500").json()
+    mine = [e for e in trail if e["user"] == "rita" and e["action"].startswith("review.")]
+    actions = [e["action"] for e in mine]
+    assert actions.count("review.override") == 1 and actions.count("review.approve") == 11
+    assert actions.count("review.signoff") == 1 and actions.count("review.signoff_refused") == 1
+    override = next(e for e in mine if e["action"] == "review.override")
+    assert override["reason"] == "poor staining · CD25 smeared into the negatives in this tube"
+    assert override["before"]["pct_parent"] == pytest.approx(old) and override["after"][
+        "pct_parent"
+    ] == pytest.approx(new["pct_parent"])
+    assert int(new["audit_entry"]) == override["id"]
+    assert (
+        "review.override" in text and "CD25 smeared into the negatives" in text and "review.signoff" in text
+    )
+    assert "rita" in text and "chain intact" in page.inner_text("#chain")
+    # the one error in the console is the refused sign-off (wrong password: 403)
+    assert [e for e in errors if "status of 403" not in e] == [] and len(errors) == 1, errors
+    context.close()
+
+    # 7. the report of the reviewed run (refreshed after the sign-off) shows it and the override
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        html = (out / "report.html").read_text(encoding="utf-8")
+        if "Signed off" in html:
+            break
+        time.sleep(2)
+    assert "Signed off: “reviewed and approved” by rita" in html
+    assert (
+        "CD25 smeared into the negatives" in html
+        and f"{old:.3f}" in html
+        and f"{new['pct_parent']:.3f}" in html
+    )
+
+
+def test_signoff_locks_the_gates_until_a_new_version(server, finished, monkeypatch):
+    run_id, out = finished
+    c = server.client("rita")
+    if not c.get(f"/api/runs/{run_id}/review?population=Treg").json()[
+        "locked"
+    ]:  # (PostgreSQL: no browser test)
+        r = c.post(f"/api/runs/{run_id}/signoff", json={"password": PASSWORD}, headers=c.h)
+        assert r.status_code == 200, r.text
+    item = c.get(f"/api/runs/{run_id}/review?population=Treg").json()["items"][-1]
+    change = {
+        "sample_id": item["sample_id"],
+        "population": "Treg",
+        "kind": "pooled",
+        "reason": "=1+1 fit failure",
+    }
+    r = c.post(f"/api/runs/{run_id}/review/change", json=change, headers=c.h)
+    assert r.status_code == 409 and "new version" in r.json()["detail"]
+    assert c.post(f"/api/runs/{run_id}/review/approve", json={"scope": "run"}, headers=c.h).status_code == 409
+    r = c.post(f"/api/runs/{run_id}/versions", headers=c.h)
+    assert r.status_code == 201, r.text
+    new_id = r.json()["id"]
+    q = c.get(f"/api/runs/{new_id}/review?population=Treg").json()
+    assert not q["locked"] and q["version"] == 2
+    r = c.post(f"/api/runs/{new_id}/review/change", json=change, headers=c.h)
+    assert r.status_code == 200, r.text
+    ps = pd.read_parquet(server.data / "runs" / str(new_id) / "out" / "population_stats.parquet")
+    assert ps.set_index(KEY).loc[(item["sample_id"], "Treg"), "gate_source"] == "overridden"
+    trail = c.get("/api/audit?limit=50").json()
+    assert any(e["action"] == "run.version" and e["after"]["run"] == new_id for e in trail)
+    # the same from the command line, as the reviewer (password from the environment)
+    db = ["--data", str(server.data)] + (["--database", server.database] if server.database else [])
+    monkeypatch.setenv("CYTOPIPE_PASSWORD", PASSWORD)  # cli() passes the environment on
+    other = next(i for i in q["items"] if i["sample_id"] != item["sample_id"])
+    proc = cli("review", str(new_id), *db, "--list", "Treg")
+    assert proc.returncode == 0 and len(proc.stdout.strip().splitlines()) == 12, proc.stderr
+    t = c.get(
+        f"/api/runs/{new_id}/review/gate", params={"sample_id": other["sample_id"], "population": "Treg"}
+    )
+    cd25 = t.json()["params"]["CD25 >="]
+    proc = cli("review", str(new_id), *db, "--user", "rita", "--override", f"{other['sample_id']}/Treg",
+               "--set", f"CD25 >= {cd25 + 1.5}", "--category", "debris", "--reason", "from the CLI")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"{other['sample_id']}/Treg:" in proc.stdout and "audit entry" in proc.stdout
+    ps = pd.read_parquet(server.data / "runs" / str(new_id) / "out" / "population_stats.parquet").set_index(
+        KEY
+    )
+    assert ps.loc[(other["sample_id"], "Treg"), "gate_source"] == "overridden"
+    proc = cli("review", str(new_id), *db, "--user", "vera", "--approve-run")  # a viewer
+    assert proc.returncode == 2 and "403" in proc.stderr
+    proc = cli("review", str(new_id), *db, "--user", "rita", "--approve", f"{item['sample_id']}/Treg", "--examples",
+               str(server.data.parent / "examples.yaml"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    import yaml
+
+    ex = yaml.safe_load((server.data.parent / "examples.yaml").read_text())
+    by = {(e["sample_id"], e["population"]): e for e in ex["examples"]}
+    assert by[(other["sample_id"], "Treg")]["params"]["CD25 >="] == pytest.approx(cd25 + 1.5)
+    assert by[(other["sample_id"], "Treg")]["status"] == "overridden"
+    # the examples file of the signed-off run: every approved/overridden Treg gate
+    ex = c.get(f"/api/runs/{run_id}/review/examples?format=json").json()
+    assert ex["signoff"]["user"] == "rita" and len(ex["examples"]) >= 1
+
+
+def test_tampering_with_the_audit_trail_is_detected(server, finished, backend, tmp_path):
+    ok, text = _verify(server)
+    assert ok == 0 and "chain intact" in text, text
+    # export: CSV escaped against formula injection, JSON complete
+    c = server.client("admin")
+    csv = c.get("/api/audit/export?format=csv")
+    assert csv.status_code == 200 and csv.text.startswith("id,at,user,action")
+    assert "'=1+1 fit failure" in csv.text and ",=1+1" not in csv.text  # the reason of the pooled gate above
+    rows = c.get("/api/audit/export?format=json").json()
+    n = len(rows)
+    assert n >= 5 and [r["id"] for r in rows] == list(range(1, n + 1))
+    proc = cli("audit", "export", "--data", str(server.data), "--format", "json", "--out", str(tmp_path / "a.json"),
+               *(["--database", server.database] if server.database else []))  # fmt: skip
+    assert proc.returncode == 0 and len(json.loads((tmp_path / "a.json").read_text())) >= n
+    changed, deleted = 3, 5
+    if backend == "sqlite":
+        db = server.data / "cytopipe.sqlite"
+        con = sqlite3.connect(db)
+        con.execute("DROP TRIGGER audit_no_update")  # what someone editing the file by hand can do
+        con.execute("DROP TRIGGER audit_no_delete")
+        original = con.execute("SELECT reason FROM audit WHERE id = ?", (changed,)).fetchone()[0]
+        con.execute("UPDATE audit SET reason = 'nothing to see' WHERE id = ?", (changed,))
+        con.commit()
+        code, text = _verify(server)
+        assert code == 1 and f"audit entry {changed} was changed" in text, text
+        con.execute("UPDATE audit SET reason = ? WHERE id = ?", (original, changed))
+        con.commit()
+        assert _verify(server)[0] == 0
+        con.execute("DELETE FROM audit WHERE id = ?", (deleted,))
+        con.commit()
+        con.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(server.database, autocommit=True) as con:
+            con.execute("ALTER TABLE audit DISABLE TRIGGER audit_append_only")
+            original = con.execute("SELECT reason FROM audit WHERE id = %s", (changed,)).fetchone()[0]
+            con.execute("UPDATE audit SET reason = 'nothing to see' WHERE id = %s", (changed,))
+            code, text = _verify(server)
+            assert code == 1 and f"audit entry {changed} was changed" in text, text
+            con.execute("UPDATE audit SET reason = %s WHERE id = %s", (original, changed))
+            assert _verify(server)[0] == 0
+            con.execute("DELETE FROM audit WHERE id = %s", (deleted,))
+    code, text = _verify(server)
+    assert code == 1 and f"audit entry {deleted} is missing" in text, text
