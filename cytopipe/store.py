@@ -164,8 +164,8 @@ class RunFolder:
         try:
             self.cache.mkdir(parents=True, exist_ok=True)
             self.study.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create the run folder: {exc.strerror}", file=self.path) from None
+        except OSError as exc:  # read-only, no permission, disk full: exit 4, fix and rerun
+            raise OutputWriteError.from_oserror(Path(exc.filename or self.path), exc) from None
         return self
 
     # cache of per-sample / per-phase results: .cache/<phase>/<key>.<ext>
