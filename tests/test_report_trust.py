@@ -220,8 +220,11 @@ def test_qc_section_counts_removed_events_per_rule_and_controls_apart(sim_run, t
 
     run = tmp_path / "run"
     shutil.copytree(sim_run, run)
-    html = write_report(run).read_text(encoding="utf-8")
+    html = write_report(run, max_gallery=5).read_text(encoding="utf-8")
     samples = pd.read_parquet(run / "samples.parquet")
+    # every sample reachable in the gallery: 5 shown per gate, the other 3 folded below
+    n_gates = pd.read_parquet(run / "population_stats.parquet")["population"].nunique()
+    assert html.count("<summary>Show the other 3 samples</summary>") >= n_gates
     removed = pd.read_csv(run / "report_tables" / "qc_removed.csv").set_index("sample_id")
     assert {"P001_W04", "P002_W00", "P003_W04"} <= set(removed.index)
     assert removed.loc["P003_W04", "qc_margin_events"] > 0 and removed.loc["P001_W04", "qc_time_events"] > 0
@@ -267,6 +270,16 @@ def test_the_layout_check_finds_overlapping_labels():
         fig2.add_subplot().set_xticks(range(3), ["a", "b", "c"])
         FigureCanvasAgg(fig2).draw()
         assert F.text_overlaps(fig2) == []
+        # rotated tick labels: their own (turned) rectangles count, not their axis-aligned boxes
+        fig3 = F.new_figure(3.2, 3.0)
+        fig3.add_subplot().set_xticks(range(9), [f"Δanti-dsDNA wk {v}" for v in (4, 12, 24)] * 3, rotation=60,
+                                      ha="right")  # fmt: skip
+        FigureCanvasAgg(fig3).draw()
+        assert F.text_overlaps(fig3) == []
+        fig4 = F.new_figure(1.0, 1.5)
+        fig4.add_subplot().set_xticks(range(12), [f"a long label {i}" for i in range(12)], rotation=60)
+        FigureCanvasAgg(fig4).draw()
+        assert any("over" in o for o in F.text_overlaps(fig4))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -136,13 +136,14 @@ def text_overlaps(fig: Figure, texts: Sequence[Any] | None = None, tolerance: fl
         if t.get_text().strip() and t.get_visible():
             try:
                 bb = t.get_window_extent(renderer)
+                rect = _text_rect(t, bb, renderer)
             except Exception:  # a text without a position (never drawn)
                 continue
             if np.isfinite([bb.x0, bb.y0, bb.x1, bb.y1]).all() and bb.width > 0:
-                boxes.append((t.get_text(), bb))
+                boxes.append((t.get_text(), bb, rect))
     width, height = fig.bbox.width, fig.bbox.height
     out = []
-    for text, bb in boxes:
+    for text, bb, _ in boxes:
         if (
             bb.x0 < -tolerance
             or bb.y0 < -tolerance
@@ -151,13 +152,48 @@ def text_overlaps(fig: Figure, texts: Sequence[Any] | None = None, tolerance: fl
         ):
             out.append(f"{text!r} outside the figure")
     for i in range(len(boxes)):
-        a_text, a = boxes[i]
-        for b_text, b in boxes[i + 1 :]:
+        a_text, a, ra = boxes[i]
+        for b_text, b, rb in boxes[i + 1 :]:
             dx = min(a.x1, b.x1) - max(a.x0, b.x0)
             dy = min(a.y1, b.y1) - max(a.y0, b.y0)
-            if dx > tolerance and dy > tolerance:
+            if dx > tolerance and dy > tolerance and _rects_overlap(ra, rb, tolerance):
                 out.append(f"{a_text!r} over {b_text!r}")
     return out
+
+
+def _text_rect(t: Any, bb: Any, renderer: Any) -> np.ndarray:
+    """The corners (4 x 2, pixels) of a text's own rectangle: its box turned by its rotation
+    (the axis-aligned box of rotated tick labels overlaps its neighbours' although the words do
+    not)."""
+    angle = np.deg2rad(t.get_rotation() % 180)
+    if abs(np.sin(angle)) < 1e-6:
+        return np.array([[bb.x0, bb.y0], [bb.x1, bb.y0], [bb.x1, bb.y1], [bb.x0, bb.y1]])
+    rotation = t.get_rotation()
+    t.set_rotation(0)
+    try:
+        flat = t.get_window_extent(renderer)
+    finally:
+        t.set_rotation(rotation)
+    w, h = flat.width / 2, flat.height / 2
+    c = np.array([(bb.x0 + bb.x1) / 2, (bb.y0 + bb.y1) / 2])
+    u, v = np.array([np.cos(angle), np.sin(angle)]), np.array([-np.sin(angle), np.cos(angle)])
+    return np.array([c - w * u - h * v, c + w * u - h * v, c + w * u + h * v, c - w * u + h * v])
+
+
+def _rects_overlap(a: np.ndarray, b: np.ndarray, tolerance: float) -> bool:
+    """Separating-axis test of two convex quadrilaterals (overlap deeper than ``tolerance``)."""
+    for poly in (a, b):
+        for k in range(4):
+            edge = poly[(k + 1) % 4] - poly[k]
+            axis = np.array([-edge[1], edge[0]])
+            norm = float(np.hypot(*axis))
+            if norm == 0:
+                continue
+            axis = axis / norm
+            pa, pb = a @ axis, b @ axis
+            if min(pa.max(), pb.max()) - max(pa.min(), pb.min()) <= tolerance:
+                return False
+    return True
 
 
 def _add_png_text(png: bytes, key: str, text: str) -> bytes:

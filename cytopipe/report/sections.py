@@ -392,7 +392,7 @@ def gate_gallery(b: Builder) -> H.Section:
                 else ""
             )
             more = (
-                f" Showing {len(ids)} of {len(pr)} samples (flagged and outlying first)."
+                f" Showing {len(ids)} of {len(pr)} samples (flagged and outlying first; the others below)."
                 if len(pr) > len(ids)
                 else ""
             )
@@ -402,6 +402,15 @@ def gate_gallery(b: Builder) -> H.Section:
                 warnings.simplefilter("ignore")
                 fig = F.gallery_figure(recs, [mark[i] for i in ids], labels)
             s.add(b.figure(fig, f"gate-{_slug(pop)}-{panel}", f"Gate review: {pop} ({axes})", caption))
+            rest = [i for i in f["sample_id"] if i in pr.index and i not in set(ids) and pr.loc[i, "x"]]
+            if rest:  # every sample stays reachable: the others folded below
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    more_fig = F.gallery_figure([pr.loc[i].to_dict() for i in rest], [mark[i] for i in rest],
+                                                [f"{i}  {pr.loc[i, 'pct_parent']:.1f}%" for i in rest])  # fmt: skip
+                html_fig = b.figure(more_fig, f"gate-{_slug(pop)}-{panel}-more", f"Gate review: {pop} ({axes}), "
+                                    "the other samples", f"{pop}: the other {len(rest)} samples.")  # fmt: skip
+                s.add(f"<details><summary>Show the other {len(rest)} samples</summary>{html_fig}</details>")
         bad = f[f["flagged"] | f["outlier"]]
         if len(bad):
             shown = bad[["sample_id", "pct_parent", "flags", "reasons"]].rename(
