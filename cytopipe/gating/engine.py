@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 NOT_MEASURED = "not measured"  # PopulationResult.source of a population a file cannot measure
 DEFAULT_FIT_EVENTS = 20_000
+SCALE_EVENTS = 5_000  # a cofactor (a scale choice, 2 significant digits) needs no more
 FIT_COLUMNS = ["sample_id", "key", "population", "method", "pool", "status", "reason", "n_parent", "params"]
 
 
@@ -590,7 +591,7 @@ class Engine:
         if key not in self._scales:
             x = self.linear(col, self._comp_key(dim))
             rng = np.random.default_rng([self.template.seed, col])
-            pos = subsample_index(len(x), DEFAULT_FIT_EVENTS, rng)
+            pos = subsample_index(len(x), SCALE_EVENTS, rng)
             c = estimate_cofactor(x if pos is None else x[pos], default=float(spec["cofactor"]))
             self._scales[key] = {"type": "arcsinh", "cofactor": c}
         return self._scales[key]
