@@ -888,8 +888,15 @@ class Engine:
             if parent != ROOT and res.populations[parent].source == NOT_MEASURED:
                 raise FitFailure(f"the FMO control of {marker} has no {parent} population")
             cidx = None if parent == ROOT else res.indices(parent)
-            values = sub.gather(fitter.dims, cidx, None)
+            # the control's percentile in compensated linear units, put on THIS sample's display
+            # scale (the control's own estimated cofactor may differ)
+            dim = fitter.dims[0]
+            lin = sub.linear(sub._col[marker], sub._comp_key(dim))
+            lin = lin if cidx is None else lin[cidx]
+            t_lin = float(fitter.fit([lin.astype(np.float64)], rng)[0])
+            t = _compat.apply_transform(self._transform_spec(dim), np.array([t_lin], dtype=np.float64))
             source = f"FMO control {Path(str(getattr(ctl, 'path', 'control'))).name}"
+            return (np.asarray(t, dtype=np.float64), "", None, source)
         elif opts.get("population"):
             ref = opts["population"]
             ridx = self._idx_now.get(ref)
