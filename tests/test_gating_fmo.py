@@ -52,3 +52,20 @@ def test_fmo_controls_set_the_dim_marker_thresholds(tmp_path):
     table["error"] = table["fitted"] - table["true"]
     print("\n" + table.round(3).to_string())
     assert (table["error"].abs() <= 0.1).all()
+
+    # the same through `cytopipe gate --manifest`: the manifest's `control: fmo:<marker>` rows of
+    # each sample's batch are its controls
+    import yaml
+
+    from cytopipe.cli import main
+
+    tpl = tmp_path / "fmo_template.yaml"
+    tpl.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "out"
+    rc = main(["gate", "--manifest", str(tmp_path / "manifest.csv"), "--template", str(tpl), "--out", str(out),
+               "--no-pool", "--quiet"])  # fmt: skip
+    assert rc == 0
+    fits = pd.read_parquet(out / "gate_fits.parquet")
+    cli = fits[fits["key"] == "cTfh"].set_index("sample_id")["params"].map(lambda p: p[0])
+    api = table[table["marker"] == "CXCR5"].set_index("sample")["fitted"]
+    np.testing.assert_allclose(cli.loc[api.index].to_numpy(), api.to_numpy(), rtol=1e-6)
