@@ -69,7 +69,9 @@ def interleaved(variants: dict, repeat: int, slow: set[str] = frozenset(), slow_
 # --------------------------------------------------------------------------------------------
 # plain-numpy floor
 # --------------------------------------------------------------------------------------------
-def numpy_floor(sample, fixed_template, channel_of: dict[str, str]):
+def numpy_floor(
+    sample, fixed_template, channel_of: dict[str, str], cofactors: dict[str, float] | None = None
+):
     """The same fixed gates, written as directly as numpy allows (full-length masks)."""
     from matplotlib.path import Path as MplPath
     from threadpoolctl import threadpool_limits
@@ -82,6 +84,7 @@ def numpy_floor(sample, fixed_template, channel_of: dict[str, str]):
     cols = [pnn.index(c) for c in spill.channels]
     inv = np.linalg.inv(spill.matrix).astype(np.float32)
     cofactor = np.float32(1.0 / fixed_template.transforms["default"]["cofactor"])
+    cofactors = cofactors or {}
 
     def run():
         with threadpool_limits(1):
@@ -92,7 +95,8 @@ def numpy_floor(sample, fixed_template, channel_of: dict[str, str]):
         def value(marker: str) -> np.ndarray:
             if marker not in cache:
                 ch = channel_of[marker]
-                cache[marker] = np.arcsinh(comp[:, j[ch]] * cofactor) if ch in j else ev[:, pnn.index(ch)]
+                inv_c = np.float32(1.0 / cofactors[ch]) if ch in cofactors else cofactor
+                cache[marker] = np.arcsinh(comp[:, j[ch]] * inv_c) if ch in j else ev[:, pnn.index(ch)]
             return cache[marker]
 
         masks: dict[str, np.ndarray] = {}
@@ -108,28 +112,33 @@ def numpy_floor(sample, fixed_template, channel_of: dict[str, str]):
                     else np.logical_or.reduce(ms)
                 )
             else:
-                vals = [value(d.name) for d in g.dims]
-                if isinstance(g, RectangleGate):
-                    m = np.ones(len(ev), dtype=bool)
-                    for v, lo, hi in zip(vals, g.lower, g.upper):
-                        if lo is not None:
-                            m &= v >= lo
-                        if hi is not None:
-                            m &= v < hi
-                elif isinstance(g, EllipsoidGate):
-                    d0, d1 = vals[0] - g.center[0], vals[1] - g.center[1]
-                    q = g.inverse
-                    m = (
-                        d0 * d0 * q[0, 0] + d0 * d1 * (q[0, 1] + q[1, 0]) + d1 * d1 * q[1, 1]
-                    ) <= g.distance_square
-                elif isinstance(g, PolygonGate):
-                    m = MplPath(g.vertices).contains_points(np.column_stack(vals))
-                else:
-                    raise TypeError(g)
+                m = inside(g, value)
             if pop.parent != "root":
                 m = m & masks[pop.parent]
             masks[pop.name] = m
         return {k: int(v.sum()) for k, v in masks.items()}
+
+    def inside(g, value) -> np.ndarray:
+        vals = [value(d.name) for d in g.dims]
+        if isinstance(g, RectangleGate):
+            m = np.ones(len(ev), dtype=bool)
+            for v, lo, hi in zip(vals, g.lower, g.upper):
+                if lo is not None:
+                    m &= v >= lo
+                if hi is not None:
+                    m &= v < hi
+            return m
+        if isinstance(g, EllipsoidGate):
+            d0, d1 = vals[0] - g.center[0], vals[1] - g.center[1]
+            q = g.inverse
+            return (
+                d0 * d0 * q[0, 0] + d0 * d1 * (q[0, 1] + q[1, 0]) + d1 * d1 * q[1, 1]
+            ) <= g.distance_square
+        if isinstance(g, PolygonGate):
+            return MplPath(g.vertices).contains_points(np.column_stack(vals))
+        if getattr(g, "type", "") == "all_of":  # e.g. Treg: CD25/CD127 diagonal AND FOXP3+
+            return np.logical_and.reduce([inside(part, value) for part in g.parts])
+        raise TypeError(g)
 
     return run
 
@@ -141,6 +150,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "cytopipe-bench-gating")
     ap.add_argument("--no-flowkit", action="store_true")
+    ap.add_argument(
+        "--previous",
+        default="c409b23",
+        help="git revision whose canonical template (absolute search ranges and defaults, before the "
+        "landmark-relative gates) is timed for comparison ('' to skip)",
+    )
     args = ap.parse_args(argv)
 
     import cytopipe
@@ -159,12 +174,33 @@ def main(argv=None) -> int:
     counts = {k: v.count for k, v in fitted.populations.items()}
 
     variants = {
-        "plain numpy floor (fixed gates)": numpy_floor(sample, fixed, fitted.channel_of),
+        "plain numpy floor (fixed gates)": numpy_floor(
+            sample,
+            fixed,
+            fitted.channel_of,
+            {ch: t["cofactor"] for ch, t in fitted.transforms.items() if t.get("type") == "arcsinh"},
+        ),
         "cytopipe, fixed gates": lambda: gate(sample, fixed, medians=False),
         "cytopipe, data-driven gates": lambda: gate(sample, template, medians=False),
         "cytopipe, fixed gates + medians": lambda: gate(sample, fixed),
         "cytopipe, data-driven + medians": lambda: gate(sample, template),
     }
+    previous = None
+    if args.previous:
+        import subprocess
+
+        text = subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{args.previous}:gating/sle_il2_tcell_nk.yaml"],
+            capture_output=True,
+            text=True,
+        )
+        if text.returncode == 0:
+            import yaml
+
+            previous = load_template(yaml.safe_load(text.stdout))
+            variants["cytopipe, previous data-driven template"] = lambda: gate(
+                sample, previous, medians=False
+            )
     slow = set()
     if not args.no_flowkit:
         import flowkit as fk
@@ -212,6 +248,11 @@ def main(argv=None) -> int:
     print(
         f"  data-driven vs fixed (cytopipe)       {dd[0] / fx[0]:6.2f} / {dd[1] / fx[1]:6.2f}   (goal <= 1.5)"
     )
+    if previous is not None:
+        pv = times["cytopipe, previous data-driven template"]
+        print(
+            f"  landmark-relative vs previous template {dd[0] / pv[0]:6.2f} / {dd[1] / pv[1]:6.2f}   (goal <= 1.5)"
+        )
     fm, dm = times["cytopipe, fixed gates + medians"], times["cytopipe, data-driven + medians"]
     print(f"  data-driven vs fixed, with medians    {dm[0] / fm[0]:6.2f} / {dm[1] / fm[1]:6.2f}")
     if "FlowKit Session.analyze_samples (fixed)" in times:

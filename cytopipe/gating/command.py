@@ -71,6 +71,26 @@ def _read_manifest(path: Path) -> pd.DataFrame:
     return m
 
 
+def _fmo_controls(args) -> dict[str, dict[str, Path]]:
+    """FMO controls of the manifest (``control: fmo:CXCR5``): ``{batch: {marker: path}}`` (batch ''
+    when the manifest has no batch column)."""
+    if not args.manifest:
+        return {}
+    manifest = _read_manifest(args.manifest)
+    if "control" not in manifest.columns:
+        return {}
+    out: dict[str, dict[str, Path]] = {}
+    for r in manifest.to_dict("records"):
+        ctl = str(r.get("control") or "")
+        if not ctl.lower().startswith("fmo:"):
+            continue
+        path = Path(str(r["file"]))
+        path = path if path.is_absolute() else args.manifest.parent / path
+        batch = "" if pd.isna(r.get("batch", None)) else str(r.get("batch", ""))
+        out.setdefault(batch, {})[ctl[4:].strip()] = path
+    return out
+
+
 def _samples(args) -> list[tuple[Path, dict]]:
     """(FCS path, sample metadata) for every file to gate."""
     manifest = _read_manifest(args.manifest) if args.manifest else None
@@ -139,13 +159,36 @@ def run(args) -> int:
     for m in skipped:
         say(f"not measured in any file: {m.marker} ({', '.join(m.populations)})")
 
+    # FMO controls (per batch) for `reference` gates with `control: fmo`
+    wants_fmo = any(
+        f.method == "reference" and f.options.get("control") == "fmo"
+        for p in template
+        for _, f in getattr(p.gate, "fit_items", list)()
+    )
+    fmo_paths = _fmo_controls(args) if wants_fmo else {}
+    loaded: dict[Path, object] = {}
+
+    def controls_for(meta: dict) -> dict:
+        batch = "" if meta.get("batch") is None else str(meta.get("batch"))
+        paths = fmo_paths.get(batch) or fmo_paths.get("", {})
+        for p in paths.values():
+            if p not in loaded:
+                loaded[p] = cytopipe.read_fcs(p)
+        return {m: loaded[p] for m, p in paths.items()}
+
     pooled = None
     fits = []
     if template.data_driven and len(samples) > 1 and not args.no_pool:
         say(f"pass 1/2: fitting {len(template.data_driven)} data-driven gate(s) on {len(samples)} files")
         for path, meta in samples:
             try:
-                result = gate(cytopipe.read_fcs(path), template, sample_meta=meta, medians=False)
+                result = gate(
+                    cytopipe.read_fcs(path),
+                    template,
+                    sample_meta=meta,
+                    medians=False,
+                    controls=controls_for(meta),
+                )
                 fits.append(result.fit_records(meta["sample_id"]))
             except CytopipeError as exc:
                 failures[str(meta["sample_id"])] = str(exc)
@@ -166,7 +209,7 @@ def run(args) -> int:
                 from cytopipe.gating.gatingml import read_gatingml
 
                 tpl = read_gatingml(args.template, fcs_file=path)
-            result = gate(sample, tpl, pooled=pooled, sample_meta=meta)
+            result = gate(sample, tpl, pooled=pooled, sample_meta=meta, controls=controls_for(meta))
         except CytopipeError as exc:
             failures[sid] = str(exc)
             say(f"[{i}/{len(samples)}] {sid}: FAILED: {exc}")

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 NOT_MEASURED = "not measured"  # PopulationResult.source of a population a file cannot measure
 DEFAULT_FIT_EVENTS = 20_000
+SCALE_EVENTS = 5_000  # a cofactor (a scale choice, 2 significant digits) needs no more
 FIT_COLUMNS = ["sample_id", "key", "population", "method", "pool", "status", "reason", "n_parent", "params"]
 
 
@@ -594,7 +595,7 @@ class Engine:
         if key not in self._scales:
             x = self.linear(col, self._comp_key(dim))
             rng = np.random.default_rng([self.template.seed, col])
-            pos = subsample_index(len(x), DEFAULT_FIT_EVENTS, rng)
+            pos = subsample_index(len(x), SCALE_EVENTS, rng)
             c = estimate_cofactor(x if pos is None else x[pos], default=float(spec["cofactor"]))
             self._scales[key] = {"type": "arcsinh", "cofactor": c}
         return self._scales[key]
@@ -891,8 +892,15 @@ class Engine:
             if parent != ROOT and res.populations[parent].source == NOT_MEASURED:
                 raise FitFailure(f"the FMO control of {marker} has no {parent} population")
             cidx = None if parent == ROOT else res.indices(parent)
-            values = sub.gather(fitter.dims, cidx, None)
+            # the control's percentile in compensated linear units, put on THIS sample's display
+            # scale (the control's own estimated cofactor may differ)
+            dim = fitter.dims[0]
+            lin = sub.linear(sub._col[marker], sub._comp_key(dim))
+            lin = lin if cidx is None else lin[cidx]
+            t_lin = float(fitter.fit([lin.astype(np.float64)], rng)[0])
+            t = _compat.apply_transform(self._transform_spec(dim), np.array([t_lin], dtype=np.float64))
             source = f"FMO control {Path(str(getattr(ctl, 'path', 'control'))).name}"
+            return (np.asarray(t, dtype=np.float64), "", None, source)
         elif opts.get("population"):
             ref = opts["population"]
             ridx = self._idx_now.get(ref)
