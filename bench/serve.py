@@ -12,7 +12,7 @@
 A real server subprocess (SQLite in a temporary data folder) on a free loopback port. Timings on a
 shared machine are noisy; compare the ratio.
 
-    python bench/serve.py [--files 48] [--events 200000] [--repeat 5] [--data DIR] [--skip-run]
+    python bench/serve.py [--files 48] [--events 200000] [--repeat 5] [--parallel 1] [--data DIR] [--skip-run]
 """
 
 from __future__ import annotations
@@ -55,11 +55,20 @@ def copy_rate(paths: list[Path], target: Path) -> float:
     return seconds
 
 
-def upload_rate(client, study: int, paths: list[Path]) -> float:
+def upload_rate(server, study: int, paths: list[Path], parallel: int) -> float:
+    """Files sent ``parallel`` at a time (one client each); the page sends one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    clients = [server.client() for _ in range(parallel)]
+
+    def send(i: int) -> None:
+        for p in paths[i::parallel]:
+            r = clients[i].upload(study, p)
+            assert r.status_code == 201 and r.json()["status"] in ("ok", "warning"), r.text
+
     t0 = time.perf_counter()
-    for p in paths:
-        r = client.upload(study, p)
-        assert r.status_code == 201 and r.json()["status"] in ("ok", "warning"), r.text
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(send, range(parallel)))
     return time.perf_counter() - t0
 
 
@@ -70,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--data", type=Path, help="folder for the simulated files (kept; default: temporary)")
     ap.add_argument("--skip-run", action="store_true", help="only the upload benchmark")
+    ap.add_argument("--parallel", type=int, default=1, help="files uploaded at a time (the page sends 1)")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     data = args.data or tmp / "trial"
@@ -85,12 +95,13 @@ def main(argv: list[str] | None = None) -> int:
                 copies.append(copy_rate(paths, tmp / "copy"))
                 sid = c.post("/api/studies", json={"name": f"bench {i}", "template": "sle_il2_tcell_nk.yaml"},
                              headers=c.h).json()["id"]  # fmt: skip
-                uploads.append(upload_rate(c, sid, paths))
+                uploads.append(upload_rate(server, sid, paths, args.parallel))
                 shutil.rmtree(server.data / "blobs")  # the next round stores the bytes again
                 (server.data / "blobs").mkdir()
             mb = total / 1e6
             best_copy, best_up = min(copies), min(uploads)
-            print(f"\nupload of {len(paths)} files, {mb:.0f} MB ({args.repeat} rounds, min / median):")
+            print(f"\nupload of {len(paths)} files, {mb:.0f} MB, {args.parallel} at a time ({args.repeat} rounds, "
+                  "min / median):")  # fmt: skip
             print(
                 f"  copy on disk (floor): {mb / best_copy:8.1f} MB/s / {mb / statistics.median(copies):8.1f} MB/s"
             )

@@ -113,6 +113,17 @@ def test_csrf_token_is_required_for_every_state_change(server, study, serve_tria
     assert all(s["name"] != "form study" for s in ana.get("/api/studies").json())
 
 
+def test_the_session_cookie_is_secure_behind_a_tls_proxy(server):
+    """A reverse proxy on the same machine that terminated HTTPS says so; the cookie is Secure."""
+    anon = Client(server.url, None)
+    r = anon.post(
+        "/api/login", json={"name": "ana", "password": PASSWORD}, headers={"X-Forwarded-Proto": "https"}
+    )
+    assert r.status_code == 200 and "secure" in r.headers["set-cookie"].lower()
+    plain = Client(server.url, None).post("/api/login", json={"name": "ana", "password": PASSWORD})
+    assert "secure" not in plain.headers["set-cookie"].lower()
+
+
 def test_upload_names_are_neutralised(server, study, serve_trial):
     ana = server.client("ana")
     files = trial_files(serve_trial)
@@ -238,6 +249,7 @@ def test_every_state_change_is_in_the_audit_trail_and_the_chain_holds(server, st
     assert "chain intact" in admin.get("/audit").text
     if server.database is None:  # the database refuses to rewrite the trail
         with sqlite3.connect(server.data / "cytopipe.sqlite") as con:
+            assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             with pytest.raises(sqlite3.DatabaseError, match="append-only"):
                 con.execute("UPDATE audit SET reason = 'edited' WHERE id = 1")
             with pytest.raises(sqlite3.DatabaseError, match="append-only"):
@@ -257,6 +269,9 @@ def test_pages_render_for_a_signed_in_user(server, study):
         assert r.status_code == 200 and "security study" in ana.get("/studies").text
         assert "default-src 'self'" in r.headers["content-security-policy"]
     assert ana.get("/users").status_code == 403
+    docs = ana.get("/api/docs")  # our own page (FastAPI's Swagger UI would load from a CDN)
+    assert docs.status_code == 200 and "/api/studies/{study_id}/uploads" in docs.text
+    assert "cdn" not in docs.text.lower()
     # html in names is escaped, never markup
     r = ana.post("/api/studies", json={"name": "<script>alert(1)</script>", **STUDY}, headers=ana.h)
     assert r.status_code == 201

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.datastructures import MutableHeaders
 
 from cytopipe import __version__
 from cytopipe.serve import auth
@@ -72,28 +73,14 @@ def create_app(config: Config) -> FastAPI:
         title="cytopipe workspace",
         version=__version__,
         lifespan=lifespan,
-        docs_url="/api/docs",
+        docs_url=None,  # FastAPI's Swagger UI loads from a CDN; /api/docs is a page of our own
         redoc_url=None,
         openapi_url="/api/openapi.json",
-        swagger_ui_parameters={"syntaxHighlight": False},
     )
     app.state.ws = ws
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
-    @app.middleware("http")
-    async def headers(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - t0) * 1000:.1f}"
-        if request.url.path.endswith("/files/report.html"):
-            response.headers["Content-Security-Policy"] = REPORT_CSP
-        elif not request.url.path.startswith("/api/docs"):
-            response.headers["Content-Security-Policy"] = CSP
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Referrer-Policy"] = "same-origin"
-        response.headers.setdefault("Cache-Control", "no-store")
-        return response
+    app.add_middleware(SecurityHeaders)
 
     def _error(request: Request, status: int, message: str):
         if request.url.path.startswith("/api/"):
@@ -123,6 +110,37 @@ def create_app(config: Config) -> FastAPI:
     app.include_router(web.router)
     app.include_router(review.web)
     return app
+
+
+class SecurityHeaders:
+    """CSP and friends on every response, and a Server-Timing header. A plain ASGI middleware:
+    Starlette's BaseHTTPMiddleware would funnel every upload's body through an extra stream."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        path = scope["path"]
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                if path.endswith("/files/report.html"):
+                    headers["Content-Security-Policy"] = REPORT_CSP
+                else:
+                    headers["Content-Security-Policy"] = CSP
+                headers["X-Content-Type-Options"] = "nosniff"
+                headers["X-Frame-Options"] = "DENY"
+                headers["Referrer-Policy"] = "same-origin"
+                headers.setdefault("Cache-Control", "no-store")
+                headers["Server-Timing"] = f"app;dur={(time.perf_counter() - t0) * 1000:.1f}"
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 # --- dependencies shared by the routers ---------------------------------------------------------

@@ -219,6 +219,22 @@ def create_user(request: Request, name: str = Form(...), password: str = Form(..
     return RedirectResponse("/users", status_code=303)
 
 
+@router.get("/api/docs", response_class=HTMLResponse)
+def api_docs(request: Request) -> HTMLResponse:
+    """The API's operations from its OpenAPI schema, as a page that needs nothing from elsewhere."""
+    ctx = _maybe_user(request)
+    schema = request.app.openapi()
+    operations = [
+        {"method": method.upper(), "path": path, "summary": op.get("summary", ""),
+         "doc": (op.get("description") or "").strip(),
+         "params": [p["name"] for p in op.get("parameters", [])],
+         "body": next(iter(op.get("requestBody", {}).get("content", {})), "")}
+        for path, item in schema["paths"].items() for method, op in item.items()
+    ]  # fmt: skip
+    return page(request, "api.html", ctx, operations=operations, title=schema["info"]["title"],
+                version=schema["info"]["version"])  # fmt: skip
+
+
 @router.get("/audit", response_class=HTMLResponse)
 def audit_page(request: Request) -> HTMLResponse:
     ctx = signed_in(request)
