@@ -279,6 +279,12 @@ def test_signoff_locks_the_gates_until_a_new_version(server, finished, monkeypat
     if not c.get(f"/api/runs/{run_id}/review?population=Treg").json()[
         "locked"
     ]:  # (PostgreSQL: no browser test)
+        r = c.post(
+            f"/api/runs/{run_id}/review/approve",
+            json={"scope": "unflagged", "population": "Treg"},
+            headers=c.h,
+        )
+        assert r.status_code == 200 and r.json()["approved"] >= 1, r.text
         r = c.post(f"/api/runs/{run_id}/signoff", json={"password": PASSWORD}, headers=c.h)
         assert r.status_code == 200, r.text
     item = c.get(f"/api/runs/{run_id}/review?population=Treg").json()["items"][-1]
