@@ -168,3 +168,37 @@ def test_report_lists_signoff_and_overrides_and_examples_export(run_dir):
     assert by[(sid, "Treg")]["status"] == "overridden"
     assert by[(sid, "Treg")]["params"]["CD25 >="] == pytest.approx(t + 1.5)
     assert yaml.safe_load(examples_text(data, "yaml")) == json.loads(examples_text(data, "json"))
+
+
+def test_the_queue_puts_flagged_then_outlying_gates_first(run_dir, tmp_path):
+    """The review queue's order on a run with one flagged Treg gate (its flag written into the run's
+    gate_review table, as the engine writes a fallback) and one outlying gate (its CD25 threshold moved
+    far from the cohort by an override)."""
+    from types import SimpleNamespace
+
+    from cytopipe.report.gate_review import write_gate_review
+    from cytopipe.serve import reviewops
+    from cytopipe.serve.db import open_database
+
+    rv = pd.read_parquet(run_dir / "gate_review.parquet")
+    samples = sorted(rv["sample_id"].unique())
+    flagged, moved = samples[5], samples[8]
+    rv.loc[(rv["sample_id"] == flagged) & (rv["population"] == "Treg"), "flags"] = "Treg[CD25]: fit failed"
+    write_gate_review(run_dir, rv)
+    t = current_params(rv, moved, "Treg")["CD25 >="]
+    state = ReviewState(
+        decisions=[Decision("override", moved, "Treg", "rita", params={"CD25 >=": t + 1.5}, reason="x")]
+    )
+    apply_review(run_dir, state, statistics=False, report=False)
+    (tmp_path / "ws_run").mkdir()
+    (tmp_path / "ws_run" / "out").symlink_to(run_dir)
+    engine, sessions = open_database(f"sqlite:///{tmp_path / 'ws.sqlite'}")
+    with sessions() as db:
+        q = reviewops.queue(db, SimpleNamespace(id=1, folder=str(tmp_path / "ws_run")), None, "Treg", False)
+    engine.dispose()
+    order = [i["sample_id"] for i in q["items"]]
+    assert order[0] == flagged and q["items"][0]["flagged"]
+    assert order[1] == moved and q["items"][1]["outlier"] and "CD25" in q["items"][1]["reasons"]
+    assert not any(i["flagged"] or i["outlier"] for i in q["items"][2:])
+    assert all(i["arm"] is None for i in q["items"])  # arms hidden when the user may not see them
+    assert sorted(order) == samples
