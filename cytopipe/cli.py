@@ -47,12 +47,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _add_arguments_source(module_name: str, depth: int = 0) -> Callable[[argparse.ArgumentParser], None]:
+def _add_arguments_source(
+    module_name: str, depth: int = 0, name: str = "add_arguments"
+) -> Callable[[argparse.ArgumentParser], None]:
     """A command module's ``add_arguments``, compiled from its source without importing the module
     (nor its package): ``cytopipe run --help`` then costs milliseconds instead of importing
-    pandas, Dask or the gating engine. The function may use only ``argparse`` and ``Path``; a
-    module that re-exports it (``from cytopipe.x import add_arguments``) is followed. Anything
-    else raises, and the caller imports the module instead."""
+    pandas, Dask or the gating engine. The function (and the module's own functions it calls) may
+    use only ``argparse`` and ``Path``; a module that re-exports it (``from cytopipe.x import
+    add_arguments``, or ``add_x as add_arguments``) is followed. Anything else raises, and the
+    caller imports the module instead."""
     import __future__
 
     import ast
@@ -64,26 +67,31 @@ def _add_arguments_source(module_name: str, depth: int = 0) -> Callable[[argpars
     if not path.is_file():
         path = root.joinpath(*parts, "__init__.py")
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    if name in functions:
+        needed, todo = [], [name]
+        while todo:  # the function and the module's functions it calls (e.g. shared option groups)
+            fn = functions[todo.pop()]
+            if fn in needed:
+                continue
+            needed.append(fn)
+            todo += [n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and n.id in functions]
+        code = compile(
+            ast.Module(body=needed, type_ignores=[]),
+            str(path),
+            "exec",
+            flags=__future__.annotations.compiler_flag,
+            dont_inherit=True,
+        )
+        namespace: dict[str, Any] = {"argparse": argparse, "Path": Path, "__name__": module_name}
+        exec(code, namespace)
+        return namespace[name]
     for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name == "add_arguments":
-            code = compile(
-                ast.Module(body=[node], type_ignores=[]),
-                str(path),
-                "exec",
-                flags=__future__.annotations.compiler_flag,
-                dont_inherit=True,
-            )
-            namespace: dict[str, Any] = {"argparse": argparse, "Path": Path, "__name__": module_name}
-            exec(code, namespace)
-            return namespace["add_arguments"]
-        if (
-            isinstance(node, ast.ImportFrom)
-            and depth < 2
-            and node.module
-            and any(a.name == "add_arguments" and a.asname is None for a in node.names)
-        ):
-            return _add_arguments_source(node.module, depth + 1)
-    raise LookupError(f"no add_arguments in {module_name}")
+        if isinstance(node, ast.ImportFrom) and depth < 2 and node.module:
+            for alias in node.names:
+                if (alias.asname or alias.name) == name:
+                    return _add_arguments_source(node.module, depth + 1, alias.name)
+    raise LookupError(f"no {name} in {module_name}")
 
 
 def build_parser(only: str | None = None, light: bool = False) -> argparse.ArgumentParser:
