@@ -21,6 +21,7 @@ not depend on the scheduler or the number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -239,14 +240,21 @@ def sample_cluster_inputs(job: Mapping[str, Any], state: Any, prep: Any, result:
             tmp = path.with_name(f".{name}.{os.getpid()}.tmp")  # renamed when complete
             # three arrays one after the other in one file, each freed once written (peak memory:
             # the largest one, not all three)
-            with open(tmp, "wb") as fh:
-                np.save(fh, values.matrix(plan.markers, events=idx))  # transformed
-                np.save(fh, values.matrix(plan.medians, events=idx, transformed=False))  # linear
-                masks = np.zeros((len(plan.concordance), len(idx)), dtype=bool)
-                for i, p in enumerate(plan.concordance):
-                    masks[i] = result.mask(p)[idx]
-                np.save(fh, masks)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, values.matrix(plan.markers, events=idx))  # transformed
+                    np.save(fh, values.matrix(plan.medians, events=idx, transformed=False))  # linear
+                    masks = np.zeros((len(plan.concordance), len(idx)), dtype=bool)
+                    for i, p in enumerate(plan.concordance):
+                        masks[i] = result.mask(p)[idx]
+                    np.save(fh, masks)
+                os.replace(tmp, path)
+            except BaseException:
+                # a full disk (or any failure) leaves no partial file behind: the run's orphan
+                # cleanup only runs at the next run's start
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
             out["map_inputs"] = name
     except (CytopipeError, OSError, MemoryError):
         return {}

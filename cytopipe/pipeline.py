@@ -1142,11 +1142,28 @@ def validate_inputs(ctx: RunContext) -> None:
         ctx.stats_settings = statistics_settings(wf)
     if wf.clinical is not None:
         ctx.clinical_problem = _check_clinical(wf, ctx.manifest)
+    _check_blind_key(wf)
     ctx.hashes["template"] = file_sha256(wf.template)
     ctx.hashes["qc"] = stable_hash(ctx.state.qc.to_dict())
     ctx.hashes["compensation"] = _spillover_hash(
         ctx.state.compensation, ctx.state.spillover, ctx.state.template.compensation
     )
+
+
+def _check_blind_key(wf: Workflow) -> None:
+    """A blinding key must code every arm of the run's inputs. Blinding is a property of the run
+    folder applied when the tables are written, so a bad key would stop the run after all its work:
+    found here instead, before any (exit 2)."""
+    key = wf.report.get("blind_key")
+    if not wf.report.get("blinded") or key is None:
+        return
+    from cytopipe.report.blinding import arm_codes, source_arms
+
+    arms = source_arms({"manifest": str(wf.manifest or ""), "clinical": str(wf.clinical or "")})
+    try:
+        arm_codes(arms, key)
+    except errors.ReportError as exc:
+        raise WorkflowError(exc.message, key="report.blind_key", file=Path(str(key))) from None
 
 
 def _check_clinical(wf: Workflow, manifest: pd.DataFrame) -> str | None:

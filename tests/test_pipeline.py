@@ -490,20 +490,49 @@ def assert_same_outputs_except(a, b, *names):
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-def test_a_report_that_fails_does_not_fail_the_data(sim_run, sim_trial, tmp_path):
+def test_a_blind_key_missing_arms_is_an_input_error_before_any_work(sim_run, sim_trial, tmp_path):
+    """Blinding is a property of the run folder, applied when the tables are written: a key that
+    cannot code every arm would stop the run after all its work. It is found before any (exit 2)."""
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(sim_run, out)
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
     key = tmp_path / "key.csv"
-    key.write_text("arm,code\nplacebo,Arm A\n")  # arms missing: the report refuses to be written
+    key.write_text("arm,code\nplacebo,Arm A\n")  # arms missing
     wf = workflow(sim_trial, out, report={"enabled": True, "blinded": True, "blind_key": str(key)})
+    with pytest.raises(WorkflowError, match=r"report\.blind_key.*no code for arm") as err:
+        run_workflow(wf, scheduler="synchronous", progress=False)
+    assert str(key) in str(err.value)
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before  # untouched
+    assert_same_outputs(sim_run, out)
+    # from the command line: exit 2 and the message, no traceback
+    proc = cli("run", str(sim_trial / "workflow.yaml"), "--out", str(tmp_path / "cli"), "--no-progress",
+               "--blinded", "--blind-key", str(key))  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "no code for arm" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "cli" / "run.json").exists()
+
+
+def test_a_report_that_fails_does_not_fail_the_data(sim_run, sim_trial, tmp_path, monkeypatch):
+    import shutil
+
+    import cytopipe.report.build as build
+    from cytopipe.errors import ReportError
+
+    def failing_report(*args, **kwargs):  # a report section that cannot be built
+        raise ReportError("the dynamics section needs a week-0 visit", file=args[0])
+
+    monkeypatch.setattr(build, "build_report", failing_report)
+    out = tmp_path / "run"
+    shutil.copytree(sim_run, out)
+    wf = workflow(sim_trial, out, report={"enabled": True})
     result = run_workflow(wf, scheduler="synchronous", progress=False)
     assert result.exit_code == EXIT_FAILURES and result.n_failed == 0
     assert len(result.problems) == 1 and result.problems[0].startswith("report: not written:")
     assert not (out / "report.html").exists()
     step = next(s for s in result.info["steps"] if s["step"] == "report")
-    assert step["written"] is False and "arm" in step["error"]
+    assert step["written"] is False and "week-0" in step["error"]
     assert_same_outputs(sim_run, out)  # every table is there, as in the reference run
     # the same run with the report switched off: nothing to complain about
     again = run_workflow(workflow(sim_trial, out), scheduler="synchronous", progress=False)

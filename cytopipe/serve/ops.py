@@ -29,10 +29,19 @@ from cytopipe.serve.storage import (
 MAX_TABLE_BYTES = 20 << 20
 
 
+# the template a new study starts with (the form's preselected choice): the flow-cytometry T-cell/NK
+# panel the workflows use. Alphabetical order would preselect the mass-cytometry one, whose
+# channels (Pt195Di, DNA1, ...) no flow file has: every sample of such a run fails.
+DEFAULT_TEMPLATE = "sle_il2_tcell_nk.yaml"
+
+
 def template_choices() -> dict[str, Path]:
-    """Gating templates shipped with the project (``gating/*.yaml`` next to the package)."""
+    """Gating templates shipped with the project (``gating/*.yaml`` next to the package), the
+    default one first."""
     folder = Path(__file__).resolve().parents[2] / "gating"
-    return {p.name: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+    found = sorted(folder.glob("*.yaml")) if folder.is_dir() else []
+    found.sort(key=lambda p: p.name != DEFAULT_TEMPLATE)  # stable: the rest stay alphabetical
+    return {p.name: p for p in found}
 
 
 def study_dict(study: Study) -> dict[str, Any]:
