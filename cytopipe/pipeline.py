@@ -676,11 +676,11 @@ def _gated_outputs(job: Mapping[str, Any], state: StudyState, prep: Prepared, re
 def needs_regating(fits: pd.DataFrame, job: Mapping[str, Any], template: Any, pooled: Any) -> bool:
     """Whether gating with the pooled estimates can differ from the gating without them (pass 1).
 
-    The engine consults a reference (pooled estimate, else the template default) only for a fit
-    that failed (its bounds, its fraction check) or that moved more than ``max_shift`` from the
-    reference. When every fit is ok and within ``max_shift`` of both the default (pass 1's
-    reference) and the pooled estimate, both passes apply the sample's own fits: same gates,
-    same populations, same flags, same statistics."""
+    The engine puts a pooled estimate in place of a sample's own fit only when the fit failed
+    (its bounds, its fraction check: both give a ``failed`` record) and the study has a pooled
+    estimate for it, or when an ok fit moved more than ``max_shift`` from that pooled estimate; a
+    typed ``default`` or a landmark-relative fallback never overrules an ok fit, and a failed fit
+    with no pooled estimate falls back on the same reference in both passes."""
     from cytopipe.gating.fitters import DataDrivenGate
 
     fitters = {}
@@ -690,17 +690,18 @@ def needs_regating(fits: pd.DataFrame, job: Mapping[str, Any], template: Any, po
                 fitters[pop.name + suffix] = fitter
     meta = sample_meta(job)
     for rec in fits.itertuples(index=False):
-        if rec.status != "ok" or rec.params is None or rec.key not in fitters:
+        if rec.key not in fitters:
             return True
         fitter = fitters[rec.key]
-        if fitter.bounds.max_shift is None:
+        hit = pooled.lookup(rec.key, fitter.pool, meta) if pooled is not None else None
+        if rec.status != "ok" or rec.params is None:
+            if hit is not None:
+                return True
+            continue
+        if hit is None or fitter.bounds.max_shift is None:
             continue
         params = np.asarray(rec.params, dtype=np.float64)
-        refs = [] if fitter.default is None else [fitter.default]
-        hit = pooled.lookup(rec.key, fitter.pool, meta) if pooled is not None else None
-        if hit is not None:
-            refs.append(hit[0])
-        if any(fitter.shift(params, np.asarray(r)) > fitter.bounds.max_shift for r in refs):
+        if fitter.shift(params, np.asarray(hit[0], dtype=np.float64)) > fitter.bounds.max_shift:
             return True
     return False
 

@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import yaml
 
 import cytopipe.cluster_steps as cluster_steps
 import cytopipe.pipeline as pipeline
@@ -76,28 +77,33 @@ def test_needs_regating_follows_the_engines_use_of_references(sim_run, sim_trial
     failed = ok.copy()
     failed.loc[0, "status"] = "failed"
     assert pipeline.needs_regating(failed, job, template, pooled)
-    # a fit moved beyond max_shift from the pooled estimate is replaced by it
-    key = next(k for k in ok["key"] if template_fitter(template, k).bounds.max_shift is not None)
-    fitter = template_fitter(template, key)
+    # a failed fit with no pooled estimate falls back on the same reference in both passes
+    assert not pipeline.needs_regating(failed, job, template, None)
+    # a fit moved beyond max_shift from the pooled estimate is replaced by it (the canonical
+    # template sets no max_shift: the same template with one on its first data-driven gate)
+    data = yaml.safe_load(TEMPLATE.read_text())
+    shifted = next(p for p in data["populations"] if p["gate"].get("type") == "auto")
+    shifted["gate"].setdefault("bounds", {})["max_shift"] = 0.25
+    capped = load_template(data)
+    key = next(k for k in ok["key"] if template_fitter(capped, k).bounds.max_shift is not None)
+    fitter = template_fitter(capped, key)
     row = ok.index[ok["key"] == key][0]
     ref = np.asarray(pooled.lookup(key, fitter.pool, job)[0], dtype=float)
     far = ok.copy()
     far.at[row, "params"] = (ref + 10 * fitter.bounds.max_shift).tolist()
-    assert pipeline.needs_regating(far, job, template, pooled)
-    # the sample's own fits, all ok and close to both references: nothing to redo
+    assert pipeline.needs_regating(far, job, capped, pooled)
+    assert not pipeline.needs_regating(far, job, template, pooled)  # no max_shift: own fit kept
+    # the sample's own fits, all ok and close to the pooled estimates: nothing to redo, however far
+    # they are from the template's typed defaults (a default never overrules an ok fit)
     near = ok.copy()
     for i, k in enumerate(near["key"]):
         near.at[i, "params"] = np.asarray(
             pooled.lookup(k, template_fitter(template, k).pool, job)[0]
         ).tolist()
-    default_ok = all(
-        template_fitter(template, k).default is None
-        or template_fitter(template, k).bounds.max_shift is None
-        or template_fitter(template, k).shift(np.asarray(p), np.asarray(template_fitter(template, k).default))
-        <= template_fitter(template, k).bounds.max_shift
-        for k, p in zip(near["key"], near["params"])
-    )
-    assert pipeline.needs_regating(near, job, template, pooled) == (not default_ok)
+    assert not pipeline.needs_regating(near, job, template, pooled)
+    assert not pipeline.needs_regating(near, job, capped, pooled)
+    near.at[row, "params"] = (ref + 0.5 * fitter.bounds.max_shift).tolist()
+    assert not pipeline.needs_regating(near, job, capped, pooled)
 
 
 def template_fitter(template, key):

@@ -223,6 +223,9 @@ def run(args) -> int:
             (args.out / "gatingml").mkdir(exist_ok=True)
             write_gatingml(result, args.out / "gatingml" / f"{sid}.xml")
         if args.flowjo:  # only the gates, counts and scales are kept for the export, not the events
+            from cytopipe.gating.wsp_export import chain_counts
+
+            result.chain_counts = chain_counts(result, sample)  # AND gates' intermediate populations
             result._idx, result._masks = {}, {}
             # FlowJo names a sample by its file; two files with one name (other folders) keep both
             key = path.name if path.name not in for_flowjo else f"{sid} ({path.name})"

@@ -11,6 +11,10 @@ How cytopipe's gates are written (FlowJo stores gate coordinates on the raw, unt
 * rectangles, ranges and quadrants: ``RectangleGate`` (open sides left open);
 * polygons: ``PolygonGate``; ellipses: a ``PolygonGate`` through 720 points of the ellipse (FlowJo
   and FlowKit evaluate ellipses as polygons anyway; the chord error is below 1e-5 of a half-axis);
+* ``and`` of geometric parts (``all_of``, e.g. a ``diagonal`` gate with a FOXP3 threshold): a FlowJo
+  ``<Gate>`` holds one geometry, so each part but the last becomes an intermediate population named
+  ``"<population> [<markers of the part>]"`` (see :func:`intermediate_name`), chained under the
+  parent, and the population itself holds the last part: its events are exactly the AND;
 * ``not X``: a ``NotNode``; ``and``/``or`` of populations: ``AndNode``/``OrNode`` (FlowJo has no
   negated operand inside those: such a gate is refused with a clear error);
 * ``arcsinh`` (cofactor c): FlowJo's ``fasinh`` with T = 262144, M = asinh(T / c) / ln 10, A = 0,
@@ -29,6 +33,7 @@ import numpy as np
 
 from cytopipe.errors import GatingError
 from cytopipe.gating.gates import BooleanGate, EllipsoidGate, PolygonGate, RectangleGate
+from cytopipe.gating.landmarks import AllOfGate
 from cytopipe.gating.template import ROOT
 
 NS = {
@@ -98,23 +103,33 @@ def write_flowjo_workspace(
         tpl = result.template
         ident = iter(range(1, 10**9))
         gate_ids: dict[str, str] = {}
+        paths: dict[str, str] = {ROOT: ""}  # population -> its full path in the workspace
+        chain_counts = _chain_counts(fcs, result)
         for pop in tpl:
             applied = result.populations[pop.name].gate
             parent_el = subs[pop.parent]
+            parent_id = gate_ids.get(pop.parent)
+            parent_path = paths[pop.parent]
             count = str(result.populations[pop.name].count)
             where = dict(file=str(fcs), population=pop.name)
             if isinstance(applied, BooleanGate):
-                el = _boolean(parent_el, applied, pop.name, tpl, count, where)
+                el = _boolean(parent_el, applied, pop.name, paths, count, where)
             else:
-                el = etree.SubElement(parent_el, "Population", name=pop.name, annotation="", owningGroup="")
-                el.set("count", count)
-                gid = f"ID{sid}{next(ident):04d}"
-                gate_ids[pop.name] = gid
-                attrs = {g + "id": gid}
-                if pop.parent in gate_ids:
-                    attrs[g + "parent_id"] = gate_ids[pop.parent]
-                gate_el = etree.SubElement(el, "Gate", attrs)
-                _geometry(gate_el, g, d, applied, result, axes, comp_channels, where)
+                parts = list(applied.parts) if isinstance(applied, AllOfGate) else [applied]
+                for k, part in enumerate(parts[:-1]):  # an AND: intermediate populations, one per part
+                    inter = intermediate_name(pop.name, part)
+                    n = chain_counts.get(pop.name, [])
+                    el, parent_id = _population(
+                        parent_el, g, d, inter, str(n[k]) if k < len(n) else "-1", sid, ident, parent_id,
+                        part, result, axes, comp_channels, where,
+                    )  # fmt: skip
+                    parent_el = etree.SubElement(el, "Subpopulations")
+                    parent_path += "/" + inter
+                el, gate_ids[pop.name] = _population(
+                    parent_el, g, d, pop.name, count, sid, ident, parent_id, parts[-1], result, axes,
+                    comp_channels, where,
+                )  # fmt: skip
+            paths[pop.name] = parent_path + "/" + pop.name
             subs[pop.name] = etree.SubElement(el, "Subpopulations")
         for sub in subs.values():  # FlowJo omits empty Subpopulations
             if len(sub) == 0:
@@ -127,6 +142,67 @@ def write_flowjo_workspace(
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     return path
+
+
+def intermediate_name(population: str, part) -> str:
+    """Name of the intermediate population that holds one part of an AND (``all_of``) gate:
+    ``"Treg [CD25 CD127]"`` for the CD25/CD127 part of Treg."""
+    return f"{population} [{' '.join(part.markers)}]"
+
+
+def _population(
+    parent_el, g, d, name, count, sid, ident, parent_id, gate, result, axes, comp_channels, where
+):
+    """One geometric ``Population`` under ``parent_el``; returns (element, its gate id)."""
+    from lxml import etree
+
+    el = etree.SubElement(parent_el, "Population", name=name, annotation="", owningGroup="")
+    el.set("count", count)
+    gid = f"ID{sid}{next(ident):04d}"
+    attrs = {g + "id": gid}
+    if parent_id is not None:
+        attrs[g + "parent_id"] = parent_id
+    gate_el = etree.SubElement(el, "Gate", attrs)
+    _geometry(gate_el, g, d, gate, result, axes, comp_channels, where)
+    return el, gid
+
+
+def _chain_counts(fcs, result) -> dict[str, list[int]]:
+    """Event counts of the intermediate populations of AND gates (population -> one count per part
+    but the last), stored as FlowJo stores counts. Taken from ``result.chain_counts`` when the caller
+    computed them (see :func:`chain_counts`), else from the FCS file while the result still holds
+    its memberships; -1 (no stored count) when neither is available."""
+    have = getattr(result, "chain_counts", None)
+    if have is not None:
+        return have
+    if not any(isinstance(p.gate, AllOfGate) for p in result.populations.values()) or not result._idx:
+        return {}
+    import cytopipe
+
+    sample = cytopipe.read_fcs(fcs)
+    if sample.events.shape[0] != result.n_events:
+        return {}
+    return chain_counts(result, sample)
+
+
+def chain_counts(result, sample) -> dict[str, list[int]]:
+    """For every population gated by an AND of geometric parts: the event counts of its parent AND
+    the first 1, 2, ... parts (the intermediate populations of the FlowJo export). ``sample`` is the
+    sample ``result`` gated; call before the result's memberships are dropped."""
+    out: dict[str, list[int]] = {}
+    values = None
+    for name, pop in result.populations.items():
+        if not isinstance(pop.gate, AllOfGate):
+            continue
+        values = values or result.event_values(sample)
+        parent = pop.parent
+        inside = np.ones(len(result.indices(parent)), dtype=bool)
+        counts = []
+        for part in pop.gate.parts[:-1]:
+            inside &= np.asarray(part.contains([values.values(dim, parent) for dim in part.dims]), dtype=bool)
+            counts.append(int(inside.sum()))
+        out[name] = counts
+    return out
 
 
 def _axes(result) -> dict[str, dict | None]:
@@ -219,11 +295,50 @@ def _geometry(gate_el, g, d, gate, result, axes, comp_channels, where) -> None:
         raise GatingError(f"a {type(gate).__name__} cannot be written to a FlowJo workspace", **where)
     el = etree.SubElement(gate_el, g + "PolygonGate", eventsInside="1", quadId="-1", gateResolution="256")
     specs = [dimension(el, dim) for dim in gate.dims]
+    vertices = _clip_to_box(np.asarray(vertices, dtype=np.float64), [_scale_limit(sp) for sp in specs])
     raw = np.column_stack([_raw(vertices[:, i], specs[i]) for i in range(2)])
     for x, y in raw:
         v = etree.SubElement(el, g + "vertex")
         etree.SubElement(v, g + "coordinate", {d + "value": repr(float(x))})
         etree.SubElement(v, g + "coordinate", {d + "value": repr(float(y))})
+
+
+RAW_LIMIT = 1e15  # |raw value| no instrument reaches: a polygon is cut to it so its vertices stay finite
+
+
+def _scale_limit(spec) -> float:
+    """RAW_LIMIT on the gate's scale (asinh(1e15 / c) for arcsinh: sinh of more overflows)."""
+    if spec is None or spec.get("type") in ("identity", None):
+        return RAW_LIMIT
+    return math.asinh(RAW_LIMIT / float(spec["cofactor"]))
+
+
+def _clip_to_box(vertices: np.ndarray, limits) -> np.ndarray:
+    """The polygon cut to the box ``|x| <= limits[0], |y| <= limits[1]`` (Sutherland-Hodgman): every
+    point inside the box keeps its side, and far vertices (a half-plane drawn as a huge polygon, e.g.
+    a ``diagonal`` gate) no longer overflow when written on the raw scale."""
+    if np.all(np.abs(vertices) <= np.asarray(limits)):
+        return vertices
+    pts = [tuple(v) for v in vertices]
+    for axis in (0, 1):
+        for sign in (1.0, -1.0):
+            bound = sign * limits[axis]
+
+            def inside(p, a=axis, b=bound, sg=sign) -> bool:
+                return sg * p[a] <= sg * b
+
+            out = []
+            for i, cur in enumerate(pts):
+                prev = pts[i - 1]
+                if inside(cur) != inside(prev):
+                    f = (bound - prev[axis]) / (cur[axis] - prev[axis])
+                    q = [prev[0] + f * (cur[0] - prev[0]), prev[1] + f * (cur[1] - prev[1])]
+                    q[axis] = bound
+                    out.append(tuple(q))
+                if inside(cur):
+                    out.append(cur)
+            pts = out
+    return np.asarray(pts, dtype=np.float64)
 
 
 def _ellipse_polygon(gate: EllipsoidGate) -> np.ndarray:
@@ -234,7 +349,7 @@ def _ellipse_polygon(gate: EllipsoidGate) -> np.ndarray:
     return (vecs @ np.diag(np.sqrt(np.maximum(w, 0.0))) @ circle).T + gate.center
 
 
-def _boolean(parent_el, gate: BooleanGate, name: str, tpl, count: str, where):
+def _boolean(parent_el, gate: BooleanGate, name: str, paths: dict[str, str], count: str, where):
     from lxml import etree
 
     if any(o.negate for o in gate.operands) and gate.op != "not":
@@ -248,5 +363,5 @@ def _boolean(parent_el, gate: BooleanGate, name: str, tpl, count: str, where):
     el.set("count", count)
     deps = etree.SubElement(el, "Dependents")
     for o in gate.operands:
-        etree.SubElement(deps, "Dependent", name=tpl.path_of(o.population).lstrip("/"))
+        etree.SubElement(deps, "Dependent", name=paths[o.population].lstrip("/"))
     return el
