@@ -95,13 +95,105 @@ def forget(run_dir: str | Path | None = None) -> None:
 # ------------------------------------------------------------------------------------------------
 # overridden gates
 # ------------------------------------------------------------------------------------------------
-def current_params(review: pd.DataFrame, sample_id: str, population: str) -> dict[str, float]:
-    """The gate numbers applied to a sample (``{"CD25 >=": 3.05, ...}``) from gate_review."""
+def current_params(
+    review: pd.DataFrame, sample_id: str, population: str, run_dir: str | Path | None = None
+) -> dict[str, float]:
+    """The gate numbers applied to a sample (``{"CD25 >=": 3.05, ...}``) from gate_review.
+
+    A ``diagonal`` gate (e.g. Treg) has the numbers ``CD25 mode``, ``CD25 SD``, ``CD127 mode``,
+    ``CD127 SD``, ``diagonal >=`` (the offset along the diagonal, in robust SDs) and one threshold
+    per extra marker (``FOXP3 >=``); when the stored rows lack them (the run's own rows) and
+    ``run_dir`` is given, they are taken from the sample gated again as in the run."""
     rows = review[(review["sample_id"] == sample_id) & (review["population"] == population)]
     if rows.empty:
         raise ReviewError("no gate-review data for this gate", sample=sample_id, population=population)
     row = rows.iloc[0]
-    return {str(n): float(v) for n, v in zip(row["param_names"], row["params"])}
+    out = {str(n): float(v) for n, v in zip(row["param_names"], row["params"])}
+    if run_dir is not None:
+        lr = loaded_run(run_dir)
+        if population in lr.state.template.populations and _is_diagonal(lr.state.template[population].gate):
+            if "diagonal >=" not in out:
+                out.update(diagonal_numbers(lr, sample_id, population))
+    return out
+
+
+def _is_diagonal(gate: Any) -> bool:
+    from cytopipe.gating.landmarks import DiagonalGate
+
+    return isinstance(gate, DiagonalGate)
+
+
+def _recording(gate: Any) -> Any:
+    """A copy of a diagonal gate whose realized gates remember the numbers they were made from."""
+    from cytopipe.gating.landmarks import DiagonalGate
+
+    class RecordingDiagonalGate(type(gate)):  # type: ignore[misc, valid-type]
+        def realize(self, params):
+            applied = DiagonalGate.realize(self, params)
+            applied.review_params = {k: [float(v) for v in np.ravel(p)] for k, p in params.items()}
+            return applied
+
+    out = RecordingDiagonalGate.__new__(RecordingDiagonalGate)
+    out.__dict__.update(gate.__dict__)
+    return out
+
+
+def _numbers_of(template_gate: Any, applied: Any) -> dict[str, float]:
+    """The named numbers of a realized diagonal gate (see :func:`current_params`)."""
+    rec = getattr(applied, "review_params", None)
+    if not rec or "" not in rec:
+        return {}
+    a, b = (d.name for d in template_gate.dims[:2])
+    m1, s1, m2, s2, t = rec[""][:5]
+    out = {f"{a} mode": m1, f"{a} SD": s1, f"{b} mode": m2, f"{b} SD": s2, "diagonal >=": t}
+    for f, sign in zip(template_gate.extra, template_gate.signs[2:]):
+        key = f"[{f.dims[0].name}]"
+        if key in rec:
+            out[f"{f.dims[0].name} {'>=' if sign == '+' else '<'}"] = rec[key][0]
+    return out
+
+
+def diagonal_numbers(lr: Any, sample_id: str, population: str) -> dict[str, float]:
+    """The numbers of the run's own diagonal gate of ``population`` on one sample (gated again)."""
+    from cytopipe import gating
+
+    template = lr.state.template
+    g = template[population].gate
+    prep = prepared(lr, sample_id)
+    pops = dict(template.populations)
+    pops[population] = dataclasses.replace(pops[population], gate=_recording(g))
+    result = gating.gate(
+        prep.sample,
+        dataclasses.replace(template, populations=pops),
+        pooled=lr.state.pooled,
+        sample_meta=prep.meta,
+        transforms=lr.state.transforms,
+    )
+    return _numbers_of(g, result.populations[population].gate)
+
+
+def _diagonal_override(lr: Any, g: Any, decision: Decision, params: Mapping[str, Any], where) -> Any:
+    numbers = diagonal_numbers(lr, decision.sample_id, decision.population)
+    unknown = sorted(set(params) - set(numbers))
+    if unknown:
+        raise ReviewError(f"unknown gate numbers {unknown}; this gate has {sorted(numbers)}", **where)
+    for name, value in params.items():
+        value = float(value)
+        if not np.isfinite(value):
+            raise ReviewError(f"gate number {name!r} must be finite, not {value}", **where)
+        numbers[name] = value
+    a, b = (d.name for d in g.dims[:2])
+    chosen = {"": np.array([numbers[f"{a} mode"], numbers[f"{a} SD"], numbers[f"{b} mode"],
+                            numbers[f"{b} SD"], numbers["diagonal >="]])}  # fmt: skip
+    if min(chosen[""][1], chosen[""][3]) <= 0:
+        raise ReviewError("the SDs of a diagonal gate must be > 0", **where)
+    for f, sign in zip(g.extra, g.signs[2:]):
+        name = f"{f.dims[0].name} {'>=' if sign == '+' else '<'}"
+        if name in numbers:
+            chosen[f"[{f.dims[0].name}]"] = np.array([numbers[name]])
+    applied = g.realize(chosen)
+    applied.review_params = {k: [float(x) for x in v] for k, v in chosen.items()}
+    return applied
 
 
 def override_gate(lr: Any, decision: Decision, review: pd.DataFrame, meta: Mapping[str, Any]) -> Any:
@@ -130,7 +222,9 @@ def override_gate(lr: Any, decision: Decision, review: pd.DataFrame, meta: Mappi
                     f"no pooled estimate or default for {decision.population + suffix}", **where
                 )
             chosen[suffix] = hit[0] if hit is not None else fitter.default
-        return g.realize(chosen)
+        applied = g.realize(chosen)
+        applied.review_params = {k: [float(x) for x in np.ravel(v)] for k, v in chosen.items()}
+        return applied
     params = dict(decision.params)
     if "vertices" in params:
         vertices = np.asarray(params["vertices"], dtype=np.float64)
@@ -145,6 +239,8 @@ def override_gate(lr: Any, decision: Decision, review: pd.DataFrame, meta: Mappi
                 f"an ellipse override needs a centre of {len(dims)} numbers and a covariance", **where
             )
         return EllipsoidGate(dims, center, cov, float(params.get("distance_square", 1.0)))
+    if _is_diagonal(g):
+        return _diagonal_override(lr, g, decision, params, where)
     numbers = current_params(review, decision.sample_id, decision.population)
     allowed = {f"{d.name} {op}" for d in dims for op in (">=", "<")}
     unknown = sorted(set(params) - allowed)
@@ -171,9 +267,10 @@ def overridden_template(
 ) -> Any:
     """The run's template with the overridden populations' gates replaced by fixed gates."""
     template = lr.state.template
-    if not overrides:
-        return template
     pops = dict(template.populations)
+    for name, pop in template.populations.items():  # diagonal gates record their numbers
+        if name not in overrides and _is_diagonal(pop.gate):
+            pops[name] = dataclasses.replace(pop, gate=_recording(pop.gate))
     for name, decision in overrides.items():
         pops[name] = dataclasses.replace(pops[name], gate=override_gate(lr, decision, review, meta))
     return dataclasses.replace(template, populations=pops)
@@ -207,6 +304,15 @@ def regate_sample(
         stats[col] = job.get(col)
     stats = add_count_qc(stats, lr.state.qc)
     rows = gate_review_data(prep.sample, result, sample_id)
+    for i in rows.index:
+        name = rows.at[i, "population"]
+        if name in lr.state.template.populations and _is_diagonal(lr.state.template[name].gate):
+            numbers = _numbers_of(lr.state.template[name].gate, result.populations[name].gate)
+            have = list(rows.at[i, "param_names"])
+            new = [k for k in numbers if k not in have]
+            rows.at[i, "param_names"] = have + new
+            rows.at[i, "params"] = [float(v) for v in rows.at[i, "params"]] + [numbers[k] for k in new]
+            rows.at[i, "param_spans"] = [float(v) for v in rows.at[i, "param_spans"]] + [np.nan] * len(new)
     over = rows["population"].isin(list(overrides))
     rows.loc[over, "source"] = "overridden"
     return stats, rows
