@@ -180,7 +180,7 @@ def test_report_lists_signoff_and_overrides_and_examples_export(run_dir):
 
 def test_the_queue_puts_flagged_then_outlying_gates_first(run_dir, tmp_path):
     """The review queue's order on a run with one flagged Treg gate (its flag written into the run's
-    gate_review table, as the engine writes a fallback) and one outlying gate (its CD25 threshold moved
+    gate_review table, as the engine writes a fallback) and one outlying gate (its FOXP3 threshold moved
     far from the cohort by an override)."""
     from types import SimpleNamespace
 
@@ -188,14 +188,16 @@ def test_the_queue_puts_flagged_then_outlying_gates_first(run_dir, tmp_path):
     from cytopipe.serve import reviewops
     from cytopipe.serve.db import open_database
 
+    samples = sorted(pd.read_parquet(run_dir / "gate_review.parquet")["sample_id"].unique())
+    # every sample's rows re-gated without overrides: they carry the Treg diagonal gate's numbers
+    apply_review(run_dir, ReviewState(), samples=samples, statistics=False, report=False)
     rv = pd.read_parquet(run_dir / "gate_review.parquet")
-    samples = sorted(rv["sample_id"].unique())
     flagged, moved = samples[5], samples[8]
-    rv.loc[(rv["sample_id"] == flagged) & (rv["population"] == "Treg"), "flags"] = "Treg[CD25]: fit failed"
+    rv.loc[(rv["sample_id"] == flagged) & (rv["population"] == "Treg"), "flags"] = "Treg[FOXP3]: fit failed"
     write_gate_review(run_dir, rv)
-    t = current_params(rv, moved, "Treg")["CD25 >="]
+    t = current_params(rv, moved, "Treg")["FOXP3 >="]
     state = ReviewState(
-        decisions=[Decision("override", moved, "Treg", "rita", params={"CD25 >=": t + 1.5}, reason="x")]
+        decisions=[Decision("override", moved, "Treg", "rita", params={"FOXP3 >=": t + 1.5}, reason="x")]
     )
     apply_review(run_dir, state, statistics=False, report=False)
     (tmp_path / "ws_run").mkdir()
@@ -206,7 +208,7 @@ def test_the_queue_puts_flagged_then_outlying_gates_first(run_dir, tmp_path):
     engine.dispose()
     order = [i["sample_id"] for i in q["items"]]
     assert order[0] == flagged and q["items"][0]["flagged"]
-    assert order[1] == moved and q["items"][1]["outlier"] and "CD25" in q["items"][1]["reasons"]
+    assert order[1] == moved and q["items"][1]["outlier"] and "FOXP3 >=" in q["items"][1]["reasons"]
     assert not any(i["flagged"] or i["outlier"] for i in q["items"][2:])
     assert all(i["arm"] is None for i in q["items"])  # arms hidden when the user may not see them
     assert sorted(order) == samples

@@ -304,6 +304,7 @@ def regate_sample(
         stats[col] = job.get(col)
     stats = add_count_qc(stats, lr.state.qc)
     rows = gate_review_data(prep.sample, result, sample_id)
+    rows = _with_diagonal_panels(rows, prep.sample, result, lr.state.template)
     for i in rows.index:
         name = rows.at[i, "population"]
         if name in lr.state.template.populations and _is_diagonal(lr.state.template[name].gate):
@@ -316,6 +317,82 @@ def regate_sample(
     over = rows["population"].isin(list(overrides))
     rows.loc[over, "source"] = "overridden"
     return stats, rows
+
+
+def _with_diagonal_panels(rows: pd.DataFrame, sample: Any, result: Any, template: Any) -> pd.DataFrame:
+    """Gate-review rows of diagonal gates drawn as panels a reviewer can move: the two diagonal
+    markers (events past the extra thresholds) with the half-plane, and one 1-D panel per extra
+    marker (e.g. FOXP3) with its threshold line (``FOXP3 >=``)."""
+    from cytopipe.report import gate_review as gr
+
+    vals = result.event_values(sample)
+    out = []
+    for name in dict.fromkeys(rows["population"]):
+        mine = rows[rows["population"] == name]
+        pop = result.populations[name]
+        tg = template[name].gate if name in template.populations else None
+        rec = getattr(pop.gate, "review_params", None)
+        if tg is None or not _is_diagonal(tg) or not rec or "" not in rec or pop.parent == "root":
+            out.append(mine)
+            continue
+        idx = result.indices(pop.parent)
+        cond, extra = [], []
+        for f, sign in zip(tg.extra, tg.signs[2:]):
+            key = f"[{f.dims[0].name}]"
+            if key in rec:
+                t = rec[key][0]
+                lo, hi = (t, None) if sign == "+" else (None, t)
+                cond.append((f.dims[0], lo, hi))
+                extra.append({"gate_type": "range", "dims": [f.dims[0]], "condition": [],
+                              "shapes": [{"kind": "range", "x": [lo, hi]}]})  # fmt: skip
+        poly = _diagonal_polygon(tg, rec[""], vals, idx, pop.parent)
+        panels = [{"gate_type": "polygon", "dims": list(tg.dims[:2]), "condition": cond,
+                   "shapes": [{"kind": "polygon", "vertices": poly}]}, *extra]  # fmt: skip
+        made = [gr._panel_row(p, vals, idx, pop.parent, gr.BINS_2D, gr.BINS_1D) for p in panels]
+        made = [m for m in made if m is not None]
+        if not made:
+            out.append(mine)
+            continue
+        base = mine.iloc[0].to_dict()
+        new = []
+        for i, m in enumerate(made):
+            row = dict(base)
+            row.update(m)
+            row["gate_type"] = base["gate_type"]
+            row["panel"] = i
+            new.append(row)
+        out.append(pd.DataFrame(new, columns=rows.columns))
+    got = pd.concat(out, ignore_index=True)
+    for col in rows.columns:
+        if got[col].dtype != rows[col].dtype:
+            got[col] = got[col].astype(rows[col].dtype)
+    return got
+
+
+def _diagonal_polygon(tg: Any, params: list[float], vals: Any, idx: Any, scope: str) -> list[list[float]]:
+    """The half-plane ``projection >= t`` cut to a box around the parent's events (for drawing)."""
+    m1, s1, m2, s2, t = (float(v) for v in params[:5])
+    k1, k2 = (1.0 if c == "+" else -1.0 for c in tg.signs[:2])
+    x = np.asarray(vals.at(tg.dims[0], idx, scope), dtype=float)
+    y = np.asarray(vals.at(tg.dims[1], idx, scope), dtype=float)
+    x, y = x[np.isfinite(x)], y[np.isfinite(y)]
+    xlo, xhi = np.quantile(x, [0.005, 0.995]) if len(x) else (m1 - 1, m1 + 1)
+    ylo, yhi = np.quantile(y, [0.005, 0.995]) if len(y) else (m2 - 1, m2 + 1)
+    pad = max(xhi - xlo, yhi - ylo, 1e-6)
+    box = [(xlo - pad, ylo - pad), (xhi + pad, ylo - pad), (xhi + pad, yhi + pad), (xlo - pad, yhi + pad)]
+
+    def f(p):
+        return k1 * (p[0] - m1) / s1 + k2 * (p[1] - m2) / s2 - t
+
+    pts: list[list[float]] = []  # Sutherland-Hodgman: the box's part with f >= 0
+    for a, b in zip(box, box[1:] + box[:1]):
+        fa, fb = f(a), f(b)
+        if fa >= 0:
+            pts.append([float(a[0]), float(a[1])])
+        if (fa >= 0) != (fb >= 0):
+            r = fa / (fa - fb)
+            pts.append([float(a[0] + r * (b[0] - a[0])), float(a[1] + r * (b[1] - a[1]))])
+    return pts
 
 
 def preview(run_dir: str | Path, decision: Decision, state: ReviewState | None = None) -> dict[str, Any]:
