@@ -106,10 +106,12 @@ def test_the_patients_pooled_gate(run_dir):
 
     lr = load_run(run_dir)
     meta = before[before["sample_id"] == sid].iloc[0]
-    expected = [lr.state.pooled.lookup(f"Treg[{d}]", "patient", {"sample_id": sid, "patient_id": meta["patient_id"]})[0]
-                for d in ("CD25", "CD127", "FOXP3")]  # fmt: skip
+    # Treg is a diagonal gate (CD25 up / CD127 down, in the CD4 cloud's robust SDs) AND FOXP3 >= t
+    expected = [lr.state.pooled.lookup(f"Treg{k}", "patient", {"sample_id": sid, "patient_id": meta["patient_id"]})[0]
+                for k in ("", "[FOXP3]")]  # fmt: skip
     got = current_params(rv, sid, "Treg")
-    np.testing.assert_allclose([got["CD25 >="], got["CD127 <"], got["FOXP3 >="]], np.ravel(expected))
+    names = ["CD25 mode", "CD25 SD", "CD127 mode", "CD127 SD", "diagonal >=", "FOXP3 >="]
+    np.testing.assert_allclose([got[n] for n in names], np.concatenate([np.ravel(e) for e in expected]))
     assert _changed(before, pd.read_parquet(run_dir / "population_stats.parquet")) <= {(sid, "Treg")}
 
 
@@ -133,10 +135,10 @@ def test_report_lists_signoff_and_overrides_and_examples_export(run_dir):
     ps = pd.read_parquet(run_dir / "population_stats.parquet")
     sid = sorted(ps["sample_id"].unique())[1]
     rv = pd.read_parquet(run_dir / "gate_review.parquet")
-    t = current_params(rv, sid, "Treg")["CD25 >="]
+    t = current_params(rv, sid, "Treg", run_dir)["FOXP3 >="]  # Treg: the CD25/CD127 diagonal AND FOXP3 >= t
     state = ReviewState()
     state.add(Decision("approve", sorted(ps["sample_id"].unique())[0], "Treg", "rita", audit_entry=5))
-    d = Decision("override", sid, "Treg", "rita", params={"CD25 >=": t + 1.5}, reason="=HYPERLINK(\"x\") dim CD25",
+    d = Decision("override", sid, "Treg", "rita", params={"FOXP3 >=": t + 1.5}, reason="=HYPERLINK(\"x\") dim FOXP3",
                  category="poor staining", audit_entry=6)  # fmt: skip
     state.add(d)
     got = apply_review(run_dir, state, statistics=False, report=False)
@@ -153,26 +155,32 @@ def test_report_lists_signoff_and_overrides_and_examples_export(run_dir):
     write_report(run_dir)
     html = (run_dir / "report.html").read_text(encoding="utf-8")
     assert "Gate review" in html and "reviewed and approved" in html and "rita" in html
-    assert "poor staining" in html and f"{d.before_pct:.3f}" in html and f"{d.after_pct:.3f}" in html
+    from cytopipe.report.html import format_number  # the report's one rule for numbers (3 significant digits)
+
+    assert (
+        "poor staining" in html and format_number(d.before_pct) in html and format_number(d.after_pct) in html
+    )
     csv = (run_dir / "report_tables" / "gate_overrides.csv").read_text(encoding="utf-8")
     assert sid in csv and "poor staining" in csv
     table = pd.read_csv(run_dir / "report_tables" / "gate_overrides.csv")
     row = table.iloc[0]
     assert row["pct_parent_before"] == pytest.approx(d.before_pct, rel=1e-3)
     assert row["pct_parent_after"] == pytest.approx(d.after_pct, rel=1e-3)
-    assert row["pct_parent_after"] < row["pct_parent_before"]  # a higher CD25 threshold keeps fewer Treg
+    assert row["pct_parent_after"] < row["pct_parent_before"]  # a higher FOXP3 threshold keeps fewer Treg
 
     data = examples(run_dir, state)
     by = {(e["sample_id"], e["population"]): e for e in data["examples"]}
     assert set(by) == {(sorted(ps["sample_id"].unique())[0], "Treg"), (sid, "Treg")}
     assert by[(sid, "Treg")]["status"] == "overridden"
-    assert by[(sid, "Treg")]["params"]["CD25 >="] == pytest.approx(t + 1.5)
+    assert by[(sid, "Treg")]["params"]["FOXP3 >="] == pytest.approx(t + 1.5)
+    approved = by[(sorted(ps["sample_id"].unique())[0], "Treg")]["params"]
+    assert {"diagonal >=", "FOXP3 >="} <= set(approved)  # the approved gate's own numbers
     assert yaml.safe_load(examples_text(data, "yaml")) == json.loads(examples_text(data, "json"))
 
 
 def test_the_queue_puts_flagged_then_outlying_gates_first(run_dir, tmp_path):
     """The review queue's order on a run with one flagged Treg gate (its flag written into the run's
-    gate_review table, as the engine writes a fallback) and one outlying gate (its CD25 threshold moved
+    gate_review table, as the engine writes a fallback) and one outlying gate (its FOXP3 threshold moved
     far from the cohort by an override)."""
     from types import SimpleNamespace
 
@@ -180,14 +188,16 @@ def test_the_queue_puts_flagged_then_outlying_gates_first(run_dir, tmp_path):
     from cytopipe.serve import reviewops
     from cytopipe.serve.db import open_database
 
+    samples = sorted(pd.read_parquet(run_dir / "gate_review.parquet")["sample_id"].unique())
+    # every sample's rows re-gated without overrides: they carry the Treg diagonal gate's numbers
+    apply_review(run_dir, ReviewState(), samples=samples, statistics=False, report=False)
     rv = pd.read_parquet(run_dir / "gate_review.parquet")
-    samples = sorted(rv["sample_id"].unique())
     flagged, moved = samples[5], samples[8]
-    rv.loc[(rv["sample_id"] == flagged) & (rv["population"] == "Treg"), "flags"] = "Treg[CD25]: fit failed"
+    rv.loc[(rv["sample_id"] == flagged) & (rv["population"] == "Treg"), "flags"] = "Treg[FOXP3]: fit failed"
     write_gate_review(run_dir, rv)
-    t = current_params(rv, moved, "Treg")["CD25 >="]
+    t = current_params(rv, moved, "Treg")["FOXP3 >="]
     state = ReviewState(
-        decisions=[Decision("override", moved, "Treg", "rita", params={"CD25 >=": t + 1.5}, reason="x")]
+        decisions=[Decision("override", moved, "Treg", "rita", params={"FOXP3 >=": t + 1.5}, reason="x")]
     )
     apply_review(run_dir, state, statistics=False, report=False)
     (tmp_path / "ws_run").mkdir()
@@ -198,7 +208,7 @@ def test_the_queue_puts_flagged_then_outlying_gates_first(run_dir, tmp_path):
     engine.dispose()
     order = [i["sample_id"] for i in q["items"]]
     assert order[0] == flagged and q["items"][0]["flagged"]
-    assert order[1] == moved and q["items"][1]["outlier"] and "CD25" in q["items"][1]["reasons"]
+    assert order[1] == moved and q["items"][1]["outlier"] and "FOXP3 >=" in q["items"][1]["reasons"]
     assert not any(i["flagged"] or i["outlier"] for i in q["items"][2:])
     assert all(i["arm"] is None for i in q["items"])  # arms hidden when the user may not see them
     assert sorted(order) == samples

@@ -2,7 +2,7 @@
 PostgreSQL where .ci/run starts one) and a finished run of 12 small simulated samples:
 
 * in Chromium (Playwright): a reviewer opens the Treg queue (flagged and outlying gates first), drags
-  the CD25 threshold of one sample, enters a reason and saves; the page and population_stats show that
+  the FOXP3 threshold of one sample, enters a reason and saves; the page and population_stats show that
   sample's new Treg % and no other row changed; the rest are approved with the keyboard; the run is
   signed off with the password; the audit page lists every action with its user and reason. Screenshots
   of each step go to $CYTOPIPE_TEST_ARTIFACTS/review (default test-artifacts/review, not committed).
@@ -110,7 +110,7 @@ def test_roles_viewer_and_analyst(server, finished):
     q = c.get(f"/api/runs/{run_id}/review?population=Treg").json()
     item = q["items"][0]
     change = {"sample_id": item["sample_id"], "population": "Treg", "kind": "override",
-              "params": {"CD25 >=": 3.0}, "reason": "role test"}  # fmt: skip
+              "params": {"FOXP3 >=": 3.0}, "reason": "role test"}  # fmt: skip
     for name in ("vera", "alan"):  # viewer and analyst: no review permission
         u = server.client(name)
         assert u.get(f"/api/runs/{run_id}/review?population=Treg").status_code == 200  # may look
@@ -166,11 +166,12 @@ def test_review_in_the_browser(browser, server, finished, backend):
     page.wait_for_selector("#other-visits figure")  # the patient's other visit beside
     page.screenshot(path=str(shots / "01-queue.png"), full_page=True)
 
-    # 2. the third sample: drag its CD25 threshold to the right, watch the new frequency
+    # 2. the third sample: drag its FOXP3 threshold (Treg = CD25/CD127 diagonal AND FOXP3+) to the
+    #    right, watch the new frequency
     target = queue[2]
     rows.nth(2).click()
     expect(page.locator("#current-title")).to_have_text(re.compile("^" + re.escape(target["sample_id"])))
-    line = page.locator('#panels div[data-panel="0"] line.thr[data-param="CD25 >="]')
+    line = page.locator('#panels div[data-panel="1"] line.thr[data-param="FOXP3 >="]')
     box = line.bounding_box()
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(x, y)
@@ -183,7 +184,7 @@ def test_review_in_the_browser(browser, server, finished, backend):
     expect(page.locator("#new-exact")).to_have_text(re.compile(r"^\(exact"))
     shown_new = float(page.inner_text("#new-freq").rstrip("%"))
     old = before.set_index(KEY).loc[(target["sample_id"], "Treg"), "pct_parent"]
-    assert shown_new < old  # a higher CD25 threshold keeps fewer Treg
+    assert shown_new < old  # a higher FOXP3 threshold keeps fewer Treg
 
     # 3. a reason (pick-list and text), save
     page.select_option("#reason-category", "poor staining")
@@ -266,10 +267,12 @@ def test_review_in_the_browser(browser, server, finished, backend):
             break
         time.sleep(2)
     assert "Signed off: “reviewed and approved” by rita" in html
+    from cytopipe.report.html import format_number  # the report's one rule for numbers (3 significant digits)
+
     assert (
         "CD25 smeared into the negatives" in html
-        and f"{old:.3f}" in html
-        and f"{new['pct_parent']:.3f}" in html
+        and format_number(old) in html
+        and format_number(new["pct_parent"]) in html
     )
 
 
@@ -317,9 +320,9 @@ def test_signoff_locks_the_gates_until_a_new_version(server, finished, monkeypat
     t = c.get(
         f"/api/runs/{new_id}/review/gate", params={"sample_id": other["sample_id"], "population": "Treg"}
     )
-    cd25 = t.json()["params"]["CD25 >="]
+    foxp3 = t.json()["params"]["FOXP3 >="]  # Treg: the CD25/CD127 diagonal AND FOXP3 >= t
     proc = cli("review", str(new_id), *db, "--user", "rita", "--override", f"{other['sample_id']}/Treg",
-               "--set", f"CD25 >= {cd25 + 1.5}", "--category", "debris", "--reason", "from the CLI")  # fmt: skip
+               "--set", f"FOXP3 >= {foxp3 + 1.5}", "--category", "debris", "--reason", "from the CLI")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert f"{other['sample_id']}/Treg:" in proc.stdout and "audit entry" in proc.stdout
     ps = pd.read_parquet(server.data / "runs" / str(new_id) / "out" / "population_stats.parquet").set_index(
@@ -335,7 +338,7 @@ def test_signoff_locks_the_gates_until_a_new_version(server, finished, monkeypat
 
     ex = yaml.safe_load((server.data.parent / "examples.yaml").read_text())
     by = {(e["sample_id"], e["population"]): e for e in ex["examples"]}
-    assert by[(other["sample_id"], "Treg")]["params"]["CD25 >="] == pytest.approx(cd25 + 1.5)
+    assert by[(other["sample_id"], "Treg")]["params"]["FOXP3 >="] == pytest.approx(foxp3 + 1.5)
     assert by[(other["sample_id"], "Treg")]["status"] == "overridden"
     # the examples file of the signed-off run: every approved/overridden Treg gate
     ex = c.get(f"/api/runs/{run_id}/review/examples?format=json").json()

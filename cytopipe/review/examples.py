@@ -17,6 +17,7 @@ def examples(run_dir: str | Path, state: ReviewState) -> dict[str, Any]:
     """``{"format", "run", "signoff", "examples": [{sample_id, population, status, gate_type, dims,
     params, shapes, audit_entry}, ...]}`` for every approved, overridden or pooled gate."""
     from cytopipe.report.gate_review import read_gate_review
+    from cytopipe.review.regate import current_params
 
     review = read_gate_review(run_dir)
     first = (
@@ -36,7 +37,7 @@ def examples(run_dir: str | Path, state: ReviewState) -> dict[str, Any]:
         out.append({
             "sample_id": sid, "population": pop, "status": st, "gate_type": str(row["gate_type"]),
             "source": str(row["source"]), "dims": [d for d in (row["x"], row["y"]) if d],
-            "params": {str(n): float(v) for n, v in zip(row["param_names"], row["params"])},
+            "params": current_params(review, sid, pop, run_dir),
             "shapes": json.loads(row["shapes"]), "pct_parent": float(row["pct_parent"]),
             "audit_entry": entries.get((sid, pop)),
         })  # fmt: skip

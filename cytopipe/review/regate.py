@@ -95,13 +95,105 @@ def forget(run_dir: str | Path | None = None) -> None:
 # ------------------------------------------------------------------------------------------------
 # overridden gates
 # ------------------------------------------------------------------------------------------------
-def current_params(review: pd.DataFrame, sample_id: str, population: str) -> dict[str, float]:
-    """The gate numbers applied to a sample (``{"CD25 >=": 3.05, ...}``) from gate_review."""
+def current_params(
+    review: pd.DataFrame, sample_id: str, population: str, run_dir: str | Path | None = None
+) -> dict[str, float]:
+    """The gate numbers applied to a sample (``{"CD25 >=": 3.05, ...}``) from gate_review.
+
+    A ``diagonal`` gate (e.g. Treg) has the numbers ``CD25 mode``, ``CD25 SD``, ``CD127 mode``,
+    ``CD127 SD``, ``diagonal >=`` (the offset along the diagonal, in robust SDs) and one threshold
+    per extra marker (``FOXP3 >=``); when the stored rows lack them (the run's own rows) and
+    ``run_dir`` is given, they are taken from the sample gated again as in the run."""
     rows = review[(review["sample_id"] == sample_id) & (review["population"] == population)]
     if rows.empty:
         raise ReviewError("no gate-review data for this gate", sample=sample_id, population=population)
     row = rows.iloc[0]
-    return {str(n): float(v) for n, v in zip(row["param_names"], row["params"])}
+    out = {str(n): float(v) for n, v in zip(row["param_names"], row["params"])}
+    if run_dir is not None:
+        lr = loaded_run(run_dir)
+        if population in lr.state.template.populations and _is_diagonal(lr.state.template[population].gate):
+            if "diagonal >=" not in out:
+                out.update(diagonal_numbers(lr, sample_id, population))
+    return out
+
+
+def _is_diagonal(gate: Any) -> bool:
+    from cytopipe.gating.landmarks import DiagonalGate
+
+    return isinstance(gate, DiagonalGate)
+
+
+def _recording(gate: Any) -> Any:
+    """A copy of a diagonal gate whose realized gates remember the numbers they were made from."""
+    from cytopipe.gating.landmarks import DiagonalGate
+
+    class RecordingDiagonalGate(type(gate)):  # type: ignore[misc, valid-type]
+        def realize(self, params):
+            applied = DiagonalGate.realize(self, params)
+            applied.review_params = {k: [float(v) for v in np.ravel(p)] for k, p in params.items()}
+            return applied
+
+    out = RecordingDiagonalGate.__new__(RecordingDiagonalGate)
+    out.__dict__.update(gate.__dict__)
+    return out
+
+
+def _numbers_of(template_gate: Any, applied: Any) -> dict[str, float]:
+    """The named numbers of a realized diagonal gate (see :func:`current_params`)."""
+    rec = getattr(applied, "review_params", None)
+    if not rec or "" not in rec:
+        return {}
+    a, b = (d.name for d in template_gate.dims[:2])
+    m1, s1, m2, s2, t = rec[""][:5]
+    out = {f"{a} mode": m1, f"{a} SD": s1, f"{b} mode": m2, f"{b} SD": s2, "diagonal >=": t}
+    for f, sign in zip(template_gate.extra, template_gate.signs[2:]):
+        key = f"[{f.dims[0].name}]"
+        if key in rec:
+            out[f"{f.dims[0].name} {'>=' if sign == '+' else '<'}"] = rec[key][0]
+    return out
+
+
+def diagonal_numbers(lr: Any, sample_id: str, population: str) -> dict[str, float]:
+    """The numbers of the run's own diagonal gate of ``population`` on one sample (gated again)."""
+    from cytopipe import gating
+
+    template = lr.state.template
+    g = template[population].gate
+    prep = prepared(lr, sample_id)
+    pops = dict(template.populations)
+    pops[population] = dataclasses.replace(pops[population], gate=_recording(g))
+    result = gating.gate(
+        prep.sample,
+        dataclasses.replace(template, populations=pops),
+        pooled=lr.state.pooled,
+        sample_meta=prep.meta,
+        transforms=lr.state.transforms,
+    )
+    return _numbers_of(g, result.populations[population].gate)
+
+
+def _diagonal_override(lr: Any, g: Any, decision: Decision, params: Mapping[str, Any], where) -> Any:
+    numbers = diagonal_numbers(lr, decision.sample_id, decision.population)
+    unknown = sorted(set(params) - set(numbers))
+    if unknown:
+        raise ReviewError(f"unknown gate numbers {unknown}; this gate has {sorted(numbers)}", **where)
+    for name, value in params.items():
+        value = float(value)
+        if not np.isfinite(value):
+            raise ReviewError(f"gate number {name!r} must be finite, not {value}", **where)
+        numbers[name] = value
+    a, b = (d.name for d in g.dims[:2])
+    chosen = {"": np.array([numbers[f"{a} mode"], numbers[f"{a} SD"], numbers[f"{b} mode"],
+                            numbers[f"{b} SD"], numbers["diagonal >="]])}  # fmt: skip
+    if min(chosen[""][1], chosen[""][3]) <= 0:
+        raise ReviewError("the SDs of a diagonal gate must be > 0", **where)
+    for f, sign in zip(g.extra, g.signs[2:]):
+        name = f"{f.dims[0].name} {'>=' if sign == '+' else '<'}"
+        if name in numbers:
+            chosen[f"[{f.dims[0].name}]"] = np.array([numbers[name]])
+    applied = g.realize(chosen)
+    applied.review_params = {k: [float(x) for x in v] for k, v in chosen.items()}
+    return applied
 
 
 def override_gate(lr: Any, decision: Decision, review: pd.DataFrame, meta: Mapping[str, Any]) -> Any:
@@ -130,7 +222,9 @@ def override_gate(lr: Any, decision: Decision, review: pd.DataFrame, meta: Mappi
                     f"no pooled estimate or default for {decision.population + suffix}", **where
                 )
             chosen[suffix] = hit[0] if hit is not None else fitter.default
-        return g.realize(chosen)
+        applied = g.realize(chosen)
+        applied.review_params = {k: [float(x) for x in np.ravel(v)] for k, v in chosen.items()}
+        return applied
     params = dict(decision.params)
     if "vertices" in params:
         vertices = np.asarray(params["vertices"], dtype=np.float64)
@@ -145,6 +239,8 @@ def override_gate(lr: Any, decision: Decision, review: pd.DataFrame, meta: Mappi
                 f"an ellipse override needs a centre of {len(dims)} numbers and a covariance", **where
             )
         return EllipsoidGate(dims, center, cov, float(params.get("distance_square", 1.0)))
+    if _is_diagonal(g):
+        return _diagonal_override(lr, g, decision, params, where)
     numbers = current_params(review, decision.sample_id, decision.population)
     allowed = {f"{d.name} {op}" for d in dims for op in (">=", "<")}
     unknown = sorted(set(params) - allowed)
@@ -171,9 +267,10 @@ def overridden_template(
 ) -> Any:
     """The run's template with the overridden populations' gates replaced by fixed gates."""
     template = lr.state.template
-    if not overrides:
-        return template
     pops = dict(template.populations)
+    for name, pop in template.populations.items():  # diagonal gates record their numbers
+        if name not in overrides and _is_diagonal(pop.gate):
+            pops[name] = dataclasses.replace(pop, gate=_recording(pop.gate))
     for name, decision in overrides.items():
         pops[name] = dataclasses.replace(pops[name], gate=override_gate(lr, decision, review, meta))
     return dataclasses.replace(template, populations=pops)
@@ -207,9 +304,95 @@ def regate_sample(
         stats[col] = job.get(col)
     stats = add_count_qc(stats, lr.state.qc)
     rows = gate_review_data(prep.sample, result, sample_id)
+    rows = _with_diagonal_panels(rows, prep.sample, result, lr.state.template)
+    for i in rows.index:
+        name = rows.at[i, "population"]
+        if name in lr.state.template.populations and _is_diagonal(lr.state.template[name].gate):
+            numbers = _numbers_of(lr.state.template[name].gate, result.populations[name].gate)
+            have = list(rows.at[i, "param_names"])
+            new = [k for k in numbers if k not in have]
+            rows.at[i, "param_names"] = have + new
+            rows.at[i, "params"] = [float(v) for v in rows.at[i, "params"]] + [numbers[k] for k in new]
+            rows.at[i, "param_spans"] = [float(v) for v in rows.at[i, "param_spans"]] + [np.nan] * len(new)
     over = rows["population"].isin(list(overrides))
     rows.loc[over, "source"] = "overridden"
     return stats, rows
+
+
+def _with_diagonal_panels(rows: pd.DataFrame, sample: Any, result: Any, template: Any) -> pd.DataFrame:
+    """Gate-review rows of diagonal gates drawn as panels a reviewer can move: the two diagonal
+    markers (events past the extra thresholds) with the half-plane, and one 1-D panel per extra
+    marker (e.g. FOXP3) with its threshold line (``FOXP3 >=``)."""
+    from cytopipe.report import gate_review as gr
+
+    vals = result.event_values(sample)
+    out = []
+    for name in dict.fromkeys(rows["population"]):
+        mine = rows[rows["population"] == name]
+        pop = result.populations[name]
+        tg = template[name].gate if name in template.populations else None
+        rec = getattr(pop.gate, "review_params", None)
+        if tg is None or not _is_diagonal(tg) or not rec or "" not in rec or pop.parent == "root":
+            out.append(mine)
+            continue
+        idx = result.indices(pop.parent)
+        cond, extra = [], []
+        for f, sign in zip(tg.extra, tg.signs[2:]):
+            key = f"[{f.dims[0].name}]"
+            if key in rec:
+                t = rec[key][0]
+                lo, hi = (t, None) if sign == "+" else (None, t)
+                cond.append((f.dims[0], lo, hi))
+                extra.append({"gate_type": "range", "dims": [f.dims[0]], "condition": [],
+                              "shapes": [{"kind": "range", "x": [lo, hi]}]})  # fmt: skip
+        poly = _diagonal_polygon(tg, rec[""], vals, idx, pop.parent)
+        panels = [{"gate_type": "polygon", "dims": list(tg.dims[:2]), "condition": cond,
+                   "shapes": [{"kind": "polygon", "vertices": poly}]}, *extra]  # fmt: skip
+        made = [gr._panel_row(p, vals, idx, pop.parent, gr.BINS_2D, gr.BINS_1D) for p in panels]
+        made = [m for m in made if m is not None]
+        if not made:
+            out.append(mine)
+            continue
+        base = mine.iloc[0].to_dict()
+        new = []
+        for i, m in enumerate(made):
+            row = dict(base)
+            row.update(m)
+            row["gate_type"] = base["gate_type"]
+            row["panel"] = i
+            new.append(row)
+        out.append(pd.DataFrame(new, columns=rows.columns))
+    got = pd.concat(out, ignore_index=True)
+    for col in rows.columns:
+        if got[col].dtype != rows[col].dtype:
+            got[col] = got[col].astype(rows[col].dtype)
+    return got
+
+
+def _diagonal_polygon(tg: Any, params: list[float], vals: Any, idx: Any, scope: str) -> list[list[float]]:
+    """The half-plane ``projection >= t`` cut to a box around the parent's events (for drawing)."""
+    m1, s1, m2, s2, t = (float(v) for v in params[:5])
+    k1, k2 = (1.0 if c == "+" else -1.0 for c in tg.signs[:2])
+    x = np.asarray(vals.at(tg.dims[0], idx, scope), dtype=float)
+    y = np.asarray(vals.at(tg.dims[1], idx, scope), dtype=float)
+    x, y = x[np.isfinite(x)], y[np.isfinite(y)]
+    xlo, xhi = np.quantile(x, [0.005, 0.995]) if len(x) else (m1 - 1, m1 + 1)
+    ylo, yhi = np.quantile(y, [0.005, 0.995]) if len(y) else (m2 - 1, m2 + 1)
+    pad = max(xhi - xlo, yhi - ylo, 1e-6)
+    box = [(xlo - pad, ylo - pad), (xhi + pad, ylo - pad), (xhi + pad, yhi + pad), (xlo - pad, yhi + pad)]
+
+    def f(p):
+        return k1 * (p[0] - m1) / s1 + k2 * (p[1] - m2) / s2 - t
+
+    pts: list[list[float]] = []  # Sutherland-Hodgman: the box's part with f >= 0
+    for a, b in zip(box, box[1:] + box[:1]):
+        fa, fb = f(a), f(b)
+        if fa >= 0:
+            pts.append([float(a[0]), float(a[1])])
+        if (fa >= 0) != (fb >= 0):
+            r = fa / (fa - fb)
+            pts.append([float(a[0] + r * (b[0] - a[0])), float(a[1] + r * (b[1] - a[1]))])
+    return pts
 
 
 def preview(run_dir: str | Path, decision: Decision, state: ReviewState | None = None) -> dict[str, Any]:

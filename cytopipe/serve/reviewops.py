@@ -183,6 +183,15 @@ def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
     )
     if rows.empty:
         raise AuthError(404, f"no gate of {population!r} for sample {sample_id!r} in run {run.id}")
+    if (rows["shapes"] == "[]").all():  # e.g. a diagonal gate: drawn (and movable) from the sample
+        from cytopipe.review.regate import loaded_run, regate_sample
+
+        lr = loaded_run(out_dir(run))
+        if population in lr.state.template.populations:
+            got = regate_sample(lr, sample_id, {}, review)[1]
+            got = got[got["population"] == population].sort_values("panel")
+            if not got.empty and not (got["shapes"] == "[]").all():
+                rows = got
     first = rows.iloc[0]
     panels = []
     for _, r in rows.iterrows():
