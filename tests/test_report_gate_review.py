@@ -78,9 +78,13 @@ def test_one_row_per_population_and_panel_with_the_gating_numbers(gated):
     assert "CD25 >= " in treg.loc[1, "condition"] and "CD127 < " in treg.loc[1, "condition"]
     # a boolean gate is drawn as its sibling's gate, inverted: CD56dim NK = not CD56bright NK
     dim = json.loads(first.loc["CD56dim NK", "shapes"])
-    assert dim[0]["kind"] == "ellipse" and dim[0]["negate"] and dim[0]["of"] == "CD56bright NK"
+    # (CD56bright NK is a CD56 up / CD16 down diagonal gate: a half-plane drawn as its boundary line)
+    assert dim[0]["kind"] == "polygon" and len(dim[0]["line"]) == 2
+    assert dim[0]["negate"] and dim[0]["of"] == "CD56bright NK"
     assert first.loc["Lymphocytes", "x_scale"] == "linear"
-    assert first.loc["T cells", "x_scale"] == "arcsinh(x/150)"
+    # fluorescence: arcsinh with the channel's cofactor the engine used (`cofactor: auto`)
+    cd3 = result.transforms[result.channel_of[first.loc["T cells", "x"]]]["cofactor"]
+    assert first.loc["T cells", "x_scale"] == f"arcsinh(x/{cd3:g})"
     # the numbers the outlier rule compares: thresholds, centres, singlet ratios
     assert list(first.loc["Treg", "param_names"]) == ["CD25 >=", "CD127 <", "FOXP3 >="]
     assert list(first.loc["Lymphocytes", "param_names"]) == ["FSC-A centre", "SSC-A centre"]

@@ -546,6 +546,10 @@ def shape_lines(
             edges.append([[ux0, uy1], [ux1, uy1]])
         for e in edges:
             lines += _clip_polyline(np.asarray(e, dtype=float))
+    elif kind == "polygon" and shape.get("line"):  # a half-plane (diagonal gate): its boundary
+        v = np.asarray(shape["line"], dtype=float)
+        if len(v) == 2:
+            lines += _clip_polyline(np.column_stack([unit_x(v[:, 0]), unit_y(v[:, 1])]))
     elif kind == "polygon":
         v = _clip_vertices(np.asarray(shape["vertices"], dtype=float), xlim, ylim)
         u = np.column_stack([unit_x(v[:, 0]), unit_y(v[:, 1])])

@@ -18,7 +18,8 @@ column          meaning
 sample_id       the sample
 population      the gated population; ``parent`` its parent
 panel           0, 1, ... (a 3-D gate such as Treg CD25 x CD127 x FOXP3 has two panels)
-gate_type       ``rectangle``, ``quadrant``, ``range``, ``polygon``, ``ellipse``, ``boolean``
+gate_type       ``rectangle``, ``quadrant``, ``range``, ``polygon``, ``ellipse``, ``boolean``,
+                ``all_of`` (a ``diagonal`` gate with extra thresholds, e.g. Treg: one panel per part)
 source          ``fixed``, ``fitted``, ``pooled`` (fit replaced by the pooled estimate), ``mixed``,
                 ``boolean``
 x, y            marker (or channel) on each axis; ``y`` is "" for a 1-D panel
@@ -34,7 +35,9 @@ condition       events shown, when a gate has more than two dimensions: e.g. Tre
 shapes          the applied gate in panel coordinates, as JSON: a list of ``{"kind": "rect", "x":
                 [lo, hi], "y": [lo, hi]}`` (``null`` = open), ``{"kind": "range", "x": [lo, hi]}``,
                 ``{"kind": "polygon", "vertices": [[x, y], ...]}``, ``{"kind": "ellipse",
-                "center": [x, y], "covariance": [[...]], "distance_square": d2}``; boolean gates
+                "center": [x, y], "covariance": [[...]], "distance_square": d2}``; a diagonal
+                (half-plane) gate is a ``polygon`` clipped to the panel's grid with ``"line":
+                [[x, y], [x, y]]`` (its boundary, the one drawn) and ``"half_plane": true``; boolean gates
                 draw their sibling operands' shapes with ``"negate": true`` where inverted
 n_shown         parent events in this panel (after ``condition``)
 count,          the population's events, its parent's events and % of parent (the gate's result)
@@ -43,7 +46,8 @@ pct_parent
 flags           the gating flags of this population ("; "-joined), e.g. a fit that fell back
 params,         the gate's fitted numbers for the outlier rule (thresholds, ellipse centres,
 param_names,    singlet area/height ratios), their names (``CD25 >=``) and the axis span of each
-param_spans     parameter's dimension (the scale floor of the outlier rule)
+param_spans     parameter's dimension (the scale floor of the outlier rule); a diagonal gives where
+                its line crosses the axes (``CD25 >=`` at CD127 = 0, ``CD127 <`` at CD25 = 0)
 ==============  ===================================================================================
 
 No events are stored. :func:`gate_outliers` applies the outlier rule (docs/reports.md).
@@ -236,6 +240,10 @@ def _panels_for(name: str, gate: Any, pops: Mapping[str, Any], result: Any) -> l
                 }
             )
         return panels
+    if kind == "all_of":
+        return _all_of_panels(gate)
+    if kind == "polygon" and _half_plane(gate) is not None:
+        return [{"gate_type": kind, "dims": dims[:2], "shapes": [], "half_plane": gate, "condition": []}]
     if kind == "polygon":
         return [{"gate_type": kind, "dims": dims[:2], "shapes": [{"kind": "polygon", "vertices": gate.vertices.tolist()}], "condition": []}]  # fmt: skip
     if kind == "ellipse":
@@ -253,6 +261,81 @@ def _panels_for(name: str, gate: Any, pops: Mapping[str, Any], result: Any) -> l
     return [{"gate_type": kind, "dims": dims[:2], "shapes": [], "condition": []}] if dims else []
 
 
+def _half_plane(gate: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(point on the line, line direction, inward normal)`` of a fitted half-plane polygon (the
+    CD25/CD127 diagonal of a ``diagonal`` gate: 4 huge vertices, two parallel edges), else None."""
+    v = np.asarray(getattr(gate, "vertices", np.empty((0, 2))), dtype=float)
+    if v.shape != (4, 2) or not np.isfinite(v).all() or np.abs(v).max() >= _OPEN or np.abs(v).max() < 1e5:
+        return None
+    d, n = v[1] - v[0], v[3] - v[0]
+    if abs(d[0] * (v[2] - v[3])[1] - d[1] * (v[2] - v[3])[0]) > 1e-9 * float(np.hypot(*d)) ** 2:
+        return None
+    # the inward normal: perpendicular to the line, pointing to the kept side
+    perp = np.array([-d[1], d[0]])
+    if perp @ n < 0:
+        perp = -perp
+    return v[0], d, perp
+
+
+def _half_plane_text(gate: Any) -> tuple[list[float], list[str]]:
+    """The diagonal's two numbers: where it crosses ``y = 0`` (``x >=``/``x <``) and ``x = 0``."""
+    p, d, n = _half_plane(gate)
+    names = [dim.name for dim in gate.dims[:2]]
+    values, labels = [], []
+    for axis in (0, 1):
+        other = 1 - axis
+        if d[other] == 0:  # parallel to this axis: never crosses it
+            values.append(float("nan"))
+        else:
+            values.append(float(p[axis] + (0.0 - p[other]) * d[axis] / d[other]))
+        labels.append(f"{names[axis]} {'>=' if n[axis] > 0 else '<'}")
+    return values, labels
+
+
+def _all_of_panels(gate: Any) -> list[dict[str, Any]]:
+    """An ``all_of`` gate (e.g. Treg: CD25/CD127 diagonal AND FOXP3+): one panel per part, showing
+    the parent's events that pass the other parts (tested with the parts' own ``contains``, as the
+    engine does)."""
+    panels = []
+    for i, part in enumerate(gate.parts):
+        for panel in _panels_for("", part, {}, None):
+            others = [q for j, q in enumerate(gate.parts) if j != i]
+            panel["condition"] = list(panel["condition"]) + [("gate", q) for q in others]
+            panel["gate_type"] = "all_of"
+            panels.append(panel)
+    return panels
+
+
+def _condition_text(part: Any) -> str:
+    if _half_plane(part) is not None:
+        (a, b), (la, lb) = _half_plane_text(part)
+        x, y = (d.name for d in part.dims[:2])
+        return f"diagonal {la} {a:.3g} at {y} = 0, {lb} {b:.3g} at {x} = 0"
+    if _gate_type(part) in ("rectangle", "range", "quadrant"):
+        return " and ".join(
+            _bound_text(d.name, lo, hi)
+            for d, lo, hi in zip(part.dims, part.lower, part.upper)
+            if lo is not None or hi is not None
+        )
+    return f"inside the {_gate_type(part)} gate on {' x '.join(d.name for d in part.dims)}"
+
+
+def _clip_half_plane(half: tuple, xlim: Sequence[float], ylim: Sequence[float]) -> dict[str, Any]:
+    """The half-plane clipped to the panel's grid (a polygon) and its boundary segment (``line``)."""
+    p, d, n = half
+    box = np.array([[xlim[0], ylim[0]], [xlim[1], ylim[0]], [xlim[1], ylim[1]], [xlim[0], ylim[1]]])
+    side = (box - p) @ n
+    out: list[list[float]] = []
+    for k in range(4):  # Sutherland-Hodgman against one half-plane
+        a, b, sa, sb = box[k], box[(k + 1) % 4], side[k], side[(k + 1) % 4]
+        if sa >= 0:
+            out.append(a.tolist())
+        if (sa >= 0) != (sb >= 0):
+            out.append((a + (b - a) * (sa / (sa - sb))).tolist())
+    line = [q for q in out if abs((np.asarray(q) - p) @ n) <= 1e-9 * max(1.0, float(np.abs(n).max()))]
+    return {"kind": "polygon", "vertices": out, "line": line[:2], "half_plane": True}
+
+
 def _boolean_panels(name: str, gate: Any, pops: Mapping[str, Any], result: Any) -> list[dict[str, Any]]:
     """A boolean gate is drawn with its sibling operands' gates (same parent), inverted where
     negated: e.g. ``CD56dim NK = not CD56bright NK`` shows the CD56bright ellipse, dashed."""
@@ -267,6 +350,8 @@ def _boolean_panels(name: str, gate: Any, pops: Mapping[str, Any], result: Any) 
             for shape in panel["shapes"]:
                 shape["negate"] = bool(operand.negate) != negate_all
                 shape["of"] = operand.population
+            # marks of shapes drawn later on the panel's own grid (a half-plane)
+            panel["mark"] = {"negate": bool(operand.negate) != negate_all, "of": operand.population}
             panel["gate_type"] = "boolean"
             panel["inside_population"] = name
             panels.append(panel)
@@ -288,7 +373,17 @@ def _panel_row(
     cond_text = []
     if panel["condition"]:
         keep = None
-        for dim, lo, hi in panel["condition"]:
+        for cond in panel["condition"]:
+            if cond[0] == "gate":  # another part of an all_of gate: its own contains()
+                part = cond[1]
+                got = [_dim_values(vals, d, idx, scope) for d in part.dims]
+                if any(g is None for g in got):
+                    return None
+                ok = np.asarray(part.contains([g[0] for g in got]), dtype=bool)
+                keep = ok if keep is None else keep & ok
+                cond_text.append(_condition_text(part))
+                continue
+            dim, lo, hi = cond
             got = _dim_values(vals, dim, idx, scope)
             if got is None:
                 return None
@@ -309,12 +404,17 @@ def _panel_row(
         if got is None:
             return None
         axes.append(got)
-    shapes = panel["shapes"]
+    shapes = list(panel["shapes"])
     if len(axes) == 2:
         (x, xs), (y, ys) = axes
         xe = _edges(x, _shape_extent(shapes, 0), bins_2d)
         ye = _edges(y, _shape_extent(shapes, 1), bins_2d)
         counts = _hist2d(x, y, xe, ye)
+        if panel.get("half_plane") is not None:  # drawn on this panel's own grid
+            half = _half_plane(panel["half_plane"])
+            shapes.append(
+                {**_clip_half_plane(half, (xe[0], xe[-1]), (ye[0], ye[-1])), **panel.get("mark", {})}
+            )
     else:
         (x, xs) = axes[0]
         xe = _edges(x, _shape_extent(shapes, 0), bins_1d)
@@ -446,6 +546,17 @@ def _gate_params(gate: Any) -> tuple[list[float], list[str], list[str]]:
     kind = _gate_type(gate)
     if gate is None or kind in ("boolean", "none"):
         return [], [], []
+    if kind == "all_of":
+        values, names, owner = [], [], []
+        for part in gate.parts:
+            v, n, o = _gate_params(part)
+            values += v
+            names += n
+            owner += o
+        return values, names, owner
+    if kind == "polygon" and _half_plane(gate) is not None:
+        values, names = _half_plane_text(gate)
+        return values, names, [d.name for d in gate.dims[:2]]
     dims = [d.name for d in getattr(gate, "dims", ())]
     values: list[float] = []
     names: list[str] = []
