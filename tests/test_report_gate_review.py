@@ -86,7 +86,11 @@ def test_one_row_per_population_and_panel_with_the_gating_numbers(gated):
     cd3 = result.transforms[result.channel_of[first.loc["T cells", "x"]]]["cofactor"]
     assert first.loc["T cells", "x_scale"] == f"arcsinh(x/{cd3:g})"
     # the numbers the outlier rule compares: thresholds, centres, singlet ratios
-    assert list(first.loc["Treg", "param_names"]) == ["CD25 >=", "CD127 <", "FOXP3 >="]
+    assert list(first.loc["Treg", "param_names"]) == [
+        "CD25 >= (diagonal crossing)",
+        "CD127 < (diagonal crossing)",
+        "FOXP3 >=",
+    ]
     assert list(first.loc["Lymphocytes", "param_names"]) == ["FSC-A centre", "SSC-A centre"]
     lo, hi = sorted(first.loc["Singlets", "params"])
     assert 0.9 <= lo < hi <= 1.6  # area/height band of the singlet wedge (template bounds)

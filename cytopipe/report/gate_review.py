@@ -541,6 +541,9 @@ def _hist1d(x: np.ndarray, xe: np.ndarray) -> np.ndarray:
     return counts
 
 
+DIAGONAL_MARK = "(diagonal crossing)"
+
+
 def _gate_params(gate: Any) -> tuple[list[float], list[str], list[str]]:
     """The gate's numbers the outlier rule compares: ``(values, names, dimension of each)``."""
     kind = _gate_type(gate)
@@ -555,8 +558,10 @@ def _gate_params(gate: Any) -> tuple[list[float], list[str], list[str]]:
             owner += o
         return values, names, owner
     if kind == "polygon" and _half_plane(gate) is not None:
+        # where a diagonal crosses the axes is an extrapolation (often far outside the data): it is
+        # recorded but named as such, and the outlier rule leaves it out (the frequency still counts)
         values, names = _half_plane_text(gate)
-        return values, names, [d.name for d in gate.dims[:2]]
+        return values, [f"{n} {DIAGONAL_MARK}" for n in names], [d.name for d in gate.dims[:2]]
     dims = [d.name for d in getattr(gate, "dims", ())]
     values: list[float] = []
     names: list[str] = []
@@ -746,6 +751,8 @@ def _quantities(g: pd.DataFrame) -> list[tuple[str, np.ndarray, float, Any]]:
         return out
     names = g["param_names"].iloc[int(np.argmax(lengths.to_numpy()))]
     for j in range(k):
+        if str(names[j]).endswith(DIAGONAL_MARK):
+            continue
         vals = np.array([p[j] if len(p) > j else np.nan for p in g["params"]], dtype=float)
         spans = np.array([s[j] if len(s) > j else np.nan for s in g["param_spans"]], dtype=float)
         span = float(np.nanmedian(spans)) if np.isfinite(spans).any() else np.nan
