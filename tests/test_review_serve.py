@@ -24,12 +24,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests import serve_support
+from tests import serve_support, test_report_browser
 from tests.pipeline_support import REPO, cli
 from tests.serve_support import PASSWORD, STUDY, Server, fresh_database, trial_files, trial_manifest
-from tests.test_report_browser import CHROMIUM_ARGS, _chromium
 
 backend = serve_support.backend
+browser = test_report_browser.browser  # the one Chromium fixture (module scope)
 serve_trial = serve_support.serve_trial
 KEY = ["sample_id", "population"]
 USERS = {"rita": "reviewer", "alan": "analyst", "vera": "viewer"}
@@ -92,16 +92,6 @@ def _changed(a: pd.DataFrame, b: pd.DataFrame) -> set[tuple[str, str]]:
     x, y = a[cols].reset_index(drop=True), b[cols].reset_index(drop=True)
     same = ((x == y) | (x.isna() & y.isna())).all(axis=1)
     return set(map(tuple, x.loc[~same, KEY].to_numpy()))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    executable = _chromium()
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def test_roles_viewer_and_analyst(server, finished):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import serve_support
+from tests import serve_support, test_report_browser
 from tests.pipeline_support import REPO, truncate_fcs
 from tests.serve_support import (
     PASSWORD,
@@ -25,21 +25,11 @@ from tests.serve_support import (
     trial_files,
     trial_manifest,
 )
-from tests.test_report_browser import CHROMIUM_ARGS, _chromium
 
 backend = serve_support.backend
+browser = test_report_browser.browser  # the one Chromium fixture (module scope)
 serve_trial = serve_support.serve_trial
 serve_reference = serve_support.serve_reference
-
-
-@pytest.fixture(scope="module")
-def browser():
-    executable = _chromium()
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
