@@ -1,0 +1,120 @@
+"""The README's main command gives the same tables as when they were recorded.
+
+`cytopipe run workflows/sle_il2.yaml` on the committed sample_data is run once per session (the
+``pipeline_run`` fixture) and every data table it writes is compared with the content hashes in
+``tests/data/output_hashes.json``, recorded from the code before a restructuring (issue 12: the
+pipeline split must not change a single value).
+
+What is hashed is the *content* of each table, not the file's bytes: column names, dtypes and
+every value's bytes (parquet files also carry the writing library's version, which a fresh
+virtual environment may change without changing a number). Float values are compared bit for
+bit. Note that numpy's float32 arcsinh takes a CPU-specific SIMD path (AVX-512 vs AVX2 differ
+in the last bit), so the hashes belong to the CPU family recorded next to them.
+
+When the inputs change on purpose (sample_data regenerated, a deliberate change of a result),
+re-record with the documented one-liner and commit the JSON with the change that explains it::
+
+    PYTHONPATH=. python -m tests.test_output_hashes --record
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+HASHES = REPO / "tests" / "data" / "output_hashes.json"
+COMMAND = ("run", "workflows/sle_il2.yaml")
+
+# every deterministic data table of the run (not run.json: timings; not the report: it embeds
+# the run time; not catalog.duckdb: a database file, its tables are these tables)
+TABLES = (
+    "population_stats.parquet", "samples.parquet", "gate_review.parquet", "clusters.parquet",
+    "statistics.parquet", "clustering/model.npz", "clustering/nodes.parquet",
+    "clustering/metaclusters.parquet", "clustering/concordance.parquet",
+    "clustering/concordance_summary.parquet", "clustering/umap.parquet",
+)  # fmt: skip
+
+
+def _column_bytes(values: pd.Series) -> bytes:
+    arr = values.to_numpy()
+    if arr.dtype.kind in "biufcmM":
+        return np.ascontiguousarray(arr).tobytes()
+    return "\x1f".join("\x00" if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)) else repr(v)
+                       for v in arr).encode()  # fmt: skip
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a table's content: names, dtypes and values (bit for bit) in stored order."""
+    h = hashlib.sha256()
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            for key in sorted(z.files):
+                arr = z[key]
+                h.update(f"{key}|{arr.dtype.str}|{arr.shape}\n".encode())
+                h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()
+    frame = pd.read_parquet(path)
+    h.update(f"{len(frame)} rows\n".encode())
+    for name in frame.columns:
+        col = frame[name]
+        h.update(f"{name}|{col.dtype}\n".encode())
+        h.update(_column_bytes(col))
+    return h.hexdigest()
+
+
+def hashes_of(run_dir: Path) -> dict[str, str | None]:
+    return {name: content_hash(run_dir / name) if (run_dir / name).is_file() else None for name in TABLES}
+
+
+def _machine() -> dict[str, str]:
+    flags = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        line = next((x for x in cpuinfo.read_text().splitlines() if x.startswith("flags")), "")
+        flags = "avx512f" if " avx512f" in line else "avx2" if " avx2" in line else "other"
+    return {"machine": platform.machine(), "simd": flags, "numpy": np.__version__}
+
+
+def test_main_command_tables_match_the_recorded_hashes(pipeline_run):
+    out, proc = pipeline_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recorded = json.loads(HASHES.read_text(encoding="utf-8"))
+    now = hashes_of(out)
+    assert recorded["files"], "no hashes recorded"
+    changed = [name for name, digest in recorded["files"].items() if now.get(name) != digest]
+    assert not changed, (
+        f"tables differ from the recorded run ({recorded['machine']}; here {_machine()}): {changed}. "
+        "If the change is intended, re-record: PYTHONPATH=. python -m tests.test_output_hashes --record"
+    )
+
+
+def record(run_dir: Path | None = None) -> dict:
+    """Run the README's main command into a temporary folder (or hash ``run_dir``) and write the JSON."""
+    from tests.pipeline_support import cli
+
+    with tempfile.TemporaryDirectory(prefix="cytopipe-hashes-") as tmp:
+        if run_dir is None:
+            run_dir = Path(tmp) / "sle_il2"
+            proc = cli(*COMMAND, "--out", str(run_dir), "--no-progress", timeout=3600, cwd=REPO)
+            if proc.returncode != 0:
+                raise SystemExit(f"the run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        files = hashes_of(run_dir)
+    data = {"command": "cytopipe " + " ".join(COMMAND), "machine": _machine(), "files": files}
+    HASHES.parent.mkdir(parents=True, exist_ok=True)
+    HASHES.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    return data
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--record"]:
+        raise SystemExit("usage: PYTHONPATH=. python -m tests.test_output_hashes --record [RUN_DIR]")
+    result = record(Path(sys.argv[2]) if len(sys.argv) > 2 else None)
+    print(json.dumps(result, indent=1))
