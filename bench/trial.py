@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("distributed").setLevel(logging.ERROR)
     import cytopipe.cluster as cluster_pkg
     import cytopipe.pipeline as pipeline
+    import cytopipe.pipeline.runner as runner
     from cytopipe.fcs import read_fcs_header
     from cytopipe.workflow import workflow_from_options
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     sampler.idle = {p.pid: p.memory_info().rss for p in sampler.workers()}
     close = executor.close
     executor.close = lambda: None  # closed after the (optional) rerun
-    pipeline.make_executor = lambda *a, **k: executor
+    runner.make_executor = lambda *a, **k: executor
 
     # phases: the steps of the run (and the report), UMAP and the model training timed apart
     timings: dict[str, float] = {}
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in pipeline.STEPS:
         steps.append(pipeline.Step(step.name, _phase(sampler, step.name, step.run), step.doc))
     pipeline.STEPS[:] = steps
-    pipeline.write_run_report = _phase(sampler, "report", pipeline.write_run_report)
+    runner.write_run_report = _phase(sampler, "report", runner.write_run_report)
     cluster_pkg.umap_embedding = _timed(timings, "umap", cluster_pkg.umap_embedding)
     cluster_pkg.train_model = _timed(timings, "clustering-model", cluster_pkg.train_model)
 

@@ -1,4 +1,4 @@
-"""Dask worker plugins of :class:`cytopipe.pipeline.DaskExecutor` (imported only with Dask)."""
+"""Dask worker plugins of :class:`cytopipe.pipeline.executors.DaskExecutor` (imported only with Dask)."""
 
 from __future__ import annotations
 

@@ -35,8 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "cytopipe.gating.check",
         "check a gating template against FCS files (markers, gates, fallbacks)",
     ),
-    "run": ("cytopipe.pipeline", "run a whole study workflow in parallel with Dask"),
-    "cluster": ("cytopipe.cluster_command", "train or re-map FlowSOM clusters on a run folder"),
+    "run": ("cytopipe.pipeline.command", "run a whole study workflow in parallel with Dask"),
+    "cluster": ("cytopipe.pipeline.cluster_command", "train or re-map FlowSOM clusters on a run folder"),
     "report": ("cytopipe.report", "write report.html for a run folder"),
     "unblind": ("cytopipe.report.unblind", "unblind a blinded run folder with its key (logged in run.json)"),
     "export": ("cytopipe.export", "export events of a run as AnnData or FCS"),
@@ -156,8 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _debugging(args: argparse.Namespace) -> bool:
     """``--debug`` accepted by the command (``cytopipe run`` checks it needs the synchronous
     scheduler): exceptions propagate with their traceback."""
-    pipeline = sys.modules.get("cytopipe.pipeline")
-    return bool(getattr(args, "debug", False) and pipeline is not None and getattr(pipeline, "_DEBUG", False))
+    tasks = sys.modules.get("cytopipe.pipeline.tasks")
+    return bool(getattr(args, "debug", False) and tasks is not None and getattr(tasks, "_DEBUG", False))
 
 
 def _internal(args: argparse.Namespace, exc: BaseException) -> int:

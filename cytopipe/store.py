@@ -50,6 +50,16 @@ TABLES = ("population_stats", "samples", "clusters", "statistics")  # in catalog
 
 CATALOG = "catalog.duckdb"
 RUN_JSON = "run.json"
+CLUSTER_DIR = "clustering"  # the frozen FlowSOM model and the clustering tables
+MODEL_FILE = "model.npz"
+#: files of RUN_DIR/clustering/ (besides the model) and what they hold
+CLUSTER_FILES = {
+    "nodes": "nodes.parquet",  # node, metacluster, grid position, cells mapped, training cells
+    "metaclusters": "metaclusters.parquet",  # metacluster, cells, % of clustered cells, training medians
+    "concordance": "concordance.parquet",  # population x metacluster: counts, precision, recall, F1
+    "concordance_summary": "concordance_summary.parquet",  # per population: best match, best union
+    "umap": "umap.parquet",  # sample_id, x, y, metacluster, population (a seeded subsample)
+}
 
 
 # --- atomic writes ------------------------------------------------------------------------------
@@ -133,7 +143,9 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
 
 # --- the run folder -----------------------------------------------------------------------------
 class RunFolder:
-    """Paths and cached results of one run folder."""
+    """Paths and cached results of one run folder: the one place that knows its layout. The
+    report, review and export read a run through it (and :func:`read_table`,
+    :func:`read_run_info`), never through the orchestrator (:mod:`cytopipe.pipeline`)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path).resolve()
@@ -157,6 +169,19 @@ class RunFolder:
 
     def table_path(self, name: str) -> Path:
         return self.path / f"{name}.parquet"
+
+    @property
+    def clustering(self) -> Path:
+        return self.path / CLUSTER_DIR
+
+    @property
+    def model_path(self) -> Path:
+        """The run's frozen FlowSOM model."""
+        return self.clustering / MODEL_FILE
+
+    def cluster_table_path(self, name: str) -> Path:
+        """``name`` is a key of :data:`CLUSTER_FILES` (nodes, metaclusters, concordance, ...)."""
+        return self.clustering / CLUSTER_FILES[name]
 
     def create(self) -> RunFolder:
         if self.path.exists() and not self.path.is_dir():

@@ -71,7 +71,7 @@ def write_csv(df: pd.DataFrame, path: str | Path, index: bool = False, **kwargs:
     """Write ``df`` as CSV to ``path``: formula-like cells escaped, written to a temporary file in
     the same folder, flushed, fsynced, read back and renamed (the old file is kept on any failure;
     :class:`~cytopipe.errors.StoreError` names the file)."""
-    from cytopipe.store import atomic_write_bytes
+    from cytopipe.files import atomic_write_bytes
 
     data = csv_text(df, index=index, **kwargs).encode("utf-8")
     return atomic_write_bytes(path, data)

@@ -575,8 +575,8 @@ def test_a_later_visit_is_mapped_onto_the_frozen_model(sim_run, sim_trial, tmp_p
     from dataclasses import replace
 
     from cytopipe.cluster import load_model
-    from cytopipe.cluster_steps import _transform_mismatch, plan_clustering
     from cytopipe.gating import load_template
+    from cytopipe.pipeline.state import _transform_mismatch, plan_clustering
 
     frozen_model = load_model(model)
     assert frozen_model.transforms["CD25"] == {"type": "arcsinh", "cofactor": 150.0}
@@ -598,7 +598,7 @@ def test_cluster_command_remaps_and_retrains_a_run_folder(sim_run, sim_trial, tm
     out = tmp_path / "run"
     shutil.copytree(sim_run, out)
     # re-mapping onto the run's own model reproduces its clusters and statistics exactly
-    from cytopipe.cluster_command import cluster_run
+    from cytopipe.pipeline.cluster_command import cluster_run
 
     result = cluster_run(out, scheduler="synchronous", progress=False)
     assert result.exit_code == EXIT_OK, result.summary()

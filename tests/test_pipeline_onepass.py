@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-import cytopipe.cluster_steps as cluster_steps
-import cytopipe.pipeline as pipeline
+import cytopipe.pipeline.steps as steps_module
+import cytopipe.pipeline.tasks as tasks
 from cytopipe.gating import load_template, pool_estimates
 from cytopipe.gating.engine import Engine
 from cytopipe.pipeline import run_workflow
@@ -42,14 +42,14 @@ def test_one_pass_gives_the_tables_of_separate_passes(sim_run, sim_trial, tmp_pa
     assert 0 < steps["gating"]["from_pass_1"] <= n
     assert steps["clustering-train"]["from_gating"] == n
     assert steps["clustering-map"]["from_gating"] == n
-    assert not (sim_run / ".cache" / pipeline.MAP_INPUTS).exists()  # removed after mapping
+    assert not (sim_run / ".cache" / steps_module.MAP_INPUTS).exists()  # removed after mapping
 
     counted = fused_fits = _count_fits(monkeypatch)
     fused = run_workflow(workflow(sim_trial, tmp_path / "fused"), scheduler="synchronous", progress=False)
     assert_same_outputs(sim_run, tmp_path / "fused")
 
-    monkeypatch.setattr(pipeline, "needs_regating", lambda *a, **k: True)
-    monkeypatch.setattr(cluster_steps, "sample_cluster_inputs", lambda *a, **k: {})
+    monkeypatch.setattr(steps_module, "needs_regating", lambda *a, **k: True)
+    monkeypatch.setattr(tasks, "sample_cluster_inputs", lambda *a, **k: {})
     fused_fits, before = fused_fits[0], fused_fits[0]
     separate = run_workflow(
         workflow(sim_trial, tmp_path / "separate"), scheduler="synchronous", progress=False
@@ -76,9 +76,9 @@ def test_needs_regating_follows_the_engines_use_of_references(sim_run, sim_trial
     # a fit that failed is replaced by a reference: the pooled one differs from the default
     failed = ok.copy()
     failed.loc[0, "status"] = "failed"
-    assert pipeline.needs_regating(failed, job, template, pooled)
+    assert tasks.needs_regating(failed, job, template, pooled)
     # a failed fit with no pooled estimate falls back on the same reference in both passes
-    assert not pipeline.needs_regating(failed, job, template, None)
+    assert not tasks.needs_regating(failed, job, template, None)
     # a fit moved beyond max_shift from the pooled estimate is replaced by it (the canonical
     # template sets no max_shift: the same template with one on its first data-driven gate)
     data = yaml.safe_load(TEMPLATE.read_text())
@@ -91,8 +91,8 @@ def test_needs_regating_follows_the_engines_use_of_references(sim_run, sim_trial
     ref = np.asarray(pooled.lookup(key, fitter.pool, job)[0], dtype=float)
     far = ok.copy()
     far.at[row, "params"] = (ref + 10 * fitter.bounds.max_shift).tolist()
-    assert pipeline.needs_regating(far, job, capped, pooled)
-    assert not pipeline.needs_regating(far, job, template, pooled)  # no max_shift: own fit kept
+    assert tasks.needs_regating(far, job, capped, pooled)
+    assert not tasks.needs_regating(far, job, template, pooled)  # no max_shift: own fit kept
     # the sample's own fits, all ok and close to the pooled estimates: nothing to redo, however far
     # they are from the template's typed defaults (a default never overrules an ok fit)
     near = ok.copy()
@@ -100,10 +100,10 @@ def test_needs_regating_follows_the_engines_use_of_references(sim_run, sim_trial
         near.at[i, "params"] = np.asarray(
             pooled.lookup(k, template_fitter(template, k).pool, job)[0]
         ).tolist()
-    assert not pipeline.needs_regating(near, job, template, pooled)
-    assert not pipeline.needs_regating(near, job, capped, pooled)
+    assert not tasks.needs_regating(near, job, template, pooled)
+    assert not tasks.needs_regating(near, job, capped, pooled)
     near.at[row, "params"] = (ref + 0.5 * fitter.bounds.max_shift).tolist()
-    assert not pipeline.needs_regating(near, job, capped, pooled)
+    assert not tasks.needs_regating(near, job, capped, pooled)
 
 
 def template_fitter(template, key):

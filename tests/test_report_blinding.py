@@ -94,9 +94,9 @@ def blinded_run(sim_run, sim_trial, tmp_path):
 def test_every_command_writes_a_blinded_run_blinded(blinded_run, sim_trial, tmp_path):
     import time
 
-    from cytopipe.cluster_command import cluster_run
     from cytopipe.export import export_anndata, export_fcs
     from cytopipe.pipeline import run_workflow
+    from cytopipe.pipeline.cluster_command import cluster_run
     from cytopipe.report import write_report
     from tests.pipeline_support import workflow
 

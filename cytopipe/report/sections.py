@@ -663,7 +663,8 @@ def clusters(b: Builder) -> H.Section | None:
     the metacluster x marker heatmap, the MST of the SOM nodes sized by abundance, the UMAP coloured
     by metacluster and by gated population, the cluster-gate concordance, abundances and their
     dynamics, and the differential-abundance statistics (families ``cluster_*``)."""
-    from cytopipe.cluster_steps import CLUSTER_DIR, FILES, MODEL_FILE
+    from cytopipe.store import CLUSTER_DIR, MODEL_FILE
+    from cytopipe.store import CLUSTER_FILES as FILES
 
     d = b.data
     cl = d.clusters

@@ -84,22 +84,16 @@ def cluster_run(
     options: argparse.Namespace | None = None,
 ) -> Any:
     """Train (or reuse) the model and map every sample of a finished run; returns the
-    :class:`~cytopipe.pipeline.RunResult` of the updated run folder."""
-    from cytopipe.cluster_steps import CLUSTER_DIR, MODEL_FILE, plan_clustering
-    from cytopipe.pipeline import (
-        RunContext,
-        RunResult,
-        Step,
-        _cluster_map,
-        _cluster_train,
-        apply_report_options,
-        finish_run,
-        load_run,
-        make_executor,
-        run_steps,
-        step_statistics,
-    )
-    from cytopipe.store import read_table
+    :class:`~cytopipe.pipeline.runner.RunResult` of the updated run folder."""
+    from cytopipe.pipeline.command import apply_report_options
+    from cytopipe.pipeline.context import RunContext, Step, run_steps
+    from cytopipe.pipeline.executors import make_executor
+    from cytopipe.pipeline.loaded import load_run
+    from cytopipe.pipeline.runner import RunResult, finish_run
+    from cytopipe.pipeline.state import plan_clustering
+    from cytopipe.pipeline.statistics import step_statistics
+    from cytopipe.pipeline.steps import _cluster_map, _cluster_train
+    from cytopipe.store import CLUSTER_DIR, MODEL_FILE, read_table
     from cytopipe.workflow import load_workflow, statistics_enabled, statistics_settings
 
     t0 = time.perf_counter()

@@ -1,0 +1,144 @@
+"""``cytopipe run``: the command-line wiring (arguments -> :class:`~cytopipe.workflow.Workflow`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from cytopipe.errors import WorkflowError
+from cytopipe.pipeline.runner import run_workflow
+from cytopipe.workflow import Workflow, load_workflow, workflow_from_options
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.usage = (
+        "cytopipe run WORKFLOW.yaml [--out DIR] [options]\n"
+        "       cytopipe run --manifest M.csv --template gating/X.yaml [--clinical C.csv] --out DIR"
+    )
+    parser.epilog = (
+        "exit codes: 0 done (samples ok or flagged); 3 completed with failures (failed files: see "
+        "samples.parquet; or problems in clustering, statistics or the report: see run.json); "
+        "2 invalid input (nothing run); 4 an output could not be written (disk full, read-only "
+        "folder) or the run folder is in use by another run; 1 internal error (a bug; full "
+        "traceback in RUN_DIR/run.log); 130 interrupted. Rerun the same command to resume an "
+        "interrupted or failed run: finished work is reused."
+    )
+    parser.add_argument("workflow", nargs="?", help="workflow YAML (see workflows/)")
+    parser.add_argument("--out", help="run folder (default: the workflow's `output`)")
+    parser.add_argument("--manifest", help="manifest CSV, when no workflow file is given")
+    parser.add_argument("--template", help="gating template YAML, when no workflow file is given")
+    parser.add_argument("--clinical", help="clinical table CSV, when no workflow file is given")
+    parser.add_argument("--study", help="study name, when no workflow file is given")
+    parser.add_argument("--seed", type=int, help="seed of every random step (default: the workflow's)")
+    parser.add_argument(
+        "--missing-markers",
+        choices=("stop", "skip"),
+        help="a template marker absent from every file: stop before any work (default) or gate the "
+        "rest and report its populations 'not measured' (default: the workflow's `missing_markers`)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="number of worker processes (default: the workflow's `workers`, else one per core)",
+    )
+    parser.add_argument(
+        "--scheduler",
+        choices=("local", "synchronous"),
+        default="local",
+        help="'local': a Dask cluster of worker processes (default); 'synchronous': one process, "
+        "no Dask (debugging)",
+    )
+    parser.add_argument(
+        "--scheduler-address",
+        metavar="tcp://HOST:PORT",
+        help="use an existing dask.distributed scheduler (its workers must see the same file paths)",
+    )
+    parser.add_argument(
+        "--memory-limit",
+        help="memory limit per local worker, e.g. '4GB' (default: 90%% of the machine's memory / workers)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="with --scheduler synchronous: stop at the first error with its full traceback instead "
+        "of recording the sample as failed",
+    )
+    parser.add_argument(
+        "--blinded",
+        action="store_true",
+        help="write the report blinded: arm names replaced by codes (or `report: {blinded: true}`)",
+    )
+    parser.add_argument(
+        "--blind-key", metavar="FILE", help="with --blinded: CSV (arm,code) or JSON {arm: code}"
+    )
+    parser.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.workflow:
+        given = [f"--{o}" for o in ("manifest", "template", "clinical", "study") if getattr(args, o)]
+        if given:
+            raise WorkflowError(
+                f"give either a workflow file or {', '.join(given)}, not both (the workflow names them)"
+            )
+        wf = load_workflow(args.workflow, output=args.out)
+        if args.seed is not None:
+            wf.seed = args.seed
+    else:
+        missing = [opt for opt in ("manifest", "template", "out") if not getattr(args, opt)]
+        if missing:
+            raise WorkflowError(
+                "give a workflow file, or --manifest, --template and --out; missing "
+                + ", ".join("--" + m for m in missing)
+            )
+        wf = workflow_from_options(
+            args.manifest,
+            args.template,
+            args.out,
+            clinical=args.clinical,
+            study=args.study,
+            seed=args.seed or 0,
+        )
+    if getattr(args, "missing_markers", None):
+        wf.missing_markers = args.missing_markers
+    if args.workers is not None:
+        if args.workers < 1:
+            raise WorkflowError(f"--workers is {args.workers}; it must be at least 1")
+        wf.workers = args.workers
+    apply_report_options(wf, args)
+    if getattr(args, "debug", False):
+        if args.scheduler != "synchronous" or args.scheduler_address:
+            raise WorkflowError("--debug needs --scheduler synchronous (exceptions propagate in one process)")
+        from cytopipe.pipeline import tasks
+
+        tasks._DEBUG = True
+    result = run_workflow(
+        wf,
+        scheduler="distributed" if args.scheduler_address else args.scheduler,
+        address=args.scheduler_address,
+        memory_limit=args.memory_limit,
+        progress=not args.no_progress,
+    )
+    print(result.summary())
+    return result.exit_code
+
+
+def apply_report_options(wf: Workflow, args: argparse.Namespace) -> None:
+    """--blinded / --blind-key / --no-report over the workflow's `report:` section."""
+    report = dict(wf.report or {})
+    if getattr(args, "no_report", False):
+        report["enabled"] = False
+    if getattr(args, "blinded", False):
+        report["blinded"] = True
+    if getattr(args, "blind_key", None):
+        key = Path(args.blind_key).resolve()
+        if not key.is_file():
+            raise WorkflowError(f"--blind-key: file not found: {key}")
+        report["blind_key"] = key
+        if not report.get("blinded"):
+            raise WorkflowError("--blind-key is used with --blinded (or `report: {blinded: true}`)")
+    wf.report = report

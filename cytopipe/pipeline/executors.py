@@ -1,0 +1,302 @@
+"""Executors: the same per-sample function run in this process or on Dask.
+
+:class:`SyncExecutor` (one after the other, no Dask; ``--scheduler synchronous``, tests,
+``cytopipe gate``) and :class:`DaskExecutor` (a LocalCluster of 1-thread worker processes, or an
+existing scheduler). Both have ``map(fn, items, shared, desc, progress)`` yielding
+``(index, result)`` as tasks finish; a task that never returns comes back as a
+:class:`TaskFailure`. Worker settings (BLAS threads) go to the workers through the nanny's
+environment and a worker plugin; this process's ``os.environ`` is not changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cytopipe.config import stable_hash
+from cytopipe.errors import WorkflowError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskFailure:
+    """A task that did not return (worker died too often, cancelled, ...)."""
+
+    error: str
+    error_type: str
+
+
+class SyncExecutor:
+    """Runs tasks one after the other in this process (debugging, tests, baseline)."""
+
+    name = "synchronous"
+    n_workers = 1
+    dashboard = None
+
+    def map(
+        self, fn: Callable, items: Sequence, shared: Any, desc: str, progress: bool
+    ) -> Iterator[tuple[int, Any]]:
+        bar = _progress(len(items), desc, progress)
+        try:
+            for i, item in enumerate(items):
+                yield i, fn(item, shared)
+                bar.update(1)
+        finally:
+            bar.close()
+
+    def info(self) -> dict[str, Any]:
+        return {"scheduler": self.name, "workers": 1}
+
+    def close(self) -> None:
+        pass
+
+
+_SPAWN_LOCK = threading.Lock()
+
+# environment of local worker processes (given to the nannies; this process's is not changed)
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+class DaskExecutor:
+    """Whole-sample tasks on dask.distributed: a LocalCluster of processes or a given scheduler."""
+
+    name = "distributed"
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        address: str | None = None,
+        memory_limit: str | None = None,
+        connect_timeout: float = 20.0,
+    ):
+        import dask
+        from dask.distributed import Client, LocalCluster
+
+        self.cluster = None
+        if address:
+            try:
+                self.client = Client(address, timeout=connect_timeout)
+            except (OSError, TimeoutError) as exc:
+                raise WorkflowError(
+                    f"cannot reach the Dask scheduler at {address}: {exc}; check the address "
+                    "(tcp://HOST:PORT) and that the scheduler is running"
+                ) from None
+            self.kind = "existing"
+        else:
+            n = workers or os.cpu_count() or 1
+            if memory_limit is not None:
+                from dask.utils import parse_bytes
+
+                try:
+                    memory_limit = str(parse_bytes(memory_limit))
+                except ValueError:
+                    raise WorkflowError(
+                        f"--memory-limit {memory_limit!r} is not a size; write e.g. 4GB or 3500MB"
+                    ) from None
+            # Whole-sample tasks are compute-dense: 1 thread per process, and BLAS limited to 1
+            # thread so that processes do not fight over the cores. The limits go to the workers
+            # only: through the nanny's `env` (set in the worker process) and a worker plugin
+            # (threadpoolctl: the worker has imported numpy before its `env` applies). Nothing is
+            # written into this process's environment: dask's `pre-spawn-environ` (which the
+            # nannies apply by rewriting the parent's os.environ, also when they restart a worker
+            # mid-run) is emptied. That also leaves MALLOC_TRIM_THRESHOLD_ unset on purpose:
+            # dask's default (65536) makes every large array a fresh mmap, which on this kind of
+            # machine costs ~40x the page faults and +40% CPU per sample; glibc's adaptive
+            # threshold reuses the freed matrices. (No NUMBA_NUM_THREADS: tasks run no parallel
+            # numba code, and a changed NUMBA_NUM_THREADS in the client would make numba refuse to
+            # compile once its thread pool has started, e.g. after a UMAP.)
+            # the nannies still set PYTHONHASHSEED (and dask __DASK_PARENT_PID) here: restored
+            # (one cluster starts at a time: two studies started together from two threads would
+            # otherwise save and restore each other's values)
+            touched = ["PYTHONHASHSEED", "__DASK_PARENT_PID"]
+            _SPAWN_LOCK.acquire()
+            self._environ = {k: os.environ.get(k) for k in touched}
+            try:
+                with dask.config.set({"distributed.nanny.pre-spawn-environ": {}}):
+                    self.cluster = LocalCluster(
+                        n_workers=n,
+                        threads_per_worker=1,
+                        processes=True,
+                        memory_limit=memory_limit or _default_memory_limit(n),
+                        dashboard_address=":0" if _has_bokeh() else None,
+                        silence_logs=50,  # logging.CRITICAL: a killed worker is reported by us
+                        env=dict(WORKER_ENV),
+                    )
+            finally:
+                self._restore_environ()
+                _SPAWN_LOCK.release()
+            self.client = Client(self.cluster)
+            from cytopipe._dask_plugins import OneThreadBLAS
+
+            self.client.register_plugin(OneThreadBLAS(), name=OneThreadBLAS.name)
+            self.kind = "local"
+        self.dashboard = self.client.dashboard_link if _has_bokeh() else None
+
+    @property
+    def n_workers(self) -> int:
+        return len(self.client.scheduler_info(n_workers=-1).get("workers", {}))
+
+    def map(
+        self, fn: Callable, items: Sequence, shared: Any, desc: str, progress: bool
+    ) -> Iterator[tuple[int, Any]]:
+        from dask.distributed import as_completed
+
+        if not items:
+            return
+        [shared_f] = self.client.scatter([shared], broadcast=True, hash=False)
+        token = stable_hash([desc, time.time_ns()])[:10]
+        futures = {}
+        for i, item in enumerate(items):
+            fut = self.client.submit(
+                fn,
+                item,
+                shared_f,
+                key=f"{desc}-{i}-{token}",
+                pure=False,
+                retries=0,
+                priority=_task_priority(item),
+            )
+            futures[fut] = i
+        bar = _progress(len(items), desc, progress)
+        try:
+            for fut in as_completed(list(futures)):
+                i = futures.pop(fut)
+                try:
+                    value = fut.result()
+                except Exception as exc:  # KilledWorker, CancelledError, comm errors
+                    value = TaskFailure(_task_failure_message(exc), type(exc).__name__)
+                fut.release()
+                bar.update(1)
+                yield i, value
+        finally:
+            bar.close()
+            for fut in futures:
+                fut.cancel()
+            shared_f.release()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "scheduler": f"distributed ({self.kind})",
+            "workers": self.n_workers,
+            "address": self.client.scheduler.address,
+            "threads_per_worker": 1 if self.kind == "local" else None,
+        }
+
+    def _restore_environ(self) -> None:
+        """Undo what the nannies wrote into this process's environment (they set the workers'
+        variables in the parent before spawning, also when they restart a dead worker)."""
+        for key, value in getattr(self, "_environ", {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            if self.cluster is not None:
+                self.cluster.close()
+            self._restore_environ()
+
+
+def _task_priority(item: Any) -> int:
+    """Largest files first (longest-processing-time order): the last tasks of a phase are short,
+    so workers do not idle at the barrier while one worker finishes a big file."""
+    if isinstance(item, Mapping):
+        n = item.get("n_events")
+        if isinstance(n, int | float) and n == n:
+            return int(n) // 1000
+    return 0
+
+
+def _task_failure_message(exc: BaseException) -> str:
+    name = type(exc).__name__
+    if name == "KilledWorker":
+        return (
+            "a worker died while processing this sample, more often than the scheduler allows "
+            "(distributed.scheduler.allowed-failures); out of memory (see --memory-limit)? "
+            "a crash in a native library? The other samples were not affected"
+        )
+    return f"the task did not complete ({name}: {exc})"
+
+
+def _default_memory_limit(n_workers: int) -> str:
+    from dask.distributed.system import MEMORY_LIMIT
+
+    return str(int(0.9 * MEMORY_LIMIT / max(n_workers, 1)))
+
+
+def _has_bokeh() -> bool:
+    try:
+        import bokeh  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar on a terminal; without one (a log file, a server, CI), progress lines at every
+    tenth of the phase ("gate: 31/48 samples, ETA 12 s") in run.log and on stderr."""
+    if enabled and not _is_terminal(sys.stderr):
+        return ProgressLines(total, desc)
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=f"{desc:<10}",
+        unit="sample",
+        disable=True if not enabled else None,  # None: no bar when stderr is not a terminal
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=True,
+    )
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+class ProgressLines:
+    """Progress of one phase as lines: at every tenth of ``total`` and at the end."""
+
+    def __init__(self, total: int, desc: str, steps: int = 10):
+        self.total, self.desc, self.done = total, desc, 0
+        self.t0 = time.perf_counter()
+        self.marks = {math.ceil(total * k / steps) for k in range(1, steps + 1)} if total else set()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.done in self.marks:
+            elapsed = time.perf_counter() - self.t0
+            line = f"{self.desc}: {self.done}/{self.total} samples"
+            if self.done < self.total:
+                line += f", ETA {elapsed / self.done * (self.total - self.done):.0f} s"
+            else:
+                line += f", {elapsed:.0f} s"
+            logger.info(line)
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def make_executor(
+    scheduler: str, workers: int | None, address: str | None, memory_limit: str | None
+) -> SyncExecutor | DaskExecutor:
+    if scheduler == "synchronous":
+        return SyncExecutor()
+    if scheduler in ("local", "distributed"):
+        return DaskExecutor(workers=workers, address=address, memory_limit=memory_limit)
+    raise WorkflowError(f"unknown scheduler {scheduler!r}; use 'local', 'synchronous' or an address")

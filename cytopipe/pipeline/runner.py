@@ -1,0 +1,340 @@
+"""One run of a study: :func:`run_workflow` and what it leaves in the run folder.
+
+Validates the inputs, takes the run folder's lock, logs to ``RUN_DIR/run.log``, runs
+:data:`cytopipe.pipeline.steps.STEPS` on an executor, writes the tables, the catalog and
+run.json atomically (blinded when the folder is), then the report (a failure of the report is a
+problem of the run, never a loss of its tables). :class:`RunResult` is what the caller gets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cytopipe import errors
+from cytopipe.errors import CytopipeError
+from cytopipe.pipeline.assemble import OPTIONAL_TABLES, _run_info
+from cytopipe.pipeline.context import RunContext, run_steps
+from cytopipe.pipeline.executors import make_executor
+from cytopipe.pipeline.steps import STEPS, validate_inputs
+from cytopipe.store import RunFolder
+from cytopipe.workflow import Workflow
+
+logger = logging.getLogger(__name__)
+
+
+# exit codes: one meaning per code across every command (defined in cytopipe.errors)
+EXIT_OK = errors.EXIT_OK
+
+
+EXIT_INTERNAL = errors.EXIT_INTERNAL
+
+
+EXIT_INPUT = errors.EXIT_INPUT
+
+
+EXIT_FAILURES = errors.EXIT_FAILURES
+
+
+EXIT_OUTPUT = errors.EXIT_OUTPUT
+
+
+EXIT_INTERRUPTED = errors.EXIT_INTERRUPTED
+
+
+@dataclass
+class RunResult:
+    out: Path
+    samples: pd.DataFrame
+    population_stats: pd.DataFrame
+    info: dict[str, Any]
+
+    @property
+    def n_failed(self) -> int:
+        return int((self.samples["status"] == "failed").sum()) if len(self.samples) else 0
+
+    @property
+    def problems(self) -> list[str]:
+        """Study-level steps that could not complete (statistics, clustering, report)."""
+        return list(self.info.get("problems") or [])
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_FAILURES if self.n_failed or self.problems else EXIT_OK
+
+    def summary(self) -> str:
+        s = self.samples
+        counts = s["status"].value_counts().to_dict() if len(s) else {}
+        lines = [
+            f"cytopipe run: {len(s)} files: {counts.get('ok', 0)} ok, {counts.get('flagged', 0)} flagged, "
+            f"{counts.get('failed', 0)} failed ({self.info.get('cached_samples', 0)} reused from a "
+            f"previous run) in {self.info.get('seconds', 0):.1f} s",
+        ]
+        failed = s[s["status"] == "failed"]
+        for _, row in failed.head(50).iterrows():
+            lines.append(f"  failed  {row['sample_id']}: {row['error']}")
+        if len(failed) > 50:
+            lines.append(f"  ... {len(failed) - 50} more failed files (all errors in samples.parquet)")
+        for _, row in s[s["status"] == "flagged"].head(20).iterrows():
+            lines.append(f"  flagged {row['sample_id']}: {row['flags']}")
+        if (s["status"] == "flagged").sum() > 20:
+            lines.append("  ... (all flags in samples.parquet)")
+        for problem in self.problems:
+            lines.append(f"  problem {problem}")
+        outputs = [name for name in ("statistics", "clusters") if (self.out / f"{name}.parquet").is_file()]
+        report = next((st for st in self.info.get("steps", []) if st.get("step") == "report"), {})
+        if report.get("written"):
+            outputs.append(report.get("path", "report.html"))
+        lines.append(f"results: {self.out}" + (f" ({', '.join(outputs)})" if outputs else ""))
+        why = []
+        if self.n_failed:
+            why.append(f"{self.n_failed} of {len(s)} files failed")
+        if self.problems:
+            n = len(self.problems)
+            why.append(
+                f"{n} problem{'s' if n > 1 else ''} in the study-level steps (listed above, and in run.json)"
+            )
+        if why:
+            lines.append(f"completed with failures: {'; '.join(why)} (exit code 3)")
+        return "\n".join(lines)
+
+
+def run_workflow(
+    wf: Workflow,
+    scheduler: str = "local",
+    address: str | None = None,
+    memory_limit: str | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Run every step of the study; returns the assembled tables (also written to ``wf.output``)."""
+    t0 = time.perf_counter()
+    folder = RunFolder(wf.output)
+    ctx = RunContext(wf=wf, folder=folder, executor=None, progress=progress)
+    validate_inputs(ctx)  # fail fast, before any worker starts or any folder is made
+    with _run_folder_session(folder):
+        executor = make_executor(scheduler, wf.workers, address, memory_limit)
+        ctx.executor = executor
+        try:
+            if executor.dashboard and progress:
+                print(f"Dask dashboard: {executor.dashboard}", file=sys.stderr)
+            run_steps(ctx, STEPS)
+            info = _run_info(ctx, executor, time.perf_counter() - t0)
+        finally:
+            executor.close()
+        finish_run(ctx, info, t0)
+    return RunResult(
+        out=folder.path,
+        samples=ctx.tables["samples"],
+        population_stats=ctx.tables["population_stats"],
+        info=info,
+    )
+
+
+class _RunLogHandler(logging.FileHandler):
+    """``RUN_DIR/run.log``: the records of this run's thread only (a server runs several studies
+    in threads of one process; each run.log gets its own run's lines)."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, encoding="utf-8")
+        self.thread = threading.get_ident()
+        self.addFilter(lambda record: record.thread == self.thread)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        """A full disk loses log lines, not the run's error message (no 'Logging error' traceback)."""
+
+
+class _run_folder_session:
+    """Create the run folder, hold its lock for the whole run, remove the temporary files a killed
+    or failed earlier run left, and log to ``RUN_DIR/run.log`` (full tracebacks of failed samples
+    and of an internal error)."""
+
+    def __init__(self, folder: RunFolder):
+        self.folder = folder
+        self.lock = None
+        self.handler = None
+
+    def __enter__(self) -> None:
+        from cytopipe.store import RunLock, remove_orphan_temps
+
+        self.folder.create()
+        self.lock = RunLock(self.folder.path, "run").acquire()
+        try:
+            self.handler = _RunLogHandler(self.folder.path / "run.log")
+        except OSError as exc:
+            self.lock.release()
+            from cytopipe.errors import OutputWriteError
+
+            raise OutputWriteError.from_oserror(self.folder.path / "run.log", exc) from None
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger("cytopipe")
+        root.addHandler(self.handler)
+        if root.level == logging.NOTSET or root.level > logging.INFO:
+            root.setLevel(logging.INFO)
+        logger.info("run started in %s (pid %d)", self.folder.path, os.getpid())
+        if self.lock.stale:
+            logger.warning(
+                "took over a stale lock of an earlier run that no longer runs: %s", self.lock.stale
+            )
+        removed = remove_orphan_temps(self.folder.path)
+        if removed:
+            logger.info("removed %d temporary files left by an interrupted run: %s", len(removed),
+                        ", ".join(str(p.relative_to(self.folder.path)) for p in removed))  # fmt: skip
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        try:
+            if exc is not None and not isinstance(exc, CytopipeError | KeyboardInterrupt):
+                logger.error("the run stopped with an internal error", exc_info=(kind, exc, tb))
+            elif exc is not None:
+                logger.error("the run stopped: %s", exc)
+            else:
+                logger.info("run finished")
+        finally:
+            if self.handler is not None:
+                logging.getLogger("cytopipe").removeHandler(self.handler)
+                self.handler.close()
+            self.lock.release()
+        return False
+
+
+def finish_run(
+    ctx: RunContext, info: dict[str, Any], t0: float, parquet: Sequence[str] | None = None
+) -> None:
+    """Write the tables (``parquet``: only those), the catalog and run.json, then the report (which
+    reads them), then run.json and the catalog's run record again with the report's outcome; prune
+    the cache."""
+    folder = ctx.folder
+    stale = [n for n in OPTIONAL_TABLES if n not in ctx.tables]
+    for name in stale:  # e.g. clustering switched off since the last run of this folder
+        folder.table_path(name).unlink(missing_ok=True)
+    if "clusters" not in ctx.tables:  # the clustering tables of an earlier run (a model file stays)
+        for path in (folder.path / "clustering").glob("*.parquet"):
+            path.unlink()
+    tables, blind = _blinded_outputs(ctx, info)
+    logger.info("writing the tables, catalog.duckdb and run.json")
+    folder.write_outputs(tables, blind(info), parquet=parquet)
+    if ctx.blinding is not None:  # the folder's other files (earlier tables, study/) coded too
+        from cytopipe.report.blinding import recode_folder
+
+        recode_folder(folder.path, ctx.blinding[0], blind(info))
+    if not ctx.wf.report.get("enabled", True):
+        _remove_stale_report(folder.path)
+    else:
+        s0 = time.perf_counter()
+        logger.info("writing the report")
+        step = write_run_report(folder.path, ctx.wf, ctx.problems, progress=ctx.progress)
+        ctx.steps.append({"step": "report", "seconds": round(time.perf_counter() - s0, 3), **step})
+        if step.get("reused") and _all_reused(ctx):
+            print("nothing changed since the last run: every result was reused (samples, statistics, report)",
+                  file=sys.stderr)  # fmt: skip
+        info.update(steps=ctx.steps, problems=list(ctx.problems), seconds=round(time.perf_counter() - t0, 3))
+        from cytopipe.store import atomic_write_json, write_catalog
+
+        write_catalog(folder.catalog, tables, blind(info))
+        atomic_write_json(folder.run_json, blind(info))
+    for phase, keys in ctx.keep_cache.items():
+        folder.prune_cache(phase, keys)  # results of older settings/files are no longer needed
+
+
+def _all_reused(ctx: RunContext) -> bool:
+    """Every per-sample result came from the cache and the statistics were reused."""
+    stats = next((st for st in ctx.steps if st.get("step") == "statistics"), {})
+    samples_reused = ctx.cached >= len(ctx.alive()) if ctx.jobs else True
+    return samples_reused and (stats.get("reused") or stats.get("enabled") is False)
+
+
+def _blinded_outputs(
+    ctx: RunContext, info: dict[str, Any]
+) -> tuple[Mapping[str, pd.DataFrame], Callable[[dict[str, Any]], dict[str, Any]]]:
+    """The tables and a run.json maker as they are written: arm names coded when the run folder is
+    blinded (or the workflow blinds it now; docs/reports.md). ``ctx.blinding`` = (codes, record)."""
+    from cytopipe.report.blinding import blind_frame, blinded_info, resolve_blinding
+
+    arms: list[str] = []
+    for name in ("population_stats", "samples"):
+        if name in ctx.tables and "arm" in ctx.tables[name].columns:
+            arms += [a for a in ctx.tables[name]["arm"].dropna().astype(str).unique() if a]
+    samples = ctx.tables.get("samples")
+    hashes = sorted(str(h) for h in samples["sha256"].dropna()) if samples is not None and "sha256" in samples else []  # fmt: skip
+    ctx.blinding = resolve_blinding(
+        ctx.folder.path,
+        want=bool(ctx.wf.report.get("blinded")),
+        arms=arms,
+        key=ctx.wf.report.get("blind_key"),
+        workflow={"manifest": str(ctx.wf.manifest or ""), "clinical": str(ctx.wf.clinical or "")},
+        secret="\n".join(hashes).encode() or None,
+        by="cytopipe "
+        + (" ".join(sys.argv[1:2]) or "run")
+        + " (workflow `report: {blinded: true}` or --blinded)",
+    )
+    if ctx.blinding is None:
+        return ctx.tables, lambda i: i
+    codes, record = ctx.blinding
+    tables = {name: blind_frame(df, codes) for name, df in ctx.tables.items()}
+    return tables, lambda i: blinded_info(i, codes, record)
+
+
+def _remove_stale_report(run_dir: Path) -> None:
+    """A report of an earlier state of this run folder would contradict the new tables: remove it
+    (``cytopipe report RUN_DIR`` writes it again)."""
+    import shutil
+
+    if (run_dir / "report.html").is_file():
+        (run_dir / "report.html").unlink()
+        shutil.rmtree(run_dir / "report_tables", ignore_errors=True)
+        print(
+            "cytopipe run: removed the run folder's earlier report.html (it described the previous run); "
+            "`cytopipe report RUN_DIR` writes a new one",
+            file=sys.stderr,
+        )
+
+
+def write_run_report(
+    run_dir: Path, wf: Workflow, problems: list[str], progress: bool = True
+) -> dict[str, Any]:
+    """``report.html`` of the finished run folder. A failure is recorded in ``problems`` (and the
+    step's record), never raised: the run's data outputs stand without a report."""
+    settings = wf.report
+    if not settings.get("enabled", True):
+        return {"enabled": False}
+    from cytopipe.report import write_report
+    from cytopipe.report.build import report_is_current
+
+    options = dict(
+        blinded=bool(settings.get("blinded")),
+        blind_key=settings.get("blind_key"),
+        max_gallery=int(settings.get("max_gallery") or 36),
+    )
+    try:
+        if report_is_current(run_dir, **options):
+            logger.info("report: reused (its inputs are unchanged)")
+            print("report: reused (its inputs are unchanged)", file=sys.stderr)
+            return {"enabled": True, "written": True, "reused": True, "path": "report.html",
+                    "blinded": bool(settings.get("blinded"))}  # fmt: skip
+        if progress:
+            print("report: writing report.html ...", file=sys.stderr)
+        path = write_report(run_dir, **options)
+    except errors.OutputWriteError:
+        raise  # a full disk or read-only folder stops the run (exit 4): the rerun resumes
+    except CytopipeError as exc:
+        problems.append(f"report: not written: {exc}")
+        return {"enabled": True, "written": False, "error": str(exc)}
+    except Exception as exc:  # a bug in the report must not cost the run's tables
+        if isinstance(exc, OSError) and errors.exit_code_for(exc) == EXIT_OUTPUT:
+            raise  # disk full / read-only while writing the report: exit 4, the rerun resumes
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+        problems.append(
+            f"report: not written: internal error {type(exc).__name__}: {exc}{where} (please report this)"
+        )
+        return {"enabled": True, "written": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"enabled": True, "written": True, "path": path.name, "blinded": bool(settings.get("blinded"))}

@@ -1,0 +1,320 @@
+"""The study plan and state: what every per-sample task receives (small and picklable).
+
+The manifest as job dicts (:func:`split_jobs`), the study state built from the workflow
+(:func:`build_state`: template, QC settings, compensation choice, fixed transforms, pooling
+sizes) and the clustering plan (:func:`plan_clustering`). Nothing here reads events or runs
+tasks; the study-level steps (:mod:`cytopipe.pipeline.steps`) fill in the locked transforms,
+the spillover matrix and the pooled gate estimates as the run goes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cytopipe.config import stable_hash
+from cytopipe.errors import ClusteringError, WorkflowError
+from cytopipe.qc import QCSettings
+from cytopipe.workflow import Workflow
+
+logger = logging.getLogger(__name__)
+
+
+META_COLUMNS = ["patient_id", "visit", "arm", "batch", "panel", "site", "acquired_at", "control"]
+
+
+@dataclass
+class StudyState:
+    qc: QCSettings
+    template: Any  # cytopipe.gating.Template, compensation set as the workflow asks
+    compensation: str  # template | file | csv | controls | none
+    spillover: Any = None  # cytopipe.fcs.Spillover of the study (csv / controls), else None
+    seed: int = 0
+    transforms: dict[str, dict] = field(default_factory=dict)  # marker -> locked spec (overrides)
+    pooled: Any = None  # cytopipe.gating.PooledEstimates (None until pooled)
+    pool_markers: list[str] = field(default_factory=list)  # markers whose transform is estimated
+    pool_events: int = 2000
+    cluster: Any = None  # ClusterPlan when clustering is on
+
+
+@dataclass
+class Prepared:
+    """A sample after event QC (raw values, margins and anomalies removed): lives on the worker."""
+
+    sample: Any  # cytopipe.fcs.Sample; .events holds only the events kept by QC
+    metrics: dict[str, Any]
+    meta: dict[str, Any]
+    kept: np.ndarray | None = None  # original index of every kept event (None: all kept)
+
+
+def sample_meta(job: Mapping[str, Any]) -> dict[str, Any]:
+    meta = {"sample_id": job["sample_id"]}
+    for key in ("patient_id", "visit", "arm", "batch"):
+        meta[key] = job.get(key)
+    return meta
+
+
+def split_jobs(manifest: pd.DataFrame) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Manifest rows as plain dicts: (samples to gate, compensation controls).
+
+    Rows with a problem (missing file, blank column, bad visit...) are kept, with their
+    ``problem``; the run records them as failed without processing them."""
+    jobs: list[dict[str, Any]] = []
+    controls: list[dict[str, Any]] = []
+    for record in manifest.to_dict("records"):
+        job = {k: _plain(v) for k, v in record.items()}
+        (controls if job.get("control") else jobs).append(job)
+    return jobs, controls
+
+
+def build_state(wf: Workflow, n_samples: int) -> StudyState:
+    """The study state before the study-level steps (template, QC, matrix, fixed transforms)."""
+    import dataclasses
+
+    from cytopipe.gating import load_template
+
+    template = load_template(wf.template)
+    source = wf.compensation["source"]
+    spillover = None
+    if source == "csv":
+        from cytopipe.compensation import Compensation
+
+        spillover = Compensation.from_csv(wf.compensation["path"]).to_spillover()
+    if source in ("file", "csv", "controls"):
+        template = dataclasses.replace(template, compensation="file")  # the engine reads sample.spillover
+    elif source == "none":
+        template = dataclasses.replace(template, compensation="none")
+    return StudyState(
+        qc=QCSettings.from_mapping(wf.qc),
+        template=template,
+        compensation=source,
+        spillover=spillover,
+        seed=wf.seed,
+        transforms=_transform_params(wf.transforms.get("params") or {}),
+        pool_markers=_pool_markers(template, wf.transforms),
+        pool_events=_pool_size(wf.transforms, n_samples),
+    )
+
+
+def _transform_params(params: Mapping[str, Any]) -> dict[str, dict]:
+    from cytopipe.gating import check_transform
+
+    return {
+        str(m): check_transform(spec, {"marker": str(m), "key": "transforms.params"})
+        for m, spec in params.items()
+    }
+
+
+def _pool_markers(template: Any, transforms: Mapping[str, Any]) -> list[str]:
+    if transforms.get("estimate") != "study":
+        return []
+    if transforms.get("markers"):
+        return list(transforms["markers"])
+    from cytopipe.gating import is_scatter_or_time
+
+    fixed = set(transforms.get("params") or {})
+    return [m for m in template.markers() if not is_scatter_or_time(m) and m not in fixed]
+
+
+def _pool_size(transforms: Mapping[str, Any], n_samples: int) -> int:
+    per = int(transforms.get("events_per_sample") or 2000)
+    cap = transforms.get("max_pooled_events")
+    if cap:
+        per = min(per, max(100, int(cap) // max(n_samples, 1)))
+    return per
+
+
+def _load_manifest(path: Path) -> pd.DataFrame:
+    """Every manifest row, with ``ok``/``problem`` per row (a bad row is recorded, not fatal)."""
+    from cytopipe.manifest import load_manifest
+
+    df = load_manifest(path, strict=False)
+    df["control"] = df["control"].fillna("").astype(str).str.strip()
+    # a row without a usable sample_id still gets a unique name, so its problem can be reported
+    sid = df["sample_id"].fillna("").astype(str).str.strip()
+    blank = sid == ""
+    sid[blank] = [f"(manifest row {r})" for r in df.loc[blank, "row"]]
+    dup = sid.duplicated(keep="first")
+    sid[dup] = [f"{s} (manifest row {r})" for s, r in zip(sid[dup], df.loc[dup, "row"])]
+    df["sample_id"] = sid
+    return df
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _spillover_hash(source: str, spillover: Any, template_comp: str) -> str:
+    if spillover is None:
+        return stable_hash({"source": source, "template": template_comp})
+    return stable_hash(
+        {
+            "source": source,
+            "channels": list(spillover.channels),
+            "matrix": np.asarray(spillover.matrix).tolist(),
+        }
+    )
+
+
+@dataclass
+class ClusterPlan:
+    """What the clustering tasks do; part of the study state broadcast to the workers."""
+
+    population: str  # the gated parent population whose events are clustered
+    markers: list[str]  # clustering markers, in model order
+    medians: list[str]  # markers of the median_<marker> columns of clusters.parquet (linear)
+    settings: Any  # cytopipe.cluster.ClusterSettings
+    transforms: dict[str, Any]  # marker -> transform spec (recorded in the model)
+    concordance: list[str]  # gated populations below the parent, template order
+    given_model: str | None = None  # clustering.model: map onto it, no training
+    model_path: str | None = None  # the model the map pass uses (set by the train step)
+    n_train: int = 0  # training cells per sample
+    n_embed: int = 0  # embedding cells per sample (0: no embedding)
+    embedding: dict[str, Any] = field(default_factory=dict)
+    inputs_dir: str | None = None  # where the gating passes write each sample's mapping inputs
+    inputs_key: str = ""  # names them: gating settings, pooled estimates and this plan
+
+    def train_key(self) -> str:
+        return stable_hash(["train", self.population, self.markers, self.n_train, self.settings.seed])
+
+    def map_key(self, model_hash: str) -> str:
+        return stable_hash(
+            [
+                "map",
+                model_hash,
+                self.population,
+                self.medians,
+                self.concordance,
+                self.n_embed,
+                self.settings.seed,
+            ]
+        )
+
+
+def plan_clustering(wf: Any, template: Any, transforms: Mapping[str, Any]) -> ClusterPlan | None:
+    """Validate the workflow's ``clustering:`` section against the template (and the frozen model,
+    when one is given); None when clustering is off. Errors are WorkflowErrors naming the key."""
+    from cytopipe.cluster import ClusterSettings, load_model
+    from cytopipe.gating import is_scatter_or_time
+
+    c = wf.clustering
+    if not c.get("enabled"):
+        return None
+    file = wf.spec_path
+    names = list(template.names)
+    population = c.get("population") or "Live"
+    if population not in names:
+        near = difflib.get_close_matches(population, names, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else f"; populations are {', '.join(names)}"
+        raise WorkflowError(
+            f"the template has no population {population!r}{hint}", file=file, key="clustering.population"
+        )
+    markers = list(c.get("markers") or [])
+    given = c.get("model")
+    if given is not None:
+        try:
+            model = load_model(given)
+        except ClusteringError as exc:
+            raise WorkflowError(exc.message, file=file, key="clustering.model") from None
+        if markers and markers != list(model.markers):
+            raise WorkflowError(
+                f"the model was trained on markers {model.markers}, not {markers}; remove clustering.markers "
+                "(the model's are used) or retrain",
+                file=file,
+                key="clustering.markers",
+            )
+        if model.parent and model.parent != population:
+            raise WorkflowError(
+                f"the model was trained on the events of {model.parent!r}, not {population!r}; set "
+                f"clustering.population: {model.parent}",
+                file=file,
+                key="clustering.population",
+            )
+        markers = list(model.markers)
+    if not markers:
+        markers = [m for m in template.markers() if not is_scatter_or_time(m)]
+    if len(set(markers)) != len(markers):
+        raise WorkflowError(f"clustering markers repeat: {markers}", file=file, key="clustering.markers")
+    if len(markers) < 2:
+        raise WorkflowError("clustering needs at least 2 markers", file=file, key="clustering.markers")
+    grid = list(c.get("grid") or [10, 10])
+    if len(grid) != 2 or min(grid) < 1 or grid[0] * grid[1] < 2:
+        raise WorkflowError(
+            f"grid must be [x, y] with at least 2 nodes, not {grid}", file=file, key="clustering.grid"
+        )
+    k = c.get("metaclusters", 10)
+    k = None if k == "auto" else int(k)
+    if k is not None and k > grid[0] * grid[1]:
+        raise WorkflowError(
+            f"{k} metaclusters need at least as many SOM nodes (the grid has {grid[0] * grid[1]})",
+            file=file,
+            key="clustering.metaclusters",
+        )
+    seed = c.get("seed")
+    try:
+        settings = ClusterSettings(
+            xdim=int(grid[0]),
+            ydim=int(grid[1]),
+            rlen=int(c.get("rlen") or 10),
+            n_metaclusters=k,
+            k_max=min(int(c.get("k_max") or 20), grid[0] * grid[1]),
+            linkage=c.get("linkage") or "average",
+            cells_per_sample=c.get("cells_per_sample"),
+            max_training_cells=int(c.get("max_training_cells") or 200_000),
+            scale=bool(c.get("scale")),
+            seed=int(wf.seed if seed is None else seed),
+        )
+    except ClusteringError as exc:
+        raise WorkflowError(exc.message, file=file, key="clustering") from None
+    embedding = dict(c.get("embedding") or {})
+    return ClusterPlan(
+        population=population,
+        markers=markers,
+        medians=list(template.median_markers()),
+        settings=settings,
+        transforms=marker_transforms(template, transforms, markers),
+        concordance=template.descendants(population),
+        given_model=None if given is None else str(given),
+        embedding=embedding,
+    )
+
+
+def marker_transforms(template: Any, transforms: Mapping[str, Any], markers: list[str]) -> dict[str, Any]:
+    """The transform of each clustering marker (recorded in the model): a run-level (e.g.
+    study-locked) transform, else the template's axis transform; None = linear."""
+    import json
+
+    out = {}
+    for m in markers:
+        dim = template.dimension(m)
+        spec = transforms.get(m) or (template.transforms.get(dim.transform) if dim.transform else None)
+        out[m] = json.loads(json.dumps(spec)) if spec is not None else None  # as a model file stores it
+    return out
+
+
+def _transform_mismatch(model: Any, plan: ClusterPlan) -> str:
+    """Why the frozen model's values are not this run's (markers whose transform differs), or ''."""
+    recorded = model.transforms or {}
+    diff = [m for m in model.markers if m in recorded and recorded[m] != plan.transforms.get(m)]
+    if not diff:
+        return ""
+    m = diff[0]
+    return (
+        f"the frozen model was trained on {m} transformed with {recorded[m]}, this run transforms it with "
+        f"{plan.transforms.get(m)} (markers that differ: {', '.join(diff)}); its clusters would not mean the "
+        "same cells. Use the model's transforms (transforms.params) or retrain"
+    )

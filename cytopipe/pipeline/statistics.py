@@ -1,0 +1,163 @@
+"""The statistics step: ``statistics.parquet`` from the population and cluster tables.
+
+Cached by a hash of everything it reads (tables, clinical file, settings, code version), so a
+rerun with nothing changed reuses it. A clinical table that does not fit the flow data, or too
+few samples, is a *problem* of the run (recorded, printed); it never loses the population
+results.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cytopipe.config import stable_hash
+from cytopipe.errors import CytopipeError
+from cytopipe.pipeline.context import RunContext, _version
+from cytopipe.store import file_sha256
+
+logger = logging.getLogger(__name__)
+
+
+def step_statistics(ctx: RunContext) -> dict[str, Any]:
+    """run_statistics on population_stats (and, in families cluster_*, on clusters.parquet)."""
+    from cytopipe.workflow import statistics_enabled
+
+    if not statistics_enabled(ctx.wf):
+        return {"enabled": False}
+    # cached by the hash of its inputs: a rerun with nothing changed reuses the table in seconds
+    key = _statistics_key(ctx)
+    ctx.keep_cache.setdefault("statistics", set()).add(key)
+    cached = ctx.folder.load_cached("statistics", key, "json")
+    table = ctx.folder.load_cached("statistics", key + ".table", "parquet") if cached else None
+    if cached is not None and (table is not None or not cached.get("rows")):
+        if ctx.progress:
+            print("statistics: reused (population and cluster tables, clinical table and settings unchanged)",
+                  file=sys.stderr)  # fmt: skip
+        ctx.problems.extend(cached.get("problems") or [])
+        if table is not None:
+            ctx.tables["statistics"] = table
+        return {**cached["info"], "reused": True}
+    if ctx.progress:
+        n = ctx.tables["population_stats"]["population"].nunique() if "population_stats" in ctx.tables else 0
+        print(f"statistics: computing the tests of {n} populations ...", file=sys.stderr)
+    before = len(ctx.problems)
+    table, info = compute_statistics(ctx)
+    if table is not None:
+        ctx.tables["statistics"] = table
+        ctx.folder.save_cached("statistics", key + ".table", "parquet", table)
+    ctx.folder.save_cached("statistics", key, "json", {"info": info, "problems": ctx.problems[before:],
+                                                        "rows": 0 if table is None else len(table)})  # fmt: skip
+    return info
+
+
+#: bump when the statistics change for the same inputs (cached statistics are then recomputed)
+STATISTICS_VERSION = "1"
+
+
+def _statistics_key(ctx: RunContext) -> str:
+    """Hash of everything the statistics read: the population and cluster tables, the clinical
+    file, the settings and the code's version."""
+    import hashlib
+
+    h = hashlib.sha256(f"statistics {STATISTICS_VERSION} {_version('cytopipe')}\n".encode())
+    for name in ("population_stats", "clusters"):
+        df = ctx.tables.get(name)
+        if df is not None:
+            h.update(f"{name} {list(df.columns)} {list(map(str, df.dtypes))}".encode())
+            try:
+                h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+            except TypeError:  # a column of unhashable values: its text
+                h.update(df.to_csv(index=False).encode())
+    clinical = ctx.wf.clinical
+    if clinical is not None and Path(clinical).is_file():
+        h.update(file_sha256(clinical).encode())
+    h.update(repr(ctx.stats_settings).encode())
+    h.update(stable_hash({"statistics": ctx.wf.statistics, "clinical": str(clinical)}).encode())
+    return h.hexdigest()[:32]
+
+
+def compute_statistics(ctx: RunContext) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+    """The statistics table of the run; problems (a clinical table that does not fit the flow data,
+    too few samples) are recorded in ``ctx.problems`` and never lose the population results."""
+    import dataclasses
+
+    from cytopipe.clinical import load_clinical
+    from cytopipe.errors import ClinicalDataError
+    from cytopipe.stats import FAMILIES
+
+    settings = ctx.stats_settings
+    parts = []
+    ps = ctx.tables.get("population_stats")
+    if ps is None or ps.empty:
+        ctx.problems.append("statistics: no population statistics to analyse (every sample failed?)")
+        return None, {"enabled": True, "rows": 0}
+    clinical = None
+    if ctx.wf.clinical is not None:
+        try:  # the file, and its patients and arms against the flow data
+            clinical = load_clinical(
+                ctx.wf.clinical, patients=ps[["patient_id", "arm"]], baseline_visit=settings.baseline_visit
+            )
+        except ClinicalDataError as exc:
+            ctx.problems.append(f"statistics: the clinical table was not used (no clinical tests): {exc}")
+    gated = _statistics_of(ctx, ps, clinical, settings, "gated populations")
+    if gated is not None:
+        parts.append(gated)
+    clusters = ctx.tables.get("clusters")
+    n_cluster_rows = 0
+    tiny: dict[str, str] = {}
+    if clusters is not None and len(clusters):  # empty or nearly empty metaclusters: not tested
+        from cytopipe.report.data import tiny_metaclusters
+
+        tiny = tiny_metaclusters(clusters)
+        clusters = clusters[~clusters["population"].astype(str).isin(tiny)]
+    if clusters is not None and len(clusters) and ctx.wf.statistics.get("clusters", True):
+        flow = [f for f in FAMILIES if f not in ("response_rate", "serology_rate")]  # clinical-only: once
+        wanted = [f for f in flow if settings.families is None or f in settings.families]
+        if wanted:
+            cs = dataclasses.replace(settings, populations=None, families=tuple(wanted))
+            table = _statistics_of(ctx, clusters, clinical, cs, "metaclusters")
+            if table is not None:
+                table["family"] = "cluster_" + table["family"].astype(str)
+                n_cluster_rows = len(table)
+                parts.append(table)
+    if not parts:
+        return None, {"enabled": True, "rows": 0}
+    out = pd.concat(parts, ignore_index=True)
+    return out, {
+        "enabled": True,
+        "rows": len(out),
+        "cluster_rows": n_cluster_rows,
+        "metaclusters_not_tested": tiny,
+        "clinical": clinical is not None,
+    }
+
+
+def _statistics_of(
+    ctx: RunContext, table: pd.DataFrame, clinical: pd.DataFrame | None, settings: Any, what: str
+) -> pd.DataFrame | None:
+    import warnings
+
+    from cytopipe.errors import ClinicalDataError
+    from cytopipe.stats import run_statistics
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # model-fit warnings are in the table's `note` column
+        try:
+            try:
+                return run_statistics(table, clinical, settings)
+            except ClinicalDataError as exc:
+                if clinical is None:
+                    raise
+                ctx.problems.append(
+                    f"statistics of the {what}: the clinical table does not fit the flow data ({exc}); "
+                    "the clinical tests were left out"
+                )
+                return run_statistics(table, None, settings)
+        except CytopipeError as exc:
+            ctx.problems.append(f"statistics of the {what} could not be computed: {exc}")
+            return None

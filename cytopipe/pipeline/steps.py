@@ -1,0 +1,367 @@
+"""The steps of ``cytopipe run`` (:data:`STEPS`), in order.
+
+Validation of every input before any work, then: register (hash files, read headers, check
+markers), compensation from controls, study transforms from pooled events, gating pass 1
+(fits, pooled estimates; fused with everything else a read is needed for), gating pass 2 (only
+samples whose gating can depend on the pooled estimates), assembly of the tables, clustering
+(:mod:`cytopipe.pipeline.cluster_steps`) and the statistics
+(:mod:`cytopipe.pipeline.statistics`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cytopipe import errors
+from cytopipe.config import stable_hash
+from cytopipe.errors import ManifestError, WorkflowError
+from cytopipe.pipeline.assemble import assemble_gate_review, assemble_population_stats, assemble_samples
+from cytopipe.pipeline.cluster_steps import step_cluster_map, step_cluster_train
+from cytopipe.pipeline.context import (
+    MAP_INPUTS,
+    RunContext,
+    Step,
+    _as_result,
+    _load_result,
+    _pooled_key,
+    _run_cached_phase,
+    _save_result,
+    _settings_key,
+)
+from cytopipe.pipeline.state import _load_manifest, _spillover_hash, build_state, plan_clustering, split_jobs
+from cytopipe.pipeline.statistics import step_statistics
+from cytopipe.pipeline.tasks import (
+    fit_task,
+    gate_task,
+    needs_regating,
+    pool_task,
+    register_task,
+    spillover_task,
+)
+from cytopipe.store import file_sha256
+from cytopipe.workflow import Workflow
+
+logger = logging.getLogger(__name__)
+
+
+def validate_inputs(ctx: RunContext) -> None:
+    """Spec, template, matrix and manifest: fatal errors now; per-file problems recorded later."""
+    wf = ctx.wf
+    ctx.manifest = _load_manifest(wf.manifest)
+    ctx.jobs, ctx.controls = split_jobs(ctx.manifest)
+    for job in ctx.jobs + ctx.controls:
+        if not job.get("ok", True):
+            ctx.fail(
+                job,
+                {
+                    "error": f"manifest row {job.get('row')}: {job.get('problem')}",
+                    "error_type": "ManifestError",
+                },
+                "manifest",
+            )
+    if not ctx.jobs:
+        raise ManifestError("the manifest lists no samples to analyse (only controls)", file=wf.manifest)
+    if wf.compensation["source"] == "controls" and not ctx.controls:
+        raise WorkflowError(
+            "compensation source is 'controls' but the manifest has no control rows "
+            "(`control` column: unstained, single:CD4, ...)",
+            key="compensation.source",
+            file=wf.manifest,
+        )
+    ctx.state = build_state(wf, n_samples=len(ctx.jobs))
+    from cytopipe.workflow import statistics_enabled, statistics_settings
+
+    ctx.state.cluster = plan_clustering(wf, ctx.state.template, ctx.state.transforms)
+    if statistics_enabled(wf):
+        ctx.stats_settings = statistics_settings(wf)
+    if wf.clinical is not None:
+        ctx.clinical_problem = _check_clinical(wf, ctx.manifest)
+    _check_blind_key(wf)
+    ctx.hashes["template"] = file_sha256(wf.template)
+    ctx.hashes["qc"] = stable_hash(ctx.state.qc.to_dict())
+    ctx.hashes["compensation"] = _spillover_hash(
+        ctx.state.compensation, ctx.state.spillover, ctx.state.template.compensation
+    )
+
+
+def _check_blind_key(wf: Workflow) -> None:
+    """A blinding key must code every arm of the run's inputs. Blinding is a property of the run
+    folder applied when the tables are written, so a bad key would stop the run after all its work:
+    found here instead, before any (exit 2)."""
+    key = wf.report.get("blind_key")
+    if not wf.report.get("blinded") or key is None:
+        return
+    from cytopipe.report.blinding import arm_codes, source_arms
+
+    arms = source_arms({"manifest": str(wf.manifest or ""), "clinical": str(wf.clinical or "")})
+    try:
+        arm_codes(arms, key)
+    except errors.ReportError as exc:
+        raise WorkflowError(exc.message, key="report.blind_key", file=Path(str(key))) from None
+
+
+def _check_clinical(wf: Workflow, manifest: pd.DataFrame) -> str | None:
+    """Check the clinical table now and say so at once. Gating does not need it: a problem is never
+    fatal; it is recorded in run.json and the statistics step leaves out the clinical tests."""
+    from cytopipe.clinical import load_clinical
+    from cytopipe.errors import ClinicalDataError
+
+    samples = manifest[(manifest["control"] == "") & manifest["ok"]]
+    try:
+        load_clinical(
+            wf.clinical,
+            patients=samples[["patient_id", "arm"]].drop_duplicates(),
+            baseline_visit=int(wf.statistics.get("baseline_visit") or 0),
+        )
+    except ClinicalDataError as exc:
+        print(f"cytopipe run: warning: clinical table: {exc}", file=sys.stderr)
+        return str(exc)
+    return None
+
+
+def step_register(ctx: RunContext) -> dict[str, Any]:
+    """sha256 of every file, read check and template markers (per-file problems recorded)."""
+    jobs = [j for j in ctx.jobs + ctx.controls if j["sample_id"] not in ctx.failures]
+    for i, res in ctx.executor.map(register_task, jobs, ctx.state, "register", ctx.progress):
+        job = jobs[i]
+        res = _as_result(res)
+        if res.get("ok"):
+            job["sha256"] = res["sha256"]
+            job["n_events"] = res["n_events"]
+            job["_missing"] = (res.get("missing") or [], res.get("channels"))
+        else:
+            ctx.fail(job, res, "register")
+    skipped = _missing_everywhere(ctx, [j for j in jobs if "_missing" in j and not j.get("control")])
+    for j in jobs:
+        j.pop("_missing", None)
+    return {"files": len(jobs), "failed": len(ctx.failures), "not_measured_markers": skipped}
+
+
+def _missing_everywhere(ctx: RunContext, jobs: list[dict[str, Any]]) -> list[str]:
+    """A template marker absent from EVERY file: one error before any work (``missing_markers:
+    stop``), or its populations 'not measured' everywhere (``skip``)."""
+    if not jobs or not all(j["_missing"][0] for j in jobs):
+        return []
+    from cytopipe.gating.check import check_study_markers
+
+    tables = {j["file"]: pd.DataFrame(j["_missing"][1]) for j in jobs}
+    skipped = check_study_markers(ctx.state.template, tables, policy=ctx.wf.missing_markers)
+    return [m.marker for m in skipped]
+
+
+def step_compensation(ctx: RunContext) -> dict[str, Any]:
+    """The study matrix computed from single-stain controls (AutoSpill-like), when asked."""
+    if ctx.state.compensation != "controls":
+        return {"source": ctx.state.compensation}
+    controls = [c for c in ctx.controls if c["sample_id"] not in ctx.failures]
+    if not controls:
+        raise WorkflowError(
+            "compensation from controls: no readable control file (see samples.parquet)",
+            key="compensation.source",
+        )
+    key = stable_hash([sorted((c["sample_id"], c["control"], c["sha256"]) for c in controls), ctx.wf.seed])[
+        :32
+    ]
+    ctx.keep_cache["spillover"] = {key}
+    res = _load_result(ctx.folder, "spillover", key)
+    if res is None:
+        [(_, res)] = list(ctx.executor.map(spillover_task, [controls], ctx.state, "spillover", ctx.progress))
+        res = _as_result(res)
+        if not res.get("ok"):
+            from cytopipe.errors import CompensationError
+
+            raise CompensationError(f"cannot compute the spillover matrix from the controls: {res['error']}")
+        _save_result(ctx.folder, "spillover", key, res)
+    from cytopipe.fcs import Spillover
+
+    spill = Spillover(np.asarray(res["matrix"], dtype=np.float64), list(res["channels"]))
+    ctx.state.spillover = spill
+    ctx.hashes["compensation"] = _spillover_hash("controls", spill, "file")
+    from cytopipe.store import atomic_write_bytes, atomic_write_parquet
+
+    atomic_write_bytes(ctx.folder.study / "spillover.csv", _matrix_csv(spill).encode())
+    atomic_write_parquet(ctx.folder.study / "spillover_quality.parquet", res["quality"])
+    flagged = res["quality"][res["quality"]["flag"] != "ok"] if "flag" in res["quality"] else []
+    return {"source": "controls", "controls": len(controls), "pairs_flagged": int(len(flagged))}
+
+
+def _matrix_csv(spill: Any) -> str:
+    from cytopipe.tabular import csv_text
+
+    df = pd.DataFrame(np.asarray(spill.matrix), index=list(spill.channels), columns=list(spill.channels))
+    return csv_text(df, index=True)
+
+
+def step_transforms(ctx: RunContext) -> dict[str, Any]:
+    """Transform parameters estimated once from events pooled over every sample, then locked."""
+    spec = ctx.wf.transforms
+    if spec.get("estimate") != "study" or not ctx.state.pool_markers:
+        ctx.hashes["transforms"] = stable_hash(ctx.state.transforms)
+        return {"estimate": "template", "overrides": sorted(ctx.state.transforms)}
+    settings_key = stable_hash(
+        [
+            ctx.hashes["qc"],
+            ctx.hashes["compensation"],
+            ctx.hashes["template"],
+            ctx.state.pool_markers,
+            ctx.state.pool_events,
+            ctx.wf.seed,
+        ]
+    )
+    results = _run_cached_phase(ctx, "pool", pool_task, settings_key)
+    pools = [results[j["sample_id"]] for j in ctx.alive()]
+    if not pools:
+        return {"estimate": "study", "samples_pooled": 0}
+    from cytopipe.transforms import estimate_transforms
+
+    top = max(max(p["pnr"]) for p in pools)
+    tset = estimate_transforms(
+        [p["pool"] for p in pools],
+        ctx.state.pool_markers,
+        method=spec["method"],
+        channel_names=ctx.state.pool_markers,
+        T=top if top > 1 else 262144.0,
+        cofactor=spec["cofactor"] if spec.get("cofactor") is not None else 150.0,
+        max_events_per_sample=ctx.state.pool_events,
+        seed=ctx.wf.seed,
+    )
+    locked = {m: _to_engine_spec(tset[m].to_dict()) for m in ctx.state.pool_markers}
+    ctx.state.transforms = {**locked, **ctx.state.transforms}  # explicit params win
+    ctx.hashes["transforms"] = stable_hash(ctx.state.transforms)
+    from cytopipe.store import atomic_write_json
+
+    atomic_write_json(
+        ctx.folder.study / "transforms.json",
+        {"transforms": ctx.state.transforms, "estimated": tset.to_dict(), "hash": ctx.hashes["transforms"]},
+    )
+    return {
+        "estimate": "study",
+        "samples_pooled": len(pools),
+        "markers": ctx.state.pool_markers,
+        "reused": ctx.reused.get("pool", 0),
+    }
+
+
+def _to_engine_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A cytopipe.transforms dict as the gating engine's transform spec."""
+    from cytopipe.gating import check_transform
+
+    return check_transform(dict(spec), {"key": "transforms"})
+
+
+def step_gate_fit(ctx: RunContext) -> dict[str, Any]:
+    """Per-sample fits of the data-driven gates, pooled per patient / batch / cohort."""
+    template = ctx.state.template
+    if not template.data_driven:
+        ctx.hashes["pooled"] = stable_hash(None)
+        return {"data_driven_gates": 0}
+    settings_key = _settings_key(ctx, "qc", "compensation", "template", "transforms")
+    _plan_cluster_inputs(ctx, "fit")
+    results = _run_cached_phase(ctx, "fit", fit_task, settings_key)
+    ctx.fused = results
+    records = [results[j["sample_id"]]["fits"] for j in ctx.alive()]
+    from cytopipe.gating import pool_estimates
+    from cytopipe.store import atomic_write_parquet
+
+    fits = pd.concat(records, ignore_index=True) if records else pd.DataFrame()
+    if len(fits):
+        fits = fits.sort_values(["sample_id", "key"], kind="stable").reset_index(drop=True)
+        ctx.state.pooled = pool_estimates(fits, ctx.manifest)
+        atomic_write_parquet(ctx.folder.study / "gate_fits.parquet", fits)
+        atomic_write_parquet(ctx.folder.study / "pooled_gates.parquet", ctx.state.pooled.table)
+    ctx.hashes["pooled"] = stable_hash(ctx.state.pooled.table.to_json() if ctx.state.pooled else None)
+    n_bad = int((fits["status"] != "ok").sum()) if len(fits) else 0
+    return {
+        "data_driven_gates": len(template.data_driven),
+        "fits": len(fits),
+        "fits_not_ok": n_bad,
+        "reused": ctx.reused.get("fit", 0),
+    }
+
+
+def step_gate(ctx: RunContext) -> dict[str, Any]:
+    """Pass 2: the fused pass's results stand for every sample whose gating cannot depend on the
+    pooled estimates; only the others (fits that fell back or moved) are read and gated again."""
+    _plan_cluster_inputs(ctx, "gate")
+    ready = {}
+    for job in ctx.alive():
+        res = ctx.fused.get(job["sample_id"])
+        if res is not None and "stats" in res and "fits" in res:
+            if not needs_regating(res["fits"], job, ctx.state.template, ctx.state.pooled):
+                ready[job["sample_id"]] = {k: v for k, v in res.items() if k != "fits"}
+    ctx.results = _run_cached_phase(
+        ctx, "gate", gate_task, stable_hash(ctx.gate_key()), extra_key=_pooled_key(ctx), ready=ready
+    )
+    return {
+        "samples": len(ctx.results),
+        "reused": ctx.cached,
+        "from_pass_1": ctx.reused.get("gate-ready", 0),  # gated once: the fused pass's result stands
+    }
+
+
+def _plan_cluster_inputs(ctx: RunContext, phase: str) -> None:
+    """Let the gating passes also draw the clustering training cells and write the mapping inputs
+    (so neither clustering pass reads the files again). Mapping inputs go to a temporary cache
+    folder, named by everything that determines them, and are removed after mapping."""
+    plan = ctx.state.cluster
+    if plan is None:
+        return
+    if plan.given_model is None:
+        from cytopipe.cluster import training_cells_per_sample
+
+        plan.n_train = training_cells_per_sample(plan.settings, len(ctx.alive()))
+    parts = [ctx.gate_key(), plan.population, plan.markers, plan.medians, plan.concordance]
+    if phase == "gate":
+        parts.append(ctx.hashes.get("pooled"))
+    plan.inputs_dir = str(ctx.folder.cache / MAP_INPUTS)
+    plan.inputs_key = stable_hash(parts)[:16] + phase[0]
+
+
+def step_assemble(ctx: RunContext) -> dict[str, Any]:
+    from cytopipe.report.gate_review import write_gate_review
+
+    ctx.tables["population_stats"] = assemble_population_stats(ctx)
+    ctx.tables["samples"] = assemble_samples(ctx)
+    review = assemble_gate_review(ctx)
+    # not in catalog.duckdb: it is a store of small pictures (histograms), read by the report
+    write_gate_review(ctx.folder.path, review)
+    return {"rows": len(ctx.tables["population_stats"]), "gate_review_rows": len(review)}
+
+
+def _cluster_train(ctx: RunContext) -> dict[str, Any]:
+
+    return step_cluster_train(ctx)
+
+
+def _cluster_map(ctx: RunContext) -> dict[str, Any]:
+    import shutil
+
+    try:
+        return step_cluster_map(ctx)
+    finally:  # the mapping inputs are only needed by this step
+        shutil.rmtree(ctx.folder.cache / MAP_INPUTS, ignore_errors=True)
+
+
+STEPS: list[Step] = [
+    Step("register", step_register, "hash files, read headers, check template markers"),
+    Step("compensation", step_compensation, "study spillover matrix (from controls, when asked)"),
+    Step("transforms", step_transforms, "transform parameters estimated from pooled events, then locked"),
+    Step("gating-fit", step_gate_fit, "pass 1: data-driven gate fits, pooled estimates"),
+    Step("gating", step_gate, "pass 2: per-sample population statistics"),
+    Step("assemble", step_assemble, "population_stats, samples and gate_review tables"),
+    Step(
+        "clustering-train",
+        _cluster_train,
+        "FlowSOM model from balanced subsamples (or the frozen model given)",
+    ),
+    Step("clustering-map", _cluster_map, "every parent event mapped: clusters.parquet, clustering/"),
+    Step("statistics", step_statistics, "statistics.parquet (gated populations and metaclusters)"),
+    # then, once the tables are written: the report (finish_run)
+]

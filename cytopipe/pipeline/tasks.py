@@ -1,0 +1,491 @@
+"""Per-sample tasks: pure functions of (job, study state) that run on the workers.
+
+Each reads one file (or only its header), does its work and returns a small dict of tables and
+numbers, never an event matrix. :func:`_guard` turns any error into a failure record (one bad
+sample never stops the batch). The gating tasks also draw what clustering needs from the same
+gating (training cells, mapping inputs), so no later pass reads the file again; the two
+clustering tasks (:func:`train_task`, :func:`map_task`) are here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cytopipe.errors import CytopipeError
+from cytopipe.pipeline.state import ClusterPlan, Prepared, StudyState, sample_meta
+from cytopipe.store import file_sha256
+
+logger = logging.getLogger(__name__)
+
+
+_DEBUG = False  # --debug with --scheduler synchronous: task exceptions propagate
+
+
+def register_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
+    """Hash the file, read its HEADER and TEXT (not the events) and check the template's markers."""
+
+    def body() -> dict[str, Any]:
+        from cytopipe.errors import FCSDataError
+        from cytopipe.fcs import read_fcs_header
+
+        _check_regular(job)
+        with _manifest_path(job):
+            sha = file_sha256(job["path"])
+            info = read_fcs_header(job["path"])
+        if info.data_error:
+            raise FCSDataError(info.data_error, file=job["file"])
+        missing: list[str] = []
+        if not job.get("control"):
+            missing = _check_markers(info, state, job["file"])
+        return {
+            "sha256": sha,
+            "n_events": int(info.n_events),
+            "n_channels": int(info.n_channels),
+            "missing": missing,
+            "channels": info.channels[["pnn", "pns"]].astype(str).to_dict("list") if missing else None,
+        }
+
+    return _guard(body)
+
+
+def _check_regular(job: Mapping[str, Any]) -> None:
+    """A missing file, a FIFO, a device or a folder: a clear error naming the manifest's path and
+    the resolved one (nothing is opened: a FIFO would block, /dev/zero never ends)."""
+    import stat
+
+    from cytopipe.errors import FCSError, NotRegularFileError
+    from cytopipe.files import describe_kind
+
+    path = Path(job["path"])
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FCSError(
+            f"file not found (resolved path {path}); check the manifest's `file` column", file=job["file"]
+        ) from None
+    except OSError as exc:
+        raise FCSError(
+            f"cannot open the file: {exc.strerror} (resolved path {path})", file=job["file"]
+        ) from None
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(
+            f"not a regular file: {describe_kind(mode)} (resolved path {path}); the manifest's `file` "
+            "must name an FCS file",
+            file=job["file"],
+        )
+
+
+class _manifest_path:
+    """Errors about the file name it as the manifest does, with the resolved path added."""
+
+    def __init__(self, job: Mapping[str, Any]):
+        self.job = job
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if isinstance(exc, CytopipeError) and str(exc.context.get("file")) == str(self.job["path"]):
+            exc.context["file"] = self.job["file"]
+            if str(self.job["file"]) != str(self.job["path"]) and "resolved path" not in exc.message:
+                exc.message += f" (resolved path {self.job['path']})"
+            exc.args = (exc._render(),)
+        return False
+
+
+def pool_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
+    """Event QC + compensation of a seeded subsample: pooled events for the study transforms."""
+
+    def body() -> dict[str, Any]:
+        from cytopipe.panel import resolve_markers
+
+        prep = prepare_sample(job, state)
+        sample = prep.sample
+        n = sample.n_events
+        k = min(state.pool_events, n)
+        rng = np.random.default_rng([state.seed, int(job["sha256"][:15], 16)])
+        rows = np.sort(rng.choice(n, size=k, replace=False))
+        sub = _compensate_events(sample.events[rows], sample, state)
+        mapping = resolve_markers(sample.channels, state.pool_markers, mapping=state.template.panel or None)
+        pnn = list(sample.channels["pnn"])
+        cols = [pnn.index(mapping[m]) for m in state.pool_markers]
+        return {
+            "pool": np.ascontiguousarray(sub[:, cols], dtype=np.float32),
+            "pnr": [float(sample.channels["pnr"].iloc[c]) for c in cols],
+            "metrics": prep.metrics,
+        }
+
+    return _guard(body)
+
+
+def fit_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
+    """Gating pass 1, fused with everything else a sample's one read is needed for: its fits of
+    the data-driven gates (for pooled estimates) and, from the same gating, its population
+    statistics, gate-review data, clustering training cells and mapping inputs. A sample whose
+    gating cannot depend on the pooled estimates (:func:`needs_regating`) keeps these as its
+    pass-2 result; only the others are gated again by :func:`gate_task`."""
+
+    def body() -> dict[str, Any]:
+        from cytopipe import gating
+
+        prep = prepare_sample(job, state)
+        result = gating.gate(
+            prep.sample, state.template, sample_meta=prep.meta, transforms=state.transforms, medians=True
+        )
+        return {"fits": result.fit_records(job["sample_id"]), **_gated_outputs(job, state, prep, result)}
+
+    return _guard(body)
+
+
+def gate_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
+    """Gating pass 2: the population statistics of one sample (small table)."""
+
+    def body() -> dict[str, Any]:
+        prep = prepare_sample(job, state)
+        result = gate_prepared(prep, state)
+        return _gated_outputs(job, state, prep, result)
+
+    return _guard(body)
+
+
+def _gated_outputs(job: Mapping[str, Any], state: StudyState, prep: Prepared, result: Any) -> dict[str, Any]:
+    """Everything later steps need from one gated sample (small tables; the clustering inputs
+    when clustering is on), so that no later pass reads the file again."""
+    stats = result.to_population_stats(prep.meta)
+    flags: dict[str, list[str]] = {}
+    for population, flag in result.flags:
+        flags.setdefault(population, []).append(flag)
+    stats["gate_flags"] = ["; ".join(flags.get(p, [])) for p in stats["population"]]
+    from cytopipe.report.gate_review import gate_review_data
+
+    out = {
+        "stats": stats,
+        "review": gate_review_data(prep.sample, result, job["sample_id"]),  # a few kB, no events
+        "gate_flags": [f"gate {p}: {f}" for p, f in result.flags],
+        "metrics": prep.metrics,
+    }
+    if state.cluster is not None:
+        out.update(sample_cluster_inputs(job, state, prep, result))
+    return out
+
+
+def needs_regating(fits: pd.DataFrame, job: Mapping[str, Any], template: Any, pooled: Any) -> bool:
+    """Whether gating with the pooled estimates can differ from the gating without them (pass 1).
+
+    The engine puts a pooled estimate in place of a sample's own fit only when the fit failed
+    (its bounds, its fraction check: both give a ``failed`` record) and the study has a pooled
+    estimate for it, or when an ok fit moved more than ``max_shift`` from that pooled estimate; a
+    typed ``default`` or a landmark-relative fallback never overrules an ok fit, and a failed fit
+    with no pooled estimate falls back on the same reference in both passes."""
+    from cytopipe.gating.fitters import DataDrivenGate
+
+    fitters = {}
+    for pop in template:
+        if isinstance(pop.gate, DataDrivenGate):
+            for suffix, fitter in pop.gate.fit_items():
+                fitters[pop.name + suffix] = fitter
+    meta = sample_meta(job)
+    for rec in fits.itertuples(index=False):
+        if rec.key not in fitters:
+            return True
+        fitter = fitters[rec.key]
+        hit = pooled.lookup(rec.key, fitter.pool, meta) if pooled is not None else None
+        if rec.status != "ok" or rec.params is None:
+            if hit is not None:
+                return True
+            continue
+        if hit is None or fitter.bounds.max_shift is None:
+            continue
+        params = np.asarray(rec.params, dtype=np.float64)
+        if fitter.shift(params, np.asarray(hit[0], dtype=np.float64)) > fitter.bounds.max_shift:
+            return True
+    return False
+
+
+def _guard(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``body``; any error becomes a failure record (one bad sample never stops the batch)."""
+    t0 = time.perf_counter()
+    try:
+        out = body()
+        out["ok"] = True
+    except CytopipeError as exc:
+        if _DEBUG:
+            raise
+        out = {"ok": False, "error": str(exc), "error_type": type(exc).__name__}
+        out["traceback"] = traceback.format_exc()  # for run.log; the one-line error goes to the tables
+    except MemoryError:
+        if _DEBUG:
+            raise
+        out = {
+            "ok": False,
+            "error": "out of memory while processing this sample (see --memory-limit and --workers)",
+            "error_type": "MemoryError",
+            "traceback": traceback.format_exc(),
+        }
+    except Exception as exc:  # a bug or an unforeseen file: record it, keep the batch going
+        if _DEBUG:
+            raise
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+        out = {
+            "ok": False,
+            "error": f"internal error {type(exc).__name__}: {exc}{where} (please report this; the "
+            "full traceback is in run.log)",
+            "error_type": type(exc).__name__,
+            "traceback": traceback.format_exc(),
+        }
+    out["seconds"] = time.perf_counter() - t0
+    out["pid"] = os.getpid()
+    return out
+
+
+def gate_prepared(prep: Prepared, state: StudyState, medians: bool = True) -> Any:
+    """Gating pass 2 of a prepared sample: the study's template with its pooled estimates and
+    transforms. Statistics, clustering and export all gate through here, so they see the same
+    populations."""
+    from cytopipe import gating
+
+    return gating.gate(
+        prep.sample,
+        state.template,
+        pooled=state.pooled,
+        sample_meta=prep.meta,
+        transforms=state.transforms,
+        medians=medians,
+    )
+
+
+def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
+    """read -> event QC on raw values (margins, then time anomalies) -> the kept events.
+
+    Compensation and transforms are applied by the gating engine, once per gated dimension.
+    Peak memory: the raw matrix plus one filtered copy.
+    """
+    from cytopipe import qc
+    from cytopipe.fcs import read_fcs
+
+    with _manifest_path(job):
+        sample = read_fcs(job["path"])
+    sample.path = Path(job["file"])  # errors and results name the manifest's file
+    if state.spillover is not None:
+        sample.spillover = state.spillover
+    events = sample.events
+    n_raw = events.shape[0]
+    margin = qc.margin_qc(events, sample.channels, state.qc)
+    rows = np.flatnonzero(~margin.bad) if margin.bad.any() else None
+    tres = qc.time_qc(events, sample.channels, state.qc, rows=rows)
+    keep = ~margin.bad
+    if rows is None:
+        keep = ~tres.bad
+    else:
+        keep[rows[tres.bad]] = False
+    kept = None
+    if not keep.all():
+        kept = np.flatnonzero(keep)
+        sample.events = events[kept]  # the one copy of the matrix; the raw one is freed
+    del events
+    metrics = qc.qc_metrics(n_raw, int(margin.bad.sum()), int(tres.bad.sum()), margin.counts, tres, state.qc)
+    return Prepared(sample=sample, metrics=metrics, meta=sample_meta(job), kept=kept)
+
+
+def _check_markers(info: Any, state: StudyState, file: str) -> list[str]:
+    """PanelError (naming file, population, marker) when a template marker is ambiguous; the
+    markers the file lacks (their populations are 'not measured' in it)."""
+    from cytopipe.gating import Engine
+
+    return sorted(
+        Engine(
+            events=np.empty((0, len(info.channels)), dtype=np.float32),
+            channels=info.channels,
+            template=state.template,
+            spillover=info.spillover,
+            file=file,
+            transforms=state.transforms,
+        ).missing
+    )
+
+
+def _compensate_events(events: np.ndarray, sample: Any, state: StudyState) -> np.ndarray:
+    """The compensation the gating engine applies, for a block of events (pooled transforms)."""
+    from cytopipe.compensation import compensate
+
+    comp = state.template.compensation
+    names = list(sample.channels["pnn"])
+    if comp == "none":
+        return events
+    if comp == "file":
+        if sample.spillover is None:
+            from cytopipe.errors import CompensationError
+
+            raise CompensationError(
+                "compensation is 'file' but the file has no spillover keyword; give a CSV matrix, "
+                "compute one from controls, or set compensation source 'none'",
+                file=sample.path,
+            )
+        return compensate(events, sample.spillover, names)
+    return compensate(events, comp, names)  # a CSV matrix named by the template
+
+
+def spillover_task(controls: list[dict[str, Any]], state: StudyState) -> dict[str, Any]:
+    def body() -> dict[str, Any]:
+        from cytopipe.compensation import compute_spillover
+
+        manifest = pd.DataFrame([{"file": c["path"], "control": c["control"]} for c in controls])
+        comp, quality = compute_spillover(manifest, seed=state.seed)
+        return {
+            "matrix": np.asarray(comp.matrix).tolist(),
+            "channels": list(comp.channels),
+            "quality": quality,
+        }
+
+    return _guard(body)
+
+
+def _gated(job: Mapping[str, Any], state: Any) -> tuple[Any, Any]:
+    """The sample after event QC and its gating, exactly as in the gating pass."""
+
+    prep = prepare_sample(job, state)
+    return prep, gate_prepared(prep, state, medians=False)
+
+
+def sample_cluster_inputs(job: Mapping[str, Any], state: Any, prep: Any, result: Any) -> dict[str, Any]:
+    """From a sample's gating pass (on its worker): its training cells (as :func:`train_task`
+    draws them) and its mapping inputs, written to ``plan.inputs_dir`` (parent events x
+    clustering markers, transformed; x median markers, linear; membership of the concordance
+    populations), so that neither clustering pass reads and gates the file again. A problem
+    here is not the sample's failure: the clustering passes then do the work themselves."""
+    plan: ClusterPlan = state.cluster
+    out: dict[str, Any] = {}
+    try:
+        idx = result.indices(plan.population)
+        values = result.event_values(prep.sample)
+        if plan.n_train:
+            from cytopipe.cluster import subsample_indices
+
+            pick = subsample_indices(len(idx), plan.n_train, plan.settings.seed, str(job["sample_id"]))
+            out["train"] = values.matrix(plan.markers, events=idx[pick])
+            out["train_key"] = plan.train_key()
+            out["train_n_parent"] = int(len(idx))
+        if plan.inputs_dir:
+            import os
+
+            name = f"{job['sha256'][:32]}-{plan.inputs_key}.npy"
+            path = Path(plan.inputs_dir) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")  # renamed when complete
+            # three arrays one after the other in one file, each freed once written (peak memory:
+            # the largest one, not all three)
+            try:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, values.matrix(plan.markers, events=idx))  # transformed
+                    np.save(fh, values.matrix(plan.medians, events=idx, transformed=False))  # linear
+                    masks = np.zeros((len(plan.concordance), len(idx)), dtype=bool)
+                    for i, p in enumerate(plan.concordance):
+                        masks[i] = result.mask(p)[idx]
+                    np.save(fh, masks)
+                os.replace(tmp, path)
+            except BaseException:
+                # a full disk (or any failure) leaves no partial file behind: the run's orphan
+                # cleanup only runs at the next run's start
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            out["map_inputs"] = name
+    except (CytopipeError, OSError, MemoryError):
+        return {}
+    return out
+
+
+def _load_map_inputs(job: Mapping[str, Any], plan: ClusterPlan, model: Any):
+    """(x, linear, masks) written by the sample's gating pass, or None (then: read and gate)."""
+    name = job.get("map_inputs")
+    if not name or not plan.inputs_dir or list(model.markers) != list(plan.markers):
+        return None
+    try:
+        with open(Path(plan.inputs_dir) / name, "rb") as fh:
+            x = np.load(fh, allow_pickle=False)
+            linear = np.load(fh, allow_pickle=False)
+            masks = np.load(fh, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if masks.shape != (len(plan.concordance), len(x)) or linear.shape != (len(x), len(plan.medians)):
+        return None
+    return x, linear, {p: masks[i] for i, p in enumerate(plan.concordance)}
+
+
+def train_task(job: dict[str, Any], state: Any) -> dict[str, Any]:
+    """The sample's training cells: a seeded subsample of its parent population (transformed
+    values of the clustering markers; at most ``n_train`` rows)."""
+
+    def body() -> dict[str, Any]:
+        from cytopipe.cluster import subsample_indices
+
+        plan: ClusterPlan = state.cluster
+        prep, result = _gated(job, state)
+        idx = result.indices(plan.population)
+        pick = subsample_indices(len(idx), plan.n_train, plan.settings.seed, str(job["sample_id"]))
+        values = result.event_values(prep.sample).matrix(plan.markers, events=idx[pick])
+        return {"train": values, "n_parent": int(len(idx)), "metrics": prep.metrics}
+
+    return _guard(body)
+
+
+def map_task(job: dict[str, Any], state: Any) -> dict[str, Any]:
+    """Every parent-population event of the sample mapped onto the frozen model; only small
+    tables come back (abundance rows, node counts, concordance counts, embedding rows)."""
+
+    def body() -> dict[str, Any]:
+        from cytopipe.cluster import contingency_counts, load_model_cached, map_events, sample_abundance
+        from cytopipe.cluster.model import subsample_indices
+
+        plan: ClusterPlan = state.cluster
+        sid = str(job["sample_id"])
+        model = load_model_cached(plan.model_path)
+        inputs = _load_map_inputs(job, plan, model)
+        if inputs is not None:  # written by the gating pass: no read, no gating
+            x, linear, masks = inputs
+        else:
+            prep, result = _gated(job, state)
+            idx = result.indices(plan.population)
+            values = result.event_values(prep.sample)
+            x = values.matrix(model.markers, events=idx)  # parent events x clustering markers
+            linear = values.matrix(plan.medians, events=idx, transformed=False)
+            masks = {p: result.mask(p)[idx] for p in plan.concordance}
+            del prep, result, values
+        nodes, mc = map_events(model, x, model.markers, sample_id=sid)
+        abundance = sample_abundance(
+            model, sid, mc, linear, plan.medians, markers=plan.medians, parent=plan.population
+        )
+        k = model.n_metaclusters
+        counts = contingency_counts(mc, masks, cluster_ids=range(1, k + 1)) if masks else None
+        n_parent = len(x)
+        out: dict[str, Any] = {
+            "abundance": abundance,
+            "nodes": np.bincount(nodes, minlength=model.n_nodes).astype(np.int64),
+            "n_parent": int(n_parent),
+            "inputs": "read" if inputs is None else "gating",
+        }
+        if counts is not None:
+            out["concordance"] = counts
+        if plan.n_embed:
+            pick = subsample_indices(n_parent, plan.n_embed, plan.settings.seed, f"embed:{sid}")
+            label = np.full(len(pick), plan.population, dtype=object)
+            for p in plan.concordance:  # template order: the deepest (last) gate containing the cell wins
+                label[masks[p][pick]] = p
+            emb = pd.DataFrame(x[pick], columns=list(model.markers))
+            emb["metacluster"] = mc[pick].astype(np.int16)
+            emb["population"] = label.astype(str)
+            out["embedding"] = emb
+        return out
+
+    return _guard(body)
