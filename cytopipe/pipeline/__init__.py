@@ -26,6 +26,7 @@ The package, one job per module (imports go down this list, never up; the rest o
 reads a finished run folder through :class:`cytopipe.store.RunFolder`, never through here):
 
 - :mod:`~cytopipe.pipeline.state`: the study plan and state shipped to the workers;
+- :mod:`~cytopipe.pipeline.progress`: progress of every phase (a bar, or lines in run.log);
 - :mod:`~cytopipe.pipeline.executors`: in-process and Dask executors;
 - :mod:`~cytopipe.pipeline.tasks`: per-sample tasks (pure functions of a job and the state);
 - :mod:`~cytopipe.pipeline.context`: the run's context and its cached per-sample phases;

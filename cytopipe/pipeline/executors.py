@@ -11,9 +11,7 @@ environment and a worker plugin; this process's ``os.environ`` is not changed.
 from __future__ import annotations
 
 import logging
-import math
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -22,6 +20,7 @@ from typing import Any
 
 from cytopipe.config import stable_hash
 from cytopipe.errors import WorkflowError
+from cytopipe.pipeline.progress import _progress
 
 logger = logging.getLogger(__name__)
 
@@ -241,55 +240,6 @@ def _has_bokeh() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _progress(total: int, desc: str, enabled: bool) -> Any:
-    """A tqdm bar on a terminal; without one (a log file, a server, CI), progress lines at every
-    tenth of the phase ("gate: 31/48 samples, ETA 12 s") in run.log and on stderr."""
-    if enabled and not _is_terminal(sys.stderr):
-        return ProgressLines(total, desc)
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        desc=f"{desc:<10}",
-        unit="sample",
-        disable=True if not enabled else None,  # None: no bar when stderr is not a terminal
-        file=sys.stderr,
-        dynamic_ncols=True,
-        leave=True,
-    )
-
-
-def _is_terminal(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
-class ProgressLines:
-    """Progress of one phase as lines: at every tenth of ``total`` and at the end."""
-
-    def __init__(self, total: int, desc: str, steps: int = 10):
-        self.total, self.desc, self.done = total, desc, 0
-        self.t0 = time.perf_counter()
-        self.marks = {math.ceil(total * k / steps) for k in range(1, steps + 1)} if total else set()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if self.done in self.marks:
-            elapsed = time.perf_counter() - self.t0
-            line = f"{self.desc}: {self.done}/{self.total} samples"
-            if self.done < self.total:
-                line += f", ETA {elapsed / self.done * (self.total - self.done):.0f} s"
-            else:
-                line += f", {elapsed:.0f} s"
-            logger.info(line)
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        pass
 
 
 def make_executor(

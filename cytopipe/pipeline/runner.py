@@ -26,6 +26,7 @@ from cytopipe.errors import CytopipeError
 from cytopipe.pipeline.assemble import OPTIONAL_TABLES, _run_info
 from cytopipe.pipeline.context import RunContext, run_steps
 from cytopipe.pipeline.executors import make_executor
+from cytopipe.pipeline.progress import notice
 from cytopipe.pipeline.steps import STEPS, validate_inputs
 from cytopipe.store import RunFolder
 from cytopipe.workflow import Workflow
@@ -126,7 +127,7 @@ def run_workflow(
         ctx.executor = executor
         try:
             if executor.dashboard and progress:
-                print(f"Dask dashboard: {executor.dashboard}", file=sys.stderr)
+                notice(f"Dask dashboard: {executor.dashboard}")
             run_steps(ctx, STEPS)
             info = _run_info(ctx, executor, time.perf_counter() - t0)
         finally:
@@ -234,8 +235,9 @@ def finish_run(
         step = write_run_report(folder.path, ctx.wf, ctx.problems, progress=ctx.progress)
         ctx.steps.append({"step": "report", "seconds": round(time.perf_counter() - s0, 3), **step})
         if step.get("reused") and _all_reused(ctx):
-            print("nothing changed since the last run: every result was reused (samples, statistics, report)",
-                  file=sys.stderr)  # fmt: skip
+            notice(
+                "nothing changed since the last run: every result was reused (samples, statistics, report)"
+            )
         info.update(steps=ctx.steps, problems=list(ctx.problems), seconds=round(time.perf_counter() - t0, 3))
         from cytopipe.store import atomic_write_json, write_catalog
 
@@ -291,10 +293,9 @@ def _remove_stale_report(run_dir: Path) -> None:
     if (run_dir / "report.html").is_file():
         (run_dir / "report.html").unlink()
         shutil.rmtree(run_dir / "report_tables", ignore_errors=True)
-        print(
+        notice(
             "cytopipe run: removed the run folder's earlier report.html (it described the previous run); "
-            "`cytopipe report RUN_DIR` writes a new one",
-            file=sys.stderr,
+            "`cytopipe report RUN_DIR` writes a new one"
         )
 
 
@@ -316,12 +317,10 @@ def write_run_report(
     )
     try:
         if report_is_current(run_dir, **options):
-            logger.info("report: reused (its inputs are unchanged)")
-            print("report: reused (its inputs are unchanged)", file=sys.stderr)
+            notice("report: reused (its inputs are unchanged)")
             return {"enabled": True, "written": True, "reused": True, "path": "report.html",
                     "blinded": bool(settings.get("blinded"))}  # fmt: skip
-        if progress:
-            print("report: writing report.html ...", file=sys.stderr)
+        notice("report: writing report.html ...", progress)
         path = write_report(run_dir, **options)
     except errors.OutputWriteError:
         raise  # a full disk or read-only folder stops the run (exit 4): the rerun resumes

@@ -9,7 +9,6 @@ results.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pandas as pd
 from cytopipe.config import stable_hash
 from cytopipe.errors import CytopipeError
 from cytopipe.pipeline.context import RunContext, _version
+from cytopipe.pipeline.progress import notice
 from cytopipe.store import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -35,16 +35,14 @@ def step_statistics(ctx: RunContext) -> dict[str, Any]:
     cached = ctx.folder.load_cached("statistics", key, "json")
     table = ctx.folder.load_cached("statistics", key + ".table", "parquet") if cached else None
     if cached is not None and (table is not None or not cached.get("rows")):
-        if ctx.progress:
-            print("statistics: reused (population and cluster tables, clinical table and settings unchanged)",
-                  file=sys.stderr)  # fmt: skip
+        notice("statistics: reused (population and cluster tables, clinical table and settings unchanged)",
+               ctx.progress)  # fmt: skip
         ctx.problems.extend(cached.get("problems") or [])
         if table is not None:
             ctx.tables["statistics"] = table
         return {**cached["info"], "reused": True}
-    if ctx.progress:
-        n = ctx.tables["population_stats"]["population"].nunique() if "population_stats" in ctx.tables else 0
-        print(f"statistics: computing the tests of {n} populations ...", file=sys.stderr)
+    n = ctx.tables["population_stats"]["population"].nunique() if "population_stats" in ctx.tables else 0
+    notice(f"statistics: computing the tests of {n} populations ...", ctx.progress)
     before = len(ctx.problems)
     table, info = compute_statistics(ctx)
     if table is not None:

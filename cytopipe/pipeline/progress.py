@@ -1,0 +1,73 @@
+"""What a run tells its user while it works: progress of every phase and notices.
+
+On a terminal the per-sample phases show a tqdm bar; without one (a log file, a server, CI) they
+write a line at every tenth of the phase ("gate: 31/48 samples, ETA 12 s"). Notices (a reused
+statistics table, the report being written, a warning about the clinical table) go to the run's
+log (``RUN_DIR/run.log``) and, when progress is shown, to stderr. The library never prints
+anything else: the command prints the run's summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def notice(message: str, show: bool = True, level: int = logging.INFO) -> None:
+    """``message`` in run.log, and on stderr when ``show`` (progress on)."""
+    logger.log(level, message)
+    if show:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar on a terminal; without one (a log file, a server, CI), progress lines at every
+    tenth of the phase ("gate: 31/48 samples, ETA 12 s") in run.log and on stderr."""
+    if enabled and not _is_terminal(sys.stderr):
+        return ProgressLines(total, desc)
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=f"{desc:<10}",
+        unit="sample",
+        disable=True if not enabled else None,  # None: no bar when stderr is not a terminal
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=True,
+    )
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+class ProgressLines:
+    """Progress of one phase as lines: at every tenth of ``total`` and at the end."""
+
+    def __init__(self, total: int, desc: str, steps: int = 10):
+        self.total, self.desc, self.done = total, desc, 0
+        self.t0 = time.perf_counter()
+        self.marks = {math.ceil(total * k / steps) for k in range(1, steps + 1)} if total else set()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.done in self.marks:
+            elapsed = time.perf_counter() - self.t0
+            line = f"{self.desc}: {self.done}/{self.total} samples"
+            if self.done < self.total:
+                line += f", ETA {elapsed / self.done * (self.total - self.done):.0f} s"
+            else:
+                line += f", {elapsed:.0f} s"
+            notice(line)
+
+    def close(self) -> None:
+        pass
