@@ -183,6 +183,20 @@ class RunFolder:
         """``name`` is a key of :data:`CLUSTER_FILES` (nodes, metaclusters, concordance, ...)."""
         return self.clustering / CLUSTER_FILES[name]
 
+    # loaders of a finished run (read-only)
+    def info(self) -> dict[str, Any]:
+        """run.json (:func:`read_run_info`)."""
+        return read_run_info(self.path)
+
+    def table(self, name: str) -> pd.DataFrame:
+        """A table of the run (:func:`read_table`): population_stats, samples, clusters, statistics."""
+        return read_table(self.path, name)
+
+    def cluster_table(self, name: str) -> pd.DataFrame | None:
+        """A table of ``clustering/`` (a key of :data:`CLUSTER_FILES`), None when the run has none."""
+        path = self.cluster_table_path(name)
+        return pd.read_parquet(path) if path.is_file() else None
+
     def create(self) -> RunFolder:
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"{self.path} exists and is not a folder; choose another --out", file=self.path)

@@ -113,6 +113,19 @@ def record(run_dir: Path | None = None) -> dict:
     return data
 
 
+def test_the_run_folder_api_reads_the_run(pipeline_run):
+    """The report, review and export read a run through RunFolder: its loaders give the tables."""
+    from cytopipe.store import RunFolder
+
+    out, _ = pipeline_run
+    folder = RunFolder(out)
+    assert folder.info()["study"] == "SLE IL-2 (simulated sample data)"
+    for name in ("population_stats", "samples", "clusters", "statistics"):
+        pd.testing.assert_frame_equal(folder.table(name), pd.read_parquet(out / f"{name}.parquet"))
+    nodes = folder.cluster_table("nodes")
+    assert nodes is not None and len(nodes) == 100 and folder.model_path.is_file()  # the 10 x 10 SOM
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] != ["--record"]:
         raise SystemExit("usage: PYTHONPATH=. python -m tests.test_output_hashes --record [RUN_DIR]")
