@@ -30,7 +30,7 @@ from cytopipe.errors import (
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("cytopipe.validate", "check FCS files (or a manifest) and print one row per file"),
     "simulate": ("cytopipe.simulate", "write a simulated IL-2 trial with ground truth"),
-    "gate": ("cytopipe.gating.command", "gate FCS files with a template (single process)"),
+    "gate": ("cytopipe.pipeline.gate_command", "gate FCS files with a template (single process)"),
     "template": (
         "cytopipe.gating.check",
         "check a gating template against FCS files (markers, gates, fallbacks)",

@@ -35,8 +35,9 @@ reads a finished run folder through :class:`cytopipe.store.RunFolder`, never thr
 - :mod:`~cytopipe.pipeline.steps`: the steps of a run, in order (:data:`STEPS`);
 - :mod:`~cytopipe.pipeline.runner`: :func:`run_workflow` (lock, run.log, outputs, report);
 - :mod:`~cytopipe.pipeline.loaded`: a finished run loaded to re-process its samples;
-- :mod:`~cytopipe.pipeline.command`, :mod:`~cytopipe.pipeline.cluster_command`: the
-  ``cytopipe run`` and ``cytopipe cluster`` commands.
+- :mod:`~cytopipe.pipeline.command`, :mod:`~cytopipe.pipeline.cluster_command`,
+  :mod:`~cytopipe.pipeline.gate_command`: the ``cytopipe run``, ``cytopipe cluster`` and
+  ``cytopipe gate`` commands.
 
 The names below are re-exported so that ``from cytopipe.pipeline import run_workflow`` keeps
 working; new code imports from the module that defines a name.
