@@ -508,6 +508,7 @@ class StudyState:
     pool_markers: list[str] = field(default_factory=list)  # markers whose transform is estimated
     pool_events: int = 2000
     cluster: Any = None  # cytopipe.cluster_steps.ClusterPlan when clustering is on
+    learner: Any = None  # cytopipe.gating.learn.Learner when the workflow has `examples:`
 
 
 @dataclass
@@ -631,7 +632,8 @@ def fit_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
         from cytopipe import gating
 
         prep = prepare_sample(job, state)
-        result = gating.gate(
+        gate = gating.gate if state.learner is None else state.learner.gate  # `examples:` (learned gates)
+        result = gate(
             prep.sample, state.template, sample_meta=prep.meta, transforms=state.transforms, medians=True
         )
         return {"fits": result.fit_records(job["sample_id"]), **_gated_outputs(job, state, prep, result)}
@@ -756,7 +758,7 @@ def gate_prepared(prep: Prepared, state: StudyState, medians: bool = True) -> An
     populations."""
     from cytopipe import gating
 
-    return gating.gate(
+    return (gating.gate if state.learner is None else state.learner.gate)(  # learner: `examples:`
         prep.sample,
         state.template,
         pooled=state.pooled,
@@ -1445,6 +1447,11 @@ def _to_engine_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
 # --- step: gating pass 1 + pooled estimates -----------------------------------------------------
 def step_gate_fit(ctx: RunContext) -> dict[str, Any]:
     """Per-sample fits of the data-driven gates, pooled per patient / batch / cohort."""
+    if ctx.wf.examples is not None:  # learned gates (cytopipe.gating.learn), from prepared examples
+        from cytopipe.gating.learn import study_learner
+
+        ctx.state.learner, ctx.hashes["template"] = study_learner(ctx.wf.examples, ctx.state, ctx.alive(),
+                                                                  prepare_sample, ctx.hashes["template"])  # fmt: skip
     template = ctx.state.template
     if not template.data_driven:
         ctx.hashes["pooled"] = stable_hash(None)
@@ -2038,7 +2045,10 @@ def load_run(run_dir: str | Path) -> LoadedRun:
             raise StoreError(
                 f"the run's {key} {path} is gone; it is needed to re-process the samples", file=folder.path
             )
-    if file_sha256(wf.template) != info["hashes"]["template"]:
+    template_hash = file_sha256(wf.template)
+    if wf.examples is not None:  # learned gates: the key covers the examples too (step_gate_fit)
+        template_hash = stable_hash([template_hash, file_sha256(wf.examples)])
+    if template_hash != info["hashes"]["template"]:
         raise StoreError(
             f"the gating template {wf.template} changed since this run; rerun `cytopipe run` first "
             "so that exported populations match population_stats",
@@ -2066,6 +2076,10 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     usable = samples[samples["status"].isin(["ok", "flagged"]) & samples["control"].fillna("").eq("")]
     sha = dict(zip(usable["sample_id"], usable["sha256"]))
     jobs = [dict(j, sha256=sha[j["sample_id"]]) for j in jobs if j["sample_id"] in sha]
+    if wf.examples is not None:  # learned gates, learned again exactly as the run did
+        from cytopipe.gating.learn import study_learner
+
+        state.learner, _ = study_learner(wf.examples, state, jobs, prepare_sample, "")
     return LoadedRun(folder=folder, info=info, wf=wf, state=state, jobs=jobs, samples=samples, codes=codes)
 
 

@@ -199,7 +199,7 @@ def test_learned_gates_on_21_samples_of_a_random_instrument_study(tmp_path):
     targets = [s for s in samples if s not in study.reviewed]
     assert len(targets) == 21
     for sid in targets:
-        res = learner.gate(samples[sid], sid, medians=False)
+        res = learner.gate(samples[sid], sample_id=sid, medians=False)
         truth = _truth(study.folder, sid)
         for pop in template:
             if pop.name not in truth:
@@ -242,7 +242,7 @@ def test_gs_dc_auto_gates_learned_from_001_reproduce_002():
     s2 = SimpleNamespace(events=ev2, channels=ch2)
     t1 = to_template(read_gatingset_pb(extdata / (name.format("001") + ".pb")))
     learner = Learner(t1, [Example("001", {p.name: p.gate for p in t1})], {"001": s1})
-    res = learner.gate(s2, "002", medians=False)
+    res = learner.gate(s2, sample_id="002", medians=False)
     copied = Engine(ev2, ch2, t1).run(medians=False)  # 001's gates applied unchanged, for comparison
 
     counts = pd.read_csv(
@@ -316,3 +316,43 @@ def test_cli_gate_with_examples(small_study, tmp_path):
         capture_output=True, text=True, cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert missing.returncode == 2 and sid in missing.stderr and "examples" in missing.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# a workflow with `examples:` through `cytopipe run` (in process, synchronous scheduler)
+# --------------------------------------------------------------------------------------------
+def test_workflow_examples_through_run(small_study, tmp_path):
+    import yaml
+
+    from cytopipe.pipeline import EXIT_OK, run_workflow
+    from cytopipe.store import read_table
+    from cytopipe.workflow import load_workflow
+
+    study = small_study
+    template = load_template(TEMPLATE)
+    sid = study.reviewed[0]
+    s = cytopipe.read_fcs(study.folder / study.manifest.set_index("sample_id").loc[sid, "file"])
+    from cytopipe.gating import gate as gate_sample
+
+    own = gate_sample(s, template, medians=False)
+    gates = {p.name: own.populations[p.name].gate for p in template if not isinstance(p.gate, BooleanGate)}
+    path = write_examples(tmp_path / "examples.yaml", [Example(sid, gates)])
+    spec = {"study": "learned", "manifest": str(study.folder / "manifest.csv"), "template": str(TEMPLATE),
+            "examples": str(path), "output": str(tmp_path / "run"), "report": {"enabled": False},
+            "statistics": {"enabled": False}}  # fmt: skip
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    wf = load_workflow(tmp_path / "wf.yaml")
+    assert wf.examples == path.resolve()
+    result = run_workflow(wf, scheduler="synchronous", progress=False)
+    assert result.exit_code == EXIT_OK, result.summary()
+    ps = read_table(tmp_path / "run", "population_stats")
+    assert len(set(ps["sample_id"])) == len(study.manifest)
+    review = pd.read_parquet(tmp_path / "run" / "gate_review.parquet")
+    sources = set(review.loc[review["population"] != "CD56dim NK", "source"])
+    assert sources == {LEARNED}, sources
+    # the reviewed sample keeps exactly its reviewed gates (event QC may drop a few events first)
+    mine = ps[ps["sample_id"] == sid].set_index("population")
+    assert (
+        abs(int(mine.loc["T cells", "count"]) - own.populations["T cells"].count)
+        <= 0.01 * own.populations["T cells"].count
+    )

@@ -236,7 +236,7 @@ def run(args) -> int:
                 tpl = read_gatingml(args.template, fcs_file=path)
             if learner is not None:
                 result = learner.gate(
-                    sample, sid, pooled=pooled, sample_meta=meta, controls=controls_for(meta)
+                    sample, sample_id=sid, pooled=pooled, sample_meta=meta, controls=controls_for(meta)
                 )
             else:
                 result = gate(sample, tpl, pooled=pooled, sample_meta=meta, controls=controls_for(meta))

@@ -56,7 +56,7 @@ EXAMPLES_FORMAT = "cytopipe-gate-examples/1"
 # peak width or more somewhere (or the parent's shape differs), so the transferred gate is flagged.
 MIN_QUALITY = 0.80
 MIN_PARENT_EVENTS = 50  # fewer parent events than this: no density to align, the gate is copied
-MAX_PROFILE_EVENTS = 50_000  # example parent values kept per axis (a density needs no more)
+MAX_PROFILE_EVENTS = 20_000  # example parent values kept per axis (density() caps n at 20 000 too)
 _PEAK_SHARE = 0.1  # a landmark peak is at least this tall relative to the tallest (not noise)
 _HALF_WIDTHS = 2.0
 # valleys between matched peaks as landmarks too: off, as in flowStats warpSet (peaks only); the
@@ -521,9 +521,9 @@ class _Profile:
 
 def _thin(x: np.ndarray) -> np.ndarray:
     if len(x) <= MAX_PROFILE_EVENTS:
-        return np.asarray(x, dtype=np.float64)
+        return np.asarray(x, dtype=np.float32)  # float32: the learner travels to every worker
     step = int(math.ceil(len(x) / MAX_PROFILE_EVENTS))  # deterministic: every k-th event
-    return np.asarray(x[::step], dtype=np.float64)
+    return np.asarray(x[::step], dtype=np.float32)
 
 
 class Learner:
@@ -649,19 +649,46 @@ class Learner:
     def gate(
         self,
         sample: Any,
-        sample_id: str | None = None,
+        template: Template | None = None,
         *,
+        sample_id: str | None = None,
         pooled=None,
         sample_meta: Mapping[str, Any] | None = None,
         medians: bool = True,
         **kw,
     ) -> GatingResult:
-        """Gate one sample: learned gates where there are examples, the template elsewhere."""
+        """Gate one sample: learned gates where there are examples, the template elsewhere. Called
+        like :func:`cytopipe.gating.gate` (``template``, if given, must be the learner's own)."""
+        if template is not None and template is not self.template:
+            raise GatingError("a learner gates with the template it learned for")
         if sample_id is None and sample_meta:
             sample_id = str(sample_meta.get("sample_id"))
         return self.engine(sample, sample_id, **kw).run(
             pooled=pooled, sample_meta=sample_meta, medians=medians
         )
+
+
+def study_learner(
+    examples_path: str | Path, state: Any, jobs: Sequence[Mapping[str, Any]], prepare, template_hash: str
+):
+    """The learner of a workflow's ``examples:``: the example samples are read and prepared as the
+    run prepares every sample (``prepare(job, state)``: QC, the study's spillover), and gated with
+    the study's locked transforms. Returns it with the gating cache key extended by the examples."""
+    from cytopipe.config import stable_hash
+    from cytopipe.store import file_sha256
+
+    examples = read_examples(examples_path, state.template)
+    by_id = {str(j["sample_id"]): j for j in jobs}
+    missing = [e.sample_id for e in examples if e.sample_id not in by_id]
+    if missing:
+        raise TemplateError(
+            f"the examples' sample(s) {missing} are not among the study's samples (or failed QC); "
+            "learned gates need their events",
+            file=examples_path,
+        )
+    samples = {e.sample_id: prepare(by_id[e.sample_id], state).sample for e in examples}
+    learner = Learner(state.template, examples, samples, transforms=state.transforms)
+    return learner, stable_hash([template_hash, file_sha256(examples_path)])
 
 
 def source_columns(table, result: GatingResult):
