@@ -174,9 +174,9 @@ def small_study(tmp_path_factory):
     return _study(tmp_path_factory.mktemp("learn") / "small", patients=2, events=5000)
 
 
-# Measured on seed 5150 (issue 10's Done-when line, not met yet): pooled F1 >= 0.994 for the
-# scatter, viability, T, CD4/CD8, memory and NK gates, Treg 0.981, cTfh 0.951, but Th17 0.925,
-# Th1 0.945 and activated cTfh 0.880 (the dim CXCR3/CCR6/PD-1 continua: a threshold 0.07 arcsinh
+# Measured on seed 5150 (issue 10's Done-when line, not met yet): pooled F1 >= 0.993 for the
+# scatter, viability, T, CD4/CD8, memory and NK gates, Treg 0.980, cTfh 0.951, but Th17 0.926,
+# Th1 0.944 and activated cTfh 0.879 (the dim CXCR3/CCR6/PD-1 continua: a threshold 0.07 arcsinh
 # off the best one costs ~0.07 F1 there). strict: the test fails as soon as the line holds.
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="Th17 / Th1 / activated cTfh below F1 0.95 (see comment)")
@@ -294,11 +294,11 @@ def test_cli_gate_with_examples(small_study, tmp_path):
         sid, {p.name: own.populations[p.name].gate for p in template if not isinstance(p.gate, BooleanGate)}
     )
     path = write_examples(tmp_path / "ex.json", [ex])
-    files = [study.folder / f for f in study.manifest["file"][:4]]
+    files = [study.folder / f for f in study.manifest["file"][:3]]
     assert study.manifest["sample_id"][0] == sid
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "cytopipe", "gate", *map(str, files), "--template", str(TEMPLATE),
-           "--examples", str(path), "--out", str(out), "--quiet"]  # fmt: skip
+           "--examples", str(path), "--out", str(out), "--quiet", "--no-pool"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**__import__("os").environ,
                           "PYTHONPATH": str(REPO)}, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -356,3 +356,44 @@ def test_workflow_examples_through_run(small_study, tmp_path):
         abs(int(mine.loc["T cells", "count"]) - own.populations["T cells"].count)
         <= 0.01 * own.populations["T cells"].count
     )
+
+
+def test_review_export_entries_rebuild_their_gates(tmp_path):
+    """An examples file as `cytopipe review --examples` writes it (panel shapes, no `gate` field):
+    range, rectangle/quadrant, polygon and ellipse gates come back on the template's axes; a
+    half-plane (diagonal) panel cannot, and is left to the template (logged, not guessed)."""
+    import yaml
+
+    template = load_template(TEMPLATE)
+    entries = [
+        {"sample_id": "S1", "population": "T cells", "gate_type": "auto", "dims": ["CD3"],
+         "shapes": [{"kind": "range", "x": [2.5, None]}]},
+        {"sample_id": "S1", "population": "CD4 T", "gate_type": "quadrant", "dims": ["CD4", "CD8"],
+         "shapes": [{"kind": "rect", "x": [2.0, None], "y": [None, 2.2]}]},
+        {"sample_id": "S1", "population": "Singlets", "gate_type": "singlets", "dims": ["FSC-A", "FSC-H"],
+         "shapes": [{"kind": "polygon", "vertices": [[0, 0], [1e12, 9e11], [9e11, 1e12]]}]},
+        {"sample_id": "S1", "population": "Lymphocytes", "gate_type": "lymphocytes", "dims": ["FSC-A", "SSC-A"],
+         "shapes": [{"kind": "ellipse", "center": [5e4, 2e4], "covariance": [[1e8, 0], [0, 4e7]],
+                     "distance_square": 9.0}]},
+        {"sample_id": "S1", "population": "Treg", "gate_type": "diagonal", "dims": ["CD25", "CD127"],
+         "shapes": [{"kind": "polygon", "vertices": [[0, 0], [1, 0], [1, 1]], "half_plane": True}]},
+    ]  # fmt: skip
+    path = tmp_path / "review_examples.yaml"
+    path.write_text(
+        yaml.safe_dump({"format": "cytopipe-gate-examples/1", "examples": entries}), encoding="utf-8"
+    )
+    (ex,) = read_examples(path, template)
+    assert set(ex.gates) == {"T cells", "CD4 T", "Singlets", "Lymphocytes"}
+    t = ex.gates["T cells"]
+    assert isinstance(t, RectangleGate) and t.lower == (2.5,) and t.upper == (None,)
+    assert t.dims == template["T cells"].gate.dims  # the template's axes (its transform)
+    q = ex.gates["CD4 T"]
+    assert q.lower == (2.0, None) and q.upper == (None, 2.2) and q.style == "quadrant"
+    assert isinstance(ex.gates["Singlets"], PolygonGate)
+    e = ex.gates["Lymphocytes"]
+    assert isinstance(e, EllipsoidGate) and e.distance_square == 9.0
+    with pytest.raises(Exception, match="does not have"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({"format": "cytopipe-gate-examples/1", "examples": [
+            {**entries[0], "population": "Basophils"}]}), encoding="utf-8")  # fmt: skip
+        read_examples(bad, template)
