@@ -2047,7 +2047,9 @@ def load_run(run_dir: str | Path) -> LoadedRun:
             )
     template_hash = file_sha256(wf.template)
     if wf.examples is not None:  # learned gates: the key covers the examples too (step_gate_fit)
-        template_hash = stable_hash([template_hash, file_sha256(wf.examples)])
+        from cytopipe.gating.learn import examples_key
+
+        template_hash = examples_key(template_hash, wf.examples)
     if template_hash != info["hashes"]["template"]:
         raise StoreError(
             f"the gating template {wf.template} changed since this run; rerun `cytopipe run` first "

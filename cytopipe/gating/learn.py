@@ -674,9 +674,6 @@ def study_learner(
     """The learner of a workflow's ``examples:``: the example samples are read and prepared as the
     run prepares every sample (``prepare(job, state)``: QC, the study's spillover), and gated with
     the study's locked transforms. Returns it with the gating cache key extended by the examples."""
-    from cytopipe.config import stable_hash
-    from cytopipe.store import file_sha256
-
     examples = read_examples(examples_path, state.template)
     by_id = {str(j["sample_id"]): j for j in jobs}
     missing = [e.sample_id for e in examples if e.sample_id not in by_id]
@@ -688,7 +685,15 @@ def study_learner(
         )
     samples = {e.sample_id: prepare(by_id[e.sample_id], state).sample for e in examples}
     learner = Learner(state.template, examples, samples, transforms=state.transforms)
-    return learner, stable_hash([template_hash, file_sha256(examples_path)])
+    return learner, examples_key(template_hash, examples_path)
+
+
+def examples_key(template_hash: str, examples_path: str | Path) -> str:
+    """The gating cache key of a template learned from an examples file (both contents)."""
+    import hashlib
+
+    digest = hashlib.sha256(Path(examples_path).read_bytes()).hexdigest()
+    return hashlib.sha256(f"{template_hash}|{digest}".encode()).hexdigest()
 
 
 def source_columns(table, result: GatingResult):
