@@ -389,6 +389,8 @@ def examples_document(examples: Sequence[Example], note: str = "") -> dict[str, 
     out = []
     for ex in examples:
         for pop, g in ex.gates.items():
+            if g is None:  # a population the sample could not gate (e.g. not measured): no example
+                continue
             geo = gate_geometry(g)
             out.append({"sample_id": ex.sample_id, "population": pop, "status": "approved",
                         "gate_type": geo["type"], "dims": [d.name for d in g.dims][:2], "gate": geo})  # fmt: skip
@@ -555,6 +557,9 @@ class Learner:
                 "other samples (their events are needed to learn from)"
             )
         self.template = template
+        examples = [
+            Example(e.sample_id, {k: g for k, g in e.gates.items() if g is not None}) for e in examples
+        ]
         self.examples = [e for e in examples if e.gates]
         self.combine = combine
         self.min_quality = float(min_quality)
