@@ -35,6 +35,7 @@ from cytopipe.gating.learn import (
     warp_gate,
     write_examples,
 )
+from cytopipe.gating.template import Population, Template
 from tests.conftest import shared_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -444,3 +445,25 @@ def test_flowjo_workspace_gates_learned_onto_a_gain_changed_copy():
     # populations of >= 1000 events (in smaller ones a few cells move F1 by 0.01-0.03)
     low = {p: round(v[0], 3) for p, v in scores.items() if v[2] >= 1000 and v[0] < 0.95}
     assert not low, low
+
+
+def test_poor_alignment_is_flagged_and_the_gate_still_applied():
+    """A target whose parent looks nothing like the example's: the gate is applied anyway (a value,
+    never a dropped sample) and flagged with its alignment quality."""
+    rng = np.random.default_rng(7)
+    channels = pd.DataFrame({"pnn": ["A"], "pns": [""]})
+    a = Dim("A", compensation=None)
+    template = Template(name="t", populations={"pos": Population("pos", "root", RectangleGate([a], [2.0], [None]))},
+                        compensation="none")  # fmt: skip
+    example = SimpleNamespace(events=np.concatenate([rng.normal(0, 0.3, 3000), rng.normal(4, 0.3, 3000)])
+                              .astype(np.float32)[:, None], channels=channels)  # fmt: skip
+    odd = SimpleNamespace(events=rng.uniform(-5, 9, 6000).astype(np.float32)[:, None], channels=channels)
+    alike = SimpleNamespace(events=example.events + np.float32(0.5), channels=channels)
+    learner = Learner(template, [Example("ex", {"pos": template["pos"].gate})], {"ex": example})
+    bad = learner.gate(odd, sample_id="odd", medians=False)
+    good = learner.gate(alike, sample_id="alike", medians=False)
+    assert bad.alignment["pos"] < 0.8 <= good.alignment["pos"]
+    assert any("aligned poorly" in f for _, f in bad.flags) and not good.flags
+    assert bad.populations["pos"].count > 0 and bad.populations["pos"].source == LEARNED
+    # the shifted copy: its threshold moved by the shift, so the same events are inside
+    assert good.populations["pos"].count == int((example.events[:, 0] >= 2.0).sum())
