@@ -26,6 +26,10 @@ sample is never dropped. The gate source is ``learned``.
     examples = read_examples("examples.yaml", template)
     learner = Learner(template, examples, {"P001_W00": sample_a, ...})   # the example samples
     result = learner.gate(target_sample, sample_id="P002_W00")          # a GatingResult
+
+Why one module (~750 lines): the alignment (warps, quality), the examples files (read, write, the
+FlowJo / Gating-ML mapping) and the learner are one feature that no other module calls into piece
+by piece; the examples I/O is the natural split if it grows.
 """
 
 from __future__ import annotations
