@@ -198,6 +198,12 @@ SCHEMA: Schema = {
     "manifest": Field("path", None, "manifest CSV (one row per FCS file)", required=True, nullable=False),
     "clinical": Field("path", None, "clinical table CSV (one row per patient and visit)"),
     "template": Field("path", None, "gating template YAML", required=True, nullable=False),
+    "examples": Field(
+        "path",
+        None,
+        "reviewed gates of a few of the study's samples (cytopipe examples .yaml/.json, FlowJo .wsp or "
+        "Gating-ML .xml): every other sample gets them by density-landmark alignment ('learned' gates)",
+    ),
     "output": Field("outpath", None, "run folder (default: runs/<study> next to the spec)"),
     "workers": Field("int|auto", "auto", "Dask worker processes ('auto': one per core)"),
     "seed": Field(int, 0, "seed of every random step", nullable=False),
@@ -227,6 +233,7 @@ class Workflow:
     template: Path
     output: Path
     clinical: Path | None = None
+    examples: Path | None = None  # reviewed gates to learn from (cytopipe.gating.learn)
     workers: int | None = None  # None = one per core
     seed: int = 0
     missing_markers: str = "stop"
@@ -246,6 +253,7 @@ class Workflow:
             "manifest",
             "clinical",
             "template",
+            "examples",
             "output",
             "workers",
             "seed",
@@ -264,7 +272,7 @@ class Workflow:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Workflow:
         """Inverse of :meth:`to_dict` (as recorded in run.json)."""
-        paths = {"manifest", "template", "output", "clinical", "spec_path"}
+        paths = {"manifest", "template", "output", "clinical", "spec_path", "examples"}
         kwargs = {k: (Path(v) if k in paths and v is not None else v) for k, v in data.items()}
         comp = dict(kwargs.get("compensation") or {})
         if comp.get("path"):
@@ -369,6 +377,7 @@ def _build(values: dict[str, Any], spec_path: Path | None, base: Path, file: Pat
         template=values["template"],
         output=Path(output),
         clinical=values.get("clinical"),
+        examples=values.get("examples"),
         workers=None if workers in (None, "auto") else int(workers),
         seed=int(values["seed"]),
         missing_markers=str(values.get("missing_markers") or "stop"),

@@ -50,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a template marker absent from EVERY file: stop before gating (default, exit 2) or gate "
         "everything else and report its populations as 'not measured'",
     )
+    parser.add_argument(
+        "--examples",
+        type=Path,
+        help="reviewed gates of a few of the FILES (cytopipe examples .yaml/.json from `cytopipe review`, "
+        "a FlowJo .wsp or a Gating-ML .xml): every other file gets them by density-landmark alignment "
+        "(gate source 'learned'; see docs/gating.md, Learned gates)",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only errors")
 
 
@@ -134,6 +141,23 @@ def _tailored(template: Path) -> bool:
     return is_cytobank(root) and bool(tailored_files(root))
 
 
+def _learner(args, template, samples):
+    """The learner of ``--examples``: the example samples must be among the files gated."""
+    import cytopipe
+    from cytopipe.gating.learn import Learner, read_examples
+
+    examples = read_examples(args.examples, template)
+    by_id = {str(meta["sample_id"]): path for path, meta in samples}
+    missing = [e.sample_id for e in examples if e.sample_id not in by_id]
+    if missing:
+        raise ManifestError(
+            f"the examples' sample(s) {missing} are not among the files to gate; add their FCS files "
+            "(their events are what the gates are learned from)",
+            file=args.examples,
+        )
+    return Learner(template, examples, {e.sample_id: cytopipe.read_fcs(by_id[e.sample_id]) for e in examples})
+
+
 def run(args) -> int:
     import cytopipe
     from cytopipe.gating import gate, load_template, pool_estimates
@@ -196,6 +220,7 @@ def run(args) -> int:
             manifest = pd.DataFrame([m for _, m in samples])
             pooled = pool_estimates(pd.concat(fits, ignore_index=True), manifest)
 
+    learner = _learner(args, template, samples) if getattr(args, "examples", None) else None
     stats, flags, own_fits = [], [], []
     for_flowjo: dict[str, tuple] = {}
     for i, (path, meta) in enumerate(samples, 1):
@@ -209,12 +234,22 @@ def run(args) -> int:
                 from cytopipe.gating.gatingml import read_gatingml
 
                 tpl = read_gatingml(args.template, fcs_file=path)
-            result = gate(sample, tpl, pooled=pooled, sample_meta=meta, controls=controls_for(meta))
+            if learner is not None:
+                result = learner.gate(
+                    sample, sample_id=sid, pooled=pooled, sample_meta=meta, controls=controls_for(meta)
+                )
+            else:
+                result = gate(sample, tpl, pooled=pooled, sample_meta=meta, controls=controls_for(meta))
         except CytopipeError as exc:
             failures[sid] = str(exc)
             say(f"[{i}/{len(samples)}] {sid}: FAILED: {exc}")
             continue
-        stats.append(result.to_population_stats(meta))
+        table = result.to_population_stats(meta)
+        if learner is not None:
+            from cytopipe.gating.learn import source_columns
+
+            table = source_columns(table, result)
+        stats.append(table)
         flags.append(result.flags_table(meta))
         own_fits.append(result.fit_records(sid))
         if args.gatingml:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cytopipe.pipeline.state import StudyState, _load_manifest, build_state, split_jobs
+from cytopipe.pipeline.tasks import prepare_sample
 from cytopipe.store import RunFolder, file_sha256
 from cytopipe.workflow import Workflow
 
@@ -53,7 +54,12 @@ def load_run(run_dir: str | Path) -> LoadedRun:
             raise StoreError(
                 f"the run's {key} {path} is gone; it is needed to re-process the samples", file=folder.path
             )
-    if file_sha256(wf.template) != info["hashes"]["template"]:
+    template_hash = file_sha256(wf.template)
+    if wf.examples is not None:  # learned gates: the key covers the examples too (step_gate_fit)
+        from cytopipe.gating.learn import examples_key
+
+        template_hash = examples_key(template_hash, wf.examples)
+    if template_hash != info["hashes"]["template"]:
         raise StoreError(
             f"the gating template {wf.template} changed since this run; rerun `cytopipe run` first "
             "so that exported populations match population_stats",
@@ -81,6 +87,10 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     usable = samples[samples["status"].isin(["ok", "flagged"]) & samples["control"].fillna("").eq("")]
     sha = dict(zip(usable["sample_id"], usable["sha256"]))
     jobs = [dict(j, sha256=sha[j["sample_id"]]) for j in jobs if j["sample_id"] in sha]
+    if wf.examples is not None:  # learned gates, learned again exactly as the run did
+        from cytopipe.gating.learn import study_learner
+
+        state.learner, _ = study_learner(wf.examples, state, jobs, prepare_sample, "")
     return LoadedRun(folder=folder, info=info, wf=wf, state=state, jobs=jobs, samples=samples, codes=codes)
 
 

@@ -43,6 +43,7 @@ class StudyState:
     pool_markers: list[str] = field(default_factory=list)  # markers whose transform is estimated
     pool_events: int = 2000
     cluster: Any = None  # ClusterPlan when clustering is on
+    learner: Any = None  # cytopipe.gating.learn.Learner when the workflow has `examples:`
 
 
 @dataclass

@@ -42,6 +42,7 @@ from cytopipe.pipeline.tasks import (
     gate_task,
     needs_regating,
     pool_task,
+    prepare_sample,
     register_task,
     spillover_task,
 )
@@ -258,6 +259,12 @@ def _to_engine_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 def step_gate_fit(ctx: RunContext) -> dict[str, Any]:
     """Per-sample fits of the data-driven gates, pooled per patient / batch / cohort."""
+    if ctx.wf.examples is not None:  # learned gates (cytopipe.gating.learn), from prepared examples
+        from cytopipe.gating.learn import study_learner
+
+        ctx.state.learner, ctx.hashes["template"] = study_learner(
+            ctx.wf.examples, ctx.state, ctx.alive(), prepare_sample, ctx.hashes["template"]
+        )
     template = ctx.state.template
     if not template.data_driven:
         ctx.hashes["pooled"] = stable_hash(None)

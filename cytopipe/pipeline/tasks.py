@@ -139,7 +139,8 @@ def fit_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
         from cytopipe import gating
 
         prep = prepare_sample(job, state)
-        result = gating.gate(
+        gate = gating.gate if state.learner is None else state.learner.gate  # `examples:` (learned gates)
+        result = gate(
             prep.sample, state.template, sample_meta=prep.meta, transforms=state.transforms, medians=True
         )
         return {"fits": result.fit_records(job["sample_id"]), **_gated_outputs(job, state, prep, result)}
@@ -255,7 +256,7 @@ def gate_prepared(prep: Prepared, state: StudyState, medians: bool = True) -> An
     populations."""
     from cytopipe import gating
 
-    return gating.gate(
+    return (gating.gate if state.learner is None else state.learner.gate)(  # learner: `examples:`
         prep.sample,
         state.template,
         pooled=state.pooled,

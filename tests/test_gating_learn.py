@@ -1,0 +1,469 @@
+"""Gates learned from reviewed samples (cytopipe.gating.learn).
+
+* A 24-file random-instrument study (3 sites, each its own instrument profile): the first sample of
+  each site is "reviewed" - the template's own fitted gates on it, corrected toward that sample's
+  truth labels (the best threshold / shift per gate, as a scientist moving gates by eye would) -
+  and those 3 samples' gates are transferred to the other 21. F1 against the simulator's per-event
+  truth on the 21 targets (whose truth is never used for the examples).
+* flowWorkspaceData gs_DC_auto (real HIPC DC/Mono/NK data, openCyto gates stored per sample):
+  every gate of sample 001 learned onto sample 002 against 002's stored counts.
+* Warps, the examples file and the CLI.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cytopipe
+from cytopipe.gating import Engine, load_template
+from cytopipe.gating.gates import BooleanGate, Dim, EllipsoidGate, PolygonGate, RectangleGate
+from cytopipe.gating.landmarks import AllOfGate
+from cytopipe.gating.learn import (
+    LEARNED,
+    Example,
+    Learner,
+    landmark_warp,
+    overlap,
+    read_examples,
+    warp_gate,
+    write_examples,
+)
+from cytopipe.gating.template import Population, Template
+from tests.conftest import shared_path
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = REPO / "gating" / "sle_il2_tcell_nk.yaml"
+SEED = 5150  # never used while developing the learner
+
+
+# --------------------------------------------------------------------------------------------
+# unit level: warps and geometry
+# --------------------------------------------------------------------------------------------
+def test_landmark_warp_maps_peaks_and_moves_a_valley_threshold():
+    rng = np.random.default_rng(1)
+    # example: negative peak at 1, positive at 4; target: same populations shifted and stretched
+    ex = np.concatenate([rng.normal(1.0, 0.3, 6000), rng.normal(4.0, 0.4, 4000)])
+    tg = np.concatenate([rng.normal(1.5, 0.45, 5000), rng.normal(6.0, 0.6, 5000)])
+    w = landmark_warp(ex, tg)
+    assert abs(float(w(1.0)) - 1.5) < 0.1 and abs(float(w(4.0)) - 6.0) < 0.15
+    # the example's threshold between the peaks lands between the target's, in proportion
+    assert abs(float(w(2.5)) - 3.75) < 0.2
+    assert overlap(w(ex), tg) > 0.85 > overlap(ex, tg)
+    assert float(w(np.inf)) == np.inf
+
+
+def test_warp_gate_moves_every_geometry():
+    x, y = Dim("x"), Dim("y")
+    warps = {x: landmark_warp([0, 1, 2, 3] * 50, [0, 2, 4, 6] * 50), y: landmark_warp([0.0] * 9, [1.0] * 9)}
+    r = warp_gate(RectangleGate([x, y], [1.0, None], [None, 2.0]), warps)
+    assert r.lower[1] is None and r.upper[0] is None
+    p = warp_gate(PolygonGate([x, y], [[0, 0], [2, 0], [2, 2], [-np.inf, 2]]), warps)
+    assert np.isneginf(p.vertices[:, 0]).any()
+    e = warp_gate(EllipsoidGate([x, y], [1.0, 1.0], np.eye(2), 1.0), warps)
+    assert e.center.shape == (2,)
+    a = warp_gate(AllOfGate([RectangleGate([x], [1.0], [None], "range"), r]), warps)
+    assert isinstance(a, AllOfGate) and len(a.parts) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# a simulated study: 3 reviewed samples -> 21 others
+# --------------------------------------------------------------------------------------------
+def _truth(trial: Path, sid: str) -> dict[str, np.ndarray]:
+    from cytopipe.simulate import load_labels
+    from cytopipe.simulate.populations import unpack_membership
+
+    lab = load_labels(trial / "truth" / "labels" / f"{sid}.npz")
+    keep = lab["fault"] == 0
+    return {str(p): unpack_membership(lab["membership"], str(p)) & keep for p in lab["populations"]}
+
+
+def _f1(got: np.ndarray, want: np.ndarray) -> tuple[int, int, int]:
+    return int((got & want).sum()), int((got & ~want).sum()), int((~got & want).sum())
+
+
+def _candidates(gate, vals: dict) -> list:
+    """One-knob variations of a gate: each finite bound over the parent's quantiles, polygons
+    shifted along x or y, ellipses grown or shrunk (what dragging a gate in a plot does)."""
+    out = []
+    levels = np.linspace(0.005, 0.995, 100)
+    if isinstance(gate, RectangleGate):
+        for k, d in enumerate(gate.dims):
+            qs = np.quantile(vals[d], levels) if len(vals[d]) else []
+            for which in ("lower", "upper"):
+                bounds = list(getattr(gate, which))
+                if bounds[k] is None:
+                    continue
+                for q in qs:
+                    b = bounds.copy()
+                    b[k] = float(q)
+                    lo, hi = (b, gate.upper) if which == "lower" else (gate.lower, b)
+                    out.append(RectangleGate(gate.dims, lo, hi, gate.style))
+    elif isinstance(gate, PolygonGate):
+        for k, d in enumerate(gate.dims):
+            spread = float(np.subtract(*np.quantile(vals[d], [0.75, 0.25]))) if len(vals[d]) else 0.0
+            for s in np.linspace(-1.0, 1.0, 41) * spread:
+                v = gate.vertices.copy()
+                v[:, k] += s
+                out.append(PolygonGate(gate.dims, v))
+    elif isinstance(gate, EllipsoidGate):
+        for f in np.linspace(0.4, 3.0, 27):
+            out.append(EllipsoidGate(gate.dims, gate.center, gate.covariance, gate.distance_square * f))
+    elif isinstance(gate, AllOfGate):
+        for i, part in enumerate(gate.parts):
+            for c in _candidates(part, vals):
+                parts = list(gate.parts)
+                parts[i] = c
+                out.append(AllOfGate(parts))
+    return out
+
+
+def reviewed_gates(sample, template, truth: dict[str, np.ndarray]) -> dict:
+    """The template's own fit on one sample, each gate then moved (two rounds, one knob at a time)
+    to its best F1 against this sample's truth, parents first."""
+    from cytopipe.gating import gate as gate_sample
+
+    own = gate_sample(sample, template, medians=False)
+    gates = {p.name: own.populations[p.name].gate for p in template if not isinstance(p.gate, BooleanGate)}
+    learner_view = Learner(template, [], {})  # only for its template-with-gates builder
+    for pop in template:
+        if pop.name not in gates or pop.name not in truth:
+            continue
+        eng = Engine(
+            sample.events, sample.channels, learner_view._with_gates(gates), spillover=sample.spillover
+        )
+        res = eng.run(medians=False)
+        pidx = None if pop.parent == "root" else res.indices(pop.parent)
+        g = gates[pop.name]
+        vals = {d: eng.values(d, pidx, pop.parent) for d in g.dims}
+        want = truth[pop.name] if pidx is None else truth[pop.name][pidx]
+
+        def score(gate_, vals=vals, want=want):
+            tp, fp, fn = _f1(gate_.contains([vals[d] for d in gate_.dims]), want)
+            return 2 * tp / max(2 * tp + fp + fn, 1)
+
+        best, best_f1 = g, score(g)
+        for _ in range(2):
+            for c in _candidates(best, vals):
+                f = score(c)
+                if f > best_f1 + 1e-9:
+                    best, best_f1 = c, f
+        gates[pop.name] = best
+    return gates
+
+
+def _study(folder: Path, patients: int, events: int) -> SimpleNamespace:
+    from cytopipe.simulate import instrument_trial
+
+    instrument_trial(folder, instrument="random", seed=SEED, patients=patients, visits=(0, 12), events=events,
+                     control_events=100)  # fmt: skip
+    manifest = pd.read_csv(folder / "manifest.csv", dtype={"sample_id": str, "patient_id": str})
+    manifest = manifest[manifest["control"].isna()].reset_index(drop=True)
+    # one reviewed sample per site (instrument): the first file of each site in the manifest
+    reviewed = list(manifest.drop_duplicates("site")["sample_id"])
+    return SimpleNamespace(folder=folder, manifest=manifest, reviewed=reviewed)
+
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory):
+    return _study(tmp_path_factory.mktemp("learn") / "small", patients=2, events=5000)
+
+
+# Measured on seed 5150 (issue 10's Done-when line, not met yet): pooled F1 >= 0.993 for the
+# scatter, viability, T, CD4/CD8, memory and NK gates, Treg 0.980, cTfh 0.951, but Th17 0.926,
+# Th1 0.944 and activated cTfh 0.879 (the dim CXCR3/CCR6/PD-1 continua: a threshold 0.07 arcsinh
+# off the best one costs ~0.07 F1 there). strict: the test fails as soon as the line holds.
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="Th17 / Th1 / activated cTfh below F1 0.95 (see comment)")
+def test_learned_gates_on_21_samples_of_a_random_instrument_study(tmp_path):
+    study = _study(tmp_path / "trial", patients=12, events=20000)
+    assert len(study.manifest) == 24
+    template = load_template(TEMPLATE)
+    samples = {r.sample_id: cytopipe.read_fcs(study.folder / r.file) for r in study.manifest.itertuples()}
+    examples = [
+        Example(sid, reviewed_gates(samples[sid], template, _truth(study.folder, sid)))
+        for sid in study.reviewed
+    ]
+    # through the examples file, as a scientist's reviewed gates would arrive
+    path = write_examples(tmp_path / "examples.yaml", examples, note="fitted, then corrected on 3 samples")
+    learner = Learner(template, read_examples(path, template), {s: samples[s] for s in study.reviewed})
+
+    totals: dict[str, list[int]] = {}
+    per_sample: dict[str, list[float]] = {}
+    flagged = 0
+    targets = [s for s in samples if s not in study.reviewed]
+    assert len(targets) == 21
+    for sid in targets:
+        res = learner.gate(samples[sid], sample_id=sid, medians=False)
+        truth = _truth(study.folder, sid)
+        for pop in template:
+            if pop.name not in truth:
+                continue
+            tp, fp, fn = _f1(res.mask(pop.name), truth[pop.name])
+            t = totals.setdefault(pop.name, [0, 0, 0])
+            t[0] += tp
+            t[1] += fp
+            t[2] += fn
+            per_sample.setdefault(pop.name, []).append(2 * tp / max(2 * tp + fp + fn, 1))
+            if not isinstance(pop.gate, BooleanGate):
+                assert res.populations[pop.name].source == LEARNED
+        flagged += sum(1 for _, f in res.flags if "aligned poorly" in f)
+        assert set(res.alignment) == {p.name for p in template if not isinstance(p.gate, BooleanGate)}
+
+    rows = []
+    for pop, (tp, fp, fn) in totals.items():
+        f = per_sample[pop]
+        rows.append((pop, 2 * tp / (2 * tp + fp + fn), float(np.median(f)), float(np.min(f))))
+    print(f"\nlearned gates, 3 reviewed samples {study.reviewed} -> 21 others (seed {SEED}); "
+          f"{flagged} gate(s) flagged for poor alignment")  # fmt: skip
+    print(f"{'population':<16}{'F1 (pooled)':>12}{'median':>9}{'min':>8}")
+    for pop, pooled, med, mn in rows:
+        print(f"{pop:<16}{pooled:>12.3f}{med:>9.3f}{mn:>8.3f}")
+    low = [(p, round(v, 3)) for p, v, _, _ in rows if v < 0.95]
+    assert not low, f"pooled F1 below 0.95: {low}"
+
+
+# --------------------------------------------------------------------------------------------
+# real data: flowWorkspaceData gs_DC_auto, learned from sample 001 onto sample 002
+# --------------------------------------------------------------------------------------------
+def test_gs_dc_auto_gates_learned_from_001_reproduce_002():
+    from tests.support.gatingset_pb import read_gatingset_pb, read_h5_events, to_template
+
+    extdata = shared_path("flowWorkspaceData", "inst", "extdata", "gs_DC_auto")
+    name = "DC_MONO_NK_12828001_{}.fcs"
+    ev1, ch1 = read_h5_events(extdata / (name.format("001") + ".h5"))
+    ev2, ch2 = read_h5_events(extdata / (name.format("002") + ".h5"))
+    s1 = SimpleNamespace(events=ev1, channels=ch1)
+    s2 = SimpleNamespace(events=ev2, channels=ch2)
+    t1 = to_template(read_gatingset_pb(extdata / (name.format("001") + ".pb")))
+    learner = Learner(t1, [Example("001", {p.name: p.gate for p in t1})], {"001": s1})
+    res = learner.gate(s2, sample_id="002", medians=False)
+    copied = Engine(ev2, ch2, t1).run(medians=False)  # 001's gates applied unchanged, for comparison
+
+    counts = pd.read_csv(
+        shared_path("flowWorkspaceData", "_derived", "gatingset_counts", name.format("002") + ".counts.tsv"),
+        sep="\t",
+    )
+    stored = {r.path[5:]: int(r.flowcore_count) for r in counts.itertuples() if r.path != "root"}
+    print("\ngs_DC_auto 002: gates learned from 001 vs stored counts (and 001's gates copied)")
+    print(f"{'node':<16}{'stored':>8}{'learned':>9}{'rel %':>8}{'pp':>7}{'copied rel %':>14}{'quality':>9}")
+    worst_pp, big_rel = 0.0, []
+    for node, want in stored.items():
+        got, cp = res.populations[node].count, copied.populations[node].count
+        parent = t1[node].parent
+        pw = stored.get(parent, len(ev2)) if parent != "root" else len(ev2)
+        pg = res.populations[node].parent_count
+        pp = abs(100 * got / pg - 100 * want / pw)
+        rel = 100 * (got / want - 1)
+        print(f"{node.split('/')[-1]:<16}{want:>8}{got:>9}{rel:>+8.2f}{pp:>7.2f}{100 * (cp / want - 1):>+14.2f}"
+              f"{res.alignment[node]:>9.3f}")  # fmt: skip
+        if pw >= 1000:  # the four DC nodes under HLADR+ (~600 events) are printed, not asserted
+            worst_pp = max(worst_pp, pp)
+            if want >= 1000 and abs(rel) > 2:
+                big_rel.append(node)
+        assert res.populations[node].source == LEARNED
+    print(f"worst |% of parent - stored| where the parent has >= 1000 events: {worst_pp:.2f} pp; "
+          f"nodes >= 1000 events off by more than 2% of their count: {big_rel}")  # fmt: skip
+    assert worst_pp <= 2.0
+    nk = [n for n in stored if n.split("/")[-1] in ("CD16+CD56+", "CD16-CD56+", "CD16+CD56-", "CD16-CD56-")]
+    assert len(nk) == 4
+    # aligning the densities does better than copying 001's gates unchanged (summed over NK nodes)
+    learned_err = sum(abs(res.populations[n].count / stored[n] - 1) for n in nk)
+    copied_err = sum(abs(copied.populations[n].count / stored[n] - 1) for n in nk)
+    print(f"NK nodes, summed |relative count error|: learned {learned_err:.3f}, copied {copied_err:.3f}")
+    assert learned_err < copied_err
+
+
+# --------------------------------------------------------------------------------------------
+# the command line
+# --------------------------------------------------------------------------------------------
+def test_cli_gate_with_examples(small_study, tmp_path):
+    study = small_study
+    template = load_template(TEMPLATE)
+    sid = study.reviewed[0]
+    s = cytopipe.read_fcs(study.folder / study.manifest.set_index("sample_id").loc[sid, "file"])
+    from cytopipe.gating import gate as gate_sample
+
+    own = gate_sample(s, template, medians=False)
+    ex = Example(
+        sid, {p.name: own.populations[p.name].gate for p in template if not isinstance(p.gate, BooleanGate)}
+    )
+    path = write_examples(tmp_path / "ex.json", [ex])
+    files = [study.folder / f for f in study.manifest["file"][:2]]
+    assert study.manifest["sample_id"][0] == sid
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "cytopipe", "gate", *map(str, files), "--template", str(TEMPLATE),
+           "--examples", str(path), "--out", str(out), "--quiet", "--no-pool"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**__import__("os").environ,
+                          "PYTHONPATH": str(REPO)}, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    ps = pd.read_parquet(out / "population_stats.parquet")
+    assert set(ps["sample_id"]) == {Path(f).stem for f in files}
+    assert "gate_source" in ps.columns
+    gated = ps[ps["population"] != "CD56dim NK"]
+    assert set(gated["gate_source"]) == {LEARNED}
+    # the reviewed sample itself gets exactly its reviewed gates
+    mine = ps[ps["sample_id"] == sid].set_index("population")["count"]
+    assert int(mine["T cells"]) == own.populations["T cells"].count
+
+    missing = subprocess.run(
+        [*cmd[:4], *map(str, files[1:]), "--template", str(TEMPLATE), "--examples", str(path), "--out", str(tmp_path / "o2")],
+        capture_output=True, text=True, cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert missing.returncode == 2 and sid in missing.stderr and "examples" in missing.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# a workflow with `examples:` through `cytopipe run` (in process, synchronous scheduler)
+# --------------------------------------------------------------------------------------------
+def test_workflow_examples_through_run(small_study, tmp_path):
+    import yaml
+
+    from cytopipe.pipeline import EXIT_OK, run_workflow
+    from cytopipe.store import read_table
+    from cytopipe.workflow import load_workflow
+
+    study = small_study
+    template = load_template(TEMPLATE)
+    sid = study.reviewed[0]
+    s = cytopipe.read_fcs(study.folder / study.manifest.set_index("sample_id").loc[sid, "file"])
+    from cytopipe.gating import gate as gate_sample
+
+    own = gate_sample(s, template, medians=False)
+    gates = {p.name: own.populations[p.name].gate for p in template if not isinstance(p.gate, BooleanGate)}
+    path = write_examples(tmp_path / "examples.yaml", [Example(sid, gates)])
+    spec = {"study": "learned", "manifest": str(study.folder / "manifest.csv"), "template": str(TEMPLATE),
+            "examples": str(path), "output": str(tmp_path / "run"), "report": {"enabled": False},
+            "statistics": {"enabled": False}}  # fmt: skip
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    wf = load_workflow(tmp_path / "wf.yaml")
+    assert wf.examples == path.resolve()
+    result = run_workflow(wf, scheduler="synchronous", progress=False)
+    assert result.exit_code == EXIT_OK, result.summary()
+    ps = read_table(tmp_path / "run", "population_stats")
+    assert len(set(ps["sample_id"])) == len(study.manifest)
+    review = pd.read_parquet(tmp_path / "run" / "gate_review.parquet")
+    sources = set(review.loc[review["population"] != "CD56dim NK", "source"])
+    assert sources == {LEARNED}, sources
+    # exports re-process samples as the run did: the learner is rebuilt (the cache key matches)
+    from cytopipe.pipeline import load_run
+
+    assert load_run(tmp_path / "run").state.learner is not None
+    # the reviewed sample keeps exactly its reviewed gates (event QC may drop a few events first)
+    mine = ps[ps["sample_id"] == sid].set_index("population")
+    assert (
+        abs(int(mine.loc["T cells", "count"]) - own.populations["T cells"].count)
+        <= 0.01 * own.populations["T cells"].count
+    )
+
+
+def test_review_export_entries_rebuild_their_gates(tmp_path):
+    """An examples file as `cytopipe review --examples` writes it (panel shapes, no `gate` field):
+    range, rectangle/quadrant, polygon and ellipse gates come back on the template's axes; a
+    half-plane (diagonal) panel cannot, and is left to the template (logged, not guessed)."""
+    import yaml
+
+    template = load_template(TEMPLATE)
+    entries = [
+        {"sample_id": "S1", "population": "T cells", "gate_type": "auto", "dims": ["CD3"],
+         "shapes": [{"kind": "range", "x": [2.5, None]}]},
+        {"sample_id": "S1", "population": "CD4 T", "gate_type": "quadrant", "dims": ["CD4", "CD8"],
+         "shapes": [{"kind": "rect", "x": [2.0, None], "y": [None, 2.2]}]},
+        {"sample_id": "S1", "population": "Singlets", "gate_type": "singlets", "dims": ["FSC-A", "FSC-H"],
+         "shapes": [{"kind": "polygon", "vertices": [[0, 0], [1e12, 9e11], [9e11, 1e12]]}]},
+        {"sample_id": "S1", "population": "Lymphocytes", "gate_type": "lymphocytes", "dims": ["FSC-A", "SSC-A"],
+         "shapes": [{"kind": "ellipse", "center": [5e4, 2e4], "covariance": [[1e8, 0], [0, 4e7]],
+                     "distance_square": 9.0}]},
+        {"sample_id": "S1", "population": "Treg", "gate_type": "diagonal", "dims": ["CD25", "CD127"],
+         "shapes": [{"kind": "polygon", "vertices": [[0, 0], [1, 0], [1, 1]], "half_plane": True}]},
+    ]  # fmt: skip
+    path = tmp_path / "review_examples.yaml"
+    path.write_text(
+        yaml.safe_dump({"format": "cytopipe-gate-examples/1", "examples": entries}), encoding="utf-8"
+    )
+    (ex,) = read_examples(path, template)
+    assert set(ex.gates) == {"T cells", "CD4 T", "Singlets", "Lymphocytes"}
+    t = ex.gates["T cells"]
+    assert isinstance(t, RectangleGate) and t.lower == (2.5,) and t.upper == (None,)
+    assert t.dims == template["T cells"].gate.dims  # the template's axes (its transform)
+    q = ex.gates["CD4 T"]
+    assert q.lower == (2.0, None) and q.upper == (None, 2.2) and q.style == "quadrant"
+    assert isinstance(ex.gates["Singlets"], PolygonGate)
+    e = ex.gates["Lymphocytes"]
+    assert isinstance(e, EllipsoidGate) and e.distance_square == 9.0
+    with pytest.raises(Exception, match="does not have"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({"format": "cytopipe-gate-examples/1", "examples": [
+            {**entries[0], "population": "Basophils"}]}), encoding="utf-8")  # fmt: skip
+        read_examples(bad, template)
+
+
+def test_flowjo_workspace_gates_learned_onto_a_gain_changed_copy():
+    """FlowSOM's 68983.fcs with its FlowJo workspace as the example; the target is the same file as
+    another instrument setting would record it (every fluorescence channel x1.3, scatter x1.1), so
+    the right membership is known per event: the FlowJo gates on the original events."""
+    import dataclasses
+
+    from cytopipe.gating.flowjo import read_flowjo_workspace
+
+    folder = shared_path("FlowSOM", "inst", "extdata")
+    template = read_flowjo_workspace(folder / "gating.wsp")
+    (example,) = read_examples(folder / "gating.wsp", template)
+    assert example.sample_id == "68983" and len(example.gates) == len(template.populations)
+    s = cytopipe.read_fcs(folder / "68983.fcs")
+    truth = Engine(s.events, s.channels, template, spillover=s.spillover).run(medians=False)
+    events = s.events.copy()
+    for i, name in enumerate(s.channels["pnn"]):
+        if name != "Time":
+            events[:, i] *= np.float32(1.1 if str(name).startswith(("FSC", "SSC")) else 1.3)
+    target = dataclasses.replace(s, events=events)
+    learned = Learner(template, [example], {"68983": s}).gate(target, sample_id="gain", medians=False)
+    copied = Engine(events, s.channels, template, spillover=s.spillover).run(medians=False)
+
+    def f1(mask, want):
+        return 2 * (mask & want).sum() / max(mask.sum() + want.sum(), 1)
+
+    print("\n68983 x1.3 gain: F1 against the FlowJo gates on the original events")
+    scores = {}
+    for pop in template:
+        want = truth.mask(pop.name)
+        scores[pop.name] = (
+            f1(learned.mask(pop.name), want),
+            f1(copied.mask(pop.name), want),
+            int(want.sum()),
+        )
+        print(
+            f"  {pop.name:<14}{want.sum():>7}  learned {scores[pop.name][0]:.3f}  copied {scores[pop.name][1]:.3f}"
+        )
+    assert np.mean([v[0] for v in scores.values()]) > np.mean([v[1] for v in scores.values()])
+    # populations of >= 1000 events (in smaller ones a few cells move F1 by 0.01-0.03)
+    low = {p: round(v[0], 3) for p, v in scores.items() if v[2] >= 1000 and v[0] < 0.95}
+    assert not low, low
+
+
+def test_poor_alignment_is_flagged_and_the_gate_still_applied():
+    """A target whose parent looks nothing like the example's: the gate is applied anyway (a value,
+    never a dropped sample) and flagged with its alignment quality."""
+    rng = np.random.default_rng(7)
+    channels = pd.DataFrame({"pnn": ["A"], "pns": [""]})
+    a = Dim("A", compensation=None)
+    template = Template(name="t", populations={"pos": Population("pos", "root", RectangleGate([a], [2.0], [None]))},
+                        compensation="none")  # fmt: skip
+    example = SimpleNamespace(events=np.concatenate([rng.normal(0, 0.3, 3000), rng.normal(4, 0.3, 3000)])
+                              .astype(np.float32)[:, None], channels=channels)  # fmt: skip
+    odd = SimpleNamespace(events=rng.uniform(-5, 9, 6000).astype(np.float32)[:, None], channels=channels)
+    alike = SimpleNamespace(events=example.events + np.float32(0.5), channels=channels)
+    learner = Learner(template, [Example("ex", {"pos": template["pos"].gate})], {"ex": example})
+    bad = learner.gate(odd, sample_id="odd", medians=False)
+    good = learner.gate(alike, sample_id="alike", medians=False)
+    assert bad.alignment["pos"] < 0.8 <= good.alignment["pos"]
+    assert any("aligned poorly" in f for _, f in bad.flags) and not good.flags
+    assert bad.populations["pos"].count > 0 and bad.populations["pos"].source == LEARNED
+    # the shifted copy: its threshold moved by the shift, so the same events are inside
+    assert good.populations["pos"].count == int((example.events[:, 0] >= 2.0).sum())
