@@ -10,6 +10,10 @@ it is one float32 matrix product over the matrix's columns, in row blocks that s
 al. 2021): for each control, find the positive population in its primary detector, fit robust
 slopes of every detector against the primary one through the matched negative population, then
 compensate the controls with the estimate and refit the residual slopes until they vanish.
+
+Why one module: applying a matrix, reading one from a file and computing one from controls share
+the :class:`Compensation` type, its validation and its channel matching; the AutoSpill estimate
+(over 400 of the lines) is one iterative algorithm whose private helpers nothing else calls.
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ handled (HEADER/TEXT offsets that disagree, bits above ``$PnR``, ...) are record
 Precision: events are float32. Integer data wider than 24 bits (``$PnB`` 32/64) and
 float64 data are rounded to the nearest float32 (integers above 2**24 = 16,777,216 lose
 their lowest bits), exactly as flowio's arrays cast to float32.
+
+Why one module: the reader's parts (header and TEXT parsing, keyword checks, the layout plan,
+the decode into float32) all work on one private ``_FCSFile`` state and share its error context;
+the writer is the reader's inverse and is tested against it. The hot decode kernels live apart
+in :mod:`cytopipe._fcskernels`.
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ Design (why it is fast and exact):
 * Data-driven gates are fitted on the parent's events, checked against their bounds, and
   replaced by the pooled estimate (flagged with the reason) when they fail.
 * Medians for ``population_stats`` are of compensated, untransformed (linear) values.
+
+Why one module: :class:`Engine` is one walk of the population tree (values, fits, pooled
+fallbacks, memberships, medians) over one sample's cached compensated/transformed columns;
+its methods share that cache. Fitting lives in :mod:`~cytopipe.gating.fitters` and
+:mod:`~cytopipe.gating.landmarks`, parsing in :mod:`~cytopipe.gating.template`.
 """
 
 from __future__ import annotations

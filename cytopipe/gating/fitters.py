@@ -20,6 +20,11 @@ Methods
 ``gmm``       one component of a Gaussian mixture (sklearn, seeded) as an ellipse
 ``singlets``  FSC-A / FSC-H ratio band around the singlet diagonal
 ``scatter_region`` lymphocyte region on FSC-A / SSC-A (a Gaussian-mixture component)
+
+Why one module: every fitter implements the one :class:`Fitter` contract (fit -> params,
+bounds, pooled fallback) and shares the density, peak and subsampling helpers above; the
+landmark-relative fitters, which need their own landmark search, are in
+:mod:`~cytopipe.gating.landmarks`.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ difference; for a polygon or ellipse the events lying within a hair of the gate'
 FlowJo's and cytopipe's arithmetic may disagree) are counted and the difference is explained when
 it is no larger; a file whose event count is not the one FlowJo stored is named; a FlowJo ellipse
 is evaluated as FlowKit's polygon version of it (as FlowJo itself does).
+
+Why one module: one command's comparison, its measured reasons and its CSV/HTML output; nothing
+else imports its helpers.
 """
 
 from __future__ import annotations

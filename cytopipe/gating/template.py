@@ -7,6 +7,10 @@ once for the template. See ``docs/gating.md`` for the format with an annotated e
 
 Every mistake in a template raises :class:`~cytopipe.errors.TemplateError` naming the
 population and the field (``key``), so a scientist can fix the YAML without reading code.
+
+Why one module: parsing a template is one pass with one error context (population, key) that
+every gate parser reports through, and :func:`template_to_dict` is its exact inverse (tested
+round trip); splitting the parsers from the data classes would split that pair.
 """
 
 from __future__ import annotations

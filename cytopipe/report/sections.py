@@ -3,6 +3,10 @@
 Every section is a function ``(builder) -> Section | None``; :data:`SECTIONS` lists them in page
 order. A later step adds its section by appending a function here (the optional cluster section
 is one: it appears only when the run folder holds ``clusters.parquet``).
+
+Why one module: :data:`SECTIONS` is the page order and each section is an independent function of
+the shared :class:`Builder`; keeping them side by side keeps that order and the shared helpers
+(significance rows, arm ordering) in one place. Larger sections live apart (review_section, batches).
 """
 
 from __future__ import annotations
