@@ -316,7 +316,7 @@ def _apply_inverse(events: np.ndarray, idx: np.ndarray, inv32: np.ndarray) -> No
     columns (3x slower). BLAS runs single-threaded: for a 16 x 16 product its threads only
     contend (5x slower on a busy 2-core machine), and samples run in parallel processes anyway.
     """
-    from threadpoolctl import threadpool_limits
+    from cytopipe.threads import one_thread
 
     k = len(idx)
     lo = int(idx.min())
@@ -328,7 +328,7 @@ def _apply_inverse(events: np.ndarray, idx: np.ndarray, inv32: np.ndarray) -> No
         matrix[np.ix_(pos, pos)] = inv32
         where = slice(lo, lo + k)
     out = np.empty((min(_ROW_BLOCK, events.shape[0]), k), dtype=np.float32)  # reused: no page faults
-    with threadpool_limits(1, user_api="blas"):
+    with one_thread():
         for r0 in range(0, events.shape[0], _ROW_BLOCK):
             block = events[r0 : r0 + _ROW_BLOCK]
             res = out[: block.shape[0]]

@@ -329,7 +329,7 @@ def _kind(g) -> str:
 def _display_step(result, sample, template, dim) -> float:
     """One step of FlowJo's display grid on a gate axis: the axis (0 to the channel's $PnR, on the
     gate's transform) divided into ``RESOLUTION`` steps, as FlowJo draws and tests gates."""
-    from cytopipe.gating._compat import apply_transform
+    from cytopipe.gating._adapters import apply_transform
 
     channel = result.channel_of.get(dim.name, dim.name)
     rows = sample.channels[sample.channels["pnn"] == channel]
