@@ -22,6 +22,11 @@ from cytopipe.errors import WorkflowError
 
 _MISSING = object()
 
+#: Samples drawn per gate in the report's gate review gallery: the one default of the workflow's
+#: ``report.max_gallery``, of ``write_report`` and of the pipeline (defined here, at the bottom of
+#: the layers, so that the workflow schema and the report both read it without importing each other).
+MAX_GALLERY = 36
+
 
 @dataclass(frozen=True)
 class Field:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cytopipe.config import MAX_GALLERY
 from cytopipe.errors import CytopipeError
 from cytopipe.report import batches as B
 from cytopipe.report import figures as F
@@ -40,7 +41,7 @@ ENDPOINT_TITLES = {
 class Builder:
     """Collects figures and CSV tables while the sections are built."""
 
-    def __init__(self, data: RunData, tables_href: str, max_gallery: int = 36):
+    def __init__(self, data: RunData, tables_href: str, max_gallery: int = MAX_GALLERY):
         self.data = data
         self.colors = F.arm_colors(data.arms, data.reference_arm, data.dose_ordered)
         self.tables: dict[str, pd.DataFrame] = {}
