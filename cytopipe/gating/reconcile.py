@@ -25,7 +25,6 @@ import base64
 import html
 import io
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import pandas as pd
 
 from cytopipe.errors import CytopipeError, TemplateError
 from cytopipe.gating.gates import BooleanGate, EllipsoidGate, PolygonGate, RectangleGate
+from cytopipe.tabular import escape_cell
 
 log = logging.getLogger(__name__)
 
@@ -481,17 +481,6 @@ def _draw(sample, result, pop, template, row) -> str:
 # --------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------
-_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan|infinity)", re.IGNORECASE)
-
-
-def escape_cell(value):
-    """Text a spreadsheet would run as a formula gets a leading ``'`` (numbers stay numbers)."""
-    if isinstance(value, str) and value.startswith(_TRIGGERS) and not _NUMBER.fullmatch(value):
-        return "'" + value
-    return value
-
-
 def _atomic(path: Path, data: bytes) -> None:
     import os
 
