@@ -31,6 +31,7 @@ in :mod:`cytopipe._fcskernels`.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -55,6 +56,8 @@ from cytopipe.errors import (
     SpilloverError,
 )
 from cytopipe.files import atomic_write, open_regular
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHANNEL_COLUMNS",
@@ -369,6 +372,7 @@ class _FCSFile:
     def flush_warnings(self) -> list[str]:
         for message in self._warnings:
             warnings.warn(f"{self.path}: {message}", FCSWarning, stacklevel=3)
+            logger.info("%s: %s", self.path, message)  # run.log keeps what the file's reader noted
         return list(self._warnings)
 
     def read_at(self, offset: int, n: int) -> bytes:

@@ -1,4 +1,5 @@
-"""The CLI shows library warnings (``logging`` under ``cytopipe``) on stderr while a command runs."""
+"""Logging: the CLI shows library warnings (``logging`` under ``cytopipe``) on stderr while a command
+runs; what the FCS reader notes about a file reaches the log (run.log of `cytopipe run`)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,18 @@ def test_library_warnings_reach_the_terminal_once_and_only_during_the_command(mo
     ]
     assert "run.log only" not in err
     assert logging.getLogger("cytopipe").handlers == before  # removed when the command ends
+
+
+def test_fcs_reader_notes_reach_the_log(caplog):
+    import warnings
+
+    from cytopipe.fcs import read_fcs
+    from tests.conftest import shared_path
+
+    path = shared_path("FlowKit", "data", "noncompliant", "data_start_offset_discrepancy_example.fcs")
+    with caplog.at_level("INFO", logger="cytopipe.fcs"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the FCSWarning itself is checked in test_fcs_read
+        sample = read_fcs(path)
+    logged = [r.getMessage() for r in caplog.records if r.name == "cytopipe.fcs"]
+    assert logged == [f"{path}: {note}" for note in sample.warnings]
+    assert any("HEADER and TEXT disagree" in m for m in logged)
