@@ -38,29 +38,32 @@ def test_one_thread_limits_and_restores(two_blas_threads):
     assert _blas_threads() == 2
 
 
-def test_one_thread_holds_while_another_thread_is_inside(two_blas_threads):
-    """threadpoolctl's own limiter restores on every exit: a block leaving in one thread would
-    lift the limit under a block still running in another (the server runs studies in threads)."""
-    a_inside, b_done, a_may_leave = threading.Event(), threading.Event(), threading.Event()
+@pytest.mark.parametrize("first_to_leave", ["a", "b"])
+def test_one_thread_holds_while_another_thread_is_inside(two_blas_threads, first_to_leave):
+    """Two threads (the server runs studies in threads) inside one_thread() at once: whichever
+    leaves first, the other still runs on one thread, and the pool is restored once both left.
+    (A plain threadpoolctl limiter per block, the old gating helper, lifts the limit under the
+    other thread when the thread that set it leaves first.)"""
+    entered = {"a": threading.Event(), "b": threading.Event()}
+    left = {"a": threading.Event(), "b": threading.Event()}
     seen: dict[str, int] = {}
+    order = [first_to_leave, "b" if first_to_leave == "a" else "a"]
 
-    def a() -> None:
+    def worker(me: str) -> None:
+        if me == "b":
+            entered["a"].wait(30)  # a enters (and sets the limit) first
         with one_thread():
-            a_inside.set()
-            b_done.wait(30)
-            seen["a after b left"] = _blas_threads()
-            a_may_leave.wait(30)
+            entered[me].set()
+            entered["a" if me == "b" else "b"].wait(30)
+            if me == order[1]:
+                left[order[0]].wait(30)
+                seen["after the other left"] = _blas_threads()
+        left[me].set()
 
-    def b() -> None:
-        a_inside.wait(30)
-        with one_thread():
-            seen["b inside"] = _blas_threads()
-        b_done.set()
-
-    ta, tb = threading.Thread(target=a), threading.Thread(target=b)
-    ta.start(), tb.start()
-    tb.join(60)
-    a_may_leave.set()
-    ta.join(60)
-    assert seen == {"b inside": 1, "a after b left": 1}
+    threads = [threading.Thread(target=worker, args=(name,)) for name in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert seen == {"after the other left": 1}
     assert _blas_threads() == 2  # the original size once both have left
