@@ -35,7 +35,7 @@ from cytopipe.errors import CytopipeError, TemplateError
 from cytopipe.gating.gates import BooleanGate, EllipsoidGate, PolygonGate, RectangleGate
 from cytopipe.tabular import escape_cell
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 COLUMNS = [
     "sample",
@@ -238,7 +238,7 @@ def flowkit_counts(ws, fcs: dict[str, Path]) -> dict[str, dict[str, int]]:
             samples = [fk.Sample(str(path), sample_id=name) for name, path in fcs.items()]
             peer = fk.Workspace(source, fcs_samples=samples)
     except Exception as exc:  # the peer is evidence, not a requirement
-        log.info("FlowKit could not read %s: %s", ws.path, exc)
+        logger.info("FlowKit could not read %s: %s", ws.path, exc)
         return out
     for name in fcs:
         try:
@@ -247,7 +247,7 @@ def flowkit_counts(ws, fcs: dict[str, Path]) -> dict[str, dict[str, int]]:
                 peer.analyze_samples(sample_id=name, use_mp=False)
                 report = peer.get_gating_results(name).report
         except Exception as exc:
-            log.info("FlowKit could not analyse %s: %s", name, exc)
+            logger.info("FlowKit could not analyse %s: %s", name, exc)
             continue
         out[name] = {
             "/" + "/".join(ws.renamed.get(p, p) for p in (*r.gate_path[1:], r.gate_name)): int(r.count)
