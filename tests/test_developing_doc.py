@@ -37,7 +37,7 @@ def test_new_gate_type_example(monkeypatch, capsys):
     scope = _run(_example("A new gate type"), "gate type")  # asserts the counts against numpy itself
     tails = scope["result"].populations["CD3 tails"]
     assert 0 < tails.count < len(scope["sample"].events)
-    assert tails.gate.geometry() == {"min": 3.0, "max": 5.0}
+    assert tails.gate.geometry() == {"min": 0.0, "max": 2.0}
     assert re.match(r"CD3 tails \d+, CD3 mid \d+ of 65016 events", capsys.readouterr().out)
 
 
