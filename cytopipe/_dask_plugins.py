@@ -15,8 +15,6 @@ class OneThreadBLAS(WorkerPlugin):
     name = "cytopipe-one-thread-blas"
 
     def setup(self, worker: Any) -> None:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-            return
-        self._limits = threadpool_limits(limits=1)
+        from cytopipe.threads import limit_process_to_one_thread
+
+        self._limits = limit_process_to_one_thread()

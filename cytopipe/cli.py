@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -132,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_INPUT
     module = importlib.import_module(COMMANDS[args.command][0])
+    console = _console_warnings(args.command)
     try:
         return int(module.run(args) or 0)
     except CytopipeError as exc:
@@ -151,6 +153,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OUTPUT
     except Exception as exc:
         return _internal(args, exc)
+    finally:
+        if console is not None:
+            logging.getLogger("cytopipe").removeHandler(console)
+
+
+def _console_warnings(command: str) -> logging.Handler | None:
+    """Library warnings (``logger.warning`` anywhere under ``cytopipe``) on stderr while a command
+    runs, as ``cytopipe <command>: warning: ...``. Errors are the command's to report (message and
+    exit code; ``cytopipe run`` keeps them with tracebacks in run.log), so only WARNING shows here.
+    ``serve`` configures its own logging."""
+    if command == "serve":
+        return None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.addFilter(lambda record: record.levelno == logging.WARNING)
+    handler.setFormatter(logging.Formatter(f"cytopipe {command}: warning: %(message)s"))
+    logging.getLogger("cytopipe").addHandler(handler)
+    return handler
 
 
 def _debugging(args: argparse.Namespace) -> bool:

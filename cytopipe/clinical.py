@@ -26,13 +26,14 @@ Missing visits: binary response endpoints use non-responder imputation (NRI) by 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from cytopipe.config import dataclass_kwargs
 from cytopipe.errors import ClinicalDataError
 
 ID_COLUMNS = ("patient_id", "visit", "arm")
@@ -112,15 +113,7 @@ class ClinicalSettings:
             return cls()
         if isinstance(value, cls):
             return value
-        if not isinstance(value, Mapping):
-            raise ClinicalDataError(f"clinical settings must be a dict, not {type(value).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ClinicalDataError(
-                f"unknown clinical setting(s) {unknown}; known settings are {sorted(known)}", key=unknown[0]
-            )
-        kwargs = dict(value)
+        kwargs = dataclass_kwargs(value, cls, ClinicalDataError, "clinical")
         for key in ("visits", "sri_thresholds"):
             if kwargs.get(key) is not None:
                 kwargs[key] = tuple(int(v) for v in kwargs[key])

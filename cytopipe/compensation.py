@@ -10,6 +10,10 @@ it is one float32 matrix product over the matrix's columns, in row blocks that s
 al. 2021): for each control, find the positive population in its primary detector, fit robust
 slopes of every detector against the primary one through the matched negative population, then
 compensate the controls with the estimate and refit the residual slopes until they vanish.
+
+Why one module: applying a matrix, reading one from a file and computing one from controls share
+the :class:`Compensation` type, its validation and its channel matching; the AutoSpill estimate
+(over 400 of the lines) is one iterative algorithm whose private helpers nothing else calls.
 """
 
 from __future__ import annotations
@@ -312,7 +316,7 @@ def _apply_inverse(events: np.ndarray, idx: np.ndarray, inv32: np.ndarray) -> No
     columns (3x slower). BLAS runs single-threaded: for a 16 x 16 product its threads only
     contend (5x slower on a busy 2-core machine), and samples run in parallel processes anyway.
     """
-    from threadpoolctl import threadpool_limits
+    from cytopipe.threads import one_thread
 
     k = len(idx)
     lo = int(idx.min())
@@ -324,7 +328,7 @@ def _apply_inverse(events: np.ndarray, idx: np.ndarray, inv32: np.ndarray) -> No
         matrix[np.ix_(pos, pos)] = inv32
         where = slice(lo, lo + k)
     out = np.empty((min(_ROW_BLOCK, events.shape[0]), k), dtype=np.float32)  # reused: no page faults
-    with threadpool_limits(1, user_api="blas"):
+    with one_thread():
         for r0 in range(0, events.shape[0], _ROW_BLOCK):
             block = events[r0 : r0 + _ROW_BLOCK]
             res = out[: block.shape[0]]

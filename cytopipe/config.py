@@ -22,6 +22,11 @@ from cytopipe.errors import WorkflowError
 
 _MISSING = object()
 
+#: Samples drawn per gate in the report's gate review gallery: the one default of the workflow's
+#: ``report.max_gallery``, of ``write_report`` and of the pipeline (defined here, at the bottom of
+#: the layers, so that the workflow schema and the report both read it without importing each other).
+MAX_GALLERY = 36
+
 
 @dataclass(frozen=True)
 class Field:
@@ -208,3 +213,20 @@ def _describe(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return f"{value!r} ({type(value).__name__})"
+
+
+def dataclass_kwargs(value: Any, cls: type, error: type[Exception], what: str) -> dict[str, Any]:
+    """``value`` (a mapping of a settings dataclass's fields) as a new dict, refusing anything
+    else and unknown keys with ``error`` (a :class:`~cytopipe.errors.CytopipeError` class);
+    ``what`` names the settings in the message (``"clinical"``, ``"statistics"``)."""
+    from dataclasses import fields
+
+    if not isinstance(value, Mapping):
+        raise error(f"{what} settings must be a dict, not {type(value).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise error(
+            f"unknown {what} setting(s) {unknown}; known settings are {sorted(known)}", key=unknown[0]
+        )
+    return dict(value)

@@ -22,10 +22,16 @@ handled (HEADER/TEXT offsets that disagree, bits above ``$PnR``, ...) are record
 Precision: events are float32. Integer data wider than 24 bits (``$PnB`` 32/64) and
 float64 data are rounded to the nearest float32 (integers above 2**24 = 16,777,216 lose
 their lowest bits), exactly as flowio's arrays cast to float32.
+
+Why one module: the reader's parts (header and TEXT parsing, keyword checks, the layout plan,
+the decode into float32) all work on one private ``_FCSFile`` state and share its error context;
+the writer is the reader's inverse and is tested against it. The hot decode kernels live apart
+in :mod:`cytopipe._fcskernels`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -50,6 +56,8 @@ from cytopipe.errors import (
     SpilloverError,
 )
 from cytopipe.files import atomic_write, open_regular
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHANNEL_COLUMNS",
@@ -364,6 +372,7 @@ class _FCSFile:
     def flush_warnings(self) -> list[str]:
         for message in self._warnings:
             warnings.warn(f"{self.path}: {message}", FCSWarning, stacklevel=3)
+            logger.info("%s: %s", self.path, message)  # run.log keeps what the file's reader noted
         return list(self._warnings)
 
     def read_at(self, offset: int, n: int) -> bytes:

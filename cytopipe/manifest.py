@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import re
 from pathlib import Path
 
 import pandas as pd
 
 from cytopipe.errors import ManifestError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["REQUIRED", "OPTIONAL", "check_manifest", "load_manifest", "parse_control", "unsafe_name"]
 
@@ -222,7 +225,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
         raise ManifestError("is a folder, not a manifest CSV", file=path) from None
     except OSError as exc:
         raise ManifestError(f"cannot read the manifest: {exc.strerror or exc}", file=path) from None
-    text = _decode(raw)
+    text = _decode(raw, path)
     if not text.strip():
         raise ManifestError("the manifest is empty", file=path)
     first = text.lstrip("\ufeff").splitlines()[0] if text.splitlines() else ""
@@ -248,14 +251,18 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return header, rows
 
 
-def _decode(raw: bytes) -> str:
+def _decode(raw: bytes, path: Path) -> str:
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         return raw.decode("utf-16")
     for encoding in ("utf-8-sig", "cp1252"):
         try:
-            return raw.decode(encoding)
+            text = raw.decode(encoding)
         except UnicodeDecodeError:
             continue
+        if encoding == "cp1252":  # Excel's "CSV" on Windows: say so, names with accents may differ
+            logger.warning("%s is not UTF-8; read it as Windows-1252 (save it as CSV UTF-8 to be sure)", path)
+        return text
+    logger.warning("%s is neither UTF-8 nor Windows-1252; read it as Latin-1", path)
     return raw.decode("latin-1")
 
 

@@ -27,6 +27,11 @@ A :class:`TransformSet` maps channels (``$PnN`` or marker names) to transforms a
 to an event matrix in one pass, in place by default. Parameters are either written per channel
 (gating template) or estimated once per study with :func:`estimate_transforms` and then locked:
 the set's dict is recorded with the run so every visit uses the same transform.
+
+Why one module: the eight transform types share one base class, one dict form, one hash and one
+table-interpolation machinery, and :class:`TransformSet` applies them all in one pass; splitting
+per type would scatter the contract the tests hold against flowutils/FlowKit. The numba kernels
+live apart in :mod:`cytopipe._transform_kernels`.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cytopipe.config import Field, Schema, jsonable, stable_hash, validate_section
+from cytopipe.config import MAX_GALLERY, Field, Schema, jsonable, stable_hash, validate_section
 from cytopipe.errors import WorkflowError
 from cytopipe.qc import QC_SCHEMA
 
@@ -189,7 +189,7 @@ REPORT: Schema = {
     "enabled": Field(bool, True, "write report.html at the end of the run", nullable=False),
     "blinded": Field(bool, False, "replace arm names by codes everywhere in the report", nullable=False),
     "blind_key": Field("path", None, "CSV (arm,code) or JSON {arm: code} fixing the blinded codes"),
-    "max_gallery": Field(int, 36, "samples drawn per gate in the gate review gallery", minimum=1),
+    "max_gallery": Field(int, MAX_GALLERY, "samples drawn per gate in the gate review gallery", minimum=1),
 }
 
 

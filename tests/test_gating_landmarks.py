@@ -100,7 +100,7 @@ def test_flowkit_100715_singlets_and_live_are_fitted(canonical):
 def test_viability_label_with_live_dead_dye_resolves():
     import pandas as pd
 
-    from cytopipe.gating._compat import resolve_markers
+    from cytopipe.gating._adapters import resolve_markers
 
     channels = pd.DataFrame(
         {"pnn": ["FSC-A", "V510-A", "B515-A"], "pns": ["", "Live/Dead Yellow-A [Live]", "CD3"]}

@@ -111,11 +111,16 @@ def test_whole_file_problems_always_raise(study, tmp_path):
     ("encoding", "newline", "bom"),
     [("utf-8", "\r", ""), ("utf-8", "\r\n", "\ufeff"), ("utf-16", "\r\n", ""), ("cp1252", "\n", "")],
 )
-def test_encodings_line_endings_and_bom(study, encoding, newline, bom):
+def test_encodings_line_endings_and_bom(study, encoding, newline, bom, caplog):
     text = bom + GOOD.replace("Paris", "Créteil")
-    table = load_manifest(write_csv(study, text, encoding=encoding, newline=newline))
+    with caplog.at_level("WARNING", logger="cytopipe.manifest"):
+        table = load_manifest(write_csv(study, text, encoding=encoding, newline=newline))
     assert len(table) == 4 and table["site"].tolist()[0] == "Créteil"
     assert table["row"].tolist() == [2, 3, 4, 5]
+    # a guessed encoding is said (in run.log and on the terminal), a known one is not
+    said = [r.getMessage() for r in caplog.records if r.name == "cytopipe.manifest"]
+    assert (said != []) == (encoding == "cp1252")
+    assert all("manifest.csv is not UTF-8; read it as Windows-1252" in m for m in said)
 
 
 def test_header_spelling_separators_extra_columns_and_windows_paths(study):

@@ -251,3 +251,30 @@ def test_a_zero_arcsinh_cofactor_is_refused_not_replaced(study):
     assert (
         load_workflow(write_spec(study, BASE + "transforms: {cofactor: 5}\n")).transforms["cofactor"] == 5.0
     )
+
+
+def test_max_gallery_is_defined_once():
+    """The gallery size has one default (cytopipe.config.MAX_GALLERY): the workflow schema, the
+    report's functions and no literal elsewhere (pipeline.py is being split this session; its
+    `or 36` fallback is listed for the lead)."""
+    import inspect
+    import re
+
+    from cytopipe.config import MAX_GALLERY
+    from cytopipe.report import write_report
+    from cytopipe.report.build import build_report
+    from cytopipe.report.sections import Builder
+    from cytopipe.workflow import REPORT
+    from tests.conftest import REPO
+
+    assert MAX_GALLERY == 36  # the documented default (docs/pipeline.md, docs/reports.md)
+    assert REPORT["max_gallery"].default == MAX_GALLERY
+    for fn in (write_report, build_report, Builder.__init__):
+        assert inspect.signature(fn).parameters["max_gallery"].default == MAX_GALLERY
+    literal = re.compile(r"max_gallery[^\n]*\b36\b")
+    found = [
+        str(p.relative_to(REPO))
+        for p in (REPO / "cytopipe").rglob("*.py")
+        if p.name != "pipeline.py" and literal.search(p.read_text(encoding="utf-8"))
+    ]
+    assert found == []

@@ -13,12 +13,15 @@ second for 20k cells and make the embedding independent of pynndescent's randomn
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from cytopipe.cluster.model import EventTable, _as_matrix, subsample_indices
 from cytopipe.errors import ClusteringError
+
+logger = logging.getLogger(__name__)
 
 
 def embedding_subsample(
@@ -106,5 +109,5 @@ def _cache_umap_kernels() -> None:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         obj.enable_caching()
-                except Exception:  # e.g. no writable cache location: compile as before
-                    pass
+                except Exception as exc:  # e.g. no writable cache location: compile as before
+                    logger.debug("numba cache not enabled for %s.%s: %s", name, obj.__name__, exc)

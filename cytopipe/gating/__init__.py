@@ -29,7 +29,7 @@ and time channels (never transformed by ``default``) from fluorescence markers, 
 
 from __future__ import annotations
 
-from cytopipe.gating._compat import apply_transform, check_transform, is_scatter_or_time
+from cytopipe.gating._adapters import apply_transform, check_transform, is_scatter_or_time
 from cytopipe.gating.engine import (
     STATS_COLUMNS,
     Engine,

@@ -87,7 +87,7 @@ def populations_needing(template, marker: str) -> list[str]:
 
 
 def marker_table(template, channel_tables: Mapping[str, pd.DataFrame], mapping=None) -> MarkerTable:
-    from cytopipe.gating._compat import is_scatter_or_time, resolve_markers
+    from cytopipe.gating._adapters import is_scatter_or_time, resolve_markers
 
     markers = _template_markers(template)
     panel = {**template.panel, **(mapping or {})}
@@ -115,7 +115,7 @@ def _closest(marker: str, table: MarkerTable, n: int = 3) -> list[str]:
     looks like the marker (``CD127`` ~ ``IL7R``-less ``CD127-BV421``, ``CD25`` ~ ``CD25-PE``)."""
     import re
 
-    from cytopipe.gating._compat import is_scatter_or_time
+    from cytopipe.gating._adapters import is_scatter_or_time
 
     used = {v for f in table.files for v in table.resolved[f].values() if v}
     scored: dict[str, float] = {}

@@ -26,7 +26,7 @@ from cytopipe.errors import GatingMLError
 from cytopipe.gating.gates import BooleanGate, Operand
 from cytopipe.gating.template import ROOT, Population, Template
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -120,7 +120,7 @@ def read_cytobank(root, path: Path, fcs_file: str | None = None) -> Template:
             gate_name[bid] = g.name if g.kind != "QuadrantGate" else bid
     if missing:
         who = f"file {wanted!r}" if wanted else "these files (no FCS file named)"
-        log.warning(
+        logger.warning(
             "%s: %s has no tailored copy of gate(s) %s; the experiment-wide gate is used",
             path.name,
             who,
@@ -135,7 +135,7 @@ def read_cytobank(root, path: Path, fcs_file: str | None = None) -> Template:
         (_, bg), *_ = doc.gates(g.el, g.kind, g.xml_id)
         refs = list(dict.fromkeys(o.population for o in bg.operands))  # root-to-leaf order, no repeats
         if bg.op != "and" or any(o.negate for o in bg.operands) or any(r not in geometry for r in refs):
-            log.warning("%s: population %r is not an 'and' of gates; not imported", path.name, g.name)
+            logger.warning("%s: population %r is not an 'and' of gates; not imported", path.name, g.name)
             continue
         sets.append((g.name, refs))
     if not sets:  # gates without population definitions: each gate is a population at the root

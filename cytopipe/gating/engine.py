@@ -9,6 +9,11 @@ Design (why it is fast and exact):
 * Data-driven gates are fitted on the parent's events, checked against their bounds, and
   replaced by the pooled estimate (flagged with the reason) when they fail.
 * Medians for ``population_stats`` are of compensated, untransformed (linear) values.
+
+Why one module: :class:`Engine` is one walk of the population tree (values, fits, pooled
+fallbacks, memberships, medians) over one sample's cached compensated/transformed columns;
+its methods share that cache. Fitting lives in :mod:`~cytopipe.gating.fitters` and
+:mod:`~cytopipe.gating.landmarks`, parsing in :mod:`~cytopipe.gating.template`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from cytopipe.errors import CompensationError, GatingError, PanelError
-from cytopipe.gating import _compat
+from cytopipe.gating import _adapters
 from cytopipe.gating._median import MedianScratch, median
 from cytopipe.gating.fitters import DataDrivenGate, FitFailure, Fitter, subsample_index
 from cytopipe.gating.gates import BooleanGate, Dim, Gate
@@ -374,7 +379,7 @@ class Engine:
         self.transform_specs = dict(template.transforms)
         # run-level (e.g. study-locked) transforms by marker or $PnN; a TransformSet works too
         self.overrides = {
-            str(name): _compat.check_transform(
+            str(name): _adapters.check_transform(
                 spec.to_dict() if hasattr(spec, "to_dict") else spec,
                 {"marker": str(name), "key": "transforms"},
             )
@@ -447,9 +452,9 @@ class Engine:
                 col = self.pnn.index(self._resolved[name])
             else:
                 try:
-                    pnn = _compat.resolve_markers(self.channels, [name], mapping=self.panel, file=self.file)[
-                        name
-                    ]
+                    pnn = _adapters.resolve_markers(
+                        self.channels, [name], mapping=self.panel, file=self.file
+                    )[name]
                 except PanelError as exc:
                     raise PanelError(
                         exc.message,
@@ -483,7 +488,7 @@ class Engine:
             self._comp[key] = None
             return None
         cols = [int(c) for c in comp.columns_in(self.pnn, self.file)]
-        block = _compat.compensate_block(self.events, cols, comp)  # channel-major (k x n)
+        block = _adapters.compensate_block(self.events, cols, comp)  # channel-major (k x n)
         self._comp[key] = ({c: j for j, c in enumerate(cols)}, block)
         self.applied_compensation = comp.to_dict()
         return self._comp[key]
@@ -549,7 +554,7 @@ class Engine:
         spec = self._transform_spec(dim)
         if spec is not None and dim.ratio is None:
             self.applied_transforms[self.pnn[self._col[dim.name]]] = dict(spec)
-        return _compat.apply_transform(spec, v)
+        return _adapters.apply_transform(spec, v)
 
     def values(self, dim: Dim, idx: np.ndarray | None = None, scope: str | None = None) -> np.ndarray:
         """Values of a dimension at events ``idx`` (None = all events).
@@ -866,7 +871,7 @@ class Engine:
         spec = self._transform_spec(dim)
 
         def to_display(t: float) -> float:
-            return float(_compat.apply_transform(spec, np.array([t], dtype=np.float64))[0])
+            return float(_adapters.apply_transform(spec, np.array([t], dtype=np.float64))[0])
 
         return v, to_display
 
@@ -898,7 +903,7 @@ class Engine:
             lin = sub.linear(sub._col[marker], sub._comp_key(dim))
             lin = lin if cidx is None else lin[cidx]
             t_lin = float(fitter.fit([lin.astype(np.float64)], rng)[0])
-            t = _compat.apply_transform(self._transform_spec(dim), np.array([t_lin], dtype=np.float64))
+            t = _adapters.apply_transform(self._transform_spec(dim), np.array([t_lin], dtype=np.float64))
             source = f"FMO control {Path(str(getattr(ctl, 'path', 'control'))).name}"
             return (np.asarray(t, dtype=np.float64), "", None, source)
         elif opts.get("population"):
@@ -973,7 +978,7 @@ def _resolve_cached(
     )
     hit = _RESOLVE_CACHE.get(key)
     if hit is None:
-        hit = _compat.resolve_markers(channels, markers, mapping=panel, file=file)
+        hit = _adapters.resolve_markers(channels, markers, mapping=panel, file=file)
         if len(_RESOLVE_CACHE) > 256:
             _RESOLVE_CACHE.clear()
         _RESOLVE_CACHE[key] = dict(hit)

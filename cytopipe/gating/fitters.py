@@ -20,6 +20,11 @@ Methods
 ``gmm``       one component of a Gaussian mixture (sklearn, seeded) as an ellipse
 ``singlets``  FSC-A / FSC-H ratio band around the singlet diagonal
 ``scatter_region`` lymphocyte region on FSC-A / SSC-A (a Gaussian-mixture component)
+
+Why one module: every fitter implements the one :class:`Fitter` contract (fit -> params,
+bounds, pooled fallback) and shares the density, peak and subsampling helpers above; the
+landmark-relative fitters, which need their own landmark search, are in
+:mod:`~cytopipe.gating.landmarks`.
 """
 
 from __future__ import annotations
@@ -303,7 +308,7 @@ class MixtureFitter(Fitter):
         x = x[np.isfinite(x).all(axis=1)]
         if len(x) < self.bounds.min_events:
             raise FitFailure(f"only {len(x)} events in the parent (need >= {self.bounds.min_events})")
-        from cytopipe.gating._compat import single_thread
+        from cytopipe.threads import one_thread
 
         # the mixture only has to find the clusters: a few thousand events do; the trimmed
         # refinement below then uses up to 10x more for a precise centre and shape
@@ -317,7 +322,7 @@ class MixtureFitter(Fitter):
             init_params="k-means++",  # seeding only: a full k-means start costs more than the fit
             reg_covar=1e-6 * float(np.var(xs)) + 1e-12,
         )
-        with single_thread():
+        with one_thread():
             gm.fit(xs)
         if not gm.converged_:
             raise FitFailure("the Gaussian mixture did not converge")

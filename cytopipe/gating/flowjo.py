@@ -29,7 +29,7 @@ from cytopipe.errors import TemplateError
 from cytopipe.gating.gates import BooleanGate, Dim, EllipsoidGate, Operand, PolygonGate, RectangleGate
 from cytopipe.gating.template import ROOT, Matrix, Population, Template
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 NODE_TAGS = ("Population", "AndNode", "OrNode", "NotNode")
 # anytree (FlowKit's gate tree) cannot hold these names: FlowKit sees a placeholder instead

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cytopipe.errors import GatingMLError, TemplateError
-from cytopipe.gating._compat import check_transform
+from cytopipe.gating._adapters import check_transform
 from cytopipe.gating.gates import BooleanGate, Dim, EllipsoidGate, Operand, PolygonGate, Ratio, RectangleGate
 from cytopipe.gating.template import ROOT, Matrix, Population, Template
 

@@ -29,6 +29,10 @@ Each fit also computes a landmark-relative *fallback* (e.g. "negative peak + 3 r
 engine uses, flagged, when the fit fails or is implausible and no pooled estimate exists. Sanity
 bounds are plausibility checks (``fraction`` of parent inside the gate, ``min_separation`` of the two
 peaks in robust SDs), never a distance from a typed number.
+
+Why one module: the landmark search (peaks, valleys, shoulders, robust SDs) and the fitters and
+gates built on it (relative thresholds, references/FMO, diagonals, lymphocytes) change together:
+each fitter is a few lines over the shared landmarks.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ difference; for a polygon or ellipse the events lying within a hair of the gate'
 FlowJo's and cytopipe's arithmetic may disagree) are counted and the difference is explained when
 it is no larger; a file whose event count is not the one FlowJo stored is named; a FlowJo ellipse
 is evaluated as FlowKit's polygon version of it (as FlowJo itself does).
+
+Why one module: one command's comparison, its measured reasons and its CSV/HTML output; nothing
+else imports its helpers.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import base64
 import html
 import io
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +33,9 @@ import pandas as pd
 
 from cytopipe.errors import CytopipeError, TemplateError
 from cytopipe.gating.gates import BooleanGate, EllipsoidGate, PolygonGate, RectangleGate
+from cytopipe.tabular import escape_cell
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 COLUMNS = [
     "sample",
@@ -235,7 +238,7 @@ def flowkit_counts(ws, fcs: dict[str, Path]) -> dict[str, dict[str, int]]:
             samples = [fk.Sample(str(path), sample_id=name) for name, path in fcs.items()]
             peer = fk.Workspace(source, fcs_samples=samples)
     except Exception as exc:  # the peer is evidence, not a requirement
-        log.info("FlowKit could not read %s: %s", ws.path, exc)
+        logger.info("FlowKit could not read %s: %s", ws.path, exc)
         return out
     for name in fcs:
         try:
@@ -244,7 +247,7 @@ def flowkit_counts(ws, fcs: dict[str, Path]) -> dict[str, dict[str, int]]:
                 peer.analyze_samples(sample_id=name, use_mp=False)
                 report = peer.get_gating_results(name).report
         except Exception as exc:
-            log.info("FlowKit could not analyse %s: %s", name, exc)
+            logger.info("FlowKit could not analyse %s: %s", name, exc)
             continue
         out[name] = {
             "/" + "/".join(ws.renamed.get(p, p) for p in (*r.gate_path[1:], r.gate_name)): int(r.count)
@@ -326,7 +329,7 @@ def _kind(g) -> str:
 def _display_step(result, sample, template, dim) -> float:
     """One step of FlowJo's display grid on a gate axis: the axis (0 to the channel's $PnR, on the
     gate's transform) divided into ``RESOLUTION`` steps, as FlowJo draws and tests gates."""
-    from cytopipe.gating._compat import apply_transform
+    from cytopipe.gating._adapters import apply_transform
 
     channel = result.channel_of.get(dim.name, dim.name)
     rows = sample.channels[sample.channels["pnn"] == channel]
@@ -478,17 +481,6 @@ def _draw(sample, result, pop, template, row) -> str:
 # --------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------
-_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan|infinity)", re.IGNORECASE)
-
-
-def escape_cell(value):
-    """Text a spreadsheet would run as a formula gets a leading ``'`` (numbers stay numbers)."""
-    if isinstance(value, str) and value.startswith(_TRIGGERS) and not _NUMBER.fullmatch(value):
-        return "'" + value
-    return value
-
-
 def _atomic(path: Path, data: bytes) -> None:
     import os
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from cytopipe.errors import GatingError
-from cytopipe.gating import _compat
+from cytopipe.gating import _adapters
 from cytopipe.gating.gates import Dim
 from cytopipe.gating.template import ROOT
 
@@ -150,7 +150,7 @@ class EventValues:
         v = self._full_linear(self.channel(dim.name), dim.compensation not in _UNCOMPENSATED)
         if idx is not None:
             v = v[idx]
-        out = _compat.apply_transform(self.transform_spec(dim), v)
+        out = _adapters.apply_transform(self.transform_spec(dim), v)
         if scope is not None:
             self._cache[key] = out
         return out
@@ -203,7 +203,7 @@ class EventValues:
                     self._block = ({}, np.empty((0, self.n_events), dtype=self.events.dtype))
                 else:
                     cols = [int(i) for i in comp.columns_in(self.pnn, self.result.file)]
-                    block = _compat.compensate_block(self.events, cols, comp)
+                    block = _adapters.compensate_block(self.events, cols, comp)
                     self._block = ({col: j for j, col in enumerate(cols)}, block)
             where, block = self._block
             if c in where:

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cytopipe.config import MAX_GALLERY
 from cytopipe.report.gate_review import (
     GATE_REVIEW_FILE,
     gate_outliers,
@@ -94,7 +95,7 @@ def write_report(
     *,
     blind_key: Mapping[str, str] | str | Path | None = None,
     clinical: Any = None,
-    max_gallery: int = 36,
+    max_gallery: int = MAX_GALLERY,
     reuse: bool = True,
 ) -> Path:
     """Write the report of a run folder; returns the path of the HTML file.

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cytopipe.config import MAX_GALLERY
 from cytopipe.errors import ReportError
 from cytopipe.tabular import csv_text
 
@@ -20,7 +21,7 @@ def build_report(
     out: str | Path | None = None,
     blind_key: Mapping[str, str] | str | Path | None = None,
     clinical: Any = None,
-    max_gallery: int = 36,
+    max_gallery: int = MAX_GALLERY,
     reuse: bool = True,
 ) -> Path:
     """See :func:`cytopipe.report.write_report`."""
@@ -166,7 +167,7 @@ def report_is_current(run_dir: str | Path, **options: Any) -> bool:
     :func:`cytopipe.report.write_report`) is there and its inputs have not changed since."""
     out = Path(options.get("out") or Path(run_dir) / "report.html")
     key = report_key(run_dir, blinded=bool(options.get("blinded")), out=out, blind_key=options.get("blind_key"),
-                     clinical=options.get("clinical"), max_gallery=int(options.get("max_gallery") or 36))  # fmt: skip
+                     clinical=options.get("clinical"), max_gallery=int(options.get("max_gallery") or MAX_GALLERY))  # fmt: skip
     return key is not None and _is_current(Path(run_dir), key, out)
 
 

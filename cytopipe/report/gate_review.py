@@ -51,6 +51,10 @@ param_spans     parameter's dimension (the scale floor of the outlier rule); a d
 ==============  ===================================================================================
 
 No events are stored. :func:`gate_outliers` applies the outlier rule (docs/reports.md).
+
+Why one module: writing the gate-review table, reading it back and the outlier rule share the
+table's schema (the columns above) and must change together; the per-gate-type panel builders
+are small functions over that one schema.
 """
 
 from __future__ import annotations

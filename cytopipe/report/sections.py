@@ -3,6 +3,10 @@
 Every section is a function ``(builder) -> Section | None``; :data:`SECTIONS` lists them in page
 order. A later step adds its section by appending a function here (the optional cluster section
 is one: it appears only when the run folder holds ``clusters.parquet``).
+
+Why one module: :data:`SECTIONS` is the page order and each section is an independent function of
+the shared :class:`Builder`; keeping them side by side keeps that order and the shared helpers
+(significance rows, arm ordering) in one place. Larger sections live apart (review_section, batches).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cytopipe.config import MAX_GALLERY
 from cytopipe.errors import CytopipeError
 from cytopipe.report import batches as B
 from cytopipe.report import figures as F
@@ -36,7 +41,7 @@ ENDPOINT_TITLES = {
 class Builder:
     """Collects figures and CSV tables while the sections are built."""
 
-    def __init__(self, data: RunData, tables_href: str, max_gallery: int = 36):
+    def __init__(self, data: RunData, tables_href: str, max_gallery: int = MAX_GALLERY):
         self.data = data
         self.colors = F.arm_colors(data.arms, data.reference_arm, data.dose_ordered)
         self.tables: dict[str, pd.DataFrame] = {}

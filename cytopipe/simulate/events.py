@@ -6,9 +6,9 @@ composition of :class:`~cytopipe.simulate.cohort.Cohort.samples`. Each cell gets
 spillover into neighbouring detectors, photon (Poisson-like) and electronic noise, a batch
 (day) gain and a per-patient staining level. Everything is vectorised numpy.
 
-(Over 600 lines for a reason: the cell model - lineages, doublets, dead cells, debris, scatter
-geometry - is one piece whose random draws must stay in this exact order for byte-identical
-output; instrument profiles reuse :func:`draw_cells` from here.)
+Why one module: the cell model - lineages, doublets, dead cells, debris, scatter geometry - is
+one piece whose random draws must stay in this exact order for byte-identical output;
+instrument profiles reuse :func:`draw_cells` from here.
 """
 
 from __future__ import annotations

@@ -2,6 +2,10 @@
 
 Every family reports every test it was asked for: when a test cannot run (too few patients,
 constant values, a failed fit) its row carries p = NaN and a note, so nothing disappears silently.
+
+Why one module: the statistical families share the per-arm grouping, the reference-visit rows
+and the "every requested test gets a row" rule above; each family is one function, and the
+models themselves live in :mod:`cytopipe.stats.models`.
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cytopipe.clinical import ClinicalSettings
+from cytopipe.config import dataclass_kwargs
 from cytopipe.errors import StatisticsError
 
 CHANGE_SCALES = ("change", "log2fc")
@@ -93,15 +94,7 @@ class StatsSettings:
             return cls()
         if isinstance(value, cls):
             return value
-        if not isinstance(value, Mapping):
-            raise StatisticsError(f"statistics settings must be a dict, not {type(value).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise StatisticsError(
-                f"unknown statistics setting(s) {unknown}; known settings are {sorted(known)}", key=unknown[0]
-            )
-        kwargs = dict(value)
+        kwargs = dataclass_kwargs(value, cls, StatisticsError, "statistics")
         for key in ("measures", "populations", "correlation_items", "responder_subgroups", "families"):
             if kwargs.get(key) is not None:
                 kwargs[key] = (kwargs[key],) if isinstance(kwargs[key], str) else tuple(kwargs[key])

@@ -1,4 +1,5 @@
-"""The single place where gating calls the modules it builds on but does not own.
+"""Adapters to the layers below gating: the single place where gating calls the modules it
+builds on but does not own (it was ``_compat.py``, though it never was a compatibility shim).
 
 * markers -> channels: :func:`cytopipe.panel.resolve_markers`;
 * transforms: :mod:`cytopipe.transforms` for float32 data (the normal case); float64 data (e.g.
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from cytopipe.errors import TransformError
+from cytopipe.threads import one_thread
 
 SCATTER_TIME = re.compile(r"^\s*(FSC|SSC|TIME)([-_ ]?[AHW])?\s*$", re.IGNORECASE)
 
@@ -148,34 +150,10 @@ def compensate_block(events: np.ndarray, cols: Sequence[int], comp) -> np.ndarra
     columns out first, and the rows of the result are contiguous, which the transforms, gates and
     medians downstream read fastest.
     """
-    # One BLAS thread: for this thin product threads only contend (measured 3-10x slower
-    # with 2 threads on a busy 2-core machine).
-    with single_thread():
+    # One BLAS thread: for this thin product threads only contend (see cytopipe.threads).
+    with one_thread():
         if events.dtype == np.float64:
             return np.linalg.solve(np.asarray(comp.matrix).T, events[:, list(cols)].T)
         padded = np.zeros((events.shape[1], len(cols)), dtype=events.dtype)
         padded[list(cols)] = np.asarray(comp.inverse, dtype=events.dtype)
         return padded.T @ events.T
-
-
-_CONTROLLER: tuple[int, object] | None = None
-
-
-def single_thread():
-    """Limit BLAS/OpenMP pools to one thread for the enclosed block (no-op without threadpoolctl).
-
-    The controller is cached (building one scans the loaded libraries, ~10 ms) and rebuilt
-    when new modules were imported since, e.g. scipy/sklearn bringing their own BLAS/OpenMP.
-    """
-    global _CONTROLLER
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        import contextlib
-
-        return contextlib.nullcontext()
-    import sys
-
-    if _CONTROLLER is None or _CONTROLLER[0] != len(sys.modules):
-        _CONTROLLER = (len(sys.modules), ThreadpoolController())
-    return _CONTROLLER[1].limit(limits=1)
