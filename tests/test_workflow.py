@@ -255,8 +255,7 @@ def test_a_zero_arcsinh_cofactor_is_refused_not_replaced(study):
 
 def test_max_gallery_is_defined_once():
     """The gallery size has one default (cytopipe.config.MAX_GALLERY): the workflow schema, the
-    report's functions and no literal elsewhere (pipeline.py is being split this session; its
-    `or 36` fallback is listed for the lead)."""
+    report's functions and no literal elsewhere."""
     import inspect
     import re
 
@@ -275,6 +274,6 @@ def test_max_gallery_is_defined_once():
     found = [
         str(p.relative_to(REPO))
         for p in (REPO / "cytopipe").rglob("*.py")
-        if p.name != "pipeline.py" and literal.search(p.read_text(encoding="utf-8"))
+        if literal.search(p.read_text(encoding="utf-8"))
     ]
     assert found == []

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from cytopipe import errors
+from cytopipe.config import MAX_GALLERY
 from cytopipe.errors import CytopipeError
 from cytopipe.pipeline.assemble import OPTIONAL_TABLES, _run_info
 from cytopipe.pipeline.context import RunContext, run_steps
@@ -313,7 +314,7 @@ def write_run_report(
     options = dict(
         blinded=bool(settings.get("blinded")),
         blind_key=settings.get("blind_key"),
-        max_gallery=int(settings.get("max_gallery") or 36),
+        max_gallery=int(settings.get("max_gallery") or MAX_GALLERY),
     )
     try:
         if report_is_current(run_dir, **options):
