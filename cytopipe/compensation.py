@@ -895,7 +895,12 @@ def _controls_from_manifest(manifest: pd.DataFrame, base_dir: str | Path | None)
         try:
             if low == "unstained":
                 if unstained is not None:
-                    raise CompensationError("the manifest lists more than one unstained control", row=i + 1)
+                    raise CompensationError(
+                        "the manifest lists more than one unstained control: for one control set per "
+                        "site or batch, compute one matrix per set (compute_spillover_sets; "
+                        "`compensation: source: controls` in a workflow does this by itself)",
+                        row=i + 1,
+                    )
                 unstained = read_fcs(path)
             elif low.startswith("single:"):
                 marker = kind.split(":", 1)[1].strip()
@@ -904,7 +909,11 @@ def _controls_from_manifest(manifest: pd.DataFrame, base_dir: str | Path | None)
                         f"control {kind!r} names no marker; write single:<marker>", row=i + 1
                     )
                 if marker in controls:
-                    raise CompensationError(f"two single-stain controls for {marker!r}", row=i + 1)
+                    raise CompensationError(
+                        f"two single-stain controls for {marker!r}: for one control set per site or "
+                        "batch, compute one matrix per set (compute_spillover_sets)",
+                        row=i + 1,
+                    )
                 controls[marker] = read_fcs(path)
                 if (
                     "primary" in manifest.columns
@@ -923,6 +932,66 @@ def _controls_from_manifest(manifest: pd.DataFrame, base_dir: str | Path | None)
     return controls, unstained, primary
 
 
+SET_COLUMNS = ("batch", "site")
+
+
+def control_sets(manifest: pd.DataFrame) -> tuple[str | None, dict[str, pd.DataFrame]]:
+    """Split a manifest's control rows into control sets: ``(column, {value: rows})``.
+
+    A multi-site trial stains and acquires one set of controls (one unstained, one single stain
+    per marker) per site or per batch. The set column is the first of ``batch``, ``site`` within
+    whose values no control kind repeats and whose values the samples also carry (so that each
+    sample finds its set); with one set only, ``(None, {"": rows})``.
+    """
+    if "control" not in manifest.columns:
+        raise CompensationError("the manifest has no 'control' column", column="control")
+    kinds = manifest["control"].astype("string").str.strip().str.lower()
+    rows = manifest[kinds.notna() & (kinds != "")]
+    if rows.empty:
+        raise CompensationError("the manifest has no single-stain controls (control column 'single:<marker>')")
+    kind = rows["control"].astype(str).str.strip().str.lower()
+    if not kind.duplicated().any():
+        return None, {"": rows}
+    samples = manifest[~manifest.index.isin(rows.index)]
+    for col in SET_COLUMNS:
+        if col not in rows.columns or rows[col].isna().any():
+            continue
+        key = rows[col].astype(str)
+        if not samples.empty and not set(key) <= set(samples[col].dropna().astype(str)):
+            continue  # e.g. controls acquired in their own batch: the samples cannot name it
+        if not pd.DataFrame({"k": key, "c": kind}).duplicated().any():
+            return col, {str(v): rows[key == v] for v in sorted(key.unique())}
+    dup = sorted(set(kind[kind.duplicated()]))
+    raise CompensationError(
+        f"the manifest lists the controls {dup} more than once and no 'batch' or 'site' column tells "
+        "the control sets apart; give each set's rows a batch (or site) value"
+    )
+
+
+def compute_spillover_sets(
+    manifest: pd.DataFrame | str | Path, base_dir: str | Path | None = None, **kwargs: Any
+) -> tuple[str | None, dict[str, tuple[Compensation, pd.DataFrame]]]:
+    """One spillover matrix per control set of the manifest (see :func:`control_sets`):
+    ``(column, {value: (compensation, quality)})``; keyword arguments go to
+    :func:`compute_spillover`."""
+    if isinstance(manifest, (str, Path)):
+        from cytopipe.manifest import load_manifest
+
+        path = Path(manifest)
+        base_dir = base_dir if base_dir is not None else path.parent
+        manifest = load_manifest(path)
+    col, sets = control_sets(manifest)
+    out = {}
+    for value, rows in sets.items():
+        try:
+            out[value] = compute_spillover(rows, base_dir=base_dir, **kwargs)
+        except CompensationError as exc:
+            if col is None:
+                raise
+            raise CompensationError(f"control set {col}={value}: {exc}") from None
+    return col, out
+
+
 def spillover_difference(a: Compensation, b: Compensation) -> pd.DataFrame:
     """``a - b`` over the channels both share (rows = sources), e.g. to compare a computed
     matrix with the acquisition one."""
@@ -937,6 +1006,8 @@ __all__ = [
     "Compensation",
     "compensate",
     "compute_spillover",
+    "compute_spillover_sets",
+    "control_sets",
     "spillover_difference",
     "MAX_CONDITION",
 ]
