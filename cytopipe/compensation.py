@@ -948,7 +948,9 @@ def control_sets(manifest: pd.DataFrame) -> tuple[str | None, dict[str, pd.DataF
     kinds = manifest["control"].astype("string").str.strip().str.lower()
     rows = manifest[kinds.notna() & (kinds != "")]
     if rows.empty:
-        raise CompensationError("the manifest has no single-stain controls (control column 'single:<marker>')")
+        raise CompensationError(
+            "the manifest has no single-stain controls (control column 'single:<marker>')"
+        )
     kind = rows["control"].astype(str).str.strip().str.lower()
     if not kind.duplicated().any():
         return None, {"": rows}

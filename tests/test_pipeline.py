@@ -643,3 +643,46 @@ def test_cluster_command_remaps_and_retrains_a_run_folder(sim_run, sim_trial, tm
     # a run folder that is not one: a clear error
     proc = cli("cluster", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and "run folder not found" in proc.stderr
+
+
+def test_one_control_set_per_site_compensates_each_sample_with_its_own_sites_matrix(tmp_path):
+    """A multi-site trial with one set of controls per site (as sample_data has): the run computes
+    one matrix per site, each sample is compensated with its site's, the matrices are recorded in
+    run.json, and a finished run re-applies them (exports)."""
+    from cytopipe.pipeline import load_run
+    from cytopipe.simulate import simulate_trial
+
+    trial = tmp_path / "trial"
+    simulate_trial(
+        trial, n_patients=3, visits=(0,), events=3000, control_events=1500, seed=5151, instrument="fortessa"
+    )
+    manifest = pd.read_csv(trial / "manifest.csv")
+    sites = sorted(manifest["site"].unique())
+    assert len(sites) >= 2 and (manifest["control"] == "unstained").sum() == len(sites)
+    out = tmp_path / "run"
+    wf = workflow(trial, out, compensation={"source": "controls"}, clustering={"enabled": False})
+    result = run_workflow(wf, scheduler="synchronous", progress=False)
+    assert result.exit_code in (EXIT_OK, EXIT_FAILURES) and result.n_failed == 0, result.summary()
+    steps = {s["step"]: s for s in result.info["steps"]}
+    assert steps["compensation"]["control_sets"] == {"site": sites}
+    for site in sites:
+        computed = pd.read_csv(out / "study" / f"spillover_site_{site}.csv", index_col=0)
+        true = pd.read_csv(trial / "truth" / f"spillover_{site}.csv")
+        true.index = true.columns
+        err = (computed.loc[true.index, true.columns] - true).abs().to_numpy().max()
+        print(f"\nsite {site}: max abs error vs the true matrix {err:.4f}")
+        assert err < 0.02
+    record = result.info["study_state"]["spillover_sets"]
+    assert record["column"] == "site" and sorted(record["sets"]) == sites
+    # each sample's frequencies are those of a run with its file's (true) matrix
+    ref = run_workflow(
+        workflow(trial, tmp_path / "ref", clustering={"enabled": False}),
+        scheduler="synchronous",
+        progress=False,
+    )
+    m = result.population_stats.merge(
+        ref.population_stats, on=["sample_id", "population"], suffixes=("", "_ref")
+    )
+    assert (m["pct_parent"] - m["pct_parent_ref"]).abs().median() < 0.3
+    loaded = load_run(out)
+    assert loaded.state.spillover_column == "site" and sorted(loaded.state.spillover_sets) == sites

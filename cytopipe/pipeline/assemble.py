@@ -193,6 +193,15 @@ def _study_record(ctx: RunContext) -> dict[str, Any]:
         "spillover": None
         if spill is None
         else {"channels": list(spill.channels), "matrix": np.asarray(spill.matrix).tolist()},
+        "spillover_sets": None
+        if not st.spillover_sets
+        else {
+            "column": st.spillover_column,
+            "sets": {
+                v: {"channels": list(s.channels), "matrix": np.asarray(s.matrix).tolist()}
+                for v, s in sorted(st.spillover_sets.items())
+            },
+        },
         "transforms": st.transforms,
         "gate_fits": "study/gate_fits.parquet" if st.pooled is not None and fits.is_file() else None,
     }

@@ -74,6 +74,15 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
         sp = record["spillover"]
         state.spillover = Spillover(np.asarray(sp["matrix"], dtype=np.float64), list(sp["channels"]))
+    if record.get("spillover_sets"):  # one control set per site/batch
+        from cytopipe.fcs import Spillover
+
+        sets = record["spillover_sets"]
+        state.spillover_column = sets["column"]
+        state.spillover_sets = {
+            v: Spillover(np.asarray(sp["matrix"], dtype=np.float64), list(sp["channels"]))
+            for v, sp in sets["sets"].items()
+        }
     state.transforms = dict(record.get("transforms") or {})
     if record.get("gate_fits"):
         from cytopipe.gating import pool_estimates

@@ -37,6 +37,8 @@ class StudyState:
     template: Any  # cytopipe.gating.Template, compensation set as the workflow asks
     compensation: str  # template | file | csv | controls | none
     spillover: Any = None  # cytopipe.fcs.Spillover of the study (csv / controls), else None
+    spillover_sets: dict[str, Any] | None = None  # controls per site/batch: value -> Spillover
+    spillover_column: str | None = None  # the manifest column naming a sample's control set
     seed: int = 0
     transforms: dict[str, dict] = field(default_factory=dict)  # marker -> locked spec (overrides)
     pooled: Any = None  # cytopipe.gating.PooledEstimates (None until pooled)

@@ -167,6 +167,11 @@ def step_compensation(ctx: RunContext) -> dict[str, Any]:
             "compensation from controls: no readable control file (see samples.parquet)",
             key="compensation.source",
         )
+    from cytopipe.compensation import control_sets
+
+    column, sets = control_sets(pd.DataFrame(controls + ctx.alive()))
+    if column is not None:
+        return _step_compensation_sets(ctx, controls, column, sets)
     key = stable_hash([sorted((c["sample_id"], c["control"], c["sha256"]) for c in controls), ctx.wf.seed])[
         :32
     ]
@@ -191,6 +196,55 @@ def step_compensation(ctx: RunContext) -> dict[str, Any]:
     atomic_write_parquet(ctx.folder.study / "spillover_quality.parquet", res["quality"])
     flagged = res["quality"][res["quality"]["flag"] != "ok"] if "flag" in res["quality"] else []
     return {"source": "controls", "controls": len(controls), "pairs_flagged": int(len(flagged))}
+
+
+def _step_compensation_sets(
+    ctx: RunContext, controls: list[dict[str, Any]], column: str, sets: dict[str, pd.DataFrame]
+) -> dict[str, Any]:
+    """One matrix per control set (per site or batch); each sample gets its own set's matrix."""
+    from cytopipe.errors import CompensationError
+    from cytopipe.fcs import Spillover
+    from cytopipe.store import atomic_write_bytes, atomic_write_parquet
+
+    groups = {v: [c for c in controls if str(c.get(column)) == v] for v in sets}
+    keys = {
+        v: stable_hash([sorted((c["sample_id"], c["control"], c["sha256"]) for c in g), ctx.wf.seed])[:32]
+        for v, g in groups.items()
+    }
+    ctx.keep_cache["spillover"] = set(keys.values())
+    results = {v: _load_result(ctx.folder, "spillover", k) for v, k in keys.items()}
+    todo = [v for v, r in results.items() if r is None]
+    for i, res in ctx.executor.map(
+        spillover_task, [groups[v] for v in todo], ctx.state, "spillover", ctx.progress
+    ):
+        res = _as_result(res)
+        if not res.get("ok"):
+            raise CompensationError(
+                f"cannot compute the spillover matrix from the controls of {column} {todo[i]}: {res['error']}"
+            )
+        _save_result(ctx.folder, "spillover", keys[todo[i]], res)
+        results[todo[i]] = res
+    spills = {
+        v: Spillover(np.asarray(r["matrix"], dtype=np.float64), list(r["channels"]))
+        for v, r in results.items()
+    }
+    ctx.state.spillover_sets, ctx.state.spillover_column = spills, column
+    ctx.hashes["compensation"] = stable_hash(
+        [column, {v: _spillover_hash("controls", s, "file") for v, s in sorted(spills.items())}]
+    )
+    quality = []
+    for v in sorted(spills):
+        atomic_write_bytes(ctx.folder.study / f"spillover_{column}_{v}.csv", _matrix_csv(spills[v]).encode())
+        quality.append(results[v]["quality"].assign(**{column: v}))
+    quality = pd.concat(quality, ignore_index=True)
+    atomic_write_parquet(ctx.folder.study / "spillover_quality.parquet", quality)
+    flagged = quality[quality["flag"] != "ok"] if "flag" in quality else []
+    return {
+        "source": "controls",
+        "controls": len(controls),
+        "control_sets": {column: sorted(spills)},
+        "pairs_flagged": int(len(flagged)),
+    }
 
 
 def _matrix_csv(spill: Any) -> str:

@@ -278,7 +278,9 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
     with _manifest_path(job):
         sample = read_fcs(job["path"])
     sample.path = Path(job["file"])  # errors and results name the manifest's file
-    if state.spillover is not None:
+    if state.spillover_sets:
+        sample.spillover = set_spillover(job, state)
+    elif state.spillover is not None:
         sample.spillover = state.spillover
     events = sample.events
     n_raw = events.shape[0]
@@ -335,6 +337,22 @@ def _compensate_events(events: np.ndarray, sample: Any, state: StudyState) -> np
             )
         return compensate(events, sample.spillover, names)
     return compensate(events, comp, names)  # a CSV matrix named by the template
+
+
+def set_spillover(job: Mapping[str, Any], state: StudyState) -> Any:
+    """The matrix of the sample's own control set (one set of controls per site or batch)."""
+    col = state.spillover_column
+    value = str(job.get(col)) if col and job.get(col) is not None else None
+    if value not in (state.spillover_sets or {}):
+        from cytopipe.errors import CompensationError
+
+        raise CompensationError(
+            f"the sample's {col} {value!r} has no control set (sets: {sorted(state.spillover_sets or {})}); "
+            f"give it the {col} of the controls it was acquired with",
+            file=job.get("file"),
+            column=col,
+        )
+    return state.spillover_sets[value]
 
 
 def spillover_task(controls: list[dict[str, Any]], state: StudyState) -> dict[str, Any]:
