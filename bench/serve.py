@@ -9,8 +9,13 @@
   server time of ``GET /runs/{id}`` from its ``Server-Timing`` header, min and median of
   ``--repeat`` loads. Goal: < 1 s.
 
-A real server subprocess (SQLite in a temporary data folder) on a free loopback port. Timings on a
-shared machine are noisy; compare the ratio.
+A real server subprocess (SQLite in a temporary data folder) on a free loopback port; the client is
+httpx in this process. The source files are read once before timing (they are in the page cache),
+and the copy and the server's store are on the same filesystem. Rounds alternate copy and upload
+(interleaved), and each line prints the load average: on a shared machine the wall-clock ratio
+follows the load (the copy is kernel work and disk; the upload needs CPU for the socket, sha256
+and validation). The CPU seconds of the server process, of the client and of the copy are printed
+too: they do not depend on what else runs.
 
     python bench/serve.py [--files 48] [--events 200000] [--repeat 5] [--parallel 1] [--data DIR] [--skip-run]
 """
@@ -42,21 +47,29 @@ def simulate(folder: Path, files: int, events: int) -> list[Path]:
     return sorted((folder / "fcs").glob("*.fcs"))[:files]
 
 
-def copy_rate(paths: list[Path], target: Path) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def copy_rate(paths: list[Path], target: Path) -> tuple[float, float]:
+    """(seconds, CPU seconds) to copy the files and fsync each, as the upload does."""
     target.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for p in paths:
         dest = target / p.name
         shutil.copyfile(p, dest)
         with open(dest, "rb+") as fh:
             os.fsync(fh.fileno())
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     shutil.rmtree(target)
-    return seconds
+    return seconds, cpu
 
 
-def upload_rate(server, study: int, paths: list[Path], parallel: int) -> float:
-    """Files sent ``parallel`` at a time (one client each); the page sends one at a time."""
+def upload_rate(server, study: int, paths: list[Path], parallel: int) -> tuple[float, float, float]:
+    """(seconds, server CPU seconds, client CPU seconds); files sent ``parallel`` at a time (one
+    client each); the page sends one at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
     clients = [server.client() for _ in range(parallel)]
@@ -66,10 +79,10 @@ def upload_rate(server, study: int, paths: list[Path], parallel: int) -> float:
             r = clients[i].upload(study, p)
             assert r.status_code == 201 and r.json()["status"] in ("ok", "warning"), r.text
 
-    t0 = time.perf_counter()
+    t0, c0, s0 = time.perf_counter(), time.process_time(), cpu_seconds(server.proc.pid)
     with ThreadPoolExecutor(parallel) as pool:
         list(pool.map(send, range(parallel)))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, cpu_seconds(server.proc.pid) - s0, time.process_time() - c0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,30 +99,40 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"simulating {args.files} files of {args.events} events ...", flush=True)
         paths = simulate(data, args.files, args.events)
-        total = sum(p.stat().st_size for p in paths)
+        total = sum(len(p.read_bytes()) for p in paths)  # read once: the sources are in the page cache
         server = Server(tmp / "workspace", None, "--max-file-size", "1GB").start(create_admin="admin")
+        same_fs = os.stat(paths[0]).st_dev == os.stat(tmp).st_dev
+        print(f"{len(paths)} files, {total} bytes; sources in the page cache; store and copy on "
+              f"{'the same filesystem as the sources' if same_fs else 'another filesystem than the sources'}")  # fmt: skip
         try:
             c = server.client()
-            copies, uploads = [], []
+            copies, uploads, loads = [], [], []
+            mb = total / 1e6
             for i in range(args.repeat):
+                loads.append(os.getloadavg()[0])
                 copies.append(copy_rate(paths, tmp / "copy"))
                 sid = c.post("/api/studies", json={"name": f"bench {i}", "template": "sle_il2_tcell_nk.yaml"},
                              headers=c.h).json()["id"]  # fmt: skip
                 uploads.append(upload_rate(server, sid, paths, args.parallel))
                 shutil.rmtree(server.data / "blobs")  # the next round stores the bytes again
                 (server.data / "blobs").mkdir()
-            mb = total / 1e6
-            best_copy, best_up = min(copies), min(uploads)
+                print(f"  round {i + 1}: load {loads[-1]:5.1f}  copy {mb / copies[-1][0]:6.1f} MB/s  upload "
+                      f"{mb / uploads[-1][0]:6.1f} MB/s  ratio {copies[-1][0] / uploads[-1][0]:.2f}", flush=True)  # fmt: skip
+            best_copy, best_up = min(t for t, _ in copies), min(t for t, *_ in uploads)
+            med_copy, med_up = (
+                statistics.median(t for t, _ in copies),
+                statistics.median(t for t, *_ in uploads),
+            )
             print(f"\nupload of {len(paths)} files, {mb:.0f} MB, {args.parallel} at a time ({args.repeat} rounds, "
-                  "min / median):")  # fmt: skip
-            print(
-                f"  copy on disk (floor): {mb / best_copy:8.1f} MB/s / {mb / statistics.median(copies):8.1f} MB/s"
-            )
-            print(
-                f"  HTTP API upload:      {mb / best_up:8.1f} MB/s / {mb / statistics.median(uploads):8.1f} MB/s"
-            )
-            print(f"  API / copy: {best_copy / best_up:.2f} (median {statistics.median(copies) / statistics.median(uploads):.2f}); "
-                  "goal >= 0.50")  # fmt: skip
+                  f"min / median; load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores):")  # fmt: skip
+            print(f"  copy on disk + fsync (floor): {mb / best_copy:8.1f} MB/s / {mb / med_copy:8.1f} MB/s")
+            print(f"  HTTP API upload:              {mb / best_up:8.1f} MB/s / {mb / med_up:8.1f} MB/s")
+            print(f"  API / copy: {best_copy / best_up:.2f} (median {med_copy / med_up:.2f}); goal >= 0.50")
+            cpu_copy = statistics.median(x for _, x in copies)
+            cpu_server = statistics.median(x for _, x, _ in uploads)
+            cpu_client = statistics.median(x for *_, x in uploads)
+            print(f"  CPU seconds per GB (median): copy {cpu_copy / mb * 1e3:.2f}; upload: server {cpu_server / mb * 1e3:.2f}"
+                  f" + client {cpu_client / mb * 1e3:.2f}")  # fmt: skip
             if not args.skip_run:
                 results_page(c, tmp, len(paths), args.repeat)
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from cytopipe.serve.storage import (
     UploadRefused,
     check_disk,
     describe_magic,
+    fsync_path,
     pattern_regex,
     propose_mapping,
     read_table_rows,
@@ -172,20 +174,32 @@ async def upload_file(
     if length is not None and length > limit:
         raise UploadRefused(413, f"{name}: more bytes than the batch declared")
     check_disk(ws.store, length or 0)
-    got = await receive(chunks, ws.store, limit)
-    result: dict[str, Any]
+    got = await receive(chunks, ws.store, limit, sync=False)
     if got.tmp is None:
-        status, reason, notes, info = (
-            "rejected",
-            f"not an FCS file: the content is {describe_magic(got.head)} "
-            "(FCS files start with 'FCS3.1', 'FCS3.0' or 'FCS2.0'; the extension does not count)",
-            [],
-            {},
-        )
+        checked = {"status": "rejected", "notes": [], "info": {},
+                   "reason": f"not an FCS file: the content is {describe_magic(got.head)} (FCS files start with "
+                             "'FCS3.1', 'FCS3.0' or 'FCS2.0'; the extension does not count)"}  # fmt: skip
     else:
-        path = ws.store.adopt(got.tmp, got.sha256)
-        checked = await run_in_threadpool(validate_blob, path, name, got.sha256)
-        status, reason, notes, info = checked["status"], checked["reason"], checked["notes"], checked["info"]
+        # validation reads the file from the page cache while its pages go to disk: the two overlap
+        try:
+            checked, _ = await asyncio.gather(
+                run_in_threadpool(validate_blob, got.tmp, name, got.sha256),
+                run_in_threadpool(fsync_path, got.tmp),
+            )
+        except BaseException:
+            got.tmp.unlink(missing_ok=True)
+            raise
+        ws.store.adopt(got.tmp, got.sha256)
+    # the database work runs in a thread: the event loop keeps receiving other uploads meanwhile
+    return await run_in_threadpool(record_upload, ws, study_id, user, name, raw_name, batch_id, got, checked)
+
+
+def record_upload(
+    ws: Any, study_id: int, user: str, name: str, raw_name: str, batch_id: int | None, got: Any,
+    checked: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The upload's row and audit entry (or the duplicate's audit entry), in one transaction."""
+    status, reason, notes, info = checked["status"], checked["reason"], checked["notes"], checked["info"]
     with ws.sessions() as db:
         if batch_id:
             b = db.get(Batch, batch_id)

@@ -10,6 +10,7 @@ bytes are not kept. A name is only ever a label: it is sanitised and never used 
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import io
@@ -125,18 +126,50 @@ class Received:
     notes: list[str] = field(default_factory=list)
 
 
+BLOCK = 1 << 20  # bytes handed to the writer thread at a time
+
+
 async def receive(
-    chunks: AsyncIterator[bytes], store: BlobStore, max_bytes: int, require_fcs: bool = True
+    chunks: AsyncIterator[bytes],
+    store: BlobStore,
+    max_bytes: int,
+    require_fcs: bool = True,
+    sync: bool = True,
 ) -> Received:
     """Stream ``chunks`` into a temporary file in the store, hashing as they arrive. Stops (and
     deletes what was written) as soon as ``max_bytes`` is exceeded; with ``require_fcs`` content
-    that does not start like an FCS file is hashed but not written."""
+    that does not start like an FCS file is hashed but not written. With ``sync=False`` the caller
+    flushes the file to disk itself (:func:`fsync_path`) before adopting it into the store.
+
+    Hashing, writing and the final fsync run in a worker thread, one 1 MiB block at a time (both
+    release the GIL), while the event loop gathers the next block from the socket: a two-stage
+    pipeline instead of stalling the loop (and every other request) on each chunk's disk write."""
     digest = hashlib.sha256()
     size, head = 0, b""
     fd, name = tempfile.mkstemp(dir=store.tmp, prefix="up-")
     tmp = Path(name)
-    fh = os.fdopen(fd, "wb")
+    fh = os.fdopen(fd, "wb", buffering=0)
     keep = True
+    loop = asyncio.get_running_loop()
+    pending: asyncio.Future | None = None
+    parts: list[bytes] = []
+    held = 0
+
+    def consume(blocks: list[bytes], write: bool) -> None:
+        data = blocks[0] if len(blocks) == 1 else b"".join(blocks)
+        digest.update(data)
+        if write:
+            view = memoryview(data)
+            while view:  # a raw write may be partial
+                view = view[fh.write(view) :]
+
+    async def flush() -> None:
+        nonlocal pending, parts, held
+        if pending is not None:
+            await pending  # keeps the hash in order and at most one block in flight
+        pending = loop.run_in_executor(None, consume, parts, keep) if parts else None
+        parts, held = [], 0
+
     try:
         async for chunk in chunks:
             if not chunk:
@@ -148,14 +181,20 @@ async def receive(
                 head += chunk[: 64 - len(head)]
                 if require_fcs and len(head) >= 6 and not _FCS_MAGIC.match(head):
                     keep = False
-            digest.update(chunk)
-            if keep:
-                fh.write(chunk)
-        if keep:
-            fh.flush()
-            os.fsync(fh.fileno())
+            parts.append(chunk)
+            held += len(chunk)
+            if held >= BLOCK:
+                await flush()
+        await flush()
+        await flush()
+        if keep and sync:
+            await loop.run_in_executor(None, os.fsync, fh.fileno())
         fh.close()
     except BaseException:
+        if pending is not None:
+            await asyncio.wait([pending])  # never close the file under a running write
+            if not pending.cancelled():
+                pending.exception()  # the first error is the one raised; this one is seen
         fh.close()
         tmp.unlink(missing_ok=True)
         raise
@@ -165,6 +204,15 @@ async def receive(
     if not keep:
         tmp.unlink(missing_ok=True)
     return Received(digest.hexdigest(), size, tmp if keep else None, head, is_fcs)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a written file's data to disk (any descriptor of the file flushes its pages)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_disk(store: BlobStore, incoming: int, reserve: int = 256 << 20) -> None:
