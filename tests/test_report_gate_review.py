@@ -102,6 +102,9 @@ def test_histograms_are_the_parent_events_in_the_gate_units(gated):
     channel mapping were reproduced wrongly."""
     *_, review = gated
     for row in review.to_dict("records"):
+        if row["gate_type"] == "none":  # a lone sample's gate that could not be fitted: flagged, empty
+            assert row["source"] == "not fitted" and row["flags"] and row["count"] == 0, row
+            continue
         assert row["x"], row["population"]
         xe, ye, counts = panel_arrays(row)
         assert counts.sum() >= 0.98 * row["n_shown"]  # the grid covers the parent's events
