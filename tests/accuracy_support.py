@@ -87,7 +87,7 @@ def gate_trial(
             else:
                 p = res.populations[pop]
                 data_driven = p.source not in ("fixed", "boolean")
-                fell_back = data_driven and (p.source != "fitted" or bool(p.flags))
+                fell_back = data_driven and (p.source not in ("fitted", "control") or bool(p.flags))
                 row.update(pct_parent=p.pct_parent, source=p.source, fallback=fell_back, error="")
             rows.append(row)
     return pd.DataFrame(rows)

@@ -296,13 +296,16 @@ class RelativeThresholdFitter(ThresholdFitter):
             xs = _subsample(x, self.options.get("max_events", DEFAULT_MAX_EVENTS), rng)
             lin = linear if linear is not None and len(xs) == len(x) else None
         lm = find_landmarks(xs, self.options.get("min_peak", 0.01), self.options.get("bandwidth"))
+        valley = None
         if self.method == "auto" and "percentile" in self.options:
             # a valley between two populations when there is one; else (a continuum) the FMO-like
             # percentile of the negative population
             try:
-                return self._threshold(lm, xs), *self._fallback(lm)
+                valley = self._threshold(lm, xs)
             except FitFailure:
                 pass
+            if valley is not None and lin is None:
+                return valley, *self._fallback(lm)
         if self.method in ("tail", "auto") and "percentile" in self.options and lin is not None:
             # the negative's mode on the display scale, its mirror image in linear units
             mode = lm.negative.position
@@ -311,8 +314,16 @@ class RelativeThresholdFitter(ThresholdFitter):
             try:
                 t_lin = mirrored_percentile(lin, mode_lin, self.options["percentile"])
             except FitFailure as exc:
+                if valley is not None:
+                    return valley, *self._fallback(lm)
                 raise LandmarkFailure(str(exc), *self._fallback(lm)) from None
-            return np.array([float(to_display(t_lin))]), *self._fallback(lm)
+            t = float(to_display(t_lin))
+            # FMO convention: a cell above the negative population's percentile is positive, so a
+            # valley counts only where it lies below that point (a dip inside a smeared positive
+            # continuum, higher up, would cut positives off)
+            if valley is not None and float(valley[0]) < t:
+                return valley, *self._fallback(lm)
+            return np.array([t]), *self._fallback(lm)
         of = self.options.get("of", "negative")
         z = self.options.get("fallback_z", 3.0)
         if of == "negative":
