@@ -507,6 +507,7 @@ class StudyState:
     pooled: Any = None  # cytopipe.gating.PooledEstimates (None until pooled)
     pool_markers: list[str] = field(default_factory=list)  # markers whose transform is estimated
     pool_events: int = 2000
+    pool_kind: str = "study"  # study: transforms estimated; cofactor: `cofactor: auto` locked (issue 10)
     cluster: Any = None  # cytopipe.cluster_steps.ClusterPlan when clustering is on
 
 
@@ -608,8 +609,14 @@ def pool_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
         rng = np.random.default_rng([state.seed, int(job["sha256"][:15], 16)])
         rows = np.sort(rng.choice(n, size=k, replace=False))
         sub = _compensate_events(sample.events[rows], sample, state)
-        mapping = resolve_markers(sample.channels, state.pool_markers, mapping=state.template.panel or None)
         pnn = list(sample.channels["pnn"])
+        if state.pool_kind == "cofactor":  # a marker this file lacks: a NaN column, not a failure
+            from cytopipe.gating.scale import pool_columns
+
+            pool, cols = pool_columns(sub, sample.channels, state.pool_markers, state.template.panel)
+            return {"pool": pool, "pnr": [float(sample.channels["pnr"].iloc[c]) if c is not None else 0.0
+                                          for c in cols], "metrics": prep.metrics}  # fmt: skip
+        mapping = resolve_markers(sample.channels, state.pool_markers, mapping=state.template.panel or None)
         cols = [pnn.index(mapping[m]) for m in state.pool_markers]
         return {
             "pool": np.ascontiguousarray(sub[:, cols], dtype=np.float32),
@@ -1225,6 +1232,7 @@ def build_state(wf: Workflow, n_samples: int) -> StudyState:
         transforms=_transform_params(wf.transforms.get("params") or {}),
         pool_markers=_pool_markers(template, wf.transforms),
         pool_events=_pool_size(wf.transforms, n_samples),
+        pool_kind="study" if wf.transforms.get("estimate") == "study" else "cofactor",
     )
 
 

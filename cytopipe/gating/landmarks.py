@@ -7,7 +7,11 @@ events on the gate's axis -- the negative (lowest) and positive (highest) densit
 relative to them, so the canonical template holds no instrument-scale numbers:
 
 ``auto``      the deepest valley between the two most prominent peaks when there is one (deeper
-              than ``max_depth`` x the lower peak), else the ``shoulder`` of the negative peak
+              than ``max_depth`` x the lower peak), else the ``shoulder`` of the negative peak.
+              With ``percentile`` (dim markers, FMO convention): a valley deeper than ``gap``
+              (0.2) x the lower peak is a gap between two populations and is used; a shallower
+              one (humps of a continuum) only where it lies below the negative population's
+              mirrored ``percentile``, which is the threshold otherwise
 ``shoulder``  where the parent's density first reaches ``ratio`` x the mirror image of the
               negative peak's outer half (``of: negative``, going up) or of the main peak's upper
               half (``of: main``, going down). With ``ratio: 2`` that is where the excess over the
@@ -248,6 +252,17 @@ def deepest_valley(lm: Landmarks, max_depth: float = 0.8) -> float:
     return float(0.5 * (lm.centers[lo] + lm.centers[hi]))
 
 
+GAP_DEPTH = 0.2  # valley density / lower peak height under which two peaks are separate populations
+
+
+def _valley_depth(lm: Landmarks, t: float) -> float:
+    """Density at ``t`` relative to the lower of the two most prominent peaks."""
+    pair = lm.two_most_prominent()
+    if pair is None:
+        return 1.0
+    return float(np.interp(t, lm.centers, lm.dens)) / min(pair[0].height, pair[1].height)
+
+
 def _valley_beyond_main(lm: Landmarks, max_depth: float = 0.5) -> float | None:
     """The deepest valley between the main peak and the most prominent peak above it, or None."""
     main = lm.main
@@ -304,7 +319,12 @@ class RelativeThresholdFitter(ThresholdFitter):
                 valley = self._threshold(lm, xs)
             except FitFailure:
                 pass
-            if valley is not None and lin is None:
+            # a deep valley (density under ``gap`` x the lower of the two peaks) is a gap between
+            # two populations: the gate goes there. A shallower one separates humps of a
+            # continuum, where the FMO convention below decides.
+            if valley is not None and (
+                lin is None or _valley_depth(lm, float(valley[0])) <= self.options.get("gap", GAP_DEPTH)
+            ):
                 return valley, *self._fallback(lm)
         if self.method in ("tail", "auto") and "percentile" in self.options and lin is not None:
             # the negative's mode on the display scale, its mirror image in linear units

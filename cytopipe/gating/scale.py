@@ -94,6 +94,29 @@ def auto_markers(template, fixed: Iterable[str] = ()) -> list[str]:
     return out
 
 
+def pool_columns(
+    events: np.ndarray, channels, markers: Sequence[str], panel: Mapping[str, str] | None = None
+) -> tuple[np.ndarray, list[int | None]]:
+    """``events`` (compensated) on ``markers``, one column each: a marker the file does not carry
+    is a column of NaN (the file's populations needing it are "not measured"; the other channels'
+    estimates still count). Returns the float32 array and the column index used per marker."""
+    from cytopipe.errors import PanelError
+    from cytopipe.panel import resolve_markers
+
+    pnn = list(channels["pnn"])
+    out = np.full((len(events), len(markers)), np.nan, dtype=np.float32)
+    cols: list[int | None] = []
+    for j, m in enumerate(markers):
+        try:
+            c = pnn.index(resolve_markers(channels, [m], mapping=panel or None)[m])
+        except PanelError:
+            c = None
+        if c is not None:
+            out[:, j] = events[:, c]
+        cols.append(c)
+    return out, cols
+
+
 def lock_cofactors(
     pools: Sequence[np.ndarray],
     markers: Sequence[str],
@@ -117,7 +140,8 @@ def lock_cofactors(
     locked: dict[str, dict] = {}
     record: dict[str, dict] = {}
     for j, m in enumerate(markers):
-        est = [estimate_cofactor(np.asarray(p)[:, j], default, k) for p in pools if len(p) >= 200]
+        cols = [np.asarray(p)[:, j] for p in pools]
+        est = [estimate_cofactor(x, default, k) for x in cols if np.isfinite(x).sum() >= 200]
         if not est:
             record[m] = {"samples": 0, "reason": "no sample had 200 events to estimate from"}
             continue
