@@ -3,7 +3,8 @@
 Twenty random instrument profiles (``cytopipe simulate --instrument random``, drawn per site), 24
 files each, gated through the real engine with pooled fallbacks as ``cytopipe run`` does, and
 compared with the simulator's per-event truth. The seeds (9501-9520) are a held-out set: the gates
-were tuned on seeds 1001-1005/11, 7001-7020 and 3001-3020 and these were run once, after tuning.
+were tuned on seeds 1001-1005/11, 7001-7020 and 3001-3020 (9101-9120 were started once and stopped
+unread when a regression elsewhere forced a change) and these were run once, after tuning.
 The assertions are the issue's targets (not the achieved values); a population that missed its
 target on that run is marked ``xfail(strict=True)`` with the measured figure, so the test turns
 red the day it starts to pass and the mark must go.
@@ -33,8 +34,18 @@ TARGETS = {  # median |error| of % of parent, percentage points (issue 10)
 }
 CCC_TARGET = 0.9  # Lin's concordance, every population
 # populations that missed a target on the one held-out run (measured figure in the reason)
-MISSED_MAE: dict[str, str] = {}
-MISSED_CCC: dict[str, str] = {}
+# (the one run, 2026-12-03: 480 files, every one gated, 11 gates = 0.16 % fell back, all flagged)
+MISSED_MAE: dict[str, str] = {
+    "Th17": "held-out median |error| 1.51 pp (target 1.0)",
+    "cTfh": "held-out median |error| 2.79 pp (target 1.0)",
+    "activated cTfh": "held-out median |error| 2.58 pp (target 2.0)",
+}
+MISSED_CCC: dict[str, str] = {
+    "Th17": "held-out concordance 0.861",
+    "cTfh": "held-out concordance 0.759",
+    "activated cTfh": "held-out concordance 0.698",
+    "CD56bright NK": "held-out concordance 0.509 (median |error| 0.044 pp: a few files' CD56 threshold is wrong)",
+}
 
 pytestmark = pytest.mark.slow
 
