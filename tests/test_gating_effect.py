@@ -48,6 +48,8 @@ def test_il2_effect_on_treg_is_found_through_the_gates_on_a_random_instrument(tm
     assert top["q"].iloc[0] < 0.05 and top["estimate"].iloc[0] > 0
 
 
+# measured 2026-12-03: per-test rate 0.026 (SE 0.005); Treg dose trend p < 0.05 in 4/20 trials (at
+# the bound: the mixed model's Wald test with 16 patients may be anti-conservative - look at it)
 NULL_SEEDS = list(range(9401, 9421))
 
 
