@@ -81,14 +81,14 @@ def gate_trial(
         for pop in t.index:
             row = {"sample_id": sid, "population": pop, "pct_parent_true": float(t.loc[pop, "pct_parent"])}
             if res is None or pop not in res.populations:
-                row.update(
-                    pct_parent=np.nan, source="error", fallback=True, error=errors.get(sid, "not gated")
-                )
+                row.update(pct_parent=np.nan, source="error", fallback=True, flagged=True,
+                           error=errors.get(sid, "not gated"))  # fmt: skip
             else:
                 p = res.populations[pop]
                 data_driven = p.source not in ("fixed", "boolean")
-                fell_back = data_driven and (p.source != "fitted" or bool(p.flags))
-                row.update(pct_parent=p.pct_parent, source=p.source, fallback=fell_back, error="")
+                fell_back = data_driven and (p.source not in ("fitted", "control") or bool(p.flags))
+                row.update(pct_parent=p.pct_parent, source=p.source, fallback=fell_back, error="",
+                           flagged=bool(p.flags))  # fmt: skip
             rows.append(row)
     return pd.DataFrame(rows)
 

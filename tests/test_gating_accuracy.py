@@ -1,11 +1,15 @@
 """Accuracy of the canonical template across simulated instruments (issue 10).
 
-Twenty random instrument profiles (``cytopipe simulate --instrument random``), seeds fixed here and
-never used while developing the gates (development used seeds 1001-1005 and 11), 24 files each,
-gated through the real engine with pooled fallbacks as ``cytopipe run`` does. The figures are
-printed; the assertions state what the gates achieved when last measured (see docs/gating.md):
-lineage, NK, CD56bright and Th1 populations meet the issue's median-error targets; Treg, Th17, cTfh
-and activated cTfh do not yet, and Lin's concordance is below 0.9 for most populations.
+Twenty random instrument profiles (``cytopipe simulate --instrument random``, drawn per site), 24
+files each, gated through the real engine with pooled fallbacks as ``cytopipe run`` does, and
+compared with the simulator's per-event truth. The seeds (9501-9520) are a held-out set: the gates
+were tuned on seeds 1001-1005/11, 7001-7020 and 3001-3020 (9101-9120 were started once and stopped
+unread when a regression elsewhere forced a change) and these were run once, after tuning.
+The assertions are the issue's targets (not the achieved values); a population that missed its
+target on that run is marked ``xfail(strict=True)`` with the measured figure, so the test turns
+red the day it starts to pass and the mark must go.
+
+The gating of the 20 trials runs once per session (``-m slow``: ~10 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import pytest
 
 from tests.accuracy_support import accuracy_table, gate_trial
 
-SEEDS = list(range(7001, 7021))
+SEEDS = list(range(9501, 9521))
 TARGETS = {  # median |error| of % of parent, percentage points (issue 10)
     "Treg": 0.3,
     "Th17": 1.0,
@@ -28,42 +32,69 @@ TARGETS = {  # median |error| of % of parent, percentage points (issue 10)
     "CD4 T": 1.0,
     "CD8 T": 1.0,
 }
+CCC_TARGET = 0.9  # Lin's concordance, every population
+# populations that missed a target on the one held-out run (measured figure in the reason)
+# (the one run, 2026-12-03: 480 files, every one gated, 11 gates = 0.16 % fell back, all flagged)
+MISSED_MAE: dict[str, str] = {
+    "Th17": "held-out median |error| 1.51 pp (target 1.0)",
+    "cTfh": "held-out median |error| 2.79 pp (target 1.0)",
+    "activated cTfh": "held-out median |error| 2.58 pp (target 2.0)",
+}
+MISSED_CCC: dict[str, str] = {
+    "Th17": "held-out concordance 0.861",
+    "cTfh": "held-out concordance 0.759",
+    "activated cTfh": "held-out concordance 0.698",
+    "CD56bright NK": "held-out concordance 0.509 (median |error| 0.044 pp: a few files' CD56 threshold is wrong)",
+}
+
+pytestmark = pytest.mark.slow
 
 
-@pytest.mark.slow
-def test_accuracy_across_random_instruments(tmp_path):
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory) -> pd.DataFrame:
     from cytopipe.simulate import instrument_trial
 
-    gated = []
+    root = tmp_path_factory.mktemp("accuracy")
+    frames = []
     for seed in SEEDS:
-        folder = tmp_path / f"inst{seed}"
+        folder = root / f"inst{seed}"
         instrument_trial(folder, instrument="random", seed=seed, patients=6, events=10_000)
-        g = gate_trial(folder)
-        g["seed"] = seed
-        gated.append(g)
-    gated = pd.concat(gated, ignore_index=True)
-    acc = accuracy_table(gated).set_index("population")
+        frames.append(gate_trial(folder).assign(seed=seed))
+    out = pd.concat(frames, ignore_index=True)
+    acc = accuracy_table(out).set_index("population")
     acc["target_pp"] = pd.Series(TARGETS)
     print("\n" + acc.round(3).to_string())
-    fallback_rate = float(gated["fallback"].mean())
-    print(f"gates falling back (or flagged): {fallback_rate:.1%}")
-    errors = gated.loc[gated["error"] != "", ["sample_id", "seed", "error"]].drop_duplicates()
-    if len(errors):
-        print(f"{len(errors)} sample(s) could not be gated:\n" + errors.to_string())
-    # What holds (measured 2026-12-03 on these seeds: median |error| T 0.02, CD4 0.04, CD8 0.03,
-    # Treg 0.34, Th17 1.04, Th1 1.49, cTfh 2.12, activated cTfh 2.81, NK 0.04, CD56bright 0.07 pp;
-    # Lin's concordance >= 0.9 only for Lymphocytes/Singlets, 0.4-0.88 elsewhere because a few
-    # files per trial are gated badly; 2.5 % of gates fell back; 8 of 480 samples not gated).
-    for pop in ("Lymphocytes", "Singlets", "T cells", "CD4 T", "CD8 T", "Memory CD4"):
-        assert acc.loc[pop, "mae_pp"] <= 1.0, acc
-    for pop in ("Lymphocytes", "Singlets"):
-        assert acc.loc[pop, "ccc"] >= 0.9, acc
-    for pop in ("NK", "CD56bright NK", "Th1"):
-        assert acc.loc[pop, "mae_pp"] <= TARGETS[pop], acc
-    # not yet at target (issue 10): Treg 0.3, Th17 1.0, cTfh 1.0, activated cTfh 2.0
-    assert acc.loc["Treg", "mae_pp"] <= 0.5 and acc.loc["Th17", "mae_pp"] <= 1.5, acc
-    assert acc.loc["cTfh", "mae_pp"] <= 3.0 and acc.loc["activated cTfh", "mae_pp"] <= 4.0, acc
-    assert fallback_rate < 0.05
-    assert len(errors) <= 0.02 * gated["sample_id"].nunique() * len(SEEDS)
-    # every fallback is flagged (gate_trial counts a flagged gate as a fallback)
-    assert not (gated["source"].isin(["pooled", "mixed"]) & ~gated["fallback"]).any()
+    print(f"gates falling back (or flagged): {out['fallback'].mean():.2%}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def acc(gated) -> pd.DataFrame:
+    return accuracy_table(gated).set_index("population")
+
+
+def _mark(pop: str, missed: dict[str, str]):
+    return (
+        pytest.param(pop, marks=pytest.mark.xfail(strict=True, reason=missed[pop])) if pop in missed else pop
+    )
+
+
+@pytest.mark.parametrize("pop", [_mark(p, MISSED_MAE) for p in TARGETS])
+def test_median_error_within_target(acc, pop):
+    assert acc.loc[pop, "mae_pp"] <= TARGETS[pop], acc.loc[pop]
+
+
+@pytest.mark.parametrize("pop", [_mark(p, MISSED_CCC) for p in TARGETS])
+def test_concordance_at_least_0_9(acc, pop):
+    assert acc.loc[pop, "ccc"] >= CCC_TARGET, acc.loc[pop]
+
+
+def test_every_sample_gated_and_every_fallback_flagged(gated):
+    errors = gated.loc[gated["error"] != "", ["seed", "sample_id", "error"]].drop_duplicates()
+    assert errors.empty, errors.to_string()  # a sample is never dropped
+    data_driven = ~gated["source"].isin(["fixed", "boolean", "not measured"])
+    fallbacks = gated[data_driven & ~gated["source"].isin(["fitted", "control"])]
+    assert fallbacks["flagged"].all(), fallbacks  # every fallback carries a flag
+    rate = float(gated.loc[data_driven, "fallback"].mean())
+    print(f"fallback rate {rate:.2%} ({int(gated.loc[data_driven, 'fallback'].sum())} gates)")
+    assert rate < 0.05

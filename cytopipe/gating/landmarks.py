@@ -7,7 +7,11 @@ events on the gate's axis -- the negative (lowest) and positive (highest) densit
 relative to them, so the canonical template holds no instrument-scale numbers:
 
 ``auto``      the deepest valley between the two most prominent peaks when there is one (deeper
-              than ``max_depth`` x the lower peak), else the ``shoulder`` of the negative peak
+              than ``max_depth`` x the lower peak), else the ``shoulder`` of the negative peak.
+              With ``percentile`` (dim markers, FMO convention): a valley deeper than ``gap``
+              (0.2) x the lower peak is a gap between two populations and is used; a shallower
+              one (humps of a continuum) only where it lies below the negative population's
+              mirrored ``percentile``, which is the threshold otherwise
 ``shoulder``  where the parent's density first reaches ``ratio`` x the mirror image of the
               negative peak's outer half (``of: negative``, going up) or of the main peak's upper
               half (``of: main``, going down). With ``ratio: 2`` that is where the excess over the
@@ -252,6 +256,17 @@ def deepest_valley(lm: Landmarks, max_depth: float = 0.8) -> float:
     return float(0.5 * (lm.centers[lo] + lm.centers[hi]))
 
 
+GAP_DEPTH = 0.2  # valley density / lower peak height under which two peaks are separate populations
+
+
+def _valley_depth(lm: Landmarks, t: float) -> float:
+    """Density at ``t`` relative to the lower of the two most prominent peaks."""
+    pair = lm.two_most_prominent()
+    if pair is None:
+        return 1.0
+    return float(np.interp(t, lm.centers, lm.dens)) / min(pair[0].height, pair[1].height)
+
+
 def _valley_beyond_main(lm: Landmarks, max_depth: float = 0.5) -> float | None:
     """The deepest valley between the main peak and the most prominent peak above it, or None."""
     main = lm.main
@@ -300,13 +315,21 @@ class RelativeThresholdFitter(ThresholdFitter):
             xs = _subsample(x, self.options.get("max_events", DEFAULT_MAX_EVENTS), rng)
             lin = linear if linear is not None and len(xs) == len(x) else None
         lm = find_landmarks(xs, self.options.get("min_peak", 0.01), self.options.get("bandwidth"))
+        valley = None
         if self.method == "auto" and "percentile" in self.options:
             # a valley between two populations when there is one; else (a continuum) the FMO-like
             # percentile of the negative population
             try:
-                return self._threshold(lm, xs), *self._fallback(lm)
+                valley = self._threshold(lm, xs)
             except FitFailure:
                 pass
+            # a deep valley (density under ``gap`` x the lower of the two peaks) is a gap between
+            # two populations: the gate goes there. A shallower one separates humps of a
+            # continuum, where the FMO convention below decides.
+            if valley is not None and (
+                lin is None or _valley_depth(lm, float(valley[0])) <= self.options.get("gap", GAP_DEPTH)
+            ):
+                return valley, *self._fallback(lm)
         if self.method in ("tail", "auto") and "percentile" in self.options and lin is not None:
             # the negative's mode on the display scale, its mirror image in linear units
             mode = lm.negative.position
@@ -315,8 +338,16 @@ class RelativeThresholdFitter(ThresholdFitter):
             try:
                 t_lin = mirrored_percentile(lin, mode_lin, self.options["percentile"])
             except FitFailure as exc:
+                if valley is not None:
+                    return valley, *self._fallback(lm)
                 raise LandmarkFailure(str(exc), *self._fallback(lm)) from None
-            return np.array([float(to_display(t_lin))]), *self._fallback(lm)
+            t = float(to_display(t_lin))
+            # FMO convention: a cell above the negative population's percentile is positive, so a
+            # valley counts only where it lies below that point (a dip inside a smeared positive
+            # continuum, higher up, would cut positives off)
+            if valley is not None and float(valley[0]) < t:
+                return valley, *self._fallback(lm)
+            return np.array([t]), *self._fallback(lm)
         of = self.options.get("of", "negative")
         z = self.options.get("fallback_z", 3.0)
         if of == "negative":

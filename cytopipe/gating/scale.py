@@ -12,7 +12,7 @@ run's transforms).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -70,6 +70,95 @@ def estimate_cofactors(
             x = e.linear(e._column(m, dim, None), e._comp_key(dim))
             per.setdefault(m, []).append(estimate_cofactor(x, float(spec["cofactor"]), k))
     return {m: {"type": "arcsinh", "cofactor": float(np.median(v))} for m, v in per.items()}
+
+
+#: per-sample cofactors of one channel spreading more than this (90th / 10th percentile) mean the
+#: study mixes instruments or detector ranges: one locked cofactor would not suit them all
+MAX_SPREAD = 3.0
+
+
+def auto_markers(template, fixed: Iterable[str] = ()) -> list[str]:
+    """The template's markers whose display scale is ``cofactor: auto`` (scatter, time, ratio
+    dimensions and markers given a transform in ``fixed`` left out): the ones a study locks."""
+    from cytopipe.gating import is_scatter_or_time
+
+    fixed = set(fixed)
+    out = []
+    for m in template.markers():
+        if m in fixed or is_scatter_or_time(m):
+            continue
+        dim = template.dimension(m)
+        spec = template.transforms.get(dim.transform or "")
+        if dim.ratio is None and getattr(spec, "auto", False):
+            out.append(m)
+    return out
+
+
+def pool_columns(
+    events: np.ndarray, channels, markers: Sequence[str], panel: Mapping[str, str] | None = None
+) -> tuple[np.ndarray, list[int | None]]:
+    """``events`` (compensated) on ``markers``, one column each: a marker the file does not carry
+    is a column of NaN (the file's populations needing it are "not measured"; the other channels'
+    estimates still count). Returns the float32 array and the column index used per marker."""
+    from cytopipe.errors import PanelError
+    from cytopipe.panel import resolve_markers
+
+    pnn = list(channels["pnn"])
+    out = np.full((len(events), len(markers)), np.nan, dtype=np.float32)
+    cols: list[int | None] = []
+    for j, m in enumerate(markers):
+        try:
+            c = pnn.index(resolve_markers(channels, [m], mapping=panel or None)[m])
+        except PanelError:
+            c = None
+        if c is not None:
+            out[:, j] = events[:, c]
+        cols.append(c)
+    return out, cols
+
+
+def lock_cofactors(
+    pools: Sequence[np.ndarray],
+    markers: Sequence[str],
+    default: float = 150.0,
+    k: float = COFACTOR_K,
+    max_spread: float = MAX_SPREAD,
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """One arcsinh cofactor per channel for a whole study, from its pooled events.
+
+    ``pools``: one array per sample (events x ``markers``) of compensated linear values (e.g. a
+    seeded subsample of each file, as ``cytopipe run`` pools them). Each sample's cofactor is
+    estimated from its own negative population (:func:`estimate_cofactor`); the study locks their
+    median, so every file is gated on the same scale. A channel whose per-sample estimates spread
+    more than ``max_spread``-fold (90th / 10th percentile: several instruments or detector ranges
+    in one study) is not locked and keeps a per-file estimate, with the reason recorded.
+
+    Returns ``(locked, record)``: ``{marker: {"type": "arcsinh", "cofactor": c}}`` for the locked
+    channels, and per marker the figures for run.json (``cofactor`` or ``reason``, ``samples``,
+    ``spread``).
+    """
+    locked: dict[str, dict] = {}
+    record: dict[str, dict] = {}
+    for j, m in enumerate(markers):
+        cols = [np.asarray(p)[:, j] for p in pools]
+        est = [estimate_cofactor(x, default, k) for x in cols if np.isfinite(x).sum() >= 200]
+        if not est:
+            record[m] = {"samples": 0, "reason": "no sample had 200 events to estimate from"}
+            continue
+        lo, hi = np.quantile(est, [0.1, 0.9])
+        spread = float(hi / lo) if lo > 0 else float("inf")
+        entry: dict = {"samples": len(est), "spread": round(spread, 3)}
+        if spread > max_spread:
+            entry["reason"] = (
+                f"per-sample cofactors {lo:.3g}-{hi:.3g} differ more than {max_spread:g}-fold "
+                "(several instruments?): estimated per file"
+            )
+        else:
+            c = float(f"{float(np.median(est)):.2g}")
+            locked[m] = {"type": "arcsinh", "cofactor": c}
+            entry["cofactor"] = c
+        record[m] = entry
+    return locked, record
 
 
 def describe(scales: Mapping[str, dict]) -> str:

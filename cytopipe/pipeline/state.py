@@ -44,6 +44,7 @@ class StudyState:
     pooled: Any = None  # cytopipe.gating.PooledEstimates (None until pooled)
     pool_markers: list[str] = field(default_factory=list)  # markers whose transform is estimated
     pool_events: int = 2000
+    pool_kind: str = "study"  # study: transforms estimated; cofactor: `cofactor: auto` locked per study
     cluster: Any = None  # ClusterPlan when clustering is on
     learner: Any = None  # cytopipe.gating.learn.Learner when the workflow has `examples:`
 
@@ -104,6 +105,7 @@ def build_state(wf: Workflow, n_samples: int) -> StudyState:
         transforms=_transform_params(wf.transforms.get("params") or {}),
         pool_markers=_pool_markers(template, wf.transforms),
         pool_events=_pool_size(wf.transforms, n_samples),
+        pool_kind="study" if wf.transforms.get("estimate") == "study" else "cofactor",
     )
 
 
@@ -117,8 +119,10 @@ def _transform_params(params: Mapping[str, Any]) -> dict[str, dict]:
 
 
 def _pool_markers(template: Any, transforms: Mapping[str, Any]) -> list[str]:
-    if transforms.get("estimate") != "study":
-        return []
+    if transforms.get("estimate") != "study":  # `cofactor: auto` channels are locked per study
+        from cytopipe.gating.scale import auto_markers
+
+        return auto_markers(template, fixed=transforms.get("params") or {})
     if transforms.get("markers"):
         return list(transforms["markers"])
     from cytopipe.gating import is_scatter_or_time

@@ -257,7 +257,7 @@ def _matrix_csv(spill: Any) -> str:
 def step_transforms(ctx: RunContext) -> dict[str, Any]:
     """Transform parameters estimated once from events pooled over every sample, then locked."""
     spec = ctx.wf.transforms
-    if spec.get("estimate") != "study" or not ctx.state.pool_markers:
+    if not ctx.state.pool_markers:
         ctx.hashes["transforms"] = stable_hash(ctx.state.transforms)
         return {"estimate": "template", "overrides": sorted(ctx.state.transforms)}
     settings_key = stable_hash(
@@ -273,7 +273,14 @@ def step_transforms(ctx: RunContext) -> dict[str, Any]:
     results = _run_cached_phase(ctx, "pool", pool_task, settings_key)
     pools = [results[j["sample_id"]] for j in ctx.alive()]
     if not pools:
-        return {"estimate": "study", "samples_pooled": 0}
+        return {"estimate": spec.get("estimate"), "samples_pooled": 0}
+    if spec.get("estimate") != "study":  # one arcsinh cofactor per `cofactor: auto` channel per study
+        from cytopipe.gating.scale import lock_cofactors
+
+        locked, cofactors = lock_cofactors([p["pool"] for p in pools], ctx.state.pool_markers)
+        ctx.state.transforms = {**locked, **ctx.state.transforms}  # explicit params win
+        ctx.hashes["transforms"] = stable_hash(ctx.state.transforms)
+        return {"estimate": "template", "samples_pooled": len(pools), "cofactors": cofactors}
     from cytopipe.transforms import estimate_transforms
 
     top = max(max(p["pnr"]) for p in pools)

@@ -116,8 +116,14 @@ def pool_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
         rng = np.random.default_rng([state.seed, int(job["sha256"][:15], 16)])
         rows = np.sort(rng.choice(n, size=k, replace=False))
         sub = _compensate_events(sample.events[rows], sample, state)
-        mapping = resolve_markers(sample.channels, state.pool_markers, mapping=state.template.panel or None)
         pnn = list(sample.channels["pnn"])
+        if state.pool_kind == "cofactor":  # a marker this file lacks: a NaN column, not a failure
+            from cytopipe.gating.scale import pool_columns
+
+            pool, cols = pool_columns(sub, sample.channels, state.pool_markers, state.template.panel)
+            pnr = [float(sample.channels["pnr"].iloc[c]) if c is not None else 0.0 for c in cols]
+            return {"pool": pool, "pnr": pnr, "metrics": prep.metrics}
+        mapping = resolve_markers(sample.channels, state.pool_markers, mapping=state.template.panel or None)
         cols = [pnn.index(mapping[m]) for m in state.pool_markers]
         return {
             "pool": np.ascontiguousarray(sub[:, cols], dtype=np.float32),
