@@ -1,11 +1,19 @@
 """Gate review in the workspace, with a real `cytopipe serve` subprocess, a fresh database (SQLite, and
 PostgreSQL where .ci/run starts one) and a finished run of 12 small simulated samples:
 
-* in Chromium (Playwright): a reviewer opens the Treg queue (flagged and outlying gates first), drags
-  the FOXP3 threshold of one sample, enters a reason and saves; the page and population_stats show that
-  sample's new Treg % and no other row changed; the rest are approved with the keyboard; the run is
-  signed off with the password; the audit page lists every action with its user and reason. Screenshots
-  of each step go to $CYTOPIPE_TEST_ARTIFACTS/review (default test-artifacts/review, not committed).
+* in Chromium (Playwright): a reviewer opens the Treg queue, then the activated cTfh queue whose first
+  rows are exactly the gates the report's rule flags or finds outlying; drags the FOXP3 threshold of
+  one sample, enters a reason and saves; the page and population_stats show that sample's new Treg %
+  and no other row changed; the rest are approved with the keyboard; a Singlets polygon corner is
+  dragged (exact frequency from the server while it moves) and saved (only that sample's Singlets and
+  the populations below change); a Lymphocytes ellipse is resized (new frequency shown); one patient's
+  two visits get one group override (one audit entry); the run is signed off with the password; the
+  audit page lists every action with its user and reason; the study's template is edited in the
+  browser (a new version with its diff; the run keeps version 1). Screenshots of each step go to
+  $CYTOPIPE_TEST_ARTIFACTS/review (default test-artifacts/review, not committed).
+* template versions through the API: refused when invalid, unchanged or without a reason, or from a
+  viewer; a new version has a diff and an audit entry; run.json names the version; versions cannot be
+  changed in the database;
 * roles: a viewer cannot approve or override (403), an analyst cannot sign off (403); after sign-off an
   override is refused (409) until a new version of the run is made;
 * tampering: editing or deleting one audit row directly in the database makes `cytopipe audit verify`
@@ -156,6 +164,27 @@ def test_review_in_the_browser(browser, server, finished, backend):
     page.wait_for_selector("#other-visits figure")  # the patient's other visit beside
     page.screenshot(path=str(shots / "01-queue.png"), full_page=True)
 
+    # 1b. flagged first, in the browser: the activated cTfh queue (gates the run flagged or found
+    #     outlying, by the report's rule applied here to the run's own tables) starts with exactly those
+    from cytopipe.report.gate_review import gate_outliers, read_gate_review
+
+    review = read_gate_review(out)
+    meta = before[["sample_id", "patient_id", "visit", "arm"]].drop_duplicates("sample_id")
+    rule = gate_outliers(review[review["population"] == "activated cTfh"], meta)
+    odd = set(rule.loc[rule["flagged"] | rule["outlier"], "sample_id"])
+    assert 0 < len(odd) < 12, rule
+    page.goto(server.url + f"/runs/{run_id}/review?population=" + "activated%20cTfh")
+    page.wait_for_selector("#panels svg line.thr", state="attached")
+    rows = page.locator("#queue tbody tr")
+    classes = [rows.nth(i).get_attribute("class") for i in range(12)]
+    first = [rows.nth(i).get_attribute("data-sample") for i in range(len(odd))]
+    assert set(first) == odd and all("flagged" in c.split() for c in classes[: len(odd)]), classes
+    assert not any("flagged" in c.split() for c in classes[len(odd) :]), classes
+    page.screenshot(path=str(shots / "01b-flagged-first.png"), full_page=True)
+    page.goto(server.url + f"/runs/{run_id}/review?population=Treg")
+    page.wait_for_selector("#panels svg line.thr", state="attached")
+    rows = page.locator("#queue tbody tr")
+
     # 2. the third sample: drag its FOXP3 threshold (Treg = CD25/CD127 diagonal AND FOXP3+) to the
     #    right, watch the new frequency
     target = queue[2]
@@ -214,6 +243,117 @@ def test_review_in_the_browser(browser, server, finished, backend):
     assert status.pop(target["sample_id"]) == "overridden"
     assert set(status.values()) == {"approved"}
 
+    # 4b. a polygon: drag the Singlets wedge's corner into the middle of the plot; the exact new
+    #     frequency comes from the server while the handle moves; save with a reason
+    poly_target = queue[5]["sample_id"]
+    old_singlets = before.set_index(KEY).loc[(poly_target, "Singlets"), "pct_parent"]
+    page.goto(server.url + f"/runs/{run_id}/review?population=Singlets")
+    page.locator(f'#queue tbody tr[data-sample="{poly_target}"]').click()
+    expect(page.locator("#current-title")).to_have_text(re.compile("^" + re.escape(poly_target)))
+    corner = page.locator('#panels circle.handle[data-kind="vertex"][data-index="0"]')
+    plot = page.locator("#panels svg").bounding_box()
+    box = corner.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    tx, ty = plot["x"] + plot["width"] * 0.45, plot["y"] + plot["height"] * 0.55
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for step in range(1, 11):
+        page.mouse.move(x + (tx - x) * step / 10, y + (ty - y) * step / 10)
+    expect(page.locator("#new-exact")).to_have_text(re.compile(r"^\(exact, while moving"))
+    page.screenshot(path=str(shots / "05b-polygon-drag.png"), full_page=True)
+    page.mouse.up()
+    expect(page.locator("#new-exact")).to_have_text(re.compile(r"^\(exact:"))
+    shown_poly = float(page.inner_text("#new-freq").rstrip("%"))
+    assert shown_poly < old_singlets  # the corner moved into the singlets: fewer kept
+    corner_at = page.evaluate(
+        """() => { const s = document.querySelector('#panels svg'), d = s.dataset;
+        const c = s.querySelector('circle.handle[data-kind="vertex"][data-index="0"]');
+        return [+d.x0 + (+c.getAttribute('cx') - +d.left) / +d.pw * (+d.x1 - +d.x0),
+                +d.y0 + (+d.top + +d.ph - +c.getAttribute('cy')) / +d.ph * (+d.y1 - +d.y0), +d.x0, +d.x1]; }"""
+    )
+    page.select_option("#reason-category", "debris")
+    page.fill("#reason-text", "doublet tail cut at the wedge's corner")
+    page.click("#save-override")
+    # (a save waits for the run's lock: the statistics and report refresh of the save before may hold it)
+    expect(page.locator("#action-message")).to_have_text(re.compile("^Saved"), timeout=600_000)
+    mid = pd.read_parquet(out / "population_stats.parquet")
+    got = mid.set_index(KEY).loc[(poly_target, "Singlets")]
+    assert got["pct_parent"] == pytest.approx(shown_poly, abs=0.006) and got["gate_source"] == "overridden"
+    expect(page.locator("#current-freq")).to_contain_text(
+        f"Singlets: {got['pct_parent']:.2f}% of Lymphocytes"
+    )
+    expect(page.locator("#current-freq")).to_contain_text("gate overridden")
+    children = review[["population", "parent"]].drop_duplicates().set_index("population")["parent"]
+
+    def below(pop: str) -> bool:
+        while pop in children.index:
+            if pop == "Singlets":
+                return True
+            pop = children[pop]
+        return False
+
+    moved = _changed(after, mid)
+    assert (poly_target, "Singlets") in moved and (poly_target, "Live") in moved
+    assert all(sid == poly_target and below(pop) for sid, pop in moved), moved  # only it and below
+    decision = next(d for d in json.loads((out / "review.json").read_text())["decisions"]
+                    if d["sample_id"] == poly_target and d["population"] == "Singlets")  # fmt: skip
+    mine = review[(review["sample_id"] == poly_target) & (review["population"] == "Singlets")]
+    original = json.loads(mine["shapes"].iloc[0])[0]["vertices"]
+    assert decision["params"]["vertices"][1:] == original[1:]  # only the dragged corner moved
+    assert decision["params"]["vertices"][0] == pytest.approx(corner_at[:2], rel=1e-6)  # where it was dropped
+    assert decision["params"]["vertices"][0][0] > corner_at[2] + 0.25 * (corner_at[3] - corner_at[2])
+    page.screenshot(path=str(shots / "05c-polygon-saved.png"), full_page=True)
+
+    # 4c. an ellipse (Lymphocytes): move its size handle inwards; the new frequency is shown (not saved)
+    page.goto(server.url + f"/runs/{run_id}/review?population=Lymphocytes")
+    size = page.locator('#panels circle.handle[data-kind="ellipse-size"]')
+    centre = page.locator('#panels circle.handle[data-kind="ellipse-centre"]').bounding_box()
+    box = size.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    cx, cy = centre["x"] + centre["width"] / 2, centre["y"] + centre["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for step in range(1, 6):
+        page.mouse.move(x + (cx - x) * step / 10, y + (cy - y) * step / 10)
+    page.mouse.up()
+    expect(page.locator("#new-exact")).to_have_text(re.compile(r"^\(exact:"))
+    now = float(page.inner_text("#current-freq").split("%")[0].split(": ")[1])
+    assert float(page.inner_text("#new-freq").rstrip("%")) < now  # half the size keeps fewer cells
+    page.screenshot(path=str(shots / "05d-ellipse-drag.png"), full_page=True)
+
+    # 4d. a group override: every visit of another patient gets the same FOXP3 threshold, one audit entry
+    patient = next(i["patient_id"] for i in queue if i["patient_id"] != target["patient_id"])
+    visits = sorted(i["sample_id"] for i in queue if i["patient_id"] == patient)
+    assert len(visits) == 2
+    page.goto(server.url + f"/runs/{run_id}/review?population=Treg")
+    page.select_option("#f-patient", patient)
+    expect(page.locator("#queue tbody tr")).to_have_count(2)
+    first_visit = page.locator("#queue tbody tr").nth(0).get_attribute("data-sample")
+    expect(page.locator("#current-title")).to_have_text(re.compile("^" + re.escape(first_visit)))
+    page.wait_for_load_state("networkidle")  # the filtered sample's gate and its other visit are drawn
+    line = page.locator('#panels div[data-panel="1"] line.thr[data-param="FOXP3 >="]')
+    box = line.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for step in range(1, 8):
+        page.mouse.move(x + 12 * step, y)
+    page.mouse.up()
+    expect(page.locator("#new-exact")).to_have_text(re.compile(r"^\(exact"))
+    page.select_option("#apply-to", "patient")
+    page.select_option("#reason-category", "poor staining")
+    page.fill("#reason-text", "FOXP3 dim at both visits of this patient")
+    page.click("#save-override")
+    expect(page.locator("#action-message")).to_have_text(re.compile("^Saved for 2 samples"), timeout=600_000)
+    page.screenshot(path=str(shots / "05e-group-override.png"), full_page=True)
+    grouped = pd.read_parquet(out / "population_stats.parquet")
+    assert {s for s, _ in _changed(mid, grouped)} == set(visits)  # only that patient's samples
+    rows_g = grouped.set_index(KEY).loc[[(v, "Treg") for v in visits]]
+    assert (rows_g["gate_source"] == "overridden").all() and rows_g["audit_entry"].nunique() == 1
+    saved = [d for d in json.loads((out / "review.json").read_text())["decisions"]
+             if d["population"] == "Treg" and d["sample_id"] in visits and d["kind"] == "override"]  # fmt: skip
+    assert len(saved) == 2 and saved[0]["params"] == saved[1]["params"] and "FOXP3 >=" in saved[0]["params"]
+
     # 5. sign off with the password (wrong first)
     page.fill("#signoff-password", "not my password")
     page.click("#signoff")
@@ -233,9 +373,15 @@ def test_review_in_the_browser(browser, server, finished, backend):
     trail = api.get("/api/audit?limit=500").json()
     mine = [e for e in trail if e["user"] == "rita" and e["action"].startswith("review.")]
     actions = [e["action"] for e in mine]
-    assert actions.count("review.override") == 1 and actions.count("review.approve") == 11
+    assert actions.count("review.override") == 3 and actions.count("review.approve") == 11
+    group = [e for e in mine if e["action"] == "review.override" and "samples" in e["after"]]
+    assert len(group) == 1 and sorted(group[0]["after"]["samples"]) == visits
+    assert int(rows_g["audit_entry"].iloc[0]) == group[0]["id"]
+    for v in visits:  # the entry names each sample with the % it now has
+        assert group[0]["after"]["samples"][v] == pytest.approx(rows_g.loc[(v, "Treg"), "pct_parent"])
     assert actions.count("review.signoff") == 1 and actions.count("review.signoff_refused") == 1
-    override = next(e for e in mine if e["action"] == "review.override")
+    override = next(e for e in mine if e["action"] == "review.override"
+                    and e["after"].get("sample_id") == target["sample_id"])  # fmt: skip
     assert override["reason"] == "poor staining · CD25 smeared into the negatives in this tube"
     assert override["before"]["pct_parent"] == pytest.approx(old) and override["after"][
         "pct_parent"
@@ -245,6 +391,22 @@ def test_review_in_the_browser(browser, server, finished, backend):
         "review.override" in text and "CD25 smeared into the negatives" in text and "review.signoff" in text
     )
     assert "rita" in text and "chain intact" in page.inner_text("#chain")
+    # 6b. the study's template edited in the browser: a new version with a readable diff
+    study_id = api.get(f"/api/runs/{run_id}").json()["study_id"]
+    page.goto(server.url + f"/studies/{study_id}")
+    page.click("#template-link")
+    text = page.input_value("#template-yaml")
+    page.fill("#template-yaml", text + "\n# the FOXP3 gate is checked against the FMO control from week 12\n")
+    page.fill("#template-reason", "note on the FOXP3 gate")
+    page.screenshot(path=str(shots / "08-template-edit.png"), full_page=True)
+    page.click("#save-template")
+    page.wait_for_url(re.compile(rf".*/studies/{study_id}/template/2$"))
+    expect(page.locator("#template-diff")).to_contain_text("+# the FOXP3 gate is checked against the FMO")
+    assert "why: note on the FOXP3 gate" in page.inner_text("#version-meta")
+    page.screenshot(path=str(shots / "09-template-diff.png"), full_page=True)
+    page.goto(server.url + f"/runs/{run_id}/review?population=Treg")
+    assert "version 1" in page.inner_text("#run-template")  # the run keeps the version it ran with
+
     # the one error in the console is the refused sign-off (wrong password: 403)
     assert [e for e in errors if "status of 403" not in e] == [] and len(errors) == 1, errors
     context.close()
@@ -319,6 +481,21 @@ def test_signoff_locks_the_gates_until_a_new_version(server, finished, monkeypat
         KEY
     )
     assert ps.loc[(other["sample_id"], "Treg"), "gate_source"] == "overridden"
+    # a group change from the command line: one patient's two visits to their pooled gate, one entry
+    # (a patient neither of whose visits was changed above)
+    busy = {i["patient_id"] for i in q["items"] if i["sample_id"] in (item["sample_id"], other["sample_id"])}
+    patient = next(i["patient_id"] for i in q["items"] if i["patient_id"] not in busy)
+    pair = sorted(i["sample_id"] for i in q["items"] if i["patient_id"] == patient)
+    before_pair = ps.reset_index()
+    proc = cli("review", str(new_id), *db, "--user", "rita", "--pooled", f"{pair[0]}/Treg", "--also", pair[1],
+               "--category", "clog", "--reason", "both visits from the clogged run")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = [x for x in proc.stdout.splitlines() if "/Treg:" in x]
+    assert len(lines) == 2 and len({x.rsplit("audit entry", 1)[1] for x in lines}) == 1, proc.stdout
+    ps = pd.read_parquet(server.data / "runs" / str(new_id) / "out" / "population_stats.parquet")
+    assert {sid for sid, _ in _changed(before_pair, ps)} <= set(pair)
+    assert set(ps.set_index(KEY).loc[[(x, "Treg") for x in pair], "gate_source"]) == {"overridden"}
+    ps = ps.set_index(KEY)
     proc = cli("review", str(new_id), *db, "--user", "vera", "--approve-run")  # a viewer
     assert proc.returncode == 2 and "403" in proc.stderr
     proc = cli("review", str(new_id), *db, "--user", "rita", "--approve", f"{item['sample_id']}/Treg", "--examples",
@@ -333,6 +510,60 @@ def test_signoff_locks_the_gates_until_a_new_version(server, finished, monkeypat
     # the examples file of the signed-off run: every approved/overridden Treg gate
     ex = c.get(f"/api/runs/{run_id}/review/examples?format=json").json()
     assert ex["signoff"]["user"] == "rita" and len(ex["examples"]) >= 1
+
+
+def test_template_versions(server, finished, backend):
+    """Editing the study's template makes a new immutable version with a diff and an audit entry; the
+    finished run keeps naming the version it ran with (run row and run.json)."""
+    run_id, out = finished
+    c, vera = server.client("alan"), server.client("vera")  # an analyst may edit, a viewer may not
+    study_id = c.get(f"/api/runs/{run_id}").json()["study_id"]
+    start = c.get(f"/api/studies/{study_id}/templates").json()  # (the browser test may have added v2)
+    v1, n = start[0], len(start)
+    assert v1["version"] == 1 and run_id in v1["runs"] and start[-1]["current"]
+    info = json.loads((out / "run.json").read_text())
+    assert info["workflow"]["template"].endswith("template_v1.yaml")  # run.json names the version
+    assert info["hashes"]["template"] == v1["sha256"]  # ... and its bytes are that version's
+    v1_yaml = c.get(f"/api/studies/{study_id}/templates/1").json()["yaml"]
+    text = c.get(f"/api/studies/{study_id}/templates/{n}").json()["yaml"]
+    assert "FOXP3" in text
+    url = f"/api/studies/{study_id}/templates"
+    edit = {"yaml": text + "\n# FMO-based FOXP3 from week 12\n", "reason": "FMO"}
+    assert vera.post(url, json=edit, headers=vera.h).status_code == 403
+    bad = c.post(url, json={"yaml": "populations: [", "reason": "typo"}, headers=c.h)
+    assert bad.status_code == 400 and "not valid" in bad.json()["detail"]
+    same = c.post(url, json={"yaml": text, "reason": "no change"}, headers=c.h)
+    assert same.status_code == 400 and "unchanged" in same.json()["detail"]
+    assert c.post(url, json={**edit, "reason": " "}, headers=c.h).status_code == 400  # a reason is required
+    assert len(c.get(url).json()) == n  # nothing refused was saved
+    r = c.post(url, json=edit, headers=c.h)
+    assert r.status_code == 201, r.text
+    v2 = r.json()
+    assert v2["version"] == n + 1 and v2["current"] and v2["runs"] == []
+    assert "+# FMO-based FOXP3 from week 12" in v2["diff"] and v2["diff"].startswith(f"--- v{n}")
+    versions = c.get(url).json()
+    assert [v["version"] for v in versions] == list(range(1, n + 2)) and not versions[0]["current"]
+    assert run_id in versions[0]["runs"]  # the finished run still names version 1
+    entry = next(e for e in c.get("/api/audit?limit=500").json() if e["action"] == "template.edit")
+    assert entry["user"] == "alan" and entry["reason"] == "FMO"
+    assert entry["before"]["version"] == n and entry["after"]["version"] == n + 1
+    assert entry["after"]["diff"] == v2["diff"]
+    # versions are immutable in the database itself
+    sql = "UPDATE templates SET yaml = 'x' WHERE version = 1"
+    if backend == "sqlite":
+        con = sqlite3.connect(server.data / "cytopipe.sqlite")
+        for stmt in (sql, "DELETE FROM templates WHERE version = 1"):
+            with pytest.raises(sqlite3.DatabaseError, match="immutable"):
+                con.execute(stmt)
+        con.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(server.database, autocommit=True) as con:
+            for stmt in (sql, "DELETE FROM templates WHERE version = 1"):
+                with pytest.raises(psycopg.Error, match="immutable"):
+                    con.execute(stmt)
+    assert c.get(f"/api/studies/{study_id}/templates/1").json()["yaml"] == v1_yaml
 
 
 def test_tampering_with_the_audit_trail_is_detected(server, finished, backend, tmp_path):

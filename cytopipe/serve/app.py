@@ -103,12 +103,14 @@ def create_app(config: Config) -> FastAPI:
     async def _upload_error(request: Request, exc: UploadRefused):
         return _error(request, exc.status, exc.message)
 
-    from cytopipe.serve import api, review, web
+    from cytopipe.serve import api, review, templateops, web
 
     app.include_router(api.router)
     app.include_router(review.api)
     app.include_router(web.router)
     app.include_router(review.web)
+    app.include_router(templateops.api)
+    app.include_router(templateops.web)
     return app
 
 

@@ -83,7 +83,7 @@ class Session(Base):
 
 
 class Template(Base):
-    """A gating template version (a study's template history; the review issue adds diffs)."""
+    """One immutable version of a study's gating template (see :mod:`cytopipe.serve.templateops`)."""
 
     __tablename__ = "templates"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -94,6 +94,7 @@ class Template(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     created_by: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
+    reason: Mapped[str] = mapped_column(Text, default="")  # why this version (migration 0003)
 
 
 class Study(Base):

@@ -17,7 +17,7 @@ from cytopipe.review.decisions import Decision
 from cytopipe.serve import audit, reviewops
 from cytopipe.serve.app import page, signed_in, state_change, workspace
 from cytopipe.serve.auth import AuthError
-from cytopipe.serve.db import Audit, User
+from cytopipe.serve.db import Audit, Template, User
 
 api = APIRouter(prefix="/api", tags=["review"])
 web = APIRouter(include_in_schema=False)
@@ -30,6 +30,9 @@ class GateChange(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description='e.g. {"CD25 >=": 3.1}')
     reason: str = ""
     category: str = ""
+    sample_ids: list[str] | None = Field(
+        None, description="a group override: the same change for each of these samples (one audit entry)"
+    )
 
 
 class Approval(BaseModel):
@@ -84,9 +87,13 @@ def review_preview(run_id: int, body: GateChange, request: Request) -> dict[str,
 
 @api.post("/runs/{run_id}/review/change")
 def review_change(run_id: int, body: GateChange, request: Request) -> dict[str, Any]:
-    """Override a gate (new numbers), use the patient's pooled gate, or revert; a reason is required."""
+    """Override a gate (new numbers), use the patient's pooled gate, or revert; a reason is required.
+    With ``sample_ids`` the same change applies to that group of samples (one audit entry)."""
     ctx = state_change(request, "review")
     with workspace(request).sessions() as db:
+        if body.sample_ids:
+            group = [_decision(body.model_copy(update={"sample_id": s}), ctx.name) for s in body.sample_ids]
+            return reviewops.change_group(db, run_id, ctx.name, group)
         return reviewops.change_gate(db, run_id, ctx.name, _decision(body, ctx.name))
 
 
@@ -159,5 +166,6 @@ def review_page(run_id: int, request: Request, population: str | None = None) ->
     with workspace(request).sessions() as db:
         run, study = reviewops.finished(db, run_id)
         q = reviewops.queue(db, run, study, population, _arms_visible(study))
-    return page(request, "review.html", ctx, run=run, study=study, q=q, q_json=json.dumps(q),
+        template = db.get(Template, run.template_id) if run.template_id else None
+    return page(request, "review.html", ctx, run=run, study=study, q=q, q_json=json.dumps(q), template=template,
                 can_review=ctx.can("review"), can_signoff=ctx.can("signoff"))  # fmt: skip

@@ -4,6 +4,7 @@ on the same workspace database as ``cytopipe serve`` (``--data DIR`` or ``--data
     cytopipe review 3 --data ws --user rita --list Treg
     cytopipe review 3 --data ws --user rita --override P001_W00/Treg --set "CD25 >= 3.1" \\
         --category "poor staining" --reason "CD25 dim in this tube"
+    cytopipe review 3 --data ws --user rita --pooled P001_W00/Treg --also P001_W12 --reason "clog"
     cytopipe review 3 --data ws --user rita --approve-unflagged Treg
     cytopipe review 3 --data ws --user rita --signoff
     cytopipe review 3 --data ws --examples approved_gates.yaml
@@ -20,6 +21,7 @@ import argparse
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from cytopipe.errors import ReviewError, ServeError
@@ -50,6 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--pooled", metavar="SAMPLE/POPULATION", help="use the patient's pooled gate")
     parser.add_argument("--revert", metavar="SAMPLE/POPULATION", help="back to the run's own gate")
+    parser.add_argument(
+        "--also",
+        metavar="SAMPLE[,SAMPLE...]",
+        action="append",
+        default=[],
+        help="a group change: the same --override/--pooled/--revert for these samples too (one audit entry)",
+    )
     parser.add_argument("--reason", default="", help="why (required for --override/--pooled/--revert)")
     parser.add_argument("--category", default="", help="debris, clog, poor staining, fit failure, ...")
     parser.add_argument("--signoff", action="store_true", help="sign the run's gating (locks its gates)")
@@ -158,6 +167,16 @@ def _review(args, db, reviewops, Decision) -> int:
             decision = Decision(kind=kind, sample_id=sample, population=population, user=user.name,
                                 params=_numbers(args.set) if kind == "override" else {},
                                 reason=args.reason or args.category, category=args.category)  # fmt: skip
+            also = [
+                x.strip() for item in args.also for x in item.split(",") if x.strip() and x.strip() != sample
+            ]
+            if also:
+                group = [decision] + [replace(decision, sample_id=x) for x in dict.fromkeys(also)]
+                got = reviewops.change_group(db, args.run, user.name, group, background=False)
+                for sid, g in got["group"].items():
+                    print(f"{sid}/{population}: {g['before_pct']:.2f}% -> {g['after_pct']:.2f}% "
+                          f"(audit entry {got['audit_entry']})")  # fmt: skip
+                continue
             got = reviewops.change_gate(db, args.run, user.name, decision, background=False)
             print(f"{sample}/{population}: {got['before_pct']:.2f}% -> {got['after_pct']:.2f}% "
                   f"(audit entry {got['audit_entry']})")  # fmt: skip

@@ -183,7 +183,8 @@ def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
     )
     if rows.empty:
         raise AuthError(404, f"no gate of {population!r} for sample {sample_id!r} in run {run.id}")
-    if (rows["shapes"] == "[]").all():  # e.g. a diagonal gate: drawn (and movable) from the sample
+    drawn = (rows["shapes"] == "[]").all()  # e.g. a diagonal gate: its lines movable, not its corners
+    if drawn:  # drawn from the sample
         from cytopipe.review.regate import loaded_run, regate_sample
 
         lr = loaded_run(out_dir(run))
@@ -205,7 +206,7 @@ def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
             "count": int(first["count"]), "parent_count": int(first["parent_count"]),
             "pct_parent": float(first["pct_parent"]), "source": first["source"], "flags": first["flags"],
             "params": dict(zip(map(str, first["param_names"]), map(float, first["params"]))),
-            "panels": panels}  # fmt: skip
+            "panels": panels, "drawn_from_sample": bool(drawn)}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,6 +266,43 @@ def change_gate(
         db.commit()
         result = _apply(db, run, [decision.sample_id], background)
     return {"audit_entry": entry.id, "before_pct": pv["before_pct"], "after_pct": pv["after_pct"], **result}
+
+
+def change_group(
+    db: DBSession, run_id: int, user: str, decisions: list[Decision], background: bool = True
+) -> dict[str, Any]:
+    """One override / pooled / revert for a group of samples (e.g. a patient's visits, or the samples a
+    filter shows): one audit entry naming every sample with its before/after %, one decision row per
+    sample pointing at it; then every sample of the group is re-gated."""
+    run, _ = finished(db, run_id)
+    _locked(db, run_id)
+    if not decisions:
+        raise AuthError(400, "no samples in the group")
+    population, kind = decisions[0].population, decisions[0].kind
+    samples = [d.sample_id for d in decisions]
+    if len(set(samples)) != len(samples) or any(d.population != population for d in decisions):
+        raise AuthError(400, "a group override names each sample once, all of one population")
+    with _run_lock(run_id):
+        previews = {d.sample_id: preview(db, run_id, d) for d in decisions}
+        d0 = decisions[0]
+        entry = audit.record(
+            db, user, f"review.{kind}", "run", run_id,
+            {"population": population, "samples": {s: p["before_pct"] for s, p in previews.items()}},
+            {"population": population, "samples": {s: p["after_pct"] for s, p in previews.items()},
+             "gate": d0.params or None, "category": d0.category, "group": len(samples)},
+            " · ".join(x for x in (d0.category, d0.reason) if x),
+        )  # fmt: skip
+        for d in decisions:
+            pv = previews[d.sample_id]
+            db.add(ReviewDecision(run_id=run_id, kind=d.kind, sample_id=d.sample_id, population=population,
+                                  params=d.params or {}, reason=d.reason, category=d.category, user_name=user,
+                                  at=entry.at, audit_id=entry.id, before_pct=pv["before_pct"],
+                                  after_pct=pv["after_pct"]))  # fmt: skip
+        db.commit()
+        result = _apply(db, run, samples, background)
+    return {"audit_entry": entry.id, "population": population,
+            "group": {s: {"before_pct": p["before_pct"], "after_pct": p["after_pct"]} for s, p in previews.items()},
+            **result}  # fmt: skip
 
 
 def approve(

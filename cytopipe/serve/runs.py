@@ -101,9 +101,10 @@ class RunManager:
             inp / "manifest.csv", index=False
         )
         template = db.get(Template, study.template_id)
-        (inp / "template.yaml").write_text(template.yaml, encoding="utf-8")
+        template_file = f"template_v{template.version}.yaml"  # run.json names the version it used
+        (inp / template_file).write_text(template.yaml, encoding="utf-8")
         settings = dict(study.settings or {})
-        spec: dict[str, Any] = {"study": study.name, "manifest": "manifest.csv", "template": "template.yaml",
+        spec: dict[str, Any] = {"study": study.name, "manifest": "manifest.csv", "template": template_file,
                                 "seed": int(settings.get("seed", 0))}  # fmt: skip
         if study.clinical_sha256:
             (inp / "clinical.csv").write_bytes(self.store.path(study.clinical_sha256).read_bytes())

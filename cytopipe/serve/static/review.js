@@ -1,6 +1,8 @@
 // cytopipe gate review: the queue, a gate over its parent's density (server-made SVG), dragging a
 // threshold with the new frequency shown live (from the panel's histogram, then exact from the
-// server), keyboard navigation, approve / override / pooled / revert, sign-off. No build step.
+// server), dragging polygon vertices / the ellipse's centre and size / the quadrant's crossing (the
+// exact frequency from the server while moving), keyboard navigation, approve / override / pooled /
+// revert for one sample or a group, sign-off. No build step.
 "use strict";
 
 (function () {
@@ -134,6 +136,83 @@
       });
       line.addEventListener("pointerup", () => { if (dragging === line) { dragging = null; exact(); } });
     });
+    // a gate of several panels or one drawn from the sample (a diagonal): its lines only
+    if (view.panels.length === 1 && !view.drawn_from_sample) addHandles(svg, panel);
+  }
+
+  // ---- handles: polygon vertices, the ellipse's centre and size, the quadrant's crossing ----------
+  const NS = "http://www.w3.org/2000/svg";
+  function addHandles(svg, panel) {
+    const d = svg.dataset, vb = svg.viewBox.baseVal;
+    const x0 = +d.x0, x1 = +d.x1, y0 = +d.y0, y1 = +d.y1, left = +d.left, top = +d.top, pw = +d.pw, ph = +d.ph;
+    const toPx = (x, y) => [Math.min(Math.max(left + (x - x0) / (x1 - x0) * pw, left), left + pw),
+                            Math.min(Math.max(top + ph - (y - y0) / (y1 - y0) * ph, top), top + ph)];
+    const toData = (sx, sy) => [x0 + (sx - left) / pw * (x1 - x0), y0 + (top + ph - sy) / ph * (y1 - y0)];
+    const pointer = (e) => { const b = svg.getBoundingClientRect();
+      return [Math.min(Math.max((e.clientX - b.left) * vb.width / b.width, left), left + pw),
+              Math.min(Math.max((e.clientY - b.top) * vb.height / b.height, top), top + ph)]; };
+    function handle(cx, cy, kind, index, onMove) {
+      const c = document.createElementNS(NS, "circle");
+      c.setAttribute("class", "handle"); c.setAttribute("r", "6"); c.dataset.kind = kind; c.dataset.index = String(index);
+      c.setAttribute("cx", cx); c.setAttribute("cy", cy);
+      c.setAttribute("fill", "#fff"); c.setAttribute("stroke", "#c92a2a"); c.setAttribute("stroke-width", "2");
+      let on = false;
+      c.addEventListener("pointerdown", (e) => { on = true; c.setPointerCapture(e.pointerId); e.preventDefault(); });
+      c.addEventListener("pointermove", (e) => { if (!on) return; const [sx, sy] = pointer(e);
+        c.setAttribute("cx", sx); c.setAttribute("cy", sy); onMove(sx, sy); serverLive(); });
+      c.addEventListener("pointerup", () => { if (on) { on = false; dirty = false; exact(); } });  // the last word
+      svg.appendChild(c);
+      return c;
+    }
+    const shapes = JSON.parse(panel.shapes);
+    const gates = svg.querySelectorAll("polygon.gate");
+    shapes.forEach((s, k) => {
+      if (s.kind === "polygon" && gates[k]) {
+        const poly = gates[k], verts = s.vertices.map((v) => v.slice());
+        const clip = (v) => Math.min(Math.max(v, -1e6), 1e6);  // as the server draws it (handles stay on the plot)
+        const draw = () => poly.setAttribute("points", verts.map((v) =>
+          `${(left + (clip(v[0]) - x0) / (x1 - x0) * pw).toFixed(1)},${(top + ph - (clip(v[1]) - y0) / (y1 - y0) * ph).toFixed(1)}`).join(" "));
+        verts.forEach((v, i) => { const [hx, hy] = toPx(v[0], v[1]);
+          handle(hx, hy, "vertex", i, (sx, sy) => { verts[i] = toData(sx, sy); pending = { vertices: verts }; draw(); }); });
+      } else if (s.kind === "ellipse" && gates[k]) {
+        const poly = gates[k], c0 = s.center.slice(), ds0 = s.distance_square || 1, cov = s.covariance;
+        const pts0 = poly.getAttribute("points").trim().split(/\s+/).map((p) => p.split(",").map(Number));
+        const [pcx, pcy] = toPx(c0[0], c0[1]);
+        let center = c0.slice(), ds = ds0;
+        const draw = () => { const [cx, cy] = toPx(center[0], center[1]), f = Math.sqrt(ds / ds0);
+          poly.setAttribute("points", pts0.map(([a, b]) => `${(cx + (a - pcx) * f).toFixed(1)},${(cy + (b - pcy) * f).toFixed(1)}`).join(" ")); };
+        // the size handle sits where the ellipse meets its major axis
+        const a = cov[0][0], b = cov[0][1], dd = cov[1][1], l1 = (a + dd) / 2 + Math.sqrt(((a - dd) / 2) ** 2 + b * b);
+        let ux = Math.abs(b) > 1e-12 ? l1 - dd : (a >= dd ? 1 : 0), uy = Math.abs(b) > 1e-12 ? b : (a >= dd ? 0 : 1);
+        const n = Math.hypot(ux, uy); ux /= n; uy /= n;
+        const r0 = Math.sqrt(ds0 * l1), det = a * dd - b * b;
+        const size = handle(...toPx(c0[0] + r0 * ux, c0[1] + r0 * uy), "ellipse-size", 1, (sx, sy) => {
+          const [x, y] = toData(sx, sy), dx = x - center[0], dy = y - center[1];
+          ds = Math.max((dd * dx * dx - 2 * b * dx * dy + a * dy * dy) / det, 1e-6);
+          pending = { center, covariance: cov, distance_square: ds }; draw(); });
+        handle(pcx, pcy, "ellipse-centre", 0, (sx, sy) => {
+          const moved = toData(sx, sy), dx = moved[0] - center[0], dy = moved[1] - center[1];
+          center = moved; pending = { center, covariance: cov, distance_square: ds }; draw();
+          size.setAttribute("cx", +size.getAttribute("cx") + dx / (x1 - x0) * pw);
+          size.setAttribute("cy", +size.getAttribute("cy") - dy / (y1 - y0) * ph); });
+      } else if (s.kind === "rect" && s.x && s.y && s.x.filter((v) => v != null).length === 1 && s.y.filter((v) => v != null).length === 1) {
+        const xi = s.x[0] != null ? 0 : 1, yi = s.y[0] != null ? 0 : 1;
+        const xp = `${panel.x} ${xi ? "<" : ">="}`, yp = `${panel.y} ${yi ? "<" : ">="}`;
+        const xl = svg.querySelector(`line.thr[data-param="${CSS.escape(xp)}"]`), yl = svg.querySelector(`line.thr[data-param="${CSS.escape(yp)}"]`);
+        handle(...toPx(s.x[xi], s.y[yi]), "crossing", 0, (sx, sy) => {
+          const [x, y] = toData(sx, sy); pending[xp] = x; pending[yp] = y;
+          if (xl) { xl.setAttribute("x1", sx); xl.setAttribute("x2", sx); }
+          if (yl) { yl.setAttribute("y1", sy); yl.setAttribute("y2", sy); } });
+      }
+    });
+  }
+  // the exact frequency from the server while a handle moves: one request at a time, the latest wins
+  let inFlight = false, dirty = false;
+  async function serverLive() {
+    if (inFlight) { dirty = true; return; }
+    inFlight = true;
+    try { await exact(true); } finally { inFlight = false; }
+    if (dirty) { dirty = false; serverLive(); }
   }
 
   // share of a bin [a, b) that lies inside [lo, hi)
@@ -171,27 +250,46 @@
     $("new-freq").textContent = "≈ " + pct(view.pct_parent * ratio);
     $("new-exact").textContent = "(from the plot; exact value follows)";
   }
-  async function exact() {
+  async function exact(live) {
     const seq = ++previewSeq;
     const r = await call("POST", `/api/runs/${runId}/review/preview`, { sample_id: view.sample_id, population: view.population, kind: "override", params: pending, reason: "preview" });
     if (seq !== previewSeq) return;
     if (!r.ok) { say(r.data.detail, true); return; }
     $("new-freq").textContent = pct(r.data.after_pct);
-    $("new-exact").textContent = `(exact: ${r.data.count} of ${r.data.parent_count} events; now ${pct(r.data.before_pct)})`;
+    $("new-exact").textContent = `(exact${live ? ", while moving" : ""}: ${r.data.count} of ${r.data.parent_count} events; now ${pct(r.data.before_pct)})`;
   }
 
   // ---- actions -------------------------------------------------------------------------------
   function reason() { return { category: $("reason-category").value, reason: $("reason-text").value.trim() }; }
+  // the samples a change applies to: this one, the patient's visits, or every sample the filters show
+  function group() {
+    const to = $("apply-to") ? $("apply-to").value : "one", it = shown[cur];
+    if (to === "patient") return items.filter((i) => i.patient_id === it.patient_id).map((i) => i.sample_id);
+    if (to === "shown") return shown.map((i) => i.sample_id);
+    return [it.sample_id];
+  }
   async function change(kind) {
     const why = reason();
     if (!why.reason && !why.category) { say("A reason is required: choose one from the list and/or write it.", true); return; }
-    if (kind === "override" && !Object.keys(pending).length) { say("Drag a gate line first.", true); return; }
-    say("Saving and re-gating this sample…");
-    const r = await call("POST", `/api/runs/${runId}/review/change`, { sample_id: view.sample_id, population: view.population, kind,
-      params: kind === "override" ? pending : {}, reason: why.reason || why.category, category: why.category });
+    if (kind === "override" && !Object.keys(pending).length) { say("Drag the gate (a line or a handle) first.", true); return; }
+    const samples = group();
+    say(samples.length > 1 ? `Saving and re-gating ${samples.length} samples…` : "Saving and re-gating this sample…");
+    const body = { sample_id: view.sample_id, population: view.population, kind,
+      params: kind === "override" ? pending : {}, reason: why.reason || why.category, category: why.category };
+    if (samples.length > 1) body.sample_ids = samples;
+    const r = await call("POST", `/api/runs/${runId}/review/change`, body);
     if (!r.ok) { say(r.data.detail, true); return; }
+    const status = kind === "revert" ? "unreviewed" : (kind === "pooled" ? "pooled" : "overridden");
+    if (r.data.group) {
+      for (const i of items) { const g = r.data.group[i.sample_id]; if (g) { i.pct_parent = g.after_pct; i.status = status; } }
+      const parts = Object.entries(r.data.group).map(([sid, g]) => `${sid} ${pct(g.before_pct)} → ${pct(g.after_pct)}`);
+      say(`Saved for ${parts.length} samples (audit entry ${r.data.audit_entry}): ${view.population} ${parts.join("; ")}.`);
+      $("reason-text").value = ""; $("reason-category").value = "";
+      render();
+      return;
+    }
     const it = shown[cur];
-    it.pct_parent = r.data.after_pct; it.status = kind === "revert" ? "unreviewed" : (kind === "pooled" ? "pooled" : "overridden");
+    it.pct_parent = r.data.after_pct; it.status = status;
     say(`Saved (audit entry ${r.data.audit_entry}): ${view.population} ${pct(r.data.before_pct)} → ${pct(r.data.after_pct)}.`);
     $("reason-text").value = ""; $("reason-category").value = "";
     render();
