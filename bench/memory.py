@@ -1,0 +1,89 @@
+"""Benchmark: peak memory of each phase of a run against the largest event matrix (goal <= 3x).
+
+    python bench/memory.py                          # 2 patients x 1 visit x 2M events
+    python bench/memory.py --events 5000000         # the issue's 5M-event file (needs ~4 GB)
+
+The trial is simulated once into ``--cache`` and run with the shipped workflow's sections
+(canonical template, QC, gate review, FlowSOM training and mapping, statistics) in one process
+(the synchronous scheduler, i.e. exactly the per-sample code a Dask worker runs). tracemalloc
+sees every numpy allocation, so each phase's peak above the memory held before it is the
+working memory of its per-sample task (plus the small results kept by the run); it is printed
+as a multiple of the largest float32 event matrix (events x channels x 4 bytes). This counts
+allocations, not RSS: allocator slack and shared libraries are not included (bench/trial.py
+samples the workers' RSS instead). No timings: tracemalloc slows Python code down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from trial import TEMPLATE, WORKFLOW, default_cache, simulate  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--patients", type=int, default=2)
+    ap.add_argument("--events", type=int, default=2_000_000, help="mean events per file (+-30%%)")
+    ap.add_argument("--seed", type=int, default=2020)
+    ap.add_argument("--cache", type=Path, default=default_cache())
+    ap.add_argument("--out", type=Path, help="run folder (default: a fresh one in the cache folder)")
+    args = ap.parse_args(argv)
+
+    import shutil
+
+    import pandas as pd
+    import yaml
+
+    from cytopipe import pipeline
+    from cytopipe.fcs import read_fcs_header
+    from cytopipe.workflow import workflow_from_options
+
+    trial = simulate(args.cache, args.patients, (0,), args.events, args.seed)
+    out = args.out or (args.cache / f"memory-run-{args.patients}x{args.events}")
+    shutil.rmtree(out, ignore_errors=True)
+    spec = yaml.safe_load(WORKFLOW.read_text())
+    sections = {k: spec[k] for k in ("compensation", "transforms", "qc", "clustering", "statistics")}
+    wf = workflow_from_options(trial / "manifest.csv", TEMPLATE, out, clinical=trial / "clinical.csv",
+                               workers=1, seed=args.seed, report={"enabled": False}, **sections)  # fmt: skip
+    manifest = pd.read_csv(trial / "manifest.csv")
+    samples = manifest[manifest["control"].fillna("").astype(str) == ""]
+    headers = [read_fcs_header(trial / f) for f in samples["file"]]
+    largest = max(h.n_events * h.n_channels for h in headers) * 4
+
+    peaks: dict[str, tuple[int, int]] = {}
+
+    def traced(name, fn):
+        def run(*a, **k):
+            before, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            try:
+                return fn(*a, **k)
+            finally:
+                peaks[name] = (before, tracemalloc.get_traced_memory()[1])
+
+        return run
+
+    pipeline.STEPS[:] = [pipeline.Step(s.name, traced(s.name, s.run), s.doc) for s in pipeline.STEPS]
+    tracemalloc.start()
+    result = pipeline.run_workflow(wf, scheduler="synchronous", progress=False)
+    tracemalloc.stop()
+    print(result.summary())
+    print(f"\nlargest event matrix: {largest / 1e6:.0f} MB ({max(h.n_events for h in headers):,} events)")
+    print(f"{'phase':22s} {'held before MB':>15s} {'peak above MB':>14s} {'x matrix':>9s}")
+    for name, (before, peak) in peaks.items():
+        print(
+            f"{name:22s} {before / 1e6:15.0f} {(peak - before) / 1e6:14.0f} {(peak - before) / largest:9.2f}"
+        )
+    worst = max((p - b) / largest for b, p in peaks.values())
+    print(f"worst phase: {worst:.2f}x the largest event matrix (goal <= 3x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
