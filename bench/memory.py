@@ -69,6 +69,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
+    from cytopipe import cluster_steps
+
+    written: list[tuple[int, int]] = []  # (bytes, parent events) of each map-inputs file
+    write = cluster_steps._write_map_inputs
+
+    def counted(path, plan, values, result, idx):
+        write(path, plan, values, result, idx)
+        written.append((path.stat().st_size, len(idx)))
+
+    cluster_steps._write_map_inputs = counted
     pipeline.STEPS[:] = [pipeline.Step(s.name, traced(s.name, s.run), s.doc) for s in pipeline.STEPS]
     tracemalloc.start()
     result = pipeline.run_workflow(wf, scheduler="synchronous", progress=False)
@@ -79,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, (before, peak) in peaks.items():
         print(
             f"{name:22s} {before / 1e6:15.0f} {(peak - before) / 1e6:14.0f} {(peak - before) / largest:9.2f}"
+        )
+    if written:
+        size, n = map(sum, zip(*written))
+        print(
+            f"map-inputs on disk: {size / max(n, 1):.1f} bytes per parent event ({n:,} events, {len(written)} files)"
         )
     worst = max((p - b) / largest for b, p in peaks.values())
     print(f"worst phase: {worst:.2f}x the largest event matrix (goal <= 3x)")
