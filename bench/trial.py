@@ -257,6 +257,9 @@ def report(
     worst = max((_ratio(sampler, ph, largest) for ph in {p for p, _ in sampler.peak}), default=0.0)
     print(f"peak worker RSS above its idle RSS, worst phase: {worst:.2f}x the largest event matrix "
           f"({largest / 2**20:.0f} MB)   (goal <= 3x)")  # fmt: skip
+    if largest < 100 * 2**20:
+        print("  (a small matrix: allocator and library memory dominate the ratio; measure memory with "
+              "files of >= 1M events, e.g. --patients 1 --visits 0 --events 5000000 --workers 1)")  # fmt: skip
     if rerun_s is not None:
         print(f"unchanged rerun (every per-sample result reused): {rerun_s:.1f} s")
     if load0[0] > 0.5 * cores:
