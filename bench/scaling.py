@@ -22,6 +22,8 @@ matrix. Every variant is warmed up first; min and median of ``--repeat`` runs ar
 Timings on a shared machine are noisy; compare the ratios.
 
     python bench/scaling.py [--files 16] [--events 200000] [--repeat 5] [--data DIR] [--no-flowkit]
+    python bench/scaling.py --files 24 --events 50000 --repeat 3 --no-flowkit   # a few minutes
+    python bench/scaling.py --files 24 --events 200000                          # the issue's figures
 """
 
 from __future__ import annotations

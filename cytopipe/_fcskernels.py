@@ -38,37 +38,46 @@ def bswap32(a):  # pragma: no cover - compiled
 
 
 @nb.njit(cache=True, nogil=True)
-def decode_u16(raw, out, masks, swap, acc):  # pragma: no cover - compiled
-    """One pass over a chunk of 16-bit integers: byte swap (``swap``), range mask and widen
-    into the float32 rows ``out`` (rows x p, C order). ``acc[j]`` collects the bits of
-    channel j that the mask removed (non-zero: the file set bits above $PnR)."""
-    rows, p = out.shape
-    k = 0
-    for r in range(rows):
-        for j in range(p):
-            x = raw[k]
-            k += 1
-            if swap:
-                x = (x >> _H8) | (x << _H8)
-            m = masks[j]
-            acc[j] |= x & ~m
-            out[r, j] = np.float32(x & m)
+def decode_u16(raw, out, masks, swap):  # pragma: no cover - compiled
+    """One pass over a chunk of 16-bit integers: byte swap (``swap``), range mask and widen into
+    the float32 output ``out`` (flat, same length). ``masks`` holds one mask per value (the row's
+    masks tiled), so the loop has no per-channel indexing and vectorises. Returns the OR of the
+    bits the masks removed (non-zero: some value had bits above its $PnR)."""
+    acc = np.uint16(0)
+    if swap:
+        for i in range(raw.size):
+            x = raw[i]
+            x = (x >> _H8) | (x << _H8)
+            m = masks[i]
+            acc |= x & ~m
+            out[i] = np.float32(x & m)
+    else:
+        for i in range(raw.size):
+            x = raw[i]
+            m = masks[i]
+            acc |= x & ~m
+            out[i] = np.float32(x & m)
+    return acc
 
 
 @nb.njit(cache=True, nogil=True)
-def decode_u32(raw, out, masks, swap, acc):  # pragma: no cover - compiled
+def decode_u32(raw, out, masks, swap):  # pragma: no cover - compiled
     """:func:`decode_u16` for 32-bit integers (float32 rounds to nearest, as numpy's cast)."""
-    rows, p = out.shape
-    k = 0
-    for r in range(rows):
-        for j in range(p):
-            x = raw[k]
-            k += 1
-            if swap:
-                x = (x >> _U24) | ((x >> _U8) & _U0xFF00) | ((x & _U0xFF00) << _U8) | (x << _U24)
-            m = masks[j]
-            acc[j] |= x & ~m
-            out[r, j] = np.float32(x & m)
+    acc = np.uint32(0)
+    if swap:
+        for i in range(raw.size):
+            x = raw[i]
+            x = (x >> _U24) | ((x >> _U8) & _U0xFF00) | ((x & _U0xFF00) << _U8) | (x << _U24)
+            m = masks[i]
+            acc |= x & ~m
+            out[i] = np.float32(x & m)
+    else:
+        for i in range(raw.size):
+            x = raw[i]
+            m = masks[i]
+            acc |= x & ~m
+            out[i] = np.float32(x & m)
+    return acc
 
 
 @nb.njit(cache=True, nogil=True)

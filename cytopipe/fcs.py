@@ -826,15 +826,22 @@ class _FCSFile:
         p = layout.n_channels
         buf = np.empty(rows * p, dtype=dtype)
         full = np.iinfo(dtype).max
-        masks = np.array([full if m is None else m for m in layout.masks], dtype=dtype)
-        acc = np.zeros(p, dtype=dtype)
+        row_mask = np.array([full if m is None else m for m in layout.masks], dtype=dtype)
+        masks = np.tile(row_mask, rows)
+        flat = out.reshape(-1)
+        cleared = np.zeros(p, dtype=bool)
         decode = kernels.decode_u16 if dtype.itemsize == 2 else kernels.decode_u32
         for s in range(0, layout.n_events, rows):
-            chunk = out[s : s + rows]
-            raw = buf[: chunk.size]
+            e = min(s + rows, layout.n_events)
+            raw = buf[: (e - s) * p]
             self.readinto(raw)
-            decode(raw, chunk, masks, layout.big, acc)
-        self._note_masked(acc != 0, layout)
+            if decode(raw, flat[s * p : e * p], masks[: raw.size], layout.big) and not cleared.all():
+                # rare (flags above $PnR): find which channels from this chunk's raw values
+                grid = raw.reshape(-1, p).copy()
+                if layout.big:
+                    grid.byteswap(inplace=True)
+                cleared |= np.any(grid & ~row_mask, axis=0)
+        self._note_masked(cleared, layout)
 
     def _read_mixed(self, out: np.ndarray, layout: _Layout, plan: _Plan | None) -> None:
         rows = self._chunk_rows(layout)

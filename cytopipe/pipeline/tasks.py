@@ -402,49 +402,89 @@ def sample_cluster_inputs(job: Mapping[str, Any], state: Any, prep: Any, result:
             out["train_key"] = plan.train_key()
             out["train_n_parent"] = int(len(idx))
         if plan.inputs_dir:
-            import os
-
             name = f"{job['sha256'][:32]}-{plan.inputs_key}.npy"
-            path = Path(plan.inputs_dir) / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")  # renamed when complete
-            # three arrays one after the other in one file, each freed once written (peak memory:
-            # the largest one, not all three)
-            try:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, values.matrix(plan.markers, events=idx))  # transformed
-                    np.save(fh, values.matrix(plan.medians, events=idx, transformed=False))  # linear
-                    masks = np.zeros((len(plan.concordance), len(idx)), dtype=bool)
-                    for i, p in enumerate(plan.concordance):
-                        masks[i] = result.mask(p)[idx]
-                    np.save(fh, masks)
-                os.replace(tmp, path)
-            except BaseException:
-                # a full disk (or any failure) leaves no partial file behind: the run's orphan
-                # cleanup only runs at the next run's start
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            _write_map_inputs(Path(plan.inputs_dir) / name, plan, values, result, idx)
             out["map_inputs"] = name
     except (CytopipeError, OSError, MemoryError):
         return {}
     return out
 
 
+# Mapping inputs on disk (RUN_DIR/.cache/map-inputs/, removed when mapping ends): the linear
+# (compensated, untransformed) values of the median markers and then of the clustering markers
+# not among them, with the transform of each clustering marker, and the concordance memberships
+# as bits. The transformed values are recomputed from the linear ones on load: the transforms
+# are elementwise, so they are the bytes the gating pass would have written (half the bytes per
+# event of storing both; a quantised copy would change the clusters, so none is kept).
+_MAP_CHUNK = 1 << 16  # events per written block: the file is written without a full matrix in memory
+
+
+def _map_columns(plan: ClusterPlan) -> list[str]:
+    return list(plan.medians) + [m for m in plan.markers if m not in plan.medians]
+
+
+def _write_map_inputs(path: Path, plan: ClusterPlan, values: Any, result: Any, idx: np.ndarray) -> None:
+    import json
+    import os
+
+    cols = _map_columns(plan)
+    specs = [values.transform_spec(m) for m in plan.markers]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # renamed when complete
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.array(json.dumps({"columns": cols, "specs": specs}, default=float)))
+            shape = (len(idx), len(cols))
+            np.lib.format.write_array_header_1_0(
+                fh,
+                {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
+                    "fortran_order": False,
+                    "shape": shape,
+                },
+            )
+            for s in range(0, len(idx), _MAP_CHUNK):  # peak memory: one block, not the matrix
+                block = values.matrix(cols, events=idx[s : s + _MAP_CHUNK], transformed=False)
+                fh.write(block.astype("<f4", copy=False).tobytes())
+            masks = np.zeros((len(plan.concordance), len(idx)), dtype=bool)
+            for i, p in enumerate(plan.concordance):
+                masks[i] = result.mask(p)[idx]
+            np.save(fh, np.packbits(masks, axis=1))
+        os.replace(tmp, path)
+    except BaseException:
+        # a full disk (or any failure) leaves no partial file behind: the run's orphan
+        # cleanup only runs at the next run's start
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _load_map_inputs(job: Mapping[str, Any], plan: ClusterPlan, model: Any):
     """(x, linear, masks) written by the sample's gating pass, or None (then: read and gate)."""
+    import json
+
+    from cytopipe.gating import apply_transform
+
     name = job.get("map_inputs")
     if not name or not plan.inputs_dir or list(model.markers) != list(plan.markers):
         return None
     try:
         with open(Path(plan.inputs_dir) / name, "rb") as fh:
-            x = np.load(fh, allow_pickle=False)
-            linear = np.load(fh, allow_pickle=False)
-            masks = np.load(fh, allow_pickle=False)
+            meta = json.loads(str(np.load(fh, allow_pickle=False)))
+            values = np.load(fh, allow_pickle=False)
+            bits = np.load(fh, allow_pickle=False)
     except (OSError, ValueError, EOFError):
         return None
-    if masks.shape != (len(plan.concordance), len(x)) or linear.shape != (len(x), len(plan.medians)):
+    cols, n = meta.get("columns"), len(values)
+    if cols != _map_columns(plan) or values.shape != (n, len(cols)) or bits.shape[0] != len(plan.concordance):
         return None
+    masks = np.unpackbits(bits, axis=1, count=n).astype(bool) if len(plan.concordance) else None
+    x = np.empty((n, len(plan.markers)), dtype=np.float32)
+    for j, (m, spec) in enumerate(zip(plan.markers, meta["specs"])):
+        # a contiguous column, as the gating pass transformed it (numpy's SIMD loops see the same input)
+        x[:, j] = apply_transform(spec, np.ascontiguousarray(values[:, cols.index(m)]))
+    k = len(plan.medians)
+    linear = values[:, :k] if k == len(cols) or k == 0 else np.ascontiguousarray(values[:, :k])
     return x, linear, {p: masks[i] for i, p in enumerate(plan.concordance)}
 
 

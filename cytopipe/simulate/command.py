@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from cytopipe.simulate import params as P
 from cytopipe.simulate.cohort import SimulationError
 
 
@@ -26,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--visits",
         type=_visits,
-        default=P.DEFAULT_VISITS,
+        default="0,4,12,24",  # a string: argparse parses it with _visits; = params.DEFAULT_VISITS (tested)
         help="visit weeks, comma-separated (default 0,4,12,24)",
     )
     parser.add_argument(
