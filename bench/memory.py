@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    from cytopipe import cluster_steps
+    import sys
+
+    from cytopipe.pipeline import tasks as cluster_steps  # the map-inputs writer lives in the tasks
 
     written: list[tuple[int, int]] = []  # (bytes, parent events) of each map-inputs file
     write = cluster_steps._write_map_inputs
@@ -101,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
                 running[0] = max(running[0], peak)
                 tracemalloc.reset_peak()
 
-        setattr(module, name, run)
+        # every module of the pipeline package that looks the task up by name gets the traced one
+        for mod in [m for n, m in sys.modules.items() if n.startswith("cytopipe.pipeline") and m is not None]:
+            if getattr(mod, name, None) is fn:
+                setattr(mod, name, run)
 
     for module, name in [(pipeline, "fit_task"), (pipeline, "gate_task"), (cluster_steps, "train_task"),
                          (cluster_steps, "map_task")]:  # fmt: skip

@@ -16,8 +16,9 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from cytopipe import cluster_steps
-from cytopipe.cluster_steps import ClusterPlan, _load_map_inputs, _write_map_inputs
+from cytopipe.pipeline import tasks as cluster_steps  # where the map-inputs file is written and read
+from cytopipe.pipeline.state import ClusterPlan
+from cytopipe.pipeline.tasks import _load_map_inputs, _write_map_inputs
 from cytopipe.fcs import read_fcs
 from cytopipe.gating import gate, load_template
 from tests.pipeline_support import TEMPLATE
