@@ -79,7 +79,7 @@ TRANSFORMS: Schema = {
 }
 
 CLUSTERING: Schema = {
-    "enabled": Field(bool, False, "run FlowSOM clustering after gating", nullable=False),
+    "enabled": Field(bool, True, "run FlowSOM clustering after gating", nullable=False),
     "method": Field(str, "flowsom", "clustering method", choices=("flowsom",), nullable=False),
     "population": Field(
         str,
@@ -90,11 +90,12 @@ CLUSTERING: Schema = {
     "markers": Field(
         "list[str]",
         None,
-        "markers clustered on (default: every fluorescence marker of the template; with `model`, the model's)",
+        "markers clustered on (default: every fluorescence marker of the template that the files "
+        "measure; with `model`, the model's)",
     ),
     "grid": Field("list[int]", [10, 10], "SOM grid (x, y): nodes = x * y"),
     "metaclusters": Field(
-        "int|auto", 10, "number of metaclusters k, or 'auto' (chosen from the consensus curve)", minimum=2
+        "int|auto", 15, "number of metaclusters k, or 'auto' (chosen from the consensus curve)", minimum=2
     ),
     "k_max": Field(int, 20, "largest k considered with metaclusters: auto", minimum=3),
     "linkage": Field(
@@ -120,7 +121,7 @@ CLUSTERING: Schema = {
     ),
     "embedding": {
         "enabled": Field(bool, True, "a UMAP of a subsample of cells for the report", nullable=False),
-        "cells": Field(int, 5000, "cells in the UMAP in all (equal per sample)", minimum=100),
+        "cells": Field(int, 4000, "cells in the UMAP in all (equal per sample)", minimum=100),
         "neighbors": Field(int, 15, "UMAP n_neighbors", minimum=2),
         "min_dist": Field(float, 0.1, "UMAP min_dist", minimum=0.0, maximum=1.0),
     },
@@ -331,7 +332,7 @@ def workflow_from_options(
     clinical: str | Path | None = None,
     study: str | None = None,
     workers: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     **sections: Mapping[str, Any],
 ) -> Workflow:
     """Build a workflow from command-line style options (paths relative to the working directory)."""
@@ -340,9 +341,11 @@ def workflow_from_options(
         "manifest": str(manifest),
         "template": str(template),
         "output": str(output),
-        "seed": seed,
-        "workers": "auto" if workers is None else workers,
     }
+    if seed is not None:  # else the schema's default, as for a workflow file without `seed`
+        raw["seed"] = seed
+    if workers is not None:
+        raw["workers"] = workers
     if clinical is not None:
         raw["clinical"] = str(clinical)
     raw.update({k: dict(v) for k, v in sections.items() if v is not None})

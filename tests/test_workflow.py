@@ -51,7 +51,7 @@ def test_minimal_spec_paths_are_relative_to_the_spec_and_defaults_are_filled(stu
     assert wf.qc["time"]["mad"] == 6.0 and wf.qc["time"]["consecutive_bins"] == 5
     assert wf.qc["min_parent_events"] == 100
     assert wf.transforms["method"] == "logicle" and wf.transforms["estimate"] == "template"
-    assert wf.clustering["enabled"] is False and wf.statistics["enabled"] == "auto"
+    assert wf.clustering["enabled"] is True and wf.statistics["enabled"] == "auto"
     assert wf.report == {"enabled": True, "blinded": False, "blind_key": None, "max_gallery": 36}
     # statistics 'auto': on because a clinical table is given; off without one
     from cytopipe.workflow import statistics_enabled

@@ -78,7 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
 
 
-def run(args: argparse.Namespace) -> int:
+def workflow_from_args(args: argparse.Namespace) -> Workflow:
+    """The workflow of ``cytopipe run``'s arguments: a workflow file, or --manifest/--template/
+    --out with every other setting at the workflow schema's defaults (those of the shipped
+    workflows/*.yaml), then the command-line overrides."""
     if args.workflow:
         given = [f"--{o}" for o in ("manifest", "template", "clinical", "study") if getattr(args, o)]
         if given:
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             clinical=args.clinical,
             study=args.study,
-            seed=args.seed or 0,
+            seed=args.seed,
         )
     if getattr(args, "missing_markers", None):
         wf.missing_markers = args.missing_markers
@@ -116,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
         from cytopipe.pipeline import tasks
 
         tasks._DEBUG = True
+    return wf
+
+
+def run(args: argparse.Namespace) -> int:
+    wf = workflow_from_args(args)
     result = run_workflow(
         wf,
         scheduler="distributed" if args.scheduler_address else args.scheduler,

@@ -11,7 +11,6 @@ samples whose gating can depend on the pooled estimates), assembly of the tables
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from cytopipe.pipeline.context import (
     _save_result,
     _settings_key,
 )
+from cytopipe.pipeline.progress import notice
 from cytopipe.pipeline.state import _load_manifest, _spillover_hash, build_state, plan_clustering, split_jobs
 from cytopipe.pipeline.statistics import step_statistics
 from cytopipe.pipeline.tasks import (
@@ -122,7 +122,7 @@ def _check_clinical(wf: Workflow, manifest: pd.DataFrame) -> str | None:
             baseline_visit=int(wf.statistics.get("baseline_visit") or 0),
         )
     except ClinicalDataError as exc:
-        print(f"cytopipe run: warning: clinical table: {exc}", file=sys.stderr)
+        notice(f"cytopipe run: warning: clinical table: {exc}", level=logging.WARNING)
         return str(exc)
     return None
 
@@ -142,7 +142,26 @@ def step_register(ctx: RunContext) -> dict[str, Any]:
     skipped = _missing_everywhere(ctx, [j for j in jobs if "_missing" in j and not j.get("control")])
     for j in jobs:
         j.pop("_missing", None)
+    _drop_unmeasured_cluster_markers(ctx, skipped)
     return {"files": len(jobs), "failed": len(ctx.failures), "not_measured_markers": skipped}
+
+
+def _drop_unmeasured_cluster_markers(ctx: RunContext, skipped: list[str]) -> None:
+    """Default clustering markers (none named, no model) and the clusters' median markers (the
+    template's) leave out the markers no file measures (``missing_markers: skip``); markers named
+    in the workflow stay, and a sample without one is left out of the clusters with its reason."""
+    plan = ctx.state.cluster
+    if plan is None or not skipped:
+        return
+    plan.medians = [m for m in plan.medians if m not in skipped]
+    if ctx.wf.clustering.get("markers") or plan.given_model is not None:
+        return
+    plan.markers = [m for m in plan.markers if m not in skipped]
+    plan.transforms = {m: t for m, t in plan.transforms.items() if m not in skipped}
+    logger.info("clustering: markers measured in no file left out: %s", ", ".join(skipped))
+    if len(plan.markers) < 2:
+        ctx.state.cluster = None
+        ctx.problems.append("clustering: fewer than 2 of its markers are measured in the files; not run")
 
 
 def _missing_everywhere(ctx: RunContext, jobs: list[dict[str, Any]]) -> list[str]:

@@ -111,8 +111,7 @@ class RunManager:
             spec["clinical"] = "clinical.csv"
         if settings.get("workers") not in (None, "", "auto"):
             spec["workers"] = int(settings["workers"])
-        if settings.get("clustering"):
-            spec["clustering"] = {"enabled": True}
+        spec["clustering"] = {"enabled": bool(settings.get("clustering"))}  # the form's box, not the default
         if settings.get("blinded"):
             spec["report"] = {"blinded": True}
         if not settings.get("report", True):
