@@ -38,6 +38,17 @@ def bswap32(a):  # pragma: no cover - compiled
 
 
 @nb.njit(cache=True, nogil=True)
+def _decode_native(raw, out, masks, acc):  # pragma: no cover - compiled
+    """The no-swap loop of :func:`decode_u16` / :func:`decode_u32` (compiled per integer type)."""
+    for i in range(raw.size):
+        x = raw[i]
+        m = masks[i]
+        acc |= x & ~m
+        out[i] = np.float32(x & m)
+    return acc
+
+
+@nb.njit(cache=True, nogil=True)
 def decode_u16(raw, out, masks, swap):  # pragma: no cover - compiled
     """One pass over a chunk of 16-bit integers: byte swap (``swap``), range mask and widen into
     the float32 output ``out`` (flat, same length). ``masks`` holds one mask per value (the row's
@@ -51,13 +62,8 @@ def decode_u16(raw, out, masks, swap):  # pragma: no cover - compiled
             m = masks[i]
             acc |= x & ~m
             out[i] = np.float32(x & m)
-    else:
-        for i in range(raw.size):
-            x = raw[i]
-            m = masks[i]
-            acc |= x & ~m
-            out[i] = np.float32(x & m)
-    return acc
+        return acc
+    return _decode_native(raw, out, masks, acc)
 
 
 @nb.njit(cache=True, nogil=True)
@@ -71,13 +77,8 @@ def decode_u32(raw, out, masks, swap):  # pragma: no cover - compiled
             m = masks[i]
             acc |= x & ~m
             out[i] = np.float32(x & m)
-    else:
-        for i in range(raw.size):
-            x = raw[i]
-            m = masks[i]
-            acc |= x & ~m
-            out[i] = np.float32(x & m)
-    return acc
+        return acc
+    return _decode_native(raw, out, masks, acc)
 
 
 @nb.njit(cache=True, nogil=True)
