@@ -40,7 +40,8 @@ from cytopipe.gating.engine import (
     pool_estimates,
 )
 from cytopipe.gating.gates import Dim
-from cytopipe.gating.template import Population, Template, load_template, parse_template, template_to_dict
+from cytopipe.gating.loading import load_template
+from cytopipe.gating.template import Population, Template, parse_template, template_to_dict
 from cytopipe.gating.values import EventValues, scale_label
 
 __all__ = [
@@ -78,7 +79,7 @@ def fit_records(sample, template, sample_id: str | None = None, **kwargs):
 def __getattr__(name: str):
     # Gating-ML and FCS export pull in lxml / the FCS writer: import on first use.
     if name == "read_gatingml":
-        from cytopipe.gating.gatingml import read_gatingml
+        from cytopipe.gating.loading import read_gatingml
 
         return read_gatingml
     if name == "read_flowjo_workspace":

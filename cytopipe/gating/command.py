@@ -231,7 +231,7 @@ def run(args) -> int:
             sample = cytopipe.read_fcs(path)
             tpl = template
             if own_copy:
-                from cytopipe.gating.gatingml import read_gatingml
+                from cytopipe.gating.loading import read_gatingml
 
                 tpl = read_gatingml(args.template, fcs_file=path)
             if learner is not None:

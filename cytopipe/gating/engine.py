@@ -335,7 +335,7 @@ def gate(
     ``controls`` maps a marker to its FMO control sample (``reference`` gates with ``control: fmo``).
     """
     if not isinstance(template, Template):
-        from cytopipe.gating.template import load_template
+        from cytopipe.gating.loading import load_template
 
         template = load_template(template)
     engine = Engine(
@@ -593,7 +593,7 @@ class Engine:
     def _auto_scale(self, dim: Dim, spec: dict) -> dict:
         """``cofactor: auto``: this channel's arcsinh cofactor from its negative population
         (estimated once per file here; lock it per study with ``scale.estimate_cofactors``)."""
-        from cytopipe.gating.scale import estimate_cofactor
+        from cytopipe.gating.cofactor import estimate_cofactor
 
         col = self._col[dim.name]
         key = (col, self._comp_key(dim))

@@ -5,7 +5,8 @@ rectangle population per Quadrant. Dimensions keep their own compensation refere
 (``FCS``, ``uncompensated`` or a ``spectrumMatrix`` id) and transformation reference, so the
 engine evaluates them exactly as the standard says. Supported: Rectangle, Polygon,
 Ellipsoid, Quadrant and Boolean gates; flin, flog, fasinh, logicle, hyperlog and fratio
-transformations; spectrumMatrix compensation.
+transformations; spectrumMatrix compensation. Read a file with ``cytopipe.gating.read_gatingml``
+(:mod:`cytopipe.gating.loading`), which also recognises Cytobank exports and FlowJo 9 workspaces.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cytopipe.errors import GatingMLError, TemplateError
+from cytopipe.errors import GatingMLError
 from cytopipe.gating._adapters import check_transform
 from cytopipe.gating.gates import BooleanGate, Dim, EllipsoidGate, Operand, PolygonGate, Ratio, RectangleGate
 from cytopipe.gating.template import ROOT, Matrix, Population, Template
@@ -36,33 +37,6 @@ _TRANSFORM_PARAMS = {
     "logicle": ("T", "W", "M", "A"),
     "hyperlog": ("T", "W", "M", "A"),
 }
-
-
-def read_gatingml(path: str | Path, fcs_file: str | None = None) -> Template:
-    """Read a Gating-ML 2.0 file as a fixed-gate template.
-
-    A Cytobank export is read with Cytobank's population names and hierarchy; ``fcs_file`` (a file
-    name or path) picks the gates Cytobank tailored to that file (see :mod:`cytopipe.gating.cytobank`).
-    """
-    from lxml import etree
-
-    path = Path(path)
-    try:
-        root = etree.parse(str(path)).getroot()
-    except (OSError, etree.XMLSyntaxError) as exc:
-        raise GatingMLError(f"cannot parse the XML: {exc}", file=path) from None
-    from cytopipe.gating.cytobank import is_cytobank, read_cytobank
-
-    if root.tag == "Workspace":  # a FlowJo workspace saved as .xml (FlowJo 9): say what it is
-        from cytopipe.gating.flowjo import read_flowjo_workspace
-
-        return read_flowjo_workspace(path)
-    try:
-        if is_cytobank(root):
-            return read_cytobank(root, path, fcs_file)
-        return _read(root, path)
-    except TemplateError as exc:
-        raise GatingMLError(exc.message, **{**exc.context, "file": path}) from None
 
 
 def _attr(el, ns: str, name: str, required: bool = False, what: str = ""):

@@ -529,7 +529,7 @@ class AllOfGate(Gate):
         return inside
 
     def geometry(self) -> dict:
-        from cytopipe.gating.template import gate_to_dict
+        from cytopipe.gating.spec import gate_to_dict
 
         return {"parts": [{"markers": p.markers, **gate_to_dict(p)} for p in self.parts]}
 
@@ -643,41 +643,3 @@ __all__ = [
     "EllipseFitGate",
     "find_landmarks",
 ]
-
-
-def parse_diagonal(spec, dims: list[Dim], ctx) -> DiagonalGate:
-    """``type: diagonal``: ``signs`` (one per marker), optional ``ratio``/``min_peak``/``fallback_z``,
-    ``thresholds`` for the markers after the first two (default ``auto``), ``optional`` markers."""
-    from cytopipe.gating.fitters import _pool, parse_bounds, parse_threshold
-    from cytopipe.gating.template import parse_signs
-
-    n = len(dims)
-    signs = parse_signs(spec, "signs", n)
-    opts: dict = {"signs": signs[:2]}
-    for key, lo, hi in (("ratio", 1, 100), ("min_peak", 0, 1), ("fallback_z", 0, 20)):
-        v = spec.number(key, required=False, lo=lo, hi=hi)
-        if v is not None:
-            opts[key] = v
-    bounds = parse_bounds(spec, kind="quadrant")
-    if bounds.min_events == 100:
-        bounds.min_events = 200
-    pool = _pool(spec)
-    fitter = DiagonalFitter("diagonal", tuple(dims[:2]), opts, bounds, pool, None)
-    raw = spec.raw("thresholds", required=False)
-    if raw is None:
-        raw = [{"type": "auto", "pool": pool}] * (n - 2)
-    if not isinstance(raw, list) or len(raw) != n - 2:
-        raise spec.error("thresholds", f"give {n - 2} threshold(s), one per marker after the first two")
-    extra = []
-    for i, (d, v) in enumerate(zip(dims[2:], raw)):
-        f = parse_threshold(spec, f"thresholds[{i}]", v, d, ctx)
-        if not isinstance(f, Fitter):
-            raise spec.error(
-                f"thresholds[{i}]", "the extra markers of a diagonal gate need fitted thresholds"
-            )
-        extra.append(f)
-    optional = spec.raw("optional", required=False) or []
-    names = [d.name for d in dims]
-    if not isinstance(optional, list) or any(o not in names[2:] for o in optional):
-        raise spec.error("optional", f"list markers after the first two that a file may lack ({names[2:]})")
-    return DiagonalGate(dims, fitter, extra, signs, optional=optional, fraction=bounds.fraction)

@@ -463,7 +463,7 @@ def read_examples(
         names = list(samples) if samples else [s.name for s in ws.samples]
         return [examples_from_template(Path(n).stem, ws.template(n), template) for n in names]
     if suffix == ".xml":
-        from cytopipe.gating.gatingml import read_gatingml
+        from cytopipe.gating.loading import read_gatingml
 
         sid = samples[0] if samples else path.stem
         return [examples_from_template(sid, read_gatingml(path), template)]

@@ -1,4 +1,4 @@
-"""Gating templates: the model, the YAML reader and its validation.
+"""Gating templates: the model, the template parser and its validation.
 
 A template is a tree of named populations. Each population has a parent (``root`` for the
 top), the markers it is gated on and a gate. Marker names are resolved to channels per
@@ -10,22 +10,23 @@ population and the field (``key``), so a scientist can fix the YAML without read
 
 Why one module: parsing a template is one pass with one error context (population, key) that
 every gate parser reports through, and :func:`template_to_dict` is its exact inverse (tested
-round trip); splitting the parsers from the data classes would split that pair.
+round trip); splitting the parsers from the data classes would split that pair. Reading a file
+(YAML, Gating-ML, FlowJo) is :func:`cytopipe.gating.loading.load_template`; the gate-parameter
+reader :class:`GateSpec` and :func:`gate_to_dict` are in :mod:`cytopipe.gating.spec`, shared with
+the data-driven gate parsers.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from cytopipe.errors import TemplateError, TransformError
+from cytopipe.errors import TemplateError
 from cytopipe.gating import _adapters
 from cytopipe.gating.gates import (
     BooleanGate,
@@ -36,9 +37,9 @@ from cytopipe.gating.gates import (
     PolygonGate,
     RectangleGate,
 )
+from cytopipe.gating.spec import GateSpec, gate_to_dict, parse_signs  # spec.py: shared with the fitters
 
 ROOT = "root"
-POOL_LEVELS = ("sample", "patient", "batch", "cohort")
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,70 +197,8 @@ def _ordered(pops: Mapping[str, Population]) -> dict[str, Population]:
 
 
 # --------------------------------------------------------------------------------------------
-# YAML reading
+# template parsing (reading a file: cytopipe.gating.loading.load_template)
 # --------------------------------------------------------------------------------------------
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (YAML would silently keep the last)."""
-
-
-def _construct_mapping(loader, node, deep=False):
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise TemplateError(
-                f"key {key!r} appears twice in the same mapping (line {key_node.start_mark.line + 1}); "
-                "remove one",
-                key=str(key),
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def load_template(path_or_mapping: str | Path | Mapping) -> Template:
-    """Read and validate a gating template (a YAML file, or an already-parsed mapping).
-
-    Gating-ML 2.0 files (``.xml``) and FlowJo 10 workspaces (``.wsp``, the first sample's
-    gates) are imported as fixed-gate templates.
-    """
-    if isinstance(path_or_mapping, Mapping):
-        return parse_template(path_or_mapping)
-    path = Path(path_or_mapping)
-    if not path.is_file():
-        raise TemplateError("template file not found", file=path)
-    if path.suffix.lower() == ".xml":
-        from cytopipe.gating.gatingml import read_gatingml
-
-        return read_gatingml(path)
-    if path.suffix.lower() == ".wsp":
-        from cytopipe.gating.flowjo import read_flowjo_workspace
-
-        return read_flowjo_workspace(path)
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
-    except TemplateError as exc:
-        raise TemplateError(exc.message, file=path, **exc.context) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise TemplateError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", file=path) from None
-    except UnicodeDecodeError:
-        raise TemplateError("not a UTF-8 text file", file=path) from None
-    if not isinstance(data, Mapping):
-        raise TemplateError("a template must be a YAML mapping with a `populations:` list", file=path)
-    try:
-        template = parse_template(data, base=path.parent)
-    except (TemplateError, TransformError) as exc:
-        raise type(exc)(
-            exc.message, file=path, **{k: v for k, v in exc.context.items() if k != "file"}
-        ) from None
-    template.source = path
-    return template
-
-
 TOP_KEYS = {
     "name",
     "description",
@@ -493,85 +432,6 @@ def _parse_population(raw: Any, index: int, ctx: _Context) -> Population:
 # --------------------------------------------------------------------------------------------
 # gate parameter parsing
 # --------------------------------------------------------------------------------------------
-class GateSpec:
-    """Reads gate parameters one by one and reports missing, extra or bad values by name."""
-
-    def __init__(self, mapping: Mapping, population: str, gate_type: str, prefix: str = "gate"):
-        self.mapping = dict(mapping)
-        self.population = population
-        self.gate_type = gate_type
-        self.prefix = prefix
-        self.used = {"type"}
-
-    def error(self, key: str, message: str) -> TemplateError:
-        return TemplateError(message, population=self.population, key=f"{self.prefix}.{key}")
-
-    def has(self, key: str) -> bool:
-        return key in self.mapping
-
-    def raw(self, key: str, required: bool = True, default=None):
-        self.used.add(key)
-        if key not in self.mapping:
-            if required:
-                raise self.error(key, f"a {self.gate_type} gate needs `{key}`")
-            return default
-        return self.mapping[key]
-
-    def number(
-        self, key: str, required=True, default=None, allow_none=False, positive=False, lo=None, hi=None
-    ):
-        value = self.raw(key, required, default)
-        if value is None and (allow_none or not required):
-            return None
-        return self.check_number(key, value, positive=positive, lo=lo, hi=hi)
-
-    def check_number(self, key, value, positive=False, lo=None, hi=None, allow_inf=False) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(key, f"must be a number, got {value!r}")
-        value = float(value)
-        if math.isnan(value) or (math.isinf(value) and not allow_inf):
-            raise self.error(key, f"must be a finite number, got {value!r}")
-        if positive and value <= 0:
-            raise self.error(key, f"must be > 0, got {value}")
-        if lo is not None and value < lo:
-            raise self.error(key, f"must be >= {lo}, got {value}")
-        if hi is not None and value > hi:
-            raise self.error(key, f"must be <= {hi}, got {value}")
-        return value
-
-    def numbers(self, key, length=None, required=True, allow_none=False, allow_inf=False):
-        value = self.raw(key, required)
-        if value is None and not required:
-            return None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and length == 1:
-            value = [value]
-        if not isinstance(value, Sequence) or isinstance(value, str):
-            raise self.error(key, f"must be a list of numbers, got {value!r}")
-        if length is not None and len(value) != length:
-            raise self.error(key, f"needs {length} value(s) (one per marker), got {len(value)}")
-        out = []
-        for v in value:
-            if v is None and allow_none:
-                out.append(None)
-            else:
-                out.append(self.check_number(key, v, allow_inf=allow_inf))
-        return out
-
-    def choice(self, key, choices, required=False, default=None):
-        value = self.raw(key, required, default)
-        if value not in choices:
-            raise self.error(key, f"must be one of {list(choices)}, got {value!r}")
-        return value
-
-    def finish(self) -> None:
-        extra = sorted(set(map(str, self.mapping)) - self.used)
-        if extra:
-            raise self.error(
-                extra[0],
-                f"unknown parameter(s) {extra} for a {self.gate_type} gate; allowed: {sorted(self.used - {'type'})}",
-            )
-
-
 def _parse_range(spec: GateSpec, dims, ctx) -> Gate:
     lo = spec.number("min", required=False, allow_none=True)
     hi = spec.number("max", required=False, allow_none=True)
@@ -635,22 +495,8 @@ def _parse_ellipse(spec: GateSpec, dims, ctx) -> Gate:
     return EllipsoidGate(dims, center, rows, d2)
 
 
-def parse_signs(spec: GateSpec, key: str, n: int) -> list[str]:
-    signs = spec.raw(key)
-    if (
-        not isinstance(signs, str)
-        or len(signs.replace(" ", "")) != n
-        or set(signs.replace(" ", "")) - {"+", "-"}
-    ):
-        raise spec.error(
-            key,
-            f'give one sign per marker, in marker order, e.g. "+-" (first marker high, second low); got {signs!r}',
-        )
-    return list(signs.replace(" ", ""))
-
-
 def _parse_quadrant(spec: GateSpec, dims, ctx) -> Gate:
-    from cytopipe.gating.fitters import parse_threshold
+    from cytopipe.gating.fitparse import parse_threshold
 
     n = len(dims)
     signs = parse_signs(spec, "quadrant", n)
@@ -670,7 +516,7 @@ def _parse_quadrant(spec: GateSpec, dims, ctx) -> Gate:
 
 
 def _fraction(spec: GateSpec):
-    from cytopipe.gating.fitters import parse_fraction
+    from cytopipe.gating.fitparse import parse_fraction
 
     return parse_fraction(spec)
 
@@ -701,7 +547,7 @@ def _parse_boolean(spec: GateSpec, dims, ctx) -> Gate:
 
 def _data_driven(kind: str):
     def parse(spec: GateSpec, dims, ctx):
-        from cytopipe.gating.fitters import parse_data_driven
+        from cytopipe.gating.fitparse import parse_data_driven
 
         return parse_data_driven(kind, spec, dims, ctx)
 
@@ -762,31 +608,6 @@ def template_to_dict(template: Template) -> dict:
     out["seed"] = template.seed
     out["populations"] = pops
     return json.loads(json.dumps(out, default=_jsonable))
-
-
-def gate_to_dict(gate: Gate) -> dict:
-    if hasattr(gate, "to_spec"):
-        return gate.to_spec()
-    if isinstance(gate, RectangleGate):
-        if gate.style == "range":
-            d: dict[str, Any] = {"type": "range"}
-            if gate.lower[0] is not None:
-                d["min"] = gate.lower[0]
-            if gate.upper[0] is not None:
-                d["max"] = gate.upper[0]
-            return d
-        if gate.style == "quadrant":
-            thresholds = [lo if lo is not None else hi for lo, hi in zip(gate.lower, gate.upper)]
-            signs = "".join("+" if lo is not None else "-" for lo in gate.lower)
-            return {"type": "quadrant", "quadrant": signs, "thresholds": thresholds}
-        return {"type": "rectangle", **gate.geometry()}
-    if isinstance(gate, PolygonGate):
-        return {"type": "polygon", **gate.geometry()}
-    if isinstance(gate, EllipsoidGate):
-        return {"type": "ellipse", **gate.geometry()}
-    if isinstance(gate, BooleanGate):
-        return {"type": "boolean", **gate.geometry()}
-    raise TypeError(f"cannot write gate {gate!r}")  # pragma: no cover
 
 
 def _jsonable(v):

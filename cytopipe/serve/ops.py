@@ -119,7 +119,7 @@ def _check_template(text: str) -> None:
     import tempfile
 
     from cytopipe.errors import CytopipeError
-    from cytopipe.gating.template import load_template
+    from cytopipe.gating.loading import load_template
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", encoding="utf-8") as fh:
         fh.write(text)
