@@ -41,6 +41,7 @@ _LAZY: dict[str, str] = {
     "run_workflow": "cytopipe.pipeline",
     "export_anndata": "cytopipe.export",
     "export_fcs": "cytopipe.export",
+    "export_population": "cytopipe.export",
 }
 
 # subpackages reachable as attributes (imported on first use)

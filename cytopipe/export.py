@@ -252,10 +252,11 @@ def _apply(tspec: dict, values: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
-def export_anndata(
+def export_population(
     run_dir: str | Path,
     population: str,
     out: str | Path,
+    format: str = "fcs",
     samples: list[str] | None = None,
     max_events_per_sample: int | None = None,
     workers: int | None = None,
@@ -264,17 +265,48 @@ def export_anndata(
     progress: bool = True,
     overwrite: bool = False,
 ) -> ExportReport:
-    """Write the population's events from every sample as one AnnData ``.h5ad``."""
+    """Export a population of a finished run: ``format="fcs"`` writes one FCS file per sample
+    into the folder ``out`` (raw events); ``"anndata"`` writes one ``.h5ad`` file (linear values
+    in ``X``, transformed ones in ``layers["transformed"]``). ``samples`` limits the samples,
+    ``max_events_per_sample`` subsamples (seeded), ``workers``/``scheduler``/``address`` choose
+    where the samples are re-gated, ``overwrite`` allows replacing an earlier export."""
+    if format not in ("fcs", "anndata"):
+        raise StoreError(f"unknown export format {format!r}; use 'fcs' or 'anndata'")
+    run, jobs = _prepare_export(run_dir, population, samples)
+    where = (workers, scheduler, address, progress)
+    write = _export_h5ad if format == "anndata" else _export_fcs_files
+    return write(run, jobs, population, Path(out).resolve(), max_events_per_sample, overwrite, where)
+
+
+def export_anndata(run_dir: str | Path, population: str, out: str | Path, **options: Any) -> ExportReport:
+    """Write the population's events from every sample as one AnnData ``.h5ad`` (options: those
+    of :func:`export_population`)."""
+    return export_population(run_dir, population, out, format="anndata", **options)
+
+
+def export_fcs(run_dir: str | Path, population: str, out: str | Path, **options: Any) -> ExportReport:
+    """Write one FCS file per sample (``OUT/<sample_id>.fcs``) with the population's raw events
+    (options: those of :func:`export_population`)."""
+    return export_population(run_dir, population, out, format="fcs", **options)
+
+
+def _export_h5ad(
+    run: LoadedRun,
+    jobs: list[dict[str, Any]],
+    population: str,
+    out: Path,
+    max_events_per_sample: int | None,
+    overwrite: bool,
+    where: tuple,
+) -> ExportReport:
     import anndata as ad
 
-    run, jobs = _prepare_export(run_dir, population, samples)
-    out = Path(out).resolve()
     if out.is_dir():
         raise StoreError("is a folder; give the path of the .h5ad file to write", file=out)
     _check_target(out, run, overwrite)
     markers = _markers(run.state)
     spec = ExportSpec(run.state, population, markers, "anndata", str(out), max_events_per_sample, run.wf.seed)
-    results = _export_many(run, jobs, spec, workers, scheduler, address, progress)
+    results = _export_many(run, jobs, spec, *where)
     failed = {sid: r["error"] for sid, r in results.items() if not r.get("ok")}
     parts = [(j, results[j["sample_id"]]) for j in sorted(jobs, key=lambda j: j["sample_id"])]
     parts = [(j, r) for j, r in parts if r.get("ok")]
@@ -370,21 +402,15 @@ def _signal_type(channel: str) -> str:
     return {"-A": "area", "-H": "height", "-W": "width"}.get(c[-2:], "other")
 
 
-def export_fcs(
-    run_dir: str | Path,
+def _export_fcs_files(
+    run: LoadedRun,
+    jobs: list[dict[str, Any]],
     population: str,
-    out: str | Path,
-    samples: list[str] | None = None,
-    max_events_per_sample: int | None = None,
-    workers: int | None = None,
-    scheduler: str = "local",
-    address: str | None = None,
-    progress: bool = True,
-    overwrite: bool = False,
+    out: Path,
+    max_events_per_sample: int | None,
+    overwrite: bool,
+    where: tuple,
 ) -> ExportReport:
-    """Write one FCS file per sample (``OUT/<sample_id>.fcs``) with the population's raw events."""
-    run, jobs = _prepare_export(run_dir, population, samples)
-    out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise StoreError("is a file; give the folder to write the FCS files into", file=out)
     inputs = _inputs(run)
@@ -404,7 +430,7 @@ def export_fcs(
         targets=targets,
         codes=run.codes,
     )
-    results = _export_many(run, jobs, spec, workers, scheduler, address, progress)
+    results = _export_many(run, jobs, spec, *where)
     failed = {sid: r["error"] for sid, r in results.items() if not r.get("ok")}
     counts = {sid: int(r["count"]) for sid, r in sorted(results.items()) if r.get("ok")}
     return ExportReport(out=out, population=population, counts=counts, failed=failed)
