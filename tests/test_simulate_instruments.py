@@ -265,21 +265,28 @@ def test_faults_are_marked_and_found_by_qc(tmp_path):
     print("\n" + "\n".join(lines))
 
 
-ACCURACY_SEEDS = tuple(range(9101, 9121))  # never used while building or tuning anything
+# never used while building or tuning anything; 3 of them keep the default suite fast: the
+# accuracy itself is asserted on 20 held-out random-instrument trials by test_gating_accuracy.py (-m slow)
+ACCURACY_SEEDS = tuple(range(9101, 9104))
 
 
 def test_canonical_template_accuracy_across_random_instruments(tmp_path):
-    """The canonical template through the real engine on 20 random instrument profiles (small
-    trials: 2 patients x 2 visits, 6,000 events per file). Prints the figures; asserts only that
-    the harness measured every population (gating accuracy is the gating work's to improve)."""
+    """The accuracy harness end to end (accuracy_across_instruments, threshold_floor,
+    format_accuracy) on 3 trials on random instrument profiles (2 patients x 2 visits, 6,000
+    events per file). Prints the figures; asserts only that the harness measured every population
+    in every file, none left ungated (gating accuracy is the gating work's to improve)."""
     from tests.accuracy_support import accuracy_across_instruments, format_accuracy
 
     acc, floor, gated = accuracy_across_instruments(tmp_path, ACCURACY_SEEDS)
     print("\n" + format_accuracy(acc, floor, gated, "canonical template on random instruments"))
     assert list(acc["population"]) == list(POPULATION_NAMES)
     assert (acc["n"] + acc["undefined"] + acc["failed"] == len(ACCURACY_SEEDS) * 4).all()
+    assert (acc["failed"] == 0).all()  # every file of every profile gated: no sample lost
     assert acc["fallback_rate"].between(0, 1).all() and acc["mae_pp"].notna().any()
-    assert list(floor["population"]) == ["Th17", "Th1", "cTfh", "activated cTfh"] and (floor["n"] == 80).all()
+    assert (
+        list(floor["population"]) == ["Th17", "Th1", "cTfh", "activated cTfh"]
+        and (floor["n"] == len(ACCURACY_SEEDS) * 4).all()
+    )
 
 
 @pytest.mark.slow

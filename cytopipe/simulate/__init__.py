@@ -13,9 +13,8 @@ See docs/simulator.md for the generative model.
 from cytopipe.simulate.cohort import Cohort, SimulationError, expected_frequencies, simulate_cohort
 from cytopipe.simulate.command import add_arguments, run
 from cytopipe.simulate.instruments import Instrument, make_instrument
-from cytopipe.simulate.multi import instrument_trial
 from cytopipe.simulate.populations import POPULATION_NAMES, POPULATIONS, unpack_membership
-from cytopipe.simulate.trial import Trial, simulate_trial
+from cytopipe.simulate.trial import Trial, instrument_trial, simulate_trial
 from cytopipe.simulate.truth import load_labels
 
 __all__ = [

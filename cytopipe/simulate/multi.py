@@ -31,9 +31,8 @@ from cytopipe.simulate.instrument_events import (
     true_thresholds,
 )
 from cytopipe.simulate.instruments import DIM_MARKERS, FMO_PARENT, FMO_PERCENTILE, Instrument
+from cytopipe.simulate.layout import MANIFEST_COLUMNS, MONTHS, PANEL_NAME, TRUTH_README, Trial, prepare_dirs
 from cytopipe.simulate.truth import STATS_COLUMNS, label_arrays, population_stats, save_npz, write_csv
-
-PANEL_NAME = "SLE-IL2-T-NK-v1"
 
 
 def simulate_instrument_trial(
@@ -50,8 +49,6 @@ def simulate_instrument_trial(
     fmo_events: int | None = None,
     per: str = "site",
 ):
-    from cytopipe.simulate.trial import _TRUTH_README, MANIFEST_COLUMNS, Trial, _prepare_dirs
-
     cohort = simulate_cohort(n_patients=n_patients, visits=visits, seed=seed, effect=effect)
     if per not in ("site", "batch"):
         raise SimulationError(f"instrument profiles are drawn per 'site' or per 'batch', not {per!r}")
@@ -66,7 +63,7 @@ def simulate_instrument_trial(
             if insts[u].name not in named:
                 named[insts[u].name] = true_thresholds(insts[u], seed, f"named:{insts[u].name}")
             thresholds[u] = named[insts[u].name]
-    _prepare_dirs(out)
+    prepare_dirs(out)
 
     manifest_rows, truth_rows, sample_rows, fault_rows, thr_rows = [], [], [], [], []
     patient_index = {pid: i for i, pid in enumerate(cohort.patients["patient_id"])}
@@ -170,7 +167,7 @@ def simulate_instrument_trial(
         spill = pd.DataFrame(insts[u].spillover, columns=list(insts[u].detectors))
         write_csv(spill, truth / f"spillover_{u}.csv")
     write_csv(pd.DataFrame(thr_rows), truth / "thresholds.csv")
-    (truth / "README.txt").write_text(_TRUTH_README + _README_EXTRA, encoding="utf-8")
+    (truth / "README.txt").write_text(TRUTH_README + _README_EXTRA, encoding="utf-8")
     return Trial(out, manifest, cohort, first.spillover, {k: list(v) for k, v in fault_plan.items()}, insts)
 
 
@@ -213,7 +210,6 @@ def _fmo_controls(
 
 def _write(path: Path, data, inst: Instrument, row: dict, sid: str) -> None:
     from cytopipe.fcs import Spillover, write_fcs
-    from cytopipe.simulate.trial import _MONTHS
 
     names = channel_names(inst)
     channels = pd.DataFrame({"pnn": names, "pns": channel_pns(inst), "pnr": inst.pnr})
@@ -222,7 +218,7 @@ def _write(path: Path, data, inst: Instrument, row: dict, sid: str) -> None:
     y, mth, d = day.split("-")
     keywords = {
         "$CYT": f"{inst.cytometer} (cytopipe simulator)",
-        "$DATE": f"{d}-{_MONTHS[int(mth) - 1]}-{y}",
+        "$DATE": f"{d}-{MONTHS[int(mth) - 1]}-{y}",
         "$BTIM": clock,
         "$TIMESTEP": repr(P.TIMESTEP),
         "$SRC": sid,
@@ -258,39 +254,6 @@ labels/*.npz faults      instrument-profile files add the fault code "spike" (fl
                          slow flow, a stop and a burst
 labels/FMO_*.npz         with --fmo: labels of the FMO controls (fcs/controls/FMO_<batch>_<marker>.fcs)
 """
-
-
-def instrument_trial(
-    folder: str | Path,
-    instrument: str = "random",
-    seed: int = 0,
-    patients: int = 6,
-    visits: Sequence[int] = P.DEFAULT_VISITS,
-    events: int = 20000,
-    effect: float = 1.0,
-    fmo: bool = False,
-    faults=None,
-    control_events: int = 2000,
-    overwrite: bool = True,
-    fmo_events: int | None = None,
-    per: str = "site",
-):
-    """A trial measured on instrument profile(s): the harness entry point for accuracy tests.
-
-    ``instrument``: a named profile (``fortessa``, ``symphony``, ``aurora``, ``attune``, ``cytof``),
-    ``random`` (a fluorescence profile drawn per site from ``seed``) or ``random-mass``;
-    ``per="batch"`` draws one per acquisition batch instead (every batch its own instrument).
-    Returns the :class:`~cytopipe.simulate.trial.Trial` (``.instruments``: site/batch -> profile).
-    """
-    from cytopipe.simulate.trial import simulate_trial
-
-    if instrument is None:
-        raise SimulationError("instrument_trial needs an instrument profile name (or 'random')")
-    return simulate_trial(
-        folder, n_patients=patients, visits=visits, events=events, seed=seed, effect=effect,
-        faults=faults, control_events=control_events, overwrite=overwrite, instrument=instrument,
-        fmo=fmo, fmo_events=fmo_events, instrument_per=per,
-    )  # fmt: skip
 
 
 def load_instruments(trial_dir: str | Path) -> dict[str, Instrument]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,40 +11,16 @@ import pandas as pd
 
 from cytopipe.simulate import params as P
 from cytopipe.simulate._rng import stream
-from cytopipe.simulate.cohort import Cohort, SimulationError, simulate_cohort
+from cytopipe.simulate.cohort import SimulationError, simulate_cohort
 from cytopipe.simulate.events import EventData, simulate_control, simulate_sample
+from cytopipe.simulate.layout import MANIFEST_COLUMNS, MONTHS, PANEL_NAME, TRUTH_README, Trial
+from cytopipe.simulate.multi import simulate_instrument_trial
 from cytopipe.simulate.populations import FAULTS
 from cytopipe.simulate.truth import STATS_COLUMNS, label_arrays, population_stats, save_npz, write_csv
 
-PANEL_NAME = "SLE-IL2-T-NK-v1"
-MANIFEST_COLUMNS = [
-    "file",
-    "sample_id",
-    "patient_id",
-    "visit",
-    "arm",
-    "panel",
-    "batch",
-    "site",
-    "acquired_at",
-    "control",
-]
 FAULT_KINDS = tuple(f for f in FAULTS if f != "none")
 DEFAULT_FAULT_FRACTION = 0.25
-_MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 _VOLTAGES = (420, 480, 390, 410, 450, 430, 470, 500, 460, 520, 440, 560, 580, 530)
-
-
-@dataclass
-class Trial:
-    """What :func:`simulate_trial` wrote."""
-
-    out_dir: Path
-    manifest: pd.DataFrame
-    cohort: Cohort
-    spillover: np.ndarray
-    faulted: dict[str, list[str]] = field(default_factory=dict)
-    instruments: dict = field(default_factory=dict)  # site -> Instrument (instrument profiles only)
 
 
 def simulate_trial(
@@ -91,7 +66,6 @@ def simulate_trial(
         fault_plan = _fault_plan(faults, list(cohort.samples["sample_id"]), seed)
     if instrument is not None:
         from cytopipe.simulate.instruments import make_instrument
-        from cytopipe.simulate.multi import simulate_instrument_trial
 
         make_instrument(instrument, seed)  # an unknown name fails before anything is written
         _prepare(out, overwrite)
@@ -169,7 +143,7 @@ def simulate_trial(
     write_csv(pd.DataFrame(sample_rows), truth / "samples.csv")
     fault_cols = ["sample_id", "file", "fault", "first_event", "last_event", "n_events", "channels", "factor"]
     write_csv(pd.DataFrame(fault_rows, columns=fault_cols), truth / "faults.csv")
-    (truth / "README.txt").write_text(_TRUTH_README, encoding="utf-8")
+    (truth / "README.txt").write_text(TRUTH_README, encoding="utf-8")
     return Trial(out, manifest, cohort, spill, {k: list(v) for k, v in fault_plan.items()})
 
 
@@ -189,11 +163,6 @@ def _prepare(out: Path, overwrite: bool) -> None:
             elif p.exists():
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-
-
-def _prepare_dirs(out: Path) -> None:
-    (out / "fcs" / "controls").mkdir(parents=True, exist_ok=True)
-    (out / "truth" / "labels").mkdir(parents=True, exist_ok=True)
 
 
 def _fault_plan(
@@ -242,7 +211,7 @@ def _write_fcs(path: Path, data: EventData, row: Mapping, spill_kw) -> None:
     end = hh * 3600 + mm * 60 + ss + int(np.ceil(seconds))
     keywords = {
         "$CYT": P.CYTOMETER,
-        "$DATE": f"{d}-{_MONTHS[int(mth) - 1]}-{y}",
+        "$DATE": f"{d}-{MONTHS[int(mth) - 1]}-{y}",
         "$BTIM": f"{hh:02d}:{mm:02d}:{ss:02d}",
         "$ETIM": f"{end // 3600 % 24:02d}:{end // 60 % 60:02d}:{end % 60:02d}",
         "$TIMESTEP": repr(P.TIMESTEP),
@@ -264,21 +233,32 @@ def _write_fcs(path: Path, data: EventData, row: Mapping, spill_kw) -> None:
     write_fcs(path, data.events, channels, keywords, spillover=spill_kw)
 
 
-_TRUTH_README = """Ground truth of a trial written by `cytopipe simulate` (see docs/simulator.md).
+def instrument_trial(
+    folder: str | Path,
+    instrument: str = "random",
+    seed: int = 0,
+    patients: int = 6,
+    visits: Sequence[int] = P.DEFAULT_VISITS,
+    events: int = 20000,
+    effect: float = 1.0,
+    fmo: bool = False,
+    faults=None,
+    control_events: int = 2000,
+    overwrite: bool = True,
+    fmo_events: int | None = None,
+    per: str = "site",
+):
+    """A trial measured on instrument profile(s): the harness entry point for accuracy tests.
 
-labels/<sample_id>.npz   per-event truth for every FCS file (np.load, no pickle needed):
-    membership  uint16, bit i = event belongs to canonical population populations[i]
-    populations names of the canonical populations in bit order
-    flags       uint32, bit i = latent state flag_names[i] (in_lymph_region, doublet, dead, cd3_pos, ...)
-    category    uint8 code into categories (lymphocyte, dead lymphocyte, doublet, debris, monocyte, ...)
-    lineage     uint8 code into lineages (CD4 naive, Treg memory, NK CD56bright, ...)
-    fault       uint8 code into faults (none, clog, shift, margin): injected acquisition faults
-population_truth.csv     population_stats columns for every sample and canonical population; medians
-                         are of compensated (true matrix), untransformed intensities; fault-injected
-                         events are excluded
-spillover.csv            the true spillover matrix (rows = fluorochrome/source detector, columns = detector)
-expected_frequencies.csv expected % of parent per patient-visit from the cohort model (before sampling)
-patients.csv             patient traits: arm, site, IL-2 responsiveness, latent Treg response, baselines
-samples.csv              per-file composition, event count, batch gains and per-patient staining levels
-faults.csv               injected faults: file, kind, first/last event index, channels, factor
-"""
+    ``instrument``: a named profile (``fortessa``, ``symphony``, ``aurora``, ``attune``, ``cytof``),
+    ``random`` (a fluorescence profile drawn per site from ``seed``) or ``random-mass``;
+    ``per="batch"`` draws one per acquisition batch instead (every batch its own instrument).
+    Returns the :class:`Trial` (``.instruments``: site/batch -> profile).
+    """
+    if instrument is None:
+        raise SimulationError("instrument_trial needs an instrument profile name (or 'random')")
+    return simulate_trial(
+        folder, n_patients=patients, visits=visits, events=events, seed=seed, effect=effect,
+        faults=faults, control_events=control_events, overwrite=overwrite, instrument=instrument,
+        fmo=fmo, fmo_events=fmo_events, instrument_per=per,
+    )  # fmt: skip
