@@ -76,8 +76,8 @@ def _read_password(name: str) -> str:
 
 
 def build_config(args: argparse.Namespace):
-    from cytopipe.serve.app import Config
     from cytopipe.serve.db import database_url
+    from cytopipe.serve.deps import Config
 
     data = Path(args.data).resolve()
     return Config(

@@ -18,9 +18,9 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from cytopipe.serve import audit, auth, ops, results
-from cytopipe.serve.app import client_address, set_session_cookie, signed_in, state_change, workspace
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Audit, Run, Sample, Study, Upload, User
+from cytopipe.serve.deps import client_address, set_session_cookie, signed_in, state_change, workspace
 from cytopipe.serve.runs import progress
 
 router = APIRouter(prefix="/api", tags=["api"])

@@ -15,9 +15,9 @@ from sqlalchemy import select
 from cytopipe.errors import ReviewError
 from cytopipe.review.decisions import Decision
 from cytopipe.serve import audit, reviewops
-from cytopipe.serve.app import page, signed_in, state_change, workspace
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Audit, Template, User
+from cytopipe.serve.deps import page, signed_in, state_change, workspace
 
 api = APIRouter(prefix="/api", tags=["review"])
 web = APIRouter(include_in_schema=False)

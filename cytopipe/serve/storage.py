@@ -273,7 +273,7 @@ def read_table_rows(data: bytes) -> list[dict[str, str]]:
     """A small CSV (manifest or clinical table) as dicts with normalised header names."""
     from cytopipe.manifest import _decode, _normalise
 
-    text = _decode(data)
+    text = _decode(data, Path("uploaded table"))  # the path only names the table in encoding warnings
     first = text.lstrip("\ufeff").splitlines()[0] if text.strip() else ""
     delimiter = max((",", ";", "\t"), key=first.count) if first else ","
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)

@@ -24,9 +24,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session as DBSession
 
 from cytopipe.serve import audit, ops
-from cytopipe.serve.app import page, signed_in, state_change, workspace
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Run, Study, Template
+from cytopipe.serve.deps import page, signed_in, state_change, workspace
 
 PERMISSION = "study.create"  # analysts, reviewers and admins set up studies and their templates
 MAX_YAML = 2 << 20

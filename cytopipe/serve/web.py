@@ -12,9 +12,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
 from cytopipe.serve import api, audit, auth, ops, results
-from cytopipe.serve.app import Ctx, page, signed_in, state_change, workspace
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import RUN_ACTIVE, Audit, Run, Study, Template, Upload, User
+from cytopipe.serve.deps import Ctx, page, signed_in, state_change, workspace
 
 router = APIRouter(include_in_schema=False)
 PRELOGIN = "cytopipe_prelogin"

@@ -1,0 +1,108 @@
+"""What the routers share, below :mod:`.app` so imports flow one way (app -> routers -> deps):
+the workspace's configuration and state, and the request dependencies (signed-in user, CSRF
+check, session cookie, page rendering)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse
+from fastapi.templating import Jinja2Templates
+
+from cytopipe import __version__
+from cytopipe.serve import auth
+from cytopipe.serve.auth import AuthError
+from cytopipe.serve.db import Session, User, open_database
+from cytopipe.serve.runs import RunManager
+from cytopipe.serve.storage import BlobStore
+
+HERE = Path(__file__).parent
+
+
+@dataclass
+class Config:
+    data_dir: Path
+    database_url: str
+    max_file_bytes: int = 2 << 30
+    max_batch_bytes: int = 50 << 30
+    scheduler_address: str | None = None
+    login_limit: int = 5
+    login_window: float = 300.0
+
+
+class Workspace:
+    """What the routes share: database sessions, blob store, runs, login limiter, templates."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.engine, self.sessions = open_database(config.database_url)
+        self.store = BlobStore(config.data_dir)
+        self.runs = RunManager(config.data_dir, self.sessions, self.store, config.scheduler_address)
+        self.limiter = auth.RateLimiter(config.login_limit, config.login_window)
+        self.templates = Jinja2Templates(directory=str(HERE / "templates"))
+        self.templates.env.globals["version"] = __version__
+
+
+def workspace(request: Request) -> Workspace:
+    return request.app.state.ws
+
+
+class Ctx:
+    """The signed-in user of a request and their session."""
+
+    def __init__(self, user: User, session: Session):
+        self.user, self.session = user, session
+
+    @property
+    def name(self) -> str:
+        return self.user.name
+
+    def can(self, permission: str) -> bool:
+        return auth.allowed(self.user.role, permission)
+
+    def require(self, permission: str) -> None:
+        if not self.can(permission):
+            raise AuthError(403, f"your role ({self.user.role}) does not allow this ({permission})")
+
+
+def signed_in(request: Request) -> Ctx:
+    """The request's user, or 401 (a redirect to the login page for HTML pages)."""
+    ws = workspace(request)
+    with ws.sessions() as db:
+        found = auth.lookup_session(db, request.cookies.get(auth.COOKIE))
+    if found is None:
+        raise AuthError(401, "sign in first")
+    return Ctx(*found)
+
+
+def state_change(request: Request, permission: str, csrf: str | None = None) -> Ctx:
+    """A signed-in user with ``permission`` whose request carries the session's CSRF token
+    (form field ``csrf`` or header ``X-CSRF-Token``)."""
+    ctx = signed_in(request)
+    given = csrf or request.headers.get("x-csrf-token")
+    if not auth.csrf_ok(ctx.session, given):
+        raise AuthError(403, "missing or wrong CSRF token: reload the page and try again")
+    ctx.require(permission)
+    return ctx
+
+
+def set_session_cookie(request: Request, response: Any, token: str) -> None:
+    secure = request.url.scheme == "https"
+    response.set_cookie(
+        auth.COOKIE, token, httponly=True, samesite="strict", secure=secure, max_age=auth.SESSION_HOURS * 3600
+    )
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def page(request: Request, name: str, ctx: Ctx | None, status: int = 200, **values: Any) -> HTMLResponse:
+    values.setdefault("csrf", ctx.session.csrf if ctx else "")
+    return workspace(request).templates.TemplateResponse(
+        request, name, {"user": ctx.user if ctx else None, "ctx": ctx, **values}, status_code=status
+    )
