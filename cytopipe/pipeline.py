@@ -867,6 +867,7 @@ class RunContext:
     fused: dict[str, dict[str, Any]] = field(default_factory=dict)  # sample_id -> fused pass-1 result
     stats_settings: Any = None  # cytopipe.stats.StatsSettings when the statistics step runs
     blinding: Any = None  # (codes, record) when the run folder's outputs are blinded
+    rerun: dict[str, Any] | None = None  # the inputs' fingerprint (cytopipe/rerun.py)
 
     def alive(self) -> list[dict[str, Any]]:
         return [j for j in self.jobs if j["sample_id"] not in self.failures]
@@ -925,6 +926,11 @@ def run_workflow(
     folder = RunFolder(wf.output)
     ctx = RunContext(wf=wf, folder=folder, executor=None, progress=progress)
     validate_inputs(ctx)  # fail fast, before any worker starts or any folder is made
+    from cytopipe import rerun  # nothing changed since the last run: no executor at all
+
+    ctx.rerun = rerun.start_fingerprint(wf, ctx.jobs + ctx.controls)
+    if (reused := rerun.reuse_finished_run(wf, folder, ctx.rerun)) is not None:
+        return RunResult(out=folder.path, **reused)
     with _run_folder_session(folder):
         executor = make_executor(scheduler, wf.workers, address, memory_limit)
         ctx.executor = executor
@@ -1047,6 +1053,11 @@ def finish_run(
         atomic_write_json(folder.run_json, blind(info))
     for phase, keys in ctx.keep_cache.items():
         folder.prune_cache(phase, keys)  # results of older settings/files are no longer needed
+    from cytopipe.rerun import record_finished_run
+
+    record_finished_run(
+        folder.path, ctx.rerun, {str(j.get("path")): j.get("sha256") for j in ctx.jobs + ctx.controls}
+    )
 
 
 def _all_reused(ctx: RunContext) -> bool:
