@@ -147,6 +147,18 @@ def record_finished_run(run_dir: str | Path, fingerprint: Mapping[str, Any] | No
     atomic_write_json(run_json, info)
 
 
+#: the manifest fields a per-sample result depends on: the sample_id seeds its subsamples and names
+#: its rows, the patient and batch choose the pooled gate estimates it may use. Arm and visit are
+#: labels the assembly takes from the current manifest (never in a key: a hash of them could be
+#: matched against the arm names of a blinded run).
+KEY_FIELDS = ("sample_id", "patient_id", "batch")
+
+
+def manifest_key(job: Mapping[str, Any]) -> str:
+    """Part of a per-sample cache key: the manifest fields the result depends on."""
+    return stable_hash({name: job.get(name) for name in KEY_FIELDS})[:8]
+
+
 # --- parts of the fingerprint --------------------------------------------------------------------
 def _settings(wf: Any) -> str:
     settings = wf.to_dict()
