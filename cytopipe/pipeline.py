@@ -1460,7 +1460,7 @@ def step_gate_fit(ctx: RunContext) -> dict[str, Any]:
     if not template.data_driven:
         ctx.hashes["pooled"] = stable_hash(None)
         return {"data_driven_gates": 0}
-    settings_key = _settings_key(ctx, "qc", "compensation", "template", "transforms")
+    settings_key = stable_hash(ctx.gate_key())  # its results stand for the gating pass's (fused)
     _plan_cluster_inputs(ctx, "fit")
     results = _run_cached_phase(ctx, "fit", fit_task, settings_key)
     ctx.fused = results
@@ -1490,7 +1490,7 @@ def _settings_key(ctx: RunContext, *names: str) -> str:
 
 # --- step: gating pass 2 ------------------------------------------------------------------------
 # the gating pass's per-sample result changed shape (gate-review data): older cache entries are redone
-GATE_TASK_VERSION = "g2"
+GATE_TASK_VERSION = "g3"  # g3: gate-review panels carry their parent's background
 
 
 def _pooled_key(ctx: RunContext) -> Callable[[Mapping[str, Any]], str]:
