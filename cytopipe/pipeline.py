@@ -924,13 +924,13 @@ def run_workflow(
     """Run every step of the study; returns the assembled tables (also written to ``wf.output``)."""
     t0 = time.perf_counter()
     folder = RunFolder(wf.output)
+    from cytopipe import rerun  # nothing changed since the last run: nothing to run at all
+
+    if (reused := rerun.reuse_finished_run(wf, folder)) is not None:
+        return RunResult(out=folder.path, **reused)
     ctx = RunContext(wf=wf, folder=folder, executor=None, progress=progress)
     validate_inputs(ctx)  # fail fast, before any worker starts or any folder is made
-    from cytopipe import rerun  # nothing changed since the last run: no executor at all
-
     ctx.rerun = rerun.start_fingerprint(wf, ctx.jobs + ctx.controls)
-    if (reused := rerun.reuse_finished_run(wf, folder, ctx.rerun)) is not None:
-        return RunResult(out=folder.path, **reused)
     with _run_folder_session(folder):
         executor = make_executor(scheduler, wf.workers, address, memory_limit)
         ctx.executor = executor

@@ -61,11 +61,14 @@ def start_fingerprint(wf: Any, jobs: Iterable[Mapping[str, Any]]) -> dict[str, A
     }
 
 
-def reuse_finished_run(wf: Any, folder: Any, fingerprint: Mapping[str, Any]) -> dict[str, Any] | None:
+def reuse_finished_run(wf: Any, folder: Any) -> dict[str, Any] | None:
     """``{samples, population_stats, info}`` of the finished run in ``folder`` when nothing
-    changed since it was written (and the message printed), else ``None`` (run normally)."""
+    changed since it was written (and the message printed), else ``None`` (run normally).
+
+    Called before the inputs are validated (that loads the template and the gating code): with
+    the same bytes, settings and code, the validation the last run passed would pass again."""
     t0 = time.perf_counter()
-    why = why_not_reusable(folder.path, fingerprint)
+    why = why_not_reusable(folder.path, wf)
     if why:
         logger.info("rerun: running the steps (%s)", why)
         return None
@@ -74,7 +77,7 @@ def reuse_finished_run(wf: Any, folder: Any, fingerprint: Mapping[str, Any]) -> 
     from cytopipe.store import RunLock, read_run_info
 
     with RunLock(folder.path, "run"):  # not while another command writes into the folder
-        why = why_not_reusable(folder.path, fingerprint)
+        why = why_not_reusable(folder.path, wf)
         if why:
             logger.info("rerun: running the steps (%s)", why)
             return None
@@ -87,9 +90,10 @@ def reuse_finished_run(wf: Any, folder: Any, fingerprint: Mapping[str, Any]) -> 
     return {"samples": samples, "population_stats": stats, "info": info}
 
 
-def why_not_reusable(run_dir: str | Path, fingerprint: Mapping[str, Any]) -> str | None:
-    """``None`` when the run folder's record matches ``fingerprint`` and every recorded output is
-    intact; otherwise the first difference found, in words (logged)."""
+def why_not_reusable(run_dir: str | Path, wf: Any) -> str | None:
+    """``None`` when the run folder's record matches the inputs of ``wf`` now and every recorded
+    output is intact; otherwise the first difference found, in words (logged). The files compared
+    are those the record lists: the manifest's bytes are compared too, so they are its files."""
     run_json = Path(run_dir) / "run.json"
     try:
         info = json.loads(run_json.read_text(encoding="utf-8"))
@@ -103,12 +107,11 @@ def why_not_reusable(run_dir: str | Path, fingerprint: Mapping[str, Any]) -> str
     if info.get("failed") or info.get("problems"):
         return "the last run had failed files or problems: they are tried again"
     recorded = record.get("inputs") or {}
+    fingerprint = start_fingerprint(wf, [{"path": p} for p in recorded.get("files") or {}])
     for part in ("version", "settings", "code", "config_files"):
         if recorded.get(part) != fingerprint.get(part):
             return f"the {part.replace('_', ' ')} changed"
     files = recorded.get("files") or {}
-    if set(files) != set(fingerprint.get("files") or {}):
-        return "the manifest lists other files"
     for path, now in fingerprint["files"].items():
         was = files[path]
         if now is None or was is None or now["size"] != was["size"] or now["mtime_ns"] != was["mtime_ns"]:
