@@ -110,6 +110,16 @@ def assert_same_outputs(a: Path, b: Path) -> None:
                 )
 
 
+def forget_rerun_record(run: Path) -> None:
+    """Remove run.json's rerun record, so the next run of the folder takes the normal path even
+    with nothing changed (docs/reports.md, "Reruns")."""
+    import json
+
+    info = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    info.pop("rerun", None)
+    (run / "run.json").write_text(json.dumps(info), encoding="utf-8")
+
+
 def copy_trial(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -34,7 +34,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("cytopipe.cluster",),
     ("cytopipe.clinical", "cytopipe.stats", "cytopipe.simulate"),
     ("cytopipe.report",),
-    ("cytopipe.workflow", "cytopipe.pipeline", "cytopipe.export", "cytopipe.reconcile", "cytopipe.review"),
+    (
+        "cytopipe.workflow",
+        "cytopipe.rerun",
+        "cytopipe.pipeline",
+        "cytopipe.export",
+        "cytopipe.reconcile",
+        "cytopipe.review",
+    ),
     ("cytopipe.cli", "cytopipe.__main__", "cytopipe.serve"),
 ]
 TOP = "cytopipe"  # the package's __init__: lazy names only (see cytopipe/__init__.py)

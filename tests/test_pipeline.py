@@ -542,29 +542,31 @@ def test_a_blind_key_missing_arms_is_an_input_error_before_any_work(sim_run, sim
     assert not (tmp_path / "cli" / "run.json").exists()
 
 
-def test_a_report_that_fails_does_not_fail_the_data(sim_run, sim_trial, tmp_path, monkeypatch):
+def test_a_report_that_fails_does_not_fail_the_data(sim_run, sim_trial, tmp_path):
+    """A real obstacle to the report (a file of the user's where its tables folder goes, which is
+    never written over): the report is not written and says why, every table is there, exit 3;
+    with the obstacle moved away the next run writes the report."""
     import shutil
 
-    import cytopipe.report.build as build
-    from cytopipe.errors import ReportError
-
-    def failing_report(*args, **kwargs):  # a report section that cannot be built
-        raise ReportError("the dynamics section needs a week-0 visit", file=args[0])
-
-    monkeypatch.setattr(build, "build_report", failing_report)
     out = tmp_path / "run"
     shutil.copytree(sim_run, out)
+    obstacle = out / "report_tables"
+    obstacle.write_text("the user's notes\n", encoding="utf-8")
     wf = workflow(sim_trial, out, report={"enabled": True})
     result = run_workflow(wf, scheduler="synchronous", progress=False)
     assert result.exit_code == EXIT_FAILURES and result.n_failed == 0
     assert len(result.problems) == 1 and result.problems[0].startswith("report: not written:")
+    assert "report_tables is in the way" in result.problems[0] and "move or rename it" in result.problems[0]
     assert not (out / "report.html").exists()
+    assert obstacle.read_text(encoding="utf-8") == "the user's notes\n"  # left as it was
     step = next(s for s in result.info["steps"] if s["step"] == "report")
-    assert step["written"] is False and "week-0" in step["error"]
+    assert step["written"] is False and "report_tables" in step["error"]
     assert_same_outputs(sim_run, out)  # every table is there, as in the reference run
-    # the same run with the report switched off: nothing to complain about
-    again = run_workflow(workflow(sim_trial, out), scheduler="synchronous", progress=False)
+    # the obstacle moved away: the same run writes the report, nothing to complain about
+    obstacle.rename(tmp_path / "notes.txt")
+    again = run_workflow(wf, scheduler="synchronous", progress=False)
     assert again.exit_code == EXIT_OK and again.problems == []
+    assert (out / "report.html").is_file() and (out / "report_tables").is_dir()
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,6 +54,11 @@ def _texts_of(path: Path) -> list[str]:
             json.dumps(a.uns["cytopipe"], default=str),
             path.read_bytes().decode("latin-1"),
         ]
+    if suffix == ".npz":
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) as z:
+            return [str(z[k]) for k in z.files if z[k].dtype.kind in "US"]
     raw = path.read_bytes()
     out = [raw.decode("utf-8", errors="replace")]
     if suffix == ".html":
@@ -67,12 +72,12 @@ def _texts_of(path: Path) -> list[str]:
 
 
 def _leaks(root: Path, arms: list[str], since: float) -> dict[str, list[str]]:
-    """{file: [arm labels]} for every file written under ``root`` at or after ``since`` (the
-    per-sample cache .cache/ aside: see docs/reports.md)."""
+    """{file: [arm labels]} for every file written under ``root`` at or after ``since``, the
+    private cache .cache/ included."""
     found = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
-        if not path.is_file() or rel.parts[0] == ".cache" or path.stat().st_mtime < since:
+        if not path.is_file() or path.stat().st_mtime < since:
             continue
         text = "\n".join(_texts_of(path)).lower()
         hit = [a for a in arms if a.lower() in text]
@@ -130,6 +135,7 @@ def test_every_command_writes_a_blinded_run_blinded(blinded_run, sim_trial, tmp_
     assert result.exit_code == 0, result.summary()
     walk["run (statistics)"] = _leaks(run, arms, t)
     assert walk == {k: {} for k in walk}
+    assert _leaks(run, arms, since=0) == {}  # every file of the folder, .cache/ included
     # ... and the statistics are still computed against the reference arm (in memory, with the arms)
     st = pd.read_parquet(run / "statistics.parquet")
     assert st["comparison"].str.contains(" vs Arm ").any()

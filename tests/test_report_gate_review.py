@@ -16,6 +16,7 @@ from cytopipe.report.gate_review import (
     gate_outliers,
     gate_review_data,
     panel_arrays,
+    panel_background,
     read_gate_review,
     write_gate_review,
 )
@@ -239,3 +240,57 @@ def test_histograms_count_like_numpy_binning():
     assert want2[:, 47].sum() > 0 and want2.sum() < len(x)
     want1 = np.bincount(ix[ix >= 0], minlength=48)
     assert np.array_equal(_hist1d(x, xe), want1)
+
+
+def test_a_panel_of_part_of_the_parent_shows_the_whole_parent_behind_it(gated):
+    """Treg's CD25 x CD127 panel shows the FOXP3+ CD4 T events over ALL CD4 T events (grey), on a
+    grid that holds them all; the panels without a condition carry no separate background."""
+    _, _, result, review = gated
+    n_cd4 = result.populations["CD4 T"].count
+    treg = review[review["population"] == "Treg"].set_index("panel")
+    for panel in (0, 1):
+        row = treg.loc[panel]
+        bg, (_, _, counts) = panel_background(row), panel_arrays(row)
+        assert bg.shape == counts.shape
+        assert bg.sum() >= 0.98 * n_cd4 and bg.sum() <= n_cd4  # every CD4 T event (grid: robust range)
+        assert (counts <= bg).all() and counts.sum() >= 0.98 * row["n_shown"]
+        assert 0 < row["n_shown"] < 0.5 * n_cd4  # the shown events are a part of them
+    plain = review[review["condition"] == ""]
+    assert all(len(b) == 0 for b in plain["background"])
+
+
+def test_panel_axes_follow_the_events_not_far_gate_vertices(gated):
+    """The singlet wedge's apex is at (0, 0), far below the events: the panel's axes span the
+    events' own range (0.5-99.5% quantiles, padded), so the events fill most of it."""
+    sample, _, result, review = gated
+    single = review[review["population"] == "Singlets"].iloc[0]
+    vals = result.event_values(sample)
+    pop = result.populations["Singlets"]
+    idx = result.indices(pop.parent)
+    for axis, dim in zip(("x", "y"), pop.gate.dims[:2]):
+        v = vals.at(dim, idx, pop.parent)
+        lo, hi = np.quantile(v, [0.005, 0.995])
+        a, b = single[f"{axis}_range"]
+        assert a > 0.0 and a <= lo and b >= hi
+        assert (hi - lo) / (b - a) >= 0.6, (axis, a, b, lo, hi)  # the events fill the panel
+
+
+def test_gallery_figure_draws_the_background_grey_and_the_shown_events_in_colour(gated):
+    from cytopipe.report.figures import gallery_figure
+
+    *_, review = gated
+    rows = review[(review["population"] == "Treg") & (review["panel"] == 0)].to_dict("records")
+    fig = gallery_figure(rows, [""], ["P003_W12"])
+    img = np.asarray(fig.axes[0].images[0].get_array())[..., :3]
+    white = (img > 0.999).all(-1)
+    grey = ~white & (np.ptp(img, axis=-1) < 1e-9)
+    colour = ~white & ~grey
+    bg = panel_background(rows[0])
+    assert grey.sum() > colour.sum() > 0  # many more CD4 T bins than Treg bins
+    assert grey.sum() + colour.sum() >= 0.5 * (bg > 0).sum()  # the mosaic resamples 48x48 bins
+    # singlets: the events (coloured pixels) reach across most of the panel, not one corner
+    rows = review[review["population"] == "Singlets"].to_dict("records")
+    fig = gallery_figure(rows, [""], ["P003_W12"])
+    img = np.asarray(fig.axes[0].images[0].get_array())[..., :3]
+    cols, rws = np.nonzero((~(img > 0.999).all(-1)).T)
+    assert np.ptp(cols) >= 0.6 * 48 and np.ptp(rws) >= 0.6 * 48

@@ -379,13 +379,14 @@ def test_statistics_are_reused_when_nothing_changed(sim_run, sim_trial, tmp_path
     import shutil
 
     from cytopipe.pipeline import run_workflow
-    from tests.pipeline_support import workflow
+    from tests.pipeline_support import forget_rerun_record, workflow
 
     run = tmp_path / "run"
     shutil.copytree(sim_run, run)
     first = run_workflow(workflow(sim_trial, run), scheduler="synchronous", progress=True)
     capsys.readouterr()
     before = pd.read_parquet(run / "statistics.parquet")
+    forget_rerun_record(run)  # else nothing runs at all (tests/test_rerun.py): the normal path here
     again = run_workflow(workflow(sim_trial, run), scheduler="synchronous", progress=True)
     err = capsys.readouterr().err
     assert "statistics: reused" in err

@@ -14,7 +14,15 @@ import pandas as pd
 
 from cytopipe.errors import EXIT_FAILURES, EXIT_INPUT, EXIT_OK, EXIT_OUTPUT
 from tests.disk_support import fill, remount, small_tmpfs, temp_files
-from tests.pipeline_support import TEMPLATE, assert_same_outputs, cli, cli_env, copy_trial, read_outputs
+from tests.pipeline_support import (
+    TEMPLATE,
+    assert_same_outputs,
+    cli,
+    cli_env,
+    copy_trial,
+    forget_rerun_record,
+    read_outputs,
+)
 
 SYNC = ("--scheduler", "synchronous", "--no-progress")
 
@@ -127,6 +135,7 @@ def test_a_disk_filling_mid_run_says_which_file_and_the_rerun_resumes(sim_run, s
         # The case: a rerun of a finished run on a nearly full disk emptied catalog.duckdb and
         # exited 0. Now the old catalog stays and the run fails with exit 4, naming the catalog.
         good = (out / "catalog.duckdb").read_bytes()
+        forget_rerun_record(out)  # the normal path (with nothing changed, nothing would be written)
         fill(mnt, leave=(out / "catalog.duckdb").stat().st_size // 2)  # the tables fit, the catalog not
         proc = run_cli(sim_trial, out)
         assert proc.returncode == EXIT_OUTPUT, proc.stderr[-3000:]

@@ -54,6 +54,7 @@ class RunContext:
     fused: dict[str, dict[str, Any]] = field(default_factory=dict)  # sample_id -> fused pass-1 result
     stats_settings: Any = None  # cytopipe.stats.StatsSettings when the statistics step runs
     blinding: Any = None  # (codes, record) when the run folder's outputs are blinded
+    rerun: dict[str, Any] | None = None  # the inputs' fingerprint (cytopipe/rerun.py)
 
     def alive(self) -> list[dict[str, Any]]:
         return [j for j in self.jobs if j["sample_id"] not in self.failures]
@@ -120,7 +121,7 @@ def _settings_key(ctx: RunContext, *names: str) -> str:
 
 
 # the gating pass's per-sample result changed shape (gate-review data): older cache entries are redone
-GATE_TASK_VERSION = "g2"
+GATE_TASK_VERSION = "g3"  # g3: gate-review panels carry their parent's background
 
 
 def _pooled_key(ctx: RunContext) -> Callable[[Mapping[str, Any]], str]:
@@ -161,11 +162,13 @@ def _run_cached_phase(
     cached and used instead of running ``fn``. A failed sample is failed for the whole run
     (``ctx.fail``), or with ``soft`` only left out of this phase's results
     (``ctx.soft_failures[phase]``)."""
+    from cytopipe.rerun import manifest_key
+
     results: dict[str, dict[str, Any]] = {}
     todo: list[dict[str, Any]] = []
     keys: dict[str, str] = {}
     for job in ctx.alive():
-        key = f"{job['sha256'][:32]}-{settings_key[:16]}"
+        key = f"{job['sha256'][:32]}-{settings_key[:16]}{manifest_key(job)}"
         if extra_key is not None:
             key += extra_key(job)
         keys[job["sample_id"]] = key

@@ -121,8 +121,13 @@ def run_workflow(
     """Run every step of the study; returns the assembled tables (also written to ``wf.output``)."""
     t0 = time.perf_counter()
     folder = RunFolder(wf.output)
+    from cytopipe import rerun  # nothing changed since the last run: nothing to run at all
+
+    if (reused := rerun.reuse_finished_run(wf, folder)) is not None:
+        return RunResult(out=folder.path, **reused)
     ctx = RunContext(wf=wf, folder=folder, executor=None, progress=progress)
     validate_inputs(ctx)  # fail fast, before any worker starts or any folder is made
+    ctx.rerun = rerun.start_fingerprint(wf, ctx.jobs + ctx.controls)
     with _run_folder_session(folder):
         executor = make_executor(scheduler, wf.workers, address, memory_limit)
         ctx.executor = executor
@@ -246,6 +251,11 @@ def finish_run(
         atomic_write_json(folder.run_json, blind(info))
     for phase, keys in ctx.keep_cache.items():
         folder.prune_cache(phase, keys)  # results of older settings/files are no longer needed
+    from cytopipe.rerun import record_finished_run
+
+    record_finished_run(
+        folder.path, ctx.rerun, {str(j.get("path")): j.get("sha256") for j in ctx.jobs + ctx.controls}
+    )
 
 
 def _all_reused(ctx: RunContext) -> bool:

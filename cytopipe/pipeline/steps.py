@@ -32,7 +32,6 @@ from cytopipe.pipeline.context import (
     _pooled_key,
     _run_cached_phase,
     _save_result,
-    _settings_key,
 )
 from cytopipe.pipeline.progress import notice
 from cytopipe.pipeline.state import _load_manifest, _spillover_hash, build_state, plan_clustering, split_jobs
@@ -349,7 +348,7 @@ def step_gate_fit(ctx: RunContext) -> dict[str, Any]:
     if not template.data_driven:
         ctx.hashes["pooled"] = stable_hash(None)
         return {"data_driven_gates": 0}
-    settings_key = _settings_key(ctx, "qc", "compensation", "template", "transforms")
+    settings_key = stable_hash(ctx.gate_key())  # its results stand for the gating pass's (fused)
     _plan_cluster_inputs(ctx, "fit")
     results = _run_cached_phase(ctx, "fit", fit_task, settings_key)
     ctx.fused = results

@@ -345,8 +345,88 @@ def recode_folder(
     atomic_write_json(run_dir / "run.json", dict(info))
     if changed:  # a report of the earlier state would contradict the tables
         remove_report(run_dir)
+    if not unblind:
+        changed += scrub_cache(run_dir, codes)
     changed.append("run.json")
     return changed
+
+
+def scrub_cache(run_dir: str | Path, arms: Iterable[str]) -> list[str]:
+    """Leave no arm name in a blinded run folder's private cache (``.cache/``), which is written
+    before the folder's blinding is known and is never shared knowingly, but is part of the folder.
+
+    A cached table whose only arm names are in its ``arm`` column keeps its rows with that column
+    emptied (the run takes every sample's arm from the manifest when it assembles the tables);
+    any other cache file holding an arm name (e.g. the cached statistics, whose comparisons name
+    the arms) is removed, so the next run computes it again. Returns the files changed."""
+    from cytopipe.store import atomic_write_parquet
+
+    cache = Path(run_dir) / ".cache"
+    names = [str(a) for a in arms if str(a).strip()]
+    if not cache.is_dir() or not names:
+        return []
+    pattern = _leak_pattern(names)
+    changed: list[str] = []
+    for path in sorted(cache.rglob("*")):
+        if not path.is_file():
+            continue
+        rel = str(path.relative_to(run_dir))
+        leaks = _cache_file_leaks(path, pattern)
+        if not leaks:
+            continue
+        if leaks == ["arm"]:
+            df = pd.read_parquet(path)
+            atomic_write_parquet(
+                path, df.assign(arm=pd.Series([None] * len(df), index=df.index, dtype="string"))
+            )
+        else:
+            path.unlink()
+        changed.append(rel)
+    return changed
+
+
+def _leak_pattern(arms: Iterable[str]) -> re.Pattern:
+    """Any arm name, case-insensitive; names of one or two characters as whole words only."""
+    parts = []
+    for arm in sorted(set(arms), key=len, reverse=True):
+        word = re.escape(arm)
+        parts.append(rf"(?<![A-Za-z0-9]){word}(?![A-Za-z0-9])" if len(arm) <= 2 else word)
+    return re.compile("|".join(parts) or "(?!)", re.IGNORECASE)
+
+
+def _cache_file_leaks(path: Path, pattern: re.Pattern) -> list[str]:
+    """Where a cache file holds an arm name: its table's columns (``["arm"]``: only the arm
+    column), or ``["file"]`` (its bytes); ``[]``: none."""
+    import numpy as np
+
+    if path.suffix == ".parquet":
+        try:
+            df = pd.read_parquet(path)
+        except Exception:  # unreadable: the cache recomputes it anyway
+            return ["file"]
+        hits = [str(c) for c in df.columns if pattern.search(str(c))]
+        for column in df.columns:
+            col = df[column]
+            if col.dtype == object or pd.api.types.is_string_dtype(col) or str(col.dtype) == "category":
+                if any(pattern.search(v) for v in col.dropna().astype(str).unique()):
+                    hits.append(str(column))
+        return sorted(set(hits))
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                texts = [str(z[k]) for k in z.files if z[k].dtype.kind in "US"]
+        except Exception:
+            return ["file"]
+        return ["file"] if any(pattern.search(t) for t in texts) else []
+    if path.suffix == ".npy":
+        try:
+            kind = np.load(path, mmap_mode="r", allow_pickle=False).dtype.kind
+        except Exception:
+            kind = "O"
+        if kind not in "OUSV":
+            return []  # numbers only
+    text = path.read_bytes().decode("latin-1")
+    return ["file"] if pattern.search(text) else []
 
 
 def remove_report(run_dir: Path) -> None:

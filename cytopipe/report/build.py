@@ -38,6 +38,14 @@ def build_report(
     if out_path.suffix.lower() not in (".html", ".htm"):
         raise ReportError("the report file must end in .html", file=out_path)
     tables_dir = out_path.parent / f"{out_path.stem}_tables"
+    for path, what in ((out_path, "the report file"), (tables_dir, "the folder of the report's tables")):
+        if path.exists() and path.is_dir() != (path == tables_dir):  # never written over: a user's file
+            raise ReportError(
+                f"{path.name} is in the way of {what} (it is a {'folder' if path.is_dir() else 'file'}); "
+                "move or rename it, then run `cytopipe report RUN_DIR` (or give the report another place "
+                "with --out)",
+                file=path,
+            )
     key = report_key(run_dir, blinded=blinded, out=out_path, blind_key=blind_key, clinical=clinical,
                      max_gallery=max_gallery)  # fmt: skip
     if reuse and key is not None and _is_current(run_dir, key, out_path):

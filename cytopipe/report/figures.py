@@ -359,7 +359,7 @@ def gallery_figure(
     from matplotlib.colors import LogNorm
     from matplotlib.ticker import MaxNLocator
 
-    from cytopipe.report.gate_review import panel_arrays
+    from cytopipe.report.gate_review import panel_arrays, panel_background
 
     n = len(rows)
     nrows, ncols = _grid(n, ncols)
@@ -386,6 +386,7 @@ def gallery_figure(
     sx, sy = 1.0 / (xhi - xlo), 1.0 / (yhi - ylo)
     cmap = colormaps["viridis"]
     fills: list[np.ndarray] = []
+    grey_fills: list[np.ndarray] = []
     shades: list[np.ndarray] = []
     solid: list[np.ndarray] = []
     dashed: list[np.ndarray] = []
@@ -396,13 +397,15 @@ def gallery_figure(
         r, c = divmod(i, ncols)
         x0, y0 = c * (1 + gx), -r * (1 + gy)
         xe, ye, counts = panel_arrays(row)
+        background = panel_background(row)  # the whole parent, when the panel shows part of it
         if one_d:
-            peak = max(int(counts.max()), 1)
+            peak = max(int(counts.max()), int(background.max()) if background.size else 0, 1)
             bx = x0 + (xe - xlo) * sx
-            h = 0.92 * np.clip(counts / peak, 0, 1)
             xs = np.repeat(np.clip(bx, x0, x0 + 1), 2)[1:-1]
-            ys = y0 + np.repeat(h, 2)
-            fills.append(np.column_stack([np.r_[xs[0], xs, xs[-1]], np.r_[y0, ys, y0]]))
+            for values, into in ((background, grey_fills), (counts, fills)):
+                if values.size:
+                    ys = y0 + np.repeat(0.92 * np.clip(values / peak, 0, 1), 2)
+                    into.append(np.column_stack([np.r_[xs[0], xs, xs[-1]], np.r_[y0, ys, y0]]))
         else:
             # resample this sample's histogram (its own grid) onto the shared panel grid
             ix = np.floor((xlo + centres * (xhi - xlo) - xe[0]) / (xe[1] - xe[0])).astype(int)
@@ -413,6 +416,15 @@ def gallery_figure(
             img[np.ix_(oky, okx)] = counts[np.ix_(iy[oky], ix[okx])]
             rgba = cmap(LogNorm(vmin=1, vmax=max(int(counts.max()), 2), clip=True)(np.where(img > 0, img, 1)))
             rgba[img == 0] = (1, 1, 1, 1)
+            if background.size:  # the parent's other events in grey, the shown ones in colour
+                bg = np.zeros((px, px))
+                bg[np.ix_(oky, okx)] = background[np.ix_(iy[oky], ix[okx])]
+                shade = LogNorm(vmin=1, vmax=max(int(background.max()), 2), clip=True)(
+                    np.where(bg > 0, bg, 1)
+                )
+                grey = (0.9 - 0.45 * np.asarray(shade))[..., None]
+                only_bg = (img == 0) & (bg > 0)
+                rgba[only_bg, :3] = np.broadcast_to(grey, (px, px, 1))[only_bg]
             top_row = (nrows - 1 - r) * (px + gap_y)  # origin="lower": row 0 of the array is the bottom
             left_col = c * (px + gap_x)
             mosaic[top_row : top_row + px, left_col : left_col + px] = rgba
@@ -432,6 +444,11 @@ def gallery_figure(
         ax.imshow(mosaic, origin="lower", interpolation="nearest", aspect="auto",
                   extent=(0, width, bottom_y, bottom_y + nrows * (1 + gy)))  # fmt: skip
     gate_color = "#d6336c"
+    if grey_fills:
+        ax.add_collection(
+            PolyCollection(grey_fills, facecolors="#ced4da", edgecolors="none", alpha=0.9, zorder=1.5),
+            autolim=False,
+        )
     if fills:
         ax.add_collection(
             PolyCollection(fills, facecolors="#5c7cfa", edgecolors="none", alpha=0.75, zorder=2),

@@ -27,11 +27,15 @@ x_scale,        the transform of each axis, e.g. ``arcsinh(x/150)`` or ``linear`
 y_scale
 x_range,        ``[lo, hi]`` of the histogram grid on each axis (transformed units) and its number
 y_range,        of equal bins: 48 x 48 in 2-D, 96 in 1-D (``y_bins`` = 0). Each sample's grid
-x_bins, y_bins  spans its own robust range (0.5-99.5% quantiles of the parent's events, widened
-                to include the gate), so a shifted sample is still visible
-counts          event counts of the parent's events per bin, row-major ``[y, x]`` (int32)
+x_bins, y_bins  spans its own robust range (0.5-99.5% quantiles of ALL the parent's events),
+                widened towards the gate by at most a quarter of that range (a far-off vertex,
+                e.g. the singlet wedge's apex at 0, is cut at the edge), so the events fill the
+                panel and a shifted sample is still visible
+counts          event counts of the shown events per bin, row-major ``[y, x]`` (int32)
+background      when ``condition`` shows part of the parent: every parent event per bin on the
+                same grid (drawn in grey behind ``counts``); else empty
 condition       events shown, when a gate has more than two dimensions: e.g. Treg's CD25 x CD127
-                panel shows the CD4 T events that are FOXP3+ (``FOXP3 >= 2.79``)
+                panel shows the CD4 T events that are FOXP3+ (``FOXP3 >= 2.79``) over all CD4 T
 shapes          the applied gate in panel coordinates, as JSON: a list of ``{"kind": "rect", "x":
                 [lo, hi], "y": [lo, hi]}`` (``null`` = open), ``{"kind": "range", "x": [lo, hi]}``,
                 ``{"kind": "polygon", "vertices": [[x, y], ...]}``, ``{"kind": "ellipse",
@@ -79,6 +83,9 @@ MAD_TO_SD = 1.4826  # MAD of a normal distribution x 1.4826 = its SD
 PARAM_FLOOR = 0.02  # scale floor of a gate parameter: 2% of its axis span
 FREQ_FLOOR = 0.1  # scale floor of a frequency, on the logit scale (about 10% relative)
 _OPEN = 1e9  # polygon vertices beyond this are open-ended (rays), e.g. the singlet wedge
+# a gate coordinate widens a panel's grid by at most this share of the events' robust span (a
+# coordinate further away is cut at the panel's edge): the panel stays on the events, not on 0
+_GATE_REACH = 0.25
 _QUANTILE_SAMPLE = 20_000  # events used for the robust range (a strided, deterministic subset)
 
 GATE_REVIEW_COLUMNS = [
@@ -97,6 +104,7 @@ GATE_REVIEW_COLUMNS = [
     "x_bins",
     "y_bins",
     "counts",
+    "background",
     "condition",
     "shapes",
     "n_shown",
@@ -203,6 +211,7 @@ def _empty_panel(gate: Any) -> dict[str, Any]:
         "x_bins": 0,
         "y_bins": 0,
         "counts": [],
+        "background": [],
         "condition": "",
         "shapes": "[]",
         "n_shown": 0,
@@ -374,6 +383,7 @@ def _panel_row(
     if not dims:
         return None
     sel = idx
+    parent_scope = scope
     cond_text = []
     if panel["condition"]:
         keep = None
@@ -408,12 +418,22 @@ def _panel_row(
         if got is None:
             return None
         axes.append(got)
+    # a panel showing part of the parent (e.g. Treg CD25 x CD127: the FOXP3+ CD4 T events) also
+    # carries every parent event as its background, on a grid that spans them all
+    whole = axes
+    if sel is not idx:
+        whole = [_dim_values(vals, dim, idx, parent_scope) for dim in dims]
+        if any(w is None for w in whole):
+            return None
     shapes = list(panel["shapes"])
+    background = np.empty(0, dtype=np.int64)
     if len(axes) == 2:
         (x, xs), (y, ys) = axes
-        xe = _edges(x, _shape_extent(shapes, 0), bins_2d)
-        ye = _edges(y, _shape_extent(shapes, 1), bins_2d)
+        xe = _edges_over([whole[0][0], x], _shape_extent(shapes, 0), bins_2d)
+        ye = _edges_over([whole[1][0], y], _shape_extent(shapes, 1), bins_2d)
         counts = _hist2d(x, y, xe, ye)
+        if sel is not idx:
+            background = _hist2d(whole[0][0], whole[1][0], xe, ye)
         if panel.get("half_plane") is not None:  # drawn on this panel's own grid
             half = _half_plane(panel["half_plane"])
             shapes.append(
@@ -421,9 +441,11 @@ def _panel_row(
             )
     else:
         (x, xs) = axes[0]
-        xe = _edges(x, _shape_extent(shapes, 0), bins_1d)
+        xe = _edges_over([whole[0][0], x], _shape_extent(shapes, 0), bins_1d)
         ye, ys = np.empty(0), ""
         counts = _hist1d(x, xe)
+        if sel is not idx:
+            background = _hist1d(whole[0][0], xe)
     xr = [float(xe[0]), float(xe[-1])]
     yr = [float(ye[0]), float(ye[-1])] if len(ye) else []
     return {
@@ -437,6 +459,7 @@ def _panel_row(
         "x_bins": len(xe) - 1,
         "y_bins": max(len(ye) - 1, 0),
         "counts": counts.ravel().astype(np.int32).tolist(),
+        "background": background.ravel().astype(np.int32).tolist(),
         "condition": " and ".join(cond_text),
         "shapes": json.dumps(shapes, allow_nan=False, default=_none_for_inf),
         "n_shown": int(len(x)),
@@ -477,8 +500,8 @@ def _shape_extent(shapes: Sequence[Mapping[str, Any]], axis: int) -> list[float]
 
 
 def _edges(v: np.ndarray, extra: Sequence[float], bins: int) -> np.ndarray:
-    """Bin edges over the robust range of ``v`` (0.5-99.5% quantiles), widened to ``extra``
-    (the gate's coordinates) and padded by 5%."""
+    """Bin edges over the robust range of ``v`` (0.5-99.5% quantiles), widened towards ``extra``
+    (the gate's coordinates) by at most ``_GATE_REACH`` of that range, and padded by 5%."""
     if v.dtype.kind == "f" and not np.isfinite(v).all():
         v = v[np.isfinite(v)]
     if len(v) > _QUANTILE_SAMPLE:  # a strided subset: deterministic and fast
@@ -487,12 +510,22 @@ def _edges(v: np.ndarray, extra: Sequence[float], bins: int) -> np.ndarray:
         lo, hi = (float(q) for q in np.quantile(v, QUANTILES))
     else:
         lo, hi = 0.0, 1.0
-    if extra:
-        lo, hi = min(lo, *extra), max(hi, *extra)
+    if extra:  # the gate shown where it meets the data; far-off vertices (a wedge's apex at 0) cut
+        reach = _GATE_REACH * max(hi - lo, 1e-12)
+        near = [e for e in extra if lo - reach <= e <= hi + reach]
+        beyond = [lo - reach if e < lo else hi + reach for e in extra if not lo - reach <= e <= hi + reach]
+        lo, hi = min(lo, *near, *beyond), max(hi, *near, *beyond)
     span = hi - lo
     if not np.isfinite(span) or span <= 0:
         lo, hi, span = lo - 0.5, lo + 0.5, 1.0
     return np.linspace(lo - 0.05 * span, hi + 0.05 * span, bins + 1)
+
+
+def _edges_over(values: Sequence[np.ndarray], extra: Sequence[float], bins: int) -> np.ndarray:
+    """Edges spanning the robust range of each of ``values`` (the parent's events and the shown
+    ones: a small subset in the parent's tail, e.g. Treg's high CD25, stays on the grid)."""
+    grids = [_edges(v, extra, bins) for v in values if len(v)] or [_edges(values[0], extra, bins)]
+    return np.linspace(min(g[0] for g in grids), max(g[-1] for g in grids), bins + 1)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -611,7 +644,7 @@ def _arrow_schema():
     types = {
         "panel": pa.int16(), "x_bins": pa.int16(), "y_bins": pa.int16(), "n_shown": pa.int64(),
         "count": pa.int64(), "parent_count": pa.int64(), "pct_parent": pa.float64(),
-        "x_range": floats, "y_range": floats, "counts": ints, "params": floats, "param_names": text,
+        "x_range": floats, "y_range": floats, "counts": ints, "background": ints, "params": floats, "param_names": text,
         "param_spans": floats,
     }  # fmt: skip
     return pa.schema([(c, types.get(c, pa.string())) for c in GATE_REVIEW_COLUMNS])
@@ -624,6 +657,7 @@ def gate_review_bytes(table: pd.DataFrame) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    table = _with_background(table)
     missing = [c for c in GATE_REVIEW_COLUMNS if c not in table.columns]
     if missing:
         raise ReportError(f"gate-review table lacks columns {missing}", key="gate_review")
@@ -653,10 +687,18 @@ def read_gate_review(run_dir: str | Path) -> pd.DataFrame | None:
         raise ReportError(
             f"cannot read the gate-review table ({exc}); rerun `cytopipe run` to rewrite it", file=path
         ) from None
+    table = _with_background(table)
     missing = [c for c in GATE_REVIEW_COLUMNS if c not in table.columns]
     if missing:
         raise ReportError(f"the gate-review table lacks columns {missing}", file=path)
     return table
+
+
+def _with_background(table: pd.DataFrame) -> pd.DataFrame:
+    """A table written before panels carried their parent's background (``background`` empty)."""
+    if "background" in table.columns or "counts" not in table.columns:
+        return table
+    return table.assign(background=[[] for _ in range(len(table))])
 
 
 def panel_arrays(row: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -668,6 +710,17 @@ def panel_arrays(row: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.nda
     if ny:
         counts = counts.reshape(ny, nx)
     return xe, ye, counts
+
+
+def panel_background(row: Mapping[str, Any]) -> np.ndarray:
+    """Every parent event per bin of a panel that shows part of them (shaped like its counts),
+    else an empty array."""
+    values = row.get("background") if hasattr(row, "get") else None
+    if values is None or (isinstance(values, float) and np.isnan(values)) or len(values) == 0:
+        return np.empty(0, dtype=np.int64)
+    out = np.asarray(values, dtype=np.int64)
+    nx, ny = int(row["x_bins"]), int(row["y_bins"])
+    return out.reshape(ny, nx) if ny else out
 
 
 # ------------------------------------------------------------------------------------------------

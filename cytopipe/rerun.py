@@ -1,0 +1,228 @@
+"""The rerun fast path: `cytopipe run` on a finished run folder whose inputs and outputs are
+exactly as the last run left them does nothing but say so.
+
+A full rerun reuses every per-sample result and the cached statistics and report, but still
+registers every file (sha256 of every byte), starts Dask and loads the cache: tens of seconds for
+the sample trial. Here, before any worker starts, a cheap fingerprint of every input is compared
+with the one the last run recorded in run.json (``"rerun"``):
+
+* each manifest file: absolute path, size and ``st_mtime_ns`` (its content hash, taken when the
+  run registered it, is recorded beside them; a file whose size or time changed is not trusted);
+* the bytes of the manifest, clinical table, gating template, workflow file, spillover CSV,
+  blinding key and frozen clustering model;
+* the workflow's settings (the worker count aside: it does not change outputs);
+* the cytopipe version and its source files (size and time), Python's and the libraries' versions.
+
+When all of that is unchanged and every output the run wrote is present with the sha256 it was
+written with (and run.json is the one the run wrote), the executor is skipped entirely. Any
+difference, a missing record, an unreadable output, or a last run with failed files or problems
+(a failure may have been transient) falls back to the normal path, which reuses whatever its caches
+allow. The fast path writes nothing into the folder (it only takes the run lock while it reads).
+
+Kept out of the pipeline package on purpose: the pipeline calls :func:`start_fingerprint` and
+:func:`reuse_finished_run` before it starts an executor and :func:`record_finished_run` after it
+wrote run.json; nothing here imports the pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from cytopipe.config import jsonable, stable_hash
+
+logger = logging.getLogger(__name__)
+
+RECORD_KEY = "rerun"
+RECORD_VERSION = 1
+# written by the run but not outputs: the log, the lock, the cache; run.json is checked by content
+_NOT_OUTPUTS = {".cache", "run.log", ".cytopipe.lock", "run.json"}
+_LIBRARIES = ("numpy", "pandas", "pyarrow", "scipy", "scikit-learn", "statsmodels", "numba", "dask",
+              "distributed", "duckdb", "flowkit", "flowutils", "matplotlib")  # fmt: skip
+
+
+def start_fingerprint(wf: Any, jobs: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The inputs' fingerprint, taken before any work (so a file changed during the run is seen
+    as changed next time). ``jobs``: every manifest row (samples and controls) with its ``path``."""
+    return {
+        "version": RECORD_VERSION,
+        "settings": _settings(wf),
+        "config_files": {name: _bytes_hash(p) for name, p in _config_files(wf).items()},
+        "files": {str(j["path"]): _stat(j["path"]) for j in jobs if j.get("path")},
+        "code": _code_fingerprint(),
+    }
+
+
+def reuse_finished_run(wf: Any, folder: Any) -> dict[str, Any] | None:
+    """``{samples, population_stats, info}`` of the finished run in ``folder`` when nothing
+    changed since it was written (and the message printed), else ``None`` (run normally).
+
+    Called before the inputs are validated (that loads the template and the gating code): with
+    the same bytes, settings and code, the validation the last run passed would pass again."""
+    t0 = time.perf_counter()
+    why = why_not_reusable(folder.path, wf)
+    if why:
+        logger.info("rerun: running the steps (%s)", why)
+        return None
+    import pandas as pd
+
+    from cytopipe.store import RunLock, read_run_info
+
+    with RunLock(folder.path, "run"):  # not while another command writes into the folder
+        why = why_not_reusable(folder.path, wf)
+        if why:
+            logger.info("rerun: running the steps (%s)", why)
+            return None
+        info = dict(read_run_info(folder.path))
+        samples = pd.read_parquet(folder.table_path("samples"))
+        stats = pd.read_parquet(folder.table_path("population_stats"))
+    n = int((samples["control"].fillna("") == "").sum()) if "control" in samples else len(samples)
+    info.update(seconds=round(time.perf_counter() - t0, 3), cached_samples=n, reused_everything=True)
+    print(f"nothing changed: reused every output ({n} samples)", file=sys.stderr)
+    return {"samples": samples, "population_stats": stats, "info": info}
+
+
+def why_not_reusable(run_dir: str | Path, wf: Any) -> str | None:
+    """``None`` when the run folder's record matches the inputs of ``wf`` now and every recorded
+    output is intact; otherwise the first difference found, in words (logged). The files compared
+    are those the record lists: the manifest's bytes are compared too, so they are its files."""
+    run_json = Path(run_dir) / "run.json"
+    try:
+        info = json.loads(run_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "no readable run.json"
+    record = info.get(RECORD_KEY)
+    if not isinstance(record, dict):
+        return "run.json has no rerun record (an older or an unfinished run)"
+    if record.get("run_json") != _info_hash(info):
+        return "run.json was changed after the run (by another command)"
+    if info.get("failed") or info.get("problems"):
+        return "the last run had failed files or problems: they are tried again"
+    recorded = record.get("inputs") or {}
+    fingerprint = start_fingerprint(wf, [{"path": p} for p in recorded.get("files") or {}])
+    for part in ("version", "settings", "code", "config_files"):
+        if recorded.get(part) != fingerprint.get(part):
+            return f"the {part.replace('_', ' ')} changed"
+    files = recorded.get("files") or {}
+    for path, now in fingerprint["files"].items():
+        was = files[path]
+        if now is None or was is None or now["size"] != was["size"] or now["mtime_ns"] != was["mtime_ns"]:
+            return f"file {path} changed (size or modification time)"
+    for rel, digest in (record.get("outputs") or {}).items():
+        path = Path(run_dir) / rel
+        if not path.is_file() or _file_hash(path) != digest:
+            return f"output {rel} is missing or was changed"
+    if not record.get("outputs"):
+        return "no outputs recorded"
+    return None
+
+
+def record_finished_run(run_dir: str | Path, fingerprint: Mapping[str, Any] | None,
+                        sha256: Mapping[str, str | None]) -> None:  # fmt: skip
+    """Add the rerun record to the run.json just written: the inputs' fingerprint (with each
+    file's registered sha256, ``sha256``: path -> hex) and the sha256 of every output."""
+    if fingerprint is None:
+        return
+    from cytopipe.store import atomic_write_json
+
+    run_dir = Path(run_dir)
+    run_json = run_dir / "run.json"
+    info = json.loads(run_json.read_text(encoding="utf-8"))
+    inputs = dict(fingerprint)
+    inputs["files"] = {
+        p: (None if st is None else {**st, "sha256": sha256.get(p)}) for p, st in fingerprint["files"].items()
+    }
+    info.pop(RECORD_KEY, None)
+    outputs = {
+        str(p.relative_to(run_dir)): _file_hash(p)
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.relative_to(run_dir).parts[0] not in _NOT_OUTPUTS
+    }
+    info[RECORD_KEY] = {"inputs": inputs, "outputs": outputs, "run_json": _info_hash(info)}
+    atomic_write_json(run_json, info)
+
+
+#: the manifest fields a per-sample result depends on: the sample_id seeds its subsamples and names
+#: its rows, the patient and batch choose the pooled gate estimates it may use. Arm and visit are
+#: labels the assembly takes from the current manifest (never in a key: a hash of them could be
+#: matched against the arm names of a blinded run).
+KEY_FIELDS = ("sample_id", "patient_id", "batch")
+
+
+def manifest_key(job: Mapping[str, Any]) -> str:
+    """Part of a per-sample cache key: the manifest fields the result depends on."""
+    return stable_hash({name: job.get(name) for name in KEY_FIELDS})[:8]
+
+
+# --- parts of the fingerprint --------------------------------------------------------------------
+def _settings(wf: Any) -> str:
+    settings = wf.to_dict()
+    settings.pop("workers", None)  # how many processes, not what they compute
+    return stable_hash(settings)
+
+
+def _config_files(wf: Any) -> dict[str, Path]:
+    files = {"manifest": wf.manifest, "template": wf.template, "clinical": wf.clinical,
+             "workflow": wf.spec_path, "compensation": (wf.compensation or {}).get("path"),
+             "clustering model": (wf.clustering or {}).get("model"),
+             "blind key": (wf.report or {}).get("blind_key")}  # fmt: skip
+    return {name: Path(p) for name, p in files.items() if p}
+
+
+def _code_fingerprint() -> dict[str, Any]:
+    """The cytopipe version and its installed files (size, time), Python and library versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    root = Path(__file__).resolve().parent
+    code = sorted(
+        (str(p.relative_to(root)), st.st_size, st.st_mtime_ns)
+        for p in root.rglob("*")
+        if p.suffix in (".py", ".yaml", ".yml", ".json", ".html", ".css", ".js", ".csv") and (st := p.stat())
+    )
+    return {
+        "cytopipe": ver("cytopipe"),
+        "source": stable_hash(jsonable(code)),
+        "python": platform.python_version(),
+        "libraries": {name: ver(name) for name in _LIBRARIES},
+    }
+
+
+def _stat(path: str | Path) -> dict[str, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _bytes_hash(path: Path) -> str | None:
+    try:
+        return _file_hash(path)
+    except OSError:
+        return None
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _info_hash(info: Mapping[str, Any]) -> str:
+    return stable_hash({k: v for k, v in info.items() if k != RECORD_KEY})
