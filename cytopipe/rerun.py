@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import platform
-import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -86,7 +85,9 @@ def reuse_finished_run(wf: Any, folder: Any) -> dict[str, Any] | None:
         stats = pd.read_parquet(folder.table_path("population_stats"))
     n = int((samples["control"].fillna("") == "").sum()) if "control" in samples else len(samples)
     info.update(seconds=round(time.perf_counter() - t0, 3), cached_samples=n, reused_everything=True)
-    print(f"nothing changed: reused every output ({n} samples)", file=sys.stderr)
+    from cytopipe.pipeline.progress import notice
+
+    notice(f"nothing changed: reused every output ({n} samples)")  # run.log's logger and stderr
     return {"samples": samples, "population_stats": stats, "info": info}
 
 
