@@ -480,6 +480,19 @@ def test_the_committed_sample_data_workflow(pipeline_run):
     info = json.loads((out / "run.json").read_text())
     report = next(s for s in info["steps"] if s["step"] == "report")
     assert report["written"] and info["problems"] == []
+    # the report shows QC at work on the files with injected acquisition faults, and only there
+    faults = pd.read_csv(REPO / "sample_data" / "truth" / "faults.csv")
+    removed = pd.read_csv(out / "report_tables" / "qc_removed.csv")
+    removed = removed[removed["removed"] > 0]
+    print(
+        f"QC removed events from {sorted(removed['sample_id'])}; faults injected in:\n{faults[['sample_id', 'fault']]}"
+    )
+    assert set(removed["sample_id"]) <= set(faults["sample_id"])  # no clean file loses events
+    # clogs, the drifting detector and the margin pile-up are found (three short flow spikes of
+    # ~70 events each in a 5,500-event file are below what the time bins can resolve)
+    assert set(faults.loc[faults["fault"] != "spike", "sample_id"]) <= set(removed["sample_id"])
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert f"Event QC removed {int(removed['removed'].sum()):,} of" in html
 
 
 def test_a_clinical_table_that_does_not_fit_is_a_run_problem_not_a_lost_run(
