@@ -622,9 +622,13 @@ def test_a_later_visit_is_mapped_onto_the_frozen_model(sim_run, sim_trial, tmp_p
     from cytopipe.pipeline.state import _transform_mismatch, plan_clustering
 
     frozen_model = load_model(model)
-    assert frozen_model.transforms["CD25"] == {"type": "arcsinh", "cofactor": 150.0}
+    study = r1.info["study_state"]["transforms"]  # the cofactors the first run locked for the study
+    assert frozen_model.transforms["CD25"] == study["CD25"] and study["CD25"]["type"] == "arcsinh"
+    # the later run transforms the model's markers with the model's (the study's) cofactors
+    step = next(s for s in r2.info["steps"] if s["step"] == "transforms")
+    assert step["cofactors"]["CD25"]["cofactor"] == study["CD25"]["cofactor"]
     plan = plan_clustering(
-        workflow(sim_trial, tmp_path / "x", clustering=frozen), load_template(TEMPLATE), {}
+        workflow(sim_trial, tmp_path / "x", clustering=frozen), load_template(TEMPLATE), study
     )
     assert _transform_mismatch(frozen_model, plan) == ""
     locked = {**plan.transforms, "CD25": {"type": "arcsinh", "cofactor": 500.0}}

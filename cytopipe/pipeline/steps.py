@@ -272,12 +272,56 @@ def _matrix_csv(spill: Any) -> str:
     return csv_text(df, index=True)
 
 
+def _kept_cofactors(ctx: RunContext) -> tuple[dict[str, dict] | None, str]:
+    """The study's cofactors locked by the last run into this folder with the same template, for
+    every `cofactor: auto` channel. Locked once per study, they stay when files are added or
+    changed (later visits, a re-acquired file), so earlier samples keep their values."""
+    markers = ctx.state.pool_markers
+    try:
+        from cytopipe.store import read_run_info
+
+        info = read_run_info(ctx.folder.path)
+    except Exception:  # no earlier run here (or an unreadable one): lock from this run's events
+        return None, ""
+    if (info.get("hashes") or {}).get("template") != ctx.hashes["template"]:
+        return None, ""
+    step = next((s for s in info.get("steps") or [] if s.get("step") == "transforms"), {})
+    found = {m: (step.get("cofactors") or {}).get(m) or {} for m in markers}
+    if not all("cofactor" in f for f in found.values()):
+        return None, ""
+    return {
+        m: {"type": "arcsinh", "cofactor": float(f["cofactor"])} for m, f in found.items()
+    }, "the last run"
+
+
+def _model_cofactors(ctx: RunContext) -> dict[str, dict]:
+    """The cofactors of the frozen clustering model this run maps onto (its markers only): a later
+    visit is transformed as the study's model was trained."""
+    plan = ctx.state.cluster
+    if plan is None or not plan.given_model:
+        return {}
+    from cytopipe.cluster import load_model
+
+    recorded = load_model(plan.given_model).transforms or {}
+    return {
+        m: recorded[m] for m in ctx.state.pool_markers if (recorded.get(m) or {}).get("type") == "arcsinh"
+    }
+
+
 def step_transforms(ctx: RunContext) -> dict[str, Any]:
     """Transform parameters estimated once from events pooled over every sample, then locked."""
     spec = ctx.wf.transforms
     if not ctx.state.pool_markers:
         ctx.hashes["transforms"] = stable_hash(ctx.state.transforms)
         return {"estimate": "template", "overrides": sorted(ctx.state.transforms)}
+    if spec.get("estimate") != "study":
+        kept, source = _kept_cofactors(ctx)
+        if kept is not None:  # locked once per study: a later run keeps the study's cofactors
+            kept.update(_model_cofactors(ctx))
+            ctx.state.transforms = {**kept, **ctx.state.transforms}  # explicit params win
+            ctx.hashes["transforms"] = stable_hash(ctx.state.transforms)
+            return {"estimate": "template", "samples_pooled": 0, "cofactors_from": source,
+                    "cofactors": {m: {"cofactor": s["cofactor"]} for m, s in sorted(kept.items())}}  # fmt: skip
     settings_key = stable_hash(
         [
             ctx.hashes["qc"],
@@ -296,6 +340,9 @@ def step_transforms(ctx: RunContext) -> dict[str, Any]:
         from cytopipe.gating.scale import lock_cofactors
 
         locked, cofactors = lock_cofactors([p["pool"] for p in pools], ctx.state.pool_markers)
+        for m, s in _model_cofactors(ctx).items():  # the frozen model's markers keep the study's
+            locked[m] = s
+            cofactors[m] = {**cofactors.get(m, {}), "cofactor": s["cofactor"], "from": "the frozen model"}
         ctx.state.transforms = {**locked, **ctx.state.transforms}  # explicit params win
         ctx.hashes["transforms"] = stable_hash(ctx.state.transforms)
         return {"estimate": "template", "samples_pooled": len(pools), "cofactors": cofactors}
