@@ -8,8 +8,8 @@ not depend on the limit; the time does.
 :func:`one_thread` is a context manager built on threadpoolctl (which comes with scikit-learn):
 
 * the threadpoolctl controller is cached (building one scans every loaded library, ~5 ms) and
-  rebuilt only when the process has loaded new shared libraries since (counted with
-  ``dl_iterate_phdr``, ~0.1 ms), e.g. scikit-learn bringing its own OpenMP;
+  rebuilt only when the process has loaded new shared libraries since (counted from
+  ``/proc/self/maps``), e.g. scikit-learn bringing its own OpenMP;
 * it is safe from several threads and when nested: the limit is set when the first block
   enters and the original pools are restored when the last one leaves (threadpoolctl's own
   limiter restores on every exit, which would lift the limit under a block still running in
@@ -21,9 +21,8 @@ not depend on the limit; the time does.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -38,27 +37,21 @@ _LIMITER: Any = None  # what restores the original pool sizes when the last bloc
 
 
 def _library_counter():
-    """A function counting the shared libraries loaded in this process, or None where
-    ``dl_iterate_phdr`` is not available (then the controller is rebuilt on every entry)."""
-    if not sys.platform.startswith("linux"):
+    """A function counting the shared libraries mapped in this process, or None where
+    ``/proc/self/maps`` is not available (then the controller is rebuilt on every entry).
+
+    Read from ``/proc/self/maps`` (as threadpoolctl >= 3.8 lists libraries on Linux), never with
+    ``dl_iterate_phdr`` and a Python callback: that holds the dynamic loader's lock while waiting
+    for the GIL, and deadlocks against a thread importing an extension module (``dlopen`` under
+    the GIL) - seen in ``cytopipe serve``, a review request against a report thread importing
+    matplotlib."""
+    if not sys.platform.startswith("linux") or not os.path.exists("/proc/self/maps"):
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        iterate = libc.dl_iterate_phdr
-    except (OSError, AttributeError):  # pragma: no cover - musl without the symbol, etc.
-        return None
-    callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 
     def count() -> int:
-        n = 0
-
-        def one(_info, _size, _data) -> int:
-            nonlocal n
-            n += 1
-            return 0
-
-        iterate(callback_type(one), None)
-        return n
+        with open("/proc/self/maps", "rb") as fh:
+            maps = fh.read()
+        return len({line.rsplit(b" ", 1)[-1] for line in maps.splitlines() if b".so" in line})
 
     return count
 
