@@ -385,7 +385,9 @@ def new_version(db: DBSession, run_id: int, user: str) -> Run:
     # Under the run's lock: a sign-off or approval refreshes the statistics and the report in a
     # background thread (temporary names, then renames); copying mid-refresh fails or copies half.
     with _run_lock(run_id):
-        shutil.copytree(out_dir(run), folder / "out", ignore=shutil.ignore_patterns(".cache", "review.json", "*.tmp*"))
+        shutil.copytree(
+            out_dir(run), folder / "out", ignore=shutil.ignore_patterns(".cache", "review.json", "*.tmp*")
+        )
     new.folder = str(folder)
     entry = audit.record(
         db, user, "run.version", "run", new.id, {"run": run_id}, {"run": new.id, "version": version}
