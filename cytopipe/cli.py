@@ -85,6 +85,16 @@ def _add_arguments_source(
             dont_inherit=True,
         )
         namespace: dict[str, Any] = {"argparse": argparse, "Path": Path, "__name__": module_name}
+        # shared option groups imported from another cytopipe module (e.g. the blinding options
+        # of run, cluster and report): compiled from that module's source in the same way
+        used = {n.id for fn in needed for n in ast.walk(fn) if isinstance(n, ast.Name)}
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cytopipe."):
+                for alias in node.names:
+                    if (alias.asname or alias.name) in used and depth < 2:
+                        namespace[alias.asname or alias.name] = _add_arguments_source(
+                            node.module, depth + 1, alias.name
+                        )
         exec(code, namespace)
         return namespace[name]
     for node in tree.body:

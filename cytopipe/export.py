@@ -46,6 +46,7 @@ from cytopipe.pipeline import (
     make_executor,
     prepare_sample,
 )
+from cytopipe.pipeline.executors import add_executor_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,10 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             type=int,
             help="keep at most this many events per sample (seeded random subsample)",
         )
-        p.add_argument("--workers", type=int, help="worker processes (default: one per core)")
-        p.add_argument("--scheduler", choices=("local", "synchronous"), default="local")
-        p.add_argument("--scheduler-address", metavar="tcp://HOST:PORT")
-        p.add_argument("--no-progress", action="store_true")
+        add_executor_arguments(p, memory_limit=False)
         p.add_argument(
             "--overwrite",
             action="store_true",

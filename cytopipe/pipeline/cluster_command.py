@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from cytopipe.errors import WorkflowError
+from cytopipe.pipeline.executors import add_executor_arguments
+from cytopipe.report.blinding import add_blinding_arguments
 
 # steps of a run that this command redoes (their earlier records in run.json are replaced)
 _REDONE = ("clustering-train", "clustering-map", "statistics", "report")
@@ -40,17 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="take the clustering, statistics, report (and clinical) settings from this workflow "
         "instead of the run's; its manifest and template are not used",
     )
-    parser.add_argument(
-        "--workers", type=int, help="worker processes (default: the run's, else one per core)"
-    )
-    parser.add_argument("--scheduler", choices=("local", "synchronous"), default="local")
-    parser.add_argument("--scheduler-address", metavar="tcp://HOST:PORT")
-    parser.add_argument("--memory-limit", help="memory limit per local worker, e.g. '4GB'")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--blinded", action="store_true", help="write the report blinded")
-    parser.add_argument(
-        "--blind-key", metavar="FILE", help="with --blinded: CSV (arm,code) or JSON {arm: code}"
-    )
+    add_executor_arguments(parser, "the run's, else one per core")
+    add_blinding_arguments(parser)
     parser.add_argument("--no-report", action="store_true", help="do not rewrite report.html")
 
 

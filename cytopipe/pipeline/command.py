@@ -7,7 +7,9 @@ import logging
 from pathlib import Path
 
 from cytopipe.errors import WorkflowError
+from cytopipe.pipeline.executors import add_executor_arguments
 from cytopipe.pipeline.runner import run_workflow
+from cytopipe.report.blinding import add_blinding_arguments
 from cytopipe.workflow import Workflow, load_workflow, workflow_from_options
 
 logger = logging.getLogger(__name__)
@@ -39,42 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a template marker absent from every file: stop before any work (default) or gate the "
         "rest and report its populations 'not measured' (default: the workflow's `missing_markers`)",
     )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        help="number of worker processes (default: the workflow's `workers`, else one per core)",
-    )
-    parser.add_argument(
-        "--scheduler",
-        choices=("local", "synchronous"),
-        default="local",
-        help="'local': a Dask cluster of worker processes (default); 'synchronous': one process, "
-        "no Dask (debugging)",
-    )
-    parser.add_argument(
-        "--scheduler-address",
-        metavar="tcp://HOST:PORT",
-        help="use an existing dask.distributed scheduler (its workers must see the same file paths)",
-    )
-    parser.add_argument(
-        "--memory-limit",
-        help="memory limit per local worker, e.g. '4GB' (default: 90%% of the machine's memory / workers)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_executor_arguments(parser, "the workflow's `workers`, else one per core")
     parser.add_argument(
         "--debug",
         action="store_true",
         help="with --scheduler synchronous: stop at the first error with its full traceback instead "
         "of recording the sample as failed",
     )
-    parser.add_argument(
-        "--blinded",
-        action="store_true",
-        help="write the report blinded: arm names replaced by codes (or `report: {blinded: true}`)",
-    )
-    parser.add_argument(
-        "--blind-key", metavar="FILE", help="with --blinded: CSV (arm,code) or JSON {arm: code}"
-    )
+    add_blinding_arguments(parser)
     parser.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
 
 

@@ -10,6 +10,7 @@ environment and a worker plugin; this process's ``os.environ`` is not changed.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import threading
@@ -23,6 +24,33 @@ from cytopipe.errors import WorkflowError
 from cytopipe.pipeline.progress import _progress
 
 logger = logging.getLogger(__name__)
+
+
+def add_executor_arguments(
+    parser: argparse.ArgumentParser, workers_default: str = "one per core", memory_limit: bool = True
+) -> None:
+    """Where the work runs: the same options for ``cytopipe run``, ``cluster`` and ``export``."""
+    parser.add_argument(
+        "--workers", type=int, help=f"number of worker processes (default: {workers_default})"
+    )
+    parser.add_argument(
+        "--scheduler",
+        choices=("local", "synchronous"),
+        default="local",
+        help="'local': a Dask cluster of worker processes (default); 'synchronous': one process, "
+        "no Dask (debugging)",
+    )
+    parser.add_argument(
+        "--scheduler-address",
+        metavar="tcp://HOST:PORT",
+        help="use an existing dask.distributed scheduler (its workers must see the same file paths)",
+    )
+    if memory_limit:
+        parser.add_argument(
+            "--memory-limit",
+            help="memory limit per local worker, e.g. '4GB' (default: 90%% of the machine's memory / workers)",
+        )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 @dataclass

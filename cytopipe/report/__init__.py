@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cytopipe.config import MAX_GALLERY
+from cytopipe.report.blinding import add_blinding_arguments
 from cytopipe.report.gate_review import (
     GATE_REVIEW_FILE,
     gate_outliers,
@@ -44,17 +45,7 @@ __all__ = [
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder written by `cytopipe run`")
-    parser.add_argument(
-        "--blinded",
-        action="store_true",
-        help="replace arm names by codes (Arm A, Arm B, ...) in every figure, table and file of the report",
-    )
-    parser.add_argument(
-        "--blind-key",
-        metavar="FILE",
-        help="with --blinded: CSV (columns arm,code) or JSON {arm: code} giving the codes, so they stay the "
-        "same from one report to the next; keep it outside the run folder",
-    )
+    add_blinding_arguments(parser)
     parser.add_argument(
         "--out",
         metavar="FILE",
