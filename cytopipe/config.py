@@ -27,6 +27,11 @@ _MISSING = object()
 #: the layers, so that the workflow schema and the report both read it without importing each other).
 MAX_GALLERY = 36
 
+#: At most this many further panels per gate in the report's folded "other samples" figure: beyond
+#: it a trial-scale report (thousands of files) would take minutes and hundreds of MB to draw; the
+#: rest stay reachable in gate_review.csv and the review queue of ``cytopipe serve``.
+MAX_GALLERY_REST = 300
+
 
 @dataclass(frozen=True)
 class Field:

@@ -255,6 +255,26 @@ def test_qc_section_counts_removed_events_per_rule_and_controls_apart(sim_run, t
         assert layout == ["Layout overlapping texts: none"], (name, layout)
 
 
+def test_a_trial_scale_gallery_draws_a_bounded_number_of_panels(sim_run, tmp_path, monkeypatch):
+    """Thousands of files would make the folded "other samples" figures minutes of drawing and
+    hundreds of MB: beyond MAX_GALLERY_REST panels per gate the rest are named, not drawn, and stay
+    reachable in gate_review.csv (here with the bound lowered to 1 on the 8-sample trial)."""
+    import shutil
+
+    from cytopipe.report import sections
+
+    run = tmp_path / "run"
+    shutil.copytree(sim_run, run)
+    monkeypatch.setattr(sections, "MAX_GALLERY_REST", 1)
+    html = write_report(run, max_gallery=5).read_text(encoding="utf-8")
+    n_gates = pd.read_parquet(run / "population_stats.parquet")["population"].nunique()
+    assert html.count("<summary>Show the other 3 samples</summary>") >= n_gates
+    assert html.count("The last 2 samples (in the order above) are not drawn") >= n_gates
+    table = pd.read_csv(run / "report_tables" / "gate_review.csv")
+    drawn = pd.read_parquet(run / "gate_review.parquet")[["sample_id", "population"]]
+    assert set(map(tuple, drawn.to_numpy())) == set(zip(table["sample_id"], table["population"]))
+
+
 def test_the_layout_check_finds_overlapping_labels():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 

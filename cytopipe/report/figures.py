@@ -441,7 +441,9 @@ def gallery_figure(
                 color=color if mark else "#343a40")  # fmt: skip
     if not one_d:
         bottom_y = -(nrows - 1) * (1 + gy)
-        ax.imshow(mosaic, origin="lower", interpolation="nearest", aspect="auto",
+        # as uint8: matplotlib's own float->uint8 conversion of a large RGBA mosaic costs more than drawing it
+        mosaic8 = (np.clip(mosaic, 0.0, 1.0) * 255.0).astype(np.uint8)  # truncated, as matplotlib does
+        ax.imshow(mosaic8, origin="lower", interpolation="nearest", aspect="auto",
                   extent=(0, width, bottom_y, bottom_y + nrows * (1 + gy)))  # fmt: skip
     gate_color = "#d6336c"
     if grey_fills:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cytopipe.config import MAX_GALLERY
+from cytopipe.config import MAX_GALLERY, MAX_GALLERY_REST
 from cytopipe.errors import CytopipeError
 from cytopipe.report import batches as B
 from cytopipe.report import figures as F
@@ -407,15 +407,19 @@ def gate_gallery(b: Builder) -> H.Section:
                 warnings.simplefilter("ignore")
                 fig = F.gallery_figure(recs, [mark[i] for i in ids], labels)
             s.add(b.figure(fig, f"gate-{_slug(pop)}-{panel}", f"Gate review: {pop} ({axes})", caption))
-            rest = [i for i in f["sample_id"] if i in pr.index and i not in set(ids) and pr.loc[i, "x"]]
+            every = [i for i in f["sample_id"] if i in pr.index and i not in set(ids) and pr.loc[i, "x"]]
+            rest, undrawn = every[:MAX_GALLERY_REST], len(every) - MAX_GALLERY_REST
             if rest:  # every sample stays reachable: the others folded below
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     more_fig = F.gallery_figure([pr.loc[i].to_dict() for i in rest], [mark[i] for i in rest],
                                                 [f"{i}  {pr.loc[i, 'pct_parent']:.1f}%" for i in rest])  # fmt: skip
+                note = (f" The last {undrawn} samples (in the order above) are not drawn, to keep the report "
+                        f"small: their % of parent is in {b.tables_href}/gate_review.csv and their panels in "
+                        "the review queue of `cytopipe serve`." if undrawn > 0 else "")  # fmt: skip
                 html_fig = b.figure(more_fig, f"gate-{_slug(pop)}-{panel}-more", f"Gate review: {pop} ({axes}), "
-                                    "the other samples", f"{pop}: the other {len(rest)} samples.")  # fmt: skip
-                s.add(f"<details><summary>Show the other {len(rest)} samples</summary>{html_fig}</details>")
+                                    "the other samples", f"{pop}: {len(rest)} other samples.{note}")  # fmt: skip
+                s.add(f"<details><summary>Show the other {len(every)} samples</summary>{html_fig}</details>")
         bad = f[f["flagged"] | f["outlier"]]
         if len(bad):
             shown = bad[["sample_id", "pct_parent", "flags", "reasons"]].rename(
