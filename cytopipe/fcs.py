@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import os
 import re
 import warnings
@@ -85,6 +86,7 @@ _CHUNK_BYTES = 1 << 20  # conversion chunk: fits in L2 cache, large enough to am
 # Below this DATA size numpy's byte swap is fast enough and importing numba (~0.3 s, once
 # per process) is not worth it.
 _KERNEL_MIN_BYTES = 4 << 20
+_MASK_BLOCK_ROWS = 256  # integer decode: range masks tiled over this many rows (stays in L1 cache)
 _KNOWN_VERSIONS = {"FCS1.0", "FCS2.0", "FCS3.0", "FCS3.1", "FCS3.2"}
 _LITTLE = {"1,2,3,4", "1,2", "1", "1,2,3,4,5,6,7,8"}
 _BIG = {"4,3,2,1", "2,1", "8,7,6,5,4,3,2,1"}
@@ -777,6 +779,12 @@ class _FCSFile:
         if not layout.big and plan is None:
             self.readinto(out)  # the array read from disk is the result
             return
+        kernels = _kernels() if layout.big and layout.nbytes >= _KERNEL_MIN_BYTES else None
+        if plan is None and kernels is not None:
+            src = self._mapped(layout, np.dtype("u4"))
+            if src is not None:
+                kernels.swap_copy32(src, out.reshape(-1).view(np.uint32))
+                return
         rows = self._chunk_rows(layout)
         swap = _swapper(4, layout.nbytes) if layout.big else None
         for s in range(0, layout.n_events, rows):
@@ -820,28 +828,59 @@ class _FCSFile:
         self._note_masked(cleared, layout)
 
     def _decode_ints(self, out: np.ndarray, layout: _Layout, dtype: np.dtype, kernels: Any) -> None:
-        """16/32-bit integers in one pass per chunk: the raw chunk stays in cache while a numba
-        kernel swaps, masks and widens it into the float32 output (no swapped or masked copy)."""
+        """16/32-bit integers in one pass: a numba kernel swaps, masks and widens the raw values
+        into the float32 output, reading them from the file's mapped pages (or, where the file
+        cannot be mapped, from a small cache-resident buffer refilled chunk by chunk)."""
         rows = self._chunk_rows(layout)
         p = layout.n_channels
-        buf = np.empty(rows * p, dtype=dtype)
         full = np.iinfo(dtype).max
         row_mask = np.array([full if m is None else m for m in layout.masks], dtype=dtype)
-        masks = np.tile(row_mask, rows)
+        masks = np.tile(row_mask, min(rows, _MASK_BLOCK_ROWS))
         flat = out.reshape(-1)
         cleared = np.zeros(p, dtype=bool)
         decode = kernels.decode_u16 if dtype.itemsize == 2 else kernels.decode_u32
+        src = self._mapped(layout, dtype)
+        buf = np.empty(rows * p, dtype=dtype) if src is None else None
         for s in range(0, layout.n_events, rows):
             e = min(s + rows, layout.n_events)
-            raw = buf[: (e - s) * p]
-            self.readinto(raw)
-            if decode(raw, flat[s * p : e * p], masks[: raw.size], layout.big) and not cleared.all():
+            if src is None:
+                raw = buf[: (e - s) * p]
+                self.readinto(raw)
+            else:
+                raw = src[s * p : e * p]
+            if decode(raw, flat[s * p : e * p], masks, layout.big) and not cleared.all():
                 # rare (flags above $PnR): find which channels from this chunk's raw values
                 grid = raw.reshape(-1, p).copy()
                 if layout.big:
                     grid.byteswap(inplace=True)
                 cleared |= np.any(grid & ~row_mask, axis=0)
         self._note_masked(cleared, layout)
+
+    def _mapped(self, layout: _Layout, dtype: np.dtype) -> np.ndarray | None:
+        """The DATA segment as a read-only array over the file's pages in the page cache, so a
+        kernel decodes straight from them: no copy into a buffer first. The mapping is released
+        with the array. None when the file cannot be mapped (some network or FUSE file systems):
+        the caller then reads chunks. The file's size is checked after mapping; a file truncated
+        by another program *while* it is decoded would stop the process with SIGBUS (as with
+        numpy.memmap), where a chunked read raised FCSDataError."""
+        start = layout.begin - layout.begin % mmap.ALLOCATIONGRANULARITY
+        fd = self.fh.fileno()
+        try:
+            mm = mmap.mmap(fd, layout.begin + layout.nbytes - start, access=mmap.ACCESS_READ, offset=start)
+        except (OSError, ValueError, OverflowError):
+            return None
+        size = os.fstat(fd).st_size
+        if size < layout.begin + layout.nbytes:
+            mm.close()
+            raise FCSDataError(
+                f"the file shrank to {size} bytes while being read (its DATA segment ends at byte "
+                f"{layout.begin + layout.nbytes - 1}); it was truncated or replaced by another program",
+                file=self.path,
+            )
+        if hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_WILLNEED)  # a file not yet in the page cache is read ahead
+        count = layout.nbytes // dtype.itemsize
+        return np.frombuffer(mm, dtype=dtype, count=count, offset=layout.begin - start)
 
     def _read_mixed(self, out: np.ndarray, layout: _Layout, plan: _Plan | None) -> None:
         rows = self._chunk_rows(layout)

@@ -25,12 +25,15 @@ def quiet(path, **kw):
         return read_fcs(path, **kw)
 
 
-@pytest.fixture(params=["numpy", "numba"])
+@pytest.fixture(params=["numpy", "numba", "numba-unmapped"])
 def kernels(request, monkeypatch):
-    """Run a test through both the small-file numpy path and the numba kernels, with
-    tiny chunks so that chunk boundaries fall inside the data."""
-    monkeypatch.setattr(fcs, "_KERNEL_MIN_BYTES", 0 if request.param == "numba" else 1 << 60)
+    """Run a test through the small-file numpy path and the numba kernels (reading from the
+    file's mapped pages, and from a chunk buffer as where a file cannot be mapped), with tiny
+    chunks so that chunk boundaries fall inside the data."""
+    monkeypatch.setattr(fcs, "_KERNEL_MIN_BYTES", 1 << 60 if request.param == "numpy" else 0)
     monkeypatch.setattr(fcs, "_CHUNK_BYTES", 64)
+    if request.param == "numba-unmapped":
+        monkeypatch.setattr(fcs._FCSFile, "_mapped", lambda self, layout, dtype: None)
     return request.param
 
 
@@ -82,6 +85,27 @@ def test_range_mask_removes_bits_above_pnr(tmp_path, kernels, big):
     kw = int_keywords(40, ["A", "B", "C"], [16, 16, 16], [1024, 1000, 65536], big=big)
     with pytest.warns(FCSWarning, match=r"bits above the \$PnR range were set in \$P2;"):
         sample = read_fcs(write(tmp_path, build_fcs(kw, pack_ints(stored, [16] * 3, big=big))))
+    assert np.array_equal(sample.events, values.astype(np.float32))
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 1000])
+@pytest.mark.parametrize("bits", [16, 32])
+@pytest.mark.parametrize("big", [False, True])
+def test_integer_kernels_with_per_channel_ranges(tmp_path, monkeypatch, big, bits, chunk):
+    """The numba decode on a file of thousands of rows (several mask blocks per chunk, chunks
+    that end inside a block): per-channel $PnR masks, flags above the range in one channel."""
+    monkeypatch.setattr(fcs, "_KERNEL_MIN_BYTES", 0)
+    monkeypatch.setattr(fcs, "_CHUNK_BYTES", chunk)
+    rng = np.random.default_rng(bits)
+    ranges = [1024, 2**bits, 4096, 262144 if bits == 32 else 65536, 2]
+    n = 3001
+    values = np.stack([rng.integers(0, r, n, dtype=np.uint64) for r in ranges], axis=1)
+    stored = values.copy()
+    stored[::7, 2] |= np.uint64(1) << np.uint64(bits - 1)  # a flag bit above $P3R
+    kw = int_keywords(n, list("ABCDE"), [bits] * 5, ranges, big=big)
+    path = write(tmp_path, build_fcs(kw, pack_ints(stored, [bits] * 5, big=big)))
+    with pytest.warns(FCSWarning, match=r"bits above the \$PnR range were set in \$P3;"):
+        sample = read_fcs(path)
     assert np.array_equal(sample.events, values.astype(np.float32))
 
 
