@@ -99,6 +99,19 @@ def reader_functions(path: Path) -> dict[str, Callable[[], object]]:
     def cytopipe():
         return read_fcs(path).events
 
+    buffer = np.empty(0, dtype=np.float32)
+
+    def cytopipe_reused():
+        nonlocal buffer
+        if buffer.size < info.n_events * info.n_channels:
+            buffer = np.zeros(info.n_events * info.n_channels, dtype=np.float32)  # first call only
+        return read_fcs(path, out=buffer).events
+
+    def output_alone():
+        events = np.empty((info.n_events, info.n_channels), dtype=np.float32)
+        events.fill(1.0)
+        return events
+
     def flowio_reader():
         import flowio
 
@@ -122,6 +135,8 @@ def reader_functions(path: Path) -> dict[str, Callable[[], object]]:
     return {
         "floor": floor,
         "cytopipe": cytopipe,
+        "cytopipe reused": cytopipe_reused,
+        "output alone": output_alone,
         "flowio": flowio_reader,
         "fcsparser": fcsparser_reader,
         "flowkit": flowkit_reader,
@@ -134,40 +149,39 @@ def _floor_dtype(info) -> str:
     return order + ("f4" if info.datatype == "F" else "u2")
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
-
-
 def time_reader(
-    fn: Callable[[], object], repeats: int, floor: Callable[[], object] | None = None, clock: str = "wall"
-) -> tuple[float, float, float] | str:
-    """(min, median, median of the per-repeat floor/reader ratios) of ``repeats`` calls after a
-    warm-up. With ``floor``, each call of ``fn`` is paired with a call of ``floor`` just before it
-    (interleaved: both see the same load), else the ratio is nan. ``clock="cpu"`` times the
-    calling thread's CPU time (user + system, page faults included): on a loaded machine it leaves
-    out the time spent waiting for a core, which wall time cannot."""
-    tick = CLOCKS[clock]
+    fn: Callable[[], object], repeats: int, floor: Callable[[], object] | None = None
+) -> dict[str, list[float]] | str:
+    """Wall and CPU times (process CPU: user + system, page faults included) of ``repeats``
+    calls after one warm-up call. With ``floor``, each call of ``fn`` is paired with a call of
+    ``floor`` just before it (interleaved: both see the same load) and the per-pair ratios
+    floor/reader are kept. CPU time leaves out the time spent waiting for a core on a loaded
+    machine, which wall time cannot."""
 
     def once(f):
         gc.collect()
-        t0 = tick()
+        w0, c0 = time.perf_counter(), time.process_time()
         result = f()
-        t = tick() - t0
+        c1, w1 = time.process_time(), time.perf_counter()
         del result
-        return t
+        return w1 - w0, c1 - c0
 
+    stats: dict[str, list[float]] = {"wall": [], "cpu": [], "paired_wall": [], "paired_cpu": []}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fn()  # warm-up: imports, page cache, first-touch of memory
-            times, ratios = [], []
+            fn()  # warm-up: imports, numba's cached kernels, page cache
             for _ in range(repeats):
                 base = once(floor) if floor is not None else None
-                times.append(once(fn))
+                wall, cpu = once(fn)
+                stats["wall"].append(wall)
+                stats["cpu"].append(cpu)
                 if base is not None:
-                    ratios.append(base / times[-1])
+                    stats["paired_wall"].append(base[0] / wall)
+                    stats["paired_cpu"].append(base[1] / cpu)
     except Exception as exc:  # a peer that cannot read the file is reported, not fatal
         return f"error: {type(exc).__name__}: {str(exc)[:60]}"
-    return min(times), statistics.median(times), statistics.median(ratios) if ratios else float("nan")
+    return stats
 
 
 def peak_memory(path: Path) -> tuple[int, int]:
@@ -191,12 +205,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--readers", default=",".join(READERS), help=f"comma-separated subset of {','.join(READERS)}"
     )
-    parser.add_argument(
-        "--clock",
-        choices=tuple(CLOCKS),
-        default="wall",
-        help="wall time (default) or the reading thread's CPU time ('cpu': for a loaded machine)",
-    )
     args = parser.parse_args(argv)
     readers = [r.strip() for r in args.readers.split(",") if r.strip()]
     unknown = set(readers) - set(READERS)
@@ -206,44 +214,57 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cytopipe-bench-") as tmp:
         files = make_files(Path(tmp), args.events, args.channels)
         print(
-            f"FCS read benchmark: {args.events:,} events x {args.channels} channels, "
-            f"min / median of {args.repeats} reads after a warm-up ({args.clock} clock); each read "
-            f"paired with a floor read just before it, 'x floor' = min floor / min reader, "
-            f"'paired' = median of the pairs' ratios; load average {os.getloadavg()[0]:.1f}\n"
+            f"FCS read benchmark: {args.events:,} events x {args.channels} channels, warm page cache, "
+            f"min / median of {args.repeats} reads after a warm-up, wall clock and process CPU time; "
+            f"'x floor' = min floor / min reader (wall, cpu), 'paired' = median of the per-read ratios "
+            f"(each read paired with a floor read just before it, cpu); load average "
+            f"{os.getloadavg()[0]:.1f}\n"
         )
         header = (
-            f"{'file':<11} {'reader':<10} {'min ms':>9} {'median ms':>10} {'MB/s':>8} {'Mevents/s':>10} "
-            f"{'x floor':>8} {'paired':>7} {'x f32 floor':>12}"
+            f"{'file':<11} {'reader':<16} {'wall min':>8} {'median':>7} {'cpu min':>8} {'median':>7} "
+            f"{'Mev/s':>6} {'x floor':>11} {'paired':>6} {'x f32 floor':>11}"
         )
         print(header)
         print("-" * len(header))
         memory = {}
         f32_floor = None  # reading the same events as little-endian float32: the cost of the output alone
         for label, path in files.items():
-            info = read_fcs_header(path)
-            nbytes = info.data_segment[1] - info.data_segment[0] + 1
             functions = reader_functions(path)
-            floor = time_reader(functions["floor"], args.repeats, clock=args.clock)
-            f32_floor = f32_floor or floor[0]
-            for name in ["floor", *readers]:
+            floor = time_reader(functions["floor"], args.repeats)
+            assert not isinstance(floor, str), floor
+            f32_floor = f32_floor or min(floor["cpu"])
+            names = ["floor", *readers]
+            if "cytopipe" in readers:
+                names[names.index("cytopipe") + 1 : names.index("cytopipe") + 1] = [
+                    "cytopipe reused",
+                    "output alone",
+                ]
+            for name in names:
                 result = (
                     floor
                     if name == "floor"
-                    else time_reader(functions[name], args.repeats, functions["floor"], args.clock)
+                    else time_reader(functions[name], args.repeats, functions["floor"])
                 )
                 if isinstance(result, str):
-                    print(f"{label:<11} {name:<10} {result}")
+                    print(f"{label:<11} {name:<16} {result}")
                     continue
-                best, median, paired = result
-                ratio = floor[0] / best
+                wall, cpu = min(result["wall"]), min(result["cpu"])
+                paired = statistics.median(result["paired_cpu"]) if result["paired_cpu"] else float("nan")
                 print(
-                    f"{label:<11} {name:<10} {best * 1e3:9.1f} {median * 1e3:10.1f} "
-                    f"{nbytes / best / 1e6:8.0f} {args.events / best / 1e6:10.2f} {ratio:8.2f} {paired:7.2f} "
-                    f"{f32_floor / best:12.2f}"
+                    f"{label:<11} {name:<16} {wall * 1e3:8.1f} {statistics.median(result['wall']) * 1e3:7.1f} "
+                    f"{cpu * 1e3:8.1f} {statistics.median(result['cpu']) * 1e3:7.1f} {args.events / cpu / 1e6:6.1f} "
+                    f"{min(floor['wall']) / wall:5.2f} {min(floor['cpu']) / cpu:5.2f} {paired:6.2f} "
+                    f"{f32_floor / cpu:11.2f}"
                 )
             if "cytopipe" in readers:
                 memory[label] = peak_memory(path)
             print()
+        print(
+            "'cytopipe reused': read_fcs(path, out=buffer) into one buffer reused for every read (a worker "
+            "reading file after file); the headline is the fresh-array 'cytopipe' row.\n'output alone': "
+            "np.empty + fill of the float32 event matrix, no reading at all: the bound for any reader that "
+            "returns a fresh float32 matrix.\n"
+        )
         if memory:
             print("peak memory of cytopipe.read_fcs (tracemalloc) / size of the float32 event matrix:")
             for label, (peak, matrix) in memory.items():

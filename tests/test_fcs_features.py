@@ -141,6 +141,44 @@ def test_little_endian_float32_is_read_without_a_copy(tmp_path):
     assert np.array_equal(sample.events, events)
 
 
+@pytest.mark.parametrize("big", [False, True])
+def test_read_into_a_reused_buffer(tmp_path, kernels, big):
+    """out=: one buffer reused for files of different sizes and layouts gives each file's events
+    exactly, as a view of the buffer; a buffer that cannot hold the data set is refused."""
+    rng = np.random.default_rng(5)
+    ints = rng.integers(0, 1024, size=(300, 3), dtype=np.uint64)
+    int_path = write(
+        tmp_path,
+        build_fcs(
+            int_keywords(300, list("ABC"), [16] * 3, [1024] * 3, big=big), pack_ints(ints, [16] * 3, big=big)
+        ),
+        "i.fcs",
+    )
+    floats = rng.normal(0, 1e3, size=(120, 4)).astype(np.float32)
+    dtype = ">f4" if big else "<f4"
+    float_path = write(
+        tmp_path,
+        build_fcs(float_keywords(120, list("ABCD"), big=big), floats.astype(dtype).tobytes()),
+        "f.fcs",
+    )
+    buffer = np.full(2000, np.nan, dtype=np.float32)
+    for path, expected in [
+        (int_path, ints.astype(np.float32)),
+        (float_path, floats),
+        (int_path, ints.astype(np.float32)),
+    ]:
+        sample = read_fcs(path, out=buffer)
+        assert np.shares_memory(sample.events, buffer) and sample.events.flags.c_contiguous
+        assert np.array_equal(sample.events, expected)
+        assert np.array_equal(
+            read_fcs(path, preprocess=True, out=buffer).events, read_fcs(path, preprocess=True).events
+        )
+    for bad in (np.empty(899, np.float32), np.empty(2000, np.float64), np.empty((2000, 2), np.float32)[:, 0]):
+        with pytest.raises(errors.FCSDataError, match="out=.*at least 300 events x 3 channels") as info:
+            read_fcs(int_path, out=bad)
+        assert str(int_path) in str(info.value)
+
+
 def test_fcs32_per_parameter_datatype(tmp_path):
     """FCS 3.2 $PnDATATYPE mixes integer and float parameters in one event."""
     rng = np.random.default_rng(4)
