@@ -1,8 +1,8 @@
 """Benchmark: FCS reading speed of cytopipe against its peers and the hardware floor.
 
-    python bench/read_fcs.py                  # 1M events, 7 repeats
+    python bench/read_fcs.py                  # 1M events, 7 repeats, every reader
     python bench/read_fcs.py --events 200000 --repeats 3 --readers cytopipe,flowio
-    python bench/read_fcs.py --readers cytopipe --repeats 15 --clock cpu   # on a loaded machine
+    python bench/read_fcs.py --readers cytopipe --repeats 15   # loaded machine: read the cpu columns
 
 Files (written to a temporary folder, page-cached by a warm-up read):
 
@@ -11,14 +11,38 @@ Files (written to a temporary folder, page-cached by a warm-up read):
 * ``int16 BE``: 20 channels of 16-bit integers with $PnR 1024 (FACSCalibur style: byte swap
   and range mask needed).
 
-For each reader the table gives min and median wall time of ``--repeats`` reads after one
-warm-up, MB/s of DATA segment and events/s, and the speed as a fraction of the floor
-(``np.fromfile`` of the DATA segment; 1.0 = as fast as reading the bytes) and as a fraction of
-the float32 floor (reading the same number of events stored as little-endian float32: the cost
-of just producing the float32 output, the fair bar for integer files). Then the peak
-memory of ``cytopipe.read_fcs`` (tracemalloc, which sees numpy's allocations) relative to
-the float32 event matrix it returns. Timings are noisy on shared machines: compare the
-ratios, measured side by side in one process.
+For each reader: min and median wall time and process CPU time (user + system, page faults
+included) of ``--repeats`` reads after one warm-up; events/s; the speed as a fraction of the
+floor -- ``np.fromfile`` of the DATA segment into a fresh array, warm page cache, timed the same
+way; 1.0 = as fast as reading the bytes -- by wall and by CPU time; the median of per-read
+ratios (each read paired with a floor read just before it: both see the same load); and as a
+fraction of the float32 floor (the same events stored as little-endian float32). Beside
+``cytopipe`` (a fresh array, the headline): ``cytopipe reused`` (``read_fcs(path, out=buffer)``,
+one buffer reused for every read, as a worker reading file after file could) and ``output
+alone`` (``np.empty`` + fill of the float32 event matrix, no reading at all: the bound for any
+reader that returns a fresh float32 matrix). Then the peak memory of ``cytopipe.read_fcs``
+(tracemalloc, which sees numpy's allocations) relative to the matrix it returns. On a loaded
+machine wall time mostly measures the wait for a core: compare the CPU columns.
+
+Why int16 stays below 0.8x of its own floor (2026-12-03, 2-core KVM guest, load average 9-12,
+CPU time, 1M x 20): the floor reads 40 MB into a fresh 40 MB array in 9.7-10.4 ms. Any reader
+that returns float32 must fill a fresh 80 MB matrix, and ``output alone`` -- only that, no
+reading -- takes 14.0-14.9 ms = 0.66-0.72x of the floor: faulting the pages in (the kernel
+zeroes them; numpy's MADV_HUGEPAGE gives 2 MB pages here, 625 faults instead of 19,532 -- with
+4 KB pages the same fill takes 28-29 ms) costs ~10 ms of it, writing them ~4.5 ms. A decode
+that cost nothing could therefore not pass ~0.7x. ``read_fcs`` of the int16 file: 21.3-21.9 ms
+= 0.45-0.46x (0.40-0.41x before this change, 25.7-25.8 ms in the same A/B runs). Tried:
+decoding straight from the file's mapped pages instead of a chunk buffer (-2 ms, kept); int32
+arithmetic in the kernel (numba widens uint16 operations to 64-bit lanes; kept); range masks
+tiled over an L1-sized block of rows instead of the whole chunk (-0.7 ms, kept); chunks of 64
+KiB to 1 MiB (within 0.6 ms of each other; 4 MiB 1.7 ms slower); one scalar mask for files
+whose channels share one $PnR (another -1 ms, not kept: it helps only such files, like this
+benchmark's); reading everything first, then converting (33 ms); MADV_POPULATE_WRITE on the output before decoding (fill 20 ms
+instead of 14.7: the zeroed pages are no longer in cache when written); MADV_NOHUGEPAGE (28 ms).
+Into a reused buffer (no fresh pages) the same read takes 13.1-13.5 ms = 0.73-0.75x (paired
+0.80-0.82x). Big-endian float32 reaches its floor (1.04-1.06x; 0.75-0.78x before) because the
+swap now reads the mapped page cache and writes the output once, where the floor's kernel
+copy also writes it once.
 """
 
 from __future__ import annotations
