@@ -24,25 +24,29 @@ reader that returns a fresh float32 matrix). Then the peak memory of ``cytopipe.
 (tracemalloc, which sees numpy's allocations) relative to the matrix it returns. On a loaded
 machine wall time mostly measures the wait for a core: compare the CPU columns.
 
-Why int16 stays below 0.8x of its own floor (2026-12-03, 2-core KVM guest, load average 9-12,
-CPU time, 1M x 20): the floor reads 40 MB into a fresh 40 MB array in 9.7-10.4 ms. Any reader
-that returns float32 must fill a fresh 80 MB matrix, and ``output alone`` -- only that, no
-reading -- takes 14.0-14.9 ms = 0.66-0.72x of the floor: faulting the pages in (the kernel
-zeroes them; numpy's MADV_HUGEPAGE gives 2 MB pages here, 625 faults instead of 19,532 -- with
-4 KB pages the same fill takes 28-29 ms) costs ~10 ms of it, writing them ~4.5 ms. A decode
-that cost nothing could therefore not pass ~0.7x. ``read_fcs`` of the int16 file: 21.3-21.9 ms
-= 0.45-0.46x (0.40-0.41x before this change, 25.7-25.8 ms in the same A/B runs). Tried:
-decoding straight from the file's mapped pages instead of a chunk buffer (-2 ms, kept); int32
-arithmetic in the kernel (numba widens uint16 operations to 64-bit lanes; kept); range masks
-tiled over an L1-sized block of rows instead of the whole chunk (-0.7 ms, kept); chunks of 64
-KiB to 1 MiB (within 0.6 ms of each other; 4 MiB 1.7 ms slower); one scalar mask for files
-whose channels share one $PnR (another -1 ms, not kept: it helps only such files, like this
-benchmark's); reading everything first, then converting (33 ms); MADV_POPULATE_WRITE on the output before decoding (fill 20 ms
-instead of 14.7: the zeroed pages are no longer in cache when written); MADV_NOHUGEPAGE (28 ms).
-Into a reused buffer (no fresh pages) the same read takes 13.1-13.5 ms = 0.73-0.75x (paired
-0.80-0.82x). Big-endian float32 reaches its floor (1.04-1.06x; 0.75-0.78x before) because the
-swap now reads the mapped page cache and writes the output once, where the floor's kernel
-copy also writes it once.
+Why int16 stays below 0.8x of its own floor (2026-12-03, 2-core KVM guest, load average 9-13,
+CPU time, 1M x 20, this code and the previous one alternated, 15 reads each): the floor reads
+40 MB into a fresh 40 MB array in 9.8-10.6 ms. Any reader that returns float32 must fill a
+fresh 80 MB matrix, and ``output alone`` -- only that, no reading -- takes 14.6-15.1 ms =
+0.67-0.73x of the floor (paired 0.71-0.77x): faulting the pages in (the kernel zeroes them;
+numpy's MADV_HUGEPAGE gives 2 MB pages here, 625 faults instead of 19,532 -- with 4 KB pages the
+same fill takes 28-29 ms) costs ~10 ms of it, writing them ~4.5 ms. A decode that cost nothing
+could not pass ~0.75x. ``read_fcs`` of the int16 file: 21.7-22.2 ms = 0.44-0.48x (paired
+0.48-0.49x), was 25.7-26.4 ms = 0.40x. Tried: decoding straight from the file's mapped pages
+instead of through a chunk buffer (-2 ms, kept); int32 arithmetic in the kernel (numba widens
+uint16 operations to 64-bit lanes; kept); range masks tiled over an L1-sized block of rows
+instead of the whole chunk (-0.7 ms, kept); chunks of 64 KiB to 1 MiB (within 0.6 ms of each
+other; 4 MiB 1.7 ms slower); one scalar mask for files whose channels share one $PnR (another
+-1 ms, not kept: it helps only such files, like this benchmark's); reading everything first,
+then converting (33 ms); MADV_POPULATE_WRITE on the output before decoding (fill 20 ms instead
+of 14.7: the zeroed pages are no longer in cache when written); MADV_NOHUGEPAGE (28 ms). Into a
+reused buffer (no fresh pages) the same read takes 13.1-13.6 ms = 0.75-0.78x (paired
+0.81-0.85x).
+
+Big-endian float32 now reads at 1.03-1.05x its floor (paired 1.02-1.03x; was 0.76-0.77x) and
+little-endian at 0.98-1.04x (was 0.96-0.97x): both are copied -- swapped or not -- in one
+vectorised pass from the mapped page cache into the output, which costs less here than the
+kernel's own copy in read() (``np.fromfile``).
 """
 
 from __future__ import annotations

@@ -173,7 +173,12 @@ def test_read_into_a_reused_buffer(tmp_path, kernels, big):
         assert np.array_equal(
             read_fcs(path, preprocess=True, out=buffer).events, read_fcs(path, preprocess=True).events
         )
-    for bad in (np.empty(899, np.float32), np.empty(2000, np.float64), np.empty((2000, 2), np.float32)[:, 0]):
+    for bad in (
+        np.empty(899, np.float32),
+        np.empty(2000, np.float64),
+        np.empty((2000, 2), np.float32)[:, 0],
+        np.frombuffer(bytes(8000), np.float32),
+    ):
         with pytest.raises(errors.FCSDataError, match="out=.*at least 300 events x 3 channels") as info:
             read_fcs(int_path, out=bad)
         assert str(int_path) in str(info.value)
