@@ -1,8 +1,8 @@
 """Benchmark: FCS reading speed of cytopipe against its peers and the hardware floor.
 
-    python bench/read_fcs.py                  # 1M events, 7 repeats
+    python bench/read_fcs.py                  # 1M events, 7 repeats, every reader
     python bench/read_fcs.py --events 200000 --repeats 3 --readers cytopipe,flowio
-    python bench/read_fcs.py --readers cytopipe --repeats 15 --clock cpu   # on a loaded machine
+    python bench/read_fcs.py --readers cytopipe --repeats 15   # loaded machine: read the cpu columns
 
 Files (written to a temporary folder, page-cached by a warm-up read):
 
@@ -11,14 +11,42 @@ Files (written to a temporary folder, page-cached by a warm-up read):
 * ``int16 BE``: 20 channels of 16-bit integers with $PnR 1024 (FACSCalibur style: byte swap
   and range mask needed).
 
-For each reader the table gives min and median wall time of ``--repeats`` reads after one
-warm-up, MB/s of DATA segment and events/s, and the speed as a fraction of the floor
-(``np.fromfile`` of the DATA segment; 1.0 = as fast as reading the bytes) and as a fraction of
-the float32 floor (reading the same number of events stored as little-endian float32: the cost
-of just producing the float32 output, the fair bar for integer files). Then the peak
-memory of ``cytopipe.read_fcs`` (tracemalloc, which sees numpy's allocations) relative to
-the float32 event matrix it returns. Timings are noisy on shared machines: compare the
-ratios, measured side by side in one process.
+For each reader: min and median wall time and process CPU time (user + system, page faults
+included) of ``--repeats`` reads after one warm-up; events/s; the speed as a fraction of the
+floor -- ``np.fromfile`` of the DATA segment into a fresh array, warm page cache, timed the same
+way; 1.0 = as fast as reading the bytes -- by wall and by CPU time; the median of per-read
+ratios (each read paired with a floor read just before it: both see the same load); and as a
+fraction of the float32 floor (the same events stored as little-endian float32). Beside
+``cytopipe`` (a fresh array, the headline): ``cytopipe reused`` (``read_fcs(path, out=buffer)``,
+one buffer reused for every read, as a worker reading file after file could) and ``output
+alone`` (``np.empty`` + fill of the float32 event matrix, no reading at all: the bound for any
+reader that returns a fresh float32 matrix). Then the peak memory of ``cytopipe.read_fcs``
+(tracemalloc, which sees numpy's allocations) relative to the matrix it returns. On a loaded
+machine wall time mostly measures the wait for a core: compare the CPU columns.
+
+Why int16 stays below 0.8x of its own floor (2026-12-03, 2-core KVM guest, load average 9-13,
+CPU time, 1M x 20, this code and the previous one alternated, 15 reads each): the floor reads
+40 MB into a fresh 40 MB array in 9.8-10.6 ms. Any reader that returns float32 must fill a
+fresh 80 MB matrix, and ``output alone`` -- only that, no reading -- takes 14.6-15.1 ms =
+0.67-0.73x of the floor (paired 0.71-0.77x): faulting the pages in (the kernel zeroes them;
+numpy's MADV_HUGEPAGE gives 2 MB pages here, 625 faults instead of 19,532 -- with 4 KB pages the
+same fill takes 28-29 ms) costs ~10 ms of it, writing them ~4.5 ms. A decode that cost nothing
+could not pass ~0.75x. ``read_fcs`` of the int16 file: 21.7-22.2 ms = 0.44-0.48x (paired
+0.48-0.49x), was 25.7-26.4 ms = 0.40x. Tried: decoding straight from the file's mapped pages
+instead of through a chunk buffer (-2 ms, kept); int32 arithmetic in the kernel (numba widens
+uint16 operations to 64-bit lanes; kept); range masks tiled over an L1-sized block of rows
+instead of the whole chunk (-0.7 ms, kept); chunks of 64 KiB to 1 MiB (within 0.6 ms of each
+other; 4 MiB 1.7 ms slower); one scalar mask for files whose channels share one $PnR (another
+-1 ms, not kept: it helps only such files, like this benchmark's); reading everything first,
+then converting (33 ms); MADV_POPULATE_WRITE on the output before decoding (fill 20 ms instead
+of 14.7: the zeroed pages are no longer in cache when written); MADV_NOHUGEPAGE (28 ms). Into a
+reused buffer (no fresh pages) the same read takes 13.1-13.6 ms = 0.75-0.78x (paired
+0.81-0.85x).
+
+Big-endian float32 now reads at 1.03-1.05x its floor (paired 1.02-1.03x; was 0.76-0.77x) and
+little-endian at 0.98-1.04x (was 0.96-0.97x): both are copied -- swapped or not -- in one
+vectorised pass from the mapped page cache into the output, which costs less here than the
+kernel's own copy in read() (``np.fromfile``).
 """
 
 from __future__ import annotations
@@ -99,6 +127,19 @@ def reader_functions(path: Path) -> dict[str, Callable[[], object]]:
     def cytopipe():
         return read_fcs(path).events
 
+    buffer = np.empty(0, dtype=np.float32)
+
+    def cytopipe_reused():
+        nonlocal buffer
+        if buffer.size < info.n_events * info.n_channels:
+            buffer = np.zeros(info.n_events * info.n_channels, dtype=np.float32)  # first call only
+        return read_fcs(path, out=buffer).events
+
+    def output_alone():
+        events = np.empty((info.n_events, info.n_channels), dtype=np.float32)
+        events.fill(1.0)
+        return events
+
     def flowio_reader():
         import flowio
 
@@ -122,6 +163,8 @@ def reader_functions(path: Path) -> dict[str, Callable[[], object]]:
     return {
         "floor": floor,
         "cytopipe": cytopipe,
+        "cytopipe reused": cytopipe_reused,
+        "output alone": output_alone,
         "flowio": flowio_reader,
         "fcsparser": fcsparser_reader,
         "flowkit": flowkit_reader,
@@ -134,40 +177,39 @@ def _floor_dtype(info) -> str:
     return order + ("f4" if info.datatype == "F" else "u2")
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
-
-
 def time_reader(
-    fn: Callable[[], object], repeats: int, floor: Callable[[], object] | None = None, clock: str = "wall"
-) -> tuple[float, float, float] | str:
-    """(min, median, median of the per-repeat floor/reader ratios) of ``repeats`` calls after a
-    warm-up. With ``floor``, each call of ``fn`` is paired with a call of ``floor`` just before it
-    (interleaved: both see the same load), else the ratio is nan. ``clock="cpu"`` times the
-    calling thread's CPU time (user + system, page faults included): on a loaded machine it leaves
-    out the time spent waiting for a core, which wall time cannot."""
-    tick = CLOCKS[clock]
+    fn: Callable[[], object], repeats: int, floor: Callable[[], object] | None = None
+) -> dict[str, list[float]] | str:
+    """Wall and CPU times (process CPU: user + system, page faults included) of ``repeats``
+    calls after one warm-up call. With ``floor``, each call of ``fn`` is paired with a call of
+    ``floor`` just before it (interleaved: both see the same load) and the per-pair ratios
+    floor/reader are kept. CPU time leaves out the time spent waiting for a core on a loaded
+    machine, which wall time cannot."""
 
     def once(f):
         gc.collect()
-        t0 = tick()
+        w0, c0 = time.perf_counter(), time.process_time()
         result = f()
-        t = tick() - t0
+        c1, w1 = time.process_time(), time.perf_counter()
         del result
-        return t
+        return w1 - w0, c1 - c0
 
+    stats: dict[str, list[float]] = {"wall": [], "cpu": [], "paired_wall": [], "paired_cpu": []}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fn()  # warm-up: imports, page cache, first-touch of memory
-            times, ratios = [], []
+            fn()  # warm-up: imports, numba's cached kernels, page cache
             for _ in range(repeats):
                 base = once(floor) if floor is not None else None
-                times.append(once(fn))
+                wall, cpu = once(fn)
+                stats["wall"].append(wall)
+                stats["cpu"].append(cpu)
                 if base is not None:
-                    ratios.append(base / times[-1])
+                    stats["paired_wall"].append(base[0] / wall)
+                    stats["paired_cpu"].append(base[1] / cpu)
     except Exception as exc:  # a peer that cannot read the file is reported, not fatal
         return f"error: {type(exc).__name__}: {str(exc)[:60]}"
-    return min(times), statistics.median(times), statistics.median(ratios) if ratios else float("nan")
+    return stats
 
 
 def peak_memory(path: Path) -> tuple[int, int]:
@@ -191,12 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--readers", default=",".join(READERS), help=f"comma-separated subset of {','.join(READERS)}"
     )
-    parser.add_argument(
-        "--clock",
-        choices=tuple(CLOCKS),
-        default="wall",
-        help="wall time (default) or the reading thread's CPU time ('cpu': for a loaded machine)",
-    )
     args = parser.parse_args(argv)
     readers = [r.strip() for r in args.readers.split(",") if r.strip()]
     unknown = set(readers) - set(READERS)
@@ -206,44 +242,57 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cytopipe-bench-") as tmp:
         files = make_files(Path(tmp), args.events, args.channels)
         print(
-            f"FCS read benchmark: {args.events:,} events x {args.channels} channels, "
-            f"min / median of {args.repeats} reads after a warm-up ({args.clock} clock); each read "
-            f"paired with a floor read just before it, 'x floor' = min floor / min reader, "
-            f"'paired' = median of the pairs' ratios; load average {os.getloadavg()[0]:.1f}\n"
+            f"FCS read benchmark: {args.events:,} events x {args.channels} channels, warm page cache, "
+            f"min / median of {args.repeats} reads after a warm-up, wall clock and process CPU time; "
+            f"'x floor' = min floor / min reader (wall, cpu), 'paired' = median of the per-read ratios "
+            f"(each read paired with a floor read just before it, cpu); load average "
+            f"{os.getloadavg()[0]:.1f}\n"
         )
         header = (
-            f"{'file':<11} {'reader':<10} {'min ms':>9} {'median ms':>10} {'MB/s':>8} {'Mevents/s':>10} "
-            f"{'x floor':>8} {'paired':>7} {'x f32 floor':>12}"
+            f"{'file':<11} {'reader':<16} {'wall min':>8} {'median':>7} {'cpu min':>8} {'median':>7} "
+            f"{'Mev/s':>6} {'x floor':>11} {'paired':>6} {'x f32 floor':>11}"
         )
         print(header)
         print("-" * len(header))
         memory = {}
         f32_floor = None  # reading the same events as little-endian float32: the cost of the output alone
         for label, path in files.items():
-            info = read_fcs_header(path)
-            nbytes = info.data_segment[1] - info.data_segment[0] + 1
             functions = reader_functions(path)
-            floor = time_reader(functions["floor"], args.repeats, clock=args.clock)
-            f32_floor = f32_floor or floor[0]
-            for name in ["floor", *readers]:
+            floor = time_reader(functions["floor"], args.repeats)
+            assert not isinstance(floor, str), floor
+            f32_floor = f32_floor or min(floor["cpu"])
+            names = ["floor", *readers]
+            if "cytopipe" in readers:
+                names[names.index("cytopipe") + 1 : names.index("cytopipe") + 1] = [
+                    "cytopipe reused",
+                    "output alone",
+                ]
+            for name in names:
                 result = (
                     floor
                     if name == "floor"
-                    else time_reader(functions[name], args.repeats, functions["floor"], args.clock)
+                    else time_reader(functions[name], args.repeats, functions["floor"])
                 )
                 if isinstance(result, str):
-                    print(f"{label:<11} {name:<10} {result}")
+                    print(f"{label:<11} {name:<16} {result}")
                     continue
-                best, median, paired = result
-                ratio = floor[0] / best
+                wall, cpu = min(result["wall"]), min(result["cpu"])
+                paired = statistics.median(result["paired_cpu"]) if result["paired_cpu"] else float("nan")
                 print(
-                    f"{label:<11} {name:<10} {best * 1e3:9.1f} {median * 1e3:10.1f} "
-                    f"{nbytes / best / 1e6:8.0f} {args.events / best / 1e6:10.2f} {ratio:8.2f} {paired:7.2f} "
-                    f"{f32_floor / best:12.2f}"
+                    f"{label:<11} {name:<16} {wall * 1e3:8.1f} {statistics.median(result['wall']) * 1e3:7.1f} "
+                    f"{cpu * 1e3:8.1f} {statistics.median(result['cpu']) * 1e3:7.1f} {args.events / cpu / 1e6:6.1f} "
+                    f"{min(floor['wall']) / wall:5.2f} {min(floor['cpu']) / cpu:5.2f} {paired:6.2f} "
+                    f"{f32_floor / cpu:11.2f}"
                 )
             if "cytopipe" in readers:
                 memory[label] = peak_memory(path)
             print()
+        print(
+            "'cytopipe reused': read_fcs(path, out=buffer) into one buffer reused for every read (a worker "
+            "reading file after file); the headline is the fresh-array 'cytopipe' row.\n'output alone': "
+            "np.empty + fill of the float32 event matrix, no reading at all: the bound for any reader that "
+            "returns a fresh float32 matrix.\n"
+        )
         if memory:
             print("peak memory of cytopipe.read_fcs (tracemalloc) / size of the float32 event matrix:")
             for label, (peak, matrix) in memory.items():

@@ -15,6 +15,7 @@ import flowio
 import numpy as np
 import pytest
 
+import cytopipe.fcs as fcs
 from cytopipe.errors import CytopipeError, FCSDataError, FCSKeywordError
 from cytopipe.fcs import FCSWarning, read_fcs, read_fcs_header
 from tests.conftest import SHARED_DATA, missing_data
@@ -131,7 +132,7 @@ _CASES = ENTRIES or [("_inventory/FCS_INVENTORY.tsv", 0)]
 
 
 @pytest.mark.parametrize(("rel", "dataset"), _CASES, ids=[f"{f}#{d}" for f, d in _CASES])
-def test_dataset_read_like_flowio_or_rejected_clearly(rel: str, dataset: int):
+def test_dataset_read_like_flowio_or_rejected_clearly(rel: str, dataset: int, monkeypatch):
     if not ENTRIES:
         missing_data(f"shared test data not available: {INVENTORY}")
     path = SHARED_DATA / rel
@@ -157,6 +158,11 @@ def test_dataset_read_like_flowio_or_rejected_clearly(rel: str, dataset: int):
             reference = "minimal"
         assert sample.events.dtype == np.float32 and sample.events.flags.c_contiguous
         assert bits_equal(sample.events, ref_raw), "raw events differ from the reference"
+        # the numba kernels reading the mapped DATA pages (the path of files >= 4 MB), on every file
+        with monkeypatch.context() as patch:
+            patch.setattr(fcs, "_KERNEL_MIN_BYTES", 0)
+            fast = read_fcs(path, dataset=dataset)
+        assert bits_equal(fast.events, ref_raw), "raw events of the numba decode differ from the reference"
 
         if rel in BAD_TIMESTEP:
             with pytest.raises(FCSKeywordError, match=r"\$TIMESTEP is 'xxxxxxxxx'"):

@@ -25,12 +25,15 @@ def quiet(path, **kw):
         return read_fcs(path, **kw)
 
 
-@pytest.fixture(params=["numpy", "numba"])
+@pytest.fixture(params=["numpy", "numba", "numba-unmapped"])
 def kernels(request, monkeypatch):
-    """Run a test through both the small-file numpy path and the numba kernels, with
-    tiny chunks so that chunk boundaries fall inside the data."""
-    monkeypatch.setattr(fcs, "_KERNEL_MIN_BYTES", 0 if request.param == "numba" else 1 << 60)
+    """Run a test through the small-file numpy path and the numba kernels (reading from the
+    file's mapped pages, and from a chunk buffer as where a file cannot be mapped), with tiny
+    chunks so that chunk boundaries fall inside the data."""
+    monkeypatch.setattr(fcs, "_KERNEL_MIN_BYTES", 1 << 60 if request.param == "numpy" else 0)
     monkeypatch.setattr(fcs, "_CHUNK_BYTES", 64)
+    if request.param == "numba-unmapped":
+        monkeypatch.setattr(fcs._FCSFile, "_mapped", lambda self, layout, dtype: None)
     return request.param
 
 
@@ -85,6 +88,27 @@ def test_range_mask_removes_bits_above_pnr(tmp_path, kernels, big):
     assert np.array_equal(sample.events, values.astype(np.float32))
 
 
+@pytest.mark.parametrize("chunk", [1 << 20, 1000])
+@pytest.mark.parametrize("bits", [16, 32])
+@pytest.mark.parametrize("big", [False, True])
+def test_integer_kernels_with_per_channel_ranges(tmp_path, monkeypatch, big, bits, chunk):
+    """The numba decode on a file of thousands of rows (several mask blocks per chunk, chunks
+    that end inside a block): per-channel $PnR masks, flags above the range in one channel."""
+    monkeypatch.setattr(fcs, "_KERNEL_MIN_BYTES", 0)
+    monkeypatch.setattr(fcs, "_CHUNK_BYTES", chunk)
+    rng = np.random.default_rng(bits)
+    ranges = [1024, 2**bits, 4096, 262144 if bits == 32 else 65536, 2]
+    n = 3001
+    values = np.stack([rng.integers(0, r, n, dtype=np.uint64) for r in ranges], axis=1)
+    stored = values.copy()
+    stored[::7, 2] |= np.uint64(1) << np.uint64(bits - 1)  # a flag bit above $P3R
+    kw = int_keywords(n, list("ABCDE"), [bits] * 5, ranges, big=big)
+    path = write(tmp_path, build_fcs(kw, pack_ints(stored, [bits] * 5, big=big)))
+    with pytest.warns(FCSWarning, match=r"bits above the \$PnR range were set in \$P3;"):
+        sample = read_fcs(path)
+    assert np.array_equal(sample.events, values.astype(np.float32))
+
+
 def test_pnb_smaller_than_the_storage_word(tmp_path):
     """10-bit values in 16-bit words (Beckman FC500): the DATA size says the word size."""
     values = np.arange(60, dtype=np.uint64).reshape(20, 3) * 17
@@ -115,6 +139,49 @@ def test_little_endian_float32_is_read_without_a_copy(tmp_path):
     sample = read_fcs(write(tmp_path, content))
     assert sample.events.base is None and sample.events.flags.owndata
     assert np.array_equal(sample.events, events)
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_read_into_a_reused_buffer(tmp_path, kernels, big):
+    """out=: one buffer reused for files of different sizes and layouts gives each file's events
+    exactly, as a view of the buffer; a buffer that cannot hold the data set is refused."""
+    rng = np.random.default_rng(5)
+    ints = rng.integers(0, 1024, size=(300, 3), dtype=np.uint64)
+    int_path = write(
+        tmp_path,
+        build_fcs(
+            int_keywords(300, list("ABC"), [16] * 3, [1024] * 3, big=big), pack_ints(ints, [16] * 3, big=big)
+        ),
+        "i.fcs",
+    )
+    floats = rng.normal(0, 1e3, size=(120, 4)).astype(np.float32)
+    dtype = ">f4" if big else "<f4"
+    float_path = write(
+        tmp_path,
+        build_fcs(float_keywords(120, list("ABCD"), big=big), floats.astype(dtype).tobytes()),
+        "f.fcs",
+    )
+    buffer = np.full(2000, np.nan, dtype=np.float32)
+    for path, expected in [
+        (int_path, ints.astype(np.float32)),
+        (float_path, floats),
+        (int_path, ints.astype(np.float32)),
+    ]:
+        sample = read_fcs(path, out=buffer)
+        assert np.shares_memory(sample.events, buffer) and sample.events.flags.c_contiguous
+        assert np.array_equal(sample.events, expected)
+        assert np.array_equal(
+            read_fcs(path, preprocess=True, out=buffer).events, read_fcs(path, preprocess=True).events
+        )
+    for bad in (
+        np.empty(899, np.float32),
+        np.empty(2000, np.float64),
+        np.empty((2000, 2), np.float32)[:, 0],
+        np.frombuffer(bytes(8000), np.float32),
+    ):
+        with pytest.raises(errors.FCSDataError, match="out=.*at least 300 events x 3 channels") as info:
+            read_fcs(int_path, out=bad)
+        assert str(int_path) in str(info.value)
 
 
 def test_fcs32_per_parameter_datatype(tmp_path):
