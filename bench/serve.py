@@ -1,9 +1,10 @@
 """Benchmark: `cytopipe serve` upload throughput and results page render time.
 
 * **upload**: N simulated FCS files (default 48 of 200k events) uploaded one by one through the
-  HTTP API (``PUT /api/studies/{id}/uploads``: streamed, hashed while streaming, stored
-  content-addressed, validated with ``cytopipe validate``'s rules), against copying the same bytes
-  on the same disk (``shutil.copyfile`` + fsync, the floor). Goal: the API at >= 50% of the copy.
+  HTTP API (``PUT /api/studies/{id}/uploads``: streamed, hashed and validated with ``cytopipe
+  validate``'s rules while streaming, fsynced, stored content-addressed), against copying the same
+  bytes on the same filesystem (``shutil.copyfile``, an in-kernel copy, + an fsync per file as the
+  server does; sources in the page cache for both). Goal: the API at >= 50% of the copy.
 * **results page**: a finished run of N samples (the pipeline run from the server on the same
   number of small files: the page's size depends on samples and populations, not events); the
   server time of ``GET /runs/{id}`` from its ``Server-Timing`` header, min and median of
@@ -14,8 +15,9 @@ httpx in this process. The source files are read once before timing (they are in
 and the copy and the server's store are on the same filesystem. Rounds alternate copy and upload
 (interleaved), and each line prints the load average: on a shared machine the wall-clock ratio
 follows the load (the copy is kernel work and disk; the upload needs CPU for the socket, sha256
-and validation). The CPU seconds of the server process, of the client and of the copy are printed
-too: they do not depend on what else runs.
+and validation). The CPU seconds of the server process (user + system: the system part is mostly
+the kernel's page-cache work of the writes), of the client and of the copy are printed too: they
+depend much less than the wall clock on what else runs.
 
     python bench/serve.py [--files 48] [--events 200000] [--repeat 5] [--parallel 1] [--data DIR] [--skip-run]
 """
@@ -47,10 +49,11 @@ def simulate(folder: Path, files: int, events: int) -> list[Path]:
     return sorted((folder / "fcs").glob("*.fcs"))[:files]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) from /proc."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU time of a process (all its threads, exited ones included) from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def copy_rate(paths: list[Path], target: Path) -> tuple[float, float]:
@@ -67,9 +70,9 @@ def copy_rate(paths: list[Path], target: Path) -> tuple[float, float]:
     return seconds, cpu
 
 
-def upload_rate(server, study: int, paths: list[Path], parallel: int) -> tuple[float, float, float]:
-    """(seconds, server CPU seconds, client CPU seconds); files sent ``parallel`` at a time (one
-    client each); the page sends one at a time."""
+def upload_rate(server, study: int, paths: list[Path], parallel: int) -> tuple[float, tuple, float]:
+    """(seconds, server (user, system) CPU seconds, client CPU seconds); files sent ``parallel`` at
+    a time (one client each); the page sends one at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
     clients = [server.client() for _ in range(parallel)]
@@ -82,7 +85,8 @@ def upload_rate(server, study: int, paths: list[Path], parallel: int) -> tuple[f
     t0, c0, s0 = time.perf_counter(), time.process_time(), cpu_seconds(server.proc.pid)
     with ThreadPoolExecutor(parallel) as pool:
         list(pool.map(send, range(parallel)))
-    return time.perf_counter() - t0, cpu_seconds(server.proc.pid) - s0, time.process_time() - c0
+    s1 = cpu_seconds(server.proc.pid)
+    return time.perf_counter() - t0, (s1[0] - s0[0], s1[1] - s0[1]), time.process_time() - c0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                 uploads.append(upload_rate(server, sid, paths, args.parallel))
                 shutil.rmtree(server.data / "blobs")  # the next round stores the bytes again
                 (server.data / "blobs").mkdir()
+                server_cpu = sum(uploads[-1][1]) / mb * 1e3
                 print(f"  round {i + 1}: load {loads[-1]:5.1f}  copy {mb / copies[-1][0]:6.1f} MB/s  upload "
-                      f"{mb / uploads[-1][0]:6.1f} MB/s  ratio {copies[-1][0] / uploads[-1][0]:.2f}", flush=True)  # fmt: skip
+                      f"{mb / uploads[-1][0]:6.1f} MB/s  ratio {copies[-1][0] / uploads[-1][0]:.2f}  "
+                      f"(server CPU {server_cpu:.2f} s/GB)", flush=True)  # fmt: skip
             best_copy, best_up = min(t for t, _ in copies), min(t for t, *_ in uploads)
             med_copy, med_up = (
                 statistics.median(t for t, _ in copies),
@@ -125,14 +131,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"\nupload of {len(paths)} files, {mb:.0f} MB, {args.parallel} at a time ({args.repeat} rounds, "
                   f"min / median; load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores):")  # fmt: skip
-            print(f"  copy on disk + fsync (floor): {mb / best_copy:8.1f} MB/s / {mb / med_copy:8.1f} MB/s")
+            print(f"  copyfile + fsync (floor):     {mb / best_copy:8.1f} MB/s / {mb / med_copy:8.1f} MB/s")
             print(f"  HTTP API upload:              {mb / best_up:8.1f} MB/s / {mb / med_up:8.1f} MB/s")
             print(f"  API / copy: {best_copy / best_up:.2f} (median {med_copy / med_up:.2f}); goal >= 0.50")
             cpu_copy = statistics.median(x for _, x in copies)
-            cpu_server = statistics.median(x for _, x, _ in uploads)
+            user = statistics.median(x[0] for _, x, _ in uploads)
+            system = statistics.median(x[1] for _, x, _ in uploads)
+            cpu_server = statistics.median(sum(x) for _, x, _ in uploads)
             cpu_client = statistics.median(x for *_, x in uploads)
             print(f"  CPU seconds per GB (median): copy {cpu_copy / mb * 1e3:.2f}; upload: server {cpu_server / mb * 1e3:.2f}"
-                  f" + client {cpu_client / mb * 1e3:.2f}")  # fmt: skip
+                  f" (user {user / mb * 1e3:.2f}, system {system / mb * 1e3:.2f}) + client {cpu_client / mb * 1e3:.2f}")  # fmt: skip
             if not args.skip_run:
                 results_page(c, tmp, len(paths), args.repeat)
         finally:

@@ -174,18 +174,26 @@ async def upload_file(
     if length is not None and length > limit:
         raise UploadRefused(413, f"{name}: more bytes than the batch declared")
     check_disk(ws.store, length or 0)
-    got = await receive(chunks, ws.store, limit, sync=False)
+    from cytopipe.serve.streamcheck import StreamCheck
+
+    check = StreamCheck(name, length)  # validate's rules on the blocks as they stream
+    got = await receive(chunks, ws.store, limit, sync=False, check=check)
     if got.tmp is None:
         checked = {"status": "rejected", "notes": [], "info": {},
                    "reason": f"not an FCS file: the content is {describe_magic(got.head)} (FCS files start with "
                              "'FCS3.1', 'FCS3.0' or 'FCS2.0'; the extension does not count)"}  # fmt: skip
     else:
-        # validation reads the file from the page cache while its pages go to disk: the two overlap
+        # checked while streaming; else (several data sets, mixed widths, no Content-Length)
+        # validated from the page cache while the file's pages go to disk: the two overlap
+        checked = check.result(got.size)
         try:
-            checked, _ = await asyncio.gather(
-                run_in_threadpool(validate_blob, got.tmp, name, got.sha256),
-                run_in_threadpool(fsync_path, got.tmp),
-            )
+            if checked is not None:
+                await run_in_threadpool(fsync_path, got.tmp)
+            else:
+                checked, _ = await asyncio.gather(
+                    run_in_threadpool(validate_blob, got.tmp, name, got.sha256),
+                    run_in_threadpool(fsync_path, got.tmp),
+                )
         except BaseException:
             got.tmp.unlink(missing_ok=True)
             raise

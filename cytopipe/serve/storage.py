@@ -135,11 +135,13 @@ async def receive(
     max_bytes: int,
     require_fcs: bool = True,
     sync: bool = True,
+    check: Any = None,
 ) -> Received:
     """Stream ``chunks`` into a temporary file in the store, hashing as they arrive. Stops (and
     deletes what was written) as soon as ``max_bytes`` is exceeded; with ``require_fcs`` content
     that does not start like an FCS file is hashed but not written. With ``sync=False`` the caller
     flushes the file to disk itself (:func:`fsync_path`) before adopting it into the store.
+    ``check`` (a :class:`~cytopipe.serve.streamcheck.StreamCheck`) sees every kept byte in order.
 
     Hashing, writing and the final fsync run in a worker thread, one 1 MiB block at a time (both
     release the GIL), while the event loop gathers the next block from the socket: a two-stage
@@ -159,6 +161,8 @@ async def receive(
         data = blocks[0] if len(blocks) == 1 else b"".join(blocks)
         digest.update(data)
         if write:
+            if check is not None:
+                check.feed(data)
             view = memoryview(data)
             while view:  # a raw write may be partial
                 view = view[fh.write(view) :]
