@@ -321,7 +321,7 @@ def test_numbers_and_headers_are_printed_for_people(cohort_report):
     assert heads and not [h for h in heads if re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)+", h)]
     # the model table's p and q columns: "< 0.001" or at most 2 significant digits
     tables = re.findall(r'<table class="data"><thead><tr>(.*?)</table>', html)
-    table = next(t for t in tables if "<th>estimate, pp [95% CI]</th>" in t and "<th>z</th>" in t)
+    table = next(t for t in tables if "<th>estimate, pp [95% CI]</th>" in t and "<th>t</th>" in t)
     cols = re.findall(r"<th>([^<]*)</th>", table)
     for row in re.findall(r"<tr[^>]*>(<td.*?)</tr>", table):
         cells = dict(zip(cols, re.findall(r"<td[^>]*>([^<]*)</td>", row)))

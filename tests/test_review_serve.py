@@ -29,6 +29,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -163,6 +164,19 @@ def test_review_in_the_browser(browser, server, finished, backend):
     assert [rows.nth(i).get_attribute("data-sample") for i in range(12)] == [i["sample_id"] for i in queue]
     page.wait_for_selector("#other-visits figure")  # the patient's other visit beside
     page.screenshot(path=str(shots / "01-queue.png"), full_page=True)
+    # Treg's CD25 x CD127 panel shows the FOXP3+ CD4 T events: the parent's full events are sent and
+    # drawn behind them (a grey layer under the density), as in the report's gallery
+    gate = api.get(
+        f"/api/runs/{run_id}/review/gate", params={"sample_id": queue[0]["sample_id"], "population": "Treg"}
+    ).json()
+    shown, whole = (np.asarray(gate["panels"][0][k]) for k in ("counts", "background"))
+    assert gate["panels"][0]["condition"] and whole.shape == shown.shape
+    assert (whole >= shown).all() and whole.sum() > shown.sum() > 0  # every shown event is a parent event
+    layers = page.evaluate(
+        "() => [...document.querySelectorAll('#panels div[data-panel=\"0\"] svg image')]"
+        ".map((i) => i.getAttribute('class'))"
+    )
+    assert layers == ["background", "density"], layers  # drawn first: behind
 
     # 1b. flagged first, in the browser: the activated cTfh queue (gates the run flagged or found
     #     outlying, by the report's rule applied here to the run's own tables) starts with exactly those
@@ -510,6 +524,98 @@ def test_signoff_locks_the_gates_until_a_new_version(server, finished, monkeypat
     # the examples file of the signed-off run: every approved/overridden Treg gate
     ex = c.get(f"/api/runs/{run_id}/review/examples?format=json").json()
     assert ex["signoff"]["user"] == "rita" and len(ex["examples"]) >= 1
+
+
+def _blocked_in(thread, qualname: str) -> bool:
+    """Whether ``thread`` is currently inside a function of this qualified name (its stack)."""
+    import sys
+
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_qualname == qualname:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_save_answers_while_the_previous_refresh_runs(server, finished, monkeypatch):
+    """The review operations in this process on the workspace's database, the statistics/report
+    refresh held by a threading.Event (then run for real): while the first save's refresh is held, two
+    more saves answer with their tables written (population_stats) and the held refresh has written
+    nothing; the two requests collapse into one more refresh, which reads all three saves; a new
+    version of the run waits for the refreshes (it is seen blocked in the refresher while one is held)
+    and then copies the refreshed report."""
+    import threading
+
+    from cytopipe.review.decisions import Decision, read_review
+    from cytopipe.serve import reviewops
+    from cytopipe.serve.db import database_url, open_database
+
+    run_id, _ = finished
+    _, sessions = open_database(database_url(server.database, server.data))
+    release, started = threading.Event(), threading.Event()
+    seen: list[int] = []  # per refresh: how many decisions review.json held when it started
+    real = reviewops._refresh
+
+    def held(out: Path) -> None:
+        seen.append(len(read_review(out).decisions))
+        started.set()
+        release.wait()
+        real(out)
+
+    monkeypatch.setattr(reviewops, "_refresh", held)
+    guard = 600  # seconds before a regression fails instead of hanging (not a timing assertion)
+    with sessions() as db:
+        run = reviewops.new_version(db, run_id, "rita")  # unlocked, whatever the other tests did
+        out = reviewops.out_dir(run)
+        items = reviewops.queue(db, run, reviewops.finished(db, run.id)[1], "Treg", True)["items"]
+    samples = [i["sample_id"] for i in items[:3]]
+    report_before = (out / "report.html").read_bytes()
+
+    def save(db, sample: str) -> dict:
+        change = Decision(kind="pooled", sample_id=sample, population="Treg", user="rita", reason="refresh test",
+                          category="clog")  # fmt: skip
+        return reviewops.change_gate(db, run.id, "rita", change)
+
+    with sessions() as db:
+        save(db, samples[0])
+    assert started.wait(guard)  # the first save's refresh runs, held
+    answered = threading.Event()
+
+    def more_saves() -> None:
+        with sessions() as db:
+            for sample in samples[1:]:
+                save(db, sample)
+        answered.set()
+
+    saver = threading.Thread(target=more_saves, daemon=True)
+    saver.start()
+    assert answered.wait(guard), "a save waited for the previous save's statistics/report refresh"
+    assert not release.is_set() and len(seen) == 1
+    ps = pd.read_parquet(out / "population_stats.parquet").set_index(KEY)
+    assert set(ps.loc[[(s, "Treg") for s in samples], "gate_source"]) == {"overridden"}
+    assert (out / "report.html").read_bytes() == report_before  # the held refresh wrote nothing
+    copied: dict = {}
+
+    def version() -> None:
+        with sessions() as db:
+            copied["run"] = reviewops.new_version(db, run.id, "rita")
+
+    versioner = threading.Thread(target=version, daemon=True)
+    versioner.start()
+    for _ in range(guard * 10):  # until it is blocked waiting for the refreshes
+        if _blocked_in(versioner, "_Refresher.wait") or not versioner.is_alive():
+            break
+        time.sleep(0.1)
+    assert _blocked_in(versioner, "_Refresher.wait") and not copied  # no copy while a refresh is held
+    release.set()
+    versioner.join(guard)
+    saver.join(guard)
+    reviewops._refresher(run.id, out).wait()
+    assert len(seen) == 2 and seen[1] - seen[0] == 2  # three saves, two refreshes; the second read all
+    report_after = (out / "report.html").read_bytes()
+    assert report_after != report_before  # the refresh ran for real
+    assert (reviewops.out_dir(copied["run"]) / "report.html").read_bytes() == report_after
 
 
 def test_template_versions(server, finished, backend):

@@ -80,12 +80,14 @@ def build_report(
                 file=out_path,
             )
 
+    recoded = False
     if data.blinded and data.folder_codes is None:
         # blinding is a property of the run folder: from now on every command writes it blinded
         from cytopipe.report.blinding import blinded_info, new_record, recode_folder
 
         record = new_record(data.codes, "cytopipe report --blinded", previous=data.info.get("blinding"))
         recode_folder(run_dir, data.codes, blinded_info(data.info, data.codes, record))
+        recoded = True
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tables_dir.mkdir(exist_ok=True)
     for old in tables_dir.glob("*.csv"):  # a previous report's tables (perhaps unblinded) go
@@ -94,9 +96,12 @@ def build_report(
         write_csv_text(tables_dir / f"{name}.csv", text)
     _atomic_write(out_path, page)
     if key is not None:
-        # the key of what this report was made from (computed again: blinding may have rewritten the folder)
-        key = report_key(run_dir, blinded=blinded, out=out_path, blind_key=blind_key, clinical=clinical,
-                         max_gallery=max_gallery)  # fmt: skip
+        # the key of what this report was made from: the one computed before reading the inputs (an
+        # input written meanwhile, e.g. a sign-off's review.json, must make the next call rebuild),
+        # computed again only when blinding rewrote the folder
+        if recoded:
+            key = report_key(run_dir, blinded=blinded, out=out_path, blind_key=blind_key, clinical=clinical,
+                             max_gallery=max_gallery)  # fmt: skip
         marker = run_dir / ".cache" / "report"
         marker.mkdir(parents=True, exist_ok=True)
         for old in marker.glob("*.json"):
@@ -126,8 +131,8 @@ def report_key(
     clinical: Any,
     max_gallery: int,
 ) -> str | None:
-    """Hash of everything a report is made from: the run folder's tables, run.json (without its
-    timings), the clinical table, the options and the report's own code. ``None``: not cacheable
+    """Hash of everything a report is made from: the run folder's tables, review.json, run.json
+    (without its timings), the clinical table, the options and the report's own code. ``None``: not cacheable
     (a clinical table given as a DataFrame)."""
     import hashlib
 
@@ -143,6 +148,7 @@ def report_key(
     for src in sorted(Path(__file__).parent.glob("*.py")):  # the report's code
         h.update(src.read_bytes())
     files = [run_dir / f"{name}.parquet" for name in _INPUTS] + sorted((run_dir / "clustering").glob("*"))
+    files.append(run_dir / "review.json")  # the gate-review section: sign-off, overrides and reasons
     for path in files:
         if path.is_file():
             h.update(f"{path.name} {file_sha256(path)}\n".encode())

@@ -612,7 +612,8 @@ def models(b: Builder) -> H.Section:
         "random intercept per patient (statsmodels MixedLM, REML). Each estimate is the difference in mean "
         f"change (percentage points) between an arm and {b.reference} at that visit, adjusted for the baseline "
         "value, with its 95% CI, p-value and Benjamini-Hochberg q-value across all populations, arms and "
-        "visits. Positive: the population rose more in that arm."))  # fmt: skip
+        "visits. CIs and p-values use a t reference with Satterthwaite degrees of freedom (with few patients "
+        "a normal reference rejects too often). Positive: the population rose more in that arm."))  # fmt: skip
     pops = d.populations
     mixed = mixed.copy()
     mixed["arm"] = mixed["comparison"].map(_arm_of)
@@ -631,7 +632,8 @@ def models(b: Builder) -> H.Section:
         "population": mixed["population"], "% of": mixed["parent"].replace({"root": "events"}), "arm": mixed["arm"],
         "week": mixed["visit"],
         "estimate, pp [95% CI]": [_ci_text(e, lo, hi) for e, lo, hi in zip(mixed["estimate"], mixed["ci_low"], mixed["ci_high"])],
-        "z": mixed["statistic"], "p": mixed["p"], "q": mixed["q"], "n": mixed["n"], "note": mixed["note"]})  # fmt: skip
+        "t": mixed["statistic"], "df": mixed["df"], "p": mixed["p"], "q": mixed["q"], "n": mixed["n"],
+        "note": mixed["note"]})  # fmt: skip
     s.add(b.table(mixed.drop(columns=["arm"]), "model_arm_visit",
                   "Mixed-model arm × visit estimates (rows with q < 0.05 highlighted).", shown=shown,
                   row_class=_sig_rows(mixed["q"]), collapse_over=400 if fitted else 0))  # fmt: skip

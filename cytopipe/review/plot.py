@@ -1,7 +1,7 @@
 """A gate drawn over its parent's density as inline SVG, from a gate-review row (no events).
 
 The density is the row's histogram (48 x 48 cells in 2-D, 96 bars in 1-D) on a log colour
-scale; gate lines carry ``data-param`` (e.g. ``CD25 >=``) so the page's script can drag them.
+scale, over the parent's full events in grey when the panel shows part of them (``background``); gate lines carry ``data-param`` (e.g. ``CD25 >=``) so the page's script can drag them.
 Drawing costs the same for a 1,000- or 1,000,000-event parent: the histogram is all it reads.
 """
 
@@ -23,13 +23,13 @@ _RGB = np.array([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in _RAMP], dty
 
 
 def _png(rgb: np.ndarray) -> str:
-    """A tiny RGB PNG (no filter, zlib level 1), base64: ~1 ms for a 48 x 48 grid."""
+    """A tiny RGB or RGBA PNG (no filter, zlib level 1), base64: ~1 ms for a 48 x 48 grid."""
     import base64
     import struct
     import zlib
 
-    h, w, _ = rgb.shape
-    raw = np.concatenate([np.zeros((h, 1), dtype=np.uint8), rgb.reshape(h, w * 3)], axis=1).tobytes()
+    h, w, channels = rgb.shape
+    raw = np.concatenate([np.zeros((h, 1), dtype=np.uint8), rgb.reshape(h, w * channels)], axis=1).tobytes()
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (
@@ -39,7 +39,8 @@ def _png(rgb: np.ndarray) -> str:
             + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
         )
 
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    color_type = 6 if channels == 4 else 2
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0))
     png += chunk(b"IDAT", zlib.compress(raw, 1)) + chunk(b"IEND", b"")
     return base64.b64encode(png).decode("ascii")
 
@@ -56,6 +57,7 @@ def panel_svg(row: Mapping[str, Any], width: int = WIDTH, height: int = HEIGHT) 
     xr = [float(v) for v in row["x_range"]] if len(row["x_range"]) else [0.0, 1.0]
     yr = [float(v) for v in row["y_range"]] if len(row["y_range"]) else [0.0, 1.0]
     counts = np.asarray(row["counts"], dtype=np.float64)
+    background = _background(row, counts.size)
 
     def px(x: float) -> float:
         return left + (x - xr[0]) / (xr[1] - xr[0] or 1.0) * pw
@@ -72,23 +74,35 @@ def panel_svg(row: Mapping[str, Any], width: int = WIDTH, height: int = HEIGHT) 
         f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#adb5bd"/>',
     ]
     if nx and ny and counts.size == nx * ny:  # the density as one small PNG image, scaled up crisp
+        if background.size:  # the parent's other events in grey, behind the shown ones
+            bg = background.reshape(ny, nx)[::-1]
+            shade = np.log1p(bg) / (np.log1p(bg.max()) or 1.0)
+            grey = (230 - 115 * shade).astype(np.uint8)
+            rgba = np.stack([grey, grey, grey, np.where(bg > 0, 255, 0).astype(np.uint8)], axis=-1)
+            out.append(
+                f'<image x="{left}" y="{top}" width="{pw}" height="{ph}" preserveAspectRatio="none" '
+                f'class="background" href="data:image/png;base64,{_png(rgba)}"/>'
+            )
         grid = counts.reshape(ny, nx)[::-1]  # row 0 at the top
         levels = np.log1p(grid) / (np.log1p(grid.max()) or 1.0)
         rgb = _RGB[np.minimum((levels * (len(_RAMP) - 1) + 0.5).astype(int), len(_RAMP) - 1)]
-        rgb[grid == 0] = 255
+        alpha = np.where(grid > 0, 255, 0 if background.size else 255).astype(np.uint8)
+        rgba = np.concatenate([rgb, alpha[..., None]], axis=-1)
+        rgba[grid == 0, :3] = 255
         out.append(
             f'<image x="{left}" y="{top}" width="{pw}" height="{ph}" preserveAspectRatio="none" '
-            f'class="density" href="data:image/png;base64,{_png(rgb)}"/>'
+            f'class="density" href="data:image/png;base64,{_png(rgba)}"/>'
         )
     elif nx and counts.size == nx:
-        peak = counts.max() or 1.0
+        peak = max(counts.max(), background.max() if background.size else 0.0) or 1.0
         cw = pw / nx
-        for i in np.nonzero(counts)[0]:
-            h = counts[i] / peak * ph
-            out.append(
-                f'<rect x="{_fmt(left + i * cw)}" y="{_fmt(top + ph - h)}" width="{_fmt(cw + 0.3)}" '
-                f'height="{_fmt(h)}" fill="#74c0fc"/>'
-            )
+        for values, fill, cls in ((background, "#ced4da", "background"), (counts, "#74c0fc", "density")):
+            for i in np.nonzero(values)[0]:
+                h = values[i] / peak * ph
+                out.append(
+                    f'<rect class="{cls}" x="{_fmt(left + i * cw)}" y="{_fmt(top + ph - h)}" '
+                    f'width="{_fmt(cw + 0.3)}" height="{_fmt(h)}" fill="{fill}"/>'
+                )
     shapes = json.loads(row["shapes"]) if isinstance(row["shapes"], str) else list(row["shapes"] or [])
     for shape in shapes:
         dash = ' stroke-dasharray="5 3"' if shape.get("negate") else ""
@@ -134,6 +148,14 @@ def panel_svg(row: Mapping[str, Any], width: int = WIDTH, height: int = HEIGHT) 
         )
     out.append("</svg>")
     return "".join(out)
+
+
+def _background(row: Mapping[str, Any], size: int) -> np.ndarray:
+    """The parent's full events per bin when the panel shows part of them (same grid), else empty."""
+    values = row.get("background") if hasattr(row, "get") else None
+    if values is None or isinstance(values, float) or len(values) != size:
+        return np.empty(0)
+    return np.asarray(values, dtype=np.float64)
 
 
 def _line(x1: float, y1: float, x2: float, y2: float, param: str, axis: str, value: float, dash: str) -> str:

@@ -422,10 +422,14 @@ def apply_review(
     samples: Iterable[str] | None = None,
     statistics: bool = True,
     report: bool = True,
+    write_tables: bool = True,
 ) -> dict[str, Any]:
     """Re-gate ``samples`` (default: every sample with an override now or before) with the overrides
     in force, replace their rows of population_stats and gate_review, and refresh the statistics,
-    catalog and report. Returns timings and, per overridden gate, its % of parent before/after."""
+    catalog and report. Returns timings and, per overridden gate, its % of parent before/after.
+    ``write_tables=False`` (with ``samples=[]``): only the statistics, catalog and report, from the
+    tables as they are (a background refresh must not write back a population_stats it read before
+    a concurrent re-gate replaced it)."""
     from cytopipe.report.gate_review import read_gate_review, write_gate_review
     from cytopipe.store import atomic_write_parquet
 
@@ -463,8 +467,9 @@ def apply_review(
             review, pd.concat(new_review, ignore_index=True), samples, sort_population=False
         )
     ps = _sources(ps, review, active, lr.state.template)
-    atomic_write_parquet(folder.table_path("population_stats"), ps)
-    write_gate_review(folder.path, review)
+    if write_tables or samples:
+        atomic_write_parquet(folder.table_path("population_stats"), ps)
+        write_gate_review(folder.path, review)
     t_tables = time.perf_counter() - t0
     problems: list[str] = []
     tables = {"population_stats": ps}

@@ -5,8 +5,9 @@ Every action is one database transaction holding the decision rows and their aud
 (``review.approve``, ``review.override``, ``review.pooled``, ``review.revert``, ``review.signoff``,
 ``run.version``); then the run folder's ``review.json`` is written from the database and the
 changed sample is re-gated (:func:`cytopipe.review.regate.apply_review`). population_stats and
-gate_review are updated before the answer; the statistics and the report follow in a background
-thread (one per run at a time).
+gate_review are updated before the answer (under the run's lock); the statistics and the report
+follow in a background thread that does not hold the lock: one refresh per run at a time, requests
+made meanwhile collapse into one more refresh, which reads the latest state.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def queue(
 
 def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
     """The gate of one sample as SVG panels (and their histograms, for the live frequency)."""
-    from cytopipe.report.gate_review import read_gate_review
+    from cytopipe.report.gate_review import panel_background, read_gate_review
     from cytopipe.review.plot import panel_svg
 
     review = read_gate_review(out_dir(run))
@@ -196,11 +197,13 @@ def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
     first = rows.iloc[0]
     panels = []
     for _, r in rows.iterrows():
+        background = panel_background(r)  # the parent's full events when the panel shows part of them
         panels.append({
             "svg": panel_svg(r), "x": r["x"], "y": r["y"], "x_range": list(map(float, r["x_range"])),
             "y_range": list(map(float, r["y_range"])), "x_bins": int(r["x_bins"]), "y_bins": int(r["y_bins"]),
-            "counts": [int(c) for c in r["counts"]], "shapes": r["shapes"], "condition": r["condition"],
-            "n_shown": int(r["n_shown"]), "gate_type": r["gate_type"],
+            "counts": [int(c) for c in r["counts"]], "background": [int(c) for c in background.ravel()],
+            "shapes": r["shapes"], "condition": r["condition"], "n_shown": int(r["n_shown"]),
+            "gate_type": r["gate_type"],
         })  # fmt: skip
     return {"sample_id": sample_id, "population": population, "parent": first["parent"],
             "count": int(first["count"]), "parent_count": int(first["parent_count"]),
@@ -213,12 +216,79 @@ def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
 # actions
 # ------------------------------------------------------------------------------------------------
 _apply_locks: dict[int, threading.RLock] = {}
+_refreshers: dict[int, _Refresher] = {}
 _guard = threading.Lock()
 
 
 def _run_lock(run_id: int) -> threading.RLock:
+    """Held while a run's tables are re-gated and written (seconds), never over the statistics and
+    report refresh (30-100 s under load), so a save does not wait for the previous save's refresh."""
     with _guard:
         return _apply_locks.setdefault(run_id, threading.RLock())
+
+
+def _refresh(out: Path) -> None:
+    """Statistics, catalog and report of a run folder from its tables and review.json as they are now."""
+    from cytopipe.review.regate import apply_review
+
+    apply_review(out, read_review(out), samples=[], statistics=True, report=True, write_tables=False)
+
+
+class _Refresher:
+    """The statistics and report refresh of one run: one running, at most one queued.
+
+    Every request gets a ticket; a refresh reads the run's state when it starts and completes every
+    ticket issued before that. Requests made while one runs collapse into one more refresh, which
+    starts after it and so takes the latest state.
+    """
+
+    def __init__(self, run_id: int, out: Path):
+        self.run_id, self.out = run_id, out
+        self._cond = threading.Condition()
+        self._issued = 0  # tickets handed out
+        self._done = 0  # every ticket up to this one is refreshed
+        self._running = False
+
+    def request(self) -> int:
+        with self._cond:
+            self._issued += 1
+            ticket = self._issued
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._loop, name=f"review-{self.run_id}", daemon=True).start()
+            return ticket
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._done >= self._issued:
+                    self._running = False
+                    self._cond.notify_all()
+                    return
+                target = self._issued  # this refresh reads the state after every request so far
+            try:
+                _refresh(self.out)
+            except Exception:
+                logger.exception(
+                    "run %s: refreshing statistics and report after a review failed", self.run_id
+                )
+            with self._cond:
+                self._done = target
+                self._cond.notify_all()
+
+    def wait(self, ticket: int | None = None) -> None:
+        """Until ``ticket`` (default: every request so far) is refreshed and nothing runs."""
+        with self._cond:
+            goal = self._issued if ticket is None else ticket
+            self._cond.wait_for(lambda: self._done >= goal and (ticket is not None or not self._running))
+
+
+def _refresher(run_id: int, out: Path) -> _Refresher:
+    with _guard:
+        got = _refreshers.get(run_id)
+        if got is None:
+            got = _refreshers[run_id] = _Refresher(run_id, out)
+        return got
 
 
 def _current_pct(run: Run, sample_id: str, population: str) -> float | None:
@@ -377,14 +447,18 @@ def new_version(db: DBSession, run_id: int, user: str) -> Run:
     run, _ = finished(db, run_id)
     parent = db.get(RunVersion, run_id)
     version = (parent.version if parent else 1) + 1
-    new = Run(study_id=run.study_id, status="finished", folder="", template_id=run.template_id,
-              n_samples=run.n_samples, started_by=user, exit_code=run.exit_code, finished_at=run.finished_at)  # fmt: skip
-    db.add(new)
-    db.flush()
-    folder = Path(run.folder).parent / str(new.id)
-    # Under the run's lock: a sign-off or approval refreshes the statistics and the report in a
-    # background thread (temporary names, then renames); copying mid-refresh fails or copies half.
+    # A save or sign-off refreshes the statistics and the report in a background thread (temporary
+    # names, then renames); copying mid-refresh fails or copies half. Under the run's lock no save
+    # writes tables or asks for a refresh; wait (before opening a database write) until the running
+    # and queued refreshes are done, then copy.
     with _run_lock(run_id):
+        _refresher(run_id, out_dir(run)).wait()
+        new = Run(study_id=run.study_id, status="finished", folder="", template_id=run.template_id,
+                  n_samples=run.n_samples, started_by=user, exit_code=run.exit_code,
+                  finished_at=run.finished_at)  # fmt: skip
+        db.add(new)
+        db.flush()
+        folder = Path(run.folder).parent / str(new.id)
         shutil.copytree(
             out_dir(run), folder / "out", ignore=shutil.ignore_patterns(".cache", "review.json", "*.tmp*")
         )
@@ -411,22 +485,16 @@ def _apply(
     """review.json from the database; re-gate ``samples`` (tables now); statistics and report after."""
     from cytopipe.review.regate import apply_review
 
-    st = state(db, run.id)
     out = out_dir(run)
-    write_review(out, st)
     result: dict[str, Any] = {}
-    if tables:
-        result = apply_review(out, st, samples=samples, statistics=False, report=False)
-
-    def finish() -> None:
-        with _run_lock(run.id):
-            try:
-                apply_review(out, read_review(out), samples=[], statistics=True, report=True)
-            except Exception:
-                logger.exception("run %s: refreshing statistics and report after a review failed", run.id)
-
-    if background:
-        threading.Thread(target=finish, name=f"review-{run.id}", daemon=True).start()
-    else:
-        finish()
+    with _run_lock(run.id):  # the tables now (re-entrant: change_gate already holds it)
+        st = state(db, run.id)
+        write_review(out, st)
+        if tables:
+            result = apply_review(out, st, samples=samples, statistics=False, report=False)
+        # requested after the tables are written: the refresh that serves it reads them
+        refresher = _refresher(run.id, out)
+        ticket = refresher.request()
+    if not background:
+        refresher.wait(ticket)
     return {"samples": result.get("samples", []), "seconds": result.get("seconds", {})}

@@ -238,6 +238,7 @@ def mixed_model_tests(
     robust = s.mixed_model_covariance == "robust"
     if robust:
         method += "; patient-clustered CR3 sandwich covariance"
+    t_ref = "Wald t, df = patients - 1" if robust else "Wald t, Satterthwaite df"
     rows: list[dict] = []
     common_all = {"measure": measure, "scale": outcome, "subgroup": "all"}
     if arms is None:
@@ -286,8 +287,9 @@ def mixed_model_tests(
                     ci_high=e.ci_high,
                     effect_label=label,
                     statistic=e.z,
+                    df=e.df,
                     p=e.p,
-                    method=method + ("; Wald t" if robust else "; Wald z"),
+                    method=method + "; " + t_ref,
                     n=fit.n_patients,
                     n_detail=detail,
                     note=note,
@@ -311,7 +313,12 @@ def mixed_model_tests(
                     statistic=stat,
                     df=df if df else np.nan,
                     p=p,
-                    method=method + ("; Wald, Hotelling F" if robust else "; Wald chi-square"),
+                    method=method
+                    + (
+                        "; Wald, Hotelling F"
+                        if robust
+                        else "; Wald F, Satterthwaite (Fai-Cornelius) denominator df"
+                    ),
                     n=fit.n_patients,
                     n_detail=detail,
                     note=fit.note
@@ -335,8 +342,9 @@ def mixed_model_tests(
                 ci_high=hi,
                 effect_label=f"slope of the visit-averaged arm effect on dose ({_SCALE_LABEL[outcome]} per dose unit)",
                 statistic=z,
+                df=fit.dose_slope_df,
                 p=p,
-                method=method + "; linear contrast of arm x visit effects, Wald " + ("t" if robust else "z"),
+                method=method + "; linear contrast of arm x visit effects, " + t_ref,
                 n=fit.n_patients,
                 n_detail=detail,
                 note=note,

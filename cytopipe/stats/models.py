@@ -16,6 +16,7 @@ from scipy import special
 from scipy import stats as sps
 
 from cytopipe.stats.nonparametric import mann_whitney
+from cytopipe.stats.smallsample import SatterthwaiteDF
 
 
 # ------------------------------------------------------------------------------------------------
@@ -25,8 +26,8 @@ from cytopipe.stats.nonparametric import mann_whitney
 class MixedModelFit:
     """Arm-by-visit effects of ``y ~ arm * visit + baseline`` with a random intercept per patient.
 
-    ``effects``: one row per (arm, visit) with estimate, se, z, p, ci_low, ci_high, n (patients of
-    that arm with data at that visit) and note; ``overall`` / ``interaction``: Wald chi-square,
+    ``effects``: one row per (arm, visit) with estimate, se, z (the Wald ratio), df (of its t
+    reference), p, ci_low, ci_high, n (patients of that arm with data at that visit) and note; ``overall`` / ``interaction``: Wald chi-square,
     df and p of the joint tests (NaN when not estimable); ``note``: fit warnings or failure reason.
     """
 
@@ -40,6 +41,8 @@ class MixedModelFit:
     converged: bool
     note: str
     group_sizes: dict[str, int]
+    #: t degrees of freedom of the dose slope (Satterthwaite; G - 1 with the robust covariance)
+    dose_slope_df: float = np.nan
 
 
 def fit_mixed_model(
@@ -66,9 +69,11 @@ def fit_mixed_model(
     ``dose_slope`` is the linear dose term: the least-squares slope, over all arms (reference effect
     0), of each arm's effect averaged over its visits against its dose (outcome units per dose unit).
     Cells (arm, visit) with fewer than ``min_group_size`` patients are left out of the design and
-    reported with p = NaN. ``covariance``: "model" (REML model-based covariance, normal reference:
-    assumes the same variances in every arm) or "robust" (patient-clustered CR3 sandwich, t(G-1)
-    and Hotelling-F reference: allows arm-specific variances).
+    reported with p = NaN. ``covariance``: "model" (REML model-based covariance, assumes the same
+    variances in every arm; t reference with Satterthwaite df and F(q, ddf) for joint tests, see
+    :mod:`cytopipe.stats.smallsample`) or "robust" (patient-clustered CR3 sandwich, t(G-1) and
+    Hotelling-F reference: allows arm-specific variances). ``effects`` carries each effect's ``df``;
+    its ``z`` column is the Wald ratio estimate / se, referred to t(df).
     """
     if covariance not in ("model", "robust"):
         raise ValueError(f"covariance must be 'model' or 'robust', not {covariance!r}")
@@ -143,17 +148,24 @@ def fit_mixed_model(
     n_groups = len(np.unique(groups))
     if covariance == "robust":
         cov = _cluster_robust_cov(exog, endog, groups, beta, scale, re_var)
-        df_resid = n_groups - 1  # t and F reference distributions with G - 1 degrees of freedom
+
+        def df_of(_contrast: np.ndarray) -> float:
+            return float(n_groups - 1)  # t and F reference distributions with G - 1 degrees of freedom
+
     else:
-        df_resid = None
+        satterthwaite = SatterthwaiteDF(exog, groups, scale, re_var)
+        df_of = satterthwaite.df
+        # (X'V^-1 X)^-1 at the REML variances: statsmodels' Hessian-based block is unreliable where
+        # it warns (e.g. one visit per patient, where only the sum of the two variances is identified)
+        cov = satterthwaite.cov
+
     se = np.sqrt(np.diag(cov))
-    crit = (
-        float(special.ndtri(1 - alpha / 2)) if df_resid is None else float(sps.t.ppf(1 - alpha / 2, df_resid))
-    )
     index = {nm: i for i, nm in enumerate(names)}
     for a, v in estimable:
         i = index[(a, v)]
         z = beta[i] / se[i]
+        df_i = df_of(_select([i], k)[0])
+        crit = float(sps.t.ppf(1 - alpha / 2, df_i))
         effect_rows.append(
             _effect(
                 a,
@@ -162,13 +174,24 @@ def fit_mixed_model(
                 beta[i],
                 se[i],
                 z,
-                _two_sided(z, df_resid),
+                _two_sided(z, df_i),
                 beta[i] - crit * se[i],
                 beta[i] + crit * se[i],
+                df=df_i,
             )
         )
     pos = [index[nm] for nm in estimable]
-    overall = _wald(beta, cov, _select(pos, k), n_groups if df_resid else None)
+    if covariance == "robust":
+
+        def joint(contrast: np.ndarray) -> tuple[float, int, float]:
+            return _wald(beta, cov, contrast, n_groups)
+
+    else:
+
+        def joint(contrast: np.ndarray) -> tuple[float, int, float]:
+            return _wald(beta, cov, contrast, ddf=satterthwaite.ddf(contrast))
+
+    overall = joint(_select(pos, k))
     contrasts = []
     for a in active:
         cols = [index[(a, v)] for v in visits if (a, v) in index]
@@ -176,12 +199,8 @@ def fit_mixed_model(
             r = np.zeros(k)
             r[c], r[cols[0]] = 1.0, -1.0
             contrasts.append(r)
-    interaction = (
-        _wald(beta, cov, np.array(contrasts), n_groups if df_resid else None)
-        if contrasts
-        else (np.nan, 0, np.nan)
-    )
-    dose_slope = nan6
+    interaction = joint(np.array(contrasts)) if contrasts else (np.nan, 0, np.nan)
+    dose_slope, dose_df = nan6, np.nan
     if doses is not None and all(a in doses for a in arms):
         d_all = np.array([doses[a] for a in arms], dtype=float)
         ss = float(np.sum((d_all - d_all.mean()) ** 2))
@@ -197,7 +216,9 @@ def fit_mixed_model(
             est, var = float(r @ beta), float(r @ cov @ r)
             se_s = np.sqrt(var)
             z = est / se_s
-            dose_slope = (est, se_s, z, _two_sided(z, df_resid), est - crit * se_s, est + crit * se_s)
+            dose_df = df_of(r)
+            crit = float(sps.t.ppf(1 - alpha / 2, dose_df))
+            dose_slope = (est, se_s, z, _two_sided(z, dose_df), est - crit * se_s, est + crit * se_s)
     fit = MixedModelFit(
         pd.DataFrame(effect_rows),
         overall,
@@ -208,6 +229,7 @@ def fit_mixed_model(
         True,
         "; ".join(notes),
         sizes,
+        dose_df,
     )
     return _finish(fit, [])
 
@@ -264,7 +286,9 @@ def _fit_mixedlm(
     return beta, cov, notes, float(result.scale), max(re_var, 0.0)
 
 
-def _effect(arm, visit, n, estimate=np.nan, se=np.nan, z=np.nan, p=np.nan, lo=np.nan, hi=np.nan, note=""):
+def _effect(
+    arm, visit, n, estimate=np.nan, se=np.nan, z=np.nan, p=np.nan, lo=np.nan, hi=np.nan, note="", df=np.nan
+):
     return {
         "arm": arm,
         "visit": int(visit),
@@ -272,6 +296,7 @@ def _effect(arm, visit, n, estimate=np.nan, se=np.nan, z=np.nan, p=np.nan, lo=np
         "estimate": estimate,
         "se": se,
         "z": z,
+        "df": df,
         "p": p,
         "ci_low": lo,
         "ci_high": hi,
@@ -284,7 +309,7 @@ def _finish(fit: MixedModelFit, not_fitted: list, rows: list | None = None) -> M
     for a, v in not_fitted:
         rows.append(_effect(a, v, np.nan, note=fit.note))
     effects = pd.DataFrame(
-        rows, columns=["arm", "visit", "n", "estimate", "se", "z", "p", "ci_low", "ci_high", "note"]
+        rows, columns=["arm", "visit", "n", "estimate", "se", "z", "df", "p", "ci_low", "ci_high", "note"]
     )
     fit.effects = effects.sort_values(["arm", "visit"], kind="mergesort").reset_index(drop=True)
     return fit
@@ -297,12 +322,17 @@ def _select(positions: list[int], k: int) -> np.ndarray:
 
 
 def _wald(
-    beta: np.ndarray, cov: np.ndarray, contrast: np.ndarray, n_groups: int | None = None
+    beta: np.ndarray,
+    cov: np.ndarray,
+    contrast: np.ndarray,
+    n_groups: int | None = None,
+    ddf: float | None = None,
 ) -> tuple[float, int, float]:
-    """Wald chi-square of H0: contrast @ beta = 0 (pseudo-inverse, df = rank).
+    """Wald chi-square W of H0: contrast @ beta = 0 (pseudo-inverse, df = rank q).
 
-    With ``n_groups`` (robust covariance) the p-value uses the Hotelling-type small-sample
-    approximation F = W / q * (G - q) / (G - 1) ~ F(q, G - q) instead of chi-square(q).
+    The p-value: with ``ddf`` (model-based covariance, Satterthwaite) W / q ~ F(q, ddf); with
+    ``n_groups`` (robust covariance) the Hotelling-type small-sample approximation
+    F = W / q * (G - q) / (G - 1) ~ F(q, G - q); with neither, chi-square(q).
     """
     lb = contrast @ beta
     lvl = contrast @ cov @ contrast.T
@@ -310,6 +340,8 @@ def _wald(
     if df == 0:
         return np.nan, 0, np.nan
     stat = float(lb @ np.linalg.pinv(lvl) @ lb)
+    if ddf is not None:
+        return stat, df, float(sps.f.sf(stat / df, df, ddf)) if np.isfinite(ddf) else np.nan
     if n_groups is None:
         return stat, df, float(sps.chi2.sf(stat, df))
     if n_groups <= df:

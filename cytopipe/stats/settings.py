@@ -42,7 +42,7 @@ class StatsSettings:
     mann_whitney_method: str = "auto"
     jonckheere_method: str = "auto"
     mixed_model: bool = True
-    #: covariance of the mixed-model fixed effects: "model" (REML, normal reference) or "robust"
+    #: covariance of the mixed-model fixed effects: "model" (REML, t / F with Satterthwaite df) or "robust"
     #: (patient-clustered CR3 sandwich with t(G-1) / Hotelling-F reference; arm-specific variances)
     mixed_model_covariance: str = "model"
     #: response-rate test: "chi2" (Pearson, no continuity correction) or "fisher"
