@@ -89,8 +89,11 @@ class Sampler:
         return [p for p in self.me.children(recursive=True) if "python" in p.name().lower()]
 
     def _run(self) -> None:
+        procs, listed = [], 0.0
         while not self._stop.is_set():
-            for p in self.workers():
+            if time.monotonic() - listed > 1.0:  # listing the process tree is the costly part
+                procs, listed = self.workers(), time.monotonic()
+            for p in procs:
                 try:
                     rss = p.memory_info().rss
                 except Exception:
