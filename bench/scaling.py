@@ -24,6 +24,14 @@ Timings on a shared machine are noisy; compare the ratios.
     python bench/scaling.py [--files 16] [--events 200000] [--repeat 5] [--data DIR] [--no-flowkit]
     python bench/scaling.py --files 24 --events 50000 --repeat 3 --no-flowkit   # a few minutes
     python bench/scaling.py --files 24 --events 200000                          # the issue's figures
+
+For the issue-17 figures, on a quiet machine, run exactly:
+
+    python bench/scaling.py --files 24 --events 200000 --repeat 5
+
+Besides wall times it prints the CPU seconds of each variant: this process (the plain loop; for
+Dask the client, scheduler and nannies) and the worker processes, so that Dask's own cost can be
+told apart from other load on a shared machine (CPU time barely moves with it; wall time does).
 """
 
 from __future__ import annotations
@@ -120,6 +128,12 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def cpu_s() -> float:
+    """CPU seconds of the calling process so far (run on each worker by ``client.run``)."""
+    t = os.times()
+    return t.user + t.system
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=16)
@@ -167,16 +181,21 @@ def main() -> None:
         out = loop()  # warm-up of this process
         assert all(r["ok"] for r in out), [r.get("error") for r in out if not r["ok"]]
         times: dict[str, list[float]] = {"loop": [], 1: [], 2: []}
+        cpu: dict[object, list[tuple[float, float]]] = {"loop": [], 1: [], 2: []}  # (this process, workers)
         in_task: dict[int, list[float]] = {1: [], 2: []}
         task_times: dict[int, list[float]] = {}
         for _ in range(args.repeat):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loop()
             times["loop"].append(time.perf_counter() - t0)
+            cpu["loop"].append((time.process_time() - c0, 0.0))
             for n, ex in executors.items():
-                t0 = time.perf_counter()
+                w0 = ex.client.run(cpu_s)
+                t0, c0 = time.perf_counter(), time.process_time()
                 res = dict(ex.map(gate_task, jobs, state, "bench", False))
                 times[n].append(time.perf_counter() - t0)
+                c1, w1 = time.process_time(), ex.client.run(cpu_s)
+                cpu[n].append((c1 - c0, sum(w1[k] - w0.get(k, 0.0) for k in w1)))
                 in_task[n].append(sum(r["seconds"] for r in res.values()))
                 task_times[n] = [res[i]["seconds"] for i in range(len(jobs))]
                 assert all(r["ok"] for r in res.values())
@@ -227,6 +246,18 @@ def main() -> None:
     overhead = min(times[1]) / lmin - 1
     print()
     print(f"speed-up, 2 workers vs 1:                 {speedup:.2f}x   (goal >= 1.8)")
+    for key, label in (("loop", "plain loop"), (1, "Dask, 1 worker"), (2, "Dask, 2 workers")):
+        main_cpu = statistics.median(c[0] for c in cpu[key])
+        work_cpu = statistics.median(c[1] for c in cpu[key])
+        print(f"CPU per run, {label:<16} this process {main_cpu:6.2f} s   workers {work_cpu:6.2f} s   "
+              f"= {1e6 * (main_cpu + work_cpu) / n_events:.2f} us per event")  # fmt: skip
+    loop_cpu = statistics.median(c[0] for c in cpu["loop"])
+    for n in (1, 2):
+        main_cpu = statistics.median(c[0] for c in cpu[n])
+        work_cpu = statistics.median(c[1] for c in cpu[n])
+        print(f"Dask CPU overhead, {n} worker{'s' if n > 1 else ' '} vs plain loop: workers "
+              f"{100 * (work_cpu / loop_cpu - 1):+.1f}%, client + scheduler + nannies {100 * main_cpu / loop_cpu:+.1f}% "
+              f"of the loop's CPU (on 2 cores their sum has to fit next to the workers)")  # fmt: skip
     print(f"Dask overhead, 1 worker vs plain loop:    {100 * overhead:+.1f}%   (goal < 10%); scheduling and "
           f"transfer alone (run wall time vs time inside its tasks): {100 * layer:+.1f}%")  # fmt: skip
     print(f"peak RSS per worker above its RSS when warm and idle: {growth:.0f} MB = "

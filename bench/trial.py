@@ -5,6 +5,12 @@
     python bench/trial.py --files 24 --events 50000 --workers 1  # ... on 1 worker (2-vs-1 ratio)
     python bench/trial.py --patients 1 --visits 0 --events 5000000 --workers 1   # memory, 5M events
 
+For the issue-17 figures, on a quiet machine, run exactly (the first run simulates the trial):
+
+    python bench/trial.py                       # 150 files x 200k, 2 workers: the phase table, 700M
+    python bench/trial.py --workers 1           # the same trial on 1 worker (CPU per event, 2-vs-1)
+    python bench/trial.py --patients 1 --visits 0 --events 5000000 --workers 1   # peak RSS / matrix
+
 The trial is simulated once into a cache folder outside the repository (``--cache``, default
 ``$XDG_CACHE_HOME/cytopipe-bench`` or ``~/.cache/cytopipe-bench``) and reused. The job is the one
 of ``workflows/sle_il2.yaml``: the canonical template (data-driven gates, pooled estimates), event
@@ -12,12 +18,17 @@ QC, gate-review data, FlowSOM (10x10, 15 metaclusters, trained on 200k Live cell
 event of every file mapped), UMAP, statistics with the clinical table, and report.html, on a
 local Dask cluster of ``--workers`` processes.
 
-Printed: per-phase wall time (run.json), events/s, the peak RSS of each worker during each phase
+Printed: per-phase wall time (run.json), the CPU seconds of the worker processes and of this
+process (client, scheduler, nannies) in each phase and the workers' CPU microseconds per event,
+events/s, the peak RSS of each worker during each phase
 above its warm idle RSS, against the largest event matrix of the trial (goal <= 3x), the load
 average, and the extrapolation to 700M events (500 patients x 7 visits x 200k), with the fixed
 costs (cluster start, model training, UMAP, statistics, report) separated from the per-file
 ones. Statistics and the report do grow with the number of patients; the extrapolation also
 prints the bound with them scaled linearly. Timings on a shared machine are noisy: note the load.
+CPU seconds are much less sensitive to other load than wall time: the per-event cost against the
+gating kernel is computed from them (the workers' CPU in the per-file phases per event vs the
+kernel's CPU per event in this process).
 """
 
 from __future__ import annotations
@@ -68,15 +79,21 @@ class Sampler:
         self.phase = "start"
         self.peak: dict[tuple[str, int], int] = {}  # (phase, pid) -> peak RSS
         self.idle: dict[int, int] = {}
+        self.cpu: dict[str, list[float]] = {}  # phase -> [worker CPU s, this process's CPU s]
+        self._procs: dict[int, object] = {}
+        self.threads: dict[str, dict[str, float]] = {}  # phase -> this process's CPU s by thread
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
 
     def workers(self):
         return [p for p in self.me.children(recursive=True) if "python" in p.name().lower()]
 
     def _run(self) -> None:
+        procs, listed = [], 0.0
         while not self._stop.is_set():
-            for p in self.workers():
+            if time.monotonic() - listed > 1.0:  # listing the process tree is the costly part
+                procs, listed = self.workers(), time.monotonic()
+            for p in procs:
                 try:
                     rss = p.memory_info().rss
                 except Exception:
@@ -85,6 +102,36 @@ class Sampler:
                 if rss > self.peak.get(key, 0):
                     self.peak[key] = rss
             time.sleep(0.02)
+
+    def cpu_now(self) -> tuple[float, float]:
+        """(CPU seconds of every worker process so far, of this process)."""
+        total = 0.0
+        for p in self.workers():
+            proc = self._procs.setdefault(p.pid, p)  # keep the object: a dead worker's last reading
+            try:
+                t = proc.cpu_times()
+                proc._last_cpu = t.user + t.system
+            except Exception:
+                pass
+        for proc in self._procs.values():
+            total += getattr(proc, "_last_cpu", 0.0)
+        t = self.me.cpu_times()
+        return total, t.user + t.system
+
+    def threads_now(self) -> dict[str, float]:
+        """CPU seconds of this process's threads by name (main, the Dask event loop, ...)."""
+        names = {th.native_id: th.name for th in threading.enumerate()}
+        out: dict[str, float] = {}
+        for th in self.me.threads():
+            name = names.get(th.id, "other (native)")
+            out[name] = out.get(name, 0.0) + th.user_time + th.system_time
+        return out
+
+    def add_cpu(self, name: str, before: tuple[float, float], sampler_cpu: float = 0.0) -> None:
+        after = self.cpu_now()
+        acc = self.cpu.setdefault(name, [0.0, 0.0])
+        acc[0] += after[0] - before[0]
+        acc[1] += after[1] - before[1] - sampler_cpu  # this benchmark's own RSS sampling left out
 
     def start(self) -> None:
         self._thread.start()
@@ -185,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     phases = {s["step"]: float(s["seconds"]) for s in info["steps"]}
     report(args, info, phases, timings, start_s, total, n_events, len(samples), largest, sampler, load0, load1,
            rerun_s)  # fmt: skip
-    kernel_cost(args, trial / samples["file"].iloc[0], info, phases, timings, n_events)
+    kernel_cost(args, trial / samples["file"].iloc[0], info, phases, timings, n_events, sampler)
     return 0
 
 
@@ -198,9 +245,15 @@ def _state(wf):
 def _phase(sampler: Sampler, name: str, fn):
     def run(*args, **kwargs):
         sampler.phase = name
+        before, threads = sampler.cpu_now(), sampler.threads_now()
         try:
             return fn(*args, **kwargs)
         finally:
+            after = sampler.threads_now()
+            sampler.add_cpu(name, before, after.get("rss-sampler", 0.0) - threads.get("rss-sampler", 0.0))
+            acc = sampler.threads.setdefault(name, {})
+            for th, sec in after.items():
+                acc[th] = acc.get(th, 0.0) + sec - threads.get(th, 0.0)
             sampler.phase = "between"
 
     return run
@@ -208,11 +261,12 @@ def _phase(sampler: Sampler, name: str, fn):
 
 def _timed(timings: dict[str, float], name: str, fn):
     def run(*args, **kwargs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             return fn(*args, **kwargs)
         finally:
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+            timings[f"{name} cpu"] = timings.get(f"{name} cpu", 0.0) + time.process_time() - c0
 
     return run
 
@@ -227,6 +281,10 @@ def report(
           f"(1-min), {load1[1]:.1f} (5-min)")  # fmt: skip
     # the per-phase table: wall time, share, per-file or fixed; UMAP and training split out
     rows = [("executor-start", start_s)]
+    for inner, outer in (("umap", "clustering-map"), ("clustering-model", "clustering-train")):
+        if f"{inner} cpu" in timings and outer in sampler.cpu:  # done in this process, inside the phase
+            sampler.cpu[outer][1] -= timings[f"{inner} cpu"]
+            sampler.cpu[inner] = [0.0, timings[f"{inner} cpu"]]
     for name, sec in phases.items():
         if name == "clustering-map" and "umap" in timings:
             rows += [("clustering-map", sec - timings["umap"]), ("umap", timings["umap"])]
@@ -237,12 +295,26 @@ def report(
             rows.append((name, sec))
     wall = start_s + total
     print()
-    print(f"{'phase':<20}{'seconds':>9}{'share':>8}{'kind':>10}{'worker peak / matrix':>24}")
+    print(f"{'phase':<20}{'seconds':>9}{'share':>8}{'kind':>10}{'worker CPU s':>14}{'us/event':>10}"
+          f"{'main CPU s':>12}{'worker peak / matrix':>24}")  # fmt: skip
     for name, sec in rows:
         kind = "fixed" if name in FIXED else "per file"
         peak = _peak_ratio(sampler, name, largest)
-        print(f"{name:<20}{sec:>9.1f}{100 * sec / wall:>7.0f}%{kind:>10}{peak:>24}")
+        wcpu, mcpu = sampler.cpu.get(name, (None, None))
+        cpu_cols = f"{'-':>14}{'-':>10}{'-':>12}"
+        if wcpu is not None:
+            cpu_cols = f"{wcpu:>14.1f}{1e6 * wcpu / n_events:>10.2f}{mcpu:>12.1f}"
+        print(f"{name:<20}{sec:>9.1f}{100 * sec / wall:>7.0f}%{kind:>10}{cpu_cols}{peak:>24}")
+    per_file_cpu = [sampler.cpu[n] for n, _ in rows if n not in FIXED and n in sampler.cpu]
+    wsum, msum = sum(c[0] for c in per_file_cpu), sum(c[1] for c in per_file_cpu)
     print(f"{'total':<20}{wall:>9.1f}")
+    print(f"per-file phases: worker CPU {wsum:.1f} s = {1e6 * wsum / n_events:.2f} us per event; this process "
+          f"(client, scheduler, nannies) {msum:.1f} s = {100 * msum / max(wsum, 1e-9):.0f}% of the workers' "
+          f"CPU; worker CPU / (wall x workers) = {wsum / max(per_file_wall(rows) * args.workers, 1e-9):.2f}")  # fmt: skip
+    for name in ("gating-fit", "clustering-map"):
+        busy = sorted(sampler.threads.get(name, {}).items(), key=lambda kv: -kv[1])[:4]
+        if busy:
+            print(f"  this process in {name}, CPU s by thread: " + ", ".join(f"{t} {s:.1f}" for t, s in busy))
     fixed = sum(sec for name, sec in rows if name in FIXED)
     per_file = sum(sec for name, sec in rows if name not in FIXED)
     print()
@@ -268,7 +340,11 @@ def report(
               "for the cores; times are pessimistic")  # fmt: skip
 
 
-def kernel_cost(args, path: Path, info, phases, timings, n_events) -> None:
+def per_file_wall(rows) -> float:
+    return sum(sec for name, sec in rows if name not in FIXED)
+
+
+def kernel_cost(args, path: Path, info, phases, timings, n_events, sampler=None) -> None:
     """The study pipeline's per-event cost (worker-seconds of the per-file phases per event)
     against the kernel of bench/gating.py (the template with medians on one read sample, in this
     process, warm, min of 3): the goal is <= 1.5x."""
@@ -277,18 +353,30 @@ def kernel_cost(args, path: Path, info, phases, timings, n_events) -> None:
 
     sample, template = read_fcs(path), load_template(TEMPLATE)
     gate(sample, template)  # warm-up (numba, caches)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
+    best = best_cpu = float("inf")
+    for _ in range(5):
+        t0, c0 = time.perf_counter(), time.process_time()
         gate(sample, template)
         best = min(best, time.perf_counter() - t0)
+        best_cpu = min(best_cpu, time.process_time() - c0)
     kernel = best / sample.n_events
+    kernel_cpu = best_cpu / sample.n_events
     per_file = sum(sec for name, sec in phases.items() if name not in FIXED) - timings.get("umap", 0.0)
     per_file -= timings.get("clustering-model", 0.0)
     pipeline_cost = per_file * args.workers / n_events
     print(f"per-event cost: study pipeline {1e6 * pipeline_cost:.2f} us (per-file phases x {args.workers} "
           f"workers / events) vs the template-with-medians kernel {1e6 * kernel:.2f} us "
           f"({sample.n_events:,} events, this process) = {pipeline_cost / kernel:.2f}x   (goal <= 1.5x)")  # fmt: skip
+    if sampler is not None and sampler.cpu:
+        cpu = sum(c[0] for n, c in sampler.cpu.items() if n not in FIXED) / n_events
+        print(f"per-event CPU: the workers' CPU in the per-file phases {1e6 * cpu:.2f} us vs the kernel's CPU "
+              f"{1e6 * kernel_cpu:.2f} us per event = {cpu / kernel_cpu:.2f}x   (goal <= 1.5x; CPU time is "
+              "less sensitive to other load than wall time)")  # fmt: skip
+        for name, (wcpu, _) in sampler.cpu.items():
+            if name not in FIXED and wcpu / n_events > 0.05 * kernel_cpu:
+                print(
+                    f"  {name:<18}{1e6 * wcpu / n_events:>7.2f} us/event = {wcpu / n_events / kernel_cpu:.2f}x the kernel"
+                )
 
 
 def _ratio(sampler: Sampler, phase: str, largest: int) -> float:

@@ -380,3 +380,34 @@ def test_importing_the_package_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_group_medians_equal_numpys_median_bit_for_bit():
+    """The metacluster medians (a histogram selection for float32 columns) are np.median's values
+    exactly: ties, signed zeros, huge and infinite values, a NaN in a column, empty groups."""
+    from cytopipe.cluster.abundance import group_medians
+
+    rng = np.random.default_rng(20261203)
+    for trial in range(60):
+        n, kind = int(rng.integers(1, 2500)), trial % 5
+        shape = (n, 6)
+        if kind == 0:
+            x = rng.normal(0, 1000, shape)
+        elif kind == 1:
+            x = rng.integers(-3, 4, shape).astype(float)  # ties and zeros
+        elif kind == 2:
+            x = rng.lognormal(5, 3, shape) * rng.choice([-1, 1], shape)
+        elif kind == 3:
+            x = np.where(rng.random(shape) < 0.3, -0.0, rng.normal(0, 1, shape))  # -0.0 ties 0.0
+        else:
+            x = rng.normal(1e30, 1e30, shape)
+        x = x.astype(np.float32)
+        x[rng.integers(0, n), 2] = np.nan if trial % 3 == 0 else np.inf
+        labels = rng.integers(1, 16, n)  # some of the 16 groups stay empty
+        cols = np.array([0, 2, 3, 5])
+        counts, med = group_medians(x, cols, labels, 16)
+        for g in range(16):
+            rows = np.flatnonzero(labels == g + 1)
+            assert counts[g] == len(rows)
+            want = np.median(x[np.ix_(rows, cols)], axis=0) if len(rows) else np.full(len(cols), np.nan)
+            assert med[g].tobytes() == np.asarray(want, dtype=np.float64).tobytes(), (trial, g)

@@ -34,6 +34,20 @@ def _count_fits(monkeypatch) -> list[int]:
     return calls
 
 
+def _count_time_qc(monkeypatch) -> list[int]:
+    from cytopipe import qc
+
+    calls = [0]
+    real = qc.time_qc
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qc, "time_qc", counted)
+    return calls
+
+
 def test_one_pass_gives_the_tables_of_separate_passes(sim_run, sim_trial, tmp_path, monkeypatch):
     info = json.loads((sim_run / "run.json").read_text())
     steps = {s["step"]: s for s in info["steps"]}
@@ -45,8 +59,12 @@ def test_one_pass_gives_the_tables_of_separate_passes(sim_run, sim_trial, tmp_pa
     assert not (sim_run / ".cache" / steps_module.MAP_INPUTS).exists()  # removed after mapping
 
     counted = fused_fits = _count_fits(monkeypatch)
+    qc_runs = _count_time_qc(monkeypatch)
     fused = run_workflow(workflow(sim_trial, tmp_path / "fused"), scheduler="synchronous", progress=False)
     assert_same_outputs(sim_run, tmp_path / "fused")
+    # event QC once per file: in the pooling pass; the gating pass takes it from there
+    pooled = {s["step"]: s for s in fused.info["steps"]}["transforms"]["samples_pooled"]
+    assert pooled == n and qc_runs[0] == n
 
     monkeypatch.setattr(steps_module, "needs_regating", lambda *a, **k: True)
     monkeypatch.setattr(tasks, "sample_cluster_inputs", lambda *a, **k: {})

@@ -57,10 +57,29 @@ def group_medians(
     order = np.argsort(lab, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(counts)])
     med = np.full((n_groups, len(cols)), np.nan, dtype=np.float64)
-    for g in range(n_groups):
-        if counts[g]:
-            rows = order[bounds[g] : bounds[g + 1]]
-            med[g] = np.median(events[np.ix_(rows, cols)], axis=0)
+    if events.dtype == np.float32 and events.size:
+        # float32 columns without NaN: a histogram selection instead of gather + partition
+        # (equal to np.median bit for bit, which the columns with a NaN still use)
+        from cytopipe.gating._median import MedianScratch, median_like_numpy
+
+        scratch = MedianScratch(int(counts.max()) if counts.size else 1)
+        fast = [not np.isnan(events[:, c]).any() for c in cols]
+        for j, c in enumerate(cols):
+            if not fast[j]:
+                continue
+            column = np.ascontiguousarray(events[:, c])
+            for g in range(n_groups):
+                if counts[g]:
+                    med[g, j] = median_like_numpy(column, order[bounds[g] : bounds[g + 1]], scratch)
+        slow = [c for j, c in enumerate(cols) if not fast[j]]
+    else:
+        slow = list(cols)
+    if slow:
+        at = [j for j, c in enumerate(cols) if c in set(slow)]
+        for g in range(n_groups):
+            if counts[g]:
+                rows = order[bounds[g] : bounds[g + 1]]
+                med[g, at] = np.median(events[np.ix_(rows, slow)], axis=0)
     return counts, med
 
 

@@ -21,6 +21,13 @@ _COARSE = 1 << 8
 
 @numba.njit(cache=True, nogil=True)
 def _median_f32(values, idx, hist, coarse, buf, bits, keys):
+    lo, hi = _middle_f32(values, idx, hist, coarse, buf, bits, keys)
+    return 0.5 * (np.float64(lo) + np.float64(hi))
+
+
+@numba.njit(cache=True, nogil=True)
+def _middle_f32(values, idx, hist, coarse, buf, bits, keys):
+    """The two middle order statistics of ``values[idx]`` (the same one twice for an odd count)."""
     m = idx.shape[0]
     hist[:] = 0
     coarse[:] = 0
@@ -58,7 +65,7 @@ def _median_f32(values, idx, hist, coarse, buf, bits, keys):
             c += 1
     sub = buf[:c]
     sub.sort()
-    return 0.5 * (np.float64(sub[k1 - before]) + np.float64(sub[k2 - before]))
+    return sub[k1 - before], sub[k2 - before]
 
 
 class MedianScratch:
@@ -70,6 +77,17 @@ class MedianScratch:
         self.buf = np.empty(max(n, 1), dtype=np.float32)
         self.bits = self.buf.view(np.uint32)
         self.keys = np.empty(max(n, 1), dtype=np.uint16)
+
+
+def median_like_numpy(values: np.ndarray, idx: np.ndarray, scratch: MedianScratch) -> float:
+    """``np.median(values[idx])`` bit for bit for a float32 column without NaN: the middle value,
+    or the float32 mean of the two middle values (numpy's float32 arithmetic), as a float."""
+    lo, hi = _middle_f32(values, idx, scratch.hist, scratch.coarse, scratch.buf, scratch.bits, scratch.keys)
+    if lo == 0 or hi == 0:  # -0.0 and 0.0 tie for numpy: which one is in the middle is its partition's
+        return float(np.median(values[idx]))
+    if len(idx) % 2:
+        return float(np.float32(lo))
+    return float((np.float32(lo) + np.float32(hi)) / np.float32(1.0 + 1.0))
 
 
 def median(

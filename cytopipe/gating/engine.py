@@ -324,6 +324,7 @@ def gate(
     transforms: Mapping[str, Mapping] | None = None,
     medians: bool = True,
     controls: Mapping[str, Any] | None = None,
+    keep_values: bool = False,
 ) -> GatingResult:
     """Gate one sample with a template.
 
@@ -333,6 +334,9 @@ def gate(
     entries to the template's ``panel``; ``transforms`` overrides per-marker transforms
     (e.g. the ones locked for a study). ``medians=False`` skips the per-population medians.
     ``controls`` maps a marker to its FMO control sample (``reference`` gates with ``control: fmo``).
+    ``keep_values=True`` keeps the engine's compensated matrix on the result, so that
+    :meth:`GatingResult.event_values` of the same sample does not compensate it again (it is as
+    large as the compensated channels of the event matrix: keep the result only while needed).
     """
     if not isinstance(template, Template):
         from cytopipe.gating.loading import load_template
@@ -348,7 +352,7 @@ def gate(
         transforms=transforms,
         controls=controls,
     )
-    return engine.run(pooled=pooled, sample_meta=sample_meta, medians=medians)
+    return engine.run(pooled=pooled, sample_meta=sample_meta, medians=medians, keep_values=keep_values)
 
 
 class Engine:
@@ -491,6 +495,7 @@ class Engine:
         block = _adapters.compensate_block(self.events, cols, comp)  # channel-major (k x n)
         self._comp[key] = ({c: j for j, c in enumerate(cols)}, block)
         self.applied_compensation = comp.to_dict()
+        self._applied_block = self._comp[key]  # what EventValues would compute from result.compensation
         return self._comp[key]
 
     def _compensation(self, key: str):
@@ -623,6 +628,7 @@ class Engine:
         pooled: PooledEstimates | None = None,
         sample_meta: Mapping[str, Any] | None = None,
         medians: bool = True,
+        keep_values: bool = False,
     ) -> GatingResult:
         n = self.events.shape[0]
         meta = _meta(sample_meta, self.file)
@@ -688,6 +694,9 @@ class Engine:
         result.overrides = dict(self.overrides)
         result.compensation = getattr(self, "applied_compensation", None)
         result.transforms = dict(self.applied_transforms)
+        kept = getattr(self, "_applied_block", None)
+        if keep_values and kept is not None:  # read by EventValues (the same events only)
+            result._kept_block = (self.events, *kept)
         if medians:
             self._medians(result)
         return result

@@ -664,6 +664,7 @@ class Learner:
         pooled=None,
         sample_meta: Mapping[str, Any] | None = None,
         medians: bool = True,
+        keep_values: bool = False,
         **kw,
     ) -> GatingResult:
         """Gate one sample: learned gates where there are examples, the template elsewhere. Called
@@ -673,7 +674,7 @@ class Learner:
         if sample_id is None and sample_meta:
             sample_id = str(sample_meta.get("sample_id"))
         return self.engine(sample, sample_id, **kw).run(
-            pooled=pooled, sample_meta=sample_meta, medians=medians
+            pooled=pooled, sample_meta=sample_meta, medians=medians, keep_values=keep_values
         )
 
 

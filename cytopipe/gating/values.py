@@ -69,7 +69,14 @@ class EventValues:
                 file=result.file,
             )
         self._block: tuple[dict[int, int], np.ndarray] | None = None
+        kept = getattr(result, "_kept_block", None)  # gate(..., keep_values=True): the engine's own block
+        if kept is not None and kept[0] is self.events:
+            self._block = (kept[1], kept[2])
         self._cache: dict[tuple, np.ndarray] = {}
+
+    def forget(self) -> None:
+        """Free the cached per-population values (the compensated matrix stays)."""
+        self._cache.clear()
 
     @property
     def n_events(self) -> int:

@@ -39,6 +39,7 @@ from cytopipe.pipeline.statistics import step_statistics
 from cytopipe.pipeline.tasks import (
     fit_task,
     gate_task,
+    known_qc,
     needs_regating,
     pool_task,
     prepare_sample,
@@ -334,6 +335,8 @@ def step_transforms(ctx: RunContext) -> dict[str, Any]:
     )
     results = _run_cached_phase(ctx, "pool", pool_task, settings_key)
     pools = [results[j["sample_id"]] for j in ctx.alive()]
+    for job in ctx.alive():  # later passes over the file take its event QC from here
+        job["qc"] = known_qc(results[job["sample_id"]])
     if not pools:
         return {"estimate": spec.get("estimate"), "samples_pooled": 0}
     if spec.get("estimate") != "study":  # one arcsinh cofactor per `cofactor: auto` channel per study

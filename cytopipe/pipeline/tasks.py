@@ -112,6 +112,7 @@ def pool_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
         prep = prepare_sample(job, state)
         sample = prep.sample
         n = sample.n_events
+        n_raw = int(prep.metrics["events_before_qc"])
         k = min(state.pool_events, n)
         rng = np.random.default_rng([state.seed, int(job["sha256"][:15], 16)])
         rows = np.sort(rng.choice(n, size=k, replace=False))
@@ -122,16 +123,35 @@ def pool_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
 
             pool, cols = pool_columns(sub, sample.channels, state.pool_markers, state.template.panel)
             pnr = [float(sample.channels["pnr"].iloc[c]) if c is not None else 0.0 for c in cols]
-            return {"pool": pool, "pnr": pnr, "metrics": prep.metrics}
+            return {"pool": pool, "pnr": pnr, "metrics": prep.metrics, **_qc_record(prep, n_raw)}
         mapping = resolve_markers(sample.channels, state.pool_markers, mapping=state.template.panel or None)
         cols = [pnn.index(mapping[m]) for m in state.pool_markers]
         return {
             "pool": np.ascontiguousarray(sub[:, cols], dtype=np.float32),
             "pnr": [float(sample.channels["pnr"].iloc[c]) for c in cols],
             "metrics": prep.metrics,
+            **_qc_record(prep, n_raw),
         }
 
     return _guard(body)
+
+
+def _qc_record(prep: Prepared, n_raw: int) -> dict[str, Any]:
+    """The sample's event QC as a few bytes (one bit per dropped event), so that the later
+    passes over the file (given it as ``job["qc"]``) do not redo it."""
+    drop = None
+    if prep.kept is not None:
+        mask = np.ones(n_raw, dtype=bool)
+        mask[prep.kept] = False
+        drop = np.packbits(mask)
+    return {"qc_events": int(n_raw), "qc_drop": drop}
+
+
+def known_qc(results: Mapping[str, Any]) -> tuple[int, Any, dict[str, Any]] | None:
+    """``job["qc"]`` from a result of :func:`pool_task` (None when it has no QC record)."""
+    if "qc_events" not in results:
+        return None
+    return int(results["qc_events"]), results.get("qc_drop"), dict(results["metrics"])
 
 
 def fit_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
@@ -147,7 +167,12 @@ def fit_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
         prep = prepare_sample(job, state)
         gate = gating.gate if state.learner is None else state.learner.gate  # `examples:` (learned gates)
         result = gate(
-            prep.sample, state.template, sample_meta=prep.meta, transforms=state.transforms, medians=True
+            prep.sample,
+            state.template,
+            sample_meta=prep.meta,
+            transforms=state.transforms,
+            medians=True,
+            keep_values=True,  # one compensated matrix, shared by review data and clustering inputs
         )
         return {"fits": result.fit_records(job["sample_id"]), **_gated_outputs(job, state, prep, result)}
 
@@ -159,7 +184,7 @@ def gate_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
 
     def body() -> dict[str, Any]:
         prep = prepare_sample(job, state)
-        result = gate_prepared(prep, state)
+        result = gate_prepared(prep, state, keep_values=True)
         return _gated_outputs(job, state, prep, result)
 
     return _guard(body)
@@ -175,14 +200,18 @@ def _gated_outputs(job: Mapping[str, Any], state: StudyState, prep: Prepared, re
     stats["gate_flags"] = ["; ".join(flags.get(p, [])) for p in stats["population"]]
     from cytopipe.report.gate_review import gate_review_data
 
+    # the engine's compensated matrix (kept on the result), shared by the review data and the
+    # clustering inputs: the sample is compensated once per task
+    values = result.event_values(prep.sample)
     out = {
         "stats": stats,
-        "review": gate_review_data(prep.sample, result, job["sample_id"]),  # a few kB, no events
+        "review": gate_review_data(prep.sample, result, job["sample_id"], values=values),  # a few kB
         "gate_flags": [f"gate {p}: {f}" for p, f in result.flags],
         "metrics": prep.metrics,
     }
+    values.forget()  # the review's per-population values: not needed by the clustering inputs
     if state.cluster is not None:
-        out.update(sample_cluster_inputs(job, state, prep, result))
+        out.update(sample_cluster_inputs(job, state, prep, result, values=values))
     return out
 
 
@@ -256,7 +285,7 @@ def _guard(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def gate_prepared(prep: Prepared, state: StudyState, medians: bool = True) -> Any:
+def gate_prepared(prep: Prepared, state: StudyState, medians: bool = True, keep_values: bool = False) -> Any:
     """Gating pass 2 of a prepared sample: the study's template with its pooled estimates and
     transforms. Statistics, clustering and export all gate through here, so they see the same
     populations."""
@@ -269,6 +298,7 @@ def gate_prepared(prep: Prepared, state: StudyState, medians: bool = True) -> An
         sample_meta=prep.meta,
         transforms=state.transforms,
         medians=medians,
+        keep_values=keep_values,
     )
 
 
@@ -276,7 +306,8 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
     """read -> event QC on raw values (margins, then time anomalies) -> the kept events.
 
     Compensation and transforms are applied by the gating engine, once per gated dimension.
-    Peak memory: the raw matrix plus one filtered copy.
+    Peak memory: the raw matrix plus one filtered copy. ``job["qc"]`` (:func:`known_qc`: the QC
+    of an earlier pass over the same file, with the same settings) is used instead of redoing it.
     """
     from cytopipe import qc
     from cytopipe.fcs import read_fcs
@@ -290,6 +321,14 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
         sample.spillover = state.spillover
     events = sample.events
     n_raw = events.shape[0]
+    known = job.get("qc")
+    if known is not None and int(known[0]) == n_raw:
+        kept = None
+        if known[1] is not None:
+            drop = np.unpackbits(np.asarray(known[1], dtype=np.uint8), count=n_raw).astype(bool)
+            kept = np.flatnonzero(~drop)
+            sample.events = events[kept]
+        return Prepared(sample=sample, metrics=dict(known[2]), meta=sample_meta(job), kept=kept)
     margin = qc.margin_qc(events, sample.channels, state.qc)
     rows = np.flatnonzero(~margin.bad) if margin.bad.any() else None
     tres = qc.time_qc(events, sample.channels, state.qc, rows=rows)
@@ -383,7 +422,9 @@ def _gated(job: Mapping[str, Any], state: Any) -> tuple[Any, Any]:
     return prep, gate_prepared(prep, state, medians=False)
 
 
-def sample_cluster_inputs(job: Mapping[str, Any], state: Any, prep: Any, result: Any) -> dict[str, Any]:
+def sample_cluster_inputs(
+    job: Mapping[str, Any], state: Any, prep: Any, result: Any, values: Any = None
+) -> dict[str, Any]:
     """From a sample's gating pass (on its worker): its training cells (as :func:`train_task`
     draws them) and its mapping inputs, written to ``plan.inputs_dir`` (parent events x
     clustering markers, transformed; x median markers, linear; membership of the concordance
@@ -393,7 +434,7 @@ def sample_cluster_inputs(job: Mapping[str, Any], state: Any, prep: Any, result:
     out: dict[str, Any] = {}
     try:
         idx = result.indices(plan.population)
-        values = result.event_values(prep.sample)
+        values = values if values is not None else result.event_values(prep.sample)
         if plan.n_train:
             from cytopipe.cluster import subsample_indices
 

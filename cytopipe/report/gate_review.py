@@ -128,18 +128,21 @@ def gate_review_data(
     *,
     bins_2d: int = BINS_2D,
     bins_1d: int = BINS_1D,
+    values: Any = None,
 ) -> pd.DataFrame:
     """Gate-review rows (see the module docstring) for one gated sample.
 
     ``sample`` is the :class:`cytopipe.Sample` the gating engine saw (after event QC) and ``result``
-    its :class:`~cytopipe.gating.GatingResult`. Cost: one histogram per panel over the parent's
+    its :class:`~cytopipe.gating.GatingResult`; ``values`` its
+    :meth:`~cytopipe.gating.GatingResult.event_values` when the caller has them already. Cost: one histogram per panel over the parent's
     events (a few ms per 100k events); the output holds no events.
     """
     if sample_id is None:
         sample_id = Path(str(getattr(sample, "path", "") or "sample")).stem
-    vals = result.event_values(sample)  # cytopipe.gating.EventValues: what the engine saw
+    vals = values if values is not None else result.event_values(sample)  # what the engine saw
     rows: list[dict[str, Any]] = []
     pops = result.populations
+    ranges: dict[int, tuple] = {}  # robust ranges of the value arrays (a parent's axis is in many panels)
     for name, pop in pops.items():
         base = {
             "sample_id": str(sample_id),
@@ -158,7 +161,7 @@ def gate_review_data(
         spans: dict[str, float] = {}
         made = []
         for panel in panels:
-            row = _panel_row(panel, vals, idx, pop.parent, bins_2d, bins_1d)
+            row = _panel_row(panel, vals, idx, pop.parent, bins_2d, bins_1d, ranges=ranges)
             if row is None:
                 continue
             for axis in ("x", "y"):
@@ -378,6 +381,7 @@ def _panel_row(
     scope: str,
     bins_2d: int,
     bins_1d: int,
+    ranges: dict[int, tuple] | None = None,
 ) -> dict[str, Any] | None:
     dims = panel["dims"]
     if not dims:
@@ -429,8 +433,8 @@ def _panel_row(
     background = np.empty(0, dtype=np.int64)
     if len(axes) == 2:
         (x, xs), (y, ys) = axes
-        xe = _edges_over([whole[0][0], x], _shape_extent(shapes, 0), bins_2d)
-        ye = _edges_over([whole[1][0], y], _shape_extent(shapes, 1), bins_2d)
+        xe = _edges_over([whole[0][0], x], _shape_extent(shapes, 0), bins_2d, ranges)
+        ye = _edges_over([whole[1][0], y], _shape_extent(shapes, 1), bins_2d, ranges)
         counts = _hist2d(x, y, xe, ye)
         if sel is not idx:
             background = _hist2d(whole[0][0], whole[1][0], xe, ye)
@@ -441,7 +445,7 @@ def _panel_row(
             )
     else:
         (x, xs) = axes[0]
-        xe = _edges_over([whole[0][0], x], _shape_extent(shapes, 0), bins_1d)
+        xe = _edges_over([whole[0][0], x], _shape_extent(shapes, 0), bins_1d, ranges)
         ye, ys = np.empty(0), ""
         counts = _hist1d(x, xe)
         if sel is not idx:
@@ -499,17 +503,32 @@ def _shape_extent(shapes: Sequence[Mapping[str, Any]], axis: int) -> list[float]
     return out
 
 
-def _edges(v: np.ndarray, extra: Sequence[float], bins: int) -> np.ndarray:
-    """Bin edges over the robust range of ``v`` (0.5-99.5% quantiles), widened towards ``extra``
-    (the gate's coordinates) by at most ``_GATE_REACH`` of that range, and padded by 5%."""
+def _robust_range(v: np.ndarray) -> tuple[float, float]:
+    """The 0.5-99.5% quantiles of the finite values of ``v`` (of a strided subset when large)."""
     if v.dtype.kind == "f" and not np.isfinite(v).all():
         v = v[np.isfinite(v)]
     if len(v) > _QUANTILE_SAMPLE:  # a strided subset: deterministic and fast
         v = v[:: len(v) // _QUANTILE_SAMPLE]
     if len(v):
         lo, hi = (float(q) for q in np.quantile(v, QUANTILES))
+        return lo, hi
+    return 0.0, 1.0
+
+
+def _edges(
+    v: np.ndarray, extra: Sequence[float], bins: int, ranges: dict[int, tuple] | None = None
+) -> np.ndarray:
+    """Bin edges over the robust range of ``v`` (0.5-99.5% quantiles), widened towards ``extra``
+    (the gate's coordinates) by at most ``_GATE_REACH`` of that range, and padded by 5%.
+    ``ranges`` caches the range per array (keyed by identity; the array is kept with it, so the
+    key cannot be reused while the cache lives)."""
+    if ranges is None:
+        lo, hi = _robust_range(v)
     else:
-        lo, hi = 0.0, 1.0
+        hit = ranges.get(id(v))
+        if hit is None or hit[0] is not v:
+            hit = ranges[id(v)] = (v, *_robust_range(v))
+        lo, hi = hit[1], hit[2]
     if extra:  # the gate shown where it meets the data; far-off vertices (a wedge's apex at 0) cut
         reach = _GATE_REACH * max(hi - lo, 1e-12)
         near = [e for e in extra if lo - reach <= e <= hi + reach]
@@ -521,10 +540,14 @@ def _edges(v: np.ndarray, extra: Sequence[float], bins: int) -> np.ndarray:
     return np.linspace(lo - 0.05 * span, hi + 0.05 * span, bins + 1)
 
 
-def _edges_over(values: Sequence[np.ndarray], extra: Sequence[float], bins: int) -> np.ndarray:
+def _edges_over(
+    values: Sequence[np.ndarray], extra: Sequence[float], bins: int, ranges: dict[int, tuple] | None = None
+) -> np.ndarray:
     """Edges spanning the robust range of each of ``values`` (the parent's events and the shown
     ones: a small subset in the parent's tail, e.g. Treg's high CD25, stays on the grid)."""
-    grids = [_edges(v, extra, bins) for v in values if len(v)] or [_edges(values[0], extra, bins)]
+    grids = [_edges(v, extra, bins, ranges) for v in values if len(v)] or [
+        _edges(values[0], extra, bins, ranges)
+    ]
     return np.linspace(min(g[0] for g in grids), max(g[-1] for g in grids), bins + 1)
 
 
