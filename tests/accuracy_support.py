@@ -40,13 +40,31 @@ def lins_ccc(x, y) -> float:
     return float(2 * cov / denom) if denom > 0 else float("nan")
 
 
+def site_fmo_controls(trial_dir, manifest: pd.DataFrame) -> dict[str, dict]:
+    """The FMO controls (``control: fmo:<marker>``) of each site's first batch, read once:
+    site -> {marker: Sample}; empty when the trial has none. One FMO set per site (acquired at
+    the study's start), as many labs do; each file's own landmarks follow its later drift."""
+    import cytopipe
+
+    fmo = manifest[manifest["control"].fillna("").str.startswith("fmo:")]
+    out: dict[str, dict] = {}
+    for site, g in fmo.sort_values(["acquired_at", "batch"]).groupby("site", sort=True):
+        first = g[g["batch"] == g["batch"].iloc[0]]
+        out[str(site)] = {
+            c.split(":", 1)[1]: cytopipe.read_fcs(Path(trial_dir) / f)
+            for c, f in zip(first["control"], first["file"])
+        }
+    return out
+
+
 def gate_trial(
-    trial_dir, template=TEMPLATE, pooled: bool = True, mapping: dict | None = None
+    trial_dir, template=TEMPLATE, pooled: bool = True, mapping: dict | None = None, fmo: bool = True
 ) -> pd.DataFrame:
     """Gate every sample file of a simulated trial; one row per (sample, population) with the
     gated ``pct_parent``, the truth ``pct_parent_true``, the gate ``source``, whether it fell back
     (``fallback``: source not ``fitted`` or any flag) and ``error`` (why a sample could not be
-    gated at all; its rows then have no gated value)."""
+    gated at all; its rows then have no gated value). When the trial has FMO controls (and
+    ``fmo``), each sample gets its site's (:func:`site_fmo_controls`)."""
     import cytopipe
     from cytopipe.errors import CytopipeError
     from cytopipe.gating import gate, load_template, pool_estimates
@@ -54,7 +72,9 @@ def gate_trial(
     trial_dir = Path(trial_dir)
     tpl = load_template(template) if isinstance(template, (str, Path)) else template
     manifest = pd.read_csv(trial_dir / "manifest.csv", dtype={"sample_id": str, "patient_id": str})
+    controls = site_fmo_controls(trial_dir, manifest) if fmo else {}
     manifest = manifest[manifest["control"].isna()].reset_index(drop=True)
+    site_of = dict(zip(manifest["sample_id"], manifest["site"].astype(str)))
     truth = pd.read_csv(trial_dir / "truth" / "population_truth.csv", dtype={"sample_id": str})
     samples, errors = {}, {}
     for r in manifest.itertuples():
@@ -64,7 +84,8 @@ def gate_trial(
         records = []
         for sid, s in samples.items():
             try:
-                records.append(gate(s, tpl, mapping=mapping).fit_records(sid))
+                ctl = controls.get(site_of[sid])
+                records.append(gate(s, tpl, mapping=mapping, controls=ctl).fit_records(sid))
             except CytopipeError as exc:
                 errors[sid] = str(exc).splitlines()[0]
         if records:
@@ -74,7 +95,8 @@ def gate_trial(
         sid = meta["sample_id"]
         t = truth[truth["sample_id"] == sid].set_index("population")
         try:
-            res = gate(samples[sid], tpl, pooled=pooled_est, sample_meta=meta, mapping=mapping)
+            res = gate(samples[sid], tpl, pooled=pooled_est, sample_meta=meta, mapping=mapping,
+                       controls=controls.get(site_of[sid]))  # fmt: skip
         except CytopipeError as exc:
             errors.setdefault(sid, str(exc).splitlines()[0])
             res = None

@@ -69,3 +69,49 @@ def test_fmo_controls_set_the_dim_marker_thresholds(tmp_path):
     cli = fits[fits["key"] == "cTfh"].set_index("sample_id")["params"].map(lambda p: p[0])
     api = table[table["marker"] == "CXCR5"].set_index("sample")["fitted"]
     np.testing.assert_allclose(cli.loc[api.index].to_numpy(), api.to_numpy(), rtol=1e-6)
+
+
+CALIBRATED = {"Th17[CXCR3]": "CXCR3", "Th17[CCR6]": "CCR6", "cTfh": "CXCR5"}
+
+
+def test_fmo_calibrated_landmark_thresholds_follow_each_files_drift(tmp_path):
+    """The canonical template's `auto ... control: fmo` thresholds with one FMO set per site:
+    the FMO sets the level (a stained negative's non-specific staining lifts the landmark rule
+    above the FMO convention), each file's own landmark follows its drift. Each file's true
+    threshold is its batch's FMO 99.5th percentile times the file's detector drift."""
+    from cytopipe.simulate import instrument_trial
+
+    instrument_trial(tmp_path, instrument="random", seed=4323, patients=2, visits=(0, 4, 12), events=10_000,
+                     fmo="site", fmo_events=30_000)  # fmt: skip
+    template = load_template(REPO / "gating" / "sle_il2_tcell_nk.yaml")
+    manifest = pd.read_csv(tmp_path / "manifest.csv", dtype={"sample_id": str})
+    truth = pd.read_csv(tmp_path / "truth" / "thresholds.csv")
+    drift = pd.read_csv(tmp_path / "truth" / "samples.csv", dtype={"sample_id": str}).set_index("sample_id")
+    fmo = manifest[manifest["control"].astype(str).str.startswith("fmo:")]
+    assert fmo.groupby("site")["batch"].nunique().eq(1).all()  # one FMO set per site
+    rows = []
+    for r in manifest[manifest["control"].isna()].itertuples():
+        ctl = {
+            c.control[4:]: cytopipe.read_fcs(tmp_path / c.file)
+            for c in fmo[fmo["site"] == r.site].itertuples()
+        }
+        sample = cytopipe.read_fcs(tmp_path / r.file)
+        with_fmo, alone = gate(sample, template, controls=ctl), gate(sample, template)
+        own = {f.key: f.params[0] for f in alone.fits if f.params}
+        for f in with_fmo.fits:
+            if f.key in CALIBRATED:
+                marker = CALIBRATED[f.key]
+                cofactor = with_fmo.transforms[with_fmo.channel_of[marker]]["cofactor"]
+                t = truth[(truth["batch"] == r.batch) & (truth["marker"] == marker)]["threshold"].item()
+                true = float(np.arcsinh(t * drift.loc[r.sample_id, f"drift_{marker}"] / cofactor))
+                rows.append({"sample": r.sample_id, "marker": marker, "calibrated": f.params[0] - true,
+                             "landmark_only": own[f.key] - true})  # fmt: skip
+        assert with_fmo.populations["cTfh"].source == "control"
+        assert any("set by the FMO control" in note for _, note in with_fmo.sources)
+        assert alone.populations["cTfh"].source == "fitted"  # no control: the landmark rule
+    err = (
+        pd.DataFrame(rows).groupby("marker")[["calibrated", "landmark_only"]].agg(lambda v: v.abs().median())
+    )
+    print("\nmedian |threshold - true| (arcsinh units)\n" + err.round(3).to_string())
+    assert (err["calibrated"] <= 0.1).all()
+    assert err["calibrated"].mean() < err["landmark_only"].mean()

@@ -400,6 +400,8 @@ class Engine:
         # FMO controls by marker (a Sample each): `reference` gates with `control: fmo` take that
         # marker's threshold from the control's events of the same parent
         self.controls = dict(controls or {})
+        self._calibration: dict[tuple, tuple[float, str] | None] = {}
+        self.fmo_notes: dict[tuple[str, str], str] = {}  # (parent, marker) -> FMO that calibrated it
         self._scales: dict[tuple, dict] = {}  # (column, compensation) -> estimated transform
         self.missing: dict[str, str] = {}  # marker -> why it is not measured in this file
         self._resolve_all()
@@ -762,6 +764,12 @@ class Engine:
                     sources.add("control" if how.startswith("FMO") else "reference")
                     flags_note = f"{key}: threshold {fitter.describe(params)} set by the {how}"
                     result.sources.append((pop.name, flags_note))
+                elif (pop.parent, fitter.dims[0].name) in self.fmo_notes:
+                    sources.add("control")
+                    note = self.fmo_notes[(pop.parent, fitter.dims[0].name)]
+                    result.sources.append(
+                        (pop.name, f"{key}: threshold {fitter.describe(params)} set by the {note}")
+                    )
                 else:
                     sources.add("fitted")
             else:
@@ -830,11 +838,19 @@ class Engine:
         is seeded from that key: a threshold shared by two gates (e.g. CD4 in the CD4 T and
         CD8 T quadrants) is fitted once and is the same in both.
         """
+        out = self._fit_own(fitter, parent, pidx, n_parent)
+        if fitter.method != "reference" and fitter.options.get("control") == "fmo" and out[0] is not None:
+            out = (self._fmo_calibrated(fitter, parent, out[0]), *out[1:])
+        return out
+
+    def _fit_own(self, fitter: Fitter, parent: str, pidx, n_parent: int):
+        # `control` only says whether an FMO calibrates the fit afterwards: not part of the key
+        opts = {k: v for k, v in fitter.options.items() if k != "control"}
         memo_key = (
             parent,
             tuple(self._dim_key(d) for d in fitter.dims),
             fitter.method,
-            json.dumps(fitter.options, sort_keys=True, default=str),
+            json.dumps(opts, sort_keys=True, default=str),
             fitter.bounds.min_events,
         )
         if memo_key in self._fits:
@@ -884,6 +900,91 @@ class Engine:
 
         return v, to_display
 
+    def _control_engine(self, ctl) -> tuple[Engine, GatingResult]:
+        """A control sample gated with this template (no medians), once per control object."""
+        key = (id(ctl), id(self.template), tuple(sorted(self.panel.items())), repr(self.overrides))
+        hit = _CONTROL_RUNS.get(key)
+        if hit is not None and hit[0] is ctl:
+            return hit[1], hit[2]
+        sub = Engine(
+            ctl.events,
+            ctl.channels,
+            self.template,
+            spillover=getattr(ctl, "spillover", None),
+            file=getattr(ctl, "path", None),
+            mapping=self.panel,
+            transforms=self.overrides,
+        )
+        res = sub.run(medians=False)
+        if len(_CONTROL_RUNS) >= 64:  # a study's controls: a few per batch or site
+            _CONTROL_RUNS.pop(next(iter(_CONTROL_RUNS)))
+        _CONTROL_RUNS[key] = (ctl, sub, res)
+        return sub, res
+
+    def _control_linear(self, ctl, parent: str, dim: Dim) -> tuple[Engine, np.ndarray | None, np.ndarray]:
+        """(engine, parent indices, compensated linear values of ``dim``) of a control sample."""
+        sub, res = self._control_engine(ctl)
+        if parent != ROOT and res.populations[parent].source == NOT_MEASURED:
+            raise FitFailure(f"the control {Path(str(getattr(ctl, 'path', 'control'))).name} has no {parent}")
+        cidx = None if parent == ROOT else res.indices(parent)
+        lin = sub.linear(sub._col[dim.name], sub._comp_key(dim))
+        return sub, cidx, (lin if cidx is None else lin[cidx]).astype(np.float64)
+
+    def _fmo_calibrated(self, fitter: Fitter, parent: str, params: np.ndarray) -> np.ndarray:
+        """An ``auto`` threshold calibrated on the marker's FMO control (``control: fmo``).
+
+        The landmark rule is applied to a fully stained control of the same set-up (another
+        marker's FMO: it carries this marker's stain) and the FMO's ``percentile`` on the same
+        parent is read; their ratio (linear units) is the rule's offset from the FMO convention
+        on that set-up (non-specific staining lifts a stained negative above the FMO). This
+        sample's own landmark threshold times that ratio follows its own drift (CytoNorm /
+        warpSet idea: the control sets the level, the file's landmark the alignment). Without
+        the controls the threshold is the landmark rule's (recorded as such)."""
+        dim = fitter.dims[0]
+        marker = dim.name
+        # a control missing a stain the parent is gated on has no such parent (e.g. CXCR5's FMO
+        # for the cTfh of PD-1): only the FMOs of other markers serve as stained references
+        upstream, p = set(), parent
+        while p in self.template.populations:
+            upstream |= {d.name for d in _all_dims(self.template.populations[p].gate)}
+            p = self.template.populations[p].parent
+        others = [m for m in sorted(self.controls) if m != marker and m not in upstream]
+        if marker not in self.controls or not others:
+            return params
+        memo = (parent, self._dim_key(dim), json.dumps(fitter.options, sort_keys=True, default=str))
+        if memo not in self._calibration:
+            self._calibration[memo] = None
+            rng = np.random.default_rng([self.template.seed, zlib.crc32(repr(memo).encode())])
+            try:
+                fmo = self._control_linear(self.controls[marker], parent, dim)[2]
+                # every other FMO of the set carries this marker's stain: their parents pooled
+                ref_lin = np.concatenate(
+                    [self._control_linear(self.controls[m], parent, dim)[2] for m in others]
+                )
+                if len(fmo) < fitter.bounds.min_events or len(ref_lin) < fitter.bounds.min_events:
+                    raise FitFailure(f"too few {parent} events in the controls")
+                fmo_t = float(np.percentile(fmo, fitter.options.get("percentile", 99.5)))
+                spec = self._transform_spec(dim)
+                t_ref = fitter.fit_full(
+                    [_adapters.apply_transform(spec, ref_lin)],
+                    rng,
+                    ref_lin,
+                    lambda t: float(_adapters.apply_transform(spec, np.array([t]))[0]),
+                )[0]
+                ref_t = float(_inverse(spec, float(t_ref[0])))
+                if fmo_t > 0 and ref_t > 0:
+                    name = Path(str(getattr(self.controls[marker], "path", "FMO"))).name
+                    self._calibration[memo] = (fmo_t / ref_t, name)
+            except (FitFailure, KeyError, ValueError):
+                pass
+        hit = self._calibration[memo]
+        if hit is None:
+            return params
+        spec = self._transform_spec(dim)
+        t = _inverse(spec, float(params[0])) * hit[0]
+        self.fmo_notes[(parent, marker)] = f"FMO control {hit[1]} (x{hit[0]:.3g} on this file's landmark)"
+        return np.array([float(_adapters.apply_transform(spec, np.array([t]))[0])])
+
     def _fit_reference(self, fitter: Fitter, parent: str, pidx, rng):
         """``reference`` thresholds: an FMO control's events of the same parent, else another
         population of this sample; without either, the parent's own landmarks (flagged)."""
@@ -892,26 +993,12 @@ class Engine:
         values = None
         if opts.get("control") == "fmo" and marker in self.controls:
             ctl = self.controls[marker]
-            sub = Engine(
-                ctl.events,
-                ctl.channels,
-                self.template,
-                spillover=getattr(ctl, "spillover", None),
-                file=getattr(ctl, "path", None),
-                mapping=self.panel,
-                transforms=self.overrides,
-            )
-            # the control lacks (or has blank) the marker's stain but has its channel
-            res = sub.run(medians=False)
-            if parent != ROOT and res.populations[parent].source == NOT_MEASURED:
-                raise FitFailure(f"the FMO control of {marker} has no {parent} population")
-            cidx = None if parent == ROOT else res.indices(parent)
-            # the control's percentile in compensated linear units, put on THIS sample's display
-            # scale (the control's own estimated cofactor may differ)
+            # the control lacks (or has blank) the marker's stain but has its channel; its
+            # percentile in compensated linear units, put on THIS sample's display scale (the
+            # control's own estimated cofactor may differ)
             dim = fitter.dims[0]
-            lin = sub.linear(sub._col[marker], sub._comp_key(dim))
-            lin = lin if cidx is None else lin[cidx]
-            t_lin = float(fitter.fit([lin.astype(np.float64)], rng)[0])
+            lin = self._control_linear(ctl, parent, dim)[2]
+            t_lin = float(fitter.fit([lin], rng)[0])
             t = _adapters.apply_transform(self._transform_spec(dim), np.array([t_lin], dtype=np.float64))
             source = f"FMO control {Path(str(getattr(ctl, 'path', 'control'))).name}"
             return (np.asarray(t, dtype=np.float64), "", None, source)
@@ -972,6 +1059,16 @@ class Engine:
 
 
 _RESOLVE_CACHE: dict[tuple, dict[str, str]] = {}
+_CONTROL_RUNS: dict[tuple, tuple] = {}  # (control, template, panel, transforms) -> (control, engine, result)
+
+
+def _inverse(spec: Mapping | None, t: float) -> float:
+    """A display value back in compensated linear units."""
+    if spec is None or spec["type"] == "identity":
+        return t
+    if spec["type"] == "arcsinh":
+        return float(spec["cofactor"] * np.sinh(t))
+    return float(_adapters._transform_object(spec).inverse(np.array([t], dtype=np.float64))[0])
 
 
 def _resolve_cached(

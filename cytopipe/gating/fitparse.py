@@ -109,6 +109,12 @@ def _threshold_fitter(method: str, spec, dim: Dim, with_side: bool):
             opts["of"] = spec.choice("of", ("negative", "main"), default="negative")
         if method == "tail" or (method == "auto" and spec.has("percentile")):
             opts["percentile"] = spec.number("percentile", lo=50, hi=100)
+        if method == "auto" and spec.has("percentile") and spec.raw("control", required=False) is not None:
+            # with the marker's FMO control (and another stained control) given to the engine,
+            # the landmark threshold is calibrated on the FMO (engine._fmo_calibrated)
+            if spec.raw("control") != "fmo":
+                raise spec.error("control", "only `control: fmo` is supported")
+            opts["control"] = "fmo"
     elif method == "reference":
         opts["q"] = spec.number("q", lo=0.0, hi=1.0)
         pop = spec.raw("population", required=False)

@@ -45,7 +45,7 @@ def simulate_instrument_trial(
     effect: float,
     fault_plan: dict,
     control_events: int,
-    fmo: bool = False,
+    fmo: bool | str = False,
     fmo_events: int | None = None,
     per: str = "site",
 ):
@@ -113,6 +113,8 @@ def simulate_instrument_trial(
             fault_rows.append({"sample_id": sid, "file": rel, **f})
 
     batches = cohort.samples.drop_duplicates("batch")[["batch", "site", "acquired_at"]]
+    # fmo="site": one FMO set per site, in its first batch (acquired at the study's start)
+    first_batch = batches.sort_values(["acquired_at", "batch"]).groupby("site")["batch"].first()
     for b in batches.to_dict("records"):
         unit = b[per]
         inst = insts[unit]
@@ -126,7 +128,7 @@ def simulate_instrument_trial(
                  "threshold_asinh": float(np.arcsinh(value / inst.cofactor)),
                  "threshold_asinh_150": float(np.arcsinh(value / 150.0))}
             )  # fmt: skip
-        if fmo:
+        if fmo and (fmo != "site" or first_batch[b["site"]] == b["batch"]):
             manifest_rows += _fmo_controls(
                 out, b, inst, cohort, seed, fmo_events or max(4 * events, 50_000), thresholds[unit]
             )

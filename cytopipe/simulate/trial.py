@@ -34,7 +34,7 @@ def simulate_trial(
     control_events: int = 5000,
     overwrite: bool = False,
     instrument: str | None = None,
-    fmo: bool = False,
+    fmo: bool | str = False,
     fmo_events: int | None = None,
     instrument_per: str = "site",
 ) -> Trial:
@@ -50,7 +50,8 @@ def simulate_trial(
     or ``random`` / ``random-mass`` (a profile drawn per site from ``seed``, or per batch with
     ``instrument_per="batch"``); see
     :mod:`cytopipe.simulate.instruments`. ``fmo=True`` (instrument profiles only) adds one FMO
-    control per dim marker and batch (``fmo_events`` events each, default 4 x ``events`` and at least 50,000).
+    control per dim marker and batch (``fmo_events`` events each, default 4 x ``events`` and at least 50,000);
+    ``fmo="site"``: one set per site, in its first batch.
     """
     out = Path(out_dir)
     if int(events) < 100:
@@ -241,7 +242,7 @@ def instrument_trial(
     visits: Sequence[int] = P.DEFAULT_VISITS,
     events: int = 20000,
     effect: float = 1.0,
-    fmo: bool = False,
+    fmo: bool | str = False,
     faults=None,
     control_events: int = 2000,
     overwrite: bool = True,
