@@ -48,7 +48,7 @@ from cytopipe.errors import GatingError, TemplateError
 from cytopipe.gating.engine import Engine, GatingResult
 from cytopipe.gating.fitters import DataDrivenGate, FitFailure
 from cytopipe.gating.gates import BooleanGate, Dim, EllipsoidGate, Gate, PolygonGate, RectangleGate
-from cytopipe.gating.landmarks import AllOfGate, find_landmarks
+from cytopipe.gating.landmarks import AllOfGate, DiagonalGate, find_landmarks
 from cytopipe.gating.template import ROOT, Population, Template
 
 log = logging.getLogger(__name__)
@@ -387,6 +387,16 @@ def _from_shapes(entry: Mapping[str, Any], dims: Mapping[str, Dim]) -> Gate | No
     return None
 
 
+def _from_diagonal_numbers(entry: Mapping[str, Any], gate: DiagonalGate) -> Gate | None:
+    """A ``diagonal`` gate's applied half-plane (AND its extra thresholds) from the numbers a review
+    export lists (``CD56 mode``, ``CD56 SD``, ``CD16 mode``, ``CD16 SD``, ``diagonal >=``, ...),
+    else None. The panel shapes cannot give it: they are clipped to the panel's grid."""
+    try:
+        return gate.realize(gate.params_from_numbers(entry.get("params") or {}))
+    except (ValueError, TypeError):
+        return None
+
+
 def examples_document(examples: Sequence[Example], note: str = "") -> dict[str, Any]:
     """An examples file's content (format ``cytopipe-gate-examples/1``) with a full ``gate`` per
     entry, e.g. for gates set in code or corrected by hand."""
@@ -488,7 +498,12 @@ def read_examples(
                                 file=path, sample=sid, population=pop)  # fmt: skip
         if isinstance(template[pop].gate, BooleanGate):
             continue  # follows from its operands
-        g = _from_geometry(e["gate"], dims) if e.get("gate") else _from_shapes(e, dims)
+        if e.get("gate"):
+            g = _from_geometry(e["gate"], dims)
+        elif isinstance(template[pop].gate, DiagonalGate):
+            g = _from_diagonal_numbers(e, template[pop].gate)
+        else:
+            g = _from_shapes(e, dims)
         if g is None:
             log.warning("%s: the %s gate of %s cannot be rebuilt from its review panel; the template "
                         "gates it", path, pop, sid)  # fmt: skip
@@ -497,6 +512,28 @@ def read_examples(
     if not by_sample:
         raise TemplateError("the examples file holds no usable gate", file=path)
     return list(by_sample.values())
+
+
+def read_example_transforms(path: str | Path) -> dict[str, dict]:
+    """The display scales an examples file's gates were drawn on (``transforms:``, marker ->
+    spec, e.g. the study-locked arcsinh cofactors a review export carries); {} when it names none
+    (and for FlowJo / Gating-ML files, whose gates carry their own transforms)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+        return {}
+    from cytopipe.gating import check_transform
+
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        doc = json.loads(text)
+    else:
+        import yaml
+
+        doc = yaml.safe_load(text)
+    specs = (doc or {}).get("transforms") or {}
+    if not isinstance(specs, Mapping):
+        raise TemplateError("`transforms:` of an examples file must map markers to transforms", file=path)
+    return {str(m): check_transform(spec, {"marker": str(m), "file": str(path)}) for m, spec in specs.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -749,6 +786,7 @@ __all__ = [
     "MIN_QUALITY",
     "landmark_warp",
     "overlap",
+    "read_example_transforms",
     "read_examples",
     "warp_gate",
     "write_examples",
