@@ -5,7 +5,8 @@ from ``cytopipe review``, a FlowJo workspace or a Gating-ML file). Every other s
 gates moved onto its own data: for each gate, the parent population's density on each axis of the
 gate is aligned between the example sample and the target sample by its landmarks (the density
 peaks and the robust half-widths of the outermost ones), which defines a monotone piecewise-linear
-warp of that axis (as flowStats ``warpSet`` and flowLearn do). Thresholds and rectangle bounds go
+warp of that axis (as flowStats ``warpSet`` and flowLearn do); a parent too small for a smooth
+density is aligned on its nearest ancestor with :data:`ALIGN_EVENTS` events. Thresholds and rectangle bounds go
 through the warp; polygon vertices go through the warps of their two axes (edges are first split
 where they cross a landmark, so every piece of the warped polygon is exact); an ellipse's centre
 goes through the warps and its covariance is scaled by their local slopes.
@@ -60,6 +61,7 @@ EXAMPLES_FORMAT = "cytopipe-gate-examples/1"
 # peak width or more somewhere (or the parent's shape differs), so the transferred gate is flagged.
 MIN_QUALITY = 0.80
 MIN_PARENT_EVENTS = 50  # fewer parent events than this: no density to align, the gate is copied
+ALIGN_EVENTS = 1000  # a parent smaller than this in the example is aligned on a larger ancestor
 MAX_PROFILE_EVENTS = 20_000  # example parent values kept per axis (density() caps n at 20 000 too)
 _PEAK_SHARE = 0.1  # a landmark peak is at least this tall relative to the tallest (not noise)
 _HALF_WIDTHS = 2.0
@@ -591,6 +593,7 @@ class _Profile:
     gate: Gate
     values: dict[Dim, np.ndarray]  # the example parent's values per axis
     n_parent: int
+    scope: str = ""  # the population whose densities are aligned (the parent, or a larger ancestor)
 
 
 def _thin(x: np.ndarray) -> np.ndarray:
@@ -673,15 +676,24 @@ class Learner:
         result = engine.run(medians=False)
         out = {}
         for name, g in ex.gates.items():
-            parent = self.template[name].parent
-            pidx = None if parent == ROOT else result.indices(parent)
-            vals = {d: _thin(engine.values(d, pidx, parent)) for d in g.dims}
-            out[name] = _Profile(g, vals, result.n_events if pidx is None else len(pidx))
+            scope = parent = self.template[name].parent
+            # a small parent's density is noisy: its axes are aligned on the nearest ancestor
+            # with enough events (e.g. activated cTfh's PD-1 on Memory CD4, not on cTfh)
+            while scope != ROOT and len(result.indices(scope)) < ALIGN_EVENTS:
+                scope = self.template[scope].parent
+            sidx = None if scope == ROOT else result.indices(scope)
+            vals = {d: _thin(engine.values(d, sidx, scope)) for d in g.dims}
+            n = result.n_events if parent == ROOT else len(result.indices(parent))
+            out[name] = _Profile(g, vals, n, scope)
         return out
 
     # ---- transfer ----------------------------------------------------------------------------
-    def transfer(self, population: str, values: Mapping[Dim, np.ndarray], sample_id: str | None = None):
-        """The gate for one target parent (``values`` per axis): ``(gate, quality, note)``."""
+    def transfer(
+        self, population: str, values: Mapping[Dim, np.ndarray], sample_id: str | None = None, values_of=None
+    ):
+        """The gate for one target parent (``values`` per axis): ``(gate, quality, note)``;
+        ``values_of(population)``: the target's values of another population (an example aligned
+        on a larger ancestor of the parent)."""
         if sample_id is not None and sample_id in self.profiles and population in self.profiles[sample_id]:
             return self.profiles[sample_id][population].gate, 1.0, f"the reviewed gate of {sample_id}"
         moved: list[tuple[float, str, Gate]] = []
@@ -694,8 +706,11 @@ class Learner:
                 moved.append((0.0, sid, prof.gate))  # nothing to align: copied, and flagged below
                 continue
             warps, qs = {}, []
+            here = values
+            if values_of is not None and prof.scope and prof.scope != self.template[population].parent:
+                here = values_of(prof.scope)
             for d, xe in prof.values.items():
-                xt = np.asarray(values[d], dtype=np.float64)
+                xt = np.asarray(here[d], dtype=np.float64)
                 w = landmark_warp(xe, xt)
                 q, q0 = overlap(w(xe), xt), overlap(xe, xt)
                 if q < self.min_quality and q0 > q:  # a failed warp that aligns worse than none is not used
@@ -795,7 +810,12 @@ class LearningEngine(Engine):
             return super()._fit_gate(pop, pidx, pooled, meta, flags, result)
         dims = list(pop.gate.dims)
         values = dict(zip(dims, self.gather(dims, pidx, pop.parent)))
-        applied, q, note = self.learner.transfer(pop.name, values, self.sample_id)
+
+        def values_of(scope: str):
+            sidx = None if scope == ROOT else self._idx_now[scope]
+            return dict(zip(dims, self.gather(dims, sidx, scope)))
+
+        applied, q, note = self.learner.transfer(pop.name, values, self.sample_id, values_of)
         inside = applied.contains(self.gather(applied.dims, pidx, pop.parent))
         quality = getattr(result, "alignment", {})
         quality[pop.name] = q
