@@ -144,9 +144,10 @@ def _tailored(template: Path) -> bool:
 def _learner(args, template, samples):
     """The learner of ``--examples``: the example samples must be among the files gated."""
     import cytopipe
-    from cytopipe.gating.learn import Learner, read_examples
+    from cytopipe.gating.learn import Learner, read_example_transforms, read_examples
 
     examples = read_examples(args.examples, template)
+    transforms = read_example_transforms(args.examples)  # the scales the reviewed gates were drawn on
     by_id = {str(meta["sample_id"]): path for path, meta in samples}
     missing = [e.sample_id for e in examples if e.sample_id not in by_id]
     if missing:
@@ -155,7 +156,8 @@ def _learner(args, template, samples):
             "(their events are what the gates are learned from)",
             file=args.examples,
         )
-    return Learner(template, examples, {e.sample_id: cytopipe.read_fcs(by_id[e.sample_id]) for e in examples})
+    samples = {e.sample_id: cytopipe.read_fcs(by_id[e.sample_id]) for e in examples}
+    return Learner(template, examples, samples, transforms=transforms)
 
 
 def run(args) -> int:

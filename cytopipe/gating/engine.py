@@ -724,12 +724,18 @@ class Engine:
         used_own: dict[str, bool] = {}
         sources: set[str] = set()
         fitters = dict(g.fit_items())
-        for suffix, fitter in g.fit_items():
+        # a quadrant threshold fitted `within: quadrant` comes after the others: it is fitted among
+        # the parent's events on the gate's side of them (sequential gating: CD56 among CD3- events)
+        for suffix, fitter in sorted(g.fit_items(), key=lambda item: _within_quadrant(g, item[1])):
             key = pop.name + suffix
             if any(d.name in self.missing for d in fitter.dims):  # an optional marker the file lacks
                 flags.append(f"{key}: marker {fitter.dims[0].name} is not in the file; gated without it")
                 continue
-            params, reason, relative, how = self._fit(fitter, pop.parent, pidx, n_parent)
+            scope, fit_idx = pop.parent, pidx
+            if _within_quadrant(g, fitter):
+                scope, fit_idx = self._quadrant_side(g, fitter, chosen, pidx, pop.parent)
+            n_fit = n_parent if fit_idx is None else len(fit_idx)
+            params, reason, relative, how = self._fit(fitter, scope, fit_idx, n_fit)
             if params is not None and not reason:
                 reason = fitter.out_of_bounds(params) or ""
             status = "ok" if params is not None and not reason else "failed"
@@ -828,6 +834,27 @@ class Engine:
         else:
             source = "mixed"
         return applied, inside, source
+
+    def _quadrant_side(self, g: DataDrivenGate, fitter: Fitter, chosen: Mapping, pidx, parent: str):
+        """``(scope, events)``: the parent's events on the quadrant's side of its other thresholds
+        (fixed, or already chosen for this sample), for a threshold fitted ``within: quadrant``; the
+        scope names them (e.g. ``Live & CD3 < 2.41``) for the fit's memo and cached values."""
+        mask, names = None, []
+        for d, t, sign in zip(g.dims, g.thresholds, g.signs):
+            if d in fitter.dims:
+                continue
+            if isinstance(t, Fitter):
+                if f"[{d.name}]" not in chosen:  # not fitted (an optional marker the file lacks)
+                    continue
+                t = chosen[f"[{d.name}]"][0]
+            x = self.values(d, pidx, parent)
+            m = x >= float(t) if sign == "+" else x < float(t)
+            mask = m if mask is None else mask & m
+            names.append(f"{d.name} {'>=' if sign == '+' else '<'} {float(t):.6g}")
+        if mask is None:
+            return parent, pidx
+        idx = np.flatnonzero(mask) if pidx is None else pidx[mask]
+        return f"{parent} & {' & '.join(names)}", idx
 
     def _fit(self, fitter: Fitter, parent: str, pidx, n_parent: int):
         """Fit one fitter on the parent's events: ``(params, reason, fallback, how)``; ``params`` is
@@ -1089,6 +1116,11 @@ def _resolve_cached(
             _RESOLVE_CACHE.clear()
         _RESOLVE_CACHE[key] = dict(hit)
     return dict(hit)
+
+
+def _within_quadrant(g: Gate, fitter: Fitter) -> bool:
+    """Whether ``fitter`` is a quadrant threshold fitted ``within: quadrant``."""
+    return fitter.options.get("within") == "quadrant" and hasattr(g, "thresholds") and hasattr(g, "signs")
 
 
 def _all_dims(g: Gate) -> list[Dim]:

@@ -192,6 +192,13 @@ def parse_threshold(parent_spec, key: str, value, dim: Dim, ctx):
         )
     sub = GateSpec(value, parent_spec.population, value["type"], prefix=f"{parent_spec.prefix}.{key}")
     fitter, _ = _threshold_fitter(value["type"], sub, dim, with_side=False)
+    # `within: quadrant`: fitted among the parent's events on the quadrant's side of the other
+    # thresholds (sequential gating, e.g. NK's CD56 among CD3- events); not for FMO/reference ones
+    within = sub.choice("within", ("quadrant", None), default=None)
+    if within is not None:
+        if value["type"] == "reference":
+            raise sub.error("within", "a reference threshold is set on its own population, not `within`")
+        fitter.options["within"] = within
     sub.finish()
     return fitter
 

@@ -566,6 +566,30 @@ class DiagonalGate(DataDrivenGate):
             )
         return parts[0] if len(parts) == 1 else AllOfGate(parts)
 
+    def number_names(self) -> list[str]:
+        """The names of the gate's numbers as a reviewer sees them: ``CD56 mode``, ``CD56 SD``,
+        ``CD16 mode``, ``CD16 SD``, ``diagonal >=`` (offset along the diagonal, in robust SDs) and
+        one threshold per extra marker (``FOXP3 >=``)."""
+        a, b = (d.name for d in self.dims[:2])
+        extra = [f"{f.dims[0].name} {'>=' if s == '+' else '<'}" for f, s in zip(self.extra, self.signs[2:])]
+        return [f"{a} mode", f"{a} SD", f"{b} mode", f"{b} SD", "diagonal >=", *extra]
+
+    def params_from_numbers(self, numbers) -> dict[str, np.ndarray]:
+        """``realize()``'s params from the named numbers (see :meth:`number_names`; an extra
+        marker's threshold may be missing: an optional marker the file lacked). ValueError when
+        a diagonal number is missing or an SD is not > 0."""
+        names = self.number_names()
+        missing = [n for n in names[:5] if n not in numbers]
+        if missing:
+            raise ValueError(f"the diagonal gate's numbers {missing} are missing")
+        chosen = {"": np.array([float(numbers[n]) for n in names[:5]])}
+        if not min(chosen[""][1], chosen[""][3]) > 0:
+            raise ValueError("the SDs of a diagonal gate must be > 0")
+        for f, name in zip(self.extra, names[5:]):
+            if name in numbers:
+                chosen[f"[{f.dims[0].name}]"] = np.array([float(numbers[name])])
+        return chosen
+
     def to_spec(self):
         spec = {"type": "diagonal", "signs": "".join(self.signs), **self.fitter.options_spec()}
         spec.pop("signs", None)

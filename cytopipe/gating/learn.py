@@ -5,7 +5,8 @@ from ``cytopipe review``, a FlowJo workspace or a Gating-ML file). Every other s
 gates moved onto its own data: for each gate, the parent population's density on each axis of the
 gate is aligned between the example sample and the target sample by its landmarks (the density
 peaks and the robust half-widths of the outermost ones), which defines a monotone piecewise-linear
-warp of that axis (as flowStats ``warpSet`` and flowLearn do). Thresholds and rectangle bounds go
+warp of that axis (as flowStats ``warpSet`` and flowLearn do); a parent too small for a smooth
+density is aligned on its nearest ancestor with :data:`ALIGN_EVENTS` events. Thresholds and rectangle bounds go
 through the warp; polygon vertices go through the warps of their two axes (edges are first split
 where they cross a landmark, so every piece of the warped polygon is exact); an ellipse's centre
 goes through the warps and its covariance is scaled by their local slopes.
@@ -27,7 +28,7 @@ sample is never dropped. The gate source is ``learned``.
     learner = Learner(template, examples, {"P001_W00": sample_a, ...})   # the example samples
     result = learner.gate(target_sample, sample_id="P002_W00")          # a GatingResult
 
-Why one module (~750 lines): the alignment (warps, quality), the examples files (read, write, the
+Why one module (~790 lines): the alignment (warps, quality), the examples files (read, write, the
 FlowJo / Gating-ML mapping) and the learner are one feature that no other module calls into piece
 by piece; the examples I/O is the natural split if it grows.
 """
@@ -48,7 +49,7 @@ from cytopipe.errors import GatingError, TemplateError
 from cytopipe.gating.engine import Engine, GatingResult
 from cytopipe.gating.fitters import DataDrivenGate, FitFailure
 from cytopipe.gating.gates import BooleanGate, Dim, EllipsoidGate, Gate, PolygonGate, RectangleGate
-from cytopipe.gating.landmarks import AllOfGate, find_landmarks
+from cytopipe.gating.landmarks import AllOfGate, DiagonalGate, find_landmarks
 from cytopipe.gating.template import ROOT, Population, Template
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,21 @@ EXAMPLES_FORMAT = "cytopipe-gate-examples/1"
 # peak width or more somewhere (or the parent's shape differs), so the transferred gate is flagged.
 MIN_QUALITY = 0.80
 MIN_PARENT_EVENTS = 50  # fewer parent events than this: no density to align, the gate is copied
+ALIGN_EVENTS = 1000  # a parent smaller than this in the example is aligned on a larger ancestor
 MAX_PROFILE_EVENTS = 20_000  # example parent values kept per axis (density() caps n at 20 000 too)
 _PEAK_SHARE = 0.1  # a landmark peak is at least this tall relative to the tallest (not noise)
 _HALF_WIDTHS = 2.0
 # valleys between matched peaks as landmarks too: off, as in flowStats warpSet (peaks only); the
 # minimum of a flat valley is ill-defined and moved a HLADR gate off its population when tried
 VALLEYS = False  # outer landmarks: this many robust half-widths outside the outermost peaks
+# An axis whose density has one peak (the negative of a dim marker such as CXCR3, CCR6 or PD-1,
+# whose positives are a continuum or a shoulder) is aligned by where the density falls to half and
+# to a tenth of that peak's height on either side: its own full widths at half and tenth maximum
+# follow the negative's width and skew, where a threshold on its upper tail lies (tuning studies
+# 5151 and 5152: Th17 0.913 -> 0.929 and 0.914 -> 0.946, Th1 0.928 -> 0.953 and 0.922 -> 0.971,
+# activated cTfh 0.910 -> 0.926 and 0.876 -> 0.931 pooled F1). With several matched peaks (or on
+# every axis) it moved gs_DC_auto's HLADR+ gate 1.4 pp further from the stored one: kept to one peak.
+LEVELS = (0.5, 0.1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,8 +185,9 @@ def _monotone(src: list[float], dst: list[float]) -> Warp:
 
 def landmark_warp(x_example: np.ndarray, x_target: np.ndarray) -> Warp:
     """The warp of one axis from the example parent's values to the target parent's: matched
-    density peaks and the valleys between them, plus a landmark ``_HALF_WIDTHS`` robust half-widths outside each outermost
-    matched peak (so one peak still gives a shift and a scale on either side)."""
+    density peaks, plus a landmark ``_HALF_WIDTHS`` robust half-widths outside each outermost
+    matched peak; with one matched peak, instead, where the density falls to each of
+    :data:`LEVELS` x its height on either side (a shift, and a scale per side and level)."""
     xe = np.asarray(x_example, dtype=np.float64)
     xt = np.asarray(x_target, dtype=np.float64)
     xe, xt = xe[np.isfinite(xe)], xt[np.isfinite(xt)]
@@ -194,9 +205,31 @@ def landmark_warp(x_example: np.ndarray, x_target: np.ndarray) -> Warp:
             src.append(_valley(le, a0, a1))
             dst.append(_valley(lt, b0, b1))
     (a0, b0), (a1, b1) = pairs[0], pairs[-1]
+    if len(pairs) == 1:  # one peak (a dim marker's negative, a continuum): its own shape
+        ks = [(_crossing(le, a0, v, side), _crossing(lt, b0, v, side)) for v in LEVELS for side in (-1, 1)]
+        ks = [(a, b) for a, b in ks if math.isfinite(a) and math.isfinite(b)]
+        if len(ks) >= 2:  # else (a peak cut by the grid's end): the robust half-widths below
+            return _monotone(src + [a for a, _ in ks], dst + [b for _, b in ks])
     src += [a0.position - _HALF_WIDTHS * _half(a0, "left"), a1.position + _HALF_WIDTHS * _half(a1, "right")]
     dst += [b0.position - _HALF_WIDTHS * _half(b0, "left"), b1.position + _HALF_WIDTHS * _half(b1, "right")]
     return _monotone(src, dst)
+
+
+def _crossing(lm, peak, level: float, step: int) -> float:
+    """Where the density first falls below ``level`` x the peak's height, walking away from the
+    peak (``step`` -1: left, +1: right); nan when it never does on the grid."""
+    d, i = lm.dens, peak.index
+    h = level * d[i]
+    j = i
+    while 0 <= j + step < len(d) and d[j + step] >= h:
+        j += step
+    k = j + step
+    if not 0 <= k < len(d):
+        return float("nan")
+    t = (
+        (d[j] - h) / (d[j] - d[k]) if d[j] != d[k] else 0.0
+    )  # between the last point above and the first below
+    return float(lm.centers[j] + t * (lm.centers[k] - lm.centers[j]))
 
 
 def overlap(a: np.ndarray, b: np.ndarray, bins: int = 256) -> float:
@@ -387,6 +420,16 @@ def _from_shapes(entry: Mapping[str, Any], dims: Mapping[str, Dim]) -> Gate | No
     return None
 
 
+def _from_diagonal_numbers(entry: Mapping[str, Any], gate: DiagonalGate) -> Gate | None:
+    """A ``diagonal`` gate's applied half-plane (AND its extra thresholds) from the numbers a review
+    export lists (``CD56 mode``, ``CD56 SD``, ``CD16 mode``, ``CD16 SD``, ``diagonal >=``, ...),
+    else None. The panel shapes cannot give it: they are clipped to the panel's grid."""
+    try:
+        return gate.realize(gate.params_from_numbers(entry.get("params") or {}))
+    except (ValueError, TypeError):
+        return None
+
+
 def examples_document(examples: Sequence[Example], note: str = "") -> dict[str, Any]:
     """An examples file's content (format ``cytopipe-gate-examples/1``) with a full ``gate`` per
     entry, e.g. for gates set in code or corrected by hand."""
@@ -488,7 +531,12 @@ def read_examples(
                                 file=path, sample=sid, population=pop)  # fmt: skip
         if isinstance(template[pop].gate, BooleanGate):
             continue  # follows from its operands
-        g = _from_geometry(e["gate"], dims) if e.get("gate") else _from_shapes(e, dims)
+        if e.get("gate"):
+            g = _from_geometry(e["gate"], dims)
+        elif isinstance(template[pop].gate, DiagonalGate):
+            g = _from_diagonal_numbers(e, template[pop].gate)
+        else:
+            g = _from_shapes(e, dims)
         if g is None:
             log.warning("%s: the %s gate of %s cannot be rebuilt from its review panel; the template "
                         "gates it", path, pop, sid)  # fmt: skip
@@ -497,6 +545,28 @@ def read_examples(
     if not by_sample:
         raise TemplateError("the examples file holds no usable gate", file=path)
     return list(by_sample.values())
+
+
+def read_example_transforms(path: str | Path) -> dict[str, dict]:
+    """The display scales an examples file's gates were drawn on (``transforms:``, marker ->
+    spec, e.g. the study-locked arcsinh cofactors a review export carries); {} when it names none
+    (and for FlowJo / Gating-ML files, whose gates carry their own transforms)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+        return {}
+    from cytopipe.gating import check_transform
+
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        doc = json.loads(text)
+    else:
+        import yaml
+
+        doc = yaml.safe_load(text)
+    specs = (doc or {}).get("transforms") or {}
+    if not isinstance(specs, Mapping):
+        raise TemplateError("`transforms:` of an examples file must map markers to transforms", file=path)
+    return {str(m): check_transform(spec, {"marker": str(m), "file": str(path)}) for m, spec in specs.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,6 +593,7 @@ class _Profile:
     gate: Gate
     values: dict[Dim, np.ndarray]  # the example parent's values per axis
     n_parent: int
+    scope: str = ""  # the population whose densities are aligned (the parent, or a larger ancestor)
 
 
 def _thin(x: np.ndarray) -> np.ndarray:
@@ -605,15 +676,24 @@ class Learner:
         result = engine.run(medians=False)
         out = {}
         for name, g in ex.gates.items():
-            parent = self.template[name].parent
-            pidx = None if parent == ROOT else result.indices(parent)
-            vals = {d: _thin(engine.values(d, pidx, parent)) for d in g.dims}
-            out[name] = _Profile(g, vals, result.n_events if pidx is None else len(pidx))
+            scope = parent = self.template[name].parent
+            # a small parent's density is noisy: its axes are aligned on the nearest ancestor
+            # with enough events (e.g. activated cTfh's PD-1 on Memory CD4, not on cTfh)
+            while scope != ROOT and len(result.indices(scope)) < ALIGN_EVENTS:
+                scope = self.template[scope].parent
+            sidx = None if scope == ROOT else result.indices(scope)
+            vals = {d: _thin(engine.values(d, sidx, scope)) for d in g.dims}
+            n = result.n_events if parent == ROOT else len(result.indices(parent))
+            out[name] = _Profile(g, vals, n, scope)
         return out
 
     # ---- transfer ----------------------------------------------------------------------------
-    def transfer(self, population: str, values: Mapping[Dim, np.ndarray], sample_id: str | None = None):
-        """The gate for one target parent (``values`` per axis): ``(gate, quality, note)``."""
+    def transfer(
+        self, population: str, values: Mapping[Dim, np.ndarray], sample_id: str | None = None, values_of=None
+    ):
+        """The gate for one target parent (``values`` per axis): ``(gate, quality, note)``;
+        ``values_of(population)``: the target's values of another population (an example aligned
+        on a larger ancestor of the parent)."""
         if sample_id is not None and sample_id in self.profiles and population in self.profiles[sample_id]:
             return self.profiles[sample_id][population].gate, 1.0, f"the reviewed gate of {sample_id}"
         moved: list[tuple[float, str, Gate]] = []
@@ -626,8 +706,11 @@ class Learner:
                 moved.append((0.0, sid, prof.gate))  # nothing to align: copied, and flagged below
                 continue
             warps, qs = {}, []
+            here = values
+            if values_of is not None and prof.scope and prof.scope != self.template[population].parent:
+                here = values_of(prof.scope)
             for d, xe in prof.values.items():
-                xt = np.asarray(values[d], dtype=np.float64)
+                xt = np.asarray(here[d], dtype=np.float64)
                 w = landmark_warp(xe, xt)
                 q, q0 = overlap(w(xe), xt), overlap(xe, xt)
                 if q < self.min_quality and q0 > q:  # a failed warp that aligns worse than none is not used
@@ -728,7 +811,12 @@ class LearningEngine(Engine):
             return super()._fit_gate(pop, pidx, pooled, meta, flags, result)
         dims = list(pop.gate.dims)
         values = dict(zip(dims, self.gather(dims, pidx, pop.parent)))
-        applied, q, note = self.learner.transfer(pop.name, values, self.sample_id)
+
+        def values_of(scope: str):
+            sidx = None if scope == ROOT else self._idx_now[scope]
+            return dict(zip(dims, self.gather(dims, sidx, scope)))
+
+        applied, q, note = self.learner.transfer(pop.name, values, self.sample_id, values_of)
         inside = applied.contains(self.gather(applied.dims, pidx, pop.parent))
         quality = getattr(result, "alignment", {})
         quality[pop.name] = q
@@ -750,6 +838,7 @@ __all__ = [
     "MIN_QUALITY",
     "landmark_warp",
     "overlap",
+    "read_example_transforms",
     "read_examples",
     "warp_gate",
     "write_examples",

@@ -182,15 +182,10 @@ def _diagonal_override(lr: Any, g: Any, decision: Decision, params: Mapping[str,
         if not np.isfinite(value):
             raise ReviewError(f"gate number {name!r} must be finite, not {value}", **where)
         numbers[name] = value
-    a, b = (d.name for d in g.dims[:2])
-    chosen = {"": np.array([numbers[f"{a} mode"], numbers[f"{a} SD"], numbers[f"{b} mode"],
-                            numbers[f"{b} SD"], numbers["diagonal >="]])}  # fmt: skip
-    if min(chosen[""][1], chosen[""][3]) <= 0:
-        raise ReviewError("the SDs of a diagonal gate must be > 0", **where)
-    for f, sign in zip(g.extra, g.signs[2:]):
-        name = f"{f.dims[0].name} {'>=' if sign == '+' else '<'}"
-        if name in numbers:
-            chosen[f"[{f.dims[0].name}]"] = np.array([numbers[name]])
+    try:
+        chosen = g.params_from_numbers(numbers)
+    except ValueError as exc:
+        raise ReviewError(str(exc), **where) from None
     applied = g.realize(chosen)
     applied.review_params = {k: [float(x) for x in v] for k, v in chosen.items()}
     return applied
