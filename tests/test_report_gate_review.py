@@ -281,7 +281,7 @@ def test_gallery_figure_draws_the_background_grey_and_the_shown_events_in_colour
     *_, review = gated
     rows = review[(review["population"] == "Treg") & (review["panel"] == 0)].to_dict("records")
     fig = gallery_figure(rows, [""], ["P003_W12"])
-    img = np.asarray(fig.axes[0].images[0].get_array())[..., :3]
+    img = np.asarray(fig.axes[0].images[0].get_array())[..., :3] / 255.0  # the mosaic is uint8
     white = (img > 0.999).all(-1)
     grey = ~white & (np.ptp(img, axis=-1) < 1e-9)
     colour = ~white & ~grey
@@ -291,6 +291,6 @@ def test_gallery_figure_draws_the_background_grey_and_the_shown_events_in_colour
     # singlets: the events (coloured pixels) reach across most of the panel, not one corner
     rows = review[review["population"] == "Singlets"].to_dict("records")
     fig = gallery_figure(rows, [""], ["P003_W12"])
-    img = np.asarray(fig.axes[0].images[0].get_array())[..., :3]
+    img = np.asarray(fig.axes[0].images[0].get_array())[..., :3] / 255.0  # the mosaic is uint8
     cols, rws = np.nonzero((~(img > 0.999).all(-1)).T)
     assert np.ptp(cols) >= 0.6 * 48 and np.ptp(rws) >= 0.6 * 48

@@ -216,7 +216,7 @@ def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
 # actions
 # ------------------------------------------------------------------------------------------------
 _apply_locks: dict[int, threading.RLock] = {}
-_refreshers: dict[int, _Refresher] = {}
+_refreshers: dict[Path, _Refresher] = {}  # by run folder: unique even across two databases
 _guard = threading.Lock()
 
 
@@ -285,9 +285,10 @@ class _Refresher:
 
 def _refresher(run_id: int, out: Path) -> _Refresher:
     with _guard:
-        got = _refreshers.get(run_id)
+        key = Path(out).resolve()
+        got = _refreshers.get(key)
         if got is None:
-            got = _refreshers[run_id] = _Refresher(run_id, out)
+            got = _refreshers[key] = _Refresher(run_id, out)
         return got
 
 
