@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -509,7 +510,12 @@ def _replace_rows(
     new = new[[c for c in table.columns] + [c for c in new.columns if c not in table.columns]]
     keep = ~table["sample_id"].isin(samples)
     order = {s: i for i, s in enumerate(dict.fromkeys(table["sample_id"]))}
-    out = pd.concat([table[keep], new], ignore_index=True)
+    parts = [p for p in (table[keep], new) if len(p)] or [table.iloc[:0]]
+    with warnings.catch_warnings():
+        # all-NA columns of `new` (added above): the dtypes are restored from `table` below, so
+        # pandas' coming change in how concat treats all-NA columns cannot change the result
+        warnings.filterwarnings("ignore", "The behavior of DataFrame concatenation", FutureWarning)
+        out = pd.concat(parts, ignore_index=True)
     out["_o"] = out["sample_id"].map(order)
     out["_r"] = out.groupby("sample_id").cumcount()
     out = out.sort_values(["_o", "_r"], kind="stable").drop(columns=["_o", "_r"]).reset_index(drop=True)
