@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 RECORD_KEY = "rerun"
 RECORD_VERSION = 1
 # written by the run but not outputs: the log, the lock, the cache; run.json is checked by content
-_NOT_OUTPUTS = {".cache", "run.log", ".cytopipe.lock", "run.json"}
+_NOT_OUTPUTS = {".cache", "run.log", ".cytopipe.lock", ".review.lock", "run.json"}
 _LIBRARIES = ("numpy", "pandas", "pyarrow", "scipy", "scikit-learn", "statsmodels", "numba", "dask",
               "distributed", "duckdb", "flowkit", "flowutils", "matplotlib")  # fmt: skip
 

@@ -212,3 +212,58 @@ def test_the_queue_puts_flagged_then_outlying_gates_first(run_dir, tmp_path):
     assert not any(i["flagged"] or i["outlier"] for i in q["items"][2:])
     assert all(i["arm"] is None for i in q["items"])  # arms hidden when the user may not see them
     assert sorted(order) == samples
+
+
+_OTHER_PROCESS = """
+import sys
+from pathlib import Path
+from cytopipe.review.decisions import Decision, ReviewState
+from cytopipe.review.regate import apply_review, loaded_run
+
+run_dir, sid, name, value = Path(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
+loaded_run(run_dir)  # the slow part first, so the tables are read only after "ready"
+state = ReviewState()
+state.add(Decision("override", sid, "Memory CD4", "omar", params={name: value}, reason="too low",
+                   category="poor staining", audit_entry=7))
+(run_dir / "ready").write_text("1")
+apply_review(run_dir, state, statistics=False, report=False)
+"""
+
+
+def test_two_processes_applying_decisions_to_one_run_take_turns(run_dir):
+    """A `cytopipe review` in a terminal and the server re-gating the same run: the second writer
+    waits for the first's table write (flock on RUN_DIR/.review.lock) and re-reads the tables, so it
+    does not write back a population_stats that drops the first writer's change."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.pipeline_support import cli_env
+
+    before = pd.read_parquet(run_dir / "population_stats.parquet")
+    review = pd.read_parquet(run_dir / "gate_review.parquet")
+    samples = sorted(before["sample_id"].unique())
+    mine, theirs = samples[0], samples[3]
+    (name, value), = current_params(review, theirs, "Memory CD4").items()  # fmt: skip
+    fd = os.open(run_dir / ".review.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # this test is the first writer
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_PROCESS, str(run_dir), theirs, name, str(value + 1.5)], env=cli_env()
+    )
+    try:
+        while not (run_dir / "ready").exists():
+            assert proc.poll() is None, "the other process ended before it was ready"
+            time.sleep(0.05)
+        time.sleep(1.0)  # room for the other process to read the tables now, if nothing stopped it
+        mark = before.copy()
+        row = (mark["sample_id"] == mine) & (mark["population"] == "Th17")
+        mark.loc[row, "pct_parent"] = 12.345  # the first writer's change, written under the lock
+        mark.to_parquet(run_dir / "population_stats.parquet")
+    finally:
+        os.close(fd)  # releases the lock
+    assert proc.wait(timeout=300) == 0
+    after = pd.read_parquet(run_dir / "population_stats.parquet").set_index(KEY)
+    assert after.loc[(mine, "Th17"), "pct_parent"] == 12.345  # kept: the second writer read it
+    assert after.loc[(theirs, "Memory CD4"), "gate_source"] == "overridden"  # and made its own change

@@ -12,8 +12,10 @@ statistics, the catalog and the report are written again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import time
 import warnings
@@ -426,11 +428,77 @@ def apply_review(
     ``write_tables=False`` (with ``samples=[]``): only the statistics, catalog and report, from the
     tables as they are (a background refresh must not write back a population_stats it read before
     a concurrent re-gate replaced it)."""
-    from cytopipe.report.gate_review import read_gate_review, write_gate_review
     from cytopipe.store import atomic_write_parquet
 
     t0 = time.perf_counter()
     lr = loaded_run(run_dir)
+    folder = lr.folder
+    with _tables_lock(folder.path):
+        ps, review, samples, changes, t_gate = _regate_tables(lr, state, samples, write_tables, t0)
+    t_tables = time.perf_counter() - t0
+    problems: list[str] = []
+    tables = {"population_stats": ps}
+    for name in ("samples", "clusters"):
+        if folder.table_path(name).is_file():
+            tables[name] = pd.read_parquet(folder.table_path(name))
+    if statistics:
+        table = _statistics(lr, tables, problems)
+        if table is not None:
+            tables["statistics"] = table
+            atomic_write_parquet(folder.table_path("statistics"), table)
+    elif folder.table_path("statistics").is_file():
+        tables["statistics"] = pd.read_parquet(folder.table_path("statistics"))
+    from cytopipe.store import write_catalog
+
+    write_catalog(folder.catalog, tables, lr.info)
+    t_stats = time.perf_counter() - t0
+    if report:
+        from cytopipe.pipeline import write_run_report
+
+        write_run_report(folder.path, lr.wf, problems)
+    return {
+        "samples": samples,
+        "changes": {f"{s}/{p}": v for (s, p), v in changes.items()},
+        "problems": problems,
+        "seconds": {
+            "regate": round(t_gate, 3),
+            "tables": round(t_tables, 3),
+            "statistics": round(t_stats, 3),
+            "total": round(time.perf_counter() - t0, 3),
+        },  # fmt: skip
+    }
+
+
+def _tables_lock(run_dir: Path):
+    """An exclusive ``flock`` on ``RUN_DIR/.review.lock`` over the read-modify-write of the tables:
+    a `cytopipe review` in a terminal and the server (or two servers) applying decisions to the same
+    run take turns instead of one writing back tables the other has just replaced. The threads of one
+    server already take turns (serve.reviewops._run_lock); flock locks are per open file, so two
+    threads would also wait here. No-op where fcntl does not exist (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def held():
+        fd = os.open(Path(run_dir) / ".review.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    return held()
+
+
+def _regate_tables(
+    lr: Any, state: ReviewState, samples: Iterable[str] | None, write_tables: bool, t0: float
+) -> tuple:
+    """apply_review's table part (under _tables_lock): re-gate, replace rows, write the tables."""
+    from cytopipe.report.gate_review import read_gate_review, write_gate_review
+    from cytopipe.store import atomic_write_parquet
+
     folder = lr.folder
     ps = pd.read_parquet(folder.table_path("population_stats"))
     review = read_gate_review(folder.path)
@@ -466,38 +534,7 @@ def apply_review(
     if write_tables or samples:
         atomic_write_parquet(folder.table_path("population_stats"), ps)
         write_gate_review(folder.path, review)
-    t_tables = time.perf_counter() - t0
-    problems: list[str] = []
-    tables = {"population_stats": ps}
-    for name in ("samples", "clusters"):
-        if folder.table_path(name).is_file():
-            tables[name] = pd.read_parquet(folder.table_path(name))
-    if statistics:
-        table = _statistics(lr, tables, problems)
-        if table is not None:
-            tables["statistics"] = table
-            atomic_write_parquet(folder.table_path("statistics"), table)
-    elif folder.table_path("statistics").is_file():
-        tables["statistics"] = pd.read_parquet(folder.table_path("statistics"))
-    from cytopipe.store import write_catalog
-
-    write_catalog(folder.catalog, tables, lr.info)
-    t_stats = time.perf_counter() - t0
-    if report:
-        from cytopipe.pipeline import write_run_report
-
-        write_run_report(folder.path, lr.wf, problems)
-    return {
-        "samples": samples,
-        "changes": {f"{s}/{p}": v for (s, p), v in changes.items()},
-        "problems": problems,
-        "seconds": {
-            "regate": round(t_gate, 3),
-            "tables": round(t_tables, 3),
-            "statistics": round(t_stats, 3),
-            "total": round(time.perf_counter() - t0, 3),
-        },  # fmt: skip
-    }
+    return ps, review, samples, changes, t_gate
 
 
 def _replace_rows(
