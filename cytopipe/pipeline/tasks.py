@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from cytopipe.errors import CytopipeError
+from cytopipe.pipeline.fmo import fit_controls, flag_fmo_fallbacks, fmo_controls
 from cytopipe.pipeline.state import ClusterPlan, Prepared, StudyState, sample_meta
 from cytopipe.store import file_sha256
 
@@ -166,6 +167,7 @@ def fit_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
 
         prep = prepare_sample(job, state)
         gate = gating.gate if state.learner is None else state.learner.gate  # `examples:` (learned gates)
+        controls, problems = fmo_controls(prep.fmo, state, getattr(prep.sample, "spillover", None))
         result = gate(
             prep.sample,
             state.template,
@@ -173,8 +175,14 @@ def fit_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
             transforms=state.transforms,
             medians=True,
             keep_values=True,  # one compensated matrix, shared by review data and clustering inputs
+            controls=controls,
         )
-        return {"fits": result.fit_records(job["sample_id"]), **_gated_outputs(job, state, prep, result)}
+        flag_fmo_fallbacks(result, state.template, prep.fmo, problems)
+        fits = result.fit_records(job["sample_id"])
+        if prep.fmo is not None:  # which FMO control set (or calibrated) each threshold
+            by_key = fit_controls(result)
+            fits["control"] = [by_key.get(k, "") for k in fits["key"]]
+        return {"fits": fits, **_gated_outputs(job, state, prep, result)}
 
     return _guard(body)
 
@@ -198,6 +206,8 @@ def _gated_outputs(job: Mapping[str, Any], state: StudyState, prep: Prepared, re
     for population, flag in result.flags:
         flags.setdefault(population, []).append(flag)
     stats["gate_flags"] = ["; ".join(flags.get(p, [])) for p in stats["population"]]
+    # what set the population's gate: fitted, control (an FMO), pooled, fixed, ... (per sample)
+    stats["gate_source"] = [result.populations[p].source for p in stats["population"]]
     from cytopipe.report.gate_review import gate_review_data
 
     # the engine's compensated matrix (kept on the result), shared by the review data and the
@@ -291,7 +301,8 @@ def gate_prepared(prep: Prepared, state: StudyState, medians: bool = True, keep_
     populations."""
     from cytopipe import gating
 
-    return (gating.gate if state.learner is None else state.learner.gate)(  # learner: `examples:`
+    controls, problems = fmo_controls(prep.fmo, state, getattr(prep.sample, "spillover", None))
+    result = (gating.gate if state.learner is None else state.learner.gate)(  # learner: `examples:`
         prep.sample,
         state.template,
         pooled=state.pooled,
@@ -299,7 +310,10 @@ def gate_prepared(prep: Prepared, state: StudyState, medians: bool = True, keep_
         transforms=state.transforms,
         medians=medians,
         keep_values=keep_values,
+        controls=controls,
     )
+    flag_fmo_fallbacks(result, state.template, prep.fmo, problems)
+    return result
 
 
 def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
@@ -328,7 +342,9 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
             drop = np.unpackbits(np.asarray(known[1], dtype=np.uint8), count=n_raw).astype(bool)
             kept = np.flatnonzero(~drop)
             sample.events = events[kept]
-        return Prepared(sample=sample, metrics=dict(known[2]), meta=sample_meta(job), kept=kept)
+        return Prepared(
+            sample=sample, metrics=dict(known[2]), meta=sample_meta(job), kept=kept, fmo=job.get("fmo")
+        )
     margin = qc.margin_qc(events, sample.channels, state.qc)
     rows = np.flatnonzero(~margin.bad) if margin.bad.any() else None
     tres = qc.time_qc(events, sample.channels, state.qc, rows=rows)
@@ -343,7 +359,7 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
         sample.events = events[kept]  # the one copy of the matrix; the raw one is freed
     del events
     metrics = qc.qc_metrics(n_raw, int(margin.bad.sum()), int(tres.bad.sum()), margin.counts, tres, state.qc)
-    return Prepared(sample=sample, metrics=metrics, meta=sample_meta(job), kept=kept)
+    return Prepared(sample=sample, metrics=metrics, meta=sample_meta(job), kept=kept, fmo=job.get("fmo"))
 
 
 def _check_markers(info: Any, state: StudyState, file: str) -> list[str]:
