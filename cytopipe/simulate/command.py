@@ -76,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="events per FMO control file (default 4 x --events, at least 50,000)",
     )
+    parser.add_argument(
+        "--fmo-markers",
+        default=None,
+        metavar="M1,M2",
+        help="FMO controls of these dim markers only (default: every dim marker: CD25, CD127, CXCR3, CCR6, "
+        "CXCR5, PD-1, CD56)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a trial already in --out")
 
 
@@ -98,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         instrument=args.instrument,
         fmo=args.fmo or False,
         fmo_events=args.fmo_events,
+        fmo_markers=[m.strip() for m in args.fmo_markers.split(",")] if args.fmo_markers else None,
         instrument_per=args.instrument_per,
     )
     m = trial.manifest
