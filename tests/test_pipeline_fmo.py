@@ -76,7 +76,9 @@ def test_run_gates_each_sample_with_the_fmo_set_of_its_batch_or_site(fmo_study):
     assert (s1.loc[s1["gate_source"] != "control", "gate_flags"] != "").all()
     # S2 (no FMO set): the landmark rule, flagged
     assert (s2["gate_source"] != "control").all()
-    assert s2["gate_flags"].str.contains("none for this sample's batch or site").all(), s2["gate_flags"]
+    assert (s2["gate_flags"] != "").all()
+    own = s2[s2["gate_source"] == "fitted"]  # (a failed fit's pooled fallback is flagged as such)
+    assert len(own) and own["gate_flags"].str.contains("none for this sample's batch or site").all()
     for r in fits[fits["key"].isin(FMO_KEYS)].itertuples():
         marker = {"Th17[CXCR3]": "CXCR3", "Th17[CCR6]": "CCR6", "cTfh": "CXCR5", "activated cTfh": "PD-1"}[
             r.key
@@ -129,3 +131,53 @@ def test_gate_command_uses_the_fmo_controls_through_the_pipeline(fmo_study, tmp_
     )
     fits = pd.read_parquet(out / "gate_fits.parquet")
     assert (fits.loc[fits["key"] == "cTfh", "control"] != "").any()
+
+
+def test_a_changed_fmo_regates_its_samples_and_a_bad_one_is_a_flagged_fallback(fmo_study, tmp_path):
+    from cytopipe.fcs import read_fcs, write_fcs
+    from cytopipe.pipeline import EXIT_FAILURES, run_workflow
+    from cytopipe.pipeline.gate_command import OFF
+    from cytopipe.workflow import workflow_from_options
+    from tests.pipeline_support import copy_trial, truncate_fcs
+
+    study = copy_trial(fmo_study[0], tmp_path / "study")
+    out = tmp_path / "run"
+
+    def run():
+        wf = workflow_from_options(study / "manifest.csv", TEMPLATE, out, **OFF)
+        return run_workflow(wf, scheduler="synchronous", progress=False)
+
+    first = run()
+    manifest = pd.read_csv(study / "manifest.csv", dtype=str, keep_default_na=False)
+    samples = manifest[manifest["control"] == ""]
+    n_s1 = int((samples["site"] == "S1").sum())
+    fmo = manifest[manifest["control"].str.startswith("fmo:")].set_index("control")["file"]
+    # a re-acquired PD-1 FMO: the samples that use it (S1) are gated again, the others reused
+    path = study / fmo["fmo:PD-1"]
+    s = read_fcs(path)
+    write_fcs(path, s.events[:-300], s.channels, s.keywords, spillover=s.spillover)
+    second = run()
+    fit = next(x for x in second.info["steps"] if x["step"] == "gating-fit")
+    assert fit["reused"] == len(samples) - n_s1
+    before = first.population_stats.set_index(["sample_id", "population"])["pct_parent"]
+    after = second.population_stats.set_index(["sample_id", "population"])["pct_parent"]
+    s2 = [sid for sid in samples.loc[samples["site"] == "S2", "sample_id"]]
+    assert (before.loc[s2] == after.loc[s2]).all()
+    # a corrupt CXCR5 FMO: a failed control naming the file; the run goes on, S1's cTfh falls
+    # back on the landmark rule (flagged) while its Th17/Th1 thresholds keep their controls
+    truncate_fcs(study / fmo["fmo:CXCR5"])
+    third = run()
+    assert third.exit_code == EXIT_FAILURES
+    ctl = third.samples.set_index("file").loc[fmo["fmo:CXCR5"]]
+    assert ctl["status"] == "failed" and fmo["fmo:CXCR5"] in ctl["error"] and "truncated" in ctl["error"]
+    ps = third.population_stats
+    in_s1 = ps["sample_id"].isin(samples.loc[samples["site"] == "S1", "sample_id"])
+    ctfh = ps[in_s1 & (ps["population"] == "cTfh")]
+    assert (ctfh["gate_source"] != "control").all()
+    fitted = ctfh[ctfh["gate_source"] == "fitted"]
+    assert len(fitted) and fitted["gate_flags"].str.contains("has no control of CXCR5").all(), ctfh[
+        "gate_flags"
+    ]
+    th17 = ps[in_s1 & (ps["population"] == "Th17")]
+    assert (th17["gate_source"] == "control").mean() >= 0.75
+    assert set(third.population_stats["sample_id"]) == set(samples["sample_id"])  # no sample lost

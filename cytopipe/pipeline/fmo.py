@@ -232,6 +232,8 @@ def flag_fmo_fallbacks(
     from cytopipe.gating.engine import NOT_MEASURED
 
     by_key = fit_controls(result)
+    # a fit that failed fell back on a pooled estimate or default, flagged by the engine already
+    failed = {f.key for f in getattr(result, "fits", []) if f.status != "ok"}
     for pop in template:
         items = [
             (s, f) for s, f in getattr(pop.gate, "fit_items", list)() if f.options.get("control") == "fmo"
@@ -240,7 +242,7 @@ def flag_fmo_fallbacks(
         if not items or p is None or p.source == NOT_MEASURED:
             continue
         for suffix, fitter in items:
-            if (pop.name + suffix) in by_key:
+            if (pop.name + suffix) in by_key or (pop.name + suffix) in failed:
                 continue
             marker = fitter.dims[0].name
             if marker in problems:
