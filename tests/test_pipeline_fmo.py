@@ -181,3 +181,37 @@ def test_a_changed_fmo_regates_its_samples_and_a_bad_one_is_a_flagged_fallback(f
     th17 = ps[in_s1 & (ps["population"] == "Th17")]
     assert (th17["gate_source"] == "control").mean() >= 0.75
     assert set(third.population_stats["sample_id"]) == set(samples["sample_id"])  # no sample lost
+
+
+def test_which_sample_gets_which_fmo_set():
+    """The documented rule: the sample's own batch, else its site's earliest set, else the study's
+    (FMO rows with neither batch nor site), else none; a marker twice in one set is a problem."""
+    from cytopipe.gating.command import assign_fmo_sets
+
+    def fmo(marker, batch, site, when, name):
+        return {"file": name, "control": f"fmo:{marker}", "batch": batch, "site": site, "acquired_at": when}
+
+    rows = [
+        fmo("CXCR5", "B2", "S1", "2020-03-01", "late_S1.fcs"),
+        fmo("CXCR5", "B1", "S1", "2020-01-01", "early_S1.fcs"),
+        fmo("CXCR5", None, None, "2020-01-01", "study.fcs"),
+        fmo("CXCR5", "B1", "S1", "2020-01-01", "twice.fcs"),
+        fmo("PD-1", "B1", "S1", "2020-01-01", "early_S1_pd1.fcs"),
+    ]
+    samples = [
+        {"batch": "B2", "site": "S1"},  # its own batch
+        {"batch": "B9", "site": "S1"},  # no set in its batch: the site's earliest
+        {"batch": "B7", "site": "S2"},  # none in its site: the study's
+        {"batch": None, "site": None},
+    ]
+    sets, problems = assign_fmo_sets(rows, samples)
+    assert [(label, {m: c["file"] for m, c in members.items()}) for label, members in sets] == [
+        ("batch B2", {"CXCR5": "late_S1.fcs"}),
+        ("site S1", {"CXCR5": "early_S1.fcs", "PD-1": "early_S1_pd1.fcs"}),
+        ("study", {"CXCR5": "study.fcs"}),
+        ("study", {"CXCR5": "study.fcs"}),
+    ]
+    assert [(c["file"], "second FMO control of CXCR5" in why) for c, why in problems] == [("twice.fcs", True)]
+    # without a study set, a sample of a site without FMOs has none
+    sets, _ = assign_fmo_sets([r for r in rows if r["file"] != "study.fcs"], samples[2:3])
+    assert sets == [None]

@@ -79,7 +79,8 @@ def _read_manifest(path: Path) -> pd.DataFrame:
 
 
 def _blank(v) -> str:
-    return "" if v is None or (isinstance(v, float) and pd.isna(v)) or pd.isna(v) else str(v).strip()
+    """A manifest cell as text ('' for a blank or missing one)."""
+    return "" if v is None or pd.isna(v) else str(v).strip()
 
 
 def assign_fmo_sets(controls: list[dict], samples: list[dict]) -> tuple[list, list[tuple[dict, str]]]:
@@ -105,7 +106,7 @@ def assign_fmo_sets(controls: list[dict], samples: list[dict]) -> tuple[list, li
                     c,
                     f"a second FMO control of {marker} in {label} (first: {members[marker]['file']}); "
                     "give each FMO set one control per marker, or a batch value per set",
-                )  # fmt: skip
+                )
             )
             continue
         members[marker] = c
