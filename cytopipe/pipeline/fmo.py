@@ -207,6 +207,25 @@ def _spill_key(spill: Any) -> str:
     )
 
 
+def gate_with_fmo(gate: Any, prep: Any, state: Any, template: Any, **kwargs: Any) -> Any:
+    """``gate(prep.sample, template, controls=<the sample's FMO set>, **kwargs)``, with the FMO
+    gates that got no FMO flagged (:func:`flag_fmo_fallbacks`)."""
+    controls, problems = fmo_controls(prep.fmo, state, getattr(prep.sample, "spillover", None))
+    result = gate(prep.sample, template, controls=controls, **kwargs)
+    flag_fmo_fallbacks(result, template, prep.fmo, problems)
+    return result
+
+
+def fit_records(result: Any, sample_id: str, fmo: Mapping[str, Any] | None) -> Any:
+    """The sample's fit records; in a study with FMO controls with a ``control`` column: the FMO
+    file that set (or calibrated) each threshold ('' for none)."""
+    fits = result.fit_records(sample_id)
+    if fmo is not None:
+        by_key = fit_controls(result)
+        fits["control"] = [by_key.get(k, "") for k in fits["key"]]
+    return fits
+
+
 _NOTE = re.compile(r"FMO control (\S+)")
 
 

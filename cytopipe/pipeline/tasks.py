@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from cytopipe.errors import CytopipeError
-from cytopipe.pipeline.fmo import fit_controls, flag_fmo_fallbacks, fmo_controls
+from cytopipe.pipeline.fmo import fit_records, gate_with_fmo
 from cytopipe.pipeline.state import ClusterPlan, Prepared, StudyState, sample_meta
 from cytopipe.store import file_sha256
 
@@ -167,21 +167,17 @@ def fit_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
 
         prep = prepare_sample(job, state)
         gate = gating.gate if state.learner is None else state.learner.gate  # `examples:` (learned gates)
-        controls, problems = fmo_controls(prep.fmo, state, getattr(prep.sample, "spillover", None))
-        result = gate(
-            prep.sample,
+        result = gate_with_fmo(
+            gate,
+            prep,
+            state,
             state.template,
             sample_meta=prep.meta,
             transforms=state.transforms,
             medians=True,
             keep_values=True,  # one compensated matrix, shared by review data and clustering inputs
-            controls=controls,
         )
-        flag_fmo_fallbacks(result, state.template, prep.fmo, problems)
-        fits = result.fit_records(job["sample_id"])
-        if prep.fmo is not None:  # which FMO control set (or calibrated) each threshold
-            by_key = fit_controls(result)
-            fits["control"] = [by_key.get(k, "") for k in fits["key"]]
+        fits = fit_records(result, job["sample_id"], prep.fmo)
         return {"fits": fits, **_gated_outputs(job, state, prep, result)}
 
     return _guard(body)
@@ -301,19 +297,17 @@ def gate_prepared(prep: Prepared, state: StudyState, medians: bool = True, keep_
     populations."""
     from cytopipe import gating
 
-    controls, problems = fmo_controls(prep.fmo, state, getattr(prep.sample, "spillover", None))
-    result = (gating.gate if state.learner is None else state.learner.gate)(  # learner: `examples:`
-        prep.sample,
+    return gate_with_fmo(
+        gating.gate if state.learner is None else state.learner.gate,  # learner: `examples:`
+        prep,
+        state,
         state.template,
         pooled=state.pooled,
         sample_meta=prep.meta,
         transforms=state.transforms,
         medians=medians,
         keep_values=keep_values,
-        controls=controls,
     )
-    flag_fmo_fallbacks(result, state.template, prep.fmo, problems)
-    return result
 
 
 def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:

@@ -286,18 +286,12 @@ def regate_sample(
     job = _job(lr, sample_id)
     prep = prepared(lr, sample_id)
     template = overridden_template(lr, overrides, review, prep.meta)
-    from cytopipe.pipeline.fmo import flag_fmo_fallbacks, fmo_controls
+    from cytopipe.pipeline.fmo import gate_with_fmo
 
-    controls, problems = fmo_controls(prep.fmo, lr.state, getattr(prep.sample, "spillover", None))
-    result = gating.gate(
-        prep.sample,
-        template,
-        pooled=lr.state.pooled,
-        sample_meta=prep.meta,
+    result = gate_with_fmo(  # with the sample's FMO set, as the run gated it
+        gating.gate, prep, lr.state, template, pooled=lr.state.pooled, sample_meta=prep.meta,
         transforms=lr.state.transforms,
-        controls=controls,  # the sample's FMO set, as the run gated it
-    )
-    flag_fmo_fallbacks(result, template, prep.fmo, problems)
+    )  # fmt: skip
     stats = result.to_population_stats(prep.meta)
     flags: dict[str, list[str]] = {}
     for population, flag in result.flags:
