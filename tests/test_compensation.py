@@ -423,8 +423,9 @@ def test_recovers_true_spillover_of_a_freshly_simulated_trial(tmp_path):
 
 
 def test_recovers_true_spillover_of_sample_data(sample_data):
-    """sample_data has one control set per site (45 controls): one matrix per set, each within
-    0.01 of that site's true matrix; the plain call says how to handle several sets."""
+    """sample_data has one control set per site (45 controls; its FMO rows are not part of them):
+    one matrix per set, each within 0.01 of that site's true matrix; the plain call says how to
+    handle several sets."""
     from cytopipe.compensation import compute_spillover_sets
     from cytopipe.errors import CompensationError
 

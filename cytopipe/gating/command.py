@@ -78,23 +78,73 @@ def _read_manifest(path: Path) -> pd.DataFrame:
     return m
 
 
-def _fmo_controls(args) -> dict[str, dict[str, Path]]:
-    """FMO controls of the manifest (``control: fmo:CXCR5``): ``{batch: {marker: path}}`` (batch ''
-    when the manifest has no batch column)."""
+def _blank(v) -> str:
+    """A manifest cell as text ('' for a blank or missing one)."""
+    return "" if v is None or pd.isna(v) else str(v).strip()
+
+
+def assign_fmo_sets(controls: list[dict], samples: list[dict]) -> tuple[list, list[tuple[dict, str]]]:
+    """Which FMO set each sample is gated with: ``([(label, {marker: control row}) or None per
+    sample], [(control row, problem)])``.
+
+    FMO rows (``control`` = ``fmo:<marker>``) form sets by their (batch, site). A sample takes the
+    set of its own batch; else the earliest set (by ``acquired_at``, then batch) of its site; else
+    the study's set (FMO rows with neither batch nor site); else none (its FMO gates use the
+    landmark rule, flagged). A marker twice in one set: the first row is used, the other is a
+    problem (named by file)."""
+    sets: dict[tuple[str, str], dict[str, dict]] = {}
+    when: dict[tuple[str, str], tuple[str, str]] = {}
+    problems: list[tuple[dict, str]] = []
+    for c in controls:
+        key = (_blank(c.get("batch")), _blank(c.get("site")))
+        marker = str(c["control"]).split(":", 1)[1].strip()
+        members = sets.setdefault(key, {})
+        label = f"batch {key[0]}" if key[0] else (f"site {key[1]}" if key[1] else "study")
+        if marker in members:
+            problems.append(
+                (
+                    c,
+                    f"a second FMO control of {marker} in {label} (first: {members[marker]['file']}); "
+                    "give each FMO set one control per marker, or a batch value per set",
+                )
+            )
+            continue
+        members[marker] = c
+        t = (_blank(c.get("acquired_at")), key[0])
+        when[key] = min(when.get(key, t), t)
+    out = []
+    for s in samples:
+        batch, site = _blank(s.get("batch")), _blank(s.get("site"))
+        hit = None
+        if batch:
+            same = [k for k in sets if k[0] == batch]
+            hit = next((k for k in same if k[1] == site), same[0] if same else None)
+        if hit is None and site:
+            of_site = sorted((k for k in sets if k[1] == site), key=lambda k: when[k])
+            hit = of_site[0] if of_site else None
+        if hit is None and ("", "") in sets:
+            hit = ("", "")
+        if hit is None:
+            out.append(None)
+            continue
+        label = f"batch {hit[0]}" if hit[0] and hit[0] == batch else (f"site {hit[1]}" if hit[1] else "study")
+        out.append((label, sets[hit]))
+    return out, problems
+
+
+def _fmo_controls(args) -> list[dict]:
+    """The manifest's FMO control rows (``control: fmo:CXCR5``), ``file`` resolved."""
     if not args.manifest:
-        return {}
+        return []
     manifest = _read_manifest(args.manifest)
     if "control" not in manifest.columns:
-        return {}
-    out: dict[str, dict[str, Path]] = {}
+        return []
+    out = []
     for r in manifest.to_dict("records"):
-        ctl = str(r.get("control") or "")
-        if not ctl.lower().startswith("fmo:"):
+        if not _blank(r.get("control")).lower().startswith("fmo:"):
             continue
         path = Path(str(r["file"]))
-        path = path if path.is_absolute() else args.manifest.parent / path
-        batch = "" if pd.isna(r.get("batch", None)) else str(r.get("batch", ""))
-        out.setdefault(batch, {})[ctl[4:].strip()] = path
+        out.append({**r, "path": path if path.is_absolute() else args.manifest.parent / path})
     return out
 
 
@@ -185,22 +235,33 @@ def run(args) -> int:
     for m in skipped:
         say(f"not measured in any file: {m.marker} ({', '.join(m.populations)})")
 
-    # FMO controls (per batch) for `reference` gates with `control: fmo`
+    # FMO controls (`control: fmo` gates): the set of the sample's batch, else site, else study
     wants_fmo = any(
-        f.method == "reference" and f.options.get("control") == "fmo"
-        for p in template
-        for _, f in getattr(p.gate, "fit_items", list)()
+        f.options.get("control") == "fmo" for p in template for _, f in getattr(p.gate, "fit_items", list)()
     )
-    fmo_paths = _fmo_controls(args) if wants_fmo else {}
+    fmo_rows = _fmo_controls(args) if wants_fmo else []
+    fmo_sets = assign_fmo_sets(fmo_rows, [m for _, m in samples])[0] if fmo_rows else [None] * len(samples)
+    set_of = {str(m["sample_id"]): s for (_, m), s in zip(samples, fmo_sets)}
     loaded: dict[Path, object] = {}
 
     def controls_for(meta: dict) -> dict:
-        batch = "" if meta.get("batch") is None else str(meta.get("batch"))
-        paths = fmo_paths.get(batch) or fmo_paths.get("", {})
-        for p in paths.values():
+        chosen = set_of.get(str(meta.get("sample_id")))
+        if chosen is None:
+            return {}
+        out = {}
+        for m, c in chosen[1].items():
+            p = Path(c["path"])
             if p not in loaded:
-                loaded[p] = cytopipe.read_fcs(p)
-        return {m: loaded[p] for m, p in paths.items()}
+                try:
+                    loaded[p] = cytopipe.read_fcs(p)
+                except CytopipeError as exc:
+                    say(f"FMO control {c['file']} unreadable, not used: {exc}")
+                    loaded[p] = None
+                else:
+                    loaded[p].path = Path(str(c["file"]))  # notes name the manifest's file
+            if loaded[p] is not None:
+                out[m] = loaded[p]
+        return out
 
     pooled = None
     fits = []

@@ -162,13 +162,14 @@ def _run_cached_phase(
     cached and used instead of running ``fn``. A failed sample is failed for the whole run
     (``ctx.fail``), or with ``soft`` only left out of this phase's results
     (``ctx.soft_failures[phase]``)."""
+    from cytopipe.pipeline.fmo import fmo_key
     from cytopipe.rerun import manifest_key
 
     results: dict[str, dict[str, Any]] = {}
     todo: list[dict[str, Any]] = []
     keys: dict[str, str] = {}
     for job in ctx.alive():
-        key = f"{job['sha256'][:32]}-{settings_key[:16]}{manifest_key(job)}"
+        key = f"{job['sha256'][:32]}-{settings_key[:16]}{manifest_key(job)}{fmo_key(job)}"
         if extra_key is not None:
             key += extra_key(job)
         keys[job["sample_id"]] = key

@@ -11,7 +11,8 @@ population, the flags of its gate, e.g. a fallback and its reason) and ``gate_fi
 What the pipeline does not do yet stays on the single-process gating of
 :mod:`cytopipe.gating.command`: FCS files listed without a manifest (or a selection of the
 manifest's files), ``--no-pool``, ``--gatingml``/``--flowjo`` per-sample exports, ``--examples``,
-Gating-ML/FlowJo templates (Cytobank gates tailored per file) and FMO reference gates.
+Gating-ML/FlowJo templates (Cytobank gates tailored per file). FMO controls of the manifest
+(``control: fmo:<marker>``) are used as ``cytopipe run`` uses them (:mod:`cytopipe.pipeline.fmo`).
 """
 
 from __future__ import annotations
@@ -43,13 +44,6 @@ def not_through_pipeline(args: argparse.Namespace) -> str | None:
             return "--" + option.replace("_", "-")
     if Path(args.template).suffix.lower() not in (".yaml", ".yml"):
         return "a Gating-ML or FlowJo template"
-    from cytopipe.gating import load_template
-
-    template = load_template(args.template)
-    for pop in template:
-        for _, fitter in getattr(pop.gate, "fit_items", list)():
-            if fitter.method == "reference" and fitter.options.get("control") == "fmo":
-                return "FMO reference gates"
     return None
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cytopipe.pipeline.fmo import attach_loaded_fmo
 from cytopipe.pipeline.state import StudyState, _load_manifest, build_state, split_jobs
 from cytopipe.pipeline.tasks import prepare_sample
 from cytopipe.store import RunFolder, file_sha256
@@ -66,7 +67,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
             file=folder.path,
         )
     manifest = _load_manifest(wf.manifest)
-    jobs, _ = split_jobs(manifest)
+    jobs, controls = split_jobs(manifest)
     state = build_state(wf, n_samples=len(jobs))
     record = info.get("study_state") or {}
     if record.get("spillover"):
@@ -96,6 +97,8 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     usable = samples[samples["status"].isin(["ok", "flagged"]) & samples["control"].fillna("").eq("")]
     sha = dict(zip(usable["sample_id"], usable["sha256"]))
     jobs = [dict(j, sha256=sha[j["sample_id"]]) for j in jobs if j["sample_id"] in sha]
+    ctl = samples[samples["status"].isin(["ok", "flagged"]) & samples["control"].fillna("").ne("")]
+    attach_loaded_fmo(state.template, jobs, controls, dict(zip(ctl["sample_id"], ctl["sha256"])))
     if wf.examples is not None:  # learned gates, learned again exactly as the run did
         from cytopipe.gating.learn import study_learner
 

@@ -57,6 +57,7 @@ class Prepared:
     metrics: dict[str, Any]
     meta: dict[str, Any]
     kept: np.ndarray | None = None  # original index of every kept event (None: all kept)
+    fmo: dict[str, Any] | None = None  # the sample's FMO set (job["fmo"]; cytopipe.pipeline.fmo)
 
 
 def sample_meta(job: Mapping[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from cytopipe.pipeline.context import (
     _run_cached_phase,
     _save_result,
 )
+from cytopipe.pipeline.fmo import is_fmo, plan_fmo
 from cytopipe.pipeline.progress import notice
 from cytopipe.pipeline.state import _load_manifest, _spillover_hash, build_state, plan_clustering, split_jobs
 from cytopipe.pipeline.statistics import step_statistics
@@ -69,7 +70,7 @@ def validate_inputs(ctx: RunContext) -> None:
             )
     if not ctx.jobs:
         raise ManifestError("the manifest lists no samples to analyse (only controls)", file=wf.manifest)
-    if wf.compensation["source"] == "controls" and not ctx.controls:
+    if wf.compensation["source"] == "controls" and not [c for c in ctx.controls if not is_fmo(c)]:
         raise WorkflowError(
             "compensation source is 'controls' but the manifest has no control rows "
             "(`control` column: unstained, single:CD4, ...)",
@@ -143,7 +144,8 @@ def step_register(ctx: RunContext) -> dict[str, Any]:
     for j in jobs:
         j.pop("_missing", None)
     _drop_unmeasured_cluster_markers(ctx, skipped)
-    return {"files": len(jobs), "failed": len(ctx.failures), "not_measured_markers": skipped}
+    fmo = plan_fmo(ctx)  # each sample's FMO set (batch, else site, else study)
+    return {"files": len(jobs), "failed": len(ctx.failures), "not_measured_markers": skipped, **fmo}
 
 
 def _drop_unmeasured_cluster_markers(ctx: RunContext, skipped: list[str]) -> None:
@@ -180,7 +182,7 @@ def step_compensation(ctx: RunContext) -> dict[str, Any]:
     """The study matrix computed from single-stain controls (AutoSpill-like), when asked."""
     if ctx.state.compensation != "controls":
         return {"source": ctx.state.compensation}
-    controls = [c for c in ctx.controls if c["sample_id"] not in ctx.failures]
+    controls = [c for c in ctx.controls if c["sample_id"] not in ctx.failures and not is_fmo(c)]
     if not controls:
         raise WorkflowError(
             "compensation from controls: no readable control file (see samples.parquet)",

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from cytopipe.errors import CytopipeError
+from cytopipe.pipeline.fmo import fit_records, gate_with_fmo
 from cytopipe.pipeline.state import ClusterPlan, Prepared, StudyState, sample_meta
 from cytopipe.store import file_sha256
 
@@ -166,15 +167,18 @@ def fit_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
 
         prep = prepare_sample(job, state)
         gate = gating.gate if state.learner is None else state.learner.gate  # `examples:` (learned gates)
-        result = gate(
-            prep.sample,
+        result = gate_with_fmo(
+            gate,
+            prep,
+            state,
             state.template,
             sample_meta=prep.meta,
             transforms=state.transforms,
             medians=True,
             keep_values=True,  # one compensated matrix, shared by review data and clustering inputs
         )
-        return {"fits": result.fit_records(job["sample_id"]), **_gated_outputs(job, state, prep, result)}
+        fits = fit_records(result, job["sample_id"], prep.fmo)
+        return {"fits": fits, **_gated_outputs(job, state, prep, result)}
 
     return _guard(body)
 
@@ -198,6 +202,8 @@ def _gated_outputs(job: Mapping[str, Any], state: StudyState, prep: Prepared, re
     for population, flag in result.flags:
         flags.setdefault(population, []).append(flag)
     stats["gate_flags"] = ["; ".join(flags.get(p, [])) for p in stats["population"]]
+    # what set the population's gate: fitted, control (an FMO), pooled, fixed, ... (per sample)
+    stats["gate_source"] = [result.populations[p].source for p in stats["population"]]
     from cytopipe.report.gate_review import gate_review_data
 
     # the engine's compensated matrix (kept on the result), shared by the review data and the
@@ -291,8 +297,10 @@ def gate_prepared(prep: Prepared, state: StudyState, medians: bool = True, keep_
     populations."""
     from cytopipe import gating
 
-    return (gating.gate if state.learner is None else state.learner.gate)(  # learner: `examples:`
-        prep.sample,
+    return gate_with_fmo(
+        gating.gate if state.learner is None else state.learner.gate,  # learner: `examples:`
+        prep,
+        state,
         state.template,
         pooled=state.pooled,
         sample_meta=prep.meta,
@@ -328,7 +336,9 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
             drop = np.unpackbits(np.asarray(known[1], dtype=np.uint8), count=n_raw).astype(bool)
             kept = np.flatnonzero(~drop)
             sample.events = events[kept]
-        return Prepared(sample=sample, metrics=dict(known[2]), meta=sample_meta(job), kept=kept)
+        return Prepared(
+            sample=sample, metrics=dict(known[2]), meta=sample_meta(job), kept=kept, fmo=job.get("fmo")
+        )
     margin = qc.margin_qc(events, sample.channels, state.qc)
     rows = np.flatnonzero(~margin.bad) if margin.bad.any() else None
     tres = qc.time_qc(events, sample.channels, state.qc, rows=rows)
@@ -343,7 +353,7 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
         sample.events = events[kept]  # the one copy of the matrix; the raw one is freed
     del events
     metrics = qc.qc_metrics(n_raw, int(margin.bad.sum()), int(tres.bad.sum()), margin.counts, tres, state.qc)
-    return Prepared(sample=sample, metrics=metrics, meta=sample_meta(job), kept=kept)
+    return Prepared(sample=sample, metrics=metrics, meta=sample_meta(job), kept=kept, fmo=job.get("fmo"))
 
 
 def _check_markers(info: Any, state: StudyState, file: str) -> list[str]:

@@ -289,9 +289,12 @@ def regate_sample(
     job = _job(lr, sample_id)
     prep = prepared(lr, sample_id)
     template = overridden_template(lr, overrides, review, prep.meta)
-    result = gating.gate(
-        prep.sample, template, pooled=lr.state.pooled, sample_meta=prep.meta, transforms=lr.state.transforms
-    )
+    from cytopipe.pipeline.fmo import gate_with_fmo
+
+    result = gate_with_fmo(  # with the sample's FMO set, as the run gated it
+        gating.gate, prep, lr.state, template, pooled=lr.state.pooled, sample_meta=prep.meta,
+        transforms=lr.state.transforms,
+    )  # fmt: skip
     stats = result.to_population_stats(prep.meta)
     flags: dict[str, list[str]] = {}
     for population, flag in result.flags:

@@ -63,8 +63,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--fmo",
-        action="store_true",
-        help="with --instrument: add one FMO control per dim marker and batch (manifest control fmo:<marker>)",
+        nargs="?",
+        const="batch",
+        default=None,
+        choices=("batch", "site"),
+        help="with --instrument: add FMO controls (manifest control fmo:<marker>), one per dim marker and "
+        "batch (--fmo or --fmo batch) or one set per site, in its first batch (--fmo site)",
+    )
+    parser.add_argument(
+        "--fmo-events",
+        type=int,
+        default=None,
+        help="events per FMO control file (default 4 x --events, at least 50,000)",
+    )
+    parser.add_argument(
+        "--fmo-markers",
+        default=None,
+        metavar="M1,M2",
+        help="FMO controls of these dim markers only (default: every dim marker: CD25, CD127, CXCR3, CCR6, "
+        "CXCR5, PD-1, CD56)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a trial already in --out")
 
@@ -86,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
         control_events=args.control_events,
         overwrite=args.overwrite,
         instrument=args.instrument,
-        fmo=args.fmo,
+        fmo=args.fmo or False,
+        fmo_events=args.fmo_events,
+        fmo_markers=[m.strip() for m in args.fmo_markers.split(",")] if args.fmo_markers else None,
         instrument_per=args.instrument_per,
     )
     m = trial.manifest

@@ -48,6 +48,7 @@ def simulate_instrument_trial(
     fmo: bool | str = False,
     fmo_events: int | None = None,
     per: str = "site",
+    fmo_markers: Sequence[str] | None = None,
 ):
     cohort = simulate_cohort(n_patients=n_patients, visits=visits, seed=seed, effect=effect)
     if per not in ("site", "batch"):
@@ -63,6 +64,11 @@ def simulate_instrument_trial(
             if insts[u].name not in named:
                 named[insts[u].name] = true_thresholds(insts[u], seed, f"named:{insts[u].name}")
             thresholds[u] = named[insts[u].name]
+    unknown = sorted(set(fmo_markers or ()) - set(DIM_MARKERS))
+    if unknown:
+        raise SimulationError(
+            f"no FMO control is simulated for {unknown}: choose among {', '.join(DIM_MARKERS)}"
+        )
     prepare_dirs(out)
 
     manifest_rows, truth_rows, sample_rows, fault_rows, thr_rows = [], [], [], [], []
@@ -130,8 +136,9 @@ def simulate_instrument_trial(
             )  # fmt: skip
         if fmo and (fmo != "site" or first_batch[b["site"]] == b["batch"]):
             manifest_rows += _fmo_controls(
-                out, b, inst, cohort, seed, fmo_events or max(4 * events, 50_000), thresholds[unit]
-            )
+                out, b, inst, cohort, seed, fmo_events or max(4 * events, 50_000), thresholds[unit],
+                fmo_markers,
+            )  # fmt: skip
 
     for u in units:
         inst, s = insts[u], site_of[u]
@@ -174,7 +181,7 @@ def simulate_instrument_trial(
 
 
 def _fmo_controls(
-    out: Path, batch: dict, inst: Instrument, cohort, seed: int, n: int, thresholds
+    out: Path, batch: dict, inst: Instrument, cohort, seed: int, n: int, thresholds, markers=None
 ) -> list[dict]:
     """One FMO control per dim marker for a batch: a typical donor stained with every antibody
     but one, acquired at the batch's set-up (no per-file drift)."""
@@ -187,7 +194,7 @@ def _fmo_controls(
     comp = {**tech, **reference_composition()}
     g = stream(seed, "batch", batch["batch"])
     stain_gain = np.exp(P.BATCH_GAIN_SD * g.standard_normal(P.N_FLUOR))
-    for marker in DIM_MARKERS:
+    for marker in markers or DIM_MARKERS:  # each FMO has its own random stream: a subset is the same files
         sid = f"FMO_{batch['batch']}_{marker}"
         rng = stream(seed, "fmo", batch["batch"], marker)
         cells = draw_cells(n, comp, rng, None, stain_gain)

@@ -37,6 +37,7 @@ def simulate_trial(
     fmo: bool | str = False,
     fmo_events: int | None = None,
     instrument_per: str = "site",
+    fmo_markers: Sequence[str] | None = None,
 ) -> Trial:
     """Write a simulated IL-2 trial with per-event ground truth into ``out_dir``.
 
@@ -51,7 +52,8 @@ def simulate_trial(
     ``instrument_per="batch"``); see
     :mod:`cytopipe.simulate.instruments`. ``fmo=True`` (instrument profiles only) adds one FMO
     control per dim marker and batch (``fmo_events`` events each, default 4 x ``events`` and at least 50,000);
-    ``fmo="site"``: one set per site, in its first batch.
+    ``fmo="site"``: one set per site, in its first batch. ``fmo_markers``: FMOs of these dim markers
+    only (default: every dim marker).
     """
     out = Path(out_dir)
     if int(events) < 100:
@@ -72,7 +74,7 @@ def simulate_trial(
         _prepare(out, overwrite)
         return simulate_instrument_trial(
             out, instrument, n_patients, visits, events, seed, effect, fault_plan, control_events,
-            fmo=fmo, fmo_events=fmo_events, per=instrument_per,
+            fmo=fmo, fmo_events=fmo_events, per=instrument_per, fmo_markers=fmo_markers,
         )  # fmt: skip
     if fmo:
         raise SimulationError(
