@@ -13,7 +13,8 @@ relative to them, so the canonical template holds no instrument-scale numbers:
               one (humps of a continuum) only where it lies below the negative population's
               mirrored ``percentile``, which is the threshold otherwise. With ``of: bulk`` (Live):
               the first valley above the main population (the main peak with the humps joined
-              to it without a gap, :meth:`Landmarks.bulk`), else its upper shoulder
+              to it without a gap, :meth:`Landmarks.bulk`), else its upper shoulder, never above
+              the end of its highest peak (density under 0.1 % of the peak)
 ``shoulder``  where the parent's density first reaches ``ratio`` x the mirror image of the
               negative peak's outer half (``of: negative``, going up) or of the main peak's upper
               half (``of: main``, going down). With ``ratio: 2`` that is where the excess over the
@@ -404,16 +405,21 @@ class RelativeThresholdFitter(ThresholdFitter):
             # peak beyond a gap (dying cells' intermediate dye uptake, or the dead cells), else
             # the population's upper shoulder
             bulk = lm.bulk()
-            above = [p for p in lm.peaks if p.position > bulk[-1].position]
+            top = bulk[-1]
+            # ... and never above the end of its highest peak (its density under 0.1 % of the
+            # peak, as in `shoulder`): dying cells smeared between live and dead cells lie in
+            # the valley's floor, not in the live population
+            ends = np.flatnonzero(lm.dens[top.index :] < 1e-3 * top.height)
+            end = float(lm.centers[top.index + ends[0]]) if len(ends) else math.inf
+            above = [p for p in lm.peaks if p.position > top.position]
             if above:
-                other = above[0]
                 try:
-                    sub = Landmarks(lm.centers, lm.dens, [bulk[-1], other])
-                    return np.array([deepest_valley(sub, self.options.get("max_depth", 0.5))])
+                    sub = Landmarks(lm.centers, lm.dens, [top, above[0]])
+                    return np.array([min(deepest_valley(sub, self.options.get("max_depth", 0.5)), end)])
                 except FitFailure:
                     pass
             ratio, offset = self.options.get("ratio", 2.0), self.options.get("min_offset", 1.0)
-            return np.array([shoulder(lm, of="bulk", ratio=ratio, min_offset=offset)])
+            return np.array([min(shoulder(lm, of="bulk", ratio=ratio, min_offset=offset), end)])
         if method in ("auto", "valley"):
             try:
                 if method == "auto" and "percentile" in self.options and len(lm.peaks) < 2:
