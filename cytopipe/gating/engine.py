@@ -723,10 +723,12 @@ class Engine:
         chosen: dict[str, np.ndarray] = {}
         used_own: dict[str, bool] = {}
         sources: set[str] = set()
-        fitters = dict(g.fit_items())
+        # a diagonal pre-gate for an optional marker the file lacks is fitted as a gate of its own
+        items = g.fit_items_for(self.missing) if hasattr(g, "fit_items_for") else g.fit_items()
+        fitters = dict(items)
         # a quadrant threshold fitted `within: quadrant` comes after the others: it is fitted among
         # the parent's events on the gate's side of them (sequential gating: CD56 among CD3- events)
-        for suffix, fitter in sorted(g.fit_items(), key=lambda item: _within_quadrant(g, item[1])):
+        for suffix, fitter in sorted(items, key=lambda item: _within_quadrant(g, item[1])):
             key = pop.name + suffix
             if any(d.name in self.missing for d in fitter.dims):  # an optional marker the file lacks
                 flags.append(f"{key}: marker {fitter.dims[0].name} is not in the file; gated without it")

@@ -106,7 +106,7 @@ def _threshold_fitter(method: str, spec, dim: Dim, with_side: bool):
             if v is not None:
                 opts[key] = v
         if method in ("auto", "shoulder"):
-            opts["of"] = spec.choice("of", ("negative", "main"), default="negative")
+            opts["of"] = spec.choice("of", ("negative", "main", "bulk"), default="negative")
         if method == "tail" or (method == "auto" and spec.has("percentile")):
             opts["percentile"] = spec.number("percentile", lo=50, hi=100)
         if method == "auto" and spec.has("percentile") and spec.raw("control", required=False) is not None:
@@ -292,15 +292,21 @@ def parse_data_driven(kind: str, spec, dims: list[Dim], ctx) -> Gate:
 
 
 def parse_diagonal(spec, dims: list[Dim], ctx) -> DiagonalGate:
-    """``type: diagonal``: ``signs`` (one per marker), optional ``ratio``/``min_peak``/``fallback_z``,
-    ``thresholds`` for the markers after the first two (default ``auto``), ``optional`` markers."""
+    """``type: diagonal``: ``signs`` (one per marker), optional ``ratio``/``min_peak``/``fallback_z``/
+    ``min_offset``, ``cut`` (``shoulder`` or ``edge``), ``thresholds`` for the markers after the first
+    two (default ``auto``), ``optional`` markers."""
     n = len(dims)
     signs = parse_signs(spec, "signs", n)
     opts: dict = {"signs": signs[:2]}
-    for key, lo, hi in (("ratio", 1, 100), ("min_peak", 0, 1), ("fallback_z", 0, 20)):
+    for key, lo, hi in (("ratio", 1, 100), ("min_peak", 0, 1), ("fallback_z", 0, 20), ("min_offset", 0, 10)):
         v = spec.number(key, required=False, lo=lo, hi=hi)
         if v is not None:
             opts[key] = v
+    cut = spec.choice("cut", ("shoulder", "edge"), default="shoulder")
+    if cut == "edge":
+        if n < 3:
+            raise spec.error("cut", "`cut: edge` is a pre-gate for the markers after the first two: add them")
+        opts["cut"] = cut
     bounds = parse_bounds(spec, kind="quadrant")
     if bounds.min_events == 100:
         bounds.min_events = 200

@@ -11,7 +11,10 @@ relative to them, so the canonical template holds no instrument-scale numbers:
               With ``percentile`` (dim markers, FMO convention): a valley deeper than ``gap``
               (0.2) x the lower peak is a gap between two populations and is used; a shallower
               one (humps of a continuum) only where it lies below the negative population's
-              mirrored ``percentile``, which is the threshold otherwise
+              mirrored ``percentile``, which is the threshold otherwise. With ``of: bulk`` (Live):
+              the first valley above the main population (the main peak with the humps joined
+              to it without a gap, :meth:`Landmarks.bulk`), else its upper shoulder, never above
+              the end of its highest peak (density under 0.1 % of the peak)
 ``shoulder``  where the parent's density first reaches ``ratio`` x the mirror image of the
               negative peak's outer half (``of: negative``, going up) or of the main peak's upper
               half (``of: main``, going down). With ``ratio: 2`` that is where the excess over the
@@ -22,7 +25,9 @@ relative to them, so the canonical template holds no instrument-scale numbers:
               ``signs:``), and the projection is gated at its shoulder (e.g. CD25+ CD127lo Treg,
               CD56hi CD16lo NK); extra markers of the gate are ANDed with ``auto`` thresholds
               (e.g. FOXP3+), and a marker listed under ``optional:`` that a file lacks is left out
-              (flagged) instead of dropping the population.
+              (flagged) instead of dropping the population. ``cut: edge``: the projection is cut
+              at the main cloud's edge (``min_offset`` robust SDs) and the extra markers decide
+              (at the shoulder when the file lacks one of them).
 ``lymphocytes`` scatter: the lowest-SSC dense cluster of FSC-A/SSC-A that is not debris, found on the
               events' own range (no absolute box), refined on its trimmed core.
 ``reference`` the ``q``-quantile of the marker on another population (``population: CD8 T``) or, when
@@ -41,6 +46,7 @@ each fitter is a few lines over the shared landmarks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -106,6 +112,22 @@ class Landmarks:
     @property
     def main(self) -> Peak:
         return max(self.peaks, key=lambda p: p.height)
+
+    def bulk(self, gap: float | None = None) -> list[Peak]:
+        """The main peak and every neighbouring peak joined to it without a gap (the density
+        between them stays above ``gap`` x the lower of the two): one population with humps,
+        e.g. live T and non-T cells a little apart on a viability dye, not two populations."""
+        gap = GAP_DEPTH if gap is None else gap
+        i = self.peaks.index(self.main)
+        lo = hi = i
+        while lo > 0 and self._joined(self.peaks[lo - 1], self.peaks[lo], gap):
+            lo -= 1
+        while hi + 1 < len(self.peaks) and self._joined(self.peaks[hi], self.peaks[hi + 1], gap):
+            hi += 1
+        return self.peaks[lo : hi + 1]
+
+    def _joined(self, a: Peak, b: Peak, gap: float) -> bool:
+        return float(self.dens[a.index : b.index + 1].min()) > gap * min(a.height, b.height)
 
     def two_most_prominent(self) -> tuple[Peak, Peak] | None:
         if len(self.peaks) < 2:
@@ -187,12 +209,14 @@ def shoulder(lm: Landmarks, of: str = "negative", ratio: float = 2.0, min_offset
     """Where the density first reaches ``ratio`` x the mirrored outer half of a peak.
 
     ``of: negative``: mirror the left half of the negative peak to the right and walk up;
-    ``of: main``: mirror the right half of the main peak to the left and walk down.
+    ``of: main``: mirror the right half of the main peak to the left and walk down;
+    ``of: bulk``: mirror the left half of the bulk's highest peak (:meth:`Landmarks.bulk`) to the
+    right and walk up (the upper edge of a population with humps, e.g. live cells).
     The walk starts ``min_offset`` robust SDs from the mode (noise at the top of the peak).
     """
     c, f = lm.centers, lm.dens
-    if of == "negative":
-        p = lm.negative
+    if of in ("negative", "bulk"):
+        p = lm.negative if of == "negative" else lm.bulk()[-1]
         sd = _robust_sd(p, "left")
         step = 1
     else:
@@ -353,6 +377,10 @@ class RelativeThresholdFitter(ThresholdFitter):
         if of == "negative":
             fb = lm.negative.position + z * _robust_sd(lm.negative, "left")
             how = f"negative peak + {z:g} robust SD"
+        elif of == "bulk":
+            top = lm.bulk()[-1]
+            fb = top.position + z * _robust_sd(top, "right")
+            how = f"main population's highest peak + {z:g} robust SD"
         else:
             fb = lm.main.position - z * _robust_sd(lm.main, "right")
             how = f"main peak - {z:g} robust SD"
@@ -372,6 +400,26 @@ class RelativeThresholdFitter(ThresholdFitter):
         method = self.method
         if method == "tail":
             return np.array([mirrored_percentile(xs, lm.negative.position, self.options["percentile"])])
+        if method == "auto" and self.options.get("of") == "bulk":
+            # the first valley above the main population (with its humps): below the nearest
+            # peak beyond a gap (dying cells' intermediate dye uptake, or the dead cells), else
+            # the population's upper shoulder
+            bulk = lm.bulk()
+            top = bulk[-1]
+            # ... and never above the end of its highest peak (its density under 0.1 % of the
+            # peak, as in `shoulder`): dying cells smeared between live and dead cells lie in
+            # the valley's floor, not in the live population
+            ends = np.flatnonzero(lm.dens[top.index :] < 1e-3 * top.height)
+            end = float(lm.centers[top.index + ends[0]]) if len(ends) else math.inf
+            above = [p for p in lm.peaks if p.position > top.position]
+            if above:
+                try:
+                    sub = Landmarks(lm.centers, lm.dens, [top, above[0]])
+                    return np.array([min(deepest_valley(sub, self.options.get("max_depth", 0.5)), end)])
+                except FitFailure:
+                    pass
+            ratio, offset = self.options.get("ratio", 2.0), self.options.get("min_offset", 1.0)
+            return np.array([min(shoulder(lm, of="bulk", ratio=ratio, min_offset=offset), end)])
         if method in ("auto", "valley"):
             try:
                 if method == "auto" and "percentile" in self.options and len(lm.peaks) < 2:
@@ -457,8 +505,13 @@ class DiagonalFitter(Fitter):
         how = f"main cloud + {z:g} SD along the diagonal"
         fallback = np.array([*params, lm.main.position + z * _robust_sd(lm.main, "left")])
         try:
-            t = _valley_beyond_main(lm)
             floor = lm.main.position + self.options.get("min_offset", 2.0) * _robust_sd(lm.main, "left")
+            if self.options.get("cut") == "edge":
+                # a pre-gate for a defining marker ANDed with it (FOXP3): only the main cloud's
+                # bulk is cut off, the marker decides on what lies beyond (a shoulder would drop
+                # the CD25-dim / CD127-int part of the Treg tail that FOXP3 would have kept)
+                return np.array([*params, floor]), fallback, how
+            t = _valley_beyond_main(lm)
             if t is not None and t < floor:  # a noise dip inside the main cloud
                 t = None
             if t is None:
@@ -553,6 +606,18 @@ class DiagonalGate(DataDrivenGate):
 
     def fit_items(self):
         return [("", self.fitter)] + [(f"[{f.dims[0].name}]", f) for f in self.extra]
+
+    def fit_items_for(self, missing) -> list:
+        """:meth:`fit_items` for a file lacking the markers ``missing``: without an optional extra
+        marker, a diagonal cut at the main cloud's edge (``cut: edge``, a pre-gate for that marker)
+        is cut at its shoulder instead, as the diagonal alone must then separate the population."""
+        items = self.fit_items()
+        if self.fitter.options.get("cut") == "edge" and any(f.dims[0].name in missing for f in self.extra):
+            alone = dataclasses.replace(
+                self.fitter, options={k: v for k, v in self.fitter.options.items() if k != "cut"}
+            )
+            items[0] = ("", alone)
+        return items
 
     def realize(self, params):
         parts: list[Gate] = [PolygonGate(self.dims[:2], self.fitter.polygon(params[""]))]
