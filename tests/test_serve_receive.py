@@ -79,3 +79,24 @@ def test_an_error_or_the_limit_mid_file_leaves_nothing_and_the_next_upload_works
     assert refused.value.status == 413 and list(store.tmp.iterdir()) == []
     got = asyncio.run(receive(chunked(data, [65536]), store, 10 * len(data)))
     assert got.tmp.read_bytes() == data
+
+
+def test_a_write_direct_io_refuses_is_done_buffered(tmp_path):
+    """An unaligned block on a file opened for direct I/O: the kernel refuses it (EINVAL); the
+    writer clears O_DIRECT and writes it buffered instead of failing the upload."""
+    import fcntl
+    import os
+
+    from cytopipe.serve.storage import _direct, _pwrite_all
+
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if not _direct(fd):
+            pytest.skip("this file system has no direct I/O")
+        data = os.urandom(1000)  # neither the length nor (usually) the address is sector-aligned
+        _pwrite_all(fd, memoryview(data), 3)
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"\0" * 3 + data

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import errno
 import hashlib
 import io
 import logging
@@ -205,8 +206,24 @@ def _direct(fd: int) -> bool:
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while view:  # a write may be partial
-        n = os.pwrite(fd, view, offset)
+        try:
+            n = os.pwrite(fd, view, offset)
+        except OSError as exc:  # a file system that took O_DIRECT but refuses this write: buffered
+            if exc.errno != errno.EINVAL or not _buffered(fd):
+                raise
+            continue
         view, offset = view[n:], offset + n
+
+
+def _buffered(fd: int) -> bool:
+    """Clear ``O_DIRECT`` on ``fd``; False when it was not set."""
+    import fcntl
+
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if not flags & getattr(os, "O_DIRECT", 0):
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+    return True
 
 
 async def receive(
@@ -248,9 +265,7 @@ async def receive(
 
     def write_tail(fd: int, view: memoryview, at: int) -> None:
         if direct:  # the last, partial block need not be a whole number of sectors
-            import fcntl
-
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            _buffered(fd)
         _pwrite_all(fd, view, at)
 
     def submit(n: int, last: bool) -> None:
