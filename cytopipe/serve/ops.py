@@ -184,21 +184,19 @@ async def upload_file(
                              "'FCS3.1', 'FCS3.0' or 'FCS2.0'; the extension does not count)"}  # fmt: skip
     else:
         # checked while streaming; else (several data sets, mixed widths, no Content-Length)
-        # validated from the page cache while the file's pages go to disk: the two overlap
+        # validated from the stored file while it is flushed to disk: the two overlap
         checked = check.result(got.size)
-        try:
-            if checked is not None:
-                await run_in_threadpool(fsync_path, got.tmp)
-            else:
+        if checked is None:
+            try:
                 checked, _ = await asyncio.gather(
                     run_in_threadpool(validate_blob, got.tmp, name, got.sha256),
                     run_in_threadpool(fsync_path, got.tmp),
                 )
-        except BaseException:
-            got.tmp.unlink(missing_ok=True)
-            raise
-        ws.store.adopt(got.tmp, got.sha256)
-    # the database work runs in a thread: the event loop keeps receiving other uploads meanwhile
+            except BaseException:
+                got.tmp.unlink(missing_ok=True)
+                raise
+            got.synced = True
+    # the disk and database work runs in a thread: the event loop keeps receiving other uploads meanwhile
     return await run_in_threadpool(record_upload, ws, study_id, user, name, raw_name, batch_id, got, checked)
 
 
@@ -206,7 +204,16 @@ def record_upload(
     ws: Any, study_id: int, user: str, name: str, raw_name: str, batch_id: int | None, got: Any,
     checked: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
-    """The upload's row and audit entry (or the duplicate's audit entry), in one transaction."""
+    """The upload's row and audit entry (or the duplicate's audit entry), in one transaction, once
+    the file is on disk and in the store."""
+    if got.tmp is not None:
+        try:
+            if not got.synced:
+                fsync_path(got.tmp)
+        except BaseException:
+            got.tmp.unlink(missing_ok=True)
+            raise
+        ws.store.adopt(got.tmp, got.sha256)
     status, reason, notes, info = checked["status"], checked["reason"], checked["notes"], checked["info"]
     with ws.sessions() as db:
         if batch_id:

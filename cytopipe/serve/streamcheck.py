@@ -17,6 +17,7 @@ rules are the same; only the second read comes back).
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from cytopipe.fcs import _channel_table, _FCSFile, _spillover_for
 
 logger = logging.getLogger(__name__)
 
+_SCRATCH = threading.local()  # aligned memory for DATA at an odd offset, one block per thread
 PREFIX_LIMIT = 16 << 20  # bytes held while waiting for the end of TEXT (TEXT is usually a few kB)
 
 
@@ -123,7 +125,6 @@ class StreamCheck:
             return
         self.f, self.ds, self.channels, self.layout = f, ds, channels, layout
         self.bad, self.carry = 0, b""
-        self.scratch = np.empty(0, dtype=np.uint8)
         self.cleared = np.zeros(layout.n_channels, dtype=bool)
         if dtype is not None:
             self.dtype = np.dtype(f"{'>' if layout.big else '<'}{dtype.kind}{dtype.itemsize}")
@@ -164,10 +165,11 @@ class StreamCheck:
         values = np.frombuffer(rows, dtype=self.dtype)
         if not values.flags.aligned:  # DATA at an odd offset: numpy's fast loops need aligned values
             n = len(rows)
-            if self.scratch.size < n:
-                self.scratch = np.empty(n, dtype=np.uint8)  # reused: no page faults per chunk
-            self.scratch[:n] = np.frombuffer(rows, dtype=np.uint8)
-            values = self.scratch[:n].view(self.dtype)
+            scratch = getattr(_SCRATCH, "block", None)
+            if scratch is None or scratch.size < n:  # kept per thread across uploads: a fresh
+                scratch = _SCRATCH.block = np.empty(max(n, 1 << 20), dtype=np.uint8)  # one page-faults
+            scratch[:n] = np.frombuffer(rows, dtype=np.uint8)
+            values = scratch[:n].view(self.dtype)
         if self.dtype.kind == "f":
             with np.errstate(all="ignore"):  # float64 beyond float32's range becomes inf, as in the reader
                 as32 = values if self.dtype.itemsize == 4 else values.astype(np.float32)
