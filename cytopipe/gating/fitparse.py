@@ -115,6 +115,15 @@ def _threshold_fitter(method: str, spec, dim: Dim, with_side: bool):
             if spec.raw("control") != "fmo":
                 raise spec.error("control", "only `control: fmo` is supported")
             opts["control"] = "fmo"
+            align = spec.raw("align_on", required=False)
+            if align is not None:
+                # the file's drift on the axis is read on the negative peak of this (larger)
+                # population, known negative for the marker (engine._fmo_aligned)
+                if not isinstance(align, str) or not align.strip():
+                    raise spec.error(
+                        "align_on", "name a population negative for the marker, e.g. `align_on: CD4 T`"
+                    )
+                opts["align_on"] = align.strip()
     elif method == "reference":
         opts["q"] = spec.number("q", lo=0.0, hi=1.0)
         pop = spec.raw("population", required=False)
