@@ -19,6 +19,7 @@ its methods share that cache. Fitting lives in :mod:`~cytopipe.gating.fitters` a
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -870,9 +871,22 @@ class Engine:
         out = self._fit_own(fitter, parent, pidx, n_parent)
         if fitter.method != "reference" and fitter.options.get("control") == "fmo":
             if "align_on" in fitter.options:
+                own = None if out[0] is None else self._fmo_calibrated(fitter, parent, out[0])
                 aligned = self._fmo_aligned(fitter, parent)
                 if aligned is not None:
-                    return (aligned, "", *out[2:])
+                    t, n_ref = aligned
+                    spec = self._transform_spec(fitter.dims[0])
+                    t_own = None if own is None or own is out[0] else _inverse(spec, float(own[0]))
+                    if t_own is not None and t_own > 0:
+                        # the drift read twice, on the parent's own landmark and on align_on's:
+                        # their geometric mean weighted by events (a percentile's variance ~ 1/n)
+                        w = n_parent / (n_parent + n_ref)
+                        t = math.exp(w * math.log(t_own) + (1.0 - w) * math.log(t))
+                    return (
+                        np.array([float(_adapters.apply_transform(spec, np.array([t]))[0])]),
+                        "",
+                        *out[2:],
+                    )
             if out[0] is not None:
                 out = (self._fmo_calibrated(fitter, parent, out[0]), *out[1:])
         return out
@@ -985,14 +999,14 @@ class Engine:
         x = _adapters.apply_transform(self._transform_spec(dim), lin)
         return negative_landmark(x, lin, ALIGN_PERCENTILE)
 
-    def _fmo_aligned(self, fitter: Fitter, parent: str) -> np.ndarray | None:
+    def _fmo_aligned(self, fitter: Fitter, parent: str) -> tuple[float, int] | None:
         """An ``auto ... control: fmo`` threshold with ``align_on: POP``: the FMO's ``percentile``
         on the parent (the convention), moved by this file's drift on the axis, which is the ratio
         of the negative-peak landmark of POP (a large population negative for the marker, e.g.
         CD4 T for PD-1) in this file to the same landmark in the stained controls of the FMO's
         set-up. A small parent (cTfh: a few hundred events) cannot place its own percentile; a
-        large negative population reads the file's gain well. None without the controls (the
-        caller then uses the landmark rule)."""
+        large negative population reads the file's gain well. Returns (threshold in linear units,
+        events of POP), or None without the controls (the caller then uses the landmark rule)."""
         dim = fitter.dims[0]
         marker, ref_pop = dim.name, fitter.options["align_on"]
         others = self._stained_references(marker, parent)
@@ -1031,8 +1045,7 @@ class Engine:
         self.fmo_notes[(parent, marker)] = (
             f"FMO control {hit[2]} (x{gain:.3g}: this file's drift on {ref_pop})"
         )
-        spec = self._transform_spec(dim)
-        return np.array([float(_adapters.apply_transform(spec, np.array([hit[0] * gain]))[0])])
+        return hit[0] * gain, len(ridx)
 
     def _fmo_calibrated(self, fitter: Fitter, parent: str, params: np.ndarray) -> np.ndarray:
         """An ``auto`` threshold calibrated on the marker's FMO control (``control: fmo``).
