@@ -126,11 +126,11 @@ def test_align_on_names_a_population_of_the_template():
 
     spec = template_to_dict(load_template(REPO / "gating" / "sle_il2_tcell_nk.yaml"))
     tfh = next(p for p in spec["populations"] if p["name"] == "cTfh")
-    assert tfh["gate"]["align_on"] == "T cells"
-    assert "T cells" in parse_template(spec).populations["cTfh"].depends_on
+    assert tfh["gate"]["align_on"] == ["T cells", "CD8 T"]
+    assert {"T cells", "CD8 T"} <= set(parse_template(spec).populations["cTfh"].depends_on)
     tfh["gate"]["align_on"] = "B cells"
     with pytest.raises(TemplateError, match="unknown population 'B cells'"):
         parse_template(spec)
-    tfh["gate"]["align_on"] = ""
+    tfh["gate"]["align_on"] = [""]
     with pytest.raises(TemplateError, match="align_on"):
         parse_template(spec)

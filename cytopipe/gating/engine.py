@@ -19,7 +19,6 @@ its methods share that cache. Fitting lives in :mod:`~cytopipe.gating.fitters` a
 from __future__ import annotations
 
 import json
-import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -872,16 +871,22 @@ class Engine:
         if fitter.method != "reference" and fitter.options.get("control") == "fmo":
             if "align_on" in fitter.options:
                 own = None if out[0] is None else self._fmo_calibrated(fitter, parent, out[0])
-                aligned = self._fmo_aligned(fitter, parent)
-                if aligned is not None:
-                    t, n_ref = aligned
-                    spec = self._transform_spec(fitter.dims[0])
-                    t_own = None if own is None or own is out[0] else _inverse(spec, float(own[0]))
-                    if t_own is not None and t_own > 0:
-                        # the drift read twice, on the parent's own landmark and on align_on's:
-                        # their geometric mean weighted by events (a percentile's variance ~ 1/n)
-                        w = n_parent / (n_parent + n_ref)
-                        t = math.exp(w * math.log(t_own) + (1.0 - w) * math.log(t))
+                spec = self._transform_spec(fitter.dims[0])
+                reads = [self._fmo_aligned(fitter, parent, pop) for pop in fitter.options["align_on"]]
+                reads = [r for r in reads if r is not None]
+                if reads:
+                    if own is not None and own is not out[0]:
+                        t_own = _inverse(spec, float(own[0]))
+                        if t_own > 0:
+                            reads.append((t_own, n_parent))
+                    if len(reads) >= 3:
+                        # the drift read on three populations: the median, so that one whose
+                        # shape differs from the controls' (another donor) cannot move the gate
+                        t = float(np.median([r[0] for r in reads]))
+                    else:
+                        # geometric mean weighted by events (a percentile's variance ~ 1/n)
+                        w = np.array([r[1] for r in reads], dtype=np.float64)
+                        t = float(np.exp(np.sum(w * np.log([r[0] for r in reads])) / w.sum()))
                     return (
                         np.array([float(_adapters.apply_transform(spec, np.array([t]))[0])]),
                         "",
@@ -999,7 +1004,7 @@ class Engine:
         x = _adapters.apply_transform(self._transform_spec(dim), lin)
         return negative_landmark(x, lin, ALIGN_PERCENTILE)
 
-    def _fmo_aligned(self, fitter: Fitter, parent: str) -> tuple[float, int] | None:
+    def _fmo_aligned(self, fitter: Fitter, parent: str, ref_pop: str) -> tuple[float, int] | None:
         """An ``auto ... control: fmo`` threshold with ``align_on: POP``: the FMO's ``percentile``
         on the parent (the convention), moved by this file's drift on the axis, which is the ratio
         of the negative-peak landmark of POP (a large population negative for the marker, e.g.
@@ -1008,7 +1013,7 @@ class Engine:
         large negative population reads the file's gain well. Returns (threshold in linear units,
         events of POP), or None without the controls (the caller then uses the landmark rule)."""
         dim = fitter.dims[0]
-        marker, ref_pop = dim.name, fitter.options["align_on"]
+        marker = dim.name
         others = self._stained_references(marker, parent)
         if marker not in self.controls or not others or ref_pop not in self._idx_now:
             return None

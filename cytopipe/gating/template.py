@@ -79,7 +79,7 @@ class Population:
             deps += [o.population for o in self.gate.operands]
         for _, f in getattr(self.gate, "fit_items", list)():
             # `reference` thresholds read another population; FMO thresholds `align_on` one
-            for ref in (f.options.get("population"), f.options.get("align_on")):
+            for ref in (f.options.get("population"), *f.options.get("align_on", ())):
                 if ref and ref not in deps:
                     deps.append(ref)
         return deps
