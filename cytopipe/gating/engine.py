@@ -878,7 +878,12 @@ class Engine:
                     if own is not None and own is not out[0]:
                         t_own = _inverse(spec, float(own[0]))
                         if t_own > 0:
-                            reads.append((t_own, n_parent))
+                            reads.append((t_own, n_parent, f"{parent}'s own landmark", reads[0][3]))
+                    how = "median" if len(reads) >= 3 else "mean weighted by events"
+                    self.fmo_notes[(parent, fitter.dims[0].name)] = (
+                        f"FMO control {reads[0][3]} moved by this file's drift (read on "
+                        f"{', '.join(r[2] for r in reads)}; {how})"
+                    )
                     if len(reads) >= 3:
                         # the drift read on three populations: the median, so that one whose
                         # shape differs from the controls' (another donor) cannot move the gate
@@ -1004,14 +1009,15 @@ class Engine:
         x = _adapters.apply_transform(self._transform_spec(dim), lin)
         return negative_landmark(x, lin, ALIGN_PERCENTILE)
 
-    def _fmo_aligned(self, fitter: Fitter, parent: str, ref_pop: str) -> tuple[float, int] | None:
+    def _fmo_aligned(self, fitter: Fitter, parent: str, ref_pop: str) -> tuple[float, int, str, str] | None:
         """An ``auto ... control: fmo`` threshold with ``align_on: POP``: the FMO's ``percentile``
         on the parent (the convention), moved by this file's drift on the axis, which is the ratio
         of the negative-peak landmark of POP (a large population negative for the marker, e.g.
         CD4 T for PD-1) in this file to the same landmark in the stained controls of the FMO's
         set-up. A small parent (cTfh: a few hundred events) cannot place its own percentile; a
         large negative population reads the file's gain well. Returns (threshold in linear units,
-        events of POP), or None without the controls (the caller then uses the landmark rule)."""
+        events of POP, a label of the reading, the FMO's file name), or None without the controls
+        (the caller then uses the landmark rule)."""
         dim = fitter.dims[0]
         marker = dim.name
         others = self._stained_references(marker, parent)
@@ -1046,11 +1052,7 @@ class Engine:
             return None
         if not own > 0:
             return None
-        gain = own / hit[1]
-        self.fmo_notes[(parent, marker)] = (
-            f"FMO control {hit[2]} (x{gain:.3g}: this file's drift on {ref_pop})"
-        )
-        return hit[0] * gain, len(ridx)
+        return hit[0] * own / hit[1], len(ridx), f"{ref_pop} x{own / hit[1]:.3g}", hit[2]
 
     def _fmo_calibrated(self, fitter: Fitter, parent: str, params: np.ndarray) -> np.ndarray:
         """An ``auto`` threshold calibrated on the marker's FMO control (``control: fmo``).
