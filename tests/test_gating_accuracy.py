@@ -5,7 +5,9 @@ files each, with one FMO control set per site (``fmo="site"``: the seven dim mar
 each site's first batch, 50,000 events each), gated through the real engine with pooled
 fallbacks as ``cytopipe run`` does, and compared with the simulator's per-event truth. The
 T-helper thresholds (CXCR3, CCR6, CXCR5, PD-1) are the landmark rule calibrated on the site's
-FMO (``auto ... control: fmo``); every other gate does not use controls.
+FMO (``auto ... control: fmo``); cTfh and activated cTfh also read each file's drift on T cells
+and CD8 T (``align_on``, median of three readings; added after the 9701-9720 run, tuned on
+3001-3010, 7001-7010 and 8101-8120); every other gate does not use controls.
 
 Held-out sets, each run once after tuning: 9501-9520 for the previous method (landmark rule
 without controls, no FMOs in the trials) and 9701-9720 for this one (9101-9120 were started once

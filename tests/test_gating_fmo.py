@@ -71,7 +71,7 @@ def test_fmo_controls_set_the_dim_marker_thresholds(tmp_path):
     np.testing.assert_allclose(cli.loc[api.index].to_numpy(), api.to_numpy(), rtol=1e-6)
 
 
-CALIBRATED = {"Th17[CXCR3]": "CXCR3", "Th17[CCR6]": "CCR6", "cTfh": "CXCR5"}
+CALIBRATED = {"Th17[CXCR3]": "CXCR3", "Th17[CCR6]": "CCR6", "cTfh": "CXCR5", "activated cTfh": "PD-1"}
 
 
 def test_fmo_calibrated_landmark_thresholds_follow_each_files_drift(tmp_path):
@@ -115,3 +115,22 @@ def test_fmo_calibrated_landmark_thresholds_follow_each_files_drift(tmp_path):
     print("\nmedian |threshold - true| (arcsinh units)\n" + err.round(3).to_string())
     assert (err["calibrated"] <= 0.1).all()
     assert err["calibrated"].mean() < err["landmark_only"].mean()
+
+
+def test_align_on_names_a_population_of_the_template():
+    """`align_on` (the population whose negative peak reads a file's drift) must exist; it is a
+    dependency of the gate, so it is gated first."""
+    import pytest
+
+    from cytopipe.errors import TemplateError
+
+    spec = template_to_dict(load_template(REPO / "gating" / "sle_il2_tcell_nk.yaml"))
+    tfh = next(p for p in spec["populations"] if p["name"] == "cTfh")
+    assert tfh["gate"]["align_on"] == ["T cells", "CD8 T"]
+    assert {"T cells", "CD8 T"} <= set(parse_template(spec).populations["cTfh"].depends_on)
+    tfh["gate"]["align_on"] = "B cells"
+    with pytest.raises(TemplateError, match="unknown population 'B cells'"):
+        parse_template(spec)
+    tfh["gate"]["align_on"] = [""]
+    with pytest.raises(TemplateError, match="align_on"):
+        parse_template(spec)

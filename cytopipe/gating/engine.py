@@ -42,6 +42,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 NOT_MEASURED = "not measured"  # PopulationResult.source of a population a file cannot measure
 DEFAULT_FIT_EVENTS = 20_000
+ALIGN_EVENTS = 20_000  # events of the align_on population read for its negative-peak landmark
+ALIGN_PERCENTILE = 99.5  # that landmark: the negative's mirrored percentile (scales with the gain)
 SCALE_EVENTS = 5_000  # a cofactor (a scale choice, 2 significant digits) needs no more
 FIT_COLUMNS = ["sample_id", "key", "population", "method", "pool", "status", "reason", "n_parent", "params"]
 
@@ -868,8 +870,37 @@ class Engine:
         CD8 T quadrants) is fitted once and is the same in both.
         """
         out = self._fit_own(fitter, parent, pidx, n_parent)
-        if fitter.method != "reference" and fitter.options.get("control") == "fmo" and out[0] is not None:
-            out = (self._fmo_calibrated(fitter, parent, out[0]), *out[1:])
+        if fitter.method != "reference" and fitter.options.get("control") == "fmo":
+            if "align_on" in fitter.options:
+                own = None if out[0] is None else self._fmo_calibrated(fitter, parent, out[0])
+                spec = self._transform_spec(fitter.dims[0])
+                reads = [self._fmo_aligned(fitter, parent, pop) for pop in fitter.options["align_on"]]
+                reads = [r for r in reads if r is not None]
+                if reads:
+                    if own is not None and own is not out[0]:
+                        t_own = _inverse(spec, float(own[0]))
+                        if t_own > 0:
+                            reads.append((t_own, n_parent, f"{parent}'s own landmark", reads[0][3]))
+                    how = "median" if len(reads) >= 3 else "mean weighted by events"
+                    self.fmo_notes[(parent, fitter.dims[0].name)] = (
+                        f"FMO control {reads[0][3]} moved by this file's drift (read on "
+                        f"{', '.join(r[2] for r in reads)}; {how})"
+                    )
+                    if len(reads) >= 3:
+                        # the drift read on three populations: the median, so that one whose
+                        # shape differs from the controls' (another donor) cannot move the gate
+                        t = float(np.median([r[0] for r in reads]))
+                    else:
+                        # geometric mean weighted by events (a percentile's variance ~ 1/n)
+                        w = np.array([r[1] for r in reads], dtype=np.float64)
+                        t = float(np.exp(np.sum(w * np.log([r[0] for r in reads])) / w.sum()))
+                    return (
+                        np.array([float(_adapters.apply_transform(spec, np.array([t]))[0])]),
+                        "",
+                        *out[2:],
+                    )
+            if out[0] is not None:
+                out = (self._fmo_calibrated(fitter, parent, out[0]), *out[1:])
         return out
 
     def _fit_own(self, fitter: Fitter, parent: str, pidx, n_parent: int):
@@ -959,6 +990,72 @@ class Engine:
         lin = sub.linear(sub._col[dim.name], sub._comp_key(dim))
         return sub, cidx, (lin if cidx is None else lin[cidx]).astype(np.float64)
 
+    def _stained_references(self, marker: str, parent: str) -> list[str]:
+        """The markers whose FMO controls carry ``marker``'s stain and have ``parent``: a control
+        missing a stain the parent is gated on has no such parent (e.g. CXCR5's FMO for the cTfh
+        of PD-1), so only the FMOs of other markers serve as stained references."""
+        upstream, p = set(), parent
+        while p in self.template.populations:
+            upstream |= {d.name for d in _all_dims(self.template.populations[p].gate)}
+            p = self.template.populations[p].parent
+        return [m for m in sorted(self.controls) if m != marker and m not in upstream]
+
+    def _negative_landmark(self, dim: Dim, lin: np.ndarray, rng) -> float:
+        """:func:`landmarks.negative_landmark` of compensated linear values (this file's display
+        scale locates the peak), on at most ALIGN_EVENTS of them."""
+        from cytopipe.gating.landmarks import negative_landmark
+
+        lin = lin[np.isfinite(lin)]
+        if len(lin) > ALIGN_EVENTS:
+            lin = lin[rng.choice(len(lin), ALIGN_EVENTS, replace=False)]
+        x = _adapters.apply_transform(self._transform_spec(dim), lin)
+        return negative_landmark(x, lin, ALIGN_PERCENTILE)
+
+    def _fmo_aligned(self, fitter: Fitter, parent: str, ref_pop: str) -> tuple[float, int, str, str] | None:
+        """An ``auto ... control: fmo`` threshold with ``align_on: POP``: the FMO's ``percentile``
+        on the parent (the convention), moved by this file's drift on the axis, which is the ratio
+        of the negative-peak landmark of POP (a large population negative for the marker, e.g.
+        CD4 T for PD-1) in this file to the same landmark in the stained controls of the FMO's
+        set-up. A small parent (cTfh: a few hundred events) cannot place its own percentile; a
+        large negative population reads the file's gain well. Returns (threshold in linear units,
+        events of POP, a label of the reading, the FMO's file name), or None without the controls
+        (the caller then uses the landmark rule)."""
+        dim = fitter.dims[0]
+        marker = dim.name
+        others = self._stained_references(marker, parent)
+        if marker not in self.controls or not others or ref_pop not in self._idx_now:
+            return None
+        pct = fitter.options.get("percentile", 99.5)
+        memo = ("align", parent, ref_pop, self._dim_key(dim), pct)
+        rng = np.random.default_rng([self.template.seed, zlib.crc32(repr(memo).encode())])
+        if memo not in self._calibration:
+            self._calibration[memo] = None
+            try:
+                fmo = self._control_linear(self.controls[marker], parent, dim)[2]
+                ref = np.concatenate(
+                    [self._control_linear(self.controls[m], ref_pop, dim)[2] for m in others]
+                )
+                if len(fmo) < fitter.bounds.min_events or len(ref) < fitter.bounds.min_events:
+                    raise FitFailure(f"too few {parent} / {ref_pop} events in the controls")
+                fmo_t = float(np.percentile(fmo, pct))
+                ref_l = self._negative_landmark(dim, ref, rng)
+                if fmo_t > 0 and ref_l > 0:
+                    name = Path(str(getattr(self.controls[marker], "path", "FMO"))).name
+                    self._calibration[memo] = (fmo_t, ref_l, name)
+            except (FitFailure, KeyError, ValueError):
+                pass
+        hit = self._calibration[memo]
+        ridx = self._idx_now[ref_pop]
+        if hit is None or ridx is None or len(ridx) < fitter.bounds.min_events:
+            return None
+        try:
+            own = self._negative_landmark(dim, self.linear(self._col[marker], self._comp_key(dim))[ridx], rng)
+        except (FitFailure, ValueError):
+            return None
+        if not own > 0:
+            return None
+        return hit[0] * own / hit[1], len(ridx), f"{ref_pop} x{own / hit[1]:.3g}", hit[2]
+
     def _fmo_calibrated(self, fitter: Fitter, parent: str, params: np.ndarray) -> np.ndarray:
         """An ``auto`` threshold calibrated on the marker's FMO control (``control: fmo``).
 
@@ -971,13 +1068,7 @@ class Engine:
         the controls the threshold is the landmark rule's (recorded as such)."""
         dim = fitter.dims[0]
         marker = dim.name
-        # a control missing a stain the parent is gated on has no such parent (e.g. CXCR5's FMO
-        # for the cTfh of PD-1): only the FMOs of other markers serve as stained references
-        upstream, p = set(), parent
-        while p in self.template.populations:
-            upstream |= {d.name for d in _all_dims(self.template.populations[p].gate)}
-            p = self.template.populations[p].parent
-        others = [m for m in sorted(self.controls) if m != marker and m not in upstream]
+        others = self._stained_references(marker, parent)
         if marker not in self.controls or not others:
             return params
         memo = (parent, self._dim_key(dim), json.dumps(fitter.options, sort_keys=True, default=str))

@@ -115,6 +115,21 @@ def _threshold_fitter(method: str, spec, dim: Dim, with_side: bool):
             if spec.raw("control") != "fmo":
                 raise spec.error("control", "only `control: fmo` is supported")
             opts["control"] = "fmo"
+            align = spec.raw("align_on", required=False)
+            if align is not None:
+                # the file's drift on the axis is read on the negative peak of these (larger)
+                # populations, known negative for the marker (engine._fmo_aligned)
+                names = [align] if isinstance(align, str) else align
+                if (
+                    not isinstance(names, list)
+                    or not names
+                    or not all(isinstance(a, str) and a.strip() for a in names)
+                ):
+                    raise spec.error(
+                        "align_on",
+                        "name populations negative for the marker, e.g. `align_on: [T cells, CD8 T]`",
+                    )
+                opts["align_on"] = [a.strip() for a in names]
     elif method == "reference":
         opts["q"] = spec.number("q", lo=0.0, hi=1.0)
         pop = spec.raw("population", required=False)

@@ -260,6 +260,16 @@ def mirrored_percentile(x: np.ndarray, mode: float, percentile: float) -> float:
     return float(2.0 * mode - np.quantile(x, q))
 
 
+def negative_landmark(x: np.ndarray, linear: np.ndarray, percentile: float) -> float:
+    """The negative population's mirrored ``percentile`` in linear units: its mode (the lowest
+    peak) found on the display scale ``x``, the events below it mirrored in ``linear`` units
+    (where the negative is symmetric). It scales with the detector's gain: a file's drift on the
+    axis is this landmark's ratio to the same landmark of a control."""
+    lm = find_landmarks(x, 0.01)
+    near = np.argpartition(np.abs(x - lm.negative.position), min(50, len(x) - 1))[:50]
+    return mirrored_percentile(linear, float(np.median(linear[near])), percentile)
+
+
 def deepest_valley(lm: Landmarks, max_depth: float = 0.8) -> float:
     """The lowest density between the two most prominent peaks (failing when it is shallow)."""
     pair = lm.two_most_prominent()

@@ -78,9 +78,10 @@ class Population:
         if isinstance(self.gate, BooleanGate):
             deps += [o.population for o in self.gate.operands]
         for _, f in getattr(self.gate, "fit_items", list)():
-            ref = f.options.get("population")  # `reference` thresholds read another population
-            if ref and ref not in deps:
-                deps.append(ref)
+            # `reference` thresholds read another population; FMO thresholds `align_on` one
+            for ref in (f.options.get("population"), *f.options.get("align_on", ())):
+                if ref and ref not in deps:
+                    deps.append(ref)
         return deps
 
 
