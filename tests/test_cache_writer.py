@@ -86,3 +86,33 @@ def test_the_run_links_the_fused_pass_results_into_the_gating_pass_entries(sim_r
         for name in gate:
             if isinstance(gate[name], pd.DataFrame):
                 pd.testing.assert_frame_equal(gate[name], fit[name])
+
+
+def test_the_pooled_key_part_is_the_hash_of_the_samples_estimates_and_computed_once(monkeypatch):
+    from types import SimpleNamespace
+
+    import cytopipe.pipeline.context as context
+    from cytopipe.config import stable_hash
+    from cytopipe.gating.engine import PooledEstimates
+
+    table = pd.DataFrame(
+        {
+            "key": ["Live", "Live", "Live", "Live", "Live"],
+            "level": ["cohort", "patient", "patient", "batch", "batch"],
+            "group": ["", "P1", "P2", "B1", "B2"],
+            "n": [4, 2, 2, 2, 2],
+            "params": ["[1.0]", "[1.1]", "[0.9]", "[1.2]", "[0.8]"],
+        }
+    )
+    ctx = SimpleNamespace(state=SimpleNamespace(pooled=PooledEstimates(table, pd.DataFrame())))
+    jobs = [{"patient_id": p, "batch": b} for p in ("P1", "P2") for b in ("B1", "B2")]
+    want = [stable_hash(table.iloc[[0, 1 + (j["patient_id"] == "P2"), 3 + (j["batch"] == "B2")]].to_json())[:8]
+            for j in jobs]  # fmt: skip
+    assert len(set(want)) == 4
+    hashed = []
+    real = context.stable_hash
+    monkeypatch.setattr(context, "stable_hash", lambda x: hashed.append(x) or real(x))
+    for _phase in ("gate", "cluster-train", "cluster-map"):
+        extra = context._pooled_key(ctx)
+        assert [extra(j) for j in jobs] == want
+    assert len(hashed) == 4  # once per patient and batch, not once per phase

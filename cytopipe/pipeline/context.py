@@ -150,17 +150,23 @@ def _pooled_key(ctx: RunContext) -> Callable[[Mapping[str, Any]], str]:
     """Per-sample cache-key part: only the pooled estimates this sample can use (its patient,
     batch, cohort), so adding another patient's samples does not redo this one."""
     pooled = ctx.state.pooled
+    # (patient, batch) -> key part, kept with the estimates: once per run, not once per phase
+    known: dict[tuple[str, str], str] = {} if pooled is None else vars(pooled).setdefault("_key_parts", {})
 
     def extra(job: Mapping[str, Any]) -> str:
         if pooled is None:
             return ""
-        t = pooled.table
-        sel = (
-            (t["level"] == "cohort")
-            | ((t["level"] == "patient") & (t["group"] == str(job.get("patient_id"))))
-            | ((t["level"] == "batch") & (t["group"] == str(job.get("batch"))))
-        )
-        return stable_hash(t[sel].to_json())[:8]
+        patient, batch = str(job.get("patient_id")), str(job.get("batch"))
+        part = (patient, batch)
+        if part not in known:
+            t = pooled.table
+            sel = (
+                (t["level"] == "cohort")
+                | ((t["level"] == "patient") & (t["group"] == patient))
+                | ((t["level"] == "batch") & (t["group"] == batch))
+            )
+            known[part] = stable_hash(t[sel].to_json())[:8]
+        return known[part]
 
     return extra
 
