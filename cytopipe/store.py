@@ -132,12 +132,15 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's content, hex."""
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's content, hex. Read into one reused buffer: a fresh multi-MB ``bytes``
+    per read is a fresh mapping each time (page faults and zeroing: ~25 % more CPU)."""
     h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
     with open_regular(path) as fh:
-        while block := fh.read(chunk):
-            h.update(block)
+        while n := fh.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
