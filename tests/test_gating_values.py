@@ -135,18 +135,3 @@ def test_values_reused_from_the_engine_equal_recomputed_ones(gated):
     assert reused >= 5  # taken from the engine, not recomputed
     kept.forget()  # frees them: later requests recompute
     assert result._kept_transformed is None
-
-
-def test_the_linear_matrix_equals_its_columns_over_several_blocks(gated):
-    from cytopipe.gating.values import _BLOCK_ROWS
-
-    sample, _, result = gated
-    values = result.event_values(sample)
-    markers = ["CD3", "CD25", "FSC-A", "FOXP3"]  # compensated and uncompensated (scatter) channels
-    n = sample.events.shape[0]
-    rows = np.tile(np.arange(n), 2 * _BLOCK_ROWS // n + 1)[::-1].copy()  # > 2 blocks, any order
-    got = values.matrix(markers, events=rows, transformed=False)
-    want = np.stack([values.linear(m, events=rows) for m in markers], axis=1)
-    assert got.dtype == np.float32 and got.flags.c_contiguous and len(rows) > 2 * _BLOCK_ROWS
-    np.testing.assert_array_equal(got, want)
-    assert values.matrix(markers, events=np.zeros(0, dtype=np.int64), transformed=False).shape == (0, 4)

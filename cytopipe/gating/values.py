@@ -31,7 +31,6 @@ from cytopipe.gating.gates import Dim
 from cytopipe.gating.template import ROOT
 
 _UNCOMPENSATED = (None, "uncompensated", "none")
-_BLOCK_ROWS = 1 << 15  # rows per block of EventValues.matrix (linear): 32k x markers float32
 
 
 def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
@@ -211,36 +210,13 @@ class EventValues:
         rows = self._rows(population, events)
         n = self.n_events if rows is None else len(rows)
         out = np.empty((n, len(markers)), dtype=np.float32)
-        if not transformed:
-            return self._linear_matrix(markers, rows, out)
         for j, m in enumerate(markers):
-            out[:, j] = self.at(self.dim(m), rows)
-        return out
-
-    def _linear_matrix(
-        self, markers: Sequence[Dim | str], rows: np.ndarray | None, out: np.ndarray
-    ) -> np.ndarray:
-        """The linear values into ``out`` (events x markers), a block of rows at a time: each column
-        gathered contiguously into a small markers x rows buffer, then the block transposed into
-        ``out`` (gathering straight into ``out``'s strided columns costs ~2x)."""
-        cols = []
-        for m in markers:
             dim = self.dim(m)
-            cols.append(self._full_linear(self.channel(dim.name), dim.compensation not in _UNCOMPENSATED))
-        n = out.shape[0]
-        step = max(1, min(n, _BLOCK_ROWS))
-        buf = np.empty((len(cols), step), dtype=np.float32)
-        for s in range(0, n, step):
-            e = min(n, s + step)
-            part = buf[:, : e - s]
-            for j, v in enumerate(cols):
-                if rows is None:
-                    part[j] = v[s:e]
-                elif v.dtype == np.float32:
-                    np.take(v, rows[s:e], out=part[j])
-                else:
-                    part[j] = v[rows[s:e]]
-            out[s:e] = part.T
+            if transformed:
+                out[:, j] = self.at(dim, rows)
+            else:
+                v = self._full_linear(self.channel(dim.name), dim.compensation not in _UNCOMPENSATED)
+                out[:, j] = v if rows is None else v[rows]
         return out
 
     # ---- compensation -----------------------------------------------------------------------
