@@ -20,15 +20,13 @@ import os
 import queue
 import threading
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from cytopipe.errors import OutputWriteError
-from cytopipe.files import atomic_write, atomic_write_bytes
-from cytopipe.store import RunFolder, _json_default
+from cytopipe.files import atomic_write_bytes
+from cytopipe.store import RunFolder, _json_default, atomic_write_parquet_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -65,32 +63,12 @@ def _meta_bytes(meta: Mapping[str, Any]) -> bytes:
     return (text + "\n").encode("utf-8")
 
 
-def _write_parquet_bytes(path: Path, data: bytes, rows: int) -> None:
-    import pyarrow.parquet as pq
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-
-    def verify(tmp: Path) -> None:
-        try:
-            n = pq.ParquetFile(tmp).metadata.num_rows
-        except OSError:
-            raise
-        except Exception as exc:  # pyarrow: a truncated or damaged file
-            raise OutputWriteError(f"the written table cannot be read back ({exc})", file=path) from None
-        if n != rows:
-            raise OutputWriteError(f"the written table has {n} of {rows} rows (disk full?)", file=path)
-
-    atomic_write(path, write, verify)
-
-
 def write_encoded(folder: RunFolder, phase: str, key: str, meta: Mapping[str, Any], parts: list) -> None:
     """Write an encoded entry: the parts, then the JSON (its presence marks the entry complete)."""
     for name, ext, data, rows in parts:
         path = folder.cached(phase, f"{key}.{name}", ext)
         if ext == "parquet":
-            _write_parquet_bytes(path, data, rows)
+            atomic_write_parquet_bytes(path, data, rows)
         else:
             atomic_write_bytes(path, data)
     atomic_write_bytes(folder.cached(phase, key, "json"), _meta_bytes(meta))
