@@ -107,3 +107,31 @@ def test_nothing_outside_gating_uses_its_private_helpers():
         if "gating" not in p.parts and "_adapters" in p.read_text(encoding="utf-8")
     ]
     assert users == []
+
+
+def test_values_reused_from_the_engine_equal_recomputed_ones(gated):
+    """``gate(..., keep_values=True)``: EventValues takes the values the engine transformed (whole
+    columns and per-parent subsets) instead of transforming them again; bit for bit the same as
+    an EventValues that recomputes everything."""
+    from cytopipe.gating import gate
+    from cytopipe.gating.values import _UNCOMPENSATED, EventValues
+
+    sample, template, _ = gated
+    result = gate(sample, template, keep_values=True)
+    kept = EventValues(sample, result)
+    fresh = EventValues(sample, result)
+    fresh._engine_transformed = lambda *args: None  # the reference: every value transformed here
+    reused = 0
+    for pop in result.populations.values():
+        if pop.gate is None:
+            continue
+        idx = None if pop.parent == "root" else result.indices(pop.parent)
+        for dim in getattr(pop.gate, "dims", []):
+            if dim.ratio is not None:
+                continue
+            lin = kept._full_linear(kept.channel(dim.name), dim.compensation not in _UNCOMPENSATED)
+            reused += kept._engine_transformed(lin, kept.transform_spec(dim), idx) is not None
+            np.testing.assert_array_equal(kept.at(dim, idx, pop.parent), fresh.at(dim, idx, pop.parent))
+    assert reused >= 5  # taken from the engine, not recomputed
+    kept.forget()  # frees them: later requests recompute
+    assert result._kept_transformed is None

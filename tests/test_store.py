@@ -113,6 +113,7 @@ def test_reading_something_that_is_not_a_run(tmp_path):
 def test_sha256_of_a_file(tmp_path):
     import hashlib
 
-    data = os.urandom(5_000_000)
-    (tmp_path / "f").write_bytes(data)
-    assert store.file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    for size in (5_000_000, 0, 1 << 20, (1 << 20) + 1):  # several reads, none, exactly one, a last byte
+        data = os.urandom(size)
+        (tmp_path / "f").write_bytes(data)
+        assert store.file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()

@@ -396,6 +396,7 @@ class Engine:
         self._resolved: dict[str, str] = {}  # marker -> $PnN from the panel
         self._comp: dict[str, tuple[dict[int, int], np.ndarray] | None] = {}  # comp key -> (col -> j, block)
         self._values: dict[tuple, np.ndarray] = {}  # dimension over all events
+        self._transformed: list[tuple] = []  # (linear column, spec, rows or None, transformed values)
         self._subset_values: dict[tuple, np.ndarray] = {}  # dimension inside one population
         self._fits: dict[tuple, tuple] = {}  # memoised fits
         self.applied_transforms: dict[str, dict] = {}  # $PnN -> transform actually applied
@@ -557,13 +558,16 @@ class Engine:
             with np.errstate(divide="ignore", invalid="ignore"):
                 v = r.A * ((x - r.B) / (y - r.C))
         else:
-            v = self.linear(self._col[dim.name], comp)
+            lin = v = self.linear(self._col[dim.name], comp)
             if idx is not None:
                 v = v[idx]
         spec = self._transform_spec(dim)
         if spec is not None and dim.ratio is None:
             self.applied_transforms[self.pnn[self._col[dim.name]]] = dict(spec)
-        return _adapters.apply_transform(spec, v)
+        out = _adapters.apply_transform(spec, v)
+        if spec is not None and dim.ratio is None and out is not v:  # for EventValues (keep_values)
+            self._transformed.append((lin, dict(spec), idx, out))
+        return out
 
     def values(self, dim: Dim, idx: np.ndarray | None = None, scope: str | None = None) -> np.ndarray:
         """Values of a dimension at events ``idx`` (None = all events).
@@ -701,6 +705,8 @@ class Engine:
         kept = getattr(self, "_applied_block", None)
         if keep_values and kept is not None:  # read by EventValues (the same events only)
             result._kept_block = (self.events, *kept)
+        if keep_values:  # the values transformed here: EventValues reuses them
+            result._kept_transformed = (self.events, list(self._transformed))
         if medians:
             self._medians(result)
         return result

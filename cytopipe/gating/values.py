@@ -33,6 +33,17 @@ from cytopipe.gating.template import ROOT
 _UNCOMPENSATED = (None, "uncompensated", "none")
 
 
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same values: the same memory, shape, strides and dtype (``a`` is kept alive by the
+    caller, so its memory cannot have been reused for another array)."""
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.shape == b.shape
+        and a.strides == b.strides
+        and a.dtype == b.dtype
+    )
+
+
 def scale_label(spec: Mapping | None) -> str:
     """How an axis is scaled, for people: ``linear``, ``arcsinh(x/150)``, ``logicle(T=262144, ...)``."""
     if spec is None or spec.get("type") in ("identity", None):
@@ -75,8 +86,11 @@ class EventValues:
         self._cache: dict[tuple, np.ndarray] = {}
 
     def forget(self) -> None:
-        """Free the cached per-population values (the compensated matrix stays)."""
+        """Free the cached per-population values and the engine's transformed columns (the
+        compensated matrix stays)."""
         self._cache.clear()
+        if getattr(self.result, "_kept_transformed", None) is not None:
+            self.result._kept_transformed = None
 
     @property
     def n_events(self) -> int:
@@ -155,12 +169,33 @@ class EventValues:
                 "values of ratio dimensions are not reproduced after gating", gate=str(dim.name)
             )
         v = self._full_linear(self.channel(dim.name), dim.compensation not in _UNCOMPENSATED)
-        if idx is not None:
-            v = v[idx]
-        out = _adapters.apply_transform(self.transform_spec(dim), v)
+        spec = self.transform_spec(dim)
+        out = self._engine_transformed(v, spec, idx)
+        if out is None:
+            out = _adapters.apply_transform(spec, v if idx is None else v[idx])
         if scope is not None:
             self._cache[key] = out
         return out
+
+    def _engine_transformed(self, linear: np.ndarray, spec: Mapping | None, idx: np.ndarray | None):
+        """The engine's transform of this very column (same memory) with this spec, at these rows
+        (the same index array) or at every event, if it made one (``gate(..., keep_values=True)``
+        on these events); None otherwise. The transforms are elementwise: the values are those
+        :func:`apply_transform` gives for the rows."""
+        kept = getattr(self.result, "_kept_transformed", None)
+        if spec is None or kept is None or kept[0] is not self.events:
+            return None
+        full = None
+        for src, s, rows, out in kept[1]:
+            if not (_same_memory(src, linear) and s == spec):
+                continue
+            if rows is None:
+                full = out
+            elif idx is not None and _same_memory(rows, idx):
+                return out
+        if full is None:
+            return None
+        return full if idx is None else full[idx]
 
     def matrix(
         self,

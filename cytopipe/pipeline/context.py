@@ -55,6 +55,7 @@ class RunContext:
     stats_settings: Any = None  # cytopipe.stats.StatsSettings when the statistics step runs
     blinding: Any = None  # (codes, record) when the run folder's outputs are blinded
     rerun: dict[str, Any] | None = None  # the inputs' fingerprint (cytopipe/rerun.py)
+    writer: Any = None  # CacheWriter of the per-sample cache entries while the steps run
 
     def alive(self) -> list[dict[str, Any]]:
         return [j for j in self.jobs if j["sample_id"] not in self.failures]
@@ -102,11 +103,32 @@ class RunContext:
 
 
 def run_steps(ctx: RunContext, steps: Sequence[Step]) -> None:
-    for step in steps:
-        s0 = time.perf_counter()
-        logger.info("step %s", step.name)
-        info = step.run(ctx) or {}
-        ctx.steps.append({"step": step.name, "seconds": round(time.perf_counter() - s0, 3), **info})
+    """Run the steps; their per-sample cache entries are written in the background
+    (:class:`~cytopipe.pipeline.cachewriter.CacheWriter`) and all on disk when this returns."""
+    from cytopipe.pipeline.cachewriter import CacheWriter
+
+    own = ctx.writer is None
+    if own:
+        ctx.writer = CacheWriter(ctx.folder)
+    try:
+        for step in steps:
+            s0 = time.perf_counter()
+            logger.info("step %s", step.name)
+            info = step.run(ctx) or {}
+            ctx.steps.append({"step": step.name, "seconds": round(time.perf_counter() - s0, 3), **info})
+    except BaseException:
+        if own:
+            try:  # the entries already computed are kept (a rerun resumes from them)
+                ctx.writer.close()
+            except Exception as exc:  # the step's error is the one to report
+                logger.warning("cache entries not all written: %s", exc)
+        raise
+    else:
+        if own:
+            ctx.writer.close()
+    finally:
+        if own:
+            ctx.writer = None
 
 
 @dataclass(frozen=True)
@@ -128,17 +150,23 @@ def _pooled_key(ctx: RunContext) -> Callable[[Mapping[str, Any]], str]:
     """Per-sample cache-key part: only the pooled estimates this sample can use (its patient,
     batch, cohort), so adding another patient's samples does not redo this one."""
     pooled = ctx.state.pooled
+    # (patient, batch) -> key part, kept with the estimates: once per run, not once per phase
+    known: dict[tuple[str, str], str] = {} if pooled is None else vars(pooled).setdefault("_key_parts", {})
 
     def extra(job: Mapping[str, Any]) -> str:
         if pooled is None:
             return ""
-        t = pooled.table
-        sel = (
-            (t["level"] == "cohort")
-            | ((t["level"] == "patient") & (t["group"] == str(job.get("patient_id"))))
-            | ((t["level"] == "batch") & (t["group"] == str(job.get("batch"))))
-        )
-        return stable_hash(t[sel].to_json())[:8]
+        patient, batch = str(job.get("patient_id")), str(job.get("batch"))
+        part = (patient, batch)
+        if part not in known:
+            t = pooled.table
+            sel = (
+                (t["level"] == "cohort")
+                | ((t["level"] == "patient") & (t["group"] == patient))
+                | ((t["level"] == "batch") & (t["group"] == batch))
+            )
+            known[part] = stable_hash(t[sel].to_json())[:8]
+        return known[part]
 
     return extra
 
@@ -155,11 +183,13 @@ def _run_cached_phase(
     extra_key: Callable[[Mapping[str, Any]], str] | None = None,
     soft: bool = False,
     ready: Mapping[str, dict[str, Any]] | None = None,
+    ready_from: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run ``fn`` on every live sample whose (sha256, settings) result is not cached yet.
 
     ``ready``: results already computed (by a fused earlier pass) for some samples; they are
-    cached and used instead of running ``fn``. A failed sample is failed for the whole run
+    cached and used instead of running ``fn``; ``ready_from``: the phase whose cache entries of
+    these samples hold the same tables and arrays (hard-linked instead of written again). A failed sample is failed for the whole run
     (``ctx.fail``), or with ``soft`` only left out of this phase's results
     (``ctx.soft_failures[phase]``)."""
     from cytopipe.pipeline.fmo import fmo_key
@@ -183,9 +213,12 @@ def _run_cached_phase(
         ctx.cached = len(results)
     if ready:
         given = [j for j in todo if j["sample_id"] in ready]
+        sources = ctx.result_keys.get(ready_from or "", {})
         for job in given:
-            _save_result(ctx.folder, phase, keys[job["sample_id"]], ready[job["sample_id"]])
-            results[job["sample_id"]] = ready[job["sample_id"]]
+            sid = job["sample_id"]
+            source = (ready_from, sources[sid]) if sid in sources else None
+            _save(ctx, phase, keys[sid], ready[sid], source)
+            results[sid] = ready[sid]
         todo = [j for j in todo if j["sample_id"] not in ready]
         ctx.reused[f"{phase}-ready"] = len(given)
     ctx.keep_cache.setdefault(phase, set()).update(keys.values())
@@ -194,7 +227,7 @@ def _run_cached_phase(
         job = todo[i]
         res = _as_result(res)
         if res.get("ok"):
-            _save_result(ctx.folder, phase, keys[job["sample_id"]], res)
+            _save(ctx, phase, keys[job["sample_id"]], res)
             results[job["sample_id"]] = res
         elif soft:
             ctx.soft_failures.setdefault(phase, {})[job["sample_id"]] = res.get("error", "unknown error")
@@ -207,6 +240,14 @@ def _as_result(res: Any) -> dict[str, Any]:
     if isinstance(res, TaskFailure):
         return {"ok": False, "error": res.error, "error_type": res.error_type}
     return res
+
+
+def _save(ctx: RunContext, phase: str, key: str, res: Mapping[str, Any], source=None) -> None:
+    """Through the run's background writer when the steps run, else at once."""
+    if ctx.writer is not None:
+        ctx.writer.save(phase, key, res, source)
+    else:
+        _save_result(ctx.folder, phase, key, res)
 
 
 def _save_result(folder: RunFolder, phase: str, key: str, res: Mapping[str, Any]) -> None:

@@ -435,7 +435,13 @@ def step_gate(ctx: RunContext) -> dict[str, Any]:
             if not needs_regating(res["fits"], job, ctx.state.template, ctx.state.pooled):
                 ready[job["sample_id"]] = {k: v for k, v in res.items() if k != "fits"}
     ctx.results = _run_cached_phase(
-        ctx, "gate", gate_task, stable_hash(ctx.gate_key()), extra_key=_pooled_key(ctx), ready=ready
+        ctx,
+        "gate",
+        gate_task,
+        stable_hash(ctx.gate_key()),
+        extra_key=_pooled_key(ctx),
+        ready=ready,
+        ready_from="fit",
     )
     return {
         "samples": len(ctx.results),

@@ -496,7 +496,7 @@ def _write_map_inputs(path: Path, plan: ClusterPlan, values: Any, result: Any, i
             )
             for s in range(0, len(idx), _MAP_CHUNK):  # peak memory: one block, not the matrix
                 block = values.matrix(cols, events=idx[s : s + _MAP_CHUNK], transformed=False)
-                fh.write(block.astype("<f4", copy=False).tobytes())
+                fh.write(memoryview(block.astype("<f4", copy=False)).cast("B"))  # no bytes copy
             masks = np.zeros((len(plan.concordance), len(idx)), dtype=bool)
             for i, p in enumerate(plan.concordance):
                 masks[i] = result.mask(p)[idx]
@@ -530,10 +530,20 @@ def _load_map_inputs(job: Mapping[str, Any], plan: ClusterPlan, model: Any):
     if cols != _map_columns(plan) or values.shape != (n, len(cols)) or bits.shape[0] != len(plan.concordance):
         return None
     masks = np.unpackbits(bits, axis=1, count=n).astype(bool) if len(plan.concordance) else None
+    # a block of events at a time: transposed (markers x events: contiguous columns, as the
+    # gating pass transformed them: numpy's SIMD loops see the same input), transformed and
+    # transposed back into x (two blocked copies instead of a strided read and a strided write
+    # per marker; two small buffers, not two more matrices)
     x = np.empty((n, len(plan.markers)), dtype=np.float32)
-    for j, (m, spec) in enumerate(zip(plan.markers, meta["specs"])):
-        # a contiguous column, as the gating pass transformed it (numpy's SIMD loops see the same input)
-        x[:, j] = apply_transform(spec, np.ascontiguousarray(values[:, cols.index(m)]))
+    at = [cols.index(m) for m in plan.markers]
+    step = max(1, min(n, _MAP_CHUNK))
+    block = np.empty((len(plan.markers), step), dtype=np.float32)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        part = np.ascontiguousarray(values[s:e].T)
+        for j, spec in enumerate(meta["specs"]):
+            block[j, : e - s] = apply_transform(spec, part[at[j]])
+        x[s:e] = block[:, : e - s].T
     k = len(plan.medians)
     linear = values[:, :k] if k == len(cols) or k == 0 else np.ascontiguousarray(values[:, :k])
     return x, linear, {p: masks[i] for i, p in enumerate(plan.concordance)}

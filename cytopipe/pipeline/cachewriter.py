@@ -1,0 +1,174 @@
+"""Per-sample cache entries written off the main thread.
+
+A cache entry (``RUN_DIR/.cache/<phase>/<key>.json`` plus its parts ``<key>.<name>.parquet|npy``)
+costs 4-5 fsynced files; written by the main thread while it collects the workers' results, the
+fsyncs held up the collection, and the entries of results that were already at hand (a fused pass's
+results standing for the next pass) kept the workers idle for seconds. :class:`CacheWriter` encodes
+an entry at once in the calling thread (so later changes to the result cannot reach the cache) and
+writes the bytes in one background thread, in submission order; every file is still written
+atomically and fsynced, and the JSON (written last) still marks the entry complete, so a killed run
+resumes exactly as before. An entry whose parts are already on disk in another phase's entry (the
+fused pass's) is hard-linked instead of written again. :meth:`CacheWriter.close` waits for every
+entry and raises the first write error (disk full: exit 4).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import queue
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cytopipe.files import atomic_write_bytes
+from cytopipe.store import RunFolder, _json_default, atomic_write_parquet_bytes
+
+logger = logging.getLogger(__name__)
+
+SKIPPED = ("pid", "seconds")  # per-execution details, not part of a cached result
+
+
+def encode_result(res: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str, bytes, int]]]:
+    """The entry's JSON meta and its parts as (name, ext, bytes, rows) - exactly what
+    ``_save_result`` writes (tables as Parquet, arrays as .npy, the rest in the JSON)."""
+    meta: dict[str, Any] = {"_parts": {}}
+    parts = []
+    for name, value in res.items():
+        if name in SKIPPED:
+            continue
+        if isinstance(value, pd.DataFrame):
+            buf = io.BytesIO()
+            value.reset_index(drop=True).to_parquet(buf, engine="pyarrow", index=False)
+            parts.append((name, "parquet", buf.getvalue(), len(value)))
+            meta["_parts"][name] = "parquet"
+        elif isinstance(value, np.ndarray):
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(value), allow_pickle=False)
+            parts.append((name, "npy", buf.getvalue(), -1))
+            meta["_parts"][name] = "npy"
+        else:
+            meta[name] = value
+    return meta, parts
+
+
+def _meta_bytes(meta: Mapping[str, Any]) -> bytes:
+    import json
+
+    text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default, allow_nan=True)
+    return (text + "\n").encode("utf-8")
+
+
+def write_encoded(folder: RunFolder, phase: str, key: str, meta: Mapping[str, Any], parts: list) -> None:
+    """Write an encoded entry: the parts, then the JSON (its presence marks the entry complete)."""
+    for name, ext, data, rows in parts:
+        path = folder.cached(phase, f"{key}.{name}", ext)
+        if ext == "parquet":
+            atomic_write_parquet_bytes(path, data, rows)
+        else:
+            atomic_write_bytes(path, data)
+    atomic_write_bytes(folder.cached(phase, key, "json"), _meta_bytes(meta))
+
+
+def link_parts(
+    folder: RunFolder, phase: str, key: str, source: tuple[str, str], parts: Mapping[str, str]
+) -> bool:
+    """Hard-link the parts of ``source`` = (phase, key) as the parts of (phase, key); False when a
+    part is missing or the file system cannot link (then the entry is written in full)."""
+    src_phase, src_key = source
+    done = []
+    try:
+        for name, ext in parts.items():
+            src = folder.cached(src_phase, f"{src_key}.{name}", ext)
+            dst = folder.cached(phase, f"{key}.{name}", ext)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.link.tmp")  # a temporary name (is_temp_name)
+            if tmp.exists():
+                tmp.unlink()
+            os.link(src, tmp)
+            os.replace(tmp, dst)
+            done.append(dst)
+    except OSError as exc:
+        logger.debug("cache entry %s/%s: parts not linked (%s); writing them", phase, key, exc)
+        return False
+    if done:
+        from cytopipe.files import _fsync_dir
+
+        _fsync_dir(done[0].parent)
+    return True
+
+
+class CacheWriter:
+    """One background thread writing cache entries in submission order (see the module doc)."""
+
+    def __init__(self, folder: RunFolder):
+        self.folder = folder
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._raised = False
+        self._thread = threading.Thread(target=self._loop, name="cytopipe-cache-writer", daemon=True)
+        self._thread.start()
+
+    def save(
+        self, phase: str, key: str, res: Mapping[str, Any], source: tuple[str, str] | None = None
+    ) -> None:
+        """Queue the entry ``res`` of (phase, key). ``source`` = (phase, key) of an entry (saved
+        earlier through this writer or found in the cache) whose parts are the same objects:
+        linked instead of written."""
+        self._raise()
+        if source is not None:
+            meta: dict[str, Any] = {"_parts": {}}
+            for name, value in res.items():
+                if name in SKIPPED:
+                    continue
+                if isinstance(value, pd.DataFrame):
+                    meta["_parts"][name] = "parquet"
+                elif isinstance(value, np.ndarray):
+                    meta["_parts"][name] = "npy"
+                else:
+                    meta[name] = value
+            self._queue.put((phase, key, meta, None, source, res))
+            return
+        meta, parts = encode_result(res)
+        self._queue.put((phase, key, meta, parts, None, None))
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is not None:  # after a failure: drain without writing
+                    continue
+                phase, key, meta, parts, source, res = item
+                if parts is None:
+                    if link_parts(self.folder, phase, key, source, meta["_parts"]):
+                        atomic_write_bytes(self.folder.cached(phase, key, "json"), _meta_bytes(meta))
+                        continue
+                    meta, parts = encode_result(res)
+                write_encoded(self.folder, phase, key, meta, parts)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread by close()
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None and not self._raised:
+            self._raised = True  # once: the run stops with it
+            raise self._error
+
+    def flush(self) -> None:
+        """Wait until every queued entry is written; raise the first write error."""
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread; raise the first write error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
