@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from cytopipe.config import stable_hash
+from cytopipe.errors import CytopipeError
 
 logger = logging.getLogger(__name__)
 
@@ -178,9 +179,26 @@ def fmo_controls(
     return out, problems
 
 
+class _manifest_path:
+    """Errors about the file name it as the manifest does, with the resolved path added."""
+
+    def __init__(self, job: Mapping[str, Any]):
+        self.job = job
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if isinstance(exc, CytopipeError) and str(exc.context.get("file")) == str(self.job["path"]):
+            exc.context["file"] = self.job["file"]
+            if str(self.job["file"]) != str(self.job["path"]) and "resolved path" not in exc.message:
+                exc.message += f" (resolved path {self.job['path']})"
+            exc.args = (exc._render(),)
+        return False
+
+
 def _read_control(c: Mapping[str, Any], spill: Any) -> Any:
     from cytopipe.fcs import read_fcs
-    from cytopipe.pipeline.tasks import _manifest_path
 
     with _manifest_path(c):
         sample = read_fcs(c["path"])

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from cytopipe.errors import CytopipeError
-from cytopipe.pipeline.fmo import fit_records, gate_with_fmo
+from cytopipe.pipeline.fmo import _manifest_path, fit_records, gate_with_fmo
 from cytopipe.pipeline.state import ClusterPlan, Prepared, StudyState, sample_meta
 from cytopipe.store import file_sha256
 
@@ -84,24 +84,6 @@ def _check_regular(job: Mapping[str, Any]) -> None:
             "must name an FCS file",
             file=job["file"],
         )
-
-
-class _manifest_path:
-    """Errors about the file name it as the manifest does, with the resolved path added."""
-
-    def __init__(self, job: Mapping[str, Any]):
-        self.job = job
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        if isinstance(exc, CytopipeError) and str(exc.context.get("file")) == str(self.job["path"]):
-            exc.context["file"] = self.job["file"]
-            if str(self.job["file"]) != str(self.job["path"]) and "resolved path" not in exc.message:
-                exc.message += f" (resolved path {self.job['path']})"
-            exc.args = (exc._render(),)
-        return False
 
 
 def pool_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
