@@ -996,6 +996,19 @@ class Engine:
         lin = sub.linear(sub._col[dim.name], sub._comp_key(dim))
         return sub, cidx, (lin if cidx is None else lin[cidx]).astype(np.float64)
 
+    def _fmo_and_references(
+        self, fitter: Fitter, marker: str, others: list[str], parent: str, ref_pop: str, pct: float
+    ) -> tuple[float, np.ndarray]:
+        """The FMO's ``pct`` percentile of ``marker`` on ``parent`` (linear units) and the events of
+        ``ref_pop`` pooled over the set's other FMOs (each carries this marker's stain)."""
+        dim = fitter.dims[0]
+        fmo = self._control_linear(self.controls[marker], parent, dim)[2]
+        ref = np.concatenate([self._control_linear(self.controls[m], ref_pop, dim)[2] for m in others])
+        if len(fmo) < fitter.bounds.min_events or len(ref) < fitter.bounds.min_events:
+            where = parent if ref_pop == parent else f"{parent} / {ref_pop}"
+            raise FitFailure(f"too few {where} events in the controls")
+        return float(np.percentile(fmo, pct)), ref
+
     def _stained_references(self, marker: str, parent: str) -> list[str]:
         """The markers whose FMO controls carry ``marker``'s stain and have ``parent``: a control
         missing a stain the parent is gated on has no such parent (e.g. CXCR5's FMO for the cTfh
@@ -1037,13 +1050,7 @@ class Engine:
         if memo not in self._calibration:
             self._calibration[memo] = None
             try:
-                fmo = self._control_linear(self.controls[marker], parent, dim)[2]
-                ref = np.concatenate(
-                    [self._control_linear(self.controls[m], ref_pop, dim)[2] for m in others]
-                )
-                if len(fmo) < fitter.bounds.min_events or len(ref) < fitter.bounds.min_events:
-                    raise FitFailure(f"too few {parent} / {ref_pop} events in the controls")
-                fmo_t = float(np.percentile(fmo, pct))
+                fmo_t, ref = self._fmo_and_references(fitter, marker, others, parent, ref_pop, pct)
                 ref_l = self._negative_landmark(dim, ref, rng)
                 if fmo_t > 0 and ref_l > 0:
                     name = Path(str(getattr(self.controls[marker], "path", "FMO"))).name
@@ -1082,14 +1089,9 @@ class Engine:
             self._calibration[memo] = None
             rng = np.random.default_rng([self.template.seed, zlib.crc32(repr(memo).encode())])
             try:
-                fmo = self._control_linear(self.controls[marker], parent, dim)[2]
-                # every other FMO of the set carries this marker's stain: their parents pooled
-                ref_lin = np.concatenate(
-                    [self._control_linear(self.controls[m], parent, dim)[2] for m in others]
+                fmo_t, ref_lin = self._fmo_and_references(
+                    fitter, marker, others, parent, parent, fitter.options.get("percentile", 99.5)
                 )
-                if len(fmo) < fitter.bounds.min_events or len(ref_lin) < fitter.bounds.min_events:
-                    raise FitFailure(f"too few {parent} events in the controls")
-                fmo_t = float(np.percentile(fmo, fitter.options.get("percentile", 99.5)))
                 spec = self._transform_spec(dim)
                 t_ref = fitter.fit_full(
                     [_adapters.apply_transform(spec, ref_lin)],
