@@ -178,8 +178,12 @@ class DaskExecutor:
 
         if not items:
             return
-        [shared_f] = self.client.scatter([shared], broadcast=True, hash=False)
         token = stable_hash([desc, time.time_ns()])[:10]
+        # The shared state is a task's result, not scattered data: dask's active memory manager
+        # trims a broadcast's replicas to one worker, and scattered data lost with that worker
+        # cannot be recomputed (every task of the phase would be cancelled). A task's result is
+        # recomputed by the scheduler when the worker holding it dies.
+        shared_f = self.client.submit(_shared, shared, key=f"shared-{desc}-{token}", pure=False)
         futures = {}
         for i, item in enumerate(items):
             fut = self.client.submit(
@@ -233,6 +237,11 @@ class DaskExecutor:
             if self.cluster is not None:
                 self.cluster.close()
             self._restore_environ()
+
+
+def _shared(state: Any) -> Any:
+    """The phase's shared state, as a task result the scheduler can recompute."""
+    return state
 
 
 def _task_priority(item: Any) -> int:
