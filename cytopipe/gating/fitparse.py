@@ -107,6 +107,9 @@ def _threshold_fitter(method: str, spec, dim: Dim, with_side: bool):
                 opts[key] = v
         if method in ("auto", "shoulder"):
             opts["of"] = spec.choice("of", ("negative", "main", "bulk"), default="negative")
+        if method == "auto" and spec.has("split"):
+            # the two populations' mixture boundary instead of the valley (landmarks.mixture_boundary)
+            opts["split"] = spec.choice("split", ("valley", "mixture"), default="valley")
         if method == "tail" or (method == "auto" and spec.has("percentile")):
             opts["percentile"] = spec.number("percentile", lo=50, hi=100)
         if method == "auto" and spec.has("percentile") and spec.raw("control", required=False) is not None:

@@ -15,6 +15,10 @@ relative to them, so the canonical template holds no instrument-scale numbers:
               the first valley above the main population (the main peak with the humps joined
               to it without a gap, :meth:`Landmarks.bulk`), else its upper shoulder, never above
               the end of its highest peak (density under 0.1 % of the peak)
+              ``split: mixture``: instead of valley/shoulder, the boundary (equal posterior) of a
+              two-component Gaussian mixture of the parent on the axis, between its two means
+              (openCyto's ``flowClust`` K=2 cut, without its study-wide priors): for two
+              populations joined by a flat stretch with no valley (CD16 of CD14- Lineage- cells)
 ``shoulder``  where the parent's density first reaches ``ratio`` x the mirror image of the
               negative peak's outer half (``of: negative``, going up) or of the main peak's upper
               half (``of: main``, going down). With ``ratio: 2`` that is where the excess over the
@@ -290,6 +294,36 @@ def deepest_valley(lm: Landmarks, max_depth: float = 0.8) -> float:
     return float(0.5 * (lm.centers[lo] + lm.centers[hi]))
 
 
+def mixture_boundary(x: np.ndarray) -> float:
+    """Where the posterior of a two-component 1-D Gaussian mixture passes from the lower to the
+    upper component, between the two means (the Bayes boundary of the two populations)."""
+    from sklearn.mixture import GaussianMixture
+
+    from cytopipe.threads import one_thread
+
+    x = _finite(np.asarray(x, dtype=np.float64))
+    if len(x) < 50:
+        raise FitFailure(f"only {len(x)} events: too few for a two-component mixture")
+    # k-means start (a start from the quartiles stops in a poor local optimum when one component
+    # is much smaller); random_state fixes the k-means seeding, so the boundary is deterministic
+    gm = GaussianMixture(2, random_state=0, reg_covar=1e-6 * float(np.var(x)) + 1e-12)
+    with one_thread():
+        gm.fit(x[:, None])
+    if not gm.converged_:
+        raise FitFailure("the two-component mixture did not converge")
+    if gm.weights_.min() < 0.01:
+        raise FitFailure(f"one mixture component holds only {gm.weights_.min():.1%} of events")
+    hi = int(np.argmax(gm.means_[:, 0]))
+    grid = np.linspace(gm.means_[:, 0].min(), gm.means_[:, 0].max(), 2049)
+    post = gm.predict_proba(grid[:, None])[:, hi]
+    up = np.flatnonzero(post >= 0.5)
+    if not len(up) or up[0] == 0:
+        raise FitFailure("the mixture's upper component dominates below its lower mean")
+    k = int(up[0])
+    t = (0.5 - post[k - 1]) / (post[k] - post[k - 1])
+    return float(grid[k - 1] + t * (grid[k] - grid[k - 1]))
+
+
 GAP_DEPTH = 0.2  # valley density / lower peak height under which two peaks are separate populations
 
 
@@ -430,6 +464,8 @@ class RelativeThresholdFitter(ThresholdFitter):
                     pass
             ratio, offset = self.options.get("ratio", 2.0), self.options.get("min_offset", 1.0)
             return np.array([min(shoulder(lm, of="bulk", ratio=ratio, min_offset=offset), end)])
+        if method == "auto" and self.options.get("split") == "mixture":
+            return np.array([mixture_boundary(xs)])
         if method in ("auto", "valley"):
             try:
                 if method == "auto" and "percentile" in self.options and len(lm.peaks) < 2:
