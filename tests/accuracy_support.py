@@ -147,18 +147,22 @@ def trial_accuracy(
 THRESHOLD_POPULATIONS = ("Th17", "Th1", "cTfh", "activated cTfh")
 
 
-def threshold_floor(trial_dir, with_drift: bool = True) -> pd.DataFrame:
+def threshold_floor(trial_dir, with_drift: bool = True, matrix: str = "batch") -> pd.DataFrame:
     """What a perfect gate AT the true thresholds would score on an instrument-profile trial:
     Th17, Th1, cTfh and activated cTfh gated on the measured (compensated) values with each
     batch's true threshold from ``truth/thresholds.csv``, every other population taken from the
     truth. The error left is the measurement's own (noise, spillover spread, per-file drift):
     no template can be expected to do better. ``with_drift``: the threshold follows the file's own
     detector drift (``truth/samples.csv``), as a landmark-relative gate can; without it, one
-    threshold per batch (what a fixed or FMO-based gate uses). Same columns as :func:`gate_trial`."""
+    threshold per batch (what a fixed or FMO-based gate uses). ``matrix``: ``"batch"`` compensates
+    with the batch's spillover matrix (the file's $SPILLOVER, as the pipeline does); ``"file"``
+    with that matrix corrected for the file's own detector gains (spill k -> m scaled by
+    drift_m / drift_k): what a perfect per-file compensation would give. Same columns as
+    :func:`gate_trial`."""
     import cytopipe
     from cytopipe.simulate import load_labels
     from cytopipe.simulate import params as P
-    from cytopipe.simulate.instrument_events import compensated
+    from cytopipe.simulate.instrument_events import compensated, fluor_slice
     from cytopipe.simulate.multi import load_instruments
     from cytopipe.simulate.populations import unpack_membership
 
@@ -177,9 +181,15 @@ def threshold_floor(trial_dir, with_drift: bool = True) -> pd.DataFrame:
         s = cytopipe.read_fcs(trial_dir / r.file)
         lab = load_labels(trial_dir / "truth" / "labels" / f"{r.sample_id}.npz")
         keep = lab["fault"] == 0
-        comp = compensated(s.events, inst)
+        drift = samples.loc[r.sample_id] if with_drift or matrix == "file" else None
+        if matrix == "file":  # inverse of D^-1 S D = D^-1 S^-1 D: undo the gains, compensate, redo
+            gains = np.array([drift[f"drift_{m}"] for m in P.MARKERS], np.float32)
+            ev = s.events.copy()
+            ev[:, fluor_slice(inst)] /= gains
+            comp = compensated(ev, inst) * gains[:, None]
+        else:
+            comp = compensated(s.events, inst)
         t = thr[thr["batch"] == r.batch].set_index("marker")["threshold"]
-        drift = samples.loc[r.sample_id] if with_drift else None
         pos = {
             m: comp[P.MI[m]] >= t[m] * (drift[f"drift_{m}"] if with_drift else 1.0)
             for m in ("CXCR3", "CCR6", "CXCR5", "PD-1")

@@ -126,11 +126,81 @@ def test_align_on_names_a_population_of_the_template():
 
     spec = template_to_dict(load_template(REPO / "gating" / "sle_il2_tcell_nk.yaml"))
     tfh = next(p for p in spec["populations"] if p["name"] == "cTfh")
-    assert tfh["gate"]["align_on"] == ["T cells", "CD8 T"]
-    assert {"T cells", "CD8 T"} <= set(parse_template(spec).populations["cTfh"].depends_on)
+    assert tfh["gate"]["align_on"] == ["CD4 T", "T cells"] and tfh["gate"]["align"] == "affine"
+    assert {"CD4 T", "T cells"} <= set(parse_template(spec).populations["cTfh"].depends_on)
+    tfh["gate"]["align"] = "sideways"
+    with pytest.raises(TemplateError, match="align"):
+        parse_template(spec)
+    tfh["gate"]["align"] = "affine"
     tfh["gate"]["align_on"] = "B cells"
     with pytest.raises(TemplateError, match="unknown population 'B cells'"):
         parse_template(spec)
     tfh["gate"]["align_on"] = [""]
     with pytest.raises(TemplateError, match="align_on"):
         parse_template(spec)
+
+
+def test_affine_alignment_follows_the_files_mis_compensation(tmp_path):
+    """A file whose detectors drifted after the batch's compensation was set carries spill from its
+    other stains on the CXCR5 / PD-1 axes: for memory CD4 (CD3+ CD4+) an offset, shared by CD4 T.
+    `align: affine` reads a gain (negative peak's width) and an offset (its mode) on CD4 T and T
+    cells. The file's true threshold on its own measured scale is the batch's FMO percentile times
+    the file's drift plus the parent's median mis-compensation (simulator: measured minus the
+    values compensated with the file's own spillover). Seed 4323 (not tuned on)."""
+    from cytopipe.simulate import instrument_trial, load_labels
+    from cytopipe.simulate import params as P
+    from cytopipe.simulate.instrument_events import fluor_slice
+    from cytopipe.simulate.multi import load_instruments
+    from cytopipe.simulate.populations import unpack_membership
+
+    instrument_trial(tmp_path, instrument="random", seed=4323, patients=2, visits=(0, 12), events=10_000,
+                     fmo="site", fmo_events=30_000)  # fmt: skip
+    spec = template_to_dict(load_template(REPO / "gating" / "sle_il2_tcell_nk.yaml"))
+    assert next(p for p in spec["populations"] if p["name"] == "cTfh")["gate"]["align"] == "affine"
+    for p in spec["populations"]:  # the same template reading a gain only
+        if p["name"] in FMO_GATES:
+            p["gate"].pop("align")
+    templates = {
+        "affine": load_template(REPO / "gating" / "sle_il2_tcell_nk.yaml"),
+        "gain": parse_template(spec),
+    }
+    insts = load_instruments(tmp_path)
+    manifest = pd.read_csv(tmp_path / "manifest.csv", dtype={"sample_id": str})
+    thr = pd.read_csv(tmp_path / "truth" / "thresholds.csv")
+    drift = pd.read_csv(tmp_path / "truth" / "samples.csv", dtype={"sample_id": str}).set_index("sample_id")
+    fmo = manifest[manifest["control"].astype(str).str.startswith("fmo:")]
+    rows = []
+    for r in manifest[manifest["control"].isna()].itertuples():
+        inst = insts.get(r.batch) or insts[r.site]
+        ctl = {
+            c.control[4:]: cytopipe.read_fcs(tmp_path / c.file)
+            for c in fmo[fmo["site"] == r.site].itertuples()
+        }
+        sample = cytopipe.read_fcs(tmp_path / r.file)
+        lab = load_labels(tmp_path / "truth" / "labels" / f"{r.sample_id}.npz")
+        raw = sample.events[:, fluor_slice(inst)].astype(np.float64)
+        d = np.array([drift.loc[r.sample_id, f"drift_{m}"] for m in P.MARKERS])
+        inv = np.linalg.inv(inst.spillover)
+        miscomp = raw @ inv - (raw / d) @ inv * d
+        for how, tpl in templates.items():
+            res = gate(sample, tpl, controls=ctl)
+            for pop, marker in FMO_GATES.items():
+                parent = "Memory CD4" if marker == "CXCR5" else "cTfh"
+                j = P.MI[marker]
+                off = np.median(
+                    miscomp[unpack_membership(lab["membership"], parent) & (lab["fault"] == 0), j]
+                )
+                t = thr[(thr["batch"] == r.batch) & (thr["marker"] == marker)]["threshold"].item()
+                cofactor = res.transforms[res.channel_of[marker]]["cofactor"]
+                fit = next(f for f in res.fits if f.key == pop)
+                rows.append({"how": how, "marker": marker,
+                             "error": abs(fit.params[0] - np.arcsinh((t * d[j] + off) / cofactor))})  # fmt: skip
+    err = pd.DataFrame(rows).groupby(["marker", "how"])["error"].median().unstack()
+    print(
+        "\nmedian |threshold - true threshold on the file's measured scale| (arcsinh units)\n"
+        + err.round(3).to_string()
+    )
+    # (on this seed's 8 files the gain-only reading is as close: 0.033 / 0.054 vs 0.042 / 0.054;
+    # over the tuning seeds 8421-8440 the affine reading gave activated cTfh concordance 0.912 vs
+    # 0.876, docs/gating.md)
+    assert (err["affine"] <= 0.1).all()

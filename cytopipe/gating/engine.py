@@ -1019,16 +1019,16 @@ class Engine:
             p = self.template.populations[p].parent
         return [m for m in sorted(self.controls) if m != marker and m not in upstream]
 
-    def _negative_landmark(self, dim: Dim, lin: np.ndarray, rng) -> float:
-        """:func:`landmarks.negative_landmark` of compensated linear values (this file's display
-        scale locates the peak), on at most ALIGN_EVENTS of them."""
-        from cytopipe.gating.landmarks import negative_landmark
+    def _negative_landmark(self, dim: Dim, lin: np.ndarray, rng) -> tuple[float, float]:
+        """:func:`landmarks.negative_mode_and_landmark` of compensated linear values (this file's
+        display scale locates the peak), on at most ALIGN_EVENTS of them."""
+        from cytopipe.gating.landmarks import negative_mode_and_landmark
 
         lin = lin[np.isfinite(lin)]
         if len(lin) > ALIGN_EVENTS:
             lin = lin[rng.choice(len(lin), ALIGN_EVENTS, replace=False)]
         x = _adapters.apply_transform(self._transform_spec(dim), lin)
-        return negative_landmark(x, lin, ALIGN_PERCENTILE)
+        return negative_mode_and_landmark(x, lin, ALIGN_PERCENTILE)
 
     def _fmo_aligned(self, fitter: Fitter, parent: str, ref_pop: str) -> tuple[float, int, str, str] | None:
         """An ``auto ... control: fmo`` threshold with ``align_on: POP``: the FMO's ``percentile``
@@ -1051,10 +1051,10 @@ class Engine:
             self._calibration[memo] = None
             try:
                 fmo_t, ref = self._fmo_and_references(fitter, marker, others, parent, ref_pop, pct)
-                ref_l = self._negative_landmark(dim, ref, rng)
+                ref_m, ref_l = self._negative_landmark(dim, ref, rng)
                 if fmo_t > 0 and ref_l > 0:
                     name = Path(str(getattr(self.controls[marker], "path", "FMO"))).name
-                    self._calibration[memo] = (fmo_t, ref_l, name)
+                    self._calibration[memo] = (fmo_t, ref_l, name, ref_m)
             except (FitFailure, KeyError, ValueError):
                 pass
         hit = self._calibration[memo]
@@ -1062,11 +1062,21 @@ class Engine:
         if hit is None or ridx is None or len(ridx) < fitter.bounds.min_events:
             return None
         try:
-            own = self._negative_landmark(dim, self.linear(self._col[marker], self._comp_key(dim))[ridx], rng)
+            own_m, own = self._negative_landmark(
+                dim, self.linear(self._col[marker], self._comp_key(dim))[ridx], rng
+            )
         except (FitFailure, ValueError):
             return None
         if not own > 0:
             return None
+        if fitter.options.get("align") == "affine":
+            # negatives' values v -> g v + c: g from the width (landmark - mode), c from the mode
+            fmo_t, ref_l, name, ref_m = hit
+            if not (own > own_m and ref_l > ref_m):
+                return None
+            g = (own - own_m) / (ref_l - ref_m)
+            t = own_m + g * (fmo_t - ref_m)
+            return (t, len(ridx), f"{ref_pop} x{g:.3g} {own_m - g * ref_m:+.4g}", name) if t > 0 else None
         return hit[0] * own / hit[1], len(ridx), f"{ref_pop} x{own / hit[1]:.3g}", hit[2]
 
     def _fmo_calibrated(self, fitter: Fitter, parent: str, params: np.ndarray) -> np.ndarray:

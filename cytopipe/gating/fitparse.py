@@ -133,6 +133,13 @@ def _threshold_fitter(method: str, spec, dim: Dim, with_side: bool):
                         "name populations negative for the marker, e.g. `align_on: [T cells, CD8 T]`",
                     )
                 opts["align_on"] = [a.strip() for a in names]
+                # `gain`: the file's drift is a gain on the axis (the landmark's ratio); `affine`:
+                # a gain read on the negative's width plus an offset read on its mode (a file
+                # whose detectors drifted apart is mis-compensated: its cells carry spill from
+                # their other stains, an offset for a population whose lineage stains are alike)
+                align_how = spec.choice("align", ("gain", "affine"), default="gain")
+                if align_how != "gain":
+                    opts["align"] = align_how
     elif method == "reference":
         opts["q"] = spec.number("q", lo=0.0, hi=1.0)
         pop = spec.raw("population", required=False)

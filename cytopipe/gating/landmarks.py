@@ -269,9 +269,16 @@ def negative_landmark(x: np.ndarray, linear: np.ndarray, percentile: float) -> f
     peak) found on the display scale ``x``, the events below it mirrored in ``linear`` units
     (where the negative is symmetric). It scales with the detector's gain: a file's drift on the
     axis is this landmark's ratio to the same landmark of a control."""
+    return negative_mode_and_landmark(x, linear, percentile)[1]
+
+
+def negative_mode_and_landmark(x: np.ndarray, linear: np.ndarray, percentile: float) -> tuple[float, float]:
+    """(mode, :func:`negative_landmark`) of the negative population in linear units: two
+    landmarks that register a gain and an offset on the axis."""
     lm = find_landmarks(x, 0.01)
     near = np.argpartition(np.abs(x - lm.negative.position), min(50, len(x) - 1))[:50]
-    return mirrored_percentile(linear, float(np.median(linear[near])), percentile)
+    mode = float(np.median(linear[near]))
+    return mode, mirrored_percentile(linear, mode, percentile)
 
 
 def deepest_valley(lm: Landmarks, max_depth: float = 0.8) -> float:
