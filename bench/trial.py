@@ -230,10 +230,28 @@ def main(argv: list[str] | None = None) -> int:
     print(result.summary())
     info = json.loads((out / "run.json").read_text())
     phases = {s["step"]: float(s["seconds"]) for s in info["steps"]}
-    report(args, info, phases, timings, start_s, total, n_events, len(samples), largest, sampler, load0, load1,
-           rerun_s)  # fmt: skip
-    kernel_cost(args, trial / samples["file"].iloc[0], info, phases, timings, n_events, sampler)
+    got = report(args, info, phases, timings, start_s, total, n_events, len(samples), largest, sampler, load0,
+                 load1, rerun_s)  # fmt: skip
+    got.update(kernel_cost(args, trial / samples["file"].iloc[0], info, phases, timings, n_events, sampler))
+    done_when(got, largest, os.getloadavg())
     return 0
+
+
+def done_when(got: dict, largest: int, load: tuple[float, float, float]) -> None:
+    """The issue-17 "Done when" lines this benchmark measures, one line each."""
+    print()
+    print(f"issue 17, done when (load average now {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}):")
+    rows = [
+        ("700M events extrapolated", f"{got['minutes']:.1f} min", "< 10 min", got["minutes"] < 10),
+        ("per-event CPU vs the kernel", f"{got['cpu_ratio']:.2f}x", "<= 1.5x", got["cpu_ratio"] <= 1.5),
+        ("per-event wall x workers", f"{got['wall_ratio']:.2f}x", "<= 1.5x", got["wall_ratio"] <= 1.5),
+    ]
+    if largest >= 100 * 2**20:  # a small matrix: allocator and library memory dominate the ratio
+        rows.append(("peak worker RSS / largest matrix", f"{got['peak']:.2f}x", "<= 3x", got["peak"] <= 3))
+    for name, value, goal, ok in rows:
+        print(f"  {name:<36}{value:>10}   goal {goal:<9}{'holds' if ok else 'NOT YET'}")
+    print(f"  (workers busy in the per-file phases: {100 * got['busy']:.0f}% of wall x workers; this process "
+          f"{100 * got['main_share']:.0f}% of the workers' CPU)")  # fmt: skip
 
 
 def _state(wf):
@@ -338,13 +356,15 @@ def report(
     if load0[0] > 0.5 * cores:
         print(f"note: load average {load0[0]:.1f} on {cores} cores at the start: other processes competed "
               "for the cores; times are pessimistic")  # fmt: skip
+    return {"minutes": est / 60, "peak": worst, "busy": wsum / max(per_file_wall(rows) * args.workers, 1e-9),
+            "main_share": msum / max(wsum, 1e-9)}  # fmt: skip
 
 
 def per_file_wall(rows) -> float:
     return sum(sec for name, sec in rows if name not in FIXED)
 
 
-def kernel_cost(args, path: Path, info, phases, timings, n_events, sampler=None) -> None:
+def kernel_cost(args, path: Path, info, phases, timings, n_events, sampler=None) -> dict:
     """The study pipeline's per-event cost (worker-seconds of the per-file phases per event)
     against the kernel of bench/gating.py (the template with medians on one read sample, in this
     process, warm, min of 3): the goal is <= 1.5x."""
@@ -367,8 +387,10 @@ def kernel_cost(args, path: Path, info, phases, timings, n_events, sampler=None)
     print(f"per-event cost: study pipeline {1e6 * pipeline_cost:.2f} us (per-file phases x {args.workers} "
           f"workers / events) vs the template-with-medians kernel {1e6 * kernel:.2f} us "
           f"({sample.n_events:,} events, this process) = {pipeline_cost / kernel:.2f}x   (goal <= 1.5x)")  # fmt: skip
+    got = {"wall_ratio": pipeline_cost / kernel, "cpu_ratio": float("nan")}
     if sampler is not None and sampler.cpu:
         cpu = sum(c[0] for n, c in sampler.cpu.items() if n not in FIXED) / n_events
+        got["cpu_ratio"] = cpu / kernel_cpu
         print(f"per-event CPU: the workers' CPU in the per-file phases {1e6 * cpu:.2f} us vs the kernel's CPU "
               f"{1e6 * kernel_cpu:.2f} us per event = {cpu / kernel_cpu:.2f}x   (goal <= 1.5x; CPU time is "
               "less sensitive to other load than wall time)")  # fmt: skip
@@ -377,6 +399,7 @@ def kernel_cost(args, path: Path, info, phases, timings, n_events, sampler=None)
                 print(
                     f"  {name:<18}{1e6 * wcpu / n_events:>7.2f} us/event = {wcpu / n_events / kernel_cpu:.2f}x the kernel"
                 )
+    return got
 
 
 def _ratio(sampler: Sampler, phase: str, largest: int) -> float:

@@ -72,6 +72,33 @@ def test_a_write_error_is_raised_in_the_calling_thread(tmp_path):
     writer.close()  # raised once: a second close (the run's clean-up) is quiet
 
 
+def test_a_queued_table_write_runs_after_the_entries_before_it_and_its_error_stops_the_run(tmp_path):
+    """CacheWriter.call (gate_review.parquet written while the clustering steps run): in order,
+    after the entries queued before it, and a failure (here: a folder where the file goes) is
+    raised by close() as the run's error."""
+    from cytopipe.report.gate_review import read_gate_review
+    from cytopipe.store import atomic_write_bytes
+
+    folder = RunFolder(tmp_path / "run").create()
+    writer = CacheWriter(folder)
+    seen = []
+    writer.save("fit", "k0", _result(0))
+    writer.call(lambda: seen.append(_load_result(folder, "fit", "k0") is not None))
+    writer.call(lambda: atomic_write_bytes(folder.path / "table.bin", b"abc"))
+    writer.close()
+    assert seen == [True] and (folder.path / "table.bin").read_bytes() == b"abc"
+    assert read_gate_review(folder.path) is None
+
+    (folder.path / "blocked").mkdir()  # a folder where the table goes: it cannot be written
+    writer = CacheWriter(folder)
+    writer.call(lambda: atomic_write_bytes(folder.path / "blocked", b"abc"))
+    with pytest.raises(OutputWriteError):  # by save() if the failure came first, else by close()
+        writer.save("fit", "k1", _result(1))  # after a failure: not written (the run stops)
+        writer.close()
+    writer.close()
+    assert _load_result(folder, "fit", "k1") is None
+
+
 def test_the_run_links_the_fused_pass_results_into_the_gating_pass_entries(sim_run):
     folder = RunFolder(sim_run)
     fit_parts = {p.stat().st_ino: p for p in (folder.cache / "fit").glob("*.stats.parquet")}

@@ -19,7 +19,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -136,6 +136,12 @@ class CacheWriter:
         meta, parts = encode_result(res)
         self._queue.put((phase, key, meta, parts, None, None))
 
+    def call(self, fn: Callable[[], Any]) -> None:
+        """Queue ``fn()`` (a write of a finished table) after the entries queued so far; its
+        error is raised like a write error (by :meth:`flush` / :meth:`close`)."""
+        self._raise()
+        self._queue.put(fn)
+
     def _loop(self) -> None:
         while True:
             item = self._queue.get()
@@ -143,6 +149,9 @@ class CacheWriter:
                 if item is None:
                     return
                 if self._error is not None:  # after a failure: drain without writing
+                    continue
+                if callable(item):
+                    item()
                     continue
                 phase, key, meta, parts, source, res = item
                 if parts is None:

@@ -92,14 +92,14 @@ def pool_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
     def body() -> dict[str, Any]:
         from cytopipe.panel import resolve_markers
 
-        prep = prepare_sample(job, state)
+        prep = prepare_sample(job, state, copy_kept=False)  # only k rows are needed: no kept copy
         sample = prep.sample
-        n = sample.n_events
+        n = sample.n_events if prep.kept is None else len(prep.kept)
         n_raw = int(prep.metrics["events_before_qc"])
         k = min(state.pool_events, n)
         rng = np.random.default_rng([state.seed, int(job["sha256"][:15], 16)])
         rows = np.sort(rng.choice(n, size=k, replace=False))
-        sub = _compensate_events(sample.events[rows], sample, state)
+        sub = _compensate_events(sample.events[rows if prep.kept is None else prep.kept[rows]], sample, state)
         pnn = list(sample.channels["pnn"])
         if state.pool_kind == "cofactor":  # a marker this file lacks: a NaN column, not a failure
             from cytopipe.gating.scale import pool_columns
@@ -292,8 +292,11 @@ def gate_prepared(prep: Prepared, state: StudyState, medians: bool = True, keep_
     )
 
 
-def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
+def prepare_sample(job: Mapping[str, Any], state: StudyState, copy_kept: bool = True) -> Prepared:
     """read -> event QC on raw values (margins, then time anomalies) -> the kept events.
+
+    ``copy_kept=False``: ``sample.events`` stays the raw matrix and ``kept`` says which rows
+    passed QC (for a caller that needs only a few rows: no copy of the kept matrix).
 
     Compensation and transforms are applied by the gating engine, once per gated dimension.
     Peak memory: the raw matrix plus one filtered copy. ``job["qc"]`` (:func:`known_qc`: the QC
@@ -317,7 +320,8 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
         if known[1] is not None:
             drop = np.unpackbits(np.asarray(known[1], dtype=np.uint8), count=n_raw).astype(bool)
             kept = np.flatnonzero(~drop)
-            sample.events = events[kept]
+            if copy_kept:
+                sample.events = events[kept]
         return Prepared(
             sample=sample, metrics=dict(known[2]), meta=sample_meta(job), kept=kept, fmo=job.get("fmo")
         )
@@ -332,7 +336,8 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState) -> Prepared:
     kept = None
     if not keep.all():
         kept = np.flatnonzero(keep)
-        sample.events = events[kept]  # the one copy of the matrix; the raw one is freed
+        if copy_kept:
+            sample.events = events[kept]  # the one copy of the matrix; the raw one is freed
     del events
     metrics = qc.qc_metrics(n_raw, int(margin.bad.sum()), int(tres.bad.sum()), margin.counts, tres, state.qc)
     return Prepared(sample=sample, metrics=metrics, meta=sample_meta(job), kept=kept, fmo=job.get("fmo"))
