@@ -64,6 +64,7 @@ from cytopipe.gating.fitters import (
     _subsample,
     density,
     refine_core,
+    subsample_index,
 )
 from cytopipe.gating.gates import Dim, Gate, PolygonGate, RectangleGate
 
@@ -330,9 +331,23 @@ class RelativeThresholdFitter(ThresholdFitter):
         where it is symmetric whatever the display scale; the engine then passes those too."""
         return self.method == "tail" or (self.method == "auto" and "percentile" in self.options)
 
-    def fit_full(self, values, rng, linear=None, to_display=None):
-        """``(params, fallback, how)``; raises LandmarkFailure (with the fallback) on failure."""
+    def fit_full(self, values, rng, linear=None, to_display=None, scatter=None):
+        """``(params, fallback, how)``; raises LandmarkFailure (with the fallback) on failure.
+        ``scatter``: the same events' scatter values (``of: bulk`` with ``scatter:``), which tell
+        a live hump beyond a gap from dying or dead cells."""
         self._linear = None
+        self._scatter = None
+        if scatter is not None and linear is None:
+            x0 = np.asarray(values[0], dtype=np.float64)
+            sc = np.column_stack([np.asarray(v, dtype=np.float64) for v in scatter])
+            ok = np.isfinite(x0) & np.isfinite(sc).all(axis=1)
+            x0, sc = x0[ok], sc[ok]
+            if len(x0) >= self.bounds.min_events:
+                pos = subsample_index(len(x0), self.options.get("max_events", DEFAULT_MAX_EVENTS), rng)
+                if pos is not None:
+                    x0, sc = x0[pos], sc[pos]
+                self._scatter = (x0, sc)
+                values = [x0]
         if linear is not None and to_display is not None:
             ok = np.isfinite(np.asarray(values[0])) & np.isfinite(np.asarray(linear))
             values = [np.asarray(values[0])[ok]]
@@ -401,6 +416,29 @@ class RelativeThresholdFitter(ThresholdFitter):
             raise LandmarkFailure(str(exc), fallback, how) from None
         return t, fallback, how
 
+    def _live_hump(self, lm: Landmarks, hump: Peak, brightest: Peak) -> bool:
+        """Whether ``hump`` (beyond a gap above the live cells, below a brighter peak) is live:
+        its events' median scatter (FSC, SSC) lies nearer the live main peak's than the brightest
+        peak's (dead cells shrink: lower FSC, higher SSC), in robust SDs of the live cells'
+        scatter. Without scatter, or too few events to tell, it is not (the cut stays below it)."""
+        if getattr(self, "_scatter", None) is None:
+            return False
+        x, sc = self._scatter
+
+        def core(p: Peak) -> np.ndarray:
+            return sc[np.abs(x - p.position) <= max(_robust_sd(p, "left"), _robust_sd(p, "right"))]
+
+        main, mid, dead = core(lm.main), core(hump), core(brightest)
+        if min(len(main), len(mid), len(dead)) < 20:
+            return False
+        med = np.median(main, axis=0)
+        sd = 1.4826 * np.median(np.abs(main - med), axis=0)
+        if not np.all(sd > 0):
+            return False
+        to_live = np.linalg.norm((np.median(mid, axis=0) - med) / sd)
+        to_dead = np.linalg.norm((np.median(mid, axis=0) - np.median(dead, axis=0)) / sd)
+        return bool(to_live < to_dead)
+
     def _fallback(self, lm: Landmarks) -> tuple[np.ndarray, str]:
         z = self.options.get("fallback_z", 3.0)
         fb = lm.negative.position + z * _robust_sd(lm.negative, "left")
@@ -422,6 +460,13 @@ class RelativeThresholdFitter(ThresholdFitter):
             ends = np.flatnonzero(lm.dens[top.index :] < 1e-3 * top.height)
             end = float(lm.centers[top.index + ends[0]]) if len(ends) else math.inf
             above = [p for p in lm.peaks if p.position > top.position]
+            while len(above) > 1 and self._live_hump(lm, above[0], above[-1]):
+                # a hump beyond a gap whose scatter is the live cells', not the brightest
+                # (dead) peak's: live cells a little brighter on the dye (spillover from a
+                # lineage marker's fluorochrome), part of the live population
+                top, above = above[0], above[1:]
+                ends = np.flatnonzero(lm.dens[top.index :] < 1e-3 * top.height)
+                end = float(lm.centers[top.index + ends[0]]) if len(ends) else math.inf
             if above:
                 try:
                     sub = Landmarks(lm.centers, lm.dens, [top, above[0]])
@@ -566,6 +611,14 @@ class DiagonalFitter(Fitter):
 
     def shift(self, params, reference):
         return float(abs(params[4] - reference[4]))
+
+    def replacements(self, own, reference):
+        # the modes and SDs are this file's landmarks (with its drift); another file's (a pooled
+        # median) put the cut elsewhere on this one: first only the cut, relative to them
+        ref = np.asarray(reference, dtype=np.float64)
+        if own is None or len(own) != len(ref) or np.array_equal(own[:4], ref[:4]):
+            return [ref]
+        return [np.array([*np.asarray(own, dtype=np.float64)[:4], ref[4]]), ref]
 
     def default_spec(self):
         return None
