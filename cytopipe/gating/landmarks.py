@@ -338,7 +338,7 @@ class RelativeThresholdFitter(ThresholdFitter):
         self._linear = None
         self._scatter = None
         if scatter is not None and linear is None:
-            x0 = np.asarray(values[0], dtype=np.float64)
+            x0 = np.asarray(values[0])  # its own dtype: the same landmarks as without scatter
             sc = np.column_stack([np.asarray(v, dtype=np.float64) for v in scatter])
             ok = np.isfinite(x0) & np.isfinite(sc).all(axis=1)
             x0, sc = x0[ok], sc[ok]
@@ -420,7 +420,8 @@ class RelativeThresholdFitter(ThresholdFitter):
         """Whether ``hump`` (beyond a gap above the live cells, below a brighter peak) is live:
         its events' median scatter (FSC, SSC) lies nearer the live main peak's than the brightest
         peak's (dead cells shrink: lower FSC, higher SSC), in robust SDs of the live cells'
-        scatter. Without scatter, or too few events to tell, it is not (the cut stays below it)."""
+        scatter, by more than two standard errors. Without scatter, or too few events to tell, it
+        is not (the cut stays below it)."""
         if getattr(self, "_scatter", None) is None:
             return False
         x, sc = self._scatter
@@ -437,7 +438,10 @@ class RelativeThresholdFitter(ThresholdFitter):
             return False
         to_live = np.linalg.norm((np.median(mid, axis=0) - med) / sd)
         to_dead = np.linalg.norm((np.median(mid, axis=0) - np.median(dead, axis=0)) / sd)
-        return bool(to_live < to_dead)
+        # nearer by more than two standard errors of a difference of medians (a median's SE is
+        # 1.25 SD / sqrt(n)): a sliver of a few dozen dying cells cannot be told apart, stays out
+        se = 1.2533 * math.sqrt(1.0 / len(mid) + 1.0 / len(dead))
+        return bool(to_dead - to_live > 2.0 * se)
 
     def _fallback(self, lm: Landmarks) -> tuple[np.ndarray, str]:
         z = self.options.get("fallback_z", 3.0)
