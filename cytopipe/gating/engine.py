@@ -970,7 +970,14 @@ class Engine:
         )
         if memo_key in self._fits:
             return self._fits[memo_key]
-        seed = zlib.crc32(repr(memo_key).encode())
+        # the subsample's seed ignores `scatter` (it only decides whether a hump is live): the
+        # same events, and landmarks, as the gate without it
+        seed_key = (
+            *memo_key[:3],
+            json.dumps({k: v for k, v in opts.items() if k != "scatter"}, sort_keys=True, default=str),
+            *memo_key[4:],
+        )
+        seed = zlib.crc32(repr(seed_key).encode())
         rng = np.random.default_rng([self.template.seed, seed])
         out: tuple
         try:
