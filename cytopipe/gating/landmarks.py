@@ -416,6 +416,25 @@ class RelativeThresholdFitter(ThresholdFitter):
             raise LandmarkFailure(str(exc), fallback, how) from None
         return t, fallback, how
 
+    def _dead_like(self, lm: Landmarks, peak: Peak) -> bool:
+        """Whether ``peak``'s events have a scatter other than the live main peak's (by more than
+        two standard errors of a difference of medians, in robust SDs of the live cells' scatter)."""
+        if getattr(self, "_scatter", None) is None or peak is lm.main:
+            return False
+        x, sc = self._scatter
+        main = sc[
+            np.abs(x - lm.main.position) <= max(_robust_sd(lm.main, "left"), _robust_sd(lm.main, "right"))
+        ]
+        other = sc[np.abs(x - peak.position) <= max(_robust_sd(peak, "left"), _robust_sd(peak, "right"))]
+        if min(len(main), len(other)) < 20:
+            return False
+        med = np.median(main, axis=0)
+        sd = 1.4826 * np.median(np.abs(main - med), axis=0)
+        if not np.all(sd > 0):
+            return False
+        dist = np.linalg.norm((np.median(other, axis=0) - med) / sd)
+        return bool(dist > 2.0 * 1.2533 * math.sqrt(1.0 / len(main) + 1.0 / len(other)))
+
     def _live_hump(self, lm: Landmarks, hump: Peak, brightest: Peak) -> bool:
         """Whether ``hump`` (beyond a gap above the live cells, below a brighter peak) is live:
         its events' median scatter (FSC, SSC) lies nearer the live main peak's than the brightest
@@ -457,6 +476,19 @@ class RelativeThresholdFitter(ThresholdFitter):
             # peak beyond a gap (dying cells' intermediate dye uptake, or the dead cells), else
             # the population's upper shoulder
             bulk = lm.bulk()
+            bright = lm.peaks[-1]
+            if bulk[-1] is not lm.main and self._dead_like(lm, bright):
+                # with scatter and a brightest peak of shrunken (dead) cells, a hump joined above
+                # the main peak is live only when its scatter is the live cells' (small humps of
+                # dying and dead cells can be joined to the live cells' flank and to each other)
+                i = bulk.index(lm.main)
+                while (
+                    i + 1 < len(bulk)
+                    and bulk[i + 1] is not bright
+                    and self._live_hump(lm, bulk[i + 1], bright)
+                ):
+                    i += 1
+                bulk = bulk[: i + 1]
             top = bulk[-1]
             # ... and never above the end of its highest peak (its density under 0.1 % of the
             # peak, as in `shoulder`): dying cells smeared between live and dead cells lie in
