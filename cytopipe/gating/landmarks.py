@@ -488,7 +488,10 @@ class RelativeThresholdFitter(ThresholdFitter):
                     and self._live_hump(lm, bulk[i + 1], bright)
                 ):
                     i += 1
+                trimmed = i + 1 < len(bulk)
                 bulk = bulk[: i + 1]
+            else:
+                trimmed = False
             top = bulk[-1]
             # ... and never above the end of its highest peak (its density under 0.1 % of the
             # peak, as in `shoulder`): dying cells smeared between live and dead cells lie in
@@ -508,7 +511,9 @@ class RelativeThresholdFitter(ThresholdFitter):
                     sub = Landmarks(lm.centers, lm.dens, [top, above[0]])
                     return np.array([min(deepest_valley(sub, self.options.get("max_depth", 0.5)), end)])
                 except FitFailure:
-                    pass
+                    if trimmed:  # the joined hump above is not live: cut at the density's floor
+                        a, b = top.index, above[0].index
+                        return np.array([min(float(lm.centers[a + int(np.argmin(lm.dens[a : b + 1]))]), end)])
             ratio, offset = self.options.get("ratio", 2.0), self.options.get("min_offset", 1.0)
             return np.array([min(shoulder(lm, of="bulk", ratio=ratio, min_offset=offset), end)])
         if method in ("auto", "valley"):
