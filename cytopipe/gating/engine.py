@@ -19,6 +19,7 @@ its methods share that cache. Fitting lives in :mod:`~cytopipe.gating.fitters` a
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from cytopipe.errors import CompensationError, GatingError, PanelError
+from cytopipe.errors import CompensationError, CytopipeError, GatingError, PanelError
 from cytopipe.gating import _adapters
 from cytopipe.gating._median import MedianScratch, median
 from cytopipe.gating.fitters import DataDrivenGate, FitFailure, Fitter, subsample_index
@@ -827,29 +828,10 @@ class Engine:
             frac = float(inside.mean())
             lo, hi = g.fraction
             if not lo <= frac <= hi and any(used_own.values()):
-                # the sample's own fit is implausible: keep it out of pooled estimates too
-                for rec in result.fits:
-                    if rec.population == pop.name and rec.status == "ok":
-                        rec.status = "failed"
-                        rec.reason = (
-                            f"the fitted gate keeps {frac:.1%} of the parent, outside [{lo:.0%}, {hi:.0%}]"
-                        )
-                refs = {s: fallback[s] for s in chosen}
-                if all(refs[s] is not None for s in chosen if used_own[s]):
-                    for s in chosen:
-                        if used_own[s]:
-                            chosen[s] = refs[s][0]
-                            used_own[s] = False
-                            flags.append(
-                                f"{pop.name + s}: the fitted gate kept {frac:.1%} of the parent, outside "
-                                f"[{lo:.0%}, {hi:.0%}]; used the {refs[s][1]} {fitters[s].describe(refs[s][0])}"
-                            )
-                    applied = g.realize(chosen)
-                    inside = applied.contains(self.gather(applied.dims, pidx, pop.parent))
-                    new_frac = float(inside.mean())
-                    if not lo <= new_frac <= hi:
-                        flags[-1] += f" (which keeps {new_frac:.1%}, also outside)"
-                    frac = lo  # flagged above
+                applied, inside, frac = self._fraction_fallback(
+                    pop, pidx, chosen, used_own, fallback, fitters, (applied, inside, frac), flags, result
+                )
+                frac = min(max(frac, lo), hi)  # flagged there when still outside
             if not lo <= frac <= hi:
                 # whatever the gate now is (own fit, pooled, fallback), say it is implausible
                 flags.append(
@@ -862,6 +844,73 @@ class Engine:
         else:
             source = "mixed"
         return applied, inside, source
+
+    def _fraction_fallback(self, pop, pidx, chosen, used_own, fallback, fitters, own_gate, flags, result):
+        """The gate's own fits keep an implausible fraction of the parent: replace only what failed.
+
+        Candidates, least replaced first: one own-fitted part at a time, each by what its fitter
+        allows (:meth:`Fitter.replacements`: a diagonal's cut alone, relative to this file's own
+        cloud, before its whole pooled geometry), then every part. The first level with a candidate
+        inside the bounds wins; of several, the one that changes the fewest of the own gate's
+        events. When none is inside, the full fallback unless the own gate lies nearer the bounds;
+        flagged. ``chosen`` and ``used_own`` are updated; returns ``(gate, inside, fraction)``."""
+        g = pop.gate
+        lo, hi = g.fraction
+        own_applied, own_inside, own_frac = own_gate
+        parts = [s for s in chosen if used_own[s] and fallback[s] is not None]
+        options = {s: fitters[s].replacements(chosen[s], fallback[s][0]) for s in parts}
+        levels = [[{s: r} for s in parts for r in options[s]]]
+        if len(parts) > 1:
+            levels.append([{s: options[s][k] for s in parts} for k in (0, -1)])
+        elif not parts:
+            levels = []
+
+        def realize(reps):
+            applied = g.realize({**chosen, **reps})
+            inside = applied.contains(self.gather(applied.dims, pidx, pop.parent))
+            return applied, inside, float(inside.mean())
+
+        def outside(f: float) -> float:  # how far outside the bounds, in log units of the fraction
+            f = max(f, 1e-4)
+            return max(math.log(lo / f) if lo > 0 else 0.0, math.log(f / hi), 0.0)
+
+        pick, last = None, None
+        for cands in levels:
+            tried = [(reps, *realize(reps)) for reps in cands]
+            last = tried[-1]
+            ok = [t for t in tried if lo <= t[3] <= hi]
+            if ok:
+                pick = min(ok, key=lambda t: int(np.count_nonzero(t[2] != own_inside)))
+                break
+        bounds = f"outside [{lo:.0%}, {hi:.0%}]"
+        reason = f"the fitted gate keeps {own_frac:.1%} of the parent, {bounds}"
+        if pick is None and last is not None and outside(last[3]) <= outside(own_frac):
+            pick = last  # nothing plausible: the fallback lies no farther from the bounds
+        # the parts replaced stay out of the pooled estimates; all own parts do when no
+        # replacement made the gate plausible (which of them failed is then unknown)
+        plausible = pick is not None and lo <= pick[3] <= hi
+        out = set(pick[0]) if plausible else set(chosen)
+        for rec in result.fits:
+            if rec.population == pop.name and rec.status == "ok" and rec.key[len(pop.name) :] in out:
+                rec.status = "failed"
+                rec.reason = reason
+        if pick is None:
+            flags.append(
+                f"{pop.name}: {reason}; its fallback keeps {last[3]:.1%}, farther outside: kept the fit"
+                if last is not None
+                else f"{pop.name}: {reason}; no fallback to use"
+            )
+            return own_applied, own_inside, own_frac
+        for s, params in pick[0].items():
+            chosen[s] = params
+            used_own[s] = False
+            ref = fallback[s]
+            what = "" if np.array_equal(params, ref[0]) else "'s cut on this file's own landmarks"
+            flags.append(f"{pop.name + s}: {reason}; used the {ref[1]}{what} {fitters[s].describe(params)}")
+        flags[-1] += (
+            f" (the gate keeps {pick[3]:.1%})" if plausible else f" (which keeps {pick[3]:.1%}, also outside)"
+        )
+        return pick[1], pick[2], pick[3]
 
     def _quadrant_side(self, g: DataDrivenGate, fitter: Fitter, chosen: Mapping, pidx, parent: str):
         """``(scope, events)``: the parent's events on the quadrant's side of its other thresholds
@@ -939,7 +988,14 @@ class Engine:
         )
         if memo_key in self._fits:
             return self._fits[memo_key]
-        seed = zlib.crc32(repr(memo_key).encode())
+        # the subsample's seed ignores `scatter` (it only decides whether a hump is live): the
+        # same events, and landmarks, as the gate without it
+        seed_key = (
+            *memo_key[:3],
+            json.dumps({k: v for k, v in opts.items() if k != "scatter"}, sort_keys=True, default=str),
+            *memo_key[4:],
+        )
+        seed = zlib.crc32(repr(seed_key).encode())
         rng = np.random.default_rng([self.template.seed, seed])
         out: tuple
         try:
@@ -957,6 +1013,10 @@ class Engine:
                         values, rng, *self._linear_values(fitter.dims[0], pidx, pos)
                     )
                     out = (np.asarray(params, dtype=np.float64), "", fb, how)
+                elif hasattr(fitter, "fit_full") and fitter.options.get("scatter"):
+                    scatter = self._scatter_values(fitter.options["scatter"], pidx, parent, pos)
+                    params, fb, how = fitter.fit_full(values, rng, scatter=scatter)
+                    out = (np.asarray(params, dtype=np.float64), "", fb, how)
                 elif hasattr(fitter, "fit_full"):
                     params, fb, how = fitter.fit_full(values, rng)
                     out = (np.asarray(params, dtype=np.float64), "", fb, how)
@@ -968,6 +1028,16 @@ class Engine:
             out = (None, f"fit failed: {exc}", None, "")
         self._fits[memo_key] = out
         return out
+
+    def _scatter_values(self, names, pidx, parent: str, pos) -> list[np.ndarray] | None:
+        """The fit's events on the scatter channels ``names`` (None when the file or the template
+        lacks one)."""
+        if any(n not in self._col or n in self.missing for n in names):
+            return None
+        try:
+            return self.gather([Dim(n) for n in names], pidx, parent, pos)
+        except CytopipeError:
+            return None
 
     def _linear_values(self, dim: Dim, pidx, pos):
         """Compensated linear values of ``dim`` at the fit's events, and the map to its display

@@ -107,6 +107,19 @@ def _threshold_fitter(method: str, spec, dim: Dim, with_side: bool):
                 opts[key] = v
         if method in ("auto", "shoulder"):
             opts["of"] = spec.choice("of", ("negative", "main", "bulk"), default="negative")
+            scatter = spec.raw("scatter", required=False)
+            if scatter is not None:
+                # `of: bulk`: the scatter channels that tell a live hump beyond a gap from dead cells
+                if (
+                    opts["of"] != "bulk"
+                    or not isinstance(scatter, list)
+                    or not 1 <= len(scatter) <= 2
+                    or not all(isinstance(c, str) and c.strip() for c in scatter)
+                ):
+                    raise spec.error(
+                        "scatter", "with `of: bulk`, name one or two scatter channels: [FSC-A, SSC-A]"
+                    )
+                opts["scatter"] = [c.strip() for c in scatter]
         if method == "auto" and spec.has("split"):
             # the two populations' mixture boundary instead of the valley (landmarks.mixture_boundary)
             opts["split"] = spec.choice("split", ("valley", "mixture"), default="valley")

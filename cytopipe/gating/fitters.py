@@ -108,6 +108,11 @@ class Fitter:
     def describe(self, params: np.ndarray) -> str:
         return ", ".join(f"{v:.4g}" for v in np.ravel(params))
 
+    def replacements(self, own: np.ndarray, reference: np.ndarray) -> list[np.ndarray]:
+        """What may stand in for this sample's own ``params`` when its gate keeps an implausible
+        fraction, least replaced first; the last is the whole ``reference``."""
+        return [np.asarray(reference, dtype=np.float64)]
+
     def options_spec(self) -> dict:
         return dict(self.options)
 

@@ -68,6 +68,7 @@ from cytopipe.gating.fitters import (
     _subsample,
     density,
     refine_core,
+    subsample_index,
 )
 from cytopipe.gating.gates import Dim, Gate, PolygonGate, RectangleGate
 
@@ -371,9 +372,23 @@ class RelativeThresholdFitter(ThresholdFitter):
         where it is symmetric whatever the display scale; the engine then passes those too."""
         return self.method == "tail" or (self.method == "auto" and "percentile" in self.options)
 
-    def fit_full(self, values, rng, linear=None, to_display=None):
-        """``(params, fallback, how)``; raises LandmarkFailure (with the fallback) on failure."""
+    def fit_full(self, values, rng, linear=None, to_display=None, scatter=None):
+        """``(params, fallback, how)``; raises LandmarkFailure (with the fallback) on failure.
+        ``scatter``: the same events' scatter values (``of: bulk`` with ``scatter:``), which tell
+        a live hump beyond a gap from dying or dead cells."""
         self._linear = None
+        self._scatter = None
+        if scatter is not None and linear is None:
+            x0 = np.asarray(values[0])  # its own dtype: the same landmarks as without scatter
+            sc = np.column_stack([np.asarray(v, dtype=np.float64) for v in scatter])
+            ok = np.isfinite(x0) & np.isfinite(sc).all(axis=1)
+            x0, sc = x0[ok], sc[ok]
+            if len(x0) >= self.bounds.min_events:
+                pos = subsample_index(len(x0), self.options.get("max_events", DEFAULT_MAX_EVENTS), rng)
+                if pos is not None:
+                    x0, sc = x0[pos], sc[pos]
+                self._scatter = (x0, sc)
+                values = [x0]
         if linear is not None and to_display is not None:
             ok = np.isfinite(np.asarray(values[0])) & np.isfinite(np.asarray(linear))
             values = [np.asarray(values[0])[ok]]
@@ -442,6 +457,52 @@ class RelativeThresholdFitter(ThresholdFitter):
             raise LandmarkFailure(str(exc), fallback, how) from None
         return t, fallback, how
 
+    def _dead_like(self, lm: Landmarks, peak: Peak) -> bool:
+        """Whether ``peak``'s events have a scatter other than the live main peak's (by more than
+        two standard errors of a difference of medians, in robust SDs of the live cells' scatter)."""
+        if getattr(self, "_scatter", None) is None or peak is lm.main:
+            return False
+        x, sc = self._scatter
+        main = sc[
+            np.abs(x - lm.main.position) <= max(_robust_sd(lm.main, "left"), _robust_sd(lm.main, "right"))
+        ]
+        other = sc[np.abs(x - peak.position) <= max(_robust_sd(peak, "left"), _robust_sd(peak, "right"))]
+        if min(len(main), len(other)) < 20:
+            return False
+        med = np.median(main, axis=0)
+        sd = 1.4826 * np.median(np.abs(main - med), axis=0)
+        if not np.all(sd > 0):
+            return False
+        dist = np.linalg.norm((np.median(other, axis=0) - med) / sd)
+        return bool(dist > 2.0 * 1.2533 * math.sqrt(1.0 / len(main) + 1.0 / len(other)))
+
+    def _live_hump(self, lm: Landmarks, hump: Peak, brightest: Peak) -> bool:
+        """Whether ``hump`` (beyond a gap above the live cells, below a brighter peak) is live:
+        its events' median scatter (FSC, SSC) lies nearer the live main peak's than the brightest
+        peak's (dead cells shrink: lower FSC, higher SSC), in robust SDs of the live cells'
+        scatter, by more than two standard errors. Without scatter, or too few events to tell, it
+        is not (the cut stays below it)."""
+        if getattr(self, "_scatter", None) is None:
+            return False
+        x, sc = self._scatter
+
+        def core(p: Peak) -> np.ndarray:
+            return sc[np.abs(x - p.position) <= max(_robust_sd(p, "left"), _robust_sd(p, "right"))]
+
+        main, mid, dead = core(lm.main), core(hump), core(brightest)
+        if min(len(main), len(mid), len(dead)) < 20:
+            return False
+        med = np.median(main, axis=0)
+        sd = 1.4826 * np.median(np.abs(main - med), axis=0)
+        if not np.all(sd > 0):
+            return False
+        to_live = np.linalg.norm((np.median(mid, axis=0) - med) / sd)
+        to_dead = np.linalg.norm((np.median(mid, axis=0) - np.median(dead, axis=0)) / sd)
+        # nearer by more than two standard errors of a difference of medians (a median's SE is
+        # 1.25 SD / sqrt(n)): a sliver of a few dozen dying cells cannot be told apart, stays out
+        se = 1.2533 * math.sqrt(1.0 / len(mid) + 1.0 / len(dead))
+        return bool(to_dead - to_live > 2.0 * se)
+
     def _fallback(self, lm: Landmarks) -> tuple[np.ndarray, str]:
         z = self.options.get("fallback_z", 3.0)
         fb = lm.negative.position + z * _robust_sd(lm.negative, "left")
@@ -456,6 +517,22 @@ class RelativeThresholdFitter(ThresholdFitter):
             # peak beyond a gap (dying cells' intermediate dye uptake, or the dead cells), else
             # the population's upper shoulder
             bulk = lm.bulk()
+            bright = lm.peaks[-1]
+            if bulk[-1] is not lm.main and self._dead_like(lm, bright):
+                # with scatter and a brightest peak of shrunken (dead) cells, a hump joined above
+                # the main peak is live only when its scatter is the live cells' (small humps of
+                # dying and dead cells can be joined to the live cells' flank and to each other)
+                i = bulk.index(lm.main)
+                while (
+                    i + 1 < len(bulk)
+                    and bulk[i + 1] is not bright
+                    and self._live_hump(lm, bulk[i + 1], bright)
+                ):
+                    i += 1
+                trimmed = i + 1 < len(bulk)
+                bulk = bulk[: i + 1]
+            else:
+                trimmed = False
             top = bulk[-1]
             # ... and never above the end of its highest peak (its density under 0.1 % of the
             # peak, as in `shoulder`): dying cells smeared between live and dead cells lie in
@@ -463,12 +540,21 @@ class RelativeThresholdFitter(ThresholdFitter):
             ends = np.flatnonzero(lm.dens[top.index :] < 1e-3 * top.height)
             end = float(lm.centers[top.index + ends[0]]) if len(ends) else math.inf
             above = [p for p in lm.peaks if p.position > top.position]
+            while len(above) > 1 and self._live_hump(lm, above[0], above[-1]):
+                # a hump beyond a gap whose scatter is the live cells', not the brightest
+                # (dead) peak's: live cells a little brighter on the dye (spillover from a
+                # lineage marker's fluorochrome), part of the live population
+                top, above = above[0], above[1:]
+                ends = np.flatnonzero(lm.dens[top.index :] < 1e-3 * top.height)
+                end = float(lm.centers[top.index + ends[0]]) if len(ends) else math.inf
             if above:
                 try:
                     sub = Landmarks(lm.centers, lm.dens, [top, above[0]])
                     return np.array([min(deepest_valley(sub, self.options.get("max_depth", 0.5)), end)])
                 except FitFailure:
-                    pass
+                    if trimmed:  # the joined hump above is not live: cut at the density's floor
+                        a, b = top.index, above[0].index
+                        return np.array([min(float(lm.centers[a + int(np.argmin(lm.dens[a : b + 1]))]), end)])
             ratio, offset = self.options.get("ratio", 2.0), self.options.get("min_offset", 1.0)
             return np.array([min(shoulder(lm, of="bulk", ratio=ratio, min_offset=offset), end)])
         if method == "auto" and self.options.get("split") == "mixture":
@@ -609,6 +695,14 @@ class DiagonalFitter(Fitter):
 
     def shift(self, params, reference):
         return float(abs(params[4] - reference[4]))
+
+    def replacements(self, own, reference):
+        # the modes and SDs are this file's landmarks (with its drift); another file's (a pooled
+        # median) put the cut elsewhere on this one: first only the cut, relative to them
+        ref = np.asarray(reference, dtype=np.float64)
+        if own is None or len(own) != len(ref) or np.array_equal(own[:4], ref[:4]):
+            return [ref]
+        return [np.array([*np.asarray(own, dtype=np.float64)[:4], ref[4]]), ref]
 
     def default_spec(self):
         return None
