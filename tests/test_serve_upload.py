@@ -118,3 +118,67 @@ def test_a_client_that_disconnects_mid_file_leaves_nothing_behind(server, study)
     assert "cut.fcs" not in names
     audit = c.get("/api/audit", params={"limit": 50}).json()
     assert not any("cut.fcs" in str(e["after"]) for e in audit)
+
+
+def _raw_put(server, client, study: int, name: str, length: int, batch: int) -> bytes:
+    """The request line and headers of a PUT whose body the caller sends itself."""
+    return (
+        f"PUT /api/studies/{study}/uploads?name={name}&batch={batch} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"X-CSRF-Token: {client.h['X-CSRF-Token']}\r\n"
+        f"Cookie: {'; '.join(f'{k}={v}' for k, v in client.cookies.items())}\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def test_a_batch_limit_counts_the_uploads_still_streaming(server, study):
+    """The page sends two files at once: while one streams, another of the same batch may only
+    use what the batch has left after it."""
+    c = server.client()
+    data = shared_path("FlowIO", "data", "fcs_files", "100715.fcs").read_bytes()
+    b = c.post(f"/api/studies/{study}/batches", json={"files": 1, "bytes": len(data)}, headers=c.h).json()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(
+            _raw_put(server, c, study, "first.fcs", len(data), b["batch_id"]) + data[: len(data) // 2]
+        )
+        deadline = time.monotonic() + 60
+        while not list((server.data / "tmp").iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list((server.data / "tmp").iterdir()), "the server never started writing the first upload"
+        # any bytes more in the same batch while the first is still streaming: over what it declared
+        r = c.put(f"/api/studies/{study}/uploads", params={"name": "second.fcs", "batch": b["batch_id"]},
+                  content=data[:1000], headers=c.h)  # fmt: skip
+        assert r.status_code == 413 and "batch" in r.json()["detail"], r.text
+        sock.sendall(data[len(data) // 2 :])
+        answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 20"), answer[:300]  # 201, or 200 if an earlier test stored it
+    assert list((server.data / "tmp").iterdir()) == []
+
+
+def test_uploads_of_one_batch_at_the_same_time_are_all_counted_and_kept_once(server, study):
+    """Three files sent at once into one batch, two of them the same bytes: one row for those
+    bytes (the other answer says duplicate), and the batch counted every byte (nothing left)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = shared_path("FlowIO", "data", "fcs_files", "100715.fcs").read_bytes()
+    other = shared_path("FlowIO", "data", "fcs_files", "3FITC_4PE_004.fcs")
+    sizes = [len(data), len(data), other.stat().st_size]
+    c = server.client()
+    s = c.post("/api/studies", json={"name": "batch at once", **STUDY}, headers=c.h).json()["id"]
+    b = c.post(f"/api/studies/{s}/batches", json={"files": 3, "bytes": sum(sizes)}, headers=c.h).json()
+    clients = [server.client() for _ in range(3)]
+
+    def send(i: int):
+        body = other.read_bytes() if i == 2 else data
+        return clients[i].put(f"/api/studies/{s}/uploads", params={"name": f"f{i}.fcs", "batch": b["batch_id"]},
+                              content=body, headers=clients[i].h)  # fmt: skip
+
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(send, range(3)))
+    assert sorted(r.status_code for r in answers) == [200, 201, 201], [r.text for r in answers]
+    assert sorted(r.json()["duplicate"] for r in answers) == [False, False, True]
+    rows = c.get(f"/api/studies/{s}").json()["uploads"]
+    assert len(rows) == 2 and sum(r["sha256"] == hashlib.sha256(data).hexdigest() for r in rows) == 1
+    # the batch declared exactly these bytes: all counted, so one byte more is refused
+    r = c.put(f"/api/studies/{s}/uploads", params={"name": "more.fcs", "batch": b["batch_id"]},
+              content=b"FCS3.1", headers=c.h)  # fmt: skip
+    assert r.status_code == 413, r.text

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DBSession
 
 from cytopipe.serve import audit
@@ -157,8 +158,6 @@ async def upload_file(
     length: int | None, batch_id: int | None,
 ) -> dict[str, Any]:  # fmt: skip
     """Receive one file; returns its row (status ok / warning / rejected, reason, duplicate)."""
-    from starlette.concurrency import run_in_threadpool
-
     cfg = ws.config
     name = sanitise_name(raw_name)
     limit = cfg.max_file_bytes
@@ -167,13 +166,33 @@ async def upload_file(
         batch = db.get(Batch, batch_id) if batch_id else None
         if batch_id and (batch is None or batch.study_id != study_id):
             raise AuthError(404, f"batch {batch_id} not found in this study")
-        if batch is not None:
-            limit = min(limit, batch.declared_bytes - batch.received_bytes)
+        if batch is not None:  # less what the batch's other uploads, still streaming, may bring
+            limit = min(
+                limit, batch.declared_bytes - batch.received_bytes - ws.batch_in_flight.get(batch_id, 0)
+            )
     if length is not None and length > cfg.max_file_bytes:
         raise UploadRefused(413, f"{name}: larger than the file limit of {cfg.max_file_bytes / 1e6:.1f} MB")
     if length is not None and length > limit:
         raise UploadRefused(413, f"{name}: more bytes than the batch declared")
     check_disk(ws.store, length or 0)
+    if batch_id is None:
+        return await _upload_file(ws, study_id, user, name, raw_name, chunks, length, None, limit)
+    reserved = max(0, limit if length is None else length)  # no await since the limit was read
+    ws.batch_in_flight[batch_id] = ws.batch_in_flight.get(batch_id, 0) + reserved
+    try:
+        return await _upload_file(ws, study_id, user, name, raw_name, chunks, length, batch_id, limit)
+    finally:
+        ws.batch_in_flight[batch_id] -= reserved
+        if not ws.batch_in_flight[batch_id]:
+            del ws.batch_in_flight[batch_id]
+
+
+async def _upload_file(
+    ws: Any, study_id: int, user: str, name: str, raw_name: str, chunks: AsyncIterator[bytes],
+    length: int | None, batch_id: int | None, limit: int,
+) -> dict[str, Any]:  # fmt: skip
+    from starlette.concurrency import run_in_threadpool
+
     from cytopipe.serve.streamcheck import StreamCheck
 
     check = StreamCheck(name, length)  # validate's rules on the blocks as they stream
@@ -214,11 +233,21 @@ def record_upload(
             got.tmp.unlink(missing_ok=True)
             raise
         ws.store.adopt(got.tmp, got.sha256)
+    try:
+        return _upload_row(ws, study_id, user, name, raw_name, batch_id, got, checked)
+    except IntegrityError:  # the same bytes stored by an upload running at the same time: a duplicate now
+        return _upload_row(ws, study_id, user, name, raw_name, batch_id, got, checked)
+
+
+def _upload_row(
+    ws: Any, study_id: int, user: str, name: str, raw_name: str, batch_id: int | None, got: Any,
+    checked: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
     status, reason, notes, info = checked["status"], checked["reason"], checked["notes"], checked["info"]
     with ws.sessions() as db:
-        if batch_id:
-            b = db.get(Batch, batch_id)
-            b.received_bytes += got.size
+        if batch_id:  # in SQL: uploads of one batch may finish at the same time (the page sends two at once)
+            db.execute(update(Batch).where(Batch.id == batch_id)
+                       .values(received_bytes=Batch.received_bytes + got.size))  # fmt: skip
         existing = db.scalar(select(Upload).where(Upload.study_id == study_id, Upload.sha256 == got.sha256))
         if existing is not None:
             result = {**upload_dict(existing), "duplicate": True,
