@@ -155,30 +155,40 @@ def test_a_batch_limit_counts_the_uploads_still_streaming(server, study):
 
 
 def test_uploads_of_one_batch_at_the_same_time_are_all_counted_and_kept_once(server, study):
-    """Three files sent at once into one batch, two of them the same bytes: one row for those
-    bytes (the other answer says duplicate), and the batch counted every byte (nothing left)."""
+    """A batch sent as the page sends it, two files at a time, one file twice: the batch declared
+    exactly these bytes and takes every file (no byte counted twice), one row for the repeated
+    bytes (that answer says duplicate), and after the last file one byte more is refused."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    data = shared_path("FlowIO", "data", "fcs_files", "100715.fcs").read_bytes()
-    other = shared_path("FlowIO", "data", "fcs_files", "3FITC_4PE_004.fcs")
-    sizes = [len(data), len(data), other.stat().st_size]
+    names = ["100715.fcs", "100715.fcs", "3FITC_4PE_004.fcs", "B01 KC-A-W---91-US.fcs", "G11.fcs",
+             "data1.fcs", "variable_int_example.fcs", "data_start_offset_discrepancy_example.fcs"]  # fmt: skip
+    bodies = [shared_path("FlowIO", "data", "fcs_files", n).read_bytes() for n in names]
     c = server.client()
     s = c.post("/api/studies", json={"name": "batch at once", **STUDY}, headers=c.h).json()["id"]
-    b = c.post(f"/api/studies/{s}/batches", json={"files": 3, "bytes": sum(sizes)}, headers=c.h).json()
-    clients = [server.client() for _ in range(3)]
+    b = c.post(f"/api/studies/{s}/batches", json={"files": len(bodies), "bytes": sum(map(len, bodies))},
+               headers=c.h).json()  # fmt: skip
+    clients = [server.client() for _ in range(2)]
+    answers, lock, queue = [None] * len(bodies), threading.Lock(), iter(range(len(bodies)))
 
-    def send(i: int):
-        body = other.read_bytes() if i == 2 else data
-        return clients[i].put(f"/api/studies/{s}/uploads", params={"name": f"f{i}.fcs", "batch": b["batch_id"]},
-                              content=body, headers=clients[i].h)  # fmt: skip
+    def worker(k: int) -> None:  # like the page: each takes the next file when its last one is answered
+        while True:
+            with lock:
+                i = next(queue, None)
+            if i is None:
+                return
+            answers[i] = clients[k].put(f"/api/studies/{s}/uploads", params={"name": f"f{i}.fcs", "batch": b["batch_id"]},
+                                        content=bodies[i], headers=clients[k].h)  # fmt: skip
 
-    with ThreadPoolExecutor(3) as pool:
-        answers = list(pool.map(send, range(3)))
-    assert sorted(r.status_code for r in answers) == [200, 201, 201], [r.text for r in answers]
-    assert sorted(r.json()["duplicate"] for r in answers) == [False, False, True]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(worker, range(2)))
+    assert sorted(r.status_code for r in answers) == [200] + [201] * (len(bodies) - 1), [
+        r.text for r in answers
+    ]
+    assert [r.json()["duplicate"] for r in answers].count(True) == 1
     rows = c.get(f"/api/studies/{s}").json()["uploads"]
-    assert len(rows) == 2 and sum(r["sha256"] == hashlib.sha256(data).hexdigest() for r in rows) == 1
-    # the batch declared exactly these bytes: all counted, so one byte more is refused
+    assert len(rows) == len(bodies) - 1
+    assert sum(r["sha256"] == hashlib.sha256(bodies[0]).hexdigest() for r in rows) == 1
     r = c.put(f"/api/studies/{s}/uploads", params={"name": "more.fcs", "batch": b["batch_id"]},
               content=b"FCS3.1", headers=c.h)  # fmt: skip
     assert r.status_code == 413, r.text

@@ -44,7 +44,6 @@ class Workspace:
         self.runs = RunManager(config.data_dir, self.sessions, self.store, config.scheduler_address)
         self.limiter = auth.RateLimiter(config.login_limit, config.login_window)
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
-        self.batch_in_flight: dict[int, int] = {}  # batch id -> bytes of its uploads still streaming
         self.templates.env.globals["version"] = __version__
 
 
