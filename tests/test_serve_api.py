@@ -172,6 +172,24 @@ def test_content_is_checked_by_its_header_and_duplicates_are_kept_once(server, s
     assert "DATA" in r.json()["reason"] or "truncated" in r.json()["reason"] or "end" in r.json()["reason"]
 
 
+def test_the_same_bytes_sent_at_the_same_time_are_kept_once(server, serve_trial):
+    """Four requests with the same file at once (the page sends two files at a time, a LIMS may
+    send more): every one is answered, one row holds the bytes, the others say duplicate. (The
+    batch's byte count under concurrent uploads: test_serve_upload.py.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = trial_files(serve_trial)[9]
+    clients = [server.client("ana") for _ in range(4)]
+    c = clients[0]
+    s = c.post("/api/studies", json={"name": "same bytes at once", **STUDY}, headers=c.h).json()["id"]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: clients[i].upload(s, src, name=f"copy{i}.fcs"), range(4)))
+    assert sorted(r.status_code for r in answers) == [200, 200, 200, 201], [r.text for r in answers]
+    assert len({r.json()["id"] for r in answers}) == 1
+    rows = c.get(f"/api/studies/{s}").json()["uploads"]
+    assert len(rows) == 1 and rows[0]["status"] == "ok"
+
+
 def test_uploads_over_the_size_limit_are_refused_without_filling_the_disk(server, study):
     ana = server.client("ana")
     big = b"FCS3.1" + b"0" * (3 * LIMIT)

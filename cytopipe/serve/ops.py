@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DBSession
 
 from cytopipe.serve import audit
@@ -157,8 +158,6 @@ async def upload_file(
     length: int | None, batch_id: int | None,
 ) -> dict[str, Any]:  # fmt: skip
     """Receive one file; returns its row (status ok / warning / rejected, reason, duplicate)."""
-    from starlette.concurrency import run_in_threadpool
-
     cfg = ws.config
     name = sanitise_name(raw_name)
     limit = cfg.max_file_bytes
@@ -167,13 +166,46 @@ async def upload_file(
         batch = db.get(Batch, batch_id) if batch_id else None
         if batch_id and (batch is None or batch.study_id != study_id):
             raise AuthError(404, f"batch {batch_id} not found in this study")
-        if batch is not None:
+        if batch is not None:  # received_bytes includes what the batch's uploads still streaming reserved
             limit = min(limit, batch.declared_bytes - batch.received_bytes)
     if length is not None and length > cfg.max_file_bytes:
         raise UploadRefused(413, f"{name}: larger than the file limit of {cfg.max_file_bytes / 1e6:.1f} MB")
     if length is not None and length > limit:
         raise UploadRefused(413, f"{name}: more bytes than the batch declared")
     check_disk(ws.store, length or 0)
+    if batch_id is None:
+        return await _upload_file(ws, study_id, user, name, raw_name, chunks, length, None, limit, {})
+    # reserve the declared length (else what the batch has left) in one UPDATE, so that uploads of one
+    # batch at the same time (the page sends two) cannot together pass what it declared
+    account = {"reserved": max(0, limit if length is None else length), "done": False}
+    if not _reserve(ws, batch_id, account["reserved"]):
+        raise UploadRefused(413, f"{name}: more bytes than the batch declared")
+    try:
+        return await _upload_file(
+            ws, study_id, user, name, raw_name, chunks, length, batch_id, limit, account
+        )
+    finally:
+        if not account["done"]:  # refused, cut off or failed: give the reservation back
+            _reserve(ws, batch_id, -account["reserved"])
+
+
+def _reserve(ws: Any, batch_id: int, n: int) -> bool:
+    """Add ``n`` bytes to the batch's count if it stays within what the batch declared."""
+    with ws.sessions() as db:
+        query = update(Batch).where(Batch.id == batch_id)
+        if n > 0:
+            query = query.where(Batch.declared_bytes - Batch.received_bytes >= n)
+        done = db.execute(query.values(received_bytes=Batch.received_bytes + n)).rowcount == 1
+        db.commit()
+    return done
+
+
+async def _upload_file(
+    ws: Any, study_id: int, user: str, name: str, raw_name: str, chunks: AsyncIterator[bytes],
+    length: int | None, batch_id: int | None, limit: int, account: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    from starlette.concurrency import run_in_threadpool
+
     from cytopipe.serve.streamcheck import StreamCheck
 
     check = StreamCheck(name, length)  # validate's rules on the blocks as they stream
@@ -197,15 +229,18 @@ async def upload_file(
                 raise
             got.synced = True
     # the disk and database work runs in a thread: the event loop keeps receiving other uploads meanwhile
-    return await run_in_threadpool(record_upload, ws, study_id, user, name, raw_name, batch_id, got, checked)
+    return await run_in_threadpool(record_upload, ws, study_id, user, name, raw_name, batch_id, got, checked,
+                                   account)  # fmt: skip
 
 
 def record_upload(
     ws: Any, study_id: int, user: str, name: str, raw_name: str, batch_id: int | None, got: Any,
-    checked: dict[str, Any],
+    checked: dict[str, Any], account: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The upload's row and audit entry (or the duplicate's audit entry), in one transaction, once
-    the file is on disk and in the store."""
+    the file is on disk and in the store; ``account`` holds the bytes the batch reserved for it
+    (its count is corrected to the bytes received in the same transaction)."""
+    account = account if account is not None else {"reserved": 0, "done": False}
     if got.tmp is not None:
         try:
             if not got.synced:
@@ -214,11 +249,23 @@ def record_upload(
             got.tmp.unlink(missing_ok=True)
             raise
         ws.store.adopt(got.tmp, got.sha256)
+    for _ in range(7):
+        try:
+            return _upload_row(ws, study_id, user, name, raw_name, batch_id, got, checked, account)
+        except IntegrityError:  # an upload at the same time stored the same bytes (then this one is a
+            pass  # duplicate) or took the next audit id (SQLite reads the last one before locking)
+    return _upload_row(ws, study_id, user, name, raw_name, batch_id, got, checked, account)
+
+
+def _upload_row(
+    ws: Any, study_id: int, user: str, name: str, raw_name: str, batch_id: int | None, got: Any,
+    checked: dict[str, Any], account: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
     status, reason, notes, info = checked["status"], checked["reason"], checked["notes"], checked["info"]
     with ws.sessions() as db:
-        if batch_id:
-            b = db.get(Batch, batch_id)
-            b.received_bytes += got.size
+        if batch_id:  # the bytes received instead of those reserved, in SQL (uploads finish at the same time)
+            db.execute(update(Batch).where(Batch.id == batch_id)
+                       .values(received_bytes=Batch.received_bytes + got.size - account["reserved"]))  # fmt: skip
         existing = db.scalar(select(Upload).where(Upload.study_id == study_id, Upload.sha256 == got.sha256))
         if existing is not None:
             result = {**upload_dict(existing), "duplicate": True,
@@ -234,6 +281,7 @@ def record_upload(
                 {"name": name, "sha256": got.sha256},
             )
             db.commit()
+            account["done"] = True  # the batch's count is final
             return result
         up = Upload(study_id=study_id, batch_id=batch_id, sha256=got.sha256, name=name, size=got.size,
                     stored=got.tmp is not None, status=status, reason=reason or "", notes=notes, info=info,
@@ -244,6 +292,7 @@ def record_upload(
                      {"study_id": study_id, "name": name, "original_name": str(raw_name)[:300],
                       "sha256": got.sha256, "size": got.size, "status": status, "reason": reason})  # fmt: skip
         db.commit()
+        account["done"] = True
         return {**upload_dict(up), "duplicate": False}
 
 
