@@ -44,8 +44,15 @@ def record(
     reason: str = "",
 ) -> Audit:
     """Append one entry in the caller's transaction (it commits with the change it describes)."""
-    if db.get_bind().dialect.name == "postgresql":
+    dialect = db.get_bind().dialect.name
+    if dialect == "postgresql":
         db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK})
+    elif dialect == "sqlite":
+        # take the database's write lock before reading the last entry: the driver begins the
+        # transaction only at its first write, so two changes whose first write is this entry
+        # would both read the same last id (an UPDATE matching no row takes the lock, changes
+        # nothing, and fires no trigger)
+        db.execute(text("UPDATE audit SET id = id WHERE 0"))
     last = db.execute(select(Audit.id, Audit.hash).order_by(Audit.id.desc()).limit(1)).first()
     row = Audit(
         id=(last.id + 1) if last else 1,
