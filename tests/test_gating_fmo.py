@@ -126,8 +126,8 @@ def test_align_on_names_a_population_of_the_template():
 
     spec = template_to_dict(load_template(REPO / "gating" / "sle_il2_tcell_nk.yaml"))
     tfh = next(p for p in spec["populations"] if p["name"] == "cTfh")
-    assert tfh["gate"]["align_on"] == ["CD4 T", "T cells"] and tfh["gate"]["align"] == "affine"
-    assert {"CD4 T", "T cells"} <= set(parse_template(spec).populations["cTfh"].depends_on)
+    assert tfh["gate"]["align_on"] == ["Memory CD4", "CD4 T", "T cells"] and tfh["gate"]["align"] == "affine"
+    assert {"Memory CD4", "CD4 T", "T cells"} <= set(parse_template(spec).populations["cTfh"].depends_on)
     tfh["gate"]["align"] = "sideways"
     with pytest.raises(TemplateError, match="align"):
         parse_template(spec)
