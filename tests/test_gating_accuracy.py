@@ -16,8 +16,10 @@ its scatter rule, the Treg ``cut: edge`` and the partial fraction fallback (ever
 except Th17's concordance, 0.830: one file whose CD4 T and T cells carried a residual spill that
 memory CD4 did not), and 9901-9920 (2026-12-04, the marks below are from that run) for the
 same gates with memory CD4 as a third drift reading (``align_on: [Memory CD4, CD4 T, T cells]``,
-chosen on 8401-8420, checked on 8421-8440, 7001-7020 and 3001-3020). 10001-10020 are reserved,
-not yet run, for the next change to the gates. 9101-9120 were started once and stopped unread
+chosen on 8401-8420, checked on 8421-8440, 7001-7020 and 3001-3020), then 10001-10020 (run once
+right after, the gates unchanged, to see whether 9901-9920's result holds on another set: it did
+not for three concordances, below). The test gates both sets (40 profiles, 960 files); the marks
+are from them. 10101-10120 are reserved, not yet run, for the next change to the gates. 9101-9120 were started once and stopped unread
 when a regression elsewhere forced a change. Earlier tuning: 1001-1011, 3001-3020, 7001-7020,
 8001-8040 and 8401-8440.
 
@@ -25,17 +27,19 @@ The assertions are the issue's targets (not the achieved values); a population t
 target on that run is marked ``xfail(strict=True)`` with the measured figure, so the test turns
 red the day it starts to pass and the mark must go.
 
-The gating of the 20 trials runs once per session (``-m slow``: ~3 min on a quiet 2-core machine, ~10 under load).
+The gating of the 40 trials runs once per session (``-m slow``: ~6 min on a quiet 2-core machine, ~20 under load).
 """
 
 from __future__ import annotations
+
+import shutil
 
 import pandas as pd
 import pytest
 
 from tests.accuracy_support import accuracy_table, gate_trial
 
-SEEDS = list(range(9901, 9921))
+SEEDS = [*range(9901, 9921), *range(10001, 10021)]
 TARGETS = {  # median |error| of % of parent, percentage points (issue 10)
     "Treg": 0.3,
     "Th17": 1.0,
@@ -49,13 +53,27 @@ TARGETS = {  # median |error| of % of parent, percentage points (issue 10)
     "CD8 T": 1.0,
 }
 CCC_TARGET = 0.9  # Lin's concordance, every population
-# populations that missed a target on the one held-out run (measured figure in the reason)
-# (9901-9920, 2026-12-04: 480 files, every one gated, no gate fell back; Treg 0.108 pp / 0.972,
-# Th17 0.758 / 0.963, Th1 0.795 / 0.966, cTfh 0.836 / 0.963, activated cTfh 1.335 / 0.929,
-# NK 0.023 / 1.000, CD56bright NK 0.027 / 0.999: every target met. On 9801-9820 with CD4 T and
-# T cells as the only drift readings: Th17 concordance 0.830, the rest met)
+CCC_POPULATIONS = [  # every canonical population of the template
+    "Lymphocytes", "Singlets", "Live", "T cells", "CD4 T", "CD8 T", "Treg", "Memory CD4", "Th17", "Th1",
+    "cTfh", "activated cTfh", "NK", "CD56bright NK", "CD56dim NK",
+]  # fmt: skip
+# populations that missed a target on the held-out runs (measured figure in the reason)
+# (9901-9920 + 10001-10020, 2026-12-04: 960 files, every one gated, 2 gates fell back, flagged.
+# Median |error| pp / concordance: Treg 0.114 / 0.943, Th17 0.761 / 0.957, Th1 0.812 / 0.972,
+# cTfh 0.870 / 0.962, activated cTfh 1.321 / 0.928, NK 0.020 / 1.000, CD56bright NK 0.027 / 0.832,
+# T / CD4 T / CD8 T <= 0.019 / 1.000, Live 0.079 / 0.896. 9901-9920 alone met every target;
+# on 9801-9820, with CD4 T and T cells as the only drift readings, Th17's concordance was 0.830)
 MISSED_MAE: dict[str, str] = {}
-MISSED_CCC: dict[str, str] = {}
+_NK_FILE = (
+    "one file, 10015 P004_W24, whose NK gate kept 0.44 % of live cells (truth 3.74 %, unflagged) leaves "
+    "~30 NK events, gated 100 % CD56bright (pooled, flagged); 0.999 without it"
+)
+MISSED_CCC: dict[str, str] = {
+    "Live": "held-out concordance 0.896 over 40 profiles (0.955 on 9901-9920, 0.844 on 10001-10020: one "
+    "file, 10003 P003_W00, gated 86.7 % live against a truth of 98.8 %, unflagged; 0.95 without it)",
+    "CD56bright NK": f"held-out concordance 0.832 over 40 profiles (0.999 on 9901-9920, 0.718 on 10001-10020): {_NK_FILE}",
+    "CD56dim NK": f"held-out concordance 0.832 over 40 profiles, the complement of CD56bright NK: {_NK_FILE}",
+}
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +88,7 @@ def gated(tmp_path_factory) -> pd.DataFrame:
         folder = root / f"inst{seed}"
         instrument_trial(folder, instrument="random", seed=seed, patients=6, events=10_000, fmo="site")
         frames.append(gate_trial(folder).assign(seed=seed))
+        shutil.rmtree(folder)  # ~0.3 GB per trial: 40 of them would fill a small disk
     out = pd.concat(frames, ignore_index=True)
     acc = accuracy_table(out).set_index("population")
     acc["target_pp"] = pd.Series(TARGETS)
@@ -94,7 +113,7 @@ def test_median_error_within_target(acc, pop):
     assert acc.loc[pop, "mae_pp"] <= TARGETS[pop], acc.loc[pop]
 
 
-@pytest.mark.parametrize("pop", [_mark(p, MISSED_CCC) for p in TARGETS])
+@pytest.mark.parametrize("pop", [_mark(p, MISSED_CCC) for p in CCC_POPULATIONS])
 def test_concordance_at_least_0_9(acc, pop):
     assert acc.loc[pop, "ccc"] >= CCC_TARGET, acc.loc[pop]
 
