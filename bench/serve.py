@@ -111,6 +111,7 @@ def direct_copy_rate(paths: list[Path], target: Path, block: int = 8 << 20) -> f
     except OSError:
         return float("nan")
     finally:
+        buf.close()
         shutil.rmtree(target, ignore_errors=True)
     return time.perf_counter() - t0
 

@@ -19,15 +19,16 @@ same gates with memory CD4 as a third drift reading (``align_on: [Memory CD4, CD
 chosen on 8401-8420, checked on 8421-8440, 7001-7020 and 3001-3020), then 10001-10020 (run once
 right after, the gates unchanged, to see whether 9901-9920's result holds on another set: it did
 not for three concordances, below). The test gates both sets (40 profiles, 960 files); the marks
-are from them. 10101-10120 are reserved, not yet run, for the next change to the gates. 9101-9120 were started once and stopped unread
-when a regression elsewhere forced a change. Earlier tuning: 1001-1011, 3001-3020, 7001-7020,
-8001-8040 and 8401-8440.
+are from them. 10101-10120 are reserved, not yet run, for the next change to the gates.
+9101-9120 were started once and stopped unread when a regression elsewhere forced a change.
+Earlier tuning: 1001-1011, 3001-3020, 7001-7020, 8001-8040 and 8401-8440.
 
 The assertions are the issue's targets (not the achieved values); a population that missed its
 target on that run is marked ``xfail(strict=True)`` with the measured figure, so the test turns
 red the day it starts to pass and the mark must go.
 
-The gating of the 40 trials runs once per session (``-m slow``: ~6 min on a quiet 2-core machine, ~20 under load).
+The gating of the 40 trials runs once per session (``-m slow``: ~6 min on a quiet 2-core machine,
+~20 under load).
 """
 
 from __future__ import annotations
