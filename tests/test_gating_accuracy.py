@@ -17,11 +17,17 @@ except Th17's concordance, 0.830: one file whose CD4 T and T cells carried a res
 memory CD4 did not), and 9901-9920 (2026-12-04, the marks below are from that run) for the
 same gates with memory CD4 as a third drift reading (``align_on: [Memory CD4, CD4 T, T cells]``,
 chosen on 8401-8420, checked on 8421-8440, 7001-7020 and 3001-3020), then 10001-10020 (run once
-right after, the gates unchanged, to see whether 9901-9920's result holds on another set: it did
-not for three concordances, below). The test gates both sets (40 profiles, 960 files); the marks
-are from them. 10101-10120 are reserved, not yet run, for the next change to the gates.
-9101-9120 were started once and stopped unread when a regression elsewhere forced a change.
-Earlier tuning: 1001-1011, 3001-3020, 7001-7020, 8001-8040 and 8401-8440.
+right after, the gates unchanged: Live's concordance 0.84 and CD56bright / CD56dim NK's 0.72, one
+file each). Those two files were diagnosed (a right-skewed live peak whose own upper flank was
+taken for a shoulder; CD56dim NK skipped by the shoulder of a wide CD3- negative), the rules
+changed (the Live gate's shoulder sought beyond 2.5 robust SDs of the peak's wider half; ``auto``
+kept below the first peak above the negative), checked on tuning seeds 8001-8040, 7001-7020 and
+3001-3020, and measured once on 10301-10320 and 10401-10420 (2026-12-04 16:00 UTC; the marks
+below are from that run). 10101-10120 and 10201-10220 were started once for it and stopped unread
+when the session found it had more time to check the Live rule first. 9101-9120 were started
+once and stopped unread when a regression elsewhere forced a change. Earlier tuning: 1001-1011,
+3001-3020, 7001-7020, 8001-8040 and 8401-8440. The next change to the gates is measured on
+10501-10520 and 10601-10620.
 
 The assertions are the issue's targets (not the achieved values); a population that missed its
 target on that run is marked ``xfail(strict=True)`` with the measured figure, so the test turns
@@ -40,7 +46,7 @@ import pytest
 
 from tests.accuracy_support import accuracy_table, gate_trial
 
-SEEDS = [*range(9901, 9921), *range(10001, 10021)]
+SEEDS = [*range(10301, 10321), *range(10401, 10421)]
 TARGETS = {  # median |error| of % of parent, percentage points (issue 10)
     "Treg": 0.3,
     "Th17": 1.0,
@@ -58,22 +64,22 @@ CCC_POPULATIONS = [  # every canonical population of the template
     "Lymphocytes", "Singlets", "Live", "T cells", "CD4 T", "CD8 T", "Treg", "Memory CD4", "Th17", "Th1",
     "cTfh", "activated cTfh", "NK", "CD56bright NK", "CD56dim NK",
 ]  # fmt: skip
-# populations that missed a target on the held-out runs (measured figure in the reason)
-# (9901-9920 + 10001-10020, 2026-12-04: 960 files, every one gated, 2 gates fell back, flagged.
-# Median |error| pp / concordance: Treg 0.114 / 0.943, Th17 0.761 / 0.957, Th1 0.812 / 0.972,
-# cTfh 0.870 / 0.962, activated cTfh 1.321 / 0.928, NK 0.020 / 1.000, CD56bright NK 0.027 / 0.832,
-# T / CD4 T / CD8 T <= 0.019 / 1.000, Live 0.079 / 0.896. 9901-9920 alone met every target;
-# on 9801-9820, with CD4 T and T cells as the only drift readings, Th17's concordance was 0.830)
+# populations that missed a target on the held-out run (measured figure in the reason)
+# (10301-10320 + 10401-10420, 2026-12-04: 960 files, every one gated, 7 gates fell back, all
+# flagged. Median |error| pp / concordance: Treg 0.089 / 0.978, Th17 0.671 / 0.949, Th1 0.732 /
+# 0.969, cTfh 0.969 / 0.957, activated cTfh 1.317 / 0.946, NK 0.019 / 0.980, CD56bright NK 0.026 /
+# 0.883, T / CD4 T / CD8 T <= 0.018 / 1.000, Live 0.060 / 0.949. Before on 9901-9920 + 10001-10020:
+# Live 0.896, CD56bright NK 0.832)
 MISSED_MAE: dict[str, str] = {}
-_NK_FILE = (
-    "one file, 10015 P004_W24, whose NK gate kept 0.44 % of live cells (truth 3.74 %, unflagged) leaves "
-    "~30 NK events, gated 100 % CD56bright (pooled, flagged); 0.999 without it"
+_NK_FILES = (
+    "W12 files of instruments with a dim CD56 fluorochrome, where CD56dim NK overlap the CD3- "
+    "negatives on CD56 alone (e.g. 10409 P003_W12: NK 1.0 % of live cells, truth 10.8 %; 10416 "
+    "P002_W12: 5.5 %, truth 23.4 %, gated 100 % CD56bright, pooled, flagged; 10315 P003_W12: "
+    "14.1 %, truth 40.3 %); the NK gate does not use CD16 yet"
 )
 MISSED_CCC: dict[str, str] = {
-    "Live": "held-out concordance 0.896 over 40 profiles (0.955 on 9901-9920, 0.844 on 10001-10020: one "
-    "file, 10003 P003_W00, gated 86.7 % live against a truth of 98.8 %, unflagged; 0.95 without it)",
-    "CD56bright NK": f"held-out concordance 0.832 over 40 profiles (0.999 on 9901-9920, 0.718 on 10001-10020): {_NK_FILE}",
-    "CD56dim NK": f"held-out concordance 0.832 over 40 profiles, the complement of CD56bright NK: {_NK_FILE}",
+    "CD56bright NK": f"held-out concordance 0.883 over 40 profiles (0.990 on 10301-10320, 0.799 on 10401-10420): {_NK_FILES}",
+    "CD56dim NK": f"held-out concordance 0.883 over 40 profiles, the complement of CD56bright NK: {_NK_FILES}",
 }
 
 pytestmark = pytest.mark.slow

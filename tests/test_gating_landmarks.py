@@ -181,3 +181,28 @@ def test_reference_threshold_records_its_source():
     assert note[0] == "CD3+" and "population CD3-" in note[1]
     # the 99.5th percentile of N(0, 0.3): 0.77
     assert p.gate.lower[0] == pytest.approx(0.3 * 2.576, abs=0.05)
+
+
+def test_auto_threshold_stays_below_a_dim_population_beside_a_wide_negative():
+    """CD56 on CD3- live cells, the shape of a held-out file (10015 P004_W24) where the NK gate kept
+    0.44 % of live cells (truth 3.7 %): a wide negative (B cells, monocytes; its lower flank spread
+    by compensation), CD56dim NK joined to it by a shallow valley, a few CD56bright. The shallow
+    valley is no gap, so ``auto`` takes the negative's shoulder, whose mirrored lower flank covered
+    the CD56dim cells: the cut fell between CD56dim and CD56bright. A peak below the shoulder now
+    keeps the cut under it (numbers of the test case drawn independently of the rule)."""
+    import pandas as pd
+
+    from cytopipe.gating import Engine
+
+    rng = np.random.default_rng(11)
+    neg = np.concatenate([rng.normal(1.7, 0.4, 12_000), rng.normal(0.3, 0.9, 8_000)])  # skewed low
+    dim, bright = rng.normal(3.1, 0.3, 2_500), rng.normal(4.6, 0.2, 250)
+    x = np.concatenate([neg, dim, bright])
+    truth = 100 * (len(dim) + len(bright)) / len(x)
+    events = (np.sinh(x) * 150).astype(np.float32).reshape(-1, 1)
+    channels = pd.DataFrame({"pnn": ["B1-A"], "pns": ["CD3"]})
+    result = Engine(events, channels, _mini({"type": "auto"})).run(medians=False)
+    pop = result.populations["CD3+"]
+    print(f"threshold {pop.gate.lower[0]:.2f}, {pop.pct_parent:.2f} % (truth {truth:.2f} %)")
+    assert 2.3 < pop.gate.lower[0] < 2.9  # between the negative and CD56dim
+    assert pop.pct_parent == pytest.approx(truth, abs=1.0)

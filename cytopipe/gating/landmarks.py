@@ -7,7 +7,9 @@ events on the gate's axis -- the negative (lowest) and positive (highest) densit
 relative to them, so the canonical template holds no instrument-scale numbers:
 
 ``auto``      the deepest valley between the two most prominent peaks when there is one (deeper
-              than ``max_depth`` x the lower peak), else the ``shoulder`` of the negative peak.
+              than ``max_depth`` x the lower peak), else the ``shoulder`` of the negative peak,
+              kept below the first peak above the negative one (at the density's floor between
+              them): a population joined by a shallow valley is not cut through or skipped.
               With ``percentile`` (dim markers, FMO convention): a valley deeper than ``gap``
               (0.2) x the lower peak is a gap between two populations and is used; a shallower
               one (humps of a continuum) only where it lies below the negative population's
@@ -217,19 +219,25 @@ def shoulder(lm: Landmarks, of: str = "negative", ratio: float = 2.0, min_offset
     ``of: main``: mirror the right half of the main peak to the left and walk down;
     ``of: bulk``: mirror the left half of the bulk's highest peak (:meth:`Landmarks.bulk`) to the
     right and walk up (the upper edge of a population with humps, e.g. live cells).
-    The walk starts ``min_offset`` robust SDs from the mode (noise at the top of the peak).
+    The walk starts ``min_offset`` robust SDs from the mode (noise at the top of the peak; for
+    ``bulk`` the SD of the peak's wider half, so a right-skewed peak's own flank is not taken for
+    what lies beyond it).
     """
     c, f = lm.centers, lm.dens
     if of in ("negative", "bulk"):
         p = lm.negative if of == "negative" else lm.bulk()[-1]
         sd = _robust_sd(p, "left")
         step = 1
+        # the walk of a population's upper edge starts beyond its own upper flank, however skewed
+        # (live cells: T and non-T cells a little apart on the dye make one right-skewed peak); a
+        # negative peak's upper half holds the positives' foot, so it keeps its lower half's width
+        start = max(sd, _robust_sd(p, "right")) if of == "bulk" else sd
     else:
         p = lm.main
-        sd = _robust_sd(p, "right")
+        sd = start = _robust_sd(p, "right")
         step = -1
     width = c[1] - c[0]
-    k0 = max(1, int(math.ceil(min_offset * sd / width)))
+    k0 = max(1, int(math.ceil(min_offset * start / width)))
     n = len(c)
     for k in range(k0, n):
         j = p.index + step * k
@@ -578,12 +586,19 @@ class RelativeThresholdFitter(ThresholdFitter):
             except FitFailure:
                 if method == "valley" or "percentile" in self.options:
                     raise
+        of = self.options.get("of", "negative")
         t = shoulder(
-            lm,
-            of=self.options.get("of", "negative"),
-            ratio=self.options.get("ratio", 2.0),
-            min_offset=self.options.get("min_offset", 1.0),
+            lm, of=of, ratio=self.options.get("ratio", 2.0), min_offset=self.options.get("min_offset", 1.0)
         )
+        if method == "auto" and of == "negative":
+            # a peak between the negative one and its shoulder is a population of its own, joined
+            # to the negative by a shallow valley (CD56dim NK beside a wide CD3- negative whose
+            # mirrored flank covers them): the threshold stays below it, at the density's floor
+            neg = lm.negative
+            inner = [p for p in lm.peaks if neg.position < p.position < t]
+            if inner:
+                a, b = neg.index, inner[0].index
+                t = min(t, float(lm.centers[a + int(np.argmin(lm.dens[a : b + 1]))]))
         return np.array([t])
 
 
