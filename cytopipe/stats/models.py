@@ -281,9 +281,14 @@ def _fit_mixedlm(
         )
     elif messages:
         notes.append("; ".join(messages))
-    if not (np.all(np.isfinite(beta)) and np.all(np.isfinite(cov)) and np.all(np.diag(cov) > 0)):
-        return f"mixed model fit has no usable covariance ({'; '.join(messages)}); no inference"
-    return beta, cov, notes, float(result.scale), max(re_var, 0.0)
+    # the caller's covariance of the fixed effects comes from the REML variances, (X'V^-1 X)^-1 or
+    # the cluster-robust one, never statsmodels' Hessian block: a fit whose Hessian is not positive
+    # definite (one post-baseline visit: only the sum of the two variances is identified) still
+    # has usable estimates and variances
+    scale = float(result.scale)
+    if not (np.all(np.isfinite(beta)) and np.isfinite(scale) and scale > 0 and np.isfinite(re_var)):
+        return f"mixed model fit has no usable estimates ({'; '.join(messages)}); no inference"
+    return beta, cov, notes, scale, max(re_var, 0.0)
 
 
 def _effect(
