@@ -92,13 +92,6 @@ def decode_u32(raw, out, masks, swap):  # pragma: no cover - compiled
 
 
 @nb.njit(cache=True, nogil=True)
-def copy32(src, dst):  # pragma: no cover - compiled
-    """``dst[i] = src[i]`` for 32-bit words: little-endian float32 from the mapped pages."""
-    for i in range(src.size):
-        dst[i] = src[i]
-
-
-@nb.njit(cache=True, nogil=True)
 def swap_copy32(src, dst):  # pragma: no cover - compiled
     """``dst[i] = bswap(src[i])`` for 32-bit words: a big-endian float32 DATA segment read from
     the file's mapped pages straight into the output in one pass (no copy, then swap)."""
