@@ -72,8 +72,8 @@ CCC_POPULATIONS = [  # every canonical population of the template
 # Live 0.896, CD56bright NK 0.832)
 MISSED_MAE: dict[str, str] = {}
 _NK_FILES = (
-    "W12 files of instruments with a dim CD56 fluorochrome, where CD56dim NK overlap the CD3- "
-    "negatives on CD56 alone (e.g. 10409 P003_W12: NK 1.0 % of live cells, truth 10.8 %; 10416 "
+    "W12 files (NK expanded to 10-40 % of live cells) whose CD56dim NK sit within ~0.5 arcsinh units of "
+    "the CD3- negatives on CD56 (e.g. 10409 P003_W12: NK 1.0 % of live cells, truth 10.8 %; 10416 "
     "P002_W12: 5.5 %, truth 23.4 %, gated 100 % CD56bright, pooled, flagged; 10315 P003_W12: "
     "14.1 %, truth 40.3 %); the NK gate does not use CD16 yet"
 )
