@@ -22,12 +22,17 @@ file each). Those two files were diagnosed (a right-skewed live peak whose own u
 taken for a shoulder; CD56dim NK skipped by the shoulder of a wide CD3- negative), the rules
 changed (the Live gate's shoulder sought beyond 2.5 robust SDs of the peak's wider half; ``auto``
 kept below the first peak above the negative), checked on tuning seeds 8001-8040, 7001-7020 and
-3001-3020, and measured once on 10301-10320 and 10401-10420 (2026-12-04 16:00 UTC; the marks
-below are from that run). 10101-10120 and 10201-10220 were started once for it and stopped unread
-when the session found it had more time to check the Live rule first. 9101-9120 were started
-once and stopped unread when a regression elsewhere forced a change. Earlier tuning: 1001-1011,
-3001-3020, 7001-7020, 8001-8040 and 8401-8440. The next change to the gates is measured on
-10501-10520 and 10601-10620.
+3001-3020, and measured once on 10301-10320 and 10401-10420 (2026-12-04 16:00 UTC: every median
+target met, Live 0.949, but CD56bright / CD56dim NK 0.883: three W12 files whose CD56dim NK sat
+within ~0.5 arcsinh units of the CD3- negatives on CD56). Those files were diagnosed; NK became
+CD3- CD56+ *or* CD3- CD16+ (two quadrants, each threshold fitted among the CD3- events, and a
+boolean ``or``), checked on tuning seeds 8001-8040, 7001-7020 and 3001-3020 (NK and CD56bright NK
+improved on each, nothing else moved), and measured once on 10501-10520 and 10601-10620
+(2026-12-04 17:36 UTC; the marks below are from that run). 10101-10120 and 10201-10220 were
+started once and stopped unread (the session found it had more time to check the Live rule
+first); 9101-9120 likewise when a regression elsewhere forced a change. Earlier tuning:
+1001-1011, 3001-3020, 7001-7020, 8001-8040 and 8401-8440. The next change to the gates is
+measured on 10701-10720 and 10801-10820.
 
 The assertions are the issue's targets (not the achieved values); a population that missed its
 target on that run is marked ``xfail(strict=True)`` with the measured figure, so the test turns
@@ -46,7 +51,7 @@ import pytest
 
 from tests.accuracy_support import accuracy_table, gate_trial
 
-SEEDS = [*range(10301, 10321), *range(10401, 10421)]
+SEEDS = [*range(10501, 10521), *range(10601, 10621)]
 TARGETS = {  # median |error| of % of parent, percentage points (issue 10)
     "Treg": 0.3,
     "Th17": 1.0,
@@ -64,23 +69,14 @@ CCC_POPULATIONS = [  # every canonical population of the template
     "Lymphocytes", "Singlets", "Live", "T cells", "CD4 T", "CD8 T", "Treg", "Memory CD4", "Th17", "Th1",
     "cTfh", "activated cTfh", "NK", "CD56bright NK", "CD56dim NK",
 ]  # fmt: skip
-# populations that missed a target on the held-out run (measured figure in the reason)
-# (10301-10320 + 10401-10420, 2026-12-04: 960 files, every one gated, 7 gates fell back, all
-# flagged. Median |error| pp / concordance: Treg 0.089 / 0.978, Th17 0.671 / 0.949, Th1 0.732 /
-# 0.969, cTfh 0.969 / 0.957, activated cTfh 1.317 / 0.946, NK 0.019 / 0.980, CD56bright NK 0.026 /
-# 0.883, T / CD4 T / CD8 T <= 0.018 / 1.000, Live 0.060 / 0.949. Before on 9901-9920 + 10001-10020:
-# Live 0.896, CD56bright NK 0.832)
+# populations that missed a target on the held-out run (measured figure in the reason): none on
+# 10501-10520 + 10601-10620 (2026-12-04: 960 files, every one gated, 5 gates fell back, all flagged.
+# Median |error| pp / concordance: Treg 0.106 / 0.917, Th17 0.729 / 0.962, Th1 0.801 / 0.972, cTfh
+# 0.953 / 0.952, activated cTfh 1.235 / 0.941, NK 0.010 / 1.000, CD56bright NK 0.021 / 0.999, T / CD4
+# T / CD8 T <= 0.023 / 1.000, Live 0.119 / 0.938. On 10301-10320 + 10401-10420, before NK used CD16:
+# CD56bright / CD56dim NK 0.883; on 9901-9920 + 10001-10020, before the Live rule: Live 0.896)
 MISSED_MAE: dict[str, str] = {}
-_NK_FILES = (
-    "W12 files (NK expanded to 10-40 % of live cells) whose CD56dim NK sit within ~0.5 arcsinh units of "
-    "the CD3- negatives on CD56 (e.g. 10409 P003_W12: NK 1.0 % of live cells, truth 10.8 %; 10416 "
-    "P002_W12: 5.5 %, truth 23.4 %, gated 100 % CD56bright, pooled, flagged; 10315 P003_W12: "
-    "14.1 %, truth 40.3 %); the NK gate does not use CD16 yet"
-)
-MISSED_CCC: dict[str, str] = {
-    "CD56bright NK": f"held-out concordance 0.883 over 40 profiles (0.990 on 10301-10320, 0.799 on 10401-10420): {_NK_FILES}",
-    "CD56dim NK": f"held-out concordance 0.883 over 40 profiles, the complement of CD56bright NK: {_NK_FILES}",
-}
+MISSED_CCC: dict[str, str] = {}
 
 pytestmark = pytest.mark.slow
 

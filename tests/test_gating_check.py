@@ -54,7 +54,9 @@ def test_missing_markers_skip_gates_everything_else(no_cd25_files, tmp_path):
     )  # fmt: skip
     assert rc == 0
     stats = pd.read_parquet(out / "population_stats.parquet")
-    assert len(stats) == 15 * len(no_cd25_files)
+    assert len(stats) == 17 * len(
+        no_cd25_files
+    )  # the template's 17 populations (15 canonical + NK's two halves)
     treg = stats[stats["population"] == "Treg"]
     assert treg["pct_parent"].isna().all()
     others = stats[stats["population"] != "Treg"]
@@ -77,8 +79,8 @@ def test_template_check_on_a_new_panel(capsys):
     assert "CD8 -> 585/15Violet-A" in text and "Viability -> 525/50Violet-A" in text
     assert "NOT MEASURED" in lines["Treg"] and "NOT MEASURED" not in lines["Memory"]
     assert (
-        "marker 'CD56' is in none of the 1 file(s); populations needing it: NK, CD56bright NK, CD56dim NK"
-        in text
+        "marker 'CD56' is in none of the 1 file(s); populations needing it: CD3- CD56+, CD56bright NK, "
+        "CD56dim NK" in text
     )
 
 

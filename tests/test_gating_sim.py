@@ -95,7 +95,13 @@ def small_trial(tmp_path_factory):
 def test_canonical_template_covers_the_canonical_table(template):
     from cytopipe.simulate.populations import POPULATIONS
 
-    assert [(p.name, p.parent) for p in template] == [(n, parent) for n, parent, _ in POPULATIONS]
+    # every canonical population, with its parent, in the canonical order; the template adds NK's two
+    # halves (CD3- CD56+, CD3- CD16+: NK is their union), which the truth table does not have
+    helpers = {"CD3- CD56+", "CD3- CD16+"}
+    assert [(p.name, p.parent) for p in template if p.name not in helpers] == [
+        (n, parent) for n, parent, _ in POPULATIONS
+    ]
+    assert {p.name for p in template} - {n for n, _, _ in POPULATIONS} == helpers
 
 
 @pytest.mark.parametrize("pooled_gating", [False, True], ids=["single-sample", "pooled"])
@@ -146,7 +152,7 @@ def test_shared_thresholds_are_identical(small_trial, template):
     fits = {f.key: f.params for f in result.fits}
     assert fits["CD4 T[CD4]"] == fits["CD8 T[CD4]"]
     assert fits["Th17[CXCR3]"] == fits["Th1[CXCR3]"]
-    assert fits["T cells"] == fits["NK[CD3]"]
+    assert fits["T cells"] == fits["CD3- CD56+[CD3]"] == fits["CD3- CD16+[CD3]"]
     cd4, cd8 = result.populations["CD4 T"].gate, result.populations["CD8 T"].gate
     assert cd4.lower[0] == cd8.upper[0] and cd4.upper[1] == cd8.lower[1]
 
@@ -348,7 +354,7 @@ def test_cli_with_manifest_writes_population_stats(small_trial, tmp_path):
     assert list(stats.columns[:9]) == [
         "sample_id", "patient_id", "visit", "arm", "population", "parent", "count", "parent_count", "pct_parent",
     ]  # fmt: skip
-    assert len(stats) == 15 * len(manifest)
+    assert len(stats) == 17 * len(manifest)  # the template's 17 populations (15 canonical + NK's two halves)
     assert set(stats["arm"]) == set(manifest["arm"])
     assert (out / "gate_flags.parquet").exists() and (out / "gate_fits.parquet").exists()
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from cytopipe.errors import PanelError
+from cytopipe.gating.gates import BooleanGate
 
 MISSING_POLICIES = ("stop", "skip")
 
@@ -79,9 +80,17 @@ def populations_needing(template, marker: str) -> list[str]:
     out = list(direct)
     for name in direct:
         out += [d for d in template.descendants(name) if d not in out]
-    # boolean populations of a missing one
+    # boolean populations of a missing one (an `or` only when every operand is missing: the engine
+    # gates it as the union of the measured ones), and their descendants
     for pop in template:
-        if pop.name not in out and any(d in out for d in pop.depends_on):
+        if pop.name in out:
+            continue
+        g = pop.gate
+        if isinstance(g, BooleanGate) and g.op == "or" and not any(o.negate for o in g.operands):
+            operands = [o.population for o in g.operands]
+            if pop.parent in out or all(o in out for o in operands):
+                out.append(pop.name)
+        elif any(d in out for d in pop.depends_on):
             out.append(pop.name)
     return [p.name for p in template if p.name in out]
 

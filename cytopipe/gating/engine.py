@@ -698,6 +698,12 @@ class Engine:
                 inside = combined if pidx is None else combined[pidx]
                 applied: Gate = g
                 source = "boolean"
+                missing = [o.population for o in g.operands if o.population in not_measured]
+                if missing:  # an `or` whose other operands were measured: their union, flagged
+                    flags.append(
+                        f"{pop.name}: {', '.join(missing)} not measured ({not_measured[missing[0]]}); "
+                        "gated as the union of the other operands"
+                    )
             elif isinstance(g, DataDrivenGate):
                 applied, inside, source = self._fit_gate(pop, pidx, pooled, meta, flags, result)
             else:
@@ -731,9 +737,16 @@ class Engine:
         return result
 
     def _unmeasured(self, pop: Population, not_measured: Mapping[str, str]) -> str:
-        """Why ``pop`` cannot be gated in this file ('' when it can)."""
+        """Why ``pop`` cannot be gated in this file ('' when it can). An ``or`` of populations is
+        measured when its parent and one of its operands are (the union of what was measured,
+        flagged by :meth:`run`); ``and`` and ``not`` need every operand."""
+        g = pop.gate
+        either = isinstance(g, BooleanGate) and g.op == "or" and not any(o.negate for o in g.operands)
+        operands = {o.population for o in g.operands} if either else set()
+        if either and operands and operands <= set(not_measured):
+            return " and ".join(f"{o} is not measured" for o in sorted(operands))
         for dep in pop.depends_on:
-            if dep in not_measured:
+            if dep in not_measured and dep not in operands:
                 return f"{dep} is not measured"
         optional = set(getattr(pop.gate, "optional", ()))
         for d in _all_dims(pop.gate):
