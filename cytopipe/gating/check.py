@@ -85,9 +85,8 @@ def populations_needing(template, marker: str) -> list[str]:
     for pop in template:
         if pop.name in out:
             continue
-        g = pop.gate
-        if isinstance(g, BooleanGate) and g.op == "or" and not any(o.negate for o in g.operands):
-            operands = [o.population for o in g.operands]
+        operands = pop.gate.union_of if isinstance(pop.gate, BooleanGate) else ()
+        if operands:
             if pop.parent in out or all(o in out for o in operands):
                 out.append(pop.name)
         elif any(d in out for d in pop.depends_on):

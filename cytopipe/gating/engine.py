@@ -740,10 +740,8 @@ class Engine:
         """Why ``pop`` cannot be gated in this file ('' when it can). An ``or`` of populations is
         measured when its parent and one of its operands are (the union of what was measured,
         flagged by :meth:`run`); ``and`` and ``not`` need every operand."""
-        g = pop.gate
-        either = isinstance(g, BooleanGate) and g.op == "or" and not any(o.negate for o in g.operands)
-        operands = {o.population for o in g.operands} if either else set()
-        if either and operands and operands <= set(not_measured):
+        operands = set(pop.gate.union_of) if isinstance(pop.gate, BooleanGate) else set()
+        if operands and operands <= set(not_measured):
             return " and ".join(f"{o} is not measured" for o in sorted(operands))
         for dep in pop.depends_on:
             if dep in not_measured and dep not in operands:

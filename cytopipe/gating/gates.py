@@ -267,6 +267,14 @@ class BooleanGate(Gate):
                 out |= v
         return out
 
+    @property
+    def union_of(self) -> tuple[str, ...]:
+        """The operands of a plain ``or`` (none negated), which is measured as the union of those a
+        file can measure; () for any other boolean gate, which needs every operand."""
+        if self.op != "or" or any(o.negate for o in self.operands):
+            return ()
+        return tuple(o.population for o in self.operands)
+
     def geometry(self) -> dict:
         if self.op == "not":
             return {"not": self.operands[0].population}
