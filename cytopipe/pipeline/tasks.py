@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cytopipe.directio import BytesReader, DirectWriter, load_array, read_direct
 from cytopipe.errors import CytopipeError
 from cytopipe.pipeline.fmo import _manifest_path, fit_records, gate_with_fmo
 from cytopipe.pipeline.state import ClusterPlan, Prepared, StudyState, sample_meta
@@ -470,7 +471,7 @@ def _write_map_inputs(path: Path, plan: ClusterPlan, values: Any, result: Any, i
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # renamed when complete
     try:
-        with open(tmp, "wb") as fh:
+        with DirectWriter(tmp) as fh:  # no page-cache copy: see cytopipe.directio
             np.save(fh, np.array(json.dumps({"columns": cols, "specs": specs}, default=float)))
             shape = (len(idx), len(cols))
             np.lib.format.write_array_header_1_0(
@@ -507,10 +508,11 @@ def _load_map_inputs(job: Mapping[str, Any], plan: ClusterPlan, model: Any):
     if not name or not plan.inputs_dir or list(model.markers) != list(plan.markers):
         return None
     try:
-        with open(Path(plan.inputs_dir) / name, "rb") as fh:
-            meta = json.loads(str(np.load(fh, allow_pickle=False)))
-            values = np.load(fh, allow_pickle=False)
-            bits = np.load(fh, allow_pickle=False)
+        fh = BytesReader(read_direct(Path(plan.inputs_dir) / name))  # written with direct I/O: read so
+        meta = json.loads(str(load_array(fh)))
+        values = load_array(fh)
+        bits = load_array(fh)
+        del fh  # the file's bytes: each array above is its own copy
     except (OSError, ValueError, EOFError):
         return None
     cols, n = meta.get("columns"), len(values)
