@@ -10,8 +10,9 @@ go from an aligned buffer to the disk and back with ~1 ms of CPU per file.
   page-aligned block reused by the thread; whole blocks are written with ``O_DIRECT``, the last
   partial one through the page cache. Where the file system refuses ``O_DIRECT`` (tmpfs, some
   network file systems) it writes through the page cache, as a plain ``open(path, "wb")`` would.
-* :func:`read_direct`: a whole file into a fresh (page-aligned) numpy byte array.
-* :func:`load_array`: the next ``.npy`` array of such bytes (several written one after another).
+* :class:`DirectReader`: a read-only file object (``read``, ``seek``: enough for ``np.load``)
+  reading aligned blocks with ``O_DIRECT`` into a reused block, so that memory stays one block
+  above the arrays read, whatever the file's size.
 
 ``CYTOPIPE_DIRECT_IO=0`` in the environment turns direct I/O off (plain buffered I/O).
 """
@@ -24,9 +25,7 @@ import os
 import threading
 from pathlib import Path
 
-import numpy as np
-
-__all__ = ["BLOCK", "BytesReader", "DirectWriter", "load_array", "read_direct"]
+__all__ = ["BLOCK", "DirectReader", "DirectWriter"]
 
 BLOCK = 4 << 20  # bytes per direct write: a multiple of every sector and page size
 ALIGN = 4096
@@ -37,13 +36,15 @@ def _enabled() -> bool:
     return bool(getattr(os, "O_DIRECT", 0)) and os.environ.get("CYTOPIPE_DIRECT_IO", "1") != "0"
 
 
-def _block() -> mmap.mmap:
-    """This thread's aligned block (an anonymous map: page-aligned), kept for reuse: a fresh
-    map would page-fault on every file."""
-    block = getattr(_LOCAL, "block", None)
-    if block is None:
-        block = _LOCAL.block = mmap.mmap(-1, BLOCK)
-    return block
+def _block(which: int = 0) -> mmap.mmap:
+    """This thread's aligned block ``which`` (0: writing, 1: reading; an anonymous map, so
+    page-aligned), kept for reuse: a fresh map would page-fault on every file."""
+    blocks = getattr(_LOCAL, "blocks", None)
+    if blocks is None:
+        blocks = _LOCAL.blocks = {}
+    if which not in blocks:
+        blocks[which] = mmap.mmap(-1, BLOCK)
+    return blocks[which]
 
 
 def _set_direct(fd: int, on: bool) -> bool:
@@ -124,72 +125,73 @@ class DirectWriter:
         self.close()
 
 
-def read_direct(path: str | Path) -> np.ndarray:
-    """The bytes of ``path`` as a fresh uint8 array (direct I/O where the file system allows it)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        size = os.fstat(fd).st_size
-        padded = -(-size // ALIGN) * ALIGN
-        raw = np.empty(padded + ALIGN, dtype=np.uint8)
-        start = -raw.ctypes.data % ALIGN
-        buf = raw[start : start + padded]  # aligned address, whole sectors: what O_DIRECT needs
-        direct = _enabled() and _set_direct(fd, True)
-        view, got = memoryview(buf), 0
-        while got < size:
+class DirectReader:
+    """``open(path, "rb")`` for one file read front to back (``read``, ``seek``; what ``np.load``
+    needs), with direct I/O where possible: aligned blocks of :data:`BLOCK` bytes go from the disk
+    into this thread's reused block, and ``read`` copies out of it. Memory: one block, whatever the
+    file's size."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.size = os.fstat(self.fd).st_size
+        self.direct = _enabled() and _set_direct(self.fd, True)
+        self.block = _block(1)
+        self.start = self.end = 0  # the file's bytes [start, end) are in the block
+        self.pos = 0
+
+    def _load(self, at: int) -> None:
+        """Fill the block with the aligned stretch of the file holding offset ``at``."""
+        start = at - at % ALIGN
+        view, got = memoryview(self.block), 0
+        while start + got < self.size and got < BLOCK:
             try:
-                n = os.readv(fd, [view[got:]])
+                n = os.preadv(self.fd, [view[got:]], start + got)
             except OSError as exc:
-                if not direct or exc.errno != errno.EINVAL:
+                if not self.direct or exc.errno != errno.EINVAL:
                     raise
-                _set_direct(fd, False)  # took O_DIRECT but refuses this read: buffered
-                direct = False
-                os.lseek(fd, got, os.SEEK_SET)
+                _set_direct(self.fd, False)  # took O_DIRECT but refuses this read: buffered
+                self.direct = False
                 continue
             if n == 0:
                 break
             got += n
-        if got != size:
-            raise OSError(errno.EIO, f"read {got} of {size} bytes", str(path))
-        return buf[:size]
-    finally:
-        os.close(fd)
-
-
-class BytesReader:
-    """A read-only file object over a byte array, for the ``.npy`` sections of a file read with
-    :func:`read_direct`: :func:`load_array` reads each header through it and copies the array's
-    data once, into its own aligned memory."""
-
-    def __init__(self, data: np.ndarray):
-        self.data = data
-        self.pos = 0
+            if self.direct and got % ALIGN:  # a short direct read ends at the end of the file
+                break
+        self.start, self.end = start, start + got
 
     def read(self, n: int = -1) -> bytes:
-        end = len(self.data) if n is None or n < 0 else min(len(self.data), self.pos + n)
-        out = self.data[self.pos : end].tobytes()
-        self.pos = end
-        return out
+        """Up to ``n`` bytes from the current position (all the rest for ``n`` < 0)."""
+        stop = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        parts = []
+        while self.pos < stop:
+            if not self.start <= self.pos < self.end:
+                self._load(self.pos)
+                if not self.start <= self.pos < self.end:
+                    raise OSError(errno.EIO, "the file ended early", str(self.path))
+            k = min(stop, self.end) - self.pos
+            a = self.pos - self.start
+            parts.append(self.block[a : a + k])  # one copy (np.load asks for up to 256 kB at a time)
+            self.pos += k
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
 
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
 
-def load_array(reader: BytesReader) -> np.ndarray:
-    """The next ``.npy`` array of ``reader`` (as ``np.load(fh, allow_pickle=False)`` reads it from
-    a file holding several, one after another), copied out of the reader's bytes."""
-    fmt = np.lib.format
-    version = fmt.read_magic(reader)
-    if version == (1, 0):
-        shape, fortran, dtype = fmt.read_array_header_1_0(reader)
-    elif version == (2, 0):
-        shape, fortran, dtype = fmt.read_array_header_2_0(reader)
-    else:
-        raise ValueError(f"unsupported .npy format version {version}")
-    if dtype.hasobject:
-        raise ValueError("object arrays are not loaded (allow_pickle=False)")
-    count = int(np.prod(shape, dtype=np.int64))
-    nbytes = count * dtype.itemsize
-    if reader.pos + nbytes > len(reader.data):
-        raise EOFError("the .npy data ends early")
-    flat = np.frombuffer(reader.data, dtype=dtype, count=count, offset=reader.pos).copy()
-    reader.pos += nbytes
-    if fortran:
-        return flat.reshape(shape[::-1]).transpose()
-    return flat.reshape(shape)
+    def tell(self) -> int:
+        return self.pos
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> DirectReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

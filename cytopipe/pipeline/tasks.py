@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cytopipe.directio import BytesReader, DirectWriter, load_array, read_direct
+from cytopipe.directio import DirectReader, DirectWriter
 from cytopipe.errors import CytopipeError
 from cytopipe.pipeline.fmo import _manifest_path, fit_records, gate_with_fmo
 from cytopipe.pipeline.state import ClusterPlan, Prepared, StudyState, sample_meta
@@ -508,11 +508,10 @@ def _load_map_inputs(job: Mapping[str, Any], plan: ClusterPlan, model: Any):
     if not name or not plan.inputs_dir or list(model.markers) != list(plan.markers):
         return None
     try:
-        fh = BytesReader(read_direct(Path(plan.inputs_dir) / name))  # written with direct I/O: read so
-        meta = json.loads(str(load_array(fh)))
-        values = load_array(fh)
-        bits = load_array(fh)
-        del fh  # the file's bytes: each array above is its own copy
+        with DirectReader(Path(plan.inputs_dir) / name) as fh:  # written with direct I/O: read so
+            meta = json.loads(str(np.load(fh, allow_pickle=False)))
+            values = np.load(fh, allow_pickle=False)
+            bits = np.load(fh, allow_pickle=False)
     except (OSError, ValueError, EOFError):
         return None
     cols, n = meta.get("columns"), len(values)
