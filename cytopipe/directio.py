@@ -27,7 +27,7 @@ from pathlib import Path
 
 __all__ = ["BLOCK", "DirectReader", "DirectWriter"]
 
-BLOCK = 4 << 20  # bytes per direct write: a multiple of every sector and page size
+BLOCK = 1 << 20  # bytes per direct read or write: a multiple of every sector and page size
 ALIGN = 4096
 _LOCAL = threading.local()
 

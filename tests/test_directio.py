@@ -1,7 +1,7 @@
 """Scratch files with direct I/O (cytopipe.directio): exact bytes in and out, at every size.
 
 Real files on the test machine's file system (Linux: ``O_DIRECT`` is used there; with
-``CYTOPIPE_DIRECT_IO=0`` it is not). Sizes around the 4 MiB block and the 4 kB sector: the last,
+``CYTOPIPE_DIRECT_IO=0`` it is not). Sizes around the 1 MiB block and the 4 kB sector: the last,
 partial block is written through the page cache, every whole one directly; reads come in aligned
 blocks, whatever the offsets asked for.
 """
@@ -60,7 +60,7 @@ def test_many_writes_of_odd_sizes_concatenate(tmp_path):
 
 
 def test_npy_sections_load_as_from_a_plain_file_and_memory_stays_one_copy(tmp_path):
-    big = np.random.default_rng(3).normal(size=(400_001, 13)).astype("<f4")  # 20.8 MB: 5 blocks
+    big = np.random.default_rng(3).normal(size=(400_001, 13)).astype("<f4")  # 20.8 MB: many blocks
     arrays = [
         np.array('{"columns": ["CD3", "CD4"], "specs": [1.5, "x"]}'),  # a 0-d string (the JSON meta)
         big,

@@ -13,7 +13,7 @@ import pandas as pd
 import cytopipe
 from cytopipe.compensation import compensate
 from cytopipe.gating import load_template
-from cytopipe.gating.scale import auto_markers, estimate_cofactor, lock_cofactors
+from cytopipe.gating.scale import auto_markers, estimate_cofactor, lock_cofactors, sample_cofactors
 from cytopipe.panel import resolve_markers
 from tests.pipeline_support import TEMPLATE
 
@@ -63,3 +63,17 @@ def test_a_study_mixing_detector_ranges_is_not_forced_onto_one_cofactor(sim_tria
     assert locked == {}
     for m in markers:
         assert "differ more than 3-fold" in record[m]["reason"] and record[m]["spread"] > 8
+
+
+def test_per_sample_estimates_lock_exactly_as_the_pooled_events(sim_trial):
+    """The run's workers send each sample's cofactor estimates instead of its pooled events: the
+    study locks the same values either way (and a column without 200 finite events counts for
+    nothing, as before)."""
+    markers = ["CD25", "CXCR5", "PD-1"]
+    pools = _pools(sim_trial, markers)
+    pools[0][:, 2] = np.nan  # a file without that channel
+    assert sample_cofactors(pools[0])[2] is None and sample_cofactors(pools[1])[2] > 0
+    from_events = lock_cofactors(pools, markers)
+    from_estimates = lock_cofactors([sample_cofactors(p) for p in pools], markers)
+    assert from_events == from_estimates
+    assert from_events[1]["PD-1"]["samples"] == len(pools) - 1

@@ -89,8 +89,22 @@ def pool_columns(
     return out, cols
 
 
+def sample_cofactors(
+    pool: np.ndarray, default: float = 150.0, k: float = COFACTOR_K, min_events: int = 200
+) -> list[float | None]:
+    """One sample's cofactor estimate per column of ``pool`` (events x markers, compensated linear
+    values): None where the column has fewer than ``min_events`` finite values. Run where the
+    sample's pool is made (the pooling pass's worker), so the study's locking only takes medians."""
+    pool = np.asarray(pool)
+    out: list[float | None] = []
+    for j in range(pool.shape[1]):
+        x = pool[:, j]
+        out.append(float(estimate_cofactor(x, default, k)) if np.isfinite(x).sum() >= min_events else None)
+    return out
+
+
 def lock_cofactors(
-    pools: Sequence[np.ndarray],
+    pools: Sequence[np.ndarray | Sequence[float | None]],
     markers: Sequence[str],
     default: float = 150.0,
     k: float = COFACTOR_K,
@@ -98,8 +112,9 @@ def lock_cofactors(
 ) -> tuple[dict[str, dict], dict[str, dict]]:
     """One arcsinh cofactor per channel for a whole study, from its pooled events.
 
-    ``pools``: one array per sample (events x ``markers``) of compensated linear values (e.g. a
-    seeded subsample of each file, as ``cytopipe run`` pools them). Each sample's cofactor is
+    ``pools``: per sample, either an array (events x ``markers``) of compensated linear values
+    (e.g. a seeded subsample of each file, as ``cytopipe run`` pools them) or that array's
+    :func:`sample_cofactors` (computed where the sample was read). Each sample's cofactor is
     estimated from its own negative population (:func:`estimate_cofactor`); the study locks their
     median, so every file is gated on the same scale. A channel whose per-sample estimates spread
     more than ``max_spread``-fold (90th / 10th percentile: several instruments or detector ranges
@@ -109,11 +124,11 @@ def lock_cofactors(
     channels, and per marker the figures for run.json (``cofactor`` or ``reason``, ``samples``,
     ``spread``).
     """
+    per_sample = [sample_cofactors(p, default, k) if isinstance(p, np.ndarray) else list(p) for p in pools]
     locked: dict[str, dict] = {}
     record: dict[str, dict] = {}
     for j, m in enumerate(markers):
-        cols = [np.asarray(p)[:, j] for p in pools]
-        est = [estimate_cofactor(x, default, k) for x in cols if np.isfinite(x).sum() >= 200]
+        est = [e[j] for e in per_sample if e[j] is not None]
         if not est:
             record[m] = {"samples": 0, "reason": "no sample had 200 events to estimate from"}
             continue

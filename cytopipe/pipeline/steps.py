@@ -345,7 +345,9 @@ def step_transforms(ctx: RunContext) -> dict[str, Any]:
     if spec.get("estimate") != "study":  # one arcsinh cofactor per `cofactor: auto` channel per study
         from cytopipe.gating.scale import lock_cofactors
 
-        locked, cofactors = lock_cofactors([p["pool"] for p in pools], ctx.state.pool_markers)
+        # each sample's estimates (a cache entry of an older run may hold its pooled events instead)
+        per_sample = [p["cofactors"] if "cofactors" in p else p["pool"] for p in pools]
+        locked, cofactors = lock_cofactors(per_sample, ctx.state.pool_markers)
         for m, s in _model_cofactors(ctx).items():  # the frozen model's markers keep the study's
             locked[m] = s
             cofactors[m] = {**cofactors.get(m, {}), "cofactor": s["cofactor"], "from": "the frozen model"}

@@ -88,7 +88,8 @@ def _check_regular(job: Mapping[str, Any]) -> None:
 
 
 def pool_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
-    """Event QC + compensation of a seeded subsample: pooled events for the study transforms."""
+    """Event QC + compensation of a seeded subsample: pooled events for the study transforms (for
+    `cofactor: auto` channels only the sample's cofactor estimates from them, a few numbers)."""
 
     def body() -> dict[str, Any]:
         from cytopipe.panel import resolve_markers
@@ -103,11 +104,17 @@ def pool_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
         sub = _compensate_events(sample.events[rows if prep.kept is None else prep.kept[rows]], sample, state)
         pnn = list(sample.channels["pnn"])
         if state.pool_kind == "cofactor":  # a marker this file lacks: a NaN column, not a failure
-            from cytopipe.gating.scale import pool_columns
+            from cytopipe.gating.scale import pool_columns, sample_cofactors
 
             pool, cols = pool_columns(sub, sample.channels, state.pool_markers, state.template.panel)
             pnr = [float(sample.channels["pnr"].iloc[c]) if c is not None else 0.0 for c in cols]
-            return {"pool": pool, "pnr": pnr, "metrics": prep.metrics, **_qc_record(prep, n_raw)}
+            # the sample's cofactor estimates, here on its worker (the study only takes their medians)
+            return {
+                "cofactors": sample_cofactors(pool),
+                "pnr": pnr,
+                "metrics": prep.metrics,
+                **_qc_record(prep, n_raw),
+            }
         mapping = resolve_markers(sample.channels, state.pool_markers, mapping=state.template.panel or None)
         cols = [pnn.index(mapping[m]) for m in state.pool_markers]
         return {
