@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
         "cytopipe.intervals",
         "cytopipe.tabular",
         "cytopipe.files",
+        "cytopipe.directio",
         "cytopipe.threads",
         "cytopipe._fcskernels",
         "cytopipe._transform_kernels",
