@@ -146,7 +146,7 @@ class DirectReader:
         view, got = memoryview(self.block), 0
         while start + got < self.size and got < BLOCK:
             try:
-                n = os.preadv(self.fd, [view[got:]], start + got)
+                n = self._pread(view[got:], start + got)
             except OSError as exc:
                 if not self.direct or exc.errno != errno.EINVAL:
                     raise
@@ -159,6 +159,14 @@ class DirectReader:
             if self.direct and got % ALIGN:  # a short direct read ends at the end of the file
                 break
         self.start, self.end = start, start + got
+
+    def _pread(self, view: memoryview, at: int) -> int:
+        if hasattr(os, "preadv"):  # straight into the block (Linux, the BSDs)
+            return os.preadv(self.fd, [view], at)
+        os.lseek(self.fd, at, os.SEEK_SET)  # macOS, Windows: no O_DIRECT either, a plain read
+        chunk = os.read(self.fd, len(view))
+        view[: len(chunk)] = chunk
+        return len(chunk)
 
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes from the current position (all the rest for ``n`` < 0)."""

@@ -94,3 +94,23 @@ def test_a_file_cut_short_is_an_error_not_short_data(tmp_path):
     os.truncate(path, path.stat().st_size - 4)
     with DirectReader(path) as r, pytest.raises(ValueError):
         np.load(r, allow_pickle=False)
+
+
+def test_without_preadv_or_o_direct_the_reader_still_reads_exactly(tmp_path, monkeypatch):
+    """macOS and Windows have neither: plain reads then (run here by hiding them)."""
+    data = np.random.default_rng(5).integers(0, 256, 3 * BLOCK + 11, dtype=np.uint8).tobytes()
+    path = tmp_path / "plain.bin"
+    path.write_bytes(data)
+    monkeypatch.delattr(os, "preadv", raising=False)
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    with DirectReader(path) as r:
+        assert not r.direct
+        assert r.read(5) == data[:5]
+        r.seek(BLOCK - 1)
+        assert r.read(BLOCK + 2) == data[BLOCK - 1 : 2 * BLOCK + 1]
+        r.seek(0)
+        assert r.read() == data
+    with DirectWriter(tmp_path / "w.bin") as w:
+        assert not w.direct
+        w.write(data)
+    assert (tmp_path / "w.bin").read_bytes() == data
