@@ -72,10 +72,18 @@
     if (shown.length) { load(shown[cur]); const row = tbody.children[cur]; if (row && row.scrollIntoView) row.scrollIntoView({ block: "nearest" }); }
   }
 
+  // Each selection's load is numbered: an answer that arrives after a later selection is dropped, so
+  // a sample clicked while another is still loading is the one shown (and the one a drag and a save
+  // apply to). The previous sample's panels go at once: nothing of it can be dragged meanwhile.
+  let loadSeq = 0;
   async function load(item) {
+    const seq = ++loadSeq;
     pending = {};
+    view = null;
     $("new-freq").textContent = "–"; $("new-exact").textContent = "";
+    for (const id of ["current-title", "current-freq", "current-flags", "panels", "other-visits"]) $(id).textContent = "";
     const r = await call("GET", `/api/runs/${runId}/review/gate?sample_id=${encodeURIComponent(item.sample_id)}&population=${encodeURIComponent(q.population)}`);
+    if (seq !== loadSeq) return;
     if (!r.ok) { say(r.data.detail, true); return; }
     view = r.data;
     $("current-title").textContent = `${view.sample_id} · ${view.population}`;
@@ -91,14 +99,15 @@
       panels.appendChild(div);
       if (canReview) makeDraggable(div.querySelector("svg"), p);
     });
-    others(item);
+    others(item, seq);
   }
 
-  async function others(item) {
+  async function others(item, seq) {
     const box = $("other-visits"); box.textContent = "";
     for (const o of items.filter((i) => i.patient_id === item.patient_id && i.sample_id !== item.sample_id)
                          .sort((a, b) => a.visit - b.visit)) {
       const r = await call("GET", `/api/runs/${runId}/review/gate?sample_id=${encodeURIComponent(o.sample_id)}&population=${encodeURIComponent(q.population)}`);
+      if (seq !== loadSeq) return;  // another sample was selected meanwhile
       if (!r.ok) continue;
       const fig = document.createElement("figure");
       fig.className = "other-visit"; fig.dataset.sample = o.sample_id;
@@ -251,6 +260,7 @@
     $("new-exact").textContent = "(from the plot; exact value follows)";
   }
   async function exact(live) {
+    if (!view) return;
     const seq = ++previewSeq;
     const r = await call("POST", `/api/runs/${runId}/review/preview`, { sample_id: view.sample_id, population: view.population, kind: "override", params: pending, reason: "preview" });
     if (seq !== previewSeq) return;
@@ -269,6 +279,7 @@
     return [it.sample_id];
   }
   async function change(kind) {
+    if (!view) { say("The sample is still loading.", true); return; }
     const why = reason();
     if (!why.reason && !why.category) { say("A reason is required: choose one from the list and/or write it.", true); return; }
     if (kind === "override" && !Object.keys(pending).length) { say("Drag the gate (a line or a handle) first.", true); return; }
