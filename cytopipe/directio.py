@@ -8,8 +8,8 @@ go from an aligned buffer to the disk and back with ~1 ms of CPU per file.
 
 * :class:`DirectWriter`: a write-only file object (``write``, context manager). Bytes gather in a
   page-aligned block reused by the thread; whole blocks are written with ``O_DIRECT``, the last
-  partial one through the page cache. Where the file system refuses ``O_DIRECT`` (tmpfs, some
-  network file systems) it writes through the page cache, as a plain ``open(path, "wb")`` would.
+  partial one through the page cache. Where the file system refuses ``O_DIRECT`` (older tmpfs,
+  some FUSE and network file systems) it writes through the page cache, as a plain ``open(path, "wb")`` would.
 * :class:`DirectReader`: a read-only file object (``read``, ``seek``: enough for ``np.load``)
   reading aligned blocks with ``O_DIRECT`` into a reused block, so that memory stays one block
   above the arrays read, whatever the file's size.
