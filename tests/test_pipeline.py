@@ -351,6 +351,44 @@ def test_unreachable_scheduler_is_a_clear_error():
         DaskExecutor(address="tcp://127.0.0.1:9", connect_timeout=1.0)
 
 
+def _worker_settings() -> dict:
+    import dask
+
+    return {
+        "tick": dask.config.get("distributed.admin.tick.interval"),
+        "profile": dask.config.get("distributed.worker.profile.enabled"),
+        "omp": os.environ.get("OMP_NUM_THREADS"),
+        "malloc": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+        "pid": os.getpid(),
+    }
+
+
+def test_local_workers_get_the_quiet_housekeeping_also_after_a_restart():
+    """The local cluster's workers run with dask's housekeeping slowed (QUIET_LOCAL_CLUSTER), one
+    BLAS thread and glibc's own malloc thresholds; a worker the nanny restarts gets the same; this
+    process's dask config and environment are left as they were."""
+    import dask
+    import distributed  # noqa: F401 - loads dask's `distributed.*` defaults in this process
+
+    from cytopipe.pipeline import DaskExecutor
+
+    before = (dict(os.environ), dask.config.get("distributed.admin.tick.interval"))
+    ex = DaskExecutor(workers=1)
+    try:
+        first = next(iter(ex.client.run(_worker_settings).values()))
+        assert first["tick"] == "1s" and first["profile"] is False
+        assert first["omp"] == "1" and first["malloc"] is None
+        ex.client.restart()
+        again = next(iter(ex.client.run(_worker_settings).values()))
+        assert again["pid"] != first["pid"]
+        assert {k: v for k, v in again.items() if k != "pid"} == {
+            k: v for k, v in first.items() if k != "pid"
+        }
+    finally:
+        ex.close()
+    assert (dict(os.environ), dask.config.get("distributed.admin.tick.interval")) == before
+
+
 # --------------------------------------------------------------------------------------------
 # study-level phases and partial reruns
 # --------------------------------------------------------------------------------------------
