@@ -21,6 +21,7 @@ import pytest
 from cytopipe.errors import WorkflowError
 from cytopipe.pipeline import EXIT_FAILURES, EXIT_OK, run_workflow
 from tests.pipeline_support import (
+    REPO,
     TEMPLATE,
     TRIAL,
     assert_same_outputs,
@@ -268,8 +269,11 @@ def _run_and_kill_a_busy_worker(sim_trial, out, allowed_failures: int):
     import dask
     from dask.distributed import Client, LocalCluster
 
+    environ = dict(os.environ)  # a plain LocalCluster's nannies write dask's worker variables here
     with dask.config.set({"distributed.scheduler.allowed-failures": allowed_failures}):
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    os.environ.clear()
+    os.environ.update(environ)  # (MALLOC_TRIM_THRESHOLD_ would reach every later test's workers)
     with cluster, Client(cluster) as client:
         pids = client.run(os.getpid)  # worker address -> pid
         box: dict = {}
@@ -365,7 +369,7 @@ def _worker_settings() -> dict:
 
 def test_local_workers_get_the_quiet_housekeeping_also_after_a_restart():
     """The local cluster's workers run with dask's housekeeping slowed (QUIET_LOCAL_CLUSTER), one
-    BLAS thread and glibc's own malloc thresholds; a worker the nanny restarts gets the same; this
+    BLAS thread and no malloc threshold of dask's; a worker the nanny restarts gets the same; this
     process's dask config and environment are left as they were."""
     import dask
     import distributed  # noqa: F401 - loads dask's `distributed.*` defaults in this process
@@ -377,7 +381,8 @@ def test_local_workers_get_the_quiet_housekeeping_also_after_a_restart():
     try:
         first = next(iter(ex.client.run(_worker_settings).values()))
         assert first["tick"] == "1s" and first["profile"] is False
-        assert first["omp"] == "1" and first["malloc"] is None
+        # glibc's malloc thresholds: whatever this process has (dask's 65536 is not added)
+        assert first["omp"] == "1" and first["malloc"] == os.environ.get("MALLOC_TRIM_THRESHOLD_")
         ex.client.restart()
         again = next(iter(ex.client.run(_worker_settings).values()))
         assert again["pid"] != first["pid"]
@@ -387,6 +392,45 @@ def test_local_workers_get_the_quiet_housekeeping_also_after_a_restart():
     finally:
         ex.close()
     assert (dict(os.environ), dask.config.get("distributed.admin.tick.interval")) == before
+
+
+def test_workers_size_a_task_result_from_its_arrays_and_dtypes():
+    """A sample's result is a TaskResult, which the worker sizes with cytopipe's cheap estimate (the
+    scheduler records that number), not by sampling every object cell of the review table; the
+    result itself is what the synchronous path returns."""
+    import numpy as np
+    from dask.sizeof import sizeof
+
+    from cytopipe.fcs import read_fcs_header
+    from cytopipe.gating import load_template
+    from cytopipe.pipeline import DaskExecutor, StudyState
+    from cytopipe.pipeline.tasks import TaskResult, _result_nbytes, fit_task
+    from cytopipe.qc import QCSettings
+    from cytopipe.store import file_sha256
+
+    path = REPO / "sample_data" / "fcs" / "P001_W00.fcs"
+    job = {"path": str(path), "file": path.name, "sample_id": "P001_W00", "sha256": file_sha256(path)}
+    state = StudyState(
+        qc=QCSettings(), template=load_template(REPO / "gating" / "sle_il2_tcell_nk.yaml"),
+        compensation="template", seed=0,
+    )  # fmt: skip
+    here = fit_task(job, state)
+    assert type(here) is TaskResult and here["ok"], here.get("error")
+    n_events = read_fcs_header(path).n_events
+    assert sizeof(TaskResult(cells=np.zeros((n_events, 3), np.float32))) == 64 + 12 * n_events
+    ex = DaskExecutor(workers=1)
+    try:
+        fut = ex.client.submit(fit_task, job, state, pure=False)
+        there = fut.result()
+        nbytes = ex.client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.tasks[fut.key].nbytes)
+    finally:
+        ex.close()
+    assert type(there) is TaskResult
+    assert nbytes == _result_nbytes(there)
+    for name in ("stats", "review", "fits"):
+        pd.testing.assert_frame_equal(there[name], here[name])
+    # the review table's lists count as 64 bytes a cell: below dask's own estimate, never above
+    assert 0 < nbytes < sizeof(dict(there))
 
 
 # --------------------------------------------------------------------------------------------
