@@ -404,7 +404,8 @@ def test_workers_size_a_task_result_from_its_arrays_and_dtypes():
     from cytopipe.fcs import read_fcs_header
     from cytopipe.gating import load_template
     from cytopipe.pipeline import DaskExecutor, StudyState
-    from cytopipe.pipeline.tasks import TaskResult, _result_nbytes, fit_task
+    from cytopipe.pipeline.taskresult import TaskResult, _result_nbytes
+    from cytopipe.pipeline.tasks import fit_task
     from cytopipe.qc import QCSettings
     from cytopipe.store import file_sha256
 

@@ -25,6 +25,7 @@ from cytopipe.directio import DirectReader, DirectWriter
 from cytopipe.errors import CytopipeError
 from cytopipe.pipeline.fmo import _manifest_path, fit_records, gate_with_fmo
 from cytopipe.pipeline.state import ClusterPlan, Prepared, StudyState, sample_meta
+from cytopipe.pipeline.taskresult import TaskResult
 from cytopipe.store import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -242,43 +243,6 @@ def needs_regating(fits: pd.DataFrame, job: Mapping[str, Any], template: Any, po
         if fitter.shift(params, np.asarray(hit[0], dtype=np.float64)) > fitter.bounds.max_shift:
             return True
     return False
-
-
-class TaskResult(dict):
-    """What a per-sample task returns: a plain ``dict`` (small tables, arrays, numbers), of a type
-    of its own only so that Dask sizes it cheaply (:func:`_result_nbytes`)."""
-
-    __slots__ = ()
-
-
-def _result_nbytes(result: Mapping[str, Any]) -> int:
-    """Dask's estimate of a task result's memory, made cheap. A worker sizes every result twice
-    (memory manager, then sending it), and dask's own sizeof samples the Python objects of every
-    object column (the gate-review table's lists and strings): 1.3 ms a call for a 200k-event
-    sample's gating result, so ~2.6 ms of the worker's event loop per ~85 ms task, under the GIL
-    the next task needs (half the loop's busy time in a profile); this takes ~20 us. Arrays and numeric columns are counted exactly, an object cell as 64 bytes: an
-    underestimate for the review table's lists (dask counts ~1.2 MB for a 200k-event sample's
-    result, this ~0.1 MB), harmless because a result leaves the worker as soon as the client has
-    it, so results never build up for the memory manager to spill."""
-    total = 64
-    for value in result.values():
-        if isinstance(value, pd.DataFrame):  # from the dtypes alone: pandas' own sums cost ~0.3 ms
-            per_row = sum(64 if dt.kind == "O" else getattr(dt, "itemsize", 64) for dt in value.dtypes)
-            total += per_row * len(value)
-        elif isinstance(value, np.ndarray):
-            total += int(value.nbytes)
-        else:
-            total += 64
-    return total
-
-
-def _register_sizeof() -> None:
-    from dask.sizeof import sizeof
-
-    sizeof.register(TaskResult)(_result_nbytes)
-
-
-_register_sizeof()
 
 
 def _guard(body: Callable[[], dict[str, Any]]) -> TaskResult:
