@@ -96,13 +96,13 @@ _SPAWN_LOCK = threading.Lock()
 # VM, 2026-12-04): CPU inside the tasks 1.92 s against 2.09 s (the 10 ms profiler samples the
 # task's stack under the GIL), the worker's CPU outside them 0.07 s against 0.16 s, wall 1.97 s
 # against 2.22 s; bench/scaling.py's client + scheduler + nannies 0.15 s against 0.25-0.30 s
-# per run. What they cost: the
-# event-loop watchdog (`tick`, default every 20 ms) notices a blocked loop within a second instead
-# of 20 ms (it only logs); the dashboard shows no per-task profile (sampled every 10 ms in each
-# worker) and system plots every 5 s instead of 0.5 s; memory limits are checked every 0.5 s
-# instead of 0.1 s (a sample's matrix is allocated in steps well below a worker's limit). Applied
-# when the scheduler and nannies are created (a nanny hands its config to the workers it starts,
-# also on a restart); an existing cluster (`--scheduler-address`) keeps its own settings.
+# per run. What they cost: the event-loop watchdog (`tick`, default every 20 ms) notices a
+# blocked loop within a second instead of 20 ms (it only logs); the dashboard shows no per-task
+# profile (sampled every 10 ms in each worker) and system plots every 5 s instead of 0.5 s; memory
+# limits are checked every 0.5 s instead of 0.1 s (a sample's matrix is allocated in steps well
+# below a worker's limit). Applied when the scheduler and nannies are created (a nanny hands its
+# config to the workers it starts, also on a restart); an existing cluster
+# (`--scheduler-address`) keeps its own settings.
 QUIET_LOCAL_CLUSTER = {
     "distributed.admin.tick.interval": "1s",
     "distributed.worker.profile.enabled": False,
