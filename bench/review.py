@@ -57,9 +57,10 @@ def _override(out: Path) -> dict[str, float]:
 
     review = pd.read_parquet(out / "gate_review.parquet")
     sid = sorted(review["sample_id"].unique())[len(review["sample_id"].unique()) // 2]
-    t = current_params(review, sid, "Treg")["CD25 >="]
+    # Treg is the CD25/CD127 diagonal AND FOXP3 >= t: move the FOXP3 threshold (as a reviewer would)
+    t = current_params(review, sid, "Treg", out)["FOXP3 >="]
     state = ReviewState()
-    state.add(Decision("override", sid, "Treg", "bench", params={"CD25 >=": t + 0.5}, reason="benchmark"))
+    state.add(Decision("override", sid, "Treg", "bench", params={"FOXP3 >=": t + 0.5}, reason="benchmark"))
     # warm the imports and numba kernels on another sample (a running server has them warm), then forget it
     other = sorted(review["sample_id"].unique())[0]
     apply_review(out, ReviewState(), samples=[other], statistics=False, report=False)
