@@ -158,8 +158,8 @@ class DaskExecutor:
             # nannies apply by rewriting the parent's os.environ, also when they restart a worker
             # mid-run) is emptied. That also leaves MALLOC_TRIM_THRESHOLD_ unset on purpose:
             # dask's default (65536) makes every large array a fresh mmap, which on this kind of
-            # machine costs ~40x the page faults and +40% CPU per sample; glibc's adaptive
-            # threshold reuses the freed matrices. (No NUMBA_NUM_THREADS: tasks run no parallel
+            # machine costs ~40x the page faults and +40% CPU per sample; the ReturnFreedMemory
+            # plugin fixes glibc's thresholds instead. (No NUMBA_NUM_THREADS: tasks run no parallel
             # numba code, and a changed NUMBA_NUM_THREADS in the client would make numba refuse to
             # compile once its thread pool has started, e.g. after a UMAP.)
             # the nannies still set PYTHONHASHSEED (and dask __DASK_PARENT_PID) here: restored
@@ -188,9 +188,10 @@ class DaskExecutor:
                 self._restore_environ()
                 _SPAWN_LOCK.release()
             self.client = Client(self.cluster)
-            from cytopipe._dask_plugins import OneThreadBLAS
+            from cytopipe._dask_plugins import OneThreadBLAS, ReturnFreedMemory
 
             self.client.register_plugin(OneThreadBLAS(), name=OneThreadBLAS.name)
+            self.client.register_plugin(ReturnFreedMemory(), name=ReturnFreedMemory.name)
             self.kind = "local"
         self.dashboard = self.client.dashboard_link if _has_bokeh() else None
 
