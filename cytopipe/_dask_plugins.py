@@ -42,7 +42,7 @@ class ReturnFreedMemory(WorkerPlugin):
     freed heap stays with the worker: peak RSS 3.6-4.9x the matrix in ``bench/trial.py``. Fixed
     thresholds -- mmap at 32 MiB, the most the adaptive one reaches anyway, so arrays below it still
     reuse heap memory without fresh page faults; trim at glibc's default 128 KiB -- keep that reuse
-    and return the freed top of the heap: 2.2x, at the same CPU per event (2026-12-05, AMD EPYC VM).
+    and return the freed top of the heap: 2.2x, at the same CPU per event (2026-12-04, AMD EPYC VM).
     Dask's own remedy (``MALLOC_TRIM_THRESHOLD_=65536`` in the environment) also pins the mmap
     threshold at 128 KiB, so every array is a fresh mapping: ~40x the page faults, +40% CPU.
     A no-op where the C library is not glibc."""
