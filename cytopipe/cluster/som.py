@@ -63,13 +63,20 @@ def _nearest(x, codes_t, dist):  # pragma: no cover - compiled
         for j in range(n_nodes):
             d = xm - codes_t[m, j]
             dist[j] += d * d
-    best = 0
-    best_d = dist[0]
+    # the smallest distance by its bits: sums of squares are >= +0.0, and such floats order as
+    # their bit patterns do, so an integer minimum (which vectorises; a float one does not
+    # without reordering rules) finds it; then the first node with it. The same node as a
+    # scan with `<` (lowest index on ties); a NaN distance (a NaN in the cell: every node's is
+    # NaN) is returned as the best distance, which callers treat as "not < inf".
+    bits = dist.view(np.int32)
+    low = bits[0]
     for j in range(1, n_nodes):
-        if dist[j] < best_d:
-            best_d = dist[j]
-            best = j
-    return best, best_d
+        b = bits[j]
+        low = b if b < low else low
+    best = 0
+    while bits[best] != low:
+        best += 1
+    return best, dist[best]
 
 
 @njit(cache=True, nogil=True)
