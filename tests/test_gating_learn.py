@@ -190,7 +190,17 @@ def small_study(tmp_path_factory):
 # 0.964; tuning seed 5151 0.984 / 0.979. Tried on tuning seeds 5151/5152 and not kept: the example
 # whose parent densities agree best with the target's before warping (flowLearn's nearest
 # prototype) instead of the median of three: Th17 0.946 -> 0.958 and 0.956 -> 0.951, activated
-# cTfh 0.942 -> 0.932 and 0.940 -> 0.899, cTfh 0.972 -> 0.905 on 5152.
+# cTfh 0.942 -> 0.932 and 0.940 -> 0.899, cTfh 0.972 -> 0.905 on 5152. Also tried there on
+# 2026-12-05 and not kept (pooled F1 on 5151 / 5152, Th17 and activated cTfh; the landmark warp gives
+# 0.946 / 0.956 and 0.942 / 0.940): thresholds moved as the FMO alignment moves them (the affine
+# gain and offset of the negative peak's mode and mirrored 99.5th percentile, linear units, median
+# of memory CD4, CD4 T and T cells): 0.955 / 0.962 and 0.911 / 0.920; a gain alone: 0.942 / 0.961,
+# 0.915 / 0.914; either from the same site's example only: 0.931-0.969, 0.874-0.932; warping on
+# one display scale (each file has its own auto cofactor in a multi-instrument study): 0.944 /
+# 0.959, 0.925 / 0.938; each moved threshold shrunk toward the example's by its bootstrap variance
+# (8 resamples; move = d^2 / (d^2 + var)): 0.949 / 0.953, 0.939 / 0.944. Within a site the warp's
+# scatter (~0.14 arcsinh on PD-1) exceeds the files' drift (~0.06), but the reviewed thresholds
+# are themselves ~0.1 off their neighbours', so copying them does no better.
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="Th17 / activated cTfh below F1 0.95 (see comment)")
 def test_learned_gates_on_21_samples_of_a_random_instrument_study(tmp_path):
