@@ -12,8 +12,11 @@ where they cross a landmark, so every piece of the warped polygon is exact); an 
 goes through the warps and its covariance is scaled by their local slopes.
 
 With several example samples, a threshold, rectangle or ellipse is the median of the gates
-transferred from each example; a polygon comes from the example whose warped densities agree best
-with the target's (polygons of different examples need not have matching vertices).
+transferred from the examples that align about as well as the best one (within
+:data:`QUALITY_BAND`; an example from the target's own instrument usually aligns clearly better
+than the others, and then it alone sets the gate); a polygon comes from the example whose warped
+densities agree best with the target's (polygons of different examples need not have matching
+vertices).
 
 Every transferred gate gets an alignment quality: the overlap (area under the minimum of two
 normalised densities, 1 = identical) of the warped example density with the target's, the lowest
@@ -28,7 +31,7 @@ sample is never dropped. The gate source is ``learned``.
     learner = Learner(template, examples, {"P001_W00": sample_a, ...})   # the example samples
     result = learner.gate(target_sample, sample_id="P002_W00")          # a GatingResult
 
-Why one module (~790 lines): the alignment (warps, quality), the examples files (read, write, the
+Why one module (~870 lines): the alignment (warps, quality), the examples files (read, write, the
 FlowJo / Gating-ML mapping) and the learner are one feature that no other module calls into piece
 by piece; the examples I/O is the natural split if it grows.
 """
@@ -60,6 +63,15 @@ EXAMPLES_FORMAT = "cytopipe-gate-examples/1"
 # warped example density that agrees with the target's less well than that is misaligned by half a
 # peak width or more somewhere (or the parent's shape differs), so the transferred gate is flagged.
 MIN_QUALITY = 0.80
+# Examples combined into one gate: those whose alignment quality is within this of the best
+# example's (more than the ~0.01-0.02 the overlap of two densities of a few thousand events moves
+# by sampling alone). An example from another instrument can pass MIN_QUALITY (0.80-0.82) while
+# the target's own instrument's example aligns at 0.85-0.93, and the median of two is their mean:
+# e.g. a CCR6 threshold halfway between the two instruments' (tuning studies 5151-5156, 21 targets
+# each, mean pooled F1 over the six with no band / 0.05 / 0.10: Th17 0.945 / 0.947 / 0.946, Th1
+# 0.945 / 0.951 / 0.948, cTfh 0.949 / 0.959 / 0.950, activated cTfh 0.910 / 0.920 / 0.913; every
+# other population within 0.001).
+QUALITY_BAND = 0.05
 MIN_PARENT_EVENTS = 50  # fewer parent events than this: no density to align, the gate is copied
 ALIGN_EVENTS = 1000  # a parent smaller than this in the example is aligned on a larger ancestor
 MAX_PROFILE_EVENTS = 20_000  # example parent values kept per axis (density() caps n at 20 000 too)
@@ -617,8 +629,9 @@ class Learner:
     ``samples`` maps each example's sample id to its :class:`cytopipe.Sample` (or any object
     with ``events``, ``channels`` and optionally ``spillover``); those samples are gated once
     with their own example gates (populations without one: the template's gate) to learn their
-    parents' densities. ``combine``: ``median`` (thresholds, rectangles, ellipses; polygons from
-    the best-aligned example) or ``best`` (always the best-aligned example)."""
+    parents' densities. ``combine``: ``median`` (thresholds, rectangles, ellipses, over the
+    examples aligned within :data:`QUALITY_BAND` of the best; polygons from the best-aligned
+    example) or ``best`` (always the best-aligned example)."""
 
     def __init__(
         self,
@@ -730,6 +743,7 @@ class Learner:
             raise GatingError("no example gate for this population", population=population)
         moved.sort(key=lambda m: -m[0])
         good = [m for m in moved if m[0] >= self.min_quality] or moved
+        good = [m for m in good if m[0] >= good[0][0] - QUALITY_BAND]
         if self.combine == "median" and len(good) > 1:
             med = _median_gate([g for _, _, g in good])
             if med is not None:
@@ -844,6 +858,7 @@ __all__ = [
     "Learner",
     "LearningEngine",
     "MIN_QUALITY",
+    "QUALITY_BAND",
     "landmark_warp",
     "overlap",
     "read_example_transforms",
