@@ -177,11 +177,12 @@ def small_study(tmp_path_factory):
 
 # Measured on seed 5150 (issue 10's Done-when line, not met yet): pooled F1 >= 0.995 for the
 # scatter, viability, T, CD4/CD8, memory and NK gates, Treg 0.985, Th1 0.955, cTfh 0.973, but Th17
-# 0.932 and activated cTfh 0.911 (2026-12-05, with learn.QUALITY_BAND: only examples aligned within
+# 0.932 and activated cTfh 0.914 (2026-12-05, with learn.QUALITY_BAND: only examples aligned within
 # 0.05 of the best one are combined; chosen on tuning seeds 5151-5156 and confirmed on 5157, 5158
 # and 5160 (Th17 +0.007 / +0.004 / 0.000, activated cTfh 0.000 / +0.003 / +0.021, cTfh 0.000 /
 # +0.002 / +0.021); here it moved Th17 0.939 -> 0.932, activated cTfh 0.919 -> 0.911, cTfh 0.971 ->
-# 0.973, Th1 unchanged) (the dim CXCR3/CCR6/PD-1 continua: a threshold 0.07 arcsinh off
+# 0.973, Th1 unchanged; an ancestor's warp checked on the small parent then 0.911 -> 0.914) (the
+# dim CXCR3/CCR6/PD-1 continua: a threshold 0.07 arcsinh off
 # the best one costs ~0.07 F1 there; the reviewed PD-1 thresholds themselves, F1-optimal on a few
 # hundred cTfh each, scatter by ~0.15 arcsinh, and on some files even each file's own best PD-1
 # threshold under the learned cTfh gate scores < 0.95). History, each rule chosen on other seeds
@@ -279,7 +280,7 @@ def test_gs_dc_auto_gates_learned_from_001_reproduce_002():
     stored = {r.path[5:]: int(r.flowcore_count) for r in counts.itertuples() if r.path != "root"}
     print("\ngs_DC_auto 002: gates learned from 001 vs stored counts (and 001's gates copied)")
     print(f"{'node':<16}{'stored':>8}{'learned':>9}{'rel %':>8}{'pp':>7}{'copied rel %':>14}{'quality':>9}")
-    worst_pp, big_rel = 0.0, []
+    worst_pp, big_rel, small_pp = 0.0, [], 0.0
     for node, want in stored.items():
         got, cp = res.populations[node].count, copied.populations[node].count
         parent = t1[node].parent
@@ -289,14 +290,18 @@ def test_gs_dc_auto_gates_learned_from_001_reproduce_002():
         rel = 100 * (got / want - 1)
         print(f"{node.split('/')[-1]:<16}{want:>8}{got:>9}{rel:>+8.2f}{pp:>7.2f}{100 * (cp / want - 1):>+14.2f}"
               f"{res.alignment[node]:>9.3f}")  # fmt: skip
-        if pw >= 1000:  # the four DC nodes under HLADR+ (~600 events) are printed, not asserted
+        if pw >= 1000:
             worst_pp = max(worst_pp, pp)
             if want >= 1000 and abs(rel) > 2:
                 big_rel.append(node)
+        else:  # the four DC nodes under HLADR+ (~600 events), aligned on a larger ancestor: 0.0-2.3 pp
+            small_pp = max(small_pp, pp)  # (0.3-13.7 pp before the ancestor's warp was checked on them)
         assert res.populations[node].source == LEARNED
     print(f"worst |% of parent - stored| where the parent has >= 1000 events: {worst_pp:.2f} pp; "
           f"nodes >= 1000 events off by more than 2% of their count: {big_rel}")  # fmt: skip
+    print(f"worst |% of parent - stored| where the parent has < 1000 events: {small_pp:.2f} pp")
     assert worst_pp <= 2.0
+    assert small_pp <= 3.0
     nk = [n for n in stored if n.split("/")[-1] in ("CD16+CD56+", "CD16-CD56+", "CD16+CD56-", "CD16-CD56-")]
     assert len(nk) == 4
     # aligning the densities does better than copying 001's gates unchanged (summed over NK nodes)

@@ -6,8 +6,9 @@ gates moved onto its own data: for each gate, the parent population's density on
 gate is aligned between the example sample and the target sample by its landmarks (the density
 peaks and the robust half-widths of the outermost ones), which defines a monotone piecewise-linear
 warp of that axis (as flowStats ``warpSet`` and flowLearn do); a parent too small for a smooth
-density is aligned on its nearest ancestor with :data:`ALIGN_EVENTS` events. Thresholds and rectangle bounds go
-through the warp; polygon vertices go through the warps of their two axes (edges are first split
+density is aligned on its nearest ancestor with :data:`ALIGN_EVENTS` events (on an axis where
+that warp brings the parent's own densities no closer than none, the gate is copied instead).
+Thresholds and rectangle bounds go through the warp; polygon vertices go through the warps of their two axes (edges are first split
 where they cross a landmark, so every piece of the warped polygon is exact); an ellipse's centre
 goes through the warps and its covariance is scaled by their local slopes.
 
@@ -614,6 +615,7 @@ class _Profile:
     values: dict[Dim, np.ndarray]  # the example parent's values per axis
     n_parent: int
     scope: str = ""  # the population whose densities are aligned (the parent, or a larger ancestor)
+    parent_values: dict[Dim, np.ndarray] | None = None  # the parent's own, when scope is an ancestor
 
 
 def _thin(x: np.ndarray) -> np.ndarray:
@@ -705,7 +707,11 @@ class Learner:
             sidx = None if scope == ROOT else result.indices(scope)
             vals = {d: _thin(engine.values(d, sidx, scope)) for d in g.dims}
             n = result.n_events if parent == ROOT else len(result.indices(parent))
-            out[name] = _Profile(g, vals, n, scope)
+            own = None
+            if scope != parent:  # the small parent's own values: is the ancestor's warp right for it?
+                pidx = result.indices(parent)
+                own = {d: _thin(engine.values(d, pidx, parent)) for d in g.dims}
+            out[name] = _Profile(g, vals, n, scope, own)
         return out
 
     # ---- transfer ----------------------------------------------------------------------------
@@ -736,6 +742,14 @@ class Learner:
                 q, q0 = overlap(w(xe), xt), overlap(xe, xt)
                 if q < self.min_quality and q0 > q:  # a failed warp that aligns worse than none is not used
                     w, q = IDENTITY, q0
+                if here is not values and prof.parent_values is not None and w is not IDENTITY:
+                    # aligned on an ancestor: its warp is used only if it also brings the parent's
+                    # own densities closer than no warp (gs_DC_auto: the CD11c / CD123 densities of
+                    # CD14- Lineage- cells, mostly NK, moved the gates of its ~600 HLADR+ DCs 14 pp)
+                    pe = np.asarray(prof.parent_values[d], dtype=np.float64)
+                    pt = np.asarray(values[d], dtype=np.float64)
+                    if min(len(pe), len(pt)) >= MIN_PARENT_EVENTS and overlap(w(pe), pt) < overlap(pe, pt):
+                        w = IDENTITY  # copied on this axis; the quality stays the ancestor's
                 warps[d] = w
                 qs.append(q)
             moved.append((min(qs), sid, warp_gate(prof.gate, warps)))
