@@ -8,9 +8,10 @@ peaks and the robust half-widths of the outermost ones), which defines a monoton
 warp of that axis (as flowStats ``warpSet`` and flowLearn do); a parent too small for a smooth
 density is aligned on its nearest ancestor with :data:`ALIGN_EVENTS` events (on an axis where
 that warp brings the parent's own densities no closer than none, the gate is copied instead).
-Thresholds and rectangle bounds go through the warp; polygon vertices go through the warps of their two axes (edges are first split
-where they cross a landmark, so every piece of the warped polygon is exact); an ellipse's centre
-goes through the warps and its covariance is scaled by their local slopes.
+Thresholds and rectangle bounds go through the warp; polygon vertices go through the warps of
+their two axes (edges are first split where they cross a landmark, so every piece of the warped
+polygon is exact); an ellipse's centre goes through the warps and its covariance is scaled by
+their local slopes.
 
 With several example samples, a threshold, rectangle or ellipse is the median of the gates
 transferred from the examples that align about as well as the best one (within
