@@ -9,7 +9,11 @@ not depend on the limit; the time does.
 
 * the threadpoolctl controller is cached (building one scans every loaded library, ~5 ms) and
   rebuilt only when the process has loaded new shared libraries since (counted from
-  ``/proc/self/maps``), e.g. scikit-learn bringing its own OpenMP;
+  ``/proc/self/maps``), e.g. scikit-learn bringing its own OpenMP. Counting them costs ~2 ms
+  (the maps of a process with numpy, scipy and numba run to thousands of lines), so they are
+  recounted only when a module was imported since the last count: extension modules and the
+  libraries they link are loaded by imports (a Dask worker entered this block ~3 times per
+  sample, ~4 % of its CPU, before);
 * it is safe from several threads and when nested: the limit is set when the first block
   enters and the original pools are restored when the last one leaves (threadpoolctl's own
   limiter restores on every exit, which would lift the limit under a block still running in
@@ -57,6 +61,19 @@ def _library_counter():
 
 
 _COUNT_LIBRARIES = _library_counter()
+_COUNTED: tuple[int, int] | None = None  # (len(sys.modules), library count) at the last count
+
+
+def _loaded_libraries() -> int | None:
+    """The number of shared libraries mapped in this process (None where it cannot be told),
+    recounted only when ``sys.modules`` has grown or shrunk since the last count."""
+    global _COUNTED
+    if _COUNT_LIBRARIES is None:
+        return None
+    modules = len(sys.modules)
+    if _COUNTED is None or _COUNTED[0] != modules:
+        _COUNTED = (modules, _COUNT_LIBRARIES())
+    return _COUNTED[1]
 
 
 def _controller():
@@ -64,7 +81,7 @@ def _controller():
     global _CONTROLLER
     from threadpoolctl import ThreadpoolController
 
-    loaded = _COUNT_LIBRARIES() if _COUNT_LIBRARIES is not None else None
+    loaded = _loaded_libraries()
     if _CONTROLLER is None or loaded is None or _CONTROLLER[0] != loaded:
         _CONTROLLER = (loaded, ThreadpoolController())
     return _CONTROLLER[1]

@@ -67,3 +67,28 @@ def test_one_thread_holds_while_another_thread_is_inside(two_blas_threads, first
         t.join(60)
     assert seen == {"after the other left": 1}
     assert _blas_threads() == 2  # the original size once both have left
+
+
+def test_one_thread_limits_a_library_loaded_after_the_first_block():
+    """Libraries are recounted only after an import (counting them costs ~2 ms): scikit-learn's
+    own OpenMP, loaded by an import after a first block, is limited by the next block."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "np.ones((4, 4)) @ np.ones((4, 4))\n"
+        "import threadpoolctl\n"
+        "from cytopipe.threads import one_thread\n"
+        "with one_thread():\n"
+        "    pass\n"
+        "assert 'openmp' not in {i['internal_api'] for i in threadpoolctl.threadpool_info()}\n"
+        "import sklearn.cluster  # loads scikit-learn's OpenMP runtime\n"
+        "threadpoolctl.ThreadpoolController().limit(limits=2, user_api='openmp')\n"
+        "with one_thread():\n"
+        "    inside = {i['internal_api']: i['num_threads'] for i in threadpoolctl.threadpool_info()}\n"
+        "print(inside['openmp'], inside['openblas'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "1"]
