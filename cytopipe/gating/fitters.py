@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
+from cytopipe.gating._quantile import quantile_like_numpy
 from cytopipe.gating.gates import Dim, EllipsoidGate, Gate, PolygonGate, RectangleGate
 
 DEFAULT_MIN_EVENTS = 100
@@ -152,7 +153,7 @@ def density(x: np.ndarray, bandwidth: float | None = None, bins: int = 512):
     Silverman's rule on a robust spread, with n capped at 20 000 so large samples are not
     under-smoothed into noise.
     """
-    lo, q25, q75, hi = np.quantile(x, [0.001, 0.25, 0.75, 0.999])  # one partition pass
+    lo, q25, q75, hi = quantile_like_numpy(x, [0.001, 0.25, 0.75, 0.999])  # one selection pass
     pad = 0.1 * (hi - lo) if hi > lo else 1.0
     lo, hi = lo - pad, hi + pad
     counts = np.histogram(x, bins=bins, range=(lo, hi))[0].astype(np.float64)

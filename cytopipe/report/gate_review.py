@@ -73,6 +73,7 @@ import numpy as np
 import pandas as pd
 
 from cytopipe.errors import ReportError
+from cytopipe.gating._quantile import quantile_like_numpy
 
 GATE_REVIEW_FILE = "gate_review.parquet"
 BINS_2D = 48
@@ -510,7 +511,7 @@ def _robust_range(v: np.ndarray) -> tuple[float, float]:
     if len(v) > _QUANTILE_SAMPLE:  # a strided subset: deterministic and fast
         v = v[:: len(v) // _QUANTILE_SAMPLE]
     if len(v):
-        lo, hi = (float(q) for q in np.quantile(v, QUANTILES))
+        lo, hi = (float(q) for q in quantile_like_numpy(v, QUANTILES))
         return lo, hi
     return 0.0, 1.0
 
