@@ -40,6 +40,7 @@ def _cases():
     yield "tiny and huge", (rng.choice([-1, 1], n) * 10.0 ** rng.uniform(-30, 30, n)).astype(np.float32)
     yield "strided", rng.normal(0, 1, 10 * n).astype(np.float32)[::10]
     yield "odd size", rng.normal(0, 1, 8193).astype(np.float32)
+    yield "larger than the kept scratch", rng.lognormal(2, 1, 100_001).astype(np.float32)
     yield "small (numpy's own)", rng.normal(0, 1, 100).astype(np.float32)
 
 

@@ -79,18 +79,24 @@ def _order_stats_f32(values, ranks, hist, coarse, buf, bits, keys, out):  # prag
     return True
 
 
+_KEPT = 1 << 16  # values the per-thread scratch holds (640 kB with the histograms); larger calls
+# get temporary buffers, so a 5M-event column leaves no 30 MB behind in a worker
+
+
 def _scratch(n: int) -> tuple[np.ndarray, ...]:
     s = getattr(_LOCAL, "scratch", None)
-    if s is None or s[2].size < n:
-        buf = np.empty(max(n, 1024), dtype=np.float32)
-        s = (
+    if s is None:
+        buf = np.empty(_KEPT, dtype=np.float32)
+        s = _LOCAL.scratch = (
             np.zeros(_FINE, dtype=np.int32),
             np.zeros(_COARSE, dtype=np.int32),
             buf,
             buf.view(np.uint32),
-            np.empty(buf.size, dtype=np.uint16),
+            np.empty(_KEPT, dtype=np.uint16),
         )
-        _LOCAL.scratch = s
+    if n > _KEPT:
+        buf = np.empty(n, dtype=np.float32)
+        return s[0], s[1], buf, buf.view(np.uint32), np.empty(n, dtype=np.uint16)
     return s
 
 
