@@ -19,6 +19,23 @@ _FINE = 1 << 16
 _COARSE = 1 << 8
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def locate(hist, coarse, want):  # pragma: no cover - numba
+    """The fine key bin holding the order statistic of rank ``want`` (0-based) and the number of
+    values in the bins below it, found through the coarse histogram (``_FINE / _COARSE`` fine bins
+    per coarse bin)."""
+    cum = 0
+    cb = 0
+    while cum + coarse[cb] <= want:
+        cum += coarse[cb]
+        cb += 1
+    b = cb << 8
+    while cum + hist[b] <= want:
+        cum += hist[b]
+        b += 1
+    return b, cum
+
+
 @numba.njit(cache=True, nogil=True)
 def _median_f32(values, idx, hist, coarse, buf, bits, keys):
     lo, hi = _middle_f32(values, idx, hist, coarse, buf, bits, keys)
@@ -42,21 +59,8 @@ def _middle_f32(values, idx, hist, coarse, buf, bits, keys):
         coarse[k >> 8] += 1
     k1 = (m - 1) // 2
     k2 = m // 2
-    cum = 0
-    cb = 0
-    while cum + coarse[cb] <= k1:
-        cum += coarse[cb]
-        cb += 1
-    b = cb << 8
-    while cum + hist[b] <= k1:
-        cum += hist[b]
-        b += 1
-    b1 = b
-    before = cum
-    while cum + hist[b] <= k2:
-        cum += hist[b]
-        b += 1
-    b2 = b
+    b1, before = locate(hist, coarse, k1)
+    b2, _ = locate(hist, coarse, k2)
     c = 0
     for r in range(m):
         kb = keys[r]
