@@ -89,14 +89,10 @@ def _scratch(n: int) -> tuple[np.ndarray, ...]:
     return s
 
 
-def quantile_like_numpy(x: np.ndarray, q: Sequence[float]) -> np.ndarray:
-    """``np.quantile(x, q)`` for a 1-D array and a sequence of quantiles (float64 array)."""
-    x = np.asarray(x)
-    if x.dtype != np.float32 or x.ndim != 1 or x.size < _MIN_SIZE:
-        return np.quantile(x, q)
+def _plan(n: int, q: Sequence[float]):
+    """numpy's ``_get_indexes`` / ``_get_gamma`` for the linear method: (ranks wanted, ascending;
+    lower and upper rank of each quantile; gamma). None when a quantile is NaN."""
     qs = np.asarray(q, dtype=np.float64)
-    n = x.size
-    # numpy's _get_indexes / _get_gamma for the linear method
     virtual = (n - 1) * qs
     previous = np.floor(virtual)
     following = previous + 1
@@ -107,20 +103,51 @@ def quantile_like_numpy(x: np.ndarray, q: Sequence[float]) -> np.ndarray:
     previous[below] = 0
     following[below] = 0
     if np.isnan(virtual).any():
-        return np.quantile(x, q)
+        return None
     previous = previous.astype(np.intp)
     following = following.astype(np.intp)
     gamma = virtual - previous
     ranks = np.unique(np.concatenate([previous, following]) % n)  # -1 is the last
-    hist, coarse, buf, bits, keys = _scratch(n)
-    stats = np.empty(ranks.size, dtype=np.float32)
-    if not _order_stats_f32(x, ranks.astype(np.int64), hist, coarse, buf, bits, keys, stats):
-        return np.quantile(x, q)
-    a = stats[np.searchsorted(ranks, previous % n)]
-    b = stats[np.searchsorted(ranks, following % n)]
-    # numpy's _lerp, operation for operation
+    return ranks, previous % n, following % n, gamma
+
+
+def _lerp(stats: np.ndarray, ranks, previous, following, gamma) -> np.ndarray:
+    """numpy's ``_lerp``, operation for operation, between the order statistics ``stats`` (of
+    ``ranks``)."""
+    a = stats[np.searchsorted(ranks, previous)]
+    b = stats[np.searchsorted(ranks, following)]
     diff_b_a = b - a
     result = np.add(a, diff_b_a * gamma)
     np.subtract(b, diff_b_a * (1 - gamma), out=result, where=gamma >= 0.5, casting="unsafe",
                 dtype=type(result.dtype))  # fmt: skip
     return result
+
+
+def quantile_of_sorted(ordered: np.ndarray, q: Sequence[float]) -> np.ndarray | None:
+    """``np.quantile(x, q)`` read off ``ordered`` = ``np.sort(x)`` (1-D float); None where numpy
+    would answer from its own partition (a NaN, a NaN quantile). A zero's sign may differ from
+    numpy's (``-0.0`` ties with ``0.0``)."""
+    n = ordered.size
+    if n == 0 or np.isnan(ordered[-1]):  # NaN sorts last
+        return None
+    plan = _plan(n, q)
+    if plan is None:
+        return None
+    ranks = plan[0]
+    return _lerp(ordered[ranks], *plan)
+
+
+def quantile_like_numpy(x: np.ndarray, q: Sequence[float]) -> np.ndarray:
+    """``np.quantile(x, q)`` for a 1-D array and a sequence of quantiles (float64 array)."""
+    x = np.asarray(x)
+    if x.dtype != np.float32 or x.ndim != 1 or x.size < _MIN_SIZE:
+        return np.quantile(x, q)
+    plan = _plan(x.size, q)
+    if plan is None:
+        return np.quantile(x, q)
+    ranks = plan[0]
+    hist, coarse, buf, bits, keys = _scratch(x.size)
+    stats = np.empty(ranks.size, dtype=np.float32)
+    if not _order_stats_f32(x, ranks.astype(np.int64), hist, coarse, buf, bits, keys, stats):
+        return np.quantile(x, q)
+    return _lerp(stats, *plan)

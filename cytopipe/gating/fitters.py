@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from cytopipe.gating._quantile import quantile_like_numpy
+from cytopipe.gating._quantile import quantile_of_sorted
 from cytopipe.gating.gates import Dim, EllipsoidGate, Gate, PolygonGate, RectangleGate
 
 DEFAULT_MIN_EVENTS = 100
@@ -153,10 +153,22 @@ def density(x: np.ndarray, bandwidth: float | None = None, bins: int = 512):
     Silverman's rule on a robust spread, with n capped at 20 000 so large samples are not
     under-smoothed into noise.
     """
-    lo, q25, q75, hi = quantile_like_numpy(x, [0.001, 0.25, 0.75, 0.999])  # one selection pass
+    return density_sorted(x, np.sort(x), bandwidth, bins)
+
+
+def density_sorted(x: np.ndarray, ordered: np.ndarray, bandwidth: float | None = None, bins: int = 512):
+    """:func:`density` of ``x`` given ``ordered`` = ``np.sort(x)``, for a caller that needs the
+    order statistics too. The quantiles and the histogram are read off the sorted values (a
+    ~30 us SIMD sort of 20k values instead of a selection and a binning pass, ~190 us); they are
+    numpy's own numbers (``np.quantile``, ``np.histogram``: the bin of a value is the edge
+    comparison numpy's binning corrects to)."""
+    qs = quantile_of_sorted(ordered, [0.001, 0.25, 0.75, 0.999])
+    if qs is None:  # NaN: numpy's own answer (np.histogram then refuses the range)
+        qs = np.quantile(x, [0.001, 0.25, 0.75, 0.999])
+    lo, q25, q75, hi = qs
     pad = 0.1 * (hi - lo) if hi > lo else 1.0
     lo, hi = lo - pad, hi + pad
-    counts = np.histogram(x, bins=bins, range=(lo, hi))[0].astype(np.float64)
+    counts = _histogram_sorted(x, ordered, bins, lo, hi).astype(np.float64)
     width = (hi - lo) / bins
     if bandwidth is None:
         s = min(np.std(x), (q75 - q25) / 1.349) or np.std(x) or width
@@ -167,6 +179,21 @@ def density(x: np.ndarray, bandwidth: float | None = None, bins: int = 512):
     dens = np.convolve(counts, k / k.sum(), mode="same")
     centers = lo + (np.arange(bins) + 0.5) * width
     return centers, dens
+
+
+def _histogram_sorted(x: np.ndarray, ordered: np.ndarray, bins: int, lo, hi) -> np.ndarray:
+    """``np.histogram(x, bins, range=(lo, hi))[0]`` from the sorted values: bin i holds
+    edge[i] <= v < edge[i + 1], the last bin its upper edge too, as numpy's binning does."""
+    first, last = lo + 0.0, hi + 0.0
+    edge_type = np.result_type(first, last, x)
+    if not (np.isfinite(first) and np.isfinite(last) and first < last) or edge_type != np.float64:
+        return np.histogram(x, bins=bins, range=(lo, hi))[0]
+    edges = np.linspace(first, last, bins + 1, endpoint=True, dtype=edge_type)
+    keys = ordered if ordered.dtype == np.float64 else ordered.astype(np.float64)
+    at = np.empty(bins + 1, dtype=np.intp)
+    at[:-1] = np.searchsorted(keys, edges[:-1], side="left")
+    at[-1] = np.searchsorted(keys, edges[-1], side="right")
+    return np.diff(at)
 
 
 def find_peaks(dens: np.ndarray, min_peak: float) -> np.ndarray:

@@ -68,7 +68,7 @@ from cytopipe.gating.fitters import (
     ThresholdFitter,
     _finite,
     _subsample,
-    density,
+    density_sorted,
     refine_core,
     subsample_index,
 )
@@ -148,6 +148,20 @@ def _half_sd(d: np.ndarray) -> float:
     return float(np.median(d)) / 0.6745 if len(d) >= 3 else float("nan")
 
 
+def _median_gap(ordered: np.ndarray, start: int, stop: int, mode, below: bool) -> float:
+    """``float(np.median(d))`` of d = ``mode - v`` (``below``) or ``v - mode`` for the sorted
+    values v = ``ordered[start:stop]``, without forming d: d is monotone in v, so its middle
+    element(s) are v's, and the subtraction and the mean of two are numpy's, in v's dtype."""
+    n = stop - start
+    if below:
+        mid = [mode - ordered[stop - 1 - k] for k in {n // 2, (n - 1) // 2}]
+    else:
+        mid = [ordered[start + k] - mode for k in {n // 2, (n - 1) // 2}]
+    if len(mid) == 1:
+        return float(mid[0])
+    return float((min(mid) + max(mid)) / 2)
+
+
 def _merge_shallow(idx: np.ndarray, dens: np.ndarray, depth: float) -> np.ndarray:
     """Merge neighbouring peaks whose dip is shallower than ``depth`` x the lower of the two: one
     population with a bumpy top (e.g. a negative split by the display transform), not two."""
@@ -170,7 +184,12 @@ def find_landmarks(
     between them merged), with robust half-widths."""
     from scipy.signal import find_peaks as _fp
 
-    centers, dens = density(x, bandwidth)
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
+    ordered = np.sort(x)  # one sort: the density's quantiles and histogram, and every peak's width
+    keys = ordered if ordered.dtype == np.float64 else ordered.astype(np.float64)
+    centers, dens = density_sorted(x, ordered, bandwidth)
     padded = np.concatenate([[0.0], dens, [0.0]])
     idx, props = _fp(padded, prominence=min_peak * dens.max())
     idx = idx - 1
@@ -189,10 +208,16 @@ def find_landmarks(
             centers[0] if i == idx[0] else centers[idx[idx < i][-1] + np.argmin(dens[idx[idx < i][-1] : i])]
         )
         hi_b = centers[-1] if i == idx[-1] else centers[i + np.argmin(dens[i : idx[idx > i][0]])]
-        left = mode - x[(x < mode) & (x >= lo_b)]
-        right = x[(x > mode) & (x <= hi_b)] - mode
-        peak = Peak(int(i), mode, float(dens[i]), float(prom), _half_sd(left), _half_sd(right))
-        peak.mass = len(left) + len(right)
+        # events lo_b <= v < mode and mode < v <= hi_b, compared as numpy compares ``x < mode``:
+        # in x's dtype (the mode rounded to it); the bounds are float64
+        m = x.dtype.type(mode)
+        start, below = np.searchsorted(keys, [lo_b, float(m)], side="left")
+        above, stop = np.searchsorted(keys, [float(m), hi_b], side="right")
+        n_left, n_right = max(below - start, 0), max(stop - above, 0)
+        sd_left = _median_gap(ordered, start, below, m, True) / 0.6745 if n_left >= 3 else float("nan")
+        sd_right = _median_gap(ordered, above, stop, m, False) / 0.6745 if n_right >= 3 else float("nan")
+        peak = Peak(int(i), mode, float(dens[i]), float(prom), sd_left, sd_right)
+        peak.mass = int(n_left + n_right)
         peaks.append(peak)
     # a "peak" of a handful of events (< 0.5 % of them, or < 3 on both sides) is noise, not a population
     real = [
