@@ -646,8 +646,18 @@ class Engine:
     ) -> list[np.ndarray]:
         """Values of ``dims`` at the events ``idx`` of population ``scope`` (optionally only at
         positions ``pos`` within them)."""
-        vals = [self.values(d, idx, scope) for d in dims]
-        return vals if pos is None else [v[pos] for v in vals]
+        if pos is None:
+            return [self.values(d, idx, scope) for d in dims]
+        # a fit's subsample of a large parent: gather only its events from the cached column
+        # (full[idx[pos]] is full[idx][pos] without the parent-sized copy)
+        sub = pos if idx is None else idx[pos]
+        out = []
+        for d in dims:
+            full = self._values.get(self._dim_key(d))
+            if full is None and (idx is None or 2 * len(idx) > self.events.shape[0]):
+                full = self.values(d)
+            out.append(full[sub] if full is not None else self.values(d, idx, scope)[pos])
+        return out
 
     # ---- run -------------------------------------------------------------------------------
     def run(
@@ -1055,8 +1065,8 @@ class Engine:
         scale (for fits that work in linear units)."""
         v = self.linear(self._col[dim.name], self._comp_key(dim))
         if pidx is not None:
-            v = v[pidx]
-        if pos is not None:
+            v = v[pidx if pos is None else pidx[pos]]
+        elif pos is not None:
             v = v[pos]
         spec = self._transform_spec(dim)
 
