@@ -47,11 +47,23 @@ def _reference_peaks(x, min_peak=0.05):
     out = []
     for i, prom in zip(idx, proms):
         mode = float(centers[i])
-        lo_b = centers[0] if i == idx[0] else centers[idx[idx < i][-1] + np.argmin(dens[idx[idx < i][-1] : i])]
+        lo_b = (
+            centers[0] if i == idx[0] else centers[idx[idx < i][-1] + np.argmin(dens[idx[idx < i][-1] : i])]
+        )
         hi_b = centers[-1] if i == idx[-1] else centers[i + np.argmin(dens[i : idx[idx > i][0]])]
         left = mode - x[(x < mode) & (x >= lo_b)]
         right = x[(x > mode) & (x <= hi_b)] - mode
-        out.append((int(i), mode, float(dens[i]), float(prom), _half_sd(left), _half_sd(right), len(left) + len(right)))
+        out.append(
+            (
+                int(i),
+                mode,
+                float(dens[i]),
+                float(prom),
+                _half_sd(left),
+                _half_sd(right),
+                len(left) + len(right),
+            )
+        )
     return out
 
 
@@ -89,7 +101,9 @@ def test_density_and_landmarks_equal_the_straightforward_numbers(name, x):
         for g in got:
             match = [w for w in want if w[0] == g[0]]
             assert len(match) == 1, (name, g)
-            assert np.array_equal(np.array(g, dtype=float), np.array(match[0], dtype=float), equal_nan=True), (
+            assert np.array_equal(
+                np.array(g, dtype=float), np.array(match[0], dtype=float), equal_nan=True
+            ), (
                 name,
                 g,
                 match[0],
