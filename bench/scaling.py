@@ -157,6 +157,8 @@ def main() -> None:
     jobs, warm = simulate(args.data, args.files, args.events)
     jobs, warm = with_sha(jobs), with_sha([warm])[0]
     shapes = [read_fcs(j["path"]).events.shape for j in jobs]
+    for j, shape in zip(jobs, shapes):  # as the run's register step records it
+        j["n_events"] = shape[0]
     n_events = sum(s[0] for s in shapes)
     matrix_mb = max(s[0] * s[1] * 4 for s in shapes) / 2**20
     print(f"{len(jobs)} files, {n_events:,} events ({n_events / len(jobs):,.0f} per file, "
