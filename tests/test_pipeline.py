@@ -266,8 +266,8 @@ def _live_processes_in_group(pgid: int, wait: float = 10.0) -> list[str]:
 # --------------------------------------------------------------------------------------------
 def _run_and_kill_a_busy_worker(sim_trial, out, allowed_failures: int, keep_killing: bool = False):
     """Run the trial on a 2-worker LocalCluster (via its address) and SIGKILL a worker while it
-    processes a sample; with ``keep_killing``, also every worker that later runs that task's first
-    sample again on its own (the run's last attempt). Returns (result, (worker address, task key))."""
+    processes a sample; with ``keep_killing``, also every worker that later runs that sample again
+    on its own (the run's last attempt). Returns (result, (worker address, task key))."""
     import dask
     from dask.distributed import Client, LocalCluster
 
@@ -305,7 +305,7 @@ def _run_and_kill_a_busy_worker(sim_trial, out, allowed_failures: int, keep_kill
             time.sleep(0.005)
         if victim is not None and keep_killing:
             phase, first = str(victim[1]).split("-")[:2]
-            again = f"{phase}-{first}-1-again-"  # executors.DaskExecutor.map's last attempt
+            again = f"{phase}-{first}-again-"  # executors.DaskExecutor.map's last attempt
             while thread.is_alive() and time.monotonic() < deadline:
                 for addr, keys in client.processing().items():
                     if any(str(k).startswith(again) for k in keys):
@@ -330,14 +330,14 @@ def test_a_killed_worker_is_survived(sim_run, sim_trial, tmp_path):
 
 
 def test_a_sample_whose_worker_keeps_dying_is_recorded_as_failed(sim_trial, tmp_path):
-    """With no retries left (allowed-failures 0), the samples of the dead worker's tasks are run
-    again alone at the end of the phase; the one whose worker dies again is given up, the batch
-    goes on."""
+    """With no retries left (allowed-failures 0), the samples of the dead worker are run again
+    alone at the end of the phase; the one whose worker dies again is given up, the batch goes
+    on."""
     out = tmp_path / "run"
     result, (_, key) = _run_and_kill_a_busy_worker(sim_trial, out, allowed_failures=0, keep_killing=True)
     assert result.exit_code == EXIT_FAILURES
-    # only the sample killed again is failed: the others of its task, and any queued next to it
-    # on the dead worker, came through on their second attempt
+    # only the sample killed again is failed: any queued next to it on the dead worker came
+    # through on its second attempt
     failed = result.samples[result.samples["status"] == "failed"]
     assert len(failed) == 1, result.summary()
     assert failed["error"].str.contains("worker died while processing this sample").all()
@@ -371,30 +371,7 @@ def test_unreachable_scheduler_is_a_clear_error():
         DaskExecutor(address="tcp://127.0.0.1:9", connect_timeout=1.0)
 
 
-def test_plan_batches_groups_small_files_and_ends_with_single_ones():
-    """Dask's per-task cost is paid once per batch of small files; the largest files go first and
-    the last tasks hold one file each (no worker idles at a phase's end while another finishes a
-    batch); no batch exceeds BATCH_EVENTS; items of unknown size run alone."""
-    from cytopipe.pipeline.executors import BATCH_EVENTS, plan_batches
-
-    sizes = [190_000 + 1000 * (i % 7) for i in range(24)]
-    items = [{"n_events": n} for n in sizes]
-    for workers in (1, 2, 8):
-        plan = plan_batches(items, workers)
-        flat = [i for b in plan for i in b]
-        assert sorted(flat) == list(range(24))  # every item exactly once
-        assert [sizes[i] for i in flat] == sorted(sizes, reverse=True)  # largest first
-        assert all(sum(sizes[i] for i in b) <= BATCH_EVENTS for b in plan)
-        assert [len(b) for b in plan] == sorted((len(b) for b in plan), reverse=True)
-        assert len(plan[-1]) == 1
-        if workers <= 2:
-            assert len(plan) < 16 and max(len(b) for b in plan) >= 3
-    assert len(plan_batches(items, 8)) > len(plan_batches(items, 2))  # more workers, smaller batches
-    assert plan_batches([{"path": "a"}, {"path": "b"}, {}], 1) == [[0], [1], [2]]
-    assert plan_batches([{"n_events": 5_000_000}] * 3, 1) == [[0], [1], [2]]
-
-
-def _batch_item(item: dict, shared: str) -> dict:
+def _crash_item(item: dict, shared: str) -> dict:
     if item["kind"] == "crash":  # e.g. a native library's segfault on one file
         os._exit(1)
     if item["kind"] == "raise":
@@ -402,21 +379,23 @@ def _batch_item(item: dict, shared: str) -> dict:
     return {"i": item["i"], "shared": shared, "pid": os.getpid()}
 
 
-def test_dask_batches_isolate_a_sample_that_kills_its_worker_and_one_that_raises():
-    """Small files run several per task; a file that kills its worker fails alone (its batch, and
-    whatever sat on the dying worker next to it, run again one by one at the end) and one that
-    raises fails alone; every other item's result comes back under its own index."""
+def test_a_sample_that_kills_its_worker_fails_alone():
+    """A file that kills its worker (a native library's crash, or out of memory) fails alone, and
+    one that raises fails alone: a worker holds two tasks at a time, and whatever sat next to the
+    crashing file on its dying worker is run again at the end of the phase and comes through; every
+    other item's result comes back under its own index. (Before, the sample queued next to the
+    crash failed with it.)"""
     from cytopipe.pipeline import DaskExecutor
-    from cytopipe.pipeline.executors import TaskFailure, plan_batches
+    from cytopipe.pipeline.executors import TaskFailure
 
-    items = [{"i": i, "kind": "ok", "n_events": 10_000} for i in range(30)]
-    items[7] = {"i": 7, "kind": "crash", "n_events": 10_002}  # the largest: in the first batch
-    items[12] = {"i": 12, "kind": "raise", "n_events": 10_001}  # the second largest: same batch
-    first = plan_batches(items, 2)[0]
-    assert first[:2] == [7, 12] and len(first) >= 3
-    ex = DaskExecutor(workers=2)  # dask's allowed-failures (3): the crash kills 4 workers, twice
+    items = [{"i": i, "kind": "ok"} for i in range(30)]
+    items[7] = {"i": 7, "kind": "crash"}
+    items[12] = {"i": 12, "kind": "raise"}
+    # one worker: the task queued next to the crash dies with it every time (dask's allowed-failures,
+    # 3: the crash kills the worker 4 times, then 4 more when it runs alone)
+    ex = DaskExecutor(workers=1)
     try:
-        got = dict(ex.map(_batch_item, items, "shared state", "batches", False))
+        got = dict(ex.map(_crash_item, items, "shared state", "crash", False))
     finally:
         ex.close()
     assert sorted(got) == list(range(30))

@@ -212,69 +212,53 @@ class DaskExecutor:
         # cannot be recomputed (every task of the phase would be cancelled). A task's result is
         # recomputed by the scheduler when the worker holding it dies.
         shared_f = self.client.submit(_shared, shared, key=f"shared-{desc}-{token}", pure=False)
-        futures: dict[Any, list[int]] = {}
+        futures: dict[Any, int] = {}
 
-        def submit(batch: list[int], tag: str = ""):
+        def submit(i: int, tag: str = ""):
             fut = self.client.submit(
-                _run_batch,
                 fn,
-                [items[i] for i in batch],
+                items[i],
                 shared_f,
-                key=f"{desc}-{batch[0]}-{len(batch)}{tag}-{token}",
+                key=f"{desc}-{i}{tag}-{token}",
                 pure=False,
                 retries=0,
-                priority=_task_priority(items[batch[0]]),  # largest files first
+                priority=_task_priority(items[i]),
             )
-            futures[fut] = batch
+            futures[fut] = i
             return fut
 
-        for batch in plan_batches(items, self.n_workers):
-            submit(batch)
+        for i in range(len(items)):
+            submit(i)
         bar = _progress(len(items), desc, progress)
-        # tasks that were on a worker that died too often (KilledWorker): run again at the end,
-        # one at a time, alone on the cluster; a worker holds two tasks at once, so a file that
-        # kills its worker takes the task queued next to it down too, and a batch fails whole
+        # A task whose worker died too often (KilledWorker) runs again at the end of the phase,
+        # alone on the cluster: a worker holds two tasks at a time, so a file that kills its
+        # worker takes the task queued next to it down too, and that one must not fail for it.
         again: list[int] = []
         try:
             for fut in as_completed(list(futures)):
-                batch = futures.pop(fut)
-                values = self._values(fut, batch)
-                if values is None:
-                    again.extend(batch)
+                i = futures.pop(fut)
+                value = _value(fut)
+                if isinstance(value, TaskFailure) and value.error_type == "KilledWorker":
+                    again.append(i)
                     continue
-                for i, value in zip(batch, values):
-                    bar.update(1)
-                    yield i, value
+                bar.update(1)
+                yield i, value
             if again:
                 logger.warning(
                     "%s: %d sample(s) were on a worker that died too often; running each again alone",
                     desc, len(again),
                 )  # fmt: skip
             for i in sorted(again):
-                fut = submit([i], "-again")
+                fut = submit(i, "-again")
                 futures.pop(fut)
-                values = self._values(fut, [i], last=True)
+                value = _value(fut)
                 bar.update(1)
-                yield i, values[0]
+                yield i, value
         finally:
             bar.close()
             for fut in futures:
                 fut.cancel()
             shared_f.release()
-
-    @staticmethod
-    def _values(fut: Any, batch: list[int], last: bool = False) -> list | None:
-        """The results of one task, one per item of its batch (a TaskFailure where an item
-        raised); None when its worker died too often and the items are to be run again."""
-        try:
-            values = fut.result()
-        except Exception as exc:  # KilledWorker, CancelledError, comm errors
-            fut.release()
-            if type(exc).__name__ == "KilledWorker" and not last:
-                return None
-            return [TaskFailure(_task_failure_message(exc), type(exc).__name__)] * len(batch)
-        fut.release()
-        return [TaskFailure(v.message, v.error_type) if isinstance(v, _Raised) else v for v in values]
 
     def info(self) -> dict[str, Any]:
         return {
@@ -307,63 +291,14 @@ def _shared(state: Any) -> Any:
     return state
 
 
-BATCH_EVENTS = 1_000_000
-BATCH_SHARE = 4
-
-
-def plan_batches(items: Sequence, n_workers: int) -> list[list[int]]:
-    """Which items run together in one task: largest first, consecutive items grouped by guided
-    self-scheduling. Each task takes ``ceil(remaining / (BATCH_SHARE x workers))`` items, up to
-    ``BATCH_EVENTS`` events, so a phase of many small files pays Dask's per-task cost (~4 ms of
-    scheduling, transfer and bookkeeping, on the 2 cores the tasks need) a few times less often,
-    while the last tasks are single files and no worker idles at the end of a phase while another
-    finishes a batch. Items without a known size (``n_events``) run one per task."""
-    order = sorted(range(len(items)), key=lambda i: -(_events(items[i]) or 0))  # stable
-    out: list[list[int]] = []
-    pos = 0
-    share = BATCH_SHARE * max(1, n_workers)
-    while pos < len(order):
-        want = -(-(len(order) - pos) // share)
-        batch = [order[pos]]
-        events = _events(items[order[pos]])
-        while len(batch) < want and pos + len(batch) < len(order) and events is not None:
-            more = _events(items[order[pos + len(batch)]])
-            if more is None or events + more > BATCH_EVENTS:
-                break
-            events += more
-            batch.append(order[pos + len(batch)])
-        out.append(batch)
-        pos += len(batch)
-    return out
-
-
-@dataclass
-class _Raised:
-    """An exception a task of a batch raised (the other items of the batch still return)."""
-
-    message: str
-    error_type: str
-
-
-def _run_batch(fn: Callable, items: list, shared: Any) -> list:
-    """The items of one task, one after the other; one that raises does not stop the others."""
-    out = []
-    for item in items:
-        try:
-            out.append(fn(item, shared))
-        except Exception as exc:
-            logger.exception("a task raised")
-            name = type(exc).__name__
-            out.append(_Raised(f"the task did not complete ({name}: {exc})", name))
-    return out
-
-
-def _events(item: Any) -> int | None:
-    if isinstance(item, Mapping):
-        n = item.get("n_events")
-        if isinstance(n, int | float) and n == n:
-            return int(n)
-    return None
+def _value(fut: Any) -> Any:
+    """A task's result, or a TaskFailure when it did not return; the future is released."""
+    try:
+        value = fut.result()
+    except Exception as exc:  # KilledWorker, CancelledError, comm errors
+        value = TaskFailure(_task_failure_message(exc), type(exc).__name__)
+    fut.release()
+    return value
 
 
 def _task_priority(item: Any) -> int:
