@@ -143,11 +143,6 @@ class Landmarks:
         return a, b
 
 
-def _half_sd(d: np.ndarray) -> float:
-    d = d[d >= 0]
-    return float(np.median(d)) / 0.6745 if len(d) >= 3 else float("nan")
-
-
 def _median_gap(ordered: np.ndarray, start: int, stop: int, mode, below: bool) -> float:
     """``float(np.median(d))`` of d = ``mode - v`` (``below``) or ``v - mode`` for the sorted
     values v = ``ordered[start:stop]``, without forming d: d is monotone in v, so its middle
