@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -419,3 +420,41 @@ def test_blinding_helpers():
     assert find_leaks({"a": "Arm A and B+C"}, ["B"]) == ["a: 'B'"]
     assert find_leaks({"a": "BCG vaccine"}, ["B"]) == []
     assert find_leaks({"x": "IL-2 0.5 miu"}, ARMS) == ["x: 'IL-2 0.5 MIU'"]
+
+
+def test_the_gallery_drawn_beside_by_a_helper_process_gives_the_same_report(report, tmp_path):
+    """The gate gallery's figures are drawn by a helper process while the other sections are
+    built (and the rest here); the page is byte for byte the one drawn here alone, also when the
+    helper dies."""
+    from cytopipe.report.build import build_report
+    from cytopipe.report.data import load_run
+    from cytopipe.report.render_helper import FigureQueue, draw
+    from cytopipe.report.sections import Builder, gate_gallery
+
+    run, path, html = report
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    alone = build_report(copy, out=tmp_path / "a" / "report.html", helper=False, reuse=False).read_bytes()
+    beside = build_report(copy, out=tmp_path / "b" / "report.html", helper=True, reuse=False).read_bytes()
+    assert beside == alone
+    assert alone.decode("utf-8") == html  # and the report of the fixture (drawn with the default)
+
+    builder = Builder(load_run(copy), tables_href="t", helper=False)
+    gate_gallery(builder)
+    jobs = builder.gallery.jobs
+    assert len(jobs) >= 8
+    want = [draw(job).uri for job in jobs]
+    for kill_after in (0, 2):
+        q = FigureQueue(helper=True)
+        for job in jobs[:4]:
+            q.submit(*job)  # the helper starts at the 4th figure
+        deadline = time.monotonic() + 120
+        while q.drawn_by_helper < kill_after and time.monotonic() < deadline:
+            time.sleep(0.01)
+        q._proc.kill()  # a helper that dies: what it had not drawn is drawn here
+        for job in jobs[4:]:
+            q.submit(*job)
+        got = q.finish()
+        assert [r.uri for r in got] == want
+        assert q.drawn_by_helper >= kill_after
+        assert q._proc.poll() is not None

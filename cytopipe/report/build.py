@@ -23,8 +23,10 @@ def build_report(
     clinical: Any = None,
     max_gallery: int = MAX_GALLERY,
     reuse: bool = True,
+    helper: bool | None = None,
 ) -> Path:
-    """See :func:`cytopipe.report.write_report`."""
+    """See :func:`cytopipe.report.write_report`. ``helper``: draw the gate gallery in a helper
+    process beside the other sections (``None``: when two or more CPUs are available)."""
     # Figures are matplotlib Figure objects drawn on their own Agg canvas (no pyplot): nothing opens a
     # window, nothing stays registered, and the caller's matplotlib backend is left alone.
     from cytopipe.report import html as H
@@ -54,14 +56,13 @@ def build_report(
 
     with style_context(), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)  # e.g. tight layout hints on tiny panels
-        builder = Builder(data, tables_href=tables_dir.name, max_gallery=max_gallery)
+        builder = Builder(data, tables_href=tables_dir.name, max_gallery=max_gallery, helper=helper)
         sections = build_sections(builder)
-    title = f"{data.study}: run report" + (" (blinded)" if data.blinded else "")
-    n = data.population_stats["sample_id"].nunique()
-    subtitle = (
-        f"{n} samples, {data.population_stats['patient_id'].nunique()} patients, arms: {', '.join(data.arms)}"
-    )
-    page = H.page(title, subtitle, sections)
+        title = f"{data.study}: run report" + (" (blinded)" if data.blinded else "")
+        n = data.population_stats["sample_id"].nunique()
+        patients = data.population_stats["patient_id"].nunique()
+        subtitle = f"{n} samples, {patients} patients, arms: {', '.join(data.arms)}"
+        page = builder.fill(H.page(title, subtitle, sections))
     # formula-like cells (=, +, -, @ ...) escaped: lab members open these in spreadsheets
     csvs = {name: csv_text(df) for name, df in builder.tables.items()}
 

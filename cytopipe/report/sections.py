@@ -12,7 +12,6 @@ the shared :class:`Builder`; keeping them side by side keeps that order and the 
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,7 +40,11 @@ ENDPOINT_TITLES = {
 class Builder:
     """Collects figures and CSV tables while the sections are built."""
 
-    def __init__(self, data: RunData, tables_href: str, max_gallery: int = MAX_GALLERY):
+    def __init__(
+        self, data: RunData, tables_href: str, max_gallery: int = MAX_GALLERY, helper: bool | None = None
+    ):
+        from cytopipe.report.render_helper import FigureQueue
+
         self.data = data
         self.colors = F.arm_colors(data.arms, data.reference_arm, data.dose_ordered)
         self.tables: dict[str, pd.DataFrame] = {}
@@ -49,6 +52,8 @@ class Builder:
         self.tables_href = tables_href
         self.max_gallery = max_gallery
         self.dynamics: pd.DataFrame | None = None  # per-patient changes, set by the dynamics section
+        self.gallery = FigureQueue(helper)  # gallery figures, drawn beside the other sections
+        self._captions: list[str] = []
 
     @property
     def reference(self) -> str:
@@ -64,6 +69,21 @@ class Builder:
         rendered = F.render(fig, name, alt)
         self.figures.append(rendered)
         return H.figure(rendered, caption)
+
+    def gallery_figure(self, args: tuple[Any, ...], name: str, alt: str, caption: str) -> str:
+        """A gate-gallery figure (``figures.gallery_figure(*args)``), drawn later: its HTML is a
+        placeholder until :meth:`fill`."""
+        n = self.gallery.submit(name, alt, args)
+        self._captions.append(caption)
+        return self.gallery.placeholder(n)
+
+    def fill(self, page: str) -> str:
+        """Draw the queued gallery figures and put them in ``page`` in place of their placeholders."""
+        rendered = self.gallery.finish()
+        self.figures.extend(rendered)
+        for n, (fig, caption) in enumerate(zip(rendered, self._captions)):
+            page = page.replace(self.gallery.placeholder(n), H.figure(fig, caption), 1)
+        return page
 
     def csv(self, df: pd.DataFrame, name: str) -> str:
         self.tables[name] = df
@@ -403,22 +423,18 @@ def gate_gallery(b: Builder) -> H.Section:
             )
             caption = (f"{pop}: {axes} ({scale}) of the {first['parent']} events.{cond} "
                        f"{n_flag} flagged, {n_out} outlying.{more}")  # fmt: skip
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fig = F.gallery_figure(recs, [mark[i] for i in ids], labels)
-            s.add(b.figure(fig, f"gate-{_slug(pop)}-{panel}", f"Gate review: {pop} ({axes})", caption))
+            s.add(b.gallery_figure((recs, [mark[i] for i in ids], labels), f"gate-{_slug(pop)}-{panel}",
+                                   f"Gate review: {pop} ({axes})", caption))  # fmt: skip
             every = [i for i in f["sample_id"] if i in pr.index and i not in set(ids) and pr.loc[i, "x"]]
             rest, undrawn = every[:MAX_GALLERY_REST], len(every) - MAX_GALLERY_REST
             if rest:  # every sample stays reachable: the others folded below
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    more_fig = F.gallery_figure([pr.loc[i].to_dict() for i in rest], [mark[i] for i in rest],
-                                                [f"{i}  {pr.loc[i, 'pct_parent']:.1f}%" for i in rest])  # fmt: skip
+                more_args = ([pr.loc[i].to_dict() for i in rest], [mark[i] for i in rest],
+                             [f"{i}  {pr.loc[i, 'pct_parent']:.1f}%" for i in rest])  # fmt: skip
                 note = (f" The last {undrawn} samples (in the order above) are not drawn, to keep the report "
                         f"small: their % of parent is in {b.tables_href}/gate_review.csv and their panels in "
                         "the review queue of `cytopipe serve`." if undrawn > 0 else "")  # fmt: skip
-                html_fig = b.figure(more_fig, f"gate-{_slug(pop)}-{panel}-more", f"Gate review: {pop} ({axes}), "
-                                    "the other samples", f"{pop}: {len(rest)} other samples.{note}")  # fmt: skip
+                html_fig = b.gallery_figure(more_args, f"gate-{_slug(pop)}-{panel}-more", f"Gate review: {pop} "
+                                            f"({axes}), the other samples", f"{pop}: {len(rest)} other samples.{note}")  # fmt: skip
                 s.add(f"<details><summary>Show the other {len(every)} samples</summary>{html_fig}</details>")
         bad = f[f["flagged"] | f["outlier"]]
         if len(bad):
