@@ -15,8 +15,9 @@ The trial is simulated once into a cache folder outside the repository (``--cach
 ``$XDG_CACHE_HOME/cytopipe-bench`` or ``~/.cache/cytopipe-bench``) and reused. The job is the one
 of ``workflows/sle_il2.yaml``: the canonical template (data-driven gates, pooled estimates), event
 QC, gate-review data, FlowSOM (10x10, 15 metaclusters, trained on 200k Live cells, every Live
-event of every file mapped), UMAP, statistics with the clinical table, and report.html, on a
-local Dask cluster of ``--workers`` processes.
+event of every file mapped), UMAP (on a worker, while this process computes the statistics),
+statistics with the clinical table, and report.html, on a local Dask cluster of ``--workers``
+processes.
 
 Printed: per-phase wall time (run.json), the CPU seconds of the worker processes and of this
 process (client, scheduler, nannies) in each phase and the workers' CPU microseconds per event,
@@ -48,7 +49,7 @@ TEMPLATE = REPO / "gating" / "sle_il2_tcell_nk.yaml"
 WORKFLOW = REPO / "workflows" / "sle_il2.yaml"
 TARGET_EVENTS = 700_000_000
 # phases whose work does not grow with the number of files (besides the per-run start-up)
-FIXED = ("clustering-model", "umap", "statistics", "report", "executor-start")
+FIXED = ("clustering-model", "umap", "statistics", "clustering-umap", "report", "executor-start")
 
 
 def default_cache() -> Path:
@@ -315,6 +316,7 @@ def report(
     print()
     print(f"{'phase':<20}{'seconds':>9}{'share':>8}{'kind':>10}{'worker CPU s':>14}{'us/event':>10}"
           f"{'main CPU s':>12}{'worker peak / matrix':>24}")  # fmt: skip
+    umap_s = next((s.get("umap_seconds") for s in info["steps"] if s["step"] == "clustering-umap"), None)
     for name, sec in rows:
         kind = "fixed" if name in FIXED else "per file"
         peak = _peak_ratio(sampler, name, largest)
@@ -326,6 +328,9 @@ def report(
     per_file_cpu = [sampler.cpu[n] for n, _ in rows if n not in FIXED and n in sampler.cpu]
     wsum, msum = sum(c[0] for c in per_file_cpu), sum(c[1] for c in per_file_cpu)
     print(f"{'total':<20}{wall:>9.1f}")
+    if umap_s is not None:
+        print(f"clustering-umap: the wait after the statistics for the UMAP, computed on a worker beside them "
+              f"({umap_s:.1f} s there, with its imports)")  # fmt: skip
     print(f"per-file phases: worker CPU {wsum:.1f} s = {1e6 * wsum / n_events:.2f} us per event; this process "
           f"(client, scheduler, nannies) {msum:.1f} s = {100 * msum / max(wsum, 1e-9):.0f}% of the workers' "
           f"CPU; worker CPU / (wall x workers) = {wsum / max(per_file_wall(rows) * args.workers, 1e-9):.2f}")  # fmt: skip

@@ -69,7 +69,12 @@ def test_run_folder_contents(sim_run, sim_trial):
     ]  # fmt: skip
     assert info["workflow"]["qc"]["time"]["mad"] == 6.0
     assert (sim_run / "study" / "gate_fits.parquet").is_file()
-    assert [s["step"] for s in info["steps"]][6:] == ["clustering-train", "clustering-map", "statistics"]
+    assert [s["step"] for s in info["steps"]][6:] == [
+        "clustering-train",
+        "clustering-map",
+        "statistics",
+        "clustering-umap",
+    ]
     assert info["problems"] == []
 
 
@@ -406,6 +411,40 @@ def test_a_sample_that_kills_its_worker_fails_alone():
     for i in set(range(30)) - {7, 12}:
         assert not isinstance(got[i], TaskFailure), (i, got[i])
         assert got[i]["i"] == i and got[i]["shared"] == "shared state", got[i]
+
+
+def test_a_submitted_task_runs_on_a_worker_and_says_how_it_ended(tmp_path):
+    """``executor.submit`` (the UMAP computed beside the statistics): the result comes back; the
+    task's own error is raised as it was raised; a task whose worker died is a TaskError that
+    says so, and the clustering-umap step records it as a problem of the run instead of failing
+    it. The synchronous executor computes the task when its result is asked for."""
+    from cytopipe.pipeline import DaskExecutor, SyncExecutor
+    from cytopipe.pipeline.cluster_steps import step_umap
+    from cytopipe.pipeline.context import RunContext
+    from cytopipe.pipeline.executors import TaskError
+    from cytopipe.store import RunFolder
+
+    ex = DaskExecutor(workers=1)
+    try:
+        ok = ex.submit(_crash_item, {"i": 1, "kind": "ok"}, "s", desc="t")
+        bad = ex.submit(_crash_item, {"i": 2, "kind": "raise"}, "s", desc="t")
+        dead = ex.submit(_crash_item, {"i": 3, "kind": "crash"}, "s", desc="t")
+        got = ok.result()
+        assert got["i"] == 1 and got["shared"] == "s" and got["pid"] != os.getpid()
+        with pytest.raises(ValueError, match="item 2 is bad"):
+            bad.result()
+        ctx = RunContext(wf=None, folder=RunFolder(tmp_path / "run"), executor=ex, progress=False)
+        ctx.umap = (dead, "key", None, tmp_path)
+        assert step_umap(ctx) == {} and ctx.umap is None
+        assert len(ctx.problems) == 1 and ctx.problems[0].startswith(
+            "clustering: no UMAP: TaskError: a worker died"
+        )
+        with pytest.raises(TaskError, match="a worker died"):
+            ex.submit(_crash_item, {"i": 4, "kind": "crash"}, "s", desc="t").result()
+    finally:
+        ex.close()
+    later = SyncExecutor().submit(_crash_item, {"i": 5, "kind": "ok"}, "s")
+    assert later.result()["pid"] == os.getpid()
 
 
 def _worker_settings() -> dict:
@@ -861,10 +900,11 @@ def test_cluster_command_remaps_and_retrains_a_run_folder(sim_run, sim_trial, tm
     assert sorted(clusters["population"].unique()) == [f"MC0{i}" for i in range(1, 6)]
     info = json.loads((out / "run.json").read_text())
     assert info["cluster_command"]["retrain"] is True and info["workflow"]["clustering"]["metaclusters"] == 5
-    assert [s["step"] for s in info["steps"]][-4:] == [
+    assert [s["step"] for s in info["steps"]][-5:] == [
         "clustering-train",
         "clustering-map",
         "statistics",
+        "clustering-umap",
         "report",
     ]
     st = pd.read_parquet(out / "statistics.parquet")

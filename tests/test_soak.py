@@ -21,7 +21,7 @@ from tests.pipeline_support import assert_same_outputs, cli_env
 KILLS = 24
 TARGETS = [  # lines of run.log that start each phase
     "run started", "step register", "step gating-fit", "step gating", "step clustering-train",
-    "step clustering-map", "step statistics", "writing the tables, catalog.duckdb", "writing the report",
+    "step clustering-map", "step statistics", "step clustering-umap", "writing the tables, catalog.duckdb", "writing the report",
 ]  # fmt: skip
 
 

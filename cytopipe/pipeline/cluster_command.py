@@ -26,7 +26,7 @@ from cytopipe.pipeline.executors import add_executor_arguments
 from cytopipe.report.blinding import add_blinding_arguments
 
 # steps of a run that this command redoes (their earlier records in run.json are replaced)
-_REDONE = ("clustering-train", "clustering-map", "statistics", "report")
+_REDONE = ("clustering-train", "clustering-map", "statistics", "clustering-umap", "report")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +78,7 @@ def cluster_run(
 ) -> Any:
     """Train (or reuse) the model and map every sample of a finished run; returns the
     :class:`~cytopipe.pipeline.runner.RunResult` of the updated run folder."""
+    from cytopipe.pipeline.cluster_steps import step_umap
     from cytopipe.pipeline.command import apply_report_options
     from cytopipe.pipeline.context import RunContext, Step, run_steps
     from cytopipe.pipeline.executors import make_executor
@@ -134,6 +135,7 @@ def cluster_run(
                 Step("clustering-train", _cluster_train),
                 Step("clustering-map", _cluster_map),
                 Step("statistics", step_statistics),
+                Step("clustering-umap", step_umap),
             ],
         )
     finally:

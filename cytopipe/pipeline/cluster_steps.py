@@ -261,10 +261,9 @@ def write_cluster_tables(
 
 
 def _write_umap(ctx: RunContext, model: Any, plan: ClusterPlan, rows: pd.DataFrame, folder: Path) -> None:
-    """One UMAP of the embedding rows (all samples, sorted), cached by its inputs."""
-    from cytopipe.cluster.model import metacluster_name
-    from cytopipe.store import atomic_write_parquet
-
+    """One UMAP of the embedding rows (all samples, sorted), cached by its inputs. When it is not
+    cached it is computed on a worker while this process computes the statistics; the
+    ``clustering-umap`` step (:func:`step_umap`) then writes it."""
     emb = plan.embedding
     n_neighbors = int(emb.get("neighbors", 15))
     if len(rows) <= n_neighbors + 1:
@@ -279,23 +278,54 @@ def _write_umap(ctx: RunContext, model: Any, plan: ClusterPlan, rows: pd.DataFra
     )[:32]
     ctx.keep_cache["umap"] = {key}
     xy = ctx.folder.load_cached("umap", key, "npy")
-    if xy is None:
-        from cytopipe.cluster import umap_embedding
+    if xy is not None:
+        _umap_table(folder, rows, xy)
+        return
+    kwargs = dict(n_neighbors=n_neighbors, min_dist=float(emb.get("min_dist", 0.1)), seed=plan.settings.seed,
+                  center=model.center, scale=model.scale)  # fmt: skip
+    ctx.umap = (
+        ctx.executor.submit(umap_task, x, list(model.markers), kwargs, desc="umap"),
+        key,
+        rows,
+        folder,
+    )
 
-        try:
-            xy = umap_embedding(
-                x,
-                list(model.markers),
-                n_neighbors=n_neighbors,
-                min_dist=float(emb.get("min_dist", 0.1)),
-                seed=plan.settings.seed,
-                center=model.center,
-                scale=model.scale,
-            )
-        except CytopipeError as exc:
-            ctx.problems.append(f"clustering: no UMAP: {exc}")
-            return
-        ctx.folder.save_cached("umap", key, "npy", xy)
+
+def umap_task(x: np.ndarray, markers: list[str], kwargs: dict[str, Any]) -> tuple[np.ndarray, float]:
+    """The UMAP coordinates of ``x`` and the seconds they took (on a worker)."""
+    import time
+
+    from cytopipe.cluster import umap_embedding
+
+    t0 = time.perf_counter()
+    return umap_embedding(x, markers, **kwargs), time.perf_counter() - t0
+
+
+def step_umap(ctx: RunContext) -> dict[str, Any]:
+    """Wait for the UMAP started by the clustering-map step (computed beside the statistics), cache
+    it and write ``clustering/umap.parquet``."""
+    if ctx.umap is None:
+        return {}
+    pending, key, rows, folder = ctx.umap
+    ctx.umap = None
+    try:
+        xy, seconds = pending.result()
+    except CytopipeError as exc:
+        ctx.problems.append(f"clustering: no UMAP: {exc}")
+        return {}
+    except Exception as exc:  # the worker died: the run's tables stand without the embedding
+        logger.error("the UMAP task failed", exc_info=exc)
+        ctx.problems.append(f"clustering: no UMAP: {type(exc).__name__}: {exc}")
+        return {}
+    ctx.folder.save_cached("umap", key, "npy", xy)
+    _umap_table(folder, rows, xy)
+    return {"umap_seconds": round(seconds, 3)}
+
+
+def _umap_table(folder: Path, rows: pd.DataFrame, xy: np.ndarray) -> None:
+    from cytopipe.cluster.model import metacluster_name
+    from cytopipe.store import atomic_write_parquet
+
     out = pd.DataFrame(
         {
             "sample_id": rows["sample_id"].astype(str),

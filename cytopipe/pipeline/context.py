@@ -56,6 +56,7 @@ class RunContext:
     blinding: Any = None  # (codes, record) when the run folder's outputs are blinded
     rerun: dict[str, Any] | None = None  # the inputs' fingerprint (cytopipe/rerun.py)
     writer: Any = None  # CacheWriter of the per-sample cache entries while the steps run
+    umap: Any = None  # the UMAP computed on a worker beside the statistics (cluster_steps.step_umap)
 
     def alive(self) -> list[dict[str, Any]]:
         return [j for j in self.jobs if j["sample_id"] not in self.failures]

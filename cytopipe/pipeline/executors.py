@@ -54,6 +54,21 @@ def add_executor_arguments(
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+class Deferred:
+    """The result of one task started with ``executor.submit``: :meth:`result` waits for it and
+    returns it, or raises what the task raised (a task that never returned: :class:`TaskError`)."""
+
+    def __init__(self, get: Callable[[], Any]):
+        self._get = get
+
+    def result(self) -> Any:
+        return self._get()
+
+
+class TaskError(RuntimeError):
+    """A submitted task that did not return (its worker died, it was cancelled, ...)."""
+
+
 @dataclass
 class TaskFailure:
     """A task that did not return (worker died too often, cancelled, ...)."""
@@ -79,6 +94,10 @@ class SyncExecutor:
                 bar.update(1)
         finally:
             bar.close()
+
+    def submit(self, fn: Callable, *args: Any, desc: str = "task") -> Deferred:
+        """``fn(*args)`` computed when its result is asked for (nothing runs beside this process)."""
+        return Deferred(lambda: fn(*args))
 
     def info(self) -> dict[str, Any]:
         return {"scheduler": self.name, "workers": 1}
@@ -259,6 +278,25 @@ class DaskExecutor:
             for fut in futures:
                 fut.cancel()
             shared_f.release()
+
+    def submit(self, fn: Callable, *args: Any, desc: str = "task") -> Deferred:
+        """``fn(*args)`` started on a worker now, beside what this process does next (the UMAP
+        while the statistics are computed)."""
+        fut = self.client.submit(
+            fn, *args, key=f"{desc}-{stable_hash([desc, time.time_ns()])[:10]}", pure=False
+        )
+
+        def get() -> Any:
+            try:
+                return fut.result()
+            except Exception as exc:
+                if type(exc).__module__.startswith(("distributed", "asyncio", "concurrent")):
+                    raise TaskError(_task_failure_message(exc)) from exc
+                raise  # the task's own error, as it raised it
+            finally:
+                fut.release()
+
+        return Deferred(get)
 
     def info(self) -> dict[str, Any]:
         return {

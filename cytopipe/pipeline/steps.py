@@ -23,7 +23,7 @@ from cytopipe import errors
 from cytopipe.config import stable_hash
 from cytopipe.errors import ManifestError, WorkflowError
 from cytopipe.pipeline.assemble import assemble_gate_review, assemble_population_stats, assemble_samples
-from cytopipe.pipeline.cluster_steps import step_cluster_map, step_cluster_train
+from cytopipe.pipeline.cluster_steps import step_cluster_map, step_cluster_train, step_umap
 from cytopipe.pipeline.context import (
     MAP_INPUTS,
     RunContext,
@@ -515,5 +515,8 @@ STEPS: list[Step] = [
     ),
     Step("clustering-map", _cluster_map, "every parent event mapped: clusters.parquet, clustering/"),
     Step("statistics", step_statistics, "statistics.parquet (gated populations and metaclusters)"),
+    Step(
+        "clustering-umap", step_umap, "clustering/umap.parquet (computed on a worker beside the statistics)"
+    ),
     # then, once the tables are written: the report (finish_run)
 ]
