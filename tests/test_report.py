@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -422,10 +424,11 @@ def test_blinding_helpers():
     assert find_leaks({"x": "IL-2 0.5 miu"}, ARMS) == ["x: 'IL-2 0.5 MIU'"]
 
 
-def test_the_gallery_drawn_beside_by_a_helper_process_gives_the_same_report(report, tmp_path):
+def test_the_gallery_drawn_beside_by_a_helper_process_gives_the_same_report(report, tmp_path, monkeypatch):
     """The gate gallery's figures are drawn by a helper process while the other sections are
     built (and the rest here); the page is byte for byte the one drawn here alone, also when the
     helper dies."""
+    from cytopipe.report import render_helper
     from cytopipe.report.build import build_report
     from cytopipe.report.data import load_run
     from cytopipe.report.render_helper import FigureQueue, draw
@@ -458,3 +461,12 @@ def test_the_gallery_drawn_beside_by_a_helper_process_gives_the_same_report(repo
         assert [r.uri for r in got] == want
         assert q.drawn_by_helper >= kill_after
         assert q._proc.poll() is not None
+    # a helper that stops answering (here: stopped by a signal) is ended after WAIT_SECONDS
+    monkeypatch.setattr(render_helper, "WAIT_SECONDS", 1.0)
+    q = FigureQueue(helper=True)
+    for job in jobs:
+        q.submit(*job)
+    os.kill(q._proc.pid, signal.SIGSTOP)
+    got = q.finish()
+    assert [r.uri for r in got] == want
+    assert q._proc.poll() == -signal.SIGKILL

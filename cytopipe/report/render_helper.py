@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<Q")
 #: fewer queued figures than this are drawn here: starting the helper costs ~1 s of CPU
 MIN_FIGURES = 4
+#: seconds this process waits, once it has drawn everything else, for the figure the helper is on
+#: (one takes well under a second): a helper stuck longer is ended and the figure drawn here
+WAIT_SECONDS = 300.0
 
 
 def _cpus() -> int:
@@ -171,7 +174,11 @@ class FigureQueue:
                 n = self._todo.pop() if self._todo else None
             if n is None:
                 if self._thread is not None:
-                    self._thread.join()
+                    self._thread.join(WAIT_SECONDS)
+                    if self._thread.is_alive() and self._proc is not None:
+                        log.warning("report: the gate gallery's helper process did not answer; ending it")
+                        self._proc.kill()
+                        self._thread.join()
                     self._thread = None
                 with self._lock:  # the helper stopped with figures left: they are drawn here
                     if not self._todo:
