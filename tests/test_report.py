@@ -470,3 +470,9 @@ def test_the_gallery_drawn_beside_by_a_helper_process_gives_the_same_report(repo
     got = q.finish()
     assert [r.uri for r in got] == want
     assert q._proc.poll() == -signal.SIGKILL
+    # a report that fails before its figures are needed ends its helper
+    q = FigureQueue(helper=True)
+    for job in jobs:
+        q.submit(*job)
+    q.close()
+    assert q._proc.poll() is not None and q._thread is None and q.drawn_by_helper < len(jobs)

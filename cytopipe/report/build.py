@@ -57,12 +57,15 @@ def build_report(
     with style_context(), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)  # e.g. tight layout hints on tiny panels
         builder = Builder(data, tables_href=tables_dir.name, max_gallery=max_gallery, helper=helper)
-        sections = build_sections(builder)
-        title = f"{data.study}: run report" + (" (blinded)" if data.blinded else "")
-        n = data.population_stats["sample_id"].nunique()
-        patients = data.population_stats["patient_id"].nunique()
-        subtitle = f"{n} samples, {patients} patients, arms: {', '.join(data.arms)}"
-        page = builder.fill(H.page(title, subtitle, sections))
+        try:
+            sections = build_sections(builder)
+            title = f"{data.study}: run report" + (" (blinded)" if data.blinded else "")
+            n = data.population_stats["sample_id"].nunique()
+            patients = data.population_stats["patient_id"].nunique()
+            subtitle = f"{n} samples, {patients} patients, arms: {', '.join(data.arms)}"
+            page = builder.fill(H.page(title, subtitle, sections))
+        finally:
+            builder.gallery.close()  # a section that failed: the helper stops drawing
     # formula-like cells (=, +, -, @ ...) escaped: lab members open these in spreadsheets
     csvs = {name: csv_text(df) for name, df in builder.tables.items()}
 

@@ -165,6 +165,17 @@ class FigureQueue:
         if proc.stdout is not None:
             proc.stdout.close()
 
+    def close(self) -> None:
+        """Drop what is not drawn yet and end the helper (the report failed before its figures were
+        needed)."""
+        with self._lock:
+            self._todo.clear()
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
     # ---- here -----------------------------------------------------------------------------------
     def finish(self) -> list[Any]:
         """Draw what the helper has not taken (from the back), wait for it; every figure's
