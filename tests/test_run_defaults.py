@@ -80,3 +80,34 @@ def test_command_line_overrides_win_over_the_defaults(tmp_path):
     )
     assert (wf.seed, wf.workers, wf.report["enabled"]) == (5, 2, False)
     assert wf.clinical is None and wf.statistics["enabled"] == "auto"
+
+
+def test_the_default_worker_count_and_the_report_helper_follow_the_cpus_the_process_may_use():
+    """On a machine whose process may use one CPU (its affinity here; a container's CPU quota
+    counts the same, as Dask counts them): one local worker, and no report helper process."""
+    import os
+    import subprocess
+    import sys
+
+    if len(os.sched_getaffinity(0)) < 2:
+        import pytest
+
+        pytest.skip("needs a machine with two CPUs to take one away")
+    code = (
+        "import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+        "from cytopipe.report.render_helper import FigureQueue\n"
+        "from cytopipe.pipeline import DaskExecutor\n"
+        "if __name__ == '__main__':\n"
+        "    ex = DaskExecutor()\n"
+        "    try:\n"
+        "        print(ex.n_workers, FigureQueue().helper)\n"
+        "    finally:\n"
+        "        ex.close()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1", "False"]
+    from cytopipe.report.render_helper import FigureQueue
+
+    assert FigureQueue().helper is True  # this process, with its two or more CPUs

@@ -159,7 +159,9 @@ class DaskExecutor:
                 ) from None
             self.kind = "existing"
         else:
-            n = workers or os.cpu_count() or 1
+            from dask.system import CPU_COUNT  # the CPUs this process may use (affinity, cgroup quota)
+
+            n = workers or CPU_COUNT or 1
             if memory_limit is not None:
                 from dask.utils import parse_bytes
 

@@ -42,10 +42,10 @@ WAIT_SECONDS = 300.0
 
 
 def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
+    """The CPUs this process may use (its affinity and a container's cgroup quota, as Dask counts)."""
+    from dask.system import CPU_COUNT
+
+    return int(CPU_COUNT or 1)
 
 
 def draw(job: tuple[str, str, tuple[Any, ...]]) -> Any:
