@@ -196,7 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     start_s = time.perf_counter() - t0
     warm = {"path": str(trial / samples["file"].iloc[0]), "file": samples["file"].iloc[0], "sample_id": "w",
             "control": ""}  # fmt: skip
-    list(executor.map(pipeline.fit_task, [warm] * args.workers, _state(wf), "warm", False))
+    # one warm-up task on EACH worker (a map of two tasks may put both on one worker; the other's
+    # idle RSS would then lack the libraries, and their import counted as the run's memory: one run
+    # on 2026-12-05 reported 17.8x so)
+    client = executor.client
+    state = _state(wf)
+    warmups = [client.submit(pipeline.fit_task, warm, state, workers=[addr], allow_other_workers=False, pure=False,
+                             key=f"warm-{i}") for i, addr in enumerate(client.scheduler_info(n_workers=-1)["workers"])]  # fmt: skip
+    client.gather(warmups)
+    del warmups
     time.sleep(0.5)
     sampler.idle = {p.pid: p.memory_info().rss for p in sampler.workers()}
     close = executor.close
