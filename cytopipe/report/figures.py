@@ -155,13 +155,17 @@ def text_overlaps(fig: Figure, texts: Sequence[Any] | None = None, tolerance: fl
             or bb.y1 > height + tolerance
         ):
             out.append(f"{text!r} outside the figure")
-    for i in range(len(boxes)):
-        a_text, a, ra = boxes[i]
-        for b_text, b, rb in boxes[i + 1 :]:
-            dx = min(a.x1, b.x1) - max(a.x0, b.x0)
-            dy = min(a.y1, b.y1) - max(a.y0, b.y0)
-            if dx > tolerance and dy > tolerance and _rects_overlap(ra, rb, tolerance):
-                out.append(f"{a_text!r} over {b_text!r}")
+    if len(boxes) < 2:
+        return out
+    # the boxes' overlaps all at once (a gallery figure of 336 panels has ~350 texts: ~60,000
+    # pairs), then the exact test of the turned rectangles only where the boxes overlap, in order
+    x0, y0, x1, y1 = np.array([[bb.x0, bb.y0, bb.x1, bb.y1] for _, bb, _ in boxes]).T
+    dx = np.minimum.outer(x1, x1) - np.maximum.outer(x0, x0)
+    dy = np.minimum.outer(y1, y1) - np.maximum.outer(y0, y0)
+    for i, j in zip(*np.nonzero(np.triu((dx > tolerance) & (dy > tolerance), k=1))):
+        (a_text, _, ra), (b_text, _, rb) = boxes[i], boxes[j]
+        if _rects_overlap(ra, rb, tolerance):
+            out.append(f"{a_text!r} over {b_text!r}")
     return out
 
 
