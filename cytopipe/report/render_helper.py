@@ -98,6 +98,8 @@ class FigureQueue:
             self._start()
         return n
 
+    PLACEHOLDER = r"<!--cytopipe-figure-(\d+)-->"  # the pattern of :meth:`placeholder`
+
     @staticmethod
     def placeholder(n: int) -> str:
         return f"<!--cytopipe-figure-{n}-->"
