@@ -243,8 +243,9 @@ def read_fcs(
     """
     with _FCSFile(path) as f:
         ds = f.dataset(dataset)
-        channels = _channel_table(ds.keywords, f)
-        layout = f.layout(ds, channels)
+        rows = _channel_rows(ds.keywords, f)
+        channels = _table_of(rows)
+        layout = f.layout(ds, rows)
         plan = _preprocess_plan(ds.keywords, channels, f) if preprocess else None
         events = f.read_events(layout, plan, out)
         spill = _spillover_for(ds.keywords, channels, f)
@@ -272,13 +273,14 @@ def read_fcs_header(path: str | Path, dataset: int = 0) -> FCSInfo:
     """
     with _FCSFile(path) as f:
         ds = f.dataset(dataset)
-        channels = _channel_table(ds.keywords, f)
+        rows = _channel_rows(ds.keywords, f)
+        channels = _table_of(rows)
         spill = _spillover_for(ds.keywords, channels, f)
         datatype = ds.keywords.get("$DATATYPE", "").strip().upper()
         data_segment, data_error, byte_order, n_events = None, None, "", -1
         try:
             n_events = _int_keyword(ds.keywords, "$TOT", f, default=-1)
-            layout = f.layout(ds, channels)
+            layout = f.layout(ds, rows)
             byte_order = "big" if layout.big else "little"
             data_segment = (layout.begin, layout.begin + layout.nbytes - 1)
             n_events = layout.n_events
@@ -593,9 +595,10 @@ class _FCSFile:
         return n
 
     # -- DATA layout -----------------------------------------------------------------------
-    def layout(self, ds: _DataSet, channels: pd.DataFrame) -> _Layout:
+    def layout(self, ds: _DataSet, rows: Sequence[tuple]) -> _Layout:
+        """Where and how the events are stored; ``rows``: :func:`_channel_rows`."""
         kw = ds.keywords
-        n_par = len(channels)
+        n_par = len(rows)
         datatype = kw.get("$DATATYPE", "").strip().upper()
         if not datatype:
             raise FCSKeywordError(
@@ -609,7 +612,7 @@ class _FCSFile:
                 keyword="$MODE",
             )
         kinds, bit_list = [], []
-        for n, bits in zip(channels["n"], channels["pnb"]):
+        for n, *_, bits, _pne, _png in rows:
             dt = kw.get(f"$P{n}DATATYPE", datatype).strip().upper() or datatype  # FCS 3.2
             key = f"$P{n}DATATYPE" if f"$P{n}DATATYPE" in kw else "$DATATYPE"
             if dt == "A":
@@ -644,7 +647,7 @@ class _FCSFile:
         else:
             n_events = _int_keyword(kw, "$TOT", self)
         begin, widths, n_events = self._data_segment(ds, n_events, width_options, n_par)
-        masks = _range_masks(channels, kinds, bit_list, widths, self) if "u" in kinds else [None] * n_par
+        masks = _range_masks(rows, kinds, bit_list, widths, self) if "u" in kinds else [None] * n_par
         row_bytes = sum(widths)
         return _Layout(
             n_events=n_events,
@@ -1029,12 +1032,12 @@ def _storage_widths(bits: list[int]) -> list[list[int]]:
 
 
 def _range_masks(
-    channels: pd.DataFrame, kinds: list[str], bits: list[int], widths: list[int], f: _FCSFile
+    rows: Sequence[tuple], kinds: list[str], bits: list[int], widths: list[int], f: _FCSFile
 ) -> list[int | None]:
     """AND masks for integer channels: keep the bits that ``$PnR`` (rounded up to a power
     of two, as FlowIO and fcsparser do) and ``$PnB`` allow; None when nothing is removed."""
     masks: list[int | None] = []
-    for n, rng, kind, b, w in zip(channels["n"], channels["pnr"], kinds, bits, widths):
+    for (n, _pnn, _pns, rng, *_), kind, b, w in zip(rows, kinds, bits, widths):
         if kind != "u":
             masks.append(None)
             continue
@@ -1178,7 +1181,31 @@ def _float_keyword(keywords: Mapping[str, str], key: str, f: _FCSFile, default: 
 # --------------------------------------------------------------------------------------------
 # channel table and spillover
 # --------------------------------------------------------------------------------------------
+def _table_of(rows: list[tuple]) -> pd.DataFrame:
+    """The channel table of ``rows`` (:func:`_channel_rows`)."""
+    columns = list(zip(*rows))
+    return pd.DataFrame(
+        {
+            "n": np.array(columns[0], dtype=np.int64),
+            "pnn": np.array(columns[1], dtype=object),
+            "pns": np.array(columns[2], dtype=object),
+            "pnr": np.array(columns[3], dtype=np.float64),
+            "pnb": np.array(columns[4], dtype=np.int64),
+            "pne": np.array(columns[5], dtype=object),
+            "png": np.array(columns[6], dtype=np.float64),
+        },
+        copy=False,  # the arrays are fresh: pandas' copy was ~1/3 of the TEXT-side cost of a read
+    )
+
+
 def _channel_table(keywords: Mapping[str, str], f: _FCSFile) -> pd.DataFrame:
+    """The channel table (``n, pnn, pns, pnr, pnb, pne, png``: one row per parameter)."""
+    return _table_of(_channel_rows(keywords, f))
+
+
+def _channel_rows(keywords: Mapping[str, str], f: _FCSFile) -> list[tuple]:
+    """``(n, pnn, pns, pnr, pnb, pne, png)`` of every parameter, checked; the file's warnings
+    about them noted on ``f``."""
     n_par = _int_keyword(keywords, "$PAR", f)
     if n_par <= 0:
         raise FCSKeywordError(
@@ -1222,20 +1249,7 @@ def _channel_table(keywords: Mapping[str, str], f: _FCSFile) -> pd.DataFrame:
         rows.append((n, pnn, keywords.get(f"$P{n}S", "").strip(), pnr, bits, pne, png))
     if empty_names:
         f.warn(f"parameter(s) {empty_names} have an empty or missing $PnN (kept as '')")
-    columns = list(zip(*rows))
-    table = pd.DataFrame(
-        {
-            "n": np.array(columns[0], dtype=np.int64),
-            "pnn": np.array(columns[1], dtype=object),
-            "pns": np.array(columns[2], dtype=object),
-            "pnr": np.array(columns[3], dtype=np.float64),
-            "pnb": np.array(columns[4], dtype=np.int64),
-            "pne": np.array(columns[5], dtype=object),
-            "png": np.array(columns[6], dtype=np.float64),
-        },
-        copy=False,  # the arrays are fresh: pandas' copy was ~1/3 of the TEXT-side cost of a read
-    )
-    counts = Counter(columns[1])
+    counts = Counter(r[1] for r in rows)
     dup = sorted(name for name, count in counts.items() if count > 1 and name)
     if dup:
         f.warn(f"duplicate channel names ($PnN) {dup}: kept as they are; select such channels by index")
@@ -1243,7 +1257,7 @@ def _channel_table(keywords: Mapping[str, str], f: _FCSFile) -> pd.DataFrame:
         f.warn(
             f"TEXT describes parameter {n_par + 1} but $PAR is {n_par}: parameters beyond $PAR are ignored"
         )
-    return table
+    return rows
 
 
 def read_spillover(keywords: Mapping[str, str], path: str | Path | None = None) -> Spillover | None:

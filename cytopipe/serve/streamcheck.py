@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from cytopipe.errors import CytopipeError
-from cytopipe.fcs import _channel_table, _FCSFile, _spillover_for
+from cytopipe.fcs import _channel_rows, _FCSFile, _spillover_for, _table_of
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +104,9 @@ class StreamCheck:
         f = _StreamedFCS(self.name, _Prefix(self.prefix, complete), self.size)
         try:
             ds = f.dataset(0)
-            channels = _channel_table(ds.keywords, f)
-            layout = f.layout(ds, channels)
+            rows = _channel_rows(ds.keywords, f)
+            channels = _table_of(rows)
+            layout = f.layout(ds, rows)
         except _NeedMore as more:
             self.need = more.end
             return
