@@ -18,7 +18,7 @@ Definitions, defaults and families: docs/statistics.md.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pandas as pd
@@ -92,13 +92,16 @@ def run_statistics(
     population_stats: pd.DataFrame,
     clinical: pd.DataFrame | None = None,
     settings: StatsSettings | Mapping[str, Any] | None = None,
+    map_fits: Callable[[Callable, list], Iterable] | None = None,
 ) -> pd.DataFrame:
     """Every analysis of the trial in one long table (write it to ``statistics.parquet``).
 
     ``population_stats``: one row per sample and population (``patient_id, visit, arm, population``
     and the measure columns). ``clinical``: the clinical table (validated here against the patients
     of ``population_stats``; a :class:`~cytopipe.errors.ClinicalDataError` lists every problem), or
-    None to skip the clinical families. Deterministic: same inputs, same table.
+    None to skip the clinical families. ``map_fits(fn, items)``: how the per-population mixed
+    models are fitted (results in the order of ``items``; default: one after another here; the
+    pipeline fits them on its Dask workers). Deterministic: same inputs, same table.
     """
     from cytopipe.clinical import derive_endpoints, validate_clinical
     from cytopipe.stats import analyses as an
@@ -142,7 +145,7 @@ def run_statistics(
             )
             rows += an.auc_tests(auc, measure, order, reason, s)
         if s.mixed_model and wanted("mixed_arm_visit", "mixed_arm", "mixed_interaction", "mixed_dose_trend"):
-            rows += an.mixed_model_tests(dyn, measure, order, reason, s)
+            rows += an.mixed_model_tests(dyn, measure, order, reason, s, map_fits=map_fits)
         if endpoints is not None:
             arms = order or sorted(arms_present)
             if wanted(

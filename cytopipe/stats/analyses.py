@@ -10,7 +10,8 @@ models themselves live in :mod:`cytopipe.stats.models`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -222,11 +223,18 @@ def auc_tests(
 # mixed model
 # ------------------------------------------------------------------------------------------------
 def mixed_model_tests(
-    dyn: pd.DataFrame, measure: str, arms: Sequence[str] | None, reason: str, s: StatsSettings
+    dyn: pd.DataFrame,
+    measure: str,
+    arms: Sequence[str] | None,
+    reason: str,
+    s: StatsSettings,
+    map_fits: Callable[[Callable, list], Iterable] | None = None,
 ) -> list[dict]:
     """Families ``mixed_arm_visit`` (arm x visit effects), ``mixed_arm`` (joint Wald test of all of
     them), ``mixed_interaction`` (Wald test that the arm effects are equal across visits) and
-    ``mixed_dose_trend`` (linear dose term: slope of the visit-averaged arm effects on dose)."""
+    ``mixed_dose_trend`` (linear dose term: slope of the visit-averaged arm effects on dose).
+    ``map_fits(fn, items)``: runs the per-population fits (each independent of the others) and
+    gives their results in the order of ``items``; default: one after another, here."""
     doses, dose_reason = arm_doses(list(arms) if arms is not None else list(set(dyn["arm"])), s)
     outcome = s.change_scale
     post = dyn[dyn["visit"] > s.baseline_visit]
@@ -259,17 +267,19 @@ def mixed_model_tests(
                     )
             return rows
         arms = [s.reference_arm] + [a for a in arm_list if a != s.reference_arm]
-    for pop, group in post.groupby("population", sort=False):
-        fit = fit_mixed_model(
-            group,
-            outcome,
-            arms,
-            s.reference_arm,
-            min_group_size=s.min_group_size,
-            alpha=s.alpha,
-            doses=doses,
-            covariance=s.mixed_model_covariance,
-        )
+    groups = list(post.groupby("population", sort=False))
+    fit_one = partial(
+        fit_mixed_model,
+        outcome=outcome,
+        arms=arms,
+        reference=s.reference_arm,
+        min_group_size=s.min_group_size,
+        alpha=s.alpha,
+        doses=doses,
+        covariance=s.mixed_model_covariance,
+    )
+    fits = list((map_fits or map)(fit_one, [group for _, group in groups]))
+    for (pop, _group), fit in zip(groups, fits):
         detail = _n_detail(fit.group_sizes) + f"; observations={fit.n_obs}"
         label = f"difference in mean {_SCALE_LABEL[outcome]} vs {s.reference_arm}, adjusted for baseline"
         for e in fit.effects.itertuples(index=False):
