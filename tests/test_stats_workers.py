@@ -38,7 +38,9 @@ def test_mixed_models_fitted_on_the_workers_give_the_same_statistics(pipeline_ru
     ps = pd.read_parquet(out / "population_stats.parquet")
     s = StatsSettings()
     clinical = load_clinical(
-        REPO / "sample_data" / "clinical.csv", patients=ps[["patient_id", "arm"]], baseline_visit=s.baseline_visit
+        REPO / "sample_data" / "clinical.csv",
+        patients=ps[["patient_id", "arm"]],
+        baseline_visit=s.baseline_visit,
     )
     here = run_statistics(ps, clinical, s)
     assert (here["family"] == "mixed_arm").sum() == ps["population"].nunique()
