@@ -10,6 +10,8 @@ For the issue-17 figures, on a quiet machine, run exactly (the first run simulat
     python bench/trial.py                       # 150 files x 200k, 2 workers: the phase table, 700M
     python bench/trial.py --workers 1           # the same trial on 1 worker (CPU per event, 2-vs-1)
     python bench/trial.py --patients 1 --visits 0 --events 5000000 --workers 1   # peak RSS / matrix
+    python bench/trial.py --patients 1167 --events 20000   # 3,501 files: the fixed costs (statistics,
+                                                           # report) at the full trial's file count
 
 The trial is simulated once into a cache folder outside the repository (``--cache``, default
 ``$XDG_CACHE_HOME/cytopipe-bench`` or ``~/.cache/cytopipe-bench``) and reused. The job is the one
@@ -26,7 +28,8 @@ above its warm idle RSS, against the largest event matrix of the trial (goal <= 
 average, and the extrapolation to 700M events (500 patients x 7 visits x 200k), with the fixed
 costs (cluster start, model training, UMAP, statistics, report) separated from the per-file
 ones. Statistics and the report do grow with the number of patients; the extrapolation also
-prints the bound with them scaled linearly. Timings on a shared machine are noisy: note the load.
+prints the bound with them scaled linearly, and the run of 3,501 small files above measures them
+at the full trial's file count (~10 min with its simulation; 53 s of fixed costs on 2026-12-05). Timings on a shared machine are noisy: note the load.
 CPU seconds are much less sensitive to other load than wall time: the per-event cost against the
 gating kernel is computed from them (the workers' CPU in the per-file phases per event vs the
 kernel's CPU per event in this process).
