@@ -447,6 +447,21 @@ def test_a_submitted_task_runs_on_a_worker_and_says_how_it_ended(tmp_path):
     assert later.result()["pid"] == os.getpid()
 
 
+def test_tasks_submitted_in_the_same_clock_tick_stay_distinct(monkeypatch):
+    """Many submits in a tight loop (the statistics' mixed-model fits): a clock that does not move
+    between them must not give two tasks one key (dask would give both the first one's result)."""
+    import cytopipe.pipeline.executors as executors
+    from cytopipe.pipeline import DaskExecutor
+
+    ex = DaskExecutor(workers=1)
+    try:
+        monkeypatch.setattr(executors.time, "time_ns", lambda: 1_700_000_000_000_000_000)
+        pending = [ex.submit(_crash_item, {"i": i, "kind": "ok"}, "s", desc="fit") for i in range(5)]
+        assert [p.result()["i"] for p in pending] == [0, 1, 2, 3, 4]
+    finally:
+        ex.close()
+
+
 def _worker_settings() -> dict:
     import dask
 

@@ -284,9 +284,11 @@ class DaskExecutor:
     def submit(self, fn: Callable, *args: Any, desc: str = "task") -> Deferred:
         """``fn(*args)`` started on a worker now, beside what this process does next (the UMAP
         while the statistics are computed)."""
-        fut = self.client.submit(
-            fn, *args, key=f"{desc}-{stable_hash([desc, time.time_ns()])[:10]}", pure=False
-        )
+        # the key must be unique: tasks submitted with one key are one task to dask (each future
+        # would get the first one's result); the clock alone can repeat within a tight loop
+        self._submitted = getattr(self, "_submitted", 0) + 1
+        token = stable_hash([desc, time.time_ns(), os.getpid(), id(self), self._submitted])[:10]
+        fut = self.client.submit(fn, *args, key=f"{desc}-{self._submitted}-{token}", pure=False)
 
         def get() -> Any:
             try:
