@@ -135,8 +135,13 @@ def group_medians(track: pd.DataFrame, by: str) -> pd.DataFrame:
         sel = t["population"] == pop
         pools = {True: t.loc[sel, "within"].dropna().to_numpy(float),
                  False: (t.loc[sel, "pct_parent"] - t.loc[sel, "centre"]).dropna().to_numpy(float)}  # fmt: skip
+        known: dict[tuple[bool, int], float] = {}  # batches of one size share the bootstrap (its seed)
         for i in rows:
-            se[out.index.get_loc(i)] = _median_se(pools[bool(paired[i])], int(n[out.index.get_loc(i)]))
+            k = out.index.get_loc(i)
+            key = (bool(paired[i]), int(n[k]))
+            if key not in known:
+                known[key] = _median_se(pools[key[0]], key[1])
+            se[k] = known[key]
     with np.errstate(invalid="ignore", divide="ignore"):
         out["z"] = np.where(se > 0, shift / se, np.nan)
     out["shifted"] = out["z"].abs() > SHIFT_Z
@@ -158,6 +163,8 @@ def levey_jennings_figure(track: pd.DataFrame, populations: Sequence[str], ncols
     """Small multiples: each population's frequency in acquisition order, its centre line, the
     2 SD (dashed) and 3 SD (solid) limits, each batch's median as a short bar, points outside
     3 SD ringed in red; marker shape = site."""
+    from matplotlib.collections import LineCollection
+
     from cytopipe.report.figures import _panel_grid
 
     fig, axes, nrows, ncols = _panel_grid(len(populations), ncols, panel=(2.6, 1.35))
@@ -189,10 +196,9 @@ def levey_jennings_figure(track: pd.DataFrame, populations: Sequence[str], ncols
         out = d["z"].abs().to_numpy(float) > 3
         if out.any():
             ax.scatter(x[out], y[out], s=30, facecolor="none", edgecolor="#e03131", lw=0.9, zorder=4)
-        for _, g in d[d["batch"].notna()].groupby("batch", sort=False):
-            if len(g) > 1:
-                ax.plot([g["order"].min() - 0.3, g["order"].max() + 0.3], [g["pct_parent"].median()] * 2,
-                        color="#212529", lw=1.6, solid_capstyle="butt", zorder=2)  # fmt: skip
+        bars = _batch_bars(d)
+        if bars:  # one collection: a line per batch took 5,000 plot calls in a 3,500-sample study
+            ax.add_collection(LineCollection(bars, colors="#212529", linewidths=1.6, capstyle="butt", zorder=2))
         lo, hi = min(np.nanmin(y), c - 3 * sd), max(np.nanmax(y), c + 3 * sd)
         pad = 0.05 * (hi - lo) if hi > lo else 1.0
         ax.set_ylim(max(lo - pad, 0.0), min(hi + pad, 100.0))
@@ -210,6 +216,14 @@ def levey_jennings_figure(track: pd.DataFrame, populations: Sequence[str], ncols
         fig.legend(handles, [f"site {s}" for s in sites], loc="upper center", ncol=len(sites), frameon=False,
                    bbox_to_anchor=(0.5, 1.0))  # fmt: skip
     return fig
+
+
+def _batch_bars(d: pd.DataFrame) -> list[list[tuple[float, float]]]:
+    """Each batch's median as a bar over its samples' positions (batches of >= 2 samples)."""
+    g = d[d["batch"].notna()].groupby("batch", sort=False)
+    agg = pd.DataFrame({"lo": g["order"].min(), "hi": g["order"].max(), "n": g.size(), "y": g["pct_parent"].median()})
+    agg = agg[agg["n"] > 1]
+    return [[(lo - 0.3, y), (hi + 0.3, y)] for lo, hi, y in zip(agg["lo"], agg["hi"], agg["y"])]
 
 
 def section(b: Any) -> Any:

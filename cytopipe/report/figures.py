@@ -659,6 +659,17 @@ def _set_ylim(
     ax.set_ylim(lo, hi)
 
 
+def _patient_lines(d: pd.DataFrame, dodge: float) -> list[np.ndarray]:
+    """Each patient's (visit + dodge, % of parent) points, from rows sorted by patient and visit:
+    cut where the patient changes (a groupby made a frame per patient: ~5 s for 1,167 patients)."""
+    d = d[d["patient_id"].notna()]
+    if d.empty:
+        return []
+    xy = np.column_stack([d["visit"].to_numpy(float) + dodge, d["pct_parent"].to_numpy(float)])
+    pid = d["patient_id"].to_numpy()
+    return np.split(xy, np.flatnonzero(pid[1:] != pid[:-1]) + 1)
+
+
 def dynamics_figure(
     per_sample: pd.DataFrame,
     summary: pd.DataFrame,
@@ -692,10 +703,7 @@ def dynamics_figure(
             da = d[d["arm"] == arm]
             if da.empty:
                 continue
-            segs = [
-                g[["visit", "pct_parent"]].to_numpy(float) + (dodge[arm], 0.0)
-                for _, g in da.groupby("patient_id", sort=False)
-            ]
+            segs = _patient_lines(da, dodge[arm])
             ax.add_collection(LineCollection(segs, colors=colors[arm], linewidths=0.6, alpha=alpha))
             if show_sample_ci and {"pct_ci_low", "pct_ci_high"} <= set(da.columns):
                 x = da["visit"].to_numpy(float) + dodge[arm]

@@ -686,9 +686,13 @@ def gate_review_bytes(table: pd.DataFrame) -> bytes:
     if missing:
         raise ReportError(f"gate-review table lacks columns {missing}", key="gate_review")
     frame = table[GATE_REVIEW_COLUMNS].reset_index(drop=True)
-    arrow = pa.Table.from_pandas(frame, schema=_arrow_schema(), preserve_index=False)
+    schema = _arrow_schema()
+    arrow = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
     buf = io.BytesIO()
-    pq.write_table(arrow, buf, compression="zstd")
+    # no dictionary for the list columns (histogram counts, ranges, parameters): the dictionary
+    # of 66,519 panels' counts (3,501 files) took half the write and read time for 18% less size
+    plain = [f.name for f in schema if not pa.types.is_list(f.type)]
+    pq.write_table(arrow, buf, compression="zstd", use_dictionary=plain)
     return buf.getvalue()
 
 
