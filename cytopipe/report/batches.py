@@ -198,7 +198,9 @@ def levey_jennings_figure(track: pd.DataFrame, populations: Sequence[str], ncols
             ax.scatter(x[out], y[out], s=30, facecolor="none", edgecolor="#e03131", lw=0.9, zorder=4)
         bars = _batch_bars(d)
         if bars:  # one collection: a line per batch took 5,000 plot calls in a 3,500-sample study
-            ax.add_collection(LineCollection(bars, colors="#212529", linewidths=1.6, capstyle="butt", zorder=2))
+            ax.add_collection(
+                LineCollection(bars, colors="#212529", linewidths=1.6, capstyle="butt", zorder=2)
+            )
         lo, hi = min(np.nanmin(y), c - 3 * sd), max(np.nanmax(y), c + 3 * sd)
         pad = 0.05 * (hi - lo) if hi > lo else 1.0
         ax.set_ylim(max(lo - pad, 0.0), min(hi + pad, 100.0))
@@ -221,7 +223,9 @@ def levey_jennings_figure(track: pd.DataFrame, populations: Sequence[str], ncols
 def _batch_bars(d: pd.DataFrame) -> list[list[tuple[float, float]]]:
     """Each batch's median as a bar over its samples' positions (batches of >= 2 samples)."""
     g = d[d["batch"].notna()].groupby("batch", sort=False)
-    agg = pd.DataFrame({"lo": g["order"].min(), "hi": g["order"].max(), "n": g.size(), "y": g["pct_parent"].median()})
+    agg = pd.DataFrame(
+        {"lo": g["order"].min(), "hi": g["order"].max(), "n": g.size(), "y": g["pct_parent"].median()}
+    )
     agg = agg[agg["n"] > 1]
     return [[(lo - 0.3, y), (hi + 0.3, y)] for lo, hi, y in zip(agg["lo"], agg["hi"], agg["y"])]
 
