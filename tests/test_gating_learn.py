@@ -216,7 +216,13 @@ def small_study(tmp_path_factory):
 # 0.904, 0.923 / 0.872, 0.942 / 0.917 and 0.922 / 0.922, 0.955 / 0.889, 0.890 / 0.864 (the fit
 # alone, without FMO controls in this study: 0.888 / 0.859, 0.896 / 0.834, 0.938 / 0.916); the
 # mean of that and the learned threshold: 0.955 / 0.933, 0.942 / 0.917, 0.966 / 0.933 (median) and
-# 0.945 / 0.956, 0.957 / 0.923, 0.962 / 0.935 (site).
+# 0.945 / 0.956, 0.957 / 0.923, 0.962 / 0.935 (site). Tried 2026-12-05 on tuning seeds 5151 / 5152
+# and not kept (pooled F1 Th17 / activated cTfh; the learner: 0.960 / 0.941, 0.943 / 0.951): each
+# axis warped through a two-component Gaussian mixture of the parent (the components' means and
+# +-2 SD as knots; openCyto's flowClust K=2 idea): 0.895 / 0.883, 0.922 / 0.942; the mean of that
+# warp and the landmark warp: 0.934 / 0.911, 0.943 / 0.941; thresholds moved to the target's point
+# of the example's posterior log-ratio: 0.870 / 0.894, 0.890 / 0.883 (and every other population
+# down to ~0.93).
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="Th17 / activated cTfh below F1 0.95 (see comment)")
 def test_learned_gates_on_21_samples_of_a_random_instrument_study(tmp_path):
