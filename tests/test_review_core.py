@@ -268,3 +268,37 @@ def test_two_processes_applying_decisions_to_one_run_take_turns(run_dir):
     after = pd.read_parquet(run_dir / "population_stats.parquet").set_index(KEY)
     assert after.loc[(mine, "Th17"), "pct_parent"] == 12.345  # kept: the second writer read it
     assert after.loc[(theirs, "Memory CD4"), "gate_source"] == "overridden"  # and made its own change
+
+
+def test_an_override_recomputes_the_statistics_of_a_run_with_statistics(pipeline_run, tmp_path):
+    """The README's run (statistics with the clinical table): an override re-gates the sample and
+    the statistics are fitted again from the reviewed table, in this process (no Dask cluster
+    here; an AttributeError once the mixed models went to the run's workers, found by
+    bench/review.py on 2026-12-05)."""
+    src, proc = pipeline_run
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "run"
+    shutil.copytree(src, run_dir)
+    forget()
+    try:
+        before = pd.read_parquet(run_dir / "statistics.parquet")
+        review = pd.read_parquet(run_dir / "gate_review.parquet")
+        sid = sorted(review["sample_id"].unique())[3]
+        t = current_params(review, sid, "Treg", run_dir)["FOXP3 >="]
+        state = ReviewState()
+        state.add(Decision("override", sid, "Treg", "rita", params={"FOXP3 >=": t + 1.0}, reason="dim FOXP3"))
+        got = apply_review(run_dir, state, statistics=True, report=False)
+    finally:
+        forget()
+    assert not got["problems"], got["problems"]
+    pct_before, pct_after = got["changes"][f"{sid}/Treg"]
+    assert pct_after < pct_before
+    after = pd.read_parquet(run_dir / "statistics.parquet")
+    assert list(after.columns) == list(before.columns) and len(after) == len(before)
+    ident = ["family", "population", "measure", "scale", "visit", "endpoint", "subgroup", "comparison"]
+    pd.testing.assert_frame_equal(after[ident], before[ident])  # the same analyses, in the same order
+    treg = after["population"].astype(object).eq("Treg").to_numpy(bool)
+    a, b = after["estimate"].to_numpy(float), before["estimate"].to_numpy(float)
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    assert treg.any() and not same[treg].all()  # the overridden sample's Treg entered the models
+    assert same[~treg].all()  # no other population's estimate moved

@@ -168,7 +168,7 @@ def _fits_on_workers(ctx: RunContext) -> Any:
     instead of one after another here. Only with two or more workers: the UMAP may hold one.
     Same results: each fit is the same function of the same table, whatever process runs it (the
     tables are byte-identical; ``tests/test_output_hashes.py``). A fit whose worker died is done here."""
-    executor = ctx.executor
+    executor = getattr(ctx, "executor", None)  # a review's re-computation has none: fit here
     if executor is None or getattr(executor, "name", "") != "distributed":
         return None
     try:

@@ -596,8 +596,8 @@ def _statistics(lr: Any, tables: dict[str, pd.DataFrame], problems: list[str]) -
     if not statistics_enabled(lr.wf):
         return None
     ctx = SimpleNamespace(
-        wf=lr.wf, stats_settings=statistics_settings(lr.wf), tables=tables, problems=problems
-    )
+        wf=lr.wf, stats_settings=statistics_settings(lr.wf), tables=tables, problems=problems, executor=None
+    )  # no Dask cluster here: the mixed models are fitted in this process
     try:
         table, _ = compute_statistics(ctx)
     except CytopipeError as exc:
