@@ -29,7 +29,7 @@ average, and the extrapolation to 700M events (500 patients x 7 visits x 200k), 
 costs (cluster start, model training, UMAP, statistics, report) separated from the per-file
 ones. Statistics and the report do grow with the number of patients; the extrapolation also
 prints the bound with them scaled linearly, and the run of 3,501 small files above measures them
-at the full trial's file count (~10 min with its simulation; 53 s of fixed costs on 2026-12-05). Timings on a shared machine are noisy: note the load.
+at the full trial's file count (~10 min with its simulation; 46-53 s of fixed costs on 2026-12-05). Timings on a shared machine are noisy: note the load.
 CPU seconds are much less sensitive to other load than wall time: the per-event cost against the
 gating kernel is computed from them (the workers' CPU in the per-file phases per event vs the
 kernel's CPU per event in this process).

@@ -1198,11 +1198,6 @@ def _table_of(rows: list[tuple]) -> pd.DataFrame:
     )
 
 
-def _channel_table(keywords: Mapping[str, str], f: _FCSFile) -> pd.DataFrame:
-    """The channel table (``n, pnn, pns, pnr, pnb, pne, png``: one row per parameter)."""
-    return _table_of(_channel_rows(keywords, f))
-
-
 def _channel_rows(keywords: Mapping[str, str], f: _FCSFile) -> list[tuple]:
     """``(n, pnn, pns, pnr, pnb, pne, png)`` of every parameter, checked; the file's warnings
     about them noted on ``f``."""

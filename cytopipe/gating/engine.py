@@ -281,6 +281,24 @@ class PooledEstimates:
         self._lookup_index = (t, self.sample_groups, first, groups)
         return first, groups
 
+    def rows_for(self, patient: str, batch: str) -> list[int]:
+        """Positions (ascending) of the table rows a sample of ``patient`` and ``batch`` can use:
+        the cohort's, its patient's and its batch's. The (level, group) index is built once per
+        table (a boolean filter of the whole table per patient was quadratic in the study's size:
+        16 s of the gating step for 3,500 files)."""
+        cached = getattr(self, "_rows_index", None)
+        if cached is None or cached[0] is not self.table:
+            cohort: list[int] = []
+            by_group: dict[tuple[str, Any], list[int]] = {}
+            for i, (level, group) in enumerate(zip(self.table["level"], self.table["group"])):
+                if level == "cohort":
+                    cohort.append(i)
+                elif level in ("patient", "batch"):
+                    by_group.setdefault((level, group), []).append(i)
+            cached = self._rows_index = (self.table, cohort, by_group)
+        _, cohort, by_group = cached
+        return sorted(cohort + by_group.get(("patient", patient), []) + by_group.get(("batch", batch), []))
+
 
 def _n(k: int) -> str:
     return f"{k} sample" if k == 1 else f"{k} samples"
