@@ -335,6 +335,22 @@ class Panel:
                 missing.append(marker)
         return missing
 
+    def resolve_carried(
+        self, channels: Any, file: str | Path | None = None
+    ) -> tuple[dict[str, str], list[str]]:
+        """Marker -> ``$PnN`` for the markers the file carries, and the markers no channel carries
+        (in panel order); an ambiguous or mis-mapped marker still raises PanelError."""
+        rows, path = _channel_rows(channels)
+        file = file if file is not None else path
+        found: dict[str, str] = {}
+        absent: list[str] = []
+        for marker in self.markers:
+            if self._mapping.get(self._key(marker)) is None and not _candidates(self.aliases, marker, rows):
+                absent.append(marker)
+            else:
+                found[marker] = self._resolve_one(marker, rows, file)
+        return found, absent
+
     def _resolve_one(self, marker: str, rows: Sequence[tuple[str, str]], file: Any) -> str:
         pnns = [n for n, _ in rows]
         explicit = self._mapping.get(self._key(marker))
