@@ -15,6 +15,11 @@ the gates used; ``var`` indexed by marker name with ``channel`` and ``signal_typ
 (``sample_id``, ``patient_id``, ``visit``, ``arm``, ``batch``) and ``event`` (the event's index
 in its FCS file); ``uns["cytopipe"]`` = run, population, transforms and compensation.
 
+Markers the files do not carry (as the run gates them, e.g. with ``missing_markers: skip``): a
+template marker no exported file carries is left out of ``var`` (named in a note and in
+``uns["cytopipe"]["markers_left_out"]``); one that some files carry is kept, NaN for the samples
+whose file lacks it. Every sample has the same ``var`` columns.
+
 FCS export writes, per sample, the raw (uncompensated) events of the population with every
 keyword and the spillover matrix of the source file, so it can be re-analysed anywhere.
 """
@@ -24,6 +29,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +55,15 @@ from cytopipe.pipeline import (
 )
 from cytopipe.pipeline.executors import add_executor_arguments
 
+logger = logging.getLogger(__name__)
+
+
+ANNDATA_MARKERS_HELP = (
+    "Columns (var): the template's markers. A marker no exported file carries (e.g. a run with "
+    "`missing_markers: skip`) is left out and named in a note; a marker some files lack is NaN for "
+    "those samples, so every sample has the same columns."
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="format", metavar="FORMAT", required=True)
@@ -55,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("anndata", "one .h5ad with the population's events from every sample"),
         ("fcs", "one FCS file per sample with the population's raw events"),
     ):
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        description = f"{help_text}. {ANNDATA_MARKERS_HELP}" if name == "anndata" else help_text
+        p = sub.add_parser(name, help=help_text, description=description)
         p.add_argument("run_dir", metavar="RUN_DIR", help="a finished `cytopipe run` folder")
         p.add_argument("--population", required=True, help='population name as in the template, e.g. "CD4 T"')
         p.add_argument(
@@ -100,14 +117,16 @@ class ExportReport:
     population: str
     counts: dict[str, int]  # sample_id -> events exported
     failed: dict[str, str]  # sample_id -> error
+    notes: list[str] = field(default_factory=list)  # markers left out or NaN for some samples
 
     def summary(self) -> str:
         lines = [
             f"cytopipe export: {sum(self.counts.values())} events of {self.population!r} from "
             f"{len(self.counts)} samples -> {self.out}"
         ]
+        lines += [f"  note: {note}" for note in self.notes]
         for sid, err in sorted(self.failed.items()):
-            lines.append(f"  failed  {sid}: {err}")
+            lines.append(f"  failed  {sid}: {_short_error(err)}")
         if self.failed:
             lines.append(f"completed with failures: {len(self.failed)} samples not exported (exit code 3)")
         return "\n".join(lines)
@@ -183,9 +202,13 @@ def export_task(job: dict[str, Any], spec: ExportSpec) -> dict[str, Any]:
         if spec.max_events is not None and len(idx) > spec.max_events:
             rng = np.random.default_rng([spec.seed, int(job["sha256"][:15], 16)])
             idx = np.sort(rng.choice(idx, size=spec.max_events, replace=False))
-        if spec.mode == "fcs":
-            return _write_fcs(prep, result, idx, job, spec)
-        return _population_matrix(prep, idx, job, spec)
+        out = (
+            _write_fcs(prep, result, idx, job, spec)
+            if spec.mode == "fcs"
+            else _population_matrix(prep, idx, job, spec)
+        )
+        out["not_measured"] = result.populations[spec.population].source == "not measured"
+        return out
 
     return _guard(body)
 
@@ -207,27 +230,28 @@ def _write_fcs(prep, result, idx, job, spec: ExportSpec) -> dict[str, Any]:
 
 
 def _population_matrix(prep, idx, job, spec: ExportSpec) -> dict[str, Any]:
-    """Compensated (linear) and transformed values of the template markers for ``idx``."""
-    from cytopipe.panel import resolve_markers
+    """Compensated (linear) and transformed values for ``idx`` of the template markers the file
+    carries (``markers``, in template order; a marker no channel carries is left out, as the
+    gating engine leaves it out: its populations are 'not measured')."""
+    from cytopipe.panel import Panel
 
     sample = prep.sample
-    template = spec.state.template
-    mapping = resolve_markers(sample.channels, spec.markers, mapping=template.panel or None, file=job["file"])
+    panel = Panel(spec.markers, mapping=spec.state.template.panel or None)
+    mapping, _ = panel.resolve_carried(sample.channels, file=job["file"])
+    markers = [m for m in spec.markers if m in mapping]
     pnn = list(sample.channels["pnn"])
-    cols = [pnn.index(mapping[m]) for m in spec.markers]
+    cols = [pnn.index(mapping[m]) for m in markers]
     # the compensation the gating engine applies, on the population's events only
     comp = _compensate_events(np.ascontiguousarray(sample.events[idx]), sample, spec.state)
     linear = np.ascontiguousarray(comp[:, cols], dtype=np.float32)
     shown = linear.copy()
-    transforms = {}
-    for k, marker in enumerate(spec.markers):
+    for k, marker in enumerate(markers):
         tspec = _transform_spec(spec.state, marker)
-        transforms[marker] = tspec
         if tspec is not None:
             shown[:, k] = _apply(tspec, linear[:, k])
     event = idx if prep.kept is None else prep.kept[idx]
-    return {"linear": linear, "transformed": shown, "event": event.astype(np.int64),
-            "channels": [pnn[c] for c in cols], "transforms": transforms, "count": int(len(idx))}  # fmt: skip
+    return {"linear": linear, "transformed": shown, "event": event.astype(np.int64), "markers": markers,
+            "channels": [pnn[c] for c in cols], "count": int(len(idx))}  # fmt: skip
 
 
 def _transform_spec(state: StudyState, marker: str) -> dict | None:
@@ -309,21 +333,31 @@ def _export_h5ad(
     parts = [(j, results[j["sample_id"]]) for j in sorted(jobs, key=lambda j: j["sample_id"])]
     parts = [(j, r) for j, r in parts if r.get("ok")]
     if not parts:
-        raise StoreError(f"no sample could be exported: {failed}", file=run.folder.path)
-    X = np.concatenate([r["linear"] for _, r in parts]) if parts else np.empty((0, len(markers)), np.float32)
-    layer = np.concatenate([r["transformed"] for _, r in parts])
+        raise StoreError(
+            f"no sample could be exported:\n{_failure_lines(failed)}",
+            file=run.folder.path,
+            population=population,
+        )
+    left_out = [m for m in markers if not any(m in r["markers"] for _, r in parts)]
+    markers = [m for m in markers if m not in left_out]
+    notes = _population_notes(results, population) + _marker_notes(parts, markers, left_out, run.wf.template)
+    for note in notes:
+        logger.info("export of %r: %s", population, note)
+    X = np.concatenate([_all_markers(r, "linear", markers) for _, r in parts])
+    layer = np.concatenate([_all_markers(r, "transformed", markers) for _, r in parts])
     obs = _obs(parts)
     if run.codes is not None:  # a blinded run folder: its exports carry the codes
         from cytopipe.report.blinding import blind_frame
 
         obs = blind_frame(obs, run.codes)
     channels = _channels_per_marker(parts, markers)
+    transforms = {m: _transform_spec(run.state, m) for m in markers}
     var = pd.DataFrame(
         {
             "channel": [channels[m] for m in markers],
             "marker": markers,
             "signal_type": [_signal_type(channels[m]) for m in markers],
-            "transform": [json.dumps(parts[0][1]["transforms"][m]) for m in markers],
+            "transform": [json.dumps(transforms[m]) for m in markers],
         },
         index=pd.Index(markers, name="marker_name"),
     )
@@ -334,11 +368,13 @@ def _export_h5ad(
         "population": population,
         "template": str(run.wf.template),
         "compensation": run.state.compensation,
-        "transforms": json.dumps({m: parts[0][1]["transforms"][m] for m in markers}),
+        "transforms": json.dumps(transforms),
         "X": "compensated intensities (linear)",
         "layers_transformed": "display scale of the gates",
         "max_events_per_sample": -1 if max_events_per_sample is None else int(max_events_per_sample),
     }
+    if left_out:  # template markers no exported file carries (only then: earlier exports unchanged)
+        adata.uns["cytopipe"]["markers_left_out"] = left_out
     if run.codes is not None:
         from cytopipe.report.blinding import recode_obj
 
@@ -358,7 +394,58 @@ def _export_h5ad(
 
     atomic_write(out, lambda tmp: adata.write_h5ad(tmp), verify)
     counts = {j["sample_id"]: int(r["count"]) for j, r in parts}
-    return ExportReport(out=out, population=population, counts=counts, failed=failed)
+    return ExportReport(out=out, population=population, counts=counts, failed=failed, notes=notes)
+
+
+def _all_markers(result: dict[str, Any], key: str, markers: list[str]) -> np.ndarray:
+    """A sample's ``key`` matrix with one column per exported marker: NaN where its file lacks one."""
+    values = result[key]
+    if result["markers"] == markers:
+        return values
+    full = np.full((values.shape[0], len(markers)), np.nan, dtype=np.float32)
+    for k, m in enumerate(result["markers"]):
+        full[:, markers.index(m)] = values[:, k]
+    return full
+
+
+def _population_notes(results: dict[str, dict[str, Any]], population: str) -> list[str]:
+    """The samples where the population is 'not measured' (its gates need a marker the file lacks)."""
+    lacking = sorted(sid for sid, r in results.items() if r.get("ok") and r.get("not_measured"))
+    if not lacking:
+        return []
+    return [
+        f"population {population!r} is not measured in {', '.join(lacking)}: its gates need a marker "
+        "their files lack (the `flags` column of samples.parquet names it); 0 events exported for them"
+    ]
+
+
+def _marker_notes(parts, markers: list[str], left_out: list[str], template: Any) -> list[str]:
+    """In words: the template markers no exported file carries, and those some files lack."""
+    notes = []
+    if left_out:
+        notes.append(
+            f"markers left out (no exported file carries them): {', '.join(left_out)}. If a file carries "
+            "one under another label, map it to its channel in the template's `panel:` section "
+            f"(`cytopipe template check FILES --template {template}` shows how each marker resolves)"
+        )
+    for m in markers:
+        lacking = [j["sample_id"] for j, r in parts if m not in r["markers"]]
+        if lacking:
+            notes.append(
+                f"marker {m} is NaN for the samples whose file does not carry it: {', '.join(lacking)}"
+            )
+    return notes
+
+
+def _short_error(error: str, limit: int = 200) -> str:
+    """A sample's error on one short line: without the list of every channel of the file."""
+    text = re.sub(r";? channels (seen|are):? .*?(?=\. [A-Z]|$)", "", " ".join(error.split()))
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _failure_lines(failed: dict[str, str]) -> str:
+    """One line per failed sample, sorted by sample_id."""
+    return "\n".join(f"  {sid}: {_short_error(err)}" for sid, err in sorted(failed.items()))
 
 
 def _obs(parts) -> pd.DataFrame:
@@ -389,8 +476,8 @@ def _obs(parts) -> pd.DataFrame:
 def _channels_per_marker(parts, markers) -> dict[str, str]:
     """The $PnN of each marker; several channel names across files are joined with '|'."""
     out = {}
-    for k, m in enumerate(markers):
-        names = sorted({r["channels"][k] for _, r in parts})
+    for m in markers:
+        names = sorted({r["channels"][r["markers"].index(m)] for _, r in parts if m in r["markers"]})
         out[m] = "|".join(names)
     return out
 
@@ -431,7 +518,10 @@ def _export_fcs_files(
     results = _export_many(run, jobs, spec, *where)
     failed = {sid: r["error"] for sid, r in results.items() if not r.get("ok")}
     counts = {sid: int(r["count"]) for sid, r in sorted(results.items()) if r.get("ok")}
-    return ExportReport(out=out, population=population, counts=counts, failed=failed)
+    notes = _population_notes(results, population)
+    for note in notes:
+        logger.info("export of %r: %s", population, note)
+    return ExportReport(out=out, population=population, counts=counts, failed=failed, notes=notes)
 
 
 # --- where an export may write -------------------------------------------------------------------
