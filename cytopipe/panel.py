@@ -361,8 +361,9 @@ class Panel:
             if len(folded) == 1:
                 return folded[0]
             raise PanelError(
-                f"the panel mapping sends marker {marker!r} to channel {explicit!r}, but the file has "
-                f"no such $PnN; channels seen: {_describe(rows)}. Fix the mapping to one of these $PnN.",
+                f"the template's `panel:` section (or `mapping=` in Python) sends marker {marker!r} to "
+                f"channel {explicit!r}, but the file has no such $PnN; channels seen: {_describe(rows)}. "
+                f"Change it to one of these $PnN, {_panel_hint(marker, _ANY_CHANNEL, python=False)}",
                 file=file,
                 marker=marker,
             )
@@ -371,8 +372,8 @@ class Panel:
             raise PanelError(
                 f"no channel carries marker {marker!r} (aliases: "
                 f"{', '.join(sorted(self.aliases.group(marker).literals))}); channels seen: "
-                f"{_describe(rows)}. Add a mapping for this panel, e.g. "
-                f"mapping={{{marker!r}: '<$PnN>'}}, or add the spelling to the alias table.",
+                f"{_describe(rows)}. If one of these channels carries it under another label, name it in "
+                f"the template's `panel:` section, {_panel_hint(marker, _ANY_CHANNEL)}",
                 file=file,
                 marker=marker,
             )
@@ -388,12 +389,24 @@ class Panel:
             listed = ", ".join(f"{n} [{pns_of.get(n, '')}]" for n in top)
             raise PanelError(
                 f"marker {marker!r} is ambiguous: {len(top)} channels match equally well "
-                f"({_QUALITY_TEXT[best]}): {listed}; channels seen: {_describe(rows)}. Add a mapping "
-                f"for this panel, e.g. mapping={{{marker!r}: {top[0]!r}}}.",
+                f"({_QUALITY_TEXT[best]}): {listed}; channels seen: {_describe(rows)}. Choose one in the "
+                f"template's `panel:` section, {_panel_hint(marker, top[0])}",
                 file=file,
                 marker=marker,
             )
         return top[0]
+
+
+_ANY_CHANNEL = "<the channel's $PnN>"
+
+
+def _panel_hint(marker: str, channel: str, python: bool = True) -> str:
+    """What a user writes in the template's ``panel:`` (and the command that checks it)."""
+    keyword = " (or `mapping=` in Python)" if python else ""
+    return (
+        f'e.g. `panel: {{{marker}: "{channel}"}}`{keyword}; '
+        "`cytopipe template check FILES --template TEMPLATE` shows how every marker resolves."
+    )
 
 
 def _candidates(aliases: AliasTable, marker: str, rows: Sequence[tuple[str, str]]) -> list[tuple[str, int]]:

@@ -174,7 +174,9 @@ def test_duplicate_marker_is_ambiguous_and_mapping_fixes_it():
     text = str(err)
     assert err.context["marker"] == "CD14" and "130515_C2_stim_CD19-.fcs" in str(err.context["file"])
     assert "ambiguous" in text and "(Cd112)Di [CD14]" in text and "(Cd114)Di [CD14]" in text
-    assert "mapping" in text
+    # what a scientist edits, not Python: the template's panel: section, and the command that checks it
+    assert 'template\'s `panel:` section, e.g. `panel: {CD14: "(Cd112)Di"}`' in text
+    assert "cytopipe template check FILES --template TEMPLATE" in text and "mapping={" not in text
     assert resolve_markers(sample, ["CD3", "CD14"], mapping={"CD14": "(Cd114)Di"}) == {
         "CD3": "(Sm154)Di",
         "CD14": "(Cd114)Di",
@@ -188,9 +190,8 @@ def test_file_without_pns_needs_a_mapping():
     with pytest.raises(PanelError) as info:
         resolve_markers(sample, ["CD4"])
     text = str(info.value)
-    assert (
-        "Activation_1.fcs" in text and "'CD4'" in text and "Alexa Fluor 700-A" in text and "mapping" in text
-    )
+    assert "Activation_1.fcs" in text and "'CD4'" in text and "Alexa Fluor 700-A" in text
+    assert '`panel: {CD4: "<the channel\'s $PnN>"}`' in text and "alias table" not in text
     markers = pd.read_csv(base / "Activation-Experiment-Markers.csv").dropna()
     mapping = dict(zip(markers["Marker"], markers["Channel"]))
     assert resolve_markers(sample, ["CD4", "CD8", "CD69"], mapping=mapping) == {
@@ -210,6 +211,7 @@ def test_mapping_overrides_aliases_and_is_checked():
     with pytest.raises(PanelError) as info:
         resolve_markers(channels, ["CD25"], mapping={"CD25": "BV999-A"}, file="x.fcs")
     assert "BV999-A" in str(info.value) and "x.fcs" in str(info.value) and "BV421-A [CD25]" in str(info.value)
+    assert "the template's `panel:` section (or `mapping=` in Python) sends marker 'CD25'" in str(info.value)
 
 
 def test_missing_marker_message_names_everything():
@@ -220,7 +222,9 @@ def test_missing_marker_message_names_everything():
     assert err.context == {"file": "P001_W00.fcs", "marker": "CD127"}
     text = str(err)
     assert text.startswith("file 'P001_W00.fcs', marker 'CD127':")
-    assert "FSC-A, BV421-A [CD25 BV421], APC-A [FOXP3]" in text and "mapping" in text
+    assert "FSC-A, BV421-A [CD25 BV421], APC-A [FOXP3]" in text
+    assert '`panel: {CD127: "<the channel\'s $PnN>"}`' in text and "cytopipe template check" in text
+    assert "mapping={" not in text and "alias table" not in text
 
 
 def test_area_channel_wins_over_height_twin():
