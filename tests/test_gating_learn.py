@@ -222,7 +222,15 @@ def small_study(tmp_path_factory):
 # +-2 SD as knots; openCyto's flowClust K=2 idea): 0.895 / 0.883, 0.922 / 0.942; the mean of that
 # warp and the landmark warp: 0.934 / 0.911, 0.943 / 0.941; thresholds moved to the target's point
 # of the example's posterior log-ratio: 0.870 / 0.894, 0.890 / 0.883 (and every other population
-# down to ~0.93).
+# down to ~0.93). Tried 2026-12-05 (afternoon) on tuning seeds 5151 / 5152 and not kept (pooled F1
+# Th17 / activated cTfh; the learner: 0.960 / 0.941, 0.943 / 0.951): a finer simulated reviewer
+# (400 quantile levels, 161 polygon shifts) on 5151: 0.961 / 0.944, so the reviewer's grid is not
+# what limits; the same study with 100,000 events per file on 5151: 0.951 / 0.921 (the ceiling
+# 0.983 / 0.980), so it is not sampling noise either: at that depth the PD-1 thresholds land on
+# average 0.06 arcsinh above each target's best, a bias of the transfer itself; only the reviewed
+# sample(s) of the target's own site (instrument): 0.958 / 0.942, 0.957 / 0.932; the best-aligned
+# example alone when only two are within the quality band: 0.960 / 0.938, 0.952 / 0.942; always
+# the best-aligned one: 0.960 / 0.929, 0.952 / 0.936.
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="Th17 / activated cTfh below F1 0.95 (see comment)")
 def test_learned_gates_on_21_samples_of_a_random_instrument_study(tmp_path):
