@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import stat
 import subprocess
@@ -304,6 +305,24 @@ def test_refuses_a_non_loopback_host_without_accounts(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "refusing to listen on 0.0.0.0" in proc.stderr and "--create-admin" in proc.stderr
+
+
+def test_start_up_says_once_that_the_schema_was_upgraded_without_alembics_narration(tmp_path):
+    """At the default log level a new workspace prints one line for its database schema, not
+    Alembic's ~15 lines of plugins and migration steps; a second start prints none."""
+    srv = Server(tmp_path / "d", None, "--log-level", "info")
+    try:
+        srv.start()
+        srv.stop()
+        log = tmp_path / f"server-{srv.port}.log"  # the whole log (Server.output() gives its tail)
+        first = log.read_text(errors="replace")
+        srv.start()
+    finally:
+        srv.stop()
+    second = log.read_text(errors="replace")[len(first) :]
+    assert re.search(r"database schema upgraded from empty to \d{4}", first), first
+    assert "alembic" not in first.lower() and "Running upgrade" not in first
+    assert "Uvicorn running" in second and "schema upgraded" not in second, second
 
 
 def test_audit_rows_hash_what_they_say(server):

@@ -93,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # Alembic narrates every plugin and migration step at INFO; the database module logs
+        # one line when the schema was upgraded
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     config = build_config(args)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     from cytopipe.serve import auth

@@ -11,6 +11,7 @@ carries the hash of the previous row (see :mod:`cytopipe.serve.audit`).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
+
+log = logging.getLogger(__name__)
 
 ROLES = ("viewer", "analyst", "reviewer", "admin")
 RUN_ACTIVE = ("queued", "running")
@@ -230,12 +233,17 @@ def migrate(engine: Engine) -> None:
     """Apply every Alembic migration not yet applied (idempotent)."""
     from alembic import command
     from alembic.config import Config
+    from alembic.migration import MigrationContext
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     with engine.begin() as conn:
+        before = MigrationContext.configure(conn).get_current_revision()
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+        after = MigrationContext.configure(conn).get_current_revision()
+    if after != before:  # Alembic's own step-by-step lines are debug detail (see serve.run)
+        log.info("database schema upgraded from %s to %s", before or "empty", after)
 
 
 def open_database(url: str) -> tuple[Engine, sessionmaker]:
