@@ -58,20 +58,20 @@ from cytopipe.pipeline.executors import add_executor_arguments
 logger = logging.getLogger(__name__)
 
 
-ANNDATA_MARKERS_HELP = (
-    "Columns (var): the template's markers. A marker no exported file carries (e.g. a run with "
-    "`missing_markers: skip`) is left out and named in a note; a marker some files lack is NaN for "
-    "those samples, so every sample has the same columns."
-)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="format", metavar="FORMAT", required=True)
     for name, help_text in (
         ("anndata", "one .h5ad with the population's events from every sample"),
         ("fcs", "one FCS file per sample with the population's raw events"),
     ):
-        description = f"{help_text}. {ANNDATA_MARKERS_HELP}" if name == "anndata" else help_text
+        # (the help text stays inside add_arguments: `cytopipe export --help` compiles this function
+        # from its source without importing the module, see cli._add_arguments_source)
+        markers_help = (
+            "Columns (var): the template's markers. A marker no exported file carries (e.g. a run with "
+            "`missing_markers: skip`) is left out and named in a note; a marker some files lack is NaN "
+            "for those samples, so every sample has the same columns."
+        )
+        description = f"{help_text}. {markers_help}" if name == "anndata" else help_text
         p = sub.add_parser(name, help=help_text, description=description)
         p.add_argument("run_dir", metavar="RUN_DIR", help="a finished `cytopipe run` folder")
         p.add_argument("--population", required=True, help='population name as in the template, e.g. "CD4 T"')
