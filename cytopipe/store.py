@@ -203,8 +203,9 @@ class RunFolder:
         return pd.read_parquet(path) if path.is_file() else None
 
     def create(self) -> RunFolder:
-        if self.path.exists() and not self.path.is_dir():
-            raise StoreError(f"{self.path} exists and is not a folder; choose another --out", file=self.path)
+        """Create the run folder (and its ``.cache``/``study``); refuse a file or a folder that
+        holds someone else's files (:func:`check_output_folder`)."""
+        check_output_folder(self.path)
         try:
             self.cache.mkdir(parents=True, exist_ok=True)
             self.study.mkdir(parents=True, exist_ok=True)
@@ -342,6 +343,49 @@ def _duckdb_failure(path: Path, exc: Exception) -> OutputWriteError:
 
 # --- the run-folder lock -------------------------------------------------------------------------
 LOCK = ".cytopipe.lock"
+
+# --- output folders -----------------------------------------------------------------------------
+#: what cytopipe commands write into an output folder (run, gate, reconcile, the workspace): a
+#: folder holding nothing else is an earlier output of cytopipe (e.g. of `cytopipe gate`), which a
+#: command may write into again
+OUTPUT_NAMES = frozenset(
+    {
+        *(f"{name}.parquet" for name in (*TABLES, "gate_review", "gate_flags", "gate_fits", "reconcile")),
+        RUN_JSON, CATALOG, CLUSTER_DIR, LOCK, "run.log", ".cache", "study", "report.html", "report_tables",
+        "gatingml", "gates.wsp", "reconcile.csv", "reconcile.html", "review.json", "exports",
+    }
+)  # fmt: skip
+
+
+def check_output_folder(path: str | Path) -> Path:
+    """Before a command writes into ``path`` (its ``--out``): a new folder, an empty one, a cytopipe
+    run folder (``run.json`` or the run lock: a finished or an interrupted run, which resumes) or a
+    folder holding only what cytopipe writes (:data:`OUTPUT_NAMES`). Anything else raises a
+    :class:`StoreError` (exit 2, nothing done): a file, or a folder with someone else's files,
+    which the command's outputs could replace. Returns ``path``."""
+    path = Path(path)
+    if os.path.lexists(path) and not path.is_dir():
+        raise StoreError(
+            "exists and is not a folder; choose another --out (a new or an empty folder)", file=path
+        )
+    if not path.is_dir():
+        return path
+    try:
+        names = [entry.name for entry in path.iterdir()]
+    except OSError as exc:  # a folder we may not list (no permission): exit 4, fix and rerun
+        raise OutputWriteError.from_oserror(path, exc) from None
+    if RUN_JSON in names or LOCK in names:
+        return path
+    foreign = sorted(n for n in names if n not in OUTPUT_NAMES and not is_temp_name(n))
+    if foreign:
+        listed = foreign + sorted(set(names) - set(foreign))
+        shown = ", ".join(listed[:4]) + (f" and {len(listed) - 4} more" if len(listed) > 4 else "")
+        raise StoreError(
+            f"the folder is not empty and is not a cytopipe run folder (it holds {shown}); cytopipe "
+            "would replace files in it. Choose a new or an empty folder for --out",
+            file=path,
+        )
+    return path
 
 
 class RunLock:

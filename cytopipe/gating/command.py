@@ -210,14 +210,34 @@ def _learner(args, template, samples):
     return Learner(template, examples, samples, transforms=transforms)
 
 
-def run(args) -> int:
-    import cytopipe
-    from cytopipe.gating import gate, load_template, pool_estimates
+def _make_folder(out: Path) -> None:
+    from cytopipe.errors import OutputWriteError
 
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # read-only, no permission, disk full: exit 4, fix and rerun
+        raise OutputWriteError.from_oserror(Path(exc.filename or out), exc) from None
+
+
+def run(args) -> int:
+    from cytopipe.gating import load_template
+    from cytopipe.store import RunLock, check_output_folder
+
+    # --out: a new or empty folder, or one cytopipe wrote; a file, or a folder with someone
+    # else's files, is refused before any work (exit 2)
+    check_output_folder(args.out)
     template = load_template(args.template)
-    own_copy = _tailored(args.template)  # Cytobank: each file is gated with the gates tailored to it
     samples = _samples(args)
-    args.out.mkdir(parents=True, exist_ok=True)
+    _make_folder(args.out)
+    with RunLock(args.out, "gate"):  # never two commands writing one folder
+        return _gate_files(args, template, samples)
+
+
+def _gate_files(args, template, samples: list[tuple[Path, dict]]) -> int:
+    import cytopipe
+    from cytopipe.gating import gate, pool_estimates
+
+    own_copy = _tailored(args.template)  # Cytobank: each file is gated with the gates tailored to it
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     failures: dict[str, str] = {}
 
@@ -347,7 +367,8 @@ def run(args) -> int:
 
         write_flowjo_workspace(args.out / "gates.wsp", for_flowjo, group=template.name)
         say(f"wrote {args.out / 'gates.wsp'} (FlowJo 10 workspace, {len(for_flowjo)} sample(s))")
-    say(f"wrote {args.out / 'population_stats.parquet'} ({len(stats)} sample(s))")
+    if stats:
+        say(f"wrote {args.out / 'population_stats.parquet'} ({len(stats)} sample(s))")
     for sid, err in failures.items():
         print(f"cytopipe gate: {sid}: {err}", file=sys.stderr)
     if failures:

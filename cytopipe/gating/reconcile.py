@@ -33,6 +33,7 @@ import pandas as pd
 
 from cytopipe.errors import CytopipeError, TemplateError
 from cytopipe.gating.gates import BooleanGate, EllipsoidGate, PolygonGate, RectangleGate
+from cytopipe.store import check_output_folder
 from cytopipe.tabular import escape_cell
 
 logger = logging.getLogger(__name__)
@@ -572,6 +573,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     tolerance = Tolerance.parse(args.tolerance)
     out = args.out or Path(f"reconcile-{args.workspace.stem}")
+    check_output_folder(out)  # a file, or a folder with someone else's files: exit 2 before any work
     rec = reconcile(args.workspace, args.fcs_dir, tolerance, group=args.group)
     paths = write_report(rec, out)
     t = rec.table
