@@ -72,7 +72,7 @@ def test_template_check_on_a_new_panel(capsys):
     rc = main(["template", "check", str(donor), "--template", str(TEMPLATE)])
     text = capsys.readouterr().out
     print(text)
-    assert rc == 1  # some markers are in no file
+    assert rc == 3  # the check completed and found problems (some markers are in no file)
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
     assert "CD3 -> 670/30Violet-A" in lines["T"] and "fitted (auto)" in lines["T"]
     assert "landmark fallback" in lines["T"]
@@ -82,6 +82,65 @@ def test_template_check_on_a_new_panel(capsys):
         "marker 'CD56' is in none of the 1 file(s); populations needing it: CD3- CD56+, CD56bright NK, "
         "CD56dim NK" in text
     )
+    # the panel lives in the template (a workflow has no `panel:` key): the message names it
+    assert f"add to the template YAML {str(TEMPLATE)!r}:\npanel:\n  CD56: " in text
+    assert "workflow" not in text
+    assert text.rstrip().endswith("exit code 3")
+
+
+def test_template_check_reports_not_measured_as_gate_does(tmp_path, capsys):
+    """Donor1 lacks CD56 and CD16: NK (CD3- CD56+ `or` CD3- CD16+) is not measured, by gate and check."""
+    donor = shared_path("CytoPipeline", "inst", "extdata", "Donor1.fcs")
+    out = tmp_path / "out"
+    rc = main(["gate", str(donor), "--template", str(TEMPLATE), "--out", str(out), "--quiet",
+               "--missing-markers", "skip"])  # fmt: skip
+    assert rc == 0
+    stats = pd.read_parquet(out / "population_stats.parquet")
+    by_gate = set(stats.loc[stats["pct_parent"].isna(), "population"])
+    assert "NK" in by_gate
+    capsys.readouterr()
+    assert main(["template", "check", str(donor), "--template", str(TEMPLATE)]) == 3
+    text = capsys.readouterr().out
+    rows = {line[2:18].strip(): line for line in text.splitlines() if line.startswith("  ") and " | " in line}
+    by_check = {name for name, line in rows.items() if line.endswith("NOT MEASURED")}
+    assert by_check == by_gate
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("cytoflow", "cytoflow", "tests", "data", "module_examples", "itn_02.fcs"),
+        ("FlowCal", "test", "Data002.fcs"),
+        ("FlowKit", "data", "gate_ref", "data1.fcs"),
+    ],
+)
+def test_template_check_reports_a_file_gate_would_refuse(parts, tmp_path, capsys):
+    """No spillover matrix in a file and `compensation: file` in the template: gate refuses the file;
+    the check says so for that file, in gate's words, which name the template to copy and edit."""
+    path = shared_path(*parts)
+    good = REPO / "sample_data" / "fcs" / "P001_W04.fcs"
+    rc = main(["template", "check", str(good), str(path), "--template", str(TEMPLATE)])
+    text = capsys.readouterr().out
+    assert rc == 3
+    problems = [line for line in text.splitlines() if line.startswith("  PROBLEM:")]
+    assert len(problems) == 1
+    assert text.index(problems[0]) > text.index(f"file {path}")  # under the file it is about
+    rc = main(["gate", str(path), "--template", str(TEMPLATE), "--out", str(tmp_path / "g"),
+               "--missing-markers", "skip", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 3
+    refusal = err.split(f"file {str(path)!r}: ", 1)[1].splitlines()[0]
+    assert refusal.startswith("the template asks for the file's spillover matrix (compensation: file)")
+    assert f"Copy the template {str(TEMPLATE)!r}, set its `compensation:` key to `none`" in refusal
+    assert "`cytopipe gate` has no option for this" in refusal
+    assert problems[0].endswith(refusal)
+
+
+def test_template_check_of_a_file_it_fits_exits_0(capsys):
+    good = REPO / "sample_data" / "fcs" / "P001_W04.fcs"
+    assert main(["template", "check", str(good), "--template", str(TEMPLATE)]) == 0
+    text = capsys.readouterr().out
+    assert "NOT MEASURED" not in text and "PROBLEM" not in text
 
 
 def test_optional_marker_missing_keeps_the_population():

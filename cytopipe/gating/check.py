@@ -9,14 +9,17 @@
   reported "not measured" and everything else is gated.
 * ``cytopipe template check FILES --template T`` prints, per population, its markers resolved to
   channels, its gate source (fitted / control / reference / fixed / boolean) and what it falls back
-  to, so a scientist can adapt a template to a new panel in minutes (docs/gating.md).
+  to, which populations ``cytopipe gate`` would report "not measured" in each file and which files
+  it would refuse (a ``compensation: file`` template, a file without a spillover matrix), so a
+  scientist can adapt a template to a new panel in minutes (docs/gating.md). Exit code 0 when
+  every population can be gated in every file, 3 when the check found problems (listed).
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +37,7 @@ class MissingMarker:
     populations: list[str]
     closest: list[str]
     files: int
+    template_file: str = ""  # the template's YAML, named in the message (the panel lives there)
 
     def yaml(self) -> str:
         channel = self.closest[0].split(" [")[0] if self.closest else "<$PnN of the channel>"
@@ -41,10 +45,11 @@ class MissingMarker:
 
     def message(self) -> str:
         near = ", ".join(self.closest) if self.closest else "none"
+        where = f"the template YAML {self.template_file!r}" if self.template_file else "the template YAML"
         return (
             f"marker {self.marker!r} is in none of the {self.files} file(s); populations needing it: "
             f"{', '.join(self.populations)}; closest channel labels: {near}. If one of these carries "
-            f"{self.marker}, add to the template (or workflow) YAML:\n{self.yaml()}"
+            f"{self.marker}, add to {where}:\n{self.yaml()}"
         )
 
 
@@ -146,7 +151,8 @@ def missing_everywhere(template, table: MarkerTable) -> list[MissingMarker]:
             pops = populations_needing(template, m)
             if not pops:  # only a median marker: its medians are simply NaN
                 continue
-            out.append(MissingMarker(m, pops, _closest(m, table), len(table.files)))
+            source = str(template.source) if getattr(template, "source", None) else ""
+            out.append(MissingMarker(m, pops, _closest(m, table), len(table.files), source))
     return out
 
 
@@ -206,24 +212,56 @@ def describe_gate(pop, template) -> tuple[str, str]:
     return "; ".join(dict.fromkeys(sources)), "; ".join(dict.fromkeys(falls))
 
 
-def template_check_text(template, table: MarkerTable) -> str:
+def file_problems(
+    template, table: MarkerTable, without_spillover: Collection[str] = ()
+) -> dict[str, list[str]]:
+    """Per file, what gating it would report: a refusal (a ``compensation: file`` template and a
+    file without a spillover matrix) and the populations not measured (as ``cytopipe gate``)."""
+    out: dict[str, list[str]] = {}
+    for f in table.files:
+        refusal = _refusal(template, f, without_spillover)
+        unmeasured = _not_measured(template, table, f)
+        out[f] = ([refusal] if refusal else []) + (
+            [f"not measured: {', '.join(unmeasured)}"] if unmeasured else []
+        )
+    return out
+
+
+def _refusal(template, file: str, without_spillover: Collection[str]) -> str:
+    """Why ``cytopipe gate`` would refuse the file ('' when it would not): gate's own message."""
+    from cytopipe.gating.engine import needs_file_spillover, no_spillover_message
+
+    return (
+        no_spillover_message(template) if file in without_spillover and needs_file_spillover(template) else ""
+    )
+
+
+def _not_measured(template, table: MarkerTable, file: str) -> dict[str, str]:
+    """The populations ``cytopipe gate`` reports "not measured" in the file (name -> reason)."""
+    from cytopipe.gating.engine import not_measured_populations
+
+    missing = {m for m, channel in table.resolved[file].items() if channel is None}
+    return not_measured_populations(template, missing)
+
+
+def template_check_text(template, table: MarkerTable, without_spillover: Collection[str] = ()) -> str:
+    """The check's report: per file and population, markers -> channels, gate source, fallback and
+    NOT MEASURED (as ``cytopipe gate`` would report it); per file, a refusal by ``cytopipe gate``;
+    then every marker absent from all files, with the ``panel:`` YAML to add; last, a summary."""
     lines = []
+    w = max(len(p.name) for p in template)
     for f in table.files:
         lines.append(f"file {f}")
-        w = max(len(p.name) for p in template)
+        if refusal := _refusal(template, f, without_spillover):
+            lines.append(f"  PROBLEM: `cytopipe gate` would refuse this file: {refusal}")
+        unmeasured = _not_measured(template, table, f)
         for pop in template:
-            names = pop.markers
             res = []
-            for m in names:
+            for m in pop.markers:
                 ch = table.resolved[f].get(m)
                 res.append(f"{m} -> {ch}" if ch else f"{m} -> MISSING")
             source, fallback = describe_gate(pop, template)
-            status = ""
-            need = populations_needing
-            if any(table.resolved[f].get(m) is None for m in names) or any(
-                pop.name in need(template, m) for m in table.markers if table.resolved[f][m] is None
-            ):
-                status = "  NOT MEASURED"
+            status = "  NOT MEASURED" if pop.name in unmeasured else ""
             lines.append(
                 f"  {pop.name:<{w}}  {', '.join(res) or '(boolean)'}  | {source} | fallback: {fallback}{status}"
             )
@@ -231,19 +269,40 @@ def template_check_text(template, table: MarkerTable) -> str:
     for m in missing:
         lines.append("")
         lines.append(m.message())
+    bad = [f for f, found in file_problems(template, table, without_spillover).items() if found]
+    lines.append("")
+    if bad or missing:
+        lines.append(
+            f"{len(bad)} of {len(table.files)} file(s) with problems (listed above); "
+            f"{len(missing)} marker(s) in no file; exit code 3"
+        )
+    else:
+        lines.append(f"{len(table.files)} file(s): every population can be gated")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Check a gating template against FCS files (headers only): per file and population, the "
+        "markers' channels, the gate's source and fallback, populations NOT MEASURED and files "
+        "`cytopipe gate` would refuse. Exit code 0: every population can be gated in every file; 3: "
+        "the check completed and found problems (listed); 2: the template or a file cannot be read."
+    )
     parser.add_argument("action", choices=["check"], help="`check`: resolve a template against files")
     parser.add_argument("files", nargs="+", type=Path, help="FCS files (headers are read, not events)")
     parser.add_argument("--template", required=True, type=Path, help="gating template (.yaml)")
 
 
 def run(args) -> int:
+    from cytopipe.errors import EXIT_FAILURES, EXIT_OK
+    from cytopipe.fcs import read_fcs_header
     from cytopipe.gating import load_template
 
     template = load_template(args.template)
-    table = marker_table(template, channel_tables(args.files))
-    print(template_check_text(template, table))
-    return 1 if missing_everywhere(template, table) else 0
+    headers = {str(f): read_fcs_header(f) for f in args.files}
+    table = marker_table(template, {f: h.channels for f, h in headers.items()})
+    without_spillover = [f for f, h in headers.items() if h.spillover is None]
+    print(template_check_text(template, table, without_spillover))
+    problems = file_problems(template, table, without_spillover)
+    failed = missing_everywhere(template, table) or any(problems.values())
+    return EXIT_FAILURES if failed else EXIT_OK

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -393,6 +393,56 @@ def gate(
     return engine.run(pooled=pooled, sample_meta=sample_meta, medians=medians, keep_values=keep_values)
 
 
+def unmeasured_reason(pop: Population, not_measured: Mapping[str, str], missing: Collection[str]) -> str:
+    """Why ``pop`` cannot be gated in a file lacking the markers ``missing`` ('' when it can), given
+    the earlier populations ``not_measured`` (name -> reason). An ``or`` of populations is measured
+    when its parent and one of its operands are (the union of what was measured, flagged);
+    ``and`` and ``not`` need every operand."""
+    operands = set(pop.gate.union_of) if isinstance(pop.gate, BooleanGate) else set()
+    if operands and operands <= set(not_measured):
+        return " and ".join(f"{o} is not measured" for o in sorted(operands))
+    for dep in pop.depends_on:
+        if dep in not_measured and dep not in operands:
+            return f"{dep} is not measured"
+    optional = set(getattr(pop.gate, "optional", ()))
+    for d in _all_dims(pop.gate):
+        for name in (d.ratio.numerator, d.ratio.denominator) if d.ratio else (d.name,):
+            if name in missing and name not in optional:
+                return f"marker {name} is not in the file"
+    return ""
+
+
+def not_measured_populations(template: Template, missing: Collection[str]) -> dict[str, str]:
+    """The populations a file lacking the markers ``missing`` cannot measure, each with its reason
+    (what :func:`gate` reports as "not measured"), in template order."""
+    out: dict[str, str] = {}
+    for pop in template:
+        reason = unmeasured_reason(pop, out, missing)
+        if reason:
+            out[pop.name] = reason
+    return out
+
+
+def no_spillover_message(template: Template) -> str:
+    """The problem of a template asking for the file's own spillover matrix (``compensation:
+    file``) in a file that has none: what to change, and where."""
+    name = f"the template {str(template.source)!r}" if template.source else "the template"
+    return (
+        "the template asks for the file's spillover matrix (compensation: file) but the file has "
+        f"none. Copy {name}, set its `compensation:` key to `none` (or to the path of a CSV "
+        "spillover matrix) and gate with the copy (`cytopipe gate` has no option for this; in a "
+        "workflow, `compensation: {source: none}` does it)"
+    )
+
+
+def needs_file_spillover(template: Template) -> bool:
+    """Whether gating reads the file's own spillover matrix (``compensation: file`` and a gate
+    dimension compensated as the template says)."""
+    if template.compensation != "file":
+        return False
+    return any(d.compensation == "template" for pop in template for d in _all_dims(pop.gate))
+
+
 class Engine:
     """Applies one template to one event matrix."""
 
@@ -551,11 +601,7 @@ class Engine:
             if self.spillover is None:
                 if key == "FCS":  # Gating-ML: 'FCS' without a spillover means uncompensated
                     return None
-                raise CompensationError(
-                    "the template asks for the file's spillover matrix (compensation: file) but the "
-                    "file has none; set `compensation: none` or give a CSV matrix",
-                    file=self.file,
-                )
+                raise CompensationError(no_spillover_message(self.template), file=self.file)
             try:
                 return Compensation.from_spillover(self.spillover)
             except CompensationError as exc:
@@ -764,21 +810,8 @@ class Engine:
         return result
 
     def _unmeasured(self, pop: Population, not_measured: Mapping[str, str]) -> str:
-        """Why ``pop`` cannot be gated in this file ('' when it can). An ``or`` of populations is
-        measured when its parent and one of its operands are (the union of what was measured,
-        flagged by :meth:`run`); ``and`` and ``not`` need every operand."""
-        operands = set(pop.gate.union_of) if isinstance(pop.gate, BooleanGate) else set()
-        if operands and operands <= set(not_measured):
-            return " and ".join(f"{o} is not measured" for o in sorted(operands))
-        for dep in pop.depends_on:
-            if dep in not_measured and dep not in operands:
-                return f"{dep} is not measured"
-        optional = set(getattr(pop.gate, "optional", ()))
-        for d in _all_dims(pop.gate):
-            for name in (d.ratio.numerator, d.ratio.denominator) if d.ratio else (d.name,):
-                if name in self.missing and name not in optional:
-                    return f"marker {name} is not in the file"
-        return ""
+        """Why ``pop`` cannot be gated in this file ('' when it can): :func:`unmeasured_reason`."""
+        return unmeasured_reason(pop, not_measured, self.missing)
 
     # ---- data-driven gates -----------------------------------------------------------------
     def _fit_gate(self, pop: Population, pidx, pooled, meta, flags, result):
