@@ -6,7 +6,8 @@ Columns (``../shared/design/ARCHITECTURE.md``):
   ``patient_id``, ``visit`` (study week, an integer; negative for screening), ``arm``;
 * optional: ``panel``, ``batch``, ``site``, ``acquired_at`` (ISO 8601), ``control``
   (``unstained``, ``single:<marker>``, ``fmo:<marker>``). Control rows may leave
-  ``patient_id``, ``visit`` and ``arm`` blank. Other columns are kept as they are.
+  ``patient_id``, ``visit`` and ``arm`` blank. Other columns are kept as they are; one named
+  like a known column the header lacks (``bacth``) is logged as a warning (a likely typo).
 
 :func:`load_manifest` returns a DataFrame with those columns (blank optional values are
 ``""``, ``visit`` is a nullable integer), plus ``path`` (the absolute file path) and ``row``
@@ -21,6 +22,7 @@ old-Mac CR line endings are all read.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import logging
 import re
@@ -85,12 +87,23 @@ def check_manifest(path: str | Path, check_files: bool = True) -> tuple[pd.DataF
             )
         seen[name] = i
     missing = [c for c in REQUIRED if c not in seen]
+    typos = misspelt_columns(list(seen))
     if missing:
+        hints = "".join(f" Is {c!r} meant to be {known!r}?" for c, known in typos.items() if known in missing)
         raise ManifestError(
-            f"missing required column(s) {missing}; the header has {[c for c in columns if c]}. "
+            f"missing required column(s) {missing}; the header has {[c for c in columns if c]}.{hints} "
             f"A manifest needs {list(REQUIRED)} (optional: {list(OPTIONAL)})",
             file=path,
             column=missing[0],
+        )
+    for column, known in typos.items():  # a lab's own columns are kept; a misspelt one is lost
+        logger.warning(
+            "manifest %s: column %r is not a known manifest column; did you mean %r? Its values are "
+            "kept as an extra column and not used as %s; rename the column if they are",
+            path,
+            column,
+            known,
+            known,
         )
     if not rows:
         raise ManifestError("the manifest has a header but no rows", file=path)
@@ -175,6 +188,22 @@ def check_manifest(path: str | Path, check_files: bool = True) -> tuple[pd.DataF
     table["visit"] = table["visit"].astype("Int64")
     return table, problems
 
+
+def misspelt_columns(columns: list[str]) -> dict[str, str]:
+    """Unknown (normalised) column names that look like a known one the header lacks: ``{'bacth':
+    'batch'}``. Other extra columns (a lab's own, e.g. ``notes``, ``operator``) are not listed."""
+    known = [c for c in (*REQUIRED, *OPTIONAL) if c not in columns]
+    out = {}
+    for column in columns:
+        if column in REQUIRED or column in OPTIONAL:
+            continue
+        close = difflib.get_close_matches(column, known, n=1, cutoff=_TYPO_CUTOFF)
+        if close:
+            out[column] = close[0]
+    return out
+
+
+_TYPO_CUTOFF = 0.75  # bacth, btach, smaple_id, vist, panle, stie, contorl: typos; path (0.67), plate: not
 
 _RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
 _SAFE_HINT = "use letters, digits, '_', '-' and '.' (e.g. P001_W04)"

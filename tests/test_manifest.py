@@ -156,3 +156,47 @@ def test_old_mac_cr_file_from_metacyto():
         load_manifest(path)
     frame = pd.read_csv(path)  # the same file, read by pandas for comparison
     assert list(frame.columns) == ["fcs_files", "study_id"]
+
+
+def test_a_misspelt_optional_column_is_warned_about_not_refused(study, caplog):
+    """`bacth`: the batch would be lost silently; a warning names the column and the known one. A
+    lab's own columns (notes, operator, plate) are kept without a word."""
+    text = GOOD.replace(",batch,", ",bacth,", 1).replace(",control\n", ",control,notes,operator,plate\n", 1)
+    path = write_csv(study, text)
+    with caplog.at_level("WARNING", logger="cytopipe.manifest"):
+        table = load_manifest(path)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1, warned
+    assert "column 'bacth' is not a known manifest column; did you mean 'batch'?" in warned[0]
+    assert str(path) in warned[0]
+    assert list(table["bacth"][:2]) == ["B1", "B2"] and (table["batch"] == "").all()  # kept, not batch
+
+
+def test_a_misspelt_required_column_is_named_in_the_error(study):
+    path = write_csv(study, GOOD.replace(",sample_id,", ",sampel_id,", 1))
+    with pytest.raises(
+        ManifestError,
+        match=r"missing required column\(s\) \['sample_id'\].*Is 'sampel_id' meant to be 'sample_id'\?",
+    ):
+        load_manifest(path)
+
+
+def test_validate_and_run_show_the_misspelt_column(tmp_path):
+    from tests.conftest import REPO, SAMPLE_DATA
+    from tests.pipeline_support import cli
+
+    rows = (SAMPLE_DATA / "manifest.csv").read_text().splitlines()
+    header = rows[0].replace(",batch,", ",bacth,")
+    body = [r.replace("fcs/", f"{SAMPLE_DATA}/fcs/", 1) for r in rows[1:3]]  # two samples, absolute paths
+    manifest = tmp_path / "m_typo.csv"
+    manifest.write_text("\n".join([header, *body]) + "\n")
+    warning = "column 'bacth' is not a known manifest column; did you mean 'batch'?"
+    proc = cli("validate", str(manifest), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # a warning, not a problem
+    assert f"cytopipe validate: warning: manifest {manifest}: {warning}" in proc.stderr
+    proc = cli("run", "--manifest", str(manifest), "--template", str(REPO / "gating" / "sle_il2_tcell_nk.yaml"),
+               "--out", str(tmp_path / "run"), "--scheduler", "synchronous", "--no-report", "--no-progress",
+               timeout=300)  # fmt: skip
+    assert proc.stderr.count(warning) == 1 and "cytopipe run: warning: " in proc.stderr
+    assert proc.returncode in (0, 3), proc.stderr  # ran (clustering may lack cells with two samples)
+    assert (tmp_path / "run" / "population_stats.parquet").is_file()
