@@ -7,8 +7,10 @@ the file, and the spillover keyword (if any) is a well-formed square matrix. Qui
 reader handles (offsets that disagree, bits above ``$PnR``, non-finite values, duplicate
 names, identical files) are listed as notes; they do not make a file invalid.
 
-Folders are searched recursively and FCS files are recognised by their first bytes
-("FCS3.1", ...), so files without an ``.fcs`` extension are found. A CSV argument is read
+Folders are searched recursively: every file named ``*.fcs`` (any case) is validated (an empty
+or non-FCS one is reported as not valid), and so is every other file starting like an FCS file
+("FCS3.1", ...), so files without an ``.fcs`` extension are found; the other files are ignored,
+and how many is said. A CSV argument is read
 as a manifest: its rows are checked and every file it names is validated.
 
 Exit code 0 only when every file is valid (and every manifest row is well formed); 3 when the
@@ -67,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         type=Path,
         metavar="PATH",
-        help="FCS files, folders (searched recursively; FCS files are recognised by their first bytes) "
-        "or manifest CSVs (every file they name is checked)",
+        help="FCS files, folders (searched recursively: every *.fcs file, and any file starting like an "
+        "FCS file; how many others were ignored is said) or manifest CSVs (every file they name is checked)",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
 
@@ -111,8 +113,10 @@ def validate_paths(paths: list[Path]) -> tuple[list[FileReport], list[dict[str, 
 
     for path in paths:
         if path.is_dir():
-            found = [p for p in sorted(path.rglob("*")) if p.is_file() and is_fcs_file(p)]
-            inputs.append({"path": str(path), "kind": "folder", "fcs_files": len(found)})
+            found, ignored = folder_files(path)
+            inputs.append(
+                {"path": str(path), "kind": "folder", "fcs_files": len(found), "ignored_files": ignored}
+            )
             if not found:
                 problems.append(
                     {"source": str(path), "row": None, "column": None, "message": "no FCS files found"}
@@ -128,6 +132,27 @@ def validate_paths(paths: list[Path]) -> tuple[list[FileReport], list[dict[str, 
             add(validate_file(path, display=str(path)), path)
     _note_duplicates(reports)
     return reports, problems, inputs
+
+
+def folder_files(folder: Path) -> tuple[list[Path], int]:
+    """The files of ``folder`` (searched recursively) to validate, and how many others are ignored.
+
+    Every file named ``*.fcs`` (any case) is validated, so an empty or damaged one is reported as
+    not valid (macOS's ``._*.fcs`` resource-fork companions excepted), and so is every other file
+    starting like an FCS file (``FCS3.1``...), whatever its name."""
+    from cytopipe.fcs import is_fcs_file
+
+    found: list[Path] = []
+    ignored = 0
+    for p in sorted(folder.rglob("*")):
+        if p.is_dir():
+            continue
+        named = p.suffix.lower() == ".fcs" and not p.name.startswith("._")
+        if named or (p.is_file() and is_fcs_file(p)):
+            found.append(p)
+        else:
+            ignored += 1
+    return found, ignored
 
 
 def validate_file(path: str | Path, display: str | None = None, sha256: str | None = None) -> FileReport:
@@ -391,6 +416,10 @@ def _table(reports: list[FileReport], problems: list[dict[str, Any]], inputs: li
                 if part
             )
             lines.append(f"  {where}: {p['message']}" if where else f"  {p['message']}")
+    skipped = [(i["path"], i["ignored_files"]) for i in inputs if i.get("ignored_files")]
+    if skipped:
+        lines += ["", "Ignored (neither named *.fcs nor starting like an FCS file):"]
+        lines += [f"  {folder}: {n} other file(s)" for folder, n in skipped]
     s = _summary(reports, problems)
     summary = f"{s['files']} file(s): {s['ok']} ok, {s['failed']} failed"
     if problems:

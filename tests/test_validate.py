@@ -84,6 +84,30 @@ def test_folder_with_good_and_corrupt_files(folder):
     assert "5 file(s): 3 ok, 2 failed" in out.stdout
 
 
+def test_every_fcs_named_file_in_a_folder_is_reported(folder):
+    """An empty file or a text file named *.fcs (any case) is an invalid FCS file, reported like the
+    others; files neither named *.fcs nor starting like one are ignored, and how many is said."""
+    (folder / "empty.fcs").write_bytes(b"")
+    (folder / "sub" / "NOTES.FCS").write_text("tube 3 was spilled\n")
+    (folder / "._good.fcs").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # macOS resource fork
+    out = cytopipe(str(folder), cwd=folder.parent)
+    assert out.returncode == 3, out.stderr
+    rows = {line.split()[1]: line for line in out.stdout.splitlines()[1:8] if line.strip()}
+    assert (
+        rows["data/empty.fcs"].startswith("failed")
+        and "the file is empty (0 bytes)" in rows["data/empty.fcs"]
+    )
+    assert rows["data/sub/NOTES.FCS"].startswith("failed") and "not an FCS file" in rows["data/sub/NOTES.FCS"]
+    assert "7 file(s): 3 ok, 4 failed" in out.stdout
+    assert f"  {folder}: 2 other file(s)" in out.stdout  # notes.txt and the resource fork
+    doc = json.loads(cytopipe("--json", str(folder), cwd=folder).stdout)
+    assert doc["inputs"] == [{"path": str(folder), "kind": "folder", "fcs_files": 7, "ignored_files": 2}]
+    assert {Path(f["file"]).name for f in doc["files"] if f["status"] == "failed"} >= {
+        "empty.fcs",
+        "NOTES.FCS",
+    }
+
+
 def test_json_output(folder):
     out = cytopipe("--json", str(folder), cwd=folder)
     doc = json.loads(out.stdout)
@@ -149,10 +173,11 @@ def test_nothing_to_validate_fails(tmp_path):
 
 
 def test_every_shared_fcs_file_is_validated_without_crashing(shared_data, tmp_path):
-    """The whole shared corpus in one command: only the two broken files fail."""
+    """The whole shared corpus in one command: only the three broken files fail (fcsparser's
+    `corrupted.fcs`, 10 bytes of text, is named *.fcs: it is reported, not skipped)."""
     out = cytopipe("--json", str(shared_data), cwd=tmp_path)
     doc = json.loads(out.stdout)
     failed = sorted(Path(f["file"]).name for f in doc["files"] if f["status"] == "failed")
-    assert failed == ["AriaFile1.fcs", "sample_header.fcs"]
+    assert failed == ["AriaFile1.fcs", "corrupted.fcs", "sample_header.fcs"]
     assert doc["summary"]["files"] >= 200 and out.returncode == 3
     assert not [f for f in doc["files"] if "unexpected error" in f["error"]]
