@@ -183,10 +183,22 @@ class OutputWriteError(StoreError):
         "Permission denied": errno.EACCES,
     }
 
+    # a file where the output path needs a folder (``--out afile.txt/x.h5ad``): not a disk or
+    # permission problem (so not in _ADVICE, which also sorts raw OSErrors into exit code 4)
+    _PATH_ADVICE = {
+        errno.ENOTDIR: "a part of this path is a file, not a folder; choose another --out (or move that "
+        "file away) and rerun",
+        errno.EEXIST: "a file stands where a folder is needed; choose another --out (or move that file "
+        "away) and rerun",
+    }
+
     @classmethod
     def from_oserror(cls, path: Path, exc: OSError) -> OutputWriteError:
         reason = exc.strerror or type(exc).__name__
-        advice = cls._ADVICE.get(exc.errno or 0, "fix the cause and rerun the same command: the run resumes")
+        code = exc.errno or 0
+        advice = cls._ADVICE.get(code) or cls._PATH_ADVICE.get(
+            code, "fix the cause and rerun the same command: the run resumes"
+        )
         return cls(f"could not write this file ({reason}): {advice}", file=Path(path))
 
     @classmethod

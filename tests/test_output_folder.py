@@ -85,3 +85,20 @@ def test_gate_writes_a_new_folder_then_the_same_folder_again(tmp_path):
     empty.mkdir()
     assert cli(*args, "--out", str(empty), timeout=300).returncode == 0
     assert (empty / "population_stats.parquet").is_file()
+
+
+def test_an_output_path_through_a_file_says_so(tmp_path):
+    """`export anndata --out afile.txt/x.h5ad` and every atomic write: the path needs a folder where
+    a file is; the message says that and what to do (not 'fix the cause')."""
+    from cytopipe.errors import OutputWriteError
+    from cytopipe.store import atomic_write_bytes
+
+    afile = tmp_path / "afile.txt"
+    afile.write_text("hi\n")
+    with pytest.raises(
+        OutputWriteError, match="a file stands where a folder is needed; choose another --out"
+    ):
+        atomic_write_bytes(afile / "x.h5ad", b"data")
+    with pytest.raises(OutputWriteError, match="a part of this path is a file, not a folder"):
+        atomic_write_bytes(afile / "sub" / "x.h5ad", b"data")
+    assert afile.read_text() == "hi\n"
