@@ -8,7 +8,7 @@ on the same workspace database as ``cytopipe serve`` (``--data DIR`` or ``--data
     cytopipe review 3 --data ws --user rita --approve-unflagged Treg
     cytopipe review 3 --data ws --user rita --signoff
     cytopipe review 3 --data ws --examples approved_gates.yaml
-    cytopipe audit verify --data ws          # exit 1 and the first broken entry if edited
+    cytopipe audit verify --data ws          # exit 3 and the first broken entry if edited
     cytopipe audit export --data ws --format csv --out audit.csv
 
 The password of ``--user`` is read from CYTOPIPE_PASSWORD or standard input: every action is
@@ -200,7 +200,11 @@ def _password_again() -> str:
 
 # --- cytopipe audit ---------------------------------------------------------------------------------
 def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("verify", "export"))
+    parser.add_argument(
+        "action",
+        choices=("verify", "export"),
+        help="verify: check the hash chain (exit 3 naming the first broken entry); export: write it out",
+    )
     _db_arguments(parser)
     parser.add_argument(
         "--format", choices=("csv", "json"), default="csv", help="export format (default csv)"
@@ -220,7 +224,7 @@ def run_audit(args: argparse.Namespace) -> int:
             if args.action == "verify":
                 ok, n, message = audit.verify_chain(db)
                 print(("ok: " if ok else "BROKEN: ") + message, file=sys.stdout if ok else sys.stderr)
-                return 0 if ok else 1
+                return 0 if ok else 3  # the check ran and found a problem (1 is a bug)
             from cytopipe.serve.auditexport import export_text
 
             rows = [audit.as_dict(r) for r in db.scalars(select(Audit).order_by(Audit.id))]
