@@ -550,6 +550,11 @@ def _check_target(target: Path, run: LoadedRun, overwrite: bool, inputs: set[Pat
         raise StoreError(
             "exists already; give --overwrite to replace it, or choose another --out", file=target
         )
+    for folder in real.parents:  # a file where a folder of the path must be: refused before any work
+        if folder.exists():
+            if not folder.is_dir():
+                raise StoreError(f"{folder} is a file, not a folder; choose another --out", file=target)
+            break
 
 
 def _fcs_target(out: Path, sample_id: str, run: LoadedRun, overwrite: bool, inputs: set[Path]) -> Path:

@@ -4,10 +4,11 @@ the manifest refuses sample ids that cannot be file names (issue 11, defect 1)."
 from __future__ import annotations
 
 import hashlib
+import re
 
 import pytest
 
-from cytopipe.errors import ManifestError, StoreError
+from cytopipe.errors import ManifestError, OutputWriteError, StoreError
 from cytopipe.export import export_anndata, export_fcs
 from cytopipe.fcs import read_fcs
 from cytopipe.manifest import check_manifest, load_manifest, unsafe_name
@@ -74,6 +75,11 @@ def test_anndata_export_never_replaces_an_input_or_an_existing_file(sim_run, sim
     with pytest.raises(StoreError, match="exists already"):
         export_anndata(sim_run, "T cells", out, **kw)
     assert out.read_bytes() == b"keep me"
+    # a file where a folder of the path must be: an input error (exit 2) before any sample is read,
+    # not a failed write (exit 4) after the whole export
+    with pytest.raises(StoreError, match=f"{re.escape(str(out))} is a file, not a folder") as refused:
+        export_anndata(sim_run, "T cells", out / "sub" / "t.h5ad", **kw)
+    assert not isinstance(refused.value, OutputWriteError)
     export_anndata(sim_run, "T cells", out, overwrite=True, **kw)
     assert out.read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
