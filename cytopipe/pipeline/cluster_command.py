@@ -86,7 +86,7 @@ def cluster_run(
     from cytopipe.pipeline.runner import RunResult, finish_run
     from cytopipe.pipeline.state import plan_clustering
     from cytopipe.pipeline.statistics import step_statistics
-    from cytopipe.pipeline.steps import _cluster_map, _cluster_train
+    from cytopipe.pipeline.steps import _cluster_map, _cluster_train, _drop_unmeasured_cluster_markers
     from cytopipe.store import CLUSTER_DIR, MODEL_FILE, read_table
     from cytopipe.workflow import load_workflow, statistics_enabled, statistics_settings
 
@@ -126,6 +126,9 @@ def cluster_run(
     ctx.cached = int(loaded.info.get("cached_samples") or 0)
     earlier = [p for p in loaded.info.get("problems") or [] if not str(p).startswith(("clustering", "statistics", "report"))]  # fmt: skip
     ctx.problems = list(earlier)
+    register = next((s for s in loaded.info.get("steps") or [] if s.get("step") == "register"), {})
+    absent = register.get("markers_in_no_file") or register.get("not_measured_markers") or []
+    _drop_unmeasured_cluster_markers(ctx, list(absent))  # as the run did: the same clusters' columns
     executor = make_executor(scheduler, workers or wf.workers, address, memory_limit)
     ctx.executor = executor
     try:

@@ -156,6 +156,9 @@ def step_cluster_map(ctx: RunContext) -> dict[str, Any]:
         job["map_inputs"] = ctx.results.get(job["sample_id"], {}).get("map_inputs")
     results = _soft_phase(ctx, "cluster-map", map_task, key, "clustering (mapping)")
     order = sorted(results)
+    if not order:  # no clusters.parquet (nor clustering tables): the run has no clusters to show
+        ctx.problems.append("clustering: no sample could be mapped onto the model (see above); no clusters")
+        return {"samples": 0, "events": 0, "metaclusters": model.n_metaclusters}
     folder = ctx.folder.path / CLUSTER_DIR
     folder.mkdir(parents=True, exist_ok=True)
     ctx.tables["clusters"] = assemble_clusters(ctx, [results[s]["abundance"] for s in order])

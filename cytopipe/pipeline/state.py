@@ -199,6 +199,21 @@ class ClusterPlan:
     def train_key(self) -> str:
         return stable_hash(["train", self.population, self.markers, self.n_train, self.settings.seed])
 
+    def measured_medians(self, channel_of: Mapping[str, str]) -> list[str]:
+        """The median markers one file carries (``channel_of``: the markers its gating resolved,
+        ``GatingResult.channel_of``)."""
+        return [m for m in self.medians if m in channel_of]
+
+    def median_matrix(self, linear: np.ndarray, measured: list[str]) -> np.ndarray:
+        """``linear`` (events x ``measured``) as events x ``medians``: a marker the file lacks is a
+        NaN column, so its medians are NaN in every metacluster, as in population_stats."""
+        if measured == self.medians:
+            return linear
+        out = np.full((len(linear), len(self.medians)), np.nan, dtype=np.float32)
+        for j, m in enumerate(measured):
+            out[:, self.medians.index(m)] = linear[:, j]
+        return out
+
     def map_key(self, model_hash: str) -> str:
         return stable_hash(
             [

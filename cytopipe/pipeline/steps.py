@@ -141,27 +141,40 @@ def step_register(ctx: RunContext) -> dict[str, Any]:
             job["_missing"] = (res.get("missing") or [], res.get("channels"))
         else:
             ctx.fail(job, res, "register")
-    skipped = _missing_everywhere(ctx, [j for j in jobs if "_missing" in j and not j.get("control")])
+    registered = [j for j in jobs if "_missing" in j and not j.get("control")]
+    skipped = _missing_everywhere(ctx, registered)
+    # every marker no file carries: gate markers (skipped) and markers only in the template's `medians:`
+    absent = set.intersection(*(set(j["_missing"][0]) for j in registered)) if registered else set()
     for j in jobs:
         j.pop("_missing", None)
-    _drop_unmeasured_cluster_markers(ctx, skipped)
+    absent |= set(skipped)
+    _drop_unmeasured_cluster_markers(ctx, sorted(absent))
     fmo = plan_fmo(ctx)  # each sample's FMO set (batch, else site, else study)
-    return {"files": len(jobs), "failed": len(ctx.failures), "not_measured_markers": skipped, **fmo}
+    record = {"files": len(jobs), "failed": len(ctx.failures), "not_measured_markers": skipped, **fmo}
+    if absent:  # `cytopipe cluster` leaves them out of the clusters' medians too
+        record["markers_in_no_file"] = sorted(absent)
+    return record
 
 
-def _drop_unmeasured_cluster_markers(ctx: RunContext, skipped: list[str]) -> None:
+def _drop_unmeasured_cluster_markers(ctx: RunContext, absent: list[str]) -> None:
     """Default clustering markers (none named, no model) and the clusters' median markers (the
-    template's) leave out the markers no file measures (``missing_markers: skip``); markers named
-    in the workflow stay, and a sample without one is left out of the clusters with its reason."""
+    template's) leave out the markers no file measures (``absent``: gate markers skipped with
+    ``missing_markers: skip``, and markers only in the template's ``medians:``); markers named in
+    the workflow stay, and a sample without one is left out of the clusters with its reason. A
+    median marker that only some files lack has NaN medians in their rows of clusters.parquet."""
     plan = ctx.state.cluster
-    if plan is None or not skipped:
+    if plan is None or not absent:
         return
-    plan.medians = [m for m in plan.medians if m not in skipped]
-    if ctx.wf.clustering.get("markers") or plan.given_model is not None:
+    dropped = [m for m in plan.medians if m in absent]
+    plan.medians = [m for m in plan.medians if m not in absent]
+    if dropped:
+        logger.info("clustering: median markers measured in no file left out: %s", ", ".join(dropped))
+    dropped = [m for m in plan.markers if m in absent]
+    if not dropped or ctx.wf.clustering.get("markers") or plan.given_model is not None:
         return
-    plan.markers = [m for m in plan.markers if m not in skipped]
-    plan.transforms = {m: t for m, t in plan.transforms.items() if m not in skipped}
-    logger.info("clustering: markers measured in no file left out: %s", ", ".join(skipped))
+    plan.markers = [m for m in plan.markers if m not in absent]
+    plan.transforms = {m: t for m, t in plan.transforms.items() if m not in absent}
+    logger.info("clustering: markers measured in no file left out: %s", ", ".join(dropped))
     if len(plan.markers) < 2:
         ctx.state.cluster = None
         ctx.problems.append("clustering: fewer than 2 of its markers are measured in the files; not run")

@@ -458,23 +458,26 @@ def sample_cluster_inputs(
 
 
 # Mapping inputs on disk (RUN_DIR/.cache/map-inputs/, removed when mapping ends): the linear
-# (compensated, untransformed) values of the median markers and then of the clustering markers
-# not among them, with the transform of each clustering marker, and the concordance memberships
-# as bits. The transformed values are recomputed from the linear ones on load: the transforms
-# are elementwise, so they are the bytes the gating pass would have written (half the bytes per
-# event of storing both; a quantised copy would change the clusters, so none is kept).
+# (compensated, untransformed) values of the median markers the file carries and then of the
+# clustering markers not among them, with the transform of each clustering marker, and the
+# concordance memberships as bits. The transformed values are recomputed from the linear ones on
+# load: the transforms are elementwise, so they are the bytes the gating pass would have written
+# (half the bytes per event of storing both; a quantised copy would change the clusters, so none
+# is kept).
 _MAP_CHUNK = 1 << 16  # events per written block: the file is written without a full matrix in memory
 
 
-def _map_columns(plan: ClusterPlan) -> list[str]:
-    return list(plan.medians) + [m for m in plan.markers if m not in plan.medians]
+def _map_columns(plan: ClusterPlan, measured: list[str] | None = None) -> list[str]:
+    """The median markers (``measured``: those the file carries), then the other clustering markers."""
+    medians = plan.medians if measured is None else measured
+    return list(medians) + [m for m in plan.markers if m not in plan.medians]
 
 
 def _write_map_inputs(path: Path, plan: ClusterPlan, values: Any, result: Any, idx: np.ndarray) -> None:
     import json
     import os
 
-    cols = _map_columns(plan)
+    cols = _map_columns(plan, plan.measured_medians(result.channel_of))
     specs = [values.transform_spec(m) for m in plan.markers]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # renamed when complete
@@ -523,7 +526,9 @@ def _load_map_inputs(job: Mapping[str, Any], plan: ClusterPlan, model: Any):
     except (OSError, ValueError, EOFError):
         return None
     cols, n = meta.get("columns"), len(values)
-    if cols != _map_columns(plan) or values.shape != (n, len(cols)) or bits.shape[0] != len(plan.concordance):
+    measured = [c for c in cols if c in plan.medians] if isinstance(cols, list) else []
+    cols_ok = cols == _map_columns(plan, measured)  # the median markers the file lacks are not in it
+    if not cols_ok or values.shape != (n, len(cols)) or bits.shape[0] != len(plan.concordance):
         return None
     masks = np.unpackbits(bits, axis=1, count=n).astype(bool) if len(plan.concordance) else None
     # a block of events at a time: transposed (markers x events: contiguous columns, as the
@@ -540,9 +545,9 @@ def _load_map_inputs(job: Mapping[str, Any], plan: ClusterPlan, model: Any):
         for j, spec in enumerate(meta["specs"]):
             block[j, : e - s] = apply_transform(spec, part[at[j]])
         x[s:e] = block[:, : e - s].T
-    k = len(plan.medians)
+    k = len(measured)
     linear = values[:, :k] if k == len(cols) or k == 0 else np.ascontiguousarray(values[:, :k])
-    return x, linear, {p: masks[i] for i, p in enumerate(plan.concordance)}
+    return x, plan.median_matrix(linear, measured), {p: masks[i] for i, p in enumerate(plan.concordance)}
 
 
 def train_task(job: dict[str, Any], state: Any) -> dict[str, Any]:
@@ -581,7 +586,8 @@ def map_task(job: dict[str, Any], state: Any) -> dict[str, Any]:
             idx = result.indices(plan.population)
             values = result.event_values(prep.sample)
             x = values.matrix(model.markers, events=idx)  # parent events x clustering markers
-            linear = values.matrix(plan.medians, events=idx, transformed=False)
+            measured = plan.measured_medians(result.channel_of)  # a marker the file lacks: NaN medians
+            linear = plan.median_matrix(values.matrix(measured, events=idx, transformed=False), measured)
             masks = {p: result.mask(p)[idx] for p in plan.concordance}
             del prep, result, values
         nodes, mc = map_events(model, x, model.markers, sample_id=sid)
