@@ -54,7 +54,7 @@ def step_statistics(ctx: RunContext) -> dict[str, Any]:
 
 
 #: bump when the statistics change for the same inputs (cached statistics are then recomputed)
-STATISTICS_VERSION = "1"
+STATISTICS_VERSION = "2"
 
 
 def _statistics_key(ctx: RunContext) -> str:
@@ -102,7 +102,9 @@ def compute_statistics(ctx: RunContext) -> tuple[pd.DataFrame | None, dict[str, 
             )
         except ClinicalDataError as exc:
             ctx.problems.append(f"statistics: the clinical table was not used (no clinical tests): {exc}")
-    gated = _statistics_of(ctx, ps, clinical, settings, "gated populations")
+    from cytopipe.report.data import measured_rows  # not measured in a sample: a missing value, not 0%
+
+    gated = _statistics_of(ctx, measured_rows(ps), clinical, settings, "gated populations")
     if gated is not None:
         parts.append(gated)
     clusters = ctx.tables.get("clusters")

@@ -162,7 +162,8 @@ def _median_se(pool: np.ndarray, n: int, draws: int = 400) -> float:
 def levey_jennings_figure(track: pd.DataFrame, populations: Sequence[str], ncols: int = 4) -> Figure:
     """Small multiples: each population's frequency in acquisition order, its centre line, the
     2 SD (dashed) and 3 SD (solid) limits, each batch's median as a short bar, points outside
-    3 SD ringed in red; marker shape = site."""
+    3 SD ringed in red; marker shape = site. Samples without a frequency (the population not
+    measured in them) have no point; a population with none has no panel."""
     from matplotlib.collections import LineCollection
 
     from cytopipe.report.figures import _panel_grid
@@ -175,7 +176,7 @@ def levey_jennings_figure(track: pd.DataFrame, populations: Sequence[str], ncols
     for i, ax in enumerate(axes):
         pop = populations[i]
         d = by_pop.get(pop)
-        if d is None or d.empty:
+        if d is None or not d["pct_parent"].notna().any():
             ax.set_visible(False)
             continue
         x = d["order"].to_numpy(float)
@@ -201,7 +202,8 @@ def levey_jennings_figure(track: pd.DataFrame, populations: Sequence[str], ncols
             ax.add_collection(
                 LineCollection(bars, colors="#212529", linewidths=1.6, capstyle="butt", zorder=2)
             )
-        lo, hi = min(np.nanmin(y), c - 3 * sd), max(np.nanmax(y), c + 3 * sd)
+        finite = y[np.isfinite(y)]
+        lo, hi = min(finite.min(), c - 3 * sd), max(finite.max(), c + 3 * sd)
         pad = 0.05 * (hi - lo) if hi > lo else 1.0
         ax.set_ylim(max(lo - pad, 0.0), min(hi + pad, 100.0))
         parent = str(d["parent"].iloc[0]) if "parent" in d.columns else ""
@@ -226,7 +228,7 @@ def _batch_bars(d: pd.DataFrame) -> list[list[tuple[float, float]]]:
     agg = pd.DataFrame(
         {"lo": g["order"].min(), "hi": g["order"].max(), "n": g.size(), "y": g["pct_parent"].median()}
     )
-    agg = agg[agg["n"] > 1]
+    agg = agg[(agg["n"] > 1) & agg["y"].notna()]  # a batch without a frequency: no bar
     return [[(lo - 0.3, y), (hi + 0.3, y)] for lo, hi, y in zip(agg["lo"], agg["hi"], agg["y"])]
 
 
@@ -243,7 +245,7 @@ def section(b: Any) -> Any:
     if track.empty or track[["batch", "site", "acquired_at"]].isna().all().all():
         return None
     s = H.Section("batches", "Batches and sites (Levey-Jennings)")
-    pops = [p for p in d.populations if p in set(track["population"])]
+    pops = [p for p in d.measured_populations if p in set(track["population"])]
     n_batches = track["batch"].nunique()
     n_sites = track["site"].nunique()
     s.add(H.paragraph(
@@ -254,6 +256,10 @@ def section(b: Any) -> Any:
         "biologically, so a flag is a prompt to look at that batch's gates, not a verdict. A batch is "
         f"marked shifted when its median lies more than {SHIFT_Z:g} standard errors from the study median "
         "(docs/reports.md)."))  # fmt: skip
+    left_out = [p for p in d.populations if p in set(track["population"]) and p not in pops]
+    if left_out:
+        text = f"Not charted, no frequency in any sample (e.g. not measured): {', '.join(left_out)}."
+        s.add(H.paragraph(text, "note"))
     s.add(b.figure(levey_jennings_figure(track, pops), "levey-jennings", "Levey-Jennings charts per population",
                    "Each point is one sample's frequency, in acquisition order, its shape the site; red rings: "
                    "beyond 3 SD."))  # fmt: skip

@@ -121,7 +121,7 @@ def write_csv_text(path: Path, text: str) -> None:
 
 
 #: bump when the report changes for the same inputs (reports are then rewritten)
-REPORT_VERSION = "15"
+REPORT_VERSION = "16"
 _VOLATILE = ("finished_at", "seconds", "steps", "executor", "cached_samples", "clustered_at", "problems")
 _INPUTS = ("population_stats", "samples", "statistics", "clusters", "gate_review")
 

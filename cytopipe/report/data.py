@@ -13,6 +13,7 @@ import json
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,71 @@ class RunData:
     def populations(self) -> list[str]:
         """Populations in template order (their order in the first sample)."""
         return list(dict.fromkeys(self.population_stats["population"]))
+
+    @cached_property
+    def measured_populations(self) -> list[str]:
+        """:attr:`populations` with a frequency in at least one sample: the ones figures can draw
+        (a population not measured in any sample, or empty everywhere, has only NaN)."""
+        ps = self.population_stats
+        pct = pd.to_numeric(ps["pct_parent"], errors="coerce")
+        some = set(ps.loc[pct.notna(), "population"])
+        return [p for p in self.populations if p in some]
+
+    @cached_property
+    def not_measured(self) -> pd.DataFrame:
+        """:func:`not_measured` of the run's population statistics."""
+        return not_measured(self.population_stats)
+
+
+NOT_MEASURED = "not measured"  # a population's gate_source when a marker it needs is not in the file
+NOT_MEASURED_COLUMNS = ["population", "samples_not_measured", "samples", "reason"]
+
+
+def not_measured(population_stats: pd.DataFrame) -> pd.DataFrame:
+    """The populations not measured in some or every sample (a marker their gate needs is not in
+    the file; docs/gating.md, "Missing markers"), in template order: ``samples_not_measured`` of
+    ``samples``, and ``reason`` (the gate's flag without its "not measured: " prefix, e.g.
+    "marker CCR6 is not in the file"). Empty for run folders without ``gate_source``."""
+    ps = population_stats
+    if "gate_source" not in ps.columns or ps.empty:
+        return pd.DataFrame(columns=NOT_MEASURED_COLUMNS)
+    hit = ps[ps["gate_source"].astype(str) == NOT_MEASURED]
+    if hit.empty:
+        return pd.DataFrame(columns=NOT_MEASURED_COLUMNS)
+    flags = hit["gate_flags"] if "gate_flags" in hit.columns else pd.Series("", index=hit.index)
+    reasons = flags.fillna("").astype(str).map(_not_measured_reason)
+    by_pop = hit.groupby("population", sort=False)
+    out = pd.DataFrame(
+        {
+            "samples_not_measured": by_pop["sample_id"].nunique(),
+            "samples": ps[ps["population"].isin(by_pop.groups)].groupby("population")["sample_id"].nunique(),
+            "reason": reasons.groupby(hit["population"], sort=False).agg(
+                lambda r: "; ".join(dict.fromkeys(r))
+            ),
+        }
+    )
+    order = [p for p in dict.fromkeys(ps["population"]) if p in out.index]
+    return out.loc[order].rename_axis("population").reset_index()[NOT_MEASURED_COLUMNS]
+
+
+def measured_rows(population_stats: pd.DataFrame) -> pd.DataFrame:
+    """``population_stats`` without the rows of populations not measured in their sample: those are
+    missing values, not empty gates (their ``count`` is 0, and a Wilson interval or a fold change
+    made from it would be an empty gate's). The table itself when every row is measured."""
+    ps = population_stats
+    if "gate_source" not in ps.columns:
+        return ps
+    keep = ps["gate_source"].astype(str) != NOT_MEASURED
+    return ps if keep.all() else ps[keep]
+
+
+def _not_measured_reason(flags: str) -> str:
+    """The reason in a gate's flags: "marker CCR6 is not in the file" from "not measured: marker
+    CCR6 is not in the file"."""
+    for flag in flags.split("; "):
+        if flag.startswith(f"{NOT_MEASURED}: "):
+            return flag[len(NOT_MEASURED) + 2 :]
+    return "a marker its gate needs is not in the file"
 
 
 def _read_parquet(path: Path) -> pd.DataFrame | None:
@@ -185,7 +251,7 @@ def _compute_statistics(data: RunData, settings: Mapping[str, Any]) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fit warnings are recorded in the table's notes
-            data.statistics = run_statistics(ps, data.clinical, dict(settings))
+            data.statistics = run_statistics(measured_rows(ps), data.clinical, dict(settings))
         what = "with" if data.clinical is not None else "without"
         data.notes.append(
             f"statistics.parquet was not in the run folder: the report computed the statistics itself "

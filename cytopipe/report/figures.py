@@ -645,11 +645,14 @@ def _set_ylim(
     ceiling: float | None = None,
 ) -> None:
     """Data-driven y range with a little room; never below ``floor`` or above ``ceiling`` (a
-    percentage axis stays within 0-100)."""
-    lo = float(np.nanmin(np.asarray(lows, dtype=float)))
-    hi = float(np.nanmax(np.asarray(highs, dtype=float)))
-    if not (np.isfinite(lo) and np.isfinite(hi)):
+    percentage axis stays within 0-100). NaN values (a population not measured in some samples,
+    an arm with no value at a visit) are left out; with none finite the range stays matplotlib's."""
+    lows_ = np.asarray(lows, dtype=float)
+    highs_ = np.asarray(highs, dtype=float)
+    lows_, highs_ = lows_[np.isfinite(lows_)], highs_[np.isfinite(highs_)]
+    if not (lows_.size and highs_.size):
         return
+    lo, hi = float(lows_.min()), float(highs_.max())
     pad = 0.06 * (hi - lo) if hi > lo else max(abs(hi), 1.0) * 0.1
     lo, hi = lo - pad, hi + pad
     if floor is not None:
@@ -721,8 +724,8 @@ def dynamics_figure(
                 lo, hi = _ci_bars(sa["mean"], sa["ci_low"], sa["ci_high"], sa["n"])
                 ax.errorbar(x, sa["mean"], yerr=np.vstack([lo, hi]),
                             color=colors[arm], lw=2, marker="o", ms=3.5, capsize=2, elinewidth=1.1, zorder=3)  # fmt: skip
-                lows.append(np.nanmin(sa["mean"] - lo))
-                highs.append(np.nanmax(sa["mean"] + hi))
+                lows.extend(sa["mean"].to_numpy(float) - lo)  # NaN means: left out by _set_ylim
+                highs.extend(sa["mean"].to_numpy(float) + hi)
         parent = d["parent"].iloc[0] if "parent" in d.columns else ""
         ax.set_title(f"{pop} · % of {parent if parent and parent != 'root' else 'events'}")
         _visit_axis(ax, visits, bottom=i >= len(populations) - ncols)
@@ -762,8 +765,8 @@ def change_figure(
             lo, hi = _ci_bars(sa["mean_change"], sa["change_ci_low"], sa["change_ci_high"], sa["n"])
             ax.errorbar(x, m, yerr=np.vstack([lo, hi]), color=colors[arm], lw=1.8, marker="o", ms=3.5,
                         capsize=2, elinewidth=1.0)  # fmt: skip
-            lows.append(np.nanmin(m - lo))
-            highs.append(np.nanmax(m + hi))
+            lows.extend(m - lo)  # NaN changes: left out by _set_ylim
+            highs.extend(m + hi)
         ax.set_title(populations[i])
         if i % ncols == 0:
             ax.set_ylabel(f"change from wk {baseline_visit} (pp)")
@@ -950,7 +953,9 @@ def effect_map(mixed: pd.DataFrame, populations: Sequence[str], arms: Sequence[s
 # clusters (optional section)
 # ------------------------------------------------------------------------------------------------
 def marker_heatmap(medians: pd.DataFrame, title: str) -> Figure:
-    """Metacluster x marker heatmap (colour scaled 0-1 per marker, text = median)."""
+    """Metacluster x marker heatmap (colour scaled 0-1 per marker, text = median); a marker with no
+    median at all (measured in no file) is left out."""
+    medians = medians.loc[:, medians.notna().any()]
     v = medians.to_numpy(dtype=float)
     lo, hi = np.nanmin(v, axis=0), np.nanmax(v, axis=0)
     scaled = (v - lo) / np.where(hi > lo, hi - lo, 1.0)

@@ -770,8 +770,10 @@ def gate_outliers(
       other visits of the patient).
 
     Floors: 2% of the axis span for gate numbers, 0.1 on the logit scale for frequencies. A gate
-    is an outlier when any |z| > ``z`` (3.5). Columns: ``sample_id, population, patient_id,
-    visit, pct_parent, flagged, flags, outlier, score`` (largest |z|), ``reasons``.
+    is an outlier when any |z| > ``z`` (3.5). A population not measured in a sample (``source``
+    "not measured") is neither flagged nor an outlier there and takes no part in the others'
+    z-scores. Columns: ``sample_id, population, patient_id, visit, pct_parent, flagged, flags,
+    outlier, score`` (largest |z|), ``reasons``.
     """
     first = review[review["panel"] == 0].copy()
     first = first.drop_duplicates(["sample_id", "population"])
@@ -787,7 +789,9 @@ def gate_outliers(
         quantities = _quantities(g)
         score = np.zeros(len(g))
         reasons: list[list[str]] = [[] for _ in range(len(g))]
+        unmeasured = (g["source"].astype(str) == "not measured").to_numpy() if "source" in g else False
         for label, values, floor, fmt in quantities:
+            values = np.where(unmeasured, np.nan, values)  # no number: a marker is not in the file
             zc = _cohort_z(values, floor)
             zp = _patient_z(values, g["patient_id"], g["visit"], floor)
             for kind, zz in (("cohort", zc), ("patient's other visits", zp)):
@@ -797,7 +801,7 @@ def gate_outliers(
                     reasons[i].append(
                         f"{label} {fmt(values[i])} is an outlier vs the {kind} (z={zz[i]:+.1f})"
                     )
-        flagged = g["flags"].fillna("").astype(str) != ""
+        flagged = (g["flags"].fillna("").astype(str) != "") & ~unmeasured
         out.append(
             pd.DataFrame(
                 {

@@ -23,7 +23,7 @@ from cytopipe.errors import CytopipeError
 from cytopipe.report import batches as B
 from cytopipe.report import figures as F
 from cytopipe.report import html as H
-from cytopipe.report.data import RunData
+from cytopipe.report.data import RunData, measured_rows
 from cytopipe.report.review_section import review
 
 ENDPOINT_TITLES = {
@@ -139,6 +139,12 @@ def _in_order(
     return table.loc[order].reset_index(drop=True)
 
 
+def _unmeasured_samples(d: RunData) -> dict[str, tuple[int, str]]:
+    """population -> (samples it is not measured in, why) (:func:`cytopipe.report.data.not_measured`)."""
+    nm = d.not_measured
+    return {r.population: (int(r.samples_not_measured), r.reason) for r in nm.itertuples()}
+
+
 def _sig_rows(q: pd.Series) -> list[str]:
     return [
         "sig" if np.isfinite(v) and v < 0.05 else "" for v in pd.to_numeric(q, errors="coerce").astype(float)
@@ -180,6 +186,7 @@ def overview(b: Builder) -> H.Section:
         s.add(H.paragraph(f"Problem in this run: {problem}", "error"))
     if d.clinical_error:
         s.add(H.paragraph(f"Clinical table not used: {d.clinical_error}", "error"))
+    _not_measured_note(b, s)
     info = d.info
     facts = []
     if info.get("finished_at"):
@@ -194,6 +201,29 @@ def overview(b: Builder) -> H.Section:
         "arm, the clinical endpoints, the correlations between immune and clinical changes, and the "
         "mixed-model estimates. Every table is also a CSV file next to this report."))  # fmt: skip
     return s
+
+
+def _not_measured_note(b: Builder, s: H.Section) -> None:
+    """The populations not measured in some or every sample (a marker of their gate is not in the
+    files): named with the reason, and the table ``not_measured.csv``."""
+    nm = b.data.not_measured
+    if nm.empty:
+        return
+    every = nm["samples_not_measured"] >= nm["samples"]
+    text = []
+    if every.any():
+        named = [f"{r.population} ({r.reason})" for r in nm[every].itertuples()]
+        text.append(f"Not measured in any sample: {'; '.join(named)}.")
+    if (~every).any():
+        named = [f"{r.population} in {r.samples_not_measured} of {r.samples} ({r.reason})"
+                 for r in nm[~every].itertuples()]  # fmt: skip
+        text.append(f"Not measured in some samples: {'; '.join(named)}.")
+    text.append(
+        "A marker their gate needs is not in those files: they have no frequency there (never 0%), and the "
+        "figures, the batch charts and the statistics leave those values out."
+    )
+    s.add(H.paragraph(" ".join(text), "note"))
+    s.add(b.table(nm, "not_measured", "Populations not measured in some or every sample, and why."))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,6 +402,9 @@ def gate_gallery(b: Builder) -> H.Section:
         .reset_index()
         .rename(columns={"median_pct_parent": "median % of parent"})
     )
+    unmeasured = _unmeasured_samples(d)
+    if unmeasured:  # a marker not in some files: those samples have no panel and no number
+        summary.insert(2, "not measured", summary["population"].map(lambda p: unmeasured.get(p, (0, ""))[0]))
     s.add(
         b.table(summary, None, "Gates at a glance: samples, flagged and outlying gates, median % of parent.")
     )
@@ -389,6 +422,10 @@ def gate_gallery(b: Builder) -> H.Section:
         chosen = list(f["sample_id"].head(b.max_gallery))
         first = rows.iloc[0]
         s.sub(f"gate-{_slug(pop)}", f"{pop}  (of {first['parent']})")
+        if pop in unmeasured:
+            n_nm, why = unmeasured[pop]
+            which = "any sample" if n_nm >= len(f) else f"{n_nm} of {len(f)} samples (they have no panel)"
+            s.add(H.paragraph(f"Not measured in {which}: {why}.", "note"))
         n_flag, n_out = int(f["flagged"].sum()), int((f["outlier"] & ~f["flagged"]).sum())
         mark = {
             r.sample_id: ("flag" if r.flagged else "outlier" if r.outlier else "") for r in f.itertuples()
@@ -451,7 +488,7 @@ def _dynamics_tables(d: RunData) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFra
     from cytopipe.errors import StatisticsError
     from cytopipe.stats import add_wilson_ci, baseline_change, summarise_by_arm
 
-    ps = d.population_stats
+    ps = measured_rows(d.population_stats)  # not measured in a sample: missing there, not 0%
     ps = ps[ps["arm"].astype(str).isin(d.arms)]
     if {"count", "parent_count"} <= set(ps.columns):
         ps = add_wilson_ci(ps)
@@ -472,7 +509,7 @@ def dynamics(b: Builder) -> H.Section:
     b.dynamics = dyn  # reused by the correlation section
     if note:
         s.add(H.paragraph(note, "note"))
-    pops = [p for p in d.populations if p in set(ps["population"])]
+    pops = [p for p in d.measured_populations if p in set(ps["population"])]
     s.add(H.paragraph(
         "How each population changes over the trial, by arm. Frequencies are % of the parent population "
         "named on the axis. Faint lines: individual patients; points with bars: arm means with 95% "
@@ -480,6 +517,10 @@ def dynamics(b: Builder) -> H.Section:
         "intervals on the logit scale, so they stay within 0-100% (docs/reports.md); arms with fewer than 3 "
         "patients at a visit have no bar. Each sample's own Wilson interval (from its event counts) is in "
         "dynamics_per_sample.csv."))  # fmt: skip
+    left_out = [p for p in d.populations if p not in pops]
+    if left_out:
+        s.add(H.paragraph(f"Not shown, no frequency in any sample (e.g. not measured): {', '.join(left_out)}.",
+                          "note"))  # fmt: skip
     s.add(b.figure(
         F.dynamics_figure(ps, summary, pops, d.arms, b.colors, show_sample_ci=False),
         "dynamics", "Population frequencies over visits by arm",
@@ -756,9 +797,9 @@ def clusters(b: Builder) -> H.Section | None:
     else:
         markers = [c for c in cl.columns if c.startswith("median_")]
         if markers and "count" in cl.columns:
-            w = cl["count"].astype(float)
-            med = (cl[markers].mul(w, axis=0).groupby(cl[name_col]).sum()
-                   .div(w.groupby(cl[name_col]).sum().replace(0, np.nan), axis=0))  # fmt: skip
+            w = cl["count"].astype(float)  # weights of the samples with a median (a file may lack a marker)
+            med = (cl[markers].mul(w, axis=0).groupby(cl[name_col]).sum(min_count=1)
+                   .div(cl[markers].notna().mul(w, axis=0).groupby(cl[name_col]).sum().replace(0, np.nan)))  # fmt: skip
             med.columns = [c.removeprefix("median_") for c in med.columns]
             s.add(b.figure(F.marker_heatmap(med, "Metacluster median expression (event-weighted across samples)"),
                            "cluster-heatmap", "Metacluster by marker median heatmap",
