@@ -341,6 +341,7 @@ def write_run_report(
     except Exception as exc:  # a bug in the report must not cost the run's tables
         if isinstance(exc, OSError) and errors.exit_code_for(exc) == EXIT_OUTPUT:
             raise  # disk full / read-only while writing the report: exit 4, the rerun resumes
+        logger.exception("the report could not be written (internal error)")  # its traceback in run.log
         tb = traceback.extract_tb(exc.__traceback__)
         where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
         problems.append(
