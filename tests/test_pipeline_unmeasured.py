@@ -1,0 +1,212 @@
+"""Markers and populations not measured in some or every file, through `cytopipe run`.
+
+CytoNorm's six CyTOF files (3 patients x 2 visits, 1,000 events each) gated with the mass-cytometry
+template and `missing_markers: skip`: the panel has no CCR6, CXCR5, PD-1 nor CD127, so Th17, Th1,
+cTfh and activated cTfh are not measured in any sample and CD127 (only in the template's `medians:`)
+is in no file. Three files are written again with their CCR9 channel labelled CD127 (CD127 measured
+in some files only). A second study (no clustering) also drops the CD45RA label of both files of
+patient PTLG034: Memory CD4 and everything below it are not measured in those two samples only.
+
+Found by a new user: the report was never written (an all-NaN Levey-Jennings panel: "Axis limits
+cannot be NaN or Inf", a RuntimeWarning on stderr), and clustering trained a model but mapped no
+sample (every sample was asked for CD127). Each test here failed on that code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+
+from cytopipe.fcs import read_fcs, write_fcs
+from tests.conftest import REPO, shared_path
+from tests.pipeline_support import cli
+
+CD127_SAMPLES = ["PTLG021_1", "PTLG028_1", "PTLG034_1"]  # CCR9's channel labelled CD127
+NO_CD45RA = ["PTLG034_1", "PTLG034_2"]  # Memory CD4 and its descendants not measured (second study)
+EVERYWHERE = ["Th17", "Th1", "cTfh", "activated cTfh"]  # CCR6, CXCR5 are in no file
+CLUSTERING = {"enabled": True, "grid": [4, 4], "metaclusters": 5, "embedding": {"enabled": False}}
+
+
+def _study(folder: Path, no_cd45ra: list[str], clustering: dict, statistics: bool) -> Path:
+    """The manifest (files in place, or written again relabelled) and the workflow."""
+    rows = []
+    for path in sorted(shared_path("CytoNorm", "inst", "extdata").glob("Gates_*.fcs")):
+        patient, *_, visit = path.stem.removeprefix("Gates_").split("_")
+        sample_id = f"{patient}_{visit}"
+        if sample_id in CD127_SAMPLES or sample_id in no_cd45ra:
+            sample = read_fcs(path)
+            channels = sample.channels.copy()
+            if sample_id in CD127_SAMPLES:
+                channels.loc[channels["pns"] == "CCR9", "pns"] = "CD127"
+            if sample_id in no_cd45ra:
+                channels.loc[channels["pns"] == "CD45RA", "pns"] = ""
+            path = write_fcs(folder / path.name, sample.events, channels, keywords=sample.keywords)
+        arm = "placebo" if patient == "PTLG028" else "IL-2"
+        rows.append(dict(file=str(path), sample_id=sample_id, patient_id=patient, visit=4 * (int(visit) - 1),
+                         arm=arm, batch=f"B{visit}"))  # fmt: skip
+    pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
+    workflow = {
+        "study": "cytof not measured",
+        "manifest": "manifest.csv",
+        "template": str(REPO / "gating" / "sle_il2_cytof.yaml"),
+        "missing_markers": "skip",
+        "clustering": clustering,
+        "statistics": {"enabled": statistics},  # without a clinical table: "auto" is off
+    }
+    (folder / "workflow.yaml").write_text(yaml.safe_dump(workflow, sort_keys=False), encoding="utf-8")
+    return folder / "workflow.yaml"
+
+
+def _run(folder: Path, no_cd45ra: list[str], clustering: dict, statistics: bool = False) -> tuple[Path, Any]:
+    """`cytopipe run` of the study in ``folder`` (one process, no Dask: the files are tiny)."""
+    workflow = _study(folder, no_cd45ra, clustering, statistics)
+    out = folder / "run"
+    return out, cli("run", str(workflow), "--out", str(out), "--scheduler", "synchronous", "--no-progress")
+
+
+@pytest.fixture(scope="module")
+def cytof_run(tmp_path_factory):
+    """(run folder, the `cytopipe run` process): the default clustering markers."""
+    return _run(tmp_path_factory.mktemp("cytof-unmeasured"), [], CLUSTERING)
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory):
+    """(run folder, process): CD45RA not in two files too; no clustering; the run's statistics (the
+    other study's report computes its own)."""
+    return _run(tmp_path_factory.mktemp("cytof-mixed"), NO_CD45RA, {"enabled": False}, statistics=True)
+
+
+def test_every_sample_is_clustered_and_medians_of_missing_markers_are_nan(cytof_run, tmp_path):
+    out, proc = cytof_run
+    info = json.loads((out / "run.json").read_text())
+    assert not [p for p in info["problems"] if p.startswith("clustering")], info["problems"]
+    clusters = pd.read_parquet(out / "clusters.parquet")
+    samples = sorted(pd.read_csv(out.parent / "manifest.csv")["sample_id"])
+    assert sorted(clusters["sample_id"].unique()) == samples
+    assert len(clusters) == 6 * 5 and clusters["count"].sum() > 1000
+    # CD127 is measured in three files: their medians are numbers, the others' NaN (as in population_stats)
+    filled = clusters[clusters["count"] > 0].groupby("sample_id")["median_CD127"]
+    assert sorted(s for s, v in filled if v.notna().all()) == CD127_SAMPLES
+    assert sorted(s for s, v in filled if v.isna().all()) == sorted(set(samples) - set(CD127_SAMPLES))
+    ps = pd.read_parquet(out / "population_stats.parquet")
+    live = ps[(ps["population"] == "Live")].set_index("sample_id")["median_CD127"]
+    assert sorted(live[live.notna()].index) == CD127_SAMPLES
+    # a marker in no file has no median column (here a gate marker the template gates Th17 on)
+    assert "median_CCR6" not in clusters.columns and "median_CD3" in clusters.columns
+    assert "(clusters, report.html)" in proc.stdout
+    step = next(s for s in info["steps"] if s["step"] == "clustering-map")
+    assert step["samples"] == 6 and step["from_gating"] == 6  # the gating pass wrote every sample's inputs
+
+    # `cytopipe cluster` maps every file again by reading and gating it (no inputs from the gating
+    # pass): the same table, the same median columns
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    proc2 = cli("cluster", str(again), "--scheduler", "synchronous", "--no-progress", "--no-report")
+    assert proc2.returncode == 0, proc2.stdout + proc2.stderr
+    pd.testing.assert_frame_equal(pd.read_parquet(again / "clusters.parquet"), clusters)
+
+
+def test_no_clusters_are_advertised_when_no_sample_could_be_mapped(cytof_run, tmp_path):
+    """The frozen model of the first study (CD45RA among its markers) on files that all lack CD45RA."""
+    out, _ = cytof_run
+    everyone = sorted(pd.read_csv(out.parent / "manifest.csv")["sample_id"])
+    model = {"enabled": True, "model": str(out / "clustering" / "model.npz"), "embedding": {"enabled": False}}
+    run, proc = _run(tmp_path, everyone, model)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    problems = json.loads((run / "run.json").read_text())["problems"]
+    assert sum("clustering (mapping): sample" in p and "CD45RA" in p for p in problems) == 6
+    assert "clustering: no sample could be mapped onto the model (see above); no clusters" in problems
+    assert not (run / "clusters.parquet").exists() and not list((run / "clustering").glob("*.parquet"))
+    assert f"results: {run} (report.html)\n" in proc.stdout  # no clusters among the results
+
+
+def _report_checks(out: Path, proc) -> str:
+    """The run's report was written without a warning; its page."""
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # samples flagged, no failure, no problem
+    assert "warning" not in proc.stderr.lower(), proc.stderr
+    assert "report.html" in proc.stdout
+    html = (out / "report.html").read_text(encoding="utf-8")
+    for figure in ("levey-jennings", "dynamics", "dynamics-change", "gate-cd4-t-0", "gate-nk-0"):
+        assert f'<figure id="fig-{figure}">' in html, figure
+    return html
+
+
+def test_report_is_written_with_populations_not_measured_anywhere(cytof_run):
+    out, proc = cytof_run
+    html = _report_checks(out, proc)
+    assert "Not measured in any sample: Th17 (marker CCR6 is not in the file); Th1 (marker CCR6" in html
+    assert (
+        "Not charted, no frequency in any sample (e.g. not measured): Th17, Th1, cTfh, activated cTfh."
+        in html
+    )
+    tables = out / "report_tables"
+    nm = pd.read_csv(tables / "not_measured.csv").set_index("population")
+    assert list(nm.index) == EVERYWHERE and (nm["samples_not_measured"] == 6).all()
+    # not measured is a missing value, never 0%: no such row in the frequencies or the tests
+    for name in ("dynamics_per_sample", "dynamics_by_arm", "model_joint_tests"):
+        table = pd.read_csv(tables / f"{name}.csv")
+        assert len(table) and not table["population"].isin(EVERYWHERE).any(), name
+    review = pd.read_csv(tables / "gate_review.csv")
+    unmeasured = review["population"].isin(EVERYWHERE)
+    assert unmeasured.sum() == 4 * 6 and not review.loc[unmeasured, ["flagged", "outlier"]].any().any()
+    assert review.loc[~unmeasured, "pct_parent"].notna().any()
+
+    # the report again from the run folder: no warning, no traceback
+    proc = cli("report", str(out), "--rebuild")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_report_is_written_with_a_population_not_measured_in_some_samples(mixed_run):
+    out, proc = mixed_run
+    html = _report_checks(out, proc)
+    assert "Not measured in some samples: Memory CD4 in 2 of 6 (marker CD45RA is not in the file)" in html
+    assert '<figure id="fig-gate-memory-cd4-0">' in html
+    tables = out / "report_tables"
+    nm = pd.read_csv(tables / "not_measured.csv").set_index("population")
+    assert list(nm.index) == ["Memory CD4", *EVERYWHERE]
+    assert nm.loc["Memory CD4", "samples_not_measured"] == 2
+    per_sample = pd.read_csv(tables / "dynamics_per_sample.csv")
+    memory = per_sample[per_sample["population"] == "Memory CD4"]
+    assert sorted(memory["sample_id"]) == sorted(set(per_sample["sample_id"]) - set(NO_CD45RA))
+    assert memory["pct_parent"].notna().all()
+    statistics = pd.read_parquet(out / "statistics.parquet")  # the run's: the report shows them
+    assert not statistics["population"].isin(EVERYWHERE).any()
+    mixed = statistics[
+        (statistics["population"] == "Memory CD4") & (statistics["family"] == "mixed_arm_visit")
+    ]
+    assert len(mixed) and (mixed["n"] == 2).all()  # patients PTLG021 and PTLG028: PTLG034's is not measured
+    assert statistics["population"].nunique() == 15 - len(EVERYWHERE)
+    review = pd.read_csv(tables / "gate_review.csv")
+    memory = review[review["population"] == "Memory CD4"].set_index("sample_id")
+    assert not memory.loc[NO_CD45RA, ["flagged", "outlier"]].any().any()
+    # the frequencies where it is measured are compared among themselves (no 0% "outlier" from a gap)
+    assert memory.drop(index=NO_CD45RA)["pct_parent"].between(1, 100).all()
+
+
+def test_an_internal_error_of_the_report_step_leaves_its_traceback_in_the_log(cytof_run, tmp_path, caplog):
+    """A report that fails on a bug is a run problem (the tables stand) whose traceback goes to the
+    log (run.log in `cytopipe run`). Here: a population table without `pct_parent`, which the report
+    does not expect."""
+    from cytopipe.pipeline.runner import write_run_report
+    from cytopipe.workflow import load_workflow
+
+    out, _ = cytof_run
+    folder = tmp_path / "run"
+    shutil.copytree(out, folder, ignore=shutil.ignore_patterns("report*", ".cache"))
+    ps = pd.read_parquet(folder / "population_stats.parquet")
+    ps.drop(columns="pct_parent").to_parquet(folder / "population_stats.parquet")
+    problems: list[str] = []
+    with caplog.at_level(logging.ERROR, logger="cytopipe"):
+        step = write_run_report(folder, load_workflow(out.parent / "workflow.yaml"), problems, progress=False)
+    assert step["written"] is False and problems and "internal error KeyError" in problems[0]
+    records = [r for r in caplog.records if r.exc_info and r.name == "cytopipe.pipeline.runner"]
+    assert records and records[0].exc_info[0] is KeyError
+    assert "Traceback" in caplog.text and "pct_parent" in caplog.text
