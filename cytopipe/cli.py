@@ -154,6 +154,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cytopipe {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError as exc:
+        if not _stdout_reader_gone():  # a broken connection elsewhere (a worker, a socket): a bug
+            return _internal(args, exc)
+        # whoever read our output has stopped (`cytopipe validate --json | head`): stop quietly,
+        # as command-line tools do; the output was cut short by the reader, not by an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except OSError as exc:
         if _debugging(args) or exit_code_for(exc) != EXIT_OUTPUT:
             return _internal(args, exc)
@@ -166,6 +175,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if console is not None:
             logging.getLogger("cytopipe").removeHandler(console)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end has been closed."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() here, or no real stdout
+        return False
 
 
 def _console_warnings(command: str) -> logging.Handler | None:

@@ -181,3 +181,20 @@ def test_every_shared_fcs_file_is_validated_without_crashing(shared_data, tmp_pa
     assert failed == ["AriaFile1.fcs", "corrupted.fcs", "sample_header.fcs"]
     assert doc["summary"]["files"] >= 200 and out.returncode == 3
     assert not [f for f in doc["files"] if "unexpected error" in f["error"]]
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(folder, tmp_path):
+    """`cytopipe validate --json | head`: the reader closes the pipe before the output is written;
+    the command stops quietly (exit 0, no traceback), as command-line tools do."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first byte
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cytopipe", "validate", str(folder), "--json"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
