@@ -200,3 +200,5 @@ def test_validate_and_run_show_the_misspelt_column(tmp_path):
     assert proc.stderr.count(warning) == 1 and "cytopipe run: warning: " in proc.stderr
     assert proc.returncode in (0, 3), proc.stderr  # ran (clustering may lack cells with two samples)
     assert (tmp_path / "run" / "population_stats.parquet").is_file()
+    # and in run.log, though it was logged before the run folder existed
+    assert (tmp_path / "run" / "run.log").read_text().count(warning) == 1

@@ -126,9 +126,10 @@ def run_workflow(
     if (reused := rerun.reuse_finished_run(wf, folder)) is not None:
         return RunResult(out=folder.path, **reused)
     ctx = RunContext(wf=wf, folder=folder, executor=None, progress=progress)
-    validate_inputs(ctx)  # fail fast, before any worker starts or any folder is made
+    with _EarlyWarnings() as early:  # shown now; written to run.log once it exists
+        validate_inputs(ctx)  # fail fast, before any worker starts or any folder is made
     ctx.rerun = rerun.start_fingerprint(wf, ctx.jobs + ctx.controls)
-    with _run_folder_session(folder):
+    with _run_folder_session(folder, early.records):
         executor = make_executor(scheduler, wf.workers, address, memory_limit)
         ctx.executor = executor
         try:
@@ -160,13 +161,36 @@ class _RunLogHandler(logging.FileHandler):
         """A full disk loses log lines, not the run's error message (no 'Logging error' traceback)."""
 
 
+class _EarlyWarnings(logging.Handler):
+    """The warnings of this run's input checks (e.g. a misspelt manifest column), which come before
+    the run folder and its run.log exist: kept, and written to run.log when it opens."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self.thread = threading.get_ident()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.records.append(record)
+
+    def __enter__(self) -> _EarlyWarnings:
+        logging.getLogger("cytopipe").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        logging.getLogger("cytopipe").removeHandler(self)
+        return False
+
+
 class _run_folder_session:
     """Create the run folder, hold its lock for the whole run, remove the temporary files a killed
     or failed earlier run left, and log to ``RUN_DIR/run.log`` (full tracebacks of failed samples
     and of an internal error)."""
 
-    def __init__(self, folder: RunFolder):
+    def __init__(self, folder: RunFolder, early: Sequence[logging.LogRecord] = ()):
         self.folder = folder
+        self.early = list(early)  # warnings logged before run.log existed
         self.lock = None
         self.handler = None
 
@@ -188,6 +212,8 @@ class _run_folder_session:
         if root.level == logging.NOTSET or root.level > logging.INFO:
             root.setLevel(logging.INFO)
         logger.info("run started in %s (pid %d)", self.folder.path, os.getpid())
+        for record in self.early:  # to run.log only: the console has shown them already
+            self.handler.handle(record)
         if self.lock.stale:
             logger.warning(
                 "took over a stale lock of an earlier run that no longer runs: %s", self.lock.stale
