@@ -476,3 +476,16 @@ def test_the_gallery_drawn_beside_by_a_helper_process_gives_the_same_report(repo
         q.submit(*job)
     q.close()
     assert q._proc.poll() is not None and q._thread is None and q.drawn_by_helper < len(jobs)
+
+
+def test_the_note_says_when_the_runs_statistics_were_off(small_run):
+    """A run whose statistics step did not run (`statistics: enabled: auto` without a clinical
+    table) has no statistics.parquet; the report computes them and says why there were none."""
+    run, _ = small_run
+    info = json.loads((run / "run.json").read_text())
+    info["workflow"].pop("clinical")
+    info["steps"] = [{"step": "statistics", "enabled": False, "seconds": 0.0}]
+    (run / "run.json").write_text(json.dumps(info))
+    html = write_report(run).read_text(encoding="utf-8")
+    assert "the run&#x27;s statistics were off" in html or "the run's statistics were off" in html
+    assert "the report computed the statistics itself" in html and "without the clinical table" in html

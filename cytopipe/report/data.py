@@ -213,7 +213,7 @@ def load_run(
         if folder_codes is not None:
             data.statistics = unblind_frame(data.statistics, folder_codes)
         if data.statistics is None:
-            _compute_statistics(data, stats_settings)
+            _compute_statistics(data, stats_settings, _statistics_were_off(info))
     if codes is not None:
         _blind(data, codes)
     return data
@@ -244,7 +244,13 @@ def _load_clinical(data: RunData, clinical: Any, workflow: Mapping[str, Any]) ->
         data.endpoints = None
 
 
-def _compute_statistics(data: RunData, settings: Mapping[str, Any]) -> None:
+def _statistics_were_off(info: Mapping[str, Any]) -> bool:
+    """Whether run.json records a statistics step that did not run (the workflow's ``statistics:
+    enabled`` false, or ``auto`` without a clinical table)."""
+    return any(s.get("step") == "statistics" and s.get("enabled") is False for s in info.get("steps") or [])
+
+
+def _compute_statistics(data: RunData, settings: Mapping[str, Any], off: bool = False) -> None:
     from cytopipe.stats import run_statistics
 
     ps = data.population_stats
@@ -253,15 +259,22 @@ def _compute_statistics(data: RunData, settings: Mapping[str, Any]) -> None:
             warnings.simplefilter("ignore")  # fit warnings are recorded in the table's notes
             data.statistics = run_statistics(measured_rows(ps), data.clinical, dict(settings))
         what = "with" if data.clinical is not None else "without"
+        why = (
+            "the run's statistics were off (the workflow's `statistics: enabled` is false, or `auto` "
+            "without a clinical table)"
+            if off
+            else "statistics.parquet was not in the run folder"
+        )
         data.notes.append(
-            f"statistics.parquet was not in the run folder: the report computed the statistics itself "
-            f"(cytopipe.stats.run_statistics, default settings, {what} the clinical table)."
+            f"{why}: the report computed the statistics itself (cytopipe.stats.run_statistics, default "
+            f"settings but the workflow's baseline visit, reference arm, alpha and populations, {what} "
+            f"the clinical table)."
         )
     except CytopipeError as exc:
         if data.clinical is not None:  # e.g. the clinical table disagrees with the flow data
             data.clinical_error = data.clinical_error or str(exc)
             data.clinical, data.endpoints = None, None
-            _compute_statistics(data, settings)
+            _compute_statistics(data, settings, off)
             return
         data.notes.append(f"statistics could not be computed: {exc}")
 
