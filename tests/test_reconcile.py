@@ -203,3 +203,19 @@ def test_compensation_note_measures_the_matrix_against_the_file():
     assert "differs from the file's" in _compensation_note(template, sample) and "0.1" in _compensation_note(
         template, sample
     )
+
+
+def test_a_long_list_of_differences_says_how_many_it_leaves_out(tmp_path_factory, capsys):
+    """With no tolerance the 48 fcexpr samples have more differences than the 20 printed: the last
+    line says how many more there are and where all of them are."""
+    part3 = shared_path("fcexpr", "inst", "extdata", "_extracted", "Part_3")
+    capsys.readouterr()
+    code, table, _ = _run(
+        tmp_path_factory, "fcexpr48-t0", part3 / "FJ_workspace" / "07-Oct-2021.wsp", part3 / "FCS_files",
+        "--tolerance", "0",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    n_bad = int((~table["within_tolerance"]).sum())
+    assert code == 3 and n_bad > 20, (code, n_bad)
+    assert out.count(": FlowJo ") == 20
+    assert f"  ... and {n_bad - 20} more: every row is in " in out and "reconcile.csv" in out

@@ -406,12 +406,12 @@ def _reason(
         pass
     elif excess and boundary >= abs(excess):
         parts.append(
-            f"{boundary} parent events lie within one step of FlowJo's {RESOLUTION}-step display grid of the "
+            f"{boundary} parent {_events(boundary)} within one step of FlowJo's {RESOLUTION}-step display grid of the "
             f"gate's edge; FlowJo tests {kind} membership on that grid, cytopipe on the exact values"
         )
     elif excess and boundary:
         parts.append(
-            f"only {boundary} parent events lie within one display step of the edge, for {excess:+d}"
+            f"only {boundary} parent {_events(boundary)} within one display step of the edge, for {excess:+d}"
         )
     explained = (
         stale
@@ -570,6 +570,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", default=None, help="only the samples of this FlowJo sample group")
 
 
+def _events(n: int) -> str:
+    return "event lies" if n == 1 else "events lie"
+
+
 def run(args: argparse.Namespace) -> int:
     tolerance = Tolerance.parse(args.tolerance)
     out = args.out or Path(f"reconcile-{args.workspace.stem}")
@@ -582,8 +586,11 @@ def run(args: argparse.Namespace) -> int:
         f"{t['sample'].nunique()} samples, {int((t['population_path'] != 'root').sum())} populations: "
         f"{'all within' if rec.ok else f'{len(bad)} outside'} the tolerance ({tolerance}); report {paths['html']}"
     )
-    for r in bad.head(20).itertuples():
+    shown = 20
+    for r in bad.head(shown).itertuples():
         print(
             f"  {r.sample} {r.population_path}: FlowJo {r.flowjo_count}, cytopipe {r.cytopipe_count} ({r.reason})"
         )
+    if len(bad) > shown:
+        print(f"  ... and {len(bad) - shown} more: every row is in {paths['csv']} and {paths['html']}")
     return 0 if rec.ok else 3
