@@ -190,6 +190,7 @@ class OutputWriteError(StoreError):
         "file away) and rerun",
         errno.EEXIST: "a file stands where a folder is needed; choose another --out (or move that file "
         "away) and rerun",
+        errno.EISDIR: "this is a folder; give the path of a file to write in it (e.g. FOLDER/name.csv)",
     }
 
     @classmethod
@@ -197,7 +198,7 @@ class OutputWriteError(StoreError):
         reason = exc.strerror or type(exc).__name__
         code = exc.errno or 0
         advice = cls._ADVICE.get(code) or cls._PATH_ADVICE.get(
-            code, "fix the cause and rerun the same command: the run resumes"
+            code, "fix the cause and rerun the same command (a `cytopipe run` resumes where it stopped)"
         )
         return cls(f"could not write this file ({reason}): {advice}", file=Path(path))
 

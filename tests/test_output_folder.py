@@ -102,3 +102,17 @@ def test_an_output_path_through_a_file_says_so(tmp_path):
     with pytest.raises(OutputWriteError, match="a part of this path is a file, not a folder"):
         atomic_write_bytes(afile / "sub" / "x.h5ad", b"data")
     assert afile.read_text() == "hi\n"
+
+
+def test_a_folder_given_as_the_file_to_write_says_so(tmp_path):
+    """`cytopipe audit export --out FOLDER`: the message says to name a file in it, and nothing
+    about a run resuming (it is not a run)."""
+    from cytopipe.errors import OutputWriteError
+    from cytopipe.store import atomic_write_bytes
+
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    with pytest.raises(OutputWriteError, match="this is a folder; give the path of a file to write") as info:
+        atomic_write_bytes(folder, b"id,at\n")
+    assert "resumes" not in str(info.value)
+    assert folder.is_dir() and not any(folder.iterdir())
