@@ -80,6 +80,8 @@ __all__ = [
     "is_fcs_file",
     "parse_spillover",
     "parse_text",
+    "preprocess_events",
+    "needs_preprocessing",
     "read_fcs",
     "read_fcs_header",
     "read_spillover",
@@ -1396,6 +1398,49 @@ def _preprocess_plan(keywords: Mapping[str, str], channels: pd.DataFrame, f: _FC
         if ts is not None or log is not None or gain is not None:
             ops.append((j, ts, log, gain))
     return _Plan(ops)
+
+
+class _Named:
+    """What :func:`_preprocess_plan` needs of a file for its errors: its path."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+
+def preprocess_events(sample: Sample) -> Sample:
+    """Apply the usual FCS preprocessing to a sample read without it, in place.
+
+    The same per-channel operations as ``read_fcs(path, preprocess=True)`` (``$TIMESTEP``, ``$PnE``
+    log decoding, ``$PnG`` gain), on the rows ``sample.events`` holds now (e.g. those kept by event
+    QC, which looks at the raw values), computed in float64 and rounded to float32: identical to
+    reading with ``preprocess=True`` for data stored as integers or float32. Nothing is done to a
+    sample that is already preprocessed.
+    """
+    if sample.preprocessed:
+        return sample
+    plan = _preprocess_plan(sample.keywords, sample.channels, _Named(sample.path))
+    if plan.ops:
+        events = sample.events if sample.events.flags.writeable else sample.events.copy()
+        plan.apply(lambda j: events[:, j], events)
+        sample.events = events
+    sample.preprocessed = True
+    return sample
+
+
+def needs_preprocessing(channels: pd.DataFrame) -> list[str]:
+    """The channels whose raw values differ from their preprocessed ones through ``$PnE`` log
+    encoding or a gain ``$PnG`` other than 1 (as ``"FL1-H ($P3E 4,0)"``); ``$TIMESTEP`` is not counted."""
+    out = []
+    for n, pnn, pne, png in zip(channels["n"], channels["pnn"], channels["pne"], channels["png"]):
+        try:
+            decades = float(str(pne).split(",")[0])
+        except ValueError:
+            decades = 0.0
+        if decades > 0:
+            out.append(f"{pnn} ($P{n}E {pne})")
+        elif str(pnn).lower() != "time" and math.isfinite(png) and png not in (0.0, 1.0):
+            out.append(f"{pnn} ($P{n}G {png:g})")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
