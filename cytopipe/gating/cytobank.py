@@ -175,6 +175,7 @@ def read_cytobank(root, path: Path, fcs_file: str | None = None) -> Template:
         compensation="none",
         matrices=doc.matrices,
         source=path,
+        preprocess=True,  # Cytobank, as Gating-ML: preprocessed values
     )
 
 

@@ -19,6 +19,7 @@ its methods share that cache. Fitting lives in :mod:`~cytopipe.gating.fitters` a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import zlib
 from collections.abc import Collection, Mapping, Sequence
@@ -40,6 +41,8 @@ from cytopipe.schema import STATS_COLUMNS
 
 if TYPE_CHECKING:  # pragma: no cover
     from cytopipe.gating.values import EventValues
+
+logger = logging.getLogger(__name__)
 
 NOT_MEASURED = "not measured"  # PopulationResult.source of a population a file cannot measure
 DEFAULT_FIT_EVENTS = 20_000
@@ -380,6 +383,8 @@ def gate(
         from cytopipe.gating.loading import load_template
 
         template = load_template(template)
+    if template.preprocess and not getattr(sample, "preprocessed", True):
+        _warn_unpreprocessed(sample)
     engine = Engine(
         events=sample.events,
         channels=sample.channels,
@@ -391,6 +396,24 @@ def gate(
         controls=controls,
     )
     return engine.run(pooled=pooled, sample_meta=sample_meta, medians=medians, keep_values=keep_values)
+
+
+def _warn_unpreprocessed(sample) -> None:
+    """A Gating-ML/FlowJo template on raw values of a file whose raw values differ from the
+    preprocessed ones: the counts would be wrong, say so loudly."""
+    from cytopipe.fcs import needs_preprocessing
+
+    channels = needs_preprocessing(sample.channels)
+    if channels:
+        logger.warning(
+            "file %s: the template's gates (imported from Gating-ML or FlowJo) are defined on "
+            "preprocessed FCS values, but the sample was read without preprocessing and %s %s "
+            "log-encoded or scaled by a gain: the counts will be wrong; read it with "
+            "read_fcs(path, preprocess=True)",
+            getattr(sample, "path", None),
+            ", ".join(channels),
+            "is" if len(channels) == 1 else "are",
+        )
 
 
 def unmeasured_reason(pop: Population, not_measured: Mapping[str, str], missing: Collection[str]) -> str:

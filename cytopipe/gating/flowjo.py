@@ -256,6 +256,7 @@ class FlowJoWorkspace:
             compensation="none",
             matrices=matrices,
             source=path,
+            preprocess=True,  # FlowJo reads files preprocessed ($PnE, $PnG), as FlowKit
         )
 
 

@@ -250,4 +250,5 @@ def _read(root, path: Path) -> Template:
         compensation="none",
         matrices=doc.matrices,
         source=path,
+        preprocess=True,  # Gating-ML 2.0 gates are defined on preprocessed values
     )

@@ -103,3 +103,42 @@ def read_gatingml(path: str | Path, fcs_file: str | None = None) -> Template:
         return _read(root, path)
     except TemplateError as exc:
         raise GatingMLError(exc.message, **{**exc.context, "file": path}) from None
+
+
+# Which FCS values a template's gates are drawn on. Gates imported from Gating-ML 2.0 (plain or a
+# Cytobank export) or a FlowJo workspace are defined on the values FlowKit, FlowJo and Cytobank
+# gate: the usual FCS preprocessing applied ($PnE log decoding, division by $PnG, $TIMESTEP on
+# Time). cytopipe's own YAML templates are drawn on raw values and are gated on them, as always.
+PREPROCESS_REASON = (
+    "the template's gates were imported from {origin}, which defines them on preprocessed FCS values "
+    "($PnE log decoding, $PnG gain, $TIMESTEP), as FlowKit and FlowJo read files"
+)
+
+
+def preprocessing_note(template: Template) -> str | None:
+    """Why the files gated with ``template`` are read with the usual FCS preprocessing (None:
+    they are gated on their raw values, as a YAML template is)."""
+    if not getattr(template, "preprocess", False):
+        return None
+    suffix = template.source.suffix.lower() if template.source is not None else ""
+    origin = "a FlowJo workspace" if suffix == ".wsp" else "Gating-ML"
+    return PREPROCESS_REASON.format(origin=origin)
+
+
+def read_sample(path: str | Path, template: Template, **kwargs):
+    """Read an FCS file the way ``template``'s gates expect its values (preprocessed for gates
+    imported from Gating-ML or FlowJo, raw for a YAML template). The one rule the gate command
+    and the pipeline use (the pipeline reads raw values for event QC, then calls
+    :func:`preprocess_for`)."""
+    from cytopipe.fcs import read_fcs
+
+    return read_fcs(path, preprocess=bool(getattr(template, "preprocess", False)), **kwargs)
+
+
+def preprocess_for(sample, template: Template):
+    """Preprocess a sample read raw (e.g. after event QC) when ``template``'s gates need it."""
+    if getattr(template, "preprocess", False):
+        from cytopipe.fcs import preprocess_events
+
+        preprocess_events(sample)
+    return sample

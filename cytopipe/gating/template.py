@@ -99,6 +99,9 @@ class Template:
     seed: int = 0
     description: str = ""
     source: Path | None = None
+    # the gates are drawn on preprocessed FCS values ($PnE log decoding, $PnG gain, $TIMESTEP):
+    # True for gates imported from Gating-ML, Cytobank or FlowJo (see gating/loading.py)
+    preprocess: bool = False
 
     def __post_init__(self):
         self.populations = _ordered(self.populations)
