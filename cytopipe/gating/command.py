@@ -15,12 +15,15 @@ fit every file, pool per the template's ``pool:`` levels, then gate).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 from cytopipe.errors import CytopipeError, ManifestError
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,8 +196,8 @@ def _tailored(template: Path) -> bool:
 
 def _learner(args, template, samples):
     """The learner of ``--examples``: the example samples must be among the files gated."""
-    import cytopipe
     from cytopipe.gating.learn import Learner, read_example_transforms, read_examples
+    from cytopipe.gating.loading import read_sample
 
     examples = read_examples(args.examples, template)
     transforms = read_example_transforms(args.examples)  # the scales the reviewed gates were drawn on
@@ -206,7 +209,7 @@ def _learner(args, template, samples):
             "(their events are what the gates are learned from)",
             file=args.examples,
         )
-    samples = {e.sample_id: cytopipe.read_fcs(by_id[e.sample_id]) for e in examples}
+    samples = {e.sample_id: read_sample(by_id[e.sample_id], template) for e in examples}
     return Learner(template, examples, samples, transforms=transforms)
 
 
@@ -234,11 +237,15 @@ def run(args) -> int:
 
 
 def _gate_files(args, template, samples: list[tuple[Path, dict]]) -> int:
-    import cytopipe
     from cytopipe.gating import gate, pool_estimates
+    from cytopipe.gating.loading import preprocessing_note, read_sample
 
     own_copy = _tailored(args.template)  # Cytobank: each file is gated with the gates tailored to it
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    note = preprocessing_note(template)  # Gating-ML/FlowJo gates: preprocessed values
+    if note:
+        logger.info("FCS files read with the usual FCS preprocessing: %s", note)
+        say(f"reading the FCS files with the usual FCS preprocessing: {note}")
     failures: dict[str, str] = {}
 
     # a marker absent from every file: one message before any work (not one failure per file)
@@ -273,7 +280,7 @@ def _gate_files(args, template, samples: list[tuple[Path, dict]]) -> int:
             p = Path(c["path"])
             if p not in loaded:
                 try:
-                    loaded[p] = cytopipe.read_fcs(p)
+                    loaded[p] = read_sample(p, template)
                 except CytopipeError as exc:
                     say(f"FMO control {c['file']} unreadable, not used: {exc}")
                     loaded[p] = None
@@ -290,7 +297,7 @@ def _gate_files(args, template, samples: list[tuple[Path, dict]]) -> int:
         for path, meta in samples:
             try:
                 result = gate(
-                    cytopipe.read_fcs(path),
+                    read_sample(path, template),
                     template,
                     sample_meta=meta,
                     medians=False,
@@ -311,7 +318,7 @@ def _gate_files(args, template, samples: list[tuple[Path, dict]]) -> int:
         if sid in failures:
             continue
         try:
-            sample = cytopipe.read_fcs(path)
+            sample = read_sample(path, template)
             tpl = template
             if own_copy:
                 from cytopipe.gating.loading import read_gatingml
