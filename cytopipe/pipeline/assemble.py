@@ -185,6 +185,8 @@ def _run_info(ctx: RunContext, executor: Any, seconds: float) -> dict[str, Any]:
 
 def _study_record(ctx: RunContext) -> dict[str, Any]:
     """What the study-level steps decided, so a run can be re-applied (exports) exactly."""
+    from cytopipe.gating.loading import preprocessing_note
+
     st = ctx.state
     spill = st.spillover
     fits = ctx.folder.study / "gate_fits.parquet"
@@ -203,6 +205,8 @@ def _study_record(ctx: RunContext) -> dict[str, Any]:
             },
         },
         "transforms": st.transforms,
+        # null: raw values (a YAML template); else why the FCS preprocessing was applied
+        "fcs_preprocessing": preprocessing_note(st.template),
         "gate_fits": "study/gate_fits.parquet" if st.pooled is not None and fits.is_file() else None,
     }
 

@@ -63,7 +63,9 @@ class RunContext:
 
     def gate_key(self) -> str:
         """Settings key of the gating pass; later passes that re-gate a sample extend it."""
-        return _settings_key(self, "qc", "compensation", "template", "transforms") + GATE_TASK_VERSION
+        key = _settings_key(self, "qc", "compensation", "template", "transforms") + GATE_TASK_VERSION
+        # gates on preprocessed values (Gating-ML/FlowJo templates): never a result of raw values
+        return key + "p" if getattr(self.state.template, "preprocess", False) else key
 
     def run_phase(
         self,

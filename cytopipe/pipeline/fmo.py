@@ -227,7 +227,14 @@ def _spill_key(spill: Any) -> str:
 
 def gate_with_fmo(gate: Any, prep: Any, state: Any, template: Any, **kwargs: Any) -> Any:
     """``gate(prep.sample, template, controls=<the sample's FMO set>, **kwargs)``, with the FMO
-    gates that got no FMO flagged (:func:`flag_fmo_fallbacks`)."""
+    gates that got no FMO flagged (:func:`flag_fmo_fallbacks`).
+
+    Every gating of a prepared sample comes through here: a template imported from Gating-ML or
+    FlowJo gets the sample's events with the usual FCS preprocessing (once; event QC looked at the
+    raw values), a YAML template the raw values (:func:`cytopipe.gating.loading.preprocess_for`)."""
+    from cytopipe.gating.loading import preprocess_for
+
+    preprocess_for(prep.sample, template)
     controls, problems = fmo_controls(prep.fmo, state, getattr(prep.sample, "spillover", None))
     result = gate(prep.sample, template, controls=controls, **kwargs)
     flag_fmo_fallbacks(result, template, prep.fmo, problems)

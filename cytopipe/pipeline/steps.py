@@ -131,6 +131,11 @@ def _check_clinical(wf: Workflow, manifest: pd.DataFrame) -> str | None:
 
 def step_register(ctx: RunContext) -> dict[str, Any]:
     """sha256 of every file, read check and template markers (per-file problems recorded)."""
+    from cytopipe.gating.loading import preprocessing_note
+
+    note = preprocessing_note(ctx.state.template)  # also in run.json: study_state.fcs_preprocessing
+    if note:  # Gating-ML/FlowJo gates: said in run.log (and on stderr) before any file is gated
+        notice(f"FCS files read with the usual FCS preprocessing: {note}", show=bool(ctx.progress))
     jobs = [j for j in ctx.jobs + ctx.controls if j["sample_id"] not in ctx.failures]
     for i, res in ctx.executor.map(register_task, jobs, ctx.state, "register", ctx.progress):
         job = jobs[i]
