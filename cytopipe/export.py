@@ -225,7 +225,15 @@ def _write_fcs(prep, result, idx, job, spec: ExportSpec) -> dict[str, Any]:
 
         keywords = {k: blind_text(v, spec.codes) if isinstance(v, str) else v for k, v in keywords.items()}
     path = Path(spec.targets[job["sample_id"]])  # checked on the client: inside --out, not an input
-    write_fcs(path, sample.events[idx], sample.channels, keywords=keywords, spillover=sample.spillover)
+    events = sample.events[idx]
+    if getattr(sample, "preprocessed", False):
+        # gated on preprocessed values (a Gating-ML / FlowJo template): the file's keywords ($PnE,
+        # $PnG, $TIMESTEP) describe its raw values, so those are what the export holds
+        from cytopipe.fcs import read_fcs
+
+        rows = idx if prep.kept is None else prep.kept[idx]
+        events = read_fcs(job["file"]).events[rows]
+    write_fcs(path, events, sample.channels, keywords=keywords, spillover=sample.spillover)
     return {"count": int(len(idx)), "path": str(path)}
 
 

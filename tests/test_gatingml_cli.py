@@ -79,6 +79,14 @@ def test_run_with_gatingml_template_gives_the_truth_counts(tmp_path):
     note = json.loads((out / "run.json").read_text())["study_state"]["fcs_preprocessing"]
     assert note and "Gating-ML" in note
     assert "usual FCS preprocessing" in (out / "run.log").read_text()
+    # an FCS export holds the file's raw values (its keywords describe those), not the gated ones
+    exp = tmp_path / "exp"
+    rc = main(["export", "fcs", str(out), "--population", "Range1", "--out", str(exp), "--scheduler", "synchronous",
+               "--no-progress"])  # fmt: skip
+    assert rc == 0
+    raw = cytopipe.read_fcs(shared_path(*GATE_REF, "data1.fcs"))
+    inside = np.loadtxt(shared_path(*GATE_REF, "truth", "Results_Range1.txt")).astype(bool)
+    assert np.array_equal(cytopipe.read_fcs(exp / "data1.fcs").events, raw.events[inside])
 
 
 def test_gatingml_template_on_raw_values_warns(caplog):
