@@ -975,3 +975,28 @@ def test_one_control_set_per_site_compensates_each_sample_with_its_own_sites_mat
     assert (m["pct_parent"] - m["pct_parent_ref"]).abs().median() < 0.3
     loaded = load_run(out)
     assert loaded.state.spillover_column == "site" and sorted(loaded.state.spillover_sets) == sites
+
+
+def test_ctrl_c_in_a_terminal_stops_a_run_without_the_workers_tracebacks(tmp_path):
+    """Ctrl-C reaches every process of the terminal's process group: the local cluster's workers
+    ignore it (each printed a KeyboardInterrupt traceback, ~90 lines), this process stops the run
+    (exit 130, 'interrupted') and closes them."""
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cytopipe", "run", str(REPO / "workflows" / "sle_il2.yaml"), "--out",
+         str(tmp_path / "run"), "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=str(REPO),
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )  # fmt: skip
+    lines = []
+    for line in proc.stderr:  # wait until the workers are busy
+        lines.append(line)
+        if "samples" in line and ("pool" in line or "fit" in line):
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    out, err = proc.communicate(timeout=300)
+    err = "".join(lines) + err
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted; run the same command again to resume" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]

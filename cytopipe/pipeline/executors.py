@@ -11,9 +11,11 @@ environment and a worker plugin; this process's ``os.environ`` is not changed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -133,6 +135,22 @@ QUIET_LOCAL_CLUSTER = {
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Worker processes started inside ignore SIGINT (a disposition a spawned process inherits):
+    Ctrl-C in a terminal reaches every process of the group, and each worker printed its own
+    KeyboardInterrupt traceback; this process handles it and closes the cluster. Only from the
+    main thread (signal handlers cannot be set elsewhere; a server's run threads are left alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+
+
 class DaskExecutor:
     """Whole-sample tasks on dask.distributed: a LocalCluster of processes or a given scheduler."""
 
@@ -195,16 +213,17 @@ class DaskExecutor:
                     # (re)starts: its `distributed` section would be the very dict this `with`
                     # restores on leaving, so a restarted worker got dask's defaults; a copy
                     worker_config = {"distributed": copy.deepcopy(dask.config.get("distributed"))}
-                    self.cluster = LocalCluster(
-                        n_workers=n,
-                        threads_per_worker=1,
-                        processes=True,
-                        memory_limit=memory_limit or _default_memory_limit(n),
-                        dashboard_address=":0" if _has_bokeh() else None,
-                        silence_logs=50,  # logging.CRITICAL: a killed worker is reported by us
-                        env=dict(WORKER_ENV),
-                        config=worker_config,
-                    )
+                    with _workers_ignore_ctrl_c():
+                        self.cluster = LocalCluster(
+                            n_workers=n,
+                            threads_per_worker=1,
+                            processes=True,
+                            memory_limit=memory_limit or _default_memory_limit(n),
+                            dashboard_address=":0" if _has_bokeh() else None,
+                            silence_logs=50,  # logging.CRITICAL: a killed worker is reported by us
+                            env=dict(WORKER_ENV),
+                            config=worker_config,
+                        )
             finally:
                 self._restore_environ()
                 _SPAWN_LOCK.release()
