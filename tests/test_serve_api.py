@@ -359,3 +359,64 @@ def test_login_is_rate_limited_per_client_address(server):
     ]
     assert codes == [401] * 15 + [429]  # 5 failures for 'rev' earlier + 15 now
     assert anon.post("/api/login", json={"name": "ana", "password": PASSWORD}).status_code == 429
+
+
+def test_a_blinded_study_shows_arm_codes_in_its_mapping_and_audit_trail(server, serve_trial):
+    """No arm name reaches anyone through a blinded study's mapping or audit entries (the stored
+    rows keep the names and the hash chain holds); an unblinded study still shows them."""
+    truth = trial_manifest(serve_trial).set_index("sample_id")
+    arms = sorted(set(truth["arm"]))
+    ana = server.client("ana")
+    sids = {}
+    for blinded in (True, False):
+        body = {"name": f"blinding {blinded}", "arms": arms, "blinded": blinded, **STUDY}
+        sid = sids[blinded] = ana.post("/api/studies", json=body, headers=ana.h).json()["id"]
+        for f in trial_files(serve_trial)[4:8]:
+            assert ana.upload(sid, f).status_code in (200, 201)
+        r = ana.put(f"/api/studies/{sid}/tables/clinical", params={"name": "clinical.csv"},
+                    content=(serve_trial / "clinical.csv").read_bytes(), headers=ana.h)  # fmt: skip
+        assert r.status_code == 200, r.text
+        rows = ana.get(f"/api/studies/{sid}/mapping").json()
+        # the proposal comes back as it was shown (codes in a blinded study) and is confirmed
+        r = ana.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=ana.h)
+        assert r.status_code == 200 and r.json()["confirmed"] == 4, r.text
+    blind, open_ = sids[True], sids[False]
+
+    def arm_names(text: str) -> list[str]:
+        return [a for a in arms if a.lower() in text.lower()]
+
+    for user in ("vic", "ana", "rev", "admin"):
+        c = server.client(user)
+        rows = c.get(f"/api/studies/{blind}/mapping").json()
+        assert {r["arm"] for r in rows} <= {f"Arm {x}" for x in "ABCDEFGH"}, rows
+        codes = {}
+        for r in rows:  # one code per arm, the same for every user and every request
+            assert codes.setdefault(truth.loc[r["sample_id"], "arm"], r["arm"]) == r["arm"]
+        assert not arm_names(json.dumps(rows))
+        assert not arm_names(c.get(f"/studies/{blind}").text.split("<h2>Samples")[1].split("</form>")[0])
+        entries = [
+            e for e in c.get("/api/audit", params={"limit": 5000}).json() if e["object_id"] == str(blind)
+        ]
+        confirm = [e for e in entries if e["action"] == "mapping.confirm"]
+        assert len(confirm) == 1 and not arm_names(json.dumps(confirm))
+        assert {row["arm"] for row in confirm[0]["after"]["rows"]} <= set(codes.values())
+        exported = json.loads(c.get("/api/audit/export", params={"format": "json"}).text)
+        assert not arm_names(json.dumps([e for e in exported if e["action"] == "mapping.confirm"
+                                         and e["object_id"] == str(blind)]))  # fmt: skip
+        csv_rows = [line for line in c.get("/api/audit/export").text.splitlines()
+                    if ",mapping.confirm,study," + str(blind) + "," in line]  # fmt: skip
+        assert len(csv_rows) == 1 and not arm_names(csv_rows[0])
+        page_rows = [tr for tr in c.get("/audit").text.split("<tr>")
+                     if f"<td>mapping.confirm</td><td>study {blind}</td>" in tr]  # fmt: skip
+        assert page_rows and not any(arm_names(tr) for tr in page_rows)
+        # the unblinded study shows its arms
+        shown = {r["sample_id"]: r["arm"] for r in c.get(f"/api/studies/{open_}/mapping").json()}
+        assert shown == {s: truth.loc[s, "arm"] for s in shown}
+        opened = [e for e in c.get("/api/audit", params={"limit": 5000}).json()
+                  if e["object_id"] == str(open_) and e["action"] == "mapping.confirm"]  # fmt: skip
+        assert {row["arm"] for row in opened[0]["after"]["rows"]} == set(shown.values())
+    assert server.client().get("/api/audit/verify").json()["ok"]
+    if server.database is None:  # the names are what was stored
+        with sqlite3.connect(server.data / "cytopipe.sqlite") as con:
+            stored = dict(con.execute("SELECT sample_id, arm FROM samples WHERE study_id = ?", (blind,)))
+        assert stored == {s: truth.loc[s, "arm"] for s in stored} and len(stored) == 4

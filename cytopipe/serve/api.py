@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from cytopipe.serve import audit, auth, ops, results
+from cytopipe.serve import audit, auth, blinding, ops, results
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Audit, Run, Sample, Study, Upload, User
 from cytopipe.serve.deps import client_address, set_session_cookie, signed_in, state_change, workspace
@@ -205,15 +205,19 @@ def get_mapping(study_id: int, request: Request, pattern: str | None = None) -> 
     signed_in(request)
     ws = workspace(request)
     with ws.sessions() as db:
-        return ops.mapping(db, ws.store, ops.get_study(db, study_id), pattern)
+        study = ops.get_study(db, study_id)
+        return blinding.blind_mapping(ops.mapping(db, ws.store, study, pattern), study, ws.blind_secret)
 
 
 @router.post("/studies/{study_id}/mapping")
 def confirm_mapping(study_id: int, body: Mapping, request: Request) -> dict[str, Any]:
     ctx = state_change(request, "map")
-    with workspace(request).sessions() as db:
-        n = ops.confirm_mapping(db, ctx.name, ops.get_study(db, study_id), [r.model_dump() for r in body.rows],
-                                body.pattern)  # fmt: skip
+    ws = workspace(request)
+    with ws.sessions() as db:
+        study = ops.get_study(db, study_id)
+        rows = blinding.unblind_mapping([r.model_dump() for r in body.rows], study, ws.blind_secret,
+                                        ops.stored_arms(db, study))  # fmt: skip
+        n = ops.confirm_mapping(db, ctx.name, study, rows, body.pattern)
         db.commit()
     return {"confirmed": n}
 
@@ -320,8 +324,9 @@ def audit_log(
     request: Request, limit: int = Query(200, le=5000), before: int | None = None
 ) -> list[dict[str, Any]]:
     signed_in(request)
-    with workspace(request).sessions() as db:
+    ws = workspace(request)
+    with ws.sessions() as db:
         q = select(Audit).order_by(Audit.id.desc()).limit(limit)
         if before:
             q = q.where(Audit.id < before)
-        return [audit.as_dict(r) for r in db.scalars(q)]
+        return blinding.blind_audit(db, [audit.as_dict(r) for r in db.scalars(q)], ws.blind_secret)

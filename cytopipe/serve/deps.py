@@ -15,6 +15,7 @@ from fastapi.templating import Jinja2Templates
 from cytopipe import __version__
 from cytopipe.serve import auth
 from cytopipe.serve.auth import AuthError
+from cytopipe.serve.blinding import workspace_secret
 from cytopipe.serve.db import Session, User, open_database
 from cytopipe.serve.runs import RunManager
 from cytopipe.serve.storage import BlobStore
@@ -41,6 +42,7 @@ class Workspace:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.engine, self.sessions = open_database(config.database_url)
         self.store = BlobStore(config.data_dir)
+        self.blind_secret = workspace_secret(config.data_dir)  # codes of blinded studies' arms
         self.runs = RunManager(config.data_dir, self.sessions, self.store, config.scheduler_address)
         self.limiter = auth.RateLimiter(config.login_limit, config.login_window)
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))

@@ -349,6 +349,11 @@ def mapping(
     return sorted(rows, key=lambda r: r["name"])
 
 
+def stored_arms(db: DBSession, study: Study) -> dict[int, str]:
+    """upload id -> the arm of its confirmed sample."""
+    return {s.upload_id: s.arm for s in db.scalars(select(Sample).where(Sample.study_id == study.id))}
+
+
 def confirm_mapping(
     db: DBSession, user: str, study: Study, rows: list[dict[str, Any]], pattern: str | None
 ) -> int:

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from cytopipe.errors import ReviewError
 from cytopipe.review.decisions import Decision
-from cytopipe.serve import audit, reviewops
+from cytopipe.serve import audit, blinding, reviewops
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Audit, Template, User
 from cytopipe.serve.deps import page, signed_in, state_change, workspace
@@ -54,17 +54,13 @@ def _decision(body: GateChange, user: str) -> Decision:
         raise AuthError(400, str(exc)) from None
 
 
-def _arms_visible(study: Any) -> bool:
-    return not bool((study.settings or {}).get("blinded"))
-
-
 @api.get("/runs/{run_id}/review")
 def review_queue(run_id: int, request: Request, population: str | None = None) -> dict[str, Any]:
     """The review queue of one population: every sample's gate, flagged and outlying first."""
     signed_in(request)
     with workspace(request).sessions() as db:
         run, study = reviewops.finished(db, run_id)
-        return reviewops.queue(db, run, study, population, _arms_visible(study))
+        return reviewops.queue(db, run, study, population, blinding.arms_visible(study))
 
 
 @api.get("/runs/{run_id}/review/gate")
@@ -153,8 +149,10 @@ def audit_export(request: Request, format: str = Query("csv", pattern="^(csv|jso
     from cytopipe.serve.auditexport import export_text
 
     signed_in(request)
-    with workspace(request).sessions() as db:
-        rows = [audit.as_dict(r) for r in db.scalars(select(Audit).order_by(Audit.id))]
+    ws = workspace(request)
+    with ws.sessions() as db:
+        rows = blinding.blind_audit(db, [audit.as_dict(r) for r in db.scalars(select(Audit).order_by(Audit.id))],
+                                    ws.blind_secret)  # fmt: skip
     media = "text/csv; charset=utf-8" if format == "csv" else "application/json"
     return Response(export_text(rows, format), media_type=media,
                     headers={"Content-Disposition": f'attachment; filename="audit.{format}"'})  # fmt: skip
@@ -165,7 +163,7 @@ def review_page(run_id: int, request: Request, population: str | None = None) ->
     ctx = signed_in(request)
     with workspace(request).sessions() as db:
         run, study = reviewops.finished(db, run_id)
-        q = reviewops.queue(db, run, study, population, _arms_visible(study))
+        q = reviewops.queue(db, run, study, population, blinding.arms_visible(study))
         template = db.get(Template, run.template_id) if run.template_id else None
     return page(request, "review.html", ctx, run=run, study=study, q=q, q_json=json.dumps(q), template=template,
                 can_review=ctx.can("review"), can_signoff=ctx.can("signoff"))  # fmt: skip

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
-from cytopipe.serve import api, audit, auth, ops, results
+from cytopipe.serve import api, audit, auth, blinding, ops, results
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import RUN_ACTIVE, Audit, Run, Study, Template, Upload, User
 from cytopipe.serve.deps import Ctx, page, signed_in, state_change, workspace
@@ -126,6 +126,7 @@ def study_page(study_id: int, request: Request, pattern: str | None = None) -> H
             rows, mapping_error = ops.mapping(db, ws.store, study, pattern), ""
         except AuthError as exc:
             rows, mapping_error = ops.mapping(db, ws.store, study), exc.message
+        rows = blinding.blind_mapping(rows, study, ws.blind_secret)
     active = next((r for r in runs if r.status in RUN_ACTIVE), None)
     return page(request, "study.html", ctx, study=study, uploads=uploads, runs=runs, template=template,
                 mapping=rows, pattern=pattern or study.pattern, mapping_error=mapping_error, active=active,
@@ -139,8 +140,11 @@ async def confirm_mapping(study_id: int, request: Request) -> Response:
     fields = ("upload_id", "sample_id", "patient_id", "visit", "arm")
     columns = {f: form.getlist(f) for f in fields}
     rows = [dict(zip(fields, values)) for values in zip(*(columns[f] for f in fields))]
-    with workspace(request).sessions() as db:
-        ops.confirm_mapping(db, ctx.name, ops.get_study(db, study_id), rows, form.get("pattern"))
+    ws = workspace(request)
+    with ws.sessions() as db:
+        study = ops.get_study(db, study_id)
+        rows = blinding.unblind_mapping(rows, study, ws.blind_secret, ops.stored_arms(db, study))
+        ops.confirm_mapping(db, ctx.name, study, rows, form.get("pattern"))
         db.commit()
     return RedirectResponse(f"/studies/{study_id}#runs", status_code=303)
 
@@ -238,7 +242,9 @@ def api_docs(request: Request) -> HTMLResponse:
 @router.get("/audit", response_class=HTMLResponse)
 def audit_page(request: Request) -> HTMLResponse:
     ctx = signed_in(request)
-    with workspace(request).sessions() as db:
+    ws = workspace(request)
+    with ws.sessions() as db:
         rows = [audit.as_dict(r) for r in db.scalars(select(Audit).order_by(Audit.id.desc()).limit(500))]
+        rows = blinding.blind_audit(db, rows, ws.blind_secret)
         ok, n, message = audit.verify_chain(db)
     return page(request, "audit.html", ctx, rows=rows, chain_ok=ok, chain_message=message)
