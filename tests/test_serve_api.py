@@ -420,3 +420,30 @@ def test_a_blinded_study_shows_arm_codes_in_its_mapping_and_audit_trail(server, 
         with sqlite3.connect(server.data / "cytopipe.sqlite") as con:
             stored = dict(con.execute("SELECT sample_id, arm FROM samples WHERE study_id = ?", (blind,)))
         assert stored == {s: truth.loc[s, "arm"] for s in stored} and len(stored) == 4
+
+
+def test_a_request_with_an_unknown_key_is_refused_naming_it(server, study):
+    ana, admin = server.client("ana"), server.client()
+    r = ana.post(
+        "/api/studies", json={"name": "nested settings", "settings": {"blinded": True}}, headers=ana.h
+    )
+    assert r.status_code == 422, r.text
+    assert [e["loc"] for e in r.json()["detail"]] == [["body", "settings"]]
+    assert "unknown field 'settings'" in r.json()["detail"][0]["msg"]
+    assert not [s for s in ana.get("/api/studies").json() if s["name"] == "nested settings"]
+    for client, path, body in (
+        (admin, "/api/users", {"name": "x", "password": PASSWORD, "role": "viewer", "roles": ["admin"]}),
+        (ana, f"/api/studies/{study}/batches", {"files": 1, "bytes": 1, "file": 2}),
+        (ana, f"/api/studies/{study}/mapping", {"rows": [], "patern": "{patient}.fcs"}),
+        (ana, "/api/runs/1/anndata", {"population": "CD4 T", "max_events": 10}),
+        (ana, f"/api/studies/{study}/templates", {"yaml": "name: x", "reason": "r", "comment": "c"}),
+        (admin, "/api/runs/1/review/approve", {"scope": "run", "populations": ["CD4 T"]}),
+    ):
+        r = client.post(path, json=body, headers=client.h)
+        extra = set(body) - {"name", "password", "role", "files", "bytes", "rows", "population", "yaml",
+                             "reason", "scope"}  # fmt: skip
+        assert r.status_code == 422, (path, r.text)
+        assert f"unknown field {extra.pop()!r}" in r.json()["detail"][0]["msg"], r.text
+    # a login with a typo is refused too (no session is started for an ignored key)
+    r = server.client(None).post("/api/login", json={"name": "ana", "password": PASSWORD, "remember": True})
+    assert r.status_code == 422 and "unknown field 'remember'" in r.text

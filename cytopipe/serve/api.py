@@ -13,14 +13,14 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from cytopipe.serve import audit, auth, blinding, ops, results
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Audit, Run, Sample, Study, Upload, User
-from cytopipe.serve.deps import client_address, set_session_cookie, signed_in, state_change, workspace
+from cytopipe.serve.deps import Body, client_address, set_session_cookie, signed_in, state_change, workspace
 from cytopipe.serve.runs import progress
 
 router = APIRouter(prefix="/api", tags=["api"])
@@ -28,12 +28,12 @@ _RAW = {"requestBody": {"required": True, "content": {"application/octet-stream"
                                                                                              "format": "binary"}}}}}  # fmt: skip
 
 
-class Login(BaseModel):
+class Login(Body):
     name: str
     password: str
 
 
-class NewStudy(BaseModel):
+class NewStudy(Body):
     name: str
     arms: list[str] = []
     visits: list[int] = []
@@ -47,25 +47,29 @@ class NewStudy(BaseModel):
     report: bool = Field(True, description="write report.html at the end of each run")
 
 
-class NewBatch(BaseModel):
+class NewBatch(Body):
     files: int = Field(ge=1)
     bytes: int = Field(ge=0)
 
 
-class MappingRow(BaseModel):
+class MappingRow(Body):
     upload_id: int
     sample_id: str
     patient_id: str
     visit: int
     arm: str
+    # shown by GET .../mapping; accepted so that its rows can be sent back, not used
+    name: str | None = None
+    source: str | None = None
+    confirmed: bool | None = None
 
 
-class Mapping(BaseModel):
+class Mapping(Body):
     rows: list[MappingRow]
     pattern: str | None = None
 
 
-class NewUser(BaseModel):
+class NewUser(Body):
     name: str
     password: str
     role: str
@@ -293,7 +297,7 @@ def download(run_id: int, name: str, request: Request, inline: bool = False) -> 
     raise AuthError(404, f"{name!r} is not a download of this run (yet)")
 
 
-class Export(BaseModel):
+class Export(Body):
     population: str = Field(description='a population of the template, e.g. "CD4 T"')
     max_events_per_sample: int | None = Field(None, ge=1)
 

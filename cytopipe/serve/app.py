@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import MutableHeaders
@@ -89,6 +91,16 @@ def create_app(config: Config) -> FastAPI:
     @app.exception_handler(UploadRefused)
     async def _upload_error(request: Request, exc: UploadRefused):
         return _error(request, exc.status, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(request: Request, exc: RequestValidationError):
+        # FastAPI's 422 list, with a key the request does not know named in its message
+        errors = []
+        for e in exc.errors():
+            if e.get("type") == "extra_forbidden" and e.get("loc"):
+                e = {**e, "msg": f"unknown field {e['loc'][-1]!r}: not a field of this request (a typo?)"}
+            errors.append(e)
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
     app.include_router(api.router)
     app.include_router(review.api)

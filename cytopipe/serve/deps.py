@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, ConfigDict
 
 from cytopipe import __version__
 from cytopipe.serve import auth
@@ -47,6 +48,12 @@ class Workspace:
         self.limiter = auth.RateLimiter(config.login_limit, config.login_window)
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.globals["version"] = __version__
+
+
+class Body(BaseModel):
+    """A JSON request body: a key it does not know is refused (422 naming it), never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def workspace(request: Request) -> Workspace:

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlalchemy import select
 
 from cytopipe.errors import ReviewError
@@ -17,13 +17,13 @@ from cytopipe.review.decisions import Decision
 from cytopipe.serve import audit, blinding, reviewops
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Audit, Template, User
-from cytopipe.serve.deps import page, signed_in, state_change, workspace
+from cytopipe.serve.deps import Body, page, signed_in, state_change, workspace
 
 api = APIRouter(prefix="/api", tags=["review"])
 web = APIRouter(include_in_schema=False)
 
 
-class GateChange(BaseModel):
+class GateChange(Body):
     sample_id: str
     population: str
     kind: str = Field("override", description="override | pooled | revert")
@@ -35,13 +35,13 @@ class GateChange(BaseModel):
     )
 
 
-class Approval(BaseModel):
+class Approval(Body):
     scope: str = Field("one", description="one | unflagged | run")
     population: str | None = None
     sample_id: str | None = None
 
 
-class SignOff(BaseModel):
+class SignOff(Body):
     password: str
     meaning: str = reviewops.SIGNOFF_MEANING
 

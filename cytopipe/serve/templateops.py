@@ -19,14 +19,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session as DBSession
 
 from cytopipe.serve import audit, ops
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Run, Study, Template
-from cytopipe.serve.deps import page, signed_in, state_change, workspace
+from cytopipe.serve.deps import Body, page, signed_in, state_change, workspace
 
 PERMISSION = "study.create"  # analysts, reviewers and admins set up studies and their templates
 MAX_YAML = 2 << 20
@@ -112,7 +112,7 @@ def as_dict(db: DBSession, tpl: Template, study: Study, with_yaml: bool = False)
 # ------------------------------------------------------------------------------------------------
 # JSON API
 # ------------------------------------------------------------------------------------------------
-class TemplateEdit(BaseModel):
+class TemplateEdit(Body):
     yaml: str = Field(..., description="the whole template (YAML text)")
     reason: str = Field(..., description="why it changes (required)")
     name: str = ""
