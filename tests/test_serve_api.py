@@ -298,69 +298,6 @@ def test_pages_render_for_a_signed_in_user(server, study):
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
-def test_refuses_a_non_loopback_host_without_accounts(tmp_path):
-    proc = subprocess.run(
-        [os.sys.executable, "-m", "cytopipe", "serve", "--data", str(tmp_path / "d"), "--host", "0.0.0.0",
-         "--port", "1"], capture_output=True, text=True, env=cli_env(), cwd=str(REPO), timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 2
-    assert "refusing to listen on 0.0.0.0" in proc.stderr and "--create-admin" in proc.stderr
-
-
-def test_start_up_says_once_that_the_schema_was_upgraded_without_alembics_narration(tmp_path):
-    """At the default log level a new workspace prints one line for its database schema, not
-    Alembic's ~15 lines of plugins and migration steps; a second start prints none."""
-    srv = Server(tmp_path / "d", None, "--log-level", "info")
-    try:
-        srv.start()
-        srv.stop()
-        log = tmp_path / f"server-{srv.port}.log"  # the whole log (Server.output() gives its tail)
-        first = log.read_text(errors="replace")
-        srv.start()
-    finally:
-        srv.stop()
-    second = log.read_text(errors="replace")[len(first) :]
-    assert re.search(r"database schema upgraded from empty to \d{4}", first), first
-    assert "alembic" not in first.lower() and "Running upgrade" not in first
-    assert "Uvicorn running" in second and "schema upgraded" not in second, second
-
-
-def test_audit_rows_hash_what_they_say(server):
-    """The stored before/after JSON is what the hash covers (a change would be detected)."""
-    from cytopipe.serve.audit import row_hash
-
-    admin = server.client()
-    entry = admin.get("/api/audit", params={"limit": 1}).json()[0]
-    row = {k: entry[k] for k in ("id", "at", "action", "object_type", "object_id", "reason", "prev_hash")}
-    row.update(user_name=entry["user"], before=json.dumps(entry["before"], sort_keys=True, separators=(",", ":"),
-               ensure_ascii=False), after=json.dumps(entry["after"], sort_keys=True, separators=(",", ":"),
-               ensure_ascii=False))  # fmt: skip
-    assert row_hash(row) == entry["hash"]
-    row["reason"] = "edited"
-    assert row_hash(row) != entry["hash"]
-
-
-def test_login_is_rate_limited_after_repeated_failures(server):
-    anon = Client(server.url, None)
-    for _ in range(5):
-        assert anon.post("/api/login", json={"name": "rev", "password": "wrong password"}).status_code == 401
-    r = anon.post("/api/login", json={"name": "rev", "password": PASSWORD})
-    assert r.status_code == 429 and "try again" in r.json()["detail"]
-    assert (
-        anon.post("/api/login", json={"name": "ana", "password": PASSWORD}).status_code == 200
-    )  # others can
-
-
-def test_login_is_rate_limited_per_client_address(server):
-    """Last test of the module: after 20 failures from one address, it is locked out (all names)."""
-    anon = Client(server.url, None)
-    codes = [
-        anon.post("/api/login", json={"name": f"guess{i}", "password": "x"}).status_code for i in range(16)
-    ]
-    assert codes == [401] * 15 + [429]  # 5 failures for 'rev' earlier + 15 now
-    assert anon.post("/api/login", json={"name": "ana", "password": PASSWORD}).status_code == 429
-
-
 def test_a_blinded_study_shows_arm_codes_in_its_mapping_and_audit_trail(server, serve_trial):
     """No arm name reaches anyone through a blinded study's mapping or audit entries (the stored
     rows keep the names and the hash chain holds); an unblinded study still shows them."""
@@ -447,3 +384,66 @@ def test_a_request_with_an_unknown_key_is_refused_naming_it(server, study):
     # a login with a typo is refused too (no session is started for an ignored key)
     r = server.client(None).post("/api/login", json={"name": "ana", "password": PASSWORD, "remember": True})
     assert r.status_code == 422 and "unknown field 'remember'" in r.text
+
+
+def test_refuses_a_non_loopback_host_without_accounts(tmp_path):
+    proc = subprocess.run(
+        [os.sys.executable, "-m", "cytopipe", "serve", "--data", str(tmp_path / "d"), "--host", "0.0.0.0",
+         "--port", "1"], capture_output=True, text=True, env=cli_env(), cwd=str(REPO), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "refusing to listen on 0.0.0.0" in proc.stderr and "--create-admin" in proc.stderr
+
+
+def test_start_up_says_once_that_the_schema_was_upgraded_without_alembics_narration(tmp_path):
+    """At the default log level a new workspace prints one line for its database schema, not
+    Alembic's ~15 lines of plugins and migration steps; a second start prints none."""
+    srv = Server(tmp_path / "d", None, "--log-level", "info")
+    try:
+        srv.start()
+        srv.stop()
+        log = tmp_path / f"server-{srv.port}.log"  # the whole log (Server.output() gives its tail)
+        first = log.read_text(errors="replace")
+        srv.start()
+    finally:
+        srv.stop()
+    second = log.read_text(errors="replace")[len(first) :]
+    assert re.search(r"database schema upgraded from empty to \d{4}", first), first
+    assert "alembic" not in first.lower() and "Running upgrade" not in first
+    assert "Uvicorn running" in second and "schema upgraded" not in second, second
+
+
+def test_audit_rows_hash_what_they_say(server):
+    """The stored before/after JSON is what the hash covers (a change would be detected)."""
+    from cytopipe.serve.audit import row_hash
+
+    admin = server.client()
+    entry = admin.get("/api/audit", params={"limit": 1}).json()[0]
+    row = {k: entry[k] for k in ("id", "at", "action", "object_type", "object_id", "reason", "prev_hash")}
+    row.update(user_name=entry["user"], before=json.dumps(entry["before"], sort_keys=True, separators=(",", ":"),
+               ensure_ascii=False), after=json.dumps(entry["after"], sort_keys=True, separators=(",", ":"),
+               ensure_ascii=False))  # fmt: skip
+    assert row_hash(row) == entry["hash"]
+    row["reason"] = "edited"
+    assert row_hash(row) != entry["hash"]
+
+
+def test_login_is_rate_limited_after_repeated_failures(server):
+    anon = Client(server.url, None)
+    for _ in range(5):
+        assert anon.post("/api/login", json={"name": "rev", "password": "wrong password"}).status_code == 401
+    r = anon.post("/api/login", json={"name": "rev", "password": PASSWORD})
+    assert r.status_code == 429 and "try again" in r.json()["detail"]
+    assert (
+        anon.post("/api/login", json={"name": "ana", "password": PASSWORD}).status_code == 200
+    )  # others can
+
+
+def test_login_is_rate_limited_per_client_address(server):
+    """Last test of the module: after 20 failures from one address, it is locked out (all names)."""
+    anon = Client(server.url, None)
+    codes = [
+        anon.post("/api/login", json={"name": f"guess{i}", "password": "x"}).status_code for i in range(16)
+    ]
+    assert codes == [401] * 15 + [429]  # 5 failures for 'rev' earlier + 15 now
+    assert anon.post("/api/login", json={"name": "ana", "password": PASSWORD}).status_code == 429
