@@ -144,6 +144,27 @@ def test_roles_viewer_and_analyst(server, finished):
     assert not (out / "review.json").exists()  # nothing was decided
 
 
+def test_a_gate_number_that_is_not_a_finite_number_is_refused_naming_it(server, finished):
+    run_id, out = finished
+    c = server.client("rita")
+    item = c.get(f"/api/runs/{run_id}/review?population=Treg").json()["items"][0]
+    before = len(c.get("/api/audit", params={"limit": 5000}).json())
+    for value, shown in (("abc", '"abc"'), (None, "null"), (True, "true"), ([], "[]"), ({"x": 1}, '{"x": 1}'),
+                         (float("nan"), "NaN"), ([[1.0, "2"]], '[[1.0, "2"]]')):  # fmt: skip
+        change = {"sample_id": item["sample_id"], "population": "Treg", "kind": "override",
+                  "params": {"FOXP3 >=": value}, "reason": "bad number"}  # fmt: skip
+        for url, body in ((f"/api/runs/{run_id}/review/preview", change),
+                          (f"/api/runs/{run_id}/review/change", change),
+                          (f"/api/runs/{run_id}/review/change", {**change, "sample_ids": [item["sample_id"]]})):  # fmt: skip
+            r = c.post(url, content=json.dumps(body), headers={**c.h, "Content-Type": "application/json"})
+            assert r.status_code == 400, (url, value, r.text)
+            assert r.json()["detail"] == (
+                f"gate number 'FOXP3 >=' must be a finite number (or a list of them), not {shown}"
+            )
+    assert len(c.get("/api/audit", params={"limit": 5000}).json()) == before  # nothing recorded
+    assert not (out / "review.json").exists()  # nothing was decided
+
+
 def test_review_in_the_browser(browser, server, finished, backend):
     expect = pytest.importorskip("playwright.sync_api").expect
     expect.set_options(timeout=60_000)

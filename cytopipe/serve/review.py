@@ -5,6 +5,7 @@ exports, and the same actions as JSON (``/api/runs/{id}/review/...``). Operation
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -46,7 +47,21 @@ class SignOff(Body):
     meaning: str = reviewops.SIGNOFF_MEANING
 
 
+def _finite(value: Any) -> bool:
+    """A finite number, or a (nested) list of them (a polygon's vertices, an ellipse's centre)."""
+    if isinstance(value, list):
+        return bool(value) and all(_finite(v) for v in value)
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _decision(body: GateChange, user: str) -> Decision:
+    for name, value in body.params.items():
+        if not _finite(value):
+            shown = json.dumps(value, allow_nan=True)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise AuthError(
+                400, f"gate number {name!r} must be a finite number (or a list of them), not {shown}"
+            )
     try:
         return Decision(kind=body.kind, sample_id=body.sample_id, population=body.population, user=user,
                         params=body.params, reason=body.reason.strip(), category=body.category.strip())  # fmt: skip
