@@ -386,6 +386,25 @@ def test_a_request_with_an_unknown_key_is_refused_naming_it(server, study):
     assert r.status_code == 422 and "unknown field 'remember'" in r.text
 
 
+def test_a_template_error_names_the_template_not_a_server_file(server, study):
+    ana = server.client("ana")
+    name = STUDY["template"]
+    versions = ana.get(f"/api/studies/{study}/templates").json()
+    for path, body, label in (
+        ("/api/studies", {"name": "bad template", "template_yaml": "name: [unclosed"}, "'template.yaml' (version 1)"),
+        (f"/api/studies/{study}/templates", {"yaml": "name: [unclosed", "reason": "typo"},
+         f"{name!r} (version {len(versions) + 1})"),
+        (f"/api/studies/{study}/templates", {"yaml": "name: x\npopulations: 3\n", "reason": "typo"},
+         f"{name!r} (version {len(versions) + 1})"),
+    ):  # fmt: skip
+        r = ana.post(path, json=body, headers=ana.h)
+        assert r.status_code == 400, r.text
+        detail = r.json()["detail"]
+        assert detail.startswith(f"the gating template {label} is not valid: "), detail
+        assert "/tmp" not in detail and ".yaml'" not in detail.split(label)[1], detail
+    assert len(ana.get(f"/api/studies/{study}/templates").json()) == len(versions)  # nothing saved
+
+
 def test_refuses_a_non_loopback_host_without_accounts(tmp_path):
     proc = subprocess.run(
         [os.sys.executable, "-m", "cytopipe", "serve", "--data", str(tmp_path / "d"), "--host", "0.0.0.0",

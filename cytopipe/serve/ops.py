@@ -104,7 +104,7 @@ def create_study(db: DBSession, user: str, values: dict[str, Any]) -> Study:
         if template_name not in choices:
             raise AuthError(400, f"template {template_name!r} is unknown; choose one of {sorted(choices)}")
         yaml_text = choices[template_name].read_text(encoding="utf-8")
-    _check_template(yaml_text)
+    _check_template(yaml_text, f"{template_name or 'template.yaml'!r} (version 1)")
     tpl = Template(study_id=study.id, version=1, name=template_name or "template.yaml", yaml=yaml_text,
                    sha256=hashlib.sha256(yaml_text.encode()).hexdigest(), created_by=user)  # fmt: skip
     db.add(tpl)
@@ -116,7 +116,9 @@ def create_study(db: DBSession, user: str, values: dict[str, Any]) -> Study:
     return study
 
 
-def _check_template(text: str) -> None:
+def _check_template(text: str, label: str) -> None:
+    """The template loader's checks; an error names the template (``label``, e.g. ``'t.yaml'
+    (version 2)``), never the server's temporary file."""
     import tempfile
 
     from cytopipe.errors import CytopipeError
@@ -128,7 +130,9 @@ def _check_template(text: str) -> None:
         try:
             load_template(fh.name)
         except CytopipeError as exc:
-            raise AuthError(400, f"the gating template is not valid: {exc}") from None
+            context = {k: v for k, v in exc.context.items() if not (k == "file" and str(v) == fh.name)}
+            shown = str(CytopipeError(exc.message.replace(fh.name, "the template"), **context))
+            raise AuthError(400, f"the gating template {label} is not valid: {shown}") from None
 
 
 def get_study(db: DBSession, study_id: int) -> Study:

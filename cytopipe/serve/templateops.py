@@ -77,13 +77,14 @@ def new_version(
     if len(yaml_text.encode("utf-8")) > MAX_YAML:
         raise AuthError(413, f"the template is larger than {MAX_YAML >> 20} MB")
     yaml_text = yaml_text.replace("\r\n", "\n")
-    ops._check_template(yaml_text)  # the template loader's own checks: 400 with its message
     current = db.get(Template, study.template_id) if study.template_id else None
+    number = (db.scalar(select(func.max(Template.version)).where(Template.study_id == study.id)) or 0) + 1
+    name = name or (current.name if current else "template.yaml")
+    ops._check_template(yaml_text, f"{name!r} (version {number})")  # the loader's checks: 400, its message
     sha = hashlib.sha256(yaml_text.encode("utf-8")).hexdigest()
     if current is not None and current.sha256 == sha:
         raise AuthError(400, f"the template is unchanged (it is version {current.version}): nothing saved")
-    number = (db.scalar(select(func.max(Template.version)).where(Template.study_id == study.id)) or 0) + 1
-    tpl = Template(study_id=study.id, version=number, name=name or (current.name if current else "template.yaml"),
+    tpl = Template(study_id=study.id, version=number, name=name,
                    yaml=yaml_text, sha256=sha, created_by=user, reason=reason)  # fmt: skip
     db.add(tpl)
     db.flush()
