@@ -35,7 +35,6 @@ from cytopipe.pipeline.context import (
     _save_result,
 )
 from cytopipe.pipeline.fmo import is_fmo, plan_fmo
-from cytopipe.pipeline.progress import notice
 from cytopipe.pipeline.state import _load_manifest, _spillover_hash, build_state, plan_clustering, split_jobs
 from cytopipe.pipeline.statistics import step_statistics
 from cytopipe.pipeline.tasks import (
@@ -124,7 +123,9 @@ def _check_clinical(wf: Workflow, manifest: pd.DataFrame) -> str | None:
             baseline_visit=int(wf.statistics.get("baseline_visit") or 0),
         )
     except ClinicalDataError as exc:
-        notice(f"cytopipe run: warning: clinical table: {exc}", level=logging.WARNING)
+        # once, through logging: the command shows warnings as "cytopipe run: warning: ..." on stderr
+        # and the run keeps them for run.log (a prefix here was printed twice, with a second copy)
+        logger.warning("clinical table: %s", exc)
         return str(exc)
     return None
 
