@@ -306,6 +306,28 @@ def check_clinical(
     return problems
 
 
+def patients_without_flow_data(clinical: pd.DataFrame, patients: pd.DataFrame | Iterable[str]) -> list[str]:
+    """The patients of the clinical table that are not among ``patients`` (the patients with flow
+    data: ids, or a table with ``patient_id``), sorted. They stay in the response-rate families
+    (intention to treat: every randomised patient with a baseline visit) but are in no flow-based
+    test; the pipeline and the report say so, naming them."""
+    expected = set(_expected_patients(patients))
+    ids = clinical["patient_id"].dropna().astype(str).str.strip()
+    return sorted({p for p in ids if p and p not in expected})
+
+
+def without_flow_data_message(missing: list[str], shown: int = 20) -> str:
+    """The warning about :func:`patients_without_flow_data` (same words in the run and the report)."""
+    names = ", ".join(repr(p) for p in missing[:shown])
+    more = f" and {len(missing) - shown} more" if len(missing) > shown else ""
+    return (
+        f"{len(missing)} patient(s) of the clinical table have no flow data ({names}{more}): they are "
+        f"counted in the clinical response rates (intention to treat: every randomised patient with a "
+        f"baseline visit; a patient without later visits is a non-responder under NRI) but are in no "
+        f"flow-based test; if they were not randomised in this study, remove them from the clinical table"
+    )
+
+
 def _row_labels(table: pd.DataFrame, row_offset: int | None) -> list[Any]:
     if row_offset is None:
         return [int(x) if isinstance(x, (np.integer,)) else x for x in table.index]

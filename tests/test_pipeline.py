@@ -769,6 +769,46 @@ def test_a_clinical_table_that_does_not_fit_is_a_run_problem_not_a_lost_run(
     assert_same_outputs_except(sim_run, out, "statistics.parquet")
 
 
+def test_clinical_patients_without_flow_data_are_named_in_a_warning(sim_run, sim_trial, tmp_path):
+    """A patient of the clinical table with no FCS data stays in the response rates (intention to
+    treat, docs/statistics.md) but is never silent: one warning naming the patient on stderr
+    (single prefix), in run.log and in run.json; the run ends normally (exit 0). A clinical table that
+    does not fit the flow data is one warning with a single prefix too."""
+    import shutil
+
+    import yaml
+
+    table = pd.read_csv(sim_trial / "clinical.csv")
+    extra = table[table["patient_id"] == table["patient_id"].iloc[0]].head(1).assign(patient_id="P099")
+    clinical = tmp_path / "clinical.csv"
+    pd.concat([table, extra]).to_csv(clinical, index=False)
+    spec = yaml.safe_load((sim_trial / "workflow.yaml").read_text())
+    spec.update(manifest=str(sim_trial / "manifest.csv"), clinical=str(clinical))
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "run"
+    shutil.copytree(sim_run, out)  # reuse the per-sample results
+    proc = cli("run", str(tmp_path / "wf.yaml"), "--out", str(out), "--no-progress", "--no-report")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warning = (
+        "cytopipe run: warning: clinical table: 1 patient(s) of the clinical table have no flow data ('P099')"
+    )
+    assert proc.stderr.count(warning) == 1, proc.stderr[-3000:]
+    assert "intention to treat" in proc.stderr
+    assert (out / "run.log").read_text().count("have no flow data ('P099')") == 1
+    info = json.loads((out / "run.json").read_text())
+    stats = next(s for s in info["steps"] if s["step"] == "statistics")
+    assert stats["clinical_patients_without_flow_data"] == ["P099"] and info["problems"] == []
+
+    # an arm that differs: one line with a single prefix (it was printed twice, once doubled)
+    table.loc[table["patient_id"] == "P002", "arm"] = "IL-2 9.9 MIU"
+    table.to_csv(clinical, index=False)
+    proc = cli("run", str(tmp_path / "wf.yaml"), "--out", str(out), "--no-progress", "--no-report")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "warning: cytopipe run" not in proc.stderr
+    start = "cytopipe run: warning: clinical table: file "
+    assert proc.stderr.count(start) == 1 and "patient 'P002' is in arm 'IL-2 9.9 MIU'" in proc.stderr
+
+
 def assert_same_outputs_except(a, b, *names):
     from tests.pipeline_support import OUTPUT_FILES
 

@@ -40,6 +40,7 @@ def step_statistics(ctx: RunContext) -> dict[str, Any]:
         ctx.problems.extend(cached.get("problems") or [])
         if table is not None:
             ctx.tables["statistics"] = table
+        _warn_without_flow_data(cached["info"])
         return {**cached["info"], "reused": True}
     n = ctx.tables["population_stats"]["population"].nunique() if "population_stats" in ctx.tables else 0
     notice(f"statistics: computing the tests of {n} populations ...", ctx.progress)
@@ -50,7 +51,18 @@ def step_statistics(ctx: RunContext) -> dict[str, Any]:
         ctx.folder.save_cached("statistics", key + ".table", "parquet", table)
     ctx.folder.save_cached("statistics", key, "json", {"info": info, "problems": ctx.problems[before:],
                                                         "rows": 0 if table is None else len(table)})  # fmt: skip
+    _warn_without_flow_data(info)
     return info
+
+
+def _warn_without_flow_data(info: dict[str, Any]) -> None:
+    """Patients of the clinical table without flow data: a warning on stderr and in run.log (also
+    in run.json, the statistics step's ``clinical_patients_without_flow_data``), not a problem: the
+    response rates count them by design (intention to treat, docs/statistics.md)."""
+    from cytopipe.clinical import without_flow_data_message
+
+    if missing := info.get("clinical_patients_without_flow_data"):
+        logger.warning("clinical table: %s", without_flow_data_message(list(missing)))
 
 
 #: bump when the statistics change for the same inputs (cached statistics are then recomputed)
@@ -102,6 +114,11 @@ def compute_statistics(ctx: RunContext) -> tuple[pd.DataFrame | None, dict[str, 
             )
         except ClinicalDataError as exc:
             ctx.problems.append(f"statistics: the clinical table was not used (no clinical tests): {exc}")
+    without_flow: list[str] = []
+    if clinical is not None:  # in the response rates (intention to treat), in no flow-based test
+        from cytopipe.clinical import patients_without_flow_data
+
+        without_flow = patients_without_flow_data(clinical, ps[["patient_id"]])
     from cytopipe.report.data import measured_rows  # not measured in a sample: a missing value, not 0%
 
     gated = _statistics_of(ctx, measured_rows(ps), clinical, settings, "gated populations")
@@ -125,8 +142,9 @@ def compute_statistics(ctx: RunContext) -> tuple[pd.DataFrame | None, dict[str, 
                 table["family"] = "cluster_" + table["family"].astype(str)
                 n_cluster_rows = len(table)
                 parts.append(table)
+    extra = {"clinical_patients_without_flow_data": without_flow} if without_flow else {}
     if not parts:
-        return None, {"enabled": True, "rows": 0}
+        return None, {"enabled": True, "rows": 0, **extra}
     out = pd.concat(parts, ignore_index=True)
     return out, {
         "enabled": True,
@@ -134,6 +152,7 @@ def compute_statistics(ctx: RunContext) -> tuple[pd.DataFrame | None, dict[str, 
         "cluster_rows": n_cluster_rows,
         "metaclusters_not_tested": tiny,
         "clinical": clinical is not None,
+        **extra,
     }
 
 
