@@ -368,6 +368,82 @@ def test_clinical_problems_do_not_stop_the_report(small_run, tmp_path):
     assert "No clinical endpoints" in html
 
 
+def _report_cli(run, *args):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "cytopipe", "report", str(run), *args],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+
+
+def test_report_clinical_problems_are_printed_and_exit_3_as_in_the_run(small_run, tmp_path):
+    """`cytopipe report --clinical` checks the table as `cytopipe run` does, against the run's
+    patients and arms: an arm that differs (it used to move the patient to the clinical table's arm
+    silently) and a patient of the run without clinical rows (silent) are problems with the run's
+    message, printed on stderr (exit 3: the report is written without the clinical endpoints), also
+    when the report is reused; a good table exits 0; a missing --clinical file is an input error."""
+    from cytopipe.clinical import check_clinical
+
+    run, clinical = small_run
+    ps = pd.read_parquet(run / "population_stats.parquet")
+    patient = sorted(clinical["patient_id"])[0]
+    arm = clinical.loc[clinical["patient_id"] == patient, "arm"].iloc[0]
+    other = next(a for a in ARMS if a != arm)
+    mismatch = tmp_path / "arm_mismatch.csv"
+    clinical.assign(arm=clinical["arm"].where(clinical["patient_id"] != patient, other)).to_csv(
+        mismatch, index=False
+    )
+    missing = tmp_path / "missing_patient.csv"
+    clinical[clinical["patient_id"] != patient].to_csv(missing, index=False)
+    for path in (mismatch, missing):
+        table = pd.read_csv(path, dtype={"patient_id": str, "arm": str})
+        [expected] = [
+            str(p) for p in check_clinical(table, ps[["patient_id", "arm"]], row_offset=2, file=path)
+        ]
+        for attempt in ("written", "reused"):
+            proc = _report_cli(run, "--clinical", str(path), "--out", str(tmp_path / f"{path.stem}.html"))
+            assert proc.returncode == 3, proc.stderr
+            assert f"report {attempt}" in proc.stdout
+            assert f"cytopipe report: warning: clinical table not used: {expected}" in proc.stderr
+            assert "(exit code 3)" in proc.stderr
+        html = (tmp_path / f"{path.stem}.html").read_text(encoding="utf-8")
+        assert "Clinical table not used" in html and patient in html
+        assert not (tmp_path / f"{path.stem}_tables" / "response_rates.csv").exists()  # no arm moved
+    good = _report_cli(run, "--out", str(tmp_path / "good.html"))
+    assert good.returncode == 0 and "warning" not in good.stderr, good.stderr
+    gone = _report_cli(run, "--clinical", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "x.html"))
+    assert gone.returncode == 2 and "nope.csv" in gone.stderr and not (tmp_path / "x.html").exists()
+
+
+def test_report_blinded_clinical_problems_show_no_arm_names(small_run, tmp_path):
+    run, clinical = small_run
+    patient = sorted(clinical["patient_id"])[0]
+    arm = clinical.loc[clinical["patient_id"] == patient, "arm"].iloc[0]
+    other = next(a for a in ARMS if a != arm)
+    mismatch = tmp_path / "arm_mismatch.csv"
+    clinical.assign(arm=clinical["arm"].where(clinical["patient_id"] != patient, other)).to_csv(
+        mismatch, index=False
+    )
+    proc = _report_cli(run, "--blinded", "--clinical", str(mismatch))
+    assert proc.returncode == 3 and f"patient {patient!r} is in arm 'Arm " in proc.stderr, proc.stderr
+    assert not any(a in proc.stderr for a in ARMS), proc.stderr
+
+
+def test_report_names_clinical_patients_without_flow_data(small_run, tmp_path):
+    """A clinical patient with no flow data stays in the response rates (intention to treat,
+    docs/statistics.md) and the report says so, naming the patient (exit 0: not a problem)."""
+    run, clinical = small_run
+    extra = tmp_path / "extra.csv"
+    pd.concat([clinical, clinical.head(1).assign(patient_id="P099")]).to_csv(extra, index=False)
+    proc = _report_cli(run, "--clinical", str(extra), "--out", str(tmp_path / "r.html"))
+    assert proc.returncode == 0, proc.stderr
+    html = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "1 patient(s) of the clinical table have no flow data (&#x27;P099&#x27;)" in html
+    assert "intention to treat" in html
+    rates = pd.read_csv(tmp_path / "r_tables" / "response_rates.csv")
+    sri4 = rates[(rates["endpoint"] == "sri4") & (rates["arm"] == clinical["arm"].iloc[0])]
+    in_arm = clinical.loc[clinical["arm"] == clinical["arm"].iloc[0], "patient_id"].nunique()
+    assert (sri4["n"] == in_arm + 1).all(), sri4  # counted in its arm (NRI: a non-responder)
+
+
 def test_cluster_section_appears_with_clusters(small_run):
     run, _ = small_run
     ps = pd.read_parquet(run / "population_stats.parquet")

@@ -17,6 +17,7 @@ draws is computed per sample by :func:`cytopipe.report.gate_review.gate_review_d
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,26 @@ def run(args: argparse.Namespace) -> int:
         blind_key=getattr(args, "blind_key", None),
         clinical=getattr(args, "clinical", None),
     )
+    from cytopipe.errors import EXIT_FAILURES, EXIT_OK, ReportError
+
+    if options["clinical"] is not None and not Path(options["clinical"]).is_file():
+        raise ReportError(
+            "clinical table not found; check the --clinical path", file=Path(options["clinical"])
+        )
     reused = not args.rebuild and report_is_current(args.run_dir, **options)
-    path = write_report(args.run_dir, reuse=not args.rebuild, **options)
+    problems: list[str] = []
+    path = write_report(args.run_dir, reuse=not args.rebuild, problems=problems, **options)
     print(f"report reused (its inputs are unchanged): {path}" if reused else f"report written: {path}")
-    return 0
+    for problem in problems:  # written, but without the clinical table: as `cytopipe run` ends (exit 3)
+        print(f"cytopipe report: warning: clinical table not used: {problem}", file=sys.stderr)
+    if problems:
+        print(
+            f"completed with problems: the report has no clinical endpoints ({len(problems)} problem(s) "
+            f"in the clinical table, listed above and at the top of the report) (exit code {EXIT_FAILURES})",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURES
+    return EXIT_OK
 
 
 def write_report(
@@ -88,6 +105,7 @@ def write_report(
     clinical: Any = None,
     max_gallery: int = MAX_GALLERY,
     reuse: bool = True,
+    problems: list[str] | None = None,
 ) -> Path:
     """Write the report of a run folder; returns the path of the HTML file.
 
@@ -100,6 +118,8 @@ def write_report(
     ``reuse``: when the report there was made from the same inputs (tables, run.json without its
     timings, clinical table, options, the report's code), it is kept as it is (seconds instead of a
     rebuild).
+    ``problems``: a list the clinical table's problems are appended to (each problem once; empty when
+    the table was used): the report is written without the clinical endpoints then.
     """
     from cytopipe.report.build import build_report
 
@@ -111,4 +131,5 @@ def write_report(
         clinical=clinical,
         max_gallery=max_gallery,
         reuse=reuse,
+        problems=problems,
     )

@@ -24,9 +24,12 @@ def build_report(
     max_gallery: int = MAX_GALLERY,
     reuse: bool = True,
     helper: bool | None = None,
+    problems: list[str] | None = None,
 ) -> Path:
     """See :func:`cytopipe.report.write_report`. ``helper``: draw the gate gallery in a helper
-    process beside the other sections (``None``: when two or more CPUs are available)."""
+    process beside the other sections (``None``: when two or more CPUs are available).
+    ``problems``: the clinical table's problems are appended to it (also when the report is reused:
+    they are kept with the report's cache key)."""
     # Figures are matplotlib Figure objects drawn on their own Agg canvas (no pyplot): nothing opens a
     # window, nothing stays registered, and the caller's matplotlib backend is left alone.
     from cytopipe.report import html as H
@@ -51,6 +54,8 @@ def build_report(
     key = report_key(run_dir, blinded=blinded, out=out_path, blind_key=blind_key, clinical=clinical,
                      max_gallery=max_gallery)  # fmt: skip
     if reuse and key is not None and _is_current(run_dir, key, out_path):
+        if problems is not None:
+            problems += _marker(run_dir, key).get("clinical_problems") or []
         return out_path
     data = load_run(run_dir, blinded=blinded, blind_key=blind_key, clinical=clinical)
 
@@ -110,8 +115,19 @@ def build_report(
         marker.mkdir(parents=True, exist_ok=True)
         for old in marker.glob("*.json"):
             old.unlink()
-        _atomic_write(marker / f"{key}.json", json.dumps({"out": str(out_path.resolve())}))
+        _atomic_write(marker / f"{key}.json", json.dumps({"out": str(out_path.resolve()),
+                                                          "clinical_problems": data.clinical_problems}))  # fmt: skip
+    if problems is not None:
+        problems += data.clinical_problems
     return out_path
+
+
+def _marker(run_dir: Path, key: str) -> dict[str, Any]:
+    """What was recorded with the current report (its path, the clinical table's problems)."""
+    try:
+        return json.loads((Path(run_dir) / ".cache" / "report" / f"{key}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def write_csv_text(path: Path, text: str) -> None:
@@ -121,7 +137,7 @@ def write_csv_text(path: Path, text: str) -> None:
 
 
 #: bump when the report changes for the same inputs (reports are then rewritten)
-REPORT_VERSION = "16"
+REPORT_VERSION = "17"
 _VOLATILE = ("finished_at", "seconds", "steps", "executor", "cached_samples", "clustered_at", "problems")
 _INPUTS = ("population_stats", "samples", "statistics", "clusters", "gate_review")
 

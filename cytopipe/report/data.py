@@ -56,6 +56,8 @@ class RunData:
     notes: list[str] = field(default_factory=list)  # what the report did on its own (shown)
     problems: list[str] = field(default_factory=list)  # run.json `problems`: study-level steps that failed
     clinical_error: str = ""
+    #: every problem of the clinical table, one per entry (`cytopipe report` prints them, exit code 3)
+    clinical_problems: list[str] = field(default_factory=list)
     baseline_visit: int = 0
     folder_name: str = ""  # the run folder's name, as shown
 
@@ -220,28 +222,49 @@ def load_run(
 
 
 def _load_clinical(data: RunData, clinical: Any, workflow: Mapping[str, Any]) -> None:
-    from cytopipe.clinical import derive_endpoints, load_clinical, validate_clinical
+    """The clinical table, checked as `cytopipe run` checks it: against the patients and arms of the
+    flow data (a patient of the run without clinical rows, an arm that differs), so the report never
+    moves a patient to another arm; a problem leaves the clinical table out (``clinical_error``,
+    every problem in ``clinical_problems``)."""
+    from cytopipe.clinical import (
+        derive_endpoints,
+        load_clinical,
+        patients_without_flow_data,
+        validate_clinical,
+        without_flow_data_message,
+    )
 
     source = clinical if clinical is not None else workflow.get("clinical")
     if source is None:
         return
+    patients = data.population_stats[["patient_id", "arm"]]
     try:
         if isinstance(source, pd.DataFrame):
-            table = validate_clinical(source, baseline_visit=data.baseline_visit)
+            table = validate_clinical(source, patients, baseline_visit=data.baseline_visit)
         else:
             path = Path(source)
             if not path.is_file():
                 data.clinical_error = f"the clinical table {path} named by the run is not there"
+                data.clinical_problems = [data.clinical_error]
                 return
-            table = load_clinical(path, baseline_visit=data.baseline_visit)
+            table = load_clinical(path, patients, baseline_visit=data.baseline_visit)
         data.clinical = table
         # the endpoint definitions of the run's statistics (workflow `statistics.clinical`), if any
         defs = dict((workflow.get("statistics") or {}).get("clinical") or {})
         data.endpoints = derive_endpoints(table, {**defs, "baseline_visit": data.baseline_visit})
+        if missing := patients_without_flow_data(table, patients):
+            data.notes.append(f"Clinical table: {without_flow_data_message(missing)}.")
     except CytopipeError as exc:
-        data.clinical_error = str(exc)
-        data.clinical = None
-        data.endpoints = None
+        _clinical_failed(data, exc)
+
+
+def _clinical_failed(data: RunData, exc: CytopipeError) -> None:
+    """The clinical table is left out: the error shown, each of its problems kept."""
+    data.clinical_error = data.clinical_error or str(exc)
+    listed = [str(p) for p in getattr(exc, "problems", None) or []] or [str(exc)]
+    data.clinical_problems += [p for p in listed if p not in data.clinical_problems]
+    data.clinical = None
+    data.endpoints = None
 
 
 def _statistics_were_off(info: Mapping[str, Any]) -> bool:
@@ -272,8 +295,7 @@ def _compute_statistics(data: RunData, settings: Mapping[str, Any], off: bool = 
         )
     except CytopipeError as exc:
         if data.clinical is not None:  # e.g. the clinical table disagrees with the flow data
-            data.clinical_error = data.clinical_error or str(exc)
-            data.clinical, data.endpoints = None, None
+            _clinical_failed(data, exc)
             _compute_statistics(data, settings, off)
             return
         data.notes.append(f"statistics could not be computed: {exc}")
@@ -317,6 +339,7 @@ def _blind(data: RunData, codes: dict[str, str]) -> None:
     data.reference_arm = None  # the display does not single out the reference arm when blinded
     data.dose_ordered = False
     data.clinical_error = _blind_str(data.clinical_error, codes)
+    data.clinical_problems = [_blind_str(p, codes) for p in data.clinical_problems]
     data.notes = [_blind_str(n, codes) for n in data.notes]
     data.problems = [_blind_str(p, codes) for p in data.problems]
     data.study = _blind_str(data.study, codes)
