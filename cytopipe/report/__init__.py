@@ -84,8 +84,10 @@ def run(args: argparse.Namespace) -> int:
     problems: list[str] = []
     path = write_report(args.run_dir, reuse=not args.rebuild, problems=problems, **options)
     print(f"report reused (its inputs are unchanged): {path}" if reused else f"report written: {path}")
-    for problem in problems:  # written, but without the clinical table: as `cytopipe run` ends (exit 3)
+    for problem in problems[:50]:  # written, but without the clinical table: as `cytopipe run` ends (exit 3)
         print(f"cytopipe report: warning: clinical table not used: {problem}", file=sys.stderr)
+    if len(problems) > 50:
+        print(f"cytopipe report: warning: ... and {len(problems) - 50} more problems", file=sys.stderr)
     if problems:
         print(
             f"completed with problems: the report has no clinical endpoints ({len(problems)} problem(s) "
