@@ -35,6 +35,7 @@ from cytopipe.pipeline.context import (
     _save_result,
 )
 from cytopipe.pipeline.fmo import is_fmo, plan_fmo
+from cytopipe.pipeline.progress import notice
 from cytopipe.pipeline.state import _load_manifest, _spillover_hash, build_state, plan_clustering, split_jobs
 from cytopipe.pipeline.statistics import step_statistics
 from cytopipe.pipeline.tasks import (
