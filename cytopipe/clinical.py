@@ -170,6 +170,15 @@ def validate_clinical(
     return _typed(clinical)
 
 
+def _separator_hint(columns: Any) -> str:
+    """A header read as one column that holds the required names joined by ``;`` or a tab: the
+    file is not comma-separated (e.g. a spreadsheet saved with a European locale)."""
+    for sep, name in ((";", "semicolons"), ("\t", "tabs")):
+        if any(sep in str(c) and "patient_id" in str(c) for c in columns):
+            return f"; the header separates its columns with {name}: save the table as comma-separated CSV"
+    return ""
+
+
 def check_clinical(
     clinical: pd.DataFrame,
     patients: pd.DataFrame | Iterable[str] | None = None,
@@ -196,7 +205,7 @@ def check_clinical(
     if missing:
         err(
             f"missing required column(s) {missing}; the clinical table needs {list(REQUIRED_COLUMNS)} "
-            f"(more columns are allowed)",
+            f"(more columns are allowed){_separator_hint(clinical.columns)}",
             column=missing[0],
         )
         return problems  # without the schema the row checks would only repeat this

@@ -286,3 +286,19 @@ def test_bilag_component_is_decided_by_either_count():
     ep = week(derive_endpoints(table))
     assert ep.loc["P1", "sri_bilag"] == False and not ep.loc["P1", "sri4_imputed"]  # noqa: E712
     assert pd.isna(ep.loc["P2", "sri_bilag"]) and ep.loc["P2", "sri4_imputed"]
+
+
+@pytest.mark.parametrize(("sep", "name"), [(";", "semicolons"), ("\t", "tabs")])
+def test_a_table_saved_with_another_separator_says_so(tmp_path, sep, name):
+    """A spreadsheet saved with a European locale separates with semicolons: the header reads as
+    one column; the error says what the separator is and what to save instead."""
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "sample_data" / "clinical.csv"
+    path = tmp_path / "clinical.csv"
+    path.write_text(sample.read_text().replace(",", sep))
+    with pytest.raises(
+        ClinicalDataError, match=f"separates its columns with {name}: save the table as comma-separated"
+    ):
+        load_clinical(path)
+    load_clinical(sample)  # the comma-separated original loads
