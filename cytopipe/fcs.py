@@ -1429,17 +1429,18 @@ def preprocess_events(sample: Sample) -> Sample:
 
 def needs_preprocessing(channels: pd.DataFrame) -> list[str]:
     """The channels whose raw values differ from their preprocessed ones through ``$PnE`` log
-    encoding or a gain ``$PnG`` other than 1 (as ``"FL1-H ($P3E 4,0)"``); ``$TIMESTEP`` is not counted."""
+    encoding or a gain ``$PnG`` other than 1 (as ``"FL1-H ($P3E 4,0)"``): the channels
+    :func:`read_fcs` with ``preprocess=True`` changes (``$TIMESTEP`` is not counted)."""
+    try:
+        plan = _preprocess_plan({}, channels, _Named(None))  # no keywords: no $TIMESTEP
+    except FCSKeywordError:
+        return []  # a malformed $PnE: reading with preprocess=True names the problem
     out = []
-    for n, pnn, pne, png in zip(channels["n"], channels["pnn"], channels["pne"], channels["png"]):
-        try:
-            decades = float(str(pne).split(",")[0])
-        except ValueError:
-            decades = 0.0
-        if decades > 0:
-            out.append(f"{pnn} ($P{n}E {pne})")
-        elif str(pnn).lower() != "time" and math.isfinite(png) and png not in (0.0, 1.0):
-            out.append(f"{pnn} ($P{n}G {png:g})")
+    for j, _timestep, log, gain in plan.ops:
+        row = channels.iloc[j]
+        out.append(
+            f"{row['pnn']} ($P{row['n']}E {row['pne']})" if log else f"{row['pnn']} ($P{row['n']}G {gain:g})"
+        )
     return out
 
 
