@@ -147,3 +147,106 @@ def test_cancel_stops_the_worker(server, serve_trial):
     # the study is free for a new run again
     entries = c.get("/api/audit").json()
     assert any(e["action"] == "run.cancel" and e["user"] == "admin" for e in entries)
+
+
+def _names_in(arms: list[str], name: str, content: bytes, folder: Path) -> list[str]:
+    """The arm names in a downloaded file: its text, its Parquet cells, its DuckDB tables or its
+    AnnData obs/uns (read as the program that opens it would)."""
+    import pandas as pd
+
+    path = folder / name
+    path.write_bytes(content)
+    if name.endswith(".parquet"):
+        text = pd.read_parquet(path).astype(str).to_csv()
+    elif name.endswith(".duckdb"):
+        import duckdb
+
+        with duckdb.connect(str(path), read_only=True) as con:
+            tables = [
+                t for (t,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+            ]
+            text = "".join(con.execute(f'SELECT * FROM "{t}"').df().astype(str).to_csv() for t in tables)
+    elif name.endswith(".h5ad"):
+        import anndata
+
+        adata = anndata.read_h5ad(path)
+        text = adata.obs.astype(str).to_csv() + json.dumps(adata.uns, default=str)
+    else:
+        text = content.decode("utf-8", "replace")
+    return [a for a in arms if a.lower() in text.lower()]
+
+
+def test_a_blinded_studys_runs_show_codes_everywhere_and_an_unblinded_folder_is_refused(
+    server, serve_trial, tmp_path
+):
+    """A blinded study (here without a report, which used to leave its run folder unblinded): the
+    run's status and log, its page, its results and every download (tables, CSV, run.json, the
+    catalog, an AnnData export) show the codes the mapping shows, never an arm name; a run folder
+    unblinded on the server (`cytopipe unblind`) is then refused (403), saying what to do."""
+    import pandas as pd
+
+    from tests.pipeline_support import cli
+
+    truth = trial_manifest(serve_trial).set_index("sample_id")["arm"]
+    arms = sorted(set(pd.read_csv(serve_trial / "clinical.csv")["arm"]))
+    c = server.client()
+    body = {"name": "blinded runs", **STUDY, "arms": arms, "blinded": True, "report": False}
+    sid = c.post("/api/studies", json=body, headers=c.h).json()["id"]
+    for f in trial_files(serve_trial)[:4]:
+        assert c.upload(sid, f).status_code == 201
+    r = c.put(f"/api/studies/{sid}/tables/clinical", params={"name": "clinical.csv"},
+              content=(serve_trial / "clinical.csv").read_bytes(), headers=c.h)  # fmt: skip
+    assert r.status_code == 200, r.text
+    rows = c.get(f"/api/studies/{sid}/mapping").json()
+    codes = {truth[r["sample_id"]]: r["arm"] for r in rows}
+    assert len(codes) == 2 and set(codes.values()) <= {f"Arm {x}" for x in "ABCD"}
+    # P001 mapped to the other arm: the pipeline's warning quotes both arm names in the run's log
+    p001, other = truth["P001_W00"], next(a for a in codes if a != truth["P001_W00"])
+    rows = [{**r, "arm": codes[other]} if r["patient_id"] == "P001" else r for r in rows]
+    assert c.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=c.h).status_code == 200
+    run_id = c.post(f"/api/studies/{sid}/runs", headers=c.h).json()["id"]
+    status = c.wait_run(run_id)
+    assert status["status"] == "finished", status
+    folder = server.data / "runs" / str(run_id)
+    assert p001 in (folder / "run.log").read_text()  # what the log says on the server
+    assert codes[p001] in status["progress"]["log"] and not _names_in(
+        arms, "log", status["progress"]["log"].encode(), tmp_path
+    )
+    r = c.post(
+        f"/api/runs/{run_id}/anndata", json={"population": "Treg", "max_events_per_sample": 20}, headers=c.h
+    )
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 300
+    while "Treg.h5ad" not in c.get(f"/api/runs/{run_id}/results").json()["downloads"]:
+        assert time.monotonic() < deadline, "the AnnData export did not appear"
+        time.sleep(1)
+    results = c.get(f"/api/runs/{run_id}/results")
+    assert results.status_code == 200 and not _names_in(arms, "results", results.content, tmp_path)
+    page = c.get(f"/runs/{run_id}")
+    assert (
+        page.status_code == 200
+        and "Provenance" in page.text
+        and not _names_in(arms, "page", page.content, tmp_path)
+    )
+    assert codes[p001] in page.text  # the log, coded
+    downloads = results.json()["downloads"]
+    assert {"samples.parquet", "run.json", "catalog.duckdb", "statistics.csv", "Treg.h5ad"} <= set(downloads)
+    for name in downloads:
+        got = c.get(f"/api/runs/{run_id}/files/{name}")
+        assert got.status_code == 200 and not _names_in(arms, name, got.content, tmp_path), name
+    # the run's codes are the pages' codes
+    samples = pd.read_parquet(folder / "out" / "samples.parquet").set_index("sample_id")["arm"]
+    assert samples.to_dict() == {r["sample_id"]: r["arm"] for r in rows}
+    # unblinded on the server (deliberately, with its key): the web refuses the run's results
+    proc = cli("unblind", str(folder / "out"), "--key", str(folder / "input" / "blind_key.csv"))
+    assert proc.returncode == 0, proc.stderr
+    for path in (f"/api/runs/{run_id}/results", f"/api/runs/{run_id}/files/run.json",
+                 f"/api/runs/{run_id}/files/samples.csv", f"/runs/{run_id}/files/Treg.h5ad"):  # fmt: skip
+        got = c.get(path)
+        assert got.status_code == 403 and "start a new run" in got.text, (path, got.text[:300])
+        assert not _names_in(arms, "refused", got.content, tmp_path)
+    r = c.post(f"/api/runs/{run_id}/anndata", json={"population": "CD4 T"}, headers=c.h)
+    assert r.status_code == 403 and "start a new run" in r.json()["detail"]
+    page = c.get(f"/runs/{run_id}")
+    assert page.status_code == 200 and "start a new run" in page.text and "Provenance" not in page.text
+    assert not _names_in(arms, "page", page.content, tmp_path)

@@ -163,12 +163,15 @@ def create_study(body: NewStudy, request: Request) -> dict[str, Any]:
 @router.get("/studies/{study_id}")
 def get_study(study_id: int, request: Request) -> dict[str, Any]:
     signed_in(request)
-    with workspace(request).sessions() as db:
+    ws = workspace(request)
+    with ws.sessions() as db:
         study = ops.get_study(db, study_id)
         runs = db.scalars(select(Run).where(Run.study_id == study_id).order_by(Run.id.desc()))
         uploads = db.scalars(select(Upload).where(Upload.study_id == study_id).order_by(Upload.id))
+        codes = blinding.codes_of(db, ws.store, study, ws.blind_secret)
         return {**ops.study_dict(study), "counts": ops.study_counts(db, study_id),
-                "uploads": [ops.upload_dict(u) for u in uploads], "runs": [ops.run_dict(r) for r in runs]}  # fmt: skip
+                "uploads": [ops.upload_dict(u) for u in uploads],
+                "runs": [blinding.blind_run(ops.run_dict(r), codes) for r in runs]}  # fmt: skip
 
 
 @router.post("/studies/{study_id}/batches", status_code=201)
@@ -210,7 +213,8 @@ def get_mapping(study_id: int, request: Request, pattern: str | None = None) -> 
     ws = workspace(request)
     with ws.sessions() as db:
         study = ops.get_study(db, study_id)
-        return blinding.blind_mapping(ops.mapping(db, ws.store, study, pattern), study, ws.blind_secret)
+        codes = blinding.codes_of(db, ws.store, study, ws.blind_secret)
+        return blinding.blind_mapping(ops.mapping(db, ws.store, study, pattern), study, codes)
 
 
 @router.post("/studies/{study_id}/mapping")
@@ -219,7 +223,8 @@ def confirm_mapping(study_id: int, body: Mapping, request: Request) -> dict[str,
     ws = workspace(request)
     with ws.sessions() as db:
         study = ops.get_study(db, study_id)
-        rows = blinding.unblind_mapping([r.model_dump() for r in body.rows], study, ws.blind_secret,
+        codes = blinding.codes_of(db, ws.store, study, ws.blind_secret)
+        rows = blinding.unblind_mapping([r.model_dump() for r in body.rows], study, codes,
                                         ops.stored_arms(db, study))  # fmt: skip
         n = ops.confirm_mapping(db, ctx.name, study, rows, body.pattern)
         db.commit()
@@ -237,13 +242,15 @@ def start_run(study_id: int, request: Request) -> dict[str, Any]:
 
 
 def run_status(ws: Any, run_id: int) -> dict[str, Any]:
+    """The run's row with its progress; in a blinded study arm names in its log and error are coded."""
     with ws.sessions() as db:
         run = db.get(Run, run_id)
         if run is None:
             raise AuthError(404, f"run {run_id} not found")
         shas = dict(db.execute(select(Sample.sample_id, Upload.sha256).join(Upload, Sample.upload_id == Upload.id)
                                .where(Sample.study_id == run.study_id)).all())  # fmt: skip
-        return {**ops.run_dict(run), "progress": progress(run, shas)}
+        codes = blinding.codes_of(db, ws.store, db.get(Study, run.study_id), ws.blind_secret)
+        return blinding.blind_run({**ops.run_dict(run), "progress": progress(run, shas)}, codes)
 
 
 @router.get("/runs/{run_id}")
@@ -273,17 +280,26 @@ def finished_run(ws: Any, run_id: int) -> tuple[Run, Study, Path]:
     return run, study, Path(run.folder) / "out"
 
 
+def shown_run(ws: Any, run_id: int) -> tuple[Run, Study, Path]:
+    """:func:`finished_run`, refused (403) when a blinded study's run folder holds arm names."""
+    run, study, out = finished_run(ws, run_id)
+    blinding.check_run_folder(study, run_id, out)
+    return run, study, out
+
+
 @router.get("/runs/{run_id}/results")
 def run_results(run_id: int, request: Request) -> dict[str, Any]:
     signed_in(request)
-    run, study, out = finished_run(workspace(request), run_id)
-    data = results.summary(out, blinded=bool((study.settings or {}).get("blinded")))
-    return {"run": ops.run_dict(run), **data, "downloads": results.available(out)}
+    ws = workspace(request)
+    run, study, out = shown_run(ws, run_id)
+    data = results.summary(out, blinded=not blinding.arms_visible(study))
+    shown = {k: v for k, v in run_status(ws, run_id).items() if k != "progress"}  # the error coded
+    return {"run": shown, **data, "downloads": results.available(out)}
 
 
 def download(run_id: int, name: str, request: Request, inline: bool = False) -> Response:
     signed_in(request)
-    _, _, out = finished_run(workspace(request), run_id)
+    _, _, out = shown_run(workspace(request), run_id)
     found = results.download_path(out, name)
     if found is not None:
         disposition = "inline" if inline and name == "report.html" else "attachment"
@@ -308,7 +324,7 @@ def export_anndata(run_id: int, body: Export, request: Request) -> dict[str, Any
     process); it appears in the run's downloads as ``<population>.h5ad`` when done."""
     ctx = state_change(request, "run")
     ws = workspace(request)
-    run, _, out = finished_run(ws, run_id)
+    run, _, out = shown_run(ws, run_id)
     if run.status != "finished":
         raise AuthError(409, f"run {run_id} is {run.status}; export the events of a finished run")
     with ws.sessions() as db:
@@ -333,4 +349,4 @@ def audit_log(
         q = select(Audit).order_by(Audit.id.desc()).limit(limit)
         if before:
             q = q.where(Audit.id < before)
-        return blinding.blind_audit(db, [audit.as_dict(r) for r in db.scalars(q)], ws.blind_secret)
+        return blinding.blind_audit(db, [audit.as_dict(r) for r in db.scalars(q)], ws.blind_secret, ws.store)

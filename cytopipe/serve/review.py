@@ -167,7 +167,7 @@ def audit_export(request: Request, format: str = Query("csv", pattern="^(csv|jso
     ws = workspace(request)
     with ws.sessions() as db:
         rows = blinding.blind_audit(db, [audit.as_dict(r) for r in db.scalars(select(Audit).order_by(Audit.id))],
-                                    ws.blind_secret)  # fmt: skip
+                                    ws.blind_secret, ws.store)  # fmt: skip
     media = "text/csv; charset=utf-8" if format == "csv" else "application/json"
     return Response(export_text(rows, format), media_type=media,
                     headers={"Content-Disposition": f'attachment; filename="audit.{format}"'})  # fmt: skip

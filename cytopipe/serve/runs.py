@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session as DBSession
 from sqlalchemy.orm import sessionmaker
 
 from cytopipe.serve import audit
+from cytopipe.serve.blinding import codes_of, table_arms, workspace_secret, write_run_key
 from cytopipe.serve.db import RUN_ACTIVE, Run, Sample, Study, Template, Upload, utcnow
 from cytopipe.serve.storage import BlobStore
 
@@ -46,6 +47,7 @@ class RunManager:
     def __init__(
         self, data_dir: Path, sessions: sessionmaker, store: BlobStore, scheduler_address: str | None
     ):
+        self.blind_secret = workspace_secret(data_dir)  # the codes of blinded studies' arms
         self.root = Path(data_dir) / "runs"
         self.root.mkdir(parents=True, exist_ok=True)
         self.sessions, self.store = sessions, store
@@ -112,10 +114,16 @@ class RunManager:
         if settings.get("workers") not in (None, "", "auto"):
             spec["workers"] = int(settings["workers"])
         spec["clustering"] = {"enabled": bool(settings.get("clustering"))}  # the form's box, not the default
-        if settings.get("blinded"):
-            spec["report"] = {"blinded": True}
+        report: dict[str, Any] = {}
+        if settings.get("blinded"):  # the whole run folder (tables, run.json, report) with the pages' codes
+            codes = codes_of(db, self.store, study, self.blind_secret)
+            used = {s.arm for s, _ in samples} | table_arms(self.store, study.clinical_sha256)
+            write_run_key(inp / "blind_key.csv", {a: c for a, c in codes.items() if a in used})
+            report.update(blinded=True, blind_key="blind_key.csv")
         if not settings.get("report", True):
-            spec["report"] = {"enabled": False}
+            report["enabled"] = False  # still blinded: blinding is the folder's, not the report's
+        if report:
+            spec["report"] = report
         (inp / "workflow.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
         (inp / "options.json").write_text(json.dumps({"scheduler_address": self.scheduler_address}))
 

@@ -126,7 +126,7 @@ def study_page(study_id: int, request: Request, pattern: str | None = None) -> H
             rows, mapping_error = ops.mapping(db, ws.store, study, pattern), ""
         except AuthError as exc:
             rows, mapping_error = ops.mapping(db, ws.store, study), exc.message
-        rows = blinding.blind_mapping(rows, study, ws.blind_secret)
+        rows = blinding.blind_mapping(rows, study, blinding.codes_of(db, ws.store, study, ws.blind_secret))
     active = next((r for r in runs if r.status in RUN_ACTIVE), None)
     return page(request, "study.html", ctx, study=study, uploads=uploads, runs=runs, template=template,
                 mapping=rows, pattern=pattern or study.pattern, mapping_error=mapping_error, active=active,
@@ -143,7 +143,8 @@ async def confirm_mapping(study_id: int, request: Request) -> Response:
     ws = workspace(request)
     with ws.sessions() as db:
         study = ops.get_study(db, study_id)
-        rows = blinding.unblind_mapping(rows, study, ws.blind_secret, ops.stored_arms(db, study))
+        codes = blinding.codes_of(db, ws.store, study, ws.blind_secret)
+        rows = blinding.unblind_mapping(rows, study, codes, ops.stored_arms(db, study))
         ops.confirm_mapping(db, ctx.name, study, rows, form.get("pattern"))
         db.commit()
     return RedirectResponse(f"/studies/{study_id}#runs", status_code=303)
@@ -165,12 +166,17 @@ def run_page(run_id: int, request: Request) -> HTMLResponse:
     status = api.run_status(ws, run_id)
     run, study, out = api.finished_run(ws, run_id)
     data = downloads = None
-    if run.status == "finished":
-        data = results.summary(out, blinded=bool((study.settings or {}).get("blinded")))
+    refused = ""
+    try:
+        blinding.check_run_folder(study, run_id, out)
+    except AuthError as exc:
+        refused = exc.message
+    if run.status == "finished" and not refused:
+        data = results.summary(out, blinded=not blinding.arms_visible(study))
         downloads = results.available(out)
     provenance = json.dumps(data["info"], indent=2, sort_keys=True)[:200_000] if data else ""
     return page(request, "run.html", ctx, run=run, study=study, run_status=status, data=data, downloads=downloads,
-                provenance=provenance)  # fmt: skip
+                provenance=provenance, refused=refused)  # fmt: skip
 
 
 @router.post("/runs/{run_id}/cancel")
@@ -191,7 +197,7 @@ def export_anndata(
 ) -> Response:
     ctx = state_change(request, "run", csrf)
     ws = workspace(request)
-    run, _, _ = api.finished_run(ws, run_id)
+    run, _, _ = api.shown_run(ws, run_id)
     if run.status != "finished":
         raise AuthError(409, f"run {run_id} is {run.status}; export the events of a finished run")
     with ws.sessions() as db:
@@ -245,6 +251,6 @@ def audit_page(request: Request) -> HTMLResponse:
     ws = workspace(request)
     with ws.sessions() as db:
         rows = [audit.as_dict(r) for r in db.scalars(select(Audit).order_by(Audit.id.desc()).limit(500))]
-        rows = blinding.blind_audit(db, rows, ws.blind_secret)
+        rows = blinding.blind_audit(db, rows, ws.blind_secret, ws.store)
         ok, n, message = audit.verify_chain(db)
     return page(request, "audit.html", ctx, rows=rows, chain_ok=ok, chain_message=message)
