@@ -518,3 +518,47 @@ def test_a_blinded_study_without_an_arm_list_codes_the_arms_of_its_data(server, 
         with sqlite3.connect(server.data / "cytopipe.sqlite") as con:
             stored = dict(con.execute("SELECT sample_id, arm FROM samples WHERE study_id = ?", (sid,)))
         assert stored == {s: truth[s] for s in stored} and len(stored) == 4
+
+
+def test_cli_audit_export_codes_blinded_arms_unless_an_admin_unblinds_it(server, serve_trial, tmp_path):
+    """`cytopipe audit export` shows a blinded study's arms as the pages' codes; `--unblind` needs an
+    administrator and a reason, and is itself an audit entry of the export it writes."""
+    from tests.pipeline_support import cli
+
+    truth = trial_manifest(serve_trial).set_index("sample_id")["arm"]
+    arms = sorted(set(truth))
+    ana = server.client("ana")
+    sid, rows = _blinded_study(ana, serve_trial, "blinded, cli export", arms)
+    assert ana.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=ana.h).status_code == 200
+    db = ["--data", str(server.data)] + (["--database", server.database] if server.database else [])
+
+    def export(*more: str, user_input: str = "") -> tuple[subprocess.CompletedProcess, list[dict]]:
+        out = tmp_path / f"audit{len(list(tmp_path.iterdir()))}.json"
+        proc = cli("audit", "export", *db, "--format", "json", "--out", str(out), *more, input=user_input)
+        return proc, (json.loads(out.read_text()) if out.is_file() else [])
+
+    def confirmed(entries: list[dict]) -> dict[str, str]:
+        entry = next(e for e in entries if e["action"] == "mapping.confirm" and e["object_id"] == str(sid))
+        return {x["sample_id"]: x["arm"] for x in entry["after"]["rows"]}
+
+    proc, coded = export()
+    assert proc.returncode == 0, proc.stderr
+    assert confirmed(coded) == {r["sample_id"]: r["arm"] for r in rows}  # the codes the API shows
+    web = server.client("admin").get("/api/audit/export", params={"format": "json"}).json()
+    assert confirmed(web) == confirmed(coded)
+    assert {e["hash"] for e in coded} <= {e["hash"] for e in web}  # the stored rows' hashes
+    # --unblind: an administrator with a reason, else refused and nothing written or recorded
+    proc, _ = export("--unblind")
+    assert proc.returncode != 0 and "--user" in proc.stderr and "--reason" in proc.stderr
+    proc, refused = export("--unblind", "--user", "ana", "--reason", "DSMB", user_input=PASSWORD + "\n")
+    assert proc.returncode == 2 and "administrators only" in proc.stderr and not refused, proc.stderr
+    proc, named = export("--unblind", "--user", "admin", "--reason", "lock", user_input=PASSWORD + "\n")
+    assert proc.returncode == 0, proc.stderr
+    assert confirmed(named) == {s: truth[s] for s in confirmed(named)}
+    last = named[-1]
+    assert last["action"] == "audit.unblind" and last["user"] == "admin" and last["reason"] == "lock"
+    assert [e["action"] for e in named].count("audit.unblind") == 1  # the refused ones left no entry
+    assert last["after"]["format"] == "json"
+    shown = server.client("vic").get("/api/audit", params={"limit": 5}).json()
+    assert any(e["action"] == "audit.unblind" for e in shown)
+    assert server.client().get("/api/audit/verify").json()["ok"]

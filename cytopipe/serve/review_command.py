@@ -1,5 +1,6 @@
-"""``cytopipe review`` and ``cytopipe audit``: gate review and the audit trail from the command line,
-on the same workspace database as ``cytopipe serve`` (``--data DIR`` or ``--database URL``).
+"""``cytopipe review``: gate review from the command line, on the same workspace database as
+``cytopipe serve`` (``--data DIR`` or ``--database URL``); ``cytopipe audit`` is in
+:mod:`cytopipe.serve.audit_command` and shares the options and sign-in here.
 
     cytopipe review 3 --data ws --user rita --list Treg
     cytopipe review 3 --data ws --user rita --override P001_W00/Treg --set "CD25 >= 3.1" \\
@@ -8,8 +9,6 @@ on the same workspace database as ``cytopipe serve`` (``--data DIR`` or ``--data
     cytopipe review 3 --data ws --user rita --approve-unflagged Treg
     cytopipe review 3 --data ws --user rita --signoff
     cytopipe review 3 --data ws --examples approved_gates.yaml
-    cytopipe audit verify --data ws          # exit 3 and the first broken entry if edited
-    cytopipe audit export --data ws --format csv --out audit.csv
 
 The password of ``--user`` is read from CYTOPIPE_PASSWORD or standard input: every action is
 recorded in the audit trail under that account, with its role checked as in the browser.
@@ -196,45 +195,3 @@ def _review(args, db, reviewops, Decision) -> int:
 def _password_again() -> str:
     # the electronic signature re-checks the password (from the same source as the sign-in)
     return os.environ.get("CYTOPIPE_PASSWORD") or _password()
-
-
-# --- cytopipe audit ---------------------------------------------------------------------------------
-def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "action",
-        choices=("verify", "export"),
-        help="verify: check the hash chain (exit 3 naming the first broken entry); export: write it out",
-    )
-    _db_arguments(parser)
-    parser.add_argument(
-        "--format", choices=("csv", "json"), default="csv", help="export format (default csv)"
-    )
-    parser.add_argument("--out", help="export file (default: standard output)")
-
-
-def run_audit(args: argparse.Namespace) -> int:
-    from sqlalchemy import select
-
-    from cytopipe.serve import audit
-    from cytopipe.serve.db import Audit
-
-    engine, sessions = _open(args)
-    try:
-        with sessions() as db:
-            if args.action == "verify":
-                ok, n, message = audit.verify_chain(db)
-                print(("ok: " if ok else "BROKEN: ") + message, file=sys.stdout if ok else sys.stderr)
-                return 0 if ok else 3  # the check ran and found a problem (1 is a bug)
-            from cytopipe.serve.auditexport import export_text
-
-            rows = [audit.as_dict(r) for r in db.scalars(select(Audit).order_by(Audit.id))]
-            text = export_text(rows, args.format)
-            if args.out:
-                from cytopipe.store import atomic_write_bytes
-
-                atomic_write_bytes(Path(args.out), text.encode("utf-8"))
-            else:
-                sys.stdout.write(text)
-            return 0
-    finally:
-        engine.dispose()
