@@ -359,6 +359,102 @@ def test_a_blinded_study_shows_arm_codes_in_its_mapping_and_audit_trail(server, 
         assert stored == {s: truth.loc[s, "arm"] for s in stored} and len(stored) == 4
 
 
+def _blinded_study(client, trial, name: str, arms: list[str] | None = None) -> tuple[int, list[dict]]:
+    """A blinded study (with ``arms`` as its arm list, or none) with 4 files and the clinical table;
+    answers the study and its mapping proposal as the API shows it."""
+    body = {"name": name, "blinded": True, **STUDY} | ({"arms": arms} if arms else {})
+    sid = client.post("/api/studies", json=body, headers=client.h).json()["id"]
+    for f in trial_files(trial)[:4]:
+        assert client.upload(sid, f).status_code in (200, 201)
+    r = client.put(f"/api/studies/{sid}/tables/clinical", params={"name": "clinical.csv"},
+                   content=(trial / "clinical.csv").read_bytes(), headers=client.h)  # fmt: skip
+    assert r.status_code == 200, r.text
+    return sid, client.get(f"/api/studies/{sid}/mapping").json()
+
+
+def test_a_blinded_study_without_an_arm_list_codes_the_arms_of_its_data(server, serve_trial):
+    """Without an arm list each arm of the data gets its own code (not one '(blinded)' for all,
+    which a confirmed mapping then stored as every sample's arm); the audit trail shows the same
+    codes, the names are stored, and a hidden arm with nothing stored behind it is refused."""
+    import pandas as pd
+
+    truth = trial_manifest(serve_trial).set_index("sample_id")["arm"]
+    clinical = set(pd.read_csv(serve_trial / "clinical.csv")["arm"])
+    ana = server.client("ana")
+    sid, rows = _blinded_study(ana, serve_trial, "blinded, no arm list")
+    assert len(rows) == 4 and len({truth[r["sample_id"]] for r in rows}) == 2
+    codes = {}
+    for r in rows:  # one code per arm, a different code for each arm
+        assert r["arm"] != "(blinded)" and re.fullmatch(r"Arm [A-H]", r["arm"]), rows
+        assert codes.setdefault(truth[r["sample_id"]], r["arm"]) == r["arm"]
+    assert len(set(codes.values())) == len(codes) == 2
+    # a hidden arm that stands for nothing stored is refused, naming what to send
+    hidden = [{**rows[0], "arm": "(blinded)"}] + rows[1:]
+    r = ana.post(f"/api/studies/{sid}/mapping", json={"rows": hidden}, headers=ana.h)
+    detail = r.json()["detail"]
+    assert r.status_code == 400 and "give its code" in detail and "Arm " in detail, r.text
+    r = ana.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=ana.h)
+    assert r.status_code == 200 and r.json()["confirmed"] == 4, r.text
+    for user in ("vic", "admin"):
+        c = server.client(user)
+        again = c.get(f"/api/studies/{sid}/mapping").json()
+        assert {r["sample_id"]: r["arm"] for r in again} == {r["sample_id"]: r["arm"] for r in rows}
+        confirm = [e for e in c.get("/api/audit", params={"limit": 5000}).json()
+                   if e["object_id"] == str(sid) and e["action"] == "mapping.confirm"]  # fmt: skip
+        assert {x["sample_id"]: x["arm"] for x in confirm[0]["after"]["rows"]} == {
+            r["sample_id"]: r["arm"] for r in rows
+        }
+        assert not [a for a in clinical if a.lower() in json.dumps(again + confirm).lower()]
+    if server.database is None:  # the names are stored
+        with sqlite3.connect(server.data / "cytopipe.sqlite") as con:
+            stored = dict(con.execute("SELECT sample_id, arm FROM samples WHERE study_id = ?", (sid,)))
+        assert stored == {s: truth[s] for s in stored} and len(stored) == 4
+
+
+def test_cli_audit_export_codes_blinded_arms_unless_an_admin_unblinds_it(server, serve_trial, tmp_path):
+    """`cytopipe audit export` shows a blinded study's arms as the pages' codes; `--unblind` needs an
+    administrator and a reason, and is itself an audit entry of the export it writes."""
+    from tests.pipeline_support import cli
+
+    truth = trial_manifest(serve_trial).set_index("sample_id")["arm"]
+    arms = sorted(set(truth))
+    ana = server.client("ana")
+    sid, rows = _blinded_study(ana, serve_trial, "blinded, cli export", arms)
+    assert ana.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=ana.h).status_code == 200
+    db = ["--data", str(server.data)] + (["--database", server.database] if server.database else [])
+
+    def export(*more: str, user_input: str = "") -> tuple[subprocess.CompletedProcess, list[dict]]:
+        out = tmp_path / f"audit{len(list(tmp_path.iterdir()))}.json"
+        proc = cli("audit", "export", *db, "--format", "json", "--out", str(out), *more, input=user_input)
+        return proc, (json.loads(out.read_text()) if out.is_file() else [])
+
+    def confirmed(entries: list[dict]) -> dict[str, str]:
+        entry = next(e for e in entries if e["action"] == "mapping.confirm" and e["object_id"] == str(sid))
+        return {x["sample_id"]: x["arm"] for x in entry["after"]["rows"]}
+
+    proc, coded = export()
+    assert proc.returncode == 0, proc.stderr
+    assert confirmed(coded) == {r["sample_id"]: r["arm"] for r in rows}  # the codes the API shows
+    web = server.client("admin").get("/api/audit/export", params={"format": "json"}).json()
+    assert confirmed(web) == confirmed(coded)
+    assert {e["hash"] for e in coded} <= {e["hash"] for e in web}  # the stored rows' hashes
+    # --unblind: an administrator with a reason, else refused and nothing written or recorded
+    proc, _ = export("--unblind")
+    assert proc.returncode != 0 and "--user" in proc.stderr and "--reason" in proc.stderr
+    proc, refused = export("--unblind", "--user", "ana", "--reason", "DSMB", user_input=PASSWORD + "\n")
+    assert proc.returncode == 2 and "administrators only" in proc.stderr and not refused, proc.stderr
+    proc, named = export("--unblind", "--user", "admin", "--reason", "lock", user_input=PASSWORD + "\n")
+    assert proc.returncode == 0, proc.stderr
+    assert confirmed(named) == {s: truth[s] for s in confirmed(named)}
+    last = named[-1]
+    assert last["action"] == "audit.unblind" and last["user"] == "admin" and last["reason"] == "lock"
+    assert [e["action"] for e in named].count("audit.unblind") == 1  # the refused ones left no entry
+    assert last["after"]["format"] == "json"
+    shown = server.client("vic").get("/api/audit", params={"limit": 5}).json()
+    assert any(e["action"] == "audit.unblind" for e in shown)
+    assert server.client().get("/api/audit/verify").json()["ok"]
+
+
 def test_a_request_with_an_unknown_key_is_refused_naming_it(server, study):
     ana, admin = server.client("ana"), server.client()
     r = ana.post(
@@ -466,99 +562,3 @@ def test_login_is_rate_limited_per_client_address(server):
     ]
     assert codes == [401] * 15 + [429]  # 5 failures for 'rev' earlier + 15 now
     assert anon.post("/api/login", json={"name": "ana", "password": PASSWORD}).status_code == 429
-
-
-def _blinded_study(client, trial, name: str, arms: list[str] | None = None) -> tuple[int, list[dict]]:
-    """A blinded study (with ``arms`` as its arm list, or none) with 4 files and the clinical table;
-    answers the study and its mapping proposal as the API shows it."""
-    body = {"name": name, "blinded": True, **STUDY} | ({"arms": arms} if arms else {})
-    sid = client.post("/api/studies", json=body, headers=client.h).json()["id"]
-    for f in trial_files(trial)[:4]:
-        assert client.upload(sid, f).status_code in (200, 201)
-    r = client.put(f"/api/studies/{sid}/tables/clinical", params={"name": "clinical.csv"},
-                   content=(trial / "clinical.csv").read_bytes(), headers=client.h)  # fmt: skip
-    assert r.status_code == 200, r.text
-    return sid, client.get(f"/api/studies/{sid}/mapping").json()
-
-
-def test_a_blinded_study_without_an_arm_list_codes_the_arms_of_its_data(server, serve_trial):
-    """Without an arm list each arm of the data gets its own code (not one '(blinded)' for all,
-    which a confirmed mapping then stored as every sample's arm); the audit trail shows the same
-    codes, the names are stored, and a hidden arm with nothing stored behind it is refused."""
-    import pandas as pd
-
-    truth = trial_manifest(serve_trial).set_index("sample_id")["arm"]
-    clinical = set(pd.read_csv(serve_trial / "clinical.csv")["arm"])
-    ana = server.client("ana")
-    sid, rows = _blinded_study(ana, serve_trial, "blinded, no arm list")
-    assert len(rows) == 4 and len({truth[r["sample_id"]] for r in rows}) == 2
-    codes = {}
-    for r in rows:  # one code per arm, a different code for each arm
-        assert r["arm"] != "(blinded)" and re.fullmatch(r"Arm [A-H]", r["arm"]), rows
-        assert codes.setdefault(truth[r["sample_id"]], r["arm"]) == r["arm"]
-    assert len(set(codes.values())) == len(codes) == 2
-    # a hidden arm that stands for nothing stored is refused, naming what to send
-    hidden = [{**rows[0], "arm": "(blinded)"}] + rows[1:]
-    r = ana.post(f"/api/studies/{sid}/mapping", json={"rows": hidden}, headers=ana.h)
-    detail = r.json()["detail"]
-    assert r.status_code == 400 and "give its code" in detail and "Arm " in detail, r.text
-    r = ana.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=ana.h)
-    assert r.status_code == 200 and r.json()["confirmed"] == 4, r.text
-    for user in ("vic", "admin"):
-        c = server.client(user)
-        again = c.get(f"/api/studies/{sid}/mapping").json()
-        assert {r["sample_id"]: r["arm"] for r in again} == {r["sample_id"]: r["arm"] for r in rows}
-        confirm = [e for e in c.get("/api/audit", params={"limit": 5000}).json()
-                   if e["object_id"] == str(sid) and e["action"] == "mapping.confirm"]  # fmt: skip
-        assert {x["sample_id"]: x["arm"] for x in confirm[0]["after"]["rows"]} == {
-            r["sample_id"]: r["arm"] for r in rows
-        }
-        assert not [a for a in clinical if a.lower() in json.dumps(again + confirm).lower()]
-    if server.database is None:  # the names are stored
-        with sqlite3.connect(server.data / "cytopipe.sqlite") as con:
-            stored = dict(con.execute("SELECT sample_id, arm FROM samples WHERE study_id = ?", (sid,)))
-        assert stored == {s: truth[s] for s in stored} and len(stored) == 4
-
-
-def test_cli_audit_export_codes_blinded_arms_unless_an_admin_unblinds_it(server, serve_trial, tmp_path):
-    """`cytopipe audit export` shows a blinded study's arms as the pages' codes; `--unblind` needs an
-    administrator and a reason, and is itself an audit entry of the export it writes."""
-    from tests.pipeline_support import cli
-
-    truth = trial_manifest(serve_trial).set_index("sample_id")["arm"]
-    arms = sorted(set(truth))
-    ana = server.client("ana")
-    sid, rows = _blinded_study(ana, serve_trial, "blinded, cli export", arms)
-    assert ana.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=ana.h).status_code == 200
-    db = ["--data", str(server.data)] + (["--database", server.database] if server.database else [])
-
-    def export(*more: str, user_input: str = "") -> tuple[subprocess.CompletedProcess, list[dict]]:
-        out = tmp_path / f"audit{len(list(tmp_path.iterdir()))}.json"
-        proc = cli("audit", "export", *db, "--format", "json", "--out", str(out), *more, input=user_input)
-        return proc, (json.loads(out.read_text()) if out.is_file() else [])
-
-    def confirmed(entries: list[dict]) -> dict[str, str]:
-        entry = next(e for e in entries if e["action"] == "mapping.confirm" and e["object_id"] == str(sid))
-        return {x["sample_id"]: x["arm"] for x in entry["after"]["rows"]}
-
-    proc, coded = export()
-    assert proc.returncode == 0, proc.stderr
-    assert confirmed(coded) == {r["sample_id"]: r["arm"] for r in rows}  # the codes the API shows
-    web = server.client("admin").get("/api/audit/export", params={"format": "json"}).json()
-    assert confirmed(web) == confirmed(coded)
-    assert {e["hash"] for e in coded} <= {e["hash"] for e in web}  # the stored rows' hashes
-    # --unblind: an administrator with a reason, else refused and nothing written or recorded
-    proc, _ = export("--unblind")
-    assert proc.returncode != 0 and "--user" in proc.stderr and "--reason" in proc.stderr
-    proc, refused = export("--unblind", "--user", "ana", "--reason", "DSMB", user_input=PASSWORD + "\n")
-    assert proc.returncode == 2 and "administrators only" in proc.stderr and not refused, proc.stderr
-    proc, named = export("--unblind", "--user", "admin", "--reason", "lock", user_input=PASSWORD + "\n")
-    assert proc.returncode == 0, proc.stderr
-    assert confirmed(named) == {s: truth[s] for s in confirmed(named)}
-    last = named[-1]
-    assert last["action"] == "audit.unblind" and last["user"] == "admin" and last["reason"] == "lock"
-    assert [e["action"] for e in named].count("audit.unblind") == 1  # the refused ones left no entry
-    assert last["after"]["format"] == "json"
-    shown = server.client("vic").get("/api/audit", params={"limit": 5}).json()
-    assert any(e["action"] == "audit.unblind" for e in shown)
-    assert server.client().get("/api/audit/verify").json()["ok"]
