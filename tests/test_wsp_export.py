@@ -156,3 +156,36 @@ def test_what_flowjo_cannot_hold_is_refused(tmp_path):
         write_flowjo_workspace(tmp_path / "x.wsp", {path.name: (path, result)})
     assert "A not B" in str(info.value)
     assert not (tmp_path / "x.wsp").exists()
+
+
+def test_gate_with_a_workspace_gates_each_file_with_its_own_samples_gates(exported, tmp_path):
+    """`cytopipe gate FILES --template gates.wsp`: the export holds every sample's own fitted gates, so
+    each file listed in the workspace is gated with its own sample's gates (not the first sample's for
+    all of them: P001_W04 and P002_W12 then come out with the run's counts); a file the workspace does
+    not list gets the first sample's gates, with a warning naming it."""
+    import pandas as pd
+
+    from tests.pipeline_support import cli
+
+    fcs = REPO / "sample_data" / "fcs"
+    files = [fcs / "P001_W04.fcs", fcs / "P002_W12.fcs", fcs / "P003_W00.fcs"]
+    wsp, out = str(exported / "gates.wsp"), str(tmp_path / "g")
+    proc = cli("gate", *map(str, files), "--template", wsp, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    key = ["sample_id", "population"]
+    run = pd.read_parquet(exported / "population_stats.parquet").set_index(key)["count"]
+    again = pd.read_parquet(tmp_path / "g" / "population_stats.parquet").set_index(key)["count"]
+    for sid in ("P001_W04", "P002_W12"):
+        theirs = run.loc[sid]
+        assert (again.loc[sid].reindex(theirs.index) == theirs).all(), sid
+    first = run.loc["P001_W00"]  # P003_W00 was gated with these (fixed) gates, not its own
+    assert set(first.index) <= set(again.loc["P003_W00"].index)
+    assert "P003_W00.fcs' is not a sample of the FlowJo workspace 'gates.wsp'" in proc.stderr
+    assert "first sample, 'P001_W00.fcs'" in proc.stderr
+
+
+def test_a_workspace_of_several_samples_as_one_template_says_whose_gates(exported, caplog):
+    with caplog.at_level("WARNING", logger="cytopipe"):
+        template = load_template(exported / "gates.wsp")
+    assert "(P001_W00.fcs)" in template.name
+    assert "holds 8 samples; its template is the gates of sample 'P001_W00.fcs'" in caplog.text

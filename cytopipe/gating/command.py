@@ -29,7 +29,11 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="*", type=Path, help="FCS files (or use --manifest)")
     parser.add_argument(
-        "--template", required=True, type=Path, help="gating template (.yaml, or Gating-ML .xml)"
+        "--template",
+        required=True,
+        type=Path,
+        help="gating template (.yaml, Gating-ML .xml, or a FlowJo 10 .wsp: each file of the workspace is "
+        "gated with its own sample's gates)",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument(
@@ -222,6 +226,31 @@ def _make_folder(out: Path) -> None:
         raise OutputWriteError.from_oserror(Path(exc.filename or out), exc) from None
 
 
+def _workspace(template: Path):
+    """The FlowJo workspace of a ``.wsp`` template with several samples (None otherwise): each file
+    it lists is gated with its own sample's gates, as FlowJo gated it."""
+    if template.suffix.lower() != ".wsp":
+        return None
+    from cytopipe.gating.flowjo import FlowJoWorkspace
+
+    workspace = FlowJoWorkspace(template)
+    return workspace if len(workspace.samples) > 1 else None
+
+
+def _workspace_template(workspace, path: Path, default):
+    """The gates of the workspace sample ``path`` belongs to; a file the workspace does not list
+    gets ``default`` (the first sample's gates), with a warning naming both."""
+    own = workspace.sample_for_file(path)
+    if own is not None:
+        return workspace.template(own.name)
+    message = (
+        f"file '{path}' is not a sample of the FlowJo workspace '{workspace.path.name}'; it is gated with "
+        f"the gates of its first sample, '{workspace.sample().name}'"
+    )
+    logger.warning(message)  # on stderr as "cytopipe gate: warning: ..."
+    return default
+
+
 def run(args) -> int:
     from cytopipe.gating import load_template
     from cytopipe.store import RunLock, check_output_folder
@@ -229,14 +258,15 @@ def run(args) -> int:
     # --out: a new or empty folder, or one cytopipe wrote; a file, or a folder with someone
     # else's files, is refused before any work (exit 2)
     check_output_folder(args.out)
-    template = load_template(args.template)
+    workspace = _workspace(Path(args.template))  # FlowJo: each file gets its own sample's gates
+    template = workspace.template() if workspace is not None else load_template(args.template)
     samples = _samples(args)
     _make_folder(args.out)
     with RunLock(args.out, "gate"):  # never two commands writing one folder
-        return _gate_files(args, template, samples)
+        return _gate_files(args, template, samples, workspace)
 
 
-def _gate_files(args, template, samples: list[tuple[Path, dict]]) -> int:
+def _gate_files(args, template, samples: list[tuple[Path, dict]], workspace=None) -> int:
     from cytopipe.gating import gate, pool_estimates
     from cytopipe.gating.loading import preprocessing_note, read_sample
 
@@ -324,6 +354,8 @@ def _gate_files(args, template, samples: list[tuple[Path, dict]]) -> int:
                 from cytopipe.gating.loading import read_gatingml
 
                 tpl = read_gatingml(args.template, fcs_file=path)
+            if workspace is not None:
+                tpl = _workspace_template(workspace, path, template)
             if learner is not None:
                 result = learner.gate(
                     sample, sample_id=sid, pooled=pooled, sample_meta=meta, controls=controls_for(meta)

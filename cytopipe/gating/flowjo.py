@@ -181,6 +181,17 @@ class FlowJoWorkspace:
             f"no sample {name!r} in the workspace; samples are {[s.name for s in pool]}", file=self.path
         )
 
+    def sample_for_file(self, fcs: str | Path) -> WorkspaceSample | None:
+        """The workspace sample an FCS file belongs to (by the sample name, the file name of its
+        DataSet URI or ``$FIL``), or None when no sample names it. Several samples naming the same
+        file name: the one whose URI is that very file, else the first."""
+        fcs = Path(fcs)
+        hits = [s for s in self.samples if fcs.name in s.file_names]
+        if len(hits) > 1:
+            exact = [s for s in hits if s.uri and Path(unquote(urlparse(s.uri).path)) == fcs.resolve()]
+            hits = exact or hits
+        return hits[0] if hits else None
+
     def _where(self, s: WorkspaceSample) -> str:
         groups = [g for g in s.groups if g != "All Samples"] or s.groups
         return f"sample group {', '.join(map(repr, groups)) or '(none)'}"
@@ -332,8 +343,27 @@ def _convert(g, matrices, transforms, key_of, path: Path):
 
 def read_flowjo_workspace(path: str | Path, sample: str | None = None, group: str | None = None) -> Template:
     """The gates of ``sample`` (a sample name as FlowJo lists it, usually the FCS file name; default:
-    the first sample of ``group``, or of the workspace) in a FlowJo 10 workspace, as a template."""
-    return FlowJoWorkspace(path).template(sample, group)
+    the first sample of ``group``, or of the workspace) in a FlowJo 10 workspace, as a template.
+
+    Without ``sample``, a workspace of several samples gives the first one's gates, with a warning
+    naming it: FlowJo samples often carry gates of their own (custom gates, or gates moved by hand),
+    which the other files would then not get (``cytopipe gate`` gates each file of the workspace
+    with its own sample's gates)."""
+    ws = FlowJoWorkspace(path)
+    template = ws.template(sample, group)
+    pool = ws.groups.get(group, []) if group is not None else [s.name for s in ws.samples]
+    if sample is None and len(pool) > 1:
+        logger.warning(
+            "FlowJo workspace '%s' holds %d samples; its template is the gates of sample '%s' (the first "
+            "by name), used for every file: a sample with gates of its own (custom or moved gates) is "
+            "not gated as in FlowJo. `cytopipe gate FILES --template %s` gates each file of the "
+            "workspace with its own sample's gates",
+            ws.path,
+            len(pool),
+            ws.sample(None, group).name,
+            ws.path.name,
+        )
+    return template
 
 
 def _int(value) -> int:
