@@ -212,6 +212,20 @@ def _check(value: Any, spec: Field, base: Path, name: str, file: Path | None) ->
     return value
 
 
+def seed_argument(text: str) -> int:
+    """A ``--seed`` option's value: an integer >= 0 (numpy's random generators refuse negative
+    seeds; caught here, it is a usage error instead of every sample failing)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {value}")
+    return value
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, Mapping):
         return "a mapping"

@@ -112,7 +112,9 @@ CLUSTERING: Schema = {
     ),
     "rlen": Field(int, 10, "SOM training passes over the training cells", minimum=1),
     "scale": Field(bool, False, "centre and scale each marker before the SOM (FlowSOM's scale=TRUE)"),
-    "seed": Field(int, None, "seed of the training subsample, SOM and metaclustering (default: `seed`)"),
+    "seed": Field(
+        int, None, "seed of the training subsample, SOM and metaclustering (default: `seed`)", minimum=0
+    ),
     "model": Field(
         "path",
         None,
@@ -178,7 +180,7 @@ STATISTICS: Schema = {
         "list[str]", ["all", "active"], "patient subgroups of the responder analyses"
     ),
     "families": Field("list[str]", None, "test families computed (default: all; see docs/statistics.md)"),
-    "seed": Field(int, None, "seed of permutation tests (default: `seed`)"),
+    "seed": Field(int, None, "seed of permutation tests (default: `seed`)", minimum=0),
     "clinical": Field(
         "mapping",
         None,
@@ -207,7 +209,7 @@ SCHEMA: Schema = {
     ),
     "output": Field("outpath", None, "run folder (default: runs/<study> next to the spec)"),
     "workers": Field("int|auto", "auto", "Dask worker processes ('auto': one per core)"),
-    "seed": Field(int, 0, "seed of every random step", nullable=False),
+    "seed": Field(int, 0, "seed of every random step (an integer >= 0)", minimum=0, nullable=False),
     "missing_markers": Field(
         str,
         "stop",

@@ -117,6 +117,9 @@ def test_out_overrides_the_spec_output(study, tmp_path):
         ("compensation: {source: flie}\n", "compensation.source", "did you mean 'file'"),
         ("workers: two\n", "workers", "positive integer or 'auto'"),
         ("seed: 1.5\n", "seed", "must be an integer"),
+        ("seed: -1\n", "seed", "must be at least 0"),  # numpy refuses it: every sample failed
+        ("clustering: {seed: -7}\n", "clustering.seed", "must be at least 0"),
+        ("statistics: {seed: -7}\n", "statistics.seed", "must be at least 0"),
         ("qc: {time: {mad: 0.5}}\n", "qc.time.mad", "at least 1.0"),
         ("qc: {max_removed_fraction: 2}\n", "qc.max_removed_fraction", "at most 1"),
         ("qc: [1, 2]\n", "qc", "must be a mapping"),
@@ -277,3 +280,19 @@ def test_max_gallery_is_defined_once():
         if literal.search(p.read_text(encoding="utf-8"))
     ]
     assert found == []
+
+
+def test_a_negative_seed_on_the_command_line_is_a_usage_error(study, tmp_path):
+    """`cytopipe run --seed -1` (and `cytopipe simulate --seed -1`) stop before any work with exit 2;
+    they used to fail every sample (run) or crash with a traceback (simulate)."""
+    from tests.pipeline_support import cli
+
+    spec = write_spec(study, BASE)
+    proc = cli("run", str(spec), "--seed", "-1", "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2, proc.stderr
+    assert "argument --seed: must be an integer >= 0, not -1" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    proc = cli("simulate", "--out", str(tmp_path / "sim"), "--patients", "1", "--seed", "-1")
+    assert proc.returncode == 2, proc.stderr
+    assert "argument --seed: must be an integer >= 0, not -1" in proc.stderr
+    assert not (tmp_path / "sim").exists()

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from cytopipe.config import seed_argument
 from cytopipe.errors import WorkflowError
 from cytopipe.pipeline.executors import add_executor_arguments
 from cytopipe.pipeline.runner import run_workflow
@@ -34,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", help="gating template YAML, when no workflow file is given")
     parser.add_argument("--clinical", help="clinical table CSV, when no workflow file is given")
     parser.add_argument("--study", help="study name, when no workflow file is given")
-    parser.add_argument("--seed", type=int, help="seed of every random step (default: the workflow's)")
+    parser.add_argument(
+        "--seed", type=seed_argument, help="seed of every random step (default: the workflow's)"
+    )
     parser.add_argument(
         "--missing-markers",
         choices=("stop", "skip"),

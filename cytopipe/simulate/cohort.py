@@ -117,6 +117,8 @@ def simulate_cohort(
     """
     if int(n_patients) < 1:
         raise SimulationError(f"n_patients must be at least 1, got {n_patients}")
+    if int(seed) < 0:
+        raise SimulationError(f"seed must be an integer >= 0, got {seed}")
     visits = check_visits(visits)
     effect = float(effect)
     n, nv = int(n_patients), len(visits)

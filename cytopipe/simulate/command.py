@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from cytopipe.config import seed_argument
 from cytopipe.simulate.cohort import SimulationError
 
 
@@ -31,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--events", type=int, default=20000, help="mean events per sample file, +-30%% (default 20000)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed -> byte-identical output")
+    parser.add_argument(
+        "--seed", type=seed_argument, default=0, help="random seed (>= 0); same seed -> byte-identical output"
+    )
     parser.add_argument(
         "--effect", type=float, default=1.0, help="scale of every IL-2 effect: 1 = realistic, 0 = null trial"
     )
