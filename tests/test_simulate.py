@@ -464,3 +464,27 @@ def test_bad_fault_plans_are_clear_errors(tmp_path):
         simulate_trial(tmp_path / "a", n_patients=4, visits=(0,), events=200, faults={"P999_W00": ["clog"]})
     with pytest.raises(SimulationError, match="unknown fault kind"):
         simulate_trial(tmp_path / "b", n_patients=4, visits=(0,), events=200, faults={"P001_W00": ["smoke"]})
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        # a negative count crashed with a traceback (exit 1) after writing part of the folder; 0 was
+        # silently replaced by the default
+        (["--instrument", "random", "--fmo", "--fmo-events", "-5"], "fmo_events must be at least 100"),
+        (["--instrument", "random", "--fmo", "--fmo-events", "0"], "fmo_events must be at least 100"),
+        # options that act only with another one were silently ignored
+        (["--fmo-events", "60000"], "--fmo-events is used only with --fmo"),
+        (["--instrument", "aurora", "--fmo-markers", "CD25"], "--fmo-markers is used only with --fmo"),
+        (["--instrument-per", "batch"], "--instrument-per is used only with --instrument random"),
+        (["--fmo"], "add --instrument NAME (e.g. --instrument fortessa"),
+    ],
+)
+def test_cli_options_that_cannot_act_are_usage_errors(tmp_path, options, message):
+    out = tmp_path / "sim"
+    cmd = [sys.executable, "-m", "cytopipe", "simulate", "--out", str(out), "--patients", "1", "--visits", "0",
+           "--events", "500", "--control-events", "200", *options]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 2, run.stderr
+    assert message in run.stderr and "Traceback" not in run.stderr
+    assert not out.exists()  # nothing written

@@ -94,6 +94,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.patients < 1:
         raise SimulationError(f"--patients must be at least 1, got {args.patients}")
+    # options that only act with another one: refused rather than silently ignored
+    for given, needs in (
+        (args.fmo_events is not None and "--fmo-events", args.fmo and "--fmo"),
+        (args.fmo_markers is not None and "--fmo-markers", args.fmo and "--fmo"),
+        (args.instrument_per != "site" and "--instrument-per", args.instrument and "--instrument"),
+    ):
+        if given and not needs:
+            wanted = "--instrument random" if given == "--instrument-per" else "--fmo"
+            raise SimulationError(f"{given} is used only with {wanted}; add {wanted} or leave {given} out")
     t0 = time.perf_counter()
     trial = simulate_trial(
         args.out,

@@ -60,6 +60,8 @@ def simulate_trial(
         raise SimulationError(f"events must be at least 100 per file, got {events}")
     if int(control_events) < 100:
         raise SimulationError(f"control_events must be at least 100 per control, got {control_events}")
+    if fmo_events is not None and int(fmo_events) < 100:  # checked before anything is written
+        raise SimulationError(f"fmo_events must be at least 100 per FMO control, got {fmo_events}")
     cohort = simulate_cohort(n_patients=n_patients, visits=visits, seed=seed, effect=effect)
     if instrument is not None:
         from cytopipe.simulate.faults import INSTRUMENT_FAULT_KINDS
@@ -78,7 +80,8 @@ def simulate_trial(
         )  # fmt: skip
     if fmo:
         raise SimulationError(
-            "FMO controls are simulated for instrument profiles: add instrument='fortessa' etc."
+            "FMO controls are simulated for instrument profiles only: add --instrument NAME (e.g. "
+            "--instrument fortessa; in Python instrument='fortessa')"
         )
     _prepare(out, overwrite)  # only once every argument is known to be good
     spill = P.spillover_matrix()
