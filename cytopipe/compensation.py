@@ -110,6 +110,7 @@ class Compensation:
     @classmethod
     def from_spillover(cls, spill: Any, source: str | None = None) -> Compensation:
         """From a :class:`cytopipe.fcs.Spillover` (a file's ``$SPILLOVER``/``SPILL`` keyword)."""
+        source = source or getattr(spill, "source", None)  # a CSV or computed matrix set on the sample
         return cls(
             spill.matrix, tuple(spill.channels), source or f"file:{getattr(spill, 'keyword', 'SPILL')}"
         )
@@ -246,7 +247,7 @@ class Compensation:
         """As a :class:`cytopipe.fcs.Spillover` (to write ``$SPILLOVER`` into an FCS file)."""
         from cytopipe.fcs import Spillover
 
-        return Spillover(matrix=np.array(self.matrix), channels=list(self.channels))
+        return Spillover(matrix=np.array(self.matrix), channels=list(self.channels), source=self.source)
 
     def __eq__(self, other: object) -> bool:
         return (

@@ -120,6 +120,8 @@ class Spillover:
     matrix: np.ndarray
     channels: list[str]
     keyword: str = "$SPILLOVER"
+    # where a matrix not read from this file came from (e.g. "csv:study/spill.csv"), for messages
+    source: str | None = field(default=None, compare=False)
 
     def to_keyword_value(self) -> str:
         values = ",".join(_format_number(v) for v in np.asarray(self.matrix, dtype=np.float64).ravel())

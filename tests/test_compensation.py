@@ -521,3 +521,29 @@ def test_docs_examples_run(monkeypatch):
     for block in blocks:
         exec(compile(block, "docs/compensation.md", "exec"), namespace)
     assert abs(namespace["comp"].to_dataframe().loc["PE-A", "PE-Texas Red-A"] - 0.527) < 0.005
+
+
+def test_a_study_csv_matrix_that_does_not_fit_the_files_is_named_in_the_run(tmp_path):
+    """`compensation: {source: csv}` in a workflow: a matrix whose channels the files do not have
+    fails the samples with a message naming the CSV (it named the files' own `file:$SPILLOVER`,
+    sending the user to the wrong matrix)."""
+    import yaml
+
+    from cytopipe.simulate import simulate_trial
+    from tests.pipeline_support import TEMPLATE, cli
+
+    simulate_trial(tmp_path / "trial", n_patients=1, visits=(0,), events=2000, control_events=100)
+    matrix = Compensation.from_csv(tmp_path / "trial" / "truth" / "spillover.csv")
+    renamed = [c.replace("-A", "_A") for c in matrix.channels]  # e.g. exported with other names
+    Compensation(matrix.matrix, tuple(renamed), "test").to_csv(tmp_path / "other_panel.csv")
+    spec = {"study": "csv matrix", "manifest": "trial/manifest.csv", "template": str(TEMPLATE),
+            "compensation": {"source": "csv", "path": "other_panel.csv"}, "clustering": {"enabled": False},
+            "statistics": {"enabled": False}, "report": {"enabled": False}}  # fmt: skip
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    proc = cli("run", str(tmp_path / "w.yaml"), "--out", str(tmp_path / "run"), "--scheduler", "synchronous")
+    assert proc.returncode == 3, proc.stderr + proc.stdout
+    samples = pd.read_parquet(tmp_path / "run" / "samples.parquet")
+    error = samples.set_index("sample_id").loc["P001_W00", "error"]
+    assert f"the spillover matrix (csv:{(tmp_path / 'other_panel.csv').resolve()}) names channels" in error
+    assert "$SPILLOVER" not in error
+    assert error.startswith("file 'fcs/P001_W00.fcs', channel 'BUV395_A'")  # the file, as in the manifest

@@ -229,7 +229,11 @@ def step_compensation(ctx: RunContext) -> dict[str, Any]:
         _save_result(ctx.folder, "spillover", key, res)
     from cytopipe.fcs import Spillover
 
-    spill = Spillover(np.asarray(res["matrix"], dtype=np.float64), list(res["channels"]))
+    spill = Spillover(
+        np.asarray(res["matrix"], dtype=np.float64),
+        list(res["channels"]),
+        source="controls:study/spillover.csv",
+    )
     ctx.state.spillover = spill
     ctx.hashes["compensation"] = _spillover_hash("controls", spill, "file")
     from cytopipe.store import atomic_write_bytes, atomic_write_parquet
@@ -267,7 +271,11 @@ def _step_compensation_sets(
         _save_result(ctx.folder, "spillover", keys[todo[i]], res)
         results[todo[i]] = res
     spills = {
-        v: Spillover(np.asarray(r["matrix"], dtype=np.float64), list(r["channels"]))
+        v: Spillover(
+            np.asarray(r["matrix"], dtype=np.float64),
+            list(r["channels"]),
+            source=f"controls:study/spillover_{column}_{v}.csv",
+        )
         for v, r in results.items()
     }
     ctx.state.spillover_sets, ctx.state.spillover_column = spills, column

@@ -377,17 +377,22 @@ def _compensate_events(events: np.ndarray, sample: Any, state: StudyState) -> np
     names = list(sample.channels["pnn"])
     if comp == "none":
         return events
+    from cytopipe.errors import CompensationError
+
     if comp == "file":
         if sample.spillover is None:
-            from cytopipe.errors import CompensationError
-
             raise CompensationError(
                 "compensation is 'file' but the file has no spillover keyword; give a CSV matrix, "
                 "compute one from controls, or set compensation source 'none'",
                 file=sample.path,
             )
-        return compensate(events, sample.spillover, names)
-    return compensate(events, comp, names)  # a CSV matrix named by the template
+        matrix = sample.spillover
+    else:
+        matrix = comp  # a CSV matrix named by the template
+    try:
+        return compensate(events, matrix, names)
+    except CompensationError as exc:  # an event block knows no file: name the sample's
+        raise CompensationError(exc.message, **{"file": sample.path, **exc.context}) from None
 
 
 def set_spillover(job: Mapping[str, Any], state: StudyState) -> Any:
