@@ -379,18 +379,14 @@ def _compensate_events(events: np.ndarray, sample: Any, state: StudyState) -> np
         return events
     from cytopipe.errors import CompensationError
 
-    if comp == "file":
-        if sample.spillover is None:
-            raise CompensationError(
-                "compensation is 'file' but the file has no spillover keyword; give a CSV matrix, "
-                "compute one from controls, or set compensation source 'none'",
-                file=sample.path,
-            )
-        matrix = sample.spillover
-    else:
-        matrix = comp  # a CSV matrix named by the template
-    try:
-        return compensate(events, matrix, names)
+    if comp == "file" and sample.spillover is None:
+        raise CompensationError(
+            "compensation is 'file' but the file has no spillover keyword; give a CSV matrix, "
+            "compute one from controls, or set compensation source 'none'",
+            file=sample.path,
+        )
+    try:  # the file's (or the study's) matrix, or a CSV matrix named by the template
+        return compensate(events, sample.spillover if comp == "file" else comp, names)
     except CompensationError as exc:  # an event block knows no file: name the sample's
         raise CompensationError(exc.message, **{"file": sample.path, **exc.context}) from None
 
