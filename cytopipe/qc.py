@@ -566,11 +566,16 @@ def flag_loss_outliers(removed_fraction: pd.Series, settings: QCSettings) -> pd.
 
 # --- 3. counts ----------------------------------------------------------------------------------
 def add_count_qc(stats: pd.DataFrame, settings: QCSettings | None = None) -> pd.DataFrame:
-    """Add ``pct_parent_ci_low``/``pct_parent_ci_high`` (0-100, Wilson) and ``low_parent_count``."""
+    """Add ``pct_parent_ci_low``/``pct_parent_ci_high`` (0-100, Wilson) and ``low_parent_count``.
+
+    A missing count (a population not measured in its sample) has no interval (NaN), and a
+    missing parent count is not a low one (``low_parent_count`` False)."""
     settings = settings or QCSettings()
     out = stats.copy()
-    lo, hi = wilson_interval(out["count"].to_numpy(), out["parent_count"].to_numpy(), 1 - settings.confidence)
+    count = out["count"].to_numpy(dtype=np.float64, na_value=np.nan)
+    parent = out["parent_count"].to_numpy(dtype=np.float64, na_value=np.nan)
+    lo, hi = wilson_interval(count, parent, 1 - settings.confidence)
     out["pct_parent_ci_low"] = 100 * lo
     out["pct_parent_ci_high"] = 100 * hi
-    out["low_parent_count"] = out["parent_count"].to_numpy() < settings.min_parent_events
+    out["low_parent_count"] = parent < settings.min_parent_events  # NaN (not measured): False
     return out

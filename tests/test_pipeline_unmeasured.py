@@ -14,6 +14,7 @@ sample (every sample was asked for CD127). Each test here failed on that code.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
@@ -210,3 +211,68 @@ def test_an_internal_error_of_the_report_step_leaves_its_traceback_in_the_log(cy
     records = [r for r in caplog.records if r.exc_info and r.name == "cytopipe.pipeline.runner"]
     assert records and records[0].exc_info[0] is KeyError
     assert "Traceback" in caplog.text and "pct_parent" in caplog.text
+
+
+def _old_style(ps: pd.DataFrame) -> pd.DataFrame:
+    """The table as versions before 2026-12-05 wrote it: a not-measured population had count 0 (and
+    parent count 0 under a parent not measured either)."""
+    old = ps.copy()
+    unmeasured = old["gate_source"] == "not measured"
+    for column in ("count", "parent_count"):
+        old[column] = old[column].fillna(0).astype("int64")
+    assert (old.loc[unmeasured, "count"] == 0).all()
+    return old
+
+
+def test_a_population_not_measured_has_no_count_in_any_output(mixed_run, tmp_path):
+    """Not measured is a missing count, parent count (when the parent is not measured either) and
+    interval, never 0 events with an empty gate's interval: in population_stats.parquet, the
+    catalog, the CSV download of `cytopipe serve`; the measured rows keep their integer counts. A
+    rerun over per-sample results cached by older versions (they stored 0) writes the same table."""
+    import duckdb
+
+    from cytopipe.serve.results import csv_download
+
+    out, proc = mixed_run
+    assert proc.returncode == 0, proc.stderr
+    ps = pd.read_parquet(out / "population_stats.parquet")
+    assert str(ps["count"].dtype) == "Int64" and str(ps["parent_count"].dtype) == "Int64"
+    unmeasured = ps["gate_source"] == "not measured"
+    keys = set(zip(ps.loc[unmeasured, "sample_id"], ps.loc[unmeasured, "population"]))
+    parent_unmeasured = pd.Series(
+        [(s, p) in keys for s, p in zip(ps["sample_id"], ps["parent"])], index=ps.index
+    )
+    assert unmeasured.sum() == 4 * 6 + 2  # Th17, Th1, cTfh, activated cTfh everywhere; Memory CD4 twice
+    assert ps.loc[unmeasured, "count"].isna().all() and ps.loc[~unmeasured, "count"].notna().all()
+    assert ps["parent_count"].isna().equals(parent_unmeasured)  # e.g. activated cTfh (of cTfh)
+    memory = ps[(ps["population"] == "Memory CD4") & ps["sample_id"].isin(NO_CD45RA)]
+    assert (memory["parent_count"] > 0).all()  # CD4 T is measured there: its count stands
+    for column in ("pct_parent", "pct_parent_ci_low", "pct_parent_ci_high"):
+        assert ps.loc[unmeasured, column].isna().all(), column
+        assert ps.loc[~unmeasured & (ps["parent_count"] > 0), column].notna().all(), column
+    assert not ps.loc[unmeasured & parent_unmeasured, "low_parent_count"].any()
+
+    with duckdb.connect(str(out / "catalog.duckdb"), read_only=True) as db:
+        nulls = db.execute("select count(*) from population_stats where count is null").fetchone()[0]
+        zeros = db.execute(
+            "select count(*) from population_stats where gate_source = 'not measured' and count = 0"
+        ).fetchone()[0]
+    assert (nulls, zeros) == (int(unmeasured.sum()), 0)
+    csv = pd.read_csv(io.BytesIO(csv_download(out, "population_stats.csv")))
+    assert csv["count"].isna().equals(unmeasured) and (csv.loc[~unmeasured, "count"] % 1 == 0).all()
+
+    # per-sample results cached by an older version (count 0): the rerun's table has no 0 either
+    again = tmp_path / "run"
+    shutil.copytree(out, again)
+    for part in (again / ".cache").glob("*/*.stats.parquet"):
+        old = pd.read_parquet(part)
+        if "gate_source" in old and (old["gate_source"] == "not measured").any():
+            _old_style(old).to_parquet(part, index=False)
+    _old_style(ps).to_parquet(again / "population_stats.parquet", index=False)
+    workflow = out.parent / "workflow.yaml"
+    rerun = cli("run", str(workflow), "--out", str(again), "--scheduler", "synchronous", "--no-progress")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    info = json.loads((again / "run.json").read_text())
+    assert info["cached_samples"] == 6  # nothing was gated again
+    pd.testing.assert_frame_equal(pd.read_parquet(again / "population_stats.parquet"), ps)
+

@@ -219,3 +219,25 @@ def test_a_long_list_of_differences_says_how_many_it_leaves_out(tmp_path_factory
     assert code == 3 and n_bad > 20, (code, n_bad)
     assert out.count(": FlowJo ") == 20
     assert f"  ... and {n_bad - 20} more: every row is in " in out and "reconcile.csv" in out
+
+
+def test_a_population_not_measured_in_the_file_has_no_count_to_compare(tmp_path):
+    """The ellipse of single_ellipse_51_events.wsp on its file written again without channel_B: the
+    population is not measured (its gate needs channel_B), so cytopipe has no count, not 0 events
+    (which read as a 51-event difference); the row says why and is not within the tolerance."""
+    from cytopipe.fcs import read_fcs, write_fcs
+
+    folder = shared_path(*FLOWKIT, "simple_line_example")
+    fcs = folder / "data_set_simple_line_100.fcs"
+    sample = read_fcs(fcs)
+    channels = sample.channels.copy()
+    channels.loc[channels["pnn"] == "channel_B", "pnn"] = "channel_Z"
+    keywords = {k: v for k, v in sample.keywords.items() if not (k.startswith("$P") and k.endswith("N"))}
+    write_fcs(tmp_path / fcs.name, sample.events, channels, keywords)
+    rec = reconcile(folder / "single_ellipse_51_events.wsp", tmp_path)
+    gates = rec.table[rec.table["population_path"] != "root"]
+    assert len(gates) == 1 and gates["flowjo_count"].notna().all()
+    row = gates.iloc[0]
+    assert pd.isna(row["cytopipe_count"]) and pd.isna(row["difference"])
+    assert "not measured" in row["reason"] and "channel_B" in row["reason"] and not row["within_tolerance"]
+    assert not rec.ok

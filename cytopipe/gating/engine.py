@@ -37,7 +37,7 @@ from cytopipe.gating.fitters import DataDrivenGate, FitFailure, Fitter, subsampl
 from cytopipe.gating.gates import BooleanGate, Dim, Gate
 from cytopipe.gating.landmarks import LandmarkFailure
 from cytopipe.gating.template import ROOT, Population, Template
-from cytopipe.schema import STATS_COLUMNS
+from cytopipe.schema import STATS_COLUMNS, with_count_dtypes
 
 if TYPE_CHECKING:  # pragma: no cover
     from cytopipe.gating.values import EventValues
@@ -152,11 +152,17 @@ class GatingResult:
         return [(p.name, f) for p in self.populations.values() for f in p.flags]
 
     def to_population_stats(self, sample_meta: Mapping[str, Any] | None = None) -> pd.DataFrame:
-        """One row per population with exactly the ``population_stats`` columns."""
+        """One row per population with exactly the ``population_stats`` columns. A population not
+        measured in this file has a missing ``count`` (and ``parent_count`` when its parent is not
+        measured either): those columns are then pandas' nullable ``Int64``, else ``int64``."""
         meta = _meta(sample_meta, self.file)
         markers = self.template.median_markers()
         rows = []
         for p in self.populations.values():
+            # not measured (a marker its gates need is not in the file): no count, not 0 events;
+            # its parent count too when the parent is not measured either
+            parent = self.populations.get(p.parent)
+            parent_unmeasured = parent is not None and parent.source == NOT_MEASURED
             row = {
                 "sample_id": meta["sample_id"],
                 "patient_id": meta["patient_id"],
@@ -164,8 +170,8 @@ class GatingResult:
                 "arm": meta["arm"],
                 "population": p.name,
                 "parent": p.parent,
-                "count": p.count,
-                "parent_count": p.parent_count,
+                "count": None if p.source == NOT_MEASURED else p.count,
+                "parent_count": None if parent_unmeasured else p.parent_count,
                 "pct_parent": p.pct_parent,
             }
             for m in markers:
@@ -176,8 +182,7 @@ class GatingResult:
         df = pd.DataFrame(
             rows, columns=STATS_COLUMNS + [f"median_{m}" for m in markers] + ["population_path"]
         )
-        df["count"] = df["count"].astype("int64")
-        df["parent_count"] = df["parent_count"].astype("int64")
+        with_count_dtypes(df)  # int64, or Int64 with missing values where not measured
         df["pct_parent"] = df["pct_parent"].astype("float64")
         return df
 
@@ -216,7 +221,8 @@ class GatingResult:
         lines = [f"{'population':<24}{'parent':<20}{'count':>10}{'% parent':>10}  flags"]
         for p in self.populations.values():
             lines.append(
-                f"{p.name:<24}{p.parent:<20}{p.count:>10}{p.pct_parent:>10.2f}  {'; '.join(p.flags)}"
+                f"{p.name:<24}{p.parent:<20}{'-' if p.source == NOT_MEASURED else p.count:>10}"
+                f"{p.pct_parent:>10.2f}  {'; '.join(p.flags)}"
             )
         return "\n".join(lines)
 

@@ -125,7 +125,7 @@ def reconcile(
 ) -> Reconciliation:
     """Gate every sample of a FlowJo workspace with cytopipe and compare with FlowJo's counts."""
     from cytopipe.fcs import read_fcs
-    from cytopipe.gating.engine import gate
+    from cytopipe.gating.engine import NOT_MEASURED, gate
     from cytopipe.gating.flowjo import FlowJoWorkspace
 
     tolerance = tolerance or Tolerance()
@@ -171,6 +171,11 @@ def reconcile(
             got = result.populations[pop.name].count
             stored = s.counts.get(p, -1)
             kind = _kind(pop.gate)
+            if result.populations[pop.name].source == NOT_MEASURED:  # no count: not 0 events
+                why = "; ".join(result.populations[pop.name].flags) or NOT_MEASURED
+                rows.append(_row(s.name, fcs.name, p, pop.name, parent_path, stored, None, tolerance, 0,
+                                 f"{why} (cytopipe has no count to compare)", kind))  # fmt: skip
+                continue
             boundary = 0
             if isinstance(pop.gate, (PolygonGate, EllipsoidGate, RectangleGate)):
                 boundary = _edge_events(result, sample, pop, template)

@@ -19,7 +19,7 @@ import pandas as pd
 
 from cytopipe.pipeline.context import RunContext, _version
 from cytopipe.pipeline.state import META_COLUMNS
-from cytopipe.schema import STATS_COLUMNS
+from cytopipe.schema import STATS_COLUMNS, blank_unmeasured_counts
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def assemble_population_stats(ctx: RunContext) -> pd.DataFrame:
         return pd.DataFrame(columns=STATS_COLUMNS)
     df = pd.concat(frames, ignore_index=True, sort=False)
     df = df.sort_values(["sample_id", "population_order"], kind="stable").drop(columns="population_order")
-    df = add_count_qc(df, ctx.state.qc)
+    # not measured: missing counts (also in per-sample results cached by versions that stored 0)
+    df = add_count_qc(blank_unmeasured_counts(df.reset_index(drop=True)), ctx.state.qc)
     medians = sorted(c for c in df.columns if c.startswith("median_"))
     rest = [c for c in df.columns if c not in STATS_COLUMNS and c not in medians]
     return df[STATS_COLUMNS + medians + rest].reset_index(drop=True)

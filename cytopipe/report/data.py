@@ -118,8 +118,9 @@ def not_measured(population_stats: pd.DataFrame) -> pd.DataFrame:
 
 def measured_rows(population_stats: pd.DataFrame) -> pd.DataFrame:
     """``population_stats`` without the rows of populations not measured in their sample: those are
-    missing values, not empty gates (their ``count`` is 0, and a Wilson interval or a fold change
-    made from it would be an empty gate's). The table itself when every row is measured."""
+    missing values, not empty gates (their ``count`` is missing; tables of older versions hold 0,
+    and a Wilson interval or a fold change made from it would be an empty gate's). The table itself
+    when every row is measured."""
     ps = population_stats
     if "gate_source" not in ps.columns:
         return ps

@@ -397,7 +397,7 @@ def _diagonal_polygon(tg: Any, params: list[float], vals: Any, idx: Any, scope: 
 
 
 def preview(run_dir: str | Path, decision: Decision, state: ReviewState | None = None) -> dict[str, Any]:
-    """The population's count and % of parent on one sample if ``decision`` were saved."""
+    """A population's count and % of parent on one sample if ``decision`` were saved (None: not measured)."""
     from cytopipe.report.gate_review import read_gate_review
 
     lr = loaded_run(run_dir)
@@ -410,8 +410,8 @@ def preview(run_dir: str | Path, decision: Decision, state: ReviewState | None =
         overrides[decision.population] = decision
     stats, _ = regate_sample(lr, decision.sample_id, overrides, review)
     row = stats[stats["population"] == decision.population].iloc[0]
-    return {"count": int(row["count"]), "parent_count": int(row["parent_count"]),
-            "pct_parent": float(row["pct_parent"])}  # fmt: skip
+    count, parent = (None if pd.isna(row[c]) else int(row[c]) for c in ("count", "parent_count"))
+    return {"count": count, "parent_count": parent, "pct_parent": float(row["pct_parent"])}
 
 
 # ------------------------------------------------------------------------------------------------
