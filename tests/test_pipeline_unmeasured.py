@@ -276,3 +276,19 @@ def test_a_population_not_measured_has_no_count_in_any_output(mixed_run, tmp_pat
     assert info["cached_samples"] == 6  # nothing was gated again
     pd.testing.assert_frame_equal(pd.read_parquet(again / "population_stats.parquet"), ps)
 
+
+def test_no_fold_change_from_or_to_a_value_not_measured(mixed_run):
+    """baseline_change on the study's table, and on the table as older versions wrote it (count 0
+    for a population not measured, so % of parent NaN beside event counts): the change and the
+    log2 fold change of Memory CD4 of patient PTLG034 (not measured at either visit) are missing,
+    never the fold change of an empty gate; the measured patients' are numbers."""
+    from cytopipe.stats import baseline_change
+
+    out, _ = mixed_run
+    ps = pd.read_parquet(out / "population_stats.parquet")
+    for table in (ps, _old_style(ps)):
+        dyn = baseline_change(table).set_index(["population", "patient_id", "visit"])
+        memory = dyn.loc["Memory CD4"]
+        assert memory.loc["PTLG034", ["change", "log2fc"]].isna().all().all()
+        assert memory.drop(index="PTLG034").loc[(slice(None), 4), ["change", "log2fc"]].notna().all().all()
+        assert dyn.loc[EVERYWHERE, ["change", "log2fc"]].isna().all().all()

@@ -65,8 +65,10 @@ def _warn_without_flow_data(info: dict[str, Any]) -> None:
         logger.warning("clinical table: %s", without_flow_data_message(list(missing)))
 
 
-#: bump when the statistics change for the same inputs (cached statistics are then recomputed)
-STATISTICS_VERSION = "2"
+#: bump when the statistics change for the same inputs (cached statistics are then recomputed).
+#: 3: a fold change from or to a missing value (not measured, % of an empty parent) is missing
+#: (it was a number when the row had event counts)
+STATISTICS_VERSION = "3"
 
 
 def _statistics_key(ctx: RunContext) -> str:

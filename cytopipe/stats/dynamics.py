@@ -103,7 +103,9 @@ def baseline_change(
     ``100 (count + 0.5) / (parent_count + 1)`` replaces ``value + c`` (half an event, so an empty gate
     still has a finite fold change scaled to its own denominator). Otherwise ``c = pseudocount``
     (default 0.01 for percentage measures, 1.0 for others); negative values give NaN (log of a
-    transformed MFI has no meaning). A patient without a baseline sample keeps its rows with NaN
+    transformed MFI has no meaning). A missing value (a population not measured in the sample, or
+    a % of an empty parent) has a missing ``change`` and ``log2fc``, and so does every change from
+    a missing baseline: never a number. A patient without a baseline sample keeps its rows with NaN
     changes. ``duplicates``: several samples of one patient, population and visit are an error
     ("error", default: usually a mislabelled visit) or averaged ("mean").
     """
@@ -115,6 +117,13 @@ def baseline_change(
     cols = [*keys, "arm", measure] + (["parent"] if "parent" in table.columns else [])
     cols += ["count", "parent_count"] if has_counts else []
     work = table[cols].rename(columns={measure: "value"})
+    if has_counts:  # no counts behind a missing value (e.g. not measured: counts of an older table)
+        missing = work["value"].isna()
+        for column in ("count", "parent_count"):
+            counts = pd.to_numeric(work[column], errors="coerce")
+            if missing.any():
+                counts = (counts.astype("Int64") if counts.dtype.kind in "iu" else counts).mask(missing)
+            work[column] = counts
     dup = work.duplicated(keys, keep=False)
     if dup.any():
         first = work[dup].iloc[0]
@@ -130,10 +139,11 @@ def baseline_change(
     agg = {"value": "mean", "arm": "first"}
     if "parent" in work.columns:
         agg["parent"] = "first"
-    if has_counts:
-        agg.update(count="sum", parent_count="sum")
     grouped = work.groupby(keys, sort=True, dropna=False)
     out = grouped.agg(agg)
+    if has_counts:  # the replicates' events (missing when none has a count)
+        for column in ("count", "parent_count"):
+            out[column] = grouped[column].sum(min_count=1)
     out["n_samples"] = grouped.size()
     out = out.reset_index()
     if "parent" not in out.columns:
@@ -141,8 +151,10 @@ def baseline_change(
 
     # log-scale value used for fold changes
     if has_counts:
-        usable = out["count"].notna() & out["parent_count"].notna()
-        haldane = 100 * (out["count"] + 0.5) / (out["parent_count"] + 1)
+        count = out["count"].to_numpy(dtype=float, na_value=np.nan)
+        parent_count = out["parent_count"].to_numpy(dtype=float, na_value=np.nan)
+        usable = np.isfinite(count) & np.isfinite(parent_count)
+        haldane = 100 * (count + 0.5) / (parent_count + 1)
         c = DEFAULT_PSEUDOCOUNT["pct"] if pseudocount is None else pseudocount
         logbase = np.where(usable, haldane, out["value"] + c)
     else:
@@ -152,7 +164,9 @@ def baseline_change(
     logbase = np.asarray(logbase, dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
         out["_log2"] = np.where(logbase > 0, np.log2(np.where(logbase > 0, logbase, 1.0)), np.nan)
-    out.loc[out["value"] < 0, "_log2"] = np.nan
+    # a missing value (not measured, or an empty parent: no % of parent) has no fold change,
+    # whatever counts the row carries; a negative one (a transformed MFI) none either
+    out.loc[out["value"].isna() | (out["value"] < 0), "_log2"] = np.nan
 
     base = out[out["visit"] == baseline_visit].set_index(["patient_id", "population"])
     idx = pd.MultiIndex.from_frame(out[["patient_id", "population"]])
