@@ -88,7 +88,19 @@ def reuse_finished_run(wf: Any, folder: Any) -> dict[str, Any] | None:
     from cytopipe.pipeline.progress import notice
 
     notice(f"nothing changed: reused every output ({n} samples)")  # run.log's logger and stderr
+    _warn_again(info)
     return {"samples": samples, "population_stats": stats, "info": info}
+
+
+def _warn_again(info: Mapping[str, Any]) -> None:
+    """The warnings of the reused run that still hold: patients of the clinical table without flow
+    data (recorded by its statistics step; docs/statistics.md)."""
+    from cytopipe.clinical import without_flow_data_message
+
+    for step in info.get("steps") or []:
+        if step.get("step") == "statistics" and step.get("clinical_patients_without_flow_data"):
+            missing = list(step["clinical_patients_without_flow_data"])
+            logger.warning("clinical table: %s", without_flow_data_message(missing))
 
 
 def why_not_reusable(run_dir: str | Path, wf: Any) -> str | None:

@@ -799,6 +799,27 @@ def test_clinical_patients_without_flow_data_are_named_in_a_warning(sim_run, sim
     stats = next(s for s in info["steps"] if s["step"] == "statistics")
     assert stats["clinical_patients_without_flow_data"] == ["P099"] and info["problems"] == []
 
+    # statistics cached by versions that did not record these patients (simulated: the key taken
+    # out of the cache entry and of run.json): the rerun that reuses them still names them
+    entries = list((out / ".cache" / "statistics").glob("*.json"))
+    assert entries
+    for entry in entries:
+        cached = json.loads(entry.read_text())
+        cached["info"].pop("clinical_patients_without_flow_data", None)
+        entry.write_text(json.dumps(cached))
+    stats.pop("clinical_patients_without_flow_data")
+    (out / "run.json").write_text(json.dumps(info, indent=2))
+    proc = cli("run", str(tmp_path / "wf.yaml"), "--out", str(out), "--no-progress", "--no-report")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count(warning) == 1, proc.stderr[-3000:]
+    record = (out / "run.json").read_bytes()
+    stats = next(s for s in json.loads(record)["steps"] if s["step"] == "statistics")
+    assert stats["reused"] and stats["clinical_patients_without_flow_data"] == ["P099"]
+    # nothing changed at all (no step runs, nothing is written): the warning still holds, and is given
+    proc = cli("run", str(tmp_path / "wf.yaml"), "--out", str(out), "--no-progress", "--no-report")
+    assert proc.returncode == 0 and (out / "run.json").read_bytes() == record, proc.stderr[-3000:]
+    assert proc.stderr.count(warning) == 1, proc.stderr[-3000:]
+
     # an arm that differs: one line with a single prefix (it was printed twice, once doubled)
     table.loc[table["patient_id"] == "P002", "arm"] = "IL-2 9.9 MIU"
     table.to_csv(clinical, index=False)

@@ -40,8 +40,12 @@ def step_statistics(ctx: RunContext) -> dict[str, Any]:
         ctx.problems.extend(cached.get("problems") or [])
         if table is not None:
             ctx.tables["statistics"] = table
-        _warn_without_flow_data(cached["info"])
-        return {**cached["info"], "reused": True}
+        info = dict(cached["info"])
+        if "clinical_patients_without_flow_data" not in info:  # none, or a cache of older versions
+            if missing := patients_without_flow_data_of(ctx):  # (they did not record them): from the inputs
+                info["clinical_patients_without_flow_data"] = missing
+        _warn_without_flow_data(info)
+        return {**info, "reused": True}
     n = ctx.tables["population_stats"]["population"].nunique() if "population_stats" in ctx.tables else 0
     notice(f"statistics: computing the tests of {n} populations ...", ctx.progress)
     before = len(ctx.problems)
@@ -63,6 +67,26 @@ def _warn_without_flow_data(info: dict[str, Any]) -> None:
 
     if missing := info.get("clinical_patients_without_flow_data"):
         logger.warning("clinical table: %s", without_flow_data_message(list(missing)))
+
+
+def patients_without_flow_data_of(ctx: RunContext) -> list[str]:
+    """The patients of the workflow's clinical table without flow data (none when the table is not
+    usable: that is a problem of the run, recorded with the statistics)."""
+    from cytopipe.clinical import load_clinical, patients_without_flow_data
+    from cytopipe.errors import ClinicalDataError
+
+    ps = ctx.tables.get("population_stats")
+    if ctx.wf.clinical is None or ps is None or ps.empty:
+        return []
+    try:
+        clinical = load_clinical(
+            ctx.wf.clinical,
+            patients=ps[["patient_id", "arm"]],
+            baseline_visit=ctx.stats_settings.baseline_visit,
+        )
+    except ClinicalDataError:
+        return []
+    return patients_without_flow_data(clinical, ps[["patient_id"]])
 
 
 #: bump when the statistics change for the same inputs (cached statistics are then recomputed).
