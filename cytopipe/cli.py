@@ -164,12 +164,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     except OSError as exc:
-        if _debugging(args) or exit_code_for(exc) != EXIT_OUTPUT:
+        if _debugging(args) or exit_code_for(exc) not in (EXIT_OUTPUT, EXIT_INPUT):
             return _internal(args, exc)
-        # a disk that filled up or a folder turned read-only outside cytopipe's own writers
+        # a disk that filled up or a folder turned read-only outside cytopipe's own writers (4), or
+        # an output path through a file (2: choose another --out)
         error = OutputWriteError.from_oserror(Path(exc.filename or "?"), exc)
         print(f"cytopipe {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_OUTPUT
+        return exit_code_for(error)
     except Exception as exc:
         return _internal(args, exc)
     finally:

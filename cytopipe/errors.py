@@ -197,7 +197,11 @@ class OutputWriteError(StoreError):
     def from_oserror(cls, path: Path, exc: OSError) -> OutputWriteError:
         reason = exc.strerror or type(exc).__name__
         code = exc.errno or 0
-        advice = cls._ADVICE.get(code) or cls._PATH_ADVICE.get(
+        if code in cls._PATH_ADVICE:  # the path itself is wrong: a usage error (exit 2)
+            return OutputPathError(
+                f"could not write this file ({reason}): {cls._PATH_ADVICE[code]}", file=Path(path)
+            )
+        advice = cls._ADVICE.get(
             code, "fix the cause and rerun the same command (a `cytopipe run` resumes where it stopped)"
         )
         return cls(f"could not write this file ({reason}): {advice}", file=Path(path))
@@ -208,12 +212,19 @@ class OutputWriteError(StoreError):
         return cls.from_oserror(path, OSError(code, reason))
 
 
+class OutputPathError(OutputWriteError):
+    """An output path that cannot be written as given (``--out afile.txt/x``: a file where a folder is
+    needed; a folder given as the file to write): a usage error (exit code 2), not a failed write."""
+
+
 class RunLockedError(StoreError):
     """Another cytopipe process is using the run folder."""
 
 
 def exit_code_for(exc: BaseException) -> int:
     """The exit code of a command that stopped with ``exc``."""
+    if isinstance(exc, OutputPathError):  # the path given is wrong: choose another --out
+        return EXIT_INPUT
     if isinstance(exc, OutputWriteError | RunLockedError):
         return EXIT_OUTPUT
     if isinstance(exc, CytopipeError):
@@ -222,6 +233,8 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_INTERRUPTED
     if isinstance(exc, OSError) and exc.errno in OutputWriteError._ADVICE:
         return EXIT_OUTPUT
+    if isinstance(exc, OSError) and exc.errno in OutputWriteError._PATH_ADVICE and exc.filename:
+        return EXIT_INPUT  # e.g. a folder made under --out afile.txt/...: the path, not the disk
     return EXIT_INTERNAL
 
 

@@ -116,3 +116,27 @@ def test_a_folder_given_as_the_file_to_write_says_so(tmp_path):
         atomic_write_bytes(folder, b"id,at\n")
     assert "resumes" not in str(info.value)
     assert folder.is_dir() and not any(folder.iterdir())
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["gate", "DONOR1", "--template", str(TEMPLATE), "--missing-markers", "skip"],
+        ["run", "--manifest", str(SAMPLE_DATA / "manifest.csv"), "--template", str(TEMPLATE)],
+        ["reconcile", "WORKSPACE", "FCS_DIR"],
+        ["simulate", "--patients", "2"],
+    ],
+    ids=["gate", "run", "reconcile", "simulate"],
+)
+def test_an_out_through_a_file_is_a_usage_error(command, tmp_path):
+    """`--out afile.txt/sub`: the path given is wrong (exit 2, usage or input error, as an --out that
+    is a file), not a failed write (exit 4: disk full, read-only; `test_run_safety.py`) nor a bug
+    (exit 1: `simulate` and `reconcile` gave a traceback, `gate` and `run` exit 4)."""
+    afile = tmp_path / "afile.txt"
+    afile.write_text("hi\n")
+    swap = {"DONOR1": _donor1, "WORKSPACE": lambda: str(shared_path(*SIMPLE, "simple_poly_and_rect.wsp")),
+            "FCS_DIR": lambda: str(shared_path(*SIMPLE))}  # fmt: skip
+    args = [swap[a]() if a in swap else a for a in command]
+    proc = cli(*args, "--out", str(afile / "sub"), timeout=120)
+    _assert_refused(proc, command[0], "a part of this path is a file, not a folder; choose another --out")
+    assert afile.read_text() == "hi\n"
