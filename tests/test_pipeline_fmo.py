@@ -215,3 +215,64 @@ def test_which_sample_gets_which_fmo_set():
     # without a study set, a sample of a site without FMOs has none
     sets, _ = assign_fmo_sets([r for r in rows if r["file"] != "study.fcs"], samples[2:3])
     assert sets == [None]
+
+
+def test_fmo_controls_are_read_as_the_samples_of_an_imported_template(fmo_study, tmp_path):
+    """Gates imported from Gating-ML, FlowJo or Cytobank are defined on preprocessed FCS values
+    (``Template.preprocess``): the samples are preprocessed ($PnE, $PnG, $TIMESTEP) before gating, and
+    so must be their FMO controls. Here the CXCR5 FMO of an S1 sample is written again as acquired
+    with gain 4 (its values x4, ``$PnG`` 4: preprocessed, the file's values are the original's). The
+    pipeline's gating (:func:`gate_with_fmo`) sets cTfh's threshold from the control as
+    preprocessed, i.e. as the original file gives it; the control read raw (as it was, while the
+    sample was preprocessed) gives another threshold."""
+    import dataclasses
+
+    from cytopipe.fcs import read_fcs, write_fcs
+    from cytopipe.gating import gate, load_template
+    from cytopipe.pipeline import build_state, prepare_sample, split_jobs
+    from cytopipe.pipeline.fmo import gate_with_fmo
+    from cytopipe.pipeline.state import _load_manifest
+    from cytopipe.store import file_sha256
+    from cytopipe.workflow import load_workflow
+
+    folder, out = fmo_study
+    manifest = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
+    fmo = manifest[manifest["control"].str.startswith("fmo:")].set_index("control")["file"]
+    original = folder / fmo["fmo:CXCR5"]
+    ctl = read_fcs(original)
+    gained = ctl.channels.copy()
+    scaled = ~gained["pnn"].str.lower().str.contains("time")
+    gained.loc[scaled, "png"] = 4.0
+    gained.loc[scaled, "pnr"] = gained.loc[scaled, "pnr"].astype(float) * 4
+    events = ctl.events.copy()
+    events[:, scaled.to_numpy()] *= 4
+    keywords = {k: v for k, v in ctl.keywords.items() if not (k.startswith("$P") and k.endswith("G"))}
+    path = write_fcs(tmp_path / original.name, events, gained, keywords, spillover=ctl.spillover)
+    assert read_fcs(path).channels.loc[scaled, "png"].eq(4.0).all()
+    np.testing.assert_array_equal(
+        read_fcs(path, preprocess=True).events, read_fcs(original, preprocess=True).events
+    )
+
+    wf = load_workflow(folder / "study.yaml")
+    state = build_state(wf, n_samples=6)
+    state.transforms = json.loads((out / "run.json").read_text())["study_state"]["transforms"]
+    imported = dataclasses.replace(load_template(TEMPLATE), preprocess=True)  # as an imported one
+    state.template = imported
+    jobs, _ = split_jobs(_load_manifest(wf.manifest))
+    job = next(j for j in jobs if j["site"] == "S1")
+    controls = {c[4:]: folder / f for c, f in fmo.items()} | {"CXCR5": path}
+    job["fmo"] = {"set": "site S1", "controls": {m: {"file": p.name, "path": str(p), "sha256": file_sha256(p),
+                                                     "batch": None, "site": "S1"} for m, p in controls.items()}}  # fmt: skip
+    prep = prepare_sample(job, state)
+    result = gate_with_fmo(gate, prep, state, imported, transforms=state.transforms, medians=False)
+
+    def threshold(res) -> np.ndarray:
+        return np.asarray(next(f.params for f in res.fits if f.key == "cTfh"), dtype=float)
+
+    assert result.populations["cTfh"].source == "control"
+    direct = {c[4:]: read_fcs(folder / f, preprocess=True) for c, f in fmo.items()}  # the original files
+    expected = gate(prep.sample, imported, controls=direct, transforms=state.transforms, medians=False)
+    np.testing.assert_allclose(threshold(result), threshold(expected), rtol=1e-9)
+    raw = gate(prep.sample, imported, controls=direct | {"CXCR5": read_fcs(path)}, transforms=state.transforms,
+               medians=False)  # fmt: skip
+    assert not np.allclose(threshold(raw), threshold(expected), rtol=1e-3)

@@ -147,26 +147,31 @@ def fmo_key(job: Mapping[str, Any]) -> str:
 
 
 def fmo_controls(
-    fmo: Mapping[str, Any] | None, state: Any, spillover: Any
+    fmo: Mapping[str, Any] | None, state: Any, spillover: Any, template: Any = None
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """``({marker: Sample}, {marker: problem})`` of a sample's FMO set, read at most once per worker process.
 
-    A control is compensated as the sample is (its own control set's matrix when the study
-    computes one per set, else the sample's); an unreadable control is left out with its reason
-    (its gates fall back on the landmark rule and are flagged)."""
+    A control is read as the samples it sets thresholds for are (:func:`cytopipe.gating.loading.
+    read_sample`: with the usual FCS preprocessing for a ``template`` imported from Gating-ML,
+    FlowJo or Cytobank, default ``state.template``; raw for a YAML template) and compensated as the
+    sample is (its own control set's matrix when the study computes one per set, else the
+    sample's); an unreadable control is left out with its reason (its gates fall back on the
+    landmark rule and are flagged)."""
     if not fmo:
         return {}, {}
     from cytopipe.errors import CytopipeError
 
+    template = state.template if template is None else template
+    preprocess = bool(getattr(template, "preprocess", False))
     out: dict[str, Any] = {}
     problems: dict[str, str] = {}
     for marker, c in fmo["controls"].items():
         spill = _control_spillover(c, state, spillover)
-        key = (c["path"], c["sha256"], _spill_key(spill))
+        key = (c["path"], c["sha256"], _spill_key(spill), preprocess)
         hit = _CACHE.get(key)
         if hit is None:
             try:
-                hit = _read_control(c, spill)
+                hit = _read_control(c, spill, template)
             except CytopipeError as exc:
                 problems[marker] = f"the FMO control {c['file']} of {marker} is unreadable ({exc})"
                 continue
@@ -197,11 +202,11 @@ class _manifest_path:
         return False
 
 
-def _read_control(c: Mapping[str, Any], spill: Any) -> Any:
-    from cytopipe.fcs import read_fcs
+def _read_control(c: Mapping[str, Any], spill: Any, template: Any) -> Any:
+    from cytopipe.gating.loading import read_sample
 
     with _manifest_path(c):
-        sample = read_fcs(c["path"])
+        sample = read_sample(c["path"], template)  # preprocessed when the template's gates need it
     sample.path = Path(c["file"])  # notes and errors name the manifest's file
     if spill is not None:
         sample.spillover = spill
@@ -231,11 +236,12 @@ def gate_with_fmo(gate: Any, prep: Any, state: Any, template: Any, **kwargs: Any
 
     Every gating of a prepared sample comes through here: a template imported from Gating-ML or
     FlowJo gets the sample's events with the usual FCS preprocessing (once; event QC looked at the
-    raw values), a YAML template the raw values (:func:`cytopipe.gating.loading.preprocess_for`)."""
+    raw values), a YAML template the raw values (:func:`cytopipe.gating.loading.preprocess_for`);
+    its FMO controls are read the same way (:func:`fmo_controls`)."""
     from cytopipe.gating.loading import preprocess_for
 
     preprocess_for(prep.sample, template)
-    controls, problems = fmo_controls(prep.fmo, state, getattr(prep.sample, "spillover", None))
+    controls, problems = fmo_controls(prep.fmo, state, getattr(prep.sample, "spillover", None), template)
     result = gate(prep.sample, template, controls=controls, **kwargs)
     flag_fmo_fallbacks(result, template, prep.fmo, problems)
     return result
