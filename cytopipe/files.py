@@ -87,9 +87,11 @@ def atomic_write(
     path: str | Path,
     write: Callable[[Path], None],
     verify: Callable[[Path], None] | None = None,
+    mode: int | None = None,
 ) -> Path:
     """``write(tmp)`` writes the new content to ``tmp`` (a temporary file in ``path``'s folder);
-    ``verify(tmp)`` raises when it is not complete. Only then does it replace ``path``."""
+    ``verify(tmp)`` raises when it is not complete. Only then does it replace ``path`` (with
+    permissions ``mode``, default: what a plain open() gives under the umask)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,7 @@ def atomic_write(
         _fsync_file(tmp)
         if verify is not None:
             verify(tmp)
-        os.chmod(tmp, _MODE)
+        os.chmod(tmp, _MODE if mode is None else mode)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:
@@ -115,7 +117,7 @@ def atomic_write(
     return path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
 
     def write(tmp: Path) -> None:
@@ -131,7 +133,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
                 f"the written file has {size} of {len(data)} bytes (disk full?)", file=Path(path)
             )
 
-    return atomic_write(path, write, verify)
+    return atomic_write(path, write, verify, mode)
 
 
 def _fsync_file(path: Path) -> None:

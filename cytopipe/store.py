@@ -13,7 +13,8 @@ Layout (ARCHITECTURE.md)::
       catalog.duckdb             the tables (not gate_review) and run info, queryable with SQL
       study/                     study-level results (spillover, locked transforms, pooled gates)
       clustering/                the frozen FlowSOM model and the clustering tables of the report
-      .cache/                    per-sample results keyed by content + settings hash (resume)
+      .cache/                    per-sample results keyed by content + settings hash (resume),
+                                 and run.secret (the key of a blinded run's input hashes)
 
 Every file is written atomically (temporary file in the same folder, then ``os.replace``), so a
 run killed at any moment leaves either the old or the new version of a file, never half of one.
@@ -144,6 +145,32 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while n := fh.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
+
+
+#: the run folder's secret, ``RUN_DIR/.cache/run.secret``: 32 random bytes (hex), readable by its
+#: owner only. It keys what a blinded run records of the files that hold arms (cytopipe/rerun.py)
+#: and seeds its arm codes, so that nobody can work the arms out by trying assignments against a
+#: hash. Never an output: ``.cache`` is not served, listed, exported or copied with a run.
+RUN_SECRET = "run.secret"
+
+
+def run_secret(run_dir: str | Path, create: bool = False) -> bytes | None:
+    """The run folder's secret; ``None`` when it has none (or an unreadable one) and not ``create``.
+    With ``create``, a missing secret is made (written atomically, mode 0600)."""
+    path = Path(run_dir) / ".cache" / RUN_SECRET
+    try:
+        key = bytes.fromhex(path.read_text(encoding="ascii").strip())
+        if len(key) >= 16:
+            return key
+    except (OSError, ValueError):
+        pass
+    if not create:
+        return None
+    import secrets
+
+    key = secrets.token_bytes(32)
+    atomic_write_bytes(path, key.hex().encode("ascii") + b"\n", mode=0o600)
+    return key
 
 
 # --- the run folder -----------------------------------------------------------------------------
