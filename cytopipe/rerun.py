@@ -13,6 +13,12 @@ with the one the last run recorded in run.json (``"rerun"``):
 * the workflow's settings (the worker count aside: it does not change outputs);
 * the cytopipe version and its source files (size and time), Python's and the libraries' versions.
 
+In a blinded run the manifest, clinical table, workflow and blinding key hold the arms, and a plain
+SHA-256 of them could be matched by trying every arm assignment. So a blinded run records keyed
+hashes of the files and settings instead (HMAC-SHA256, ``"hash"`` in the record says so), keyed
+with the run folder's secret (:func:`cytopipe.store.run_secret`, in ``.cache/``, which no reader of
+the run gets). Reruns compare with the same key; a lost secret only means the steps are run.
+
 When all of that is unchanged and every output the run wrote is present with the sha256 it was
 written with (and run.json is the one the run wrote), the executor is skipped entirely. Any
 difference, a missing record, an unreadable output, or a last run with failed files or problems
@@ -27,6 +33,7 @@ wrote run.json; nothing here imports the pipeline.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -42,22 +49,47 @@ logger = logging.getLogger(__name__)
 
 RECORD_KEY = "rerun"
 RECORD_VERSION = 1
+#: the ``"hash"`` of a blinded run's record: what its settings and config_files hashes are
+KEYED = "hmac-sha256 (blinded run; key kept in .cache/run.secret)"
 # written by the run but not outputs: the log, the lock, the cache; run.json is checked by content
 _NOT_OUTPUTS = {".cache", "run.log", ".cytopipe.lock", ".review.lock", "run.json"}
 _LIBRARIES = ("numpy", "pandas", "pyarrow", "scipy", "scikit-learn", "statsmodels", "numba", "dask",
               "distributed", "duckdb", "flowkit", "flowutils", "matplotlib")  # fmt: skip
 
 
-def start_fingerprint(wf: Any, jobs: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+def start_fingerprint(
+    wf: Any, jobs: Iterable[Mapping[str, Any]], run_dir: str | Path | None = None
+) -> dict[str, Any]:
     """The inputs' fingerprint, taken before any work (so a file changed during the run is seen
-    as changed next time). ``jobs``: every manifest row (samples and controls) with its ``path``."""
-    return {
+    as changed next time). ``jobs``: every manifest row (samples and controls) with its ``path``.
+    When the run in ``run_dir`` is blinded, its hashes are keyed with the folder's secret (made
+    here when missing: call it holding the run lock)."""
+    key = None
+    if run_dir is not None and is_blinded(wf, run_dir):
+        from cytopipe.store import run_secret
+
+        key = run_secret(run_dir, create=True)
+    return _fingerprint(wf, jobs, key)
+
+
+def is_blinded(wf: Any, run_dir: str | Path) -> bool:
+    """Whether the run writes a blinded folder: the workflow blinds it or it is blinded already."""
+    from cytopipe.report.blinding import folder_record
+
+    return bool((wf.report or {}).get("blinded")) or folder_record(run_dir) is not None
+
+
+def _fingerprint(wf: Any, jobs: Iterable[Mapping[str, Any]], key: bytes | None) -> dict[str, Any]:
+    out = {
         "version": RECORD_VERSION,
-        "settings": _settings(wf),
-        "config_files": {name: _bytes_hash(p) for name, p in _config_files(wf).items()},
+        "settings": _settings(wf, key),
+        "config_files": {name: _bytes_hash(p, key) for name, p in _config_files(wf).items()},
         "files": {str(j["path"]): _stat(j["path"]) for j in jobs if j.get("path")},
         "code": _code_fingerprint(),
     }
+    if key is not None:
+        out["hash"] = KEYED  # an unblinded run's record keeps its shape (plain sha256)
+    return out
 
 
 def reuse_finished_run(wf: Any, folder: Any) -> dict[str, Any] | None:
@@ -120,8 +152,17 @@ def why_not_reusable(run_dir: str | Path, wf: Any) -> str | None:
     if info.get("failed") or info.get("problems"):
         return "the last run had failed files or problems: they are tried again"
     recorded = record.get("inputs") or {}
-    fingerprint = start_fingerprint(wf, [{"path": p} for p in recorded.get("files") or {}])
-    for part in ("version", "settings", "code", "config_files"):
+    key = None
+    if recorded.get("hash") == KEYED:
+        from cytopipe.store import run_secret
+
+        key = run_secret(run_dir)
+        if key is None:
+            return "the key of the blinded run's input hashes (.cache/run.secret) is missing"
+    elif is_blinded(wf, run_dir):
+        return "the blinded run's record has unkeyed input hashes (they are recorded keyed now)"
+    fingerprint = _fingerprint(wf, [{"path": p} for p in recorded.get("files") or {}], key)
+    for part in ("version", "hash", "settings", "code", "config_files"):
         if recorded.get(part) != fingerprint.get(part):
             return f"the {part.replace('_', ' ')} changed"
     files = recorded.get("files") or {}
@@ -149,6 +190,11 @@ def record_finished_run(run_dir: str | Path, fingerprint: Mapping[str, Any] | No
     run_dir = Path(run_dir)
     run_json = run_dir / "run.json"
     info = json.loads(run_json.read_text(encoding="utf-8"))
+    from cytopipe.report.blinding import run_record
+
+    if run_record(info) is not None and fingerprint.get("hash") != KEYED:
+        logger.warning("rerun: not recorded (the run folder is blinded and the input hashes are not keyed)")
+        return
     inputs = dict(fingerprint)
     inputs["files"] = {
         p: (None if st is None else {**st, "sha256": sha256.get(p)}) for p, st in fingerprint["files"].items()
@@ -176,10 +222,13 @@ def manifest_key(job: Mapping[str, Any]) -> str:
 
 
 # --- parts of the fingerprint --------------------------------------------------------------------
-def _settings(wf: Any) -> str:
+def _settings(wf: Any, key: bytes | None = None) -> str:
     settings = wf.to_dict()
     settings.pop("workers", None)  # how many processes, not what they compute
-    return stable_hash(settings)
+    if key is None:
+        return stable_hash(settings)
+    text = json.dumps(jsonable(settings), sort_keys=True, separators=(",", ":"))  # as stable_hash
+    return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def _config_files(wf: Any) -> dict[str, Path]:
@@ -222,15 +271,16 @@ def _stat(path: str | Path) -> dict[str, int] | None:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _bytes_hash(path: Path) -> str | None:
+def _bytes_hash(path: Path, key: bytes | None = None) -> str | None:
     try:
-        return _file_hash(path)
+        return _file_hash(path, key)
     except OSError:
         return None
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
+def _file_hash(path: Path, key: bytes | None = None) -> str:
+    """sha256 of the file's bytes, or with ``key`` their HMAC-SHA256."""
+    h = hashlib.sha256() if key is None else hmac.new(key, digestmod=hashlib.sha256)
     with open(path, "rb") as fh:
         while block := fh.read(1 << 22):
             h.update(block)

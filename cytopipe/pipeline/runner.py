@@ -128,8 +128,9 @@ def run_workflow(
     ctx = RunContext(wf=wf, folder=folder, executor=None, progress=progress)
     with _EarlyWarnings() as early:  # shown now; written to run.log once it exists
         validate_inputs(ctx)  # fail fast, before any worker starts or any folder is made
-    ctx.rerun = rerun.start_fingerprint(wf, ctx.jobs + ctx.controls)
     with _run_folder_session(folder, early.records):
+        # under the run lock: a blinded run's hashes are keyed with the folder's secret (rerun.py)
+        ctx.rerun = rerun.start_fingerprint(wf, ctx.jobs + ctx.controls, folder.path)
         executor = make_executor(scheduler, wf.workers, address, memory_limit)
         ctx.executor = executor
         try:
