@@ -298,6 +298,7 @@ def _blinded_outputs(
     """The tables and a run.json maker as they are written: arm names coded when the run folder is
     blinded (or the workflow blinds it now; docs/reports.md). ``ctx.blinding`` = (codes, record)."""
     from cytopipe.report.blinding import blind_frame, blinded_info, resolve_blinding
+    from cytopipe.store import run_secret
 
     arms: list[str] = []
     for name in ("population_stats", "samples"):
@@ -305,13 +306,15 @@ def _blinded_outputs(
             arms += [a for a in ctx.tables[name]["arm"].dropna().astype(str).unique() if a]
     samples = ctx.tables.get("samples")
     hashes = sorted(str(h) for h in samples["sha256"].dropna()) if samples is not None and "sha256" in samples else []  # fmt: skip
+    # the codes' seed: the folder's secret (the file hashes alone are in samples.parquet for all to see)
+    secret = run_secret(ctx.folder.path, create=bool(ctx.wf.report.get("blinded"))) or b""
     ctx.blinding = resolve_blinding(
         ctx.folder.path,
         want=bool(ctx.wf.report.get("blinded")),
         arms=arms,
         key=ctx.wf.report.get("blind_key"),
         workflow={"manifest": str(ctx.wf.manifest or ""), "clinical": str(ctx.wf.clinical or "")},
-        secret="\n".join(hashes).encode() or None,
+        secret=(secret + "\n".join(hashes).encode()) or None,
         by="cytopipe "
         + (" ".join(sys.argv[1:2]) or "run")
         + " (workflow `report: {blinded: true}` or --blinded)",

@@ -207,7 +207,9 @@ def load_run(
     _load_clinical(data, clinical, workflow)
     _arm_order(data, stats_settings)
     codes = (
-        arm_codes(data.arms, blind_key, secret=_secret(data)) if blinded else None
+        arm_codes(data.arms, blind_key, secret=None if blind_key is not None else _secret(data))
+        if blinded
+        else None
     )  # fail fast on a bad key
     if statistics is not None:
         data.statistics = statistics
@@ -316,12 +318,13 @@ def _arm_order(data: RunData, settings: Mapping[str, Any]) -> None:
 
 
 def _secret(data: RunData) -> bytes | None:
-    """The seed of the blinding permutation: the run's file hashes (never shown in reports)."""
+    """The seed of the blinding permutation: the run folder's secret (made now when missing) and
+    its file hashes. The hashes alone would not do: samples.parquet shows them to every reader."""
+    from cytopipe.store import run_secret
+
     s = data.samples
-    if s is None or "sha256" not in s.columns:
-        return None
-    hashes = sorted(str(h) for h in s["sha256"].dropna() if str(h))
-    return "\n".join(hashes).encode() if hashes else None
+    hashes = sorted(str(h) for h in s["sha256"].dropna() if str(h)) if s is not None and "sha256" in s.columns else []  # fmt: skip
+    return run_secret(data.run_dir, create=True) + "\n".join(hashes).encode()
 
 
 def _blind(data: RunData, codes: dict[str, str]) -> None:
