@@ -376,7 +376,7 @@ def scrub_cache(run_dir: str | Path, arms: Iterable[str]) -> list[str]:
     emptied (the run takes every sample's arm from the manifest when it assembles the tables);
     any other cache file holding an arm name (e.g. the cached statistics, whose comparisons name
     the arms) is removed, so the next run computes it again. Returns the files changed."""
-    from cytopipe.store import atomic_write_parquet
+    from cytopipe.store import RUN_SECRET, atomic_write_parquet
 
     cache = Path(run_dir) / ".cache"
     names = [str(a) for a in arms if str(a).strip()]
@@ -385,7 +385,7 @@ def scrub_cache(run_dir: str | Path, arms: Iterable[str]) -> list[str]:
     pattern = _leak_pattern(names)
     changed: list[str] = []
     for path in sorted(cache.rglob("*")):
-        if not path.is_file():
+        if not path.is_file() or path == cache / RUN_SECRET:  # the folder's key: random hex
             continue
         rel = str(path.relative_to(run_dir))
         leaks = _cache_file_leaks(path, pattern)
@@ -454,9 +454,19 @@ def remove_report(run_dir: Path) -> None:
     shutil.rmtree(Path(run_dir) / "report_tables", ignore_errors=True)
 
 
+#: run.json's rerun record (cytopipe/rerun.py): hashes of the manifest, clinical table, workflow
+#: and blinding key, which hold the arms; kept in a blinded folder only when they are keyed
+_RERUN, _KEYED_PREFIX = "rerun", "hmac-"
+
+
 def blinded_info(info: Mapping, codes: Mapping[str, str], record: Mapping) -> dict:
-    """run.json content of a blinded run: arm names coded everywhere, with the blinding record."""
-    out = dict(recode_obj({k: v for k, v in info.items() if k != RECORD}, codes))
+    """run.json content of a blinded run: arm names coded everywhere, with the blinding record.
+    A rerun record with plain hashes of the inputs (a folder blinded after its run) is dropped:
+    trying arm assignments against them would unblind; the next run records keyed ones."""
+    rerun = info.get(_RERUN)
+    inputs = rerun.get("inputs") if isinstance(rerun, Mapping) else None
+    keyed = isinstance(inputs, Mapping) and str(inputs.get("hash", "")).startswith(_KEYED_PREFIX)
+    out = dict(recode_obj({k: v for k, v in info.items() if k != RECORD and (k != _RERUN or keyed)}, codes))
     out[RECORD] = dict(record)
     return out
 
