@@ -466,9 +466,12 @@ def _parse_matrix_text(text: str, channels: Sequence[str] | None) -> tuple[list[
         raise CompensationError(
             "the matrix has no header row naming its channels; add one or pass channels=[...] ($PnN names)"
         )
+    if header is not None:
+        _named_once(names, "the header names", "column")
     if channels is not None and header is not None and sorted(channels) != sorted(names):
         raise CompensationError(
-            f"channels={list(channels)} do not match the matrix header {names}; leave channels out to use the header"
+            f"channels={list(channels)} do not match the matrix header {names}{_did_you_mean(channels, names)}; "
+            "leave channels out to use the header"
         )
     n = len(names)
     for (lineno, _), vals in zip(body, values):
@@ -492,11 +495,42 @@ def _parse_matrix_text(text: str, channels: Sequence[str] | None) -> tuple[list[
                 )
             matrix[r, c] = float(v)
     if row_labels is not None and header is not None:
+        _named_once(row_labels, "the row labels name", "row")
         if sorted(row_labels) != sorted(names):
-            raise CompensationError(f"row labels {row_labels} and header {names} name different channels")
+            raise CompensationError(
+                f"row labels {row_labels} and header {names} name different channels"
+                f"{_did_you_mean(row_labels, names)}; a spillover matrix lists the same channels in both"
+            )
         order = [row_labels.index(c) for c in names]
         matrix = matrix[order]
     return names, matrix
+
+
+def _named_once(names: Sequence[str], what: str, unit: str) -> None:
+    """A matrix names each channel once: ``what`` ("the header names", "the row labels name")
+    the same channel twice is an error naming it and where (``unit``: column or row, 1-based)."""
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            first = list(names).index(name)
+            raise CompensationError(
+                f"{what} the same channel twice: {name!r} ({unit}s {first + 1} and {i + 1} of the "
+                "matrix); a spillover matrix names each channel once: rename or remove one",
+                channel=name,
+            )
+
+
+def _did_you_mean(given: Sequence[str], names: Sequence[str]) -> str:
+    """`` (did you mean ...?)`` for the ``given`` names not in ``names`` that nearly match one of
+    them (``PE-A`` instead of ``PE_A``), else ''."""
+    import difflib
+
+    hints = []
+    for name in given:
+        if name not in names:
+            near = difflib.get_close_matches(name, [n for n in names if n not in given], n=1, cutoff=0.6)
+            if near:
+                hints.append(f"{near[0]!r} instead of {name!r}")
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
 def _sniff_delimiter(lines: list[str]) -> str:

@@ -90,7 +90,7 @@ def test_other_layouts(tmp_path):
         ("A,B\n1,0.1\n0.2,1\nnotes: made by hand", "line 4 is not a row of numbers"),
         ("A,B\n1,0.1,0\n0.2,1,0", "has 3 values but the matrix has 2"),
         ("A,B,C\n1,0,0\n0,1,0", "2 rows but 3 channels"),
-        ("A,A\n1,0\n0,1", "more than once"),
+        ("A,A\n1,0\n0,1", "the same channel twice: .A. \\(columns 1 and 2"),
         ("A,B\n1,1\n1,1", "singular"),
         ("A,B\n1,0.999999999\n1,1", "ill-conditioned"),
         ("", "empty"),
@@ -547,3 +547,28 @@ def test_a_study_csv_matrix_that_does_not_fit_the_files_is_named_in_the_run(tmp_
     assert f"the spillover matrix (csv:{(tmp_path / 'other_panel.csv').resolve()}) names channels" in error
     assert "$SPILLOVER" not in error
     assert error.startswith("file 'fcs/P001_W00.fcs', channel 'BUV395_A'")  # the file, as in the manifest
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        # a labelled matrix whose header repeats a channel: said as such (it said "name different channels")
+        (",FITC-A,FITC-A\nFITC-A,1,0.1\nPE-A,0.2,1", "the header names the same channel twice: 'FITC-A' "),
+        (",FITC-A,PE-A\nFITC-A,1,0.1\nFITC-A,0.2,1", "the row labels name the same channel twice: 'FITC-A' "),
+        # a near-miss row label gets a "did you mean"
+        (",FITC-A,PE-A\nFITC-A,1,0.1\nPE_A,0.2,1", r"\(did you mean 'PE-A' instead of 'PE_A'\?\)"),
+    ],
+)
+def test_repeated_and_near_miss_channel_names_are_said_as_such(tmp_path, text, match):
+    path = tmp_path / "spill.csv"
+    path.write_text(text)
+    with pytest.raises(CompensationError, match=match) as info:
+        Compensation.from_csv(path)
+    assert "spill.csv" in str(info.value)
+
+
+def test_channels_that_nearly_match_the_header_get_a_did_you_mean(tmp_path):
+    path = tmp_path / "spill.csv"
+    path.write_text("FITC-A,PE-A\n1,0.1\n0.2,1\n")
+    with pytest.raises(CompensationError, match=r"\(did you mean 'PE-A' instead of 'PE_A'\?\)"):
+        Compensation.from_csv(path, channels=["FITC-A", "PE_A"])
