@@ -523,52 +523,58 @@ def test_docs_examples_run(monkeypatch):
     assert abs(namespace["comp"].to_dataframe().loc["PE-A", "PE-Texas Red-A"] - 0.527) < 0.005
 
 
-def test_a_study_csv_matrix_that_does_not_fit_the_files_is_named_in_the_run(tmp_path):
-    """`compensation: {source: csv}` in a workflow: a matrix whose channels the files do not have
-    fails the samples with a message naming the CSV (it named the files' own `file:$SPILLOVER`,
-    sending the user to the wrong matrix)."""
+def _csv_matrix_run(tmp_path, visits, matrix_names, edit=None):
+    """A simulated trial run with `compensation: {source: csv}`: its true matrix, channels renamed
+    by ``matrix_names`` (the CLI, synchronous); ``edit(trial_folder)`` changes files first."""
     import yaml
 
     from cytopipe.simulate import simulate_trial
     from tests.pipeline_support import TEMPLATE, cli
 
-    simulate_trial(tmp_path / "trial", n_patients=1, visits=(0,), events=2000, control_events=100)
+    simulate_trial(tmp_path / "trial", n_patients=1, visits=visits, events=2000, control_events=100)
+    if edit is not None:
+        edit(tmp_path / "trial")
     matrix = Compensation.from_csv(tmp_path / "trial" / "truth" / "spillover.csv")
-    renamed = [c.replace("-A", "_A") for c in matrix.channels]  # e.g. exported with other names
+    renamed = [matrix_names(c) for c in matrix.channels]
     Compensation(matrix.matrix, tuple(renamed), "test").to_csv(tmp_path / "other_panel.csv")
     spec = {"study": "csv matrix", "manifest": "trial/manifest.csv", "template": str(TEMPLATE),
             "compensation": {"source": "csv", "path": "other_panel.csv"}, "clustering": {"enabled": False},
             "statistics": {"enabled": False}, "report": {"enabled": False}}  # fmt: skip
     (tmp_path / "w.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
-    proc = cli("run", str(tmp_path / "w.yaml"), "--out", str(tmp_path / "run"), "--scheduler", "synchronous")
+    return cli("run", str(tmp_path / "w.yaml"), "--out", str(tmp_path / "run"), "--scheduler", "synchronous")
+
+
+def test_a_study_csv_matrix_that_fits_no_file_stops_the_run_before_any_work(tmp_path):
+    """`compensation: {source: csv}` whose channels are in no file (e.g. another panel's matrix): one
+    error before any gating, naming the CSV, its channels and the files' channels (exit 2; it failed
+    every sample one by one, exit 3)."""
+    proc = _csv_matrix_run(tmp_path, (0,), lambda c: c.replace("-A", "_A"))  # exported with other names
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    csv = (tmp_path / "other_panel.csv").resolve()
+    assert f"file '{csv}': the spillover matrix's channels ['BUV395_A'," in proc.stderr
+    assert "are not all in any of the 1 file(s) (did you mean 'BUV395-A' instead of 'BUV395_A'" in proc.stderr
+    assert "the files' channels are ['FSC-A', 'FSC-H', 'SSC-A', 'BUV395-A'," in proc.stderr
+    assert "(1 file(s): P001_W00.fcs)" in proc.stderr
+    assert not (tmp_path / "run" / "population_stats.parquet").exists()
+
+
+def test_a_study_csv_matrix_that_fits_some_files_fails_only_the_others(tmp_path):
+    """A matrix that fits one file but not another: the run goes on, and only the file it does not fit
+    fails, with an error naming the CSV (not the file's own `file:$SPILLOVER`)."""
+
+    def rename_w04_channels(trial):  # the W04 file, acquired with other channel names
+        path = trial / "fcs" / "P001_W04.fcs"
+        sample = read_fcs(path)
+        channels = sample.channels.copy()
+        channels["pnn"] = [c.replace("-A", "_A") for c in channels["pnn"]]
+        keywords = {k: v for k, v in sample.keywords.items() if k not in ("$SPILLOVER", "SPILL", "$COMP")}
+        write_fcs(path, sample.events, channels, keywords)
+
+    proc = _csv_matrix_run(tmp_path, (0, 4), lambda c: c, edit=rename_w04_channels)
     assert proc.returncode == 3, proc.stderr + proc.stdout
-    samples = pd.read_parquet(tmp_path / "run" / "samples.parquet")
-    error = samples.set_index("sample_id").loc["P001_W00", "error"]
+    samples = pd.read_parquet(tmp_path / "run" / "samples.parquet").set_index("sample_id")
+    assert samples.loc["P001_W00", "error"] in (None, "") or pd.isna(samples.loc["P001_W00", "error"])
+    error = samples.loc["P001_W04", "error"]
     assert f"the spillover matrix (csv:{(tmp_path / 'other_panel.csv').resolve()}) names channels" in error
     assert "$SPILLOVER" not in error
-    assert error.startswith("file 'fcs/P001_W00.fcs', channel 'BUV395_A'")  # the file, as in the manifest
-
-
-@pytest.mark.parametrize(
-    "text, match",
-    [
-        # a labelled matrix whose header repeats a channel: said as such (it said "name different channels")
-        (",FITC-A,FITC-A\nFITC-A,1,0.1\nPE-A,0.2,1", "the header names the same channel twice: 'FITC-A' "),
-        (",FITC-A,PE-A\nFITC-A,1,0.1\nFITC-A,0.2,1", "the row labels name the same channel twice: 'FITC-A' "),
-        # a near-miss row label gets a "did you mean"
-        (",FITC-A,PE-A\nFITC-A,1,0.1\nPE_A,0.2,1", r"\(did you mean 'PE-A' instead of 'PE_A'\?\)"),
-    ],
-)
-def test_repeated_and_near_miss_channel_names_are_said_as_such(tmp_path, text, match):
-    path = tmp_path / "spill.csv"
-    path.write_text(text)
-    with pytest.raises(CompensationError, match=match) as info:
-        Compensation.from_csv(path)
-    assert "spill.csv" in str(info.value)
-
-
-def test_channels_that_nearly_match_the_header_get_a_did_you_mean(tmp_path):
-    path = tmp_path / "spill.csv"
-    path.write_text("FITC-A,PE-A\n1,0.1\n0.2,1\n")
-    with pytest.raises(CompensationError, match=r"\(did you mean 'PE-A' instead of 'PE_A'\?\)"):
-        Compensation.from_csv(path, channels=["FITC-A", "PE_A"])
+    assert error.startswith("file 'fcs/P001_W04.fcs', channel 'BUV395-A'")  # the file, as in the manifest

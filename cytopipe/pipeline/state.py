@@ -110,6 +110,35 @@ def build_state(wf: Workflow, n_samples: int) -> StudyState:
     )
 
 
+def check_study_matrix(spillover: Any, path: Any, channels: Mapping[str, list[str]]) -> None:
+    """A study matrix (``compensation: {source: csv}``) whose channels are in NONE of the files
+    (``channels``: file -> its $PnN names) stops the run before any work, naming the CSV, its
+    channels and the files'; a matrix that fits some files leaves the others to fail one by one."""
+    from cytopipe.errors import CompensationError
+
+    wanted = list(spillover.channels)
+    if not channels or any(set(wanted) <= set(names) for names in channels.values()):
+        return
+    kinds: dict[tuple[str, ...], list[str]] = {}
+    for file, names in channels.items():
+        kinds.setdefault(tuple(names), []).append(Path(file).name)
+    shown = []
+    for names, files in list(kinds.items())[:3]:
+        more = f" and {len(files) - 2} more" if len(files) > 2 else ""
+        shown.append(f"{list(names)} ({len(files)} file(s): {', '.join(files[:2])}{more})")
+    every = sorted({n for names in channels.values() for n in names})
+    near = [(m, difflib.get_close_matches(m, every, n=1, cutoff=0.85)) for m in wanted if m not in every]
+    hints = [f"{c[0]!r} instead of {m!r}" for m, c in near if c]
+    raise CompensationError(
+        f"the spillover matrix's channels {wanted} are not all in any of the {len(channels)} file(s)"
+        f"{' (did you mean ' + ', '.join(hints) + '?)' if hints else ''}; the files' channels are "
+        f"{'; '.join(shown)}{' (more panels not shown)' if len(kinds) > 3 else ''}. Set compensation.path "
+        "to the matrix of this panel/instrument, or use `source: file` (each file's own $SPILLOVER); no "
+        "sample was gated",
+        file=path,
+    )
+
+
 def _transform_params(params: Mapping[str, Any]) -> dict[str, dict]:
     from cytopipe.gating import check_transform
 

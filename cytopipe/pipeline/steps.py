@@ -36,7 +36,14 @@ from cytopipe.pipeline.context import (
 )
 from cytopipe.pipeline.fmo import is_fmo, plan_fmo
 from cytopipe.pipeline.progress import notice
-from cytopipe.pipeline.state import _load_manifest, _spillover_hash, build_state, plan_clustering, split_jobs
+from cytopipe.pipeline.state import (
+    _load_manifest,
+    _spillover_hash,
+    build_state,
+    check_study_matrix,
+    plan_clustering,
+    split_jobs,
+)
 from cytopipe.pipeline.statistics import step_statistics
 from cytopipe.pipeline.tasks import (
     fit_task,
@@ -148,6 +155,9 @@ def step_register(ctx: RunContext) -> dict[str, Any]:
             job["_missing"] = (res.get("missing") or [], res.get("channels"))
         else:
             ctx.fail(job, res, "register")
+    if ctx.state.compensation == "csv":  # a matrix of another panel: one error now, not one per file
+        files = {j["file"]: j["_missing"][1]["pnn"] for j in jobs if "_missing" in j and not j.get("control")}
+        check_study_matrix(ctx.state.spillover, ctx.wf.compensation["path"], files)
     registered = [j for j in jobs if "_missing" in j and not j.get("control")]
     skipped = _missing_everywhere(ctx, registered)
     # every marker no file carries: gate markers (skipped) and markers only in the template's `medians:`

@@ -55,7 +55,7 @@ def register_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
             "n_events": int(info.n_events),
             "n_channels": int(info.n_channels),
             "missing": missing,
-            "channels": info.channels[["pnn", "pns"]].astype(str).to_dict("list") if missing else None,
+            "channels": info.channels[["pnn", "pns"]].astype(str).to_dict("list"),  # the matrix check too
         }
 
     return _guard(body)
