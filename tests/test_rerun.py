@@ -127,3 +127,37 @@ def test_a_relabelled_arm_reaches_every_output(rerun_setup, capsys):
     assert set(pd.read_parquet(run / "gate_review.parquet")["sample_id"]) == samples
     assert set(pd.read_parquet(run / "population_stats.parquet")["sample_id"]) == samples
     assert info["cached_samples"] == len(samples) - 1  # only the renamed sample was gated again
+
+
+def test_a_resumed_run_counts_the_samples_whose_pass_1_results_it_reused(tmp_path):
+    """A run killed after gating pass 1 (its fits cached, no pass-2 entries, no run.json) and
+    rerun: the samples whose cached pass-1 result stands (not read again) are reused, and the summary
+    line says so (it said "0 reused from a previous run" while run.json showed the fits reused)."""
+    import yaml
+
+    from tests.pipeline_support import REPO, TEMPLATE, cli
+
+    manifest = pd.read_csv(REPO / "sample_data" / "manifest.csv", dtype=str, keep_default_na=False)
+    manifest = manifest[manifest["sample_id"].str.startswith("P001_")].copy()
+    manifest["file"] = [str(REPO / "sample_data" / f) for f in manifest["file"]]
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    spec = {"study": "resume", "manifest": "manifest.csv", "template": str(TEMPLATE),
+            "clustering": {"enabled": False}, "statistics": {"enabled": False},
+            "report": {"enabled": False}}  # fmt: skip
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    out = tmp_path / "run"
+    args = ("run", str(tmp_path / "w.yaml"), "--out", str(out), "--scheduler", "synchronous", "--no-progress")
+    first = cli(*args)
+    assert first.returncode == EXIT_OK, first.stderr
+    assert "(0 reused from a previous run)" in first.stdout
+    # what a kill -9 between the two gating passes leaves: pass 1's entries, no pass 2, no run.json
+    shutil.rmtree(out / ".cache" / "gate")
+    (out / "run.json").unlink()
+    again = cli(*args)
+    assert again.returncode == EXIT_OK, again.stderr
+    steps = {s["step"]: s for s in json.loads((out / "run.json").read_text())["steps"]}
+    assert steps["gating-fit"]["reused"] == 4 and steps["gating"]["reused"] == 0
+    stood = steps["gating"]["from_pass_1"]  # pass-1 results that stand: not read again
+    assert stood >= 1
+    assert f"({stood} reused from a previous run)" in again.stdout, again.stdout
+    assert json.loads((out / "run.json").read_text())["cached_samples"] == stood

@@ -44,6 +44,7 @@ class RunContext:
     cached: int = 0
     clinical_problem: str | None = None
     reused: dict[str, int] = field(default_factory=dict)  # phase -> results taken from the cache
+    reused_ids: dict[str, set[str]] = field(default_factory=dict)  # phase -> their sample_ids
     keep_cache: dict[str, set[str]] = field(default_factory=dict)  # phase -> keys in use
     result_keys: dict[str, dict[str, str]] = field(default_factory=dict)  # phase -> sample_id -> key
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # Parquet + catalog.duckdb
@@ -206,8 +207,8 @@ def _run_cached_phase(
         else:
             todo.append(job)
     ctx.reused[phase] = len(results)
-    if phase == "gate":
-        ctx.cached = len(results)
+    ctx.reused_ids[phase] = set(results)
+    given: list[dict[str, Any]] = []
     if ready:
         given = [j for j in todo if j["sample_id"] in ready]
         sources = ctx.result_keys.get(ready_from or "", {})
@@ -218,6 +219,9 @@ def _run_cached_phase(
             results[sid] = ready[sid]
         todo = [j for j in todo if j["sample_id"] not in ready]
         ctx.reused[f"{phase}-ready"] = len(given)
+    if phase == "gate":  # samples gated by a previous run: this pass's cache, or their pass-1 result reused
+        earlier = ctx.reused_ids.get(ready_from or "", set())
+        ctx.cached = len(results) - len(given) + sum(j["sample_id"] in earlier for j in given)
     ctx.keep_cache.setdefault(phase, set()).update(keys.values())
     ctx.result_keys[phase] = keys
     for i, res in ctx.executor.map(fn, todo, ctx.state, phase, ctx.progress):

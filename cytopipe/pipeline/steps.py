@@ -486,7 +486,7 @@ def step_gate(ctx: RunContext) -> dict[str, Any]:
     )
     return {
         "samples": len(ctx.results),
-        "reused": ctx.cached,
+        "reused": ctx.reused.get("gate", 0),
         "from_pass_1": ctx.reused.get("gate-ready", 0),  # gated once: the fused pass's result stands
     }
 
