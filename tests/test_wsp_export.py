@@ -189,3 +189,55 @@ def test_a_workspace_of_several_samples_as_one_template_says_whose_gates(exporte
         template = load_template(exported / "gates.wsp")
     assert "(P001_W00.fcs)" in template.name
     assert "holds 8 samples; its template is the gates of sample 'P001_W00.fcs'" in caplog.text
+
+
+def test_run_with_a_workspace_gates_each_file_with_its_own_samples_gates(exported, tmp_path):
+    """`cytopipe run` with `template: gates.wsp` (a workspace of several samples) on a real Dask
+    LocalCluster: each manifest file is gated with its own workspace sample's gates, so its counts are
+    `cytopipe gate`'s for the same file and template (it used the first sample's gates for every file);
+    a file the workspace does not list gets the first sample's gates, with a warning naming the file,
+    and run.json records whose gates each file got."""
+    import json
+
+    import pandas as pd
+    import yaml
+
+    from tests.pipeline_support import cli
+
+    sids = ["P001_W04", "P002_W12", "P003_W00"]  # P003_W00: not a sample of the workspace
+    manifest = pd.read_csv(REPO / "sample_data" / "manifest.csv", dtype=str, keep_default_na=False)
+    manifest = manifest[manifest["sample_id"].isin(sids)].copy()
+    manifest["file"] = [str(REPO / "sample_data" / f) for f in manifest["file"]]
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    wsp = str(exported / "gates.wsp")
+    spec = {"study": "workspace", "manifest": "manifest.csv", "template": wsp, "clustering": {"enabled": False},
+            "statistics": {"enabled": False}, "report": {"enabled": False}}  # fmt: skip
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    proc = cli(
+        "run", str(tmp_path / "w.yaml"), "--out", str(tmp_path / "run"), "--workers", "2", "--no-progress"
+    )
+    assert proc.returncode == 0, proc.stderr
+    files = [str(REPO / "sample_data" / "fcs" / f"{sid}.fcs") for sid in sids]
+    gated = cli("gate", *files, "--template", wsp, "--out", str(tmp_path / "g"), "--quiet")
+    assert gated.returncode == 0, gated.stderr
+    key = ["sample_id", "population"]
+    run = pd.read_parquet(tmp_path / "run" / "population_stats.parquet").set_index(key)["count"]
+    gate_counts = pd.read_parquet(tmp_path / "g" / "population_stats.parquet").set_index(key)["count"]
+    assert sorted(run.index) == sorted(gate_counts.index)
+    assert (run == gate_counts.reindex(run.index)).all(), (run - gate_counts.reindex(run.index))[
+        lambda d: d != 0
+    ]
+    first = pd.read_parquet(exported / "population_stats.parquet").set_index(key)["count"]
+    for sid in ("P001_W04", "P002_W12"):  # the exported run's own counts, not the first sample's gates'
+        assert (run.loc[sid].reindex(first.loc[sid].index) == first.loc[sid]).all(), sid
+    assert "file '" + files[
+        2
+    ] + "' (sample P003_W00) is not a sample of the FlowJo workspace 'gates.wsp'" in (proc.stderr)
+    assert "first sample, 'P001_W00.fcs'" in proc.stderr
+    record = json.loads((tmp_path / "run" / "run.json").read_text())["study_state"]["flowjo_workspace"]
+    assert record["gates_of"] == {
+        "P001_W04": "P001_W04.fcs",
+        "P002_W12": "P002_W12.fcs",
+        "P003_W00": "P001_W00.fcs",
+    }
+    assert record["not_in_workspace"] == ["P003_W00"] and record["first_sample"] == "P001_W00.fcs"

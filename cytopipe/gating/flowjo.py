@@ -347,8 +347,8 @@ def read_flowjo_workspace(path: str | Path, sample: str | None = None, group: st
 
     Without ``sample``, a workspace of several samples gives the first one's gates, with a warning
     naming it: FlowJo samples often carry gates of their own (custom gates, or gates moved by hand),
-    which the other files would then not get (``cytopipe gate`` gates each file of the workspace
-    with its own sample's gates)."""
+    which the other files would then not get (``cytopipe gate`` and ``cytopipe run`` gate each file
+    of the workspace with its own sample's gates)."""
     ws = FlowJoWorkspace(path)
     template = ws.template(sample, group)
     pool = ws.groups.get(group, []) if group is not None else [s.name for s in ws.samples]
@@ -356,8 +356,8 @@ def read_flowjo_workspace(path: str | Path, sample: str | None = None, group: st
         logger.warning(
             "FlowJo workspace '%s' holds %d samples; its template is the gates of sample '%s' (the first "
             "by name), used for every file: a sample with gates of its own (custom or moved gates) is "
-            "not gated as in FlowJo. `cytopipe gate FILES --template %s` gates each file of the "
-            "workspace with its own sample's gates",
+            "not gated as in FlowJo. `cytopipe gate FILES --template %s` (and `cytopipe run` with it) "
+            "gates each file of the workspace with its own sample's gates",
             ws.path,
             len(pool),
             ws.sample(None, group).name,

@@ -191,7 +191,7 @@ def _study_record(ctx: RunContext) -> dict[str, Any]:
     st = ctx.state
     spill = st.spillover
     fits = ctx.folder.study / "gate_fits.parquet"
-    return {
+    record = {
         "compensation": st.compensation,
         "spillover": None
         if spill is None
@@ -210,6 +210,9 @@ def _study_record(ctx: RunContext) -> dict[str, Any]:
         "fcs_preprocessing": preprocessing_note(st.template),
         "gate_fits": "study/gate_fits.parquet" if st.pooled is not None and fits.is_file() else None,
     }
+    if st.workspace is not None:  # a FlowJo workspace: which sample's gates each file got
+        record["flowjo_workspace"] = st.workspace
+    return record
 
 
 # tables a run writes only when their step ran (a rerun without the step removes the old file)

@@ -198,6 +198,7 @@ def _run_cached_phase(
     keys: dict[str, str] = {}
     for job in ctx.alive():
         key = f"{job['sha256'][:32]}-{settings_key[:16]}{manifest_key(job)}{fmo_key(job)}"
+        key += ctx.state.template_key(job["sample_id"])  # a FlowJo workspace: whose gates the file gets
         if extra_key is not None:
             key += extra_key(job)
         keys[job["sample_id"]] = key

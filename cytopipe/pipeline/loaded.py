@@ -68,7 +68,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         )
     manifest = _load_manifest(wf.manifest)
     jobs, controls = split_jobs(manifest)
-    state = build_state(wf, n_samples=len(jobs))
+    state = build_state(wf, n_samples=len(jobs), jobs=jobs, warn=False)  # warned by the run
     record = info.get("study_state") or {}
     if record.get("spillover"):
         from cytopipe.fcs import Spillover

@@ -47,6 +47,20 @@ class StudyState:
     pool_kind: str = "study"  # study: transforms estimated; cofactor: `cofactor: auto` locked per study
     cluster: Any = None  # ClusterPlan when clustering is on
     learner: Any = None  # cytopipe.gating.learn.Learner when the workflow has `examples:`
+    # a FlowJo workspace of several samples (cytopipe.pipeline.workspace): each file's own sample's gates
+    gates_of: dict[str, str] = field(default_factory=dict)  # sample_id -> workspace sample
+    own_templates: dict[str, Any] = field(default_factory=dict)  # workspace sample -> its template
+    workspace: dict[str, Any] | None = None  # run.json's record: which sample's gates each file got
+
+    def template_for(self, sample_id: str) -> Any:
+        """The template ``sample_id`` is gated with: its own workspace sample's, else the study's."""
+        name = self.gates_of.get(sample_id)
+        return self.template if name is None else self.own_templates[name]
+
+    def template_key(self, sample_id: str) -> str:
+        """Cache-key part: the workspace sample whose gates ``sample_id`` gets ('' for the study's)."""
+        name = self.gates_of.get(sample_id)
+        return "" if name is None else "w" + stable_hash(name)[:8]
 
 
 @dataclass
@@ -80,24 +94,43 @@ def split_jobs(manifest: pd.DataFrame) -> tuple[list[dict[str, Any]], list[dict[
     return jobs, controls
 
 
-def build_state(wf: Workflow, n_samples: int) -> StudyState:
-    """The study state before the study-level steps (template, QC, matrix, fixed transforms)."""
+def build_state(
+    wf: Workflow, n_samples: int, jobs: list[dict[str, Any]] | None = None, warn: bool = True
+) -> StudyState:
+    """The study state before the study-level steps (template, QC, matrix, fixed transforms).
+
+    A FlowJo workspace of several samples as template: each of ``jobs`` gets its own sample's gates
+    (:mod:`cytopipe.pipeline.workspace`; ``warn``: say which files the workspace does not list)."""
     import dataclasses
 
     from cytopipe.gating import load_template
+    from cytopipe.pipeline.workspace import is_workspace, workspace_templates
 
-    template = load_template(wf.template)
     source = wf.compensation["source"]
+
+    def adjust(template: Any) -> Any:
+        if source in ("file", "csv", "controls"):  # the engine reads sample.spillover
+            return dataclasses.replace(template, compensation="file")
+        if source == "none":
+            return dataclasses.replace(template, compensation="none")
+        return template
+
+    gates_of: dict[str, str] = {}
+    own: dict[str, Any] = {}
+    record = None
+    if is_workspace(wf.template):
+        template, gates_of, own, record = workspace_templates(wf.template, jobs or [], adjust, warn=warn)
+    else:
+        template = adjust(load_template(wf.template))
     spillover = None
     if source == "csv":
         from cytopipe.compensation import Compensation
 
         spillover = Compensation.from_csv(wf.compensation["path"]).to_spillover()
-    if source in ("file", "csv", "controls"):
-        template = dataclasses.replace(template, compensation="file")  # the engine reads sample.spillover
-    elif source == "none":
-        template = dataclasses.replace(template, compensation="none")
     return StudyState(
+        gates_of=gates_of,
+        own_templates=own,
+        workspace=record,
         qc=QCSettings.from_mapping(wf.qc),
         template=template,
         compensation=source,

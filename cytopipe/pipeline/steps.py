@@ -85,7 +85,7 @@ def validate_inputs(ctx: RunContext) -> None:
             key="compensation.source",
             file=wf.manifest,
         )
-    ctx.state = build_state(wf, n_samples=len(ctx.jobs))
+    ctx.state = build_state(wf, n_samples=len(ctx.jobs), jobs=ctx.jobs)
     from cytopipe.workflow import statistics_enabled, statistics_settings
 
     ctx.state.cluster = plan_clustering(wf, ctx.state.template, ctx.state.transforms)
@@ -473,7 +473,8 @@ def step_gate(ctx: RunContext) -> dict[str, Any]:
     for job in ctx.alive():
         res = ctx.fused.get(job["sample_id"])
         if res is not None and "stats" in res and "fits" in res:
-            if not needs_regating(res["fits"], job, ctx.state.template, ctx.state.pooled):
+            template = ctx.state.template_for(job["sample_id"])  # a FlowJo workspace: the file's own gates
+            if not needs_regating(res["fits"], job, template, ctx.state.pooled):
                 ready[job["sample_id"]] = {k: v for k, v in res.items() if k != "fits"}
     ctx.results = _run_cached_phase(
         ctx,

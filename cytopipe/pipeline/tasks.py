@@ -49,7 +49,7 @@ def register_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
             raise FCSDataError(info.data_error, file=job["file"])
         missing: list[str] = []
         if not job.get("control"):
-            missing = _check_markers(info, state, job["file"])
+            missing = _check_markers(info, state, job)
         return {
             "sha256": sha,
             "n_events": int(info.n_events),
@@ -162,7 +162,7 @@ def fit_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
             gate,
             prep,
             state,
-            state.template,
+            state.template_for(job["sample_id"]),  # a FlowJo workspace: the file's own sample's gates
             sample_meta=prep.meta,
             transforms=state.transforms,
             medians=True,
@@ -292,7 +292,7 @@ def gate_prepared(prep: Prepared, state: StudyState, medians: bool = True, keep_
         gating.gate if state.learner is None else state.learner.gate,  # learner: `examples:`
         prep,
         state,
-        state.template,
+        state.template_for(prep.meta["sample_id"]),  # a FlowJo workspace: the file's own sample's gates
         pooled=state.pooled,
         sample_meta=prep.meta,
         transforms=state.transforms,
@@ -352,7 +352,7 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState, copy_kept: bool = 
     return Prepared(sample=sample, metrics=metrics, meta=sample_meta(job), kept=kept, fmo=job.get("fmo"))
 
 
-def _check_markers(info: Any, state: StudyState, file: str) -> list[str]:
+def _check_markers(info: Any, state: StudyState, job: Mapping[str, Any]) -> list[str]:
     """PanelError (naming file, population, marker) when a template marker is ambiguous; the
     markers the file lacks (their populations are 'not measured' in it)."""
     from cytopipe.gating import Engine
@@ -361,9 +361,9 @@ def _check_markers(info: Any, state: StudyState, file: str) -> list[str]:
         Engine(
             events=np.empty((0, len(info.channels)), dtype=np.float32),
             channels=info.channels,
-            template=state.template,
+            template=state.template_for(job["sample_id"]),
             spillover=info.spillover,
-            file=file,
+            file=job["file"],
             transforms=state.transforms,
         ).missing
     )

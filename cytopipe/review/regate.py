@@ -114,7 +114,8 @@ def current_params(
     out = {str(n): float(v) for n, v in zip(row["param_names"], row["params"])}
     if run_dir is not None:
         lr = loaded_run(run_dir)
-        if population in lr.state.template.populations and _is_diagonal(lr.state.template[population].gate):
+        template = lr.state.template_for(sample_id)  # a FlowJo workspace run: the sample's own gates
+        if population in template.populations and _is_diagonal(template[population].gate):
             if "diagonal >=" not in out:
                 out.update(diagonal_numbers(lr, sample_id, population))
     return out
@@ -160,7 +161,7 @@ def diagonal_numbers(lr: Any, sample_id: str, population: str) -> dict[str, floa
     """The numbers of the run's own diagonal gate of ``population`` on one sample (gated again)."""
     from cytopipe import gating
 
-    template = lr.state.template
+    template = lr.state.template_for(sample_id)
     g = template[population].gate
     prep = prepared(lr, sample_id)
     pops = dict(template.populations)
@@ -199,7 +200,7 @@ def override_gate(lr: Any, decision: Decision, review: pd.DataFrame, meta: Mappi
     from cytopipe.gating.fitters import DataDrivenGate
     from cytopipe.gating.gates import EllipsoidGate, PolygonGate, RectangleGate
 
-    template = lr.state.template
+    template = lr.state.template_for(decision.sample_id)
     where = {"sample": decision.sample_id, "population": decision.population}
     if decision.population not in template.populations:
         raise ReviewError(f"no such population; populations are {template.names}", **where)
@@ -263,8 +264,9 @@ def override_gate(lr: Any, decision: Decision, review: pd.DataFrame, meta: Mappi
 def overridden_template(
     lr: Any, overrides: Mapping[str, Decision], review: pd.DataFrame, meta: Mapping
 ) -> Any:
-    """The run's template with the overridden populations' gates replaced by fixed gates."""
-    template = lr.state.template
+    """The run's template of the sample (``meta``) with the overridden populations' gates replaced
+    by fixed gates."""
+    template = lr.state.template_for(meta["sample_id"])
     pops = dict(template.populations)
     for name, pop in template.populations.items():  # diagonal gates record their numbers
         if name not in overrides and _is_diagonal(pop.gate):
@@ -305,11 +307,12 @@ def regate_sample(
         stats[col] = job.get(col)
     stats = add_count_qc(stats, lr.state.qc)
     rows = gate_review_data(prep.sample, result, sample_id)
-    rows = _with_diagonal_panels(rows, prep.sample, result, lr.state.template)
+    own = lr.state.template_for(sample_id)  # a FlowJo workspace run: the sample's own gates
+    rows = _with_diagonal_panels(rows, prep.sample, result, own)
     for i in rows.index:
         name = rows.at[i, "population"]
-        if name in lr.state.template.populations and _is_diagonal(lr.state.template[name].gate):
-            numbers = _numbers_of(lr.state.template[name].gate, result.populations[name].gate)
+        if name in own.populations and _is_diagonal(own[name].gate):
+            numbers = _numbers_of(own[name].gate, result.populations[name].gate)
             have = list(rows.at[i, "param_names"])
             new = [k for k in numbers if k not in have]
             rows.at[i, "param_names"] = have + new
