@@ -1,6 +1,6 @@
 """The study manifest: one CSV row per FCS file.
 
-Columns (``../shared/design/ARCHITECTURE.md``):
+Columns (docs/DEVELOPING.md, "Manifest and clinical table"):
 
 * required: ``file`` (path relative to the manifest's folder, or absolute), ``sample_id``,
   ``patient_id``, ``visit`` (study week, an integer; negative for screening), ``arm``;

@@ -1,4 +1,4 @@
-"""Column contracts of the tables other tools and people rely on (ARCHITECTURE.md).
+"""Column contracts of the tables other tools and people rely on (docs/DEVELOPING.md).
 
 Keep these names stable; add, never silently rename.
 """

@@ -1,6 +1,6 @@
 """The run folder: final tables, the DuckDB catalog, run.json and the resumable cache.
 
-Layout (ARCHITECTURE.md)::
+Layout (docs/pipeline.md, "The run folder")::
 
     RUN_DIR/
       population_stats.parquet   one row per sample and population

@@ -1,10 +1,11 @@
 """Everything a report reads from a run folder, loaded once (and blinded once, when asked).
 
-A run folder (ARCHITECTURE.md) holds ``population_stats.parquet`` (required), and optionally
-``samples.parquet``, ``run.json``, ``statistics.parquet``, ``gate_review.parquet`` and
-``clusters.parquet``. The clinical table is the one named in ``run.json`` (the workflow's
-``clinical``) unless another is given. When ``statistics.parquet`` is absent the report computes
-the statistics with :func:`cytopipe.stats.run_statistics` and says so.
+A run folder (docs/pipeline.md, "The run folder") holds ``population_stats.parquet``
+(required), and optionally ``samples.parquet``, ``run.json``, ``statistics.parquet``,
+``gate_review.parquet`` and ``clusters.parquet``. The clinical table is the one named in
+``run.json`` (the workflow's ``clinical``) unless another is given. When ``statistics.parquet``
+is absent the report computes the statistics with :func:`cytopipe.stats.run_statistics` and says
+so.
 """
 
 from __future__ import annotations

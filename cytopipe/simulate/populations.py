@@ -3,7 +3,7 @@
 The truth of every event is decided by its *latent* states (what the cell is), never by its noisy
 intensities: e.g. an event is in ``Treg`` when it is a live single lymphocyte, a CD4 T cell and a
 regulatory T cell (latent CD25hi, CD127lo, FOXP3+). The definitions mirror the canonical phenotype
-table of ARCHITECTURE.md.
+table of docs/simulator.md ("Truth"; the populations of docs/DEVELOPING.md).
 """
 
 from __future__ import annotations
