@@ -127,7 +127,8 @@ def _review(args, db, reviewops, Decision) -> int:
             q = reviewops.queue(db, run, study, args.list, not (study.settings or {}).get("blinded"))
             for it in q["items"]:
                 mark = "flagged" if it["flagged"] else ("outlier" if it["outlier"] else "")
-                print(f"{it['sample_id']}\t{it['pct_parent']:.2f}%\t{it['status']}\t{mark}\t{it['reasons']}")
+                shown = "-" if it["pct_parent"] is None else f"{it['pct_parent']:.2f}%"  # e.g. not measured
+                print(f"{it['sample_id']}\t{shown}\t{it['status']}\t{mark}\t{it['reasons']}")
         if args.examples:
             from cytopipe.review.examples import examples, examples_text
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import shutil
 import threading
 from pathlib import Path
@@ -26,6 +27,7 @@ from sqlalchemy.orm import Session as DBSession
 
 from cytopipe.errors import ReviewError
 from cytopipe.review.decisions import REASONS, Decision, ReviewState, read_review, write_review
+from cytopipe.schema import NOT_MEASURED
 from cytopipe.serve import audit, auth
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Base, Run, Study, User
@@ -132,9 +134,48 @@ def _locked(db: DBSession, run_id: int) -> None:
         )
 
 
+def unmeasured(review: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """(sample, population) -> why, for each population not measured in a sample (its gate needs a
+    marker the file lacks): it has no events and no gate to approve or change. gate_review keeps
+    count 0 for it; population_stats has a missing count."""
+    rows = review[(review["panel"] == 0) & (review["source"].astype(str) == NOT_MEASURED)]
+    return {
+        (s, p): str(f or NOT_MEASURED)
+        for s, p, f in zip(rows["sample_id"], rows["population"], rows["flags"])
+    }
+
+
+def _refuse_unmeasured(
+    run_id: int, pairs: dict[tuple[str, str], str], action: str, group: bool = False
+) -> None:
+    """409 naming the samples (and why) whose population is not measured: nothing to ``action``."""
+    if not pairs:
+        return
+    (_, population), why = next(iter(pairs.items()))
+    why = why.removeprefix(f"{NOT_MEASURED}: ")
+    samples = sorted(s for s, _ in pairs)
+    todo = (
+        "Leave these samples out: apply the change to 'this sample', or filter them out first"
+        if group
+        else "Go on with the next sample"
+    )
+    raise AuthError(
+        409,
+        f"{population} is not measured in sample{'s' if len(samples) > 1 else ''} {', '.join(samples)} of "
+        f"run {run_id} ({why}): there is no gate to {action}. {todo}",
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # the queue
 # ------------------------------------------------------------------------------------------------
+def _number(value: Any) -> float | None:
+    """A finite float, or None (JSON null) for a missing value: the page embeds the queue with
+    ``json.dumps``, where a NaN is not valid JSON and left the queue empty."""
+    v = float(value) if value is not None and not pd.isna(value) else None
+    return v if v is not None and math.isfinite(v) else None
+
+
 def queue(
     db: DBSession, run: Run, study: Study, population: str | None, can_see_arms: bool
 ) -> dict[str, Any]:
@@ -157,14 +198,16 @@ def queue(
     sources = review[(review["population"] == population) & (review["panel"] == 0)].set_index("sample_id")[
         "source"
     ]
+    absent = unmeasured(review[review["population"] == population])
     items = []
     for r in outl.itertuples():
         items.append({
             "sample_id": r.sample_id, "patient_id": str(r.patient_id), "visit": int(r.visit),
-            "arm": str(r.arm) if can_see_arms else None, "pct_parent": float(r.pct_parent),
-            "flagged": bool(r.flagged), "flags": r.flags, "outlier": bool(r.outlier), "score": float(r.score),
+            "arm": str(r.arm) if can_see_arms else None, "pct_parent": _number(r.pct_parent),
+            "flagged": bool(r.flagged), "flags": r.flags, "outlier": bool(r.outlier), "score": _number(r.score) or 0.0,
             "reasons": r.reasons, "source": str(sources.get(r.sample_id, "")),
-            "status": status.get((r.sample_id, population), "unreviewed"),
+            "status": NOT_MEASURED if (r.sample_id, population) in absent
+            else status.get((r.sample_id, population), "unreviewed"),
         })  # fmt: skip
     items.sort(key=lambda i: (not i["flagged"], not i["outlier"], -i["score"] if i["outlier"] else 0.0,
                               i["patient_id"], i["visit"]))  # fmt: skip
@@ -195,6 +238,13 @@ def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
             if not got.empty and not (got["shapes"] == "[]").all():
                 rows = got
     first = rows.iloc[0]
+    if str(first["source"]) == NOT_MEASURED:  # no events, no gate: gate_review's count 0 is not a count
+        ps = _stats_row(run, sample_id, population)
+        parent_count = ps["parent_count"]
+        return {"sample_id": sample_id, "population": population, "parent": first["parent"], "count": None,
+                "parent_count": None if pd.isna(parent_count) else int(parent_count), "pct_parent": None,
+                "source": first["source"], "flags": first["flags"], "params": {}, "panels": [],
+                "drawn_from_sample": False, "measured": False}  # fmt: skip
     panels = []
     for _, r in rows.iterrows():
         background = panel_background(r)  # the parent's full events when the panel shows part of them
@@ -209,7 +259,7 @@ def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
             "count": int(first["count"]), "parent_count": int(first["parent_count"]),
             "pct_parent": float(first["pct_parent"]), "source": first["source"], "flags": first["flags"],
             "params": dict(zip(map(str, first["param_names"]), map(float, first["params"]))),
-            "panels": panels, "drawn_from_sample": bool(drawn)}  # fmt: skip
+            "panels": panels, "drawn_from_sample": bool(drawn), "measured": True}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,21 +342,30 @@ def _refresher(run_id: int, out: Path) -> _Refresher:
         return got
 
 
-def _current_pct(run: Run, sample_id: str, population: str) -> float | None:
+def _stats_row(run: Run, sample_id: str, population: str) -> pd.Series:
+    """The population_stats row of one sample's population (404 when there is none)."""
     ps = pd.read_parquet(
-        out_dir(run) / "population_stats.parquet", columns=["sample_id", "population", "pct_parent"]
+        out_dir(run) / "population_stats.parquet",
+        columns=["sample_id", "population", "count", "parent_count", "pct_parent", "gate_source"],
     )
     hit = ps[(ps["sample_id"] == sample_id) & (ps["population"] == population)]
     if hit.empty:
         raise AuthError(404, f"no population {population!r} for sample {sample_id!r} in run {run.id}")
-    return float(hit["pct_parent"].iloc[0])
+    return hit.iloc[0]
 
 
 def preview(db: DBSession, run_id: int, decision: Decision) -> dict[str, Any]:
     from cytopipe.review.regate import preview as _preview
 
     run, _ = finished(db, run_id)
-    before = _current_pct(run, decision.sample_id, decision.population)
+    row = _stats_row(run, decision.sample_id, decision.population)
+    if decision.kind != "revert" and str(row["gate_source"]) == NOT_MEASURED:
+        from cytopipe.report.gate_review import read_gate_review
+
+        absent = unmeasured(read_gate_review(out_dir(run)))
+        key = (decision.sample_id, decision.population)
+        _refuse_unmeasured(run_id, {key: absent.get(key, NOT_MEASURED)}, "change")
+    before = float(row["pct_parent"])
     try:
         got = _preview(out_dir(run), decision, state(db, run_id))
     except ReviewError as exc:
@@ -353,6 +412,12 @@ def change_group(
     samples = [d.sample_id for d in decisions]
     if len(set(samples)) != len(samples) or any(d.population != population for d in decisions):
         raise AuthError(400, "a group override names each sample once, all of one population")
+    if kind != "revert":  # every sample whose population is not measured named at once
+        from cytopipe.report.gate_review import read_gate_review
+
+        absent = unmeasured(read_gate_review(out_dir(run)))
+        _refuse_unmeasured(run_id, {(s, population): absent[(s, population)] for s in samples
+                                    if (s, population) in absent}, "change", group=True)  # fmt: skip
     with _run_lock(run_id):
         previews = {d.sample_id: preview(db, run_id, d) for d in decisions}
         d0 = decisions[0]
@@ -392,10 +457,12 @@ def approve(
     _locked(db, run_id)
     review = read_gate_review(out_dir(run))
     first = review[review["panel"] == 0]
+    absent = unmeasured(review)
     if scope == "one":
         pairs = [(sample_id, population)]
         if first[(first["sample_id"] == sample_id) & (first["population"] == population)].empty:
             raise AuthError(404, f"no gate of {population!r} for sample {sample_id!r} in run {run_id}")
+        _refuse_unmeasured(run_id, {p: absent[p] for p in pairs if p in absent}, "approve")
     elif scope == "unflagged":
         ps = pd.read_parquet(
             out_dir(run) / "population_stats.parquet", columns=["sample_id", "patient_id", "visit"]
@@ -409,6 +476,7 @@ def approve(
         pairs = list(zip(first["sample_id"], first["population"]))
     else:
         raise AuthError(400, f"scope {scope!r}: use one, unflagged or run")
+    pairs = [p for p in pairs if p not in absent]  # not measured: no gate to approve
     entry = audit.record(db, user, "review.approve", "run", run_id, None,
                          {"scope": scope, "population": population, "sample_id": sample_id, "gates": len(pairs)})  # fmt: skip
     for sid, pop in pairs:

@@ -28,6 +28,7 @@
     return { ok: res.ok, status: res.status, data };
   }
   const $ = (id) => document.getElementById(id);
+  const NOT_MEASURED = "not measured";  // a population whose gate needs a marker the file lacks
   const pct = (v) => (v == null || isNaN(v)) ? "–" : v.toFixed(2) + "%";
   function say(text, bad) { const m = $("action-message"); if (m) { m.textContent = text; m.className = bad ? "error small" : "small"; } }
 
@@ -64,7 +65,7 @@
       tr.className = [k === cur ? "current" : "", (it.flagged || it.outlier) ? "flagged" : "", "st-" + it.status].join(" ");
       const cells = [it.sample_id, it.patient_id, it.visit];
       if (q.arms_visible) cells.push(it.arm);
-      cells.push(pct(it.pct_parent), it.flagged ? "flagged" : (it.outlier ? "outlier" : ""), it.status);
+      cells.push(it.status === NOT_MEASURED ? NOT_MEASURED : pct(it.pct_parent), it.flagged ? "flagged" : (it.outlier ? "outlier" : ""), it.status);
       for (const c of cells) { const td = document.createElement("td"); td.textContent = c == null ? "" : String(c); tr.appendChild(td); }
       tr.addEventListener("click", () => { cur = k; render(); });
       tbody.appendChild(tr);
@@ -87,6 +88,13 @@
     if (!r.ok) { say(r.data.detail, true); return; }
     view = r.data;
     $("current-title").textContent = `${view.sample_id} · ${view.population}`;
+    measuredView(view.measured !== false);
+    if (view.measured === false) {  // no events, no gate: nothing to draw, approve or move
+      $("current-freq").textContent = `${view.population}: not measured in this sample (${String(view.flags).replace(/^not measured: /, "")}). ` +
+        "There is no gate to approve or change here; go on with the next sample (j).";
+      others(item, seq);
+      return;
+    }
     $("current-freq").textContent = `${view.population}: ${pct(view.pct_parent)} of ${view.parent} (${view.count} of ${view.parent_count} events; gate ${view.source})`;
     $("current-flags").textContent = [item.flags, item.reasons].filter(Boolean).join(" · ");
     const panels = $("panels");
@@ -111,9 +119,9 @@
       if (!r.ok) continue;
       const fig = document.createElement("figure");
       fig.className = "other-visit"; fig.dataset.sample = o.sample_id;
-      fig.innerHTML = r.data.panels[0].svg;
+      if (r.data.panels.length) fig.innerHTML = r.data.panels[0].svg;
       const cap = document.createElement("figcaption"); cap.className = "small";
-      cap.textContent = `visit ${o.visit}: ${pct(r.data.pct_parent)}`;
+      cap.textContent = `visit ${o.visit}: ${r.data.measured === false ? NOT_MEASURED : pct(r.data.pct_parent)}`;
       fig.appendChild(cap); box.appendChild(fig);
     }
   }
@@ -270,6 +278,10 @@
   }
 
   // ---- actions -------------------------------------------------------------------------------
+  // a population not measured in the sample has no gate: its approve / change buttons are disabled
+  function measuredView(measured) {
+    for (const id of ["save-override", "use-pooled", "revert", "approve-one"]) if ($(id)) $(id).disabled = !measured;
+  }
   function reason() { return { category: $("reason-category").value, reason: $("reason-text").value.trim() }; }
   // the samples a change applies to: this one, the patient's visits, or every sample the filters show
   function group() {
@@ -323,6 +335,7 @@
   async function approveAndNext() {
     if (!canReview || !shown.length) return;
     const it = shown[cur];
+    if (it.status === NOT_MEASURED) { if (cur < shown.length - 1) { cur++; render(); } return; }  // nothing to approve
     if (await approve("one")) {
       if (it.status === "unreviewed") it.status = "approved";
       if (cur < shown.length - 1) cur++;
