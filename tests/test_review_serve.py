@@ -688,6 +688,73 @@ def test_a_save_answers_while_the_previous_refresh_runs(server, finished, monkey
     assert (reviewops.out_dir(copied["run"]) / "report.html").read_bytes() == report_after
 
 
+def test_a_signoff_waits_for_a_save_that_is_regating(server, finished, monkeypatch):
+    """A sign-off sent while a save re-gates its sample (held here inside the save's preview, under the
+    run's lock) is written after the save: the save's override comes before the signature in the
+    audit trail and is in population_stats; nothing changes the run after its signature. Before, the
+    sign-off was written at once, and the held save then recorded its override on the signed-off run."""
+    import threading
+
+    from sqlalchemy import select
+
+    from cytopipe.review.decisions import Decision
+    from cytopipe.serve import reviewops
+    from cytopipe.serve.db import User, database_url, open_database
+
+    run_id, _ = finished
+    _, sessions = open_database(database_url(server.database, server.data))
+    with sessions() as db:
+        run = reviewops.new_version(db, run_id, "rita")  # unlocked, whatever the other tests did
+        items = reviewops.queue(db, run, reviewops.finished(db, run.id)[1], "Treg", True)["items"]
+    sample = items[0]["sample_id"]
+    held, release = threading.Event(), threading.Event()
+    real = reviewops.preview
+
+    def held_preview(db, rid: int, decision: Decision) -> dict:
+        held.set()
+        release.wait(600)
+        return real(db, rid, decision)
+
+    monkeypatch.setattr(reviewops, "preview", held_preview)
+    saved: dict = {}
+    signed: dict = {}
+
+    def save() -> None:
+        change = Decision(kind="pooled", sample_id=sample, population="Treg", user="rita", reason="race",
+                          category="clog")  # fmt: skip
+        with sessions() as db:
+            saved.update(reviewops.change_gate(db, run.id, "rita", change))
+
+    def sign() -> None:
+        with sessions() as db:
+            user = db.scalars(select(User).where(User.name == "rita")).one()
+            signed.update(reviewops.signoff(db, run.id, user, PASSWORD))
+
+    saver = threading.Thread(target=save, daemon=True)
+    saver.start()
+    assert held.wait(600)  # the save holds the run's lock, re-gating
+    signer = threading.Thread(target=sign, daemon=True)
+    signer.start()
+    signed_early = False
+    for _ in range(50):  # 5 s: the old code signed at once
+        with sessions() as db:
+            signed_early = db.get(reviewops.Signoff, run.id) is not None
+        if signed_early:
+            break
+        time.sleep(0.1)
+    release.set()
+    saver.join(600)
+    signer.join(600)
+    reviewops._refresher(run.id, reviewops.out_dir(run)).wait()
+    assert not signed_early, "the run was signed off while a save was re-gating it"
+    assert saved and signed and saved["audit_entry"] < signed["audit_entry"]
+    ps = pd.read_parquet(reviewops.out_dir(run) / "population_stats.parquet").set_index(KEY)
+    assert ps.loc[(sample, "Treg"), "gate_source"] == "overridden"
+    c = server.client("rita")
+    r = c.post(f"/api/runs/{run.id}/review/approve", json={"scope": "run"}, headers=c.h)
+    assert r.status_code == 409 and "signed off" in r.json()["detail"], r.text
+
+
 def test_template_versions(server, finished, backend):
     """Editing the study's template makes a new immutable version with a diff and an audit entry; the
     finished run keeps naming the version it ran with (run row and run.json)."""

@@ -380,6 +380,7 @@ def change_gate(
     run, _ = finished(db, run_id)
     _locked(db, run_id)
     with _run_lock(run_id):
+        _locked(db, run_id)  # again under the lock: a sign-off may have come in while we waited for it
         pv = preview(db, run_id, decision)
         entry = audit.record(
             db, user, f"review.{decision.kind}", "run", run_id,
@@ -419,6 +420,7 @@ def change_group(
         _refuse_unmeasured(run_id, {(s, population): absent[(s, population)] for s in samples
                                     if (s, population) in absent}, "change", group=True)  # fmt: skip
     with _run_lock(run_id):
+        _locked(db, run_id)  # again under the lock (a sign-off waits for it)
         previews = {d.sample_id: preview(db, run_id, d) for d in decisions}
         d0 = decisions[0]
         entry = audit.record(
@@ -477,13 +479,15 @@ def approve(
     else:
         raise AuthError(400, f"scope {scope!r}: use one, unflagged or run")
     pairs = [p for p in pairs if p not in absent]  # not measured: no gate to approve
-    entry = audit.record(db, user, "review.approve", "run", run_id, None,
-                         {"scope": scope, "population": population, "sample_id": sample_id, "gates": len(pairs)})  # fmt: skip
-    for sid, pop in pairs:
-        db.add(ReviewDecision(run_id=run_id, kind="approve", sample_id=sid, population=pop, params={}, reason="",
-                              category="", user_name=user, at=entry.at, audit_id=entry.id))  # fmt: skip
-    db.commit()
-    write_review(out_dir(run), state(db, run_id))
+    with _run_lock(run_id):  # never between a sign-off's check and its signature
+        _locked(db, run_id)
+        entry = audit.record(db, user, "review.approve", "run", run_id, None,
+                             {"scope": scope, "population": population, "sample_id": sample_id, "gates": len(pairs)})  # fmt: skip
+        for sid, pop in pairs:
+            db.add(ReviewDecision(run_id=run_id, kind="approve", sample_id=sid, population=pop, params={}, reason="",
+                                  category="", user_name=user, at=entry.at, audit_id=entry.id))  # fmt: skip
+        db.commit()
+        write_review(out_dir(run), state(db, run_id))
     return {"audit_entry": entry.id, "approved": len(pairs)}
 
 
@@ -495,17 +499,21 @@ def signoff(
     meaning: str = SIGNOFF_MEANING,
     background: bool = True,
 ) -> dict[str, Any]:
-    """The electronic signature: the signer's password again; meaning, identity and time stored."""
+    """The electronic signature: the signer's password again; meaning, identity and time stored.
+    Under the run's lock: a save that is re-gating a sample ends (its tables written) before the
+    signature, and no save starts between the signature's check and its row."""
     finished(db, run_id)
     _locked(db, run_id)
-    if auth.authenticate(db, user.name, password) is None:
-        audit.record(db, user.name, "review.signoff_refused", "run", run_id, None, None, "wrong password")
+    with _run_lock(run_id):
+        _locked(db, run_id)
+        if auth.authenticate(db, user.name, password) is None:
+            audit.record(db, user.name, "review.signoff_refused", "run", run_id, None, None, "wrong password")
+            db.commit()
+            raise AuthError(403, "the password is not right: the run was not signed off")
+        entry = audit.record(db, user.name, "review.signoff", "run", run_id, None,
+                             {"meaning": meaning, "signer": user.name, "role": user.role}, meaning)  # fmt: skip
+        db.add(Signoff(run_id=run_id, user_name=user.name, meaning=meaning, at=entry.at, audit_id=entry.id))
         db.commit()
-        raise AuthError(403, "the password is not right: the run was not signed off")
-    entry = audit.record(db, user.name, "review.signoff", "run", run_id, None,
-                         {"meaning": meaning, "signer": user.name, "role": user.role}, meaning)  # fmt: skip
-    db.add(Signoff(run_id=run_id, user_name=user.name, meaning=meaning, at=entry.at, audit_id=entry.id))
-    db.commit()
     run, _ = finished(db, run_id)
     _apply(db, run, [], background=background, tables=False)
     return {"audit_entry": entry.id, "signed_by": user.name, "at": entry.at, "meaning": meaning}
