@@ -755,6 +755,30 @@ def test_a_signoff_waits_for_a_save_that_is_regating(server, finished, monkeypat
     assert r.status_code == 409 and "signed off" in r.json()["detail"], r.text
 
 
+def test_the_reports_csv_links_open_from_the_workspace(server, finished):
+    """report.html links its tables relatively (report_tables/<name>.csv); opened from the run page
+    (/runs/N/files/report.html) each link answers its CSV, for any signed-in role. Before, every one
+    was a JSON 404 ("Not Found"), e.g. the Gate review section's overrides table."""
+    from urllib.parse import urljoin
+
+    run_id, out = finished
+    vera = server.client("vera")
+    for base in (f"/runs/{run_id}/files/report.html", f"/api/runs/{run_id}/files/report.html"):
+        html = vera.get(base, params={"inline": "true"}).text
+        links = sorted(set(re.findall(r'href="(report_tables/[^"#]+\.csv)"', html)))
+        assert "report_tables/samples.csv" in links, links
+        for link in links:
+            r = vera.get(urljoin(base, link))
+            assert r.status_code == 200, (link, r.text[:200])
+            assert r.headers["content-type"].startswith("text/csv")
+            assert r.content == (out / link).read_bytes()
+            assert f'filename="{link.split("/")[1]}"' in r.headers["content-disposition"]
+    assert vera.get(f"/api/runs/{run_id}/files/report_tables/nope.csv").status_code == 404
+    assert vera.get(f"/api/runs/{run_id}/files/report_tables/..%2Frun.json").status_code == 404
+    anonymous = server.client(None)
+    assert anonymous.get(f"/api/runs/{run_id}/files/report_tables/gate_review.csv").status_code == 401
+
+
 def test_template_versions(server, finished, backend):
     """Editing the study's template makes a new immutable version with a diff and an audit entry; the
     finished run keeps naming the version it ran with (run row and run.json)."""

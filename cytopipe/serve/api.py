@@ -304,7 +304,7 @@ def download(run_id: int, name: str, request: Request, inline: bool = False) -> 
     if found is not None:
         disposition = "inline" if inline and name == "report.html" else "attachment"
         return FileResponse(
-            found[0], media_type=found[1], filename=name, content_disposition_type=disposition
+            found[0], media_type=found[1], filename=found[0].name, content_disposition_type=disposition
         )
     data = results.csv_download(out, name)
     if data is not None:
@@ -337,6 +337,12 @@ def api_download(run_id: int, name: str, request: Request, inline: bool = False)
     """report.html (``inline=true`` to view it), *.parquet, *.csv (escaped against formula injection),
     run.json, catalog.duckdb."""
     return download(run_id, name, request, inline)
+
+
+@router.get("/runs/{run_id}/files/report_tables/{name}")
+def api_report_table(run_id: int, name: str, request: Request) -> Response:
+    """A CSV table of the run's report (the report's own CSV links, relative to report.html)."""
+    return download(run_id, f"{results.REPORT_TABLES}/{name}", request)
 
 
 @router.get("/audit")

@@ -21,6 +21,7 @@ FILES = {  # download name -> (file in the run folder, media type)
     "run.json": ("run.json", "application/json"),
 }
 H5AD = "application/x-hdf5"
+REPORT_TABLES = "report_tables"  # report.html's CSV links: report_tables/<name>.csv beside it
 CSV_TABLES = ("population_stats", "samples", "statistics", "clusters")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n", "|", "%")
 SAMPLE_COLUMNS = ["sample_id", "patient_id", "visit", "arm", "status", "events_before_qc", "events_after_qc",
@@ -53,6 +54,11 @@ def download_path(out_dir: Path, name: str) -> tuple[Path, str] | None:
     if name.endswith(".h5ad") and "/" not in name and not name.startswith("."):
         path = out_dir / "exports" / name
         return (path, H5AD) if path.is_file() else None
+    folder, _, base = name.partition("/")
+    if folder == REPORT_TABLES and base.endswith(".csv") and "/" not in base and not base.startswith("."):
+        # the report's tables, which report.html links to (relative): written escaped by the report
+        path = out_dir / REPORT_TABLES / base
+        return (path, "text/csv; charset=utf-8") if path.is_file() else None
     return None
 
 

@@ -210,6 +210,12 @@ def download(run_id: int, name: str, request: Request, inline: bool = False) -> 
     return api.download(run_id, name, request, inline)
 
 
+@router.get("/runs/{run_id}/files/report_tables/{name}")
+def report_table(run_id: int, name: str, request: Request) -> Response:
+    """The report's CSV links (``report_tables/<name>.csv`` beside report.html) from the run page."""
+    return api.download(run_id, f"{results.REPORT_TABLES}/{name}", request)
+
+
 @router.get("/users", response_class=HTMLResponse)
 def users(request: Request) -> HTMLResponse:
     ctx = signed_in(request)
