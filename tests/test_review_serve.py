@@ -779,6 +779,47 @@ def test_the_reports_csv_links_open_from_the_workspace(server, finished):
     assert anonymous.get(f"/api/runs/{run_id}/files/report_tables/gate_review.csv").status_code == 401
 
 
+def test_a_revert_of_a_gate_that_was_not_changed_is_refused(server, finished):
+    """Revert undoes an override or pooled gate; on a gate that has none it is refused (409, naming
+    the sample) and nothing is recorded. Before, it was saved: an audit entry, a re-gate, and a row
+    of the signed report's gate changes (5.03% -> 5.03%)."""
+    run_id, _ = finished
+    c = server.client("rita")
+    r = c.post(f"/api/runs/{run_id}/versions", headers=c.h)  # unlocked, whatever the other tests did
+    assert r.status_code == 201, r.text
+    run = r.json()["id"]
+    items = c.get(f"/api/runs/{run}/review?population=Treg").json()["items"]
+    plain = [i["sample_id"] for i in items if i["status"] != "overridden" and i["status"] != "pooled"]
+    a, b = plain[:2]
+    trail = c.get("/api/audit?limit=1").json()[0]["id"]
+    revert = {"sample_id": a, "population": "Treg", "kind": "revert", "reason": "second look"}
+    r = c.post(f"/api/runs/{run}/review/change", json=revert, headers=c.h)
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"].startswith(
+        f"nothing to revert: Treg of sample {a} has no override or pooled gate"
+    )
+    assert c.get("/api/audit?limit=1").json()[0]["id"] == trail  # nothing recorded
+    r = c.post(
+        f"/api/runs/{run}/review/change", json={**revert, "kind": "pooled", "category": "clog"}, headers=c.h
+    )
+    assert r.status_code == 200, r.text
+    r = c.post(f"/api/runs/{run}/review/change", json={**revert, "sample_ids": [a, b]}, headers=c.h)
+    assert r.status_code == 409 and f"sample {b} has" in r.json()["detail"], r.text
+    assert "Revert only the samples that were changed" in r.json()["detail"]
+    r = c.post(f"/api/runs/{run}/review/change", json=revert, headers=c.h)
+    assert r.status_code == 200, r.text
+    status = {
+        i["sample_id"]: i["status"] for i in c.get(f"/api/runs/{run}/review?population=Treg").json()["items"]
+    }
+    assert status[a] == "unreviewed"
+    # a reason is asked for in words a reviewer can act on
+    r = c.post(f"/api/runs/{run}/review/change", json={**revert, "kind": "pooled", "reason": ""}, headers=c.h)
+    assert (
+        r.status_code == 400
+        and "a reason is required to use the patient's pooled gate: choose one of" in r.text
+    )
+
+
 def test_template_versions(server, finished, backend):
     """Editing the study's template makes a new immutable version with a diff and an audit entry; the
     finished run keeps naming the version it ran with (run row and run.json)."""

@@ -48,7 +48,8 @@ class Decision:
             raise ReviewError(f"unknown review action {self.kind!r}; use one of {', '.join(KINDS)}")
         if self.kind in ("override", "pooled", "revert") and not self.reason.strip():
             raise ReviewError(
-                f"a reason is required to {self.kind} a gate",
+                f"a reason is required to {_VERBS[self.kind]}: choose one of {', '.join(REASONS)} and/or "
+                "write what you saw",
                 sample=self.sample_id,
                 population=self.population,
             )
@@ -118,6 +119,9 @@ def write_review(run_dir: str | Path, state: ReviewState) -> Path:
     from cytopipe.store import atomic_write_json
 
     return atomic_write_json(Path(run_dir) / REVIEW_FILE, state.to_dict())
+
+
+_VERBS = {"override": "override a gate", "pooled": "use the patient's pooled gate", "revert": "revert a gate"}
 
 
 def effective_overrides(decisions: Iterable[Decision]) -> dict[tuple[str, str], Decision]:

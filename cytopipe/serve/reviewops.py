@@ -145,6 +145,25 @@ def unmeasured(review: pd.DataFrame) -> dict[tuple[str, str], str]:
     }
 
 
+def _refuse_nothing_to_revert(db: DBSession, run_id: int, decisions: list[Decision]) -> None:
+    """409 for a revert of a gate that has no override or pooled gate in force (a no-op that would
+    still be an audit entry and a row of the report's gate changes)."""
+    from cytopipe.review.decisions import effective_overrides
+
+    changed = effective_overrides(state(db, run_id).decisions)
+    plain = sorted(
+        d.sample_id for d in decisions if d.kind == "revert" and (d.sample_id, d.population) not in changed
+    )
+    if plain:
+        more = len(decisions) > 1
+        raise AuthError(
+            409,
+            f"nothing to revert: {decisions[0].population} of sample{'s' if len(plain) > 1 else ''} "
+            f"{', '.join(plain)} has no override or pooled gate; it is the run's gate already"
+            + (". Revert only the samples that were changed (e.g. 'this sample')" if more else ""),
+        )
+
+
 def _refuse_unmeasured(
     run_id: int, pairs: dict[tuple[str, str], str], action: str, group: bool = False
 ) -> None:
@@ -381,6 +400,7 @@ def change_gate(
     _locked(db, run_id)
     with _run_lock(run_id):
         _locked(db, run_id)  # again under the lock: a sign-off may have come in while we waited for it
+        _refuse_nothing_to_revert(db, run_id, [decision])
         pv = preview(db, run_id, decision)
         entry = audit.record(
             db, user, f"review.{decision.kind}", "run", run_id,
@@ -421,6 +441,7 @@ def change_group(
                                     if (s, population) in absent}, "change", group=True)  # fmt: skip
     with _run_lock(run_id):
         _locked(db, run_id)  # again under the lock (a sign-off waits for it)
+        _refuse_nothing_to_revert(db, run_id, decisions)
         previews = {d.sample_id: preview(db, run_id, d) for d in decisions}
         d0 = decisions[0]
         entry = audit.record(
