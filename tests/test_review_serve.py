@@ -820,6 +820,30 @@ def test_a_revert_of_a_gate_that_was_not_changed_is_refused(server, finished):
     )
 
 
+def test_the_audit_page_shows_gate_numbers_as_written(server, finished):
+    """The audit page's before/after read as written ({"FOXP3 >=": ...}), escaped by the page. Before,
+    they went through Jinja's tojson, which writes > < & as \\u003e \\u003c \\u0026: a reviewer read
+    "FOXP3 \\u003e=" for every override."""
+    run_id, _ = finished
+    c = server.client("rita")
+    r = c.post(f"/api/runs/{run_id}/versions", headers=c.h)
+    assert r.status_code == 201, r.text
+    run = r.json()["id"]
+    item = c.get(f"/api/runs/{run}/review?population=Treg").json()["items"][0]
+    gate = c.get(
+        f"/api/runs/{run}/review/gate", params={"sample_id": item["sample_id"], "population": "Treg"}
+    )
+    foxp3 = gate.json()["params"]["FOXP3 >="]
+    change = {"sample_id": item["sample_id"], "population": "Treg", "kind": "override",
+              "params": {"FOXP3 >=": foxp3 + 0.25}, "reason": "<b>dim</b> & faint", "category": "poor staining"}  # fmt: skip
+    r = c.post(f"/api/runs/{run}/review/change", json=change, headers=c.h)
+    assert r.status_code == 200, r.text
+    html = server.client("vera").get("/audit").text
+    row = next(x for x in html.split("<tr>") if f"<td>{r.json()['audit_entry']}</td>" in x)
+    assert "FOXP3 &gt;=" in row and "&lt;b&gt;dim&lt;/b&gt; &amp; faint" in row, row
+    assert "\\u00" not in html and "<b>dim" not in html
+
+
 def test_template_versions(server, finished, backend):
     """Editing the study's template makes a new immutable version with a diff and an audit entry; the
     finished run keeps naming the version it ran with (run row and run.json)."""

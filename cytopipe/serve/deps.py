@@ -4,6 +4,7 @@ check, session cookie, page rendering)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class Workspace:
         self.limiter = auth.RateLimiter(config.login_limit, config.login_window)
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.globals["version"] = __version__
+        self.templates.env.filters["readable_json"] = readable_json
 
 
 class Body(BaseModel):
@@ -108,6 +110,12 @@ def set_session_cookie(request: Request, response: Any, token: str) -> None:
 
 def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
+
+
+def readable_json(value: Any) -> str:
+    """JSON as a person reads it (``{"FOXP3 >=": 2.5}``, accents kept), escaped by the page like any
+    text; Jinja's ``tojson`` writes ``>`` as ``\\u003e`` for scripts, which the audit page showed."""
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
 def page(request: Request, name: str, ctx: Ctx | None, status: int = 200, **values: Any) -> HTMLResponse:
