@@ -844,6 +844,32 @@ def test_the_audit_page_shows_gate_numbers_as_written(server, finished):
     assert "\\u00" not in html and "<b>dim" not in html
 
 
+def test_the_review_page_names_the_parent_and_who_may_sign(server, finished):
+    """The queue's % column names its parent (% of CD4 T for Treg); a role that cannot sign is told so
+    on the page (before, the sign-off section was empty for an administrator or an analyst, with no
+    word why), and an approval without its population or sample says which is missing."""
+    run_id, _ = finished
+    c = server.client("rita")
+    r = c.post(f"/api/runs/{run_id}/versions", headers=c.h)  # unlocked
+    assert r.status_code == 201, r.text
+    run = r.json()["id"]
+    pages = {
+        u: server.client(u).get(f"/runs/{run}/review?population=Treg").text for u in ("admin", "alan", "rita")
+    }
+    assert all("% of CD4 T</th>" in html for html in pages.values())
+    assert (
+        "an administrator account cannot sign, use a reviewer account); your role (admin) cannot"
+        in pages["admin"]
+    )
+    assert "A reviewer signs the run off (a personal signature); your role (analyst) cannot" in pages["alan"]
+    assert 'id="signoff-who"' not in pages["rita"] and 'id="signoff-form"' in pages["rita"]
+    assert c.get(f"/api/runs/{run}/review?population=Treg").json()["parent"] == "CD4 T"
+    r = c.post(f"/api/runs/{run}/review/approve", json={"scope": "unflagged"}, headers=c.h)
+    assert r.status_code == 400 and r.json()["detail"] == "approving 'unflagged' needs the population", r.text
+    r = c.post(f"/api/runs/{run}/review/approve", json={"scope": "one", "population": "Treg"}, headers=c.h)
+    assert r.status_code == 400 and "needs the population and the sample_id" in r.json()["detail"], r.text
+
+
 def test_template_versions(server, finished, backend):
     """Editing the study's template makes a new immutable version with a diff and an audit entry; the
     finished run keeps naming the version it ran with (run row and run.json)."""

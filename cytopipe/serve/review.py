@@ -181,4 +181,4 @@ def review_page(run_id: int, request: Request, population: str | None = None) ->
         q = reviewops.queue(db, run, study, population, blinding.arms_visible(study))
         template = db.get(Template, run.template_id) if run.template_id else None
     return page(request, "review.html", ctx, run=run, study=study, q=q, q_json=json.dumps(q), template=template,
-                can_review=ctx.can("review"), can_signoff=ctx.can("signoff"))  # fmt: skip
+                can_review=ctx.can("review"), can_signoff=ctx.can("signoff"), ctx_role=ctx.user.role)  # fmt: skip

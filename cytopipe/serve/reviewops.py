@@ -31,6 +31,7 @@ from cytopipe.schema import NOT_MEASURED
 from cytopipe.serve import audit, auth
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Base, Run, Study, User
+from cytopipe.serve.reviewchecks import refuse_nothing_to_revert, refuse_unmeasured, unmeasured
 
 logger = logging.getLogger(__name__)
 SIGNOFF_MEANING = "reviewed and approved"
@@ -134,57 +135,6 @@ def _locked(db: DBSession, run_id: int) -> None:
         )
 
 
-def unmeasured(review: pd.DataFrame) -> dict[tuple[str, str], str]:
-    """(sample, population) -> why, for each population not measured in a sample (its gate needs a
-    marker the file lacks): it has no events and no gate to approve or change. gate_review keeps
-    count 0 for it; population_stats has a missing count."""
-    rows = review[(review["panel"] == 0) & (review["source"].astype(str) == NOT_MEASURED)]
-    return {
-        (s, p): str(f or NOT_MEASURED)
-        for s, p, f in zip(rows["sample_id"], rows["population"], rows["flags"])
-    }
-
-
-def _refuse_nothing_to_revert(db: DBSession, run_id: int, decisions: list[Decision]) -> None:
-    """409 for a revert of a gate that has no override or pooled gate in force (a no-op that would
-    still be an audit entry and a row of the report's gate changes)."""
-    from cytopipe.review.decisions import effective_overrides
-
-    changed = effective_overrides(state(db, run_id).decisions)
-    plain = sorted(
-        d.sample_id for d in decisions if d.kind == "revert" and (d.sample_id, d.population) not in changed
-    )
-    if plain:
-        more = len(decisions) > 1
-        raise AuthError(
-            409,
-            f"nothing to revert: {decisions[0].population} of sample{'s' if len(plain) > 1 else ''} "
-            f"{', '.join(plain)} has no override or pooled gate; it is the run's gate already"
-            + (". Revert only the samples that were changed (e.g. 'this sample')" if more else ""),
-        )
-
-
-def _refuse_unmeasured(
-    run_id: int, pairs: dict[tuple[str, str], str], action: str, group: bool = False
-) -> None:
-    """409 naming the samples (and why) whose population is not measured: nothing to ``action``."""
-    if not pairs:
-        return
-    (_, population), why = next(iter(pairs.items()))
-    why = why.removeprefix(f"{NOT_MEASURED}: ")
-    samples = sorted(s for s, _ in pairs)
-    todo = (
-        "Leave these samples out: apply the change to 'this sample', or filter them out first"
-        if group
-        else "Go on with the next sample"
-    )
-    raise AuthError(
-        409,
-        f"{population} is not measured in sample{'s' if len(samples) > 1 else ''} {', '.join(samples)} of "
-        f"run {run_id} ({why}): there is no gate to {action}. {todo}",
-    )
-
-
 # ------------------------------------------------------------------------------------------------
 # the queue
 # ------------------------------------------------------------------------------------------------
@@ -230,7 +180,8 @@ def queue(
         })  # fmt: skip
     items.sort(key=lambda i: (not i["flagged"], not i["outlier"], -i["score"] if i["outlier"] else 0.0,
                               i["patient_id"], i["visit"]))  # fmt: skip
-    return {"run": run.id, "population": population, "populations": populations, "items": items,
+    parent = str(review.loc[review["population"] == population, "parent"].iloc[0])
+    return {"run": run.id, "population": population, "parent": parent, "populations": populations, "items": items,
             "locked": st.locked, "signoff": st.signoff, "version": st.version, "reasons": list(REASONS),
             "arms_visible": can_see_arms}  # fmt: skip
 
@@ -383,7 +334,7 @@ def preview(db: DBSession, run_id: int, decision: Decision) -> dict[str, Any]:
 
         absent = unmeasured(read_gate_review(out_dir(run)))
         key = (decision.sample_id, decision.population)
-        _refuse_unmeasured(run_id, {key: absent.get(key, NOT_MEASURED)}, "change")
+        refuse_unmeasured(run_id, {key: absent.get(key, NOT_MEASURED)}, "change")
     before = float(row["pct_parent"])
     try:
         got = _preview(out_dir(run), decision, state(db, run_id))
@@ -400,7 +351,7 @@ def change_gate(
     _locked(db, run_id)
     with _run_lock(run_id):
         _locked(db, run_id)  # again under the lock: a sign-off may have come in while we waited for it
-        _refuse_nothing_to_revert(db, run_id, [decision])
+        refuse_nothing_to_revert(state(db, run_id), [decision])
         pv = preview(db, run_id, decision)
         entry = audit.record(
             db, user, f"review.{decision.kind}", "run", run_id,
@@ -437,11 +388,11 @@ def change_group(
         from cytopipe.report.gate_review import read_gate_review
 
         absent = unmeasured(read_gate_review(out_dir(run)))
-        _refuse_unmeasured(run_id, {(s, population): absent[(s, population)] for s in samples
+        refuse_unmeasured(run_id, {(s, population): absent[(s, population)] for s in samples
                                     if (s, population) in absent}, "change", group=True)  # fmt: skip
     with _run_lock(run_id):
         _locked(db, run_id)  # again under the lock (a sign-off waits for it)
-        _refuse_nothing_to_revert(db, run_id, decisions)
+        refuse_nothing_to_revert(state(db, run_id), decisions)
         previews = {d.sample_id: preview(db, run_id, d) for d in decisions}
         d0 = decisions[0]
         entry = audit.record(
@@ -481,11 +432,16 @@ def approve(
     review = read_gate_review(out_dir(run))
     first = review[review["panel"] == 0]
     absent = unmeasured(review)
+    if scope in ("one", "unflagged") and not population or scope == "one" and not sample_id:
+        raise AuthError(
+            400,
+            f"approving {scope!r} needs the population" + (" and the sample_id" if scope == "one" else ""),
+        )
     if scope == "one":
         pairs = [(sample_id, population)]
         if first[(first["sample_id"] == sample_id) & (first["population"] == population)].empty:
             raise AuthError(404, f"no gate of {population!r} for sample {sample_id!r} in run {run_id}")
-        _refuse_unmeasured(run_id, {p: absent[p] for p in pairs if p in absent}, "approve")
+        refuse_unmeasured(run_id, {p: absent[p] for p in pairs if p in absent}, "approve")
     elif scope == "unflagged":
         ps = pd.read_parquet(
             out_dir(run) / "population_stats.parquet", columns=["sample_id", "patient_id", "visit"]

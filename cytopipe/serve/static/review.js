@@ -364,6 +364,7 @@
     $("new-version").addEventListener("click", async () => {
       const r = await call("POST", `/api/runs/${runId}/versions`);
       if (r.ok) window.location = `/runs/${r.data.id}/review?population=${encodeURIComponent(q.population)}`;
+      else { const st = $("signoff-state"); st.textContent = "No new version was made: " + r.data.detail; st.className = "error"; }
     });
   }
   render();
