@@ -870,6 +870,39 @@ def test_the_review_page_names_the_parent_and_who_may_sign(server, finished):
     assert r.status_code == 400 and "needs the population and the sample_id" in r.json()["detail"], r.text
 
 
+def test_a_malformed_polygon_or_ellipse_is_refused_naming_what_it_needs(server, finished):
+    """Polygon and ellipse overrides from a script: a ragged vertex list, an ellipse without its
+    covariance, a singular one, one that is not positive definite (no ellipse) or a distance_square
+    <= 0 answer 400 naming what the override needs. Before: 500 for the first three, and the last two
+    were previewed (97% and 0% of parent) and could be saved."""
+    run_id, _ = finished
+    c = server.client("rita")
+    r = c.post(f"/api/runs/{run_id}/versions", headers=c.h)
+    assert r.status_code == 201, r.text
+    run = r.json()["id"]
+    sample = c.get(f"/api/runs/{run}/review?population=Lymphocytes").json()["items"][0]["sample_id"]
+    ellipse = {
+        "center": [50000.0, 20000.0],
+        "covariance": [[3e7, 8e6], [8e6, 1.7e7]],
+        "distance_square": 11.6,
+    }
+    cases = [
+        ("Singlets", {"vertices": [[0, 0], [1, 1], [2]]}, "a polygon override needs >= 3 vertices"),
+        ("Lymphocytes", {"center": [1.0, 1.0]}, "an ellipse override needs a centre of 2 numbers"),
+        ("Lymphocytes", {**ellipse, "covariance": [[0, 0], [0, 0]]}, "positive definite"),
+        ("Lymphocytes", {**ellipse, "covariance": [[-1, 0], [0, 1]]}, "positive definite"),
+        ("Lymphocytes", {**ellipse, "distance_square": -1}, "distance_square > 0"),
+    ]
+    for population, params, message in cases:
+        body = {"sample_id": sample, "population": population, "kind": "override", "params": params,
+                "reason": "script", "category": "other"}  # fmt: skip
+        for action in ("preview", "change"):
+            r = c.post(f"/api/runs/{run}/review/{action}", json=body, headers=c.h)
+            assert r.status_code == 400 and message in r.json()["detail"], (action, params, r.text)
+    r = c.post(f"/api/runs/{run}/review/preview", json={**body, "params": ellipse}, headers=c.h)
+    assert r.status_code == 200 and 0 < r.json()["after_pct"] <= 100, r.text
+
+
 def test_template_versions(server, finished, backend):
     """Editing the study's template makes a new immutable version with a diff and an audit entry; the
     finished run keeps naming the version it ran with (run row and run.json)."""

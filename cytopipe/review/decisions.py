@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cytopipe.errors import ReviewError
 
 REVIEW_FILE = "review.json"
@@ -153,3 +155,41 @@ def status_of(decisions: Iterable[Decision]) -> dict[tuple[str, str], str]:
         elif d.kind == "revert":
             out.pop(key, None)
     return out
+
+
+def polygon_vertices(params: Mapping[str, Any], ndim: int, where: Mapping[str, str]) -> np.ndarray:
+    """The ``vertices`` of a polygon override as an (n, 2) array, n >= 3 (ReviewError otherwise)."""
+    try:
+        vertices = np.asarray(params["vertices"], dtype=np.float64)
+    except (TypeError, ValueError):  # a ragged list: a vertex of 1 or 3 numbers
+        vertices = np.empty((0, 0))
+    if vertices.ndim != 2 or vertices.shape[1] != 2 or len(vertices) < 3 or ndim != 2:
+        raise ReviewError("a polygon override needs >= 3 vertices [x, y] on a 2-D gate", **where)
+    return vertices
+
+
+def ellipse_params(
+    params: Mapping[str, Any], ndim: int, where: Mapping[str, str]
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(centre, covariance, distance_square) of an ellipse override: a centre of ``ndim`` numbers, a
+    symmetric positive definite ``ndim`` x ``ndim`` covariance (else there is no ellipse) and a
+    distance_square > 0 (default 1); ReviewError naming what is needed otherwise."""
+    try:
+        center = np.asarray(params["center"], dtype=np.float64)
+        cov = np.asarray(params["covariance"], dtype=np.float64)
+        d2 = float(params.get("distance_square", 1.0))
+    except (KeyError, TypeError, ValueError):
+        center, cov, d2 = np.empty(0), np.empty(0), np.nan
+    ok = center.shape == (ndim,) and cov.shape == (ndim, ndim) and np.isfinite(d2) and d2 > 0
+    if ok and np.all(np.isfinite(cov)) and np.allclose(cov, cov.T, rtol=1e-6, atol=0.0):
+        ok = bool(np.linalg.eigvalsh(cov).min() > 0)
+    else:
+        ok = False
+    if not ok:
+        raise ReviewError(
+            f"an ellipse override needs a centre of {ndim} numbers, a covariance of {ndim} x {ndim} numbers "
+            "that is symmetric and positive definite (an ellipse, not a line or a hyperbola) and a "
+            "distance_square > 0",
+            **where,
+        )
+    return center, cov, d2

@@ -28,7 +28,13 @@ import numpy as np
 import pandas as pd
 
 from cytopipe.errors import CytopipeError, ReviewError
-from cytopipe.review.decisions import Decision, ReviewState, effective_overrides
+from cytopipe.review.decisions import (
+    Decision,
+    ReviewState,
+    effective_overrides,
+    ellipse_params,
+    polygon_vertices,
+)
 
 logger = logging.getLogger(__name__)
 PREPARED_KEEP = 4  # prepared samples kept in memory per process (one sample: its event matrix)
@@ -226,18 +232,9 @@ def override_gate(lr: Any, decision: Decision, review: pd.DataFrame, meta: Mappi
         return applied
     params = dict(decision.params)
     if "vertices" in params:
-        vertices = np.asarray(params["vertices"], dtype=np.float64)
-        if vertices.ndim != 2 or vertices.shape[1] != 2 or len(vertices) < 3 or len(dims) != 2:
-            raise ReviewError("a polygon override needs >= 3 vertices [x, y] on a 2-D gate", **where)
-        return PolygonGate(dims, vertices)
+        return PolygonGate(dims, polygon_vertices(params, len(dims), where))
     if "center" in params:
-        center = np.asarray(params["center"], dtype=np.float64)
-        cov = np.asarray(params["covariance"], dtype=np.float64)
-        if center.shape != (len(dims),) or cov.shape != (len(dims), len(dims)):
-            raise ReviewError(
-                f"an ellipse override needs a centre of {len(dims)} numbers and a covariance", **where
-            )
-        return EllipsoidGate(dims, center, cov, float(params.get("distance_square", 1.0)))
+        return EllipsoidGate(dims, *ellipse_params(params, len(dims), where))
     if _is_diagonal(g):
         return _diagonal_override(lr, g, decision, params, where)
     numbers = current_params(review, decision.sample_id, decision.population)
