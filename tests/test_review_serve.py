@@ -404,6 +404,9 @@ def test_review_in_the_browser(browser, server, finished, backend):
     page.fill("#signoff-password", PASSWORD)
     page.click("#signoff")
     expect(page.locator("#signoff-state")).to_have_text(re.compile("^Signed off"))
+    expect(page.locator("#signoff-form")).to_be_hidden()  # was still shown (display: flex beat hidden)
+    expect(page.locator("#override-form")).to_be_hidden()  # the gates are locked: nothing to save
+    expect(page.locator("#approve-all")).to_be_hidden()
     assert "rita" in page.inner_text("#signoff-state") and "reviewed and approved" in page.inner_text(
         "#signoff-state"
     )
@@ -536,9 +539,12 @@ def test_signoff_locks_the_gates_until_a_new_version(server, finished, monkeypat
     r = c.post(f"/api/runs/{run_id}/review/change", json=change, headers=c.h)
     assert r.status_code == 409 and "new version" in r.json()["detail"]
     assert c.post(f"/api/runs/{run_id}/review/approve", json={"scope": "run"}, headers=c.h).status_code == 409
+    page = c.get(f"/runs/{run_id}/review?population=Treg").text  # locked: no form to change a gate
+    assert 'id="override-form"' not in page and 'id="approve-all"' not in page and 'id="new-version"' in page
     r = c.post(f"/api/runs/{run_id}/versions", headers=c.h)
     assert r.status_code == 201, r.text
     new_id = r.json()["id"]
+    assert 'id="override-form"' in c.get(f"/runs/{new_id}/review?population=Treg").text
     q = c.get(f"/api/runs/{new_id}/review?population=Treg").json()
     assert not q["locked"] and q["version"] == 2
     r = c.post(f"/api/runs/{new_id}/review/change", json=change, headers=c.h)

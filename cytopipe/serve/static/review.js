@@ -358,6 +358,7 @@
       st.textContent = `Signed off “${r.data.meaning}” by ${r.data.signed_by} at ${r.data.at.slice(0, 19)} UTC: the gates are locked.`;
       st.className = "note";
       $("signoff-form").hidden = true;
+      for (const id of ["override-form", "approve-all"]) if ($(id)) $(id).hidden = true;  // locked now
     });
   }
   if ($("new-version")) {
