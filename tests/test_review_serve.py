@@ -465,6 +465,7 @@ def test_review_in_the_browser(browser, server, finished, backend):
             break
         time.sleep(2)
     assert "Signed off: “reviewed and approved” by rita" in html
+    assert re.search(r"by rita at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(audit entry \d+\)", html)
     from cytopipe.report.html import format_number  # the report's one rule for numbers (3 significant digits)
 
     assert (

@@ -12,6 +12,12 @@ import pandas as pd
 from cytopipe.report import html as H
 
 
+def _utc(at: Any) -> str:
+    """An ISO 8601 UTC time as people read it: 2026-12-05 22:06:47 UTC (not ...47.203545+00:00 UTC)."""
+    text = str(at or "")
+    return f"{text[:19].replace('T', ' ')} UTC" if len(text) >= 19 else f"{text} UTC"
+
+
 def review(b: Any) -> H.Section | None:
     path = b.data.run_dir / "review.json"
     if not path.is_file():
@@ -22,7 +28,7 @@ def review(b: Any) -> H.Section | None:
     sign = data.get("signoff")
     if sign:
         s.add(H.paragraph(
-            f"Signed off: \u201c{sign.get('meaning', '')}\u201d by {sign.get('user', '')} at {sign.get('at', '')} UTC "
+            f"Signed off: \u201c{sign.get('meaning', '')}\u201d by {sign.get('user', '')} at {_utc(sign.get('at'))} "
             f"(audit entry {sign.get('audit_entry')}); the gates of this run version ({data.get('version', 1)}) "
             "are locked.", "note"))  # fmt: skip
     else:
