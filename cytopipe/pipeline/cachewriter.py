@@ -107,7 +107,11 @@ class CacheWriter:
 
     def __init__(self, folder: RunFolder):
         self.folder = folder
-        self._queue: queue.Queue = queue.Queue()
+        # SimpleQueue: its put() is one C call, so a Ctrl-C (KeyboardInterrupt, raised between
+        # bytecodes of the main thread) cannot land inside it. queue.Queue's Python put() could be
+        # interrupted inside Condition.notify, leaving a stale waiter behind: the writer thread then
+        # missed the close() sentinel's wake-up and the interrupted run hung in close() for ever.
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._raised = False
         self._thread = threading.Thread(target=self._loop, name="cytopipe-cache-writer", daemon=True)
@@ -148,6 +152,9 @@ class CacheWriter:
             try:
                 if item is None:
                     return
+                if isinstance(item, threading.Event):  # flush(): everything before it is written
+                    item.set()
+                    continue
                 if self._error is not None:  # after a failure: drain without writing
                     continue
                 if callable(item):
@@ -162,8 +169,6 @@ class CacheWriter:
                 write_encoded(self.folder, phase, key, meta, parts)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread by close()
                 self._error = exc
-            finally:
-                self._queue.task_done()
 
     def _raise(self) -> None:
         if self._error is not None and not self._raised:
@@ -172,7 +177,10 @@ class CacheWriter:
 
     def flush(self) -> None:
         """Wait until every queued entry is written; raise the first write error."""
-        self._queue.join()
+        if self._thread.is_alive():
+            done = threading.Event()
+            self._queue.put(done)
+            done.wait()
         self._raise()
 
     def close(self) -> None:
