@@ -92,3 +92,25 @@ def visible_text(run: Path) -> str:
             parts.append(path.read_bytes().decode("latin-1"))
     parts.append(json.dumps(json.loads((run / "run.json").read_text())))
     return "\n".join(parts)
+
+
+def arm_name_digests(arms: Iterable[str], shown: str) -> dict[str, str]:
+    """{sha256 hex: arm} of every unkeyed way to hash an arm name a reader could try: the name as
+    it is or lower-cased, bare or as cytopipe's record hashed it, with each 32-hex value the reader
+    sees (e.g. a salt stored next to the hashes) as the salt. The study's arm list is public."""
+    salts = set(re.findall(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])", shown.lower())) | {""}
+    out = {}
+    for arm in arms:
+        for name in {arm, arm.strip().lower()}:
+            out[hashlib.sha256(name.encode()).hexdigest()] = arm
+            for salt in salts:
+                text = f"cytopipe-arm\0{salt}\0{name}" if salt else f"cytopipe-arm\0{name}"
+                out[hashlib.sha256(text.encode()).hexdigest()] = arm
+    return out
+
+
+def arm_matches(arms: Iterable[str], shown: str) -> dict[str, str]:
+    """{digest: arm} of the candidate hashes of arm names of which a prefix appears in ``shown``."""
+    digests = arm_name_digests(arms, shown)
+    found = matches(dict.fromkeys(digests, False), shown)
+    return {d: digests[d] for d in found}

@@ -130,7 +130,7 @@ def test_a_folder_blinded_after_its_run_drops_the_plain_hashes_and_codes_need_it
     }
     # the codes are seeded with the folder's secret, not only the file hashes every reader sees
     hashes = sorted(pd.read_parquet(run / "samples.parquet")["sha256"].dropna())
-    codes = record_codes(info["blinding"], _arms(trial))
+    codes = record_codes(info["blinding"], _arms(trial), run)
     assert arm_codes(_arms(trial), secret=run_secret(run) + "\n".join(hashes).encode()) == codes
 
     assert REUSED not in _run(trial, run, capsys)  # no record: the steps run, and record keyed hashes

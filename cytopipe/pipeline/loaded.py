@@ -108,9 +108,9 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
 def _folder_codes(path: Path, info: Mapping[str, Any]) -> dict[str, str] | None:
     """``{arm: code}`` of a blinded run folder (from its manifest's arms), else ``None``."""
-    from cytopipe.report.blinding import codes_of_record, run_record, source_arms
+    from cytopipe.report.blinding import codes_of_record, run_record
 
     record = run_record(info)
     if record is None:
         return None
-    return codes_of_record(record, source_arms(info.get("workflow")), path)
+    return codes_of_record(record, path, info.get("workflow"))

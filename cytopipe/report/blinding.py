@@ -20,6 +20,13 @@ from pathlib import Path
 import pandas as pd
 
 from cytopipe.errors import ReportError
+from cytopipe.report.blindrecord import (  # noqa: F401  (the record's API, used through this module)
+    codes_of_record,
+    keyed_codes,
+    record_codes,
+    rekeyed,
+    source_arms,
+)
 
 
 def add_blinding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,10 +184,6 @@ def folder_record(run_dir: str | Path) -> dict | None:
         return None
 
 
-def _arm_hash(salt: str, arm: str) -> str:
-    return hashlib.sha256(f"cytopipe-arm\0{salt}\0{str(arm).strip().lower()}".encode()).hexdigest()
-
-
 def _now() -> str:
     import time
 
@@ -196,68 +199,16 @@ def _user() -> str:
         return ""
 
 
-def new_record(codes: Mapping[str, str], by: str, previous: Mapping | None = None) -> dict:
-    """A blinding record for run.json: the codes, each with a salted hash of its arm (so the
+def new_record(
+    codes: Mapping[str, str], by: str, run_dir: str | Path, previous: Mapping | None = None
+) -> dict:
+    """A blinding record for run.json: the codes, each with a keyed hash of its arm (so the
     pipeline can match the manifest's arms to their codes without the folder holding any arm
-    name), and the log of blinding and unblinding acts (``previous``'s log is kept)."""
-    import secrets
-
-    salt = secrets.token_hex(16)
+    name, nor a hash that a guessed arm name could be checked against: cytopipe/report/blindrecord.py),
+    and the log of blinding and unblinding acts (``previous``'s log is kept)."""
     log = list((previous or {}).get("log") or [])
     log.append({"action": "blinded", "at": _now(), "by": by, "user": _user()})
-    return {
-        "blinded": True,
-        "salt": salt,
-        "codes": {code: _arm_hash(salt, arm) for arm, code in sorted(codes.items())},
-        "log": log,
-    }
-
-
-def record_codes(record: Mapping, arms: Iterable[str]) -> dict[str, str]:
-    """``{arm: code}`` for those of ``arms`` the record knows (matched by their salted hash)."""
-    salt = str(record.get("salt", ""))
-    by_hash = {h: c for c, h in (record.get("codes") or {}).items()}
-    out = {}
-    for arm in arms:
-        if arm is None or (isinstance(arm, float) and pd.isna(arm)) or not str(arm).strip():
-            continue
-        code = by_hash.get(_arm_hash(salt, str(arm)))
-        if code is not None:
-            out[str(arm)] = code
-    return out
-
-
-def source_arms(workflow: Mapping | None, clinical: object = None) -> list[str]:
-    """The arm names of the run's inputs (its manifest and clinical table, outside the folder)."""
-    arms: list[str] = []
-    sources = [(workflow or {}).get("manifest"), (workflow or {}).get("clinical"), clinical]
-    for src in sources:
-        try:
-            if isinstance(src, pd.DataFrame):
-                table = src
-            elif src is not None and Path(str(src)).is_file():
-                table = pd.read_csv(src, dtype=str, keep_default_na=False, usecols=lambda c: c == "arm")
-            else:
-                continue
-        except (OSError, ValueError):
-            continue
-        if "arm" in table.columns:
-            arms += [str(a) for a in table["arm"].dropna() if str(a).strip()]
-    return list(dict.fromkeys(arms))
-
-
-def codes_of_record(record: Mapping, arms: Iterable[str], where: str | Path = "") -> dict[str, str]:
-    """``{arm: code}`` of a blinded run from its input arms; :class:`ReportError` when some code's
-    arm is not among them (the manifest that names the arms is needed, as it was for the run)."""
-    codes = record_codes(record, arms)
-    missing = sorted(set(record.get("codes") or {}) - set(codes.values()))
-    if missing:
-        raise ReportError(
-            f"this run folder is blinded, and the arms of code(s) {missing} are not in the run's manifest "
-            "or clinical table; the manifest the run was made from is needed to keep writing blinded outputs",
-            file=where or None,
-        )
-    return codes
+    return {"blinded": True, **keyed_codes(codes, run_dir), "log": log}
 
 
 def _word_pattern(names: Iterable[str]) -> re.Pattern:
@@ -497,7 +448,7 @@ def resolve_blinding(
     all_arms = list(dict.fromkeys([str(a) for a in arms if isinstance(a, str) and a.strip()]
                                   + source_arms(workflow, clinical)))  # fmt: skip
     if record is not None:
-        codes = codes_of_record(record, all_arms, run_dir)
+        codes = codes_of_record(record, run_dir, workflow, clinical, all_arms)
         if key is not None:
             given = arm_codes(list(codes), key)
             if given != codes:
@@ -506,8 +457,8 @@ def resolve_blinding(
                     "it was blinded with (or `cytopipe unblind` it first)",
                     file=run_dir,
                 )
-        return codes, record
+        return codes, rekeyed(record, codes, run_dir)  # a lost secret or an older record: keyed anew
     if not want:
         return None
     codes = arm_codes(all_arms, key, secret=secret)
-    return codes, new_record(codes, by or "blinded", previous=info.get(RECORD))
+    return codes, new_record(codes, by or "blinded", run_dir, previous=info.get(RECORD))

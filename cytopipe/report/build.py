@@ -94,9 +94,15 @@ def build_report(
         # blinding is a property of the run folder: from now on every command writes it blinded
         from cytopipe.report.blinding import blinded_info, new_record, recode_folder
 
-        record = new_record(data.codes, "cytopipe report --blinded", previous=data.info.get("blinding"))
+        record = new_record(
+            data.codes, "cytopipe report --blinded", run_dir, previous=data.info.get("blinding")
+        )
         recode_folder(run_dir, data.codes, blinded_info(data.info, data.codes, record))
         recoded = True
+    elif data.folder_codes is not None:  # e.g. a copied folder (its secret left behind): keyed anew
+        from cytopipe.report.blindrecord import rekey_folder
+
+        recoded = rekey_folder(run_dir, data.folder_codes)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tables_dir.mkdir(exist_ok=True)
     for old in tables_dir.glob("*.csv"):  # a previous report's tables (perhaps unblinded) go

@@ -27,7 +27,6 @@ from cytopipe.report.blinding import (
     codes_of_record,
     recode_obj,
     run_record,
-    source_arms,
     unblind_frame,
 )
 
@@ -175,7 +174,7 @@ def load_run(
     folder_codes = None
     record = run_record(info)
     if record is not None:  # a blinded run folder: its tables hold codes; the arms come from its inputs
-        folder_codes = codes_of_record(record, source_arms(info.get("workflow"), clinical), run_dir)
+        folder_codes = codes_of_record(record, run_dir, info.get("workflow"), clinical)
         if blind_key is not None and arm_codes(list(folder_codes), blind_key) != folder_codes:
             raise ReportError(
                 "this run folder is blinded with other codes than the blinding key gives; use the key it "

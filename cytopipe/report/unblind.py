@@ -4,15 +4,16 @@ A blinded run folder (``cytopipe report --blinded``, ``blinded: true`` in the wo
 codes instead of arm names in every table, catalog, run.json and report, and every command that
 writes into it keeps it so. Unblinding needs material from outside the folder: the blinding key
 (CSV ``arm,code`` or JSON ``{arm: code}``) or the study manifest (its ``arm`` column; each arm is
-matched to its code by the salted hash kept in run.json). It rewrites the folder's tables with the
+matched to its code by the keyed hash kept in run.json). It rewrites the folder's tables with the
 arm names, writes an unblinded report when the folder had one, and logs the act (time, user, the
-key file's SHA-256) in run.json's ``blinding.log``, which later blinding keeps.
+key file's name) in run.json's ``blinding.log``, which later blinding keeps. The log holds no hash
+of the key: a folder blinded again would show it, and the few possible keys could be tried
+against it.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _key_codes(record: dict[str, Any], key: Path) -> dict[str, str]:
-    from cytopipe.report.blinding import _read_key, codes_of_record, record_codes
+def _key_codes(record: dict[str, Any], key: Path, run_dir: Path, info: dict[str, Any]) -> dict[str, str]:
+    from cytopipe.report.blinding import _read_key, codes_of_record
 
     if not key.is_file():
         raise ReportError("key file not found", file=key)
@@ -54,13 +55,18 @@ def _key_codes(record: dict[str, Any], key: Path) -> dict[str, str]:
         if "code" in head.columns:
             mapping = _read_key(key)
         elif "arm" in head.columns:  # the manifest: arms matched to codes by the record's hashes
-            arms = pd.read_csv(key, dtype=str, keep_default_na=False)["arm"]
-            return codes_of_record(record, [a for a in arms if a.strip()], key)
+            manifest = pd.read_csv(key, dtype=str, keep_default_na=False)
+            return codes_of_record(record, run_dir, clinical=manifest)
         else:
             raise ReportError(
                 "the key needs columns arm,code (a blinding key) or arm (the manifest)", file=key
             )
-    matched = record_codes(record, mapping)
+    # the folder's codes: matched through the record (or, its secret lost, read off its tables
+    # joined with the run's manifest); the key must give exactly these
+    try:
+        matched = codes_of_record(record, run_dir, info.get("workflow"), arms=mapping)
+    except ReportError:
+        matched = {}
     wrong = sorted(a for a in mapping if a in matched and matched[a] != mapping[a])
     wrong += sorted(a for a in mapping if a not in matched)
     missing = sorted(set(record.get("codes") or {}) - set(matched.values()))
@@ -83,7 +89,7 @@ def unblind_run(run_dir: str | Path, key: str | Path, report: bool = True) -> di
     record = run_record(info)
     if record is None:
         raise ReportError("this run folder is not blinded; there is nothing to unblind", file=run_dir)
-    codes = _key_codes(record, key)
+    codes = _key_codes(record, key, run_dir, info)
     had_report = (run_dir / "report.html").is_file()
     entry = {
         "action": "unblinded",
@@ -91,7 +97,6 @@ def unblind_run(run_dir: str | Path, key: str | Path, report: bool = True) -> di
         "by": "cytopipe unblind --key",
         "user": _user(),
         "key": key.name,
-        "key_sha256": hashlib.sha256(key.read_bytes()).hexdigest(),
     }
     new_info = recode_obj({k: v for k, v in info.items() if k != RECORD}, codes, unblind=True)
     new_info[RECORD] = {"blinded": False, "log": [*record.get("log", []), entry]}
