@@ -68,6 +68,14 @@ def test_the_blinding_record_holds_no_hash_a_guessed_arm_name_can_be_checked_aga
     assert rekeyed["codes"] != record["codes"] and record_codes(rekeyed, arms, run) == codes
     assert arm_matches(arms, _shown(run)) == {}
 
+    # a record written by an older version (salted SHA-256, salt beside it) is read, then keyed
+    info = json.loads((run / "run.json").read_text())
+    info["blinding"] = {**{k: v for k, v in rekeyed.items() if k != "codes_hash"}, "salt": salt, "codes": old}
+    (run / "run.json").write_text(json.dumps(info))
+    _run(trial, run, capsys)
+    assert "salt" not in _record(run) and record_codes(_record(run), arms, run) == codes
+    assert _coded_samples(run) == before and arm_matches(arms, _shown(run)) == {}
+
     # a copy without .cache (the web's new version of a run): the report is written blinded, with
     # the folder's codes, and the record keyed with the copy's own secret
     copy = tmp_path / "copy"
