@@ -10,7 +10,8 @@ study's arm list, or, without one, of the arms its data name (confirmed samples,
 manifest). Runs get the same codes as their blinding key, so the report and the tables agree with
 the pages. A run folder of a blinded study that was not written blinded is refused (403).
 
-The stored rows keep the arm names (the audit hashes cover what was written); a confirmed mapping
+The stored rows keep the arm names (the audit hashes cover what was written), so the audit trail
+shows its hashes keyed from the first coded entry on (:func:`blind_audit`); a confirmed mapping
 that comes back with codes is decoded before it is stored.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import io
 import os
 import random
@@ -214,32 +216,118 @@ def _code_arms(value: Any, codes: dict[str, str] | None) -> Any:
     return value
 
 
+#: the prefix of what a web user (and a coded export) sees of a hash the arms could be tried against
+KEYED = "hmac-sha256:"
+#: the uploaded tables' audit entries, whose SHA-256 is of a file that holds the arms
+_TABLE_ACTIONS = ("study.clinical", "study.manifest")
+
+
+def _keyed(value: Any, secret: bytes, what: bytes) -> Any:
+    """``value`` (a hex digest) as an HMAC keyed with the workspace's secret: the same digest shows
+    the same value, and nothing can be tried against it without the secret."""
+    if not isinstance(value, str) or not value:
+        return value
+    return (
+        KEYED
+        + hmac.new(secret, b"cytopipe-audit-" + what + b"\0" + value.encode(), hashlib.sha256).hexdigest()
+    )
+
+
+class _AuditBlinder:
+    """Codes audit entries (:func:`blind_audit`), remembering studies and codes."""
+
+    def __init__(self, db: DBSession, secret: bytes, store: BlobStore):
+        self.db, self.secret, self.store = db, secret, store
+        self.studies = {s.id: s for s in db.scalars(select(Study))}
+        self.blinded = {sid for sid, s in self.studies.items() if not arms_visible(s)}
+        self.cache: dict = {}
+        self.codes: dict[int, dict[str, str]] = {}
+
+    def shown(self, r: dict[str, Any]) -> dict[str, Any] | None:
+        """The entry as shown when it carries a blinded study's arms (coded) or the hash of a table
+        that holds them (keyed); ``None``: shown as it is."""
+        if r["action"] in _TABLE_ACTIONS and r["object_type"] == "study":
+            if _int(r["object_id"]) not in self.blinded:
+                return None
+
+            def keyed(v: Any) -> Any:
+                return (
+                    {**v, "sha256": _keyed(v.get("sha256"), self.secret, b"file")}
+                    if isinstance(v, dict)
+                    else v
+                )
+
+            return {**r, "before": keyed(r["before"]), "after": keyed(r["after"])}
+        if not (_has_arm(r["before"]) or _has_arm(r["after"])):
+            return None
+        sid = _study_of(self.db, r["object_type"], r["object_id"], self.cache)
+        if sid is not None and sid not in self.blinded:
+            return None
+        table = None
+        if sid is not None:
+            if sid not in self.codes:
+                self.codes[sid] = codes_of(self.db, self.store, self.studies[sid], self.secret)
+            table = self.codes[sid]
+        return {**r, "before": _code_arms(r["before"], table), "after": _code_arms(r["after"], table)}
+
+    def first_shown_coded(self) -> int | None:
+        """The id of the first stored entry shown coded: its hash and every later one (each covers
+        its predecessor's) could be recomputed with the arms put back in."""
+        from sqlalchemy import or_
+
+        from cytopipe.serve.audit import as_dict
+        from cytopipe.serve.db import Audit
+
+        if not self.blinded:
+            return None
+        q = select(Audit).where(or_(Audit.action.in_(_TABLE_ACTIONS), Audit.before.contains('"arm"'),
+                                    Audit.after.contains('"arm"'))).order_by(Audit.id)  # fmt: skip
+        for row in self.db.scalars(q):
+            if self.shown(as_dict(row)) is not None:
+                return row.id
+        return None
+
+
 def blind_audit(
     db: DBSession, rows: list[dict[str, Any]], secret: bytes, store: BlobStore
 ) -> list[dict[str, Any]]:
     """Audit entries (:func:`cytopipe.serve.audit.as_dict`) with the arms of blinded studies coded
     in ``before`` / ``after`` (:func:`codes_of`); an arm whose study cannot be told is hidden
-    while any study is blinded. The entries' hashes are those of the stored rows (verify the chain
-    on the server: ``GET /api/audit/verify``)."""
-    studies = {s.id: s for s in db.scalars(select(Study))}
-    blinded = {sid for sid, s in studies.items() if not arms_visible(s)}
-    if not blinded:
+    while any study is blinded; a blinded study's uploaded tables show a keyed hash (HMAC).
+
+    The hashes of the chain from the first such entry on are shown keyed (:data:`KEYED` + HMAC
+    with the workspace's secret; an entry's ``hash`` still equals the next one's ``prev_hash``):
+    each is the SHA-256 of a stored row that holds the arm names, or of one after it (which covers
+    its predecessor's hash), so putting each arm back in and hashing would tell them. The chain
+    itself is verified on the server (``cytopipe audit verify``, ``GET /api/audit/verify``), which
+    reads the stored rows."""
+    blinder = _AuditBlinder(db, secret, store)
+    first = blinder.first_shown_coded()
+    if first is None:
         return rows
-    cache: dict = {}
-    codes: dict[int, dict[str, str]] = {}
     out = []
     for r in rows:
-        if not (_has_arm(r["before"]) or _has_arm(r["after"])):
-            out.append(r)
-            continue
-        sid = _study_of(db, r["object_type"], r["object_id"], cache)
-        if sid is not None and sid not in blinded:
-            out.append(r)
-            continue
-        table = None
-        if sid is not None:
-            if sid not in codes:
-                codes[sid] = codes_of(db, store, studies[sid], secret)
-            table = codes[sid]
-        out.append({**r, "before": _code_arms(r["before"], table), "after": _code_arms(r["after"], table)})
+        r = blinder.shown(r) or r
+        if r["id"] >= first:
+            r = {**r, "hash": _keyed(r["hash"], secret, b"hash")}
+        if r["id"] > first:
+            r = {**r, "prev_hash": _keyed(r["prev_hash"], secret, b"hash")}
+        out.append(r)
     return out
+
+
+def chain_status(db: DBSession, secret: bytes, store: BlobStore) -> tuple[bool, int, str]:
+    """:func:`cytopipe.serve.audit.verify_chain` as web users see it: the newest entry's hash keyed
+    as :func:`blind_audit` shows it."""
+    import re
+
+    from cytopipe.serve.audit import verify_chain
+    from cytopipe.serve.db import Audit
+
+    ok, n, message = verify_chain(db)
+    first = _AuditBlinder(db, secret, store).first_shown_coded() if ok and n else None
+    if first is not None:
+        newest = db.get(Audit, n)
+        shown = _keyed(newest.hash, secret, b"hash")[len(KEYED) :]
+        message = re.sub(r", hash [0-9a-f]+$", f", hash (keyed, blinded study) {shown[:16]}", message)
+    return ok, n, message

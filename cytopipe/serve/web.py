@@ -258,5 +258,5 @@ def audit_page(request: Request) -> HTMLResponse:
     with ws.sessions() as db:
         rows = [audit.as_dict(r) for r in db.scalars(select(Audit).order_by(Audit.id.desc()).limit(500))]
         rows = blinding.blind_audit(db, rows, ws.blind_secret, ws.store)
-        ok, n, message = audit.verify_chain(db)
+        ok, n, message = blinding.chain_status(db, ws.blind_secret, ws.store)
     return page(request, "audit.html", ctx, rows=rows, chain_ok=ok, chain_message=message)
