@@ -448,7 +448,7 @@ def resolve_blinding(
     all_arms = list(dict.fromkeys([str(a) for a in arms if isinstance(a, str) and a.strip()]
                                   + source_arms(workflow, clinical)))  # fmt: skip
     if record is not None:
-        codes = codes_of_record(record, run_dir, workflow, clinical, all_arms)
+        codes = codes_of_record(record, run_dir, workflow, clinical, all_arms, key=key)
         if key is not None:
             given = arm_codes(list(codes), key)
             if given != codes:

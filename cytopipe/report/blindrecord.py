@@ -125,37 +125,58 @@ def source_arms(workflow: Mapping | None, clinical: object = None) -> list[str]:
     return list(dict.fromkeys(arms))
 
 
-def recover_codes(run_dir: str | Path, tables: Iterable[pd.DataFrame]) -> dict[str, str]:
-    """``{arm: code}`` read off the folder's coded ``samples`` table (else ``population_stats``)
-    joined with the run's inputs by sample or patient; ``{}`` when they do not pair up one to one."""
-    folder = None
+def _folder_arms(run_dir: str | Path) -> pd.DataFrame | None:
+    """The folder's coded ``samples`` table (else ``population_stats``), or ``None``."""
     for name in ("samples", "population_stats"):
         path = Path(run_dir) / f"{name}.parquet"
-        if path.is_file():
-            try:
-                folder = pd.read_parquet(path)
-            except Exception:  # unreadable: nothing to recover from
-                continue
-            if "arm" in folder.columns:
-                break
-            folder = None
+        try:
+            table = pd.read_parquet(path) if path.is_file() else None
+        except Exception:  # unreadable: nothing to recover from
+            table = None
+        if table is not None and "arm" in table.columns:
+            return table
+    return None
+
+
+def recover_codes(
+    run_dir: str | Path, tables: Iterable[pd.DataFrame], key: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """``{arm: code}`` read off the folder's coded tables joined with the run's inputs (by sample
+    when the manifest is among them, else by patient); with the run's blinding ``key``, the key's
+    codes when the folder agrees with them. ``{}`` when they do not pair up one to one."""
+    folder = _folder_arms(run_dir)
     if folder is None:
         return {}
-    pairs: set[tuple[str, str]] = set()
+    by: dict[str, set[tuple[str, str]]] = {"sample_id": set(), "patient_id": set()}
     for table in tables:
-        on = next(
-            (c for c in ("sample_id", "patient_id") if c in table.columns and c in folder.columns), None
-        )
+        on = next((c for c in by if c in table.columns and c in folder.columns), None)
         if on is None:
             continue
         src = table[[on, "arm"]].astype(str).drop_duplicates()
         got = folder[[on, "arm"]].dropna().astype(str).drop_duplicates()
         joined = src.merge(got, on=on, suffixes=("", "_code"))
-        pairs |= {(a, c) for a, c in zip(joined["arm"], joined["arm_code"]) if a.strip() and c.strip()}
+        by[on] |= {(a, c) for a, c in zip(joined["arm"], joined["arm_code"]) if a.strip() and c.strip()}
+    pairs = by["sample_id"] or by["patient_id"]  # the manifest is what the run's samples were coded by
     codes = dict(pairs)
     if len(codes) != len(pairs) or len(set(codes.values())) != len(codes):
         return {}  # an arm with two codes, or a code with two arms: not the folder's coding
+    if key:
+        return dict(key) if all(key.get(a) == c for a, c in codes.items()) else {}
     return codes
+
+
+def _key_of(key: object, workflow: Mapping | None) -> dict[str, str] | None:
+    """The run's blinding key as ``{arm: code}`` (given, or the workflow's), or ``None``."""
+    from cytopipe.report.blinding import _read_key
+
+    report = (workflow or {}).get("report")
+    key = key if key is not None else (report.get("blind_key") if isinstance(report, Mapping) else None)
+    if isinstance(key, Mapping):
+        return {str(a): str(c) for a, c in key.items()}
+    try:
+        return _read_key(key) if key is not None and str(key) else None
+    except ReportError:  # gone or unreadable: the tables alone
+        return None
 
 
 def codes_of_record(
@@ -164,15 +185,18 @@ def codes_of_record(
     workflow: Mapping | None = None,
     clinical: object = None,
     arms: Iterable[str] = (),
+    key: object = None,
 ) -> dict[str, str]:
     """``{arm: code}`` of a blinded run from its input arms (``arms``, and those of the manifest
     and clinical table of ``workflow`` / ``clinical``); :class:`ReportError` when some code's arm
-    is not among them (the manifest that names the arms is needed, as it was for the run)."""
+    is not among them (the manifest that names the arms is needed, as it was for the run). A
+    folder without its secret: read off its tables and the run's inputs and blinding ``key`` (else
+    the workflow's), :func:`recover_codes`."""
     all_arms = list(dict.fromkeys([*map(str, arms), *source_arms(workflow, clinical)]))
     wanted = set(record.get("codes") or {})
     codes = record_codes(record, all_arms, run_dir)
     if set(codes.values()) != wanted:
-        recovered = recover_codes(run_dir, source_tables(workflow, clinical))
+        recovered = recover_codes(run_dir, source_tables(workflow, clinical), _key_of(key, workflow))
         if wanted <= set(recovered.values()):
             codes = {a: c for a, c in recovered.items() if c in wanted}
     missing = sorted(wanted - set(codes.values()))

@@ -174,7 +174,7 @@ def load_run(
     folder_codes = None
     record = run_record(info)
     if record is not None:  # a blinded run folder: its tables hold codes; the arms come from its inputs
-        folder_codes = codes_of_record(record, run_dir, info.get("workflow"), clinical)
+        folder_codes = codes_of_record(record, run_dir, info.get("workflow"), clinical, key=blind_key)
         if blind_key is not None and arm_codes(list(folder_codes), blind_key) != folder_codes:
             raise ReportError(
                 "this run folder is blinded with other codes than the blinding key gives; use the key it "
