@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests import serve_support
-from tests.blinding_support import candidate_digests, matches
+from tests.blinding_support import arm_matches, candidate_digests, matches
 from tests.serve_support import (
     STUDY,
     Server,
@@ -239,6 +239,25 @@ def test_a_blinded_studys_runs_show_codes_everywhere_and_an_unblinded_folder_is_
     shown = results.text + page.text + c.get(f"/api/runs/{run_id}/files/run.json").text
     for table in ("manifest.csv", "clinical.csv"):
         assert matches(candidate_digests(folder / "input" / table, arms), shown) == [], table
+    # ... nor of an arm name (the arm list is public), e.g. in run.json's blinding record
+    assert arm_matches(arms, shown) == {}
+    # a new version of the run is copied without the folder's secret (.cache): a review change
+    # still writes codes (read off the copied tables and the run's manifest) and no arm's hash
+    r = c.post(f"/api/runs/{run_id}/versions", headers=c.h)
+    assert r.status_code == 201, r.text
+    new_id = r.json()["id"]
+    item = c.get(f"/api/runs/{new_id}/review?population=Treg").json()["items"][-1]
+    change = {"sample_id": item["sample_id"], "population": "Treg", "kind": "pooled", "reason": "fit failure"}
+    r = c.post(f"/api/runs/{new_id}/review/change", json=change, headers=c.h)
+    assert r.status_code == 200, r.text
+    copied = server.data / "runs" / str(new_id) / "out"
+    ps = pd.read_parquet(copied / "population_stats.parquet")
+    assert set(ps["arm"].dropna()) <= set(codes.values()) and "overridden" in set(ps["gate_source"])
+    again = c.get(f"/api/runs/{new_id}/results").text + c.get(f"/api/runs/{new_id}/files/run.json").text
+    assert not _names_in(arms, "new version", again.encode(), tmp_path) and arm_matches(arms, again) == {}
+    for name in c.get(f"/api/runs/{new_id}/results").json()["downloads"]:  # the re-gated tables too
+        got = c.get(f"/api/runs/{new_id}/files/{name}")
+        assert got.status_code == 200 and not _names_in(arms, name, got.content, tmp_path), name
     # the run's codes are the pages' codes
     samples = pd.read_parquet(folder / "out" / "samples.parquet").set_index("sample_id")["arm"]
     assert samples.to_dict() == {r["sample_id"]: r["arm"] for r in rows}

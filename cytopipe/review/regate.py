@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from cytopipe.errors import CytopipeError, ReviewError
+from cytopipe.review.blinded import coded, coded_info, plain
 from cytopipe.review.decisions import (
     Decision,
     ReviewState,
@@ -445,7 +446,7 @@ def apply_review(
         if folder.table_path(name).is_file():
             tables[name] = pd.read_parquet(folder.table_path(name))
     if statistics:
-        table = _statistics(lr, tables, problems)
+        table = coded(lr, _statistics(lr, plain(lr, tables), problems))
         if table is not None:
             tables["statistics"] = table
             atomic_write_parquet(folder.table_path("statistics"), table)
@@ -453,7 +454,7 @@ def apply_review(
         tables["statistics"] = pd.read_parquet(folder.table_path("statistics"))
     from cytopipe.store import write_catalog
 
-    write_catalog(folder.catalog, tables, lr.info)
+    write_catalog(folder.catalog, tables, coded_info(lr))
     t_stats = time.perf_counter() - t0
     if report:
         from cytopipe.pipeline import write_run_report
@@ -533,7 +534,7 @@ def _regate_tables(
         review = _replace_rows(
             review, pd.concat(new_review, ignore_index=True), samples, sort_population=False
         )
-    ps = _sources(ps, review, active, lr.state.template)
+    ps = coded(lr, _sources(ps, review, active, lr.state.template))  # re-gated rows: the names, in memory
     if write_tables or samples:
         atomic_write_parquet(folder.table_path("population_stats"), ps)
         write_gate_review(folder.path, review)
