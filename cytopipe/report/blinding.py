@@ -21,6 +21,8 @@ import pandas as pd
 
 from cytopipe.errors import ReportError
 from cytopipe.report.blindrecord import (  # noqa: F401  (the record's API, used through this module)
+    RECORD,
+    _read_key,
     codes_of_record,
     keyed_codes,
     record_codes,
@@ -92,24 +94,6 @@ def _letter(i: int) -> str:
     return letters[i] if i < 26 else letters[i // 26 - 1] + letters[i % 26]
 
 
-def _read_key(path: str | Path) -> dict[str, str]:
-    path = Path(path)
-    if not path.is_file():
-        raise ReportError("blinding key file not found", file=path)
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError("expected an object {arm: code}")
-            return {str(k): str(v) for k, v in data.items()}
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise ReportError(f"cannot read the blinding key ({exc})", file=path) from None
-    if not {"arm", "code"} <= set(table.columns):
-        raise ReportError("the blinding key CSV needs columns 'arm' and 'code'", file=path)
-    return dict(zip(table["arm"].str.strip(), table["code"].str.strip()))
-
-
 def blind_frame(table: pd.DataFrame | None, codes: Mapping[str, str]) -> pd.DataFrame | None:
     """Copy of a table with arm names replaced by codes in the ``arm`` column (exact) and inside
     every other text value (longest names first, so a name inside another leaks no fragment)."""
@@ -165,10 +149,6 @@ def find_leaks(texts: Mapping[str, str], arms: Iterable[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # blinding as a property of the run folder
 # ------------------------------------------------------------------------------------------------
-#: key of the blinding record in run.json
-RECORD = "blinding"
-
-
 def run_record(info: Mapping | None) -> dict | None:
     """The blinding record of a run.json (``None`` unless the run folder is blinded now)."""
     rec = (info or {}).get(RECORD)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import pandas as pd
 
 from cytopipe.errors import ReportError
 
+#: key of the blinding record in run.json
+RECORD = "blinding"
 #: how a record's codes are hashed (its ``codes_hash``)
 KEYED = "hmac-sha256 (key kept in .cache/run.secret)"
 
@@ -165,10 +168,26 @@ def recover_codes(
     return codes
 
 
+def _read_key(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise ReportError("blinding key file not found", file=path)
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("expected an object {arm: code}")
+            return {str(k): str(v) for k, v in data.items()}
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ReportError(f"cannot read the blinding key ({exc})", file=path) from None
+    if not {"arm", "code"} <= set(table.columns):
+        raise ReportError("the blinding key CSV needs columns 'arm' and 'code'", file=path)
+    return dict(zip(table["arm"].str.strip(), table["code"].str.strip()))
+
+
 def _key_of(key: object, workflow: Mapping | None) -> dict[str, str] | None:
     """The run's blinding key as ``{arm: code}`` (given, or the workflow's), or ``None``."""
-    from cytopipe.report.blinding import _read_key
-
     report = (workflow or {}).get("report")
     key = key if key is not None else (report.get("blind_key") if isinstance(report, Mapping) else None)
     if isinstance(key, Mapping):
@@ -212,9 +231,6 @@ def codes_of_record(
 def rekey_folder(run_dir: str | Path, codes: Mapping[str, str]) -> bool:
     """Key run.json's blinding record with the folder's secret when it is not (a lost secret, an
     older record); ``True`` when run.json was rewritten."""
-    import json
-
-    from cytopipe.report.blinding import RECORD, run_record
     from cytopipe.store import atomic_write_json
 
     path = Path(run_dir) / "run.json"
@@ -222,8 +238,8 @@ def rekey_folder(run_dir: str | Path, codes: Mapping[str, str]) -> bool:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    record = run_record(info)
-    if record is None or is_current(record, run_dir, codes):
+    record = info.get(RECORD)
+    if not isinstance(record, dict) or not record.get("blinded") or is_current(record, run_dir, codes):
         return False
     atomic_write_json(path, {**info, RECORD: rekeyed(record, codes, run_dir)})
     return True
