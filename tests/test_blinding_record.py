@@ -107,6 +107,9 @@ def test_unblinding_logs_no_hash_of_the_key_and_works_without_the_secret(
     assert entry["action"] == "unblinded" and entry["key"] == key.name
     assert matches(key_digests(key), json.dumps(entry)) == []
 
+    info = json.loads((run / "run.json").read_text())  # as an older `cytopipe unblind` logged it
+    info["blinding"]["log"][-1]["key_sha256"] = hashlib.sha256(key.read_bytes()).hexdigest()
+    (run / "run.json").write_text(json.dumps(info))
     write_report(run, blinded=True, blind_key=key)  # blinded again: the log is kept and shown
     assert [e["action"] for e in _record(run)["log"]][-2:] == ["unblinded", "blinded"]
     assert matches(key_digests(key), _shown(run)) == [] and arm_matches(arms, _shown(run)) == {}

@@ -186,7 +186,9 @@ def new_record(
     pipeline can match the manifest's arms to their codes without the folder holding any arm
     name, nor a hash that a guessed arm name could be checked against: cytopipe/report/blindrecord.py),
     and the log of blinding and unblinding acts (``previous``'s log is kept)."""
-    log = list((previous or {}).get("log") or [])
+    # an older `cytopipe unblind` logged the key's SHA-256, which the few possible keys could be tried against
+    log = [{k: v for k, v in e.items() if k != "key_sha256"} if isinstance(e, dict) else e
+           for e in (previous or {}).get("log") or []]  # fmt: skip
     log.append({"action": "blinded", "at": _now(), "by": by, "user": _user()})
     return {"blinded": True, **keyed_codes(codes, run_dir), "log": log}
 
