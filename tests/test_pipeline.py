@@ -427,13 +427,15 @@ def test_a_submitted_task_runs_on_a_worker_and_says_how_it_ended(tmp_path):
 
     ex = DaskExecutor(workers=1)
     try:
+        # one after another: results held by a worker are lost when it dies, so the two tasks are
+        # done (their results fetched) before the one that kills the worker is submitted
         ok = ex.submit(_crash_item, {"i": 1, "kind": "ok"}, "s", desc="t")
-        bad = ex.submit(_crash_item, {"i": 2, "kind": "raise"}, "s", desc="t")
-        dead = ex.submit(_crash_item, {"i": 3, "kind": "crash"}, "s", desc="t")
         got = ok.result()
         assert got["i"] == 1 and got["shared"] == "s" and got["pid"] != os.getpid()
+        bad = ex.submit(_crash_item, {"i": 2, "kind": "raise"}, "s", desc="t")
         with pytest.raises(ValueError, match="item 2 is bad"):
             bad.result()
+        dead = ex.submit(_crash_item, {"i": 3, "kind": "crash"}, "s", desc="t")
         ctx = RunContext(wf=None, folder=RunFolder(tmp_path / "run"), executor=ex, progress=False)
         ctx.umap = (dead, "key", None, tmp_path)
         assert step_umap(ctx) == {} and ctx.umap is None
