@@ -400,7 +400,10 @@ def test_review_in_the_browser(browser, server, finished, backend):
     # 5. sign off with the password (wrong first)
     page.fill("#signoff-password", "not my password")
     page.click("#signoff")
-    expect(page.locator("#signoff-state")).to_have_text(re.compile("^Not signed off"))
+    # the page says "Not signed off yet." before the click: wait for the refusal itself (the second
+    # click could otherwise sign off first, and the wrong password then met a locked run, unaudited)
+    expect(page.locator("#signoff-state")).to_have_text(re.compile("^Not signed off: the password is not right"))
+    expect(page.locator("#signoff")).to_be_enabled()
     page.fill("#signoff-password", PASSWORD)
     page.click("#signoff")
     expect(page.locator("#signoff-state")).to_have_text(re.compile("^Signed off"))

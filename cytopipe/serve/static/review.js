@@ -351,7 +351,10 @@
   });
   if ($("signoff")) {
     $("signoff").addEventListener("click", async () => {
+      // one signature request at a time: a second click while the first is checked would race it
+      $("signoff").disabled = true;
       const r = await call("POST", `/api/runs/${runId}/signoff`, { password: $("signoff-password").value, meaning: "reviewed and approved" });
+      $("signoff").disabled = false;
       $("signoff-password").value = "";
       const st = $("signoff-state");
       if (!r.ok) { st.textContent = "Not signed off: " + r.data.detail; st.className = "error"; return; }
