@@ -1056,6 +1056,10 @@ def test_ctrl_c_in_a_terminal_stops_a_run_without_the_workers_tracebacks(tmp_pat
          str(tmp_path / "run"), "--workers", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=str(REPO),
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        # with Ctrl-C's default action, as in a terminal: a child inherits an ignored SIGINT, and
+        # pytest started in the background by a non-interactive shell (`pytest &`, nohup) ignores
+        # it, so the run never saw the signal and finished with exit 0
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     lines = []
     for line in proc.stderr:  # wait until the workers are busy
