@@ -397,12 +397,24 @@ def test_review_in_the_browser(browser, server, finished, backend):
              if d["population"] == "Treg" and d["sample_id"] in visits and d["kind"] == "override"]  # fmt: skip
     assert len(saved) == 2 and saved[0]["params"] == saved[1]["params"] and "FOXP3 >=" in saved[0]["params"]
 
-    # 5. sign off with the password (wrong first)
+    # 5. sign off: refused while gates are unreviewed (the signature means "reviewed and approved"),
+    #    then every remaining gate approved at once, then the password (wrong first)
+    page.fill("#signoff-password", PASSWORD)
+    page.click("#signoff")
+    expect(page.locator("#signoff-state")).to_have_text(
+        re.compile(r"^Not signed off: run \d+ cannot be signed off yet: \d+ gate\(s\) are not reviewed")
+    )
+    assert api.get(f"/api/runs/{run_id}/review?population=Treg").json()["signoff"] is None
+    with page.expect_navigation():
+        page.click("#approve-run")  # the page reloads with every gate approved
+    expect(page.locator("#signoff")).to_be_enabled()
     page.fill("#signoff-password", "not my password")
     page.click("#signoff")
     # the page says "Not signed off yet." before the click: wait for the refusal itself (the second
     # click could otherwise sign off first, and the wrong password then met a locked run, unaudited)
-    expect(page.locator("#signoff-state")).to_have_text(re.compile("^Not signed off: the password is not right"))
+    expect(page.locator("#signoff-state")).to_have_text(
+        re.compile("^Not signed off: the password is not right")
+    )
     expect(page.locator("#signoff")).to_be_enabled()
     page.fill("#signoff-password", PASSWORD)
     page.click("#signoff")
@@ -422,7 +434,7 @@ def test_review_in_the_browser(browser, server, finished, backend):
     trail = api.get("/api/audit?limit=500").json()
     mine = [e for e in trail if e["user"] == "rita" and e["action"].startswith("review.")]
     actions = [e["action"] for e in mine]
-    assert actions.count("review.override") == 3 and actions.count("review.approve") == 11
+    assert actions.count("review.override") == 3 and actions.count("review.approve") == 12
     group = [e for e in mine if e["action"] == "review.override" and "samples" in e["after"]]
     assert len(group) == 1 and sorted(group[0]["after"]["samples"]) == visits
     assert int(rows_g["audit_entry"].iloc[0]) == group[0]["id"]
@@ -456,8 +468,9 @@ def test_review_in_the_browser(browser, server, finished, backend):
     page.goto(server.url + f"/runs/{run_id}/review?population=Treg")
     assert "version 1" in page.inner_text("#run-template")  # the run keeps the version it ran with
 
-    # the one error in the console is the refused sign-off (wrong password: 403)
-    assert [e for e in errors if "status of 403" not in e] == [] and len(errors) == 1, errors
+    # the errors in the console are the refused sign-offs (gates unreviewed: 409; wrong password: 403)
+    assert [e for e in errors if "status of 403" not in e and "status of 409" not in e] == [], errors
+    assert len(errors) == 2, errors
     context.close()
 
     # 7. the report of the reviewed run (refreshed after the sign-off) shows it and the override
@@ -531,6 +544,15 @@ def test_signoff_locks_the_gates_until_a_new_version(server, finished, monkeypat
             headers=c.h,
         )
         assert r.status_code == 200 and r.json()["approved"] >= 1, r.text
+        # the other populations' gates are not reviewed yet: no signature (and none recorded)
+        before = len(c.get("/api/audit", params={"limit": 5000}).json())
+        r = c.post(f"/api/runs/{run_id}/signoff", json={"password": PASSWORD}, headers=c.h)
+        assert r.status_code == 409 and "not reviewed" in r.json()["detail"], r.text
+        assert "Approve every gate of the run" in r.json()["detail"]
+        assert len(c.get("/api/audit", params={"limit": 5000}).json()) == before
+        assert not c.get(f"/api/runs/{run_id}/review?population=Treg").json()["locked"]
+        r = c.post(f"/api/runs/{run_id}/review/approve", json={"scope": "run"}, headers=c.h)
+        assert r.status_code == 200, r.text
         r = c.post(f"/api/runs/{run_id}/signoff", json={"password": PASSWORD}, headers=c.h)
         assert r.status_code == 200, r.text
     item = c.get(f"/api/runs/{run_id}/review?population=Treg").json()["items"][-1]
@@ -647,6 +669,7 @@ def test_a_save_answers_while_the_previous_refresh_runs(server, finished, monkey
     guard = 600  # seconds before a regression fails instead of hanging (not a timing assertion)
     with sessions() as db:
         run = reviewops.new_version(db, run_id, "rita")  # unlocked, whatever the other tests did
+        reviewops.approve(db, run.id, "rita", "run")  # a sign-off needs every gate reviewed
         out = reviewops.out_dir(run)
         items = reviewops.queue(db, run, reviewops.finished(db, run.id)[1], "Treg", True)["items"]
     samples = [i["sample_id"] for i in items[:3]]
@@ -715,6 +738,7 @@ def test_a_signoff_waits_for_a_save_that_is_regating(server, finished, monkeypat
     _, sessions = open_database(database_url(server.database, server.data))
     with sessions() as db:
         run = reviewops.new_version(db, run_id, "rita")  # unlocked, whatever the other tests did
+        reviewops.approve(db, run.id, "rita", "run")  # a sign-off needs every gate reviewed
         items = reviewops.queue(db, run, reviewops.finished(db, run.id)[1], "Treg", True)["items"]
     sample = items[0]["sample_id"]
     held, release = threading.Event(), threading.Event()

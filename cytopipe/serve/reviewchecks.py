@@ -1,12 +1,13 @@
 """Review actions refused before anything is recorded, for gates that cannot take them: a population
 not measured in a sample (its gate needs a marker the file lacks: no events, no gate to approve or
-change) and a revert of a gate that has no override or pooled gate in force."""
+change), a revert of a gate that has no override or pooled gate in force, and a sign-off while
+gates are still unreviewed."""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from cytopipe.review.decisions import Decision, ReviewState, effective_overrides
+from cytopipe.review.decisions import Decision, ReviewState, effective_overrides, status_of
 from cytopipe.schema import NOT_MEASURED
 from cytopipe.serve.auth import AuthError
 
@@ -57,4 +58,28 @@ def refuse_unmeasured(
         409,
         f"{population} is not measured in sample{'s' if len(samples) > 1 else ''} {', '.join(samples)} of "
         f"run {run_id} ({why}): there is no gate to {action}. {todo}",
+    )
+
+
+def refuse_unreviewed(run_id: int, review: pd.DataFrame, current: ReviewState) -> None:
+    """409 for a sign-off while a measured gate of the run is neither approved nor corrected: the
+    signature means "reviewed and approved" (docs/review.md: every gate is reviewed first)."""
+    status = status_of(current.decisions)
+    first = review[review["panel"] == 0]
+    absent = unmeasured(review)
+    waiting = [
+        (s, p)
+        for s, p in dict.fromkeys(zip(first["sample_id"], first["population"]))
+        if (s, p) not in status and (s, p) not in absent
+    ]
+    if not waiting:
+        return
+    populations = list(dict.fromkeys(p for _, p in waiting))
+    sample, population = waiting[0]
+    raise AuthError(
+        409,
+        f"run {run_id} cannot be signed off yet: {len(waiting)} gate(s) are not reviewed "
+        f"(populations {', '.join(populations[:5])}{' ...' if len(populations) > 5 else ''}; first: "
+        f"{population} of sample {sample}). Approve or correct every gate first (the review page's "
+        "'Approve every gate of the run' approves the rest), then sign off",
     )

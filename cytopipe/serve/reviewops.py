@@ -31,7 +31,12 @@ from cytopipe.schema import NOT_MEASURED
 from cytopipe.serve import audit, auth
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Base, Run, Study, User
-from cytopipe.serve.reviewchecks import refuse_nothing_to_revert, refuse_unmeasured, unmeasured
+from cytopipe.serve.reviewchecks import (
+    refuse_nothing_to_revert,
+    refuse_unmeasured,
+    refuse_unreviewed,
+    unmeasured,
+)
 
 logger = logging.getLogger(__name__)
 SIGNOFF_MEANING = "reviewed and approved"
@@ -477,12 +482,16 @@ def signoff(
     background: bool = True,
 ) -> dict[str, Any]:
     """The electronic signature: the signer's password again; meaning, identity and time stored.
-    Under the run's lock: a save that is re-gating a sample ends (its tables written) before the
-    signature, and no save starts between the signature's check and its row."""
-    finished(db, run_id)
+    Only when every measured gate is approved or corrected (409 otherwise). Under the run's lock:
+    a save that is re-gating a sample ends (its tables written) before the signature, and no save
+    starts between the signature's check and its row."""
+    from cytopipe.report.gate_review import read_gate_review
+
+    run, _ = finished(db, run_id)
     _locked(db, run_id)
     with _run_lock(run_id):
         _locked(db, run_id)
+        refuse_unreviewed(run_id, read_gate_review(out_dir(run)), state(db, run_id))
         if auth.authenticate(db, user.name, password) is None:
             audit.record(db, user.name, "review.signoff_refused", "run", run_id, None, None, "wrong password")
             db.commit()
