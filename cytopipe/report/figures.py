@@ -573,14 +573,18 @@ def shape_lines(
             edges.append([[ux0, uy1], [ux1, uy1]])
         for e in edges:
             lines += _clip_polyline(np.asarray(e, dtype=float))
-    elif kind == "polygon" and shape.get("line"):  # a half-plane (diagonal gate): its boundary
-        v = np.asarray(shape["line"], dtype=float)
+    elif kind == "polygon" and ("line" in shape or shape.get("half_plane")):
+        # a half-plane (diagonal gate): its boundary; none when it misses the panel's range (a
+        # pooled gate drawn for a sample without events: nothing to draw)
+        v = np.asarray(shape.get("line") or [], dtype=float).reshape(-1, 2)
         if len(v) == 2:
             lines += _clip_polyline(np.column_stack([unit_x(v[:, 0]), unit_y(v[:, 1])]))
     elif kind == "polygon":
-        v = _clip_vertices(np.asarray(shape["vertices"], dtype=float), xlim, ylim)
-        u = np.column_stack([unit_x(v[:, 0]), unit_y(v[:, 1])])
-        lines += _clip_polyline(np.vstack([u, u[:1]]))
+        v = np.asarray(shape["vertices"], dtype=float).reshape(-1, 2)
+        if len(v) >= 2:
+            v = _clip_vertices(v, xlim, ylim)
+            u = np.column_stack([unit_x(v[:, 0]), unit_y(v[:, 1])])
+            lines += _clip_polyline(np.vstack([u, u[:1]]))
     elif kind == "ellipse":
         cov = np.asarray(shape["covariance"], dtype=float)
         vals, vecs = np.linalg.eigh(cov)
