@@ -4,7 +4,10 @@ Run per sample before compensation and gating, on the raw values, in this order 
 
 1. **Margin events** (:func:`margin_qc`): events at a detector's maximum (``value >= $PnR - 1``,
    saturated) on any measured channel, and events at or below ``lower_limit`` (default 0) on
-   scatter channels. Counted per channel.
+   scatter channels. Counted per channel. Events with a NaN or infinite value on any channel
+   (a float file can hold them; compensation would spread them over every channel and the gates
+   would lose them silently) are removed here too, whatever the settings, counted, and flag the
+   sample (``nonfinite_events``).
 2. **Time-resolved anomalies** (:func:`time_qc`), as PeacoQC and flowAI do: the remaining events
    are cut, in acquisition order, into bins of equal event count; a bin is flagged when
 
@@ -191,21 +194,24 @@ def time_index(channels: pd.DataFrame) -> int | None:
 class MarginResult:
     bad: np.ndarray  # bool per event
     counts: dict[str, int]  # $PnN -> events at a margin of that channel (an event may count twice)
+    nonfinite: int = 0  # events with a NaN or infinite value (also in ``bad``)
 
 
 def margin_qc(events: np.ndarray, channels: pd.DataFrame, settings: QCSettings) -> MarginResult:
-    """Events at a detector's maximum (any measured channel) or at/below the lower limit."""
+    """Events at a detector's maximum (any measured channel) or at/below the lower limit, and
+    events with a NaN or infinite value on any channel (always)."""
     n, p = events.shape
     if len(channels) != p:
         raise QCError(f"{len(channels)} channels described but the event matrix has {p} columns")
-    bad = np.zeros(n, dtype=bool)
+    bad = _nonfinite_events(events)
+    nonfinite = int(bad.sum())
     counts: dict[str, int] = {}
     if not settings.margins or n == 0:
-        return MarginResult(bad, counts)
+        return MarginResult(bad, counts, nonfinite)
     roles = channel_roles(channels)
     cols = measured_channels(events, channels)
     if len(cols) == 0:
-        return MarginResult(bad, counts)
+        return MarginResult(bad, counts, nonfinite)
     pnr = channels["pnr"].to_numpy(dtype=np.float64)[cols]
     lower = {"scatter": roles == "scatter", "all": roles != "time", "none": np.zeros(p, bool)}[
         settings.lower_channels
@@ -218,23 +224,36 @@ def margin_qc(events: np.ndarray, channels: pd.DataFrame, settings: QCSettings) 
     # range and values beyond it): then the top of the range is not a saturation limit
     if (n_above > 0).any():
         hi[n_above > 0] = np.inf
-        bad[:] = False
+        bad[:] = _nonfinite_events(events) if nonfinite else False
         n_hi, n_lo, _ = kernel(events, cols, hi, lo, bad)
     for k, j in enumerate(cols):
         if n_hi[k] + n_lo[k]:
             counts[str(channels["pnn"].iloc[j])] = int(n_hi[k] + n_lo[k])
-    return MarginResult(bad, counts)
+    return MarginResult(bad, counts, nonfinite)
+
+
+def _nonfinite_events(events: np.ndarray) -> np.ndarray:
+    """Events (rows) with a NaN or infinite value. A row's float64 sum of float32 values is
+    finite exactly when every value is (it cannot overflow), so only such rows are looked at."""
+    bad = np.zeros(events.shape[0], dtype=bool)
+    if events.size and events.dtype.kind == "f":
+        rows = np.flatnonzero(~np.isfinite(events.sum(axis=1, dtype=np.float64)))
+        if len(rows):
+            bad[rows] = ~np.isfinite(events[rows]).all(axis=1)
+    return bad
 
 
 def _margins(events, cols, hi, lo, bad):  # pragma: no cover - compiled
     """One row-major pass: flag events at/above ``hi`` or at/below ``lo`` on any of ``cols``;
     count them per channel (an event counts once per channel), and values above ``hi + 1``
-    (beyond the declared range)."""
+    (beyond the declared range). Events already ``bad`` on entry (non-finite) are skipped."""
     k = cols.shape[0]
     n_hi = np.zeros(k, dtype=np.int64)
     n_lo = np.zeros(k, dtype=np.int64)
     n_above = np.zeros(k, dtype=np.int64)
     for i in range(events.shape[0]):
+        if bad[i]:
+            continue
         for c in range(k):
             v = events[i, cols[c]]
             if v >= hi[c]:
@@ -484,12 +503,14 @@ class QCReport:
     def keep(self) -> np.ndarray:
         return ~self.removed
 
+    nonfinite: int = 0
+
     def metrics(self, settings: QCSettings) -> dict[str, Any]:
         return qc_metrics(
             self.n_events,
             int(self.margin.sum()),
             int(self.time.sum()),
-            self.margin_counts,
+            MarginResult(self.margin, self.margin_counts, self.nonfinite),
             self.time_result,
             settings,
         )
@@ -507,22 +528,32 @@ def event_qc(events: np.ndarray, channels: pd.DataFrame, settings: QCSettings | 
     tr = time_qc(events, channels, settings, rows=kept if m.bad.any() else None)
     time_bad = np.zeros(events.shape[0], dtype=bool)
     time_bad[kept] = tr.bad
-    return QCReport(events.shape[0], m.bad, time_bad, m.counts, tr)
+    return QCReport(events.shape[0], m.bad, time_bad, m.counts, tr, m.nonfinite)
 
 
 def qc_metrics(
     n_events: int,
     n_margin: int,
     n_time: int,
-    margin_counts: Mapping[str, int],
+    margin_counts: Mapping[str, int] | MarginResult,
     time_result: TimeResult | None,
     settings: QCSettings,
 ) -> dict[str, Any]:
-    """Flat per-sample QC metrics and flags (the QC columns of samples.parquet)."""
+    """Flat per-sample QC metrics and flags (the QC columns of samples.parquet).
+    ``margin_counts``: the margin events per channel, or the :class:`MarginResult` (which also
+    says how many events had NaN or infinite values: counted in ``n_margin``, and a flag)."""
+    nonfinite = 0
+    if isinstance(margin_counts, MarginResult):
+        margin_counts, nonfinite = margin_counts.counts, margin_counts.nonfinite
     removed = n_margin + n_time
     after = n_events - removed
     frac = removed / n_events if n_events else 0.0
     flags = []
+    if nonfinite:
+        flags.append(
+            f"nonfinite_events: {nonfinite} event(s) had a NaN or infinite value and were removed "
+            "(counted with the margin events); check the instrument's export"
+        )
     if after < settings.min_events:
         flags.append(f"too_few_events: {after} left after QC (< {settings.min_events})")
     if frac > settings.max_removed_fraction:

@@ -348,7 +348,7 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState, copy_kept: bool = 
         if copy_kept:
             sample.events = events[kept]  # the one copy of the matrix; the raw one is freed
     del events
-    metrics = qc.qc_metrics(n_raw, int(margin.bad.sum()), int(tres.bad.sum()), margin.counts, tres, state.qc)
+    metrics = qc.qc_metrics(n_raw, int(margin.bad.sum()), int(tres.bad.sum()), margin, tres, state.qc)
     return Prepared(sample=sample, metrics=metrics, meta=sample_meta(job), kept=kept, fmo=job.get("fmo"))
 
 
