@@ -591,6 +591,17 @@ class Engine:
                         },
                     ) from None
                 col = self.pnn.index(pnn)
+        twins = [i + 1 for i, n in enumerate(self.pnn) if n == self.pnn[col]]
+        if len(twins) > 1:  # never pick one of several same-named channels silently
+            raise PanelError(
+                f"channel name {self.pnn[col]!r} is ambiguous: parameters {twins} of the file all have "
+                f"this $PnN, so which one carries {name!r} cannot be told; correct the file's $PnN "
+                "keywords (each channel's name must be unique) and run again",
+                file=self.file,
+                population=population,
+                marker=name,
+                key=key,
+            )
         self._col[name] = col
         return col
 

@@ -1,0 +1,113 @@
+"""A batch of the committed sample files with a few bad ones among them, run once: every bad
+file ends with its own clear status (failed or flagged, never silently half-processed), and the
+good files, the tables and the report stand."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cytopipe.errors import PanelError
+from cytopipe.fcs import read_fcs, write_fcs
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "sample_data" / "fcs"
+TEMPLATE = REPO / "gating" / "sle_il2_tcell_nk.yaml"
+GOOD = ["P001_W00", "P001_W04", "P002_W00", "P002_W04", "P003_W00", "P003_W04"]
+
+
+def _bad_files(folder: Path) -> None:
+    """Copies of sample files with one defect each (the originals are never touched)."""
+    # every event at the FSC-A detector maximum: QC removes all of them
+    s = read_fcs(SAMPLES / "P006_W12.fcs")
+    events = s.events.copy()
+    events[:, 0] = float(s.channels.pnr[0])
+    write_fcs(folder / "ALLQC.fcs", events, s.channels, keywords=s.keywords, spillover=s.spillover)
+    # NaN on one channel of every 50th event, +inf on another of every 70th
+    s = read_fcs(SAMPLES / "P005_W04.fcs")
+    events = s.events.copy()
+    events[::50, 3] = np.nan
+    events[1::70, 4] = np.inf
+    write_fcs(folder / "NAN.fcs", events, s.channels, keywords=s.keywords, spillover=s.spillover)
+    # FSC-H renamed FSC-A (same length, so the offsets still hold): two channels named FSC-A
+    raw = (SAMPLES / "P006_W00.fcs").read_bytes()
+    assert raw.count(b"|FSC-H|") == 1
+    (folder / "DUPPNN.fcs").write_bytes(raw.replace(b"|FSC-H|", b"|FSC-A|"))
+
+
+@pytest.fixture(scope="module")
+def bad_batch(tmp_path_factory) -> Path:
+    from cytopipe.pipeline import run_workflow
+    from cytopipe.workflow import workflow_from_options
+
+    folder = tmp_path_factory.mktemp("bad_batch")
+    for name in GOOD:
+        shutil.copy(SAMPLES / f"{name}.fcs", folder / f"{name}.fcs")
+    _bad_files(folder)
+    rows = [(n, n[:4], int(n[-2:])) for n in GOOD] + [("ALLQC", "P006", 12), ("NAN", "P005", 4),
+                                                      ("DUPPNN", "P006", 0)]  # fmt: skip
+    lines = ["file,sample_id,patient_id,visit,arm"]
+    lines += [
+        f"{s}.fcs,{s},{p},{v},{'placebo' if p in ('P001', 'P003', 'P005') else 'IL-2'}" for s, p, v in rows
+    ]
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    wf = workflow_from_options(
+        folder / "manifest.csv", TEMPLATE, folder / "run", seed=1, clustering={"enabled": False}
+    )
+    result = run_workflow(wf, scheduler="synchronous", progress=False)
+    (folder / "problems.txt").write_text("\n".join(result.problems), encoding="utf-8")
+    return folder / "run"
+
+
+def _samples(run: Path) -> pd.DataFrame:
+    return pd.read_parquet(run / "samples.parquet").set_index("sample_id")
+
+
+def test_the_good_files_of_a_batch_with_bad_ones_are_all_processed(bad_batch):
+    samples = _samples(bad_batch)
+    assert set(samples.index) == set(GOOD) | {"ALLQC", "NAN", "DUPPNN"}
+    assert samples.loc[GOOD, "status"].isin(["ok", "flagged"]).all()
+
+
+def test_a_sample_whose_events_qc_removes_all_still_gets_its_report(bad_batch):
+    """Its pooled diagonal gates miss the (empty) panel: the gallery drew them and failed."""
+    samples = _samples(bad_batch)
+    assert samples.loc["ALLQC", "status"] == "flagged"
+    assert samples.loc["ALLQC", "events_after_qc"] == 0
+    assert (bad_batch.parent / "problems.txt").read_text(encoding="utf-8") == ""
+    assert (bad_batch / "report.html").is_file()
+
+
+def test_events_with_nan_or_infinite_values_are_removed_counted_and_flagged(bad_batch):
+    raw = read_fcs(bad_batch.parent / "NAN.fcs").events
+    n_bad = int((~np.isfinite(raw)).any(axis=1).sum())
+    assert n_bad > 0
+    row = _samples(bad_batch).loc["NAN"]
+    assert row["status"] == "flagged"
+    assert f"nonfinite_events: {n_bad} event(s)" in row["flags"]
+    assert row["events_after_qc"] <= row["events_before_qc"] - n_bad
+    # no event is lost between QC and the first gate on a fluorescence channel (Live): the
+    # gated counts add up to the events QC kept, none vanish as NaN through compensation
+    stats = pd.read_parquet(bad_batch / "population_stats.parquet")
+    mine = stats[stats.sample_id == "NAN"].set_index("population")
+    assert mine.loc["Lymphocytes", "parent_count"] == row["events_after_qc"]
+
+
+def test_duplicate_channel_names_fail_the_file_instead_of_gating_one_of_them(bad_batch):
+    row = _samples(bad_batch).loc["DUPPNN"]
+    assert row["status"] == "failed"
+    assert "DUPPNN.fcs" in row["error"]
+    assert "'FSC-A' is ambiguous" in row["error"] and "parameters [1, 2]" in row["error"]
+
+
+def test_gating_a_file_with_two_channels_of_one_name_is_a_panel_error(tmp_path):
+    import cytopipe
+
+    _bad_files(tmp_path)
+    sample = read_fcs(tmp_path / "DUPPNN.fcs")
+    with pytest.raises(PanelError, match="'FSC-A' is ambiguous"):
+        cytopipe.gate(sample, cytopipe.load_template(TEMPLATE))
