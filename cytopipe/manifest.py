@@ -182,11 +182,33 @@ def check_manifest(path: str | Path, check_files: bool = True) -> tuple[pd.DataF
         problems += row_problems
         records.append(rec)
 
+    _warn_repeated_visits(path, records)
     extras = [c for c in columns if c and c not in REQUIRED and c not in OPTIONAL]
     order = [*REQUIRED, *OPTIONAL, *extras, "path", "row", "ok", "problem"]
     table = pd.DataFrame.from_records(records, columns=order)
     table["visit"] = table["visit"].astype("Int64")
     return table, problems
+
+
+def _warn_repeated_visits(path: Path, records: list[dict]) -> None:
+    """A warning for each patient and visit that two or more sample rows claim (a mislabelled
+    file, or replicates): the statistics refuse them unless told to average them."""
+    seen: dict[tuple[str, int], list[dict]] = {}
+    for rec in records:
+        if rec["ok"] and not rec["control"] and rec["visit"] is not None:
+            seen.setdefault((rec["patient_id"], rec["visit"]), []).append(rec)
+    for (patient, visit), recs in seen.items():
+        if len(recs) > 1:
+            logger.warning(
+                "manifest %s: patient %r, visit %s is claimed by %d samples: %s; if a file is "
+                "mislabelled, correct its patient_id or visit; replicates are refused by the "
+                "statistics unless `statistics: {duplicates: mean}` averages them",
+                path,
+                patient,
+                visit,
+                len(recs),
+                ", ".join(f"{r['sample_id']} (row {r['row']}, {r['file']})" for r in recs),
+            )
 
 
 def misspelt_columns(columns: list[str]) -> dict[str, str]:

@@ -202,3 +202,20 @@ def test_validate_and_run_show_the_misspelt_column(tmp_path):
     assert (tmp_path / "run" / "population_stats.parquet").is_file()
     # and in run.log, though it was logged before the run folder existed
     assert (tmp_path / "run" / "run.log").read_text().count(warning) == 1
+
+
+def test_two_files_claiming_one_patient_and_visit_are_warned_about_by_validate(tmp_path):
+    from tests.conftest import SAMPLE_DATA
+    from tests.pipeline_support import cli
+
+    rows = (SAMPLE_DATA / "manifest.csv").read_text().splitlines()
+    body = [r.replace("fcs/", f"{SAMPLE_DATA}/fcs/", 1) for r in rows[1:3]]  # P001 weeks 0 and 4
+    body[1] = body[1].replace(",P001_W04,P001,4,", ",P001_W04,P001,0,")  # week 4's file says week 0
+    manifest = tmp_path / "m_twice.csv"
+    manifest.write_text("\n".join([rows[0], *body]) + "\n")
+    proc = cli("validate", str(manifest), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # a warning (replicates can be meant)
+    assert (
+        f"cytopipe validate: warning: manifest {manifest}: patient 'P001', visit 0 is claimed by 2 samples: "
+        f"P001_W00 (row 2, {SAMPLE_DATA}/fcs/P001_W00.fcs), P001_W04 (row 3, {SAMPLE_DATA}/fcs/P001_W04.fcs)"
+    ) in proc.stderr
