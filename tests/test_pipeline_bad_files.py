@@ -37,6 +37,8 @@ def _bad_files(folder: Path) -> None:
     raw = (SAMPLES / "P006_W00.fcs").read_bytes()
     assert raw.count(b"|FSC-H|") == 1
     (folder / "DUPPNN.fcs").write_bytes(raw.replace(b"|FSC-H|", b"|FSC-A|"))
+    # P001_W00's bytes under another name (and, in the manifest, another patient)
+    shutil.copy(SAMPLES / "P001_W00.fcs", folder / "COPY.fcs")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def bad_batch(tmp_path_factory) -> Path:
         shutil.copy(SAMPLES / f"{name}.fcs", folder / f"{name}.fcs")
     _bad_files(folder)
     rows = [(n, n[:4], int(n[-2:])) for n in GOOD] + [("ALLQC", "P006", 12), ("NAN", "P005", 4),
-                                                      ("DUPPNN", "P006", 0)]  # fmt: skip
+                                                      ("DUPPNN", "P006", 0), ("COPY", "P004", 0)]  # fmt: skip
     lines = ["file,sample_id,patient_id,visit,arm"]
     lines += [
         f"{s}.fcs,{s},{p},{v},{'placebo' if p in ('P001', 'P003', 'P005') else 'IL-2'}" for s, p, v in rows
@@ -69,7 +71,7 @@ def _samples(run: Path) -> pd.DataFrame:
 
 def test_the_good_files_of_a_batch_with_bad_ones_are_all_processed(bad_batch):
     samples = _samples(bad_batch)
-    assert set(samples.index) == set(GOOD) | {"ALLQC", "NAN", "DUPPNN"}
+    assert set(samples.index) == set(GOOD) | {"ALLQC", "NAN", "DUPPNN", "COPY"}
     assert samples.loc[GOOD, "status"].isin(["ok", "flagged"]).all()
 
 
@@ -111,3 +113,13 @@ def test_gating_a_file_with_two_channels_of_one_name_is_a_panel_error(tmp_path):
     sample = read_fcs(tmp_path / "DUPPNN.fcs")
     with pytest.raises(PanelError, match="'FSC-A' is ambiguous"):
         cytopipe.gate(sample, cytopipe.load_template(TEMPLATE))
+
+
+def test_one_file_registered_as_two_samples_flags_both(bad_batch):
+    samples = _samples(bad_batch)
+    assert samples.loc[["COPY", "P001_W00"], "status"].tolist() == ["flagged", "flagged"]
+    assert (
+        "duplicate_file: the same bytes as sample(s) P001_W00 (P001_W00.fcs)" in samples.loc["COPY", "flags"]
+    )
+    assert "duplicate_file: the same bytes as sample(s) COPY (COPY.fcs)" in samples.loc["P001_W00", "flags"]
+    assert samples.loc["COPY", "sha256"] == samples.loc["P001_W00", "sha256"]

@@ -95,6 +95,27 @@ SAMPLE_COLUMNS: dict[str, str] = {
 }
 
 
+def _flag_identical_files(df: pd.DataFrame, alive: pd.Series) -> None:
+    """Samples whose files have the same bytes (one acquisition registered twice, e.g. copied under
+    another patient's name) are flagged, each naming the others, and said in run.log."""
+    sha = df["sha256"].where(alive & df["sha256"].notna())
+    for _, group in df[sha.notna()].groupby(sha[sha.notna()], sort=False):
+        if len(group) < 2:
+            continue
+        for i in group.index:
+            others = ", ".join(f"{o.sample_id} ({o.file})" for o in group.itertuples() if o.Index != i)
+            df.at[i, "flags"] = df.at[i, "flags"] + [
+                f"duplicate_file: the same bytes as sample(s) {others}; one acquisition is registered "
+                "as several samples: keep the row whose patient and visit it belongs to"
+            ]
+        logger.warning(
+            "samples %s: their files have identical content (sha256 %s); check which patient and "
+            "visit it belongs to",
+            ", ".join(group["sample_id"]),
+            group["sha256"].iloc[0][:12],
+        )
+
+
 def assemble_samples(ctx: RunContext) -> pd.DataFrame:
     """One row per manifest file (samples, then controls), sorted by sample_id."""
     from cytopipe.qc import flag_loss_outliers
@@ -130,6 +151,7 @@ def assemble_samples(ctx: RunContext) -> pd.DataFrame:
         df.at[df.index[i], "flags"] = df.at[df.index[i], "flags"] + [
             "qc_loss_outlier: lost an unusual share of events compared with the study's samples"
         ]
+    _flag_identical_files(df, alive)
     df["status"] = [
         "failed" if s == "failed" else ("flagged" if f else "ok") for s, f in zip(df["status"], df["flags"])
     ]
