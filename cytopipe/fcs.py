@@ -765,9 +765,18 @@ class _FCSFile:
         assessed = [(name, b, e, *assess(name, b, e)) for name, b, e in candidates]
         good = [a for a in assessed if a[3] is not None]
         if not good:
-            reasons = list(dict.fromkeys(a[4] for a in assessed))
+            if len(assessed) == 2 and assessed[0][1:3] == assessed[1][1:3]:  # the same offsets: say it once
+                reasons = [assessed[0][4].replace("HEADER says", "HEADER and TEXT say", 1)]
+            else:
+                reasons = list(dict.fromkeys(a[4] for a in assessed))
+            todo = (
+                "copy or export the file again from the acquisition computer"
+                if any("truncated" in r for r in reasons)
+                else "the file is damaged or was written wrongly; export it again from the acquisition software"
+            )
             raise FCSDataError(
-                "DATA segment does not match the keywords: " + "; ".join(reasons), file=self.path
+                "DATA segment does not match the keywords: " + "; ".join(reasons) + f"; {todo}",
+                file=self.path,
             )
         if len(good) > 1 and good[0][1] != good[1][1]:
             # Both plausible but different: prefer the one that starts right after TEXT, then

@@ -292,3 +292,27 @@ def test_every_truncation_and_corruption_fails_cleanly(tmp_path):
                     assert str(path) in str(exc)
                     outcomes["error"] += 1
     assert outcomes["error"] > len(content) and outcomes["ok"] > 0
+
+
+def test_a_truncated_sample_file_is_described_once_with_what_to_do(tmp_path):
+    """HEADER and TEXT give the same DATA offsets: the reason is said once, then the remedy."""
+    from tests.conftest import SAMPLE_DATA
+
+    raw = (SAMPLE_DATA / "fcs" / "P005_W00.fcs").read_bytes()
+    path = tmp_path / "P005_W00.fcs"
+    path.write_bytes(raw[: len(raw) * 2 // 3])
+    with pytest.raises(E.FCSDataError) as info:
+        read_fcs(path)
+    message = str(info.value)
+    assert message.startswith(
+        f"file '{path}': DATA segment does not match the keywords: HEADER and TEXT say bytes"
+    )
+    assert message.count("truncated (only") == 1
+    assert message.endswith("; copy or export the file again from the acquisition computer")
+    # a $TOT that disagrees with the DATA length: once too, and what to do
+    path.write_bytes(raw.replace(b"$TOT|6203|", b"$TOT|6200|"))
+    with pytest.raises(E.FCSDataError) as info:
+        read_fcs(path)
+    message = str(info.value)
+    assert message.count("$TOT 6200 x 72 bytes per event") == 1
+    assert message.endswith("export it again from the acquisition software")
