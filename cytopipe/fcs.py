@@ -1612,6 +1612,11 @@ def _text_keywords(
             if suffix in _OWNED_PARAMETER_KEYS or old not in renumber:
                 continue
             key = f"$P{renumber[old]}{suffix}"
+        if (
+            key in SPILLOVER_KEYWORDS
+            and (value := _copied_spillover(key, value, list(table["pnn"]), path)) is None
+        ):
+            continue
         text[key] = value
     if spillover is not None:
         names = list(table["pnn"])
@@ -1628,6 +1633,36 @@ def _text_keywords(
             )
         text["$SPILLOVER"] = spillover.to_keyword_value()
     return text
+
+
+def _copied_spillover(key: str, value: str, names: list[str], path: Path) -> str | None:
+    """A spillover keyword copied from ``keywords``, restricted to the written channels (writing a
+    subset of a read file's channels with its keywords wrote a matrix naming channels the file
+    lacks, which no reader can apply): its rows and columns of written channels (the spillover
+    between two channels does not depend on the others), or None when it names none of them. One
+    that cannot be parsed, or names parameters by number, is copied as it is."""
+    try:
+        copied = parse_spillover(value, key, path)
+    except FCSError:
+        return value
+    if any(str(c).strip().isdigit() for c in copied.channels):
+        return value
+    kept = [i for i, c in enumerate(copied.channels) if c in names]
+    if len(kept) == len(copied.channels):
+        return value
+    logger.info(
+        "%s: %s copied from `keywords` names channels that are not written %s; kept its rows and "
+        "columns of the written channels (%d of %d)",
+        path,
+        key,
+        [c for c in copied.channels if c not in names],
+        len(kept),
+        len(copied.channels),
+    )
+    if not kept:
+        return None
+    matrix = np.asarray(copied.matrix, dtype=np.float64)[np.ix_(kept, kept)]
+    return Spillover(matrix, [copied.channels[i] for i in kept], key).to_keyword_value()
 
 
 def _layout_text(text: dict[str, str], n_data: int, path: Path) -> tuple[bytes, bytes]:

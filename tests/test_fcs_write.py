@@ -178,3 +178,30 @@ def test_reading_writing_does_not_warn(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FCSWarning)
         read_fcs(write_fcs(tmp_path / "w.fcs", events(), CHANNELS))
+
+
+def test_a_copied_spillover_keyword_keeps_only_the_written_channels(tmp_path):
+    """Writing a subset of a sample file's channels with its keywords: its $SPILLOVER named the
+    left-out channel, so the written file could not be compensated (a run failed it); now the
+    matrix of the written channels is kept, exactly the source's values."""
+    from tests.conftest import SAMPLE_DATA
+
+    sample = read_fcs(SAMPLE_DATA / "fcs" / "P006_W00.fcs")
+    keep = [i for i, pns in enumerate(sample.channels["pns"]) if "FoxP3" not in pns]
+    out = write_fcs(
+        tmp_path / "no_foxp3.fcs",
+        sample.events[:, keep],
+        sample.channels.iloc[keep],
+        keywords=sample.keywords,
+    )
+    copy = read_fcs(out)
+    assert "APC-A" in sample.spillover.channels and "APC-A" not in copy.spillover.channels
+    rows = [sample.spillover.channels.index(c) for c in copy.spillover.channels]
+    assert copy.spillover.channels == [c for c in sample.spillover.channels if c != "APC-A"]
+    np.testing.assert_array_equal(copy.spillover.matrix, sample.spillover.matrix[np.ix_(rows, rows)])
+    assert copy.warnings == []
+    # none of the matrix's channels written: no spillover keyword at all
+    out = write_fcs(
+        tmp_path / "scatter.fcs", sample.events[:, :3], sample.channels.iloc[:3], keywords=sample.keywords
+    )
+    assert read_fcs(out).spillover is None
