@@ -233,10 +233,16 @@ def margin_qc(events: np.ndarray, channels: pd.DataFrame, settings: QCSettings) 
 
 
 def _nonfinite_events(events: np.ndarray) -> np.ndarray:
-    """Events (rows) with a NaN or infinite value. A row's float64 sum of float32 values is
-    finite exactly when every value is (it cannot overflow), so only such rows are looked at."""
+    """Events (rows) with a NaN or infinite value. The sum of all values is finite when every value
+    is (one fast pass, ~0.5 ms per 3M values; only an overflow or a non-finite value makes it
+    inf/NaN), and only then are rows looked at: a row's float64 sum of float32 values is finite
+    exactly when every value of the row is (it cannot overflow)."""
     bad = np.zeros(events.shape[0], dtype=bool)
-    if events.size and events.dtype.kind == "f":
+    if not events.size or events.dtype.kind != "f":
+        return bad
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.sum(events)
+    if not np.isfinite(total):
         rows = np.flatnonzero(~np.isfinite(events.sum(axis=1, dtype=np.float64)))
         if len(rows):
             bad[rows] = ~np.isfinite(events[rows]).all(axis=1)
