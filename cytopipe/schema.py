@@ -40,13 +40,14 @@ def with_count_dtypes(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def blank_unmeasured_counts(table: pd.DataFrame) -> pd.DataFrame:
+def blank_unmeasured_counts(table: pd.DataFrame, source: str = "gate_source") -> pd.DataFrame:
     """``population_stats`` rows with ``gate_source`` "not measured" get a missing ``count`` (and a
     missing ``parent_count`` when the parent is not measured in the same sample either), never 0;
-    e.g. rows written by older cytopipe versions (they stored 0). Changes ``table`` in place."""
-    if "gate_source" not in table.columns or not len(table):
+    e.g. rows written by older cytopipe versions (they stored 0). ``source`` names the column that
+    says so (``"source"`` in gate_review). Changes ``table`` in place."""
+    if source not in table.columns or not len(table):
         return with_count_dtypes(table)
-    unmeasured = table["gate_source"].astype(str) == NOT_MEASURED
+    unmeasured = table[source].astype(str) == NOT_MEASURED
     if unmeasured.any():
         keys = set(zip(table.loc[unmeasured, "sample_id"], table.loc[unmeasured, "population"]))
         parent_unmeasured = pd.Series(

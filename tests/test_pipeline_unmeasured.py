@@ -292,3 +292,72 @@ def test_no_fold_change_from_or_to_a_value_not_measured(mixed_run):
         assert memory.loc["PTLG034", ["change", "log2fc"]].isna().all().all()
         assert memory.drop(index="PTLG034").loc[(slice(None), 4), ["change", "log2fc"]].notna().all().all()
         assert dyn.loc[EVERYWHERE, ["change", "log2fc"]].isna().all().all()
+
+
+def _old_style_review(review: pd.DataFrame) -> pd.DataFrame:
+    """The gate-review table as versions before 2026-12-06 wrote it: count 0 for a population not
+    measured (and parent count 0 under a parent not measured either)."""
+    old = review.copy()
+    for column in ("count", "parent_count"):
+        old[column] = old[column].fillna(0).astype("int64")
+    return old
+
+
+def test_gate_review_has_no_count_for_a_population_not_measured(mixed_run, tmp_path):
+    """gate_review.parquet (the review data of the report and `cytopipe serve`) holds what
+    population_stats holds for a population not measured: a missing count (and parent count under
+    a parent not measured), never 0 events; the report's gate_review.csv has no outlier score for it
+    (no number was compared, not "0, not outlying"). A table or per-sample results written by older
+    versions (count 0) read and assemble to the same table."""
+    from cytopipe.report.gate_review import read_gate_review
+
+    out, proc = mixed_run
+    assert proc.returncode == 0, proc.stderr
+    ps = pd.read_parquet(out / "population_stats.parquet")
+    review = pd.read_parquet(out / "gate_review.parquet")
+    assert str(review["count"].dtype) == "Int64" and str(review["parent_count"].dtype) == "Int64"
+    unmeasured = review["source"] == "not measured"
+    assert unmeasured.sum() == 4 * 6 + 2
+    assert review.loc[unmeasured, "count"].isna().all() and review.loc[~unmeasured, "count"].notna().all()
+    # the same counts as population_stats, missing where it has none (e.g. activated cTfh of cTfh)
+    keyed = review[review["panel"] == 0].merge(ps, on=["sample_id", "population"], suffixes=("", "_ps"))
+    assert len(keyed) == len(ps)
+    for column in ("count", "parent_count"):
+        assert keyed[column].isna().equals(keyed[f"{column}_ps"].isna()), column
+        both = keyed[column].notna()
+        assert (keyed.loc[both, column] == keyed.loc[both, f"{column}_ps"]).all(), column
+    # a parent not measured: activated cTfh (of cTfh) everywhere, Th17, Th1, cTfh in two samples
+    assert keyed["parent_count"].isna().sum() == 6 + 2 * 3
+    memory = keyed[(keyed["population"] == "Memory CD4") & keyed["sample_id"].isin(NO_CD45RA)]
+    assert (memory["parent_count"] > 0).all()  # CD4 T is measured there
+
+    csv = pd.read_csv(out / "report_tables" / "gate_review.csv")
+    gone = [(s, p) in set(zip(ps.loc[ps["gate_source"] == "not measured", "sample_id"],
+                              ps.loc[ps["gate_source"] == "not measured", "population"]))
+            for s, p in zip(csv["sample_id"], csv["population"])]  # fmt: skip
+    gone = pd.Series(gone, index=csv.index)
+    assert gone.sum() == 4 * 6 + 2
+    assert csv.loc[gone, ["pct_parent", "score"]].isna().all().all()
+    assert csv.loc[~gone, "score"].notna().all()
+
+    # a run folder of an older version (0 events stored): read as missing
+    old = tmp_path / "old"
+    old.mkdir()
+    _old_style_review(review).to_parquet(old / "gate_review.parquet", index=False)
+    pd.testing.assert_frame_equal(read_gate_review(old), read_gate_review(out))
+
+    # per-sample review rows cached by an older version: the rerun writes the same table
+    again = tmp_path / "run"
+    shutil.copytree(out, again)
+    touched = 0
+    for part in (again / ".cache").glob("*/*.review.parquet"):
+        rows = pd.read_parquet(part)
+        if (rows["source"] == "not measured").any():
+            _old_style_review(rows).to_parquet(part, index=False)
+            touched += 1
+    assert touched >= 6  # every sample (the fitting pass may cache its own too)
+    rerun = cli("run", str(out.parent / "workflow.yaml"), "--out", str(again), "--scheduler", "synchronous",
+                "--no-progress")  # fmt: skip
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert json.loads((again / "run.json").read_text())["cached_samples"] == 6
+    pd.testing.assert_frame_equal(pd.read_parquet(again / "gate_review.parquet"), review)

@@ -35,7 +35,9 @@ def assemble_gate_review(ctx: RunContext) -> pd.DataFrame:
     ]
     if not frames:
         return pd.DataFrame(columns=GATE_REVIEW_COLUMNS)
-    return pd.concat(frames, ignore_index=True)[GATE_REVIEW_COLUMNS]
+    review = pd.concat(frames, ignore_index=True)[GATE_REVIEW_COLUMNS]
+    # not measured: missing counts (also in per-sample results cached by versions that stored 0)
+    return blank_unmeasured_counts(review, source="source")
 
 
 def assemble_population_stats(ctx: RunContext) -> pd.DataFrame:

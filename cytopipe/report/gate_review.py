@@ -44,9 +44,10 @@ shapes          the applied gate in panel coordinates, as JSON: a list of ``{"ki
                 [[x, y], [x, y]]`` (its boundary, the one drawn) and ``"half_plane": true``; boolean gates
                 draw their sibling operands' shapes with ``"negate": true`` where inverted
 n_shown         parent events in this panel (after ``condition``)
-count,          the population's events, its parent's events and % of parent (the gate's result)
-parent_count,
-pct_parent
+count,          the population's events, its parent's events and % of parent (the gate's result);
+parent_count,   missing (null, NaN) where the population (for ``parent_count``: its parent) is not
+pct_parent      measured in the sample (``source`` "not measured": its gate needs a marker the
+                file lacks), never 0 (as in population_stats)
 flags           the gating flags of this population ("; "-joined), e.g. a fit that fell back
 params,         the gate's fitted numbers for the outlier rule (thresholds, ellipse centres,
 param_names,    singlet area/height ratios), their names (``CD25 >=``) and the axis span of each
@@ -74,6 +75,7 @@ import pandas as pd
 
 from cytopipe.errors import ReportError
 from cytopipe.gating._quantile import quantile_like_numpy
+from cytopipe.schema import NOT_MEASURED, blank_unmeasured_counts, with_count_dtypes
 
 GATE_REVIEW_FILE = "gate_review.parquet"
 BINS_2D = 48
@@ -145,13 +147,16 @@ def gate_review_data(
     pops = result.populations
     ranges: dict[int, tuple] = {}  # robust ranges of the value arrays (a parent's axis is in many panels)
     for name, pop in pops.items():
+        parent = pops.get(pop.parent)
+        parent_unmeasured = parent is not None and parent.source == NOT_MEASURED
         base = {
             "sample_id": str(sample_id),
             "population": name,
             "parent": pop.parent,
             "source": pop.source,
-            "count": int(pop.count),
-            "parent_count": int(pop.parent_count),
+            # not measured (a marker its gate needs is not in the file): no count, never 0 events
+            "count": None if pop.source == NOT_MEASURED else int(pop.count),
+            "parent_count": None if parent_unmeasured else int(pop.parent_count),
             "pct_parent": float(pop.pct_parent),
             "flags": "; ".join(pop.flags),
         }
@@ -187,8 +192,8 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df["panel"] = df["panel"].astype("int16")
     for col in ("x_bins", "y_bins"):
         df[col] = df[col].astype("int16")
-    for col in ("n_shown", "count", "parent_count"):
-        df[col] = df[col].astype("int64")
+    df["n_shown"] = df["n_shown"].astype("int64")
+    with_count_dtypes(df)  # int64, or Int64 with missing values where not measured
     df["pct_parent"] = df["pct_parent"].astype("float64")
     return df
 
@@ -719,7 +724,7 @@ def read_gate_review(run_dir: str | Path) -> pd.DataFrame | None:
     missing = [c for c in GATE_REVIEW_COLUMNS if c not in table.columns]
     if missing:
         raise ReportError(f"the gate-review table lacks columns {missing}", file=path)
-    return table
+    return blank_unmeasured_counts(table, source="source")  # older versions stored 0 events
 
 
 def _with_background(table: pd.DataFrame) -> pd.DataFrame:
@@ -772,8 +777,8 @@ def gate_outliers(
     Floors: 2% of the axis span for gate numbers, 0.1 on the logit scale for frequencies. A gate
     is an outlier when any |z| > ``z`` (3.5). A population not measured in a sample (``source``
     "not measured") is neither flagged nor an outlier there and takes no part in the others'
-    z-scores. Columns: ``sample_id, population, patient_id, visit, pct_parent, flagged, flags,
-    outlier, score`` (largest |z|), ``reasons``.
+    z-scores (its ``pct_parent`` and ``score`` are NaN). Columns: ``sample_id, population, patient_id,
+    visit, pct_parent, flagged, flags, outlier, score`` (largest |z|), ``reasons``.
     """
     first = review[review["panel"] == 0].copy()
     first = first.drop_duplicates(["sample_id", "population"])
@@ -802,6 +807,7 @@ def gate_outliers(
                         f"{label} {fmt(values[i])} is an outlier vs the {kind} (z={zz[i]:+.1f})"
                     )
         flagged = (g["flags"].fillna("").astype(str) != "") & ~unmeasured
+        score = np.where(unmeasured, np.nan, score)  # not measured: no score, not 0 (not outlying)
         out.append(
             pd.DataFrame(
                 {
@@ -828,8 +834,8 @@ def gate_outliers(
 def _quantities(g: pd.DataFrame) -> list[tuple[str, np.ndarray, float, Any]]:
     """(label, values, scale floor, formatter) of every number compared for one gate."""
     out = []
-    count = g["count"].to_numpy(float)
-    parent = g["parent_count"].to_numpy(float)
+    count = g["count"].astype("float64").to_numpy()  # not measured: NaN (a nullable Int64 NA)
+    parent = g["parent_count"].astype("float64").to_numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         frac = (count + 0.5) / (parent + 1.0)
         logit = np.log(frac / (1 - frac))
