@@ -14,8 +14,8 @@ from cytopipe.serve.auth import AuthError
 
 def unmeasured(review: pd.DataFrame) -> dict[tuple[str, str], str]:
     """(sample, population) -> why, for each population not measured in a sample (its gate needs a
-    marker the file lacks): it has no events and no gate to approve or change. gate_review keeps
-    count 0 for it; population_stats has a missing count."""
+    marker the file lacks): it has no events and no gate to approve or change (gate_review and
+    population_stats have a missing count for it)."""
     rows = review[(review["panel"] == 0) & (review["source"].astype(str) == NOT_MEASURED)]
     return {
         (s, p): str(f or NOT_MEASURED)

@@ -213,9 +213,8 @@ def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
             if not got.empty and not (got["shapes"] == "[]").all():
                 rows = got
     first = rows.iloc[0]
-    if str(first["source"]) == NOT_MEASURED:  # no events, no gate: gate_review's count 0 is not a count
-        ps = _stats_row(run, sample_id, population)
-        parent_count = ps["parent_count"]
+    if str(first["source"]) == NOT_MEASURED:  # no events, no gate: gate_review's counts are missing
+        parent_count = first["parent_count"]  # missing too when the parent is not measured either
         return {"sample_id": sample_id, "population": population, "parent": first["parent"], "count": None,
                 "parent_count": None if pd.isna(parent_count) else int(parent_count), "pct_parent": None,
                 "source": first["source"], "flags": first["flags"], "params": {}, "panels": [],
