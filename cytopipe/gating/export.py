@@ -25,6 +25,7 @@ from cytopipe.gating.engine import GatingResult
 from cytopipe.gating.gates import BooleanGate, Dim, EllipsoidGate, Gate, Operand, PolygonGate, RectangleGate
 from cytopipe.gating.gatingml import NAME_PREFIX, NS
 from cytopipe.gating.template import ROOT
+from cytopipe.schema import NOT_MEASURED
 
 COMP_ID = "cytopipe_compensation"
 
@@ -176,6 +177,8 @@ def write_gatingml(result: GatingResult, path: str | Path) -> Path:
 
     ids = gatingml_ids(template.names)
     for pop in template:
+        if result.populations[pop.name].source == NOT_MEASURED:
+            continue  # a marker its gate needs is not in the file (nor its descendants'): no gate
         applied = _without_parent_operand(result.populations[pop.name].gate, pop.parent)
         attrs = {E["gating"] + "id": ids[pop.name]}
         if pop.parent != ROOT:
@@ -218,6 +221,8 @@ def _specs(result: GatingResult) -> dict:
     specs = {}
     t = result.template
     for pop in t:
+        if result.populations[pop.name].source == NOT_MEASURED:  # no gate applied in this file
+            continue
         for d in _all_dims(result.populations[pop.name].gate) + _all_dims(pop.gate):
             if d.transform is None:
                 specs[d] = None

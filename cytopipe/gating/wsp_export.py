@@ -35,6 +35,7 @@ from cytopipe.errors import GatingError
 from cytopipe.gating.gates import BooleanGate, EllipsoidGate, PolygonGate, RectangleGate
 from cytopipe.gating.landmarks import AllOfGate
 from cytopipe.gating.template import ROOT
+from cytopipe.schema import NOT_MEASURED
 
 NS = {
     "gating": "http://www.isac-net.org/std/Gating-ML/v2.0/gating",
@@ -106,6 +107,8 @@ def write_flowjo_workspace(
         paths: dict[str, str] = {ROOT: ""}  # population -> its full path in the workspace
         chain_counts = _chain_counts(fcs, result)
         for pop in tpl:
+            if result.populations[pop.name].source == NOT_MEASURED:
+                continue  # a marker its gate needs is not in the file: no gate, no count (not 0)
             applied = result.populations[pop.name].gate
             parent_el = subs[pop.parent]
             parent_id = gate_ids.get(pop.parent)
