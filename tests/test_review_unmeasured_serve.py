@@ -2,8 +2,8 @@
 and PostgreSQL where .ci/run starts one) and a finished run of the 12 small simulated samples, one of
 which has its CXCR5 channel unlabelled: cTfh and activated cTfh are not measured in that sample.
 
-population_stats has a missing count for them; gate_review.parquet keeps count 0 (its bytes for
-fully measured runs are fixed, tests/test_output_hashes.py). Before, the review page showed "0 of
+population_stats and gate_review.parquet have a missing count for them (gate_review kept count 0
+until 2026-12-06; fully measured runs keep their bytes, tests/test_output_hashes.py). Before, the review page showed "0 of
 1371 events" as if the gate were empty, drew an empty 0..1 plot, and a reviewer could approve that
 gate, or save a pooled gate for it, with an audit entry from a missing % to a missing %. Now the
 queue, the gate view, the page and `cytopipe review --list` say "not measured", and approving or
@@ -92,7 +92,8 @@ def test_a_population_not_measured_is_shown_so_and_cannot_be_approved_or_changed
         ps.loc[(sample, "cTfh"), "count"]
     )
     review = pd.read_parquet(out / "gate_review.parquet")
-    assert review[(review["sample_id"] == sample) & (review["population"] == "cTfh")]["count"].tolist() == [0]
+    mine = review[(review["sample_id"] == sample) & (review["population"] == "cTfh")]
+    assert len(mine) == 1 and mine[["count", "pct_parent"]].isna().all().all()  # not measured, not 0 events
 
     c = server.client("rita")
     items = {i["sample_id"]: i for i in c.get(f"/api/runs/{run_id}/review?population=cTfh").json()["items"]}
