@@ -361,3 +361,31 @@ def test_gate_review_has_no_count_for_a_population_not_measured(mixed_run, tmp_p
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert json.loads((again / "run.json").read_text())["cached_samples"] == 6
     pd.testing.assert_frame_equal(pd.read_parquet(again / "gate_review.parquet"), review)
+
+
+def test_clusters_of_a_population_not_measured_have_no_count(tmp_path):
+    """Clustering Memory CD4 (on markers every file has) in the study where two files lack CD45RA:
+    those samples map no event because Memory CD4 is not measured there; their metaclusters have
+    a missing count and parent count in clusters.parquet (as Memory CD4 in population_stats), not
+    0 of 0 events; `cytopipe cluster` writes the same table; the report is written."""
+    clustering = {"enabled": True, "population": "Memory CD4", "markers": ["CD3", "CD4", "CD8", "CD25", "FOXP3"],
+                  "grid": [3, 3], "metaclusters": 3, "embedding": {"enabled": False}}  # fmt: skip
+    out, proc = _run(tmp_path, NO_CD45RA, clustering)
+    assert proc.returncode == 0 and "warning" not in proc.stderr.lower(), proc.stdout + proc.stderr
+    clusters = pd.read_parquet(out / "clusters.parquet")
+    assert str(clusters["count"].dtype) == "Int64" and str(clusters["parent_count"].dtype) == "Int64"
+    absent = clusters["sample_id"].isin(NO_CD45RA)
+    assert absent.sum() == 2 * 3 and len(clusters) == 6 * 3
+    assert clusters.loc[absent, ["count", "parent_count", "pct_parent"]].isna().all().all()
+    assert clusters.loc[absent, ["pct_parent_ci_low", "pct_parent_ci_high"]].isna().all().all()
+    assert (clusters.loc[~absent, "count"] >= 0).all() and (clusters.loc[~absent, "parent_count"] > 0).all()
+    ps = pd.read_parquet(out / "population_stats.parquet")
+    memory = ps[ps["population"] == "Memory CD4"].set_index("sample_id")["count"]
+    totals = clusters[~absent].groupby("sample_id")["count"].sum()
+    assert (totals == memory[totals.index]).all()  # every Memory CD4 event in one metacluster
+
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    proc2 = cli("cluster", str(again), "--scheduler", "synchronous", "--no-progress", "--no-report")
+    assert proc2.returncode == 0, proc2.stdout + proc2.stderr
+    pd.testing.assert_frame_equal(pd.read_parquet(again / "clusters.parquet"), clusters)

@@ -35,7 +35,7 @@ from cytopipe.errors import ClusteringError, CytopipeError
 from cytopipe.pipeline.context import RunContext
 from cytopipe.pipeline.state import ClusterPlan, _transform_mismatch, marker_transforms
 from cytopipe.pipeline.tasks import map_task, train_task
-from cytopipe.schema import STATS_COLUMNS
+from cytopipe.schema import COUNT_COLUMNS, NOT_MEASURED, STATS_COLUMNS
 from cytopipe.store import CLUSTER_DIR, MODEL_FILE
 from cytopipe.store import CLUSTER_FILES as FILES
 
@@ -195,10 +195,28 @@ def assemble_clusters(ctx: RunContext, frames: list[pd.DataFrame]) -> pd.DataFra
     by_id = {j["sample_id"]: j for j in ctx.jobs}
     for col in ("patient_id", "visit", "arm"):
         table[col] = [by_id[s].get(col) for s in table["sample_id"]]
-    table = add_count_qc(table, ctx.state.qc)
+    table = add_count_qc(_blank_unmeasured_parent(ctx, table), ctx.state.qc)
     medians = sorted(c for c in table.columns if c.startswith("median_"))
     rest = [c for c in table.columns if c not in STATS_COLUMNS and c not in medians and c != "metacluster"]
     return table[STATS_COLUMNS + ["metacluster"] + medians + rest].reset_index(drop=True)
+
+
+def _blank_unmeasured_parent(ctx: RunContext, table: pd.DataFrame) -> pd.DataFrame:
+    """A sample whose clustered population is not measured (a marker its gate needs is not in the
+    file) mapped no event: its metaclusters get a missing count and parent count (not 0 of 0 events),
+    as the population has in population_stats."""
+    ps = ctx.tables.get("population_stats")
+    plan = ctx.state.cluster
+    if ps is None or plan is None or "gate_source" not in ps.columns:
+        return table
+    mine = ps[(ps["population"] == plan.population) & (ps["gate_source"].astype(str) == NOT_MEASURED)]
+    absent = table["sample_id"].isin(set(mine["sample_id"]))
+    if not absent.any():  # a fully measured study: the table as it always was
+        return table
+    for column in COUNT_COLUMNS:
+        table[column] = table[column].astype("Int64").mask(absent)
+    table["pct_parent"] = table["pct_parent"].mask(absent)
+    return table
 
 
 def write_cluster_tables(
