@@ -227,7 +227,11 @@ class FCSInfo:
 # reading: public functions
 # --------------------------------------------------------------------------------------------
 def read_fcs(
-    path: str | Path, dataset: int = 0, preprocess: bool = False, out: np.ndarray | None = None
+    path: str | Path,
+    dataset: int = 0,
+    preprocess: bool = False,
+    out: np.ndarray | None = None,
+    warn: bool = True,
 ) -> Sample:
     """Read one data set of an FCS file into a :class:`Sample`.
 
@@ -244,6 +248,9 @@ def read_fcs(
     the buffer is used again. A process that reads many files one after another can reuse one
     buffer and skip the page faults of a fresh matrix (a 1M x 20 int16 file: ~13 instead of ~21
     ms of CPU on the project's VM).
+
+    ``warn=False``: the reader's notes are only in ``Sample.warnings`` (no :class:`FCSWarning`;
+    the pipeline reports them once per file, from its own process).
     """
     with _FCSFile(path) as f:
         ds = f.dataset(dataset)
@@ -263,12 +270,12 @@ def read_fcs(
         path=f.path,
         dataset=dataset,
         preprocessed=preprocess,
-        warnings=f.flush_warnings(),
+        warnings=f.flush_warnings(issue=warn),
         n_datasets=n_datasets,
     )
 
 
-def read_fcs_header(path: str | Path, dataset: int = 0) -> FCSInfo:
+def read_fcs_header(path: str | Path, dataset: int = 0, warn: bool = True) -> FCSInfo:
     """Read the HEADER and TEXT of one data set (no events): keywords, channel table,
     spillover, event count and where the DATA segment is.
 
@@ -308,7 +315,7 @@ def read_fcs_header(path: str | Path, dataset: int = 0) -> FCSInfo:
         data_segment=data_segment,
         data_error=data_error,
         n_datasets=n_datasets,
-        warnings=f.flush_warnings(),
+        warnings=f.flush_warnings(issue=warn),
     )
 
 
@@ -417,10 +424,11 @@ class _FCSFile:
         if message not in self._warnings:
             self._warnings.append(message)
 
-    def flush_warnings(self) -> list[str]:
+    def flush_warnings(self, issue: bool = True) -> list[str]:
         for message in self._warnings:
-            warnings.warn(f"{self.path}: {message}", FCSWarning, stacklevel=3)
-            logger.info("%s: %s", self.path, message)  # run.log keeps what the file's reader noted
+            if issue:  # (else the caller reports them: the pipeline, once per file)
+                warnings.warn(f"{self.path}: {message}", FCSWarning, stacklevel=3)
+                logger.info("%s: %s", self.path, message)  # a log keeps what the file's reader noted
         return list(self._warnings)
 
     def read_at(self, offset: int, n: int) -> bytes:

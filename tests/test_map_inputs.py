@@ -18,9 +18,9 @@ import pandas as pd
 
 from cytopipe.fcs import read_fcs
 from cytopipe.gating import gate, load_template
-from cytopipe.pipeline import tasks as cluster_steps  # where the map-inputs file is written and read
+from cytopipe.pipeline import mapinputs as cluster_steps  # where the map-inputs file is written and read
+from cytopipe.pipeline.mapinputs import _load_map_inputs, _write_map_inputs
 from cytopipe.pipeline.state import ClusterPlan
-from cytopipe.pipeline.tasks import _load_map_inputs, _write_map_inputs
 from tests.pipeline_support import TEMPLATE
 
 MARKERS = ["CD3", "CD4", "CD8", "CD25", "CD127", "FOXP3", "CD45RA", "CXCR5", "PD-1", "CXCR3", "CCR6", "CD56"]

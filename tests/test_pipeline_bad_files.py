@@ -5,6 +5,7 @@ good files, the tables and the report stand."""
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 
 from cytopipe.errors import PanelError
-from cytopipe.fcs import read_fcs, write_fcs
+from cytopipe.fcs import FCSWarning, read_fcs, write_fcs
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_data" / "fcs"
@@ -39,6 +40,11 @@ def _bad_files(folder: Path) -> None:
     (folder / "DUPPNN.fcs").write_bytes(raw.replace(b"|FSC-H|", b"|FSC-A|"))
     # P001_W00's bytes under another name (and, in the manifest, another patient)
     shutil.copy(SAMPLES / "P001_W00.fcs", folder / "COPY.fcs")
+    # HEADER's DATA offsets one byte late (TEXT's are right): read with TEXT's, and said so
+    raw = bytearray((SAMPLES / "P002_W12.fcs").read_bytes())
+    begin, end = int(raw[26:34]), int(raw[34:42])
+    raw[26:42] = b"%8d%8d" % (begin + 1, end + 1)
+    (folder / "OFFSETS.fcs").write_bytes(bytes(raw))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +57,8 @@ def bad_batch(tmp_path_factory) -> Path:
         shutil.copy(SAMPLES / f"{name}.fcs", folder / f"{name}.fcs")
     _bad_files(folder)
     rows = [(n, n[:4], int(n[-2:])) for n in GOOD] + [("ALLQC", "P006", 12), ("NAN", "P005", 4),
-                                                      ("DUPPNN", "P006", 0), ("COPY", "P004", 0)]  # fmt: skip
+                                                      ("DUPPNN", "P006", 0), ("COPY", "P004", 0),
+                                                      ("OFFSETS", "P002", 12)]  # fmt: skip
     lines = ["file,sample_id,patient_id,visit,arm"]
     lines += [
         f"{s}.fcs,{s},{p},{v},{'placebo' if p in ('P001', 'P003', 'P005') else 'IL-2'}" for s, p, v in rows
@@ -60,8 +67,12 @@ def bad_batch(tmp_path_factory) -> Path:
     wf = workflow_from_options(
         folder / "manifest.csv", TEMPLATE, folder / "run", seed=1, clustering={"enabled": False}
     )
-    result = run_workflow(wf, scheduler="synchronous", progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_workflow(wf, scheduler="synchronous", progress=False)
     (folder / "problems.txt").write_text("\n".join(result.problems), encoding="utf-8")
+    fcs_warnings = [str(w.message) for w in caught if issubclass(w.category, FCSWarning)]
+    (folder / "fcs_warnings.txt").write_text("\n".join(fcs_warnings), encoding="utf-8")
     return folder / "run"
 
 
@@ -71,7 +82,7 @@ def _samples(run: Path) -> pd.DataFrame:
 
 def test_the_good_files_of_a_batch_with_bad_ones_are_all_processed(bad_batch):
     samples = _samples(bad_batch)
-    assert set(samples.index) == set(GOOD) | {"ALLQC", "NAN", "DUPPNN", "COPY"}
+    assert set(samples.index) == set(GOOD) | {"ALLQC", "NAN", "DUPPNN", "COPY", "OFFSETS"}
     assert samples.loc[GOOD, "status"].isin(["ok", "flagged"]).all()
 
 
@@ -123,3 +134,19 @@ def test_one_file_registered_as_two_samples_flags_both(bad_batch):
     )
     assert "duplicate_file: the same bytes as sample(s) COPY (COPY.fcs)" in samples.loc["P001_W00", "flags"]
     assert samples.loc["COPY", "sha256"] == samples.loc["P001_W00", "sha256"]
+
+
+def test_what_the_reader_noted_about_a_file_is_said_once_in_run_log(bad_batch):
+    """A quirk the reader handled (HEADER's DATA offsets disagree with TEXT's) is a warning in
+    run.log naming the sample and file, once (it is on stderr through the same logger), and the
+    sample is read in full. Before, each pass's read issued a raw Python FCSWarning (three on a
+    Dask run's stderr, with source lines) and run.log had nothing on a worker-run pass."""
+    note = "HEADER and TEXT disagree on the DATA segment"
+    log = [line for line in (bad_batch / "run.log").read_text(encoding="utf-8").splitlines() if note in line]
+    assert len(log) == 1, log
+    assert " WARNING " in log[0] and "sample OFFSETS (file OFFSETS.fcs)" in log[0]
+    assert (bad_batch.parent / "fcs_warnings.txt").read_text(encoding="utf-8") == ""
+    row = _samples(bad_batch).loc["OFFSETS"]
+    original = read_fcs(SAMPLES / "P002_W12.fcs")
+    assert row["status"] in ("ok", "flagged") and row["events_before_qc"] == original.n_events
+    assert "reader_notes" not in _samples(bad_batch).columns

@@ -129,6 +129,7 @@ def assemble_samples(ctx: RunContext) -> pd.DataFrame:
         failure = ctx.failures.get(sid)
         metrics = dict(res.get("metrics") or {})
         qc_flags = list(metrics.pop("qc_flags", []))
+        metrics.pop("reader_notes", None)  # said in run.log and on stderr (RunContext.say_reader_notes)
         row = {
             "sample_id": sid,
             "file": job.get("file"),

@@ -2,7 +2,7 @@
 
 1. ``clustering-train`` (skipped when ``clustering.model`` names a frozen model): every sample's
    seeded, balanced subsample of its parent population's events on the clustering markers
-   (drawn by the gating pass: :func:`cytopipe.pipeline.tasks.sample_cluster_inputs`, or by
+   (drawn by the gating pass: :func:`cytopipe.pipeline.mapinputs.sample_cluster_inputs`, or by
    :func:`cytopipe.pipeline.tasks.train_task`). The client trains one model on them
    (:func:`cytopipe.cluster.train_model`) and writes the frozen model
    ``RUN_DIR/clustering/model.npz``. The subsample is drawn per sample with the draw

@@ -51,6 +51,7 @@ class RunContext:
     # failures of study-level steps (statistics, clustering, report): the data outputs stand
     problems: list[str] = field(default_factory=list)
     soft_failures: dict[str, dict[str, str]] = field(default_factory=dict)  # phase -> sample_id -> error
+    noted: set[tuple[str, str]] = field(default_factory=set)  # (sample_id, FCS reader note) said
     cluster_model: Any = None  # the frozen FlowSOM model of this run
     fused: dict[str, dict[str, Any]] = field(default_factory=dict)  # sample_id -> fused pass-1 result
     stats_settings: Any = None  # cytopipe.stats.StatsSettings when the statistics step runs
@@ -85,6 +86,16 @@ class RunContext:
 
     def result_key(self, phase: str, sample_id: str) -> str:
         return self.result_keys[phase][sample_id]
+
+    def say_reader_notes(self, job: Mapping[str, Any], notes: Sequence[str] | None) -> None:
+        """What the FCS reader noted about a file (a quirk it handled: HEADER and TEXT offsets
+        that disagree, bits above $PnR masked off, ...): once per file and run, a warning on
+        stderr and in run.log (the workers read with ``warn=False``: their Python warnings were
+        printed raw, once per pass, and never reached run.log)."""
+        for note in notes or ():
+            if (job["sample_id"], note) not in self.noted:
+                self.noted.add((job["sample_id"], note))
+                logger.warning("sample %s (file %s): %s", job["sample_id"], job.get("file"), note)
 
     def fail(self, job: Mapping[str, Any], result: Mapping[str, Any], step: str) -> None:
         if job["sample_id"] not in self.failures:  # run.log: the one-line error and the full traceback
@@ -229,6 +240,7 @@ def _run_cached_phase(
         job = todo[i]
         res = _as_result(res)
         if res.get("ok"):
+            ctx.say_reader_notes(job, (res.get("metrics") or {}).get("reader_notes"))
             _save(ctx, phase, keys[job["sample_id"]], res)
             results[job["sample_id"]] = res
         elif soft:

@@ -150,6 +150,7 @@ def step_register(ctx: RunContext) -> dict[str, Any]:
         job = jobs[i]
         res = _as_result(res)
         if res.get("ok"):
+            ctx.say_reader_notes(job, res.get("notes"))
             job["sha256"] = res["sha256"]
             job["n_events"] = res["n_events"]
             job["_missing"] = (res.get("missing") or [], res.get("channels"))
