@@ -21,11 +21,14 @@ error, 1 internal error).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,9 +127,11 @@ def validate_paths(paths: list[Path]) -> tuple[list[FileReport], list[dict[str, 
             for p in found:
                 add(validate_file(p, display=_display(p, path)), p)
         elif path.is_file() and not is_fcs_file(path) and _looks_like_manifest(path):
-            inputs.append({"path": str(path), "kind": "manifest"})
-            for report, file_path in _validate_manifest(path, problems):
-                add(report, file_path)
+            entry: dict[str, Any] = {"path": str(path), "kind": "manifest", "warnings": []}
+            inputs.append(entry)
+            with _warnings_into(entry["warnings"]):  # also on stderr, as before
+                for report, file_path in _validate_manifest(path, problems):
+                    add(report, file_path)
         else:
             inputs.append({"path": str(path), "kind": "file"})
             add(validate_file(path, display=str(path)), path)
@@ -256,6 +261,25 @@ def keyword_notes(keywords: dict[str, str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _warnings_into(found: list[str]) -> Iterator[None]:
+    """The manifest checks' warnings (a misspelt column, a patient and visit claimed twice, ...)
+    collected for ``--json`` (they were only on stderr, so a script reading the JSON missed them)."""
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno == logging.WARNING:
+                found.append(record.getMessage())
+
+    handler = _Collect()
+    source = logging.getLogger("cytopipe.manifest")
+    source.addHandler(handler)
+    try:
+        yield
+    finally:
+        source.removeHandler(handler)
+
+
 def _validate_manifest(path: Path, problems: list[dict[str, Any]]):
     from cytopipe.errors import ManifestError
     from cytopipe.manifest import check_manifest

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -219,3 +221,13 @@ def test_two_files_claiming_one_patient_and_visit_are_warned_about_by_validate(t
         f"cytopipe validate: warning: manifest {manifest}: patient 'P001', visit 0 is claimed by 2 samples: "
         f"P001_W00 (row 2, {SAMPLE_DATA}/fcs/P001_W00.fcs), P001_W04 (row 3, {SAMPLE_DATA}/fcs/P001_W04.fcs)"
     ) in proc.stderr
+    # --json: the same warning in the manifest's entry of "inputs" (it was only on stderr, so a
+    # script reading the document never saw it); still valid
+    proc = cli("validate", "--json", str(manifest), timeout=120)
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 0 and doc["ok"], proc.stdout + proc.stderr
+    (entry,) = [i for i in doc["inputs"] if i["kind"] == "manifest"]
+    assert len(entry["warnings"]) == 1
+    assert entry["warnings"][0].startswith(
+        f"manifest {manifest}: patient 'P001', visit 0 is claimed by 2 samples"
+    )
