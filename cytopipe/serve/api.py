@@ -69,6 +69,14 @@ class Mapping(Body):
     pattern: str | None = None
 
 
+class RunOptions(Body):
+    missing_markers: str = Field(
+        "stop",
+        description="a template marker absent from every file: 'stop' the run, or 'skip' (its populations "
+        "are reported 'not measured'), as `missing_markers` in a workflow",
+    )
+
+
 class NewUser(Body):
     name: str
     password: str
@@ -232,11 +240,13 @@ def confirm_mapping(study_id: int, body: Mapping, request: Request) -> dict[str,
 
 
 @router.post("/studies/{study_id}/runs", status_code=201)
-def start_run(study_id: int, request: Request) -> dict[str, Any]:
+def start_run(study_id: int, request: Request, body: RunOptions | None = None) -> dict[str, Any]:
+    """Start a run; the body (optional) holds the run's options (``missing_markers``)."""
     ctx = state_change(request, "run")
     ws = workspace(request)
+    options = body.model_dump() if body is not None else None
     with ws.sessions() as db:
-        run = ws.runs.start(db, ops.get_study(db, study_id), ctx.name)
+        run = ws.runs.start(db, ops.get_study(db, study_id), ctx.name, options)
     with ws.sessions() as db:
         return ops.run_dict(db.get(Run, run.id))
 

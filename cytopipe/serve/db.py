@@ -181,6 +181,7 @@ class Run(Base):
     error: Mapped[str] = mapped_column(Text, default="")
     template_id: Mapped[int | None] = mapped_column(ForeignKey("templates.id"), nullable=True)
     n_samples: Mapped[int] = mapped_column(Integer, default=0)
+    options: Mapped[dict] = mapped_column(JSON, default=dict)  # missing_markers, ... (migration 0004)
     started_by: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTC, nullable=True)

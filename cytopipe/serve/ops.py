@@ -63,6 +63,7 @@ def upload_dict(up: Upload) -> dict[str, Any]:
 def run_dict(run: Run) -> dict[str, Any]:
     return {"id": run.id, "study_id": run.study_id, "status": run.status, "attempts": run.attempts,
             "exit_code": run.exit_code, "error": run.error, "n_samples": run.n_samples, "pid": run.pid,
+            "options": {"missing_markers": "stop", **(run.options or {})},
             "started_by": run.started_by, "created_at": run.created_at.isoformat(),
             "finished_at": run.finished_at.isoformat() if run.finished_at else None}  # fmt: skip
 

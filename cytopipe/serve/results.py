@@ -10,6 +10,8 @@ from typing import Any
 
 import pandas as pd
 
+from cytopipe.schema import NOT_MEASURED
+
 FILES = {  # download name -> (file in the run folder, media type)
     "report.html": ("report.html", "text/html"),
     "population_stats.parquet": ("population_stats.parquet", "application/vnd.apache.parquet"),
@@ -86,11 +88,7 @@ def summary(out_dir: Path, blinded: bool = False) -> dict[str, Any]:
     samples = (
         pd.read_parquet(out_dir / "samples.parquet") if (out_dir / "samples.parquet").is_file() else None
     )
-    stats = (
-        pd.read_parquet(out_dir / "population_stats.parquet", columns=["sample_id", "arm", "visit", "population",
-                                                                       "parent", "pct_parent"])
-        if (out_dir / "population_stats.parquet").is_file() else None
-    )  # fmt: skip
+    stats = _population_stats(out_dir / "population_stats.parquet")
     sample_rows: list[dict[str, Any]] = []
     if samples is not None:
         cols = [c for c in SAMPLE_COLUMNS if c in samples.columns and not (blinded and c == "arm")]
@@ -115,14 +113,30 @@ def summary(out_dir: Path, blinded: bool = False) -> dict[str, Any]:
         order = stats.sort_values(by)[["group"]].drop_duplicates()["group"].tolist()
         groups = order
         lookup = {(r.population, r.group): (r.median, int(r.count)) for r in table.itertuples()}
+        unmeasured = (
+            stats[stats["gate_source"].astype(str) == NOT_MEASURED].groupby(["population", "group"]).size().to_dict()
+            if "gate_source" in stats.columns else {}
+        )  # fmt: skip
         parents = dict(zip(stats["population"], stats["parent"]))
         for pop in populations:
-            cells = [lookup.get((pop, g), (None, 0)) for g in groups]
+            cells = [(*lookup.get((pop, g), (None, 0)), int(unmeasured.get((pop, g), 0))) for g in groups]
             freq.append({"population": pop, "parent": parents.get(pop) or "",
-                         "cells": [{"median": None if m is None or pd.isna(m) else round(float(m), 2), "n": n}
-                                   for m, n in cells]})  # fmt: skip
+                         "cells": [{"median": None if m is None or pd.isna(m) else round(float(m), 2), "n": n,
+                                    "not_measured": k} for m, n, k in cells]})  # fmt: skip
     return {"info": info, "samples": sample_rows, "groups": groups, "frequencies": freq,
             "counts": _counts(samples), "blinded": blinded}  # fmt: skip
+
+
+def _population_stats(path: Path) -> pd.DataFrame | None:
+    """The columns of population_stats the summary needs (``gate_source``: "not measured" where a
+    population's gate needs a marker the file lacks, in the runs that write it)."""
+    if not path.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    columns = ["sample_id", "arm", "visit", "population", "parent", "pct_parent", "gate_source"]
+    present = set(pq.read_schema(path).names)
+    return pd.read_parquet(path, columns=[c for c in columns if c in present])
 
 
 def _counts(samples: pd.DataFrame | None) -> dict[str, int]:

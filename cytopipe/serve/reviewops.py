@@ -516,7 +516,7 @@ def new_version(db: DBSession, run_id: int, user: str) -> Run:
     with _run_lock(run_id):
         _refresher(run_id, out_dir(run)).wait()
         new = Run(study_id=run.study_id, status="finished", folder="", template_id=run.template_id,
-                  n_samples=run.n_samples, started_by=user, exit_code=run.exit_code,
+                  n_samples=run.n_samples, started_by=user, exit_code=run.exit_code, options=run.options,
                   finished_at=run.finished_at)  # fmt: skip
         db.add(new)
         db.flush()

@@ -43,6 +43,23 @@ class RunError(Exception):
         self.status, self.message = status, message
 
 
+def run_options(values: dict[str, Any] | None) -> dict[str, Any]:
+    """A run's options (beyond the study's settings) from the new-run form or the API, checked and
+    with the workflow's defaults filled in: ``missing_markers`` (``stop``: a template marker absent
+    from every file stops the run; ``skip``: its populations are reported "not measured")."""
+    from cytopipe.workflow import SCHEMA
+
+    values = dict(values or {})
+    unknown = sorted(set(values) - {"missing_markers"})
+    if unknown:
+        raise RunError(400, f"unknown run option(s) {unknown}; the options are ['missing_markers']")
+    field = SCHEMA["missing_markers"]
+    policy = values.get("missing_markers") or field.default
+    if policy not in field.choices:
+        raise RunError(400, f"missing_markers must be one of {list(field.choices)}, not {policy!r}")
+    return {"missing_markers": policy}
+
+
 class RunManager:
     def __init__(
         self, data_dir: Path, sessions: sessionmaker, store: BlobStore, scheduler_address: str | None
@@ -58,7 +75,8 @@ class RunManager:
         self._thread: threading.Thread | None = None
 
     # --- starting -------------------------------------------------------------------------------
-    def start(self, db: DBSession, study: Study, user: str) -> Run:
+    def start(self, db: DBSession, study: Study, user: str, options: dict[str, Any] | None = None) -> Run:
+        options = run_options(options)
         db.execute(select(Study).where(Study.id == study.id).with_for_update())  # serialise per study
         active = db.scalar(select(Run).where(Run.study_id == study.id, Run.status.in_(RUN_ACTIVE)))
         if active is not None:
@@ -73,19 +91,22 @@ class RunManager:
         if not samples:
             raise RunError(400, "no confirmed samples: upload FCS files and confirm their mapping first")
         run = Run(study_id=study.id, status="queued", folder="", template_id=study.template_id,
-                  n_samples=len(samples), started_by=user)  # fmt: skip
+                  n_samples=len(samples), started_by=user, options=options)  # fmt: skip
         db.add(run)
         db.flush()
         folder = self.root / str(run.id)
         run.folder = str(folder)
-        self._write_inputs(db, folder, study, samples)
+        self._write_inputs(db, folder, study, samples, options)
         audit.record(db, user, "run.start", "run", run.id, None,
-                     {"study": study.name, "samples": len(samples), "template_id": study.template_id})  # fmt: skip
+                     {"study": study.name, "samples": len(samples), "template_id": study.template_id,
+                      "options": options})  # fmt: skip
         db.commit()
         self._spawn(run.id)
         return run
 
-    def _write_inputs(self, db: DBSession, folder: Path, study: Study, samples: list) -> None:
+    def _write_inputs(
+        self, db: DBSession, folder: Path, study: Study, samples: list, options: dict[str, Any]
+    ) -> None:
         inp = folder / "input"
         (inp / "fcs").mkdir(parents=True, exist_ok=True)
         rows, used = [], set()
@@ -107,7 +128,8 @@ class RunManager:
         (inp / template_file).write_text(template.yaml, encoding="utf-8")
         settings = dict(study.settings or {})
         spec: dict[str, Any] = {"study": study.name, "manifest": "manifest.csv", "template": template_file,
-                                "seed": int(settings.get("seed", 0))}  # fmt: skip
+                                "seed": int(settings.get("seed", 0)),
+                                "missing_markers": options["missing_markers"]}  # fmt: skip
         if study.clinical_sha256:
             (inp / "clinical.csv").write_bytes(self.store.path(study.clinical_sha256).read_bytes())
             spec["clinical"] = "clinical.csv"

@@ -15,6 +15,7 @@ from cytopipe.serve import api, audit, auth, blinding, ops, results
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import RUN_ACTIVE, Audit, Run, Study, Template, Upload, User
 from cytopipe.serve.deps import Ctx, page, signed_in, state_change, workspace
+from cytopipe.serve.runs import run_options
 
 router = APIRouter(include_in_schema=False)
 PRELOGIN = "cytopipe_prelogin"
@@ -130,7 +131,8 @@ def study_page(study_id: int, request: Request, pattern: str | None = None) -> H
     active = next((r for r in runs if r.status in RUN_ACTIVE), None)
     return page(request, "study.html", ctx, study=study, uploads=uploads, runs=runs, template=template,
                 mapping=rows, pattern=pattern or study.pattern, mapping_error=mapping_error, active=active,
-                max_file=ws.config.max_file_bytes, max_batch=ws.config.max_batch_bytes)  # fmt: skip
+                max_file=ws.config.max_file_bytes, max_batch=ws.config.max_batch_bytes,
+                run_defaults=run_options(None))  # fmt: skip
 
 
 @router.post("/studies/{study_id}/mapping")
@@ -151,11 +153,13 @@ async def confirm_mapping(study_id: int, request: Request) -> Response:
 
 
 @router.post("/studies/{study_id}/runs")
-def start_run(study_id: int, request: Request, csrf: str = Form("")) -> Response:
+def start_run(
+    study_id: int, request: Request, csrf: str = Form(""), missing_markers: str = Form("")
+) -> Response:
     ctx = state_change(request, "run", csrf)
     ws = workspace(request)
     with ws.sessions() as db:
-        run = ws.runs.start(db, ops.get_study(db, study_id), ctx.name)
+        run = ws.runs.start(db, ops.get_study(db, study_id), ctx.name, {"missing_markers": missing_markers})
     return RedirectResponse(f"/runs/{run.id}", status_code=303)
 
 
