@@ -20,6 +20,7 @@ from starlette.datastructures import MutableHeaders
 from cytopipe import __version__
 from cytopipe.serve import api, review, templateops, web
 from cytopipe.serve.auth import AuthError
+from cytopipe.serve.blinding import store_codes
 
 # the routers' shared dependencies live in .deps (below the routers); re-exported here so the
 # old import paths (``from cytopipe.serve.app import Config``) keep working
@@ -53,6 +54,7 @@ def create_app(config: Config) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        store_codes(ws.sessions, ws.store, ws.blind_secret)  # codes shown before they were stored: kept
         ws.runs.watch()
         yield
         ws.runs.close()

@@ -5,9 +5,10 @@ the workspace is unblinded): the mapping (``GET /api/studies/{id}/mapping`` and 
 the audit trail (``/api/audit``, its export, the ``/audit`` page and ``cytopipe audit export``),
 the run's log and error, and every file of its runs show each arm as its code (``Arm A``, ``Arm
 B``, ...: :func:`cytopipe.report.blinding.arm_codes`, seeded by a secret kept in the data folder,
-so the codes are stable and cannot be worked out from the study). The codes are those of the
-study's arm list, or, without one, of the arms its data name (confirmed samples, clinical table,
-manifest). Runs get the same codes as their blinding key, so the report and the tables agree with
+so the codes cannot be worked out from the study). The codes are those of the study's arm list,
+or, without one, of the arms its data name (confirmed samples, clinical table, manifest); each is
+stored the first time its arm is seen (:func:`assign_codes`, table ``arm_codes``) and never
+changes: a new arm in a later upload gets a letter no arm has, never another arm's code. Runs get the same codes as their blinding key, so the report and the tables agree with
 the pages. A run folder of a blinded study that was not written blinded is refused (403).
 
 The stored rows keep the arm names (the audit hashes cover what was written), so the audit trail
@@ -33,7 +34,7 @@ from sqlalchemy.orm import Session as DBSession
 
 from cytopipe.report.blinding import _letter, arm_codes, blind_text, folder_record
 from cytopipe.serve.auth import AuthError
-from cytopipe.serve.db import Batch, Run, Sample, Study, Upload
+from cytopipe.serve.db import ArmCode, Batch, Run, Sample, Study, Upload
 from cytopipe.serve.storage import BlobStore, read_table_rows
 
 HIDDEN = "(blinded)"  # an arm that has no code (not one the study or its data names)
@@ -96,11 +97,74 @@ def study_codes(study: Study, secret: bytes, arms: Iterable[str] = ()) -> dict[s
     return codes
 
 
+def stored_codes(db: DBSession, study_id: int) -> dict[str, str]:
+    """``{arm: code}`` given so far to the arms of a study (:func:`assign_codes`)."""
+    return dict(db.execute(select(ArmCode.arm, ArmCode.code).where(ArmCode.study_id == study_id)).all())
+
+
+def new_codes(study: Study, secret: bytes, arms: Iterable[str], stored: dict[str, str]) -> dict[str, str]:
+    """Codes for the arms (``arms``: :func:`data_arms`, and the study's arm list) that have none
+    in ``stored``. The first time (nothing stored) the codes are :func:`study_codes`' (those a study
+    showed before its codes were stored); later an arm gets one of the letters no arm of the study
+    has, never another arm's code, so the codes already given never move."""
+    arms = {str(a) for a in [*(study.arms or []), *arms] if a}
+    new = sorted(arms - set(stored))
+    if not new:
+        return {}
+    if not stored:
+        return study_codes(study, secret, arms)
+    used, letters, i = set(stored.values()), [], 0
+    while len(letters) < len(new):  # the first letters no arm has, in an order seeded by the secret
+        if f"Arm {_letter(i)}" not in used:
+            letters.append(f"Arm {_letter(i)}")
+        i += 1
+    seed = secret + b"\0study\0" + str(study.id).encode() + b"\0" + str(len(stored)).encode()
+    random.Random(int.from_bytes(hashlib.sha256(b"cytopipe-new-arms\0" + seed).digest()[:8], "big")).shuffle(
+        letters
+    )
+    return dict(zip(new, letters))
+
+
 def codes_of(db: DBSession, store: BlobStore, study: Study, secret: bytes) -> dict[str, str]:
-    """``{arm: code}`` of a blinded study (``{}`` when its arms are visible)."""
+    """``{arm: code}`` of a blinded study (``{}`` when its arms are visible): the stored codes, and
+    for an arm of its data not yet stored (none is, after :func:`assign_codes`) the code it would get."""
     if arms_visible(study):
         return {}
-    return study_codes(study, secret, data_arms(db, store, study))
+    stored = stored_codes(db, study.id)
+    return {**stored, **new_codes(study, secret, data_arms(db, store, study), stored)}
+
+
+def assign_codes(db: DBSession, store: BlobStore, study: Study, secret: bytes, user: str) -> dict[str, str]:
+    """Store a code for each arm of a blinded study's data (and arm list) that has none yet, in
+    the caller's transaction, with an audit entry (``study.arm_codes``: shown with the codes only);
+    called wherever arms enter a study (mapping, clinical table, manifest, run start). Returns the
+    codes given now."""
+    if arms_visible(study):
+        return {}
+    db.execute(select(Study).where(Study.id == study.id).with_for_update())  # one assignment at a time
+    given = new_codes(study, secret, data_arms(db, store, study), stored_codes(db, study.id))
+    if given:
+        from cytopipe.serve import audit
+
+        entry = audit.record(db, user, "study.arm_codes", "study", study.id, None,
+                             {"codes": [{"arm": a, "code": c} for a, c in sorted(given.items())]},
+                             "codes of arms seen for the first time; a code never changes")  # fmt: skip
+        db.add_all(
+            ArmCode(study_id=study.id, arm=a, code=c, at=entry.at, audit_id=entry.id)
+            for a, c in given.items()
+        )
+        db.flush()
+    return given
+
+
+def store_codes(sessions: Any, store: BlobStore, secret: bytes) -> None:
+    """At start-up: every blinded study's codes stored (the codes it showed before they were
+    stored, e.g. after the upgrade to migration 0005), so that no later arm can move them."""
+    with sessions() as db:
+        for study in db.scalars(select(Study)).all():
+            if not arms_visible(study) and assign_codes(db, store, study, secret, "system"):
+                db.commit()
+        db.commit()
 
 
 def write_run_key(path: Path, codes: dict[str, str]) -> None:

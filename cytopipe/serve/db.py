@@ -117,6 +117,19 @@ class Study(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTC, default=utcnow)
 
 
+class ArmCode(Base):
+    """The code of one arm of a blinded study, given the first time the arm is seen and never
+    changed (migration 0005; :func:`cytopipe.serve.blinding.assign_codes`)."""
+
+    __tablename__ = "arm_codes"
+    __table_args__ = (UniqueConstraint("study_id", "code", name="uq_arm_codes_study_code"),)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), primary_key=True)
+    arm: Mapped[str] = mapped_column(String(200), primary_key=True)
+    code: Mapped[str] = mapped_column(String(32))
+    at: Mapped[str] = mapped_column(String(32))  # as the audit entry that recorded it
+    audit_id: Mapped[int] = mapped_column(Integer)
+
+
 class Batch(Base):
     """One drag-and-drop: its declared size is checked against the batch limit up front."""
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session as DBSession
 
 from cytopipe.serve import audit
 from cytopipe.serve.auth import AuthError
+from cytopipe.serve.blinding import assign_codes
 from cytopipe.serve.db import Batch, Run, Sample, Study, Template, Upload
 from cytopipe.serve.storage import (
     BlobStore,
@@ -325,6 +326,7 @@ async def upload_table(ws: Any, study_id: int, user: str, kind: str, raw_name: s
         setattr(study, f"{kind}_name", name)
         audit.record(db, user, f"study.{kind}", "study", study_id, before, {"name": name, "sha256": got.sha256,
                                                                             "rows": len(rows)})  # fmt: skip
+        assign_codes(db, ws.store, study, ws.blind_secret, user)  # its new arms get their codes, for good
         db.commit()
     return {"kind": kind, "name": name, "sha256": got.sha256, "rows": len(rows)}
 

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session as DBSession
 from sqlalchemy.orm import sessionmaker
 
 from cytopipe.serve import audit
-from cytopipe.serve.blinding import codes_of, table_arms, workspace_secret, write_run_key
+from cytopipe.serve.blinding import assign_codes, codes_of, table_arms, workspace_secret, write_run_key
 from cytopipe.serve.db import RUN_ACTIVE, Run, Sample, Study, Template, Upload, utcnow
 from cytopipe.serve.storage import BlobStore
 
@@ -96,7 +96,7 @@ class RunManager:
         db.flush()
         folder = self.root / str(run.id)
         run.folder = str(folder)
-        self._write_inputs(db, folder, study, samples, options)
+        self._write_inputs(db, folder, study, samples, options, user)
         audit.record(db, user, "run.start", "run", run.id, None,
                      {"study": study.name, "samples": len(samples), "template_id": study.template_id,
                       "options": options})  # fmt: skip
@@ -105,7 +105,7 @@ class RunManager:
         return run
 
     def _write_inputs(
-        self, db: DBSession, folder: Path, study: Study, samples: list, options: dict[str, Any]
+        self, db: DBSession, folder: Path, study: Study, samples: list, options: dict[str, Any], user: str
     ) -> None:
         inp = folder / "input"
         (inp / "fcs").mkdir(parents=True, exist_ok=True)
@@ -138,6 +138,7 @@ class RunManager:
         spec["clustering"] = {"enabled": bool(settings.get("clustering"))}  # the form's box, not the default
         report: dict[str, Any] = {}
         if settings.get("blinded"):  # the whole run folder (tables, run.json, report) with the pages' codes
+            assign_codes(db, self.store, study, self.blind_secret, user)
             codes = codes_of(db, self.store, study, self.blind_secret)
             used = {s.arm for s, _ in samples} | table_arms(self.store, study.clinical_sha256)
             write_run_key(inp / "blind_key.csv", {a: c for a, c in codes.items() if a in used})

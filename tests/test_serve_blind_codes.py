@@ -1,0 +1,224 @@
+"""The arm codes of a blinded study without an arm list stay what they were when a later upload
+brings new arms, with a real `cytopipe serve` subprocess (SQLite, and PostgreSQL where .ci/run
+starts one) and real uploads of the small simulated trial's files.
+
+Before, the codes were derived from the set of arms each time they were shown (a permutation of
+the letters over the sorted arms), so a new arm could move the codes: a reviewer's "Arm B" then
+meant another arm, and the move itself told something. The workspace's secret is chosen here so
+that the old derivation does move an existing arm's code (checked below), so the test fails on it.
+Now each code is stored the first time its arm is seen (table ``arm_codes``, audited as
+``study.arm_codes`` with the codes only) and never changes; the table refuses changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import types
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
+
+from tests import serve_support
+from tests.serve_support import STUDY, Server, fresh_database, trial_manifest
+
+backend = serve_support.backend
+serve_trial = serve_support.serve_trial
+
+FIRST = ("P002", "P003", "P005", "P006")  # placebo and IL-2 0.5 MIU; P001 and P004 bring two new arms
+
+
+def _secret_that_moves_codes(study_id: int, before: set[str], after: set[str]) -> bytes:
+    """A workspace secret for which the codes derived from the set of arms (the old way) give an
+    arm of ``before`` another code once the arms are ``after``."""
+    from cytopipe.serve.blinding import study_codes
+
+    study = types.SimpleNamespace(id=study_id, arms=[])
+    for i in range(256):
+        secret = hashlib.sha256(b"moving codes %d" % i).digest()
+        old, new = study_codes(study, secret, before), study_codes(study, secret, after)
+        if any(old[a] != new[a] for a in before):
+            return secret
+    raise AssertionError("no secret moves the codes")
+
+
+@pytest.fixture(scope="module")
+def trial(serve_trial):
+    manifest = trial_manifest(serve_trial)
+    first = manifest[manifest["patient_id"].isin(FIRST)]
+    later = manifest[~manifest["patient_id"].isin(FIRST)]
+    assert set(later["arm"]).isdisjoint(set(first["arm"])) and len(set(later["arm"])) == 2
+    return serve_trial, manifest, first, later
+
+
+@pytest.fixture(scope="module")
+def server(backend, trial, tmp_path_factory):
+    _, manifest, first, _ = trial
+    database, drop = fresh_database(backend)
+    data = tmp_path_factory.mktemp(f"codes_{backend}") / "data"
+    data.mkdir()
+    secret = _secret_that_moves_codes(1, set(first["arm"]), set(manifest["arm"]))
+    (data / "blinding.secret").write_bytes(secret)
+    (data / "blinding.secret").chmod(0o600)
+    srv = Server(data, database).start(create_admin="admin")
+    yield srv
+    srv.stop()
+    drop()
+
+
+def _codes(c, study: int) -> dict[str, str]:
+    return {r["sample_id"]: r["arm"] for r in c.get(f"/api/studies/{study}/mapping").json() if r["confirmed"]}
+
+
+def _upload_and_confirm(c, study: int, folder, rows) -> None:
+    for f in rows["file"]:
+        r = c.upload(study, folder / f)
+        assert r.status_code == 201 and r.json()["status"] == "ok", r.text
+    arms = rows.set_index("sample_id")["arm"]
+    mapping = c.get(f"/api/studies/{study}/mapping").json()
+    for row in mapping:
+        if not row["confirmed"]:
+            row["arm"] = arms[row["sample_id"]]  # the new ones by name; the confirmed ones come back coded
+    r = c.post(f"/api/studies/{study}/mapping", json={"rows": mapping}, headers=c.h)
+    assert r.status_code == 200, r.text
+
+
+def test_a_new_arm_keeps_every_existing_code(server, trial):
+    folder, manifest, first, later = trial
+    c = server.client()
+    r = c.post("/api/studies", json={"name": "blinded, no arm list", **STUDY, "blinded": True}, headers=c.h)
+    assert r.status_code == 201 and r.json()["arms"] == [], r.text
+    study = r.json()["id"]
+    assert study == 1  # the secret was chosen for this study's id
+
+    _upload_and_confirm(c, study, folder, first)
+    codes = _codes(c, study)
+    assert set(codes) == set(first["sample_id"])
+    by_arm = {
+        arm: {codes[s] for s in first.loc[first["arm"] == arm, "sample_id"]} for arm in set(first["arm"])
+    }
+    assert all(len(v) == 1 for v in by_arm.values()) and len({next(iter(v)) for v in by_arm.values()}) == 2
+    before = {arm: next(iter(v)) for arm, v in by_arm.items()}
+
+    # the second batch: two arms not seen before
+    _upload_and_confirm(c, study, folder, later)
+    now = _codes(c, study)
+    assert {s: now[s] for s in codes} == codes  # every existing code kept
+    new = {arm: {now[s] for s in later.loc[later["arm"] == arm, "sample_id"]} for arm in set(later["arm"])}
+    assert all(len(v) == 1 for v in new.values())
+    given = {next(iter(v)) for v in new.values()}
+    assert len(given) == 2 and given.isdisjoint(before.values())
+    assert set(now.values()) == {"Arm A", "Arm B", "Arm C", "Arm D"}
+
+    # what the workspace shows names no arm: the mapping, the study, the audit trail
+    shown = json.dumps([c.get(f"/api/studies/{study}/mapping").json(), c.get(f"/api/studies/{study}").json(),
+                        c.get("/api/audit?limit=500").json()])  # fmt: skip
+    for arm in manifest["arm"].unique():
+        assert arm not in shown, arm
+    entries = [e for e in c.get("/api/audit?limit=500").json() if e["action"] == "study.arm_codes"]
+    assert [e["user"] for e in entries] == ["admin", "admin"]
+    assert [sorted(x["code"] for x in e["after"]["codes"]) for e in reversed(entries)] == [
+        sorted(before.values()),
+        sorted(given),
+    ]
+    assert all(x["arm"] == x["code"] for e in entries for x in e["after"]["codes"])  # shown coded
+
+    # a restart keeps them (nothing re-derived at start-up), and the database refuses to change them
+    server.stop()
+    server.start()
+    c = server.client()
+    assert _codes(c, study) == now
+    from cytopipe.serve.db import database_url, make_engine
+
+    engine = make_engine(database_url(server.database, server.data))
+    try:
+        with engine.connect() as con:
+            stored = dict(con.execute(sa.text("SELECT arm, code FROM arm_codes WHERE study_id = 1")).all())
+        assert stored == {**before, **{arm: next(iter(v)) for arm, v in new.items()}}
+        for stmt in ("UPDATE arm_codes SET code = 'Arm Z'", "DELETE FROM arm_codes"):
+            with pytest.raises(DBAPIError, match="never changed"), engine.begin() as con:
+                con.execute(sa.text(stmt))
+    finally:
+        engine.dispose()
+
+
+def test_migration_0005_keeps_the_codes_a_study_showed(backend, tmp_path):
+    """A blinded study of a workspace at 0004 (confirmed samples of two arms): the server's start-up
+    upgrades it and stores the codes it showed (derived from its arms, as before), audited as
+    ``system``; a new arm afterwards gets another letter. The migration goes down and up again."""
+    from sqlalchemy.orm import sessionmaker
+
+    from cytopipe.serve.blinding import study_codes
+    from cytopipe.serve.db import Sample, Study, Upload, database_url, make_engine
+    from tests.test_review_templates import _alembic
+
+    database, drop = fresh_database(backend)
+    data = tmp_path / "data"
+    data.mkdir()
+    secret = _secret_that_moves_codes(1, {"placebo", "IL-2"}, {"placebo", "IL-2", "IL-2 high"})
+    (data / "blinding.secret").write_bytes(secret)
+    try:
+        engine = make_engine(database_url(database, data))
+        _alembic(engine, "upgrade", "0004")
+        with sessionmaker(engine)() as db:
+            db.add(Study(id=1, name="old", arms=[], visits=[0], settings={"blinded": True}, created_by="ann"))
+            db.flush()
+            for i, arm in enumerate(["placebo", "IL-2", "IL-2", "placebo"], 1):
+                db.add(Upload(id=i, study_id=1, sha256=f"{i:064x}", name=f"P{i}_W0.fcs", size=1, status="ok",
+                              uploaded_by="ann"))  # fmt: skip
+                db.flush()
+                db.add(Sample(study_id=1, upload_id=i, sample_id=f"P{i}_W0", patient_id=f"P{i}", visit=0, arm=arm,
+                              confirmed_by="ann"))  # fmt: skip
+            db.commit()
+        engine.dispose()
+        shown = study_codes(types.SimpleNamespace(id=1, arms=[]), secret, {"placebo", "IL-2"})  # as before
+
+        srv = Server(data, database).start(create_admin="admin")
+        try:
+            c = srv.client()
+            assert _codes(c, 1) == {
+                f"P{i}_W0": shown[a] for i, a in enumerate(["placebo", "IL-2", "IL-2", "placebo"], 1)
+            }
+            (entry,) = [e for e in c.get("/api/audit?limit=500").json() if e["action"] == "study.arm_codes"]
+            assert entry["user"] == "system" and sorted(x["code"] for x in entry["after"]["codes"]) == [
+                "Arm A",
+                "Arm B",
+            ]
+        finally:
+            srv.stop()
+        engine = make_engine(database_url(database, data))
+        with engine.connect() as con:
+            assert dict(con.execute(sa.text("SELECT arm, code FROM arm_codes")).all()) == shown
+        with sessionmaker(engine)() as db:  # a new arm (as a confirmed mapping adds it)
+            from cytopipe.serve.blinding import assign_codes, codes_of
+            from cytopipe.serve.storage import BlobStore
+
+            db.add(
+                Upload(
+                    id=5,
+                    study_id=1,
+                    sha256=f"{5:064x}",
+                    name="P5_W0.fcs",
+                    size=1,
+                    status="ok",
+                    uploaded_by="ann",
+                )
+            )
+            db.flush()
+            db.add(Sample(study_id=1, upload_id=5, sample_id="P5_W0", patient_id="P5", visit=0, arm="IL-2 high",
+                          confirmed_by="ann"))  # fmt: skip
+            db.flush()
+            study, store = db.get(Study, 1), BlobStore(data)
+            assert assign_codes(db, store, study, secret, "ann") == {"IL-2 high": "Arm C"}
+            db.commit()
+            assert codes_of(db, store, study, secret) == {**shown, "IL-2 high": "Arm C"}
+        _alembic(engine, "downgrade", "0004")
+        with engine.connect() as con:
+            assert "arm_codes" not in sa.inspect(con).get_table_names()
+        _alembic(engine, "upgrade", "head")
+        with engine.connect() as con:
+            assert con.execute(sa.text("SELECT count(*) FROM arm_codes")).scalar() == 0
+        engine.dispose()
+    finally:
+        drop()
