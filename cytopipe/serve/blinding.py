@@ -8,8 +8,9 @@ B``, ...: :func:`cytopipe.report.blinding.arm_codes`, seeded by a secret kept in
 so the codes cannot be worked out from the study). The codes are those of the study's arm list,
 or, without one, of the arms its data name (confirmed samples, clinical table, manifest); each is
 stored the first time its arm is seen (:func:`assign_codes`, table ``arm_codes``) and never
-changes: a new arm in a later upload gets a letter no arm has, never another arm's code. Runs get the same codes as their blinding key, so the report and the tables agree with
-the pages. A run folder of a blinded study that was not written blinded is refused (403).
+changes: a new arm in a later upload gets a letter no arm has, never another arm's code. Runs
+get the same codes as their blinding key, so the report and the tables agree with the pages. A
+run folder of a blinded study that was not written blinded is refused (403).
 
 The stored rows keep the arm names (the audit hashes cover what was written), so the audit trail
 shows its hashes keyed from the first coded entry on (:func:`blind_audit`); a confirmed mapping
