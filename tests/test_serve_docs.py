@@ -52,8 +52,12 @@ def test_the_curl_example_uploads_a_visit(server, tmp_path):
     for name in ("P001_W04.fcs", "P002_W04.fcs"):
         shutil.copy(SAMPLE_DATA / "fcs" / name, tmp_path / "visit4" / name)
     (tmp_path / "visit4" / "notes.fcs").write_text("not an FCS file")
-    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    done = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
+    done = subprocess.run(
+        ["bash", "-e", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.strip()]
     assert len(rows) == 3 and sum('"status":"ok"' in r for r in rows) == 2, done.stdout
