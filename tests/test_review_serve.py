@@ -617,6 +617,11 @@ def test_signoff_locks_the_gates_until_a_new_version(server, finished, monkeypat
     proc = cli("review", str(new_id), *db, "--user", "rita", "--approve", f"{item['sample_id']}/Treg", "--examples",
                str(server.data.parent / "examples.yaml"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    said = proc.stdout  # one line, not the API's dict
+    assert f"approved {item['sample_id']}/Treg: 1 gate(s) (audit entry " in said, said
+    proc = cli("review", str(new_id), *db, "--user", "rita", "--approve-unflagged", "Treg")
+    said = proc.stdout
+    assert proc.returncode == 0 and said.startswith("approved the unflagged gates of Treg: "), said
     import yaml
 
     ex = yaml.safe_load((server.data.parent / "examples.yaml").read_text())

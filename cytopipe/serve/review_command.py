@@ -3,8 +3,8 @@
 :mod:`cytopipe.serve.audit_command` and shares the options and sign-in here.
 
     cytopipe review 3 --data ws --user rita --list Treg
-    cytopipe review 3 --data ws --user rita --override P001_W00/Treg --set "CD25 >= 3.1" \\
-        --category "poor staining" --reason "CD25 dim in this tube"
+    cytopipe review 3 --data ws --user rita --override P001_W00/Treg --set "FOXP3 >= 1.7" \\
+        --category "poor staining" --reason "FOXP3 dim in this tube"
     cytopipe review 3 --data ws --user rita --pooled P001_W00/Treg --also P001_W12 --reason "clog"
     cytopipe review 3 --data ws --user rita --approve-unflagged Treg
     cytopipe review 3 --data ws --user rita --signoff
@@ -156,11 +156,14 @@ def _review(args, db, reviewops, Decision) -> int:
         raise AuthError(403, f"your role ({user.role}) does not allow this ({perm})")
     for target in args.approve:
         sample, population = _target(target)
-        print(reviewops.approve(db, args.run, user.name, "one", population, sample))
+        _approved(
+            reviewops.approve(db, args.run, user.name, "one", population, sample), f"{sample}/{population}"
+        )
     if args.approve_unflagged:
-        print(reviewops.approve(db, args.run, user.name, "unflagged", args.approve_unflagged))
+        got = reviewops.approve(db, args.run, user.name, "unflagged", args.approve_unflagged)
+        _approved(got, f"the unflagged gates of {args.approve_unflagged}")
     if args.approve_run:
-        print(reviewops.approve(db, args.run, user.name, "run"))
+        _approved(reviewops.approve(db, args.run, user.name, "run"), f"every gate of run {args.run}")
     for kind, target in (("override", args.override), ("pooled", args.pooled), ("revert", args.revert)):
         if target:
             sample, population = _target(target)
@@ -191,6 +194,11 @@ def _review(args, db, reviewops, Decision) -> int:
         new = reviewops.new_version(db, args.run, user.name)
         print(f"run {args.run}: new version is run {new.id}")
     return 0
+
+
+def _approved(got: dict, what: str) -> None:
+    # one line, as the other actions print (not the API's JSON)
+    print(f"approved {what}: {got['approved']} gate(s) (audit entry {got['audit_entry']})")
 
 
 def _password_again() -> str:
