@@ -136,10 +136,12 @@ def _check(value: Any, spec: Field, base: Path, name: str, file: Path | None) ->
         path = Path(value).expanduser()
         path = (path if path.is_absolute() else base / path).resolve()
         if kind == "path" and not path.exists():
+            # file=None: the paths came from command-line options, taken from the current folder
+            origin = (
+                f"the workflow file's folder {base}" if file is not None else f"the current folder {base}"
+            )
             raise WorkflowError(
-                f"file not found: {path} (paths are relative to the workflow file's folder {base})",
-                file=file,
-                key=name,
+                f"file not found: {path} (relative paths are taken from {origin})", file=file, key=name
             )
         if kind == "path" and path.is_dir():
             raise WorkflowError(f"{path} is a folder; give the file", file=file, key=name)

@@ -175,6 +175,7 @@ def test_missing_manifest_names_key_and_resolved_path(study):
         load_workflow(spec)
     assert info.value.context["key"] == "manifest"
     assert str((study / "data" / "missing.csv").resolve()) in str(info.value)
+    assert "relative paths are taken from the workflow file's folder" in str(info.value)
 
 
 def test_required_keys_and_file_level_problems(study, tmp_path):
@@ -209,6 +210,9 @@ def test_workflow_from_command_line_options(study, monkeypatch):
     with pytest.raises(WorkflowError) as info:
         workflow_from_options("data/none.csv", "gating/t.yaml", "out")
     assert info.value.context["key"] == "manifest"
+    # no workflow file here: the message points at the current folder, not at a "workflow file"
+    assert f"relative paths are taken from the current folder {study}" in str(info.value)
+    assert "workflow file" not in str(info.value)
 
 
 def test_every_setting_is_in_the_user_documentation():
