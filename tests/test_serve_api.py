@@ -510,6 +510,19 @@ def test_refuses_a_non_loopback_host_without_accounts(tmp_path):
     assert "refusing to listen on 0.0.0.0" in proc.stderr and "--create-admin" in proc.stderr
 
 
+def test_create_admin_without_a_terminal_or_a_password_says_how_to_give_one(tmp_path):
+    """Started with nothing on standard input (a service, nohup): not 'a password needs at least
+    10 characters' for a password nobody typed, but how to give one; no account is made."""
+    proc = subprocess.run(
+        [os.sys.executable, "-m", "cytopipe", "serve", "--data", str(tmp_path / "d"), "--create-admin", "alice",
+         "--port", "1"], stdin=subprocess.DEVNULL, capture_output=True, text=True, env=cli_env(), cwd=str(REPO),
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "no password given" in proc.stderr and "CYTOPIPE_ADMIN_PASSWORD" in proc.stderr, proc.stderr
+    assert "nothing was created" in proc.stderr and "created administrator" not in proc.stderr
+
+
 def test_start_up_says_once_that_the_schema_was_upgraded_without_alembics_narration(tmp_path):
     """At the default log level a new workspace prints one line for its database schema, not
     Alembic's ~15 lines of plugins and migration steps; a second start prints none."""

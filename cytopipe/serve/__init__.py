@@ -71,8 +71,14 @@ def _read_password(name: str) -> str:
         if getpass.getpass("again: ") != first:
             raise ServeError("the two passwords differ; nothing was created")
         return first
-    line = sys.stdin.readline() if sys.stdin is not None else ""
-    return line.rstrip("\r\n")
+    line = (sys.stdin.readline() if sys.stdin is not None else "").rstrip("\r\n")
+    if not line:  # not a terminal, and nothing piped in (a service, nohup, stdin closed)
+        raise ServeError(
+            f"--create-admin {name}: no password given, and standard input is not a terminal to ask "
+            "for one: run the command in a terminal, pipe the password on standard input, or set "
+            "CYTOPIPE_ADMIN_PASSWORD; nothing was created"
+        )
+    return line
 
 
 def build_config(args: argparse.Namespace):
