@@ -523,6 +523,22 @@ def test_create_admin_without_a_terminal_or_a_password_says_how_to_give_one(tmp_
     assert "nothing was created" in proc.stderr and "created administrator" not in proc.stderr
 
 
+def test_review_and_audit_commands_without_a_password_say_how_to_give_one(tmp_path):
+    """`cytopipe review --user NAME` / `cytopipe audit ... --unblind` from a script that gives no
+    password: not 'unknown or wrong password', but how to give it."""
+    srv = Server(tmp_path / "d", None).start(create_admin="admin")
+    srv.stop()
+    for args in (["review", "1", "--user", "admin", "--approve-run"],
+                 ["audit", "export", "--unblind", "--user", "admin", "--reason", "r", "--out", str(tmp_path / "a.csv")]):  # fmt: skip
+        proc = subprocess.run(
+            [os.sys.executable, "-m", "cytopipe", *args, "--data", str(srv.data)], stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, env={k: v for k, v in cli_env().items() if k != "CYTOPIPE_PASSWORD"},
+            cwd=str(REPO), timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert "no password given" in proc.stderr and "CYTOPIPE_PASSWORD" in proc.stderr, proc.stderr
+
+
 def test_start_up_says_once_that_the_schema_was_upgraded_without_alembics_narration(tmp_path):
     """At the default log level a new workspace prints one line for its database schema, not
     Alembic's ~15 lines of plugins and migration steps; a second start prints none."""

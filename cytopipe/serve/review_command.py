@@ -81,7 +81,13 @@ def _password() -> str:
         import getpass
 
         return getpass.getpass("password: ")
-    return (sys.stdin.readline() if sys.stdin is not None else "").rstrip("\r\n")
+    line = (sys.stdin.readline() if sys.stdin is not None else "").rstrip("\r\n")
+    if not line:  # a script that forgot it: say so, rather than sign in with "" (a failed sign-in)
+        raise ReviewError(
+            "no password given, and standard input is not a terminal to ask for one: set "
+            "CYTOPIPE_PASSWORD, pipe the password on standard input, or run the command in a terminal"
+        )
+    return line
 
 
 def _target(text: str) -> tuple[str, str]:
