@@ -141,3 +141,18 @@ def test_pipeline_doc_reading_results(pipeline_run, monkeypatch, tmp_path):
 
     flagged = query("runs/sle_il2", "select sample_id, status, flags from samples where status != 'ok'")
     assert set(flagged["status"]) == {"flagged"} and len(flagged) == 6
+
+
+def test_pipeline_doc_names_every_column_of_the_run_tables(pipeline_run):
+    """docs/pipeline.md's paragraphs on population_stats and samples name every column a run writes
+    (`median_<marker>` for the medians; the QC metrics are docs/qc.md's)."""
+    out, _ = pipeline_run
+    text = (REPO / "docs" / "pipeline.md").read_text()
+    for table in ("population_stats", "samples"):
+        start = text.index(f"`{table}.parquet`: ")
+        named = set(re.findall(r"`([^`]+)`", text[start : text.index("\n\n", start)]))
+        if table == "samples":
+            named |= set(re.findall(r"`(qc_[a-z_]+)`", (REPO / "docs" / "qc.md").read_text()))
+        columns = pd.read_parquet(out / f"{table}.parquet").columns
+        missing = [c for c in columns if c not in named and not c.startswith("median_")]
+        assert not missing, f"docs/pipeline.md does not name these {table} columns: {missing}"
