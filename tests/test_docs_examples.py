@@ -156,3 +156,11 @@ def test_pipeline_doc_names_every_column_of_the_run_tables(pipeline_run):
         columns = pd.read_parquet(out / f"{table}.parquet").columns
         missing = [c for c in columns if c not in named and not c.startswith("median_")]
         assert not missing, f"docs/pipeline.md does not name these {table} columns: {missing}"
+
+
+def test_readme_python_example(at_repo, capsys):
+    (code,) = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    run(code, "README.md")
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["population", "count", "pct_parent"] and len(printed) == 1 + 17
+    assert any(line.split()[1:2] == ["Treg"] for line in printed)
