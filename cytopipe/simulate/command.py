@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const=0.25,
         default=None,
         metavar="FRACTION",
-        help="inject acquisition faults (clog, shift, margin pile-up) into this fraction of files (default 0.25)",
+        help="inject acquisition faults (clog, shift, margin pile-up; spike too with --instrument) into this "
+        "fraction of files (default 0.25)",
     )
     parser.add_argument(
         "--control-events", type=int, default=5000, help="events per compensation control file"
