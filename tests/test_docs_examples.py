@@ -164,3 +164,18 @@ def test_readme_python_example(at_repo, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].split() == ["population", "count", "pct_parent"] and len(printed) == 1 + 17
     assert any(line.split()[1:2] == ["Treg"] for line in printed)
+
+
+def test_simulator_doc_names_the_columns_of_faults_csv(tmp_path):
+    from cytopipe.simulate import simulate_trial
+
+    simulate_trial(
+        tmp_path / "t", n_patients=1, visits=(0, 4), events=2000, seed=5, control_events=100, faults=0.5
+    )
+    row = next(
+        line
+        for line in (REPO / "docs" / "simulator.md").read_text().splitlines()
+        if "truth/faults.csv` |" in line
+    )
+    named = {c.strip() for part in re.findall(r"`([^`]+)`", row)[1:] for c in part.split(",")}
+    assert set(pd.read_csv(tmp_path / "t" / "truth" / "faults.csv").columns) == named
