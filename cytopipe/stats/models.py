@@ -91,6 +91,7 @@ def fit_mixed_model(
     arm_col = d["arm"].to_numpy()
     visit_col = d["visit"].to_numpy()
     ref_visits = [v for v in visits if cell_n.get((reference, v), 0) >= min_group_size]
+    thin = np.zeros(len(d), dtype=bool)
     for v in ref_visits:
         columns.append((visit_col == v).astype(float))
         names.append(f"visit {v}")
@@ -98,6 +99,7 @@ def fit_mixed_model(
         for v in visits:
             n_av = int(cell_n.get((a, v), 0))
             if v not in ref_visits or n_av < min_group_size:
+                thin |= (arm_col == a) & (visit_col == v)  # left out: never pooled with the reference
                 n_ref = int(cell_n.get((reference, v), 0))
                 effect_rows.append(
                     _effect(
@@ -111,8 +113,10 @@ def fit_mixed_model(
                 continue
             columns.append(((arm_col == a) & (visit_col == v)).astype(float))
             names.append((a, v))
-    n_patients = int(d["patient_id"].nunique())
-    keep = np.isin(visit_col, ref_visits)
+    # the observations of a cell left out of the design are left out of the fit too: without their
+    # own column they would count as reference-arm observations and bias the visit means
+    keep = np.isin(visit_col, ref_visits) & ~thin
+    n_patients = int(pd.unique(d["patient_id"].to_numpy()[keep]).size)
     estimable = [nm for nm in names if isinstance(nm, tuple)]
     nan6 = (np.nan,) * 6
     empty = MixedModelFit(

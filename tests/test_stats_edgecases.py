@@ -1,0 +1,78 @@
+"""Trial edge cases of the statistics, each checked against an independent reference
+(statsmodels / scipy called directly on the same data, or a closed form)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cytopipe.stats import baseline_change, fit_mixed_model
+
+ARMS = ["placebo", "IL-2 0.5 MIU", "IL-2 1.0 MIU"]
+
+
+def _trial(per_arm=(6, 6, 6), visits=(0, 4, 12), seed=0, effect=(0.0, 1.5, 3.0)):
+    """One population, ``per_arm`` patients per arm of ARMS, normal changes with arm effects."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    pid = 0
+    for arm, n, eff in zip(ARMS, per_arm, effect):
+        for _ in range(n):
+            pid += 1
+            base = rng.normal(8, 2)
+            patient = rng.normal(0, 1)
+            for v in visits:
+                value = base if v == 0 else base + eff * v / max(visits) + patient + rng.normal(0, 1)
+                rows.append(
+                    {
+                        "patient_id": f"P{pid:03d}",
+                        "visit": v,
+                        "arm": arm,
+                        "population": "Treg",
+                        "pct_parent": value,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def _statsmodels_effects(post: pd.DataFrame, arms: list[str]) -> pd.Series:
+    """Arm x visit effects of change ~ C(visit) + C(visit):arm + baseline, random intercept (REML)."""
+    import statsmodels.formula.api as smf
+
+    data = post.copy()
+    data["bc"] = data["baseline"] - data["baseline"].mean()
+    data["arm"] = pd.Categorical(data["arm"], categories=arms)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = smf.mixedlm("change ~ C(visit) + C(visit):arm + bc", data, groups=data["patient_id"]).fit(
+            reml=True
+        )
+    out = {}
+    for name, value in fit.fe_params.items():
+        if ":arm[T." in name:
+            visit = int(name.split("[")[1].split("]")[0])
+            arm = name.split("arm[T.")[1].rstrip("]")
+            out[(arm, visit)] = value
+    return pd.Series(out)
+
+
+def test_mixed_model_leaves_a_thin_arm_out_instead_of_pooling_it_with_placebo():
+    # one patient in the 0.5 MIU arm: its cells are not estimable (min_group_size 3); its
+    # observations must not be counted as placebo observations (they used to be, biasing every
+    # other arm's effect): the remaining effects equal statsmodels' fit without that patient
+    table = _trial(per_arm=(6, 1, 6), seed=4)
+    dyn = baseline_change(table)
+    post = dyn[dyn["visit"] > 0]
+    fit = fit_mixed_model(post, "change", ARMS, "placebo")
+    eff = fit.effects.set_index(["arm", "visit"])
+    assert eff.loc[("IL-2 0.5 MIU", 4), "p"] != eff.loc[("IL-2 0.5 MIU", 4), "p"]  # NaN
+    assert "too few patients" in eff.loc[("IL-2 0.5 MIU", 12), "note"]
+    reference = _statsmodels_effects(post[post["arm"] != "IL-2 0.5 MIU"], ["placebo", "IL-2 1.0 MIU"])
+    for visit in (4, 12):
+        assert eff.loc[("IL-2 1.0 MIU", visit), "estimate"] == pytest.approx(
+            reference[("IL-2 1.0 MIU", visit)], rel=1e-4
+        )
+    assert fit.n_patients == 12 and fit.n_obs == 24  # the thin arm's patient is not in the fit
