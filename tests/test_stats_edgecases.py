@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cytopipe.stats import baseline_change, fit_mixed_model
+from cytopipe.stats import baseline_change, fit_mixed_model, run_statistics
 
 ARMS = ["placebo", "IL-2 0.5 MIU", "IL-2 1.0 MIU"]
 
@@ -76,3 +76,46 @@ def test_mixed_model_leaves_a_thin_arm_out_instead_of_pooling_it_with_placebo():
             reference[("IL-2 1.0 MIU", visit)], rel=1e-4
         )
     assert fit.n_patients == 12 and fit.n_obs == 24  # the thin arm's patient is not in the fit
+
+
+def _clinical(table: pd.DataFrame, seed=0) -> pd.DataFrame:
+    """A valid clinical table for the patients and visits of ``table`` (SLEDAI falls in ~half)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for (pid, arm), g in table.groupby(["patient_id", "arm"], sort=True):
+        start = int(rng.integers(6, 16))
+        drop = int(rng.choice([0, 6]))
+        for v in sorted(g["visit"].unique()):
+            rows.append(
+                dict(patient_id=pid, visit=int(v), arm=arm, sledai=start - (drop if v else 0), pga=1.0,
+                     bilag_new_a=0, bilag_new_b=0, anti_dsdna=50.0, c3=80.0, c4=12.0,
+                     proteinuria=0.2, prednisone_mg=10.0)
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_a_differently_named_placebo_arm_is_named_and_never_counted_as_active():
+    from scipy import stats as sps
+
+    table = _trial(per_arm=(8, 8, 8), seed=2).replace({"arm": {"placebo": "Placebo"}})
+    clinical = _clinical(table, seed=2)
+    out = run_statistics(table, clinical, {"families": ["responder_change", "response_rate", "arm_visit"]})
+    resp = out[out["family"] == "responder_change"]
+    # "active" = the arms other than the reference: undefined when the reference arm is absent
+    # (it used to hold every arm, "Placebo" included, and give p-values)
+    active = resp[resp["subgroup"] == "active"]
+    assert len(active) == 2 and active["p"].isna().all()
+    assert active["note"].str.contains("did you mean 'Placebo'").all()
+    assert out.loc[out["family"] == "arm_visit", "note"].str.contains("did you mean 'Placebo'").all()
+    rates = out[out["family"] == "response_rate"]
+    assert rates["p"].isna().all() and rates["note"].str.contains("reference arm 'placebo' not among").all()
+    # the "all" subgroup is well defined: scipy's Mann-Whitney of responders vs non-responders
+    dyn = baseline_change(table)
+    sri = clinical.set_index(["patient_id", "visit"])["sledai"]
+    responders = {p for p in clinical["patient_id"].unique() if sri[(p, 0)] - sri[(p, 12)] >= 4}
+    for visit in (4, 12):
+        got = resp[(resp["subgroup"] == "all") & (resp["visit"] == visit)].iloc[0]
+        d = dyn[dyn["visit"] == visit]
+        x = d[d["patient_id"].isin(responders)]["change"]
+        y = d[~d["patient_id"].isin(responders)]["change"]
+        assert got["p"] == pytest.approx(sps.mannwhitneyu(x, y).pvalue, rel=1e-12)

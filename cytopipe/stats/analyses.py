@@ -19,7 +19,7 @@ import pandas as pd
 from cytopipe.stats.models import fit_logistic, fit_mixed_model, roc_auc
 from cytopipe.stats.nonparametric import jonckheere_terpstra, mann_whitney, spearman
 from cytopipe.stats.rates import compare_rates
-from cytopipe.stats.settings import StatsSettings, arm_doses
+from cytopipe.stats.settings import StatsSettings, arm_doses, missing_reference_note
 from cytopipe.stats.table import row
 
 _SCALE_LABEL = {"change": "change from baseline", "log2fc": "log2 fold change from baseline"}
@@ -375,6 +375,7 @@ def response_rate_tests(endpoints: pd.DataFrame, arms: Sequence[str], s: StatsSe
     plan += [("serology_rate", e) for e in ("anti_dsdna_normalised", "c3_normalised", "c4_normalised")]
     active = [a for a in arms if a != s.reference_arm]
     comparisons = [(a, [a]) for a in active]
+    no_ref = "" if s.reference_arm in set(endpoints["arm"]) else missing_reference_note(arms, s.reference_arm)
     if len(active) > 1:
         comparisons.append(("all active arms", active))
     for family, endpoint in plan:
@@ -396,9 +397,8 @@ def response_rate_tests(endpoints: pd.DataFrame, arms: Sequence[str], s: StatsSe
                     effect_label="risk difference (arm - reference), Newcombe hybrid-score CI",
                 )
                 if len(x) == 0 or len(ref) == 0:
-                    rows.append(
-                        row(**common, method="response rates", note="no evaluable patients in an arm")
-                    )
+                    note = no_ref or "no evaluable patients in an arm"
+                    rows.append(row(**common, method="response rates", note=note))
                     continue
                 r = compare_rates(
                     int(x.sum()), len(x), int(ref.sum()), len(ref), method=s.rate_test, alpha=s.alpha
@@ -471,6 +471,7 @@ def responder_tests(
     outcome = s.change_scale
     post = dyn[dyn["visit"] > s.baseline_visit]
     subgroups = _subgroups(arms, s)
+    no_ref = "" if s.reference_arm in set(arms) else missing_reference_note(arms, s.reference_arm)
     # responders vs non-responders on change, per visit
     label = f"Hodges-Lehmann shift in {_SCALE_LABEL[outcome]} (responders - non-responders)"
     for (pop, visit), group in post.groupby(["population", "visit"], sort=False):
@@ -479,6 +480,23 @@ def responder_tests(
         val = g[outcome].to_numpy(dtype=float)
         arm = g["arm"].to_numpy()
         for sub, members in subgroups:
+            if sub == "active" and no_ref:
+                rows.append(
+                    row(
+                        family="responder_change",
+                        measure=measure,
+                        scale=outcome,
+                        population=pop,
+                        parent=parents[pop],
+                        visit=int(visit),
+                        endpoint=ep_label,
+                        subgroup=sub,
+                        comparison="responders vs non-responders",
+                        method="Mann-Whitney U",
+                        note=f"subgroup 'active' (the arms other than the reference) undefined: {no_ref}",
+                    )
+                )
+                continue
             m = np.isin(arm, members) & np.isfinite(val)
             x, y = val[m & resp], val[m & ~resp]
             common = dict(

@@ -119,11 +119,24 @@ def parse_dose(arm: str) -> float | None:
     return float(numbers[0]) if len(numbers) == 1 else None
 
 
+def missing_reference_note(arms: Sequence[str], reference: str) -> str:
+    """Why nothing is compared with the reference arm: it is not among the arms (with a did-you-mean
+    for a differently written name, e.g. "Placebo" or "PBO" for the default "placebo")."""
+    import difflib
+
+    names = sorted({str(a) for a in arms})
+    note = f"reference arm {reference!r} not among arms {names}"
+    close = [a for a in names if a.casefold() == reference.casefold()]
+    close = close or difflib.get_close_matches(reference, names, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{note}; {hint}set reference_arm (statistics: reference_arm in the workflow)"
+
+
 def arm_doses(arms: Sequence[str], settings: StatsSettings) -> tuple[dict[str, float] | None, str]:
     """Dose per arm (reference = 0 unless set), or (None, reason) when it cannot be known."""
     arms = list(dict.fromkeys(arms))
     if settings.reference_arm not in arms:
-        return None, f"reference arm {settings.reference_arm!r} not among arms {sorted(arms)}"
+        return None, missing_reference_note(arms, settings.reference_arm)
     doses: dict[str, float] = {}
     for arm in arms:
         if settings.arm_doses is not None:
