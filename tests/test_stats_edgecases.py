@@ -119,3 +119,38 @@ def test_a_differently_named_placebo_arm_is_named_and_never_counted_as_active():
         x = d[d["patient_id"].isin(responders)]["change"]
         y = d[~d["patient_id"].isin(responders)]["change"]
         assert got["p"] == pytest.approx(sps.mannwhitneyu(x, y).pvalue, rel=1e-12)
+
+
+def test_response_rates_never_test_an_arm_made_only_of_imputed_non_responders():
+    from scipy import stats as sps
+
+    table = _trial(per_arm=(6, 6, 6), seed=3)
+    clinical = _clinical(table, seed=3)
+    # week 4: only the placebo arm was seen (the active arms' week-4 rows are missing);
+    # week 12: two 1.0 MIU patients missed the visit
+    missed = clinical["arm"].ne("placebo") & clinical["visit"].eq(4)
+    missed |= clinical["patient_id"].isin(["P013", "P014"]) & clinical["visit"].eq(12)
+    clinical = clinical[~missed]
+    out = run_statistics(table, clinical, {"families": ["response_rate"]})
+    sri4 = out[out["measure"] == "sri4"].set_index(["visit", "comparison"])
+    # every active patient at week 4 would be an NRI non-responder: no test, and the note says why
+    week4 = sri4.loc[4]
+    assert week4["p"].isna().all()
+    assert week4["note"].str.contains("no observed patient in an arm").all()
+    assert "IL-2 0.5 MIU 6/6" in week4.loc["IL-2 0.5 MIU vs placebo", "note"]
+    # week 12: the two missed visits are non-responders (NRI), counted and said in the note;
+    # the p-value is Pearson's chi-square on the NRI table (scipy)
+    got = sri4.loc[(12, "IL-2 1.0 MIU vs placebo")]
+    sl = clinical.set_index(["patient_id", "visit"])["sledai"]
+    arm_of = clinical.groupby("patient_id")["arm"].first()
+
+    def responders(arm):
+        ids = arm_of[arm_of == arm].index
+        return sum((p, 12) in sl.index and sl[(p, 0)] - sl[(p, 12)] >= 4 for p in ids), len(ids)
+
+    (x1, n1), (x0, n0) = responders("IL-2 1.0 MIU"), responders("placebo")
+    assert "NRI-imputed non-responders: IL-2 1.0 MIU 2/6, placebo 0/6" in got["note"]
+    counts = np.array([[x1, n1 - x1], [x0, n0 - x0]])
+    assert (counts.sum(axis=0) > 0).all()  # a testable table
+    assert got["p"] == pytest.approx(sps.chi2_contingency(counts, correction=False)[1], rel=1e-12)
+    assert got["estimate"] == pytest.approx(x1 / n1 - x0 / n0)

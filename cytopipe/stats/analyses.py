@@ -380,10 +380,18 @@ def response_rate_tests(endpoints: pd.DataFrame, arms: Sequence[str], s: StatsSe
         comparisons.append(("all active arms", active))
     for family, endpoint in plan:
         for visit, group in endpoints.groupby("visit", sort=True):
-            values = group[[endpoint, "arm"]].dropna(subset=[endpoint])
+            imp_col = "renal_imputed" if endpoint.startswith("renal_") else f"{endpoint}_imputed"
+            values = group.dropna(subset=[endpoint])
+            if imp_col in values:
+                imputed = values[imp_col].fillna(False).astype(bool)
+            else:  # imputation "none": nothing imputed
+                imputed = pd.Series(False, index=values.index)
             ref = values[values["arm"] == s.reference_arm][endpoint].astype(bool)
+            ref_imp = int(imputed[values["arm"] == s.reference_arm].sum())
             for label, members in comparisons:
                 x = values[values["arm"].isin(members)][endpoint].astype(bool)
+                x_imp = int(imputed[values["arm"].isin(members)].sum())
+                nri = _imputed_note(label, x_imp, len(x), s.reference_arm, ref_imp, len(ref))
                 common = dict(
                     family=family,
                     measure=endpoint,
@@ -400,6 +408,10 @@ def response_rate_tests(endpoints: pd.DataFrame, arms: Sequence[str], s: StatsSe
                     note = no_ref or "no evaluable patients in an arm"
                     rows.append(row(**common, method="response rates", note=note))
                     continue
+                if (x_imp and x_imp == len(x)) or (ref_imp and ref_imp == len(ref)):
+                    note = f"not tested: no observed patient in an arm at this visit ({nri})"
+                    rows.append(row(**common, method="response rates", note=note))
+                    continue
                 r = compare_rates(
                     int(x.sum()), len(x), int(ref.sum()), len(ref), method=s.rate_test, alpha=s.alpha
                 )
@@ -413,10 +425,17 @@ def response_rate_tests(endpoints: pd.DataFrame, arms: Sequence[str], s: StatsSe
                         df=1.0 if s.rate_test == "chi2" else np.nan,
                         p=r.p,
                         method=r.method,
-                        note=r.note,
+                        note="; ".join(n for n in (r.note, nri) if n),
                     )
                 )
     return rows
+
+
+def _imputed_note(label: str, x_imp: int, n_x: int, reference: str, ref_imp: int, n_ref: int) -> str:
+    """How many of the compared patients are NRI-imputed non-responders (missed visit or item)."""
+    if not (x_imp or ref_imp):
+        return ""
+    return f"NRI-imputed non-responders: {label} {x_imp}/{n_x}, {reference} {ref_imp}/{n_ref}"
 
 
 def response_visit(endpoints: pd.DataFrame, s: StatsSettings) -> int | None:
