@@ -154,3 +154,19 @@ def test_response_rates_never_test_an_arm_made_only_of_imputed_non_responders():
     assert (counts.sum(axis=0) > 0).all()  # a testable table
     assert got["p"] == pytest.approx(sps.chi2_contingency(counts, correction=False)[1], rel=1e-12)
     assert got["estimate"] == pytest.approx(x1 / n1 - x0 / n0)
+
+
+def test_a_patient_in_two_arms_is_an_error_not_counted_twice():
+    from cytopipe.errors import StatisticsError
+
+    table = _trial(per_arm=(6, 6, 6), seed=1)
+    table.loc[(table["patient_id"] == "P001") & (table["visit"] == 12), "arm"] = "IL-2 1.0 MIU"
+    # it used to split P001 silently: placebo at baseline and week 4, 1.0 MIU at week 12
+    # (7 patients in a 6-patient arm), with or without a clinical table
+    for clinical in (None, _clinical(table[table["visit"] < 12], seed=1)):
+        with pytest.raises(
+            StatisticsError, match="patient 'P001' is in arm 'placebo' and in arm 'IL-2 1.0 MIU'"
+        ):
+            run_statistics(table, clinical, {"families": ["arm_visit"]})
+    with pytest.raises(StatisticsError, match="visit 12"):
+        baseline_change(table)

@@ -54,6 +54,18 @@ def check_population_table(table: pd.DataFrame, measures: Sequence[str] = ("pct_
             column="visit",
         )
     out["visit"] = visit.round().astype("int64")
+    arms = out.groupby("patient_id", sort=True)["arm"].unique()
+    changed = arms[arms.map(len) > 1]
+    if len(changed):  # a mislabelled sample: the patient would count in two arms
+        patient, names = changed.index[0], list(changed.iloc[0])
+        where = out[(out["patient_id"] == patient) & (out["arm"] == names[1])]
+        raise StatisticsError(
+            f"patient {patient!r} is in arm {names[0]!r} and in arm {names[1]!r} (visit "
+            f"{int(where['visit'].iloc[0])}); the randomised arm must be the same in every sample "
+            f"({len(changed)} patient(s) affected: {list(changed.index[:10])}); fix the manifest's arm",
+            row=_label(out, (out["patient_id"] == patient) & (out["arm"] == names[1])),
+            column="arm",
+        )
     for measure in measures:
         values = pd.to_numeric(out[measure], errors="coerce")
         bad = values.isna() & out[measure].notna()
