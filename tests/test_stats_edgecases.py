@@ -170,3 +170,28 @@ def test_a_patient_in_two_arms_is_an_error_not_counted_twice():
             run_statistics(table, clinical, {"families": ["arm_visit"]})
     with pytest.raises(StatisticsError, match="visit 12"):
         baseline_change(table)
+
+
+def test_a_requested_population_absent_from_the_table_gets_rows_saying_so(caplog):
+    from scipy import stats as sps
+    from statsmodels.stats.multitest import multipletests
+
+    table = _trial(per_arm=(6, 6, 6), seed=1)
+    settings = {"populations": ["Treg", "Tregs"], "families": ["arm_visit", "mixed_arm"]}
+    with caplog.at_level("WARNING", logger="cytopipe.stats"):
+        out = run_statistics(table, None, settings)
+    # 'Tregs' (a typo) used to vanish without a word; now one row per family, p NaN, did-you-mean
+    typo = out[out["population"] == "Tregs"]
+    assert sorted(typo["family"]) == ["arm_visit", "mixed_arm"]
+    assert typo["p"].isna().all() and typo["note"].str.contains("did you mean 'Treg'").all()
+    assert "'Tregs'" in caplog.text
+    # the real population's tests are untouched: scipy's Mann-Whitney on the same changes
+    dyn = baseline_change(table)
+    got = out[(out["population"] == "Treg") & (out["family"] == "arm_visit")]
+    for r in got.itertuples():
+        d = dyn[dyn["visit"] == r.visit]
+        arm = r.comparison.split(" vs ")[0]
+        ref = sps.mannwhitneyu(d[d["arm"] == arm]["change"], d[d["arm"] == "placebo"]["change"]).pvalue
+        assert r.p == pytest.approx(ref, rel=1e-12)
+    # q: BH within the family over the tests that ran (the typo's NaN row is not a test)
+    assert np.allclose(got["q"], multipletests(got["p"], method="fdr_bh")[1], rtol=1e-12)

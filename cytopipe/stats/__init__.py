@@ -18,6 +18,7 @@ Definitions, defaults and families: docs/statistics.md.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -37,7 +38,7 @@ from cytopipe.stats.multiplicity import BH_FAMILY_KEYS, add_qvalues, bh_qvalues
 from cytopipe.stats.nonparametric import hodges_lehmann, jonckheere_terpstra, mann_whitney, spearman
 from cytopipe.stats.rates import RateComparison, compare_rates
 from cytopipe.stats.settings import StatsSettings, arm_doses, arm_order
-from cytopipe.stats.table import COLUMNS, blind_arms
+from cytopipe.stats.table import COLUMNS, blind_arms, row
 
 __all__ = [
     "BH_FAMILY_KEYS",
@@ -108,7 +109,9 @@ def run_statistics(
 
     s = StatsSettings.from_any(settings)
     table = check_population_table(population_stats, s.measures)
+    absent: list[str] = []
     if s.populations is not None:
+        absent = [p for p in dict.fromkeys(s.populations) if p not in set(table["population"])]
         table = table[table["population"].isin(s.populations)]
     arms_present = list(dict.fromkeys(table["arm"]))
     order, reason = arm_order(arms_present, s)
@@ -160,7 +163,35 @@ def run_statistics(
 
     from cytopipe.stats.table import to_frame
 
+    # a requested population without a row in the table (a typo, or measured in no sample) still
+    # gets one row per family and measure saying so: never a silent absence
+    known = sorted(set(population_stats["population"].dropna().astype(str)))
+    per_population = [f for f in FAMILIES if f not in ("response_rate", "serology_rate")]
+    if not s.mixed_model:
+        per_population = [f for f in per_population if not f.startswith("mixed_")]
+    if endpoints is None:
+        per_population = [f for f in per_population if f in an.FLOW_ONLY_FAMILIES]
+    for pop in absent:
+        note = _absent_population_note(pop, known)
+        logging.getLogger(__name__).warning("statistics: %s", note)
+        for measure in s.measures:
+            rows += [
+                row(family=f, population=pop, measure=measure, note=note) for f in per_population if wanted(f)
+            ]
+
     out = to_frame(rows)
     if s.families is not None:
         out = out[out["family"].isin(s.families)].reset_index(drop=True)
     return add_qvalues(out, BH_FAMILY_KEYS)
+
+
+def _absent_population_note(population: str, known: list[str]) -> str:
+    """Why a requested population has no test: not in the table (with a did-you-mean)."""
+    import difflib
+
+    close = difflib.get_close_matches(population, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (
+        f"population {population!r} (settings.populations) has no measured sample in the population "
+        f"table{hint}"
+    )

@@ -23,6 +23,11 @@ from cytopipe.stats.settings import StatsSettings, arm_doses, missing_reference_
 from cytopipe.stats.table import row
 
 _SCALE_LABEL = {"change": "change from baseline", "log2fc": "log2 fold change from baseline"}
+#: the per-population families that need no clinical table
+FLOW_ONLY_FAMILIES = (
+    "arm_visit", "dose_trend", "auc_arm", "auc_dose_trend",
+    "mixed_arm_visit", "mixed_arm", "mixed_interaction", "mixed_dose_trend",
+)  # fmt: skip
 
 
 def _n_detail(groups: dict[str, int]) -> str:
