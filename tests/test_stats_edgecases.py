@@ -38,7 +38,7 @@ def _trial(per_arm=(6, 6, 6), visits=(0, 4, 12), seed=0, effect=(0.0, 1.5, 3.0))
     return pd.DataFrame(rows)
 
 
-def _statsmodels_effects(post: pd.DataFrame, arms: list[str]) -> pd.Series:
+def _statsmodels_effects(post: pd.DataFrame, arms: list[str], formula: str = "+ bc") -> pd.Series:
     """Arm x visit effects of change ~ C(visit) + C(visit):arm + baseline, random intercept (REML)."""
     import statsmodels.formula.api as smf
 
@@ -47,9 +47,8 @@ def _statsmodels_effects(post: pd.DataFrame, arms: list[str]) -> pd.Series:
     data["arm"] = pd.Categorical(data["arm"], categories=arms)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = smf.mixedlm("change ~ C(visit) + C(visit):arm + bc", data, groups=data["patient_id"]).fit(
-            reml=True
-        )
+        model = smf.mixedlm(f"change ~ C(visit) + C(visit):arm {formula}", data, groups=data["patient_id"])
+        fit = model.fit(reml=True)
     out = {}
     for name, value in fit.fe_params.items():
         if ":arm[T." in name:
@@ -195,3 +194,17 @@ def test_a_requested_population_absent_from_the_table_gets_rows_saying_so(caplog
         assert r.p == pytest.approx(ref, rel=1e-12)
     # q: BH within the family over the tests that ran (the typo's NaN row is not a test)
     assert np.allclose(got["q"], multipletests(got["p"], method="fdr_bh")[1], rtol=1e-12)
+
+
+def test_mixed_model_fits_a_population_at_zero_in_every_baseline_sample():
+    # a population absent before treatment (0 % at baseline in every patient) made the design
+    # singular ("model not fitted"): the constant baseline adjusts nothing and is left out
+    table = _trial(per_arm=(6, 6, 6), seed=1)
+    table.loc[table["visit"] == 0, "pct_parent"] = 0.0
+    out = run_statistics(table, None, {"families": ["mixed_arm_visit"]}).set_index(["comparison", "visit"])
+    assert out["note"].str.fullmatch("baseline 0 in every patient: not adjusted for baseline").all()
+    dyn = baseline_change(table)
+    reference = _statsmodels_effects(dyn[dyn["visit"] > 0], ARMS, formula="")
+    for (arm, visit), value in reference.items():
+        assert out.loc[(f"{arm} vs placebo", visit), "estimate"] == pytest.approx(value, rel=1e-4)
+    assert out["p"].notna().all()

@@ -288,7 +288,7 @@ def mixed_model_tests(
         detail = _n_detail(fit.group_sizes) + f"; observations={fit.n_obs}"
         label = f"difference in mean {_SCALE_LABEL[outcome]} vs {s.reference_arm}, adjusted for baseline"
         for e in fit.effects.itertuples(index=False):
-            note = "; ".join(x for x in (e.note, fit.note) if x)
+            note = "; ".join(dict.fromkeys(x for x in (e.note, fit.note) if x))
             rows.append(
                 row(
                     family="mixed_arm_visit",

@@ -134,7 +134,10 @@ def fit_mixed_model(
         empty.note = "no arm x visit cell has enough patients"
         return _finish(empty, [])
     bl = d["baseline"].to_numpy(dtype=float)
-    exog = np.column_stack(columns + [bl - bl[keep].mean()])[keep]
+    adjust = np.ptp(bl[keep]) > 0
+    # a baseline equal in every patient (e.g. a population at 0 % before treatment) adjusts nothing:
+    # its column would only make the design singular, so the model is fitted without it
+    exog = np.column_stack(columns + ([bl - bl[keep].mean()] if adjust else []))[keep]
     endog = d[outcome].to_numpy(dtype=float)[keep]
     groups = d["patient_id"].to_numpy()[keep]
     if np.linalg.matrix_rank(exog) < exog.shape[1]:
@@ -148,6 +151,8 @@ def fit_mixed_model(
         empty.note = best
         return _finish(empty, estimable, effect_rows)
     beta, cov, notes, scale, re_var = best
+    if not adjust:
+        notes = [f"baseline {bl[keep][0]:g} in every patient: not adjusted for baseline", *notes]
     k = exog.shape[1]
     n_groups = len(np.unique(groups))
     if covariance == "robust":
