@@ -208,3 +208,23 @@ def test_mixed_model_fits_a_population_at_zero_in_every_baseline_sample():
     for (arm, visit), value in reference.items():
         assert out.loc[(f"{arm} vs placebo", visit), "estimate"] == pytest.approx(value, rel=1e-4)
     assert out["p"].notna().all()
+
+
+def test_a_patient_id_with_a_trailing_space_keeps_its_clinical_rows():
+    from scipy import stats as sps
+
+    table = _trial(per_arm=(8, 8, 8), seed=1)
+    clinical = _clinical(table, seed=1)
+    spaced = table.assign(patient_id=table["patient_id"].where(table["patient_id"] != "P001", "P001 "))
+    # the clinical check matches 'P001 ' with 'P001' (it strips ids), but the responder and
+    # correlation tests then silently left P001 out (n 23 of 24)
+    out = run_statistics(spaced, clinical, {"families": ["correlation"]})
+    got = out[(out["visit"] == 12) & (out["endpoint"] == "sledai_change")].iloc[0]
+    dyn = baseline_change(table)
+    d = dyn[dyn["visit"] == 12].set_index("patient_id")["change"]
+    sl = clinical.set_index(["patient_id", "visit"])["sledai"]
+    y = [sl[(p, 12)] - sl[(p, 0)] for p in d.index]
+    ref = sps.spearmanr(d.to_numpy(), y)
+    assert got["n"] == 24
+    assert got["estimate"] == pytest.approx(ref.statistic, rel=1e-12)
+    assert got["p"] == pytest.approx(ref.pvalue, rel=1e-9)

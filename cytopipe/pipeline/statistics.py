@@ -96,7 +96,8 @@ def patients_without_flow_data_of(ctx: RunContext) -> list[str]:
 #: arm); response rates of an arm made only of NRI-imputed non-responders are not tested, and the
 #: imputed counts are in the note; a missing reference arm is named with a did-you-mean; a patient
 #: whose samples name two arms is an error (the patient counted in both); a requested population
-#: absent from the table gets rows saying so; the mixed model fits a constant baseline (unadjusted)
+#: absent from the table gets rows saying so; the mixed model fits a constant baseline (unadjusted);
+#: patient ids and arms are stripped of spaces, as in the clinical table
 STATISTICS_VERSION = "4"
 
 

@@ -44,7 +44,9 @@ def check_population_table(table: pd.DataFrame, measures: Sequence[str] = ("pct_
         bad = out[column].isna()
         if bad.any():
             raise StatisticsError(f"{column} is empty", row=_label(out, bad), column=column)
-        out[column] = out[column].astype(str)
+        # ids and arms without surrounding spaces, as the clinical table reads them ("P001 " is
+        # "P001" there): otherwise the patient would silently miss its clinical rows
+        out[column] = out[column].astype(str).str.strip()
     visit = pd.to_numeric(out["visit"], errors="coerce")
     bad = visit.isna() | (visit != np.round(visit))
     if bad.any():
