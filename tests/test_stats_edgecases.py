@@ -228,3 +228,32 @@ def test_a_patient_id_with_a_trailing_space_keeps_its_clinical_rows():
     assert got["n"] == 24
     assert got["estimate"] == pytest.approx(ref.statistic, rel=1e-12)
     assert got["p"] == pytest.approx(ref.pvalue, rel=1e-9)
+
+
+def test_exact_rank_tests_on_tied_data_fall_back_with_a_note_instead_of_crashing():
+    from scipy import stats as sps
+
+    from cytopipe.stats import jonckheere_terpstra, mann_whitney
+
+    # rounded percentages tie: "exact" in the settings used to raise ValueError out of
+    # run_statistics (an internal error in a run)
+    table = _trial(per_arm=(6, 6, 6), seed=1)
+    table["pct_parent"] = table["pct_parent"].round(0)
+    settings = {
+        "mann_whitney_method": "exact",
+        "jonckheere_method": "exact",
+        "families": ["arm_visit", "dose_trend"],
+    }
+    out = run_statistics(table, None, settings)
+    assert out["p"].notna().all() and out["note"].str.contains("data have ties").all()
+    dyn = baseline_change(table)
+    d = dyn[dyn["visit"] == 12]
+    x, y = d[d["arm"] == "IL-2 1.0 MIU"]["change"], d[d["arm"] == "placebo"]["change"]
+    got = out[(out["family"] == "arm_visit") & (out["visit"] == 12)]
+    got = got[got["comparison"] == "IL-2 1.0 MIU vs placebo"].iloc[0]
+    assert got["p"] == pytest.approx(sps.mannwhitneyu(x, y, method="asymptotic").pvalue, rel=1e-12)
+    # two groups: J is U and the normal approximation is scipy's without continuity correction
+    jt = jonckheere_terpstra([y.to_numpy(), x.to_numpy()], method="exact")
+    ref = sps.mannwhitneyu(x, y, method="asymptotic", use_continuity=False).pvalue
+    assert jt.p == pytest.approx(ref, rel=1e-9) and "ties" in jt.note
+    assert "ties" in mann_whitney(x, y, method="exact").note

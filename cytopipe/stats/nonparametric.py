@@ -19,6 +19,11 @@ import numpy as np
 from scipy import special
 from scipy import stats as sps
 
+#: the note of an exact test asked for on tied data, which gets the normal approximation instead
+TIES_NOTE = (
+    "exact null distribution requested, but the data have ties: normal approximation with tie correction"
+)
+
 
 # ------------------------------------------------------------------------------------------------
 # exact null distribution (no ties)
@@ -103,9 +108,10 @@ def mann_whitney(x, y, alpha: float = 0.05, method: str = "auto") -> MannWhitney
     if method == "auto":  # scipy's rule
         method = "asymptotic" if (n1 > 8 and n2 > 8) or has_ties else "exact"
     u = max(u1, n1 * n2 - u1)
+    note = ""
+    if method == "exact" and has_ties:  # tied values (rounded %, zero counts): no exact null
+        method, note = "asymptotic", TIES_NOTE
     if method == "exact":
-        if has_ties:
-            raise ValueError("the exact Mann-Whitney distribution needs data without ties")
         p = 2 * _exact_tail((n1, n2), u, upper=True)
         label = "Mann-Whitney U (exact)"
     else:
@@ -115,7 +121,7 @@ def mann_whitney(x, y, alpha: float = 0.05, method: str = "auto") -> MannWhitney
         z = (u - n1 * n2 / 2 - 0.5) / sd
         p = 2 * float(special.ndtr(-z))
         label = "Mann-Whitney U (normal approx., tie- and continuity-corrected)"
-    return MannWhitneyResult(u1, float(min(p, 1.0)), est, lo, hi, n1, n2, label)
+    return MannWhitneyResult(u1, float(min(p, 1.0)), est, lo, hi, n1, n2, label, note)
 
 
 def hodges_lehmann(x, y, alpha: float = 0.05) -> tuple[float, float, float]:
@@ -198,9 +204,10 @@ def jonckheere_terpstra(
     z = (j - mean) / np.sqrt(var)
     if method == "auto":
         method = "exact" if (not has_ties and n <= exact_max_n) else "asymptotic"
+    note = ""
+    if method == "exact" and has_ties:  # tied values (rounded %, zero counts): no exact null
+        method, note = "asymptotic", TIES_NOTE
     if method == "exact":
-        if has_ties:
-            raise ValueError("the exact Jonckheere-Terpstra distribution needs data without ties")
         upper = _exact_tail(sizes, j, upper=True)
         lower = _exact_tail(sizes, j, upper=False)
         p = {"increasing": upper, "decreasing": lower, "two-sided": min(1.0, 2 * min(upper, lower))}[
@@ -232,7 +239,7 @@ def jonckheere_terpstra(
         label = f"Jonckheere-Terpstra (permutation, {n_permutations} draws, seed {seed})"
     else:
         raise ValueError(f"method must be 'auto', 'exact', 'asymptotic' or 'permutation', not {method!r}")
-    return JonckheereResult(j, mean, float(var), float(z), float(p), float(tau), sizes, label)
+    return JonckheereResult(j, mean, float(var), float(z), float(p), float(tau), sizes, label, note)
 
 
 def _jt_statistic(values: np.ndarray, labels: np.ndarray) -> float:
