@@ -257,3 +257,15 @@ def test_exact_rank_tests_on_tied_data_fall_back_with_a_note_instead_of_crashing
     ref = sps.mannwhitneyu(x, y, method="asymptotic", use_continuity=False).pvalue
     assert jt.p == pytest.approx(ref, rel=1e-9) and "ties" in jt.note
     assert "ties" in mann_whitney(x, y, method="exact").note
+
+
+def test_a_baseline_visit_without_samples_is_one_clear_error():
+    from cytopipe.errors import StatisticsError
+
+    table = _trial(per_arm=(6, 6, 6), seed=1)
+    table["visit"] = table["visit"].replace({0: -1})  # baseline coded as week -1
+    # it used to give a row per test saying "too few patients (need 3 per arm)" with 0 patients
+    with pytest.raises(StatisticsError, match=r"baseline visit 0 has no sample .*visits: \[-1, 4, 12\]"):
+        run_statistics(table, None, {"families": ["arm_visit"]})
+    out = run_statistics(table, None, {"families": ["arm_visit"], "baseline_visit": -1})
+    assert out["p"].notna().all()

@@ -113,6 +113,13 @@ def run_statistics(
     if s.populations is not None:
         absent = [p for p in dict.fromkeys(s.populations) if p not in set(table["population"])]
         table = table[table["population"].isin(s.populations)]
+    visits = sorted(set(table["visit"]))
+    if visits and s.baseline_visit not in visits:  # every change would be missing: say why, once
+        raise StatisticsError(
+            f"baseline visit {s.baseline_visit} has no sample in the population table (visits: {visits}); "
+            f"set baseline_visit to the study week of the baseline samples",
+            key="baseline_visit",
+        )
     arms_present = list(dict.fromkeys(table["arm"]))
     order, reason = arm_order(arms_present, s)
 
