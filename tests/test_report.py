@@ -284,6 +284,33 @@ def test_blinding_key_gives_the_codes(small_run, tmp_path):
         write_report(run, blinded=True, blind_key=bad)
 
 
+def test_blinded_tables_do_not_list_the_arms_in_dose_order(small_run, tmp_path):
+    """The statistics are computed in dose order (rows '0.2 MIU vs placebo', '0.5 MIU vs placebo',
+    ...; texts 'placebo=2, IL-2 0.2 MIU=2, ...'). Coded with codes in reverse dose order, the blinded
+    report listed 'Arm D=2, Arm C=2, Arm B=2, Arm A=2' and the rows C, B, A vs D: the dose of every
+    code. Every list of codes and every test's rows must be in code order instead."""
+    run, _ = small_run
+    key = dict(zip(ARMS, ["Arm D", "Arm C", "Arm B", "Arm A"]))  # placebo = D, ..., 1.0 MIU = A
+    path = write_report(run, blinded=True, out=tmp_path / "blind.html", blind_key=key)
+    html = path.read_text(encoding="utf-8")
+    texts = {"report.html": re.sub(r"data:image/png;base64,[^\"]+", "", html)}
+    texts |= {p.name: p.read_text(encoding="utf-8") for p in (tmp_path / "blind_tables").glob("*.csv")}
+    lists = []
+    for name, text in texts.items():
+        for m in re.finditer(r"Arm [A-D](?:=\d+)?'?(?:, '?Arm [A-D](?:=\d+)?'?)+", text):
+            lists.append((name, re.findall(r"Arm ([A-D])", m.group(0))))
+    assert len(lists) > 10  # the dose-trend and model rows name every arm
+    assert [x for x in lists if x[1] != sorted(x[1])] == []
+    for name in ("response_tests.csv", "model_arm_visit.csv"):
+        table = pd.read_csv(tmp_path / "blind_tables" / name)
+        keys = [c for c in ("family", "population", "endpoint", "visit") if c in table.columns]
+        coded = table[table["comparison"].str.match(r"Arm [A-D] vs")]
+        for _, rows in coded.groupby(keys, sort=False):
+            assert rows["comparison"].tolist() == sorted(rows["comparison"]), name
+    shown = re.findall(r"<td[^>]*>(Arm [A-C]) vs Arm D</td>", html)
+    assert shown[:3] == ["Arm A", "Arm B", "Arm C"]
+
+
 def test_leak_check_fails_closed(small_run, monkeypatch):
     """If any arm name would reach a blinded report (here: a study name that contains one and a
     blinding step that misses it), nothing is written."""

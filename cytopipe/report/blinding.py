@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cytopipe.errors import ReportError
@@ -118,6 +119,51 @@ def blind_text(text: str, codes: Mapping[str, str], pattern: re.Pattern | None =
     pattern = pattern or _pattern(codes)
     lower = {k.lower(): v for k, v in codes.items()}
     return pattern.sub(lambda m: lower[m.group(0).lower()], text)
+
+
+#: the columns that say which test a statistics row is (its arm or comparison aside)
+_ROW_KEYS = ("family", "population", "parent", "measure", "scale", "visit", "window", "endpoint", "subgroup")
+
+
+def hide_arm_order(table: pd.DataFrame | None, codes: Mapping[str, str]) -> pd.DataFrame | None:
+    """A blinded table whose order says nothing about the arms' order (dose).
+
+    Tables computed before blinding list arms in dose (or name) order: rows ``0.2 MIU vs placebo``,
+    ``0.5 MIU vs placebo``, ... and texts ``placebo=2, IL-2 0.2 MIU=2, ...`` or ``['placebo', ...]``.
+    Coded as they are, they would give away which code is which dose. Here lists of codes inside a
+    text (``Arm D=2, Arm C=2`` or ``'Arm D', 'Arm C'``) are sorted by code, and the rows of one test
+    (same family, population, visit, ...) that name a code in ``comparison`` or ``arm`` are sorted
+    by it; every other row keeps its place."""
+    if table is None or table.empty or not codes:
+        return table
+    body = "|".join(re.escape(c) for c in sorted(codes.values(), key=len, reverse=True))
+    item = rf"(?:'(?:{body})'|\"(?:{body})\"|(?:{body})(?![A-Za-z0-9])(?:=[^,;\]\)\"']*)?)"
+    listed = re.compile(rf"{item}(?:, {item})+")
+    code = re.compile(rf"(?:{body})(?![A-Za-z0-9])")
+
+    def by_code(m: re.Match) -> str:
+        return ", ".join(sorted(m.group(0).split(", "), key=lambda x: code.search(x).group(0)))
+
+    out = table.copy()
+    for column in out.columns:
+        col = out[column]
+        if column != "arm" and (col.dtype == object or pd.api.types.is_string_dtype(col)):
+            out[column] = col.map(lambda v: listed.sub(by_code, v) if isinstance(v, str) else v)
+    named = [c for c in ("comparison", "arm") if c in out.columns]
+    if not named:
+        return out
+    text = out[named].astype(str).agg(" ".join, axis=1).to_numpy()
+    coded = np.array([bool(code.search(t)) for t in text])
+    keys = [c for c in _ROW_KEYS if c in out.columns]
+    key = out[keys].astype(str).agg("\x1f".join, axis=1) if keys else pd.Series("", index=out.index)
+    block = (key != key.shift()).cumsum().to_numpy()
+    at = np.flatnonzero(coded)  # ascending: each block's coded rows together
+    order = np.arange(len(out))
+    ranked = pd.DataFrame({"block": block[at], "text": text[at], "at": at}).sort_values(
+        ["block", "text"], kind="stable"
+    )
+    order[at] = ranked["at"].to_numpy()
+    return out.iloc[order].reset_index(drop=True)
 
 
 def _pattern(codes: Mapping[str, str]) -> re.Pattern:

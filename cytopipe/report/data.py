@@ -25,6 +25,7 @@ from cytopipe.report.blinding import (
     arm_codes,
     blind_frame,
     codes_of_record,
+    hide_arm_order,
     recode_obj,
     run_record,
     unblind_frame,
@@ -339,6 +340,7 @@ def _blind(data: RunData, codes: dict[str, str]) -> None:
         "gate_review",
     ):
         setattr(data, name, blind_frame(getattr(data, name), codes))
+    data.statistics = hide_arm_order(data.statistics, codes)  # computed in dose order
     data.arms = sorted(codes.values())
     data.reference_arm = None  # the display does not single out the reference arm when blinded
     data.dose_ordered = False
