@@ -343,6 +343,25 @@ def _clip_vertices(v: np.ndarray, xlim: tuple[float, float], ylim: tuple[float, 
     return v
 
 
+#: a gallery axis is drawn per panel when one sample's own range spans less than this share of the
+#: range of all the figure's samples (samples of other instruments: a linear FSC-A of 262,144 beside
+#: one of 4,194,304 would be a dot in a corner of its panel)
+OWN_AXES_SHARE = 0.25
+
+
+def own_axes(rows: Sequence[Mapping[str, Any]]) -> tuple[bool, bool]:
+    """(x, y): whether the gallery draws that axis per panel (each sample on its own range) rather
+    than shared by every panel, because the samples' ranges are too different (see
+    :data:`OWN_AXES_SHARE`)."""
+
+    def own(key: str) -> bool:
+        spans = [(float(r[key][0]), float(r[key][1])) for r in rows]
+        whole = max(hi for _, hi in spans) - min(lo for lo, _ in spans)
+        return whole > 0 and min(hi - lo for lo, hi in spans) < OWN_AXES_SHARE * whole
+
+    return own("x_range"), bool(rows[0]["y"]) and own("y_range")
+
+
 def gallery_figure(
     rows: Sequence[Mapping[str, Any]],
     marks: Sequence[str],
@@ -357,37 +376,38 @@ def gallery_figure(
     density image and gate shapes mapped there by an affine transform and clipped to the square):
     a figure of 36 panels renders in a fraction of a second, where 36 matplotlib axes take
     seconds. All panels share the axis ranges; the bottom-left panel carries the tick values.
+    When the samples' ranges differ too much (:func:`own_axes`, e.g. samples of other instruments),
+    that axis is drawn per panel instead, with every panel's own tick values.
     """
     from matplotlib import colormaps
     from matplotlib.collections import LineCollection, PolyCollection
     from matplotlib.colors import LogNorm
-    from matplotlib.ticker import MaxNLocator
 
     from cytopipe.report.gate_review import panel_arrays, panel_background
 
     n = len(rows)
     nrows, ncols = _grid(n, ncols)
     one_d = not rows[0]["y"]
-    px, gap_x, gap_y = 48, 5, 14  # mosaic pixels per panel side and between panels
+    own_x, own_y = own_axes(rows)
+    # mosaic pixels per panel side and between panels (more room for every panel's own tick values)
+    px, gap_x, gap_y = 48, 18 if own_y else 5, 24 if own_x else 14
     gx, gy = gap_x / px, gap_y / px  # the same gaps in panel units (panel = 1 unit)
     left, bottom, top = 0.42, 0.42, 0.12  # margins for tick values and labels
     width = ncols * (1 + gx) - gx
     y_min = -(nrows - 1) * (1 + gy) - bottom  # below the last row: tick values and axis name
     y_max = 1 + gy * 0.7 + top  # above the first row: its titles
     inch = 1.35  # inches per panel
-    fig = new_figure(inch * (width + left + 0.08), inch * (y_max - y_min))
+    right = 0.22 if own_x else 0.08  # room for the last panel's own tick values
+    fig = new_figure(inch * (width + left + right), inch * (y_max - y_min))
     fig.set_layout_engine(None)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_axis_off()
-    ax.set_xlim(-left, width + 0.08)
+    ax.set_xlim(-left, width + right)
     ax.set_ylim(y_min, y_max)
-    xlo = min(r["x_range"][0] for r in rows)
-    xhi = max(r["x_range"][1] for r in rows)
-    ylo, yhi = (0.0, 1.0)
+    shared_x = (min(r["x_range"][0] for r in rows), max(r["x_range"][1] for r in rows))
+    shared_y = (0.0, 1.0)
     if not one_d:
-        ylo = min(r["y_range"][0] for r in rows)
-        yhi = max(r["y_range"][1] for r in rows)
-    sx, sy = 1.0 / (xhi - xlo), 1.0 / (yhi - ylo)
+        shared_y = (min(r["y_range"][0] for r in rows), max(r["y_range"][1] for r in rows))
     cmap = colormaps["viridis"]
     fills: list[np.ndarray] = []
     grey_fills: list[np.ndarray] = []
@@ -400,6 +420,11 @@ def gallery_figure(
     for i, row in enumerate(rows):
         r, c = divmod(i, ncols)
         x0, y0 = c * (1 + gx), -r * (1 + gy)
+        xlo, xhi = (float(row["x_range"][0]), float(row["x_range"][1])) if own_x else shared_x
+        ylo, yhi = (float(row["y_range"][0]), float(row["y_range"][1])) if own_y else shared_y
+        sx = 1.0 / (xhi - xlo)
+        if own_x or own_y:
+            _panel_ticks(ax, x0, y0, (xlo, xhi) if own_x else None, (ylo, yhi) if own_y else None, nbins=3)
         xe, ye, counts = panel_arrays(row)
         background = panel_background(row)  # the whole parent, when the panel shows part of it
         if one_d:
@@ -474,23 +499,34 @@ def gallery_figure(
         )
     ax.add_collection(LineCollection([f[0] for f in frames], colors=[f[1] for f in frames],
                                      linewidths=[f[2] for f in frames], zorder=5), autolim=False)  # fmt: skip
-    # tick values on the bottom-left panel, axis names once
+    # tick values of the shared axes on the bottom-left panel, axis names once
     r_last = (n - 1) // ncols
     bx, by = 0.0, -r_last * (1 + gy)
-    for t in MaxNLocator(4).tick_values(xlo, xhi):
-        if xlo <= t <= xhi:
-            u = bx + (t - xlo) * sx
-            ax.plot([u, u], [by, by - 0.04], color="#495057", lw=0.6)
-            ax.text(u, by - 0.06, f"{t:g}", ha="center", va="top", fontsize=6)
-    ax.text(bx + 0.5, by - 0.2, rows[0]["x"], ha="center", va="top", fontsize=7.5)
+    _panel_ticks(ax, bx, by, None if own_x else shared_x, None if one_d or own_y else shared_y)
+    ax.text(bx + 0.5, by - (0.28 if own_x else 0.2), rows[0]["x"], ha="center", va="top", fontsize=7.5)
     if not one_d:
-        for t in MaxNLocator(4).tick_values(ylo, yhi):
-            if ylo <= t <= yhi:
-                v = by + (t - ylo) * sy
-                ax.plot([bx, bx - 0.04], [v, v], color="#495057", lw=0.6)
-                ax.text(bx - 0.06, v, f"{t:g}", ha="right", va="center", fontsize=6)
         ax.text(bx - 0.34, by + 0.5, rows[0]["y"], ha="center", va="center", rotation=90, fontsize=7.5)
     return fig
+
+
+def _panel_ticks(ax: Axes, x0: float, y0: float, xlim: tuple[float, float] | None,
+                 ylim: tuple[float, float] | None, nbins: int = 4) -> None:  # fmt: skip
+    """Tick values of the panel at (x0, y0) (a unit square) for the axes given (``None``: none)."""
+    from matplotlib.ticker import MaxNLocator
+
+    for lim, horizontal in ((xlim, True), (ylim, False)):
+        if lim is None:
+            continue
+        lo, hi = lim
+        for t in MaxNLocator(nbins).tick_values(lo, hi):
+            if lo <= t <= hi:
+                w = (t - lo) / (hi - lo)
+                if horizontal:
+                    ax.plot([x0 + w, x0 + w], [y0, y0 - 0.04], color="#495057", lw=0.6)
+                    ax.text(x0 + w, y0 - 0.06, f"{t:g}", ha="center", va="top", fontsize=6)
+                else:
+                    ax.plot([x0, x0 - 0.04], [y0 + w, y0 + w], color="#495057", lw=0.6)
+                    ax.text(x0 - 0.06, y0 + w, f"{t:g}", ha="right", va="center", fontsize=6)
 
 
 def _clip_polyline(points: np.ndarray) -> list[np.ndarray]:

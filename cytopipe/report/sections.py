@@ -458,8 +458,11 @@ def gate_gallery(b: Builder) -> H.Section:
                 if len(pr) > len(ids)
                 else ""
             )
+            own = [a for a, o in zip(("x", "y"), F.own_axes(recs)) if o]
+            apart = (f" The samples' ranges on {' and '.join(own)} differ too much to share axes (e.g. other "
+                     "instruments): each panel has its own, with its tick values." if own else "")  # fmt: skip
             caption = (f"{pop}: {axes} ({scale}) of the {first['parent']} events.{cond} "
-                       f"{n_flag} flagged, {n_out} outlying.{more}")  # fmt: skip
+                       f"{n_flag} flagged, {n_out} outlying.{more}{apart}")  # fmt: skip
             s.add(b.gallery_figure((recs, [mark[i] for i in ids], labels), f"gate-{_slug(pop)}-{panel}",
                                    f"Gate review: {pop} ({axes})", caption))  # fmt: skip
             every = [i for i in f["sample_id"] if i in pr.index and i not in set(ids) and pr.loc[i, "x"]]
