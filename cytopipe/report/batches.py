@@ -165,6 +165,7 @@ def levey_jennings_figure(track: pd.DataFrame, populations: Sequence[str], ncols
     3 SD ringed in red; marker shape = site. Samples without a frequency (the population not
     measured in them) have no point; a population with none has no panel."""
     from matplotlib.collections import LineCollection
+    from matplotlib.ticker import MaxNLocator
 
     from cytopipe.report.figures import _panel_grid
 
@@ -192,8 +193,9 @@ def levey_jennings_figure(track: pd.DataFrame, populations: Sequence[str], ncols
         for name in [*sites, "None"]:
             sel = site == name
             if sel.any():
-                ax.scatter(x[sel], y[sel], s=10, marker=markers.get(name, "."), color="#495057", edgecolor="none",
-                           zorder=3)  # fmt: skip
+                # no site: a point as large as the sites' shapes (was a 1-pixel '.'), another shape than theirs
+                ax.scatter(x[sel], y[sel], s=10, marker=markers.get(name, "<" if sites else "o"), color="#495057",
+                           edgecolor="none", zorder=3)  # fmt: skip
         out = d["z"].abs().to_numpy(float) > 3
         if out.any():
             ax.scatter(x[out], y[out], s=30, facecolor="none", edgecolor="#e03131", lw=0.9, zorder=4)
@@ -208,6 +210,7 @@ def levey_jennings_figure(track: pd.DataFrame, populations: Sequence[str], ncols
         ax.set_ylim(max(lo - pad, 0.0), min(hi + pad, 100.0))
         parent = str(d["parent"].iloc[0]) if "parent" in d.columns else ""
         ax.set_title(f"{pop} · % of {parent if parent and parent != 'root' else 'events'}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # sample positions: never 0.02
         if i >= len(populations) - ncols:
             ax.set_xlabel("samples in acquisition order")
         else:
@@ -261,8 +264,8 @@ def section(b: Any) -> Any:
         text = f"Not charted, no frequency in any sample (e.g. not measured): {', '.join(left_out)}."
         s.add(H.paragraph(text, "note"))
     s.add(b.figure(levey_jennings_figure(track, pops), "levey-jennings", "Levey-Jennings charts per population",
-                   "Each point is one sample's frequency, in acquisition order, its shape the site; red rings: "
-                   "beyond 3 SD."))  # fmt: skip
+                   "Each point is one sample's frequency, in acquisition order, "
+                   + ("its shape the site" if n_sites else "(no site recorded)") + "; red rings: beyond 3 SD."))  # fmt: skip
     batch = group_medians(track, "batch")
     site = group_medians(track, "site")
     shifted = pd.concat(

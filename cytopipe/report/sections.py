@@ -166,7 +166,7 @@ def overview(b: Builder) -> H.Section:
         ("samples gated", str(ps["sample_id"].nunique())),
         ("patients", str(ps["patient_id"].nunique())),
         ("arms", str(len(d.arms))),
-        ("visits (weeks)", ", ".join(str(int(v)) for v in sorted(ps["visit"].dropna().unique()))),
+        _visits_kpi(ps["visit"]),
         ("populations", str(ps["population"].nunique())),
     ]
     if samples is not None:
@@ -201,6 +201,16 @@ def overview(b: Builder) -> H.Section:
         "arm, the clinical endpoints, the correlations between immune and clinical changes, and the "
         "mixed-model estimates. Every table is also a CSV file next to this report."))  # fmt: skip
     return s
+
+
+def _visits_kpi(visit: pd.Series) -> tuple[str, str]:
+    """(label, value) of the visits: their number, the weeks named in the label (a study of one
+    visit at week 0 showed a bare "0" over "visits (weeks)", read as no visits at all)."""
+    weeks = [str(int(v)) for v in sorted(visit.dropna().unique())]
+    label = f"visit{'s' if len(weeks) != 1 else ''}" + (
+        f" (week{'s' if len(weeks) > 1 else ''} {', '.join(weeks)})" if weeks else ""
+    )
+    return label, str(len(weeks))
 
 
 def _not_measured_note(b: Builder, s: H.Section) -> None:

@@ -1,0 +1,58 @@
+"""The report of the smallest study: one patient, one visit, one sample, no site recorded.
+
+Found by looking at such a report: the overview showed a bare "0" over "visits (weeks)" (the only
+week, read as "no visits"), the Levey-Jennings charts numbered their one sample's position
+-0.04, -0.02, 0, 0.02, 0.04, and samples without a site were 1-pixel dots.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+
+from tests.report_support import build_gated_run
+
+
+@pytest.fixture(scope="module")
+def one_sample(sample_data, tmp_path_factory):
+    from cytopipe.report import write_report
+
+    trial = tmp_path_factory.mktemp("one-sample")
+    manifest = pd.read_csv(sample_data / "manifest.csv", dtype=str, keep_default_na=False)
+    rows = manifest[manifest["sample_id"] == "P001_W00"].copy()
+    rows["file"] = [str(sample_data / f) for f in rows["file"]]
+    rows["site"] = ""  # no site recorded; the batch is
+    rows.to_csv(trial / "manifest.csv", index=False)
+    run = build_gated_run(trial, trial / "run")
+    return run, write_report(run).read_text(encoding="utf-8")
+
+
+def test_the_overview_counts_one_visit_and_names_its_week(one_sample):
+    _, html = one_sample
+    kpis = dict((k, v) for v, k in re.findall(r'<div class="kpi"><b>([^<]*)</b><span>([^<]*)</span>', html))
+    assert kpis["visit (week 0)"] == "1"
+    assert kpis["patients"] == "1" and kpis["samples gated"] == "1"
+    assert not any(k.startswith("visits") for k in kpis)
+
+
+def test_levey_jennings_axes_number_samples_and_show_siteless_points(one_sample):
+    from cytopipe.report.batches import levey_jennings_figure, tracking_table
+    from cytopipe.report.data import load_run
+
+    run, html = one_sample
+    assert '<section id="batches">' in html and "(no site recorded)" in html
+    data = load_run(run)
+    track = tracking_table(data.population_stats, data.samples)
+    fig = levey_jennings_figure(track, data.measured_populations)
+    fig.canvas.draw()
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(shown) == 17
+    for ax in shown:
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks  # sample positions: 0, never 0.02
+        points = [c for c in ax.collections if len(c.get_offsets()) and c.get_facecolor().size]
+        extent = points[0].get_paths()[0].get_extents()
+        assert extent.width >= 1.0  # a full-size marker, not matplotlib's '.' (half its size)
