@@ -84,19 +84,46 @@ def render(fig: Figure, name: str, alt: str) -> Rendered:
     from matplotlib.text import Text
 
     FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Title": name, "Software": "cytopipe report (matplotlib)"},
-                pil_kwargs={"compress_level": 3})  # fmt: skip
+    for attempt in range(4):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=DPI, metadata={"Title": name, "Software": "cytopipe report (matplotlib)"},
+                    pil_kwargs={"compress_level": 3})  # fmt: skip
+        overlaps = text_overlaps(fig)
+        # a text cut off at the figure's edge (a colour bar's label longer than a heatmap of 3 rows, a
+        # title wider than a heatmap of 3 columns): a laid-out figure grows until it fits
+        if attempt == 3 or fig.get_layout_engine() is None or not _grow_to_fit(fig):
+            break
     # after the draw every text the figure shows exists (tick labels are made while drawing)
     shown = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
     texts = list(dict.fromkeys(t.get_text() for t in shown))
-    overlaps = text_overlaps(fig)
     png = _add_png_text(buf.getvalue(), "Description", "\n".join([alt, *texts]))
     png = _add_png_text(png, "Layout", "overlapping texts: " + ("; ".join(overlaps) if overlaps else "none"))
     width, height = (int(round(v)) for v in fig.get_size_inches() * DPI)
     fig.clear()
     uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     return Rendered(name=name, uri=uri, width=width, height=height, alt=alt, texts=texts, overlaps=overlaps)
+
+
+def _grow_to_fit(fig: Figure) -> bool:
+    """Enlarge a drawn figure by as much as its texts reach outside it (and a little more);
+    ``False`` when every text is inside."""
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.bbox.width, fig.bbox.height
+    over_x = over_y = 0.0
+    for t in drawn_texts(fig):
+        if not (t.get_visible() and t.get_text().strip()):
+            continue
+        bb = t.get_window_extent(renderer)
+        if not np.isfinite([bb.x0, bb.y0, bb.x1, bb.y1]).all():
+            continue
+        over_x = max(over_x, -bb.x0, bb.x1 - width)
+        over_y = max(over_y, -bb.y0, bb.y1 - height)
+    if over_x <= 1.0 and over_y <= 1.0:
+        return False
+    w, h = fig.get_size_inches()
+    grow = lambda over: 2.2 * over / fig.dpi + 0.1 if over > 1.0 else 0.0  # noqa: E731
+    fig.set_size_inches(w + grow(over_x), h + grow(over_y))
+    return True
 
 
 def drawn_texts(fig: Figure) -> list[Any]:
