@@ -56,3 +56,22 @@ def test_levey_jennings_axes_number_samples_and_show_siteless_points(one_sample)
         points = [c for c in ax.collections if len(c.get_offsets()) and c.get_facecolor().size]
         extent = points[0].get_paths()[0].get_extents()
         assert extent.width >= 1.0  # a full-size marker, not matplotlib's '.' (half its size)
+
+
+def test_correlations_of_too_few_patients_say_why_instead_of_an_empty_heatmap(tmp_path):
+    """Four patients: no Spearman correlation can be computed. The section drew an all-grey heatmap
+    and a table of headers only, without a word why."""
+    from cytopipe.report import write_report
+    from tests.report_support import build_cohort_run
+
+    run, _ = build_cohort_run(tmp_path / "four", n_patients=4)
+    html = write_report(run).read_text(encoding="utf-8")
+    section = re.search(r'<section id="correlations">(.*?)</section>', html, re.S).group(1)
+    assert "<img" not in section and "<table" not in section
+    note = re.search(
+        r'<p class="note">(No correlation could be computed[^<]*)<a href="([^"]+)">CSV</a>', section
+    )
+    assert note and "complete pairs" in note.group(1)
+    table = pd.read_csv(run / note.group(2))
+    assert len(table) > 0 and table["estimate"].isna().all()
+    assert table["note"].str.contains("complete pairs").all()

@@ -633,10 +633,18 @@ def correlations(b: Builder) -> H.Section:
         "visit; red = both rise together, blue = one rises as the other falls. The numbers are "
         "Benjamini-Hochberg q-values across the whole grid; outlined cells have q < 0.05. Pooling arms mixes "
         "the treatment effect with within-arm association (see docs/statistics.md)."))  # fmt: skip
+    ok = corr[np.isfinite(corr["p"].astype(float))].sort_values(["p", "population"], kind="stable")
+    if ok.empty:  # an all-grey heatmap and a table of headers only said nothing (e.g. 2 patients)
+        why = corr["note"].dropna().astype(str).value_counts() if "note" in corr.columns else pd.Series()
+        reason = f" (most often: {why.index[0]})" if len(why) and why.index[0] else ""
+        text = (f"No correlation could be computed in this run{reason}: too few patients with both changes at "
+                "a visit. Each pair and why it was left out: ")  # fmt: skip
+        href = b.csv(corr, "correlations")
+        s.add(f'<p class="note">{H.esc(text)}<a href="{H.esc(href)}">CSV</a></p>')
+        return s
     s.add(b.figure(F.correlation_heatmap(corr, d.populations), "correlation-heatmap",
                    "Spearman correlation heatmap of subset change vs clinical change",
                    "Spearman rho (colour) and BH q-value (number) of each subset's change vs each clinical change."))  # fmt: skip
-    ok = corr[np.isfinite(corr["p"].astype(float))].sort_values(["p", "population"], kind="stable")
     pairs = []
     dyn = b.dynamics
     if dyn is not None and len(ok):
