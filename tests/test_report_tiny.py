@@ -25,6 +25,8 @@ def one_sample(sample_data, tmp_path_factory):
     rows["file"] = [str(sample_data / f) for f in rows["file"]]
     rows["site"] = ""  # no site recorded; the batch is
     rows.to_csv(trial / "manifest.csv", index=False)
+    clinical = pd.read_csv(sample_data / "clinical.csv", dtype={"patient_id": str})
+    clinical[clinical["patient_id"] == "P001"].to_csv(trial / "clinical.csv", index=False)  # every visit
     run = build_gated_run(trial, trial / "run")
     return run, write_report(run).read_text(encoding="utf-8")
 
@@ -75,3 +77,13 @@ def test_correlations_of_too_few_patients_say_why_instead_of_an_empty_heatmap(tm
     table = pd.read_csv(run / note.group(2))
     assert len(table) > 0 and table["estimate"].isna().all()
     assert table["note"].str.contains("complete pairs").all()
+
+
+def test_correlations_of_a_one_visit_study_do_not_ask_for_the_clinical_table(one_sample):
+    """The run has a clinical table; with one visit there is no change from baseline to correlate.
+    The section said 'they need the clinical table'."""
+    _, html = one_sample
+    assert '<section id="clinical">' in html and "Clinical table not used" not in html
+    section = re.search(r'<section id="correlations">(.*?)</section>', html, re.S).group(1)
+    assert "No correlations: they correlate changes from baseline, and the flow data have 1 visit." in section
+    assert "need the clinical table" not in section

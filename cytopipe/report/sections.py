@@ -625,7 +625,11 @@ def correlations(b: Builder) -> H.Section:
     s = H.Section("correlations", "Correlations with clinical change (secondary endpoints)")
     corr = _family(d, "correlation")
     if corr.empty or d.endpoints is None:
-        s.add(H.paragraph("No correlations: they need the clinical table.", "note"))
+        visits = d.population_stats["visit"].dropna().nunique()
+        why = ("they need the clinical table" if d.endpoints is None else
+               f"they correlate changes from baseline, and the flow data have {visits} visit{'s' if visits != 1 else ''}"
+               if visits < 2 else "no population and clinical item has changes from baseline at a common visit")  # fmt: skip
+        s.add(H.paragraph(f"No correlations: {why}.", "note"))
         return s
     s.add(H.paragraph(
         "Does a population's change from baseline go with the change of a clinical measure at the same "
