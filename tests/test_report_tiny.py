@@ -87,3 +87,13 @@ def test_correlations_of_a_one_visit_study_do_not_ask_for_the_clinical_table(one
     section = re.search(r'<section id="correlations">(.*?)</section>', html, re.S).group(1)
     assert "No correlations: they correlate changes from baseline, and the flow data have 1 visit." in section
     assert "need the clinical table" not in section
+
+
+def test_a_baseline_only_study_draws_no_change_figure_of_zeros(one_sample):
+    """One visit, the baseline: the change figure was 17 panels of a single 0 on a -0.1..0.1 axis."""
+    _, html = one_sample
+    section = re.search(r'<section id="dynamics">(.*?)</section>', html, re.S).group(1)
+    assert 'id="fig-dynamics"' in section and 'id="fig-dynamics-change"' not in section
+    assert (
+        "No change from baseline to show: no sample of a later visit than week 0 (the baseline)." in section
+    )

@@ -538,11 +538,16 @@ def dynamics(b: Builder) -> H.Section:
         F.dynamics_figure(ps, summary, pops, d.arms, b.colors, show_sample_ci=False),
         "dynamics", "Population frequencies over visits by arm",
         "Frequencies over visits: patients' trajectories and the arm means (95% CI), arms dodged."))  # fmt: skip
-    s.add(b.figure(
-        F.change_figure(summary, pops, d.arms, b.colors, d.baseline_visit),
-        "dynamics-change", "Mean change from baseline by arm",
-        f"Mean change from week {d.baseline_visit} in percentage points (pp) with 95% CI, per arm and visit: "
-        f"what the mixed model compares between each arm and {b.reference}."))  # fmt: skip
+    later = summary["visit"].dropna().ne(d.baseline_visit).any() and summary["mean_change"].notna().any()
+    if later:
+        s.add(b.figure(
+            F.change_figure(summary, pops, d.arms, b.colors, d.baseline_visit),
+            "dynamics-change", "Mean change from baseline by arm",
+            f"Mean change from week {d.baseline_visit} in percentage points (pp) with 95% CI, per arm and visit: "
+            f"what the mixed model compares between each arm and {b.reference}."))  # fmt: skip
+    else:  # only the baseline itself: a figure of zeros would say nothing
+        s.add(H.paragraph(f"No change from baseline to show: no sample of a later visit than week "
+                          f"{d.baseline_visit} (the baseline).", "note"))  # fmt: skip
     cols = ["population", "parent", "arm", "visit", "n", "mean", "ci_low", "ci_high", "mean_change",
             "change_ci_low", "change_ci_high", "median", "median_log2fc"]  # fmt: skip
     table = summary[cols]
