@@ -163,6 +163,58 @@ def test_unblind_needs_the_key_and_is_logged(blinded_run, sim_trial, sim_run, tm
     pd.testing.assert_frame_equal(pd.read_parquet(run / "population_stats.parquet"),
                                   pd.read_parquet(sim_run / "population_stats.parquet"))  # fmt: skip
     a, b = pd.read_parquet(run / "statistics.parquet"), pd.read_parquet(sim_run / "statistics.parquet")
-    assert list(a["comparison"].fillna("")) == list(b["comparison"].fillna(""))
+
+    # the same tests and numbers; a blinded folder lists each test's rows, and the arms in a
+    # text, in code order (dose order told the codes' doses), and unblinding keeps that order
+    def rows(t: pd.DataFrame) -> list[str]:
+        keep = [c for c in t.columns if pd.api.types.is_numeric_dtype(t[c])]
+        keep += [
+            c for c in ("family", "population", "measure", "scale", "visit", "comparison") if c in t.columns
+        ]
+        t = t[keep].astype(object).where(t[keep].notna(), "").astype(str)
+        return sorted(t.agg("|".join, axis=1))
+
+    assert rows(a) == rows(b)
     with pytest.raises(ReportError, match="not blinded"):
         unblind_run(run, sim_trial / "manifest.csv")
+
+
+def test_a_blinded_folder_lists_its_tests_in_code_order(sim_run, sim_trial, tmp_path):
+    """statistics.parquet is computed in dose order ('0.2 MIU vs placebo', '0.5 MIU vs placebo',
+    ...). Coded in place, as `cytopipe report --blinded` and a blinded run write it, that order told
+    each code's dose (the report and its CSVs were already in code order). Codes given here in
+    reverse dose order: every test's coded rows, and every list of codes, must come in code order,
+    after blinding the folder and after a rerun that writes the statistics blinded."""
+    from cytopipe.pipeline import run_workflow
+    from cytopipe.report import write_report
+    from tests.pipeline_support import workflow
+
+    orig = pd.read_parquet(sim_run / "statistics.parquet")
+    names = set(pd.read_parquet(sim_run / "population_stats.parquet")["arm"].dropna())
+    pairs = [c.split(" vs ") for c in orig["comparison"].dropna() if " vs " in c]
+    pairs = [pair for pair in pairs if set(pair) <= names]  # not 'responders vs non-responders'
+
+    arms = list(dict.fromkeys(a for a, _ in pairs)) + [pairs[0][1]]  # dose order, reference last
+    assert len(arms) == 4
+    key = {a: f"Arm {'DCBA'[i]}" for i, a in enumerate(arms)}
+    run = tmp_path / "run"
+    shutil.copytree(sim_run, run)
+
+    def in_code_order(table: pd.DataFrame) -> None:
+        keys = [c for c in ("family", "population", "parent", "measure", "scale", "visit", "window", "endpoint",
+                            "subgroup") if c in table.columns]  # fmt: skip
+        coded = table[table["comparison"].fillna("").str.match(r"Arm [A-D] vs ")]
+        assert len(coded) > 10
+        for _, rows in coded.groupby(keys, sort=False, dropna=False):
+            assert rows["comparison"].tolist() == sorted(rows["comparison"])
+        for column in table.columns:
+            for text in table[column].dropna().astype(str):
+                for m in re.finditer(r"Arm [A-D](?:=\d+)?'?(?:, '?Arm [A-D](?:=\d+)?'?)+", text):
+                    found = re.findall(r"Arm ([A-D])", m.group(0))
+                    assert found == sorted(found), (column, text)
+
+    write_report(run, blinded=True, blind_key=key)
+    in_code_order(pd.read_parquet(run / "statistics.parquet"))
+    result = run_workflow(workflow(sim_trial, run), scheduler="synchronous", progress=False)
+    assert result.exit_code == 0, result.summary()
+    in_code_order(pd.read_parquet(run / "statistics.parquet"))

@@ -297,7 +297,7 @@ def _blinded_outputs(
 ) -> tuple[Mapping[str, pd.DataFrame], Callable[[dict[str, Any]], dict[str, Any]]]:
     """The tables and a run.json maker as they are written: arm names coded when the run folder is
     blinded (or the workflow blinds it now; docs/reports.md). ``ctx.blinding`` = (codes, record)."""
-    from cytopipe.report.blinding import blind_frame, blinded_info, resolve_blinding
+    from cytopipe.report.blinding import blind_frame, blinded_info, hide_arm_order, resolve_blinding
     from cytopipe.store import run_secret
 
     arms: list[str] = []
@@ -323,6 +323,8 @@ def _blinded_outputs(
         return ctx.tables, lambda i: i
     codes, record = ctx.blinding
     tables = {name: blind_frame(df, codes) for name, df in ctx.tables.items()}
+    # tests computed in dose order: coded as they are, their row order told each code's dose
+    tables = {n: hide_arm_order(df, codes) if "comparison" in df.columns else df for n, df in tables.items()}
     return tables, lambda i: blinded_info(i, codes, record)
 
 

@@ -323,6 +323,8 @@ def recode_folder(
         if path.suffix == ".parquet":
             df = pd.read_parquet(path)
             new = swap(df, codes)
+            if not unblind and "comparison" in new.columns:  # tests computed in dose order
+                new = hide_arm_order(new, codes)
             if len(rel.parts) == 1 and path.stem in TABLES:
                 tables[path.stem] = new
             if _frame_changed(df, new):
