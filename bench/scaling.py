@@ -209,7 +209,16 @@ def main() -> None:
     # memory, on fresh workers: RSS when warm and idle, then the peak while processing the files
     ex = DaskExecutor(workers=2)
     try:
-        list(ex.map(gate_task, [warm] * 2, state, "warmup", False))
+        # every worker warm (imports, numba, its task thread's allocator arena): two mapped tasks
+        # could both land on one worker, and the other's peak then counted its imports (16x the
+        # matrix in one run of 2026-12-06); warming with client.run instead runs outside the task
+        # thread, whose own arena then still grows (3.3-3.7x), so: tasks until each worker ran one
+        pids = set(ex.client.run(os.getpid).values())
+        for _ in range(10):
+            done = {r["pid"] for _, r in ex.map(gate_task, [warm] * 2, state, "warmup", False)}
+            pids -= done
+            if not pids:
+                break
         idle = ex.client.run(rss_mb)
         mem = dict(ex.map(gate_task_rss, jobs, state, "memory", False))
     finally:
