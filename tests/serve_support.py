@@ -5,6 +5,7 @@ a fresh database (SQLite in its data folder, or a new database on the PostgreSQL
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import socket
@@ -197,3 +198,22 @@ def serve_reference(serve_trial, tmp_path_factory) -> Path:
 @pytest.fixture(params=BACKENDS, scope="module")
 def backend(request) -> str:
     return request.param
+
+
+def signed_in(browser, server, user: str, errors: list | None = None, console: bool = True):
+    """A fresh browser context signed in as ``user`` through the sign-in page: (context, page);
+    ``errors`` collects the pages' script errors (and, with ``console``, console errors) from the
+    start."""
+    context = browser.new_context(viewport={"width": 1500, "height": 1100})
+    page = context.new_page()
+    if errors is not None:
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        if console:
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.set_default_timeout(60_000)
+    page.goto(server.url + "/login")
+    page.fill("input[name=name]", user)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("#sign-in")
+    page.wait_for_url(re.compile(r".*/studies$"))
+    return context, page

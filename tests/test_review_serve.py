@@ -35,7 +35,15 @@ import pytest
 
 from tests import serve_support, test_report_browser
 from tests.pipeline_support import REPO, cli
-from tests.serve_support import PASSWORD, STUDY, Server, fresh_database, trial_files, trial_manifest
+from tests.serve_support import (
+    PASSWORD,
+    STUDY,
+    Server,
+    fresh_database,
+    signed_in,
+    trial_files,
+    trial_manifest,
+)
 
 backend = serve_support.backend
 browser = test_report_browser.browser  # the one Chromium fixture (module scope)
@@ -103,23 +111,6 @@ def _changed(a: pd.DataFrame, b: pd.DataFrame) -> set[tuple[str, str]]:
     return set(map(tuple, x.loc[~same, KEY].to_numpy()))
 
 
-def _signed_in(browser, server: Server, user: str, errors: list | None = None):
-    """A fresh browser context signed in as ``user`` through the sign-in page: (context, page);
-    ``errors`` collects the pages' script errors and console errors from the start."""
-    context = browser.new_context(viewport={"width": 1500, "height": 1100})
-    page = context.new_page()
-    if errors is not None:
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-    page.set_default_timeout(60_000)
-    page.goto(server.url + "/login")
-    page.fill("input[name=name]", user)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("#sign-in")
-    page.wait_for_url(re.compile(r".*/studies$"))
-    return context, page
-
-
 def test_roles_viewer_and_analyst(server, finished):
     run_id, out = finished
     c = server.client("rita")
@@ -181,7 +172,7 @@ def test_review_in_the_browser(browser, server, finished, backend):
     assert rank == sorted(rank)  # flagged, then outlying, then the rest
 
     errors = []
-    context, page = _signed_in(browser, server, "rita", errors)
+    context, page = signed_in(browser, server, "rita", errors)
     page.goto(server.url + f"/runs/{run_id}/review?population=Treg")
 
     # 1. the queue, flagged and outlying first, the first sample's gate over its parent's density
@@ -503,7 +494,7 @@ def test_a_sample_clicked_while_another_loads_is_the_one_shown(browser, server, 
     queue = server.client("rita").get(f"/api/runs/{run_id}/review?population=Treg").json()["items"]
     first = queue[0]
     clicked = next(i for i in queue if i["patient_id"] != first["patient_id"])
-    context, page = _signed_in(browser, server, "rita")
+    context, page = signed_in(browser, server, "rita")
     held = []
 
     def hold_the_first(route):

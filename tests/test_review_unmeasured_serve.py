@@ -13,7 +13,6 @@ unflagged gate (or every gate of the run) leaves them out.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +20,15 @@ import pytest
 
 from tests import serve_support, test_report_browser
 from tests.pipeline_support import cli
-from tests.serve_support import PASSWORD, STUDY, Server, fresh_database, trial_files, trial_manifest
+from tests.serve_support import (
+    PASSWORD,
+    STUDY,
+    Server,
+    fresh_database,
+    signed_in,
+    trial_files,
+    trial_manifest,
+)
 
 backend = serve_support.backend
 browser = test_report_browser.browser
@@ -154,16 +161,8 @@ def test_the_review_page_says_not_measured(browser, server, run, backend):
     if backend != "sqlite":
         pytest.skip("a browser check: it runs once (on SQLite)")
     run_id, sample, other = run
-    context = browser.new_context(viewport={"width": 1500, "height": 1100})
-    page = context.new_page()
     errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.set_default_timeout(60_000)
-    page.goto(server.url + "/login")
-    page.fill("input[name=name]", "rita")
-    page.fill("input[name=password]", PASSWORD)
-    page.click("#sign-in")
-    page.wait_for_url(re.compile(r".*/studies$"))
+    context, page = signed_in(browser, server, "rita", errors, console=False)
     page.goto(server.url + f"/runs/{run_id}/review?population=cTfh")
     row = page.locator(f'#queue tbody tr[data-sample="{sample}"]')
     expect(row).to_contain_text("not measured")

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests import serve_support, test_report_browser
-from tests.serve_support import PASSWORD, STUDY, Server, fresh_database, trial_manifest
+from tests.serve_support import PASSWORD, STUDY, Server, fresh_database, signed_in, trial_manifest
 
 backend = serve_support.backend
 browser = test_report_browser.browser
@@ -148,16 +148,8 @@ def test_the_new_run_form_offers_the_choice(browser, server, study, backend):
     expect = pytest.importorskip("playwright.sync_api").expect
     if backend != "sqlite":
         pytest.skip("a browser check: it runs once (on SQLite)")
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
     errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.set_default_timeout(60_000)
-    page.goto(server.url + "/login")
-    page.fill("input[name=name]", "admin")
-    page.fill("input[name=password]", PASSWORD)
-    page.click("#sign-in")
-    page.wait_for_url(re.compile(r".*/studies$"))
+    context, page = signed_in(browser, server, "admin", errors, console=False)
     page.goto(server.url + f"/studies/{study}#runs")
     choice = page.locator("#missing-markers")
     expect(choice).to_have_value("stop")  # the CLI's default

@@ -432,25 +432,6 @@ def responder_tests(
         val = g[outcome].to_numpy(dtype=float)
         arm = g["arm"].to_numpy()
         for sub, members in subgroups:
-            if sub == "active" and no_ref:
-                rows.append(
-                    row(
-                        family="responder_change",
-                        measure=measure,
-                        scale=outcome,
-                        population=pop,
-                        parent=parents[pop],
-                        visit=int(visit),
-                        endpoint=ep_label,
-                        subgroup=sub,
-                        comparison="responders vs non-responders",
-                        method="Mann-Whitney U",
-                        note=f"subgroup 'active' (the arms other than the reference) undefined: {no_ref}",
-                    )
-                )
-                continue
-            m = np.isin(arm, members) & np.isfinite(val)
-            x, y = val[m & resp], val[m & ~resp]
             common = dict(
                 family="responder_change",
                 measure=measure,
@@ -461,6 +442,14 @@ def responder_tests(
                 endpoint=ep_label,
                 subgroup=sub,
                 comparison="responders vs non-responders",
+            )
+            if sub == "active" and no_ref:
+                note = f"subgroup 'active' (the arms other than the reference) undefined: {no_ref}"
+                rows.append(row(**common, method="Mann-Whitney U", note=note))
+                continue
+            m = np.isin(arm, members) & np.isfinite(val)
+            x, y = val[m & resp], val[m & ~resp]
+            common.update(
                 effect_label=label,
                 n=len(x) + len(y),
                 n_detail=_n_detail({"responders": len(x), "non-responders": len(y)}),
