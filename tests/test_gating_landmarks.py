@@ -5,6 +5,8 @@
   Gaussian-mixture reference computed here; the populations whose markers the panel lacks are
   "not measured" instead of failing the sample.
 * FlowKit 100715.fcs (FACSAria, float data): Singlets and Live are fitted, not fallen back.
+* cytometree HIPC Lyoplate T cells (FlowCAP-III, Stanford manual labels): CD4 T, CD8 T and
+  Memory CD4 match the manual gating (F1 >= 0.97), the same on any linear scale of the values.
 * Lone-sample fits are not thrown away for lying far from a typed default; a gmm gate outside its
   own fraction bound is flagged; a `reference` threshold records which population set it.
 """
@@ -210,3 +212,55 @@ def test_auto_threshold_stays_below_a_dim_population_beside_a_wide_negative():
     print(f"threshold {pop.gate.lower[0]:.2f}, {pop.pct_parent:.2f} % (truth {truth:.2f} %)")
     assert 2.3 < pop.gate.lower[0] < 2.9  # between the negative and CD56dim
     assert pop.pct_parent == pytest.approx(truth, abs=1.0)
+
+
+def test_hipc_lyoplate_t_cells_against_stanford_manual_labels():
+    """cytometree's HIPC Lyoplate T-cell table (FlowCAP-III patient 1369: 33,992 CD3+ T cells,
+    already compensated and transformed to a 0-4096 scale, manually gated at Stanford). Label
+    meanings from the per-label medians (CATALOG.md): 1-5 CD8+, 6-10 CD4+; 8 and 9 the CCR7+/-
+    CD45RA- memory cells, 6/7 CD45RA+, 10 activated (HLA-DR+ CD38+, either CD45RA side).
+    The canonical template's CD4 T, CD8 T and Memory CD4 gates, unchanged but rooted at the T
+    cells the table already is, reproduce the manual gating; and, being relative to the data's
+    own landmarks, give the same events on any linear scale of the values."""
+    import dataclasses
+
+    import pandas as pd
+
+    from cytopipe.gating import Engine
+    from cytopipe.gating.template import ROOT, Template
+
+    table = pd.read_csv(shared_path("cytometree", "_derived", "HIPC.csv"))
+    canonical = load_template(TEMPLATE)
+    pops = {n: dataclasses.replace(canonical[n], parent=ROOT if canonical[n].parent == "T cells" else
+                                   canonical[n].parent, path="") for n in ("CD4 T", "CD8 T", "Memory CD4")}  # fmt: skip
+    template = Template("hipc", pops, compensation="none")
+    markers = ["CCR7", "CD4", "CD45RA", "HLADR", "CD38", "CD8"]
+    channels = pd.DataFrame({"pnn": markers, "pns": markers, "pnr": [4096] * len(markers)})
+    label = table["label"].to_numpy()
+
+    def f1(mask, truth):
+        return 2 * np.sum(mask & truth) / (mask.sum() + truth.sum())
+
+    masks = {}
+    for scale in (1.0, 1e-3):  # as stored, and as if an instrument wrote 1000x smaller numbers
+        events = table[markers].to_numpy(np.float32) * np.float32(scale)
+        result = Engine(events, channels, template).run(medians=False)
+        masks[scale] = {n: result.mask(n) for n in pops}
+        for n in pops:
+            assert result.populations[n].source == "fitted" and not result.populations[n].flags, n
+    for n in pops:
+        assert np.array_equal(masks[1.0][n], masks[1e-3][n]), n
+    m = masks[1.0]
+    cd4, cd8 = np.isin(label, [6, 7, 8, 9, 10]), np.isin(label, [1, 2, 3, 4, 5])
+    resting_cd4, memory = np.isin(label, [6, 7, 8, 9]), np.isin(label, [8, 9])
+    scores = {"CD4 T": f1(m["CD4 T"], cd4), "CD8 T": f1(m["CD8 T"], cd8),
+              "Memory CD4": f1(m["Memory CD4"] & resting_cd4, memory)}  # fmt: skip
+    pct_memory = 100 * m["Memory CD4"].sum() / m["CD4 T"].sum()
+    ref_memory = 100 * memory.sum() / resting_cd4.sum()
+    print(f"\nHIPC 1369 vs Stanford labels: F1 { {k: round(float(v), 3) for k, v in scores.items()} }; "
+          f"CD4 T {100 * m['CD4 T'].mean():.1f} % (manual {100 * cd4.mean():.1f}), CD8 T {100 * m['CD8 T'].mean():.1f} % "
+          f"(manual {100 * cd8.mean():.1f}), memory {pct_memory:.1f} % of CD4 T (manual {ref_memory:.1f})")  # fmt: skip
+    assert min(scores.values()) >= 0.97, scores
+    assert abs(100 * m["CD4 T"].mean() - 100 * cd4.mean()) <= 2
+    assert abs(100 * m["CD8 T"].mean() - 100 * cd8.mean()) <= 2
+    assert abs(pct_memory - ref_memory) <= 3
