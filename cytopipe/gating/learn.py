@@ -33,9 +33,12 @@ sample is never dropped. The gate source is ``learned``.
     learner = Learner(template, examples, {"P001_W00": sample_a, ...})   # the example samples
     result = learner.gate(target_sample, sample_id="P002_W00")          # a GatingResult
 
-Why one module (~870 lines): the alignment (warps, quality), the examples files (read, write, the
-FlowJo / Gating-ML mapping) and the learner are one feature that no other module calls into piece
-by piece; the examples I/O is the natural split if it grows.
+The 1-D alignment itself (warps, their quality, moving a gate through them) is
+:mod:`cytopipe.gating.align`.
+
+Why one module (~650 lines): the examples files (read, write, the FlowJo / Gating-ML mapping) and
+the learner are one feature that no other module calls into piece by piece; the examples I/O is
+the natural split if it grows.
 """
 
 from __future__ import annotations
@@ -51,10 +54,11 @@ from typing import Any
 import numpy as np
 
 from cytopipe.errors import GatingError, TemplateError
+from cytopipe.gating.align import IDENTITY, landmark_warp, overlap, warp_gate
 from cytopipe.gating.engine import Engine, GatingResult
-from cytopipe.gating.fitters import DataDrivenGate, FitFailure
+from cytopipe.gating.fitters import DataDrivenGate
 from cytopipe.gating.gates import BooleanGate, Dim, EllipsoidGate, Gate, PolygonGate, RectangleGate
-from cytopipe.gating.landmarks import AllOfGate, DiagonalGate, find_landmarks
+from cytopipe.gating.landmarks import AllOfGate, DiagonalGate
 from cytopipe.gating.template import ROOT, Population, Template
 
 log = logging.getLogger(__name__)
@@ -77,243 +81,6 @@ QUALITY_BAND = 0.05
 MIN_PARENT_EVENTS = 50  # fewer parent events than this: no density to align, the gate is copied
 ALIGN_EVENTS = 1000  # a parent smaller than this in the example is aligned on a larger ancestor
 MAX_PROFILE_EVENTS = 20_000  # example parent values kept per axis (density() caps n at 20 000 too)
-_PEAK_SHARE = 0.1  # a landmark peak is at least this tall relative to the tallest (not noise)
-_HALF_WIDTHS = 2.0
-# valleys between matched peaks as landmarks too: off, as in flowStats warpSet (peaks only); the
-# minimum of a flat valley is ill-defined and moved a HLADR gate off its population when tried
-VALLEYS = False  # outer landmarks: this many robust half-widths outside the outermost peaks
-# An axis whose density has one peak (the negative of a dim marker such as CXCR3, CCR6 or PD-1,
-# whose positives are a continuum or a shoulder) is aligned by where the density falls to half and
-# to a tenth of that peak's height on either side: its own full widths at half and tenth maximum
-# follow the negative's width and skew, where a threshold on its upper tail lies (tuning studies
-# 5151 and 5152: Th17 0.913 -> 0.929 and 0.914 -> 0.946, Th1 0.928 -> 0.953 and 0.922 -> 0.971,
-# activated cTfh 0.910 -> 0.926 and 0.876 -> 0.931 pooled F1). With several matched peaks (or on
-# every axis) it moved gs_DC_auto's HLADR+ gate 1.4 pp further from the stored one: kept to one peak.
-# A side whose walk meets another peak before the level is not used (tuning studies 5151-5156,
-# pooled F1 mean over the six: Th17 0.931 -> 0.945, Th1 0.934 -> 0.945, cTfh 0.932 -> 0.949,
-# activated cTfh 0.905 -> 0.910, Treg 0.979 unchanged).
-LEVELS = (0.5, 0.1)
-
-
-# --------------------------------------------------------------------------------------------
-# 1-D alignment
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Warp:
-    """Monotone piecewise-linear map from an example sample's axis to a target's: through the
-    knots ``src -> dst``, linear beyond them with the end segments' slopes."""
-
-    src: tuple[float, ...]
-    dst: tuple[float, ...]
-
-    def _slopes(self) -> tuple[float, float]:
-        s, d = self.src, self.dst
-        if len(s) < 2:
-            return 1.0, 1.0
-        return (d[1] - d[0]) / (s[1] - s[0]), (d[-1] - d[-2]) / (s[-1] - s[-2])
-
-    def __call__(self, x):
-        x = np.asarray(x, dtype=np.float64)
-        s, d = np.asarray(self.src), np.asarray(self.dst)
-        lo, hi = self._slopes()
-        y = np.interp(x, s, d)
-        y = np.where(x < s[0], d[0] + (x - s[0]) * lo, y)
-        y = np.where(x > s[-1], d[-1] + (x - s[-1]) * hi, y)
-        return np.where(np.isfinite(x), y, x)  # +-inf (open bounds) stay open
-
-    def slope(self, x: float) -> float:
-        s, d = self.src, self.dst
-        lo, hi = self._slopes()
-        if len(s) < 2 or x <= s[0]:
-            return lo
-        if x >= s[-1]:
-            return hi
-        k = int(np.searchsorted(s, x, side="right")) - 1
-        return (d[k + 1] - d[k]) / (s[k + 1] - s[k])
-
-
-IDENTITY = Warp((0.0, 1.0), (0.0, 1.0))
-
-
-def _peaks(x: np.ndarray):
-    lm = find_landmarks(x)
-    top = lm.main.height
-    peaks = [p for p in lm.peaks if p.height >= _PEAK_SHARE * top]
-    if len(peaks) > 3:  # the three most prominent, in position order
-        peaks = sorted(sorted(peaks, key=lambda p: -p.prominence)[:3], key=lambda p: p.position)
-    return lm, peaks
-
-
-def _valley(lm, a, b) -> float:
-    """Position of the density minimum between two peaks."""
-    i, j = sorted((a.index, b.index))
-    return float(lm.centers[i + int(np.argmin(lm.dens[i : j + 1]))])
-
-
-def _match(pe: list, pt: list) -> list[tuple[Any, Any]]:
-    """Order-preserving pairs of example and target peaks: all of them when both have as many,
-    otherwise the order-preserving choice of min(len) peaks closest in position."""
-    if len(pe) == len(pt):
-        return list(zip(pe, pt))
-    from itertools import combinations
-
-    k = min(len(pe), len(pt))
-    best, cost = None, math.inf
-    for a in combinations(range(len(pe)), k):
-        for b in combinations(range(len(pt)), k):
-            c = sum(abs(pe[i].position - pt[j].position) for i, j in zip(a, b))
-            if c < cost:
-                best, cost = list(zip([pe[i] for i in a], [pt[j] for j in b])), c
-    return best or []
-
-
-def _half(p, side: str) -> float:
-    """A peak's robust half-width on one side (the other side's when that one is unusable)."""
-    a, b = (p.sd_left, p.sd_right) if side == "left" else (p.sd_right, p.sd_left)
-    for v in (a, b):
-        if math.isfinite(v) and v > 0:
-            return float(v)
-    return float("nan")
-
-
-def _quantile_warp(xe: np.ndarray, xt: np.ndarray) -> Warp:
-    """Fallback when a density has no usable peak: median and quartiles aligned."""
-    qe = np.quantile(xe, [0.25, 0.5, 0.75])
-    qt = np.quantile(xt, [0.25, 0.5, 0.75])
-    return _monotone([float(v) for v in qe], [float(v) for v in qt])
-
-
-def _monotone(src: list[float], dst: list[float]) -> Warp:
-    """Knots kept only where both sides strictly increase (a warp must not fold an axis)."""
-    s_out, d_out = [], []
-    for s, d in sorted(zip(src, dst)):
-        if not (math.isfinite(s) and math.isfinite(d)):
-            continue
-        if s_out and (s <= s_out[-1] or d <= d_out[-1]):
-            continue
-        s_out.append(s)
-        d_out.append(d)
-    if not s_out:
-        return Warp((0.0,), (0.0,))
-    if len(s_out) == 1:  # a shift only
-        return Warp((s_out[0], s_out[0] + 1.0), (d_out[0], d_out[0] + 1.0))
-    return Warp(tuple(s_out), tuple(d_out))
-
-
-def landmark_warp(x_example: np.ndarray, x_target: np.ndarray) -> Warp:
-    """The warp of one axis from the example parent's values to the target parent's: matched
-    density peaks, plus a landmark ``_HALF_WIDTHS`` robust half-widths outside each outermost
-    matched peak; with one matched peak, instead, where the density falls to each of
-    :data:`LEVELS` x its height on either side (a shift, and a scale per side and level)."""
-    xe = np.asarray(x_example, dtype=np.float64)
-    xt = np.asarray(x_target, dtype=np.float64)
-    xe, xt = xe[np.isfinite(xe)], xt[np.isfinite(xt)]
-    try:
-        (le, pe), (lt, pt) = _peaks(xe), _peaks(xt)
-        pairs = _match(pe, pt)
-    except FitFailure:
-        pairs = []
-    if not pairs:
-        return _quantile_warp(xe, xt)
-    src = [a.position for a, _ in pairs]
-    dst = [b.position for _, b in pairs]
-    if VALLEYS:
-        for (a0, b0), (a1, b1) in zip(pairs, pairs[1:]):  # the valley between two matched peaks
-            src.append(_valley(le, a0, a1))
-            dst.append(_valley(lt, b0, b1))
-    (a0, b0), (a1, b1) = pairs[0], pairs[-1]
-    if len(pairs) == 1:  # one peak (a dim marker's negative, a continuum): its own shape
-        ks = [(_crossing(le, a0, v, side), _crossing(lt, b0, v, side)) for v in LEVELS for side in (-1, 1)]
-        ks = [(a, b) for a, b in ks if math.isfinite(a) and math.isfinite(b)]
-        if len(ks) >= 2:  # else (a peak cut by the grid's end): the robust half-widths below
-            return _monotone(src + [a for a, _ in ks], dst + [b for _, b in ks])
-    src += [a0.position - _HALF_WIDTHS * _half(a0, "left"), a1.position + _HALF_WIDTHS * _half(a1, "right")]
-    dst += [b0.position - _HALF_WIDTHS * _half(b0, "left"), b1.position + _HALF_WIDTHS * _half(b1, "right")]
-    return _monotone(src, dst)
-
-
-def _crossing(lm, peak, level: float, step: int) -> float:
-    """Where the density first falls below ``level`` x the peak's height, walking away from the
-    peak (``step`` -1: left, +1: right); nan when it never does on the grid, or when the density
-    rises again first (the walk reached the valley to another population: beyond it the level
-    measures that population, not this peak's width; e.g. a CXCR3 negative whose positives form a
-    second peak in one file and a tail in the other)."""
-    d, i = lm.dens, peak.index
-    h = level * d[i]
-    j = i
-    while 0 <= j + step < len(d) and d[j + step] >= h:
-        if d[j + step] > d[j]:
-            return float("nan")
-        j += step
-    k = j + step
-    if not 0 <= k < len(d):
-        return float("nan")
-    t = (
-        (d[j] - h) / (d[j] - d[k]) if d[j] != d[k] else 0.0
-    )  # between the last point above and the first below
-    return float(lm.centers[j] + t * (lm.centers[k] - lm.centers[j]))
-
-
-def overlap(a: np.ndarray, b: np.ndarray, bins: int = 256) -> float:
-    """Overlap of two samples' smoothed densities on a common grid (1 = identical, 0 = disjoint)."""
-    from scipy.ndimage import gaussian_filter1d
-
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
-    if not len(a) or not len(b):
-        return 0.0
-    lo = min(np.quantile(a, 0.005), np.quantile(b, 0.005))
-    hi = max(np.quantile(a, 0.995), np.quantile(b, 0.995))
-    if not hi > lo:
-        return 1.0
-    ha = gaussian_filter1d(np.histogram(np.clip(a, lo, hi), bins, (lo, hi))[0].astype(float), 2.0)
-    hb = gaussian_filter1d(np.histogram(np.clip(b, lo, hi), bins, (lo, hi))[0].astype(float), 2.0)
-    return float(np.minimum(ha / ha.sum(), hb / hb.sum()).sum())
-
-
-# --------------------------------------------------------------------------------------------
-# moving gates through warps
-# --------------------------------------------------------------------------------------------
-def _split_edges(v: np.ndarray, xs: Sequence[float], ys: Sequence[float]) -> np.ndarray:
-    """Polygon vertices with extra vertices where a finite edge crosses x = xs or y = ys, so that
-    each piece lies in one linear cell of both warps (and stays straight when warped)."""
-    out = []
-    n = len(v)
-    for i in range(n):
-        p, q = v[i], v[(i + 1) % n]
-        out.append(p)
-        if not (np.isfinite(p).all() and np.isfinite(q).all()):
-            continue
-        ts = []
-        for k, cuts in ((0, xs), (1, ys)):
-            if q[k] != p[k]:
-                for c in cuts:
-                    t = (c - p[k]) / (q[k] - p[k])
-                    if 0.0 < t < 1.0:
-                        ts.append(t)
-        for t in sorted(ts):
-            out.append(p + t * (q - p))
-    return np.asarray(out, dtype=np.float64)
-
-
-def warp_gate(gate: Gate, warps: Mapping[Dim, Warp]) -> Gate:
-    """The gate moved through per-axis warps (rectangle, polygon, ellipse, all-of)."""
-    if isinstance(gate, RectangleGate):
-        lower = [None if b is None else float(warps[d](b)) for d, b in zip(gate.dims, gate.lower)]
-        upper = [None if b is None else float(warps[d](b)) for d, b in zip(gate.dims, gate.upper)]
-        return RectangleGate(gate.dims, lower, upper, style=gate.style)
-    if isinstance(gate, PolygonGate):
-        wx, wy = warps[gate.dims[0]], warps[gate.dims[1]]
-        v = _split_edges(gate.vertices, wx.src, wy.src)
-        return PolygonGate(gate.dims, np.column_stack([wx(v[:, 0]), wy(v[:, 1])]))
-    if isinstance(gate, EllipsoidGate):
-        center = np.array([float(warps[d](c)) for d, c in zip(gate.dims, gate.center)])
-        jac = np.diag([warps[d].slope(float(c)) for d, c in zip(gate.dims, gate.center)])
-        return EllipsoidGate(gate.dims, center, jac @ gate.covariance @ jac, gate.distance_square)
-    if isinstance(gate, AllOfGate):
-        return AllOfGate([warp_gate(p, warps) for p in gate.parts])
-    raise GatingError(f"a {type(gate).__name__} cannot be learned (only geometric gates move)")
 
 
 def _signature(g: Gate) -> tuple:
