@@ -315,16 +315,22 @@ def test_gs_dc_auto_gates_learned_from_001_reproduce_002():
         rel = 100 * (got / want - 1)
         print(f"{node.split('/')[-1]:<16}{want:>8}{got:>9}{rel:>+8.2f}{pp:>7.2f}{100 * (cp / want - 1):>+14.2f}"
               f"{res.alignment[node]:>9.3f}")  # fmt: skip
+        if want >= 1000 and abs(rel) > 2:
+            big_rel.append(node)
         if pw >= 1000:
             worst_pp = max(worst_pp, pp)
-            if want >= 1000 and abs(rel) > 2:
-                big_rel.append(node)
-        else:  # the four DC nodes under HLADR+ (~600 events), aligned on a larger ancestor: 0.0-2.3 pp
+        else:  # the four DC nodes under HLADR+ (~600 events), aligned on a larger ancestor: 0.0-0.4 pp
             small_pp = max(small_pp, pp)  # (0.3-13.7 pp before the ancestor's warp was checked on them)
         assert res.populations[node].source == LEARNED
     print(f"worst |% of parent - stored| where the parent has >= 1000 events: {worst_pp:.2f} pp; "
           f"nodes >= 1000 events off by more than 2% of their count: {big_rel}")  # fmt: skip
     print(f"worst |% of parent - stored| where the parent has < 1000 events: {small_pp:.2f} pp")
+    # issue 10's Done-when line: every node of >= 1000 stored events within 2 % of its count (worst
+    # 0.70 %, CD16-CD56+, since thresholds set on a valley floor move to the target's valley; before:
+    # the NK quadrants CD16-CD56- -2.07 %, CD16-CD56+ -3.00 %, CD16+CD56+ +2.14 %). Near the noise:
+    # with the valley floor at 1.5 / 3 standard errors instead of 2 the worst is 2.95 % / 1.30 %, and
+    # learned the other way (002's gates onto 001) 4.26 % (CD16-CD56-; 8.41 % before the rule).
+    assert not big_rel, f"nodes >= 1000 events off by more than 2 % of their count: {big_rel}"
     assert worst_pp <= 2.0
     assert small_pp <= 3.0
     nk = [n for n in stored if n.split("/")[-1] in ("CD16+CD56+", "CD16-CD56+", "CD16+CD56-", "CD16-CD56-")]

@@ -39,6 +39,15 @@ VALLEYS = False
 # pooled F1 mean over the six: Th17 0.931 -> 0.945, Th1 0.934 -> 0.945, cTfh 0.932 -> 0.949,
 # activated cTfh 0.905 -> 0.910, Treg 0.979 unchanged).
 LEVELS = (0.5, 0.1)
+# A threshold that the example set on a valley floor means the valley: it keeps its place relative
+# to the middle of the target's valley floor (the warp of peaks and widths moves a cut in a flat,
+# wide valley by where the peaks go, not by where the valley goes). The floor: the points whose
+# density is within VALLEY_SE standard errors of the valley's minimum, which sampling noise
+# cannot order (on a flat floor the minimum itself wanders: gs_DC_auto's CD16 valley of CD14-
+# Lineage- cells is within 2 % of its minimum over ~360 of the 0-4096 scale); a hump bounding a
+# valley rises above its base by more than VALLEY_SE standard errors of the difference. Two: the
+# usual bound of sampling noise, not fitted (tuning studies 5151-5153: every pooled F1 within 0.001).
+VALLEY_SE = 2.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +209,70 @@ def _crossing(lm, peak, level: float, step: int) -> float:
     return float(lm.centers[j] + t * (lm.centers[k] - lm.centers[j]))
 
 
+@dataclass(frozen=True)
+class Valleys:
+    """The valleys of one sample's density on an axis (:func:`valleys`): the significant humps'
+    grid positions, and each valley's floor (first and last grid point within VALLEY_SE standard
+    errors of its minimum) or None where the dip between two humps is within noise."""
+
+    humps: np.ndarray
+    floors: tuple[tuple[float, float] | None, ...]
+
+    def around(self, t: float) -> tuple[float, float] | None:
+        """The floor of the valley between the two humps that enclose ``t`` (None: no valley)."""
+        k = int(np.searchsorted(self.humps, t))
+        return self.floors[k - 1] if 0 < k < len(self.humps) else None
+
+
+def valleys(x: np.ndarray) -> Valleys:
+    """The density's valleys on the density :func:`find_landmarks` uses (Silverman's bandwidth,
+    n capped at 20 000): a value d of that smoothed histogram of counts has variance d x the sum
+    of the squared kernel weights (Poisson counts), which sets the noise of humps and floors."""
+    from scipy.signal import find_peaks as _fp
+    from scipy.signal import peak_prominences
+
+    from cytopipe.gating.fitters import density
+
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    none = Valleys(np.empty(0), ())
+    if len(x) < 3:
+        return none
+    q25, q75 = np.quantile(x, [0.25, 0.75])
+    spread = min(float(np.std(x)), float(q75 - q25) / 1.349) or float(np.std(x))
+    if not spread > 0:
+        return none
+    bw = 0.9 * spread * min(len(x), 20_000) ** -0.2
+    c, d = density(x, bw)
+    ss = 1.0 / (2.0 * math.sqrt(math.pi) * max(bw / float(c[1] - c[0]), 1.0))  # Gaussian kernel
+    idx = _fp(d)[0]
+    if len(idx) < 2:
+        return none
+    prom = peak_prominences(d, idx)[0]
+    idx = idx[prom > VALLEY_SE * np.sqrt(ss * (2.0 * d[idx] - prom))]
+    floors: list[tuple[float, float] | None] = []
+    for i, j in zip(idx, idx[1:]):
+        m = float(d[i : j + 1].min())
+        level = m + VALLEY_SE * math.sqrt(m * ss)
+        on = c[i : j + 1][d[i : j + 1] <= level]
+        floors.append((float(on[0]), float(on[-1])) if level < min(d[i], d[j]) else None)
+    return Valleys(c[idx], tuple(floors))
+
+
+def at_valley(t: float, warped: float, example: Valleys, target: Valleys, slope: float) -> float | None:
+    """A threshold ``t`` on the floor of one of the example's valleys, moved to the target's valley
+    whose humps enclose its ``warped`` position: the floors' middles matched, ``t``'s offset from
+    the middle scaled by the warp's ``slope``. None for any other threshold (on a flank, on a
+    continuum, or no valley in the target there): it stays where the warp put it."""
+    fe = example.around(t)
+    if fe is None or not fe[0] <= t <= fe[1]:
+        return None
+    ft = target.around(warped)
+    if ft is None:
+        return None
+    return 0.5 * (ft[0] + ft[1]) + (t - 0.5 * (fe[0] + fe[1])) * slope
+
+
 def overlap(a: np.ndarray, b: np.ndarray, bins: int = 256) -> float:
     """Overlap of two samples' smoothed densities on a common grid (1 = identical, 0 = disjoint)."""
     from scipy.ndimage import gaussian_filter1d
@@ -262,4 +335,15 @@ def warp_gate(gate: Gate, warps: Mapping[Dim, Warp]) -> Gate:
     raise GatingError(f"a {type(gate).__name__} cannot be learned (only geometric gates move)")
 
 
-__all__ = ["IDENTITY", "LEVELS", "Warp", "landmark_warp", "overlap", "warp_gate"]
+__all__ = [
+    "IDENTITY",
+    "LEVELS",
+    "VALLEY_SE",
+    "Valleys",
+    "Warp",
+    "at_valley",
+    "landmark_warp",
+    "overlap",
+    "valleys",
+    "warp_gate",
+]
