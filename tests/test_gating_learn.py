@@ -59,6 +59,29 @@ def test_landmark_warp_maps_peaks_and_moves_a_valley_threshold():
     assert float(w(np.inf)) == np.inf
 
 
+def test_a_threshold_on_a_valley_floor_follows_the_valley():
+    from cytopipe.gating.align import at_valley, valleys
+
+    rng = np.random.default_rng(3)
+
+    def sample(lo: float, hi: float) -> np.ndarray:  # peaks at 1 and 4; cells smeared over [lo, hi]
+        return np.concatenate([rng.normal(1, 0.3, 5000), rng.normal(4, 0.4, 5000), rng.uniform(lo, hi, 1500)])
+
+    ex, tg = sample(1.4, 2.6), sample(2.2, 3.4)  # the valley floor: ~2.8-2.9 in ex, ~1.9-2.0 in tg
+    ve, vt = valleys(ex), valleys(tg)
+    (fe,), (ft,) = ve.floors, vt.floors
+    w = landmark_warp(ex, tg)
+    t = 0.5 * (fe[0] + fe[1]) + 0.05
+    assert abs(float(w(t)) - t) < 0.1  # the peaks do not move, so the warp leaves the cut in place
+    moved = at_valley(t, float(w(t)), ve, vt, w.slope(t))
+    assert moved is not None and abs(moved - (0.5 * (ft[0] + ft[1]) + 0.05 * w.slope(t))) < 1e-9
+    assert ft[0] - 0.05 < moved < ft[1] + 0.1
+    # a cut on a flank, or on a density with one peak, stays where the warp put it
+    assert at_valley(4.3, float(w(4.3)), ve, vt, 1.0) is None
+    one = valleys(rng.normal(1, 0.3, 5000))
+    assert one.floors == () and at_valley(1.5, 1.5, one, one, 1.0) is None
+
+
 def test_warp_gate_moves_every_geometry():
     x, y = Dim("x"), Dim("y")
     warps = {x: landmark_warp([0, 1, 2, 3] * 50, [0, 2, 4, 6] * 50), y: landmark_warp([0.0] * 9, [1.0] * 9)}
