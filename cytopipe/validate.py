@@ -4,8 +4,12 @@ A file is *valid* when every data set in it reads completely: HEADER and TEXT pa
 required keywords are present and consistent (``$PAR`` parameters described, ``$DATATYPE``,
 ``$BYTEORD``), the DATA segment has exactly ``$TOT`` x bytes-per-event bytes and lies inside
 the file, and the spillover keyword (if any) is a well-formed square matrix. Quirks the
-reader handles (offsets that disagree, bits above ``$PnR``, non-finite values, duplicate
-names, identical files) are listed as notes; they do not make a file invalid.
+reader handles (offsets that disagree, bits above ``$PnR``, non-finite values, identical files)
+are listed as notes; they do not make a file invalid. Channels sharing one ``$PnN`` do not make it
+invalid either (it reads), but they are listed apart as *warnings*: ``cytopipe run`` and
+``cytopipe gate`` fail such a file when its template uses that channel (which of the twins
+carries the marker cannot be told), so each warning names the file, the channel and the fix, and
+``cytopipe template check FILE --template T`` says whether a given template uses it.
 
 Folders are searched recursively: every file named ``*.fcs`` (any case) is validated (an empty
 or non-FCS one is reported as not valid), and so is every other file starting like an FCS file
@@ -37,7 +41,7 @@ import numpy as np
 
 from cytopipe.errors import EXIT_FAILURES, EXIT_OK
 
-__all__ = ["FileReport", "add_arguments", "run", "validate_file", "validate_paths"]
+__all__ = ["FileReport", "add_arguments", "channel_warnings", "run", "validate_file", "validate_paths"]
 
 _MANIFEST_SUFFIXES = {".csv", ".tsv"}
 
@@ -58,6 +62,8 @@ class FileReport:
     error: str = ""
     error_type: str = ""
     notes: list[str] = field(default_factory=list)
+    #: problems a run meets although the file reads (channels sharing one $PnN)
+    warnings: list[str] = field(default_factory=list)
     sample_id: str = ""
     manifest_row: int | None = None
 
@@ -197,7 +203,8 @@ def validate_file(path: str | Path, display: str | None = None, sha256: str | No
     report.spillover = first.spillover.keyword if first.spillover is not None else ""
     for i, sample in enumerate(samples):
         prefix = f"data set {i}: " if len(samples) > 1 else ""
-        report.notes += [prefix + w for w in sample.warnings]
+        report.warnings += [prefix + w for w in channel_warnings(sample.pnn)]
+        report.notes += [prefix + w for w in sample.warnings if not is_duplicate_name_note(w)]
         report.notes += [prefix + w for w in keyword_notes(sample.keywords) if w not in sample.warnings]
         if sample.n_events == 0:
             report.notes.append(prefix + "the file holds no events ($TOT 0)")
@@ -205,6 +212,38 @@ def validate_file(path: str | Path, display: str | None = None, sha256: str | No
         if bad:
             report.notes.append(prefix + f"{bad} event values are NaN or infinite")
     return report
+
+
+#: how the reader's note on channels sharing a $PnN starts (replaced by :func:`channel_warnings`)
+_DUPLICATE_NOTE = "duplicate channel names ($PnN)"
+
+
+def is_duplicate_name_note(note: str) -> bool:
+    """The reader's note on channels sharing a ``$PnN`` (``validate`` lists a warning instead)."""
+    return note.startswith(_DUPLICATE_NOTE)
+
+
+def channel_warnings(pnn: list[str]) -> list[str]:
+    """One warning per ``$PnN`` that several channels share: the file reads, but ``cytopipe run``
+    and ``cytopipe gate`` fail it (PanelError) when the template uses that channel, directly or
+    through a marker whose ``$PnS`` is on one of them. Says what to do."""
+    params: dict[str, list[int]] = {}
+    for number, name in enumerate(pnn, start=1):
+        if name:
+            params.setdefault(name, []).append(number)
+    out = []
+    for name, numbers in params.items():
+        if len(numbers) > 1:
+            listed = ", ".join(f"$P{n}N" for n in numbers)
+            out.append(
+                f"channel {name!r} is named by {len(numbers)} parameters ({listed}): `cytopipe run` and "
+                f"`cytopipe gate` will fail this file (PanelError, channel {name!r} is ambiguous) if the "
+                f"gating template uses {name!r}, since which of them carries it cannot be told. Give "
+                f"each channel a unique $PnN (correct the file's {listed} keywords, e.g. at export from "
+                "the acquisition software) and validate again; `cytopipe template check FILE --template "
+                "TEMPLATE` says whether a template uses the channel"
+            )
+    return out
 
 
 def keyword_notes(keywords: dict[str, str]) -> list[str]:
@@ -391,6 +430,7 @@ def _summary(reports: list[FileReport], problems: list[dict[str, Any]]) -> dict[
         "files": len(reports),
         "ok": sum(r.ok for r in reports),
         "failed": sum(not r.ok for r in reports),
+        "warned": sum(bool(r.warnings) for r in reports),
         "problems": len(problems),
     }
 
@@ -423,6 +463,10 @@ def _table(reports: list[FileReport], problems: list[dict[str, Any]], inputs: li
         return "  ".join(out).rstrip()
 
     lines = [line(headers)] + [line(row) for row in rows]
+    warned = [(r.file, w) for r in reports for w in r.warnings]
+    if warned:
+        lines += ["", "Warnings (the files read, but a run will fail them as said):"]
+        lines += [f"  {file}: {w}" for file, w in warned]
     notes = [(r.file, n) for r in reports for n in r.notes]
     if notes:
         lines += ["", "Notes (handled, the files are still valid):"]
@@ -446,6 +490,8 @@ def _table(reports: list[FileReport], problems: list[dict[str, Any]], inputs: li
         lines += [f"  {folder}: {n} other file(s)" for folder, n in skipped]
     s = _summary(reports, problems)
     summary = f"{s['files']} file(s): {s['ok']} ok, {s['failed']} failed"
+    if s["warned"]:
+        summary += f"; {s['warned']} ok file(s) with a warning a run will fail on (listed above)"
     if problems:
         summary += f"; {len(problems)} other problem(s) listed above"
     if not reports and not problems:

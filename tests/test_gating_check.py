@@ -143,6 +143,29 @@ def test_template_check_of_a_file_it_fits_exits_0(capsys):
     assert "NOT MEASURED" not in text and "PROBLEM" not in text
 
 
+def test_template_check_reports_a_marker_on_a_shared_pnn_as_gate_fails_it(tmp_path, capsys):
+    """A file whose CD4 and CXCR5 channels are both named BV605-A: `cytopipe gate` fails it
+    (PanelError); the check said "every population can be gated" and exited 0."""
+    import warnings
+
+    from cytopipe.errors import PanelError
+
+    raw = (REPO / "sample_data" / "fcs" / "P006_W00.fcs").read_bytes()
+    path = tmp_path / "TWIN.fcs"
+    path.write_bytes(raw.replace(b"|BV650-A|", b"|BV605-A|"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(PanelError, match="'BV605-A' is ambiguous") as exc:
+            cytopipe.gate(cytopipe.read_fcs(path), cytopipe.load_template(TEMPLATE))
+        rc = main(["template", "check", str(path), "--template", str(TEMPLATE)])
+    text = capsys.readouterr().out
+    assert rc == 3
+    problem = f"  PROBLEM: `cytopipe gate` and `cytopipe run` would fail this file: {exc.value.message}"
+    assert problem in text.splitlines()  # the engine's own words (CD4 first, as gate meets it)
+    assert "cTfh            CXCR5 -> BV605-A (AMBIGUOUS: a shared $PnN)" in text
+    assert "every population can be gated" not in text
+
+
 def test_optional_marker_missing_keeps_the_population():
     """FOXP3 is optional in the Treg gate: without it, Treg is the CD25/CD127 diagonal (flagged)."""
     import tempfile

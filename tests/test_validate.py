@@ -18,6 +18,10 @@ from tests.conftest import REPO, shared_path
 
 
 def cytopipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return cytopipe_cli(*args, cwd=cwd)
+
+
+def cytopipe_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [sys.executable, "-m", "cytopipe", "validate", *args],
@@ -111,7 +115,13 @@ def test_every_fcs_named_file_in_a_folder_is_reported(folder):
 def test_json_output(folder):
     out = cytopipe("--json", str(folder), cwd=folder)
     doc = json.loads(out.stdout)
-    assert doc["ok"] is False and doc["summary"] == {"files": 5, "ok": 3, "failed": 2, "problems": 0}
+    assert doc["ok"] is False and doc["summary"] == {
+        "files": 5,
+        "ok": 3,
+        "failed": 2,
+        "warned": 0,
+        "problems": 0,
+    }
     files = {Path(f["file"]).name: f for f in doc["files"]}
     good = files["good.fcs"]
     assert good["sha256"] == hashlib.sha256((folder / "good.fcs").read_bytes()).hexdigest()
@@ -125,6 +135,39 @@ def test_all_valid_exits_zero_and_multiple_paths(folder, tmp_path):
     out = cytopipe(str(folder / "good.fcs"), str(folder / "sub" / "NOEXTENSION"), cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2 file(s): 2 ok, 0 failed" in out.stdout
+
+
+def test_channels_sharing_a_pnn_are_a_warning_that_the_run_will_fail_the_file(tmp_path):
+    """`cytopipe validate` called such a file "ok" with a note among the handled quirks, while
+    `cytopipe run` / `cytopipe gate` fail it (PanelError) when the template uses the channel."""
+    import warnings
+
+    import cytopipe
+    from cytopipe.errors import PanelError
+
+    raw = (REPO / "sample_data" / "fcs" / "P006_W00.fcs").read_bytes()
+    assert raw.count(b"|BV650-A|") == 1  # CXCR5's channel takes CD4's name (same length: offsets hold)
+    path = tmp_path / "TWIN.fcs"
+    path.write_bytes(raw.replace(b"|BV650-A|", b"|BV605-A|"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sample = cytopipe.read_fcs(path)
+    with pytest.raises(PanelError, match="'BV605-A' is ambiguous"):  # what the run does with it
+        cytopipe.gate(sample, cytopipe.load_template(REPO / "gating" / "sle_il2_tcell_nk.yaml"))
+
+    out = cytopipe_cli(str(path), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr  # the file reads: still valid FCS
+    _, _, rest = out.stdout.partition("Warnings (the files read, but a run will fail them as said):")
+    line = rest.lstrip("\n").splitlines()[0]
+    assert line.startswith(f"  {path}: channel 'BV605-A' is named by 2 parameters ($P8N, $P9N)")
+    assert "`cytopipe run` and `cytopipe gate` will fail this file" in line
+    assert "Give each channel a unique $PnN" in line and "cytopipe template check" in line
+    assert "duplicate channel names" not in out.stdout  # no longer a note among the handled quirks
+    assert "1 ok file(s) with a warning a run will fail on" in out.stdout
+    doc = json.loads(cytopipe_cli("--json", str(path), cwd=tmp_path).stdout)
+    assert doc["summary"]["warned"] == 1 and doc["files"][0]["status"] == "ok"
+    assert not any("duplicate" in n for n in doc["files"][0]["notes"])
+    assert len(doc["files"][0]["warnings"]) == 1 and "'BV605-A'" in doc["files"][0]["warnings"][0]
 
 
 def test_multi_dataset_file_and_notes():

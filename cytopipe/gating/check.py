@@ -61,6 +61,8 @@ class MarkerTable:
     markers: list[str]
     resolved: dict[str, dict[str, str | None]] = field(default_factory=dict)
     labels: dict[str, list[str]] = field(default_factory=dict)  # file -> "PnN [PnS]" labels
+    #: file -> marker -> why gating fails it (its channel's $PnN is shared by several channels)
+    ambiguous: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def _template_markers(template) -> list[str]:
@@ -119,8 +121,23 @@ def marker_table(template, channel_tables: Mapping[str, pd.DataFrame], mapping=N
                     raise
                 row[m] = None
         table.resolved[f] = row
+        table.ambiguous[f] = {
+            m: _twin_message(pnn, channel, m)
+            for m, channel in row.items()
+            if channel and pnn.count(channel) > 1
+        }
         table.labels[f] = [f"{n} [{s}]" if str(s).strip() else str(n) for n, s in zip(ch["pnn"], ch["pns"])]
     return table
+
+
+def _twin_message(pnn: list[str], channel: str, marker: str) -> str:
+    """The engine's PanelError for a marker on a ``$PnN`` several channels share."""
+    twins = [i + 1 for i, n in enumerate(pnn) if n == channel]
+    return (
+        f"channel name {channel!r} is ambiguous: parameters {twins} of the file all have this $PnN, "
+        f"so which one carries {marker!r} cannot be told; correct the file's $PnN keywords (each "
+        "channel's name must be unique) and run again"
+    )
 
 
 def _closest(marker: str, table: MarkerTable, n: int = 3) -> list[str]:
@@ -221,8 +238,10 @@ def file_problems(
     for f in table.files:
         refusal = _refusal(template, f, without_spillover)
         unmeasured = _not_measured(template, table, f)
-        out[f] = ([refusal] if refusal else []) + (
-            [f"not measured: {', '.join(unmeasured)}"] if unmeasured else []
+        out[f] = (
+            ([refusal] if refusal else [])
+            + list(dict.fromkeys(table.ambiguous.get(f, {}).values()))
+            + ([f"not measured: {', '.join(unmeasured)}"] if unmeasured else [])
         )
     return out
 
@@ -254,12 +273,15 @@ def template_check_text(template, table: MarkerTable, without_spillover: Collect
         lines.append(f"file {f}")
         if refusal := _refusal(template, f, without_spillover):
             lines.append(f"  PROBLEM: `cytopipe gate` would refuse this file: {refusal}")
+        for why in dict.fromkeys(table.ambiguous.get(f, {}).values()):
+            lines.append(f"  PROBLEM: `cytopipe gate` and `cytopipe run` would fail this file: {why}")
         unmeasured = _not_measured(template, table, f)
         for pop in template:
             res = []
             for m in pop.markers:
                 ch = table.resolved[f].get(m)
-                res.append(f"{m} -> {ch}" if ch else f"{m} -> MISSING")
+                twin = " (AMBIGUOUS: a shared $PnN)" if m in table.ambiguous.get(f, {}) else ""
+                res.append(f"{m} -> {ch}{twin}" if ch else f"{m} -> MISSING")
             source, fallback = describe_gate(pop, template)
             status = "  NOT MEASURED" if pop.name in unmeasured else ""
             lines.append(

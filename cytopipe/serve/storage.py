@@ -355,8 +355,9 @@ def validate_blob(path: Path, name: str, sha256: str | None = None) -> dict[str,
                             "version": report.version, "datasets": report.datasets}  # fmt: skip
     if report.ok:
         info["keywords"] = _keywords(path)
-    status = "rejected" if not report.ok else ("warning" if report.notes else "ok")
-    return {"status": status, "reason": report.error, "notes": list(report.notes), "info": info}
+    notes = report.warnings + report.notes  # a warning first: a run will fail the file
+    status = "rejected" if not report.ok else ("warning" if notes else "ok")
+    return {"status": status, "reason": report.error, "notes": notes, "info": info}
 
 
 def _keywords(path: Path) -> dict[str, str]:

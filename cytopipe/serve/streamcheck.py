@@ -199,14 +199,15 @@ class StreamCheck:
 
     def _report(self) -> dict[str, Any]:
         from cytopipe.serve.storage import _KEYWORDS
-        from cytopipe.validate import keyword_notes
+        from cytopipe.validate import channel_warnings, is_duplicate_name_note, keyword_notes
 
         f, ds, layout = self.f, self.ds, self.layout
         if self.cleared.any():
             f._note_masked(self.cleared, layout)
         _spillover_for(ds.keywords, self.channels, f)  # for its notes, after the data's: the reader's order
-        warnings = list(f._warnings)
+        warnings = [w for w in f._warnings if not is_duplicate_name_note(w)]
         notes = warnings + [w for w in keyword_notes(ds.keywords) if w not in warnings]
+        notes = channel_warnings([str(n) for n in self.channels["pnn"]]) + notes  # validate_blob's order
         if layout.n_events == 0:
             notes.append("the file holds no events ($TOT 0)")
         if self.bad:
