@@ -275,6 +275,54 @@ def test_panel_axes_follow_the_events_not_far_gate_vertices(gated):
         assert (hi - lo) / (b - a) >= 0.6, (axis, a, b, lo, hi)  # the events fill the panel
 
 
+@pytest.fixture(scope="module")
+def tiny_gated(sample_data):
+    """Seeded subsets of 30 and 100 events of P001_W00, gated with gates pooled from three whole
+    samples (as a run gates a tiny sample): a few events, far from some pooled thresholds."""
+    import dataclasses
+
+    from cytopipe.fcs import read_fcs
+    from cytopipe.gating import gate, load_template, pool_estimates
+
+    template = load_template(TEMPLATE)
+    ids = ["P001_W00", "P002_W00", "P003_W00"]
+    samples = {i: read_fcs(sample_data / "fcs" / f"{i}.fcs") for i in ids}
+    manifest = pd.DataFrame({"sample_id": ids, "patient_id": [i[:4] for i in ids], "batch": "1"})
+    records = pd.concat([gate(s, template, medians=False).fit_records(k) for k, s in samples.items()])
+    pooled = pool_estimates(records, manifest)
+    full = samples["P001_W00"]
+    out = {}
+    for n in (30, 100):
+        keep = np.sort(np.random.default_rng(0).choice(full.n_events, n, replace=False))
+        tiny = dataclasses.replace(full, events=full.events[keep].copy())
+        meta = {"sample_id": f"tiny{n}", "patient_id": "P001", "batch": "1"}
+        result = gate(tiny, template, pooled=pooled, sample_meta=meta, medians=False)
+        out[n] = gate_review_data(tiny, result, f"tiny{n}")
+    return out
+
+
+def test_a_tiny_samples_gates_are_all_kept_on_its_panels(tiny_gated):
+    """A gate whose boundary lay outside a tiny sample's data range was cut from its panel:
+    the CD56bright NK diagonal of the 100-event subset (2 events) became an empty polygon, the
+    Treg FOXP3 threshold of the 30-event subset lay beyond the grid. Every gate is now on its
+    panel: its line drawn inside the panel, where the gallery draws it."""
+    from cytopipe.report.figures import shape_lines
+
+    for n, review in tiny_gated.items():
+        drawn = review[review["shapes"] != "[]"]
+        assert len(drawn) >= 15
+        for row in drawn.to_dict("records"):
+            one_d = not row["y"]
+            ylim = (0.0, 1.0) if one_d else row["y_range"]
+            for shape in json.loads(row["shapes"]):
+                lines, _ = shape_lines(shape, row["x_range"], ylim, one_d)
+                assert lines, (n, row["population"], row["panel"], shape, row["x_range"], row["y_range"])
+                if shape.get("half_plane"):
+                    assert len(shape["line"]) == 2 and len(shape["vertices"]) >= 3
+        bright = review[review["population"] == "CD56bright NK"].iloc[0]
+        assert bright["source"] == "pooled" and bright["n_shown"] <= 2  # a tiny parent indeed
+
+
 def test_gallery_figure_draws_the_background_grey_and_the_shown_events_in_colour(gated):
     from cytopipe.report.figures import gallery_figure
 

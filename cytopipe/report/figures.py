@@ -637,8 +637,8 @@ def shape_lines(
         for e in edges:
             lines += _clip_polyline(np.asarray(e, dtype=float))
     elif kind == "polygon" and ("line" in shape or shape.get("half_plane")):
-        # a half-plane (diagonal gate): its boundary; none when it misses the panel's range (a
-        # pooled gate drawn for a sample without events: nothing to draw)
+        # a half-plane (diagonal gate): its boundary (gate_review's grid always reaches it, even
+        # for a tiny sample whose few events lie far from a pooled diagonal)
         v = np.asarray(shape.get("line") or [], dtype=float).reshape(-1, 2)
         if len(v) == 2:
             lines += _clip_polyline(np.column_stack([unit_x(v[:, 0]), unit_y(v[:, 1])]))

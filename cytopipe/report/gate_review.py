@@ -30,7 +30,10 @@ y_range,        of equal bins: 48 x 48 in 2-D, 96 in 1-D (``y_bins`` = 0). Each 
 x_bins, y_bins  spans its own robust range (0.5-99.5% quantiles of ALL the parent's events),
                 widened towards the gate by at most a quarter of that range (a far-off vertex,
                 e.g. the singlet wedge's apex at 0, is cut at the edge), so the events fill the
-                panel and a shifted sample is still visible
+                panel and a shifted sample is still visible; but a gate is never cut away
+                whole: when none of a shape's coordinates on an axis (or a diagonal's line)
+                would be on the grid (a tiny sample whose few events lie far from a pooled
+                threshold), the grid reaches its nearest one
 counts          event counts of the shown events per bin, row-major ``[y, x]`` (int32)
 background      when ``condition`` shows part of the parent: every parent event per bin on the
                 same grid (drawn in grey behind ``counts``); else empty
@@ -439,19 +442,23 @@ def _panel_row(
     background = np.empty(0, dtype=np.int64)
     if len(axes) == 2:
         (x, xs), (y, ys) = axes
-        xe = _edges_over([whole[0][0], x], _shape_extent(shapes, 0), bins_2d, ranges)
-        ye = _edges_over([whole[1][0], y], _shape_extent(shapes, 1), bins_2d, ranges)
+        xe = _axis_edges([whole[0][0], x], shapes, 0, bins_2d, ranges)
+        ye = _axis_edges([whole[1][0], y], shapes, 1, bins_2d, ranges)
+        if panel.get("half_plane") is not None:  # drawn on this panel's own grid
+            half = _half_plane(panel["half_plane"])
+            clipped = _clip_half_plane(half, (xe[0], xe[-1]), (ye[0], ye[-1]))
+            if len(clipped["line"]) < 2:  # the line misses the events (a tiny parent): reach it
+                a, b = _line_piece(half, (xe[0], xe[-1]), (ye[0], ye[-1]))
+                xe = _axis_edges([whole[0][0], x], shapes, 0, bins_2d, ranges, must=[a[0], b[0]])
+                ye = _axis_edges([whole[1][0], y], shapes, 1, bins_2d, ranges, must=[a[1], b[1]])
+                clipped = _clip_half_plane(half, (xe[0], xe[-1]), (ye[0], ye[-1]))
+            shapes.append({**clipped, **panel.get("mark", {})})
         counts = _hist2d(x, y, xe, ye)
         if sel is not idx:
             background = _hist2d(whole[0][0], whole[1][0], xe, ye)
-        if panel.get("half_plane") is not None:  # drawn on this panel's own grid
-            half = _half_plane(panel["half_plane"])
-            shapes.append(
-                {**_clip_half_plane(half, (xe[0], xe[-1]), (ye[0], ye[-1])), **panel.get("mark", {})}
-            )
     else:
         (x, xs) = axes[0]
-        xe = _edges_over([whole[0][0], x], _shape_extent(shapes, 0), bins_1d, ranges)
+        xe = _axis_edges([whole[0][0], x], shapes, 0, bins_1d, ranges)
         ye, ys = np.empty(0), ""
         counts = _hist1d(x, xe)
         if sel is not idx:
@@ -491,22 +498,83 @@ def _none_for_inf(value: Any) -> Any:  # pragma: no cover - json calls it for un
     return None
 
 
+def _shape_coordinates(shape: Mapping[str, Any], axis: int) -> list[float]:
+    """Finite coordinates of one gate shape along one axis (its thresholds, its vertices, its
+    ellipse's extent)."""
+    key = "xy"[axis]
+    kind = shape["kind"]
+    if kind in ("rect", "range") and key in shape:
+        return [float(v) for v in shape[key] if v is not None and np.isfinite(v)]
+    if kind == "polygon" and len(shape["vertices"]):
+        v = np.asarray(shape["vertices"], dtype=float)[:, axis]
+        return [float(a) for a in v if np.isfinite(a) and abs(a) < _OPEN]
+    if kind == "ellipse":
+        c = shape["center"][axis]
+        half = float(np.sqrt(shape["distance_square"] * shape["covariance"][axis][axis]))
+        return [c - half, c + half]
+    return []
+
+
 def _shape_extent(shapes: Sequence[Mapping[str, Any]], axis: int) -> list[float]:
     """Finite coordinates of the gate along one axis (the grid is widened to show them)."""
-    out: list[float] = []
-    key = "xy"[axis]
-    for s in shapes:
-        kind = s["kind"]
-        if kind in ("rect", "range") and key in s:
-            out += [v for v in s[key] if v is not None and np.isfinite(v)]
-        elif kind == "polygon":
-            v = np.asarray(s["vertices"], dtype=float)[:, axis]
-            out += [float(a) for a in v if np.isfinite(a) and abs(a) < _OPEN]
-        elif kind == "ellipse":
-            c = s["center"][axis]
-            half = float(np.sqrt(s["distance_square"] * s["covariance"][axis][axis]))
-            out += [c - half, c + half]
-    return out
+    return [v for s in shapes for v in _shape_coordinates(s, axis)]
+
+
+def _axis_edges(
+    values: Sequence[np.ndarray],
+    shapes: Sequence[Mapping[str, Any]],
+    axis: int,
+    bins: int,
+    ranges: dict[int, tuple] | None = None,
+    must: Sequence[float] = (),
+) -> np.ndarray:
+    """The grid of one axis: over the events, widened towards the gate (at most ``_GATE_REACH``);
+    a shape none of whose coordinates on this axis is then on the grid (a tiny sample's events
+    far from a threshold, an ellipse beside them) widens it up to its nearest one, so the
+    panel always shows the gate (its boundary is never cut away). ``must``: coordinates the grid
+    includes in any case (a half-plane's line)."""
+    extent = _shape_extent(shapes, axis)
+    edges = _edges_over(values, extent, bins, ranges, must)
+    lo, hi = float(edges[0]), float(edges[-1])
+    unseen = []
+    for shape in shapes:
+        coords = _shape_coordinates(shape, axis)
+        if not coords:
+            continue
+        if shape["kind"] in ("rect", "range"):  # thresholds: each is a line of the panel
+            if any(lo <= c <= hi for c in coords):
+                continue
+        else:  # an ellipse, a polygon: its extent on this axis (open vertices: rays) meets the grid
+            first, last = _polygon_reach(shape, axis, min(coords), max(coords))
+            if first <= hi and last >= lo:
+                continue
+        unseen.append(min(coords, key=lambda c: min(abs(c - lo), abs(c - hi))))
+    if not unseen:
+        return edges
+    return _edges_over(values, extent, bins, ranges, [*must, *unseen])
+
+
+def _polygon_reach(shape: Mapping[str, Any], axis: int, first: float, last: float) -> tuple[float, float]:
+    """A shape's extent on one axis: a polygon's open-ended vertices (rays, e.g. the singlet
+    wedge's) make it reach to infinity on their side."""
+    if shape["kind"] == "polygon":
+        v = np.asarray(shape["vertices"], dtype=float)[:, axis]
+        if (v <= -_OPEN).any():
+            first = -np.inf
+        if (v >= _OPEN).any():
+            last = np.inf
+    return first, last
+
+
+def _line_piece(half: tuple, xlim: Sequence[float], ylim: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """A piece of a half-plane's boundary line to bring onto a grid it misses: centred on the
+    line's point nearest to the grid's centre, a quarter of the grid's larger side long."""
+    p, d, _ = half
+    d = np.asarray(d, dtype=float) / float(np.hypot(*d))
+    centre = np.array([(xlim[0] + xlim[1]) / 2, (ylim[0] + ylim[1]) / 2])
+    q = p + ((centre - p) @ d) * d
+    half_length = 0.125 * max(xlim[1] - xlim[0], ylim[1] - ylim[0])
+    return q - half_length * d, q + half_length * d
 
 
 def _robust_range(v: np.ndarray) -> tuple[float, float]:
@@ -522,10 +590,15 @@ def _robust_range(v: np.ndarray) -> tuple[float, float]:
 
 
 def _edges(
-    v: np.ndarray, extra: Sequence[float], bins: int, ranges: dict[int, tuple] | None = None
+    v: np.ndarray,
+    extra: Sequence[float],
+    bins: int,
+    ranges: dict[int, tuple] | None = None,
+    must: Sequence[float] = (),
 ) -> np.ndarray:
     """Bin edges over the robust range of ``v`` (0.5-99.5% quantiles), widened towards ``extra``
-    (the gate's coordinates) by at most ``_GATE_REACH`` of that range, and padded by 5%.
+    (the gate's coordinates) by at most ``_GATE_REACH`` of that range and up to every ``must``
+    coordinate, and padded by 5%.
     ``ranges`` caches the range per array (keyed by identity; the array is kept with it, so the
     key cannot be reused while the cache lives)."""
     if ranges is None:
@@ -540,6 +613,8 @@ def _edges(
         near = [e for e in extra if lo - reach <= e <= hi + reach]
         beyond = [lo - reach if e < lo else hi + reach for e in extra if not lo - reach <= e <= hi + reach]
         lo, hi = min(lo, *near, *beyond), max(hi, *near, *beyond)
+    if must:
+        lo, hi = min(lo, *must), max(hi, *must)
     span = hi - lo
     if not np.isfinite(span) or span <= 0:
         lo, hi, span = lo - 0.5, lo + 0.5, 1.0
@@ -547,12 +622,16 @@ def _edges(
 
 
 def _edges_over(
-    values: Sequence[np.ndarray], extra: Sequence[float], bins: int, ranges: dict[int, tuple] | None = None
+    values: Sequence[np.ndarray],
+    extra: Sequence[float],
+    bins: int,
+    ranges: dict[int, tuple] | None = None,
+    must: Sequence[float] = (),
 ) -> np.ndarray:
     """Edges spanning the robust range of each of ``values`` (the parent's events and the shown
     ones: a small subset in the parent's tail, e.g. Treg's high CD25, stays on the grid)."""
-    grids = [_edges(v, extra, bins, ranges) for v in values if len(v)] or [
-        _edges(values[0], extra, bins, ranges)
+    grids = [_edges(v, extra, bins, ranges, must) for v in values if len(v)] or [
+        _edges(values[0], extra, bins, ranges, must)
     ]
     return np.linspace(min(g[0] for g in grids), max(g[-1] for g in grids), bins + 1)
 
