@@ -69,3 +69,62 @@ def test_scatter_panels_of_other_instruments_each_get_their_own_axes(two_instrum
     assert [c.split(":")[0] for c in apart] == ["Lymphocytes", "Singlets"]
     figures = re.findall(r'<figure id="fig-(gate-[^"]+)"><img src="data:image/png;base64,([^"]+)"', html)
     assert len(figures) >= 16 and all(base64.b64decode(png)[:4] == b"\x89PNG" for _, png in figures)
+
+
+# --- the outlier rule on a simulated multi-instrument study ------------------------------------
+@pytest.fixture(scope="module")
+def multi_instrument(tmp_path_factory):
+    """`cytopipe simulate --instrument random` (seed 24): site S1 measures on an 18-bit
+    instrument, S2 and S3 on 22-bit ones; every sample gated as a run gates it."""
+    from cytopipe.report.gate_review import read_gate_review
+    from cytopipe.simulate.trial import instrument_trial
+
+    folder = tmp_path_factory.mktemp("multi-instrument")
+    trial = instrument_trial(folder / "trial", instrument="random", seed=24, patients=6, visits=(0, 12),
+                             events=10_000)  # fmt: skip
+    run = build_gated_run(folder / "trial", folder / "run")
+    samples = pd.read_parquet(run / "samples.parquet")
+    return trial, read_gate_review(run), samples[samples["control"].isna()]
+
+
+SCATTER_GATES = ["Lymphocytes", "Singlets"]
+
+
+def test_outlier_rule_compares_scatter_gates_of_other_instruments_like_with_like(multi_instrument):
+    """In raw units the 18-bit site's Lymphocytes gates were outliers (|z| 4.6 against the 22-bit
+    sites' centres, 15-23 times larger); relative to each sample's own events they are not."""
+    from cytopipe.report.outliers import gate_outliers
+
+    trial, review, samples = multi_instrument
+    pnr = {site: inst.pnr for site, inst in trial.instruments.items()}
+    assert pnr == {"S1": 262144.0, "S2": 4194304.0, "S3": 4194304.0}
+    lymph = review[(review["population"] == "Lymphocytes") & (review["panel"] == 0)]
+    fsc = (
+        lymph.merge(samples[["sample_id", "site"]])
+        .groupby("site")["params"]
+        .agg(lambda p: float(np.median([v[0] for v in p])))
+    )
+    assert fsc["S2"] > 10 * fsc["S1"] and fsc["S3"] > 10 * fsc["S1"]  # raw FSC-A centres
+    out = gate_outliers(review[review["population"].isin(SCATTER_GATES)], samples)
+    assert len(out) == 2 * 12 and not out["outlier"].any(), out[out["outlier"]][["sample_id", "reasons"]]
+    assert out["score"].max() < 3.0
+
+
+def test_a_scatter_gate_moved_by_hand_is_still_an_outlier(multi_instrument):
+    """One 18-bit sample's Lymphocytes ellipse moved 30% right along FSC-A (the events stay): it is
+    the one outlier, and the reason gives its centre raw and relative to the sample's events."""
+    from cytopipe.report.outliers import gate_outliers
+
+    _, review, samples = multi_instrument
+    moved = review.copy()
+    i = moved.index[(moved["population"] == "Lymphocytes") & (moved["sample_id"] == "P004_W12")][0]
+    assert samples.set_index("sample_id").loc["P004_W12", "site"] == "S1"
+    params = list(moved.at[i, "params"])
+    params[0] *= 1.3
+    moved.at[i, "params"] = params
+    out = gate_outliers(moved[moved["population"].isin(SCATTER_GATES)], samples)
+    hit = out[out["outlier"]]
+    assert list(zip(hit["sample_id"], hit["population"])) == [("P004_W12", "Lymphocytes")]
+    reason = hit["reasons"].iloc[0]
+    assert reason.startswith("threshold FSC-A centre ") and "x the sample's median FSC-A)" in reason
+    assert hit["score"].iloc[0] > 4.5

@@ -13,13 +13,13 @@ from matplotlib.path import Path as MPath
 from cytopipe.errors import ReportError
 from cytopipe.report.gate_review import (
     GATE_REVIEW_COLUMNS,
-    gate_outliers,
     gate_review_data,
     panel_arrays,
     panel_background,
     read_gate_review,
     write_gate_review,
 )
+from cytopipe.report.outliers import gate_outliers
 from tests.report_support import TEMPLATE
 
 

@@ -200,7 +200,8 @@ def test_review_in_the_browser(browser, server, finished, backend):
 
     # 1b. flagged first, in the browser: the activated cTfh queue (gates the run flagged or found
     #     outlying, by the report's rule applied here to the run's own tables) starts with exactly those
-    from cytopipe.report.gate_review import gate_outliers, read_gate_review
+    from cytopipe.report.gate_review import read_gate_review
+    from cytopipe.report.outliers import gate_outliers
 
     review = read_gate_review(out)
     meta = before[["sample_id", "patient_id", "visit", "arm"]].drop_duplicates("sample_id")

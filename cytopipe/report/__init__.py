@@ -26,11 +26,11 @@ from cytopipe.config import MAX_GALLERY
 from cytopipe.report.blinding import add_blinding_arguments
 from cytopipe.report.gate_review import (
     GATE_REVIEW_FILE,
-    gate_outliers,
     gate_review_data,
     read_gate_review,
     write_gate_review,
 )
+from cytopipe.report.outliers import gate_outliers
 
 __all__ = [
     "GATE_REVIEW_FILE",

@@ -58,10 +58,11 @@ param_spans     parameter's dimension (the scale floor of the outlier rule); a d
                 its line crosses the axes (``CD25 >=`` at CD127 = 0, ``CD127 <`` at CD25 = 0)
 ==============  ===================================================================================
 
-No events are stored. :func:`gate_outliers` applies the outlier rule (docs/reports.md).
+No events are stored. :func:`cytopipe.report.outliers.gate_outliers` applies the outlier rule
+(docs/reports.md).
 
-Why one module: writing the gate-review table, reading it back and the outlier rule share the
-table's schema (the columns above) and must change together; the per-gate-type panel builders
+Why one module: writing the gate-review table and reading it back share the table's schema (the
+columns above) and must change together; the per-gate-type panel builders
 are small functions over that one schema.
 """
 
@@ -84,10 +85,6 @@ GATE_REVIEW_FILE = "gate_review.parquet"
 BINS_2D = 48
 BINS_1D = 96
 QUANTILES = (0.005, 0.995)
-OUTLIER_Z = 3.5  # Iglewicz & Hoaglin's cut-off for robust (modified) z-scores
-MAD_TO_SD = 1.4826  # MAD of a normal distribution x 1.4826 = its SD
-PARAM_FLOOR = 0.02  # scale floor of a gate parameter: 2% of its axis span
-FREQ_FLOOR = 0.1  # scale floor of a frequency, on the logit scale (about 10% relative)
 _OPEN = 1e9  # polygon vertices beyond this are open-ended (rays), e.g. the singlet wedge
 # a gate coordinate widens a panel's grid by at most this share of the events' robust span (a
 # coordinate further away is cut at the panel's edge): the panel stays on the events, not on 0
@@ -833,139 +830,3 @@ def panel_background(row: Mapping[str, Any]) -> np.ndarray:
     out = np.asarray(values, dtype=np.int64)
     nx, ny = int(row["x_bins"]), int(row["y_bins"])
     return out.reshape(ny, nx) if ny else out
-
-
-# ------------------------------------------------------------------------------------------------
-# the outlier rule
-# ------------------------------------------------------------------------------------------------
-def gate_outliers(
-    review: pd.DataFrame, samples: pd.DataFrame | None = None, z: float = OUTLIER_Z
-) -> pd.DataFrame:
-    """Flagged and outlying gates, one row per sample x population.
-
-    ``samples`` maps ``sample_id`` to ``patient_id`` and ``visit`` (e.g. population_stats); without
-    it only the cohort comparison is made. For each gate, each of its numbers (every fitted
-    threshold, ellipse centre or singlet ratio, and the frequency as logit of
-    ``(count + 0.5) / (parent_count + 1)``) gets two robust z-scores:
-
-    * vs the cohort: ``(v - median) / s``, ``s = max(1.4826 MAD, floor)`` over all samples;
-    * vs the patient's other visits: ``(v - median of the patient's other visits) / s_w``, where
-      ``s_w = max(1.4826 median |v - median of other visits|, floor)`` over all samples (needs >= 2
-      other visits of the patient).
-
-    Floors: 2% of the axis span for gate numbers, 0.1 on the logit scale for frequencies. A gate
-    is an outlier when any |z| > ``z`` (3.5). A population not measured in a sample (``source``
-    "not measured") is neither flagged nor an outlier there and takes no part in the others'
-    z-scores (its ``pct_parent`` and ``score`` are NaN). Columns: ``sample_id, population, patient_id,
-    visit, pct_parent, flagged, flags, outlier, score`` (largest |z|), ``reasons``.
-    """
-    first = review[review["panel"] == 0].copy()
-    first = first.drop_duplicates(["sample_id", "population"])
-    if samples is not None and len(samples):
-        meta = samples[["sample_id", "patient_id", "visit"]].drop_duplicates("sample_id")
-        first = first.merge(meta, on="sample_id", how="left")
-    else:
-        first["patient_id"] = None
-        first["visit"] = np.nan
-    out = []
-    for population, g in first.groupby("population", sort=False):
-        g = g.reset_index(drop=True)
-        quantities = _quantities(g)
-        score = np.zeros(len(g))
-        reasons: list[list[str]] = [[] for _ in range(len(g))]
-        unmeasured = (g["source"].astype(str) == "not measured").to_numpy() if "source" in g else False
-        for label, values, floor, fmt in quantities:
-            values = np.where(unmeasured, np.nan, values)  # no number: a marker is not in the file
-            zc = _cohort_z(values, floor)
-            zp = _patient_z(values, g["patient_id"], g["visit"], floor)
-            for kind, zz in (("cohort", zc), ("patient's other visits", zp)):
-                hit = np.abs(zz) > z
-                score = np.fmax(score, np.nan_to_num(np.abs(zz)))
-                for i in np.flatnonzero(hit):
-                    reasons[i].append(
-                        f"{label} {fmt(values[i])} is an outlier vs the {kind} (z={zz[i]:+.1f})"
-                    )
-        flagged = (g["flags"].fillna("").astype(str) != "") & ~unmeasured
-        score = np.where(unmeasured, np.nan, score)  # not measured: no score, not 0 (not outlying)
-        out.append(
-            pd.DataFrame(
-                {
-                    "sample_id": g["sample_id"],
-                    "population": population,
-                    "patient_id": g["patient_id"],
-                    "visit": g["visit"],
-                    "pct_parent": g["pct_parent"],
-                    "flagged": flagged.to_numpy(),
-                    "flags": g["flags"].fillna(""),
-                    "outlier": [bool(r) for r in reasons],
-                    "score": score,
-                    "reasons": ["; ".join(r) for r in reasons],
-                }
-            )
-        )
-    if not out:
-        cols = ["sample_id", "population", "patient_id", "visit", "pct_parent", "flagged", "flags",
-                "outlier", "score", "reasons"]  # fmt: skip
-        return pd.DataFrame(columns=cols)
-    return pd.concat(out, ignore_index=True)
-
-
-def _quantities(g: pd.DataFrame) -> list[tuple[str, np.ndarray, float, Any]]:
-    """(label, values, scale floor, formatter) of every number compared for one gate."""
-    out = []
-    count = g["count"].astype("float64").to_numpy()  # not measured: NaN (a nullable Int64 NA)
-    parent = g["parent_count"].astype("float64").to_numpy()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        frac = (count + 0.5) / (parent + 1.0)
-        logit = np.log(frac / (1 - frac))
-    out.append(("frequency", logit, FREQ_FLOOR, lambda v: f"{100 / (1 + np.exp(-v)):.2f}%"))
-    lengths = g["params"].map(len)
-    k = int(lengths.max()) if len(g) else 0
-    if k == 0:
-        return out
-    names = g["param_names"].iloc[int(np.argmax(lengths.to_numpy()))]
-    for j in range(k):
-        if str(names[j]).endswith(DIAGONAL_MARK):
-            continue
-        vals = np.array([p[j] if len(p) > j else np.nan for p in g["params"]], dtype=float)
-        spans = np.array([s[j] if len(s) > j else np.nan for s in g["param_spans"]], dtype=float)
-        span = float(np.nanmedian(spans)) if np.isfinite(spans).any() else np.nan
-        if not np.isfinite(span):  # e.g. singlet ratios: 2% of the median value
-            span = float(np.nanmedian(np.abs(vals))) if np.isfinite(vals).any() else 1.0
-        out.append((f"threshold {names[j]}", vals, PARAM_FLOOR * span, lambda v: f"{v:.3g}"))
-    return out
-
-
-def _cohort_z(values: np.ndarray, floor: float) -> np.ndarray:
-    finite = values[np.isfinite(values)]
-    if len(finite) < 3:
-        return np.full(len(values), np.nan)
-    med = np.median(finite)
-    scale = max(MAD_TO_SD * float(np.median(np.abs(finite - med))), floor)
-    return (values - med) / scale
-
-
-def _patient_z(values: np.ndarray, patients: pd.Series, visits: pd.Series, floor: float) -> np.ndarray:
-    """Robust z of each value vs the median of the same patient's other visits."""
-    z = np.full(len(values), np.nan)
-    if patients.isna().all():
-        return z
-    frame = pd.DataFrame({"p": patients.astype(str), "v": visits, "x": values, "i": np.arange(len(values))})
-    frame = frame[patients.notna().to_numpy()]
-    frame["slot"] = frame.groupby("p").cumcount()
-    wide = frame.pivot(index="p", columns="slot", values="x").to_numpy(float)
-    pos = frame.pivot(index="p", columns="slot", values="i").to_numpy(float)
-    loo = np.full(wide.shape, np.nan)
-    for j in range(wide.shape[1]):
-        others = np.delete(wide, j, axis=1)
-        enough = np.isfinite(others).sum(axis=1) >= 2
-        if enough.any():
-            loo[enough, j] = np.nanmedian(others[enough], axis=1)
-    dev = wide - loo
-    finite = np.abs(dev[np.isfinite(dev)])
-    if not len(finite):
-        return z
-    scale = max(MAD_TO_SD * float(np.median(finite)), floor)
-    ok = np.isfinite(pos)
-    z[pos[ok].astype(int)] = (dev / scale)[ok]
-    return z

@@ -380,7 +380,7 @@ def run_summary(b: Builder) -> H.Section:
 # gate review gallery
 # ------------------------------------------------------------------------------------------------
 def gate_gallery(b: Builder) -> H.Section:
-    from cytopipe.report.gate_review import OUTLIER_Z, gate_outliers
+    from cytopipe.report.outliers import OUTLIER_Z, gate_outliers
 
     d = b.data
     s = H.Section("gates", "Gate review gallery")
@@ -400,7 +400,10 @@ def gate_gallery(b: Builder) -> H.Section:
         "used) come first, then outlying gates (orange frame), then the rest. A gate is an outlier when "
         f"one of its fitted numbers (threshold, centre) or its frequency lies more than {OUTLIER_Z} robust "
         "SDs from the median of the same patient's other visits or of the whole cohort "
-        "(robust z = (value - median) / (1.4826 MAD); see docs/reports.md)."))  # fmt: skip
+        "(robust z = (value - median) / (1.4826 MAD); see docs/reports.md). A number on a linear axis "
+        "(scatter, in the instrument's own units) is compared relative to the median of the sample's "
+        "own events on that axis, so samples of instruments with other ranges are compared like with "
+        "like."))  # fmt: skip
     summary = (
         flags.groupby("population", sort=False)
         .agg(

@@ -154,7 +154,8 @@ def queue(
     db: DBSession, run: Run, study: Study, population: str | None, can_see_arms: bool
 ) -> dict[str, Any]:
     """Every sample's gate of ``population`` (default: the first), flagged and outlying first."""
-    from cytopipe.report.gate_review import gate_outliers, read_gate_review
+    from cytopipe.report.gate_review import read_gate_review
+    from cytopipe.report.outliers import gate_outliers
     from cytopipe.review.decisions import status_of
 
     out = out_dir(run)
@@ -429,7 +430,8 @@ def approve(
 ) -> dict[str, Any]:
     """Approve one gate (``scope="one"``), every unflagged, non-outlying gate of a population
     (``"unflagged"``) or every gate of the run (``"run"``)."""
-    from cytopipe.report.gate_review import gate_outliers, read_gate_review
+    from cytopipe.report.gate_review import read_gate_review
+    from cytopipe.report.outliers import gate_outliers
 
     run, _ = finished(db, run_id)
     _locked(db, run_id)
