@@ -89,3 +89,42 @@ def test_umap_of_a_subsample_coloured_by_metacluster_and_gate(fitted):
     fig = cluster.plot_umap(emb, mc, truth)
     assert len(fig.axes) == 2
     assert sorted(t.get_text() for t in fig.axes[1].get_legend().get_texts()) == sorted(set(truth))
+
+
+def _label_boxes(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    return ax, {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+
+
+def test_umap_metacluster_labels_do_not_overlap_when_clusters_are_close():
+    """Five metaclusters whose centres lie within 0.4 of each other (and two more pairs) on a
+    13-unit-wide embedding: their labels were drawn on top of each other at the medians."""
+    rng = np.random.default_rng(0)
+    centres = np.array(
+        [[0, 0], [0.3, 0.1], [0.1, 0.35], [0.4, 0.4], [-0.2, 0.2], [8, 8], [8.2, 8.1], [-5, 6]]
+    )
+    emb = np.concatenate([c + 0.3 * rng.standard_normal((300, 2)) for c in centres]).astype(np.float32)
+    mc = np.repeat(np.arange(1, len(centres) + 1), 300)
+    fig = cluster.plot_umap(emb, mc, np.where(mc < 6, "T cells", "NK cells"))
+    ax, boxes = _label_boxes(fig)
+    assert sorted(boxes) == [f"MC{i:02d}" for i in range(1, 9)]
+    names = sorted(boxes)
+    hits = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :] if boxes[a].overlaps(boxes[b])]
+    assert not hits, hits
+    frame = ax.get_window_extent()
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1
+               for b in boxes.values())  # fmt: skip
+    # a moved label points at its cluster's median with a leader line; a lone cluster's stays put
+    assert len(ax.lines) >= 3
+    lone = boxes["MC08"]
+    x, y = ax.transData.transform(np.median(emb[mc == 8], axis=0))
+    assert lone.x0 <= x <= lone.x1 and lone.y0 <= y <= lone.y1
+    # deterministic: the same figure twice puts every label at the same place
+    _, again = _label_boxes(cluster.plot_umap(emb, mc, np.where(mc < 6, "T cells", "NK cells")))
+    assert all(np.allclose(boxes[n].extents, again[n].extents) for n in names)

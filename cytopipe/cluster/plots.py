@@ -16,6 +16,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
 
+#: a label's backdrop: thin (inside the 2-pixel gap the labels keep), so points stay visible
+_LABEL_BOX = {"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.6}
+
+
 def _figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure
 
@@ -144,11 +148,14 @@ def plot_umap(
     point = max(0.5, min(6.0, 20000.0 / max(len(emb), 1)))
     ax = axes[0]
     ax.scatter(emb[:, 0], emb[:, 1], s=point, c=colors[mc - 1], linewidths=0, rasterized=True)
+    anchors, texts = [], []
     for c in range(1, k + 1):  # label each metacluster at its median position
         sel = mc == c
         if sel.any():
             x, y = np.median(emb[sel], axis=0)
-            ax.text(x, y, metacluster_name(c), fontsize=7, ha="center", va="center", weight="bold")
+            anchors.append((float(x), float(y)))
+            texts.append(ax.text(x, y, metacluster_name(c), fontsize=7, ha="center", va="center",
+                                 weight="bold", zorder=4, bbox=_LABEL_BOX))  # fmt: skip
     ax.set_title(f"{title}: metaclusters")
     if populations is not None:
         labels = np.asarray(populations).astype(str)
@@ -167,7 +174,65 @@ def plot_umap(
         a.set_yticks([])
         a.set_xlabel("UMAP 1")
         a.set_ylabel("UMAP 2")
+    if texts:
+        repel_labels(ax, texts, anchors)
     return fig
+
+
+def repel_labels(ax, texts: Sequence, anchors: Sequence[tuple[float, float]], pad: float = 2.0,
+                 iterations: int = 400) -> None:  # fmt: skip
+    """Move text labels (centred on their ``anchors``, data coordinates) apart until their boxes,
+    measured with the renderer at the figure's final layout, do not overlap (``pad`` pixels
+    between them) and stay inside the axes; a label moved off its anchor gets a thin leader line
+    to it. Deterministic: pairs are resolved in a fixed order, each pushed apart along the axis
+    of its smaller overlap (the first of two labels on one spot goes left or down)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = ax.figure
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    for t in texts:
+        t.set_in_layout(False)  # moving a label never changes the layout it was measured in
+    fig.draw_without_rendering()  # the final layout (constrained): positions in pixels hold
+    renderer = fig.canvas.get_renderer()
+    boxes = np.array([t.get_window_extent(renderer).extents for t in texts], dtype=float)
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) / 2 + pad / 2
+    frame = ax.get_window_extent(renderer).extents
+    pos = _repel(centre, half, frame, iterations)
+    placed = ax.transData.inverted().transform(pos)
+    anchors = np.asarray(anchors, dtype=float)
+    for t, p, a, off, h in zip(texts, placed, anchors, pos - centre, half):
+        t.set_position((float(p[0]), float(p[1])))
+        if (np.abs(off) > h).any():  # moved off its own spot: a leader line to it
+            ax.plot([a[0], p[0]], [a[1], p[1]], color="#495057", lw=0.5, zorder=3)
+
+
+def _repel(centre: np.ndarray, half: np.ndarray, frame: np.ndarray, iterations: int) -> np.ndarray:
+    """Box centres (pixels) moved so that no two boxes (half sizes ``half``) overlap and each
+    stays inside ``frame`` (x0, y0, x1, y1) where it fits."""
+    n = len(centre)
+    lo, hi = frame[:2] + half, frame[2:] - half
+    lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
+    pos = np.clip(centre, lo, hi)
+    for _ in range(iterations):
+        moved = False
+        for i in range(n):
+            for j in range(i + 1, n):
+                d = pos[j] - pos[i]
+                overlap = half[i] + half[j] - np.abs(d)
+                if (overlap <= 0).any():
+                    continue
+                axis = int(overlap[1] < overlap[0])  # push along the smaller overlap
+                sign = 1.0 if d[axis] >= 0 else -1.0
+                shift = overlap[axis] / 2 + 0.01
+                pos[i, axis] -= sign * shift
+                pos[j, axis] += sign * shift
+                moved = True
+        if not moved:
+            break
+        pos = np.clip(pos, lo, hi)
+    return pos
 
 
 def plot_consensus_curve(curve: pd.DataFrame, chosen_k: int | None = None) -> Figure:
