@@ -55,7 +55,8 @@ class MissingMarker:
 
 @dataclass
 class MarkerTable:
-    """``resolved[file][marker]`` = ``$PnN`` or None (missing); ``errors[file][marker]`` = why."""
+    """``resolved[file][marker]`` = ``$PnN`` or None (missing); ``ambiguous[file][marker]`` = why gating
+    fails the file (the channel's ``$PnN`` is shared)."""
 
     files: list[str]
     markers: list[str]
