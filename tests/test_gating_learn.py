@@ -257,6 +257,27 @@ def small_study(tmp_path_factory):
 # sample(s) of the target's own site (instrument): 0.958 / 0.942, 0.957 / 0.932; the best-aligned
 # example alone when only two are within the quality band: 0.960 / 0.938, 0.952 / 0.942; always
 # the best-aligned one: 0.960 / 0.929, 0.952 / 0.936.
+# Tried 2026-12-06 on tuning seeds 5151-5156 and not kept (pooled F1 on each, Th17 / activated
+# cTfh; the learner: 0.959 0.943 0.969 0.935 0.939 0.936 / 0.940 0.951 0.940 0.899 0.921 0.879):
+# a composition confound. Within a site the upper side of a dim marker's one-peak density widens
+# with the parent's share of positives (correlation of the tenth-maximum crossing with the true
+# positive fraction: CCR6 +0.36, CXCR5 +0.19, CXCR3 +0.16, PD-1 +0.11; of each file's best
+# threshold: -0.10 to +0.10), and a transferred threshold's error grows with the target's share
+# (from one example: CXCR3 r = 0.50, ~1.0 arcsinh per unit of fraction; PD-1 0.25; CXCR5 0.24;
+# CCR6 0.08): a quarter of CXCR3's error variance, ~6 % of PD-1's; at 100,000 events per file on
+# 5151 it accounts for ~0.003 of the PD-1 thresholds' +0.052 mean bias, which goes by instrument
+# (targets of site S3 +0.08, S1 +0.03, S2 -0.09). Thresholds above a one-peak negative moved on
+# the negative's own mode and lower half-width only (t = mode_t + (t_ex - mode_ex) w_t / w_ex):
+# 0.829 0.926 0.941 0.900 0.853 0.854 / 0.927 0.916 0.894 0.835 0.846 0.872, and Treg 0.971 ->
+# 0.733 on 5156 (the lower tenth-width, 5151 / 5152: 0.883 / 0.929, 0.929 / 0.921): the mode and
+# the lower side do not place a dim marker's best threshold (coefficient of variation of (best -
+# mode) over the lower half-width 0.26-0.32, over the upper one 0.12-0.17; on 5151's site S1 the
+# PD-1 mode wanders over 0.21-0.63 arcsinh while each file's best threshold is within 1.17-1.36;
+# a shift matching a lower crossing alone: Th17 0.674 on 5155). Re-scored on the four dim-marker
+# gates alone (mean over the six; the learner: Th17 0.947, activated cTfh 0.922, cTfh 0.959): a
+# shift matching the upper half-maximum crossing (no scale): 0.949, 0.927, 0.965, but Th17 0.950
+# on 5151; the same site's reviewed sample only: 0.952, 0.928, cTfh 0.945; a least-squares line
+# through the crossings at 0.8-0.2 of the peak (upper side, or both): 0.939-0.941, 0.923-0.930.
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="Th17 / activated cTfh below F1 0.95 (see comment)")
 def test_learned_gates_on_21_samples_of_a_random_instrument_study(tmp_path):
