@@ -49,7 +49,7 @@ backend = serve_support.backend
 browser = test_report_browser.browser  # the one Chromium fixture (module scope)
 serve_trial = serve_support.serve_trial
 KEY = ["sample_id", "population"]
-USERS = {"rita": "reviewer", "alan": "analyst", "vera": "viewer"}
+USERS = {"rita": "reviewer", "sam": "reviewer", "alan": "analyst", "vera": "viewer"}
 
 
 @pytest.fixture(scope="module")
@@ -399,6 +399,23 @@ def test_review_in_the_browser(browser, server, finished, backend):
     assert api.get(f"/api/runs/{run_id}/review?population=Treg").json()["signoff"] is None
     with page.expect_navigation():
         page.click("#approve-run")  # the page reloads with every gate approved
+    # the study requires sign-off by a second person (a new study's default): rita changed gates, so
+    # the page says she cannot sign this run, and her signature is refused naming the rule
+    expect(page.locator("#four-eyes")).to_contain_text("rita (overrode Treg of ")
+    expect(page.locator("#signoff")).to_be_enabled()
+    page.fill("#signoff-password", PASSWORD)
+    page.click("#signoff")
+    expect(page.locator("#signoff-state")).to_have_text(
+        re.compile(
+            r"^Not signed off: run \d+ cannot be signed off by rita: study 'review study' requires "
+            r"sign-off by a second person \(four eyes\), and rita overrode "
+        )
+    )
+    assert api.get(f"/api/runs/{run_id}/review?population=Treg").json()["signoff"] is None
+    # sam, a second reviewer who changed nothing, signs it (a wrong password first)
+    context_sam, page = signed_in(browser, server, "sam", errors)
+    page.goto(server.url + f"/runs/{run_id}/review?population=Treg")
+    expect(page.locator("#four-eyes")).to_contain_text("rita (")
     expect(page.locator("#signoff")).to_be_enabled()
     page.fill("#signoff-password", "not my password")
     page.click("#signoff")
@@ -414,10 +431,12 @@ def test_review_in_the_browser(browser, server, finished, backend):
     expect(page.locator("#signoff-form")).to_be_hidden()  # was still shown (display: flex beat hidden)
     expect(page.locator("#override-form")).to_be_hidden()  # the gates are locked: nothing to save
     expect(page.locator("#approve-all")).to_be_hidden()
-    assert "rita" in page.inner_text("#signoff-state") and "reviewed and approved" in page.inner_text(
+    assert "sam" in page.inner_text("#signoff-state") and "reviewed and approved" in page.inner_text(
         "#signoff-state"
     )
     page.screenshot(path=str(shots / "06-signed-off.png"), full_page=True)
+    context_sam.close()
+    page = context.pages[0]  # rita's page again
 
     # 6. the audit page lists every action with user and reason
     page.goto(server.url + "/audit")
@@ -432,7 +451,15 @@ def test_review_in_the_browser(browser, server, finished, backend):
     assert int(rows_g["audit_entry"].iloc[0]) == group[0]["id"]
     for v in visits:  # the entry names each sample with the % it now has
         assert group[0]["after"]["samples"][v] == pytest.approx(rows_g.loc[(v, "Treg"), "pct_parent"])
-    assert actions.count("review.signoff") == 1 and actions.count("review.signoff_refused") == 1
+    refused = [e for e in mine if e["action"] == "review.signoff_refused"]  # the four-eyes rule
+    assert (
+        actions.count("review.signoff") == 0
+        and len(refused) == 1
+        and refused[0]["reason"] == ("sign-off by a second person (four eyes)")
+    )
+    assert refused[0]["after"]["rule"] == "four_eyes" and refused[0]["after"]["signer"] == "rita"
+    sams = [e["action"] for e in trail if e["user"] == "sam" and e["action"].startswith("review.")]
+    assert sams == ["review.signoff", "review.signoff_refused"]  # newest first: wrong password, then signed
     override = next(e for e in mine if e["action"] == "review.override"
                     and e["after"].get("sample_id") == target["sample_id"])  # fmt: skip
     assert override["reason"] == "poor staining · CD25 smeared into the negatives in this tube"
@@ -460,9 +487,10 @@ def test_review_in_the_browser(browser, server, finished, backend):
     page.goto(server.url + f"/runs/{run_id}/review?population=Treg")
     assert "version 1" in page.inner_text("#run-template")  # the run keeps the version it ran with
 
-    # the errors in the console are the refused sign-offs (gates unreviewed: 409; wrong password: 403)
+    # the errors in the console are the refused sign-offs (gates unreviewed: 409; rita's own changes,
+    # four eyes: 409; sam's wrong password: 403)
     assert [e for e in errors if "status of 403" not in e and "status of 409" not in e] == [], errors
-    assert len(errors) == 2, errors
+    assert len(errors) == 3, errors
     context.close()
 
     # 7. the report of the reviewed run (refreshed after the sign-off) shows it and the override
@@ -527,9 +555,11 @@ def test_a_sample_clicked_while_another_loads_is_the_one_shown(browser, server, 
 def test_signoff_locks_the_gates_until_a_new_version(server, finished, monkeypatch):
     run_id, out = finished
     c = server.client("rita")
+    signer = "sam"  # in the browser test (SQLite only): rita had changed gates there (four eyes)
     if not c.get(f"/api/runs/{run_id}/review?population=Treg").json()[
         "locked"
     ]:  # (PostgreSQL: no browser test)
+        signer = "rita"  # she changed no gate of this run
         r = c.post(
             f"/api/runs/{run_id}/review/approve",
             json={"scope": "unflagged", "population": "Treg"},
@@ -622,7 +652,7 @@ def test_signoff_locks_the_gates_until_a_new_version(server, finished, monkeypat
     assert by[(other["sample_id"], "Treg")]["status"] == "overridden"
     # the examples file of the signed-off run: every approved/overridden Treg gate
     ex = c.get(f"/api/runs/{run_id}/review/examples?format=json").json()
-    assert ex["signoff"]["user"] == "rita" and len(ex["examples"]) >= 1
+    assert ex["signoff"]["user"] == signer and len(ex["examples"]) >= 1
 
 
 def _blocked_in(thread, qualname: str) -> bool:
@@ -757,8 +787,8 @@ def test_a_signoff_waits_for_a_save_that_is_regating(server, finished, monkeypat
             saved.update(reviewops.change_gate(db, run.id, "rita", change))
 
     def sign() -> None:
-        with sessions() as db:
-            user = db.scalars(select(User).where(User.name == "rita")).one()
+        with sessions() as db:  # a second reviewer: rita made the version and changes its gate (four eyes)
+            user = db.scalars(select(User).where(User.name == "sam")).one()
             signed.update(reviewops.signoff(db, run.id, user, PASSWORD))
 
     saver = threading.Thread(target=save, daemon=True)
@@ -784,6 +814,97 @@ def test_a_signoff_waits_for_a_save_that_is_regating(server, finished, monkeypat
     c = server.client("rita")
     r = c.post(f"/api/runs/{run.id}/review/approve", json={"scope": "run"}, headers=c.h)
     assert r.status_code == 409 and "signed off" in r.json()["detail"], r.text
+
+
+def test_a_run_is_signed_off_by_a_second_person(server, finished):
+    """The study's four-eyes rule, on for a new study: who made the run (here a new version of it) or
+    overrode, pooled or reverted one of its gates, also in the run it is a version of, cannot sign it
+    off (409 naming the rule and what they did, recorded as ``review.signoff_refused``); approving gates
+    does not count. Only an administrator changes the rule, with a reason (one ``study.policy`` audit
+    entry); with it off, one reviewer may do everything. Before, a reviewer signed off their own
+    overrides."""
+    run_id, _ = finished
+    admin = server.client()
+    for name in ("quinn", "ursula"):  # two reviewers who did nothing on this run yet
+        r = admin.post(
+            "/api/users", json={"name": name, "password": PASSWORD, "role": "reviewer"}, headers=admin.h
+        )
+        assert r.status_code == 201, r.text
+    quinn, ursula = server.client("quinn"), server.client("ursula")
+    study = admin.get(f"/api/runs/{run_id}").json()["study_id"]
+    assert admin.get(f"/api/studies/{study}").json()["settings"]["four_eyes"] is True  # a new study's default
+
+    # a version made by the administrator; quinn uses the pooled gate of one sample, ursula approves
+    r = admin.post(f"/api/runs/{run_id}/versions", headers=admin.h)
+    assert r.status_code == 201, r.text
+    v1 = r.json()["id"]
+    sample = quinn.get(f"/api/runs/{v1}/review?population=Treg").json()["items"][0]["sample_id"]
+    change = {"sample_id": sample, "population": "Treg", "kind": "pooled", "reason": "fit failure"}
+    assert quinn.post(f"/api/runs/{v1}/review/change", json=change, headers=quinn.h).status_code == 200
+    assert (
+        ursula.post(f"/api/runs/{v1}/review/approve", json={"scope": "run"}, headers=ursula.h).status_code
+        == 200
+    )
+    page = quinn.get(f"/runs/{v1}/review?population=Treg").text
+    assert f"quinn (used the pooled gate for Treg of {sample} in run {v1})" in page  # told before he tries
+    assert "admin (started run " in page and "cannot sign this run, so another reviewer signs it" in page
+    r = quinn.post(f"/api/runs/{v1}/signoff", json={"password": PASSWORD}, headers=quinn.h)
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"] == (
+        f"run {v1} cannot be signed off by quinn: study 'review study' requires sign-off by a second person "
+        f"(four eyes), and quinn used the pooled gate for Treg of {sample} in run {v1}. Another reviewer, who "
+        "neither started the run nor changed its gates, signs it off (an administrator can turn the rule off "
+        "on the study's page, with a reason)"
+    )
+    entry = admin.get("/api/audit?limit=5").json()[0]
+    assert (entry["action"], entry["user"], entry["object_id"]) == (
+        "review.signoff_refused",
+        "quinn",
+        str(v1),
+    )
+    assert (
+        entry["after"]["rule"] == "four_eyes" and entry["reason"] == "sign-off by a second person (four eyes)"
+    )
+    assert quinn.get(f"/api/runs/{v1}/review?population=Treg").json()["signoff"] is None
+    r = ursula.post(f"/api/runs/{v1}/signoff", json={"password": PASSWORD}, headers=ursula.h)
+    assert r.status_code == 200 and r.json()["signed_by"] == "ursula", r.text  # her approvals do not count
+
+    # ursula makes the next version: she made it, and quinn's carried-over pooled gate is still his
+    r = ursula.post(f"/api/runs/{v1}/versions", headers=ursula.h)
+    assert r.status_code == 201, r.text
+    v2 = r.json()["id"]
+    assert (
+        quinn.post(f"/api/runs/{v2}/review/approve", json={"scope": "run"}, headers=quinn.h).status_code
+        == 200
+    )
+    r = ursula.post(f"/api/runs/{v2}/signoff", json={"password": PASSWORD}, headers=ursula.h)
+    assert r.status_code == 409 and f"ursula made run {v2} as version 3 of run {v1}." in r.json()["detail"], (
+        r.text
+    )
+    r = quinn.post(f"/api/runs/{v2}/signoff", json={"password": PASSWORD}, headers=quinn.h)
+    assert r.status_code == 409 and f"quinn used the pooled gate for Treg of {sample} in run {v1}." in r.json()[
+        "detail"], r.text  # fmt: skip
+
+    # the rule is the administrator's, with a reason, and audited
+    policy = f"/api/studies/{study}/policy"
+    off = {"four_eyes": False, "reason": "a one-person pilot lab"}
+    assert ursula.post(policy, json=off, headers=ursula.h).status_code == 403
+    assert admin.post(policy, json=off).status_code == 403  # no CSRF token
+    r = admin.post(policy, json={**off, "reason": " "}, headers=admin.h)
+    assert r.status_code == 400 and "a reason is required" in r.json()["detail"], r.text
+    r = admin.post(policy, json=off, headers=admin.h)
+    assert r.status_code == 200 and r.json()["four_eyes"] is False, r.text
+    entry = admin.get("/api/audit?limit=1").json()[0]
+    assert (entry["action"], entry["user"], entry["object_id"], entry["reason"]) == (
+        "study.policy", "admin", str(study), "a one-person pilot lab")  # fmt: skip
+    assert entry["before"] == {"four_eyes": True} and entry["after"] == {"four_eyes": False}
+    assert "sign-off by a second person is off" in admin.get(f"/studies/{study}").text
+    r = admin.post(policy, json=off, headers=admin.h)
+    assert r.status_code == 409 and "off already" in r.json()["detail"], r.text
+    r = quinn.post(f"/api/runs/{v2}/signoff", json={"password": PASSWORD}, headers=quinn.h)
+    assert r.status_code == 200 and r.json()["signed_by"] == "quinn", r.text
+    r = admin.post(policy, json={"four_eyes": True, "reason": "pilot over"}, headers=admin.h)
+    assert r.status_code == 200 and admin.get(f"/api/studies/{study}").json()["settings"]["four_eyes"] is True
 
 
 def test_the_reports_csv_links_open_from_the_workspace(server, finished):

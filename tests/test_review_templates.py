@@ -69,3 +69,40 @@ def test_migration_0003_upgrades_an_existing_workspace(backend, tmp_path):
         engine.dispose()
     finally:
         drop()
+
+
+def test_migration_0006_keeps_single_person_signoff_for_earlier_studies(backend, tmp_path):
+    """A workspace at 0005 with a study is upgraded at start-up: the study gets the four-eyes rule
+    written into its settings, off (its runs keep the sign-off they had; an administrator turns it
+    on), its other settings kept; a study made afterwards has it on. The migration goes down (the key
+    stays: the older code ignores it) and up again without changing it."""
+    import json
+
+    from cytopipe.serve import ops, signoffpolicy
+    from cytopipe.serve.db import Study, database_url, make_engine, open_database
+
+    database, drop = serve_support.fresh_database(backend)
+    try:
+        url = database_url(database, tmp_path)
+        engine = make_engine(url)
+        _alembic(engine, "upgrade", "0005")
+        with engine.begin() as con:
+            con.execute(sa.text("INSERT INTO studies (id, name, arms, visits, settings, pattern, created_by, "
+                                "created_at) VALUES (7, 'old', '[]', '[]', :s, 'p', 'ann', :t)"),
+                        {"s": json.dumps({"seed": 3, "blinded": True}), "t": "2026-01-01T00:00:00+00:00"})  # fmt: skip
+        engine.dispose()
+        engine, sessions = open_database(url)  # what `cytopipe serve` does at start-up
+        with sessions() as db:
+            old = db.get(Study, 7)
+            assert old.settings == {"seed": 3, "blinded": True, "four_eyes": False}
+            assert not signoffpolicy.required(old)
+            new = ops.create_study(db, "ann", {"name": "new", "template": ops.DEFAULT_TEMPLATE})
+            db.commit()
+            assert new.settings["four_eyes"] is True and signoffpolicy.required(new)
+        _alembic(engine, "downgrade", "0005")
+        _alembic(engine, "upgrade", "head")
+        with sessions() as db:
+            assert {s.name: s.settings["four_eyes"] for s in db.query(Study)} == {"old": False, "new": True}
+        engine.dispose()
+    finally:
+        drop()

@@ -45,6 +45,15 @@ class NewStudy(Body):
     clustering: bool = False
     blinded: bool = False
     report: bool = Field(True, description="write report.html at the end of each run")
+    four_eyes: bool = Field(
+        True,
+        description="sign-off by a second person: who started a run or changed its gates cannot sign it off",
+    )
+
+
+class Policy(Body):
+    four_eyes: bool = Field(description="sign-off by a second person (four eyes)")
+    reason: str = Field(description="why the rule changes (required; recorded in the audit trail)")
 
 
 class NewBatch(Body):
@@ -180,6 +189,20 @@ def get_study(study_id: int, request: Request) -> dict[str, Any]:
         return {**ops.study_dict(study), "counts": ops.study_counts(db, study_id),
                 "uploads": [ops.upload_dict(u) for u in uploads],
                 "runs": [blinding.blind_run(ops.run_dict(r), codes) for r in runs]}  # fmt: skip
+
+
+@router.post("/studies/{study_id}/policy")
+def set_policy(study_id: int, body: Policy, request: Request) -> dict[str, Any]:
+    """Turn the study's four-eyes sign-off rule on or off (administrators; a reason is required)."""
+    from cytopipe.serve import signoffpolicy
+
+    ctx = state_change(request, "policy")
+    with workspace(request).sessions() as db:
+        done = signoffpolicy.set_policy(
+            db, ops.get_study(db, study_id), ctx.name, body.four_eyes, body.reason
+        )
+        db.commit()
+        return done
 
 
 @router.post("/studies/{study_id}/batches", status_code=201)

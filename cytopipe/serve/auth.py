@@ -37,6 +37,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "run": frozenset({"analyst", "reviewer", "admin"}),
     "review": frozenset({"reviewer", "admin"}),
     "signoff": frozenset({"reviewer"}),
+    "policy": frozenset({"admin"}),  # a study's sign-off rule (four eyes)
     "accounts": frozenset({"admin"}),
 }
 _hasher = PasswordHasher()

@@ -95,7 +95,8 @@ def create_study(db: DBSession, user: str, values: dict[str, Any]) -> Study:
         raise AuthError(400, str(exc)) from None
     settings = {"seed": int(values.get("seed") or 0), "workers": str(values.get("workers") or "auto"),
                 "clustering": bool(values.get("clustering")), "blinded": bool(values.get("blinded")),
-                "report": bool(values.get("report", True))}  # fmt: skip
+                "report": bool(values.get("report", True)),
+                "four_eyes": bool(values.get("four_eyes", True))}  # sign-off by a second person  # fmt: skip
     study = Study(name=name, arms=arms, visits=visits, settings=settings, pattern=pattern, created_by=user)
     db.add(study)
     db.flush()

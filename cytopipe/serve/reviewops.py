@@ -21,58 +21,25 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, select
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
 
 from cytopipe.errors import ReviewError
 from cytopipe.review.decisions import REASONS, Decision, ReviewState, read_review, write_review
 from cytopipe.schema import NOT_MEASURED
-from cytopipe.serve import audit, auth
+from cytopipe.serve import audit, auth, signoffpolicy
 from cytopipe.serve.auth import AuthError
-from cytopipe.serve.db import Base, Run, Study, User
+from cytopipe.serve.db import Run, Study, User
 from cytopipe.serve.reviewchecks import (
     refuse_nothing_to_revert,
     refuse_unmeasured,
     refuse_unreviewed,
     unmeasured,
 )
+from cytopipe.serve.reviewmodels import ReviewDecision, RunVersion, Signoff
 
 logger = logging.getLogger(__name__)
 SIGNOFF_MEANING = "reviewed and approved"
-
-
-class ReviewDecision(Base):
-    __tablename__ = "review_decisions"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
-    kind: Mapped[str] = mapped_column(String(16))
-    sample_id: Mapped[str] = mapped_column(String(200))
-    population: Mapped[str] = mapped_column(String(200))
-    params: Mapped[dict] = mapped_column(JSON, default=dict)
-    reason: Mapped[str] = mapped_column(Text, default="")
-    category: Mapped[str] = mapped_column(String(64), default="")
-    user_name: Mapped[str] = mapped_column(String(64))
-    at: Mapped[str] = mapped_column(String(32))
-    audit_id: Mapped[int] = mapped_column(Integer)
-    before_pct: Mapped[float | None] = mapped_column(Float, nullable=True)
-    after_pct: Mapped[float | None] = mapped_column(Float, nullable=True)
-
-
-class Signoff(Base):
-    __tablename__ = "signoffs"
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
-    user_name: Mapped[str] = mapped_column(String(64))
-    meaning: Mapped[str] = mapped_column(Text)
-    at: Mapped[str] = mapped_column(String(32))
-    audit_id: Mapped[int] = mapped_column(Integer)
-
-
-class RunVersion(Base):
-    __tablename__ = "run_versions"
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
-    parent_run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
-    version: Mapped[int] = mapped_column(Integer)
 
 
 def _now() -> str:
@@ -189,7 +156,8 @@ def queue(
     parent = str(review.loc[review["population"] == population, "parent"].iloc[0])
     return {"run": run.id, "population": population, "parent": parent, "populations": populations, "items": items,
             "locked": st.locked, "signoff": st.signoff, "version": st.version, "reasons": list(REASONS),
-            "arms_visible": can_see_arms}  # fmt: skip
+            "arms_visible": can_see_arms, "four_eyes": signoffpolicy.required(study),
+            "cannot_sign": signoffpolicy.who_cannot_sign(db, run, study)}  # fmt: skip
 
 
 def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
@@ -483,16 +451,18 @@ def signoff(
     background: bool = True,
 ) -> dict[str, Any]:
     """The electronic signature: the signer's password again; meaning, identity and time stored.
-    Only when every measured gate is approved or corrected (409 otherwise). Under the run's lock:
+    Only when every measured gate is approved or corrected, and, where the study requires a second
+    person, by someone who neither made the run nor changed its gates (409 otherwise). Under the run's lock:
     a save that is re-gating a sample ends (its tables written) before the signature, and no save
     starts between the signature's check and its row."""
     from cytopipe.report.gate_review import read_gate_review
 
-    run, _ = finished(db, run_id)
+    run, study = finished(db, run_id)
     _locked(db, run_id)
     with _run_lock(run_id):
         _locked(db, run_id)
         refuse_unreviewed(run_id, read_gate_review(out_dir(run)), state(db, run_id))
+        signoffpolicy.refuse_own_work(db, run, study, user.name)  # the study's four-eyes rule
         if auth.authenticate(db, user.name, password) is None:
             audit.record(db, user.name, "review.signoff_refused", "run", run_id, None, None, "wrong password")
             db.commit()

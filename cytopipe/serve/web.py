@@ -11,7 +11,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
-from cytopipe.serve import api, audit, auth, blinding, ops, results
+from cytopipe.serve import api, audit, auth, blinding, ops, results, signoffpolicy
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import RUN_ACTIVE, Audit, Run, Study, Template, Upload, User
 from cytopipe.serve.deps import Ctx, page, signed_in, state_change, workspace
@@ -103,7 +103,7 @@ async def create_study(request: Request) -> Response:
     ctx = state_change(request, "study.create", form.get("csrf"))
     values = {k: form.get(k) for k in ("name", "arms", "visits", "template", "pattern", "seed", "workers")}
     values.update(clustering=form.get("clustering") == "on", blinded=form.get("blinded") == "on",
-                  report=form.get("report") == "on")  # fmt: skip
+                  report=form.get("report") == "on", four_eyes=form.get("four_eyes") == "on")  # fmt: skip
     upload = form.get("template_file")
     if upload is not None and getattr(upload, "filename", ""):
         values["template_yaml"] = (await upload.read(2 << 20)).decode("utf-8", "replace")
@@ -132,7 +132,7 @@ def study_page(study_id: int, request: Request, pattern: str | None = None) -> H
     return page(request, "study.html", ctx, study=study, uploads=uploads, runs=runs, template=template,
                 mapping=rows, pattern=pattern or study.pattern, mapping_error=mapping_error, active=active,
                 max_file=ws.config.max_file_bytes, max_batch=ws.config.max_batch_bytes,
-                run_defaults=run_options(None))  # fmt: skip
+                run_defaults=run_options(None), four_eyes=signoffpolicy.required(study))  # fmt: skip
 
 
 @router.post("/studies/{study_id}/mapping")
@@ -151,6 +151,18 @@ async def confirm_mapping(study_id: int, request: Request) -> Response:
         blinding.assign_codes(db, ws.store, study, ws.blind_secret, ctx.name)  # a new arm: its code, for good
         db.commit()
     return RedirectResponse(f"/studies/{study_id}#runs", status_code=303)
+
+
+@router.post("/studies/{study_id}/policy")
+def set_policy(
+    study_id: int, request: Request, csrf: str = Form(""), four_eyes: str = Form(""), reason: str = Form("")
+) -> Response:
+    """The study page's sign-off rule form (administrators)."""
+    ctx = state_change(request, "policy", csrf)
+    with workspace(request).sessions() as db:
+        signoffpolicy.set_policy(db, ops.get_study(db, study_id), ctx.name, four_eyes == "on", reason)
+        db.commit()
+    return RedirectResponse(f"/studies/{study_id}#policy", status_code=303)
 
 
 @router.post("/studies/{study_id}/runs")
