@@ -116,6 +116,11 @@ def test_a_web_run_chooses_what_a_missing_marker_does(server, study):
     assert entry["user"] == "admin" and entry["after"]["options"] == {"missing_markers": "skip"}
     folder = server.data / "runs" / str(run_id)
     assert yaml.safe_load((folder / "input" / "workflow.yaml").read_text())["missing_markers"] == "skip"
+    # the study page's run list shows each run's options (before, only its status and samples)
+    html = c.get(f"/studies/{study}").text
+    for rid, policy in ((stopped["id"], "stop"), (run_id, "skip")):
+        row = re.search(rf'<tr data-run="{rid}">.*?</tr>', html, re.S).group(0)
+        assert f'<td class="run-options"><code>missing_markers: {policy}</code></td>' in row, row
 
     ps = pd.read_parquet(folder / "out" / "population_stats.parquet")
     for population in ("cTfh", "activated cTfh"):
@@ -164,6 +169,25 @@ def test_the_new_run_form_offers_the_choice(browser, server, study, backend):
     assert entry["after"]["options"] == {"missing_markers": "skip"}
     page.click("#cancel-run")  # its outcome is the API test's; stop its work
     expect(page.locator("#run-state")).to_have_text("cancelled")
+    # the study page's run list shows every run's options, as stored (before: no options column)
+    page.goto(server.url + f"/studies/{study}#runs")
+    runs = c.get(f"/api/studies/{study}").json()["runs"]
+    assert {r["options"]["missing_markers"] for r in runs} >= {"skip"}
+    expect(page.locator("#run-list thead")).to_contain_text("Options")
+    for r in runs:
+        expect(page.locator(f'#run-list tr[data-run="{r["id"]}"] td.run-options')).to_have_text(
+            f"missing_markers: {r['options']['missing_markers']}"
+        )
+    # and the study's sign-off rule, which an administrator changes there with a reason (audited)
+    expect(page.locator("#four-eyes-state")).to_contain_text("Sign-off by a second person (four eyes)")
+    page.uncheck("#four-eyes")
+    page.fill("#policy-reason", "one-person method development")
+    page.click("#save-policy")
+    expect(page.locator("#four-eyes-state")).to_contain_text("sign-off by a second person is off")
+    expect(page.locator("#four-eyes")).not_to_be_checked()
+    entry = c.get("/api/audit?limit=1").json()[0]
+    assert (entry["action"], entry["reason"], entry["after"]) == (
+        "study.policy", "one-person method development", {"four_eyes": False})  # fmt: skip
     assert errors == []
     context.close()
 

@@ -61,10 +61,18 @@ def upload_dict(up: Upload) -> dict[str, Any]:
             "uploaded_by": up.uploaded_by, "uploaded_at": up.uploaded_at.isoformat()}  # fmt: skip
 
 
+RUN_OPTION_DEFAULTS = {"missing_markers": "stop"}  # what a run made before migration 0004 ran with
+
+
+def shown_options(run: Run) -> dict[str, Any]:
+    """Every option a run was started with (``runs.options``), the defaults of those it lacks filled in."""
+    return {**RUN_OPTION_DEFAULTS, **(run.options or {})}
+
+
 def run_dict(run: Run) -> dict[str, Any]:
     return {"id": run.id, "study_id": run.study_id, "status": run.status, "attempts": run.attempts,
             "exit_code": run.exit_code, "error": run.error, "n_samples": run.n_samples, "pid": run.pid,
-            "options": {"missing_markers": "stop", **(run.options or {})},
+            "options": shown_options(run),
             "started_by": run.started_by, "created_at": run.created_at.isoformat(),
             "finished_at": run.finished_at.isoformat() if run.finished_at else None}  # fmt: skip
 

@@ -132,7 +132,8 @@ def study_page(study_id: int, request: Request, pattern: str | None = None) -> H
     return page(request, "study.html", ctx, study=study, uploads=uploads, runs=runs, template=template,
                 mapping=rows, pattern=pattern or study.pattern, mapping_error=mapping_error, active=active,
                 max_file=ws.config.max_file_bytes, max_batch=ws.config.max_batch_bytes,
-                run_defaults=run_options(None), four_eyes=signoffpolicy.required(study))  # fmt: skip
+                run_defaults=run_options(None), four_eyes=signoffpolicy.required(study),
+                run_options={r.id: ops.shown_options(r) for r in runs})  # fmt: skip
 
 
 @router.post("/studies/{study_id}/mapping")
