@@ -8,18 +8,19 @@ overridden population becomes a fixed gate; the populations above it are compute
 the run (same seeds, same fits), those below it follow from its new events. Then only that
 sample's rows of ``population_stats.parquet`` and ``gate_review.parquet`` are replaced, and the
 statistics, the catalog and the report are written again.
+
+The run's memoised state and prepared samples are in :mod:`cytopipe.review.runcache`, the fixed
+gates a decision asks for in :mod:`cytopipe.review.overrides` (their names are imported here too:
+``from cytopipe.review.regate import loaded_run, current_params, forget`` keeps working).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
-import threading
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,249 +30,13 @@ import pandas as pd
 
 from cytopipe.errors import CytopipeError, ReviewError
 from cytopipe.review.blinded import coded, coded_info, plain
-from cytopipe.review.decisions import (
-    Decision,
-    ReviewState,
-    effective_overrides,
-    ellipse_params,
-    polygon_vertices,
-)
+from cytopipe.review.decisions import Decision, ReviewState, effective_overrides
+from cytopipe.review.overrides import current_params, is_diagonal, numbers_of, overridden_template
+from cytopipe.review.runcache import forget, loaded_run, prepared, sample_job
+
+__all__ = ["apply_review", "current_params", "forget", "loaded_run", "preview", "regate_sample"]
 
 logger = logging.getLogger(__name__)
-PREPARED_KEEP = 4  # prepared samples kept in memory per process (one sample: its event matrix)
-_lock = threading.Lock()
-_runs: OrderedDict[tuple[str, int], Any] = OrderedDict()
-_prepared: OrderedDict[tuple[str, str], Any] = OrderedDict()
-
-
-# ------------------------------------------------------------------------------------------------
-# the run's state and prepared samples (memoised in this process)
-# ------------------------------------------------------------------------------------------------
-def loaded_run(run_dir: str | Path) -> Any:
-    """:func:`cytopipe.pipeline.load_run`, memoised while run.json is unchanged."""
-    from cytopipe.pipeline import load_run
-
-    run_dir = Path(run_dir).resolve()
-    key = (str(run_dir), (run_dir / "run.json").stat().st_mtime_ns)
-    with _lock:
-        hit = _runs.get(key)
-    if hit is None:
-        hit = load_run(run_dir)
-        with _lock:
-            _runs[key] = hit
-            while len(_runs) > 4:
-                _runs.popitem(last=False)
-    return hit
-
-
-def _job(lr: Any, sample_id: str) -> dict[str, Any]:
-    for job in lr.jobs:
-        if job["sample_id"] == sample_id:
-            return job
-    raise ReviewError(
-        "no such processed sample in this run (failed samples have no gates to review)",
-        sample=sample_id,
-        file=lr.folder.path,
-    )
-
-
-def prepared(lr: Any, sample_id: str) -> Any:
-    """The sample after event QC (kept in memory for the next call), or prepared again."""
-    from cytopipe.pipeline import prepare_sample
-
-    key = (str(lr.folder.path), sample_id)
-    with _lock:
-        hit = _prepared.get(key)
-        if hit is not None:
-            _prepared.move_to_end(key)
-            return hit
-    prep = prepare_sample(_job(lr, sample_id), lr.state)
-    with _lock:
-        _prepared[key] = prep
-        while len(_prepared) > PREPARED_KEEP:
-            _prepared.popitem(last=False)
-    return prep
-
-
-def forget(run_dir: str | Path | None = None) -> None:
-    """Drop memoised runs and prepared samples (all, or one run folder's)."""
-    with _lock:
-        for cache in (_runs, _prepared):
-            for k in list(cache):
-                if run_dir is None or k[0] == str(Path(run_dir).resolve()):
-                    del cache[k]
-
-
-# ------------------------------------------------------------------------------------------------
-# overridden gates
-# ------------------------------------------------------------------------------------------------
-def current_params(
-    review: pd.DataFrame, sample_id: str, population: str, run_dir: str | Path | None = None
-) -> dict[str, float]:
-    """The gate numbers applied to a sample (``{"CD25 >=": 3.05, ...}``) from gate_review.
-
-    A ``diagonal`` gate (e.g. Treg) has the numbers ``CD25 mode``, ``CD25 SD``, ``CD127 mode``,
-    ``CD127 SD``, ``diagonal >=`` (the offset along the diagonal, in robust SDs) and one threshold
-    per extra marker (``FOXP3 >=``); when the stored rows lack them (the run's own rows) and
-    ``run_dir`` is given, they are taken from the sample gated again as in the run."""
-    rows = review[(review["sample_id"] == sample_id) & (review["population"] == population)]
-    if rows.empty:
-        raise ReviewError("no gate-review data for this gate", sample=sample_id, population=population)
-    row = rows.iloc[0]
-    out = {str(n): float(v) for n, v in zip(row["param_names"], row["params"])}
-    if run_dir is not None:
-        lr = loaded_run(run_dir)
-        template = lr.state.template_for(sample_id)  # a FlowJo workspace run: the sample's own gates
-        if population in template.populations and _is_diagonal(template[population].gate):
-            if "diagonal >=" not in out:
-                out.update(diagonal_numbers(lr, sample_id, population))
-    return out
-
-
-def _is_diagonal(gate: Any) -> bool:
-    from cytopipe.gating.landmarks import DiagonalGate
-
-    return isinstance(gate, DiagonalGate)
-
-
-def _recording(gate: Any) -> Any:
-    """A copy of a diagonal gate whose realized gates remember the numbers they were made from."""
-    from cytopipe.gating.landmarks import DiagonalGate
-
-    class RecordingDiagonalGate(type(gate)):  # type: ignore[misc, valid-type]
-        def realize(self, params):
-            applied = DiagonalGate.realize(self, params)
-            applied.review_params = {k: [float(v) for v in np.ravel(p)] for k, p in params.items()}
-            return applied
-
-    out = RecordingDiagonalGate.__new__(RecordingDiagonalGate)
-    out.__dict__.update(gate.__dict__)
-    return out
-
-
-def _numbers_of(template_gate: Any, applied: Any) -> dict[str, float]:
-    """The named numbers of a realized diagonal gate (see :func:`current_params`)."""
-    rec = getattr(applied, "review_params", None)
-    if not rec or "" not in rec:
-        return {}
-    a, b = (d.name for d in template_gate.dims[:2])
-    m1, s1, m2, s2, t = rec[""][:5]
-    out = {f"{a} mode": m1, f"{a} SD": s1, f"{b} mode": m2, f"{b} SD": s2, "diagonal >=": t}
-    for f, sign in zip(template_gate.extra, template_gate.signs[2:]):
-        key = f"[{f.dims[0].name}]"
-        if key in rec:
-            out[f"{f.dims[0].name} {'>=' if sign == '+' else '<'}"] = rec[key][0]
-    return out
-
-
-def diagonal_numbers(lr: Any, sample_id: str, population: str) -> dict[str, float]:
-    """The numbers of the run's own diagonal gate of ``population`` on one sample (gated again)."""
-    from cytopipe import gating
-
-    template = lr.state.template_for(sample_id)
-    g = template[population].gate
-    prep = prepared(lr, sample_id)
-    pops = dict(template.populations)
-    pops[population] = dataclasses.replace(pops[population], gate=_recording(g))
-    result = gating.gate(
-        prep.sample,
-        dataclasses.replace(template, populations=pops),
-        pooled=lr.state.pooled,
-        sample_meta=prep.meta,
-        transforms=lr.state.transforms,
-    )
-    return _numbers_of(g, result.populations[population].gate)
-
-
-def _diagonal_override(lr: Any, g: Any, decision: Decision, params: Mapping[str, Any], where) -> Any:
-    numbers = diagonal_numbers(lr, decision.sample_id, decision.population)
-    unknown = sorted(set(params) - set(numbers))
-    if unknown:
-        raise ReviewError(f"unknown gate numbers {unknown}; this gate has {sorted(numbers)}", **where)
-    for name, value in params.items():
-        value = float(value)
-        if not np.isfinite(value):
-            raise ReviewError(f"gate number {name!r} must be finite, not {value}", **where)
-        numbers[name] = value
-    try:
-        chosen = g.params_from_numbers(numbers)
-    except ValueError as exc:
-        raise ReviewError(str(exc), **where) from None
-    applied = g.realize(chosen)
-    applied.review_params = {k: [float(x) for x in v] for k, v in chosen.items()}
-    return applied
-
-
-def override_gate(lr: Any, decision: Decision, review: pd.DataFrame, meta: Mapping[str, Any]) -> Any:
-    """The fixed gate a decision asks for on one sample."""
-    from cytopipe.gating.fitters import DataDrivenGate
-    from cytopipe.gating.gates import EllipsoidGate, PolygonGate, RectangleGate
-
-    template = lr.state.template_for(decision.sample_id)
-    where = {"sample": decision.sample_id, "population": decision.population}
-    if decision.population not in template.populations:
-        raise ReviewError(f"no such population; populations are {template.names}", **where)
-    g = template[decision.population].gate
-    dims = list(g.dims)
-    if decision.kind == "pooled":
-        if not isinstance(g, DataDrivenGate):
-            raise ReviewError("this gate is fixed in the template: it has no pooled estimate", **where)
-        chosen = {}
-        for suffix, fitter in g.fit_items():
-            hit = (
-                lr.state.pooled.lookup(decision.population + suffix, "patient", meta)
-                if lr.state.pooled
-                else None
-            )
-            if hit is None and fitter.default is None:
-                raise ReviewError(
-                    f"no pooled estimate or default for {decision.population + suffix}", **where
-                )
-            chosen[suffix] = hit[0] if hit is not None else fitter.default
-        applied = g.realize(chosen)
-        applied.review_params = {k: [float(x) for x in np.ravel(v)] for k, v in chosen.items()}
-        return applied
-    params = dict(decision.params)
-    if "vertices" in params:
-        return PolygonGate(dims, polygon_vertices(params, len(dims), where))
-    if "center" in params:
-        return EllipsoidGate(dims, *ellipse_params(params, len(dims), where))
-    if _is_diagonal(g):
-        return _diagonal_override(lr, g, decision, params, where)
-    numbers = current_params(review, decision.sample_id, decision.population)
-    allowed = {f"{d.name} {op}" for d in dims for op in (">=", "<")}
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise ReviewError(f"unknown gate numbers {unknown}; this gate has {sorted(allowed)}", **where)
-    for name, value in params.items():
-        value = float(value)
-        if not np.isfinite(value):
-            raise ReviewError(f"gate number {name!r} must be finite, not {value}", **where)
-        numbers[name] = value
-    lower = [numbers.get(f"{d.name} >=") for d in dims]
-    upper = [numbers.get(f"{d.name} <") for d in dims]
-    rows = review[(review["sample_id"] == decision.sample_id) & (review["population"] == decision.population)]
-    style = str(rows["gate_type"].iloc[0])
-    if style not in ("quadrant", "range", "rectangle"):
-        raise ReviewError(
-            f"a {style} gate takes vertices or an ellipse, not thresholds {sorted(params)}", **where
-        )
-    return RectangleGate(dims, lower, upper, style=style)
-
-
-def overridden_template(
-    lr: Any, overrides: Mapping[str, Decision], review: pd.DataFrame, meta: Mapping
-) -> Any:
-    """The run's template of the sample (``meta``) with the overridden populations' gates replaced
-    by fixed gates."""
-    template = lr.state.template_for(meta["sample_id"])
-    pops = dict(template.populations)
-    for name, pop in template.populations.items():  # diagonal gates record their numbers
-        if name not in overrides and _is_diagonal(pop.gate):
-            pops[name] = dataclasses.replace(pop, gate=_recording(pop.gate))
-    for name, decision in overrides.items():
-        pops[name] = dataclasses.replace(pops[name], gate=override_gate(lr, decision, review, meta))
-    return dataclasses.replace(template, populations=pops)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,7 +51,7 @@ def regate_sample(
     from cytopipe.qc import add_count_qc
     from cytopipe.report.gate_review import gate_review_data
 
-    job = _job(lr, sample_id)
+    job = sample_job(lr, sample_id)
     prep = prepared(lr, sample_id)
     template = overridden_template(lr, overrides, review, prep.meta)
     from cytopipe.pipeline.fmo import gate_with_fmo
@@ -309,8 +74,8 @@ def regate_sample(
     rows = _with_diagonal_panels(rows, prep.sample, result, own)
     for i in rows.index:
         name = rows.at[i, "population"]
-        if name in own.populations and _is_diagonal(own[name].gate):
-            numbers = _numbers_of(own[name].gate, result.populations[name].gate)
+        if name in own.populations and is_diagonal(own[name].gate):
+            numbers = numbers_of(own[name].gate, result.populations[name].gate)
             have = list(rows.at[i, "param_names"])
             new = [k for k in numbers if k not in have]
             rows.at[i, "param_names"] = have + new
@@ -334,7 +99,7 @@ def _with_diagonal_panels(rows: pd.DataFrame, sample: Any, result: Any, template
         pop = result.populations[name]
         tg = template[name].gate if name in template.populations else None
         rec = getattr(pop.gate, "review_params", None)
-        if tg is None or not _is_diagonal(tg) or not rec or "" not in rec or pop.parent == "root":
+        if tg is None or not is_diagonal(tg) or not rec or "" not in rec or pop.parent == "root":
             out.append(mine)
             continue
         idx = result.indices(pop.parent)
