@@ -154,10 +154,11 @@ def queue(
     items.sort(key=lambda i: (not i["flagged"], not i["outlier"], -i["score"] if i["outlier"] else 0.0,
                               i["patient_id"], i["visit"]))  # fmt: skip
     parent = str(review.loc[review["population"] == population, "parent"].iloc[0])
+    four_eyes = study is not None and signoffpolicy.required(study)  # (a bare run folder has no study)
     return {"run": run.id, "population": population, "parent": parent, "populations": populations, "items": items,
             "locked": st.locked, "signoff": st.signoff, "version": st.version, "reasons": list(REASONS),
-            "arms_visible": can_see_arms, "four_eyes": signoffpolicy.required(study),
-            "cannot_sign": signoffpolicy.who_cannot_sign(db, run, study)}  # fmt: skip
+            "arms_visible": can_see_arms, "four_eyes": four_eyes,
+            "cannot_sign": signoffpolicy.who_cannot_sign(db, run, study) if four_eyes else {}}  # fmt: skip
 
 
 def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
