@@ -907,6 +907,55 @@ def test_a_run_is_signed_off_by_a_second_person(server, finished):
     assert r.status_code == 200 and admin.get(f"/api/studies/{study}").json()["settings"]["four_eyes"] is True
 
 
+def test_the_gate_numbers_shown_are_the_names_review_set_takes(browser, server, finished, backend, monkeypatch):
+    """The review page (and the gate's JSON) names a gate's numbers as an override takes them: Treg's
+    ``FOXP3 >=``, ``diagonal >=`` and the cloud's modes and SDs, which the API and ``cytopipe review
+    --set`` accept (``--set "CD25 mode 2.1"`` too) and their refusal lists; a threshold gate's
+    ``<marker> >=``. Before, Treg's were gate_review's ``CD25 >= (diagonal crossing)`` and ``CD127 <
+    (diagonal crossing)``, which no override takes, and --set took only ``NAME >=|< VALUE``."""
+    run_id, _ = finished
+    c = server.client("rita")
+    r = c.post(f"/api/runs/{run_id}/versions", headers=c.h)  # unlocked, whatever the other tests did
+    assert r.status_code == 201, r.text
+    run = r.json()["id"]
+    items = c.get(f"/api/runs/{run}/review?population=Treg").json()["items"]
+    sample = next(i["sample_id"] for i in items if i["status"] == "unreviewed")  # the run's own gate
+    gate = c.get(f"/api/runs/{run}/review/gate", params={"sample_id": sample, "population": "Treg"}).json()
+    names = list(gate["params"])
+    assert names == ["FOXP3 >=", "diagonal >=", "CD25 mode", "CD25 SD", "CD127 mode", "CD127 SD"], names
+    r = c.post(f"/api/runs/{run}/review/preview", headers=c.h, json={
+        "sample_id": sample, "population": "Treg", "params": {"CD25 >= (diagonal crossing)": 1.0}})  # fmt: skip
+    assert r.status_code == 400 and str(sorted(names)) in r.json()["detail"], r.text  # the refusal's list
+    for name, value in gate["params"].items():  # each one is taken, at its own value: the same frequency
+        r = c.post(f"/api/runs/{run}/review/preview", headers=c.h, json={
+            "sample_id": sample, "population": "Treg", "params": {name: value}})  # fmt: skip
+        assert r.status_code == 200 and r.json()["after_pct"] == pytest.approx(gate["pct_parent"]), (name, r.text)
+    db = ["--data", str(server.data)] + (["--database", server.database] if server.database else [])
+    monkeypatch.setenv("CYTOPIPE_PASSWORD", PASSWORD)
+    proc = cli("review", str(run), *db, "--user", "rita", "--override", f"{sample}/Treg", "--set",
+               "CD25 >= (diagonal crossing) 1.0", "--reason", "names")  # fmt: skip
+    assert proc.returncode == 2 and str(sorted(names)) in proc.stderr, proc.stderr
+    mode = gate["params"]["CD25 mode"]
+    proc = cli("review", str(run), *db, "--user", "rita", "--override", f"{sample}/Treg", "--set",
+               f"CD25 mode {mode + 0.3}", "--reason", "the CD25 cloud sits higher")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    saved = json.loads((server.data / "runs" / str(run) / "out" / "review.json").read_text())["decisions"][-1]
+    assert saved["params"] == {"CD25 mode": pytest.approx(mode + 0.3)}, saved
+    cd4 = c.get(f"/api/runs/{run}/review/gate", params={"sample_id": sample, "population": "CD4 T"}).json()
+    assert cd4["params"] and all(n.endswith((" >=", " <")) for n in cd4["params"]), cd4["params"]
+    if backend != "sqlite":
+        return  # the page: once
+    expect = pytest.importorskip("playwright.sync_api").expect
+    context, page = signed_in(browser, server, "vera")
+    page.goto(server.url + f"/runs/{run}/review?population=Treg")
+    shown = page.locator("#gate-numbers")
+    expect(shown).to_contain_text("Gate numbers (as cytopipe review --set takes them): FOXP3 >= ")
+    expect(shown).to_contain_text(" · diagonal >= ")
+    expect(shown).to_contain_text(" · CD25 mode ")
+    assert "crossing" not in shown.inner_text() and "crossing" not in page.inner_text("#panels")
+    context.close()
+
+
 def test_the_reports_csv_links_open_from_the_workspace(server, finished):
     """report.html links its tables relatively (report_tables/<name>.csv); opened from the run page
     (/runs/N/files/report.html) each link answers its CSV, for any signed-in role. Before, every one

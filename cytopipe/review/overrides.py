@@ -4,7 +4,8 @@ An override names a gate's own numbers, on the gate's transformed scale (``CD25 
 for a diagonal gate such as Treg ``FOXP3 >=``, ``diagonal >=``, ``<marker> mode`` and ``<marker>
 SD``), or gives a polygon's ``vertices`` or an ellipse's ``center``; a pooled decision takes the
 patient's pooled estimate. :func:`overridden_template` puts those fixed gates into the run's
-template of a sample, which :mod:`cytopipe.review.regate` gates again.
+template of a sample, which :mod:`cytopipe.review.regate` gates again; :func:`settable_numbers` is
+what the review page and ``cytopipe review --set`` both name.
 """
 
 from __future__ import annotations
@@ -43,6 +44,36 @@ def current_params(
             if "diagonal >=" not in out:
                 out.update(diagonal_numbers(lr, sample_id, population))
     return out
+
+
+def diagonal_names(template_gate: Any) -> list[str]:
+    """The numbers a diagonal gate's override takes, in reading order: each extra marker's threshold
+    (``FOXP3 >=``), the cut along the diagonal (``diagonal >=``), then the cloud's modes and SDs."""
+    a, b = (d.name for d in template_gate.dims[:2])
+    extra = [f"{f.dims[0].name} {'>=' if sign == '+' else '<'}"
+             for f, sign in zip(template_gate.extra, template_gate.signs[2:])]  # fmt: skip
+    return [*extra, "diagonal >=", f"{a} mode", f"{a} SD", f"{b} mode", f"{b} SD"]
+
+
+def settable_numbers(
+    review: pd.DataFrame, sample_id: str, population: str, run_dir: str | Path
+) -> dict[str, float]:
+    """A gate's numbers under the names its override takes: what ``cytopipe review --set "NAME
+    VALUE"`` and the API's ``params`` accept, and what :func:`override_gate` lists when a name is
+    refused. A quadrant, range or rectangle gate's thresholds (``CD25 >=``, ``CD127 <``); a diagonal
+    gate's numbers (Treg: ``FOXP3 >=``, ``diagonal >=``, ``CD25 mode``, ...), never where its
+    diagonal crosses the axes (gate_review's ``CD25 >= (diagonal crossing)``, which no override
+    takes). Empty for a gate moved by its shape (polygon vertices, ellipse centre) or a boolean gate."""
+    rows = review[(review["sample_id"] == sample_id) & (review["population"] == population)]
+    numbers = current_params(review, sample_id, population, run_dir)
+    template = loaded_run(run_dir).state.template_for(sample_id)  # a FlowJo workspace run: its own gates
+    gate = template[population].gate if population in template.populations else None
+    if gate is not None and is_diagonal(gate):
+        return {k: numbers[k] for k in diagonal_names(gate) if k in numbers}
+    if gate is None or str(rows["gate_type"].iloc[0]) not in ("quadrant", "range", "rectangle"):
+        return {}
+    allowed = [f"{d.name} {op}" for d in gate.dims for op in (">=", "<")]
+    return {k: numbers[k] for k in allowed if k in numbers}
 
 
 def is_diagonal(gate: Any) -> bool:

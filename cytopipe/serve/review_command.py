@@ -47,7 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--approve-run", action="store_true", help="approve every gate of the run")
     parser.add_argument("--override", metavar="SAMPLE/POPULATION", help="override this gate (with --set)")
     parser.add_argument(
-        "--set", metavar='"CD25 >= 3.1"', action="append", default=[], help="a new gate number"
+        "--set",
+        metavar='"CD25 >= 3.1"',
+        action="append",
+        default=[],
+        help='a new gate number, named as the review page names it ("FOXP3 >= 1.7", "CD25 mode 2.1")',
     )
     parser.add_argument("--pooled", metavar="SAMPLE/POPULATION", help="use the patient's pooled gate")
     parser.add_argument("--revert", metavar="SAMPLE/POPULATION", help="back to the run's own gate")
@@ -98,12 +102,23 @@ def _target(text: str) -> tuple[str, str]:
 
 
 def _numbers(items: list[str]) -> dict[str, float]:
+    """``--set "NAME VALUE"`` as the review page names a gate's numbers: ``FOXP3 >= 1.7`` (also
+    ``FOXP3>=1.7``), ``diagonal >= 0.5``, ``CD25 mode 2.1``, ``CD25 SD 0.4``."""
     out = {}
     for item in items:
         m = re.fullmatch(r"\s*(.+?)\s*(>=|<)\s*([-+0-9.eE]+)\s*", item)
-        if not m:
-            raise ReviewError(f'--set {item!r}: write e.g. "CD25 >= 3.1" or "CD127 < 2.4"')
-        out[f"{m.group(1)} {m.group(2)}"] = float(m.group(3))
+        if m:
+            out[f"{m.group(1)} {m.group(2)}"] = float(m.group(3))
+            continue
+        m = re.fullmatch(r"\s*(.+?)\s+([-+0-9.eE]+)\s*", item)
+        try:
+            value = float(m.group(2)) if m else None
+        except ValueError:
+            value = None
+        if value is None:
+            raise ReviewError(f'--set {item!r}: write the gate number\'s name and value, e.g. "CD25 >= 3.1", '
+                              '"CD127 < 2.4" or "CD25 mode 2.1" (the review page lists a gate\'s numbers)')  # fmt: skip
+        out[" ".join(m.group(1).split())] = value
     return out
 
 

@@ -164,6 +164,7 @@ def queue(
 def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
     """The gate of one sample as SVG panels (and their histograms, for the live frequency)."""
     from cytopipe.report.gate_review import panel_background, read_gate_review
+    from cytopipe.review.overrides import settable_numbers
     from cytopipe.review.plot import panel_svg
 
     review = read_gate_review(out_dir(run))
@@ -202,7 +203,7 @@ def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
     return {"sample_id": sample_id, "population": population, "parent": first["parent"],
             "count": int(first["count"]), "parent_count": int(first["parent_count"]),
             "pct_parent": float(first["pct_parent"]), "source": first["source"], "flags": first["flags"],
-            "params": dict(zip(map(str, first["param_names"]), map(float, first["params"]))),
+            "params": settable_numbers(rows, sample_id, population, out_dir(run)),  # as --set names them
             "panels": panels, "drawn_from_sample": bool(drawn), "measured": True}  # fmt: skip
 
 

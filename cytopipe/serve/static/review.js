@@ -82,7 +82,7 @@
     pending = {};
     view = null;
     $("new-freq").textContent = "–"; $("new-exact").textContent = "";
-    for (const id of ["current-title", "current-freq", "current-flags", "panels", "other-visits"]) $(id).textContent = "";
+    for (const id of ["current-title", "current-freq", "current-flags", "gate-numbers", "panels", "other-visits"]) $(id).textContent = "";
     const r = await call("GET", `/api/runs/${runId}/review/gate?sample_id=${encodeURIComponent(item.sample_id)}&population=${encodeURIComponent(q.population)}`);
     if (seq !== loadSeq) return;
     if (!r.ok) { say(r.data.detail, true); return; }
@@ -97,6 +97,10 @@
     }
     $("current-freq").textContent = `${view.population}: ${pct(view.pct_parent)} of ${view.parent} (${view.count} of ${view.parent_count} events; gate ${view.source})`;
     $("current-flags").textContent = [item.flags, item.reasons].filter(Boolean).join(" · ");
+    // the gate's numbers under the names an override takes (`cytopipe review --set "FOXP3 >= 1.7"`)
+    const numbers = Object.entries(view.params || {});
+    $("gate-numbers").textContent = numbers.length ?
+      "Gate numbers (as cytopipe review --set takes them): " + numbers.map(([n, v]) => `${n} ${Number(v).toFixed(3)}`).join(" · ") : "";
     const panels = $("panels");
     panels.textContent = "";
     view.panels.forEach((p, i) => {
