@@ -500,8 +500,8 @@ def test_review_in_the_browser(browser, server, finished, backend):
         if "Signed off" in html:
             break
         time.sleep(2)
-    assert "Signed off: “reviewed and approved” by rita" in html
-    assert re.search(r"by rita at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(audit entry \d+\)", html)
+    assert "Signed off: “reviewed and approved” by sam" in html  # the second person (four eyes)
+    assert re.search(r"by sam at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(audit entry \d+\)", html)
     from cytopipe.report.html import format_number  # the report's one rule for numbers (3 significant digits)
 
     assert (
@@ -907,7 +907,9 @@ def test_a_run_is_signed_off_by_a_second_person(server, finished):
     assert r.status_code == 200 and admin.get(f"/api/studies/{study}").json()["settings"]["four_eyes"] is True
 
 
-def test_the_gate_numbers_shown_are_the_names_review_set_takes(browser, server, finished, backend, monkeypatch):
+def test_the_gate_numbers_shown_are_the_names_review_set_takes(
+    browser, server, finished, backend, monkeypatch
+):
     """The review page (and the gate's JSON) names a gate's numbers as an override takes them: Treg's
     ``FOXP3 >=``, ``diagonal >=`` and the cloud's modes and SDs, which the API and ``cytopipe review
     --set`` accept (``--set "CD25 mode 2.1"`` too) and their refusal lists; a threshold gate's
@@ -929,7 +931,10 @@ def test_the_gate_numbers_shown_are_the_names_review_set_takes(browser, server, 
     for name, value in gate["params"].items():  # each one is taken, at its own value: the same frequency
         r = c.post(f"/api/runs/{run}/review/preview", headers=c.h, json={
             "sample_id": sample, "population": "Treg", "params": {name: value}})  # fmt: skip
-        assert r.status_code == 200 and r.json()["after_pct"] == pytest.approx(gate["pct_parent"]), (name, r.text)
+        assert r.status_code == 200 and r.json()["after_pct"] == pytest.approx(gate["pct_parent"]), (
+            name,
+            r.text,
+        )
     db = ["--data", str(server.data)] + (["--database", server.database] if server.database else [])
     monkeypatch.setenv("CYTOPIPE_PASSWORD", PASSWORD)
     proc = cli("review", str(run), *db, "--user", "rita", "--override", f"{sample}/Treg", "--set",
