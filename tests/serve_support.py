@@ -4,6 +4,7 @@ a fresh database (SQLite in its data folder, or a new database on the PostgreSQL
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -152,6 +154,34 @@ class Client(httpx.Client):
         raise AssertionError(f"run {run_id} did not finish in {timeout} s: {status}")
 
 
+@contextlib.contextmanager
+def serving(
+    data: Path,
+    backend: str = "sqlite",
+    users: Mapping[str, str] | None = None,
+    *extra: str,
+    admin: str = "admin",
+) -> Iterator[Server]:
+    """``cytopipe serve`` on a fresh database of ``backend`` with its data folder ``data``, the
+    administrator ``admin`` and the accounts ``users`` (name -> role); stopped, and its database
+    dropped, at the end. ``extra``: more command-line options (e.g. upload limits)."""
+    database, drop = fresh_database(backend)
+    try:
+        srv = Server(data, database, *extra).start(create_admin=admin)
+        try:
+            client = srv.client(admin)
+            for name, role in (users or {}).items():
+                r = client.post(
+                    "/api/users", json={"name": name, "password": PASSWORD, "role": role}, headers=client.h
+                )
+                assert r.status_code == 201, r.text
+            yield srv
+        finally:
+            srv.stop()
+    finally:
+        drop()
+
+
 def make_trial(folder: Path) -> Path:
     from cytopipe.simulate import simulate_trial
 
@@ -198,6 +228,17 @@ def serve_reference(serve_trial, tmp_path_factory) -> Path:
 @pytest.fixture(params=BACKENDS, scope="module")
 def backend(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def server(request, backend, tmp_path_factory) -> Iterator[Server]:
+    """One server per test module and backend (:func:`serving`): besides ``admin``, the accounts
+    of the module's ``SERVE_USERS`` (name -> role), and its ``SERVE_ARGS`` on the command line."""
+    module = request.module
+    data = tmp_path_factory.mktemp(f"{module.__name__.rsplit('.', 1)[-1]}_{backend}") / "data"
+    users = getattr(module, "SERVE_USERS", {})
+    with serving(data, backend, users, *getattr(module, "SERVE_ARGS", ())) as srv:
+        yield srv
 
 
 def signed_in(browser, server, user: str, errors: list | None = None, console: bool = True):

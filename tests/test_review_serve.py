@@ -39,30 +39,18 @@ from tests.serve_support import (
     PASSWORD,
     STUDY,
     Server,
-    fresh_database,
     signed_in,
     trial_files,
     trial_manifest,
 )
 
 backend = serve_support.backend
+server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
 browser = test_report_browser.browser  # the one Chromium fixture (module scope)
 serve_trial = serve_support.serve_trial
 KEY = ["sample_id", "population"]
 USERS = {"rita": "reviewer", "sam": "reviewer", "alan": "analyst", "vera": "viewer"}
-
-
-@pytest.fixture(scope="module")
-def server(backend, tmp_path_factory):
-    database, drop = fresh_database(backend)
-    srv = Server(tmp_path_factory.mktemp(f"review_{backend}") / "data", database).start(create_admin="admin")
-    admin = srv.client()
-    for name, role in USERS.items():
-        r = admin.post("/api/users", json={"name": name, "password": PASSWORD, "role": role}, headers=admin.h)
-        assert r.status_code == 201, r.text
-    yield srv
-    srv.stop()
-    drop()
+SERVE_USERS = USERS
 
 
 def _study_with_samples(client, trial: Path, name: str) -> int:

@@ -21,33 +21,17 @@ import pytest
 from tests import serve_support, test_report_browser
 from tests.pipeline_support import cli
 from tests.serve_support import (
-    PASSWORD,
     STUDY,
-    Server,
-    fresh_database,
     signed_in,
     trial_files,
     trial_manifest,
 )
 
 backend = serve_support.backend
+server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
+SERVE_USERS = {"rita": "reviewer", "vera": "viewer"}
 browser = test_report_browser.browser
 serve_trial = serve_support.serve_trial
-
-
-@pytest.fixture(scope="module")
-def server(backend, tmp_path_factory):
-    database, drop = fresh_database(backend)
-    srv = Server(tmp_path_factory.mktemp(f"unmeasured_{backend}") / "data", database).start(
-        create_admin="admin"
-    )
-    admin = srv.client()
-    for name, role in {"rita": "reviewer", "vera": "viewer"}.items():
-        r = admin.post("/api/users", json={"name": name, "password": PASSWORD, "role": role}, headers=admin.h)
-        assert r.status_code == 201, r.text
-    yield srv
-    srv.stop()
-    drop()
 
 
 @pytest.fixture(scope="module")

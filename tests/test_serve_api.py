@@ -18,28 +18,15 @@ import pytest
 
 from tests import serve_support
 from tests.pipeline_support import REPO, cli_env, truncate_fcs
-from tests.serve_support import PASSWORD, STUDY, Client, Server, fresh_database, trial_files, trial_manifest
+from tests.serve_support import PASSWORD, STUDY, Client, Server, trial_files, trial_manifest
 
 backend = serve_support.backend  # fixtures shared with the other serve modules
+server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
+SERVE_USERS = {"ana": "analyst", "vic": "viewer", "rev": "reviewer"}
+SERVE_ARGS = ("--max-file-size", "1MB", "--max-batch-size", "20MB")
 serve_trial = serve_support.serve_trial
 
 LIMIT = 1_000_000  # --max-file-size of this module's server
-
-
-@pytest.fixture(scope="module")
-def server(backend, tmp_path_factory):
-    database, drop = fresh_database(backend)
-    data = tmp_path_factory.mktemp(f"serve_api_{backend}") / "data"
-    srv = Server(data, database, "--max-file-size", "1MB", "--max-batch-size", "20MB").start(
-        create_admin="admin"
-    )
-    admin = srv.client()
-    for name, role in (("ana", "analyst"), ("vic", "viewer"), ("rev", "reviewer")):
-        r = admin.post("/api/users", json={"name": name, "password": PASSWORD, "role": role}, headers=admin.h)
-        assert r.status_code == 201, r.text
-    yield srv
-    srv.stop()
-    drop()
 
 
 @pytest.fixture(scope="module")

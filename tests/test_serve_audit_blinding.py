@@ -11,31 +11,17 @@ from __future__ import annotations
 import itertools
 import json
 
-import pytest
-
 from cytopipe.serve.audit import canonical, row_hash
 from tests import serve_support
 from tests.blinding_support import candidate_digests, matches
 from tests.pipeline_support import cli
-from tests.serve_support import PASSWORD, STUDY, Server, fresh_database, trial_files, trial_manifest
+from tests.serve_support import PASSWORD, STUDY, trial_files, trial_manifest
 
 backend = serve_support.backend
+server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
+SERVE_USERS = {"ana": "analyst", "vic": "viewer", "rev": "reviewer"}
 serve_trial = serve_support.serve_trial
 ROLES = ("vic", "ana", "rev", "admin")
-
-
-@pytest.fixture(scope="module")
-def server(backend, tmp_path_factory):
-    database, drop = fresh_database(backend)
-    data = tmp_path_factory.mktemp(f"serve_audit_blind_{backend}") / "data"
-    srv = Server(data, database).start(create_admin="admin")
-    admin = srv.client()
-    for name, role in (("ana", "analyst"), ("vic", "viewer"), ("rev", "reviewer")):
-        r = admin.post("/api/users", json={"name": name, "password": PASSWORD, "role": role}, headers=admin.h)
-        assert r.status_code == 201, r.text
-    yield srv
-    srv.stop()
-    drop()
 
 
 def _shown(client) -> tuple[list[dict], str]:

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
 from tests import serve_support
-from tests.serve_support import STUDY, Server, fresh_database, trial_manifest
+from tests.serve_support import STUDY, Server, fresh_database, serving, trial_manifest
 
 backend = serve_support.backend
 serve_trial = serve_support.serve_trial
@@ -55,16 +55,13 @@ def trial(serve_trial):
 @pytest.fixture(scope="module")
 def server(backend, trial, tmp_path_factory):
     _, manifest, first, _ = trial
-    database, drop = fresh_database(backend)
     data = tmp_path_factory.mktemp(f"codes_{backend}") / "data"
     data.mkdir()
     secret = _secret_that_moves_codes(1, set(first["arm"]), set(manifest["arm"]))
     (data / "blinding.secret").write_bytes(secret)
     (data / "blinding.secret").chmod(0o600)
-    srv = Server(data, database).start(create_admin="admin")
-    yield srv
-    srv.stop()
-    drop()
+    with serving(data, backend) as srv:
+        yield srv
 
 
 def _codes(c, study: int) -> dict[str, str]:

@@ -13,34 +13,20 @@ import re
 import time
 from pathlib import Path
 
-import pytest
-
 from tests import serve_support, test_report_browser
 from tests.pipeline_support import REPO, truncate_fcs
 from tests.serve_support import (
     PASSWORD,
-    Server,
     assert_same_population_stats,
-    fresh_database,
     trial_files,
     trial_manifest,
 )
 
 backend = serve_support.backend
+server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
 browser = test_report_browser.browser  # the one Chromium fixture (module scope)
 serve_trial = serve_support.serve_trial
 serve_reference = serve_support.serve_reference
-
-
-@pytest.fixture(scope="module")
-def server(backend, tmp_path_factory):
-    database, drop = fresh_database(backend)
-    srv = Server(tmp_path_factory.mktemp(f"serve_browser_{backend}") / "data", database).start(
-        create_admin="admin"
-    )
-    yield srv
-    srv.stop()
-    drop()
 
 
 def _watch_progress(page, timeout: float = 900) -> list[float]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SAMPLE_DATA
-from tests.serve_support import PASSWORD, Client, Server
+from tests.serve_support import PASSWORD, Client, serving
 
 DOC = (REPO / "docs" / "serve.md").read_text()
 
@@ -25,9 +25,8 @@ def _block(lang: str, marker: str) -> str:
 
 @pytest.fixture
 def server(tmp_path):
-    srv = Server(tmp_path / "workspace", None).start(create_admin="alice")
-    yield srv
-    srv.stop()
+    with serving(tmp_path / "workspace", admin="alice") as srv:
+        yield srv
 
 
 def test_the_python_api_example_uploads_maps_and_runs(server, tmp_path, monkeypatch, capsys):

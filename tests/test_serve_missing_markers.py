@@ -19,25 +19,13 @@ import pytest
 import yaml
 
 from tests import serve_support, test_report_browser
-from tests.serve_support import PASSWORD, STUDY, Server, fresh_database, signed_in, trial_manifest
+from tests.serve_support import STUDY, fresh_database, signed_in, trial_manifest
 
 backend = serve_support.backend
+server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
+SERVE_USERS = {"vera": "viewer"}
 browser = test_report_browser.browser
 serve_trial = serve_support.serve_trial
-
-
-@pytest.fixture(scope="module")
-def server(backend, tmp_path_factory):
-    database, drop = fresh_database(backend)
-    srv = Server(tmp_path_factory.mktemp(f"missing_{backend}") / "data", database).start(create_admin="admin")
-    admin = srv.client()
-    r = admin.post(
-        "/api/users", json={"name": "vera", "password": PASSWORD, "role": "viewer"}, headers=admin.h
-    )
-    assert r.status_code == 201, r.text
-    yield srv
-    srv.stop()
-    drop()
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,17 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
-
 from tests import serve_support
 from tests.blinding_support import arm_matches, candidate_digests, matches
 from tests.serve_support import (
     STUDY,
-    Server,
     assert_same_population_stats,
-    fresh_database,
     trial_files,
     trial_manifest,
 )
 
 backend = serve_support.backend
+server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
 serve_trial = serve_support.serve_trial
 serve_reference = serve_support.serve_reference
 
@@ -57,17 +54,6 @@ def _study_with_samples(client, trial: Path, name: str, n: int | None = None) ->
         client.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=client.h).status_code == 200
     )
     return sid
-
-
-@pytest.fixture(scope="module")
-def server(backend, tmp_path_factory):
-    database, drop = fresh_database(backend)
-    srv = Server(tmp_path_factory.mktemp(f"serve_runs_{backend}") / "data", database).start(
-        create_admin="admin"
-    )
-    yield srv
-    srv.stop()
-    drop()
 
 
 def test_a_run_resumes_after_the_server_is_killed_mid_run(server, serve_trial, serve_reference):

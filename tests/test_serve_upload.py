@@ -17,18 +17,17 @@ import flowio
 import pytest
 
 from tests.conftest import shared_path
-from tests.serve_support import STUDY, Server
+from tests.serve_support import STUDY, serving
 
 LIMIT = 6_000_000  # --max-file-size of this module's server: 100715.fcs (4.2 MB) fits
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("serve_upload") / "data", None, "--max-file-size", "6MB").start(
-        create_admin="admin"
-    )
-    yield srv
-    srv.stop()
+    with serving(
+        tmp_path_factory.mktemp("serve_upload") / "data", "sqlite", None, "--max-file-size", "6MB"
+    ) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
