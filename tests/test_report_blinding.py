@@ -162,19 +162,13 @@ def test_unblind_needs_the_key_and_is_logged(blinded_run, sim_trial, sim_run, tm
     # the tables are the run's own again
     pd.testing.assert_frame_equal(pd.read_parquet(run / "population_stats.parquet"),
                                   pd.read_parquet(sim_run / "population_stats.parquet"))  # fmt: skip
-    a, b = pd.read_parquet(run / "statistics.parquet"), pd.read_parquet(sim_run / "statistics.parquet")
-
-    # the same tests and numbers; a blinded folder lists each test's rows, and the arms in a
-    # text, in code order (dose order told the codes' doses), and unblinding keeps that order
-    def rows(t: pd.DataFrame) -> list[str]:
-        keep = [c for c in t.columns if pd.api.types.is_numeric_dtype(t[c])]
-        keep += [
-            c for c in ("family", "population", "measure", "scale", "visit", "comparison") if c in t.columns
-        ]
-        t = t[keep].astype(object).where(t[keep].notna(), "").astype(str)
-        return sorted(t.agg("|".join, axis=1))
-
-    assert rows(a) == rows(b)
+    # the same tests, numbers and texts in the same order as the unblinded run wrote them: the
+    # blinded folder listed each test's rows, and the arms in a text, in code order (dose order told
+    # the codes' doses); unblinding puts them back in the run's order
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "statistics.parquet"),
+                                  pd.read_parquet(sim_run / "statistics.parquet"))  # fmt: skip
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "clusters.parquet"),
+                                  pd.read_parquet(sim_run / "clusters.parquet"))  # fmt: skip
     with pytest.raises(ReportError, match="not blinded"):
         unblind_run(run, sim_trial / "manifest.csv")
 
@@ -218,3 +212,52 @@ def test_a_blinded_folder_lists_its_tests_in_code_order(sim_run, sim_trial, tmp_
     result = run_workflow(workflow(sim_trial, run), scheduler="synchronous", progress=False)
     assert result.exit_code == 0, result.summary()
     in_code_order(pd.read_parquet(run / "statistics.parquet"))
+
+
+def _visit_trial(seed: int = 7) -> pd.DataFrame:
+    """A population table of 4 arms x 3 patients at weeks 0, 4 and 12 (two populations)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for a, arm in enumerate(["placebo", "IL-2 0.2 MIU", "IL-2 0.5 MIU", "IL-2 1.0 MIU"]):
+        for p in range(3):
+            pid = f"P{a}{p}"
+            for pop, base in (("Treg", 5.0), ("NK", 10.0)):
+                level = base + rng.normal(0, 1)
+                for visit in (0, 4, 12):
+                    rows.append(dict(sample_id=f"{pid}_W{visit}", patient_id=pid, visit=visit, arm=arm,
+                                     population=pop, parent="Live",
+                                     pct_parent=level + a * visit / 6 + rng.normal(0, 0.5)))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_blinding_hides_the_dose_order_of_every_test_and_unblinding_restores_the_run_order():
+    """With several post-baseline visits the mixed model's rows come arm by arm (every visit of
+    one arm, then the next arm), and the per-arm logistic/subgroup rows each form a test of their
+    own: coded in place, their order told the codes' doses. Every test's coded rows must come in
+    code order whatever the key, and unblinding must give back the table the run wrote."""
+    from cytopipe.report.blinding import blind_frame, hide_arm_order, in_run_order, unblind_frame
+    from cytopipe.stats import run_statistics
+
+    table = run_statistics(_visit_trial(), None, {"families": ["arm_visit", "dose_trend", "mixed_arm_visit",
+                                                               "mixed_arm"]})  # fmt: skip
+    arms = ["placebo", "IL-2 0.2 MIU", "IL-2 0.5 MIU", "IL-2 1.0 MIU"]  # dose order
+    mixed = table[table["family"] == "mixed_arm_visit"]
+    assert mixed["visit"].nunique() == 2 and mixed["estimate"].notna().all()
+    info = {"workflow": {"statistics": {"reference_arm": "placebo", "arm_doses": None}}}
+    for letters in ("DCBA", "ABCD", "BDAC"):
+        codes = {a: f"Arm {c}" for a, c in zip(arms, letters)}
+        blinded = hide_arm_order(blind_frame(table, codes), codes)
+        keys = ["family", "population", "measure", "scale", "visit"]
+        coded = blinded[blinded["comparison"].str.match(r"Arm [A-D] vs ")]
+        for _, rows in coded.groupby(keys, sort=False, dropna=False):
+            assert rows["comparison"].tolist() == sorted(rows["comparison"]), letters
+        # the mixed model's arms, in the order the rows name them: code order
+        order = list(dict.fromkeys(blinded.loc[blinded["family"] == "mixed_arm_visit", "comparison"]))
+        assert order == sorted(order), (letters, order)
+        for text in blinded["n_detail"].dropna():
+            found = re.findall(r"Arm ([A-D])=", text)
+            assert found == sorted(found), (letters, text)
+        back = in_run_order(unblind_frame(blinded, codes), codes, info)
+        pd.testing.assert_frame_equal(back, table)

@@ -17,7 +17,6 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from cytopipe.errors import ReportError
@@ -105,11 +104,23 @@ def blind_frame(table: pd.DataFrame | None, codes: Mapping[str, str]) -> pd.Data
     for column in out.columns:
         col = out[column]
         if column == "arm":
-            out[column] = col.map(lambda v: codes.get(str(v), v) if isinstance(v, str) else v)
+            out[column] = _same_dtype(
+                col.map(lambda v: codes.get(str(v), v) if isinstance(v, str) else v), col
+            )
             continue
         if col.dtype == object or pd.api.types.is_string_dtype(col):
-            out[column] = col.map(lambda v: blind_text(v, codes, pattern) if isinstance(v, str) else v)
+            out[column] = _same_dtype(
+                col.map(lambda v: blind_text(v, codes, pattern) if isinstance(v, str) else v), col
+            )
     return out
+
+
+def _same_dtype(new: pd.Series, old: pd.Series) -> pd.Series:
+    """``new`` in ``old``'s text dtype (``map`` gives object): a table coded and decoded again is
+    the table it was, dtypes included."""
+    if isinstance(old.dtype, pd.StringDtype) and new.dtype != old.dtype:  # not a category: its
+        return new.astype(old.dtype)  # categories would be the old names
+    return new
 
 
 def blind_text(text: str, codes: Mapping[str, str], pattern: re.Pattern | None = None) -> str:
@@ -121,10 +132,6 @@ def blind_text(text: str, codes: Mapping[str, str], pattern: re.Pattern | None =
     return pattern.sub(lambda m: lower[m.group(0).lower()], text)
 
 
-#: the columns that say which test a statistics row is (its arm or comparison aside)
-_ROW_KEYS = ("family", "population", "parent", "measure", "scale", "visit", "window", "endpoint", "subgroup")
-
-
 def hide_arm_order(table: pd.DataFrame | None, codes: Mapping[str, str]) -> pd.DataFrame | None:
     """A blinded table whose order says nothing about the arms' order (dose).
 
@@ -132,38 +139,17 @@ def hide_arm_order(table: pd.DataFrame | None, codes: Mapping[str, str]) -> pd.D
     ``0.5 MIU vs placebo``, ... and texts ``placebo=2, IL-2 0.2 MIU=2, ...`` or ``['placebo', ...]``.
     Coded as they are, they would give away which code is which dose. Here lists of codes inside a
     text (``Arm D=2, Arm C=2`` or ``'Arm D', 'Arm C'``) are sorted by code, and the rows of one test
-    (same family, population, visit, ...) that name a code in ``comparison`` or ``arm`` are sorted
-    by it; every other row keeps its place."""
+    (same family, population, visit, ...; a per-arm subgroup counts as one test) that name a code
+    in ``comparison``, ``arm`` or ``subgroup`` are sorted by it, in the places those rows held
+    (cytopipe/stats/armorder.py; ``cytopipe unblind`` puts them back in the run's order with
+    :func:`cytopipe.stats.armorder.in_arm_order`); every other row keeps its place."""
+    from cytopipe.stats.armorder import POOLED, order_arm_lists, order_arm_rows
+
     if table is None or table.empty or not codes:
         return table
-    body = "|".join(re.escape(c) for c in sorted(codes.values(), key=len, reverse=True))
-    item = rf"(?:'(?:{body})'|\"(?:{body})\"|(?:{body})(?![A-Za-z0-9])(?:=[^,;\]\)\"']*)?)"
-    listed = re.compile(rf"{item}(?:, {item})+")
-    code = re.compile(rf"(?:{body})(?![A-Za-z0-9])")
-
-    def by_code(m: re.Match) -> str:
-        return ", ".join(sorted(m.group(0).split(", "), key=lambda x: code.search(x).group(0)))
-
-    out = table.copy()
-    for column in out.columns:
-        col = out[column]
-        if column != "arm" and (col.dtype == object or pd.api.types.is_string_dtype(col)):
-            out[column] = col.map(lambda v: listed.sub(by_code, v) if isinstance(v, str) else v)
-    named = [c for c in ("comparison", "arm") if c in out.columns]
-    if not named:
-        return out
-    text = out[named].astype(str).agg(" ".join, axis=1).to_numpy()
-    coded = np.array([bool(code.search(t)) for t in text])
-    keys = [c for c in _ROW_KEYS if c in out.columns]
-    key = out[keys].astype(str).agg("\x1f".join, axis=1) if keys else pd.Series("", index=out.index)
-    block = (key != key.shift()).cumsum().to_numpy()
-    at = np.flatnonzero(coded)  # ascending: each block's coded rows together
-    order = np.arange(len(out))
-    ranked = pd.DataFrame({"block": block[at], "text": text[at], "at": at}).sort_values(
-        ["block", "text"], kind="stable"
-    )
-    order[at] = ranked["at"].to_numpy()
-    return out.iloc[order].reset_index(drop=True)
+    names = list(codes.values())
+    out = order_arm_lists(table, names, lambda code: code, follow_comparison=False)
+    return order_arm_rows(out, names, lambda found: tuple((a == POOLED, a) for a in found))
 
 
 def _pattern(codes: Mapping[str, str]) -> re.Pattern:
@@ -256,10 +242,13 @@ def unblind_frame(table: pd.DataFrame | None, codes: Mapping[str, str]) -> pd.Da
     for column in out.columns:
         col = out[column]
         if column == "arm":
-            out[column] = col.map(lambda v: inverse.get(str(v), v) if isinstance(v, str) else v)
+            out[column] = _same_dtype(
+                col.map(lambda v: inverse.get(str(v), v) if isinstance(v, str) else v), col
+            )
         elif col.dtype == object or pd.api.types.is_string_dtype(col):
-            out[column] = col.map(
-                lambda v: pattern.sub(lambda m: inverse[m.group(0)], v) if isinstance(v, str) else v
+            out[column] = _same_dtype(
+                col.map(lambda v: pattern.sub(lambda m: inverse[m.group(0)], v) if isinstance(v, str) else v),
+                col,
             )
     return out
 
@@ -293,6 +282,21 @@ def recode_obj(obj: object, codes: Mapping[str, str], unblind: bool = False) -> 
     return walk(obj)
 
 
+def in_run_order(table: pd.DataFrame, codes: Mapping[str, str], info: Mapping) -> pd.DataFrame:
+    """An unblinded statistics table (arm names back) in the order an unblinded run writes it:
+    :func:`cytopipe.stats.armorder.in_arm_order` with the run's reference arm and doses (run.json's
+    ``workflow.statistics``, already unblinded in ``info``)."""
+    from cytopipe.stats import StatsSettings
+    from cytopipe.stats.armorder import in_arm_order
+
+    workflow = info.get("workflow") if isinstance(info, Mapping) else None
+    stats = workflow.get("statistics") if isinstance(workflow, Mapping) else None
+    stats = stats if isinstance(stats, Mapping) else {}
+    reference = str(stats.get("reference_arm") or StatsSettings.reference_arm)
+    doses = stats.get("arm_doses") if isinstance(stats.get("arm_doses"), Mapping) else None
+    return in_arm_order(table, list(codes), reference, doses)
+
+
 def _frame_changed(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     for column in a.columns:
         if a[column].dtype == object or pd.api.types.is_string_dtype(a[column]) or column == "arm":
@@ -323,8 +327,10 @@ def recode_folder(
         if path.suffix == ".parquet":
             df = pd.read_parquet(path)
             new = swap(df, codes)
-            if not unblind and "comparison" in new.columns:  # tests computed in dose order
-                new = hide_arm_order(new, codes)
+            if "comparison" in new.columns:
+                # blinding: tests computed in dose order, put in code order; unblinding: back in the
+                # order a run writes them
+                new = in_run_order(new, codes, info) if unblind else hide_arm_order(new, codes)
             if len(rel.parts) == 1 and path.stem in TABLES:
                 tables[path.stem] = new
             if _frame_changed(df, new):

@@ -26,6 +26,7 @@ import pandas as pd
 
 from cytopipe.errors import StatisticsError
 from cytopipe.intervals import newcombe_interval, wilson_interval
+from cytopipe.stats.armorder import in_arm_order
 from cytopipe.stats.dynamics import (
     add_wilson_ci,
     baseline_change,
@@ -189,7 +190,9 @@ def run_statistics(
     out = to_frame(rows)
     if s.families is not None:
         out = out[out["family"].isin(s.families)].reset_index(drop=True)
-    return add_qvalues(out, BH_FAMILY_KEYS)
+    # one arm order, the same in every run and after `cytopipe unblind` (cytopipe/stats/armorder.py)
+    known_arms = [*arms_present, *(list(dict.fromkeys(endpoints["arm"])) if endpoints is not None else [])]
+    return in_arm_order(add_qvalues(out, BH_FAMILY_KEYS), known_arms, s.reference_arm, s.arm_doses)
 
 
 def _absent_population_note(population: str, known: list[str]) -> str:
