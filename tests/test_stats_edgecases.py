@@ -269,3 +269,67 @@ def test_a_baseline_visit_without_samples_is_one_clear_error():
         run_statistics(table, None, {"families": ["arm_visit"]})
     out = run_statistics(table, None, {"families": ["arm_visit"], "baseline_visit": -1})
     assert out["p"].notna().all()
+
+
+def _at_ceiling_trial(seed: int = 3) -> pd.DataFrame:
+    """ARMS with 4 patients each; the IL-2 1.0 MIU arm near 100 % at baseline, the others 40-60 %."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for a, arm in enumerate(ARMS):
+        for p in range(4):
+            base = 99.0 + rng.uniform(0, 1) if arm == "IL-2 1.0 MIU" else rng.uniform(40, 60)
+            for v in (0, 4, 12):
+                value = base if v == 0 else min(100.0, base + rng.normal(0, 2))
+                rows.append({"patient_id": f"P{a}{p}", "visit": v, "arm": arm, "population": "Treg",
+                             "pct_parent": value})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_a_baseline_adjusted_effect_that_extrapolates_beyond_the_other_arms_baselines_is_flagged():
+    """An arm at 100 % at baseline, the others at 40-60 %: its baseline-adjusted effects rest on the
+    common baseline slope where no other arm has a baseline. Its rows (and the joint tests') say so
+    in `note`, with the two ranges; the other arm's rows do not. Overlapping baselines: no flag."""
+    data = _at_ceiling_trial()
+    families = ["mixed_arm_visit", "mixed_arm", "mixed_interaction", "mixed_dose_trend"]
+    out = run_statistics(data, None, {"families": families, "reference_arm": "placebo"})
+    baseline = data[data["visit"] == 0]
+    high = baseline[baseline["arm"] == "IL-2 1.0 MIU"]["pct_parent"]
+    rest = baseline[baseline["arm"] != "IL-2 1.0 MIU"]["pct_parent"]
+    assert high.min() > rest.max()  # the premise: no overlap
+    ranges = f"({high.min():.3g} to {high.max():.3g}) lies above the other arms' ({rest.min():.3g} to {rest.max():.3g})"
+    effects = out[out["family"] == "mixed_arm_visit"]
+    flagged = effects[effects["comparison"] == "IL-2 1.0 MIU vs placebo"]
+    assert len(flagged) == 2 and flagged["estimate"].notna().all()
+    for note in flagged["note"]:
+        assert "extrapolates" in note and ranges in note, note
+    other = effects[effects["comparison"] == "IL-2 0.5 MIU vs placebo"]
+    assert not other["note"].fillna("").str.contains("extrapolat").any()
+    for fam in ("mixed_arm", "mixed_interaction", "mixed_dose_trend"):
+        assert ranges in out.loc[out["family"] == fam, "note"].iloc[0], fam
+    # the same trial with the high arm's baselines inside the others' range: nothing flagged
+    moved = data.copy()
+    moved.loc[moved["arm"] == "IL-2 1.0 MIU", "pct_parent"] -= 45.0
+    again = run_statistics(moved, None, {"families": families, "reference_arm": "placebo"})
+    assert not again["note"].fillna("").str.contains("extrapolat").any()
+
+
+def test_a_thin_arm_makes_the_dose_trend_note_say_it_has_too_few_patients_not_no_data():
+    """One arm with 2 patients (need 3 per arm and visit): every visit has its data, but no
+    arm x visit effect of that arm is estimable, so neither is the linear dose term. The note names
+    the arm and its patients per visit; it does not say the arm has no visit with data."""
+    data = _trial(per_arm=(5, 2, 5), seed=4)
+    out = run_statistics(data, None, {"families": ["mixed_arm_visit", "mixed_dose_trend"]})
+    dose = out[out["family"] == "mixed_dose_trend"].iloc[0]
+    assert np.isnan(dose["p"])
+    note = dose["note"]
+    assert "no visit with data" not in note
+    n = data.groupby(["arm", "visit"])["patient_id"].nunique()
+    for v in (4, 12):
+        assert f"week {v}: {n['IL-2 0.5 MIU', v]} vs {n['placebo', v]}" in note, note
+    assert (
+        "IL-2 0.5 MIU has too few patients at every visit" in note
+        and "needs 3 patients in the arm and in placebo" in note
+    )
+    # the estimable arm's effects are there: the note is about the thin arm only
+    fitted = out[(out["family"] == "mixed_arm_visit") & (out["comparison"] == "IL-2 1.0 MIU vs placebo")]
+    assert fitted["p"].notna().all()

@@ -77,6 +77,10 @@ def _mwu_vs_reference(common: dict, x: np.ndarray, ref: np.ndarray, s: StatsSett
     )
 
 
+def _joined(*notes: str) -> str:
+    return "; ".join(dict.fromkeys(n for n in notes if n))
+
+
 def _where(by: str, key: object) -> dict:
     """The column that locates a test: a post-baseline visit, or an AUC window."""
     return {"visit": int(key)} if by == "visit" else {"window": key}
@@ -310,12 +314,13 @@ def mixed_model_tests(
                     note=note,
                 )
             )
-        for fam, (stat, df, p), what in (
-            ("mixed_arm", fit.overall, "all arm x visit effects = 0"),
+        for fam, (stat, df, p), what, why in (
+            ("mixed_arm", fit.overall, "all arm x visit effects = 0", "not estimable"),
             (
                 "mixed_interaction",
                 fit.interaction,
                 "arm effects equal at every visit (arm x visit interaction)",
+                fit.interaction_note or "not estimable (no arm has an effect at 2 or more visits)",
             ),
         ):
             rows.append(
@@ -336,14 +341,15 @@ def mixed_model_tests(
                     ),
                     n=fit.n_patients,
                     n_detail=detail,
-                    note=fit.note
-                    if np.isfinite(p) or fit.note
-                    else "not estimable (fewer than 2 visits with data per arm)",
+                    note=_joined(
+                        fit.note, "" if np.isfinite(p) or not fit.converged else why, fit.baseline_note
+                    ),
                 )
             )
         est, _, z, p, lo, hi = fit.dose_slope
-        note = fit.note or (
-            "" if np.isfinite(p) else (dose_reason or "not estimable (an arm has no visit with data)")
+        why = dose_reason or fit.dose_note or "not estimable (an arm has no effect)"
+        note = _joined(
+            fit.note, "" if np.isfinite(p) or (fit.note and not fit.converged) else why, fit.baseline_note
         )
         rows.append(
             row(

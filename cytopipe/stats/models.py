@@ -43,6 +43,13 @@ class MixedModelFit:
     group_sizes: dict[str, int]
     #: t degrees of freedom of the dose slope (Satterthwaite; G - 1 with the robust covariance)
     dose_slope_df: float = np.nan
+    #: why the dose slope / the interaction test is not estimable ("" when it is)
+    dose_note: str = ""
+    interaction_note: str = ""
+    #: arms whose every baseline lies outside the other arms' baselines (the adjusted effects
+    #: extrapolate the baseline slope): arm -> note; and all of them in one note
+    extrapolated: dict[str, str] | None = None
+    baseline_note: str = ""
 
 
 def fit_mixed_model(
@@ -153,6 +160,7 @@ def fit_mixed_model(
     beta, cov, notes, scale, re_var = best
     if not adjust:
         notes = [f"baseline {bl[keep][0]:g} in every patient: not adjusted for baseline", *notes]
+    outside = _baseline_outside(d[keep], arms) if adjust else {}
     k = exog.shape[1]
     n_groups = len(np.unique(groups))
     if covariance == "robust":
@@ -187,6 +195,7 @@ def fit_mixed_model(
                 beta[i] - crit * se[i],
                 beta[i] + crit * se[i],
                 df=df_i,
+                note="; ".join(outside[x] for x in (a, reference) if x in outside),
             )
         )
     pos = [index[nm] for nm in estimable]
@@ -209,7 +218,13 @@ def fit_mixed_model(
             r[c], r[cols[0]] = 1.0, -1.0
             contrasts.append(r)
     interaction = joint(np.array(contrasts)) if contrasts else (np.nan, 0, np.nan)
-    dose_slope, dose_df = nan6, np.nan
+    need = (
+        f"an arm x visit effect needs {min_group_size} patients in the arm and in {reference} at that visit"
+    )
+    interaction_note = (
+        "" if contrasts else f"not estimable: no arm has an effect at 2 or more visits ({need})"
+    )
+    dose_slope, dose_df, dose_note = nan6, np.nan, ""
     if doses is not None and all(a in doses for a in arms):
         d_all = np.array([doses[a] for a in arms], dtype=float)
         ss = float(np.sum((d_all - d_all.mean()) ** 2))
@@ -219,6 +234,14 @@ def fit_mixed_model(
             cols = [index[(a, v)] for v in visits if (a, v) in index]
             if not cols:
                 complete = False
+                cells = ", ".join(
+                    f"week {v}: {int(cell_n.get((a, v), 0))} vs {int(cell_n.get((reference, v), 0))}"
+                    for v in visits
+                )
+                dose_note = (
+                    f"not estimable: {a} has too few patients at every visit ({a} vs {reference} patients: "
+                    f"{cells}; {need}), and the linear dose term needs every arm's effect"
+                )
                 break
             r[cols] = (doses[a] - d_all.mean()) / (ss * len(cols))
         if complete and ss > 0:
@@ -239,8 +262,37 @@ def fit_mixed_model(
         "; ".join(notes),
         sizes,
         dose_df,
+        dose_note,
+        interaction_note,
+        outside,
+        "; ".join(outside.values()),
     )
     return _finish(fit, [])
+
+
+def _baseline_outside(d: pd.DataFrame, arms: Sequence[str]) -> dict[str, str]:
+    """``{arm: note}`` for each arm whose every patient's baseline lies above (or below) every
+    baseline of the other arms in the fit: its baseline-adjusted effects rest on the common
+    baseline slope far from any baseline the other arms have (an extrapolation, e.g. an arm at
+    100 % at baseline)."""
+    per = d.drop_duplicates("patient_id")
+    out: dict[str, str] = {}
+    for a in arms:
+        own = per.loc[per["arm"] == a, "baseline"].to_numpy(dtype=float)
+        rest = per.loc[per["arm"] != a, "baseline"].to_numpy(dtype=float)
+        if not own.size or not rest.size:
+            continue
+        if own.min() > rest.max():
+            side = "above"
+        elif own.max() < rest.min():
+            side = "below"
+        else:
+            continue
+        out[a] = (
+            f"baseline-adjusted estimate extrapolates: every {a} baseline ({own.min():.3g} to {own.max():.3g}) "
+            f"lies {side} the other arms' ({rest.min():.3g} to {rest.max():.3g})"
+        )
+    return out
 
 
 def _fit_mixedlm(
