@@ -167,7 +167,7 @@ STATISTICS: Schema = {
     "mixed_model_covariance": Field(
         str, "model", "covariance of the mixed-model estimates", choices=("model", "robust")
     ),
-    "rate_test": Field(str, "chi2", "response-rate test", choices=("chi2", "fisher")),
+    "rate_test": Field(str, "auto", "response-rate test", choices=("auto", "chi2", "fisher")),
     "response_endpoint": Field(str, "sri4", "binary endpoint of the responder analyses"),
     "response_visit": Field(int, None, "visit defining responders (default: week 12, else the last)"),
     "correlation_items": Field(

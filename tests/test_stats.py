@@ -150,10 +150,45 @@ def test_newcombe_matches_statsmodels():
 
 
 def test_degenerate_rates_do_not_crash():
-    assert np.isnan(compare_rates(0, 10, 0, 12).p)  # chi-square undefined
+    assert np.isnan(compare_rates(0, 10, 0, 12, method="chi2").p)  # chi-square undefined
     assert compare_rates(0, 10, 0, 12, method="fisher").p == 1.0
+    nobody = compare_rates(0, 10, 0, 12)  # expected counts of 0: the exact test, p = 1
+    assert nobody.p == 1.0 and "no responder in either arm" in nobody.note
     assert "expected count" in compare_rates(1, 4, 3, 4).note
     assert np.isnan(compare_rates(0, 0, 3, 4).p)
+
+
+def test_a_tiny_arm_gets_fishers_exact_test_not_a_chi_square_p():
+    """Small expected counts (a one-patient arm, 3-patient arms): the default rate test is
+    Fisher's exact (scipy's p), with a note saying why; large arms keep Pearson's chi-square
+    (scipy's chi2_contingency without correction). Through the response-rate family as well."""
+    for counts in ((1, 1, 0, 3), (0, 1, 2, 3), (3, 3, 0, 3), (2, 3, 1, 4)):
+        x1, n1, x0, n0 = counts
+        table = [[x1, n1 - x1], [x0, n0 - x0]]
+        r = compare_rates(*counts)
+        assert r.method == "Fisher exact (two-sided)"
+        assert r.p == pytest.approx(sps.fisher_exact(table).pvalue, rel=1e-12)
+        expected = sps.contingency.expected_freq(table).min()
+        assert f"smallest expected count {expected:.1f} < 5" in r.note
+        # the chi-square is still there on request, with its warning
+        forced = compare_rates(*counts, method="chi2")
+        assert forced.p == pytest.approx(sps.chi2_contingency(table, correction=False).pvalue)
+        assert "consider" in forced.note
+    big = compare_rates(16, 29, 9, 30)  # every expected count >= 5: the chi-square
+    assert big.method == "Pearson chi-square (no continuity correction)" and big.note == ""
+    assert big.p == pytest.approx(sps.chi2_contingency([[16, 13], [9, 21]], correction=False).pvalue)
+
+    rows = [dict(patient_id="I0", arm="IL-2 1.0 MIU", visit=4, sri4=True)]
+    rows += [dict(patient_id=f"P{i}", arm="placebo", visit=4, sri4=i < 1) for i in range(5)]
+    endpoints = pd.DataFrame(rows)
+    for col in ("renal_any", "renal_complete", "anti_dsdna_normalised", "c3_normalised", "c4_normalised"):
+        endpoints[col] = pd.NA
+    out = pd.DataFrame(response_rate_tests(endpoints, ["placebo", "IL-2 1.0 MIU"], StatsSettings()))
+    sri = out[out["measure"] == "sri4"].iloc[0]
+    assert sri["method"] == "Fisher exact (two-sided)" and np.isnan(sri["df"])
+    assert sri["p"] == pytest.approx(sps.fisher_exact([[1, 0], [1, 4]]).pvalue)
+    assert sri["statistic"] == pytest.approx(sps.fisher_exact([[1, 0], [1, 4]]).statistic)
+    assert "Fisher exact test: smallest expected count" in sri["note"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -98,7 +98,10 @@ def patients_without_flow_data_of(ctx: RunContext) -> list[str]:
 #: whose samples name two arms is an error (the patient counted in both); a requested population
 #: absent from the table gets rows saying so; the mixed model fits a constant baseline (unadjusted);
 #: patient ids and arms are stripped of spaces, as in the clinical table
-STATISTICS_VERSION = "4"
+#: 5: response rates with an expected count below 5 use Fisher's exact test (rate_test "auto", the
+#: new default); one arm order in every table (rows and lists of arms in texts, stats/armorder.py);
+#: mixed-model notes for baseline extrapolation and thin arms
+STATISTICS_VERSION = "5"
 
 
 def _statistics_key(ctx: RunContext) -> str:

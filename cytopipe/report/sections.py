@@ -985,7 +985,7 @@ def files(b: Builder) -> H.Section:
     s.add(H.paragraph(
         "Methods in brief: frequencies are % of the parent population; Wilson intervals carry each sample's "
         "event counts; arm means use t intervals on the logit scale (inside 0-100%); changes are visit minus baseline; statistics as in "
-        "docs/statistics.md (Mann-Whitney, Jonckheere-Terpstra, mixed model, chi-square for response rates, "
+        "docs/statistics.md (Mann-Whitney, Jonckheere-Terpstra, mixed model, chi-square for response rates (Fisher exact when an expected count is below 5), "
         "Spearman correlations, Benjamini-Hochberg within each family); the gate outlier rule as in "
         "docs/reports.md."))  # fmt: skip
     return s

@@ -70,7 +70,7 @@ def response_rate_tests(endpoints: pd.DataFrame, arms: Sequence[str], s: StatsSe
                         ci_low=r.ci_low,
                         ci_high=r.ci_high,
                         statistic=r.statistic,
-                        df=1.0 if s.rate_test == "chi2" else np.nan,
+                        df=1.0 if r.method.startswith("Pearson") and np.isfinite(r.p) else np.nan,
                         p=r.p,
                         method=r.method,
                         note="; ".join(n for n in (r.note, nri) if n),

@@ -45,8 +45,9 @@ class StatsSettings:
     #: covariance of the mixed-model fixed effects: "model" (REML, t / F with Satterthwaite df) or "robust"
     #: (patient-clustered CR3 sandwich with t(G-1) / Hotelling-F reference; arm-specific variances)
     mixed_model_covariance: str = "model"
-    #: response-rate test: "chi2" (Pearson, no continuity correction) or "fisher"
-    rate_test: str = "chi2"
+    #: response-rate test: "auto" (Pearson chi-square when every expected count is >= 5, else Fisher
+    #: exact), "chi2" (always Pearson, no continuity correction) or "fisher" (always Fisher exact)
+    rate_test: str = "auto"
     #: binary endpoint for responder analyses, logistic regression and ROC
     response_endpoint: str = "sri4"
     #: visit at which responders are defined (None = 12 if present, else the last visit)
@@ -67,9 +68,9 @@ class StatsSettings:
             raise StatisticsError(
                 f"change_scale must be one of {CHANGE_SCALES}, not {self.change_scale!r}", key="change_scale"
             )
-        if self.rate_test not in ("chi2", "fisher"):
+        if self.rate_test not in ("auto", "chi2", "fisher"):
             raise StatisticsError(
-                f"rate_test must be 'chi2' or 'fisher', not {self.rate_test!r}", key="rate_test"
+                f"rate_test must be 'auto', 'chi2' or 'fisher', not {self.rate_test!r}", key="rate_test"
             )
         if self.duplicates not in ("error", "mean"):
             raise StatisticsError(
