@@ -226,14 +226,10 @@ def check_clinical(
         err("arm is empty; every row needs the randomised arm", row=labels[i], column="arm")
 
     visit_raw = clinical["visit"]
-    visit = pd.to_numeric(visit_raw, errors="coerce")
-    bad_visit = visit.isna() | ~np.isfinite(visit) | (visit != np.round(visit))
+    visit, refused = visit_weeks(visit_raw)
+    bad_visit = visit.isna()
     for i in np.flatnonzero(bad_visit.to_numpy()):
-        err(
-            f"visit {visit_raw.iloc[i]!r} is not an integer study week; write e.g. 0, 4, 12",
-            row=labels[i],
-            column="visit",
-        )
+        err(refused.get(i) or "visit is empty; every row needs its study week", row=labels[i], column="visit")
 
     # measured values ----------------------------------------------------------------------------
     for column, (low, high, integer, meaning) in _RANGES.items():
@@ -369,11 +365,42 @@ def _combine(problems: list[ClinicalDataError]) -> ClinicalDataError:
     return combined
 
 
+def visit_weeks(values: pd.Series) -> tuple[pd.Series, dict[int, str]]:
+    """The study week of each visit (float; NaN where refused or empty) and ``{position: why}``
+    for the refused ones. Numbers must be whole weeks; text goes through
+    :func:`cytopipe.manifest.parse_visit` (``W4``, ``Week 4``, ``Day 28``, ``BL``, ...)."""
+    from cytopipe.manifest import parse_visit, visit_problem
+
+    weeks = np.full(len(values), np.nan)
+    refused: dict[int, str] = {}
+    for i, v in enumerate(values.to_numpy(dtype=object)):
+        if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+            continue
+        if isinstance(v, str):
+            if not v.strip():
+                continue
+            try:
+                weeks[i] = parse_visit(v)
+            except ValueError:
+                refused[i] = visit_problem(v)
+            continue
+        try:
+            number = float(v)
+        except (TypeError, ValueError):
+            refused[i] = visit_problem(v)
+            continue
+        if np.isfinite(number) and number == round(number):
+            weeks[i] = number
+        else:
+            refused[i] = visit_problem(v)
+    return pd.Series(weeks, index=values.index), refused
+
+
 def _typed(clinical: pd.DataFrame) -> pd.DataFrame:
     out = clinical.copy()
     out["patient_id"] = out["patient_id"].astype(str).str.strip()
     out["arm"] = out["arm"].astype(str).str.strip()
-    out["visit"] = pd.to_numeric(out["visit"]).round().astype("int64")
+    out["visit"] = visit_weeks(out["visit"])[0].round().astype("int64")
     for column in MEASURED_COLUMNS:
         out[column] = pd.to_numeric(out[column], errors="coerce").astype("float64")
     return out

@@ -3,7 +3,8 @@
 Columns (docs/DEVELOPING.md, "Manifest and clinical table"):
 
 * required: ``file`` (path relative to the manifest's folder, or absolute), ``sample_id``,
-  ``patient_id``, ``visit`` (study week, an integer; negative for screening), ``arm``;
+  ``patient_id``, ``visit`` (study week, an integer; negative for screening; or written as
+  ``W4``, ``Week 4``, ``Day 28``, ``BL``: :func:`parse_visit`), ``arm``;
 * optional: ``panel``, ``batch``, ``site``, ``acquired_at`` (ISO 8601), ``control``
   (``unstained``, ``single:<marker>``, ``fmo:<marker>``). Control rows may leave
   ``patient_id``, ``visit`` and ``arm`` blank. Other columns are kept as they are; one named
@@ -34,7 +35,16 @@ from cytopipe.errors import ManifestError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REQUIRED", "OPTIONAL", "check_manifest", "load_manifest", "parse_control", "unsafe_name"]
+__all__ = [
+    "OPTIONAL",
+    "REQUIRED",
+    "VISIT_FORMS",
+    "check_manifest",
+    "load_manifest",
+    "parse_control",
+    "parse_visit",
+    "unsafe_name",
+]
 
 REQUIRED = ("file", "sample_id", "patient_id", "visit", "arm")
 OPTIONAL = ("panel", "batch", "site", "acquired_at", "control")
@@ -144,10 +154,7 @@ def check_manifest(path: str | Path, check_files: bool = True) -> tuple[pd.DataF
         if rec["visit"]:
             visit = _parse_visit(rec["visit"])
             if visit is None:
-                problem(
-                    "visit",
-                    f"visit is {rec['visit']!r}, not an integer study week; write the week as a number, e.g. 4",
-                )
+                problem("visit", visit_problem(rec["visit"]))
         if rec["acquired_at"] and not _is_iso(rec["acquired_at"]):
             problem(
                 "acquired_at",
@@ -321,12 +328,68 @@ def _normalise(name: str) -> str:
     return re.sub(r"[\s\-]+", "_", name.strip().lstrip("\ufeff").strip().lower())
 
 
+#: the visit forms :func:`parse_visit` accepts (said in every visit error)
+VISIT_FORMS = (
+    "a study week (0, 4, -2), W4 / Wk 4 / Week 4 / 4 weeks, D28 / Day 28 (whole weeks of days: "
+    "Day 0 = week 0, Day 28 = week 4) or BL / Baseline (week 0)"
+)
+_NUMBER = r"([+-]?\d+)(?:\.0*)?"  # spreadsheets write 4 as 4.0
+_SEP = r"[\s_.]*"  # W4, W 4, W_4, W.4 (not W-4: that is week -4, as in screening W-2)
+_WEEKS = re.compile(rf"(?:w|wk|wks|week|weeks){_SEP}{_NUMBER}|{_NUMBER}{_SEP}(?:w|wk|wks|week|weeks)", re.I)
+_DAYS = re.compile(rf"(?:d|dy|day|days){_SEP}{_NUMBER}|{_NUMBER}{_SEP}(?:d|days?)", re.I)
+_MONTHS = re.compile(rf"(?:m|mo|mon|month|months){_SEP}{_NUMBER}|{_NUMBER}{_SEP}(?:m|mo|months?)", re.I)
+_BASELINE = re.compile(r"bl|base[\s_-]?line", re.I)
+
+
+def parse_visit(text: object) -> int:
+    """The study week of a visit as a manifest or clinical table writes it: a number (``4``,
+    ``4.0``, ``-2``), a week (``W04``, ``Wk 4``, ``Week 4``, ``4 weeks``; ``W-2`` is week -2), days
+    that make whole weeks (``D28``, ``Day 28`` -> 4; ``Day 0`` -> 0) or the baseline (``BL``,
+    ``Baseline`` -> 0, the default ``baseline_visit``). Anything else raises ``ValueError`` saying
+    why: months (``M3``: week 12 or 13 depends on the protocol), days that are no whole week (``Day
+    1``: in many protocols the baseline), visit numbers (``V2``), screening, fractions."""
+    raw = str(text).strip()
+    if re.fullmatch(_NUMBER, raw):
+        return int(re.fullmatch(_NUMBER, raw).group(1))
+    if _BASELINE.fullmatch(raw):
+        return 0
+    m = _WEEKS.fullmatch(raw)
+    if m:
+        return int(m.group(1) or m.group(2))
+    m = _DAYS.fullmatch(raw)
+    if m:
+        days = int(m.group(1) or m.group(2))
+        if days % 7:
+            hint = " (if day 1 is your baseline, write BL or 0)" if days == 1 else ""
+            raise ValueError(f"day {days} is not a whole study week{hint}")
+        return days // 7
+    if _MONTHS.fullmatch(raw):
+        raise ValueError(
+            "months are no whole number of weeks (month 3 is week 12 or 13 as the protocol says)"
+        )
+    if re.fullmatch(r"(?:v|visit)[\s_.]*\d+", raw, re.I):
+        raise ValueError("a visit number, not a study week")
+    if re.fullmatch(r"scr|screen|screening", raw, re.I):
+        raise ValueError("screening has no study week (write its week, e.g. -2)")
+    if re.fullmatch(r"[+-]?\d*\.\d+", raw):
+        raise ValueError("not a whole study week")
+    raise ValueError("not a study week")
+
+
+def visit_problem(text: object) -> str:
+    """The message of a visit :func:`parse_visit` refuses: the value, why and the accepted forms."""
+    try:
+        parse_visit(text)
+    except ValueError as exc:
+        return f"visit is {str(text).strip()!r}: {exc}; write {VISIT_FORMS}"
+    return ""
+
+
 def _parse_visit(text: str) -> int | None:
-    if re.fullmatch(r"[+-]?\d+", text):
-        return int(text)
-    if re.fullmatch(r"[+-]?\d+\.0*", text):  # spreadsheets write 4 as 4.0
-        return int(float(text))
-    return None
+    try:
+        return parse_visit(text)
+    except ValueError:
+        return None
 
 
 def _is_iso(text: str) -> bool:

@@ -194,8 +194,8 @@ def test_missing_required_column_is_named():
         ("proteinuria", -0.1, "proteinuria"),
         ("bilag_new_b", 1.5, "integer"),
         ("c3", "low", "not a number"),
-        ("visit", 4.5, "integer study week"),
-        ("visit", "wk4", "integer study week"),
+        ("visit", 4.5, "not a whole study week"),
+        ("visit", "M3", "months are no whole number of weeks"),  # wk4 is week 4 since text visits are read
     ],
 )
 def test_out_of_range_values_name_row_and_column(column, value, words):
@@ -302,3 +302,26 @@ def test_a_table_saved_with_another_separator_says_so(tmp_path, sep, name):
     ):
         load_clinical(path)
     load_clinical(sample)  # the comma-separated original loads
+
+
+def test_a_clinical_table_with_text_visits_loads_as_the_one_with_weeks(tmp_path):
+    """The sample study's clinical table with its visits written BL, W04, Week 12 and D168 reads as
+    the committed one (weeks 0, 4, 12, 24); a month is an error naming the file, line and value."""
+    from pathlib import Path
+
+    original = Path(__file__).resolve().parents[1] / "sample_data" / "clinical.csv"
+    raw = pd.read_csv(original, dtype=str, keep_default_na=False)
+    raw["visit"] = raw["visit"].map({"0": "BL", "4": "W04", "12": "Week 12", "24": "D168"})
+    assert raw["visit"].notna().all()
+    words = tmp_path / "clinical.csv"
+    raw.to_csv(words, index=False)
+    pd.testing.assert_frame_equal(load_clinical(words), load_clinical(original))
+
+    raw.loc[5, "visit"] = "M3"
+    raw.to_csv(words, index=False)
+    with pytest.raises(ClinicalDataError) as exc:
+        load_clinical(words)
+    assert exc.value.context["row"] == 7 and exc.value.context["column"] == "visit"  # CSV line 7
+    assert str(words) in str(exc.value) and "visit is 'M3': months are no whole number of weeks" in str(
+        exc.value
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,7 @@ import pytest
 
 from cytopipe.errors import ManifestError
 from cytopipe.fcs import write_fcs
-from cytopipe.manifest import check_manifest, load_manifest, parse_control
+from cytopipe.manifest import check_manifest, load_manifest, parse_control, parse_visit
 from tests.conftest import shared_path
 
 HEADER = "file,sample_id,patient_id,visit,arm,panel,batch,site,acquired_at,control"
@@ -56,7 +57,7 @@ def test_good_manifest(study):
 def test_problems_are_collected_per_row_and_column(study):
     text = f"""{HEADER}
 fcs/P01_W00.fcs,S001,001,0,placebo,,,,,
-fcs/P01_W04.fcs,S001,001,W4,placebo,,,,04/03/2021,
+fcs/P01_W04.fcs,S001,001,M1,placebo,,,,04/03/2021,
 fcs/missing.fcs,S003,,12,IL-2 0.5,,,,,
 fcs/CTRL_CD4.fcs,C2,,,,,,,,single:
 fcs/P01_W00.fcs,S005,002,24,placebo,,,,,
@@ -76,13 +77,14 @@ fcs/P01_W00.fcs,S005,002,24,placebo,,,,,
     assert table["ok"].tolist() == [True, False, False, False, False]
     by_key = {(p.context["row"], p.context.get("column")): str(p) for p in problems}
     assert "sample_id 'S001' is already used on row 2" in by_key[(3, "sample_id")]
-    assert "visit is 'W4', not an integer study week" in by_key[(3, "visit")]
+    assert "visit is 'M1': months are no whole number of weeks" in by_key[(3, "visit")]
+    assert "Week 4" in by_key[(3, "visit")] and "Day 28" in by_key[(3, "visit")]  # the accepted forms
     assert "not found" in by_key[(4, "file")] and str(study) in by_key[(4, "file")]
     assert "also listed on row 2" in by_key[(6, "file")]
     assert str(path) in by_key[(3, "visit")] and "row 3, column 'visit'" in by_key[(3, "visit")]
     good = load_manifest(path, strict=False)
     assert good[good.ok]["sample_id"].tolist() == ["S001"]
-    assert "visit is 'W4'" in good.loc[1, "problem"]
+    assert "visit is 'M1'" in good.loc[1, "problem"]
     with pytest.raises(ManifestError, match="7 problems") as exc:
         load_manifest(path)
     assert len(exc.value.problems) == 7 and "row 5, column 'control'" in str(exc.value)
@@ -231,3 +233,40 @@ def test_two_files_claiming_one_patient_and_visit_are_warned_about_by_validate(t
     assert entry["warnings"][0].startswith(
         f"manifest {manifest}: patient 'P001', visit 0 is claimed by 2 samples"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "week"),
+    [("4", 4), ("4.0", 4), ("-2", -2), ("W04", 4), ("w4", 4), ("Wk 4", 4), ("Week 12", 12), ("week_12", 12),
+     ("4 weeks", 4), ("W-2", -2), ("Week -2", -2), ("D28", 4), ("Day 28", 4), ("Day 0", 0), ("day 84", 12),
+     ("BL", 0), ("Baseline", 0), ("baseline", 0)],
+)  # fmt: skip
+def test_visits_written_as_weeks_days_or_baseline_are_study_weeks(text, week):
+    assert parse_visit(text) == week
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [("M3", "months are no whole number of weeks"), ("Month 3", "months are no whole number of weeks"),
+     ("Day 1", "day 1 is not a whole study week (if day 1 is your baseline, write BL or 0)"),
+     ("D29", "day 29 is not a whole study week"), ("V2", "a visit number"), ("Screening", "screening"),
+     ("4.5", "not a whole study week"), ("next", "not a study week")],
+)  # fmt: skip
+def test_an_ambiguous_visit_is_an_error_naming_the_value_why_and_the_accepted_forms(study, text, why):
+    with pytest.raises(ValueError, match=re.escape(why)):
+        parse_visit(text)
+    path = write_csv(study, GOOD.replace("S002,001,4,", f"S002,001,{text},"))
+    with pytest.raises(ManifestError) as exc:
+        load_manifest(path)
+    message = str(exc.value)
+    assert exc.value.context["row"] == 3 and exc.value.context["column"] == "visit"
+    assert str(path) in message and f"visit is {text!r}: {why}" in message
+    assert "W4 / Wk 4 / Week 4" in message and "Day 28" in message and "BL" in message
+
+
+def test_a_manifest_with_text_visits_reads_as_the_one_with_weeks(study):
+    text = GOOD.replace("S001,001,0,", "S001,001,BL,").replace("S002,001,4,", "S002,001,Week 4,")
+    words = load_manifest(write_csv(study, text, name="words.csv"))
+    numbers = load_manifest(write_csv(study, GOOD))
+    pd.testing.assert_frame_equal(words.drop(columns="path"), numbers.drop(columns="path"))
+    assert words["visit"].tolist()[:2] == [0, 4]

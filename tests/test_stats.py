@@ -356,8 +356,8 @@ def test_population_table_errors_name_the_column():
     assert info.value.context["column"] == "median_CD25"
     bad = pd.DataFrame(_pop_rows([1.0, 2.0]))
     bad["visit"] = bad["visit"].astype(object)
-    bad.loc[1, "visit"] = "wk4"
-    with pytest.raises(StatisticsError, match="integer study week"):
+    bad.loc[1, "visit"] = "Month 1"  # (wk4 is week 4 since text visits are read)
+    with pytest.raises(StatisticsError, match="visit is .Month 1.: months are no whole number of weeks"):
         baseline_change(bad)
 
 

@@ -335,3 +335,19 @@ def test_a_thin_arm_makes_the_dose_trend_note_say_it_has_too_few_patients_not_no
     # the estimable arm's effects are there: the note is about the thin arm only
     fitted = out[(out["family"] == "mixed_arm_visit") & (out["comparison"] == "IL-2 1.0 MIU vs placebo")]
     assert fitted["p"].notna().all()
+
+
+def test_a_population_table_with_text_visits_gives_the_same_statistics():
+    """Visits written BL / W04 / Week 12 are weeks 0 / 4 / 12: the same table as with numbers; a
+    month is one clear error naming the value and the accepted forms."""
+    from cytopipe.errors import StatisticsError
+
+    numbers = _trial(seed=5)
+    words = numbers.assign(visit=numbers["visit"].map({0: "BL", 4: "W04", 12: "Week 12"}))
+    families = {"families": ["arm_visit", "mixed_arm_visit"]}
+    pd.testing.assert_frame_equal(
+        run_statistics(words, None, families), run_statistics(numbers, None, families)
+    )
+    words.loc[3, "visit"] = "M3"
+    with pytest.raises(StatisticsError, match=r"visit is 'M3': months .* write a study week .* Week 4"):
+        run_statistics(words, None, families)

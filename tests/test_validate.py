@@ -186,7 +186,7 @@ def test_manifest_rows_and_files(folder):
         "file,sample_id,patient_id,visit,arm,control\n"
         "good.fcs,S1,P1,0,placebo,\n"
         "truncated.fcs,S2,P1,4,placebo,\n"
-        "missing.fcs,S3,P2,W8,placebo,\n"
+        "missing.fcs,S3,P2,M2,placebo,\n"  # W8 is week 8 since text visits are read; M2 is no week
         "sub/NOEXTENSION,C1,,,,unstained\n"
     )
     out = cytopipe(str(folder / "manifest.csv"), cwd=folder)

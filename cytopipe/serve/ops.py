@@ -12,6 +12,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DBSession
 
+from cytopipe.manifest import parse_visit, visit_problem
 from cytopipe.serve import audit
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.blinding import assign_codes
@@ -383,12 +384,10 @@ def confirm_mapping(
             problems.append(f"row {i}: upload {uid} is not a usable file of this study")
             continue
         vals = {k: " ".join(str(row.get(k) or "").split()) for k in ("sample_id", "patient_id", "arm")}
-        try:
-            visit = int(str(row.get("visit")).strip())
+        try:  # a study week, or W4 / Week 4 / Day 28 / BL as the manifest reads them
+            visit = parse_visit(row.get("visit"))
         except ValueError:
-            problems.append(
-                f"{uploads[uid].name}: visit {row.get('visit')!r} is not a whole number (study week)"
-            )
+            problems.append(f"{uploads[uid].name}: {visit_problem(row.get('visit'))}")
             continue
         for k, v in vals.items():
             if not v:

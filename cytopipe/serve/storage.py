@@ -433,7 +433,7 @@ def propose_mapping(
         row = by_file.get(up.name.lower())
         if row:
             prop.update(sample_id=row.get("sample_id", ""), patient_id=row.get("patient_id", ""),
-                        visit=_int(row.get("visit")), arm=row.get("arm", ""), source="manifest")  # fmt: skip
+                        visit=_visit(row.get("visit")), arm=row.get("arm", ""), source="manifest")  # fmt: skip
         else:
             for candidate, source in ((up.name, "file name"), (kw.get("$FIL", ""), "$FIL"),
                                       (kw.get("$SRC", ""), "$SRC")):  # fmt: skip
@@ -453,6 +453,17 @@ def propose_mapping(
             prop["arm"] = arms.get(prop["patient_id"], kw.get("ARM", ""))
         out.append(prop)
     return out
+
+
+def _visit(value: Any) -> int | None:
+    """A manifest's visit as a study week (W4, Week 4, Day 28, BL too: cytopipe.manifest.parse_visit);
+    None when it is none (the mapping page then asks for it)."""
+    from cytopipe.manifest import parse_visit
+
+    try:
+        return parse_visit(value) if value is not None and str(value).strip() else None
+    except ValueError:
+        return None
 
 
 def _int(value: Any) -> int | None:

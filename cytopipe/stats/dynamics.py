@@ -47,11 +47,14 @@ def check_population_table(table: pd.DataFrame, measures: Sequence[str] = ("pct_
         # ids and arms without surrounding spaces, as the clinical table reads them ("P001 " is
         # "P001" there): otherwise the patient would silently miss its clinical rows
         out[column] = out[column].astype(str).str.strip()
-    visit = pd.to_numeric(out["visit"], errors="coerce")
-    bad = visit.isna() | (visit != np.round(visit))
+    from cytopipe.clinical import visit_weeks
+
+    visit, refused = visit_weeks(out["visit"])  # numbers, or W4 / Day 28 / BL (manifest.parse_visit)
+    bad = visit.isna()
     if bad.any():
+        first = int(np.flatnonzero(bad.to_numpy())[0])
         raise StatisticsError(
-            f"visit {out['visit'][bad].iloc[0]!r} is not an integer study week",
+            refused.get(first) or "visit is empty; every row needs its study week",
             row=_label(out, bad),
             column="visit",
         )
