@@ -97,3 +97,60 @@ def test_a_baseline_only_study_draws_no_change_figure_of_zeros(one_sample):
     assert (
         "No change from baseline to show: no sample of a later visit than week 0 (the baseline)." in section
     )
+
+
+def test_the_batches_sentence_counts_in_words_and_leaves_out_a_site_count_of_zero(one_sample):
+    """One sample, one batch and no site column value: '1 sample from 1 batch ... (no site
+    recorded)', never '1 samples from 0 site(s)'."""
+    _, html = one_sample
+    text = re.sub(r"\s+", " ", html)
+    assert (
+        "Drift between sites and batches: 1 sample from 1 batch, in acquisition order (no site recorded)."
+        in text
+    )
+    assert "site(s)" not in text and "batch(es)" not in text and "1 samples" not in text
+
+
+def test_the_root_is_named_all_events_as_elsewhere_in_the_report(one_sample):
+    """The first gate's parent is the gating root: its heading and caption say 'all events'
+    (the figures' '% of all events'), not 'of root' or 'the root events'."""
+    from cytopipe.report.sections import events_of, parent_name
+
+    _, html = one_sample
+    assert "Lymphocytes  (of all events)" in html
+    assert "(of root)" not in html and "root events" not in html and "% of root" not in html
+    assert parent_name("root") == "all events" and parent_name("Live") == "Live"
+    assert events_of("root") == "all events" and events_of("CD4 T") == "the CD4 T events"
+
+
+def test_the_same_problem_of_many_samples_is_one_box_with_the_samples_folded(sample_run, tmp_path):
+    """Twelve samples left out of the clusters for the same reason: one 'Problem in this run, 12
+    samples' box with the sample list in a <details>, not twelve boxes; a problem of one sample and
+    a run-level problem keep their own box."""
+    import json
+    import shutil
+
+    from cytopipe.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(sample_run, run)
+    samples = pd.read_parquet(run / "samples.parquet")["sample_id"].astype(str).tolist()[:13]
+    why = "ClusteringError: no Live events after QC"
+    problems = [f"clustering (mapping): sample {s} left out: {why}" for s in samples[:12]]
+    problems += [
+        f"clustering (mapping): sample {samples[12]} left out: MemoryError",
+        "statistics: no clinical table",
+    ]
+    info = json.loads((run / "run.json").read_text())
+    info["problems"] = problems
+    (run / "run.json").write_text(json.dumps(info))
+    html = write_report(run).read_text(encoding="utf-8")
+    boxes = re.findall(r'<p class="error">Problem in this run[^<]*</p>', html)
+    assert len(boxes) == 3, boxes
+    assert (
+        boxes[0]
+        == f'<p class="error">Problem in this run, 12 samples: clustering (mapping): samples left out: {why}</p>'
+    )
+    folded = re.search(r"<details><summary>Show the 12 samples</summary><p>([^<]*)</p></details>", html)
+    assert folded and folded.group(1).split(", ") == samples[:12]
+    assert f"sample {samples[12]} left out: MemoryError" in boxes[1] and "no clinical table" in boxes[2]

@@ -209,7 +209,7 @@ def levey_jennings_figure(track: pd.DataFrame, populations: Sequence[str], ncols
         pad = 0.05 * (hi - lo) if hi > lo else 1.0
         ax.set_ylim(max(lo - pad, 0.0), min(hi + pad, 100.0))
         parent = str(d["parent"].iloc[0]) if "parent" in d.columns else ""
-        ax.set_title(f"{pop} · % of {parent if parent and parent != 'root' else 'events'}")
+        ax.set_title(f"{pop} · % of {parent if parent and parent != 'root' else 'all events'}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # sample positions: never 0.02
         if i >= len(populations) - ncols:
             ax.set_xlabel("samples in acquisition order")
@@ -251,9 +251,13 @@ def section(b: Any) -> Any:
     pops = [p for p in d.measured_populations if p in set(track["population"])]
     n_batches = track["batch"].nunique()
     n_sites = track["site"].nunique()
+    n_samples = track["sample_id"].nunique()
+    origin = [H.count(n, word, plural) for n, word, plural in ((n_sites, "site", "sites"), (n_batches, "batch", "batches")) if n]  # fmt: skip
+    where = f" from {' and '.join(origin)}" if origin else ""
+    unknown = [what for n, what in ((n_sites, "site"), (n_batches, "batch")) if not n]
     s.add(H.paragraph(
-        f"Drift between sites and batches: {track['sample_id'].nunique()} samples from {n_sites} site(s) and "
-        f"{n_batches} batch(es), in acquisition order. For each population, the line is the median of all "
+        f"Drift between sites and batches: {H.count(n_samples, 'sample')}{where}, in acquisition order"
+        + (f" (no {' or '.join(unknown)} recorded)" if unknown else "") + ". For each population, the line is the median of all "
         "samples, the dashed and solid lines 2 and 3 robust SDs (1.4826 × MAD) from it; black bars are "
         "batch medians. Flags follow Westgard's rules (1-3s, 2-2s, R-4s, 4-1s, 10-x); patients differ "
         "biologically, so a flag is a prompt to look at that batch's gates, not a verdict. A batch is "

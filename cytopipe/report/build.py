@@ -67,7 +67,7 @@ def build_report(
             title = f"{data.study}: run report" + (" (blinded)" if data.blinded else "")
             n = data.population_stats["sample_id"].nunique()
             patients = data.population_stats["patient_id"].nunique()
-            subtitle = f"{n} samples, {patients} patients, arms: {', '.join(data.arms)}"
+            subtitle = f"{H.count(n, 'sample')}, {H.count(patients, 'patient')}, arms: {', '.join(data.arms)}"
             page = builder.fill(H.page(title, subtitle, sections))
         finally:
             builder.gallery.close()  # a section that failed: the helper stops drawing

@@ -11,8 +11,9 @@ so.
 from __future__ import annotations
 
 import json
+import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -383,4 +384,32 @@ def tiny_metaclusters(clusters: pd.DataFrame | None) -> dict[str, str]:
             out[mc] = "empty (no event in any sample)"
         elif n < TINY_EVENTS or share < TINY_SHARE:
             out[mc] = f"{int(n):,} events in all samples ({100 * share:.2g}% of the clustered events)"
+    return out
+
+
+def group_problems(problems: list[str], sample_ids: Iterable[str]) -> list[tuple[str, list[str]]]:
+    """The run's problems with those that differ only in the one sample they name grouped:
+    ``[(text, [sample ids])]`` in the order of first appearance. A group of two or more samples
+    has its text with the sample left out (``sample P001_W04 left out: ...`` -> ``samples left out:
+    ...``); a problem naming no sample, or several, stands alone (``[]``)."""
+    ids = sorted({str(s) for s in sample_ids if str(s)}, key=len, reverse=True)
+    if not ids:
+        return [(p, []) for p in problems]
+    name = re.compile(rf"(?<![A-Za-z0-9_.-])(?:{'|'.join(re.escape(i) for i in ids)})(?![A-Za-z0-9_-])")
+    groups: dict[str, list[str]] = {}
+    texts: dict[str, str] = {}
+    for problem in problems:
+        found = list(dict.fromkeys(name.findall(problem)))
+        key = name.sub("\x00", problem) if len(found) == 1 else problem
+        texts.setdefault(key, problem)
+        groups.setdefault(key, [])
+        if len(found) == 1 and found[0] not in groups[key]:
+            groups[key].append(found[0])
+    out = []
+    for key, members in groups.items():
+        if len(members) < 2:
+            out.append((texts[key], members))
+            continue
+        text = re.sub(r"\bsample \x00", "samples", key).replace("\x00", "the sample")
+        out.append((text, members))
     return out

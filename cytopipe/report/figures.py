@@ -794,7 +794,7 @@ def dynamics_figure(
                 lows.extend(sa["mean"].to_numpy(float) - lo)  # NaN means: left out by _set_ylim
                 highs.extend(sa["mean"].to_numpy(float) + hi)
         parent = d["parent"].iloc[0] if "parent" in d.columns else ""
-        ax.set_title(f"{pop} · % of {parent if parent and parent != 'root' else 'events'}")
+        ax.set_title(f"{pop} · % of {parent if parent and parent != 'root' else 'all events'}")
         _visit_axis(ax, visits, bottom=i >= len(populations) - ncols)
         _set_ylim(ax, lows, highs, floor=0.0, ceiling=100.0)
         _set_xlim(ax, visits, dodge)

@@ -102,6 +102,11 @@ class Section:
         self.body.append(f'<h3 id="{esc(anchor)}">{esc(title)}</h3>')
 
 
+def count(n: int, one: str, many: str | None = None) -> str:
+    """``1 sample``, ``3 samples`` (``many``: an irregular plural, e.g. ``batches``)."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
 def paragraph(text: str, kind: str = "lead") -> str:
     return f'<p class="{kind}">{esc(text)}</p>'
 

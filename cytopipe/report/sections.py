@@ -23,7 +23,7 @@ from cytopipe.errors import CytopipeError
 from cytopipe.report import batches as B
 from cytopipe.report import figures as F
 from cytopipe.report import html as H
-from cytopipe.report.data import RunData, measured_rows
+from cytopipe.report.data import RunData, group_problems, measured_rows
 from cytopipe.report.review_section import review
 
 ENDPOINT_TITLES = {
@@ -151,6 +151,21 @@ def _sig_rows(q: pd.Series) -> list[str]:
     ]
 
 
+def parent_name(parent: object) -> str:
+    """A parent population as the report names it: the gating root is "all events"."""
+    text = "" if parent is None or (isinstance(parent, float) and np.isnan(parent)) else str(parent)
+    return "all events" if text in ("", "root") else text
+
+
+def events_of(parent: object) -> str:
+    """``"the Live events"``, ``"all events"`` for the gating root, ``"the parent population's
+    events"`` when it is not known (None)."""
+    if parent is None:
+        return "the parent population's events"
+    name = parent_name(parent)
+    return name if name == "all events" else f"the {name} events"
+
+
 # ------------------------------------------------------------------------------------------------
 # overview
 # ------------------------------------------------------------------------------------------------
@@ -182,8 +197,14 @@ def overview(b: Builder) -> H.Section:
             "CSV file of this report. Codes are not in dose order.", "note"))  # fmt: skip
     for note in d.notes:
         s.add(H.paragraph(note, "note"))
-    for problem in d.problems:
-        s.add(H.paragraph(f"Problem in this run: {problem}", "error"))
+    ids = [] if d.samples is None else d.samples["sample_id"].astype(str).tolist()
+    for problem, samples in group_problems(d.problems, ids or ps["sample_id"].astype(str).unique()):
+        if len(samples) < 2:
+            s.add(H.paragraph(f"Problem in this run: {problem}", "error"))
+            continue
+        listed = H.esc(", ".join(samples))
+        s.add(H.paragraph(f"Problem in this run, {len(samples)} samples: {problem}", "error"))
+        s.add(f"<details><summary>Show the {len(samples)} samples</summary><p>{listed}</p></details>")
     if d.clinical_error:
         s.add(H.paragraph(f"Clinical table not used: {d.clinical_error}", "error"))
     _not_measured_note(b, s)
@@ -306,11 +327,11 @@ def run_summary(b: Builder) -> H.Section:
     touched = int((samples["removed"] > 0).sum())
     total = int(np.nansum(before[after.notna()]))
     s.add(H.paragraph(
-        f"{len(samples)} samples: {int(counts.get('ok', 0))} ok, {int(counts.get('flagged', 0))} flagged, "
-        f"{int(counts.get('failed', 0))} failed; and {len(controls)} compensation controls, which only estimate "
+        f"{H.count(len(samples), 'sample')}: {int(counts.get('ok', 0))} ok, {int(counts.get('flagged', 0))} flagged, "
+        f"{int(counts.get('failed', 0))} failed; and {H.count(len(controls), 'compensation control')}, which only estimate "
         "the spillover matrix (no event QC, not in the analysis). "
         + (f"Event QC removed {removed:,} of {total:,} events ({100 * removed / total:.1f}%) from {touched} of "
-           f"{int(after.notna().sum())} samples: {int(np.nansum(samples['qc_margin_events'])):,} margin events "
+           f"{H.count(int(after.notna().sum()), 'sample')}: {int(np.nansum(samples['qc_margin_events'])):,} margin events "
            f"(saturated or off-scale), {int(np.nansum(samples['qc_time_events'])):,} from unstable acquisition "
            "(clogs, flow spikes)." if total and removed
            else "Event QC removed no event from any sample." if total else "")))  # fmt: skip
@@ -434,7 +455,7 @@ def gate_gallery(b: Builder) -> H.Section:
         f = f.sort_values(["rank", "score", "sample_id"], ascending=[True, False, True], kind="stable")
         chosen = list(f["sample_id"].head(b.max_gallery))
         first = rows.iloc[0]
-        s.sub(f"gate-{_slug(pop)}", f"{pop}  (of {first['parent']})")
+        s.sub(f"gate-{_slug(pop)}", f"{pop}  (of {parent_name(first['parent'])})")
         if pop in unmeasured:
             n_nm, why = unmeasured[pop]
             which = "any sample" if n_nm >= len(f) else f"{n_nm} of {len(f)} samples (they have no panel)"
@@ -462,7 +483,7 @@ def gate_gallery(b: Builder) -> H.Section:
                 else f"{head['x_scale']} / {head['y_scale']}"
             )
             cond = (
-                f" Events shown: {first['parent']} events with {head['condition']}."
+                f" Events shown: {events_of(first['parent'])} with {head['condition']}."
                 if head["condition"]
                 else ""
             )
@@ -474,7 +495,7 @@ def gate_gallery(b: Builder) -> H.Section:
             own = [a for a, o in zip(("x", "y"), F.own_axes(recs)) if o]
             apart = (f" The samples' ranges on {' and '.join(own)} differ too much to share axes (e.g. other "
                      "instruments): each panel has its own, with its tick values." if own else "")  # fmt: skip
-            caption = (f"{pop}: {axes} ({scale}) of the {first['parent']} events.{cond} "
+            caption = (f"{pop}: {axes} ({scale}) of {events_of(first['parent'])}.{cond} "
                        f"{n_flag} flagged, {n_out} outlying.{more}{apart}")  # fmt: skip
             s.add(b.gallery_figure((recs, [mark[i] for i in ids], labels), f"gate-{_slug(pop)}-{panel}",
                                    f"Gate review: {pop} ({axes})", caption))  # fmt: skip
@@ -719,7 +740,7 @@ def models(b: Builder) -> H.Section:
                        "the estimate in pp; * marks q < 0.05. Grey: not estimable (see the table's notes)."))  # fmt: skip
     mixed = _in_order(mixed, pops, d.arms)
     shown = pd.DataFrame({
-        "population": mixed["population"], "% of": mixed["parent"].replace({"root": "events"}), "arm": mixed["arm"],
+        "population": mixed["population"], "% of": mixed["parent"].map(parent_name), "arm": mixed["arm"],
         "week": mixed["visit"],
         "estimate, pp [95% CI]": [_ci_text(e, lo, hi) for e, lo, hi in zip(mixed["estimate"], mixed["ci_low"], mixed["ci_high"])],
         "t": mixed["statistic"], "df": mixed["df"], "p": mixed["p"], "q": mixed["q"], "n": mixed["n"],
@@ -785,15 +806,15 @@ def clusters(b: Builder) -> H.Section | None:
                     f"The clustering model could not be read ({exc}); its figures are left out.", "error"
                 )
             )
-    parent = str(cl["parent"].iloc[0]) if "parent" in cl.columns and len(cl) else "the parent population"
+    parent = str(cl["parent"].iloc[0]) if "parent" in cl.columns and len(cl) else None
     name_col = "population" if "population" in cl.columns else "metacluster"
     k = cl[name_col].nunique()
     what = (
-        f"{k} metaclusters of the {parent} events of every sample, on {len(model.markers)} markers "
+        f"{k} metaclusters of {events_of(parent)} of every sample, on {len(model.markers)} markers "
         f"({', '.join(model.markers)}), from a {model.xdim} x {model.ydim} self-organising map (model "
         f"{model.content_hash[:12]})"
         if model is not None
-        else f"{k} metaclusters of the {parent} events"
+        else f"{k} metaclusters of {events_of(parent)}"
     )
     s.add(H.paragraph(
         f"Unsupervised clustering (FlowSOM): {what}. Every event of the parent population of every sample "
@@ -857,7 +878,7 @@ def clusters(b: Builder) -> H.Section | None:
         fig = plot_umap(umap[["x", "y"]].to_numpy(), _mc_number(umap["metacluster"]), pops, title="UMAP")
         s.sub("clusters-umap", "UMAP")
         s.add(b.figure(fig, "cluster-umap", "UMAP of a subsample coloured by metacluster and by gated population",
-                       f"UMAP of {len(umap):,} cells (an equal seeded subsample of every sample's {parent} events), "
+                       f"UMAP of {len(umap):,} cells (an equal seeded subsample of {events_of(parent)} of every sample), "
                        "coloured by metacluster (left) and by the deepest gated population each cell falls in "
                        "(right). Where colours agree, clusters and gates describe the same cells; distances "
                        "between far-apart islands mean little."))  # fmt: skip
@@ -888,7 +909,13 @@ def clusters(b: Builder) -> H.Section | None:
     abundance = cl.groupby(name_col).agg(samples=("sample_id", "nunique"), mean_pct_parent=("pct_parent", "mean"),
                                          median_pct_parent=("pct_parent", "median")).reset_index()  # fmt: skip
     s.sub("clusters-abundance", "Abundance and dynamics")
-    s.add(b.table(abundance, "cluster_abundance", f"Metacluster abundance across samples (% of {parent})."))
+    s.add(
+        b.table(
+            abundance,
+            "cluster_abundance",
+            f"Metacluster abundance across samples (% of {'the parent' if parent is None else parent_name(parent)}).",
+        )
+    )
     if {"patient_id", "visit", "arm"} <= set(cl.columns):
         from cytopipe.stats import baseline_change, summarise_by_arm
 
