@@ -10,7 +10,17 @@ there (from the panel's histogram), before it is compared. Cytometers record sca
 their own range (an 18-bit instrument's FSC-A is some 8-24 times smaller than a 22-bit one's), so
 in raw units an ordinary sample of another instrument in a multi-site study looked like an
 outlier; relative to its own events it does not, while a gate moved away from the events still is.
-Transformed (arcsinh, logicle) axes are compared as they are.
+
+A number on a *transformed* (arcsinh, logicle: fluorescence) axis is an outlier only when it is
+unusual both in display units and relative to the sample's own events on that axis: its position
+between the parent's negative peak (0) and the parent's 98th percentile (1), both from the panel's
+histogram (:func:`fluorescence_landmarks`). Each instrument has its own brightness, negative spread
+and transform scale, so an ordinary threshold of another instrument is unusual in display units
+but not relative to its events; in one instrument's study the display units are the steadier
+frame (the 98th percentile moves with a rare population's share, e.g. dead cells on the viability
+dye), and relative to the events a gate that moved with them (a sample whose whole distribution
+sits lower) is not an outlier. A gate moved away from its events (by hand, into another valley) is
+unusual in both and still flagged.
 """
 
 from __future__ import annotations
@@ -27,8 +37,10 @@ OUTLIER_Z = 3.5  # Iglewicz & Hoaglin's cut-off for robust (modified) z-scores
 MAD_TO_SD = 1.4826  # MAD of a normal distribution x 1.4826 = its SD
 PARAM_FLOOR = 0.02  # scale floor of a gate parameter: 2% of its axis span
 FREQ_FLOOR = 0.1  # scale floor of a frequency, on the logit scale (about 10% relative)
+BRIGHT_QUANTILE = 0.98  # the parent's bright end on a fluorescence axis (the landmark at 1)
 
-__all__ = ["FREQ_FLOOR", "MAD_TO_SD", "OUTLIER_Z", "PARAM_FLOOR", "gate_outliers", "linear_landmarks"]
+__all__ = ["FREQ_FLOOR", "MAD_TO_SD", "OUTLIER_Z", "PARAM_FLOOR", "fluorescence_landmarks", "gate_outliers",
+           "linear_landmarks"]  # fmt: skip
 
 
 def gate_outliers(
@@ -46,8 +58,12 @@ def gate_outliers(
       ``s_w = max(1.4826 median |v - median of other visits|, floor)`` over all samples (needs >= 2
       other visits of the patient).
 
-    Floors: 2% of the axis span for gate numbers, 0.1 on the logit scale for frequencies. A gate
-    is an outlier when any |z| > ``z`` (3.5). A population not measured in a sample (``source``
+    Floors: 2% of the axis span for gate numbers, 0.1 on the logit scale for frequencies. A number
+    on a linear (scatter) axis is compared relative to the parent's median there; one on a
+    transformed (fluorescence) axis gets each z-score twice, in display units and relative to the
+    parent's landmarks there (negative peak 0, 98th percentile 1), and keeps the smaller |z| (the
+    display one where the panel gives no landmarks). A gate is an outlier when any |z| > ``z``
+    (3.5). A population not measured in a sample (``source``
     "not measured") is neither flagged nor an outlier there and takes no part in the others'
     z-scores (its ``pct_parent`` and ``score`` are NaN). Columns: ``sample_id, population, patient_id,
     visit, pct_parent, flagged, flags, outlier, score`` (largest |z|), ``reasons``.
@@ -60,17 +76,22 @@ def gate_outliers(
     else:
         first["patient_id"] = None
         first["visit"] = np.nan
+    later = review[review["panel"] != 0]  # e.g. Treg's FOXP3 panel: its axis's landmarks
     out = []
     for population, g in first.groupby("population", sort=False):
         g = g.reset_index(drop=True)
-        quantities = _quantities(g)
+        quantities = _quantities(g, later[later["population"] == population])
         score = np.zeros(len(g))
         reasons: list[list[str]] = [[] for _ in range(len(g))]
         unmeasured = (g["source"].astype(str) == "not measured").to_numpy() if "source" in g else False
-        for label, values, floor, text in quantities:
+        for label, values, floor, text, relative in quantities:
             values = np.where(unmeasured, np.nan, values)  # no number: a marker is not in the file
             zc = _cohort_z(values, floor)
             zp = _patient_z(values, g["patient_id"], g["visit"], floor)
+            if relative is not None:  # fluorescence: unusual in display units AND vs its events
+                rel, rel_floor = np.where(unmeasured, np.nan, relative[0]), relative[1]
+                zc = _in_both(zc, _cohort_z(rel, rel_floor))
+                zp = _in_both(zp, _patient_z(rel, g["patient_id"], g["visit"], rel_floor))
             for kind, zz in (("cohort", zc), ("patient's other visits", zp)):
                 hit = np.abs(zz) > z
                 score = np.fmax(score, np.nan_to_num(np.abs(zz)))
@@ -101,39 +122,66 @@ def gate_outliers(
     return pd.concat(out, ignore_index=True)
 
 
-def _quantities(g: pd.DataFrame) -> list[tuple[str, np.ndarray, float, Any]]:
-    """(label, values compared, scale floor, text of sample i's value) of every number compared
-    for one gate. A number on a linear axis is compared relative to the sample's own landmark
-    there (:func:`linear_landmarks`), and its text says so."""
-    out: list[tuple[str, np.ndarray, float, Any]] = []
+Quantity = tuple[str, np.ndarray, float, Any, "tuple[np.ndarray, float] | None"]
+
+
+def _quantities(g: pd.DataFrame, later: pd.DataFrame | None = None) -> list[Quantity]:
+    """(label, values compared, scale floor, text of sample i's value, relative) of every number
+    compared for one gate (``g``: its panel-0 rows; ``later``: its other panels). A number on a
+    linear axis is compared relative to the sample's own landmark there
+    (:func:`linear_landmarks`), and its text says so; one on a transformed axis also gets
+    ``relative`` = (its position between the parent's landmarks there, :func:`fluorescence_landmarks`,
+    and that frame's floor), else None."""
+    out: list[Quantity] = []
     count = g["count"].astype("float64").to_numpy()  # not measured: NaN (a nullable Int64 NA)
     parent = g["parent_count"].astype("float64").to_numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         frac = (count + 0.5) / (parent + 1.0)
         logit = np.log(frac / (1 - frac))
-    out.append(("frequency", logit, FREQ_FLOOR, lambda i: f"{100 / (1 + np.exp(-logit[i])):.2f}%"))
+    out.append(("frequency", logit, FREQ_FLOOR, lambda i: f"{100 / (1 + np.exp(-logit[i])):.2f}%", None))
     lengths = g["params"].map(len)
     k = int(lengths.max()) if len(g) else 0
     if k == 0:
         return out
     names = g["param_names"].iloc[int(np.argmax(lengths.to_numpy()))]
-    landmarks = [linear_landmarks(row) for row in g.to_dict("records")]
+    rows = g.to_dict("records")
+    landmarks = [linear_landmarks(row) for row in rows]
+    bright = _fluorescence_marks(rows, later)
     for j in range(k):
         if str(names[j]).endswith(DIAGONAL_MARK):
             continue
         vals = np.array([p[j] if len(p) > j else np.nan for p in g["params"]], dtype=float)
         spans = np.array([s[j] if len(s) > j else np.nan for s in g["param_spans"]], dtype=float)
         label = f"threshold {names[j]}"
-        dim = _linear_dim(str(names[j]), landmarks)
+        floor = PARAM_FLOOR * _median_span(spans, vals)
+        dim = _axis_of(str(names[j]), landmarks)
         if dim is not None:  # raw detector units: relative to the sample's own events
             marks = np.array([lm.get(dim, np.nan) for lm in landmarks], dtype=float)
             raw = vals
             vals, spans = vals / marks, spans / marks
             out.append((label, vals, PARAM_FLOOR * _median_span(spans, vals),
-                        _relative_text(raw, vals, dim)))  # fmt: skip
+                        _relative_text(raw, vals, dim), None))  # fmt: skip
             continue
-        out.append((label, vals, PARAM_FLOOR * _median_span(spans, vals), _plain_text(vals)))
+        dim = _axis_of(str(names[j]), bright)
+        if dim is not None:  # transformed units: also relative to the sample's negative and bright end
+            marks = np.array([lm.get(dim, (np.nan, np.nan)) for lm in bright], dtype=float)
+            unit = marks[:, 1] - marks[:, 0]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel, rel_spans = (vals - marks[:, 0]) / unit, spans / unit
+            if np.isfinite(rel).sum() >= 3:
+                relative = (rel, PARAM_FLOOR * _median_span(rel_spans, rel))
+                out.append((label, vals, floor, _between_text(vals, rel, dim), relative))
+                continue
+        out.append((label, vals, floor, _plain_text(vals), None))
     return out
+
+
+def _in_both(display: np.ndarray, relative: np.ndarray) -> np.ndarray:
+    """z of a number that must be unusual in display units and relative to its sample's events:
+    the one of the two with the smaller |z|; the display z where the relative one is missing
+    (no landmarks)."""
+    smaller = np.abs(relative) < np.abs(display)  # False where either is NaN
+    return np.where(smaller, relative, display)
 
 
 def _median_span(spans: np.ndarray, vals: np.ndarray) -> float:
@@ -151,9 +199,18 @@ def _relative_text(raw: np.ndarray, rel: np.ndarray, dim: str) -> Any:
     return lambda i: f"{raw[i]:.3g} ({rel[i]:.3g} x the sample's median {dim})"
 
 
-def _linear_dim(name: str, landmarks: list[dict[str, float]]) -> str | None:
-    """The linear axis a gate number belongs to (``"FSC-A centre"`` -> ``"FSC-A"``), when the
-    samples' panels have a landmark on it; else None."""
+def _between_text(vals: np.ndarray, rel: np.ndarray, dim: str) -> Any:
+    def text(i: int) -> str:
+        if not np.isfinite(rel[i]):
+            return f"{vals[i]:.3g}"
+        return f"{vals[i]:.3g} ({rel[i]:.2f} of the way from the sample's negative {dim} peak to its 98th percentile)"
+
+    return text
+
+
+def _axis_of(name: str, landmarks: list[Mapping[str, Any]]) -> str | None:
+    """The axis a gate number belongs to (``"FSC-A centre"`` -> ``"FSC-A"``, ``"CD4 >="`` ->
+    ``"CD4"``), when the samples' panels have landmarks on it; else None."""
     dims = {d for lm in landmarks for d in lm}
     found = [d for d in dims if name.startswith(d + " ")]
     return max(found, key=len) if found else None
@@ -179,6 +236,80 @@ def linear_landmarks(row: Mapping[str, Any]) -> dict[str, float]:
         if np.isfinite(median) and median > 0:
             out[str(name)] = median
     return out
+
+
+def _marginals(row: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+    """Axis name -> (the parent's events per bin on that axis, bin edges, scale) of one panel
+    (every parent event when the panel shows part of them)."""
+    out: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}
+    if not row.get("x") or not len(row.get("x_range", [])):
+        return out
+    xe, ye, counts = panel_arrays(row)
+    background = panel_background(row)
+    if background.size:
+        counts = background
+    for axis, edges in (("x", xe), ("y", ye)):
+        name, scale = row.get(axis), str(row.get(f"{axis}_scale") or "")
+        if not name or not len(edges):
+            continue
+        marginal = counts if counts.ndim == 1 else counts.sum(axis=0 if axis == "x" else 1)
+        out[str(name)] = (np.asarray(marginal, dtype=float), edges, scale)
+    return out
+
+
+def fluorescence_landmarks(rows: list[Mapping[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Axis name -> (negative peak, 98th percentile) of the parent's events, for every
+    *transformed* axis of one sample's panels of a gate (``rows``; the first panel showing an axis
+    gives it). The negative peak is the lowest density peak at least a tenth as tall as the
+    tallest (the gating engine's ``negative`` landmark), on the histogram smoothed over one bin;
+    an axis with too few events, or whose 98th percentile is not above that peak, has none."""
+    out: dict[str, tuple[float, float]] = {}
+    for row in rows:
+        for name, (counts, edges, scale) in _marginals(row).items():
+            if name in out or scale in ("", "linear"):
+                continue
+            marks = _negative_and_bright(counts, edges)
+            if marks is not None:
+                out[name] = marks
+    return out
+
+
+def _negative_and_bright(counts: np.ndarray, edges: np.ndarray) -> tuple[float, float] | None:
+    from cytopipe.gating.fitters import find_peaks
+
+    if counts.sum() < 20 or len(counts) < 3:
+        return None
+    kernel = np.exp(-0.5 * np.arange(-3, 4) ** 2)
+    dens = np.convolve(counts, kernel / kernel.sum(), mode="same")
+    peaks = find_peaks(dens, 0.05)
+    if not len(peaks):
+        return None
+    i = int(next(p for p in peaks if dens[p] >= 0.1 * dens[peaks].max()))
+    width = float(edges[1] - edges[0])
+    centre = float(edges[i]) + 0.5 * width
+    if 0 < i < len(dens) - 1:  # the vertex of the parabola through the peak's three bins
+        a, b, c = dens[i - 1], dens[i], dens[i + 1]
+        if a - 2 * b + c < 0:
+            centre += 0.5 * (a - c) / (a - 2 * b + c) * width
+    bright = _histogram_quantile(counts, edges, BRIGHT_QUANTILE)
+    return (centre, bright) if bright > centre else None
+
+
+def _fluorescence_marks(
+    rows: list[Mapping[str, Any]], later: pd.DataFrame | None
+) -> list[dict[str, tuple[float, float]]]:
+    """:func:`fluorescence_landmarks` of each sample of ``rows`` (panel 0), with its other panels."""
+    more: dict[str, list[Mapping[str, Any]]] = {}
+    if later is not None and len(later):
+        for row in later.sort_values("panel", kind="stable").to_dict("records"):
+            more.setdefault(str(row["sample_id"]), []).append(row)
+    return [fluorescence_landmarks([row, *more.get(str(row["sample_id"]), [])]) for row in rows]
+
+
+def _histogram_quantile(counts: np.ndarray, edges: np.ndarray, q: float) -> float:
+    """The ``q``-quantile of binned values (linear within each bin)."""
+    cum = np.concatenate([[0.0], np.cumsum(counts)])
+    return float(np.interp(q * cum[-1], cum, edges)) if cum[-1] > 0 else float("nan")
 
 
 def _histogram_median(counts: np.ndarray, edges: np.ndarray) -> float:
