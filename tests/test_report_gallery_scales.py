@@ -128,3 +128,104 @@ def test_a_scatter_gate_moved_by_hand_is_still_an_outlier(multi_instrument):
     reason = hit["reasons"].iloc[0]
     assert reason.startswith("threshold FSC-A centre ") and "x the sample's median FSC-A)" in reason
     assert hit["score"].iloc[0] > 4.5
+
+
+# --- fluorescence thresholds of other instruments ------------------------------------------------
+FLUORESCENCE_GATES = ["Live", "T cells", "CD4 T", "CD8 T", "Treg", "Memory CD4", "Th17", "Th1", "cTfh",
+                      "activated cTfh", "CD3- CD56+", "CD3- CD16+"]  # fmt: skip
+
+
+THRESHOLD_REASON = r"threshold (.+?) \S+( \(.*\))? is an outlier vs the cohort \(z=([+-][\d.]+)\)"
+
+
+def _threshold_z(out: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """The largest cohort |z| of every threshold in the reasons (gate_outliers with z=0 gives all)."""
+    best: dict[tuple[str, str], float] = {}
+    for population, reasons in zip(out["population"], out["reasons"]):
+        for part in reasons.split("; "):
+            m = re.match(THRESHOLD_REASON, part)
+            if m:
+                key = (population, m.group(1))
+                best[key] = max(best.get(key, 0.0), abs(float(m.group(3))))
+    return best
+
+
+def test_outlier_rule_compares_fluorescence_thresholds_of_other_instruments_like_with_like(multi_instrument):
+    """Each instrument has its own brightness, negative spread and transform scale: in display
+    units the 22-bit site S3's ordinary CD4 thresholds were outliers at |z| 11.9 (CD8 6.0, CXCR3
+    8.1, CD16 of the 18-bit site 6.7). Relative to each sample's own events they are not; no
+    ordinary gate of the study is an outlier."""
+    from cytopipe.report.outliers import gate_outliers
+
+    trial, review, samples = multi_instrument
+    cd4 = review[(review["population"] == "CD4 T") & (review["panel"] == 0)]
+    cd4 = cd4.merge(samples[["sample_id", "site"]])
+    by_site = cd4.groupby("site")["params"].agg(lambda p: float(np.median([v[0] for v in p])))
+    assert by_site["S3"] > by_site["S1"] + 0.7 and by_site["S3"] > by_site["S2"] + 0.7  # display units
+    picked = review[review["population"].isin(FLUORESCENCE_GATES)]
+    out = gate_outliers(picked, samples)
+    assert len(out) == len(FLUORESCENCE_GATES) * 12
+    assert not out["outlier"].any(), out[out["outlier"]][["sample_id", "population", "reasons"]]
+    z = _threshold_z(gate_outliers(picked, samples, z=0.0))
+    named = {("CD4 T", "CD4 >="), ("Th1", "CXCR3 >="), ("CD3- CD16+", "CD16 >="), ("Treg", "FOXP3 >=")}
+    assert named <= set(z)
+    assert max(z.values()) < 3.5, z
+    # every ordinary gate of the study, scatter and fluorescence, frequencies too
+    whole = gate_outliers(review, samples)
+    assert not whole["outlier"].any(), whole[whole["outlier"]][["sample_id", "population", "reasons"]]
+
+
+@pytest.mark.parametrize(
+    ("sample", "population", "delta"),
+    [("P004_W12", "CD4 T", +1.0), ("P001_W00", "CD4 T", -1.0), ("P003_W00", "Th1", +1.0)],
+)
+def test_a_fluorescence_threshold_moved_by_hand_is_the_one_outlier(multi_instrument, sample, population,
+                                                                     delta):  # fmt: skip
+    """One sample's first threshold (CD4 >=; CXCR3 >=) moved by 1 arcsinh unit, its events left
+    as they are: of the multi-instrument study's gates it is the only outlier, at |z| > 3.5, and
+    the reason says where it sits relative to the sample's own events."""
+    from cytopipe.report.outliers import gate_outliers
+
+    _, review, samples = multi_instrument
+    moved = review.copy()
+    i = moved.index[(moved["population"] == population) & (moved["sample_id"] == sample)][0]
+    params = list(moved.at[i, "params"])
+    params[0] += delta
+    moved.at[i, "params"] = params
+    out = gate_outliers(moved, samples)
+    hit = out[out["outlier"]]
+    assert list(zip(hit["sample_id"], hit["population"])) == [(sample, population)], hit["reasons"]
+    name = moved.at[i, "param_names"][0]
+    reason = hit["reasons"].iloc[0]
+    assert reason.startswith(f"threshold {name} ") and "of the way from the sample's negative" in reason
+    assert hit["score"].iloc[0] > 3.5
+
+
+def test_a_gate_in_the_wrong_valley_is_an_outlier_on_one_instrument(sample_data, tmp_path_factory):
+    """A single-instrument study (the committed sample data, 47 samples): a CD4 threshold moved
+    up by 1 arcsinh unit (into the CD4+ population) is flagged, and so is sample_data's own
+    misplaced CXCR3 threshold of P004_W00 (3.01, above the CXCR3+ cells; the others' sit near 1),
+    while P012_W12's low CCR6 threshold (its whole CCR6 distribution sits lower, the gate with it)
+    is no longer an outlier."""
+    from cytopipe.report.gate_review import read_gate_review
+    from cytopipe.report.outliers import gate_outliers
+
+    run = build_gated_run(sample_data, tmp_path_factory.mktemp("one-instrument") / "run")
+    review = read_gate_review(run)
+    samples = pd.read_parquet(run / "samples.parquet")
+    samples = samples[samples["control"].isna()]
+    assert samples["site"].nunique() == 3  # three sites, one instrument profile
+    thresholds = ["CD4 T", "Th1", "Th17"]
+    out = gate_outliers(review[review["population"].isin(thresholds)], samples)
+    hit = out[out["outlier"] & out["reasons"].str.contains("threshold")]
+    assert set(zip(hit["sample_id"], hit["population"])) == {
+        ("P004_W00", "Th1"), ("P004_W00", "Th17"), ("P011_W12", "Th1"), ("P011_W12", "Th17")
+    }  # fmt: skip
+    reasons = hit.set_index(["sample_id", "population"])["reasons"]
+    assert "threshold CXCR3 >= 3.01" in reasons[("P004_W00", "Th1")]
+    moved = review.copy()
+    i = moved.index[(moved["population"] == "CD4 T") & (moved["sample_id"] == "P003_W12")][0]
+    moved.at[i, "params"] = np.asarray(moved.at[i, "params"]) + [1.0, 0.0]
+    out = gate_outliers(moved[moved["population"] == "CD4 T"], samples).set_index("sample_id")
+    assert out.loc["P003_W12", "outlier"] and out["outlier"].sum() == 1
+    assert "threshold CD4 >= " in out.loc["P003_W12", "reasons"] and out.loc["P003_W12", "score"] > 3.5
