@@ -424,7 +424,9 @@ def gate_gallery(b: Builder) -> H.Section:
         "(robust z = (value - median) / (1.4826 MAD); see docs/reports.md). A number on a linear axis "
         "(scatter, in the instrument's own units) is compared relative to the median of the sample's "
         "own events on that axis, so samples of instruments with other ranges are compared like with "
-        "like."))  # fmt: skip
+        "like. A fluorescence threshold must be unusual both in display units and relative to the "
+        "sample's own events (its place between the parent's negative peak and 98th percentile), so an "
+        "ordinary gate of an instrument with another brightness or scale is not an outlier."))  # fmt: skip
     summary = (
         flags.groupby("population", sort=False)
         .agg(
