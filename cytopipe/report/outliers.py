@@ -146,7 +146,7 @@ def _quantities(g: pd.DataFrame, later: pd.DataFrame | None = None) -> list[Quan
     names = g["param_names"].iloc[int(np.argmax(lengths.to_numpy()))]
     rows = g.to_dict("records")
     landmarks = [linear_landmarks(row) for row in rows]
-    bright = _fluorescence_marks(rows, later)
+    fluorescence = _fluorescence_marks(rows, later)
     for j in range(k):
         if str(names[j]).endswith(DIAGONAL_MARK):
             continue
@@ -162,9 +162,9 @@ def _quantities(g: pd.DataFrame, later: pd.DataFrame | None = None) -> list[Quan
             out.append((label, vals, PARAM_FLOOR * _median_span(spans, vals),
                         _relative_text(raw, vals, dim), None))  # fmt: skip
             continue
-        dim = _axis_of(str(names[j]), bright)
+        dim = _axis_of(str(names[j]), fluorescence)
         if dim is not None:  # transformed units: also relative to the sample's negative and bright end
-            marks = np.array([lm.get(dim, (np.nan, np.nan)) for lm in bright], dtype=float)
+            marks = np.array([lm.get(dim, (np.nan, np.nan)) for lm in fluorescence], dtype=float)
             unit = marks[:, 1] - marks[:, 0]
             with np.errstate(divide="ignore", invalid="ignore"):
                 rel, rel_spans = (vals - marks[:, 0]) / unit, spans / unit
