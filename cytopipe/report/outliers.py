@@ -10,6 +10,11 @@ there (from the panel's histogram), before it is compared. Cytometers record sca
 their own range (an 18-bit instrument's FSC-A is some 8-24 times smaller than a 22-bit one's), so
 in raw units an ordinary sample of another instrument in a multi-site study looked like an
 outlier; relative to its own events it does not, while a gate moved away from the events still is.
+The singlet wedge's area/height ratios likewise are divided by the sample's own median
+FSC-A/FSC-H of the parent's events (:func:`ratio_landmarks`, from the panel's histogram): the
+ratio of single cells depends on the instrument's pulse shape and detector electronics (1.06 on
+one site, 1.30 and 1.39 on the others of one simulated study), so in raw ratios every ordinary
+wedge of a site was an outlier (|z| up to 9).
 
 A number on a *transformed* (arcsinh, logicle: fluorescence) axis is an outlier only when it is
 unusual both in display units and relative to the sample's own events on that axis: its position
@@ -40,7 +45,7 @@ FREQ_FLOOR = 0.1  # scale floor of a frequency, on the logit scale (about 10% re
 BRIGHT_QUANTILE = 0.98  # the parent's bright end on a fluorescence axis (the landmark at 1)
 
 __all__ = ["FREQ_FLOOR", "MAD_TO_SD", "OUTLIER_Z", "PARAM_FLOOR", "fluorescence_landmarks", "gate_outliers",
-           "linear_landmarks"]  # fmt: skip
+           "linear_landmarks", "ratio_landmarks"]  # fmt: skip
 
 
 def gate_outliers(
@@ -59,7 +64,8 @@ def gate_outliers(
       other visits of the patient).
 
     Floors: 2% of the axis span for gate numbers, 0.1 on the logit scale for frequencies. A number
-    on a linear (scatter) axis is compared relative to the parent's median there; one on a
+    on a linear (scatter) axis is compared relative to the parent's median there, a singlet ratio
+    relative to the parent's median area/height ratio; one on a
     transformed (fluorescence) axis gets each z-score twice, in display units and relative to the
     parent's landmarks there (negative peak 0, 98th percentile 1), and keeps the smaller |z| (the
     display one where the panel gives no landmarks). A gate is an outlier when any |z| > ``z``
@@ -129,7 +135,8 @@ def _quantities(g: pd.DataFrame, later: pd.DataFrame | None = None) -> list[Quan
     """(label, values compared, scale floor, text of sample i's value, relative) of every number
     compared for one gate (``g``: its panel-0 rows; ``later``: its other panels). A number on a
     linear axis is compared relative to the sample's own landmark there
-    (:func:`linear_landmarks`), and its text says so; one on a transformed axis also gets
+    (:func:`linear_landmarks`), a ratio relative to the sample's median ratio
+    (:func:`ratio_landmarks`), and its text says so; one on a transformed axis also gets
     ``relative`` = (its position between the parent's landmarks there, :func:`fluorescence_landmarks`,
     and that frame's floor), else None."""
     out: list[Quantity] = []
@@ -146,6 +153,7 @@ def _quantities(g: pd.DataFrame, later: pd.DataFrame | None = None) -> list[Quan
     names = g["param_names"].iloc[int(np.argmax(lengths.to_numpy()))]
     rows = g.to_dict("records")
     landmarks = [linear_landmarks(row) for row in rows]
+    ratios = [ratio_landmarks(row) for row in rows]
     fluorescence = _fluorescence_marks(rows, later)
     for j in range(k):
         if str(names[j]).endswith(DIAGONAL_MARK):
@@ -154,6 +162,15 @@ def _quantities(g: pd.DataFrame, later: pd.DataFrame | None = None) -> list[Quan
         spans = np.array([s[j] if len(s) > j else np.nan for s in g["param_spans"]], dtype=float)
         label = f"threshold {names[j]}"
         floor = PARAM_FLOOR * _median_span(spans, vals)
+        dim = _axis_of(str(names[j]), ratios)
+        if dim is not None:  # a singlet ratio: relative to the sample's own median ratio
+            marks = np.array([lm.get(dim, np.nan) for lm in ratios], dtype=float)
+            raw = vals
+            vals = vals / marks
+            out.append(
+                (label, vals, PARAM_FLOOR * _median_span(spans, vals), _relative_text(raw, vals, dim), None)
+            )
+            continue
         dim = _axis_of(str(names[j]), landmarks)
         if dim is not None:  # raw detector units: relative to the sample's own events
             marks = np.array([lm.get(dim, np.nan) for lm in landmarks], dtype=float)
@@ -236,6 +253,32 @@ def linear_landmarks(row: Mapping[str, Any]) -> dict[str, float]:
         if np.isfinite(median) and median > 0:
             out[str(name)] = median
     return out
+
+
+def ratio_landmarks(row: Mapping[str, Any]) -> dict[str, float]:
+    """``"x/y"`` (e.g. ``"FSC-A/FSC-H"``) -> the median x/y ratio of the parent's events, for a 2-D
+    gate-review panel (from its histogram: every parent event when the panel shows part of them;
+    each bin's events at its centre's ratio, bins whose y centre is not above 0 left out); a panel
+    without such events has none. The singlet wedge's area/height ratios are compared relative
+    to it: the ratio of single cells depends on the instrument (pulse shape, detector
+    electronics), so on a multi-instrument study every ordinary wedge of one site looked like an
+    outlier in raw ratios."""
+    if not row.get("x") or not row.get("y") or not len(row.get("x_range", [])) or not int(row["y_bins"]):
+        return {}
+    xe, ye, counts = panel_arrays(row)
+    background = panel_background(row)
+    if background.size:
+        counts = background
+    xc, yc = 0.5 * (xe[1:] + xe[:-1]), 0.5 * (ye[1:] + ye[:-1])
+    ratio = xc[None, :] / np.where(yc > 0, yc, np.nan)[:, None]
+    ok = np.isfinite(ratio) & (counts > 0)
+    if not ok.any():
+        return {}
+    r, w = ratio[ok], counts[ok].astype(float)
+    order = np.argsort(r, kind="stable")
+    cum = np.cumsum(w[order])
+    median = float(r[order][np.searchsorted(cum, 0.5 * cum[-1])])
+    return {f"{row['x']}/{row['y']}": median} if median > 0 else {}
 
 
 def _marginals(row: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
