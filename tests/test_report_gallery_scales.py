@@ -229,3 +229,101 @@ def test_a_gate_in_the_wrong_valley_is_an_outlier_on_one_instrument(sample_data,
     out = gate_outliers(moved[moved["population"] == "CD4 T"], samples).set_index("sample_id")
     assert out.loc["P003_W12", "outlier"] and out["outlier"].sum() == 1
     assert "threshold CD4 >= " in out.loc["P003_W12", "reasons"] and out.loc["P003_W12", "score"] > 3.5
+
+
+# --- the singlet wedge of other instruments ------------------------------------------------------
+@pytest.fixture(scope="module")
+def singlet_instruments(tmp_path_factory):
+    """`cytopipe simulate --instrument random` (seed 11, 9 patients): S1 measures on a 22-bit
+    instrument, S2 on an 18-bit and S3 on a 20-bit one, each with its own pulse shape: the median
+    FSC-A/FSC-H of single cells is about 1.30 at S1, 1.06 at S2 and 1.39 at S3."""
+    from cytopipe.report.gate_review import read_gate_review
+    from cytopipe.simulate.trial import instrument_trial
+
+    folder = tmp_path_factory.mktemp("singlet-instruments")
+    trial = instrument_trial(folder / "trial", instrument="random", seed=11, patients=9, visits=(0, 12),
+                             events=10_000)  # fmt: skip
+    run = build_gated_run(folder / "trial", folder / "run")
+    samples = pd.read_parquet(run / "samples.parquet")
+    return trial, read_gate_review(run), samples[samples["control"].isna()]
+
+
+def _singlets(review: pd.DataFrame) -> pd.DataFrame:
+    return review[review["population"] == "Singlets"]
+
+
+def _with_wedge(review: pd.DataFrame, sample: str, change: str) -> pd.DataFrame:
+    """``review`` with one sample's singlet wedge moved 10% up (``"up"``: both ratios x 1.1) or
+    widened on the doublet side (``"wide"``: its high ratio 2.5 times as far from the band's
+    centre), its events left as they are."""
+    moved = review.copy()
+    i = moved.index[(moved["population"] == "Singlets") & (moved["sample_id"] == sample)][0]
+    assert list(moved.at[i, "param_names"]) == ["FSC-A/FSC-H ratio 1", "FSC-A/FSC-H ratio 2"]
+    high, low = moved.at[i, "params"]  # the wedge's upper (doublet-side) and lower ray
+    if change == "up":
+        moved.at[i, "params"] = [high * 1.1, low * 1.1]
+    else:  # the template's band is median - 5 and + 4 robust SDs: its median is (4 low + 5 high) / 9
+        centre = (4 * low + 5 * high) / 9
+        moved.at[i, "params"] = [centre + 2.5 * (high - centre), low]
+    return moved
+
+
+def test_outlier_rule_compares_singlet_wedges_of_other_instruments_like_with_like(singlet_instruments):
+    """The singlets' area/height ratio depends on the instrument: in raw ratios every ordinary
+    wedge of the 18-bit site S2 was an outlier (|z| 9.1) and so were S3's (3.6). Relative to each
+    sample's own median FSC-A/FSC-H none is, and the reason gives both numbers."""
+    from cytopipe.report.outliers import gate_outliers, ratio_landmarks
+
+    trial, review, samples = singlet_instruments
+    assert {site: inst.pnr for site, inst in trial.instruments.items()} == {
+        "S1": 4194304.0, "S2": 262144.0, "S3": 1048576.0
+    }  # fmt: skip
+    singlets = _singlets(review).merge(samples[["sample_id", "site"]])
+    singlets["ratio"] = [ratio_landmarks(r)["FSC-A/FSC-H"] for r in singlets.to_dict("records")]
+    median = singlets.groupby("site")["ratio"].median()
+    assert median["S2"] < 0.85 * median["S1"] and median["S3"] > 1.05 * median["S1"]  # the instruments
+    out = gate_outliers(_singlets(review), samples)
+    assert len(out) == 18 and not out["outlier"].any(), out[out["outlier"]][["sample_id", "reasons"]]
+    every = gate_outliers(_singlets(review), samples, z=0.0)
+    ratio_z = [
+        abs(float(z))
+        for reasons in every["reasons"]
+        for z in re.findall(r"ratio \d [^;]*\(z=([+-][\d.]+)\)", reasons)
+    ]
+    assert len(ratio_z) == 2 * 18 and max(ratio_z) < 1.5, max(ratio_z)
+    assert "(1.08 x the sample's median FSC-A/FSC-H)" in every["reasons"].iloc[0]
+
+
+@pytest.mark.parametrize(("sample", "change"), [("P002_W00", "up"), ("P008_W12", "wide"), ("P003_W12", "up")])
+def test_a_singlet_wedge_moved_by_hand_is_the_one_outlier_on_several_instruments(singlet_instruments,
+                                                                                 sample, change):  # fmt: skip
+    """One sample's wedge moved 10% up or widened by hand: of the study's singlet gates it is the
+    only outlier. P002_W00 is of the low-ratio site S2: moved up, its raw ratios come closer to
+    the other sites' (the rule in raw ratios flagged the ordinary S2 wedges and hardly this one)."""
+    from cytopipe.report.outliers import gate_outliers
+
+    _, review, samples = singlet_instruments
+    out = gate_outliers(_singlets(_with_wedge(review, sample, change)), samples)
+    hit = out[out["outlier"]]
+    assert list(hit["sample_id"]) == [sample], hit[["sample_id", "reasons"]]
+    assert "x the sample's median FSC-A/FSC-H) is an outlier vs the cohort" in hit["reasons"].iloc[0]
+    assert hit["score"].iloc[0] > 3.5
+
+
+@pytest.mark.parametrize("change", ["up", "wide"])
+def test_a_singlet_wedge_moved_by_hand_is_the_one_outlier_on_one_instrument(sample_run, change):
+    """The same on the sample data (one instrument, 46 gated samples): the moved or widened wedge
+    of P005_W04 is the one singlet outlier, vs the cohort and vs the patient's other visits."""
+    from cytopipe.report.gate_review import read_gate_review
+    from cytopipe.report.outliers import gate_outliers
+
+    review = read_gate_review(sample_run)
+    samples = pd.read_parquet(sample_run / "samples.parquet")
+    samples = samples[samples["control"].isna()]
+    assert not gate_outliers(_singlets(review), samples)["outlier"].any()
+    out = gate_outliers(_singlets(_with_wedge(review, "P005_W04", change)), samples)
+    hit = out[out["outlier"]]
+    assert list(hit["sample_id"]) == ["P005_W04"], hit[["sample_id", "reasons"]]
+    reasons = hit["reasons"].iloc[0]
+    assert "x the sample's median FSC-A/FSC-H) is an outlier vs the cohort" in reasons
+    assert "x the sample's median FSC-A/FSC-H) is an outlier vs the patient's other visits" in reasons
