@@ -423,8 +423,9 @@ def gate_gallery(b: Builder) -> H.Section:
         "SDs from the median of the same patient's other visits or of the whole cohort "
         "(robust z = (value - median) / (1.4826 MAD); see docs/reports.md). A number on a linear axis "
         "(scatter, in the instrument's own units) is compared relative to the median of the sample's "
-        "own events on that axis, so samples of instruments with other ranges are compared like with "
-        "like. A fluorescence threshold must be unusual both in display units and relative to the "
+        "own events on that axis, the singlet wedge's area/height ratios relative to those events' median, so "
+        "samples of instruments with other ranges and pulse shapes are compared like with like. "
+        "A fluorescence threshold must be unusual both in display units and relative to the "
         "sample's own events (its place between the parent's negative peak and 98th percentile), so an "
         "ordinary gate of an instrument with another brightness or scale is not an outlier."))  # fmt: skip
     summary = (
