@@ -231,13 +231,49 @@ def test_mapping_is_proposed_from_file_names_and_confirmed(server, serve_trial):
     assert ana.get(f"/api/studies/{sid}/mapping", params={"pattern": "{patient}.fcs"}).status_code == 400
     # a bad row is refused with its reason; then the proposal is confirmed
     bad = [dict(rows[0], visit="week four")]
-    assert ana.post(f"/api/studies/{sid}/mapping", json={"rows": bad}, headers=ana.h).status_code == 422
+    r = ana.post(f"/api/studies/{sid}/mapping", json={"rows": bad}, headers=ana.h)
+    assert r.status_code == 400 and "visit is 'week four': not a study week" in r.json()["detail"], r.text
     dup = [rows[0], dict(rows[1], sample_id=rows[0]["sample_id"])]
     r = ana.post(f"/api/studies/{sid}/mapping", json={"rows": dup}, headers=ana.h)
     assert r.status_code == 400 and "used twice" in r.json()["detail"]
     r = ana.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=ana.h)
     assert r.status_code == 200 and r.json()["confirmed"] == 4
     assert all(r["confirmed"] for r in ana.get(f"/api/studies/{sid}/mapping").json())
+
+
+def test_the_mapping_takes_visits_as_the_manifest_writes_them(server, serve_trial):
+    """The mapping API reads a visit as the manifest does (W04, Week 4, D28, BL -> study weeks 4, 4,
+    4, 0) and refuses one it cannot read (M3: months) with the manifest's message, saving nothing.
+    Before, ``visit`` was typed as a number: every text visit was a 422 naming only the type."""
+    from cytopipe.manifest import visit_problem
+
+    ana = server.client("ana")
+    sid = ana.post("/api/studies", json={"name": "text visits", **STUDY}, headers=ana.h).json()["id"]
+    for f in trial_files(serve_trial)[:4]:
+        assert ana.upload(sid, f).status_code == 201
+    arms = trial_manifest(serve_trial).set_index("sample_id")["arm"]
+    rows = [dict(row, arm=arms[row["sample_id"]]) for row in ana.get(f"/api/studies/{sid}/mapping").json()]
+    audit_before = ana.get("/api/audit", params={"limit": 1}).json()[0]["id"]
+    refused = [dict(rows[0], visit="M3")] + rows[1:]
+    r = ana.post(f"/api/studies/{sid}/mapping", json={"rows": refused}, headers=ana.h)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == f"the mapping was not saved: {rows[0]['name']}: {visit_problem('M3')}"
+    assert "months are no whole number of weeks" in r.json()["detail"] and "BL / Baseline" in r.json()["detail"]
+    assert not any(x["confirmed"] for x in ana.get(f"/api/studies/{sid}/mapping").json())  # nothing saved
+    assert ana.get("/api/audit", params={"limit": 1}).json()[0]["id"] == audit_before  # nothing recorded
+    texts = ["W04", "Week 4", "D28", "BL"]
+    sent = [dict(row, visit=text) for row, text in zip(rows, texts)]
+    r = ana.post(f"/api/studies/{sid}/mapping", json={"rows": sent}, headers=ana.h)
+    assert r.status_code == 200 and r.json()["confirmed"] == 4, r.text
+    stored = {x["upload_id"]: x for x in ana.get(f"/api/studies/{sid}/mapping").json()}
+    assert [stored[row["upload_id"]]["visit"] for row in rows] == [4, 4, 4, 0]
+    assert all(x["confirmed"] for x in stored.values())
+    entry = ana.get("/api/audit", params={"limit": 1}).json()[0]
+    assert entry["action"] == "mapping.confirm" and entry["user"] == "ana"
+    assert [x["visit"] for x in entry["after"]["rows"]] == [4, 4, 4, 0]
+    assert ana.post(f"/api/studies/{sid}/mapping", json={"rows": sent}).status_code == 403  # CSRF
+    vic = server.client("vic")  # a viewer may not map
+    assert vic.post(f"/api/studies/{sid}/mapping", json={"rows": sent}, headers=vic.h).status_code == 403
 
 
 def test_every_state_change_is_in_the_audit_trail_and_the_chain_holds(server, study):

@@ -65,7 +65,10 @@ class MappingRow(Body):
     upload_id: int
     sample_id: str
     patient_id: str
-    visit: int
+    visit: int | str = Field(
+        description="the study week: 4, -2, or W4 / Week 4 / D28 / BL as a manifest writes it (months, "
+        "visit numbers and days that are no whole week are refused, naming why)"
+    )
     arm: str
     # shown by GET .../mapping; accepted so that its rows can be sent back, not used
     name: str | None = None
