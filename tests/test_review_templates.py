@@ -106,3 +106,69 @@ def test_migration_0006_keeps_single_person_signoff_for_earlier_studies(backend,
         engine.dispose()
     finally:
         drop()
+
+
+def test_migration_0007_gives_carried_over_changes_back_to_who_made_them(backend, tmp_path):
+    """A workspace at 0006 where ursula made run 2 as a version of run 1, carrying quinn's pooled gate
+    over (stored, as the code before wrote it, as ursula's, at the version's time and audit entry,
+    the reason prefixed): at start-up the copy is quinn's again, at his time and entry, with his
+    reason, marked carried over from his row by the version's entry; the four-eyes rule and the
+    review record read that. The migration goes down (the copy as it was) and up again."""
+    from cytopipe.serve import reviewops, signoffpolicy
+    from cytopipe.serve.db import database_url, make_engine, open_database
+
+    t0, t1 = "2026-01-01T10:00:00.000000+00:00", "2026-01-02T11:00:00.000000+00:00"
+    database, drop = serve_support.fresh_database(backend)
+    try:
+        url = database_url(database, tmp_path)
+        engine = make_engine(url)
+        _alembic(engine, "upgrade", "0006")
+        with engine.begin() as con:
+            con.execute(sa.text("INSERT INTO studies (id, name, arms, visits, settings, pattern, created_by, "
+                                "created_at) VALUES (1, 's', '[]', '[]', :s, 'p', 'ann', :t)"),
+                        {"s": '{"four_eyes": true}', "t": t0})  # fmt: skip
+            for run, who in ((1, "ann"), (2, "ursula")):
+                con.execute(sa.text("INSERT INTO runs (id, study_id, status, folder, attempts, error, n_samples, "
+                                    "options, started_by, created_at) VALUES (:r, 1, 'finished', '', 0, '', 2, "
+                                    "'{}', :u, :t)"), {"r": run, "u": who, "t": t0})  # fmt: skip
+            con.execute(sa.text("INSERT INTO run_versions (run_id, parent_run_id, version) VALUES (2, 1, 2)"))
+            for entry, at, who, action, obj in ((1, t0, "quinn", "review.pooled", "1"),
+                                                (2, t1, "ursula", "run.version", "2")):  # fmt: skip
+                con.execute(sa.text("INSERT INTO audit (id, at, user_name, action, object_type, object_id, "
+                                    "before, after, reason, prev_hash, hash) VALUES (:i, :at, :u, :a, 'run', :o, "
+                                    "'null', 'null', '', 'x', 'y')"),
+                            {"i": entry, "at": at, "u": who, "a": action, "o": obj})  # fmt: skip
+            for row, run, who, at, entry, reason in ((1, 1, "quinn", t0, 1, "fit failure"),
+                                                      (2, 2, "ursula", t1, 2, "carried over from run 1: fit failure")):  # fmt: skip
+                con.execute(sa.text("INSERT INTO review_decisions (id, run_id, kind, sample_id, population, params, "
+                                    "reason, category, user_name, at, audit_id) VALUES (:i, :r, 'pooled', 'P1_W0', "
+                                    "'Treg', '{}', :why, 'clog', :u, :at, :e)"),
+                            {"i": row, "r": run, "why": reason, "u": who, "at": at, "e": entry})  # fmt: skip
+        engine.dispose()
+        columns = "user_name, at, audit_id, reason, carried_from, carried_audit_id"
+        upgraded = ("quinn", t0, 1, "fit failure", 1, 2)
+        engine, sessions = open_database(url)  # what `cytopipe serve` does at start-up
+        with engine.connect() as con:
+            assert tuple(con.execute(sa.text(f"SELECT {columns} FROM review_decisions WHERE id = 2")).one()) == upgraded
+            assert tuple(con.execute(sa.text(f"SELECT {columns} FROM review_decisions WHERE id = 1")).one()) == (
+                "quinn", t0, 1, "fit failure", None, None)  # fmt: skip
+        with sessions() as db:
+            d = reviewops.state(db, 2).decisions[0]
+            assert (d.user, d.at, d.audit_entry, d.reason) == ("quinn", t0, 1, "fit failure")
+            assert d.carried == {"from_run": 1, "by": "ursula", "at": t1, "audit_entry": 2}
+            assert signoffpolicy.authors(db, 2) == {
+                "ann": ["started run 1"],
+                "quinn": ["used the pooled gate for Treg of P1_W0 in run 1"],
+                "ursula": ["made run 2 as version 2 of run 1"],
+            }
+        _alembic(engine, "downgrade", "0006")
+        with engine.connect() as con:
+            assert tuple(con.execute(sa.text("SELECT user_name, at, audit_id, reason FROM review_decisions "
+                                             "WHERE id = 2")).one()) == ("ursula", t1, 2, "carried over from run 1: fit failure")  # fmt: skip
+            assert "carried_from" not in {c["name"] for c in sa.inspect(con).get_columns("review_decisions")}
+        _alembic(engine, "upgrade", "head")
+        with engine.connect() as con:
+            assert tuple(con.execute(sa.text(f"SELECT {columns} FROM review_decisions WHERE id = 2")).one()) == upgraded
+        engine.dispose()
+    finally:
+        drop()

@@ -18,6 +18,14 @@ def _utc(at: Any) -> str:
     return f"{text[:19].replace('T', ' ')} UTC" if len(text) >= 19 else f"{text} UTC"
 
 
+def _carried(c: Any) -> str:
+    """Where a change carried over into this version of the run came from, who carried it, when."""
+    if not c:
+        return ""
+    return (f"from run {c.get('from_run')} by {c.get('by')} at {_utc(c.get('at'))} "
+            f"(audit entry {c.get('audit_entry')})")  # fmt: skip
+
+
 def review(b: Any) -> H.Section | None:
     path = b.data.run_dir / "review.json"
     if not path.is_file():
@@ -52,9 +60,11 @@ def review(b: Any) -> H.Section | None:
                 "user": d.get("user"),
                 "at": d.get("at"),
                 "audit_entry": d.get("audit_entry"),
+                "carried_over": _carried(d.get("carried")),
             }
             for d in changes
         ]
-        s.add(b.table(pd.DataFrame(rows), "gate_overrides", caption="Every gate override, with its reason and "
-                      "the population's % of parent before and after it."))  # fmt: skip
+        s.add(b.table(pd.DataFrame(rows), "gate_overrides", caption="Every gate override, with its reason, "
+                      "the population's % of parent before and after it, who made it and, for one carried over "
+                      "from the run before, who carried it over."))  # fmt: skip
     return s

@@ -44,6 +44,9 @@ class Decision:
     audit_entry: int | None = None
     before_pct: float | None = None  # % of parent before / after (overrides, filled when applied)
     after_pct: float | None = None
+    # a decision carried over from the run this one is a version of: {from_run, by, at, audit_entry}
+    # (who made the version, when, and its run.version entry); user, at and audit_entry stay the original's
+    carried: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -1,4 +1,4 @@
-"""The gate review's tables (migration 0002): each decision on a gate, the sign-off of a run and
+"""The gate review's tables (migrations 0002, 0007): each decision on a gate, the sign-off of a run and
 the versions of a run. The operations on them are in :mod:`.reviewops`."""
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ class ReviewDecision(Base):
     audit_id: Mapped[int] = mapped_column(Integer)
     before_pct: Mapped[float | None] = mapped_column(Float, nullable=True)
     after_pct: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # carried over into a new version of a run (migration 0007): user_name, at and audit_id stay the
+    # original's; carried_from is the row copied, carried_audit_id the version's run.version entry
+    carried_from: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    carried_audit_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Signoff(Base):

@@ -29,7 +29,7 @@ from cytopipe.review.decisions import REASONS, Decision, ReviewState, read_revie
 from cytopipe.schema import NOT_MEASURED
 from cytopipe.serve import audit, auth, signoffpolicy
 from cytopipe.serve.auth import AuthError
-from cytopipe.serve.db import Run, Study, User
+from cytopipe.serve.db import Audit, Run, Study, User
 from cytopipe.serve.reviewchecks import (
     refuse_nothing_to_revert,
     refuse_unmeasured,
@@ -61,9 +61,16 @@ def finished(db: DBSession, run_id: int) -> tuple[Run, Study]:
 
 def state(db: DBSession, run_id: int) -> ReviewState:
     """The run's review as :class:`ReviewState` (decisions in order, sign-off, version)."""
-    rows = db.scalars(
+    rows = list(db.scalars(
         select(ReviewDecision).where(ReviewDecision.run_id == run_id).order_by(ReviewDecision.id)
-    )
+    ))  # fmt: skip
+    version = db.get(RunVersion, run_id)
+    entries = {r.carried_audit_id for r in rows if r.carried_audit_id is not None}
+    carried = {  # the run.version entry of a carried-over decision: who carried it over, and when
+        e.id: {"from_run": version.parent_run_id if version else None, "by": e.user_name, "at": e.at,
+               "audit_entry": e.id}
+        for e in (db.scalars(select(Audit).where(Audit.id.in_(entries))) if entries else [])
+    }  # fmt: skip
     decisions = [
         Decision(
             kind=r.kind,
@@ -77,11 +84,11 @@ def state(db: DBSession, run_id: int) -> ReviewState:
             audit_entry=r.audit_id,
             before_pct=r.before_pct,
             after_pct=r.after_pct,
+            carried=carried.get(r.carried_audit_id),
         )  # fmt: skip
         for r in rows
     ]
     sign = db.get(Signoff, run_id)
-    version = db.get(RunVersion, run_id)
     return ReviewState(
         decisions=decisions,
         signoff=None
@@ -123,7 +130,7 @@ def queue(
     """Every sample's gate of ``population`` (default: the first), flagged and outlying first."""
     from cytopipe.report.gate_review import read_gate_review
     from cytopipe.report.outliers import gate_outliers
-    from cytopipe.review.decisions import status_of
+    from cytopipe.review.decisions import effective_overrides, status_of
 
     out = out_dir(run)
     review = read_gate_review(out)
@@ -141,6 +148,7 @@ def queue(
         "source"
     ]
     absent = unmeasured(review[review["population"] == population])
+    changed = {k: changed_by(d) for k, d in effective_overrides(st.decisions).items() if k[1] == population}
     items = []
     for r in outl.itertuples():
         items.append({
@@ -150,6 +158,7 @@ def queue(
             "reasons": r.reasons, "source": str(sources.get(r.sample_id, "")),
             "status": NOT_MEASURED if (r.sample_id, population) in absent
             else status.get((r.sample_id, population), "unreviewed"),
+            "changed_by": changed.get((r.sample_id, population), ""),
         })  # fmt: skip
     items.sort(key=lambda i: (not i["flagged"], not i["outlier"], -i["score"] if i["outlier"] else 0.0,
                               i["patient_id"], i["visit"]))  # fmt: skip
@@ -159,6 +168,18 @@ def queue(
             "locked": st.locked, "signoff": st.signoff, "version": st.version, "reasons": list(REASONS),
             "arms_visible": can_see_arms, "four_eyes": four_eyes,
             "cannot_sign": signoffpolicy.who_cannot_sign(db, run, study) if four_eyes else {}}  # fmt: skip
+
+
+def changed_by(d: Decision) -> str:
+    """Who changed a gate, when and in which audit entry; for a carried-over change also who carried
+    it into this version of the run, and when."""
+    what = "Pooled gate used" if d.kind == "pooled" else "Overridden"
+    text = f"{what} by {d.user} at {d.at[:19].replace('T', ' ')} UTC (audit entry {d.audit_entry})"
+    c = d.carried
+    if c:
+        text += (f"; carried over from run {c.get('from_run')} by {c.get('by')} at "
+                 f"{str(c.get('at'))[:19].replace('T', ' ')} UTC (audit entry {c.get('audit_entry')})")  # fmt: skip
+    return text + "."
 
 
 def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
@@ -499,20 +520,33 @@ def new_version(db: DBSession, run_id: int, user: str) -> Run:
             out_dir(run), folder / "out", ignore=shutil.ignore_patterns(".cache", "review.json", "*.tmp*")
         )
     new.folder = str(folder)
-    entry = audit.record(
-        db, user, "run.version", "run", new.id, {"run": run_id}, {"run": new.id, "version": version}
-    )
+    rows = _in_force(db, run_id)
+    entry = audit.record(db, user, "run.version", "run", new.id, {"run": run_id}, {
+        "run": new.id, "version": version, "carried": [  # each gate change carried over, as its author made it
+            {"sample_id": r.sample_id, "population": r.population, "kind": r.kind, "by": r.user_name,
+             "audit_entry": r.audit_id} for r in rows]})  # fmt: skip
     db.add(RunVersion(run_id=new.id, parent_run_id=run_id, version=version))
-    from cytopipe.review.decisions import effective_overrides
-
-    for d in effective_overrides(state(db, run_id).decisions).values():
-        db.add(ReviewDecision(run_id=new.id, kind=d.kind, sample_id=d.sample_id, population=d.population,
-                              params=d.params, reason=f"carried over from run {run_id}: {d.reason}",
-                              category=d.category, user_name=user, at=entry.at, audit_id=entry.id,
-                              before_pct=d.before_pct, after_pct=d.after_pct))  # fmt: skip
+    for r in rows:  # its author, time and audit entry kept; the version's entry says who carried it over
+        db.add(ReviewDecision(run_id=new.id, kind=r.kind, sample_id=r.sample_id, population=r.population,
+                              params=r.params, reason=r.reason, category=r.category, user_name=r.user_name,
+                              at=r.at, audit_id=r.audit_id, before_pct=r.before_pct, after_pct=r.after_pct,
+                              carried_from=r.id, carried_audit_id=entry.id))  # fmt: skip
     db.commit()
     write_review(folder / "out", state(db, new.id))
     return new
+
+
+def _in_force(db: DBSession, run_id: int) -> list[ReviewDecision]:
+    """The run's override and pooled-gate rows in force (the latest per gate, not reverted since)."""
+    out: dict[tuple[str, str], ReviewDecision] = {}
+    for r in db.scalars(
+        select(ReviewDecision).where(ReviewDecision.run_id == run_id).order_by(ReviewDecision.id)
+    ):
+        if r.kind in ("override", "pooled"):
+            out[(r.sample_id, r.population)] = r
+        elif r.kind == "revert":
+            out.pop((r.sample_id, r.population), None)
+    return list(out.values())
 
 
 def _apply(

@@ -7,7 +7,8 @@ migration 0006 until an administrator turns it on), a run cannot be signed off b
 * started the run, or made it as a new version of a run, or started any run it is a version of
   (who processed the data, as the first signature level of GxP review), or
 * overrode, pooled or reverted a gate of the run or of a run it is a version of (a correction is
-  checked by another person: a carried-over override counts for whoever made it first).
+  checked by another person: a carried-over override counts for whoever made it, as its decision
+  row names them).
 
 Approving a gate is part of the reviewer's own review and does not count. The policy is changed
 by an administrator only, with a reason, as one ``study.policy`` audit entry; a refused
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session as DBSession
 
 from cytopipe.serve import audit
 from cytopipe.serve.auth import AuthError
-from cytopipe.serve.db import Audit, Run, Study
+from cytopipe.serve.db import Run, Study
 from cytopipe.serve.reviewmodels import ReviewDecision, RunVersion
 
 KEY = "four_eyes"
@@ -70,8 +71,11 @@ def _chain(db: DBSession, run_id: int) -> list[Run]:
 
 
 def authors(db: DBSession, run_id: int) -> dict[str, list[str]]:
-    """Who may not sign the run off under the rule: user -> what they did (in the order done)."""
+    """Who may not sign the run off under the rule: user -> what they did (in the order done). Each
+    decision row names its author, a carried-over one too (migration 0007); a gate change carried
+    over into later versions is one change, named in the run where it was made."""
     found: dict[str, list[str]] = {}
+    seen: set[tuple[int, str, str, str]] = set()  # (audit entry, sample, population, kind) of a change
     for run in reversed(_chain(db, run_id)):  # the first run first
         version = db.get(RunVersion, run.id)
         what = f"made run {run.id} as version {version.version} of run {version.parent_run_id}" if version \
@@ -80,12 +84,12 @@ def authors(db: DBSession, run_id: int) -> dict[str, list[str]]:
         rows = db.scalars(select(ReviewDecision).where(ReviewDecision.run_id == run.id,
                                                        ReviewDecision.kind != "approve")
                           .order_by(ReviewDecision.id))  # fmt: skip
-        carried = db.scalar(select(Audit.id).where(Audit.action == "run.version", Audit.object_type == "run",
-                                                   Audit.object_id == str(run.id))) if version else None  # fmt: skip
         changes: dict[str, list[str]] = {}
         for r in rows:
-            if carried is not None and r.audit_id == carried:
-                continue  # carried over from the run before: counted there, for whoever made it
+            key = (r.audit_id, r.sample_id, r.population, r.kind)
+            if key in seen:
+                continue  # carried over from a run before: that change is named where it was made
+            seen.add(key)
             changes.setdefault(r.user_name, []).append(
                 f"{_VERBS.get(r.kind, r.kind)} {r.population} of {r.sample_id}"
             )

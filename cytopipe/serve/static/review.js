@@ -82,7 +82,7 @@
     pending = {};
     view = null;
     $("new-freq").textContent = "–"; $("new-exact").textContent = "";
-    for (const id of ["current-title", "current-freq", "current-flags", "gate-numbers", "panels", "other-visits"]) $(id).textContent = "";
+    for (const id of ["current-title", "current-freq", "current-flags", "current-change", "gate-numbers", "panels", "other-visits"]) $(id).textContent = "";
     const r = await call("GET", `/api/runs/${runId}/review/gate?sample_id=${encodeURIComponent(item.sample_id)}&population=${encodeURIComponent(q.population)}`);
     if (seq !== loadSeq) return;
     if (!r.ok) { say(r.data.detail, true); return; }
@@ -97,6 +97,7 @@
     }
     $("current-freq").textContent = `${view.population}: ${pct(view.pct_parent)} of ${view.parent} (${view.count} of ${view.parent_count} events; gate ${view.source})`;
     $("current-flags").textContent = [item.flags, item.reasons].filter(Boolean).join(" · ");
+    $("current-change").textContent = item.changed_by || "";  // who changed the gate in force (a carried-over one too)
     // the gate's numbers under the names an override takes (`cytopipe review --set "FOXP3 >= 1.7"`)
     const numbers = Object.entries(view.params || {});
     $("gate-numbers").textContent = numbers.length ?
@@ -307,8 +308,9 @@
     const r = await call("POST", `/api/runs/${runId}/review/change`, body);
     if (!r.ok) { say(r.data.detail, true); return; }
     const status = kind === "revert" ? "unreviewed" : (kind === "pooled" ? "pooled" : "overridden");
+    const changedNow = (k, entry) => k === "revert" ? "" : `${k === "pooled" ? "Pooled gate used" : "Overridden"} by you just now (audit entry ${entry}).`;
     if (r.data.group) {
-      for (const i of items) { const g = r.data.group[i.sample_id]; if (g) { i.pct_parent = g.after_pct; i.status = status; } }
+      for (const i of items) { const g = r.data.group[i.sample_id]; if (g) { i.pct_parent = g.after_pct; i.status = status; i.changed_by = changedNow(kind, r.data.audit_entry); } }
       const parts = Object.entries(r.data.group).map(([sid, g]) => `${sid} ${pct(g.before_pct)} → ${pct(g.after_pct)}`);
       say(`Saved for ${parts.length} samples (audit entry ${r.data.audit_entry}): ${view.population} ${parts.join("; ")}.`);
       $("reason-text").value = ""; $("reason-category").value = "";
@@ -316,7 +318,7 @@
       return;
     }
     const it = shown[cur];
-    it.pct_parent = r.data.after_pct; it.status = status;
+    it.pct_parent = r.data.after_pct; it.status = status; it.changed_by = changedNow(kind, r.data.audit_entry);
     say(`Saved (audit entry ${r.data.audit_entry}): ${view.population} ${pct(r.data.before_pct)} → ${pct(r.data.after_pct)}.`);
     $("reason-text").value = ""; $("reason-category").value = "";
     render();
