@@ -49,7 +49,7 @@ server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and opti
 browser = test_report_browser.browser  # the one Chromium fixture (module scope)
 serve_trial = serve_support.serve_trial
 KEY = ["sample_id", "population"]
-USERS = {"rita": "reviewer", "sam": "reviewer", "alan": "analyst", "vera": "viewer"}
+USERS = {"rita": "reviewer", "sam": "reviewer", "tess": "reviewer", "alan": "analyst", "vera": "viewer"}
 SERVE_USERS = USERS
 
 
@@ -82,6 +82,18 @@ def finished(server, serve_trial) -> tuple[int, Path]:
     status = c.wait_run(run.json()["id"])
     assert status["status"] == "finished", status
     return status["id"], server.data / "runs" / str(status["id"]) / "out"
+
+
+@pytest.fixture
+def fresh(server, finished) -> tuple[int, Path]:
+    """A copy of the finished run for one test to change (review, sign off): a new version of it made
+    by the administrator (who cannot sign it: no reviewer is kept from signing by having made it).
+    ``finished`` itself is never changed, so no test sees another's decisions, whatever the order."""
+    admin = server.client()
+    r = admin.post(f"/api/runs/{finished[0]}/versions", headers=admin.h)
+    assert r.status_code == 201, r.text
+    run_id = r.json()["id"]
+    return run_id, server.data / "runs" / str(run_id) / "out"
 
 
 def _verify(server: Server) -> tuple[int, str]:
@@ -893,6 +905,94 @@ def test_a_run_is_signed_off_by_a_second_person(server, finished):
     assert r.status_code == 200 and r.json()["signed_by"] == "quinn", r.text
     r = admin.post(policy, json={"four_eyes": True, "reason": "pilot over"}, headers=admin.h)
     assert r.status_code == 200 and admin.get(f"/api/studies/{study}").json()["settings"]["four_eyes"] is True
+
+
+def test_a_carried_over_change_names_who_made_it(browser, server, finished, fresh, backend):
+    """rita uses the pooled gate of one sample; sam makes the next version of the run. The copy of her
+    change is still hers, at her time and audit entry, with her reason, marked carried over by sam
+    (the version's run.version entry, which lists it with its author): in the review record, the
+    review queue and page, the four-eyes rule (sam made the version, rita changed the gate in the run
+    before) and the signed report's gate changes. Before, the copy was sam's, at the version's time
+    and entry, and the reason began "carried over from run N"."""
+    v1, _ = fresh
+    rita, sam, tess = server.client("rita"), server.client("sam"), server.client("tess")
+    sample = rita.get(f"/api/runs/{v1}/review?population=Treg").json()["items"][0]["sample_id"]
+    change = {
+        "sample_id": sample,
+        "population": "Treg",
+        "kind": "pooled",
+        "reason": "fit failure",
+        "category": "clog",
+    }
+    r = rita.post(f"/api/runs/{v1}/review/change", json=change, headers=rita.h)
+    assert r.status_code == 200, r.text
+    made = next(d for d in json.loads((server.data / "runs" / str(v1) / "out" / "review.json").read_text())
+                ["decisions"] if d["sample_id"] == sample and d["kind"] == "pooled")  # fmt: skip
+    assert (
+        made["user"] == "rita" and made["audit_entry"] == r.json()["audit_entry"] and made["carried"] is None
+    )
+    assert tess.post(f"/api/runs/{v1}/versions").status_code == 403  # CSRF
+    assert (
+        server.client("alan").post(f"/api/runs/{v1}/versions", headers=server.client("alan").h).status_code
+        == 403
+    )
+    r = sam.post(f"/api/runs/{v1}/versions", headers=sam.h)
+    assert r.status_code == 201, r.text
+    v2 = r.json()["id"]
+    entry = next(e for e in sam.get("/api/audit", params={"limit": 50}).json()
+                 if e["action"] == "run.version" and e["object_id"] == str(v2))  # fmt: skip
+    assert entry["user"] == "sam" and entry["before"] == {"run": v1}
+    assert entry["after"]["carried"] == [{"sample_id": sample, "population": "Treg", "kind": "pooled", "by": "rita",
+                                          "audit_entry": made["audit_entry"]}]  # fmt: skip
+    # the review record of the new version
+    out = server.data / "runs" / str(v2) / "out"
+    copy = [d for d in json.loads((out / "review.json").read_text())["decisions"] if d["sample_id"] == sample]
+    assert len(copy) == 1, copy
+    assert {k: copy[0][k] for k in ("user", "at", "audit_entry", "reason", "category", "kind")} == {
+        k: made[k] for k in ("user", "at", "audit_entry", "reason", "category", "kind")}  # fmt: skip
+    assert copy[0]["carried"] == {"from_run": v1, "by": "sam", "at": entry["at"], "audit_entry": entry["id"]}
+    # the review queue and page
+    q = sam.get(f"/api/runs/{v2}/review?population=Treg").json()
+    item = next(i for i in q["items"] if i["sample_id"] == sample)
+    assert item["status"] == "pooled"
+    assert item["changed_by"] == (
+        f"Pooled gate used by rita at {made['at'][:19].replace('T', ' ')} UTC (audit entry {made['audit_entry']}); "
+        f"carried over from run {v1} by sam at {entry['at'][:19].replace('T', ' ')} UTC (audit entry {entry['id']})."
+    )
+    assert q["cannot_sign"] == {"admin": [f"started run {finished[0]}", f"made run {v1} as version 2 of run {finished[0]}"],
+                                "sam": [f"made run {v2} as version 3 of run {v1}"],
+                                "rita": [f"used the pooled gate for Treg of {sample} in run {v1}"]}  # fmt: skip
+    page = sam.get(f"/runs/{v2}/review?population=Treg").text
+    assert f"rita (used the pooled gate for Treg of {sample} in run {v1})" in page
+    for who in (sam, rita):  # neither may sign it: four eyes
+        r = who.post(f"/api/runs/{v2}/signoff", json={"password": PASSWORD}, headers=who.h)
+        assert r.status_code == 409, r.text
+    assert (
+        tess.post(f"/api/runs/{v2}/review/approve", json={"scope": "run"}, headers=tess.h).status_code == 200
+    )
+    r = tess.post(f"/api/runs/{v2}/signoff", json={"password": PASSWORD}, headers=tess.h)
+    assert r.status_code == 200, r.text
+    if backend == "sqlite":  # the page in a browser, once
+        expect = pytest.importorskip("playwright.sync_api").expect
+        context, pg = signed_in(browser, server, "vera")
+        pg.goto(server.url + f"/runs/{v2}/review?population=Treg")
+        pg.locator(f'#queue tbody tr[data-sample="{sample}"]').click()
+        expect(pg.locator("#current-change")).to_have_text(item["changed_by"])
+        context.close()
+    # the report of the signed-off version (refreshed after the signature)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and "by tess" not in (out / "report.html").read_text(encoding="utf-8"):
+        time.sleep(2)
+    table = pd.read_csv(out / "report_tables" / "gate_overrides.csv")
+    row = table[table["sample_id"] == sample].iloc[0]
+    assert (row["user"], row["audit_entry"], row["reason"]) == (
+        "rita",
+        made["audit_entry"],
+        "clog · fit failure",
+    )
+    assert row["carried_over"] == (
+        f"from run {v1} by sam at {entry['at'][:19].replace('T', ' ')} UTC (audit entry {entry['id']})"
+    )
 
 
 def test_the_gate_numbers_shown_are_the_names_review_set_takes(
