@@ -156,12 +156,12 @@ def test_a_gate_number_that_is_not_a_finite_number_is_refused_naming_it(server, 
     assert not (out / "review.json").exists()  # nothing was decided
 
 
-def test_review_in_the_browser(browser, server, finished, backend):
+def test_review_in_the_browser(browser, server, fresh, backend):
     expect = pytest.importorskip("playwright.sync_api").expect
     expect.set_options(timeout=60_000)
     if backend != "sqlite":
         pytest.skip("the browser steps run once (on SQLite); roles, sign-off lock and tampering run on both")
-    run_id, out = finished
+    run_id, out = fresh  # this test's own copy of the finished run
     shots = Path(os.environ.get("CYTOPIPE_TEST_ARTIFACTS", REPO / "test-artifacts")) / "review"
     shots.mkdir(parents=True, exist_ok=True)
     before = pd.read_parquet(out / "population_stats.parquet")
@@ -442,7 +442,9 @@ def test_review_in_the_browser(browser, server, finished, backend):
     page.goto(server.url + "/audit")
     text = page.inner_text("#audit-list")
     page.screenshot(path=str(shots / "07-audit.png"), full_page=True)
-    trail = api.get("/api/audit?limit=500").json()
+    trail = [
+        e for e in api.get("/api/audit?limit=5000").json() if e["object_id"] == str(run_id)
+    ]  # this run's
     mine = [e for e in trail if e["user"] == "rita" and e["action"].startswith("review.")]
     actions = [e["action"] for e in mine]
     assert actions.count("review.override") == 3 and actions.count("review.approve") == 12
@@ -473,6 +475,9 @@ def test_review_in_the_browser(browser, server, finished, backend):
     assert "rita" in text and "chain intact" in page.inner_text("#chain")
     # 6b. the study's template edited in the browser: a new version with a readable diff
     study_id = api.get(f"/api/runs/{run_id}").json()["study_id"]
+    version = (
+        len(api.get(f"/api/studies/{study_id}/templates").json()) + 1
+    )  # (test_template_versions adds one)
     page.goto(server.url + f"/studies/{study_id}")
     page.click("#template-link")
     text = page.input_value("#template-yaml")
@@ -480,7 +485,7 @@ def test_review_in_the_browser(browser, server, finished, backend):
     page.fill("#template-reason", "note on the FOXP3 gate")
     page.screenshot(path=str(shots / "08-template-edit.png"), full_page=True)
     page.click("#save-template")
-    page.wait_for_url(re.compile(rf".*/studies/{study_id}/template/2$"))
+    page.wait_for_url(re.compile(rf".*/studies/{study_id}/template/{version}$"))
     expect(page.locator("#template-diff")).to_contain_text("+# the FOXP3 gate is checked against the FMO")
     assert "why: note on the FOXP3 gate" in page.inner_text("#version-meta")
     page.screenshot(path=str(shots / "09-template-diff.png"), full_page=True)
@@ -552,31 +557,27 @@ def test_a_sample_clicked_while_another_loads_is_the_one_shown(browser, server, 
     context.close()
 
 
-def test_signoff_locks_the_gates_until_a_new_version(server, finished, monkeypatch):
-    run_id, out = finished
+def test_signoff_locks_the_gates_until_a_new_version(server, fresh, monkeypatch):
+    run_id, out = fresh
     c = server.client("rita")
-    signer = "sam"  # in the browser test (SQLite only): rita had changed gates there (four eyes)
-    if not c.get(f"/api/runs/{run_id}/review?population=Treg").json()[
-        "locked"
-    ]:  # (PostgreSQL: no browser test)
-        signer = "rita"  # she changed no gate of this run
-        r = c.post(
-            f"/api/runs/{run_id}/review/approve",
-            json={"scope": "unflagged", "population": "Treg"},
-            headers=c.h,
-        )
-        assert r.status_code == 200 and r.json()["approved"] >= 1, r.text
-        # the other populations' gates are not reviewed yet: no signature (and none recorded)
-        before = len(c.get("/api/audit", params={"limit": 5000}).json())
-        r = c.post(f"/api/runs/{run_id}/signoff", json={"password": PASSWORD}, headers=c.h)
-        assert r.status_code == 409 and "not reviewed" in r.json()["detail"], r.text
-        assert "Approve every gate of the run" in r.json()["detail"]
-        assert len(c.get("/api/audit", params={"limit": 5000}).json()) == before
-        assert not c.get(f"/api/runs/{run_id}/review?population=Treg").json()["locked"]
-        r = c.post(f"/api/runs/{run_id}/review/approve", json={"scope": "run"}, headers=c.h)
-        assert r.status_code == 200, r.text
-        r = c.post(f"/api/runs/{run_id}/signoff", json={"password": PASSWORD}, headers=c.h)
-        assert r.status_code == 200, r.text
+    signer = "rita"  # she changed no gate of this run (the administrator made this copy of it)
+    r = c.post(
+        f"/api/runs/{run_id}/review/approve",
+        json={"scope": "unflagged", "population": "Treg"},
+        headers=c.h,
+    )
+    assert r.status_code == 200 and r.json()["approved"] >= 1, r.text
+    # the other populations' gates are not reviewed yet: no signature (and none recorded)
+    before = len(c.get("/api/audit", params={"limit": 5000}).json())
+    r = c.post(f"/api/runs/{run_id}/signoff", json={"password": PASSWORD}, headers=c.h)
+    assert r.status_code == 409 and "not reviewed" in r.json()["detail"], r.text
+    assert "Approve every gate of the run" in r.json()["detail"]
+    assert len(c.get("/api/audit", params={"limit": 5000}).json()) == before
+    assert not c.get(f"/api/runs/{run_id}/review?population=Treg").json()["locked"]
+    r = c.post(f"/api/runs/{run_id}/review/approve", json={"scope": "run"}, headers=c.h)
+    assert r.status_code == 200, r.text
+    r = c.post(f"/api/runs/{run_id}/signoff", json={"password": PASSWORD}, headers=c.h)
+    assert r.status_code == 200, r.text
     item = c.get(f"/api/runs/{run_id}/review?population=Treg").json()["items"][-1]
     change = {
         "sample_id": item["sample_id"],
@@ -594,7 +595,7 @@ def test_signoff_locks_the_gates_until_a_new_version(server, finished, monkeypat
     new_id = r.json()["id"]
     assert 'id="override-form"' in c.get(f"/runs/{new_id}/review?population=Treg").text
     q = c.get(f"/api/runs/{new_id}/review?population=Treg").json()
-    assert not q["locked"] and q["version"] == 2
+    assert not q["locked"] and q["version"] == 3  # the finished run, its copy (fresh), this one
     r = c.post(f"/api/runs/{new_id}/review/change", json=change, headers=c.h)
     assert r.status_code == 200, r.text
     ps = pd.read_parquet(server.data / "runs" / str(new_id) / "out" / "population_stats.parquet")
@@ -1251,7 +1252,14 @@ def test_template_versions(server, finished, backend):
     assert c.get(f"/api/studies/{study_id}/templates/1").json()["yaml"] == v1_yaml
 
 
-def test_tampering_with_the_audit_trail_is_detected(server, finished, backend, tmp_path):
+def test_tampering_with_the_audit_trail_is_detected(server, fresh, backend, tmp_path):
+    """Editing or deleting an audit row directly in the database makes `cytopipe audit verify` fail
+    naming it; the export escapes formula cells. The trail is put back as it was at the end (the row
+    and the triggers), so the tests after this one see an intact chain."""
+    rita = server.client("rita")  # a reason that a spreadsheet would run as a formula
+    sample = rita.get(f"/api/runs/{fresh[0]}/review?population=Treg").json()["items"][0]["sample_id"]
+    change = {"sample_id": sample, "population": "Treg", "kind": "pooled", "reason": "=1+1 fit failure"}
+    assert rita.post(f"/api/runs/{fresh[0]}/review/change", json=change, headers=rita.h).status_code == 200
     newest = server.client("admin").get("/api/audit", params={"limit": 1}).json()[0]
     ok, text = _verify(server)
     assert ok == 0 and "chain intact" in text, text
@@ -1261,7 +1269,7 @@ def test_tampering_with_the_audit_trail_is_detected(server, finished, backend, t
     c = server.client("admin")
     csv = c.get("/api/audit/export?format=csv")
     assert csv.status_code == 200 and csv.text.startswith("id,at,user,action")
-    assert "'=1+1 fit failure" in csv.text and ",=1+1" not in csv.text  # the reason of the pooled gate above
+    assert "'=1+1 fit failure" in csv.text and ",=1+1" not in csv.text  # the reason of the pooled gate
     rows = c.get("/api/audit/export?format=json").json()
     n = len(rows)
     assert n >= 5 and [r["id"] for r in rows] == list(range(1, n + 1))
@@ -1272,6 +1280,10 @@ def test_tampering_with_the_audit_trail_is_detected(server, finished, backend, t
     if backend == "sqlite":
         db = server.data / "cytopipe.sqlite"
         con = sqlite3.connect(db)
+        triggers = [x for (x,) in con.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name IN "
+                                              "('audit_no_update', 'audit_no_delete')")]  # fmt: skip
+        assert len(triggers) == 2
+        gone = con.execute("SELECT * FROM audit WHERE id = ?", (deleted,)).fetchone()
         con.execute("DROP TRIGGER audit_no_update")  # what someone editing the file by hand can do
         con.execute("DROP TRIGGER audit_no_delete")
         original = con.execute("SELECT reason FROM audit WHERE id = ?", (changed,)).fetchone()[0]
@@ -1284,12 +1296,18 @@ def test_tampering_with_the_audit_trail_is_detected(server, finished, backend, t
         assert _verify(server)[0] == 0
         con.execute("DELETE FROM audit WHERE id = ?", (deleted,))
         con.commit()
+        code, text = _verify(server)
+        con.execute(f"INSERT INTO audit VALUES ({', '.join('?' * len(gone))})", gone)  # put back as it was
+        for sql in triggers:
+            con.execute(sql)
+        con.commit()
         con.close()
     else:
         import psycopg
 
         with psycopg.connect(server.database, autocommit=True) as con:
             con.execute("ALTER TABLE audit DISABLE TRIGGER audit_append_only")
+            gone = con.execute("SELECT * FROM audit WHERE id = %s", (deleted,)).fetchone()
             original = con.execute("SELECT reason FROM audit WHERE id = %s", (changed,)).fetchone()[0]
             con.execute("UPDATE audit SET reason = 'nothing to see' WHERE id = %s", (changed,))
             code, text = _verify(server)
@@ -1297,5 +1315,8 @@ def test_tampering_with_the_audit_trail_is_detected(server, finished, backend, t
             con.execute("UPDATE audit SET reason = %s WHERE id = %s", (original, changed))
             assert _verify(server)[0] == 0
             con.execute("DELETE FROM audit WHERE id = %s", (deleted,))
-    code, text = _verify(server)
+            code, text = _verify(server)
+            con.execute(f"INSERT INTO audit VALUES ({', '.join(['%s'] * len(gone))})", gone)  # put back
+            con.execute("ALTER TABLE audit ENABLE TRIGGER audit_append_only")
     assert code == 3 and f"audit entry {deleted} is missing" in text, text
+    assert _verify(server)[0] == 0  # as it was: the tests after this one see an intact chain
