@@ -238,20 +238,12 @@ def linear_landmarks(row: Mapping[str, Any]) -> dict[str, float]:
     gate-review panel (from its histogram: every parent event when the panel shows part of
     them); an axis without events (or a median not above 0) has none."""
     out: dict[str, float] = {}
-    if not row.get("x") or not len(row.get("x_range", [])):
-        return out
-    xe, ye, counts = panel_arrays(row)
-    background = panel_background(row)
-    if background.size:
-        counts = background
-    for axis, edges in (("x", xe), ("y", ye)):
-        name, scale = row.get(axis), row.get(f"{axis}_scale")
-        if not name or scale != "linear" or not len(edges):
+    for name, (marginal, edges, scale) in _marginals(row).items():
+        if scale != "linear":
             continue
-        marginal = counts if counts.ndim == 1 else counts.sum(axis=0 if axis == "x" else 1)
-        median = _histogram_median(np.asarray(marginal, dtype=float), edges)
+        median = _histogram_median(marginal, edges)
         if np.isfinite(median) and median > 0:
-            out[str(name)] = median
+            out[name] = median
     return out
 
 
