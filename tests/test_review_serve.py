@@ -434,6 +434,9 @@ def test_review_in_the_browser(browser, server, fresh, backend):
     assert "sam" in page.inner_text("#signoff-state") and "reviewed and approved" in page.inner_text(
         "#signoff-state"
     )
+    # every column of the queue is in view (its Status column was scrolled out of a narrow box)
+    widths = page.eval_on_selector(".review-queue", "q => [q.scrollWidth, q.clientWidth]")
+    assert widths[0] <= widths[1] + 1, widths
     page.screenshot(path=str(shots / "06-signed-off.png"), full_page=True)
     context_sam.close()
     page = context.pages[0]  # rita's page again
