@@ -131,16 +131,23 @@ def diagonal_numbers(lr: Any, sample_id: str, population: str) -> dict[str, floa
     return numbers_of(g, result.populations[population].gate)
 
 
-def _diagonal_override(lr: Any, g: Any, decision: Decision, params: Mapping[str, Any], where) -> Any:
-    numbers = diagonal_numbers(lr, decision.sample_id, decision.population)
-    unknown = sorted(set(params) - set(numbers))
+def _with_params(numbers: dict, params: Mapping[str, Any], allowed, where) -> dict:
+    """The gate's current ``numbers`` with a decision's ``params`` set over them (each a known,
+    finite number)."""
+    unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise ReviewError(f"unknown gate numbers {unknown}; this gate has {sorted(numbers)}", **where)
+        raise ReviewError(f"unknown gate numbers {unknown}; this gate has {sorted(allowed)}", **where)
     for name, value in params.items():
         value = float(value)
         if not np.isfinite(value):
             raise ReviewError(f"gate number {name!r} must be finite, not {value}", **where)
         numbers[name] = value
+    return numbers
+
+
+def _diagonal_override(lr: Any, g: Any, decision: Decision, params: Mapping[str, Any], where) -> Any:
+    numbers = diagonal_numbers(lr, decision.sample_id, decision.population)
+    numbers = _with_params(numbers, params, list(numbers), where)
     try:
         chosen = g.params_from_numbers(numbers)
     except ValueError as exc:
@@ -186,16 +193,10 @@ def override_gate(lr: Any, decision: Decision, review: pd.DataFrame, meta: Mappi
         return EllipsoidGate(dims, *ellipse_params(params, len(dims), where))
     if is_diagonal(g):
         return _diagonal_override(lr, g, decision, params, where)
-    numbers = current_params(review, decision.sample_id, decision.population)
     allowed = {f"{d.name} {op}" for d in dims for op in (">=", "<")}
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise ReviewError(f"unknown gate numbers {unknown}; this gate has {sorted(allowed)}", **where)
-    for name, value in params.items():
-        value = float(value)
-        if not np.isfinite(value):
-            raise ReviewError(f"gate number {name!r} must be finite, not {value}", **where)
-        numbers[name] = value
+    numbers = _with_params(
+        current_params(review, decision.sample_id, decision.population), params, allowed, where
+    )
     lower = [numbers.get(f"{d.name} >=") for d in dims]
     upper = [numbers.get(f"{d.name} <") for d in dims]
     rows = review[(review["sample_id"] == decision.sample_id) & (review["population"] == decision.population)]
