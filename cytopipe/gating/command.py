@@ -174,13 +174,38 @@ def _samples(args) -> list[tuple[Path, dict]]:
     if not files:
         raise CytopipeError("no FCS files given (list them, or give --manifest)")
     out = []
+    seen: dict[Path, Path] = {}  # resolved path -> the path as first given
     for f in files:
-        meta = rows.get(Path(f).resolve())
+        resolved = Path(f).resolve()
+        if resolved in seen:  # the same file twice (a shell glob and a name): gated once
+            logger.warning("file '%s' is listed more than once; it is gated once", seen[resolved])
+            continue
+        seen[resolved] = Path(f)
+        meta = rows.get(resolved)
         if meta is None and manifest is not None:
             by_name = [m for p, m in rows.items() if p.name == Path(f).name]
             meta = by_name[0] if len(by_name) == 1 else None
         out.append((Path(f), meta or {"sample_id": Path(f).stem}))
+    _check_unique_sample_ids(out)
     return out
+
+
+def _check_unique_sample_ids(samples: list[tuple[Path, dict]]) -> None:
+    """Two files one sample id (``siteA/P01.fcs`` and ``siteB/P01.fcs`` without a manifest) would
+    mix two samples' rows in one table and write one's exports over the other's: refuse."""
+    files: dict[str, list[Path]] = {}
+    for path, meta in samples:
+        files.setdefault(str(meta["sample_id"]), []).append(path)
+    clashes = {sid: paths for sid, paths in files.items() if len(paths) > 1}
+    if clashes:
+        sid, paths = next(iter(clashes.items()))
+        listed = ", ".join(f"'{p}'" for p in paths)
+        more = f" (and {len(clashes) - 1} more sample id(s) shared by several files)" if len(clashes) > 1 else ""
+        raise ManifestError(
+            f"{len(paths)} different files would be the one sample '{sid}': {listed}{more}; a sample is "
+            "named by its file name without the folder, so give a manifest (--manifest, with a "
+            "sample_id per file) or rename the files so that each name is unique"
+        )
 
 
 def _tailored(template: Path) -> bool:
