@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         options=args,
     )
-    print(result.summary())
+    print(result.summary("cluster"))
     return result.exit_code
 
 

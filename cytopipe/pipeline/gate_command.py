@@ -72,5 +72,5 @@ def run(args: argparse.Namespace) -> int:
     table = pd.read_parquet(fits) if fits.is_file() else pd.DataFrame(columns=["sample_id", "key", "status"])
     atomic_write_parquet(out / "gate_fits.parquet", table)
     if not args.quiet:
-        print(result.summary())
+        print(result.summary("gate"))
     return result.exit_code

@@ -74,11 +74,12 @@ class RunResult:
     def exit_code(self) -> int:
         return EXIT_FAILURES if self.n_failed or self.problems else EXIT_OK
 
-    def summary(self) -> str:
+    def summary(self, command: str = "run") -> str:
+        """The lines printed at the end of ``cytopipe COMMAND`` (run, gate --manifest, cluster)."""
         s = self.samples
         counts = s["status"].value_counts().to_dict() if len(s) else {}
         lines = [
-            f"cytopipe run: {len(s)} files: {counts.get('ok', 0)} ok, {counts.get('flagged', 0)} flagged, "
+            f"cytopipe {command}: {len(s)} files: {counts.get('ok', 0)} ok, {counts.get('flagged', 0)} flagged, "
             f"{counts.get('failed', 0)} failed ({self.info.get('cached_samples', 0)} reused from a "
             f"previous run) in {self.info.get('seconds', 0):.1f} s",
         ]
