@@ -1076,3 +1076,6 @@ def test_ctrl_c_in_a_terminal_stops_a_run_without_the_workers_tracebacks(tmp_pat
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted; run the same command again to resume" in err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    # run.log says what stopped the run (it said 'the run stopped: ' and nothing more)
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "the run was interrupted (Ctrl-C or SIGINT); run the same command again to resume" in log

@@ -229,6 +229,11 @@ class _run_folder_session:
         try:
             if exc is not None and not isinstance(exc, CytopipeError | KeyboardInterrupt):
                 logger.error("the run stopped with an internal error", exc_info=(kind, exc, tb))
+            elif isinstance(exc, KeyboardInterrupt):  # its message is empty: say what happened
+                logger.error(
+                    "the run was interrupted (Ctrl-C or SIGINT); run the same command again to resume: "
+                    "finished work is reused"
+                )
             elif exc is not None:
                 logger.error("the run stopped: %s", exc)
             else:
