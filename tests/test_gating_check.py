@@ -143,6 +143,22 @@ def test_template_check_of_a_file_it_fits_exits_0(capsys):
     assert "NOT MEASURED" not in text and "PROBLEM" not in text
 
 
+def test_template_check_reports_a_truncated_file_as_gate_fails_it(tmp_path, capsys):
+    """The check reads headers only, and a truncated copy's header is whole: it said 'every
+    population can be gated' (exit 0) of a file `cytopipe gate` then fails."""
+    good = REPO / "sample_data" / "fcs" / "P001_W04.fcs"
+    cut = tmp_path / "P001_W04.fcs"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # a copy stopped half-way
+    assert main(["template", "check", str(cut), "--template", str(TEMPLATE)]) == 3
+    text = capsys.readouterr().out
+    problem = next(line for line in text.splitlines() if line.startswith("  PROBLEM:"))
+    assert "would fail this file: DATA segment does not match the keywords" in problem
+    assert "it is truncated" in problem and "copy or export the file again" in problem
+    assert text.splitlines()[-1].startswith("1 of 1 file(s) with problems")
+    rc = main(["gate", str(cut), "--template", str(TEMPLATE), "--out", str(tmp_path / "g"), "--quiet"])
+    assert rc == 3 and "it is truncated" in capsys.readouterr().err  # what the check foretold
+
+
 def test_template_check_reports_a_marker_on_a_shared_pnn_as_gate_fails_it(tmp_path, capsys):
     """A file whose CD4 and CXCR5 channels are both named BV605-A: `cytopipe gate` fails it
     (PanelError); the check said "every population can be gated" and exited 0."""

@@ -231,16 +231,22 @@ def describe_gate(pop, template) -> tuple[str, str]:
 
 
 def file_problems(
-    template, table: MarkerTable, without_spillover: Collection[str] = ()
+    template,
+    table: MarkerTable,
+    without_spillover: Collection[str] = (),
+    data_errors: Mapping[str, str] | None = None,
 ) -> dict[str, list[str]]:
-    """Per file, what gating it would report: a refusal (a ``compensation: file`` template and a
-    file without a spillover matrix) and the populations not measured (as ``cytopipe gate``)."""
+    """Per file, what gating it would report: a DATA segment it cannot read (truncated: the
+    header's ``data_error``), a refusal (a ``compensation: file`` template and a file without a
+    spillover matrix) and the populations not measured (as ``cytopipe gate``)."""
     out: dict[str, list[str]] = {}
     for f in table.files:
         refusal = _refusal(template, f, without_spillover)
         unmeasured = _not_measured(template, table, f)
+        data_error = (data_errors or {}).get(f)
         out[f] = (
-            ([refusal] if refusal else [])
+            ([data_error] if data_error else [])
+            + ([refusal] if refusal else [])
             + list(dict.fromkeys(table.ambiguous.get(f, {}).values()))
             + ([f"not measured: {', '.join(unmeasured)}"] if unmeasured else [])
         )
@@ -264,14 +270,22 @@ def _not_measured(template, table: MarkerTable, file: str) -> dict[str, str]:
     return not_measured_populations(template, missing)
 
 
-def template_check_text(template, table: MarkerTable, without_spillover: Collection[str] = ()) -> str:
+def template_check_text(
+    template,
+    table: MarkerTable,
+    without_spillover: Collection[str] = (),
+    data_errors: Mapping[str, str] | None = None,
+) -> str:
     """The check's report: per file and population, markers -> channels, gate source, fallback and
-    NOT MEASURED (as ``cytopipe gate`` would report it); per file, a refusal by ``cytopipe gate``;
-    then every marker absent from all files, with the ``panel:`` YAML to add; last, a summary."""
+    NOT MEASURED (as ``cytopipe gate`` would report it); per file, a DATA segment that cannot be
+    read or a refusal by ``cytopipe gate``; then every marker absent from all files, with the
+    ``panel:`` YAML to add; last, a summary."""
     lines = []
     w = max(len(p.name) for p in template)
     for f in table.files:
         lines.append(f"file {f}")
+        if data_error := (data_errors or {}).get(f):  # the headers read, the events would not
+            lines.append(f"  PROBLEM: `cytopipe gate` and `cytopipe run` would fail this file: {data_error}")
         if refusal := _refusal(template, f, without_spillover):
             lines.append(f"  PROBLEM: `cytopipe gate` would refuse this file: {refusal}")
         for why in dict.fromkeys(table.ambiguous.get(f, {}).values()):
@@ -292,7 +306,7 @@ def template_check_text(template, table: MarkerTable, without_spillover: Collect
     for m in missing:
         lines.append("")
         lines.append(m.message())
-    bad = [f for f, found in file_problems(template, table, without_spillover).items() if found]
+    bad = [f for f, found in file_problems(template, table, without_spillover, data_errors).items() if found]
     lines.append("")
     if bad or missing:
         lines.append(
@@ -308,7 +322,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Check a gating template against FCS files (headers only): per file and population, the "
         "markers' channels, the gate's source and fallback, populations NOT MEASURED and files "
-        "`cytopipe gate` would refuse. Exit code 0: every population can be gated in every file; 3: "
+        "`cytopipe gate` would refuse or fail (e.g. truncated). Exit code 0: every population can be gated in every file; 3: "
         "the check completed and found problems (listed); 2: the template or a file cannot be read."
     )
     parser.add_argument("action", choices=["check"], help="`check`: resolve a template against files")
@@ -325,7 +339,8 @@ def run(args) -> int:
     headers = {str(f): read_fcs_header(f) for f in args.files}
     table = marker_table(template, {f: h.channels for f, h in headers.items()})
     without_spillover = [f for f, h in headers.items() if h.spillover is None]
-    print(template_check_text(template, table, without_spillover))
-    problems = file_problems(template, table, without_spillover)
+    data_errors = {f: h.data_error for f, h in headers.items() if h.data_error}  # truncated, ...
+    print(template_check_text(template, table, without_spillover, data_errors))
+    problems = file_problems(template, table, without_spillover, data_errors)
     failed = missing_everywhere(template, table) or any(problems.values())
     return EXIT_FAILURES if failed else EXIT_OK
