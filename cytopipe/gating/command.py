@@ -200,7 +200,9 @@ def _check_unique_sample_ids(samples: list[tuple[Path, dict]]) -> None:
     if clashes:
         sid, paths = next(iter(clashes.items()))
         listed = ", ".join(f"'{p}'" for p in paths)
-        more = f" (and {len(clashes) - 1} more sample id(s) shared by several files)" if len(clashes) > 1 else ""
+        more = (
+            f" (and {len(clashes) - 1} more sample id(s) shared by several files)" if len(clashes) > 1 else ""
+        )
         raise ManifestError(
             f"{len(paths)} different files would be the one sample '{sid}': {listed}{more}; a sample is "
             "named by its file name without the folder, so give a manifest (--manifest, with a "
