@@ -313,6 +313,25 @@ def _n(k: int) -> str:
     return f"{k} sample" if k == 1 else f"{k} samples"
 
 
+def _outside(bounds: tuple[float, float]) -> str:
+    """A gate's plausible fraction of its parent, as its flags state it: 0.002 reads '0.2%' (it read
+    '0%', and 'keeps 0.0% of the parent, outside [0%, 40%]' contradicted itself)."""
+    lo, hi = bounds
+    return f"outside [{lo * 100:g}%, {hi * 100:g}%]"
+
+
+def _share(frac: float, bounds: tuple[float, float]) -> str:
+    """``frac`` of the parent, outside ``bounds``, with the digits that show it is outside (4.99% of
+    [5%, 98%] reads '4.99%', not '5.0%'); one decimal when that shows it."""
+    lo, hi = bounds
+    text = f"{frac:.1%}"
+    for digits in (1, 2, 3, 4):
+        text = f"{frac:.{digits}%}"
+        if not lo * 100 <= round(frac * 100, digits) <= hi * 100:
+            break
+    return text
+
+
 def pool_estimates(
     records: pd.DataFrame,
     manifest: pd.DataFrame | None = None,
@@ -946,7 +965,8 @@ class Engine:
             if not lo <= frac <= hi:
                 # whatever the gate now is (own fit, pooled, fallback), say it is implausible
                 flags.append(
-                    f"{pop.name}: the gate keeps {frac:.1%} of the parent, outside [{lo:.0%}, {hi:.0%}]"
+                    f"{pop.name}: the gate keeps {_share(frac, g.fraction)} of the parent, "
+                    f"{_outside(g.fraction)}"
                 )
         if used_own and all(used_own.values()):
             source = sources.pop() if len(sources) == 1 else "fitted"
@@ -993,8 +1013,7 @@ class Engine:
             if ok:
                 pick = min(ok, key=lambda t: int(np.count_nonzero(t[2] != own_inside)))
                 break
-        bounds = f"outside [{lo:.0%}, {hi:.0%}]"
-        reason = f"the fitted gate keeps {own_frac:.1%} of the parent, {bounds}"
+        reason = f"the fitted gate keeps {_share(own_frac, g.fraction)} of the parent, {_outside(g.fraction)}"
         if pick is None and last is not None and outside(last[3]) <= outside(own_frac):
             pick = last  # nothing plausible: the fallback lies no farther from the bounds
         # the parts replaced stay out of the pooled estimates; all own parts do when no
@@ -1007,7 +1026,7 @@ class Engine:
                 rec.reason = reason
         if pick is None:
             flags.append(
-                f"{pop.name}: {reason}; its fallback keeps {last[3]:.1%}, farther outside: kept the fit"
+                f"{pop.name}: {reason}; its fallback keeps {_share(last[3], g.fraction)}, farther outside: kept the fit"
                 if last is not None
                 else f"{pop.name}: {reason}; no fallback to use"
             )
@@ -1019,7 +1038,9 @@ class Engine:
             what = "" if np.array_equal(params, ref[0]) else "'s cut on this file's own landmarks"
             flags.append(f"{pop.name + s}: {reason}; used the {ref[1]}{what} {fitters[s].describe(params)}")
         flags[-1] += (
-            f" (the gate keeps {pick[3]:.1%})" if plausible else f" (which keeps {pick[3]:.1%}, also outside)"
+            f" (the gate keeps {pick[3]:.1%})"
+            if plausible
+            else f" (which keeps {_share(pick[3], g.fraction)}, also outside)"
         )
         return pick[1], pick[2], pick[3]
 
