@@ -41,6 +41,8 @@ def test_marker_absent_from_every_file_stops_once_before_any_work(no_cd25_files,
     err = capsys.readouterr().err
     assert rc == 2
     assert err.count("marker 'CD25' is in none of the 2 file(s)") == 1
+    # the message starts with the marker's own line (it read "error: marker 'CD25': marker 'CD25' ...")
+    assert "cytopipe gate: error: marker 'CD25' is in none of the 2 file(s)" in err
     assert "populations needing it: Treg" in err and "panel:\n  CD25: " in err
     assert "--missing-markers skip" in err
     assert not (out / "population_stats.parquet").exists()

@@ -184,10 +184,11 @@ def check_study_markers(
     missing = missing_everywhere(template, marker_table(template, channel_tables, mapping))
     if missing and policy == "stop":
         text = "\n".join(m.message() for m in missing)
+        # no `marker=` context: each marker's own line names it (the prefix read "marker 'CD4, CD25,
+        # ...': marker 'CD4' is in none ...", one marker name holding commas, then each again)
         raise PanelError(
             f"{text}\nNothing was gated. To gate everything else and report these populations as "
-            "'not measured', use --missing-markers skip (or `missing_markers: skip` in the workflow).",
-            marker=", ".join(m.marker for m in missing),
+            "'not measured', use --missing-markers skip (or `missing_markers: skip` in the workflow)."
         )
     return missing
 
