@@ -1,5 +1,6 @@
 """`cytopipe gate --manifest` runs the pipeline's steps; its closing summary is the gate
-command's own (it said 'cytopipe run: ...' after the user typed `cytopipe gate`)."""
+command's own (it said 'cytopipe run: ...' after the user typed `cytopipe gate`), and the run
+folder it writes is not overwritten by a later `cytopipe gate FILES --out` the same folder."""
 
 from __future__ import annotations
 
@@ -32,3 +33,12 @@ def test_gate_with_a_manifest_names_itself_in_its_summary(tmp_path, capsys):
     assert "cytopipe gate: 3 files: 0 ok, 2 flagged, 1 failed" in text
     assert "cytopipe run:" not in text
     assert "file 'fcs/Donor3.fcs' not found" in text
+    # `cytopipe gate FILE` into that run folder: it replaced population_stats.parquet with one
+    # sample's table (exit 0) while samples.parquet and run.json still described the run
+    before = (out / "population_stats.parquet").read_bytes()
+    rc = main(["gate", str(tmp_path / "fcs" / "Donor2.fcs"), "--template", TEMPLATE, "--out", str(out),
+               "--missing-markers", "skip", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"file '{out}': this is the run folder of a `cytopipe run`" in err and "--out" in err
+    assert (out / "population_stats.parquet").read_bytes() == before

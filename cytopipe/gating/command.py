@@ -244,6 +244,23 @@ def _learner(args, template, samples):
     return Learner(template, examples, samples, transforms=transforms)
 
 
+def _refuse_run_folder(out: Path) -> None:
+    """The single-process gating writes ``population_stats.parquet`` and little else: into a run
+    folder (``run.json``: ``cytopipe run`` or ``cytopipe gate --manifest``) it would replace the
+    run's table and leave its samples, catalog and report describing the run. Refused (exit 2)."""
+    from cytopipe.errors import StoreError
+    from cytopipe.store import RUN_JSON
+
+    if (out / RUN_JSON).is_file():
+        raise StoreError(
+            "this is the run folder of a `cytopipe run` (or `cytopipe gate --manifest`): gating FCS "
+            "files into it would replace its population_stats.parquet and leave its samples.parquet, "
+            "catalog and report describing the run. Choose a new or an empty folder for --out (to "
+            "redo the run, run its command again)",
+            file=out,
+        )
+
+
 def _make_folder(out: Path) -> None:
     from cytopipe.errors import OutputWriteError
 
@@ -285,6 +302,7 @@ def run(args) -> int:
     # --out: a new or empty folder, or one cytopipe wrote; a file, or a folder with someone
     # else's files, is refused before any work (exit 2)
     check_output_folder(args.out)
+    _refuse_run_folder(Path(args.out))
     workspace = _workspace(Path(args.template))  # FlowJo: each file gets its own sample's gates
     template = workspace.template() if workspace is not None else load_template(args.template)
     samples = _samples(args)
