@@ -8,6 +8,7 @@ and ``run(args) -> int``. Modules are imported only when their command runs, so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -145,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     console = _console_warnings(args.command)
     try:
-        return int(module.run(args) or 0)
+        with _fcs_notes(args.command):
+            return int(module.run(args) or 0)
     except CytopipeError as exc:
         if _debugging(args):
             raise
@@ -203,6 +205,35 @@ def _console_warnings(command: str) -> logging.Handler | None:
     handler.setFormatter(logging.Formatter(f"cytopipe {command}: warning: %(message)s"))
     logging.getLogger("cytopipe").addHandler(handler)
     return handler
+
+
+@contextlib.contextmanager
+def _fcs_notes(command: str):
+    """FCS quirks the reader handled (``FCSWarning``) on stderr while a command runs, one line
+    each, ``cytopipe <command>: note: <file>: <what was done>``, once per file and quirk. Python's
+    own display printed each with a line of cytopipe's source under it, and again from every
+    place that read the file (``cytopipe gate``: its header, then its events). ``serve`` logs."""
+    if command == "serve":
+        yield
+        return
+    import warnings
+
+    from cytopipe.fcs import FCSWarning
+
+    shown: set[str] = set()
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if not issubclass(category, FCSWarning):
+            default(message, category, filename, lineno, file, line)
+        elif str(message) not in shown:
+            shown.add(str(message))
+            print(f"cytopipe {command}: note: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", FCSWarning)  # every file's quirk once (deduplicated above)
+        warnings.showwarning = show
+        yield
 
 
 def _debugging(args: argparse.Namespace) -> bool:
