@@ -276,12 +276,17 @@ def template_check_text(
     table: MarkerTable,
     without_spillover: Collection[str] = (),
     data_errors: Mapping[str, str] | None = None,
+    unusable: Mapping[str, str] | None = None,
 ) -> str:
     """The check's report: per file and population, markers -> channels, gate source, fallback and
     NOT MEASURED (as ``cytopipe gate`` would report it); per file, a DATA segment that cannot be
     read or a refusal by ``cytopipe gate``; then every marker absent from all files, with the
-    ``panel:`` YAML to add; last, a summary."""
+    ``panel:`` YAML to add; last, a summary. ``unusable``: files left out of ``table`` because
+    gating would fail them outright (not FCS, a ``panel:`` channel they lack): file -> why."""
     lines = []
+    for f, why in (unusable or {}).items():
+        lines.append(f"file {f}")
+        lines.append(f"  PROBLEM: `cytopipe gate` and `cytopipe run` would fail this file: {why}")
     w = max(len(p.name) for p in template)
     for f in table.files:
         lines.append(f"file {f}")
@@ -308,14 +313,16 @@ def template_check_text(
         lines.append("")
         lines.append(m.message())
     bad = [f for f, found in file_problems(template, table, without_spillover, data_errors).items() if found]
+    bad += list(unusable or {})
+    n_files = len(table.files) + len(unusable or {})
     lines.append("")
     if bad or missing:
         lines.append(
-            f"{len(bad)} of {len(table.files)} file(s) with problems (listed above); "
+            f"{len(bad)} of {n_files} file(s) with problems (listed above); "
             f"{len(missing)} marker(s) in no file; exit code 3"
         )
     else:
-        lines.append(f"{len(table.files)} file(s): every population can be gated")
+        lines.append(f"{n_files} file(s): every population can be gated")
     return "\n".join(lines)
 
 
@@ -324,7 +331,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Check a gating template against FCS files (headers only): per file and population, the "
         "markers' channels, the gate's source and fallback, populations NOT MEASURED and files "
         "`cytopipe gate` would refuse or fail (e.g. truncated). Exit code 0: every population can be gated in every file; 3: "
-        "the check completed and found problems (listed); 2: the template or a file cannot be read."
+        "the check completed and found problems (listed; a file that cannot be read is one); 2: the "
+        "template cannot be read."
     )
     parser.add_argument("action", choices=["check"], help="`check`: resolve a template against files")
     parser.add_argument("files", nargs="+", type=Path, help="FCS files (headers are read, not events)")
@@ -332,16 +340,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from cytopipe.errors import EXIT_FAILURES, EXIT_OK
+    from cytopipe.errors import EXIT_FAILURES, EXIT_OK, CytopipeError
     from cytopipe.fcs import read_fcs_header
     from cytopipe.gating import load_template
 
     template = load_template(args.template)
-    headers = {str(f): read_fcs_header(f) for f in args.files}
+    headers, unusable = {}, {}
+    for f in map(str, args.files):
+        try:  # a file `cytopipe gate` would fail outright is a problem of that file, not of the check
+            header = read_fcs_header(f)
+            marker_table(template, {f: header.channels})  # e.g. a `panel:` channel it lacks
+        except CytopipeError as exc:
+            unusable[f] = str(exc)
+            continue
+        headers[f] = header
     table = marker_table(template, {f: h.channels for f, h in headers.items()})
     without_spillover = [f for f, h in headers.items() if h.spillover is None]
     data_errors = {f: h.data_error for f, h in headers.items() if h.data_error}  # truncated, ...
-    print(template_check_text(template, table, without_spillover, data_errors))
+    print(template_check_text(template, table, without_spillover, data_errors, unusable))
     problems = file_problems(template, table, without_spillover, data_errors)
-    failed = missing_everywhere(template, table) or any(problems.values())
+    failed = bool(unusable) or bool(missing_everywhere(template, table)) or any(problems.values())
     return EXIT_FAILURES if failed else EXIT_OK

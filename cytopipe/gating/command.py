@@ -324,16 +324,17 @@ def _gate_files(args, template, samples: list[tuple[Path, dict]], workspace=None
     failures: dict[str, str] = {}
 
     # a marker absent from every file: one message before any work (not one failure per file)
-    from cytopipe.gating.check import channel_tables, check_study_markers
+    from cytopipe.gating.check import channel_tables, check_study_markers, marker_table
 
-    readable = []
+    readable = {}
     for p, _ in samples:
         try:
-            readable.append(p)
-            channel_tables([p])
+            tables = channel_tables([p])
+            marker_table(template, tables)  # e.g. a `panel:` channel this file lacks
         except CytopipeError:
-            readable.pop()  # a broken file is reported with the others below
-    skipped = check_study_markers(template, channel_tables(readable), policy=args.missing_markers)
+            continue  # a broken file, or one the template cannot gate, fails alone below
+        readable.update(tables)
+    skipped = check_study_markers(template, readable, policy=args.missing_markers)
     for m in skipped:
         say(f"not measured in any file: {m.marker} ({', '.join(m.populations)})")
 
