@@ -27,7 +27,13 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="*", type=Path, help="FCS files (or use --manifest)")
+    parser.add_argument(
+        "files",
+        nargs="*",
+        type=Path,
+        help="FCS files (or use --manifest); without a manifest each sample is named by its file name "
+        "without the folder, so two files of one name are refused",
+    )
     parser.add_argument(
         "--template",
         required=True,
@@ -35,7 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="gating template (.yaml, Gating-ML .xml, or a FlowJo 10 .wsp: each file of the workspace is "
         "gated with its own sample's gates)",
     )
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output folder: new, empty or one `cytopipe gate` wrote (never a folder of other files; "
+        "with FILES, not a `cytopipe run` folder); writes population_stats.parquet, "
+        "gate_flags.parquet, gate_fits.parquet",
+    )
     parser.add_argument(
         "--manifest",
         type=Path,
