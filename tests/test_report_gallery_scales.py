@@ -327,3 +327,68 @@ def test_a_singlet_wedge_moved_by_hand_is_the_one_outlier_on_one_instrument(samp
     reasons = hit["reasons"].iloc[0]
     assert "x the sample's median FSC-A/FSC-H) is an outlier vs the cohort" in reasons
     assert "x the sample's median FSC-A/FSC-H) is an outlier vs the patient's other visits" in reasons
+
+
+# --- a dim threshold on an instrument whose negative is wide ---------------------------------------
+@pytest.fixture(scope="module")
+def wide_negative(tmp_path_factory):
+    """`cytopipe simulate --instrument random` (seed 7, 9 patients): site S3 (patient P009) measures
+    on an instrument whose memory CD4 T cells' CXCR3 negative is some 2-3 times as wide (in display
+    units) as the other sites'."""
+    from cytopipe.report.gate_review import read_gate_review
+    from cytopipe.simulate.trial import instrument_trial
+
+    folder = tmp_path_factory.mktemp("wide-negative")
+    instrument_trial(folder / "trial", instrument="random", seed=7, patients=9, visits=(0, 12), events=10_000)
+    run = build_gated_run(folder / "trial", folder / "run")
+    samples = pd.read_parquet(run / "samples.parquet")
+    return read_gate_review(run), samples[samples["control"].isna()]
+
+
+def test_a_dim_threshold_on_an_instrument_with_a_wide_negative_is_not_an_outlier(wide_negative):
+    """The CXCR3 thresholds (negative + the FMO's tail) of the wide-negative site sit higher in
+    display units and between the negative peak and the 98th percentile (0.50-0.54 against
+    0.21-0.32): outliers at |z| 5.1-5.3 in both frames. In SDs of each sample's own negative above
+    its peak they sit where every other sample's do (2.4-3.1), so they are not outliers."""
+    from cytopipe.report.outliers import fluorescence_landmarks, gate_outliers
+
+    review, samples = wide_negative
+    site = samples.set_index("sample_id")["site"]
+    th1 = review[(review["population"] == "Th1") & (review["panel"] == 0)]
+    wide = [s for s in th1["sample_id"] if site[s] == "S3"]
+    assert wide == ["P009_W00", "P009_W12"]
+    picked = review[review["population"].isin(["Th1", "Th17"])]
+    out = gate_outliers(picked, samples)
+    assert not out["outlier"].any(), out[out["outlier"]][["sample_id", "population", "reasons"]]
+    marks = {r["sample_id"]: fluorescence_landmarks([r])["CXCR3"] for r in th1.to_dict("records")}
+    cxcr3 = {r["sample_id"]: float(r["params"][0]) for r in th1.to_dict("records")}
+    assert list(th1["param_names"].iloc[0])[0] == "CXCR3 >="
+    between = {s: (cxcr3[s] - m.negative) / (m.bright - m.negative) for s, m in marks.items()}
+    others = [v for s, v in between.items() if s not in wide]
+    assert min(between[s] for s in wide) > 0.45 and max(others) < 0.35, between
+    tails = {s: m.tail(cxcr3[s]) for s, m in marks.items()}
+    assert all(2.0 < tails[s] < 3.2 for s in wide), tails
+    every = gate_outliers(picked, samples, z=0.0).set_index(["sample_id", "population"])
+    assert every.loc[("P009_W12", "Th1"), "score"] < 3.5
+    assert "SDs of that negative above its peak)" in every.loc[("P009_W12", "Th1"), "reasons"]
+
+
+@pytest.mark.parametrize(("sample", "delta"), [("P009_W00", +1.0), ("P009_W12", +1.0), ("P001_W00", -1.0)])
+def test_a_dim_threshold_moved_by_hand_is_an_outlier_next_to_a_wide_negative(wide_negative, sample, delta):
+    """A CXCR3 threshold moved by 1 arcsinh unit, on the wide-negative site or another, is still
+    the one outlier of the Th1/Th17 gates: unusual in every frame, SDs of the negative too."""
+    from cytopipe.report.outliers import gate_outliers
+
+    review, samples = wide_negative
+    moved = review[review["population"].isin(["Th1", "Th17"])].copy()
+    th1 = (moved["population"] == "Th1") & (moved["panel"] == 0)
+    i = moved.index[th1 & (moved["sample_id"] == sample)][0]
+    params = list(moved.at[i, "params"])
+    params[0] += delta
+    moved.at[i, "params"] = params
+    out = gate_outliers(moved, samples)
+    hit = out[out["outlier"]]
+    assert list(zip(hit["sample_id"], hit["population"])) == [(sample, "Th1")], hit["reasons"]
+    reason = hit["reasons"].iloc[0]
+    assert reason.startswith("threshold CXCR3 >= ") and "SDs of that negative above its peak)" in reason
+    assert hit["score"].iloc[0] > 3.5

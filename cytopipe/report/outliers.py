@@ -26,12 +26,25 @@ frame (the 98th percentile moves with a rare population's share, e.g. dead cells
 dye), and relative to the events a gate that moved with them (a sample whose whole distribution
 sits lower) is not an outlier. A gate moved away from its events (by hand, into another valley) is
 unusual in both and still flagged.
+
+A threshold set in the negative's tail (on the cohort's median at most ``TAIL_K`` = 4 robust SDs of
+the parent's negative above its peak, e.g. an FMO's 99.5th percentile or a shoulder of the
+negative: where a Gaussian negative ends) is also judged as a cytometrist judges it: how far into
+the tail, in SDs of the sample's own negative (:func:`fluorescence_landmarks`; linear units of the
+axis, so whatever the file's arcsinh cofactor). Such a threshold is an outlier only when it is
+unusual in that frame too. On an instrument whose negative is wide, a correct threshold sits
+further from the negative peak in display units and between the negative and the 98th percentile
+(multi-instrument study seed 7, site S3: CXCR3 |z| 5.3) while it is as many of its negative's SDs
+above the peak as everyone's; a threshold moved by hand is unusual in all three frames. A
+threshold further out (a valley between populations: CD4, CD3) is placed against the positive
+population, not the negative's width, and keeps the two frames above.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -43,9 +56,12 @@ MAD_TO_SD = 1.4826  # MAD of a normal distribution x 1.4826 = its SD
 PARAM_FLOOR = 0.02  # scale floor of a gate parameter: 2% of its axis span
 FREQ_FLOOR = 0.1  # scale floor of a frequency, on the logit scale (about 10% relative)
 BRIGHT_QUANTILE = 0.98  # the parent's bright end on a fluorescence axis (the landmark at 1)
+TAIL_K = 4.0  # a threshold at most this many negative SDs above the negative peak sits in its tail
+TAIL_FLOOR = 0.25  # scale floor of a threshold's place in the negative's tail, in its SDs
+MIN_BELOW = 20  # events below the negative peak needed to read the negative's robust SD
 
-__all__ = ["FREQ_FLOOR", "MAD_TO_SD", "OUTLIER_Z", "PARAM_FLOOR", "fluorescence_landmarks", "gate_outliers",
-           "linear_landmarks", "ratio_landmarks"]  # fmt: skip
+__all__ = ["FREQ_FLOOR", "MAD_TO_SD", "OUTLIER_Z", "PARAM_FLOOR", "TAIL_K", "FluorescenceMarks",
+           "fluorescence_landmarks", "gate_outliers", "linear_landmarks", "ratio_landmarks"]  # fmt: skip
 
 
 def gate_outliers(
@@ -68,7 +84,9 @@ def gate_outliers(
     relative to the parent's median area/height ratio; one on a
     transformed (fluorescence) axis gets each z-score twice, in display units and relative to the
     parent's landmarks there (negative peak 0, 98th percentile 1), and keeps the smaller |z| (the
-    display one where the panel gives no landmarks). A gate is an outlier when any |z| > ``z``
+    display one where the panel gives no landmarks); a threshold in the negative's tail (cohort
+    median at most ``TAIL_K`` negative SDs above the peak) gets it a third time, in SDs of the
+    sample's negative above its peak, and keeps the smallest. A gate is an outlier when any |z| > ``z``
     (3.5). A population not measured in a sample (``source``
     "not measured") is neither flagged nor an outlier there and takes no part in the others'
     z-scores (its ``pct_parent`` and ``score`` are NaN). Columns: ``sample_id, population, patient_id,
@@ -94,8 +112,8 @@ def gate_outliers(
             values = np.where(unmeasured, np.nan, values)  # no number: a marker is not in the file
             zc = _cohort_z(values, floor)
             zp = _patient_z(values, g["patient_id"], g["visit"], floor)
-            if relative is not None:  # fluorescence: unusual in display units AND vs its events
-                rel, rel_floor = np.where(unmeasured, np.nan, relative[0]), relative[1]
+            for rel, rel_floor in relative:  # fluorescence: unusual in display units AND vs its events
+                rel = np.where(unmeasured, np.nan, rel)
                 zc = _in_both(zc, _cohort_z(rel, rel_floor))
                 zp = _in_both(zp, _patient_z(rel, g["patient_id"], g["visit"], rel_floor))
             for kind, zz in (("cohort", zc), ("patient's other visits", zp)):
@@ -128,7 +146,7 @@ def gate_outliers(
     return pd.concat(out, ignore_index=True)
 
 
-Quantity = tuple[str, np.ndarray, float, Any, "tuple[np.ndarray, float] | None"]
+Quantity = tuple[str, np.ndarray, float, Any, "list[tuple[np.ndarray, float]]"]
 
 
 def _quantities(g: pd.DataFrame, later: pd.DataFrame | None = None) -> list[Quantity]:
@@ -137,15 +155,16 @@ def _quantities(g: pd.DataFrame, later: pd.DataFrame | None = None) -> list[Quan
     linear axis is compared relative to the sample's own landmark there
     (:func:`linear_landmarks`), a ratio relative to the sample's median ratio
     (:func:`ratio_landmarks`), and its text says so; one on a transformed axis also gets
-    ``relative`` = (its position between the parent's landmarks there, :func:`fluorescence_landmarks`,
-    and that frame's floor), else None."""
+    ``relative`` frames = [(its position between the parent's landmarks there,
+    :func:`fluorescence_landmarks`, and that frame's floor)], and a threshold in the negative's tail
+    also [(its place in the tail, in negative SDs, and ``TAIL_FLOOR``)]; else []."""
     out: list[Quantity] = []
     count = g["count"].astype("float64").to_numpy()  # not measured: NaN (a nullable Int64 NA)
     parent = g["parent_count"].astype("float64").to_numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         frac = (count + 0.5) / (parent + 1.0)
         logit = np.log(frac / (1 - frac))
-    out.append(("frequency", logit, FREQ_FLOOR, lambda i: f"{100 / (1 + np.exp(-logit[i])):.2f}%", None))
+    out.append(("frequency", logit, FREQ_FLOOR, lambda i: f"{100 / (1 + np.exp(-logit[i])):.2f}%", []))
     lengths = g["params"].map(len)
     k = int(lengths.max()) if len(g) else 0
     if k == 0:
@@ -168,7 +187,7 @@ def _quantities(g: pd.DataFrame, later: pd.DataFrame | None = None) -> list[Quan
             raw = vals
             vals = vals / marks
             out.append(
-                (label, vals, PARAM_FLOOR * _median_span(spans, vals), _relative_text(raw, vals, dim), None)
+                (label, vals, PARAM_FLOOR * _median_span(spans, vals), _relative_text(raw, vals, dim), [])
             )
             continue
         dim = _axis_of(str(names[j]), landmarks)
@@ -177,19 +196,25 @@ def _quantities(g: pd.DataFrame, later: pd.DataFrame | None = None) -> list[Quan
             raw = vals
             vals, spans = vals / marks, spans / marks
             out.append((label, vals, PARAM_FLOOR * _median_span(spans, vals),
-                        _relative_text(raw, vals, dim), None))  # fmt: skip
+                        _relative_text(raw, vals, dim), []))  # fmt: skip
             continue
         dim = _axis_of(str(names[j]), fluorescence)
         if dim is not None:  # transformed units: also relative to the sample's negative and bright end
-            marks = np.array([lm.get(dim, (np.nan, np.nan)) for lm in fluorescence], dtype=float)
-            unit = marks[:, 1] - marks[:, 0]
+            marks = [lm.get(dim) for lm in fluorescence]
+            negative = np.array([m.negative if m else np.nan for m in marks])
+            unit = np.array([m.bright if m else np.nan for m in marks]) - negative
             with np.errstate(divide="ignore", invalid="ignore"):
-                rel, rel_spans = (vals - marks[:, 0]) / unit, spans / unit
+                rel, rel_spans = (vals - negative) / unit, spans / unit
+            tail = np.array([m.tail(v) if m else np.nan for m, v in zip(marks, vals)])
             if np.isfinite(rel).sum() >= 3:
-                relative = (rel, PARAM_FLOOR * _median_span(rel_spans, rel))
-                out.append((label, vals, floor, _between_text(vals, rel, dim), relative))
+                frames = [(rel, PARAM_FLOOR * _median_span(rel_spans, rel))]
+                if np.isfinite(tail).sum() >= 3 and np.nanmedian(tail) <= TAIL_K:  # in the negative's tail
+                    frames.append((tail, TAIL_FLOOR))
+                else:
+                    tail = None
+                out.append((label, vals, floor, _between_text(vals, rel, dim, tail), frames))
                 continue
-        out.append((label, vals, floor, _plain_text(vals), None))
+        out.append((label, vals, floor, _plain_text(vals), []))
     return out
 
 
@@ -216,11 +241,14 @@ def _relative_text(raw: np.ndarray, rel: np.ndarray, dim: str) -> Any:
     return lambda i: f"{raw[i]:.3g} ({rel[i]:.3g} x the sample's median {dim})"
 
 
-def _between_text(vals: np.ndarray, rel: np.ndarray, dim: str) -> Any:
+def _between_text(vals: np.ndarray, rel: np.ndarray, dim: str, tail: np.ndarray | None = None) -> Any:
     def text(i: int) -> str:
         if not np.isfinite(rel[i]):
             return f"{vals[i]:.3g}"
-        return f"{vals[i]:.3g} ({rel[i]:.2f} of the way from the sample's negative {dim} peak to its 98th percentile)"
+        where = f"{rel[i]:.2f} of the way from the sample's negative {dim} peak to its 98th percentile"
+        if tail is not None and np.isfinite(tail[i]):
+            where += f", {tail[i]:.2f} SDs of that negative above its peak"
+        return f"{vals[i]:.3g} ({where})"
 
     return text
 
@@ -292,21 +320,63 @@ def _marginals(row: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray
     return out
 
 
-def fluorescence_landmarks(rows: list[Mapping[str, Any]]) -> dict[str, tuple[float, float]]:
-    """Axis name -> (negative peak, 98th percentile) of the parent's events, for every
+class FluorescenceMarks(NamedTuple):
+    """Landmarks of the parent's events on one transformed axis of a sample."""
+
+    negative: float  # the negative peak, display units
+    bright: float  # the 98th percentile, display units
+    scale: str  # the axis's transform, e.g. "arcsinh(x/640)"
+    spread: float  # the negative's robust SD in the axis's linear units (NaN: unknown)
+
+    def tail(self, value: float) -> float:
+        """How far ``value`` (display units) is above the negative peak, in the negative's SDs."""
+        linear = _to_linear(self.scale)
+        return float((linear(value) - linear(self.negative)) / self.spread)
+
+
+def fluorescence_landmarks(rows: list[Mapping[str, Any]]) -> dict[str, FluorescenceMarks]:
+    """Axis name -> the landmarks of the parent's events (:class:`FluorescenceMarks`), for every
     *transformed* axis of one sample's panels of a gate (``rows``; the first panel showing an axis
     gives it). The negative peak is the lowest density peak at least a tenth as tall as the
     tallest (the gating engine's ``negative`` landmark), on the histogram smoothed over one bin;
-    an axis with too few events, or whose 98th percentile is not above that peak, has none."""
-    out: dict[str, tuple[float, float]] = {}
+    an axis with too few events, or whose 98th percentile is not above that peak, has none.
+
+    The negative's robust SD is read from the events below its peak (the mirror of its lower half,
+    where no positive cells are, as the engine reads an arcsinh cofactor): their median distance
+    below the peak / 0.6745, in the axis's linear units (an ``arcsinh(x/c)`` axis back-transformed,
+    so it does not depend on the file's cofactor; another transform: display units); NaN with fewer
+    than ``MIN_BELOW`` events below the peak."""
+    out: dict[str, FluorescenceMarks] = {}
     for row in rows:
         for name, (counts, edges, scale) in _marginals(row).items():
             if name in out or scale in ("", "linear"):
                 continue
             marks = _negative_and_bright(counts, edges)
             if marks is not None:
-                out[name] = marks
+                out[name] = FluorescenceMarks(*marks, scale, _negative_spread(counts, edges, marks[0], scale))
     return out
+
+
+def _to_linear(scale: str) -> Any:
+    """Display -> linear units of an ``arcsinh(x/c)`` axis (the gate-review's scale text); on
+    another transform the display units themselves."""
+    m = re.fullmatch(r"arcsinh\(x/([0-9.eE+-]+)\)", scale)
+    if m is None:
+        return lambda t: t
+    cofactor = float(m.group(1))
+    return lambda t: cofactor * np.sinh(t)
+
+
+def _negative_spread(counts: np.ndarray, edges: np.ndarray, negative: float, scale: str) -> float:
+    """The negative's robust SD in linear units (see :func:`fluorescence_landmarks`)."""
+    cum = np.concatenate([[0.0], np.cumsum(counts)])
+    below = float(np.interp(negative, edges, cum))
+    if below < MIN_BELOW:
+        return float("nan")
+    linear = _to_linear(scale)
+    half = float(np.interp(0.5 * below, cum, edges))  # the median of the events below the peak
+    sd = float(linear(negative) - linear(half)) / 0.6745
+    return sd if sd > 0 else float("nan")
 
 
 def _negative_and_bright(counts: np.ndarray, edges: np.ndarray) -> tuple[float, float] | None:
@@ -332,7 +402,7 @@ def _negative_and_bright(counts: np.ndarray, edges: np.ndarray) -> tuple[float, 
 
 def _fluorescence_marks(
     rows: list[Mapping[str, Any]], later: pd.DataFrame | None
-) -> list[dict[str, tuple[float, float]]]:
+) -> list[dict[str, FluorescenceMarks]]:
     """:func:`fluorescence_landmarks` of each sample of ``rows`` (panel 0), with its other panels."""
     more: dict[str, list[Mapping[str, Any]]] = {}
     if later is not None and len(later):

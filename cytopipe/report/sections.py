@@ -426,8 +426,10 @@ def gate_gallery(b: Builder) -> H.Section:
         "own events on that axis, the singlet wedge's area/height ratios relative to those events' median, so "
         "samples of instruments with other ranges and pulse shapes are compared like with like. "
         "A fluorescence threshold must be unusual both in display units and relative to the "
-        "sample's own events (its place between the parent's negative peak and 98th percentile), so an "
-        "ordinary gate of an instrument with another brightness or scale is not an outlier."))  # fmt: skip
+        "sample's own events (its place between the parent's negative peak and 98th percentile; for one "
+        "in the negative's tail, also its distance above that peak in SDs of the negative), so an "
+        "ordinary gate of an instrument with another brightness, negative width or scale is not an "
+        "outlier."))  # fmt: skip
     summary = (
         flags.groupby("population", sort=False)
         .agg(
