@@ -10,6 +10,7 @@ empty panels. Here two sample files, one written again with its scatter 16 times
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import numpy as np
@@ -392,3 +393,32 @@ def test_a_dim_threshold_moved_by_hand_is_an_outlier_next_to_a_wide_negative(wid
     reason = hit["reasons"].iloc[0]
     assert reason.startswith("threshold CXCR3 >= ") and "SDs of that negative above its peak)" in reason
     assert hit["score"].iloc[0] > 3.5
+
+
+def test_the_helper_gates_a_multi_instrument_study_on_per_file_scales_as_cytopipe_run_does(singlet_instruments,
+                                                                                            tmp_path):  # fmt: skip
+    """`cytopipe run` locks one arcsinh cofactor per channel for a study, but not for one whose
+    files' estimates differ more than 3-fold (several instruments): seed 11 mixes 18-, 20- and 22-bit
+    ones, so every channel is estimated per file, as the test helper gates. Seed 11's P006_W00
+    gets CXCR5 cofactor 640 (its instrument's other files 1,900-3,000: the engine's estimate from
+    5,000 of its events) in the run too, and the same cTfh threshold."""
+    from cytopipe.pipeline import EXIT_OK, run_workflow
+    from cytopipe.report.gate_review import read_gate_review
+    from tests.pipeline_support import workflow
+
+    trial, helper, samples = singlet_instruments
+    run = tmp_path / "run"
+    result = run_workflow(workflow(trial.out_dir, run, clustering={"enabled": False}), scheduler="synchronous",
+                          progress=False)  # fmt: skip
+    assert result.exit_code == EXIT_OK, result.summary()
+    info = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    step = next(s for s in info["steps"] if s["step"] == "transforms")
+    assert "CXCR5" in step["cofactors"] and not info["study_state"]["transforms"]
+    assert all("differ more than 3-fold" in c["reason"] for c in step["cofactors"].values())
+    site = samples.set_index("sample_id")["site"]
+    for review in (helper, read_gate_review(run)):
+        ctfh = review[(review["population"] == "cTfh") & (review["panel"] == 0)].set_index("sample_id")
+        cofactor = ctfh["x_scale"].str.extract(r"arcsinh\(x/(\d+)\)", expand=False).astype(float)
+        others = cofactor[[s for s in cofactor.index if site[s] == "S1" and s != "P006_W00"]]
+        assert cofactor["P006_W00"] == 640 and others.min() >= 1900 and others.max() <= 3000
+        assert abs(float(ctfh.at["P006_W00", "params"][0]) - 1.78) < 0.01
