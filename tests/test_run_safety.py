@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -47,6 +48,9 @@ def test_a_second_run_into_the_same_folder_is_refused_and_a_stale_lock_taken_ove
             assert first.poll() is None, first.communicate()
             assert time.monotonic() < deadline, "the first run never took the lock"
             time.sleep(0.05)
+        # paused while it holds the lock: under load a short run could otherwise finish (and
+        # release the lock) while the second one starts, and the kill below would find it gone
+        os.kill(first.pid, signal.SIGSTOP)
         holder = json.loads(lock.read_text())
         assert (
             holder["pid"] == first.pid and holder["command"] == "run" and holder["host"] and holder["since"]
@@ -58,7 +62,7 @@ def test_a_second_run_into_the_same_folder_is_refused_and_a_stale_lock_taken_ove
         assert f"pid {first.pid} on host {holder['host']}" in second.stderr
         # the first run is killed (-9) while holding the lock: its lock file stays, naming a dead pid
         first.kill()
-        first.wait()
+        assert first.wait() == -signal.SIGKILL
     finally:
         if first.poll() is None:
             first.kill()
