@@ -448,6 +448,45 @@ def resolve_markers(
     return Panel(list(markers), mapping=mapping).resolve(channels, file=file)
 
 
+#: label words that name no marker ("empty", "not used")
+_NO_MARKER_WORDS = {
+    "empty",
+    "blank",
+    "none",
+    "na",
+    "nan",
+    "null",
+    "unused",
+    "unlabeled",
+    "unlabelled",
+    "not",
+    "used",
+}
+# prefixes that do not change the marker: "CD" before a number ("CD4" and "4"), "anti", "h(u)"
+_LOOSE_PREFIX = re.compile(r"^(anti)?((human|hu|h)?cd(?=\d))?")
+
+
+def label_names_marker(pns: str, marker: str, aliases: AliasTable | None = None) -> bool | None:
+    """Whether a channel's stain label (``$PnS``) names ``marker``: True (an alias of it, or it
+    with fluorochrome or isotope words: ``"PD1 BV421"`` for ``PD-1``, ``"FoxP3"`` for ``FOXP3``,
+    ``"hCD25"`` for ``CD25``), False when it names another marker (``"CD14"`` for ``CD4``,
+    ``"CD57"`` for ``CD56``, ``"BC1"`` for ``PD-1``, compared after case, spaces, hyphens and
+    prefixes such as ``CD`` are ignored), None when it names none (blank, only fluorochrome or
+    isotope words, ``"empty"``). A suggestion for a missing marker must never be False."""
+    words = [t for t in _tokens(pns) if not _is_fluor(t) and t not in _NO_MARKER_WORDS]
+    if not words:
+        return None
+    group = (aliases or default_aliases()).group(marker)
+    if _match_quality(group, pns) is not None:
+        return True
+    spellings = {_LOOSE_PREFIX.sub("", lit) for lit in group.literals}
+    for i in range(len(words)):
+        for j in range(i + 1, len(words) + 1):
+            if _LOOSE_PREFIX.sub("", "".join(words[i:j])) in spellings:
+                return True
+    return False
+
+
 def channel_markers(channels: Any, aliases: AliasTable | None = None) -> dict[str, str | None]:
     """``$PnN`` -> canonical marker named by its ``$PnS`` (None for blank or unknown text)."""
     aliases = aliases or default_aliases()

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,24 +32,59 @@ MISSING_POLICIES = ("stop", "skip")
 
 @dataclass
 class MissingMarker:
+    """A template marker no file carries. ``closest``: channels whose stain label names the marker
+    (an unlisted spelling, never a label naming another marker nor a channel another marker of
+    the template uses), best first; ``unlabelled``: unused fluorescence channels with no marker in
+    their label; ``channels``: every channel of the file(s), to choose from when nothing is
+    suggested."""
+
     marker: str
     populations: list[str]
     closest: list[str]
     files: int
     template_file: str = ""  # the template's YAML, named in the message (the panel lives there)
+    unlabelled: list[str] = field(default_factory=list)
+    channels: list[str] = field(default_factory=list)
 
     def yaml(self) -> str:
         channel = self.closest[0].split(" [")[0] if self.closest else "<$PnN of the channel>"
         return f"panel:\n  {self.marker}: {channel}"
 
-    def message(self) -> str:
-        near = ", ".join(self.closest) if self.closest else "none"
+    def message(self, list_channels: bool = True) -> str:
+        """The marker's report; ``list_channels=False``: the channel list is printed once below
+        the reports of all missing markers (:func:`missing_markers_text`)."""
+        m = self.marker
         where = f"the template YAML {self.template_file!r}" if self.template_file else "the template YAML"
-        return (
-            f"marker {self.marker!r} is in none of the {self.files} file(s); populations needing it: "
-            f"{', '.join(self.populations)}; closest channel labels: {near}. If one of these carries "
-            f"{self.marker}, add to {where}:\n{self.yaml()}"
+        head = (
+            f"marker {m!r} is in none of the {self.files} file(s); populations needing it: "
+            f"{', '.join(self.populations)}; "
         )
+        if self.closest:
+            return (
+                f"{head}closest channel labels: {', '.join(self.closest)}. If one of these carries {m}, "
+                f"add to {where}:\n{self.yaml()}"
+            )
+        blank = (
+            f"; channels without a marker in their label: {', '.join(self.unlabelled)}"
+            if self.unlabelled
+            else ""
+        )
+        listed = f" ($PnN [$PnS]): {', '.join(self.channels)};" if list_channels else " (listed below)"
+        return (
+            f"{head}no channel to suggest: no channel's stain label ($PnS) names {m} (the others name "
+            f"another marker, or carry another marker of the template){blank}. If the panel has {m}, "
+            f"find its channel among the file(s)' channels{listed} and add to {where}:\n{self.yaml()}"
+        )
+
+
+def missing_markers_text(missing: Sequence[MissingMarker], sep: str = "\n") -> str:
+    """The reports of the missing markers, the file(s)' channel list once at the end (when a
+    marker has no suggestion)."""
+    text = [m.message(list_channels=False) for m in missing]
+    channels = list(dict.fromkeys(c for m in missing if not m.closest for c in m.channels))
+    if channels:
+        text.append(f"channels of the file(s) ($PnN [$PnS]): {', '.join(channels)}")
+    return sep.join(text)
 
 
 @dataclass
@@ -62,6 +96,7 @@ class MarkerTable:
     markers: list[str]
     resolved: dict[str, dict[str, str | None]] = field(default_factory=dict)
     labels: dict[str, list[str]] = field(default_factory=dict)  # file -> "PnN [PnS]" labels
+    pairs: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # file -> ($PnN, $PnS)
     #: file -> marker -> why gating fails it (its channel's $PnN is shared by several channels)
     ambiguous: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -127,7 +162,8 @@ def marker_table(template, channel_tables: Mapping[str, pd.DataFrame], mapping=N
             for m, channel in row.items()
             if channel and pnn.count(channel) > 1
         }
-        table.labels[f] = [f"{n} [{s}]" if str(s).strip() else str(n) for n, s in zip(ch["pnn"], ch["pns"])]
+        table.pairs[f] = [(str(n), "" if pd.isna(s) else str(s)) for n, s in zip(ch["pnn"], ch["pns"])]
+        table.labels[f] = [f"{n} [{s}]" if s.strip() else n for n, s in table.pairs[f]]
     return table
 
 
@@ -141,25 +177,43 @@ def _twin_message(pnn: list[str], channel: str, marker: str) -> str:
     )
 
 
-def _closest(marker: str, table: MarkerTable, n: int = 3) -> list[str]:
-    """Fluorescence channels not used by another marker, ranked by how much a word of their label
-    looks like the marker (``CD127`` ~ ``IL7R``-less ``CD127-BV421``, ``CD25`` ~ ``CD25-PE``)."""
-    import re
+#: channels that carry no stain (normalised $PnN): never suggested for a marker
+_NOT_STAINS = {
+    "time",
+    "originalid",
+    "eventlength",
+    "celllength",
+    "beaddist",
+    "center",
+    "offset",
+    "width",
+    "residual",
+}
 
+
+def _suggestions(marker: str, table: MarkerTable) -> tuple[list[str], list[str]]:
+    """(channels whose label names ``marker``, unused fluorescence channels with no marker in
+    their label) as ``"PnN [PnS]"``. Never a channel another marker of the template resolved to,
+    nor one whose label names another marker: a string-similar label is another marker (CD14 is
+    not CD4, CD57 not CD56, the barcode BC1 not PD-1), so similarity alone suggests nothing."""
     from cytopipe.gating._adapters import is_scatter_or_time
+    from cytopipe.panel import label_names_marker, normalize
 
+    if is_scatter_or_time(marker):  # found by $PnN; no stain label can be scatter or time
+        return [], []
     used = {v for f in table.files for v in table.resolved[f].values() if v}
-    scored: dict[str, float] = {}
-    key = re.sub(r"[^a-z0-9]", "", marker.lower())
+    named: list[str] = []
+    unlabelled: list[str] = []
     for f in table.files:
-        for lab in table.labels[f]:
-            pnn = lab.split(" [")[0]
-            if pnn in used or is_scatter_or_time(pnn) or pnn.lower() in ("time", "original_id"):
+        for (pnn, pns), label in zip(table.pairs[f], table.labels[f]):
+            if pnn in used or is_scatter_or_time(pnn) or normalize(pnn) in _NOT_STAINS:
                 continue
-            words = [re.sub(r"[^a-z0-9]", "", w) for w in re.split(r"[\s\-_/\[\]()]+", lab.lower())]
-            score = max((difflib.SequenceMatcher(None, key, w).ratio() for w in words if w), default=0.0)
-            scored[lab] = max(score, scored.get(lab, 0.0))
-    return [lab for lab, _ in sorted(scored.items(), key=lambda kv: -kv[1])[:n]]
+            names = label_names_marker(pns, marker)
+            if names is True and label not in named:
+                named.append(label)
+            elif names is None and label not in unlabelled:
+                unlabelled.append(label)
+    return named, unlabelled
 
 
 def missing_everywhere(template, table: MarkerTable) -> list[MissingMarker]:
@@ -170,7 +224,9 @@ def missing_everywhere(template, table: MarkerTable) -> list[MissingMarker]:
             if not pops:  # only a median marker: its medians are simply NaN
                 continue
             source = str(template.source) if getattr(template, "source", None) else ""
-            out.append(MissingMarker(m, pops, _closest(m, table), len(table.files), source))
+            named, unlabelled = _suggestions(m, table)
+            channels = list(dict.fromkeys(label for f in table.files for label in table.labels[f]))
+            out.append(MissingMarker(m, pops, named, len(table.files), source, unlabelled, channels))
     return out
 
 
@@ -183,7 +239,7 @@ def check_study_markers(
         raise PanelError(f"missing_markers must be one of {list(MISSING_POLICIES)}, got {policy!r}")
     missing = missing_everywhere(template, marker_table(template, channel_tables, mapping))
     if missing and policy == "stop":
-        text = "\n".join(m.message() for m in missing)
+        text = missing_markers_text(missing)
         # no `marker=` context: each marker's own line names it (the prefix read "marker 'CD4, CD25,
         # ...': marker 'CD4' is in none ...", one marker name holding commas, then each again)
         raise PanelError(
@@ -309,9 +365,9 @@ def template_check_text(
                 f"  {pop.name:<{w}}  {', '.join(res) or '(boolean)'}  | {source} | fallback: {fallback}{status}"
             )
     missing = missing_everywhere(template, table)
-    for m in missing:
+    if missing:
         lines.append("")
-        lines.append(m.message())
+        lines.append(missing_markers_text(missing, sep="\n\n"))
     bad = [f for f, found in file_problems(template, table, without_spillover, data_errors).items() if found]
     bad += list(unusable or {})
     n_files = len(table.files) + len(unusable or {})
