@@ -273,10 +273,8 @@ def finish_run(
         logger.info("writing the report")
         step = write_run_report(folder.path, ctx.wf, ctx.problems, progress=ctx.progress)
         ctx.steps.append({"step": "report", "seconds": round(time.perf_counter() - s0, 3), **step})
-        if step.get("reused") and _all_reused(ctx):
-            notice(
-                "nothing changed since the last run: every result was reused (samples, statistics, report)"
-            )
+        if step.get("reused") and (message := _reuse_message(ctx)):
+            notice(message)
         info.update(steps=ctx.steps, problems=list(ctx.problems), seconds=round(time.perf_counter() - t0, 3))
         from cytopipe.store import atomic_write_json, write_catalog
 
@@ -291,11 +289,45 @@ def finish_run(
     )
 
 
-def _all_reused(ctx: RunContext) -> bool:
-    """Every per-sample result came from the cache and the statistics were reused."""
-    stats = next((st for st in ctx.steps if st.get("step") == "statistics"), {})
-    samples_reused = ctx.cached >= len(ctx.alive()) if ctx.jobs else True
-    return samples_reused and (stats.get("reused") or stats.get("enabled") is False)
+def _reuse_message(ctx: RunContext) -> str | None:
+    """The closing line of a run whose report was reused, when every result it computed came from
+    the cache: what was reused (the gating of the samples, clustering, statistics, report), which
+    failed files were tried again (a failure is never cached: failed files are always retried) and
+    what is off, not computed. None when some result was computed anew."""
+    steps = {st.get("step"): st for st in ctx.steps}
+    alive = ctx.alive()
+    if ctx.cached < len(alive):
+        return None
+    reused = [f"the gating of {len(alive)} sample{'s' if len(alive) != 1 else ''}"] if alive else []
+    off = []
+    train, mapped = steps.get("clustering-train", {}), steps.get("clustering-map", {})
+    if train.get("enabled") is False:
+        off.append("clustering")
+    elif train.get("model") in ("trained (reused)", "given") and mapped.get("reused", -1) >= len(alive):
+        reused.append("the clustering")
+    elif train or mapped:
+        return None  # trained or mapped anew, or it failed (a problem, listed above)
+    stats = steps.get("statistics", {})
+    if stats.get("enabled") is False:
+        off.append("statistics")
+    elif stats.get("reused"):
+        reused.append("the statistics")
+    else:
+        return None
+    reused.append("the report")
+    failed = [j["sample_id"] for j in ctx.jobs if j["sample_id"] in ctx.failures]
+    if not failed:
+        text = f"nothing changed since the last run: every result was reused ({', '.join(reused)})"
+    else:
+        n = len(failed)
+        text = (
+            f"reused every result of the last run ({', '.join(reused)}); tried again the {n} file"
+            f"{'s' if n != 1 else ''} that had failed ({', '.join(failed)}: failed files are always "
+            f"retried): {'they' if n != 1 else 'it'} failed again (why: in the summary)"
+        )
+    if off:
+        text += f"; not computed: {' and '.join(off)} (off in this run)"
+    return text
 
 
 def _blinded_outputs(
