@@ -213,9 +213,11 @@ class _run_folder_session:
         root.addHandler(self.handler)
         if root.level == logging.NOTSET or root.level > logging.INFO:
             root.setLevel(logging.INFO)
-        logger.info("run started in %s (pid %d)", self.folder.path, os.getpid())
-        for record in self.early:  # to run.log only: the console has shown them already
+        # the input checks' warnings first: run.log reads in time order (they were written after
+        # "run started", with their earlier times); to run.log only: the console has shown them
+        for record in self.early:
             self.handler.handle(record)
+        logger.info("run started in %s (pid %d)", self.folder.path, os.getpid())
         if self.lock.stale:
             logger.warning(
                 "took over a stale lock of an earlier run that no longer runs: %s", self.lock.stale
