@@ -3,7 +3,9 @@
 * :func:`marker_table` resolves every marker of a template in every file's channel table (headers
   only, no events): marker -> ``$PnN`` per file, or missing.
 * :func:`missing_everywhere` lists the markers absent from EVERY file of a study, each with the
-  populations that need it, the closest channel labels and the YAML to add under ``panel:``;
+  populations that need it, a channel whose stain label names it (never one whose label names
+  another marker: CD14 is not CD4) or else the file(s)' channel list, and the YAML to add under
+  ``panel:``;
   :func:`check_study_markers` turns that into ONE error (``cytopipe gate`` / ``cytopipe run`` stop
   with exit 2 before gating anything) unless ``missing_markers: skip``, when those populations are
   reported "not measured" and everything else is gated.
