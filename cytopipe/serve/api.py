@@ -20,7 +20,15 @@ from starlette.concurrency import run_in_threadpool
 from cytopipe.serve import audit, auth, blinding, ops, results
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Audit, Run, Sample, Study, Upload, User
-from cytopipe.serve.deps import Body, client_address, set_session_cookie, signed_in, state_change, workspace
+from cytopipe.serve.deps import (
+    STREAMED,
+    Body,
+    client_address,
+    set_session_cookie,
+    signed_in,
+    state_change,
+    workspace,
+)
 from cytopipe.serve.runs import progress
 
 router = APIRouter(prefix="/api", tags=["api"])
@@ -219,7 +227,7 @@ def new_batch(study_id: int, body: NewBatch, request: Request) -> dict[str, Any]
         return {"batch_id": batch.id, "max_file_bytes": ws.config.max_file_bytes}
 
 
-@router.put("/studies/{study_id}/uploads", openapi_extra=_RAW)
+@router.put("/studies/{study_id}/uploads", openapi_extra=_RAW, max_body_size=STREAMED)
 async def upload(
     study_id: int, request: Request, name: str = Query(..., description="the file's name (a label only)"),
     batch: int | None = Query(None, description="batch id from POST /batches (batch size limit)"),
@@ -232,7 +240,7 @@ async def upload(
     return JSONResponse(row, status_code=200 if row.get("duplicate") else 201)
 
 
-@router.put("/studies/{study_id}/tables/{kind}", openapi_extra=_RAW)
+@router.put("/studies/{study_id}/tables/{kind}", openapi_extra=_RAW, max_body_size=STREAMED)
 async def upload_table(
     study_id: int, kind: str, request: Request, name: str = Query("table.csv")
 ) -> dict[str, Any]:

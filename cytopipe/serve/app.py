@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
 
 from cytopipe import __version__
 from cytopipe.serve import api, review, templateops, web
@@ -25,6 +26,7 @@ from cytopipe.serve.blinding import store_codes
 # the routers' shared dependencies live in .deps (below the routers); re-exported here so the
 # old import paths (``from cytopipe.serve.app import Config``) keep working
 from cytopipe.serve.deps import (  # noqa: F401
+    MAX_REQUEST_BYTES,
     Config,
     Ctx,
     Workspace,
@@ -67,6 +69,9 @@ def create_app(config: Config) -> FastAPI:
         docs_url=None,  # FastAPI's Swagger UI loads from a CDN; /api/docs is a page of our own
         redoc_url=None,
         openapi_url="/api/openapi.json",
+        # every request body is limited; the routes that stream uploads to disk set their own
+        # (``max_body_size=STREAMED``) and count against the workspace's limits
+        max_body_size=MAX_REQUEST_BYTES,
     )
     app.state.ws = ws
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
@@ -93,6 +98,12 @@ def create_app(config: Config) -> FastAPI:
     @app.exception_handler(UploadRefused)
     async def _upload_error(request: Request, exc: UploadRefused):
         return _error(request, exc.status, exc.message)
+
+    @app.exception_handler(413)
+    async def _too_large(request: Request, exc: HTTPException):
+        # the body limit's own answer ("Content Too Large"), with the limit named
+        return _error(request, 413, f"the request is larger than the limit of {MAX_REQUEST_BYTES / 1e6:.1f} MB "
+                                    "of a form or API call; FCS files and tables are uploaded with PUT")  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(request: Request, exc: RequestValidationError):

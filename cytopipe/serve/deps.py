@@ -5,6 +5,7 @@ check, session cookie, page rendering)."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
 from cytopipe import __version__
 from cytopipe.serve import auth
@@ -20,9 +22,15 @@ from cytopipe.serve.auth import AuthError
 from cytopipe.serve.blinding import workspace_secret
 from cytopipe.serve.db import Session, User, open_database
 from cytopipe.serve.runs import RunManager
-from cytopipe.serve.storage import BlobStore
+from cytopipe.serve.storage import BlobStore, UploadRefused
 
 HERE = Path(__file__).parent
+# the largest body of a request (a form, a JSON body): the app's default (``FastAPI(max_body_size=)``);
+# a template's YAML, the largest of them, is at most 2 MB
+MAX_REQUEST_BYTES = 4 << 20
+# the ``max_body_size`` of a route that streams its body to disk and counts it against its own
+# limit (the FCS uploads: --max-file-size and the batch's; the tables: ops.MAX_TABLE_BYTES)
+STREAMED = sys.maxsize
 
 
 @dataclass
@@ -94,11 +102,23 @@ def state_change(request: Request, permission: str, csrf: str | None = None) -> 
     """A signed-in user with ``permission`` whose request carries the session's CSRF token
     (form field ``csrf`` or header ``X-CSRF-Token``)."""
     ctx = signed_in(request)
+    too_long(request)
     given = csrf or request.headers.get("x-csrf-token")
     if not auth.csrf_ok(ctx.session, given):
         raise AuthError(403, "missing or wrong CSRF token: reload the page and try again")
     ctx.require(permission)
     return ctx
+
+
+def too_long(request: Request) -> None:
+    """413 when the request declares a body over its route's limit: refused before anything
+    changes, also by a route that never reads its body (which the limit alone would answer 413
+    only after the change)."""
+    limit = request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)
+    length = request.headers.get("content-length", "")
+    if limit is not None and length.isdigit() and int(length) > limit:
+        raise UploadRefused(413, f"the request ({int(length) / 1e6:.1f} MB) is larger than the limit of "
+                                 f"{limit / 1e6:.1f} MB of this page or API call")  # fmt: skip
 
 
 def set_session_cookie(request: Request, response: Any, token: str) -> None:

@@ -32,6 +32,7 @@ from cytopipe.serve.storage import (
 )
 
 MAX_TABLE_BYTES = 20 << 20
+MAX_YAML = 2 << 20  # a gating template's YAML
 
 
 # the template a new study starts with (the form's preselected choice): the flow-cytometry T-cell/NK
@@ -116,6 +117,8 @@ def create_study(db: DBSession, user: str, values: dict[str, Any]) -> Study:
         if template_name not in choices:
             raise AuthError(400, f"template {template_name!r} is unknown; choose one of {sorted(choices)}")
         yaml_text = choices[template_name].read_text(encoding="utf-8")
+    if len(yaml_text.encode("utf-8")) > MAX_YAML:
+        raise AuthError(413, f"the template is larger than {MAX_YAML >> 20} MB")
     _check_template(yaml_text, f"{template_name or 'template.yaml'!r} (version 1)")
     tpl = Template(study_id=study.id, version=1, name=template_name or "template.yaml", yaml=yaml_text,
                    sha256=hashlib.sha256(yaml_text.encode()).hexdigest(), created_by=user)  # fmt: skip

@@ -29,7 +29,7 @@ from cytopipe.serve.db import Run, Study, Template
 from cytopipe.serve.deps import Body, page, signed_in, state_change, workspace
 
 PERMISSION = "study.create"  # analysts, reviewers and admins set up studies and their templates
-MAX_YAML = 2 << 20
+MAX_YAML = ops.MAX_YAML
 
 api = APIRouter(prefix="/api", tags=["templates"])
 web = APIRouter(include_in_schema=False)

@@ -106,7 +106,8 @@ async def create_study(request: Request) -> Response:
                   report=form.get("report") == "on", four_eyes=form.get("four_eyes") == "on")  # fmt: skip
     upload = form.get("template_file")
     if upload is not None and getattr(upload, "filename", ""):
-        values["template_yaml"] = (await upload.read(2 << 20)).decode("utf-8", "replace")
+        # one byte over the limit, so that a larger file is refused (413), never cut short
+        values["template_yaml"] = (await upload.read(ops.MAX_YAML + 1)).decode("utf-8", "replace")
         values["template"] = upload.filename
     with workspace(request).sessions() as db:
         study = ops.create_study(db, ctx.name, values)
