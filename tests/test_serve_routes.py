@@ -172,7 +172,7 @@ def _send(client: httpx.Client, route: tuple[str, str], objects: dict[str, Any],
     else:
         headers = {}
         if token is not None:
-            req["data"] = {**req.get("data", {}), "csrf": token}
+            req["data"] = {**(req.get("data") or {}), "csrf": token}
     return client.request(method, _url(path, objects), headers=headers, follow_redirects=False, **req)
 
 
@@ -195,20 +195,26 @@ def _refused(r: httpx.Response, route: tuple[str, str], status: int, words: str)
     return f"{method} {path}: {r.status_code} {r.text[:200]!r} (expected {status} '{words}')"
 
 
+# no body at all: the checks come before the body's validation (no 422 in their place)
+EMPTY = {"json": None, "data": None, "content": None, "files": None, "params": None}
+
+
 def test_every_state_change_checks_sign_in_csrf_and_role(server, routes, objects):
     admin, viewer = server.client(), server.client("vic")
+    forged = "forged" + admin.h["X-CSRF-Token"][6:]
     problems = []
-    for route in routes:
+    for route, body in itertools.product(routes, ({}, EMPTY)):
         if route in ANONYMOUS:
             continue
         anonymous = Client(server.url, None)
-        problems.append(_refused(_send(anonymous, route, objects, None), route, 401, "sign in first"))
-        problems.append(_refused(_send(anonymous, route, objects, "forged"), route, 401, "sign in first"))
-        problems.append(_refused(_send(admin, route, objects, None), route, 403, "CSRF token"))
-        problems.append(_refused(_send(admin, route, objects, "forged" + admin.h["X-CSRF-Token"][6:]), route,
-                                 403, "CSRF token"))  # fmt: skip
+        problems.append(_refused(_send(anonymous, route, objects, None, **body), route, 401, "sign in first"))
+        problems.append(
+            _refused(_send(anonymous, route, objects, "forged", **body), route, 401, "sign in first")
+        )
+        problems.append(_refused(_send(admin, route, objects, None, **body), route, 403, "CSRF token"))
+        problems.append(_refused(_send(admin, route, objects, forged, **body), route, 403, "CSRF token"))
         if route not in SELF_SERVICE:
-            problems.append(_refused(_send(viewer, route, objects, viewer.h["X-CSRF-Token"]), route, 403,
+            problems.append(_refused(_send(viewer, route, objects, viewer.h["X-CSRF-Token"], **body), route, 403,
                                      "your role (viewer) does not allow"))  # fmt: skip
     problems = [p for p in problems if p]
     assert not problems, "\n".join(problems)
@@ -341,3 +347,25 @@ def test_every_successful_state_change_is_in_the_audit_trail(server, routes, obj
         if _entries(admin) <= before or after["user"] != user:
             problems.append(f"{route}: succeeded ({r.status_code}) without an audit entry by {user}")
     assert not problems, "\n".join(problems)
+
+
+def test_a_state_changing_route_without_a_permission_check_is_named(routes):
+    """What create_app refuses to start with (deps.unguarded); the workspace's own routes pass."""
+    from fastapi import APIRouter, Depends, FastAPI
+
+    from cytopipe.serve.deps import permit, unguarded
+
+    router = APIRouter()
+
+    @router.post("/api/studies/{study_id}/forgotten")
+    def forgotten(study_id: int) -> None: ...
+
+    @router.delete("/api/studies/{study_id}")
+    def checked(study_id: int, ctx=Depends(permit("study.create"))) -> None: ...  # noqa: B008
+
+    @router.post("/login")
+    def sign_in() -> None: ...
+
+    app = FastAPI()
+    app.include_router(router, prefix="")
+    assert unguarded(app.routes) == ["POST /api/studies/{study_id}/forgotten"]

@@ -9,13 +9,12 @@ The schema is served at ``/api/openapi.json`` (browsable at ``/api/docs``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import Field
 from sqlalchemy import select
-from starlette.concurrency import run_in_threadpool
 
 from cytopipe.serve import audit, auth, blinding, ops, results
 from cytopipe.serve.auth import AuthError
@@ -23,10 +22,11 @@ from cytopipe.serve.db import Audit, Run, Sample, Study, Upload, User
 from cytopipe.serve.deps import (
     STREAMED,
     Body,
+    Ctx,
     client_address,
+    permit,
     set_session_cookie,
     signed_in,
-    state_change,
     workspace,
 )
 from cytopipe.serve.runs import progress
@@ -131,8 +131,9 @@ def api_login(body: Login, request: Request, response: Response) -> dict[str, An
 
 
 @router.post("/logout")
-def api_logout(request: Request, response: Response) -> dict[str, Any]:
-    ctx = state_change(request, "view")
+def api_logout(
+    request: Request, ctx: Annotated[Ctx, Depends(permit("view"))], response: Response
+) -> dict[str, Any]:
     with workspace(request).sessions() as db:
         auth.end_session(db, request.cookies.get(auth.COOKIE))
         audit.record(db, ctx.name, "logout", "user", ctx.user.id)
@@ -149,8 +150,9 @@ def me(request: Request) -> dict[str, Any]:
 
 
 @router.post("/users", status_code=201)
-def create_user(body: NewUser, request: Request) -> dict[str, Any]:
-    ctx = state_change(request, "accounts")
+def create_user(
+    body: NewUser, request: Request, ctx: Annotated[Ctx, Depends(permit("accounts"))]
+) -> dict[str, Any]:
     with workspace(request).sessions() as db:
         user = auth.create_user(db, body.name, body.password, body.role, ctx.name)
         db.commit()
@@ -180,8 +182,9 @@ def list_studies(request: Request) -> list[dict[str, Any]]:
 
 
 @router.post("/studies", status_code=201)
-def create_study(body: NewStudy, request: Request) -> dict[str, Any]:
-    ctx = state_change(request, "study.create")
+def create_study(
+    body: NewStudy, request: Request, ctx: Annotated[Ctx, Depends(permit("study.create"))]
+) -> dict[str, Any]:
     with workspace(request).sessions() as db:
         study = ops.create_study(db, ctx.name, body.model_dump())
         db.commit()
@@ -203,11 +206,12 @@ def get_study(study_id: int, request: Request) -> dict[str, Any]:
 
 
 @router.post("/studies/{study_id}/policy")
-def set_policy(study_id: int, body: Policy, request: Request) -> dict[str, Any]:
+def set_policy(
+    study_id: int, body: Policy, request: Request, ctx: Annotated[Ctx, Depends(permit("policy"))]
+) -> dict[str, Any]:
     """Turn the study's four-eyes sign-off rule on or off (administrators; a reason is required)."""
     from cytopipe.serve import signoffpolicy
 
-    ctx = state_change(request, "policy")
     with workspace(request).sessions() as db:
         done = signoffpolicy.set_policy(
             db, ops.get_study(db, study_id), ctx.name, body.four_eyes, body.reason
@@ -217,8 +221,9 @@ def set_policy(study_id: int, body: Policy, request: Request) -> dict[str, Any]:
 
 
 @router.post("/studies/{study_id}/batches", status_code=201)
-def new_batch(study_id: int, body: NewBatch, request: Request) -> dict[str, Any]:
-    ctx = state_change(request, "upload")
+def new_batch(
+    study_id: int, body: NewBatch, request: Request, ctx: Annotated[Ctx, Depends(permit("upload"))]
+) -> dict[str, Any]:
     ws = workspace(request)
     with ws.sessions() as db:
         study = ops.get_study(db, study_id)
@@ -229,11 +234,10 @@ def new_batch(study_id: int, body: NewBatch, request: Request) -> dict[str, Any]
 
 @router.put("/studies/{study_id}/uploads", openapi_extra=_RAW, max_body_size=STREAMED)
 async def upload(
-    study_id: int, request: Request, name: str = Query(..., description="the file's name (a label only)"),
+    study_id: int, request: Request, ctx: Annotated[Ctx, Depends(permit("upload"))], name: str = Query(..., description="the file's name (a label only)"),
     batch: int | None = Query(None, description="batch id from POST /batches (batch size limit)"),
 ) -> JSONResponse:  # fmt: skip
     """Upload one FCS file as the raw request body; answers its row: ok / warning / rejected."""
-    ctx = await run_in_threadpool(state_change, request, "upload")
     length = request.headers.get("content-length")
     row = await ops.upload_file(workspace(request), study_id, ctx.name, name, request.stream(),
                                 int(length) if length and length.isdigit() else None, batch)  # fmt: skip
@@ -242,10 +246,13 @@ async def upload(
 
 @router.put("/studies/{study_id}/tables/{kind}", openapi_extra=_RAW, max_body_size=STREAMED)
 async def upload_table(
-    study_id: int, kind: str, request: Request, name: str = Query("table.csv")
+    study_id: int,
+    kind: str,
+    request: Request,
+    ctx: Annotated[Ctx, Depends(permit("upload"))],
+    name: str = Query("table.csv"),
 ) -> dict[str, Any]:
     """The study's clinical table (``kind=clinical``: patient_id, visit, arm, ...) or manifest CSV."""
-    ctx = await run_in_threadpool(state_change, request, "upload")
     return await ops.upload_table(workspace(request), study_id, ctx.name, kind, name, request.stream())
 
 
@@ -260,8 +267,9 @@ def get_mapping(study_id: int, request: Request, pattern: str | None = None) -> 
 
 
 @router.post("/studies/{study_id}/mapping")
-def confirm_mapping(study_id: int, body: Mapping, request: Request) -> dict[str, Any]:
-    ctx = state_change(request, "map")
+def confirm_mapping(
+    study_id: int, body: Mapping, request: Request, ctx: Annotated[Ctx, Depends(permit("map"))]
+) -> dict[str, Any]:
     ws = workspace(request)
     with ws.sessions() as db:
         study = ops.get_study(db, study_id)
@@ -275,9 +283,13 @@ def confirm_mapping(study_id: int, body: Mapping, request: Request) -> dict[str,
 
 
 @router.post("/studies/{study_id}/runs", status_code=201)
-def start_run(study_id: int, request: Request, body: RunOptions | None = None) -> dict[str, Any]:
+def start_run(
+    study_id: int,
+    request: Request,
+    ctx: Annotated[Ctx, Depends(permit("run"))],
+    body: RunOptions | None = None,
+) -> dict[str, Any]:
     """Start a run; the body (optional) holds the run's options (``missing_markers``)."""
-    ctx = state_change(request, "run")
     ws = workspace(request)
     options = body.model_dump() if body is not None else None
     with ws.sessions() as db:
@@ -305,8 +317,7 @@ def get_run(run_id: int, request: Request) -> dict[str, Any]:
 
 
 @router.post("/runs/{run_id}/cancel")
-def cancel_run(run_id: int, request: Request) -> dict[str, Any]:
-    ctx = state_change(request, "run")
+def cancel_run(run_id: int, request: Request, ctx: Annotated[Ctx, Depends(permit("run"))]) -> dict[str, Any]:
     ws = workspace(request)
     with ws.sessions() as db:
         run = db.get(Run, run_id)
@@ -364,10 +375,11 @@ class Export(Body):
 
 
 @router.post("/runs/{run_id}/anndata", status_code=202)
-def export_anndata(run_id: int, body: Export, request: Request) -> dict[str, Any]:
+def export_anndata(
+    run_id: int, body: Export, request: Request, ctx: Annotated[Ctx, Depends(permit("run"))]
+) -> dict[str, Any]:
     """Start writing the population's events of every sample as one AnnData ``.h5ad`` (a worker
     process); it appears in the run's downloads as ``<population>.h5ad`` when done."""
-    ctx = state_change(request, "run")
     ws = workspace(request)
     run, _, out = shown_run(ws, run_id)
     if run.status != "finished":

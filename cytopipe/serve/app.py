@@ -19,6 +19,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 
 from cytopipe import __version__
+from cytopipe.errors import ServeError
 from cytopipe.serve import api, review, templateops, web
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.blinding import store_codes
@@ -35,6 +36,7 @@ from cytopipe.serve.deps import (  # noqa: F401
     set_session_cookie,
     signed_in,
     state_change,
+    unguarded,
     workspace,
 )
 from cytopipe.serve.runs import RunError
@@ -121,6 +123,10 @@ def create_app(config: Config) -> FastAPI:
     app.include_router(review.web)
     app.include_router(templateops.api)
     app.include_router(templateops.web)
+    missing = unguarded(app.routes)
+    if missing:  # a route that changes state without asking for a permission: refused at start-up
+        raise ServeError(f"state-changing routes without a permission check: {', '.join(missing)}; "
+                         "give each a `ctx: Annotated[Ctx, Depends(permit(...))]` parameter (deps.permit)")  # fmt: skip
     return app
 
 

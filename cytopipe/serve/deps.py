@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse
+from fastapi.routing import iter_route_contexts
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
 from cytopipe import __version__
@@ -31,6 +34,12 @@ MAX_REQUEST_BYTES = 4 << 20
 # the ``max_body_size`` of a route that streams its body to disk and counts it against its own
 # limit (the FCS uploads: --max-file-size and the batch's; the tables: ops.MAX_TABLE_BYTES)
 STREAMED = sys.maxsize
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# the state-changing routes anyone may call: signing in (there is no session yet). The sign-in
+# page's form echoes its own token (a pre-login cookie); the API's takes JSON only, which another
+# site's page cannot send without the browser asking first
+SIGN_IN = frozenset({"/login", "/api/login"})
+_FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
 @dataclass
@@ -108,6 +117,39 @@ def state_change(request: Request, permission: str, csrf: str | None = None) -> 
         raise AuthError(403, "missing or wrong CSRF token: reload the page and try again")
     ctx.require(permission)
     return ctx
+
+
+def permit(permission: str) -> Callable[[Request], Awaitable[Ctx]]:
+    """The dependency of every state-changing route (``ctx: Annotated[Ctx, Depends(permit(...))]``):
+    :func:`state_change` before the route runs, and before its body is validated (an anonymous or
+    token-less request is refused as such, not as a malformed one). A page's form sends the token as
+    its ``csrf`` field, the API as the ``X-CSRF-Token`` header (its uploads' bodies are never read
+    here). :func:`unguarded` finds a route without it; the app refuses to start with one."""
+
+    async def check(request: Request) -> Ctx:
+        csrf = None
+        form = request.headers.get("content-type", "").startswith(_FORMS)
+        if form and not request.url.path.startswith("/api/") and "x-csrf-token" not in request.headers:
+            csrf = str((await request.form()).get("csrf") or "")  # kept by the request for the route
+        return await run_in_threadpool(state_change, request, permission, csrf)
+
+    check.permission = permission  # what :func:`unguarded` looks for
+    return check
+
+
+def unguarded(routes: Iterable[Any]) -> list[str]:
+    """``METHOD path`` of each state-changing route that asks for no permission (:func:`permit`)
+    and is not a sign-in route (:data:`SIGN_IN`)."""
+    found = []
+    for route in iter_route_contexts(list(routes)):
+        methods = sorted((route.methods or set()) & STATE_CHANGING)
+        if not methods or route.path in SIGN_IN:
+            continue
+        dependant = getattr(route, "dependant", None)
+        calls = [d.call for d in dependant.dependencies] if dependant is not None else []
+        if not any(getattr(call, "permission", None) for call in calls):
+            found += [f"{method} {route.path}" for method in methods]
+    return found
 
 
 def too_long(request: Request) -> None:

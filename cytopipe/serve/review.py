@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import Field
 from sqlalchemy import select
@@ -18,7 +18,7 @@ from cytopipe.review.decisions import Decision
 from cytopipe.serve import audit, blinding, reviewops
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Audit, Template, User
-from cytopipe.serve.deps import Body, page, signed_in, state_change, workspace
+from cytopipe.serve.deps import Body, Ctx, page, permit, signed_in, workspace
 
 api = APIRouter(prefix="/api", tags=["review"])
 web = APIRouter(include_in_schema=False)
@@ -88,19 +88,21 @@ def review_gate(run_id: int, request: Request, sample_id: str, population: str) 
 
 
 @api.post("/runs/{run_id}/review/preview")
-def review_preview(run_id: int, body: GateChange, request: Request) -> dict[str, Any]:
+def review_preview(
+    run_id: int, body: GateChange, request: Request, ctx: Annotated[Ctx, Depends(permit("review"))]
+) -> dict[str, Any]:
     """The exact count and % of parent of a gate change, without saving it."""
-    ctx = state_change(request, "review")
     body.reason = body.reason or "preview"
     with workspace(request).sessions() as db:
         return reviewops.preview(db, run_id, _decision(body, ctx.name))
 
 
 @api.post("/runs/{run_id}/review/change")
-def review_change(run_id: int, body: GateChange, request: Request) -> dict[str, Any]:
+def review_change(
+    run_id: int, body: GateChange, request: Request, ctx: Annotated[Ctx, Depends(permit("review"))]
+) -> dict[str, Any]:
     """Override a gate (new numbers), use the patient's pooled gate, or revert; a reason is required.
     With ``sample_ids`` the same change applies to that group of samples (one audit entry)."""
-    ctx = state_change(request, "review")
     with workspace(request).sessions() as db:
         if body.sample_ids:
             group = [_decision(body.model_copy(update={"sample_id": s}), ctx.name) for s in body.sample_ids]
@@ -109,25 +111,28 @@ def review_change(run_id: int, body: GateChange, request: Request) -> dict[str, 
 
 
 @api.post("/runs/{run_id}/review/approve")
-def review_approve(run_id: int, body: Approval, request: Request) -> dict[str, Any]:
-    ctx = state_change(request, "review")
+def review_approve(
+    run_id: int, body: Approval, request: Request, ctx: Annotated[Ctx, Depends(permit("review"))]
+) -> dict[str, Any]:
     with workspace(request).sessions() as db:
         return reviewops.approve(db, run_id, ctx.name, body.scope, body.population, body.sample_id)
 
 
 @api.post("/runs/{run_id}/signoff")
-def review_signoff(run_id: int, body: SignOff, request: Request) -> dict[str, Any]:
+def review_signoff(
+    run_id: int, body: SignOff, request: Request, ctx: Annotated[Ctx, Depends(permit("signoff"))]
+) -> dict[str, Any]:
     """Electronic signature of the run's gating (the signer's password again); locks the gates."""
-    ctx = state_change(request, "signoff")
     with workspace(request).sessions() as db:
         user = db.get(User, ctx.user.id)
         return reviewops.signoff(db, run_id, user, body.password, body.meaning or reviewops.SIGNOFF_MEANING)
 
 
 @api.post("/runs/{run_id}/versions", status_code=201)
-def review_new_version(run_id: int, request: Request) -> dict[str, Any]:
+def review_new_version(
+    run_id: int, request: Request, ctx: Annotated[Ctx, Depends(permit("review"))]
+) -> dict[str, Any]:
     """A new, unlocked version of a run (its outputs and overrides carried over)."""
-    ctx = state_change(request, "review")
     with workspace(request).sessions() as db:
         new = reviewops.new_version(db, run_id, ctx.name)
         return {"id": new.id, "parent": run_id}

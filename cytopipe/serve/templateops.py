@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import Field
 from sqlalchemy import func, select
@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session as DBSession
 from cytopipe.serve import audit, ops
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Run, Study, Template
-from cytopipe.serve.deps import Body, page, signed_in, state_change, workspace
+from cytopipe.serve.deps import Body, Ctx, page, permit, signed_in, workspace
 
 PERMISSION = "study.create"  # analysts, reviewers and admins set up studies and their templates
 MAX_YAML = ops.MAX_YAML
@@ -136,8 +136,9 @@ def get_version(study_id: int, number: int, request: Request) -> dict[str, Any]:
 
 
 @api.post("/studies/{study_id}/templates", status_code=201)
-def save_version(study_id: int, body: TemplateEdit, request: Request) -> dict[str, Any]:
-    ctx = state_change(request, PERMISSION)
+def save_version(
+    study_id: int, body: TemplateEdit, request: Request, ctx: Annotated[Ctx, Depends(permit(PERMISSION))]
+) -> dict[str, Any]:
     with workspace(request).sessions() as db:
         study = ops.get_study(db, study_id)
         tpl = new_version(db, study, ctx.name, body.yaml, body.reason, body.name)
@@ -160,9 +161,10 @@ def template_page(study_id: int, request: Request) -> HTMLResponse:
 
 
 @web.post("/studies/{study_id}/template")
-async def template_save(study_id: int, request: Request) -> Response:
+async def template_save(
+    study_id: int, request: Request, ctx: Annotated[Ctx, Depends(permit(PERMISSION))]
+) -> Response:
     form = await request.form()
-    ctx = state_change(request, PERMISSION, form.get("csrf"))
     text = str(form.get("yaml") or "")
     name = ""
     upload = form.get("template_file")

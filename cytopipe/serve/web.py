@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import json
 import secrets
+from typing import Annotated
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
 from cytopipe.serve import api, audit, auth, blinding, ops, results, signoffpolicy
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import RUN_ACTIVE, Audit, Run, Study, Template, Upload, User
-from cytopipe.serve.deps import Ctx, page, signed_in, state_change, workspace
+from cytopipe.serve.deps import Ctx, page, permit, signed_in, workspace
 from cytopipe.serve.runs import run_options
 
 router = APIRouter(include_in_schema=False)
@@ -78,8 +79,7 @@ def login_submit(
 
 
 @router.post("/logout")
-def logout(request: Request, csrf: str = Form("")) -> Response:
-    ctx = state_change(request, "view", csrf)
+def logout(request: Request, ctx: Annotated[Ctx, Depends(permit("view"))]) -> Response:
     with workspace(request).sessions() as db:
         auth.end_session(db, request.cookies.get(auth.COOKIE))
         audit.record(db, ctx.name, "logout", "user", ctx.user.id)
@@ -98,9 +98,8 @@ def studies(request: Request) -> HTMLResponse:
 
 
 @router.post("/studies")
-async def create_study(request: Request) -> Response:
+async def create_study(request: Request, ctx: Annotated[Ctx, Depends(permit("study.create"))]) -> Response:
     form = await request.form()
-    ctx = state_change(request, "study.create", form.get("csrf"))
     values = {k: form.get(k) for k in ("name", "arms", "visits", "template", "pattern", "seed", "workers")}
     values.update(clustering=form.get("clustering") == "on", blinded=form.get("blinded") == "on",
                   report=form.get("report") == "on", four_eyes=form.get("four_eyes") == "on")  # fmt: skip
@@ -138,9 +137,10 @@ def study_page(study_id: int, request: Request, pattern: str | None = None) -> H
 
 
 @router.post("/studies/{study_id}/mapping")
-async def confirm_mapping(study_id: int, request: Request) -> Response:
+async def confirm_mapping(
+    study_id: int, request: Request, ctx: Annotated[Ctx, Depends(permit("map"))]
+) -> Response:
     form = await request.form()
-    ctx = state_change(request, "map", form.get("csrf"))
     fields = ("upload_id", "sample_id", "patient_id", "visit", "arm")
     columns = {f: form.getlist(f) for f in fields}
     rows = [dict(zip(fields, values)) for values in zip(*(columns[f] for f in fields))]
@@ -157,10 +157,13 @@ async def confirm_mapping(study_id: int, request: Request) -> Response:
 
 @router.post("/studies/{study_id}/policy")
 def set_policy(
-    study_id: int, request: Request, csrf: str = Form(""), four_eyes: str = Form(""), reason: str = Form("")
+    study_id: int,
+    request: Request,
+    ctx: Annotated[Ctx, Depends(permit("policy"))],
+    four_eyes: str = Form(""),
+    reason: str = Form(""),
 ) -> Response:
     """The study page's sign-off rule form (administrators)."""
-    ctx = state_change(request, "policy", csrf)
     with workspace(request).sessions() as db:
         signoffpolicy.set_policy(db, ops.get_study(db, study_id), ctx.name, four_eyes == "on", reason)
         db.commit()
@@ -169,9 +172,11 @@ def set_policy(
 
 @router.post("/studies/{study_id}/runs")
 def start_run(
-    study_id: int, request: Request, csrf: str = Form(""), missing_markers: str = Form("")
+    study_id: int,
+    request: Request,
+    ctx: Annotated[Ctx, Depends(permit("run"))],
+    missing_markers: str = Form(""),
 ) -> Response:
-    ctx = state_change(request, "run", csrf)
     ws = workspace(request)
     with ws.sessions() as db:
         run = ws.runs.start(db, ops.get_study(db, study_id), ctx.name, {"missing_markers": missing_markers})
@@ -199,8 +204,7 @@ def run_page(run_id: int, request: Request) -> HTMLResponse:
 
 
 @router.post("/runs/{run_id}/cancel")
-def cancel_run(run_id: int, request: Request, csrf: str = Form("")) -> Response:
-    ctx = state_change(request, "run", csrf)
+def cancel_run(run_id: int, request: Request, ctx: Annotated[Ctx, Depends(permit("run"))]) -> Response:
     ws = workspace(request)
     with ws.sessions() as db:
         run = db.get(Run, run_id)
@@ -212,9 +216,8 @@ def cancel_run(run_id: int, request: Request, csrf: str = Form("")) -> Response:
 
 @router.post("/runs/{run_id}/anndata")
 def export_anndata(
-    run_id: int, request: Request, population: str = Form(...), csrf: str = Form("")
+    run_id: int, request: Request, ctx: Annotated[Ctx, Depends(permit("run"))], population: str = Form(...)
 ) -> Response:
-    ctx = state_change(request, "run", csrf)
     ws = workspace(request)
     run, _, _ = api.shown_run(ws, run_id)
     if run.status != "finished":
@@ -245,9 +248,13 @@ def users(request: Request) -> HTMLResponse:
 
 
 @router.post("/users")
-def create_user(request: Request, name: str = Form(...), password: str = Form(...), role: str = Form(...),
-                csrf: str = Form("")) -> Response:  # fmt: skip
-    ctx = state_change(request, "accounts", csrf)
+def create_user(
+    request: Request,
+    ctx: Annotated[Ctx, Depends(permit("accounts"))],
+    name: str = Form(...),
+    password: str = Form(...),
+    role: str = Form(...),
+) -> Response:
     with workspace(request).sessions() as db:
         auth.create_user(db, name, password, role, ctx.name)
         db.commit()
