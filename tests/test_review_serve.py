@@ -596,6 +596,12 @@ def test_signoff_locks_the_gates_until_a_new_version(server, fresh, monkeypatch)
     r = c.post(f"/api/runs/{run_id}/versions", headers=c.h)
     assert r.status_code == 201, r.text
     new_id = r.json()["id"]
+    entry = c.get("/api/audit", params={"limit": 1}).json()[0]  # the new version is in the audit trail
+    assert (entry["action"], entry["object_id"], entry["before"]) == (
+        "run.version",
+        str(new_id),
+        {"run": run_id},
+    )
     assert 'id="override-form"' in c.get(f"/runs/{new_id}/review?population=Treg").text
     q = c.get(f"/api/runs/{new_id}/review?population=Treg").json()
     assert not q["locked"] and q["version"] == 3  # the finished run, its copy (fresh), this one

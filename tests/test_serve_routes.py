@@ -46,13 +46,13 @@ SELF_SERVICE = {
 # no cheap happy path here, with the reason (the audit entries of these are checked where named)
 NO_CHEAP_HAPPY_PATH = {
     ("POST", "/api/runs/{run_id}/review/preview"): "changes nothing: counts a gate change without saving it",
-    ("POST", "/api/runs/{run_id}/review/change"): "needs a finished run (tests/test_review_serve.py)",
-    ("POST", "/api/runs/{run_id}/review/approve"): "needs a finished run (tests/test_review_serve.py)",
-    ("POST", "/api/runs/{run_id}/signoff"): "needs a finished run (tests/test_review_serve.py)",
-    ("POST", "/api/runs/{run_id}/versions"): "needs a finished run (tests/test_review_serve.py)",
-    ("POST", "/api/runs/{run_id}/anndata"): "needs a finished run (tests/test_serve_runs.py)",
-    ("POST", "/runs/{run_id}/anndata"): "needs a finished run (tests/test_serve_runs.py)",
-}
+    ("POST", "/api/runs/{run_id}/review/change"): "a finished run: test_review_serve.py (review.override)",
+    ("POST", "/api/runs/{run_id}/review/approve"): "a finished run: test_review_serve.py (review.approve)",
+    ("POST", "/api/runs/{run_id}/signoff"): "a finished run: test_review_serve.py (review.signoff)",
+    ("POST", "/api/runs/{run_id}/versions"): "a finished run: test_review_serve.py (run.version)",
+    ("POST", "/api/runs/{run_id}/anndata"): "a finished run: test_serve_runs.py (run.export)",
+    ("POST", "/runs/{run_id}/anndata"): "a finished run; the API's RunManager.export_anndata (run.export)",
+}  # fmt: skip
 _names = itertools.count(1)
 
 

@@ -106,6 +106,8 @@ def test_events_of_a_population_download_as_anndata(server):
         f"/api/runs/{run_id}/anndata", json={"population": "Treg", "max_events_per_sample": 50}, headers=c.h
     )
     assert r.status_code == 202 and r.json()["file"] == "Treg.h5ad"
+    entry = c.get("/api/audit", params={"limit": 1}).json()[0]  # the export is in the audit trail
+    assert (entry["user"], entry["action"], entry["object_id"]) == ("admin", "run.export", str(run_id))
     deadline = time.monotonic() + 300
     while "Treg.h5ad" not in c.get(f"/api/runs/{run_id}/results").json()["downloads"]:
         assert time.monotonic() < deadline, "the AnnData export did not appear"
