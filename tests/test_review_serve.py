@@ -1044,6 +1044,10 @@ def test_the_gate_numbers_shown_are_the_names_review_set_takes(
     assert proc.returncode == 0, proc.stderr
     saved = json.loads((server.data / "runs" / str(run) / "out" / "review.json").read_text())["decisions"][-1]
     assert saved["params"] == {"CD25 mode": pytest.approx(mode + 0.3)}, saved
+    # the overridden diagonal is a polygon reaching far past the events' grid: it is drawn clipped to
+    # the plot's frame (before, its line crossed the axes and their labels)
+    treg = c.get(f"/api/runs/{run}/review/gate", params={"sample_id": sample, "population": "Treg"}).json()
+    _assert_gates_clipped_to_frame(treg["panels"][0]["svg"], must_reach_past=True)
     cd4 = c.get(f"/api/runs/{run}/review/gate", params={"sample_id": sample, "population": "CD4 T"}).json()
     assert cd4["params"] and all(n.endswith((" >=", " <")) for n in cd4["params"]), cd4["params"]
     if backend != "sqlite":
@@ -1057,6 +1061,29 @@ def test_the_gate_numbers_shown_are_the_names_review_set_takes(
     expect(shown).to_contain_text(" · CD25 mode ")
     assert "crossing" not in shown.inner_text() and "crossing" not in page.inner_text("#panels")
     context.close()
+
+
+def _assert_gates_clipped_to_frame(svg: str, must_reach_past: bool = False) -> None:
+    """Every gate polygon of a review panel's SVG is drawn inside a group clipped to the plot's frame
+    (the rectangle behind the density); with ``must_reach_past``, one of them reaches past it."""
+    import xml.etree.ElementTree as ET
+
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    root = ET.fromstring(svg)
+    d = root.attrib
+    frame = [float(d[k]) for k in ("data-left", "data-top", "data-pw", "data-ph")]
+    polygons = root.findall(".//s:polygon", ns)
+    assert polygons, svg[:300]
+    groups = [g for g in root.findall("s:g", ns) if g.findall("s:polygon", ns)]
+    assert len(groups) == 1 and len(groups[0].findall("s:polygon", ns)) == len(polygons), svg[:300]
+    clip = re.fullmatch(r"url\(#([\w-]+)\)", groups[0].get("clip-path", ""))
+    assert clip, groups[0].attrib
+    rect = root.find(f".//s:clipPath[@id='{clip.group(1)}']/s:rect", ns)
+    assert [float(rect.get(k)) for k in ("x", "y", "width", "height")] == frame
+    if must_reach_past:
+        left, top, pw, ph = frame
+        points = [tuple(map(float, p.split(","))) for poly in polygons for p in poly.get("points").split()]
+        assert any(not (left <= x <= left + pw and top <= y <= top + ph) for x, y in points), points
 
 
 def test_the_reports_csv_links_open_from_the_workspace(server, finished):

@@ -7,6 +7,7 @@ Drawing costs the same for a 1,000- or 1,000,000-event parent: the histogram is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from html import escape
@@ -104,6 +105,13 @@ def panel_svg(row: Mapping[str, Any], width: int = WIDTH, height: int = HEIGHT) 
                     f'width="{_fmt(cw + 0.3)}" height="{_fmt(h)}" fill="{fill}"/>'
                 )
     shapes = json.loads(row["shapes"]) if isinstance(row["shapes"], str) else list(row["shapes"] or [])
+    # polygons and ellipses are clipped to the plot's frame: an overridden diagonal (Treg's CD25 x
+    # CD127) is a polygon reaching far past the events' grid, and its line was drawn over the axes.
+    # The id is the panel's own (several panels on one page); the page's script redraws a dragged
+    # polygon inside the same group, so it stays clipped too.
+    key = f"{row.get('sample_id', '')}|{row.get('population', '')}|{row.get('panel', '')}"
+    clip = "frame-" + hashlib.sha1(key.encode("utf-8")).hexdigest()[:12]
+    gates: list[str] = []  # drawn inside the clipped group
     for shape in shapes:
         dash = ' stroke-dasharray="5 3"' if shape.get("negate") else ""
         kind = shape.get("kind")
@@ -120,7 +128,7 @@ def panel_svg(row: Mapping[str, Any], width: int = WIDTH, height: int = HEIGHT) 
         elif kind == "polygon":
             pts = np.clip(np.asarray(shape["vertices"], dtype=float), -1e6, 1e6)
             text = " ".join(f"{_fmt(px(a))},{_fmt(py(b))}" for a, b in pts)
-            out.append(
+            gates.append(
                 f'<polygon class="gate" points="{text}" fill="none" stroke="#c92a2a" stroke-width="2"{dash}/>'
             )
         elif kind == "ellipse":
@@ -130,9 +138,14 @@ def panel_svg(row: Mapping[str, Any], width: int = WIDTH, height: int = HEIGHT) 
             t = np.linspace(0, 2 * np.pi, 60)
             pts = c[:, None] + v @ (np.sqrt(np.maximum(w, 0))[:, None] * np.vstack([np.cos(t), np.sin(t)]))
             text = " ".join(f"{_fmt(px(a))},{_fmt(py(b))}" for a, b in pts.T)
-            out.append(
+            gates.append(
                 f'<polygon class="gate" points="{text}" fill="none" stroke="#c92a2a" stroke-width="2"{dash}/>'
             )
+    if gates:
+        out.append(
+            f'<clipPath id="{clip}"><rect x="{left}" y="{top}" width="{pw}" height="{ph}"/></clipPath>'
+        )
+        out.append(f'<g class="gates" clip-path="url(#{clip})">' + "".join(gates) + "</g>")
     out.append(
         f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle" font-size="12">'
         f"{escape(str(row['x']))} ({escape(str(row['x_scale']))})</text>"
