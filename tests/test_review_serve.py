@@ -84,13 +84,39 @@ def finished(server, serve_trial) -> tuple[int, Path]:
     return status["id"], server.data / "runs" / str(status["id"]) / "out"
 
 
-@pytest.fixture
-def fresh(server, finished) -> tuple[int, Path]:
-    """A copy of the finished run for one test to change (review, sign off): a new version of it made
-    by the administrator (who cannot sign it: no reviewer is kept from signing by having made it).
-    ``finished`` itself is never changed, so no test sees another's decisions, whatever the order."""
+@pytest.fixture(scope="module")
+def signed(server, finished) -> tuple[int, Path]:
+    """The finished run, every gate approved and signed off by tess (who changed nothing): a new
+    version is made of a signed-off run only, and ``fresh`` and ``unsigned`` are new versions of it.
+    Its gates are locked: no test changes it."""
+    run_id, _ = finished
+    tess = server.client("tess")
+    r = tess.post(f"/api/runs/{run_id}/review/approve", json={"scope": "run"}, headers=tess.h)
+    assert r.status_code == 200, r.text
+    r = tess.post(f"/api/runs/{run_id}/signoff", json={"password": PASSWORD}, headers=tess.h)
+    assert r.status_code == 200, r.text
+    return finished
+
+
+@pytest.fixture(scope="module")
+def unsigned(server, signed) -> tuple[int, Path]:
+    """An unlocked version of the signed-off run on which nothing is ever recorded (the tests of
+    refusals, previews and pages)."""
     admin = server.client()
-    r = admin.post(f"/api/runs/{finished[0]}/versions", headers=admin.h)
+    r = admin.post(f"/api/runs/{signed[0]}/versions", headers=admin.h)
+    assert r.status_code == 201, r.text
+    run_id = r.json()["id"]
+    return run_id, server.data / "runs" / str(run_id) / "out"
+
+
+@pytest.fixture
+def fresh(server, signed) -> tuple[int, Path]:
+    """An unlocked copy of the signed-off run for one test to change (review, sign off): a new
+    version of it made by the administrator (who cannot sign it: no reviewer is kept from signing by
+    having made it). ``signed`` itself is locked, so no test sees another's decisions, whatever the
+    order."""
+    admin = server.client()
+    r = admin.post(f"/api/runs/{signed[0]}/versions", headers=admin.h)
     assert r.status_code == 201, r.text
     run_id = r.json()["id"]
     return run_id, server.data / "runs" / str(run_id) / "out"
@@ -111,8 +137,8 @@ def _changed(a: pd.DataFrame, b: pd.DataFrame) -> set[tuple[str, str]]:
     return set(map(tuple, x.loc[~same, KEY].to_numpy()))
 
 
-def test_roles_viewer_and_analyst(server, finished):
-    run_id, out = finished
+def test_roles_viewer_and_analyst(server, unsigned):
+    run_id, out = unsigned
     c = server.client("rita")
     q = c.get(f"/api/runs/{run_id}/review?population=Treg").json()
     item = q["items"][0]
@@ -132,11 +158,11 @@ def test_roles_viewer_and_analyst(server, finished):
     # a reason is required
     r = c.post(f"/api/runs/{run_id}/review/change", json={**change, "reason": ""}, headers=c.h)
     assert r.status_code == 400 and "reason" in r.json()["detail"]
-    assert not (out / "review.json").exists()  # nothing was decided
+    assert json.loads((out / "review.json").read_text())["decisions"] == []  # nothing was decided
 
 
-def test_a_gate_number_that_is_not_a_finite_number_is_refused_naming_it(server, finished):
-    run_id, out = finished
+def test_a_gate_number_that_is_not_a_finite_number_is_refused_naming_it(server, unsigned):
+    run_id, out = unsigned
     c = server.client("rita")
     item = c.get(f"/api/runs/{run_id}/review?population=Treg").json()["items"][0]
     before = len(c.get("/api/audit", params={"limit": 5000}).json())
@@ -153,7 +179,29 @@ def test_a_gate_number_that_is_not_a_finite_number_is_refused_naming_it(server, 
                 f"gate number 'FOXP3 >=' must be a finite number (or a list of them), not {shown}"
             )
     assert len(c.get("/api/audit", params={"limit": 5000}).json()) == before  # nothing recorded
-    assert not (out / "review.json").exists()  # nothing was decided
+    assert json.loads((out / "review.json").read_text())["decisions"] == []  # nothing was decided
+
+
+def test_a_new_version_is_made_of_a_signed_off_run_only(server, unsigned, monkeypatch):
+    """A run that is not signed off is reviewed directly: a new version of it is refused (409 saying
+    so, nothing recorded, from the API and the command line), and its review page offers no button
+    for one. Before, an unsigned run was copied into a new version with its gates open in both."""
+    run_id, _ = unsigned
+    rita = server.client("rita")
+    newest = rita.get("/api/audit", params={"limit": 1}).json()[0]["id"]
+    r = rita.post(f"/api/runs/{run_id}/versions", headers=rita.h)
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"] == (
+        f"run {run_id} is not signed off: its gates are not locked, so review and change them in run {run_id} "
+        "itself. A new version is made of a signed-off run, to change its locked gates"
+    )
+    db = ["--data", str(server.data)] + (["--database", server.database] if server.database else [])
+    monkeypatch.setenv("CYTOPIPE_PASSWORD", PASSWORD)
+    proc = cli("review", str(run_id), *db, "--user", "rita", "--new-version")
+    assert proc.returncode == 2 and f"run {run_id} is not signed off" in proc.stderr, proc.stderr
+    assert rita.get("/api/audit", params={"limit": 1}).json()[0]["id"] == newest  # nothing recorded
+    page = rita.get(f"/runs/{run_id}/review?population=Treg").text
+    assert 'id="override-form"' in page and 'id="new-version"' not in page
 
 
 def test_review_in_the_browser(browser, server, fresh, backend):
@@ -504,7 +552,7 @@ def test_review_in_the_browser(browser, server, fresh, backend):
     # 7. the report of the reviewed run (refreshed after the sign-off) shows it and the override
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        html = (out / "report.html").read_text(encoding="utf-8")
+        html = (out / "report.html").read_text(encoding="utf-8") if (out / "report.html").is_file() else ""
         if "Signed off" in html:
             break
         time.sleep(2)
@@ -602,6 +650,21 @@ def test_signoff_locks_the_gates_until_a_new_version(server, fresh, monkeypatch)
         str(new_id),
         {"run": run_id},
     )
+    # the new version's report is its own: "being prepared" (409, and a note on the run page instead
+    # of its link) until its refresh has written it, then not signed off, version 3. Before, the run's
+    # signed-off report was copied and shown as the new version's
+    deadline = time.monotonic() + 600
+    while True:
+        report = c.get(f"/runs/{new_id}/files/report.html", params={"inline": "true"})
+        run_page = c.get(f"/runs/{new_id}").text  # after it: the report written, its link is shown
+        if report.status_code != 409 or time.monotonic() > deadline:
+            break
+        assert f"the report of run {new_id} is being prepared" in report.text, report.text[:500]
+        assert 'id="report-preparing"' in run_page or 'id="open-report"' in run_page  # (written meanwhile)
+        time.sleep(1)
+    assert report.status_code == 200 and 'id="open-report"' in run_page, report.text[:500]
+    assert "Signed off" not in report.text and "This run&#x27;s gating has not been signed off" in report.text
+    assert f"This is version 3 of the run, made from run {run_id} " in report.text
     assert 'id="override-form"' in c.get(f"/runs/{new_id}/review?population=Treg").text
     q = c.get(f"/api/runs/{new_id}/review?population=Treg").json()
     assert not q["locked"] and q["version"] == 3  # the finished run, its copy (fresh), this one
@@ -677,40 +740,49 @@ def _blocked_in(thread, qualname: str) -> bool:
     return False
 
 
-def test_a_save_answers_while_the_previous_refresh_runs(server, finished, monkeypatch):
+def test_a_save_answers_while_the_previous_refresh_runs(server, signed, monkeypatch):
     """The review operations in this process on the workspace's database, the statistics/report
     refresh held by a threading.Event (then run for real): while the first save's refresh is held, two
     more saves answer with their tables written (population_stats) and the held refresh has written
     nothing; the two requests collapse into one more refresh, which reads all three saves; a new
-    version of the run waits for the refreshes (it is seen blocked in the refresher while one is held)
-    and then copies the refreshed report."""
+    version of the (then signed-off) run waits for the refreshes (it is seen blocked in the refresher
+    while one is held); its report is not a copy of the run's: none until its own refresh (held
+    here: "being prepared"), which then writes it unsigned, naming the version. Before, the run's
+    signed-off report was copied into the new version."""
     import threading
+
+    from sqlalchemy import select
 
     from cytopipe.review.decisions import Decision, read_review
     from cytopipe.serve import reviewops
-    from cytopipe.serve.db import database_url, open_database
+    from cytopipe.serve.db import User, database_url, open_database
 
-    run_id, _ = finished
+    run_id, _ = signed
     _, sessions = open_database(database_url(server.database, server.data))
-    release, started = threading.Event(), threading.Event()
-    seen: list[int] = []  # per refresh: how many decisions review.json held when it started
-    real = reviewops._refresh
-
-    def held(out: Path) -> None:
-        seen.append(len(read_review(out).decisions))
-        started.set()
-        release.wait()
-        real(out)
-
-    monkeypatch.setattr(reviewops, "_refresh", held)
-    guard = 600  # seconds before a regression fails instead of hanging (not a timing assertion)
-    with sessions() as db:
-        run = reviewops.new_version(db, run_id, "rita")  # unlocked, whatever the other tests did
+    with sessions() as db:  # its own report written before the answer (as the command line makes one)
+        run = reviewops.new_version(db, run_id, "rita", background=False)
         reviewops.approve(db, run.id, "rita", "run")  # a sign-off needs every gate reviewed
         out = reviewops.out_dir(run)
         items = reviewops.queue(db, run, reviewops.finished(db, run.id)[1], "Treg", True)["items"]
     samples = [i["sample_id"] for i in items[:3]]
     report_before = (out / "report.html").read_bytes()
+    release, started = threading.Event(), threading.Event()
+    copy_release, copy_started = threading.Event(), threading.Event()
+    seen: list[int] = []  # per refresh of the run: how many decisions review.json held when it started
+    real = reviewops._refresh
+
+    def held(folder: Path) -> None:
+        if Path(folder).resolve() == out.resolve():
+            seen.append(len(read_review(folder).decisions))
+            started.set()
+            release.wait()
+        else:  # the new version's own report
+            copy_started.set()
+            copy_release.wait()
+        real(folder)
+
+    monkeypatch.setattr(reviewops, "_refresh", held)
+    guard = 600  # seconds before a regression fails instead of hanging (not a timing assertion)
 
     def save(db, sample: str) -> dict:
         change = Decision(kind="pooled", sample_id=sample, population="Treg", user="rita", reason="refresh test",
@@ -735,6 +807,8 @@ def test_a_save_answers_while_the_previous_refresh_runs(server, finished, monkey
     ps = pd.read_parquet(out / "population_stats.parquet").set_index(KEY)
     assert set(ps.loc[[(s, "Treg") for s in samples], "gate_source"]) == {"overridden"}
     assert (out / "report.html").read_bytes() == report_before  # the held refresh wrote nothing
+    with sessions() as db:  # a new version is of a signed-off run: sam signs (rita made and changed it)
+        reviewops.signoff(db, run.id, db.scalars(select(User).where(User.name == "sam")).one(), PASSWORD)
     copied: dict = {}
 
     def version() -> None:
@@ -754,11 +828,20 @@ def test_a_save_answers_while_the_previous_refresh_runs(server, finished, monkey
     reviewops._refresher(run.id, out).wait()
     assert len(seen) == 2 and seen[1] - seen[0] == 2  # three saves, two refreshes; the second read all
     report_after = (out / "report.html").read_bytes()
-    assert report_after != report_before  # the refresh ran for real
-    assert (reviewops.out_dir(copied["run"]) / "report.html").read_bytes() == report_after
+    assert report_after != report_before and b"Signed off" in report_after  # the refresh ran for real
+    copy = copied["run"]
+    copy_out = reviewops.out_dir(copy)
+    assert copy_started.wait(guard)  # the new version's own report is being written, held
+    assert not (copy_out / "report.html").exists() and reviewops.report_pending(copy)  # "being prepared"
+    copy_release.set()
+    reviewops._refresher(copy.id, copy_out).wait()
+    assert not reviewops.report_pending(copy)
+    html = (copy_out / "report.html").read_text(encoding="utf-8")
+    assert "Signed off" not in html and "This run&#x27;s gating has not been signed off" in html
+    assert f"This is version 3 of the run, made from run {run.id} " in html
 
 
-def test_a_signoff_waits_for_a_save_that_is_regating(server, finished, monkeypatch):
+def test_a_signoff_waits_for_a_save_that_is_regating(server, signed, monkeypatch):
     """A sign-off sent while a save re-gates its sample (held here inside the save's preview, under the
     run's lock) is written after the save: the save's override comes before the signature in the
     audit trail and is in population_stats; nothing changes the run after its signature. Before, the
@@ -771,7 +854,7 @@ def test_a_signoff_waits_for_a_save_that_is_regating(server, finished, monkeypat
     from cytopipe.serve import reviewops
     from cytopipe.serve.db import User, database_url, open_database
 
-    run_id, _ = finished
+    run_id, _ = signed
     _, sessions = open_database(database_url(server.database, server.data))
     with sessions() as db:
         run = reviewops.new_version(db, run_id, "rita")  # unlocked, whatever the other tests did
@@ -826,14 +909,14 @@ def test_a_signoff_waits_for_a_save_that_is_regating(server, finished, monkeypat
     assert r.status_code == 409 and "signed off" in r.json()["detail"], r.text
 
 
-def test_a_run_is_signed_off_by_a_second_person(server, finished):
+def test_a_run_is_signed_off_by_a_second_person(server, signed):
     """The study's four-eyes rule, on for a new study: who made the run (here a new version of it) or
     overrode, pooled or reverted one of its gates, also in the run it is a version of, cannot sign it
     off (409 naming the rule and what they did, recorded as ``review.signoff_refused``); approving gates
     does not count. Only an administrator changes the rule, with a reason (one ``study.policy`` audit
     entry); with it off, one reviewer may do everything. Before, a reviewer signed off their own
     overrides."""
-    run_id, _ = finished
+    run_id, _ = signed
     admin = server.client()
     for name in ("quinn", "ursula"):  # two reviewers who did nothing on this run yet
         r = admin.post(
@@ -917,7 +1000,7 @@ def test_a_run_is_signed_off_by_a_second_person(server, finished):
     assert r.status_code == 200 and admin.get(f"/api/studies/{study}").json()["settings"]["four_eyes"] is True
 
 
-def test_a_carried_over_change_names_who_made_it(browser, server, finished, fresh, backend):
+def test_a_carried_over_change_names_who_made_it(browser, server, signed, fresh, backend):
     """rita uses the pooled gate of one sample; sam makes the next version of the run. The copy of her
     change is still hers, at her time and audit entry, with her reason, marked carried over by sam
     (the version's run.version entry, which lists it with its author): in the review record, the
@@ -941,6 +1024,12 @@ def test_a_carried_over_change_names_who_made_it(browser, server, finished, fres
     assert (
         made["user"] == "rita" and made["audit_entry"] == r.json()["audit_entry"] and made["carried"] is None
     )
+    # a new version is made of a signed-off run: tess, who changed nothing, approves and signs it
+    assert (
+        tess.post(f"/api/runs/{v1}/review/approve", json={"scope": "run"}, headers=tess.h).status_code == 200
+    )
+    r = tess.post(f"/api/runs/{v1}/signoff", json={"password": PASSWORD}, headers=tess.h)
+    assert r.status_code == 200, r.text
     assert tess.post(f"/api/runs/{v1}/versions").status_code == 403  # CSRF
     assert (
         server.client("alan").post(f"/api/runs/{v1}/versions", headers=server.client("alan").h).status_code
@@ -969,7 +1058,7 @@ def test_a_carried_over_change_names_who_made_it(browser, server, finished, fres
         f"Pooled gate used by rita at {made['at'][:19].replace('T', ' ')} UTC (audit entry {made['audit_entry']}); "
         f"carried over from run {v1} by sam at {entry['at'][:19].replace('T', ' ')} UTC (audit entry {entry['id']})."
     )
-    assert q["cannot_sign"] == {"admin": [f"started run {finished[0]}", f"made run {v1} as version 2 of run {finished[0]}"],
+    assert q["cannot_sign"] == {"admin": [f"started run {signed[0]}", f"made run {v1} as version 2 of run {signed[0]}"],
                                 "sam": [f"made run {v2} as version 3 of run {v1}"],
                                 "rita": [f"used the pooled gate for Treg of {sample} in run {v1}"]}  # fmt: skip
     page = sam.get(f"/runs/{v2}/review?population=Treg").text
@@ -991,7 +1080,9 @@ def test_a_carried_over_change_names_who_made_it(browser, server, finished, fres
         context.close()
     # the report of the signed-off version (refreshed after the signature)
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and "by tess" not in (out / "report.html").read_text(encoding="utf-8"):
+    while time.monotonic() < deadline and not (
+        (out / "report.html").is_file() and "by tess" in (out / "report.html").read_text(encoding="utf-8")
+    ):  # (its own report: written after the version was made, then again after the signature)
         time.sleep(2)
     table = pd.read_csv(out / "report_tables" / "gate_overrides.csv")
     row = table[table["sample_id"] == sample].iloc[0]
@@ -1005,19 +1096,14 @@ def test_a_carried_over_change_names_who_made_it(browser, server, finished, fres
     )
 
 
-def test_the_gate_numbers_shown_are_the_names_review_set_takes(
-    browser, server, finished, backend, monkeypatch
-):
+def test_the_gate_numbers_shown_are_the_names_review_set_takes(browser, server, fresh, backend, monkeypatch):
     """The review page (and the gate's JSON) names a gate's numbers as an override takes them: Treg's
     ``FOXP3 >=``, ``diagonal >=`` and the cloud's modes and SDs, which the API and ``cytopipe review
     --set`` accept (``--set "CD25 mode 2.1"`` too) and their refusal lists; a threshold gate's
     ``<marker> >=``. Before, Treg's were gate_review's ``CD25 >= (diagonal crossing)`` and ``CD127 <
     (diagonal crossing)``, which no override takes, and --set took only ``NAME >=|< VALUE``."""
-    run_id, _ = finished
+    run, _ = fresh
     c = server.client("rita")
-    r = c.post(f"/api/runs/{run_id}/versions", headers=c.h)  # unlocked, whatever the other tests did
-    assert r.status_code == 201, r.text
-    run = r.json()["id"]
     items = c.get(f"/api/runs/{run}/review?population=Treg").json()["items"]
     sample = next(i["sample_id"] for i in items if i["status"] == "unreviewed")  # the run's own gate
     gate = c.get(f"/api/runs/{run}/review/gate", params={"sample_id": sample, "population": "Treg"}).json()
@@ -1110,15 +1196,12 @@ def test_the_reports_csv_links_open_from_the_workspace(server, finished):
     assert anonymous.get(f"/api/runs/{run_id}/files/report_tables/gate_review.csv").status_code == 401
 
 
-def test_a_revert_of_a_gate_that_was_not_changed_is_refused(server, finished):
+def test_a_revert_of_a_gate_that_was_not_changed_is_refused(server, fresh):
     """Revert undoes an override or pooled gate; on a gate that has none it is refused (409, naming
     the sample) and nothing is recorded. Before, it was saved: an audit entry, a re-gate, and a row
     of the signed report's gate changes (5.03% -> 5.03%)."""
-    run_id, _ = finished
+    run, _ = fresh
     c = server.client("rita")
-    r = c.post(f"/api/runs/{run_id}/versions", headers=c.h)  # unlocked, whatever the other tests did
-    assert r.status_code == 201, r.text
-    run = r.json()["id"]
     items = c.get(f"/api/runs/{run}/review?population=Treg").json()["items"]
     plain = [i["sample_id"] for i in items if i["status"] != "overridden" and i["status"] != "pooled"]
     a, b = plain[:2]
@@ -1151,15 +1234,12 @@ def test_a_revert_of_a_gate_that_was_not_changed_is_refused(server, finished):
     )
 
 
-def test_the_audit_page_shows_gate_numbers_as_written(server, finished):
+def test_the_audit_page_shows_gate_numbers_as_written(server, fresh):
     """The audit page's before/after read as written ({"FOXP3 >=": ...}), escaped by the page. Before,
     they went through Jinja's tojson, which writes > < & as \\u003e \\u003c \\u0026: a reviewer read
     "FOXP3 \\u003e=" for every override."""
-    run_id, _ = finished
+    run, _ = fresh
     c = server.client("rita")
-    r = c.post(f"/api/runs/{run_id}/versions", headers=c.h)
-    assert r.status_code == 201, r.text
-    run = r.json()["id"]
     item = c.get(f"/api/runs/{run}/review?population=Treg").json()["items"][0]
     gate = c.get(
         f"/api/runs/{run}/review/gate", params={"sample_id": item["sample_id"], "population": "Treg"}
@@ -1175,15 +1255,12 @@ def test_the_audit_page_shows_gate_numbers_as_written(server, finished):
     assert "\\u00" not in html and "<b>dim" not in html
 
 
-def test_the_review_page_names_the_parent_and_who_may_sign(server, finished):
+def test_the_review_page_names_the_parent_and_who_may_sign(server, unsigned):
     """The queue's % column names its parent (% of CD4 T for Treg); a role that cannot sign is told so
     on the page (before, the sign-off section was empty for an administrator or an analyst, with no
     word why), and an approval without its population or sample says which is missing."""
-    run_id, _ = finished
+    run, _ = unsigned  # nothing is recorded on it
     c = server.client("rita")
-    r = c.post(f"/api/runs/{run_id}/versions", headers=c.h)  # unlocked
-    assert r.status_code == 201, r.text
-    run = r.json()["id"]
     pages = {
         u: server.client(u).get(f"/runs/{run}/review?population=Treg").text for u in ("admin", "alan", "rita")
     }
@@ -1201,16 +1278,13 @@ def test_the_review_page_names_the_parent_and_who_may_sign(server, finished):
     assert r.status_code == 400 and "needs the population and the sample_id" in r.json()["detail"], r.text
 
 
-def test_a_malformed_polygon_or_ellipse_is_refused_naming_what_it_needs(server, finished):
+def test_a_malformed_polygon_or_ellipse_is_refused_naming_what_it_needs(server, unsigned):
     """Polygon and ellipse overrides from a script: a ragged vertex list, an ellipse without its
     covariance, a singular one, one that is not positive definite (no ellipse) or a distance_square
     <= 0 answer 400 naming what the override needs. Before: 500 for the first three, and the last two
     were previewed (97% and 0% of parent) and could be saved."""
-    run_id, _ = finished
+    run, _ = unsigned  # only previews and refusals: nothing is recorded on it
     c = server.client("rita")
-    r = c.post(f"/api/runs/{run_id}/versions", headers=c.h)
-    assert r.status_code == 201, r.text
-    run = r.json()["id"]
     sample = c.get(f"/api/runs/{run}/review?population=Lymphocytes").json()["items"][0]["sample_id"]
     ellipse = {
         "center": [50000.0, 20000.0],

@@ -14,6 +14,7 @@ from pathlib import Path
 from tests import serve_support
 from tests.blinding_support import arm_matches, candidate_digests, matches
 from tests.serve_support import (
+    PASSWORD,
     STUDY,
     assert_same_population_stats,
     trial_files,
@@ -24,6 +25,7 @@ backend = serve_support.backend
 server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
 serve_trial = serve_support.serve_trial
 serve_reference = serve_support.serve_reference
+SERVE_USERS = {"rita": "reviewer"}  # signs a run off (a new version is made of a signed-off run)
 
 
 def _gone(pid: int, timeout: float = 30) -> bool:
@@ -230,8 +232,14 @@ def test_a_blinded_studys_runs_show_codes_everywhere_and_an_unblinded_folder_is_
     # ... nor of an arm name (the arm list is public), e.g. in run.json's blinding record
     assert arm_matches(arms, shown) == {}
     # a new version of the run is copied without the folder's secret (.cache): a review change
-    # still writes codes (read off the copied tables and the run's manifest) and no arm's hash
-    r = c.post(f"/api/runs/{run_id}/versions", headers=c.h)
+    # still writes codes (read off the copied tables and the run's manifest) and no arm's hash.
+    # A new version is made of a signed-off run: a reviewer approves every gate and signs it first
+    rita = server.client("rita")
+    r = rita.post(f"/api/runs/{run_id}/review/approve", json={"scope": "run"}, headers=rita.h)
+    assert r.status_code == 200, r.text
+    r = rita.post(f"/api/runs/{run_id}/signoff", json={"password": PASSWORD}, headers=rita.h)
+    assert r.status_code == 200, r.text
+    r = c.post(f"/api/runs/{run_id}/versions", headers=c.h)  # (after the signature's refresh)
     assert r.status_code == 201, r.text
     new_id = r.json()["id"]
     item = c.get(f"/api/runs/{new_id}/review?population=Treg").json()["items"][-1]

@@ -41,6 +41,9 @@ def review(b: Any) -> H.Section | None:
             "are locked.", "note"))  # fmt: skip
     else:
         s.add(H.paragraph("This run's gating has not been signed off.", "note"))
+    if data.get("parent_run"):  # a new version of a signed-off run: which version, made from which run
+        s.add(H.paragraph(f"This is version {data.get('version')} of the run, made from run {data['parent_run']} "
+                          "(its gate changes carried over, unlocked for review)."))  # fmt: skip
     approved = sum(1 for d in decisions if d.get("kind") == "approve")
     changes = [d for d in decisions if d.get("kind") in ("override", "pooled", "revert")]
     s.add(H.paragraph(f"{approved} gate approvals and {len(changes)} gate changes (overrides, pooled gates, "

@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import Field
 from sqlalchemy import select
 
-from cytopipe.serve import audit, auth, blinding, ops, results
+from cytopipe.serve import audit, auth, blinding, ops, results, reviewops
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Audit, Run, Sample, Study, Upload, User
 from cytopipe.serve.deps import (
@@ -343,6 +343,12 @@ def shown_run(ws: Any, run_id: int) -> tuple[Run, Study, Path]:
     return run, study, out
 
 
+REPORT_PREPARED = (
+    "the report of run {run} is being prepared: it is a new version of a run, whose own report "
+    "is written in the background after the version is made (a minute or so). Reload this page"
+)
+
+
 @router.get("/runs/{run_id}/results")
 def run_results(run_id: int, request: Request) -> dict[str, Any]:
     signed_in(request)
@@ -355,7 +361,9 @@ def run_results(run_id: int, request: Request) -> dict[str, Any]:
 
 def download(run_id: int, name: str, request: Request, inline: bool = False) -> Response:
     signed_in(request)
-    _, _, out = shown_run(workspace(request), run_id)
+    run, _, out = shown_run(workspace(request), run_id)
+    if name == "report.html" and reviewops.report_pending(run):
+        raise AuthError(409, REPORT_PREPARED.format(run=run_id))
     found = results.download_path(out, name)
     if found is not None:
         disposition = "inline" if inline and name == "report.html" else "attachment"

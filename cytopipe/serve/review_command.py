@@ -212,7 +212,7 @@ def _review(args, db, reviewops, Decision) -> int:
             f"run {args.run}: signed off by {got['signed_by']} at {got['at']} (audit entry {got['audit_entry']})"
         )
     if args.new_version:
-        new = reviewops.new_version(db, args.run, user.name)
+        new = reviewops.new_version(db, args.run, user.name, background=False)
         print(f"run {args.run}: new version is run {new.id}")
     return 0
 

@@ -1,7 +1,7 @@
 """Review actions refused before anything is recorded, for gates that cannot take them: a population
 not measured in a sample (its gate needs a marker the file lacks: no events, no gate to approve or
-change), a revert of a gate that has no override or pooled gate in force, and a sign-off while
-gates are still unreviewed."""
+change), a revert of a gate that has no override or pooled gate in force, a sign-off while
+gates are still unreviewed, and a new version of a run that is not signed off."""
 
 from __future__ import annotations
 
@@ -83,3 +83,14 @@ def refuse_unreviewed(run_id: int, review: pd.DataFrame, current: ReviewState) -
         f"{population} of sample {sample}). Approve or correct every gate first (the review page's "
         "'Approve every gate of the run' approves the rest), then sign off",
     )
+
+
+def refuse_unsigned(run_id: int, signed: bool) -> None:
+    """409 for a new version of a run that is not signed off: its gates are not locked, so they are
+    reviewed (and changed) in the run itself; a new version is how a signed-off run is reopened."""
+    if not signed:
+        raise AuthError(
+            409,
+            f"run {run_id} is not signed off: its gates are not locked, so review and change them in run "
+            f"{run_id} itself. A new version is made of a signed-off run, to change its locked gates",
+        )

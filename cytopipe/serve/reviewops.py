@@ -30,10 +30,12 @@ from cytopipe.schema import NOT_MEASURED
 from cytopipe.serve import audit, auth, signoffpolicy
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Audit, Run, Study, User
+from cytopipe.serve.results import REPORT_TABLES
 from cytopipe.serve.reviewchecks import (
     refuse_nothing_to_revert,
     refuse_unmeasured,
     refuse_unreviewed,
+    refuse_unsigned,
     unmeasured,
 )
 from cytopipe.serve.reviewmodels import ReviewDecision, RunVersion, Signoff
@@ -292,6 +294,11 @@ class _Refresher:
                 self._done = target
                 self._cond.notify_all()
 
+    def busy(self) -> bool:
+        """A refresh is running or requested."""
+        with self._cond:
+            return self._running or self._done < self._issued
+
     def wait(self, ticket: int | None = None) -> None:
         """Until ``ticket`` (default: every request so far) is refreshed and nothing runs."""
         with self._cond:
@@ -499,9 +506,14 @@ def signoff(
     return {"audit_entry": entry.id, "signed_by": user.name, "at": entry.at, "meaning": meaning}
 
 
-def new_version(db: DBSession, run_id: int, user: str) -> Run:
-    """A new version of a (signed-off) run: its outputs copied, its overrides carried over, unlocked."""
+def new_version(db: DBSession, run_id: int, user: str, background: bool = True) -> Run:
+    """A new version of a signed-off run: its outputs copied, its overrides carried over, unlocked.
+    A run that is not signed off is refused (409, nothing recorded): its gates are reviewed directly.
+    The parent's report is not copied (it names the parent's sign-off and version): the new
+    version's own report is written in the background (:func:`report_pending` until then), or
+    before the answer with ``background=False`` (the command line, whose process then ends)."""
     run, _ = finished(db, run_id)
+    refuse_unsigned(run_id, db.get(Signoff, run_id) is not None)
     parent = db.get(RunVersion, run_id)
     version = (parent.version if parent else 1) + 1
     # A save or sign-off refreshes the statistics and the report in a background thread (temporary
@@ -516,9 +528,8 @@ def new_version(db: DBSession, run_id: int, user: str) -> Run:
         db.add(new)
         db.flush()
         folder = Path(run.folder).parent / str(new.id)
-        shutil.copytree(
-            out_dir(run), folder / "out", ignore=shutil.ignore_patterns(".cache", "review.json", "*.tmp*")
-        )
+        shutil.copytree(out_dir(run), folder / "out", ignore=shutil.ignore_patterns(
+            ".cache", "review.json", "*.tmp*", "report.html", REPORT_TABLES))  # fmt: skip
     new.folder = str(folder)
     rows = _in_force(db, run_id)
     entry = audit.record(db, user, "run.version", "run", new.id, {"run": run_id}, {
@@ -532,8 +543,19 @@ def new_version(db: DBSession, run_id: int, user: str) -> Run:
                               at=r.at, audit_id=r.audit_id, before_pct=r.before_pct, after_pct=r.after_pct,
                               carried_from=r.id, carried_audit_id=entry.id))  # fmt: skip
     db.commit()
-    write_review(folder / "out", state(db, new.id))
+    _apply(db, new, [], background=background, tables=False)  # review.json now; its own report after
     return new
+
+
+def report_pending(run: Run) -> bool:
+    """Whether the run's report.html is missing while its refresh is requested or running (a new
+    version's own report, written in the background after the version is made)."""
+    out = out_dir(run)
+    if (out / "report.html").is_file():
+        return False
+    with _guard:
+        got = _refreshers.get(Path(out).resolve())
+    return got is not None and got.busy()
 
 
 def _in_force(db: DBSession, run_id: int) -> list[ReviewDecision]:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
-from cytopipe.serve import api, audit, auth, blinding, ops, results, signoffpolicy
+from cytopipe.serve import api, audit, auth, blinding, ops, results, reviewops, signoffpolicy
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import RUN_ACTIVE, Audit, Run, Study, Template, Upload, User
 from cytopipe.serve.deps import Ctx, page, permit, signed_in, workspace
@@ -195,12 +195,15 @@ def run_page(run_id: int, request: Request) -> HTMLResponse:
         blinding.check_run_folder(study, run_id, out)
     except AuthError as exc:
         refused = exc.message
+    preparing = ""  # a new version's own report, written in the background
     if run.status == "finished" and not refused:
         data = results.summary(out, blinded=not blinding.arms_visible(study))
         downloads = results.available(out)
+        if reviewops.report_pending(run):
+            preparing = api.REPORT_PREPARED.format(run=run_id)
     provenance = json.dumps(data["info"], indent=2, sort_keys=True)[:200_000] if data else ""
     return page(request, "run.html", ctx, run=run, study=study, run_status=status, data=data, downloads=downloads,
-                provenance=provenance, refused=refused)  # fmt: skip
+                provenance=provenance, refused=refused, preparing=preparing)  # fmt: skip
 
 
 @router.post("/runs/{run_id}/cancel")
