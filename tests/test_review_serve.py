@@ -909,28 +909,36 @@ def test_a_signoff_waits_for_a_save_that_is_regating(server, signed, monkeypatch
     assert r.status_code == 409 and "signed off" in r.json()["detail"], r.text
 
 
-def test_a_run_is_signed_off_by_a_second_person(server, signed):
+def test_a_run_is_signed_off_by_a_second_person(server, fresh):
     """The study's four-eyes rule, on for a new study: who made the run (here a new version of it) or
     overrode, pooled or reverted one of its gates, also in the run it is a version of, cannot sign it
     off (409 naming the rule and what they did, recorded as ``review.signoff_refused``); approving gates
     does not count. Only an administrator changes the rule, with a reason (one ``study.policy`` audit
     entry); with it off, one reviewer may do everything. Before, a reviewer signed off their own
-    overrides."""
-    run_id, _ = signed
+    overrides. Rerunnable against the same server, in any order: its two reviewers are new accounts
+    each time, its run a fresh version, and the study's rule is turned on again however it ends."""
+    v1, _ = fresh  # a version made by the administrator
     admin = server.client()
-    for name in ("quinn", "ursula"):  # two reviewers who did nothing on this run yet
+    tag = os.urandom(3).hex()
+    q_name, u_name = f"quinn-{tag}", f"ursula-{tag}"
+    for name in (q_name, u_name):  # two reviewers who did nothing on this run yet
         r = admin.post(
             "/api/users", json={"name": name, "password": PASSWORD, "role": "reviewer"}, headers=admin.h
         )
         assert r.status_code == 201, r.text
-    quinn, ursula = server.client("quinn"), server.client("ursula")
-    study = admin.get(f"/api/runs/{run_id}").json()["study_id"]
+    quinn, ursula = server.client(q_name), server.client(u_name)
+    study = admin.get(f"/api/runs/{v1}").json()["study_id"]
     assert admin.get(f"/api/studies/{study}").json()["settings"]["four_eyes"] is True  # a new study's default
+    try:
+        _second_person(admin, quinn, ursula, q_name, u_name, v1, study)
+    finally:  # the rule on again for the tests after this one, had it failed with the rule off
+        if admin.get(f"/api/studies/{study}").json()["settings"]["four_eyes"] is not True:
+            admin.post(f"/api/studies/{study}/policy", json={"four_eyes": True, "reason": "test cleanup"},
+                       headers=admin.h)  # fmt: skip
 
-    # a version made by the administrator; quinn uses the pooled gate of one sample, ursula approves
-    r = admin.post(f"/api/runs/{run_id}/versions", headers=admin.h)
-    assert r.status_code == 201, r.text
-    v1 = r.json()["id"]
+
+def _second_person(admin, quinn, ursula, q_name: str, u_name: str, v1: int, study: int) -> None:
+    # quinn uses the pooled gate of one sample, ursula approves
     sample = quinn.get(f"/api/runs/{v1}/review?population=Treg").json()["items"][0]["sample_id"]
     change = {"sample_id": sample, "population": "Treg", "kind": "pooled", "reason": "fit failure"}
     assert quinn.post(f"/api/runs/{v1}/review/change", json=change, headers=quinn.h).status_code == 200
@@ -939,20 +947,20 @@ def test_a_run_is_signed_off_by_a_second_person(server, signed):
         == 200
     )
     page = quinn.get(f"/runs/{v1}/review?population=Treg").text
-    assert f"quinn (used the pooled gate for Treg of {sample} in run {v1})" in page  # told before he tries
+    assert f"{q_name} (used the pooled gate for Treg of {sample} in run {v1})" in page  # told before he tries
     assert "admin (started run " in page and "cannot sign this run, so another reviewer signs it" in page
     r = quinn.post(f"/api/runs/{v1}/signoff", json={"password": PASSWORD}, headers=quinn.h)
     assert r.status_code == 409, r.text
     assert r.json()["detail"] == (
-        f"run {v1} cannot be signed off by quinn: study 'review study' requires sign-off by a second person "
-        f"(four eyes), and quinn used the pooled gate for Treg of {sample} in run {v1}. Another reviewer, who "
+        f"run {v1} cannot be signed off by {q_name}: study 'review study' requires sign-off by a second person "
+        f"(four eyes), and {q_name} used the pooled gate for Treg of {sample} in run {v1}. Another reviewer, who "
         "neither started the run nor changed its gates, signs it off (an administrator can turn the rule off "
         "on the study's page, with a reason)"
     )
     entry = admin.get("/api/audit?limit=5").json()[0]
     assert (entry["action"], entry["user"], entry["object_id"]) == (
         "review.signoff_refused",
-        "quinn",
+        q_name,
         str(v1),
     )
     assert (
@@ -960,7 +968,7 @@ def test_a_run_is_signed_off_by_a_second_person(server, signed):
     )
     assert quinn.get(f"/api/runs/{v1}/review?population=Treg").json()["signoff"] is None
     r = ursula.post(f"/api/runs/{v1}/signoff", json={"password": PASSWORD}, headers=ursula.h)
-    assert r.status_code == 200 and r.json()["signed_by"] == "ursula", r.text  # her approvals do not count
+    assert r.status_code == 200 and r.json()["signed_by"] == u_name, r.text  # her approvals do not count
 
     # ursula makes the next version: she made it, and quinn's carried-over pooled gate is still his
     r = ursula.post(f"/api/runs/{v1}/versions", headers=ursula.h)
@@ -971,11 +979,11 @@ def test_a_run_is_signed_off_by_a_second_person(server, signed):
         == 200
     )
     r = ursula.post(f"/api/runs/{v2}/signoff", json={"password": PASSWORD}, headers=ursula.h)
-    assert r.status_code == 409 and f"ursula made run {v2} as version 3 of run {v1}." in r.json()["detail"], (
-        r.text
-    )
+    assert (
+        r.status_code == 409 and f"{u_name} made run {v2} as version 3 of run {v1}." in r.json()["detail"]
+    ), r.text
     r = quinn.post(f"/api/runs/{v2}/signoff", json={"password": PASSWORD}, headers=quinn.h)
-    assert r.status_code == 409 and f"quinn used the pooled gate for Treg of {sample} in run {v1}." in r.json()[
+    assert r.status_code == 409 and f"{q_name} used the pooled gate for Treg of {sample} in run {v1}." in r.json()[
         "detail"], r.text  # fmt: skip
 
     # the rule is the administrator's, with a reason, and audited
@@ -995,7 +1003,7 @@ def test_a_run_is_signed_off_by_a_second_person(server, signed):
     r = admin.post(policy, json=off, headers=admin.h)
     assert r.status_code == 409 and "off already" in r.json()["detail"], r.text
     r = quinn.post(f"/api/runs/{v2}/signoff", json={"password": PASSWORD}, headers=quinn.h)
-    assert r.status_code == 200 and r.json()["signed_by"] == "quinn", r.text
+    assert r.status_code == 200 and r.json()["signed_by"] == q_name, r.text
     r = admin.post(policy, json={"four_eyes": True, "reason": "pilot over"}, headers=admin.h)
     assert r.status_code == 200 and admin.get(f"/api/studies/{study}").json()["settings"]["four_eyes"] is True
 
