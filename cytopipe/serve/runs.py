@@ -277,8 +277,9 @@ class RunManager:
             raise RunError(
                 409, f"run {run.id} is {run.status}; only a queued or running run can be cancelled"
             )
+        before = run.status  # queued (never started: the server stopped before its worker) or running
         run.status, run.finished_at = "cancelled", utcnow()
-        audit.record(db, user, "run.cancel", "run", run.id, {"status": "running"}, {"status": "cancelled"})
+        audit.record(db, user, "run.cancel", "run", run.id, {"status": before}, {"status": "cancelled"})
         db.commit()
         if run.pid and self._alive(run.pid):
             try:
