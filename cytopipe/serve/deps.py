@@ -130,7 +130,10 @@ def permit(permission: str) -> Callable[[Request], Awaitable[Ctx]]:
         csrf = None
         form = request.headers.get("content-type", "").startswith(_FORMS)
         if form and not request.url.path.startswith("/api/") and "x-csrf-token" not in request.headers:
-            csrf = str((await request.form()).get("csrf") or "")  # kept by the request for the route
+            # kept by the request for the route; a field may be as large as the request (the
+            # parser's default, 1 MB per field, refused a 1.5 MB template typed into its text box)
+            form_data = await request.form(max_part_size=MAX_REQUEST_BYTES)
+            csrf = str(form_data.get("csrf") or "")
         return await run_in_threadpool(state_change, request, permission, csrf)
 
     check.permission = permission  # what :func:`unguarded` looks for
