@@ -41,7 +41,7 @@ import platform
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cytopipe.config import jsonable, stable_hash
 
@@ -92,17 +92,24 @@ def _fingerprint(wf: Any, jobs: Iterable[Mapping[str, Any]], key: bytes | None) 
     return out
 
 
-def reuse_finished_run(wf: Any, folder: Any) -> dict[str, Any] | None:
-    """``{samples, population_stats, info}`` of the finished run in ``folder`` when nothing
-    changed since it was written (and the message printed), else ``None`` (run normally).
+class Reuse(NamedTuple):
+    """What :func:`reuse_finished_run` found."""
+
+    outputs: dict[str, Any] | None  # ``{samples, population_stats, info}`` when nothing changed
+    why: str  # else why the steps run again ("" for a folder without a run, or when reused)
+
+
+def reuse_finished_run(wf: Any, folder: Any) -> Reuse:
+    """The finished run's ``{samples, population_stats, info}`` in ``folder`` when nothing
+    changed since it was written (and the message printed); else no outputs (run normally) and
+    why, which the caller writes to run.log (it does not exist yet here: logged now, it was lost).
 
     Called before the inputs are validated (that loads the template and the gating code): with
     the same bytes, settings and code, the validation the last run passed would pass again."""
     t0 = time.perf_counter()
     why = why_not_reusable(folder.path, wf)
     if why:
-        logger.info("rerun: running the steps (%s)", why)
-        return None
+        return Reuse(None, why if (Path(folder.path) / "run.json").exists() else "")
     import pandas as pd
 
     from cytopipe.store import RunLock, read_run_info
@@ -110,8 +117,7 @@ def reuse_finished_run(wf: Any, folder: Any) -> dict[str, Any] | None:
     with RunLock(folder.path, "run"):  # not while another command writes into the folder
         why = why_not_reusable(folder.path, wf)
         if why:
-            logger.info("rerun: running the steps (%s)", why)
-            return None
+            return Reuse(None, why)
         info = dict(read_run_info(folder.path))
         samples = pd.read_parquet(folder.table_path("samples"))
         stats = pd.read_parquet(folder.table_path("population_stats"))
@@ -121,7 +127,7 @@ def reuse_finished_run(wf: Any, folder: Any) -> dict[str, Any] | None:
 
     notice(f"nothing changed: reused every output ({n} samples)")  # run.log's logger and stderr
     _warn_again(info)
-    return {"samples": samples, "population_stats": stats, "info": info}
+    return Reuse({"samples": samples, "population_stats": stats, "info": info}, "")
 
 
 def _warn_again(info: Mapping[str, Any]) -> None:

@@ -79,6 +79,9 @@ def test_a_rerun_with_nothing_changed_reuses_every_output_and_any_change_runs(re
     info, err = _run(trial, run, capsys)
     assert REUSED not in err and not info.get("reused_everything")
     assert info["cached_samples"] == n
+    # run.log says why (it was logged before run.log existed, and lost)
+    why = [x for x in (run / "run.log").read_text().splitlines() if "rerun: running the steps (" in x]
+    assert why and fcs.name in why[-1] and "changed (size or modification time)" in why[-1], why
     pd.testing.assert_frame_equal(pd.read_parquet(run / "population_stats.parquet"),
                                   pd.read_parquet(sim_run / "population_stats.parquet"))  # fmt: skip
     assert REUSED in _run(trial, run, capsys)[1]  # ... and recorded again

@@ -124,12 +124,13 @@ def run_workflow(
     folder = RunFolder(wf.output)
     from cytopipe import rerun  # nothing changed since the last run: nothing to run at all
 
-    if (reused := rerun.reuse_finished_run(wf, folder)) is not None:
-        return RunResult(out=folder.path, **reused)
+    reuse = rerun.reuse_finished_run(wf, folder)
+    if reuse.outputs is not None:
+        return RunResult(out=folder.path, **reuse.outputs)
     ctx = RunContext(wf=wf, folder=folder, executor=None, progress=progress)
     with _EarlyWarnings() as early:  # shown now; written to run.log once it exists
         validate_inputs(ctx)  # fail fast, before any worker starts or any folder is made
-    with _run_folder_session(folder, early.records):
+    with _run_folder_session(folder, early.records, reuse.why):
         # under the run lock: a blinded run's hashes are keyed with the folder's secret (rerun.py)
         ctx.rerun = rerun.start_fingerprint(wf, ctx.jobs + ctx.controls, folder.path)
         executor = make_executor(scheduler, wf.workers, address, memory_limit)
@@ -190,9 +191,10 @@ class _run_folder_session:
     or failed earlier run left, and log to ``RUN_DIR/run.log`` (full tracebacks of failed samples
     and of an internal error)."""
 
-    def __init__(self, folder: RunFolder, early: Sequence[logging.LogRecord] = ()):
+    def __init__(self, folder: RunFolder, early: Sequence[logging.LogRecord] = (), rerun_why: str = ""):
         self.folder = folder
         self.early = list(early)  # warnings logged before run.log existed
+        self.rerun_why = rerun_why  # why an earlier run's outputs were not all reused
         self.lock = None
         self.handler = None
 
@@ -218,6 +220,8 @@ class _run_folder_session:
         for record in self.early:
             self.handler.handle(record)
         logger.info("run started in %s (pid %d)", self.folder.path, os.getpid())
+        if self.rerun_why:
+            logger.info("rerun: running the steps (%s)", self.rerun_why)
         if self.lock.stale:
             logger.warning(
                 "took over a stale lock of an earlier run that no longer runs: %s", self.lock.stale
