@@ -839,6 +839,16 @@ def test_a_save_answers_while_the_previous_refresh_runs(server, signed, monkeypa
     html = (copy_out / "report.html").read_text(encoding="utf-8")
     assert "Signed off" not in html and "This run&#x27;s gating has not been signed off" in html
     assert f"This is version 3 of the run, made from run {run.id} " in html
+    # no report and no refresh running (what a server stopped while writing it leaves: the report is
+    # written to a temporary name, then renamed): the run page asks for it again, once. Before, the
+    # version had no report until its first save or sign-off
+    (copy_out / "report.html").unlink()
+    assert reviewops.report_pending(copy)  # "being prepared": its refresh asked for again
+    reviewops._refresher(copy.id, copy_out).wait()
+    assert not reviewops.report_pending(copy)
+    assert f"This is version 3 of the run, made from run {run.id} " in (copy_out / "report.html").read_text(
+        encoding="utf-8"
+    )
 
 
 def test_a_signoff_waits_for_a_save_that_is_regating(server, signed, monkeypatch):

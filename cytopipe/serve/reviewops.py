@@ -236,6 +236,7 @@ def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
 _apply_locks: dict[int, threading.RLock] = {}
 _refreshers: dict[Path, _Refresher] = {}  # by run folder: unique even across two databases
 _guard = threading.Lock()
+_asked_again: set[Path] = set()  # run folders whose missing report this process asked for again
 
 
 def _run_lock(run_id: int) -> threading.RLock:
@@ -549,13 +550,25 @@ def new_version(db: DBSession, run_id: int, user: str, background: bool = True) 
 
 def report_pending(run: Run) -> bool:
     """Whether the run's report.html is missing while its refresh is requested or running (a new
-    version's own report, written in the background after the version is made)."""
+    version's own report, written in the background after the version is made).
+
+    A reviewed run (review.json) whose report is missing with no refresh running -- the server was
+    stopped while writing it, so a version had no report until its first save -- has its refresh
+    asked for again here, once per server process (a report that cannot be built is not retried
+    on every page view; its error is in the server's log)."""
     out = out_dir(run)
     if (out / "report.html").is_file():
         return False
+    key = Path(out).resolve()
     with _guard:
-        got = _refreshers.get(Path(out).resolve())
-    return got is not None and got.busy()
+        got = _refreshers.get(key)
+        if got is not None and got.busy():
+            return True
+        if key in _asked_again or not (out / "review.json").is_file():
+            return False
+        _asked_again.add(key)
+    _refresher(run.id, out).request()
+    return True
 
 
 def _in_force(db: DBSession, run_id: int) -> list[ReviewDecision]:
