@@ -68,6 +68,23 @@ def sim_run(sim_trial, tmp_path_factory) -> Path:
     return reference_run(sim_trial, tmp_path_factory.mktemp("ref") / "run")
 
 
+# --- the serve tests' small simulated trial and its reference run (tests/serve_support.py) ---
+# Defined here, once: a session fixture imported into several test modules is built once per module.
+@pytest.fixture(scope="session")
+def serve_trial(tmp_path_factory) -> Path:
+    from tests.serve_support import make_trial
+
+    return make_trial(tmp_path_factory.mktemp("serve_trial") / "trial")
+
+
+@pytest.fixture(scope="session")
+def serve_reference(serve_trial, tmp_path_factory) -> Path:
+    """`cytopipe run` on the serve trial's files (tests/serve_support.py: reference_run)."""
+    from tests.serve_support import reference_run
+
+    return reference_run(serve_trial, tmp_path_factory.mktemp("serve_ref") / "run")
+
+
 @pytest.fixture(scope="session")
 def sample_run(tmp_path_factory) -> Path:
     """A run folder of the committed sample trial, gated with the real engine and template (one

@@ -215,16 +215,9 @@ def assert_same_population_stats(a: Path, b: Path) -> None:
 
 
 # --- fixtures shared by the serve test modules (import them into the module) ---------------------
-@pytest.fixture(scope="session")
-def serve_trial(tmp_path_factory) -> Path:
-    return make_trial(tmp_path_factory.mktemp("serve_trial") / "trial")
-
-
-@pytest.fixture(scope="session")
-def serve_reference(serve_trial, tmp_path_factory) -> Path:
-    return reference_run(serve_trial, tmp_path_factory.mktemp("serve_ref") / "run")
-
-
+# The session's ``serve_trial`` and ``serve_reference`` are in tests/conftest.py, NOT imported into
+# the modules: pytest makes a session fixture imported into a module that module's own, so each
+# module simulated the trial and ran the reference run (~8 s) again.
 @pytest.fixture(params=BACKENDS, scope="module")
 def backend(request) -> str:
     return request.param

@@ -20,11 +20,8 @@ from cytopipe.gating.learn import LEARNED, read_examples
 from cytopipe.review.decisions import Decision, ReviewState
 from cytopipe.review.examples import examples, examples_text
 from cytopipe.review.regate import apply_review, current_params, forget
-from tests import serve_support
 from tests.pipeline_support import REPO, TEMPLATE
 
-serve_trial = serve_support.serve_trial
-serve_reference = serve_support.serve_reference
 KEY = ["sample_id", "population"]
 BRIGHT = "CD56bright NK"
 

@@ -18,11 +18,8 @@ from cytopipe.errors import ReviewError
 from cytopipe.review.decisions import Decision, ReviewState, read_review, write_review
 from cytopipe.review.examples import examples, examples_text
 from cytopipe.review.regate import apply_review, current_params, forget
-from tests import serve_support
 from tests.pipeline_support import TEMPLATE
 
-serve_trial = serve_support.serve_trial
-serve_reference = serve_support.serve_reference
 KEY = ["sample_id", "population"]
 
 

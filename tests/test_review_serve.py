@@ -47,7 +47,6 @@ from tests.serve_support import (
 backend = serve_support.backend
 server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
 browser = test_report_browser.browser  # the one Chromium fixture (module scope)
-serve_trial = serve_support.serve_trial
 KEY = ["sample_id", "population"]
 USERS = {"rita": "reviewer", "sam": "reviewer", "tess": "reviewer", "alan": "analyst", "vera": "viewer"}
 SERVE_USERS = USERS

@@ -31,7 +31,6 @@ backend = serve_support.backend
 server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
 SERVE_USERS = {"rita": "reviewer", "vera": "viewer"}
 browser = test_report_browser.browser
-serve_trial = serve_support.serve_trial
 
 
 @pytest.fixture(scope="module")

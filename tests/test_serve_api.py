@@ -24,7 +24,6 @@ backend = serve_support.backend  # fixtures shared with the other serve modules
 server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
 SERVE_USERS = {"ana": "analyst", "vic": "viewer", "rev": "reviewer"}
 SERVE_ARGS = ("--max-file-size", "1MB", "--max-batch-size", "20MB")
-serve_trial = serve_support.serve_trial
 
 LIMIT = 1_000_000  # --max-file-size of this module's server
 

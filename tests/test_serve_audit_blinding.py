@@ -20,7 +20,6 @@ from tests.serve_support import PASSWORD, STUDY, trial_files, trial_manifest
 backend = serve_support.backend
 server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
 SERVE_USERS = {"ana": "analyst", "vic": "viewer", "rev": "reviewer"}
-serve_trial = serve_support.serve_trial
 ROLES = ("vic", "ana", "rev", "admin")
 
 

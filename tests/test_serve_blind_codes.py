@@ -24,7 +24,6 @@ from tests import serve_support
 from tests.serve_support import STUDY, Server, fresh_database, serving, trial_manifest
 
 backend = serve_support.backend
-serve_trial = serve_support.serve_trial
 
 FIRST = ("P002", "P003", "P005", "P006")  # placebo and IL-2 0.5 MIU; P001 and P004 bring two new arms
 

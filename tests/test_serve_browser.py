@@ -25,8 +25,6 @@ from tests.serve_support import (
 backend = serve_support.backend
 server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
 browser = test_report_browser.browser  # the one Chromium fixture (module scope)
-serve_trial = serve_support.serve_trial
-serve_reference = serve_support.serve_reference
 
 
 def _watch_progress(page, timeout: float = 900) -> list[float]:

@@ -25,7 +25,6 @@ backend = serve_support.backend
 server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
 SERVE_USERS = {"vera": "viewer"}
 browser = test_report_browser.browser
-serve_trial = serve_support.serve_trial
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ from tests.serve_support import PASSWORD, STUDY, Client, trial_files, trial_mani
 
 backend = serve_support.backend
 server = serve_support.server
-serve_trial = serve_support.serve_trial
 SERVE_USERS = {"ana": "analyst", "vic": "viewer"}
 FILE_LIMIT = 1_000_000
 SERVE_ARGS = ("--max-file-size", "1MB")

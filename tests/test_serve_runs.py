@@ -23,8 +23,6 @@ from tests.serve_support import (
 
 backend = serve_support.backend
 server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
-serve_trial = serve_support.serve_trial
-serve_reference = serve_support.serve_reference
 SERVE_USERS = {"rita": "reviewer"}  # signs a run off (a new version is made of a signed-off run)
 
 
