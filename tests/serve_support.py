@@ -223,6 +223,18 @@ def backend(request) -> str:
     return request.param
 
 
+#: the backends of a test whose database work is the same on both, its PostgreSQL variant under
+#: ``-m slow`` only (the test says where that work runs on PostgreSQL in the default suite):
+#: ``@POSTGRESQL_SLOW`` on the test, or ``backend = serve_support.backend_postgresql_slow`` for a module
+SLOW_POSTGRESQL = ["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)]
+POSTGRESQL_SLOW = pytest.mark.parametrize("backend", SLOW_POSTGRESQL, indirect=True)
+
+
+@pytest.fixture(params=SLOW_POSTGRESQL, scope="module", name="backend")
+def backend_postgresql_slow(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def server(request, backend, tmp_path_factory) -> Iterator[Server]:
     """One server per test module and backend (:func:`serving`): besides ``admin``, the accounts

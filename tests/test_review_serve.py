@@ -1113,6 +1113,10 @@ def test_a_carried_over_change_names_who_made_it(browser, server, signed, fresh,
     )
 
 
+# PostgreSQL under -m slow only: the names, previews and --set parsing do not touch the database; its
+# one write (an override from `cytopipe review --set`) runs on PostgreSQL in
+# test_signoff_locks_the_gates_until_a_new_version
+@serve_support.POSTGRESQL_SLOW
 def test_the_gate_numbers_shown_are_the_names_review_set_takes(browser, server, fresh, backend, monkeypatch):
     """The review page (and the gate's JSON) names a gate's numbers as an override takes them: Treg's
     ``FOXP3 >=``, ``diagonal >=`` and the cloud's modes and SDs, which the API and ``cytopipe review

@@ -22,7 +22,10 @@ from tests.serve_support import (
     trial_manifest,
 )
 
-backend = serve_support.backend
+# PostgreSQL under -m slow only: the page drives the same API; on PostgreSQL in the default suite,
+# test_serve_api.py rejects a PNG and a truncated file and keeps duplicates once, test_review_serve.py
+# uploads, maps and runs the 12 files, and test_serve_runs.py compares a run with `cytopipe run`
+backend = serve_support.backend_postgresql_slow
 server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
 browser = test_report_browser.browser  # the one Chromium fixture (module scope)
 
