@@ -82,6 +82,37 @@ def test_a_threshold_on_a_valley_floor_follows_the_valley():
     assert one.floors == () and at_valley(1.5, 1.5, one, one, 1.0) is None
 
 
+def _one_marker(events: np.ndarray, cytometer: str = "") -> SimpleNamespace:
+    channels = pd.DataFrame({"pnn": ["A"], "pns": [""]})
+    return SimpleNamespace(
+        events=events.astype(np.float32)[:, None], channels=channels, keywords={"$CYT": cytometer}
+    )
+
+
+def _dim_marker(rng, shift: float, positives: float, n: int = 20000) -> np.ndarray:
+    """A dim marker: a negative peak N(shift, 0.3) and positives as a continuum above it."""
+    k = int(positives * n)
+    return np.concatenate([rng.normal(shift, 0.3, n - k), shift + 0.3 + rng.gamma(2.0, 0.35, k)])
+
+
+def test_a_threshold_above_a_one_peak_negative_moves_with_the_negative_not_the_positives():
+    """The same populations 0.5 higher on the target's axis, but three times as many positives: the
+    upper side of the negative's peak widens with them, so the warp through its widths at half and
+    a tenth of its height stretched the threshold far too high; a threshold is shifted by the
+    middle of the peak's upper half, which the positives move much less."""
+    rng = np.random.default_rng(11)
+    a = Dim("A", compensation=None)
+    template = Template(name="t", populations={"pos": Population("pos", "root", RectangleGate([a], [0.9], [None]))},
+                        compensation="none")  # fmt: skip
+    example, target = _one_marker(_dim_marker(rng, 0.0, 0.1)), _one_marker(_dim_marker(rng, 0.5, 0.3))
+    learner = Learner(template, [Example("ex", {"pos": template["pos"].gate})], {"ex": example})
+    (t,) = learner.gate(target, sample_id="tg", medians=False).populations["pos"].gate.lower
+    widths = float(landmark_warp(example.events[:, 0], target.events[:, 0])(0.9))
+    print(f"\nthreshold 0.9 + 0.5 moved to {t:.3f} (the widths' warp: {widths:.3f})")
+    assert abs(t - 1.4) < 0.15  # seeds 0-4 of this set-up: 0.08-0.13 above 1.4
+    assert widths - 1.4 > 3 * abs(t - 1.4)  # 0.69-0.79 above
+
+
 def test_warp_gate_moves_every_geometry():
     x, y = Dim("x"), Dim("y")
     warps = {x: landmark_warp([0, 1, 2, 3] * 50, [0, 2, 4, 6] * 50), y: landmark_warp([0.0] * 9, [1.0] * 9)}

@@ -545,7 +545,7 @@ class Learner:
                 here = values_of(prof.scope)
             for d, xe in prof.values.items():
                 xt = np.asarray(here[d], dtype=np.float64)
-                w = landmark_warp(xe, xt)
+                w = landmark_warp(xe, xt, isinstance(prof.gate, RectangleGate))
                 q, q0 = overlap(w(xe), xt), overlap(xe, xt)
                 if q < self.min_quality and q0 > q:  # a failed warp that aligns worse than none is not used
                     w, q = IDENTITY, q0
