@@ -113,6 +113,27 @@ def test_a_threshold_above_a_one_peak_negative_moves_with_the_negative_not_the_p
     assert widths - 1.4 > 3 * abs(t - 1.4)  # 0.69-0.79 above
 
 
+def test_a_threshold_leans_to_the_example_recorded_on_the_targets_cytometer():
+    """Two reviewers set the same data's threshold at 1.0 (cytometer A) and 1.4 (cytometer B): a
+    target recorded on A gets the mean of A's gate and the median of both (1.1), one on an unnamed
+    cytometer the median (1.2)."""
+    rng = np.random.default_rng(5)
+    a = Dim("A", compensation=None)
+    template = Template(name="t", populations={"pos": Population("pos", "root", RectangleGate([a], [1.0], [None]))},
+                        compensation="none")  # fmt: skip
+    x = _dim_marker(rng, 0.0, 0.2)
+    examples = [Example("ex_a", {"pos": RectangleGate([a], [1.0], [None])}),
+                Example("ex_b", {"pos": RectangleGate([a], [1.4], [None])})]  # fmt: skip
+    learner = Learner(
+        template, examples, {"ex_a": _one_marker(x, "Fortessa"), "ex_b": _one_marker(x, "Aurora")}
+    )
+    on_a = learner.gate(_one_marker(x, "Fortessa"), sample_id="tg", medians=False)
+    unnamed = learner.gate(_one_marker(x), sample_id="tg2", medians=False)
+    assert on_a.populations["pos"].gate.lower[0] == pytest.approx(1.1, abs=0.01)
+    assert unnamed.populations["pos"].gate.lower[0] == pytest.approx(1.2, abs=0.01)
+    assert any("same cytometer" in text for _, text in on_a.sources)
+
+
 def test_warp_gate_moves_every_geometry():
     x, y = Dim("x"), Dim("y")
     warps = {x: landmark_warp([0, 1, 2, 3] * 50, [0, 2, 4, 6] * 50), y: landmark_warp([0.0] * 9, [1.0] * 9)}
