@@ -4,7 +4,7 @@ The 1-D alignment of :mod:`cytopipe.gating.learn` (the flowLearn / ElastiGate id
 piecewise-linear :class:`Warp` of an axis from an example sample's parent population to a target
 sample's, through the landmarks of their densities (:func:`landmark_warp`: matched peaks, and the
 robust half-widths of the outermost ones, or a single peak's widths at half and a tenth of its
-height); :func:`overlap` scores how well two densities agree; :func:`warp_gate` moves a
+height, or for a threshold on a single peak a shift of the middle of its upper half); :func:`overlap` scores how well two densities agree; :func:`warp_gate` moves a
 geometric gate through per-axis warps. The learner (examples, combining them, the engine) stays
 in :mod:`cytopipe.gating.learn`; nothing here knows about examples or templates.
 """

@@ -25,7 +25,9 @@ transferred from the examples that align about as well as the best one (within
 :data:`QUALITY_BAND`; an example from the target's own instrument usually aligns clearly better
 than the others, and then it alone sets the gate); a polygon comes from the example whose warped
 densities agree best with the target's (polygons of different examples need not have matching
-vertices).
+vertices). A threshold or rectangle is then the mean of that gate and the one learned from the
+example(s) recorded on the target's own cytometer (:data:`SAME_CYTOMETER_WEIGHT`, FCS ``$CYT`` and
+``$CYTSN``).
 
 Every transferred gate gets an alignment quality: the overlap (area under the minimum of two
 normalised densities, 1 = identical) of the warped example density with the target's, the lowest
@@ -43,7 +45,7 @@ sample is never dropped. The gate source is ``learned``.
 The 1-D alignment itself (warps, their quality, moving a gate through them) is
 :mod:`cytopipe.gating.align`.
 
-Why one module (~730 lines): the examples files (read, write, the FlowJo / Gating-ML mapping) and
+Why one module (~770 lines): the examples files (read, write, the FlowJo / Gating-ML mapping) and
 the learner are one feature that no other module calls into piece by piece; the examples I/O is
 the natural split if it grows.
 """
