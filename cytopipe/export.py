@@ -40,6 +40,7 @@ import pandas as pd
 
 from cytopipe.errors import StoreError, TemplateError
 from cytopipe.files import atomic_write
+from cytopipe.manifest import input_folders, refuse_output_in_input_folder
 from cytopipe.pipeline import (
     EXIT_FAILURES,
     EXIT_OK,
@@ -334,6 +335,7 @@ def _export_h5ad(
     if out.is_dir():
         raise StoreError("is a folder; give the path of the .h5ad file to write", file=out)
     _check_target(out, run, overwrite)
+    _refuse_input_folder(out, run)
     markers = _markers(run.state)
     spec = ExportSpec(run.state, population, markers, "anndata", str(out), max_events_per_sample, run.wf.seed)
     results = _export_many(run, jobs, spec, *where)
@@ -508,6 +510,7 @@ def _export_fcs_files(
         raise StoreError("is a file; give the folder to write the FCS files into", file=out)
     inputs = _inputs(run)
     targets = {j["sample_id"]: str(_fcs_target(out, j["sample_id"], run, overwrite, inputs)) for j in jobs}
+    _refuse_input_folder(out, run)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -533,13 +536,22 @@ def _export_fcs_files(
 
 
 # --- where an export may write -------------------------------------------------------------------
-def _inputs(run: LoadedRun) -> set[Path]:
-    """Every file the run read: the manifest's FCS files (controls too), manifest, template, clinical."""
+def _input_fcs(run: LoadedRun) -> set[Path]:
+    """The FCS files the run read: every file of its manifest (controls too), as listed there."""
     from cytopipe.pipeline import _load_manifest
 
-    paths = {Path(p) for p in _load_manifest(run.wf.manifest)["path"] if p}
-    paths |= {Path(p) for p in (run.wf.manifest, run.wf.template, run.wf.clinical) if p}
+    return {Path(p) for p in _load_manifest(run.wf.manifest)["path"] if p}
+
+
+def _inputs(run: LoadedRun) -> set[Path]:
+    """Every file the run read: the manifest's FCS files (controls too), manifest, template, clinical."""
+    paths = _input_fcs(run) | {Path(p) for p in (run.wf.manifest, run.wf.template, run.wf.clinical) if p}
     return {p.resolve() for p in paths}
+
+
+def _refuse_input_folder(out: Path, run: LoadedRun) -> None:
+    """Not into (or inside) a folder the run's FCS files are read from (run.json's manifest)."""
+    refuse_output_in_input_folder(out, input_folders(_input_fcs(run)))
 
 
 def _check_target(target: Path, run: LoadedRun, overwrite: bool, inputs: set[Path] | None = None) -> None:

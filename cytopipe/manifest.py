@@ -40,9 +40,11 @@ __all__ = [
     "REQUIRED",
     "VISIT_FORMS",
     "check_manifest",
+    "input_folders",
     "load_manifest",
     "parse_control",
     "parse_visit",
+    "refuse_output_in_input_folder",
     "unsafe_name",
 ]
 
@@ -256,6 +258,31 @@ def unsafe_name(name: str) -> str | None:
     if len(name.encode("utf-8", "surrogateescape")) > 200:
         return "it is longer than 200 bytes"
     return None
+
+
+# --- where outputs may go: never into a folder the FCS files are read from ----------------------
+def input_folders(fcs_files) -> set[Path]:
+    """The folders (resolved) that hold these input FCS files, as they are listed."""
+    return {Path(p).absolute().parent.resolve() for p in fcs_files if str(p).strip()}
+
+
+def refuse_output_in_input_folder(out: str | Path, folders, option: str = "--out") -> None:
+    """Refuse an output (a folder or a file) that is, or is inside, one of ``folders`` (those of
+    the input FCS files, :func:`input_folders`): derived files would sit beside the raw ones, where
+    ``cytopipe validate`` of the folder (searched recursively) takes an FCS file for a sample.
+    A :class:`~cytopipe.errors.StoreError` (exit 2), raised before any work."""
+    from cytopipe.errors import StoreError
+
+    real = Path(out).absolute().resolve()  # a symlink is judged by where it points
+    for folder in sorted(folders):
+        if real == folder or real.is_relative_to(folder):
+            raise StoreError(
+                f"is inside {folder}, the folder the run's input FCS files are read from (its manifest "
+                "lists them there); derived files written there would sit beside the raw ones, and a "
+                "later `cytopipe validate` of that folder would take exported FCS files for samples. "
+                f"Choose an {option} outside {folder}",
+                file=Path(out),
+            )
 
 
 def parse_control(value: str) -> tuple[str, str | None]:
