@@ -214,6 +214,23 @@ def assert_same_population_stats(a: Path, b: Path) -> None:
     pd.testing.assert_frame_equal(pa, pb)
 
 
+TIMED_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def assert_timed_run_log(folder: Path) -> list[str]:
+    """Every line of a served run's ``run.log`` begins with the time it was written, in order
+    (the run page shows its tail); returns the lines without their times."""
+    lines = (folder / "run.log").read_text(encoding="utf-8").splitlines()
+    assert lines, f"{folder / 'run.log'} is empty"
+    times = []
+    for line in lines:
+        found = TIMED_LINE.match(line)
+        assert found, f"a line of run.log without its time: {line!r}"
+        times.append(found.group(1))
+    assert times == sorted(times), times
+    return [line[TIMED_LINE.match(line).end() :] for line in lines]
+
+
 # --- fixtures shared by the serve test modules (import them into the module) ---------------------
 # The session's ``serve_trial`` and ``serve_reference`` are in tests/conftest.py, NOT imported into
 # the modules: pytest makes a session fixture imported into a module that module's own, so each

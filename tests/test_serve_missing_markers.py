@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests import serve_support, test_report_browser
-from tests.serve_support import STUDY, fresh_database, signed_in, trial_manifest
+from tests.serve_support import STUDY, assert_timed_run_log, fresh_database, signed_in, trial_manifest
 
 backend = serve_support.backend
 server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
@@ -89,6 +89,9 @@ def test_a_web_run_chooses_what_a_missing_marker_does(server, study):
     stopped = c.wait_run(r.json()["id"])
     assert stopped["status"] == "failed" and stopped["options"] == {"missing_markers": "stop"}, stopped
     assert "CXCR5" in stopped["error"] and "missing-markers skip" in stopped["error"], stopped["error"]
+    # the error as the command said it, with its time, as every line of the run's log (run.log)
+    said = assert_timed_run_log(server.data / "runs" / str(stopped["id"]))
+    assert any(line.startswith("cytopipe run: error: ") and "CXCR5" in line for line in said), said
     (entry,) = _start_entries(c, stopped["id"])
     assert entry["after"]["options"] == {"missing_markers": "stop"}
 

@@ -17,6 +17,7 @@ from tests.serve_support import (
     PASSWORD,
     STUDY,
     assert_same_population_stats,
+    assert_timed_run_log,
     trial_files,
     trial_manifest,
 )
@@ -198,6 +199,11 @@ def test_a_blinded_studys_runs_show_codes_everywhere_and_an_unblinded_folder_is_
     assert status["status"] == "finished", status
     folder = server.data / "runs" / str(run_id)
     assert p001 in (folder / "run.log").read_text()  # what the log says on the server
+    # each line with its time, in order: the pipeline's warning (stderr) and its summary (stdout)
+    said = assert_timed_run_log(folder)
+    warned = [i for i, line in enumerate(said) if line.startswith("cytopipe run: warning: ") and p001 in line]
+    summary = [i for i, line in enumerate(said) if line.startswith("cytopipe run: ") and " files: " in line]
+    assert warned and summary and warned[-1] < summary[0], said
     assert codes[p001] in status["progress"]["log"] and not _names_in(
         arms, "log", status["progress"]["log"].encode(), tmp_path
     )

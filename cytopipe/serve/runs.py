@@ -2,7 +2,9 @@
 
 A run folder ``DATA/runs/<id>/`` holds ``input/`` (manifest, clinical table, template and
 workflow written from the database; the FCS files linked from the blob store), ``out/`` (the
-pipeline's run folder), ``run.log`` and, once the worker ends, ``status.json``.
+pipeline's run folder), ``run.log`` (what the run says, each line timed: :mod:`cytopipe.serve.worker`),
+``console.log`` (the worker process's own output: Dask's processes, a crash) and, once the worker
+ends, ``status.json``.
 
 :class:`RunManager` starts workers (in their own process group, so a cancel stops their Dask
 workers too), watches them from a background thread, and on start-up adopts workers that
@@ -32,6 +34,7 @@ from cytopipe.serve import audit
 from cytopipe.serve.blinding import assign_codes, codes_of, table_arms, workspace_secret, write_run_key
 from cytopipe.serve.db import RUN_ACTIVE, Run, Sample, Study, Template, Upload, utcnow
 from cytopipe.serve.storage import BlobStore
+from cytopipe.serve.worker import CONSOLE_LOG, RUN_LOG
 
 logger = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
@@ -155,7 +158,7 @@ class RunManager:
             run = db.get(Run, run_id)
             folder = Path(run.folder)
             (folder / "status.json").unlink(missing_ok=True)
-            log = open(folder / "run.log", "ab")
+            log = open(folder / CONSOLE_LOG, "ab")  # run.log is the worker's own (timed lines)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "cytopipe.serve.worker", str(folder)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -225,15 +228,15 @@ class RunManager:
             run.exit_code = code
             run.status = "finished" if code in (0, 3) else "failed"
             if code not in (0, 3):
-                run.error = tail(Path(run.folder) / "run.log", 20)
+                run.error = log_tail(Path(run.folder), 20)
             run.finished_at = utcnow()
             audit.record(db, "system", "run.finish", "run", run.id, {"status": "running"},
                          {"status": run.status, "exit_code": code})  # fmt: skip
             db.commit()
         elif run.attempts >= MAX_ATTEMPTS:
             run.status, run.finished_at = "failed", utcnow()
-            run.error = f"the worker stopped {run.attempts} times without finishing\n" + tail(
-                Path(run.folder) / "run.log", 20
+            run.error = f"the worker stopped {run.attempts} times without finishing\n" + log_tail(
+                Path(run.folder), 20
             )
             audit.record(db, "system", "run.fail", "run", run.id, {"status": "running"}, {"status": "failed"})
             db.commit()
@@ -326,6 +329,12 @@ def tail(path: Path, lines: int) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def log_tail(folder: Path, lines: int) -> str:
+    """The last lines of a run's ``run.log``; of its ``console.log`` when the run.log is empty (the
+    worker stopped before the command said anything, e.g. Python could not start it)."""
+    return tail(folder / RUN_LOG, lines) or tail(folder / CONSOLE_LOG, lines)
+
+
 def progress(run: Run, sha_by_sample: dict[str, str]) -> dict[str, Any]:
     """Per phase and per sample, from the run folder (the pipeline caches one entry per sample
     and phase): percent 0-100, the phases, the samples gated so far and the log's last lines."""
@@ -354,4 +363,4 @@ def progress(run: Run, sha_by_sample: dict[str, str]) -> dict[str, Any]:
     ]
     samples = [{"sample_id": s, "gated": sha[:32] in gate} for s, sha in sorted(sha_by_sample.items())]
     return {"percent": round(percent, 1), "phases": phases, "samples": samples,
-            "log": tail(Path(run.folder) / "run.log", 8)}  # fmt: skip
+            "log": log_tail(Path(run.folder), 8)}  # fmt: skip
