@@ -428,3 +428,45 @@ def test_the_helper_gates_a_multi_instrument_study_on_per_file_scales_as_cytopip
         others = cofactor[[s for s in cofactor.index if site[s] == "S1" and s != "P006_W00"]]
         assert cofactor["P006_W00"] == 2000 and others.min() >= 1900 and others.max() <= 3000
         assert abs(float(ctfh.at["P006_W00", "params"][0]) - 0.79) < 0.01
+
+
+# --- a threshold judged against its own site's files ----------------------------------------------
+@pytest.fixture(scope="module")
+def seed11(tmp_path_factory):
+    """`cytopipe simulate --instrument random --seed 11` (9 patients, weeks 0 and 12): site S1 has
+    10 files, S2 and S3 4 each, each site its own instrument; CD4 thresholds of S1 sit near 1.7 in
+    display units, S2's near 2.5, S3's near 2.3."""
+    from cytopipe.report.gate_review import read_gate_review
+    from cytopipe.simulate.trial import instrument_trial
+
+    folder = tmp_path_factory.mktemp("seed11")
+    instrument_trial(
+        folder / "trial", instrument="random", seed=11, patients=9, visits=(0, 12), events=10_000
+    )
+    run = build_gated_run(folder / "trial", folder / "run")
+    samples = pd.read_parquet(run / "samples.parquet")
+    return read_gate_review(run), samples[samples["control"].isna()]
+
+
+@pytest.mark.parametrize(("sample", "delta"), [("P003_W00", -1.0), ("P006_W12", +1.0), ("P002_W00", -1.0)])
+def test_a_cd4_threshold_moved_by_hand_on_a_mixed_instrument_study_is_an_outlier(seed11, sample, delta):
+    """Before, 8 of the 36 CD4 thresholds of this study moved by 1 arcsinh unit either way were
+    outliers: in display units the three instruments' thresholds spread the study's scale so
+    wide that a move stayed inside it (S1's P003_W00 moved down: |z| 2.2). Judged in display
+    units against the files of its own site (S1: 10, S2: 4; the others' relative to their events
+    as before), every one of the 36 is; the unmoved study's CD4 thresholds are not."""
+    from cytopipe.report.outliers import gate_outliers
+
+    review, samples = seed11
+    cd4 = review[review["population"] == "CD4 T"]
+    before = gate_outliers(cd4, samples)
+    assert not before["reasons"].str.contains("threshold").any(), before["reasons"]
+    moved = cd4.copy()
+    i = moved.index[(moved["sample_id"] == sample) & (moved["panel"] == 0)][0]
+    params = list(moved.at[i, "params"])
+    params[0] += delta
+    moved.at[i, "params"] = params
+    out = gate_outliers(moved, samples)
+    hit = out[out["reasons"].str.contains("threshold")]
+    assert list(hit["sample_id"]) == [sample], hit["reasons"]
+    assert hit["reasons"].iloc[0].startswith("threshold CD4 >= ")

@@ -27,6 +27,13 @@ dye), and relative to the events a gate that moved with them (a sample whose who
 sits lower) is not an outlier. A gate moved away from its events (by hand, into another valley) is
 unusual in both and still flagged.
 
+On a study of several sites (the manifest's ``site``: where a file was measured, so its
+instrument), a fluorescence threshold's display-unit z is taken against the files of its own site
+when the site has at least ``MIN_SITE`` (4) of them (:func:`_site_z`; :func:`with_site` adds the
+site from samples.parquet): the instruments' display units differ, and against the whole study a
+CD4 threshold moved by hand stayed inside their spread (seed 11: 8 of 36 moves flagged, now 36).
+The other frames still compare the whole study.
+
 A threshold set in the negative's tail (on the cohort's median at most ``TAIL_K`` = 4 robust SDs of
 the parent's negative above its peak, e.g. an FMO's 99.5th percentile or a shoulder of the
 negative: where a Gaussian negative ends) is also judged as a cytometrist judges it: how far into
@@ -58,10 +65,21 @@ FREQ_FLOOR = 0.1  # scale floor of a frequency, on the logit scale (about 10% re
 BRIGHT_QUANTILE = 0.98  # the parent's bright end on a fluorescence axis (the landmark at 1)
 TAIL_K = 4.0  # a threshold at most this many negative SDs above the negative peak sits in its tail
 TAIL_FLOOR = 0.25  # scale floor of a threshold's place in the negative's tail, in its SDs
+MIN_SITE = 4  # files of a site needed to judge its thresholds against the site alone
 MIN_BELOW = 20  # events below the negative peak needed to read the negative's robust SD
 
 __all__ = ["FREQ_FLOOR", "MAD_TO_SD", "OUTLIER_Z", "PARAM_FLOOR", "TAIL_K", "FluorescenceMarks",
-           "fluorescence_landmarks", "gate_outliers", "linear_landmarks", "ratio_landmarks"]  # fmt: skip
+           "fluorescence_landmarks", "gate_outliers", "linear_landmarks", "ratio_landmarks", "with_site"]  # fmt: skip
+
+
+def with_site(meta: pd.DataFrame, samples: pd.DataFrame | None) -> pd.DataFrame:
+    """``meta`` (sample_id, patient_id, visit) with each sample's ``site`` from the run's samples
+    table (the manifest's), when it has one: :func:`gate_outliers` judges a fluorescence threshold
+    in display units against the files of its own site (its instrument)."""
+    if samples is None or "site" not in samples.columns or "site" in meta.columns:
+        return meta
+    sites = samples[["sample_id", "site"]].drop_duplicates("sample_id")
+    return meta.merge(sites, on="sample_id", how="left")
 
 
 def gate_outliers(
@@ -69,8 +87,9 @@ def gate_outliers(
 ) -> pd.DataFrame:
     """Flagged and outlying gates, one row per sample x population.
 
-    ``samples`` maps ``sample_id`` to ``patient_id`` and ``visit`` (e.g. population_stats); without
-    it only the cohort comparison is made. For each gate, each of its numbers (every fitted
+    ``samples`` maps ``sample_id`` to ``patient_id`` and ``visit`` (e.g. population_stats), and to
+    ``site`` when it has that column (:func:`with_site`); without it only the cohort comparison is
+    made. For each gate, each of its numbers (every fitted
     threshold, ellipse centre or singlet ratio, and the frequency as logit of
     ``(count + 0.5) / (parent_count + 1)``) gets two robust z-scores:
 
@@ -86,7 +105,9 @@ def gate_outliers(
     parent's landmarks there (negative peak 0, 98th percentile 1), and keeps the smaller |z| (the
     display one where the panel gives no landmarks); a threshold in the negative's tail (cohort
     median at most ``TAIL_K`` negative SDs above the peak) gets it a third time, in SDs of the
-    sample's negative above its peak, and keeps the smallest. A gate is an outlier when any |z| > ``z``
+    sample's negative above its peak, and keeps the smallest. The display-unit cohort z of such a
+    number is taken within the sample's ``site`` when it has at least ``MIN_SITE`` samples and the
+    study has two or more sites. A gate is an outlier when any |z| > ``z``
     (3.5). A population not measured in a sample (``source``
     "not measured") is neither flagged nor an outlier there and takes no part in the others'
     z-scores (its ``pct_parent`` and ``score`` are NaN). Columns: ``sample_id, population, patient_id,
@@ -95,7 +116,8 @@ def gate_outliers(
     first = review[review["panel"] == 0].copy()
     first = first.drop_duplicates(["sample_id", "population"])
     if samples is not None and len(samples):
-        meta = samples[["sample_id", "patient_id", "visit"]].drop_duplicates("sample_id")
+        columns = ["sample_id", "patient_id", "visit"] + (["site"] if "site" in samples.columns else [])
+        meta = samples[columns].drop_duplicates("sample_id")
         first = first.merge(meta, on="sample_id", how="left")
     else:
         first["patient_id"] = None
@@ -111,6 +133,8 @@ def gate_outliers(
         for label, values, floor, text, relative in quantities:
             values = np.where(unmeasured, np.nan, values)  # no number: a marker is not in the file
             zc = _cohort_z(values, floor)
+            if relative and "site" in g:  # fluorescence: display units vs the sample's own instrument
+                zc = _site_z(values, g["site"], floor, zc)
             zp = _patient_z(values, g["patient_id"], g["visit"], floor)
             for rel, rel_floor in relative:  # fluorescence: unusual in display units AND vs its events
                 rel = np.where(unmeasured, np.nan, rel)
@@ -436,6 +460,25 @@ def _cohort_z(values: np.ndarray, floor: float) -> np.ndarray:
     med = np.median(finite)
     scale = max(MAD_TO_SD * float(np.median(np.abs(finite - med))), floor)
     return (values - med) / scale
+
+
+def _site_z(values: np.ndarray, sites: pd.Series, floor: float, study_z: np.ndarray) -> np.ndarray:
+    """Robust z of each value vs the other files of its own site (its instrument), for the sites
+    with at least ``MIN_SITE`` values; ``study_z`` for the others (and a one-site study)."""
+    z = study_z.copy()
+    keys = sites.fillna("").astype(str).to_numpy()
+    named = sorted(set(keys) - {""})
+    if len(named) < 2:
+        return z
+    for key in named:
+        idx = np.flatnonzero(keys == key)
+        finite = values[idx][np.isfinite(values[idx])]
+        if len(finite) < MIN_SITE:
+            continue
+        med = np.median(finite)
+        scale = max(MAD_TO_SD * float(np.median(np.abs(finite - med))), floor)
+        z[idx] = (values[idx] - med) / scale
+    return z
 
 
 def _patient_z(values: np.ndarray, patients: pd.Series, visits: pd.Series, floor: float) -> np.ndarray:

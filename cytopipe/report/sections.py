@@ -401,7 +401,7 @@ def run_summary(b: Builder) -> H.Section:
 # gate review gallery
 # ------------------------------------------------------------------------------------------------
 def gate_gallery(b: Builder) -> H.Section:
-    from cytopipe.report.outliers import OUTLIER_Z, gate_outliers
+    from cytopipe.report.outliers import OUTLIER_Z, gate_outliers, with_site
 
     d = b.data
     s = H.Section("gates", "Gate review gallery")
@@ -412,7 +412,7 @@ def gate_gallery(b: Builder) -> H.Section:
             "Runs of `cytopipe run` that store it show here every gate of every sample.", "note"))  # fmt: skip
         return s
     meta = d.population_stats[["sample_id", "patient_id", "visit"]].drop_duplicates("sample_id")
-    flags = gate_outliers(review, meta)
+    flags = gate_outliers(review, with_site(meta, d.samples))
     s.add(H.paragraph(
         "For every gate, each small panel is one sample: the density of the parent population's events on "
         "the gate's axes (transformed units; darker = fewer events, yellow = most), the gate as applied "

@@ -131,7 +131,7 @@ def queue(
 ) -> dict[str, Any]:
     """Every sample's gate of ``population`` (default: the first), flagged and outlying first."""
     from cytopipe.report.gate_review import read_gate_review
-    from cytopipe.report.outliers import gate_outliers
+    from cytopipe.report.outliers import gate_outliers, with_site
     from cytopipe.review.decisions import effective_overrides, status_of
 
     out = out_dir(run)
@@ -142,7 +142,7 @@ def queue(
     if population not in populations:
         raise AuthError(404, f"no population {population!r} in run {run.id}; populations are {populations}")
     meta = ps[["sample_id", "patient_id", "visit", "arm"]].drop_duplicates("sample_id")
-    outl = gate_outliers(review[review["population"] == population], meta)
+    outl = gate_outliers(review[review["population"] == population], with_site(meta, _samples_table(out)))
     outl = outl.merge(meta[["sample_id", "arm"]], on="sample_id", how="left")
     st = state(db, run.id)
     status = status_of(st.decisions)
@@ -430,7 +430,7 @@ def approve(
     """Approve one gate (``scope="one"``), every unflagged, non-outlying gate of a population
     (``"unflagged"``) or every gate of the run (``"run"``)."""
     from cytopipe.report.gate_review import read_gate_review
-    from cytopipe.report.outliers import gate_outliers
+    from cytopipe.report.outliers import gate_outliers, with_site
 
     run, _ = finished(db, run_id)
     _locked(db, run_id)
@@ -451,7 +451,8 @@ def approve(
         ps = pd.read_parquet(
             out_dir(run) / "population_stats.parquet", columns=["sample_id", "patient_id", "visit"]
         )
-        o = gate_outliers(review[review["population"] == population], ps.drop_duplicates("sample_id"))
+        meta = with_site(ps.drop_duplicates("sample_id"), _samples_table(out_dir(run)))
+        o = gate_outliers(review[review["population"] == population], meta)
         if o.empty:
             raise AuthError(404, f"no population {population!r} in run {run_id}")
         o = o[~o["flagged"] & ~o["outlier"]]
@@ -603,3 +604,9 @@ def _apply(
     if not background:
         refresher.wait(ticket)
     return {"samples": result.get("samples", []), "seconds": result.get("seconds", {})}
+
+
+def _samples_table(out: Path) -> pd.DataFrame | None:
+    """The run's samples.parquet (its ``site`` column: the outlier rule's instruments), if any."""
+    path = out / "samples.parquet"
+    return pd.read_parquet(path) if path.is_file() else None
