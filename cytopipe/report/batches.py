@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from cytopipe.report.figcache import plot
+
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
@@ -267,7 +269,7 @@ def section(b: Any) -> Any:
     if left_out:
         text = f"Not charted, no frequency in any sample (e.g. not measured): {', '.join(left_out)}."
         s.add(H.paragraph(text, "note"))
-    s.add(b.figure(levey_jennings_figure(track, pops), "levey-jennings", "Levey-Jennings charts per population",
+    s.add(b.figure(plot(levey_jennings_figure, track, pops), "levey-jennings", "Levey-Jennings charts per population",
                    "Each point is one sample's frequency, in acquisition order, "
                    + ("its shape the site" if n_sites else "(no site recorded)") + "; red rings: beyond 3 SD."))  # fmt: skip
     batch = group_medians(track, "batch")

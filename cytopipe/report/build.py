@@ -35,6 +35,7 @@ def build_report(
     from cytopipe.report import html as H
     from cytopipe.report.blinding import find_leaks
     from cytopipe.report.data import load_run
+    from cytopipe.report.figcache import FigureCache
     from cytopipe.report.figures import style_context
     from cytopipe.report.sections import Builder, build_sections
 
@@ -58,10 +59,14 @@ def build_report(
             problems += _marker(run_dir, key).get("clinical_problems") or []
         return out_path
     data = load_run(run_dir, blinded=blinded, blind_key=blind_key, clinical=clinical)
+    # the figures of the previous report that nothing they are drawn from has changed (content hashes)
+    cache = FigureCache(run_dir, read=reuse)
 
     with style_context(), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)  # e.g. tight layout hints on tiny panels
-        builder = Builder(data, tables_href=tables_dir.name, max_gallery=max_gallery, helper=helper)
+        builder = Builder(
+            data, tables_href=tables_dir.name, max_gallery=max_gallery, helper=helper, cache=cache
+        )
         try:
             sections = build_sections(builder)
             title = f"{data.study}: run report" + (" (blinded)" if data.blinded else "")
@@ -110,6 +115,7 @@ def build_report(
     for name, text in csvs.items():
         write_csv_text(tables_dir / f"{name}.csv", text)
     _atomic_write(out_path, page)
+    cache.prune()  # the cache keeps this report's figures only
     if key is not None:
         # the key of what this report was made from: the one computed before reading the inputs (an
         # input written meanwhile, e.g. a sign-off's review.json, must make the next call rebuild),

@@ -87,14 +87,21 @@ class FigureQueue:
         self._thread: threading.Thread | None = None
         self._proc: subprocess.Popen | None = None
         self.drawn_by_helper = 0
+        self.drawn: list[int] = []  # the figures drawn (by the helper or here), not given done
 
-    def submit(self, name: str, alt: str, args: tuple[Any, ...]) -> int:
-        """Queue one figure (``gallery_figure(*args)``); returns its number."""
+    def submit(self, name: str, alt: str, args: tuple[Any, ...], done: Any = None) -> int:
+        """Queue one figure (``gallery_figure(*args)``); returns its number. ``done``: the figure
+        already rendered (the previous report's): nothing to draw."""
         n = len(self.jobs)
         self.jobs.append((name, alt, args))
+        if done is not None:
+            self.done[n] = done
+            return n
+        self.drawn.append(n)
         with self._lock:
             self._todo.append(n)
-        if self.helper and self._thread is None and len(self.jobs) >= MIN_FIGURES:
+            todo = len(self._todo)
+        if self.helper and self._thread is None and todo >= MIN_FIGURES:
             self._start()
         return n
 

@@ -24,6 +24,7 @@ from cytopipe.report import batches as B
 from cytopipe.report import figures as F
 from cytopipe.report import html as H
 from cytopipe.report.data import RunData, group_problems, measured_rows
+from cytopipe.report.figcache import FigureCache, Plot, plot
 from cytopipe.report.review_section import review
 
 ENDPOINT_TITLES = {
@@ -41,7 +42,12 @@ class Builder:
     """Collects figures and CSV tables while the sections are built."""
 
     def __init__(
-        self, data: RunData, tables_href: str, max_gallery: int = MAX_GALLERY, helper: bool | None = None
+        self,
+        data: RunData,
+        tables_href: str,
+        max_gallery: int = MAX_GALLERY,
+        helper: bool | None = None,
+        cache: FigureCache | None = None,
     ):
         from cytopipe.report.render_helper import FigureQueue
 
@@ -53,7 +59,9 @@ class Builder:
         self.max_gallery = max_gallery
         self.dynamics: pd.DataFrame | None = None  # per-patient changes, set by the dynamics section
         self.gallery = FigureQueue(helper)  # gallery figures, drawn beside the other sections
+        self.cache = cache if cache is not None else FigureCache(None)  # the previous report's figures
         self._captions: list[str] = []
+        self._gallery_keys: list[str | None] = []  # cache entry of each gallery figure (None: not kept)
 
     @property
     def reference(self) -> str:
@@ -65,21 +73,31 @@ class Builder:
             else "the reference arm"
         )
 
-    def figure(self, fig: Any, name: str, alt: str, caption: str) -> str:
-        rendered = F.render(fig, name, alt)
+    def figure(self, fig: Plot | Any, name: str, alt: str, caption: str) -> str:
+        """``fig``: a :func:`~cytopipe.report.figcache.plot` (read from the previous report's figures
+        when they hold it), or a matplotlib Figure (drawn)."""
+        rendered = self.cache.render(fig, name, alt)
         self.figures.append(rendered)
         return H.figure(rendered, caption)
 
     def gallery_figure(self, args: tuple[Any, ...], name: str, alt: str, caption: str) -> str:
-        """A gate-gallery figure (``figures.gallery_figure(*args)``), drawn later: its HTML is a
-        placeholder until :meth:`fill`."""
-        n = self.gallery.submit(name, alt, args)
+        """A gate-gallery figure (``figures.gallery_figure(*args)``), drawn later unless the previous
+        report's figures hold it: its HTML is a placeholder until :meth:`fill`."""
+        key = self.cache.key(F.gallery_figure, args, {}, name, alt)
+        n = self.gallery.submit(name, alt, args, done=self.cache.get(key))
+        self._gallery_keys.append(key)
         self._captions.append(caption)
         return self.gallery.placeholder(n)
 
     def fill(self, page: str) -> str:
         """Draw the queued gallery figures and put them in ``page`` in place of their placeholders."""
         rendered = self.gallery.finish()
+        for n in self.gallery.drawn:  # kept for the next report, unless drawing changed the arguments
+            name, alt, args = self.gallery.jobs[n]
+            key = self._gallery_keys[n]
+            self.cache.put(
+                key if key == self.cache.key(F.gallery_figure, args, {}, name, alt) else None, rendered[n]
+            )
         self.figures.extend(rendered)
         html = [H.figure(fig, caption) for fig, caption in zip(rendered, self._captions)]
         # one pass over the page (replacing them one by one copied a 40 MB page once per figure)
@@ -337,7 +355,7 @@ def run_summary(b: Builder) -> H.Section:
            else "Event QC removed no event from any sample." if total else "")))  # fmt: skip
     if {"events_before_qc", "events_after_qc"} <= set(samples.columns) and before.notna().any():
         s.add(b.figure(
-            F.qc_events_figure(samples), "qc-events", "Events kept by QC per sample",
+            plot(F.qc_events_figure, samples), "qc-events", "Events kept by QC per sample",
             "Each point is one sample (controls are not QC'd and not shown): its size (x) and the share of its "
             "events kept after event QC (margin events and unstable acquisition time removed; y). Samples that "
             "lost an unusual share are flagged; failed files have no events after QC and sit at 0."))  # fmt: skip
@@ -564,13 +582,13 @@ def dynamics(b: Builder) -> H.Section:
         s.add(H.paragraph(f"Not shown, no frequency in any sample (e.g. not measured): {', '.join(left_out)}.",
                           "note"))  # fmt: skip
     s.add(b.figure(
-        F.dynamics_figure(ps, summary, pops, d.arms, b.colors, show_sample_ci=False),
+        plot(F.dynamics_figure, ps, summary, pops, d.arms, b.colors, show_sample_ci=False),
         "dynamics", "Population frequencies over visits by arm",
         "Frequencies over visits: patients' trajectories and the arm means (95% CI), arms dodged."))  # fmt: skip
     later = summary["visit"].dropna().ne(d.baseline_visit).any() and summary["mean_change"].notna().any()
     if later:
         s.add(b.figure(
-            F.change_figure(summary, pops, d.arms, b.colors, d.baseline_visit),
+            plot(F.change_figure, summary, pops, d.arms, b.colors, d.baseline_visit),
             "dynamics-change", "Mean change from baseline by arm",
             f"Mean change from week {d.baseline_visit} in percentage points (pp) with 95% CI, per arm and visit: "
             f"what the mixed model compares between each arm and {b.reference}."))  # fmt: skip
@@ -622,7 +640,7 @@ def clinical(b: Builder) -> H.Section:
         "no new BILAG A and at most one new BILAG B domain, and PGA did not worsen by 0.3 or more, all vs "
         "baseline. Renal response (patients with baseline proteinuria > 0.5 g/24 h): complete (< 0.5 g/24 h) "
         "or partial (at least halved and < 3 g/24 h). Missing visits count as non-response (NRI)."))  # fmt: skip
-    s.add(b.figure(F.rates_figure(rates, ENDPOINT_TITLES, d.arms, b.colors), "clinical-rates",
+    s.add(b.figure(plot(F.rates_figure, rates, ENDPOINT_TITLES, d.arms, b.colors), "clinical-rates",
                    "Response rates by arm and visit", "Responder rates (%) with Wilson 95% CI."))  # fmt: skip
     table = pd.concat(rates.values(), ignore_index=True)
     table["rate_pct"] = 100 * table["rate"]
@@ -680,7 +698,7 @@ def correlations(b: Builder) -> H.Section:
         href = b.csv(corr, "correlations")
         s.add(f'<p class="note">{H.esc(text)}<a href="{H.esc(href)}">CSV</a></p>')
         return s
-    s.add(b.figure(F.correlation_heatmap(corr, d.populations), "correlation-heatmap",
+    s.add(b.figure(plot(F.correlation_heatmap, corr, d.populations), "correlation-heatmap",
                    "Spearman correlation heatmap of subset change vs clinical change",
                    "Spearman rho (colour) and BH q-value (number) of each subset's change vs each clinical change."))  # fmt: skip
     pairs = []
@@ -699,7 +717,7 @@ def correlations(b: Builder) -> H.Section:
             pairs.append({"population": r.population, "endpoint": r.endpoint, "visit": int(r.visit),
                           "rho": r.estimate, "q": r.q, "data": m})  # fmt: skip
     if pairs:
-        s.add(b.figure(F.correlation_scatter(pairs, d.arms, b.colors), "correlation-scatter",
+        s.add(b.figure(plot(F.correlation_scatter, pairs, d.arms, b.colors), "correlation-scatter",
                        "Scatter plots of the strongest correlations",
                        "The four strongest pairs (smallest p): each point is one patient at that visit, "
                        "coloured by arm."))  # fmt: skip
@@ -740,7 +758,7 @@ def models(b: Builder) -> H.Section:
             "No arm × visit effect could be estimated in this run (the notes in the table say why; usually too "
             "few patients per arm and visit: at least 3 are needed).", "note"))  # fmt: skip
     if fitted:
-        s.add(b.figure(F.effect_map(mixed, pops, arms), "model-effects", "Mixed-model arm by visit effects",
+        s.add(b.figure(plot(F.effect_map, mixed, pops, arms), "model-effects", "Mixed-model arm by visit effects",
                        "Arm × visit effects of the mixed model: colour is the Wald z (estimate / SE), the number "
                        "the estimate in pp; * marks q < 0.05. Grey: not estimable (see the table's notes)."))  # fmt: skip
     mixed = _in_order(mixed, pops, d.arms)
@@ -846,7 +864,7 @@ def clusters(b: Builder) -> H.Section | None:
         med = mcs.set_index("metacluster")[med_cols].rename(columns=lambda c: c.removeprefix("median_"))
         med.insert(0, "count", mcs["cells"].to_numpy())
         s.sub("clusters-heatmap", "Metacluster markers")
-        s.add(b.figure(plot_heatmap(med, "Metacluster median expression (display scale)"), "cluster-heatmap",
+        s.add(b.figure(plot(plot_heatmap, med, "Metacluster median expression (display scale)"), "cluster-heatmap",
                        "Metacluster by marker median heatmap",
                        "Rows are metaclusters (with their share of all clustered cells), columns the clustering "
                        "markers; colour is the median of the training cells scaled 0-1 per marker, the number the "
@@ -860,7 +878,7 @@ def clusters(b: Builder) -> H.Section | None:
             med = (cl[markers].mul(w, axis=0).groupby(cl[name_col]).sum(min_count=1)
                    .div(cl[markers].notna().mul(w, axis=0).groupby(cl[name_col]).sum().replace(0, np.nan)))  # fmt: skip
             med.columns = [c.removeprefix("median_") for c in med.columns]
-            s.add(b.figure(F.marker_heatmap(med, "Metacluster median expression (event-weighted across samples)"),
+            s.add(b.figure(plot(F.marker_heatmap, med, "Metacluster median expression (event-weighted across samples)"),
                            "cluster-heatmap", "Metacluster by marker median heatmap",
                            "Rows are metaclusters, columns markers; colour is the median scaled 0-1 per marker, "
                            "the number the median."))  # fmt: skip
@@ -869,7 +887,7 @@ def clusters(b: Builder) -> H.Section | None:
         from cytopipe.cluster import plot_mst
 
         s.sub("clusters-mst", "Self-organising map")
-        s.add(b.figure(plot_mst(model, nodes["cells"].to_numpy(), title="SOM nodes (minimum spanning tree)"),
+        s.add(b.figure(plot(plot_mst, model, nodes["cells"].to_numpy(), title="SOM nodes (minimum spanning tree)"),
                        "cluster-mst", "FlowSOM minimum spanning tree sized by abundance",
                        "Each circle is a SOM node, its area proportional to its cells in all samples, its colour its "
                        "metacluster; lines join the most similar nodes. Branches are lineages; a metacluster split "
@@ -880,7 +898,9 @@ def clusters(b: Builder) -> H.Section | None:
         from cytopipe.cluster import plot_umap
 
         pops = umap["population"].astype(str).to_numpy() if "population" in umap.columns else None
-        fig = plot_umap(umap[["x", "y"]].to_numpy(), _mc_number(umap["metacluster"]), pops, title="UMAP")
+        fig = plot(
+            plot_umap, umap[["x", "y"]].to_numpy(), _mc_number(umap["metacluster"]), pops, title="UMAP"
+        )
         s.sub("clusters-umap", "UMAP")
         s.add(b.figure(fig, "cluster-umap", "UMAP of a subsample coloured by metacluster and by gated population",
                        f"UMAP of {len(umap):,} cells (an equal seeded subsample of {events_of(parent)} of every sample), "
@@ -899,7 +919,7 @@ def clusters(b: Builder) -> H.Section | None:
         pops = [p for p in d.populations if p in set(table["population"])]
         table = table.assign(_o=table["population"].map({p: i for i, p in enumerate(pops)})).sort_values(
             ["_o", "cluster"], kind="stable").drop(columns="_o")  # fmt: skip
-        s.add(b.figure(plot_concordance(table, "F1 of each metacluster against each gated population"),
+        s.add(b.figure(plot(plot_concordance, table, "F1 of each metacluster against each gated population"),
                        "cluster-concordance", "Cluster-gate concordance heatmap (F-measure)",
                        "F1 = 2 |cluster and gate| / (|cluster| + |gate|) over every clustered event of every sample; "
                        "1 means the metacluster and the gate hold the same cells. Precision is the share of the "
@@ -930,7 +950,7 @@ def clusters(b: Builder) -> H.Section | None:
             summary_arm = summarise_by_arm(baseline_change(table, "pct_parent", baseline_visit=d.baseline_visit,
                                                            duplicates="mean"))  # fmt: skip
             pops = list(dict.fromkeys(table["population"]))
-            s.add(b.figure(F.dynamics_figure(table, summary_arm, pops, d.arms, b.colors, show_sample_ci=False),
+            s.add(b.figure(plot(F.dynamics_figure, table, summary_arm, pops, d.arms, b.colors, show_sample_ci=False),
                            "cluster-dynamics", "Metacluster abundance over visits by arm",
                            "Metacluster abundance over visits: patients' lines and arm means (95% CI)."))  # fmt: skip
         except CytopipeError as exc:
@@ -968,7 +988,7 @@ def _cluster_statistics(b: Builder, s: H.Section, cl: pd.DataFrame, name_col: st
         "the CSV file cluster_statistics.csv and in statistics.parquet."))  # fmt: skip
     if len(mixed) and np.isfinite(mixed["estimate"].astype(float)).any():
         arms = [a for a in d.arms if a in set(mixed["comparison"].map(_arm_of))]
-        s.add(b.figure(F.effect_map(mixed, pops, arms), "cluster-effects",
+        s.add(b.figure(plot(F.effect_map, mixed, pops, arms), "cluster-effects",
                        "Mixed-model arm by visit effects on metacluster abundance",
                        "Differential abundance: arm × visit effects of the mixed model on each metacluster's change "
                        "from baseline (colour = Wald z, number = estimate in pp, * = q < 0.05)."))  # fmt: skip

@@ -514,6 +514,8 @@ def new_version(db: DBSession, run_id: int, user: str, background: bool = True) 
     The parent's report is not copied (it names the parent's sign-off and version): the new
     version's own report is written in the background (:func:`report_pending` until then), or
     before the answer with ``background=False`` (the command line, whose process then ends)."""
+    from cytopipe.report.figcache import CACHE_DIR as FIGURE_CACHE
+
     run, _ = finished(db, run_id)
     refuse_unsigned(run_id, db.get(Signoff, run_id) is not None)
     parent = db.get(RunVersion, run_id)
@@ -532,6 +534,11 @@ def new_version(db: DBSession, run_id: int, user: str, background: bool = True) 
         folder = Path(run.folder).parent / str(new.id)
         shutil.copytree(out_dir(run), folder / "out", ignore=shutil.ignore_patterns(
             ".cache", "review.json", "*.tmp*", "report.html", REPORT_TABLES))  # fmt: skip
+        # the parent report's figures (not the rest of .cache: its secret stays with the parent): the
+        # new version's report reads those whose data it shares instead of drawing them again
+        figures = out_dir(run) / FIGURE_CACHE
+        if figures.is_dir():
+            shutil.copytree(figures, folder / "out" / FIGURE_CACHE, ignore=shutil.ignore_patterns("*.tmp"))
     new.folder = str(folder)
     rows = _in_force(db, run_id)
     entry = audit.record(db, user, "run.version", "run", new.id, {"run": run_id}, {
