@@ -10,9 +10,11 @@ This module sits at the bottom of the layers: it imports nothing of cytopipe but
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,3 +253,102 @@ def dataclass_kwargs(value: Any, cls: type, error: type[Exception], what: str) -
             f"unknown {what} setting(s) {unknown}; known settings are {sorted(known)}", key=unknown[0]
         )
     return dict(value)
+
+
+class Unhashable(TypeError):
+    """A value whose content :func:`content_hash` cannot name (its user computes it every time)."""
+
+
+def content_hash(obj: Any) -> str:
+    """sha256 (hex) of ``obj``'s content: equal for equal content built in any process, different
+    when any value, type, shape, dtype, order, column or index label differs. For caches of results
+    computed from tables and arrays (the report's figures, the statistics' model fits): names no
+    object identity, address or time. Numbers, strings, bytes, None, numpy arrays and scalars,
+    pandas tables, series, indexes and arrays, lists, tuples, dicts, sets, dataclasses and paths;
+    anything else raises :class:`Unhashable`."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:  # noqa: C901 - one flat dispatch on the argument's type
+    import numpy as np  # (here: this module is imported by every command, most never hash a table)
+    import pandas as pd
+
+    def tag(text: str) -> None:
+        data = text.encode("utf-8")
+        h.update(struct.pack("<Q", len(data)) + data)
+
+    if obj is None or isinstance(obj, bool):
+        tag(f"const:{obj!r}")
+    elif isinstance(obj, int | np.integer | np.bool_):
+        tag(f"{type(obj).__name__}:{int(obj)}")
+    elif isinstance(obj, float | np.floating):
+        tag(f"{type(obj).__name__}:" + struct.pack("<d", float(obj)).hex())
+    elif isinstance(obj, str):
+        tag("str")
+        tag(obj)
+    elif isinstance(obj, bytes):
+        tag(f"bytes:{len(obj)}")
+        h.update(obj)
+    elif isinstance(obj, np.ndarray):
+        tag(f"ndarray:{obj.dtype.str}:{obj.shape}")
+        if obj.dtype.hasobject:
+            for v in obj.ravel(order="C"):
+                _feed(h, v)
+        else:
+            h.update(np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, pd.DataFrame):
+        tag(f"DataFrame:{obj.shape}")
+        _feed(h, obj.index)
+        _feed(h, obj.columns)
+        for i in range(obj.shape[1]):
+            _feed(h, obj.iloc[:, i].array)
+        _feed(h, dict(obj.attrs))
+    elif isinstance(obj, pd.Series):
+        tag(f"Series:{len(obj)}")
+        _feed(h, obj.name)
+        _feed(h, obj.index)
+        _feed(h, obj.array)
+        _feed(h, dict(obj.attrs))
+    elif isinstance(obj, pd.Index):
+        tag(f"{type(obj).__name__}:{obj.dtype}:{len(obj)}")
+        _feed(h, list(obj.names))
+        _feed(h, obj.array if not isinstance(obj, pd.MultiIndex) else list(obj))
+    elif isinstance(obj, pd.Categorical):
+        tag(f"Categorical:{obj.ordered}")
+        _feed(h, obj.categories)
+        _feed(h, np.asarray(obj.codes))
+    elif isinstance(obj, pd.api.extensions.ExtensionArray):
+        tag(f"{type(obj).__name__}:{obj.dtype}:{len(obj)}")
+        if isinstance(obj, pd.arrays.NumpyExtensionArray):
+            _feed(h, obj.to_numpy())
+        else:  # nullable ints, strings, booleans...: each value with its type (missing values named)
+            for v in obj.to_numpy(dtype=object, na_value=None):
+                _feed(h, v)
+    elif obj is pd.NA or obj is pd.NaT:
+        tag(f"const:{obj!r}")
+    elif isinstance(obj, pd.Timestamp | pd.Timedelta):
+        tag(f"{type(obj).__name__}:{obj.isoformat()}")
+    elif isinstance(obj, list | tuple):
+        tag(f"{type(obj).__name__}:{len(obj)}")
+        for v in obj:
+            _feed(h, v)
+    elif isinstance(obj, Mapping):  # insertion order kept: a figure draws in its arguments' order
+        tag(f"{type(obj).__name__}:{len(obj)}")
+        for k, v in obj.items():
+            _feed(h, k)
+            _feed(h, v)
+    elif isinstance(obj, set | frozenset):
+        tag(f"{type(obj).__name__}:{len(obj)}")
+        for text in sorted(content_hash(v) for v in obj):
+            tag(text)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        tag(f"dataclass:{type(obj).__module__}.{type(obj).__qualname__}")
+        for f in dataclasses.fields(obj):
+            tag(f.name)
+            _feed(h, getattr(obj, f.name))
+    elif isinstance(obj, Path):
+        tag(f"Path:{obj}")
+    else:
+        raise Unhashable(f"cannot name the content of a {type(obj).__module__}.{type(obj).__qualname__}")

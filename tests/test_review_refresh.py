@@ -159,3 +159,26 @@ def test_a_damaged_cached_figure_is_drawn_again(tmp_path):
     )
     again = FigureCache(tmp_path)
     assert again.render(plot(draws, [1.0, 2.0]), "f", "a figure") == first and again.drawn == 1
+
+
+def test_the_statistics_refit_only_the_populations_whose_rows_moved(serve_reference):
+    """The mixed models of a review's statistics: a population whose rows did not move since its
+    fit in this process is not fitted again, and the table equals one computed afresh."""
+    from cytopipe.report.data import measured_rows
+    from cytopipe.stats import fitmemo, run_statistics
+
+    ps = measured_rows(pd.read_parquet(serve_reference / "population_stats.parquet"))
+    settings = {"reference_arm": "placebo"}
+    fitmemo.forget()
+    first = run_statistics(ps, None, settings)
+    populations = ps["population"].nunique()
+    before = dict(fitmemo.counts)
+    moved = ps.copy()
+    rows = (moved["population"] == "Treg") & (moved["visit"] > 0)
+    moved.loc[rows[rows].index[:1], "pct_parent"] += 1.5  # one post-baseline sample's Treg frequency
+    again = run_statistics(moved, None, settings)
+    assert fitmemo.counts["fitted"] - before["fitted"] == 1  # Treg's model only
+    assert fitmemo.counts["reused"] - before["reused"] == populations - 1
+    fitmemo.forget()
+    pd.testing.assert_frame_equal(again, run_statistics(moved, None, settings))
+    assert len(first) == len(again) > 0

@@ -29,15 +29,12 @@ import hashlib
 import json
 import logging
 import os
-import struct
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
+from cytopipe.config import Unhashable, content_hash
 from cytopipe.report.figures import Rendered, render
 
 log = logging.getLogger(__name__)
@@ -65,98 +62,6 @@ class Plot:
 def plot(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Plot:
     """``fn(*args, **kwargs)``, drawn only when the report's cache does not hold it."""
     return Plot(fn, args, dict(kwargs))
-
-
-class Unhashable(TypeError):
-    """An argument whose content :func:`content_hash` cannot name (the figure is drawn every time)."""
-
-
-def content_hash(obj: Any) -> str:
-    """sha256 (hex) of ``obj``'s content: equal for equal content built in any process, different
-    when any value, type, shape, dtype, order, column or index label differs."""
-    h = hashlib.sha256()
-    _feed(h, obj)
-    return h.hexdigest()
-
-
-def _feed(h: Any, obj: Any) -> None:  # noqa: C901 - one flat dispatch on the argument's type
-    def tag(text: str) -> None:
-        data = text.encode("utf-8")
-        h.update(struct.pack("<Q", len(data)) + data)
-
-    if obj is None or isinstance(obj, bool):
-        tag(f"const:{obj!r}")
-    elif isinstance(obj, int | np.integer | np.bool_):
-        tag(f"{type(obj).__name__}:{int(obj)}")
-    elif isinstance(obj, float | np.floating):
-        tag(f"{type(obj).__name__}:" + struct.pack("<d", float(obj)).hex())
-    elif isinstance(obj, str):
-        tag("str")
-        tag(obj)
-    elif isinstance(obj, bytes):
-        tag(f"bytes:{len(obj)}")
-        h.update(obj)
-    elif isinstance(obj, np.ndarray):
-        tag(f"ndarray:{obj.dtype.str}:{obj.shape}")
-        if obj.dtype.hasobject:
-            for v in obj.ravel(order="C"):
-                _feed(h, v)
-        else:
-            h.update(np.ascontiguousarray(obj).tobytes())
-    elif isinstance(obj, pd.DataFrame):
-        tag(f"DataFrame:{obj.shape}")
-        _feed(h, obj.index)
-        _feed(h, obj.columns)
-        for i in range(obj.shape[1]):
-            _feed(h, obj.iloc[:, i].array)
-        _feed(h, dict(obj.attrs))
-    elif isinstance(obj, pd.Series):
-        tag(f"Series:{len(obj)}")
-        _feed(h, obj.name)
-        _feed(h, obj.index)
-        _feed(h, obj.array)
-        _feed(h, dict(obj.attrs))
-    elif isinstance(obj, pd.Index):
-        tag(f"{type(obj).__name__}:{obj.dtype}:{len(obj)}")
-        _feed(h, list(obj.names))
-        _feed(h, obj.array if not isinstance(obj, pd.MultiIndex) else list(obj))
-    elif isinstance(obj, pd.Categorical):
-        tag(f"Categorical:{obj.ordered}")
-        _feed(h, obj.categories)
-        _feed(h, np.asarray(obj.codes))
-    elif isinstance(obj, pd.api.extensions.ExtensionArray):
-        tag(f"{type(obj).__name__}:{obj.dtype}:{len(obj)}")
-        if isinstance(obj, pd.arrays.NumpyExtensionArray):
-            _feed(h, obj.to_numpy())
-        else:  # nullable ints, strings, booleans...: each value with its type (missing values named)
-            for v in obj.to_numpy(dtype=object, na_value=None):
-                _feed(h, v)
-    elif obj is pd.NA or obj is pd.NaT:
-        tag(f"const:{obj!r}")
-    elif isinstance(obj, pd.Timestamp | pd.Timedelta):
-        tag(f"{type(obj).__name__}:{obj.isoformat()}")
-    elif isinstance(obj, list | tuple):
-        tag(f"{type(obj).__name__}:{len(obj)}")
-        for v in obj:
-            _feed(h, v)
-    elif isinstance(obj, Mapping):  # insertion order kept: a figure draws in its arguments' order
-        tag(f"{type(obj).__name__}:{len(obj)}")
-        for k, v in obj.items():
-            _feed(h, k)
-            _feed(h, v)
-    elif isinstance(obj, set | frozenset):
-        tag(f"{type(obj).__name__}:{len(obj)}")
-        for text in sorted(content_hash(v) for v in obj):
-            tag(text)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        tag(f"dataclass:{type(obj).__module__}.{type(obj).__qualname__}")
-        for f in dataclasses.fields(obj):
-            tag(f.name)
-            _feed(h, getattr(obj, f.name))
-    elif isinstance(obj, Path):
-        tag(f"Path:{obj}")
-    else:
-        raise Unhashable(f"cannot name the content of a {type(obj).__module__}.{type(obj).__qualname__}")
 
 
 def _code_hash() -> str:
@@ -237,7 +142,8 @@ class FigureCache:
                  "uri": rendered.uri, "sha256": hashlib.sha256(rendered.uri.encode()).hexdigest()}  # fmt: skip
         # written under a name of its own, then renamed: a reader sees the whole entry or none. No
         # fsync: an entry cut short by a crash fails its checksum and is drawn again
-        tmp = self.folder / f"{key}.{os.getpid()}.{threading.get_ident()}.tmp"
+        # (a temporary name as cytopipe.files.is_temp_name knows them: an orphan is swept by the next run)
+        tmp = self.folder / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(json.dumps(entry).encode("utf-8"))

@@ -562,6 +562,15 @@ def _dynamics_tables(d: RunData) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFra
     return ps, dyn, summary, note
 
 
+def _drawn(ps: pd.DataFrame) -> pd.DataFrame:
+    """The columns :func:`~cytopipe.report.figures.dynamics_figure` draws (without its sample
+    intervals), rows as they are: the figure is read back from the previous report's unless one of
+    them changed (a review's audit entry or gate source changes no frequency)."""
+    return ps[
+        [c for c in ("patient_id", "arm", "visit", "population", "parent", "pct_parent") if c in ps.columns]
+    ]
+
+
 def dynamics(b: Builder) -> H.Section:
     d = b.data
     s = H.Section("dynamics", "Dynamics")
@@ -582,7 +591,7 @@ def dynamics(b: Builder) -> H.Section:
         s.add(H.paragraph(f"Not shown, no frequency in any sample (e.g. not measured): {', '.join(left_out)}.",
                           "note"))  # fmt: skip
     s.add(b.figure(
-        plot(F.dynamics_figure, ps, summary, pops, d.arms, b.colors, show_sample_ci=False),
+        plot(F.dynamics_figure, _drawn(ps), summary, pops, d.arms, b.colors, show_sample_ci=False),
         "dynamics", "Population frequencies over visits by arm",
         "Frequencies over visits: patients' trajectories and the arm means (95% CI), arms dodged."))  # fmt: skip
     later = summary["visit"].dropna().ne(d.baseline_visit).any() and summary["mean_change"].notna().any()

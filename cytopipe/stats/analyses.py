@@ -16,6 +16,7 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
+from cytopipe.stats.fitmemo import remembered
 from cytopipe.stats.models import fit_logistic, fit_mixed_model, roc_auc
 from cytopipe.stats.nonparametric import jonckheere_terpstra, mann_whitney, spearman
 from cytopipe.stats.rate_tests import response_rate_tests  # noqa: F401 - re-exported
@@ -287,7 +288,9 @@ def mixed_model_tests(
         doses=doses,
         covariance=s.mixed_model_covariance,
     )
-    fits = list((map_fits or map)(fit_one, [group for _, group in groups]))
+    # a population whose rows did not move since a fit in this process (a review's refresh) is not
+    # fitted again (cytopipe/stats/fitmemo.py)
+    fits = remembered(map_fits)(fit_one, [group for _, group in groups])
     for (pop, _group), fit in zip(groups, fits):
         detail = _n_detail(fit.group_sizes) + f"; observations={fit.n_obs}"
         label = f"difference in mean {_SCALE_LABEL[outcome]} vs {s.reference_arm}, adjusted for baseline"
