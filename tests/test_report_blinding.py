@@ -261,3 +261,28 @@ def test_blinding_hides_the_dose_order_of_every_test_and_unblinding_restores_the
             assert found == sorted(found), (letters, text)
         back = in_run_order(unblind_frame(blinded, codes), codes, info)
         pd.testing.assert_frame_equal(back, table)
+
+
+def test_blinding_a_folder_keeps_none_of_its_unblinded_figure_cache(sim_run, tmp_path):
+    """The report's figure cache (.cache/report-figures) names each figure by a hash of the data it
+    was drawn from: before blinding that data holds the arms, so one guess per arm could match an
+    entry even where the figure shows no arm. Blinding the folder drops every such entry."""
+    import os
+    import time
+
+    from cytopipe.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(sim_run, run)
+    write_report(run)  # unblinded: its figures are cached
+    cache = run / ".cache" / "report-figures"
+    old = sorted(p for p in cache.rglob("*") if p.is_file())
+    assert old, "the unblinded run's report cached its figures"
+    past = time.time() - 1000
+    for p in old:
+        os.utime(p, (past, past))
+    write_report(run, blinded=True)
+    kept = [p.name for p in cache.rglob("*") if p.is_file() and p.stat().st_mtime <= past + 1]
+    assert kept == []
+    write_report(run)  # the folder is blinded now: its next report caches its (coded) figures
+    assert any(p.is_file() for p in cache.rglob("*"))

@@ -371,6 +371,14 @@ def scrub_cache(run_dir: str | Path, arms: Iterable[str]) -> list[str]:
         return []
     pattern = _leak_pattern(names)
     changed: list[str] = []
+    # the report's figure cache (report.figcache.CACHE_DIR) goes whole: its entries are named by a
+    # hash of the data each figure was drawn from, arms included before the folder was blinded
+    # (one guess per arm would match it), even where the figure itself shows no arm
+    figures = cache / "report-figures"
+    for path in sorted(figures.rglob("*")) if figures.is_dir() else []:
+        if path.is_file():
+            path.unlink()
+            changed.append(str(path.relative_to(run_dir)))
     for path in sorted(cache.rglob("*")):
         if not path.is_file() or path == cache / RUN_SECRET:  # the folder's key: random hex
             continue

@@ -16,9 +16,9 @@ cached (the section after it sees those changes); arguments whose content cannot
 drawn every time.
 
 Entries are JSON (never pickle: a run folder is data, not code). After a report is written, the
-entries it did not use are removed, so the cache holds one report's figures. Their texts are plain
-in the file, so blinding a folder (:func:`cytopipe.report.blinding.scrub_cache`) removes every
-entry that names an arm.
+entries it did not use are removed, so the cache holds one report's figures. Blinding a folder
+(:func:`cytopipe.report.blinding.scrub_cache`) removes every entry: their names hash data that held
+the arms.
 """
 
 from __future__ import annotations
