@@ -136,7 +136,7 @@ FLUORESCENCE_GATES = ["Live", "T cells", "CD4 T", "CD8 T", "Treg", "Memory CD4",
                       "activated cTfh", "CD3- CD56+", "CD3- CD16+"]  # fmt: skip
 
 
-THRESHOLD_REASON = r"threshold (.+?) \S+( \(.*\))? is an outlier vs the cohort \(z=([+-][\d.]+)\)"
+THRESHOLD_REASON = r"threshold (.+?) \S+( \(.*\))? is an outlier vs the cohort(?:, in display units vs site \S+'s files)? \(z=([+-][\d.]+)\)"
 
 
 def _threshold_z(out: pd.DataFrame) -> dict[tuple[str, str], float]:
@@ -470,3 +470,5 @@ def test_a_cd4_threshold_moved_by_hand_on_a_mixed_instrument_study_is_an_outlier
     hit = out[out["reasons"].str.contains("threshold")]
     assert list(hit["sample_id"]) == [sample], hit["reasons"]
     assert hit["reasons"].iloc[0].startswith("threshold CD4 >= ")
+    site = samples.set_index("sample_id").at[sample, "site"]
+    assert f"in display units vs site {site}'s files" in hit["reasons"].iloc[0]  # what it was judged against

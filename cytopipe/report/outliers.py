@@ -133,8 +133,9 @@ def gate_outliers(
         for label, values, floor, text, relative in quantities:
             values = np.where(unmeasured, np.nan, values)  # no number: a marker is not in the file
             zc = _cohort_z(values, floor)
+            by_site = np.zeros(len(g), dtype=bool)
             if relative and "site" in g:  # fluorescence: display units vs the sample's own instrument
-                zc = _site_z(values, g["site"], floor, zc)
+                zc, by_site = _site_z(values, g["site"], floor, zc)
             zp = _patient_z(values, g["patient_id"], g["visit"], floor)
             for rel, rel_floor in relative:  # fluorescence: unusual in display units AND vs its events
                 rel = np.where(unmeasured, np.nan, rel)
@@ -144,7 +145,15 @@ def gate_outliers(
                 hit = np.abs(zz) > z
                 score = np.fmax(score, np.nan_to_num(np.abs(zz)))
                 for i in np.flatnonzero(hit):
-                    reasons[i].append(f"{label} {text(i)} is an outlier vs the {kind} (z={zz[i]:+.1f})")
+                    # the display-unit comparison was with the sample's own site's files: say so
+                    where = (
+                        f", in display units vs site {g['site'].iloc[i]}'s files"
+                        if kind == "cohort" and by_site[i]
+                        else ""
+                    )
+                    reasons[i].append(
+                        f"{label} {text(i)} is an outlier vs the {kind}{where} (z={zz[i]:+.1f})"
+                    )
         flagged = (g["flags"].fillna("").astype(str) != "") & ~unmeasured
         score = np.where(unmeasured, np.nan, score)  # not measured: no score, not 0 (not outlying)
         out.append(
@@ -462,14 +471,18 @@ def _cohort_z(values: np.ndarray, floor: float) -> np.ndarray:
     return (values - med) / scale
 
 
-def _site_z(values: np.ndarray, sites: pd.Series, floor: float, study_z: np.ndarray) -> np.ndarray:
+def _site_z(
+    values: np.ndarray, sites: pd.Series, floor: float, study_z: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Robust z of each value vs the other files of its own site (its instrument), for the sites
-    with at least ``MIN_SITE`` values; ``study_z`` for the others (and a one-site study)."""
+    with at least ``MIN_SITE`` values; ``study_z`` for the others (and a one-site study). Also
+    which values were judged against their site."""
     z = study_z.copy()
+    by_site = np.zeros(len(values), dtype=bool)
     keys = sites.fillna("").astype(str).to_numpy()
     named = sorted(set(keys) - {""})
     if len(named) < 2:
-        return z
+        return z, by_site
     for key in named:
         idx = np.flatnonzero(keys == key)
         finite = values[idx][np.isfinite(values[idx])]
@@ -478,7 +491,8 @@ def _site_z(values: np.ndarray, sites: pd.Series, floor: float, study_z: np.ndar
         med = np.median(finite)
         scale = max(MAD_TO_SD * float(np.median(np.abs(finite - med))), floor)
         z[idx] = (values[idx] - med) / scale
-    return z
+        by_site[idx] = True
+    return z, by_site
 
 
 def _patient_z(values: np.ndarray, patients: pd.Series, visits: pd.Series, floor: float) -> np.ndarray:
