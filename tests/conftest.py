@@ -85,6 +85,21 @@ def serve_reference(serve_trial, tmp_path_factory) -> Path:
     return reference_run(serve_trial, tmp_path_factory.mktemp("serve_ref") / "run")
 
 
+@pytest.fixture
+def review_run_dir(serve_reference, tmp_path):
+    """A copy of the serve trial's reference run to review, with no gate state kept in this process
+    from another test (before and after)."""
+    import shutil
+
+    from cytopipe.review.regate import forget
+
+    out = tmp_path / "run"
+    shutil.copytree(serve_reference, out)
+    forget()
+    yield out
+    forget()
+
+
 @pytest.fixture(scope="session")
 def sample_run(tmp_path_factory) -> Path:
     """A run folder of the committed sample trial, gated with the real engine and template (one

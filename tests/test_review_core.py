@@ -23,15 +23,6 @@ from tests.pipeline_support import TEMPLATE
 KEY = ["sample_id", "population"]
 
 
-@pytest.fixture
-def run_dir(serve_reference, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(serve_reference, out)
-    forget()
-    yield out
-    forget()
-
-
 def _changed(a: pd.DataFrame, b: pd.DataFrame) -> set[tuple[str, str]]:
     cols = [c for c in a.columns if c in b.columns and c not in ("gate_source", "audit_entry")]
     x, y = a[cols].reset_index(drop=True), b[cols].reset_index(drop=True)
@@ -40,32 +31,32 @@ def _changed(a: pd.DataFrame, b: pd.DataFrame) -> set[tuple[str, str]]:
     return set(map(tuple, x.loc[~same, KEY].to_numpy()))
 
 
-def test_regating_without_overrides_gives_the_runs_own_rows(run_dir):
-    before = pd.read_parquet(run_dir / "population_stats.parquet")
+def test_regating_without_overrides_gives_the_runs_own_rows(review_run_dir):
+    before = pd.read_parquet(review_run_dir / "population_stats.parquet")
     samples = sorted(before["sample_id"].unique())[:2]
-    apply_review(run_dir, ReviewState(), samples=samples, statistics=False, report=False)
-    after = pd.read_parquet(run_dir / "population_stats.parquet")
+    apply_review(review_run_dir, ReviewState(), samples=samples, statistics=False, report=False)
+    after = pd.read_parquet(review_run_dir / "population_stats.parquet")
     # the run already has gate_source: a review without overrides gives it back unchanged
     pd.testing.assert_frame_equal(before, after.drop(columns=["audit_entry"]))
     assert set(after["gate_source"]) <= {"fitted", "pooled", "mixed", "boolean", "fixed"}
     assert after["audit_entry"].isna().all()
 
 
-def test_an_override_changes_only_that_sample_and_the_populations_below(run_dir):
+def test_an_override_changes_only_that_sample_and_the_populations_below(review_run_dir):
     from cytopipe.gating import load_template
 
     template = load_template(TEMPLATE)
-    before = pd.read_parquet(run_dir / "population_stats.parquet")
-    review = pd.read_parquet(run_dir / "gate_review.parquet")
+    before = pd.read_parquet(review_run_dir / "population_stats.parquet")
+    review = pd.read_parquet(review_run_dir / "gate_review.parquet")
     sid = sorted(before["sample_id"].unique())[3]
     gate = current_params(review, sid, "Memory CD4")  # CD45RA < t; below it: Th17, Th1, cTfh, activated cTfh
     (name, value), = gate.items()  # fmt: skip
     state = ReviewState()
     state.add(Decision("override", sid, "Memory CD4", "rita", params={name: value + 1.5}, reason="gate too low",
                        category="poor staining", audit_entry=41))  # fmt: skip
-    got = apply_review(run_dir, state, statistics=False, report=False)
+    got = apply_review(review_run_dir, state, statistics=False, report=False)
     assert got["samples"] == [sid]
-    after = pd.read_parquet(run_dir / "population_stats.parquet")
+    after = pd.read_parquet(review_run_dir / "population_stats.parquet")
     below = set(template.descendants("Memory CD4"))
     assert below >= {"Th17", "Th1", "cTfh", "activated cTfh"}
     changed = _changed(before, after)
@@ -80,7 +71,7 @@ def test_an_override_changes_only_that_sample_and_the_populations_below(run_dir)
     # descendants record the override that decided their events
     assert (after.set_index(KEY).loc[[(sid, p) for p in below], "audit_entry"] == 41).all()
     # the gate-review picture of that sample moved with it
-    rv = pd.read_parquet(run_dir / "gate_review.parquet")
+    rv = pd.read_parquet(review_run_dir / "gate_review.parquet")
     assert current_params(rv, sid, "Memory CD4")[name] == pytest.approx(value + 1.5)
     assert (rv[(rv["sample_id"] == sid) & (rv["population"] == "Memory CD4")]["source"] == "overridden").all()
 
@@ -88,21 +79,21 @@ def test_an_override_changes_only_that_sample_and_the_populations_below(run_dir)
     state.add(
         Decision("revert", sid, "Memory CD4", "rita", reason="second look: the fit was right", audit_entry=42)
     )
-    apply_review(run_dir, state, statistics=False, report=False)
-    back = pd.read_parquet(run_dir / "population_stats.parquet")
+    apply_review(review_run_dir, state, statistics=False, report=False)
+    back = pd.read_parquet(review_run_dir / "population_stats.parquet")
     pd.testing.assert_frame_equal(before, back.drop(columns=["audit_entry"]))
 
 
-def test_the_patients_pooled_gate(run_dir):
-    before = pd.read_parquet(run_dir / "population_stats.parquet")
+def test_the_patients_pooled_gate(review_run_dir):
+    before = pd.read_parquet(review_run_dir / "population_stats.parquet")
     sid = sorted(before["sample_id"].unique())[0]
     state = ReviewState()
     state.add(Decision("pooled", sid, "Treg", "rita", reason="fit failure", category="fit failure"))
-    apply_review(run_dir, state, statistics=False, report=False)
-    rv = pd.read_parquet(run_dir / "gate_review.parquet")
+    apply_review(review_run_dir, state, statistics=False, report=False)
+    rv = pd.read_parquet(review_run_dir / "gate_review.parquet")
     from cytopipe.pipeline import load_run
 
-    lr = load_run(run_dir)
+    lr = load_run(review_run_dir)
     meta = before[before["sample_id"] == sid].iloc[0]
     # Treg is a diagonal gate (CD25 up / CD127 down, in the CD4 cloud's robust SDs) AND FOXP3 >= t
     expected = [lr.state.pooled.lookup(f"Treg{k}", "patient", {"sample_id": sid, "patient_id": meta["patient_id"]})[0]
@@ -110,18 +101,18 @@ def test_the_patients_pooled_gate(run_dir):
     got = current_params(rv, sid, "Treg")
     names = ["CD25 mode", "CD25 SD", "CD127 mode", "CD127 SD", "diagonal >=", "FOXP3 >="]
     np.testing.assert_allclose([got[n] for n in names], np.concatenate([np.ravel(e) for e in expected]))
-    assert _changed(before, pd.read_parquet(run_dir / "population_stats.parquet")) <= {(sid, "Treg")}
+    assert _changed(before, pd.read_parquet(review_run_dir / "population_stats.parquet")) <= {(sid, "Treg")}
 
 
-def test_decisions_need_reasons_and_known_gates(run_dir):
+def test_decisions_need_reasons_and_known_gates(review_run_dir):
     with pytest.raises(ReviewError, match="reason is required"):
         Decision("override", "P001_W00", "Treg", "rita", params={"CD25 >=": 3})
-    sid = pd.read_parquet(run_dir / "population_stats.parquet")["sample_id"].iloc[0]
+    sid = pd.read_parquet(review_run_dir / "population_stats.parquet")["sample_id"].iloc[0]
     state = ReviewState(
         decisions=[Decision("override", sid, "Treg", "rita", params={"CD8 >=": 3}, reason="x")]
     )
     with pytest.raises(ReviewError, match="unknown gate numbers"):
-        apply_review(run_dir, state, statistics=False, report=False)
+        apply_review(review_run_dir, state, statistics=False, report=False)
     locked = ReviewState(
         signoff={"user": "rita", "at": "2026-01-01T00:00:00", "meaning": "reviewed and approved"}
     )
@@ -129,44 +120,46 @@ def test_decisions_need_reasons_and_known_gates(run_dir):
         locked.add(Decision("approve", sid, "Treg", "rita"))
 
 
-def test_report_lists_signoff_and_overrides_and_examples_export(run_dir):
-    ps = pd.read_parquet(run_dir / "population_stats.parquet")
+def test_report_lists_signoff_and_overrides_and_examples_export(review_run_dir):
+    ps = pd.read_parquet(review_run_dir / "population_stats.parquet")
     sid = sorted(ps["sample_id"].unique())[1]
-    rv = pd.read_parquet(run_dir / "gate_review.parquet")
-    t = current_params(rv, sid, "Treg", run_dir)["FOXP3 >="]  # Treg: the CD25/CD127 diagonal AND FOXP3 >= t
+    rv = pd.read_parquet(review_run_dir / "gate_review.parquet")
+    t = current_params(rv, sid, "Treg", review_run_dir)[
+        "FOXP3 >="
+    ]  # Treg: the CD25/CD127 diagonal AND FOXP3 >= t
     state = ReviewState()
     state.add(Decision("approve", sorted(ps["sample_id"].unique())[0], "Treg", "rita", audit_entry=5))
     d = Decision("override", sid, "Treg", "rita", params={"FOXP3 >=": t + 1.5}, reason="=HYPERLINK(\"x\") dim FOXP3",
                  category="poor staining", audit_entry=6)  # fmt: skip
     state.add(d)
-    got = apply_review(run_dir, state, statistics=False, report=False)
+    got = apply_review(review_run_dir, state, statistics=False, report=False)
     d.before_pct, d.after_pct = got["changes"][f"{sid}/Treg"]
     state.signoff = {"user": "rita", "meaning": "reviewed and approved", "at": "2026-12-03T14:00:00+00:00",
                      "audit_entry": 7}  # fmt: skip
-    write_review(run_dir, state)
-    assert read_review(run_dir).to_dict() == state.to_dict()
+    write_review(review_run_dir, state)
+    assert read_review(review_run_dir).to_dict() == state.to_dict()
     apply_review(
-        run_dir, state, samples=[], statistics=True, report=True
+        review_run_dir, state, samples=[], statistics=True, report=True
     )  # this run was made with --no-report
     from cytopipe.report import write_report
 
-    write_report(run_dir)
-    html = (run_dir / "report.html").read_text(encoding="utf-8")
+    write_report(review_run_dir)
+    html = (review_run_dir / "report.html").read_text(encoding="utf-8")
     assert "Gate review" in html and "reviewed and approved" in html and "rita" in html
     from cytopipe.report.html import format_number  # the report's one rule for numbers (3 significant digits)
 
     assert (
         "poor staining" in html and format_number(d.before_pct) in html and format_number(d.after_pct) in html
     )
-    csv = (run_dir / "report_tables" / "gate_overrides.csv").read_text(encoding="utf-8")
+    csv = (review_run_dir / "report_tables" / "gate_overrides.csv").read_text(encoding="utf-8")
     assert sid in csv and "poor staining" in csv
-    table = pd.read_csv(run_dir / "report_tables" / "gate_overrides.csv")
+    table = pd.read_csv(review_run_dir / "report_tables" / "gate_overrides.csv")
     row = table.iloc[0]
     assert row["pct_parent_before"] == pytest.approx(d.before_pct, rel=1e-3)
     assert row["pct_parent_after"] == pytest.approx(d.after_pct, rel=1e-3)
     assert row["pct_parent_after"] < row["pct_parent_before"]  # a higher FOXP3 threshold keeps fewer Treg
 
-    data = examples(run_dir, state)
+    data = examples(review_run_dir, state)
     by = {(e["sample_id"], e["population"]): e for e in data["examples"]}
     assert set(by) == {(sorted(ps["sample_id"].unique())[0], "Treg"), (sid, "Treg")}
     assert by[(sid, "Treg")]["status"] == "overridden"
@@ -176,7 +169,7 @@ def test_report_lists_signoff_and_overrides_and_examples_export(run_dir):
     assert yaml.safe_load(examples_text(data, "yaml")) == json.loads(examples_text(data, "json"))
 
 
-def test_the_queue_puts_flagged_then_outlying_gates_first(run_dir, tmp_path):
+def test_the_queue_puts_flagged_then_outlying_gates_first(review_run_dir, tmp_path):
     """The review queue's order on a run with one flagged Treg gate (its flag written into the run's
     gate_review table, as the engine writes a fallback) and one outlying gate (its FOXP3 threshold moved
     far from the cohort by an override)."""
@@ -186,20 +179,20 @@ def test_the_queue_puts_flagged_then_outlying_gates_first(run_dir, tmp_path):
     from cytopipe.serve import reviewops
     from cytopipe.serve.db import open_database
 
-    samples = sorted(pd.read_parquet(run_dir / "gate_review.parquet")["sample_id"].unique())
+    samples = sorted(pd.read_parquet(review_run_dir / "gate_review.parquet")["sample_id"].unique())
     # every sample's rows re-gated without overrides: they carry the Treg diagonal gate's numbers
-    apply_review(run_dir, ReviewState(), samples=samples, statistics=False, report=False)
-    rv = pd.read_parquet(run_dir / "gate_review.parquet")
+    apply_review(review_run_dir, ReviewState(), samples=samples, statistics=False, report=False)
+    rv = pd.read_parquet(review_run_dir / "gate_review.parquet")
     flagged, moved = samples[5], samples[8]
     rv.loc[(rv["sample_id"] == flagged) & (rv["population"] == "Treg"), "flags"] = "Treg[FOXP3]: fit failed"
-    write_gate_review(run_dir, rv)
+    write_gate_review(review_run_dir, rv)
     t = current_params(rv, moved, "Treg")["FOXP3 >="]
     state = ReviewState(
         decisions=[Decision("override", moved, "Treg", "rita", params={"FOXP3 >=": t + 1.5}, reason="x")]
     )
-    apply_review(run_dir, state, statistics=False, report=False)
+    apply_review(review_run_dir, state, statistics=False, report=False)
     (tmp_path / "ws_run").mkdir()
-    (tmp_path / "ws_run" / "out").symlink_to(run_dir)
+    (tmp_path / "ws_run" / "out").symlink_to(review_run_dir)
     engine, sessions = open_database(f"sqlite:///{tmp_path / 'ws.sqlite'}")
     with sessions() as db:
         q = reviewops.queue(db, SimpleNamespace(id=1, folder=str(tmp_path / "ws_run")), None, "Treg", False)
@@ -218,17 +211,17 @@ from pathlib import Path
 from cytopipe.review.decisions import Decision, ReviewState
 from cytopipe.review.regate import apply_review, loaded_run
 
-run_dir, sid, name, value = Path(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
-loaded_run(run_dir)  # the slow part first, so the tables are read only after "ready"
+review_run_dir, sid, name, value = Path(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
+loaded_run(review_run_dir)  # the slow part first, so the tables are read only after "ready"
 state = ReviewState()
 state.add(Decision("override", sid, "Memory CD4", "omar", params={name: value}, reason="too low",
                    category="poor staining", audit_entry=7))
-(run_dir / "ready").write_text("1")
-apply_review(run_dir, state, statistics=False, report=False)
+(review_run_dir / "ready").write_text("1")
+apply_review(review_run_dir, state, statistics=False, report=False)
 """
 
 
-def test_two_processes_applying_decisions_to_one_run_take_turns(run_dir):
+def test_two_processes_applying_decisions_to_one_run_take_turns(review_run_dir):
     """A `cytopipe review` in a terminal and the server re-gating the same run: the second writer
     waits for the first's table write (flock on RUN_DIR/.review.lock) and re-reads the tables, so it
     does not write back a population_stats that drops the first writer's change."""
@@ -240,29 +233,30 @@ def test_two_processes_applying_decisions_to_one_run_take_turns(run_dir):
 
     from tests.pipeline_support import cli_env
 
-    before = pd.read_parquet(run_dir / "population_stats.parquet")
-    review = pd.read_parquet(run_dir / "gate_review.parquet")
+    before = pd.read_parquet(review_run_dir / "population_stats.parquet")
+    review = pd.read_parquet(review_run_dir / "gate_review.parquet")
     samples = sorted(before["sample_id"].unique())
     mine, theirs = samples[0], samples[3]
     (name, value), = current_params(review, theirs, "Memory CD4").items()  # fmt: skip
-    fd = os.open(run_dir / ".review.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(review_run_dir / ".review.lock", os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX)  # this test is the first writer
     proc = subprocess.Popen(
-        [sys.executable, "-c", _OTHER_PROCESS, str(run_dir), theirs, name, str(value + 1.5)], env=cli_env()
+        [sys.executable, "-c", _OTHER_PROCESS, str(review_run_dir), theirs, name, str(value + 1.5)],
+        env=cli_env(),
     )
     try:
-        while not (run_dir / "ready").exists():
+        while not (review_run_dir / "ready").exists():
             assert proc.poll() is None, "the other process ended before it was ready"
             time.sleep(0.05)
         time.sleep(1.0)  # room for the other process to read the tables now, if nothing stopped it
         mark = before.copy()
         row = (mark["sample_id"] == mine) & (mark["population"] == "Th17")
         mark.loc[row, "pct_parent"] = 12.345  # the first writer's change, written under the lock
-        mark.to_parquet(run_dir / "population_stats.parquet")
+        mark.to_parquet(review_run_dir / "population_stats.parquet")
     finally:
         os.close(fd)  # releases the lock
     assert proc.wait(timeout=300) == 0
-    after = pd.read_parquet(run_dir / "population_stats.parquet").set_index(KEY)
+    after = pd.read_parquet(review_run_dir / "population_stats.parquet").set_index(KEY)
     assert after.loc[(mine, "Th17"), "pct_parent"] == 12.345  # kept: the second writer read it
     assert after.loc[(theirs, "Memory CD4"), "gate_source"] == "overridden"  # and made its own change
 
@@ -274,23 +268,23 @@ def test_an_override_recomputes_the_statistics_of_a_run_with_statistics(pipeline
     bench/review.py on 2026-12-05)."""
     src, proc = pipeline_run
     assert proc.returncode == 0, proc.stderr
-    run_dir = tmp_path / "run"
-    shutil.copytree(src, run_dir)
+    review_run_dir = tmp_path / "run"
+    shutil.copytree(src, review_run_dir)
     forget()
     try:
-        before = pd.read_parquet(run_dir / "statistics.parquet")
-        review = pd.read_parquet(run_dir / "gate_review.parquet")
+        before = pd.read_parquet(review_run_dir / "statistics.parquet")
+        review = pd.read_parquet(review_run_dir / "gate_review.parquet")
         sid = sorted(review["sample_id"].unique())[3]
-        t = current_params(review, sid, "Treg", run_dir)["FOXP3 >="]
+        t = current_params(review, sid, "Treg", review_run_dir)["FOXP3 >="]
         state = ReviewState()
         state.add(Decision("override", sid, "Treg", "rita", params={"FOXP3 >=": t + 1.0}, reason="dim FOXP3"))
-        got = apply_review(run_dir, state, statistics=True, report=False)
+        got = apply_review(review_run_dir, state, statistics=True, report=False)
     finally:
         forget()
     assert not got["problems"], got["problems"]
     pct_before, pct_after = got["changes"][f"{sid}/Treg"]
     assert pct_after < pct_before
-    after = pd.read_parquet(run_dir / "statistics.parquet")
+    after = pd.read_parquet(review_run_dir / "statistics.parquet")
     assert list(after.columns) == list(before.columns) and len(after) == len(before)
     ident = ["family", "population", "measure", "scale", "visit", "endpoint", "subgroup", "comparison"]
     pd.testing.assert_frame_equal(after[ident], before[ident])  # the same analyses, in the same order

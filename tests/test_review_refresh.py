@@ -17,24 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from cytopipe.report import write_report
 from cytopipe.report.figcache import CACHE_DIR, FigureCache, content_hash, plot
 from cytopipe.review.decisions import Decision, ReviewState, write_review
-from cytopipe.review.regate import apply_review, current_params, forget
+from cytopipe.review.regate import apply_review, current_params
 from tests.pipeline_support import cli
 
 COUNTS = re.compile(r"report: (\d+) figures read from the cache, (\d+) drawn")
-
-
-@pytest.fixture
-def run_dir(serve_reference, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(serve_reference, out)
-    forget()
-    yield out
-    forget()
 
 
 def _report_files(run: Path) -> dict[str, bytes]:
@@ -67,43 +57,43 @@ def _from_scratch(run: Path, tmp_path: Path) -> dict[str, bytes]:
 
 
 def test_a_refresh_after_a_change_equals_a_report_from_scratch_and_draws_only_what_moved(
-    run_dir, tmp_path, caplog
+    review_run_dir, tmp_path, caplog
 ):
     # the run's report, written in another process (the figures' names must not depend on the process)
-    proc = cli("report", str(run_dir))
+    proc = cli("report", str(review_run_dir))
     assert proc.returncode == 0, proc.stderr
-    kept = sorted(p.name for p in (run_dir / CACHE_DIR).glob("*.json"))
-    shutil.copy(run_dir / "report.html", run_dir / "report.html.before")
+    kept = sorted(p.name for p in (review_run_dir / CACHE_DIR).glob("*.json"))
+    shutil.copy(review_run_dir / "report.html", review_run_dir / "report.html.before")
     assert len(kept) > 10
 
     # an approval changes review.json only: every figure is read back, none drawn
-    ps = pd.read_parquet(run_dir / "population_stats.parquet")
+    ps = pd.read_parquet(review_run_dir / "population_stats.parquet")
     samples = sorted(ps["sample_id"].unique())
     state = ReviewState()
     state.add(Decision("approve", samples[0], "Live", "rita"))
-    write_review(run_dir, state)
-    files, hit, drawn = _refresh(run_dir, caplog)
+    write_review(review_run_dir, state)
+    files, hit, drawn = _refresh(review_run_dir, caplog)
     assert (hit, drawn) == (len(kept), 0)
-    assert files["report.html"] != (run_dir / "report.html.before").read_bytes()  # its review section
+    assert files["report.html"] != (review_run_dir / "report.html.before").read_bytes()  # its review section
 
     # a gate moved on one sample (Treg's FOXP3 threshold) and a pooled gate on another
-    rv = pd.read_parquet(run_dir / "gate_review.parquet")
+    rv = pd.read_parquet(review_run_dir / "gate_review.parquet")
     foxp3 = current_params(rv, samples[2], "Treg")["FOXP3 >="]
     state.add(Decision("override", samples[2], "Treg", "rita", params={"FOXP3 >=": foxp3 + 1.5},
                        reason="debris", category="debris", audit_entry=7))  # fmt: skip
     state.add(Decision("pooled", samples[5], "CD4 T", "rita", reason="fit failure", audit_entry=8))
-    write_review(run_dir, state)
-    apply_review(run_dir, state, statistics=False, report=False)
-    after = pd.read_parquet(run_dir / "population_stats.parquet")
+    write_review(review_run_dir, state)
+    apply_review(review_run_dir, state, statistics=False, report=False)
+    after = pd.read_parquet(review_run_dir / "population_stats.parquet")
     assert not after.set_index(["sample_id", "population"])["pct_parent"].equals(
         ps.set_index(["sample_id", "population"])["pct_parent"])  # fmt: skip
-    files, hit, drawn = _refresh(run_dir, caplog)
+    files, hit, drawn = _refresh(review_run_dir, caplog)
     # the figures drawn from the moved frequencies (dynamics, their gallery panels) are drawn again,
     # the others (QC, clusters, the other populations' gallery panels) read back
     assert drawn >= 2 and hit >= len(kept) // 2, (hit, drawn)
-    assert files == _from_scratch(run_dir, tmp_path)
+    assert files == _from_scratch(review_run_dir, tmp_path)
     # the cache holds this report's figures only
-    assert len(list((run_dir / CACHE_DIR).glob("*.json"))) == hit + drawn
+    assert len(list((review_run_dir / CACHE_DIR).glob("*.json"))) == hit + drawn
 
 
 def test_a_figure_is_named_by_the_content_it_is_drawn_from(tmp_path):
