@@ -68,12 +68,13 @@ def open_regular(
     swapped in between): a FIFO without a writer neither blocks nor is read. Raises ``error``
     ("not a regular file: a FIFO ...") or FileNotFoundError/PermissionError (OSError) as open does.
     """
-    path = Path(path)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise error(f"not a regular file ({describe_kind(mode)}); give the path of {what}", file=path)
+            raise error(
+                f"not a regular file ({describe_kind(mode)}); give the path of {what}", file=Path(path)
+            )
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb", buffering=0)
