@@ -103,6 +103,9 @@ _KNOWN_VERSIONS = {"FCS1.0", "FCS2.0", "FCS3.0", "FCS3.1", "FCS3.2"}
 _LITTLE = {"1,2,3,4", "1,2", "1", "1,2,3,4,5,6,7,8"}
 _BIG = {"4,3,2,1", "2,1", "8,7,6,5,4,3,2,1"}
 _HEADER_FIELDS = ("TEXT begin", "TEXT end", "DATA begin", "DATA end", "ANALYSIS begin", "ANALYSIS end")
+_MAGIC = re.compile(rb"FCS\d\.\d")  # the first 6 bytes of a data set's HEADER
+_INTEGER = re.compile(r"[+-]?\d+")
+_PARAMETER_KEYWORD = re.compile(r"\$P(\d+)([A-Z]+)")
 
 
 class FCSWarning(UserWarning):
@@ -335,7 +338,7 @@ def is_fcs_file(path: str | Path) -> bool:
             head = fh.read(6)
     except (OSError, FCSError):
         return False
-    return re.fullmatch(rb"FCS\d\.\d", head) is not None
+    return _MAGIC.fullmatch(head) is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,7 +402,7 @@ class _FCSFile:
     """An open FCS file: parses HEADER/TEXT, chooses the DATA layout, reads events."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path = path if isinstance(path, Path) else Path(path)
         self._warnings: list[str] = []
         try:
             # raw file: readinto goes straight to the OS; FIFOs, devices and folders are refused
@@ -459,7 +462,7 @@ class _FCSFile:
     def header(self, start: int, index: int) -> tuple[str, tuple[int, ...]]:
         where = "" if index == 0 else f" of data set {index} (byte {start})"
         raw = self.read_at(start, _HEADER_LEN)
-        if len(raw) < 6 or re.fullmatch(rb"FCS\d\.\d", raw[:6]) is None:
+        if len(raw) < 6 or _MAGIC.fullmatch(raw[:6]) is None:
             if index == 0 and self.size == 0:
                 raise FCSHeaderError("the file is empty (0 bytes), not an FCS file", file=self.path)
             # never quote the bytes: a text file pointed at by mistake may hold anything
@@ -625,8 +628,12 @@ class _FCSFile:
             )
         kinds, bit_list = [], []
         for n, *_, bits, _pne, _png in rows:
-            dt = kw.get(f"$P{n}DATATYPE", datatype).strip().upper() or datatype  # FCS 3.2
-            key = f"$P{n}DATATYPE" if f"$P{n}DATATYPE" in kw else "$DATATYPE"
+            key = f"$P{n}DATATYPE"  # FCS 3.2
+            own = kw.get(key)
+            if own is None:
+                key, dt = "$DATATYPE", datatype
+            else:
+                dt = own.strip().upper() or datatype
             if dt == "A":
                 raise FCSUnsupportedError(
                     "$DATATYPE A (ASCII-encoded events) is not supported; re-export the file as "
@@ -1110,10 +1117,10 @@ def _check_tokens(tokens: list[bytes], terminated: bool) -> tuple[list[bytes] | 
         tokens = tokens[:-1]
     if len(tokens) % 2:
         return None, f"it has an odd number of fields ({len(tokens)}): a keyword lacks its value", note
-    for i in range(0, len(tokens), 2):
-        if not tokens[i].strip():
-            after = tokens[i - 2].decode("latin-1") if i >= 2 else "the start"
-            return None, f"it has an empty keyword name (field {i + 1}, after {after!r})", note
+    if not all(map(bytes.strip, tokens[0::2])):  # (one C-level pass) some keyword name is empty
+        i = next(i for i in range(0, len(tokens), 2) if not tokens[i].strip())
+        after = tokens[i - 2].decode("latin-1") if i >= 2 else "the start"
+        return None, f"it has an empty keyword name (field {i + 1}, after {after!r})", note
     return tokens, "", note
 
 
@@ -1128,7 +1135,8 @@ def _parse_text(raw: bytes, path: Path | None, what: str) -> tuple[dict[str, str
     body = raw[1:]
     notes: list[str] = []
     tokens, problem, note = _check_tokens(*_split(body, d, escapes=True))
-    if d + d in body:
+    doubled = d + d in body
+    if doubled:
         plain, plain_problem, plain_note = _check_tokens(*_split(body, d, escapes=False))
         # Doubled delimiters are escapes (FCS 3.x) or, in FCS 2.0 files, empty values. A
         # reading that leaves an empty keyword name or an odd field count is wrong; when both
@@ -1140,24 +1148,30 @@ def _parse_text(raw: bytes, path: Path | None, what: str) -> tuple[dict[str, str
         raise FCSKeywordError(f"{what} cannot be parsed: {problem}", file=path)
     if note:
         notes.append(note)
-    keywords: dict[str, str] = {}
-    latin1 = []
-    for i in range(0, len(tokens), 2):
-        key = _decode(tokens[i], latin1).strip().upper()
-        value = _decode(tokens[i + 1], latin1)
-        if key in keywords and keywords[key] != value:
-            notes.append(
-                f"keyword {key} appears more than once ({keywords[key]!r}, {value!r}); kept the last"
-            )
-        keywords[key] = value
+    if not body.isascii():
+        texts = [_decode(t) for t in tokens]
+    elif doubled:
+        texts = [t.decode("ascii") for t in tokens]
+    else:  # (nearly every file) the tokens are the body split at each delimiter: decode it once
+        texts = body.decode("ascii").split(d.decode("latin-1"))[: len(tokens)]
+    keys = [k.strip().upper() for k in texts[0::2]]
+    values = texts[1::2]
+    keywords = dict(zip(keys, values))  # a repeated keyword keeps its first place and its last value
+    if len(keywords) < len(keys):  # some keyword repeats: note those whose values differ
+        keywords = {}
+        for key, value in zip(keys, values):
+            if key in keywords and keywords[key] != value:
+                notes.append(
+                    f"keyword {key} appears more than once ({keywords[key]!r}, {value!r}); kept the last"
+                )
+            keywords[key] = value
     return keywords, notes
 
 
-def _decode(raw: bytes, latin1: list) -> str:
+def _decode(raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        latin1.append(raw)  # not UTF-8 (older instruments): Latin-1 keeps every byte
+    except UnicodeDecodeError:  # not UTF-8 (older instruments): Latin-1 keeps every byte
         return raw.decode("latin-1")
 
 
@@ -1178,7 +1192,7 @@ def _int_keyword(
             return default
         raise FCSKeywordError(f"required keyword {key} is missing", file=path, keyword=key)
     text = value.strip()
-    if re.fullmatch(r"[+-]?\d+", text):
+    if _INTEGER.fullmatch(text):
         return int(text)
     try:
         as_float = float(text)
@@ -1236,8 +1250,10 @@ def _channel_rows(keywords: Mapping[str, str], f: _FCSFile) -> list[tuple]:
         )
     rows = []
     empty_names = []
+    get = keywords.get
     for n in range(1, n_par + 1):
-        bits_raw = keywords.get(f"$P{n}B", "").strip()
+        p = f"$P{n}"
+        bits_raw = get(p + "B", "").strip()
         if not bits_raw:
             raise FCSKeywordError(
                 f"required keyword $P{n}B (bits of parameter {n} of $PAR {n_par}) is missing",
@@ -1252,23 +1268,20 @@ def _channel_rows(keywords: Mapping[str, str], f: _FCSFile) -> list[tuple]:
             raise FCSKeywordError(
                 f"$P{n}B is {bits_raw!r}, expected a number of bits", file=f.path, keyword=f"$P{n}B"
             )
-        pnn = keywords.get(f"$P{n}N", "").strip()
+        pnn = get(p + "N", "").strip()
         if not pnn:
             empty_names.append(n)
-        rng_raw = keywords.get(f"$P{n}R")
-        if rng_raw is None or not rng_raw.strip():
-            pnr = math.nan
-        else:
-            pnr = _float_keyword(keywords, f"$P{n}R", f, math.nan)
-        png = _float_keyword(keywords, f"$P{n}G", f, 1.0)
-        pne = keywords.get(f"$P{n}E", "").strip() or "0,0"
-        rows.append((n, pnn, keywords.get(f"$P{n}S", "").strip(), pnr, bits, pne, png))
+        pnr = _float_keyword(keywords, p + "R", f, math.nan)  # missing or blank: NaN
+        png = _float_keyword(keywords, p + "G", f, 1.0)
+        pne = get(p + "E", "").strip() or "0,0"
+        rows.append((n, pnn, get(p + "S", "").strip(), pnr, bits, pne, png))
     if empty_names:
         f.warn(f"parameter(s) {empty_names} have an empty or missing $PnN (kept as '')")
-    counts = Counter(r[1] for r in rows)
-    dup = sorted(name for name, count in counts.items() if count > 1 and name)
-    if dup:
-        f.warn(f"duplicate channel names ($PnN) {dup}: kept as they are; select such channels by index")
+    names = [r[1] for r in rows]
+    if len(set(names)) < len(names):
+        dup = sorted(name for name, count in Counter(names).items() if count > 1 and name)
+        if dup:
+            f.warn(f"duplicate channel names ($PnN) {dup}: kept as they are; select such channels by index")
     if f"$P{n_par + 1}N" in keywords or f"$P{n_par + 1}B" in keywords:
         f.warn(
             f"TEXT describes parameter {n_par + 1} but $PAR is {n_par}: parameters beyond $PAR are ignored"
@@ -1614,7 +1627,7 @@ def _text_keywords(
         value = "" if value is None else str(value)
         if key in _OWNED_KEYWORDS or key in spill_keys or not value.strip() or not key:
             continue
-        m = re.fullmatch(r"\$P(\d+)([A-Z]+)", key)
+        m = _PARAMETER_KEYWORD.fullmatch(key)
         if m:
             old, suffix = int(m.group(1)), m.group(2)
             if suffix in _OWNED_PARAMETER_KEYS or old not in renumber:

@@ -306,6 +306,18 @@ def test_fcs2_empty_values_and_escapes_are_told_apart():
     assert parse_text(b"/K/v/K2/last") == {"K": "v", "K2": "last"}  # final delimiter missing
 
 
+def test_repeated_keywords_keep_the_first_place_and_the_last_value():
+    # keys are compared stripped and upper-cased; only a repeat with a different value is noted
+    keywords, notes = fcs._parse_text(b"|$A|1|$B|x| $b |y|$a|1|$C|z|", None, "TEXT segment")
+    assert list(keywords.items()) == [("$A", "1"), ("$B", "y"), ("$C", "z")]
+    assert notes == ["keyword $B appears more than once ('x', 'y'); kept the last"]
+    keywords, notes = fcs._parse_text("|$A|\u00b5|$A|\u00e9|".encode(), None, "TEXT segment")  # not ASCII
+    assert keywords == {"$A": "\u00e9"} and notes == [
+        "keyword $A appears more than once ('\u00b5', '\u00e9'); kept the last"
+    ]
+    assert parse_text(b"|$A|1|$A|2|$A|2|") == {"$A": "2"}
+
+
 def test_non_utf8_text_is_decoded_as_latin1(tmp_path):
     kw = float_keywords(2, ["FSC-A", "CD25"], **{"$P2S": b"CD25 \xb5\xe9", "$CYT": "Cyt\u2122"})
     sample = read_fcs(write(tmp_path, build_fcs(kw, np.zeros((2, 2), np.float32).tobytes())))
