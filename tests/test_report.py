@@ -395,6 +395,32 @@ def test_clinical_problems_do_not_stop_the_report(small_run, tmp_path):
     assert "No clinical endpoints" in html
 
 
+def test_report_never_deletes_an_input_csv_in_its_tables_folder(small_run, tmp_path):
+    # the report empties <name>_tables/ of *.csv before writing its tables: a clinical table kept
+    # there (or the manifest, a compensation matrix, the blind key) would be deleted with them
+    run, _ = small_run
+    info = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    tables = tmp_path / "study_tables"
+    tables.mkdir()
+    clinical = tables / "clinical.csv"
+    shutil.copyfile(info["workflow"]["clinical"], clinical)
+    info["workflow"]["clinical"] = str(clinical)
+    (run / "run.json").write_text(json.dumps(info), encoding="utf-8")
+    before = clinical.read_bytes()
+    proc = _report_cli(run, "--out", str(tmp_path / "study.html"))
+    assert proc.returncode == 2, proc.stderr
+    assert "clinical.csv, the run's clinical table" in proc.stderr and str(tables) in proc.stderr
+    assert "Give --out another name or folder" in proc.stderr
+    assert clinical.read_bytes() == before and not (tmp_path / "study.html").exists()
+    # the same table given with --clinical, beside an ordinary report place: refused too
+    given = _report_cli(run, "--clinical", str(clinical), "--out", str(tmp_path / "study.html"))
+    assert given.returncode == 2 and clinical.read_bytes() == before
+    # elsewhere the report is written (and reads the table from there)
+    ok = _report_cli(run, "--out", str(tmp_path / "other.html"))
+    assert ok.returncode == 0, ok.stderr
+    assert clinical.read_bytes() == before and (tmp_path / "other_tables").is_dir()
+
+
 def _report_cli(run, *args):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "cytopipe", "report", str(run), *args],

@@ -52,6 +52,7 @@ def build_report(
                 "with --out)",
                 file=path,
             )
+    _refuse_inputs_in_tables(run_dir, tables_dir, clinical, blind_key)
     key = report_key(run_dir, blinded=blinded, out=out_path, blind_key=blind_key, clinical=clinical,
                      max_gallery=max_gallery)  # fmt: skip
     if reuse and key is not None and _is_current(run_dir, key, out_path):
@@ -199,6 +200,36 @@ def report_key(
                "key": dict(blind_key) if isinstance(blind_key, Mapping) else str(blind_key)}  # fmt: skip
     h.update(stable_hash(options).encode())
     return h.hexdigest()[:32]
+
+
+def _refuse_inputs_in_tables(run_dir: Path, tables_dir: Path, clinical: Any, blind_key: Any) -> None:
+    """The report empties its tables folder of ``*.csv`` before writing its own: never when a CSV
+    it or the run reads is there (the manifest, the clinical table, a compensation matrix, the blind
+    key). A :class:`ReportError` (exit 2), before anything is written."""
+    if not tables_dir.is_dir():
+        return
+    try:
+        workflow = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("workflow") or {}
+    except (OSError, ValueError, AttributeError):
+        workflow = {}
+    compensation = workflow.get("compensation")
+    sources = {
+        "the run's manifest": workflow.get("manifest"),
+        "the run's clinical table": workflow.get("clinical"),
+        "the run's compensation matrix": compensation.get("path") if isinstance(compensation, Mapping) else None,
+        "the clinical table given": clinical,
+        "the blind key": blind_key,
+    }
+    inputs = {Path(p).resolve(): what for what, p in sources.items() if isinstance(p, (str, Path)) and str(p)}
+    for csv in sorted(tables_dir.glob("*.csv")):
+        what = inputs.get(csv.resolve())
+        if what is not None:
+            raise ReportError(
+                f"holds {csv.name}, {what}; the report replaces the CSV files of its tables folder "
+                f"(<report name>_tables beside the report), so it would delete it. Give --out another "
+                "name or folder",
+                file=tables_dir,
+            )
 
 
 def _is_current(run_dir: Path, key: str, out: Path) -> bool:
