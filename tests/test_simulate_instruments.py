@@ -4,6 +4,7 @@ determinism, and the accuracy harness (tests/accuracy_support.py)."""
 from __future__ import annotations
 
 import filecmp
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -390,3 +391,24 @@ def test_threshold_truth_is_the_call_on_a_correctly_compensated_file(random_tria
     # at a threshold (one event of a ~250-event cTfh is 0.4 pp)
     assert (err_f < 1e-6).mean() > 0.8 and err_f.max() < 0.5
     assert (err_b < 1e-6).mean() < 0.2 and err_b.median() > 0.1
+
+
+def test_each_drawn_instrument_has_its_own_serial_number(tmp_path):
+    """Sites S2 and S3 of seed 8001 both draw a Cytek Aurora profile: two instruments, which the
+    learned gates' same-cytometer rule (``$CYT`` and ``$CYTSN``) must tell apart; a site's files
+    (samples and controls) are one instrument."""
+    from cytopipe.gating.learn import instrument_of
+    from cytopipe.simulate import instrument_trial
+
+    instrument_trial(tmp_path, instrument="random", seed=8001, patients=4, visits=(0,), events=2000,
+                     control_events=200)  # fmt: skip
+    manifest = pd.read_csv(tmp_path / "manifest.csv")
+    by_site: dict[str, set[str]] = {}
+    models: dict[str, str] = {}
+    for row in manifest.itertuples():
+        kw = cytopipe.read_fcs(tmp_path / row.file).keywords
+        by_site.setdefault(row.site, set()).add(instrument_of(SimpleNamespace(keywords=kw)))
+        models[row.site] = kw["$CYT"]
+    assert models["S2"] == models["S3"] == "Cytek Aurora (cytopipe simulator)"
+    assert all(len(names) == 1 for names in by_site.values()), by_site
+    assert len({next(iter(names)) for names in by_site.values()}) == len(by_site) == 3

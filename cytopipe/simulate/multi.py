@@ -9,6 +9,7 @@ dim marker per batch), and, with ``fmo=True``, one FMO control per dim marker an
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -217,6 +218,13 @@ def _fmo_controls(
     return rows
 
 
+def serial_number(inst: Instrument) -> str:
+    """The ``$CYTSN`` of a simulated instrument: one per profile drawn (a random profile is drawn
+    per site or batch, so two sites with the same cytometer model are two instruments; a named
+    profile is the same instrument everywhere), stable across runs and machines."""
+    return f"SIM-{zlib.crc32(inst.name.encode()):08X}"
+
+
 def _write(path: Path, data, inst: Instrument, row: dict, sid: str) -> None:
     from cytopipe.fcs import Spillover, write_fcs
 
@@ -227,6 +235,7 @@ def _write(path: Path, data, inst: Instrument, row: dict, sid: str) -> None:
     y, mth, d = day.split("-")
     keywords = {
         "$CYT": f"{inst.cytometer} (cytopipe simulator)",
+        "$CYTSN": serial_number(inst),
         "$DATE": f"{d}-{MONTHS[int(mth) - 1]}-{y}",
         "$BTIM": clock,
         "$TIMESTEP": repr(P.TIMESTEP),
