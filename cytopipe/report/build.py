@@ -213,10 +213,11 @@ def _refuse_inputs_in_tables(run_dir: Path, tables_dir: Path, clinical: Any, bli
     except (OSError, ValueError, AttributeError):
         workflow = {}
     compensation = workflow.get("compensation")
+    matrix = compensation.get("path") if isinstance(compensation, Mapping) else None
     sources = {
         "the run's manifest": workflow.get("manifest"),
         "the run's clinical table": workflow.get("clinical"),
-        "the run's compensation matrix": compensation.get("path") if isinstance(compensation, Mapping) else None,
+        "the run's compensation matrix": matrix,
         "the clinical table given": clinical,
         "the blind key": blind_key,
     }
