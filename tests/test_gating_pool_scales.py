@@ -73,7 +73,9 @@ def test_forced_fallback_keeps_its_place_relative_to_the_targets_negative(batch)
     assert pop == "CD3+" and "used the cohort estimate (median of 3 samples)" in flag
     applied = result.populations["CD3+"].gate.lower[0]
     # the other files' thresholds, each on its own file's scale (cofactors of other instruments)
-    theirs = {sid: gate(samples[sid], template, sample_meta={"sample_id": sid}) for sid in others["sample_id"]}
+    theirs = {
+        sid: gate(samples[sid], template, sample_meta={"sample_id": sid}) for sid in others["sample_id"]
+    }
     cofactors = {sid: next(iter(r.transforms.values()))["cofactor"] for sid, r in theirs.items()}
     display = [r.populations["CD3+"].gate.lower[0] for r in theirs.values()]
     c = next(iter(result.transforms.values()))["cofactor"]
