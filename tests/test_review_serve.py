@@ -753,7 +753,7 @@ def test_a_save_answers_while_the_previous_refresh_runs(server, signed, monkeypa
     from sqlalchemy import select
 
     from cytopipe.review.decisions import Decision, read_review
-    from cytopipe.serve import reviewops
+    from cytopipe.serve import reviewops, reviewrefresh
     from cytopipe.serve.db import User, database_url, open_database
 
     run_id, _ = signed
@@ -768,7 +768,7 @@ def test_a_save_answers_while_the_previous_refresh_runs(server, signed, monkeypa
     release, started = threading.Event(), threading.Event()
     copy_release, copy_started = threading.Event(), threading.Event()
     seen: list[int] = []  # per refresh of the run: how many decisions review.json held when it started
-    real = reviewops._refresh
+    real = reviewrefresh.refresh
 
     def held(folder: Path) -> None:
         if Path(folder).resolve() == out.resolve():
@@ -780,7 +780,7 @@ def test_a_save_answers_while_the_previous_refresh_runs(server, signed, monkeypa
             copy_release.wait()
         real(folder)
 
-    monkeypatch.setattr(reviewops, "_refresh", held)
+    monkeypatch.setattr(reviewrefresh, "refresh", held)
     guard = 600  # seconds before a regression fails instead of hanging (not a timing assertion)
 
     def save(db, sample: str) -> dict:
@@ -817,14 +817,14 @@ def test_a_save_answers_while_the_previous_refresh_runs(server, signed, monkeypa
     versioner = threading.Thread(target=version, daemon=True)
     versioner.start()
     for _ in range(guard * 10):  # until it is blocked waiting for the refreshes
-        if _blocked_in(versioner, "_Refresher.wait") or not versioner.is_alive():
+        if _blocked_in(versioner, "Refresher.wait") or not versioner.is_alive():
             break
         time.sleep(0.1)
-    assert _blocked_in(versioner, "_Refresher.wait") and not copied  # no copy while a refresh is held
+    assert _blocked_in(versioner, "Refresher.wait") and not copied  # no copy while a refresh is held
     release.set()
     versioner.join(guard)
     saver.join(guard)
-    reviewops._refresher(run.id, out).wait()
+    reviewrefresh.refresher(run.id, out).wait()
     assert len(seen) == 2 and seen[1] - seen[0] == 2  # three saves, two refreshes; the second read all
     report_after = (out / "report.html").read_bytes()
     assert report_after != report_before and b"Signed off" in report_after  # the refresh ran for real
@@ -833,7 +833,7 @@ def test_a_save_answers_while_the_previous_refresh_runs(server, signed, monkeypa
     assert copy_started.wait(guard)  # the new version's own report is being written, held
     assert not (copy_out / "report.html").exists() and reviewops.report_pending(copy)  # "being prepared"
     copy_release.set()
-    reviewops._refresher(copy.id, copy_out).wait()
+    reviewrefresh.refresher(copy.id, copy_out).wait()
     assert not reviewops.report_pending(copy)
     html = (copy_out / "report.html").read_text(encoding="utf-8")
     assert "Signed off" not in html and "This run&#x27;s gating has not been signed off" in html
@@ -843,7 +843,7 @@ def test_a_save_answers_while_the_previous_refresh_runs(server, signed, monkeypa
     # version had no report until its first save or sign-off
     (copy_out / "report.html").unlink()
     assert reviewops.report_pending(copy)  # "being prepared": its refresh asked for again
-    reviewops._refresher(copy.id, copy_out).wait()
+    reviewrefresh.refresher(copy.id, copy_out).wait()
     assert not reviewops.report_pending(copy)
     assert f"This is version 3 of the run, made from run {run.id} " in (copy_out / "report.html").read_text(
         encoding="utf-8"
@@ -860,7 +860,7 @@ def test_a_signoff_waits_for_a_save_that_is_regating(server, signed, monkeypatch
     from sqlalchemy import select
 
     from cytopipe.review.decisions import Decision
-    from cytopipe.serve import reviewops
+    from cytopipe.serve import reviewops, reviewrefresh
     from cytopipe.serve.db import User, database_url, open_database
 
     run_id, _ = signed
@@ -908,7 +908,7 @@ def test_a_signoff_waits_for_a_save_that_is_regating(server, signed, monkeypatch
     release.set()
     saver.join(600)
     signer.join(600)
-    reviewops._refresher(run.id, reviewops.out_dir(run)).wait()
+    reviewrefresh.refresher(run.id, reviewops.out_dir(run)).wait()
     assert not signed_early, "the run was signed off while a save was re-gating it"
     assert saved and signed and saved["audit_entry"] < signed["audit_entry"]
     ps = pd.read_parquet(reviewops.out_dir(run) / "population_stats.parquet").set_index(KEY)

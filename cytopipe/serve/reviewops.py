@@ -6,8 +6,9 @@ Every action is one database transaction holding the decision rows and their aud
 ``run.version``); then the run folder's ``review.json`` is written from the database and the
 changed sample is re-gated (:func:`cytopipe.review.regate.apply_review`). population_stats and
 gate_review are updated before the answer (under the run's lock); the statistics and the report
-follow in a background thread that does not hold the lock: one refresh per run at a time, requests
-made meanwhile collapse into one more refresh, which reads the latest state.
+follow in a background thread that does not hold the lock (:mod:`cytopipe.serve.reviewrefresh`):
+one refresh per run at a time, requests made meanwhile collapse into one more refresh, which reads
+the latest state.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
 
 from cytopipe.errors import ReviewError
-from cytopipe.review.decisions import REASONS, Decision, ReviewState, read_review, write_review
+from cytopipe.review.decisions import REASONS, Decision, ReviewState, write_review
 from cytopipe.schema import NOT_MEASURED
-from cytopipe.serve import audit, auth, signoffpolicy
+from cytopipe.serve import audit, auth, reviewrefresh, signoffpolicy
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Audit, Run, Study, User
 from cytopipe.serve.results import REPORT_TABLES
@@ -39,6 +40,7 @@ from cytopipe.serve.reviewchecks import (
     unmeasured,
 )
 from cytopipe.serve.reviewmodels import ReviewDecision, RunVersion, Signoff
+from cytopipe.serve.reviewrefresh import refresher
 
 logger = logging.getLogger(__name__)
 SIGNOFF_MEANING = "reviewed and approved"
@@ -234,9 +236,7 @@ def gate_view(run: Run, sample_id: str, population: str) -> dict[str, Any]:
 # actions
 # ------------------------------------------------------------------------------------------------
 _apply_locks: dict[int, threading.RLock] = {}
-_refreshers: dict[Path, _Refresher] = {}  # by run folder: unique even across two databases
 _guard = threading.Lock()
-_asked_again: set[Path] = set()  # run folders whose missing report this process asked for again
 
 
 def _run_lock(run_id: int) -> threading.RLock:
@@ -244,76 +244,6 @@ def _run_lock(run_id: int) -> threading.RLock:
     report refresh (30-100 s under load), so a save does not wait for the previous save's refresh."""
     with _guard:
         return _apply_locks.setdefault(run_id, threading.RLock())
-
-
-def _refresh(out: Path) -> None:
-    """Statistics, catalog and report of a run folder from its tables and review.json as they are now."""
-    from cytopipe.review.regate import apply_review
-
-    apply_review(out, read_review(out), samples=[], statistics=True, report=True, write_tables=False)
-
-
-class _Refresher:
-    """The statistics and report refresh of one run: one running, at most one queued.
-
-    Every request gets a ticket; a refresh reads the run's state when it starts and completes every
-    ticket issued before that. Requests made while one runs collapse into one more refresh, which
-    starts after it and so takes the latest state.
-    """
-
-    def __init__(self, run_id: int, out: Path):
-        self.run_id, self.out = run_id, out
-        self._cond = threading.Condition()
-        self._issued = 0  # tickets handed out
-        self._done = 0  # every ticket up to this one is refreshed
-        self._running = False
-
-    def request(self) -> int:
-        with self._cond:
-            self._issued += 1
-            ticket = self._issued
-            if not self._running:
-                self._running = True
-                threading.Thread(target=self._loop, name=f"review-{self.run_id}", daemon=True).start()
-            return ticket
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                if self._done >= self._issued:
-                    self._running = False
-                    self._cond.notify_all()
-                    return
-                target = self._issued  # this refresh reads the state after every request so far
-            try:
-                _refresh(self.out)
-            except Exception:
-                logger.exception(
-                    "run %s: refreshing statistics and report after a review failed", self.run_id
-                )
-            with self._cond:
-                self._done = target
-                self._cond.notify_all()
-
-    def busy(self) -> bool:
-        """A refresh is running or requested."""
-        with self._cond:
-            return self._running or self._done < self._issued
-
-    def wait(self, ticket: int | None = None) -> None:
-        """Until ``ticket`` (default: every request so far) is refreshed and nothing runs."""
-        with self._cond:
-            goal = self._issued if ticket is None else ticket
-            self._cond.wait_for(lambda: self._done >= goal and (ticket is not None or not self._running))
-
-
-def _refresher(run_id: int, out: Path) -> _Refresher:
-    with _guard:
-        key = Path(out).resolve()
-        got = _refreshers.get(key)
-        if got is None:
-            got = _refreshers[key] = _Refresher(run_id, out)
-        return got
 
 
 def _stats_row(run: Run, sample_id: str, population: str) -> pd.Series:
@@ -525,7 +455,7 @@ def new_version(db: DBSession, run_id: int, user: str, background: bool = True) 
     # writes tables or asks for a refresh; wait (before opening a database write) until the running
     # and queued refreshes are done, then copy.
     with _run_lock(run_id):
-        _refresher(run_id, out_dir(run)).wait()
+        refresher(run_id, out_dir(run)).wait()
         new = Run(study_id=run.study_id, status="finished", folder="", template_id=run.template_id,
                   n_samples=run.n_samples, started_by=user, exit_code=run.exit_code, options=run.options,
                   finished_at=run.finished_at)  # fmt: skip
@@ -558,25 +488,9 @@ def new_version(db: DBSession, run_id: int, user: str, background: bool = True) 
 
 def report_pending(run: Run) -> bool:
     """Whether the run's report.html is missing while its refresh is requested or running (a new
-    version's own report, written in the background after the version is made).
-
-    A reviewed run (review.json) whose report is missing with no refresh running -- the server was
-    stopped while writing it, so a version had no report until its first save -- has its refresh
-    asked for again here, once per server process (a report that cannot be built is not retried
-    on every page view; its error is in the server's log)."""
-    out = out_dir(run)
-    if (out / "report.html").is_file():
-        return False
-    key = Path(out).resolve()
-    with _guard:
-        got = _refreshers.get(key)
-        if got is not None and got.busy():
-            return True
-        if key in _asked_again or not (out / "review.json").is_file():
-            return False
-        _asked_again.add(key)
-    _refresher(run.id, out).request()
-    return True
+    version's own report, written in the background after the version is made): see
+    :func:`cytopipe.serve.reviewrefresh.report_pending`."""
+    return reviewrefresh.report_pending(run.id, out_dir(run))
 
 
 def _in_force(db: DBSession, run_id: int) -> list[ReviewDecision]:
@@ -606,10 +520,10 @@ def _apply(
         if tables:
             result = apply_review(out, st, samples=samples, statistics=False, report=False)
         # requested after the tables are written: the refresh that serves it reads them
-        refresher = _refresher(run.id, out)
-        ticket = refresher.request()
+        refreshing = refresher(run.id, out)
+        ticket = refreshing.request()
     if not background:
-        refresher.wait(ticket)
+        refreshing.wait(ticket)
     return {"samples": result.get("samples", []), "seconds": result.get("seconds", {})}
 
 
