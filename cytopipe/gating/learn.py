@@ -97,6 +97,8 @@ QUALITY_BAND = 0.05
 # shift of align.THRESHOLD_SHIFT_LEVEL; weight 1.0 / 0.7 / 0.5): Th17 0.9492 -> 0.9510 / 0.9514 /
 # 0.9516, activated cTfh 0.9141 -> 0.9191 / 0.9176 / 0.9181, cTfh 0.9614 -> 0.9585 / 0.9606 /
 # 0.9616 (1.0 was also applied to every gate there: scatter, T and CD4 gates -0.0006, Treg -0.0009).
+# Re-tuned with $CYTSN in the simulated files (before, sites sharing a cytometer model counted as one
+# instrument): 0.5 still best of 0.3-1.0, and QUALITY_BAND 0.05 of 0-0.10 (docs/gating.md section 6b).
 SAME_CYTOMETER_WEIGHT = 0.5
 MIN_PARENT_EVENTS = 50  # fewer parent events than this: no density to align, the gate is copied
 ALIGN_EVENTS = 1000  # a parent smaller than this in the example is aligned on a larger ancestor
