@@ -38,3 +38,22 @@ def test_code_is_ruff_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
     out = subprocess.run([ruff, "check", "."], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_ci_runs_the_readmes_test_command_verbatim():
+    """.ci/run ends with the README's install-and-test command, as written (CI runs what a reader
+    runs), and the test extra installs every plugin that command uses (pytest-xdist for -n)."""
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    block = readme.split("Install and run the tests:", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    assert len(block.strip().splitlines()) == 1, block
+    command = block.strip().split(" && ", 2)[2]  # after creating and activating the virtual environment
+    assert command.startswith("pip install -e '.[test]' && python -m pytest"), command
+    ci = (root / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()
+    assert ci[-1] == command
+    if " -n " in command:
+        pyproject = (root / "pyproject.toml").read_text(encoding="utf-8")
+        extra = pyproject.split("\ntest = [", 1)[1].split("]", 1)[0]
+        assert '"pytest-xdist' in extra
