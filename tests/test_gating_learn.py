@@ -134,6 +134,37 @@ def test_a_threshold_leans_to_the_example_recorded_on_the_targets_cytometer():
     assert any("same cytometer" in text for _, text in on_a.sources)
 
 
+@pytest.mark.parametrize("width", [0.42, 0.45])
+def test_a_threshold_copied_after_a_failed_warp_does_not_outrank_an_aligned_one(width):
+    """Example "aligned" is the target's data 0.3 higher and a little wider: its threshold 1.3 warps
+    to ~0.85 at overlap 0.83 (width 0.42) or 0.79 (0.45). Example "copied" has a two-peaked negative:
+    its warp fails (overlap 0.67, worse than none, 0.81), so its threshold 1.6 is copied. Ranked by
+    the copy's overlap it joined the median (1.23) or, above the aligned one, won (1.6); ranked by
+    its failed warp it is left out."""
+    rng = np.random.default_rng(3)
+    a = Dim("A", compensation=None)
+
+    def dim(shift, sd, pos=0.15, n=20000):
+        k = int(pos * n)
+        return np.concatenate([rng.normal(shift, sd, n - k), shift + sd + rng.gamma(2.0, 0.35, k)])
+
+    target = dim(0.0, 0.3)
+    aligned = dim(0.3, width)
+    copied = np.concatenate(
+        [rng.normal(-0.3, 0.2, 10000), rng.normal(0.35, 0.2, 8000), 0.6 + rng.gamma(2.0, 0.35, 2000)]
+    )
+    template = Template(name="t", populations={"pos": Population("pos", "root", RectangleGate([a], [1.3], [None]))},
+                        compensation="none")  # fmt: skip
+    examples = [Example("aligned", {"pos": RectangleGate([a], [1.3], [None])}),
+                Example("copied", {"pos": RectangleGate([a], [1.6], [None])})]  # fmt: skip
+    learner = Learner(template, examples, {"aligned": _one_marker(aligned), "copied": _one_marker(copied)})
+    res = learner.gate(_one_marker(target), sample_id="tg", medians=False)
+    (t,) = res.populations["pos"].gate.lower
+    print(f"\nwidth {width}: threshold {t:.3f}, {[text for _, text in res.sources]}")
+    assert abs(t - 0.9) < 0.1
+    assert any("learned from aligned," in text for _, text in res.sources)
+
+
 def test_warp_gate_moves_every_geometry():
     x, y = Dim("x"), Dim("y")
     warps = {x: landmark_warp([0, 1, 2, 3] * 50, [0, 2, 4, 6] * 50), y: landmark_warp([0.0] * 9, [1.0] * 9)}

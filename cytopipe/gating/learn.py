@@ -87,6 +87,12 @@ MIN_QUALITY = 0.80
 # 0.945 / 0.951 / 0.948, cTfh 0.949 / 0.959 / 0.950, activated cTfh 0.910 / 0.920 / 0.913; every
 # other population within 0.001).
 QUALITY_BAND = 0.05
+# A threshold or rectangle whose warp failed (below MIN_QUALITY and worse than no warp) is copied
+# unwarped, but ranked among the examples by its failed warp's quality, not by the copy's overlap:
+# a copy of another instrument's threshold must not enter the median beside (or win over) an
+# example that aligned (tuning study 5155 P012_W12: an Attune example's CXCR5 cut copied at overlap
+# 0.75 next to the same cytometer's warped 0.78 one, cTfh F1 0.767; ranked 0.69 it is left out:
+# 0.983, activated cTfh 0.826 -> 0.960; docs/gating.md section 6b).
 # A threshold or rectangle is the mean of the gate learned from the example(s) recorded on the
 # target's own cytometer ($CYT, $CYTSN; aligned at least MIN_QUALITY) and the gate combined over
 # all examples as above. Where a dim marker's one-peak density is aligned, the warp cannot carry an
@@ -558,16 +564,18 @@ class Learner:
         on a larger ancestor of the parent)."""
         if sample_id is not None and sample_id in self.profiles and population in self.profiles[sample_id]:
             return self.profiles[sample_id][population].gate, 1.0, f"the reviewed gate of {sample_id}"
-        moved: list[tuple[float, str, Gate]] = []
+        # (rank, example, gate, quality): the rank orders and selects the examples, the quality
+        # is reported; they differ for a threshold copied where its warp failed (below)
+        moved: list[tuple[float, str, Gate, float]] = []
         n_target = min((len(v) for v in values.values()), default=0)
         for sid, profiles in self.profiles.items():
             prof = profiles.get(population)
             if prof is None:
                 continue
             if n_target < MIN_PARENT_EVENTS or prof.n_parent < MIN_PARENT_EVENTS:
-                moved.append((0.0, sid, prof.gate))  # nothing to align: copied, and flagged below
+                moved.append((0.0, sid, prof.gate, 0.0))  # nothing to align: copied, and flagged below
                 continue
-            warps, qs = {}, []
+            warps, qs, ranks = {}, [], []
             here = values
             if values_of is not None and prof.scope and prof.scope != self.template[population].parent:
                 here = values_of(prof.scope)
@@ -575,8 +583,10 @@ class Learner:
                 xt = np.asarray(here[d], dtype=np.float64)
                 w = landmark_warp(xe, xt, isinstance(prof.gate, RectangleGate))
                 q, q0 = overlap(w(xe), xt), overlap(xe, xt)
+                rank = q  # a threshold or rectangle copied below is ranked by its failed warp's quality
                 if q < self.min_quality and q0 > q:  # a failed warp that aligns worse than none is not used
                     w, q = IDENTITY, q0
+                ranks.append(rank if isinstance(prof.gate, RectangleGate) else q)
                 if here is not values and prof.parent_values is not None and w is not IDENTITY:
                     # aligned on an ancestor: its warp is used only if it also brings the parent's
                     # own densities closer than no warp (gs_DC_auto: the CD11c / CD123 densities of
@@ -590,7 +600,7 @@ class Learner:
             g = warp_gate(prof.gate, warps)
             if here is values and isinstance(g, RectangleGate):  # aligned on the parent itself
                 g = self._at_valleys(prof, g, values, warps)
-            moved.append((min(qs), sid, g))
+            moved.append((min(ranks), sid, g, min(qs)))
         if not moved:
             raise GatingError("no example gate for this population", population=population)
         moved.sort(key=lambda m: -m[0])
@@ -609,15 +619,15 @@ class Learner:
                 note += f"; mean with the gate learned from {', '.join(m[1] for m in mine)} (same cytometer)"
         return g, q, note
 
-    def _combine(self, moved: list[tuple[float, str, Gate]]) -> tuple[Gate, float, str]:
+    def _combine(self, moved: list[tuple[float, str, Gate, float]]) -> tuple[Gate, float, str]:
         good = [m for m in moved if m[0] >= self.min_quality] or moved
         good = [m for m in good if m[0] >= good[0][0] - QUALITY_BAND]
         if self.combine == "median" and len(good) > 1:
-            med = _median_gate([g for _, _, g in good])
+            med = _median_gate([m[2] for m in good])
             if med is not None:
-                q = float(np.median([m[0] for m in good]))
-                return med, q, f"median of the gates learned from {', '.join(s for _, s, _ in good)}"
-        q, sid, g = good[0]
+                q = float(np.median([m[3] for m in good]))
+                return med, q, f"median of the gates learned from {', '.join(m[1] for m in good)}"
+        _, sid, g, q = good[0]
         return g, q, f"learned from {sid}"
 
     def _at_valleys(self, prof: _Profile, moved: RectangleGate, values, warps) -> RectangleGate:
