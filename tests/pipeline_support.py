@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,21 @@ def cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProce
         env=env,
         **kwargs,
     )
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback. Under pytest-xdist each worker takes only ports of its own
+    residue (port % workers == its number), so two workers never pick the same port in the moment
+    between choosing it and a server binding it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    mine = int(worker[2:]) % workers if worker.startswith("gw") and worker[2:].isdigit() else 0
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port % workers == mine:
+            return port
 
 
 def cli_env() -> dict[str, str]:

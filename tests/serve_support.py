@@ -9,7 +9,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from tests.pipeline_support import REPO, TEMPLATE, cli, cli_env
+from tests.pipeline_support import REPO, TEMPLATE, cli, cli_env, free_port
 
 PASSWORD = "correct horse battery"
 POSTGRES_ENV = "CYTOPIPE_TEST_POSTGRES_URL"
@@ -58,12 +57,6 @@ def fresh_database(backend: str) -> tuple[str | None, callable]:
             con.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
     return url, drop
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
