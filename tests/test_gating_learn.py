@@ -286,8 +286,13 @@ def small_study(tmp_path_factory):
 
 
 # Measured on seed 5150 (issue 10's Done-when line, not met yet): pooled F1 >= 0.995 for the
-# scatter, viability, T, CD4/CD8, memory and NK gates, Treg 0.985, Th1 0.951, cTfh 0.985, but Th17
-# 0.938 and activated cTfh 0.926 (2026-12-06 09:45 UTC, with a threshold above a one-peak negative
+# scatter, viability, T, CD4/CD8, memory and NK gates, Treg 0.985, Th1 0.970, cTfh 0.985, Th17
+# 0.951, but activated cTfh 0.922 (2026-12-06 13:01 UTC, the simulated files carrying each
+# instrument's serial number $CYTSN, so the same-cytometer rule below no longer pools two sites of
+# one cytometer model; tuning studies 5151-5160: Th17 0.9516 -> 0.9560, activated cTfh 0.9181 ->
+# 0.9254; and again at 13:34 UTC, the same, after a copy made where a warp failed is ranked by that
+# warp's quality: tuning activated cTfh 0.9254 -> 0.9278). Before $CYTSN Th17 0.938 and activated
+# cTfh 0.926, Th1 0.951 (2026-12-06 09:45 UTC, with a threshold above a one-peak negative
 # shifted by the middle of the peak's upper half (align.THRESHOLD_SHIFT_LEVEL) and a threshold
 # averaged with the same cytometer's example's (learn.SAME_CYTOMETER_WEIGHT), both chosen on tuning
 # seeds 5151-5160, figures in docs/gating.md section 6b). Before them Th17 0.935, activated cTfh
@@ -368,7 +373,7 @@ def small_study(tmp_path_factory):
 # on 5151; the same site's reviewed sample only: 0.952, 0.928, cTfh 0.945; a least-squares line
 # through the crossings at 0.8-0.2 of the peak (upper side, or both): 0.939-0.941, 0.923-0.930.
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="Th17 / activated cTfh below F1 0.95 (see comment)")
+@pytest.mark.xfail(strict=True, reason="activated cTfh below F1 0.95 (see comment)")
 def test_learned_gates_on_21_samples_of_a_random_instrument_study(tmp_path):
     study = _study(tmp_path / "trial", patients=12, events=20000)
     assert len(study.manifest) == 24
