@@ -218,10 +218,13 @@ def _fmo_controls(
     return rows
 
 
-def serial_number(inst: Instrument) -> str:
-    """The ``$CYTSN`` of a simulated instrument: one per profile drawn (a random profile is drawn
-    per site or batch, so two sites with the same cytometer model are two instruments; a named
-    profile is the same instrument everywhere), stable across runs and machines."""
+def serial_number(inst: Instrument) -> str | None:
+    """The ``$CYTSN`` of a drawn (``random``) instrument profile: one per profile drawn (one is
+    drawn per site or batch, so two sites with the same cytometer model are two instruments),
+    stable across runs and machines. None for a named profile: it is the same instrument
+    everywhere, and its files (``sample_data/``) stay as they were."""
+    if not inst.name.startswith(("random:", "random-mass:")):
+        return None
     return f"SIM-{zlib.crc32(inst.name.encode()):08X}"
 
 
@@ -233,9 +236,10 @@ def _write(path: Path, data, inst: Instrument, row: dict, sid: str) -> None:
     when = row.get("acquired_at") or f"{P.STUDY_START}T08:00:00"
     day, clock = when.split("T")
     y, mth, d = day.split("-")
+    serial = serial_number(inst)
     keywords = {
         "$CYT": f"{inst.cytometer} (cytopipe simulator)",
-        "$CYTSN": serial_number(inst),
+        **({"$CYTSN": serial} if serial else {}),
         "$DATE": f"{d}-{MONTHS[int(mth) - 1]}-{y}",
         "$BTIM": clock,
         "$TIMESTEP": repr(P.TIMESTEP),
