@@ -134,6 +134,42 @@ def test_a_threshold_leans_to_the_example_recorded_on_the_targets_cytometer():
     assert any("same cytometer" in text for _, text in on_a.sources)
 
 
+def test_a_small_parents_threshold_follows_the_same_cytometers_drift_on_its_grandparent():
+    """A threshold on a parent of 600 events ("small", aligned on "cells"), the target the example's
+    own events as its cytometer records them after drifting (A x1.5 + 0.3, so the right threshold
+    1.0 -> 1.8): the one-peak shift moves it by the negative's mode and half width only (~1.4);
+    the quartiles of the grandparent ("cells", 20 000 events) carry the offset and the gain, and the
+    threshold is the mean of the two. On an unnamed cytometer (no same-cytometer example) it is not
+    used."""
+    rng = np.random.default_rng(2)
+    a, b = Dim("A", compensation=None), Dim("B", compensation=None)
+    pops = {
+        "cells": Population("cells", "root", RectangleGate([b], [-10.0], [None])),
+        "small": Population("small", "cells", RectangleGate([b], [5.0], [None])),
+        "pos": Population("pos", "small", RectangleGate([a], [1.0], [None])),
+    }
+    template = Template(name="t", populations=pops, compensation="none")
+    x = _dim_marker(rng, 0.0, 0.2)
+    y = np.where(np.arange(len(x)) % 33 == 0, 6.0, 0.0)  # every 33rd event: 606 "small" events
+    channels = pd.DataFrame({"pnn": ["A", "B"], "pns": ["", ""]})
+
+    def sample(xa, cytometer):
+        return SimpleNamespace(events=np.column_stack([xa, y]).astype(np.float32), channels=channels,
+                               keywords={"$CYT": cytometer})  # fmt: skip
+
+    learner = Learner(
+        template, [Example("ex", {n: p.gate for n, p in pops.items()})], {"ex": sample(x, "Fortessa")}
+    )
+    drifted = 1.5 * x + 0.3
+    same = learner.gate(sample(drifted, "Fortessa"), sample_id="tg", medians=False)
+    other = learner.gate(sample(drifted, ""), sample_id="tg2", medians=False)
+    (t_same,), (t_other,) = same.populations["pos"].gate.lower, other.populations["pos"].gate.lower
+    print(f"\nthreshold 1.0 -> 1.8 by the drift: same cytometer {t_same:.3f}, unnamed {t_other:.3f}")
+    assert t_other < 1.5  # the one-peak shift alone
+    assert t_same == pytest.approx(0.5 * (t_other + 1.8), abs=0.03)
+    assert any("drift on cells" in text for _, text in same.sources)
+
+
 @pytest.mark.parametrize("width", [0.42, 0.45])
 def test_a_threshold_copied_after_a_failed_warp_does_not_outrank_an_aligned_one(width):
     """Example "aligned" is the target's data 0.3 higher and a little wider: its threshold 1.3 warps

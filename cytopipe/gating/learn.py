@@ -27,7 +27,8 @@ than the others, and then it alone sets the gate); a polygon comes from the exam
 densities agree best with the target's (polygons of different examples need not have matching
 vertices). A threshold or rectangle is then the mean of that gate and the one learned from the
 example(s) recorded on the target's own cytometer (:data:`SAME_CYTOMETER_WEIGHT`, FCS ``$CYT`` and
-``$CYTSN``).
+``$CYTSN``); a small parent's threshold also with that example's moved by the quartiles of
+its grandparent (:func:`cytopipe.gating.align.drift_threshold`).
 
 Every transferred gate gets an alignment quality: the overlap (area under the minimum of two
 normalised densities, 1 = identical) of the warped example density with the target's, the lowest
@@ -45,7 +46,7 @@ sample is never dropped. The gate source is ``learned``.
 The 1-D alignment itself (warps, their quality, moving a gate through them) is
 :mod:`cytopipe.gating.align`.
 
-Why one module (~790 lines): the examples files (read, write, the FlowJo / Gating-ML mapping) and
+Why one module (~810 lines): the examples files (read, write, the FlowJo / Gating-ML mapping) and
 the learner are one feature that no other module calls into piece by piece; the examples I/O is
 the natural split if it grows.
 """
@@ -63,7 +64,16 @@ from typing import Any
 import numpy as np
 
 from cytopipe.errors import GatingError, TemplateError
-from cytopipe.gating.align import IDENTITY, Valleys, at_valley, landmark_warp, overlap, valleys, warp_gate
+from cytopipe.gating.align import (
+    IDENTITY,
+    Valleys,
+    at_valley,
+    drift_threshold,
+    landmark_warp,
+    overlap,
+    valleys,
+    warp_gate,
+)
 from cytopipe.gating.engine import Engine, GatingResult
 from cytopipe.gating.fitters import DataDrivenGate
 from cytopipe.gating.gates import BooleanGate, Dim, EllipsoidGate, Gate, PolygonGate, RectangleGate
@@ -421,6 +431,8 @@ class _Profile:
     parent_values: dict[Dim, np.ndarray] | None = None  # the parent's own, when scope is an ancestor
     # a rectangle's: (axis, on its slab?) -> the example's valleys there, from all parent events
     valleys: dict[tuple[Dim, bool], Valleys] = field(default_factory=dict)
+    reference: str = ""  # a threshold's: its parent's parent, whose quartiles give the file's drift
+    reference_values: dict[Dim, np.ndarray] | None = None
 
 
 def _within(gate: RectangleGate, values: Sequence[np.ndarray], axes: Sequence[int]) -> np.ndarray:
@@ -546,6 +558,11 @@ class Learner:
                 pidx = result.indices(parent)
                 own = {d: _thin(engine.values(d, pidx, parent)) for d in g.dims}
             out[name] = _Profile(g, vals, n, scope, own)
+            grand = ROOT if parent == ROOT else self.template[parent].parent
+            if isinstance(g, RectangleGate) and len(g.dims) == 1 and grand != ROOT:
+                gidx = result.indices(grand)
+                out[name].reference = grand
+                out[name].reference_values = {d: _thin(engine.values(d, gidx, grand)) for d in g.dims}
             if scope == parent and isinstance(g, RectangleGate):
                 out[name].valleys = _rectangle_valleys(g, [engine.values(d, sidx, scope) for d in g.dims])
         return out
@@ -617,7 +634,26 @@ class Learner:
 
                 g = RectangleGate(g.dims, mix(own.lower, g.lower), mix(own.upper, g.upper), g.style)
                 note += f"; mean with the gate learned from {', '.join(m[1] for m in mine)} (same cytometer)"
+        same = [m[1] for m in moved if instrument and self.instruments.get(m[1]) == instrument]
+        if same and isinstance(g, RectangleGate) and self.combine == "median":
+            # the quartiles' drift does not rest on the warp: used whatever the warp's quality
+            g, note = self._drift_threshold(population, g, note, same, values_of)
         return g, q, note
+
+    def _drift_threshold(self, population: str, g: RectangleGate, note: str, same: list[str], values_of):
+        """A small parent's threshold (aligned on an ancestor in an example): the mean of ``g`` and
+        the same cytometer's example gate moved by its grandparent's quartiles (align.QUARTILES)."""
+        profs = [self.profiles[sid][population] for sid in same]
+        parent = self.template[population].parent
+        small = any(p[population].scope != parent for p in self.profiles.values() if population in p)
+        if not small or len(g.dims) != 1 or values_of is None or not all(p.reference_values for p in profs):
+            return g, note  # on every threshold: T cells' CD3 and cTfh's CXCR5 lost (docs/gating.md 6b)
+        if any(_signature(p.gate) != _signature(g) for p in profs):
+            return g, note
+        ref, d = profs[0].reference, g.dims[0]
+        xe = [p.reference_values[d] for p in profs]
+        g = drift_threshold(g, [p.gate for p in profs], xe, np.asarray(values_of(ref)[d]))
+        return g, note + f"; mean with its drift on {ref} (quartiles)"
 
     def _combine(self, moved: list[tuple[float, str, Gate, float]]) -> tuple[Gate, float, str]:
         good = [m for m in moved if m[0] >= self.min_quality] or moved
