@@ -374,12 +374,12 @@ def _blinded_outputs(
 
 def _remove_stale_report(run_dir: Path) -> None:
     """A report of an earlier state of this run folder would contradict the new tables: remove it
-    (``cytopipe report RUN_DIR`` writes it again)."""
-    import shutil
+    (``cytopipe report RUN_DIR`` writes it again). Of its tables folder only the tables it wrote go."""
+    from cytopipe.report.tables_folder import remove_tables
 
     if (run_dir / "report.html").is_file():
         (run_dir / "report.html").unlink()
-        shutil.rmtree(run_dir / "report_tables", ignore_errors=True)
+        remove_tables(run_dir / "report_tables")
         notice(
             "cytopipe run: removed the run folder's earlier report.html (it described the previous run); "
             "`cytopipe report RUN_DIR` writes a new one"

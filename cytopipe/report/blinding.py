@@ -442,11 +442,13 @@ def _cache_file_leaks(path: Path, pattern: re.Pattern) -> list[str]:
 
 
 def remove_report(run_dir: Path) -> None:
-    """Remove the run folder's report.html and report_tables/ (they describe an earlier state)."""
-    import shutil
+    """Remove the run folder's report.html and the tables it wrote in report_tables/ (they describe
+    an earlier state); any other file there is kept, with a warning
+    (:func:`cytopipe.report.tables_folder.remove_tables`)."""
+    from cytopipe.report.tables_folder import remove_tables
 
     (Path(run_dir) / "report.html").unlink(missing_ok=True)
-    shutil.rmtree(Path(run_dir) / "report_tables", ignore_errors=True)
+    remove_tables(Path(run_dir) / "report_tables")
 
 
 #: run.json's rerun record (cytopipe/rerun.py): hashes of the manifest, clinical table, workflow

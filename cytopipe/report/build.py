@@ -38,6 +38,7 @@ def build_report(
     from cytopipe.report.figcache import FigureCache
     from cytopipe.report.figures import style_context
     from cytopipe.report.sections import Builder, build_sections
+    from cytopipe.report.tables_folder import plan_tables, write_tables
 
     run_dir = Path(run_dir)
     out_path = Path(out) if out is not None else run_dir / "report.html"
@@ -79,6 +80,9 @@ def build_report(
             builder.gallery.close()  # a section that failed: the helper stops drawing
     # formula-like cells (=, +, -, @ ...) escaped: lab members open these in spreadsheets
     csvs = {name: csv_text(df) for name, df in builder.tables.items()}
+    files = {f"{name}.csv": text for name, text in csvs.items()}
+    # what happens to the CSV files already in the tables folder, checked before anything is written
+    plan = plan_tables(tables_dir, files, arms=data.codes if data.blinded else None)
 
     if data.blinded:
         # the page's text without the base64 figure data (any short string occurs in it by chance);
@@ -110,11 +114,7 @@ def build_report(
 
         recoded = rekey_folder(run_dir, data.folder_codes)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tables_dir.mkdir(exist_ok=True)
-    for old in tables_dir.glob("*.csv"):  # a previous report's tables (perhaps unblinded) go
-        old.unlink()
-    for name, text in csvs.items():
-        write_csv_text(tables_dir / f"{name}.csv", text)
+    write_tables(plan, files)  # a previous report's tables (perhaps unblinded) go; a user's files stay
     _atomic_write(out_path, page)
     cache.prune()  # the cache keeps this report's figures only
     if key is not None:
@@ -203,8 +203,8 @@ def report_key(
 
 
 def _refuse_inputs_in_tables(run_dir: Path, tables_dir: Path, clinical: Any, blind_key: Any) -> None:
-    """The report empties its tables folder of ``*.csv`` before writing its own: never when a CSV
-    it or the run reads is there (the manifest, the clinical table, a compensation matrix, the blind
+    """The report replaces the CSV files it wrote in its tables folder: never when a CSV it or the
+    run reads is there (the manifest, the clinical table, a compensation matrix, the blind
     key). A :class:`ReportError` (exit 2), before anything is written."""
     if not tables_dir.is_dir():
         return
@@ -227,7 +227,7 @@ def _refuse_inputs_in_tables(run_dir: Path, tables_dir: Path, clinical: Any, bli
         if what is not None:
             raise ReportError(
                 f"holds {csv.name}, {what}; the report replaces the CSV files of its tables folder "
-                f"(<report name>_tables beside the report), so it would delete it. Give --out another "
+                f"(<report name>_tables beside the report), so it could replace it. Give --out another "
                 "name or folder",
                 file=tables_dir,
             )

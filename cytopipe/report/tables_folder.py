@@ -1,0 +1,215 @@
+"""The report's tables folder (``<report name>_tables/`` beside the HTML): what the report may remove.
+
+A new report must not leave a previous report's tables behind (after blinding, an old unblinded table
+must not survive), and must never delete or replace a file that is not its own (a user's notes, an
+export from another tool, a table the user edited). So the report keeps a record of what it wrote:
+:data:`MANIFEST` in the folder (JSON, written atomically after the tables) lists every CSV it wrote
+with its sha256 and size. A later report removes or replaces only the files listed there whose
+content is still what it wrote; every other CSV is kept, with a warning naming it and what to do.
+
+Refused (a :class:`~cytopipe.errors.ReportError`, exit 2, before anything is written):
+
+* a CSV that is not the report's own (never written by it, or changed since) where the new report
+  writes a table of the same name: it would be replaced;
+* a blinded report, when an old table the report wrote was changed since (it was perhaps
+  written unblinded: the arm names, or the dose order of its rows; the user decides where it goes),
+  or when a user's CSV in the folder shows an arm name (a blinded report's folder must show none).
+
+A folder written before the manifest existed (no manifest): only CSV files named exactly as the
+report's tables (:data:`REPORT_TABLES`, and the tables this report writes) are removed: nothing else
+in the folder can be told apart from a user's file, and a report table of that name would have been
+replaced by the new report anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cytopipe.errors import ReportError
+
+logger = logging.getLogger(__name__)
+
+#: the record of the CSV files the report wrote in its tables folder
+MANIFEST = ".cytopipe-report-tables.json"
+_ABOUT = (
+    "written by cytopipe report: the CSV files it wrote in this folder (name, sha256, bytes). "
+    "A later report removes only these, and only while unchanged; keep this file."
+)
+#: the name of every CSV a report can write (``cytopipe/report/sections.py``, ``batches.py``,
+#: ``review_section.py``): in a folder without a manifest only these are removed
+REPORT_TABLES = frozenset(
+    f"{name}.csv"
+    for name in (
+        "not_measured", "samples", "qc_removed", "failures", "flags", "controls", "gate_review",
+        "dynamics_by_arm", "dynamics_per_sample", "response_rates", "response_tests", "correlations",
+        "model_arm_visit", "model_joint_tests", "cluster_metaclusters", "cluster_nodes",
+        "cluster_concordance_f1", "cluster_concordance", "cluster_statistics", "cluster_models",
+        "cluster_arm_visit", "cluster_abundance", "batch_shifts", "westgard_flags", "site_medians", "batch_medians",
+        "levey_jennings", "gate_overrides",
+    )
+)  # fmt: skip
+
+
+@dataclass
+class TablesPlan:
+    """What a report does to its tables folder: ``remove`` its own old tables (name -> the sha256
+    they had when checked), ``keep`` every other CSV (name -> the warning that names it),
+    ``changed``: the kept tables an earlier report wrote (name -> the sha256 it wrote)."""
+
+    folder: Path
+    remove: dict[str, str] = field(default_factory=dict)
+    keep: dict[str, str] = field(default_factory=dict)
+    changed: dict[str, str] = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _entry(text: str) -> dict[str, object]:
+    data = text.encode("utf-8")
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def read_manifest(folder: Path) -> dict[str, set[str]] | None:
+    """``{csv name: {sha256, ...}}`` of the files the report wrote in ``folder``; ``None`` when the
+    folder has no readable manifest (written before it existed, or damaged)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        recorded: dict[str, set[str]] = {}
+        # "writing": tables being written when a report stopped; "changed": tables an earlier report
+        # wrote that were edited since (kept, and still told apart from a user's own files)
+        for part in ("files", "writing", "changed"):
+            for name, entry in (data.get(part) or {}).items():
+                recorded.setdefault(str(name), set()).add(str(entry["sha256"]))
+        return recorded
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        logger.warning(
+            "%s: the report's record of its tables (%s) cannot be read; only CSV files named as the "
+            "report's tables are removed. Delete the record if you edited it",
+            folder,
+            MANIFEST,
+        )
+        return None
+
+
+def _save_manifest(folder: Path, files: Mapping[str, Mapping], **parts: Mapping[str, Mapping]) -> None:
+    from cytopipe.store import atomic_write_bytes
+
+    data = {"about": _ABOUT, "files": dict(sorted(files.items()))}
+    data |= {part: dict(sorted(entries.items())) for part, entries in parts.items() if entries}
+    atomic_write_bytes(folder / MANIFEST, (json.dumps(data, indent=1) + "\n").encode("utf-8"))
+
+
+def plan_tables(folder: Path, new: Mapping[str, str], arms: Iterable[str] | None = None) -> TablesPlan:
+    """Check ``folder`` before a report writes ``new`` (``{csv name: text}``) there and say what
+    goes. ``arms``: the arm names of a blinded report (``None``: not blinded). Raises
+    :class:`ReportError` (nothing written yet) when a file that is not the report's own is in the
+    way (see the module's docstring)."""
+    from cytopipe.report.blinding import find_leaks
+
+    folder = Path(folder)
+    plan = TablesPlan(folder)
+    if not folder.is_dir():
+        return plan
+    recorded = read_manifest(folder)
+    for path in sorted(folder.glob("*.csv")):
+        name = path.name
+        if not path.is_file():
+            continue
+        digest = _sha256(path)
+        if recorded is None:
+            own = name in REPORT_TABLES or name in new  # an older version's table (see the docstring)
+        else:
+            own = digest in recorded.get(name, set())
+        if own:
+            plan.remove[name] = digest
+            continue
+        changed = recorded is not None and name in recorded
+        what = "a table an earlier report wrote, changed since" if changed else "not written by the report"
+        if name in new:
+            raise ReportError(
+                f"holds {name}, {what}; the new report writes a table of that name and would replace it. "
+                "Move or rename the file (your changes are kept), then run the report again",
+                file=folder,
+            )
+        if arms is not None:
+            leaks = find_leaks({name: path.read_text(encoding="utf-8", errors="replace")}, arms)
+            if changed or leaks:
+                why = "it shows arm names" if leaks else "it may show the arms (edited since it was written)"
+                raise ReportError(
+                    f"holds {name}, {what}, beside the tables of a blinded report ({why}); nothing was "
+                    "written. Move the file out of the folder (or delete it), then run the report again",
+                    file=folder,
+                )
+        if changed:
+            plan.changed[name] = sorted(recorded[name])[0]  # type: ignore[index]
+        todo = (
+            "delete it if the new tables replace it"
+            if changed
+            else "move it elsewhere if it does not belong here"
+        )
+        plan.keep[name] = f"{folder}: kept {name} ({what}): the report removes only its own tables; {todo}"
+    return plan
+
+
+def write_tables(plan: TablesPlan, new: Mapping[str, str]) -> None:
+    """Write the report's ``new`` tables (``{csv name: text}``) into ``plan.folder``: its own old
+    tables removed (each checked again: one changed meanwhile is kept), every other CSV kept with a
+    warning, each table written atomically, and the manifest written last. Before anything else the
+    manifest lists the old tables and the ones about to be written, so that a report stopped
+    half-way still knows its own files."""
+    from cytopipe.report.build import write_csv_text
+
+    folder = plan.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    changed = {n: {"sha256": s} for n, s in plan.changed.items()}
+    _save_manifest(folder, {n: {"sha256": s} for n, s in plan.remove.items()},
+                   writing={n: _entry(t) for n, t in new.items()}, changed=changed)  # fmt: skip
+    for name, digest in plan.remove.items():
+        path = folder / name
+        if name in new or not path.is_file():
+            continue  # replaced below (atomically)
+        if _sha256(path) != digest:
+            logger.warning("%s: kept %s (changed while the report was written)", folder, name)
+            continue
+        path.unlink()
+    for message in plan.keep.values():
+        logger.warning("%s", message)
+    for name, text in new.items():
+        write_csv_text(folder / name, text)
+    _save_manifest(folder, {n: _entry(t) for n, t in new.items()}, changed=changed)
+
+
+def remove_tables(folder: Path) -> list[str]:
+    """Remove a report's tables folder (the report describes an earlier state of the run): the CSV
+    files it wrote, unchanged, then the folder when nothing else is left in it. Every other file is
+    kept, with a warning; the manifest then lists the kept tables an earlier report wrote (changed
+    since), so that no later report takes them for a user's own. Returns the names kept."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    plan = plan_tables(folder, {})
+    for name, digest in plan.remove.items():
+        path = folder / name
+        if path.is_file() and _sha256(path) == digest:
+            path.unlink()
+    for message in plan.keep.values():
+        logger.warning("%s", message)
+    if plan.changed:
+        _save_manifest(folder, {}, changed={n: {"sha256": s} for n, s in plan.changed.items()})
+    else:
+        (folder / MANIFEST).unlink(missing_ok=True)
+    try:
+        folder.rmdir()  # only when empty
+    except OSError:
+        pass
+    return sorted(plan.keep)
