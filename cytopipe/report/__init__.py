@@ -112,7 +112,8 @@ def write_report(
     """Write the report of a run folder; returns the path of the HTML file.
 
     ``out`` defaults to ``RUN_DIR/report.html``; the CSV tables go to ``<out stem>_tables/`` beside
-    it (``RUN_DIR/report_tables/``), replacing the CSV files a previous report left there.
+    it (``RUN_DIR/report_tables/``), replacing the CSV files a previous report wrote there (only
+    those, and only while unchanged: :mod:`cytopipe.report.tables_folder`; any other CSV is kept).
     ``blinded`` replaces every arm name by a code (``blind_key`` fixes the codes); the report is
     checked for any arm name before anything is written (:class:`~cytopipe.errors.ReportError`
     if one would leak). ``clinical``: a clinical CSV path or table instead of the run's.

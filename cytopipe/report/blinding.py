@@ -306,12 +306,18 @@ def _frame_changed(a: pd.DataFrame, b: pd.DataFrame) -> bool:
 
 
 def recode_folder(
-    run_dir: str | Path, codes: Mapping[str, str], info: Mapping, *, unblind: bool = False
+    run_dir: str | Path,
+    codes: Mapping[str, str],
+    info: Mapping,
+    *,
+    unblind: bool = False,
+    warn_kept: bool = True,
 ) -> list[str]:
     """Rewrite every table of a run folder with arm names replaced by codes (or back): its Parquet
     tables (``.cache/``, the private per-sample cache, aside), text files, the DuckDB catalog and
     run.json (``info``, already holding the new blinding record). A report of the earlier state is
-    removed (the command writes a new one). Returns the files rewritten (relative paths)."""
+    removed (the command writes a new one; ``warn_kept=False``: it writes its tables into that folder
+    and warns about the files it keeps itself). Returns the files rewritten (relative paths)."""
     from cytopipe.store import CATALOG, TABLES, atomic_write_bytes, atomic_write_json, atomic_write_parquet
 
     run_dir = Path(run_dir)
@@ -348,7 +354,7 @@ def recode_folder(
         write_catalog(run_dir / CATALOG, tables, info)
     atomic_write_json(run_dir / "run.json", dict(info))
     if changed:  # a report of the earlier state would contradict the tables
-        remove_report(run_dir)
+        remove_report(run_dir, warn=warn_kept)
     if not unblind:
         changed += scrub_cache(run_dir, codes)
     changed.append("run.json")
@@ -441,14 +447,14 @@ def _cache_file_leaks(path: Path, pattern: re.Pattern) -> list[str]:
     return ["file"] if pattern.search(text) else []
 
 
-def remove_report(run_dir: Path) -> None:
+def remove_report(run_dir: Path, *, warn: bool = True) -> None:
     """Remove the run folder's report.html and the tables it wrote in report_tables/ (they describe
     an earlier state); any other file there is kept, with a warning
     (:func:`cytopipe.report.tables_folder.remove_tables`)."""
     from cytopipe.report.tables_folder import remove_tables
 
     (Path(run_dir) / "report.html").unlink(missing_ok=True)
-    remove_tables(Path(run_dir) / "report_tables")
+    remove_tables(Path(run_dir) / "report_tables", warn=warn)
 
 
 #: run.json's rerun record (cytopipe/rerun.py): hashes of the manifest, clinical table, workflow

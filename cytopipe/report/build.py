@@ -107,7 +107,10 @@ def build_report(
         record = new_record(
             data.codes, "cytopipe report --blinded", run_dir, previous=data.info.get("blinding")
         )
-        recode_folder(run_dir, data.codes, blinded_info(data.info, data.codes, record))
+        same_tables = tables_dir.resolve() == (run_dir / "report_tables").resolve()  # warned below
+        recode_folder(
+            run_dir, data.codes, blinded_info(data.info, data.codes, record), warn_kept=not same_tables
+        )
         recoded = True
     elif data.folder_codes is not None:  # e.g. a copied folder (its secret left behind): keyed anew
         from cytopipe.report.blindrecord import rekey_folder

@@ -189,11 +189,12 @@ def write_tables(plan: TablesPlan, new: Mapping[str, str]) -> None:
     _save_manifest(folder, {n: _entry(t) for n, t in new.items()}, changed=changed)
 
 
-def remove_tables(folder: Path) -> list[str]:
+def remove_tables(folder: Path, *, warn: bool = True) -> list[str]:
     """Remove a report's tables folder (the report describes an earlier state of the run): the CSV
     files it wrote, unchanged, then the folder when nothing else is left in it. Every other file is
     kept, with a warning; the manifest then lists the kept tables an earlier report wrote (changed
-    since), so that no later report takes them for a user's own. Returns the names kept."""
+    since), so that no later report takes them for a user's own. Returns the names kept (``warn``:
+    log a warning naming each)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -202,7 +203,7 @@ def remove_tables(folder: Path) -> list[str]:
         path = folder / name
         if path.is_file() and _sha256(path) == digest:
             path.unlink()
-    for message in plan.keep.values():
+    for message in plan.keep.values() if warn else ():
         logger.warning("%s", message)
     if plan.changed:
         _save_manifest(folder, {}, changed={n: {"sha256": s} for n, s in plan.changed.items()})
