@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
@@ -82,7 +83,8 @@ def build_report(
     csvs = {name: csv_text(df) for name, df in builder.tables.items()}
     files = {f"{name}.csv": text for name, text in csvs.items()}
     # what happens to the CSV files already in the tables folder, checked before anything is written
-    plan = plan_tables(tables_dir, files, arms=data.codes if data.blinded else None)
+    leaks = functools.partial(find_leaks, arms=data.codes) if data.blinded else None
+    plan = plan_tables(tables_dir, files, leaks=leaks)
 
     if data.blinded:
         # the page's text without the base64 figure data (any short string occurs in it by chance);
@@ -117,7 +119,9 @@ def build_report(
 
         recoded = rekey_folder(run_dir, data.folder_codes)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    write_tables(plan, files)  # a previous report's tables (perhaps unblinded) go; a user's files stay
+    write_tables(
+        plan, files, write_csv_text
+    )  # a previous report's tables (perhaps unblinded) go; a user's files stay
     _atomic_write(out_path, page)
     cache.prune()  # the cache keeps this report's figures only
     if key is not None:

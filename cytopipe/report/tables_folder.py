@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,13 +109,13 @@ def _save_manifest(folder: Path, files: Mapping[str, Mapping], **parts: Mapping[
     atomic_write_bytes(folder / MANIFEST, (json.dumps(data, indent=1) + "\n").encode("utf-8"))
 
 
-def plan_tables(folder: Path, new: Mapping[str, str], arms: Iterable[str] | None = None) -> TablesPlan:
+def plan_tables(
+    folder: Path, new: Mapping[str, str], leaks: Callable[[Mapping[str, str]], list[str]] | None = None
+) -> TablesPlan:
     """Check ``folder`` before a report writes ``new`` (``{csv name: text}``) there and say what
-    goes. ``arms``: the arm names of a blinded report (``None``: not blinded). Raises
-    :class:`ReportError` (nothing written yet) when a file that is not the report's own is in the
-    way (see the module's docstring)."""
-    from cytopipe.report.blinding import find_leaks
-
+    goes. ``leaks``: a blinded report's leak check (:func:`cytopipe.report.blinding.find_leaks` with
+    its arm names; ``None``: not blinded). Raises :class:`ReportError` (nothing written yet) when a
+    file that is not the report's own is in the way (see the module's docstring)."""
     folder = Path(folder)
     plan = TablesPlan(folder)
     if not folder.is_dir():
@@ -141,10 +141,10 @@ def plan_tables(folder: Path, new: Mapping[str, str], arms: Iterable[str] | None
                 "Move or rename the file (your changes are kept), then run the report again",
                 file=folder,
             )
-        if arms is not None:
-            leaks = find_leaks({name: path.read_text(encoding="utf-8", errors="replace")}, arms)
-            if changed or leaks:
-                why = "it shows arm names" if leaks else "it may show the arms (edited since it was written)"
+        if leaks is not None:
+            shown = leaks({name: path.read_text(encoding="utf-8", errors="replace")})
+            if changed or shown:
+                why = "it shows arm names" if shown else "it may show the arms (edited since it was written)"
                 raise ReportError(
                     f"holds {name}, {what}, beside the tables of a blinded report ({why}); nothing was "
                     "written. Move the file out of the folder (or delete it), then run the report again",
@@ -161,14 +161,12 @@ def plan_tables(folder: Path, new: Mapping[str, str], arms: Iterable[str] | None
     return plan
 
 
-def write_tables(plan: TablesPlan, new: Mapping[str, str]) -> None:
-    """Write the report's ``new`` tables (``{csv name: text}``) into ``plan.folder``: its own old
-    tables removed (each checked again: one changed meanwhile is kept), every other CSV kept with a
-    warning, each table written atomically, and the manifest written last. Before anything else the
+def write_tables(plan: TablesPlan, new: Mapping[str, str], write: Callable[[Path, str], None]) -> None:
+    """Write the report's ``new`` tables (``{csv name: text}``) into ``plan.folder`` with ``write``
+    (atomic): its own old tables removed (each checked again: one changed meanwhile is kept), every
+    other CSV kept with a warning, and the manifest written last. Before anything else the
     manifest lists the old tables and the ones about to be written, so that a report stopped
     half-way still knows its own files."""
-    from cytopipe.report.build import write_csv_text
-
     folder = plan.folder
     folder.mkdir(parents=True, exist_ok=True)
     changed = {n: {"sha256": s} for n, s in plan.changed.items()}
@@ -185,7 +183,7 @@ def write_tables(plan: TablesPlan, new: Mapping[str, str]) -> None:
     for message in plan.keep.values():
         logger.warning("%s", message)
     for name, text in new.items():
-        write_csv_text(folder / name, text)
+        write(folder / name, text)
     _save_manifest(folder, {n: _entry(t) for n, t in new.items()}, changed=changed)
 
 
