@@ -428,8 +428,11 @@ def small_study(tmp_path_factory):
 # shift matching the upper half-maximum crossing (no scale): 0.949, 0.927, 0.965, but Th17 0.950
 # on 5151; the same site's reviewed sample only: 0.952, 0.928, cTfh 0.945; a least-squares line
 # through the crossings at 0.8-0.2 of the peak (upper side, or both): 0.939-0.941, 0.923-0.930.
+# 2026-12-06 15:41 UTC, with the small-parent drift rule and the humps shift (align.py): Th17
+# 0.951 -> 0.948, activated cTfh 0.922 -> 0.918 here; on ten fresh validation studies (5171-5180)
+# both rose (activated cTfh +0.0145, 10 of 10; Th17 +0.0035, 8 of 9 that moved): docs/gating.md 6b.
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="activated cTfh below F1 0.95 (see comment)")
+@pytest.mark.xfail(strict=True, reason="activated cTfh and Th17 below F1 0.95 on 5150 (see comment)")
 def test_learned_gates_on_21_samples_of_a_random_instrument_study(tmp_path):
     study = _study(tmp_path / "trial", patients=12, events=20000)
     assert len(study.manifest) == 24
