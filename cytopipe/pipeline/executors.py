@@ -4,8 +4,10 @@
 ``cytopipe gate``) and :class:`DaskExecutor` (a LocalCluster of 1-thread worker processes, or an
 existing scheduler). Both have ``map(fn, items, shared, desc, progress)`` yielding
 ``(index, result)`` as tasks finish; a task that never returns comes back as a
-:class:`TaskFailure`. Worker settings (BLAS threads) go to the workers through the nanny's
-environment and a worker plugin; this process's ``os.environ`` is not changed.
+:class:`TaskFailure`, and so does every task still waiting when the cluster has had no live
+worker for too long (a local cluster's dropped workers are started again first). Worker settings
+(BLAS threads) go to the workers through the nanny's environment and a worker plugin; this
+process's ``os.environ`` is not changed.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ class TaskError(RuntimeError):
     """A submitted task that did not return (its worker died, it was cancelled, ...)."""
 
 
+class NoWorkerError(TaskError):
+    """A task given up on: the Dask cluster had no live worker for too long."""
+
+
 @dataclass
 class TaskFailure:
     """A task that did not return (worker died too often, cancelled, ...)."""
@@ -134,6 +140,69 @@ QUIET_LOCAL_CLUSTER = {
 # environment of local worker processes (given to the nannies; this process's is not changed)
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
+# A cluster with no live worker. A LocalCluster can end with none for good: when the scheduler
+# reports a worker lost, the cluster (distributed.deploy.SpecCluster) waits
+# `distributed.deploy.lost-worker-timeout` (15 s) and then closes that worker's nanny for good if
+# no worker of that name is registered at that moment; a nanny restarting a worker that a sample
+# kills again and again (4 s per restart on a loaded machine) is often caught between two
+# workers, and nothing starts it again (dask 2026.8.0). The executor's tasks then waited for ever.
+# Now: after NO_WORKER_RESTORE_S without a live worker a local cluster's dropped nannies are
+# started again (an existing scheduler: a warning, then one every NO_WORKER_WARN_EVERY_S, while a
+# lab may be starting workers); after the timeout the phase ends and every sample still waiting
+# fails with a message that says why.
+NO_WORKER_RESTORE_S = 10.0
+NO_WORKER_TIMEOUT_LOCAL_S = 120.0
+NO_WORKER_TIMEOUT_EXISTING_S = 1800.0
+NO_WORKER_WARN_EVERY_S = 60.0
+_WATCH_EVERY_S = 2.0  # how often the scheduler is asked for its workers while nothing finishes
+
+
+class _WorkerWatch:
+    """Notices a Dask cluster that has had no live worker for too long (see NO_WORKER_RESTORE_S)."""
+
+    def __init__(self, executor: DaskExecutor, desc: str):
+        self.executor = executor
+        self.desc = desc
+        self.timeout = executor.no_worker_timeout
+        self.grace = min(NO_WORKER_RESTORE_S, self.timeout / 2)
+        self.checked = time.monotonic()
+        self.since: float | None = None  # when the cluster was first seen without a worker
+        self.acted = 0.0  # when the last warning was logged (existing scheduler)
+        self.gave_up = False
+
+    def failure(self) -> str | None:
+        """None while the cluster has a worker (or may get one soon); else why the phase ends."""
+        now = time.monotonic()
+        if now - self.checked < min(_WATCH_EVERY_S, self.grace):
+            return None
+        self.checked = now
+        if self.executor._live_workers() > 0:
+            self.since = None
+            return None
+        if self.since is None:
+            self.since = now
+            return None
+        idle = now - self.since
+        if idle >= self.timeout:
+            message = self.executor._no_worker_message(idle)
+            if not self.gave_up:
+                logger.error("%s: the samples still waiting fail: %s", self.desc, message)
+                self.gave_up = True
+            return message
+        if idle < self.grace:
+            return None
+        if self.executor.kind == "local":  # at every check: the cluster can drop a restored one too
+            self.executor._restore_workers(self.desc, idle)
+        elif self.acted < self.since or now - self.acted >= NO_WORKER_WARN_EVERY_S:
+            self.acted = now
+            logger.warning(
+                "%s: the Dask scheduler %s has had no worker for %.0f s; waiting for workers "
+                "(start them, e.g. `dask worker %s`); the samples still waiting fail after %.0f s",
+                self.desc, self.executor.client.scheduler.address, idle,
+                self.executor.client.scheduler.address, self.timeout,
+            )  # fmt: skip
+        return None
+
 
 @contextlib.contextmanager
 def _workers_ignore_ctrl_c() -> Iterator[None]:
@@ -162,11 +231,18 @@ class DaskExecutor:
         address: str | None = None,
         memory_limit: str | None = None,
         connect_timeout: float = 20.0,
+        no_worker_timeout: float | None = None,
     ):
+        """``no_worker_timeout``: seconds without a live worker after which the samples still
+        waiting fail (default NO_WORKER_TIMEOUT_LOCAL_S, or NO_WORKER_TIMEOUT_EXISTING_S with
+        ``address``)."""
         import dask
         from dask.distributed import Client, LocalCluster
 
         self.cluster = None
+        self.no_worker_timeout = no_worker_timeout or (
+            NO_WORKER_TIMEOUT_EXISTING_S if address else NO_WORKER_TIMEOUT_LOCAL_S
+        )
         if address:
             try:
                 self.client = Client(address, timeout=connect_timeout)
@@ -242,8 +318,6 @@ class DaskExecutor:
     def map(
         self, fn: Callable, items: Sequence, shared: Any, desc: str, progress: bool
     ) -> Iterator[tuple[int, Any]]:
-        from dask.distributed import as_completed
-
         if not items:
             return
         token = stable_hash([desc, time.time_ns()])[:10]
@@ -274,10 +348,11 @@ class DaskExecutor:
         # alone on the cluster: a worker holds two tasks at a time, so a file that kills its
         # worker takes the task queued next to it down too, and that one must not fail for it.
         again: list[int] = []
+        watch = _WorkerWatch(self, desc)
         try:
-            for fut in as_completed(list(futures)):
+            for fut, failure in self._finished(list(futures), watch):
                 i = futures.pop(fut)
-                value = _value(fut)
+                value = failure or self._value(fut, watch)
                 if isinstance(value, TaskFailure) and value.error_type == "KilledWorker":
                     again.append(i)
                     continue
@@ -288,10 +363,15 @@ class DaskExecutor:
                     "%s: %d sample(s) were on a worker that died too often; running each again alone",
                     desc, len(again),
                 )  # fmt: skip
-            for i in sorted(again):
+            for n, i in enumerate(sorted(again)):
                 fut = submit(i, "-again")
                 futures.pop(fut)
-                value = _value(fut)
+                value = self._value(fut, watch)
+                if isinstance(value, TaskFailure) and value.error_type == "NoWorker":
+                    for j in sorted(again)[n:]:  # no worker left: the rest are not tried
+                        bar.update(1)
+                        yield j, value
+                    return
                 bar.update(1)
                 yield i, value
         finally:
@@ -311,7 +391,9 @@ class DaskExecutor:
 
         def get() -> Any:
             try:
-                return fut.result()
+                return self._result(fut, _WorkerWatch(self, desc))
+            except TaskError:
+                raise  # no worker for too long
             except Exception as exc:
                 if type(exc).__module__.startswith(("distributed", "asyncio", "concurrent")):
                     raise TaskError(_task_failure_message(exc)) from exc
@@ -320,6 +402,122 @@ class DaskExecutor:
                 fut.release()
 
         return Deferred(get)
+
+    def _finished(self, futs: list, watch: _WorkerWatch) -> Iterator[tuple[Any, TaskFailure | None]]:
+        """``futs`` as they finish (``as_completed``), each with None; when the cluster has had no
+        live worker for ``no_worker_timeout`` seconds, the ones still waiting are cancelled and
+        come at once (in the order given), each with the TaskFailure that says so."""
+        from dask.distributed import as_completed
+
+        done = as_completed(futs)
+        waiting = dict.fromkeys(futs)  # ordered
+        while waiting:
+            if done.has_ready():
+                fut = next(done)
+                waiting.pop(fut, None)
+                watch.since = None  # a task ended: the cluster is not stuck (a worker may be starting)
+                yield fut, None
+                continue
+            message = watch.failure()
+            if message is not None:
+                self.client.cancel(list(waiting))
+                failure = TaskFailure(message, "NoWorker")
+                for fut in list(waiting):
+                    yield fut, failure
+                return
+            with done.thread_condition:  # woken when a task finishes (as as_completed does)
+                done.thread_condition.wait(timeout=0.1)
+
+    def _result(self, fut: Any, watch: _WorkerWatch) -> Any:
+        """``fut.result()``, or NoWorkerError when the watch gives up on the cluster. A finished
+        task's result can still be lost with its worker before it is fetched (the scheduler then
+        computes it again): the wait goes on under the watch."""
+        from dask.distributed import TimeoutError as DaskTimeoutError
+        from dask.distributed import wait
+
+        limit = 2 * _WATCH_EVERY_S
+        while True:
+            while fut.status in ("pending", "lost"):
+                with contextlib.suppress(DaskTimeoutError):
+                    wait([fut], timeout=1.0)
+                if fut.status in ("pending", "lost") and (message := watch.failure()) is not None:
+                    fut.cancel()
+                    raise NoWorkerError(message)
+            try:
+                return fut.result(timeout=limit)
+            except DaskTimeoutError:
+                if fut.status == "error":
+                    raise  # the task's own TimeoutError
+                if fut.status == "finished":
+                    limit *= 2  # a large result on its way: a fetch cut short is started again
+                # else lost with its worker on the way: the scheduler computes it again
+
+    def _value(self, fut: Any, watch: _WorkerWatch) -> Any:
+        """A task's result, or a TaskFailure when it did not return; the future is released."""
+        try:
+            value = self._result(fut, watch)
+        except NoWorkerError as exc:
+            value = TaskFailure(str(exc), "NoWorker")
+        except Exception as exc:  # KilledWorker, CancelledError, comm errors
+            value = TaskFailure(_task_failure_message(exc), type(exc).__name__)
+        fut.release()
+        if not (isinstance(value, TaskFailure) and value.error_type == "NoWorker"):
+            watch.since = None  # a task ended: the cluster is not stuck
+        return value
+
+    def _live_workers(self) -> int:
+        """The workers the scheduler has now (0 when it does not answer)."""
+        try:
+            return len(self.client.nthreads())
+        except Exception as exc:  # noqa: BLE001 - a scheduler that does not answer has no worker for us
+            logger.debug("the Dask scheduler did not say how many workers it has: %s", exc)
+            return 0
+
+    def _restore_workers(self, desc: str, idle: float) -> None:
+        """A local cluster: start again the worker processes (nannies) it has dropped or that
+        closed themselves; the cluster's specification still names them."""
+        from distributed.core import Status
+
+        cluster = self.cluster
+
+        async def reopen() -> list:
+            gone = [n for n, w in cluster.workers.items() if w.status in (Status.closed, Status.failed)]
+            for name in gone:
+                del cluster.workers[name]
+            missing = sorted(set(cluster.worker_spec) - set(cluster.workers), key=str)
+            await cluster._correct_state()  # what SpecCluster.scale does: start what the spec names
+            return missing
+
+        try:
+            missing = cluster.sync(reopen, callback_timeout=60)
+        except Exception as exc:  # noqa: BLE001 - reported; the watch fails the phase if no worker comes
+            logger.warning(
+                "%s: no Dask worker alive for %.0f s; starting them again failed: %s", desc, idle, exc
+            )
+            return
+        if not missing:
+            return  # their nannies are (re)starting them
+        logger.warning(
+            "%s: no Dask worker alive for %.0f s (the cluster had dropped %d of its %d worker "
+            "processes after repeated crashes); started them again",
+            desc, idle, len(missing), len(cluster.worker_spec),
+        )  # fmt: skip
+
+    def _no_worker_message(self, idle: float) -> str:
+        if self.kind == "local":
+            return (
+                f"not processed: no Dask worker alive for {idle:.0f} s, and starting the local "
+                "workers again did not bring one back; the workers were killed repeatedly, possibly "
+                "by memory limits (see --memory-limit, and the system's OOM killer in dmesg) or a "
+                "crash in a native library; run again with fewer --workers or a larger "
+                "--memory-limit (the samples already done are kept)"
+            )
+        return (
+            f"not processed: the Dask scheduler {self.client.scheduler.address} had no worker for "
+            f"{idle:.0f} s; start workers for it (`dask worker {self.client.scheduler.address}`), "
+            "or check why they died (memory limits, a crash in a native library), and run again "
+            "(the samples already done are kept)"
+        )
 
     def info(self) -> dict[str, Any]:
         return {
@@ -350,16 +548,6 @@ class DaskExecutor:
 def _shared(state: Any) -> Any:
     """The phase's shared state, as a task result the scheduler can recompute."""
     return state
-
-
-def _value(fut: Any) -> Any:
-    """A task's result, or a TaskFailure when it did not return; the future is released."""
-    try:
-        value = fut.result()
-    except Exception as exc:  # KilledWorker, CancelledError, comm errors
-        value = TaskFailure(_task_failure_message(exc), type(exc).__name__)
-    fut.release()
-    return value
 
 
 def _task_priority(item: Any) -> int:
