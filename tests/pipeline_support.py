@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -75,12 +76,23 @@ def free_port() -> int:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
     mine = int(worker[2:]) % workers if worker.startswith("gw") and worker[2:].isdigit() else 0
-    while True:
+    if workers == 1:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port % workers == mine:
-            return port
+            return s.getsockname()[1]
+    # A port of our residue chosen here, below Linux's ephemeral range (32768-60999): the kernel's
+    # own choice for port 0 has one parity only (odd on 6.18), so a worker waiting for a port of the
+    # other residue waited for ever (it hung `-n 2` in a serve test's setup).
+    rng = random.Random()
+    for _ in range(10_000):
+        port = rng.randrange(10_000 // workers, 32_000 // workers) * workers + mine
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free TCP port of residue {mine} (mod {workers}) below 32000")
 
 
 def cli_env() -> dict[str, str]:
