@@ -20,6 +20,8 @@ import pandas as pd
 
 from cytopipe.schema import STATS_COLUMNS
 
+ARMS = ["placebo", "IL-2 0.2 MIU", "IL-2 0.5 MIU", "IL-2 1.0 MIU"]
+
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "gating" / "sle_il2_tcell_nk.yaml"
 
@@ -127,3 +129,15 @@ def build_cohort_run(out_dir: Path, *, n_patients: int = 60, seed: int = 5, effe
     }
     (out_dir / "run.json").write_text(json.dumps(info), encoding="utf-8")
     return out_dir, cohort.clinical
+
+
+def arm_mismatch(clinical: pd.DataFrame, folder: Path) -> tuple[str, Path]:
+    """(patient, path): the clinical table with its first patient given another arm."""
+    patient = sorted(clinical["patient_id"])[0]
+    arm = clinical.loc[clinical["patient_id"] == patient, "arm"].iloc[0]
+    other = next(a for a in ARMS if a != arm)
+    path = folder / "arm_mismatch.csv"
+    clinical.assign(arm=clinical["arm"].where(clinical["patient_id"] != patient, other)).to_csv(
+        path, index=False
+    )
+    return patient, path

@@ -22,9 +22,8 @@ import pytest
 from cytopipe.errors import ReportError
 from cytopipe.report import write_report
 from tests.conftest import SAMPLE_DATA
-from tests.report_support import REPO, build_cohort_run
+from tests.report_support import ARMS, REPO, arm_mismatch, build_cohort_run
 
-ARMS = ["placebo", "IL-2 0.2 MIU", "IL-2 0.5 MIU", "IL-2 1.0 MIU"]
 SECTIONS = ["overview", "qc", "gates", "dynamics", "clinical", "correlations", "models", "files"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -427,18 +426,6 @@ def _report_cli(run, *args):
                           capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
 
 
-def _arm_mismatch(clinical: pd.DataFrame, folder: Path) -> tuple[str, Path]:
-    """(patient, path): the clinical table with its first patient given another arm."""
-    patient = sorted(clinical["patient_id"])[0]
-    arm = clinical.loc[clinical["patient_id"] == patient, "arm"].iloc[0]
-    other = next(a for a in ARMS if a != arm)
-    path = folder / "arm_mismatch.csv"
-    clinical.assign(arm=clinical["arm"].where(clinical["patient_id"] != patient, other)).to_csv(
-        path, index=False
-    )
-    return patient, path
-
-
 def test_report_clinical_problems_are_printed_and_exit_3_as_in_the_run(small_run, tmp_path):
     """`cytopipe report --clinical` checks the table as `cytopipe run` does, against the run's
     patients and arms: an arm that differs (it used to move the patient to the clinical table's arm
@@ -449,7 +436,7 @@ def test_report_clinical_problems_are_printed_and_exit_3_as_in_the_run(small_run
 
     run, clinical = small_run
     ps = pd.read_parquet(run / "population_stats.parquet")
-    patient, mismatch = _arm_mismatch(clinical, tmp_path)
+    patient, mismatch = arm_mismatch(clinical, tmp_path)
     missing = tmp_path / "missing_patient.csv"
     clinical[clinical["patient_id"] != patient].to_csv(missing, index=False)
     for path in (mismatch, missing):
@@ -474,7 +461,7 @@ def test_report_clinical_problems_are_printed_and_exit_3_as_in_the_run(small_run
 
 def test_report_blinded_clinical_problems_show_no_arm_names(small_run, tmp_path):
     run, clinical = small_run
-    patient, mismatch = _arm_mismatch(clinical, tmp_path)
+    patient, mismatch = arm_mismatch(clinical, tmp_path)
     proc = _report_cli(run, "--blinded", "--clinical", str(mismatch))
     assert proc.returncode == 3 and f"patient {patient!r} is in arm 'Arm " in proc.stderr, proc.stderr
     assert not any(a in proc.stderr for a in ARMS), proc.stderr

@@ -13,13 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from cytopipe.report.tables_folder import MANIFEST, REPORT_TABLES
-from tests.report_support import REPO, build_cohort_run
+from tests.report_support import ARMS, REPO, arm_mismatch, build_cohort_run
 
-ARMS = ["placebo", "IL-2 0.2 MIU", "IL-2 0.5 MIU", "IL-2 1.0 MIU"]
 NOTES = "sample_id,comment\nP01_W0,re-acquired on the second cytometer\n"
 
 
@@ -46,19 +44,6 @@ def _recorded(folder: Path) -> dict[str, str]:
     }
 
 
-def _arm_problem(clinical: pd.DataFrame, folder: Path) -> Path:
-    """A clinical table giving one patient another arm than the run: the report is written
-    without the clinical endpoints (exit 3), i.e. with fewer tables."""
-    patient = sorted(clinical["patient_id"])[0]
-    arm = clinical.loc[clinical["patient_id"] == patient, "arm"].iloc[0]
-    other = next(a for a in ARMS if a != arm)
-    path = folder / "arm_mismatch.csv"
-    clinical.assign(arm=clinical["arm"].where(clinical["patient_id"] != patient, other)).to_csv(
-        path, index=False
-    )
-    return path
-
-
 def test_a_users_csv_survives_the_report_and_the_reports_old_tables_go(small_run, tmp_path):
     run, clinical = small_run
     first = _report(run)
@@ -70,7 +55,7 @@ def test_a_users_csv_survives_the_report_and_the_reports_old_tables_go(small_run
     export = tables / "flowjo_export.csv"
     export.write_bytes(b"Sample:,CD4 T | Freq. of Parent\nP01_W0.fcs,41.2\n")
     # a report without the clinical endpoints writes fewer tables: the old ones it no longer writes go
-    proc = _report(run, "--clinical", str(_arm_problem(clinical, tmp_path)))
+    proc = _report(run, "--clinical", str(arm_mismatch(clinical, tmp_path)[1]))
     assert proc.returncode == 3, proc.stderr
     # the user's files untouched, and named in a warning
     assert notes.read_text(encoding="utf-8") == NOTES and export.read_bytes().startswith(b"Sample:,")
@@ -114,7 +99,7 @@ def test_a_table_the_user_edited_is_never_replaced_or_removed(small_run, tmp_pat
         rates.read_text(encoding="utf-8") + "# see the protocol deviation log\n", encoding="utf-8"
     )
     kept = rates.read_bytes()
-    proc = _report(run, "--clinical", str(_arm_problem(clinical, tmp_path)))
+    proc = _report(run, "--clinical", str(arm_mismatch(clinical, tmp_path)[1]))
     assert proc.returncode == 3, proc.stderr
     assert "kept response_rates.csv (a table an earlier report wrote, changed since)" in proc.stderr
     assert "delete it if the new tables replace it" in proc.stderr
@@ -137,7 +122,7 @@ def test_blinding_never_keeps_an_edited_unblinded_table_nor_deletes_it(small_run
     page = (run / "report.html").read_bytes()
     # a blinded report that does not write this table (no clinical endpoints): unblinded, it would be
     # kept with a warning (test above); beside blinded tables it is refused
-    proc = _report(run, "--blinded", "--clinical", str(_arm_problem(clinical, tmp_path)))
+    proc = _report(run, "--blinded", "--clinical", str(arm_mismatch(clinical, tmp_path)[1]))
     assert proc.returncode == 2, proc.stderr
     assert "holds response_rates.csv, a table an earlier report wrote, changed since, beside the tables of " \
            "a blinded report (it shows arm names)" in proc.stderr  # fmt: skip
