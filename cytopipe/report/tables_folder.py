@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cytopipe.errors import ReportError
+from cytopipe.store import atomic_write_bytes, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +68,6 @@ class TablesPlan:
     changed: dict[str, str] = field(default_factory=dict)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _entry(text: str) -> dict[str, object]:
     data = text.encode("utf-8")
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
@@ -102,8 +99,6 @@ def read_manifest(folder: Path) -> dict[str, set[str]] | None:
 
 
 def _save_manifest(folder: Path, files: Mapping[str, Mapping], **parts: Mapping[str, Mapping]) -> None:
-    from cytopipe.store import atomic_write_bytes
-
     data = {"about": _ABOUT, "files": dict(sorted(files.items()))}
     data |= {part: dict(sorted(entries.items())) for part, entries in parts.items() if entries}
     atomic_write_bytes(folder / MANIFEST, (json.dumps(data, indent=1) + "\n").encode("utf-8"))
@@ -125,7 +120,7 @@ def plan_tables(
         name = path.name
         if not path.is_file():
             continue
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if recorded is None:
             own = name in REPORT_TABLES or name in new  # an older version's table (see the docstring)
         else:
@@ -176,7 +171,7 @@ def write_tables(plan: TablesPlan, new: Mapping[str, str], write: Callable[[Path
         path = folder / name
         if name in new or not path.is_file():
             continue  # replaced below (atomically)
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             logger.warning("%s: kept %s (changed while the report was written)", folder, name)
             continue
         path.unlink()
@@ -199,7 +194,7 @@ def remove_tables(folder: Path, *, warn: bool = True) -> list[str]:
     plan = plan_tables(folder, {})
     for name, digest in plan.remove.items():
         path = folder / name
-        if path.is_file() and _sha256(path) == digest:
+        if path.is_file() and file_sha256(path) == digest:
             path.unlink()
     for message in plan.keep.values() if warn else ():
         logger.warning("%s", message)
