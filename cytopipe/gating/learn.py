@@ -46,7 +46,7 @@ sample is never dropped. The gate source is ``learned``.
 The 1-D alignment itself (warps, their quality, moving a gate through them) is
 :mod:`cytopipe.gating.align`.
 
-Why one module (~810 lines): the examples files (read, write, the FlowJo / Gating-ML mapping) and
+Why one module (~820 lines): the examples files (read, write, the FlowJo / Gating-ML mapping) and
 the learner are one feature that no other module calls into piece by piece; the examples I/O is
 the natural split if it grows.
 """
