@@ -86,7 +86,12 @@ def cluster_run(
     from cytopipe.pipeline.runner import RunResult, finish_run
     from cytopipe.pipeline.state import plan_clustering
     from cytopipe.pipeline.statistics import step_statistics
-    from cytopipe.pipeline.steps import _cluster_map, _cluster_train, _drop_unmeasured_cluster_markers
+    from cytopipe.pipeline.steps import (
+        _cluster_map,
+        _cluster_train,
+        _drop_unmeasured_cluster_markers,
+        check_report_tables,
+    )
     from cytopipe.store import CLUSTER_DIR, MODEL_FILE, read_table
     from cytopipe.workflow import load_workflow, statistics_enabled, statistics_settings
 
@@ -122,6 +127,9 @@ def cluster_run(
         from cytopipe.report.blinding import unblind_frame
 
         ctx.tables = {name: unblind_frame(df, loaded.codes) for name, df in ctx.tables.items()}
+    samples = ctx.tables["samples"]  # a blinded report refused now, not after the clustering
+    arms = [str(a) for a in samples["arm"].dropna().unique()] if "arm" in samples.columns else []
+    check_report_tables(wf, loaded.folder.path, arms)
     ctx.steps = [s for s in loaded.info.get("steps") or [] if s.get("step") not in _REDONE]
     ctx.cached = int(loaded.info.get("cached_samples") or 0)
     earlier = [p for p in loaded.info.get("problems") or [] if not str(p).startswith(("clustering", "statistics", "report"))]  # fmt: skip

@@ -94,6 +94,7 @@ def validate_inputs(ctx: RunContext) -> None:
     if wf.clinical is not None:
         ctx.clinical_problem = _check_clinical(wf, ctx.manifest)
     _check_blind_key(wf)
+    check_report_tables(wf, Path(wf.output))
     ctx.hashes["template"] = file_sha256(wf.template)
     ctx.hashes["qc"] = stable_hash(ctx.state.qc.to_dict())
     ctx.hashes["compensation"] = _spillover_hash(
@@ -115,6 +116,29 @@ def _check_blind_key(wf: Workflow) -> None:
         arm_codes(arms, key)
     except errors.ReportError as exc:
         raise WorkflowError(exc.message, key="report.blind_key", file=Path(str(key))) from None
+
+
+def check_report_tables(wf: Workflow, run_dir: Path, arms: list[str] | tuple[str, ...] = ()) -> None:
+    """A blinded report refuses to write its tables beside a CSV in ``report_tables/`` that shows
+    an arm (a user's file, or a table an earlier report wrote and the user edited since). Checked
+    here, before any work (exit 2, nothing done), not at the report step after all of it (the folder
+    blinded by then). ``arms``: besides those of the run's manifest and clinical table."""
+    if not wf.report.get("enabled", True):
+        return
+    from cytopipe.report.blinding import find_leaks, folder_record, source_arms
+    from cytopipe.report.tables_folder import check_blinded_folder
+
+    if not wf.report.get("blinded") and folder_record(run_dir) is None:
+        return
+    arms = [*arms, *source_arms({"manifest": str(wf.manifest or ""), "clinical": str(wf.clinical or "")})]
+    check_blinded_folder(
+        run_dir / "report_tables",
+        partial(find_leaks, arms=arms),
+        name_arms=True,  # not written anywhere: the run stops before its folder is touched
+        todo="The run's report is blinded, so it would stop there after all the work, the run folder "
+        "blinded by then; nothing was done. Move the file out of the run folder (or take the arm "
+        "names out of it, or delete it), then run the command again",
+    )
 
 
 def _check_clinical(wf: Workflow, manifest: pd.DataFrame) -> str | None:

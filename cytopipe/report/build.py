@@ -39,7 +39,7 @@ def build_report(
     from cytopipe.report.figcache import FigureCache
     from cytopipe.report.figures import style_context
     from cytopipe.report.sections import Builder, build_sections
-    from cytopipe.report.tables_folder import plan_tables, write_tables
+    from cytopipe.report.tables_folder import check_blinded_folder, plan_tables, write_tables
 
     run_dir = Path(run_dir)
     out_path = Path(out) if out is not None else run_dir / "report.html"
@@ -62,6 +62,12 @@ def build_report(
             problems += _marker(run_dir, key).get("clinical_problems") or []
         return out_path
     data = load_run(run_dir, blinded=blinded, blind_key=blind_key, clinical=clinical)
+    if data.blinded:  # a CSV in the tables folder showing an arm: refused now, before the work
+        # (plan_tables checks again before anything is written); the message names no arm: in a
+        # run it is a problem in run.json, where a code would replace it, next to the file's name
+        check_blinded_folder(tables_dir, functools.partial(find_leaks, arms=data.codes), name_arms=False,
+                             todo="Nothing was written. Move the file out of the folder (or delete it), "
+                             "then run the report again")  # fmt: skip
     # the figures of the previous report that nothing they are drawn from has changed (content hashes)
     cache = FigureCache(run_dir, read=reuse)
 

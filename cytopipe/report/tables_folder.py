@@ -76,18 +76,29 @@ def _entry(text: str) -> dict[str, object]:
 def read_manifest(folder: Path) -> dict[str, set[str]] | None:
     """``{csv name: {sha256, ...}}`` of the files the report wrote in ``folder``; ``None`` when the
     folder has no readable manifest (written before it existed, or damaged)."""
+    record = _read_record(folder)
+    return None if record is None else record[0]
+
+
+def _read_record(folder: Path) -> tuple[dict[str, set[str]], dict[str, set[int] | None]] | None:
+    """:func:`read_manifest` and ``{csv name: {bytes, ...}}`` (``None`` for a name with an entry
+    that records no size: the tables kept as changed)."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         recorded: dict[str, set[str]] = {}
+        sizes: dict[str, set[int] | None] = {}
         # "writing": tables being written when a report stopped; "changed": tables an earlier report
         # wrote that were edited since (kept, and still told apart from a user's own files)
         for part in ("files", "writing", "changed"):
             for name, entry in (data.get(part) or {}).items():
                 recorded.setdefault(str(name), set()).add(str(entry["sha256"]))
-        return recorded
+                known = sizes.get(str(name), set())
+                size = entry.get("bytes")
+                sizes[str(name)] = known | {size} if known is not None and type(size) is int else None
+        return recorded, sizes
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         logger.warning(
             "%s: the report's record of its tables (%s) cannot be read; only CSV files named as the "
@@ -104,6 +115,96 @@ def _save_manifest(folder: Path, files: Mapping[str, Mapping], **parts: Mapping[
     atomic_write_bytes(folder / MANIFEST, (json.dumps(data, indent=1) + "\n").encode("utf-8"))
 
 
+@dataclass
+class _Found:
+    """One CSV of a tables folder, as a report tells it: ``own`` (a table it wrote, unchanged:
+    ``digest`` its sha256) or not; ``changed``: a table an earlier report wrote, edited since
+    (``written``: the sha256 it wrote)."""
+
+    path: Path
+    own: bool
+    changed: bool = False
+    digest: str = ""
+    written: str = ""
+
+    @property
+    def what(self) -> str:
+        return (
+            "a table an earlier report wrote, changed since" if self.changed else "not written by the report"
+        )
+
+
+def _csv_files(folder: Path, new: Mapping[str, str]) -> list[_Found]:
+    """The CSV files of ``folder`` before a report writes ``new`` there (see the module's docstring).
+    A file is hashed only when it can be the report's own: a name the record does not list, or a
+    size it does not record, is decided without reading the file (the same answer, as a file of
+    another size cannot have the recorded sha256)."""
+    record = _read_record(folder)
+    recorded, known = record if record is not None else (None, {})
+    found = []
+    for path in sorted(folder.glob("*.csv")):
+        name = path.name
+        if not path.is_file():
+            continue
+        if recorded is None:  # an older version's table (see the docstring): by its name
+            own = name in REPORT_TABLES or name in new
+            found.append(_Found(path, own, digest=file_sha256(path) if own else ""))
+            continue
+        digests, sizes = recorded.get(name, set()), known.get(name)
+        digest = file_sha256(path) if digests and (sizes is None or path.stat().st_size in sizes) else ""
+        own = bool(digest) and digest in digests
+        changed = not own and name in recorded
+        found.append(_Found(path, own, changed, digest, sorted(digests)[0] if changed else ""))
+    return found
+
+
+def _shown_arm(path: Path, leaks: Callable[[Mapping[str, str]], list[str]]) -> str:
+    """Where ``path`` shows an arm name: ``"line N: 'arm'"`` (the first one); ``""``: nowhere."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not leaks({path.name: text}):
+        return ""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if shown := leaks({f"line {number}": line}):
+            return shown[0]
+    return "the file"  # not within one line (an arm name with a line break)
+
+
+def _blinding_obstacle(
+    found: _Found, leaks: Callable[[Mapping[str, str]], list[str]], name_arms: bool
+) -> str:
+    """Why ``found`` must not stay beside the tables of a blinded report (``""``: it may). The arm
+    name itself only with ``name_arms``: a message that may be written into the blinded run folder
+    (run.json's problems, where it would be coded) must not tie a code to the name the file shows."""
+    if found.own:
+        return ""
+    shown = _shown_arm(found.path, leaks)
+    if shown:
+        where = shown if name_arms else shown.split(":", 1)[0]
+        return f"{found.path.name} ({found.what}), which shows an arm name ({where})"
+    if found.changed:
+        return f"{found.path.name} ({found.what}), which may show the arms (edited since a report wrote it)"
+    return ""
+
+
+def check_blinded_folder(
+    folder: Path, leaks: Callable[[Mapping[str, str]], list[str]], *, name_arms: bool, todo: str
+) -> None:
+    """Refuse (:class:`ReportError`, exit 2) when ``folder`` holds a CSV that a blinded report
+    refuses to write beside (:func:`plan_tables`): a user's CSV showing an arm name, or a table
+    an earlier report wrote, changed since. For the checks made before any work (``cytopipe run``
+    and ``cytopipe cluster`` of a blinded run, a blinded report before it builds its sections);
+    ``todo``: what happens now and what to do, after the files are named."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    problems = [p for f in _csv_files(folder, {}) if (p := _blinding_obstacle(f, leaks, name_arms))]
+    if problems:
+        raise ReportError(
+            f"holds {'; '.join(problems)}: the tables folder of a blinded report must show no arm. {todo}",
+            file=folder,
+        )
+
+
 def plan_tables(
     folder: Path, new: Mapping[str, str], leaks: Callable[[Mapping[str, str]], list[str]] | None = None
 ) -> TablesPlan:
@@ -115,41 +216,28 @@ def plan_tables(
     plan = TablesPlan(folder)
     if not folder.is_dir():
         return plan
-    recorded = read_manifest(folder)
-    for path in sorted(folder.glob("*.csv")):
-        name = path.name
-        if not path.is_file():
+    for found in _csv_files(folder, new):
+        name, what = found.path.name, found.what
+        if found.own:
+            plan.remove[name] = found.digest
             continue
-        digest = file_sha256(path)
-        if recorded is None:
-            own = name in REPORT_TABLES or name in new  # an older version's table (see the docstring)
-        else:
-            own = digest in recorded.get(name, set())
-        if own:
-            plan.remove[name] = digest
-            continue
-        changed = recorded is not None and name in recorded
-        what = "a table an earlier report wrote, changed since" if changed else "not written by the report"
         if name in new:
             raise ReportError(
                 f"holds {name}, {what}; the new report writes a table of that name and would replace it. "
                 "Move or rename the file (your changes are kept), then run the report again",
                 file=folder,
             )
-        if leaks is not None:
-            shown = leaks({name: path.read_text(encoding="utf-8", errors="replace")})
-            if changed or shown:
-                why = "it shows arm names" if shown else "it may show the arms (edited since it was written)"
-                raise ReportError(
-                    f"holds {name}, {what}, beside the tables of a blinded report ({why}); nothing was "
-                    "written. Move the file out of the folder (or delete it), then run the report again",
-                    file=folder,
-                )
-        if changed:
-            plan.changed[name] = sorted(recorded[name])[0]  # type: ignore[index]
+        if leaks is not None and (why := _blinding_obstacle(found, leaks, name_arms=False)):
+            raise ReportError(
+                f"holds {why}, beside the tables of a blinded report; nothing was written. Move the "
+                "file out of the folder (or delete it), then run the report again",
+                file=folder,
+            )
+        if found.changed:
+            plan.changed[name] = found.written
         todo = (
             "delete it if the new tables replace it"
-            if changed
+            if found.changed
             else "move it elsewhere if it does not belong here"
         )
         plan.keep[name] = f"{folder}: kept {name} ({what}): the report removes only its own tables; {todo}"
