@@ -5,7 +5,8 @@
 existing scheduler). Both have ``map(fn, items, shared, desc, progress)`` yielding
 ``(index, result)`` as tasks finish; a task that never returns comes back as a
 :class:`TaskFailure`, and so does every task still waiting when the cluster has had no live
-worker for too long (a local cluster's dropped workers are started again first). Worker settings
+worker for too long (a local cluster's dropped workers are started again first: see
+:mod:`cytopipe.pipeline.worker_watch`). Worker settings
 (BLAS threads) go to the workers through the nanny's environment and a worker plugin; this
 process's ``os.environ`` is not changed.
 """
@@ -27,6 +28,13 @@ from typing import Any
 from cytopipe.config import stable_hash
 from cytopipe.errors import WorkflowError
 from cytopipe.pipeline.progress import _progress
+from cytopipe.pipeline.worker_watch import (
+    NO_WORKER_TIMEOUT_EXISTING_S,
+    NO_WORKER_TIMEOUT_LOCAL_S,
+    WATCH_EVERY_S,
+    WorkerKeeper,
+    WorkerWatch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -140,68 +148,8 @@ QUIET_LOCAL_CLUSTER = {
 # environment of local worker processes (given to the nannies; this process's is not changed)
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
-# A cluster with no live worker. A LocalCluster can end with none for good: when the scheduler
-# reports a worker lost, the cluster (distributed.deploy.SpecCluster) waits
-# `distributed.deploy.lost-worker-timeout` (15 s) and then closes that worker's nanny for good if
-# no worker of that name is registered at that moment; a nanny restarting a worker that a sample
-# kills again and again (4 s per restart on a loaded machine) is often caught between two
-# workers, and nothing starts it again (dask 2026.8.0). The executor's tasks then waited for ever.
-# Now: after NO_WORKER_RESTORE_S without a live worker a local cluster's dropped nannies are
-# started again (an existing scheduler: a warning, then one every NO_WORKER_WARN_EVERY_S, while a
-# lab may be starting workers); after the timeout the phase ends and every sample still waiting
-# fails with a message that says why.
-NO_WORKER_RESTORE_S = 10.0
-NO_WORKER_TIMEOUT_LOCAL_S = 120.0
-NO_WORKER_TIMEOUT_EXISTING_S = 1800.0
-NO_WORKER_WARN_EVERY_S = 60.0
-_WATCH_EVERY_S = 2.0  # how often the scheduler is asked for its workers while nothing finishes
-
-
-class _WorkerWatch:
-    """Notices a Dask cluster that has had no live worker for too long (see NO_WORKER_RESTORE_S)."""
-
-    def __init__(self, executor: DaskExecutor, desc: str):
-        self.executor = executor
-        self.desc = desc
-        self.timeout = executor.no_worker_timeout
-        self.grace = min(NO_WORKER_RESTORE_S, self.timeout / 2)
-        self.checked = time.monotonic()
-        self.since: float | None = None  # when the cluster was first seen without a worker
-        self.acted = 0.0  # when the last warning was logged (existing scheduler)
-        self.gave_up = False
-
-    def failure(self) -> str | None:
-        """None while the cluster has a worker (or may get one soon); else why the phase ends."""
-        now = time.monotonic()
-        if now - self.checked < min(_WATCH_EVERY_S, self.grace):
-            return None
-        self.checked = now
-        if self.executor._live_workers() > 0:
-            self.since = None
-            return None
-        if self.since is None:
-            self.since = now
-            return None
-        idle = now - self.since
-        if idle >= self.timeout:
-            message = self.executor._no_worker_message(idle)
-            if not self.gave_up:
-                logger.error("%s: the samples still waiting fail: %s", self.desc, message)
-                self.gave_up = True
-            return message
-        if idle < self.grace:
-            return None
-        if self.executor.kind == "local":  # at every check: the cluster can drop a restored one too
-            self.executor._restore_workers(self.desc, idle)
-        elif self.acted < self.since or now - self.acted >= NO_WORKER_WARN_EVERY_S:
-            self.acted = now
-            logger.warning(
-                "%s: the Dask scheduler %s has had no worker for %.0f s; waiting for workers "
-                "(start them, e.g. `dask worker %s`); the samples still waiting fail after %.0f s",
-                self.desc, self.executor.client.scheduler.address, idle,
-                self.executor.client.scheduler.address, self.timeout,
-            )  # fmt: skip
-        return None
+# A cluster with no live worker, or fewer than asked for: see worker_watch.py (dropped local
+# nannies started again; waiting tasks given up after `no_worker_timeout` without a worker).
 
 
 @contextlib.contextmanager
@@ -309,6 +257,7 @@ class DaskExecutor:
             self.client.register_plugin(OneThreadBLAS(), name=OneThreadBLAS.name)
             self.client.register_plugin(ReturnFreedMemory(), name=ReturnFreedMemory.name)
             self.kind = "local"
+        self.keeper = WorkerKeeper(self.client, self.cluster, self.no_worker_timeout)
         self.dashboard = self.client.dashboard_link if _has_bokeh() else None
 
     @property
@@ -319,6 +268,10 @@ class DaskExecutor:
         self, fn: Callable, items: Sequence, shared: Any, desc: str, progress: bool
     ) -> Iterator[tuple[int, Any]]:
         if not items:
+            return
+        if (message := self._given_up(desc)) is not None:
+            for i in range(len(items)):
+                yield i, TaskFailure(message, "NoWorker")
             return
         token = stable_hash([desc, time.time_ns()])[:10]
         # The shared state is a task's result, not scattered data: dask's active memory manager
@@ -339,6 +292,7 @@ class DaskExecutor:
                 priority=_task_priority(items[i]),
             )
             futures[fut] = i
+            self.keeper.labels[fut.key] = _label(items[i], fut.key)  # to say what a dead worker ran
             return fut
 
         for i in range(len(items)):
@@ -348,7 +302,7 @@ class DaskExecutor:
         # alone on the cluster: a worker holds two tasks at a time, so a file that kills its
         # worker takes the task queued next to it down too, and that one must not fail for it.
         again: list[int] = []
-        watch = _WorkerWatch(self, desc)
+        watch = WorkerWatch(self, desc)
         try:
             for fut, failure in self._finished(list(futures), watch):
                 i = futures.pop(fut)
@@ -379,19 +333,27 @@ class DaskExecutor:
             for fut in futures:
                 fut.cancel()
             shared_f.release()
+            for key in [k for k in self.keeper.labels if str(k).endswith(token)]:
+                del self.keeper.labels[key]
 
     def submit(self, fn: Callable, *args: Any, desc: str = "task") -> Deferred:
         """``fn(*args)`` started on a worker now, beside what this process does next (the UMAP
         while the statistics are computed)."""
         # the key must be unique: tasks submitted with one key are one task to dask (each future
         # would get the first one's result); the clock alone can repeat within a tight loop
+        if (message := self._given_up(desc)) is not None:
+
+            def fail() -> Any:
+                raise NoWorkerError(message)
+
+            return Deferred(fail)
         self._submitted = getattr(self, "_submitted", 0) + 1
         token = stable_hash([desc, time.time_ns(), os.getpid(), id(self), self._submitted])[:10]
         fut = self.client.submit(fn, *args, key=f"{desc}-{self._submitted}-{token}", pure=False)
 
         def get() -> Any:
             try:
-                return self._result(fut, _WorkerWatch(self, desc))
+                return self._result(fut, WorkerWatch(self, desc))
             except TaskError:
                 raise  # no worker for too long
             except Exception as exc:
@@ -403,7 +365,7 @@ class DaskExecutor:
 
         return Deferred(get)
 
-    def _finished(self, futs: list, watch: _WorkerWatch) -> Iterator[tuple[Any, TaskFailure | None]]:
+    def _finished(self, futs: list, watch: WorkerWatch) -> Iterator[tuple[Any, TaskFailure | None]]:
         """``futs`` as they finish (``as_completed``), each with None; when the cluster has had no
         live worker for ``no_worker_timeout`` seconds, the ones still waiting are cancelled and
         come at once (in the order given), each with the TaskFailure that says so."""
@@ -416,6 +378,7 @@ class DaskExecutor:
                 fut = next(done)
                 waiting.pop(fut, None)
                 watch.since = None  # a task ended: the cluster is not stuck (a worker may be starting)
+                watch.failure()  # also while tasks end: a local cluster short of workers is restored
                 yield fut, None
                 continue
             message = watch.failure()
@@ -428,14 +391,14 @@ class DaskExecutor:
             with done.thread_condition:  # woken when a task finishes (as as_completed does)
                 done.thread_condition.wait(timeout=0.1)
 
-    def _result(self, fut: Any, watch: _WorkerWatch) -> Any:
+    def _result(self, fut: Any, watch: WorkerWatch) -> Any:
         """``fut.result()``, or NoWorkerError when the watch gives up on the cluster. A finished
         task's result can still be lost with its worker before it is fetched (the scheduler then
         computes it again): the wait goes on under the watch."""
         from dask.distributed import TimeoutError as DaskTimeoutError
         from dask.distributed import wait
 
-        limit = 2 * _WATCH_EVERY_S
+        limit = 2 * WATCH_EVERY_S
         while True:
             while fut.status in ("pending", "lost"):
                 with contextlib.suppress(DaskTimeoutError):
@@ -452,7 +415,7 @@ class DaskExecutor:
                     limit *= 2  # a large result on its way: a fetch cut short is started again
                 # else lost with its worker on the way: the scheduler computes it again
 
-    def _value(self, fut: Any, watch: _WorkerWatch) -> Any:
+    def _value(self, fut: Any, watch: WorkerWatch) -> Any:
         """A task's result, or a TaskFailure when it did not return; the future is released."""
         try:
             value = self._result(fut, watch)
@@ -465,45 +428,21 @@ class DaskExecutor:
             watch.since = None  # a task ended: the cluster is not stuck
         return value
 
-    def _live_workers(self) -> int:
-        """The workers the scheduler has now (0 when it does not answer)."""
-        try:
-            return len(self.client.nthreads())
-        except Exception as exc:  # noqa: BLE001 - a scheduler that does not answer has no worker for us
-            logger.debug("the Dask scheduler did not say how many workers it has: %s", exc)
-            return 0
+    def _given_up(self, desc: str) -> str | None:
+        """Why the executor gave up on its cluster (an earlier phase's waiting tasks failed for lack
+        of a worker) when the cluster still has no live worker; else None (workers back: the work
+        runs). The later phases then fail at once, with the same message, instead of each waiting
+        ``no_worker_timeout`` again: their samples are failed (rerun to do them), a submitted
+        task raises NoWorkerError (the UMAP becomes a problem of the run; the mixed models, which
+        fit on workers only with two or more of them, are fitted in this process)."""
+        message = self.keeper.given_up
+        if message is None or self.keeper.live_workers() > 0:
+            self.keeper.given_up = None
+            return None
+        logger.error("%s: not started, the Dask cluster still has no worker: %s", desc, message)
+        return message
 
-    def _restore_workers(self, desc: str, idle: float) -> None:
-        """A local cluster: start again the worker processes (nannies) it has dropped or that
-        closed themselves; the cluster's specification still names them."""
-        from distributed.core import Status
-
-        cluster = self.cluster
-
-        async def reopen() -> list:
-            gone = [n for n, w in cluster.workers.items() if w.status in (Status.closed, Status.failed)]
-            for name in gone:
-                del cluster.workers[name]
-            missing = sorted(set(cluster.worker_spec) - set(cluster.workers), key=str)
-            await cluster._correct_state()  # what SpecCluster.scale does: start what the spec names
-            return missing
-
-        try:
-            missing = cluster.sync(reopen, callback_timeout=60)
-        except Exception as exc:  # noqa: BLE001 - reported; the watch fails the phase if no worker comes
-            logger.warning(
-                "%s: no Dask worker alive for %.0f s; starting them again failed: %s", desc, idle, exc
-            )
-            return
-        if not missing:
-            return  # their nannies are (re)starting them
-        logger.warning(
-            "%s: no Dask worker alive for %.0f s (the cluster had dropped %d of its %d worker "
-            "processes after repeated crashes); started them again",
-            desc, idle, len(missing), len(cluster.worker_spec),
-        )  # fmt: skip
-
-    def _no_worker_message(self, idle: float) -> str:
+    def no_worker_message(self, idle: float) -> str:
         if self.kind == "local":
             return (
                 f"not processed: no Dask worker alive for {idle:.0f} s, and starting the local "
@@ -558,6 +497,13 @@ def _task_priority(item: Any) -> int:
         if isinstance(n, int | float) and n == n:
             return int(n) // 1000
     return 0
+
+
+def _label(item: Any, key: str) -> str:
+    """A task's item as the messages name it: its sample, else the task's key."""
+    if isinstance(item, Mapping) and item.get("sample_id") is not None:
+        return f"sample {item['sample_id']}"
+    return str(key)
 
 
 def _task_failure_message(exc: BaseException) -> str:
