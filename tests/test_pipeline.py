@@ -271,12 +271,24 @@ def _live_processes_in_group(pgid: int, wait: float = 10.0) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # a worker process killed while it processes a sample
 # --------------------------------------------------------------------------------------------
-def _run_and_kill_a_busy_worker(sim_trial, out, allowed_failures: int, keep_killing: bool = False):
+def _run_and_kill_a_busy_worker(
+    sim_trial, out, monkeypatch, allowed_failures: int, keep_killing: bool = False
+):
     """Run the trial on a 2-worker LocalCluster (via its address) and SIGKILL a worker while it
     processes a sample; with ``keep_killing``, also every worker that later runs that sample again
-    on its own (the run's last attempt). Returns (result, (worker address, task key))."""
+    on its own (the run's last attempt). Returns (result, (worker address, task key)).
+
+    Through its address the run's executor takes the cluster for an existing scheduler, which may
+    be left without a worker for 30 min (NO_WORKER_TIMEOUT_EXISTING_S) before its samples fail: the
+    cluster drops a nanny whose worker is not back within `lost-worker-timeout` (worker_watch.py),
+    which a loaded machine can cause. Here the run gives up after the local cluster's timeout instead,
+    so that such a run ends (and the test fails on its NoWorker samples) rather than hanging."""
     import dask
     from dask.distributed import Client, LocalCluster
+
+    from cytopipe.pipeline import executors
+
+    monkeypatch.setattr(executors, "NO_WORKER_TIMEOUT_EXISTING_S", executors.NO_WORKER_TIMEOUT_LOCAL_S)
 
     environ = dict(os.environ)  # a plain LocalCluster's nannies write dask's worker variables here
     with dask.config.set({"distributed.scheduler.allowed-failures": allowed_failures}):
@@ -298,7 +310,7 @@ def _run_and_kill_a_busy_worker(sim_trial, out, allowed_failures: int, keep_kill
             except BaseException as exc:  # pragma: no cover - reported below
                 box["error"] = exc
 
-        thread = threading.Thread(target=target)
+        thread = threading.Thread(target=target, daemon=True)
         thread.start()
         victim = None
         deadline = time.monotonic() + 300
@@ -324,27 +336,30 @@ def _run_and_kill_a_busy_worker(sim_trial, out, allowed_failures: int, keep_kill
                             with contextlib.suppress(ProcessLookupError):
                                 os.kill(pids[addr], signal.SIGKILL)
                 time.sleep(0.005)
-        thread.join(timeout=600)
+        thread.join(timeout=600)  # a hang guard, far above the run's time (~1 min) and its timeouts
+        assert not thread.is_alive(), "the run did not end"
     assert victim is not None, "no task was seen running on a worker"
     assert "error" not in box, box.get("error")
     print(f"\nkilled worker {victim[0]} while it ran {victim[1]}")
     return box["result"], victim
 
 
-def test_a_killed_worker_is_survived(sim_run, sim_trial, tmp_path):
+def test_a_killed_worker_is_survived(sim_run, sim_trial, tmp_path, monkeypatch):
     """The scheduler retries the sample on a live worker (the nanny restarts the dead one)."""
     out = tmp_path / "run"
-    result, _ = _run_and_kill_a_busy_worker(sim_trial, out, allowed_failures=3)
+    result, _ = _run_and_kill_a_busy_worker(sim_trial, out, monkeypatch, allowed_failures=3)
     assert result.exit_code == EXIT_OK, result.summary()
     assert_same_outputs(sim_run, out)
 
 
-def test_a_sample_whose_worker_keeps_dying_is_recorded_as_failed(sim_trial, tmp_path):
+def test_a_sample_whose_worker_keeps_dying_is_recorded_as_failed(sim_trial, tmp_path, monkeypatch):
     """With no retries left (allowed-failures 0), the samples of the dead worker are run again
     alone at the end of the phase; the one whose worker dies again is given up, the batch goes
     on."""
     out = tmp_path / "run"
-    result, (_, key) = _run_and_kill_a_busy_worker(sim_trial, out, allowed_failures=0, keep_killing=True)
+    result, (_, key) = _run_and_kill_a_busy_worker(
+        sim_trial, out, monkeypatch, allowed_failures=0, keep_killing=True
+    )
     assert result.exit_code == EXIT_FAILURES
     # only the sample killed again is failed: any queued next to it on the dead worker came
     # through on its second attempt
