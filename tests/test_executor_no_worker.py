@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 HANG_GUARD_S = 240  # far above what the maps below need (~15 s); reached only by a hang
@@ -214,10 +215,14 @@ def test_after_giving_up_on_a_cluster_without_workers_later_work_fails_at_once(c
     with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
         ex = DaskExecutor(address=cluster.scheduler_address, no_worker_timeout=4)
         try:
+            early = ex.submit(_slow_item, 4, "s", desc="fit")  # waits beside the phase (the UMAP)
             thread, box = _in_thread(lambda: dict(ex.map(_slow_item, [0, 1], "s", "gate", False)))
             thread.join(timeout=HANG_GUARD_S)
             assert not thread.is_alive() and "error" not in box, box
             [first] = {value.error for value in box["result"].values()}
+            with pytest.raises(NoWorkerError) as raised:
+                early.result()  # submitted before the executor gave up: it waits no timeout of its own
+            assert str(raised.value) == first
             seen = _KeysSeen()
             cluster.scheduler.add_plugin(seen)
 
@@ -235,6 +240,9 @@ def test_after_giving_up_on_a_cluster_without_workers_later_work_fails_at_once(c
             assert isinstance(box.get("error"), NoWorkerError) and str(box["error"]) == first, box
             assert not seen.keys, f"later work reached the scheduler: {seen.keys}"
             assert "cluster: not started, the Dask cluster still has no worker" in caplog.text
+            for desc in ("fit", "cluster", "umap"):  # none waited: none said it waits, none gave up again
+                assert f"{desc}: the Dask scheduler" not in caplog.text, caplog.text
+                assert f"{desc}: the samples still waiting fail" not in caplog.text, caplog.text
 
             cluster.scale(1)  # a worker is back: the next phase runs
             cluster.wait_for_workers(1, timeout=HANG_GUARD_S)
@@ -243,3 +251,46 @@ def test_after_giving_up_on_a_cluster_without_workers_later_work_fails_at_once(c
             assert ex.submit(_slow_item, 5, "s", desc="umap").result()["i"] == 5
         finally:
             ex.close()
+
+
+def _hog(item: int, shared: str) -> dict:
+    if item == 2:  # far above the worker's memory limit: its nanny kills it within a second
+        import numpy as np
+
+        block = np.ones(1_500_000_000 // 8)
+        time.sleep(HANG_GUARD_S)
+        return {"i": item, "size": block.size}
+    time.sleep(0.3)
+    return {"i": item, "shared": shared}
+
+
+def test_a_worker_killed_for_its_memory_limit_is_named_with_that_reason():
+    """A sample that takes more memory than the worker's limit: its nanny kills the worker; that
+    sample fails, the others come back, and what a restore of that worker would log says it was
+    killed for its memory limit (read from the nannies' real event log: whether the cluster drops
+    the nanny too is a race, which test_a_local_cluster_that_dropped_one_of_its_workers_starts_it_again
+    forces). The sample is the last: with allowed-failures 0 a worker that dies while it recomputes
+    the phase's shared state fails that too, and with it every sample run again after it."""
+    import dask
+
+    from cytopipe.pipeline import DaskExecutor
+    from cytopipe.pipeline.executors import TaskFailure
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        ex = DaskExecutor(workers=1, memory_limit="1GB")
+        try:
+            [name] = {str(w["name"]) for w in ex.client.scheduler_info(n_workers=-1)["workers"].values()}
+            thread, box = _in_thread(lambda: dict(ex.map(_hog, [0, 1, 2], "s", "hog", False)))
+            thread.join(timeout=HANG_GUARD_S)
+            assert not thread.is_alive(), "the map hung"
+            assert "error" not in box, box.get("error")
+            got = box["result"]
+            why = ex.keeper.why(name)
+        finally:
+            ex.close()
+    assert sorted(got) == [0, 1, 2]
+    assert isinstance(got[2], TaskFailure) and got[2].error_type == "KilledWorker", got[2]
+    assert got[0] == {"i": 0, "shared": "s"} and got[1] == {"i": 1, "shared": "s"}, got
+    assert (
+        why.startswith("was killed ") and "time(s) by its nanny for using more memory than its limit" in why
+    )

@@ -353,6 +353,9 @@ class DaskExecutor:
 
         def get() -> Any:
             try:
+                if (message := self._given_up(desc)) is not None:  # given up since it was submitted
+                    fut.cancel()
+                    raise NoWorkerError(message)
                 return self._result(fut, WorkerWatch(self, desc))
             except TaskError:
                 raise  # no worker for too long
@@ -378,7 +381,8 @@ class DaskExecutor:
                 fut = next(done)
                 waiting.pop(fut, None)
                 watch.since = None  # a task ended: the cluster is not stuck (a worker may be starting)
-                watch.failure()  # also while tasks end: a local cluster short of workers is restored
+                if self.kind == "local":  # also while tasks end: a cluster short of workers is restored
+                    watch.failure()
                 yield fut, None
                 continue
             message = watch.failure()
@@ -438,8 +442,11 @@ class DaskExecutor:
         message = self.keeper.given_up
         if message is None or self.keeper.live_workers() > 0:
             self.keeper.given_up = None
+            self.keeper.told.clear()
             return None
-        logger.error("%s: not started, the Dask cluster still has no worker: %s", desc, message)
+        if desc not in self.keeper.told:
+            self.keeper.told.add(desc)
+            logger.error("%s: not started, the Dask cluster still has no worker: %s", desc, message)
         return message
 
     def no_worker_message(self, idle: float) -> str:

@@ -47,12 +47,15 @@ class WorkerKeeper:
         self.short_since: float | None = None  # when the local cluster was first seen short of workers
         self.restoring: set[str] = set()  # names started again and not seen back yet
         self.given_up: str | None = None  # why the executor gave up on a cluster without workers
+        self.told: set[str] = set()  # the phases told so (one error line each)
         self.live_workers()  # the first workers' addresses: a sample can kill one before any check
 
     def live_workers(self) -> int:
         """The workers the scheduler has now (0 when it does not answer); on a local cluster short
         of workers for ``grace`` seconds, its dropped nannies are started again."""
         try:
+            if self.cluster is None:  # an existing scheduler: only how many (it may have hundreds)
+                return len(self.client.nthreads())
             workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
         except Exception as exc:  # noqa: BLE001 - a scheduler that does not answer has no worker for us
             logger.debug("the Dask scheduler did not say which workers it has: %s", exc)
@@ -174,6 +177,8 @@ class WorkerWatch:
         if self.keeper.live_workers() > 0:
             self.since = None
             return None
+        if self.keeper.given_up is not None:  # a task waiting since before the executor gave up
+            return self.keeper.given_up
         if self.since is None:
             self.since = now
             return None
