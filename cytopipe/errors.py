@@ -221,12 +221,19 @@ class RunLockedError(StoreError):
     """Another cytopipe process is using the run folder."""
 
 
+class ExecutionError(CytopipeError):
+    """Work sent to the Dask cluster did not come back (its worker died, the cluster had no live
+    worker for too long): the run's environment, not its input (exit code 3: rerun to resume)."""
+
+
 def exit_code_for(exc: BaseException) -> int:
     """The exit code of a command that stopped with ``exc``."""
     if isinstance(exc, OutputPathError):  # the path given is wrong: choose another --out
         return EXIT_INPUT
     if isinstance(exc, OutputWriteError | RunLockedError):
         return EXIT_OUTPUT
+    if isinstance(exc, ExecutionError):
+        return EXIT_FAILURES
     if isinstance(exc, CytopipeError):
         return EXIT_INPUT
     if isinstance(exc, KeyboardInterrupt):
@@ -236,6 +243,24 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno in OutputWriteError._PATH_ADVICE and exc.filename:
         return EXIT_INPUT  # e.g. a folder made under --out afile.txt/...: the path, not the disk
     return EXIT_INTERNAL
+
+
+class RequestError(CytopipeError):
+    """A request to ``cytopipe serve`` refused; ``status`` is the HTTP code the server answers with
+    (401/403 an account or role, 404 not found, 409 a run in the way, 413 an upload too big, ...)."""
+
+    def __init__(self, status: int, message: str, **context: Any) -> None:
+        self.status = status
+        super().__init__(message, **context)
+
+    def __reduce__(self):
+        return (_rebuild_request, (type(self), self.status, self.message, self.context))
+
+
+def _rebuild_request(
+    cls: type[RequestError], status: int, message: str, context: dict[str, Any]
+) -> RequestError:
+    return cls(status, message, **context)
 
 
 class ServeError(CytopipeError):

@@ -30,6 +30,42 @@ def test_every_error_is_a_cytopipe_error_and_names_its_context():
     assert again.context["keyword"] == "$PAR"
 
 
+# Exceptions that never leave the module that raises them: a fit's signal to fall back, the
+# configuration hash's "cannot hash this", the upload check's "need more bytes", a reader's warning.
+INTERNAL_SIGNALS = {
+    "cytopipe.config.Unhashable",
+    "cytopipe.fcs.FCSWarning",
+    "cytopipe.gating.fitters.FitFailure",
+    "cytopipe.gating.landmarks.LandmarkFailure",
+    "cytopipe.serve.streamcheck._NeedMore",
+}
+
+
+def test_every_exception_the_package_defines_is_in_the_one_hierarchy():
+    """Not only errors.py: every exception class of every module is a CytopipeError (so the CLI maps
+    it to an exit code and the server to an HTTP answer), but the internal signals above."""
+    import importlib
+    import pkgutil
+
+    outside = []
+    for info in pkgutil.walk_packages(cytopipe.__path__, "cytopipe."):
+        if info.name.endswith("__main__") or ".migrations" in info.name:  # alembic's env runs on import
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if isinstance(obj, type) and issubclass(obj, BaseException) and obj.__module__ == module.__name__:
+                qualified = f"{module.__name__}.{name}"
+                if not issubclass(obj, errors.CytopipeError) and qualified not in INTERNAL_SIGNALS:
+                    outside.append(qualified)
+    assert not outside, outside
+    from cytopipe.pipeline.executors import NoWorkerError
+    from cytopipe.serve.auth import AuthError
+
+    assert errors.exit_code_for(NoWorkerError("no Dask worker alive for 120 s")) == errors.EXIT_FAILURES
+    refused = pickle.loads(pickle.dumps(AuthError(403, "your role does not allow this")))
+    assert (type(refused), refused.status, str(refused)) == (AuthError, 403, "your role does not allow this")
+
+
 def test_code_is_ruff_clean():
     """The lint the project promises (ruff) holds on the whole tree."""
     import shutil

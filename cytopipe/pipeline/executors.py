@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cytopipe.config import stable_hash
-from cytopipe.errors import WorkflowError
+from cytopipe.errors import ExecutionError, WorkflowError
 from cytopipe.pipeline.progress import _progress
 from cytopipe.pipeline.worker_watch import (
     NO_WORKER_TIMEOUT_EXISTING_S,
@@ -77,7 +77,7 @@ class Deferred:
         return self._get()
 
 
-class TaskError(RuntimeError):
+class TaskError(ExecutionError, RuntimeError):
     """A submitted task that did not return (its worker died, it was cancelled, ...)."""
 
 

@@ -24,6 +24,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session as DBSession
 
+from cytopipe.errors import RequestError
 from cytopipe.serve import audit
 from cytopipe.serve.db import ROLES, Session, User, utcnow
 
@@ -44,11 +45,8 @@ _hasher = PasswordHasher()
 _DUMMY = _hasher.hash("not a password")  # equal work for unknown names (no user enumeration)
 
 
-class AuthError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class AuthError(RequestError):
+    """Not signed in, or the account's role does not allow the action (HTTP 401 / 403)."""
 
 
 def allowed(role: str, permission: str) -> bool:

@@ -30,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
 from sqlalchemy.orm import sessionmaker
 
+from cytopipe.errors import RequestError
 from cytopipe.serve import audit
 from cytopipe.serve.blinding import assign_codes, codes_of, table_arms, workspace_secret, write_run_key
 from cytopipe.serve.db import RUN_ACTIVE, Run, Sample, Study, Template, Upload, utcnow
@@ -40,10 +41,8 @@ logger = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 
 
-class RunError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
+class RunError(RequestError):
+    """A run cannot be started, changed or read as asked (``status``: the HTTP code)."""
 
 
 def run_options(values: dict[str, Any] | None) -> dict[str, Any]:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cytopipe.errors import RequestError
+
 logger = logging.getLogger(__name__)
 
 _FCS_MAGIC = re.compile(rb"FCS[23]\.\d")
@@ -44,12 +46,8 @@ _KNOWN_MAGIC = {
 }
 
 
-class UploadRefused(Exception):
+class UploadRefused(RequestError):
     """The upload cannot be accepted (too big, not FCS, disk full); ``status`` is the HTTP code."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 def sanitise_name(raw: str, default: str = "upload.fcs") -> str:
