@@ -384,6 +384,31 @@ OUTPUT_NAMES = frozenset(
 )  # fmt: skip
 
 
+#: the files cytopipe writes into ``RUN_DIR/study/`` (pipeline/steps.py), besides the per-batch
+#: spillover matrices ``spillover_<column>_<value>.csv``
+STUDY_FILES = frozenset(
+    {"spillover.csv", "spillover_quality.parquet", "transforms.json", "gate_fits.parquet", "pooled_gates.parquet"}
+)  # fmt: skip
+
+
+def is_run_output(rel: str | Path) -> bool:
+    """Whether ``rel`` (a path inside a run folder) is a file cytopipe writes there, by its exact
+    place and name: a top-level :data:`OUTPUT_NAMES` file, a :data:`CLUSTER_FILES` table or the
+    model in ``clustering/``, a :data:`STUDY_FILES` file (or a per-batch spillover matrix) in
+    ``study/``. Anything else (a user's notes, an export, a copy of the clinical table) is not."""
+    parts = Path(rel).parts
+    if len(parts) == 1:
+        return parts[0] in OUTPUT_NAMES
+    if len(parts) != 2:
+        return False
+    folder, name = parts
+    if folder == CLUSTER_DIR:
+        return name in CLUSTER_FILES.values() or name == MODEL_FILE
+    return folder == "study" and (
+        name in STUDY_FILES or (name.startswith("spillover_") and name.endswith(".csv"))
+    )
+
+
 def check_output_folder(path: str | Path) -> Path:
     """Before a command writes into ``path`` (its ``--out``): a new folder, an empty one, a cytopipe
     run folder (``run.json`` or the run lock: a finished or an interrupted run, which resumes) or a

@@ -266,6 +266,11 @@ def finish_run(
         for path in (folder.path / "clustering").glob("*.parquet"):
             path.unlink()
     tables, blind = _blinded_outputs(ctx, info)
+    if ctx.blinding is not None:  # checked before the work; a file put there since stops it here
+        from cytopipe.report.blindfiles import check_user_files
+
+        check_user_files(folder.path, ctx.blinding[0], name_arms=False, todo="Nothing was written (the "
+                         "work done is cached). Move the file out of the run folder, then run again")  # fmt: skip
     logger.info("writing the tables, catalog.duckdb and run.json")
     folder.write_outputs(tables, blind(info), parquet=parquet)
     if ctx.blinding is not None:  # the folder's other files (earlier tables, study/) coded too

@@ -120,25 +120,28 @@ def _check_blind_key(wf: Workflow) -> None:
 
 def check_report_tables(wf: Workflow, run_dir: Path, arms: list[str] | tuple[str, ...] = ()) -> None:
     """A blinded report refuses to write its tables beside a CSV in ``report_tables/`` that shows
-    an arm (a user's file, or a table an earlier report wrote and the user edited since). Checked
-    here, before any work (exit 2, nothing done), not at the report step after all of it (the folder
-    blinded by then). ``arms``: besides those of the run's manifest and clinical table."""
-    if not wf.report.get("enabled", True):
-        return
+    an arm (a user's file, or a table an earlier report wrote and the user edited since), and a run
+    that blinds its folder refuses a file kept there that cytopipe did not write and that shows an
+    arm (blinding never rewrites a user's file: cytopipe/report/blindfiles.py). Checked here, before
+    any work (exit 2, nothing done), not after all of it (the folder blinded by then). ``arms``:
+    besides those of the run's manifest and clinical table."""
+    from cytopipe.report.blindfiles import check_user_files
     from cytopipe.report.blinding import find_leaks, folder_record, source_arms
     from cytopipe.report.tables_folder import check_blinded_folder
 
     if not wf.report.get("blinded") and folder_record(run_dir) is None:
         return
     arms = [*arms, *source_arms({"manifest": str(wf.manifest or ""), "clinical": str(wf.clinical or "")})]
-    check_blinded_folder(
-        run_dir / "report_tables",
-        partial(find_leaks, arms=arms),
-        name_arms=True,  # not written anywhere: the run stops before its folder is touched
-        todo="The run's report is blinded, so it would stop there after all the work, the run folder "
-        "blinded by then; nothing was done. Move the file out of the run folder (or take the arm "
-        "names out of it, or delete it), then run the command again",
-    )
+    todo = ("The run would blind the folder after all its work; nothing was done. Move the file out of "
+            "the run folder (or take the arm names out of it, or delete it), then run the command again")  # fmt: skip
+    if wf.report.get("enabled", True):
+        # not written anywhere (name_arms): the run stops before its folder is touched
+        check_blinded_folder(run_dir / "report_tables", partial(find_leaks, arms=arms), name_arms=True,
+                             todo="The run's report is blinded, so it would stop there after all the "
+                             "work, the run folder blinded by then; nothing was done. Move the file out "
+                             "of the run folder (or take the arm names out of it, or delete it), then "
+                             "run the command again")  # fmt: skip
+    check_user_files(run_dir, arms, name_arms=True, todo=todo)
 
 
 def _check_clinical(wf: Workflow, manifest: pd.DataFrame) -> str | None:

@@ -313,23 +313,26 @@ def recode_folder(
     unblind: bool = False,
     warn_kept: bool = True,
 ) -> list[str]:
-    """Rewrite every table of a run folder with arm names replaced by codes (or back): its Parquet
-    tables (``.cache/``, the private per-sample cache, aside), text files, the DuckDB catalog and
-    run.json (``info``, already holding the new blinding record). A report of the earlier state is
+    """Rewrite the tables cytopipe wrote in a run folder with arm names replaced by codes (or back):
+    its Parquet tables and text files (:func:`cytopipe.report.blindfiles.folder_files`: known places
+    and names; a user's file is never rewritten), the DuckDB catalog and run.json (``info``, already
+    holding the new blinding record); ``.cache/`` is scrubbed. A report of the earlier state is
     removed (the command writes a new one; ``warn_kept=False``: it writes its tables into that folder
-    and warns about the files it keeps itself). Returns the files rewritten (relative paths)."""
+    and warns about the files it keeps itself). Blinding refuses (:class:`ReportError`, nothing
+    changed) a user's file showing an arm name, which the commands check before their work; here it
+    can only have appeared since. Returns the files rewritten (relative paths)."""
+    from cytopipe.report.blindfiles import check_user_files, folder_files
     from cytopipe.store import CATALOG, TABLES, atomic_write_bytes, atomic_write_json, atomic_write_parquet
 
     run_dir = Path(run_dir)
+    if not unblind:  # the message may be kept in the blinded run.json: it names no arm
+        check_user_files(run_dir, codes, name_arms=False, todo="Its files were not recoded. Move the file "
+                         "out of the run folder (or take the arm names out of it), then run the command again")  # fmt: skip
     swap = unblind_frame if unblind else blind_frame
     tables: dict[str, pd.DataFrame] = {}
     changed: list[str] = []
-    for path in sorted(run_dir.rglob("*")):
-        rel = path.relative_to(run_dir)
-        if not path.is_file() or rel.parts[0].startswith(".") or rel.name in ("run.json", CATALOG):
-            continue
-        if rel.parts[0].endswith("_tables") or path.suffix.lower() in (".html", ".htm"):
-            continue  # the report's own files: replaced below
+    for rel in folder_files(run_dir)[0]:
+        path = run_dir / rel
         if path.suffix == ".parquet":
             df = pd.read_parquet(path)
             new = swap(df, codes)
@@ -342,7 +345,7 @@ def recode_folder(
             if _frame_changed(df, new):
                 atomic_write_parquet(path, new)
                 changed.append(str(rel))
-        elif path.suffix.lower() in (".csv", ".json", ".txt", ".tsv", ".yaml", ".yml"):
+        else:
             text = path.read_text(encoding="utf-8", errors="replace")
             new_text = recode_obj(text, codes, unblind)
             if new_text != text:
