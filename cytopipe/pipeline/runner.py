@@ -8,6 +8,7 @@ problem of the run, never a loss of its tables). :class:`RunResult` is what the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -268,9 +269,11 @@ def finish_run(
     tables, blind = _blinded_outputs(ctx, info)
     if ctx.blinding is not None:  # checked before the work; a file put there since stops it here
         from cytopipe.report.blindfiles import check_user_files
+        from cytopipe.report.blinding import find_leaks
 
-        check_user_files(folder.path, ctx.blinding[0], name_arms=False, todo="Nothing was written (the "
-                         "work done is cached). Move the file out of the run folder, then run again")  # fmt: skip
+        leaks = functools.partial(find_leaks, arms=ctx.blinding[0])
+        check_user_files(folder.path, leaks, name_arms=False, todo="Nothing was written (the work done "
+                         "is cached). Move the file out of the run folder, then run again")  # fmt: skip
     logger.info("writing the tables, catalog.duckdb and run.json")
     folder.write_outputs(tables, blind(info), parquet=parquet)
     if ctx.blinding is not None:  # the folder's other files (earlier tables, study/) coded too

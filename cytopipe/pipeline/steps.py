@@ -141,7 +141,7 @@ def check_report_tables(wf: Workflow, run_dir: Path, arms: list[str] | tuple[str
                              "work, the run folder blinded by then; nothing was done. Move the file out "
                              "of the run folder (or take the arm names out of it, or delete it), then "
                              "run the command again")  # fmt: skip
-    check_user_files(run_dir, arms, name_arms=True, todo=todo)
+    check_user_files(run_dir, partial(find_leaks, arms=arms), name_arms=True, todo=todo)
 
 
 def _check_clinical(wf: Workflow, manifest: pd.DataFrame) -> str | None:

@@ -14,8 +14,7 @@ is done (:func:`check_user_files`, exit 2): the blinded folder would show the ar
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from functools import partial
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -74,18 +73,18 @@ def _text_arm(text: str, leaks: Callable[[Mapping[str, str]], list[str]]) -> str
     return leaks({"file": text})[0]  # not within one line (an arm name with a line break)
 
 
-def check_user_files(run_dir: str | Path, arms: Iterable[str], *, name_arms: bool, todo: str) -> None:
+def check_user_files(
+    run_dir: str | Path, leaks: Callable[[Mapping[str, str]], list[str]], *, name_arms: bool, todo: str
+) -> None:
     """Refuse (:class:`ReportError`, exit 2) a run folder to be blinded that holds a file cytopipe
     did not write (:func:`folder_files`) showing an arm name: blinding never rewrites it, so the
     blinded folder would show the arms. Named: each file and the line (a Parquet file: the
     column) that shows one, and the arm name only with ``name_arms`` (a message that may be written
-    into the blinded folder must not tie a code to a name). ``todo``: what happens now, what to do."""
-    from cytopipe.report.blinding import find_leaks
-
+    into the blinded folder must not tie a code to a name). ``leaks``: ``find_leaks`` with the
+    arms (cytopipe/report/blinding.py). ``todo``: what happens now, what to do."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
-    leaks = partial(find_leaks, arms=[str(a) for a in arms if str(a).strip()])
     problems = []
     for rel in folder_files(run_dir)[1]:
         shown = _shown_arm(run_dir / rel, leaks)

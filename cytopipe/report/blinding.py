@@ -15,6 +15,7 @@ import json
 import random
 import re
 from collections.abc import Iterable, Mapping
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -326,7 +327,7 @@ def recode_folder(
 
     run_dir = Path(run_dir)
     if not unblind:  # the message may be kept in the blinded run.json: it names no arm
-        check_user_files(run_dir, codes, name_arms=False, todo="Its files were not recoded. Move the file "
+        check_user_files(run_dir, partial(find_leaks, arms=codes), name_arms=False, todo="Its files were not recoded. Move the file "
                          "out of the run folder (or take the arm names out of it), then run the command again")  # fmt: skip
     swap = unblind_frame if unblind else blind_frame
     tables: dict[str, pd.DataFrame] = {}

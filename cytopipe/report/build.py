@@ -70,7 +70,7 @@ def build_report(
                              "then run the report again")  # fmt: skip
         from cytopipe.report.blindfiles import check_user_files
 
-        check_user_files(run_dir, data.codes, name_arms=False, todo="Nothing was written. Move the file out "
+        check_user_files(run_dir, functools.partial(find_leaks, arms=data.codes), name_arms=False, todo="Nothing was written. Move the file out "
                          "of the run folder (or take the arm names out of it), then run the report again")  # fmt: skip
     # the figures of the previous report that nothing they are drawn from has changed (content hashes)
     cache = FigureCache(run_dir, read=reuse)
