@@ -47,7 +47,7 @@ def folder_files(run_dir: str | Path) -> tuple[list[Path], list[Path]]:
     return own, users
 
 
-def _shown_arm(path: Path, leaks: Callable[[Mapping[str, str]], list[str]]) -> str:
+def shown_arm(path: Path, leaks: Callable[[Mapping[str, str]], list[str]]) -> str:
     """Where ``path`` shows an arm name: ``"line N: 'arm'"`` (a Parquet file: ``"column 'c':
     'arm'"``), the first one; ``""``: nowhere."""
     if path.suffix.lower() == ".parquet":
@@ -70,7 +70,7 @@ def _text_arm(text: str, leaks: Callable[[Mapping[str, str]], list[str]]) -> str
     for number, line in enumerate(text.splitlines(), start=1):
         if shown := leaks({f"line {number}": line}):
             return shown[0]
-    return leaks({"file": text})[0]  # not within one line (an arm name with a line break)
+    return leaks({"the file": text})[0]  # not within one line (an arm name with a line break)
 
 
 def check_user_files(
@@ -87,7 +87,7 @@ def check_user_files(
         return
     problems = []
     for rel in folder_files(run_dir)[1]:
-        shown = _shown_arm(run_dir / rel, leaks)
+        shown = shown_arm(run_dir / rel, leaks)
         if shown:
             problems.append(f"{rel.as_posix()} ({shown if name_arms else shown.rsplit(':', 1)[0]})")
         else:

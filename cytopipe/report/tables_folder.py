@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cytopipe.errors import ReportError
+from cytopipe.report.blindfiles import shown_arm
 from cytopipe.store import atomic_write_bytes, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -158,17 +159,6 @@ def _csv_files(folder: Path, new: Mapping[str, str]) -> list[_Found]:
     return found
 
 
-def _shown_arm(path: Path, leaks: Callable[[Mapping[str, str]], list[str]]) -> str:
-    """Where ``path`` shows an arm name: ``"line N: 'arm'"`` (the first one); ``""``: nowhere."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not leaks({path.name: text}):
-        return ""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if shown := leaks({f"line {number}": line}):
-            return shown[0]
-    return "the file"  # not within one line (an arm name with a line break)
-
-
 def _blinding_obstacle(
     found: _Found, leaks: Callable[[Mapping[str, str]], list[str]], name_arms: bool
 ) -> str:
@@ -177,7 +167,7 @@ def _blinding_obstacle(
     (run.json's problems, where it would be coded) must not tie a code to the name the file shows."""
     if found.own:
         return ""
-    shown = _shown_arm(found.path, leaks)
+    shown = shown_arm(found.path, leaks)
     if shown:
         where = shown if name_arms else shown.split(":", 1)[0]
         return f"{found.path.name} ({found.what}), which shows an arm name ({where})"
