@@ -28,7 +28,7 @@ def _die_on_a_worker(fn, item):
     os._exit(1)  # the worker process dies mid-task
 
 
-def test_mixed_models_fitted_on_the_workers_give_the_same_statistics(pipeline_run):
+def test_mixed_models_fitted_on_the_workers_give_the_same_statistics(pipeline_run, caplog):
     from cytopipe.clinical import load_clinical
     from cytopipe.pipeline import DaskExecutor, SyncExecutor
     from cytopipe.pipeline.statistics import _fits_on_workers
@@ -66,7 +66,12 @@ def test_mixed_models_fitted_on_the_workers_give_the_same_statistics(pipeline_ru
         assert here.equals(there)
 
         # a fit whose worker dies (each time dask retries it) is fitted here: the same result
+        # (two such fits: one warning, then how many were fitted here, not a line per fit)
         one = partial(_die_on_a_worker, lambda item: item * 2)
-        assert map_fits(one, [21]) == [42]
+        with caplog.at_level("WARNING", logger="cytopipe.pipeline.statistics"):
+            assert map_fits(one, [21, 4]) == [42, 8]
+        lines = [r.getMessage() for r in caplog.records if r.name == "cytopipe.pipeline.statistics"]
+        assert sum("a mixed-model fit was lost with its worker" in m for m in lines) == 1, lines
+        assert "2 of 2 mixed-model fits were lost with their workers and fitted here" in lines, lines
     finally:
         ex.close()

@@ -237,13 +237,19 @@ def _fits_on_workers(ctx: RunContext) -> Any:
         from cytopipe.pipeline.executors import TaskError
 
         pending = [executor.submit(_quietly, fn, item, desc="mixed-model") for item in items]
-        out = []
+        out, lost = [], 0
         for item, task in zip(items, pending):
             try:
                 out.append(task.result())
             except TaskError as exc:
-                logger.warning("a mixed-model fit was lost with its worker (%s); fitting it here", exc)
+                if not lost:  # one line, not one per fit (a cluster without workers loses them all)
+                    logger.warning("a mixed-model fit was lost with its worker (%s); fitting it here", exc)
+                lost += 1
                 out.append(fn(item))
+        if lost > 1:
+            logger.warning(
+                "%d of %d mixed-model fits were lost with their workers and fitted here", lost, len(items)
+            )
         return out
 
     return map_fits
