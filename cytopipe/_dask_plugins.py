@@ -14,9 +14,20 @@ logger = logging.getLogger(__name__)
 
 # glibc mallopt() parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its adaptive threshold (64-bit)
 TRIM_THRESHOLD = 128 << 10  # glibc's default before it adapts
+# Free memory glibc keeps at the top of a heap when it trims (default 128 KiB), also the extra it
+# asks for when a heap grows. With 128 KiB a worker's task thread gave back and faulted in again
+# ~5 MB per 200k-event sample (28-40k minor page faults per 24 samples, against ~0 in a plain loop
+# in one process): ~4 % of the worker's CPU. With 8 MiB: 1.4-9k faults; worker CPU per 24 samples
+# -0.058 s median (-3.5 %; 7 of 8 rounds, pads alternated in one worker, 1.51-1.75 s a round) on
+# 2026-12-06 18:49 UTC, load average 1.1-1.2 (AMD EPYC VM, 2 cores). Memory: bench/trial.py worst
+# phase 2.68x the matrix (statistics, with the UMAP task) against 2.17-2.25x, its 5M-event run
+# 1.97x both; bench/scaling.py 2.75-2.76x against 2.79-2.81x (goal <= 3x). 16 MiB removed the
+# faults altogether but took bench/trial.py to 2.79x; 4 MiB left 18k faults.
+TOP_PAD = 8 << 20
 
 
 class OneThreadBLAS(WorkerPlugin):
@@ -43,6 +54,8 @@ class ReturnFreedMemory(WorkerPlugin):
     thresholds -- mmap at 32 MiB, the most the adaptive one reaches anyway, so arrays below it still
     reuse heap memory without fresh page faults; trim at glibc's default 128 KiB -- keep that reuse
     and return the freed top of the heap: 2.2x, at the same CPU per event (2026-12-04, AMD EPYC VM).
+    The top pad (8 MiB, see TOP_PAD) is what a trim leaves: the next sample's smaller arrays reuse
+    those pages instead of faulting them in again (worker CPU -3.5 %; peak 2.7x in bench/trial.py).
     Dask's own remedy (``MALLOC_TRIM_THRESHOLD_=65536`` in the environment) also pins the mmap
     threshold at 128 KiB, so every array is a fresh mapping: ~40x the page faults, +40% CPU.
     A no-op where the C library is not glibc."""
@@ -54,14 +67,15 @@ class ReturnFreedMemory(WorkerPlugin):
 
 
 def set_malloc_thresholds() -> bool:
-    """Fix glibc's mmap and trim thresholds in this process (see :class:`ReturnFreedMemory`);
-    False (nothing changed) where the C library is not glibc."""
+    """Fix glibc's mmap and trim thresholds and its top pad in this process (see
+    :class:`ReturnFreedMemory`); False (nothing changed) where the C library is not glibc."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
         ok = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+        ok = libc.mallopt(_M_TOP_PAD, TOP_PAD) == 1 and ok
     except (OSError, AttributeError):
         ok = False
     if not ok:
