@@ -295,7 +295,15 @@ def _run_and_kill_a_busy_worker(
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
     os.environ.clear()
     os.environ.update(environ)  # (MALLOC_TRIM_THRESHOLD_ would reach every later test's workers)
-    with cluster, Client(cluster) as client:
+    # the cluster drops a lost worker's nanny when no worker of that name is back within
+    # `lost-worker-timeout` (read when the worker is lost), which a loaded CI machine can cause:
+    # this test is about the run's handling of a dead worker, not dask's dropping of nannies
+    # (tests/test_executor_no_worker.py), so the nannies get all the time they need here
+    with (
+        dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"}),
+        cluster,
+        Client(cluster) as client,
+    ):
         pids = client.run(os.getpid)  # worker address -> pid
         box: dict = {}
 
