@@ -381,8 +381,9 @@ def _blinded_outputs(
 
 
 def _remove_stale_report(run_dir: Path) -> None:
-    """A report of an earlier state of this run folder would contradict the new tables: remove it
-    (``cytopipe report RUN_DIR`` writes it again). Of its tables folder only the tables it wrote go."""
+    """A report of an earlier state of this run folder would contradict the new tables (or, when
+    this run's report step failed, pass for this run's report): remove it (``cytopipe report
+    RUN_DIR`` writes it again). Of its tables folder only the tables it wrote go."""
     from cytopipe.report.tables_folder import remove_tables
 
     if (run_dir / "report.html").is_file():
@@ -421,6 +422,7 @@ def write_run_report(
         raise  # a full disk or read-only folder stops the run (exit 4): the rerun resumes
     except CytopipeError as exc:
         problems.append(f"report: not written: {exc}")
+        _remove_stale_report(run_dir)  # an earlier run's report must not pass for this run's
         return {"enabled": True, "written": False, "error": str(exc)}
     except Exception as exc:  # a bug in the report must not cost the run's tables
         if isinstance(exc, OSError) and errors.exit_code_for(exc) == EXIT_OUTPUT:
@@ -431,5 +433,6 @@ def write_run_report(
         problems.append(
             f"report: not written: internal error {type(exc).__name__}: {exc}{where} (please report this)"
         )
+        _remove_stale_report(run_dir)
         return {"enabled": True, "written": False, "error": f"{type(exc).__name__}: {exc}"}
     return {"enabled": True, "written": True, "path": path.name, "blinded": bool(settings.get("blinded"))}
