@@ -14,6 +14,7 @@ is done (:func:`check_user_files`, exit 2): the blinded folder would show the ar
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -36,15 +37,21 @@ def folder_files(run_dir: str | Path) -> tuple[list[Path], list[Path]]:
     run_dir = Path(run_dir)
     own: list[Path] = []
     users: list[Path] = []
-    for path in sorted(run_dir.rglob("*")):
-        rel = path.relative_to(run_dir)
-        if not path.is_file() or rel.parts[0].startswith(".") or rel.name in (RUN_JSON, CATALOG):
-            continue
-        if rel.parts[0].endswith("_tables") or path.suffix.lower() in (".html", ".htm"):
-            continue
-        if path.suffix.lower() in RECODED_SUFFIXES:
-            (own if is_run_output(rel) else users).append(rel)
-    return own, users
+    # os.walk, pruned: the per-sample cache (.cache/, thousands of files in a large study) and the
+    # tables folders are not walked at all, and a linked folder is not followed out of the run folder
+    for root, dirs, names in os.walk(run_dir):
+        top = Path(root) == run_dir
+        if top:
+            dirs[:] = [d for d in dirs if not d.startswith(".") and not d.endswith("_tables")]
+        for name in names:
+            path = Path(root) / name
+            rel = path.relative_to(run_dir)
+            if (top and (name.startswith(".") or name in (RUN_JSON, CATALOG))) or not path.is_file():
+                continue
+            suffix = path.suffix.lower()
+            if suffix in RECODED_SUFFIXES:
+                (own if is_run_output(rel) else users).append(rel)
+    return sorted(own), sorted(users)
 
 
 def shown_arm(path: Path, leaks: Callable[[Mapping[str, str]], list[str]]) -> str:
