@@ -28,6 +28,7 @@ from typing import Any
 from cytopipe.config import stable_hash
 from cytopipe.errors import ExecutionError, WorkflowError
 from cytopipe.pipeline.progress import _progress
+from cytopipe.pipeline.shared_state import RUN_AGAIN, SharedState
 from cytopipe.pipeline.worker_watch import (
     NO_WORKER_TIMEOUT_EXISTING_S,
     NO_WORKER_TIMEOUT_LOCAL_S,
@@ -274,19 +275,16 @@ class DaskExecutor:
                 yield i, TaskFailure(message, "NoWorker")
             return
         token = stable_hash([desc, time.time_ns()])[:10]
-        # The shared state is a task's result, not scattered data: dask's active memory manager
-        # trims a broadcast's replicas to one worker, and scattered data lost with that worker
-        # cannot be recomputed (every task of the phase would be cancelled). A task's result is
-        # recomputed by the scheduler when the worker holding it dies.
-        shared_f = self.client.submit(_shared, shared, key=f"shared-{desc}-{token}", pure=False)
+        # a task's result, computed again when lost, also when the scheduler gave it up (shared_state.py)
+        state = SharedState(self.client, shared, desc, token)
         futures: dict[Any, int] = {}
 
         def submit(i: int, tag: str = ""):
             fut = self.client.submit(
                 fn,
                 items[i],
-                shared_f,
-                key=f"{desc}-{i}{tag}-{token}",
+                state.future,
+                key=f"{desc}-{i}{tag}{state.tag}-{token}",
                 pure=False,
                 retries=0,
                 priority=_task_priority(items[i]),
@@ -302,11 +300,15 @@ class DaskExecutor:
         # alone on the cluster: a worker holds two tasks at a time, so a file that kills its
         # worker takes the task queued next to it down too, and that one must not fail for it.
         again: list[int] = []
+        more: list = []  # tasks run again on the shared state computed again: waited for too
         watch = WorkerWatch(self, desc)
         try:
-            for fut, failure in self._finished(list(futures), watch):
+            for fut, failure in self._finished(list(futures), watch, more):
                 i = futures.pop(fut)
-                value = failure or self._value(fut, watch)
+                value = failure or self._value(fut, watch, state)
+                if value is RUN_AGAIN:
+                    more.append(submit(i))
+                    continue
                 if isinstance(value, TaskFailure) and value.error_type == "KilledWorker":
                     again.append(i)
                     continue
@@ -318,9 +320,11 @@ class DaskExecutor:
                     desc, len(again),
                 )  # fmt: skip
             for n, i in enumerate(sorted(again)):
-                fut = submit(i, "-again")
-                futures.pop(fut)
-                value = self._value(fut, watch)
+                value = RUN_AGAIN
+                while value is RUN_AGAIN:  # as often as the shared state is computed again (bounded)
+                    fut = submit(i, "-again")
+                    futures.pop(fut)
+                    value = self._value(fut, watch, state)
                 if isinstance(value, TaskFailure) and value.error_type == "NoWorker":
                     for j in sorted(again)[n:]:  # no worker left: the rest are not tried
                         bar.update(1)
@@ -332,7 +336,7 @@ class DaskExecutor:
             bar.close()
             for fut in futures:
                 fut.cancel()
-            shared_f.release()
+            state.release()
             for key in [k for k in self.keeper.labels if str(k).endswith(token)]:
                 del self.keeper.labels[key]
 
@@ -368,15 +372,22 @@ class DaskExecutor:
 
         return Deferred(get)
 
-    def _finished(self, futs: list, watch: WorkerWatch) -> Iterator[tuple[Any, TaskFailure | None]]:
+    def _finished(
+        self, futs: list, watch: WorkerWatch, more: list
+    ) -> Iterator[tuple[Any, TaskFailure | None]]:
         """``futs`` as they finish (``as_completed``), each with None; when the cluster has had no
         live worker for ``no_worker_timeout`` seconds, the ones still waiting are cancelled and
-        come at once (in the order given), each with the TaskFailure that says so."""
+        come at once (in the order given), each with the TaskFailure that says so. Futures the
+        caller appends to ``more`` meanwhile are waited for too."""
         from dask.distributed import as_completed
 
         done = as_completed(futs)
         waiting = dict.fromkeys(futs)  # ordered
-        while waiting:
+        while waiting or more:
+            for fut in more:
+                done.add(fut)
+                waiting[fut] = None
+            more.clear()
             if done.has_ready():
                 fut = next(done)
                 waiting.pop(fut, None)
@@ -419,14 +430,21 @@ class DaskExecutor:
                     limit *= 2  # a large result on its way: a fetch cut short is started again
                 # else lost with its worker on the way: the scheduler computes it again
 
-    def _value(self, fut: Any, watch: WorkerWatch) -> Any:
-        """A task's result, or a TaskFailure when it did not return; the future is released."""
+    def _value(self, fut: Any, watch: WorkerWatch, state: SharedState) -> Any:
+        """A task's result, or a TaskFailure when it did not return, or RUN_AGAIN when it failed
+        because the scheduler gave up the phase's shared state, which is computed again; the
+        future is released."""
         try:
             value = self._result(fut, watch)
         except NoWorkerError as exc:
             value = TaskFailure(str(exc), "NoWorker")
         except Exception as exc:  # KilledWorker, CancelledError, comm errors
-            value = TaskFailure(_task_failure_message(exc), type(exc).__name__)
+            if state.lost(exc) and state.again(exc):
+                value = RUN_AGAIN
+            elif state.lost(exc):
+                value = TaskFailure(state.failure_message(), "SharedStateLost")
+            else:
+                value = TaskFailure(_task_failure_message(exc), type(exc).__name__)
         fut.release()
         if not (isinstance(value, TaskFailure) and value.error_type == "NoWorker"):
             watch.since = None  # a task ended: the cluster is not stuck
@@ -489,11 +507,6 @@ class DaskExecutor:
             if self.cluster is not None:
                 self.cluster.close()
             self._restore_environ()
-
-
-def _shared(state: Any) -> Any:
-    """The phase's shared state, as a task result the scheduler can recompute."""
-    return state
 
 
 def _task_priority(item: Any) -> int:
