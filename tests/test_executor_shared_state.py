@@ -18,6 +18,7 @@ from pathlib import Path
 # dask's `distributed` config section exists before a test sets a value in it: a dask.config.set of
 # a key whose section is not there yet removes the whole section when it ends
 import distributed  # noqa: F401
+import pytest
 
 HANG_GUARD_S = 300  # far above what the maps below need (~30 s); reached only by a hang
 
@@ -83,12 +84,15 @@ def _map(ex, items: list, shared, desc: str) -> dict:
     return box["result"]
 
 
-def test_a_worker_dying_while_it_recomputes_the_shared_state_does_not_fail_the_phase(tmp_path, caplog):
+@pytest.mark.parametrize("allowed_failures", [0, 3])
+def test_a_worker_dying_while_it_recomputes_the_shared_state_does_not_fail_the_phase(
+    allowed_failures, tmp_path, caplog
+):
     """One worker holds the phase's shared state; a sample kills it; the scheduler computes the
     shared state again on the restarted worker, and that worker dies while it does. With
     `distributed.scheduler.allowed-failures` 0 the scheduler gave the shared-state task up at once
-    (KilledWorker) and every sample still waiting failed with it, although the cluster came back
-    (with the default, 3, four such deaths did the same). Now the executor computes the shared state
+    (KilledWorker) and every sample still waiting failed with it, although the cluster came back;
+    with dask's default, 3, four such deaths in a row did the same. Now the executor computes the shared state
     again under a new key, runs the samples that waited on it again, and says which worker died:
     every sample comes back with the right result."""
     import dask
@@ -97,11 +101,12 @@ def test_a_worker_dying_while_it_recomputes_the_shared_state_does_not_fail_the_p
     from cytopipe.pipeline.executors import TaskFailure
 
     caplog.set_level(logging.WARNING, logger="cytopipe.pipeline.executors")
-    (tmp_path / "kill-load-2").touch()  # the first recomputation of the shared state dies
+    for n in range(2, allowed_failures + 3):  # the recomputations the scheduler allows, and one more, die
+        (tmp_path / f"kill-load-{n}").touch()
     shared = _StateThatKillsItsWorker({"tag": "shared", "factor": 3}, tmp_path)
     items = [{"sample_id": f"S{i:02d}", "n": i} for i in range(12)]
     items[0]["kill_once"] = str(tmp_path / "sample-killed")
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+    with dask.config.set({"distributed.scheduler.allowed-failures": allowed_failures}):
         ex = DaskExecutor(workers=1)
         try:
             got = _map(ex, items, shared, "gate")
@@ -112,7 +117,8 @@ def test_a_worker_dying_while_it_recomputes_the_shared_state_does_not_fail_the_p
     failed = {i: v for i, v in got.items() if isinstance(v, TaskFailure)}
     assert not failed, failed
     loads = sorted(p.name for p in tmp_path.glob("load-*"))
-    assert len(loads) == 3, loads  # computed, killed while computed again, computed under a new key
+    # computed, killed while computed again (allowed_failures + 1 times), computed under a new key
+    assert len(loads) == allowed_failures + 3, loads
     assert got == {i: {"sample_id": f"S{i:02d}", "shared": "shared", "n": 3 * i} for i in range(12)}
     assert after == {i - 1: {"sample_id": f"S{i:02d}", "shared": "next", "n": i} for i in range(1, 4)}
     lost = [r for r in caplog.records if "shared state" in r.getMessage()]
