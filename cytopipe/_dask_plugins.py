@@ -1,4 +1,4 @@
-"""Dask worker plugins of :class:`cytopipe.pipeline.executors.DaskExecutor` (imported only with Dask)."""
+"""Dask plugins of :class:`cytopipe.pipeline.executors.DaskExecutor` (imported only with Dask)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import platform
 from typing import Any
 
-from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 logger = logging.getLogger(__name__)
 
@@ -81,3 +81,23 @@ def set_malloc_thresholds() -> bool:
     if not ok:
         logger.debug("could not set glibc's malloc thresholds; freed memory is returned as glibc decides")
     return ok
+
+
+class WorkerAddresses(SchedulerPlugin):
+    """Each worker's name and address, logged to the scheduler's event log (topic :attr:`topic`)
+    as it joins: the executor asks the scheduler which workers it has only every few seconds, and
+    names a dead worker by every address it had, also one that a nanny's restart gave it and that
+    died before the executor asked (see pipeline/worker_watch.py). A local cluster's only: its
+    scheduler runs in cytopipe's process."""
+
+    name = "cytopipe-worker-addresses"
+    topic = "cytopipe-worker-addresses"
+
+    async def start(self, scheduler: Any) -> None:
+        for address, ws in list(scheduler.workers.items()):
+            scheduler.log_event(self.topic, {"worker": address, "name": str(ws.name)})
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        ws = scheduler.workers.get(worker)
+        name = str(ws.name) if ws is not None else worker
+        scheduler.log_event(self.topic, {"worker": worker, "name": name})

@@ -294,3 +294,48 @@ def test_a_worker_killed_for_its_memory_limit_is_named_with_that_reason():
     assert (
         why.startswith("was killed ") and "time(s) by its nanny for using more memory than its limit" in why
     )
+
+
+def test_a_worker_restarted_and_killed_between_two_checks_is_named_by_its_last_address(caplog):
+    """The executor learns its workers' addresses when it asks the scheduler for them (every 2 s
+    while it waits): a worker that its nanny restarted and that died again before the next check
+    was named in the restore's warning by its old address only, and why it died was read for that
+    address only. Now the scheduler logs each worker's name and address as it joins, and the
+    warning names every address the worker had. Here the executor is idle while the worker is
+    killed, restarted, and killed again (its nanny then dropped by the cluster: lost-worker-timeout
+    0 s); the next map restores it."""
+    import dask
+
+    from cytopipe.pipeline import DaskExecutor
+
+    caplog.set_level(logging.WARNING, logger="cytopipe.pipeline.executors")
+    ex = DaskExecutor(workers=1)
+    try:
+        [(first, first_pid)] = ex.client.run(os.getpid).items()  # the executor has seen this one
+        [name] = list(ex.cluster.workers)
+        os.kill(first_pid, signal.SIGKILL)
+        deadline = time.monotonic() + HANG_GUARD_S
+        second = None
+        while second is None and time.monotonic() < deadline:  # its nanny starts it again
+            time.sleep(0.05)
+            workers = ex.client.scheduler_info(n_workers=-1)["workers"]  # not through the executor
+            second = next((a for a in workers if a != first), None)
+        assert second is not None, "the nanny did not start the worker again"
+        second_pid = ex.client.run(os.getpid, workers=[second])[second]
+        with dask.config.set({"distributed.deploy.lost-worker-timeout": "0s"}):
+            os.kill(second_pid, signal.SIGKILL)
+            while ex.cluster.workers and time.monotonic() < deadline:  # the cluster drops the nanny
+                time.sleep(0.05)
+        assert not ex.cluster.workers, "the cluster did not drop the nanny"
+        thread, box = _in_thread(lambda: dict(ex.map(_slow_item, list(range(3)), "s", "again", False)))
+        thread.join(timeout=HANG_GUARD_S)
+        assert not thread.is_alive(), "the map hung"
+        assert "error" not in box, box.get("error")
+        assert [box["result"][i]["i"] for i in range(3)] == [0, 1, 2]
+    finally:
+        ex.close()
+    restored = [r.getMessage() for r in caplog.records if "started it again" in r.getMessage()]
+    assert len(restored) == 1, restored
+    assert restored[0].startswith(f"Dask worker {name} ("), restored[0]
+    assert first in restored[0] and second in restored[0], restored[0]
+    assert "died while it ran no sample" in restored[0], restored[0]

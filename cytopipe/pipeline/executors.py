@@ -253,10 +253,11 @@ class DaskExecutor:
                 self._restore_environ()
                 _SPAWN_LOCK.release()
             self.client = Client(self.cluster)
-            from cytopipe._dask_plugins import OneThreadBLAS, ReturnFreedMemory
+            from cytopipe._dask_plugins import OneThreadBLAS, ReturnFreedMemory, WorkerAddresses
 
             self.client.register_plugin(OneThreadBLAS(), name=OneThreadBLAS.name)
             self.client.register_plugin(ReturnFreedMemory(), name=ReturnFreedMemory.name)
+            self.client.register_plugin(WorkerAddresses(), name=WorkerAddresses.name)
             self.kind = "local"
         self.keeper = WorkerKeeper(self.client, self.cluster, self.no_worker_timeout)
         self.dashboard = self.client.dashboard_link if _has_bokeh() else None

@@ -9,7 +9,9 @@ the executor's tasks waited for ever; with several the run went on with fewer wo
 
 :class:`WorkerKeeper` (one per executor): whenever a local cluster has had fewer live workers than
 its specification names for NO_WORKER_RESTORE_S, the nannies it dropped are started again (a
-warning per restore, naming the worker and why it died). :class:`WorkerWatch` (one per phase or
+warning per restore, naming the worker, every address it had, also one a restart gave it that died
+before the next check (read from the scheduler's event log, where the WorkerAddresses plugin writes
+each worker's address as it joins), and why it died). :class:`WorkerWatch` (one per phase or
 submitted task): after ``no_worker_timeout`` seconds with no live worker the waiting tasks are
 given up (an existing scheduler, ``--scheduler-address``: a warning every NO_WORKER_WARN_EVERY_S
 meanwhile, while a lab may be starting workers). Once given up, later phases and submitted tasks
@@ -110,6 +112,7 @@ class WorkerKeeper:
         except Exception as exc:  # noqa: BLE001 - reported; the watch fails the phase if no worker comes
             logger.warning("starting the dropped Dask workers %s again failed: %s", ", ".join(missing), exc)
             return
+        self.learn_addresses()
         for name in missing:
             if name in self.restoring:
                 continue  # logged when its restore began; still starting
@@ -120,6 +123,21 @@ class WorkerKeeper:
                 name, ", ".join(sorted(self.addresses.get(name, ()))) or "address unknown",
                 self.why(name), live, len(cluster.worker_spec), time.monotonic() - (self.short_since or 0),
             )  # fmt: skip
+
+    def learn_addresses(self) -> None:
+        """Every address the local cluster's workers had, from the scheduler's event log (the
+        WorkerAddresses plugin): :meth:`live_workers` sees only the workers alive when it asks, and
+        a worker restarted by its nanny can die again before it asks."""
+        from cytopipe._dask_plugins import WorkerAddresses
+
+        try:
+            events = self.client.get_events(WorkerAddresses.topic)
+        except Exception as exc:  # noqa: BLE001 - only the messages are poorer
+            logger.debug("the Dask scheduler's event log did not answer: %s", exc)
+            return
+        for _, event in events:
+            if isinstance(event, Mapping) and event.get("name") is not None and event.get("worker"):
+                self.addresses.setdefault(str(event["name"]), set()).add(str(event["worker"]))
 
     def why(self, name: str) -> str:
         """Why the worker of that name died, from the cluster's event logs (public Client.get_events)."""
