@@ -2,108 +2,145 @@
 
 Blinding a run folder (and unblinding it) rewrites only the files cytopipe wrote there, told by
 their exact place and name (:func:`cytopipe.store.is_run_output`: the top-level tables,
-``review.json``, ``reconcile.csv``, ``clustering/``'s tables, ``study/``'s files); run.json, the
-catalog, the report and its tables, and ``.cache/`` have their own handling
-(:func:`cytopipe.report.blinding.recode_folder`). Any other file kept in the run folder (notes, an
-export, a copy of the clinical table) is the user's: it is never rewritten (coded, its author could
+``review.json``, ``reconcile.csv``, ``run.log``, ``clustering/``'s tables, ``study/``'s files; a
+per-batch spillover matrix only when run.json's ``study_state`` records its batch); run.json, the
+catalog, the reports and their tables folders (:func:`report_folders`) and ``.cache/`` have their
+own handling (:func:`cytopipe.report.blinding.recode_folder`). Any other file anywhere in the run
+folder (notes, an export, a copy of the clinical table, a hidden folder's files, the tables folder
+of a report that is not cytopipe's) is the user's: it is never rewritten (coded, its author could
 read which code stands for which arm; decoded, a literal ``Arm B`` could not be told from a coded
-one). A folder to be blinded that holds such a file showing an arm name is refused before anything
-is done (:func:`check_user_files`, exit 2): the blinded folder would show the arms.
+one). A folder to be blinded that holds such a file showing an arm name (in its content or its
+name), or one whose content cannot be checked (:mod:`cytopipe.report.filecheck`: a PDF, an image),
+is refused before anything is done (:func:`check_user_files`, exit 2): the blinded folder would
+show the arms, or could.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import pandas as pd
-
 from cytopipe.errors import ReportError
+from cytopipe.report.filecheck import CannotCheck, shown_arm  # noqa: F401  (shown_arm: this module's API)
 
 logger = logging.getLogger(__name__)
 
-#: the files blinding reads (and rewrites, when they are cytopipe's own)
-RECODED_SUFFIXES = (".csv", ".json", ".txt", ".tsv", ".yaml", ".yml", ".parquet")
+#: the files of cytopipe's that blinding reads and rewrites (a user's file is checked whatever it is)
+RECODED_SUFFIXES = (".csv", ".json", ".txt", ".tsv", ".yaml", ".yml", ".parquet", ".log")
+
+
+def report_folders(run_dir: str | Path) -> list[tuple[Path, Path]]:
+    """``[(report, its tables folder)]`` (relative paths) of the reports cytopipe wrote in
+    ``run_dir``: ``report.html`` with ``report_tables/``, and every ``X.html`` (``--out``, anywhere
+    in the folder but ``.cache/``) beside an ``X_tables/`` folder holding the report's record of
+    its tables (:data:`cytopipe.report.tables_folder.MANIFEST`, which only a report writes)."""
+    from cytopipe.report.tables_folder import MANIFEST
+
+    run_dir = Path(run_dir)
+    found = [(Path("report.html"), Path("report_tables"))]
+    for root, dirs, _names in os.walk(run_dir):
+        if Path(root) == run_dir:
+            dirs[:] = [d for d in dirs if d != ".cache"]
+        for d in dirs:
+            rel = (Path(root) / d).relative_to(run_dir)
+            if (
+                d.endswith("_tables")
+                and rel != Path("report_tables")
+                and (run_dir / rel / MANIFEST).is_file()
+            ):
+                found.append((rel.with_name(d.removesuffix("_tables") + ".html"), rel))
+    return found
+
+
+def _recorded_spillovers(run_dir: Path) -> set[str]:
+    """The per-batch spillover matrices the run wrote into ``study/``, by run.json's record of its
+    control sets (``study_state.spillover_sets``): ``spillover_<column>_<value>.csv``."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        sets = info["study_state"]["spillover_sets"] or {}
+        return {f"spillover_{sets['column']}_{value}.csv" for value in sets.get("sets") or {}}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
 
 
 def folder_files(run_dir: str | Path) -> tuple[list[Path], list[Path]]:
-    """``(cytopipe's, the user's)``: the files of ``run_dir`` that blinding reads (relative paths,
-    sorted): text and Parquet files outside hidden folders, run.json, the catalog, the reports
-    (``*.html``) and their tables folders (``*_tables/``), which are handled apart."""
-    from cytopipe.store import CATALOG, RUN_JSON, is_run_output
+    """``(cytopipe's, the user's)``: the files of ``run_dir`` (relative paths, sorted). Cytopipe's:
+    those blinding rewrites (:func:`cytopipe.store.is_run_output`, text and Parquet). Not listed:
+    run.json, the catalog, the run lock, ``.cache/`` and the reports with the tables they wrote
+    (:func:`report_folders`), which are handled apart. Every other file is the user's, hidden
+    or not, whatever its kind, in any folder (a linked folder is not followed out of it)."""
+    from cytopipe.report.tables_folder import MANIFEST, own_tables
+    from cytopipe.store import CATALOG, LOCK, RUN_JSON, is_run_output
 
     run_dir = Path(run_dir)
+    spillovers = _recorded_spillovers(run_dir)
+    reports = report_folders(run_dir)
+    apart = {Path(RUN_JSON), Path(CATALOG), Path(LOCK), *(html for html, _ in reports)}
+    tables = {folder: own_tables(run_dir / folder) for _, folder in reports}
     own: list[Path] = []
     users: list[Path] = []
-    # os.walk, pruned: the per-sample cache (.cache/, thousands of files in a large study) and the
-    # tables folders are not walked at all, and a linked folder is not followed out of the run folder
     for root, dirs, names in os.walk(run_dir):
-        top = Path(root) == run_dir
-        if top:
-            dirs[:] = [d for d in dirs if not d.startswith(".") and not d.endswith("_tables")]
+        here = Path(root).relative_to(run_dir)
+        if here == Path("."):
+            dirs[:] = [d for d in dirs if d != ".cache"]  # cytopipe's private cache: scrub_cache
         for name in names:
-            path = Path(root) / name
-            rel = path.relative_to(run_dir)
-            if (top and (name.startswith(".") or name in (RUN_JSON, CATALOG))) or not path.is_file():
+            rel, path = here / name, Path(root) / name
+            if rel in apart or not path.is_file():
                 continue
-            suffix = path.suffix.lower()
-            if suffix in RECODED_SUFFIXES:
-                (own if is_run_output(rel) else users).append(rel)
+            if here in tables:  # a report's tables folder: its record and its own tables apart
+                if name != MANIFEST and name not in tables[here]:
+                    users.append(rel)
+                continue
+            spillover = len(rel.parts) == 2 and rel.parts[0] == "study" and name.startswith("spillover_")
+            if is_run_output(rel) and (not spillover or name == "spillover.csv" or name in spillovers):
+                if path.suffix.lower() in RECODED_SUFFIXES:
+                    own.append(rel)
+            else:
+                users.append(rel)
     return sorted(own), sorted(users)
-
-
-def shown_arm(path: Path, leaks: Callable[[Mapping[str, str]], list[str]]) -> str:
-    """Where ``path`` shows an arm name: ``"line N: 'arm'"`` (a Parquet file: ``"column 'c':
-    'arm'"``), the first one; ``""``: nowhere."""
-    if path.suffix.lower() == ".parquet":
-        try:
-            df = pd.read_parquet(path)
-        except Exception:  # not a table we can read: shown as bytes
-            return _text_arm(path.read_bytes().decode("latin-1"), leaks)
-        for column in df.columns:
-            values = [str(column), *df[column].dropna().astype(str).unique()] if df[column].dtype.kind in "OUS" \
-                or isinstance(df[column].dtype, (pd.StringDtype, pd.CategoricalDtype)) else [str(column)]  # fmt: skip
-            if shown := leaks({f"column {str(column)!r}": "\n".join(values)}):
-                return shown[0]
-        return ""
-    return _text_arm(path.read_text(encoding="utf-8", errors="replace"), leaks)
-
-
-def _text_arm(text: str, leaks: Callable[[Mapping[str, str]], list[str]]) -> str:
-    if not leaks({"file": text}):
-        return ""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if shown := leaks({f"line {number}": line}):
-            return shown[0]
-    return leaks({"the file": text})[0]  # not within one line (an arm name with a line break)
 
 
 def check_user_files(
     run_dir: str | Path, leaks: Callable[[Mapping[str, str]], list[str]], *, name_arms: bool, todo: str
 ) -> None:
     """Refuse (:class:`ReportError`, exit 2) a run folder to be blinded that holds a file cytopipe
-    did not write (:func:`folder_files`) showing an arm name: blinding never rewrites it, so the
-    blinded folder would show the arms. Named: each file and the line (a Parquet file: the
-    column) that shows one, and the arm name only with ``name_arms`` (a message that may be written
-    into the blinded folder must not tie a code to a name). ``leaks``: ``find_leaks`` with the
-    arms (cytopipe/report/blinding.py). ``todo``: what happens now, what to do."""
+    did not write (:func:`folder_files`) showing an arm name, in its content or its name, or one
+    whose content cannot be checked (:class:`~cytopipe.report.filecheck.CannotCheck`): blinding
+    never rewrites it, so the blinded folder would show the arms. Named: each file and the line
+    (a Parquet file: the column) that shows one, and the arm name only with ``name_arms`` (a
+    message that may be written into the blinded folder must not tie a code to a name). ``leaks``:
+    ``find_leaks`` with the arms (cytopipe/report/blinding.py). ``todo``: what happens now, what
+    to do."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
-    problems = []
+    problems, unchecked = [], []
     for rel in folder_files(run_dir)[1]:
-        shown = shown_arm(run_dir / rel, leaks)
+        try:
+            shown = leaks({"its name": rel.as_posix()})
+            shown = shown[0] if shown else shown_arm(run_dir / rel, leaks)
+        except CannotCheck as exc:
+            unchecked.append(f"{rel.as_posix()} ({exc})")
+            continue
+        except OSError as exc:
+            unchecked.append(f"{rel.as_posix()} (cannot be read: {exc.strerror or exc})")
+            continue
         if shown:
             problems.append(f"{rel.as_posix()} ({shown if name_arms else shown.rsplit(':', 1)[0]})")
         else:
             logger.info("%s: %s is not a file cytopipe wrote; it shows no arm name and blinding leaves it "
                         "as it is", run_dir, rel.as_posix())  # fmt: skip
+    said = []
     if problems:
-        raise ReportError(
-            f"holds a file cytopipe did not write that shows an arm name: {'; '.join(problems)}. "
-            "Blinding never rewrites your files, so the blinded run folder would show the arms. "
-            f"{todo}",
-            file=run_dir,
-        )
+        said.append(f"holds a file cytopipe did not write that shows an arm name: {'; '.join(problems)}. "
+                    "Blinding never rewrites your files, so the blinded run folder would show the arms.")  # fmt: skip
+    if unchecked:
+        said.append(f"{'holds' if not problems else 'It also holds'} a file cytopipe did not write whose content "
+                    f"it cannot check for arm names: {'; '.join(unchecked)}. A blinded run folder keeps "
+                    "only files of yours that were checked (text, Parquet, zip-based office files such as "
+                    ".xlsx/.docx/.odt/.ods, FCS, HDF5/.h5ad; docs/reports.md).")  # fmt: skip
+    if said:
+        raise ReportError(f"{' '.join(said)} {todo}", file=run_dir)

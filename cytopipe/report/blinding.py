@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import random
 import re
 from collections.abc import Iterable, Mapping
@@ -30,6 +31,8 @@ from cytopipe.report.blindrecord import (  # noqa: F401  (the record's API, used
     rekeyed,
     source_arms,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def add_blinding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -349,7 +352,10 @@ def recode_folder(
         else:
             text = path.read_text(encoding="utf-8", errors="replace")
             new_text = recode_obj(text, codes, unblind)
-            if new_text != text:
+            if new_text != text and rel == Path("run.log"):
+                _rewrite_in_place(path, str(new_text))  # a run's log handler keeps appending to it
+                changed.append(str(rel))
+            elif new_text != text:
                 atomic_write_bytes(path, str(new_text).encode("utf-8"))
                 changed.append(str(rel))
     if (run_dir / CATALOG).is_file():
@@ -357,7 +363,7 @@ def recode_folder(
 
         write_catalog(run_dir / CATALOG, tables, info)
     atomic_write_json(run_dir / "run.json", dict(info))
-    if changed:  # a report of the earlier state would contradict the tables
+    if changed:  # a report of the earlier state would contradict the tables (any report in the folder)
         remove_report(run_dir, warn=warn_kept)
     if not unblind:
         changed += scrub_cache(run_dir, codes)
@@ -379,7 +385,7 @@ def scrub_cache(run_dir: str | Path, arms: Iterable[str]) -> list[str]:
     names = [str(a) for a in arms if str(a).strip()]
     if not cache.is_dir() or not names:
         return []
-    pattern = _leak_pattern(names)
+    pattern = leak_pattern(names)
     changed: list[str] = []
     # the report's figure cache (report.figcache.CACHE_DIR) goes whole: its entries are named by a
     # hash of the data each figure was drawn from, arms included before the folder was blinded
@@ -407,7 +413,7 @@ def scrub_cache(run_dir: str | Path, arms: Iterable[str]) -> list[str]:
     return changed
 
 
-def _leak_pattern(arms: Iterable[str]) -> re.Pattern:
+def leak_pattern(arms: Iterable[str]) -> re.Pattern:
     """Any arm name, case-insensitive; names of one or two characters as whole words only."""
     parts = []
     for arm in sorted(set(arms), key=len, reverse=True):
@@ -452,13 +458,28 @@ def _cache_file_leaks(path: Path, pattern: re.Pattern) -> list[str]:
 
 
 def remove_report(run_dir: Path, *, warn: bool = True) -> None:
-    """Remove the run folder's report.html and the tables it wrote in report_tables/ (they describe
-    an earlier state); any other file there is kept, with a warning
-    (:func:`cytopipe.report.tables_folder.remove_tables`)."""
+    """Remove the run folder's reports and the tables they wrote (they describe an earlier state):
+    report.html with report_tables/, and every report written elsewhere in the folder with --out
+    (:func:`cytopipe.report.blindfiles.report_folders`); any other file of a tables folder is kept,
+    with a warning (:func:`cytopipe.report.tables_folder.remove_tables`)."""
+    from cytopipe.report.blindfiles import report_folders
     from cytopipe.report.tables_folder import remove_tables
 
-    (Path(run_dir) / "report.html").unlink(missing_ok=True)
-    remove_tables(Path(run_dir) / "report_tables", warn=warn)
+    run_dir = Path(run_dir)
+    for html, tables in report_folders(run_dir):
+        if html != Path("report.html") and (run_dir / html).is_file():
+            logger.warning("%s: removed %s and the tables it wrote in %s/: a report of the run folder "
+                           "before it was blinded (or unblinded)", run_dir, html.as_posix(), tables.as_posix())  # fmt: skip
+        (run_dir / html).unlink(missing_ok=True)
+        remove_tables(run_dir / tables, warn=warn)
+
+
+def _rewrite_in_place(path: Path, text: str) -> None:
+    """``path`` emptied and written again in place (not replaced: a handler appending to it keeps
+    writing into the same file)."""
+    with open(path, "r+", encoding="utf-8") as fh:
+        fh.truncate(0)
+        fh.write(text)
 
 
 #: run.json's rerun record (cytopipe/rerun.py): hashes of the manifest, clinical table, workflow

@@ -1,0 +1,170 @@
+"""Whether a file shows an arm name: the check of the files blinding does not rewrite (a user's).
+
+Blinding fails closed: a file cytopipe did not write stays in a blinded run folder only when it was
+checked and shows no arm name. What can be checked, whatever the file's name or extension:
+
+* a Parquet table (its column names and text cells);
+* a file whose bytes are text (UTF-8, UTF-16 with its byte-order mark, or a single-byte encoding
+  such as Windows-1252: no NUL and no control character but tab, line and page breaks);
+* a zip file (``.xlsx``, ``.docx``, ``.odt``, ``.ods``, ``.zip``, ...): every member's name and
+  every member, each by these same rules (an office file's XML parts are also read without their
+  tags, so that a name split over two runs of a Word paragraph is found);
+* an FCS file (its TEXT segment is plain ASCII; the data segment is numbers);
+* an HDF5 file (``.h5ad``, ``.h5``): the names, attributes and text datasets of every group.
+
+Anything else (a PDF, whose text is compressed; an image, whose pixels can show an arm; any other
+binary file) cannot be checked: :class:`CannotCheck`, and the command refuses before any work.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import re
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from cytopipe.errors import ReportError
+
+Leaks = Callable[[Mapping[str, str]], list[str]]
+
+#: control bytes that a text file does not hold (tab, line feed, page feed and return aside)
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f]")
+_HDF5 = b"\x89HDF\r\n\x1a\n"
+_TAGS = re.compile(r"<[^>]*>")
+_NESTING = 3  # zip files inside zip files, at most
+
+
+class CannotCheck(ReportError):
+    """The file's content cannot be checked for arm names; ``str(exc)`` says what it is (the
+    callers name the file and refuse the command)."""
+
+
+def shown_arm(path: Path, leaks: Leaks) -> str:
+    """Where ``path`` shows an arm name, the first place: ``"line N: 'arm'"``, a Parquet file's
+    ``"column 'c': 'arm'"``, a zip member's ``"xl/sharedStrings.xml, line N: 'arm'"``; ``""``:
+    nowhere. Raises :class:`CannotCheck` for a file whose content cannot be checked (see the
+    module's docstring)."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head[:4] == b"PAR1":
+        return _parquet_arm(path, leaks)
+    if head == _HDF5:
+        return _hdf5_arm(path, leaks)
+    return _bytes_arm(path.read_bytes(), path.name, leaks, depth=0)
+
+
+def _bytes_arm(data: bytes, name: str, leaks: Leaks, depth: int) -> str:
+    if not data:
+        return ""
+    if data[:4] == b"PK\x03\x04" or data[:4] == b"PK\x05\x06":
+        return _zip_arm(data, leaks, depth)
+    if data[:3] == b"FCS" and data[3:6].replace(b".", b"").isdigit():
+        return _text_arm(data.decode("latin-1"), leaks, lines=False)
+    if data[:4] == b"PAR1":
+        return _parquet_arm(io.BytesIO(data), leaks)
+    text = _as_text(data)
+    if text is None:
+        raise CannotCheck("not text, nor a kind of file cytopipe can read for arm names")
+    shown = _text_arm(text, leaks)
+    if not shown and name.lower().endswith((".xml", ".rels", ".html", ".htm", ".svg")):
+        stripped = html.unescape(_TAGS.sub("", text))  # a name split over two tags (Word runs)
+        shown = _text_arm(stripped, leaks, lines=False).replace("the file", "its text without tags", 1)
+    return shown
+
+
+def _as_text(data: bytes) -> str | None:
+    """``data`` as text, or ``None`` when it is not text."""
+    for bom, codec in ((b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
+        if data.startswith(bom):
+            try:
+                return data.decode(codec)
+            except UnicodeDecodeError:
+                return None
+    if _CONTROL.search(data):
+        return None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")  # a single-byte encoding: every arm name in ASCII is found
+
+
+def _zip_arm(data: bytes, leaks: Leaks, depth: int) -> str:
+    if depth >= _NESTING:
+        raise CannotCheck(f"a zip file nested {depth} deep in zip files")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        if shown := leaks({"its member names": "\n".join(m.filename for m in members)}):
+            return shown[0]
+        for member in members:
+            try:
+                shown = _bytes_arm(archive.read(member), member.filename, leaks, depth + 1)
+            except CannotCheck as exc:
+                raise CannotCheck(f"a zip file whose member {member.filename} is {exc}") from None
+            if shown:
+                return f"{member.filename}, {shown}"
+    except (zipfile.BadZipFile, OSError, RuntimeError, ValueError, NotImplementedError) as exc:
+        raise CannotCheck(f"a zip file that cannot be read ({exc})") from None  # e.g. encrypted
+    return ""
+
+
+def _parquet_arm(source: Path | io.BytesIO, leaks: Leaks) -> str:
+    try:
+        df = pd.read_parquet(source)
+    except Exception as exc:  # noqa: BLE001 - any reader error: not checked, refused
+        raise CannotCheck(f"a Parquet file that cannot be read ({type(exc).__name__})") from None
+    for column in df.columns:
+        col = df[column]
+        texty = col.dtype.kind in "OUS" or isinstance(col.dtype, (pd.StringDtype, pd.CategoricalDtype))
+        values = [str(column), *col.dropna().astype(str).unique()] if texty else [str(column)]
+        if shown := leaks({f"column {str(column)!r}": "\n".join(values)}):
+            return shown[0]
+    return ""
+
+
+def _hdf5_arm(path: Path, leaks: Leaks) -> str:
+    import h5py
+    import numpy as np
+
+    found: list[str] = []
+
+    def texts_of(name: str, obj: object) -> None:
+        parts = [name, *map(str, obj.attrs.keys())]
+        for value in obj.attrs.values():
+            arr = np.asarray(value)
+            if arr.dtype.kind in "OSU":
+                parts += [
+                    v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in arr.ravel()
+                ]
+        if isinstance(obj, h5py.Dataset) and (obj.dtype.kind in "OSU" or h5py.check_string_dtype(obj.dtype)):
+            parts += [
+                v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in np.ravel(obj[()])
+            ]
+        if isinstance(obj, h5py.Dataset) and obj.dtype.names:  # a table of records: every field shown
+            parts += [str(v) for v in np.ravel(obj[()])]
+        if isinstance(obj, h5py.Dataset) and (enum := h5py.check_enum_dtype(obj.dtype)):
+            parts += list(enum)  # the names of an enumeration
+        if not found and (shown := leaks({name: "\n".join(parts)})):
+            found.append(shown[0])
+
+    try:
+        with h5py.File(path, "r") as f:
+            texts_of("/", f)
+            f.visititems(texts_of)
+    except Exception as exc:  # noqa: BLE001 - any reader error: not checked, refused
+        raise CannotCheck(f"an HDF5 file that cannot be read ({type(exc).__name__})") from None
+    return found[0] if found else ""
+
+
+def _text_arm(text: str, leaks: Leaks, lines: bool = True) -> str:
+    if not leaks({"file": text}):
+        return ""
+    for number, line in enumerate(text.splitlines() if lines else (), start=1):
+        if shown := leaks({f"line {number}": line}):
+            return shown[0]
+    return leaks({"the file": text})[0]  # not within one line (an arm name with a line break)
