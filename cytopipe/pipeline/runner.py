@@ -131,7 +131,7 @@ def run_workflow(
     ctx = RunContext(wf=wf, folder=folder, executor=None, progress=progress)
     with _EarlyWarnings() as early:  # shown now; written to run.log once it exists
         validate_inputs(ctx)  # fail fast, before any worker starts or any folder is made
-    with _run_folder_session(folder, early.records, reuse.why):
+    with _run_folder_session(folder, early.records, reuse.why, mask=_arm_mask(ctx)):
         # under the run lock: a blinded run's hashes are keyed with the folder's secret (rerun.py)
         ctx.rerun = rerun.start_fingerprint(wf, ctx.jobs + ctx.controls, folder.path)
         executor = make_executor(scheduler, wf.workers, address, memory_limit)
@@ -150,6 +150,33 @@ def run_workflow(
         population_stats=ctx.tables["population_stats"],
         info=info,
     )
+
+
+def _arm_mask(ctx: RunContext) -> Callable[[str], str] | None:
+    """For a run that writes a blinded folder (``report: {blinded: true}``, or a folder blinded
+    already): every arm name of the manifest and clinical table written as ``[arm]`` in run.log,
+    whose lines (a clinical table's problem, a manifest row) may quote one; ``None`` otherwise."""
+    from cytopipe.report.blinding import folder_record, leak_pattern, source_arms
+
+    if not ctx.wf.report.get("blinded") and folder_record(ctx.folder.path) is None:
+        return None
+    arms = (
+        [str(a) for a in ctx.manifest["arm"].dropna() if str(a).strip()] if ctx.manifest is not None else []
+    )
+    arms += source_arms({"clinical": str(ctx.wf.clinical or "")})
+    pattern = leak_pattern(set(arms))
+    return lambda text: pattern.sub("[arm]", text)
+
+
+class _MaskedFormatter(logging.Formatter):
+    """A formatter whose lines (and tracebacks) go through ``mask``."""
+
+    def __init__(self, fmt: str, mask: Callable[[str], str]):
+        super().__init__(fmt)
+        self.mask = mask
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.mask(super().format(record))
 
 
 class _RunLogHandler(logging.FileHandler):
@@ -192,8 +219,15 @@ class _run_folder_session:
     or failed earlier run left, and log to ``RUN_DIR/run.log`` (full tracebacks of failed samples
     and of an internal error)."""
 
-    def __init__(self, folder: RunFolder, early: Sequence[logging.LogRecord] = (), rerun_why: str = ""):
+    def __init__(
+        self,
+        folder: RunFolder,
+        early: Sequence[logging.LogRecord] = (),
+        rerun_why: str = "",
+        mask: Callable[[str], str] | None = None,
+    ):
         self.folder = folder
+        self.mask = mask  # a blinded run: arm names out of run.log (_arm_mask)
         self.early = list(early)  # warnings logged before run.log existed
         self.rerun_why = rerun_why  # why an earlier run's outputs were not all reused
         self.lock = None
@@ -211,7 +245,10 @@ class _run_folder_session:
             from cytopipe.errors import OutputWriteError
 
             raise OutputWriteError.from_oserror(self.folder.path / "run.log", exc) from None
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        self.handler.setFormatter(
+            logging.Formatter(fmt) if self.mask is None else _MaskedFormatter(fmt, self.mask)
+        )
         root = logging.getLogger("cytopipe")
         root.addHandler(self.handler)
         if root.level == logging.NOTSET or root.level > logging.INFO:
