@@ -6,7 +6,7 @@ import functools
 import json
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,29 @@ from cytopipe.errors import ReportError
 from cytopipe.tabular import csv_text
 
 
-def build_report(
+def build_report(run_dir: str | Path, **options: Any) -> Path:
+    """See :func:`cytopipe.report.write_report` (and :func:`_build_report`). A blinded report that
+    stops before it blinds the folder (e.g. a user's file showing an arm) leaves the folder as it
+    was: the secret it made to code the arms (``.cache/run.secret``) is removed again."""
+    from cytopipe.report.blinding import folder_record
+    from cytopipe.store import RUN_SECRET
+
+    cache = Path(run_dir) / ".cache"
+    had_cache, had_secret = cache.is_dir(), (cache / RUN_SECRET).exists()
+    try:
+        return _build_report(run_dir, **options)
+    except BaseException:
+        if not had_secret and folder_record(run_dir) is None:  # not blinded: its secret keys nothing
+            (cache / RUN_SECRET).unlink(missing_ok=True)
+            if not had_cache:
+                try:
+                    cache.rmdir()  # only when empty
+                except OSError:
+                    pass
+        raise
+
+
+def _build_report(
     run_dir: str | Path,
     *,
     blinded: bool = False,
@@ -34,12 +56,12 @@ def build_report(
     # Figures are matplotlib Figure objects drawn on their own Agg canvas (no pyplot): nothing opens a
     # window, nothing stays registered, and the caller's matplotlib backend is left alone.
     from cytopipe.report import html as H
-    from cytopipe.report.blinding import find_leaks
+    from cytopipe.report.blinding import find_leaks, folder_record
     from cytopipe.report.data import load_run
     from cytopipe.report.figcache import FigureCache
     from cytopipe.report.figures import style_context
     from cytopipe.report.sections import Builder, build_sections
-    from cytopipe.report.tables_folder import check_blinded_folder, plan_tables, write_tables
+    from cytopipe.report.tables_folder import plan_tables, write_tables
 
     run_dir = Path(run_dir)
     out_path = Path(out) if out is not None else run_dir / "report.html"
@@ -61,17 +83,13 @@ def build_report(
         if problems is not None:
             problems += _marker(run_dir, key).get("clinical_problems") or []
         return out_path
+    if blinded and folder_record(run_dir) is None:  # to be blinded now: checked before its secret is made
+        _check_blinded(run_dir, tables_dir, _plain_arms(run_dir, clinical))
     data = load_run(run_dir, blinded=blinded, blind_key=blind_key, clinical=clinical)
     if data.blinded:  # a CSV in the tables folder showing an arm: refused now, before the work
         # (plan_tables checks again before anything is written); the message names no arm: in a
         # run it is a problem in run.json, where a code would replace it, next to the file's name
-        check_blinded_folder(tables_dir, functools.partial(find_leaks, arms=data.codes), name_arms=False,
-                             todo="Nothing was written. Move the file out of the folder (or delete it), "
-                             "then run the report again")  # fmt: skip
-        from cytopipe.report.blindfiles import check_user_files
-
-        check_user_files(run_dir, functools.partial(find_leaks, arms=data.codes), name_arms=False, todo="Nothing was written. Move the file out "
-                         "of the run folder (or take the arm names out of it), then run the report again")  # fmt: skip
+        _check_blinded(run_dir, tables_dir, data.codes)
     # the figures of the previous report that nothing they are drawn from has changed (content hashes)
     cache = FigureCache(run_dir, read=reuse)
 
@@ -150,6 +168,44 @@ def build_report(
     if problems is not None:
         problems += data.clinical_problems
     return out_path
+
+
+def _check_blinded(run_dir: Path, tables_dir: Path, arms: Iterable[str]) -> None:
+    """Refuse a blinded report beside a file that shows an arm (or cannot be checked): in its tables
+    folder (:func:`~cytopipe.report.tables_folder.check_blinded_folder`), in the run folder
+    (:func:`~cytopipe.report.blindfiles.check_user_files`)."""
+    from cytopipe.report.blindfiles import check_user_files
+    from cytopipe.report.blinding import find_leaks
+    from cytopipe.report.tables_folder import check_blinded_folder
+
+    leaks = functools.partial(find_leaks, arms=list(arms))
+    check_blinded_folder(tables_dir, leaks, name_arms=False, todo="Nothing was written. Move the file out of "
+                         "the folder (or delete it), then run the report again")  # fmt: skip
+    check_user_files(run_dir, leaks, name_arms=False, todo="Nothing was written. Move the file out of the run "
+                     "folder (or take the arm names out of it), then run the report again")  # fmt: skip
+
+
+def _plain_arms(run_dir: Path, clinical: Any) -> list[str]:
+    """The arm names of a run folder that is not blinded: its tables' ``arm`` columns, and the
+    manifest and clinical table of its run (run.json's workflow) or ``clinical``."""
+    import pandas as pd
+
+    from cytopipe.report.blinding import source_arms
+    from cytopipe.store import read_run_info
+
+    arms: list[str] = []
+    for name in ("samples", "population_stats"):
+        path = run_dir / f"{name}.parquet"
+        try:
+            arms += [str(a) for a in pd.read_parquet(path, columns=["arm"])["arm"].dropna().unique()]
+        except Exception:  # noqa: BLE001 - no such table or column: the other sources
+            pass
+    try:
+        workflow = read_run_info(run_dir).get("workflow")
+    except Exception:  # noqa: BLE001 - no run.json: the tables and ``clinical``
+        workflow = None
+    arms += source_arms(workflow if isinstance(workflow, Mapping) else None, clinical)
+    return [a for a in dict.fromkeys(arms) if a.strip()]
 
 
 def _marker(run_dir: Path, key: str) -> dict[str, Any]:
