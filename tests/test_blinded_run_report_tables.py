@@ -120,9 +120,13 @@ def test_a_csv_that_appears_during_a_blinded_run_stops_only_its_report(sim_trial
 
 def test_a_run_whose_report_fails_leaves_no_earlier_report(sim_trial, tmp_path):
     """An earlier run's report.html must not stay beside a run whose own report step failed (here:
-    an edited report table that the new report would replace): run.json says "report: not written",
-    and the page left would describe the earlier run. It is removed with the tables that report
-    wrote; the edited table is kept."""
+    a report table edited while the run works, which the new report would replace; edited before
+    the run, it is refused before any work: tests/test_blinding_folder_kinds.py): run.json says
+    "report: not written", and the page left would describe the earlier run. It is removed with
+    the tables that report wrote; the edited table is kept."""
+    from cytopipe.pipeline import EXIT_FAILURES, run_workflow
+    from cytopipe.workflow import load_workflow
+
     out = tmp_path / "run"
     spec = _spec(sim_trial, out, tmp_path)
     plain = yaml.safe_load(spec.read_text(encoding="utf-8"))
@@ -133,16 +137,27 @@ def test_a_run_whose_report_fails_leaves_no_earlier_report(sim_trial, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples = out / "report_tables" / "samples.csv"
     edited = samples.read_text(encoding="utf-8").replace("sample_id", "sample_id (checked by AB)", 1)
-    samples.write_text(edited, encoding="utf-8")
     plain["report"]["max_gallery"] = 3  # another report of the same tables: the earlier one is not current
     second = tmp_path / "gallery.yaml"
     second.write_text(yaml.safe_dump(plain, sort_keys=False), encoding="utf-8")
-    proc = cli("run", str(second), "--no-progress", "--scheduler", "synchronous")
-    assert proc.returncode == 3, proc.stderr[-3000:]
+
+    class EditAtReport(logging.Handler):  # the user's act, at a fixed point of the real run
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == "writing the report":
+                samples.write_text(edited, encoding="utf-8")
+
+    handler = EditAtReport()
+    runner = logging.getLogger("cytopipe.pipeline.runner")
+    runner.addHandler(handler)
+    try:
+        result = run_workflow(load_workflow(second), scheduler="synchronous", progress=False)
+    finally:
+        runner.removeHandler(handler)
+    assert result.exit_code == EXIT_FAILURES, result.summary()
     info = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert any(p.startswith("report: not written: ") and "holds samples.csv" in p for p in info["problems"])
     assert not (out / "report.html").exists()
-    assert "removed the run folder's earlier report.html" in proc.stderr
+    assert "removed the run folder's earlier report.html" in (out / "run.log").read_text(encoding="utf-8")
     assert sorted(p.name for p in (out / "report_tables").glob("*.csv")) == ["samples.csv"]
     assert samples.read_text(encoding="utf-8") == edited
 

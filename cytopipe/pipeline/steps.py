@@ -94,7 +94,7 @@ def validate_inputs(ctx: RunContext) -> None:
     if wf.clinical is not None:
         ctx.clinical_problem = _check_clinical(wf, ctx.manifest)
     _check_blind_key(wf)
-    check_report_tables(wf, Path(wf.output))
+    check_report_tables(wf, Path(wf.output), [str(a) for a in ctx.manifest["arm"].dropna() if str(a).strip()])
     ctx.hashes["template"] = file_sha256(wf.template)
     ctx.hashes["qc"] = stable_hash(ctx.state.qc.to_dict())
     ctx.hashes["compensation"] = _spillover_hash(
@@ -119,17 +119,21 @@ def _check_blind_key(wf: Workflow) -> None:
 
 
 def check_report_tables(wf: Workflow, run_dir: Path, arms: list[str] | tuple[str, ...] = ()) -> None:
-    """A blinded report refuses to write its tables beside a CSV in ``report_tables/`` that shows
-    an arm (a user's file, or a table an earlier report wrote and the user edited since), and a run
+    """A report refuses to write a table over one an earlier report wrote and the user edited
+    since (:func:`~cytopipe.report.tables_folder.check_edited_tables`). A blinded report refuses to
+    write its tables beside a CSV in ``report_tables/`` that shows an arm (a user's file, or a table an earlier report wrote and the user edited since), and a run
     that blinds its folder refuses a file kept there that cytopipe did not write and that shows an
     arm (blinding never rewrites a user's file: cytopipe/report/blindfiles.py). Checked here, before
     any work (exit 2, nothing done), not after all of it (the folder blinded by then). ``arms``:
     besides those of the run's manifest and clinical table."""
     from cytopipe.report.blindfiles import check_user_files
     from cytopipe.report.blinding import find_leaks, folder_record, source_arms
-    from cytopipe.report.tables_folder import check_blinded_folder
+    from cytopipe.report.tables_folder import check_blinded_folder, check_edited_tables
 
     if not wf.report.get("blinded") and folder_record(run_dir) is None:
+        if wf.report.get("enabled", True):
+            check_edited_tables(run_dir / "report_tables", todo="Nothing was done. Move or rename the file "
+                                "(your changes are kept), then run the command again")  # fmt: skip
         return
     arms = [*arms, *source_arms({"manifest": str(wf.manifest or ""), "clinical": str(wf.clinical or "")})]
     todo = ("The run would blind the folder after all its work; nothing was done. Move the file out of "

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cytopipe.errors import ReportError
-from cytopipe.report.blindfiles import shown_arm
+from cytopipe.report.filecheck import CannotCheck, shown_arm
 from cytopipe.store import atomic_write_bytes, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -159,6 +159,13 @@ def _csv_files(folder: Path, new: Mapping[str, str]) -> list[_Found]:
     return found
 
 
+def own_tables(folder: Path) -> set[str]:
+    """The names of the CSV files in ``folder`` that a report wrote there and nobody changed since
+    (:func:`_csv_files`): blinding removes them with their report (the rest is a user's)."""
+    folder = Path(folder)
+    return {f.path.name for f in _csv_files(folder, {}) if f.own} if folder.is_dir() else set()
+
+
 def _blinding_obstacle(
     found: _Found, leaks: Callable[[Mapping[str, str]], list[str]], name_arms: bool
 ) -> str:
@@ -167,7 +174,10 @@ def _blinding_obstacle(
     (run.json's problems, where it would be coded) must not tie a code to the name the file shows."""
     if found.own:
         return ""
-    shown = shown_arm(found.path, leaks)
+    try:
+        shown = shown_arm(found.path, leaks)
+    except CannotCheck as exc:
+        return f"{found.path.name} ({found.what}), which cannot be checked for arm names ({exc})"
     if shown:
         where = shown if name_arms else shown.split(":", 1)[0]
         return f"{found.path.name} ({found.what}), which shows an arm name ({where})"
@@ -191,6 +201,26 @@ def check_blinded_folder(
     if problems:
         raise ReportError(
             f"holds {'; '.join(problems)}: the tables folder of a blinded report must show no arm. {todo}",
+            file=folder,
+        )
+
+
+def check_edited_tables(folder: Path, *, todo: str) -> None:
+    """Refuse (:class:`ReportError`, exit 2) when ``folder`` holds a CSV named as a report table
+    (:data:`REPORT_TABLES`) that is not the report's own: a table an earlier report wrote, changed
+    since, or a user's file. A new report writing a table of that name refuses it
+    (:func:`plan_tables`), so a run checks it before any work. A table the new report turns out
+    not to write would only be kept (with a warning); the run refuses it all the same, as it
+    cannot tell before its work which of its tables the report writes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    found = [f for f in _csv_files(folder, {}) if not f.own and f.path.name in REPORT_TABLES]
+    if found:
+        named = "; ".join(f"{f.path.name} ({f.what})" for f in found)
+        raise ReportError(
+            f"holds {named}, named as a table the run's report writes there: the report would not "
+            f"replace it, so it would stop after all the work. {todo}",
             file=folder,
         )
 
