@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from tests.pipeline_support import SECTIONS, TEMPLATE, cli
@@ -199,3 +200,27 @@ def test_a_blinded_run_leaves_no_arm_name_anywhere_in_its_folder(sim_trial, tmp_
     # no arm name anywhere: text, Parquet cells, the catalog's tables, zip members (the clustering
     # model), .cache/ and run.secret (random hex) included
     assert _arms_in(out) == {}
+
+
+def test_large_files_are_read_in_chunks_and_an_arm_at_a_chunk_border_is_found(tmp_path):
+    """A user's file larger than what is read whole (a copy of raw data kept in the run folder) is
+    read in chunks; an arm name cut by a chunk's end is still found; a binary one is refused."""
+    from functools import partial
+
+    from cytopipe.report.blinding import find_leaks
+    from cytopipe.report.filecheck import _WHOLE, CannotCheck, shown_arm
+
+    leaks = partial(find_leaks, arms=list(ARMS))
+    text = tmp_path / "export.txt"
+    text.write_bytes(b"x" * (_WHOLE - 3) + b"IL-2 0.5 MIU\n" + b"y" * 1000)
+    assert shown_arm(text, leaks) == "the file: 'IL-2 0.5 MIU'"
+    fcs = tmp_path / "copy.fcs"
+    fcs.write_bytes(b"FCS3.1    " + b"\x00\x01" * (_WHOLE // 2) + b"$SRC placebo ")
+    assert shown_arm(fcs, leaks) == "the file: 'placebo'"
+    clean = tmp_path / "clean.txt"
+    clean.write_bytes(b"z" * (_WHOLE + 10))
+    assert shown_arm(clean, leaks) == ""
+    binary = tmp_path / "image.raw"
+    binary.write_bytes(b"a" * (_WHOLE + 10) + b"\x00")
+    with pytest.raises(CannotCheck, match="not text"):
+        shown_arm(binary, leaks)

@@ -73,7 +73,7 @@ def folder_files(run_dir: str | Path) -> tuple[list[Path], list[Path]]:
     (:func:`report_folders`), which are handled apart. Every other file is the user's, hidden
     or not, whatever its kind, in any folder (a linked folder is not followed out of it)."""
     from cytopipe.report.tables_folder import MANIFEST, own_tables
-    from cytopipe.store import CATALOG, LOCK, RUN_JSON, is_run_output
+    from cytopipe.store import CATALOG, CLUSTER_DIR, LOCK, MODEL_FILE, RUN_JSON, is_run_output
 
     run_dir = Path(run_dir)
     spillovers = _recorded_spillovers(run_dir)
@@ -98,6 +98,8 @@ def folder_files(run_dir: str | Path) -> tuple[list[Path], list[Path]]:
             if is_run_output(rel) and (not spillover or name == "spillover.csv" or name in spillovers):
                 if path.suffix.lower() in RECODED_SUFFIXES:
                     own.append(rel)
+                elif rel != Path(CLUSTER_DIR, MODEL_FILE):  # numbers and marker names
+                    users.append(rel)  # cytopipe's but never recoded (reconcile.html, gates.wsp): checked
             else:
                 users.append(rel)
     return sorted(own), sorted(users)
@@ -117,7 +119,9 @@ def check_user_files(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
-    problems, unchecked = [], []
+    from cytopipe.store import is_run_output
+
+    problems, theirs, unchecked = [], [], []
     for rel in folder_files(run_dir)[1]:
         try:
             shown = leaks({"its name": rel.as_posix()})
@@ -129,7 +133,11 @@ def check_user_files(
             unchecked.append(f"{rel.as_posix()} (cannot be read: {exc.strerror or exc})")
             continue
         if shown:
-            problems.append(f"{rel.as_posix()} ({shown if name_arms else shown.rsplit(':', 1)[0]})")
+            # cytopipe's but never recoded (its recoded files are not listed here: a user's file
+            # named like one, e.g. study/spillover_mine.csv, is the user's)
+            unrecoded = is_run_output(rel) and rel.suffix.lower() not in RECODED_SUFFIXES
+            found = theirs if unrecoded else problems
+            found.append(f"{rel.as_posix()} ({shown if name_arms else shown.rsplit(':', 1)[0]})")
         else:
             logger.info("%s: %s is not a file cytopipe wrote; it shows no arm name and blinding leaves it "
                         "as it is", run_dir, rel.as_posix())  # fmt: skip
@@ -137,8 +145,11 @@ def check_user_files(
     if problems:
         said.append(f"holds a file cytopipe did not write that shows an arm name: {'; '.join(problems)}. "
                     "Blinding never rewrites your files, so the blinded run folder would show the arms.")  # fmt: skip
+    if theirs:
+        said.append(f"{'holds' if not said else 'It also holds'} a file cytopipe wrote but never recodes that "
+                    f"shows an arm name: {'; '.join(theirs)}.")  # fmt: skip
     if unchecked:
-        said.append(f"{'holds' if not problems else 'It also holds'} a file cytopipe did not write whose content "
+        said.append(f"{'holds' if not said else 'It also holds'} a file cytopipe did not write whose content "
                     f"it cannot check for arm names: {'; '.join(unchecked)}. A blinded run folder keeps "
                     "only files of yours that were checked (text, Parquet, zip-based office files such as "
                     ".xlsx/.docx/.odt/.ods, FCS, HDF5/.h5ad; docs/reports.md).")  # fmt: skip

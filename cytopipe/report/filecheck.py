@@ -36,6 +36,8 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f]")
 _HDF5 = b"\x89HDF\r\n\x1a\n"
 _TAGS = re.compile(r"<[^>]*>")
 _NESTING = 3  # zip files inside zip files, at most
+_WHOLE = 64 << 20  # a larger file (not a table, zip or HDF5 file) is read in chunks of this size
+_OVERLAP = 4096  # characters of a chunk's end checked again with the next chunk
 
 
 class CannotCheck(ReportError):
@@ -55,14 +57,34 @@ def shown_arm(path: Path, leaks: Leaks) -> str:
         return _parquet_arm(path, leaks)
     if head == _HDF5:
         return _hdf5_arm(path, leaks)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return _zip_arm(path, leaks, depth=0)
+    if path.stat().st_size > _WHOLE:
+        return _large_arm(path, head, leaks)
     return _bytes_arm(path.read_bytes(), path.name, leaks, depth=0)
+
+
+def _large_arm(path: Path, head: bytes, leaks: Leaks) -> str:
+    """A text or FCS file too large to read whole (a copy of raw data): read in chunks, each with
+    the end of the one before (longer than any arm name); where: ``"the file"``."""
+    fcs = head[:3] == b"FCS"
+    tail = ""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_WHOLE):
+            if not fcs and (_CONTROL.search(chunk) or chunk.startswith((b"\xff\xfe", b"\xfe\xff"))):
+                raise CannotCheck("not text, nor a kind of file cytopipe can read for arm names")
+            text = tail + chunk.decode("latin-1" if fcs else "utf-8", errors="replace")
+            if shown := leaks({"the file": text}):
+                return shown[0]
+            tail = text[-_OVERLAP:]
+    return ""
 
 
 def _bytes_arm(data: bytes, name: str, leaks: Leaks, depth: int) -> str:
     if not data:
         return ""
     if data[:4] == b"PK\x03\x04" or data[:4] == b"PK\x05\x06":
-        return _zip_arm(data, leaks, depth)
+        return _zip_arm(io.BytesIO(data), leaks, depth)
     if data[:3] == b"FCS" and data[3:6].replace(b".", b"").isdigit():
         return _text_arm(data.decode("latin-1"), leaks, lines=False)
     if data[:4] == b"PAR1":
@@ -93,21 +115,21 @@ def _as_text(data: bytes) -> str | None:
         return data.decode("latin-1")  # a single-byte encoding: every arm name in ASCII is found
 
 
-def _zip_arm(data: bytes, leaks: Leaks, depth: int) -> str:
+def _zip_arm(source: Path | io.BytesIO, leaks: Leaks, depth: int) -> str:
     if depth >= _NESTING:
         raise CannotCheck(f"a zip file nested {depth} deep in zip files")
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-        members = [m for m in archive.infolist() if not m.is_dir()]
-        if shown := leaks({"its member names": "\n".join(m.filename for m in members)}):
-            return shown[0]
-        for member in members:
-            try:
-                shown = _bytes_arm(archive.read(member), member.filename, leaks, depth + 1)
-            except CannotCheck as exc:
-                raise CannotCheck(f"a zip file whose member {member.filename} is {exc}") from None
-            if shown:
-                return f"{member.filename}, {shown}"
+        with zipfile.ZipFile(source) as archive:
+            members = [m for m in archive.infolist() if not m.is_dir()]
+            if shown := leaks({"its member names": "\n".join(m.filename for m in members)}):
+                return shown[0]
+            for member in members:
+                try:
+                    shown = _bytes_arm(archive.read(member), member.filename, leaks, depth + 1)
+                except CannotCheck as exc:
+                    raise CannotCheck(f"a zip file whose member {member.filename} is {exc}") from None
+                if shown:
+                    return f"{member.filename}, {shown}"
     except (zipfile.BadZipFile, OSError, RuntimeError, ValueError, NotImplementedError) as exc:
         raise CannotCheck(f"a zip file that cannot be read ({exc})") from None  # e.g. encrypted
     return ""
