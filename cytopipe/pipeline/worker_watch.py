@@ -159,13 +159,18 @@ class WorkerKeeper:
                 "allows (see --memory-limit)"
             )
         keys = sorted({str(k) for m in removed for k in m.get("processing-tasks") or ()})
-        keys = [k for k in keys if not k.startswith("shared-")]  # a phase's shared state: no sample
-        running = [self.labels.get(k, k) for k in keys]
+        shared = any(k.startswith("shared-") for k in keys)  # a phase's shared state: no sample
+        running = [self.labels.get(k, k) for k in keys if not k.startswith("shared-")]
         if running:
             return (
                 f"died while running {', '.join(running[:5])}{' ...' if len(running) > 5 else ''} "
                 "(a sample that kills its worker: a crash in a native library, or the machine's "
                 "memory; see dmesg)"
+            )
+        if shared:
+            return (
+                "died while it computed a phase's shared state (the gates or the model the samples "
+                "share; too large for its memory limit, see --memory-limit? the machine's memory? see dmesg)"
             )
         if removed:
             return "died while it ran no sample (killed from outside? the machine's memory? see dmesg)"
