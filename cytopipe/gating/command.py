@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cytopipe.errors import CytopipeError, ManifestError
+from cytopipe.errors import CytopipeError, GatingError, ManifestError
 
 logger = logging.getLogger(__name__)
 
@@ -393,6 +393,10 @@ def _gate_files(args, template, samples: list[tuple[Path, dict]], workspace=None
                     controls=controls_for(meta),
                 )
                 fits.append(result.fit_records(meta["sample_id"]))
+            except GatingError:
+                # a gate this file cannot fit, with nothing to fall back on yet: the other files'
+                # pooled estimate, made below, may be it; pass 2 gates the file again with it
+                continue
             except CytopipeError as exc:
                 failures[str(meta["sample_id"])] = str(exc)
         if fits:
