@@ -59,3 +59,33 @@ def test_a_file_whose_gate_needs_the_pooled_estimate_is_gated_with_it(tmp_path, 
     flags = pd.read_parquet(out / "gate_flags.parquet")
     mine = flags.loc[flags["sample_id"] == "Hs90211C20090205_00.583066", "flag"].tolist()
     assert any("used the cohort estimate (median of 2 samples)" in f for f in mine), mine
+
+
+def test_a_viability_dye_labelled_live_resolves_to_viability(capsys):
+    """SDY736's Ki67/CCR7 panel labels its viability dye `Live` (channel `Live/Dead Yellow-A`):
+    Viability was MISSING and the message said no stain label named it."""
+    path = shared_path(*SDY736, "Ki67ccr7_Hs60022C200906243.581846.fcs")
+    main(["template", "check", str(path), "--template", str(TEMPLATE)])
+    text = capsys.readouterr().out
+    assert "Viability -> Live/Dead Yellow-A" in text
+    assert "marker 'Viability'" not in text
+
+
+def test_missing_scatter_channels_are_named_by_their_pnn(capsys):
+    """cytoflow's itn_02.fcs (FACSCanto, human T cells) names its scatter `FSC` and `SSC`: the
+    check said no stain label ($PnS) named FSC-A and suggested nothing; scatter is found by $PnN.
+    SDY736 has FSC-A but no FSC-H: FSC-A (the area, used by FSC-A) is never suggested for it."""
+    itn = shared_path("cytoflow", "cytoflow", "tests", "data", "module_examples", "itn_02.fcs")
+    assert main(["template", "check", str(itn), "--template", str(TEMPLATE)]) == 3
+    text = capsys.readouterr().out
+    fsc_a = text.split("marker 'FSC-A'", 1)[1].split("\n\n", 1)[0]
+    assert "stain label" not in fsc_a
+    assert "channels named like it: FSC." in fsc_a and "panel:\n  FSC-A: FSC\n" in fsc_a
+    assert "panel:\n  SSC-A: SSC\n" in text
+    assert "leave that population out of your copy of the template" in fsc_a
+
+    ki67 = shared_path(*SDY736, "Ki67ccr7_Hs60022C200906243.581846.fcs")
+    assert main(["template", "check", str(ki67), "--template", str(TEMPLATE)]) == 3
+    fsc_h = capsys.readouterr().out.split("marker 'FSC-H'", 1)[1].split("\n\n", 1)[0]
+    assert "no channel is named FSC-H nor like it" in fsc_h
+    assert "FSC-H: <$PnN of the channel>" in fsc_h and "FSC-H: FSC-A" not in fsc_h

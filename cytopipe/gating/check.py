@@ -32,6 +32,13 @@ from cytopipe.gating.gates import BooleanGate
 MISSING_POLICIES = ("stop", "skip")
 
 
+_TWO_SCATTER = (
+    "(a gate on two scatter channels of one kind, such as Singlets on FSC-A x FSC-H, needs both: "
+    "with a single FSC channel, leave that population out of your copy of the template and give its "
+    "children its parent)"
+)
+
+
 @dataclass
 class MissingMarker:
     """A template marker no file carries. ``closest``: channels whose stain label names the marker
@@ -55,16 +62,31 @@ class MissingMarker:
     def message(self, list_channels: bool = True) -> str:
         """The marker's report; ``list_channels=False``: the channel list is printed once below
         the reports of all missing markers (:func:`missing_markers_text`)."""
+        from cytopipe.gating._adapters import is_scatter_or_time
+
         m = self.marker
         where = f"the template YAML {self.template_file!r}" if self.template_file else "the template YAML"
         head = (
             f"marker {m!r} is in none of the {self.files} file(s); populations needing it: "
             f"{', '.join(self.populations)}; "
         )
+        if self.closest and is_scatter_or_time(m):
+            return (
+                f"{head}scatter and time channels are found by their $PnN, and no channel is named {m}; "
+                f"channels named like it: {', '.join(self.closest)}. If one of these is {m}, add to "
+                f"{where}:\n{self.yaml()}\n{_TWO_SCATTER}"
+            )
         if self.closest:
             return (
                 f"{head}closest channel labels: {', '.join(self.closest)}. If one of these carries {m}, "
                 f"add to {where}:\n{self.yaml()}"
+            )
+        if is_scatter_or_time(m):
+            listed = f": {', '.join(self.channels)};" if list_channels else " (listed below)"
+            return (
+                f"{head}scatter and time channels are found by their $PnN, and no channel is named {m} "
+                f"nor like it. If the file(s) have it under another name, find it among the channels"
+                f"{listed} and add to {where}:\n{self.yaml()}\n{_TWO_SCATTER}"
             )
         blank = (
             f"; channels without a marker in their label: {', '.join(self.unlabelled)}"
@@ -202,7 +224,7 @@ def _suggestions(marker: str, table: MarkerTable) -> tuple[list[str], list[str]]
     from cytopipe.panel import label_names_marker, normalize
 
     if is_scatter_or_time(marker):  # found by $PnN; no stain label can be scatter or time
-        return [], []
+        return _scatter_suggestions(marker, table), []
     used = {v for f in table.files for v in table.resolved[f].values() if v}
     named: list[str] = []
     unlabelled: list[str] = []
@@ -216,6 +238,23 @@ def _suggestions(marker: str, table: MarkerTable) -> tuple[list[str], list[str]]
             elif names is None and label not in unlabelled:
                 unlabelled.append(label)
     return named, unlabelled
+
+
+def _scatter_suggestions(marker: str, table: MarkerTable) -> list[str]:
+    """Channels named like a scatter channel but without its -A/-H/-W suffix (a FACSCanto export's
+    ``FSC`` and ``SSC`` for ``FSC-A`` / ``SSC-A``): scatter is found by ``$PnN``, so a name the
+    template does not spell is suggested by its stem, never by a stain label."""
+    from cytopipe.panel import _stem, normalize
+
+    stem = normalize(_stem(marker))
+    used = {v for f in table.files for v in table.resolved[f].values() if v}
+    found: list[str] = []
+    for f in table.files:
+        for (pnn, _), label in zip(table.pairs[f], table.labels[f]):
+            # the bare stem only: FSC-A is the area, never a suggestion for FSC-H
+            if normalize(pnn) == stem and pnn not in used and label not in found:
+                found.append(label)
+    return found
 
 
 def missing_everywhere(template, table: MarkerTable) -> list[MissingMarker]:
