@@ -89,3 +89,23 @@ def test_missing_scatter_channels_are_named_by_their_pnn(capsys):
     fsc_h = capsys.readouterr().out.split("marker 'FSC-H'", 1)[1].split("\n\n", 1)[0]
     assert "no channel is named FSC-H nor like it" in fsc_h
     assert "FSC-H: <$PnN of the channel>" in fsc_h and "FSC-H: FSC-A" not in fsc_h
+
+
+def test_a_run_gates_a_file_whose_gate_needs_the_pooled_estimate(tmp_path):
+    """The same in `cytopipe run` (margin QC off, so Hs90211's saturated events stay): its pass 1
+    failed the file ("no pooled estimate ... to fall back on") and pass 2 never gated it."""
+    names = ["Hs90208C20090205_00.583331", "Hs90210C20090205_00.583065", "Hs90211C20090205_00.583066"]
+    rows = [f"{shared_path(*SDY736, n + '.fcs')},S{i},P{i},0,A" for i, n in enumerate(names)]
+    (tmp_path / "manifest.csv").write_text("file,sample_id,patient_id,visit,arm\n" + "\n".join(rows) + "\n")
+    _t_cell_copy(tmp_path / "t_panel.yaml", {"CD8": "PE-Texas Red-A"}, min_events=100)
+    (tmp_path / "wf.yaml").write_text(
+        "study: SDY736 T-cell panel\nmanifest: manifest.csv\ntemplate: t_panel.yaml\noutput: out\n"
+        "workers: 1\nqc:\n  margins: {enabled: false}\nclustering: {enabled: false}\n"
+        "report: {enabled: false}\n"
+    )
+    assert main(["run", str(tmp_path / "wf.yaml")]) == 0
+    stats = pd.read_parquet(tmp_path / "out" / "population_stats.parquet").set_index(["sample_id", "population"])
+    lymph = stats.loc[("S2", "Lymphocytes")]
+    assert lymph["gate_source"] == "pooled"
+    assert "used the cohort estimate (median of 2 samples)" in lymph["gate_flags"]
+    assert stats.loc[("S2", "T cells"), "count"] > 0

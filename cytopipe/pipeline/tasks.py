@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cytopipe.errors import CytopipeError
+from cytopipe.errors import CytopipeError, GatingError
 from cytopipe.pipeline.fmo import _manifest_path, fit_records, gate_with_fmo
 from cytopipe.pipeline.mapinputs import _load_map_inputs, sample_cluster_inputs
 from cytopipe.pipeline.state import ClusterPlan, Prepared, StudyState, sample_meta
@@ -158,16 +158,24 @@ def fit_task(job: dict[str, Any], state: StudyState) -> dict[str, Any]:
 
         prep = prepare_sample(job, state)
         gate = gating.gate if state.learner is None else state.learner.gate  # `examples:` (learned gates)
-        result = gate_with_fmo(
-            gate,
-            prep,
-            state,
-            state.template_for(job["sample_id"]),  # a FlowJo workspace: the file's own sample's gates
-            sample_meta=prep.meta,
-            transforms=state.transforms,
-            medians=True,
-            keep_values=True,  # one compensated matrix, shared by review data and clustering inputs
-        )
+        try:
+            result = gate_with_fmo(
+                gate,
+                prep,
+                state,
+                state.template_for(job["sample_id"]),  # a FlowJo workspace: the file's own sample's gates
+                sample_meta=prep.meta,
+                transforms=state.transforms,
+                medians=True,
+                keep_values=True,  # one compensated matrix, shared by review data and clustering inputs
+            )
+        except GatingError as exc:
+            # a gate this file cannot fit, with nothing to fall back on before the pooled
+            # estimates exist: no fits of its own, and no result, so pass 2 gates it with them
+            from cytopipe.gating.engine import FIT_COLUMNS
+
+            logger.info("%s: gated in pass 2, with the pooled estimates: %s", job["sample_id"], exc)
+            return {"fits": pd.DataFrame(columns=FIT_COLUMNS), "deferred": str(exc)}
         fits = fit_records(result, job["sample_id"], prep.fmo)
         return {"fits": fits, **_gated_outputs(job, state, prep, result)}
 
