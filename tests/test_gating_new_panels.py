@@ -109,3 +109,26 @@ def test_a_run_gates_a_file_whose_gate_needs_the_pooled_estimate(tmp_path):
     assert lymph["gate_source"] == "pooled"
     assert "used the cohort estimate (median of 2 samples)" in lymph["gate_flags"]
     assert stats.loc[("S2", "T cells"), "count"] > 0
+
+
+def test_template_check_says_when_files_are_too_small_for_the_first_gate(tmp_path, capsys):
+    """SDY736's files have 1 000 events; the canonical Lymphocytes gate needs 2 000 (`min_events`).
+    The check said "every population can be gated" (exit 0); `cytopipe gate` then left every
+    population empty (flags only, exit 0)."""
+    files = [shared_path(*SDY736, n) for n in ("Hs90208C20090205_00.583331.fcs", "Hs90210C20090205_00.583065.fcs")]
+    template = tmp_path / "t_panel.yaml"
+    _t_cell_copy(template, {"CD8": "PE-Texas Red-A"}, min_events=2000)
+    assert main(["template", "check", *map(str, files), "--template", str(template)]) == 3
+    text = capsys.readouterr().out
+    problems = [line for line in text.splitlines() if line.startswith("  PROBLEM:")]
+    assert len(problems) == 2
+    assert "the file has 1000 events; gate 'Lymphocytes' (on all events) needs at least 2000" in problems[0]
+    assert "leaves Lymphocytes and every population under it empty" in problems[0]
+    assert text.splitlines()[-1].startswith("2 of 2 file(s) with problems")
+    out = tmp_path / "out"
+    assert main(["gate", *map(str, files), "--template", str(template), "--out", str(out), "--quiet"]) == 0
+    stats = pd.read_parquet(out / "population_stats.parquet")
+    assert (stats["count"] == 0).all()  # what the check announced
+
+    _t_cell_copy(template, {"CD8": "PE-Texas Red-A"}, min_events=100)  # the lab's copy, lowered
+    assert main(["template", "check", *map(str, files), "--template", str(template)]) == 0

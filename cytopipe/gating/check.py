@@ -333,11 +333,14 @@ def file_problems(
     table: MarkerTable,
     without_spillover: Collection[str] = (),
     data_errors: Mapping[str, str] | None = None,
+    n_events: Mapping[str, int] | None = None,
 ) -> dict[str, list[str]]:
     """Per file, what gating it would report: a DATA segment it cannot read (truncated: the
     header's ``data_error``), a refusal (a ``compensation: file`` template and a file without a
-    spillover matrix) and the populations not measured (as ``cytopipe gate``)."""
+    spillover matrix), the populations not measured (as ``cytopipe gate``) and gates on all
+    events it has too few events for (:func:`too_few_events`)."""
     out: dict[str, list[str]] = {}
+    small = too_few_events(template, n_events or {})
     for f in table.files:
         refusal = _refusal(template, f, without_spillover)
         unmeasured = _not_measured(template, table, f)
@@ -347,7 +350,32 @@ def file_problems(
             + ([refusal] if refusal else [])
             + list(dict.fromkeys(table.ambiguous.get(f, {}).values()))
             + ([f"not measured: {', '.join(unmeasured)}"] if unmeasured else [])
+            + small.get(f, [])
         )
+    return out
+
+
+def too_few_events(template, n_events: Mapping[str, int]) -> dict[str, list[str]]:
+    """Per file, the gates on all events (parent ``root``) it has too few events to fit
+    (``min_events``), when no file of the set has enough either (so no pooled estimate) and the
+    gate has no typed ``default``: ``cytopipe gate`` leaves that population, and every one under
+    it, empty (flagged)."""
+    out: dict[str, list[str]] = {f: [] for f in n_events}
+    for pop in template:
+        if pop.parent != "root":
+            continue
+        fitters = [f for _, f in getattr(pop.gate, "fit_items", list)() if f.default is None]
+        need = max((f.bounds.min_events for f in fitters), default=0)
+        if not need or not n_events or any(n >= need for n in n_events.values()):
+            continue
+        for f, n in n_events.items():
+            out[f].append(
+                f"the file has {n} events; gate {pop.name!r} (on all events) needs at least {need} "
+                f"(`min_events`) to be fitted, and no file checked has that many (so there is no "
+                f"pooled estimate either): "
+                f"`cytopipe gate` leaves {pop.name} and every population under it empty. For files "
+                f"this small, lower `min_events` in your copy of the template"
+            )
     return out
 
 
@@ -374,6 +402,7 @@ def template_check_text(
     without_spillover: Collection[str] = (),
     data_errors: Mapping[str, str] | None = None,
     unusable: Mapping[str, str] | None = None,
+    n_events: Mapping[str, int] | None = None,
 ) -> str:
     """The check's report: per file and population, markers -> channels, gate source, fallback and
     NOT MEASURED (as ``cytopipe gate`` would report it); per file, a DATA segment that cannot be
@@ -385,6 +414,7 @@ def template_check_text(
         lines.append(f"file {f}")
         lines.append(f"  PROBLEM: `cytopipe gate` and `cytopipe run` would fail this file: {why}")
     w = max(len(p.name) for p in template)
+    small = too_few_events(template, n_events or {})
     for f in table.files:
         lines.append(f"file {f}")
         if data_error := (data_errors or {}).get(f):  # the headers read, the events would not
@@ -393,6 +423,8 @@ def template_check_text(
             lines.append(f"  PROBLEM: `cytopipe gate` would refuse this file: {refusal}")
         for why in dict.fromkeys(table.ambiguous.get(f, {}).values()):
             lines.append(f"  PROBLEM: `cytopipe gate` and `cytopipe run` would fail this file: {why}")
+        for why in small.get(f, []):
+            lines.append(f"  PROBLEM: {why}")
         unmeasured = _not_measured(template, table, f)
         for pop in template:
             res = []
@@ -409,7 +441,8 @@ def template_check_text(
     if missing:
         lines.append("")
         lines.append(missing_markers_text(missing, sep="\n\n"))
-    bad = [f for f, found in file_problems(template, table, without_spillover, data_errors).items() if found]
+    problems = file_problems(template, table, without_spillover, data_errors, n_events)
+    bad = [f for f, found in problems.items() if found]
     bad += list(unusable or {})
     n_files = len(table.files) + len(unusable or {})
     lines.append("")
@@ -454,7 +487,8 @@ def run(args) -> int:
     table = marker_table(template, {f: h.channels for f, h in headers.items()})
     without_spillover = [f for f, h in headers.items() if h.spillover is None]
     data_errors = {f: h.data_error for f, h in headers.items() if h.data_error}  # truncated, ...
-    print(template_check_text(template, table, without_spillover, data_errors, unusable))
-    problems = file_problems(template, table, without_spillover, data_errors)
+    n_events = {f: h.n_events for f, h in headers.items()}
+    print(template_check_text(template, table, without_spillover, data_errors, unusable, n_events))
+    problems = file_problems(template, table, without_spillover, data_errors, n_events)
     failed = bool(unusable) or bool(missing_everywhere(template, table)) or any(problems.values())
     return EXIT_FAILURES if failed else EXIT_OK
