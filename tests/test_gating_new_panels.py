@@ -4,6 +4,7 @@ files the template was never tuned on.
 * MetaCyto's ImmPort SDY736 files (LSRII, 1 000 events each, human PBMC): the T-cell panel
   (CD3, CD4, CD8b, ...; no viability dye, no FSC-H) and the Ki67/CCR7 panel (viability dye
   labelled ``Live``, CD3, CD4, CD8, CD45RA).
+* cytoflow's ``itn_02.fcs`` (FACSCanto, human T cells; scatter named ``FSC`` / ``SSC``).
 """
 
 from __future__ import annotations
