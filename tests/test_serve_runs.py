@@ -198,10 +198,13 @@ def test_a_blinded_studys_runs_show_codes_everywhere_and_an_unblinded_folder_is_
     status = c.wait_run(run_id)
     assert status["status"] == "finished", status
     folder = server.data / "runs" / str(run_id)
-    assert p001 in (folder / "run.log").read_text()  # what the log says on the server
+    # what the log says on the server: the codes (the worker's; tests/test_serve_blinded_logs.py)
+    assert p001 not in (folder / "run.log").read_text() and codes[p001] in (folder / "run.log").read_text()
     # each line with its time, in order: the pipeline's warning (stderr) and its summary (stdout)
     said = assert_timed_run_log(folder)
-    warned = [i for i, line in enumerate(said) if line.startswith("cytopipe run: warning: ") and p001 in line]
+    warned = [
+        i for i, line in enumerate(said) if line.startswith("cytopipe run: warning: ") and codes[p001] in line
+    ]
     summary = [i for i, line in enumerate(said) if line.startswith("cytopipe run: ") and " files: " in line]
     assert warned and summary and warned[-1] < summary[0], said
     assert codes[p001] in status["progress"]["log"] and not _names_in(

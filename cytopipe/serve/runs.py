@@ -35,7 +35,7 @@ from cytopipe.serve import audit
 from cytopipe.serve.blinding import assign_codes, codes_of, table_arms, workspace_secret, write_run_key
 from cytopipe.serve.db import RUN_ACTIVE, Run, Sample, Study, Template, Upload, utcnow
 from cytopipe.serve.storage import BlobStore
-from cytopipe.serve.worker import CONSOLE_LOG, RUN_LOG
+from cytopipe.serve.worker import CONSOLE_LOG, RUN_LOG, mask_logs
 
 logger = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
@@ -221,6 +221,7 @@ class RunManager:
     def _check_one(self, db: DBSession, run: Run) -> None:
         if run.status == "queued" or self._alive(run.pid):
             return
+        mask_logs(Path(run.folder))  # a blinded study's run: its logs name no arm (the worker's crash too)
         status_file = Path(run.folder) / "status.json"
         if status_file.is_file():
             code = int(json.loads(status_file.read_text(encoding="utf-8")).get("exit_code", 1))

@@ -11,6 +11,16 @@ line with the time it was said, in the order it was said: the command's standard
 are one stream here, written line by line. Output that does not pass through Python's
 ``sys.stdout``/``sys.stderr`` (Dask's processes, a crash of the interpreter) goes to the process's
 own output, ``RUN_FOLDER/console.log`` (:class:`~cytopipe.serve.runs.RunManager` opens it).
+
+A run of a **blinded study** (its workflow's ``report: {blinded: true}``, :func:`arm_mask`) names no
+arm in what the server keeps or shows: every line of ``run.log`` is written with each arm name of
+the run's manifest, clinical table and blinding key replaced by the arm's code (the key's: the
+codes the study's pages show) or ``[arm]`` (an arm without a code). The command's console names
+the arms (its warnings quote the clinical table; a CLI user running a blinded run has its inputs),
+so it is masked here, in the worker, where its lines become the server's. ``console.log``, written
+by the process's descriptors (Dask's processes, a crash of the interpreter: nothing to mask line by
+line without losing a crash's last words), is masked in place when the worker ends (:func:`mask_logs`,
+also called by the server when it finds the worker gone), before its tail becomes the run's error.
 """
 
 from __future__ import annotations
@@ -23,18 +33,75 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 RUN_LOG = "run.log"
 CONSOLE_LOG = "console.log"
 
 
-class _TimedLines(io.TextIOBase):
-    """A text stream writing each complete line to ``logger`` (one record per line)."""
+Mask = Callable[[str], str]
 
-    def __init__(self, logger: logging.Logger):
+
+def arm_mask(folder: Path) -> Mask | None:
+    """For a run of a blinded study (``input/workflow.yaml``: ``report: {blinded: true}``): a function
+    writing each arm name of the run's inputs (``input/manifest.csv``, ``input/clinical.csv`` and the
+    blinding key ``input/blind_key.csv``, whose codes are the study's) as its code, or ``[arm]`` when
+    the key gives it none (case-insensitive, as the report's leak check finds them); ``None`` for a
+    run whose arms may be shown."""
+    import yaml
+
+    from cytopipe.report.blinding import leak_pattern
+    from cytopipe.serve.storage import read_table_rows
+
+    inp = Path(folder) / "input"
+    spec = yaml.safe_load((inp / "workflow.yaml").read_text(encoding="utf-8")) or {}
+    report = spec.get("report") if isinstance(spec.get("report"), dict) else {}
+    if not report.get("blinded"):
+        return None
+
+    def rows(name: object) -> list[dict[str, str]]:
+        path = inp / str(name or "")
+        return read_table_rows(path.read_bytes()) if name and path.is_file() else []
+
+    codes = {r["arm"]: r["code"] for r in rows(report.get("blind_key")) if r.get("arm") and r.get("code")}
+    arms = set(codes) | {r["arm"] for name in (spec.get("manifest"), spec.get("clinical"))
+                         for r in rows(name) if r.get("arm")}  # fmt: skip
+    pattern = leak_pattern(arms)
+    lower = {arm.lower(): code for arm, code in codes.items()}
+    return lambda text: pattern.sub(lambda m: lower.get(m.group(0).lower(), "[arm]"), text)
+
+
+def mask_logs(folder: Path, mask: Mask | None = None) -> None:
+    """``console.log`` (and ``run.log``) of a blinded study's run with its arm names masked in place
+    (:func:`arm_mask`); nothing for a run whose arms may be shown."""
+    folder = Path(folder)
+    try:
+        mask = mask or arm_mask(folder)
+    except (OSError, ValueError):  # the run's inputs are gone: nothing to mask with
+        return
+    if mask is None:
+        return
+    for name in (CONSOLE_LOG, RUN_LOG):
+        path = folder / name
+        try:
+            text = path.read_bytes().decode("utf-8", "replace")
+        except OSError:
+            continue
+        masked = mask(text)
+        if masked != text:  # in place: the worker's (and its Dask processes') descriptors stay on it
+            with open(path, "r+b") as fh:
+                fh.write(masked.encode("utf-8"))
+                fh.truncate()
+
+
+class _TimedLines(io.TextIOBase):
+    """A text stream writing each complete line to ``logger`` (one record per line), each through
+    ``mask`` when one is given (a blinded study's run: :func:`arm_mask`)."""
+
+    def __init__(self, logger: logging.Logger, mask: Mask | None = None):
         self._logger = logger
+        self._mask = mask or (lambda line: line)
         self._pending = ""
         self._lock = threading.Lock()  # the pipeline's threads may write at once
 
@@ -45,27 +112,28 @@ class _TimedLines(io.TextIOBase):
         with self._lock:
             *lines, self._pending = (self._pending + text).split("\n")
             for line in lines:
-                self._logger.info(line.rstrip("\r"))
+                self._logger.info(self._mask(line.rstrip("\r")))
         return len(text)
 
     def finish(self) -> None:
         """The last line, when it did not end in a newline."""
         with self._lock:
             if self._pending:
-                self._logger.info(self._pending)
+                self._logger.info(self._mask(self._pending))
                 self._pending = ""
 
 
 @contextlib.contextmanager
-def timed_output(path: Path) -> Iterator[None]:
-    """``sys.stdout`` and ``sys.stderr`` into ``path``, each line as ``<time> <line>``."""
+def timed_output(path: Path, mask: Mask | None = None) -> Iterator[None]:
+    """``sys.stdout`` and ``sys.stderr`` into ``path``, each line as ``<time> <line>`` (through
+    ``mask``: :func:`arm_mask`)."""
     logger = logging.getLogger("cytopipe_worker_output")  # outside "cytopipe": no handler echoes it
     logger.propagate = False
     logger.setLevel(logging.INFO)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logger.addHandler(handler)
-    stream = _TimedLines(logger)
+    stream = _TimedLines(logger, mask)
     saved = sys.stdout, sys.stderr
     sys.stdout = sys.stderr = stream
     try:
@@ -94,12 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         args += ["--scheduler-address", options["scheduler_address"]]
     t0 = time.time()
     code = 1
+    mask = None
     try:
-        with timed_output(folder / RUN_LOG):
+        mask = arm_mask(folder)  # a blinded study's run: no arm name in what the server keeps or shows
+        with timed_output(folder / RUN_LOG, mask):
             code = cli_main(args)
     except KeyboardInterrupt:
         code = 130
     finally:
+        mask_logs(folder, mask)
         atomic_write_json(folder / "status.json", {"exit_code": code, "seconds": round(time.time() - t0, 3)})
     return code
 
