@@ -10,10 +10,19 @@ checked and shows no arm name. What can be checked, whatever the file's name or 
   every member, each by these same rules (an office file's XML parts are also read without their
   tags, so that a name split over two runs of a Word paragraph is found);
 * an FCS file (its TEXT segment is plain ASCII; the data segment is numbers);
-* an HDF5 file (``.h5ad``, ``.h5``): the names, attributes and text datasets of every group.
+* an HDF5 file (``.h5ad``, ``.h5``): the names, attributes and text datasets of every group;
+* a macOS ``.DS_Store`` (told by its ``Bud1`` header; Finder writes one into every folder it opens,
+  network shares too): it holds the folder's entry names (UTF-16BE) and view settings (binary
+  property lists: ASCII, UTF-8 or UTF-16BE strings), so its bytes are read as UTF-16 (big- and
+  little-endian, at both byte alignments), UTF-8 and Latin-1, and every arm name is searched in each.
 
 Anything else (a PDF, whose text is compressed; an image, whose pixels can show an arm; any other
-binary file) cannot be checked: :class:`CannotCheck`, and the command refuses before any work.
+binary file) cannot be checked: :class:`CannotCheck`, and the command refuses before any work. So
+are two other files operating systems write by themselves, each with a message that says what it
+is: an AppleDouble ``._NAME`` (macOS, on a volume that is not a Mac's: the resource fork and
+extended attributes of ``NAME``, which can hold a custom icon or any other picture) and a Windows
+``Thumbs.db`` (a thumbnail cache: small pictures of the folder's images, which can show an arm).
+Windows' ``desktop.ini`` is text (checked as text).
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ Leaks = Callable[[Mapping[str, str]], list[str]]
 #: control bytes that a text file does not hold (tab, line feed, page feed and return aside)
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f]")
 _HDF5 = b"\x89HDF\r\n\x1a\n"
+_DS_STORE = b"\x00\x00\x00\x01Bud1"  # a macOS Finder .DS_Store (a "buddy allocator" file)
+_APPLEDOUBLE = b"\x00\x05\x16\x07"
+_OLE = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # a compound file: old Office, Windows' Thumbs.db
 _TAGS = re.compile(r"<[^>]*>")
 _NESTING = 3  # zip files inside zip files, at most
 _WHOLE = 64 << 20  # a larger file (not a table, zip or HDF5 file) is read in chunks of this size
@@ -59,6 +71,7 @@ def shown_arm(path: Path, leaks: Leaks) -> str:
         return _hdf5_arm(path, leaks)
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         return _zip_arm(path, leaks, depth=0)
+    _refuse_system_file(path, head)
     if path.stat().st_size > _WHOLE:
         return _large_arm(path, head, leaks)
     return _bytes_arm(path.read_bytes(), path.name, leaks, depth=0)
@@ -80,9 +93,43 @@ def _large_arm(path: Path, head: bytes, leaks: Leaks) -> str:
     return ""
 
 
+def _refuse_system_file(path: Path, head: bytes) -> None:
+    """:class:`CannotCheck`, saying what it is, for a file an operating system writes by itself
+    that can hold pictures: an AppleDouble ``._NAME`` (macOS) or a Windows ``Thumbs.db``."""
+    if head[:4] == _APPLEDOUBLE:
+        raise CannotCheck(
+            "an AppleDouble file macOS writes beside a file on a volume that is not a Mac's: the "
+            "resource fork and extended attributes of that file, which can hold a picture such as a "
+            "custom icon; delete it (on a Mac: dot_clean FOLDER)"
+        )
+    if head == _OLE and path.name.lower() in ("thumbs.db", "ehthumbs.db", "ehthumbs_vista.db"):
+        raise CannotCheck(
+            "a Windows thumbnail cache, which holds small pictures of the folder's images; delete it "
+            "(Windows writes it again only where thumbnails are cached on network folders)"
+        )
+
+
+def _ds_store_arm(data: bytes, leaks: Leaks) -> str:
+    """Where a macOS ``.DS_Store`` shows an arm name (``"the file (UTF-16BE): 'arm'"``): its
+    strings are entry names in UTF-16BE and the text of binary property lists (ASCII, UTF-8,
+    UTF-16BE), at any byte alignment."""
+    readings = {
+        "UTF-16BE": data.decode("utf-16-be", "replace") + "\n" + data[1:].decode("utf-16-be", "replace"),
+        "UTF-16LE": data.decode("utf-16-le", "replace") + "\n" + data[1:].decode("utf-16-le", "replace"),
+        "UTF-8": data.decode("utf-8", "replace"),
+        "Latin-1": data.decode("latin-1"),
+    }
+    for codec, text in readings.items():
+        if shown := leaks({f"the file ({codec})": text}):
+            return shown[0]
+    return ""
+
+
 def _bytes_arm(data: bytes, name: str, leaks: Leaks, depth: int) -> str:
     if not data:
         return ""
+    if data.startswith(_DS_STORE):
+        return _ds_store_arm(data, leaks)
     if data[:4] == b"PK\x03\x04" or data[:4] == b"PK\x05\x06":
         return _zip_arm(io.BytesIO(data), leaks, depth)
     if data[:3] == b"FCS" and data[3:6].replace(b".", b"").isdigit():
