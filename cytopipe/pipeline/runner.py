@@ -311,12 +311,17 @@ def finish_run(
         leaks = functools.partial(find_leaks, arms=ctx.blinding[0])
         check_user_files(folder.path, leaks, name_arms=False, todo="Nothing was written (the work done "
                          "is cached). Move the file out of the run folder, then run again")  # fmt: skip
+    from cytopipe.report.blinding import folder_record
+
+    newly = ctx.blinding is not None and folder_record(folder.path) is None  # before run.json says so
     logger.info("writing the tables, catalog.duckdb and run.json")
     folder.write_outputs(tables, blind(info), parquet=parquet)
     if ctx.blinding is not None:  # the folder's other files (earlier tables, study/) coded too
         from cytopipe.report.blinding import recode_folder
 
-        recode_folder(folder.path, ctx.blinding[0], blind(info))
+        # newly blinded: every report in the folder was written unblinded, and goes (also when
+        # nothing else needed recoding: the tables above were written coded)
+        recode_folder(folder.path, ctx.blinding[0], blind(info), newly=newly)
     if not ctx.wf.report.get("enabled", True):
         _remove_stale_report(folder.path)
     else:
@@ -420,12 +425,15 @@ def _blinded_outputs(
 def _remove_stale_report(run_dir: Path) -> None:
     """A report of an earlier state of this run folder would contradict the new tables (or, when
     this run's report step failed, pass for this run's report): remove it (``cytopipe report
-    RUN_DIR`` writes it again). Of its tables folder only the tables it wrote go."""
+    RUN_DIR`` writes it again). Of its tables folder only the tables it wrote go; in a blinded
+    folder the record of the tables kept (edited since) keeps no hash of them as written (perhaps
+    unblinded, before this run blinded the folder: ``remove_tables``)."""
+    from cytopipe.report.blinding import folder_record
     from cytopipe.report.tables_folder import remove_tables
 
     if (run_dir / "report.html").is_file():
         (run_dir / "report.html").unlink()
-        remove_tables(run_dir / "report_tables")
+        remove_tables(run_dir / "report_tables", blinding=folder_record(run_dir) is not None)
         notice(
             "cytopipe run: removed the run folder's earlier report.html (it described the previous run); "
             "`cytopipe report RUN_DIR` writes a new one"

@@ -316,6 +316,7 @@ def recode_folder(
     *,
     unblind: bool = False,
     warn_kept: bool = True,
+    newly: bool = False,
 ) -> list[str]:
     """Rewrite the tables cytopipe wrote in a run folder with arm names replaced by codes (or back):
     its Parquet tables and text files (:func:`cytopipe.report.blindfiles.folder_files`: known places
@@ -324,7 +325,10 @@ def recode_folder(
     removed (the command writes a new one; ``warn_kept=False``: it writes its tables into that folder
     and warns about the files it keeps itself). Blinding refuses (:class:`ReportError`, nothing
     changed) a user's file showing an arm name, which the commands check before their work; here it
-    can only have appeared since. Returns the files rewritten (relative paths)."""
+    can only have appeared since. ``newly``: the folder was not blinded before (a run that blinds
+    it has written its tables coded already, so nothing else may need recoding): its reports are
+    removed all the same, as every one of them was written unblinded. Returns the files rewritten
+    (relative paths)."""
     from cytopipe.report.blindfiles import check_user_files, folder_files
     from cytopipe.store import CATALOG, TABLES, atomic_write_bytes, atomic_write_json, atomic_write_parquet
 
@@ -363,8 +367,9 @@ def recode_folder(
 
         write_catalog(run_dir / CATALOG, tables, info)
     atomic_write_json(run_dir / "run.json", dict(info))
-    if changed:  # a report of the earlier state would contradict the tables (any report in the folder)
-        remove_report(run_dir, warn=warn_kept)
+    # a report of the earlier state would contradict the tables (any report in the folder)
+    if changed or newly:
+        remove_report(run_dir, warn=warn_kept, blinding=not unblind)
     if not unblind:
         changed += scrub_cache(run_dir, codes)
     changed.append("run.json")
@@ -457,11 +462,12 @@ def _cache_file_leaks(path: Path, pattern: re.Pattern) -> list[str]:
     return ["file"] if pattern.search(text) else []
 
 
-def remove_report(run_dir: Path, *, warn: bool = True) -> None:
+def remove_report(run_dir: Path, *, warn: bool = True, blinding: bool = False) -> None:
     """Remove the run folder's reports and the tables they wrote (they describe an earlier state):
     report.html with report_tables/, and every report written elsewhere in the folder with --out
     (:func:`cytopipe.report.blindfiles.report_folders`); any other file of a tables folder is kept,
-    with a warning (:func:`cytopipe.report.tables_folder.remove_tables`)."""
+    with a warning (:func:`cytopipe.report.tables_folder.remove_tables`; ``blinding``: without the
+    hashes of the tables as the report wrote them)."""
     from cytopipe.report.blindfiles import report_folders
     from cytopipe.report.tables_folder import remove_tables
 
@@ -471,7 +477,7 @@ def remove_report(run_dir: Path, *, warn: bool = True) -> None:
             logger.warning("%s: removed %s and the tables it wrote in %s/: a report of the run folder "
                            "before it was blinded (or unblinded)", run_dir, html.as_posix(), tables.as_posix())  # fmt: skip
         (run_dir / html).unlink(missing_ok=True)
-        remove_tables(run_dir / tables, warn=warn)
+        remove_tables(run_dir / tables, warn=warn, blinding=blinding)
 
 
 def _rewrite_in_place(path: Path, text: str) -> None:

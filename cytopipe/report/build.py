@@ -238,14 +238,16 @@ def report_key(
     max_gallery: int,
 ) -> str | None:
     """Hash of everything a report is made from: the run folder's tables, review.json, run.json
-    (without its timings), the clinical table, the options and the report's own code. ``None``: not cacheable
-    (a clinical table given as a DataFrame)."""
+    (without its timings), the clinical table (and blinding key: keyed with the folder's secret when
+    it has one), the options and the report's own code. ``None``: not cacheable (a clinical table
+    given as a DataFrame)."""
     import hashlib
+    import hmac
 
     import pandas as pd
 
     from cytopipe.config import stable_hash
-    from cytopipe.store import file_sha256
+    from cytopipe.store import file_sha256, run_secret
 
     if isinstance(clinical, pd.DataFrame) or isinstance(blind_key, pd.DataFrame):
         return None
@@ -266,9 +268,16 @@ def report_key(
     h.update(stable_hash({k: v for k, v in info.items() if k not in _VOLATILE}).encode())
     h.update(stable_hash(info.get("problems") or []).encode())
     source = clinical if clinical is not None else (info.get("workflow") or {}).get("clinical")
+    # the clinical table and the blinding key hold the arms: in a folder with a secret (a blinded
+    # one) keyed, so that the key (the name of the marker in .cache/report/) is no plain hash of
+    # them to try arm assignments against (as run.json's rerun record: cytopipe/rerun.py)
+    secret = run_secret(run_dir)
     for path in (source, blind_key if not isinstance(blind_key, Mapping) else None):
         if path is not None and Path(str(path)).is_file():
-            h.update(file_sha256(path).encode())
+            if secret is None:
+                h.update(file_sha256(path).encode())
+            else:
+                h.update(hmac.new(secret, Path(str(path)).read_bytes(), hashlib.sha256).hexdigest().encode())
     options = {"blinded": bool(blinded), "out": str(Path(out).resolve()), "max_gallery": int(max_gallery),
                "key": dict(blind_key) if isinstance(blind_key, Mapping) else str(blind_key)}  # fmt: skip
     h.update(stable_hash(options).encode())

@@ -42,6 +42,9 @@ _ABOUT = (
     "written by cytopipe report: the CSV files it wrote in this folder (name, sha256, bytes). "
     "A later report removes only these, and only while unchanged; keep this file."
 )
+#: the "sha256" of an edited table in the record of a blinded folder (never a file's digest: the
+#: table is still told apart from a user's file, and kept): :func:`remove_tables`
+DROPPED = "not kept: the folder was blinded after this table was written"
 #: the name of every CSV a report can write (``cytopipe/report/sections.py``, ``batches.py``,
 #: ``review_section.py``): in a folder without a manifest only these are removed
 REPORT_TABLES = frozenset(
@@ -290,12 +293,17 @@ def write_tables(plan: TablesPlan, new: Mapping[str, str], write: Callable[[Path
     _save_manifest(folder, {n: _entry(t) for n, t in new.items()}, changed=changed)
 
 
-def remove_tables(folder: Path, *, warn: bool = True) -> list[str]:
+def remove_tables(folder: Path, *, warn: bool = True, blinding: bool = False) -> list[str]:
     """Remove a report's tables folder (the report describes an earlier state of the run): the CSV
     files it wrote, unchanged, then the folder when nothing else is left in it. Every other file is
     kept, with a warning; the manifest then lists the kept tables an earlier report wrote (changed
     since), so that no later report takes them for a user's own. Returns the names kept (``warn``:
-    log a warning naming each)."""
+    log a warning naming each).
+
+    ``blinding`` (the folder is being blinded): the kept tables are listed without the SHA-256 the
+    report wrote (:data:`DROPPED`). That is the hash of a table written before blinding: a reader
+    who knows every cell of it but the arms (its edited copy, the folder's coded tables) could
+    write it once per assignment of arms to codes and find the one that hashes to it."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -307,7 +315,8 @@ def remove_tables(folder: Path, *, warn: bool = True) -> list[str]:
     for message in plan.keep.values() if warn else ():
         logger.warning("%s", message)
     if plan.changed:
-        _save_manifest(folder, {}, changed={n: {"sha256": s} for n, s in plan.changed.items()})
+        changed = {n: {"sha256": DROPPED if blinding else s} for n, s in plan.changed.items()}
+        _save_manifest(folder, {}, changed=changed)
     else:
         (folder / MANIFEST).unlink(missing_ok=True)
     try:
