@@ -14,6 +14,7 @@ the new attempt resume where the old one stopped. One run per study at a time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from cytopipe.serve import audit
 from cytopipe.serve.blinding import assign_codes, codes_of, table_arms, workspace_secret, write_run_key
 from cytopipe.serve.db import RUN_ACTIVE, Run, Sample, Study, Template, Upload, utcnow
 from cytopipe.serve.storage import BlobStore
-from cytopipe.serve.worker import CONSOLE_LOG, RUN_LOG, mask_logs
+from cytopipe.serve.worker import CONSOLE_LOG, RUN_LOG, arm_mask, mask_file, mask_logs
 
 logger = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
@@ -254,7 +255,8 @@ class RunManager:
         from cytopipe.serve.storage import sanitise_name
 
         name = sanitise_name(population.replace(" ", "_"), "population") + ".h5ad"
-        exports = Path(run.folder) / "out" / "exports"
+        folder = Path(run.folder)
+        exports = folder / "out" / "exports"
         exports.mkdir(exist_ok=True)
         args = [sys.executable, "-m", "cytopipe", "export", "anndata", str(Path(run.folder) / "out"),
                 "--population", population, "--out", str(exports / name), "--no-progress"]  # fmt: skip
@@ -271,7 +273,14 @@ class RunManager:
         with open(exports / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, env=_worker_env())  # fmt: skip
-        threading.Thread(target=proc.wait, daemon=True).start()  # collected when it ends
+
+        def collect() -> None:  # when it ends: a blinded study's log masked (the command's console)
+            proc.wait()
+            with contextlib.suppress(OSError, ValueError, yaml.YAMLError):
+                if (mask := arm_mask(folder)) is not None:
+                    mask_file(exports / f"{name}.log", mask)
+
+        threading.Thread(target=collect, daemon=True).start()
         return name
 
     # --- cancel -------------------------------------------------------------------------------

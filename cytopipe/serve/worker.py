@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import yaml
+
 RUN_LOG = "run.log"
 CONSOLE_LOG = "console.log"
 
@@ -49,8 +51,6 @@ def arm_mask(folder: Path) -> Mask | None:
     blinding key ``input/blind_key.csv``, whose codes are the study's) as its code, or ``[arm]`` when
     the key gives it none (case-insensitive, as the report's leak check finds them); ``None`` for a
     run whose arms may be shown."""
-    import yaml
-
     from cytopipe.report.blinding import leak_pattern
     from cytopipe.serve.storage import read_table_rows
 
@@ -73,26 +73,32 @@ def arm_mask(folder: Path) -> Mask | None:
 
 
 def mask_logs(folder: Path, mask: Mask | None = None) -> None:
-    """``console.log`` (and ``run.log``) of a blinded study's run with its arm names masked in place
+    """``console.log`` (and ``run.log``, and the logs of the run's AnnData exports,
+    ``out/exports/*.log``) of a blinded study's run with its arm names masked in place
     (:func:`arm_mask`); nothing for a run whose arms may be shown."""
     folder = Path(folder)
     try:
         mask = mask or arm_mask(folder)
-    except (OSError, ValueError):  # the run's inputs are gone: nothing to mask with
+    except (OSError, ValueError, yaml.YAMLError):  # the run's inputs are gone: nothing to mask with
         return
     if mask is None:
         return
-    for name in (CONSOLE_LOG, RUN_LOG):
-        path = folder / name
-        try:
-            text = path.read_bytes().decode("utf-8", "replace")
-        except OSError:
-            continue
-        masked = mask(text)
-        if masked != text:  # in place: the worker's (and its Dask processes') descriptors stay on it
-            with open(path, "r+b") as fh:
-                fh.write(masked.encode("utf-8"))
-                fh.truncate()
+    for path in (folder / CONSOLE_LOG, folder / RUN_LOG, *folder.glob("out/exports/*.log")):
+        mask_file(path, mask)
+
+
+def mask_file(path: Path, mask: Mask) -> None:
+    """``path`` (a log) with ``mask`` applied, in place: a process still holding it open (the worker,
+    its Dask processes) keeps writing into the same file."""
+    try:
+        text = path.read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return
+    masked = mask(text)
+    if masked != text:
+        with open(path, "r+b") as fh:
+            fh.write(masked.encode("utf-8"))
+            fh.truncate()
 
 
 class _TimedLines(io.TextIOBase):
