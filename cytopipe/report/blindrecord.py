@@ -121,10 +121,11 @@ def source_tables(workflow: Mapping | None, clinical: object = None) -> Iterator
 
 
 def source_arms(workflow: Mapping | None, clinical: object = None) -> list[str]:
-    """The arm names of the run's inputs (its manifest and clinical table, outside the folder)."""
+    """The arm names of the run's inputs (its manifest and clinical table, outside the folder),
+    stripped of surrounding spaces as the run reads them (cytopipe/clinical.py, the manifest)."""
     arms: list[str] = []
     for table in source_tables(workflow, clinical):
-        arms += [str(a) for a in table["arm"].dropna() if str(a).strip()]
+        arms += [str(a).strip() for a in table["arm"].dropna() if str(a).strip()]
     return list(dict.fromkeys(arms))
 
 
