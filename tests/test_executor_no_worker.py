@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable
 
 import pytest
 from distributed.diagnostics.plugin import SchedulerPlugin
+
+from tests.support.threads import in_thread
 
 HANG_GUARD_S = 240  # far above what the maps below need (~15 s); reached only by a hang
 
@@ -22,20 +22,6 @@ HANG_GUARD_S = 240  # far above what the maps below need (~15 s); reached only b
 def _slow_item(item: int, shared: str) -> dict:
     time.sleep(0.3)
     return {"i": item, "shared": shared, "pid": os.getpid()}
-
-
-def _in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, dict]:
-    box: dict = {}
-
-    def target() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # pragma: no cover - reported by the test
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, box
 
 
 def test_a_local_cluster_that_dropped_its_worker_starts_it_again_and_the_map_ends(caplog):
@@ -54,7 +40,7 @@ def test_a_local_cluster_that_dropped_its_worker_starts_it_again_and_the_map_end
     try:
         [first_pid] = ex.client.run(os.getpid).values()
         with dask.config.set({"distributed.deploy.lost-worker-timeout": "0s"}):
-            thread, box = _in_thread(
+            thread, box = in_thread(
                 lambda: got.update(ex.map(_slow_item, list(range(8)), "shared", "dropped", False))
             )
             deadline = time.monotonic() + HANG_GUARD_S
@@ -89,7 +75,7 @@ def test_an_existing_scheduler_without_workers_warns_then_fails_the_waiting_samp
     with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
         ex = DaskExecutor(address=cluster.scheduler_address, no_worker_timeout=4)
         try:
-            thread, box = _in_thread(lambda: dict(ex.map(_slow_item, [0, 1, 2], "s", "idle", False)))
+            thread, box = in_thread(lambda: dict(ex.map(_slow_item, [0, 1, 2], "s", "idle", False)))
             thread.join(timeout=HANG_GUARD_S)
             assert not thread.is_alive(), "the map hung on a scheduler without workers"
             assert "error" not in box, box.get("error")
@@ -101,7 +87,7 @@ def test_an_existing_scheduler_without_workers_warns_then_fails_the_waiting_samp
                 assert "start workers for it" in value.error
             assert "has had no worker for" in caplog.text and "waiting for workers" in caplog.text
 
-            thread, box = _in_thread(lambda: ex.submit(_slow_item, 5, "s", desc="umap").result())
+            thread, box = in_thread(lambda: ex.submit(_slow_item, 5, "s", desc="umap").result())
             thread.join(timeout=HANG_GUARD_S)
             assert not thread.is_alive(), "a submitted task's result hung on a scheduler without workers"
             assert isinstance(box.get("error"), TaskError), box
@@ -123,7 +109,7 @@ def test_a_local_cluster_that_cannot_get_a_worker_back_fails_the_waiting_samples
         deadline = time.monotonic() + HANG_GUARD_S
         while ex.n_workers and time.monotonic() < deadline:
             time.sleep(0.05)
-        thread, box = _in_thread(lambda: dict(ex.map(_slow_item, list(range(3)), "s", "gone", False)))
+        thread, box = in_thread(lambda: dict(ex.map(_slow_item, list(range(3)), "s", "gone", False)))
         thread.join(timeout=HANG_GUARD_S)
         assert not thread.is_alive(), "the map hung on a local cluster without workers"
         assert "error" not in box, box.get("error")
@@ -158,7 +144,7 @@ def test_a_local_cluster_that_dropped_one_of_its_workers_starts_it_again(caplog)
         names = {a: str(w["name"]) for a, w in ex.client.scheduler_info(n_workers=-1)["workers"].items()}
         items = [{"sample_id": f"S{i:02d}"} for i in range(40)]
         with dask.config.set({"distributed.deploy.lost-worker-timeout": "0s"}):
-            thread, box = _in_thread(lambda: dict(ex.map(_sample_item, items, "s", "gate", False)))
+            thread, box = in_thread(lambda: dict(ex.map(_sample_item, items, "s", "gate", False)))
             victim = None
             deadline = time.monotonic() + HANG_GUARD_S
             while victim is None and thread.is_alive() and time.monotonic() < deadline:
@@ -216,7 +202,7 @@ def test_after_giving_up_on_a_cluster_without_workers_later_work_fails_at_once(c
         ex = DaskExecutor(address=cluster.scheduler_address, no_worker_timeout=4)
         try:
             early = ex.submit(_slow_item, 4, "s", desc="fit")  # waits beside the phase (the UMAP)
-            thread, box = _in_thread(lambda: dict(ex.map(_slow_item, [0, 1], "s", "gate", False)))
+            thread, box = in_thread(lambda: dict(ex.map(_slow_item, [0, 1], "s", "gate", False)))
             thread.join(timeout=HANG_GUARD_S)
             assert not thread.is_alive() and "error" not in box, box
             [first] = {value.error for value in box["result"].values()}
@@ -226,7 +212,7 @@ def test_after_giving_up_on_a_cluster_without_workers_later_work_fails_at_once(c
             seen = _KeysSeen()
             cluster.scheduler.add_plugin(seen)
 
-            thread, box = _in_thread(lambda: dict(ex.map(_slow_item, [0, 1, 2], "s", "cluster", False)))
+            thread, box = in_thread(lambda: dict(ex.map(_slow_item, [0, 1, 2], "s", "cluster", False)))
             thread.join(timeout=HANG_GUARD_S)
             assert not thread.is_alive() and "error" not in box, box
             assert sorted(box["result"]) == [0, 1, 2]
@@ -234,7 +220,7 @@ def test_after_giving_up_on_a_cluster_without_workers_later_work_fails_at_once(c
                 assert isinstance(value, TaskFailure) and value.error_type == "NoWorker", value
                 assert value.error == first
             deferred = ex.submit(_slow_item, 5, "s", desc="umap")
-            thread, box = _in_thread(deferred.result)
+            thread, box = in_thread(deferred.result)
             thread.join(timeout=HANG_GUARD_S)
             assert not thread.is_alive()
             assert isinstance(box.get("error"), NoWorkerError) and str(box["error"]) == first, box
@@ -280,7 +266,7 @@ def test_a_worker_killed_for_its_memory_limit_is_named_with_that_reason():
         ex = DaskExecutor(workers=1, memory_limit="1GB")
         try:
             [name] = {str(w["name"]) for w in ex.client.scheduler_info(n_workers=-1)["workers"].values()}
-            thread, box = _in_thread(lambda: dict(ex.map(_hog, [0, 1, 2], "s", "hog", False)))
+            thread, box = in_thread(lambda: dict(ex.map(_hog, [0, 1, 2], "s", "hog", False)))
             thread.join(timeout=HANG_GUARD_S)
             assert not thread.is_alive(), "the map hung"
             assert "error" not in box, box.get("error")
@@ -327,7 +313,7 @@ def test_a_worker_restarted_and_killed_between_two_checks_is_named_by_its_last_a
             while ex.cluster.workers and time.monotonic() < deadline:  # the cluster drops the nanny
                 time.sleep(0.05)
         assert not ex.cluster.workers, "the cluster did not drop the nanny"
-        thread, box = _in_thread(lambda: dict(ex.map(_slow_item, list(range(3)), "s", "again", False)))
+        thread, box = in_thread(lambda: dict(ex.map(_slow_item, list(range(3)), "s", "again", False)))
         thread.join(timeout=HANG_GUARD_S)
         assert not thread.is_alive(), "the map hung"
         assert "error" not in box, box.get("error")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 # dask's `distributed` config section exists before a test sets a value in it: a dask.config.set of
@@ -20,21 +18,9 @@ from pathlib import Path
 import distributed  # noqa: F401
 import pytest
 
+from tests.support.threads import in_thread
+
 HANG_GUARD_S = 300  # far above what the maps below need (~30 s); reached only by a hang
-
-
-def _in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, dict]:
-    box: dict = {}
-
-    def target() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # pragma: no cover - reported by the test
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, box
 
 
 def _load_state(value: dict, flags: str, test_pid: int) -> dict | _StateThatKillsItsWorker:
@@ -77,7 +63,7 @@ def _item(item: dict, shared: dict) -> dict:
 
 
 def _map(ex, items: list, shared, desc: str) -> dict:
-    thread, box = _in_thread(lambda: dict(ex.map(_item, items, shared, desc, False)))
+    thread, box = in_thread(lambda: dict(ex.map(_item, items, shared, desc, False)))
     thread.join(timeout=HANG_GUARD_S)
     assert not thread.is_alive(), "the map hung"
     assert "error" not in box, box.get("error")
