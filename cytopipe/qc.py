@@ -212,11 +212,10 @@ def margin_qc(events: np.ndarray, channels: pd.DataFrame, settings: QCSettings) 
     cols = measured_channels(events, channels)
     if len(cols) == 0:
         return MarginResult(bad, counts, nonfinite)
-    pnr = channels["pnr"].to_numpy(dtype=np.float64)[cols]
     lower = {"scatter": roles == "scatter", "all": roles != "time", "none": np.zeros(p, bool)}[
         settings.lower_channels
     ][cols]
-    hi = np.where(pnr > 1, pnr - 1, np.inf).astype(np.float32)
+    hi = _upper_margins(channels, cols)
     lo = np.where(lower, settings.lower_limit, -np.inf).astype(np.float32)
     kernel = _kernels()["margins"]
     n_hi, n_lo, n_above = kernel(events, cols, hi, lo, bad)
@@ -230,6 +229,36 @@ def margin_qc(events: np.ndarray, channels: pd.DataFrame, settings: QCSettings) 
         if n_hi[k] + n_lo[k]:
             counts[str(channels["pnn"].iloc[j])] = int(n_hi[k] + n_lo[k])
     return MarginResult(bad, counts, nonfinite)
+
+
+def _upper_margins(channels: pd.DataFrame, cols: np.ndarray) -> np.ndarray:
+    """The detector maximum of channels ``cols`` (float32): an event is saturated there at
+    ``value >= $PnR - 1``; inf where no range is recorded (``$PnR <= 1``)."""
+    pnr = channels["pnr"].to_numpy(dtype=np.float64)[cols]
+    return np.where(pnr > 1, pnr - 1, np.inf).astype(np.float32)
+
+
+def saturation_limits(events: np.ndarray, channels: pd.DataFrame, cols: np.ndarray) -> np.ndarray:
+    """Per channel of ``cols``: the value at and above which an event is saturated, as
+    :func:`margin_qc` calls an upper margin event (``$PnR - 1``), or inf where a channel has no
+    saturation limit: not a measured channel (time, an event counter), no recorded range, or data
+    beyond the declared range (a value above ``$PnR``, among the events with finite values).
+
+    For estimates that must not be moved by events carrying no position information (e.g. the
+    landmarks of a data-driven gate when margin QC has not removed them)."""
+    cols = np.asarray(cols, dtype=np.int64)
+    hi = np.full(len(cols), np.inf, dtype=np.float32)
+    measured = np.isin(cols, measured_channels(events, channels))
+    if not measured.any():
+        return hi
+    hi[measured] = _upper_margins(channels, cols[measured])
+    finite = ~_nonfinite_events(events)
+    for k, j in enumerate(cols):
+        if np.isfinite(hi[k]):
+            v = events[:, j] if finite.all() else events[finite, j]
+            if np.any(v > np.float64(hi[k]) + 1):  # the data do not respect the declared range
+                hi[k] = np.inf
+    return hi
 
 
 def _nonfinite_events(events: np.ndarray) -> np.ndarray:
