@@ -28,6 +28,10 @@ Run per sample before compensation and gating, on the raw values, in this order 
 Compensation mixes channels linearly and transforms are monotone, so neither changes which
 bins stand out; running QC on raw values lets the gating engine compensate only once.
 Everything is vectorised numpy (one numba pass for the ranks); no per-event Python loop.
+
+Why one module: the three steps share the channel roles, the ``qc:`` settings and the numba
+kernels, and the margin definition (:func:`saturation_limits`) is also what the gating engine
+uses to leave saturated events out of data-driven fits: one place says what a margin event is.
 """
 
 from __future__ import annotations
@@ -249,7 +253,7 @@ def saturation_limits(events: np.ndarray, channels: pd.DataFrame, cols: np.ndarr
     cols = np.asarray(cols, dtype=np.int64)
     hi = np.full(len(cols), np.inf, dtype=np.float32)
     measured = np.isin(cols, measured_channels(events, channels))
-    if not measured.any():
+    if "pnr" not in channels or not measured.any():  # a channel table without recorded ranges
         return hi
     hi[measured] = _upper_margins(channels, cols[measured])
     finite = ~_nonfinite_events(events)
