@@ -242,26 +242,19 @@ def _upper_margins(channels: pd.DataFrame, cols: np.ndarray) -> np.ndarray:
     return np.where(pnr > 1, pnr - 1, np.inf).astype(np.float32)
 
 
-def saturation_limits(events: np.ndarray, channels: pd.DataFrame, cols: np.ndarray) -> np.ndarray:
-    """Per channel of ``cols``: the value at and above which an event is saturated, as
-    :func:`margin_qc` calls an upper margin event (``$PnR - 1``), or inf where a channel has no
-    saturation limit: not a measured channel (time, an event counter), no recorded range, or data
-    beyond the declared range (a value above ``$PnR``, among the events with finite values).
+def saturation_limits(events: np.ndarray, channels: pd.DataFrame) -> np.ndarray:
+    """Per channel: the value at and above which an event is saturated, as :func:`margin_qc`
+    calls an upper margin event (``$PnR - 1``), or inf where a channel has no saturation limit:
+    not a measured channel (time, an event counter) or no recorded range. The data are not
+    scanned: a channel whose values go beyond its declared range (``> $PnR``) has no saturation
+    either, which the caller checks on the values it reads.
 
     For estimates that must not be moved by events carrying no position information (e.g. the
     landmarks of a data-driven gate when margin QC has not removed them)."""
-    cols = np.asarray(cols, dtype=np.int64)
-    hi = np.full(len(cols), np.inf, dtype=np.float32)
-    measured = np.isin(cols, measured_channels(events, channels))
-    if "pnr" not in channels or not measured.any():  # a channel table without recorded ranges
-        return hi
-    hi[measured] = _upper_margins(channels, cols[measured])
-    finite = ~_nonfinite_events(events)
-    for k, j in enumerate(cols):
-        if np.isfinite(hi[k]):
-            v = events[:, j] if finite.all() else events[finite, j]
-            if np.any(v > np.float64(hi[k]) + 1):  # the data do not respect the declared range
-                hi[k] = np.inf
+    hi = np.full(events.shape[1], np.inf, dtype=np.float32)
+    cols = measured_channels(events, channels)
+    if "pnr" in channels and len(cols):  # a channel table without recorded ranges: no limits
+        hi[cols] = _upper_margins(channels, cols)
     return hi
 
 

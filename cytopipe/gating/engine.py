@@ -541,7 +541,7 @@ class Engine:
         self._calibration: dict[tuple, tuple[float, str] | None] = {}
         self.fmo_notes: dict[tuple[str, str], str] = {}  # (parent, marker) -> FMO that calibrated it
         self._scales: dict[tuple, dict] = {}  # (column, compensation) -> estimated transform
-        self._saturation: dict[int, np.ndarray | None] = {}  # column -> its saturated events
+        self._limits: np.ndarray | None = None  # per column: its saturation limit (qc.saturation_limits)
         self.missing: dict[str, str] = {}  # marker -> why it is not measured in this file
         self._resolve_all()
 
@@ -1164,37 +1164,38 @@ class Engine:
         return out
 
     def _fit_positions(self, dims: Sequence[Dim], pidx, n_parent: int, needed: int, rng) -> np.ndarray | None:
-        """Positions within the parent of the events a fit reads (None = all of them): a random
-        subsample of ``needed``, drawn among the events not saturated on a channel of ``dims``.
+        """Positions within the parent of the events a fit reads (None = all of them): the seeded
+        random subsample of ``needed`` as before, less its events saturated on a channel of ``dims``.
 
         A saturated event (at the detector's maximum, as margin QC calls it) carries no position:
         left in, it stretches the events' range that landmarks are taken relative to (e.g. the
-        debris part of the FSC range). Which events are inside the gate is decided on all of them."""
-        bad = None
-        for col in sorted({c for d in dims for c in self._dim_columns(d)}):
-            m = self._saturated(col)
-            if m is not None:
-                bad = m if bad is None else bad | m
-        keep = None if bad is None else np.flatnonzero(~(bad if pidx is None else bad[pidx]))
-        if keep is None or len(keep) == n_parent:
-            return subsample_index(n_parent, needed, rng)
-        pos = subsample_index(len(keep), needed, rng)
-        return keep if pos is None else keep[pos]
+        debris part of the FSC range). Which events are inside the gate is decided on all of them.
+        Only the subsample's raw values are read (not a pass over the file's columns), and a file
+        without saturated events draws exactly the subsample it drew before."""
+        pos = subsample_index(n_parent, needed, rng)
+        if self._limits is None:
+            self._limits = saturation_limits(self.events, self.channels)
+        cols = [
+            c for c in sorted({c for d in dims for c in self._dim_columns(d)}) if np.isfinite(self._limits[c])
+        ]
+        if not cols:
+            return pos
+        rows = np.arange(n_parent) if pos is None else pos
+        at = rows if pidx is None else pidx[rows]
+        values = self.events[at[:, None], cols]
+        limits = self._limits[cols]
+        saturated = values >= limits
+        if not saturated.any():
+            return pos
+        saturated[:, (values > limits + 1).any(axis=0)] = False  # data beyond the declared range
+        bad = saturated.any(axis=1)
+        return rows[~bad] if bad.any() else pos
 
     def _dim_columns(self, dim: Dim) -> list[int]:
         """The event-matrix columns a dimension's values come from."""
         if dim.ratio is not None:
             return [self._col[dim.ratio.numerator], self._col[dim.ratio.denominator]]
         return [self._col[dim.name]]
-
-    def _saturated(self, col: int) -> np.ndarray | None:
-        """Events at channel ``col``'s saturation limit (:func:`cytopipe.qc.saturation_limits`),
-        or None when there are none; once per channel."""
-        if col not in self._saturation:
-            limit = saturation_limits(self.events, self.channels, np.array([col]))[0]
-            mask = self.events[:, col] >= limit if np.isfinite(limit) else None
-            self._saturation[col] = mask if mask is not None and mask.any() else None
-        return self._saturation[col]
 
     def _scatter_values(self, names, pidx, parent: str, pos) -> list[np.ndarray] | None:
         """The fit's events on the scatter channels ``names`` (None when the file or the template
