@@ -268,14 +268,14 @@ def test_max_gallery_is_defined_once():
 
     from cytopipe.config import MAX_GALLERY
     from cytopipe.report import write_report
-    from cytopipe.report.build import build_report
+    from cytopipe.report.build import _build_report
     from cytopipe.report.sections import Builder
     from cytopipe.workflow import REPORT
     from tests.conftest import REPO
 
     assert MAX_GALLERY == 36  # the documented default (docs/pipeline.md, docs/reports.md)
     assert REPORT["max_gallery"].default == MAX_GALLERY
-    for fn in (write_report, build_report, Builder.__init__):
+    for fn in (write_report, _build_report, Builder.__init__):
         assert inspect.signature(fn).parameters["max_gallery"].default == MAX_GALLERY
     literal = re.compile(r"max_gallery[^\n]*\b36\b")
     found = [
