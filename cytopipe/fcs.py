@@ -145,6 +145,9 @@ class Sample:
     preprocessed: bool = False
     warnings: list[str] = field(default_factory=list)
     n_datasets: int = 1
+    # margin QC removed every event at a detector's maximum (the pipeline's prepared samples):
+    # the gating engine then has no saturated events to leave out of its fits
+    margins_removed: bool = False
 
     @property
     def n_events(self) -> int:

@@ -420,6 +420,7 @@ def gate(
         mapping=mapping,
         transforms=transforms,
         controls=controls,
+        saturated=not getattr(sample, "margins_removed", False),
     )
     return engine.run(pooled=pooled, sample_meta=sample_meta, medians=medians, keep_values=keep_values)
 
@@ -505,7 +506,10 @@ class Engine:
         mapping: Mapping[str, str] | None = None,
         transforms: Mapping[str, Mapping] | None = None,
         controls: Mapping[str, Any] | None = None,
+        saturated: bool = True,
     ):
+        """``saturated=False``: the events hold none at a detector's maximum (margin QC removed
+        them), so the fits need not look for them (:meth:`_fit_positions`)."""
         if events.ndim != 2 or events.shape[1] != len(channels):
             raise GatingError(
                 f"event matrix has shape {events.shape} but the channel table has {len(channels)} rows",
@@ -541,7 +545,8 @@ class Engine:
         self._calibration: dict[tuple, tuple[float, str] | None] = {}
         self.fmo_notes: dict[tuple[str, str], str] = {}  # (parent, marker) -> FMO that calibrated it
         self._scales: dict[tuple, dict] = {}  # (column, compensation) -> estimated transform
-        self._limits: np.ndarray | None = None  # per column: its saturation limit (qc.saturation_limits)
+        # per column: its saturation limit (qc.saturation_limits); none after margin QC
+        self._limits: np.ndarray | None = None if saturated else np.full(events.shape[1], np.inf, np.float32)
         self.missing: dict[str, str] = {}  # marker -> why it is not measured in this file
         self._resolve_all()
 
@@ -1180,16 +1185,22 @@ class Engine:
         ]
         if not cols:
             return pos
-        rows = np.arange(n_parent) if pos is None else pos
-        at = rows if pidx is None else pidx[rows]
-        values = self.events[at[:, None], cols]
-        limits = self._limits[cols]
-        saturated = values >= limits
-        if not saturated.any():
+        rows = None if pos is None else (pos if pidx is None else pidx[pos])  # event rows read
+        bad = None
+        for c in cols:
+            values = (
+                self.events[:, c]
+                if rows is None and pidx is None
+                else self.events[pidx if rows is None else rows, c]
+            )
+            limit = self._limits[c]
+            saturated = values >= limit
+            if saturated.any() and not (values > limit + 1).any():  # else: data beyond the declared range
+                bad = saturated if bad is None else bad | saturated
+        if bad is None:
             return pos
-        saturated[:, (values > limits + 1).any(axis=0)] = False  # data beyond the declared range
-        bad = saturated.any(axis=1)
-        return rows[~bad] if bad.any() else pos
+        keep = np.flatnonzero(~bad)
+        return keep if pos is None else pos[keep]
 
     def _dim_columns(self, dim: Dim) -> list[int]:
         """The event-matrix columns a dimension's values come from."""

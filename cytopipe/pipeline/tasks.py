@@ -339,6 +339,7 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState, copy_kept: bool = 
             kept = np.flatnonzero(~drop)
             if copy_kept:
                 sample.events = events[kept]
+        sample.margins_removed = bool(state.qc.margins) and (copy_kept or kept is None)
         return Prepared(
             sample=sample, metrics=dict(known[2]), meta=sample_meta(job), kept=kept, fmo=job.get("fmo")
         )
@@ -355,6 +356,7 @@ def prepare_sample(job: Mapping[str, Any], state: StudyState, copy_kept: bool = 
         kept = np.flatnonzero(keep)
         if copy_kept:
             sample.events = events[kept]  # the one copy of the matrix; the raw one is freed
+    sample.margins_removed = bool(state.qc.margins) and (copy_kept or kept is None)
     del events
     metrics = qc.qc_metrics(n_raw, int(margin.bad.sum()), int(tres.bad.sum()), margin, tres, state.qc)
     metrics.update({"reader_notes": list(sample.warnings)} if sample.warnings else {})
