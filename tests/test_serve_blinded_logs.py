@@ -145,3 +145,62 @@ def test_console_log_is_masked_when_the_run_ends(tmp_path):
         mask_logs(folder)
         got = (folder / CONSOLE_LOG).read_text(encoding="utf-8")
         assert got == (said.replace("PLACEBO", "Arm B").replace("high dose", "[arm]") if blinded else said)
+
+
+# What a Dask process of the run says on its own descriptors (never through the worker's Python
+# streams): written at its start by a sitecustomize the test puts on the server's PYTHONPATH (the
+# workers get the server's environment), naming an arm as a worker's "task failed" line would.
+_SITECUSTOMIZE = """\
+import os
+said = os.environ.get("CYTOPIPE_TEST_DASK_SAYS")
+with open("/proc/self/cmdline", "rb") as fh:
+    if said and b"spawn_main" in fh.read():
+        os.write(2, said.encode("utf-8") + b"\\n")
+"""
+
+
+def test_console_log_names_no_arm_while_the_run_runs_nor_after_a_kill(serve_trial, tmp_path, monkeypatch):
+    """console.log is masked as it is written: read while the blinded run runs, and after the server
+    and then the run's worker were killed (SIGKILL: nothing masks it afterwards), it names no arm.
+    Before, it held the Dask processes' lines as said until the worker ended (and for good when
+    nothing was left to mask it)."""
+    import os
+    import signal
+    import time
+
+    from tests.serve_support import Server
+
+    arms = sorted(set(pd.read_csv(serve_trial / "clinical.csv")["arm"]))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SITECUSTOMIZE, encoding="utf-8")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    named = ", ".join(f"P00{i + 1} ({arm.upper() if i % 2 else arm})" for i, arm in enumerate(arms))
+    said = f"distributed.worker - WARNING - Compute Failed: patients {named}"
+    monkeypatch.setenv("CYTOPIPE_TEST_DASK_SAYS", said)
+    data = tmp_path / "data"
+    data.mkdir()
+    with serving(data, "sqlite") as srv:
+        c = srv.client()
+        sid, codes, rows = _blinded_study(
+            c, serve_trial, "blinded console", (serve_trial / "clinical.csv").read_bytes()
+        )
+        assert c.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=c.h).status_code == 200
+        run_id = c.post(f"/api/studies/{sid}/runs", headers=c.h).json()["id"]
+        folder = data / "runs" / str(run_id)
+        console = folder / "console.log"
+        deadline = time.monotonic() + 300
+        while "Compute Failed" not in (console.read_text(errors="replace") if console.is_file() else ""):
+            assert time.monotonic() < deadline and not (folder / "status.json").exists(), (
+                "the run ended first"
+            )
+            time.sleep(0.2)
+        during = console.read_text(encoding="utf-8", errors="replace")
+        pid = c.get(f"/api/runs/{run_id}").json()["pid"]
+        Server.kill(srv)  # the server, then the run's worker and its Dask processes: nothing left to mask
+        os.killpg(pid, signal.SIGKILL)
+        after = console.read_text(encoding="utf-8", errors="replace")
+        assert not (folder / "status.json").exists()  # killed mid-run
+    assert _named(during, arms) == [] and _named(after, arms) == [], after
+    shown = [line for line in after.splitlines() if "Compute Failed" in line]
+    assert shown and all(f"({code})" in shown[0] for code in codes.values()), after

@@ -17,10 +17,15 @@ arm in what the server keeps or shows: every line of ``run.log`` is written with
 the run's manifest, clinical table and blinding key replaced by the arm's code (the key's: the
 codes the study's pages show) or ``[arm]`` (an arm without a code). The command's console names
 the arms (its warnings quote the clinical table; a CLI user running a blinded run has its inputs),
-so it is masked here, in the worker, where its lines become the server's. ``console.log``, written
-by the process's descriptors (Dask's processes, a crash of the interpreter: nothing to mask line by
-line without losing a crash's last words), is masked in place when the worker ends (:func:`mask_logs`,
-also called by the server when it finds the worker gone), before its tail becomes the run's error.
+so it is masked here, in the worker, where its lines become the server's. ``console.log`` is
+masked as it is written too: the worker of a blinded run runs the command in a child process of
+its own (``RUN_FOLDER --run``) whose output (the child's, its Dask processes', a crash of the
+interpreter) comes through a pipe, and writes each line through the mask into ``console.log``
+(:func:`_pump`), so the file never holds an arm name, not for a moment while the run runs, nor
+after the server or the worker was killed. The worker outlives the child to write its last words
+(a crash's too), and ignores the SIGTERM of a cancel (the child ends the run). ``console.log`` and
+``run.log`` are still masked in place when the worker ends (:func:`mask_logs`, also called by
+the server when it finds the worker gone), for folders written before (which held the names).
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ import contextlib
 import io
 import json
 import logging
+import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -40,6 +47,10 @@ import yaml
 
 RUN_LOG = "run.log"
 CONSOLE_LOG = "console.log"
+#: the option of the worker's child, which runs the command (a blinded run: :func:`_pump`)
+CHILD = "--run"
+#: seconds the worker still copies output after its child ended (a Dask process left holding the pipe)
+LAST_WORDS_S = 10.0
 
 
 Mask = Callable[[str], str]
@@ -72,10 +83,11 @@ def arm_mask(folder: Path) -> Mask | None:
     return lambda text: pattern.sub(lambda m: lower.get(m.group(0).lower(), "[arm]"), text)
 
 
-def mask_logs(folder: Path, mask: Mask | None = None) -> None:
+def mask_logs(folder: Path, mask: Mask | None = None, *, console: bool = True) -> None:
     """``console.log`` (and ``run.log``, and the logs of the run's AnnData exports,
     ``out/exports/*.log``) of a blinded study's run with its arm names masked in place
-    (:func:`arm_mask`); nothing for a run whose arms may be shown."""
+    (:func:`arm_mask`); nothing for a run whose arms may be shown. ``console=False``: not
+    ``console.log`` (the worker's child: its worker writes the file, masked, meanwhile)."""
     folder = Path(folder)
     try:
         mask = mask or arm_mask(folder)
@@ -83,7 +95,8 @@ def mask_logs(folder: Path, mask: Mask | None = None) -> None:
         return
     if mask is None:
         return
-    for path in (folder / CONSOLE_LOG, folder / RUN_LOG, *folder.glob("out/exports/*.log")):
+    logs = [folder / RUN_LOG, *folder.glob("out/exports/*.log")]
+    for path in [folder / CONSOLE_LOG, *logs] if console else logs:
         mask_file(path, mask)
 
 
@@ -151,9 +164,40 @@ def timed_output(path: Path, mask: Mask | None = None) -> Iterator[None]:
         handler.close()
 
 
+def _pump(folder: Path, mask: Mask) -> int:
+    """Run the command in a child process (``RUN_FOLDER --run``) and write its output, and its Dask
+    processes' (they inherit its descriptors), into this process's own (``console.log``) line by
+    line through ``mask``: no arm name reaches the file. Returns the child's exit code."""
+    # a cancel (SIGTERM to the process group) ends the run in the child; this process stays to
+    # copy its last lines. A handler, not SIG_IGN: an ignored signal would stay ignored in the child.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    mask_file(folder / CONSOLE_LOG, mask)  # what an earlier attempt left there (an older version's)
+    proc = subprocess.Popen([sys.executable, "-m", "cytopipe.serve.worker", str(folder), CHILD],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+
+    def copy() -> None:
+        for raw in iter(proc.stdout.readline, b""):  # a crash's last line comes without its newline
+            data = mask(raw.decode("utf-8", "replace")).encode("utf-8")
+            while data:
+                data = data[os.write(1, data) :]
+
+    reader = threading.Thread(target=copy, name="console", daemon=True)
+    reader.start()
+    code = proc.wait()
+    reader.join(LAST_WORDS_S)  # the pipe ends when the child's Dask processes have ended too
+    return code if code >= 0 else 128 - code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     folder = Path(argv[0]).resolve()
+    if CHILD not in argv[1:]:
+        try:
+            mask = arm_mask(folder)
+        except (OSError, ValueError, yaml.YAMLError):  # the run below says what is wrong
+            mask = None
+        if mask is not None:  # a blinded study's run: its console masked as it is written
+            return _pump(folder, mask)
     options = json.loads((folder / "input" / "options.json").read_text(encoding="utf-8"))
 
     def stop(signum, frame):  # cancel: end like Ctrl-C (the Dask cluster is closed on the way out)
@@ -176,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = 130
     finally:
-        mask_logs(folder, mask)
+        mask_logs(folder, mask, console=CHILD not in argv[1:])
         atomic_write_json(folder / "status.json", {"exit_code": code, "seconds": round(time.time() - t0, 3)})
     return code
 
