@@ -315,15 +315,16 @@ def recode_folder(
     info: Mapping,
     *,
     unblind: bool = False,
-    warn_kept: bool = True,
+    warned: str | Path | None = None,
     newly: bool = False,
 ) -> list[str]:
     """Rewrite the tables cytopipe wrote in a run folder with arm names replaced by codes (or back):
     its Parquet tables and text files (:func:`cytopipe.report.blindfiles.folder_files`: known places
     and names; a user's file is never rewritten), the DuckDB catalog and run.json (``info``, already
     holding the new blinding record); ``.cache/`` is scrubbed. A report of the earlier state is
-    removed (the command writes a new one; ``warn_kept=False``: it writes its tables into that folder
-    and warns about the files it keeps itself). Blinding refuses (:class:`ReportError`, nothing
+    removed, each file of a tables folder it keeps named in a warning (``warned``: the tables folder the
+    command writes its report's tables into next, which warns about the files it keeps there itself:
+    named once, not twice). Blinding refuses (:class:`ReportError`, nothing
     changed) a user's file showing an arm name, which the commands check before their work; here it
     can only have appeared since. ``newly``: the folder was not blinded before (a run that blinds
     it has written its tables coded already, so nothing else may need recoding): its reports are
@@ -369,7 +370,7 @@ def recode_folder(
     atomic_write_json(run_dir / "run.json", dict(info))
     # a report of the earlier state would contradict the tables (any report in the folder)
     if changed or newly:
-        remove_report(run_dir, warn=warn_kept, blinding=not unblind)
+        remove_report(run_dir, blinding=not unblind, warned=warned)
     if not unblind:
         changed += scrub_cache(run_dir, codes)
     changed.append("run.json")
@@ -462,12 +463,15 @@ def _cache_file_leaks(path: Path, pattern: re.Pattern) -> list[str]:
     return ["file"] if pattern.search(text) else []
 
 
-def remove_report(run_dir: Path, *, warn: bool = True, blinding: bool = False) -> None:
+def remove_report(
+    run_dir: Path, *, warn: bool = True, blinding: bool = False, warned: str | Path | None = None
+) -> None:
     """Remove the run folder's reports and the tables they wrote (they describe an earlier state):
     report.html with report_tables/, and every report written elsewhere in the folder with --out
     (:func:`cytopipe.report.blindfiles.report_folders`); any other file of a tables folder is kept,
     with a warning (:func:`cytopipe.report.tables_folder.remove_tables`; ``blinding``: without the
-    hashes of the tables as the report wrote them)."""
+    hashes of the tables as the report wrote them; ``warned``: a tables folder whose kept files are
+    not named here, as the report written next into it names them)."""
     from cytopipe.report.blindfiles import report_folders
     from cytopipe.report.tables_folder import remove_tables
 
@@ -477,7 +481,8 @@ def remove_report(run_dir: Path, *, warn: bool = True, blinding: bool = False) -
             logger.warning("%s: removed %s and the tables it wrote in %s/: a report of the run folder "
                            "before it was blinded (or unblinded)", run_dir, html.as_posix(), tables.as_posix())  # fmt: skip
         (run_dir / html).unlink(missing_ok=True)
-        remove_tables(run_dir / tables, warn=warn, blinding=blinding)
+        quiet = warned is not None and (run_dir / tables).resolve() == Path(warned).resolve()
+        remove_tables(run_dir / tables, warn=warn and not quiet, blinding=blinding)
 
 
 def _rewrite_in_place(path: Path, text: str) -> None:

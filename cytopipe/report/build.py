@@ -137,10 +137,8 @@ def _build_report(
         record = new_record(
             data.codes, "cytopipe report --blinded", run_dir, previous=data.info.get("blinding")
         )
-        same_tables = tables_dir.resolve() == (run_dir / "report_tables").resolve()  # warned below
-        recode_folder(
-            run_dir, data.codes, blinded_info(data.info, data.codes, record), warn_kept=not same_tables
-        )
+        # the files kept in this report's tables folder are named below (write_tables), once
+        recode_folder(run_dir, data.codes, blinded_info(data.info, data.codes, record), warned=tables_dir)
         recoded = True
     elif data.folder_codes is not None:  # e.g. a copied folder (its secret left behind): keyed anew
         from cytopipe.report.blindrecord import rekey_folder
