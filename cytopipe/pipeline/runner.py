@@ -309,8 +309,9 @@ def finish_run(
         from cytopipe.report.blinding import find_leaks
 
         leaks = functools.partial(find_leaks, arms=ctx.blinding[0])
-        check_user_files(folder.path, leaks, name_arms=False, todo="Nothing was written (the work done "
-                         "is cached). Move the file out of the run folder, then run again")  # fmt: skip
+        own = {f"spillover_{ctx.state.spillover_column}_{v}.csv" for v in ctx.state.spillover_sets or {}}
+        check_user_files(folder.path, leaks, name_arms=False, spillovers=own, todo="Nothing was written (the "
+                         "work done is cached). Move the file out of the run folder, then run again")  # fmt: skip
     from cytopipe.report.blinding import folder_record
 
     newly = ctx.blinding is not None and folder_record(folder.path) is None  # before run.json says so

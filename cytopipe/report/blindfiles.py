@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from cytopipe.errors import ReportError
@@ -55,28 +55,51 @@ def report_folders(run_dir: str | Path) -> list[tuple[Path, Path]]:
     return found
 
 
-def _recorded_spillovers(run_dir: Path) -> set[str]:
-    """The per-batch spillover matrices the run wrote into ``study/``, by run.json's record of its
-    control sets (``study_state.spillover_sets``): ``spillover_<column>_<value>.csv``."""
+def spillover_names(info: Mapping | None) -> set[str]:
+    """The per-batch spillover matrices a run writes into ``study/``, by run.json's record of its
+    control sets (``info``'s ``study_state.spillover_sets``): ``spillover_<column>_<value>.csv``,
+    as the record names them (in a blinded folder, coded)."""
     try:
-        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
         sets = info["study_state"]["spillover_sets"] or {}
         return {f"spillover_{sets['column']}_{value}.csv" for value in sets.get("sets") or {}}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError):
         return set()
 
 
-def folder_files(run_dir: str | Path) -> tuple[list[Path], list[Path]]:
+def _recorded_spillovers(run_dir: Path) -> set[str]:
+    """:func:`spillover_names` of the folder's run.json."""
+    try:
+        return spillover_names(json.loads((run_dir / "run.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return set()
+
+
+def spillover_renames(run_dir: str | Path, info: Mapping, recode: Callable[[str], str]) -> dict[str, str]:
+    """``{old name: new name}`` of the per-batch spillover matrices of ``study/`` whose name
+    ``recode`` (arm names to codes, or back) turns into one that ``info`` (the folder's new
+    run.json, coded or decoded the same way) records: a batch named like an arm (a lab's batch
+    ``placebo``, or ``A`` beside arms ``A`` and ``B``) has its file named by the batch's code in a
+    blinded folder, as run.json names the batch, so that no file name shows an arm, nor ties a code
+    to the name it stands for."""
+    targets = spillover_names(info)
+    study = Path(run_dir) / "study"
+    names = sorted(p.name for p in study.glob("spillover_*.csv") if p.is_file()) if study.is_dir() else []
+    return {name: new for name in names if (new := recode(name)) != name and new in targets}
+
+
+def folder_files(run_dir: str | Path, spillovers: Iterable[str] = ()) -> tuple[list[Path], list[Path]]:
     """``(cytopipe's, the user's)``: the files of ``run_dir`` (relative paths, sorted). Cytopipe's:
     those blinding rewrites (:func:`cytopipe.store.is_run_output`, text and Parquet). Not listed:
     run.json, the catalog, the run lock, ``.cache/`` and the reports with the tables they wrote
     (:func:`report_folders`), which are handled apart. Every other file is the user's, hidden
-    or not, whatever its kind, in any folder (a linked folder is not followed out of it)."""
+    or not, whatever its kind, in any folder (a linked folder is not followed out of it).
+    ``spillovers``: per-batch spillover matrices of ``study/`` that are cytopipe's besides those
+    run.json records (a run's own, before its run.json is written; one about to be renamed)."""
     from cytopipe.report.tables_folder import MANIFEST, own_tables
-    from cytopipe.store import CATALOG, CLUSTER_DIR, LOCK, MODEL_FILE, RUN_JSON, is_run_output
+    from cytopipe.store import CATALOG, CLUSTER_DIR, LOCK, MODEL_FILE, RUN_JSON, STUDY_FILES, is_run_output
 
     run_dir = Path(run_dir)
-    spillovers = _recorded_spillovers(run_dir)
+    spillovers = _recorded_spillovers(run_dir) | set(spillovers)
     reports = report_folders(run_dir)
     apart = {Path(RUN_JSON), Path(CATALOG), Path(LOCK), *(html for html, _ in reports)}
     tables = {folder: own_tables(run_dir / folder) for _, folder in reports}
@@ -94,8 +117,11 @@ def folder_files(run_dir: str | Path) -> tuple[list[Path], list[Path]]:
                 if name != MANIFEST and name not in tables[here]:
                     users.append(rel)
                 continue
-            spillover = len(rel.parts) == 2 and rel.parts[0] == "study" and name.startswith("spillover_")
-            if is_run_output(rel) and (not spillover or name == "spillover.csv" or name in spillovers):
+            # a per-batch matrix (not spillover_quality.parquet, whose batch column is recoded)
+            spillover = (
+                rel.parent == Path("study") and name.startswith("spillover_") and name not in STUDY_FILES
+            )
+            if is_run_output(rel) and (not spillover or name in spillovers):
                 if path.suffix.lower() in RECODED_SUFFIXES:
                     own.append(rel)
                 elif rel != Path(CLUSTER_DIR, MODEL_FILE):  # numbers and marker names
@@ -106,7 +132,12 @@ def folder_files(run_dir: str | Path) -> tuple[list[Path], list[Path]]:
 
 
 def check_user_files(
-    run_dir: str | Path, leaks: Callable[[Mapping[str, str]], list[str]], *, name_arms: bool, todo: str
+    run_dir: str | Path,
+    leaks: Callable[[Mapping[str, str]], list[str]],
+    *,
+    name_arms: bool,
+    todo: str,
+    spillovers: Iterable[str] = (),
 ) -> None:
     """Refuse (:class:`ReportError`, exit 2) a run folder to be blinded that holds a file cytopipe
     did not write (:func:`folder_files`) showing an arm name, in its content or its name, or one
@@ -115,14 +146,14 @@ def check_user_files(
     (a Parquet file: the column) that shows one, and the arm name only with ``name_arms`` (a
     message that may be written into the blinded folder must not tie a code to a name). ``leaks``:
     ``find_leaks`` with the arms (cytopipe/report/blinding.py). ``todo``: what happens now, what
-    to do."""
+    to do. ``spillovers``: see :func:`folder_files`."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
     from cytopipe.store import is_run_output
 
     problems, theirs, unchecked = [], [], []
-    for rel in folder_files(run_dir)[1]:
+    for rel in folder_files(run_dir, spillovers)[1]:
         try:
             shown = leaks({"its name": rel.as_posix()})
             shown = shown[0] if shown else shown_arm(run_dir / rel, leaks)

@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 from collections.abc import Iterable, Mapping
@@ -330,17 +331,24 @@ def recode_folder(
     it has written its tables coded already, so nothing else may need recoding): its reports are
     removed all the same, as every one of them was written unblinded. Returns the files rewritten
     (relative paths)."""
-    from cytopipe.report.blindfiles import check_user_files, folder_files
+    from cytopipe.report.blindfiles import check_user_files, folder_files, spillover_names, spillover_renames
     from cytopipe.store import CATALOG, TABLES, atomic_write_bytes, atomic_write_json, atomic_write_parquet
 
     run_dir = Path(run_dir)
+    # a per-batch spillover matrix named by a batch named like an arm: renamed as run.json names it
+    renames = spillover_renames(run_dir, info, lambda name: str(recode_obj(name, codes, unblind)))
+    spillovers = spillover_names(info) | set(renames)
     if not unblind:  # the message may be kept in the blinded run.json: it names no arm
-        check_user_files(run_dir, partial(find_leaks, arms=codes), name_arms=False, todo="Its files were not recoded. Move the file "
-                         "out of the run folder (or take the arm names out of it), then run the command again")  # fmt: skip
+        check_user_files(run_dir, partial(find_leaks, arms=codes), name_arms=False, spillovers=spillovers,
+                         todo="Its files were not recoded. Move the file out of the run folder (or take the "
+                         "arm names out of it), then run the command again")  # fmt: skip
     swap = unblind_frame if unblind else blind_frame
     tables: dict[str, pd.DataFrame] = {}
     changed: list[str] = []
-    for rel in folder_files(run_dir)[0]:
+    for old, new in renames.items():  # the old name's file is the current one (e.g. the run's own)
+        os.replace(run_dir / "study" / old, run_dir / "study" / new)
+        changed.append(f"study/{new}")
+    for rel in folder_files(run_dir, spillovers)[0]:
         path = run_dir / rel
         if path.suffix == ".parquet":
             df = pd.read_parquet(path)
