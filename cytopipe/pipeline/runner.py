@@ -323,8 +323,9 @@ def finish_run(
         # newly blinded: every report in the folder was written unblinded, and goes (also when
         # nothing else needed recoding: the tables above were written coded)
         # (the report written below names the files it keeps in report_tables/: named once)
-        report = folder.path / "report_tables" if ctx.wf.report.get("enabled", True) else None
-        recode_folder(folder.path, ctx.blinding[0], blind(info), newly=newly, warned=report)
+        report = (folder.path / "report.html", folder.path / "report_tables")
+        recode_folder(folder.path, ctx.blinding[0], blind(info), newly=newly,
+                      report=report if ctx.wf.report.get("enabled", True) else None)  # fmt: skip
     if not ctx.wf.report.get("enabled", True):
         _remove_stale_report(folder.path)
     else:

@@ -32,15 +32,31 @@ logger = logging.getLogger(__name__)
 RECODED_SUFFIXES = (".csv", ".json", ".txt", ".tsv", ".yaml", ".yml", ".parquet", ".log")
 
 
-def report_folders(run_dir: str | Path) -> list[tuple[Path, Path]]:
+#: a report a command writes next: its HTML file and its tables folder (absolute or relative paths)
+Report = tuple[Path, Path]
+
+
+def report_folders(run_dir: str | Path, report: Report | None = None) -> list[tuple[Path, Path]]:
     """``[(report, its tables folder)]`` (relative paths) of the reports cytopipe wrote in
     ``run_dir``: ``report.html`` with ``report_tables/``, and every ``X.html`` (``--out``, anywhere
     in the folder but ``.cache/``) beside an ``X_tables/`` folder holding the report's record of
-    its tables (:data:`cytopipe.report.tables_folder.MANIFEST`, which only a report writes)."""
+    its tables (:data:`cytopipe.report.tables_folder.MANIFEST`, which only a report writes).
+    ``report``: the report the command writes next (``--out X.html``), when it is in the folder,
+    with or without a record: the command replaces that file and its own tables (an earlier
+    report's, e.g. of a version that kept no record, or whose record was lost; any other file of
+    its tables folder stays a user's)."""
     from cytopipe.report.tables_folder import MANIFEST
 
     run_dir = Path(run_dir)
     found = [(Path("report.html"), Path("report_tables"))]
+    if report is not None:
+        try:
+            here = run_dir.resolve()
+            pair = (Path(report[0]).resolve().relative_to(here), Path(report[1]).resolve().relative_to(here))
+        except ValueError:  # written outside the run folder: not one of its files
+            pair = None
+        if pair is not None and pair not in found and pair[0].parts[0] != ".cache":
+            found.append(pair)
     for root, dirs, _names in os.walk(run_dir):
         if Path(root) == run_dir:
             dirs[:] = [d for d in dirs if d != ".cache"]
@@ -48,7 +64,7 @@ def report_folders(run_dir: str | Path) -> list[tuple[Path, Path]]:
             rel = (Path(root) / d).relative_to(run_dir)
             if (
                 d.endswith("_tables")
-                and rel != Path("report_tables")
+                and all(rel != tables for _, tables in found)
                 and (run_dir / rel / MANIFEST).is_file()
             ):
                 found.append((rel.with_name(d.removesuffix("_tables") + ".html"), rel))
@@ -87,20 +103,23 @@ def spillover_renames(run_dir: str | Path, info: Mapping, recode: Callable[[str]
     return {name: new for name in names if (new := recode(name)) != name and new in targets}
 
 
-def folder_files(run_dir: str | Path, spillovers: Iterable[str] = ()) -> tuple[list[Path], list[Path]]:
+def folder_files(
+    run_dir: str | Path, spillovers: Iterable[str] = (), report: Report | None = None
+) -> tuple[list[Path], list[Path]]:
     """``(cytopipe's, the user's)``: the files of ``run_dir`` (relative paths, sorted). Cytopipe's:
     those blinding rewrites (:func:`cytopipe.store.is_run_output`, text and Parquet). Not listed:
     run.json, the catalog, the run lock, ``.cache/`` and the reports with the tables they wrote
     (:func:`report_folders`), which are handled apart. Every other file is the user's, hidden
     or not, whatever its kind, in any folder (a linked folder is not followed out of it).
     ``spillovers``: per-batch spillover matrices of ``study/`` that are cytopipe's besides those
-    run.json records (a run's own, before its run.json is written; one about to be renamed)."""
+    run.json records (a run's own, before its run.json is written; one about to be renamed).
+    ``report``: the report the command writes next (:func:`report_folders`)."""
     from cytopipe.report.tables_folder import MANIFEST, own_tables
     from cytopipe.store import CATALOG, CLUSTER_DIR, LOCK, MODEL_FILE, RUN_JSON, STUDY_FILES, is_run_output
 
     run_dir = Path(run_dir)
     spillovers = _recorded_spillovers(run_dir) | set(spillovers)
-    reports = report_folders(run_dir)
+    reports = report_folders(run_dir, report)
     apart = {Path(RUN_JSON), Path(CATALOG), Path(LOCK), *(html for html, _ in reports)}
     tables = {folder: own_tables(run_dir / folder) for _, folder in reports}
     own: list[Path] = []
@@ -138,6 +157,7 @@ def check_user_files(
     name_arms: bool,
     todo: str,
     spillovers: Iterable[str] = (),
+    report: Report | None = None,
 ) -> None:
     """Refuse (:class:`ReportError`, exit 2) a run folder to be blinded that holds a file cytopipe
     did not write (:func:`folder_files`) showing an arm name, in its content or its name, or one
@@ -146,14 +166,14 @@ def check_user_files(
     (a Parquet file: the column) that shows one, and the arm name only with ``name_arms`` (a
     message that may be written into the blinded folder must not tie a code to a name). ``leaks``:
     ``find_leaks`` with the arms (cytopipe/report/blinding.py). ``todo``: what happens now, what
-    to do. ``spillovers``: see :func:`folder_files`."""
+    to do. ``spillovers``, ``report``: see :func:`folder_files`."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
     from cytopipe.store import is_run_output
 
     problems, theirs, unchecked = [], [], []
-    for rel in folder_files(run_dir, spillovers)[1]:
+    for rel in folder_files(run_dir, spillovers, report)[1]:
         try:
             shown = leaks({"its name": rel.as_posix()})
             shown = shown[0] if shown else shown_arm(run_dir / rel, leaks)

@@ -316,16 +316,17 @@ def recode_folder(
     info: Mapping,
     *,
     unblind: bool = False,
-    warned: str | Path | None = None,
+    report: tuple[Path, Path] | None = None,
     newly: bool = False,
 ) -> list[str]:
     """Rewrite the tables cytopipe wrote in a run folder with arm names replaced by codes (or back):
     its Parquet tables and text files (:func:`cytopipe.report.blindfiles.folder_files`: known places
     and names; a user's file is never rewritten), the DuckDB catalog and run.json (``info``, already
     holding the new blinding record); ``.cache/`` is scrubbed. A report of the earlier state is
-    removed, each file of a tables folder it keeps named in a warning (``warned``: the tables folder the
-    command writes its report's tables into next, which warns about the files it keeps there itself:
-    named once, not twice). Blinding refuses (:class:`ReportError`, nothing
+    removed, each file of a tables folder it keeps named in a warning (``report``: the report the
+    command writes next, its HTML and tables folder: removed too, with or without a record of its
+    tables, as the command replaces it; the files kept in its tables folder are named by that
+    report, once, not here too: :func:`remove_report`). Blinding refuses (:class:`ReportError`, nothing
     changed) a user's file showing an arm name, which the commands check before their work; here it
     can only have appeared since. ``newly``: the folder was not blinded before (a run that blinds
     it has written its tables coded already, so nothing else may need recoding): its reports are
@@ -339,7 +340,7 @@ def recode_folder(
     renames = spillover_renames(run_dir, info, lambda name: str(recode_obj(name, codes, unblind)))
     spillovers = spillover_names(info) | set(renames)
     if not unblind:  # the message may be kept in the blinded run.json: it names no arm
-        check_user_files(run_dir, partial(find_leaks, arms=codes), name_arms=False, spillovers=spillovers,
+        check_user_files(run_dir, partial(find_leaks, arms=codes), name_arms=False, spillovers=spillovers, report=report,
                          todo="Its files were not recoded. Move the file out of the run folder (or take the "
                          "arm names out of it), then run the command again")  # fmt: skip
     swap = unblind_frame if unblind else blind_frame
@@ -348,7 +349,7 @@ def recode_folder(
     for old, new in renames.items():  # the old name's file is the current one (e.g. the run's own)
         os.replace(run_dir / "study" / old, run_dir / "study" / new)
         changed.append(f"study/{new}")
-    for rel in folder_files(run_dir, spillovers)[0]:
+    for rel in folder_files(run_dir, spillovers, report)[0]:
         path = run_dir / rel
         if path.suffix == ".parquet":
             df = pd.read_parquet(path)
@@ -378,7 +379,7 @@ def recode_folder(
     atomic_write_json(run_dir / "run.json", dict(info))
     # a report of the earlier state would contradict the tables (any report in the folder)
     if changed or newly:
-        remove_report(run_dir, blinding=not unblind, warned=warned)
+        remove_report(run_dir, blinding=not unblind, report=report)
     if not unblind:
         changed += scrub_cache(run_dir, codes)
     changed.append("run.json")
@@ -472,25 +473,26 @@ def _cache_file_leaks(path: Path, pattern: re.Pattern) -> list[str]:
 
 
 def remove_report(
-    run_dir: Path, *, warn: bool = True, blinding: bool = False, warned: str | Path | None = None
+    run_dir: Path, *, warn: bool = True, blinding: bool = False, report: tuple[Path, Path] | None = None
 ) -> None:
     """Remove the run folder's reports and the tables they wrote (they describe an earlier state):
     report.html with report_tables/, and every report written elsewhere in the folder with --out
     (:func:`cytopipe.report.blindfiles.report_folders`); any other file of a tables folder is kept,
     with a warning (:func:`cytopipe.report.tables_folder.remove_tables`; ``blinding``: without the
-    hashes of the tables as the report wrote them; ``warned``: a tables folder whose kept files are
-    not named here, as the report written next into it names them)."""
+    hashes of the tables as the report wrote them; ``report``: the report the command writes next,
+    HTML and tables folder, removed with or without a record of its tables, silently: the report
+    written next replaces it and names the files it keeps in its tables folder)."""
     from cytopipe.report.blindfiles import report_folders
     from cytopipe.report.tables_folder import remove_tables
 
     run_dir = Path(run_dir)
-    for html, tables in report_folders(run_dir):
-        if html != Path("report.html") and (run_dir / html).is_file():
+    for html, tables in report_folders(run_dir, report):
+        replaced = report is not None and (run_dir / tables).resolve() == Path(report[1]).resolve()
+        if html != Path("report.html") and not replaced and (run_dir / html).is_file():
             logger.warning("%s: removed %s and the tables it wrote in %s/: a report of the run folder "
                            "before it was blinded (or unblinded)", run_dir, html.as_posix(), tables.as_posix())  # fmt: skip
         (run_dir / html).unlink(missing_ok=True)
-        quiet = warned is not None and (run_dir / tables).resolve() == Path(warned).resolve()
-        remove_tables(run_dir / tables, warn=warn and not quiet, blinding=blinding)
+        remove_tables(run_dir / tables, warn=warn and not replaced, blinding=blinding)
 
 
 def _rewrite_in_place(path: Path, text: str) -> None:

@@ -84,12 +84,12 @@ def _build_report(
             problems += _marker(run_dir, key).get("clinical_problems") or []
         return out_path
     if blinded and folder_record(run_dir) is None:  # to be blinded now: checked before its secret is made
-        _check_blinded(run_dir, tables_dir, _plain_arms(run_dir, clinical))
+        _check_blinded(run_dir, out_path, _plain_arms(run_dir, clinical))
     data = load_run(run_dir, blinded=blinded, blind_key=blind_key, clinical=clinical)
     if data.blinded:  # a CSV in the tables folder showing an arm: refused now, before the work
         # (plan_tables checks again before anything is written); the message names no arm: in a
         # run it is a problem in run.json, where a code would replace it, next to the file's name
-        _check_blinded(run_dir, tables_dir, data.codes)
+        _check_blinded(run_dir, out_path, data.codes)
     # the figures of the previous report that nothing they are drawn from has changed (content hashes)
     cache = FigureCache(run_dir, read=reuse)
 
@@ -137,8 +137,10 @@ def _build_report(
         record = new_record(
             data.codes, "cytopipe report --blinded", run_dir, previous=data.info.get("blinding")
         )
-        # the files kept in this report's tables folder are named below (write_tables), once
-        recode_folder(run_dir, data.codes, blinded_info(data.info, data.codes, record), warned=tables_dir)
+        # this report replaces out_path (and its tables) and names the files kept there (write_tables), once
+        recode_folder(
+            run_dir, data.codes, blinded_info(data.info, data.codes, record), report=(out_path, tables_dir)
+        )
         recoded = True
     elif data.folder_codes is not None:  # e.g. a copied folder (its secret left behind): keyed anew
         from cytopipe.report.blindrecord import rekey_folder
@@ -168,19 +170,21 @@ def _build_report(
     return out_path
 
 
-def _check_blinded(run_dir: Path, tables_dir: Path, arms: Iterable[str]) -> None:
+def _check_blinded(run_dir: Path, out_path: Path, arms: Iterable[str]) -> None:
     """Refuse a blinded report beside a file that shows an arm (or cannot be checked): in its tables
     folder (:func:`~cytopipe.report.tables_folder.check_blinded_folder`), in the run folder
-    (:func:`~cytopipe.report.blindfiles.check_user_files`)."""
+    (:func:`~cytopipe.report.blindfiles.check_user_files`; ``out_path``, which the report replaces,
+    and its own tables in its tables folder aside, as an earlier report's)."""
     from cytopipe.report.blindfiles import check_user_files
     from cytopipe.report.blinding import find_leaks
     from cytopipe.report.tables_folder import check_blinded_folder
 
+    tables_dir = out_path.parent / f"{out_path.stem}_tables"
     leaks = functools.partial(find_leaks, arms=list(arms))
     check_blinded_folder(tables_dir, leaks, name_arms=False, todo="Nothing was written. Move the file out of "
                          "the folder (or delete it), then run the report again")  # fmt: skip
-    check_user_files(run_dir, leaks, name_arms=False, todo="Nothing was written. Move the file out of the run "
-                     "folder (or take the arm names out of it), then run the report again")  # fmt: skip
+    check_user_files(run_dir, leaks, name_arms=False, report=(out_path, tables_dir), todo="Nothing was written. "
+                     "Move the file out of the run folder (or take the arm names out of it), then run the report again")  # fmt: skip
 
 
 def _plain_arms(run_dir: Path, clinical: Any) -> list[str]:

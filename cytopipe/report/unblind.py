@@ -101,8 +101,8 @@ def unblind_run(run_dir: str | Path, key: str | Path, report: bool = True) -> di
     new_info = recode_obj({k: v for k, v in info.items() if k != RECORD}, codes, unblind=True)
     new_info[RECORD] = {"blinded": False, "log": [*record.get("log", []), entry]}
     # the report written below names the files it keeps in report_tables/ (named once)
-    tables = run_dir / "report_tables" if report and had_report else None
-    files = recode_folder(run_dir, codes, new_info, unblind=True, warned=tables)
+    written = (run_dir / "report.html", run_dir / "report_tables") if report and had_report else None
+    files = recode_folder(run_dir, codes, new_info, unblind=True, report=written)
     if report and had_report:
         from cytopipe.report import write_report
 
