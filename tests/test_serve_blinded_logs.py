@@ -147,16 +147,49 @@ def test_console_log_is_masked_when_the_run_ends(tmp_path):
         assert got == (said.replace("PLACEBO", "Arm B").replace("high dose", "[arm]") if blinded else said)
 
 
-# What a Dask process of the run says on its own descriptors (never through the worker's Python
+# What a process of the run says on its own descriptors (never through the worker's Python
 # streams): written at its start by a sitecustomize the test puts on the server's PYTHONPATH (the
-# workers get the server's environment), naming an arm as a worker's "task failed" line would.
+# workers get the server's environment), naming every arm as a Dask worker's "task failed" line
+# would, in a process whose arguments (after the interpreter's name, joined by "|") hold
+# CYTOPIPE_TEST_SAYS_IN (with a leading "^": begin with it).
 _SITECUSTOMIZE = """\
 import os
-said = os.environ.get("CYTOPIPE_TEST_DASK_SAYS")
+said, where = os.environ.get("CYTOPIPE_TEST_SAYS"), os.environ.get("CYTOPIPE_TEST_SAYS_IN", "")
 with open("/proc/self/cmdline", "rb") as fh:
-    if said and b"spawn_main" in fh.read():
-        os.write(2, said.encode("utf-8") + b"\\n")
+    args = "|".join(a.decode("utf-8", "replace") for a in fh.read().split(b"\\0")[1:])
+if said and where and (args.startswith(where[1:]) if where.startswith("^") else where in args):
+    os.write(2, said.encode("utf-8") + b"\\n")
 """
+SAID = "Compute Failed"
+
+
+def _says(monkeypatch, tmp_path, arms: list[str], where: str) -> None:
+    """The server's environment: processes whose command line holds ``where`` say every arm name."""
+    import os
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SITECUSTOMIZE, encoding="utf-8")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    named = ", ".join(f"P00{i + 1} ({arm.upper() if i % 2 else arm})" for i, arm in enumerate(arms))
+    monkeypatch.setenv("CYTOPIPE_TEST_SAYS", f"distributed.worker - WARNING - {SAID}: patients {named}")
+    monkeypatch.setenv("CYTOPIPE_TEST_SAYS_IN", where)
+
+
+def _until_said(path, ended) -> str:
+    """``path``'s text once it holds the line said (``ended()``: the process ended first: fails)."""
+    import time
+
+    deadline = time.monotonic() + 300
+    while SAID not in (text := path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""):
+        assert time.monotonic() < deadline and not ended(), f"{path.name}: the process ended first"
+        time.sleep(0.2)
+    return text
+
+
+def _coded_line(text: str, codes: dict[str, str]) -> bool:
+    shown = [line for line in text.splitlines() if SAID in line]
+    return bool(shown) and all(f"({code})" in shown[0] for code in codes.values())
 
 
 def test_console_log_names_no_arm_while_the_run_runs_nor_after_a_kill(serve_trial, tmp_path, monkeypatch):
@@ -166,18 +199,11 @@ def test_console_log_names_no_arm_while_the_run_runs_nor_after_a_kill(serve_tria
     nothing was left to mask it)."""
     import os
     import signal
-    import time
 
     from tests.serve_support import Server
 
     arms = sorted(set(pd.read_csv(serve_trial / "clinical.csv")["arm"]))
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_SITECUSTOMIZE, encoding="utf-8")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    named = ", ".join(f"P00{i + 1} ({arm.upper() if i % 2 else arm})" for i, arm in enumerate(arms))
-    said = f"distributed.worker - WARNING - Compute Failed: patients {named}"
-    monkeypatch.setenv("CYTOPIPE_TEST_DASK_SAYS", said)
+    _says(monkeypatch, tmp_path, arms, "spawn_main")  # the run's Dask worker processes
     data = tmp_path / "data"
     data.mkdir()
     with serving(data, "sqlite") as srv:
@@ -188,19 +214,48 @@ def test_console_log_names_no_arm_while_the_run_runs_nor_after_a_kill(serve_tria
         assert c.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=c.h).status_code == 200
         run_id = c.post(f"/api/studies/{sid}/runs", headers=c.h).json()["id"]
         folder = data / "runs" / str(run_id)
-        console = folder / "console.log"
-        deadline = time.monotonic() + 300
-        while "Compute Failed" not in (console.read_text(errors="replace") if console.is_file() else ""):
-            assert time.monotonic() < deadline and not (folder / "status.json").exists(), (
-                "the run ended first"
-            )
-            time.sleep(0.2)
-        during = console.read_text(encoding="utf-8", errors="replace")
+        during = _until_said(folder / "console.log", (folder / "status.json").exists)
         pid = c.get(f"/api/runs/{run_id}").json()["pid"]
         Server.kill(srv)  # the server, then the run's worker and its Dask processes: nothing left to mask
         os.killpg(pid, signal.SIGKILL)
-        after = console.read_text(encoding="utf-8", errors="replace")
+        after = (folder / "console.log").read_text(encoding="utf-8", errors="replace")
         assert not (folder / "status.json").exists()  # killed mid-run
     assert _named(during, arms) == [] and _named(after, arms) == [], after
-    shown = [line for line in after.splitlines() if "Compute Failed" in line]
-    assert shown and all(f"({code})" in shown[0] for code in codes.values()), after
+    assert _coded_line(after, codes), after
+
+
+def test_an_exports_log_names_no_arm_while_it_runs_nor_after_the_server_is_killed(
+    serve_trial, tmp_path, monkeypatch
+):
+    """An AnnData export of a blinded study's run: its log (out/exports/NAME.h5ad.log) is masked as
+    it is written, read while the export runs and after it ended with the server killed. Before,
+    the server masked it when the export ended, so with the server killed meanwhile, never."""
+    import time
+
+    from tests.serve_support import Server
+
+    arms = sorted(set(pd.read_csv(serve_trial / "clinical.csv")["arm"]))
+    _says(monkeypatch, tmp_path, arms, "^-m|cytopipe|export")  # the export command's process
+    data = tmp_path / "data"
+    data.mkdir()
+    with serving(data, "sqlite") as srv:
+        c = srv.client()
+        sid, codes, rows = _blinded_study(
+            c, serve_trial, "blinded export", (serve_trial / "clinical.csv").read_bytes()
+        )
+        assert c.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=c.h).status_code == 200
+        run_id = c.post(f"/api/studies/{sid}/runs", headers=c.h).json()["id"]
+        assert c.wait_run(run_id)["status"] == "finished"
+        r = c.post(f"/api/runs/{run_id}/anndata", json={"population": "Treg", "max_events_per_sample": 50},
+                   headers=c.h)  # fmt: skip
+        assert r.status_code == 202, r.text
+        exports = data / "runs" / str(run_id) / "out" / "exports"
+        during = _until_said(exports / "Treg.h5ad.log", (exports / "Treg.h5ad").exists)
+        Server.kill(srv)  # nothing left to mask the log when the export ends
+        deadline = time.monotonic() + 300
+        while not (exports / "Treg.h5ad").exists():  # the export goes on, and ends
+            assert time.monotonic() < deadline, "the AnnData export did not appear"
+            time.sleep(0.5)
+        after = (exports / "Treg.h5ad.log").read_text(encoding="utf-8", errors="replace")
+    assert _named(during, arms) == [] and _named(after, arms) == [], after
+    assert _coded_line(after, codes), after

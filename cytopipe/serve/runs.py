@@ -36,7 +36,7 @@ from cytopipe.serve import audit
 from cytopipe.serve.blinding import assign_codes, codes_of, table_arms, workspace_secret, write_run_key
 from cytopipe.serve.db import RUN_ACTIVE, Run, Sample, Study, Template, Upload, utcnow
 from cytopipe.serve.storage import BlobStore
-from cytopipe.serve.worker import CONSOLE_LOG, RUN_LOG, arm_mask, mask_file, mask_logs
+from cytopipe.serve.worker import CONSOLE_LOG, PIPE, RUN_LOG, arm_mask, mask_file, mask_logs
 
 logger = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
@@ -270,11 +270,14 @@ class RunManager:
         )
         audit.record(db, user, "run.export", "run", run.id, None, {"anndata": name, "population": population})
         db.commit()
+        with contextlib.suppress(OSError, ValueError, yaml.YAMLError):
+            if arm_mask(folder) is not None:  # a blinded study's: the log masked as it is written
+                args = [sys.executable, "-m", "cytopipe.serve.worker", str(folder), PIPE, *args]
         with open(exports / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, env=_worker_env())  # fmt: skip
 
-        def collect() -> None:  # when it ends: a blinded study's log masked (the command's console)
+        def collect() -> None:  # when it ends: a blinded study's log masked (one an older version wrote)
             proc.wait()
             with contextlib.suppress(OSError, ValueError, yaml.YAMLError):
                 if (mask := arm_mask(folder)) is not None:

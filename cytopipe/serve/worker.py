@@ -23,7 +23,9 @@ its own (``RUN_FOLDER --run``) whose output (the child's, its Dask processes', a
 interpreter) comes through a pipe, and writes each line through the mask into ``console.log``
 (:func:`_pump`), so the file never holds an arm name, not for a moment while the run runs, nor
 after the server or the worker was killed. The worker outlives the child to write its last words
-(a crash's too), and ignores the SIGTERM of a cancel (the child ends the run). ``console.log`` and
+(a crash's too), and ignores the SIGTERM of a cancel (the child ends the run). An AnnData export
+of such a run is started the same way (``RUN_FOLDER --pipe COMMAND...``), its log masked as it is
+written. ``console.log`` and
 ``run.log`` are still masked in place when the worker ends (:func:`mask_logs`, also called by
 the server when it finds the worker gone), for folders written before (which held the names).
 """
@@ -49,6 +51,9 @@ RUN_LOG = "run.log"
 CONSOLE_LOG = "console.log"
 #: the option of the worker's child, which runs the command (a blinded run: :func:`_pump`)
 CHILD = "--run"
+#: ``RUN_FOLDER --pipe COMMAND...``: another command of a blinded study's run (an AnnData export),
+#: its output written masked as it is written (:func:`_pump`)
+PIPE = "--pipe"
 #: seconds the worker still copies output after its child ended (a Dask process left holding the pipe)
 LAST_WORDS_S = 10.0
 
@@ -164,16 +169,16 @@ def timed_output(path: Path, mask: Mask | None = None) -> Iterator[None]:
         handler.close()
 
 
-def _pump(folder: Path, mask: Mask) -> int:
-    """Run the command in a child process (``RUN_FOLDER --run``) and write its output, and its Dask
-    processes' (they inherit its descriptors), into this process's own (``console.log``) line by
+def _pump(mask: Mask, command: list[str]) -> int:
+    """Run ``command`` in a child process and write its output, and its Dask processes' (they
+    inherit its descriptors), into this process's own (``console.log``, an export's log) line by
     line through ``mask``: no arm name reaches the file. Returns the child's exit code."""
     # a cancel (SIGTERM to the process group) ends the run in the child; this process stays to
     # copy its last lines. A handler, not SIG_IGN: an ignored signal would stay ignored in the child.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    mask_file(folder / CONSOLE_LOG, mask)  # what an earlier attempt left there (an older version's)
-    proc = subprocess.Popen([sys.executable, "-m", "cytopipe.serve.worker", str(folder), CHILD],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
 
     def copy() -> None:
         for raw in iter(proc.stdout.readline, b""):  # a crash's last line comes without its newline
@@ -191,13 +196,16 @@ def _pump(folder: Path, mask: Mask) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     folder = Path(argv[0]).resolve()
+    if argv[1:2] == [PIPE]:  # fails closed: inputs that cannot be read give no output at all
+        return _pump(arm_mask(folder) or (lambda text: text), argv[2:])
     if CHILD not in argv[1:]:
         try:
             mask = arm_mask(folder)
         except (OSError, ValueError, yaml.YAMLError):  # the run below says what is wrong
             mask = None
         if mask is not None:  # a blinded study's run: its console masked as it is written
-            return _pump(folder, mask)
+            mask_file(folder / CONSOLE_LOG, mask)  # what an earlier attempt (an older version) left
+            return _pump(mask, [sys.executable, "-m", "cytopipe.serve.worker", str(folder), CHILD])
     options = json.loads((folder / "input" / "options.json").read_text(encoding="utf-8"))
 
     def stop(signum, frame):  # cancel: end like Ctrl-C (the Dask cluster is closed on the way out)
