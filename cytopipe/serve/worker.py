@@ -25,9 +25,8 @@ interpreter) comes through a pipe, and writes each line through the mask into ``
 after the server or the worker was killed. The worker outlives the child to write its last words
 (a crash's too), and ignores the SIGTERM of a cancel (the child ends the run). An AnnData export
 of such a run is started the same way (``RUN_FOLDER --pipe COMMAND...``), its log masked as it is
-written. ``console.log`` and
-``run.log`` are still masked in place when the worker ends (:func:`mask_logs`, also called by
-the server when it finds the worker gone), for folders written before (which held the names).
+written. The logs are still masked in place when the worker ends (:func:`mask_logs`, also called
+by the server when it finds the worker gone), for those an older version wrote (with the names).
 """
 
 from __future__ import annotations
