@@ -9,7 +9,11 @@ Never copy those files into the project and never unpickle anything from there.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,19 +57,43 @@ def sample_data() -> Path:
     return SAMPLE_DATA
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> object:
+    """``build(folder)`` (its result JSON-serialisable) once per test session, also under
+    pytest-xdist: the first worker to ask builds it in a folder of the session's temporary folder,
+    which the workers share, while the other waits on a lock; then both read its result. Before,
+    each of the two workers simulated and ran the same trials itself (~100 s of CPU of the default
+    suite). Only for what tests read: a test that changes a built folder copies it first."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(tmp_path_factory.mktemp(name))
+    import fcntl
+
+    # xdist gives each worker <session's basetemp>/popen-gwN: the parent is this session's alone
+    root = tmp_path_factory.getbasetemp().parent / "built_once"
+    root.mkdir(exist_ok=True)
+    done = root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed, also if build fails
+        if not done.is_file():
+            result = build(Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root)))
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result), encoding="utf-8")
+            tmp.rename(done)
+        return json.loads(done.read_text(encoding="utf-8"))
+
+
 # --- a small simulated trial and its reference run, shared by the pipeline and export tests ---
 @pytest.fixture(scope="session")
 def sim_trial(tmp_path_factory) -> Path:
     from tests.pipeline_support import make_trial
 
-    return make_trial(tmp_path_factory.mktemp("trial") / "trial")
+    return Path(built_once(tmp_path_factory, "trial", lambda d: str(make_trial(d / "trial"))))
 
 
 @pytest.fixture(scope="session")
 def sim_run(sim_trial, tmp_path_factory) -> Path:
     from tests.pipeline_support import reference_run
 
-    return reference_run(sim_trial, tmp_path_factory.mktemp("ref") / "run")
+    return Path(built_once(tmp_path_factory, "ref", lambda d: str(reference_run(sim_trial, d / "run"))))
 
 
 # --- the serve tests' small simulated trial and its reference run (tests/serve_support.py) ---
@@ -74,7 +102,7 @@ def sim_run(sim_trial, tmp_path_factory) -> Path:
 def serve_trial(tmp_path_factory) -> Path:
     from tests.serve_support import make_trial
 
-    return make_trial(tmp_path_factory.mktemp("serve_trial") / "trial")
+    return Path(built_once(tmp_path_factory, "serve_trial", lambda d: str(make_trial(d / "trial"))))
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +110,9 @@ def serve_reference(serve_trial, tmp_path_factory) -> Path:
     """`cytopipe run` on the serve trial's files (tests/serve_support.py: reference_run)."""
     from tests.serve_support import reference_run
 
-    return reference_run(serve_trial, tmp_path_factory.mktemp("serve_ref") / "run")
+    return Path(
+        built_once(tmp_path_factory, "serve_ref", lambda d: str(reference_run(serve_trial, d / "run")))
+    )
 
 
 @pytest.fixture
@@ -106,7 +136,10 @@ def sample_run(tmp_path_factory) -> Path:
     sample recorded as failed), laid out as `cytopipe run` writes it (see tests/report_support.py)."""
     from tests.report_support import build_gated_run
 
-    return build_gated_run(SAMPLE_DATA, tmp_path_factory.mktemp("sample_run") / "run", fail=["P005_W12"])
+    def build(folder: Path) -> str:
+        return str(build_gated_run(SAMPLE_DATA, folder / "run", fail=["P005_W12"]))
+
+    return Path(built_once(tmp_path_factory, "sample_run", build))
 
 
 @pytest.fixture(scope="session")
@@ -116,9 +149,13 @@ def sample_report(sample_run, tmp_path_factory) -> tuple[Path, Path]:
 
     from cytopipe.report import write_report
 
-    run = tmp_path_factory.mktemp("sample_report") / "run"
-    shutil.copytree(sample_run, run)
-    return run, write_report(run)
+    def build(folder: Path) -> list[str]:
+        run = folder / "run"
+        shutil.copytree(sample_run, run)
+        return [str(run), str(write_report(run))]
+
+    run, report = built_once(tmp_path_factory, "sample_report", build)
+    return Path(run), Path(report)
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +165,13 @@ def pipeline_run(tmp_path_factory):
     report.html as the README's main command writes them."""
     from tests.pipeline_support import cli
 
-    out = tmp_path_factory.mktemp("pipeline_run") / "sle_il2"
-    proc = cli("run", str(REPO / "workflows" / "sle_il2.yaml"), "--out", str(out), "--no-progress")
+    def build(folder: Path) -> dict:
+        out = folder / "sle_il2"
+        proc = cli("run", str(REPO / "workflows" / "sle_il2.yaml"), "--out", str(out), "--no-progress")
+        return {"out": str(out), "args": proc.args, "returncode": proc.returncode,
+                "stdout": proc.stdout, "stderr": proc.stderr}  # fmt: skip
+
+    done = built_once(tmp_path_factory, "pipeline_run", build)
+    proc = subprocess.CompletedProcess(done["args"], done["returncode"], done["stdout"], done["stderr"])
     print(proc.stdout)
-    return out, proc
+    return Path(done["out"]), proc

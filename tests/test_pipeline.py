@@ -968,8 +968,10 @@ def test_a_later_visit_is_mapped_onto_the_frozen_model(sim_run, sim_trial, tmp_p
     from tests.pipeline_support import CLUSTERING
 
     manifest = pd.read_csv(sim_trial / "manifest.csv", dtype=str, keep_default_na=False)
-    week0 = sim_trial / "manifest_week0.csv"
-    manifest[(manifest["visit"] == "0") | (manifest["control"] != "")].to_csv(week0, index=False)
+    week0 = tmp_path / "manifest_week0.csv"  # not in the session's trial folder, which tests only read
+    rows = manifest[(manifest["visit"] == "0") | (manifest["control"] != "")].copy()
+    rows["file"] = [str(sim_trial / f) for f in rows["file"]]
+    rows.to_csv(week0, index=False)
     first = workflow(sim_trial, tmp_path / "w0")
     first.manifest = week0
     r1 = run_workflow(first, scheduler="synchronous", progress=False)
