@@ -178,3 +178,33 @@ def test_template_check_says_when_files_are_too_small_for_the_first_gate(tmp_pat
 
     _t_cell_copy(template, {"CD8": "PE-Texas Red-A"}, min_events=100)  # the lab's copy, lowered
     assert main(["template", "check", *map(str, files), "--template", str(template)]) == 0
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Ki67ccr7_Hs60022C200906243.581846",
+        "Ki67ccr7_Hs60025C200907134.583112",
+        "Ki67ccr7_Hs60041C200908104.581964",
+        "Ki67ccr7_Hs60056C200909217.581912",
+    ],
+)
+def test_lymphocytes_are_found_above_dominant_debris(name, tmp_path):
+    """SDY736's Ki67 tubes are 56-79 % debris (a dense cloud at the lowest FSC). Its peak was 12x
+    the lymphocytes' and a cluster had to be 15 % as dense as the densest to count: "every dense
+    scatter cluster lies in the debris range" and no gate. Density is now measured against the
+    densest cluster of cells, and the ellipse stops at the FSC valley above the debris (its core
+    slid onto the debris once found). The gated cells are lymphocytes: mostly T cells (64-86 %),
+    as a 2-component mixture on CD3 of the gated events says too (debris would be CD3-)."""
+    template = tmp_path / "t_panel.yaml"
+    _t_cell_copy(template, {}, min_events=100)
+    sample = read_fcs(shared_path(*SDY736, name + ".fcs"))
+    result = gate(sample, load_template(template))
+    lymph = result.populations["Lymphocytes"]
+    assert lymph.source == "fitted" and not lymph.flags, lymph.flags
+    cd3 = result.event_values(sample).values("CD3", "Lymphocytes").reshape(-1, 1)
+    gm = GaussianMixture(2, random_state=0, n_init=3).fit(cd3)
+    ref_t = 100 * np.mean(gm.predict(cd3) == np.argmax(gm.means_[:, 0]))
+    got = result.populations["T cells"].pct_parent
+    print(f"\n{name}: Lymphocytes {lymph.pct_parent:.1f} % of events, T cells {got:.1f} % (mix {ref_t:.1f})")
+    assert got >= 50 and abs(got - ref_t) <= 5, (got, ref_t)

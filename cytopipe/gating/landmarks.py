@@ -35,7 +35,8 @@ relative to them, so the canonical template holds no instrument-scale numbers:
               at the main cloud's edge (``min_offset`` robust SDs) and the extra markers decide
               (at the shoulder when the file lacks one of them).
 ``lymphocytes`` scatter: the lowest-SSC dense cluster of FSC-A/SSC-A that is not debris, found on the
-              events' own range (no absolute box), refined on its trimmed core.
+              events' own range (no absolute box), refined on its trimmed core; a dense debris
+              cluster below it ends at the FSC valley between them, which the gate does not cross.
 ``reference`` the ``q``-quantile of the marker on another population (``population: CD8 T``) or, when
               an FMO control of the marker is given to the engine, on the control's events of the
               same parent.
@@ -857,8 +858,10 @@ class DiagonalGate(DataDrivenGate):
 # --------------------------------------------------------------------------------------------
 class LymphocyteFitter(DensestClusterFitter):
     """``lymphocytes``: among the dense clusters of FSC-A/SSC-A (2-D density peaks >= ``min_peak`` x
-    the densest, on the events' 0.5-99.5 % range), not debris (FSC below ``debris`` of the FSC range),
-    the one with the lowest SSC; refined on its trimmed core."""
+    the densest one above the debris range, on the events' 0.5-99.5 % range), not debris (FSC below
+    ``debris`` of the FSC range), the one with the lowest SSC; refined on its trimmed core. With a
+    dense debris cluster, the core and the gate stay above the FSC valley between it and the cells
+    (as a lymphocyte gate is drawn above the debris)."""
 
     def fit(self, values, rng):
         from scipy.ndimage import gaussian_filter, maximum_filter
@@ -873,11 +876,17 @@ class LymphocyteFitter(DensestClusterFitter):
             raise FitFailure("scatter values have no spread")
         hist, ex, ey = np.histogram2d(xs[:, 0], xs[:, 1], bins=64, range=box)
         hist = gaussian_filter(hist, 2.0)
+        debris = box[0][0] + self.options.get("debris", 0.1) * (box[0][1] - box[0][0])
+        cells = (ex[:-1] + ex[1:]) / 2 > debris  # histogram rows (FSC bins) above the debris range
+        if not hist[cells].any():
+            raise FitFailure("every event lies in the debris range (lowest FSC)")
+        # "dense" is measured against the densest cluster of cells, not against the debris: where
+        # debris dominates a file (56-79 % of SDY736's Ki67 tubes), its peak is 10x the lymphocytes'
+        # and would leave no cluster of cells dense enough.
         local = (hist == maximum_filter(hist, size=7)) & (
-            hist >= self.options.get("min_peak", 0.15) * hist.max()
+            hist >= self.options.get("min_peak", 0.15) * hist[cells].max()
         )
         cand = np.argwhere(local)
-        debris = box[0][0] + self.options.get("debris", 0.1) * (box[0][1] - box[0][0])
         fx = (ex[cand[:, 0]] + ex[cand[:, 0] + 1]) / 2
         fy = (ey[cand[:, 1]] + ey[cand[:, 1] + 1]) / 2
         keep = fx > debris
@@ -886,8 +895,32 @@ class LymphocyteFitter(DensestClusterFitter):
         k = np.flatnonzero(keep)[np.argmin(fy[keep])]
         mean = np.array([fx[k], fy[k]])
         cov = np.diag([(ex[1] - ex[0]) * 3, (ey[1] - ey[0]) * 3]) ** 2
-        mean, cov = refine_core(xs, mean, cov, self.options.get("trim", 2.5), iterations=50)
+        if not (~keep).any():
+            mean, cov = refine_core(xs, mean, cov, self.options.get("trim", 2.5), iterations=50)
+            return np.concatenate([mean, cov.ravel()])
+        # A dense debris cluster: the debris ends at the FSC valley between it and the chosen
+        # cluster. Its events are left out of the core (a core growing to the cluster's size would
+        # reach the far denser debris and slide onto it), and the gate's ellipse is narrowed along
+        # FSC (correlation kept) so that it does not reach across the valley into the debris.
+        lo = int(cand[~keep, 0].max())
+        valley = lo + int(np.argmin(hist.sum(axis=1)[lo : cand[k, 0] + 1]))  # (already smoothed)
+        cut = (ex[valley] + ex[valley + 1]) / 2
+        mean, cov = refine_core(xs[xs[:, 0] > cut], mean, cov, self.options.get("trim", 2.5), iterations=50)
+        if mean[0] <= cut:
+            raise FitFailure("the lymphocyte cluster's centre lies in the debris (below the FSC valley)")
+        reach = self._distance() * math.sqrt(cov[0, 0])
+        if mean[0] - reach < cut:
+            d = np.diag([(mean[0] - cut) / reach, 1.0])
+            cov = d @ cov @ d
         return np.concatenate([mean, cov.ravel()])
+
+    def _distance(self) -> float:
+        """The gate's Mahalanobis distance (``distance``, or that of ``probability``)."""
+        if "distance" in self.options:
+            return float(self.options["distance"])
+        from scipy.stats import chi2
+
+        return math.sqrt(float(chi2.ppf(self.options.get("probability", 0.95), df=2)))
 
     def shift(self, params, reference):
         # relative to the cluster's own width, not in instrument units
