@@ -39,6 +39,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -237,9 +238,36 @@ def margin_qc(events: np.ndarray, channels: pd.DataFrame, settings: QCSettings) 
 
 def _upper_margins(channels: pd.DataFrame, cols: np.ndarray) -> np.ndarray:
     """The detector maximum of channels ``cols`` (float32): an event is saturated there at
-    ``value >= $PnR - 1``; inf where no range is recorded (``$PnR <= 1``)."""
+    ``value >= $PnR - 1``; inf where no range is recorded (``$PnR <= 1``) and on a mass cytometry
+    file (:func:`is_mass_cytometry`), whose ``$PnR`` is written from the data, not a detector's
+    range: CyTOF software sets it to the channel's observed maximum rounded up (CytoNorm's files:
+    Event_length $PnR 75, maximum 75; Nd145Di $PnR 285, maximum 284.2), so the top event or few
+    of every channel sat "at the detector maximum" and were removed as saturated, from every file."""
+    if is_mass_cytometry(channels):
+        return np.full(len(cols), np.inf, dtype=np.float32)
     pnr = channels["pnr"].to_numpy(dtype=np.float64)[cols]
     return np.where(pnr > 1, pnr - 1, np.inf).astype(np.float32)
+
+
+# a metal isotope channel of a mass cytometer: Nd145Di, Ir191Di, CD3(Nd145)Dd, (Pt195)Di
+_ISOTOPE = re.compile(r"\(?[A-Z][a-z]?\d{2,3}\)?D[id]$")
+
+
+def is_mass_cytometry(channels: pd.DataFrame) -> bool:
+    """Whether the channels are a mass cytometer's: no scatter channel, and an ``Event_length``
+    channel or mostly metal isotope channels (``Nd145Di``, ``CD3(Nd145)Dd``) by ``$PnN``."""
+    return _is_mass(tuple(str(n) for n in channels["pnn"]))
+
+
+@functools.lru_cache(maxsize=64)
+def _is_mass(pnn: tuple[str, ...]) -> bool:
+    roles = _roles(pnn)
+    if (roles == "scatter").any():
+        return False
+    names = [n.strip() for n, r in zip(pnn, roles) if r != "time"]
+    if any(n.lower() == "event_length" for n in names):
+        return True
+    return bool(names) and 2 * sum(bool(_ISOTOPE.search(n)) for n in names) > len(names)
 
 
 def saturation_limits(events: np.ndarray, channels: pd.DataFrame) -> np.ndarray:

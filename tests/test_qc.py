@@ -235,6 +235,34 @@ def test_real_files(parts):
         assert "Original_ID" not in report.margin_counts and m["qc_worst_channel"] != "Original_ID"
 
 
+def test_mass_cytometry_pnr_is_not_a_detector_limit():
+    """CytoNorm's CyTOF files (Helios; no scatter): the software writes each channel's $PnR from the
+    data, its observed maximum rounded up (Event_length: $PnR 75, maximum 75 or 74; Nd145Di: $PnR
+    285, maximum 284.2). Margin QC called the top event or few of such channels saturated and
+    removed 1-8 events of every 1 000-event file (and the fits left them out). No event of these
+    files is a margin event; a flow file's saturated events (SDY736, LSRII, 18-bit: events at
+    exactly 262143) still are."""
+    files = sorted(shared_path("CytoNorm", "inst", "extdata").glob("Gates_*.fcs"))
+    assert len(files) == 6
+    for path in files:
+        s = read_fcs(path)
+        j = list(s.channels["pnn"]).index("Event_length")
+        assert s.events[:, j].max() >= s.channels["pnr"].iloc[j] - 1  # the top event sits at $PnR - 1
+        margins = qc.margin_qc(s.events, s.channels, QCSettings())
+        assert not margins.bad.any() and margins.counts == {}, (path.name, margins.counts)
+        assert np.isinf(qc.saturation_limits(s.events, s.channels)).all()
+        assert qc.is_mass_cytometry(s.channels), path.name
+    flow = read_fcs(shared_path("MetaCyto", "inst", "extdata", "SDY736", "ResultFiles", "Flow_cytometry_result",
+                                "Hs90211C20090205_00.583066.fcs"))  # fmt: skip
+    assert not qc.is_mass_cytometry(flow.channels)
+    counts = qc.margin_qc(flow.events, flow.channels, QCSettings(lower_channels="none")).counts
+    assert counts == {"FSC-A": 9, "SSC-A": 25, "PE-A": 20, "PE-Texas Red-A": 5, "PE-Cy7-A": 2}
+    names = {"pnn": ["Time", "Event_length", "CD3(Nd145)Dd", "Ir191Di", "Y89Di", "beadDist"]}
+    assert qc.is_mass_cytometry(pd.DataFrame(names))
+    assert not qc.is_mass_cytometry(pd.DataFrame({"pnn": ["FSC-A", "SSC-A", "Nd145Di", "Event_length"]}))
+    assert qc.is_mass_cytometry(pd.DataFrame({"pnn": ["Time", "Nd145Di", "Ir191Di", "Pt195Di", "CD3"]}))
+
+
 @pytest.fixture(scope="module")
 def faulty_trial(tmp_path_factory):
     """Simulated files of 30k events: four with a clog, four with a signal shift, four with a
