@@ -113,6 +113,32 @@ def test_a_threshold_above_a_one_peak_negative_moves_with_the_negative_not_the_p
     assert widths - 1.4 > 3 * abs(t - 1.4)  # 0.69-0.79 above
 
 
+def test_saturated_events_are_left_out_of_the_alignment():
+    """A target like the example (a dim marker's negative and its positives) but with a tenth of its
+    events saturated ($PnR - 1: a margin pile-up `cytopipe gate` does not remove): the alignment
+    read them as a density spike the example lacks (quality 0.90 vs 0.98 for the clean target; a
+    fifth saturated: 0.79, flagged "aligned poorly"). The learner reads the events a fit reads
+    (Engine.fit_values): the same quality and threshold as on the clean target."""
+    a = Dim("A", compensation=None)
+    template = Template(name="t", populations={"pos": Population("pos", "root", RectangleGate([a], [0.9], [None]))},
+                        compensation="none")  # fmt: skip
+
+    def sample(x):
+        channels = pd.DataFrame({"pnn": ["A"], "pns": [""], "pnr": [6.0]})
+        return SimpleNamespace(events=x.astype(np.float32)[:, None], channels=channels, keywords={})
+
+    rng = np.random.default_rng(3)
+    example, target = _dim_marker(rng, 0.0, 0.1), _dim_marker(rng, 0.0, 0.1)
+    saturated = target.copy()
+    saturated[rng.random(len(target)) < 0.1] = 5.0  # $PnR - 1
+    learner = Learner(template, [Example("ex", {"pos": template["pos"].gate})], {"ex": sample(example)})
+    clean = learner.gate(sample(target), sample_id="tg", medians=False)
+    got = learner.gate(sample(saturated), sample_id="tg", medians=False)
+    print(f"\nalignment quality: clean {clean.alignment['pos']:.3f}, a tenth saturated {got.alignment['pos']:.3f}")
+    assert abs(got.alignment["pos"] - clean.alignment["pos"]) < 0.01
+    assert abs(got.populations["pos"].gate.lower[0] - clean.populations["pos"].gate.lower[0]) < 0.01
+
+
 def test_a_threshold_above_a_negative_with_a_hump_of_positives_moves_with_the_negative():
     """A dim marker's positives can form a shallow hump on the negative's shoulder (CXCR5 on
     memory CD4 in some files): the density between them stays above a fifth of the hump

@@ -1177,7 +1177,13 @@ class Engine:
         debris part of the FSC range). Which events are inside the gate is decided on all of them.
         Only the subsample's raw values are read (not a pass over the file's columns), and a file
         without saturated events draws exactly the subsample it drew before."""
-        pos = subsample_index(n_parent, needed, rng)
+        return self.unsaturated(dims, pidx, subsample_index(n_parent, needed, rng))
+
+    def unsaturated(self, dims: Sequence[Dim], idx, pos: np.ndarray | None = None) -> np.ndarray | None:
+        """Positions within the events ``idx`` (None = all events), or within their positions
+        ``pos`` (None = all of them), of the events not saturated on a channel of ``dims`` (None =
+        every one): what a data-driven fit reads (:meth:`_fit_positions`); learned gates' and
+        alignment's densities read the same events (:meth:`fit_values`)."""
         if self._limits is None:
             self._limits = saturation_limits(self.events, self.channels)
         cols = [
@@ -1185,13 +1191,13 @@ class Engine:
         ]
         if not cols:
             return pos
-        rows = None if pos is None else (pos if pidx is None else pidx[pos])  # event rows read
+        rows = None if pos is None else (pos if idx is None else idx[pos])  # event rows read
         bad = None
         for c in cols:
             values = (
                 self.events[:, c]
-                if rows is None and pidx is None
-                else self.events[pidx if rows is None else rows, c]
+                if rows is None and idx is None
+                else self.events[idx if rows is None else rows, c]
             )
             limit = self._limits[c]
             saturated = values >= limit
@@ -1201,6 +1207,11 @@ class Engine:
             return pos
         keep = np.flatnonzero(~bad)
         return keep if pos is None else pos[keep]
+
+    def fit_values(self, dims: Sequence[Dim], idx, scope: str | None = None) -> list[np.ndarray]:
+        """Values of ``dims`` at the events ``idx`` of ``scope``, less those saturated on a channel
+        of ``dims``: the events a fit reads (a saturated event carries no position on the axis)."""
+        return self.gather(dims, idx, scope, self.unsaturated(dims, idx))
 
     def _dim_columns(self, dim: Dim) -> list[int]:
         """The event-matrix columns a dimension's values come from."""

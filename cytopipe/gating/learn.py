@@ -551,20 +551,23 @@ class Learner:
             while scope != ROOT and len(result.indices(scope)) < ALIGN_EVENTS:
                 scope = self.template[scope].parent
             sidx = None if scope == ROOT else result.indices(scope)
-            vals = {d: _thin(engine.values(d, sidx, scope)) for d in g.dims}
+            # the events a fit reads: none saturated on the gate's channels (Engine.fit_values)
+            vals = dict(zip(g.dims, map(_thin, engine.fit_values(g.dims, sidx, scope))))
             n = result.n_events if parent == ROOT else len(result.indices(parent))
             own = None
             if scope != parent:  # the small parent's own values: is the ancestor's warp right for it?
                 pidx = result.indices(parent)
-                own = {d: _thin(engine.values(d, pidx, parent)) for d in g.dims}
+                own = dict(zip(g.dims, map(_thin, engine.fit_values(g.dims, pidx, parent))))
             out[name] = _Profile(g, vals, n, scope, own)
             grand = ROOT if parent == ROOT else self.template[parent].parent
             if isinstance(g, RectangleGate) and len(g.dims) == 1 and grand != ROOT:
                 gidx = result.indices(grand)
                 out[name].reference = grand
-                out[name].reference_values = {d: _thin(engine.values(d, gidx, grand)) for d in g.dims}
+                out[name].reference_values = dict(
+                    zip(g.dims, map(_thin, engine.fit_values(g.dims, gidx, grand)))
+                )
             if scope == parent and isinstance(g, RectangleGate):
-                out[name].valleys = _rectangle_valleys(g, [engine.values(d, sidx, scope) for d in g.dims])
+                out[name].valleys = _rectangle_valleys(g, engine.fit_values(g.dims, sidx, scope))
         return out
 
     # ---- transfer ----------------------------------------------------------------------------
@@ -785,11 +788,13 @@ class LearningEngine(Engine):
         if not isinstance(pop.gate, LearnedGate):
             return super()._fit_gate(pop, pidx, pooled, meta, flags, result)
         dims = list(pop.gate.dims)
-        values = dict(zip(dims, self.gather(dims, pidx, pop.parent)))
+        # aligned on the events a fit reads (none saturated on the gate's channels); which events
+        # are inside the moved gate is decided on all of them
+        values = dict(zip(dims, self.fit_values(dims, pidx, pop.parent)))
 
         def values_of(scope: str):
             sidx = None if scope == ROOT else self._idx_now[scope]
-            return dict(zip(dims, self.gather(dims, sidx, scope)))
+            return dict(zip(dims, self.fit_values(dims, sidx, scope)))
 
         applied, q, note = self.learner.transfer(pop.name, values, self.sample_id, values_of, self.instrument)
         inside = applied.contains(self.gather(applied.dims, pidx, pop.parent))
