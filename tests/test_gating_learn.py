@@ -134,7 +134,7 @@ def test_saturated_events_are_left_out_of_the_alignment():
     learner = Learner(template, [Example("ex", {"pos": template["pos"].gate})], {"ex": sample(example)})
     clean = learner.gate(sample(target), sample_id="tg", medians=False)
     got = learner.gate(sample(saturated), sample_id="tg", medians=False)
-    print(f"\nalignment quality: clean {clean.alignment['pos']:.3f}, a tenth saturated {got.alignment['pos']:.3f}")
+    print(f"\nalignment quality: clean {clean.alignment['pos']:.3f}, saturated {got.alignment['pos']:.3f}")
     assert abs(got.alignment["pos"] - clean.alignment["pos"]) < 0.01
     assert abs(got.populations["pos"].gate.lower[0] - clean.populations["pos"].gate.lower[0]) < 0.01
 
