@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a FlowJo .wsp or a Gating-ML .xml): every other file gets them by density-landmark alignment "
         "(gate source 'learned'; see docs/gating.md, Learned gates)",
     )
-    parser.add_argument("--quiet", action="store_true", help="print only errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
 
 
 def _read_manifest(path: Path) -> pd.DataFrame:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from cytopipe.config import seed_argument
 from cytopipe.errors import WorkflowError
 from cytopipe.pipeline.executors import add_executor_arguments
+from cytopipe.pipeline.progress import quiet_console
 from cytopipe.pipeline.runner import run_workflow
 from cytopipe.report.blinding import add_blinding_arguments
 from cytopipe.workflow import Workflow, load_workflow, workflow_from_options
@@ -53,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_blinding_arguments(parser)
     parser.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="only warnings and errors on the terminal (failed files, problems): no progress, notices "
+        "or summary; RUN_DIR/run.log is as complete as without it",
+    )
 
 
 def workflow_from_args(args: argparse.Namespace) -> Workflow:
@@ -101,14 +110,18 @@ def workflow_from_args(args: argparse.Namespace) -> Workflow:
 
 def run(args: argparse.Namespace) -> int:
     wf = workflow_from_args(args)
-    result = run_workflow(
-        wf,
-        scheduler="distributed" if args.scheduler_address else args.scheduler,
-        address=args.scheduler_address,
-        memory_limit=args.memory_limit,
-        progress=not args.no_progress,
-    )
-    print(result.summary())
+    with quiet_console(args.quiet):
+        result = run_workflow(
+            wf,
+            scheduler="distributed" if args.scheduler_address else args.scheduler,
+            address=args.scheduler_address,
+            memory_limit=args.memory_limit,
+            progress=not args.no_progress,
+        )
+    if not args.quiet:
+        print(result.summary())
+    elif errors := result.summary(errors_only=True):  # a script's or cron's run: errors only
+        print(errors, file=sys.stderr)
     return result.exit_code
 
 

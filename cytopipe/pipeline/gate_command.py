@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import pandas as pd
 
 from cytopipe.gating.command import add_arguments  # noqa: F401 - the command's options, one place
+from cytopipe.pipeline.progress import quiet_console
 from cytopipe.pipeline.runner import run_workflow
 from cytopipe.store import atomic_write_parquet
 from cytopipe.workflow import workflow_from_options
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         return gate_in_one_process(args)
     wf = workflow_from_options(args.manifest, args.template, args.out, **OFF)
     wf.missing_markers = args.missing_markers
-    result = run_workflow(wf, scheduler="synchronous", progress=not args.quiet)
+    with quiet_console(args.quiet):  # run.log as complete as without --quiet
+        result = run_workflow(wf, scheduler="synchronous")
     out = result.out
     stats = result.population_stats
     flagged = stats[stats["gate_flags"].fillna("") != ""] if "gate_flags" in stats else stats.iloc[:0]
@@ -73,4 +76,6 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_parquet(out / "gate_fits.parquet", table)
     if not args.quiet:
         print(result.summary("gate"))
+    elif errors := result.summary("gate", errors_only=True):  # as the single-process gating's
+        print(errors, file=sys.stderr)
     return result.exit_code

@@ -4,31 +4,53 @@ On a terminal the per-sample phases show a tqdm bar; without one (a log file, a 
 write a line at every tenth of the phase ("gate: 31/48 samples, ETA 12 s"). Notices (a reused
 statistics table, the report being written, a warning about the clinical table) go to the run's
 log (``RUN_DIR/run.log``) and, when progress is shown, to stderr. The library never prints
-anything else: the command prints the run's summary.
+anything else: the command prints the run's summary. Under :func:`quiet_console` (``cytopipe run
+--quiet``) the console gets none of it, while run.log gets all of it (progress lines included, as
+without a terminal): warnings and errors still reach stderr through logging.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
+# set by quiet_console() for one command; module state because the console is the process's
+_quiet = False
+
+
+@contextlib.contextmanager
+def quiet_console(quiet: bool = True) -> Iterator[None]:
+    """While active (``quiet``), no progress bar and no notice on stderr; run.log still gets every
+    notice and the progress lines of every phase (warnings reach stderr through logging:
+    ``cytopipe.cli``'s console handler)."""
+    global _quiet
+    before, _quiet = _quiet, bool(quiet) or _quiet
+    try:
+        yield
+    finally:
+        _quiet = before
+
 
 def notice(message: str, show: bool = True, level: int = logging.INFO) -> None:
-    """``message`` in run.log, and on stderr when ``show`` (progress on)."""
+    """``message`` in run.log, and on stderr when ``show`` (progress on) and the console is not
+    quiet (:func:`quiet_console`)."""
     logger.log(level, message)
-    if show:
+    if show and not _quiet:
         print(message, file=sys.stderr, flush=True)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
     """A tqdm bar on a terminal; without one (a log file, a server, CI), progress lines at every
-    tenth of the phase ("gate: 31/48 samples, ETA 12 s") in run.log and on stderr."""
-    if enabled and not _is_terminal(sys.stderr):
+    tenth of the phase ("gate: 31/48 samples, ETA 12 s") in run.log and on stderr (run.log only
+    when the console is quiet)."""
+    if enabled and (_quiet or not _is_terminal(sys.stderr)):
         return ProgressLines(total, desc)
     from tqdm import tqdm
 

@@ -75,31 +75,31 @@ class RunResult:
     def exit_code(self) -> int:
         return EXIT_FAILURES if self.n_failed or self.problems else EXIT_OK
 
-    def summary(self, command: str = "run") -> str:
-        """The lines printed at the end of ``cytopipe COMMAND`` (run, gate --manifest, cluster)."""
+    def summary(self, command: str = "run", errors_only: bool = False) -> str:
+        """The lines printed at the end of ``cytopipe COMMAND`` (run, gate --manifest, cluster).
+        ``errors_only`` (``--quiet``): only the failed files, the problems and the closing line of
+        a run that completed with failures; nothing when it did not."""
         s = self.samples
         counts = s["status"].value_counts().to_dict() if len(s) else {}
-        lines = [
+        header = (
             f"cytopipe {command}: {len(s)} files: {counts.get('ok', 0)} ok, {counts.get('flagged', 0)} flagged, "
             f"{counts.get('failed', 0)} failed ({self.info.get('cached_samples', 0)} reused from a "
-            f"previous run) in {self.info.get('seconds', 0):.1f} s",
-        ]
+            f"previous run) in {self.info.get('seconds', 0):.1f} s"
+        )
         failed = s[s["status"] == "failed"]
-        for _, row in failed.head(50).iterrows():
-            lines.append(f"  failed  {row['sample_id']}: {row['error']}")
+        failures = [f"  failed  {row['sample_id']}: {row['error']}" for _, row in failed.head(50).iterrows()]
         if len(failed) > 50:
-            lines.append(f"  ... {len(failed) - 50} more failed files (all errors in samples.parquet)")
-        for _, row in s[s["status"] == "flagged"].head(20).iterrows():
-            lines.append(f"  flagged {row['sample_id']}: {row['flags']}")
+            failures.append(f"  ... {len(failed) - 50} more failed files (all errors in samples.parquet)")
+        flagged = [f"  flagged {row['sample_id']}: {row['flags']}" for _, row in
+                   s[s["status"] == "flagged"].head(20).iterrows()]  # fmt: skip
         if (s["status"] == "flagged").sum() > 20:
-            lines.append("  ... (all flags in samples.parquet)")
-        for problem in self.problems:
-            lines.append(f"  problem {problem}")
+            flagged.append("  ... (all flags in samples.parquet)")
+        problems = [f"  problem {problem}" for problem in self.problems]
         outputs = [name for name in ("statistics", "clusters") if (self.out / f"{name}.parquet").is_file()]
         report = next((st for st in self.info.get("steps", []) if st.get("step") == "report"), {})
         if report.get("written"):
             outputs.append(report.get("path", "report.html"))
-        lines.append(f"results: {self.out}" + (f" ({', '.join(outputs)})" if outputs else ""))
+        results = f"results: {self.out}" + (f" ({', '.join(outputs)})" if outputs else "")
         why = []
         if self.n_failed:
             why.append(f"{self.n_failed} of {len(s)} files failed")
@@ -108,9 +108,10 @@ class RunResult:
             why.append(
                 f"{n} problem{'s' if n > 1 else ''} in the study-level steps (listed above, and in run.json)"
             )
-        if why:
-            lines.append(f"completed with failures: {'; '.join(why)} (exit code 3)")
-        return "\n".join(lines)
+        closing = [f"completed with failures: {'; '.join(why)} (exit code 3)"] if why else []
+        if errors_only:
+            return "\n".join(failures + problems + closing)
+        return "\n".join([header, *failures, *flagged, *problems, results, *closing])
 
 
 def run_workflow(
