@@ -9,20 +9,23 @@ the executor's tasks waited for ever; with several the run went on with fewer wo
 
 :class:`WorkerKeeper` (one per executor): whenever a local cluster has had fewer live workers than
 its specification names for NO_WORKER_RESTORE_S, the nannies it dropped are started again (a
-warning per restore, naming the worker, every address it had, also one a restart gave it that died
+warning per restore, naming the worker, its latest addresses, also one a restart gave it that died
 before the next check (read from the scheduler's event log, where the WorkerAddresses plugin writes
-each worker's address as it joins), and why it died). :class:`WorkerWatch` (one per phase or
-submitted task): after ``no_worker_timeout`` seconds with no live worker the waiting tasks are
-given up (an existing scheduler, ``--scheduler-address``: a warning every NO_WORKER_WARN_EVERY_S
-meanwhile, while a lab may be starting workers). Once given up, later phases and submitted tasks
-fail at once while the cluster still has no worker, instead of each waiting its own timeout.
+each worker's address as it joins), and why it died). A worker restarted again and again gets a new
+address each time: the warning names SHOW_ADDRESSES of them and how many more (each is in the debug
+log as it is learned), and :class:`AddressHistory` keeps KEEP_ADDRESSES per worker.
+:class:`WorkerWatch` (one per phase or submitted task): after ``no_worker_timeout`` seconds with
+no live worker the waiting tasks are given up (an existing scheduler, ``--scheduler-address``: a
+warning every NO_WORKER_WARN_EVERY_S meanwhile, while a lab may be starting workers). Once given
+up, later phases and submitted tasks fail at once while the cluster still has no worker, instead of
+each waiting its own timeout.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 logger = logging.getLogger("cytopipe.pipeline.executors")  # one logger for the executor's messages
@@ -32,6 +35,46 @@ NO_WORKER_TIMEOUT_LOCAL_S = 120.0
 NO_WORKER_TIMEOUT_EXISTING_S = 1800.0
 NO_WORKER_WARN_EVERY_S = 60.0
 WATCH_EVERY_S = 2.0  # how often the scheduler is asked for its workers while the executor waits
+SHOW_ADDRESSES = 3  # addresses of a worker a restore's warning names (its latest ones)
+KEEP_ADDRESSES = 50  # addresses kept per worker name (its latest): bounded however often it restarts
+
+
+class AddressHistory:
+    """The addresses one worker name had, in the order they were learned: the latest ``keep`` of
+    them, and how many older ones were forgotten (a nanny restarting its worker without end gives
+    it a new address each time)."""
+
+    def __init__(self, keep: int = KEEP_ADDRESSES):
+        self.keep = keep
+        self.latest: dict[str, None] = {}  # a dict keeps the order of insertion
+        self.forgotten = 0
+
+    def add(self, address: str) -> bool:
+        """Record ``address``; False when it is already among the latest."""
+        if address in self.latest:
+            return False
+        self.latest[address] = None
+        if len(self.latest) > self.keep:
+            del self.latest[next(iter(self.latest))]
+            self.forgotten += 1
+        return True
+
+    def __len__(self) -> int:
+        """How many addresses the worker had (forgotten ones included)."""
+        return len(self.latest) + self.forgotten
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.latest)
+
+    def shown(self, n: int = SHOW_ADDRESSES) -> str:
+        """The latest ``n`` addresses and how many others (``"tcp://a, tcp://b and 7 earlier addresses"``)."""
+        if not self.latest:
+            return "address unknown"
+        latest = list(self.latest)[-n:]
+        more = len(self) - len(latest)
+        if not more:
+            return ", ".join(latest)
+        return f"{', '.join(latest)} and {more} earlier address{'es' if more > 1 else ''}"
 
 
 class WorkerKeeper:
@@ -44,7 +87,8 @@ class WorkerKeeper:
         self.cluster = cluster  # None: an existing scheduler (nothing to restore)
         self.timeout = timeout
         self.grace = min(NO_WORKER_RESTORE_S, timeout / 2)
-        self.addresses: dict[str, set[str]] = {}  # worker name -> the addresses it had
+        self.addresses: dict[str, AddressHistory] = {}  # worker name -> the addresses it had
+        self.learned_until = float("-inf")  # the time of the newest WorkerAddresses event read
         self.labels: dict[str, str] = {}  # task key -> the sample it computes (for the messages)
         self.short_since: float | None = None  # when the local cluster was first seen short of workers
         self.restoring: set[str] = set()  # names started again and not seen back yet
@@ -63,7 +107,7 @@ class WorkerKeeper:
             logger.debug("the Dask scheduler did not say which workers it has: %s", exc)
             return 0
         for address, info in workers.items():
-            self.addresses.setdefault(str(info.get("name", address)), set()).add(address)
+            self.learn(str(info.get("name", address)), str(address))
         if self.cluster is not None:
             self._keep_local(len(workers))
         return len(workers)
@@ -117,11 +161,16 @@ class WorkerKeeper:
             if name in self.restoring:
                 continue  # logged when its restore began; still starting
             self.restoring.add(name)
+            history = self.addresses.get(name, AddressHistory())
             logger.warning(
                 "Dask worker %s (%s) %s; the local cluster dropped it and ran with %d of its %d "
                 "workers for %.0f s; started it again",
-                name, ", ".join(sorted(self.addresses.get(name, ()))) or "address unknown",
-                self.why(name), live, len(cluster.worker_spec), time.monotonic() - (self.short_since or 0),
+                name, history.shown(), self.why(name), live, len(cluster.worker_spec),
+                time.monotonic() - (self.short_since or 0),
+            )  # fmt: skip
+            logger.debug(
+                "Dask worker %s had %d address(es); the latest %d: %s", name, len(history),
+                len(history.latest), ", ".join(history),
             )  # fmt: skip
 
     def learn_addresses(self) -> None:
@@ -135,13 +184,23 @@ class WorkerKeeper:
         except Exception as exc:  # noqa: BLE001 - only the messages are poorer
             logger.debug("the Dask scheduler's event log did not answer: %s", exc)
             return
-        for _, event in events:
+        for stamp, event in events:
+            # the scheduler returns its whole log each time: events read before are skipped, or an
+            # address a long history forgot would come back as new (the same time: added once)
+            if stamp < self.learned_until:
+                continue
+            self.learned_until = stamp
             if isinstance(event, Mapping) and event.get("name") is not None and event.get("worker"):
-                self.addresses.setdefault(str(event["name"]), set()).add(str(event["worker"]))
+                self.learn(str(event["name"]), str(event["worker"]))
+
+    def learn(self, name: str, address: str) -> None:
+        """Record that the worker ``name`` had ``address`` (each new one in the debug log)."""
+        if self.addresses.setdefault(name, AddressHistory()).add(address):
+            logger.debug("Dask worker %s has address %s", name, address)
 
     def why(self, name: str) -> str:
         """Why the worker of that name died, from the cluster's event logs (public Client.get_events)."""
-        addresses = self.addresses.get(name, set())
+        addresses = set(self.addresses.get(name, ()))  # its latest KEEP_ADDRESSES
         try:
             memory = [
                 m for _, m in self.client.get_events("worker-restart-memory") if m.get("worker") in addresses
