@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from cytopipe import __version__
 from cytopipe.errors import ServeError
 from cytopipe.serve import api, review, templateops, web
-from cytopipe.serve.auth import AuthError
+from cytopipe.serve.auth import AuthError, dummy_hash
 from cytopipe.serve.blinding import store_codes
 
 # the routers' shared dependencies live in .deps (below the routers); re-exported here so the
@@ -55,6 +55,7 @@ CSP = (
 
 def create_app(config: Config) -> FastAPI:
     ws = Workspace(config)
+    dummy_hash()  # now, not at the first sign-in of an unknown name (which would take longer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

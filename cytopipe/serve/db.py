@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,10 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -243,14 +246,50 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def migrations_head() -> str | None:
+    """The newest migration's revision, read from the files' ``revision = "..."`` and
+    ``down_revision = ...`` lines without importing Alembic; None unless they make one line."""
+    revisions, parents = set(), set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        revision = re.search(r'^revision = "([^"]+)"$', source, re.M)
+        if revision is None:
+            continue  # not a migration (__init__.py)
+        parent = re.search(r'^down_revision = (None|"([^"]+)")$', source, re.M)
+        if parent is None:
+            return None  # a merge, or written another way: Alembic decides
+        revisions.add(revision.group(1))
+        parents.add(parent.group(2))
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _revision(engine: Engine) -> str | None:
+    """The database's Alembic revision (None: none yet, or not readable here)."""
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    except DBAPIError:  # no such table: a new database
+        return None
+    return rows[0] if len(rows) == 1 else None
+
+
 def migrate(engine: Engine) -> None:
-    """Apply every Alembic migration not yet applied (idempotent)."""
+    """Apply every Alembic migration not yet applied (idempotent). A database already at the
+    newest revision is left as it is without importing Alembic (~0.15 s of CPU for every
+    ``cytopipe review`` or ``audit`` command)."""
+    head = migrations_head()
+    if head is not None and _revision(engine) == head:
+        return
     from alembic import command
     from alembic.config import Config
     from alembic.migration import MigrationContext
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
         before = MigrationContext.configure(conn).get_current_revision()
         cfg.attributes["connection"] = conn
