@@ -55,6 +55,15 @@ def test_run_quiet_shows_only_warnings_and_errors(tmp_path):
     assert_same_outputs(tmp_path / "plain", tmp_path / "quiet")
     assert _log(tmp_path / "quiet") == _log(tmp_path / "plain")
     assert any("register: N/N samples" in line for line in _log(tmp_path / "quiet"))
+    # `cytopipe gate --manifest --quiet` (the same pipeline): its errors too, as its single-process
+    # path prints them (it printed nothing at all, exit code 3 alone saying something failed)
+    gate = cli("gate", "--manifest", str(wf.parent / "manifest.csv"), "--template", str(TEMPLATE),
+               "--out", str(tmp_path / "gated"), "-q")  # fmt: skip
+    assert gate.returncode == 3, gate.stderr
+    assert gate.stdout == ""
+    shown = [line for line in gate.stderr.splitlines() if not line.startswith("cytopipe gate: warning: ")]
+    assert [line.split(":")[0] for line in shown] == failed, gate.stderr
+    assert shown[0] == errors[0] and shown[1].startswith("completed with failures: 1 of "), gate.stderr
 
 
 def test_run_and_gate_take_quiet_and_q():
