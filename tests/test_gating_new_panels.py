@@ -58,7 +58,9 @@ def test_a_file_whose_gate_needs_the_pooled_estimate_is_gated_with_it(tmp_path, 
     files = [
         shared_path(*SDY736, "Hs90208C20090205_00.583331.fcs"),
         shared_path(*SDY736, "Hs90210C20090205_00.583065.fcs"),
-        _first_events(shared_path(*SDY736, "Hs90211C20090205_00.583066.fcs"), tmp_path / "Hs90211_80.fcs", 80),
+        _first_events(
+            shared_path(*SDY736, "Hs90211C20090205_00.583066.fcs"), tmp_path / "Hs90211_80.fcs", 80
+        ),
     ]
     template = tmp_path / "t_panel.yaml"
     _t_cell_copy(template, {"CD8": "PE-Texas Red-A"}, min_events=100)
@@ -140,7 +142,9 @@ def test_a_run_gates_a_file_whose_gate_needs_the_pooled_estimate(tmp_path):
     estimate ... to fall back on") and pass 2 never gated it."""
     names = ["Hs90208C20090205_00.583331", "Hs90210C20090205_00.583065"]
     paths = [shared_path(*SDY736, n + ".fcs") for n in names]
-    paths.append(_first_events(shared_path(*SDY736, "Hs90211C20090205_00.583066.fcs"), tmp_path / "Hs90211_80.fcs", 80))
+    paths.append(
+        _first_events(shared_path(*SDY736, "Hs90211C20090205_00.583066.fcs"), tmp_path / "Hs90211_80.fcs", 80)
+    )
     rows = [f"{p},S{i},P{i},0,A" for i, p in enumerate(paths)]
     (tmp_path / "manifest.csv").write_text("file,sample_id,patient_id,visit,arm\n" + "\n".join(rows) + "\n")
     _t_cell_copy(tmp_path / "t_panel.yaml", {"CD8": "PE-Texas Red-A"}, min_events=100)
@@ -150,7 +154,9 @@ def test_a_run_gates_a_file_whose_gate_needs_the_pooled_estimate(tmp_path):
         "report: {enabled: false}\n"
     )
     assert main(["run", str(tmp_path / "wf.yaml")]) == 0
-    stats = pd.read_parquet(tmp_path / "out" / "population_stats.parquet").set_index(["sample_id", "population"])
+    stats = pd.read_parquet(tmp_path / "out" / "population_stats.parquet").set_index(
+        ["sample_id", "population"]
+    )
     lymph = stats.loc[("S2", "Lymphocytes")]
     assert lymph["gate_source"] == "pooled"
     assert "used the cohort estimate (median of 2 samples)" in lymph["gate_flags"]
@@ -161,7 +167,9 @@ def test_template_check_says_when_files_are_too_small_for_the_first_gate(tmp_pat
     """SDY736's files have 1 000 events; the canonical Lymphocytes gate needs 2 000 (`min_events`).
     The check said "every population can be gated" (exit 0); `cytopipe gate` then left every
     population empty (flags only, exit 0)."""
-    files = [shared_path(*SDY736, n) for n in ("Hs90208C20090205_00.583331.fcs", "Hs90210C20090205_00.583065.fcs")]
+    files = [
+        shared_path(*SDY736, n) for n in ("Hs90208C20090205_00.583331.fcs", "Hs90210C20090205_00.583065.fcs")
+    ]
     template = tmp_path / "t_panel.yaml"
     _t_cell_copy(template, {"CD8": "PE-Texas Red-A"}, min_events=2000)
     assert main(["template", "check", *map(str, files), "--template", str(template)]) == 3

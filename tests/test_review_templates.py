@@ -149,7 +149,10 @@ def test_migration_0007_gives_carried_over_changes_back_to_who_made_them(backend
         upgraded = ("quinn", t0, 1, "fit failure", 1, 2)
         engine, sessions = open_database(url)  # what `cytopipe serve` does at start-up
         with engine.connect() as con:
-            assert tuple(con.execute(sa.text(f"SELECT {columns} FROM review_decisions WHERE id = 2")).one()) == upgraded
+            assert (
+                tuple(con.execute(sa.text(f"SELECT {columns} FROM review_decisions WHERE id = 2")).one())
+                == upgraded
+            )
             assert tuple(con.execute(sa.text(f"SELECT {columns} FROM review_decisions WHERE id = 1")).one()) == (
                 "quinn", t0, 1, "fit failure", None, None)  # fmt: skip
         with sessions() as db:
@@ -168,7 +171,10 @@ def test_migration_0007_gives_carried_over_changes_back_to_who_made_them(backend
             assert "carried_from" not in {c["name"] for c in sa.inspect(con).get_columns("review_decisions")}
         _alembic(engine, "upgrade", "head")
         with engine.connect() as con:
-            assert tuple(con.execute(sa.text(f"SELECT {columns} FROM review_decisions WHERE id = 2")).one()) == upgraded
+            assert (
+                tuple(con.execute(sa.text(f"SELECT {columns} FROM review_decisions WHERE id = 2")).one())
+                == upgraded
+            )
         engine.dispose()
     finally:
         drop()

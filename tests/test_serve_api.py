@@ -257,7 +257,9 @@ def test_the_mapping_takes_visits_as_the_manifest_writes_them(server, serve_tria
     r = ana.post(f"/api/studies/{sid}/mapping", json={"rows": refused}, headers=ana.h)
     assert r.status_code == 400, r.text
     assert r.json()["detail"] == f"the mapping was not saved: {rows[0]['name']}: {visit_problem('M3')}"
-    assert "months are no whole number of weeks" in r.json()["detail"] and "BL / Baseline" in r.json()["detail"]
+    assert (
+        "months are no whole number of weeks" in r.json()["detail"] and "BL / Baseline" in r.json()["detail"]
+    )
     assert not any(x["confirmed"] for x in ana.get(f"/api/studies/{sid}/mapping").json())  # nothing saved
     assert ana.get("/api/audit", params={"limit": 1}).json()[0]["id"] == audit_before  # nothing recorded
     texts = ["W04", "Week 4", "D28", "BL"]
