@@ -324,4 +324,8 @@ def test_a_worker_restarted_and_killed_between_two_checks_is_named_by_its_last_a
     assert len(restored) == 1, restored
     assert restored[0].startswith(f"Dask worker {name} ("), restored[0]
     assert first in restored[0] and second in restored[0], restored[0]
-    assert "died while it ran no sample" in restored[0], restored[0]
+    # why it died: while it ran no sample; or, when its nanny started it a third time just as the
+    # cluster dropped the nanny (seen once under a load average of ~10), that last start took the
+    # map's shared-state task and died with it, which the warning then says, rightly
+    assert ("died while it ran no sample" in restored[0]
+            or "died while it computed a phase's shared state" in restored[0]), restored[0]  # fmt: skip
