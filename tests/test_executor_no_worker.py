@@ -24,34 +24,42 @@ def _slow_item(item: int, shared: str) -> dict:
     return {"i": item, "shared": shared, "pid": os.getpid()}
 
 
+def map_killing_the_worker(ex, func) -> tuple[dict, int]:
+    """``ex.map`` of 8 items over ``func`` in a thread, the executor's one worker killed (SIGKILL)
+    once the first item is back, with ``lost-worker-timeout`` 0 s (its LocalCluster drops the
+    nanny at once): the items' results once the map ends, which it must, with all 8, and the
+    killed worker's pid."""
+    import dask
+
+    got: dict = {}
+    [first_pid] = ex.client.run(os.getpid).values()
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "0s"}):
+        thread, box = in_thread(lambda: got.update(ex.map(func, list(range(8)), "shared", "dropped", False)))
+        deadline = time.monotonic() + HANG_GUARD_S
+        while not got and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got, "no sample finished before the worker was to be killed"
+        os.kill(first_pid, signal.SIGKILL)
+        thread.join(timeout=HANG_GUARD_S)
+    assert not thread.is_alive(), "the map hung on a cluster without a worker"
+    assert "error" not in box, box.get("error")
+    assert sorted(got) == list(range(8))
+    return got, first_pid
+
+
 def test_a_local_cluster_that_dropped_its_worker_starts_it_again_and_the_map_ends(caplog):
     """What hung `-n 2` runs: a worker dies, its nanny restarts it, and dask's LocalCluster closes that
     nanny for good when `distributed.deploy.lost-worker-timeout` passes while no worker of its name is
     registered (here 0 s instead of 15 s, so that it happens every time instead of under load). The
     map waited for ever; now the executor notices the cluster has no live worker, starts the
     dropped worker process again and every sample comes back."""
-    import dask
 
     from cytopipe.pipeline import DaskExecutor
 
     caplog.set_level(logging.WARNING, logger="cytopipe.pipeline.executors")
     ex = DaskExecutor(workers=1)
-    got: dict = {}
     try:
-        [first_pid] = ex.client.run(os.getpid).values()
-        with dask.config.set({"distributed.deploy.lost-worker-timeout": "0s"}):
-            thread, box = in_thread(
-                lambda: got.update(ex.map(_slow_item, list(range(8)), "shared", "dropped", False))
-            )
-            deadline = time.monotonic() + HANG_GUARD_S
-            while not got and thread.is_alive() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert got, "no sample finished before the worker was to be killed"
-            os.kill(first_pid, signal.SIGKILL)
-            thread.join(timeout=HANG_GUARD_S)
-        assert not thread.is_alive(), "the map hung on a cluster without a worker"
-        assert "error" not in box, box.get("error")
-        assert sorted(got) == list(range(8))
+        got, first_pid = map_killing_the_worker(ex, _slow_item)
         for i, value in got.items():
             assert value["i"] == i and value["shared"] == "shared", value
         assert any(value["pid"] != first_pid for value in got.values())

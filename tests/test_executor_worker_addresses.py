@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 
-from tests.support.threads import in_thread
-
-HANG_GUARD_S = 240  # far above what the map needs (~15 s); reached only by a hang
+from tests.test_executor_no_worker import map_killing_the_worker
 
 
 def _slow_item(item: int, shared: str) -> dict:
@@ -74,32 +71,17 @@ def test_a_restored_worker_restarted_many_times_is_named_by_its_latest_addresses
     dropped by the LocalCluster (`distributed.deploy.lost-worker-timeout` 0 s, as in
     test_executor_no_worker.py): the restore's warning names its latest SHOW_ADDRESSES addresses
     and how many earlier ones it had; the debug log has every one."""
-    import dask
 
     from cytopipe.pipeline import DaskExecutor
     from cytopipe.pipeline.worker_watch import SHOW_ADDRESSES
 
     caplog.set_level(logging.DEBUG, logger="cytopipe.pipeline.executors")
     ex = DaskExecutor(workers=1)
-    got: dict = {}
     try:
         for _ in range(SHOW_ADDRESSES):  # the nanny restarts its worker: a new address each time
             [address] = ex.client.scheduler_info(n_workers=-1)["workers"]
             ex.client.restart_workers([address])
-        [first_pid] = ex.client.run(os.getpid).values()
-        with dask.config.set({"distributed.deploy.lost-worker-timeout": "0s"}):
-            thread, box = in_thread(
-                lambda: got.update(ex.map(_slow_item, list(range(8)), "shared", "dropped", False))
-            )
-            deadline = time.monotonic() + HANG_GUARD_S
-            while not got and thread.is_alive() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert got, "no sample finished before the worker was to be killed"
-            os.kill(first_pid, signal.SIGKILL)
-            thread.join(timeout=HANG_GUARD_S)
-        assert not thread.is_alive(), "the map hung on a cluster without a worker"
-        assert "error" not in box, box.get("error")
-        assert sorted(got) == list(range(8))
+        map_killing_the_worker(ex, _slow_item)
     finally:
         ex.close()
     records = [r for r in caplog.records if r.name == "cytopipe.pipeline.executors"]
