@@ -62,6 +62,18 @@ def _blinded_study(c, trial, name: str, clinical: bytes) -> tuple[int, dict[str,
     return sid, codes, rows
 
 
+def _start_run(c, sid: int, rows: list[dict]) -> int:
+    """Save the study's mapping ``rows`` and start a run of it: the run's id."""
+    assert c.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=c.h).status_code == 200
+    return c.post(f"/api/studies/{sid}/runs", headers=c.h).json()["id"]
+
+
+def _start_blinded_run(c, trial, name: str) -> tuple[dict[str, str], int]:
+    """A blinded study of ``trial`` with its clinical table, its run started: (codes, run id)."""
+    sid, codes, rows = _blinded_study(c, trial, name, (trial / "clinical.csv").read_bytes())
+    return codes, _start_run(c, sid, rows)
+
+
 def _kept_and_shown(server, c, sid: int, run_id: int) -> dict[str, str]:
     """Everything the server keeps (the run folder's own files beside ``input/`` and ``out/``, the
     stored error) and shows (the run's page, its status, the study) of the run."""
@@ -90,8 +102,7 @@ def test_a_blinded_studys_run_log_names_no_arm(server, serve_trial):
     p001 = truth["P001_W00"]
     other = next(a for a in codes if a != p001)
     rows = [{**r, "arm": codes[other]} if r["patient_id"] == "P001" else r for r in rows]
-    assert c.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=c.h).status_code == 200
-    run_id = c.post(f"/api/studies/{sid}/runs", headers=c.h).json()["id"]
+    run_id = _start_run(c, sid, rows)
     status = c.wait_run(run_id)
     assert status["status"] == "finished" and status["exit_code"] == 3, status
 
@@ -113,8 +124,7 @@ def test_a_blinded_study_with_spaces_before_its_arm_names_runs_and_names_no_arm(
     ).encode("utf-8")  # fmt: skip  ("P001,0, placebo,...")
     c = server.client()
     sid, codes, rows = _blinded_study(c, serve_trial, "blinded error", spaced)
-    assert c.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=c.h).status_code == 200
-    run_id = c.post(f"/api/studies/{sid}/runs", headers=c.h).json()["id"]
+    run_id = _start_run(c, sid, rows)
     status = c.wait_run(run_id)
     assert status["status"] == "finished" and status["exit_code"] == 0, status  # was: failed, exit 2
 
@@ -208,11 +218,7 @@ def test_console_log_names_no_arm_while_the_run_runs_nor_after_a_kill(serve_tria
     data.mkdir()
     with serving(data, "sqlite") as srv:
         c = srv.client()
-        sid, codes, rows = _blinded_study(
-            c, serve_trial, "blinded console", (serve_trial / "clinical.csv").read_bytes()
-        )
-        assert c.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=c.h).status_code == 200
-        run_id = c.post(f"/api/studies/{sid}/runs", headers=c.h).json()["id"]
+        codes, run_id = _start_blinded_run(c, serve_trial, "blinded console")
         folder = data / "runs" / str(run_id)
         during = _until_said(folder / "console.log", (folder / "status.json").exists)
         pid = c.get(f"/api/runs/{run_id}").json()["pid"]
@@ -240,11 +246,7 @@ def test_an_exports_log_names_no_arm_while_it_runs_nor_after_the_server_is_kille
     data.mkdir()
     with serving(data, "sqlite") as srv:
         c = srv.client()
-        sid, codes, rows = _blinded_study(
-            c, serve_trial, "blinded export", (serve_trial / "clinical.csv").read_bytes()
-        )
-        assert c.post(f"/api/studies/{sid}/mapping", json={"rows": rows}, headers=c.h).status_code == 200
-        run_id = c.post(f"/api/studies/{sid}/runs", headers=c.h).json()["id"]
+        codes, run_id = _start_blinded_run(c, serve_trial, "blinded export")
         assert c.wait_run(run_id)["status"] == "finished"
         r = c.post(f"/api/runs/{run_id}/anndata", json={"population": "Treg", "max_events_per_sample": 50},
                    headers=c.h)  # fmt: skip
