@@ -19,6 +19,7 @@ _FF00 = np.uint64(0xFF00)
 _U8 = np.uint32(8)
 _U24 = np.uint32(24)
 _U0xFF00 = np.uint32(0xFF00)
+_U16_8 = np.uint16(8)
 
 
 @nb.njit(cache=True, nogil=True)
@@ -44,32 +45,34 @@ def decode_u16(raw, out, masks, swap):  # pragma: no cover - compiled
     it, a plain loop that vectorises. Returns the OR of the bits the masks removed (non-zero:
     some value had bits above its $PnR).
 
-    The arithmetic is int32 on purpose: numba widens uint16 operations to 64 bits, which
-    quarters the vector width (the loop ran ~1.5x slower)."""
-    acc = np.int32(0)
+    Every intermediate is cut back to 16 bits (``np.uint16(...)``) on purpose: numba types
+    integer operations as 64-bit (int32 too), and the 64-bit OR accumulator made LLVM vectorise
+    the whole loop 4 values wide (2026-12-07, the 2-core Intel Xeon VM: 2.6 instead of 3.8 ms of
+    CPU per 20M values in cache; :func:`decode_u32` 2.7 instead of 7.5)."""
+    acc = np.uint16(0)
     n = masks.size
     for b in range(0, raw.size, n):
         r = raw[b : b + n]  # slices: unsigned loop indices, no wraparound checks
         o = out[b : b + n]
         if swap:
             for i in range(r.size):
-                x = np.int32(r[i])
-                x = ((x >> 8) | (x << 8)) & 0xFFFF
-                m = np.int32(masks[i])
-                acc |= x & ~m
-                o[i] = np.float32(x & m)
+                x = np.uint16((r[i] >> _U16_8) | (r[i] << _U16_8))
+                m = masks[i]
+                acc = np.uint16(acc | (x & ~m))
+                o[i] = np.float32(np.uint16(x & m))
         else:
             for i in range(r.size):
-                x = np.int32(r[i])
-                m = np.int32(masks[i])
-                acc |= x & ~m
-                o[i] = np.float32(x & m)
+                x = r[i]
+                m = masks[i]
+                acc = np.uint16(acc | (x & ~m))
+                o[i] = np.float32(np.uint16(x & m))
     return acc
 
 
 @nb.njit(cache=True, nogil=True)
 def decode_u32(raw, out, masks, swap):  # pragma: no cover - compiled
-    """:func:`decode_u16` for 32-bit integers (float32 rounds to nearest, as numpy's cast)."""
+    """:func:`decode_u16` for 32-bit integers (float32 rounds to nearest, as numpy's cast);
+    intermediates cut back to 32 bits for the same reason."""
     acc = np.uint32(0)
     n = masks.size
     for b in range(0, raw.size, n):
@@ -78,16 +81,16 @@ def decode_u32(raw, out, masks, swap):  # pragma: no cover - compiled
         if swap:
             for i in range(r.size):
                 x = r[i]
-                x = (x >> _U24) | ((x >> _U8) & _U0xFF00) | ((x & _U0xFF00) << _U8) | (x << _U24)
+                x = np.uint32((x >> _U24) | ((x >> _U8) & _U0xFF00) | ((x & _U0xFF00) << _U8) | (x << _U24))
                 m = masks[i]
-                acc |= x & ~m
-                o[i] = np.float32(x & m)
+                acc = np.uint32(acc | (x & ~m))
+                o[i] = np.float32(np.uint32(x & m))
         else:
             for i in range(r.size):
                 x = r[i]
                 m = masks[i]
-                acc |= x & ~m
-                o[i] = np.float32(x & m)
+                acc = np.uint32(acc | (x & ~m))
+                o[i] = np.float32(np.uint32(x & m))
     return acc
 
 
