@@ -24,6 +24,24 @@ reader that returns a fresh float32 matrix). Then the peak memory of ``cytopipe.
 (tracemalloc, which sees numpy's allocations) relative to the matrix it returns. On a loaded
 machine wall time mostly measures the wait for a core: compare the CPU columns.
 
+Why int16 stays below 0.8x of its floor by CPU time on the Intel Xeon VM (2026-12-07, 03:15-03:23
+UTC, load average 7-10 from other sessions on this 2-core guest, CPU time, min of 15 reads, the
+previous code and this one alternated 3 times): a fresh 80 MB float32 matrix costs more than the
+whole int16 floor here. Faulting it in (numpy's 2 MB pages, 37-40 THP faults) takes ~10 ms of
+kernel time; the floor, 40 MB faulted and copied, 9.3-10.8 ms; ``output alone`` 14.0-14.7 ms =
+0.64-0.77x. No single-threaded decode into a fresh matrix reaches 0.8x by CPU on this VM; into a
+reused buffer it does (0.81-0.89x). Found and fixed: numba typed the decode kernels' OR
+accumulator as 64-bit, so LLVM vectorised the loop 4 values wide (decode_u16 3.8 ms per 20M
+values in cache, now 2.6): the fresh int16 read went from 20.4-21.2 to 18.6-19.1 ms of CPU.
+Tried and not kept: two threads decoding pieces of the DATA (both cores fault in pages: the same
+CPU time, a shorter wall time; it meets the ratio only by using a second core against a
+one-thread floor, and the pipeline's workers, which keep every core busy, gain nothing); within
+the noise: mapped chunks of 4 or 64 MiB, mask blocks of 64 or 1024 rows, no unmapping of decoded
+pages; slower: reading through a reused 64 KiB-1 MiB buffer instead of the mapping, reading the
+raw bytes into the upper half of the output and widening in place (the floor's copy plus the
+faults of the lower half). Not done: matrices from a pool of already-faulted memory (what
+``cytopipe reused`` measures): the process would keep the memory after the sample is dropped.
+
 Why int16 stays below 0.8x of its own floor (2026-12-03, 2-core KVM guest, load average 9-13,
 CPU time, 1M x 20, this code and the previous one alternated, 15 reads each): the floor reads
 40 MB into a fresh 40 MB array in 9.8-10.6 ms. Any reader that returns float32 must fill a
