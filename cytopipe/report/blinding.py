@@ -60,19 +60,26 @@ def arm_codes(
     """``{arm: code}`` for every arm.
 
     ``key``: a mapping, or a CSV (columns ``arm,code``) / JSON (``{"arm": "code"}``) file. Every
-    arm must have a code, codes must be distinct, and no code may contain an arm name.
-    Without a key, ``Arm A``, ``Arm B``, ... are assigned by a permutation seeded with SHA-256 of
+    arm must have a code, codes must be distinct, and no code may contain an arm name (one of one or
+    two characters: as a word). Without a key, ``Arm A``, ``Arm B``, ... (``Arm 1``, ... or
+    ``Group 1``, ... when an arm is named like a word of those, e.g. ``A``) are assigned by a permutation seeded with SHA-256 of
     ``secret`` (deterministic), or drawn from system entropy when there is no secret.
     """
     arms = sorted({str(a) for a in arms if a is not None and not pd.isna(a) and str(a) != ""})
     if key is None:
-        letters = [_letter(i) for i in range(len(arms))]
+        order = list(range(len(arms)))
         if secret:
             seed = int.from_bytes(hashlib.sha256(b"cytopipe-blinding\0" + secret).digest()[:8], "big")
-            random.Random(seed).shuffle(letters)
+            random.Random(seed).shuffle(order)
         else:
-            random.SystemRandom().shuffle(letters)
-        return {arm: f"Arm {code}" for arm, code in zip(arms, letters)}
+            random.SystemRandom().shuffle(order)
+        shown = leak_pattern(arms)
+        # arms named like a code's word (``A``, ``B``; ``Arm``) would show in ``Arm A``: other codes
+        for scheme in (lambda i: f"Arm {_letter(i)}", lambda i: f"Arm {i + 1}", lambda i: f"Group {i + 1}"):
+            codes = {arm: scheme(i) for arm, i in zip(arms, order)}
+            if not any(shown.search(code) for code in codes.values()):
+                break
+        return codes
     mapping = _read_key(key) if not isinstance(key, Mapping) else {str(k): str(v) for k, v in key.items()}
     missing = [a for a in arms if a not in mapping]
     if missing:
@@ -82,13 +89,13 @@ def arm_codes(
         raise ReportError(
             "the blinding key gives two arms the same code; codes must be distinct", key="blind_key"
         )
+    shown = leak_pattern(arms)  # as the leak check reads a code: short names as whole words
     for code in codes.values():
-        for name in arms:
-            if name.lower() in code.lower():
-                raise ReportError(
-                    f"code {code!r} (for one arm) contains an arm name; choose neutral codes such as 'Arm A'",
-                    key="blind_key",
-                )
+        if shown.search(code):
+            raise ReportError(
+                f"code {code!r} (for one arm) contains an arm name; choose neutral codes such as 'Arm A'",
+                key="blind_key",
+            )
         if not code.strip():
             raise ReportError("the blinding key has an empty code", key="blind_key")
     return codes
@@ -158,8 +165,9 @@ def hide_arm_order(table: pd.DataFrame | None, codes: Mapping[str, str]) -> pd.D
 
 
 def _pattern(codes: Mapping[str, str]) -> re.Pattern:
-    names = sorted(codes, key=len, reverse=True)
-    return re.compile("|".join(re.escape(n) for n in names) or "(?!)", re.IGNORECASE)
+    """The arm names of ``codes`` as the leak check finds them (:func:`leak_pattern`): a name of one
+    or two characters as a whole word only (``A`` not inside ``CD45RA``), longer names anywhere."""
+    return leak_pattern(codes)
 
 
 def find_leaks(texts: Mapping[str, str], arms: Iterable[str]) -> list[str]:
