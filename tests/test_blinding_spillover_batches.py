@@ -102,3 +102,30 @@ def test_a_batch_named_like_an_arm_has_its_spillover_matrix_coded_by_blinding(tm
     code = _code(out)
     assert set(_spillovers(out)) == {"spillover_site_S1.csv", f"spillover_site_{code}.csv"}
     assert _recorded(out) == sorted(_spillovers(out)) and ARM not in _shown(out).lower()
+
+
+def test_a_batch_named_like_an_arm_in_another_case_is_given_back_as_written(tmp_path):
+    """The batch ``Placebo`` of the arm ``placebo``: blinding codes it as the arm (a code written in
+    the batch's case would tell the arm's case, and so which arm it is); unblinding gives it back as
+    the manifest writes it, in the tables, run.json and the file names: as the unblinded run wrote
+    them. Before, it came back as ``placebo``."""
+    trial = _trial(tmp_path / "trial")
+    manifest = pd.read_csv(trial / "manifest.csv")
+    manifest["site"] = manifest["site"].replace({ARM: "Placebo"})
+    manifest.to_csv(trial / "manifest.csv", index=False)
+    plain, out = tmp_path / "plain", tmp_path / "run"
+    _run(_spec(trial, plain, blinded=False))
+    _run(_spec(trial, out, blinded=True))
+    code = _code(out)
+    assert set(_spillovers(out)) == {"spillover_site_S1.csv", f"spillover_site_{code}.csv"}
+    assert ARM not in _shown(out).lower()
+
+    proc = cli("unblind", str(out), "--key", str(trial / "manifest.csv"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _spillovers(out) == _spillovers(plain)  # was spillover_site_placebo.csv
+    assert _recorded(out) == _recorded(plain) == ["spillover_site_Placebo.csv", "spillover_site_S1.csv"]
+    for table in ("samples.parquet", "study/spillover_quality.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / table), pd.read_parquet(plain / table), obj=table)
+    info, ref = (json.loads((d / "run.json").read_text(encoding="utf-8")) for d in (out, plain))
+    assert info["study_state"] == ref["study_state"]
+    assert [s.get("control_sets") for s in info["steps"]] == [s.get("control_sets") for s in ref["steps"]]

@@ -45,10 +45,16 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     folder = RunFolder(run_dir)
     info = read_run_info(folder.path)
     codes = _folder_codes(folder.path, info)
+    cases: dict[str, dict[str, str]] = {}
     if codes is not None:  # a blinded folder: its arms as the manifest names them, in memory only
         from cytopipe.report.blinding import recode_obj
+        from cytopipe.report.blindrecord import source_tables
+        from cytopipe.report.unblind import case_spellings, respell_info
 
         info = recode_obj(info, codes, unblind=True)
+        # a batch spelt with an arm name in another case (``Placebo``): as the manifest spells it
+        cases = case_spellings(source_tables(info.get("workflow")), codes)
+        info = respell_info(info, cases)
     wf = Workflow.from_dict(info["workflow"])
     for key, path in (("template", wf.template), ("manifest", wf.manifest)):
         if not Path(path).is_file():
@@ -93,7 +99,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     if codes is not None:
         from cytopipe.report.blinding import unblind_frame
 
-        samples = unblind_frame(samples, codes)
+        samples = unblind_frame(samples, codes, cases)
     usable = samples[samples["status"].isin(["ok", "flagged"]) & samples["control"].fillna("").eq("")]
     sha = dict(zip(usable["sample_id"], usable["sha256"]))
     jobs = [dict(j, sha256=sha[j["sample_id"]]) for j in jobs if j["sample_id"] in sha]

@@ -244,9 +244,13 @@ def _word_pattern(names: Iterable[str]) -> re.Pattern:
     return re.compile(rf"(?<![A-Za-z0-9])(?:{body})(?![A-Za-z0-9])")
 
 
-def unblind_frame(table: pd.DataFrame | None, codes: Mapping[str, str]) -> pd.DataFrame | None:
+def unblind_frame(
+    table: pd.DataFrame | None, codes: Mapping[str, str], cases: Mapping[str, Mapping[str, str]] | None = None
+) -> pd.DataFrame | None:
     """The inverse of :func:`blind_frame`: codes back to arm names (exact in ``arm``, whole words
-    elsewhere, case-sensitive so ordinary words are never touched)."""
+    elsewhere, case-sensitive so ordinary words are never touched). ``cases``: the values of the
+    study's inputs spelt with an arm name in another case, by column
+    (:func:`cytopipe.report.unblind.case_spellings`), given back as they were written."""
     if table is None:
         return None
     inverse = {c: a for a, c in codes.items()}
@@ -259,10 +263,13 @@ def unblind_frame(table: pd.DataFrame | None, codes: Mapping[str, str]) -> pd.Da
                 col.map(lambda v: inverse.get(str(v), v) if isinstance(v, str) else v), col
             )
         elif col.dtype == object or pd.api.types.is_string_dtype(col):
-            out[column] = _same_dtype(
-                col.map(lambda v: pattern.sub(lambda m: inverse[m.group(0)], v) if isinstance(v, str) else v),
-                col,
-            )
+            spelt = (cases or {}).get(str(column)) or {}
+
+            def decode(v: str, spelt: Mapping[str, str] = spelt) -> str:
+                v = pattern.sub(lambda m: inverse[m.group(0)], v)
+                return spelt.get(v, v)
+
+            out[column] = _same_dtype(col.map(lambda v: decode(v) if isinstance(v, str) else v), col)
     return out
 
 
@@ -326,6 +333,7 @@ def recode_folder(
     unblind: bool = False,
     report: tuple[Path, Path] | None = None,
     newly: bool = False,
+    cases: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[str]:
     """Rewrite the tables cytopipe wrote in a run folder with arm names replaced by codes (or back):
     its Parquet tables and text files (:func:`cytopipe.report.blindfiles.folder_files`: known places
@@ -339,19 +347,27 @@ def recode_folder(
     can only have appeared since. ``newly``: the folder was not blinded before (a run that blinds
     it has written its tables coded already, so nothing else may need recoding): its reports are
     removed all the same, as every one of them was written unblinded. Returns the files rewritten
-    (relative paths)."""
+    (relative paths). ``cases`` (unblinding): see :func:`unblind_frame`."""
     from cytopipe.report.blindfiles import check_user_files, folder_files, spillover_names, spillover_renames
     from cytopipe.store import CATALOG, TABLES, atomic_write_bytes, atomic_write_json, atomic_write_parquet
 
     run_dir = Path(run_dir)
     # a per-batch spillover matrix named by a batch named like an arm: renamed as run.json names it
-    renames = spillover_renames(run_dir, info, lambda name: str(recode_obj(name, codes, unblind)))
+    # (unblinding: a batch spelt with an arm name in another case, ``Placebo``, decodes as the arm,
+    # ``placebo``: named as run.json, given its spelling back, names it)
+    named = {n.casefold(): n for n in spillover_names(info)} if unblind else {}
+
+    def recode(name: str) -> str:
+        new = str(recode_obj(name, codes, unblind))
+        return named.get(new.casefold(), new)
+
+    renames = spillover_renames(run_dir, info, recode)
     spillovers = spillover_names(info) | set(renames)
     if not unblind:  # the message may be kept in the blinded run.json: it names no arm
         check_user_files(run_dir, partial(find_leaks, arms=codes), name_arms=False, spillovers=spillovers, report=report,
                          todo="Its files were not recoded. Move the file out of the run folder (or take the "
                          "arm names out of it), then run the command again")  # fmt: skip
-    swap = unblind_frame if unblind else blind_frame
+    swap = partial(unblind_frame, cases=cases) if unblind else blind_frame
     tables: dict[str, pd.DataFrame] = {}
     changed: list[str] = []
     for old, new in renames.items():  # the old name's file is the current one (e.g. the run's own)

@@ -14,6 +14,7 @@ against it.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,7 @@ def _key_codes(record: dict[str, Any], key: Path, run_dir: Path, info: dict[str,
 def unblind_run(run_dir: str | Path, key: str | Path, report: bool = True) -> dict[str, Any]:
     """Unblind a run folder with its key (see the module docstring); returns what was done."""
     from cytopipe.report.blinding import RECORD, _now, _user, recode_folder, recode_obj, run_record
+    from cytopipe.report.blindrecord import source_tables
     from cytopipe.store import read_run_info
 
     run_dir, key = Path(run_dir), Path(key)
@@ -99,12 +101,83 @@ def unblind_run(run_dir: str | Path, key: str | Path, report: bool = True) -> di
         "key": key.name,
     }
     new_info = recode_obj({k: v for k, v in info.items() if k != RECORD}, codes, unblind=True)
+    # values spelt with an arm name in another case (a batch ``Placebo``): as the inputs spell them
+    manifest = pd.read_csv(key, dtype=str, keep_default_na=False) if _is_manifest(key) else None
+    cases = case_spellings(source_tables(new_info.get("workflow"), manifest), codes)
+    new_info = respell_info(new_info, cases)
     new_info[RECORD] = {"blinded": False, "log": [*record.get("log", []), entry]}
     # the report written below names the files it keeps in report_tables/ (named once)
     written = (run_dir / "report.html", run_dir / "report_tables") if report and had_report else None
-    files = recode_folder(run_dir, codes, new_info, unblind=True, report=written)
+    files = recode_folder(run_dir, codes, new_info, unblind=True, report=written, cases=cases)
     if report and had_report:
         from cytopipe.report import write_report
 
         write_report(run_dir)
     return {"run_dir": str(run_dir), "codes": codes, "files": files, "log": entry}
+
+
+def _is_manifest(key: Path) -> bool:
+    """The key given is the study manifest (a CSV with an ``arm`` column and no ``code`` column)."""
+    if key.suffix.lower() == ".json":
+        return False
+    try:
+        columns = pd.read_csv(key, dtype=str, keep_default_na=False, nrows=0).columns
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return "arm" in columns and "code" not in columns
+
+
+def case_spellings(tables: Iterable[pd.DataFrame], codes: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """``{column: {value as decoded: value as written}}`` for the values of the study's inputs
+    (manifest, clinical table) that hold an arm name in another case than the arm's (the batch
+    ``Placebo`` of the arm ``placebo``). Blinding codes every case of a name alike: a code written
+    in the case of the text would tell, beside the text's own case, whether the arm's name is
+    written so, and with it which arm the code stands for. Decoded, they hold the arm's spelling;
+    these give them back as written. A value decoded like another value of its column is left
+    as decoded (ambiguous)."""
+    from cytopipe.report.blinding import blind_text, recode_obj
+
+    spelt: dict[str, dict[str, set[str]]] = {}
+    values: dict[str, set[str]] = {}
+    for table in tables:
+        for column in table.columns:
+            if column == "arm":
+                continue
+            texts = {str(v) for v in table[column].dropna() if str(v)}
+            values.setdefault(str(column), set()).update(texts)
+            for text in texts:
+                back = str(recode_obj(blind_text(text, codes), codes, unblind=True))
+                if back != text:
+                    spelt.setdefault(str(column), {}).setdefault(back, set()).add(text)
+    return {
+        column: {
+            back: next(iter(texts))
+            for back, texts in found.items()
+            if len(texts) == 1 and back not in values[column]
+        }
+        for column, found in spelt.items()
+    }
+
+
+def respell_info(info: dict[str, Any], cases: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
+    """An unblinded run.json with the values :func:`case_spellings` gives back where run.json
+    names them by their column: the control sets (per batch or site) of ``study_state`` and of the
+    compensation step, and the files named after them in the rerun record."""
+    sets = (info.get("study_state") or {}).get("spillover_sets")
+    if not cases or not isinstance(sets, dict) or not isinstance(sets.get("sets"), dict):
+        return info
+    column = str(sets.get("column"))
+    spelt = cases.get(column) or {}
+    if not spelt:
+        return info
+    sets["sets"] = {spelt.get(k, k): v for k, v in sets["sets"].items()}
+    for step in info.get("steps") or []:
+        control = step.get("control_sets") if isinstance(step, dict) else None
+        if isinstance(control, dict) and isinstance(control.get(column), list):
+            control[column] = [spelt.get(v, v) if isinstance(v, str) else v for v in control[column]]
+    outputs = (info.get("rerun") or {}).get("outputs")
+    if isinstance(outputs, dict):
+        files = {f"study/spillover_{column}_{v}.csv".casefold(): f"study/spillover_{column}_{v}.csv"
+                 for v in sets["sets"]}  # fmt: skip
+        info["rerun"]["outputs"] = {files.get(k.casefold(), k): v for k, v in outputs.items()}
+    return info
