@@ -427,22 +427,54 @@ def _blinded_outputs(
     return tables, lambda i: blinded_info(i, codes, record)
 
 
-def _remove_stale_report(run_dir: Path) -> None:
+def _remove_stale_report(run_dir: Path, *, failed: bool = False, named: bool = False) -> None:
     """A report of an earlier state of this run folder would contradict the new tables (or, when
     this run's report step failed, pass for this run's report): remove it (``cytopipe report
     RUN_DIR`` writes it again). Of its tables folder only the tables it wrote go; in a blinded
     folder the record of the tables kept (edited since) keeps no hash of them as written (perhaps
-    unblinded, before this run blinded the folder: ``remove_tables``)."""
+    unblinded, before this run blinded the folder: ``remove_tables``).
+
+    ``failed``: this run's report step failed. Its tables folder is cleared all the same (an
+    earlier report may be gone already: blinding removed it, leaving the files kept there for the
+    report to name), and each file kept there is named in a warning unless the report ``named``
+    them (it failed after writing its tables): once, whatever the report's outcome."""
     from cytopipe.report.blinding import folder_record
     from cytopipe.report.tables_folder import remove_tables
 
-    if (run_dir / "report.html").is_file():
+    earlier = (run_dir / "report.html").is_file()
+    if earlier:
         (run_dir / "report.html").unlink()
-        remove_tables(run_dir / "report_tables", blinding=folder_record(run_dir) is not None)
+    if earlier or failed:
+        remove_tables(run_dir / "report_tables", warn=not named, blinding=folder_record(run_dir) is not None)
+    if earlier:
         notice(
             "cytopipe run: removed the run folder's earlier report.html (it described the previous run); "
             "`cytopipe report RUN_DIR` writes a new one"
         )
+
+
+class _KeptNamed(logging.Handler):
+    """Within ``with``: notes whether the report (this thread's) named a file it keeps in its tables
+    folder ``folder`` (``write_tables`` logs a warning for each), so that a failed report step names
+    them only when the report did not get that far."""
+
+    def __init__(self, folder: Path):
+        super().__init__(logging.WARNING)
+        self.prefix = f"{folder}: kept "
+        self.thread = threading.get_ident()
+        self.seen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread and record.getMessage().startswith(self.prefix):
+            self.seen = True
+
+    def __enter__(self) -> _KeptNamed:
+        logging.getLogger("cytopipe.report.tables_folder").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        logging.getLogger("cytopipe.report.tables_folder").removeHandler(self)
+        return False
 
 
 def write_run_report(
@@ -461,18 +493,21 @@ def write_run_report(
         blind_key=settings.get("blind_key"),
         max_gallery=int(settings.get("max_gallery") or MAX_GALLERY),
     )
+    named = _KeptNamed(run_dir / "report_tables")
     try:
         if report_is_current(run_dir, **options):
             notice("report: reused (its inputs are unchanged)")
             return {"enabled": True, "written": True, "reused": True, "path": "report.html",
                     "blinded": bool(settings.get("blinded"))}  # fmt: skip
         notice("report: writing report.html ...", progress)
-        path = write_report(run_dir, **options)
+        with named:
+            path = write_report(run_dir, **options)
     except errors.OutputWriteError:
         raise  # a full disk or read-only folder stops the run (exit 4): the rerun resumes
     except CytopipeError as exc:
         problems.append(f"report: not written: {exc}")
-        _remove_stale_report(run_dir)  # an earlier run's report must not pass for this run's
+        # an earlier run's report must not pass for this run's; the files kept beside it are named
+        _remove_stale_report(run_dir, failed=True, named=named.seen)
         return {"enabled": True, "written": False, "error": str(exc)}
     except Exception as exc:  # a bug in the report must not cost the run's tables
         if isinstance(exc, OSError) and errors.exit_code_for(exc) == EXIT_OUTPUT:
@@ -483,6 +518,6 @@ def write_run_report(
         problems.append(
             f"report: not written: internal error {type(exc).__name__}: {exc}{where} (please report this)"
         )
-        _remove_stale_report(run_dir)
+        _remove_stale_report(run_dir, failed=True, named=named.seen)
         return {"enabled": True, "written": False, "error": f"{type(exc).__name__}: {exc}"}
     return {"enabled": True, "written": True, "path": path.name, "blinded": bool(settings.get("blinded"))}
