@@ -3,13 +3,15 @@ replaces them as whole words only, as the leak check finds them (cytopipe/report
 ``find_leaks``), and unblinding gives back the tables the unblinded run wrote. Arms named like a
 word of the codes (``A``, ``B``) get codes that do not show them (``Arm B`` would: ``Arm 1``, ...).
 
-Before, ``blind_text`` replaced the letters inside every word (``Memory CD4`` -> ``Memory CD4``
-but ``CD56dim NK`` -> ``CD56dArm Bm NK``, file paths, batches), in the tables, run.json and
-run.log, which unblinding could not undo; and ``B`` was coded ``Arm A`` or ``Arm B``, which the leak
+Before, ``blind_text`` replaced the letters inside every word, in the tables, run.json and run.log
+(``Mann-Whitney U`` -> ``Mann-WArm Atney U``, ``mixed_model`` -> ``Arm Bxed_model``, run.json's
+``spillover_sets`` -> ``spilArm Cver_sets``: the report could not read the folder any more), which
+unblinding could not undo; and ``B`` was coded ``Arm A`` or ``Arm B``, which the leak
 check finds ``B`` in."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -59,10 +61,15 @@ def test_short_arm_names_are_coded_as_whole_words_and_unblinding_gives_back_the_
 
     coded = pd.read_parquet(blinded / "samples.parquet")
     assert sorted(a for a in coded["arm"].unique() if a) == ["Arm A", "Arm B", "Arm C"]  # controls: ""
-    # the texts around the arms are the run's own: populations, files, batches
+    # the texts around the arms are the run's own: populations, tests, files, run.json's keys
     ref = pd.read_parquet(plain / "population_stats.parquet")
     got = pd.read_parquet(blinded / "population_stats.parquet")
     assert sorted(got["population"].unique()) == sorted(ref["population"].unique())
+    ref, got = pd.read_parquet(plain / "statistics.parquet"), pd.read_parquet(blinded / "statistics.parquet")
+    for column in ("family", "method"):  # was "Arm Bxed_dose_trend", "Mann-WArm Atney U"
+        assert sorted(got[column].unique()) == sorted(ref[column].unique())
+    info, ref_info = (json.loads((d / "run.json").read_text(encoding="utf-8")) for d in (blinded, plain))
+    assert set(info["study_state"]) == set(ref_info["study_state"])  # was "spilArm Cver_sets"
     pd.testing.assert_series_equal(coded["file"], pd.read_parquet(plain / "samples.parquet")["file"])
     assert find_leaks({"the blinded folder": visible_text(blinded)}, ARMS.values()) == []
     assert (blinded / "report.html").is_file()
