@@ -62,8 +62,9 @@ def arm_codes(
     ``key``: a mapping, or a CSV (columns ``arm,code``) / JSON (``{"arm": "code"}``) file. Every
     arm must have a code, codes must be distinct, and no code may contain an arm name (one of one or
     two characters: as a word). Without a key, ``Arm A``, ``Arm B``, ... (``Arm 1``, ... or
-    ``Group 1``, ... when an arm is named like a word of those, e.g. ``A``) are assigned by a permutation seeded with SHA-256 of
-    ``secret`` (deterministic), or drawn from system entropy when there is no secret.
+    ``Group 1``, ... when an arm is named like a word of those, e.g. ``A``) are assigned by a
+    permutation seeded with SHA-256 of ``secret`` (deterministic), or drawn from system entropy
+    when there is no secret.
     """
     arms = sorted({str(a) for a in arms if a is not None and not pd.isna(a) and str(a) != ""})
     if key is None:
