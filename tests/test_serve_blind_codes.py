@@ -218,3 +218,22 @@ def test_migration_0005_keeps_the_codes_a_study_showed(backend, tmp_path):
         engine.dispose()
     finally:
         drop()
+
+
+def test_a_later_arm_never_gets_a_code_that_shows_its_name():
+    """An arm of the data outside the study's arm list, or one that arrives after codes were
+    stored, gets the next free letter, but never one that shows an arm's name as the leak check
+    reads it: an arm named ``D`` would otherwise be coded ``Arm D`` (before: it was)."""
+    from cytopipe.report.blinding import find_leaks
+    from cytopipe.serve.blinding import new_codes, study_codes
+
+    secret = b"s" * 32
+    listed = types.SimpleNamespace(id=1, arms=["placebo", "IL-2 low", "IL-2 high"])
+    codes = study_codes(listed, secret, ["placebo", "IL-2 low", "IL-2 high", "D"])
+    assert sorted(codes.values())[:3] == ["Arm A", "Arm B", "Arm C"]
+    assert codes["D"] == "Arm E"
+    stored = {"placebo": "Arm A", "IL-2 low": "Arm B", "IL-2 high": "Arm C"}
+    later = new_codes(types.SimpleNamespace(id=1, arms=[]), secret, ["D"], stored)
+    assert later == {"D": "Arm E"}
+    for given in (codes, {**stored, **later}):
+        assert not find_leaks({"codes": " ".join(given.values())}, given), given

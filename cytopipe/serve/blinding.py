@@ -33,7 +33,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
 
-from cytopipe.report.blinding import _letter, arm_codes, blind_text, folder_record
+from cytopipe.errors import ReportError
+from cytopipe.report.blinding import _letter, arm_codes, blind_text, folder_record, leak_pattern
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import ArmCode, Batch, Run, Sample, Study, Upload
 from cytopipe.serve.storage import BlobStore, read_table_rows
@@ -91,11 +92,31 @@ def study_codes(study: Study, secret: bytes, arms: Iterable[str] = ()) -> dict[s
     codes = arm_codes(listed or list(arms), secret=seed)
     extra = sorted({str(a) for a in arms if a} - set(codes))
     if extra:  # a permutation of the next letters, seeded like arm_codes'
-        letters = [_letter(len(codes) + i) for i in range(len(extra))]
+        letters = _unused_codes(len(extra), set(codes.values()), [*codes, *extra])
         rng = random.Random(int.from_bytes(hashlib.sha256(b"cytopipe-extra\0" + seed).digest()[:8], "big"))
         rng.shuffle(letters)
-        codes.update({arm: f"Arm {letter}" for arm, letter in zip(extra, letters)})
+        codes.update(dict(zip(extra, letters)))
     return codes
+
+
+def _unused_codes(n: int, used: set[str], arms: Iterable[str]) -> list[str]:
+    """The first ``n`` codes ``Arm A``, ``Arm B``, ... that no arm has (``used``) and that show no
+    arm's name as the leak check reads it (an arm named ``D`` never gets ``Arm D``); then ``Arm 1``,
+    ... and ``Group 1``, ... when the letters run out that way (an arm named ``Arm``)."""
+    shown = leak_pattern(arms)
+    found: list[str] = []
+    limit = len(used) + n + 26
+    for scheme in (lambda i: f"Arm {_letter(i)}", lambda i: f"Arm {i + 1}", lambda i: f"Group {i + 1}"):
+        for i in range(limit):
+            code = scheme(i)
+            if len(found) < n and code not in used and code not in found and not shown.search(code):
+                found.append(code)
+    if len(found) < n:
+        raise ReportError(
+            "no neutral code is left for the study's arms (their names show in 'Arm A', 'Arm 1' and "
+            "'Group 1' alike); rename the arms in the manifest"
+        )
+    return found
 
 
 def stored_codes(db: DBSession, study_id: int) -> dict[str, str]:
@@ -114,11 +135,8 @@ def new_codes(study: Study, secret: bytes, arms: Iterable[str], stored: dict[str
         return {}
     if not stored:
         return study_codes(study, secret, arms)
-    used, letters, i = set(stored.values()), [], 0
-    while len(letters) < len(new):  # the first letters no arm has, in an order seeded by the secret
-        if f"Arm {_letter(i)}" not in used:
-            letters.append(f"Arm {_letter(i)}")
-        i += 1
+    # the first letters no arm has (and that show no arm), in an order seeded by the secret
+    letters = _unused_codes(len(new), set(stored.values()), [*arms, *stored])
     seed = secret + b"\0study\0" + str(study.id).encode() + b"\0" + str(len(stored)).encode()
     random.Random(int.from_bytes(hashlib.sha256(b"cytopipe-new-arms\0" + seed).digest()[:8], "big")).shuffle(
         letters
