@@ -188,6 +188,46 @@ def test_template_check_says_when_files_are_too_small_for_the_first_gate(tmp_pat
     assert main(["template", "check", *map(str, files), "--template", str(template)]) == 0
 
 
+def test_template_check_counts_the_events_a_fit_reads_not_the_saturated_ones(tmp_path, capsys):
+    """Two SDY736 files of 1 000 events, 40 and 32 of them saturated on FSC-A or SSC-A (at
+    `$PnR - 1`): the Lymphocytes fit leaves those out and reads 960 and 968 (docs/gating.md). With
+    `min_events: 980` the check counted the header's 1 000 and said "every population can be
+    gated" (exit 0), while `cytopipe gate` failed both files (no file fitted, so no pooled
+    estimate). The check now reads the events where the header cannot decide and counts as the
+    fit does."""
+    files = [
+        shared_path(*SDY736, n) for n in ("Hs90208C20090205_00.583331.fcs", "Hs90210C20090205_00.583065.fcs")
+    ]
+    template = tmp_path / "t_panel.yaml"
+    _t_cell_copy(template, {"CD8": "PE-Texas Red-A"}, min_events=980)
+    assert main(["template", "check", *map(str, files), "--template", str(template)]) == 3
+    text = capsys.readouterr().out
+    problems = [line for line in text.splitlines() if line.startswith("  PROBLEM:")]
+    assert len(problems) == 2, text
+    for problem, reads in zip(problems, (960, 968)):
+        assert (
+            f"the file has 1000 events, but the fit of gate 'Lymphocytes' (on all events) reads only {reads}"
+            in problem
+        )
+        assert "needs at least 980 (`min_events`)" in problem and "`cytopipe gate` fails this file" in problem
+    assert (
+        main(["gate", *map(str, files), "--template", str(template), "--out", str(tmp_path / "a"), "--quiet"])
+        == 3
+    )
+    err = capsys.readouterr().err
+    assert "only 960 events in the parent (need >= 980)" in err and "only 968 events" in err  # as announced
+
+    # one file's fit reads enough (968 >= 965): its estimate is pooled for the other, gate succeeds
+    _t_cell_copy(template, {"CD8": "PE-Texas Red-A"}, min_events=965)
+    assert main(["template", "check", *map(str, files), "--template", str(template)]) == 0
+    assert (
+        main(["gate", *map(str, files), "--template", str(template), "--out", str(tmp_path / "b"), "--quiet"])
+        == 0
+    )
+    stats = pd.read_parquet(tmp_path / "b" / "population_stats.parquet")
+    assert (stats.loc[stats["population"] == "Lymphocytes", "count"] > 0).all()
+
+
 @pytest.mark.parametrize(
     "name",
     [

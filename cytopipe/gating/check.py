@@ -334,13 +334,14 @@ def file_problems(
     without_spillover: Collection[str] = (),
     data_errors: Mapping[str, str] | None = None,
     n_events: Mapping[str, int] | None = None,
+    fit_events: Mapping[str, Mapping[str, tuple[int, int]]] | None = None,
 ) -> dict[str, list[str]]:
     """Per file, what gating it would report: a DATA segment it cannot read (truncated: the
     header's ``data_error``), a refusal (a ``compensation: file`` template and a file without a
     spillover matrix), the populations not measured (as ``cytopipe gate``) and gates on all
     events it has too few events for (:func:`too_few_events`)."""
     out: dict[str, list[str]] = {}
-    small = too_few_events(template, n_events or {})
+    small = too_few_events(template, n_events or {}, fit_events)
     for f in table.files:
         refusal = _refusal(template, f, without_spillover)
         unmeasured = _not_measured(template, table, f)
@@ -355,28 +356,103 @@ def file_problems(
     return out
 
 
-def too_few_events(template, n_events: Mapping[str, int]) -> dict[str, list[str]]:
+def _root_fitters(pop) -> list:
+    """The fits of a gate on all events that nothing replaces when they fail (no ``default``)."""
+    if pop.parent != "root":
+        return []
+    return [f for _, f in getattr(pop.gate, "fit_items", list)() if f.default is None]
+
+
+def too_few_events(
+    template,
+    n_events: Mapping[str, int],
+    fit_events: Mapping[str, Mapping[str, tuple[int, int]]] | None = None,
+) -> dict[str, list[str]]:
     """Per file, the gates on all events (parent ``root``) it has too few events to fit
     (``min_events``), when no file of the set has enough either (so no pooled estimate) and the
     gate has no typed ``default``: ``cytopipe gate`` leaves that population, and every one under
-    it, empty (flagged)."""
+    it, empty (flagged), or fails the file when it has enough events but its fit reads too few
+    (saturated events are left out of fits). ``fit_events``: file -> population -> (events its
+    fit reads, the ``min_events`` it needs), for the files whose events were read
+    (:func:`fit_event_counts`); a file not in it is counted by its header."""
     out: dict[str, list[str]] = {f: [] for f in n_events}
     for pop in template:
-        if pop.parent != "root":
-            continue
-        fitters = [f for _, f in getattr(pop.gate, "fit_items", list)() if f.default is None]
+        fitters = _root_fitters(pop)
         need = max((f.bounds.min_events for f in fitters), default=0)
-        if not need or not n_events or any(n >= need for n in n_events.values()):
+        if not need or not n_events:
             continue
+        reads = {f: (fit_events or {}).get(f, {}).get(pop.name, (n, need)) for f, n in n_events.items()}
+        if any(n >= need and reads[f][0] >= reads[f][1] for f, n in n_events.items()):
+            continue  # a file fits it: the others fall back on its pooled estimate
         for f, n in n_events.items():
-            out[f].append(
-                f"the file has {n} events; gate {pop.name!r} (on all events) needs at least {need} "
-                f"(`min_events`) to be fitted, and no file checked has that many (so there is no "
-                f"pooled estimate either): "
-                f"`cytopipe gate` leaves {pop.name} and every population under it empty. For files "
-                f"this small, lower `min_events` in your copy of the template"
-            )
+            got, wanted = reads[f]
+            if n < need:
+                out[f].append(
+                    f"the file has {n} events; gate {pop.name!r} (on all events) needs at least {need} "
+                    f"(`min_events`) to be fitted, and no file checked has that many (so there is no "
+                    f"pooled estimate either): "
+                    f"`cytopipe gate` leaves {pop.name} and every population under it empty. For files "
+                    f"this small, lower `min_events` in your copy of the template"
+                )
+            else:
+                out[f].append(
+                    f"the file has {n} events, but the fit of gate {pop.name!r} (on all events) reads "
+                    f"only {got} of them (events saturated at a detector's maximum on the gate's "
+                    f"channels are left out of fits) and needs at least {wanted} (`min_events`); no "
+                    f"file checked has that many (so there is no pooled estimate either): "
+                    f"`cytopipe gate` fails this file. Lower `min_events` in your copy of the template, "
+                    f"or give the gate a `default:`"
+                )
     return out
+
+
+def fit_event_counts(
+    template, paths: Sequence[str], n_events: Mapping[str, int]
+) -> dict[str, dict[str, tuple[int, int]]]:
+    """Per file, per gate on all events: (events its fit reads, the ``min_events`` it needs) of its
+    fit that falls shortest, counted as the engine counts them (:meth:`Engine.fit_event_count`:
+    its seeded subsample less the events saturated on the gate's channels). Events are read only
+    where the header cannot decide: for a gate whose header counts reach its ``min_events``, file
+    after file until one fits it (its pooled estimate serves the others). A file that cannot be
+    read is left to its header count (and its own problem)."""
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    engines: dict[str, object] = {}
+    for pop in template:
+        fitters = _root_fitters(pop)
+        need = max((f.bounds.min_events for f in fitters), default=0)
+        if not need:
+            continue
+        for path in paths:
+            if n_events.get(path, 0) < need:
+                continue  # too few by its header already
+            if path not in engines:
+                engines[path] = _engine_of(template, path)
+            engine = engines[path]
+            if engine is None:
+                continue
+            try:  # (a `reference` fit reads another population or a control: its header count)
+                counts = [(engine.fit_event_count(f) if f.method != "reference" else n_events[path],
+                           f.bounds.min_events) for f in fitters]  # fmt: skip
+            except (KeyError, ValueError):  # a marker the file lacks: reported as not measured
+                continue
+            out.setdefault(path, {})[pop.name] = min(counts, key=lambda c: c[0] - c[1])
+            if all(got >= wanted for got, wanted in counts):
+                break
+    return out
+
+
+def _engine_of(template, path: str):
+    """The gating engine of one file (its events read as ``cytopipe gate`` reads them), or None."""
+    from cytopipe.errors import CytopipeError
+    from cytopipe.gating.engine import Engine
+    from cytopipe.gating.loading import read_sample
+
+    try:
+        sample = read_sample(path, template)
+        return Engine(events=sample.events, channels=sample.channels, template=template,
+                      spillover=getattr(sample, "spillover", None), file=path)  # fmt: skip
+    except CytopipeError:
+        return None
 
 
 def _refusal(template, file: str, without_spillover: Collection[str]) -> str:
@@ -403,6 +479,7 @@ def template_check_text(
     data_errors: Mapping[str, str] | None = None,
     unusable: Mapping[str, str] | None = None,
     n_events: Mapping[str, int] | None = None,
+    fit_events: Mapping[str, Mapping[str, tuple[int, int]]] | None = None,
 ) -> str:
     """The check's report: per file and population, markers -> channels, gate source, fallback and
     NOT MEASURED (as ``cytopipe gate`` would report it); per file, a DATA segment that cannot be
@@ -414,7 +491,7 @@ def template_check_text(
         lines.append(f"file {f}")
         lines.append(f"  PROBLEM: `cytopipe gate` and `cytopipe run` would fail this file: {why}")
     w = max(len(p.name) for p in template)
-    small = too_few_events(template, n_events or {})
+    small = too_few_events(template, n_events or {}, fit_events)
     for f in table.files:
         lines.append(f"file {f}")
         if data_error := (data_errors or {}).get(f):  # the headers read, the events would not
@@ -441,7 +518,7 @@ def template_check_text(
     if missing:
         lines.append("")
         lines.append(missing_markers_text(missing, sep="\n\n"))
-    problems = file_problems(template, table, without_spillover, data_errors, n_events)
+    problems = file_problems(template, table, without_spillover, data_errors, n_events, fit_events)
     bad = [f for f, found in problems.items() if found]
     bad += list(unusable or {})
     n_files = len(table.files) + len(unusable or {})
@@ -458,14 +535,20 @@ def template_check_text(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Check a gating template against FCS files (headers only): per file and population, the "
+        "Check a gating template against FCS files (headers; events only to count what a fit on all "
+        "events reads where the header cannot tell): per file and population, the "
         "markers' channels, the gate's source and fallback, populations NOT MEASURED and files "
         "`cytopipe gate` would refuse or fail (e.g. truncated). Exit code 0: every population can be gated in every file; 3: "
         "the check completed and found problems (listed; a file that cannot be read is one); 2: the "
         "template cannot be read."
     )
     parser.add_argument("action", choices=["check"], help="`check`: resolve a template against files")
-    parser.add_argument("files", nargs="+", type=Path, help="FCS files (headers are read, not events)")
+    parser.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        help="FCS files (headers are read; events only where min_events needs them)",
+    )
     parser.add_argument("--template", required=True, type=Path, help="gating template (.yaml)")
 
 
@@ -488,7 +571,11 @@ def run(args) -> int:
     without_spillover = [f for f, h in headers.items() if h.spillover is None]
     data_errors = {f: h.data_error for f, h in headers.items() if h.data_error}  # truncated, ...
     n_events = {f: h.n_events for f, h in headers.items()}
-    print(template_check_text(template, table, without_spillover, data_errors, unusable, n_events))
-    problems = file_problems(template, table, without_spillover, data_errors, n_events)
+    readable = [f for f in headers if f not in data_errors]
+    fit_events = fit_event_counts(template, readable, n_events)  # events read only where needed
+    print(
+        template_check_text(template, table, without_spillover, data_errors, unusable, n_events, fit_events)
+    )
+    problems = file_problems(template, table, without_spillover, data_errors, n_events, fit_events)
     failed = bool(unusable) or bool(missing_everywhere(template, table)) or any(problems.values())
     return EXIT_FAILURES if failed else EXIT_OK

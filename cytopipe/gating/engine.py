@@ -1115,18 +1115,21 @@ class Engine:
                 out = (self._fmo_calibrated(fitter, parent, out[0]), *out[1:])
         return out
 
-    def _fit_own(self, fitter: Fitter, parent: str, pidx, n_parent: int):
+    def _fit_key(self, fitter: Fitter, parent: str) -> tuple:
+        """The fit's memo key: (parent, dimensions, method, options, min_events)."""
         # `control` only says whether an FMO calibrates the fit afterwards: not part of the key
         opts = {k: v for k, v in fitter.options.items() if k != "control"}
-        memo_key = (
+        return (
             parent,
             tuple(self._dim_key(d) for d in fitter.dims),
             fitter.method,
             json.dumps(opts, sort_keys=True, default=str),
             fitter.bounds.min_events,
         )
-        if memo_key in self._fits:
-            return self._fits[memo_key]
+
+    def _fit_rng(self, fitter: Fitter, memo_key: tuple) -> np.random.Generator:
+        """The generator of the fit's seeded subsample (and of any randomness of the fit)."""
+        opts = {k: v for k, v in fitter.options.items() if k != "control"}
         # the subsample's seed ignores `scatter` (it only decides whether a hump is live): the
         # same events, and landmarks, as the gate without it
         seed_key = (
@@ -1135,7 +1138,22 @@ class Engine:
             *memo_key[4:],
         )
         seed = zlib.crc32(repr(seed_key).encode())
-        rng = np.random.default_rng([self.template.seed, seed])
+        return np.random.default_rng([self.template.seed, seed])
+
+    def fit_event_count(self, fitter: Fitter) -> int:
+        """How many events a fit of ``fitter`` on all events (a gate whose parent is ``root``)
+        reads: its seeded subsample less the events saturated on a channel of its dimensions, the
+        count its ``min_events`` is checked against (``cytopipe template check``)."""
+        n = self.events.shape[0]
+        rng = self._fit_rng(fitter, self._fit_key(fitter, "root"))
+        pos = self._fit_positions(fitter.dims, None, n, fitter.events_needed, rng)
+        return n if pos is None else len(pos)
+
+    def _fit_own(self, fitter: Fitter, parent: str, pidx, n_parent: int):
+        memo_key = self._fit_key(fitter, parent)
+        if memo_key in self._fits:
+            return self._fits[memo_key]
+        rng = self._fit_rng(fitter, memo_key)
         out: tuple
         try:
             if fitter.method == "reference":
