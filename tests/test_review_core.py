@@ -293,3 +293,56 @@ def test_an_override_recomputes_the_statistics_of_a_run_with_statistics(pipeline
     same = (a == b) | (np.isnan(a) & np.isnan(b))
     assert treg.any() and not same[treg].all()  # the overridden sample's Treg entered the models
     assert same[~treg].all()  # no other population's estimate moved
+
+
+def test_a_command_line_override_writes_the_catalog_once(review_run_dir, tmp_path, monkeypatch):
+    """`cytopipe review --override` (reviewops with background=False) waits for the statistics and
+    report refresh, which writes the catalog: the table step wrote it before as well, with the
+    statistics of before the change, only for the refresh to write it again. Now once, holding the
+    refreshed tables."""
+    import duckdb
+
+    import cytopipe.store
+    from cytopipe.serve import auth, reviewops
+    from cytopipe.serve.db import Run, Study, database_url, open_database
+
+    out = tmp_path / "ws" / "runs" / "1" / "out"
+    shutil.move(str(review_run_dir), out)
+    engine, sessions = open_database(database_url(None, tmp_path / "ws"))
+    writes = []
+    real = cytopipe.store.write_catalog
+
+    def counted(path, *args, **kwargs):  # the real writer, counted
+        writes.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cytopipe.store, "write_catalog", counted)
+    try:
+        with sessions() as db:
+            auth.create_user(db, "rita", "a long enough password", "reviewer", by="admin")
+            study = Study(name="trial", created_by="admin")
+            db.add(study)
+            db.flush()
+            db.add(Run(study_id=study.id, status="finished", folder=str(out.parent), started_by="admin"))
+            db.commit()
+            review = pd.read_parquet(out / "gate_review.parquet")
+            sid = sorted(review["sample_id"].unique())[1]
+            foxp3 = current_params(review, sid, "Treg", out)["FOXP3 >="]
+            decision = Decision("override", sid, "Treg", "rita", params={"FOXP3 >=": foxp3 + 1.0},
+                                reason="dim FOXP3", category="poor staining")  # fmt: skip
+            got = reviewops.change_gate(db, 1, "rita", decision, background=False)
+    finally:
+        engine.dispose()
+        forget()
+    assert got["after_pct"] < got["before_pct"]
+    assert len(writes) == 1
+    con = duckdb.connect(str(out / "catalog.duckdb"), read_only=True)
+    try:
+        for name in ("population_stats", "samples"):
+            table = con.execute(f"select * from {name}").df()
+            assert len(table) == len(pd.read_parquet(out / f"{name}.parquet")) > 0
+        row = con.execute("select gate_source from population_stats where sample_id = ? and population = 'Treg'",
+                          [sid]).fetchone()  # fmt: skip
+    finally:
+        con.close()
+    assert row == ("overridden",)

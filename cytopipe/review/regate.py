@@ -190,13 +190,15 @@ def apply_review(
     statistics: bool = True,
     report: bool = True,
     write_tables: bool = True,
+    catalog: bool = True,
 ) -> dict[str, Any]:
     """Re-gate ``samples`` (default: every sample with an override now or before) with the overrides
     in force, replace their rows of population_stats and gate_review, and refresh the statistics,
     catalog and report. Returns timings and, per overridden gate, its % of parent before/after.
     ``write_tables=False`` (with ``samples=[]``): only the statistics, catalog and report, from the
     tables as they are (a background refresh must not write back a population_stats it read before
-    a concurrent re-gate replaced it)."""
+    a concurrent re-gate replaced it). ``catalog=False``: the catalog is not written (a refresh
+    that the caller waits for writes it next)."""
     from cytopipe.store import atomic_write_parquet
 
     t0 = time.perf_counter()
@@ -217,9 +219,10 @@ def apply_review(
             atomic_write_parquet(folder.table_path("statistics"), table)
     elif folder.table_path("statistics").is_file():
         tables["statistics"] = pd.read_parquet(folder.table_path("statistics"))
-    from cytopipe.store import write_catalog
+    if catalog:
+        from cytopipe.store import write_catalog
 
-    write_catalog(folder.catalog, tables, coded_info(lr))
+        write_catalog(folder.catalog, tables, coded_info(lr))
     t_stats = time.perf_counter() - t0
     if report:
         from cytopipe.pipeline import write_run_report

@@ -518,7 +518,11 @@ def _apply(
         st = state(db, run.id)
         write_review(out, st)
         if tables:
-            result = apply_review(out, st, samples=samples, statistics=False, report=False)
+            # the catalog holds the statistics too: written once, by the refresh, when the caller
+            # waits for it (the command line); a server's save writes it now and again after
+            result = apply_review(
+                out, st, samples=samples, statistics=False, report=False, catalog=background
+            )
         # requested after the tables are written: the refresh that serves it reads them
         refreshing = refresher(run.id, out)
         ticket = refreshing.request()
