@@ -416,28 +416,29 @@ def fit_event_counts(
     after file until one fits it (its pooled estimate serves the others). A file that cannot be
     read is left to its header count (and its own problem)."""
     out: dict[str, dict[str, tuple[int, int]]] = {}
-    engines: dict[str, object] = {}
+    pending = {}  # population -> (its fitters, its min_events): no file read fits it yet
     for pop in template:
         fitters = _root_fitters(pop)
         need = max((f.bounds.min_events for f in fitters), default=0)
-        if not need:
-            continue
-        for path in paths:
-            if n_events.get(path, 0) < need:
-                continue  # too few by its header already
-            if path not in engines:
-                engines[path] = _engine_of(template, path)
-            engine = engines[path]
-            if engine is None:
-                continue
+        if need:
+            pending[pop.name] = (fitters, need)
+    for path in paths:  # one file's events in memory at a time
+        todo = [name for name, (_, need) in pending.items() if n_events.get(path, 0) >= need]
+        engine = _engine_of(template, path) if todo else None
+        if engine is None:
+            continue  # too few events by its header already, or unreadable: its header count
+        for name in todo:
+            fitters = pending[name][0]
             try:  # (a `reference` fit reads another population or a control: its header count)
                 counts = [(engine.fit_event_count(f) if f.method != "reference" else n_events[path],
                            f.bounds.min_events) for f in fitters]  # fmt: skip
             except (KeyError, ValueError):  # a marker the file lacks: reported as not measured
                 continue
-            out.setdefault(path, {})[pop.name] = min(counts, key=lambda c: c[0] - c[1])
+            out.setdefault(path, {})[name] = min(counts, key=lambda c: c[0] - c[1])
             if all(got >= wanted for got, wanted in counts):
-                break
+                del pending[name]  # its pooled estimate serves the other files
+        if not pending:
+            break
     return out
 
 
