@@ -18,15 +18,18 @@ import io
 import logging
 import os
 import queue
+import tempfile
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from cytopipe.files import atomic_write_bytes
-from cytopipe.store import RunFolder, _json_default, atomic_write_parquet_bytes
+from cytopipe.errors import OutputWriteError
+from cytopipe.files import _MODE, TMP_SUFFIX, _fsync_dir, _remove_temp, atomic_write_bytes
+from cytopipe.store import RunFolder, _json_default
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +45,7 @@ def encode_result(res: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[st
         if name in SKIPPED:
             continue
         if isinstance(value, pd.DataFrame):
-            buf = io.BytesIO()
-            value.reset_index(drop=True).to_parquet(buf, engine="pyarrow", index=False)
-            parts.append((name, "parquet", buf.getvalue(), len(value)))
+            parts.append((name, "parquet", parquet_bytes(value), len(value)))
             meta["_parts"][name] = "parquet"
         elif isinstance(value, np.ndarray):
             buf = io.BytesIO()
@@ -56,6 +57,25 @@ def encode_result(res: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[st
     return meta, parts
 
 
+def parquet_bytes(df: pd.DataFrame) -> bytes:
+    """``df.reset_index(drop=True).to_parquet(index=False)``'s bytes, through pyarrow directly:
+    the same two calls pandas makes (Table.from_pandas, write_table with snappy), without its
+    per-call engine and argument checks (~25% of the encoding of a task's small tables, done in
+    the run's main process). A frame with ``attrs`` (which pandas adds to the file's metadata)
+    goes through pandas."""
+    if df.attrs:
+        buf = io.BytesIO()
+        df.reset_index(drop=True).to_parquet(buf, engine="pyarrow", index=False)
+        return buf.getvalue()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="snappy")
+    return sink.getvalue().to_pybytes()
+
+
 def _meta_bytes(meta: Mapping[str, Any]) -> bytes:
     import json
 
@@ -64,14 +84,68 @@ def _meta_bytes(meta: Mapping[str, Any]) -> bytes:
 
 
 def write_encoded(folder: RunFolder, phase: str, key: str, meta: Mapping[str, Any], parts: list) -> None:
-    """Write an encoded entry: the parts, then the JSON (its presence marks the entry complete)."""
-    for name, ext, data, rows in parts:
-        path = folder.cached(phase, f"{key}.{name}", ext)
-        if ext == "parquet":
-            atomic_write_parquet_bytes(path, data, rows)
-        else:
-            atomic_write_bytes(path, data)
+    """Write an encoded entry: the parts, then the JSON (its presence marks the entry complete).
+
+    The parts go to temporary files, each fsynced once and verified (a Parquet part's row count
+    read back, another part's size), then renamed, and the folder fsynced once for all of them
+    before the JSON is written (atomically, fsynced): as durable as a write of each part on its
+    own, with one folder fsync per entry instead of one per file (4-5 per entry)."""
+    written: list[tuple[Path, Path]] = []
+    try:
+        for name, ext, data, rows in parts:
+            path = folder.cached(phase, f"{key}.{name}", ext)
+            written.append((_write_temp(path, data), path))
+            _verify(written[-1][0], path, data, rows if ext == "parquet" else None)
+        for tmp, path in written:
+            os.replace(tmp, path)
+    except OSError as exc:
+        for tmp, _ in written:
+            _remove_temp(tmp)
+        raise OutputWriteError.from_oserror(written[-1][1] if written else folder.path, exc) from None
+    except BaseException:
+        for tmp, _ in written:
+            _remove_temp(tmp)
+        raise
+    if written:
+        _fsync_dir(written[0][1].parent)
     atomic_write_bytes(folder.cached(phase, key, "json"), _meta_bytes(meta))
+
+
+def _write_temp(path: Path, data: bytes) -> Path:
+    """``data`` in a temporary file beside ``path`` (the name :func:`is_temp_name` knows),
+    fsynced; its permissions those of an output file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _MODE)
+    except BaseException:
+        _remove_temp(tmp)
+        raise
+    return tmp
+
+
+def _verify(tmp: Path, path: Path, data: bytes, rows: int | None) -> None:
+    """The written file is complete: its size, and a Parquet file's row count read back."""
+    size = tmp.stat().st_size
+    if size != len(data):
+        raise OutputWriteError(f"the written file has {size} of {len(data)} bytes (disk full?)", file=path)
+    if rows is None:
+        return
+    import pyarrow.parquet as pq
+
+    try:
+        n = pq.ParquetFile(tmp).metadata.num_rows
+    except OSError:
+        raise
+    except Exception as exc:  # pyarrow: a truncated or damaged file
+        raise OutputWriteError(f"the written table cannot be read back ({exc})", file=path) from None
+    if n != rows:
+        raise OutputWriteError(f"the written table has {n} of {rows} rows (disk full?)", file=path)
 
 
 def link_parts(
