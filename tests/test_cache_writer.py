@@ -143,3 +143,53 @@ def test_the_pooled_key_part_is_the_hash_of_the_samples_estimates_and_computed_o
         extra = context._pooled_key(ctx)
         assert [extra(j) for j in jobs] == want
     assert len(hashed) == 4  # once per patient and batch, not once per phase
+
+
+def test_an_entry_costs_one_folder_fsync_for_its_parts_and_one_for_its_json(tmp_path, monkeypatch):
+    """A cache entry of two parts: every file still fsynced, the folder fsynced once after the
+    parts are renamed (not once per part) and once after the JSON."""
+    import cytopipe.files as files
+    import cytopipe.pipeline.cachewriter as cachewriter
+
+    folder = RunFolder(tmp_path / "run").create()
+    calls = []
+    real = files._fsync_dir
+
+    def counted(path):  # the real fsync, counted
+        calls.append(path)
+        real(path)
+
+    monkeypatch.setattr(files, "_fsync_dir", counted)
+    monkeypatch.setattr(cachewriter, "_fsync_dir", counted)
+    cachewriter.write_encoded(folder, "fit", "k0", *cachewriter.encode_result(_result(0)))
+    assert calls == [folder.cache / "fit"] * 2
+    got = _load_result(folder, "fit", "k0")
+    pd.testing.assert_frame_equal(got["stats"], _result(0)["stats"])
+    np.testing.assert_array_equal(got["train"], _result(0)["train"])
+
+
+def test_parquet_parts_are_the_bytes_pandas_writes(tmp_path):
+    """The cache writer encodes through pyarrow directly: the same bytes as pandas' to_parquet,
+    for the column kinds the tasks return (a frame with attrs goes through pandas)."""
+    import io
+
+    from cytopipe.pipeline.cachewriter import parquet_bytes
+
+    frame = pd.DataFrame(
+        {
+            "population": ["A", "B", None],
+            "count": np.array([1, 2, 3], dtype=np.int64),
+            "share": [0.5, np.nan, 1.0],
+            "hist": [np.arange(3, dtype=np.int16), np.arange(2, dtype=np.int16), np.zeros(0, np.int16)],
+            "params": [[1.0, 2.0], None, [3.0]],
+            "flag": pd.Categorical(["x", "y", "x"]),
+            "n": pd.array([1, None, 3], dtype="Int64"),
+        },
+        index=[5, 6, 7],
+    )
+    with_attrs = frame.copy()
+    with_attrs.attrs["source"] = "a test"
+    for df in (frame, with_attrs, frame.iloc[:0]):
+        buf = io.BytesIO()
+        df.reset_index(drop=True).to_parquet(buf, engine="pyarrow", index=False)
+        assert parquet_bytes(df) == buf.getvalue()
