@@ -163,13 +163,18 @@ def test_a_run_gates_a_file_whose_gate_needs_the_pooled_estimate(tmp_path):
     assert stats.loc[("S2", "T cells"), "count"] > 0
 
 
+def _two_sdy736_files() -> list:
+    """Two SDY736 T-panel files of 1 000 events each."""
+    return [
+        shared_path(*SDY736, n) for n in ("Hs90208C20090205_00.583331.fcs", "Hs90210C20090205_00.583065.fcs")
+    ]
+
+
 def test_template_check_says_when_files_are_too_small_for_the_first_gate(tmp_path, capsys):
     """SDY736's files have 1 000 events; the canonical Lymphocytes gate needs 2 000 (`min_events`).
     The check said "every population can be gated" (exit 0); `cytopipe gate` then left every
     population empty (flags only, exit 0)."""
-    files = [
-        shared_path(*SDY736, n) for n in ("Hs90208C20090205_00.583331.fcs", "Hs90210C20090205_00.583065.fcs")
-    ]
+    files = _two_sdy736_files()
     template = tmp_path / "t_panel.yaml"
     _t_cell_copy(template, {"CD8": "PE-Texas Red-A"}, min_events=2000)
     assert main(["template", "check", *map(str, files), "--template", str(template)]) == 3
@@ -195,9 +200,7 @@ def test_template_check_counts_the_events_a_fit_reads_not_the_saturated_ones(tmp
     gated" (exit 0), while `cytopipe gate` failed both files (no file fitted, so no pooled
     estimate). The check now reads the events where the header cannot decide and counts as the
     fit does."""
-    files = [
-        shared_path(*SDY736, n) for n in ("Hs90208C20090205_00.583331.fcs", "Hs90210C20090205_00.583065.fcs")
-    ]
+    files = _two_sdy736_files()
     template = tmp_path / "t_panel.yaml"
     _t_cell_copy(template, {"CD8": "PE-Texas Red-A"}, min_events=980)
     assert main(["template", "check", *map(str, files), "--template", str(template)]) == 3
