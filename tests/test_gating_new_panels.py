@@ -170,6 +170,13 @@ def _two_sdy736_files() -> list:
     ]
 
 
+def _check(files, template, capsys) -> tuple[int, str, list[str]]:
+    """`cytopipe template check FILES --template T`: its exit code, output and PROBLEM lines."""
+    code = main(["template", "check", *map(str, files), "--template", str(template)])
+    text = capsys.readouterr().out
+    return code, text, [line for line in text.splitlines() if line.startswith("  PROBLEM:")]
+
+
 def test_template_check_says_when_files_are_too_small_for_the_first_gate(tmp_path, capsys):
     """SDY736's files have 1 000 events; the canonical Lymphocytes gate needs 2 000 (`min_events`).
     The check said "every population can be gated" (exit 0); `cytopipe gate` then left every
@@ -177,9 +184,8 @@ def test_template_check_says_when_files_are_too_small_for_the_first_gate(tmp_pat
     files = _two_sdy736_files()
     template = tmp_path / "t_panel.yaml"
     _t_cell_copy(template, {"CD8": "PE-Texas Red-A"}, min_events=2000)
-    assert main(["template", "check", *map(str, files), "--template", str(template)]) == 3
-    text = capsys.readouterr().out
-    problems = [line for line in text.splitlines() if line.startswith("  PROBLEM:")]
+    code, text, problems = _check(files, template, capsys)
+    assert code == 3
     assert len(problems) == 2
     assert "the file has 1000 events; gate 'Lymphocytes' (on all events) needs at least 2000" in problems[0]
     assert "leaves Lymphocytes and every population under it empty" in problems[0]
@@ -203,9 +209,8 @@ def test_template_check_counts_the_events_a_fit_reads_not_the_saturated_ones(tmp
     files = _two_sdy736_files()
     template = tmp_path / "t_panel.yaml"
     _t_cell_copy(template, {"CD8": "PE-Texas Red-A"}, min_events=980)
-    assert main(["template", "check", *map(str, files), "--template", str(template)]) == 3
-    text = capsys.readouterr().out
-    problems = [line for line in text.splitlines() if line.startswith("  PROBLEM:")]
+    code, text, problems = _check(files, template, capsys)
+    assert code == 3
     assert len(problems) == 2, text
     for problem, reads in zip(problems, (960, 968)):
         assert (

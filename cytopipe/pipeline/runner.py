@@ -130,7 +130,7 @@ def run_workflow(
     if reuse.outputs is not None:
         return RunResult(out=folder.path, **reuse.outputs)
     ctx = RunContext(wf=wf, folder=folder, executor=None, progress=progress)
-    with _EarlyWarnings() as early:  # shown now; written to run.log once it exists
+    with _ThreadWarnings() as early:  # shown now; written to run.log once it exists
         validate_inputs(ctx)  # fail fast, before any worker starts or any folder is made
     with _run_folder_session(folder, early.records, reuse.why, mask=_arm_mask(ctx)):
         # under the run lock: a blinded run's hashes are keyed with the folder's secret (rerun.py)
@@ -193,12 +193,15 @@ class _RunLogHandler(logging.FileHandler):
         """A full disk loses log lines, not the run's error message (no 'Logging error' traceback)."""
 
 
-class _EarlyWarnings(logging.Handler):
-    """The warnings of this run's input checks (e.g. a misspelt manifest column), which come before
-    the run folder and its run.log exist: kept, and written to run.log when it opens."""
+class _ThreadWarnings(logging.Handler):
+    """Within ``with``: the warnings this thread logs under ``logger``. The run's input checks
+    (e.g. a misspelt manifest column) warn before the run folder and its run.log exist: kept, and
+    written to run.log when it opens; the report step's warnings tell whether it named the files
+    it keeps in its tables folder (:func:`write_run_report`)."""
 
-    def __init__(self):
+    def __init__(self, logger: str = "cytopipe"):
         super().__init__(logging.WARNING)
+        self.logger = logger
         self.records: list[logging.LogRecord] = []
         self.thread = threading.get_ident()
 
@@ -206,12 +209,12 @@ class _EarlyWarnings(logging.Handler):
         if record.thread == self.thread:
             self.records.append(record)
 
-    def __enter__(self) -> _EarlyWarnings:
-        logging.getLogger("cytopipe").addHandler(self)
+    def __enter__(self) -> _ThreadWarnings:
+        logging.getLogger(self.logger).addHandler(self)
         return self
 
     def __exit__(self, *exc) -> bool:
-        logging.getLogger("cytopipe").removeHandler(self)
+        logging.getLogger(self.logger).removeHandler(self)
         return False
 
 
@@ -453,30 +456,6 @@ def _remove_stale_report(run_dir: Path, *, failed: bool = False, named: bool = F
         )
 
 
-class _KeptNamed(logging.Handler):
-    """Within ``with``: notes whether the report (this thread's) named a file it keeps in its tables
-    folder ``folder`` (``write_tables`` logs a warning for each), so that a failed report step names
-    them only when the report did not get that far."""
-
-    def __init__(self, folder: Path):
-        super().__init__(logging.WARNING)
-        self.prefix = f"{folder}: kept "
-        self.thread = threading.get_ident()
-        self.seen = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread and record.getMessage().startswith(self.prefix):
-            self.seen = True
-
-    def __enter__(self) -> _KeptNamed:
-        logging.getLogger("cytopipe.report.tables_folder").addHandler(self)
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        logging.getLogger("cytopipe.report.tables_folder").removeHandler(self)
-        return False
-
-
 def write_run_report(
     run_dir: Path, wf: Workflow, problems: list[str], progress: bool = True
 ) -> dict[str, Any]:
@@ -493,21 +472,28 @@ def write_run_report(
         blind_key=settings.get("blind_key"),
         max_gallery=int(settings.get("max_gallery") or MAX_GALLERY),
     )
-    named = _KeptNamed(run_dir / "report_tables")
+    # the report names each file it keeps in its tables folder (a warning of write_tables): a
+    # failed report step names them only when the report did not get that far
+    report_warnings = _ThreadWarnings("cytopipe.report.tables_folder")
+    prefix = f"{run_dir / 'report_tables'}: kept "
+
+    def named() -> bool:
+        return any(r.getMessage().startswith(prefix) for r in report_warnings.records)
+
     try:
         if report_is_current(run_dir, **options):
             notice("report: reused (its inputs are unchanged)")
             return {"enabled": True, "written": True, "reused": True, "path": "report.html",
                     "blinded": bool(settings.get("blinded"))}  # fmt: skip
         notice("report: writing report.html ...", progress)
-        with named:
+        with report_warnings:
             path = write_report(run_dir, **options)
     except errors.OutputWriteError:
         raise  # a full disk or read-only folder stops the run (exit 4): the rerun resumes
     except CytopipeError as exc:
         problems.append(f"report: not written: {exc}")
         # an earlier run's report must not pass for this run's; the files kept beside it are named
-        _remove_stale_report(run_dir, failed=True, named=named.seen)
+        _remove_stale_report(run_dir, failed=True, named=named())
         return {"enabled": True, "written": False, "error": str(exc)}
     except Exception as exc:  # a bug in the report must not cost the run's tables
         if isinstance(exc, OSError) and errors.exit_code_for(exc) == EXIT_OUTPUT:
@@ -518,6 +504,6 @@ def write_run_report(
         problems.append(
             f"report: not written: internal error {type(exc).__name__}: {exc}{where} (please report this)"
         )
-        _remove_stale_report(run_dir, failed=True, named=named.seen)
+        _remove_stale_report(run_dir, failed=True, named=named())
         return {"enabled": True, "written": False, "error": f"{type(exc).__name__}: {exc}"}
     return {"enabled": True, "written": True, "path": path.name, "blinded": bool(settings.get("blinded"))}
