@@ -276,8 +276,7 @@ def _feed(h: Any, obj: Any) -> None:  # noqa: C901 - one flat dispatch on the ar
     import pandas as pd
 
     def tag(text: str) -> None:
-        data = text.encode("utf-8")
-        h.update(struct.pack("<Q", len(data)) + data)
+        h.update(_tagged(text))
 
     if obj is None or isinstance(obj, bool):
         tag(f"const:{obj!r}")
@@ -294,8 +293,7 @@ def _feed(h: Any, obj: Any) -> None:  # noqa: C901 - one flat dispatch on the ar
     elif isinstance(obj, np.ndarray):
         tag(f"ndarray:{obj.dtype.str}:{obj.shape}")
         if obj.dtype.hasobject:
-            for v in obj.ravel(order="C"):
-                _feed(h, v)
+            _feed_items(h, list(obj.ravel(order="C")))
         else:
             h.update(np.ascontiguousarray(obj).tobytes())
     elif isinstance(obj, pd.DataFrame):
@@ -324,16 +322,14 @@ def _feed(h: Any, obj: Any) -> None:  # noqa: C901 - one flat dispatch on the ar
         if isinstance(obj, pd.arrays.NumpyExtensionArray):
             _feed(h, obj.to_numpy())
         else:  # nullable ints, strings, booleans...: each value with its type (missing values named)
-            for v in obj.to_numpy(dtype=object, na_value=None):
-                _feed(h, v)
+            _feed_items(h, list(obj.to_numpy(dtype=object, na_value=None)))
     elif obj is pd.NA or obj is pd.NaT:
         tag(f"const:{obj!r}")
     elif isinstance(obj, pd.Timestamp | pd.Timedelta):
         tag(f"{type(obj).__name__}:{obj.isoformat()}")
     elif isinstance(obj, list | tuple):
         tag(f"{type(obj).__name__}:{len(obj)}")
-        for v in obj:
-            _feed(h, v)
+        _feed_items(h, obj)
     elif isinstance(obj, Mapping):  # insertion order kept: a figure draws in its arguments' order
         tag(f"{type(obj).__name__}:{len(obj)}")
         for k, v in obj.items():
@@ -352,3 +348,29 @@ def _feed(h: Any, obj: Any) -> None:  # noqa: C901 - one flat dispatch on the ar
         tag(f"Path:{obj}")
     else:
         raise Unhashable(f"cannot name the content of a {type(obj).__module__}.{type(obj).__qualname__}")
+
+
+def _feed_items(h: Any, items: Any) -> None:
+    """``_feed`` of each item in turn. A sequence of plain ints or of plain floats (a histogram's
+    counts, a range: the gate-review rows of a figure hold thousands) goes in one update of the
+    very bytes the items would feed one by one: ~10x faster, the same hash."""
+    kinds = {type(v) for v in items}
+    if kinds == {int}:
+        texts = [f"int:{v}".encode("ascii") for v in items]
+    elif kinds == {float}:
+        texts = [b"float:" + _DOUBLE(v).hex().encode("ascii") for v in items]
+    else:
+        for v in items:
+            _feed(h, v)
+        return
+    h.update(b"".join([_LENGTH(len(t)) + t for t in texts]))
+
+
+_LENGTH = struct.Struct("<Q").pack
+_DOUBLE = struct.Struct("<d").pack
+
+
+def _tagged(text: str) -> bytes:
+    """What ``_feed``'s ``tag(text)`` feeds: the UTF-8 length as 8 bytes, then the text."""
+    data = text.encode("utf-8")
+    return _LENGTH(len(data)) + data
