@@ -204,9 +204,13 @@ def _quantities(g: pd.DataFrame, later: pd.DataFrame | None = None) -> list[Quan
         return out
     names = g["param_names"].iloc[int(np.argmax(lengths.to_numpy()))]
     rows = g.to_dict("records")
-    landmarks = [linear_landmarks(row) for row in rows]
-    ratios = [ratio_landmarks(row) for row in rows]
-    fluorescence = _fluorescence_marks(rows, later)
+    # each panel's histogram arrays once (the three kinds of landmarks read them; 66,519 panels of
+    # 3,501 files: the arrays made again for each kind were a third of the report's outlier check)
+    arrays = [_panel_arrays(row) for row in rows]
+    marginals = [_marginals(row, a) for row, a in zip(rows, arrays)]
+    landmarks = [linear_landmarks(row, m) for row, m in zip(rows, marginals)]
+    ratios = [ratio_landmarks(row, a) for row, a in zip(rows, arrays)]
+    fluorescence = _fluorescence_marks(rows, later, marginals)
     for j in range(k):
         if str(names[j]).endswith(DIAGONAL_MARK):
             continue
@@ -294,12 +298,15 @@ def _axis_of(name: str, landmarks: list[Mapping[str, Any]]) -> str | None:
     return max(found, key=len) if found else None
 
 
-def linear_landmarks(row: Mapping[str, Any]) -> dict[str, float]:
+def linear_landmarks(
+    row: Mapping[str, Any], marginals: Mapping[str, tuple] | None = None
+) -> dict[str, float]:
     """Axis name -> the median of the parent's events on that axis, for every *linear* axis of a
     gate-review panel (from its histogram: every parent event when the panel shows part of
-    them); an axis without events (or a median not above 0) has none."""
+    them); an axis without events (or a median not above 0) has none. ``marginals``: the row's
+    :func:`_marginals`, when the caller has them."""
     out: dict[str, float] = {}
-    for name, (marginal, edges, scale) in _marginals(row).items():
+    for name, (marginal, edges, scale) in (_marginals(row) if marginals is None else marginals).items():
         if scale != "linear":
             continue
         median = _histogram_median(marginal, edges)
@@ -308,20 +315,17 @@ def linear_landmarks(row: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def ratio_landmarks(row: Mapping[str, Any]) -> dict[str, float]:
+def ratio_landmarks(row: Mapping[str, Any], arrays: tuple | None = None) -> dict[str, float]:
     """``"x/y"`` (e.g. ``"FSC-A/FSC-H"``) -> the median x/y ratio of the parent's events, for a 2-D
     gate-review panel (from its histogram: every parent event when the panel shows part of them;
     each bin's events at its centre's ratio, bins whose y centre is not above 0 left out); a panel
     without such events has none. The singlet wedge's area/height ratios are compared relative
     to it: the ratio of single cells depends on the instrument (pulse shape, detector
     electronics), so on a multi-instrument study every ordinary wedge of one site looked like an
-    outlier in raw ratios."""
+    outlier in raw ratios. ``arrays``: the row's :func:`_panel_arrays`, when the caller has them."""
     if not row.get("x") or not row.get("y") or not len(row.get("x_range", [])) or not int(row["y_bins"]):
         return {}
-    xe, ye, counts = panel_arrays(row)
-    background = panel_background(row)
-    if background.size:
-        counts = background
+    xe, ye, counts = _panel_arrays(row) if arrays is None else arrays
     xc, yc = 0.5 * (xe[1:] + xe[:-1]), 0.5 * (ye[1:] + ye[:-1])
     ratio = xc[None, :] / np.where(yc > 0, yc, np.nan)[:, None]
     ok = np.isfinite(ratio) & (counts > 0)
@@ -334,16 +338,26 @@ def ratio_landmarks(row: Mapping[str, Any]) -> dict[str, float]:
     return {f"{row['x']}/{row['y']}": median} if median > 0 else {}
 
 
-def _marginals(row: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+def _panel_arrays(row: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(x edges, y edges, the parent's events per bin)`` of one panel: its counts, or every parent
+    event when the panel shows part of them; None for a panel without an axis."""
+    if not row.get("x") or not len(row.get("x_range", [])):
+        return None
+    xe, ye, counts = panel_arrays(row)
+    background = panel_background(row)
+    return xe, ye, (background if background.size else counts)
+
+
+def _marginals(
+    row: Mapping[str, Any], arrays: tuple | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
     """Axis name -> (the parent's events per bin on that axis, bin edges, scale) of one panel
-    (every parent event when the panel shows part of them)."""
+    (every parent event when the panel shows part of them). ``arrays``: the row's
+    :func:`_panel_arrays`, when the caller has them."""
     out: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}
     if not row.get("x") or not len(row.get("x_range", [])):
         return out
-    xe, ye, counts = panel_arrays(row)
-    background = panel_background(row)
-    if background.size:
-        counts = background
+    xe, ye, counts = _panel_arrays(row) if arrays is None else arrays
     for axis, edges in (("x", xe), ("y", ye)):
         name, scale = row.get(axis), str(row.get(f"{axis}_scale") or "")
         if not name or not len(edges):
@@ -367,7 +381,9 @@ class FluorescenceMarks(NamedTuple):
         return float((linear(value) - linear(self.negative)) / self.spread)
 
 
-def fluorescence_landmarks(rows: list[Mapping[str, Any]]) -> dict[str, FluorescenceMarks]:
+def fluorescence_landmarks(
+    rows: list[Mapping[str, Any]], marginals: Mapping[str, tuple] | None = None
+) -> dict[str, FluorescenceMarks]:
     """Axis name -> the landmarks of the parent's events (:class:`FluorescenceMarks`), for every
     *transformed* axis of one sample's panels of a gate (``rows``; the first panel showing an axis
     gives it). The negative peak is the lowest density peak at least a tenth as tall as the
@@ -378,10 +394,13 @@ def fluorescence_landmarks(rows: list[Mapping[str, Any]]) -> dict[str, Fluoresce
     where no positive cells are, as the engine reads an arcsinh cofactor): their median distance
     below the peak / 0.6745, in the axis's linear units (an ``arcsinh(x/c)`` axis back-transformed,
     so it does not depend on the file's cofactor; another transform: display units); NaN with fewer
-    than ``MIN_BELOW`` events below the peak."""
+    than ``MIN_BELOW`` events below the peak. ``marginals``: the first row's :func:`_marginals`,
+    when the caller has them."""
     out: dict[str, FluorescenceMarks] = {}
-    for row in rows:
-        for name, (counts, edges, scale) in _marginals(row).items():
+    for i, row in enumerate(rows):
+        for name, (counts, edges, scale) in (
+            _marginals(row) if i or marginals is None else marginals
+        ).items():
             if name in out or scale in ("", "linear"):
                 continue
             marks = _negative_and_bright(counts, edges)
@@ -434,14 +453,18 @@ def _negative_and_bright(counts: np.ndarray, edges: np.ndarray) -> tuple[float, 
 
 
 def _fluorescence_marks(
-    rows: list[Mapping[str, Any]], later: pd.DataFrame | None
+    rows: list[Mapping[str, Any]], later: pd.DataFrame | None, marginals: list[Mapping[str, tuple]]
 ) -> list[dict[str, FluorescenceMarks]]:
-    """:func:`fluorescence_landmarks` of each sample of ``rows`` (panel 0), with its other panels."""
+    """:func:`fluorescence_landmarks` of each sample of ``rows`` (panel 0; ``marginals``: theirs),
+    with its other panels."""
     more: dict[str, list[Mapping[str, Any]]] = {}
     if later is not None and len(later):
         for row in later.sort_values("panel", kind="stable").to_dict("records"):
             more.setdefault(str(row["sample_id"]), []).append(row)
-    return [fluorescence_landmarks([row, *more.get(str(row["sample_id"]), [])]) for row in rows]
+    return [
+        fluorescence_landmarks([row, *more.get(str(row["sample_id"]), [])], m)
+        for row, m in zip(rows, marginals)
+    ]
 
 
 def _histogram_quantile(counts: np.ndarray, edges: np.ndarray, q: float) -> float:
