@@ -483,7 +483,7 @@ def fit_logistic(
     min_group_size: int = 3,
 ) -> LogisticFit:
     """Logistic regressions of a binary response on arm and the standardised baseline value."""
-    import statsmodels.api as sm
+    from statsmodels.discrete.discrete_model import Logit  # not statsmodels.api: ~0.15 s of imports
 
     resp = np.asarray(response, dtype=float)
     base = np.asarray(baseline, dtype=float)
@@ -523,7 +523,7 @@ def fit_logistic(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                res = sm.Logit(resp, x).fit(disp=0, maxiter=200)
+                res = Logit(resp, x).fit(disp=0, maxiter=200)
             except Exception as exc:  # statsmodels raises PerfectSeparationError / LinAlgError here
                 return None, f"{type(exc).__name__}: {exc}"
         msgs = sorted({str(w.message).splitlines()[0] for w in caught})
