@@ -18,11 +18,16 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from tests.pipeline_support import SECTIONS, TEMPLATE, cli
 from tests.test_blinding_folder_kinds import _texts
 from tests.test_rerun import REUSED
+
+# ~40 s of real runs for a path the default suite covers in parts (test_rerun_blinded.py,
+# test_blinding_spillover_batches.py), and that suite is over its time budget: run with `-m slow`
+pytestmark = pytest.mark.slow
 
 ARM = "placebo"  # P003's arm (IL-2 0.2 MIU renamed)
 ARMS = ("IL-2 1.0 MIU", "IL-2 0.5 MIU", ARM)
