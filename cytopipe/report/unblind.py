@@ -31,7 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="the blinding key (CSV arm,code or JSON {arm: code}) or the study manifest (its arm column)",
     )
-    parser.add_argument("--no-report", action="store_true", help="do not write the unblinded report")
+    parser.add_argument(
+        "--no-report",
+        action="store_true",
+        help="do not write the unblinded report (the blinded report.html and its report_tables/ are "
+        "removed all the same; write one later with `cytopipe report RUN_DIR`)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
