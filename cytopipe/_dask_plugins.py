@@ -1,13 +1,17 @@
-"""Dask plugins of :class:`cytopipe.pipeline.executors.DaskExecutor` (imported only with Dask)."""
+"""Dask plugins of :class:`cytopipe.pipeline.executors.DaskExecutor`, and the nanny of its local
+worker processes (imported only with Dask)."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import logging
 import platform
+import time
 from typing import Any
 
+from distributed import Nanny
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 logger = logging.getLogger(__name__)
@@ -101,3 +105,42 @@ class WorkerAddresses(SchedulerPlugin):
         ws = scheduler.workers.get(worker)
         name = str(ws.name) if ws is not None else worker
         scheduler.log_event(self.topic, {"worker": worker, "name": name})
+
+
+SPAWN_POLL_S = 0.01  # how often a closing nanny looks whether its new worker process has started
+
+
+class RestartSafeNanny(Nanny):
+    """dask's Nanny, whose ``kill`` (what closing it does) first waits for a worker process it is
+    spawning to be started.
+
+    dask 2026.8.0 (nanny.py, WorkerProcess): a worker process that dies right after sending its
+    address to its nanny, before the nanny has read it (it looks every 50 ms), is restarted at
+    once; the old start then reads the dead process's address and marks the worker "running"
+    while the new process is still being spawned. Closing the nanny then (the cluster closing, or
+    dropping a nanny whose worker is gone) joined that process: ``AssertionError: can only join a
+    started process`` out of ``LocalCluster.close()``, which stopped half-way (its scheduler left
+    open), and the new worker process ran on until it read its stop message. Once the process is
+    started, dask's own ``kill`` stops it (its stop message; SIGKILL after ``0.8 * timeout``) and
+    joins it. Any other error of ``kill`` surfaces unchanged; so does this one if the process is
+    still not started after ``timeout``. tests/test_executor_close.py produces the race."""
+
+    async def kill(self, timeout: float = 5, reason: str = "nanny-kill") -> None:
+        worker_process = self.process
+        if _spawning(worker_process):
+            logger.info(
+                "Dask nanny %s is to stop its worker (%s) while it is starting a worker process; "
+                "waiting for that process to start, to stop it", self.address_safe, reason,
+            )  # fmt: skip
+            deadline = time.monotonic() + timeout
+            while _spawning(worker_process) and time.monotonic() < deadline:
+                await asyncio.sleep(SPAWN_POLL_S)
+            logger.debug("Dask nanny %s: its new worker process started: %s", self.address_safe,
+                         not _spawning(worker_process))  # fmt: skip
+        await super().kill(timeout=timeout, reason=reason)
+
+
+def _spawning(worker_process: Any) -> bool:
+    """True while the nanny's worker process object exists but its process is not started yet."""
+    process = getattr(worker_process, "process", None)  # None: no process (not yet made, or stopped)
+    return process is not None and process.pid is None

@@ -238,6 +238,8 @@ class DaskExecutor:
                     # (re)starts: its `distributed` section would be the very dict this `with`
                     # restores on leaving, so a restarted worker got dask's defaults; a copy
                     worker_config = {"distributed": copy.deepcopy(dask.config.get("distributed"))}
+                    from cytopipe._dask_plugins import RestartSafeNanny
+
                     with _workers_ignore_ctrl_c():
                         self.cluster = LocalCluster(
                             n_workers=n,
@@ -248,6 +250,7 @@ class DaskExecutor:
                             silence_logs=50,  # logging.CRITICAL: a killed worker is reported by us
                             env=dict(WORKER_ENV),
                             config=worker_config,
+                            worker_class=RestartSafeNanny,  # closable while it restarts a worker
                         )
             finally:
                 self._restore_environ()
@@ -518,6 +521,9 @@ class DaskExecutor:
                 os.environ[key] = value
 
     def close(self) -> None:
+        """The client, then the local cluster: its nannies stop their worker processes and join
+        them, also one a nanny is just starting again (RestartSafeNanny: dask raised
+        ``AssertionError: can only join a started process`` here, at the end of a finished run)."""
         try:
             self.client.close()
         finally:
