@@ -104,7 +104,7 @@ def test_closing_while_a_nanny_starts_its_worker_again_raises_nothing_and_leaves
             assert _restarting_with_a_stale_running_state(nanny), "the race was not produced"
             closed = True
             ex.close()  # the old code: AssertionError: can only join a started process
-        assert ex.cluster.status == Status.closed
+        assert ex.cluster.status == Status.closed and ex.cluster.scheduler.status == Status.closed
         assert nanny.status == Status.closed
         assert not _worker_processes() - before, "a worker process of the closed cluster still runs"
         assert "(nanny-close) while it is starting a worker process" in caplog.text, caplog.text
