@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
-from tests.pipeline_support import SECTIONS, TEMPLATE, cli
+from tests.pipeline_support import cli
 from tests.test_blinding_folder_kinds import _texts
+from tests.test_blinding_spillover_batches import _spec
 from tests.test_rerun import REUSED
 
 # ~40 s of real runs for a path the default suite covers in parts (test_rerun_blinded.py,
@@ -50,15 +50,6 @@ def _trial(folder: Path) -> Path:
             table["batch"] = table["batch"].replace({"S1-2020W04": ARM})
         table.to_csv(folder / name, index=False)
     return folder
-
-
-def _spec(trial: Path, out: Path, blinded: bool) -> Path:
-    spec = {"study": "batch names", "manifest": str(trial / "manifest.csv"), "clinical": str(trial / "clinical.csv"),
-            "template": str(TEMPLATE), "output": str(out), **SECTIONS, "clustering": {"enabled": False},
-            "compensation": {"source": "controls"}, "report": {"enabled": True, "blinded": blinded}}  # fmt: skip
-    path = out.with_name(f"{out.name}.yaml")
-    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
-    return path
 
 
 def _run(spec: Path) -> tuple[int, str]:
