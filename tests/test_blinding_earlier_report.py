@@ -13,10 +13,16 @@ from __future__ import annotations
 import re
 import shutil
 
+import pytest
+
 from cytopipe.report.blinding import folder_record
 from cytopipe.report.tables_folder import MANIFEST
 from tests.pipeline_support import cli
 from tests.test_blinded_run_report_tables import ARMS, LEAKY, NOTES, _snapshot
+
+# slow suite: edge cases of blinding (the default suite keeps blinding's broad tests: test_report_blinding,
+# test_blinding_folder_kinds, ...), moved there for the default suite's time budget (2026-12-07)
+pytestmark = pytest.mark.slow
 
 
 def _arms_in(text: str) -> list[str]:

@@ -13,6 +13,8 @@ import logging
 import shutil
 from pathlib import Path
 
+import pytest
+
 from cytopipe.report.blinding import folder_record
 from tests.blinding_support import visible_text
 from tests.pipeline_support import cli
@@ -24,6 +26,7 @@ def _kept(stderr: str, folder: Path) -> int:
     return sum(f"{folder}: kept notes.csv" in line for line in stderr.splitlines())
 
 
+@pytest.mark.slow
 def test_a_file_kept_in_a_reports_tables_folder_is_named_once_when_a_report_blinds_the_folder(
     sim_run, tmp_path
 ):
@@ -51,6 +54,7 @@ def test_a_file_kept_in_a_reports_tables_folder_is_named_once_when_a_report_blin
             assert (folder / f / "notes.csv").read_text(encoding="utf-8") == NOTES
 
 
+@pytest.mark.slow
 def test_a_file_kept_in_report_tables_is_named_once_when_a_run_blinds_the_folder(
     sim_run, sim_trial, tmp_path
 ):

@@ -14,10 +14,15 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from tests.blinding_support import visible_text
 from tests.pipeline_support import SECTIONS, TEMPLATE, cli
+
+# slow suite: edge cases of blinding (the default suite keeps blinding's broad tests: test_report_blinding,
+# test_blinding_folder_kinds, ...), moved there for the default suite's time budget (2026-12-07)
+pytestmark = pytest.mark.slow
 
 ARM = "placebo"  # the arm of P003, and the name of the site of P002's controls
 

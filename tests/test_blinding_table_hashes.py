@@ -21,6 +21,7 @@ import itertools
 import json
 import re
 
+import pytest
 import yaml
 
 from tests.pipeline_support import SECTIONS, TEMPLATE, cli
@@ -51,6 +52,7 @@ def _every_assignment(text: str) -> dict[str, bool]:
     return out
 
 
+@pytest.mark.slow
 def test_blinding_drops_the_hashes_of_tables_written_before(sim_trial, tmp_path):
     out = tmp_path / "run"
     proc = cli("run", _spec(sim_trial, out, tmp_path / "plain.yaml", enabled=True, blinded=False),

@@ -47,6 +47,7 @@ def map_killing_the_worker(ex, func) -> tuple[dict, int]:
     return got, first_pid
 
 
+@pytest.mark.slow
 def test_a_local_cluster_that_dropped_its_worker_starts_it_again_and_the_map_ends(caplog):
     """What hung `-n 2` runs: a worker dies, its nanny restarts it, and dask's LocalCluster closes that
     nanny for good when `distributed.deploy.lost-worker-timeout` passes while no worker of its name is
@@ -135,6 +136,7 @@ def _sample_item(item: dict, shared: str) -> dict:
     return {"sample_id": item["sample_id"], "shared": shared, "pid": os.getpid()}
 
 
+@pytest.mark.slow
 def test_a_local_cluster_that_dropped_one_of_its_workers_starts_it_again(caplog):
     """With `--workers 2`, a worker that a sample killed and whose nanny the cluster dropped was not
     started again while the other worker lived: the run went on with one worker. Now the executor
@@ -290,6 +292,7 @@ def test_a_worker_killed_for_its_memory_limit_is_named_with_that_reason():
     )
 
 
+@pytest.mark.slow
 def test_a_worker_restarted_and_killed_between_two_checks_is_named_by_its_last_address(caplog):
     """The executor learns its workers' addresses when it asks the scheduler for them (every 2 s
     while it waits): a worker that its nanny restarted and that died again before the next check

@@ -10,6 +10,8 @@ import logging
 import os
 import time
 
+import pytest
+
 from tests.test_executor_no_worker import map_killing_the_worker
 
 
@@ -66,6 +68,7 @@ def test_address_history_shown():
     assert history.shown(2) == "tcp://h:7, tcp://h:8 and 6 earlier addresses"
 
 
+@pytest.mark.slow
 def test_a_restored_worker_restarted_many_times_is_named_by_its_latest_addresses(caplog):
     """A worker restarted by its nanny several times (a new address each time), then killed and
     dropped by the LocalCluster (`distributed.deploy.lost-worker-timeout` 0 s, as in

@@ -540,6 +540,7 @@ def test_blinding_helpers():
     assert find_leaks({"x": "IL-2 0.5 miu"}, ARMS) == ["x: 'IL-2 0.5 MIU'"]
 
 
+@pytest.mark.slow
 def test_the_gallery_drawn_beside_by_a_helper_process_gives_the_same_report(report, tmp_path, monkeypatch):
     """The gate gallery's figures are drawn by a helper process while the other sections are
     built (and the rest here); the page is byte for byte the one drawn here alone, also when the

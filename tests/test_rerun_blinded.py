@@ -12,6 +12,7 @@ import stat
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from cytopipe.pipeline import EXIT_OK, run_workflow
@@ -109,6 +110,7 @@ def test_a_blinded_rerun_is_reused_until_an_input_changes_and_a_lost_key_only_re
     assert _attack(trial, visible_text(run)) == {"manifest.csv": [], "clinical.csv": []}
 
 
+@pytest.mark.slow
 def test_a_folder_blinded_after_its_run_drops_the_plain_hashes_and_codes_need_its_secret(
     sim_trial, sim_run, tmp_path, capsys
 ):

@@ -64,6 +64,9 @@ def _start_entries(c, run_id: int) -> list[dict]:
     ]
 
 
+# its database work (a run's options in run.start's audit entry, runs started from the web) is the
+# same on SQLite; runs from the web on PostgreSQL are in test_serve_runs' default tests
+@serve_support.POSTGRESQL_SLOW
 def test_a_web_run_chooses_what_a_missing_marker_does(server, study):
     c, viewer = server.client(), server.client("vera")
     trail = len(c.get("/api/audit?limit=500").json())
