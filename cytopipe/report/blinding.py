@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from cytopipe.errors import ReportError
+from cytopipe.report.armnames import any_case, find_leaks, leak_pattern  # noqa: F401  (find_leaks: this module's API)
 from cytopipe.report.blindrecord import (  # noqa: F401  (the record's API, used through this module)
     RECORD,
     _read_key,
@@ -74,7 +75,7 @@ def arm_codes(
             random.Random(seed).shuffle(order)
         else:
             random.SystemRandom().shuffle(order)
-        shown = leak_pattern(arms)
+        shown = any_case(arms)
         # arms named like a code's word (``A``, ``B``; ``Arm``) would show in ``Arm A``: other codes
         for scheme in (lambda i: f"Arm {_letter(i)}", lambda i: f"Arm {i + 1}", lambda i: f"Group {i + 1}"):
             codes = {arm: scheme(i) for arm, i in zip(arms, order)}
@@ -90,7 +91,7 @@ def arm_codes(
         raise ReportError(
             "the blinding key gives two arms the same code; codes must be distinct", key="blind_key"
         )
-    shown = leak_pattern(arms)  # as the leak check reads a code: short names as whole words
+    shown = any_case(arms)  # as the leak check reads a code: short names as whole words
     for code in codes.values():
         if shown.search(code):
             raise ReportError(
@@ -137,12 +138,13 @@ def _same_dtype(new: pd.Series, old: pd.Series) -> pd.Series:
 
 
 def blind_text(text: str, codes: Mapping[str, str], pattern: re.Pattern | None = None) -> str:
-    """``text`` with every arm name replaced by its code (case-insensitive)."""
+    """``text`` with every arm name replaced by its code, where :func:`leak_pattern` finds it
+    (whole words for names of one or two characters; a name of one character in its own case)."""
     if not codes:
         return text
     pattern = pattern or _pattern(codes)
     lower = {k.lower(): v for k, v in codes.items()}
-    return pattern.sub(lambda m: lower[m.group(0).lower()], text)
+    return pattern.sub(lambda m: codes.get(m.group(0)) or lower[m.group(0).lower()], text)
 
 
 def hide_arm_order(table: pd.DataFrame | None, codes: Mapping[str, str]) -> pd.DataFrame | None:
@@ -167,29 +169,9 @@ def hide_arm_order(table: pd.DataFrame | None, codes: Mapping[str, str]) -> pd.D
 
 def _pattern(codes: Mapping[str, str]) -> re.Pattern:
     """The arm names of ``codes`` as the leak check finds them (:func:`leak_pattern`): a name of one
-    or two characters as a whole word only (``A`` not inside ``CD45RA``), longer names anywhere."""
+    or two characters as a whole word only (``A`` not inside ``CD45RA`` nor ``FSC-A``), longer
+    names anywhere."""
     return leak_pattern(codes)
-
-
-def find_leaks(texts: Mapping[str, str], arms: Iterable[str]) -> list[str]:
-    """``["where: arm name", ...]`` for every arm name found in any of ``texts`` (case-insensitive).
-
-    Arm names of one or two characters are matched as whole words only (they would otherwise
-    match everywhere)."""
-    checks = []
-    for arm in {str(a) for a in arms if a}:
-        if len(arm) <= 2:
-            checks.append(
-                (arm, re.compile(rf"(?<![A-Za-z0-9]){re.escape(arm)}(?![A-Za-z0-9])", re.IGNORECASE))
-            )
-        else:
-            checks.append((arm, re.compile(re.escape(arm), re.IGNORECASE)))
-    leaks = []
-    for where, text in texts.items():
-        for arm, rx in checks:
-            if rx.search(text):
-                leaks.append(f"{where}: {arm!r}")
-    return leaks
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,15 +433,6 @@ def scrub_cache(run_dir: str | Path, arms: Iterable[str]) -> list[str]:
             path.unlink()
         changed.append(rel)
     return changed
-
-
-def leak_pattern(arms: Iterable[str]) -> re.Pattern:
-    """Any arm name, case-insensitive; names of one or two characters as whole words only."""
-    parts = []
-    for arm in sorted(set(arms), key=len, reverse=True):
-        word = re.escape(arm)
-        parts.append(rf"(?<![A-Za-z0-9]){word}(?![A-Za-z0-9])" if len(arm) <= 2 else word)
-    return re.compile("|".join(parts) or "(?!)", re.IGNORECASE)
 
 
 def _cache_file_leaks(path: Path, pattern: re.Pattern) -> list[str]:

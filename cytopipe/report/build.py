@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -60,6 +59,7 @@ def _build_report(
     from cytopipe.report.data import load_run
     from cytopipe.report.figcache import FigureCache
     from cytopipe.report.figures import style_context
+    from cytopipe.report.pagecheck import page_leaks
     from cytopipe.report.sections import Builder, build_sections
     from cytopipe.report.tables_folder import plan_tables, write_tables
 
@@ -115,13 +115,14 @@ def _build_report(
     plan = plan_tables(tables_dir, files, leaks=leaks)
 
     if data.blinded:
-        # the page's text without the base64 figure data (any short string occurs in it by chance);
-        # what the figures show is checked from their collected text instead
-        page_text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "data:", page)
-        texts = {"report.html": page_text, **{f"{name}.csv": text for name, text in csvs.items()}}
+        # the page as a reader reads it: its text and the attributes that carry data, not its markup
+        # nor the base64 figure data (any short string occurs in it by chance): what the figures
+        # show is checked from their collected text instead (cytopipe/report/pagecheck.py); a CSV
+        # file cell by cell, each on its line, as blinding coded its table's values
+        texts = {f"{name}.csv": _cells(text) for name, text in csvs.items()}
         for fig in builder.figures:
             texts[f"figure {fig.name}"] = "\n".join([fig.alt, *fig.texts])
-        leaks = find_leaks(texts, data.codes)
+        leaks = page_leaks(page, data.codes) + find_leaks(texts, data.codes)
         if leaks:  # fail closed: nothing is written
             raise ReportError(
                 "blinded report would show arm names (" + "; ".join(leaks[:5]) + "); nothing was written. "
@@ -168,6 +169,15 @@ def _build_report(
     if problems is not None:
         problems += data.clinical_problems
     return out_path
+
+
+def _cells(text: str) -> str:
+    """The cells of a CSV text (header included), one per line: each starts where a reader sees it
+    start (a cell ``A gate ...`` begins with the article, ``A`` after a comma would not)."""
+    import csv
+    import io
+
+    return "\n".join(cell for row in csv.reader(io.StringIO(text)) for cell in row)
 
 
 def _check_blinded(run_dir: Path, out_path: Path, arms: Iterable[str]) -> None:

@@ -210,9 +210,11 @@ def overview(b: Builder) -> H.Section:
     s.add(H.kpis(items))
     s.add(f'<p class="lead">Arm colours used in every figure: {H.swatches(b.colors, d.arms)}</p>')
     if d.blinded:
+        # the report's own codes (``Arm A, Arm B`` would be wrong where they are ``Arm 1, ...``, and
+        # show an arm named ``B``)
         s.add(H.paragraph(
-            "Blinded report: every arm is shown by its code (Arm A, Arm B, ...) in every figure, table and "
-            "CSV file of this report. Codes are not in dose order.", "note"))  # fmt: skip
+            f"Blinded report: every arm is shown by its code ({', '.join(d.arms)}) in every figure, table "
+            "and CSV file of this report. Codes are not in dose order.", "note"))  # fmt: skip
     for note in d.notes:
         s.add(H.paragraph(note, "note"))
     ids = [] if d.samples is None else d.samples["sample_id"].astype(str).tolist()

@@ -34,7 +34,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
 
 from cytopipe.errors import ReportError
-from cytopipe.report.blinding import _letter, arm_codes, blind_text, folder_record, leak_pattern
+from cytopipe.report.blinding import _letter, any_case, arm_codes, blind_text, folder_record
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import ArmCode, Batch, Run, Sample, Study, Upload
 from cytopipe.serve.storage import BlobStore, read_table_rows
@@ -103,7 +103,7 @@ def _unused_codes(n: int, used: set[str], arms: Iterable[str]) -> list[str]:
     """The first ``n`` codes ``Arm A``, ``Arm B``, ... that no arm has (``used``) and that show no
     arm's name as the leak check reads it (an arm named ``D`` never gets ``Arm D``); then ``Arm 1``,
     ... and ``Group 1``, ... when the letters run out that way (an arm named ``Arm``)."""
-    shown = leak_pattern(arms)
+    shown = any_case(arms)  # no code shows an arm's letter in any case (no Arm A for an arm a)
     found: list[str] = []
     limit = len(used) + n + 26
     for scheme in (lambda i: f"Arm {_letter(i)}", lambda i: f"Arm {i + 1}", lambda i: f"Group {i + 1}"):
