@@ -222,3 +222,7 @@ def test_blinding_codes_a_one_letter_name_where_the_check_finds_it():
     assert find_leaks({"t": blind_text(text, codes)}, codes) == []
     assert sorted(codes.values()) == ["Arm 1", "Arm 2", "Arm 3"]  # Arm A would show A
     assert sorted(arm_codes(["a", "b"], secret=b"a run").values()) == ["Arm 1", "Arm 2"]  # nor an arm a
+    # an arm named by a lower-case letter: the article a before any word is not it
+    codes = {"a": "Arm 1", "b": "Arm 2"}
+    text = "a vs b; arm a has 2; a=2; a flag in a CSV file; FSC-A"
+    assert blind_text(text, codes) == "Arm 1 vs Arm 2; arm Arm 1 has 2; Arm 1=2; a flag in a CSV file; FSC-A"

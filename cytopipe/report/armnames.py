@@ -26,9 +26,10 @@ def leak_pattern(arms: Iterable[str]) -> re.Pattern:
     return re.compile("|".join(parts) or "(?!)", re.IGNORECASE)
 
 
-#: what follows the article ``a``: a word in lower case, not one that follows a name (``A vs B``,
-#: ``A and B``, ``A or B``, ``A is ...``, ``A has ...``), which the article never precedes
-_ARTICLE_NEXT = r" (?!(?:vs|and|or|is|are|was|were|has|had)\b)[a-z]"
+#: what follows the article: a word (``A`` starting a sentence: in lower case), not one that
+#: follows a name (``A vs B``, ``A and B``, ``A or B``, ``A is ...``, ``A has ...``), which the
+#: article never precedes
+_NOT_AFTER_ARTICLE = r" (?!(?:vs|and|or|is|are|was|were|has|had)\b)"
 #: not the start of a text (or line) nor of a sentence (nor of one after a colon: ``Problem: A gate ...``)
 _MID_SENTENCE = r"(?<=[^\n])(?<![.!?:]\s)(?<![.!?:][)\"'\u2019\u201d]\s)"
 
@@ -40,16 +41,17 @@ def _letter_pattern(arm: str) -> str:
     formula's ``x`` or the column ``p`` of arms ``X`` and ``P``); one joined by a hyphen or an
     apostrophe is part of a name (the channels ``FSC-A``, ``BV421-A``, the Westgard rule ``R-4s``,
     ``QC'd``); and ``A`` starting a sentence before a word in lower case (``A batch is ...``, a study
-    ``A study of ...``), like ``a`` before one anywhere, is the English article. Coding those would
+    ``A study of ...``), like ``a`` before a word anywhere (``a flag``, ``a CSV file``), is the
+    English article. Coding those would
     garble the run's channels and texts, and tie the code to its arm for anyone who reads
     ``Arm 2 batch is ...``; refusing them would refuse every blinded report of such a study. The
     name as data still shows as itself: a cell ``A``, ``A vs B``, ``A=2, B=3``, ``['A', 'B']``,
     ``arm A``, ``A has 2 patients``, ``arm_A.csv``."""
     word = re.escape(arm)
     if arm == "A":
-        word = rf"(?:A(?!{_ARTICLE_NEXT})|{_MID_SENTENCE}A)"
+        word = rf"(?:A(?!{_NOT_AFTER_ARTICLE}[a-z])|{_MID_SENTENCE}A)"
     elif arm == "a":
-        word = rf"a(?!{_ARTICLE_NEXT})"
+        word = rf"a(?!{_NOT_AFTER_ARTICLE}[A-Za-z])"
     return rf"(?-i:(?<![A-Za-z0-9])(?<![A-Za-z0-9][-'\u2019]){word}(?![A-Za-z0-9])(?![-'\u2019][A-Za-z0-9]))"
 
 
