@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from cytopipe.report import html as H
+from cytopipe.report.armnames import shared_words
 from cytopipe.report.blinding import arm_codes, blind_text, find_leaks, folder_record
 from cytopipe.report.pagecheck import page_leaks
 from tests.pipeline_support import SECTIONS, TEMPLATE, cli
@@ -226,3 +227,29 @@ def test_blinding_codes_a_one_letter_name_where_the_check_finds_it():
     codes = {"a": "Arm 1", "b": "Arm 2"}
     text = "a vs b; arm a has 2; a=2; a flag in a CSV file; FSC-A"
     assert blind_text(text, codes) == "Arm 1 vs Arm 2; arm Arm 1 has 2; Arm 1=2; a flag in a CSV file; FSC-A"
+
+
+def test_a_run_whose_populations_show_a_one_letter_arm_is_not_blinded(runs, tmp_path):
+    """Arms ``P`` and ``T`` beside the populations ``T cells``, ``CD4 T``: coded there too
+    (``Arm 2 cells``, as before), they would tell which code is ``T``. Refused before any work."""
+    trial = tmp_path / "trial"
+    shutil.copytree(runs["trial"], trial)
+    for name in ("manifest.csv", "clinical.csv"):
+        table = pd.read_csv(trial / name)
+        table["arm"] = table["arm"].replace({"A": "T", "B": "P", "C": "R"})
+        table.to_csv(trial / name, index=False)
+    spec = yaml.safe_load((runs["blinded"].with_name("blinded.yaml")).read_text(encoding="utf-8"))
+    out = tmp_path / "run"
+    spec.update(manifest=str(trial / "manifest.csv"), clinical=str(trial / "clinical.csv"), output=str(out))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    proc = cli("run", str(path), "--no-progress", "--scheduler", "synchronous")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "'T cells', 'CD4 T', 'CD8 T'" in proc.stderr and "nothing was done" in proc.stderr
+    assert not (out / "population_stats.parquet").exists()
+    assert shared_words(["P", "T", "R", "DR"], ["T cells", "CD4 T", "Treg", "NK", "HLA-DR", "FSC-A"]) == [
+        "T cells",
+        "CD4 T",
+        "HLA-DR",
+    ]
+    assert shared_words(LETTERS, ["T cells", "CD4 T", "FSC-A", "SSC-A", "B cells"]) == ["B cells"]

@@ -11,7 +11,7 @@ samples whose gating can depend on the pooled estimates), assembly of the tables
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -94,7 +94,9 @@ def validate_inputs(ctx: RunContext) -> None:
     if wf.clinical is not None:
         ctx.clinical_problem = _check_clinical(wf, ctx.manifest)
     _check_blind_key(wf)
-    check_report_tables(wf, Path(wf.output), [str(a) for a in ctx.manifest["arm"].dropna() if str(a).strip()])
+    template = ctx.state.template
+    check_report_tables(wf, Path(wf.output), [str(a) for a in ctx.manifest["arm"].dropna() if str(a).strip()],
+                        [*template.names, *template.markers()])  # fmt: skip
     ctx.hashes["template"] = file_sha256(wf.template)
     ctx.hashes["qc"] = stable_hash(ctx.state.qc.to_dict())
     ctx.hashes["compensation"] = _spillover_hash(
@@ -118,14 +120,18 @@ def _check_blind_key(wf: Workflow) -> None:
         raise WorkflowError(exc.message, key="report.blind_key", file=Path(str(key))) from None
 
 
-def check_report_tables(wf: Workflow, run_dir: Path, arms: list[str] | tuple[str, ...] = ()) -> None:
+def check_report_tables(
+    wf: Workflow, run_dir: Path, arms: list[str] | tuple[str, ...] = (), names: Iterable[str] = ()
+) -> None:
     """A report refuses to write a table over one an earlier report wrote and the user edited
     since (:func:`~cytopipe.report.tables_folder.check_edited_tables`). A blinded report refuses to
     write its tables beside a CSV in ``report_tables/`` that shows an arm (a user's file, or a table an earlier report wrote and the user edited since), and a run
     that blinds its folder refuses a file kept there that cytopipe did not write and that shows an
     arm (blinding never rewrites a user's file: cytopipe/report/blindfiles.py). Checked here, before
     any work (exit 2, nothing done), not after all of it (the folder blinded by then). ``arms``:
-    besides those of the run's manifest and clinical table."""
+    besides those of the run's manifest and clinical table. ``names``: the run's populations and
+    markers, which must not show an arm name when the run blinds
+    (:func:`~cytopipe.report.blinding.refuse_shared_words`)."""
     from cytopipe.report.blindfiles import check_user_files
     from cytopipe.report.blinding import find_leaks, folder_record, source_arms
     from cytopipe.report.tables_folder import check_blinded_folder, check_edited_tables
@@ -136,6 +142,9 @@ def check_report_tables(wf: Workflow, run_dir: Path, arms: list[str] | tuple[str
                                 "(your changes are kept), then run the command again")  # fmt: skip
         return
     arms = [*arms, *source_arms({"manifest": str(wf.manifest or ""), "clinical": str(wf.clinical or "")})]
+    from cytopipe.report.blinding import refuse_shared_words
+
+    refuse_shared_words(arms, names, "The run would blind the folder after all its work; nothing was done.")
     todo = ("The run would blind the folder after all its work; nothing was done. Move the file out of "
             "the run folder (or take the arm names out of it, or delete it), then run the command again")  # fmt: skip
     if wf.report.get("enabled", True):

@@ -330,6 +330,14 @@ def _secret(data: RunData) -> bytes | None:
 
 
 def _blind(data: RunData, codes: dict[str, str]) -> None:
+    from cytopipe.report.blinding import refuse_shared_words
+
+    markers = []
+    if data.gate_review is not None:
+        markers = [
+            str(v) for c in ("x", "y") if c in data.gate_review.columns for v in data.gate_review[c].dropna()
+        ]
+    refuse_shared_words(codes, [*data.populations, *markers], "Nothing was written.")
     data.codes = codes
     for name in (
         "population_stats",
