@@ -133,7 +133,7 @@ def check_report_tables(
     markers, which must not show an arm name when the run blinds
     (:func:`~cytopipe.report.blinding.refuse_shared_words`)."""
     from cytopipe.report.blindfiles import check_user_files
-    from cytopipe.report.blinding import find_leaks, folder_record, source_arms
+    from cytopipe.report.blinding import find_leaks, folder_record, refuse_shared_words, source_arms
     from cytopipe.report.tables_folder import check_blinded_folder, check_edited_tables
 
     if not wf.report.get("blinded") and folder_record(run_dir) is None:
@@ -142,8 +142,6 @@ def check_report_tables(
                                 "(your changes are kept), then run the command again")  # fmt: skip
         return
     arms = [*arms, *source_arms({"manifest": str(wf.manifest or ""), "clinical": str(wf.clinical or "")})]
-    from cytopipe.report.blinding import refuse_shared_words
-
     refuse_shared_words(arms, names, "The run would blind the folder after all its work; nothing was done.")
     todo = ("The run would blind the folder after all its work; nothing was done. Move the file out of "
             "the run folder (or take the arm names out of it, or delete it), then run the command again")  # fmt: skip
