@@ -207,6 +207,8 @@ def test_the_page_check_reads_text_not_markup_and_finds_a_one_letter_arm_shown_a
         _page("Arm 3 vs Arm 1", "Arms: Arm 1=2, Arm 2=3.", "A"),
     ):
         assert page_leaks(page, LETTERS), page
+    # only the style sheet is the report's code: a script (the page has none) is read as text
+    assert page_leaks(clean.replace("</body>", "<script>const arm = 'A';</script></body>"), LETTERS)
     # a figure's texts (legend, axis labels) and a CSV's cells are checked as they are
     assert find_leaks({"figure": "Arm 1\nA\nFSC-A"}, LETTERS) == ["figure: 'A'"]
     assert find_leaks({"figure": "Arm 1\nArm 2\nFSC-A\nSSC-A"}, LETTERS) == []

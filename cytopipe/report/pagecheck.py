@@ -2,13 +2,14 @@
 
 The page (cytopipe/report/html.py) is markup that the report's code writes around text. The check
 (:func:`page_leaks`) reads what can carry the run's data, not the markup: the text of every element
-but the style sheet, and the value of every attribute but those the code writes as markup
-(``class``, ``style``, ``lang``, ``charset``, and ``<meta>``'s): a tag ``<b>`` or ``<a href>`` is
-not the arm ``B`` or ``A``, nor ``<li>`` the arm ``LI``, nor a rule ``nav.toc a { ... }`` of the
-style sheet. Figures (``data:`` URIs, where any short string occurs by chance) are checked from the
-texts they were drawn with, apart (cytopipe/report/build.py). Each element's text is read on its
-own line, so that a text starts where a reader sees it start (a table cell ``A`` is the arm, a
-sentence ``A gate is ...`` starts with the article: :func:`cytopipe.report.armnames.leak_pattern`).
+but the style sheet (the page has no scripts; a script's text would be checked like any other), and
+the value of every attribute but those the code writes as markup (``class``, ``style``, ``lang``,
+``charset``, and ``<meta>``'s): a tag ``<b>`` or ``<a href>`` is not the arm ``B`` or ``A``, nor
+``<li>`` the arm ``LI``, nor a rule ``nav.toc a { ... }`` of the style sheet. Figures (``data:``
+URIs, where any short string occurs by chance) are checked from the texts they were drawn with,
+apart (cytopipe/report/build.py). Each element's text is read on its own line, so that a text
+starts where a reader sees it start (a table cell ``A`` is the arm, a sentence ``A gate is ...``
+starts with the article: :func:`cytopipe.report.armnames.leak_pattern`).
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ class _Reader(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.text: list[str] = []
         self.attributes: list[str] = []
-        self._code = 0  # inside <style> or <script>: the report's code
+        self._style = 0  # inside <style>: the report's own style sheet (CSS), not data
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self._code += tag in ("style", "script")
+        self._style += tag == "style"
         if tag == "meta":  # the page's character set and viewport: markup
             return
         for name, value in attrs:
@@ -38,10 +39,10 @@ class _Reader(HTMLParser):
                 self.attributes.append(value)
 
     def handle_endtag(self, tag: str) -> None:
-        self._code -= tag in ("style", "script") and self._code > 0
+        self._style -= tag == "style" and self._style > 0
 
     def handle_data(self, data: str) -> None:
-        if not self._code:
+        if not self._style:
             self.text.append(data)
 
 
