@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
         "cytopipe.schema",
         "cytopipe.config",
         "cytopipe.intervals",
+        "cytopipe.peaks",
         "cytopipe.tabular",
         "cytopipe.files",
         "cytopipe.directio",

@@ -39,6 +39,7 @@ import numpy as np
 
 from cytopipe.gating._quantile import quantile_of_sorted
 from cytopipe.gating.gates import Dim, EllipsoidGate, Gate, PolygonGate, RectangleGate
+from cytopipe.peaks import find_peaks
 
 DEFAULT_MIN_EVENTS = 100
 DEFAULT_MAX_EVENTS = 20_000  # threshold fits use at most this many events (a seeded subsample)
@@ -194,15 +195,6 @@ def _histogram_sorted(x: np.ndarray, ordered: np.ndarray, bins: int, lo, hi) -> 
     at[:-1] = np.searchsorted(keys, edges[:-1], side="left")
     at[-1] = np.searchsorted(keys, edges[-1], side="right")
     return np.diff(at)
-
-
-def find_peaks(dens: np.ndarray, min_peak: float) -> np.ndarray:
-    """Indices of density peaks whose prominence is >= ``min_peak`` x the tallest peak."""
-    from scipy.signal import find_peaks as _fp
-
-    padded = np.concatenate([[0.0], dens, [0.0]])  # a peak at the edge still counts
-    idx, _ = _fp(padded, prominence=min_peak * dens.max())
-    return idx - 1
 
 
 class ThresholdFitter(Fitter):

@@ -73,12 +73,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numba
 import numpy as np
 import pandas as pd
 
 from cytopipe.errors import ReportError
-from cytopipe.gating._quantile import quantile_like_numpy
 from cytopipe.schema import NOT_MEASURED, blank_unmeasured_counts, with_count_dtypes
 
 GATE_REVIEW_FILE = "gate_review.parquet"
@@ -576,6 +574,9 @@ def _line_piece(half: tuple, xlim: Sequence[float], ylim: Sequence[float]) -> tu
 
 def _robust_range(v: np.ndarray) -> tuple[float, float]:
     """The 0.5-99.5% quantiles of the finite values of ``v`` (of a strided subset when large)."""
+    # imported here: the gating package (and numba) only where the events are binned, not in the report
+    from cytopipe.gating._quantile import quantile_like_numpy
+
     if v.dtype.kind == "f" and not np.isfinite(v).all():
         v = v[np.isfinite(v)]
     if len(v) > _QUANTILE_SAMPLE:  # a strided subset: deterministic and fast
@@ -633,36 +634,6 @@ def _edges_over(
     return np.linspace(min(g[0] for g in grids), max(g[-1] for g in grids), bins + 1)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _bin(v, lo, scale, n):
-    """Bin of ``v`` on ``n`` equal bins from ``lo`` (``scale`` = n / span): -1 when outside
-    or not finite; the upper edge belongs to the last bin. float64 arithmetic throughout."""
-    f = (np.float64(v) - lo) * scale
-    if not np.isfinite(f) or f < 0.0 or f >= n + 1.0:
-        return -1
-    i = np.int64(np.floor(f))
-    if i == n:
-        return n - 1
-    return i
-
-
-@numba.njit(cache=True, nogil=True)
-def _hist2d_kernel(x, y, xlo, xscale, nx, ylo, yscale, ny, counts):
-    for r in range(x.shape[0]):
-        ix = _bin(x[r], xlo, xscale, nx)
-        iy = _bin(y[r], ylo, yscale, ny)
-        if ix >= 0 and iy >= 0:
-            counts[iy * nx + ix] += 1
-
-
-@numba.njit(cache=True, nogil=True)
-def _hist1d_kernel(x, xlo, xscale, nx, counts):
-    for r in range(x.shape[0]):
-        ix = _bin(x[r], xlo, xscale, nx)
-        if ix >= 0:
-            counts[ix] += 1
-
-
 def _grid(edges: np.ndarray) -> tuple[float, float, int]:
     n = len(edges) - 1
     return float(edges[0]), float(n / (edges[-1] - edges[0])), n
@@ -670,16 +641,20 @@ def _grid(edges: np.ndarray) -> tuple[float, float, int]:
 
 def _hist2d(x: np.ndarray, y: np.ndarray, xe: np.ndarray, ye: np.ndarray) -> np.ndarray:
     """Counts on the grid ``xe`` x ``ye``, shaped (ny, nx); one pass, no temporaries."""
+    from cytopipe.report._histkernels import hist2d_kernel
+
     (xlo, xs, nx), (ylo, ys, ny) = _grid(xe), _grid(ye)
     counts = np.zeros(nx * ny, dtype=np.int64)
-    _hist2d_kernel(x, y, xlo, xs, nx, ylo, ys, ny, counts)
+    hist2d_kernel(x, y, xlo, xs, nx, ylo, ys, ny, counts)
     return counts.reshape(ny, nx)
 
 
 def _hist1d(x: np.ndarray, xe: np.ndarray) -> np.ndarray:
+    from cytopipe.report._histkernels import hist1d_kernel
+
     xlo, xs, nx = _grid(xe)
     counts = np.zeros(nx, dtype=np.int64)
-    _hist1d_kernel(x, xlo, xs, nx, counts)
+    hist1d_kernel(x, xlo, xs, nx, counts)
     return counts
 
 

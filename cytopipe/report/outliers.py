@@ -432,7 +432,7 @@ def _negative_spread(counts: np.ndarray, edges: np.ndarray, negative: float, sca
 
 
 def _negative_and_bright(counts: np.ndarray, edges: np.ndarray) -> tuple[float, float] | None:
-    from cytopipe.gating.fitters import find_peaks
+    from cytopipe.peaks import find_peaks  # not the gating package: the report does not import its engine
 
     if counts.sum() < 20 or len(counts) < 3:
         return None
