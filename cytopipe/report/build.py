@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import json
 import warnings
 from collections.abc import Iterable, Mapping
@@ -34,6 +36,35 @@ def build_report(run_dir: str | Path, **options: Any) -> Path:
                 except OSError:
                     pass
         raise
+
+
+@contextlib.contextmanager
+def _long_lived_frozen() -> Any:
+    """Yields a function that moves every object alive now into the garbage collector's permanent
+    generation (after a collection: no garbage is kept), called before each section; all are given
+    back to the collector at the end.
+
+    Why: a report's figures make many short-lived reference cycles, so the collector runs its full
+    pass several times per report, and each walked every object alive: the imported modules'
+    (pandas, matplotlib, scipy: ~230,000 objects, most imported while the sections are built) and
+    the run's tables. On a small run that was ~0.65 s of the main process's ~5.5 s of CPU
+    (measured with gc.callbacks); frozen, the full passes walk only the objects made since. Objects
+    freed by reference counting (most) are freed as before; a reference cycle made in one section
+    that outlives it is collected after the report instead of during it. Nothing is frozen when the
+    caller froze objects itself or turned the collector off."""
+    if gc.get_freeze_count() or not gc.isenabled():
+        yield lambda: None
+        return
+
+    def freeze() -> None:
+        gc.collect()  # walks only what is not frozen yet
+        gc.freeze()
+
+    gc.freeze()
+    try:
+        yield freeze
+    finally:
+        gc.unfreeze()
 
 
 def _build_report(
@@ -93,13 +124,13 @@ def _build_report(
     # the figures of the previous report that nothing they are drawn from has changed (content hashes)
     cache = FigureCache(run_dir, read=reuse)
 
-    with style_context(), warnings.catch_warnings():
+    with style_context(), warnings.catch_warnings(), _long_lived_frozen() as freeze:
         warnings.simplefilter("ignore", category=UserWarning)  # e.g. tight layout hints on tiny panels
         builder = Builder(
             data, tables_href=tables_dir.name, max_gallery=max_gallery, helper=helper, cache=cache
         )
         try:
-            sections = build_sections(builder)
+            sections = build_sections(builder, between=freeze)
             title = f"{data.study}: run report" + (" (blinded)" if data.blinded else "")
             n = data.population_stats["sample_id"].nunique()
             patients = data.population_stats["patient_id"].nunique()

@@ -1079,10 +1079,16 @@ SECTIONS: list[Callable[[Builder], H.Section | None]] = [
 
 
 def build_sections(
-    b: Builder, sections: Sequence[Callable[[Builder], H.Section | None]] = SECTIONS
+    b: Builder,
+    sections: Sequence[Callable[[Builder], H.Section | None]] = SECTIONS,
+    between: Callable[[], None] | None = None,
 ) -> list[H.Section]:
+    """The sections in page order (those that return None left out); ``between`` is called before
+    each one (the report's garbage-collector bookkeeping: :mod:`cytopipe.report.build`)."""
     out = []
     for make in sections:
+        if between is not None:
+            between()
         section = make(b)
         if section is not None:
             out.append(section)
