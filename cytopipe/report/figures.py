@@ -99,7 +99,8 @@ def render(fig: Figure, name: str, alt: str) -> Rendered:
     png = _add_png_text(buf.getvalue(), "Description", "\n".join([alt, *texts]))
     png = _add_png_text(png, "Layout", "overlapping texts: " + ("; ".join(overlaps) if overlaps else "none"))
     width, height = (int(round(v)) for v in fig.get_size_inches() * DPI)
-    fig.clear()
+    # not fig.clear(): that re-initialises every axes before removing it (~4 % of a report's CPU);
+    # the figure is dropped here and the garbage collector frees it
     uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     return Rendered(name=name, uri=uri, width=width, height=height, alt=alt, texts=texts, overlaps=overlaps)
 
