@@ -601,6 +601,36 @@ def test_the_gallery_drawn_beside_by_a_helper_process_gives_the_same_report(repo
     assert q._proc.poll() is not None and q._thread is None and q.drawn_by_helper < len(jobs)
 
 
+def test_the_gallery_helper_draws_without_pandas_numba_or_scipy(report, tmp_path):
+    """The helper process imports only what drawing a gallery figure needs (each of these costs
+    0.1-0.5 s of CPU per report): the figures it draws from the report's own jobs are the same."""
+    import pickle
+
+    from cytopipe.report.data import load_run
+    from cytopipe.report.render_helper import draw
+    from cytopipe.report.sections import Builder, gate_gallery
+
+    run, _, _ = report
+    builder = Builder(load_run(run), tables_href="t", helper=False)
+    gate_gallery(builder)
+    jobs = builder.gallery.jobs[:3]
+    (tmp_path / "jobs.pickle").write_bytes(pickle.dumps(jobs))
+    script = (
+        "import pickle, sys\n"
+        "from cytopipe.report.render_helper import draw\n"
+        f"folder = {str(tmp_path)!r}\n"
+        "jobs = pickle.loads(open(folder + '/jobs.pickle', 'rb').read())\n"
+        "uris = [draw(job).uri for job in jobs]\n"
+        "open(folder + '/uris.pickle', 'wb').write(pickle.dumps(uris))\n"
+        "print(sorted(m for m in ('pandas', 'numba', 'scipy', 'cytopipe.gating') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert pickle.loads((tmp_path / "uris.pickle").read_bytes()) == [draw(job).uri for job in jobs]
+
+
 def test_the_note_says_when_the_runs_statistics_were_off(small_run):
     """A run whose statistics step did not run (`statistics: enabled: auto` without a clinical
     table) has no statistics.parquet; the report computes them and says why there were none."""

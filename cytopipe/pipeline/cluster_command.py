@@ -23,7 +23,7 @@ from typing import Any
 
 from cytopipe.errors import WorkflowError
 from cytopipe.pipeline.executors import add_executor_arguments
-from cytopipe.report.blinding import add_blinding_arguments
+from cytopipe.report.options import add_blinding_arguments
 
 # steps of a run that this command redoes (their earlier records in run.json are replaced)
 _REDONE = ("clustering-train", "clustering-map", "statistics", "clustering-umap", "report")

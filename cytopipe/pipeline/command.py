@@ -12,7 +12,7 @@ from cytopipe.errors import WorkflowError
 from cytopipe.pipeline.executors import add_executor_arguments
 from cytopipe.pipeline.progress import quiet_console
 from cytopipe.pipeline.runner import run_workflow
-from cytopipe.report.blinding import add_blinding_arguments
+from cytopipe.report.options import add_blinding_arguments
 from cytopipe.workflow import Workflow, load_workflow, workflow_from_options
 
 logger = logging.getLogger(__name__)

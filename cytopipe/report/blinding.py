@@ -9,7 +9,6 @@ e.g. from one interim analysis to the next.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -33,24 +32,9 @@ from cytopipe.report.blindrecord import (  # noqa: F401  (the record's API, used
     rekeyed,
     source_arms,
 )
+from cytopipe.report.options import add_blinding_arguments  # noqa: F401  (where it was; used through this module)
 
 logger = logging.getLogger(__name__)
-
-
-def add_blinding_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--blinded`` and ``--blind-key``: the same options for ``cytopipe run``, ``cluster`` and ``report``."""
-    parser.add_argument(
-        "--blinded",
-        action="store_true",
-        help="write the report blinded: arm names replaced by codes (Arm A, Arm B, ...) in every "
-        "figure, table and file of the report (in a workflow: `report: {blinded: true}`)",
-    )
-    parser.add_argument(
-        "--blind-key",
-        metavar="FILE",
-        help="with --blinded: CSV (columns arm,code) or JSON {arm: code} giving the codes, so they stay "
-        "the same from one report to the next; keep it outside the run folder",
-    )
 
 
 def arm_codes(

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
@@ -328,6 +328,9 @@ def _panel_grid(
 # ------------------------------------------------------------------------------------------------
 def qc_events_figure(samples: pd.DataFrame) -> Figure:
     """Events before QC (x) against the share kept after QC (y), one point per file."""
+    # imported here: the gallery's helper process draws from this module without pandas
+    import pandas as pd
+
     fig = new_figure(6.4, 2.8)
     ax = fig.add_subplot()
     before = pd.to_numeric(samples["events_before_qc"], errors="coerce").astype(float)
@@ -411,7 +414,7 @@ def gallery_figure(
     from matplotlib.collections import LineCollection, PolyCollection
     from matplotlib.colors import LogNorm
 
-    from cytopipe.report.gate_review import panel_arrays, panel_background
+    from cytopipe.report.panels import panel_arrays, panel_background
 
     n = len(rows)
     nrows, ncols = _grid(n, ncols)
