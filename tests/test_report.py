@@ -601,6 +601,44 @@ def test_the_gallery_drawn_beside_by_a_helper_process_gives_the_same_report(repo
     assert q._proc.poll() is not None and q._thread is None and q.drawn_by_helper < len(jobs)
 
 
+def test_the_texts_a_figure_shows_are_those_findobj_finds(report):
+    """The texts written into each figure's PNG (``shown_texts``, which makes no ticks) are
+    matplotlib's ``findobj(Text)`` ones, in the same order: for gallery figures (whose axis is
+    never drawn), panel grids with hidden tick labels and tick labels outside the view, and QC."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    from cytopipe.report import figures as F
+    from cytopipe.report.batches import levey_jennings_figure, tracking_table
+    from cytopipe.report.data import load_run
+    from cytopipe.report.sections import Builder, gate_gallery
+    from cytopipe.stats import baseline_change, summarise_by_arm
+
+    run, _, _ = report
+    data = load_run(run)
+    builder = Builder(data, tables_href="t", helper=False)
+    gate_gallery(builder)
+    ps = data.population_stats
+    pops = list(dict.fromkeys(ps["population"]))
+    colors = F.arm_colors(data.arms, data.reference_arm, data.dose_ordered)
+    with F.style_context():
+        figures = [F.gallery_figure(*args) for _, _, args in builder.gallery.jobs[:4]]
+        figures += [
+            F.dynamics_figure(ps, summarise_by_arm(baseline_change(ps)), pops, data.arms, colors,
+                              show_sample_ci=False),
+            levey_jennings_figure(tracking_table(ps, data.samples), data.measured_populations),
+            F.qc_events_figure(data.samples),
+        ]  # fmt: skip
+        for fig in figures:
+            FigureCanvasAgg(fig)
+            fig.savefig(io.BytesIO(), format="png", dpi=F.DPI)
+            shown = F.shown_texts(fig)  # first: findobj makes ticks
+            assert shown == [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+            assert len(shown) > 3
+
+
 def test_the_gallery_helper_draws_without_pandas_numba_or_scipy(report, tmp_path):
     """The helper process imports only what drawing a gallery figure needs (each of these costs
     0.1-0.5 s of CPU per report): the figures it draws from the report's own jobs are the same."""
