@@ -112,19 +112,25 @@ def shown_texts(artist: Any) -> list[Any]:
     from matplotlib.axis import Axis
     from matplotlib.text import Text
 
-    if isinstance(artist, Axis):
-        made = vars(artist)  # the tick lists are made on first access: only those that exist
-        children = [
-            artist.label,
-            artist.offsetText,
-            *made.get("majorTicks", [])[: len(artist.get_majorticklocs())],
-            *made.get("minorTicks", [])[: len(artist.get_minorticklocs())],
-        ]
-    else:
-        children = artist.get_children()
-    out = [t for child in children for t in shown_texts(child)]
-    if isinstance(artist, Text) and artist.get_visible() and artist.get_text().strip():
-        out.append(artist)
+    out: list[Any] = []
+
+    def walk(artist: Any) -> None:  # findobj's order: the children first, then the artist
+        if isinstance(artist, Axis):
+            made = vars(artist)  # the tick lists are made on first access: only those that exist
+            children = [
+                artist.label,
+                artist.offsetText,
+                *made.get("majorTicks", [])[: len(artist.get_majorticklocs())],
+                *made.get("minorTicks", [])[: len(artist.get_minorticklocs())],
+            ]
+        else:
+            children = artist.get_children()
+        for child in children:
+            walk(child)
+        if isinstance(artist, Text) and artist.get_visible() and artist.get_text().strip():
+            out.append(artist)
+
+    walk(artist)
     return out
 
 
