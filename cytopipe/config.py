@@ -351,19 +351,34 @@ def _feed(h: Any, obj: Any) -> None:  # noqa: C901 - one flat dispatch on the ar
 
 
 def _feed_items(h: Any, items: Any) -> None:
-    """``_feed`` of each item in turn. A sequence of plain ints or of plain floats (a histogram's
-    counts, a range: the gate-review rows of a figure hold thousands) goes in one update of the
-    very bytes the items would feed one by one: ~4x faster, the same hash."""
+    """``_feed`` of each item in turn. A sequence of plain scalars -- ints, floats, strings, bools
+    and None (a histogram's counts, a range, a table's text column: the rows of a figure over a
+    3,501-file study hold millions) -- goes in one update of the very bytes the items would feed
+    one by one: the same hash, several times faster."""
     kinds = {type(v) for v in items}
-    if kinds == {int}:
+    if kinds == {int}:  # the commonest case, without a lookup per value
         texts = [f"int:{v}".encode("ascii") for v in items]
-    elif kinds == {float}:
-        texts = [b"float:" + _DOUBLE(v).hex().encode("ascii") for v in items]
+        h.update(b"".join([_LENGTH(len(t)) + t for t in texts]))
+    elif kinds <= _SCALARS.keys():
+        h.update(b"".join([_SCALARS[type(v)](v) for v in items]))
     else:
         for v in items:
             _feed(h, v)
-        return
-    h.update(b"".join([_LENGTH(len(t)) + t for t in texts]))
+
+
+def _scalar_int(v: int) -> bytes:
+    t = f"int:{v}".encode("ascii")
+    return _LENGTH(len(t)) + t
+
+
+def _scalar_float(v: float) -> bytes:
+    t = b"float:" + _DOUBLE(v).hex().encode("ascii")
+    return _LENGTH(len(t)) + t
+
+
+def _scalar_str(v: str) -> bytes:
+    t = v.encode("utf-8")
+    return _STR_TAG + _LENGTH(len(t)) + t
 
 
 _LENGTH = struct.Struct("<Q").pack
@@ -374,3 +389,15 @@ def _tagged(text: str) -> bytes:
     """What ``_feed``'s ``tag(text)`` feeds: the UTF-8 length as 8 bytes, then the text."""
     data = text.encode("utf-8")
     return _LENGTH(len(data)) + data
+
+
+#: what ``_feed`` feeds for a plain scalar of each type (None and bools are tagged constants, a
+#: string is the tag "str" then its text): the bytes ``_feed_items`` joins
+_STR_TAG = _tagged("str")
+_SCALARS = {
+    int: _scalar_int,
+    float: _scalar_float,
+    str: _scalar_str,
+    bool: lambda v: _tagged(f"const:{v!r}"),
+    type(None): lambda v: _tagged("const:None"),
+}

@@ -1,7 +1,7 @@
 """cytopipe.config.content_hash: the key of the report's figure cache and of the statistics' fit memo.
 
-Its digests are pinned: a faster way of feeding a sequence of plain ints or floats (one update for
-the whole sequence) must give the very bytes the values fed one by one gave, so that the figure
+Its digests are pinned: a faster way of feeding a sequence of plain scalars (ints, floats, strings,
+bools, None: one update for the whole sequence) must give the very bytes the values fed one by one gave, so that the figure
 caches of existing run folders stay valid (their figures are not drawn again after an upgrade)."""
 
 from __future__ import annotations
@@ -30,6 +30,25 @@ PINNED = {
     "frame": (
         pd.DataFrame({"a": [[1, 2], [3]], "b": [1.5, 2.5], "c": pd.array([1, None], dtype="Int64")}),
         "9be2b1997d68deeb3a81ae9e46e09659722ec093f64c1be119eb37d4174e41f6",
+    ),
+    # digests of the value-by-value encoding of strings, bools and None (before 2026-12-07 10:50 UTC)
+    "strings": (
+        ["CD4 T", "", "Treg", "ü µ 10⁴", "a" * 300],
+        "4fbb47b54f5cd640f3265b34e360bad799d1821eacc8b1de377429354ef7e7d1",
+    ),
+    "texts and missing": (
+        ["P001_W00", None, "placebo", True, False, 3, 2.5, None],
+        "8348aa56b172731aa36e668f6c3161affde9f54aed3eed838978bd280aea3ed0",
+    ),
+    "string frame": (
+        pd.DataFrame(
+            {
+                "sample_id": pd.array(["P001_W00", None, "P002_W04"], dtype="string"),
+                "population": ["T cells", "CD4 T", "Treg"],
+                "count": [10, 20, 30],
+            }
+        ),  # fmt: skip
+        "f3914b44b55aeaadc2ee8c92c3f06d22895806092cd27dc1f6998f50156de541",
     ),
 }
 
