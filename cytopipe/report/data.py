@@ -334,8 +334,11 @@ def _blind(data: RunData, codes: dict[str, str]) -> None:
 
     markers = []
     if data.gate_review is not None:
-        markers = [
-            str(v) for c in ("x", "y") if c in data.gate_review.columns for v in data.gate_review[c].dropna()
+        markers = [  # each axis name once (the table has a row per sample, population and panel)
+            str(v)
+            for c in ("x", "y")
+            if c in data.gate_review.columns
+            for v in data.gate_review[c].dropna().unique()
         ]
     refuse_shared_words(codes, [*data.populations, *markers], "Nothing was written.")
     data.codes = codes
