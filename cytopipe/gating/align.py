@@ -22,6 +22,7 @@ from cytopipe.errors import GatingError
 from cytopipe.gating.fitters import FitFailure
 from cytopipe.gating.gates import Dim, EllipsoidGate, Gate, PolygonGate, RectangleGate
 from cytopipe.gating.landmarks import GAP_DEPTH, AllOfGate, find_landmarks
+from cytopipe.peaks import local_maxima, peak_prominences
 
 _PEAK_SHARE = 0.1  # a landmark peak is at least this tall relative to the tallest (not noise)
 _HALF_WIDTHS = 2.0  # outer landmarks: this many robust half-widths outside the outermost peaks
@@ -283,9 +284,6 @@ def valleys(x: np.ndarray) -> Valleys:
     """The density's valleys on the density :func:`find_landmarks` uses (Silverman's bandwidth,
     n capped at 20 000): a value d of that smoothed histogram of counts has variance d x the sum
     of the squared kernel weights (Poisson counts), which sets the noise of humps and floors."""
-    from scipy.signal import find_peaks as _fp
-    from scipy.signal import peak_prominences
-
     from cytopipe.gating.fitters import density
 
     x = np.asarray(x, dtype=np.float64)
@@ -300,7 +298,7 @@ def valleys(x: np.ndarray) -> Valleys:
     bw = 0.9 * spread * min(len(x), 20_000) ** -0.2
     c, d = density(x, bw)
     ss = 1.0 / (2.0 * math.sqrt(math.pi) * max(bw / float(c[1] - c[0]), 1.0))  # Gaussian kernel
-    idx = _fp(d)[0]
+    idx = local_maxima(d)
     if len(idx) < 2:
         return none
     prom = peak_prominences(d, idx)[0]

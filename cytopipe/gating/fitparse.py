@@ -26,6 +26,7 @@ from cytopipe.gating.fitters import (
     SingletGate,
     ThresholdGate,
     ValleyFitter,
+    chi2_quantile,
 )
 from cytopipe.gating.gates import Dim, Gate
 from cytopipe.gating.landmarks import DiagonalFitter, DiagonalGate, LymphocyteFitter
@@ -314,9 +315,7 @@ def parse_data_driven(kind: str, spec, dims: list[Dim], ctx) -> Gate:
     if dist is not None:
         d2 = dist * dist
     else:
-        from scipy.stats import chi2
-
-        d2 = float(chi2.ppf(p, df=len(dims)))
+        d2 = chi2_quantile(p, len(dims))
     if kind == "lymphocytes":
         for key in ("min_peak", "debris"):
             v = spec.number(key, required=False, lo=0, hi=1)

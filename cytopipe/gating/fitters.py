@@ -475,6 +475,14 @@ def _core_moments_2d(x, mean, inv, c2):
     return n, s1, s2
 
 
+def chi2_quantile(p: float, df: int) -> float:
+    """``scipy.stats.chi2.ppf(p, df)`` by the function it calls, without importing scipy.stats
+    (~0.5 s of CPU per process)."""
+    from scipy.special import gammaincinv
+
+    return float(2 * gammaincinv(df / 2, p))
+
+
 def refine_core(
     x: np.ndarray, mean: np.ndarray, cov: np.ndarray, trim: float, iterations: int = 10, tol: float = 1e-3
 ):
@@ -482,11 +490,11 @@ def refine_core(
     ``trim`` of the current estimate, with the chi-square consistency factor that undoes the
     trimming (as in MCD estimators). Neighbouring clusters and a mixture component that split
     the cluster in two then no longer bias its centre and shape."""
-    from scipy.stats import chi2
+    from scipy.special import chdtr  # chi2.cdf's own function, without importing scipy.stats (~0.5 s)
 
     k = x.shape[1]
     c2 = trim * trim
-    factor = chi2.cdf(c2, k) / chi2.cdf(c2, k + 2)
+    factor = chdtr(k, c2) / chdtr(k + 2, c2)
     xc = np.ascontiguousarray(x, dtype=np.float64)
     for _ in range(iterations):
         inv = np.linalg.inv(cov)

@@ -69,11 +69,13 @@ from cytopipe.gating.fitters import (
     ThresholdFitter,
     _finite,
     _subsample,
+    chi2_quantile,
     density_sorted,
     refine_core,
     subsample_index,
 )
 from cytopipe.gating.gates import Dim, Gate, PolygonGate, RectangleGate
+from cytopipe.peaks import peak_prominences, prominent_peaks
 
 
 class LandmarkFailure(FitFailure):
@@ -178,8 +180,6 @@ def find_landmarks(
 ) -> Landmarks:
     """Peaks whose prominence is >= ``min_peak`` x the tallest (neighbours without a real dip
     between them merged), with robust half-widths."""
-    from scipy.signal import find_peaks as _fp
-
     x = np.asarray(x)
     if x.dtype not in (np.float32, np.float64):
         x = x.astype(np.float64)
@@ -187,14 +187,11 @@ def find_landmarks(
     keys = ordered if ordered.dtype == np.float64 else ordered.astype(np.float64)
     centers, dens = density_sorted(x, ordered, bandwidth)
     padded = np.concatenate([[0.0], dens, [0.0]])
-    idx, props = _fp(padded, prominence=min_peak * dens.max())
-    idx = idx - 1
+    idx = prominent_peaks(padded, min_peak * dens.max()) - 1
     if not len(idx):
         raise FitFailure("no density peak found")
     idx = _merge_shallow(idx, dens, merge_depth)
     peaks = []
-    from scipy.signal import peak_prominences
-
     proms = peak_prominences(padded, idx + 1)[0]
     for i, prom in zip(idx, proms):
         mode = float(centers[i])
@@ -918,9 +915,7 @@ class LymphocyteFitter(DensestClusterFitter):
         """The gate's Mahalanobis distance (``distance``, or that of ``probability``)."""
         if "distance" in self.options:
             return float(self.options["distance"])
-        from scipy.stats import chi2
-
-        return math.sqrt(float(chi2.ppf(self.options.get("probability", 0.95), df=2)))
+        return math.sqrt(chi2_quantile(self.options.get("probability", 0.95), 2))
 
     def shift(self, params, reference):
         # relative to the cluster's own width, not in instrument units
