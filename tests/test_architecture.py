@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
         "cytopipe.config",
         "cytopipe.intervals",
         "cytopipe.peaks",
+        "cytopipe._peakkernels",
         "cytopipe.tabular",
         "cytopipe.files",
         "cytopipe.directio",
