@@ -466,6 +466,26 @@ def small_study(tmp_path_factory):
 # cTfh 0.9513 -> 0.9492 (4 / 5 and 5 / 5 studies up / down), so 5150 was not run. Figures of every
 # variant (reference-quality ranking, drift and percentile maps on it) in docs/gating.md 6b. Nor a
 # two-axis rectangle's axes aligned on the slab its other axis cuts: tuning 5151-5155 Th17 -0.0016.
+# Tried 2026-12-07 11:50-12:20 UTC and not kept: a deconvolved, F1-optimal threshold per target.
+# On a bound above a one-peak parent density (judged at the learner's bandwidth), the negative is
+# the part below its mode mirrored (g(x) = f(2m - x)), the positives the excess max(f - g, 0), t* the
+# cut maximising the expected F1 of the positives; the examples' median of (reviewed - own t*) in
+# lower half-widths of the negative is carried to the target's t*. Tuning 5151-5160 (mean pooled F1
+# Th17 / activated cTfh; the learner 0.9636 / 0.9387): as proposed, replacing the learned threshold:
+# 0.8619 / 0.7129 (cTfh 0.8531); same-cytometer example, mode on a 4x Silverman density, Gaussian
+# negative from mode and lower half-width: 0.9475 / 0.9121; mean with the learned threshold (weight
+# 0.2 on t*): 0.9648 / 0.9403, at most +0.0015 over every variant (negatives above t counted below
+# 2m - t, weight 0.1: 0.9651 / 0.9402; all examples' median: 0.9634 / 0.9358; 2x / 6x bandwidth:
+# 0.9629 / 0.9386, 0.9609 / 0.9367; upper bounds left alone or by the negatives' F1: within 0.0003),
+# short of +0.005, so not validated (fresh studies 5201-5210 are prepared, no variant run on them;
+# the learner there: 0.9573 / 0.9390). Why (5151-5156, each target's truth-best 1-D cut on its
+# parent): rms error of the learned CXCR5 / PD-1 / CCR6 / CXCR3 cuts 0.043 / 0.052 / 0.035 / 0.038,
+# of t* carried from the same site's example 0.155 / 0.247 / 0.140 / 0.096 (Gaussian negative on a
+# 4x density: 0.056 / 0.084 / 0.048 / 0.072): one file's t* scatters more than the transfer
+# misses; within a site the best cut hardly follows the positives' share (r -0.06 to +0.11) while
+# t* does (Th1 +0.54: positives near the mode are read as the negative's shape), and its errors
+# correlate +0.3 to +0.6 with the learned cut's. An asymmetric mirror whose stretch is set so each
+# example's t* is its reviewed cut: worse still.
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="activated cTfh and Th17 below F1 0.95 on 5150 (see comment)")
 def test_learned_gates_on_21_samples_of_a_random_instrument_study(tmp_path):
