@@ -247,6 +247,49 @@ def test_a_threshold_copied_after_a_failed_warp_does_not_outrank_an_aligned_one(
     assert any("learned from aligned," in text for _, text in res.sources)
 
 
+def test_a_small_parents_shape_is_ranked_by_its_parents_own_alignment():
+    """A polygon on a small parent ("small", aligned on its ancestor "cells" in example "far", whose
+    600 "small" events are too few for a smooth density; on "small" itself in example "near", 2 000
+    events). The cells of "far" are the target's, so the ancestor aligns well (0.94), but its
+    small population sits at A ~ 2, the target's at A ~ 1: its gate (A > 3) misses the target's
+    bright cells. Ranked by the ancestor's quality "far" won (F1 0.000; seed 5202's
+    CD56bright NK: an example's NK aligned on Live at 0.84-0.92, its NK's own densities at
+    0.16-0.20, F1 0.33-0.90 on four targets); ranked by the small parent's own densities as moved,
+    "near" (A > 2, aligned on the parent itself) gates them."""
+    rng = np.random.default_rng(7)
+    a, b, c = (Dim(n, compensation=None) for n in "ABC")
+    pops = {
+        "cells": Population("cells", "root", RectangleGate([b], [-10.0], [None])),
+        "small": Population("small", "cells", RectangleGate([b], [5.0], [None])),
+        "bright": Population("bright", "small", PolygonGate([a, c], [[2.0, -9], [9, -9], [9, 9], [2.0, 9]])),
+    }
+    template = Template(name="t", populations=pops, compensation="none")
+    channels = pd.DataFrame({"pnn": ["A", "B", "C"], "pns": ["", "", ""]})
+
+    def sample(every: int, centre: float, n: int = 20000):
+        small = np.arange(n) % every == 0
+        bright = small & (rng.random(n) < 0.15)
+        xa = np.where(small, rng.normal(centre, 0.3, n), rng.normal(0.0, 0.3, n))
+        xa = np.where(bright, rng.normal(centre + 1.5, 0.15, n), xa)
+        ev = np.column_stack([xa, np.where(small, 6.0, 0.0), rng.normal(0.0, 0.3, n)]).astype(np.float32)
+        return SimpleNamespace(events=ev, channels=channels, keywords={}), bright
+
+    far, _ = sample(33, 2.0)
+    near, _ = sample(10, 1.0)
+    target, bright = sample(15, 1.0)
+    examples = [
+        Example("far", {**{n: p.gate for n, p in pops.items() if n != "bright"},
+                        "bright": PolygonGate([a, c], [[3.0, -9], [9, -9], [9, 9], [3.0, 9]])}),
+        Example("near", {n: p.gate for n, p in pops.items()}),
+    ]  # fmt: skip
+    learner = Learner(template, examples, {"far": far, "near": near})
+    res = learner.gate(target, sample_id="tg", medians=False)
+    tp, fp, fn = _f1(res.mask("bright"), bright)
+    print(f"\nbright F1 {2 * tp / (2 * tp + fp + fn):.3f}: {[t for p, t in res.sources if p == 'bright']}")
+    assert any(p == "bright" and "learned from near," in t for p, t in res.sources)
+    assert 2 * tp / (2 * tp + fp + fn) > 0.95
+
+
 def test_warp_gate_moves_every_geometry():
     x, y = Dim("x"), Dim("y")
     warps = {x: landmark_warp([0, 1, 2, 3] * 50, [0, 2, 4, 6] * 50), y: landmark_warp([0.0] * 9, [1.0] * 9)}

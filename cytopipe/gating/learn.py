@@ -116,6 +116,18 @@ QUALITY_BAND = 0.05
 # Re-tuned with $CYTSN in the simulated files (before, sites sharing a cytometer model counted as one
 # instrument): 0.5 still best of 0.3-1.0, and QUALITY_BAND 0.05 of 0-0.10 (docs/gating.md section 6b).
 SAME_CYTOMETER_WEIGHT = 0.5
+# A polygon or ellipse comes from the best-ranked example. An example aligned on an ancestor (its
+# parent below ALIGN_EVENTS) is ranked by the lower of the ancestor's quality and the overlap of the
+# parent's own densities as its gate is moved (Learner.transfer), so that it is compared with an
+# example aligned on the parent itself on the same footing: the ancestor's densities are mostly
+# other cells and align well when the parent's do not. Fresh study 5202: one example's NK (641
+# events) aligned on Live at 0.84-0.92 while its NK's own CD56 density, moved, overlapped the
+# target's at 0.16-0.20, and its CD56bright polygon won over an example aligned on its own NK (1221
+# events; 0.77-0.91): F1 0.33 / 0.52 / 0.84 / 0.90 on four targets, pooled 0.850 -> 0.998 (CD56dim
+# NK 0.978 -> 0.999). Tuning studies 5151-5160 (mean pooled F1): CD56bright NK 0.9905 -> 0.9966
+# (5156 +0.038, 5153 +0.019; worst -0.0005), CD56dim NK +0.0009; fresh 5201-5210: 0.9787 -> 0.9974
+# (5206 +0.037, none down), 5181-5190: 0.9927 -> 0.9935 (worst -0.0002); every other population
+# unchanged (rectangles keep their rank; on 5151 ranking them so too: activated cTfh -0.0045).
 MIN_PARENT_EVENTS = 50  # fewer parent events than this: no density to align, the gate is copied
 ALIGN_EVENTS = 1000  # a parent smaller than this in the example is aligned on a larger ancestor
 MAX_PROFILE_EVENTS = 20_000  # example parent values kept per axis (density() caps n at 20 000 too)
@@ -607,14 +619,18 @@ class Learner:
                 if q < self.min_quality and q0 > q:  # a failed warp that aligns worse than none is not used
                     w, q = IDENTITY, q0
                 ranks.append(rank if isinstance(prof.gate, RectangleGate) else q)
-                if here is not values and prof.parent_values is not None and w is not IDENTITY:
-                    # aligned on an ancestor: its warp is used only if it also brings the parent's
-                    # own densities closer than no warp (gs_DC_auto: the CD11c / CD123 densities of
-                    # CD14- Lineage- cells, mostly NK, moved the gates of its ~600 HLADR+ DCs 14 pp)
+                if here is not values and prof.parent_values is not None:
                     pe = np.asarray(prof.parent_values[d], dtype=np.float64)
                     pt = np.asarray(values[d], dtype=np.float64)
-                    if min(len(pe), len(pt)) >= MIN_PARENT_EVENTS and overlap(w(pe), pt) < overlap(pe, pt):
-                        w = IDENTITY  # copied on this axis; the quality stays the ancestor's
+                    if min(len(pe), len(pt)) >= MIN_PARENT_EVENTS:
+                        # aligned on an ancestor: its warp is used only if it also brings the
+                        # parent's own densities closer than no warp (gs_DC_auto: the CD11c / CD123
+                        # densities of CD14- Lineage- cells, mostly NK, moved the gates of its ~600
+                        # HLADR+ DCs 14 pp); if not, copied on this axis, the quality the ancestor's
+                        if w is not IDENTITY and overlap(w(pe), pt) < overlap(pe, pt):
+                            w = IDENTITY
+                        if not isinstance(prof.gate, RectangleGate):  # ranked on the parent (above)
+                            ranks[-1] = min(ranks[-1], overlap(w(pe), pt))
                 warps[d] = w
                 qs.append(q)
             g = warp_gate(prof.gate, warps)
