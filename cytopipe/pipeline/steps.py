@@ -131,9 +131,10 @@ def check_report_tables(
     any work (exit 2, nothing done), not after all of it (the folder blinded by then). ``arms``:
     besides those of the run's manifest and clinical table. ``names``: the run's populations and
     markers, which must not show an arm name when the run blinds
-    (:func:`~cytopipe.report.blinding.refuse_shared_words`)."""
+    (:func:`~cytopipe.report.armcheck.refuse_uncodable`)."""
+    from cytopipe.report.armcheck import refuse_uncodable
     from cytopipe.report.blindfiles import check_user_files
-    from cytopipe.report.blinding import find_leaks, folder_record, refuse_shared_words, source_arms
+    from cytopipe.report.blinding import find_leaks, folder_record, source_arms
     from cytopipe.report.tables_folder import check_blinded_folder, check_edited_tables
 
     if not wf.report.get("blinded") and folder_record(run_dir) is None:
@@ -141,10 +142,12 @@ def check_report_tables(
             check_edited_tables(run_dir / "report_tables", todo="Nothing was done. Move or rename the file "
                                 "(your changes are kept), then run the command again")  # fmt: skip
         return
-    arms = [*arms, *source_arms({"manifest": str(wf.manifest or ""), "clinical": str(wf.clinical or "")})]
-    refuse_shared_words(arms, names, "The run would blind the folder after all its work; nothing was done.")
-    todo = ("The run would blind the folder after all its work; nothing was done. Move the file out of "
-            "the run folder (or take the arm names out of it, or delete it), then run the command again")  # fmt: skip
+    inputs = {"manifest": str(wf.manifest or ""), "clinical": str(wf.clinical or "")}
+    arms = [*arms, *source_arms(inputs)]
+    stop = "The run would blind the folder after all its work; nothing was done."
+    refuse_uncodable(arms, names, inputs, stop)  # arms named by numbers, ids with an arm's letter, ...
+    todo = (f"{stop} Move the file out of the run folder (or take the arm names out of it, or delete it), "
+            "then run the command again")  # fmt: skip
     if wf.report.get("enabled", True):
         # not written anywhere (name_arms): the run stops before its folder is touched
         check_blinded_folder(run_dir / "report_tables", partial(find_leaks, arms=arms), name_arms=True,

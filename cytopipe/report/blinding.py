@@ -558,5 +558,8 @@ def resolve_blinding(
         return codes, rekeyed(record, codes, run_dir)  # a lost secret or an older record: keyed anew
     if not want:
         return None
+    from cytopipe.report.armcheck import refuse_number_arms
+
+    refuse_number_arms(all_arms, "Nothing was blinded.")  # the commands refuse them before their work
     codes = arm_codes(all_arms, key, secret=secret)
     return codes, new_record(codes, by or "blinded", run_dir, previous=info.get(RECORD))

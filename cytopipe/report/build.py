@@ -115,7 +115,11 @@ def _build_report(
             problems += _marker(run_dir, key).get("clinical_problems") or []
         return out_path
     if blinded and folder_record(run_dir) is None:  # to be blinded now: checked before its secret is made
-        _check_blinded(run_dir, out_path, _plain_arms(run_dir, clinical))
+        from cytopipe.report.armcheck import refuse_number_arms
+
+        arms = _plain_arms(run_dir, clinical)
+        refuse_number_arms(arms, "Nothing was written.")  # first: digits show in every file
+        _check_blinded(run_dir, out_path, arms)
     data = load_run(run_dir, blinded=blinded, blind_key=blind_key, clinical=clinical)
     if data.blinded:  # a CSV in the tables folder showing an arm: refused now, before the work
         # (plan_tables checks again before anything is written); the message names no arm: in a

@@ -330,7 +330,7 @@ def _secret(data: RunData) -> bytes | None:
 
 
 def _blind(data: RunData, codes: dict[str, str]) -> None:
-    from cytopipe.report.blinding import refuse_shared_words
+    from cytopipe.report.armcheck import refuse_uncodable
 
     markers = []
     if data.gate_review is not None:
@@ -340,7 +340,8 @@ def _blind(data: RunData, codes: dict[str, str]) -> None:
             if c in data.gate_review.columns
             for v in data.gate_review[c].dropna().unique()
         ]
-    refuse_shared_words(codes, [*data.populations, *markers], "Nothing was written.")
+    inputs = {"manifest": data.samples, "clinical": data.clinical}  # their ids, not yet coded
+    refuse_uncodable(codes, [*data.populations, *markers], inputs, "Nothing was written.")
     data.codes = codes
     for name in (
         "population_stats",

@@ -1,0 +1,167 @@
+"""Studies that blinding cannot code are refused before any work (exit 2, nothing written): arms
+named by numbers, and ids that carry a one-letter arm (cytopipe/report/armcheck.py).
+
+Before, a blinded run of arms ``1``, ``2``, ``3`` coded every digit standing alone in the run's
+texts (run.json's ``cytopipe_version`` ``0.Arm A.0``, its problems ``line Arm A column 36``), broke
+the gate review's shapes (JSON: the report was not written, exit 3) and blinded the folder all the
+same; and a study of arms ``A``, ``B``, ``C`` whose patients were ``P001-A``, ``P002-B``, ... got a
+blinded folder showing ``P001-A`` beside ``Arm 2`` in every table: which code is ``A``. Longer arm
+names inside ids (``P001-placebo``) were and are coded there (``P001-Arm B``) and come back when
+unblinding (the slow test)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from cytopipe.report.armcheck import ids_showing_arms, number_arms
+from cytopipe.report.blinding import find_leaks, folder_record
+from tests.blinding_support import visible_text
+from tests.pipeline_support import SECTIONS, TEMPLATE, cli
+
+DOSES = ("IL-2 1.0 MIU", "IL-2 0.5 MIU", "IL-2 0.2 MIU")
+
+
+@pytest.fixture(scope="module")
+def trial(tmp_path_factory) -> Path:
+    from cytopipe.simulate import simulate_trial
+
+    folder = tmp_path_factory.mktemp("uncodable") / "trial"
+    simulate_trial(folder, n_patients=3, visits=(0,), events=3000, control_events=1500, seed=5151,
+                   instrument="fortessa")  # fmt: skip
+    return folder
+
+
+def _study(trial: Path, folder: Path, arms: tuple[str, str, str], ids: str = "") -> Path:
+    """A copy of the trial with its arms renamed (``arms``, for ``DOSES``) and, by ``ids``, the
+    arm's name joined to the study's ids: ``patient`` (``P001-A``), ``sample`` (``P001_W00_A``),
+    ``batch`` (``S1-2020W04.A``) or ``file`` (``fcs/P001_W00-A.fcs``, the file renamed)."""
+    shutil.copytree(trial, folder)
+    names = dict(zip(DOSES, arms))
+    for name in ("manifest.csv", "clinical.csv"):
+        table = pd.read_csv(folder / name, dtype=str, keep_default_na=False)
+        table["arm"] = table["arm"].replace(names)
+        armed = table["arm"] != ""
+        if ids == "patient":
+            table.loc[armed, "patient_id"] = table.loc[armed, "patient_id"] + "-" + table.loc[armed, "arm"]
+        elif ids == "sample" and "sample_id" in table:
+            table.loc[armed, "sample_id"] = table.loc[armed, "sample_id"] + "_" + table.loc[armed, "arm"]
+        elif ids == "batch" and "batch" in table:
+            table.loc[armed, "batch"] = table.loc[armed, "batch"] + "." + table.loc[armed, "arm"]
+        elif ids == "file" and "file" in table:
+            for i in table.index[armed]:
+                new = table.at[i, "file"].replace(".fcs", f"-{table.at[i, 'arm']}.fcs")
+                (folder / table.at[i, "file"]).rename(folder / new)
+                table.at[i, "file"] = new
+        table.to_csv(folder / name, index=False)
+    return folder
+
+
+def _workflow(study: Path, out: Path, *, blinded: bool, report: bool = True) -> Path:
+    spec = {"study": "uncodable arms", "manifest": str(study / "manifest.csv"),
+            "clinical": str(study / "clinical.csv"), "template": str(TEMPLATE), "output": str(out),
+            **SECTIONS, "clustering": {"enabled": False}, "compensation": {"source": "controls"},
+            "report": {"enabled": report, "blinded": blinded}}  # fmt: skip
+    path = out.with_name(f"{out.name}.yaml")
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _run(path: Path):
+    return cli("run", str(path), "--no-progress", "--scheduler", "synchronous")
+
+
+@pytest.mark.parametrize("arms", [("1", "2", "3"), ("0", "10", "2.5")])
+def test_a_blinded_run_of_arms_named_by_numbers_is_refused_before_any_work(trial, tmp_path, arms):
+    study = _study(trial, tmp_path / "study", arms)
+    out = tmp_path / "run"
+    proc = _run(_workflow(study, out, blinded=True))
+    # was: exit 3 after all the work, a blinded folder with '0.Arm A.0' in run.json
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"the arm(s) {', '.join(repr(a) for a in sorted(set(arms), key=arms.index))} are named by numbers" in proc.stderr  # fmt: skip
+    assert "Name the arms with words in the manifest" in proc.stderr and "nothing was done" in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("ids", "shown"),
+    [
+        ("patient", "patient_id 'P001-A'"),
+        ("sample", "sample_id 'P001_W00_A'"),
+        ("batch", "batch 'S1-2020W04.A'"),
+        ("file", "file 'fcs/P001_W00-A.fcs'"),
+    ],
+)
+def test_a_blinded_run_whose_ids_carry_a_one_letter_arm_is_refused_before_any_work(
+    trial, tmp_path, ids, shown
+):
+    study = _study(trial, tmp_path / "study", ("A", "B", "C"), ids=ids)
+    out = tmp_path / "run"
+    proc = _run(_workflow(study, out, blinded=True))
+    # was: a blinded folder showing P001-A beside its arm's code in every table (exit 0)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"the study's ids carry a one-letter arm name as a part of them ({shown}" in proc.stderr
+    assert "ids that do not carry the arm" in proc.stderr and "nothing was done" in proc.stderr
+    assert not out.exists()
+
+
+def test_what_counts_as_a_number_or_an_id_carrying_an_arm():
+    assert number_arms(["1", " 2 ", "10", "0.5", "-", "+/-", "A", "dose 1", "10 mg", "PBO", "", "1"]) == [
+        "1", "2", "10", "0.5", "-", "+/-",
+    ]  # fmt: skip
+    manifest = pd.DataFrame({
+        "file": ["fcs/P1.fcs", "fcs/P2.fcs", "fcs/controls/CTRL_FSC-A.fcs", "fcs/P3.fcs"],
+        "sample_id": ["P1 a", "P2", "CTRL_A", "P3"],  # a control's id (no arm) tells nothing
+        "patient_id": ["P1", "P2-B", "", "P3"],
+        "panel": ["T-NK-A", "T-NK-A", "T-NK-A", "T-NK-A"],  # not an id: one panel for all
+        "arm": ["A", "B", "", "PBO"],
+    })  # fmt: skip
+    assert ids_showing_arms(["A", "B", "PBO"], [manifest]) == ["patient_id 'P2-B'", "sample_id 'P1 a'"]
+    # letters inside an id's part, and longer names (coded as words), are not what this refuses
+    assert ids_showing_arms(["W", "P"], [manifest]) == []
+    assert ids_showing_arms(["PBO", "HI"], [manifest.assign(patient_id="P1-PBO")]) == []
+
+
+@pytest.mark.parametrize(("arms", "ids", "said"), [(("1", "2", "3"), "", "named by numbers"),
+                                                   (("A", "B", "C"), "patient", "patient_id 'P001-A'")])  # fmt: skip
+def test_a_blinded_report_of_such_a_run_folder_is_refused_and_leaves_it_as_it_was(
+    trial, tmp_path, arms, ids, said
+):
+    study = _study(trial, tmp_path / "study", arms, ids=ids)
+    out = tmp_path / "run"
+    proc = _run(_workflow(study, out, blinded=False, report=False))
+    assert proc.returncode in (0, 3), proc.stderr[-3000:]  # only blinding is refused
+    samples = pd.read_parquet(out / "samples.parquet")
+    assert set(samples.loc[samples["arm"] != "", "arm"]) == set(arms)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = cli("report", str(out), "--blinded")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert said in proc.stderr and "Nothing was written." in proc.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # not even a secret
+    assert folder_record(out) is None
+
+
+@pytest.mark.slow
+def test_longer_arm_names_inside_ids_are_coded_there_and_come_back_when_unblinding(trial, tmp_path):
+    arms = ("highdose", "lowdose", "placebo")
+    study = _study(trial, tmp_path / "study", arms, ids="patient")
+    out = tmp_path / "run"
+    proc = _run(_workflow(study, out, blinded=True))
+    assert proc.returncode in (0, 3), proc.stderr[-3000:]
+    samples = pd.read_parquet(out / "samples.parquet")
+    armed = samples[samples["arm"] != ""]
+    assert sorted(armed["arm"].unique()) == ["Arm A", "Arm B", "Arm C"]
+    assert list(armed["patient_id"]) == list(armed["patient_id"].str[:4] + "-" + armed["arm"])  # P001-Arm B
+    assert find_leaks({"the blinded folder": visible_text(out)}, arms) == []
+    proc = cli("unblind", str(out), "--key", str(study / "manifest.csv"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = pd.read_parquet(out / "samples.parquet")
+    assert sorted(samples.loc[samples["arm"] != "", "patient_id"]) == [
+        "P001-highdose",
+        "P002-lowdose",
+        "P003-placebo",
+    ]
