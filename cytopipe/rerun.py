@@ -39,7 +39,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -186,9 +186,13 @@ def why_not_reusable(run_dir: str | Path, wf: Any) -> str | None:
 
 
 def record_finished_run(run_dir: str | Path, fingerprint: Mapping[str, Any] | None,
-                        sha256: Mapping[str, str | None]) -> None:  # fmt: skip
+                        sha256: Mapping[str, str | None],
+                        shown: Callable[[str], str] | None = None) -> None:  # fmt: skip
     """Add the rerun record to the run.json just written: the inputs' fingerprint (with each
-    file's registered sha256, ``sha256``: path -> hex) and the sha256 of every output."""
+    file's registered sha256, ``sha256``: path -> hex) and the sha256 of every output. ``shown``
+    (a blinded run): each file's path as the blinded folder may show it, arm names coded (a file
+    ``P003_placebo.fcs``, a folder ``placebo/``): such a file is not found by that path, so the
+    next run takes the normal path (its caches), never the fast one on a file it cannot check."""
     if fingerprint is None:
         return
     from cytopipe.store import atomic_write_json
@@ -203,7 +207,8 @@ def record_finished_run(run_dir: str | Path, fingerprint: Mapping[str, Any] | No
         return
     inputs = dict(fingerprint)
     inputs["files"] = {
-        p: (None if st is None else {**st, "sha256": sha256.get(p)}) for p, st in fingerprint["files"].items()
+        (shown(p) if shown else p): (None if st is None else {**st, "sha256": sha256.get(p)})
+        for p, st in fingerprint["files"].items()
     }
     info.pop(RECORD_KEY, None)
     outputs = {

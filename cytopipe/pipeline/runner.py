@@ -346,10 +346,15 @@ def finish_run(
         atomic_write_json(folder.run_json, blind(info))
     for phase, keys in ctx.keep_cache.items():
         folder.prune_cache(phase, keys)  # results of older settings/files are no longer needed
+    from cytopipe.report.blinding import blind_text
     from cytopipe.rerun import record_finished_run
 
+    codes = ctx.blinding[0] if ctx.blinding is not None else None  # the files' paths, coded like the tables'
     record_finished_run(
-        folder.path, ctx.rerun, {str(j.get("path")): j.get("sha256") for j in ctx.jobs + ctx.controls}
+        folder.path,
+        ctx.rerun,
+        {str(j.get("path")): j.get("sha256") for j in ctx.jobs + ctx.controls},
+        shown=None if codes is None else lambda path: blind_text(path, codes),
     )
 
 
