@@ -54,7 +54,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         info = recode_obj(info, codes, unblind=True)
         # a batch spelt with an arm name in another case (``Placebo``): as the manifest spells it
         cases = case_spellings(source_tables(info.get("workflow")), codes)
-        info = respell_info(info, cases)
+        info = respell_info(info, cases, codes)
     wf = Workflow.from_dict(info["workflow"])
     for key, path in (("template", wf.template), ("manifest", wf.manifest)):
         if not Path(path).is_file():

@@ -33,6 +33,7 @@ from cytopipe.report.blindrecord import (  # noqa: F401  (the record's API, used
     source_arms,
 )
 from cytopipe.report.options import add_blinding_arguments  # noqa: F401  (where it was; used through this module)
+from cytopipe.report.respell import respeller, text_spellings
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ def unblind_frame(
         return None
     inverse = {c: a for a, c in codes.items()}
     pattern = _word_pattern(inverse)
+    respell = respeller(text_spellings(cases or {}, codes))  # such values inside a longer text
     out = table.copy()
     for column in out.columns:
         col = out[column]
@@ -252,7 +254,7 @@ def unblind_frame(
 
             def decode(v: str, spelt: Mapping[str, str] = spelt) -> str:
                 v = pattern.sub(lambda m: inverse[m.group(0)], v)
-                return spelt.get(v, v)
+                return spelt[v] if v in spelt else respell(v)
 
             out[column] = _same_dtype(col.map(lambda v: decode(v) if isinstance(v, str) else v), col)
     return out
@@ -353,6 +355,7 @@ def recode_folder(
                          todo="Its files were not recoded. Move the file out of the run folder (or take the "
                          "arm names out of it), then run the command again")  # fmt: skip
     swap = partial(unblind_frame, cases=cases) if unblind else blind_frame
+    respell = respeller(text_spellings(cases or {}, codes) if unblind else {})  # run.log's texts
     tables: dict[str, pd.DataFrame] = {}
     changed: list[str] = []
     for old, new in renames.items():  # the old name's file is the current one (e.g. the run's own)
@@ -374,7 +377,7 @@ def recode_folder(
                 changed.append(str(rel))
         else:
             text = path.read_text(encoding="utf-8", errors="replace")
-            new_text = recode_obj(text, codes, unblind)
+            new_text = respell(str(recode_obj(text, codes, unblind)))
             if new_text != text and rel == Path("run.log"):
                 _rewrite_in_place(path, str(new_text))  # a run's log handler keeps appending to it
                 changed.append(str(rel))

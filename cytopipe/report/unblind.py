@@ -109,7 +109,7 @@ def unblind_run(run_dir: str | Path, key: str | Path, report: bool = True) -> di
     # values spelt with an arm name in another case (a batch ``Placebo``): as the inputs spell them
     manifest = pd.read_csv(key, dtype=str, keep_default_na=False) if _is_manifest(key) else None
     cases = case_spellings(source_tables(new_info.get("workflow"), manifest), codes)
-    new_info = respell_info(new_info, cases)
+    new_info = respell_info(new_info, cases, codes)
     new_info[RECORD] = {"blinded": False, "log": [*record.get("log", []), entry]}
     # the report written below names the files it keeps in report_tables/ (named once)
     written = (run_dir / "report.html", run_dir / "report_tables") if report and had_report else None
@@ -164,10 +164,17 @@ def case_spellings(tables: Iterable[pd.DataFrame], codes: Mapping[str, str]) -> 
     }
 
 
-def respell_info(info: dict[str, Any], cases: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
+def respell_info(
+    info: dict[str, Any], cases: Mapping[str, Mapping[str, str]], arms: Iterable[str]
+) -> dict[str, Any]:
     """An unblinded run.json with the values :func:`case_spellings` gives back where run.json
     names them by their column: the control sets (per batch or site) of ``study_state`` and of the
-    compensation step, and the files named after them in the rerun record."""
+    compensation step, and the files named after them in the rerun record; and where its texts
+    hold them (a file's path, a message: :mod:`cytopipe.report.respell`; not a value that is an arm's
+    name, ``arms``, in another case, which a text cannot tell from the arm)."""
+    from cytopipe.report.respell import respell_obj, respeller, text_spellings
+
+    info = dict(respell_obj(info, respeller(text_spellings(cases, arms))))  # type: ignore[arg-type]
     sets = (info.get("study_state") or {}).get("spillover_sets")
     if not cases or not isinstance(sets, dict) or not isinstance(sets.get("sets"), dict):
         return info
