@@ -124,6 +124,9 @@ def test_what_counts_as_a_number_or_an_id_carrying_an_arm():
     # letters inside an id's part, and longer names (coded as words), are not what this refuses
     assert ids_showing_arms(["W", "P"], [manifest]) == []
     assert ids_showing_arms(["PBO", "HI"], [manifest.assign(patient_id="P1-PBO")]) == []
+    # a Windows drive is no id (blinding codes ``C:`` as ``Arm 3:``); the same letter in a name is
+    windows = manifest.assign(file=["C:\\trial\\P1.fcs", "C:/trial/P2.fcs", "fcs/c.fcs", "D:\\C\\P3.fcs"])
+    assert ids_showing_arms(["C", "PBO"], [windows]) == ["file 'D:\\\\C\\\\P3.fcs'"]
 
 
 @pytest.mark.parametrize(("arms", "ids", "said"), [(("1", "2", "3"), "", "named by numbers"),

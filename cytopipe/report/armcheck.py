@@ -32,6 +32,9 @@ ID_COLUMNS = ("patient_id", "sample_id", "file", "batch", "site")
 
 #: what separates the parts of an id (``P01-A``, ``P01_A``, ``B2.A``, ``fcs/P01 A.fcs``)
 _SEPARATORS = re.compile(r"[\W_]+")
+#: a Windows drive at the start of a file's path (``C:\data\P01.fcs``): not an id, and blinding
+#: codes a letter followed by a colon (``Arm 3:\data``), so it shows no arm
+_DRIVE = re.compile(r"^[A-Za-z]:(?=[\\/])")
 
 
 def number_arms(arms: Iterable[str]) -> list[str]:
@@ -56,7 +59,8 @@ def ids_showing_arms(arms: Iterable[str], tables: Iterable[pd.DataFrame]) -> lis
         armed = table[table["arm"].notna() & (table["arm"].astype(str).str.strip() != "")]
         for column in (c for c in ID_COLUMNS if c in armed.columns):
             for value in armed[column].dropna().astype(str).unique():
-                if any(part.casefold() in letters for part in _SEPARATORS.split(value) if part):
+                parts = _SEPARATORS.split(_DRIVE.sub("", value) if column == "file" else value)
+                if any(part.casefold() in letters for part in parts if part):
                     found[f"{column} {value!r}"] = None
     return list(found)
 
