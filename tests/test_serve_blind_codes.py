@@ -237,3 +237,31 @@ def test_a_later_arm_never_gets_a_code_that_shows_its_name():
     assert later == {"D": "Arm E"}
     for given in (codes, {**stored, **later}):
         assert not find_leaks({"codes": " ".join(given.values())}, given), given
+
+
+def test_a_blinded_study_refuses_arms_named_by_numbers_and_ids_carrying_a_one_letter_arm(server, trial):
+    """What a blinded study's runs would refuse (cytopipe/report/armcheck.py) is refused when it is
+    entered: arms named by numbers when the study is created or mapped, ids carrying a one-letter
+    arm when mapped. An unblinded study may name its arms by numbers."""
+    folder, _, first, _ = trial
+    c = server.client()
+    numbered = {**STUDY, "arms": ["1", "2"]}
+    r = c.post("/api/studies", json={"name": "numbered, blinded", **numbered, "blinded": True}, headers=c.h)
+    assert r.status_code == 400 and "'1', '2' are named by numbers" in r.text, r.text
+    assert c.post("/api/studies", json={"name": "numbered", **numbered}, headers=c.h).status_code == 201
+
+    r = c.post(
+        "/api/studies", json={"name": "arms from the data, blinded", **STUDY, "blinded": True}, headers=c.h
+    )
+    study = r.json()["id"]
+    row = first.iloc[0]
+    assert c.upload(study, folder / row["file"]).status_code == 201
+    (mapped,) = c.get(f"/api/studies/{study}/mapping").json()
+    for arm, patient, said in (("2", row["patient_id"], "'2' are named by numbers"),
+                               ("A", f"{row['patient_id']}-A", f"patient_id '{row['patient_id']}-A'")):  # fmt: skip
+        rows = [dict(mapped, arm=arm, patient_id=patient)]
+        r = c.post(f"/api/studies/{study}/mapping", json={"rows": rows}, headers=c.h)
+        assert r.status_code == 400 and said in r.text, r.text
+        assert not any(m["confirmed"] for m in c.get(f"/api/studies/{study}/mapping").json())
+    rows = [dict(mapped, arm="A", patient_id=row["patient_id"])]
+    assert c.post(f"/api/studies/{study}/mapping", json={"rows": rows}, headers=c.h).status_code == 200

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session as DBSession
 from cytopipe.manifest import parse_visit, visit_problem
 from cytopipe.serve import audit
 from cytopipe.serve.auth import AuthError
-from cytopipe.serve.blinding import assign_codes
+from cytopipe.serve.blinding import arms_visible, assign_codes
 from cytopipe.serve.db import Batch, Run, Sample, Study, Template, Upload
 from cytopipe.serve.storage import (
     BlobStore,
@@ -83,6 +83,22 @@ def _words(text: str) -> list[str]:
     return [w.strip() for w in text.replace(";", ",").split(",") if w.strip()]
 
 
+def _refuse_uncodable_arms(arms: list[str], what: str) -> None:
+    """A blinded study's arms named by numbers: its pages, runs and reports could not code them
+    (:func:`cytopipe.report.armcheck.number_arms`), so they are refused (400) up front."""
+    from cytopipe.report.armcheck import number_arms
+
+    numbers = number_arms(arms)
+    if numbers:
+        raise AuthError(
+            400,
+            f"{what}: the arm(s) {', '.join(repr(a) for a in numbers)} are named by numbers (no letter): "
+            "a blinded study cannot replace them by codes or check that none shows, as digits are in "
+            "every number on its pages and in its runs. Name the arms with words (e.g. 'PBO', 'TRT', "
+            "'dose 10 mg')",
+        )
+
+
 def create_study(db: DBSession, user: str, values: dict[str, Any]) -> Study:
     name = " ".join(str(values.get("name", "")).split())
     if not name or len(name) > 200:
@@ -107,6 +123,8 @@ def create_study(db: DBSession, user: str, values: dict[str, Any]) -> Study:
                 "clustering": bool(values.get("clustering")), "blinded": bool(values.get("blinded")),
                 "report": bool(values.get("report", True)),
                 "four_eyes": bool(values.get("four_eyes", True))}  # sign-off by a second person  # fmt: skip
+    if settings["blinded"]:
+        _refuse_uncodable_arms(arms, "the study was not created")
     study = Study(name=name, arms=arms, visits=visits, settings=settings, pattern=pattern, created_by=user)
     db.add(study)
     db.flush()
@@ -405,6 +423,9 @@ def confirm_mapping(
         clean.append((uid, vals, visit))
     if problems:
         raise AuthError(400, "the mapping was not saved: " + "; ".join(problems))
+    if not arms_visible(study):  # what a blinded study's runs would refuse, refused when it is entered
+        _refuse_uncodable_arms([v["arm"] for _, v, _ in clean], "the mapping was not saved")
+        _refuse_ids_with_arms(study, [v for _, v, _ in clean])
     for uid, vals, visit in clean:
         old = existing.get(uid)
         if old is None:
@@ -420,6 +441,26 @@ def confirm_mapping(
     audit.record(db, user, "mapping.confirm", "study", study.id, before,
                  {"pattern": study.pattern, "rows": [{"upload_id": u, **v, "visit": vis} for u, v, vis in clean]})  # fmt: skip
     return len(clean)
+
+
+def _refuse_ids_with_arms(study: Study, rows: list[dict[str, str]]) -> None:
+    """A blinded study's sample or patient ids carrying a one-letter arm (``P01-A``): refused (400),
+    as its runs would refuse them (:func:`cytopipe.report.armcheck.ids_showing_arms`)."""
+    import pandas as pd
+
+    from cytopipe.report.armcheck import ids_showing_arms
+
+    arms = [*(study.arms or []), *(r["arm"] for r in rows)]
+    found = ids_showing_arms(arms, [pd.DataFrame(rows, columns=["sample_id", "patient_id", "arm"])])
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise AuthError(
+            400,
+            f"the mapping was not saved: ids carry a one-letter arm name as a part of them "
+            f"({', '.join(found[:3])}{more}); in a blinded study they would show beside their arm's "
+            "code and tell which code is which arm. Give ids that do not carry the arm, or give the "
+            "arms longer names",
+        )
 
 
 def study_counts(db: DBSession, study_id: int) -> dict[str, int]:
