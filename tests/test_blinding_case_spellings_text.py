@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from tests.pipeline_support import SECTIONS, TEMPLATE, cli
@@ -55,6 +56,7 @@ def _no_flow_data(info: dict) -> list[str]:
     return stats["clinical_patients_without_flow_data"]
 
 
+@pytest.mark.slow  # an edge case of unblinding (values spelt with an arm in another case)
 def test_unblinding_gives_values_spelt_with_an_arm_in_another_case_back_as_written_in_texts(tmp_path):
     trial = _trial(tmp_path / "trial")
     out = tmp_path / "run"

@@ -75,7 +75,7 @@ def _run(path: Path):
     return cli("run", str(path), "--no-progress", "--scheduler", "synchronous")
 
 
-@pytest.mark.parametrize("arms", [("1", "2", "3"), ("0", "10", "2.5")])
+@pytest.mark.parametrize("arms", [("1", "2", "3"), pytest.param(("0", "10", "2.5"), marks=pytest.mark.slow)])
 def test_a_blinded_run_of_arms_named_by_numbers_is_refused_before_any_work(trial, tmp_path, arms):
     study = _study(trial, tmp_path / "study", arms)
     out = tmp_path / "run"
@@ -91,8 +91,8 @@ def test_a_blinded_run_of_arms_named_by_numbers_is_refused_before_any_work(trial
     ("ids", "shown"),
     [
         ("patient", "patient_id 'P001-A'"),
-        ("sample", "sample_id 'P001_W00_A'"),
-        ("batch", "batch 'S1-2020W04.A'"),
+        pytest.param("sample", "sample_id 'P001_W00_A'", marks=pytest.mark.slow),
+        pytest.param("batch", "batch 'S1-2020W04.A'", marks=pytest.mark.slow),
         ("file", "file 'fcs/P001_W00-A.fcs'"),
     ],
 )
@@ -129,7 +129,7 @@ def test_what_counts_as_a_number_or_an_id_carrying_an_arm():
     assert ids_showing_arms(["C", "PBO"], [windows]) == ["file 'D:\\\\C\\\\P3.fcs'"]
 
 
-@pytest.mark.parametrize(("arms", "ids", "said"), [(("1", "2", "3"), "", "named by numbers"),
+@pytest.mark.parametrize(("arms", "ids", "said"), [pytest.param(("1", "2", "3"), "", "named by numbers", marks=pytest.mark.slow),
                                                    (("A", "B", "C"), "patient", "patient_id 'P001-A'")])  # fmt: skip
 def test_a_blinded_report_of_such_a_run_folder_is_refused_and_leaves_it_as_it_was(
     trial, tmp_path, arms, ids, said
