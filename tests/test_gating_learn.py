@@ -35,7 +35,7 @@ from cytopipe.gating.learn import (
     warp_gate,
     write_examples,
 )
-from cytopipe.gating.template import Population, Template
+from cytopipe.gating.template import Population, Template, _parse_transforms
 from tests.conftest import shared_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,6 +288,44 @@ def test_a_small_parents_shape_is_ranked_by_its_parents_own_alignment():
     print(f"\nbright F1 {2 * tp / (2 * tp + fp + fn):.3f}: {[t for p, t in res.sources if p == 'bright']}")
     assert any(p == "bright" and "learned from near," in t for p, t in res.sources)
     assert 2 * tp / (2 * tp + fp + fn) > 0.95
+
+
+def test_an_example_on_the_targets_cytometer_is_aligned_on_the_targets_arcsinh_scale():
+    """``cofactor: auto`` sets each file's arcsinh scale from its own negative population. On one
+    cytometer the linear values are comparable, yet the estimate can jump: example "same" has too
+    few A- cells to count as a population (8 %), and its cofactor comes from the A+ cells (18 000,
+    the target's 220 with 20 % A-). Its polygon (A < 0.3 on its scale, ~5 400 linear) compared on
+    the two scales as they are aligned at 0.6, and example "other" (another cytometer, 45 % A-,
+    aligned at 0.75) won with its cut in the middle of the target's A- cells: F1 0.59. Seed 5187
+    (Treg; CD127 cofactor 12 000 in an example vs 730-1 400 in its cytometer's other files):
+    pooled F1 0.818 -> 0.947. Put on the target's scale first (the same linear values), "same"
+    aligns at 0.87 and gates the A- cells."""
+    rng = np.random.default_rng(11)
+    a, b = Dim("A", compensation=None, transform="default"), Dim("B", compensation=None)
+    template = Template(name="t", populations={"neg": Population("neg", "root", PolygonGate(
+        [a, b], [[-9.0, -9], [0.3, -9], [0.3, 9], [-9.0, 9]]))}, compensation="none",
+        transforms=_parse_transforms({"default": {"type": "arcsinh", "cofactor": "auto"}}))  # fmt: skip
+    channels = pd.DataFrame({"pnn": ["A", "B"], "pns": ["", ""]})
+
+    def sample(neg: float, cytometer: str, n: int = 20000):
+        is_neg = rng.random(n) < neg
+        x = np.where(is_neg, rng.normal(0.0, 60.0, n), np.exp(rng.normal(np.log(20000.0), 0.3, n)))
+        ev = np.column_stack([x, rng.normal(0.0, 1.0, n)]).astype(np.float32)
+        return SimpleNamespace(events=ev, channels=channels, keywords={"$CYT": cytometer}), is_neg
+
+    same, _ = sample(0.08, "Aurora")
+    other, _ = sample(0.45, "Fortessa")
+    target, is_neg = sample(0.20, "Aurora")
+    examples = [
+        Example("same", {"neg": PolygonGate([a, b], [[-9.0, -9], [0.3, -9], [0.3, 9], [-9.0, 9]])}),
+        Example("other", {"neg": PolygonGate([a, b], [[-9.0, -9], [-0.1, -9], [-0.1, 9], [-9.0, 9]])}),
+    ]
+    learner = Learner(template, examples, {"same": same, "other": other})
+    res = learner.gate(target, sample_id="tg", medians=False)
+    tp, fp, fn = _f1(res.mask("neg"), is_neg)
+    print(f"\nA- F1 {2 * tp / (2 * tp + fp + fn):.3f}: {[t for p, t in res.sources if p == 'neg']}")
+    assert any(p == "neg" and "learned from same," in t for p, t in res.sources)
+    assert 2 * tp / (2 * tp + fp + fn) > 0.98
 
 
 def test_warp_gate_moves_every_geometry():

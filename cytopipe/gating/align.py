@@ -326,6 +326,35 @@ def at_valley(t: float, warped: float, example: Valleys, target: Valleys, slope:
     return 0.5 * (ft[0] + ft[1]) + (t - 0.5 * (fe[0] + fe[1])) * slope
 
 
+# An arcsinh axis re-expressed with another cofactor is a fixed monotone map, tabulated as a warp
+# at these knots (beyond them its slope is ~1: asinh(k sinh v) -> v +- log k; between knots the
+# chord is within ~0.01 of the curve).
+_RESCALE_KNOTS = np.linspace(-8.0, 16.0, 193)
+
+
+def rescale_warp(cofactor_from: float, cofactor_to: float) -> Warp:
+    """The map from ``arcsinh(x / cofactor_from)`` to ``arcsinh(x / cofactor_to)`` (same linear x)
+    as a piecewise-linear warp: an example file and a target file whose ``cofactor: auto`` scales
+    differ see one cell at different places, and a gate drawn on one scale is first put on the
+    other's before the densities are aligned."""
+    k = float(cofactor_from) / float(cofactor_to)
+    v = _RESCALE_KNOTS
+    # asinh(k sinh v) without overflow: for |v| > 20, sinh v ~ sign(v) e^|v| / 2
+    big = np.abs(v) > 20
+    mid = np.arcsinh(k * np.sinh(np.where(big, 0.0, v)))
+    far = np.sign(v) * (np.abs(v) + math.log(k))
+    return Warp(tuple(map(float, v)), tuple(map(float, np.where(big, far, mid))))
+
+
+def compose(outer: Warp, inner: Warp) -> Warp:
+    """``outer(inner(x))`` as one warp (knots: the inner's and where the inner reaches the
+    outer's)."""
+    s_in, d_in = np.asarray(inner.src), np.asarray(inner.dst)
+    back = np.interp(np.asarray(outer.src), d_in, s_in)  # within the inner's knots
+    src = np.unique(np.concatenate([s_in, back]))
+    return _monotone([float(x) for x in src], [float(y) for y in outer(inner(src))])
+
+
 def overlap(a: np.ndarray, b: np.ndarray, bins: int = 256) -> float:
     """Overlap of two samples' smoothed densities on a common grid (1 = identical, 0 = disjoint)."""
     from scipy.ndimage import gaussian_filter1d

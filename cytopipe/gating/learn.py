@@ -8,6 +8,8 @@ peaks and the robust half-widths of the outermost ones), which defines a monoton
 warp of that axis (as flowStats ``warpSet`` and flowLearn do); a parent too small for a smooth
 density is aligned on its nearest ancestor with :data:`ALIGN_EVENTS` events (on an axis where
 that warp brings the parent's own densities no closer than none, the gate is copied instead).
+An example recorded on the target's cytometer whose ``cofactor: auto`` scale differs from the
+target's more than 3-fold on an axis is first put on the target's scale (the same linear values).
 Thresholds and rectangle bounds go through the warp; polygon vertices go through the warps of
 their two axes (edges are first split where they cross a landmark, so every piece of the warped
 polygon is exact); an ellipse's centre goes through the warps and its covariance is scaled by
@@ -68,9 +70,11 @@ from cytopipe.gating.align import (
     IDENTITY,
     Valleys,
     at_valley,
+    compose,
     drift_threshold,
     landmark_warp,
     overlap,
+    rescale_warp,
     valleys,
     warp_gate,
 )
@@ -78,6 +82,7 @@ from cytopipe.gating.engine import Engine, GatingResult
 from cytopipe.gating.fitters import DataDrivenGate
 from cytopipe.gating.gates import BooleanGate, Dim, EllipsoidGate, Gate, PolygonGate, RectangleGate
 from cytopipe.gating.landmarks import AllOfGate, DiagonalGate
+from cytopipe.gating.scale import MAX_SPREAD
 from cytopipe.gating.template import ROOT, Population, Template
 
 log = logging.getLogger(__name__)
@@ -128,6 +133,23 @@ SAME_CYTOMETER_WEIGHT = 0.5
 # (5156 +0.038, 5153 +0.019; worst -0.0005), CD56dim NK +0.0009; fresh 5201-5210: 0.9787 -> 0.9974
 # (5206 +0.037, none down), 5181-5190: 0.9927 -> 0.9935 (worst -0.0002); every other population
 # unchanged (rectangles keep their rank; on 5151 ranking them so too: activated cTfh -0.0045).
+# An example recorded on the target's own cytometer ($CYT, $CYTSN) whose arcsinh cofactor on an axis
+# differs from the target's by more than scale.MAX_SPREAD (3x, beyond the gain drift of one detector
+# that `cofactor: auto` takes out file by file) is first put on the target's scale (the same linear
+# values: align.rescale_warp), then aligned (Learner.transfer). The per-file estimate can take
+# another population for the negative: seed 5187's reviewed P003_W00 had CD127 at cofactor 12 000,
+# its Aurora's other files 730-1 400; its CD127 density aligned at 0.55-0.64 on the five targets of
+# that Aurora, so another cytometer's example won, whose FOXP3 cut landed above their dim Tregs
+# (quality 0.81-0.89, unflagged): Treg F1 0.00-0.13 on four of them. Across cytometers the
+# per-file scale is what brings different linear ranges together and is kept (there, rescaled:
+# the FOXP3 cut of a Fortessa example at cofactor 99 went to 141 on an Aurora's 2 200). Treg pooled
+# F1: 5187 0.818 -> 0.947; tuning 5151-5160 0.9766 -> 0.9801 (5157 +0.025; worst -0.0003), every
+# other population within 0.0004; 5201-5210 0.9834 -> 0.9842 (worst -0.0001); 5181-5190 (5187
+# aside; 5182 unchanged, a different cause) 5183 -0.004, 5184 +0.005; there Th17 / Th1 5188 +0.026
+# / +0.046, 5183 +0.009 / +0.010; CD56bright NK 5183 -0.020 (one target whose gate is flagged
+# either way: quality 0.16 -> 0.29, F1 0.43 -> 0.32). Rescaling every example (no 3x test): Treg
+# still up, but Th17 / Th1 / cTfh / activated cTfh -0.004 to -0.007 on 5151-5160 (dated
+# 2026-12-07, this 2-core VM).
 MIN_PARENT_EVENTS = 50  # fewer parent events than this: no density to align, the gate is copied
 ALIGN_EVENTS = 1000  # a parent smaller than this in the example is aligned on a larger ancestor
 MAX_PROFILE_EVENTS = 20_000  # example parent values kept per axis (density() caps n at 20 000 too)
@@ -445,6 +467,7 @@ class _Profile:
     valleys: dict[tuple[Dim, bool], Valleys] = field(default_factory=dict)
     reference: str = ""  # a threshold's: its parent's parent, whose quartiles give the file's drift
     reference_values: dict[Dim, np.ndarray] | None = None
+    cofactors: dict[Dim, float] = field(default_factory=dict)  # its file's arcsinh scale per axis
 
 
 def _within(gate: RectangleGate, values: Sequence[np.ndarray], axes: Sequence[int]) -> np.ndarray:
@@ -456,6 +479,16 @@ def _within(gate: RectangleGate, values: Sequence[np.ndarray], axes: Sequence[in
         if gate.upper[i] is not None:
             inside &= values[i] < gate.upper[i]
     return inside
+
+
+def _rescale(cofactor_example: float | None, cofactor_target: float | None):
+    """The example axis' map onto the target's arcsinh scale (the rule above MIN_PARENT_EVENTS); None when
+    their cofactors are within MAX_SPREAD of each other."""
+    if cofactor_example is None or cofactor_target is None:
+        return None
+    if max(cofactor_example, cofactor_target) <= MAX_SPREAD * min(cofactor_example, cofactor_target):
+        return None  # a detector's gain drift between files, which the per-file scale takes out
+    return rescale_warp(cofactor_example, cofactor_target)
 
 
 def _rectangle_valleys(gate: RectangleGate, values: Sequence[np.ndarray]) -> dict[tuple[Dim, bool], Valleys]:
@@ -472,6 +505,17 @@ def _rectangle_valleys(gate: RectangleGate, values: Sequence[np.ndarray]) -> dic
             inside = _within(gate, values, others)
             if inside.sum() >= ALIGN_EVENTS:
                 out[d, True] = valleys(np.asarray(values[k])[inside])
+    return out
+
+
+def arcsinh_cofactors(engine: Engine, dims: Sequence[Dim]) -> dict[Dim, float]:
+    """The arcsinh cofactor each axis is displayed with in this file (``cofactor: auto`` is
+    estimated per file), for the axes on an arcsinh scale."""
+    out = {}
+    for d in dims:
+        spec = None if d.ratio is not None else engine._transform_spec(d)
+        if spec is not None and spec.get("type") == "arcsinh":
+            out[d] = float(spec["cofactor"])
     return out
 
 
@@ -570,7 +614,7 @@ class Learner:
             if scope != parent:  # the small parent's own values: is the ancestor's warp right for it?
                 pidx = result.indices(parent)
                 own = dict(zip(g.dims, map(_thin, engine.fit_values(g.dims, pidx, parent))))
-            out[name] = _Profile(g, vals, n, scope, own)
+            out[name] = _Profile(g, vals, n, scope, own, cofactors=arcsinh_cofactors(engine, g.dims))
             grand = ROOT if parent == ROOT else self.template[parent].parent
             if isinstance(g, RectangleGate) and len(g.dims) == 1 and grand != ROOT:
                 gidx = result.indices(grand)
@@ -590,10 +634,12 @@ class Learner:
         sample_id: str | None = None,
         values_of=None,
         instrument: str = "",
+        cofactors: Mapping[Dim, float] | None = None,
     ):
         """The gate for one target parent (``values`` per axis): ``(gate, quality, note)``;
         ``values_of(population)``: the target's values of another population (an example aligned
-        on a larger ancestor of the parent)."""
+        on a larger ancestor of the parent); ``cofactors``: the target's arcsinh cofactor per axis
+        (an example displayed with another is first put on the target's scale)."""
         if sample_id is not None and sample_id in self.profiles and population in self.profiles[sample_id]:
             return self.profiles[sample_id][population].gate, 1.0, f"the reviewed gate of {sample_id}"
         # (rank, example, gate, quality): the rank orders and selects the examples, the quality
@@ -607,12 +653,20 @@ class Learner:
             if n_target < MIN_PARENT_EVENTS or prof.n_parent < MIN_PARENT_EVENTS:
                 moved.append((0.0, sid, prof.gate, 0.0))  # nothing to align: copied, and flagged below
                 continue
-            warps, qs, ranks = {}, [], []
+            warps, qs, ranks, copied = {}, [], [], set()
+            same = bool(instrument) and self.instruments.get(sid) == instrument
             here = values
             if values_of is not None and prof.scope and prof.scope != self.template[population].parent:
                 here = values_of(prof.scope)
             for d, xe in prof.values.items():
                 xt = np.asarray(here[d], dtype=np.float64)
+                # the example's axis on the target's arcsinh scale (the same linear values) when
+                # both were recorded on one cytometer: its per-file cofactors can differ 10-fold
+                # (seed 5187, CD127 on one Aurora); across cytometers the per-file scale is what
+                # brings their different linear ranges together, and it is kept
+                r = _rescale(prof.cofactors.get(d), (cofactors or {}).get(d)) if same else None
+                if r is not None:
+                    xe = r(xe)
                 w = landmark_warp(xe, xt, isinstance(prof.gate, RectangleGate))
                 q, q0 = overlap(w(xe), xt), overlap(xe, xt)
                 rank = q  # a threshold or rectangle copied below is ranked by its failed warp's quality
@@ -621,6 +675,7 @@ class Learner:
                 ranks.append(rank if isinstance(prof.gate, RectangleGate) else q)
                 if here is not values and prof.parent_values is not None:
                     pe = np.asarray(prof.parent_values[d], dtype=np.float64)
+                    pe = pe if r is None else r(pe)
                     pt = np.asarray(values[d], dtype=np.float64)
                     if min(len(pe), len(pt)) >= MIN_PARENT_EVENTS:
                         # aligned on an ancestor: its warp is used only if it also brings the
@@ -631,11 +686,13 @@ class Learner:
                             w = IDENTITY
                         if not isinstance(prof.gate, RectangleGate):  # ranked on the parent (above)
                             ranks[-1] = min(ranks[-1], overlap(w(pe), pt))
-                warps[d] = w
+                if w is IDENTITY:
+                    copied.add(d)
+                warps[d] = w if r is None else compose(w, r)
                 qs.append(q)
             g = warp_gate(prof.gate, warps)
             if here is values and isinstance(g, RectangleGate):  # aligned on the parent itself
-                g = self._at_valleys(prof, g, values, warps)
+                g = self._at_valleys(prof, g, values, warps, copied)
             moved.append((min(ranks), sid, g, min(qs)))
         if not moved:
             raise GatingError("no example gate for this population", population=population)
@@ -685,7 +742,7 @@ class Learner:
         _, sid, g, q = good[0]
         return g, q, f"learned from {sid}"
 
-    def _at_valleys(self, prof: _Profile, moved: RectangleGate, values, warps) -> RectangleGate:
+    def _at_valleys(self, prof: _Profile, moved: RectangleGate, values, warps, copied=()) -> RectangleGate:
         """The warped rectangle with each bound that the example set on a valley floor moved to the
         target's valley (:func:`cytopipe.gating.align.at_valley`). The valley is sought first on
         the slab the bound cuts (the parent's events within the rectangle's range on its other
@@ -696,7 +753,7 @@ class Learner:
         gate, dims = prof.gate, list(prof.gate.dims)
         lower, upper = list(moved.lower), list(moved.upper)
         for k, d in enumerate(dims):
-            if warps[d] is IDENTITY:
+            if warps[d] is IDENTITY or d in copied:
                 continue
             for b, out in ((gate.lower[k], lower), (gate.upper[k], upper)):
                 if b is None:
@@ -812,7 +869,9 @@ class LearningEngine(Engine):
             sidx = None if scope == ROOT else self._idx_now[scope]
             return dict(zip(dims, self.fit_values(dims, sidx, scope)))
 
-        applied, q, note = self.learner.transfer(pop.name, values, self.sample_id, values_of, self.instrument)
+        applied, q, note = self.learner.transfer(
+            pop.name, values, self.sample_id, values_of, self.instrument, arcsinh_cofactors(self, dims)
+        )
         inside = applied.contains(self.gather(applied.dims, pidx, pop.parent))
         quality = getattr(result, "alignment", {})
         quality[pop.name] = q
