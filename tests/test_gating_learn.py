@@ -448,7 +448,7 @@ def small_study(tmp_path_factory):
     return _study(tmp_path_factory.mktemp("learn") / "small", patients=2, events=5000)
 
 
-# Measured on seed 5150 (issue 10's Done-when line, not met yet), last on 2026-12-07 12:59 UTC
+# Measured on seed 5150 (issue 10's Done-when line, not met yet), last on 2026-12-07 12:57 UTC
 # after two fixes found on fresh studies (a small parent's polygon ranked by its own alignment,
 # 5202; a same-cytometer example put on the target's arcsinh scale, 5187): Th17 0.948, activated
 # cTfh 0.916 (0.918 before them), Th1 0.974, Treg 0.985, cTfh 0.985, CD56bright NK 0.998, the rest
