@@ -87,8 +87,7 @@ def refuse_uncodable(
     by numbers (:func:`refuse_number_arms`), ids of the run's ``inputs`` (``{"manifest": ...,
     "clinical": ...}``: paths or tables) that carry a one-letter arm (:func:`ids_showing_arms`:
     named, up to three; not the arm), population or marker ``names`` that show an arm
-    (:func:`cytopipe.report.blinding.refuse_shared_words`). ``todo``: what happens now."""
-    from cytopipe.report.blinding import refuse_shared_words
+    (:func:`refuse_shared_words`). ``todo``: what happens now."""
     from cytopipe.report.blindrecord import source_tables
 
     arms = [str(a) for a in arms if a is not None and str(a).strip()]
@@ -106,3 +105,21 @@ def refuse_uncodable(
             key="blinded",
         )
     refuse_shared_words(arms, names, todo)
+
+
+def refuse_shared_words(arms: Iterable[str], names: Iterable[str], todo: str) -> None:
+    """Refuse (:class:`ReportError`) to blind a run whose populations or markers (``names``) show an
+    arm name (:func:`cytopipe.report.armnames.shared_words`): coded there too, they would tell
+    which code stands for that arm. Named: those names (not the arm; the user knows the arms).
+    ``todo``: what happens now."""
+    from cytopipe.report.armnames import shared_words
+
+    found = shared_words(arms, names)
+    if found:
+        raise ReportError(
+            "an arm's name is also a word of the run's population or marker names "
+            f"({', '.join(repr(n) for n in found[:6])}): blinding would code it there too, which "
+            "would tell anyone who knows the panel which code stands for that arm. Give the arm a "
+            f"longer name in the manifest and the clinical table (e.g. 'TRT', 'PBO'). {todo}",
+            key="blinded",
+        )

@@ -78,6 +78,6 @@ def shared_words(arms: Iterable[str], names: Iterable[str]) -> list[str]:
     as :func:`leak_pattern` finds it: an arm ``T`` in ``T cells`` and ``CD4 T``, ``DR`` in
     ``HLA-DR``. Blinding would code the name there too (``Arm 2 cells``), and so tell anyone who
     knows the panel which code stands for that arm: a run folder with such names is not blinded
-    (:func:`cytopipe.report.blinding.refuse_shared_words`)."""
+    (:func:`cytopipe.report.armcheck.refuse_shared_words`)."""
     pattern = leak_pattern({str(a) for a in arms if str(a).strip()})
     return [n for n in dict.fromkeys(str(n) for n in names) if pattern.search(n)]

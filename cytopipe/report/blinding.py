@@ -162,24 +162,6 @@ def _pattern(codes: Mapping[str, str]) -> re.Pattern:
 # ------------------------------------------------------------------------------------------------
 # blinding as a property of the run folder
 # ------------------------------------------------------------------------------------------------
-def refuse_shared_words(arms: Iterable[str], names: Iterable[str], todo: str) -> None:
-    """Refuse (:class:`ReportError`) to blind a run whose populations or markers (``names``) show an
-    arm name (:func:`cytopipe.report.armnames.shared_words`): coded there too, they would tell
-    which code stands for that arm. Named: those names (not the arm; the user knows the arms).
-    ``todo``: what happens now."""
-    from cytopipe.report.armnames import shared_words
-
-    found = shared_words(arms, names)
-    if found:
-        raise ReportError(
-            "an arm's name is also a word of the run's population or marker names "
-            f"({', '.join(repr(n) for n in found[:6])}): blinding would code it there too, which "
-            "would tell anyone who knows the panel which code stands for that arm. Give the arm a "
-            f"longer name in the manifest and the clinical table (e.g. 'TRT', 'PBO'). {todo}",
-            key="blinded",
-        )
-
-
 def run_record(info: Mapping | None) -> dict | None:
     """The blinding record of a run.json (``None`` unless the run folder is blinded now)."""
     rec = (info or {}).get(RECORD)
