@@ -39,7 +39,9 @@ def trial(tmp_path_factory) -> Path:
 def _study(trial: Path, folder: Path, arms: tuple[str, str, str], ids: str = "") -> Path:
     """A copy of the trial with its arms renamed (``arms``, for ``DOSES``) and, by ``ids``, the
     arm's name joined to the study's ids: ``patient`` (``P001-A``), ``sample`` (``P001_W00_A``),
-    ``batch`` (``S1-2020W04.A``) or ``file`` (``fcs/P001_W00-A.fcs``, the file renamed)."""
+    ``batch`` (``S1-2020W04.A``) or ``file`` (``fcs/P001_W00-A.fcs``, the file renamed); or glued
+    to their digits: ``patient glued`` (``P001A``), ``patient first`` (``A001``: the arm for the
+    ``P``), ``sample glued`` (``P001A_W00``) or ``file glued`` (``fcs/P001_W00A.fcs``)."""
     shutil.copytree(trial, folder)
     names = dict(zip(DOSES, arms))
     for name in ("manifest.csv", "clinical.csv"):
@@ -52,9 +54,19 @@ def _study(trial: Path, folder: Path, arms: tuple[str, str, str], ids: str = "")
             table.loc[armed, "sample_id"] = table.loc[armed, "sample_id"] + "_" + table.loc[armed, "arm"]
         elif ids == "batch" and "batch" in table:
             table.loc[armed, "batch"] = table.loc[armed, "batch"] + "." + table.loc[armed, "arm"]
-        elif ids == "file" and "file" in table:
+        elif ids == "patient glued":
+            table.loc[armed, "patient_id"] = table.loc[armed, "patient_id"] + table.loc[armed, "arm"]
+        elif ids == "patient first":
+            table.loc[armed, "patient_id"] = table.loc[armed, "arm"] + table.loc[armed, "patient_id"].str[1:]
+        elif ids == "sample glued" and "sample_id" in table:
+            table.loc[armed, "sample_id"] = [
+                s.replace("_", f"{a}_", 1)
+                for s, a in zip(table.loc[armed, "sample_id"], table.loc[armed, "arm"])
+            ]
+        elif ids in ("file", "file glued") and "file" in table:
+            joint = "-" if ids == "file" else ""
             for i in table.index[armed]:
-                new = table.at[i, "file"].replace(".fcs", f"-{table.at[i, 'arm']}.fcs")
+                new = table.at[i, "file"].replace(".fcs", f"{joint}{table.at[i, 'arm']}.fcs")
                 (folder / table.at[i, "file"]).rename(folder / new)
                 table.at[i, "file"] = new
         table.to_csv(folder / name, index=False)
@@ -94,6 +106,11 @@ def test_a_blinded_run_of_arms_named_by_numbers_is_refused_before_any_work(trial
         pytest.param("sample", "sample_id 'P001_W00_A'", marks=pytest.mark.slow),
         pytest.param("batch", "batch 'S1-2020W04.A'", marks=pytest.mark.slow),
         ("file", "file 'fcs/P001_W00-A.fcs'"),
+        # glued to digits (was: run and blinded, P001A beside its arm's code)
+        ("patient glued", "patient_id 'P001A', patient_id 'P002B', patient_id 'P003C'"),
+        pytest.param("patient first", "patient_id 'A001'", marks=pytest.mark.slow),
+        pytest.param("sample glued", "sample_id 'P001A_W00'", marks=pytest.mark.slow),
+        ("file glued", "file 'fcs/P001_W00A.fcs'"),
     ],
 )
 def test_a_blinded_run_whose_ids_carry_a_one_letter_arm_is_refused_before_any_work(
@@ -129,8 +146,45 @@ def test_what_counts_as_a_number_or_an_id_carrying_an_arm():
     assert ids_showing_arms(["C", "PBO"], [windows]) == ["file 'D:\\\\C\\\\P3.fcs'"]
 
 
+def test_which_letters_glued_to_an_ids_digits_show_an_arm():
+    """A one-letter arm glued to an id's digits shows the arm where only one arm's rows carry that
+    letter at that place (column, part, piece); one that rows of several arms carry tells nothing."""
+
+    def shown(arms: list[str], column: str, ids: list[str], known: tuple[str, ...] = ()) -> list[str]:
+        table = pd.DataFrame({column: ids, "arm": arms, "visit": "0"})
+        return ids_showing_arms([*arms, *known], [table])
+
+    # was: [] for each (the letter is not a part of its own)
+    assert shown(["A", "B", "A"], "patient_id", ["P01A", "P02B", "P03A"]) == [
+        "patient_id 'P01A'", "patient_id 'P02B'", "patient_id 'P03A'",
+    ]  # fmt: skip
+    assert shown(["A", "B"], "patient_id", ["A017", "B018"]) == ["patient_id 'A017'", "patient_id 'B018'"]
+    assert shown(["a", "B"], "sample_id", ["P001A_W00", "P002b_W00"]) == [
+        "sample_id 'P001A_W00'", "sample_id 'P002b_W00'",
+    ]  # fmt: skip
+    assert shown(["A", "B"], "file", ["fcs/P01A.fcs", "fcs/P02.fcs"]) == ["file 'fcs/P01A.fcs'"]
+    # another arm's letter, where only one arm's rows carry it, tells as much
+    assert shown(["A", "B"], "patient_id", ["P01B", "P02A"]) == ["patient_id 'P01B'", "patient_id 'P02A'"]
+    # a letter only some rows of one arm carry: those rows' ids (site T2 of arm T; S of both arms)
+    assert shown(["S", "T", "T"], "site", ["S1", "T2", "S3"]) == ["site 'T2'"]
+    # fail-closed: rows all of one arm cannot show that the letter is not the arm's
+    assert shown(["P", "P"], "patient_id", ["P001", "P002"], known=("T",)) == [
+        "patient_id 'P001'", "patient_id 'P002'",
+    ]  # fmt: skip
+    # left alone: a letter in every arm's ids at that place, and letters in a word
+    assert shown(["P", "T", "P", "T"], "patient_id", ["P001", "P002", "P003", "P004"]) == []
+    assert shown(["W", "V"], "sample_id", ["P001_W00", "P002_W00"]) == []
+    assert shown(["W", "V"], "sample_id", ["P001_V1", "P002_V1"]) == []
+    assert shown(["A", "B"], "batch", ["S1-2020W04", "S1-2020W04"]) == []
+    assert shown(["A", "B"], "patient_id", ["PA01", "PB02"]) == []  # inside a word, as everywhere
+    assert shown(["PBO", "TRT"], "patient_id", ["P01A", "P02B"]) == []  # no one-letter arm
+    assert shown(["S", "T", "S", "T"], "sample_id", ["P1_S1", "P2_S1", "P3_T2", "P4_T2"]) == []
+
+
 @pytest.mark.parametrize(("arms", "ids", "said"), [pytest.param(("1", "2", "3"), "", "named by numbers", marks=pytest.mark.slow),
-                                                   (("A", "B", "C"), "patient", "patient_id 'P001-A'")])  # fmt: skip
+                                                   (("A", "B", "C"), "patient", "patient_id 'P001-A'"),
+                                                   pytest.param(("A", "B", "C"), "file glued", "file 'fcs/P001_W00A.fcs'",
+                                                                marks=pytest.mark.slow)])  # fmt: skip
 def test_a_blinded_report_of_such_a_run_folder_is_refused_and_leaves_it_as_it_was(
     trial, tmp_path, arms, ids, said
 ):

@@ -1,7 +1,7 @@
 """Arm names and ids that blinding cannot code, refused before a blinded run does any work.
 
 Blinding replaces an arm's name by its code where :func:`cytopipe.report.armnames.leak_pattern`
-finds it, and the leak check refuses a text where it still shows. Two kinds of study defeat both:
+finds it, and the leak check refuses a text where it still shows. These studies defeat both:
 
 * arms named by a number (``1`` / ``2``, ``0`` / ``1``, ``10`` / ``20``; any name without a
   letter): digits are in every number of the run's tables, texts and file names (a version
@@ -11,10 +11,21 @@ finds it, and the leak check refuses a text where it still shows. Two kinds of s
   ``fcs/P01-A.fcs``, a batch ``B2.A`` in a study of arms ``A`` and ``B``): such a letter joined by a
   hyphen is part of a name to blinding (the channels ``FSC-A``), so the blinded folder would show
   each patient's id beside its arm's code, and so which code is ``A``. Ids joined otherwise were
-  coded (``P01_Arm 1``), which a mix of both would still give away.
+  coded (``P01_Arm 1``), which a mix of both would still give away;
+* ids that carry a one-letter arm glued to digits (``P01A``, ``A017``, ``P001A_W00``,
+  ``fcs/P01A.fcs``): blinding codes words, so it leaves them as they are. Such a letter is a
+  one-letter arm name among the pieces of an id's part split where letters and digits meet
+  (``P01A``: ``P``, ``01``, ``A``); it shows an arm where every row carrying it at that place (the
+  same column, the same part and piece counted from the start) is of one arm. A letter that rows
+  of two or more arms carry there tells nothing and is left alone: the ``P`` of every patient
+  ``P001``, ``P002`` in a study of arms ``P`` and ``T``, the ``W`` of every visit ``W00``. Where
+  only one arm's rows carry it, it is refused (fail-closed), also when the rows are all of one
+  arm (nothing then shows that the letter is not the arm's), and whatever arm's letter it is (a
+  study whose arm ``A`` patients are ``P01B`` and arm ``B`` ones ``P02A`` tells as much).
 
 Longer arm names inside ids (``P01-placebo``) are coded there like anywhere else (``P01-Arm B``)
-and come back when unblinding, as do two-letter ones (``P01-HI``), as whole words.
+and come back when unblinding, as do two-letter ones (``P01-HI``), as whole words. A letter glued
+to other letters (``PA01``) is a part of a word, as everywhere else, and not looked for.
 """
 
 from __future__ import annotations
@@ -35,6 +46,8 @@ _SEPARATORS = re.compile(r"[\W_]+")
 #: a Windows drive at the start of a file's path (``C:\data\P01.fcs``): not an id, and blinding
 #: codes a letter followed by a colon (``Arm 3:\data``), so it shows no arm
 _DRIVE = re.compile(r"^[A-Za-z]:(?=[\\/])")
+#: the pieces of an id's part, split where letters and digits meet (``P01A``: ``P``, ``01``, ``A``)
+_PIECES = re.compile(r"\d+|[^\W\d_]+")
 
 
 def number_arms(arms: Iterable[str]) -> list[str]:
@@ -46,9 +59,10 @@ def number_arms(arms: Iterable[str]) -> list[str]:
 
 def ids_showing_arms(arms: Iterable[str], tables: Iterable[pd.DataFrame]) -> list[str]:
     """``["column 'id'", ...]``: the ids (:data:`ID_COLUMNS`) of the rows that have an arm, in
-    ``tables`` (the manifest, the clinical table), of which a part (between hyphens, underscores,
-    dots, slashes, spaces) is a one-letter arm name, in any case (fail-closed: ``P01-a`` beside an
-    arm ``A`` tells as much)."""
+    ``tables`` (the manifest, the clinical table), that carry a one-letter arm name, in any case
+    (fail-closed: ``P01-a`` beside an arm ``A`` tells as much): as a part of their own (between
+    hyphens, underscores, dots, slashes, spaces: ``P01-A``), or glued to digits (``P01A``, ``A017``)
+    where only rows of one arm carry that letter at that place (:func:`_glued_letters`)."""
     letters = {str(a).strip().casefold() for a in arms if a is not None and len(str(a).strip()) == 1}
     if not letters:
         return []
@@ -58,11 +72,46 @@ def ids_showing_arms(arms: Iterable[str], tables: Iterable[pd.DataFrame]) -> lis
             continue
         armed = table[table["arm"].notna() & (table["arm"].astype(str).str.strip() != "")]
         for column in (c for c in ID_COLUMNS if c in armed.columns):
-            for value in armed[column].dropna().astype(str).unique():
-                parts = _SEPARATORS.split(_DRIVE.sub("", value) if column == "file" else value)
-                if any(part.casefold() in letters for part in parts if part):
+            rows = armed[[column, "arm"]].dropna().astype(str).drop_duplicates()
+            glued = _glued_letters(letters, column, rows)
+            for value in rows[column].unique():
+                parts = _parts(column, value)
+                if any(part.casefold() in letters for part in parts if part) or value in glued:
                     found[f"{column} {value!r}"] = None
     return list(found)
+
+
+def _parts(column: str, value: str) -> list[str]:
+    """An id's parts (between separators); a file's Windows drive is not one."""
+    return _SEPARATORS.split(_DRIVE.sub("", value) if column == "file" else value)
+
+
+def _glued_letters(letters: set[str], column: str, rows: pd.DataFrame) -> set[str]:
+    """The ids of ``rows`` (``column`` and ``arm``, text) with a one-letter arm name (``letters``,
+    casefolded) glued to digits that only rows of one arm carry at that place: the same part of the
+    id and the same piece of it, split where letters and digits meet, counted from the start
+    (``P01A``: ``P``, ``01``, ``A``). A letter that rows of two or more arms carry there tells
+    nothing (the ``P`` of every ``P001`` in a study of arms ``P`` and ``T``); one that rows of a
+    single arm carry is refused, also when every row is of one arm (fail-closed)."""
+    carriers: dict[tuple[int, int, str], set[str]] = {}
+    places: dict[str, list[tuple[int, int, str]]] = {}
+    for value, arm in zip(rows[column], rows["arm"]):
+        for i, part in enumerate(_parts(column, value)):
+            pieces = _PIECES.findall(part)
+            if len(pieces) < 2:  # a part of its own: refused as such, or no letter glued to digits
+                continue
+            for j, piece in enumerate(pieces):
+                if len(piece) == 1 and piece.casefold() in letters:
+                    place = (i, j, piece.casefold())
+                    carriers.setdefault(place, set()).add(arm.strip().casefold())
+                    places.setdefault(value, []).append(place)
+    return {value for value, found in places.items() if any(len(carriers[p]) == 1 for p in found)}
+
+
+def named_ids(found: list[str]) -> str:
+    """The first three of :func:`ids_showing_arms`' ids, and how many more (for a message)."""
+    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+    return ", ".join(found[:3]) + more
 
 
 def refuse_number_arms(arms: Iterable[str], todo: str) -> None:
@@ -94,11 +143,11 @@ def refuse_uncodable(
     refuse_number_arms(arms, todo)
     found = ids_showing_arms(arms, source_tables(inputs))
     if found:
-        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
         raise ReportError(
-            f"the study's ids carry a one-letter arm name as a part of them ({', '.join(found[:3])}{more}): "
+            f"the study's ids carry a one-letter arm name as a part of them ({named_ids(found)}): "
             "blinding cannot code a letter that is a part of a name (it leaves one joined by a hyphen as "
-            "it is, like the channel 'FSC-A'), so the blinded folder would show each id beside its arm's "
+            "it is, like the channel 'FSC-A', and one glued to digits, like 'P01A', that only one arm's "
+            "ids carry there), so the blinded folder would show each id beside its arm's "
             "code and tell which code is which arm. Give the "
             "patients, samples, files and batches ids that do not carry the arm, or give the arms "
             f"longer names (e.g. 'TRT', 'PBO'), in the manifest and the clinical table. {todo}",
