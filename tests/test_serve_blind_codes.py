@@ -265,3 +265,55 @@ def test_a_blinded_study_refuses_arms_named_by_numbers_and_ids_carrying_a_one_le
         assert not any(m["confirmed"] for m in c.get(f"/api/studies/{study}/mapping").json())
     rows = [dict(mapped, arm="A", patient_id=row["patient_id"])]
     assert c.post(f"/api/studies/{study}/mapping", json={"rows": rows}, headers=c.h).status_code == 200
+
+
+def _put_clinical(c, study: int, rows: list[tuple[str, str]], name: str = "clinical.csv"):
+    text = "patient_id,visit,arm\n" + "".join(f"{patient},0,{arm}\n" for patient, arm in rows)
+    return c.put(
+        f"/api/studies/{study}/tables/clinical", params={"name": name}, content=text.encode(), headers=c.h
+    )
+
+
+@serve_support.POSTGRESQL_SLOW
+def test_a_blinded_study_refuses_a_clinical_table_its_runs_would_refuse(server, trial):
+    """A blinded study whose arms come from its clinical table alone: the table is refused (400,
+    nothing stored or audited) when its runs would refuse it (their input: cytopipe/report/armcheck.py),
+    arms named by numbers or ids carrying a one-letter arm. Before, it was stored (200), and every
+    run of the study stopped at once (exit 2: `the arm(s) '1', '2' are named by numbers`)."""
+    c = server.client()
+    study = c.post("/api/studies", json={"name": "arms from the clinical table, blinded", **STUDY, "blinded": True},
+                   headers=c.h).json()["id"]  # fmt: skip
+    plain = c.post(
+        "/api/studies", json={"name": "arms from the clinical table", **STUDY}, headers=c.h
+    ).json()["id"]
+    refused = [
+        ([("P001", "1"), ("P002", "2"), ("P003", "1")], "the arm(s) '1', '2' are named by numbers"),
+        ([("P001", "0"), ("P002", "10"), ("P003", "2.5")], "the arm(s) '0', '10', '2.5' are named by numbers"),
+        ([("P001-A", "A"), ("P002", "B")], "(patient_id 'P001-A')"),
+        ([("P001A", "A"), ("P002B", "B"), ("P003A", "A")], "(patient_id 'P001A', patient_id 'P002B', patient_id 'P003A')"),
+        ([("A001", "A"), ("B002", "B"), ("A003", "A"), ("B004", "B")], "patient_id 'A003' and 1 more)"),
+    ]  # fmt: skip
+    for rows, said in refused:
+        r = _put_clinical(c, study, rows)
+        assert r.status_code == 400, r.text
+        assert r.json()["detail"].startswith("the clinical table was not saved: ") and said in r.text, r.text
+        assert _put_clinical(c, plain, rows).status_code == 200  # an unblinded study may have them
+    assert c.get(f"/api/studies/{study}").json()["clinical"] is None
+    entries = c.get("/api/audit?limit=500").json()
+    assert not [e for e in entries if e["action"] == "study.clinical" and e["object_id"] == str(study)]
+
+    # left alone: the P of every patient of arms P and T
+    r = _put_clinical(c, study, [("P001", "P"), ("P002", "T"), ("P003", "P")], name="ok.csv")
+    assert r.status_code == 200, r.text
+    assert c.get(f"/api/studies/{study}").json()["clinical"] == "ok.csv"
+
+    # a mapping is checked with the clinical table's arms too, as its runs are (was: saved, as its
+    # own arm is no letter; its runs refused the patient P002-T of the clinical table's arm T)
+    folder, _, first, _ = trial
+    row = first.iloc[0]
+    assert c.upload(study, folder / row["file"]).status_code == 201
+    (mapped,) = c.get(f"/api/studies/{study}/mapping").json()
+    rows = [dict(mapped, arm="TRT", patient_id=f"{row['patient_id']}-T")]
+    r = c.post(f"/api/studies/{study}/mapping", json={"rows": rows}, headers=c.h)
+    assert r.status_code == 400 and f"(patient_id '{row['patient_id']}-T'" in r.text, r.text
+    assert not any(m["confirmed"] for m in c.get(f"/api/studies/{study}/mapping").json())

@@ -276,7 +276,7 @@ def confirm_mapping(
         codes = blinding.codes_of(db, ws.store, study, ws.blind_secret)
         rows = blinding.unblind_mapping([r.model_dump() for r in body.rows], study, codes,
                                         ops.stored_arms(db, study))  # fmt: skip
-        n = ops.confirm_mapping(db, ctx.name, study, rows, body.pattern)
+        n = ops.confirm_mapping(db, ws.store, ctx.name, study, rows, body.pattern)
         blinding.assign_codes(db, ws.store, study, ws.blind_secret, ctx.name)  # a new arm: its code, for good
         db.commit()
     return {"confirmed": n}

@@ -348,10 +348,18 @@ async def upload_table(ws: Any, study_id: int, user: str, kind: str, raw_name: s
     if missing:
         got.tmp.unlink(missing_ok=True)
         raise AuthError(400, f"{kind} table: missing column(s) {missing} (or no rows)")
-    ws.store.adopt(got.tmp, got.sha256)
     name = sanitise_name(raw_name, f"{kind}.csv")
     with ws.sessions() as db:
-        study = get_study(db, study_id)
+        try:
+            study = get_study(db, study_id)
+            if kind == "clinical" and not arms_visible(study):  # what the study's runs would refuse
+                todo = "the clinical table was not saved"
+                _refuse_uncodable_arms([r.get("arm", "") for r in rows], todo)
+                _refuse_ids_with_arms(db, ws.store, study, todo, clinical=rows)
+        except AuthError:
+            got.tmp.unlink(missing_ok=True)
+            raise
+        ws.store.adopt(got.tmp, got.sha256)
         before = {"name": getattr(study, f"{kind}_name"), "sha256": getattr(study, f"{kind}_sha256")}
         setattr(study, f"{kind}_sha256", got.sha256)
         setattr(study, f"{kind}_name", name)
@@ -393,9 +401,10 @@ def stored_arms(db: DBSession, study: Study) -> dict[int, str]:
 
 
 def confirm_mapping(
-    db: DBSession, user: str, study: Study, rows: list[dict[str, Any]], pattern: str | None
+    db: DBSession, store: BlobStore, user: str, study: Study, rows: list[dict[str, Any]], pattern: str | None
 ) -> int:
-    """Store the user's (edited) mapping; every row must be complete and sample ids unique."""
+    """Store the user's (edited) mapping; every row must be complete and sample ids unique (and, in a
+    blinded study, what its runs would refuse is refused: ``store`` holds its clinical table)."""
     uploads = {u.id: u for u in usable_uploads(db, study.id)}
     existing = {s.upload_id: s for s in db.scalars(select(Sample).where(Sample.study_id == study.id))}
     problems, seen, clean = [], set(), []
@@ -425,7 +434,8 @@ def confirm_mapping(
         raise AuthError(400, "the mapping was not saved: " + "; ".join(problems))
     if not arms_visible(study):  # what a blinded study's runs would refuse, refused when it is entered
         _refuse_uncodable_arms([v["arm"] for _, v, _ in clean], "the mapping was not saved")
-        _refuse_ids_with_arms(study, [v for _, v, _ in clean])
+        mapped = {uid: {**vals, "file": f"fcs/{uploads[uid].name}"} for uid, vals, _ in clean}
+        _refuse_ids_with_arms(db, store, study, "the mapping was not saved", mapped=mapped)
     for uid, vals, visit in clean:
         old = existing.get(uid)
         if old is None:
@@ -443,23 +453,40 @@ def confirm_mapping(
     return len(clean)
 
 
-def _refuse_ids_with_arms(study: Study, rows: list[dict[str, str]]) -> None:
-    """A blinded study's sample or patient ids carrying a one-letter arm (``P01-A``): refused (400),
-    as its runs would refuse them (:func:`cytopipe.report.armcheck.ids_showing_arms`)."""
+def _refuse_ids_with_arms(
+    db: DBSession, store: BlobStore, study: Study, todo: str, *,
+    mapped: dict[int, dict[str, str]] | None = None, clinical: list[dict[str, str]] | None = None,
+) -> None:  # fmt: skip
+    """A blinded study's ids carrying a one-letter arm (``P01-A``, ``P01A``): refused (400), as its
+    runs would refuse them (:func:`cytopipe.report.armcheck.ids_showing_arms`), in the inputs a run
+    gets: its manifest (the confirmed samples, ``mapped`` (upload id -> file, sample_id,
+    patient_id, arm) replacing those of their uploads) and its clinical table (``clinical``'s rows,
+    else the stored table), with every arm of both and of the study's list. ``todo``: what happened."""
     import pandas as pd
 
-    from cytopipe.report.armcheck import ids_showing_arms
+    from cytopipe.report.armcheck import ids_showing_arms, named_ids
 
-    arms = [*(study.arms or []), *(r["arm"] for r in rows)]
-    found = ids_showing_arms(arms, [pd.DataFrame(rows, columns=["sample_id", "patient_id", "arm"])])
+    samples = {s.upload_id: s for s in db.scalars(select(Sample).where(Sample.study_id == study.id))}
+    names = dict(db.execute(select(Upload.id, Upload.name).where(Upload.id.in_(list(samples)))).all())
+    rows = {uid: {"file": f"fcs/{names.get(uid, '')}", "sample_id": s.sample_id, "patient_id": s.patient_id,
+                  "arm": s.arm} for uid, s in samples.items()}  # fmt: skip
+    rows.update(mapped or {})
+    if clinical is None and study.clinical_sha256:
+        try:
+            clinical = read_table_rows(store.path(study.clinical_sha256).read_bytes())
+        except (OSError, ValueError):  # a table that cannot be read: the run stops on it anyway
+            clinical = None
+    manifest = pd.DataFrame(list(rows.values()), columns=["file", "sample_id", "patient_id", "arm"])
+    tables = [manifest, pd.DataFrame(clinical or [])]
+    arms = [*(study.arms or []), *manifest["arm"], *(r.get("arm", "") for r in clinical or [])]
+    found = ids_showing_arms(arms, tables)
     if found:
-        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
         raise AuthError(
             400,
-            f"the mapping was not saved: ids carry a one-letter arm name as a part of them "
-            f"({', '.join(found[:3])}{more}); in a blinded study they would show beside their arm's "
-            "code and tell which code is which arm. Give ids that do not carry the arm, or give the "
-            "arms longer names",
+            f"{todo}: ids carry a one-letter arm name as a part of them ({named_ids(found)}); in a "
+            "blinded study they would show beside their arm's code and tell which code is which arm "
+            "(a letter joined by a hyphen, or glued to digits where only one arm's ids carry it there). "
+            "Give ids that do not carry the arm, or give the arms longer names",
         )
 
 

@@ -149,7 +149,7 @@ async def confirm_mapping(
         study = ops.get_study(db, study_id)
         codes = blinding.codes_of(db, ws.store, study, ws.blind_secret)
         rows = blinding.unblind_mapping(rows, study, codes, ops.stored_arms(db, study))
-        ops.confirm_mapping(db, ctx.name, study, rows, form.get("pattern"))
+        ops.confirm_mapping(db, ws.store, ctx.name, study, rows, form.get("pattern"))
         blinding.assign_codes(db, ws.store, study, ws.blind_secret, ctx.name)  # a new arm: its code, for good
         db.commit()
     return RedirectResponse(f"/studies/{study_id}#runs", status_code=303)
