@@ -441,14 +441,17 @@ class DaskExecutor:
                 if fut.status in ("pending", "lost") and (message := watch.failure()) is not None:
                     fut.cancel()
                     raise NoWorkerError(message)
+            if fut.status == "error":  # its own error: raised at once (its own TimeoutError too)
+                return fut.result()
             try:
                 return fut.result(timeout=limit)
             except DaskTimeoutError:
-                if fut.status == "error":
-                    raise  # the task's own TimeoutError
                 if fut.status == "finished":
                     limit *= 2  # a large result on its way: a fetch cut short is started again
-                # else lost with its worker on the way: the scheduler computes it again
+                # else lost with its worker on the way (the scheduler computes it again), or it ended
+                # in an error after this wait timed out (a KilledWorker when its worker died
+                # meanwhile): round again, so that error is raised, not this wait's TimeoutError,
+                # which hid it from the retries (a sample failed "timed out after 4 s" on a busy machine)
 
     def _value(self, fut: Any, watch: WorkerWatch, state: SharedState) -> Any:
         """A task's result, or a TaskFailure when it did not return, or RUN_AGAIN when it failed
