@@ -57,6 +57,7 @@ def test_ds_store_strings_are_read_at_both_alignments(tmp_path):
     assert shown_arm(path, leaks) == "the file (UTF-8): 'IL-2 0.5 MIU'"
 
 
+@pytest.mark.slow  # default suite: the .DS_Store reading and the thumbnail refusal in the other tests of this module; a user's file refused in tests/test_blinding_folder_kinds.py
 def test_a_ds_store_is_checked_and_other_system_files_refused_saying_what_they_are(sim_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(sim_run, out)

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from cytopipe.report.blindrecord import KEYED, arm_mac, record_codes
 from cytopipe.store import RUN_SECRET, run_secret
@@ -86,6 +87,7 @@ def test_the_blinding_record_holds_no_hash_a_guessed_arm_name_can_be_checked_aga
     assert _record(copy)["codes"] != rekeyed["codes"] and arm_matches(arms, _shown(copy)) == {}
 
 
+@pytest.mark.slow  # default suite: the record's hashes in the test above; unblinding in tests/test_report_blinding.py
 def test_unblinding_logs_no_hash_of_the_key_and_works_without_the_secret(
     sim_trial, sim_run, tmp_path, capsys
 ):

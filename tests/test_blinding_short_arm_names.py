@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from cytopipe.report.blinding import arm_codes, blind_text, find_leaks
@@ -53,6 +54,7 @@ def _tables(out: Path) -> dict[str, pd.DataFrame]:
     return {p.relative_to(out).as_posix(): pd.read_parquet(p) for p in sorted(paths)}
 
 
+@pytest.mark.slow  # default suite: tests/test_blinding_one_letter_arms.py (one-letter arms coded as whole words, unblinding) and the codes test below
 def test_short_arm_names_are_coded_as_whole_words_and_unblinding_gives_back_the_runs_tables(tmp_path):
     trial = _trial(tmp_path / "trial")
     plain, blinded = tmp_path / "plain", tmp_path / "blinded"

@@ -97,6 +97,7 @@ def test_blinding_drops_the_hashes_of_tables_written_before(sim_trial, tmp_path)
     assert "samples.csv (a table an earlier report wrote, changed since)" in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.slow  # default suite: tests/test_blinding_folder_kinds.py (reports written elsewhere in the folder are removed when it is blinded)
 def test_a_run_that_blinds_the_folder_removes_every_unblinded_report(sim_trial, tmp_path):
     """A run that blinds a folder writes its tables coded, so often nothing else in the folder needs
     recoding; its reports (``report_tables/`` without its report.html, an ``--out`` report beside

@@ -8,6 +8,7 @@ no arm stays as it is; unblinding leaves it alone too (a literal ``Arm B`` in it
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from tests.pipeline_support import cli
 from tests.test_blinded_run_report_tables import _snapshot, _spec
@@ -21,6 +22,7 @@ def _run(spec) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow  # default suite: tests/test_blinding_folder_kinds.py (a user's file showing an arm refused before any work; one without arm names kept as it is)
 def test_a_users_file_in_a_run_folder_is_never_rewritten_by_blinding(sim_trial, tmp_path):
     out = tmp_path / "run"
     spec = _spec(sim_trial, out, tmp_path)

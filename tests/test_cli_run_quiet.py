@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cytopipe.cli import build_parser
@@ -34,6 +35,7 @@ def _log(run: Path) -> list[str]:
     return [re.sub(r"\d+(\.\d+)?", "N", re.sub(r"^\d{4}-\d\d-\d\d [\d:,]+ ", "", line)) for line in lines]
 
 
+@pytest.mark.slow  # default suite: test_run_and_gate_take_quiet_and_q (the option's parsing)
 def test_run_quiet_shows_only_warnings_and_errors(tmp_path):
     wf = _trial(tmp_path / "trial")
     plain = cli("run", str(wf), "--out", str(tmp_path / "plain"), "--scheduler", "synchronous")

@@ -426,6 +426,7 @@ def _report_cli(run, *args):
                           capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
 
 
+@pytest.mark.slow  # default suite: tests/test_blinding_folder_kinds.py (a report of a run with a clinical problem exits 3) and tests/test_pipeline.py
 def test_report_clinical_problems_are_printed_and_exit_3_as_in_the_run(small_run, tmp_path):
     """`cytopipe report --clinical` checks the table as `cytopipe run` does, against the run's
     patients and arms: an arm that differs (it used to move the patient to the clinical table's arm

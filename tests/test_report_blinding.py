@@ -263,6 +263,7 @@ def test_blinding_hides_the_dose_order_of_every_test_and_unblinding_restores_the
         pd.testing.assert_frame_equal(back, table)
 
 
+@pytest.mark.slow  # default suite: test_every_command_writes_a_blinded_run_blinded checks every file of a blinded folder, .cache/ included
 def test_blinding_a_folder_keeps_none_of_its_unblinded_figure_cache(sim_run, tmp_path):
     """The report's figure cache (.cache/report-figures) names each figure by a hash of the data it
     was drawn from: before blinding that data holds the arms, so one guess per arm could match an

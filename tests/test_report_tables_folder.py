@@ -158,6 +158,7 @@ def test_blinding_never_keeps_an_edited_unblinded_table_nor_deletes_it(small_run
     assert texts["notes.csv"] == NOTES
 
 
+@pytest.mark.slow  # default suite: the other tests of this module (a user's files in the tables folder are kept)
 def test_a_folder_without_the_record_loses_only_files_named_as_report_tables(small_run):
     """Tables folders written before the record existed: only CSV files named exactly as the
     report's tables are its own (nothing else can be told apart from a user's file)."""

@@ -136,6 +136,7 @@ def _changed(a: pd.DataFrame, b: pd.DataFrame) -> set[tuple[str, str]]:
     return set(map(tuple, x.loc[~same, KEY].to_numpy()))
 
 
+@serve_support.POSTGRESQL_SLOW  # the same database work on PostgreSQL runs in the default suite in test_a_run_is_signed_off_by_a_second_person and the other tests of `signed`
 def test_roles_viewer_and_analyst(server, unsigned):
     run_id, out = unsigned
     c = server.client("rita")
@@ -160,6 +161,7 @@ def test_roles_viewer_and_analyst(server, unsigned):
     assert json.loads((out / "review.json").read_text())["decisions"] == []  # nothing was decided
 
 
+@serve_support.POSTGRESQL_SLOW  # the same database work on PostgreSQL runs in the default suite in test_a_carried_over_change_names_who_made_it (a gate change)
 def test_a_gate_number_that_is_not_a_finite_number_is_refused_naming_it(server, unsigned):
     run_id, out = unsigned
     c = server.client("rita")
@@ -181,6 +183,7 @@ def test_a_gate_number_that_is_not_a_finite_number_is_refused_naming_it(server, 
     assert json.loads((out / "review.json").read_text())["decisions"] == []  # nothing was decided
 
 
+@serve_support.POSTGRESQL_SLOW  # the same database work on PostgreSQL runs in the default suite in test_a_carried_over_change_names_who_made_it (a new version)
 def test_a_new_version_is_made_of_a_signed_off_run_only(server, unsigned, monkeypatch):
     """A run that is not signed off is reviewed directly: a new version of it is refused (409 saying
     so, nothing recorded, from the API and the command line), and its review page offers no button
@@ -607,6 +610,7 @@ def test_a_sample_clicked_while_another_loads_is_the_one_shown(browser, server, 
     context.close()
 
 
+@serve_support.POSTGRESQL_SLOW  # the same database work on PostgreSQL runs in the default suite in test_a_run_is_signed_off_by_a_second_person and test_a_carried_over_change_names_who_made_it
 def test_signoff_locks_the_gates_until_a_new_version(server, fresh, monkeypatch):
     run_id, out = fresh
     c = server.client("rita")
@@ -1217,6 +1221,7 @@ def test_the_reports_csv_links_open_from_the_workspace(server, finished):
     assert anonymous.get(f"/api/runs/{run_id}/files/report_tables/gate_review.csv").status_code == 401
 
 
+@serve_support.POSTGRESQL_SLOW  # the same database work on PostgreSQL runs in the default suite in test_a_carried_over_change_names_who_made_it
 def test_a_revert_of_a_gate_that_was_not_changed_is_refused(server, fresh):
     """Revert undoes an override or pooled gate; on a gate that has none it is refused (409, naming
     the sample) and nothing is recorded. Before, it was saved: an audit entry, a re-gate, and a row
@@ -1255,6 +1260,7 @@ def test_a_revert_of_a_gate_that_was_not_changed_is_refused(server, fresh):
     )
 
 
+@serve_support.POSTGRESQL_SLOW  # the same database work on PostgreSQL runs in the default suite in test_tampering_with_the_audit_trail_is_detected
 def test_the_audit_page_shows_gate_numbers_as_written(server, fresh):
     """The audit page's before/after read as written ({"FOXP3 >=": ...}), escaped by the page. Before,
     they went through Jinja's tojson, which writes > < & as \\u003e \\u003c \\u0026: a reviewer read
@@ -1276,6 +1282,7 @@ def test_the_audit_page_shows_gate_numbers_as_written(server, fresh):
     assert "\\u00" not in html and "<b>dim" not in html
 
 
+@serve_support.POSTGRESQL_SLOW  # the same database work on PostgreSQL runs in the default suite in test_a_run_is_signed_off_by_a_second_person
 def test_the_review_page_names_the_parent_and_who_may_sign(server, unsigned):
     """The queue's % column names its parent (% of CD4 T for Treg); a role that cannot sign is told so
     on the page (before, the sign-off section was empty for an administrator or an analyst, with no
@@ -1299,6 +1306,7 @@ def test_the_review_page_names_the_parent_and_who_may_sign(server, unsigned):
     assert r.status_code == 400 and "needs the population and the sample_id" in r.json()["detail"], r.text
 
 
+@serve_support.POSTGRESQL_SLOW  # the same database work on PostgreSQL runs in the default suite in test_a_carried_over_change_names_who_made_it
 def test_a_malformed_polygon_or_ellipse_is_refused_naming_what_it_needs(server, unsigned):
     """Polygon and ellipse overrides from a script: a ragged vertex list, an ellipse without its
     covariance, a singular one, one that is not positive definite (no ellipse) or a distance_square

@@ -115,6 +115,7 @@ def test_a_blinded_studys_run_log_names_no_arm(server, serve_trial):
     assert codes[p001] in status["progress"]["log"]
 
 
+@pytest.mark.slow  # default suite: test_a_blinded_studys_run_log_names_no_arm
 def test_a_blinded_study_with_spaces_before_its_arm_names_runs_and_names_no_arm(server, serve_trial):
     arms = sorted(set(pd.read_csv(serve_trial / "clinical.csv")["arm"]))
     rows = list(csv.reader(io.StringIO((serve_trial / "clinical.csv").read_text(encoding="utf-8"))))

@@ -239,6 +239,7 @@ OVER_LIMIT = {
 }  # fmt: skip
 
 
+@serve_support.POSTGRESQL_SLOW  # the same database work on PostgreSQL runs in the default suite in the other tests of this module (the limits are checked before any database work)
 def test_every_route_refuses_a_body_over_its_limit(server, routes, objects):
     from cytopipe.serve.deps import MAX_REQUEST_BYTES
 

@@ -166,6 +166,7 @@ def _names_in(arms: list[str], name: str, content: bytes, folder: Path) -> list[
     return [a for a in arms if a.lower() in text.lower()]
 
 
+@serve_support.POSTGRESQL_SLOW  # the same database work on PostgreSQL runs in the default suite in tests/test_serve_blind_codes.py and test_serve_audit_blinding.py
 def test_a_blinded_studys_runs_show_codes_everywhere_and_an_unblinded_folder_is_refused(
     server, serve_trial, tmp_path
 ):
