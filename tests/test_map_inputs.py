@@ -67,3 +67,19 @@ def test_map_inputs_round_trip_is_exact_compact_and_blockwise(sim_trial, tmp_pat
     for p in plan.concordance:
         assert np.array_equal(masks[p], result.mask(p)[idx])
         assert masks[p].any()
+
+
+def test_map_inputs_of_the_older_layout_are_not_read(tmp_path):
+    """A killed run's mapping inputs in the older layout (events x markers, no ``layout`` in the
+    header) are not taken for the markers x events layout of this version: the mapping pass then
+    reads and gates the file itself (None), rather than mapping transposed values."""
+    import json
+
+    plan = ClusterPlan(population="Live", markers=["CD3", "CD4"], medians=["CD3", "CD4"], settings=None,
+                       transforms={}, concordance=[], inputs_dir=str(tmp_path))  # fmt: skip
+    events = np.arange(12, dtype=np.float32).reshape(6, 2)  # 6 events x 2 markers
+    with open(tmp_path / "old.npy", "wb") as fh:
+        np.save(fh, np.array(json.dumps({"columns": ["CD3", "CD4"], "specs": [None, None]})))
+        np.save(fh, events)
+        np.save(fh, np.zeros((0, 1), dtype=np.uint8))
+    assert _load_map_inputs({"map_inputs": "old.npy"}, plan, SimpleNamespace(markers=plan.markers)) is None

@@ -118,21 +118,19 @@ def sample_abundance(
     n = int(mc.shape[0])
     with np.errstate(invalid="ignore", divide="ignore"):
         pct = 100.0 * counts / n if n else np.full(k, np.nan)
-    table = pd.DataFrame(
-        {
-            "sample_id": str(sample_id),
-            "population": [metacluster_name(c) for c in range(1, k + 1)],
-            "parent": parent if parent is not None else (model.parent or ""),
-            "metacluster": np.arange(1, k + 1, dtype=np.int64),
-            "count": counts.astype(np.int64),
-            "parent_count": np.int64(n),
-            "pct_parent": pct.astype(np.float64),
-        }
-    )
-    if med is not None:
+    columns = {
+        "sample_id": str(sample_id),
+        "population": [metacluster_name(c) for c in range(1, k + 1)],
+        "parent": parent if parent is not None else (model.parent or ""),
+        "metacluster": np.arange(1, k + 1, dtype=np.int64),
+        "count": counts.astype(np.int64),
+        "parent_count": np.int64(n),
+        "pct_parent": pct.astype(np.float64),
+    }
+    if med is not None:  # built at once: a column inserted per marker cost ~0.2 ms each
         for j, m in enumerate(markers):
-            table[f"median_{m}"] = med[:, j]
-    return table
+            columns[f"median_{m}"] = med[:, j]
+    return pd.DataFrame(columns)
 
 
 def abundance_table(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:

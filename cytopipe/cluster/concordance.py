@@ -53,7 +53,7 @@ def _prepare(
         both = _count_both(
             inv, np.stack(list(masks.values())) if masks else np.zeros((0, inv.size), bool), ids.size
         )
-        pop_sizes = np.array([int(m.sum()) for m in masks.values()], dtype=np.int64)
+        pop_sizes = np.array([np.count_nonzero(m) for m in masks.values()], dtype=np.int64)
         return ids, sizes, names, pop_sizes, both
     labels = np.asarray(populations).astype(str)
     if labels.shape != clusters.shape:

@@ -49,11 +49,14 @@ def sample_cluster_inputs(
 # Mapping inputs on disk (RUN_DIR/.cache/map-inputs/, removed when mapping ends): the linear
 # (compensated, untransformed) values of the median markers the file carries and then of the
 # clustering markers not among them, with the transform of each clustering marker, and the
-# concordance memberships as bits. The transformed values are recomputed from the linear ones on
-# load: the transforms are elementwise, so they are the bytes the gating pass would have written
-# (half the bytes per event of storing both; a quantised copy would change the clusters, so none
-# is kept).
+# concordance memberships as bits. The transformed values are recomputed on load: the transforms
+# are elementwise, so they are the bytes the gating pass would have written (half the bytes per
+# event of storing both; a quantised copy would change the clusters, so none is kept). Stored
+# markers x events (layout "columns"): each marker's values are contiguous, as the engine
+# compensates them, so writing is one gather per marker and block, and the mapping pass
+# transforms and summarises contiguous columns with no transposed copy of the matrix.
 _MAP_CHUNK = 1 << 16  # events per written block: the file is written without a full matrix in memory
+_LAYOUT = "columns"  # markers x events (an older run's file of events x markers is not read: redone)
 
 
 def _map_columns(plan: ClusterPlan, measured: list[str] | None = None) -> list[str]:
@@ -72,19 +75,20 @@ def _write_map_inputs(path: Path, plan: ClusterPlan, values: Any, result: Any, i
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # renamed when complete
     try:
         with DirectWriter(tmp) as fh:  # no page-cache copy: see cytopipe.directio
-            np.save(fh, np.array(json.dumps({"columns": cols, "specs": specs}, default=float)))
-            shape = (len(idx), len(cols))
+            header = {"columns": cols, "specs": specs, "layout": _LAYOUT}
+            np.save(fh, np.array(json.dumps(header, default=float)))
             np.lib.format.write_array_header_1_0(
                 fh,
                 {
                     "descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
                     "fortran_order": False,
-                    "shape": shape,
+                    "shape": (len(cols), len(idx)),
                 },
             )
-            for s in range(0, len(idx), _MAP_CHUNK):  # peak memory: one block, not the matrix
-                block = values.matrix(cols, events=idx[s : s + _MAP_CHUNK], transformed=False)
-                fh.write(memoryview(block.astype("<f4", copy=False)).cast("B"))  # no bytes copy
+            for m in cols:  # peak memory: one block of one marker, not the matrix
+                for s in range(0, len(idx), _MAP_CHUNK):
+                    block = values.linear(m, events=idx[s : s + _MAP_CHUNK])
+                    fh.write(memoryview(block.astype("<f4", copy=False)).cast("B"))  # no bytes copy
             masks = np.zeros((len(plan.concordance), len(idx)), dtype=bool)
             for i, p in enumerate(plan.concordance):
                 masks[i] = result.mask(p)[idx]
@@ -114,26 +118,20 @@ def _load_map_inputs(job: Mapping[str, Any], plan: ClusterPlan, model: Any):
             bits = np.load(fh, allow_pickle=False)
     except (OSError, ValueError, EOFError):
         return None
-    cols, n = meta.get("columns"), len(values)
+    cols = meta.get("columns")
+    n = values.shape[1] if values.ndim == 2 else -1
     measured = [c for c in cols if c in plan.medians] if isinstance(cols, list) else []
     cols_ok = cols == _map_columns(plan, measured)  # the median markers the file lacks are not in it
-    if not cols_ok or values.shape != (n, len(cols)) or bits.shape[0] != len(plan.concordance):
+    if meta.get("layout") != _LAYOUT or not cols_ok or values.shape != (len(cols), n):
         return None
-    masks = np.unpackbits(bits, axis=1, count=n).astype(bool) if len(plan.concordance) else None
-    # a block of events at a time: transposed (markers x events: contiguous columns, as the
-    # gating pass transformed them: numpy's SIMD loops see the same input), transformed and
-    # transposed back into x (two blocked copies instead of a strided read and a strided write
-    # per marker; two small buffers, not two more matrices)
-    x = np.empty((n, len(plan.markers)), dtype=np.float32)
-    at = [cols.index(m) for m in plan.markers]
-    step = max(1, min(n, _MAP_CHUNK))
-    block = np.empty((len(plan.markers), step), dtype=np.float32)
-    for s in range(0, n, step):
-        e = min(n, s + step)
-        part = np.ascontiguousarray(values[s:e].T)
-        for j, spec in enumerate(meta["specs"]):
-            block[j, : e - s] = apply_transform(spec, part[at[j]])
-        x[s:e] = block[:, : e - s].T
-    k = len(measured)
-    linear = values[:, :k] if k == len(cols) or k == 0 else np.ascontiguousarray(values[:, :k])
-    return x, plan.median_matrix(linear, measured), {p: masks[i] for i, p in enumerate(plan.concordance)}
+    if bits.shape[0] != len(plan.concordance):
+        return None
+    masks = np.unpackbits(bits, axis=1, count=n).view(bool) if len(plan.concordance) else None
+    # each clustering marker's contiguous column transformed as the gating pass transformed it
+    # (the same elementwise code on contiguous values); x and linear are returned as views,
+    # events x markers, of markers x events arrays (no transposed copy)
+    x = np.empty((len(plan.markers), n), dtype=np.float32)
+    for j, spec in enumerate(meta["specs"]):
+        x[j] = apply_transform(spec, values[cols.index(plan.markers[j])])
+    linear = values[: len(measured)].T
+    return x.T, plan.median_matrix(linear, measured), {p: masks[i] for i, p in enumerate(plan.concordance)}

@@ -271,7 +271,9 @@ class ClusterPlan:
         NaN column, so its medians are NaN in every metacluster, as in population_stats."""
         if measured == self.medians:
             return linear
-        out = np.full((len(linear), len(self.medians)), np.nan, dtype=np.float32)
+        # markers x events, seen as events x markers: each marker's column contiguous (the medians
+        # are taken column by column)
+        out = np.full((len(self.medians), len(linear)), np.nan, dtype=np.float32).T
         for j, m in enumerate(measured):
             out[:, self.medians.index(m)] = linear[:, j]
         return out
