@@ -73,14 +73,14 @@ def pool_columns(
     is a column of NaN (the file's populations needing it are "not measured"; the other channels'
     estimates still count). Returns the float32 array and the column index used per marker."""
     from cytopipe.errors import PanelError
-    from cytopipe.panel import resolve_markers
+    from cytopipe.gating.engine import _resolve_cached
 
     pnn = list(channels["pnn"])
     out = np.full((len(events), len(markers)), np.nan, dtype=np.float32)
     cols: list[int | None] = []
     for j, m in enumerate(markers):
-        try:
-            c = pnn.index(resolve_markers(channels, [m], mapping=panel or None)[m])
+        try:  # memoised per panel, as the engine resolves (matching a marker: ~1.5 ms a call)
+            c = pnn.index(_resolve_cached(channels, [m], panel or {}, None)[m])
         except PanelError:
             c = None
         if c is not None:
