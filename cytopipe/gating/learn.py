@@ -137,8 +137,7 @@ SAME_CYTOMETER_WEIGHT = 0.5
 # differs from the target's by more than scale.MAX_SPREAD (3x, beyond the gain drift of one detector
 # that `cofactor: auto` takes out file by file) is first put on the target's scale (the same linear
 # values: align.rescale_warp), then aligned (Learner.transfer). The per-file estimate can take
-# another population for the negative (less often since cofactor.LOWER_DENSER, which reads 840
-# there): seed 5187's reviewed P003_W00 had CD127 at cofactor 12 000,
+# another population for the negative: seed 5187's reviewed P003_W00 had CD127 at cofactor 12 000,
 # its Aurora's other files 730-1 400; its CD127 density aligned at 0.55-0.64 on the five targets of
 # that Aurora, so another cytometer's example won, whose FOXP3 cut landed above their dim Tregs
 # (quality 0.81-0.89, unflagged): Treg F1 0.00-0.13 on four of them. Across cytometers the

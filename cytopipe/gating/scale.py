@@ -4,8 +4,8 @@ A fixed cofactor (150) suits an 18-bit instrument; on a 22-bit or float instrume
 population spreads over hundreds or thousands of units and arcsinh(x / 150) splits it into two
 humps, so "the negative peak" and every threshold stated relative to it move. Here the cofactor is
 ``k`` x the negative population's robust SD in compensated linear units: its mode found on a
-provisional arcsinh/150 scale (per linear unit where it is no peak there: :mod:`.cofactor`), its
-spread from the events below that mode (mirror of its lower half, where no positive cells are). ``estimate_cofactors`` pools samples so a study locks one
+provisional arcsinh/150 scale, its spread from the events below that mode (mirror of its lower
+half, where no positive cells are). ``estimate_cofactors`` pools samples so a study locks one
 cofactor per channel (give the result to ``gate(..., transforms=...)``; it is recorded with the
 run's transforms).
 """
