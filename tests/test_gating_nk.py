@@ -94,20 +94,7 @@ def test_quadrant_threshold_within_is_checked():
         _template({"type": "auto", "within": "parent"})
 
 
-# 10409 P003_W12 met the bounds only through a CD56 cofactor of 7,400 per file (that visit's CD56dim NK
-# and T cells read as its negative; the patient's other visits 1,100-1,500): since cofactor.py finds
-# such a negative per linear unit (880) its NK is 11.90 % of live (truth 10.74), F1 0.949
-# (2026-12-07). With the study's locked cofactors, as `cytopipe run` gates, it was 0.956 before.
-_MISSED_10409 = "NK F1 0.949, 11.90 % of live vs 10.74 on W12 at its own CD56 cofactor (880, was 7,400)"
-
-
-@pytest.mark.parametrize(
-    "seed, patient",
-    [
-        pytest.param(10409, "P003", marks=pytest.mark.xfail(strict=True, reason=_MISSED_10409)),
-        (10416, "P002"),
-    ],
-)
+@pytest.mark.parametrize("seed, patient", [(10409, "P003"), (10416, "P002")])
 def test_nk_with_cd56dim_close_to_the_negatives_per_event(tmp_path, seed, patient):
     """Two held-out profiles of the accuracy test (10301-10320 + 10401-10420) whose W12 NK (10-40 %
     of live cells under the simulated IL-2 effect) the CD3- CD56+ quadrant alone missed (10409
