@@ -20,12 +20,6 @@ MIN_COFACTOR = 5.0  # mass cytometry's usual cofactor: nothing smaller makes sen
 #: a hump whose density per linear unit does not fall below this x its own on the way to the next
 #: peak is one side of a population the provisional scale split, not a population of its own
 SPLIT_DEPTH = 0.8  # as find_landmarks merges neighbouring peaks without a real dip
-#: per linear unit one population's density peaks at its mode, and the hump a wide negative shows
-#: on arcsinh/150 lies ~1 SD above that mode (density e^-0.5 of it: a ratio of 1.65; skewed negatives
-#: and non-specific staining above unstained cells reach ~2.6 in simulated studies). Events below the
-#: chosen peak more than this many times denser per linear unit (a Gaussian's ratio 1.5 SD from its
-#: mode) are another population, below it: the negative
-LOWER_DENSER = 3.0
 
 
 def estimate_cofactor(x: np.ndarray, default: float = 150.0, k: float = COFACTOR_K) -> float:
@@ -41,7 +35,7 @@ def estimate_cofactor(x: np.ndarray, default: float = 150.0, k: float = COFACTOR
         lm = find_landmarks(np.arcsinh(x / 150.0), 0.05)
     except FitFailure:
         return float(default)
-    mode = 150.0 * np.sinh(_negative_position(lm))
+    mode = 150.0 * np.sinh(_negative(lm).position)
     below = mode - x[x < mode]
     if len(below) < 50:
         return float(default)
@@ -51,25 +45,6 @@ def estimate_cofactor(x: np.ndarray, default: float = 150.0, k: float = COFACTOR
     # two significant digits: a cofactor is a scale choice, not a measurement (and a round number
     # keeps exported Gating-ML transforms exact)
     return float(f"{max(MIN_COFACTOR, k * sd):.2g}")
-
-
-def _negative_position(lm: Landmarks) -> float:
-    """The negative population's mode on the provisional scale: :func:`_negative`'s peak, unless
-    the density per linear unit somewhere below that peak is more than ``LOWER_DENSER`` x its own.
-
-    A negative population a few hundred units wide on a 22-bit instrument (e.g. CD127's B, NK and
-    monocytes under CD127+ T cells) can be no peak at all on arcsinh/150: a plateau from -2 to +2,
-    its upper hump merged into the positive peak's flank. The lowest peak is then the positive one
-    and every event below it, the whole negative included, counted as the negative's spread (seed
-    5187's P003_W00: CD127 cofactor 12,000, its cytometer's other files 730-2,700). Per linear
-    unit the negative is the densest place below that peak, and its mode is taken there.
-    """
-    p = _negative(lm)
-    per_unit = lm.dens / np.cosh(lm.centers)
-    below = per_unit[: p.index]
-    if len(below) and below.max() > LOWER_DENSER * per_unit[p.index]:
-        return float(lm.centers[int(np.argmax(below))])
-    return p.position
 
 
 def _negative(lm: Landmarks) -> Peak:
