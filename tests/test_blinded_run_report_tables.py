@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cytopipe.report.blinding import folder_record
@@ -118,6 +119,7 @@ def test_a_csv_that_appears_during_a_blinded_run_stops_only_its_report(sim_trial
     assert not [arm for arm in ARMS if arm.lower() in shown]
 
 
+@pytest.mark.slow  # default suite: tests/test_pipeline.py::test_a_report_that_fails_does_not_fail_the_data
 def test_a_run_whose_report_fails_leaves_no_earlier_report(sim_trial, tmp_path):
     """An earlier run's report.html must not stay beside a run whose own report step failed (here:
     a report table edited while the run works, which the new report would replace; edited before

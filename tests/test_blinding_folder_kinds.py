@@ -202,6 +202,7 @@ def test_a_blinded_run_leaves_no_arm_name_anywhere_in_its_folder(sim_trial, tmp_
     assert _arms_in(out) == {}
 
 
+@pytest.mark.slow  # default suite: test_a_blinded_run_leaves_no_arm_name_anywhere_in_its_folder (every kind of file checked)
 def test_large_files_are_read_in_chunks_and_an_arm_at_a_chunk_border_is_found(tmp_path):
     """A user's file larger than what is read whole (a copy of raw data kept in the run folder) is
     read in chunks; an arm name cut by a chunk's end is still found; a binary one is refused."""

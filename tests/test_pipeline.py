@@ -358,6 +358,7 @@ def test_a_killed_worker_is_survived(sim_run, sim_trial, tmp_path, monkeypatch):
     assert_same_outputs(sim_run, out)
 
 
+@pytest.mark.slow  # default suite: test_a_sample_that_kills_its_worker_fails_alone and test_a_killed_worker_is_survived
 def test_a_sample_whose_worker_keeps_dying_is_recorded_as_failed(sim_trial, tmp_path, monkeypatch):
     """With no retries left (allowed-failures 0), the samples of the dead worker are run again
     alone at the end of the phase; the one whose worker dies again is given up, the batch goes

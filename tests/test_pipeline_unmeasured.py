@@ -366,6 +366,7 @@ def test_gate_review_has_no_count_for_a_population_not_measured(mixed_run, tmp_p
     pd.testing.assert_frame_equal(pd.read_parquet(again / "gate_review.parquet"), review)
 
 
+@pytest.mark.slow  # default suite: test_every_sample_is_clustered_and_medians_of_missing_markers_are_nan
 def test_clusters_of_a_population_not_measured_have_no_count(tmp_path):
     """Clustering Memory CD4 (on markers every file has) in the study where two files lack CD45RA:
     those samples map no event because Memory CD4 is not measured there; their metaclusters have

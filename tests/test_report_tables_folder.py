@@ -176,6 +176,7 @@ def test_a_folder_without_the_record_loses_only_files_named_as_report_tables(sma
     assert "notes.csv" not in _recorded(tables) and "dynamics_by_arm.csv" in _recorded(tables)
 
 
+@pytest.mark.slow  # default suite: test_a_users_csv_survives_the_report_and_the_reports_old_tables_go
 def test_removing_a_stale_report_keeps_a_users_files(small_run):
     """`cytopipe run` with the report switched off removes the run folder's earlier report: only
     the tables that report wrote, the folder itself only when nothing else is in it."""

@@ -123,6 +123,7 @@ def test_the_root_is_named_all_events_as_elsewhere_in_the_report(one_sample):
     assert events_of("root") == "all events" and events_of("CD4 T") == "the CD4 T events"
 
 
+@pytest.mark.slow  # default suite: the other tests of this module (the report of small studies)
 def test_the_same_problem_of_many_samples_is_one_box_with_the_samples_folded(sample_run, tmp_path):
     """Twelve samples left out of the clusters for the same reason: one 'Problem in this run, 12
     samples' box with the sample list in a <details>, not twelve boxes; a problem of one sample and

@@ -231,6 +231,7 @@ def test_console_log_names_no_arm_while_the_run_runs_nor_after_a_kill(serve_tria
     assert _coded_line(after, codes), after
 
 
+@pytest.mark.slow  # default suite: test_a_blinded_studys_run_log_names_no_arm and test_console_log_names_no_arm_while_the_run_runs_nor_after_a_kill
 def test_an_exports_log_names_no_arm_while_it_runs_nor_after_the_server_is_killed(
     serve_trial, tmp_path, monkeypatch
 ):

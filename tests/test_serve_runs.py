@@ -57,6 +57,7 @@ def _study_with_samples(client, trial: Path, name: str, n: int | None = None) ->
     return sid
 
 
+@serve_support.POSTGRESQL_SLOW  # the same database work on PostgreSQL runs in the default suite in tests/test_serve_api.py and test_serve_routes.py (runs started, listed and audited)
 def test_a_run_resumes_after_the_server_is_killed_mid_run(server, serve_trial, serve_reference):
     c = server.client()
     sid = _study_with_samples(c, serve_trial, "restart study")
