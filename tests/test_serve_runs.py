@@ -97,6 +97,7 @@ def test_a_run_resumes_after_the_server_is_killed_mid_run(server, serve_trial, s
     assert not (out / "report.html").exists()  # the study's setting
 
 
+@serve_support.POSTGRESQL_SLOW  # exports the run of the test above (its PostgreSQL variant is under -m slow)
 def test_events_of_a_population_download_as_anndata(server):
     import anndata
     import pandas as pd
