@@ -42,14 +42,14 @@ def test_background_entries_equal_the_direct_ones_and_linked_parts_share_the_fil
         np.testing.assert_array_equal(got["train"], want["train"])
         assert got["metrics"] == want["metrics"]
         assert (
-            folder.cached("fit", f"k{i}.stats", "parquet").read_bytes()
-            == folder.cached("direct", f"k{i}.stats", "parquet").read_bytes()
+            folder.cached("fit", f"k{i}.stats", "arrow").read_bytes()
+            == folder.cached("direct", f"k{i}.stats", "arrow").read_bytes()
         )
     gate = _load_result(folder, "gate", "g0")
     assert sorted(gate) == ["metrics", "ok", "stats"]
     pd.testing.assert_frame_equal(gate["stats"], _result(0)["stats"].reset_index(drop=True))
-    linked = folder.cached("gate", "g0.stats", "parquet").stat()
-    assert linked.st_ino == folder.cached("fit", "k0.stats", "parquet").stat().st_ino
+    linked = folder.cached("gate", "g0.stats", "arrow").stat()
+    assert linked.st_ino == folder.cached("fit", "k0.stats", "arrow").stat().st_ino
     assert not list((folder.cache / "gate").glob(".*"))  # no temporary file left
 
 
@@ -101,8 +101,8 @@ def test_a_queued_table_write_runs_after_the_entries_before_it_and_its_error_sto
 
 def test_the_run_links_the_fused_pass_results_into_the_gating_pass_entries(sim_run):
     folder = RunFolder(sim_run)
-    fit_parts = {p.stat().st_ino: p for p in (folder.cache / "fit").glob("*.stats.parquet")}
-    gate_parts = list((folder.cache / "gate").glob("*.stats.parquet"))
+    fit_parts = {p.stat().st_ino: p for p in (folder.cache / "fit").glob("*.stats.arrow")}
+    gate_parts = list((folder.cache / "gate").glob("*.stats.arrow"))
     linked = [p for p in gate_parts if p.stat().st_ino in fit_parts]
     assert gate_parts and linked  # the samples whose fits did not fall back: not written twice
     for part in linked:
@@ -168,17 +168,20 @@ def test_an_entry_costs_one_folder_fsync_for_its_parts_and_one_for_its_json(tmp_
     np.testing.assert_array_equal(got["train"], _result(0)["train"])
 
 
-def test_parquet_parts_are_the_bytes_pandas_writes(tmp_path):
-    """The cache writer encodes through pyarrow directly: the same bytes as pandas' to_parquet,
-    for the column kinds the tasks return (a frame with attrs goes through pandas)."""
+def test_cached_tables_read_back_as_the_parquet_cache_read_them(tmp_path):
+    """The cache's tables are Arrow IPC files (cheaper to write than Parquet): read back, each is
+    the DataFrame a Parquet round trip gave (the earlier cache format), for the column kinds the
+    tasks return, attrs and an empty frame included; an entry an earlier version wrote as Parquet
+    (a run resumed after an upgrade) is still read."""
     import io
 
-    from cytopipe.pipeline.cachewriter import parquet_bytes
+    from cytopipe.store import arrow_bytes, read_arrow
 
     frame = pd.DataFrame(
         {
             "population": ["A", "B", None],
             "count": np.array([1, 2, 3], dtype=np.int64),
+            "panel": np.array([1, 2, 3], dtype=np.int16),
             "share": [0.5, np.nan, 1.0],
             "hist": [np.arange(3, dtype=np.int16), np.arange(2, dtype=np.int16), np.zeros(0, np.int16)],
             "params": [[1.0, 2.0], None, [3.0]],
@@ -189,7 +192,22 @@ def test_parquet_parts_are_the_bytes_pandas_writes(tmp_path):
     )
     with_attrs = frame.copy()
     with_attrs.attrs["source"] = "a test"
-    for df in (frame, with_attrs, frame.iloc[:0]):
+    for i, df in enumerate((frame, with_attrs, frame.iloc[:0])):
         buf = io.BytesIO()
         df.reset_index(drop=True).to_parquet(buf, engine="pyarrow", index=False)
-        assert parquet_bytes(df) == buf.getvalue()
+        want = pd.read_parquet(io.BytesIO(buf.getvalue()))
+        path = tmp_path / f"t{i}.arrow"
+        path.write_bytes(arrow_bytes(df))
+        got = read_arrow(path)
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
+        assert got.attrs == want.attrs == df.attrs
+        for column in ("hist", "params"):
+            for a, b in zip(got[column], want[column]):
+                assert type(a) is type(b) and (
+                    a is None or (a.dtype == b.dtype and a.tobytes() == b.tobytes())
+                )
+
+    folder = RunFolder(tmp_path / "run").create()
+    folder.save_cached("fit", "old.stats", "parquet", frame)
+    folder.save_cached("fit", "old", "json", {"ok": True, "_parts": {"stats": "parquet"}})
+    pd.testing.assert_frame_equal(_load_result(folder, "fit", "old")["stats"], frame.reset_index(drop=True))

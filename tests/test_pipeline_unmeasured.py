@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from cytopipe.fcs import read_fcs, write_fcs
+from cytopipe.store import read_arrow
 from tests.conftest import REPO, shared_path
 from tests.pipeline_support import cli
 
@@ -33,6 +34,18 @@ CD127_SAMPLES = ["PTLG021_1", "PTLG028_1", "PTLG034_1"]  # CCR9's channel labell
 NO_CD45RA = ["PTLG034_1", "PTLG034_2"]  # Memory CD4 and its descendants not measured (second study)
 EVERYWHERE = ["Th17", "Th1", "cTfh", "activated cTfh"]  # CCR6, CXCR5 are in no file
 CLUSTERING = {"enabled": True, "grid": [4, 4], "metaclusters": 5, "embedding": {"enabled": False}}
+
+
+def _as_older_entry(part: Path, table: pd.DataFrame) -> None:
+    """Make the cache entry holding the table part ``part`` (``<key>.<name>.arrow``) one that an
+    older version wrote: ``table`` as that part, in Parquet (the format of those versions)."""
+    key, name, _ = part.name.split(".")
+    meta_path = part.with_name(f"{key}.json")
+    meta = json.loads(meta_path.read_text())
+    meta["_parts"][name] = "parquet"
+    table.to_parquet(part.with_suffix(".parquet"), index=False)
+    part.unlink()
+    meta_path.write_text(json.dumps(meta))
 
 
 def _study(folder: Path, no_cd45ra: list[str], clustering: dict, statistics: bool) -> Path:
@@ -267,10 +280,10 @@ def test_a_population_not_measured_has_no_count_in_any_output(mixed_run, tmp_pat
     # per-sample results cached by an older version (count 0): the rerun's table has no 0 either
     again = tmp_path / "run"
     shutil.copytree(out, again)
-    for part in (again / ".cache").glob("*/*.stats.parquet"):
-        old = pd.read_parquet(part)
+    for part in (again / ".cache").glob("*/*.stats.arrow"):
+        old = read_arrow(part)
         if "gate_source" in old and (old["gate_source"] == "not measured").any():
-            _old_style(old).to_parquet(part, index=False)
+            _as_older_entry(part, _old_style(old))
     _old_style(ps).to_parquet(again / "population_stats.parquet", index=False)
     workflow = out.parent / "workflow.yaml"
     rerun = cli("run", str(workflow), "--out", str(again), "--scheduler", "synchronous", "--no-progress")
@@ -353,10 +366,10 @@ def test_gate_review_has_no_count_for_a_population_not_measured(mixed_run, tmp_p
     again = tmp_path / "run"
     shutil.copytree(out, again)
     touched = 0
-    for part in (again / ".cache").glob("*/*.review.parquet"):
-        rows = pd.read_parquet(part)
+    for part in (again / ".cache").glob("*/*.review.arrow"):
+        rows = read_arrow(part)
         if (rows["source"] == "not measured").any():
-            _old_style_review(rows).to_parquet(part, index=False)
+            _as_older_entry(part, _old_style_review(rows))
             touched += 1
     assert touched >= 6  # every sample (the fitting pass may cache its own too)
     rerun = cli("run", str(out.parent / "workflow.yaml"), "--out", str(again), "--scheduler", "synchronous",

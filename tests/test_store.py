@@ -85,10 +85,13 @@ def test_rewriting_outputs_gives_identical_bytes(tmp_path):
 def test_cache_round_trip_damage_and_prune(tmp_path):
     folder = store.RunFolder(tmp_path).create()
     df = tables()["population_stats"]
-    folder.save_cached("gate", "k1", "parquet", df)
+    folder.save_cached("gate", "k1", "arrow", df)
     folder.save_cached("gate", "k1", "json", {"ok": True})
     folder.save_cached("pool", "k1", "npy", np.arange(6, dtype=np.float32).reshape(2, 3))
-    pd.testing.assert_frame_equal(folder.load_cached("gate", "k1", "parquet"), df)
+    pd.testing.assert_frame_equal(folder.load_cached("gate", "k1", "arrow"), df)
+    arrow = folder.cached("gate", "k1", "arrow")
+    arrow.write_bytes(arrow.read_bytes()[:-40])  # truncated: recomputed, not trusted
+    assert folder.load_cached("gate", "k1", "arrow") is None
     assert folder.load_cached("gate", "k1", "json") == {"ok": True}
     assert folder.load_cached("pool", "k1", "npy").tolist() == [[0, 1, 2], [3, 4, 5]]
     assert folder.load_cached("gate", "missing", "json") is None

@@ -1,6 +1,6 @@
 """Per-sample cache entries written off the main thread.
 
-A cache entry (``RUN_DIR/.cache/<phase>/<key>.json`` plus its parts ``<key>.<name>.parquet|npy``)
+A cache entry (``RUN_DIR/.cache/<phase>/<key>.json`` plus its parts ``<key>.<name>.arrow|npy``)
 costs 4-5 fsynced files; written by the main thread while it collects the workers' results, the
 fsyncs held up the collection, and the entries of results that were already at hand (a fused pass's
 results standing for the next pass) kept the workers idle for seconds. :class:`CacheWriter` encodes
@@ -29,7 +29,7 @@ import pandas as pd
 
 from cytopipe.errors import OutputWriteError
 from cytopipe.files import _MODE, TMP_SUFFIX, _fsync_dir, _remove_temp, atomic_write_bytes
-from cytopipe.store import RunFolder, _json_default
+from cytopipe.store import ARROW, RunFolder, _json_default, arrow_bytes, arrow_rows
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +38,15 @@ SKIPPED = ("pid", "seconds")  # per-execution details, not part of a cached resu
 
 def encode_result(res: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str, bytes, int]]]:
     """The entry's JSON meta and its parts as (name, ext, bytes, rows) - exactly what
-    ``_save_result`` writes (tables as Parquet, arrays as .npy, the rest in the JSON)."""
+    ``_save_result`` writes (tables as Arrow IPC files, arrays as .npy, the rest in the JSON)."""
     meta: dict[str, Any] = {"_parts": {}}
     parts = []
     for name, value in res.items():
         if name in SKIPPED:
             continue
         if isinstance(value, pd.DataFrame):
-            parts.append((name, "parquet", parquet_bytes(value), len(value)))
-            meta["_parts"][name] = "parquet"
+            parts.append((name, ARROW, arrow_bytes(value), len(value)))
+            meta["_parts"][name] = ARROW
         elif isinstance(value, np.ndarray):
             buf = io.BytesIO()
             np.save(buf, np.ascontiguousarray(value), allow_pickle=False)
@@ -55,25 +55,6 @@ def encode_result(res: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[st
         else:
             meta[name] = value
     return meta, parts
-
-
-def parquet_bytes(df: pd.DataFrame) -> bytes:
-    """``df.reset_index(drop=True).to_parquet(index=False)``'s bytes, through pyarrow directly:
-    the same two calls pandas makes (Table.from_pandas, write_table with snappy), without its
-    per-call engine and argument checks (~25% of the encoding of a task's small tables, done in
-    the run's main process). A frame with ``attrs`` (which pandas adds to the file's metadata)
-    goes through pandas."""
-    if df.attrs:
-        buf = io.BytesIO()
-        df.reset_index(drop=True).to_parquet(buf, engine="pyarrow", index=False)
-        return buf.getvalue()
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="snappy")
-    return sink.getvalue().to_pybytes()
 
 
 def _meta_bytes(meta: Mapping[str, Any]) -> bytes:
@@ -95,7 +76,7 @@ def write_encoded(folder: RunFolder, phase: str, key: str, meta: Mapping[str, An
         for name, ext, data, rows in parts:
             path = folder.cached(phase, f"{key}.{name}", ext)
             written.append((_write_temp(path, data), path))
-            _verify(written[-1][0], path, data, rows if ext == "parquet" else None)
+            _verify(written[-1][0], path, data, rows if ext == ARROW else None)
         for tmp, path in written:
             os.replace(tmp, path)
     except OSError as exc:
@@ -130,16 +111,14 @@ def _write_temp(path: Path, data: bytes) -> Path:
 
 
 def _verify(tmp: Path, path: Path, data: bytes, rows: int | None) -> None:
-    """The written file is complete: its size, and a Parquet file's row count read back."""
+    """The written file is complete: its size, and a table's row count read back."""
     size = tmp.stat().st_size
     if size != len(data):
         raise OutputWriteError(f"the written file has {size} of {len(data)} bytes (disk full?)", file=path)
     if rows is None:
         return
-    import pyarrow.parquet as pq
-
     try:
-        n = pq.ParquetFile(tmp).metadata.num_rows
+        n = arrow_rows(tmp)
     except OSError:
         raise
     except Exception as exc:  # pyarrow: a truncated or damaged file
@@ -204,7 +183,7 @@ class CacheWriter:
                 if name in SKIPPED:
                     continue
                 if isinstance(value, pd.DataFrame):
-                    meta["_parts"][name] = "parquet"
+                    meta["_parts"][name] = ARROW
                 elif isinstance(value, np.ndarray):
                     meta["_parts"][name] = "npy"
                 else:

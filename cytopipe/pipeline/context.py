@@ -21,7 +21,7 @@ import pandas as pd
 from cytopipe.config import stable_hash
 from cytopipe.pipeline.executors import TaskFailure
 from cytopipe.pipeline.state import StudyState
-from cytopipe.store import RunFolder
+from cytopipe.store import ARROW, RunFolder
 from cytopipe.workflow import Workflow
 
 logger = logging.getLogger(__name__)
@@ -265,14 +265,15 @@ def _save(ctx: RunContext, phase: str, key: str, res: Mapping[str, Any], source=
 
 
 def _save_result(folder: RunFolder, phase: str, key: str, res: Mapping[str, Any]) -> None:
-    """Tables as Parquet, arrays as .npy, the rest as JSON written last (it marks the entry complete)."""
+    """Tables as Arrow IPC files, arrays as .npy, the rest as JSON written last (it marks the entry
+    complete)."""
     meta: dict[str, Any] = {"_parts": {}}
     for name, value in res.items():
         if name in ("pid", "seconds"):
             continue
         if isinstance(value, pd.DataFrame):
-            folder.save_cached(phase, f"{key}.{name}", "parquet", value)
-            meta["_parts"][name] = "parquet"
+            folder.save_cached(phase, f"{key}.{name}", ARROW, value)
+            meta["_parts"][name] = ARROW
         elif isinstance(value, np.ndarray):
             folder.save_cached(phase, f"{key}.{name}", "npy", value)
             meta["_parts"][name] = "npy"

@@ -388,7 +388,7 @@ def scrub_cache(run_dir: str | Path, arms: Iterable[str]) -> list[str]:
     emptied (the run takes every sample's arm from the manifest when it assembles the tables);
     any other cache file holding an arm name (e.g. the cached statistics, whose comparisons name
     the arms) is removed, so the next run computes it again. Returns the files changed."""
-    from cytopipe.store import RUN_SECRET, atomic_write_parquet
+    from cytopipe.store import RUN_SECRET, atomic_write_arrow, atomic_write_parquet, read_arrow
 
     cache = Path(run_dir) / ".cache"
     names = [str(a) for a in arms if str(a).strip()]
@@ -412,10 +412,9 @@ def scrub_cache(run_dir: str | Path, arms: Iterable[str]) -> list[str]:
         if not leaks:
             continue
         if leaks == ["arm"]:
-            df = pd.read_parquet(path)
-            atomic_write_parquet(
-                path, df.assign(arm=pd.Series([None] * len(df), index=df.index, dtype="string"))
-            )
+            df = read_arrow(path) if path.suffix == ".arrow" else pd.read_parquet(path)
+            write = atomic_write_arrow if path.suffix == ".arrow" else atomic_write_parquet
+            write(path, df.assign(arm=pd.Series([None] * len(df), index=df.index, dtype="string")))
         else:
             path.unlink()
         changed.append(rel)
@@ -427,9 +426,11 @@ def _cache_file_leaks(path: Path, pattern: re.Pattern) -> list[str]:
     column), or ``["file"]`` (its bytes); ``[]``: none."""
     import numpy as np
 
-    if path.suffix == ".parquet":
+    if path.suffix in (".parquet", ".arrow"):  # the cache's tables, of this version or an earlier one
+        from cytopipe.store import read_arrow
+
         try:
-            df = pd.read_parquet(path)
+            df = read_arrow(path) if path.suffix == ".arrow" else pd.read_parquet(path)
         except Exception:  # unreadable: the cache recomputes it anyway
             return ["file"]
         hits = [str(c) for c in df.columns if pattern.search(str(c))]
