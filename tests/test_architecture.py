@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
         "cytopipe._peakkernels",
         "cytopipe.tabular",
         "cytopipe.files",
+        "cytopipe.arrowfiles",
         "cytopipe.directio",
         "cytopipe.threads",
         "cytopipe._fcskernels",

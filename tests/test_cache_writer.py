@@ -175,7 +175,7 @@ def test_cached_tables_read_back_as_the_parquet_cache_read_them(tmp_path):
     (a run resumed after an upgrade) is still read."""
     import io
 
-    from cytopipe.store import arrow_bytes, read_arrow
+    from cytopipe.arrowfiles import arrow_bytes, read_arrow
 
     frame = pd.DataFrame(
         {

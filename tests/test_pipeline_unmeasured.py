@@ -25,8 +25,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from cytopipe.arrowfiles import read_arrow
 from cytopipe.fcs import read_fcs, write_fcs
-from cytopipe.store import read_arrow
 from tests.conftest import REPO, shared_path
 from tests.pipeline_support import cli
 

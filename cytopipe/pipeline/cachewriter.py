@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cytopipe.arrowfiles import ARROW, arrow_bytes, arrow_rows
 from cytopipe.errors import OutputWriteError
 from cytopipe.files import _MODE, TMP_SUFFIX, _fsync_dir, _remove_temp, atomic_write_bytes
-from cytopipe.store import ARROW, RunFolder, _json_default, arrow_bytes, arrow_rows
+from cytopipe.store import RunFolder, _json_default
 
 logger = logging.getLogger(__name__)
 

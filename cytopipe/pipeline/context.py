@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cytopipe.arrowfiles import ARROW
 from cytopipe.config import stable_hash
 from cytopipe.pipeline.executors import TaskFailure
 from cytopipe.pipeline.state import StudyState
-from cytopipe.store import ARROW, RunFolder
+from cytopipe.store import RunFolder
 from cytopipe.workflow import Workflow
 
 logger = logging.getLogger(__name__)

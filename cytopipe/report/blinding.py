@@ -388,7 +388,8 @@ def scrub_cache(run_dir: str | Path, arms: Iterable[str]) -> list[str]:
     emptied (the run takes every sample's arm from the manifest when it assembles the tables);
     any other cache file holding an arm name (e.g. the cached statistics, whose comparisons name
     the arms) is removed, so the next run computes it again. Returns the files changed."""
-    from cytopipe.store import RUN_SECRET, atomic_write_arrow, atomic_write_parquet, read_arrow
+    from cytopipe.arrowfiles import atomic_write_arrow, read_arrow
+    from cytopipe.store import RUN_SECRET, atomic_write_parquet
 
     cache = Path(run_dir) / ".cache"
     names = [str(a) for a in arms if str(a).strip()]
@@ -427,7 +428,7 @@ def _cache_file_leaks(path: Path, pattern: re.Pattern) -> list[str]:
     import numpy as np
 
     if path.suffix in (".parquet", ".arrow"):  # the cache's tables, of this version or an earlier one
-        from cytopipe.store import read_arrow
+        from cytopipe.arrowfiles import read_arrow
 
         try:
             df = read_arrow(path) if path.suffix == ".arrow" else pd.read_parquet(path)
