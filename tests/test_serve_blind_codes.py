@@ -302,18 +302,19 @@ def test_a_blinded_study_refuses_a_clinical_table_its_runs_would_refuse(server, 
     entries = c.get("/api/audit?limit=500").json()
     assert not [e for e in entries if e["action"] == "study.clinical" and e["object_id"] == str(study)]
 
-    # left alone: the P of every patient of arms P and T
-    r = _put_clinical(c, study, [("P001", "P"), ("P002", "T"), ("P003", "P")], name="ok.csv")
+    # left alone: the P of every patient of arms P and R (not T: the template's 'T cells' show it,
+    # tests/test_serve_blind_names.py)
+    r = _put_clinical(c, study, [("P001", "P"), ("P002", "R"), ("P003", "P")], name="ok.csv")
     assert r.status_code == 200, r.text
     assert c.get(f"/api/studies/{study}").json()["clinical"] == "ok.csv"
 
     # a mapping is checked with the clinical table's arms too, as its runs are (was: saved, as its
-    # own arm is no letter; its runs refused the patient P002-T of the clinical table's arm T)
+    # own arm is no letter; its runs refused the patient P002-R of the clinical table's arm R)
     folder, _, first, _ = trial
     row = first.iloc[0]
     assert c.upload(study, folder / row["file"]).status_code == 201
     (mapped,) = c.get(f"/api/studies/{study}/mapping").json()
-    rows = [dict(mapped, arm="TRT", patient_id=f"{row['patient_id']}-T")]
+    rows = [dict(mapped, arm="TRT", patient_id=f"{row['patient_id']}-R")]
     r = c.post(f"/api/studies/{study}/mapping", json={"rows": rows}, headers=c.h)
-    assert r.status_code == 400 and f"(patient_id '{row['patient_id']}-T'" in r.text, r.text
+    assert r.status_code == 400 and f"(patient_id '{row['patient_id']}-R'" in r.text, r.text
     assert not any(m["confirmed"] for m in c.get(f"/api/studies/{study}/mapping").json())

@@ -94,9 +94,10 @@ def validate_inputs(ctx: RunContext) -> None:
     if wf.clinical is not None:
         ctx.clinical_problem = _check_clinical(wf, ctx.manifest)
     _check_blind_key(wf)
-    template = ctx.state.template
+    from cytopipe.report.armcheck import template_names
+
     check_report_tables(wf, Path(wf.output), [str(a) for a in ctx.manifest["arm"].dropna() if str(a).strip()],
-                        [*template.names, *template.markers()])  # fmt: skip
+                        template_names(ctx.state.template))  # fmt: skip
     ctx.hashes["template"] = file_sha256(wf.template)
     ctx.hashes["qc"] = stable_hash(ctx.state.qc.to_dict())
     ctx.hashes["compensation"] = _spillover_hash(

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -106,6 +107,13 @@ def _glued_letters(letters: set[str], column: str, rows: pd.DataFrame) -> set[st
                     carriers.setdefault(place, set()).add(arm.strip().casefold())
                     places.setdefault(value, []).append(place)
     return {value for value, found in places.items() if any(len(carriers[p]) == 1 for p in found)}
+
+
+def template_names(template: Any) -> list[str]:
+    """The names of a gating template (:class:`cytopipe.gating.template.Template`) that a blinded
+    run checks for arm names (:func:`refuse_shared_words`): its populations, then the markers its
+    gates use. One list for the run and for the workspace, which refuses them when entered."""
+    return [*template.names, *template.markers()]
 
 
 def named_ids(found: list[str]) -> str:

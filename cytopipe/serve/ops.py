@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DBSession
 
 from cytopipe.manifest import parse_visit, visit_problem
-from cytopipe.serve import audit
+from cytopipe.serve import armentry, audit
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.blinding import arms_visible, assign_codes
 from cytopipe.serve.db import Batch, Run, Sample, Study, Template, Upload
@@ -83,22 +83,6 @@ def _words(text: str) -> list[str]:
     return [w.strip() for w in text.replace(";", ",").split(",") if w.strip()]
 
 
-def _refuse_uncodable_arms(arms: list[str], what: str) -> None:
-    """A blinded study's arms named by numbers: its pages, runs and reports could not code them
-    (:func:`cytopipe.report.armcheck.number_arms`), so they are refused (400) up front."""
-    from cytopipe.report.armcheck import number_arms
-
-    numbers = number_arms(arms)
-    if numbers:
-        raise AuthError(
-            400,
-            f"{what}: the arm(s) {', '.join(repr(a) for a in numbers)} are named by numbers (no letter): "
-            "a blinded study cannot replace them by codes or check that none shows, as digits are in "
-            "every number on its pages and in its runs. Name the arms with words (e.g. 'PBO', 'TRT', "
-            "'dose 10 mg')",
-        )
-
-
 def create_study(db: DBSession, user: str, values: dict[str, Any]) -> Study:
     name = " ".join(str(values.get("name", "")).split())
     if not name or len(name) > 200:
@@ -124,7 +108,7 @@ def create_study(db: DBSession, user: str, values: dict[str, Any]) -> Study:
                 "report": bool(values.get("report", True)),
                 "four_eyes": bool(values.get("four_eyes", True))}  # sign-off by a second person  # fmt: skip
     if settings["blinded"]:
-        _refuse_uncodable_arms(arms, "the study was not created")
+        armentry.refuse_number_arms(arms, "the study was not created")
     study = Study(name=name, arms=arms, visits=visits, settings=settings, pattern=pattern, created_by=user)
     db.add(study)
     db.flush()
@@ -137,7 +121,10 @@ def create_study(db: DBSession, user: str, values: dict[str, Any]) -> Study:
         yaml_text = choices[template_name].read_text(encoding="utf-8")
     if len(yaml_text.encode("utf-8")) > MAX_YAML:
         raise AuthError(413, f"the template is larger than {MAX_YAML >> 20} MB")
-    _check_template(yaml_text, f"{template_name or 'template.yaml'!r} (version 1)")
+    label = f"{template_name or 'template.yaml'!r} (version 1)"
+    template = _check_template(yaml_text, label)
+    if settings["blinded"]:  # its populations and markers beside its arm list, as its runs check them
+        armentry.refuse_template_names(arms, template, label, "the study was not created")
     tpl = Template(study_id=study.id, version=1, name=template_name or "template.yaml", yaml=yaml_text,
                    sha256=hashlib.sha256(yaml_text.encode()).hexdigest(), created_by=user)  # fmt: skip
     db.add(tpl)
@@ -149,23 +136,9 @@ def create_study(db: DBSession, user: str, values: dict[str, Any]) -> Study:
     return study
 
 
-def _check_template(text: str, label: str) -> None:
-    """The template loader's checks; an error names the template (``label``, e.g. ``'t.yaml'
-    (version 2)``), never the server's temporary file."""
-    import tempfile
-
-    from cytopipe.errors import CytopipeError
-    from cytopipe.gating.loading import load_template
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        try:
-            load_template(fh.name)
-        except CytopipeError as exc:
-            context = {k: v for k, v in exc.context.items() if not (k == "file" and str(v) == fh.name)}
-            shown = str(CytopipeError(exc.message.replace(fh.name, "the template"), **context))
-            raise AuthError(400, f"the gating template {label} is not valid: {shown}") from None
+def _check_template(text: str, label: str) -> Any:
+    """The loaded template (:func:`cytopipe.serve.armentry.check_template`: 400 when not valid)."""
+    return armentry.check_template(text, label)
 
 
 def get_study(db: DBSession, study_id: int) -> Study:
@@ -352,10 +325,12 @@ async def upload_table(ws: Any, study_id: int, user: str, kind: str, raw_name: s
     with ws.sessions() as db:
         try:
             study = get_study(db, study_id)
-            if kind == "clinical" and not arms_visible(study):  # what the study's runs would refuse
-                todo = "the clinical table was not saved"
-                _refuse_uncodable_arms([r.get("arm", "") for r in rows], todo)
-                _refuse_ids_with_arms(db, ws.store, study, todo, clinical=rows)
+            if not arms_visible(study):  # what the study's runs would refuse (the manifest: its proposals)
+                todo = f"the {kind} table was not saved"
+                arms = [r.get("arm", "") for r in rows]
+                armentry.refuse_number_arms(arms, todo)
+                armentry.refuse_ids_with_arms(db, ws.store, study, todo, **{kind: rows})
+                armentry.refuse_names_with_arms(db, ws.store, study, todo, arms=arms)
         except AuthError:
             got.tmp.unlink(missing_ok=True)
             raise
@@ -433,9 +408,11 @@ def confirm_mapping(
     if problems:
         raise AuthError(400, "the mapping was not saved: " + "; ".join(problems))
     if not arms_visible(study):  # what a blinded study's runs would refuse, refused when it is entered
-        _refuse_uncodable_arms([v["arm"] for _, v, _ in clean], "the mapping was not saved")
+        armentry.refuse_number_arms([v["arm"] for _, v, _ in clean], "the mapping was not saved")
         mapped = {uid: {**vals, "file": f"fcs/{uploads[uid].name}"} for uid, vals, _ in clean}
-        _refuse_ids_with_arms(db, store, study, "the mapping was not saved", mapped=mapped)
+        armentry.refuse_ids_with_arms(db, store, study, "the mapping was not saved", mapped=mapped)
+        armentry.refuse_names_with_arms(db, store, study, "the mapping was not saved",
+                                        arms=[v["arm"] for _, v, _ in clean])  # fmt: skip
     for uid, vals, visit in clean:
         old = existing.get(uid)
         if old is None:
@@ -451,43 +428,6 @@ def confirm_mapping(
     audit.record(db, user, "mapping.confirm", "study", study.id, before,
                  {"pattern": study.pattern, "rows": [{"upload_id": u, **v, "visit": vis} for u, v, vis in clean]})  # fmt: skip
     return len(clean)
-
-
-def _refuse_ids_with_arms(
-    db: DBSession, store: BlobStore, study: Study, todo: str, *,
-    mapped: dict[int, dict[str, str]] | None = None, clinical: list[dict[str, str]] | None = None,
-) -> None:  # fmt: skip
-    """A blinded study's ids carrying a one-letter arm (``P01-A``, ``P01A``): refused (400), as its
-    runs would refuse them (:func:`cytopipe.report.armcheck.ids_showing_arms`), in the inputs a run
-    gets: its manifest (the confirmed samples, ``mapped`` (upload id -> file, sample_id,
-    patient_id, arm) replacing those of their uploads) and its clinical table (``clinical``'s rows,
-    else the stored table), with every arm of both and of the study's list. ``todo``: what happened."""
-    import pandas as pd
-
-    from cytopipe.report.armcheck import ids_showing_arms, named_ids
-
-    samples = {s.upload_id: s for s in db.scalars(select(Sample).where(Sample.study_id == study.id))}
-    names = dict(db.execute(select(Upload.id, Upload.name).where(Upload.id.in_(list(samples)))).all())
-    rows = {uid: {"file": f"fcs/{names.get(uid, '')}", "sample_id": s.sample_id, "patient_id": s.patient_id,
-                  "arm": s.arm} for uid, s in samples.items()}  # fmt: skip
-    rows.update(mapped or {})
-    if clinical is None and study.clinical_sha256:
-        try:
-            clinical = read_table_rows(store.path(study.clinical_sha256).read_bytes())
-        except (OSError, ValueError):  # a table that cannot be read: the run stops on it anyway
-            clinical = None
-    manifest = pd.DataFrame(list(rows.values()), columns=["file", "sample_id", "patient_id", "arm"])
-    tables = [manifest, pd.DataFrame(clinical or [])]
-    arms = [*(study.arms or []), *manifest["arm"], *(r.get("arm", "") for r in clinical or [])]
-    found = ids_showing_arms(arms, tables)
-    if found:
-        raise AuthError(
-            400,
-            f"{todo}: ids carry a one-letter arm name as a part of them ({named_ids(found)}); in a "
-            "blinded study they would show beside their arm's code and tell which code is which arm "
-            "(a letter joined by a hyphen, or glued to digits where only one arm's ids carry it there). "
-            "Give ids that do not carry the arm, or give the arms longer names",
-        )
 
 
 def study_counts(db: DBSession, study_id: int) -> dict[str, int]:

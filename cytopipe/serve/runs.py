@@ -32,8 +32,15 @@ from sqlalchemy.orm import Session as DBSession
 from sqlalchemy.orm import sessionmaker
 
 from cytopipe.errors import RequestError
-from cytopipe.serve import audit
-from cytopipe.serve.blinding import assign_codes, codes_of, table_arms, workspace_secret, write_run_key
+from cytopipe.serve import armentry, audit
+from cytopipe.serve.blinding import (
+    arms_visible,
+    assign_codes,
+    codes_of,
+    table_arms,
+    workspace_secret,
+    write_run_key,
+)
 from cytopipe.serve.db import RUN_ACTIVE, Run, Sample, Study, Template, Upload, utcnow
 from cytopipe.serve.storage import BlobStore
 from cytopipe.serve.worker import CONSOLE_LOG, PIPE, RUN_LOG, arm_mask, mask_file, mask_logs
@@ -93,6 +100,9 @@ class RunManager:
         ).all()
         if not samples:
             raise RunError(400, "no confirmed samples: upload FCS files and confirm their mapping first")
+        if not arms_visible(study):  # a study set up before its names were checked when entered: the
+            # run would stop on them, its error (masked with the codes) telling which code is which arm
+            armentry.refuse_names_with_arms(db, self.store, study, "the run was not started")
         run = Run(study_id=study.id, status="queued", folder="", template_id=study.template_id,
                   n_samples=len(samples), started_by=user, options=options)  # fmt: skip
         db.add(run)

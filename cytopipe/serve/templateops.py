@@ -23,10 +23,12 @@ from pydantic import Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session as DBSession
 
-from cytopipe.serve import audit, ops
+from cytopipe.serve import armentry, audit, ops
 from cytopipe.serve.auth import AuthError
+from cytopipe.serve.blinding import arms_visible
 from cytopipe.serve.db import Run, Study, Template
 from cytopipe.serve.deps import Body, Ctx, page, permit, signed_in, workspace
+from cytopipe.serve.storage import BlobStore
 
 PERMISSION = "study.create"  # analysts, reviewers and admins set up studies and their templates
 MAX_YAML = ops.MAX_YAML
@@ -68,9 +70,11 @@ def previous(db: DBSession, tpl: Template) -> Template | None:
 
 
 def new_version(
-    db: DBSession, study: Study, user: str, yaml_text: str, reason: str, name: str = ""
+    db: DBSession, store: BlobStore, study: Study, user: str, yaml_text: str, reason: str, name: str = ""
 ) -> Template:
-    """Validate ``yaml_text`` and save it as the study's next template version (one audit entry)."""
+    """Validate ``yaml_text`` and save it as the study's next template version (one audit entry);
+    in a blinded study, names that show an arm are refused as its runs refuse them (``store``
+    holds its tables)."""
     reason = (reason or "").strip()
     if not reason:
         raise AuthError(400, "a reason is required: say why the template changes")
@@ -80,7 +84,11 @@ def new_version(
     current = db.get(Template, study.template_id) if study.template_id else None
     number = (db.scalar(select(func.max(Template.version)).where(Template.study_id == study.id)) or 0) + 1
     name = name or (current.name if current else "template.yaml")
-    ops._check_template(yaml_text, f"{name!r} (version {number})")  # the loader's checks: 400, its message
+    label = f"{name!r} (version {number})"
+    template = ops._check_template(yaml_text, label)  # the loader's checks: 400, its message
+    if not arms_visible(study):  # its populations and markers beside the study's arms, as its runs check them
+        armentry.refuse_names_with_arms(db, store, study, "the template was not saved", template=template,
+                                        label=label)  # fmt: skip
     sha = hashlib.sha256(yaml_text.encode("utf-8")).hexdigest()
     if current is not None and current.sha256 == sha:
         raise AuthError(400, f"the template is unchanged (it is version {current.version}): nothing saved")
@@ -141,7 +149,7 @@ def save_version(
 ) -> dict[str, Any]:
     with workspace(request).sessions() as db:
         study = ops.get_study(db, study_id)
-        tpl = new_version(db, study, ctx.name, body.yaml, body.reason, body.name)
+        tpl = new_version(db, workspace(request).store, study, ctx.name, body.yaml, body.reason, body.name)
         db.commit()
         return as_dict(db, tpl, study, with_yaml=True)
 
@@ -179,7 +187,9 @@ async def template_save(
         name = str(upload.filename)
     with workspace(request).sessions() as db:
         study = ops.get_study(db, study_id)
-        tpl = new_version(db, study, ctx.name, text, str(form.get("reason") or ""), name)
+        tpl = new_version(
+            db, workspace(request).store, study, ctx.name, text, str(form.get("reason") or ""), name
+        )
         db.commit()
         return RedirectResponse(f"/studies/{study_id}/template/{tpl.version}", status_code=303)
 

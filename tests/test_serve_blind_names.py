@@ -1,0 +1,187 @@
+"""A blinded study refuses, when they are entered, the population and marker names and the
+uploaded manifest that its runs would refuse, with a real `cytopipe serve` subprocess (SQLite;
+PostgreSQL under -m slow) and real uploads of the small simulated trial's files.
+
+A run of a blinded study stops before any work (exit 2) when an arm's name is a word of its
+template's population or marker names (cytopipe/report/armcheck.py: ``refuse_shared_words``; an arm
+``ACT`` in the default template's ``activated cTfh``, ``T`` in ``T cells``, ``PD`` in the marker
+``PD-1``), since blinding would code it there too. Before, the workspace took such a study, its
+template, tables and mapping, and each of its runs failed after the user had done all the work,
+with an error that the run's log mask coded (``'Arm Bivated cTfh'``), telling which code is ``ACT``.
+Now each is refused at entry (400, nothing stored, no audit entry), and so is a run of a study set
+up before. An uploaded manifest is checked as the mapping's proposals it gives (file, sample and
+patient ids, arms): its other columns (batch, site, panel) never reach a run, so they are not.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cytopipe.errors import ReportError
+from tests import serve_support
+from tests.pipeline_support import TEMPLATE
+from tests.serve_support import STUDY, trial_manifest
+
+backend = serve_support.backend_postgresql_slow
+server = serve_support.server
+
+
+def _create(c, name: str, arms: list[str], blinded: bool = True, **more):
+    body = {"name": name, **STUDY, "arms": arms, "blinded": blinded, **more}
+    return c.post("/api/studies", json=body, headers=c.h)
+
+
+def _put_table(c, study: int, kind: str, text: str, name: str = "table.csv"):
+    return c.put(
+        f"/api/studies/{study}/tables/{kind}", params={"name": name}, content=text.encode(), headers=c.h
+    )
+
+
+def _audit(c, study: int) -> list[str]:
+    return [e["action"] for e in c.get("/api/audit?limit=500").json() if e["object_id"] == str(study)]
+
+
+def test_the_run_refuses_what_the_workspace_now_refuses_at_entry():
+    """The truth the workspace follows: a run's own check (the one a blinded `cytopipe run` makes
+    before any work) on the default template's names with the arms used below."""
+    from cytopipe.gating.loading import load_template
+    from cytopipe.report.armcheck import refuse_shared_words, template_names
+
+    names = template_names(load_template(TEMPLATE))
+    for arms, shown in ((["ACT", "PBO"], "'activated cTfh'"), (["T", "P"], "'T cells', 'CD4 T'"),
+                        (["PD", "PBO"], "'PD-1'")):  # fmt: skip
+        with pytest.raises(ReportError, match=shown):
+            refuse_shared_words(arms, names, "")
+    refuse_shared_words(["TRT", "PBO", "A", "B"], names, "")  # FSC-A: a letter joined by a hyphen
+
+
+def test_a_blinded_study_is_not_created_with_a_template_whose_names_show_an_arm(server):
+    c = server.client()
+    for i, (arms, said) in enumerate([
+        (["ACT", "PBO"], "(population 'activated cTfh')"),
+        (["T", "P"], "(population 'T cells', population 'CD4 T', population 'CD8 T')"),
+        (["PD", "PBO"], "(marker 'PD-1')"),
+    ]):  # fmt: skip
+        r = _create(c, f"names {i}, blinded", arms)
+        assert r.status_code == 400, r.text
+        detail = r.json()["detail"]
+        assert detail.startswith("the study was not created: ") and said in detail, detail
+        assert f"the gating template '{TEMPLATE.name}' (version 1)" in detail
+        assert _create(c, f"names {i}", arms, blinded=False).status_code == 201  # unblinded: no codes
+    studies = [s["name"] for s in c.get("/api/studies").json()]
+    assert not [s for s in studies if s.endswith("blinded")]
+    entries = c.get("/api/audit?limit=500").json()
+    assert not [
+        e for e in entries if e["action"] == "study.create" and e["after"]["name"].endswith("blinded")
+    ]
+
+    # an uploaded template (the form's file: template_yaml) is checked the same way
+    text = TEMPLATE.read_text(encoding="utf-8").replace("Memory CD4", "TRT memory")
+    r = _create(c, "uploaded template, blinded", ["TRT", "PBO"], template_yaml=text, template="mine.yaml")
+    assert r.status_code == 400 and "'mine.yaml' (version 1) (population 'TRT memory')" in r.text, r.text
+
+    # a new version of the template of a blinded study: refused, nothing saved or audited
+    r = _create(c, "a template edited, blinded", ["TRT", "PBO"])
+    assert r.status_code == 201, r.text
+    study = r.json()["id"]
+    r = c.post(f"/api/studies/{study}/templates", json={"yaml": text, "reason": "renamed"}, headers=c.h)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith("the template was not saved: ") and "'TRT memory'" in r.text
+    assert [t["version"] for t in c.get(f"/api/studies/{study}/templates").json()] == [1]
+    assert "template.edit" not in _audit(c, study)
+    # without a CSRF token or as a viewer the request is refused as before (403), the names unchecked
+    assert c.post(f"/api/studies/{study}/templates", json={"yaml": text, "reason": "x"}).status_code == 403
+
+
+def test_a_blinded_study_refuses_arms_its_template_shows_in_tables_and_mapping(server, serve_trial):
+    """A blinded study without an arm list: the arms come with its clinical table, manifest or
+    mapping, each refused when its arm is a word of the template's names, nothing stored (no
+    table, no confirmed sample, no arm code, no audit entry)."""
+    c = server.client()
+    study = _create(c, "arms from the data, blinded", []).json()["id"]
+    row = trial_manifest(serve_trial).iloc[0]
+    r = _put_table(c, study, "clinical", f"patient_id,visit,arm\n{row['patient_id']},0,T\nP999,0,PBO\n")
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith("the clinical table was not saved: ") and "'T cells'" in r.text
+    manifest = (
+        f"file,sample_id,patient_id,visit,arm\n{row['file']},{row['sample_id']},{row['patient_id']},0,ACT\n"
+    )
+    r = _put_table(c, study, "manifest", manifest)
+    assert r.status_code == 400, r.text
+    assert (
+        r.json()["detail"].startswith("the manifest table was not saved: ") and "'activated cTfh'" in r.text
+    )
+    assert "'ACT'" not in r.text and "'T'" not in r.text  # the names to change, not the arm
+
+    assert c.upload(study, serve_trial / row["file"]).status_code == 201
+    (mapped,) = c.get(f"/api/studies/{study}/mapping").json()
+    r = c.post(f"/api/studies/{study}/mapping", json={"rows": [dict(mapped, arm="PD")]}, headers=c.h)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith("the mapping was not saved: ") and "(marker 'PD-1')" in r.text
+
+    shown = c.get(f"/api/studies/{study}").json()
+    assert shown["clinical"] is None and shown["manifest"] is None
+    assert not any(m["confirmed"] for m in c.get(f"/api/studies/{study}/mapping").json())
+    assert not {"study.clinical", "study.manifest", "mapping.confirm", "study.arm_codes"} & set(
+        _audit(c, study)
+    )
+
+    # arms the template does not show are taken
+    r = c.post(f"/api/studies/{study}/mapping", json={"rows": [dict(mapped, arm="TRT")]}, headers=c.h)
+    assert r.status_code == 200, r.text
+
+
+def test_an_uploaded_manifest_is_checked_as_the_proposals_it_gives(server):
+    """Its arms and its file, sample and patient ids, as a run would check them once they are
+    confirmed (they show on the mapping page as proposals, each arm as its code): refused. Its
+    batch, site and panel columns, which no run reads (runs get the confirmed mapping), are not."""
+    c = server.client()
+    study = _create(c, "a manifest, blinded", []).json()["id"]
+    head = "file,sample_id,patient_id,visit,arm,batch,site,panel\n"
+    for rows, said in [
+        (["fcs/P01_W0.fcs,P01_W0,P01,0,1,b1,s1,p", "fcs/P02_W0.fcs,P02_W0,P02,0,2,b1,s1,p"],
+         "the arm(s) '1', '2' are named by numbers"),
+        (["fcs/P01_W0.fcs,P01_W0,P01-A,0,A,b1,s1,p", "fcs/P02_W0.fcs,P02_W0,P02,0,B,b1,s1,p"],
+         "(patient_id 'P01-A')"),
+        (["C:\\lab\\P01A.fcs,P01_W0,P01,0,A,b1,s1,p", "fcs/P02_W0.fcs,P02_W0,P02,0,B,b1,s1,p"],
+         "(file 'fcs/P01A.fcs')"),
+    ]:  # fmt: skip
+        r = _put_table(c, study, "manifest", head + "\n".join(rows) + "\n")
+        assert r.status_code == 400, r.text
+        assert r.json()["detail"].startswith("the manifest table was not saved: ") and said in r.text, r.text
+    assert c.get(f"/api/studies/{study}").json()["manifest"] is None
+    assert not {"study.manifest", "study.arm_codes"} & set(_audit(c, study))
+
+    # a letter of an arm in its batch, site, panel or folder names: never in a run, taken
+    rows = ["A\\P01_W0.fcs,P01_W0,P01,W4,A,B1-A,S-A,A", "fcs/P02_W0.fcs,P02_W0,P02,W4,B,B1-B,S-B,B"]
+    r = _put_table(c, study, "manifest", head + "\n".join(rows) + "\n", name="ok.csv")
+    assert r.status_code == 200, r.text
+    assert c.get(f"/api/studies/{study}").json()["manifest"] == "ok.csv"
+
+
+def test_a_run_of_a_study_set_up_before_is_not_started(server, serve_trial):
+    """A blinded study whose arm ``T`` was confirmed before the names were checked at entry (a
+    workspace of an older version: the sample written to its database here): its run is not
+    started (400, no run), where before the run started and stopped on the names at once."""
+    from sqlalchemy.orm import sessionmaker
+
+    from cytopipe.serve.db import Sample, database_url, make_engine
+
+    c = server.client()
+    study = _create(c, "set up before, blinded", []).json()["id"]
+    row = trial_manifest(serve_trial).iloc[1]
+    assert c.upload(study, serve_trial / row["file"]).status_code == 201
+    (mapped,) = c.get(f"/api/studies/{study}/mapping").json()
+    engine = make_engine(database_url(server.database, server.data))
+    try:
+        with sessionmaker(engine)() as db:
+            db.add(Sample(study_id=study, upload_id=mapped["upload_id"], sample_id=row["sample_id"],
+                          patient_id=row["patient_id"], visit=0, arm="T", confirmed_by="admin"))  # fmt: skip
+            db.commit()
+    finally:
+        engine.dispose()
+    r = c.post(f"/api/studies/{study}/runs", headers=c.h)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith("the run was not started: ") and "'T cells'" in r.text
+    assert c.get(f"/api/studies/{study}").json()["runs"] == []
+    assert "run.start" not in _audit(c, study)
