@@ -4,9 +4,12 @@ A run of a blinded study stops before any work (exit 2) when blinding cannot cod
 (:func:`cytopipe.report.armcheck.refuse_uncodable`): arms named by numbers, ids that carry a
 one-letter arm, population or marker names that show an arm. The workspace refuses the same
 inputs when they are entered (a study created, its template saved, a table uploaded, a mapping
-confirmed), so that the user does not do all the work first and then see each run fail. A refusal
-stores nothing and writes no audit entry; its message names the field and the value to change
-(what the user typed), never an arm of the study beyond that.
+confirmed), so that the user does not do all the work first and then see each run fail (and a
+run of a study set up before these checks is not started: its error would name the populations
+with the arm's code in them). A refusal stores nothing and writes no audit entry; its message
+names the field and the value to change (what the user typed), never an arm of the study beyond
+that. The template loader's check (:func:`check_template`) is here too: the names checked are
+those of the template it loads.
 """
 
 from __future__ import annotations
