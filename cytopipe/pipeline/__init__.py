@@ -141,8 +141,6 @@ from cytopipe.pipeline.statistics import (
 )
 from cytopipe.pipeline.steps import (
     STEPS,
-    _check_blind_key,
-    _check_clinical,
     _cluster_map,
     _cluster_train,
     _matrix_csv,
@@ -155,7 +153,6 @@ from cytopipe.pipeline.steps import (
     step_gate_fit,
     step_register,
     step_transforms,
-    validate_inputs,
 )
 from cytopipe.pipeline.tasks import (
     _check_markers,
@@ -178,6 +175,7 @@ from cytopipe.pipeline.tasks import (
     spillover_task,
     train_task,
 )
+from cytopipe.pipeline.validation import _check_blind_key, _check_clinical, validate_inputs
 
 __all__ = [
     "META_COLUMNS",

@@ -86,12 +86,8 @@ def cluster_run(
     from cytopipe.pipeline.runner import RunResult, finish_run
     from cytopipe.pipeline.state import plan_clustering
     from cytopipe.pipeline.statistics import step_statistics
-    from cytopipe.pipeline.steps import (
-        _cluster_map,
-        _cluster_train,
-        _drop_unmeasured_cluster_markers,
-        check_report_tables,
-    )
+    from cytopipe.pipeline.steps import _cluster_map, _cluster_train, _drop_unmeasured_cluster_markers
+    from cytopipe.pipeline.validation import check_report_tables
     from cytopipe.store import CLUSTER_DIR, MODEL_FILE, read_table
     from cytopipe.workflow import load_workflow, statistics_enabled, statistics_settings
 

@@ -29,7 +29,8 @@ from cytopipe.pipeline.assemble import OPTIONAL_TABLES, _run_info
 from cytopipe.pipeline.context import RunContext, run_steps
 from cytopipe.pipeline.executors import make_executor
 from cytopipe.pipeline.progress import notice
-from cytopipe.pipeline.steps import STEPS, validate_inputs
+from cytopipe.pipeline.steps import STEPS
+from cytopipe.pipeline.validation import validate_inputs
 from cytopipe.store import RunFolder
 from cytopipe.workflow import Workflow
 
