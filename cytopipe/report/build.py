@@ -20,13 +20,23 @@ def build_report(run_dir: str | Path, **options: Any) -> Path:
     """See :func:`cytopipe.report.write_report` (and :func:`_build_report`). A blinded report that
     stops before it blinds the folder (e.g. a user's file showing an arm) leaves the folder as it
     was: the secret it made to code the arms (``.cache/run.secret``) is removed again."""
+    # scipy's own BLAS loaded now, so that one_thread below limits it too (the report loads it
+    # anyway: its statistics, the cluster tree's layout)
+    import scipy.linalg  # noqa: F401
+
     from cytopipe.report.blinding import folder_record
     from cytopipe.store import RUN_SECRET
+    from cytopipe.threads import one_thread
 
     cache = Path(run_dir) / ".cache"
     had_cache, had_secret = cache.is_dir(), (cache / RUN_SECRET).exists()
     try:
-        return _build_report(run_dir, **options)
+        # BLAS on one thread: the report's products are small (the L-BFGS-B steps of the cluster
+        # tree's Kamada-Kawai layout on 100 nodes, model fits), where a second BLAS thread only
+        # spins against the gallery's helper process: the layout took ~6x the CPU with two
+        # (cytopipe/threads.py: results do not depend on it)
+        with one_thread():
+            return _build_report(run_dir, **options)
     except BaseException:
         if not had_secret and folder_record(run_dir) is None:  # not blinded: its secret keys nothing
             (cache / RUN_SECRET).unlink(missing_ok=True)
