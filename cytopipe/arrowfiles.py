@@ -1,8 +1,11 @@
 """Small tables as Arrow IPC files ("Feather v2", uncompressed): the per-sample cache's tables.
 
-A run writes three small tables per sample and pass to its cache (``RUN_DIR/.cache``). Encoded as
-Parquet (statistics, snappy, its metadata) they cost ~7.7 ms of the run's own process per sample,
-~10 % of all the CPU of a 2-core trial run; an IPC file costs ~2.5 ms, mostly pandas -> Arrow.
+A run writes three small tables per sample and pass to its cache (``RUN_DIR/.cache``), in its own
+process, which shares the cores with the workers. Encoded as Parquet (statistics, snappy, its
+metadata) the three cost 5.9-6.0 ms of CPU per sample, as an IPC file 3.4-3.7 ms, mostly the
+pandas -> Arrow conversion both need (2026-12-07, 2-core Intel Xeon VM, tables of the 150-file
+trial of ``bench/trial.py``, min of 5 x 60 encodings, load 3.6); in that trial's run Parquet
+encoding took 5.0 s of the run process's 12.8 s of CPU in the per-file phases.
 The run's final tables stay Parquet. Read back, a table is the DataFrame a Parquet round trip
 gives (pandas' own conversion, ``pd.read_feather``; ``DataFrame.attrs`` kept as pandas keeps them
 in Parquet).
