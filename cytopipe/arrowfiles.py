@@ -5,7 +5,8 @@ process, which shares the cores with the workers. Encoded as Parquet (statistics
 metadata) the three cost 5.9-6.0 ms of CPU per sample, as an IPC file 3.4-3.7 ms, mostly the
 pandas -> Arrow conversion both need (2026-12-07, 2-core Intel Xeon VM, tables of the 150-file
 trial of ``bench/trial.py``, min of 5 x 60 encodings, load 3.6); in that trial's run Parquet
-encoding took 5.0 s of the run process's 12.8 s of CPU in the per-file phases.
+encoding (4.8 s) took most of the 5.0 s its cache entries cost of the run process's 12.8 s
+of CPU in the per-file phases.
 The run's final tables stay Parquet. Read back, a table is the DataFrame a Parquet round trip
 gives (pandas' own conversion, ``pd.read_feather``; ``DataFrame.attrs`` kept as pandas keeps them
 in Parquet).
