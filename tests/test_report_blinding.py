@@ -86,13 +86,22 @@ def _leaks(root: Path, arms: list[str], since: float) -> dict[str, list[str]]:
     return found
 
 
-@pytest.fixture()
-def blinded_run(sim_run, sim_trial, tmp_path):
+@pytest.fixture(scope="module")
+def blinded_once(sim_run, tmp_path_factory):
+    """The reference run blinded by `cytopipe report --blinded` (write_report), once for the module."""
     from cytopipe.report import write_report
 
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("blinded") / "run"
     shutil.copytree(sim_run, run)
     write_report(run, blinded=True)
+    return run
+
+
+@pytest.fixture()
+def blinded_run(blinded_once, tmp_path):
+    """A copy of ``blinded_once`` for one test to change (file times kept: ``_leaks(since=...)``)."""
+    run = tmp_path / "run"
+    shutil.copytree(blinded_once, run)
     return run
 
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +22,23 @@ from tests.report_support import ARMS, REPO, arm_mismatch, build_cohort_run
 NOTES = "sample_id,comment\nP01_W0,re-acquired on the second cytometer\n"
 
 
+@pytest.fixture(scope="module")
+def reported_run(tmp_path_factory):
+    """A tables-only run folder of 8 simulated patients (a report takes seconds) and its report,
+    written by `cytopipe report` once for the module: every test begins from it."""
+    run, clinical = build_cohort_run(tmp_path_factory.mktemp("tables_folder") / "small", n_patients=8)
+    first = _report(run)
+    assert first.returncode == 0, first.stderr
+    return run, clinical
+
+
 @pytest.fixture
-def small_run(tmp_path):
-    """A tables-only run folder of 8 simulated patients (a report takes seconds)."""
-    return build_cohort_run(tmp_path / "small", n_patients=8)
+def small_run(reported_run, tmp_path):
+    """A copy of ``reported_run`` for one test to change (its clinical table is only read)."""
+    run, clinical = reported_run
+    copy = tmp_path / "small"
+    shutil.copytree(run, copy)
+    return copy, clinical
 
 
 def _report(run: Path, *args: str) -> subprocess.CompletedProcess:
@@ -45,9 +59,7 @@ def _recorded(folder: Path) -> dict[str, str]:
 
 
 def test_a_users_csv_survives_the_report_and_the_reports_old_tables_go(small_run, tmp_path):
-    run, clinical = small_run
-    first = _report(run)
-    assert first.returncode == 0, first.stderr
+    run, clinical = small_run  # its report written
     tables = run / "report_tables"
     written = _csvs(tables)
     notes = tables / "notes.csv"
@@ -80,8 +92,7 @@ def test_a_users_csv_survives_the_report_and_the_reports_old_tables_go(small_run
 
 
 def test_a_table_the_user_edited_is_never_replaced_or_removed(small_run, tmp_path):
-    run, clinical = small_run
-    assert _report(run).returncode == 0
+    run, clinical = small_run  # its report written
     tables = run / "report_tables"
     page = (run / "report.html").read_bytes()
     samples = tables / "samples.csv"
@@ -113,8 +124,7 @@ def test_blinding_never_keeps_an_edited_unblinded_table_nor_deletes_it(small_run
     blinded) until the user moves it; a user's own CSV is checked for arm names."""
     from cytopipe.report.blinding import folder_record
 
-    run, clinical = small_run
-    assert _report(run).returncode == 0
+    run, clinical = small_run  # its report written
     tables = run / "report_tables"
     rates = tables / "response_rates.csv"
     edited = rates.read_text(encoding="utf-8") + "# reviewed\n"
@@ -162,8 +172,7 @@ def test_blinding_never_keeps_an_edited_unblinded_table_nor_deletes_it(small_run
 def test_a_folder_without_the_record_loses_only_files_named_as_report_tables(small_run):
     """Tables folders written before the record existed: only CSV files named exactly as the
     report's tables are its own (nothing else can be told apart from a user's file)."""
-    run, _ = small_run
-    assert _report(run).returncode == 0
+    run, _ = small_run  # its report written
     tables = run / "report_tables"
     (tables / MANIFEST).unlink(missing_ok=True)  # as an older version left the folder
     old = tables / "dynamics_by_arm.csv"
@@ -182,8 +191,7 @@ def test_removing_a_stale_report_keeps_a_users_files(small_run):
     the tables that report wrote, the folder itself only when nothing else is in it."""
     from cytopipe.pipeline import _remove_stale_report
 
-    run, _ = small_run
-    assert _report(run).returncode == 0
+    run, _ = small_run  # its report written
     tables = run / "report_tables"
     (tables / "notes.csv").write_text(NOTES, encoding="utf-8")
     _remove_stale_report(run)
