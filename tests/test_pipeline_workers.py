@@ -384,9 +384,10 @@ def test_local_workers_give_freed_matrices_back_also_after_a_restart():
     ex = DaskExecutor(workers=1)
     try:
         for restarted in (False, True):
-            if restarted:
-                ex.client.restart()
-            kept = ex.client.submit(_heap_kept_after_free, pure=False).result()  # a task thread, as samples
+            if restarted:  # bounded waits: a restart that loses its worker fails the test, not hangs it
+                ex.client.restart(timeout=120)
+                ex.client.wait_for_workers(1, timeout=120)
+            kept = ex.client.submit(_heap_kept_after_free, pure=False).result(timeout=300)  # a task thread
             # up to the top pad (8 MiB) stays for the next sample (see the next test)
             assert kept < 10, f"the worker kept {kept:.1f} MB of a freed 20 MB array (restarted: {restarted})"
     finally:
