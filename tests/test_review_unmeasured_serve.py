@@ -29,7 +29,7 @@ from tests.serve_support import (
 
 # PostgreSQL under -m slow only: "not measured" is read from the run's tables, not the database; the
 # database work here (approving unflagged gates, refusals that record nothing, `review --list`) runs
-# on PostgreSQL in test_review_serve_pages.py (test_signoff_locks_the_gates_until_a_new_version,
+# on PostgreSQL in test_review_serve.py (test_signoff_locks_the_gates_until_a_new_version,
 # test_roles_viewer_and_analyst, test_a_gate_number_that_is_not_a_finite_number_is_refused_naming_it)
 backend = serve_support.backend_postgresql_slow
 server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
