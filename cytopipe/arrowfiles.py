@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cytopipe.errors import OutputWriteError
-from cytopipe.files import atomic_write
+from cytopipe.files import atomic_write, check_rows
 
 ARROW = "arrow"
 _ATTRS = b"PANDAS_ATTRS"  # where pandas' to_parquet keeps DataFrame.attrs; the same key here
@@ -72,18 +71,4 @@ def atomic_write_arrow(path: str | Path, df: pd.DataFrame) -> Path:
         with open(tmp, "wb") as fh:
             fh.write(data)
 
-    def verify(tmp: Path) -> None:
-        try:
-            n = arrow_rows(tmp)
-        except OSError:
-            raise
-        except Exception as exc:  # pyarrow: a truncated or damaged file
-            raise OutputWriteError(
-                f"the written table cannot be read back ({exc})", file=Path(path)
-            ) from None
-        if n != len(df):
-            raise OutputWriteError(
-                f"the written table has {n} of {len(df)} rows (disk full?)", file=Path(path)
-            )
-
-    return atomic_write(path, write, verify)
+    return atomic_write(path, write, lambda tmp: check_rows(tmp, path, len(df), arrow_rows))

@@ -137,6 +137,20 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -
     return atomic_write(path, write, verify, mode)
 
 
+def check_rows(tmp: Path, path: str | Path, rows: int, count: Callable[[Path], int]) -> None:
+    """A written table ``tmp`` (to become ``path``) holds ``rows`` rows, as ``count(tmp)`` reads them
+    back (a Parquet footer, an Arrow IPC file's batches); a file the reader cannot parse (truncated,
+    damaged) or a short one raises :class:`OutputWriteError` naming ``path``."""
+    try:
+        n = count(tmp)
+    except OSError:
+        raise
+    except Exception as exc:  # pyarrow: a truncated or damaged file
+        raise OutputWriteError(f"the written table cannot be read back ({exc})", file=Path(path)) from None
+    if n != rows:
+        raise OutputWriteError(f"the written table has {n} of {rows} rows (disk full?)", file=Path(path))
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -43,6 +43,7 @@ from cytopipe.files import (  # noqa: F401 - re-exported: the run folder's write
     _unlink_quietly,
     atomic_write,
     atomic_write_bytes,
+    check_rows,
     is_temp_name,
     open_regular,
 )
@@ -87,16 +88,7 @@ def atomic_write_parquet_bytes(path: str | Path, data: bytes, rows: int) -> Path
             fh.write(data)
 
     def verify(tmp: Path) -> None:
-        try:
-            n = pq.ParquetFile(tmp).metadata.num_rows
-        except OSError:
-            raise
-        except Exception as exc:  # pyarrow: a truncated or damaged file
-            raise OutputWriteError(
-                f"the written table cannot be read back ({exc})", file=Path(path)
-            ) from None
-        if n != rows:
-            raise OutputWriteError(f"the written table has {n} of {rows} rows (disk full?)", file=Path(path))
+        check_rows(tmp, path, rows, lambda t: pq.ParquetFile(t).metadata.num_rows)
 
     return atomic_write(path, write, verify)
 

@@ -120,3 +120,30 @@ def test_sha256_of_a_file(tmp_path):
         data = os.urandom(size)
         (tmp_path / "f").write_bytes(data)
         assert store.file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+
+
+def test_a_written_table_that_does_not_read_back_whole_is_refused(tmp_path):
+    """The row-count check every table write ends with (Parquet and the cache's Arrow IPC files):
+    a truncated file or one with fewer rows than written raises, naming the file."""
+    import pyarrow.parquet as pq
+
+    from cytopipe.arrowfiles import arrow_bytes, arrow_rows
+    from cytopipe.errors import OutputWriteError
+    from cytopipe.files import check_rows
+
+    df = tables()["population_stats"]
+    whole = tmp_path / "t.arrow"
+    whole.write_bytes(arrow_bytes(df))
+    check_rows(whole, tmp_path / "final.arrow", len(df), arrow_rows)
+    with pytest.raises(OutputWriteError, match=rf"has {len(df)} of {len(df) + 1} rows") as exc:
+        check_rows(whole, tmp_path / "final.arrow", len(df) + 1, arrow_rows)
+    assert "final.arrow" in str(exc.value)
+    cut = tmp_path / "cut.arrow"
+    cut.write_bytes(whole.read_bytes()[:-40])
+    with pytest.raises(OutputWriteError, match="cannot be read back"):
+        check_rows(cut, tmp_path / "final.arrow", len(df), arrow_rows)
+    df.to_parquet(tmp_path / "t.parquet")
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes((tmp_path / "t.parquet").read_bytes()[:-20])
+    with pytest.raises(OutputWriteError, match="cannot be read back"):
+        check_rows(cut, tmp_path / "final.parquet", len(df), lambda t: pq.ParquetFile(t).metadata.num_rows)

@@ -29,7 +29,7 @@ import pandas as pd
 
 from cytopipe.arrowfiles import ARROW, arrow_bytes, arrow_rows
 from cytopipe.errors import OutputWriteError
-from cytopipe.files import _MODE, TMP_SUFFIX, _fsync_dir, _remove_temp, atomic_write_bytes
+from cytopipe.files import _MODE, TMP_SUFFIX, _fsync_dir, _remove_temp, atomic_write_bytes, check_rows
 from cytopipe.store import RunFolder, _json_default
 
 logger = logging.getLogger(__name__)
@@ -116,16 +116,8 @@ def _verify(tmp: Path, path: Path, data: bytes, rows: int | None) -> None:
     size = tmp.stat().st_size
     if size != len(data):
         raise OutputWriteError(f"the written file has {size} of {len(data)} bytes (disk full?)", file=path)
-    if rows is None:
-        return
-    try:
-        n = arrow_rows(tmp)
-    except OSError:
-        raise
-    except Exception as exc:  # pyarrow: a truncated or damaged file
-        raise OutputWriteError(f"the written table cannot be read back ({exc})", file=path) from None
-    if n != rows:
-        raise OutputWriteError(f"the written table has {n} of {rows} rows (disk full?)", file=path)
+    if rows is not None:
+        check_rows(tmp, path, rows, arrow_rows)
 
 
 def link_parts(
