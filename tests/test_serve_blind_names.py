@@ -24,6 +24,7 @@ from tests.serve_support import STUDY, trial_manifest
 
 backend = serve_support.backend_postgresql_slow
 server = serve_support.server
+SERVE_USERS = {"vera": "viewer"}  # a blinded user who reads the pages
 
 
 def _create(c, name: str, arms: list[str], blinded: bool = True, **more):
@@ -185,3 +186,172 @@ def test_a_run_of_a_study_set_up_before_is_not_started(server, serve_trial):
     assert r.json()["detail"].startswith("the run was not started: ") and "'T cells'" in r.text
     assert c.get(f"/api/studies/{study}").json()["runs"] == []
     assert "run.start" not in _audit(c, study)
+
+
+def _confirm_in_database(server, study: int, upload_id: int, **sample) -> None:
+    """A sample confirmed by an older version of the workspace, which checked less: written to its
+    database directly."""
+    from sqlalchemy.orm import sessionmaker
+
+    from cytopipe.serve.db import Sample, database_url, make_engine
+
+    engine = make_engine(database_url(server.database, server.data))
+    try:
+        with sessionmaker(engine)() as db:
+            db.add(Sample(study_id=study, upload_id=upload_id, visit=0, confirmed_by="admin", **sample))
+            db.commit()
+    finally:
+        engine.dispose()
+
+
+def _shown(c, study: int) -> str:
+    """What a signed-in user reads of a study: its page, its API answers, the audit trail."""
+    pages = [
+        f"/studies/{study}",
+        f"/api/studies/{study}",
+        f"/api/studies/{study}/mapping",
+        "/audit",
+        "/api/audit",
+    ]
+    return "\n".join(c.get(p).text for p in pages)
+
+
+def test_fcs_file_names_that_show_an_arm_are_refused_when_the_arms_are_known(server, serve_trial):
+    """An FCS file of a blinded study named with its arm (``P001_IL2_W00.fcs``, an arm ``IL2``) was
+    stored and listed under that name on the study page, its mapping, the audit trail (with the
+    name as sent, folders included) and its runs' pages (the sample id made of it), to every
+    role: a run codes it in its folder, the workspace showed it as it is, telling the patient's
+    arm. Now such an upload is refused (400, nothing stored, no audit entry), as is one whose name
+    carries a one-letter arm as a part of its own (``P001-X_W00.fcs``, which blinding leaves as it
+    is, like ``FSC-A``)."""
+    c, vera = server.client(), server.client("vera")
+    study = _create(c, "file names, blinded", ["IL2", "X"]).json()["id"]
+    source = serve_trial / trial_manifest(serve_trial).iloc[0]["file"]
+    for name, said in [
+        ("P001_IL2_W00.fcs", "(file 'P001_IL2_W00.fcs')"),
+        ("lab/IL2/P001_W00.fcs", "(file 'lab/IL2/P001_W00.fcs')"),  # the audit trail keeps the name as sent
+        ("P001-X_W00.fcs", "(file 'fcs/P001-X_W00.fcs')"),
+        ("P001_il2_W00.fcs", "(file 'P001_il2_W00.fcs')"),
+    ]:  # fmt: skip
+        r = c.upload(study, source, name=name)
+        assert r.status_code == 400, r.text
+        detail = r.json()["detail"]
+        assert (
+            detail.startswith(f"the file {name.rsplit('/', 1)[-1]!r} was not uploaded: ") and said in detail
+        )
+        assert "upload the files under names that do not carry the arm" in detail, detail
+        assert "'IL2'" not in detail and "'X'" not in detail  # the names to change, not the arm
+    assert c.get(f"/api/studies/{study}").json()["uploads"] == []
+    entries = c.get("/api/audit?limit=500").json()
+    assert not [
+        e for e in entries if e["action"].startswith("upload.") and e["after"].get("study_id") == study
+    ]
+    shown = _shown(vera, study)
+    assert "P001_IL2" not in shown and "P001-X" not in shown and "P001_il2" not in shown
+    r = c.upload(study, source, name="P001_W00.fcs")  # a name that shows no arm
+    assert r.status_code == 201, r.text
+    assert [u["name"] for u in c.get(f"/api/studies/{study}").json()["uploads"]] == ["P001_W00.fcs"]
+
+
+def test_fcs_file_names_uploaded_before_the_arms_are_refused_when_the_arms_come(server, serve_trial):
+    """Files may come before the clinical table or manifest that names the arms: then a table,
+    mapping or run that would make an uploaded file's name show an arm is refused (400, nothing
+    stored, no arm code given, no audit entry), naming the file, as the workspace renames no
+    upload. Before, each was taken, the files listed under their names beside their arms' codes."""
+    c, vera = server.client(), server.client("vera")
+    study = _create(c, "files first, blinded", []).json()["id"]
+    rows = trial_manifest(serve_trial)
+    first, second = rows.iloc[2], rows.iloc[4]
+    word, letter = f"{first['patient_id']}_HD_W00.fcs", f"{second['patient_id']}-X_W00.fcs"
+    up = c.upload(study, serve_trial / first["file"], name=word)
+    assert up.status_code == 201, up.text  # no arm known yet: nothing tells that HD is one
+    assert c.upload(study, serve_trial / second["file"], name=letter).status_code == 201
+    patients = f"{first['patient_id']},0,HD\n{second['patient_id']},0,LD\n"
+    for kind, text, said in [
+        ("clinical", f"patient_id,visit,arm\n{patients}", f"(file {word!r})"),
+        ("clinical", f"patient_id,visit,arm\n{first['patient_id']},0,X\nP999,0,Y\n", f"(file 'fcs/{letter}')"),
+        ("manifest", "file,sample_id,patient_id,visit,arm\nfcs/other.fcs,S1,P999,0,HD\n", f"(file {word!r})"),
+    ]:  # fmt: skip
+        r = _put_table(c, study, kind, text)
+        assert r.status_code == 400, r.text
+        detail = r.json()["detail"]
+        assert detail.startswith(f"the {kind} table was not saved: ") and said in detail, detail
+        assert "in a new study if they are in this one already" in detail, detail
+    mapped = next(m for m in c.get(f"/api/studies/{study}/mapping").json() if m["name"] == word)
+    row = dict(mapped, arm="HD", patient_id=first["patient_id"], sample_id="S1", visit=0)
+    r = c.post(f"/api/studies/{study}/mapping", json={"rows": [row]}, headers=c.h)
+    assert r.status_code == 400 and f"(file {word!r}" in r.text, r.text
+    shown = c.get(f"/api/studies/{study}").json()
+    assert shown["clinical"] is None and shown["manifest"] is None and shown["runs"] == []
+    assert not {"study.clinical", "study.manifest", "mapping.confirm", "study.arm_codes"} & set(
+        _audit(c, study)
+    )
+    # no arm became known, so no file is shown beside an arm's code
+    assert not [m for m in vera.get(f"/api/studies/{study}/mapping").json() if m["arm"]]
+
+    # a study set up before these checks (its sample confirmed by an older version): no run starts
+    _confirm_in_database(
+        server, study, up.json()["id"], sample_id="S1", patient_id=first["patient_id"], arm="HD"
+    )
+    r = c.post(f"/api/studies/{study}/runs", headers=c.h)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith("the run was not started: ") and f"(file {word!r}" in r.text
+    assert c.get(f"/api/studies/{study}").json()["runs"] == [] and "run.start" not in _audit(c, study)
+
+
+def test_a_run_of_a_study_set_up_before_with_ids_carrying_a_letter_is_not_started(server, serve_trial):
+    """The run start repeats the id checks too, not only the names': a sample confirmed before
+    the ids were checked at entry (its patient ``P00n-X`` of the arm ``X``) starts no run (400),
+    where before the run started and stopped at once (exit 2), its error masked with the codes."""
+    c = server.client()
+    study = _create(c, "ids set up before, blinded", []).json()["id"]
+    row = trial_manifest(serve_trial).iloc[3]
+    up = c.upload(study, serve_trial / row["file"])
+    assert up.status_code == 201, up.text
+    patient = f"{row['patient_id']}-X"
+    _confirm_in_database(
+        server, study, up.json()["id"], sample_id=row["sample_id"], patient_id=patient, arm="X"
+    )
+    r = c.post(f"/api/studies/{study}/runs", headers=c.h)
+    assert r.status_code == 400, r.text
+    assert (
+        r.json()["detail"].startswith("the run was not started: ") and f"(patient_id {patient!r})" in r.text
+    )
+    assert c.get(f"/api/studies/{study}").json()["runs"] == [] and "run.start" not in _audit(c, study)
+
+
+def _panel_template() -> str:
+    """The default template with a median marker no gate uses and a panel's channel."""
+    text = TEMPLATE.read_text(encoding="utf-8").replace("medians: [CD3,", "medians: [HLA-DR, CD3,")
+    assert "HLA-DR" in text
+    return text.replace("compensation: file\n", 'compensation: file\npanel: {CD3: "APC-H7-A"}\n', 1)
+
+
+def test_median_markers_and_panel_channels_that_show_an_arm_are_refused(server, tmp_path):
+    """A ``medians:`` marker that no gate uses reaches a blinded folder as a column name of
+    population_stats (``median_HLA-DR``: blinding codes a table's values, not its column names)
+    and the report; a ``panel:`` channel the run's log and errors (``channel 'APC-H7-A' ...``).
+    Both were checked neither by runs nor at entry; now they are in the one names list
+    (armcheck.template_names), refused by both."""
+    from cytopipe.gating.loading import load_template
+    from cytopipe.report.armcheck import refuse_shared_words, template_names
+
+    text = _panel_template()
+    (tmp_path / "t.yaml").write_text(text, encoding="utf-8")
+    names = template_names(load_template(tmp_path / "t.yaml"))
+    assert {"HLA-DR", "APC-H7-A"} <= set(names)
+    for arms, shown in ((["DR", "PBO"], "'HLA-DR'"), (["APC", "PBO"], "'APC-H7-A'")):
+        with pytest.raises(ReportError, match=shown):
+            refuse_shared_words(arms, names, "")
+
+    c = server.client()
+    for i, (arms, said) in enumerate(
+        [(["DR", "PBO"], "(marker 'HLA-DR')"), (["APC", "PBO"], "(channel 'APC-H7-A')")]
+    ):
+        r = _create(c, f"panel {i}, blinded", arms, template_yaml=text, template="panel.yaml")
+        assert r.status_code == 400, r.text
+        assert r.json()["detail"].startswith("the study was not created: ") and said in r.text, r.text
+    assert (
+        _create(c, "panel, blinded", ["TRT", "PBO"], template_yaml=text, template="panel.yaml").status_code
+        == 201
+    )

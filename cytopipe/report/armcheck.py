@@ -76,10 +76,28 @@ def ids_showing_arms(arms: Iterable[str], tables: Iterable[pd.DataFrame]) -> lis
             rows = armed[[column, "arm"]].dropna().astype(str).drop_duplicates()
             glued = _glued_letters(letters, column, rows)
             for value in rows[column].unique():
-                parts = _parts(column, value)
-                if any(part.casefold() in letters for part in parts if part) or value in glued:
+                if _letter_part(letters, column, value) or value in glued:
                     found[f"{column} {value!r}"] = None
     return list(found)
+
+
+def ids_with_letter_parts(arms: Iterable[str], column: str, values: Iterable[str]) -> list[str]:
+    """``["column 'id'", ...]``: those of ``values`` (ids of ``column``, :data:`ID_COLUMNS`, whose
+    arm is not known: a workspace's uploaded file not yet mapped) that carry a one-letter arm name
+    as a part of their own, in any case (``P01-A``, ``fcs/P01_a.fcs``), as
+    :func:`ids_showing_arms` finds them. A letter glued to digits (``P01A``) tells an arm only
+    beside the arms of other ids, so it is looked for there, once the arm is known."""
+    letters = {str(a).strip().casefold() for a in arms if a is not None and len(str(a).strip()) == 1}
+    if not letters:
+        return []
+    return [
+        f"{column} {v!r}" for v in dict.fromkeys(str(v) for v in values) if _letter_part(letters, column, v)
+    ]
+
+
+def _letter_part(letters: set[str], column: str, value: str) -> bool:
+    """Whether one of an id's parts (:func:`_parts`) is a one-letter arm name (``letters``, casefolded)."""
+    return any(part.casefold() in letters for part in _parts(column, value) if part)
 
 
 def _parts(column: str, value: str) -> list[str]:
@@ -112,8 +130,14 @@ def _glued_letters(letters: set[str], column: str, rows: pd.DataFrame) -> set[st
 def template_names(template: Any) -> list[str]:
     """The names of a gating template (:class:`cytopipe.gating.template.Template`) that a blinded
     run checks for arm names (:func:`refuse_shared_words`): its populations, then the markers its
-    gates use. One list for the run and for the workspace, which refuses them when entered."""
-    return [*template.names, *template.markers()]
+    gates use, then those of ``medians:`` and ``panel:`` that no gate uses and the panel's channels.
+    Each reaches a blinded folder: a median marker as a ``median_<marker>`` column of
+    population_stats (blinding codes a table's values, not its column names) and in the report;
+    a panel's marker or channel in the run's log and errors. One list for the run and for the
+    workspace, which refuses them when entered."""
+    panel = getattr(template, "panel", None) or {}
+    more = [*(getattr(template, "medians", None) or []), *panel, *panel.values()]
+    return list(dict.fromkeys([*template.names, *template.markers(), *(str(n) for n in more)]))
 
 
 def named_ids(found: list[str]) -> str:

@@ -2,14 +2,17 @@
 
 A run of a blinded study stops before any work (exit 2) when blinding cannot code the study
 (:func:`cytopipe.report.armcheck.refuse_uncodable`): arms named by numbers, ids that carry a
-one-letter arm, population or marker names that show an arm. The workspace refuses the same
-inputs when they are entered (a study created, its template saved, a table uploaded, a mapping
-confirmed), so that the user does not do all the work first and then see each run fail (and a
-run of a study set up before these checks is not started: its error would name the populations
-with the arm's code in them). A refusal stores nothing and writes no audit entry; its message
-names the field and the value to change (what the user typed), never an arm of the study beyond
-that. The template loader's check (:func:`check_template`) is here too: the names checked are
-those of the template it loads.
+one-letter arm, population, marker or channel names that show an arm. The workspace refuses the
+same inputs when they are entered (a study created, its template saved, an FCS file or a table
+uploaded, a mapping confirmed), so that the user does not do all the work first and then see
+each run fail (and a run of a study set up before these checks is not started: its error would
+name the populations with the arm's code in them). It also refuses an uploaded FCS file's name
+and a sample or patient id in which an arm's name shows (``P01_IL2_W04.fcs``): a run codes it in
+its folder, but the workspace's pages show it as it is. Each is checked again when arms become
+known (a table uploaded, a mapping confirmed) and when a run starts, as files may come first. A
+refusal stores nothing and writes no audit entry; its message names the field and the value to
+change (what the user typed), never an arm of the study beyond that. The template loader's check
+(:func:`check_template`) is here too: the names checked are those of the template it loads.
 """
 
 from __future__ import annotations
@@ -65,43 +68,113 @@ def refuse_number_arms(arms: Iterable[str], todo: str) -> None:
 def refuse_ids_with_arms(
     db: DBSession, store: BlobStore, study: Study, todo: str, *,
     mapped: dict[int, dict[str, str]] | None = None, clinical: list[dict[str, str]] | None = None,
-    manifest: list[dict[str, str]] | None = None,
+    manifest: list[dict[str, str]] | None = None, upload: tuple[str, str] | None = None,
 ) -> None:  # fmt: skip
-    """A blinded study's ids carrying a one-letter arm (``P01-A``, ``P01A``): refused (400), as its
-    runs would refuse them (:func:`cytopipe.report.armcheck.ids_showing_arms`), in the inputs a run
-    gets: its manifest (the confirmed samples, ``mapped`` (upload id -> file, sample_id,
-    patient_id, arm) replacing those of their uploads) and its clinical table (``clinical``'s rows,
-    else the stored table), with every arm of both and of the study's list. ``manifest``: an
-    uploaded manifest's rows, whose file, sample and patient ids and arms become the mapping's
-    proposals (its other columns never reach a run). ``todo``: what happened."""
+    """A blinded study's file names and ids that show an arm: refused (400). Two kinds:
+
+    * ids carrying a one-letter arm (``P01-A``, ``P01A``), as its runs refuse them
+      (:func:`cytopipe.report.armcheck.ids_showing_arms`), in the inputs a run gets: its manifest
+      (the confirmed samples, ``mapped`` (upload id -> file, sample_id, patient_id, arm) replacing
+      those of their uploads) and its clinical table (``clinical``'s rows, else the stored table).
+      The study's other uploads, and the file being uploaded, whose arm is not confirmed, are
+      refused for a letter that is a part of their name of its own (``P01-A_W04.fcs``:
+      :func:`~cytopipe.report.armcheck.ids_with_letter_parts`);
+    * file names and ids in which an arm's name shows as blinding finds it
+      (:func:`cytopipe.report.armnames.shared_words`: ``P01_IL2_W04.fcs`` beside an arm ``IL2``).
+      A run codes them in its folder, but the workspace shows file names, sample and patient ids
+      as they are (the study page, the mapping, a run's page, the audit trail): each would tell a
+      patient's arm, and beside its code which code is which arm.
+
+    Checked with every arm the study codes (its list, its data's, those given codes before) and
+    those of the tables entered now. ``manifest``: an uploaded manifest's rows, whose file, sample
+    and patient ids and arms become the mapping's proposals (its other columns never reach a run).
+    ``upload``: the name and the name as sent (its folders, kept in the audit trail) of an FCS
+    file being uploaded. ``todo``: what happened."""
     import pandas as pd
 
-    from cytopipe.report.armcheck import ids_showing_arms, named_ids
+    from cytopipe.report.armcheck import ids_showing_arms, ids_with_letter_parts, named_ids
+    from cytopipe.report.armnames import shared_words
 
-    samples = {s.upload_id: s for s in db.scalars(select(Sample).where(Sample.study_id == study.id))}
-    names = dict(db.execute(select(Upload.id, Upload.name).where(Upload.id.in_(list(samples)))).all())
-    rows = {uid: {"file": f"fcs/{names.get(uid, '')}", "sample_id": s.sample_id, "patient_id": s.patient_id,
-                  "arm": s.arm} for uid, s in samples.items()}  # fmt: skip
-    rows.update(mapped or {})
     if clinical is None and study.clinical_sha256:
         clinical = _stored_rows(store, study.clinical_sha256)
     columns = ["file", "sample_id", "patient_id", "arm"]
-    tables = [pd.DataFrame(list(rows.values()), columns=columns), pd.DataFrame(clinical or [])]
-    if manifest is not None:  # as proposals take them: a file by its name (runs link it as fcs/NAME)
+    rows = _upload_rows(db, study, mapped or {}, upload[0] if upload else None)
+    tables = [pd.DataFrame(rows, columns=columns), pd.DataFrame(clinical or [])]
+    listed = manifest if manifest is not None else _stored_rows(store, study.manifest_sha256)
+    if listed is not None:  # as proposals take them: a file by its name (runs link it as fcs/NAME)
         proposals = [
-            {**{k: r.get(k, "") for k in columns}, "file": _as_run_file(r.get("file"))} for r in manifest
+            {**{k: r.get(k, "") for k in columns}, "file": _as_run_file(r.get("file"))} for r in listed
         ]
         tables.append(pd.DataFrame(proposals, columns=columns))
-    arms = [*(study.arms or []), *(a for t in tables if "arm" in t.columns for a in t["arm"])]
-    found = ids_showing_arms([str(a) for a in arms if a is not None], tables)
+    arms = [*(study.arms or []), *(a for t in tables if "arm" in t.columns for a in t["arm"]),
+            *data_arms(db, store, study), *stored_codes(db, study.id)]  # fmt: skip
+    arms = [str(a) for a in arms if a is not None and str(a).strip()]
+    if not arms:
+        return
+    unknown = [r["file"] for r in rows if not str(r["arm"] or "").strip()]
+    if upload and upload[1] != upload[0]:  # the name as sent, with its folders (the audit trail keeps it)
+        unknown.append(upload[1])
+    found = list(
+        dict.fromkeys([*ids_showing_arms(arms, tables), *ids_with_letter_parts(arms, "file", unknown)])
+    )
     if found:
         raise AuthError(
             400,
             f"{todo}: ids carry a one-letter arm name as a part of them ({named_ids(found)}); in a "
             "blinded study they would show beside their arm's code and tell which code is which arm "
             "(a letter joined by a hyphen, or glued to digits where only one arm's ids carry it there). "
-            "Give ids that do not carry the arm, or give the arms longer names",
+            f"Give ids that do not carry the arm, or give the arms longer names{_rename(found)}",
         )
+    texts: dict[str, str] = {}  # label -> what is shown
+    for table in tables:
+        for column in (c for c in ("file", "sample_id", "patient_id") if c in table.columns):
+            for value in table[column].dropna().astype(str):
+                text = PurePosixPath(value).name if column == "file" else value  # not runs' fcs/
+                texts.setdefault(f"{column} {text!r}", text)
+    if upload and upload[1] != upload[0]:
+        texts.setdefault(f"file {upload[1]!r}", upload[1])
+    words = set(shared_words(arms, texts.values()))
+    found = [label for label, text in texts.items() if text in words]
+    if found:
+        raise AuthError(
+            400,
+            f"{todo}: an arm's name shows in file names or ids ({named_ids(found)}); a blinded study "
+            "shows them as they are (on the study page, the mapping, a run's page and in the audit "
+            "trail), so each would tell its patient's arm, and beside the arm's code which code is "
+            f"which arm. Give ids that do not carry the arm, or give the arms other names (e.g. 'TRT', "
+            f"'PBO'){_rename(found)}",
+        )
+
+
+def _rename(found: list[str]) -> str:
+    """What to do when a file's name is refused (``found``: labels): the workspace renames no upload."""
+    if not any(label.startswith("file ") for label in found):
+        return ""
+    return (
+        ". An uploaded FCS file keeps the name it was uploaded under: upload the files under names "
+        "that do not carry the arm (e.g. P01_W04.fcs), in a new study if they are in this one already"
+    )
+
+
+def _upload_rows(
+    db: DBSession, study: Study, mapped: dict[int, dict[str, str]], new: str | None
+) -> list[dict[str, str]]:
+    """One row (file as a run names it, sample_id, patient_id, arm) per upload of the study, any
+    status, and for the file ``new`` being uploaded: a confirmed sample's (``mapped`` replacing it),
+    else the file alone, its arm not known. Not the mapping's proposals: a letter glued to digits
+    tells an arm only among the ids of every arm, and files come one at a time (the first one
+    uploaded is always of one arm); the mapping's confirmation and the run check it."""
+    uploads = db.execute(select(Upload.id, Upload.name).where(Upload.study_id == study.id)).all()
+    rows = {
+        uid: {"file": f"fcs/{name}", "sample_id": "", "patient_id": "", "arm": ""} for uid, name in uploads
+    }
+    for s in db.scalars(select(Sample).where(Sample.study_id == study.id)):
+        rows[s.upload_id] = {**rows.get(s.upload_id, {"file": ""}), "sample_id": s.sample_id,
+                             "patient_id": s.patient_id, "arm": s.arm}  # fmt: skip
+    rows.update(mapped)
+    if new is not None:
+        rows[0] = {"file": f"fcs/{new}", "sample_id": "", "patient_id": "", "arm": ""}
+    return list(rows.values())
 
 
 def refuse_names_with_arms(
@@ -130,27 +203,33 @@ def refuse_names_with_arms(
 
 
 def refuse_template_names(arms: Iterable[str], template: Any, label: str, todo: str) -> None:
-    """Refuse (400) a gating template (loaded, named ``label``) whose population or marker names
+    """Refuse (400) a gating template (loaded, named ``label``) whose population, marker or channel
+    names (:func:`~cytopipe.report.armcheck.template_names`: its ``medians:`` and ``panel:`` too)
     show one of ``arms`` (:func:`refuse_names_with_arms`), naming those names, not the arm."""
     from cytopipe.report.armcheck import named_ids, template_names
     from cytopipe.report.armnames import shared_words
 
     found = shared_words([str(a) for a in arms if a is not None and str(a).strip()], template_names(template))
     if found:
-        populations = set(template.names)
-        named = named_ids([f"{'population' if n in populations else 'marker'} {n!r}" for n in found])
+        populations, channels = set(template.names), set(template.panel.values()) - set(template.panel)
+        kinds = {
+            n: "population" if n in populations else "channel" if n in channels else "marker" for n in found
+        }
+        named = named_ids([f"{kinds[n]} {n!r}" for n in found])
         raise AuthError(
             400,
-            f"{todo}: an arm's name is also a word of population or marker names of the gating template "
+            f"{todo}: an arm's name is also a word of population, marker or channel names of the gating template "
             f"{label} ({named}); "
             "in a blinded study it would be replaced by the arm's code there too (in the runs' tables, "
             "report and log), which would tell anyone who knows the panel which code stands for that "
-            "arm, so its runs refuse such names. Rename the population or marker in the template, or "
+            "arm, so its runs refuse such names. Rename the population, marker or channel in the template, or "
             "give the arm another name (e.g. 'TRT', 'PBO')",
         )
 
 
-def _stored_rows(store: BlobStore, sha256: str) -> list[dict[str, str]] | None:
+def _stored_rows(store: BlobStore, sha256: str | None) -> list[dict[str, str]] | None:
+    if not sha256:
+        return None
     try:
         return read_table_rows(store.path(sha256).read_bytes())
     except (OSError, ValueError):  # a table that cannot be read: the run stops on it anyway

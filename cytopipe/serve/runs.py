@@ -100,8 +100,10 @@ class RunManager:
         ).all()
         if not samples:
             raise RunError(400, "no confirmed samples: upload FCS files and confirm their mapping first")
-        if not arms_visible(study):  # a study set up before its names were checked when entered: the
-            # run would stop on them, its error (masked with the codes) telling which code is which arm
+        if not arms_visible(study):  # a study set up before its names and ids were checked when
+            # entered: the run would stop on them, its error (masked with the codes) telling which code
+            # is which arm; its pages would show file names and ids carrying an arm
+            armentry.refuse_ids_with_arms(db, self.store, study, "the run was not started")
             armentry.refuse_names_with_arms(db, self.store, study, "the run was not started")
         run = Run(study_id=study.id, status="queued", folder="", template_id=study.template_id,
                   n_samples=len(samples), started_by=user, options=options)  # fmt: skip
