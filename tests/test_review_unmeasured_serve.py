@@ -1,5 +1,5 @@
-"""Gate review of a population not measured in a sample, with a real `cytopipe serve` subprocess (SQLite,
-and PostgreSQL where .ci/run starts one) and a finished run of the 12 small simulated samples, one of
+"""Gate review of a population not measured in a sample, with a real `cytopipe serve` subprocess (SQLite;
+PostgreSQL, where .ci/run starts one, under -m slow) and a finished run of the 12 small simulated samples, one of
 which has its CXCR5 channel unlabelled: cTfh and activated cTfh are not measured in that sample.
 
 population_stats and gate_review.parquet have a missing count for them (gate_review kept count 0
@@ -27,10 +27,12 @@ from tests.serve_support import (
     trial_manifest,
 )
 
-# PostgreSQL under -m slow only: "not measured" is read from the run's tables, not the database; the
-# database work here (approving unflagged gates, refusals that record nothing, `review --list`) runs
-# on PostgreSQL in test_review_serve.py (test_signoff_locks_the_gates_until_a_new_version,
-# test_roles_viewer_and_analyst, test_a_gate_number_that_is_not_a_finite_number_is_refused_naming_it)
+# PostgreSQL under -m slow only: "not measured" is read from the run's tables, not the database. The
+# database work here runs on PostgreSQL in test_review_serve.py, in the default suite only in part:
+# approving a run's gates and a refused request in test_a_run_is_signed_off_by_a_second_person;
+# approving unflagged gates and `review --list` (test_signoff_locks_the_gates_until_a_new_version)
+# and refusals that record nothing (test_roles_viewer_and_analyst,
+# test_a_gate_number_that_is_not_a_finite_number_is_refused_naming_it) only under -m slow, as here
 backend = serve_support.backend_postgresql_slow
 server = serve_support.server  # SERVE_USERS / SERVE_ARGS: its accounts and options
 SERVE_USERS = {"rita": "reviewer", "vera": "viewer"}
