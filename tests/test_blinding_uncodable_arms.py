@@ -73,9 +73,11 @@ def _study(trial: Path, folder: Path, arms: tuple[str, str, str], ids: str = "")
     return folder
 
 
-def _workflow(study: Path, out: Path, *, blinded: bool, report: bool = True) -> Path:
+def _workflow(
+    study: Path, out: Path, *, blinded: bool, report: bool = True, template: Path = TEMPLATE
+) -> Path:
     spec = {"study": "uncodable arms", "manifest": str(study / "manifest.csv"),
-            "clinical": str(study / "clinical.csv"), "template": str(TEMPLATE), "output": str(out),
+            "clinical": str(study / "clinical.csv"), "template": str(template), "output": str(out),
             **SECTIONS, "clustering": {"enabled": False}, "compensation": {"source": "controls"},
             "report": {"enabled": report, "blinded": blinded}}  # fmt: skip
     path = out.with_name(f"{out.name}.yaml")
@@ -123,6 +125,29 @@ def test_a_blinded_run_whose_ids_carry_a_one_letter_arm_is_refused_before_any_wo
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"the study's ids carry a one-letter arm name as a part of them ({shown}" in proc.stderr
     assert "ids that do not carry the arm" in proc.stderr and "nothing was done" in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("arms", "shown"), [(("DR", "PBO", "TRT"), "'HLA-DR'"), (("APC", "PBO", "TRT"), "'APC-H7-A'")]
+)
+def test_a_blinded_run_whose_median_markers_or_panel_show_an_arm_is_refused_before_any_work(
+    trial, tmp_path, arms, shown
+):
+    """A ``medians:`` marker no gate uses (a column name of population_stats, ``median_HLA-DR``,
+    which blinding does not code) and a ``panel:`` channel (in the log and errors) are checked
+    with the template's populations and gated markers (armcheck.template_names). Was: run."""
+    study = _study(trial, tmp_path / "study", arms)
+    text = TEMPLATE.read_text(encoding="utf-8").replace("medians: [CD3,", "medians: [HLA-DR, CD3,")
+    text = text.replace("compensation: file\n", 'compensation: file\npanel: {CD3: "APC-H7-A"}\n', 1)
+    assert "HLA-DR" in text and "APC-H7-A" in text
+    template = tmp_path / "panel.yaml"
+    template.write_text(text, encoding="utf-8")
+    out = tmp_path / "run"
+    proc = _run(_workflow(study, out, blinded=True, template=template))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "an arm's name is also a word of the run's population or marker names" in proc.stderr
+    assert shown in proc.stderr and "nothing was done" in proc.stderr
     assert not out.exists()
 
 
