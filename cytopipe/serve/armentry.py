@@ -68,7 +68,7 @@ def refuse_number_arms(arms: Iterable[str], todo: str) -> None:
 def refuse_ids_with_arms(
     db: DBSession, store: BlobStore, study: Study, todo: str, *,
     mapped: dict[int, dict[str, str]] | None = None, clinical: list[dict[str, str]] | None = None,
-    manifest: list[dict[str, str]] | None = None, upload: tuple[str, str] | None = None,
+    manifest: list[dict[str, str]] | None = None,
 ) -> None:  # fmt: skip
     """A blinded study's file names and ids that show an arm: refused (400). Two kinds:
 
@@ -76,8 +76,8 @@ def refuse_ids_with_arms(
       (:func:`cytopipe.report.armcheck.ids_showing_arms`), in the inputs a run gets: its manifest
       (the confirmed samples, ``mapped`` (upload id -> file, sample_id, patient_id, arm) replacing
       those of their uploads) and its clinical table (``clinical``'s rows, else the stored table).
-      The study's other uploads, and the file being uploaded, whose arm is not confirmed, are
-      refused for a letter that is a part of their name of its own (``P01-A_W04.fcs``:
+      The study's other uploads, whose arm is not confirmed, are refused for a letter that is a
+      part of their name of its own (``P01-A_W04.fcs``:
       :func:`~cytopipe.report.armcheck.ids_with_letter_parts`);
     * file names and ids in which an arm's name shows as blinding finds it
       (:func:`cytopipe.report.armnames.shared_words`: ``P01_IL2_W04.fcs`` beside an arm ``IL2``).
@@ -86,19 +86,17 @@ def refuse_ids_with_arms(
       patient's arm, and beside its code which code is which arm.
 
     Checked with every arm the study codes (its list, its data's, those given codes before) and
-    those of the tables entered now. ``manifest``: an uploaded manifest's rows, whose file, sample
-    and patient ids and arms become the mapping's proposals (its other columns never reach a run).
-    ``upload``: the name and the name as sent (its folders, kept in the audit trail) of an FCS
-    file being uploaded. ``todo``: what happened."""
+    those of the tables entered now. ``manifest``: an uploaded manifest's rows (else the stored
+    one), whose file, sample and patient ids and arms become the mapping's proposals (its other
+    columns never reach a run). ``todo``: what happened."""
     import pandas as pd
 
-    from cytopipe.report.armcheck import ids_showing_arms, ids_with_letter_parts, named_ids
-    from cytopipe.report.armnames import shared_words
+    from cytopipe.report.armcheck import ids_showing_arms
 
     if clinical is None and study.clinical_sha256:
         clinical = _stored_rows(store, study.clinical_sha256)
     columns = ["file", "sample_id", "patient_id", "arm"]
-    rows = _upload_rows(db, study, mapped or {}, upload[0] if upload else None)
+    rows = _upload_rows(db, study, mapped or {})
     tables = [pd.DataFrame(rows, columns=columns), pd.DataFrame(clinical or [])]
     listed = manifest if manifest is not None else _stored_rows(store, study.manifest_sha256)
     if listed is not None:  # as proposals take them: a file by its name (runs link it as fcs/NAME)
@@ -106,17 +104,48 @@ def refuse_ids_with_arms(
             {**{k: r.get(k, "") for k in columns}, "file": _as_run_file(r.get("file"))} for r in listed
         ]
         tables.append(pd.DataFrame(proposals, columns=columns))
-    arms = [*(study.arms or []), *(a for t in tables if "arm" in t.columns for a in t["arm"]),
-            *data_arms(db, store, study), *stored_codes(db, study.id)]  # fmt: skip
-    arms = [str(a) for a in arms if a is not None and str(a).strip()]
+    arms = _every_arm(db, store, study, [a for t in tables if "arm" in t.columns for a in t["arm"]])
     if not arms:
         return
     unknown = [r["file"] for r in rows if not str(r["arm"] or "").strip()]
-    if upload and upload[1] != upload[0]:  # the name as sent, with its folders (the audit trail keeps it)
-        unknown.append(upload[1])
-    found = list(
-        dict.fromkeys([*ids_showing_arms(arms, tables), *ids_with_letter_parts(arms, "file", unknown)])
-    )
+    shown: dict[str, str] = {}  # label -> what the pages show (a file's name, not runs' fcs/NAME)
+    for table in tables:
+        for column in (c for c in ("file", "sample_id", "patient_id") if c in table.columns):
+            for value in table[column].dropna().astype(str):
+                text = PurePosixPath(value).name if column == "file" else value
+                shown.setdefault(f"{column} {text!r}", text)
+    _refuse_found(todo, arms, ids_showing_arms(arms, tables), unknown, shown)
+
+
+def refuse_upload_name(
+    db: DBSession, store: BlobStore, study: Study, name: str, raw_name: str, todo: str
+) -> None:
+    """An FCS file about to be uploaded to a blinded study whose name (``name``; ``raw_name``: as
+    sent, with its folders, which the audit trail keeps) shows an arm the study knows: refused
+    (400) before any byte is received, as :func:`refuse_ids_with_arms` refuses a stored one (its
+    arm not known: a one-letter arm as a part of the name, an arm's name as blinding finds it)."""
+    arms = _every_arm(db, store, study)
+    if arms:
+        names = [name, *([raw_name] if raw_name != name else [])]
+        _refuse_found(todo, arms, [], [f"fcs/{name}", *names[1:]], {f"file {n!r}": n for n in names})
+
+
+def _every_arm(db: DBSession, store: BlobStore, study: Study, more: Iterable[Any] = ()) -> list[str]:
+    """Every arm the study codes (its list, its data's, those given codes before) and ``more``."""
+    arms = [*(study.arms or []), *more, *data_arms(db, store, study), *stored_codes(db, study.id)]
+    return list(dict.fromkeys(str(a) for a in arms if a is not None and str(a).strip()))
+
+
+def _refuse_found(
+    todo: str, arms: list[str], found: list[str], files: list[str], shown: dict[str, str]
+) -> None:
+    """Refuse (400) ``found`` (ids carrying a one-letter arm), ``files`` (names, as runs link them,
+    whose arm is not known) carrying one as a part of their own, and ``shown`` (label -> text)
+    in which an arm's name shows; the message names them, never the arm."""
+    from cytopipe.report.armcheck import ids_with_letter_parts, named_ids
+    from cytopipe.report.armnames import shared_words
+
+    found = list(dict.fromkeys([*found, *ids_with_letter_parts(arms, "file", files)]))
     if found:
         raise AuthError(
             400,
@@ -125,16 +154,8 @@ def refuse_ids_with_arms(
             "(a letter joined by a hyphen, or glued to digits where only one arm's ids carry it there). "
             f"Give ids that do not carry the arm, or give the arms longer names{_rename(found)}",
         )
-    texts: dict[str, str] = {}  # label -> what is shown
-    for table in tables:
-        for column in (c for c in ("file", "sample_id", "patient_id") if c in table.columns):
-            for value in table[column].dropna().astype(str):
-                text = PurePosixPath(value).name if column == "file" else value  # not runs' fcs/
-                texts.setdefault(f"{column} {text!r}", text)
-    if upload and upload[1] != upload[0]:
-        texts.setdefault(f"file {upload[1]!r}", upload[1])
-    words = set(shared_words(arms, texts.values()))
-    found = [label for label, text in texts.items() if text in words]
+    words = set(shared_words(arms, shown.values()))
+    found = [label for label, text in shown.items() if text in words]
     if found:
         raise AuthError(
             400,
@@ -156,14 +177,12 @@ def _rename(found: list[str]) -> str:
     )
 
 
-def _upload_rows(
-    db: DBSession, study: Study, mapped: dict[int, dict[str, str]], new: str | None
-) -> list[dict[str, str]]:
+def _upload_rows(db: DBSession, study: Study, mapped: dict[int, dict[str, str]]) -> list[dict[str, str]]:
     """One row (file as a run names it, sample_id, patient_id, arm) per upload of the study, any
-    status, and for the file ``new`` being uploaded: a confirmed sample's (``mapped`` replacing it),
-    else the file alone, its arm not known. Not the mapping's proposals: a letter glued to digits
-    tells an arm only among the ids of every arm, and files come one at a time (the first one
-    uploaded is always of one arm); the mapping's confirmation and the run check it."""
+    status: a confirmed sample's (``mapped`` replacing it), else the file alone, its arm not known.
+    Not the mapping's proposals: a letter glued to digits tells an arm only among the ids of every
+    arm, and files come one at a time (the first one uploaded is always of one arm); the
+    mapping's confirmation and the run check it."""
     uploads = db.execute(select(Upload.id, Upload.name).where(Upload.study_id == study.id)).all()
     rows = {
         uid: {"file": f"fcs/{name}", "sample_id": "", "patient_id": "", "arm": ""} for uid, name in uploads
@@ -172,8 +191,6 @@ def _upload_rows(
         rows[s.upload_id] = {**rows.get(s.upload_id, {"file": ""}), "sample_id": s.sample_id,
                              "patient_id": s.patient_id, "arm": s.arm}  # fmt: skip
     rows.update(mapped)
-    if new is not None:
-        rows[0] = {"file": f"fcs/{new}", "sample_id": "", "patient_id": "", "arm": ""}
     return list(rows.values())
 
 

@@ -174,8 +174,9 @@ async def upload_file(
     with ws.sessions() as db:
         study = get_study(db, study_id)
         if not arms_visible(study):  # its name would show an arm on the study's pages (nothing received yet)
-            armentry.refuse_ids_with_arms(db, ws.store, study, f"the file {name!r} was not uploaded",
-                                          upload=(name, str(raw_name)))  # fmt: skip
+            armentry.refuse_upload_name(
+                db, ws.store, study, name, str(raw_name), f"the file {name!r} was not uploaded"
+            )
         batch = db.get(Batch, batch_id) if batch_id else None
         if batch_id and (batch is None or batch.study_id != study_id):
             raise AuthError(404, f"batch {batch_id} not found in this study")
