@@ -250,7 +250,13 @@ def test_fcs_file_names_that_show_an_arm_are_refused_when_the_arms_are_known(ser
     assert "P001_IL2" not in shown and "P001-X" not in shown and "P001_il2" not in shown
     r = c.upload(study, source, name="P001_W00.fcs")  # a name that shows no arm
     assert r.status_code == 201, r.text
-    assert [u["name"] for u in c.get(f"/api/studies/{study}").json()["uploads"]] == ["P001_W00.fcs"]
+    other = serve_trial / trial_manifest(serve_trial).iloc[1]["file"]
+    r = c.upload(study, other, name="X:\\lab\\P001_W04.fcs")  # a Windows drive X: shows no arm X
+    assert r.status_code == 201, r.text
+    assert [u["name"] for u in c.get(f"/api/studies/{study}").json()["uploads"]] == [
+        "P001_W00.fcs",
+        "P001_W04.fcs",
+    ]
 
 
 def test_fcs_file_names_uploaded_before_the_arms_are_refused_when_the_arms_come(server, serve_trial):

@@ -102,7 +102,13 @@ def _letter_part(letters: set[str], column: str, value: str) -> bool:
 
 def _parts(column: str, value: str) -> list[str]:
     """An id's parts (between separators); a file's Windows drive is not one."""
-    return _SEPARATORS.split(_DRIVE.sub("", value) if column == "file" else value)
+    return _SEPARATORS.split(without_drive(value) if column == "file" else value)
+
+
+def without_drive(path: str) -> str:
+    """A file's path without its Windows drive (``C:\\data\\P01.fcs``: ``\\data\\P01.fcs``),
+    which is not an id and shows no arm."""
+    return _DRIVE.sub("", path)
 
 
 def _glued_letters(letters: set[str], column: str, rows: pd.DataFrame) -> set[str]:

@@ -124,10 +124,13 @@ def refuse_upload_name(
     sent, with its folders, which the audit trail keeps) shows an arm the study knows: refused
     (400) before any byte is received, as :func:`refuse_ids_with_arms` refuses a stored one (its
     arm not known: a one-letter arm as a part of the name, an arm's name as blinding finds it)."""
+    from cytopipe.report.armcheck import without_drive
+
     arms = _every_arm(db, store, study)
     if arms:
-        names = [name, *([raw_name] if raw_name != name else [])]
-        _refuse_found(todo, arms, [], [f"fcs/{name}", *names[1:]], {f"file {n!r}": n for n in names})
+        sent = [raw_name] if raw_name != name else []  # a Windows drive (C:) is not looked at
+        shown = {f"file {name!r}": name, **{f"file {r!r}": without_drive(r) for r in sent}}
+        _refuse_found(todo, arms, [], [f"fcs/{name}", *sent], shown)
 
 
 def _every_arm(db: DBSession, store: BlobStore, study: Study, more: Iterable[Any] = ()) -> list[str]:
