@@ -82,7 +82,8 @@ def render(fig: Figure, name: str, alt: str) -> Rendered:
     """Draw ``fig`` to a PNG (Agg), with its text in the PNG metadata."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    FigureCanvasAgg(fig)
+    if not isinstance(fig.canvas, FigureCanvasAgg):  # a figure may bring its own Agg canvas
+        FigureCanvasAgg(fig)
     for attempt in range(4):
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=DPI, metadata={"Title": name, "Software": "cytopipe report (matplotlib)"},
@@ -443,6 +444,7 @@ def gallery_figure(
     from matplotlib.collections import LineCollection, PolyCollection
     from matplotlib.colors import LogNorm
 
+    from cytopipe.report.fastagg import ScaledImage, TextCanvas
     from cytopipe.report.panels import panel_arrays, panel_background
 
     n = len(rows)
@@ -460,6 +462,7 @@ def gallery_figure(
     right = 0.22 if own_x else 0.08  # room for the last panel's own tick values
     fig = new_figure(inch * (width + left + right), inch * (y_max - y_min))
     fig.set_layout_engine(None)
+    TextCanvas(fig)  # each text drawn as one raster (render keeps this canvas)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_axis_off()
     ax.set_xlim(-left, width + right)
@@ -532,8 +535,10 @@ def gallery_figure(
         bottom_y = -(nrows - 1) * (1 + gy)
         # as uint8: matplotlib's own float->uint8 conversion of a large RGBA mosaic costs more than drawing it
         mosaic8 = (np.clip(mosaic, 0.0, 1.0) * 255.0).astype(np.uint8)  # truncated, as matplotlib does
-        ax.imshow(mosaic8, origin="lower", interpolation="nearest", aspect="auto",
-                  extent=(0, width, bottom_y, bottom_y + nrows * (1 + gy)))  # fmt: skip
+        image = ScaledImage(ax, origin="lower", interpolation="nearest")  # imshow's, scaled in numpy
+        image.set_data(mosaic8)
+        image.set_extent((0, width, bottom_y, bottom_y + nrows * (1 + gy)))
+        ax.add_image(image)
     gate_color = "#d6336c"
     if grey_fills:
         ax.add_collection(

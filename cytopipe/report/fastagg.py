@@ -1,0 +1,101 @@
+"""Cheaper Agg drawing for the gate gallery: each text as one raster, the density mosaic pre-scaled.
+
+The gate gallery is most of a report's drawing, and most of its drawing was two things matplotlib
+3.11 does slowly for figures like these (hundreds of short texts, one large upsampled image):
+
+- **Text.** Agg renders a string glyph by glyph, each glyph placed by a Python loop (a FreeType
+  transform built with numpy, one C call to render it, one to blend it): ~1 ms a panel title.
+  :class:`TextCanvas` draws each plain string as one raster instead (FreeType lays out and renders
+  the whole string in one call, blended once: ~0.25 ms) -- matplotlib's own Agg text path up to 3.10.
+  Glyph positions are rounded to whole pixels per string rather than placed at sub-pixel offsets;
+  the text, font, size, colour, anchor and rotation are the same. Layout, extents and every
+  ``Text`` object are matplotlib's own (what :func:`~cytopipe.report.figures.shown_texts` and the
+  overlap check read is unchanged); math text goes the usual way.
+- **The mosaic.** ``imshow`` resamples its image through Agg's general affine resampler, in float,
+  at the figure's resolution. :class:`ScaledImage` scales it by nearest neighbour in numpy (an
+  index gather: which source pixel each output pixel's centre falls in, as ``interpolation=
+  "nearest"``) and blends it once at whole-pixel position.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg, get_hinting_flag
+from matplotlib.image import AxesImage
+
+
+class TextRenderer(RendererAgg):
+    """:class:`RendererAgg` drawing each plain (non-math) string as one raster, made when the
+    string is measured (laying a string out is most of the cost: done once, not twice)."""
+
+    def __init__(self, width: float, height: float, dpi: float):
+        super().__init__(width, height, dpi)
+        # (string, font properties) -> its antialiased raster, the raster's offset and the descent
+        self._rasters: dict[tuple[str, int], tuple[np.ndarray, tuple[int, int], int]] = {}
+
+    def _layout(self, s: str, prop: Any, antialiased: bool = True) -> Any:
+        font = self._prepare_font(prop)
+        # angle 0 here: the raster is rotated as it is blended (draw_text_image)
+        font.set_text(s, 0.0, flags=get_hinting_flag())
+        font.draw_glyphs_to_bitmap(antialiased=antialiased)
+        return font
+
+    def get_text_width_height_descent(self, s, prop, ismath):  # noqa: ANN001
+        if ismath:
+            return super().get_text_width_height_descent(s, prop, ismath)
+        font = self._layout(s, prop)
+        w, h = font.get_width_height()  # as RendererAgg measures it
+        d = font.get_descent()
+        self._rasters[s, hash(prop)] = (np.array(font.get_image()), font.get_bitmap_offset(), d)
+        return w / 64.0, h / 64.0, d / 64.0
+
+    def draw_text(self, gc, x, y, s, prop, angle, ismath=False, mtext=None):  # noqa: ANN001
+        if ismath:
+            return super().draw_text(gc, x, y, s, prop, angle, ismath, mtext)
+        made = self._rasters.get((s, hash(prop))) if gc.get_antialiased() else None
+        if made is None:
+            font = self._layout(s, prop, gc.get_antialiased())
+            made = np.asarray(font.get_image()), font.get_bitmap_offset(), font.get_descent()
+        image, (xo, yo), descent = made
+        # x, y: the text's origin, y downwards; the raster is placed by its bottom-left corner
+        # (matplotlib 3.10's RendererAgg.draw_text)
+        sin, cos = math.sin(math.radians(angle)), math.cos(math.radians(angle))
+        x = round(x + xo / 64.0 + descent / 64.0 * sin)
+        y = round(y + yo / 64.0 + descent / 64.0 * cos)
+        self._renderer.draw_text_image(image, x, y + 1, angle, gc)
+        return None
+
+
+class TextCanvas(FigureCanvasAgg):
+    """An Agg canvas whose renderer is a :class:`TextRenderer`."""
+
+    def get_renderer(self) -> RendererAgg:  # FigureCanvasAgg.get_renderer, with TextRenderer
+        w, h = self.get_width_height(physical=True)
+        key = w, h, self.figure.dpi
+        if self._lastKey != key:
+            self.renderer = TextRenderer(w, h, self.figure.dpi)
+            self._lastKey = key
+        return self.renderer
+
+
+class ScaledImage(AxesImage):
+    """An ``AxesImage`` of an RGBA uint8 array (``origin="lower"``, no interpolation between
+    pixels), scaled to the output by nearest neighbour in numpy and blended unresampled."""
+
+    def make_image(self, renderer: Any, magnification: float = 1.0, unsampled: bool = False) -> tuple:
+        rgba = np.asarray(self.get_array())
+        x0, x1, y0, y1 = self.get_extent()
+        (dx0, dy0), (dx1, dy1) = self.get_transform().transform([(x0, y0), (x1, y1)]) * magnification
+        h, w = rgba.shape[:2]
+        # the output pixels whose centres fall inside the extent (display y upwards)
+        i0, i1 = math.ceil(dx0 - 0.5), math.ceil(dx1 - 0.5)
+        j0, j1 = math.ceil(dy0 - 0.5), math.ceil(dy1 - 0.5)
+        if i1 <= i0 or j1 <= j0:
+            return None, 0, 0, None
+        cols = np.clip(((np.arange(i0, i1) + 0.5 - dx0) * (w / (dx1 - dx0))).astype(np.intp), 0, w - 1)
+        rows = np.clip(((np.arange(j0, j1) + 0.5 - dy0) * (h / (dy1 - dy0))).astype(np.intp), 0, h - 1)
+        # bottom row first, as origin="lower" (Agg's draw_image reads the rows upwards)
+        return np.ascontiguousarray(rgba[rows[:, None], cols[None, :]]), i0, j0, None
