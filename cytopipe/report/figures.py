@@ -423,6 +423,36 @@ def own_axes(rows: Sequence[Mapping[str, Any]]) -> tuple[bool, bool]:
     return own("x_range"), bool(rows[0]["y"]) and own("y_range")
 
 
+def _to_byte(values: np.ndarray) -> np.ndarray:
+    """Colour components 0-1 as uint8, truncated (as matplotlib converts a float image)."""
+    return (np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _viridis_bytes() -> np.ndarray:
+    """viridis's colours (its lookup table) as RGBA uint8."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    return _to_byte(cmap(np.arange(cmap.N)))  # an integer picks that entry of the table
+
+
+def _log_scaled(values: np.ndarray, peak: int) -> np.ndarray:
+    """``LogNorm(vmin=1, vmax=max(peak, 2), clip=True)(values)`` where values >= 1 (else 0): the
+    same operations, without the masked arrays (a panel's counts are never masked)."""
+    top = np.log10(np.array([1.0, float(max(peak, 2))]))
+    scaled = np.log10(np.clip(np.where(values > 0, values, 1.0), 1.0, float(max(peak, 2))))
+    scaled -= top[0]
+    scaled /= top[1] - top[0]
+    return scaled
+
+
+def _colour_index(scaled: np.ndarray, n: int) -> np.ndarray:
+    """The colormap entry of each value 0-1, as ``Colormap.__call__`` picks it."""
+    index = scaled * n
+    index[index == n] = n - 1
+    return index.astype(int)
+
+
 def gallery_figure(
     rows: Sequence[Mapping[str, Any]],
     marks: Sequence[str],
@@ -440,9 +470,7 @@ def gallery_figure(
     When the samples' ranges differ too much (:func:`own_axes`, e.g. samples of other instruments),
     that axis is drawn per panel instead, with every panel's own tick values.
     """
-    from matplotlib import colormaps
     from matplotlib.collections import LineCollection, PolyCollection
-    from matplotlib.colors import LogNorm
 
     from cytopipe.report.fastagg import ScaledImage, TextCanvas
     from cytopipe.report.panels import panel_arrays, panel_background
@@ -471,14 +499,14 @@ def gallery_figure(
     shared_y = (0.0, 1.0)
     if not one_d:
         shared_y = (min(r["y_range"][0] for r in rows), max(r["y_range"][1] for r in rows))
-    cmap = colormaps["viridis"]
+    lut = _viridis_bytes()
     fills: list[np.ndarray] = []
     grey_fills: list[np.ndarray] = []
     shades: list[np.ndarray] = []
     solid: list[np.ndarray] = []
     dashed: list[np.ndarray] = []
     frames: list[tuple[np.ndarray, str, float]] = []
-    mosaic = np.ones((nrows * (px + gap_y), ncols * (px + gap_x) - gap_x, 4))
+    mosaic = np.full((nrows * (px + gap_y), ncols * (px + gap_x) - gap_x, 4), 255, dtype=np.uint8)  # white
     centres = (np.arange(px) + 0.5) / px  # pixel centres in panel units
     for i, row in enumerate(rows):
         r, c = divmod(i, ncols)
@@ -506,17 +534,14 @@ def gallery_figure(
             oky = (iy >= 0) & (iy < counts.shape[0])
             img = np.zeros((px, px))
             img[np.ix_(oky, okx)] = counts[np.ix_(iy[oky], ix[okx])]
-            rgba = cmap(LogNorm(vmin=1, vmax=max(int(counts.max()), 2), clip=True)(np.where(img > 0, img, 1)))
-            rgba[img == 0] = (1, 1, 1, 1)
+            rgba = lut[_colour_index(_log_scaled(img, int(counts.max())), len(lut))]
+            rgba[img == 0] = 255
             if background.size:  # the parent's other events in grey, the shown ones in colour
                 bg = np.zeros((px, px))
                 bg[np.ix_(oky, okx)] = background[np.ix_(iy[oky], ix[okx])]
-                shade = LogNorm(vmin=1, vmax=max(int(background.max()), 2), clip=True)(
-                    np.where(bg > 0, bg, 1)
-                )
-                grey = (0.9 - 0.45 * np.asarray(shade))[..., None]
+                grey = _to_byte(0.9 - 0.45 * _log_scaled(bg, int(background.max())))
                 only_bg = (img == 0) & (bg > 0)
-                rgba[only_bg, :3] = np.broadcast_to(grey, (px, px, 1))[only_bg]
+                rgba[only_bg, :3] = grey[only_bg, None]
             top_row = (nrows - 1 - r) * (px + gap_y)  # origin="lower": row 0 of the array is the bottom
             left_col = c * (px + gap_x)
             mosaic[top_row : top_row + px, left_col : left_col + px] = rgba
@@ -533,10 +558,8 @@ def gallery_figure(
                 color=color if mark else "#343a40")  # fmt: skip
     if not one_d:
         bottom_y = -(nrows - 1) * (1 + gy)
-        # as uint8: matplotlib's own float->uint8 conversion of a large RGBA mosaic costs more than drawing it
-        mosaic8 = (np.clip(mosaic, 0.0, 1.0) * 255.0).astype(np.uint8)  # truncated, as matplotlib does
         image = ScaledImage(ax, origin="lower", interpolation="nearest")  # imshow's, scaled in numpy
-        image.set_data(mosaic8)
+        image.set_data(mosaic)
         image.set_extent((0, width, bottom_y, bottom_y + nrows * (1 + gy)))
         ax.add_image(image)
     gate_color = "#d6336c"
