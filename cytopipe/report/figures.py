@@ -506,6 +506,7 @@ def gallery_figure(
     solid: list[np.ndarray] = []
     dashed: list[np.ndarray] = []
     frames: list[tuple[np.ndarray, str, float]] = []
+    ticks: list[np.ndarray] = []  # tick marks
     mosaic = np.full((nrows * (px + gap_y), ncols * (px + gap_x) - gap_x, 4), 255, dtype=np.uint8)  # white
     centres = (np.arange(px) + 0.5) / px  # pixel centres in panel units
     for i, row in enumerate(rows):
@@ -515,7 +516,9 @@ def gallery_figure(
         ylo, yhi = (float(row["y_range"][0]), float(row["y_range"][1])) if own_y else shared_y
         sx = 1.0 / (xhi - xlo)
         if own_x or own_y:
-            _panel_ticks(ax, x0, y0, (xlo, xhi) if own_x else None, (ylo, yhi) if own_y else None, nbins=3)
+            ticks += _panel_ticks(
+                ax, x0, y0, (xlo, xhi) if own_x else None, (ylo, yhi) if own_y else None, nbins=3
+            )
         xe, ye, counts = panel_arrays(row)
         background = panel_background(row)  # the whole parent, when the panel shows part of it
         if one_d:
@@ -590,7 +593,10 @@ def gallery_figure(
     # tick values of the shared axes on the bottom-left panel, axis names once
     r_last = (n - 1) // ncols
     bx, by = 0.0, -r_last * (1 + gy)
-    _panel_ticks(ax, bx, by, None if own_x else shared_x, None if one_d or own_y else shared_y)
+    ticks += _panel_ticks(ax, bx, by, None if own_x else shared_x, None if one_d or own_y else shared_y)
+    # the tick marks as one collection (a Line2D each cost ~0.3 ms): as Line2D draws them
+    ax.add_collection(LineCollection(ticks, colors="#495057", linewidths=0.6, capstyle="projecting",
+                                     zorder=2), autolim=False)  # fmt: skip
     ax.text(bx + 0.5, by - (0.28 if own_x else 0.2), rows[0]["x"], ha="center", va="top", fontsize=7.5)
     if not one_d:
         ax.text(bx - 0.34, by + 0.5, rows[0]["y"], ha="center", va="center", rotation=90, fontsize=7.5)
@@ -598,10 +604,12 @@ def gallery_figure(
 
 
 def _panel_ticks(ax: Axes, x0: float, y0: float, xlim: tuple[float, float] | None,
-                 ylim: tuple[float, float] | None, nbins: int = 4) -> None:  # fmt: skip
-    """Tick values of the panel at (x0, y0) (a unit square) for the axes given (``None``: none)."""
+                 ylim: tuple[float, float] | None, nbins: int = 4) -> list[np.ndarray]:  # fmt: skip
+    """Tick values of the panel at (x0, y0) (a unit square) for the axes given (``None``: none);
+    returns the tick marks (segments)."""
     from matplotlib.ticker import MaxNLocator
 
+    marks: list[np.ndarray] = []
     for lim, horizontal in ((xlim, True), (ylim, False)):
         if lim is None:
             continue
@@ -610,11 +618,12 @@ def _panel_ticks(ax: Axes, x0: float, y0: float, xlim: tuple[float, float] | Non
             if lo <= t <= hi:
                 w = (t - lo) / (hi - lo)
                 if horizontal:
-                    ax.plot([x0 + w, x0 + w], [y0, y0 - 0.04], color="#495057", lw=0.6)
+                    marks.append(np.array([[x0 + w, y0], [x0 + w, y0 - 0.04]]))
                     ax.text(x0 + w, y0 - 0.06, f"{t:g}", ha="center", va="top", fontsize=6)
                 else:
-                    ax.plot([x0, x0 - 0.04], [y0 + w, y0 + w], color="#495057", lw=0.6)
+                    marks.append(np.array([[x0, y0 + w], [x0 - 0.04, y0 + w]]))
                     ax.text(x0 - 0.06, y0 + w, f"{t:g}", ha="right", va="center", fontsize=6)
+    return marks
 
 
 def _clip_polyline(points: np.ndarray) -> list[np.ndarray]:
