@@ -507,6 +507,7 @@ def gallery_figure(
     dashed: list[np.ndarray] = []
     frames: list[tuple[np.ndarray, str, float]] = []
     ticks: list[np.ndarray] = []  # tick marks
+    fonts: dict[float, Any] = {}  # font properties by size
     mosaic = np.full((nrows * (px + gap_y), ncols * (px + gap_x) - gap_x, 4), 255, dtype=np.uint8)  # white
     centres = (np.arange(px) + 0.5) / px  # pixel centres in panel units
     for i, row in enumerate(rows):
@@ -517,7 +518,7 @@ def gallery_figure(
         sx = 1.0 / (xhi - xlo)
         if own_x or own_y:
             ticks += _panel_ticks(
-                ax, x0, y0, (xlo, xhi) if own_x else None, (ylo, yhi) if own_y else None, nbins=3
+                ax, fonts, x0, y0, (xlo, xhi) if own_x else None, (ylo, yhi) if own_y else None, nbins=3
             )
         xe, ye, counts = panel_arrays(row)
         background = panel_background(row)  # the whole parent, when the panel shows part of it
@@ -557,8 +558,8 @@ def gallery_figure(
         color = FLAG_COLOR if mark == "flag" else OUTLIER_COLOR if mark == "outlier" else "#adb5bd"
         frame = np.array([[x0, y0], [x0 + 1, y0], [x0 + 1, y0 + 1], [x0, y0 + 1], [x0, y0]])
         frames.append((frame, color, 2.2 if mark else 0.6))
-        ax.text(x0 + 0.5, y0 + 1.03, labels[i], ha="center", va="bottom", fontsize=6.5,
-                color=color if mark else "#343a40")  # fmt: skip
+        _add_text(ax, fonts, x0 + 0.5, y0 + 1.03, labels[i], 6.5, ha="center", va="bottom",
+                  color=color if mark else "#343a40")  # fmt: skip
     if not one_d:
         bottom_y = -(nrows - 1) * (1 + gy)
         image = ScaledImage(ax, origin="lower", interpolation="nearest")  # imshow's, scaled in numpy
@@ -593,7 +594,9 @@ def gallery_figure(
     # tick values of the shared axes on the bottom-left panel, axis names once
     r_last = (n - 1) // ncols
     bx, by = 0.0, -r_last * (1 + gy)
-    ticks += _panel_ticks(ax, bx, by, None if own_x else shared_x, None if one_d or own_y else shared_y)
+    ticks += _panel_ticks(
+        ax, fonts, bx, by, None if own_x else shared_x, None if one_d or own_y else shared_y
+    )
     # the tick marks as one collection (a Line2D each cost ~0.3 ms): as Line2D draws them
     ax.add_collection(LineCollection(ticks, colors="#495057", linewidths=0.6, capstyle="projecting",
                                      zorder=2), autolim=False)  # fmt: skip
@@ -603,7 +606,20 @@ def gallery_figure(
     return fig
 
 
-def _panel_ticks(ax: Axes, x0: float, y0: float, xlim: tuple[float, float] | None,
+def _add_text(
+    ax: Axes, fonts: dict[float, Any], x: float, y: float, text: str, size: float, **props: Any
+) -> None:
+    """``ax.text(x, y, text, fontsize=size, **props)``, ~4x cheaper: the font properties made once
+    per size (``fonts``, one figure's), no clip path (an ``Axes.text`` is not clipped anyway)."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.text import Text
+
+    if size not in fonts:
+        fonts[size] = FontProperties(size=size)
+    ax._add_text(Text(x, y, text, fontproperties=fonts[size], clip_on=False, **props))
+
+
+def _panel_ticks(ax: Axes, fonts: dict[float, Any], x0: float, y0: float, xlim: tuple[float, float] | None,
                  ylim: tuple[float, float] | None, nbins: int = 4) -> list[np.ndarray]:  # fmt: skip
     """Tick values of the panel at (x0, y0) (a unit square) for the axes given (``None``: none);
     returns the tick marks (segments)."""
@@ -619,10 +635,10 @@ def _panel_ticks(ax: Axes, x0: float, y0: float, xlim: tuple[float, float] | Non
                 w = (t - lo) / (hi - lo)
                 if horizontal:
                     marks.append(np.array([[x0 + w, y0], [x0 + w, y0 - 0.04]]))
-                    ax.text(x0 + w, y0 - 0.06, f"{t:g}", ha="center", va="top", fontsize=6)
+                    _add_text(ax, fonts, x0 + w, y0 - 0.06, f"{t:g}", 6, ha="center", va="top")
                 else:
                     marks.append(np.array([[x0, y0 + w], [x0 - 0.04, y0 + w]]))
-                    ax.text(x0 - 0.06, y0 + w, f"{t:g}", ha="right", va="center", fontsize=6)
+                    _add_text(ax, fonts, x0 - 0.06, y0 + w, f"{t:g}", 6, ha="right", va="center")
     return marks
 
 
