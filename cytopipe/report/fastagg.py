@@ -80,6 +80,64 @@ class TextCanvas(FigureCanvasAgg):
             self._lastKey = key
         return self.renderer
 
+    def print_png(self, filename_or_obj: Any, *, metadata: dict | None = None, pil_kwargs: dict | None = None,
+                  **_: Any) -> None:  # fmt: skip
+        """``FigureCanvasAgg.print_png`` through :func:`encode_png` (the same pixels, RGBA). The
+        other keywords (dpi, facecolor, ...) ``print_figure`` has set on the figure already;
+        ``pil_kwargs`` (Pillow's compression level) do not apply."""
+        import matplotlib
+
+        FigureCanvasAgg.draw(self)
+        meta = {
+            "Software": f"Matplotlib version{matplotlib.__version__}, https://matplotlib.org/",
+            **(metadata or {}),
+        }
+        png = encode_png(np.asarray(self.buffer_rgba()), {k: v for k, v in meta.items() if v is not None},
+                         self.figure.dpi)  # fmt: skip
+        if hasattr(filename_or_obj, "write"):
+            filename_or_obj.write(png)
+        else:
+            with open(filename_or_obj, "wb") as f:
+                f.write(png)
+
+
+#: zlib level of :func:`encode_png` (levels 1-3 cost the same; 4-6 ~1.7-2.1x for 6-30 % fewer bytes)
+PNG_LEVEL = 3
+
+
+def encode_png(rgba: np.ndarray, texts: dict[str, str], dpi: float) -> bytes:
+    """An RGBA image (rows top first) as PNG: every row unfiltered, zlib level :data:`PNG_LEVEL`;
+    ``texts`` as tEXt chunks (iTXt when not Latin-1), the resolution as pHYs.
+
+    Pillow picks each row's filter by trying all five (~60 % of its PNG encoding here, ~15 ms a
+    gallery figure); unfiltered, a gallery figure compresses as well (the same size within 10 %)
+    in half the time."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    h, w = rgba.shape[:2]
+    raw = np.empty((h, 1 + 4 * w), dtype=np.uint8)
+    raw[:, 0] = 0  # filter type None
+    raw[:, 1:] = rgba.reshape(h, 4 * w)
+    per_metre = int(dpi / 0.0254 + 0.5)
+    out = [b"\x89PNG\r\n\x1a\n", chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0)),
+           chunk(b"pHYs", struct.pack(">IIB", per_metre, per_metre, 1))]  # fmt: skip
+    for key, value in texts.items():
+        try:
+            out.append(chunk(b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1")))
+        except UnicodeEncodeError:
+            out.append(chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8")))
+    out += [chunk(b"IDAT", zlib.compress(raw, PNG_LEVEL)), chunk(b"IEND", b"")]
+    return b"".join(out)
+
 
 class ScaledImage(AxesImage):
     """An ``AxesImage`` of an RGBA uint8 array (``origin="lower"``, no interpolation between
