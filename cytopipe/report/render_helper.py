@@ -1,7 +1,8 @@
 """Render the gate gallery's figures in a helper process while the report's other sections are built.
 
-The gate gallery is most of a report's drawing (on the 150-file trial of ``bench/trial.py``, ~9 s
-of ~15 s, nearly all of it matplotlib laying out and drawing text), and the report is written
+The gate gallery is a large part of a report's drawing (~17 s of ~36 s of CPU on the 150-file trial
+of ``bench/trial.py`` before its text, mosaic and PNG were drawn cheaper, ``report/fastagg.py``:
+less than half that since; docs/performance-log.md), and the report is written
 after the Dask workers have stopped: one core of a two-core laptop sat idle. The gallery's
 sections now queue their figures here (:meth:`FigureQueue.submit` returns a placeholder for the
 HTML); a helper process (``python -m cytopipe.report.render_helper``, started on the first figure
