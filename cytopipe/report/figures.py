@@ -82,8 +82,10 @@ def render(fig: Figure, name: str, alt: str) -> Rendered:
     """Draw ``fig`` to a PNG (Agg), with its text in the PNG metadata."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    from cytopipe.report.fastagg import TextCanvas
+
     if not isinstance(fig.canvas, FigureCanvasAgg):  # a figure may bring its own Agg canvas
-        FigureCanvasAgg(fig)
+        TextCanvas(fig)  # each text drawn as one raster, PNG rows unfiltered (report/fastagg.py)
     for attempt in range(4):
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=DPI, metadata={"Title": name, "Software": "cytopipe report (matplotlib)"},
