@@ -1,7 +1,10 @@
-"""Cheaper Agg drawing for the gate gallery: each text one raster, the mosaic scaled in numpy, PNG unfiltered.
+"""Cheaper Agg drawing for the report: each text one raster, the gallery's mosaic scaled in numpy, PNG unfiltered.
 
 The gate gallery is most of a report's drawing, and most of that went to three things matplotlib
-3.11 and Pillow do slowly for figures like these (dozens of short texts, one large upsampled image):
+3.11 and Pillow do slowly for figures like these (dozens of short texts, one large upsampled image).
+Every report figure is drawn on a :class:`TextCanvas` (:func:`cytopipe.report.figures.render`:
+the other figures' text and PNG cost the same way, ~1 s of a 150-file trial's report); only the
+gallery uses :class:`ScaledImage`:
 
 - **Text.** Agg renders a string glyph by glyph, each glyph placed by a Python loop (a FreeType
   transform built with numpy, one C call to render it, one to blend it), after laying the string
