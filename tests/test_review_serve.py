@@ -136,7 +136,7 @@ def _changed(a: pd.DataFrame, b: pd.DataFrame) -> set[tuple[str, str]]:
     return set(map(tuple, x.loc[~same, KEY].to_numpy()))
 
 
-@serve_support.POSTGRESQL_SLOW  # the same database work on PostgreSQL runs in the default suite in test_a_run_is_signed_off_by_a_second_person and the other tests of `signed`
+@serve_support.POSTGRESQL_SLOW  # the same database work on PostgreSQL runs in the default suite in test_a_carried_over_change_names_who_made_it (refusals: CSRF, an analyst) and the other tests of `signed`
 def test_roles_viewer_and_analyst(server, unsigned):
     run_id, out = unsigned
     c = server.client("rita")
@@ -557,7 +557,7 @@ def test_review_in_the_browser(browser, server, fresh, backend):
         html = (out / "report.html").read_text(encoding="utf-8") if (out / "report.html").is_file() else ""
         if "Signed off" in html:
             break
-        time.sleep(2)
+        time.sleep(0.5)
     assert "Signed off: “reviewed and approved” by sam" in html  # the second person (four eyes)
     assert re.search(r"by sam at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(audit entry \d+\)", html)
     from cytopipe.report.html import format_number  # the report's one rule for numbers (3 significant digits)
@@ -610,7 +610,7 @@ def test_a_sample_clicked_while_another_loads_is_the_one_shown(browser, server, 
     context.close()
 
 
-@serve_support.POSTGRESQL_SLOW  # the same database work on PostgreSQL runs in the default suite in test_a_run_is_signed_off_by_a_second_person and test_a_carried_over_change_names_who_made_it
+@serve_support.POSTGRESQL_SLOW  # the same database work on PostgreSQL runs in the default suite in `signed`, test_a_signoff_waits_for_a_save_that_is_regating and test_a_carried_over_change_names_who_made_it
 def test_signoff_locks_the_gates_until_a_new_version(server, fresh, monkeypatch):
     run_id, out = fresh
     c = server.client("rita")
@@ -664,7 +664,7 @@ def test_signoff_locks_the_gates_until_a_new_version(server, fresh, monkeypatch)
             break
         assert f"the report of run {new_id} is being prepared" in report.text, report.text[:500]
         assert 'id="report-preparing"' in run_page or 'id="open-report"' in run_page  # (written meanwhile)
-        time.sleep(1)
+        time.sleep(0.5)
     assert report.status_code == 200 and 'id="open-report"' in run_page, report.text[:500]
     assert "Signed off" not in report.text and "This run&#x27;s gating has not been signed off" in report.text
     assert f"This is version 3 of the run, made from run {run_id} " in report.text
@@ -922,6 +922,11 @@ def test_a_signoff_waits_for_a_save_that_is_regating(server, signed, monkeypatch
     assert r.status_code == 409 and "signed off" in r.json()["detail"], r.text
 
 
+# PostgreSQL under -m slow only: its database work (a gate change, approvals, refused and accepted
+# sign-offs with their audit entries, a new version, the study's settings) is the same ORM code on
+# both; on PostgreSQL in the default suite: test_a_carried_over_change_names_who_made_it (the four-eyes
+# refusals and a sign-off of a version), `signed`, test_a_signoff_waits_for_a_save_that_is_regating
+@serve_support.POSTGRESQL_SLOW
 def test_a_run_is_signed_off_by_a_second_person(server, fresh):
     """The study's four-eyes rule, on for a new study: who made the run (here a new version of it) or
     overrode, pooled or reverted one of its gates, also in the run it is a version of, cannot sign it
@@ -1104,7 +1109,7 @@ def test_a_carried_over_change_names_who_made_it(browser, server, signed, fresh,
     while time.monotonic() < deadline and not (
         (out / "report.html").is_file() and "by tess" in (out / "report.html").read_text(encoding="utf-8")
     ):  # (its own report: written after the version was made, then again after the signature)
-        time.sleep(2)
+        time.sleep(0.5)
     table = pd.read_csv(out / "report_tables" / "gate_overrides.csv")
     row = table[table["sample_id"] == sample].iloc[0]
     assert (row["user"], row["audit_entry"], row["reason"]) == (
@@ -1118,8 +1123,10 @@ def test_a_carried_over_change_names_who_made_it(browser, server, signed, fresh,
 
 
 # PostgreSQL under -m slow only: the names, previews and --set parsing do not touch the database; its
-# one write (an override from `cytopipe review --set`) runs on PostgreSQL in
-# test_signoff_locks_the_gates_until_a_new_version
+# one write (an override from `cytopipe review --set`) goes through the review operations that the
+# API's gate changes use on PostgreSQL in the default suite (test_a_carried_over_change_names_who_made_it,
+# test_a_save_answers_while_the_previous_refresh_runs); `cytopipe review` itself on PostgreSQL is in
+# test_signoff_locks_the_gates_until_a_new_version, under -m slow
 @serve_support.POSTGRESQL_SLOW
 def test_the_gate_numbers_shown_are_the_names_review_set_takes(browser, server, fresh, backend, monkeypatch):
     """The review page (and the gate's JSON) names a gate's numbers as an override takes them: Treg's
@@ -1282,7 +1289,7 @@ def test_the_audit_page_shows_gate_numbers_as_written(server, fresh):
     assert "\\u00" not in html and "<b>dim" not in html
 
 
-@serve_support.POSTGRESQL_SLOW  # the same database work on PostgreSQL runs in the default suite in test_a_run_is_signed_off_by_a_second_person
+@serve_support.POSTGRESQL_SLOW  # the same database work on PostgreSQL runs in the default suite in test_a_carried_over_change_names_who_made_it (the review page, who may not sign)
 def test_the_review_page_names_the_parent_and_who_may_sign(server, unsigned):
     """The queue's % column names its parent (% of CD4 T for Treg); a role that cannot sign is told so
     on the page (before, the sign-off section was empty for an administrator or an analyst, with no

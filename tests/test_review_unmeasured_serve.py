@@ -29,7 +29,7 @@ from tests.serve_support import (
 
 # PostgreSQL under -m slow only: "not measured" is read from the run's tables, not the database. The
 # database work here runs on PostgreSQL in test_review_serve.py, in the default suite only in part:
-# approving a run's gates and a refused request in test_a_run_is_signed_off_by_a_second_person;
+# approving a run's gates and a refused request in test_a_carried_over_change_names_who_made_it;
 # approving unflagged gates and `review --list` (test_signoff_locks_the_gates_until_a_new_version)
 # and refusals that record nothing (test_roles_viewer_and_analyst,
 # test_a_gate_number_that_is_not_a_finite_number_is_refused_naming_it) only under -m slow, as here

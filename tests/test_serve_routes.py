@@ -198,6 +198,10 @@ def _refused(r: httpx.Response, route: tuple[str, str], status: int, words: str)
 EMPTY = {"json": None, "data": None, "content": None, "files": None, "params": None}
 
 
+# PostgreSQL under -m slow only: the sign-in, CSRF and role checks are the same Python on both (a
+# session row read by its key, then compared); on PostgreSQL in the default suite they run in
+# test_serve_api.py (anonymous, CSRF and viewer refusals) and in this module's audit-trail test
+@serve_support.POSTGRESQL_SLOW
 def test_every_state_change_checks_sign_in_csrf_and_role(server, routes, objects):
     admin, viewer = server.client(), server.client("vic")
     forged = "forged" + admin.h["X-CSRF-Token"][6:]
