@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
         "cytopipe.tabular",
         "cytopipe.files",
         "cytopipe.arrowfiles",
+        "cytopipe.pngchunks",
         "cytopipe.directio",
         "cytopipe.threads",
         "cytopipe._fcskernels",

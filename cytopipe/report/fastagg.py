@@ -121,21 +121,15 @@ def encode_png(rgba: np.ndarray, texts: dict[str, str], dpi: float) -> bytes:
     import struct
     import zlib
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data))
-            + kind
-            + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-        )
+    from cytopipe.pngchunks import SIGNATURE, ihdr
+    from cytopipe.pngchunks import png_chunk as chunk
 
     h, w = rgba.shape[:2]
     raw = np.empty((h, 1 + 4 * w), dtype=np.uint8)
     raw[:, 0] = 0  # filter type None
     raw[:, 1:] = rgba.reshape(h, 4 * w)
     per_metre = int(dpi / 0.0254 + 0.5)
-    out = [b"\x89PNG\r\n\x1a\n", chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0)),
-           chunk(b"pHYs", struct.pack(">IIB", per_metre, per_metre, 1))]  # fmt: skip
+    out = [SIGNATURE, ihdr(w, h, 6), chunk(b"pHYs", struct.pack(">IIB", per_metre, per_metre, 1))]
     for key, value in texts.items():
         try:
             out.append(chunk(b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1")))

@@ -16,13 +16,13 @@ import base64
 import io
 import json
 import math
-import struct
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from cytopipe.pngchunks import png_chunk
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -266,13 +266,7 @@ def _rects_overlap(a: np.ndarray, b: np.ndarray, tolerance: float) -> bool:
 
 def _add_png_text(png: bytes, key: str, text: str) -> bytes:
     """Insert an iTXt chunk (UTF-8 text) before the PNG's IEND chunk."""
-    data = key.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")
-    chunk = (
-        struct.pack(">I", len(data))
-        + b"iTXt"
-        + data
-        + struct.pack(">I", zlib.crc32(b"iTXt" + data) & 0xFFFFFFFF)
-    )
+    chunk = png_chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8"))
     end = png.rindex(b"IEND") - 4  # the IEND chunk starts with its 4-byte length
     return png[:end] + chunk + png[end:]
 
