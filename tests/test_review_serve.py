@@ -206,6 +206,19 @@ def test_a_new_version_is_made_of_a_signed_off_run_only(server, unsigned, monkey
     assert 'id="override-form"' in page and 'id="new-version"' not in page
 
 
+def _drag(page, handle, steps: int, end) -> None:
+    """Press the mouse on the centre of ``handle`` (a Playwright locator) and move it in ``steps``
+    equal steps to ``end(x, y)`` (the press's point -> where the drag ends); the button stays down,
+    so the caller can look at the page mid-drag before ``page.mouse.up()``."""
+    box = handle.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    tx, ty = end(x, y)
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for step in range(1, steps + 1):
+        page.mouse.move(x + (tx - x) * step / steps, y + (ty - y) * step / steps)
+
+
 # the browser steps run once, on SQLite (roles, sign-off lock and tampering run on both): no PostgreSQL
 # variant at all, so that none makes a new version of the run (and its report) only to skip
 SQLITE_ONLY = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
@@ -280,12 +293,7 @@ def test_review_in_the_browser(browser, server, fresh, backend):
     rows.nth(2).click()
     expect(page.locator("#current-title")).to_have_text(re.compile("^" + re.escape(target["sample_id"])))
     line = page.locator('#panels div[data-panel="1"] line.thr[data-param="FOXP3 >="]')
-    box = line.bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(x, y)
-    page.mouse.down()
-    for step in range(1, 11):
-        page.mouse.move(x + 13 * step, y)
+    _drag(page, line, 10, lambda x, y: (x + 130, y))
     expect(page.locator("#new-freq")).to_have_text(re.compile("^≈"))
     page.screenshot(path=str(shots / "02-dragging.png"), full_page=True)
     page.mouse.up()
@@ -341,13 +349,9 @@ def test_review_in_the_browser(browser, server, fresh, backend):
     expect(page.locator("#current-title")).to_have_text(re.compile("^" + re.escape(poly_target)))
     corner = page.locator('#panels circle.handle[data-kind="vertex"][data-index="0"]')
     plot = page.locator("#panels svg").bounding_box()
-    box = corner.bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    tx, ty = plot["x"] + plot["width"] * 0.45, plot["y"] + plot["height"] * 0.55
-    page.mouse.move(x, y)
-    page.mouse.down()
-    for step in range(1, 11):
-        page.mouse.move(x + (tx - x) * step / 10, y + (ty - y) * step / 10)
+    _drag(
+        page, corner, 10, lambda x, y: (plot["x"] + plot["width"] * 0.45, plot["y"] + plot["height"] * 0.55)
+    )
     expect(page.locator("#new-exact")).to_have_text(re.compile(r"^\(exact, while moving"))
     page.screenshot(path=str(shots / "05b-polygon-drag.png"), full_page=True)
     page.mouse.up()
@@ -397,13 +401,8 @@ def test_review_in_the_browser(browser, server, fresh, backend):
     page.goto(server.url + f"/runs/{run_id}/review?population=Lymphocytes")
     size = page.locator('#panels circle.handle[data-kind="ellipse-size"]')
     centre = page.locator('#panels circle.handle[data-kind="ellipse-centre"]').bounding_box()
-    box = size.bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     cx, cy = centre["x"] + centre["width"] / 2, centre["y"] + centre["height"] / 2
-    page.mouse.move(x, y)
-    page.mouse.down()
-    for step in range(1, 6):
-        page.mouse.move(x + (cx - x) * step / 10, y + (cy - y) * step / 10)
+    _drag(page, size, 5, lambda x, y: ((x + cx) / 2, (y + cy) / 2))  # halfway to the centre
     page.mouse.up()
     expect(page.locator("#new-exact")).to_have_text(re.compile(r"^\(exact:"))
     now = float(page.inner_text("#current-freq").split("%")[0].split(": ")[1])
@@ -421,12 +420,7 @@ def test_review_in_the_browser(browser, server, fresh, backend):
     expect(page.locator("#current-title")).to_have_text(re.compile("^" + re.escape(first_visit)))
     page.wait_for_load_state("networkidle")  # the filtered sample's gate and its other visit are drawn
     line = page.locator('#panels div[data-panel="1"] line.thr[data-param="FOXP3 >="]')
-    box = line.bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(x, y)
-    page.mouse.down()
-    for step in range(1, 8):
-        page.mouse.move(x + 12 * step, y)
+    _drag(page, line, 7, lambda x, y: (x + 84, y))
     page.mouse.up()
     expect(page.locator("#new-exact")).to_have_text(re.compile(r"^\(exact"))
     page.select_option("#apply-to", "patient")
