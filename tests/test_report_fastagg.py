@@ -112,3 +112,43 @@ def test_a_gallery_figure_on_the_text_canvas_keeps_its_canvas_and_texts():
     assert isinstance(fig.canvas, TextCanvas)
     assert {"S1  50.0%", "S2  12.5%", "S3  99.9%", "FSC-A", "SSC-A"} <= set(rendered.texts)
     assert rendered.overlaps == []
+
+
+def test_the_fast_paths_are_on_where_matplotlib_has_their_internals():
+    """matplotlib 3.7-3.11 (pyproject's floor up to the version this was written on) have every
+    internal the fast text and mosaic use: the fast paths are on there, not silently off."""
+    import matplotlib
+
+    from cytopipe.report import fastagg
+
+    major, minor = (int(p) for p in matplotlib.__version__.split(".")[:2])
+    if (major, minor) <= (3, 11):
+        assert fastagg.FAST_TEXT and fastagg.FAST_IMAGE
+
+
+def test_without_the_internals_the_figures_are_drawn_matplotlibs_own_way(monkeypatch):
+    """A matplotlib without the internals (FAST_TEXT / FAST_IMAGE off): a gallery figure is still
+    drawn, its texts are Agg's own pixels and its mosaic is a plain AxesImage."""
+    from matplotlib.image import AxesImage
+
+    from cytopipe.report import fastagg
+    from cytopipe.report import figures as F
+
+    monkeypatch.setattr(fastagg, "FAST_TEXT", False)
+    monkeypatch.setattr(fastagg, "FAST_IMAGE", False)
+    xe = [0.0, 1.0]
+    rows = [
+        {"x": "FSC-A", "y": "SSC-A", "x_range": xe, "y_range": xe, "x_bins": 4, "y_bins": 4,
+         "counts": list(range(16)), "shapes": '[{"kind": "rect", "x": [0.2, 0.8], "y": [0.1, null]}]'}
+        for _ in range(2)
+    ]  # fmt: skip
+    with F.style_context():
+        fig = F.gallery_figure(rows, ["", ""], ["S1  50.0%", "S2  12.5%"])
+        images = fig.axes[0].get_images()
+        assert len(images) == 1 and type(images[0]) is AxesImage
+        rendered = F.render(fig, "gate-x", "alt")
+        plain = _pixels(fig)
+        FigureCanvasAgg(fig)  # matplotlib's own canvas and renderer
+        assert np.array_equal(plain, _pixels(fig))
+    assert {"S1  50.0%", "S2  12.5%", "FSC-A", "SSC-A"} <= set(rendered.texts)
+    assert rendered.width > 100 and rendered.uri.startswith("data:image/png;base64,")

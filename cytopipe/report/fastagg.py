@@ -21,16 +21,58 @@ gallery uses :class:`ScaledImage`:
   and blends it once at whole-pixel position.
 - **PNG.** Pillow picks every row's PNG filter by trying all five; :func:`encode_png` leaves the
   rows unfiltered, which compresses these figures about as well in half the time.
+
+Text and mosaic use matplotlib internals (``RendererAgg._prepare_font``, the C renderer's
+``draw_text_image``, FT2Font's layout calls, ``AxesImage.make_image``'s signature; 3.7-3.11 have
+them). :data:`FAST_TEXT` and :data:`FAST_IMAGE` say whether this matplotlib has them; when not,
+the text and the mosaic are drawn matplotlib's own way (slower, the same figures), never broken.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg, get_hinting_flag
 from matplotlib.image import AxesImage
+
+log = logging.getLogger(__name__)
+
+
+def _has_fast_text() -> bool:
+    """Whether this matplotlib has the internals :class:`TextRenderer` draws with."""
+    try:
+        from matplotlib.backends import _backend_agg
+        from matplotlib.ft2font import FT2Font
+    except ImportError:
+        return False
+    font_calls = ("set_text", "draw_glyphs_to_bitmap", "get_image", "get_bitmap_offset", "get_descent",
+                  "get_width_height")  # fmt: skip
+    return (
+        callable(getattr(RendererAgg, "_prepare_font", None))
+        and callable(getattr(_backend_agg.RendererAgg, "draw_text_image", None))
+        and all(callable(getattr(FT2Font, name, None)) for name in font_calls)
+    )
+
+
+def _has_fast_image() -> bool:
+    """Whether ``AxesImage.make_image`` is still ``(renderer, magnification, unsampled)`` ->
+    ``(image, x, y, transform)``, as :class:`ScaledImage` overrides it."""
+    params = list(inspect.signature(AxesImage.make_image).parameters)
+    return params == ["self", "renderer", "magnification", "unsampled"]
+
+
+#: this matplotlib has what :class:`TextRenderer` needs (else: matplotlib's own text drawing)
+FAST_TEXT = _has_fast_text()
+#: this matplotlib has what :class:`ScaledImage` needs (else: matplotlib's own resampling)
+FAST_IMAGE = _has_fast_image()
+if not (FAST_TEXT and FAST_IMAGE):
+    log.info("matplotlib %s: report figures drawn matplotlib's own way (text %s, mosaic %s)",
+             __import__("matplotlib").__version__, "fast" if FAST_TEXT else "plain",
+             "fast" if FAST_IMAGE else "plain")  # fmt: skip
 
 
 class TextRenderer(RendererAgg):
@@ -50,7 +92,7 @@ class TextRenderer(RendererAgg):
         return font
 
     def get_text_width_height_descent(self, s, prop, ismath):  # noqa: ANN001
-        if ismath:
+        if ismath or not FAST_TEXT:
             return super().get_text_width_height_descent(s, prop, ismath)
         font = self._layout(s, prop)
         w, h = font.get_width_height()  # as RendererAgg measures it
@@ -59,7 +101,7 @@ class TextRenderer(RendererAgg):
         return w / 64.0, h / 64.0, d / 64.0
 
     def draw_text(self, gc, x, y, s, prop, angle, ismath=False, mtext=None):  # noqa: ANN001
-        if ismath:
+        if ismath or not FAST_TEXT:
             return super().draw_text(gc, x, y, s, prop, angle, ismath, mtext)
         made = self._rasters.get((s, hash(prop))) if gc.get_antialiased() else None
         if made is None:
@@ -81,7 +123,7 @@ class TextCanvas(FigureCanvasAgg):
     def get_renderer(self) -> RendererAgg:  # FigureCanvasAgg.get_renderer, with TextRenderer
         w, h = self.get_width_height(physical=True)
         key = w, h, self.figure.dpi
-        if self._lastKey != key:
+        if getattr(self, "_lastKey", None) != key:
             self.renderer = TextRenderer(w, h, self.figure.dpi)
             self._lastKey = key
         return self.renderer
@@ -141,7 +183,8 @@ def encode_png(rgba: np.ndarray, texts: dict[str, str], dpi: float) -> bytes:
 
 class ScaledImage(AxesImage):
     """An ``AxesImage`` of an RGBA uint8 array (``origin="lower"``, no interpolation between
-    pixels), scaled to the output by nearest neighbour in numpy and blended unresampled."""
+    pixels), scaled to the output by nearest neighbour in numpy and blended unresampled; used
+    only where :data:`FAST_IMAGE` (else a plain ``AxesImage``)."""
 
     def make_image(self, renderer: Any, magnification: float = 1.0, unsampled: bool = False) -> tuple:
         rgba = np.asarray(self.get_array())

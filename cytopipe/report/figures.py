@@ -467,8 +467,9 @@ def gallery_figure(
     that axis is drawn per panel instead, with every panel's own tick values.
     """
     from matplotlib.collections import LineCollection, PolyCollection
+    from matplotlib.image import AxesImage
 
-    from cytopipe.report.fastagg import ScaledImage, TextCanvas
+    from cytopipe.report.fastagg import FAST_IMAGE, ScaledImage, TextCanvas
     from cytopipe.report.panels import panel_arrays, panel_background
 
     n = len(rows)
@@ -558,7 +559,8 @@ def gallery_figure(
                   color=color if mark else "#343a40")  # fmt: skip
     if not one_d:
         bottom_y = -(nrows - 1) * (1 + gy)
-        image = ScaledImage(ax, origin="lower", interpolation="nearest")  # imshow's, scaled in numpy
+        # imshow's pixels, scaled in numpy (matplotlib's own resampling where FAST_IMAGE is not)
+        image = (ScaledImage if FAST_IMAGE else AxesImage)(ax, origin="lower", interpolation="nearest")
         image.set_data(mosaic)
         image.set_extent((0, width, bottom_y, bottom_y + nrows * (1 + gy)))
         ax.add_image(image)
@@ -612,7 +614,9 @@ def _add_text(
 
     if size not in fonts:
         fonts[size] = FontProperties(size=size)
-    ax._add_text(Text(x, y, text, fontproperties=fonts[size], clip_on=False, **props))
+    text_ = Text(x, y, text, fontproperties=fonts[size], clip_on=False, **props)
+    # Axes._add_text: Axes.text's own (private) call; add_artist (public) where it is gone
+    getattr(ax, "_add_text", ax.add_artist)(text_)
 
 
 def _panel_ticks(ax: Axes, fonts: dict[float, Any], x0: float, y0: float, xlim: tuple[float, float] | None,
