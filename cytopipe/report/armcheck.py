@@ -95,6 +95,32 @@ def ids_with_letter_parts(arms: Iterable[str], column: str, values: Iterable[str
     ]
 
 
+#: what a workspace shows in place of an arm found in a text it keeps as it was entered
+MASK = "[arm]"
+#: an id's separators, kept when its parts are masked (:data:`_SEPARATORS`, captured)
+_SPLIT = re.compile(r"([\W_]+)")
+
+
+def masked(arms: Iterable[str], text: str, *, ids: bool = True) -> str:
+    """``text`` with :data:`MASK` in place of every arm name blinding finds in it
+    (:func:`cytopipe.report.armnames.leak_pattern`, as :func:`refuse_shared_words` finds one) and,
+    for an id or a file's name (``ids``), of every one-letter arm that is a part of its own in any
+    case (``P01-A``, ``P01_a.fcs``: :func:`ids_with_letter_parts`' rule). For what a workspace
+    stored before the arms were known and cannot rewrite (an audit entry, an upload's name): the
+    same rules as its refusals, never a second matcher. A letter glued to digits (``P01A``) tells
+    an arm only beside the other ids' arms, so it is not masked here."""
+    from cytopipe.report.armnames import leak_pattern
+
+    names = {str(a).strip() for a in arms if a is not None and str(a).strip()}
+    if not names or not text:
+        return text
+    text = leak_pattern(names).sub(MASK, text)
+    letters = {a.casefold() for a in names if len(a) == 1}
+    if not ids or not letters:
+        return text
+    return "".join(MASK if part.casefold() in letters else part for part in _SPLIT.split(text))
+
+
 def _letter_part(letters: set[str], column: str, value: str) -> bool:
     """Whether one of an id's parts (:func:`_parts`) is a one-letter arm name (``letters``, casefolded)."""
     return any(part.casefold() in letters for part in _parts(column, value) if part)

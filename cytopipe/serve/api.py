@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import Field
 from sqlalchemy import select
 
-from cytopipe.serve import audit, auth, blinding, ops, results, reviewops
+from cytopipe.serve import armentry, audit, auth, blinding, ops, results, reviewops
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import Audit, Run, Sample, Study, Upload, User
 from cytopipe.serve.deps import (
@@ -200,8 +200,10 @@ def get_study(study_id: int, request: Request) -> dict[str, Any]:
         runs = db.scalars(select(Run).where(Run.study_id == study_id).order_by(Run.id.desc()))
         uploads = db.scalars(select(Upload).where(Upload.study_id == study_id).order_by(Upload.id))
         codes = blinding.codes_of(db, ws.store, study, ws.blind_secret)
+        # names stored before a blinded study's arms were known: masked
+        mask = armentry.name_mask(db, ws.store, study)
         return {**ops.study_dict(study), "counts": ops.study_counts(db, study_id),
-                "uploads": [ops.upload_dict(u) for u in uploads],
+                "uploads": [armentry.shown_upload(ops.upload_dict(u), mask) for u in uploads],
                 "runs": [blinding.blind_run(ops.run_dict(r), codes) for r in runs]}  # fmt: skip
 
 
@@ -263,7 +265,8 @@ def get_mapping(study_id: int, request: Request, pattern: str | None = None) -> 
     with ws.sessions() as db:
         study = ops.get_study(db, study_id)
         codes = blinding.codes_of(db, ws.store, study, ws.blind_secret)
-        return blinding.blind_mapping(ops.mapping(db, ws.store, study, pattern), study, codes)
+        rows = armentry.shown_mapping(db, ws.store, study, ops.mapping(db, ws.store, study, pattern))
+        return blinding.blind_mapping(rows, study, codes)
 
 
 @router.post("/studies/{study_id}/mapping")

@@ -26,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
 
 from cytopipe.serve.auth import AuthError
-from cytopipe.serve.blinding import data_arms, stored_codes
+from cytopipe.serve.blinding import data_arms, every_arm, stored_codes
 from cytopipe.serve.db import Sample, Study, Template, Upload
 from cytopipe.serve.storage import BlobStore, read_table_rows
 
@@ -70,7 +70,21 @@ def refuse_ids_with_arms(
     mapped: dict[int, dict[str, str]] | None = None, clinical: list[dict[str, str]] | None = None,
     manifest: list[dict[str, str]] | None = None,
 ) -> None:  # fmt: skip
-    """A blinded study's file names and ids that show an arm: refused (400). Two kinds:
+    """A blinded study's file names and ids that show an arm (:func:`ids_with_arms`): refused (400).
+    ``todo``: what happened."""
+    arms, letters, words = ids_with_arms(
+        db, store, study, mapped=mapped, clinical=clinical, manifest=manifest
+    )
+    _refuse_found(todo, letters, words)
+
+
+def ids_with_arms(
+    db: DBSession, store: BlobStore, study: Study, *,
+    mapped: dict[int, dict[str, str]] | None = None, clinical: list[dict[str, str]] | None = None,
+    manifest: list[dict[str, str]] | None = None,
+) -> tuple[list[str], list[str], list[str]]:  # fmt: skip
+    """(the arms, ids carrying a one-letter arm, file names and ids showing an arm's name) of a
+    blinded study, labelled ``"column 'value'"``. Two kinds:
 
     * ids carrying a one-letter arm (``P01-A``, ``P01A``), as its runs refuse them
       (:func:`cytopipe.report.armcheck.ids_showing_arms`), in the inputs a run gets: its manifest
@@ -88,7 +102,7 @@ def refuse_ids_with_arms(
     Checked with every arm the study codes (its list, its data's, those given codes before) and
     those of the tables entered now. ``manifest``: an uploaded manifest's rows (else the stored
     one), whose file, sample and patient ids and arms become the mapping's proposals (its other
-    columns never reach a run). ``todo``: what happened."""
+    columns never reach a run)."""
     import pandas as pd
 
     from cytopipe.report.armcheck import ids_showing_arms
@@ -104,9 +118,9 @@ def refuse_ids_with_arms(
             {**{k: r.get(k, "") for k in columns}, "file": _as_run_file(r.get("file"))} for r in listed
         ]
         tables.append(pd.DataFrame(proposals, columns=columns))
-    arms = _every_arm(db, store, study, [a for t in tables if "arm" in t.columns for a in t["arm"]])
+    arms = every_arm(db, store, study, [a for t in tables if "arm" in t.columns for a in t["arm"]])
     if not arms:
-        return
+        return [], [], []
     unknown = [r["file"] for r in rows if not str(r["arm"] or "").strip()]
     shown: dict[str, str] = {}  # label -> what the pages show (a file's name, not runs' fcs/NAME)
     for table in tables:
@@ -114,7 +128,7 @@ def refuse_ids_with_arms(
             for value in table[column].dropna().astype(str):
                 text = PurePosixPath(value).name if column == "file" else value
                 shown.setdefault(f"{column} {text!r}", text)
-    _refuse_found(todo, arms, ids_showing_arms(arms, tables), unknown, shown)
+    return arms, *_found(arms, ids_showing_arms(arms, tables), unknown, shown)
 
 
 def refuse_upload_name(
@@ -126,29 +140,32 @@ def refuse_upload_name(
     arm not known: a one-letter arm as a part of the name, an arm's name as blinding finds it)."""
     from cytopipe.report.armcheck import without_drive
 
-    arms = _every_arm(db, store, study)
+    arms = every_arm(db, store, study)
     if arms:
         sent = [raw_name] if raw_name != name else []  # a Windows drive (C:) is not looked at
         shown = {f"file {name!r}": name, **{f"file {r!r}": without_drive(r) for r in sent}}
-        _refuse_found(todo, arms, [], [f"fcs/{name}", *sent], shown)
+        _refuse_found(todo, *_found(arms, [], [f"fcs/{name}", *sent], shown))
 
 
-def _every_arm(db: DBSession, store: BlobStore, study: Study, more: Iterable[Any] = ()) -> list[str]:
-    """Every arm the study codes (its list, its data's, those given codes before) and ``more``."""
-    arms = [*(study.arms or []), *more, *data_arms(db, store, study), *stored_codes(db, study.id)]
-    return list(dict.fromkeys(str(a) for a in arms if a is not None and str(a).strip()))
-
-
-def _refuse_found(
-    todo: str, arms: list[str], found: list[str], files: list[str], shown: dict[str, str]
-) -> None:
-    """Refuse (400) ``found`` (ids carrying a one-letter arm), ``files`` (names, as runs link them,
-    whose arm is not known) carrying one as a part of their own, and ``shown`` (label -> text)
-    in which an arm's name shows; the message names them, never the arm."""
-    from cytopipe.report.armcheck import ids_with_letter_parts, named_ids
+def _found(
+    arms: list[str], found: list[str], files: list[str], shown: dict[str, str]
+) -> tuple[list[str], list[str]]:
+    """(``found`` (ids carrying a one-letter arm) and ``files`` (names, as runs link them, whose
+    arm is not known) carrying one as a part of their own; the labels of ``shown`` (label -> text)
+    in which an arm's name shows)."""
+    from cytopipe.report.armcheck import ids_with_letter_parts
     from cytopipe.report.armnames import shared_words
 
-    found = list(dict.fromkeys([*found, *ids_with_letter_parts(arms, "file", files)]))
+    letters = list(dict.fromkeys([*found, *ids_with_letter_parts(arms, "file", files)]))
+    words = set(shared_words(arms, shown.values()))
+    return letters, [label for label, text in shown.items() if text in words]
+
+
+def _refuse_found(todo: str, found: list[str], words: list[str]) -> None:
+    """Refuse (400) ``found`` (ids carrying a one-letter arm), then ``words`` (file names and ids
+    in which an arm's name shows: :func:`_found`); the message names them, never the arm."""
+    from cytopipe.report.armcheck import named_ids
+
     if found:
         raise AuthError(
             400,
@@ -157,8 +174,7 @@ def _refuse_found(
             "(a letter joined by a hyphen, or glued to digits where only one arm's ids carry it there). "
             f"Give ids that do not carry the arm, or give the arms longer names{_rename(found)}",
         )
-    words = set(shared_words(arms, shown.values()))
-    found = [label for label, text in shown.items() if text in words]
+    found = words
     if found:
         raise AuthError(
             400,
@@ -219,7 +235,78 @@ def refuse_names_with_arms(
         except AuthError:  # a stored template the loader no longer takes: its runs stop on it anyway
             return
     every = [*(study.arms or []), *arms, *data_arms(db, store, study), *stored_codes(db, study.id)]
+    refuse_study_name(every, study.name, todo)
     refuse_template_names(every, template, label, todo)
+
+
+def refuse_study_name(arms: Iterable[str], name: str, todo: str) -> None:
+    """Refuse (400) a blinded study's name in which one of ``arms`` shows as blinding finds it
+    (:func:`cytopipe.report.armnames.shared_words`, as for the template's names): its runs write
+    the name in their report's title, coded there (``Arm B trial: run report`` of a study ``IL2
+    trial``), which would tell which code is that arm, and the pages show it as it is. Named: the
+    study's name, not the arm. The template's file name is not looked at: it reaches no run (a run
+    gets ``template_vN.yaml``) and tells no patient's arm."""
+    from cytopipe.report.armnames import shared_words
+
+    if shared_words([str(a) for a in arms if a is not None and str(a).strip()], [name]):
+        raise AuthError(
+            400,
+            f"{todo}: an arm's name shows in the study's name {name!r}; a blinded study's runs write "
+            "its name in their report, with the arm's code in its place, which would tell which code is "
+            "which arm, and its pages show the name as it is. The workspace renames no study: create the "
+            "study under a name that does not carry the arm (e.g. 'SLE trial 2'), or give the arms other "
+            "names (e.g. 'TRT', 'PBO')",
+        )
+
+
+def name_mask(db: DBSession, store: BlobStore, study: Study) -> Any:
+    """``mask(text)`` for the file names and ids a blinded study shows that were stored before its
+    arms were known (an upload's name: the workspace renames none): ``[arm]`` where an arm shows
+    as its refusals find one (:func:`cytopipe.report.armcheck.masked`); ``None`` when nothing is
+    masked (its arms may be shown, or none is known)."""
+    from cytopipe.report.armcheck import masked
+    from cytopipe.serve.blinding import arms_visible
+
+    arms = [] if arms_visible(study) else every_arm(db, store, study)
+    return (lambda text: masked(arms, text)) if arms else None
+
+
+def shown_upload(row: dict[str, Any], mask: Any) -> dict[str, Any]:
+    """An upload's row (:func:`cytopipe.serve.ops.upload_dict`) with its name, reason and notes
+    masked (``mask``: :func:`name_mask`; ``None``: as it is)."""
+    if mask is None:
+        return row
+    notes = [mask(str(n)) for n in row.get("notes") or []]
+    return {**row, "name": mask(row["name"]), "reason": mask(row.get("reason") or ""), "notes": notes}
+
+
+def shown_mapping(
+    db: DBSession, store: BlobStore, study: Study, rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """A blinded study's mapping rows (:func:`cytopipe.serve.ops.mapping`) as they may be shown: a
+    row whose file name or ids the mapping's confirmation would refuse (:func:`ids_with_arms`, the
+    rows taken as confirmed: ``P01A`` where only one arm's ids carry ``A`` there, ``P01-A``, an
+    arm's name) shows its arm as hidden (``(blinded)``, never beside its code, which would tell
+    which code is which arm), and every name and id ``[arm]`` where an arm's name or one-letter part
+    shows (:func:`name_mask`). Rows of a study whose arms may be shown or are not known: as they are."""
+    from cytopipe.serve.blinding import HIDDEN
+
+    mask = name_mask(db, store, study)
+    if mask is None or not rows:
+        return rows
+    mapped = {r["upload_id"]: {"file": f"fcs/{r['name']}", **{k: str(r.get(k) or "") for k in
+              ("sample_id", "patient_id", "arm")}} for r in rows if str(r.get("arm") or "").strip()}  # fmt: skip
+    _, letters, words = ids_with_arms(db, store, study, mapped=mapped)
+    found = {*letters, *words}
+    out = []
+    for r in rows:
+        labels = {f"file {'fcs/' + r['name']!r}", f"file {r['name']!r}",
+                  *(f"{k} {str(r.get(k) or '')!r}" for k in ("sample_id", "patient_id"))}  # fmt: skip
+        hidden = {"arm": HIDDEN} if r.get("arm") and labels & found else {}
+        out.append(
+            {**r, **{k: mask(str(r[k])) for k in ("name", "sample_id", "patient_id") if r.get(k)}, **hidden}
+        )
+    return out
 
 
 def refuse_template_names(arms: Iterable[str], template: Any, label: str, todo: str) -> None:

@@ -83,6 +83,13 @@ def data_arms(db: DBSession, store: BlobStore, study: Study) -> list[str]:
     return sorted(arms | table_arms(store, study.clinical_sha256) | table_arms(store, study.manifest_sha256))
 
 
+def every_arm(db: DBSession, store: BlobStore, study: Study, more: Iterable[Any] = ()) -> list[str]:
+    """Every arm the study codes (its list, its data's: :func:`data_arms`, those given codes
+    before) and ``more``: the arms its blinding checks and masks look for."""
+    arms = [*(study.arms or []), *more, *data_arms(db, store, study), *stored_codes(db, study.id)]
+    return list(dict.fromkeys(str(a) for a in arms if a is not None and str(a).strip()))
+
+
 def study_codes(study: Study, secret: bytes, arms: Iterable[str] = ()) -> dict[str, str]:
     """``{arm: code}`` of a blinded study: the codes of its arm list, or, without one, of the arms
     of its data (``arms``: :func:`data_arms`), derived the same way. With an arm list, an arm of
@@ -325,10 +332,54 @@ class _AuditBlinder:
         self.blinded = {sid for sid, s in self.studies.items() if not arms_visible(s)}
         self.cache: dict = {}
         self.codes: dict[int, dict[str, str]] = {}
+        self.owners: dict[tuple[str, str], int] | None = None
+        self.known: dict[int, list[str]] = {}
+        self.masks: dict[int, Any] = {}
 
     def shown(self, r: dict[str, Any]) -> dict[str, Any] | None:
-        """The entry as shown when it carries a blinded study's arms (coded) or the hash of a table
-        that holds them (keyed); ``None``: shown as it is."""
+        """The entry as shown when it carries a blinded study's arms (coded), the hash of a table
+        that holds them (keyed) or, in its texts, an arm's name (masked: :meth:`_mask`);
+        ``None``: shown as it is."""
+        coded = self._coded(r)
+        mask = self._mask(self._owner(r))
+        if mask is None:
+            return coded
+        base = coded or r
+        out = {**base, "before": _masked(base["before"], mask), "after": _masked(base["after"], mask),
+               "reason": mask(base["reason"] or "", False)}  # fmt: skip
+        return out if out != base else coded
+
+    def _owner(self, r: dict[str, Any]) -> int | None:
+        """The blinded study an entry is about (its study, upload, batch or run), else ``None``."""
+        if not self.blinded:
+            return None
+        if self.owners is None:  # one query per kind, not one per entry
+            self.owners = {("study", str(sid)): sid for sid in self.studies}
+            for kind, model in (("upload", Upload), ("batch", Batch), ("run", Run)):
+                self.owners.update(((kind, str(i)), sid) for i, sid in self.db.execute(
+                    select(model.id, model.study_id).where(model.study_id.in_(self.blinded))))  # fmt: skip
+        sid = self.owners.get((r["object_type"], str(r["object_id"])))
+        return sid if sid in self.blinded else None
+
+    def _mask(self, sid: int | None) -> Any:
+        """``mask(text, ids)`` of a blinded study whose arms are known (:func:`every_arm`), else None:
+        :func:`cytopipe.report.armcheck.masked`, the rules of its refusals at entry."""
+        if sid is None:
+            return None
+        if sid not in self.masks:
+            from cytopipe.report.armcheck import masked
+
+            arms = self.arms(sid)
+            self.masks[sid] = (lambda text, ids: masked(arms, text, ids=ids)) if arms else None
+        return self.masks[sid]
+
+    def arms(self, sid: int) -> list[str]:
+        if sid not in self.known:
+            self.known[sid] = every_arm(self.db, self.store, self.studies[sid])
+        return self.known[sid]
+
+    def _coded(self, r: dict[str, Any]) -> dict[str, Any] | None:
+        """The entry with a blinded study's arms coded and its tables' hashes keyed, else ``None``."""
         if r["action"] in _TABLE_ACTIONS and r["object_type"] == "study":
             if _int(r["object_id"]) not in self.blinded:
                 return None
@@ -354,8 +405,10 @@ class _AuditBlinder:
         return {**r, "before": _code_arms(r["before"], table), "after": _code_arms(r["after"], table)}
 
     def first_shown_coded(self) -> int | None:
-        """The id of the first stored entry shown coded: its hash and every later one (each covers
-        its predecessor's) could be recomputed with the arms put back in."""
+        """The id of the first stored entry shown coded or masked: its hash and every later one
+        (each covers its predecessor's) could be recomputed with the arms put back in. The entries
+        looked at are those that name an arm or a table, or hold a word of a blinded study's arms
+        (SQL, case-insensitive: a superset of what :meth:`shown` masks)."""
         from sqlalchemy import or_
 
         from cytopipe.serve.audit import as_dict
@@ -363,12 +416,43 @@ class _AuditBlinder:
 
         if not self.blinded:
             return None
-        q = select(Audit).where(or_(Audit.action.in_(_TABLE_ACTIONS), Audit.before.contains('"arm"'),
-                                    Audit.after.contains('"arm"'))).order_by(Audit.id)  # fmt: skip
+        found = [
+            Audit.action.in_(_TABLE_ACTIONS),
+            Audit.before.contains('"arm"'),
+            Audit.after.contains('"arm"'),
+        ]
+        words = {a for sid in self.blinded for a in self.arms(sid)}
+        if all(w.isascii() and '"' not in w and "\\" not in w for w in words):  # as stored (JSON, SQL's case)
+            found += [
+                c.icontains(w, autoescape=True)
+                for w in words
+                for c in (Audit.before, Audit.after, Audit.reason)
+            ]
+        else:  # a name SQL may fold otherwise than Python: every entry is looked at
+            found = [Audit.id.isnot(None)]
+        q = select(Audit).where(or_(*found)).order_by(Audit.id)
         for row in self.db.scalars(q):
             if self.shown(as_dict(row)) is not None:
                 return row.id
         return None
+
+
+#: keys of audit entries whose values are not texts to mask: the arm list (shown by design), arms
+#: and codes (coded), hashes
+_NOT_MASKED = frozenset({"arms", "arm", "code", "sha256", "hash", "prev_hash"})
+#: keys whose values are ids or file names: masked by the id rules too (a one-letter arm part)
+_ID_KEYS = frozenset(
+    {"name", "original_name", "files", "file", "sample_id", "patient_id", "study", "anndata"}
+)
+
+
+def _masked(value: Any, mask: Any, ids: bool = False) -> Any:
+    """``value`` (an audit entry's before / after) with ``mask`` applied to its texts."""
+    if isinstance(value, dict):
+        return {k: v if k in _NOT_MASKED else _masked(v, mask, k in _ID_KEYS) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v, mask, ids) for v in value]
+    return mask(value, ids) if isinstance(value, str) else value
 
 
 def blind_audit(
@@ -376,7 +460,11 @@ def blind_audit(
 ) -> list[dict[str, Any]]:
     """Audit entries (:func:`cytopipe.serve.audit.as_dict`) with the arms of blinded studies coded
     in ``before`` / ``after`` (:func:`codes_of`); an arm whose study cannot be told is hidden
-    while any study is blinded; a blinded study's uploaded tables show a keyed hash (HMAC).
+    while any study is blinded; a blinded study's uploaded tables show a keyed hash (HMAC). In the
+    entries of a blinded study whose arms are known, every text (a file's name kept from before
+    the arms were known, a reason) shows ``[arm]`` where an arm's name shows as its refusals find
+    one (:func:`cytopipe.report.armcheck.masked`), never the code: the same text may show
+    elsewhere unmasked (a template's name), which would tell the code's arm.
 
     The hashes of the chain from the first such entry on are shown keyed (:data:`KEYED` + HMAC
     with the workspace's secret; an entry's ``hash`` still equals the next one's ``prev_hash``):

@@ -109,6 +109,7 @@ def create_study(db: DBSession, user: str, values: dict[str, Any]) -> Study:
                 "four_eyes": bool(values.get("four_eyes", True))}  # sign-off by a second person  # fmt: skip
     if settings["blinded"]:
         armentry.refuse_number_arms(arms, "the study was not created")
+        armentry.refuse_study_name(arms, name, "the study was not created")
     study = Study(name=name, arms=arms, visits=visits, settings=settings, pattern=pattern, created_by=user)
     db.add(study)
     db.flush()

@@ -37,6 +37,7 @@ from cytopipe.serve.blinding import (
     arms_visible,
     assign_codes,
     codes_of,
+    every_arm,
     table_arms,
     workspace_secret,
     write_run_key,
@@ -103,6 +104,7 @@ class RunManager:
         if not arms_visible(study):  # a study set up before its names and ids were checked when
             # entered: the run would stop on them, its error (masked with the codes) telling which code
             # is which arm; its pages would show file names and ids carrying an arm
+            armentry.refuse_number_arms(every_arm(db, self.store, study), "the run was not started")
             armentry.refuse_ids_with_arms(db, self.store, study, "the run was not started")
             armentry.refuse_names_with_arms(db, self.store, study, "the run was not started")
         run = Run(study_id=study.id, status="queued", folder="", template_id=study.template_id,

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
-from cytopipe.serve import api, audit, auth, blinding, ops, results, reviewops, signoffpolicy
+from cytopipe.serve import api, armentry, audit, auth, blinding, ops, results, reviewops, signoffpolicy
 from cytopipe.serve.auth import AuthError
 from cytopipe.serve.db import RUN_ACTIVE, Audit, Run, Study, Template, Upload, User
 from cytopipe.serve.deps import Ctx, page, permit, signed_in, workspace
@@ -127,13 +127,30 @@ def study_page(study_id: int, request: Request, pattern: str | None = None) -> H
             rows, mapping_error = ops.mapping(db, ws.store, study, pattern), ""
         except AuthError as exc:
             rows, mapping_error = ops.mapping(db, ws.store, study), exc.message
+        rows = armentry.shown_mapping(db, ws.store, study, rows)  # names stored before the arms were known
         rows = blinding.blind_mapping(rows, study, blinding.codes_of(db, ws.store, study, ws.blind_secret))
+        mask = armentry.name_mask(db, ws.store, study)
+        uploads = [u if mask is None else _ShownUpload(u, mask) for u in uploads]
     active = next((r for r in runs if r.status in RUN_ACTIVE), None)
     return page(request, "study.html", ctx, study=study, uploads=uploads, runs=runs, template=template,
                 mapping=rows, pattern=pattern or study.pattern, mapping_error=mapping_error, active=active,
                 max_file=ws.config.max_file_bytes, max_batch=ws.config.max_batch_bytes,
                 run_defaults=run_options(None), four_eyes=signoffpolicy.required(study),
                 run_options={r.id: ops.shown_options(r) for r in runs})  # fmt: skip
+
+
+class _ShownUpload:
+    """An upload as a blinded study's page shows it: its name, reason and notes masked
+    (:func:`cytopipe.serve.armentry.shown_upload`), the rest as stored."""
+
+    def __init__(self, upload: Upload, mask: Any):
+        self._shown = armentry.shown_upload(
+            {"name": upload.name, "reason": upload.reason, "notes": upload.notes}, mask
+        )
+        self._upload = upload
+
+    def __getattr__(self, key: str) -> Any:
+        return self._shown[key] if key in self._shown else getattr(self._upload, key)
 
 
 @router.post("/studies/{study_id}/mapping")
