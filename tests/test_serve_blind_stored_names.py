@@ -219,3 +219,44 @@ def test_a_run_start_refuses_arms_named_by_numbers_as_the_entry_does(server, ser
         r.text
     )
     assert c.get(f"/api/studies/{study}").json()["runs"] == [] and "run.start" not in _actions(c, study)
+
+
+def test_an_upload_whose_arm_became_known_while_it_streamed_is_refused(server, serve_trial):
+    """The name of an FCS file is checked before its bytes are received; a clinical table saved
+    while the file streams (a large file takes minutes) made its arm known. Before, the file was
+    then stored under its name (``P001_HD_W00.fcs`` beside an arm ``HD``); now the name is checked
+    again once the file is received, before it is stored: 400, no upload, no audit entry."""
+    import threading
+    import time
+
+    c = server.client()
+    study = _create(c, "streamed, blinded", []).json()["id"]
+    data = (serve_trial / trial_manifest(serve_trial).iloc[7]["file"]).read_bytes()
+    table_saved = threading.Event()
+
+    def body():
+        yield data[:4096]
+        assert table_saved.wait(60)
+        yield data[4096:]
+
+    answer: dict = {}
+    sender = threading.Thread(target=lambda: answer.update(r=c.put(
+        f"/api/studies/{study}/uploads", params={"name": "P001_HD_W00.fcs"}, content=body(), headers=c.h)))  # fmt: skip
+    sender.start()
+    time.sleep(1.0)  # the server has checked the name (no arm known yet) and is receiving
+    other = server.client()
+    r = _put_table(other, study, "clinical", "patient_id,visit,arm\nP001,0,HD\nP002,0,LD\n")
+    assert r.status_code == 200, r.text
+    table_saved.set()
+    sender.join(60)
+    r = answer["r"]
+    assert r.status_code == 400, r.text
+    assert (
+        r.json()["detail"].startswith("the file 'P001_HD_W00.fcs' was not uploaded: ")
+        and "'HD'" not in r.text
+    )
+    assert c.get(f"/api/studies/{study}").json()["uploads"] == []
+    entries = c.get("/api/audit?limit=5000").json()
+    assert not [
+        e for e in entries if e["action"].startswith("upload.") and e["after"].get("study_id") == study
+    ]

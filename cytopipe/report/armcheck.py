@@ -31,7 +31,7 @@ to other letters (``PA01``) is a part of a word, as everywhere else, and not loo
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pandas as pd
@@ -109,16 +109,26 @@ def masked(arms: Iterable[str], text: str, *, ids: bool = True) -> str:
     stored before the arms were known and cannot rewrite (an audit entry, an upload's name): the
     same rules as its refusals, never a second matcher. A letter glued to digits (``P01A``) tells
     an arm only beside the other ids' arms, so it is not masked here."""
+    return masker(arms)(text, ids)
+
+
+def masker(arms: Iterable[str]) -> Callable[[str, bool], str]:
+    """:func:`masked` of ``arms`` as a function ``(text, ids)``, its pattern compiled once."""
     from cytopipe.report.armnames import leak_pattern
 
     names = {str(a).strip() for a in arms if a is not None and str(a).strip()}
-    if not names or not text:
-        return text
-    text = leak_pattern(names).sub(MASK, text)
+    pattern = leak_pattern(names)
     letters = {a.casefold() for a in names if len(a) == 1}
-    if not ids or not letters:
-        return text
-    return "".join(MASK if part.casefold() in letters else part for part in _SPLIT.split(text))
+
+    def mask(text: str, ids: bool = True) -> str:
+        if not names or not text:
+            return text
+        text = pattern.sub(MASK, text)
+        if not ids or not letters:
+            return text
+        return "".join(MASK if part.casefold() in letters else part for part in _SPLIT.split(text))
+
+    return mask
 
 
 def _letter_part(letters: set[str], column: str, value: str) -> bool:

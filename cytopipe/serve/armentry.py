@@ -9,7 +9,8 @@ each run fail (and a run of a study set up before these checks is not started: i
 name the populations with the arm's code in them). It also refuses an uploaded FCS file's name
 and a sample or patient id in which an arm's name shows (``P01_IL2_W04.fcs``): a run codes it in
 its folder, but the workspace's pages show it as it is. Each is checked again when arms become
-known (a table uploaded, a mapping confirmed) and when a run starts, as files may come first. A
+known (a table uploaded, a mapping confirmed) and when a run starts, as files may come first (an
+FCS file's name again once its bytes are received: a table may have come meanwhile). A
 refusal stores nothing and writes no audit entry; its message names the field and the value to
 change (what the user typed), never an arm of the study beyond that. The template loader's check
 (:func:`check_template`) is here too: the names checked are those of the template it loads.
@@ -264,11 +265,11 @@ def name_mask(db: DBSession, store: BlobStore, study: Study) -> Any:
     arms were known (an upload's name: the workspace renames none): ``[arm]`` where an arm shows
     as its refusals find one (:func:`cytopipe.report.armcheck.masked`); ``None`` when nothing is
     masked (its arms may be shown, or none is known)."""
-    from cytopipe.report.armcheck import masked
+    from cytopipe.report.armcheck import masker
     from cytopipe.serve.blinding import arms_visible
 
     arms = [] if arms_visible(study) else every_arm(db, store, study)
-    return (lambda text: masked(arms, text)) if arms else None
+    return masker(arms) if arms else None
 
 
 def shown_upload(row: dict[str, Any], mask: Any) -> dict[str, Any]:

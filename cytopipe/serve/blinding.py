@@ -333,7 +333,6 @@ class _AuditBlinder:
         self.cache: dict = {}
         self.codes: dict[int, dict[str, str]] = {}
         self.owners: dict[tuple[str, str], int] | None = None
-        self.known: dict[int, list[str]] = {}
         self.masks: dict[int, Any] = {}
 
     def shown(self, r: dict[str, Any]) -> dict[str, Any] | None:
@@ -367,16 +366,20 @@ class _AuditBlinder:
         if sid is None:
             return None
         if sid not in self.masks:
-            from cytopipe.report.armcheck import masked
+            from cytopipe.report.armcheck import masker
 
             arms = self.arms(sid)
-            self.masks[sid] = (lambda text, ids: masked(arms, text, ids=ids)) if arms else None
+            self.masks[sid] = masker(arms) if arms else None
         return self.masks[sid]
 
     def arms(self, sid: int) -> list[str]:
-        if sid not in self.known:
-            self.known[sid] = every_arm(self.db, self.store, self.studies[sid])
-        return self.known[sid]
+        """:func:`every_arm` of a blinded study: those its codes are given for (read once)."""
+        return list(self.study_codes(sid))
+
+    def study_codes(self, sid: int) -> dict[str, str]:
+        if sid not in self.codes:
+            self.codes[sid] = codes_of(self.db, self.store, self.studies[sid], self.secret)
+        return self.codes[sid]
 
     def _coded(self, r: dict[str, Any]) -> dict[str, Any] | None:
         """The entry with a blinded study's arms coded and its tables' hashes keyed, else ``None``."""
@@ -397,11 +400,7 @@ class _AuditBlinder:
         sid = _study_of(self.db, r["object_type"], r["object_id"], self.cache)
         if sid is not None and sid not in self.blinded:
             return None
-        table = None
-        if sid is not None:
-            if sid not in self.codes:
-                self.codes[sid] = codes_of(self.db, self.store, self.studies[sid], self.secret)
-            table = self.codes[sid]
+        table = self.study_codes(sid) if sid is not None else None
         return {**r, "before": _code_arms(r["before"], table), "after": _code_arms(r["after"], table)}
 
     def first_shown_coded(self) -> int | None:
@@ -416,25 +415,27 @@ class _AuditBlinder:
 
         if not self.blinded:
             return None
-        found = [
-            Audit.action.in_(_TABLE_ACTIONS),
-            Audit.before.contains('"arm"'),
-            Audit.after.contains('"arm"'),
-        ]
+
+        def first(*where: Any) -> int | None:
+            for row in self.db.scalars(select(Audit).where(*where).order_by(Audit.id)):
+                if self.shown(as_dict(row)) is not None:
+                    return row.id
+            return None
+
+        coded = first(or_(Audit.action.in_(_TABLE_ACTIONS), Audit.before.contains('"arm"'),
+                          Audit.after.contains('"arm"')))  # fmt: skip
         words = {a for sid in self.blinded for a in self.arms(sid)}
         if all(w.isascii() and '"' not in w and "\\" not in w for w in words):  # as stored (JSON, SQL's case)
-            found += [
+            texts = [
                 c.icontains(w, autoescape=True)
                 for w in words
                 for c in (Audit.before, Audit.after, Audit.reason)
             ]
         else:  # a name SQL may fold otherwise than Python: every entry is looked at
-            found = [Audit.id.isnot(None)]
-        q = select(Audit).where(or_(*found)).order_by(Audit.id)
-        for row in self.db.scalars(q):
-            if self.shown(as_dict(row)) is not None:
-                return row.id
-        return None
+            texts = [Audit.id.isnot(None)]
+        # only the entries before the first coded one: usually few (a study's arms come early)
+        masked = first(or_(*texts), *([Audit.id < coded] if coded is not None else [])) if texts else None
+        return min((i for i in (coded, masked) if i is not None), default=None)
 
 
 #: keys of audit entries whose values are not texts to mask: the arm list (shown by design), arms

@@ -256,6 +256,17 @@ def record_upload(
     the file is on disk and in the store; ``account`` holds the bytes the batch reserved for it
     (its count is corrected to the bytes received in the same transaction)."""
     account = account if account is not None else {"reserved": 0, "done": False}
+    try:  # its name again: a table saved while the file streamed may have made an arm known
+        with ws.sessions() as db:
+            study = get_study(db, study_id)
+            if not arms_visible(study):
+                armentry.refuse_upload_name(
+                    db, ws.store, study, name, str(raw_name), f"the file {name!r} was not uploaded"
+                )
+    except AuthError:
+        if got.tmp is not None:
+            got.tmp.unlink(missing_ok=True)
+        raise
     if got.tmp is not None:
         try:
             if not got.synced:
