@@ -171,6 +171,23 @@ def test_what_counts_as_a_number_or_an_id_carrying_an_arm():
     assert ids_showing_arms(["C", "PBO"], [windows]) == ["file 'D:\\\\C\\\\P3.fcs'"]
 
 
+def test_what_a_workspace_masks_in_a_name_stored_before_the_arms_were_known():
+    """``masked``: an arm's name where blinding finds it and the refusals look for it (the one
+    matcher, ``leak_pattern``), a one-letter arm as a part of an id's own in any case; nothing
+    else (a letter glued to digits, a letter inside a word, the article)."""
+    from cytopipe.report.armcheck import masked
+    from cytopipe.report.armnames import shared_words
+
+    assert masked(["IL2", "PBO"], "lab/IL2/P001_il2_W00.fcs") == "lab/[arm]/P001_[arm]_W00.fcs"
+    assert masked(["IL-2 0.5 MIU", "placebo"], "sle_il2_tcell_nk.yaml") == "sle_il2_tcell_nk.yaml"
+    assert masked(["A", "B"], "P001-a_W00.fcs P01A_W00 PA01") == "P001-[arm]_W00.fcs P01A_W00 PA01"
+    assert masked(["A", "B"], "a gate of B", ids=False) == "a gate of [arm]"  # texts: blinding's rule
+    assert masked(["HD", "LD"], "P01_HD_W04 CHD") == "P01_[arm]_W04 CHD"
+    assert masked([], "P01_HD_W04") == "P01_HD_W04"
+    for arms, name in ((["IL2"], "P01_IL2.fcs"), (["HD"], "x_HD_y")):  # what the refusals find, masked
+        assert shared_words(arms, [name]) == [name] and "[arm]" in masked(arms, name)
+
+
 def test_which_letters_glued_to_an_ids_digits_show_an_arm():
     """A one-letter arm glued to an id's digits shows the arm where only one arm's rows carry that
     letter at that place (column, part, piece); one that rows of several arms carry tells nothing."""

@@ -73,9 +73,7 @@ def refuse_ids_with_arms(
 ) -> None:  # fmt: skip
     """A blinded study's file names and ids that show an arm (:func:`ids_with_arms`): refused (400).
     ``todo``: what happened."""
-    arms, letters, words = ids_with_arms(
-        db, store, study, mapped=mapped, clinical=clinical, manifest=manifest
-    )
+    _, letters, words = ids_with_arms(db, store, study, mapped=mapped, clinical=clinical, manifest=manifest)
     _refuse_found(todo, letters, words)
 
 
@@ -175,15 +173,14 @@ def _refuse_found(todo: str, found: list[str], words: list[str]) -> None:
             "(a letter joined by a hyphen, or glued to digits where only one arm's ids carry it there). "
             f"Give ids that do not carry the arm, or give the arms longer names{_rename(found)}",
         )
-    found = words
-    if found:
+    if words:
         raise AuthError(
             400,
-            f"{todo}: an arm's name shows in file names or ids ({named_ids(found)}); a blinded study "
+            f"{todo}: an arm's name shows in file names or ids ({named_ids(words)}); a blinded study "
             "shows them as they are (on the study page, the mapping, a run's page and in the audit "
             "trail), so each would tell its patient's arm, and beside the arm's code which code is "
             f"which arm. Give ids that do not carry the arm, or give the arms other names (e.g. 'TRT', "
-            f"'PBO'){_rename(found)}",
+            f"'PBO'){_rename(words)}",
         )
 
 
