@@ -74,9 +74,10 @@ def _study(trial: Path, folder: Path, arms: tuple[str, str, str], ids: str = "")
 
 
 def _workflow(
-    study: Path, out: Path, *, blinded: bool, report: bool = True, template: Path = TEMPLATE
-) -> Path:
-    spec = {"study": "uncodable arms", "manifest": str(study / "manifest.csv"),
+    study: Path, out: Path, *, blinded: bool, report: bool = True, template: Path = TEMPLATE,
+    name: str = "uncodable arms",
+) -> Path:  # fmt: skip
+    spec = {"study": name, "manifest": str(study / "manifest.csv"),
             "clinical": str(study / "clinical.csv"), "template": str(template), "output": str(out),
             **SECTIONS, "clustering": {"enabled": False}, "compensation": {"source": "controls"},
             "report": {"enabled": report, "blinded": blinded}}  # fmt: skip
@@ -149,6 +150,39 @@ def test_a_blinded_run_whose_median_markers_or_panel_show_an_arm_is_refused_befo
     assert "an arm's name is also a word of the run's population or marker names" in proc.stderr
     assert shown in proc.stderr and "nothing was done" in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "folder", "said"),
+    [("TRT trial", "run", "the study name 'TRT trial'"),
+     ("uncodable arms", "pbo_run", "the run folder's name 'pbo_run'")],
+)  # fmt: skip
+def test_a_blinded_run_whose_study_or_folder_name_shows_an_arm_is_refused_before_any_work(
+    trial, tmp_path, name, folder, said
+):
+    """The blinded report's title and summary show the study's and the run folder's names with
+    the arm's code in the arm's place (``Arm B trial``): which code is that arm. Was: run."""
+    study = _study(trial, tmp_path / "study", ("TRT", "PBO", "LOW"))
+    out = tmp_path / folder
+    proc = _run(_workflow(study, out, blinded=True, name=name))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"an arm's name shows in {said}" in proc.stderr and "nothing was done" in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_blinded_report_of_a_run_folder_named_with_an_arm_is_refused(trial, tmp_path):
+    """`cytopipe report --blinded` of a run written unblinded to a folder named with an arm."""
+    study = _study(trial, tmp_path / "study", ("TRT", "PBO", "LOW"))
+    out = tmp_path / "trt_run"
+    proc = _run(_workflow(study, out, blinded=False, report=False))
+    assert proc.returncode in (0, 3), proc.stderr[-3000:]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = cli("report", str(out), "--blinded")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "the run folder's name 'trt_run'" in proc.stderr and "Nothing was written." in proc.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert folder_record(out) is None
 
 
 def test_what_counts_as_a_number_or_an_id_carrying_an_arm():

@@ -96,7 +96,7 @@ def check_report_tables(
     besides those of the run's manifest and clinical table. ``names``: the run's populations and
     markers, which must not show an arm name when the run blinds
     (:func:`~cytopipe.report.armcheck.refuse_uncodable`)."""
-    from cytopipe.report.armcheck import refuse_uncodable
+    from cytopipe.report.armcheck import refuse_study_names, refuse_uncodable
     from cytopipe.report.blindfiles import check_user_files
     from cytopipe.report.blinding import find_leaks, folder_record, source_arms
     from cytopipe.report.tables_folder import check_blinded_folder, check_edited_tables
@@ -110,6 +110,7 @@ def check_report_tables(
     arms = [*arms, *source_arms(inputs)]
     stop = "The run would blind the folder after all its work; nothing was done."
     refuse_uncodable(arms, names, inputs, stop)  # arms named by numbers, ids with an arm's letter, ...
+    refuse_study_names(arms, str(wf.study or ""), run_dir.resolve().name, stop)  # the report's title
     todo = (f"{stop} Move the file out of the run folder (or take the arm names out of it, or delete it), "
             "then run the command again")  # fmt: skip
     if wf.report.get("enabled", True):

@@ -230,6 +230,28 @@ def refuse_uncodable(
     refuse_shared_words(arms, names, todo)
 
 
+def refuse_study_names(arms: Iterable[str], study: str, folder: str, todo: str) -> None:
+    """Refuse (:class:`ReportError`) to blind a run whose study name or run folder's name shows an
+    arm name (:func:`cytopipe.report.armnames.shared_words`): the blinded report's title and run
+    summary show both with the arm's code in its place (``Arm B trial``), which would tell which
+    code stands for that arm. Named: the study or the folder (not the arm). ``todo``: what
+    happens now."""
+    from cytopipe.report.armnames import shared_words
+
+    arms = [str(a) for a in arms if a is not None and str(a).strip()]
+    for kind, name, fix in (
+        ("study name", study, "give the workflow's `study:` a name that does not carry the arm"),
+        ("run folder's name", folder, "write the run to a folder whose name does not carry it (`--out`)"),
+    ):
+        if name and shared_words(arms, [name]):
+            raise ReportError(
+                f"an arm's name shows in the {kind} {name!r}: a blinded report shows it with the arm's "
+                f"code in its place, which would tell which code stands for that arm. To blind the run, "
+                f"{fix}, or give the arms other names (e.g. 'TRT', 'PBO'). {todo}",
+                key="blinded",
+            )
+
+
 def refuse_shared_words(arms: Iterable[str], names: Iterable[str], todo: str) -> None:
     """Refuse (:class:`ReportError`) to blind a run whose populations or markers (``names``) show an
     arm name (:func:`cytopipe.report.armnames.shared_words`): coded there too, they would tell

@@ -330,7 +330,7 @@ def _secret(data: RunData) -> bytes | None:
 
 
 def _blind(data: RunData, codes: dict[str, str]) -> None:
-    from cytopipe.report.armcheck import refuse_uncodable
+    from cytopipe.report.armcheck import refuse_study_names, refuse_uncodable
 
     markers = []
     if data.gate_review is not None:
@@ -342,6 +342,7 @@ def _blind(data: RunData, codes: dict[str, str]) -> None:
         ]
     inputs = {"manifest": data.samples, "clinical": data.clinical}  # their ids, not yet coded
     refuse_uncodable(codes, [*data.populations, *markers], inputs, "Nothing was written.")
+    refuse_study_names(codes, data.study, data.folder_name, "Nothing was written.")
     data.codes = codes
     for name in (
         "population_stats",
