@@ -69,6 +69,51 @@ def cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProce
     )
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning on (the current) standard error, as Python prints one."""
+    import warnings
+
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """``cytopipe ARGS`` through the command's own entry point (``cytopipe.cli.main``, which
+    ``python -m cytopipe`` calls) in this process, its standard output and error captured, as
+    :func:`cli` returns them. Only for a test about what a command does or says (its files, its
+    messages, its exit code), never one about the process itself (start-up, imports, signals, the
+    environment a fresh interpreter gets): it saves the ~1 s of CPU a fresh process spends importing
+    pandas, Dask and SciPy before any work, which a refusal "before any work" is almost all of.
+
+    Standard error gets what a fresh process would print there, so that a test finding no arm name
+    (or no traceback) in it checks as much: log records no handler takes (logging's last resort,
+    WARNING and above; pytest's own handlers are set aside meanwhile) and Python warnings, under a
+    fresh interpreter's warning filters and each printed once per place, as in a new process."""
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    from cytopipe.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.resetwarnings()
+        warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.filterwarnings("ignore", category=category, append=True)
+        warnings.showwarning = _print_warning  # pytest's recorder set aside: printed, as a process does
+        root.handlers, root.level = [], logging.WARNING  # unhandled records: logging.lastResort
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's usage errors exit as the process would
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            root.handlers, root.level = handlers, level
+    return subprocess.CompletedProcess(["cytopipe", *args], code, out.getvalue(), err.getvalue())
+
+
 def free_port() -> int:
     """A free TCP port on the loopback. Under pytest-xdist each worker takes only ports of its own
     residue (port % workers == its number), so two workers never pick the same port in the moment

@@ -19,7 +19,10 @@ import yaml
 from cytopipe.report.blinding import folder_record
 from cytopipe.report.tables_folder import MANIFEST, plan_tables
 from tests.blinding_support import visible_text
-from tests.pipeline_support import SECTIONS, TEMPLATE, cli
+from tests.pipeline_support import SECTIONS, TEMPLATE, cli_in_process
+
+# the commands run in this process (cli_in_process): these tests check what they write and say,
+# not the process, whose start-up (~1 s of imports) was most of a refusal's cost
 
 LEAKY = "arm,comment\nplacebo,two samples re-acquired\n"
 NOTES = "sample_id,comment\nP001_W00,re-acquired on the second cytometer\n"
@@ -50,7 +53,7 @@ def test_a_blinded_run_refuses_a_csv_showing_an_arm_before_any_work(sim_trial, t
     leaky.write_text(LEAKY, encoding="utf-8")
     spec = _spec(sim_trial, out, tmp_path)
     before = _snapshot(out)
-    proc = cli("run", str(spec), "--no-progress", "--scheduler", "synchronous")
+    proc = cli_in_process("run", str(spec), "--no-progress", "--scheduler", "synchronous")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"file '{leaky.parent}': holds notes_by_arm.csv (not written by the report), which shows an " \
            "arm name (line 2: 'placebo')" in proc.stderr, proc.stderr[-3000:]  # fmt: skip
@@ -62,7 +65,7 @@ def test_a_blinded_run_refuses_a_csv_showing_an_arm_before_any_work(sim_trial, t
     leaky.rename(tmp_path / leaky.name)
     notes = out / "report_tables" / "notes.csv"
     notes.write_text(NOTES, encoding="utf-8")
-    proc = cli("run", str(spec), "--no-progress", "--scheduler", "synchronous")
+    proc = cli_in_process("run", str(spec), "--no-progress", "--scheduler", "synchronous")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "report.html").is_file() and folder_record(out) is not None
     assert notes.read_text(encoding="utf-8") == NOTES and "kept notes.csv" in proc.stderr
@@ -73,7 +76,7 @@ def test_a_blinded_run_refuses_a_csv_showing_an_arm_before_any_work(sim_trial, t
         LEAKY.replace("placebo", "IL-2 0.5 MIU"), encoding="utf-8"
     )
     before = _snapshot(out)
-    proc = cli("cluster", str(out), "--retrain", "--no-progress", "--scheduler", "synchronous")
+    proc = cli_in_process("cluster", str(out), "--retrain", "--no-progress", "--scheduler", "synchronous")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "holds arms.csv (not written by the report), which shows an arm name (line 2: 'IL-2 0.5 MIU')" \
         in proc.stderr and "nothing was done" in proc.stderr  # fmt: skip
@@ -135,7 +138,7 @@ def test_a_run_whose_report_fails_leaves_no_earlier_report(sim_trial, tmp_path):
     plain["report"] = {"enabled": True, "blinded": False}
     first = tmp_path / "plain.yaml"
     first.write_text(yaml.safe_dump(plain, sort_keys=False), encoding="utf-8")
-    proc = cli("run", str(first), "--no-progress", "--scheduler", "synchronous")
+    proc = cli_in_process("run", str(first), "--no-progress", "--scheduler", "synchronous")
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples = out / "report_tables" / "samples.csv"
     edited = samples.read_text(encoding="utf-8").replace("sample_id", "sample_id (checked by AB)", 1)

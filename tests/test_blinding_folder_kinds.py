@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.pipeline_support import SECTIONS, TEMPLATE, cli
+from tests.pipeline_support import SECTIONS, TEMPLATE, cli, cli_in_process
 from tests.test_blinded_run_report_tables import ARMS, _snapshot
 
 #: what the scan looks for: every arm name, and the doses alone (``0.5 MIU`` tells the arm too)
@@ -150,7 +150,9 @@ def test_a_blinded_run_leaves_no_arm_name_anywhere_in_its_folder(sim_trial, tmp_
     samples.write_bytes(edited)
     before = _snapshot(out)
     gallery = _spec(trial, out, tmp_path / "gallery.yaml", blinded=False, max_gallery=3)  # not reused
-    proc = cli("run", str(gallery), "--no-progress", "--scheduler", "synchronous")
+    # the refusals and the reports below: `cytopipe` in this process (cli_in_process): what they
+    # write and say is checked, not the process; the two runs around them are real processes
+    proc = cli_in_process("run", str(gallery), "--no-progress", "--scheduler", "synchronous")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"file '{samples.parent}': holds samples.csv (a table an earlier report wrote, changed since), " \
            "named as a table the run's report writes there" in proc.stderr, proc.stderr[-3000:]  # fmt: skip
@@ -160,14 +162,14 @@ def test_a_blinded_run_leaves_no_arm_name_anywhere_in_its_folder(sim_trial, tmp_
 
     # reports written elsewhere in the run folder (unblinded): cytopipe's, removed when it is blinded
     for report in (out / "interim.html", out / "old" / "interim.html"):
-        proc = cli("report", str(out), "--out", str(report))
+        proc = cli_in_process("report", str(out), "--out", str(report))
         assert proc.returncode == 3, proc.stderr[-3000:]  # written; the clinical table's problem
         assert "placebo" in (report.parent / "interim_tables" / "samples.csv").read_text(encoding="utf-8")
 
     # a user's files that show an arm or cannot be checked, wherever they are: refused before any work
     _put(out, REFUSED | {"interim_tables/mine.csv": b"arm\nplacebo\n"})
     before = _snapshot(out)
-    proc = cli("run", str(blinded), "--no-progress", "--scheduler", "synchronous")
+    proc = cli_in_process("run", str(blinded), "--no-progress", "--scheduler", "synchronous")
     assert proc.returncode == 2, proc.stderr[-3000:]
     message = proc.stderr
     assert "holds a file cytopipe did not write that shows an arm name: .notes/arms.txt (line 1: 'placebo'); " \

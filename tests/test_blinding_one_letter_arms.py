@@ -22,7 +22,7 @@ from cytopipe.report import html as H
 from cytopipe.report.armnames import shared_words
 from cytopipe.report.blinding import arm_codes, blind_text, find_leaks, folder_record
 from cytopipe.report.pagecheck import page_leaks
-from tests.pipeline_support import SECTIONS, TEMPLATE, cli
+from tests.pipeline_support import SECTIONS, TEMPLATE, cli_in_process
 
 ARMS = {"IL-2 1.0 MIU": "A", "IL-2 0.5 MIU": "B", "IL-2 0.2 MIU": "C"}
 LETTERS = sorted(ARMS.values())
@@ -30,7 +30,9 @@ LETTERS = sorted(ARMS.values())
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """The same small study with one-letter arms, run unblinded and blinded (report included)."""
+    """The same small study with one-letter arms, run unblinded and blinded (report included).
+    `cytopipe` runs in this process here and below (cli_in_process): these tests check what the
+    commands write and say, not the process; a fresh one spent ~1 s importing before any work."""
     from cytopipe.simulate import simulate_trial
 
     base = tmp_path_factory.mktemp("one_letter")
@@ -50,7 +52,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                 "report": {"enabled": True, "blinded": kind == "blinded"}}  # fmt: skip
         path = base / f"{kind}.yaml"
         path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
-        proc = cli("run", str(path), "--no-progress", "--scheduler", "synchronous")
+        proc = cli_in_process("run", str(path), "--no-progress", "--scheduler", "synchronous")
         assert proc.returncode in (0, 3), proc.stderr[-3000:]  # 3: the statistics' problems
         out[kind] = folder
     return out
@@ -144,7 +146,7 @@ def test_a_study_with_one_letter_arms_gets_its_blinded_report_and_unblinds_to_th
 
     unblinded = blinded.with_name("unblinded")
     shutil.copytree(blinded, unblinded)
-    proc = cli("unblind", str(unblinded), "--key", str(runs["trial"] / "manifest.csv"))
+    proc = cli_in_process("unblind", str(unblinded), "--key", str(runs["trial"] / "manifest.csv"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     back, ref = _tables(unblinded), _tables(plain)
     assert set(back) == set(ref)
@@ -158,16 +160,16 @@ def test_the_check_refuses_a_one_letter_arm_shown_as_data_in_the_run_folder(runs
     # a user's files: a note in plain English stays; a table of counts per arm is refused
     (run / "notes.txt").write_text("Sent a copy to the sponsor. A batch was re-acquired.\n", encoding="utf-8")
     (run / "counts.csv").write_text("arm,patients\nA,2\nB,1\n", encoding="utf-8")
-    proc = cli("report", str(run), "--blinded")
+    proc = cli_in_process("report", str(run), "--blinded")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "counts.csv" in proc.stderr and "notes.txt" not in proc.stderr
     assert folder_record(run) is None  # nothing was blinded
     (run / "counts.csv").unlink()
     (run / "arm_A.txt").write_text("nothing here\n", encoding="utf-8")  # the name shows it
-    proc = cli("report", str(run), "--blinded")
+    proc = cli_in_process("report", str(run), "--blinded")
     assert proc.returncode == 2 and "arm_A.txt" in proc.stderr, proc.stderr[-3000:]
     (run / "arm_A.txt").unlink()
-    proc = cli("report", str(run), "--blinded")  # was refused: the article a, <a>, <b>
+    proc = cli_in_process("report", str(run), "--blinded")  # was refused: the article a, <a>, <b>
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert folder_record(run) is not None
     assert (run / "notes.txt").read_text(encoding="utf-8").startswith("Sent a copy")  # a user's: untouched
@@ -245,7 +247,7 @@ def test_a_run_whose_populations_show_a_one_letter_arm_is_not_blinded(runs, tmp_
     spec.update(manifest=str(trial / "manifest.csv"), clinical=str(trial / "clinical.csv"), output=str(out))
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
-    proc = cli("run", str(path), "--no-progress", "--scheduler", "synchronous")
+    proc = cli_in_process("run", str(path), "--no-progress", "--scheduler", "synchronous")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "'T cells', 'CD4 T', 'CD8 T'" in proc.stderr and "nothing was done" in proc.stderr
     assert not (out / "population_stats.parquet").exists()

@@ -16,7 +16,10 @@ import pandas as pd
 import yaml
 
 from tests.blinding_support import visible_text
-from tests.pipeline_support import SECTIONS, TEMPLATE, cli
+from tests.pipeline_support import SECTIONS, TEMPLATE, cli_in_process
+
+# the commands run in this process (cli_in_process): these tests check what they write and say,
+# not the process, whose start-up (~1 s of imports) was most of a refusal's cost
 
 ARM = "placebo"
 
@@ -48,7 +51,7 @@ def test_a_blinded_run_json_shows_no_arm_in_the_paths_of_its_files(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     for _ in range(2):  # the second run: into the blinded folder, from its record
-        proc = cli("run", str(path), "--no-progress", "--scheduler", "synchronous")
+        proc = cli_in_process("run", str(path), "--no-progress", "--scheduler", "synchronous")
         assert proc.returncode in (0, 3), proc.stderr[-3000:]  # 3: the statistics' problems
         samples = pd.read_parquet(out / "samples.parquet").set_index("sample_id")
         code = samples.loc["P003_W00", "arm"]

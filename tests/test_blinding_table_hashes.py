@@ -24,8 +24,11 @@ import re
 import pytest
 import yaml
 
-from tests.pipeline_support import SECTIONS, TEMPLATE, cli
+from tests.pipeline_support import SECTIONS, TEMPLATE, cli_in_process
 from tests.test_blinded_run_report_tables import ARMS
+
+# the commands run in this process (cli_in_process): these tests check what they write and say,
+# not the process, whose start-up (~1 s of imports) was most of a refusal's cost
 
 RECORD = ".cytopipe-report-tables.json"
 
@@ -55,7 +58,7 @@ def _every_assignment(text: str) -> dict[str, bool]:
 @pytest.mark.slow
 def test_blinding_drops_the_hashes_of_tables_written_before(sim_trial, tmp_path):
     out = tmp_path / "run"
-    proc = cli("run", _spec(sim_trial, out, tmp_path / "plain.yaml", enabled=True, blinded=False),
+    proc = cli_in_process("run", _spec(sim_trial, out, tmp_path / "plain.yaml", enabled=True, blinded=False),
                "--no-progress", "--scheduler", "synchronous")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     tables = out / "report_tables"
@@ -74,7 +77,7 @@ def test_blinding_drops_the_hashes_of_tables_written_before(sim_trial, tmp_path)
         record["files"]["samples.csv"]["sha256"]
         == hashlib.sha256(written["samples.csv"].encode()).hexdigest()
     )
-    proc = cli("run", _spec(sim_trial, out, tmp_path / "blinded.yaml", enabled=False, blinded=True),
+    proc = cli_in_process("run", _spec(sim_trial, out, tmp_path / "blinded.yaml", enabled=False, blinded=True),
                "--no-progress", "--scheduler", "synchronous")  # fmt: skip
     assert proc.returncode in (0, 3), proc.stderr[-3000:]
     assert (
@@ -92,7 +95,7 @@ def test_blinding_drops_the_hashes_of_tables_written_before(sim_trial, tmp_path)
     # the record still lists the edited table (no hash), so a report refuses it, not replaces it
     record = json.loads((tables / RECORD).read_text(encoding="utf-8"))
     assert set(record["changed"]) == {"samples.csv"}
-    proc = cli("report", str(out))
+    proc = cli_in_process("report", str(out))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "samples.csv (a table an earlier report wrote, changed since)" in proc.stderr, proc.stderr[-3000:]
 
@@ -103,15 +106,15 @@ def test_a_run_that_blinds_the_folder_removes_every_unblinded_report(sim_trial, 
     recoding; its reports (``report_tables/`` without its report.html, an ``--out`` report beside
     its tables) were then kept, unblinded: every arm name in the blinded folder. Now they go."""
     out = tmp_path / "run"
-    proc = cli("run", _spec(sim_trial, out, tmp_path / "plain.yaml", enabled=True, blinded=False),
+    proc = cli_in_process("run", _spec(sim_trial, out, tmp_path / "plain.yaml", enabled=True, blinded=False),
                "--no-progress", "--scheduler", "synchronous")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = cli("report", str(out), "--out", str(out / "interim.html"))
+    proc = cli_in_process("report", str(out), "--out", str(out / "interim.html"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     (out / "report.html").unlink()  # its tables stay
     assert "placebo" in (out / "report_tables" / "samples.csv").read_text(encoding="utf-8")
     assert "placebo" in (out / "interim_tables" / "samples.csv").read_text(encoding="utf-8")
-    proc = cli("run", _spec(sim_trial, out, tmp_path / "blinded.yaml", enabled=False, blinded=True),
+    proc = cli_in_process("run", _spec(sim_trial, out, tmp_path / "blinded.yaml", enabled=False, blinded=True),
                "--no-progress", "--scheduler", "synchronous")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "removed interim.html and the tables it wrote in interim_tables/" in proc.stderr
@@ -134,7 +137,7 @@ def test_the_report_cache_key_of_a_blinded_folder_needs_its_secret(sim_run, tmp_
     out = tmp_path / "run"
     shutil.copytree(sim_run, out)
     clinical = json.loads((sim_run / "run.json").read_text(encoding="utf-8"))["workflow"]["clinical"]
-    proc = cli("report", str(out), "--blinded", "--clinical", clinical)
+    proc = cli_in_process("report", str(out), "--blinded", "--clinical", clinical)
     assert proc.returncode in (0, 3), proc.stderr[-3000:]
     [marker] = (out / ".cache" / "report").glob("*.json")
     options = dict(blinded=True, out=out / "report.html", blind_key=None, clinical=clinical, max_gallery=36)

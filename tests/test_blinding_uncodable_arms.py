@@ -21,7 +21,10 @@ import yaml
 from cytopipe.report.armcheck import ids_showing_arms, number_arms
 from cytopipe.report.blinding import find_leaks, folder_record
 from tests.blinding_support import visible_text
-from tests.pipeline_support import SECTIONS, TEMPLATE, cli
+from tests.pipeline_support import SECTIONS, TEMPLATE, cli_in_process
+
+# the commands run in this process (cli_in_process): these tests check what they write and say,
+# not the process, whose start-up (~1 s of imports) was most of a refusal's cost
 
 DOSES = ("IL-2 1.0 MIU", "IL-2 0.5 MIU", "IL-2 0.2 MIU")
 
@@ -87,7 +90,7 @@ def _workflow(
 
 
 def _run(path: Path):
-    return cli("run", str(path), "--no-progress", "--scheduler", "synchronous")
+    return cli_in_process("run", str(path), "--no-progress", "--scheduler", "synchronous")
 
 
 @pytest.mark.parametrize("arms", [("1", "2", "3"), pytest.param(("0", "10", "2.5"), marks=pytest.mark.slow)])
@@ -271,7 +274,7 @@ def test_a_blinded_report_of_such_a_run_folder_is_refused_and_leaves_it_as_it_wa
     samples = pd.read_parquet(out / "samples.parquet")
     assert set(samples.loc[samples["arm"] != "", "arm"]) == set(arms)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    proc = cli("report", str(out), "--blinded")
+    proc = cli_in_process("report", str(out), "--blinded")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert said in proc.stderr and "Nothing was written." in proc.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # not even a secret
@@ -290,7 +293,7 @@ def test_longer_arm_names_inside_ids_are_coded_there_and_come_back_when_unblindi
     assert sorted(armed["arm"].unique()) == ["Arm A", "Arm B", "Arm C"]
     assert list(armed["patient_id"]) == list(armed["patient_id"].str[:4] + "-" + armed["arm"])  # P001-Arm B
     assert find_leaks({"the blinded folder": visible_text(out)}, arms) == []
-    proc = cli("unblind", str(out), "--key", str(study / "manifest.csv"))
+    proc = cli_in_process("unblind", str(out), "--key", str(study / "manifest.csv"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples = pd.read_parquet(out / "samples.parquet")
     assert sorted(samples.loc[samples["arm"] != "", "patient_id"]) == [

@@ -22,6 +22,7 @@ import pytest
 from cytopipe.errors import ReportError
 from cytopipe.report import write_report
 from tests.conftest import SAMPLE_DATA
+from tests.pipeline_support import cli_in_process
 from tests.report_support import ARMS, REPO, arm_mismatch, build_cohort_run
 
 SECTIONS = ["overview", "qc", "gates", "dynamics", "clinical", "correlations", "models", "files"]
@@ -421,9 +422,9 @@ def test_report_never_deletes_an_input_csv_in_its_tables_folder(small_run, tmp_p
 
 
 def _report_cli(run, *args):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "cytopipe", "report", str(run), *args],
-                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    """`cytopipe report RUN ARGS` in this process (cli_in_process): the tests that call it check what
+    the command writes and says, not the process (test_cli_writes_the_report runs it as one)."""
+    return cli_in_process("report", str(run), *args)
 
 
 @pytest.mark.slow  # default suite: tests/test_blinding_folder_kinds.py (a report of a run with a clinical problem exits 3) and tests/test_pipeline.py
