@@ -59,7 +59,7 @@ def _every_assignment(text: str) -> dict[str, bool]:
 def test_blinding_drops_the_hashes_of_tables_written_before(sim_trial, tmp_path):
     out = tmp_path / "run"
     proc = cli_in_process("run", _spec(sim_trial, out, tmp_path / "plain.yaml", enabled=True, blinded=False),
-               "--no-progress", "--scheduler", "synchronous")  # fmt: skip
+                          "--no-progress", "--scheduler", "synchronous")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     tables = out / "report_tables"
     written = {p.name: p.read_text(encoding="utf-8") for p in tables.glob("*.csv")}
@@ -78,7 +78,7 @@ def test_blinding_drops_the_hashes_of_tables_written_before(sim_trial, tmp_path)
         == hashlib.sha256(written["samples.csv"].encode()).hexdigest()
     )
     proc = cli_in_process("run", _spec(sim_trial, out, tmp_path / "blinded.yaml", enabled=False, blinded=True),
-               "--no-progress", "--scheduler", "synchronous")  # fmt: skip
+                          "--no-progress", "--scheduler", "synchronous")  # fmt: skip
     assert proc.returncode in (0, 3), proc.stderr[-3000:]
     assert (
         not (out / "report.html").exists()
@@ -107,7 +107,7 @@ def test_a_run_that_blinds_the_folder_removes_every_unblinded_report(sim_trial, 
     its tables) were then kept, unblinded: every arm name in the blinded folder. Now they go."""
     out = tmp_path / "run"
     proc = cli_in_process("run", _spec(sim_trial, out, tmp_path / "plain.yaml", enabled=True, blinded=False),
-               "--no-progress", "--scheduler", "synchronous")  # fmt: skip
+                          "--no-progress", "--scheduler", "synchronous")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = cli_in_process("report", str(out), "--out", str(out / "interim.html"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -115,7 +115,7 @@ def test_a_run_that_blinds_the_folder_removes_every_unblinded_report(sim_trial, 
     assert "placebo" in (out / "report_tables" / "samples.csv").read_text(encoding="utf-8")
     assert "placebo" in (out / "interim_tables" / "samples.csv").read_text(encoding="utf-8")
     proc = cli_in_process("run", _spec(sim_trial, out, tmp_path / "blinded.yaml", enabled=False, blinded=True),
-               "--no-progress", "--scheduler", "synchronous")  # fmt: skip
+                          "--no-progress", "--scheduler", "synchronous")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "removed interim.html and the tables it wrote in interim_tables/" in proc.stderr
     assert not any(p.exists() for p in (out / "report_tables", out / "interim_tables", out / "interim.html"))
