@@ -181,7 +181,7 @@ def test_a_blinded_report_of_a_run_folder_named_with_an_arm_is_refused(trial, tm
     proc = _run(_workflow(study, out, blinded=False, report=False))
     assert proc.returncode in (0, 3), proc.stderr[-3000:]
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    proc = cli("report", str(out), "--blinded")
+    proc = cli_in_process("report", str(out), "--blinded")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "the run folder's name 'trt_run'" in proc.stderr and "Nothing was written." in proc.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
