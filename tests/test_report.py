@@ -312,14 +312,15 @@ def test_blinded_tables_do_not_list_the_arms_in_dose_order(small_run, tmp_path):
 
 
 def test_leak_check_fails_closed(small_run, monkeypatch):
-    """If any arm name would reach a blinded report (here: a study name that contains one and a
-    blinding step that misses it), nothing is written."""
+    """If any arm name would reach a blinded report (here: a run problem that names one and a
+    blinding step that misses it), nothing is written. (A study name showing an arm is refused
+    before, by armcheck.refuse_study_names: tests/test_blinding_uncodable_arms.py.)"""
     run, _ = small_run
     import cytopipe.report.data as data_module
 
     monkeypatch.setattr(data_module, "_blind_str", lambda text, codes: text)
     info = json.loads((run / "run.json").read_text())
-    info["study"] = "placebo-controlled IL-2 trial"
+    info["problems"] = [*(info.get("problems") or []), "P004: the placebo tube was relabelled"]
     (run / "run.json").write_text(json.dumps(info))
     with pytest.raises(ReportError, match="would show arm names"):
         write_report(run, blinded=True)
