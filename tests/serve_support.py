@@ -256,6 +256,22 @@ def server(request, backend, tmp_path_factory) -> Iterator[Server]:
         yield srv
 
 
+def confirm_in_database(server, study: int, upload_id: int, **sample) -> None:
+    """A sample confirmed by an older version of the workspace, which checked less: written to its
+    database directly (how a study set up before a check comes to hold what the check now refuses)."""
+    from sqlalchemy.orm import sessionmaker
+
+    from cytopipe.serve.db import Sample, database_url, make_engine
+
+    engine = make_engine(database_url(server.database, server.data))
+    try:
+        with sessionmaker(engine)() as db:
+            db.add(Sample(study_id=study, upload_id=upload_id, visit=0, confirmed_by="admin", **sample))
+            db.commit()
+    finally:
+        engine.dispose()
+
+
 def signed_in(browser, server, user: str, errors: list | None = None, console: bool = True):
     """A fresh browser context signed in as ``user`` through the sign-in page: (context, page);
     ``errors`` collects the pages' script errors (and, with ``console``, console errors) from the

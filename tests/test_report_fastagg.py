@@ -94,17 +94,22 @@ def test_png_encoding_keeps_every_pixel_and_text():
         assert image.info["dpi"] == pytest.approx((100, 100), abs=0.01)
 
 
+def _gallery_rows(n: int) -> list[dict]:
+    """``n`` gate-review rows of one 2-D gate (a 4x4 density, a rectangle) for gallery_figure."""
+    xe = [0.0, 1.0]
+    return [
+        {"x": "FSC-A", "y": "SSC-A", "x_range": xe, "y_range": xe, "x_bins": 4, "y_bins": 4,
+         "counts": list(range(16)), "shapes": '[{"kind": "rect", "x": [0.2, 0.8], "y": [0.1, null]}]'}
+        for _ in range(n)
+    ]  # fmt: skip
+
+
 def test_a_gallery_figure_on_the_text_canvas_keeps_its_canvas_and_texts():
     """render() draws a gallery figure on its own TextCanvas (not a plain Agg canvas) and still
     lists every text it shows in the PNG's Description."""
     from cytopipe.report import figures as F
 
-    xe = [0.0, 1.0]
-    rows = [
-        {"x": "FSC-A", "y": "SSC-A", "x_range": xe, "y_range": xe, "x_bins": 4, "y_bins": 4,
-         "counts": list(range(16)), "shapes": '[{"kind": "rect", "x": [0.2, 0.8], "y": [0.1, null]}]'}
-        for _ in range(3)
-    ]  # fmt: skip
+    rows = _gallery_rows(3)
     with F.style_context():
         fig = F.gallery_figure(rows, ["", "flag", ""], ["S1  50.0%", "S2  12.5%", "S3  99.9%"])
         assert isinstance(fig.canvas, TextCanvas)
@@ -136,12 +141,7 @@ def test_without_the_internals_the_figures_are_drawn_matplotlibs_own_way(monkeyp
 
     monkeypatch.setattr(fastagg, "FAST_TEXT", False)
     monkeypatch.setattr(fastagg, "FAST_IMAGE", False)
-    xe = [0.0, 1.0]
-    rows = [
-        {"x": "FSC-A", "y": "SSC-A", "x_range": xe, "y_range": xe, "x_bins": 4, "y_bins": 4,
-         "counts": list(range(16)), "shapes": '[{"kind": "rect", "x": [0.2, 0.8], "y": [0.1, null]}]'}
-        for _ in range(2)
-    ]  # fmt: skip
+    rows = _gallery_rows(2)
     with F.style_context():
         fig = F.gallery_figure(rows, ["", ""], ["S1  50.0%", "S2  12.5%"])
         images = fig.axes[0].get_images()

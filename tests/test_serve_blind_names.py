@@ -20,7 +20,7 @@ import pytest
 from cytopipe.errors import ReportError
 from tests import serve_support
 from tests.pipeline_support import TEMPLATE
-from tests.serve_support import STUDY, trial_manifest
+from tests.serve_support import STUDY, confirm_in_database, trial_manifest
 
 backend = serve_support.backend_postgresql_slow
 server = serve_support.server
@@ -188,22 +188,6 @@ def test_a_run_of_a_study_set_up_before_is_not_started(server, serve_trial):
     assert "run.start" not in _audit(c, study)
 
 
-def _confirm_in_database(server, study: int, upload_id: int, **sample) -> None:
-    """A sample confirmed by an older version of the workspace, which checked less: written to its
-    database directly."""
-    from sqlalchemy.orm import sessionmaker
-
-    from cytopipe.serve.db import Sample, database_url, make_engine
-
-    engine = make_engine(database_url(server.database, server.data))
-    try:
-        with sessionmaker(engine)() as db:
-            db.add(Sample(study_id=study, upload_id=upload_id, visit=0, confirmed_by="admin", **sample))
-            db.commit()
-    finally:
-        engine.dispose()
-
-
 def _shown(c, study: int) -> str:
     """What a signed-in user reads of a study: its page, its API answers, the audit trail."""
     pages = [
@@ -296,7 +280,7 @@ def test_fcs_file_names_uploaded_before_the_arms_are_refused_when_the_arms_come(
     assert not [m for m in vera.get(f"/api/studies/{study}/mapping").json() if m["arm"]]
 
     # a study set up before these checks (its sample confirmed by an older version): no run starts
-    _confirm_in_database(
+    confirm_in_database(
         server, study, up.json()["id"], sample_id="S1", patient_id=first["patient_id"], arm="HD"
     )
     r = c.post(f"/api/studies/{study}/runs", headers=c.h)
@@ -315,7 +299,7 @@ def test_a_run_of_a_study_set_up_before_with_ids_carrying_a_letter_is_not_starte
     up = c.upload(study, serve_trial / row["file"])
     assert up.status_code == 201, up.text
     patient = f"{row['patient_id']}-X"
-    _confirm_in_database(
+    confirm_in_database(
         server, study, up.json()["id"], sample_id=row["sample_id"], patient_id=patient, arm="X"
     )
     r = c.post(f"/api/studies/{study}/runs", headers=c.h)

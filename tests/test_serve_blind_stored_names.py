@@ -21,7 +21,7 @@ import numpy as np
 
 from tests import serve_support
 from tests.pipeline_support import cli
-from tests.serve_support import PASSWORD, STUDY, trial_manifest
+from tests.serve_support import PASSWORD, STUDY, confirm_in_database, trial_manifest
 
 backend = serve_support.backend_postgresql_slow
 server = serve_support.server
@@ -38,23 +38,6 @@ def _put_table(c, study: int, kind: str, text: str):
     return c.put(
         f"/api/studies/{study}/tables/{kind}", params={"name": "t.csv"}, content=text.encode(), headers=c.h
     )
-
-
-def _confirm_in_database(server, study: int, upload_id: int, **sample) -> None:
-    """A sample confirmed by an older version of the workspace, which checked less: written to its
-    database directly (how arms become known for a file stored before them: every way through
-    the workspace now refuses it)."""
-    from sqlalchemy.orm import sessionmaker
-
-    from cytopipe.serve.db import Sample, database_url, make_engine
-
-    engine = make_engine(database_url(server.database, server.data))
-    try:
-        with sessionmaker(engine)() as db:
-            db.add(Sample(study_id=study, upload_id=upload_id, visit=0, confirmed_by="admin", **sample))
-            db.commit()
-    finally:
-        engine.dispose()
 
 
 def _db(server) -> list[str]:
@@ -78,8 +61,8 @@ def test_a_file_name_stored_before_the_arms_were_known_is_masked_wherever_it_sho
     assert up.status_code == 201, up.text  # no arm known: nothing tells that IL2 is one
     letter = c.upload(study, serve_trial / trial_manifest(serve_trial).iloc[1]["file"], name="P001-X_W04.fcs")
     assert letter.status_code == 201, letter.text
-    _confirm_in_database(server, study, up.json()["id"], sample_id="S1", patient_id="P001", arm="IL2")
-    _confirm_in_database(server, study, letter.json()["id"], sample_id="S2", patient_id="P001", arm="X")
+    confirm_in_database(server, study, up.json()["id"], sample_id="S1", patient_id="P001", arm="IL2")
+    confirm_in_database(server, study, letter.json()["id"], sample_id="S2", patient_id="P001", arm="X")
 
     for user in (vera, c):
         shown = "\n".join(
@@ -194,7 +177,7 @@ def test_a_study_name_that_shows_an_arm_is_refused_as_file_names_are(server, ser
     row = trial_manifest(serve_trial).iloc[5]  # a study set up before (an older version): no run starts
     up = c.upload(study, serve_trial / row["file"])
     assert up.status_code == 201, up.text
-    _confirm_in_database(
+    confirm_in_database(
         server, study, up.json()["id"], sample_id=row["sample_id"], patient_id="P9", arm="PBO"
     )
     r = c.post(f"/api/studies/{study}/runs", headers=c.h)
@@ -212,7 +195,7 @@ def test_a_run_start_refuses_arms_named_by_numbers_as_the_entry_does(server, ser
     row = trial_manifest(serve_trial).iloc[6]
     up = c.upload(study, serve_trial / row["file"])
     assert up.status_code == 201, up.text
-    _confirm_in_database(server, study, up.json()["id"], sample_id=row["sample_id"], patient_id="P9", arm="1")
+    confirm_in_database(server, study, up.json()["id"], sample_id=row["sample_id"], patient_id="P9", arm="1")
     r = c.post(f"/api/studies/{study}/runs", headers=c.h)
     assert r.status_code == 400, r.text
     assert r.json()["detail"].startswith("the run was not started: the arm(s) '1' are named by numbers"), (
