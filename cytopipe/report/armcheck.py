@@ -97,7 +97,7 @@ def ids_with_letter_parts(arms: Iterable[str], column: str, values: Iterable[str
 
 #: what a workspace shows in place of an arm found in a text it keeps as it was entered
 MASK = "[arm]"
-#: an id's separators, kept when its parts are masked (:data:`_SEPARATORS`, captured)
+#: an id's separators (:data:`_SEPARATORS`) as a capturing group, kept when its parts are masked
 _SPLIT = re.compile(r"([\W_]+)")
 
 

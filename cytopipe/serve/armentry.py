@@ -279,17 +279,19 @@ def shown_upload(row: dict[str, Any], mask: Any) -> dict[str, Any]:
 
 
 def shown_mapping(
-    db: DBSession, store: BlobStore, study: Study, rows: list[dict[str, Any]]
+    db: DBSession, store: BlobStore, study: Study, rows: list[dict[str, Any]], mask: Any = ...
 ) -> list[dict[str, Any]]:
     """A blinded study's mapping rows (:func:`cytopipe.serve.ops.mapping`) as they may be shown: a
     row whose file name or ids the mapping's confirmation would refuse (:func:`ids_with_arms`, the
     rows taken as confirmed: ``P01A`` where only one arm's ids carry ``A`` there, ``P01-A``, an
     arm's name) shows its arm as hidden (``(blinded)``, never beside its code, which would tell
     which code is which arm), and every name and id ``[arm]`` where an arm's name or one-letter part
-    shows (:func:`name_mask`). Rows of a study whose arms may be shown or are not known: as they are."""
+    shows (:func:`name_mask`; ``mask``: one the caller made already). Rows of a study whose arms may
+    be shown or are not known: as they are."""
     from cytopipe.serve.blinding import HIDDEN
 
-    mask = name_mask(db, store, study)
+    if mask is ...:
+        mask = name_mask(db, store, study)
     if mask is None or not rows:
         return rows
     mapped = {r["upload_id"]: {"file": f"fcs/{r['name']}", **{k: str(r.get(k) or "") for k in

@@ -127,9 +127,9 @@ def study_page(study_id: int, request: Request, pattern: str | None = None) -> H
             rows, mapping_error = ops.mapping(db, ws.store, study, pattern), ""
         except AuthError as exc:
             rows, mapping_error = ops.mapping(db, ws.store, study), exc.message
-        rows = armentry.shown_mapping(db, ws.store, study, rows)  # names stored before the arms were known
+        mask = armentry.name_mask(db, ws.store, study)  # names stored before the arms were known
+        rows = armentry.shown_mapping(db, ws.store, study, rows, mask)
         rows = blinding.blind_mapping(rows, study, blinding.codes_of(db, ws.store, study, ws.blind_secret))
-        mask = armentry.name_mask(db, ws.store, study)
         uploads = [u if mask is None else _ShownUpload(u, mask) for u in uploads]
     active = next((r for r in runs if r.status in RUN_ACTIVE), None)
     return page(request, "study.html", ctx, study=study, uploads=uploads, runs=runs, template=template,
